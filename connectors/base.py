@@ -1,0 +1,176 @@
+"""The small interface every connector implements, and what the hub expects of it.
+
+A connector is an async context manager: entering it connects to the source, leaving it lets go.
+While entered, `changes()` yields `Change` and `Gap` items in the source's commit order. The hub
+pulls the next item only after it has routed and buffered the previous one, so a connector may
+treat "asked for the next item" as "everything yielded before is delivered" and save its position
+(journal offset, resume token, stream id) then. The hub restarts a connector that raises, with
+backoff, so a connector may simply raise `SourceUnavailable` when it loses its source and let the
+hub call it again; connectors that can resume in place do so themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from feed.change import Change, Gap
+from feed.errors import SnapshotNotSupported
+from feed.options import Options
+
+log = logging.getLogger("feed.connectors")
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+    LAGGING = "lagging"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a connector reports about itself; sent to clients as a `status` event."""
+
+    connector: str
+    state: State
+    detail: str = ""
+    since: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector,
+            "state": self.state.value,
+            "detail": self.detail,
+            "since": self.since.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class RoomAddress:
+    """A room name resolved against a connector: a target, and a row key for a row room."""
+
+    target: str
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Current rows for a subscribe with `snapshot: true`.
+
+    The contract that makes snapshot plus live exact: when `Connector.snapshot` returns, every
+    change that `rows` already reflect has been yielded by `changes()`, and `covers(change)` says
+    which ones those are. The hub then replays to the new subscriber only the buffered changes the
+    snapshot does not cover, so nothing is lost or doubled.
+    """
+
+    rows: Sequence[Mapping[str, Any]]
+    covers: Callable[[Change], bool] = lambda change: False
+    truncated: bool = False
+
+
+class Connector(ABC):
+    """Base class for sources. Subclasses set `kind`, read their options, and implement the rest."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, name: str, options: Options) -> None:
+        self.name = name
+        self._status = Status(name, State.STARTING)
+        self._listeners: list[Callable[[Status], None]] = []
+        self.configure(options)
+        options.finish()
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @abstractmethod
+    def configure(self, options: Options) -> None:
+        """Read this connector's settings from its config table (raise ConfigError on mistakes)."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect to the source and get ready to stream. May be called again after `stop`."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Let go of the source, saving the position of everything delivered so far."""
+
+    @abstractmethod
+    def changes(self) -> AsyncIterator[Change | Gap]:
+        """Changes in commit order, forever (until stopped or the source is lost)."""
+
+    # -- catalog, rooms and snapshots ----------------------------------------------------------
+
+    @abstractmethod
+    def targets(self) -> list[str]:
+        """The tables, collections or key patterns this connector offers (target room names)."""
+
+    def resolve(self, rest: str) -> RoomAddress | None:
+        """Resolve what follows `<connector>:` in a room name; None when it names nothing here.
+
+        The default knows `<target>` and `<target>:<key>`; connectors whose targets are patterns
+        (Redis) override it.
+        """
+        for target in self.targets():
+            if rest == target:
+                return RoomAddress(target)
+        for target in sorted(self.targets(), key=len, reverse=True):
+            if rest.startswith(target + ":") and len(rest) > len(target) + 1:
+                return RoomAddress(target, rest[len(target) + 1 :])
+        return None
+
+    async def snapshot(
+        self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> Snapshot:
+        """Current rows of a target (or one row), those for which `where` holds, at most `limit`."""
+        raise SnapshotNotSupported(f"connector {self.name!r} ({self.kind}) has no snapshots")
+
+    async def check(self) -> str:
+        """Reach the source once (for `feed check`); return a short description or raise."""
+        async with self:
+            return "reachable"
+
+    async def migrate(self) -> list[str]:
+        """Apply what the source needs (`feed migrate`); return what was done, one line each."""
+        return []
+
+    # -- status --------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def on_status(self, listener: Callable[[Status], None]) -> None:
+        self._listeners.append(listener)
+
+    def set_status(self, state: State, detail: str = "") -> None:
+        """Record and announce a state change (repeats of the same state and detail are dropped)."""
+        if state == self._status.state and detail == self._status.detail:
+            return
+        self._status = Status(self.name, state, detail)
+        for listener in self._listeners:
+            try:
+                listener(self._status)
+            except Exception:  # a listener's bug must not stop the capture
+                log.exception("status listener failed")

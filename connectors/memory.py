@@ -1,0 +1,119 @@
+"""An in-memory source for tests and the hub's own benchmark.
+
+It behaves like a database table per target: `write` applies an insert, update or delete to the
+stored rows and queues the change, so snapshots and live changes agree exactly as they would for a
+real source. Every instance registers itself by name in `MemoryConnector.instances` so that a test
+can reach the connector the server built from its config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, ClassVar
+
+from connectors.base import Connector, RoomAddress, Snapshot, State
+from feed.change import Change, Gap, room_key
+from feed.errors import SourceUnavailable
+from feed.options import Options
+
+
+class MemoryConnector(Connector):
+    kind = "memory"
+    instances: ClassVar[dict[str, MemoryConnector]] = {}
+
+    def configure(self, options: Options) -> None:
+        self._targets = options.str_list("targets", required=True)
+        self.key_field = options.str("key", "id")
+        self._queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
+        self._tables: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in self._targets}
+        self._positions = itertools.count(1)
+        self._written = 0
+        self._delivered = 0
+        self._progress = asyncio.Event()
+        self.started = 0
+        MemoryConnector.instances[self.name] = self
+
+    async def start(self) -> None:
+        self.started += 1
+        self.set_status(State.UP)
+
+    async def stop(self) -> None:
+        self.set_status(State.STOPPED)
+
+    async def changes(self) -> AsyncIterator[Change | Gap]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.set_status(State.DOWN, str(item))
+                raise item
+            yield item
+            # Asked for the next item: the hub has routed this one.
+            if isinstance(item, Change):
+                self._delivered = item.position
+                self._progress.set()
+
+    def targets(self) -> list[str]:
+        return list(self._targets)
+
+    # -- the "database" ------------------------------------------------------------------------
+
+    def write(self, target: str, op: str, row: Mapping[str, Any]) -> Change:
+        """Apply one write to the stored rows and queue the change it produces."""
+        table = self._tables[target]
+        key = row[self.key_field]
+        stored_key = room_key(key) or ""
+        before = table.get(stored_key)
+        after: dict[str, Any] | None
+        if op == "delete":
+            table.pop(stored_key, None)
+            after = None
+        else:
+            after = {**(before or {}), **row} if op == "update" else dict(row)
+            table[stored_key] = after
+        position = next(self._positions)
+        self._written = position
+        change = Change(
+            id=f"{self.name}:{position}",
+            connector=self.name,
+            source=self.kind,
+            target=target,
+            op=op,
+            key=key,
+            before=dict(before) if before is not None else None,
+            after=dict(after) if after is not None else None,
+            ts=dt.datetime.now(dt.UTC),
+            position=position,
+        )
+        self._queue.put_nowait(change)
+        return change
+
+    def announce_gap(self, reason: str = "test gap") -> None:
+        self._queue.put_nowait(Gap(self.name, reason))
+
+    def crash(self, message: str = "simulated source failure") -> None:
+        """Make the change stream raise, as a dropped connection would."""
+        self._queue.put_nowait(SourceUnavailable(message))
+
+    async def snapshot(
+        self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> Snapshot:
+        table = self._tables[address.target]
+        rows = [
+            dict(row)
+            for key, row in table.items()
+            if (address.key is None or key == address.key) and where(row)
+        ]
+        # The rows reflect every change written so far; honour the Snapshot contract by waiting
+        # until the hub has routed all of them.
+        high = self._written
+        while self._delivered < high:
+            self._progress.clear()
+            await asyncio.wait_for(self._progress.wait(), timeout=10)
+        return Snapshot(
+            rows=rows[:limit],
+            covers=lambda change: change.position is not None and change.position <= high,
+            truncated=len(rows) > limit,
+        )

@@ -1,0 +1,173 @@
+"""The one change event every connector produces, and its JSON form.
+
+A `Change` is immutable so that the same object can sit in several rooms' replay buffers and be
+sent to many clients without anyone altering it underneath the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import enum
+import ipaddress
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import cached_property
+from typing import Any
+
+JSON = Any
+"""A value made only of dict, list, str, int, float, bool and None."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed change at a source.
+
+    `id` is stable for a source position: the same change read twice (after a restart, say) carries
+    the same id, so clients can drop duplicates. `key` identifies the row, document or Redis key; a
+    composite primary key is a mapping of column to value. `before` and `after` are the images the
+    source has (None where it has none). `ts` is the source's commit time. `meta` carries
+    source-specific extras (for example MongoDB's updateDescription or Redis's truncation flag).
+    `position` is the connector's own marker for this change (never sent); snapshots use it to
+    tell which changes they already contain.
+    """
+
+    id: str
+    connector: str
+    source: str
+    target: str
+    op: str
+    key: Any = None
+    before: Mapping[str, Any] | None = None
+    after: Mapping[str, Any] | None = None
+    ts: dt.datetime | None = None
+    meta: Mapping[str, Any] | None = None
+    position: Any = field(default=None, compare=False, repr=False)
+
+    @cached_property
+    def row_key(self) -> str | None:
+        """The key as it appears in a row room name (`main:public.orders:<row_key>`)."""
+        return room_key(self.key)
+
+    @cached_property
+    def wire(self) -> dict[str, JSON]:
+        """The JSON body shared by every room this change goes to (room and seq are added later)."""
+        body: dict[str, JSON] = {
+            "id": self.id,
+            "connector": self.connector,
+            "source": self.source,
+            "target": self.target,
+            "op": self.op,
+            "key": to_json(self.key),
+            "before": to_json(self.before),
+            "after": to_json(self.after),
+            "ts": format_ts(self.ts),
+        }
+        if self.meta:
+            body["meta"] = to_json(self.meta)
+        return body
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The source may have lost events (`target` None means every target of the connector).
+
+    Clients that receive a `gap` should reload what they show: the feed cannot replay what the
+    source never told it.
+    """
+
+    connector: str
+    reason: str
+    target: str | None = None
+    ts: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+
+def room_key(key: Any) -> str | None:
+    """Render a change key for a row room name.
+
+    Scalars render as their JSON text without quotes (`42`, `abc`); a composite key renders its
+    values in column order joined by commas (`7,2026-01-01`), which is what clients put in the
+    room name to follow that one row.
+    """
+    if key is None:
+        return None
+    if isinstance(key, Mapping):
+        return ",".join(_scalar_text(v) for v in key.values())
+    if isinstance(key, list | tuple):
+        return ",".join(_scalar_text(v) for v in key)
+    return _scalar_text(key)
+
+
+def _scalar_text(value: Any) -> str:
+    converted = to_json(value)
+    if isinstance(converted, bool):
+        return "true" if converted else "false"
+    if converted is None:
+        return "null"
+    if isinstance(converted, str):
+        return converted
+    if isinstance(converted, dict) and "$oid" in converted:
+        return str(converted["$oid"])
+    return str(converted)
+
+
+def format_ts(ts: dt.datetime | None) -> str | None:
+    """ISO 8601 in UTC with microseconds and a `Z`, the form JavaScript's Date parses."""
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.UTC)
+    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def to_json(value: Any) -> JSON:
+    """Map every type the sources produce onto JSON (the table is in docs/protocol.md).
+
+    Decimal becomes a string so no precision is lost; bytes become base64; non-finite floats become
+    the strings "NaN", "Infinity", "-Infinity"; BSON types become relaxed extended JSON.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_json(v) for v in value]
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            return value.isoformat()
+        return format_ts(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, enum.Enum):
+        return to_json(value.value)
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if type(value).__module__.startswith("bson"):
+        return _bson_to_json(value)
+    return str(value)
+
+
+def _bson_to_json(value: Any) -> JSON:
+    """Relaxed extended JSON for one BSON value (imported lazily: only MongoDB users have bson)."""
+    import json
+
+    from bson import json_util
+
+    return json.loads(json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS))

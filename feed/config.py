@@ -1,0 +1,156 @@
+"""Load and validate `feed.toml`: `${VAR}` interpolation, typed settings, one-line errors.
+
+Validation happens entirely at start: a server that starts has a config that makes sense, and a
+config that does not gets one line naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connectors import Connector, resolve_type
+from feed.errors import ConfigError
+from feed.options import Options
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replay_buffer: int = 1000
+    filter_room_grace: float = 30.0
+    max_subscriptions: int = 100
+    max_room_length: int = 512
+    max_filter_length: int = 1024
+    snapshot_limit: int = 1000
+    cors_allowed_origins: list[str] = field(default_factory=list)
+    max_message_bytes: int = 64 * 1024
+    dashboard: bool = True
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    name: str
+    type: str
+    table: dict[str, Any]
+    key: str
+
+    def build(self) -> Connector:
+        cls = resolve_type(self.type, f"{self.key}.type")
+        options = dict(self.table)
+        options.pop("name", None)
+        options.pop("type", None)
+        return cls(self.name, Options(options, self.key))
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    connectors: list[ConnectorConfig]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def build_connectors(self) -> list[Connector]:
+        """Instantiate every connector, so their own settings are validated now."""
+        try:
+            return [c.build() for c in self.connectors]
+        except ConfigError as exc:
+            raise exc.located(self.path) from None
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file; pass --config with the path of your feed.toml") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", file=file) from None
+    return parse_config(text, file, os.environ if env is None else env)
+
+
+def parse_config(text: str, file: str, env: Any) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=file) from None
+    try:
+        raw = _interpolate(raw, env, "")
+        config = _validate(raw, file)
+        config.build_connectors()
+    except ConfigError as exc:
+        raise exc.located(file) from None
+    return config
+
+
+def _interpolate(value: Any, env: Any, key: str) -> Any:
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return str(env[name])
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"environment variable {name} is not set; export it or write "
+                f"${{{name}:-default}} to give a default",
+                key=key,
+            )
+
+        return ENV_PATTERN.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _validate(raw: dict[str, Any], file: str) -> Config:
+    top = Options(raw, "")
+    server_opts = top.table("server")
+    server = ServerConfig(
+        host=server_opts.str("host", "127.0.0.1"),
+        port=server_opts.int("port", 8000, minimum=0, maximum=65535),
+        replay_buffer=server_opts.int("replay_buffer", 1000, minimum=1, maximum=1_000_000),
+        filter_room_grace=server_opts.float("filter_room_grace", 30.0, minimum=0),
+        max_subscriptions=server_opts.int("max_subscriptions", 100, minimum=1),
+        max_room_length=server_opts.int("max_room_length", 512, minimum=16),
+        max_filter_length=server_opts.int("max_filter_length", 1024, minimum=16),
+        snapshot_limit=server_opts.int("snapshot_limit", 1000, minimum=1),
+        cors_allowed_origins=server_opts.str_list("cors_allowed_origins"),
+        max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
+        dashboard=server_opts.bool("dashboard", True),
+        log_level=server_opts.choice("log_level", ["debug", "info", "warning", "error"], "info"),
+    )
+    server_opts.finish()
+
+    entries = top._get("connectors", [], False)
+    if not isinstance(entries, list):
+        top.fail("connectors", "must be an array of tables: write [[connectors]] for each source")
+    connectors: list[ConnectorConfig] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        key = f"connectors[{index}]"
+        opts = Options(entry, key)
+        name = opts.str("name", required=True)
+        if not NAME_PATTERN.match(name):
+            opts.fail("name", f"{name!r} must be letters, digits, '_' or '-' (it prefixes rooms)")
+        if name in seen:
+            opts.fail("name", f"{name!r} is used by two connectors; names must be unique")
+        seen.add(name)
+        type_name = opts.str("type", required=True)
+        connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
+    top._used.add("auth")  # read by feed.auth when present
+    top.finish()
+    return Config(path=file, server=server, connectors=connectors, raw=raw)

@@ -1,0 +1,53 @@
+"""Counters and gauges rendered in the Prometheus text format.
+
+Hand-rolled rather than prometheus_client: the feed needs a dozen series, and one module of
+forty lines is cheaper to own than a dependency.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+        self._help: dict[str, tuple[str, str]] = {}
+        self._gauges: list[Callable[[], Iterable[tuple[str, Labels, float]]]] = []
+
+    def describe(self, name: str, kind: str, text: str) -> None:
+        self._help[name] = (kind, text)
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        self._counters[name][tuple(sorted(labels.items()))] += amount
+
+    def value(self, name: str, **labels: str) -> float:
+        return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
+
+    def gauges(self, collect: Callable[[], Iterable[tuple[str, Labels, float]]]) -> None:
+        """Register a callback read at scrape time (for values the hub already knows)."""
+        self._gauges.append(collect)
+
+    def render(self) -> str:
+        series: dict[str, dict[Labels, float]] = defaultdict(dict)
+        for name, by_labels in self._counters.items():
+            series[name].update(by_labels)
+        for collect in self._gauges:
+            for name, labels, value in collect():
+                series[name][labels] = value
+        lines: list[str] = []
+        for name in sorted(series.keys() | self._help.keys()):
+            kind, text = self._help.get(name, ("untyped", ""))
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in sorted(series.get(name, {}).items()):
+                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                lines.append(f"{name}{{{rendered}}} {value:g}" if rendered else f"{name} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,117 @@
+"""Typed reading of one config table, so every mistake names its key and the fix in one line."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
+
+from feed.errors import ConfigError
+
+
+class Options:
+    """Reads values from one TOML table, remembering which keys were used.
+
+    Connectors receive their `[[connectors]]` table wrapped in this, read what they need, and call
+    `finish()` so that a misspelt key is reported instead of silently ignored.
+    """
+
+    def __init__(self, raw: Mapping[str, Any], where: builtins.str) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError("must be a table", key=where)
+        self.raw = raw
+        self.where = where
+        self._used: set[builtins.str] = set()
+
+    def path(self, key: builtins.str) -> builtins.str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: builtins.str, message: builtins.str) -> NoReturn:
+        raise ConfigError(message, key=self.path(key))
+
+    def _get(self, key: builtins.str, default: Any, required: builtins.bool) -> Any:
+        self._used.add(key)
+        if key not in self.raw:
+            if required:
+                self.fail(key, "is required")
+            return default
+        return self.raw[key]
+
+    def str(
+        self,
+        key: builtins.str,
+        default: builtins.str | None = None,
+        *,
+        required: builtins.bool = False,
+    ) -> Any:
+        value = self._get(key, default, required)
+        if value is not None and (not isinstance(value, str) or (required and not value)):
+            self.fail(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def choice(
+        self, key: builtins.str, choices: Iterable[builtins.str], default: builtins.str
+    ) -> builtins.str:
+        allowed = list(choices)
+        value = self.str(key, default)
+        if value not in allowed:
+            self.fail(key, f"must be one of {', '.join(map(repr, allowed))}, not {value!r}")
+        return str(value)
+
+    def int(
+        self,
+        key: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
+        value = self._get(key, default, False)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(key, f"must be a whole number, not {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"must be at most {maximum}, not {value}")
+        return value
+
+    def float(
+        self, key: builtins.str, default: builtins.float, *, minimum: builtins.float | None = None
+    ) -> builtins.float:
+        value = self._get(key, default, False)
+        if not isinstance(value, int | builtins.float) or isinstance(value, bool):
+            self.fail(key, f"must be a number, not {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"must be at least {minimum}, not {value}")
+        return float(value)
+
+    def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
+        value = self._get(key, default, False)
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, not {value!r}")
+        return value
+
+    def str_list(
+        self,
+        key: builtins.str,
+        *,
+        required: builtins.bool = False,
+        allow_empty: builtins.bool = False,
+    ) -> list[builtins.str]:
+        value = self._get(key, [], required)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(key, f'must be a list of non-empty strings, like ["a", "b"], not {value!r}')
+        if required and not value and not allow_empty:
+            self.fail(key, "must list at least one entry")
+        return list(value)
+
+    def table(self, key: builtins.str) -> Options:
+        value = self._get(key, {}, False)
+        return Options(value, self.path(key))
+
+    def finish(self) -> None:
+        """Refuse keys nobody read: a typo must not silently disable a setting."""
+        unknown = sorted(set(self.raw) - self._used)
+        if unknown:
+            known = ", ".join(sorted(self._used))
+            self.fail(unknown[0], f"is not a known setting here (known: {known})")

@@ -1,0 +1,79 @@
+"""A room: its sequence numbers and its bounded replay buffer.
+
+Numbers are per room because a client follows rooms, not sources: `seq` increasing by one lets a
+client see at a glance that it has everything, and `since` names a point in one room's history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from feed.change import Change
+from feed.filters import RowFilter
+
+
+@dataclass(eq=False)
+class Room:
+    name: str
+    connector: str
+    target: str
+    key: str | None = None
+    filter: RowFilter | None = None
+    capacity: int = 1000
+    seq: int = 0
+    gap_seq: int = 0
+    """The seq at the last announced gap: history before it cannot be trusted for resume."""
+    members: set[str] = field(default_factory=set)
+    pending: set[str] = field(default_factory=set)
+    """Members still being caught up (replay or snapshot): live sends skip them meanwhile."""
+    empty_since: float | None = field(default_factory=time.monotonic)
+    evicted: int = 0
+    _buffer: deque[tuple[int, Change, dict[str, Any]]] = field(default_factory=deque)
+
+    @property
+    def ephemeral(self) -> bool:
+        """Row and filter rooms live only while followed; target rooms live as long as the feed."""
+        return self.key is not None or self.filter is not None
+
+    def record(self, change: Change) -> dict[str, Any]:
+        """Number the change for this room, keep it for replay, and return its wire payload."""
+        self.seq += 1
+        payload = {**change.wire, "room": self.name, "seq": self.seq}
+        self._buffer.append((self.seq, change, payload))
+        if len(self._buffer) > self.capacity:
+            self._buffer.popleft()
+            self.evicted += 1
+        return payload
+
+    def mark_gap(self) -> None:
+        self.gap_seq = self.seq
+
+    def holds_after(self, since: int) -> bool:
+        """Whether every change after `since` is still here (so a resume loses nothing)."""
+        if since > self.seq or since < self.gap_seq:
+            return False
+        if since == self.seq:
+            return True
+        return bool(self._buffer) and self._buffer[0][0] <= since + 1
+
+    def after(self, since: int) -> Iterator[tuple[int, Change, dict[str, Any]]]:
+        for entry in self._buffer:
+            if entry[0] > since:
+                yield entry
+
+    def join(self, sid: str) -> None:
+        self.members.add(sid)
+        self.empty_since = None
+
+    def leave(self, sid: str) -> None:
+        self.members.discard(sid)
+        self.pending.discard(sid)
+        if not self.members and self.empty_since is None:
+            self.empty_since = time.monotonic()
+
+    def expired(self, now: float, grace: float) -> bool:
+        return self.ephemeral and self.empty_since is not None and now - self.empty_since >= grace
