@@ -41,13 +41,12 @@ class MemoryConnector(Connector):
         self.set_status(State.UP)
 
     async def stop(self) -> None:
-        self.set_status(State.STOPPED)
+        """Nothing to let go of; the hub reports the state that follows (down or stopped)."""
 
     async def changes(self) -> AsyncIterator[Change | Gap]:
         while True:
             item = await self._queue.get()
             if isinstance(item, BaseException):
-                self.set_status(State.DOWN, str(item))
                 raise item
             yield item
             # Asked for the next item: the hub has routed this one.

@@ -1,0 +1,148 @@
+"""`feed`: serve, check, migrate, demo.
+
+A user's mistake (bad config, unreachable source) ends with one line on stderr and a non-zero
+exit; only a bug in the feed itself prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from feed import __version__
+from feed.config import Config, load_config
+from feed.errors import FeedError
+
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 1
+CHECK_TIMEOUT = 15.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        result: int = args.handler(args)
+        return result
+    except FeedError as exc:
+        print(f"feed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="feed", description="A live change feed from Postgres, MongoDB and Redis."
+    )
+    parser.add_argument("--version", action="version", version=f"feed {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--config", "-c", default="feed.toml", help="config file (feed.toml)")
+    serve.add_argument("--host", help="override [server] host")
+    serve.add_argument("--port", type=int, help="override [server] port")
+    serve.set_defaults(handler=cmd_serve)
+
+    check = commands.add_parser("check", help="validate the config and reach every source")
+    check.add_argument("--config", "-c", default="feed.toml")
+    check.set_defaults(handler=cmd_check)
+
+    migrate = commands.add_parser("migrate", help="apply migrations/ to each Postgres connector")
+    migrate.add_argument("--config", "-c", default="feed.toml")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    demo = commands.add_parser("demo", help="run a self-contained demo (embedded databases)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    from feed.server import FeedApp
+
+    app = FeedApp(config)
+    logging.getLogger().setLevel(config.server.log_level.upper())
+    uvicorn_config = uvicorn.Config(
+        app.asgi,
+        host=host or config.server.host,
+        port=config.server.port if port is None else port,
+        log_level=config.server.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        ws_max_size=config.server.max_message_bytes,
+    )
+    uvicorn.Server(uvicorn_config).run()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    connectors = config.build_connectors()
+    print(f"config {args.config}: ok ({len(connectors)} connector(s))")
+
+    async def reach() -> list[tuple[str, str, str, str]]:
+        rows = []
+        for connector in connectors:
+            try:
+                detail = await asyncio.wait_for(connector.check(), CHECK_TIMEOUT)
+                rows.append((connector.name, connector.kind, "ok", detail))
+            except TimeoutError:
+                rows.append((connector.name, connector.kind, "FAIL", "timed out"))
+            except (FeedError, OSError) as exc:
+                rows.append((connector.name, connector.kind, "FAIL", str(exc)))
+        return rows
+
+    rows = asyncio.run(reach())
+    print_table(("connector", "type", "result", "detail"), rows)
+    return 0 if all(row[2] == "ok" for row in rows) else EXIT_UNREACHABLE
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    connectors = config.build_connectors()
+
+    async def apply() -> None:
+        for connector in connectors:
+            lines = await connector.migrate()
+            for line in lines or ["nothing to do"]:
+                print(f"{connector.name}: {line}")
+
+    asyncio.run(apply())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        demo = importlib.import_module("feed.demo")
+    except ImportError as exc:
+        print(f"feed: the demo needs the embedded extras: pip install 'dbfeed[embedded]' ({exc})")
+        return EXIT_USAGE
+    result: int = demo.run(host=args.host, port=args.port)
+    return result
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))

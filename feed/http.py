@@ -1,0 +1,90 @@
+"""The plain HTTP side of the ASGI app: health, readiness, metrics and the dashboard's files.
+
+Small enough that a framework would be the larger part; Socket.IO traffic never reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from feed.hub import Hub
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
+NOT_BUILT = b"""<!doctype html><title>dbfeed</title>
+<h1>dbfeed is running</h1>
+<p>The dashboard has not been built in this install: run <code>make dashboard</code>.
+Socket.IO clients can connect at this address.</p>"""
+
+
+class HttpApp:
+    def __init__(self, hub: Hub, dashboard: bool = True, dashboard_dir: Path = DASHBOARD_DIR):
+        self.hub = hub
+        self.dashboard = dashboard
+        self.dashboard_dir = dashboard_dir.resolve()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope.get("path", "/")
+        if scope.get("method") not in ("GET", "HEAD"):
+            await respond(send, 405, b"method not allowed\n", "text/plain")
+        elif path == "/healthz":
+            await respond_json(send, 200, {"status": "ok"})
+        elif path == "/readyz":
+            ready = self.hub.ready()
+            body = {
+                "ready": ready,
+                "connectors": {c.name: c.status.to_json() for c in self.hub.connectors.values()},
+            }
+            await respond_json(send, 200 if ready else 503, body)
+        elif path == "/metrics":
+            text = self.hub.metrics.render().encode()
+            await respond(send, 200, text, "text/plain; version=0.0.4; charset=utf-8")
+        elif self.dashboard:
+            await self.static(path, send)
+        else:
+            await respond(send, 404, b"not found\n", "text/plain")
+
+    async def static(self, path: str, send: Send) -> None:
+        relative = path.lstrip("/") or "index.html"
+        file = (self.dashboard_dir / relative).resolve()
+        if not file.is_relative_to(self.dashboard_dir) or not file.is_file():
+            if relative == "index.html":
+                await respond(send, 200, NOT_BUILT, "text/html; charset=utf-8")
+            else:
+                await respond(send, 404, b"not found\n", "text/plain")
+            return
+        kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        if kind.startswith("text/") or kind.endswith("javascript"):
+            kind += "; charset=utf-8"
+        await respond(send, 200, file.read_bytes(), kind, cache="no-cache")
+
+
+async def respond_json(send: Send, status: int, body: Any) -> None:
+    await respond(send, status, json.dumps(body).encode(), "application/json")
+
+
+async def respond(
+    send: Send, status: int, body: bytes, content_type: str, cache: str = "no-store"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", cache.encode()),
+                (b"x-content-type-options", b"nosniff"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

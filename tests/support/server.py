@@ -1,0 +1,129 @@
+"""Run the real feed app under uvicorn on a free port, and talk to it over real Socket.IO."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import socketio
+import uvicorn
+
+from feed.config import parse_config
+from feed.hub import Hub
+from feed.server import FeedApp
+
+WAIT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningFeed:
+    url: str
+    app: FeedApp
+    server: uvicorn.Server
+
+    @property
+    def hub(self) -> Hub:
+        return self.app.hub
+
+
+@asynccontextmanager
+async def running_feed(
+    config_toml: str, env: dict[str, str] | None = None
+) -> AsyncIterator[RunningFeed]:
+    """Start the app from a config text (no [server] port needed) and stop it afterwards."""
+    config = parse_config(config_toml, "test.toml", {**os.environ, **(env or {})})
+    app = FeedApp(config)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(WAIT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn exited before it started")
+                await asyncio.sleep(0.01)
+        yield RunningFeed(f"http://127.0.0.1:{port}", app, server)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT)
+
+
+class FeedClient:
+    """A python-socketio AsyncClient that queues what the server sends, for tests to await.
+
+    `changes` frames are unpacked into single changes, so tests see one stream in order
+    whether the server batched or not.
+    """
+
+    def __init__(self) -> None:
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.changes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.gaps: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.sio.on("change", self._on_change)
+        self.sio.on("changes", self._on_changes)
+        self.sio.on("gap", self._on_gap)
+        self.sio.on("status", self._on_status)
+
+    async def _on_change(self, data: dict[str, Any]) -> None:
+        self.changes.put_nowait(data)
+
+    async def _on_changes(self, batch: list[dict[str, Any]]) -> None:
+        for data in batch:
+            self.changes.put_nowait(data)
+
+    async def _on_gap(self, data: dict[str, Any]) -> None:
+        self.gaps.put_nowait(data)
+
+    async def _on_status(self, data: dict[str, Any]) -> None:
+        self.statuses.put_nowait(data)
+
+    async def connect(self, url: str, auth: Any = None, **kwargs: Any) -> FeedClient:
+        await self.sio.connect(
+            url, auth=auth, transports=["websocket"], wait_timeout=WAIT, **kwargs
+        )
+        return self
+
+    async def close(self) -> None:
+        await self.sio.disconnect()
+
+    async def call(self, event: str, data: Any = None, timeout: float = WAIT) -> Any:
+        return await self.sio.call(event, data, timeout=timeout)
+
+    async def subscribe(self, room: str, **fields: Any) -> dict[str, Any]:
+        ack: dict[str, Any] = await self.call("subscribe", {"room": room, **fields})
+        return ack
+
+    async def next_change(self, timeout: float = WAIT) -> dict[str, Any]:
+        return await asyncio.wait_for(self.changes.get(), timeout)
+
+    async def take(self, count: int, timeout: float = WAIT) -> list[dict[str, Any]]:
+        return [await self.next_change(timeout) for _ in range(count)]
+
+    async def next_gap(self, timeout: float = WAIT) -> dict[str, Any]:
+        return await asyncio.wait_for(self.gaps.get(), timeout)
+
+
+@asynccontextmanager
+async def feed_client(url: str, auth: Any = None) -> AsyncIterator[FeedClient]:
+    client = await FeedClient().connect(url, auth=auth)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -1,0 +1,254 @@
+"""The protocol end to end: real uvicorn, real Socket.IO clients, the in-memory connector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+
+from connectors.memory import MemoryConnector
+from tests.support.server import RunningFeed, feed_client
+from tests.support.waiting import wait_until
+
+
+def source(feed: RunningFeed) -> MemoryConnector:
+    connector = feed.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector
+
+
+async def http_get(url: str) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def test_subscriber_receives_changes_in_order_with_per_room_seq(
+    memory_feed: RunningFeed,
+) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe("mem:public.orders")
+        assert ack == {
+            "ok": True,
+            "room": "mem:public.orders",
+            "seq": 0,
+            "recovered": None,
+            "epoch": memory_feed.hub.epoch,
+        }
+        db.write("public.orders", "insert", {"id": 1, "status": "new"})
+        db.write("public.customers", "insert", {"id": 9, "name": "Ann"})
+        db.write("public.orders", "update", {"id": 1, "status": "paid"})
+        first, second = await client.take(2)
+    assert [first["op"], second["op"]] == ["insert", "update"]
+    assert [first["seq"], second["seq"]] == [1, 2]
+    assert second["before"] == {"id": 1, "status": "new"}
+    assert second["after"] == {"id": 1, "status": "paid"}
+    assert second["room"] == "mem:public.orders" and second["target"] == "public.orders"
+    assert first["id"] != second["id"] and second["ts"].endswith("Z")
+
+
+async def test_row_room_gets_only_that_row(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe("mem:public.orders:2")
+        assert ack["ok"] and ack["room"] == "mem:public.orders:2"
+        db.write("public.orders", "insert", {"id": 1})
+        db.write("public.orders", "insert", {"id": 2})
+        change = await client.next_change()
+    assert change["key"] == 2 and change["room"] == "mem:public.orders:2" and change["seq"] == 1
+
+
+async def test_filter_room_delivers_matching_and_rows_that_stop_matching(
+    memory_feed: RunningFeed,
+) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as a, feed_client(memory_feed.url) as b:
+        ack_a = await a.subscribe("mem:public.orders", filter="status=eq.paid&amount=gt.100")
+        ack_b = await b.subscribe("mem:public.orders", filter="amount=gt.100&status=eq.paid")
+        assert ack_a["room"] == ack_b["room"] == "mem:public.orders?amount=gt.100&status=eq.paid"
+        db.write("public.orders", "insert", {"id": 1, "status": "paid", "amount": 50})
+        db.write("public.orders", "insert", {"id": 2, "status": "paid", "amount": 150})
+        db.write("public.orders", "update", {"id": 2, "status": "refunded"})
+        got_a = await a.take(2)
+        got_b = await b.take(2)
+    assert [(c["key"], c["op"]) for c in got_a] == [(2, "insert"), (2, "update")]
+    assert got_a == got_b
+    assert got_a[1]["after"]["status"] == "refunded"
+    filter_rooms = [r for r in memory_feed.hub.rooms.values() if r.filter is not None]
+    assert len(filter_rooms) == 1
+
+
+async def test_unsubscribe_stops_delivery(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        await client.subscribe("mem:public.orders")
+        await client.subscribe("mem:public.customers")
+        assert await client.call("unsubscribe", {"room": "mem:public.orders"}) == {
+            "ok": True,
+            "room": "mem:public.orders",
+        }
+        db.write("public.orders", "insert", {"id": 1})
+        db.write("public.customers", "insert", {"id": 2})
+        change = await client.next_change()
+    assert change["room"] == "mem:public.customers"
+
+
+async def test_resume_with_since_replays_missed_changes(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        await client.subscribe("mem:public.orders")
+        db.write("public.orders", "insert", {"id": 1})
+        seen = await client.next_change()
+    for i in range(2, 5):
+        db.write("public.orders", "insert", {"id": i})
+    room = memory_feed.hub.rooms["mem:public.orders"]
+    await wait_until(lambda: room.seq == 4, what="four changes routed")
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe(
+            "mem:public.orders", since=seen["seq"], epoch=memory_feed.hub.epoch
+        )
+        assert ack["ok"] and ack["recovered"] is True and ack["seq"] == 4
+        db.write("public.orders", "insert", {"id": 5})
+        got = await client.take(4)
+    assert [c["seq"] for c in got] == [2, 3, 4, 5]
+    assert [c["key"] for c in got] == [2, 3, 4, 5]
+
+
+async def test_resume_beyond_the_buffer_is_not_recovered(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    for i in range(60):  # the buffer holds 50
+        db.write("public.orders", "insert", {"id": i})
+    room = memory_feed.hub._target_rooms("mem", "public.orders").room
+    await wait_until(lambda: room.seq == 60, what="sixty changes routed")
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe("mem:public.orders", since=3)
+        assert ack["recovered"] is False and ack["seq"] == 60
+        other_epoch = await client.subscribe("mem:public.orders", since=59, epoch="0" * 16)
+        assert other_epoch["recovered"] is False
+
+
+async def test_snapshot_then_live_without_loss_or_doubles(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    for i in range(1, 4):
+        db.write("public.orders", "insert", {"id": i, "status": "paid" if i != 2 else "new"})
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe("mem:public.orders", filter="status=eq.paid", snapshot=True)
+        assert ack["ok"], ack
+        assert sorted(r["id"] for r in ack["snapshot"]) == [1, 3]
+        db.write("public.orders", "update", {"id": 2, "status": "paid"})
+        change = await client.next_change()
+    assert change["key"] == 2 and change["seq"] > ack["seq"]
+
+
+async def test_gap_is_announced_and_breaks_resume(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        await client.subscribe("mem:public.orders")
+        db.write("public.orders", "insert", {"id": 1})
+        await client.next_change()
+        db.announce_gap("redis restarted")
+        gap = await client.next_gap()
+        assert gap["reason"] == "redis restarted" and gap["room"] == "mem:public.orders"
+        ack = await client.subscribe("mem:public.orders", since=0)
+        assert ack["recovered"] is False
+
+
+async def test_crashed_connector_restarts_and_others_keep_working(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        await client.subscribe("mem:public.orders")
+        db.crash("connection reset")
+        status = await asyncio.wait_for(client.statuses.get(), 5)
+        assert status["state"] == "down" and "connection reset" in status["detail"]
+        up = await asyncio.wait_for(client.statuses.get(), 5)
+        assert up["state"] == "up"
+        db.write("public.orders", "insert", {"id": 7})
+        change = await client.next_change()
+    assert change["key"] == 7 and db.started == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (None, "bad_request"),
+        (42, "bad_request"),
+        ({"room": ""}, "bad_request"),
+        ({"room": 5}, "bad_request"),
+        ({"room": "x" * 5000}, "bad_request"),
+        ({"room": "nope:public.orders"}, "unknown_connector"),
+        ({"room": "mem"}, "unknown_connector"),
+        ({"room": "mem:public.nothing"}, "unknown_target"),
+        ({"room": "mem:public.orders", "filter": "status=like.x"}, "bad_filter"),
+        ({"room": "mem:public.orders", "filter": "status"}, "bad_filter"),
+        ({"room": "mem:public.orders", "filter": ["a"]}, "bad_filter"),
+        ({"room": "mem:public.orders", "since": "17"}, "bad_since"),
+        ({"room": "mem:public.orders", "since": -1}, "bad_since"),
+        ({"room": "mem:public.orders", "since": True}, "bad_since"),
+        ({"room": "mem:public.orders", "snapshot": "yes"}, "bad_request"),
+        ({"room": "mem:public.orders", "extra": 1}, "bad_request"),
+    ],
+)
+async def test_bad_subscribe_gets_error_ack_and_connection_survives(
+    memory_feed: RunningFeed, payload: Any, code: str
+) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.call("subscribe", payload)
+        assert ack["ok"] is False and ack["error"]["code"] == code, ack
+        assert isinstance(ack["error"]["message"], str) and ack["error"]["message"]
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        db.write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["key"] == 1
+
+
+async def test_subscription_limit(memory_feed: RunningFeed) -> None:
+    memory_feed.hub.settings = type(memory_feed.hub.settings)(max_subscriptions=2)
+    async with feed_client(memory_feed.url) as client:
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        assert (await client.subscribe("mem:public.customers"))["ok"]
+        ack = await client.subscribe("mem:public.orders:1")
+        assert ack["error"]["code"] == "too_many_subscriptions"
+
+
+async def test_catalog_lists_connectors_targets_and_status(memory_feed: RunningFeed) -> None:
+    async with feed_client(memory_feed.url) as client:
+        catalog = await client.call("catalog")
+    [mem] = catalog["connectors"]
+    assert mem["name"] == "mem" and mem["type"] == "memory"
+    assert mem["targets"] == ["public.orders", "public.customers"]
+    assert mem["status"]["state"] == "up"
+
+
+async def test_health_readiness_and_metrics(memory_feed: RunningFeed) -> None:
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        await client.subscribe("mem:public.orders")
+        db.write("public.orders", "insert", {"id": 1})
+        await client.next_change()
+        assert await http_get(memory_feed.url + "/healthz") == (200, '{"status": "ok"}')
+        status, body = await http_get(memory_feed.url + "/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True
+        status, metrics = await http_get(memory_feed.url + "/metrics")
+    assert status == 200
+    assert 'feed_changes_in_total{connector="mem"} 1' in metrics
+    assert 'feed_changes_out_total{connector="mem"} 1' in metrics
+    assert "feed_clients 1" in metrics
+    assert 'feed_connector_up{connector="mem"} 1' in metrics
+
+
+async def test_filter_room_expires_after_grace(memory_feed: RunningFeed) -> None:
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe("mem:public.orders", filter="status=eq.paid")
+        name = ack["room"]
+        assert name in memory_feed.hub.rooms
+    await wait_until(lambda: name not in memory_feed.hub.rooms, what="filter room expiry")
+    assert "mem:public.orders" in memory_feed.hub.rooms
