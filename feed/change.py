@@ -139,6 +139,8 @@ def to_json(value: Any) -> JSON:
         return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [to_json(v) for v in value]
+    if type(value).__module__.startswith("bson"):  # before bytes: bson.Binary is a bytes
+        return _bson_to_json(value)
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, dt.datetime):
@@ -159,8 +161,6 @@ def to_json(value: Any) -> JSON:
         return str(value)
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
-    if type(value).__module__.startswith("bson"):
-        return _bson_to_json(value)
     return str(value)
 
 

@@ -1,0 +1,86 @@
+"""The change envelope's JSON mapping for every type the sources produce."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import uuid
+from decimal import Decimal
+
+from bson import Binary, Decimal128, ObjectId
+
+from feed.change import Change, room_key, to_json
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+def test_json_mapping_of_source_types() -> None:
+    oid = ObjectId("64b7f0c2a1b2c3d4e5f60718")
+    value = {
+        "price": Decimal("12.30"),
+        "at": dt.datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=dt.UTC),
+        "naive": dt.datetime(2026, 1, 2, 3, 4, 5),
+        "day": dt.date(2026, 1, 2),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "blob": b"\x00\xff",
+        "color": Color.RED,
+        "nan": float("nan"),
+        "tags": ("a", "b"),
+        "nested": {"deep": [1, {"x": Decimal("1E+2")}]},
+        "oid": oid,
+        "d128": Decimal128("1.10"),
+        "bin": Binary(b"\x01\x02", 4),
+    }
+    out = to_json(value)
+    json.dumps(out)
+    assert out["price"] == "12.30"
+    assert out["at"] == "2026-01-02T03:04:05.006000Z"
+    assert out["naive"] == "2026-01-02T03:04:05"
+    assert out["day"] == "2026-01-02"
+    assert out["id"] == "12345678-1234-5678-1234-567812345678"
+    assert out["blob"] == "AP8="
+    assert out["color"] == "red"
+    assert out["nan"] == "NaN"
+    assert out["tags"] == ["a", "b"]
+    assert out["nested"] == {"deep": [1, {"x": "1E+2"}]}
+    assert out["oid"] == {"$oid": "64b7f0c2a1b2c3d4e5f60718"}
+    assert out["d128"] == {"$numberDecimal": "1.10"}
+    assert out["bin"] == {"$binary": {"base64": "AQI=", "subType": "04"}}
+
+
+def test_room_keys() -> None:
+    assert room_key(42) == "42"
+    assert room_key("abc") == "abc"
+    assert room_key({"order_id": 7, "line": 2}) == "7,2"
+    assert room_key(ObjectId("64b7f0c2a1b2c3d4e5f60718")) == "64b7f0c2a1b2c3d4e5f60718"
+    assert room_key(None) is None
+
+
+def test_wire_body_is_shared_and_immutable() -> None:
+    change = Change(
+        "main:1",
+        "main",
+        "postgres",
+        "public.orders",
+        "insert",
+        1,
+        None,
+        {"id": 1},
+        dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    )
+    assert change.wire is change.wire
+    assert change.wire["ts"] == "2026-01-01T00:00:00.000000Z"
+    assert set(change.wire) == {
+        "id",
+        "connector",
+        "source",
+        "target",
+        "op",
+        "key",
+        "before",
+        "after",
+        "ts",
+    }

@@ -1,0 +1,132 @@
+"""Config validation and the CLI: a user's mistake is one line naming file and key, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from feed import __version__
+from feed.config import load_config, parse_config
+from feed.errors import ConfigError
+
+GOOD = """
+[server]
+port = 8123
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["${TABLE}", "public.other"]
+"""
+
+
+def test_interpolation_and_defaults() -> None:
+    config = parse_config(GOOD, "feed.toml", {"TABLE": "public.orders"})
+    assert config.server.port == 8123 and config.server.host == "127.0.0.1"
+    assert config.server.max_subscriptions == 100
+    [connector] = config.build_connectors()
+    assert connector.targets() == ["public.orders", "public.other"]
+    text = GOOD.replace("${TABLE}", "${MISSING:-public.fallback}")
+    [connector] = parse_config(text, "feed.toml", {}).build_connectors()
+    assert connector.targets()[0] == "public.fallback"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server\nport=1", "feed.toml: not valid TOML"),
+        ("[server]\nport = 'x'", "feed.toml: server.port: must be a whole number"),
+        ("[server]\nport = 70000", "feed.toml: server.port: must be at most 65535"),
+        ("[server]\nprot = 1", "feed.toml: server.prot: is not a known setting here"),
+        ("[[connectors]]\ntype = 'memory'", "feed.toml: connectors[0].name: is required"),
+        (
+            "[[connectors]]\nname = 'a:b'\ntype = 'memory'\ntargets=['t']",
+            "feed.toml: connectors[0].name: 'a:b' must be letters",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'nosuch'",
+            "feed.toml: connectors[0].type: unknown connector type 'nosuch'",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'nosuch.module:Thing'",
+            "feed.toml: connectors[0].type: cannot import 'nosuch.module'",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'",
+            "feed.toml: connectors[0].targets: is required",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['t']\ntargest = 1",
+            "feed.toml: connectors[0].targest: is not a known setting here",
+        ),
+        (
+            "[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
+            "[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']",
+            "feed.toml: connectors[1].name: 'm' is used by two connectors",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['${NOPE}']",
+            "feed.toml: connectors[0].targets[0]: environment variable NOPE is not set",
+        ),
+        ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
+    ],
+)
+def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "feed.toml", {})
+    message = str(info.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_third_party_connector_by_import_path() -> None:
+    text = "[[connectors]]\nname='x'\ntype='connectors.memory:MemoryConnector'\ntargets=['t']"
+    [connector] = parse_config(text, "feed.toml", {}).build_connectors()
+    assert connector.kind == "memory"
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/feed.toml")
+
+
+def run_feed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "feed", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+def test_cli_version() -> None:
+    result = run_feed("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"feed {__version__}"
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "migrate"])
+def test_cli_config_mistake_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text("[server]\nport = 'eighty'\n")
+    result = run_feed(command, "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"feed: {config}: server.port: must be a whole number, not 'eighty'"]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_check_prints_a_table(tmp_path: Path) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text("[[connectors]]\nname='mem'\ntype='memory'\ntargets=['public.orders']\n")
+    result = run_feed("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"config {config}: ok (1 connector(s))"
+    assert lines[1].split() == ["connector", "type", "result", "detail"]
+    assert lines[2].split() == ["mem", "memory", "ok", "reachable"]
