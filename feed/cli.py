@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -93,6 +94,9 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
         timeout_graceful_shutdown=10,
         ws_max_size=config.server.max_message_bytes,
     )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
+    # was installed before it; make that a clean exit, as service managers expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.Server(uvicorn_config).run()
 
 

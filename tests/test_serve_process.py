@@ -1,0 +1,52 @@
+"""`feed serve` as a user runs it: a real process, real clients, SIGTERM for a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tests.support.server import FeedClient, free_port
+
+ROOT = Path(__file__).parent.parent
+
+
+async def test_sigterm_disconnects_clients_and_exits_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        f"[server]\nport = {port}\n\n"
+        "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "feed",
+        "serve",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"Uvicorn running" not in (line := await process.stderr.readline()):
+                assert line, "the server exited before it started"
+        client = await FeedClient().connect(f"http://127.0.0.1:{port}")
+        disconnected = asyncio.Event()
+        client.sio.on("disconnect", lambda *args: disconnected.set())
+        ack = await client.subscribe("mem:public.orders")
+        assert ack["ok"]
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(disconnected.wait(), 15)
+        rest = await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert b"Traceback" not in rest
+        assert b"Application shutdown complete" in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
