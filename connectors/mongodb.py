@@ -1,0 +1,479 @@
+"""MongoDB change streams through PyMongo's native async API, with durable resume.
+
+Why PyMongo's `AsyncMongoClient` and not Motor: MongoDB deprecated Motor in favour of the async
+API built into PyMongo 4.9+, which talks to the server from the event loop directly instead of
+through a thread pool, and Motor is past its end of life.
+
+One change stream covers every `watch` entry (a collection stream, a database stream with a
+$match, or a cluster stream with a $match), so there is one position to save and one commit
+order. The connector saves the stream's resume token when the hub asks for the next item after
+the last change of a batch (the hub has routed everything before it), and, while idle, the
+postBatchResumeToken at most every `token_save_interval` seconds so a quiet stream never falls
+out of the oplog window. A restart resumes with `startAfter`. Resumable errors are retried by the
+driver once and by the connector `resume_retries` more times with backoff before it gives up and
+lets the hub restart it. ChangeStreamHistoryLost (286) and invalidate events produce a `Gap` and
+a new stream from now (after an invalidate, from just after it), so no error is ever retried in
+a loop.
+
+Snapshots read with `readConcern: snapshot` at a cluster time just before the stream's delivered
+position, so every change the rows reflect has already been yielded and `covers` is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+from bson.timestamp import Timestamp
+from pymongo import AsyncMongoClient
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    CursorNotFound,
+    InvalidURI,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
+from pymongo.uri_parser import parse_uri
+
+from connectors.base import Connector, RoomAddress, Snapshot, State
+from connectors.mongodb_events import (
+    Position,
+    Watch,
+    just_before,
+    stream_match,
+    stream_scope,
+    to_change,
+    token_time,
+)
+from connectors.mongodb_tokens import TokenStore
+from feed.change import Change, Gap, room_key
+from feed.errors import (
+    ConnectorError,
+    SnapshotNotSupported,
+    SourceMisconfigured,
+    SourceUnavailable,
+)
+from feed.options import Options
+
+log = logging.getLogger("feed.connectors.mongodb")
+
+HISTORY_LOST = 286
+AUTH_FAILED = 18
+UNAUTHORIZED = 13
+STANDALONE = 40573
+STANDALONE_HINT = (
+    "standalone MongoDB servers do not support change streams: run it as a replica set "
+    "(a single-node one is enough: mongod --replSet rs0, then rs.initiate())"
+)
+
+
+class MongoConnector(Connector):
+    kind = "mongodb"
+
+    def configure(self, options: Options) -> None:
+        self.uri: str = options.str("uri", required=True)
+        raw_watch = options.raw.get("watch")
+        if isinstance(raw_watch, str):
+            names = [options.str("watch", required=True)]
+        else:
+            names = options.str_list("watch", required=True)
+        self.watches = [Watch.parse(name, options.path("watch")) for name in names]
+        self.full_document = options.choice(
+            "full_document", ["off", "updateLookup", "whenAvailable", "required"], "updateLookup"
+        )
+        self.before_change = options.choice(
+            "full_document_before_change", ["off", "whenAvailable", "required"], "off"
+        )
+        store = options.choice("resume_store", ["mongodb", "none"], "mongodb")
+        store_name = options.str("resume_collection", "dbfeed.resume_tokens")
+        db, _, coll = store_name.partition(".")
+        if not db or not coll:
+            options.fail("resume_collection", f"must be database.collection, not {store_name!r}")
+        self.resume_collection = (db, coll) if store == "mongodb" else None
+        self.save_interval = options.float("token_save_interval", 10.0, minimum=0)
+        self.max_await_ms = options.int("max_await_ms", 1000, minimum=10, maximum=60_000)
+        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
+        self.resume_retries = options.int("resume_retries", 5, minimum=0)
+        self.allow_missing = options.bool("allow_missing", False)
+
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._tokens: TokenStore | None = None
+        self._token: Mapping[str, Any] | None = None  # last delivered position
+        self._mark: Timestamp | None = None  # its cluster time
+        self._mark_is_event = False  # an event's own time: more events may share it
+        self._mark_moved = asyncio.Event()
+        self._saved_at = float("-inf")
+        self._known: set[str] = {w.name for w in self.watches}
+        self._open_stream: Any = None  # opened by start(), consumed by changes()
+        self._server = ""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.set_status(State.STARTING)
+        try:
+            await self._connect()
+        except ConnectorError as exc:
+            self.set_status(State.DOWN, str(exc))
+            await self._close_client()
+            raise
+        except PyMongoError as exc:
+            error = self._explain(exc)
+            self.set_status(State.DOWN, str(error))
+            await self._close_client()
+            raise error from None
+
+    async def _connect(self) -> None:
+        try:
+            nodes = parse_uri(self.uri)["nodelist"]
+        except (InvalidURI, ConfigurationError, ValueError) as exc:
+            raise SourceMisconfigured(f"invalid MongoDB uri: {_one_line(exc)}") from None
+        self._server = ",".join(f"{host}:{port}" for host, port in nodes)
+        timeout_ms = int(self.connect_timeout * 1000)
+        self._client = AsyncMongoClient(
+            self.uri,
+            appname=f"dbfeed-{self.name}",
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            tz_aware=True,
+            uuidRepresentation="standard",
+        )
+        hello = await self._client.admin.command("hello")
+        if not hello.get("setName") and hello.get("msg") != "isdbgrid":
+            raise SourceMisconfigured(f"MongoDB at {self._server} is a {STANDALONE_HINT}")
+        if not self.allow_missing:
+            await self._check_namespaces()
+        self._tokens = TokenStore(self._client, self.resume_collection, self.name)
+        if self._token is None:
+            self._token = await self._tokens.load()
+        # Open the stream now, so that every change committed after start() returns is captured
+        # even before the first call to changes(). History loss surfaces there, as a Gap.
+        try:
+            self._open_stream = await self._watch()
+        except OperationFailure as exc:
+            if exc.code != HISTORY_LOST:
+                raise
+
+    async def _check_namespaces(self) -> None:
+        assert self._client is not None
+        for watch in self.watches:
+            db = self._client[watch.db]
+            if watch.coll is None:
+                names = await db.list_collection_names()
+                if not names:
+                    raise SourceMisconfigured(
+                        f"MongoDB database {watch.db!r} does not exist (no collections): fix "
+                        "`watch`, create it, or set allow_missing = true"
+                    )
+                self._known.update(f"{watch.db}.{n}" for n in names)
+            elif not await db.list_collection_names(filter={"name": watch.coll}):
+                raise SourceMisconfigured(
+                    f"MongoDB collection {watch.name!r} does not exist: fix `watch`, create it "
+                    f"(db.createCollection({watch.coll!r})), or set allow_missing = true"
+                )
+
+    async def stop(self) -> None:
+        if self._tokens is not None and self._token is not None:
+            try:
+                await asyncio.wait_for(self._tokens.save(self._token, self._watch_names()), 5)
+            except (PyMongoError, TimeoutError) as exc:
+                log.warning("%s: could not save the resume token on stop: %s", self.name, exc)
+        await self._close_client()
+        self.set_status(State.STOPPED)
+
+    async def _close_client(self) -> None:
+        stream, self._open_stream = self._open_stream, None
+        if stream is not None:
+            with contextlib.suppress(PyMongoError):
+                await stream.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def check(self) -> str:
+        async with self:
+            assert self._client is not None
+            info = await self._client.admin.command("buildInfo")
+            hello = await self._client.admin.command("hello")
+            where = hello.get("setName") or "sharded cluster"
+            return f"MongoDB {info.get('version')} ({where}), watching {', '.join(self._watch_names())}"
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    async def changes(self) -> AsyncIterator[Change | Gap]:
+        failures = 0
+        while True:
+            gap: Gap | None = None
+            try:
+                async for item in self._stream():
+                    failures = 0
+                    yield item
+                continue  # the stream ended by itself (invalidated): open a new one
+            except OperationFailure as exc:
+                if exc.code == HISTORY_LOST:
+                    log.warning("%s: change stream history lost: %s", self.name, _one_line(exc))
+                    if self._tokens is not None:
+                        await self._tokens.forget()
+                    self._token = None
+                    gap = Gap(self.name, "MongoDB change stream history lost (oplog rolled over)")
+                elif not exc.has_error_label("ResumableChangeStreamError"):
+                    error = self._explain(exc)
+                    self.set_status(State.DOWN, str(error))
+                    raise error from None
+                else:
+                    failures = await self._back_off(failures, exc)
+            except (ConnectionFailure, CursorNotFound) as exc:
+                failures = await self._back_off(failures, exc)
+            if gap is not None:
+                yield gap
+
+    async def _back_off(self, failures: int, exc: PyMongoError) -> int:
+        """Wait before reopening the stream, or give up and let the hub restart the connector."""
+        error = self._explain(exc)
+        self.set_status(State.DOWN, str(error))
+        if failures >= self.resume_retries:
+            raise error from None
+        delay = min(0.1 * 2**failures, 5.0)
+        log.info("%s: %s; reopening the change stream in %.1fs", self.name, error, delay)
+        await asyncio.sleep(delay)
+        return failures + 1
+
+    def _target(self) -> Any:
+        assert self._client is not None
+        db, coll = stream_scope(self.watches)
+        if db is None:
+            return self._client
+        return self._client[db] if coll is None else self._client[db][coll]
+
+    async def _watch(self) -> Any:
+        """Open a change stream at the delivered position (or now, when there is none)."""
+        if self._client is None:
+            raise SourceUnavailable(f"connector {self.name!r} is not started")
+        scope = stream_scope(self.watches)
+        pipeline = stream_match(self.watches, scope, self.resume_collection)
+        options: dict[str, Any] = {"max_await_time_ms": self.max_await_ms}
+        if self.full_document != "off":
+            options["full_document"] = self.full_document
+        if self.before_change != "off":
+            options["full_document_before_change"] = self.before_change
+        if self._token is not None:
+            options["start_after"] = self._token
+        return await self._target().watch(pipeline, **options)
+
+    async def _stream(self) -> AsyncIterator[Change | Gap]:
+        """One change stream from the delivered position until it ends or fails."""
+        stream, self._open_stream = self._open_stream, None
+        if stream is None:
+            stream = await self._watch()
+        async with stream:
+            self.set_status(State.UP)
+            await self._advance(stream.resume_token, event=False, end_of_batch=True)
+            while True:
+                event = await stream.try_next()
+                if event is None:
+                    if not stream.alive:
+                        # Closed without an invalidate we could see: say so and start again.
+                        yield Gap(self.name, "MongoDB change stream closed by the server")
+                        return
+                    await self._advance(stream.resume_token, event=False, end_of_batch=True)
+                    continue
+                change = to_change(self.name, event, self._fallback_target())
+                if change.target not in self._known and "." in change.target:
+                    self._known.add(change.target)
+                yield change
+                # Asked for the next item: the hub has routed `change`.
+                await self._advance(
+                    stream.resume_token, event=True, end_of_batch=_batch_done(stream), change=change
+                )
+                if change.op == "invalidate":
+                    yield Gap(self.name, f"MongoDB change stream invalidated ({change.target})")
+                    return
+
+    def _fallback_target(self) -> str:
+        db, coll = stream_scope(self.watches)
+        return (f"{db}.{coll}" if coll else db) if db else "*"
+
+    async def _advance(
+        self,
+        token: Mapping[str, Any] | None,
+        *,
+        event: bool,
+        end_of_batch: bool,
+        change: Change | None = None,
+    ) -> None:
+        """Record the delivered position and save it at the end of a batch (or every so often)."""
+        if token is None:
+            return
+        self._token = token
+        mark = token_time(token)
+        if mark is None and change is not None and isinstance(change.position, Position):
+            mark = change.position.cluster_time
+        if mark is not None:
+            # The position is an event's own time when the token is that event's (not a mark past
+            # the end of the batch): other events of the same transaction may still follow.
+            self._mark = mark
+            self._mark_is_event = event and change is not None and change.position.token == token
+            self._mark_moved.set()
+            self._mark_moved = asyncio.Event()
+        now = time.monotonic()
+        due = now - self._saved_at >= self.save_interval
+        if self._tokens is not None and ((event and end_of_batch) or due):
+            try:
+                await self._tokens.save(token, self._watch_names())
+            except OperationFailure as exc:
+                if exc.code == UNAUTHORIZED:
+                    db, coll = self.resume_collection or ("", "")
+                    raise SourceMisconfigured(
+                        f"cannot save resume tokens in {db}.{coll}: not authorized (grant "
+                        'readWrite on it, set resume_collection, or resume_store = "none")'
+                    ) from None
+                raise
+            self._saved_at = now
+
+    # -- catalog, rooms and snapshots ----------------------------------------------------------
+
+    def _watch_names(self) -> list[str]:
+        return [w.name for w in self.watches]
+
+    def targets(self) -> list[str]:
+        return sorted(self._known)
+
+    def resolve(self, rest: str) -> RoomAddress | None:
+        found = super().resolve(rest)
+        if found is not None:
+            return found
+        # A watched database offers its collections even before their first change.
+        for watch in self.watches:
+            prefix = watch.db + "."
+            if watch.coll is None and rest.startswith(prefix) and len(rest) > len(prefix):
+                coll, _, key = rest[len(prefix) :].partition(":")
+                if coll and "$" not in coll:
+                    return RoomAddress(prefix + coll, key or None)
+        return None
+
+    async def snapshot(
+        self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> Snapshot:
+        db, _, coll = address.target.partition(".")
+        if not coll:
+            raise SnapshotNotSupported(
+                f"{address.target!r} is a whole database: subscribe to database.collection rooms "
+                "for snapshots"
+            )
+        if self._client is None:
+            raise SourceUnavailable(f"connector {self.name!r} is not running")
+        at = await self._snapshot_time()
+        query: dict[str, Any] = {}
+        if address.key is not None:
+            query = {"_id": {"$in": _key_candidates(address.key)}}
+        rows: list[Mapping[str, Any]] = []
+        truncated = False
+        try:
+            cursor = await self._client[db].cursor_command(
+                "find",
+                coll,
+                filter=query,
+                readConcern={"level": "snapshot", "atClusterTime": at},
+                batchSize=min(max(limit + 1, 1), 1000),
+            )
+            async with cursor:
+                async for doc in cursor:
+                    if address.key is not None and room_key(doc.get("_id")) != address.key:
+                        continue
+                    if not where(doc):
+                        continue
+                    if len(rows) >= limit:
+                        truncated = True
+                        break
+                    rows.append(doc)
+        except PyMongoError as exc:
+            raise self._explain(exc) from None
+
+        def covers(change: Change) -> bool:
+            position = change.position
+            return (
+                isinstance(position, Position)
+                and position.cluster_time is not None
+                and position.cluster_time <= at
+            )
+
+        return Snapshot(rows=rows, covers=covers, truncated=truncated)
+
+    async def _snapshot_time(self) -> Timestamp:
+        """A cluster time whose every change has been delivered: just before the stream's mark.
+
+        When the mark is an event's own time, events of the same transaction may still follow,
+        so wait (about one idle getMore) for the stream to move past it before reading.
+        """
+        deadline = time.monotonic() + self.max_await_ms / 1000 + 5
+        while self._mark is None or self._mark_is_event:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._mark_moved.wait(), remaining)
+            except TimeoutError:
+                break
+        if self._mark is None:
+            raise SourceUnavailable(f"connector {self.name!r}: change stream not running yet")
+        # A high-water mark sorts before any event at its own time, so the read stops just
+        # before it in both cases.
+        return just_before(self._mark)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _explain(self, exc: BaseException) -> ConnectorError:
+        """One line a user can act on, for every way MongoDB can refuse us."""
+        if isinstance(exc, (InvalidURI, ConfigurationError)):
+            return SourceMisconfigured(f"invalid MongoDB uri: {_one_line(exc)}")
+        if isinstance(exc, OperationFailure):
+            message = (exc.details or {}).get("errmsg") or _one_line(exc)
+            if exc.code == AUTH_FAILED:
+                return SourceMisconfigured(
+                    f"MongoDB at {self._server} refused the credentials in uri (authentication "
+                    "failed): check the user name, password and authSource"
+                )
+            if exc.code == UNAUTHORIZED:
+                return SourceMisconfigured(f"MongoDB user may not do this: {message}")
+            if exc.code == STANDALONE:
+                return SourceMisconfigured(f"MongoDB at {self._server} is a {STANDALONE_HINT}")
+            return SourceUnavailable(f"MongoDB error {exc.code}: {message}")
+        if isinstance(exc, ServerSelectionTimeoutError):
+            reason = _one_line(exc).split(", Timeout:")[0]
+            return SourceUnavailable(f"cannot reach MongoDB at {self._server}: {reason}")
+        if isinstance(exc, ConnectionFailure | CursorNotFound):
+            return SourceUnavailable(
+                f"lost the change stream from MongoDB at {self._server}: {_one_line(exc)}"
+            )
+        return SourceUnavailable(f"MongoDB at {self._server}: {_one_line(exc)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).split(", full error:")[0]
+    return " ".join(text.split())[:300]
+
+
+def _batch_done(stream: Any) -> bool:
+    """Whether the driver has handed out its whole current batch (private API, so guarded)."""
+    has_next = getattr(getattr(stream, "_cursor", None), "_has_next", None)
+    return not has_next() if callable(has_next) else True
+
+
+def _key_candidates(key: str) -> list[Any]:
+    """The _id values a row-room key can stand for (it is the key's text form)."""
+    candidates: list[Any] = [key]
+    with contextlib.suppress(InvalidId, TypeError):
+        candidates.append(ObjectId(key))
+    with contextlib.suppress(ValueError):
+        candidates.append(int(key))
+    with contextlib.suppress(ValueError):
+        candidates.append(float(key))
+    return candidates

@@ -1,0 +1,82 @@
+"""A MongoDB for tests: FEED_TEST_MONGODB_URL if set (a real replica set), else the wire server.
+
+Tests only use what both provide: ordinary commands through PyMongo, and mongod's own
+`failCommand` fail point for faults (a real mongod needs `--setParameter enableTestCommands=1`;
+without it those tests skip). Each test works in its own database, so a shared real server stays
+usable and tests do not see each other's changes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure
+
+from tests.mongo_wire import MongoWireServer
+
+ENV = "FEED_TEST_MONGODB_URL"
+
+
+@dataclass
+class MongoSource:
+    url: str
+    client: AsyncMongoClient[dict[str, Any]]
+    wire: MongoWireServer | None
+    """The wire server when no real MongoDB was given (for the few wire-only tests)."""
+
+    @property
+    def kind(self) -> str:
+        return "wire" if self.wire is not None else "real"
+
+    @staticmethod
+    def unique(prefix: str = "feedtest") -> str:
+        return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+    @asynccontextmanager
+    async def fail_command(self, mode: Any, data: Mapping[str, Any]) -> AsyncIterator[None]:
+        """mongod's failCommand fail point, on for the block (skips if the server lacks it)."""
+        try:
+            await self.client.admin.command(
+                {"configureFailPoint": "failCommand", "mode": mode, "data": dict(data)}
+            )
+        except OperationFailure as exc:
+            pytest.skip(f"the MongoDB server has no failCommand fail point: {exc}")
+        try:
+            yield
+        finally:
+            await self.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
+@asynccontextmanager
+async def mongo_source() -> AsyncIterator[MongoSource]:
+    url = os.environ.get(ENV)
+    if url:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            url, tz_aware=True, uuidRepresentation="standard", serverSelectionTimeoutMS=10_000
+        )
+        try:
+            yield MongoSource(url, client, None)
+        finally:
+            await client.close()
+        return
+    async with MongoWireServer() as server:
+        client = AsyncMongoClient(
+            server.url, tz_aware=True, uuidRepresentation="standard", serverSelectionTimeoutMS=5_000
+        )
+        try:
+            yield MongoSource(server.url, client, server)
+        finally:
+            await client.close()
+
+
+@pytest.fixture(scope="session")
+async def mongodb() -> AsyncIterator[MongoSource]:
+    async with mongo_source() as source:
+        yield source

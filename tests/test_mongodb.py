@@ -1,0 +1,392 @@
+"""The MongoDB connector against a real PyMongo connection (wire server, or FEED_TEST_MONGODB_URL).
+
+Every test here is source-agnostic: it writes through PyMongo and reads what the connector
+yields, so it runs unchanged against a real replica set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from bson import Binary, Decimal128, ObjectId
+
+from connectors.base import RoomAddress
+from connectors.mongodb import MongoConnector
+from feed.change import Change, Gap
+from feed.options import Options
+from tests.connector_contract import ConnectorContract, streaming
+from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+
+pytestmark = pytest.mark.mongodb
+WAIT = 15.0
+
+
+def make(source: MongoSource, watch: Any, **settings: Any) -> MongoConnector:
+    name = settings.pop("name", MongoSource.unique("conn"))
+    raw = {"uri": source.url, "watch": watch, "connect_timeout": 5.0, **settings}
+    return MongoConnector(name, Options(raw, f"connectors.{name}"))
+
+
+async def take(stream: AsyncIterator[Change | Gap], count: int) -> list[Change | Gap]:
+    got: list[Change | Gap] = []
+    async with asyncio.timeout(WAIT):
+        while len(got) < count:
+            got.append(await anext(stream))
+    return got
+
+
+async def changes(stream: AsyncIterator[Change | Gap], count: int) -> list[Change]:
+    got = await take(stream, count)
+    assert all(isinstance(c, Change) for c in got), got
+    return [c for c in got if isinstance(c, Change)]
+
+
+# -- the shared connector contract ---------------------------------------------------------------
+
+
+class MongoHarness:
+    def __init__(self, source: MongoSource, db: str) -> None:
+        self.source = source
+        self.db = db
+        self.target = f"{db}.orders"
+        self.name = MongoSource.unique("contract")
+
+    def make_connector(self) -> MongoConnector:
+        # Post-images: an update's `after` is that update's result even if the document is
+        # deleted before the event is read (updateLookup would give None then).
+        return make(
+            self.source,
+            [self.target],
+            name=self.name,
+            full_document="whenAvailable",
+            full_document_before_change="whenAvailable",
+        )
+
+    def row_key(self, key: str) -> str:
+        return key
+
+    @property
+    def coll(self) -> Any:
+        return self.source.client[self.db]["orders"]
+
+    async def create(self, key: str, fields: Mapping[str, Any]) -> None:
+        await self.coll.insert_one({"_id": key, **fields})
+
+    async def modify(self, key: str, fields: Mapping[str, Any]) -> None:
+        await self.coll.update_one({"_id": key}, {"$set": dict(fields)})
+
+    async def remove(self, key: str) -> None:
+        await self.coll.delete_one({"_id": key})
+
+
+class TestMongoConnectorContract(ConnectorContract):
+    @pytest.fixture
+    async def harness(self, mongodb: MongoSource) -> MongoHarness:  # noqa: F811
+        db = MongoSource.unique()
+        await mongodb.client[db].create_collection(
+            "orders", changeStreamPreAndPostImages={"enabled": True}
+        )
+        return MongoHarness(mongodb, db)
+
+
+# -- event shapes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def db(mongodb: MongoSource) -> AsyncIterator[str]:  # noqa: F811
+    name = MongoSource.unique()
+    await mongodb.client[name].create_collection("orders")
+    yield name
+    await mongodb.client.drop_database(name)
+
+
+async def test_insert_update_replace_delete_carry_documents_and_descriptions(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    async with streaming(make(mongodb, f"{db}.orders")) as stream:
+        await coll.insert_one({"_id": 1, "status": "new", "tags": ["a", "b", "c"], "note": "x"})
+        await coll.update_one({"_id": 1}, {"$set": {"status": "paid"}, "$unset": {"note": ""}})
+        await coll.update_one({"_id": 1}, [{"$set": {"tags": {"$slice": ["$tags", 1]}}}])
+        await coll.replace_one({"_id": 1}, {"status": "shipped"})
+        await coll.delete_one({"_id": 1})
+        insert, update, truncate, replace, delete = await changes(stream, 5)
+
+    assert [c.op for c in (insert, update, truncate, replace, delete)] == [
+        "insert",
+        "update",
+        "update",
+        "replace",
+        "delete",
+    ]
+    assert {c.target for c in (insert, update, replace, delete)} == {f"{db}.orders"}
+    assert all(c.key == 1 and c.row_key == "1" and c.source == "mongodb" for c in [insert, delete])
+    assert insert.after == {"_id": 1, "status": "new", "tags": ["a", "b", "c"], "note": "x"}
+    description = update.meta and update.meta["updateDescription"]
+    assert description["updatedFields"] == {"status": "paid"}
+    assert description["removedFields"] == ["note"]
+    assert truncate.meta and truncate.meta["updateDescription"]["truncatedArrays"] == [
+        {"field": "tags", "newSize": 1}
+    ]
+    # updateLookup (the default) reads the document when the event is read: by then it is gone.
+    assert replace.after == {"_id": 1, "status": "shipped"}
+    assert delete.after is None and delete.before is None
+    assert insert.ts is not None and insert.ts.tzinfo is not None
+    assert abs((dt.datetime.now(dt.UTC) - insert.ts).total_seconds()) < 60
+    assert len({c.id for c in (insert, update, truncate, replace, delete)}) == 5
+
+
+async def test_update_lookup_off_and_pre_images(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    client = mongodb.client
+    await client[db].command(
+        {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    coll = client[db]["orders"]
+    connector = make(
+        mongodb, f"{db}.orders", full_document="off", full_document_before_change="whenAvailable"
+    )
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": "k", "n": 1})
+        await coll.update_one({"_id": "k"}, {"$inc": {"n": 1}})
+        await coll.delete_one({"_id": "k"})
+        insert, update, delete = await changes(stream, 3)
+    assert insert.after == {"_id": "k", "n": 1}  # inserts always carry the document
+    assert update.after is None  # full_document = "off": only the description
+    assert update.meta and update.meta["updateDescription"]["updatedFields"] == {"n": 2}
+    assert update.before == {"_id": "k", "n": 1}
+    assert delete.before == {"_id": "k", "n": 2}
+
+
+async def test_post_images_when_available(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    client = mongodb.client
+    await client[db].command(
+        {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    coll = client[db]["orders"]
+    async with streaming(make(mongodb, f"{db}.orders", full_document="whenAvailable")) as stream:
+        await coll.insert_one({"_id": "k", "n": 1})
+        await coll.update_one({"_id": "k"}, {"$inc": {"n": 1}})
+        await coll.delete_one({"_id": "k"})
+        _, update, _ = await changes(stream, 3)
+    # Unlike updateLookup, the post-image is the document as this update left it.
+    assert update.after == {"_id": "k", "n": 2}
+
+
+async def test_bson_types_become_json(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    oid = ObjectId()
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
+    doc = {
+        "_id": oid,
+        "price": Decimal128(Decimal("19.99")),
+        "at": when,
+        "blob": Binary(b"\x00\x01hi"),
+        "uid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "nested": {"a": [1, {"b": None}], "ok": True},
+    }
+    async with streaming(make(mongodb, f"{db}.orders")) as stream:
+        await coll.insert_one(doc)
+        [insert] = await changes(stream, 1)
+    body = json.loads(json.dumps(insert.wire))
+    assert insert.row_key == str(oid)
+    assert body["key"] == {"$oid": str(oid)}
+    after = body["after"]
+    assert after["_id"] == {"$oid": str(oid)}
+    assert after["price"] == {"$numberDecimal": "19.99"}
+    assert after["at"] == "2026-01-02T03:04:05.678000Z"
+    assert after["blob"] == "AAFoaQ=="
+    assert after["uid"] == "12345678-1234-5678-1234-567812345678"
+    assert after["nested"] == {"a": [1, {"b": None}], "ok": True}
+
+
+async def test_database_watch_routes_each_collection(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    client = mongodb.client
+    await client[db].create_collection("customers")
+    connector = make(mongodb, db)
+    async with streaming(connector) as stream:
+        assert {f"{db}.orders", f"{db}.customers"} <= set(connector.targets())
+        await client[db]["orders"].insert_one({"_id": 1})
+        await client[db]["customers"].insert_one({"_id": 2})
+        await client[db]["brand_new"].insert_one({"_id": 3})
+        got = await changes(stream, 3)
+    assert [(c.target, c.key) for c in got] == [
+        (f"{db}.orders", 1),
+        (f"{db}.customers", 2),
+        (f"{db}.brand_new", 3),
+    ]
+    assert f"{db}.brand_new" in connector.targets()
+    assert connector.resolve(f"{db}.later:42") == RoomAddress(f"{db}.later", "42")
+    assert connector.resolve(f"{db}.orders") == RoomAddress(f"{db}.orders")
+    assert connector.resolve("otherdb.orders") is None
+
+
+async def test_several_collections_across_databases(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    client = mongodb.client
+    other = MongoSource.unique()
+    await client[other].create_collection("items")
+    try:
+        connector = make(mongodb, [f"{db}.orders", f"{other}.items"])
+        async with streaming(connector) as stream:
+            await client[db]["ignored"].insert_one({"_id": 0})
+            await client[db]["orders"].insert_one({"_id": 1})
+            await client[other]["items"].insert_one({"_id": 2})
+            got = await changes(stream, 2)
+        assert [(c.target, c.key) for c in got] == [(f"{db}.orders", 1), (f"{other}.items", 2)]
+    finally:
+        await client.drop_database(other)
+
+
+async def test_drop_invalidates_then_gap_then_stream_continues(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,
+) -> None:
+    client = mongodb.client
+    async with streaming(make(mongodb, f"{db}.orders")) as stream:
+        await client[db]["orders"].insert_one({"_id": 1})
+        await client[db].drop_collection("orders")
+        insert, drop, invalidate, gap = await take(stream, 4)
+        await client[db]["orders"].insert_one({"_id": 2})
+        [again] = await changes(stream, 1)
+    assert isinstance(insert, Change) and insert.op == "insert"
+    assert isinstance(drop, Change) and drop.op == "drop" and drop.target == f"{db}.orders"
+    assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
+    assert isinstance(gap, Gap) and "invalidated" in gap.reason
+    assert isinstance(again, Change) and again.key == 2
+
+
+async def test_rename_is_reported_with_its_destination(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    client = mongodb.client
+    async with streaming(make(mongodb, db)) as stream:
+        await client[db]["orders"].rename("archive")
+        [rename] = await changes(stream, 1)
+    assert rename.op == "rename" and rename.target == f"{db}.orders"
+    assert rename.meta == {"to": f"{db}.archive"}
+
+
+# -- resume tokens ---------------------------------------------------------------------------------
+
+
+async def saved_token(source: MongoSource, connector: MongoConnector) -> Any:
+    doc = await source.client["dbfeed"]["resume_tokens"].find_one({"_id": connector.name})
+    return doc and doc["token"]
+
+
+async def test_token_saved_after_each_delivered_batch(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", token_save_interval=3600.0)
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": 1})
+        [first] = await changes(stream, 1)
+        before = await saved_token(mongodb, connector)
+        await coll.insert_one({"_id": 2})
+        await changes(stream, 1)  # asking for it means `first` was routed: saved by now
+        after = await saved_token(mongodb, connector)
+    assert before is not None  # the starting point is saved as soon as the stream opens
+    assert after != before
+    assert after["_data"] >= first.position.token["_data"]
+
+
+async def test_idle_stream_keeps_saving_post_batch_token(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    connector = make(mongodb, f"{db}.orders", token_save_interval=0.0, max_await_ms=100)
+    other = mongodb.client[db]["elsewhere"]
+    async with connector:
+        stream = connector.changes()
+        pulling = asyncio.create_task(anext(stream))
+        try:
+            first = None
+            async with asyncio.timeout(WAIT):
+                while first is None:
+                    first = await saved_token(mongodb, connector)
+                    await asyncio.sleep(0.05)
+                later = first
+                while later == first:
+                    # Writes elsewhere move the oplog on, as a real server's noop writer does.
+                    await other.insert_one({})
+                    await asyncio.sleep(0.1)
+                    later = await saved_token(mongodb, connector)
+        finally:
+            pulling.cancel()
+            await asyncio.gather(pulling, return_exceptions=True)
+            await stream.aclose()
+    assert later["_data"] > first["_data"]
+
+
+async def test_resume_token_store_can_be_turned_off(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    name = MongoSource.unique("nostore")
+    async with streaming(make(mongodb, f"{db}.orders", name=name, resume_store="none")) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+    await coll.insert_one({"_id": 2})  # missed: nothing remembers where the stream was
+    async with streaming(make(mongodb, f"{db}.orders", name=name, resume_store="none")) as stream:
+        await coll.insert_one({"_id": 3})
+        [got] = await changes(stream, 1)
+    assert got.key == 3
+    assert await mongodb.client["dbfeed"]["resume_tokens"].find_one({"_id": name}) is None
+
+
+# -- snapshots -------------------------------------------------------------------------------------
+
+
+async def test_snapshot_is_consistent_with_the_stream(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "status": "paid" if i % 2 else "new"} for i in range(5)])
+    connector = make(mongodb, f"{db}.orders")
+    async with streaming(connector) as stream:
+        routed: asyncio.Queue[Change | Gap] = asyncio.Queue()
+
+        async def drain() -> None:
+            async for item in stream:
+                routed.put_nowait(item)
+
+        drainer = asyncio.create_task(drain())
+        try:
+            await coll.update_one({"_id": 0}, {"$set": {"status": "paid"}})
+            async with asyncio.timeout(WAIT):
+                seen = await routed.get()
+            snap = await asyncio.wait_for(
+                connector.snapshot(
+                    RoomAddress(f"{db}.orders"), lambda row: row["status"] == "paid", 10
+                ),
+                WAIT,
+            )
+            await coll.insert_one({"_id": 9, "status": "paid"})
+            async with asyncio.timeout(WAIT):
+                later = await routed.get()
+            limited = await connector.snapshot(RoomAddress(f"{db}.orders"), lambda row: True, 2)
+            one = await connector.snapshot(RoomAddress(f"{db}.orders", "3"), lambda row: True, 10)
+        finally:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
+    assert sorted(row["_id"] for row in snap.rows) == [0, 1, 3]
+    assert isinstance(seen, Change) and snap.covers(seen)
+    assert isinstance(later, Change) and not snap.covers(later)
+    assert len(limited.rows) == 2 and limited.truncated
+    assert [row["_id"] for row in one.rows] == [3]
+
+
+async def test_snapshot_of_an_object_id_row(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    oid = ObjectId()
+    await coll.insert_many([{"_id": oid, "n": 1}, {"_id": ObjectId(), "n": 2}])
+    connector = make(mongodb, f"{db}.orders")
+    async with connector:
+        stream = connector.changes()
+        pulling = asyncio.create_task(anext(stream))
+        try:
+            snap = await asyncio.wait_for(
+                connector.snapshot(RoomAddress(f"{db}.orders", str(oid)), lambda r: True, 10), WAIT
+            )
+        finally:
+            pulling.cancel()
+            await asyncio.gather(pulling, return_exceptions=True)
+            await stream.aclose()
+    assert [row["_id"] for row in snap.rows] == [oid]
