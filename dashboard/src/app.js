@@ -1,0 +1,803 @@
+// The dashboard: connectors and their status, subscriptions kept in the page address, a bounded
+// live table of changes, and a resume after every reconnect that says whether anything was lost.
+import {
+  OPERATORS,
+  conditionText,
+  diffImages,
+  isAuthRefusal,
+  queryFromSubscriptions,
+  roomFor,
+  showValue,
+  subscriptionKey,
+  subscriptionsFromQuery,
+} from "./view.js";
+
+const TOKEN_KEY = "dbfeed.token";
+const MAX_ROWS_KEY = "dbfeed.maxRows";
+const RATE_SAMPLES = 60;
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  socket: null,
+  connectors: new Map(), // name -> {name, type, status, targets, gap, rates: number[]}
+  subs: [], // {room, filter, canonical, status, message}
+  lastSeq: new Map(), // canonical room -> last seq shown or skipped
+  epoch: null,
+  rows: [], // changes shown, newest first, never more than maxRows
+  incoming: [], // changes not yet drawn (while paused, or until the next frame)
+  missedWhilePaused: 0,
+  paused: false,
+  maxRows: 500,
+  selected: null,
+  drawScheduled: false,
+  everConnected: false,
+  metrics: { mode: "source", last: null, timer: null, received: new Map() },
+};
+
+// -- connection ---------------------------------------------------------------------------------
+
+function connect() {
+  const path = new URL("socket.io", window.location.href).pathname;
+  const socket = window.io(window.location.origin, {
+    path,
+    transports: ["websocket", "polling"],
+    reconnectionDelay: 500,
+    reconnectionDelayMax: 4000,
+    // A function, so every reconnect sends the token the user most recently gave.
+    auth: (send) => {
+      const token = sessionStorage.getItem(TOKEN_KEY);
+      send(token ? { token } : {});
+    },
+  });
+  state.socket = socket;
+  socket.on("connect", onConnect);
+  socket.on("disconnect", onDisconnect);
+  socket.on("connect_error", onConnectError);
+  socket.io.on("reconnect_attempt", (attempt) => {
+    setConnection("reconnecting", `Reconnecting (attempt ${attempt})…`);
+  });
+  socket.on("change", (change) => receive([change]));
+  socket.on("changes", (batch) => receive(Array.isArray(batch) ? batch : []));
+  socket.on("status", onStatus);
+  socket.on("gap", onGap);
+}
+
+function setConnection(kind, text) {
+  const box = $("connection");
+  box.dataset.state = kind;
+  $("connection-text").textContent = text;
+}
+
+function onConnect() {
+  const again = state.everConnected;
+  state.everConnected = true;
+  setConnection("connected", again ? "Connected again: resuming subscriptions" : "Connected");
+  $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
+  state.socket.emit("catalog", onCatalog);
+  for (const sub of state.subs) subscribe(sub);
+  startMetrics();
+}
+
+function onDisconnect(reason) {
+  stopMetrics();
+  for (const sub of state.subs) {
+    if (sub.status !== "error") setSubStatus(sub, "offline", "waiting for the connection");
+  }
+  if (reason === "io server disconnect") {
+    // The server closed this connection on purpose (a restart, say): the client library does
+    // not retry that by itself, so ask again after a moment.
+    setConnection("reconnecting", "Disconnected by the server; reconnecting…");
+    setTimeout(() => state.socket.connect(), 500);
+  } else {
+    setConnection("reconnecting", `Disconnected (${reason}); reconnecting…`);
+  }
+}
+
+function onConnectError(error) {
+  if (state.socket.active) {
+    // The transport failed; the client library retries with backoff.
+    setConnection("reconnecting", "Server unreachable; retrying…");
+    return;
+  }
+  // The server refused this connection: retrying with the same credentials would not help.
+  if (isAuthRefusal(error)) {
+    setConnection("auth", "Access token needed");
+    askForToken(error.message);
+  } else {
+    setConnection("refused", `Refused by the server: ${error.message}`);
+  }
+}
+
+function askForToken(reason) {
+  const dialog = $("token-dialog");
+  const had = sessionStorage.getItem(TOKEN_KEY);
+  $("token-reason").textContent = had
+    ? `The server did not accept the token: ${reason}`
+    : `The server requires a token: ${reason}`;
+  $("token-input").value = "";
+  if (!dialog.open) dialog.showModal();
+  $("token-input").focus();
+}
+
+function submitToken(event) {
+  const token = $("token-input").value.trim();
+  if (!token) {
+    event.preventDefault();
+    return;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  setConnection("connecting", "Connecting with the token…");
+  state.socket.connect();
+}
+
+function forgetToken() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("forget-token").hidden = true;
+  state.socket.disconnect();
+  state.socket.connect();
+}
+
+// -- catalog and connector status ---------------------------------------------------------------
+
+function onCatalog(reply) {
+  if (!reply || !reply.ok) return;
+  state.epoch = state.epoch || reply.epoch;
+  const known = state.connectors;
+  state.connectors = new Map();
+  for (const item of reply.connectors) {
+    const old = known.get(item.name);
+    state.connectors.set(item.name, {
+      ...item,
+      gap: old ? old.gap : null,
+      rates: old ? old.rates : [],
+    });
+  }
+  drawConnectors();
+  fillConnectorChoices();
+}
+
+function onStatus(status) {
+  const connector = state.connectors.get(status.connector);
+  if (!connector) return;
+  connector.status = status;
+  drawConnectors();
+}
+
+function onGap(gap) {
+  const connector = state.connectors.get(gap.connector);
+  if (connector) {
+    connector.gap = { reason: gap.reason, at: new Date() };
+    drawConnectors();
+  }
+  for (const sub of state.subs) {
+    if (sub.canonical === gap.room) {
+      setSubStatus(sub, "gap", `missed changes (${gap.reason}): reload needed`);
+    }
+  }
+  if (typeof gap.seq === "number" && gap.room) {
+    state.lastSeq.set(gap.room, Math.max(state.lastSeq.get(gap.room) || 0, gap.seq));
+  }
+}
+
+function drawConnectors() {
+  const list = $("connector-list");
+  list.replaceChildren();
+  for (const c of state.connectors.values()) {
+    const item = document.createElement("li");
+    item.className = "connector";
+    item.dataset.name = c.name;
+    const head = document.createElement("div");
+    head.className = "connector-head";
+    const name = document.createElement("strong");
+    name.textContent = c.name;
+    const type = document.createElement("span");
+    type.className = "hint";
+    type.textContent = c.type;
+    const badge = document.createElement("span");
+    badge.className = "badge state";
+    badge.dataset.state = c.status.state;
+    badge.textContent = c.status.state;
+    head.append(name, type, badge);
+    if (c.gap) {
+      const gap = document.createElement("span");
+      gap.className = "badge state";
+      gap.dataset.state = "gap";
+      gap.textContent = "gap";
+      gap.title = `${c.gap.reason} at ${c.gap.at.toLocaleTimeString()}`;
+      head.append(gap);
+    }
+    item.append(head);
+    const detail = c.gap ? `gap: ${c.gap.reason}` : c.status.detail;
+    if (detail) {
+      const p = document.createElement("p");
+      p.className = "connector-detail";
+      p.textContent = detail;
+      item.append(p);
+    }
+    item.append(sparkline(c.rates));
+    list.append(item);
+  }
+}
+
+function sparkline(rates) {
+  const width = 160;
+  const height = 28;
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("class", "sparkline");
+  svg.setAttribute("role", "img");
+  const now = rates.length ? rates[rates.length - 1] : 0;
+  const peak = Math.max(1, ...rates);
+  const label = `${formatRate(now)} changes per second now, peak ${formatRate(Math.max(0, ...rates))}`;
+  svg.setAttribute("aria-label", label);
+  const title = document.createElementNS(ns, "title");
+  title.textContent = label;
+  const line = document.createElementNS(ns, "polyline");
+  const step = width / (RATE_SAMPLES - 1);
+  const offset = RATE_SAMPLES - rates.length;
+  const points = rates.map(
+    (r, i) => `${((offset + i) * step).toFixed(1)},${(height - 2 - (r / peak) * (height - 4)).toFixed(1)}`,
+  );
+  line.setAttribute("points", points.join(" "));
+  const text = document.createElementNS(ns, "text");
+  text.setAttribute("x", width - 2);
+  text.setAttribute("y", 10);
+  text.setAttribute("text-anchor", "end");
+  text.textContent = `${formatRate(now)}/s`;
+  svg.append(title, line, text);
+  return svg;
+}
+
+function formatRate(rate) {
+  return rate >= 10 ? String(Math.round(rate)) : rate.toFixed(1).replace(/\.0$/, "");
+}
+
+// Rates come from the server's /metrics (changes in per connector, whatever is subscribed). If
+// the server does not expose them to this page, the page counts what it receives instead.
+function startMetrics() {
+  stopMetrics();
+  state.metrics.timer = setInterval(sampleRates, 1000);
+}
+
+function stopMetrics() {
+  clearInterval(state.metrics.timer);
+  state.metrics.timer = null;
+  state.metrics.last = null;
+}
+
+async function sampleRates() {
+  const m = state.metrics;
+  const now = performance.now();
+  let totals = null;
+  if (m.mode === "source") {
+    try {
+      const response = await fetch("metrics", { cache: "no-store" });
+      if (!response.ok) throw new Error(String(response.status));
+      totals = parseChangesIn(await response.text());
+    } catch {
+      m.mode = "received";
+      m.last = null;
+      $("rate-source").textContent = "Changes per second received by this page, last minute.";
+    }
+  }
+  if (m.mode === "received") totals = new Map(m.received);
+  if (!totals || !state.socket.connected) return;
+  if (m.last) {
+    const seconds = Math.max(0.001, (now - m.last.at) / 1000);
+    for (const c of state.connectors.values()) {
+      const delta = (totals.get(c.name) || 0) - (m.last.totals.get(c.name) || 0);
+      c.rates.push(Math.max(0, delta / seconds));
+      if (c.rates.length > RATE_SAMPLES) c.rates.shift();
+    }
+    drawConnectors();
+  }
+  m.last = { at: now, totals };
+}
+
+function parseChangesIn(text) {
+  const totals = new Map();
+  const pattern = /^feed_changes_in_total\{connector="([^"]*)"\}\s+([0-9.eE+-]+)/gm;
+  for (const match of text.matchAll(pattern)) totals.set(match[1], Number(match[2]));
+  return totals;
+}
+
+// -- subscriptions ------------------------------------------------------------------------------
+
+function subscribe(sub) {
+  if (!state.socket.connected) return;
+  const request = { room: sub.room };
+  if (sub.filter) request.filter = sub.filter;
+  const resuming = sub.canonical && state.lastSeq.has(sub.canonical);
+  if (resuming) {
+    request.since = state.lastSeq.get(sub.canonical);
+    if (state.epoch) request.epoch = state.epoch;
+  }
+  setSubStatus(sub, "pending", resuming ? "resuming…" : "subscribing…");
+  state.socket.timeout(10000).emit("subscribe", request, (err, ack) => {
+    if (!state.subs.includes(sub)) return; // removed while waiting
+    if (err) {
+      setSubStatus(sub, "error", "the server did not answer in time");
+      return;
+    }
+    if (!ack || !ack.ok) {
+      const error = (ack && ack.error) || { code: "unknown", message: "no answer" };
+      setSubStatus(sub, "error", `${error.code}: ${error.message}`);
+      return;
+    }
+    sub.canonical = ack.room;
+    const sameEpoch = !state.epoch || ack.epoch === state.epoch;
+    state.epoch = ack.epoch || state.epoch;
+    if (ack.recovered === true) {
+      const missed = ack.seq - request.since;
+      setSubStatus(sub, "recovered", `resumed: ${missed} missed change${missed === 1 ? "" : "s"} recovered`);
+    } else if (ack.recovered === false) {
+      // Numbering starts again from the server's (perhaps after a restart).
+      state.lastSeq.set(ack.room, ack.seq);
+      setSubStatus(sub, "gap", "missed changes could not be replayed: reload needed");
+    } else {
+      // A change may have arrived before this answer; keep its seq unless the server restarted.
+      const seen = sameEpoch ? state.lastSeq.get(ack.room) || 0 : 0;
+      state.lastSeq.set(ack.room, Math.max(seen, ack.seq));
+      setSubStatus(sub, "live", "live");
+    }
+  });
+}
+
+function addSubscription(room, filter) {
+  const sub = { room, filter: filter || null, canonical: null, status: "pending", message: "" };
+  if (state.subs.some((s) => subscriptionKey(s) === subscriptionKey(sub))) return false;
+  state.subs.push(sub);
+  writeAddress();
+  drawSubscriptions();
+  subscribe(sub);
+  return true;
+}
+
+function removeSubscription(sub) {
+  state.subs = state.subs.filter((s) => s !== sub);
+  const stillWanted = state.subs.some((s) => s.canonical === sub.canonical);
+  if (sub.canonical && !stillWanted) {
+    state.lastSeq.delete(sub.canonical);
+    if (state.socket.connected) state.socket.emit("unsubscribe", { room: sub.canonical }, () => {});
+  }
+  writeAddress();
+  drawSubscriptions();
+}
+
+// Start the subscription afresh: the user has seen that changes were missed.
+function reloadSubscription(sub) {
+  if (sub.canonical) state.lastSeq.delete(sub.canonical);
+  sub.canonical = null;
+  subscribe(sub);
+}
+
+function setSubStatus(sub, status, message) {
+  sub.status = status;
+  sub.message = message;
+  drawSubscriptions();
+}
+
+function drawSubscriptions() {
+  const list = $("subscriptions");
+  const focused = document.activeElement && document.activeElement.closest("#subscriptions li");
+  const focusKey = focused ? focused.dataset.key : null;
+  list.replaceChildren();
+  $("no-subscriptions").hidden = state.subs.length > 0;
+  for (const sub of state.subs) {
+    const item = document.createElement("li");
+    item.className = "subscription";
+    item.dataset.key = subscriptionKey(sub);
+    item.dataset.room = sub.canonical || sub.room;
+    item.dataset.status = sub.status;
+    const name = document.createElement("code");
+    name.textContent = sub.filter ? `${sub.room} ? ${sub.filter}` : sub.room;
+    const badge = document.createElement("span");
+    badge.className = "badge sub-status";
+    badge.dataset.status = sub.status;
+    badge.textContent = sub.status === "gap" ? "reload needed" : sub.status;
+    const message = document.createElement("span");
+    message.className = "sub-message";
+    message.textContent = sub.message;
+    item.append(name, badge, message);
+    if (sub.status === "gap" || sub.status === "error") {
+      const again = document.createElement("button");
+      again.type = "button";
+      again.className = "quiet";
+      again.textContent = sub.status === "gap" ? "Reload" : "Retry";
+      again.setAttribute("aria-label", `${again.textContent} ${name.textContent}`);
+      again.addEventListener("click", () => reloadSubscription(sub));
+      item.append(again);
+    }
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "×";
+    remove.setAttribute("aria-label", `Remove subscription ${name.textContent}`);
+    remove.addEventListener("click", () => removeSubscription(sub));
+    item.append(remove);
+    list.append(item);
+    if (focusKey === item.dataset.key) remove.focus();
+  }
+}
+
+function writeAddress() {
+  const url = `${window.location.pathname}${queryFromSubscriptions(state.subs)}${window.location.hash}`;
+  window.history.replaceState(null, "", url);
+}
+
+// -- the subscribe form -------------------------------------------------------------------------
+
+function fillConnectorChoices() {
+  const select = $("sub-connector");
+  const chosen = select.value;
+  select.replaceChildren();
+  for (const c of state.connectors.values()) {
+    const option = new Option(`${c.name} (${c.type})`, c.name);
+    select.append(option);
+  }
+  if (chosen && state.connectors.has(chosen)) select.value = chosen;
+  fillTargetChoices();
+}
+
+function fillTargetChoices() {
+  const select = $("sub-target");
+  const chosen = select.value;
+  const connector = state.connectors.get($("sub-connector").value);
+  select.replaceChildren();
+  for (const target of connector ? connector.targets : []) select.append(new Option(target, target));
+  if (chosen && connector && connector.targets.includes(chosen)) select.value = chosen;
+}
+
+function addCondition() {
+  const index = $("conditions").children.length + 1;
+  const row = document.createElement("div");
+  row.className = "condition";
+  const field = labelled("input", `Field ${index}`, { type: "text", placeholder: "status", autocomplete: "off" });
+  const op = labelled("select", `Operator ${index}`);
+  for (const name of OPERATORS) op.control.append(new Option(name, name));
+  const value = labelled("input", `Value ${index}`, { type: "text", placeholder: "paid", autocomplete: "off" });
+  field.control.classList.add("cond-field");
+  op.control.classList.add("cond-op");
+  value.control.classList.add("cond-value");
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "remove";
+  remove.textContent = "×";
+  remove.setAttribute("aria-label", `Remove condition ${index}`);
+  remove.addEventListener("click", () => {
+    row.remove();
+    $("add-condition").focus();
+  });
+  row.append(field.wrap, op.wrap, value.wrap, remove);
+  $("conditions").append(row);
+  field.control.focus();
+}
+
+let controlCount = 0;
+function labelled(tag, text, attributes = {}) {
+  const wrap = document.createElement("div");
+  wrap.className = "field";
+  const label = document.createElement("label");
+  const control = document.createElement(tag);
+  controlCount += 1;
+  control.id = `control-${controlCount}`;
+  label.htmlFor = control.id;
+  label.textContent = text;
+  for (const [name, value] of Object.entries(attributes)) control.setAttribute(name, value);
+  wrap.append(label, control);
+  return { wrap, control };
+}
+
+function submitSubscription(event) {
+  event.preventDefault();
+  const error = $("subscribe-error");
+  error.textContent = "";
+  const name = $("sub-connector").value;
+  const target = $("sub-target").value;
+  const connector = state.connectors.get(name);
+  if (!connector || !target) {
+    error.textContent = "Pick a connector and a target first.";
+    return;
+  }
+  const conditions = [];
+  for (const row of $("conditions").querySelectorAll(".condition")) {
+    const field = row.querySelector(".cond-field").value;
+    const op = row.querySelector(".cond-op").value;
+    const value = row.querySelector(".cond-value").value;
+    if (!field.trim() && !value.trim()) continue;
+    if (!field.trim()) {
+      error.textContent = "Each filter condition needs a field name.";
+      row.querySelector(".cond-field").focus();
+      return;
+    }
+    conditions.push(conditionText(field, op, value));
+  }
+  const room = roomFor(name, connector.type, target, $("sub-key").value.trim());
+  if (!addSubscription(room, conditions.join("&") || null)) {
+    error.textContent = "Already subscribed to that.";
+  }
+}
+
+// -- the change table ---------------------------------------------------------------------------
+
+function receive(changes) {
+  for (const change of changes) {
+    if (!change || typeof change !== "object") continue;
+    const last = state.lastSeq.get(change.room);
+    if (typeof change.seq === "number") {
+      if (last !== undefined && change.seq <= last) continue; // already shown
+      state.lastSeq.set(change.room, change.seq);
+    }
+    const received = state.metrics.received;
+    received.set(change.connector, (received.get(change.connector) || 0) + 1);
+    state.incoming.push(change);
+    if (state.paused) state.missedWhilePaused += 1;
+  }
+  // Bounded whatever happens: nothing older than the last maxRows can ever be shown.
+  if (state.incoming.length > state.maxRows) {
+    state.incoming.splice(0, state.incoming.length - state.maxRows);
+  }
+  if (state.paused) {
+    drawPausedNote();
+  } else {
+    scheduleDraw();
+  }
+}
+
+function scheduleDraw() {
+  if (state.drawScheduled) return;
+  state.drawScheduled = true;
+  requestAnimationFrame(() => {
+    state.drawScheduled = false;
+    drawIncoming();
+  });
+}
+
+function drawIncoming() {
+  if (state.paused || state.incoming.length === 0) return;
+  const batch = state.incoming;
+  state.incoming = [];
+  const body = $("change-rows");
+  const fragment = document.createDocumentFragment();
+  for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(changeRow(batch[i]));
+  body.prepend(fragment);
+  state.rows = batch.reverse().concat(state.rows);
+  trimRows();
+}
+
+function trimRows() {
+  const body = $("change-rows");
+  while (state.rows.length > state.maxRows) {
+    state.rows.pop();
+    body.lastElementChild.remove();
+  }
+  $("change-count").textContent = `${state.rows.length} shown`;
+  rovingFocus();
+}
+
+// One row at a time is in the Tab order (the selected one, else the newest); arrows move.
+function rovingFocus() {
+  const body = $("change-rows");
+  const want = body.querySelector("tr[aria-selected='true']") || body.firstElementChild;
+  for (const row of body.querySelectorAll("tr[tabindex='0']")) {
+    if (row !== want) row.tabIndex = -1;
+  }
+  if (want) want.tabIndex = 0;
+}
+
+function changeRow(change) {
+  const row = document.createElement("tr");
+  row.tabIndex = -1;
+  row.dataset.id = change.id;
+  row.dataset.op = change.op;
+  row.change = change;
+  const ts = change.ts ? new Date(change.ts) : null;
+  const cells = [
+    ts ? timeText(ts) : "",
+    change.connector,
+    change.target,
+    change.op,
+    showValue(change.key),
+  ];
+  cells.forEach((text, index) => {
+    const cell = document.createElement("td");
+    if (index === 3) {
+      const op = document.createElement("span");
+      op.className = "badge op";
+      op.dataset.op = change.op;
+      op.textContent = text;
+      cell.append(op);
+    } else {
+      cell.textContent = text;
+    }
+    if (index === 0 && ts) cell.title = change.ts;
+    row.append(cell);
+  });
+  if (state.selected && state.selected.id === change.id) row.setAttribute("aria-selected", "true");
+  return row;
+}
+
+function timeText(date) {
+  const pad = (n, width = 2) => String(n).padStart(width, "0");
+  return `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}.${pad(date.getMilliseconds(), 3)}`;
+}
+
+function markSelected(row) {
+  for (const other of $("change-rows").querySelectorAll("tr[aria-selected='true']")) {
+    other.setAttribute("aria-selected", "false");
+    other.tabIndex = -1;
+  }
+  row.setAttribute("aria-selected", "true");
+  rovingFocus();
+}
+
+function select(row, focus) {
+  if (!row || !row.change) return;
+  state.selected = row.change;
+  markSelected(row);
+  if (focus) row.focus();
+  drawDetail(row.change);
+}
+
+function onTableKey(event) {
+  const row = event.target.closest("tr");
+  if (!row || !row.change) return;
+  if (event.key === "Enter" || event.key === " ") {
+    event.preventDefault();
+    select(row, true);
+  } else if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+    event.preventDefault();
+    const next = event.key === "ArrowDown" ? row.nextElementSibling : row.previousElementSibling;
+    if (next) select(next, true);
+  }
+}
+
+function drawDetail(change) {
+  const body = $("detail-body");
+  body.replaceChildren();
+  const summary = document.createElement("p");
+  summary.className = "detail-summary";
+  const op = document.createElement("span");
+  op.className = "badge op";
+  op.dataset.op = change.op;
+  op.textContent = change.op;
+  const where = document.createElement("code");
+  where.textContent = `${change.connector}:${change.target} key ${showValue(change.key)}`;
+  summary.append(op, " ", where);
+  const facts = document.createElement("p");
+  facts.className = "hint";
+  facts.textContent = `room ${change.room} · seq ${change.seq} · ${change.ts || "no time"} · id ${change.id}`;
+  body.append(summary, facts);
+
+  const fields = diffImages(change.before, change.after);
+  const changed = fields.filter((f) => f.changed).map((f) => f.field);
+  const note = document.createElement("p");
+  note.id = "changed-fields";
+  note.textContent = changed.length ? `Changed: ${changed.join(", ")}` : "No field changed.";
+  body.append(note);
+
+  const table = document.createElement("table");
+  table.className = "diff";
+  table.innerHTML =
+    '<thead><tr><th scope="col">Field</th><th scope="col">Before</th><th scope="col">After</th></tr></thead>';
+  const rows = document.createElement("tbody");
+  for (const f of fields) {
+    const row = document.createElement("tr");
+    row.dataset.field = f.field;
+    if (f.changed) row.className = "changed";
+    const name = document.createElement("th");
+    name.scope = "row";
+    name.textContent = f.field;
+    if (f.changed) {
+      const mark = document.createElement("span");
+      mark.className = "visually-hidden";
+      mark.textContent = " (changed)";
+      name.append(mark);
+    }
+    row.append(name, valueCell(f.before, f.hasBefore, "before"), valueCell(f.after, f.hasAfter, "after"));
+    rows.append(row);
+  }
+  table.append(rows);
+  if (fields.length) body.append(table);
+  if (change.before === null && change.after === null) {
+    const none = document.createElement("p");
+    none.className = "hint";
+    none.textContent = "The source sent no row images for this change.";
+    body.append(none);
+  }
+  if (change.meta) {
+    const meta = document.createElement("pre");
+    meta.className = "meta";
+    meta.textContent = `meta: ${JSON.stringify(change.meta, null, 2)}`;
+    body.append(meta);
+  }
+}
+
+function valueCell(value, present, side) {
+  const cell = document.createElement("td");
+  cell.className = side;
+  if (present) cell.textContent = showValue(value);
+  else {
+    cell.classList.add("absent");
+    cell.textContent = "—";
+  }
+  return cell;
+}
+
+function setPaused(paused) {
+  state.paused = paused;
+  const button = $("pause");
+  button.setAttribute("aria-pressed", String(paused));
+  button.textContent = paused ? "Resume" : "Pause";
+  if (!paused) {
+    state.missedWhilePaused = 0;
+    drawIncoming();
+  }
+  drawPausedNote();
+}
+
+function drawPausedNote() {
+  const note = $("paused-note");
+  note.hidden = !state.paused;
+  const n = state.missedWhilePaused;
+  note.textContent = `Paused: ${n} new change${n === 1 ? "" : "s"} waiting${
+    n > state.maxRows ? ` (the newest ${state.maxRows} will be shown)` : ""
+  }.`;
+}
+
+function clearRows() {
+  state.rows = [];
+  state.incoming = [];
+  state.missedWhilePaused = 0;
+  state.selected = null;
+  $("change-rows").replaceChildren();
+  $("change-count").textContent = "0 shown";
+  $("detail-body").innerHTML = '<p class="hint">No change selected.</p>';
+  drawPausedNote();
+}
+
+function setMaxRows() {
+  const input = $("max-rows");
+  const value = Math.round(Number(input.value));
+  if (!Number.isFinite(value) || value < 1) return;
+  state.maxRows = Math.min(10000, value);
+  localStorage.setItem(MAX_ROWS_KEY, String(state.maxRows));
+  if (state.incoming.length > state.maxRows) {
+    state.incoming.splice(0, state.incoming.length - state.maxRows);
+  }
+  trimRows();
+}
+
+// -- start --------------------------------------------------------------------------------------
+
+function start() {
+  const saved = Number(localStorage.getItem(MAX_ROWS_KEY));
+  if (saved >= 1) {
+    state.maxRows = Math.min(10000, saved);
+    $("max-rows").value = String(state.maxRows);
+  }
+  $("subscribe-form").addEventListener("submit", submitSubscription);
+  $("sub-connector").addEventListener("change", fillTargetChoices);
+  $("add-condition").addEventListener("click", addCondition);
+  $("pause").addEventListener("click", () => setPaused(!state.paused));
+  $("clear").addEventListener("click", clearRows);
+  $("max-rows").addEventListener("change", setMaxRows);
+  $("token-form").addEventListener("submit", submitToken);
+  $("forget-token").addEventListener("click", forgetToken);
+  const rows = $("change-rows");
+  rows.addEventListener("click", (event) => select(event.target.closest("tr"), true));
+  rows.addEventListener("keydown", onTableKey);
+  for (const sub of subscriptionsFromQuery(window.location.search)) {
+    state.subs.push({ ...sub, canonical: null, status: "pending", message: "waiting for the connection" });
+  }
+  writeAddress();
+  drawSubscriptions();
+  if (typeof window.io !== "function") {
+    setConnection("refused", "The Socket.IO client did not load: rebuild the dashboard (make dashboard).");
+    return;
+  }
+  connect();
+}
+
+start();
