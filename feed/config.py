@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from connectors import Connector, resolve_type
+from feed.auth import AuthConfig, parse_auth
 from feed.errors import ConfigError
+from feed.limits import LimitsConfig, parse_limits
 from feed.options import Options
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -58,6 +60,8 @@ class Config:
     server: ServerConfig
     connectors: list[ConnectorConfig]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def build_connectors(self) -> list[Connector]:
         """Instantiate every connector, so their own settings are validated now."""
@@ -151,6 +155,10 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         seen.add(name)
         type_name = opts.str("type", required=True)
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
-    top._used.add("auth")  # read by feed.auth when present
+    auth = parse_auth(top)
+    limits = parse_limits(top)
+    top._used.add("auth")
     top.finish()
-    return Config(path=file, server=server, connectors=connectors, raw=raw)
+    return Config(
+        path=file, server=server, connectors=connectors, raw=raw, auth=auth, limits=limits
+    )

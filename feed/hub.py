@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
+from feed.access import Shape, ShapedRoom
 from feed.change import Change, Gap, format_ts, to_json
 from feed.config import ServerConfig
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
@@ -50,7 +51,7 @@ class TargetRooms:
     def add(self, room: Room) -> None:
         if room.key is not None:
             self.by_key.setdefault(room.key, {})[room.name] = room
-        elif room.filter is not None:
+        else:  # a filter room, or a shaped room that sees the whole target
             self.filtered[room.name] = room
 
     def discard(self, room: Room) -> None:
@@ -70,17 +71,21 @@ class TargetRooms:
                 if room.filter is None or room.filter.matches(change):
                     rooms.append(room)
         for room in self.filtered.values():
-            if room.filter is not None and room.filter.matches(change):
+            if room.filter is None or room.filter.matches(change):
                 rooms.append(room)
         return rooms
 
 
-def room_name(connector: str, address: RoomAddress, row_filter: RowFilter | None) -> str:
+def room_name(
+    connector: str, address: RoomAddress, row_filter: RowFilter | None, shape: Shape | None = None
+) -> str:
     name = f"{connector}:{address.target}"
     if address.key is not None:
         name += f":{address.key}"
     if row_filter is not None:
         name += f"?{row_filter.canonical}"
+    if shape is not None:  # rooms shaped for different identities must never be shared
+        name += f"@{shape.profile}"
     return name
 
 
@@ -262,8 +267,15 @@ class Hub:
         request: SubscribeRequest,
         forced: RowFilter | None = None,
         mask: RowGuard | None = None,
+        shape: Shape | None = None,
     ) -> dict[str, Any]:
-        """Join a room; replay from `since` or answer with a snapshot; return the ack."""
+        """Join a room; replay from `since` or answer with a snapshot; return the ack.
+
+        A `shape` (from feed.access) forces its filter, masks snapshot rows, and puts the client
+        in a room whose live and replayed payloads are shaped the same way.
+        """
+        if shape is not None:
+            forced, mask = shape.forced, shape.image
         connector, address = self.resolve(request.room)
         row_filter = (
             parse_filter(request.filter, max_length=self.settings.max_filter_length)
@@ -273,14 +285,14 @@ class Hub:
         if forced is not None:
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())
-        name = room_name(connector.name, address, row_filter)
+        name = room_name(connector.name, address, row_filter, shape)
         if name not in subscribed and len(subscribed) >= self.settings.max_subscriptions:
             raise ProtocolError(
                 "too_many_subscriptions",
                 f"at most {self.settings.max_subscriptions} subscriptions per client; "
                 "unsubscribe from a room first",
             )
-        room = self._room(connector.name, address, row_filter)
+        room = self._room(connector.name, address, row_filter, shape)
         recovered: bool | None = None
         cursor = room.seq
         if request.since is not None:
@@ -334,15 +346,24 @@ class Hub:
         self._leave(sid, room)
         return {"ok": True, "room": name}
 
-    def _room(self, connector: str, address: RoomAddress, row_filter: RowFilter | None) -> Room:
+    def _room(
+        self,
+        connector: str,
+        address: RoomAddress,
+        row_filter: RowFilter | None,
+        shape: Shape | None = None,
+    ) -> Room:
         target_rooms = self._target_rooms(connector, address.target)
-        if address.key is None and row_filter is None:
+        if address.key is None and row_filter is None and shape is None:
             return target_rooms.room
-        name = room_name(connector, address, row_filter)
+        name = room_name(connector, address, row_filter, shape)
         room = self.rooms.get(name)
         if room is None:
-            room = Room(
-                name, connector, address.target, address.key, row_filter, capacity=self._capacity
+            args = (name, connector, address.target, address.key, row_filter)
+            room = (
+                ShapedRoom(*args, capacity=self._capacity, shape=shape)
+                if shape is not None
+                else Room(*args, capacity=self._capacity)
             )
             self.rooms[name] = room
             target_rooms.add(room)

@@ -6,28 +6,51 @@ connectors (saving their positions) and disconnects the clients.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import socketio
+from socketio.exceptions import ConnectionRefusedError as Refused
 
 from connectors.base import Connector
+from feed.access import Authorizer
+from feed.auth import Authenticator, AuthError, Identity, check_exposure, seconds_left
 from feed.config import Config
 from feed.errors import ProtocolError
+from feed.filters import parse_filter
 from feed.http import HttpApp
 from feed.hub import Hub
+from feed.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.protocol import SubscribeRequest, error_ack, unsubscribe_room
 from feed.transport import SocketIOTransport
 
 log = logging.getLogger("feed.server")
 
 
+@dataclass
+class Session:
+    """What the server knows about one connected client besides its rooms."""
+
+    identity: Identity
+    bucket: TokenBucket
+    expiry: asyncio.TimerHandle | None = None
+
+
 class FeedApp:
     """Everything `feed serve` runs, built from a config; `asgi` is what uvicorn serves."""
 
-    def __init__(self, config: Config, connectors: list[Connector] | None = None) -> None:
+    def __init__(
+        self, config: Config, connectors: list[Connector] | None = None, host: str | None = None
+    ) -> None:
         self.config = config
         settings = config.server
+        check_exposure(config.auth, host or settings.host)
+        self.authenticator = Authenticator(config.auth)
+        self.authorizer = Authorizer(config.auth)
+        self.sessions: dict[str, Session] = {}
+        self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
@@ -37,6 +60,10 @@ class FeedApp:
             engineio_logger=False,
         )
         self.hub.transport = SocketIOTransport(self.sio)
+        self.outbound = OutboundLimiter(
+            self.sio, config.limits.outbound_queue_bytes, on_cut=self._cut_off
+        )
+        self._describe_metrics()
         self._register_handlers()
         self.asgi = socketio.ASGIApp(
             self.sio,
@@ -59,32 +86,110 @@ class FeedApp:
             "subscribe": self.on_subscribe,
             "unsubscribe": self.on_unsubscribe,
             "catalog": self.on_catalog,
+            "refresh": self.on_refresh,
             "*": self.on_unknown,
         }.items():
             self.sio.on(event, handler)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> bool:
+        """Authenticate from the auth payload; a refusal carries `{"code": ...}` and a message."""
+        try:
+            identity = await self.authenticator.authenticate(auth)
+            if not identity.anonymous and not self.connections.admit(identity.name):
+                raise AuthError(
+                    "too_many_connections",
+                    f"{identity.name!r} already holds {self.connections.limit} connections",
+                )
+        except AuthError as exc:
+            self.hub.metrics.inc("feed_auth_refused_total", code=exc.code)
+            log.info("connection refused (%s): %s", exc.code, exc.message)
+            raise Refused(exc.message, {"code": exc.code}) from None
+        limits = self.config.limits
+        session = Session(identity, TokenBucket(limits.subscribe_rate, limits.subscribe_burst))
+        self.sessions[sid] = session
+        self._schedule_expiry(sid, session)
         self.hub.connect(sid)
         return True
 
     async def on_disconnect(self, sid: str, *reason: Any) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            if session.expiry is not None:
+                session.expiry.cancel()
+            if not session.identity.anonymous:
+                self.connections.release(session.identity.name)
         self.hub.disconnect(sid)
+
+    def _schedule_expiry(self, sid: str, session: Session) -> None:
+        """End the connection when its token expires, unless a `refresh` comes first."""
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        left = seconds_left(session.identity)
+        if left is not None:
+            loop = asyncio.get_running_loop()
+            session.expiry = loop.call_later(left, lambda: self.hub._spawn(self._expire(sid)))
+
+    async def _expire(self, sid: str) -> None:
+        if sid not in self.sessions:
+            return
+        self.hub.metrics.inc("feed_auth_expired_total")
+        try:
+            await self.sio.emit(
+                "auth_expired",
+                {"code": "token_expired", "message": "the token expired; reconnect with a new one"},
+                to=sid,
+            )
+            await self.sio.disconnect(sid)
+        finally:
+            # Socket.IO's disconnect only asks the client to leave: close the transport too.
+            eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+            if eio_sid is not None:
+                await self.sio.eio.disconnect(eio_sid)
+            if sid in self.sessions:
+                await self.on_disconnect(sid)
+
+    def _cut_off(self, eio_sid: str) -> None:
+        self.hub.metrics.inc("feed_slow_clients_cut_total")
+
+    def _describe_metrics(self) -> None:
+        m = self.hub.metrics
+        m.describe("feed_auth_refused_total", "counter", "Connections refused, by reason")
+        m.describe("feed_auth_expired_total", "counter", "Connections ended by token expiry")
+        m.describe("feed_slow_clients_cut_total", "counter", "Clients cut off for not reading")
+
+    def _session(self, sid: str) -> Session:
+        session = self.sessions.get(sid)
+        if session is None:
+            raise ProtocolError("not_connected", "this connection is closing")
+        if not session.bucket.take():
+            raise ProtocolError("rate_limited", "too many requests; slow down and retry")
+        return session
 
     async def on_subscribe(self, sid: str, *args: Any) -> dict[str, Any]:
         settings = self.config.server
 
         async def handle() -> dict[str, Any]:
+            session = self._session(sid)
             request = SubscribeRequest.from_payload(
                 args[0] if args else None,
                 max_room=settings.max_room_length,
                 max_filter=settings.max_filter_length,
             )
-            return await self.hub.subscribe(sid, request)
+            connector, address = self.hub.resolve(request.room)
+            client_filter = (
+                parse_filter(request.filter, max_length=settings.max_filter_length)
+                if request.filter
+                else None
+            )
+            shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
+            return await self.hub.subscribe(sid, request, shape=shape)
 
         return await self._answer("subscribe", handle)
 
     async def on_unsubscribe(self, sid: str, *args: Any) -> dict[str, Any]:
         async def handle() -> dict[str, Any]:
+            self._session(sid)
             payload = args[0] if args else None
             room = unsubscribe_room(payload, max_room=self.config.server.max_room_length)
             return self.hub.unsubscribe(sid, room)
@@ -92,7 +197,30 @@ class FeedApp:
         return await self._answer("unsubscribe", handle)
 
     async def on_catalog(self, sid: str, *args: Any) -> dict[str, Any]:
-        return self.hub.catalog()
+        session = self.sessions.get(sid)
+        if session is None:
+            return error_ack(ProtocolError("not_connected", "this connection is closing"))
+        return self.authorizer.catalog(session.identity, self.hub.catalog())
+
+    async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
+        """Swap in a fresh token before the current one expires, keeping the subscriptions."""
+
+        async def handle() -> dict[str, Any]:
+            session = self._session(sid)
+            try:
+                identity = await self.authenticator.authenticate(args[0] if args else None)
+            except AuthError as exc:
+                raise ProtocolError(exc.code, exc.message) from None
+            if not identity.same_grants(session.identity):
+                raise ProtocolError(
+                    "identity_changed",
+                    "the new token grants different access; reconnect with it instead",
+                )
+            session.identity = identity
+            self._schedule_expiry(sid, session)
+            return {"ok": True, "expires_in": seconds_left(identity)}
+
+        return await self._answer("refresh", handle)
 
     async def on_unknown(self, event: str, sid: str, *args: Any) -> dict[str, Any]:
         return error_ack(ProtocolError("unknown_event", f"no event {str(event)[:64]!r}"))

@@ -1,0 +1,262 @@
+"""Authorization: which rooms an identity may follow, and the shape of what it then receives.
+
+A grant is decided once per subscribe, never per change: the result is a `Shape` (a forced row
+filter from the identity's claims, and the fields masked for it) that becomes part of the room's
+identity. Clients with the same shape share a room and its one payload per change; clients with
+different shapes can never land in the same room, so the hub's fan-out stays one payload per room
+and nothing shaped for one identity reaches another.
+
+Why images are checked one by one: a filter room delivers a change when its before image OR its
+after image matches, so that clients can drop a row that stops matching. For a forced filter that
+would leak: a row moved from tenant B to tenant A carries B's before image. A shaped room therefore
+blanks (sets to null) every image that does not satisfy the forced filter itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from functools import cached_property
+from typing import Any
+from urllib.parse import quote
+
+from connectors.base import RoomAddress
+from feed.auth import AuthConfig, Identity, MaskRule, Rule
+from feed.change import Change
+from feed.errors import ProtocolError
+from feed.filters import RowFilter, parse_filter
+from feed.rooms import Room
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
+Path = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one group of identities may see of a room's changes."""
+
+    forced: RowFilter | None = None
+    masked: tuple[Path, ...] = ()
+
+    @cached_property
+    def profile(self) -> str:
+        """A short stable name for this shape, appended to room names (`...@<profile>`)."""
+        text = (self.forced.canonical if self.forced else "") + "|"
+        text += ",".join(sorted(".".join(p) for p in self.masked))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def visible(self, image: Mapping[str, Any] | None) -> bool:
+        return image is not None and (self.forced is None or self.forced.matches_image(image))
+
+    def image(self, row: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """A row as this shape shows it (None when it is not visible at all): for snapshots."""
+        if not self.visible(row):
+            return None
+        shown: Mapping[str, Any] = strip(row, self.masked)
+        return shown
+
+    def apply(self, change: Change, payload: dict[str, Any]) -> None:
+        """Shape a room's copy of the wire payload in place (the change itself is shared)."""
+        payload["before"] = (
+            strip(payload["before"], self.masked) if self.visible(change.before) else None
+        )
+        payload["after"] = (
+            strip(payload["after"], self.masked) if self.visible(change.after) else None
+        )
+        # Source extras (MongoDB's updateDescription, say) can repeat field values that the
+        # images above no longer show; they are withheld rather than parsed per source.
+        payload.pop("meta", None)
+
+    def allows_filter(self, row_filter: RowFilter) -> str | None:
+        """Why a client filter is refused (it names a masked field), or None.
+
+        A filter on a masked field would be an oracle: `password_hash=gt.m` tells, by whether
+        changes arrive, what the hidden value is.
+        """
+        for condition in row_filter.conditions:
+            path = tuple(condition.field.split("."))
+            for masked in self.masked:
+                shortest = min(len(path), len(masked))
+                if path[:shortest] == masked[:shortest]:
+                    return f"filter field {condition.field!r} is masked for you"
+        return None
+
+
+def strip(image: Mapping[str, Any] | None, paths: Iterable[Path]) -> Any:
+    """A copy of an image without the masked fields (top-level names or dotted paths)."""
+    if image is None:
+        return None
+    out = dict(image)
+    for path in paths:
+        _remove(out, path)
+    return out
+
+
+def _remove(image: dict[str, Any], path: Path) -> None:
+    image.pop(".".join(path), None)
+    if len(path) > 1 and isinstance(image.get(path[0]), Mapping):
+        child = dict(image[path[0]])
+        _remove(child, path[1:])
+        image[path[0]] = child
+
+
+@dataclass(eq=False)
+class ShapedRoom(Room):
+    """A room whose payloads are shaped for one `Shape`; lives only while followed."""
+
+    shape: Shape = field(default_factory=Shape)
+
+    @property
+    def ephemeral(self) -> bool:
+        return True
+
+    def record(self, change: Change) -> dict[str, Any]:
+        payload = super().record(change)
+        self.shape.apply(change, payload)
+        return payload
+
+
+# -- rules -------------------------------------------------------------------------------------
+
+
+def check_template(template: str) -> str | None:
+    """Why a row_filter template is unusable, or None (checked at config load)."""
+    if not PLACEHOLDER.search(template):
+        return None if _parses(template) else f"{template!r} is not a valid filter"
+    if not _parses(PLACEHOLDER.sub("x", template)):
+        return f"{template!r} is not a valid filter once claims are filled in"
+    return None
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_filter(text)
+    except ProtocolError:
+        return False
+    return True
+
+
+def render_filter(template: str, identity: Identity) -> RowFilter:
+    """Fill `{claim}` placeholders from the identity; a missing claim refuses the subscribe."""
+
+    def value(match: re.Match[str]) -> str:
+        claim = identity.claim(match.group(1))
+        if isinstance(claim, list) and claim and all(_scalar(v) for v in claim):
+            return ",".join(_literal(v) for v in claim)
+        if not _scalar(claim):
+            raise ProtocolError(
+                "forbidden", f"your identity has no {match.group(1)!r} claim, which the rules need"
+            )
+        return _literal(claim)
+
+    return parse_filter(PLACEHOLDER.sub(value, template))
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) and value != ""
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return quote(str(value), safe="")
+
+
+def rule_applies(rule: Rule, identity: Identity) -> bool:
+    if rule.identities and not any(fnmatchcase(identity.name, p) for p in rule.identities):
+        return False
+    if rule.roles and not identity.roles.intersection(rule.roles):
+        return False
+    for name, accepted in rule.claims.items():
+        claim = identity.claim(name)
+        values = claim if isinstance(claim, list) else [claim]
+        texts = {"true" if v is True else "false" if v is False else str(v) for v in values}
+        if claim is None or not texts.intersection(accepted):
+            return False
+    return True
+
+
+def mask_applies(mask: MaskRule, identity: Identity) -> bool:
+    if mask.roles and not identity.roles.intersection(mask.roles):
+        return False
+    return not identity.roles.intersection(mask.except_roles)
+
+
+class Authorizer:
+    """Decides subscribes from the `[[auth.rules]]` and `[[auth.masks]]` of the config.
+
+    Rules are read in order and the first rule that matches both the identity and the room
+    decides (with its row filter). With auth on and no rule matching, the answer is no. With auth
+    off and no rules, every room is open; masks apply in every mode.
+    """
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self.open = not config.enabled and not config.rules
+
+    def grant(
+        self,
+        identity: Identity,
+        connector: str,
+        address: RoomAddress,
+        client_filter: RowFilter | None = None,
+    ) -> Shape | None:
+        """The shape this identity gets in this room (None: unshaped); ProtocolError if denied."""
+        target = f"{connector}:{address.target}"
+        rule = None if self.open else self._rule(identity, target, address.key)
+        forced = render_filter(rule.row_filter, identity) if rule and rule.row_filter else None
+        masked = self.masked(identity, target)
+        if forced is None and not masked:
+            return None
+        shape = Shape(forced, masked)
+        if client_filter is not None:
+            problem = shape.allows_filter(client_filter)
+            if problem:
+                raise ProtocolError("forbidden_filter", problem)
+        return shape
+
+    def _rule(self, identity: Identity, target: str, key: str | None) -> Rule:
+        row = f"{target}:{key}" if key is not None else None
+        for rule in self.config.rules:
+            if not rule_applies(rule, identity):
+                continue
+            for pattern in rule.allow:
+                if fnmatchcase(target, pattern) or (row is not None and fnmatchcase(row, pattern)):
+                    return rule
+        shown = row if row is not None else target
+        raise ProtocolError("forbidden", f"{identity.name!r} may not subscribe to {shown[:200]!r}")
+
+    def masked(self, identity: Identity, target: str) -> tuple[Path, ...]:
+        fields: set[str] = set()
+        for mask in self.config.masks:
+            if mask_applies(mask, identity) and any(fnmatchcase(target, p) for p in mask.rooms):
+                fields.update(mask.fields)
+        return tuple(tuple(f.split(".")) for f in sorted(fields))
+
+    def visible_target(self, identity: Identity, connector: str, target: str) -> bool:
+        """Whether the catalog lists this target for this identity."""
+        if self.open:
+            return True
+        address = f"{connector}:{target}"
+        for rule in self.config.rules:
+            if rule_applies(rule, identity) and any(
+                fnmatchcase(address, p) or p.startswith(address + ":") for p in rule.allow
+            ):
+                return True
+        return False
+
+    def catalog(self, identity: Identity, catalog: dict[str, Any]) -> dict[str, Any]:
+        """The hub's catalog with only what this identity may follow."""
+        if self.open:
+            return catalog
+        connectors = []
+        for entry in catalog.get("connectors", []):
+            targets = [
+                t for t in entry["targets"] if self.visible_target(identity, entry["name"], t)
+            ]
+            if targets:
+                connectors.append({**entry, "targets": targets})
+        return {**catalog, "connectors": connectors}
