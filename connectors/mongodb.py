@@ -113,6 +113,7 @@ class MongoConnector(Connector):
         self._saved_at = float("-inf")
         self._known: set[str] = {w.name for w in self.watches}
         self._open_stream: Any = None  # opened by start(), consumed by changes()
+        self._progress = 0  # batches read, to tell a fresh failure from a repeated one
         self._server = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -210,6 +211,7 @@ class MongoConnector(Connector):
 
     async def changes(self) -> AsyncIterator[Change | Gap]:
         failures = 0
+        lost_at = -1
         while True:
             gap: Gap | None = None
             try:
@@ -219,6 +221,13 @@ class MongoConnector(Connector):
                 continue  # the stream ended by itself (invalidated): open a new one
             except OperationFailure as exc:
                 if exc.code == HISTORY_LOST:
+                    if lost_at == self._progress:
+                        # Lost again without a single batch since starting from now: not a
+                        # rolled-over oplog, so do not loop; the hub restarts us with backoff.
+                        error = self._explain(exc)
+                        self.set_status(State.DOWN, str(error))
+                        raise error from None
+                    lost_at = self._progress
                     log.warning("%s: change stream history lost: %s", self.name, _one_line(exc))
                     if self._tokens is not None:
                         await self._tokens.forget()
@@ -233,6 +242,10 @@ class MongoConnector(Connector):
             except (ConnectionFailure, CursorNotFound) as exc:
                 failures = await self._back_off(failures, exc)
             if gap is not None:
+                # Open the new stream before announcing the gap: whatever a client writes after
+                # seeing it is captured.
+                with contextlib.suppress(PyMongoError):
+                    self._open_stream = await self._watch()
                 yield gap
 
     async def _back_off(self, failures: int, exc: PyMongoError) -> int:
@@ -278,6 +291,7 @@ class MongoConnector(Connector):
             await self._advance(stream.resume_token, event=False, end_of_batch=True)
             while True:
                 event = await stream.try_next()
+                self._progress += 1
                 if event is None:
                     if not stream.alive:
                         # Closed without an invalidate we could see: say so and start again.

@@ -326,8 +326,9 @@ class MongoWireServer:
                 "BadValue",
                 f"this test server only has failCommand, not {cmd['configureFailPoint']}",
             )
+        # Like mongod, "count" is how often the fail point was entered over its whole life.
         count = self.fail_point.entered
-        self.fail_point = FailPoint(cmd.get("mode", "off"), dict(cmd.get("data") or {}))
+        self.fail_point = FailPoint(cmd.get("mode", "off"), dict(cmd.get("data") or {}), count)
         return {"count": count}
 
     # -- namespaces ----------------------------------------------------------------------------

@@ -40,18 +40,32 @@ class MongoSource:
         return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
     @asynccontextmanager
-    async def fail_command(self, mode: Any, data: Mapping[str, Any]) -> AsyncIterator[None]:
-        """mongod's failCommand fail point, on for the block (skips if the server lacks it)."""
+    async def fail_command(self, mode: Any, data: Mapping[str, Any]) -> AsyncIterator[FailPoint]:
+        """mongod's failCommand fail point, on for the block (skips if the server lacks it).
+
+        On leaving, `count` says how many commands it failed, so a test can show its fault
+        really happened.
+        """
         try:
-            await self.client.admin.command(
+            on = await self.client.admin.command(
                 {"configureFailPoint": "failCommand", "mode": mode, "data": dict(data)}
             )
         except OperationFailure as exc:
             pytest.skip(f"the MongoDB server has no failCommand fail point: {exc}")
+        point = FailPoint()
         try:
-            yield
+            yield point
         finally:
-            await self.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+            off = await self.client.admin.command(
+                {"configureFailPoint": "failCommand", "mode": "off"}
+            )
+            # mongod counts entries over the fail point's whole life: take the difference.
+            point.count = int(off.get("count", 0)) - int(on.get("count", 0))
+
+
+@dataclass
+class FailPoint:
+    count: int = 0
 
 
 @asynccontextmanager

@@ -1,0 +1,201 @@
+"""Dropped connections, resumable errors and lost history, injected with mongod's failCommand.
+
+The fail point is the real server's own (`configureFailPoint: "failCommand"`), scoped to the
+connector's appName so the test's own client is unaffected; the wire server implements the same
+command, so these tests run unchanged against a replica set started with enableTestCommands=1
+(and skip where the fail point is unavailable). The tests marked wire-only need control no real
+server offers from a client (truncating the oplog, cutting every connection at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from connectors.base import State, Status
+from connectors.mongodb import MongoConnector
+from feed.change import Change, Gap
+from feed.errors import SourceUnavailable
+from tests.connector_contract import streaming
+from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+from tests.test_mongodb import changes, db, make, take  # noqa: F401
+
+pytestmark = pytest.mark.mongodb
+
+
+def app(connector: MongoConnector) -> str:
+    return f"dbfeed-{connector.name}"
+
+
+def record(connector: MongoConnector) -> list[State]:
+    states: list[State] = []
+
+    def listener(status: Status) -> None:
+        states.append(status.state)
+
+    connector.on_status(listener)
+    return states
+
+
+async def test_connection_closed_mid_get_more_loses_nothing(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+        data = {"failCommands": ["getMore"], "closeConnection": True, "appName": app(connector)}
+        async with mongodb.fail_command({"times": 1}, data) as point:
+            await coll.insert_one({"_id": 2})
+            await coll.insert_one({"_id": 3})
+            got = await take(stream, 2)
+        await coll.insert_one({"_id": 4})
+        got += await take(stream, 1)
+    assert point.count == 1
+    assert [c.key for c in got if isinstance(c, Change)] == [2, 3, 4]
+    assert not any(isinstance(c, Gap) for c in got)
+
+
+async def test_resumable_errors_beyond_the_driver_retry_are_retried_with_backoff(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    states = record(connector)
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+        data = {
+            "failCommands": ["getMore", "aggregate"],
+            "errorCode": 6,  # HostUnreachable
+            "errorLabels": ["ResumableChangeStreamError"],
+            "appName": app(connector),
+        }
+        # getMore fails; the driver resumes by itself, but its aggregate fails (twice, with the
+        # retryable-read retry), so the error reaches the connector, which backs off and reopens.
+        async with mongodb.fail_command({"times": 3}, data) as point:
+            await coll.insert_one({"_id": 2})
+            got = await changes(stream, 1)
+        await coll.insert_one({"_id": 3})
+        got += await changes(stream, 1)
+    assert point.count == 3
+    assert [c.key for c in got] == [2, 3]
+    assert State.DOWN in states and states[-1] == State.STOPPED
+    assert states[states.index(State.DOWN) + 1] == State.UP
+
+
+async def test_failed_reopens_back_off_then_recover(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    async with streaming(connector) as stream:
+        data = {
+            "failCommands": ["getMore", "aggregate"],
+            "closeConnection": True,
+            "appName": app(connector),
+        }
+        async with mongodb.fail_command({"times": 4}, data) as point:
+            await coll.insert_one({"_id": 1})
+            await coll.insert_one({"_id": 2})
+            got = await changes(stream, 2)
+    assert point.count == 4
+    assert [c.key for c in got] == [1, 2]
+
+
+async def test_gives_up_after_retries_with_one_line(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100, resume_retries=1)
+    data = {
+        "failCommands": ["getMore", "aggregate"],
+        "closeConnection": True,
+        "appName": app(connector),
+    }
+    async with streaming(connector) as stream, mongodb.fail_command("alwaysOn", data):
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(anext(stream), 30)
+    message = str(caught.value)
+    assert "\n" not in message and "MongoDB" in message
+    assert connector.status.state == State.STOPPED  # stopped after leaving `streaming`
+
+
+async def test_history_lost_sends_gap_and_restarts_from_now(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+        data = {"failCommands": ["getMore"], "errorCode": 286, "appName": app(connector)}
+        async with mongodb.fail_command({"times": 1}, data) as point:
+            [gap] = await take(stream, 1)
+        await coll.insert_one({"_id": 2})
+        [after] = await changes(stream, 1)
+    assert point.count == 1
+    assert isinstance(gap, Gap) and "history lost" in gap.reason
+    assert after.key == 2
+
+
+async def test_history_lost_again_at_once_is_not_retried_in_a_loop(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    data = {"failCommands": ["getMore"], "errorCode": 286, "appName": app(connector)}
+    async with streaming(connector) as stream, mongodb.fail_command("alwaysOn", data) as point:
+        [gap] = await take(stream, 1)
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(anext(stream), 30)
+    assert isinstance(gap, Gap)
+    assert point.count == 2
+    assert "286" in str(caught.value)
+
+
+# -- wire-server only --------------------------------------------------------------------------
+
+
+async def test_stale_saved_token_gives_gap_then_live_changes(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
+    coll = mongodb.client[db]["orders"]
+    name = MongoSource.unique("stale")
+    async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+    mongodb.wire.store.truncate_oplog()
+    async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
+        [gap] = await take(stream, 1)
+        await coll.insert_one({"_id": 2})
+        [live] = await changes(stream, 1)
+    assert isinstance(gap, Gap)
+    assert live.key == 2
+
+
+async def test_every_connection_dropped_at_once(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server to cut every connection")
+    coll = mongodb.client[db]["orders"]
+    async with streaming(make(mongodb, f"{db}.orders", max_await_ms=100)) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+        mongodb.wire.drop_connections()
+        await coll.insert_one({"_id": 2})
+        mongodb.wire.drop_connections()
+        await coll.insert_one({"_id": 3})
+        got = await changes(stream, 2)
+    assert [c.key for c in got] == [2, 3]
