@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--config", "-c", default="feed.toml")
     migrate.set_defaults(handler=cmd_migrate)
 
+    hash_token = commands.add_parser(
+        "hash-token", help="print the sha256 to store in [[auth.tokens]] for an API token"
+    )
+    hash_token.add_argument(
+        "token",
+        nargs="?",
+        help="the token (read from stdin when omitted, to keep it out of history)",
+    )
+    hash_token.add_argument(
+        "--generate", action="store_true", help="make a new random token and print it with its hash"
+    )
+    hash_token.set_defaults(handler=cmd_hash_token)
+
     demo = commands.add_parser("demo", help="run a self-contained demo (embedded databases)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
@@ -83,7 +96,7 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
 
     from feed.server import FeedApp
 
-    app = FeedApp(config)
+    app = FeedApp(config, host=host or config.server.host)
     logging.getLogger().setLevel(config.server.log_level.upper())
     uvicorn_config = uvicorn.Config(
         app.asgi,
@@ -98,6 +111,23 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
     # was installed before it; make that a clean exit, as service managers expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.Server(uvicorn_config).run()
+
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    from feed.auth import hash_token, new_token
+
+    if args.generate:
+        token = new_token()
+        print(f"token:  {token}")
+        print(f"sha256: {hash_token(token)}")
+        print("Give the token to the client; put only the sha256 in feed.toml.", file=sys.stderr)
+        return 0
+    token = args.token if args.token is not None else sys.stdin.readline().strip()
+    if not token:
+        print("feed: give a token (argument or stdin), or --generate a new one", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_token(token))
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:

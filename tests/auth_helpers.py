@@ -1,0 +1,145 @@
+"""Helpers for the auth and limits tests: configs, tokens, and connecting to hear a refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import jwt
+import socketio
+
+from connectors.memory import MemoryConnector
+from feed.auth import hash_token
+from tests.support.server import WAIT, RunningFeed
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+ISSUER = "https://issuer.test"
+AUDIENCE = "feed"
+TOKENS = {"ops": "ops-token-0001", "acme-svc": "acme-token-0002", "globex-svc": "globex-token-03"}
+
+BASE = """
+[server]
+replay_buffer = 50
+filter_room_grace = 0.2
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders", "public.customers", "public.audit"]
+"""
+
+
+def static_tokens() -> str:
+    """ops is an admin; the two service tokens carry a tenant claim."""
+    return f"""
+[[auth.tokens]]
+name = "ops"
+sha256 = "{hash_token(TOKENS["ops"])}"
+roles = ["admin"]
+
+[[auth.tokens]]
+name = "acme-svc"
+sha256 = "{hash_token(TOKENS["acme-svc"])}"
+roles = ["tenant"]
+claims = {{ tenant = "acme" }}
+
+[[auth.tokens]]
+name = "globex-svc"
+sha256 = "{hash_token(TOKENS["globex-svc"])}"
+roles = ["tenant", "support"]
+claims = {{ tenant = "globex" }}
+"""
+
+
+RULES = """
+[[auth.rules]]
+roles = ["admin"]
+allow = ["*"]
+
+[[auth.rules]]
+roles = ["tenant"]
+allow = ["mem:public.orders", "mem:public.customers"]
+row_filter = "tenant_id=eq.{tenant}"
+
+[[auth.masks]]
+rooms = ["mem:public.customers"]
+fields = ["password_hash", "profile.ssn"]
+except_roles = ["admin"]
+
+[[auth.masks]]
+rooms = ["mem:*"]
+fields = ["internal_note"]
+roles = ["support"]
+"""
+
+
+def jwt_config(leeway: float = 0, extra: str = "") -> str:
+    return (
+        BASE
+        + f"""
+[auth]
+mode = "jwt"
+leeway = {leeway}
+
+[auth.jwt]
+algorithms = ["HS256"]
+secret = "{SECRET}"
+audience = "{AUDIENCE}"
+issuer = "{ISSUER}"
+{extra}
+"""
+        + static_tokens()
+        + RULES
+    )
+
+
+def token_config() -> str:
+    return BASE + '\n[auth]\nmode = "token"\n' + static_tokens() + RULES
+
+
+def make_jwt(
+    sub: str = "alice",
+    *,
+    ttl: float = 300,
+    key: Any = SECRET,
+    algorithm: str = "HS256",
+    headers: dict[str, Any] | None = None,
+    **claims: Any,
+) -> str:
+    now = time.time()
+    body: dict[str, Any] = {
+        "sub": sub,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": int(now),
+        "exp": now + ttl,
+        "roles": ["tenant"],
+        "tenant": "acme",
+    }
+    body.update(claims)
+    body = {k: v for k, v in body.items() if v is not None}
+    token: str = jwt.encode(body, key, algorithm=algorithm, headers=headers)
+    return token
+
+
+async def refusal(url: str, auth: Any) -> dict[str, Any]:
+    """Connect expecting a refusal; return the reason the server sent."""
+    client = socketio.AsyncClient(reconnection=False)
+    reasons: asyncio.Queue[Any] = asyncio.Queue()
+    client.on("connect_error", reasons.put_nowait)
+    try:
+        await client.connect(url, auth=auth, transports=["websocket"], wait_timeout=WAIT)
+    except socketio.exceptions.ConnectionError:
+        pass
+    else:
+        await client.disconnect()
+        raise AssertionError(f"the server accepted auth={auth!r}")
+    reason: dict[str, Any] = await asyncio.wait_for(reasons.get(), WAIT)
+    return reason
+
+
+def source(feed: RunningFeed) -> MemoryConnector:
+    connector = feed.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector

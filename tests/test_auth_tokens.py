@@ -1,0 +1,318 @@
+"""Authentication at connect: static tokens, JWTs (HS256, RS256/ES256 via JWKS), expiry, refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from feed.auth import hash_token
+from feed.config import parse_config
+from feed.errors import ConfigError
+from feed.server import FeedApp
+from tests.auth_helpers import (
+    AUDIENCE,
+    BASE,
+    ISSUER,
+    RULES,
+    SECRET,
+    TOKENS,
+    jwt_config,
+    make_jwt,
+    refusal,
+    source,
+    token_config,
+)
+from tests.support.server import RunningFeed, feed_client, running_feed
+
+
+@pytest.fixture
+async def jwt_feed() -> AsyncIterator[RunningFeed]:
+    async with running_feed(jwt_config()) as feed:
+        yield feed
+
+
+# -- static tokens -----------------------------------------------------------------------------
+
+
+async def test_static_tokens() -> None:
+    async with running_feed(token_config()) as feed:
+        assert (await refusal(feed.url, None)) == {
+            "message": 'send the auth payload {"token": "<your token>"} when connecting',
+            "data": {"code": "auth_required"},
+        }
+        assert (await refusal(feed.url, {"token": "guess"}))["data"]["code"] == "invalid_token"
+        assert (await refusal(feed.url, {"token": 42}))["data"]["code"] == "bad_auth"
+        assert (await refusal(feed.url, "ops-token-0001"))["data"]["code"] == "bad_auth"
+        async with feed_client(feed.url, auth={"token": TOKENS["ops"]}) as ops:
+            assert (await ops.subscribe("mem:public.audit"))["ok"]
+        async with feed_client(feed.url, auth={"token": "Bearer " + TOKENS["ops"]}) as ops:
+            assert (await ops.call("catalog"))["ok"]
+        assert feed.hub.metrics.render().count("feed_auth_refused_total") >= 3
+
+
+def test_config_stores_only_hashes_and_refuses_malformed_ones() -> None:
+    text = token_config()
+    assert TOKENS["ops"] not in text and hash_token(TOKENS["ops"]) in text
+    bad = BASE + '[auth]\nmode = "token"\n[[auth.tokens]]\nname = "x"\nsha256 = "abc"\n'
+    with pytest.raises(ConfigError, match=r"auth\.tokens\[0\]\.sha256: must be 64 hex digits"):
+        parse_config(bad, "feed.toml", {})
+    with pytest.raises(ConfigError, match=r'mode "token" needs at least one'):
+        parse_config(BASE + '[auth]\nmode = "token"\n', "feed.toml", {})
+    with pytest.raises(ConfigError, match=r"auth\.jwt\.algorithms: 'none' is not accepted"):
+        parse_config(
+            BASE + '[auth]\nmode = "jwt"\n[auth.jwt]\nalgorithms = ["none"]\n', "feed.toml", {}
+        )
+    mixed = (
+        f'[auth]\nmode = "jwt"\n[auth.jwt]\nalgorithms = ["HS256", "RS256"]\nsecret = "{SECRET}"\n'
+    )
+    with pytest.raises(ConfigError, match="do not mix HS"):
+        parse_config(BASE + mixed, "feed.toml", {})
+    short = '[auth]\nmode = "jwt"\n[auth.jwt]\nalgorithms = ["HS256"]\nsecret = "short"\n'
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        parse_config(BASE + short, "feed.toml", {})
+    rule = '[auth]\nmode = "token"\n[[auth.rules]]\nallow = ["*"]\nrow_filter = "tenant_id={t}"\n'
+    with pytest.raises(ConfigError, match=r"auth\.rules\[0\]\.row_filter"):
+        parse_config(BASE + rule, "feed.toml", {})
+    typo = '[[auth.rules]]\nallow = ["*"]\nrow_filer = "a=eq.1"\n'
+    with pytest.raises(ConfigError, match=r"auth\.rules\[0\]\.row_filer: is not a known setting"):
+        parse_config(BASE + typo, "feed.toml", {})
+
+
+def test_hash_token_cli() -> None:
+    run = [sys.executable, "-m", "feed", "hash-token"]
+    out = subprocess.run(run, input="ops-token-0001\n", capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == hash_token("ops-token-0001")
+    generated = subprocess.run([*run, "--generate"], capture_output=True, text=True, check=True)
+    token_line, hash_line = generated.stdout.splitlines()
+    token = token_line.split()[1]
+    assert len(token) > 40 and hash_line.split()[1] == hash_token(token)
+
+
+def test_no_auth_only_on_localhost_unless_forced(caplog: pytest.LogCaptureFixture) -> None:
+    public = BASE.replace("[server]", '[server]\nhost = "0.0.0.0"')
+    with pytest.raises(ConfigError, match="refusing to serve without authentication on 0.0.0.0"):
+        FeedApp(parse_config(public, "feed.toml", {}))
+    FeedApp(parse_config(public, "feed.toml", {}), host="127.0.0.1")  # --host overrides
+    forced = parse_config(public + "[auth]\nallow_unauthenticated = true\n", "feed.toml", {})
+    FeedApp(forced)
+    assert "AUTHENTICATION IS OFF" in caplog.text
+    FeedApp(parse_config(public + token_config().removeprefix(BASE), "feed.toml", {}))
+
+
+# -- JWT ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+async def test_valid_jwt_is_accepted_and_bad_ones_refused_with_reasons(
+    jwt_feed: RunningFeed,
+) -> None:
+    url = jwt_feed.url
+    async with feed_client(url, auth={"token": make_jwt()}) as client:
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+    cases: list[tuple[str, str]] = [
+        (make_jwt(ttl=-5), "token_expired"),
+        (make_jwt(nbf=int(time.time()) + 60), "token_not_yet_valid"),
+        (make_jwt(key="another-secret-of-at-least-32-chars!!"), "bad_signature"),
+        (make_jwt(aud="someone-else"), "wrong_audience"),
+        (make_jwt(aud=None), "invalid_token"),
+        (make_jwt(iss="https://evil.test"), "wrong_issuer"),
+        (make_jwt(exp=None), "invalid_token"),
+        (make_jwt(sub=None), "invalid_token"),
+        (unsigned(make_jwt()), "invalid_token"),
+        (make_jwt(key=SECRET, algorithm="HS512"), "invalid_token"),
+        ("not.a.jwt", "invalid_token"),
+        (make_jwt()[:-4] + "AAAA", "bad_signature"),
+    ]
+    for token, code in cases:
+        reason = await refusal(url, {"token": token})
+        assert reason["data"]["code"] == code, (token, reason)
+        assert reason["message"]
+
+
+def unsigned(token: str) -> str:
+    """The same claims with `alg: none` and no signature."""
+    _, body, _ = token.split(".")
+    header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+    return f"{header}.{body}."
+
+
+async def test_leeway_tolerates_clock_skew() -> None:
+    async with running_feed(jwt_config(leeway=30)) as feed:
+        async with feed_client(feed.url, auth={"token": make_jwt(ttl=-10)}) as client:
+            assert (await client.call("catalog"))["ok"]
+        assert (await refusal(feed.url, {"token": make_jwt(ttl=-40)}))["data"]["code"] == (
+            "token_expired"
+        )
+
+
+async def test_expiry_ends_a_live_connection_in_bounded_time(jwt_feed: RunningFeed) -> None:
+    db = source(jwt_feed)
+    async with feed_client(jwt_feed.url, auth={"token": make_jwt(ttl=1.0)}) as client:
+        expired: asyncio.Queue[Any] = asyncio.Queue()
+        gone = asyncio.Event()
+        client.sio.on("auth_expired", expired.put_nowait)
+        client.sio.on("disconnect", lambda *a: gone.set())
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        started = time.monotonic()
+        notice = await asyncio.wait_for(expired.get(), 5)
+        await asyncio.wait_for(gone.wait(), 5)
+        assert notice["code"] == "token_expired"
+        assert time.monotonic() - started < 3
+        db.write("public.orders", "insert", {"id": 1, "tenant_id": "acme"})
+        await asyncio.sleep(0)
+    assert not jwt_feed.hub.clients and not jwt_feed.app.sessions
+
+
+async def test_refresh_extends_the_connection_but_not_the_grants(jwt_feed: RunningFeed) -> None:
+    db = source(jwt_feed)
+    async with feed_client(jwt_feed.url, auth={"token": make_jwt(ttl=1.0)}) as client:
+        expired: asyncio.Queue[Any] = asyncio.Queue()
+        client.sio.on("auth_expired", expired.put_nowait)
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        other_tenant = await client.call("refresh", {"token": make_jwt(tenant="globex")})
+        assert other_tenant["error"]["code"] == "identity_changed"
+        bad = await client.call("refresh", {"token": make_jwt(ttl=-5)})
+        assert bad["error"]["code"] == "token_expired"
+        ack = await client.call("refresh", {"token": make_jwt(ttl=60)})
+        assert ack["ok"] and 50 < ack["expires_in"] <= 60
+        await asyncio.sleep(1.5)  # past the first token's expiry: nothing must happen
+        assert expired.empty()
+        db.write("public.orders", "insert", {"id": 1, "tenant_id": "acme"})
+        assert (await client.next_change())["key"] == 1
+
+
+async def test_static_tokens_also_work_in_jwt_mode(jwt_feed: RunningFeed) -> None:
+    async with feed_client(jwt_feed.url, auth={"token": TOKENS["ops"]}) as ops:
+        assert (await ops.subscribe("mem:public.audit"))["ok"]
+
+
+# -- JWKS (RS256, ES256) -----------------------------------------------------------------------
+
+
+def jwk_of(private: Any, kid: str, alg: str) -> dict[str, Any]:
+    algorithm = jwt.algorithms.RSAAlgorithm if alg.startswith("RS") else jwt.algorithms.ECAlgorithm
+    data: dict[str, Any] = json.loads(algorithm.to_jwk(private.public_key()))
+    return {**data, "kid": kid, "alg": alg, "use": "sig"}
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Any]:
+    return {
+        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ec": ec.generate_private_key(ec.SECP256R1()),
+        "stranger": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    }
+
+
+def jwks_config(source_line: str) -> str:
+    return (
+        BASE
+        + f"""
+[auth]
+mode = "jwt"
+leeway = 5
+
+[auth.jwt]
+algorithms = ["RS256", "ES256"]
+{source_line}
+audience = "{AUDIENCE}"
+issuer = "{ISSUER}"
+"""
+        + RULES
+    )
+
+
+@pytest.fixture
+def jwks_document(keys: dict[str, Any]) -> dict[str, Any]:
+    return {"keys": [jwk_of(keys["rsa"], "r1", "RS256"), jwk_of(keys["ec"], "e1", "ES256")]}
+
+
+async def check_jwks_feed(feed: RunningFeed, keys: dict[str, Any]) -> None:
+    def pem(private: Any) -> bytes:
+        return bytes(
+            private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    rs = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
+    es = make_jwt(key=keys["ec"], algorithm="ES256", headers={"kid": "e1"})
+    for token in (rs, es):
+        async with feed_client(feed.url, auth={"token": token}) as client:
+            assert (await client.subscribe("mem:public.orders"))["ok"]
+    stranger = make_jwt(key=keys["stranger"], algorithm="RS256", headers={"kid": "r1"})
+    assert (await refusal(feed.url, {"token": stranger}))["data"]["code"] == "bad_signature"
+    unknown_kid = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "zz"})
+    assert (await refusal(feed.url, {"token": unknown_kid}))["data"]["code"] == "invalid_token"
+    # RS256/HS256 confusion: an HMAC token keyed with the public key itself.
+    confused = jwt.api_jws.PyJWS()
+    confused._algorithms["HS256"].prepare_key = lambda key: key  # type: ignore[method-assign]
+    body = json.loads(base64.urlsafe_b64decode(rs.split(".")[1] + "=="))
+    forged = confused.encode(
+        json.dumps(body).encode(), pem(keys["rsa"]), algorithm="HS256", headers={"kid": "r1"}
+    )
+    assert (await refusal(feed.url, {"token": forged}))["data"]["code"] == "invalid_token"
+    wrong_alg_for_key = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "e1"})
+    assert (await refusal(feed.url, {"token": wrong_alg_for_key}))["data"]["code"] == (
+        "invalid_token"
+    )
+    assert (await refusal(feed.url, {"token": unsigned(rs)}))["data"]["code"] == "invalid_token"
+
+
+async def test_rs256_and_es256_from_a_jwks_file(
+    tmp_path: Path, keys: dict[str, Any], jwks_document: dict[str, Any]
+) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks_document))
+    async with running_feed(jwks_config(f'jwks_file = "{path}"')) as feed:
+        await check_jwks_feed(feed, keys)
+
+
+@pytest.fixture
+def jwks_url(jwks_document: dict[str, Any]) -> Iterator[str]:
+    body = json.dumps(jwks_document).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_rs256_and_es256_from_a_jwks_url(keys: dict[str, Any], jwks_url: str) -> None:
+    async with running_feed(jwks_config(f'jwks_url = "{jwks_url}"')) as feed:
+        await check_jwks_feed(feed, keys)
+
+
+async def test_unreachable_jwks_url_refuses_with_a_retryable_reason(keys: dict[str, Any]) -> None:
+    async with running_feed(jwks_config('jwks_url = "http://127.0.0.1:9/jwks.json"')) as feed:
+        token = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
+        assert (await refusal(feed.url, {"token": token}))["data"]["code"] == "auth_unavailable"
