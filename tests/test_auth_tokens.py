@@ -104,7 +104,7 @@ def test_hash_token_cli() -> None:
 
 def test_no_auth_only_on_localhost_unless_forced(caplog: pytest.LogCaptureFixture) -> None:
     public = BASE.replace("[server]", '[server]\nhost = "0.0.0.0"')
-    with pytest.raises(ConfigError, match="refusing to serve without authentication on 0.0.0.0"):
+    with pytest.raises(ConfigError, match=r"refusing to serve without authentication on 0\.0\.0\.0"):
         FeedApp(parse_config(public, "feed.toml", {}))
     FeedApp(parse_config(public, "feed.toml", {}), host="127.0.0.1")  # --host overrides
     forced = parse_config(public + "[auth]\nallow_unauthenticated = true\n", "feed.toml", {})
