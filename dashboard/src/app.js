@@ -59,6 +59,10 @@ function connect() {
   socket.on("change", (change) => receive([change]));
   socket.on("changes", (batch) => receive(Array.isArray(batch) ? batch : []));
   socket.on("status", onStatus);
+  socket.on("auth_expired", (notice) => {
+    // The server ends the connection next; the reconnect will ask for a new token.
+    setConnection("auth", (notice && notice.message) || "The token expired");
+  });
   socket.on("gap", onGap);
 }
 
@@ -391,7 +395,7 @@ function drawSubscriptions() {
     item.dataset.room = sub.canonical || sub.room;
     item.dataset.status = sub.status;
     const name = document.createElement("code");
-    name.textContent = sub.filter ? `${sub.room} ? ${sub.filter}` : sub.room;
+    name.textContent = sub.canonical || (sub.filter ? `${sub.room}?${sub.filter}` : sub.room);
     const badge = document.createElement("span");
     badge.className = "badge sub-status";
     badge.dataset.status = sub.status;

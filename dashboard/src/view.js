@@ -34,7 +34,8 @@ export function queryFromSubscriptions(subs) {
     if (sub.filter) params.append("filter", sub.filter);
   }
   // Readable and still unambiguous: only `&` inside a filter has to stay escaped (%26).
-  const text = params.toString().replace(/%3A/gi, ":").replace(/%2C/gi, ",").replace(/%3D/gi, "=");
+  const text = params.toString().replace(/%3A/gi, ":").replace(/%2C/gi, ",").replace(/%3D/gi, "=")
+    .replace(/%28/gi, "(").replace(/%29/gi, ")");
   return text ? `?${text}` : "";
 }
 
@@ -103,12 +104,22 @@ export function showValue(value) {
   return JSON.stringify(value);
 }
 
-// Errors that mean "give me a (different) token", as opposed to "the server is unreachable".
+// Refusals that mean "give me a (different) token", as opposed to "the server is unreachable" or
+// "too many connections". The server sends a machine-readable code with each refusal.
+const AUTH_CODES = new Set([
+  "auth_required",
+  "invalid_token",
+  "bad_auth",
+  "token_expired",
+  "token_not_yet_valid",
+  "wrong_audience",
+  "wrong_issuer",
+  "bad_signature",
+]);
+
 export function isAuthRefusal(error) {
-  const code = error && error.data && (error.data.code || error.data.error);
-  if (typeof code === "string" && /auth|token|unauthori[sz]ed|forbidden|credential/i.test(code)) {
-    return true;
-  }
+  const code = error && error.data && error.data.code;
+  if (typeof code === "string") return AUTH_CODES.has(code) || /auth|token/i.test(code);
   const message = (error && error.message) || "";
-  return /auth|token|unauthori[sz]ed|forbidden|credential|not allowed|denied/i.test(message);
+  return /auth|token|unauthori[sz]ed|forbidden|credential/i.test(message);
 }

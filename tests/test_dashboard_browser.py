@@ -1,0 +1,533 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against the real server.
+
+What a person watching the page would notice is what is asserted: rows appearing, the subscription
+badges, the connection line, the before/after view. Every wait is Playwright's `expect`, which
+polls the page until it holds or fails after EXPECT_MS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.memory import MemoryConnector
+from feed.config import parse_config
+from feed.server import FeedApp
+from tests.auth_helpers import TOKENS, token_config
+from tests.conftest import MEMORY_CONFIG
+from tests.support.server import WAIT, RunningFeed, free_port, running_feed
+from tests.support.waiting import wait_until
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+BUILT = ROOT / "feed" / "dashboard" / "index.html"
+IN_CI = bool(os.environ.get("CI"))
+
+if not IN_CI and not CHROMIUM.exists():
+    pytest.skip(
+        f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium); "
+        "they always run under CI=true",
+        allow_module_level=True,
+    )
+if not IN_CI and shutil.which("npm") is None and not BUILT.exists():
+    pytest.skip("the dashboard is not built and npm is missing", allow_module_level=True)
+
+from playwright.async_api import (  # noqa: E402 - only importable where the tests can run
+    Browser,
+    ConsoleMessage,
+    Page,
+    async_playwright,
+    expect,
+)
+
+pytestmark = pytest.mark.browser
+
+EXPECT_MS = 10_000
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# What the browser itself logs when a server it was talking to goes away on purpose.
+NETWORK_NOISE = re.compile(
+    r"ERR_CONNECTION_REFUSED|WebSocket connection to|Failed to load resource"
+)
+
+expect.set_options(timeout=EXPECT_MS)
+
+
+@pytest.fixture(scope="session")
+def dashboard_built() -> None:
+    """Build the page as `make dashboard` does (a no-op when it is up to date)."""
+    subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT / "dashboard"), "build"],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    assert BUILT.exists()
+
+
+@pytest.fixture(scope="session")
+async def browser(dashboard_built: None) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=60_000
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+class Console:
+    """Everything the page reports as an error: console.error and uncaught exceptions."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.allow_network_noise = False
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    def on_page_error(self, error: Any) -> None:
+        self.errors.append(f"uncaught: {error}")
+
+    def unexpected(self) -> list[str]:
+        if not self.allow_network_noise:
+            return self.errors
+        return [e for e in self.errors if not NETWORK_NOISE.search(e)]
+
+
+@pytest.fixture
+def console() -> Iterator[Console]:
+    watcher = Console()
+    yield watcher
+    assert watcher.unexpected() == [], "the page logged errors"
+
+
+@pytest.fixture
+async def page(browser: Browser, console: Console) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(EXPECT_MS)
+    opened = await context.new_page()
+    opened.on("console", console.on_console)
+    opened.on("pageerror", console.on_page_error)
+    try:
+        yield opened
+    finally:
+        await context.close()
+
+
+def source(feed: RunningFeed) -> MemoryConnector:
+    connector = feed.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector
+
+
+def rows(page: Page) -> Any:
+    return page.locator("#change-rows tr")
+
+
+def subscription(page: Page, room: str) -> Any:
+    return page.locator(f'#subscriptions li[data-room="{room}"]')
+
+
+async def open_live(page: Page, url: str, room: str) -> None:
+    """Open a bookmarked view and wait until its subscription is live."""
+    await page.goto(url)
+    await expect(subscription(page, room)).to_have_attribute("data-status", "live")
+
+
+async def keys_shown(page: Page) -> list[str]:
+    return await page.locator("#change-rows tr td:nth-child(5)").all_inner_texts()
+
+
+# -- opening a view ------------------------------------------------------------------------------
+
+
+async def test_bookmarked_view_shows_changes_as_they_happen(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    connector = page.locator('#connector-list li[data-name="mem"]')
+    await expect(connector.locator(".state").first).to_have_text("up")
+
+    db.write("public.orders", "insert", {"id": 1, "status": "new", "amount": 10})
+    db.write("public.customers", "insert", {"id": 7, "name": "Ann"})  # not subscribed
+    db.write("public.orders", "update", {"id": 1, "status": "paid"})
+    db.write("public.orders", "delete", {"id": 1})
+
+    await expect(rows(page)).to_have_count(3)
+    await expect(rows(page).locator(".op")).to_have_text(["delete", "update", "insert"])
+    await expect(rows(page).first.locator("td").nth(1)).to_have_text("mem")
+    await expect(rows(page).first.locator("td").nth(2)).to_have_text("public.orders")
+    assert await keys_shown(page) == ["1", "1", "1"]
+    await expect(page.locator("#change-count")).to_have_text("3 shown")
+
+
+async def test_filter_in_the_address_shows_only_matching_rows(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    url = f"{memory_feed.url}/?room=mem:public.orders&filter=status=eq.paid"
+    await open_live(page, url, "mem:public.orders?status=eq.paid")
+
+    db.write("public.orders", "insert", {"id": 1, "status": "new"})
+    db.write("public.orders", "insert", {"id": 2, "status": "paid"})
+    await expect(rows(page)).to_have_count(1)  # changes arrive in order: id 1 was skipped
+    assert await keys_shown(page) == ["2"]
+
+    db.write("public.orders", "update", {"id": 2, "status": "refunded"})  # stops matching
+    await expect(rows(page)).to_have_count(2)
+    await expect(rows(page).first.locator(".op")).to_have_text("update")
+
+
+async def test_several_conditions_typed_by_hand_form_one_filter(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    url = f"{memory_feed.url}/?room=mem:public.orders&filter=status=eq.paid&amount=gt.100"
+    await open_live(page, url, "mem:public.orders?amount=gt.100&status=eq.paid")
+    db.write("public.orders", "insert", {"id": 1, "status": "paid", "amount": 50})
+    db.write("public.orders", "insert", {"id": 2, "status": "paid", "amount": 500})
+    await expect(rows(page)).to_have_count(1)
+    assert await keys_shown(page) == ["2"]
+
+
+async def test_subscribe_from_the_form_and_remove_updates_the_address(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await page.goto(memory_feed.url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+    await expect(page.get_by_label("Connector", exact=True)).to_have_value("mem")
+    await page.get_by_label("Target").select_option("public.customers")
+    await page.get_by_role("button", name="Add condition").click()
+    await page.get_by_label("Field 1").fill("name")
+    await page.get_by_label("Operator 1").select_option("in")
+    await page.get_by_label("Value 1").fill("Ann, Bob")
+    await page.get_by_label("Value 1").press("Enter")  # the keyboard submits the form
+
+    room = "mem:public.customers?name=in.(Ann,Bob)"
+    await expect(subscription(page, room)).to_have_attribute("data-status", "live")
+    assert "room=mem:public.customers&filter=name=in.(Ann,Bob)" in page.url
+
+    db.write("public.customers", "insert", {"id": 1, "name": "Cy"})
+    db.write("public.customers", "insert", {"id": 2, "name": "Bob"})
+    await expect(rows(page)).to_have_count(1)
+
+    # A second subscription at once: a single row.
+    await page.get_by_label("Target").select_option("public.orders")
+    await page.get_by_role("button", name="Remove condition 1").click()
+    await page.get_by_label("Single row").fill("42")
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    await expect(subscription(page, "mem:public.orders:42")).to_have_attribute(
+        "data-status", "live"
+    )
+    db.write("public.orders", "insert", {"id": 41})
+    db.write("public.orders", "insert", {"id": 42})
+    await expect(rows(page)).to_have_count(2)
+    assert await keys_shown(page) == ["42", "2"]
+
+    await page.get_by_role("button", name=f"Remove subscription {room}").click()
+    await expect(page.locator("#subscriptions li")).to_have_count(1)
+    assert "customers" not in page.url and "room=mem:public.orders:42" in page.url
+    # The server was told: nobody follows that filter room any more.
+    await wait_until(
+        lambda: not getattr(memory_feed.hub.rooms.get(room), "members", None),
+        what="the browser to leave the filter room",
+    )
+
+
+async def test_a_bad_bookmark_says_why(memory_feed: RunningFeed, page: Page) -> None:
+    await page.goto(f"{memory_feed.url}/?room=mem:public.nothing")
+    item = subscription(page, "mem:public.nothing")
+    await expect(item).to_have_attribute("data-status", "error")
+    await expect(item.locator(".sub-message")).to_contain_text("unknown_target")
+
+
+# -- the change table ----------------------------------------------------------------------------
+
+
+async def test_pause_keeps_rows_still_and_resume_shows_what_came(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.write("public.orders", "insert", {"id": 1})
+    await expect(rows(page)).to_have_count(1)
+
+    await page.get_by_role("button", name="Pause").click()
+    await expect(page.get_by_role("button", name="Resume")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    db.write("public.orders", "insert", {"id": 2})
+    db.write("public.orders", "insert", {"id": 3})
+    await expect(page.locator("#paused-note")).to_have_text("Paused: 2 new changes waiting.")
+    await expect(rows(page)).to_have_count(1)
+
+    await page.get_by_role("button", name="Resume").click()
+    await expect(rows(page)).to_have_count(3)
+    assert await keys_shown(page) == ["3", "2", "1"]
+    await expect(page.locator("#paused-note")).to_be_hidden()
+
+    await page.get_by_role("button", name="Clear").click()
+    await expect(rows(page)).to_have_count(0)
+    db.write("public.orders", "insert", {"id": 4})
+    await expect(rows(page)).to_have_count(1)
+
+
+async def test_only_the_last_n_rows_are_kept_under_a_flood(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    await page.get_by_label("Keep last").fill("20")
+    await page.get_by_label("Keep last").press("Enter")
+    for i in range(500):
+        db.write("public.orders", "insert", {"id": i})
+    await expect(rows(page).first.locator("td").nth(4)).to_have_text("499")
+    await expect(rows(page)).to_have_count(20)
+    assert await keys_shown(page) == [str(i) for i in range(499, 479, -1)]
+    # The page holds no more than it shows.
+    held = await page.evaluate("document.querySelectorAll('#change-rows tr').length")
+    assert held == 20
+
+    # Paused, a flood is still bounded: the newest N are kept for when it resumes.
+    await page.get_by_role("button", name="Pause").click()
+    for i in range(500, 600):
+        db.write("public.orders", "insert", {"id": i})
+    await expect(page.locator("#paused-note")).to_contain_text("100 new changes waiting")
+    await page.get_by_role("button", name="Resume").click()
+    await expect(rows(page).first.locator("td").nth(4)).to_have_text("599")
+    await expect(rows(page)).to_have_count(20)
+    assert (await keys_shown(page))[-1] == "580"
+
+
+async def test_selecting_a_row_shows_before_and_after_with_changes_marked(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.write("public.orders", "insert", {"id": 1, "status": "new", "amount": 10})
+    db.write("public.orders", "update", {"id": 1, "status": "paid", "note": "rush"})
+    await expect(rows(page)).to_have_count(2)
+
+    await rows(page).first.click()
+    await expect(rows(page).first).to_have_attribute("aria-selected", "true")
+    detail = page.locator("#detail-body")
+    await expect(page.locator("#changed-fields")).to_have_text("Changed: status, note")
+    status = detail.locator('tr[data-field="status"]')
+    await expect(status).to_have_class("changed")
+    await expect(status.locator("td.before")).to_have_text("new")
+    await expect(status.locator("td.after")).to_have_text("paid")
+    amount = detail.locator('tr[data-field="amount"]')
+    await expect(amount).not_to_have_class("changed")
+    await expect(amount.locator("td")).to_have_text(["10", "10"])
+    await expect(detail.locator('tr[data-field="note"] td.before')).to_have_text("—")
+
+    # Keyboard: the arrow moves the selection to the older row (the insert).
+    await page.keyboard.press("ArrowDown")
+    await expect(rows(page).nth(1)).to_have_attribute("aria-selected", "true")
+    await expect(rows(page).nth(1)).to_be_focused()
+    await expect(page.locator("#changed-fields")).to_have_text("Changed: id, status, amount")
+    await expect(detail.locator('tr[data-field="status"] td.before')).to_have_text("—")
+
+
+# -- connection, resume, gaps --------------------------------------------------------------------
+
+
+async def test_dropped_connection_resumes_and_recovers_missed_changes(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.write("public.orders", "insert", {"id": 1})
+    await expect(rows(page)).to_have_count(1)
+
+    [sid] = list(memory_feed.hub.clients)
+    await memory_feed.app.sio.disconnect(sid)
+    for i in (2, 3, 4):  # written while the page is away
+        db.write("public.orders", "insert", {"id": i})
+
+    await expect(page.locator("#connection-text")).to_have_text(
+        "Connected again: resuming subscriptions"
+    )
+    item = subscription(page, "mem:public.orders")
+    await expect(item).to_have_attribute("data-status", "recovered")
+    await expect(item.locator(".sub-message")).to_have_text(
+        re.compile(r"resumed: [1-3] missed changes? recovered")
+    )
+    await expect(rows(page)).to_have_count(4)
+    assert await keys_shown(page) == ["4", "3", "2", "1"]
+    db.write("public.orders", "insert", {"id": 5})
+    await expect(rows(page)).to_have_count(5)
+
+
+@asynccontextmanager
+async def feed_on_port(port: int) -> AsyncIterator[RunningFeed]:
+    """The real app on a chosen port, so that a restart comes back where the page looks."""
+    import uvicorn
+
+    app = FeedApp(parse_config(MEMORY_CONFIG, "test.toml", dict(os.environ)))
+    server = uvicorn.Server(
+        uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(WAIT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield RunningFeed(f"http://127.0.0.1:{port}", app, server)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT)
+
+
+async def test_server_restart_reconnects_and_says_a_reload_is_needed(
+    page: Page, console: Console
+) -> None:
+    console.allow_network_noise = True  # the browser logs its failed reconnects
+    port = free_port()
+    room = "mem:public.orders"
+    async with feed_on_port(port) as feed:
+        await open_live(page, f"{feed.url}/?room={room}", room)
+        source(feed).write("public.orders", "insert", {"id": 1})
+        await expect(rows(page)).to_have_count(1)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+    await expect(subscription(page, room)).to_have_attribute("data-status", "offline")
+
+    async with feed_on_port(port) as feed:  # a new process: its replay buffers are empty
+        item = subscription(page, room)
+        await expect(item).to_have_attribute("data-status", "gap")
+        await expect(item.locator(".sub-message")).to_contain_text("reload needed")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+        # Numbering restarted on the new server; its changes still show.
+        source(feed).write("public.orders", "insert", {"id": 2})
+        await expect(rows(page)).to_have_count(2)
+        await page.get_by_role("button", name=f"Reload {room}").click()
+        await expect(item).to_have_attribute("data-status", "live")
+        source(feed).write("public.orders", "insert", {"id": 3})
+        await expect(rows(page)).to_have_count(3)
+        assert await keys_shown(page) == ["3", "2", "1"]
+
+
+async def test_gap_is_shown_on_the_subscription_and_the_connector(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.announce_gap("redis restarted")
+    item = subscription(page, "mem:public.orders")
+    await expect(item).to_have_attribute("data-status", "gap")
+    await expect(item.locator(".sub-message")).to_have_text(
+        "missed changes (redis restarted): reload needed"
+    )
+    connector = page.locator('#connector-list li[data-name="mem"]')
+    await expect(connector.locator('.state[data-state="gap"]')).to_have_text("gap")
+    await expect(connector.locator(".connector-detail")).to_have_text("gap: redis restarted")
+
+
+async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page: Page) -> None:
+    db = source(memory_feed)
+    await page.goto(memory_feed.url + "/")
+    badge = page.locator('#connector-list li[data-name="mem"] .state').first
+    await expect(badge).to_have_text("up")
+    db.crash("connection reset by peer")
+    # The hub restarts it after a backoff; the page shows it going down, then up again.
+    await expect(badge).to_have_text(re.compile("down|starting"))
+    await expect(badge).to_have_text("up")
+
+
+# -- auth and layout -----------------------------------------------------------------------------
+
+
+async def test_token_is_asked_for_kept_out_of_the_address_and_sent(
+    browser: Browser, console: Console
+) -> None:
+    async with running_feed(token_config()) as feed:
+        context = await browser.new_context()
+        context.set_default_timeout(EXPECT_MS)
+        page = await context.new_page()
+        page.on("console", console.on_console)
+        page.on("pageerror", console.on_page_error)
+        try:
+            await page.goto(f"{feed.url}/?room=mem:public.orders")
+            dialog = page.get_by_role("dialog", name="Access token needed")
+            token_input = page.get_by_label("Access token", exact=True)
+            await expect(dialog).to_be_visible()
+            await expect(page.locator("#token-reason")).to_contain_text(
+                "The server requires a token"
+            )
+            await expect(token_input).to_be_focused()
+
+            await token_input.fill("not-a-token")
+            await page.keyboard.press("Enter")
+            await expect(page.locator("#token-reason")).to_contain_text(
+                "did not accept the token: the token is not valid for this server"
+            )
+            await token_input.fill(TOKENS["ops"])
+            await page.get_by_role("button", name="Connect").click()
+            item = subscription(page, "mem:public.orders")
+            await expect(item).to_have_attribute("data-status", "live")
+            await expect(dialog).to_be_hidden()
+            assert TOKENS["ops"] not in page.url
+            stored = await page.evaluate("sessionStorage.getItem('dbfeed.token')")
+            assert stored == TOKENS["ops"]
+            assert await page.evaluate("localStorage.length") == 0
+
+            source(feed).write("public.orders", "insert", {"id": 1})
+            await expect(rows(page)).to_have_count(1)
+
+            # The token lasts for the tab: a reload connects without asking again.
+            await page.reload()
+            await expect(item).to_have_attribute("data-status", "live")
+            await expect(dialog).to_be_hidden()
+            await page.get_by_role("button", name="Forget token").click()
+            await expect(dialog).to_be_visible()
+            assert await page.evaluate("sessionStorage.getItem('dbfeed.token')") is None
+        finally:
+            await context.close()
+
+
+async def test_narrow_screen_has_no_sideways_scrolling(
+    memory_feed: RunningFeed, browser: Browser, console: Console
+) -> None:
+    context = await browser.new_context(viewport={"width": 380, "height": 800})
+    context.set_default_timeout(EXPECT_MS)
+    try:
+        page = await context.new_page()
+        page.on("console", console.on_console)
+        page.on("pageerror", console.on_page_error)
+        await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+        source(memory_feed).write(
+            "public.orders", "insert", {"id": 1, "status": "paid", "note": "x" * 200}
+        )
+        await expect(rows(page)).to_have_count(1)
+        await rows(page).first.click()
+        await expect(page.locator("#changed-fields")).to_contain_text("Changed:")
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0
+    finally:
+        await context.close()
