@@ -1,0 +1,927 @@
+"""Postgres: triggers write every change into a journal table, NOTIFY wakes the reader.
+
+Why this shape (details and the pitfalls it answers are in docs/connectors/postgres.md):
+
+- The trigger stores the change in `<schema>.journal` inside the user's transaction and NOTIFY
+  carries an empty payload, so a row of any size never makes the user's write fail, and nothing
+  committed while no reader listens is lost.
+- The reader diffs server snapshots: each poll runs in a REPEATABLE READ transaction, takes
+  `pg_current_snapshot()`, and reads exactly the journal rows of the transactions that became
+  visible since the previous poll's snapshot. Identity values are taken before commit, so "id >
+  last" would skip a transaction that commits after a later one; the snapshot diff cannot.
+  Inside one poll, transactions are ordered by their last journal id and rows by id, which keeps
+  every row's changes in the order they happened (a second writer of a row waits for the first
+  one's commit, so its ids are larger) and each transaction's changes together.
+- The position (the last snapshot fully delivered, or a snapshot and a cursor half way through a
+  batch) lives in `<schema>.consumers`, written in the same transaction that read the batch, so a
+  restart resumes exactly; a dropped connection resumes from memory without re-reading.
+- One reader per connector name holds a session advisory lock; other feed servers wait and take
+  over when its session ends. Its own dead session is terminated by the reader that replaces it.
+- A heartbeat (a poll with a short timeout, every `heartbeat_interval`) notices a half-open
+  connection; the reconnect LISTENs first and then catches up from the journal.
+
+The logical-decoding mode lives in connectors/postgres_logical.py and shares the configuration,
+the table checks and the snapshot code here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from connectors.base import Connector, RoomAddress, Snapshot, State
+from connectors.postgres_migrate import (
+    LOCK_CLASS,
+    apply_migrations,
+    channel_for,
+    load_migrations,
+    pending,
+    quote_ident,
+)
+from connectors.postgres_types import TableShape, read_shape
+from feed.change import Change, Gap, room_key
+from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
+from feed.options import Options
+
+log = logging.getLogger("feed.connectors.postgres")
+
+READER_LOCK_CLASS = LOCK_CLASS + 1
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+IDENTIFIER = re.compile(r"^[^\s.]+$")
+
+
+# -- positions and snapshots ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snap:
+    """A parsed `pg_snapshot`: which transactions had committed when it was taken."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Snap:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x), text)
+
+    def visible(self, xid: int) -> bool:
+        """Same answer as the server's pg_visible_in_snapshot for a committed transaction."""
+        return xid < self.xmin or (xid < self.xmax and xid not in self.xip)
+
+    @property
+    def xip_array(self) -> str:
+        return "{" + ",".join(str(x) for x in sorted(self.xip)) + "}"
+
+
+@dataclass(frozen=True)
+class PgPosition:
+    """Where a change sits in the journal: its transaction and its row."""
+
+    xid: int
+    id: int
+
+
+@dataclass
+class ReaderState:
+    """What has been delivered: everything visible in `prev`, plus, when a batch was interrupted,
+    the rows of `batch` (visible in it, not in `prev`) up to `cursor` in delivery order."""
+
+    prev: Snap
+    batch: Snap | None = None
+    cursor: tuple[int, int] | None = None
+
+
+class _Stopped(Exception):
+    """stop() was called while the reader waited for its turn."""
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/db of a DSN without its password, for messages."""
+    match = re.match(r"^\w+://(?:[^@/]*@)?([^/?]*)(/[^?]*)?", dsn)
+    if match:
+        host = match.group(1) or "localhost"
+        return host + (match.group(2) or "")
+    return re.sub(r"password=\S+", "password=***", dsn)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lost or refused connection (worth reconnecting) rather than a misconfiguration."""
+    if isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | ConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.ConnectionDoesNotExistError,
+    ):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        code = getattr(exc, "sqlstate", "") or ""
+        return code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- the connector -------------------------------------------------------------------------------
+
+
+class PostgresConnector(Connector):
+    kind = "postgres"
+
+    def configure(self, options: Options) -> None:
+        self.dsn: str = options.str("dsn", required=True)
+        self.tables: list[str] = options.str_list("tables", required=True)
+        self.targets_by_table: dict[str, tuple[str, str]] = {}
+        for table in self.tables:
+            schema, dot, name = table.partition(".")
+            if not dot or not schema or not name:
+                options.fail(
+                    "tables", f"{table!r} must be schema.table, e.g. 'public.{table or 'orders'}'"
+                )
+            self.targets_by_table[table] = (schema, name)
+        self.mode = options.choice("mode", ["notify", "logical"], "notify")
+        self.schema: str = options.str("schema", "feed")
+        if not IDENTIFIER.match(self.schema) or len(self.schema) > 50:
+            options.fail("schema", f"{self.schema!r} must be a plain schema name, e.g. 'feed'")
+        self.heartbeat_interval = options.float("heartbeat_interval", 5.0, minimum=0.05)
+        self.heartbeat_timeout = options.float("heartbeat_timeout", 5.0, minimum=0.05)
+        if self.heartbeat_interval + self.heartbeat_timeout > 60:
+            options.fail(
+                "heartbeat_interval", "heartbeat_interval + heartbeat_timeout must be <= 60"
+            )
+        self.query_timeout = options.float("query_timeout", 30.0, minimum=0.1)
+        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
+        self.reconnect_max = options.float("reconnect_max", 10.0, minimum=0.01)
+        self.standby_interval = options.float("standby_interval", 2.0, minimum=0.01)
+        self.retention = options.float("journal_retention", 300.0, minimum=0.0)
+        self.prune_interval = options.float("prune_interval", 10.0, minimum=0.01)
+        self.batch_size = options.int("batch_size", 500, minimum=1, maximum=100_000)
+        self.auto_migrate = options.bool("auto_migrate", False)
+        self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
+        self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self.channel = channel_for(self.schema)
+        self.q = quote_ident(self.schema)
+        self._pool: Any = None
+        self._reader: Any = None
+        self._reader_pid: int | None = None
+        self._dead_pid: int | None = None
+        self._shapes: dict[str, TableShape] = {}
+        self._state: ReaderState | None = None
+        self._saved_text: str | None = None
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._polls_started = 0
+        self._polls_delivered = 0
+        self._active = False
+        self._stopping = False
+        self._commit_ts = False
+        self._last_prune = 0.0
+        self._last_save = 0.0
+        self._logical: Any = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        return f"postgres {describe_dsn(self.dsn)}"
+
+    def regclass(self, target: str) -> str:
+        schema, name = self.targets_by_table[target]
+        return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+    async def _connect(self, *, reader: bool = False) -> Any:
+        settings = {"application_name": f"feed:{self.name}" + (":reader" if reader else "")}
+        if reader:
+            idle = str(max(1, int(self.heartbeat_interval)))
+            settings.update(
+                tcp_keepalives_idle=idle, tcp_keepalives_interval=idle, tcp_keepalives_count="3"
+            )
+        try:
+            return await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout, server_settings=settings
+            )
+        except BaseException as exc:
+            raise self._connect_error(exc) from None
+
+    def _connect_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            return exc
+        if isinstance(
+            exc,
+            asyncpg.InvalidPasswordError
+            | asyncpg.InvalidAuthorizationSpecificationError
+            | asyncpg.InvalidCatalogNameError,
+        ):
+            return SourceMisconfigured(f"{self.where}: {one_line(exc)}")
+        if is_transient(exc) or isinstance(exc, asyncpg.PostgresError):
+            return SourceUnavailable(f"{self.where}: cannot connect: {one_line(exc)}")
+        if isinstance(exc, ValueError):  # asyncpg's DSN parser
+            return SourceMisconfigured(f"{self.where}: bad dsn: {one_line(exc)}")
+        return SourceUnavailable(f"{self.where}: cannot connect: {type(exc).__name__}: {exc}")
+
+    async def _admin(self) -> Any:
+        """A short-lived connection for setup, checks and migrations."""
+        return await self._connect()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stopping = False
+        self.set_status(State.STARTING, f"connecting to {describe_dsn(self.dsn)}")
+        conn = await self._admin()
+        try:
+            if self.mode == "notify":
+                await self._ensure_schema(conn)
+            await self._check_tables(conn, attach=True)
+            self._commit_ts = (
+                await conn.fetchval("SELECT current_setting('track_commit_timestamp')") == "on"
+            )
+            if self.mode == "logical":
+                from connectors.postgres_logical import LogicalReader
+
+                self._logical = LogicalReader(self)
+                await self._logical.prepare(conn)
+        except asyncpg.PostgresError as exc:
+            raise self._setup_error(exc) from None
+        finally:
+            await conn.close()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=0,
+                max_size=2,
+                timeout=self.connect_timeout,
+                server_settings={"application_name": f"feed:{self.name}:snapshot"},
+            )
+        except BaseException as exc:
+            raise self._connect_error(exc) from None
+
+    def _setup_error(self, exc: BaseException) -> ConnectorError:
+        if is_transient(exc):
+            return SourceUnavailable(f"{self.where}: {one_line(exc)}")
+        return SourceMisconfigured(f"{self.where}: {one_line(exc)}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._logical is not None:
+            await self._logical.stop()
+        await self._save_on_stop()
+        await self._drop_reader()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except Exception:
+                pool.terminate()
+        self._active = False
+        self.set_status(State.STOPPED)
+
+    async def _save_on_stop(self) -> None:
+        """Record a batch interrupted half way, so a restart continues after the last delivered
+        row instead of delivering the batch again (a whole batch is saved as it ends)."""
+        state = self._state
+        if not self._active or state is None or state.batch is None or state.cursor is None:
+            return
+        with contextlib.suppress(Exception):
+            conn = await asyncio.wait_for(self._connect(), self.connect_timeout)
+            try:
+                await conn.execute(
+                    f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = $3,"
+                    " cursor_maxid = $4, cursor_id = $5, updated_at = now() WHERE name = $1",
+                    self.name,
+                    state.prev.text,
+                    state.batch.text,
+                    state.cursor[0],
+                    state.cursor[1],
+                    timeout=self.heartbeat_timeout,
+                )
+            finally:
+                await conn.close()
+
+    async def _drop_reader(self) -> None:
+        conn, self._reader = self._reader, None
+        if conn is not None:
+            conn.terminate()  # the server ends the session: advisory lock and open batch go too
+
+    # -- schema, tables, triggers ----------------------------------------------------------------
+
+    async def _check_feed_privileges(self, conn: Any, *, installed: bool) -> None:
+        """The reader's role needs these on the feed's own objects; name the first one missing."""
+        user = await conn.fetchval("SELECT current_user")
+        if not await conn.fetchval("SELECT has_schema_privilege($1, 'USAGE')", self.schema):
+            raise SourceMisconfigured(
+                f"{self.where}: permission denied: GRANT USAGE ON SCHEMA {self.schema} TO {user} "
+                "(or run the feed as the role that ran `feed migrate`)"
+            )
+        needs = []
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{self.q}.migrations"):
+            needs.append(("table", f"{self.q}.migrations", "SELECT"))
+        if installed:
+            needs += [
+                ("table", f"{self.q}.journal", "SELECT"),
+                ("table", f"{self.q}.journal", "DELETE"),
+                ("table", f"{self.q}.consumers", "SELECT"),
+                ("table", f"{self.q}.consumers", "INSERT"),
+                ("table", f"{self.q}.consumers", "UPDATE"),
+                ("table", f"{self.q}.watches", "SELECT"),
+                ("table", f"{self.q}.watches", "INSERT"),
+            ]
+        for kind, name, privilege in needs:
+            if not await conn.fetchval(f"SELECT has_{kind}_privilege($1, $2)", name, privilege):
+                shown = f"SCHEMA {self.schema}" if kind == "schema" else name.replace('"', "")
+                raise SourceMisconfigured(
+                    f"{self.where}: permission denied: GRANT {privilege} ON {shown} TO {user} "
+                    "(or run the feed as the role that ran `feed migrate`)"
+                )
+
+    async def _ensure_schema(self, conn: Any) -> None:
+        exists = await conn.fetchval(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1", self.schema
+        )
+        if exists:
+            await self._check_feed_privileges(conn, installed=False)
+        missing = await pending(conn, self.schema)
+        if not missing:
+            await self._check_feed_privileges(conn, installed=True)
+            return
+        if self.auto_migrate:
+            await apply_migrations(conn, self.schema)
+            return
+        if not missing:
+            return
+        raise SourceMisconfigured(
+            f"{self.where}: the feed's schema {self.schema!r} needs migrations "
+            f"({', '.join(missing)}): run `feed migrate --config <file>` or set auto_migrate = true"
+        )
+
+    async def _check_tables(self, conn: Any, *, attach: bool) -> list[str]:
+        """Check every configured table exists and can be read (and captured, when attaching)."""
+        lines: list[str] = []
+        user = await conn.fetchval("SELECT current_user")
+        for target in self.tables:
+            regclass = self.regclass(target)
+            oid = await conn.fetchval("SELECT to_regclass($1)::oid", regclass)
+            if oid is None:
+                raise SourceMisconfigured(f"{self.where}: table {target} does not exist")
+            if not await conn.fetchval("SELECT has_table_privilege($1, 'SELECT')", regclass):
+                raise SourceMisconfigured(
+                    f"{self.where}: permission denied: GRANT SELECT ON {target} TO {user}"
+                )
+            self._shapes[target] = await read_shape(conn, target, regclass, self.query_timeout)
+            if attach and self.mode == "notify":
+                if await self._attach(conn, target, regclass, user):
+                    lines.append(f"watching {target}")
+        return lines
+
+    def _trigger_names(self) -> tuple[str, str]:
+        return f"{self.schema}_capture", f"{self.schema}_capture_truncate"
+
+    async def _attach(self, conn: Any, target: str, regclass: str, user: str) -> bool:
+        row_trigger, truncate_trigger = self._trigger_names()
+        # The consumer's starting point is taken before the triggers exist, so no change
+        # captured by them can fall before it.
+        await conn.execute(
+            f"INSERT INTO {self.q}.consumers (name, snapshot)"
+            " VALUES ($1, pg_current_snapshot()::text) ON CONFLICT (name) DO NOTHING",
+            self.name,
+        )
+        have = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = ANY($2)",
+            regclass,
+            [row_trigger, truncate_trigger],
+        )
+        await conn.execute(
+            f"INSERT INTO {self.q}.watches (consumer, target) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING",
+            self.name,
+            target,
+        )
+        if have == 2:
+            return False
+        if not await conn.fetchval("SELECT has_table_privilege($1, 'TRIGGER')", regclass):
+            raise SourceMisconfigured(
+                f"{self.where}: permission denied to attach capture to {target}: "
+                f"GRANT TRIGGER ON {target} TO {user}, or run `feed migrate` as its owner"
+            )
+        arg = "'" + target.replace("'", "''") + "'"
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '5s'")
+            await conn.execute(
+                f"DROP TRIGGER IF EXISTS {quote_ident(row_trigger)} ON {regclass};"
+                f"DROP TRIGGER IF EXISTS {quote_ident(truncate_trigger)} ON {regclass};"
+                f"CREATE TRIGGER {quote_ident(row_trigger)} AFTER INSERT OR UPDATE OR DELETE"
+                f" ON {regclass} FOR EACH ROW EXECUTE FUNCTION {self.q}.capture({arg});"
+                f"CREATE TRIGGER {quote_ident(truncate_trigger)} AFTER TRUNCATE"
+                f" ON {regclass} FOR EACH STATEMENT EXECUTE FUNCTION {self.q}.capture({arg})"
+            )
+        return True
+
+    async def _detach(self, conn: Any, target: str) -> list[str]:
+        await conn.execute(
+            f"DELETE FROM {self.q}.watches WHERE consumer = $1 AND target = $2", self.name, target
+        )
+        others = await conn.fetchval(
+            f"SELECT count(*) FROM {self.q}.watches WHERE target = $1", target
+        )
+        if others:
+            return [f"stopped watching {target} (still watched by another connector)"]
+        schema, _, name = target.partition(".")
+        regclass = f"{quote_ident(schema)}.{quote_ident(name)}"
+        if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
+            return [f"stopped watching {target} (table no longer exists)"]
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '5s'")
+            for trigger in self._trigger_names():
+                await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {regclass}")
+        return [f"unwatched {target} (capture triggers dropped)"]
+
+    async def migrate(self) -> list[str]:
+        """`feed migrate`: apply the SQL files, attach configured tables, detach dropped ones."""
+        conn = await self._admin()
+        try:
+            lines = await apply_migrations(conn, self.schema)
+            lines += await self._check_tables(conn, attach=self.mode == "notify")
+            watched = await conn.fetch(
+                f"SELECT target FROM {self.q}.watches WHERE consumer = $1 ORDER BY target",
+                self.name,
+            )
+            for row in watched:
+                if row["target"] not in self.targets_by_table:
+                    lines += await self._detach(conn, row["target"])
+            if self.mode == "logical":
+                from connectors.postgres_logical import LogicalReader
+
+                lines += await LogicalReader(self).migrate(conn)
+            return lines
+        except asyncpg.PostgresError as exc:
+            raise self._setup_error(exc) from None
+        finally:
+            await conn.close()
+
+    async def unwatch(self, tables: list[str] | None = None) -> list[str]:
+        """`feed unwatch`: stop capturing `tables` for this connector (all of them by default).
+
+        A table's triggers are dropped once no connector watches it. With no tables given the
+        connector's saved position is forgotten too (and its replication slot dropped in
+        logical mode), so that it no longer holds back journal pruning or WAL.
+        """
+        conn = await self._admin()
+        try:
+            if await pending(conn, self.schema) == [m.name for m in load_migrations()]:
+                return [f"schema {self.schema!r} is not installed: nothing to unwatch"]
+            watched = [
+                r["target"]
+                for r in await conn.fetch(
+                    f"SELECT target FROM {self.q}.watches WHERE consumer = $1 ORDER BY target",
+                    self.name,
+                )
+            ]
+            chosen = watched if tables is None else list(tables)
+            lines: list[str] = []
+            for target in chosen:
+                if target not in watched:
+                    lines.append(f"{target} is not watched by {self.name!r}")
+                    continue
+                lines += await self._detach(conn, target)
+            if tables is None:
+                await conn.execute(f"DELETE FROM {self.q}.consumers WHERE name = $1", self.name)
+                lines.append(f"forgot the position of {self.name!r}")
+                from connectors.postgres_logical import drop_slot
+
+                if await drop_slot(conn, self.slot):
+                    lines.append(f"dropped replication slot {self.slot!r}")
+            return lines or ["nothing to unwatch"]
+        except asyncpg.PostgresError as exc:
+            raise self._setup_error(exc) from None
+        finally:
+            await conn.close()
+
+    async def check(self) -> str:
+        """Reach the server and check the schema and tables without changing anything."""
+        conn = await self._admin()
+        try:
+            version = await conn.fetchval("SHOW server_version")
+            missing = await pending(conn, self.schema)
+            await self._check_tables(conn, attach=False)
+            backlog = ""
+            if not missing:
+                count = await conn.fetchval(f"SELECT count(*) FROM {self.q}.journal")
+                backlog = f", journal {count} rows"
+            else:
+                backlog = f", needs `feed migrate` ({len(missing)} pending)"
+            if self.mode == "logical":
+                level = await conn.fetchval("SHOW wal_level")
+                if level != "logical":
+                    raise SourceMisconfigured(
+                        f"{self.where}: mode = 'logical' needs wal_level = logical (it is {level})"
+                    )
+            return f"Postgres {version}, {self.mode} mode, {len(self.tables)} table(s){backlog}"
+        except asyncpg.PostgresError as exc:
+            raise self._setup_error(exc) from None
+        finally:
+            await conn.close()
+
+    def targets(self) -> list[str]:
+        return list(self.tables)
+
+    # -- the change stream -----------------------------------------------------------------------
+
+    async def changes(self) -> AsyncIterator[Change | Gap]:
+        if self._logical is not None:
+            async for item in self._logical.changes():
+                yield item
+            return
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await self._open_reader()
+                delay = 0.1
+                async for change in self._read():
+                    yield change
+            except asyncio.CancelledError:
+                raise
+            except _Stopped:
+                return
+            except SourceMisconfigured:
+                raise
+            except Exception as exc:
+                if self._stopping:
+                    return
+                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                    self.set_status(State.DOWN, one_line(exc))
+                    raise SourceMisconfigured(f"{self.where}: {one_line(exc)}") from None
+                self._active = False
+                await self._lost_reader()
+                self.set_status(
+                    State.DOWN, f"connection lost ({one_line(exc)}); reconnecting in {delay:.1f}s"
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+
+    async def _lost_reader(self) -> None:
+        conn, self._reader = self._reader, None
+        if conn is not None:
+            self._dead_pid = self._reader_pid
+            conn.terminate()
+
+    async def _open_reader(self) -> None:
+        """Connect, become the only reader, LISTEN, then load where to resume."""
+        conn = await self._connect(reader=True)
+        try:
+            if self._dead_pid is not None:
+                # Our previous session may be half-open and still hold the lock: end it.
+                with contextlib.suppress(asyncpg.PostgresError):
+                    await conn.execute(
+                        "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity"
+                        " WHERE pid = $1 AND application_name = $2",
+                        self._dead_pid,
+                        f"feed:{self.name}:reader",
+                        timeout=self.heartbeat_timeout + 2,
+                    )
+                self._dead_pid = None
+            await self._acquire_lock(conn)
+            await conn.add_listener(self.channel, self._on_notify)
+            conn.add_termination_listener(self._on_terminated)
+            self._reader = conn
+            self._reader_pid = conn.get_server_pid()
+            await self._load_position(conn)
+        except BaseException:
+            if self._reader is not conn:
+                conn.terminate()
+            raise
+        self._active = True
+        self._wake.set()
+        self.set_status(State.UP, f"reading {len(self.tables)} table(s)")
+
+    async def _acquire_lock(self, conn: Any) -> None:
+        announced = False
+        while True:
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                READER_LOCK_CLASS,
+                f"{self.schema}/{self.name}",
+                timeout=self.heartbeat_timeout,
+            )
+            if got:
+                return
+            if not announced:
+                self.set_status(
+                    State.DOWN, "standby: another feed server is reading this connector"
+                )
+                announced = True
+            if self._stopping:
+                raise _Stopped
+            await asyncio.sleep(self.standby_interval)
+
+    async def _load_position(self, conn: Any) -> None:
+        row = await conn.fetchrow(
+            f"SELECT snapshot, batch_snapshot, cursor_maxid, cursor_id"
+            f" FROM {self.q}.consumers WHERE name = $1",
+            self.name,
+            timeout=self.heartbeat_timeout,
+        )
+        if row is None:  # forgotten by `feed unwatch` while running: start from now
+            text = await conn.fetchval(
+                f"INSERT INTO {self.q}.consumers (name, snapshot)"
+                " VALUES ($1, pg_current_snapshot()::text) RETURNING snapshot",
+                self.name,
+            )
+            self._state = ReaderState(Snap.parse(text))
+            self._saved_text = text
+            return
+        if self._state is not None and row["snapshot"] == self._saved_text:
+            return  # a reconnect: memory knows exactly what was delivered, keep it
+        batch = Snap.parse(row["batch_snapshot"]) if row["batch_snapshot"] else None
+        cursor = (row["cursor_maxid"], row["cursor_id"]) if batch is not None else None
+        self._state = ReaderState(Snap.parse(row["snapshot"]), batch, cursor)
+        self._saved_text = row["snapshot"]
+
+    def _on_notify(self, *args: Any) -> None:
+        self._wake.set()
+
+    def _on_terminated(self, conn: Any) -> None:
+        self._wake.set()
+
+    def _batch_query(self, resume: bool) -> str:
+        visible = "AND pg_visible_in_snapshot(j.xid, $4::text::pg_snapshot)" if resume else ""
+        cursor = "WHERE (b.maxid, b.id) > ($5::bigint, $6::bigint)" if resume else ""
+        commit_ts = (
+            "pg_xact_commit_timestamp((j.xid::text::bigint % 4294967296)::text::xid)"
+            if self._commit_ts
+            else "NULL::timestamptz"
+        )
+        return f"""
+            SELECT b.* FROM (
+                SELECT j.id, j.xid::text::bigint AS xid, j.ts, {commit_ts} AS commit_ts,
+                       j.target, j.op, j.before::text AS before, j.after::text AS after,
+                       max(j.id) OVER (PARTITION BY j.xid) AS maxid
+                FROM {self.q}.journal j
+                WHERE (j.xid >= $1::text::xid8 OR j.xid = ANY($2::text::xid8[]))
+                  AND j.target = ANY($3::text[]) {visible}
+            ) b {cursor}
+            ORDER BY b.maxid, b.id"""
+
+    async def _read(self) -> AsyncIterator[Change]:
+        """Poll forever: each poll delivers the transactions committed since the last one."""
+        while not self._stopping:
+            state = self._state
+            assert state is not None
+            if state.cursor is None:
+                state.batch = None  # nothing of the interrupted poll was delivered: start afresh
+            resume = state.batch is not None
+            self._wake.clear()
+            self._polls_started += 1
+            poll = self._polls_started
+            conn = self._reader
+            if conn is None or conn.is_closed():
+                raise asyncpg.ConnectionDoesNotExistError("reader connection closed")
+            tx = conn.transaction(isolation="repeatable_read")
+            await asyncio.wait_for(tx.start(), self.heartbeat_timeout)
+            try:
+                now_text = await conn.fetchval(
+                    "SELECT pg_current_snapshot()::text", timeout=self.heartbeat_timeout
+                )
+                batch_snap = state.batch if resume and state.batch else Snap.parse(now_text)
+                args: list[Any] = [str(state.prev.xmax), state.prev.xip_array, self.tables]
+                if resume:
+                    assert state.batch is not None and state.cursor is not None
+                    args += [state.batch.text, state.cursor[0], state.cursor[1]]
+                cursor = await conn.cursor(self._batch_query(resume), *args)
+                state.batch = batch_snap
+                delivered = 0
+                refreshed: set[str] = set()
+                while True:
+                    rows = await cursor.fetch(self.batch_size, timeout=self.query_timeout)
+                    if len(rows) == self.batch_size and delivered == 0:
+                        self.set_status(State.LAGGING, "catching up with the journal")
+                    for row in rows:
+                        change = await self._decode(conn, row, refreshed)
+                        yield change
+                        # Asked for the next item: the hub has routed this one.
+                        state.cursor = (row["maxid"], row["id"])
+                        delivered += 1
+                    if len(rows) < self.batch_size:
+                        break
+                if self.status.state == State.LAGGING:
+                    self.set_status(State.UP, f"reading {len(self.tables)} table(s)")
+                now = time.monotonic()
+                if delivered or resume or now - self._last_save > self.prune_interval:
+                    await conn.execute(
+                        f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = NULL,"
+                        " cursor_maxid = NULL, cursor_id = NULL, updated_at = now()"
+                        " WHERE name = $1",
+                        self.name,
+                        batch_snap.text,
+                        timeout=self.heartbeat_timeout,
+                    )
+                    self._last_save = now
+                    saved = batch_snap.text
+                else:
+                    saved = None
+                await asyncio.wait_for(tx.commit(), self.heartbeat_timeout)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if not conn.is_closed():
+                        await asyncio.wait_for(tx.rollback(), 1)
+                raise
+            self._state = ReaderState(batch_snap)
+            if saved is not None:
+                self._saved_text = saved
+            if resume:
+                continue  # the interrupted batch is done: now read what came after it
+            await self._delivered(poll)
+            await self._maybe_prune(conn)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.heartbeat_interval)
+
+    async def _delivered(self, poll: int) -> None:
+        async with self._progress:
+            self._polls_delivered = poll
+            self._progress.notify_all()
+
+    async def _maybe_prune(self, conn: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < self.prune_interval:
+            return
+        self._last_prune = now
+        # Only rows every consumer has delivered (below the oldest saved snapshot's xmin) go.
+        await conn.execute(
+            f"""DELETE FROM {self.q}.journal WHERE id IN (
+                    SELECT id FROM {self.q}.journal
+                    WHERE xid < (SELECT min(pg_snapshot_xmin(snapshot::pg_snapshot))
+                                 FROM {self.q}.consumers)
+                      AND ts < now() - make_interval(secs => $1)
+                    LIMIT 10000)""",
+            self.retention,
+            timeout=self.query_timeout,
+        )
+
+    async def _shape(self, conn: Any, target: str) -> TableShape:
+        shape = self._shapes.get(target)
+        if shape is None:
+            shape = await self._refresh_shape(conn, target)
+        return shape
+
+    async def _refresh_shape(self, conn: Any, target: str) -> TableShape:
+        regclass = self.regclass(target)
+        if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
+            raise SourceMisconfigured(f"{self.where}: table {target} does not exist")
+        shape = await read_shape(conn, target, regclass, self.query_timeout)
+        self._shapes[target] = shape
+        return shape
+
+    async def _decode(self, conn: Any, row: Mapping[str, Any], refreshed: set[str]) -> Change:
+        target = row["target"]
+        shape = await self._shape(conn, target)
+        before = shape.decode(row["before"])
+        after = shape.decode(row["after"])
+        if target not in refreshed and not all(
+            shape.knows(image) for image in (before, after) if image is not None
+        ):
+            refreshed.add(target)  # a column was added (or dropped): read the catalog again
+            shape = await self._refresh_shape(conn, target)
+            before = shape.decode(row["before"])
+            after = shape.decode(row["after"])
+        return self.make_change(
+            shape,
+            op=row["op"],
+            before=before,
+            after=after,
+            ts=row["commit_ts"] or row["ts"],
+            change_id=f"{self.name}:{row['id']}",
+            position=PgPosition(row["xid"], row["id"]),
+        )
+
+    def make_change(
+        self,
+        shape: TableShape,
+        *,
+        op: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+        ts: Any,
+        change_id: str,
+        position: Any,
+    ) -> Change:
+        key = shape.key(after if after is not None else before)
+        meta = None
+        if op == "update" and before is not None and shape.primary_key:
+            old_key = shape.key(before)
+            if old_key != key:
+                meta = {"old_key": old_key}
+        return Change(
+            id=change_id,
+            connector=self.name,
+            source="postgres",
+            target=shape.target,
+            op=op,
+            key=key,
+            before=before,
+            after=after,
+            ts=ts,
+            meta=meta,
+            position=position,
+        )
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    async def snapshot(
+        self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> Snapshot:
+        if address.target not in self.targets_by_table:
+            raise SnapshotNotSupported(f"{self.name}: no table {address.target!r}")
+        if self._pool is None:
+            raise SourceUnavailable(f"{self.where}: not connected")
+        shape = self._shapes.get(address.target)
+        if shape is None:
+            raise SourceUnavailable(f"{self.where}: table {address.target} not checked yet")
+        if address.key is not None and not shape.primary_key:
+            raise SnapshotNotSupported(
+                f"{address.target} has no primary key, so it has no row rooms to snapshot"
+            )
+        regclass = self.regclass(address.target)
+        sql = f"SELECT to_jsonb(t)::text AS row FROM {regclass} t"
+        args: list[Any] = []
+        pushdown = address.key is not None and self._pushdown(shape)
+        if pushdown:
+            assert address.key is not None
+            values = address.key.split(",")
+            if len(values) != len(shape.primary_key):
+                return Snapshot(rows=[])
+            sql += " WHERE " + " AND ".join(
+                f"t.{quote_ident(col)}::text = ${i}" for i, col in enumerate(shape.primary_key, 1)
+            )
+            args = values
+        rows: list[dict[str, Any]] = []
+        truncated = False
+        async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                snap_text = await conn.fetchval(
+                    "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
+                )
+                extra = await self._snapshot_extra(conn)
+                async for record in conn.cursor(sql, *args, prefetch=200):
+                    row = shape.decode(record["row"])
+                    assert row is not None
+                    if address.key is not None and room_key(shape.key(row)) != address.key:
+                        continue
+                    if not where(row):
+                        continue
+                    if len(rows) >= limit:
+                        truncated = True
+                        break
+                    rows.append(row)
+        snap = Snap.parse(snap_text)
+        covers = await self._wait_past(snap, extra)
+        return Snapshot(rows=rows, covers=covers, truncated=truncated)
+
+    def _pushdown(self, shape: TableShape) -> bool:
+        """Whether a row room's key can be matched in SQL (its text form equals room_key's)."""
+        simple = {"int2", "int4", "int8", "text", "varchar", "bpchar", "uuid", "name", "citext"}
+        return all(shape.column_types.get(col) in simple for col in shape.primary_key)
+
+    async def _snapshot_extra(self, conn: Any) -> Any:
+        if self._logical is not None:
+            return await self._logical.snapshot_mark(conn)
+        return None
+
+    async def _wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
+        """Honour the Snapshot contract: return once every change the rows reflect is yielded."""
+        if self._logical is not None:
+            return await self._logical.wait_past(snap, extra)
+        need = self._polls_started + 1
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self.snapshot_wait):
+                async with self._progress:
+                    await self._progress.wait_for(lambda: self._polls_delivered >= need)
+        except TimeoutError:
+            raise SourceUnavailable(
+                f"{self.where}: the change stream did not catch up with the snapshot within "
+                f"{self.snapshot_wait:g}s ({self.status.detail or self.status.state.value})"
+            ) from None
+
+        def covers(change: Change) -> bool:
+            position = change.position
+            return isinstance(position, PgPosition) and snap.visible(position.xid)
+
+        return covers

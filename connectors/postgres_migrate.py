@@ -1,0 +1,142 @@
+"""Versioned SQL migrations for the Postgres connector (`feed migrate`).
+
+Files in `migrations/` are named `NNNN_description.sql` and applied in version order, each in its
+own transaction together with its row in `<schema>.migrations`, so a failed file leaves nothing
+half-done and the error names the file. An advisory lock keeps two `feed migrate` runs from racing.
+A file edited after it was applied is reported, never re-run: migrations only move forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from feed.errors import SourceMisconfigured
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+FILE_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
+LOCK_CLASS = 0x66656564  # "feed": first key of every advisory lock the connector takes
+
+
+class MigrationError(SourceMisconfigured):
+    """A migration file failed; the message names the file and the server's reason."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def channel_for(schema: str) -> str:
+    """The NOTIFY channel the capture trigger wakes the reader on."""
+    return f"{schema}_journal"
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_description.sql")
+        found.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a version number in {directory}")
+    return found
+
+
+def render(migration: Migration, schema: str) -> str:
+    return migration.sql.replace("{{schema}}", quote_ident(schema)).replace(
+        "{{channel}}", quote_literal(channel_for(schema))
+    )
+
+
+async def pending(conn: Any, schema: str, migrations: list[Migration] | None = None) -> list[str]:
+    """Names of migrations not yet applied (all of them when the schema does not exist)."""
+    migrations = load_migrations() if migrations is None else migrations
+    exists = await conn.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(schema)}.migrations"
+    )
+    if not exists:
+        return [m.name for m in migrations]
+    done = {
+        r["version"]
+        for r in await conn.fetch(f"SELECT version FROM {quote_ident(schema)}.migrations")
+    }
+    return [m.name for m in migrations if m.version not in done]
+
+
+async def apply_migrations(
+    conn: Any, schema: str, migrations: list[Migration] | None = None
+) -> list[str]:
+    """Apply what is missing; return one line per file applied (or one saying all is current)."""
+    import asyncpg
+
+    migrations = load_migrations() if migrations is None else migrations
+    q = quote_ident(schema)
+    lines: list[str] = []
+    lock_key = await conn.fetchval("SELECT hashtext($1)", schema)
+    async with conn.transaction():
+        # Held until the end of this bootstrap transaction only; each file re-takes it below.
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key)
+        try:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
+            await conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS {q}.migrations (
+                    version integer PRIMARY KEY,
+                    name text NOT NULL,
+                    checksum text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"cannot create schema {schema!r}: {_reason(exc)}") from None
+    for migration in migrations:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key)
+            row = await conn.fetchrow(
+                f"SELECT name, checksum FROM {q}.migrations WHERE version = $1", migration.version
+            )
+            if row is not None:
+                if row["checksum"] != migration.checksum:
+                    lines.append(
+                        f"warning: {migration.name} changed after it was applied; not re-run"
+                    )
+                continue
+            try:
+                await conn.execute(render(migration, schema))
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(
+                    f"migration {migration.name} failed and was rolled back: {_reason(exc)}"
+                ) from None
+            await conn.execute(
+                f"INSERT INTO {q}.migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+            lines.append(f"applied {migration.name}")
+    if not lines:
+        lines.append(f"schema {schema!r} is up to date ({len(migrations)} migrations applied)")
+    return lines
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text

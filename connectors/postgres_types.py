@@ -1,0 +1,200 @@
+"""Turning `to_jsonb(row)` back into the Python values asyncpg would have returned.
+
+The capture trigger stores images as jsonb (the only form that survives any column list and any
+row size), and snapshots read rows the same way, so a live change and a snapshot row of the same
+data are always equal and filters treat them alike. jsonb loses a few types (numeric becomes a
+JSON number, uuid and timestamps become strings, bytea becomes `\\x...` text), so each column is
+decoded by its declared type; the feed's `to_json` then maps those Python values onto the wire
+(table in docs/connectors/postgres.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+Convert = Callable[[Any], Any]
+
+COLUMNS_SQL = """
+SELECT a.attname AS name,
+       bt.typname AS type, bt.typtype AS kind, bt.typcategory AS category,
+       et.typname AS elem, et.typtype AS elem_kind
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_catalog.pg_type et0 ON bt.typcategory = 'A' AND et0.oid = bt.typelem
+LEFT JOIN pg_catalog.pg_type et
+       ON et.oid = CASE WHEN et0.typtype = 'd' THEN et0.typbasetype ELSE et0.oid END
+WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+PRIMARY_KEY_SQL = """
+SELECT a.attname AS name
+FROM pg_catalog.pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = $1::regclass AND i.indisprimary
+ORDER BY k.n
+"""
+
+
+def loads(text: str | None) -> Any:
+    """Parse jsonb text keeping every digit of a number (floats become Decimal first)."""
+    if text is None:
+        return None
+    return json.loads(text, parse_float=Decimal)
+
+
+def plain(value: Any) -> Any:
+    """Undo `loads`' Decimals inside values that are JSON by nature (json, jsonb, composites)."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def _numeric(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int) or isinstance(value, str):  # "NaN", "Infinity"
+        return Decimal(value)
+    return value
+
+
+def _float(value: Any) -> Any:
+    if isinstance(value, Decimal | int | str):
+        return float(value)  # "NaN", "Infinity", "-Infinity" parse too
+    return value
+
+
+def _parse(parser: Callable[[str], Any]) -> Convert:
+    def convert(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parser(value)
+            except ValueError:  # 'infinity', years beyond 9999, BC dates: keep the server's text
+                return value
+        return value
+
+    return convert
+
+
+def _bytea(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value.startswith("\\x"):
+        return bytes.fromhex(value[2:])
+    return _unescape_bytea(value)
+
+
+def _unescape_bytea(text: str) -> bytes:
+    """The `bytea_output = escape` form, for writers whose session uses it."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and text[i + 1 : i + 2] == "\\":
+            out.append(0x5C)
+            i += 2
+        elif ch == "\\" and i + 3 < len(text) + 1 and text[i + 1 : i + 4].isdigit():
+            out.append(int(text[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.extend(ch.encode())
+            i += 1
+    return bytes(out)
+
+
+def _uuid(value: Any) -> Any:
+    return uuid.UUID(value) if isinstance(value, str) else value
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+SCALARS: dict[str, Convert] = {
+    "numeric": _numeric,
+    "float4": _float,
+    "float8": _float,
+    "uuid": _uuid,
+    "bytea": _bytea,
+    "timestamptz": _parse(dt.datetime.fromisoformat),
+    "timestamp": _parse(dt.datetime.fromisoformat),
+    "date": _parse(dt.date.fromisoformat),
+    "time": _parse(dt.time.fromisoformat),
+    "timetz": _parse(dt.time.fromisoformat),
+    "json": plain,
+    "jsonb": plain,
+}
+
+
+def converter(type_name: str, kind: str, category: str) -> Convert:
+    if kind == "c":  # composite: a nested JSON object
+        return plain
+    if kind == "e" or (category in ("S", "B", "N") and type_name not in SCALARS):
+        return _identity  # enums, text types, bool, integers
+    return SCALARS.get(type_name, plain)
+
+
+def _array(element: Convert) -> Convert:
+    def convert(value: Any) -> Any:
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return None if value is None else element(value)
+
+    return convert
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """A table's columns (with their decoders) and primary key, read from the catalog."""
+
+    target: str
+    columns: Mapping[str, Convert]
+    primary_key: tuple[str, ...]
+    column_types: Mapping[str, str]
+
+    def decode(self, text: str | None) -> dict[str, Any] | None:
+        """One row image; columns the catalog no longer knows (dropped since) stay as JSON."""
+        image = loads(text)
+        if image is None:
+            return None
+        columns = self.columns
+        return {
+            name: (None if value is None else columns.get(name, plain)(value))
+            for name, value in image.items()
+        }
+
+    def knows(self, image: Mapping[str, Any]) -> bool:
+        return all(name in self.columns for name in image)
+
+    def key(self, image: Mapping[str, Any] | None) -> Any:
+        """The event key: a scalar for one pk column, a dict for several, None without a pk."""
+        if image is None or not self.primary_key:
+            return None
+        if len(self.primary_key) == 1:
+            return image.get(self.primary_key[0])
+        return {name: image.get(name) for name in self.primary_key}
+
+
+async def read_shape(conn: Any, target: str, regclass: str, timeout: float) -> TableShape:
+    columns: dict[str, Convert] = {}
+    types: dict[str, str] = {}
+    for row in await conn.fetch(COLUMNS_SQL, regclass, timeout=timeout):
+        convert = converter(row["type"], row["kind"], row["category"])
+        if row["category"] == "A" and row["elem"] is not None:
+            convert = _array(converter(row["elem"], row["elem_kind"], ""))
+        columns[row["name"]] = convert
+        types[row["name"]] = row["type"]
+    pk = tuple(r["name"] for r in await conn.fetch(PRIMARY_KEY_SQL, regclass, timeout=timeout))
+    return TableShape(target, columns, pk, types)

@@ -1,0 +1,473 @@
+"""The Postgres connector (notify mode) against a real server: capture, order, types, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from connectors.base import RoomAddress
+from connectors.postgres import PgPosition, PostgresConnector
+from feed.change import to_json
+from feed.errors import ConfigError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
+from feed.options import Options
+from tests.postgres_helpers import WAIT, make_connector, streaming
+from tests.support import postgres as pg_support
+from tests.support.postgres import PgDatabase
+
+pg_server = pg_support.pg_server
+pg = pg_support.pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
+
+
+async def orders(db: PgDatabase) -> None:
+    await db.conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text, amount numeric(10,2))"
+    )
+
+
+async def test_insert_update_delete_truncate_in_order(pg: PgDatabase) -> None:
+    await orders(pg)
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'new', 10.50)")
+        await pg.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+        await pg.conn.execute("DELETE FROM orders WHERE id = 1")
+        await pg.conn.execute("INSERT INTO orders VALUES (2, 'new', 1)")
+        await pg.conn.execute("TRUNCATE orders")
+        got = await stream.take(5)
+    assert [c.op for c in got] == ["insert", "update", "delete", "insert", "truncate"]
+    insert, update, delete, _, truncate = got
+    assert insert.key == 1 and insert.before is None
+    assert insert.after == {"id": 1, "status": "new", "amount": Decimal("10.50")}
+    assert update.before == {"id": 1, "status": "new", "amount": Decimal("10.50")}
+    assert update.after is not None and update.after["status"] == "paid"
+    assert delete.after is None and delete.before is not None and delete.key == 1
+    assert truncate.key is None and truncate.before is None and truncate.after is None
+    assert all(c.source == "postgres" and c.target == "public.orders" for c in got)
+    assert all(c.connector == "main" and c.id.startswith("main:") for c in got)
+    assert len({c.id for c in got}) == 5
+    assert all(isinstance(c.ts, dt.datetime) and c.ts.tzinfo is not None for c in got)
+
+
+async def test_changes_committed_while_stopped_are_delivered_after_restart(pg: PgDatabase) -> None:
+    await orders(pg)
+    connector = make_connector(pg.url, ["public.orders"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        first = await stream.next()
+    for i in range(2, 6):
+        await pg.conn.execute("INSERT INTO orders VALUES ($1, 'b', 1)", i)
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        got = await stream.take(4)
+        await pg.conn.execute("INSERT INTO orders VALUES (6, 'c', 1)")
+        got.append(await stream.next())
+        assert stream.queue.empty()
+    assert [c.key for c in got] == [2, 3, 4, 5, 6]
+    assert first.id not in {c.id for c in got}
+
+
+async def test_overlapping_transactions_committing_out_of_order(pg: PgDatabase) -> None:
+    """T1 writes first (smaller journal id) but commits after T2: both delivered, T2 first."""
+    await orders(pg)
+    t1 = await pg.connect()
+    t2 = await pg.connect()
+    try:
+        async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+            await t1.execute("BEGIN")
+            await t1.execute("INSERT INTO orders VALUES (1, 't1', 1)")
+            await t2.execute("BEGIN")
+            await t2.execute("INSERT INTO orders VALUES (2, 't2', 1)")
+            await t2.execute("COMMIT")
+            second = await stream.next()
+            assert second.key == 2
+            # A reader taking "id > last delivered" would now skip row 1 for ever.
+            await pg.conn.execute("INSERT INTO orders VALUES (3, 'after', 1)")
+            third = await stream.next()
+            assert third.key == 3
+            await t1.execute("COMMIT")
+            first = await stream.next()
+            assert first.key == 1
+            assert isinstance(first.position, PgPosition)
+            assert isinstance(second.position, PgPosition)
+            assert first.position.id < second.position.id
+    finally:
+        await t1.close()
+        await t2.close()
+
+
+async def test_same_row_written_by_two_transactions_keeps_row_order(pg: PgDatabase) -> None:
+    """T1 (older xid) updates a row after T2 committed its update: T2's change comes first."""
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders VALUES (1, 'start', 1), (9, 'other', 1)")
+    t1 = await pg.connect()
+    t2 = await pg.connect()
+    try:
+        async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+            await t1.execute("BEGIN")
+            await t1.execute("UPDATE orders SET status = 't1-first-write' WHERE id = 9")
+            await t2.execute("BEGIN")
+            await t2.execute("UPDATE orders SET status = 't2' WHERE id = 1")
+            await t2.execute("COMMIT")
+            await t1.execute("UPDATE orders SET status = 't1' WHERE id = 1")
+            await t1.execute("COMMIT")
+            got = await stream.take(3)
+    finally:
+        await t1.close()
+        await t2.close()
+    row1 = [c.after["status"] for c in got if c.key == 1 and c.after]
+    assert row1 == ["t2", "t1"]
+
+
+async def test_rolled_back_writes_are_not_delivered(pg: PgDatabase) -> None:
+    await orders(pg)
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        async with pg.conn.transaction():
+            await pg.conn.execute("INSERT INTO orders VALUES (1, 'kept', 1)")
+        with pytest.raises(RuntimeError):
+            async with pg.conn.transaction():
+                await pg.conn.execute("INSERT INTO orders VALUES (2, 'rolled back', 1)")
+                raise RuntimeError("roll back")
+        await pg.conn.execute("INSERT INTO orders VALUES (3, 'kept', 1)")
+        got = await stream.take(2)
+    assert [c.key for c in got] == [1, 3]
+
+
+@pytest.mark.parametrize("size", [7_990, 8_100, 100_000, 1_000_000])
+async def test_big_rows_are_written_and_delivered_whole(pg: PgDatabase, size: int) -> None:
+    await pg.conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text)")
+    body = ("0123456789abcdef" * (size // 16 + 1))[:size]
+    async with streaming(make_connector(pg.url, ["public.docs"])) as stream:
+        await pg.conn.execute("INSERT INTO docs VALUES (1, $1)", body)
+        await pg.conn.execute("UPDATE docs SET body = body || 'x' WHERE id = 1")
+        insert, update = await stream.take(2)
+    assert insert.after == {"id": 1, "body": body}
+    assert update.before == {"id": 1, "body": body}
+    assert update.after == {"id": 1, "body": body + "x"}
+
+
+async def test_types_round_trip(pg: PgDatabase) -> None:
+    await pg.conn.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
+    await pg.conn.execute(
+        """CREATE TABLE public.kinds (
+            id uuid PRIMARY KEY, n numeric, big numeric, f float8, fnan float8, i8 bigint,
+            at timestamptz, local timestamp, day date, doc jsonb, tags text[], nums int[],
+            blob bytea, feeling mood, nothing text, yes boolean, moods mood[])"""
+    )
+    row_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    at = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+    values: dict[str, Any] = {
+        "id": row_id,
+        "n": Decimal("12345.678900"),
+        "big": Decimal("123456789012345678901234567890.123456789"),
+        "f": 1.5,
+        "fnan": float("inf"),
+        "i8": 2**62,
+        "at": at,
+        "local": dt.datetime(2026, 1, 2, 3, 4, 5),
+        "day": dt.date(2026, 2, 28),
+        "doc": '{"a": [1, 2.5, {"b": null}], "s": "x"}',
+        "tags": ["a", "b,c", 'd"e'],
+        "nums": [1, 2, None],
+        "blob": b"\x00\x01\xfe\xff",
+        "feeling": "happy",
+        "nothing": None,
+        "yes": True,
+        "moods": ["sad", "ok"],
+    }
+    columns = list(values)
+    async with streaming(make_connector(pg.url, ["public.kinds"])) as stream:
+        await pg.conn.execute(
+            f"INSERT INTO kinds ({', '.join(columns)}) VALUES "
+            f"({', '.join(f'${i}' for i in range(1, len(columns) + 1))})",
+            *values.values(),
+        )
+        change = await stream.next()
+        snapshot = await stream.connector.snapshot(
+            RoomAddress("public.kinds"), lambda row: True, 10
+        )
+    after = change.after
+    assert after is not None
+    assert after["id"] == row_id and change.key == row_id
+    assert after["n"] == Decimal("12345.678900")
+    assert after["big"] == Decimal("123456789012345678901234567890.123456789")
+    assert after["f"] == 1.5 and after["fnan"] == float("inf")
+    assert after["i8"] == 2**62
+    assert after["at"] == at
+    assert after["local"] == dt.datetime(2026, 1, 2, 3, 4, 5)
+    assert after["day"] == dt.date(2026, 2, 28)
+    assert after["doc"] == {"a": [1, 2.5, {"b": None}], "s": "x"}
+    assert after["tags"] == ["a", "b,c", 'd"e']
+    assert after["nums"] == [1, 2, None]
+    assert after["blob"] == b"\x00\x01\xfe\xff"
+    assert after["feeling"] == "happy" and after["moods"] == ["sad", "ok"]
+    assert after["nothing"] is None and after["yes"] is True
+    # The documented JSON forms, as clients receive them.
+    wire = to_json(after)
+    assert wire["n"] == "12345.678900"
+    assert wire["big"] == "123456789012345678901234567890.123456789"
+    assert wire["fnan"] == "Infinity"
+    assert wire["at"] == "2026-01-02T03:04:05.678901Z"
+    assert wire["id"] == str(row_id)
+    assert wire["blob"] == "AAH+/w=="
+    assert wire["doc"] == {"a": [1, 2.5, {"b": None}], "s": "x"}
+    # A snapshot row and a live image of the same data are equal, so filters treat them alike.
+    assert list(snapshot.rows) == [after]
+
+
+async def test_composite_key_and_row_room_snapshot(pg: PgDatabase) -> None:
+    await pg.conn.execute(
+        "CREATE TABLE public.lines (order_id int, line int, sku text, PRIMARY KEY (order_id, line))"
+    )
+    await pg.conn.execute("INSERT INTO lines VALUES (7, 1, 'a'), (7, 2, 'b'), (8, 1, 'c')")
+    connector = make_connector(pg.url, ["public.lines"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("UPDATE lines SET sku = 'bb' WHERE order_id = 7 AND line = 2")
+        change = await stream.next()
+        assert change.key == {"order_id": 7, "line": 2}
+        assert change.row_key == "7,2"
+        snap = await connector.snapshot(RoomAddress("public.lines", "7,2"), lambda r: True, 10)
+    assert [dict(r) for r in snap.rows] == [{"order_id": 7, "line": 2, "sku": "bb"}]
+    assert snap.covers(change)
+
+
+async def test_primary_key_change_reports_the_old_key(pg: PgDatabase) -> None:
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        await pg.conn.execute("UPDATE orders SET id = 2 WHERE id = 1")
+        change = await stream.next()
+    assert change.key == 2 and change.meta == {"old_key": 1}
+
+
+async def test_table_without_primary_key(pg: PgDatabase) -> None:
+    await pg.conn.execute("CREATE TABLE public.events (kind text, n int)")
+    connector = make_connector(pg.url, ["public.events"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO events VALUES ('a', 1), ('a', 1)")
+        await pg.conn.execute("DELETE FROM events WHERE kind = 'a'")
+        got = await stream.take(4)
+        assert [c.op for c in got] == ["insert", "insert", "delete", "delete"]
+        assert all(c.key is None and c.row_key is None for c in got)
+        assert got[2].before == {"kind": "a", "n": 1}
+        snap = await connector.snapshot(RoomAddress("public.events"), lambda r: True, 10)
+        assert list(snap.rows) == []
+        with pytest.raises(SnapshotNotSupported):
+            await connector.snapshot(RoomAddress("public.events", "x"), lambda r: True, 10)
+
+
+async def test_alter_table_add_and_drop_column(pg: PgDatabase) -> None:
+    await orders(pg)
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        await pg.conn.execute("ALTER TABLE orders ADD COLUMN placed timestamptz")
+        await pg.conn.execute("INSERT INTO orders VALUES (2, 'b', 2, '2026-03-04T05:06:07Z')")
+        await pg.conn.execute("ALTER TABLE orders DROP COLUMN status")
+        await pg.conn.execute("UPDATE orders SET amount = 3 WHERE id = 2")
+        got = await stream.take(3)
+    assert got[0].after == {"id": 1, "status": "a", "amount": Decimal("1.00")}
+    assert got[1].after is not None
+    assert got[1].after["placed"] == dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+    assert got[2].before == {
+        "id": 2,
+        "amount": Decimal("2.00"),
+        "placed": dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC),
+    }
+    assert got[2].after is not None and got[2].after["amount"] == Decimal("3.00")
+
+
+async def test_snapshot_is_consistent_with_the_stream(pg: PgDatabase) -> None:
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders SELECT g, 'old', g FROM generate_series(1, 5) g")
+    connector = make_connector(pg.url, ["public.orders"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 2")
+        before_snapshot = await stream.next()
+        open_tx = await pg.connect()
+        try:
+            await open_tx.execute("BEGIN")
+            await open_tx.execute("INSERT INTO orders VALUES (6, 'paid', 6)")
+            snap = await connector.snapshot(
+                RoomAddress("public.orders"), lambda row: row["status"] == "paid", 100
+            )
+            await open_tx.execute("COMMIT")
+        finally:
+            await open_tx.close()
+        after_snapshot = await stream.next()
+    assert [r["id"] for r in snap.rows] == [2]
+    assert snap.covers(before_snapshot)
+    assert not snap.covers(after_snapshot)  # committed after: the hub replays it
+    assert not snap.truncated
+
+
+async def test_snapshot_limit_marks_truncation(pg: PgDatabase) -> None:
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders SELECT g, 'x', g FROM generate_series(1, 20) g")
+    connector = make_connector(pg.url, ["public.orders"])
+    async with streaming(connector):
+        snap = await connector.snapshot(RoomAddress("public.orders"), lambda r: True, 5)
+        one = await connector.snapshot(RoomAddress("public.orders", "7"), lambda r: True, 5)
+    assert len(snap.rows) == 5 and snap.truncated
+    assert [r["id"] for r in one.rows] == [7]
+
+
+async def test_delivered_rows_are_pruned(pg: PgDatabase) -> None:
+    await orders(pg)
+    connector = make_connector(
+        pg.url, ["public.orders"], journal_retention=0.0, prune_interval=0.05
+    )
+    async with streaming(connector) as stream:
+        for i in range(10):
+            await pg.conn.execute("INSERT INTO orders VALUES ($1, 'x', 1)", i)
+        await stream.take(10)
+        async with asyncio.timeout(WAIT):
+            while await pg.conn.fetchval("SELECT count(*) FROM feed.journal"):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+
+async def test_only_configured_tables_are_delivered(pg: PgDatabase) -> None:
+    await orders(pg)
+    await pg.conn.execute("CREATE TABLE public.other (id int PRIMARY KEY)")
+    other = make_connector(pg.url, ["public.other"], name="other")
+    async with streaming(other):
+        pass  # attaches capture to public.other for a second connector
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        await pg.conn.execute("INSERT INTO other VALUES (1)")
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'x', 1)")
+        change = await stream.next()
+    assert change.target == "public.orders"
+
+
+# -- configuration and bad input -----------------------------------------------------------------
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="connectors.main.tables: 'orders' must be schema.table"):
+        make_connector("postgresql://x/y", ["orders"])
+    with pytest.raises(ConfigError, match="connectors.main.dsn: is required"):
+        PostgresConnector("main", Options({"tables": ["public.a"]}, "connectors.main"))
+    with pytest.raises(ConfigError, match="connectors.main.mode: must be one of"):
+        make_connector("postgresql://x/y", ["public.a"], mode="wal")
+    with pytest.raises(ConfigError, match="connectors.main.tabels: is not a known setting"):
+        make_connector("postgresql://x/y", ["public.a"], tabels=[])
+
+
+async def test_missing_table_is_one_clear_line(pg: PgDatabase) -> None:
+    connector = make_connector(pg.url, ["public.nope"])
+    with pytest.raises(SourceMisconfigured) as info:
+        await connector.start()
+    assert str(info.value).endswith("table public.nope does not exist")
+    assert "\n" not in str(info.value)
+    await connector.stop()
+
+
+async def test_unreachable_dsn_is_one_clear_line() -> None:
+    connector = make_connector("postgresql://postgres@127.0.0.1:1/db", ["public.a"])
+    with pytest.raises(SourceUnavailable) as info:
+        await connector.start()
+    assert "cannot connect" in str(info.value) and "127.0.0.1:1/db" in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(SourceUnavailable):
+        await connector.check()
+
+
+async def test_missing_privileges_are_one_clear_line(pg: PgDatabase) -> None:
+    await orders(pg)
+    role = f"feed_weak_{uuid.uuid4().hex[:8]}"
+    await pg.conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        weak_url = pg.url.replace("postgresql://postgres@", f"postgresql://{role}@")
+        await make_connector(pg.url, ["public.orders"]).migrate()
+        connector = make_connector(weak_url, ["public.orders"], auto_migrate=False)
+        with pytest.raises(SourceMisconfigured) as info:
+            await connector.start()
+        assert f"permission denied: GRANT USAGE ON SCHEMA feed TO {role}" in str(info.value)
+        await pg.conn.execute(f"GRANT USAGE ON SCHEMA feed TO {role}")
+        with pytest.raises(SourceMisconfigured) as info:
+            await connector.start()
+        assert f"permission denied: GRANT SELECT ON feed.migrations TO {role}" in str(info.value)
+        await pg.conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role}"
+        )
+        with pytest.raises(SourceMisconfigured) as info:
+            await connector.start()
+        assert f"permission denied: GRANT SELECT ON public.orders TO {role}" in str(info.value)
+        await pg.conn.execute(f"GRANT SELECT ON orders TO {role}")
+        await pg.conn.execute("CREATE TABLE public.fresh (id int PRIMARY KEY)")
+        await pg.conn.execute(f"GRANT SELECT ON fresh TO {role}")
+        connector = make_connector(weak_url, ["public.fresh"], auto_migrate=False)
+        with pytest.raises(SourceMisconfigured) as info:
+            await connector.start()
+        assert "permission denied to attach capture to public.fresh" in str(info.value)
+    finally:
+        await pg.conn.execute(f"DROP OWNED BY {role}")
+        await pg.conn.execute(f"DROP ROLE {role}")
+
+
+async def test_unmigrated_schema_says_to_run_feed_migrate(pg: PgDatabase) -> None:
+    await orders(pg)
+    connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
+    with pytest.raises(SourceMisconfigured, match="run `feed migrate"):
+        await connector.start()
+    assert "needs `feed migrate`" in await connector.check()
+
+
+# -- migrations, watching and unwatching ---------------------------------------------------------
+
+
+async def test_migrate_twice_is_a_no_op_and_detaches_unconfigured_tables(pg: PgDatabase) -> None:
+    await orders(pg)
+    await pg.conn.execute("CREATE TABLE public.customers (id int PRIMARY KEY)")
+    both = make_connector(pg.url, ["public.orders", "public.customers"])
+    first = await both.migrate()
+    assert first == [
+        "applied 0001_journal.sql",
+        "watching public.orders",
+        "watching public.customers",
+    ]
+    second = await both.migrate()
+    assert second == ["schema 'feed' is up to date (1 migrations applied)"]
+    triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal"
+    assert await pg.conn.fetchval(triggers, "public.customers") == 2
+    only_orders = make_connector(pg.url, ["public.orders"])
+    third = await only_orders.migrate()
+    assert third[-1] == "unwatched public.customers (capture triggers dropped)"
+    assert await pg.conn.fetchval(triggers, "public.customers") == 0
+    assert await pg.conn.fetchval(triggers, "public.orders") == 2
+    assert "Postgres" in await only_orders.check()
+
+
+async def test_unwatch_drops_triggers_and_position(pg: PgDatabase) -> None:
+    await orders(pg)
+    connector = make_connector(pg.url, ["public.orders"])
+    await connector.migrate()
+    lines = await connector.unwatch()
+    assert lines == [
+        "unwatched public.orders (capture triggers dropped)",
+        "forgot the position of 'main'",
+    ]
+    assert await pg.conn.fetchval("SELECT count(*) FROM feed.consumers") == 0
+    await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")  # no trigger: no journal row
+    assert await pg.conn.fetchval("SELECT count(*) FROM feed.journal") == 0
+
+
+async def test_failed_migration_rolls_back_and_names_the_file(
+    pg: PgDatabase, tmp_path: Any
+) -> None:
+    from connectors.postgres_migrate import MigrationError, apply_migrations, load_migrations
+
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE {{schema}}.one (id int);")
+    (tmp_path / "0002_bad.sql").write_text(
+        "CREATE TABLE {{schema}}.two (id int); SELECT * FROM {{schema}}.missing;"
+    )
+    migrations = load_migrations(tmp_path)
+    with pytest.raises(MigrationError, match=r"migration 0002_bad.sql failed and was rolled back"):
+        await apply_migrations(pg.conn, "custom", migrations)
+    assert await pg.conn.fetchval("SELECT to_regclass('custom.one')") is not None
+    assert await pg.conn.fetchval("SELECT to_regclass('custom.two')") is None
+    applied = await pg.conn.fetch("SELECT name FROM custom.migrations")
+    assert [r["name"] for r in applied] == ["0001_ok.sql"]
