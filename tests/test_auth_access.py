@@ -1,0 +1,382 @@
+"""Authorization: rules, forced row filters and masks, with no leak on any delivery path.
+
+The property tests drive the real hub (real MemoryConnector, real routing, replay and snapshot
+code) through a transport that behaves like Socket.IO rooms, and compare what every client
+received with an independent oracle written from the rules. The end-to-end tests then repeat the
+important paths over real Socket.IO connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connectors.base import RoomAddress
+from connectors.memory import MemoryConnector
+from feed.access import Authorizer, Shape, strip
+from feed.auth import Identity
+from feed.change import Change, to_json
+from feed.config import ServerConfig, parse_config
+from feed.errors import ProtocolError
+from feed.filters import parse_filter
+from feed.hub import Hub
+from feed.options import Options
+from feed.protocol import SubscribeRequest
+from tests.auth_helpers import TOKENS, jwt_config, make_jwt, source, token_config
+from tests.support.server import feed_client, running_feed
+from tests.support.waiting import wait_until
+
+WAIT = 10.0
+TENANTS = ("acme", "globex")
+IDENTITIES = {
+    "ops": Identity("ops", frozenset({"admin"}), {"sub": "ops"}),
+    "acme": Identity("acme-svc", frozenset({"tenant"}), {"tenant": "acme"}),
+    "globex": Identity("globex-svc", frozenset({"tenant", "support"}), {"tenant": "globex"}),
+    "nobody": Identity("nobody", frozenset(), {}),
+}
+MASKS = {
+    "ops": {},
+    "acme": {"public.customers": [("password_hash",), ("profile", "ssn")]},
+    "globex": {
+        "public.customers": [("password_hash",), ("profile", "ssn"), ("internal_note",)],
+        "public.orders": [("internal_note",)],
+    },
+}
+
+
+def authorizer() -> Authorizer:
+    return Authorizer(parse_config(token_config(), "feed.toml", {}).auth)
+
+
+# -- the oracle ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One subscription: who, which target, and optionally a row key or a client filter."""
+
+    who: str
+    target: str
+    key: int | None = None
+    filter: str | None = None
+
+    @property
+    def room(self) -> str:
+        return f"mem:{self.target}" + (f":{self.key}" if self.key is not None else "")
+
+    def tenant(self) -> str | None:
+        return IDENTITIES[self.who].claims.get("tenant")
+
+    def matches(self, image: Mapping[str, Any] | None) -> bool:
+        """Does this image satisfy the forced filter and the client's filter?"""
+        if image is None:
+            return False
+        tenant = self.tenant()
+        if tenant is not None and image.get("tenant_id") != tenant:
+            return False
+        return self.filter is None or image.get("status") == "paid"
+
+    def expected(self, change: Change) -> dict[str, Any] | None:
+        """What this subscriber must receive for a change (None: nothing at all)."""
+        if change.target != self.target:
+            return None
+        if self.key is not None and change.row_key != str(self.key):
+            return None
+        filtered = self.filter is not None or self.tenant() is not None
+        if filtered and not (self.matches(change.before) or self.matches(change.after)):
+            return None
+        masked = MASKS[self.who].get(self.target, [])
+        tenant = self.tenant()
+
+        def shown(image: Mapping[str, Any] | None) -> Any:
+            if image is None or (tenant is not None and image.get("tenant_id") != tenant):
+                return None
+            return to_json(strip(image, masked))
+
+        return {"id": change.id, "before": shown(change.before), "after": shown(change.after)}
+
+    def snapshot_row(self, row: Mapping[str, Any]) -> Any:
+        if not self.matches(row) or (self.key is not None and row["id"] != self.key):
+            return None
+        return to_json(strip(row, MASKS[self.who].get(self.target, [])))
+
+
+rows = st.fixed_dictionaries(
+    {
+        "id": st.integers(1, 4),
+        "tenant_id": st.sampled_from(TENANTS),
+        "status": st.sampled_from(["new", "paid"]),
+    },
+    optional={
+        "password_hash": st.just("$argon2$secret"),
+        "profile": st.fixed_dictionaries({"ssn": st.just("078-05-1120"), "city": st.just("Oslo")}),
+        "internal_note": st.just("vip"),
+    },
+)
+writes = st.lists(
+    st.tuples(
+        st.sampled_from(["public.orders", "public.customers"]),
+        st.sampled_from(["insert", "update", "update", "delete"]),
+        rows,
+    ),
+    max_size=12,
+)
+specs = st.builds(
+    Spec,
+    who=st.sampled_from(["ops", "acme", "globex"]),
+    target=st.sampled_from(["public.orders", "public.customers"]),
+    key=st.none() | st.integers(1, 4),
+    filter=st.none() | st.just("status=eq.paid"),
+)
+
+
+# -- a hub with Socket.IO-like rooms -------------------------------------------------------------
+
+
+@dataclass
+class RoomsTransport:
+    """Delivers like python-socketio rooms: to members of a room, minus the skipped sids."""
+
+    members: dict[str, set[str]] = field(default_factory=dict)
+    received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def enter(self, sid: str, room: str) -> None:
+        self.members.setdefault(room, set()).add(sid)
+
+    def leave(self, sid: str, room: str) -> None:
+        self.members.get(room, set()).discard(sid)
+
+    async def send_room(self, room: str, event: str, data: Any, skip: list[str]) -> None:
+        for sid in self.members.get(room, set()) - set(skip):
+            await self.send_to(sid, event, data)
+
+    async def send_to(self, sid: str, event: str, data: Any) -> None:
+        if event in ("change", "changes"):
+            self.received.setdefault(sid, []).extend(data if isinstance(data, list) else [data])
+
+    async def broadcast(self, event: str, data: Any) -> None:
+        pass
+
+    async def disconnect_all(self) -> None:
+        pass
+
+
+async def settle(hub: Hub, db: MemoryConnector) -> None:
+    await wait_until(lambda: db._delivered == db._written, what="every write routed")
+    while hub._background:
+        await asyncio.wait_for(asyncio.gather(*list(hub._background)), WAIT)
+
+
+async def subscribe(hub: Hub, sid: str, spec: Spec, **fields: Any) -> dict[str, Any]:
+    _, address = hub.resolve(spec.room)
+    client_filter = parse_filter(spec.filter) if spec.filter else None
+    shape = authorizer().grant(IDENTITIES[spec.who], "mem", address, client_filter)
+    request = SubscribeRequest(spec.room, spec.filter, **fields)
+    return await hub.subscribe(sid, request, shape=shape)
+
+
+def payload_view(payload: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": payload["id"], "before": payload["before"], "after": payload["after"]}
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(subscriptions=st.lists(specs, min_size=1, max_size=6), first=writes, second=writes)
+async def test_no_leak_on_live_replay_and_snapshot_paths(
+    subscriptions: list[Spec],
+    first: list[tuple[str, str, dict[str, Any]]],
+    second: list[tuple[str, str, dict[str, Any]]],
+) -> None:
+    db = MemoryConnector(
+        "mem", Options({"targets": ["public.orders", "public.customers"]}, "connectors[0]")
+    )
+    hub = Hub([db], ServerConfig(replay_buffer=1000))
+    transport = RoomsTransport()
+    hub.transport = transport
+    changes: list[Change] = []
+    async with hub:
+        await wait_until(lambda: db.started == 1, what="connector started")
+        for i, spec in enumerate(subscriptions):
+            await subscribe(hub, f"live{i}", spec)
+        changes += [db.write(t, op, row) for t, op, row in first]
+        await settle(hub, db)
+        snapshots: dict[int, list[Any]] = {}
+        for i, spec in enumerate(subscriptions):
+            ack = await subscribe(hub, f"replay{i}", spec, since=0)
+            assert ack["recovered"] is True
+            ack = await subscribe(hub, f"snap{i}", spec, snapshot=True)
+            snapshots[i] = ack["snapshot"]
+        tables = {t: [dict(r) for r in db._tables[t].values()] for t in db._tables}
+        split = len(changes)
+        changes += [db.write(t, op, row) for t, op, row in second]
+        await settle(hub, db)
+
+    for i, spec in enumerate(subscriptions):
+        everything = [e for e in (spec.expected(c) for c in changes) if e is not None]
+        later = [e for e in (spec.expected(c) for c in changes[split:]) if e is not None]
+        for sid, expected in ((f"live{i}", everything), (f"replay{i}", everything)):
+            got = [payload_view(p) for p in transport.received.get(sid, [])]
+            assert got == expected, (sid, spec)
+        got = [payload_view(p) for p in transport.received.get(f"snap{i}", [])]
+        assert got == later, (f"snap{i}", spec)
+        current = [spec.snapshot_row(r) for r in tables[spec.target]]
+        expected_rows = sorted((r for r in current if r is not None), key=lambda r: r["id"])
+        assert sorted(snapshots[i], key=lambda r: r["id"]) == expected_rows, spec
+        for payload in transport.received.get(f"live{i}", []):
+            assert "meta" not in payload or spec.who == "ops"
+
+
+@given(
+    before=st.none() | rows,
+    after=st.none() | rows,
+    tenant=st.sampled_from(TENANTS),
+    masked=st.sets(st.sampled_from(["password_hash", "profile.ssn", "internal_note"])),
+)
+def test_a_shaped_payload_never_shows_another_tenant_or_a_masked_field(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, tenant: str, masked: set[str]
+) -> None:
+    shape = Shape(
+        parse_filter(f"tenant_id=eq.{tenant}"), tuple(tuple(m.split(".")) for m in masked)
+    )
+    change = Change("c:1", "mem", "memory", "public.orders", "update", 1, before, after)
+    payload = dict(change.wire)
+    shape.apply(change, payload)
+    for image in (payload["before"], payload["after"]):
+        if image is not None:
+            assert image["tenant_id"] == tenant
+            assert not {"password_hash", "internal_note"} & set(image) & masked
+            assert "profile.ssn" not in masked or "ssn" not in image.get("profile", {})
+    assert change.wire["before"] == to_json(before)  # the shared payload is untouched
+
+
+def test_rules_decide_in_order_and_deny_by_default() -> None:
+    rules = authorizer()
+    address = RoomAddress
+    assert rules.grant(IDENTITIES["ops"], "mem", address("public.audit")) is None
+    acme = rules.grant(IDENTITIES["acme"], "mem", address("public.orders", "7"))
+    assert acme is not None and acme.forced is not None
+    assert acme.forced.canonical == "tenant_id=eq.acme"
+    with pytest.raises(ProtocolError) as denied:
+        rules.grant(IDENTITIES["acme"], "mem", address("public.audit"))
+    assert denied.value.code == "forbidden"
+    with pytest.raises(ProtocolError) as nobody:
+        rules.grant(IDENTITIES["nobody"], "mem", address("public.orders"))
+    assert nobody.value.code == "forbidden"
+    no_claim = Identity("x", frozenset({"tenant"}), {})
+    with pytest.raises(ProtocolError, match="no 'tenant' claim"):
+        rules.grant(no_claim, "mem", address("public.orders"))
+    hostile = Identity("x", frozenset({"tenant"}), {"tenant": "acme&tenant_id=neq.acme"})
+    shape = rules.grant(hostile, "mem", address("public.orders"))
+    assert shape is not None and shape.forced is not None and len(shape.forced.conditions) == 1
+    with pytest.raises(ProtocolError) as oracle:
+        rules.grant(
+            IDENTITIES["acme"],
+            "mem",
+            address("public.customers"),
+            parse_filter("password_hash=gt.$a"),
+        )
+    assert oracle.value.code == "forbidden_filter"
+    with pytest.raises(ProtocolError):
+        rules.grant(
+            IDENTITIES["acme"], "mem", address("public.customers"), parse_filter("profile=eq.x")
+        )
+
+
+# -- end to end over Socket.IO -------------------------------------------------------------------
+
+
+async def test_tenants_get_only_their_rows_over_socketio() -> None:
+    async with running_feed(token_config()) as feed:
+        db = source(feed)
+        ops_auth = {"token": TOKENS["ops"]}
+        acme_auth = {"token": TOKENS["acme-svc"]}
+        globex_auth = {"token": TOKENS["globex-svc"]}
+        async with (
+            feed_client(feed.url, auth=ops_auth) as ops,
+            feed_client(feed.url, auth=acme_auth) as acme,
+            feed_client(feed.url, auth=globex_auth) as globex,
+        ):
+            assert (await acme.subscribe("mem:public.audit"))["error"]["code"] == "forbidden"
+            ack = await acme.subscribe("mem:public.orders", filter="tenant_id=eq.globex")
+            assert ack["ok"]  # allowed, but the forced filter makes it empty
+            acme_room = (await acme.subscribe("mem:public.orders"))["room"]
+            assert acme_room.startswith("mem:public.orders?tenant_id=eq.acme@")
+            await globex.subscribe("mem:public.orders")
+            await ops.subscribe("mem:public.orders")
+            db.write("public.orders", "insert", {"id": 1, "tenant_id": "globex", "amount": 5})
+            db.write("public.orders", "update", {"id": 1, "tenant_id": "acme"})  # moved
+            db.write("public.orders", "update", {"id": 1, "amount": 7})
+            db.write("public.orders", "update", {"id": 1, "tenant_id": "globex"})  # moved back
+            seen_by_ops = await ops.take(4)
+            seen_by_acme = await acme.take(3)
+            seen_by_globex = await globex.take(3)
+            catalog = await acme.call("catalog")
+        assert [c["seq"] for c in seen_by_ops] == [1, 2, 3, 4]
+        assert seen_by_ops[1]["before"]["tenant_id"] == "globex"  # admins see everything
+        moved_in, own, moved_out = seen_by_acme
+        assert moved_in["before"] is None and moved_in["after"]["tenant_id"] == "acme"
+        assert own["before"]["amount"] == 5 and own["after"]["amount"] == 7
+        assert moved_out["before"]["tenant_id"] == "acme" and moved_out["after"] is None
+        assert {c["room"] for c in seen_by_acme} == {acme_room}
+        assert seen_by_globex[0]["after"]["tenant_id"] == "globex"
+        assert seen_by_globex[1]["after"] is None and seen_by_globex[2]["before"] is None
+        assert acme.changes.empty()
+        assert [t for c in catalog["connectors"] for t in c["targets"]] == [
+            "public.orders",
+            "public.customers",
+        ]
+
+
+async def test_masks_apply_on_live_replay_and_snapshot_over_socketio() -> None:
+    secret_row = {
+        "id": 1,
+        "tenant_id": "acme",
+        "password_hash": "$argon2$x",
+        "profile": {"ssn": "078-05-1120", "city": "Oslo"},
+    }
+    async with running_feed(token_config()) as feed:
+        db = source(feed)
+        db.write("public.customers", "insert", secret_row)
+        async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as first:
+            ack = await first.subscribe("mem:public.customers", snapshot=True)
+            assert ack["snapshot"] == [{"id": 1, "tenant_id": "acme", "profile": {"city": "Oslo"}}]
+            db.write("public.customers", "update", {"id": 1, "password_hash": "$argon2$y"})
+            live = await first.next_change()
+        async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as second:
+            replay_ack = await second.subscribe("mem:public.customers", since=0)
+            assert replay_ack["recovered"] is True and replay_ack["room"] == ack["room"]
+            replayed = await second.next_change()
+            row_ack = await second.subscribe("mem:public.customers:1", snapshot=True)
+            assert "password_hash" not in row_ack["snapshot"][0]
+        async with feed_client(feed.url, auth={"token": TOKENS["ops"]}) as ops:
+            ops_ack = await ops.subscribe("mem:public.customers", snapshot=True)
+        for image in (live["before"], live["after"], replayed["before"], replayed["after"]):
+            assert "password_hash" not in image and image["profile"] == {"city": "Oslo"}
+        assert ops_ack["snapshot"][0]["password_hash"] == "$argon2$y"
+
+
+async def test_jwt_claims_drive_rules_over_socketio() -> None:
+    async with running_feed(jwt_config()) as feed:
+        db = source(feed)
+        async with (
+            feed_client(feed.url, auth={"token": make_jwt("a", tenant="acme")}) as a,
+            feed_client(feed.url, auth={"token": make_jwt("b", tenant="globex")}) as b,
+            feed_client(feed.url, auth={"token": make_jwt("c", roles=[])}) as c,
+        ):
+            assert (await c.subscribe("mem:public.orders"))["error"]["code"] == "forbidden"
+            for client in (a, b):
+                assert (await client.subscribe("mem:public.orders:1"))["ok"]
+            db.write("public.orders", "insert", {"id": 1, "tenant_id": "globex"})
+            db.write("public.orders", "update", {"id": 1, "tenant_id": "acme"})
+            got_b = await b.take(2)
+            got_a = await a.next_change()
+        assert got_a["before"] is None and got_a["after"]["tenant_id"] == "acme"
+        assert got_b[1]["after"] is None
+        assert a.changes.empty()
