@@ -1,12 +1,41 @@
-"""How the hub reaches clients: a thin layer over python-socketio's AsyncServer.
+"""How the hub reaches clients: room frames encoded once and handed to every client's send queue.
 
-The hub speaks only to this interface, so delivery mechanics (batching several changes into one
-`changes` frame, per-client queues) change here without touching routing.
+python-socketio's `emit` to a room creates one asyncio task per recipient per message, and each
+task re-enters Engine.IO's `send` (a ping-timeout check, a log call, an awaited queue put). At
+hundreds of recipients that bookkeeping costs more server CPU than writing to the sockets.
+Profiling the fan-out (docs/benchmarks.md) showed the rest of the cost is per *frame* per
+recipient: each queued packet wakes the client's Engine.IO writer, which goes through
+`asyncio.wait_for` and the ASGI send path. So this layer:
+
+- encodes a room frame once, as one Engine.IO packet object (its encoding is cached), and puts that
+  same object straight into each recipient's Engine.IO queue, synchronously and without tasks;
+- under load, sends fewer frames: the changes routed to a room during one pass of the event loop
+  are sent at the end of that pass as one `changes` frame (a list, in order). A change that is
+  alone in its pass still goes out as a plain `change`, one loop iteration later, so latency at
+  low rates does not suffer.
+
+Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
+anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,
+so every queue receives packets in the order the hub asked for them. Each buffered change keeps
+the skip list it was sent with (members still being caught up), because a member can leave the
+hub's pending set between two changes of one batch: it then gets exactly the changes that were
+not skipped for it, after the catch-up frame that the hub sent before releasing it.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
+
+from engineio import packet as eio_packet
+from socketio import packet as sio_packet
+
+MAX_BATCH = 256
+"""Changes per `changes` frame; a longer run for one room goes out as several frames, in order."""
+
+MAX_BUFFERED = 1024
+"""Changes held across all rooms before a flush is forced (and the loop given a turn)."""
 
 
 class Transport(Protocol):
@@ -23,30 +52,138 @@ class Transport(Protocol):
     async def disconnect_all(self) -> None: ...
 
 
+Entry = tuple[Any, Sequence[str]]
+"""A buffered change payload and the sids it must skip."""
+
+
 class SocketIOTransport:
     """Rooms are python-socketio rooms in the default namespace."""
 
     namespace = "/"
 
-    def __init__(self, sio: Any) -> None:
+    def __init__(self, sio: Any, max_batch: int = MAX_BATCH) -> None:
         self.sio = sio
+        self.max_batch = max_batch
+        self._buffered: dict[str, list[Entry]] = {}
+        self._count = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self.frames_sent = 0
+        """Room frames encoded (each went to every recipient); for benchmarks and tests."""
+
+    # -- membership ----------------------------------------------------------------------------
 
     def enter(self, sid: str, room: str) -> None:
         # The manager's basic_* methods are synchronous: joining cannot interleave with routing.
+        self.flush()
         self.sio.manager.basic_enter_room(sid, self.namespace, room)
 
     def leave(self, sid: str, room: str) -> None:
+        self.flush()
         self.sio.manager.basic_leave_room(sid, self.namespace, room)
 
+    # -- sending -------------------------------------------------------------------------------
+
     async def send_room(self, room: str, event: str, data: Any, skip: list[str]) -> None:
-        await self.sio.emit(event, data, room=room, skip_sid=skip or None)
+        if event != "change":
+            self.flush()
+            self._deliver(room, self._packets(event, data), skip)
+            return
+        entries = self._buffered.get(room)
+        if entries is None:
+            self._buffered[room] = [(data, skip)]
+        else:
+            entries.append((data, skip))
+        self._count += 1
+        if self._count >= MAX_BUFFERED:
+            self.flush()
+            await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     async def send_to(self, sid: str, event: str, data: Any) -> None:
-        await self.sio.emit(event, data, to=sid)
+        self.flush()
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, self.namespace)
+        if eio_sid is not None:
+            self._put(eio_sid, self._packets(event, data))
 
     async def broadcast(self, event: str, data: Any) -> None:
-        await self.sio.emit(event, data)
+        self.flush()
+        self._deliver(None, self._packets(event, data), ())
 
     async def disconnect_all(self) -> None:
+        self.flush()
         for sid in list(self.sio.manager.get_participants(self.namespace, None)):
             await self.sio.disconnect(sid[0], namespace=self.namespace)
+
+    def flush(self) -> None:
+        """Send every buffered room frame now (rooms in the order they were first buffered)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._buffered:
+            return
+        buffered, self._buffered, self._count = self._buffered, {}, 0
+        for room, entries in buffered.items():
+            self._flush_room(room, entries)
+
+    # -- mechanics -----------------------------------------------------------------------------
+
+    def _flush_room(self, room: str, entries: list[Entry]) -> None:
+        if not any(skip for _, skip in entries):
+            for packets in self._change_frames([data for data, _ in entries]):
+                self._deliver(room, packets, ())
+            return
+        # Some members were still being caught up for some of these changes: group the room's
+        # members by the changes they get, and encode once per group (usually two groups).
+        skips = [frozenset(skip) if skip else None for _, skip in entries]
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for sid, eio_sid in self.sio.manager.get_participants(self.namespace, room):
+            picked = tuple(i for i, s in enumerate(skips) if s is None or sid not in s)
+            if picked:
+                groups.setdefault(picked, []).append(eio_sid)
+        for picked, eio_sids in groups.items():
+            for packets in self._change_frames([entries[i][0] for i in picked]):
+                for eio_sid in eio_sids:
+                    self._put(eio_sid, packets)
+
+    def _change_frames(self, payloads: list[Any]) -> Iterable[list[Any]]:
+        if len(payloads) == 1:
+            yield self._packets("change", payloads[0])
+            return
+        for start in range(0, len(payloads), self.max_batch):
+            chunk = payloads[start : start + self.max_batch]
+            yield self._packets("changes", chunk) if len(chunk) > 1 else self._packets(
+                "change", chunk[0]
+            )
+
+    def _packets(self, event: str, data: Any) -> list[Any]:
+        """One Socket.IO event as Engine.IO packets, encoded once for every recipient."""
+        pkt = self.sio.packet_class(sio_packet.EVENT, namespace=self.namespace, data=[event, data])
+        encoded = pkt.encode()
+        self.frames_sent += 1
+        if not isinstance(encoded, list):  # a list only when the data carries binary attachments
+            encoded = [encoded]
+        packets = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in encoded]
+        for p in packets:
+            p.encode()  # fill the packet's encode cache now, once, not in every client's writer
+        return packets
+
+    def _deliver(self, room: str | None, packets: list[Any], skip: Sequence[str]) -> None:
+        sockets = self.sio.eio.sockets
+        skipped = frozenset(skip) if skip else None
+        for sid, eio_sid in self.sio.manager.get_participants(self.namespace, room):
+            if skipped is not None and sid in skipped:
+                continue
+            socket = sockets.get(eio_sid)
+            if socket is None or socket.closing or socket.closed:
+                continue
+            queue = socket.queue
+            for p in packets:
+                queue.put_nowait(p)
+
+    def _put(self, eio_sid: str, packets: list[Any]) -> None:
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is None or socket.closing or socket.closed:
+            return
+        for p in packets:
+            socket.queue.put_nowait(p)

@@ -1,0 +1,149 @@
+"""Fan-out: one room (or many) to N clients, the feed against a raw `websockets` broadcast.
+
+The figure that matters is server CPU per delivered change, read from the operating system for
+the server process over the whole window from the first write until every client has everything.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.procs import Child, Usage
+from bench.servers import baseline_main, feed_main, free_port, memory_config
+from bench.swarm import Swarm
+
+
+@dataclass
+class FanoutResult:
+    server: str
+    clients: int
+    rooms: int
+    rate: float
+    offered: int
+    delivered: int
+    expected: int
+    frames: int
+    seconds: float
+    cpu: float
+    cpu_per_change_us: float
+    cpu_per_frame_us: float
+    changes_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Server:
+    """A feed or baseline server process on a fresh port, serving `targets` of connector `mem`."""
+
+    def __init__(self, kind: str, targets: list[str], profile: str | None = None) -> None:
+        self.kind = kind
+        self.targets = targets
+        port = free_port()
+        if kind == "feed":
+            self.child = Child(feed_main, memory_config(targets, port), profile, name="feed")
+        else:
+            self.child = Child(baseline_main, port, name="baseline")
+        _, self.port = self.child.recv(60)
+
+    @property
+    def rooms(self) -> list[str]:
+        return [f"mem:{t}" for t in self.targets]
+
+    def usage(self) -> Usage:
+        return Usage.of(self.child.pid)
+
+    def emit(self, count: int, rate: float, timeout: float) -> float:
+        _, seconds = self.child.ask("emit", self.targets, count, rate, timeout=timeout)
+        return float(seconds)
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def run_point(
+    server: Server,
+    swarm: Swarm,
+    clients: int,
+    rate: float,
+    seconds: float,
+    warmup: float = 1.0,
+) -> FanoutResult:
+    """Warm up, then offer `rate` changes/s for `seconds` and count what the clients get."""
+    rooms = len(server.targets)
+    warm = max(1, int(rate * warmup))
+    server.emit(warm, rate, timeout=warmup + 60)
+    swarm.wait(warm // rooms, timeout=30, quiet=1.0)
+    swarm.reset()
+    count = max(rooms, int(rate * seconds))
+    count -= count % rooms
+    before = server.usage()
+    server.emit(count, rate, timeout=seconds * 4 + 60)
+    counts = swarm.wait(count // rooms, timeout=seconds * 2 + 30, quiet=2.0)
+    after = server.usage()
+    cpu = after.cpu - before.cpu
+    expected = count // rooms * clients
+    delivered = counts.changes
+    lat = counts.latencies
+    p50 = percentile(lat, 0.5)
+    p99 = percentile(lat, 0.99)
+    return FanoutResult(
+        server=server.kind,
+        clients=clients,
+        rooms=rooms,
+        rate=rate,
+        offered=count,
+        delivered=delivered,
+        expected=expected,
+        frames=counts.frames,
+        seconds=seconds,
+        cpu=cpu,
+        cpu_per_change_us=cpu / delivered * 1e6 if delivered else float("nan"),
+        cpu_per_frame_us=cpu / counts.frames * 1e6 if counts.frames else float("nan"),
+        changes_per_s=delivered / seconds,
+        p50_ms=p50 * 1000 if p50 is not None else None,
+        p99_ms=p99 * 1000 if p99 is not None else None,
+    )
+
+
+def compare(
+    clients: int,
+    rate: float,
+    seconds: float,
+    rooms: int = 1,
+    repeats: int = 3,
+    processes: int = 2,
+    kinds: tuple[str, ...] = ("feed", "baseline"),
+) -> list[FanoutResult]:
+    """Alternate feed and baseline `repeats` times at one point, so drift hits both alike."""
+    targets = [f"t{i}" for i in range(rooms)]
+    results: list[FanoutResult] = []
+    for _ in range(repeats):
+        for kind in kinds:
+            server = Server(kind, targets)
+            try:
+                swarm = Swarm(server.port, server.rooms, clients, processes=processes)
+                try:
+                    results.append(run_point(server, swarm, clients, rate, seconds))
+                finally:
+                    swarm.stop()
+            finally:
+                server.stop()
+    return results
+
+
+def median_of(results: list[FanoutResult], kind: str, field: str) -> float:
+    values = [getattr(r, field) for r in results if r.server == kind]
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,126 @@
+"""Process plumbing: start a server or a client swarm in its own process, talk to it over a pipe,
+and read its CPU time and memory from the operating system (never wall time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+
+CTX = mp.get_context("spawn")
+
+
+def raise_nofile() -> int:
+    """Lift the soft open-file limit to the hard one (10,000 sockets need 10,000 descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@dataclass
+class Usage:
+    cpu: float
+    """user + system seconds"""
+    rss: int
+    uss: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        proc = psutil.Process(pid)
+        times = proc.cpu_times()
+        try:
+            uss = proc.memory_full_info().uss
+        except (psutil.AccessDenied, AttributeError):
+            uss = 0
+        return cls(times.user + times.system, proc.memory_info().rss, uss)
+
+
+class Child:
+    """A spawned process running `target(conn, *args)`, driven by request/response messages."""
+
+    def __init__(self, target: Callable[..., Any], *args: Any, name: str = "bench") -> None:
+        self.conn, child_conn = CTX.Pipe()
+        self.proc = CTX.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
+        self.proc.start()
+        child_conn.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
+
+    def recv(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.proc.name} did not answer within {timeout:.0f}s")
+        message = self.conn.recv()
+        if isinstance(message, tuple) and message and message[0] == "error":
+            raise RuntimeError(f"{self.proc.name}: {message[1]}")
+        return message
+
+    def ask(self, *request: Any, timeout: float = 60.0) -> Any:
+        self.conn.send(request)
+        return self.recv(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.send(("stop",))
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+async def serve_commands(conn: Connection, handle: Callable[[tuple[Any, ...]], Any]) -> None:
+    """Answer the parent's requests until it says stop; `handle` may be a coroutine function."""
+    loop = asyncio.get_running_loop()
+    while True:
+        request = await loop.run_in_executor(None, conn.recv)
+        if request[0] == "stop":
+            return
+        try:
+            result = handle(request)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        else:
+            conn.send(result)
+
+
+async def paced(count: int, rate: float, write: Callable[[int], None]) -> float:
+    """Call `write(i)` `count` times at `rate` per second; return the seconds it took.
+
+    Each write is due at its own time; when the loop runs late (a busy server) the writes that
+    fell due meanwhile are made at once, as a real source delivers a backlog.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(count):
+        due = start + i / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        write(i)
+    return loop.time() - start
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

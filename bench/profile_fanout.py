@@ -1,0 +1,57 @@
+"""Profile the feed's fan-out: the server under py-spy while N clients follow one room.
+
+    python -m bench.profile_fanout --clients 100 --rate 100 --seconds 6
+writes a py-spy flame graph (SVG) and a raw collapsed-stack file to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from bench.fanout import Server
+from bench.swarm import Swarm
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=100)
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    server = Server("feed", ["t0"])
+    try:
+        swarm = Swarm(server.port, server.rooms, args.clients)
+        try:
+            stem = RESULTS / f"profile-{args.clients}{args.tag}"
+            spy = [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record", "--pid", str(server.child.pid), "--duration", str(int(args.seconds)),
+                "--rate", "250", "--nonblocking",
+            ]
+            def record() -> None:
+                subprocess.run([*spy, "--format", "raw", "-o", f"{stem}.txt"], check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            thread = threading.Thread(target=record)
+            thread.start()
+            count = int(args.rate * (args.seconds + 1))
+            server.emit(count, args.rate, timeout=args.seconds * 4 + 60)
+            thread.join()
+            swarm.wait(count, timeout=30, quiet=2)
+        finally:
+            swarm.stop()
+    finally:
+        server.stop()
+    print(f"wrote {stem}.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

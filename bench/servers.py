@@ -1,0 +1,221 @@
+"""The servers under test, each in its own process: the feed itself, and the raw baseline.
+
+Both make their changes in-process at a paced rate (the in-memory connector's `write` for the
+feed; the same dict and the same `42["change",{...}]` text for the baseline), so the CPU the
+operating system charges to the server process covers producing, routing and sending alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench.procs import paced, raise_nofile, serve_commands
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def memory_config(targets: list[str], port: int, extra: str = "") -> str:
+    names = ", ".join(json.dumps(t) for t in targets)
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+replay_buffer = 1000
+dashboard = false
+log_level = "warning"
+{extra}
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = [{names}]
+"""
+
+
+# -- the feed --------------------------------------------------------------------------------
+
+
+def feed_main(conn: Connection, config_toml: str, profile: str | None = None) -> None:
+    raise_nofile()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_feed(conn, config_toml, profile))
+
+
+async def _feed(conn: Connection, config_toml: str, profile: str | None) -> None:
+    import uvicorn
+
+    from connectors.memory import MemoryConnector
+    from feed.config import parse_config
+    from feed.server import FeedApp
+
+    config = parse_config(config_toml, "bench.toml", dict(os.environ))
+    app = FeedApp(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app.asgi,
+            host=config.server.host,
+            port=config.server.port,
+            log_level="warning",
+            lifespan="on",
+            ws_max_size=config.server.max_message_bytes,
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(30):
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn exited before it started")
+            await asyncio.sleep(0.01)
+    conn.send(("ready", config.server.port))
+
+    profiler: Any = None
+
+    async def handle(request: tuple[Any, ...]) -> Any:
+        nonlocal profiler
+        op = request[0]
+        if op == "emit":
+            targets, count, rate = request[1:]
+            memory = MemoryConnector.instances["mem"]
+            n = len(targets)
+
+            def write(i: int) -> None:
+                memory.write(targets[i % n], "insert", {"id": i, "t": time.time()})
+
+            if profile and profiler is None:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.0005, async_mode="disabled")
+                profiler.start()
+            seconds = await paced(count, rate, write)
+            return ("emitted", seconds)
+        if op == "profile_stop":
+            if profiler is None:
+                return ("profile", "")
+            profiler.stop()
+            text = profiler.output_text(unicode=False, color=False, show_all=False)
+            if profile:
+                with open(profile, "w") as out:
+                    out.write(profiler.output_html())
+            profiler = None
+            return ("profile", text)
+        if op == "clients":
+            return ("clients", len(app.hub.clients))
+        raise ValueError(f"unknown request {op!r}")
+
+    try:
+        await serve_commands(conn, handle)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+# -- the raw baseline: `websockets` broadcast, speaking just enough Engine.IO ---------------
+
+
+def baseline_main(conn: Connection, port: int) -> None:
+    raise_nofile()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_baseline(conn, port))
+
+
+async def _baseline(conn: Connection, port: int) -> None:
+    from websockets.asyncio.server import ServerConnection, broadcast, serve
+
+    rooms: dict[str, set[ServerConnection]] = {}
+    seqs: dict[str, int] = {}
+    clients = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal clients
+        joined: list[str] = []
+        clients += 1
+        try:
+            await ws.send(
+                "0"
+                + json.dumps(
+                    {
+                        "sid": secrets.token_urlsafe(15),
+                        "upgrades": [],
+                        "pingInterval": 25000,
+                        "pingTimeout": 20000,
+                        "maxPayload": 1000000,
+                    }
+                )
+            )
+            async for message in ws:
+                assert isinstance(message, str)
+                if message == "40":
+                    await ws.send("40" + json.dumps({"sid": secrets.token_urlsafe(15)}))
+                elif message.startswith("42"):
+                    bracket = message.index("[")
+                    ack_id = message[2:bracket]
+                    event, body = json.loads(message[bracket:])
+                    if event == "subscribe":
+                        room = body["room"]
+                        rooms.setdefault(room, set()).add(ws)
+                        joined.append(room)
+                        ack = {"ok": True, "room": room, "seq": seqs.get(room, 0), "recovered": None}
+                        await ws.send(f"43{ack_id}" + json.dumps([ack]))
+        except Exception:
+            pass
+        finally:
+            clients -= 1
+            for room in joined:
+                rooms.get(room, set()).discard(ws)
+
+    async with serve(handler, "127.0.0.1", port, compression=None, max_queue=None):
+        conn.send(("ready", port))
+
+        async def handle(request: tuple[Any, ...]) -> Any:
+            op = request[0]
+            if op == "emit":
+                targets, count, rate = request[1:]
+                n = len(targets)
+
+                def write(i: int) -> None:
+                    target = targets[i % n]
+                    room = f"mem:{target}"
+                    seq = seqs[room] = seqs.get(room, 0) + 1
+                    now = dt.datetime.now(dt.UTC)
+                    payload = {
+                        "id": f"mem:{i + 1}",
+                        "connector": "mem",
+                        "source": "memory",
+                        "target": target,
+                        "op": "insert",
+                        "key": i,
+                        "before": None,
+                        "after": {"id": i, "t": time.time()},
+                        "ts": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                        "room": room,
+                        "seq": seq,
+                    }
+                    text = "42" + json.dumps(["change", payload], separators=(",", ":"))
+                    broadcast(rooms.get(room, ()), text)
+
+                seconds = await paced(count, rate, write)
+                return ("emitted", seconds)
+            if op == "clients":
+                return ("clients", clients)
+            if op == "profile_stop":
+                return ("profile", "")
+            raise ValueError(f"unknown request {op!r}")
+
+        await serve_commands(conn, handle)
