@@ -32,6 +32,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
+from pymongo.common import URI_OPTIONS_VALIDATOR_MAP
 from pymongo.errors import (
     ConfigurationError,
     ConnectionFailure,
@@ -136,7 +137,9 @@ class MongoConnector(Connector):
         try:
             nodes = parse_uri(self.uri)["nodelist"]
         except (InvalidURI, ConfigurationError, ValueError) as exc:
-            raise SourceMisconfigured(f"invalid MongoDB uri: {_one_line(exc)}") from None
+            raise SourceMisconfigured(
+                f"invalid MongoDB uri: {_uri_problem(self.uri, exc)}"
+            ) from None
         self._server = ",".join(f"{host}:{port}" for host, port in nodes)
         timeout_ms = int(self.connect_timeout * 1000)
         self._client = AsyncMongoClient(
@@ -149,7 +152,9 @@ class MongoConnector(Connector):
         )
         hello = await self._client.admin.command("hello")
         if not hello.get("setName") and hello.get("msg") != "isdbgrid":
-            raise SourceMisconfigured(f"MongoDB at {self._server} is a {STANDALONE_HINT}")
+            raise SourceMisconfigured(
+                f"MongoDB at {self._server} is a standalone server; {STANDALONE_HINT}"
+            )
         if not self.allow_missing:
             await self._check_namespaces()
         self._tokens = TokenStore(self._client, self.resume_collection, self.name)
@@ -458,10 +463,12 @@ class MongoConnector(Connector):
             if exc.code == UNAUTHORIZED:
                 return SourceMisconfigured(f"MongoDB user may not do this: {message}")
             if exc.code == STANDALONE:
-                return SourceMisconfigured(f"MongoDB at {self._server} is a {STANDALONE_HINT}")
+                return SourceMisconfigured(f"MongoDB at {self._server}: {STANDALONE_HINT}")
             return SourceUnavailable(f"MongoDB error {exc.code}: {message}")
         if isinstance(exc, ServerSelectionTimeoutError):
-            reason = _one_line(exc).split(", Timeout:")[0]
+            # PyMongo's text repeats the address and appends the topology; keep the reason.
+            reason = _one_line(exc).split(", Timeout:")[0].split(" (configured timeouts")[0]
+            reason = reason.split(": ", 1)[1] if reason.startswith(self._server + ": ") else reason
             return SourceUnavailable(f"cannot reach MongoDB at {self._server}: {reason}")
         if isinstance(exc, ConnectionFailure | CursorNotFound):
             return SourceUnavailable(
@@ -473,6 +480,18 @@ class MongoConnector(Connector):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).split(", full error:")[0]
     return " ".join(text.split())[:300]
+
+
+def _uri_problem(uri: str, exc: BaseException) -> str:
+    """PyMongo says only "Unknown option." for a misspelt option: name it (never the password)."""
+    text = _one_line(exc)
+    if text.startswith("Unknown option"):
+        query = uri.partition("?")[2]
+        names = [part.partition("=")[0] for part in query.split("&") if part]
+        unknown = [n for n in names if n.lower() not in URI_OPTIONS_VALIDATOR_MAP]
+        if unknown:
+            return f"unknown option {unknown[0]!r} (see the PyMongo connection string options)"
+    return text
 
 
 def _batch_done(stream: Any) -> bool:

@@ -1,0 +1,127 @@
+"""MongoDB through the whole product: real server, real Socket.IO clients, the real connector."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+import pytest
+from bson import ObjectId
+
+from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+from tests.support.server import RunningFeed, feed_client, running_feed
+
+pytestmark = pytest.mark.mongodb
+WAIT = 15.0
+
+
+def config(source: MongoSource, watch: str, extra: str = "") -> str:
+    return f"""
+[server]
+replay_buffer = 50
+
+[[connectors]]
+name = "shop"
+type = "mongodb"
+uri = "{source.url}"
+watch = ["{watch}"]
+max_await_ms = 200
+{extra}
+"""
+
+
+@pytest.fixture
+async def db(mongodb: MongoSource) -> AsyncIterator[str]:  # noqa: F811
+    name = MongoSource.unique()
+    await mongodb.client[name].create_collection("orders")
+    yield name
+    await mongodb.client.drop_database(name)
+
+
+async def wait_up(feed: RunningFeed, name: str = "shop") -> None:
+    async with asyncio.timeout(WAIT):
+        while feed.hub.connectors[name].status.state.value != "up":  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_insert_reaches_target_and_row_rooms(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    oid = ObjectId()
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as target, feed_client(feed.url) as row:
+            assert (await target.subscribe(f"shop:{db}.orders"))["ok"]
+            ack = await row.subscribe(f"shop:{db}.orders:{oid}")
+            assert ack["ok"] and ack["room"] == f"shop:{db}.orders:{oid}"
+            await coll.insert_one({"_id": ObjectId(), "status": "other"})
+            await coll.insert_one({"_id": oid, "status": "new"})
+            await coll.update_one({"_id": oid}, {"$set": {"status": "paid"}})
+            first, second, third = await target.take(3)
+            mine = await row.take(2)
+    assert [c["op"] for c in (first, second, third)] == ["insert", "insert", "update"]
+    assert second["key"] == {"$oid": str(oid)} and second["source"] == "mongodb"
+    assert second["target"] == f"{db}.orders" and second["connector"] == "shop"
+    assert second["after"] == {"_id": {"$oid": str(oid)}, "status": "new"}
+    assert third["meta"]["updateDescription"]["updatedFields"] == {"status": "paid"}
+    assert [c["seq"] for c in (first, second, third)] == [1, 2, 3]
+    assert [c["id"] for c in mine] == [second["id"], third["id"]]
+    assert second["ts"].endswith("Z")
+
+
+async def test_snapshot_then_live_without_loss_or_doubles(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,
+) -> None:
+    # Pre-images let the filter room see that _id 1 stops matching (its `before` was paid).
+    await mongodb.client[db].command(
+        {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "status": "paid" if i % 2 else "new"} for i in range(6)])
+    images = 'full_document_before_change = "whenAvailable"'
+    async with running_feed(config(mongodb, f"{db}.orders", images)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            await coll.update_one({"_id": 0}, {"$set": {"status": "paid"}})
+            ack = await client.subscribe(
+                f"shop:{db}.orders", filter="status=eq.paid", snapshot=True
+            )
+            await coll.insert_one({"_id": 7, "status": "paid"})
+            await coll.update_one({"_id": 1}, {"$set": {"status": "new"}})
+            live = await client.take(2)
+            # A sentinel write: if anything had been doubled, it would arrive before this.
+            await coll.insert_one({"_id": 99, "status": "paid"})
+            sentinel = await client.next_change()
+    assert ack["ok"], ack
+    assert sorted(row["_id"] for row in ack["snapshot"]) == [0, 1, 3, 5]
+    # The update of _id 0 is in the snapshot, so it is not sent again; what follows is.
+    assert [(c["op"], c["key"]) for c in live] == [("insert", 7), ("update", 1)]
+    assert sentinel["key"] == 99
+
+
+async def test_misconfigured_source_is_down_then_recovers_others_unaffected(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,
+) -> None:
+    extra = """
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders"]
+"""
+    async with running_feed(config(mongodb, f"{db}.later", extra)) as feed:
+        shop = feed.hub.connectors["shop"]
+        async with asyncio.timeout(WAIT):
+            while shop.status.state.value != "down":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert "does not exist" in shop.status.detail and "\n" not in shop.status.detail
+        async with feed_client(feed.url) as client:
+            catalog = await client.call("catalog")
+            mem = feed.hub.connectors["mem"]
+            assert mem.status.state.value == "up"
+            await mongodb.client[db].create_collection("later")
+            await wait_up(feed)
+            assert (await client.subscribe(f"shop:{db}.later"))["ok"]
+            await mongodb.client[db]["later"].insert_one({"_id": "x"})
+            change = await client.next_change()
+    assert change["key"] == "x"
+    assert "shop" in str(catalog)

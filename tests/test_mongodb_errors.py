@@ -1,0 +1,121 @@
+"""A user's mistakes with MongoDB come back as one line that names the fix, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from connectors.base import State
+from connectors.mongodb import MongoConnector
+from feed.errors import ConfigError, SourceMisconfigured, SourceUnavailable
+from feed.options import Options
+from tests.connector_contract import streaming
+from tests.mongo_wire import MongoWireServer
+from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+from tests.test_mongodb import changes, db, make  # noqa: F401
+
+pytestmark = pytest.mark.mongodb
+
+
+def build(**raw: Any) -> MongoConnector:
+    return MongoConnector("shop", Options(raw, "connectors.shop"))
+
+
+async def start_error(connector: MongoConnector) -> str:
+    with pytest.raises((SourceMisconfigured, SourceUnavailable)) as caught:
+        await asyncio.wait_for(connector.start(), 30)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert connector.status.state == State.DOWN and connector.status.detail == message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "words"),
+    [
+        ({"watch": ["shop.orders"]}, "connectors.shop.uri", "required"),
+        ({"uri": "mongodb://h/"}, "connectors.shop.watch", "required"),
+        ({"uri": "mongodb://h/", "watch": ["sh op.orders"]}, "connectors.shop.watch", "database"),
+        ({"uri": "mongodb://h/", "watch": ["shop."]}, "connectors.shop.watch", "database"),
+        (
+            {"uri": "mongodb://h/", "watch": "shop", "full_document": "yes"},
+            "connectors.shop.full_document",
+            "updateLookup",
+        ),
+        (
+            {"uri": "mongodb://h/", "watch": "shop", "resume_collection": "tokens"},
+            "connectors.shop.resume_collection",
+            "database.collection",
+        ),
+        (
+            {"uri": "mongodb://h/", "watch": "shop", "colection": "x"},
+            "connectors.shop.colection",
+            "known",
+        ),
+    ],
+)
+def test_config_mistakes_name_their_key(raw: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(**raw)
+    assert caught.value.key == key
+    assert words in str(caught.value)
+
+
+def test_watch_accepts_a_single_name_or_a_list() -> None:
+    assert build(uri="mongodb://h/", watch="shop").targets() == ["shop"]
+    assert build(uri="mongodb://h/", watch=["a.b", "c"]).targets() == ["a.b", "c"]
+
+
+@pytest.mark.parametrize("uri", ["http://example.com/", "mongodb://", "mongodb://h/?w=banana&x=1"])
+async def test_bad_uri(uri: str) -> None:
+    message = await start_error(build(uri=uri, watch="shop.orders"))
+    assert message.startswith("invalid MongoDB uri:")
+
+
+async def test_unreachable_server() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    connector = build(uri=f"mongodb://127.0.0.1:{port}/", watch="shop.orders", connect_timeout=0.5)
+    message = await start_error(connector)
+    assert message.startswith(f"cannot reach MongoDB at 127.0.0.1:{port}")
+
+
+async def test_authentication_failure(mongodb: MongoSource) -> None:  # noqa: F811
+    uri = mongodb.url.replace("mongodb://", "mongodb://nobody:wrong-password@", 1)
+    message = await start_error(build(uri=uri, watch="shop.orders", connect_timeout=5.0))
+    assert "authentication failed" in message and "wrong-password" not in message
+
+
+async def test_unknown_collection_and_database(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    missing = await start_error(make(mongodb, f"{db}.nope"))
+    assert f"collection '{db}.nope' does not exist" in missing
+    nodb = MongoSource.unique("absent")
+    message = await start_error(make(mongodb, nodb))
+    assert f"database '{nodb}' does not exist" in message
+
+
+async def test_allow_missing_watches_a_collection_before_it_exists(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    async with streaming(make(mongodb, f"{db}.later", allow_missing=True)) as stream:
+        await mongodb.client[db]["later"].insert_one({"_id": 1})
+        [got] = await changes(stream, 1)
+    assert got.target == f"{db}.later" and got.key == 1
+
+
+async def test_standalone_server_is_refused_in_one_line() -> None:
+    # Wire server only: the point is what a standalone answers, whatever MongoDB the suite uses.
+    async with MongoWireServer(standalone=True) as server:
+        message = await start_error(build(uri=server.url, watch="shop.orders"))
+    assert "standalone MongoDB servers do not support change streams" in message
+    assert "replica set" in message and "rs.initiate()" in message
+
+
+async def test_check_describes_the_source(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    text = await make(mongodb, f"{db}.orders").check()
+    assert text.startswith("MongoDB ") and f"{db}.orders" in text
