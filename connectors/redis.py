@@ -389,7 +389,10 @@ class RedisConnector(Connector):
         parse = KeyspaceEvent.try_parse
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(1 << 16), interval)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # arrives together with data, and stop() would then wait forever.
+                async with asyncio.timeout(interval):
+                    data = await reader.read(1 << 16)
             except TimeoutError:  # quiet for a whole interval: is the connection still alive?
                 if ping_sent:
                     raise RedisTimeoutError(f"no reply to PING within {interval:g}s") from None

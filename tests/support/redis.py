@@ -10,6 +10,7 @@ events off) always get a private server of their own instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -91,7 +92,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(16)[:1] in (b"+", b"-")  # PONG, or NOAUTH: it is up
         except OSError:
             return False
 
@@ -149,6 +150,12 @@ class RedisTarget:
         }
         table.update(extra)
         return table
+
+    async def restart_server(self) -> None:
+        """Restart our own server (never a shared one) and drop the admin's stale connections."""
+        assert self.server is not None, "only a server the suite started may be restarted"
+        await asyncio.to_thread(self.server.restart)
+        await self.admin.connection_pool.disconnect()
 
     async def kill_pubsub(self, client_name: str) -> int:
         """CLIENT KILL TYPE pubsub; on a shared server only our connector's connection (by ID)."""

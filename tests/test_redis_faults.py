@@ -1,0 +1,192 @@
+"""Loss, outages and refusals, each on a Redis server of the test's own.
+
+These tests restart Redis, shrink its output buffers, stop it with SIGSTOP or turn keyspace events
+off, so they never run against a shared server even when FEED_TEST_REDIS_URL is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import pytest
+
+from connectors.redis import RedisConnector
+from feed.change import Change, Gap
+from feed.errors import SourceMisconfigured, SourceUnavailable
+from feed.options import Options
+from tests.support.redis import RedisServer, RedisTarget, free_port, private_redis  # noqa: F401
+from tests.test_redis import take, take_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+def connector(target: RedisTarget, **extra: Any) -> RedisConnector:
+    return RedisConnector("cache", Options(target.config(**extra), "connectors[0]"))
+
+
+def text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text and "Traceback" not in text
+    return text
+
+
+async def test_server_restart_gives_a_gap_then_events_flow(private_redis: RedisTarget) -> None:
+    t = private_redis
+    assert t.server is not None
+    async with connector(t) as source:
+        stream = aiter(source.changes())
+        await t.admin.set(t.key("a"), "1")
+        await take(stream, 1)
+        await t.restart_server()
+        # The restarted server forgot notify-keyspace-events; configure = true sets it again.
+        gap = (await take(stream, 1, timeout=15))[0]
+        await t.admin.set(t.key("b"), "2")
+        after = await take(stream, 1)
+    assert isinstance(gap, Gap) and gap.reason.startswith("redis restarted")
+    assert after[0].key == t.key("b")
+
+
+async def test_full_output_buffer_is_announced(private_redis: RedisTarget) -> None:
+    t, r = private_redis, private_redis.admin
+    await r.config_set("client-output-buffer-limit", "pubsub 2kb 1kb 1")
+    async with connector(t) as source:
+        stream = aiter(source.changes())
+        pipe = r.pipeline(transaction=False)
+        for i in range(2000):  # one burst, far past 2 KiB of pending notifications
+            pipe.set(t.key(f"k{i}"), "x")
+        await pipe.execute()
+        items = await take_until(stream, lambda item: isinstance(item, Gap), timeout=15)
+        info = await r.info("stats")
+        await r.set(t.key("after"), "1")
+        later = await take_until(
+            stream, lambda item: isinstance(item, Change) and item.key == t.key("after")
+        )
+    gap = items[-1]
+    assert "dropped" in gap.reason
+    assert len(items) - 1 < 2000  # events were really lost, and the loss was announced
+    if "client_output_buffer_limit_disconnections" in info:  # Redis >= 7
+        assert info["client_output_buffer_limit_disconnections"] >= 1
+    assert all(isinstance(item, Change) for item in later)
+
+
+async def test_silent_connection_is_found_by_health_check(private_redis: RedisTarget) -> None:
+    t = private_redis
+    assert t.server is not None and t.server.proc is not None
+    proc = t.server.proc
+    source = connector(t, health_check_interval=0.2, reconnect_timeout=30.0)
+    down = asyncio.Event()
+    source.on_status(lambda status: down.set() if status.state.value == "down" else None)
+    async with source:
+        stream = aiter(source.changes())
+        proc.send_signal(signal.SIGSTOP)  # TCP stays open, nothing answers
+        try:
+            await asyncio.wait_for(down.wait(), timeout=5)
+            assert "PING" in source.status.detail
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        gap = (await take(stream, 1, timeout=20))[0]
+        await t.admin.set(t.key("a"), "1")
+        after = await take(stream, 1, timeout=10)
+    assert isinstance(gap, Gap)
+    assert after[0].key == t.key("a")
+
+
+async def test_outage_longer_than_reconnect_timeout_raises_then_restart_gaps(
+    private_redis: RedisTarget,
+) -> None:
+    t = private_redis
+    assert t.server is not None
+    source = connector(t, reconnect_timeout=0.5)
+    async with source:
+        stream = aiter(source.changes())
+        await asyncio.to_thread(t.server.stop)
+        with pytest.raises(SourceUnavailable) as info:
+            await take(stream, 1, timeout=10)
+    assert "unreachable" in one_line(info.value)
+    assert source.status.state.value == "stopped"
+    await asyncio.to_thread(t.server.start)
+    await t.admin.connection_pool.disconnect()
+    async with source:  # what the hub does after its backoff
+        gap = (await take(aiter(source.changes()), 1))[0]
+    assert isinstance(gap, Gap) and "restarted" in gap.reason
+
+
+async def test_keyspace_events_off_names_the_config_set(private_redis: RedisTarget) -> None:
+    t = private_redis
+    await t.admin.config_set("notify-keyspace-events", "Ex")
+    current = text((await t.admin.config_get("notify-keyspace-events"))["notify-keyspace-events"])
+    with pytest.raises(SourceMisconfigured) as info:
+        async with connector(t, configure=False):
+            pass
+    line = one_line(info.value)
+    assert f'CONFIG SET notify-keyspace-events "{current}Kg$lshzet"' in line
+    assert "configure = true" in line
+
+    async with connector(t, configure=True) as source:
+        flags = (await t.admin.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+        stream = aiter(source.changes())
+        await t.admin.set(t.key("a"), "1")
+        assert (await take(stream, 1))[0].op == "set"
+    assert set("Ex") <= set(text(flags))  # flags set by someone else are kept
+
+
+async def test_refused_config_gets_one_line(private_redis: RedisTarget) -> None:
+    server = RedisServer("--rename-command", "CONFIG", "")
+    server.start()
+    try:
+        t = RedisTarget(url=server.url(), prefix="p:", admin=private_redis.admin, server=server)
+        with pytest.raises(SourceMisconfigured) as info:
+            async with connector(t, configure=True):
+                pass
+        assert "refuses CONFIG" in one_line(info.value)
+        # Without configure the feed cannot check; it trusts the provider and starts.
+        async with connector(t, configure=False) as source:
+            assert source.status.state.value == "up"
+    finally:
+        server.close()
+
+
+async def test_auth_failure_and_unreachable_get_one_line(private_redis: RedisTarget) -> None:
+    server = RedisServer("--requirepass", "right")
+    server.start()
+    try:
+        for url in (f"redis://:wrong@127.0.0.1:{server.port}/0", server.url()):
+            t = RedisTarget(url=url, prefix="p:", admin=private_redis.admin)
+            with pytest.raises(SourceMisconfigured) as info:
+                async with connector(t):
+                    pass
+            text = one_line(info.value)
+            assert "authentication failed" in text and "wrong" not in text.split("(")[0]
+        good = RedisTarget(
+            url=f"redis://:right@127.0.0.1:{server.port}/0", prefix="p:", admin=private_redis.admin
+        )
+        async with connector(good) as source:
+            assert source.status.state.value == "up"
+    finally:
+        server.close()
+    closed = RedisTarget(url=f"redis://127.0.0.1:{free_port()}/0", prefix="p:", admin=None)  # type: ignore[arg-type]
+    with pytest.raises(SourceUnavailable) as unreachable:
+        async with connector(closed):
+            pass
+    assert "unreachable" in one_line(unreachable.value)
+
+
+async def test_evictions_arrive_as_evicted(private_redis: RedisTarget) -> None:
+    t, r = private_redis, private_redis.admin
+    await r.config_set("maxmemory-policy", "allkeys-random")
+    async with connector(t) as source:
+        stream = aiter(source.changes())
+        used = (await r.info("memory"))["used_memory"]
+        await r.config_set("maxmemory", used + 200_000)
+        pipe = r.pipeline(transaction=False)
+        for i in range(400):
+            pipe.set(t.key(f"k{i}"), "x" * 2000)
+        await pipe.execute()
+        items = await take_until(stream, lambda item: getattr(item, "op", "") == "evicted")
+    assert items[-1].key.startswith(t.prefix)
