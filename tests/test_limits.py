@@ -1,0 +1,192 @@
+"""Limits: a client that stops reading is cut off with bounded memory while the others keep their
+latency; subscribe rate, connections per identity, inbound size and origins are enforced."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from feed.limits import OutboundQueue, TokenBucket
+from tests.auth_helpers import BASE, TOKENS, refusal, source, token_config
+from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.support.waiting import wait_until
+
+QUEUE_LIMIT = 256 * 1024
+
+
+def ws_url(feed: RunningFeed) -> str:
+    return feed.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+
+
+async def raw_socketio(
+    feed: RunningFeed, auth: dict[str, Any] | None = None, **options: Any
+) -> tuple[ClientConnection, str]:
+    """A bare websocket that speaks just enough Engine.IO/Socket.IO to subscribe.
+
+    Its receive buffer is tiny and it reads only when told, so once the test stops reading,
+    the server's writes back up exactly as with a client that froze.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    port = int(feed.url.rsplit(":", 1)[1])
+    sock.connect(("127.0.0.1", port))
+    ws = await connect(
+        ws_url(feed), sock=sock, compression=None, proxy=None, max_queue=1, **options
+    )
+    opened = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(opened, str) and opened.startswith("0")
+    eio_sid = json.loads(opened[1:])["sid"]
+    await ws.send("40" + (json.dumps(auth) if auth else ""))
+    connected = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(connected, str) and connected.startswith("40"), connected
+    return ws, eio_sid
+
+
+async def raw_subscribe(ws: ClientConnection, room: str) -> dict[str, Any]:
+    await ws.send("420" + json.dumps(["subscribe", {"room": room}]))
+    while True:
+        frame = await asyncio.wait_for(ws.recv(), 5)
+        if isinstance(frame, str) and frame.startswith("430"):
+            ack: dict[str, Any] = json.loads(frame[3:])[0]
+            return ack
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_others_keep_their_latency() -> None:
+    config = BASE + f"[limits]\noutbound_queue_bytes = {QUEUE_LIMIT}\n"
+    async with running_feed(config) as feed:
+        db = source(feed)
+        stalled, eio_sid = await raw_socketio(feed)
+        assert (await raw_subscribe(stalled, "mem:public.orders"))["ok"]
+        queue = feed.app.sio.eio.sockets[eio_sid].queue
+        assert isinstance(queue, OutboundQueue)
+        stalled_sid = next(s for s in feed.hub.clients if feed.hub.clients[s])
+        async with feed_client(feed.url) as normal:
+            assert (await normal.subscribe("mem:public.orders"))["ok"]
+            latencies: list[float] = []
+            written = 0
+            # ~2 KB of incompressible data per change; the stalled client reads none of it.
+            while eio_sid in feed.app.sio.eio.sockets and written < 20_000:
+                started = time.monotonic()
+                for _ in range(50):
+                    written += 1
+                    db.write(
+                        "public.orders", "insert", {"id": written, "blob": os.urandom(1024).hex()}
+                    )
+                got = await normal.take(50, timeout=10)
+                latencies.append(time.monotonic() - started)
+                assert got[-1]["key"] == written
+            assert eio_sid not in feed.app.sio.eio.sockets, f"not cut off after {written} changes"
+            cut_at = written
+            for _ in range(5):  # and the normal client is as fast after the cut as before
+                started = time.monotonic()
+                for _ in range(50):
+                    written += 1
+                    db.write("public.orders", "insert", {"id": written, "blob": "x"})
+                await normal.take(50, timeout=10)
+                latencies.append(time.monotonic() - started)
+        assert queue.overflowed and queue.peak <= QUEUE_LIMIT
+        assert stalled_sid not in feed.hub.clients
+        assert all(stalled_sid not in room.members for room in feed.hub.rooms.values())
+        assert max(latencies) < 2.0, latencies
+        assert "feed_slow_clients_cut_total 1" in feed.hub.metrics.render()
+        # The stalled connection itself is gone: reading now ends with the close, not data forever.
+        with pytest.raises(websockets.ConnectionClosed):
+            async with asyncio.timeout(10):
+                while True:
+                    await stalled.recv()
+        assert cut_at > 50  # the stalled client was really subscribed and got data first
+
+
+async def test_outbound_queue_memory_is_bounded_by_bytes() -> None:
+    cut: list[OutboundQueue] = []
+    queue = OutboundQueue(1000, cut.append)
+
+    class Packet:
+        def __init__(self, data: str) -> None:
+            self.data = data
+
+    for _ in range(100):
+        queue.put_nowait(Packet("x" * 100))
+    assert queue.qsize() == 6 and queue.bytes <= 1000 and cut == [queue]
+    queue.put_nowait(None)  # the writer's stop sentinel always gets through
+    assert queue.qsize() == 7
+    queue.get_nowait()
+    assert queue.bytes == 5 * 164
+
+
+async def test_subscribe_rate_is_limited_per_client() -> None:
+    config = BASE + "[limits]\nsubscribe_rate = 0.5\nsubscribe_burst = 3\n"
+    async with running_feed(config) as feed, feed_client(feed.url) as client:
+        acks = [await client.subscribe("mem:public.orders") for _ in range(4)]
+        assert [a["ok"] for a in acks] == [True, True, True, False]
+        assert acks[3]["error"]["code"] == "rate_limited"
+        async with feed_client(feed.url) as other:  # a budget per client, not global
+            assert (await other.subscribe("mem:public.orders"))["ok"]
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=2)
+    assert bucket.take() and bucket.take() and not bucket.take()
+    bucket.updated -= 0.1
+    assert bucket.take() and not bucket.take()
+
+
+async def test_connections_per_identity() -> None:
+    config = token_config() + "[limits]\nconnections_per_identity = 2\n"
+    auth = {"token": TOKENS["acme-svc"]}
+    async with running_feed(config) as feed:
+        async with feed_client(feed.url, auth=auth), feed_client(feed.url, auth=auth):
+            reason = await refusal(feed.url, auth)
+            assert reason["data"]["code"] == "too_many_connections"
+            async with feed_client(feed.url, auth={"token": TOKENS["ops"]}):
+                pass  # another identity is not affected
+        async with feed_client(feed.url, auth=auth), feed_client(feed.url, auth=auth):
+            pass  # closed connections are given back
+        await wait_until(lambda: feed.app.connections.counts == {}, what="connections released")
+
+
+async def test_an_oversized_message_ends_the_connection() -> None:
+    config = BASE.replace("[server]", "[server]\nmax_message_bytes = 4096")
+    async with running_feed(config) as feed, feed_client(feed.url) as client:
+        gone = asyncio.Event()
+        client.sio.on("disconnect", lambda *args: gone.set())
+        await client.sio.emit("subscribe", {"room": "mem:public.orders", "filter": "a" * 10_000})
+        await asyncio.wait_for(gone.wait(), 10)
+        assert not feed.hub.clients
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "accepted"),
+    [
+        (None, "http://evil.example", False),
+        (None, "same", True),
+        (["https://app.example"], "https://app.example", True),
+        (["https://app.example"], "http://evil.example", False),
+        (["*"], "http://evil.example", True),
+    ],
+)
+async def test_origins(allowed: list[str] | None, origin: str, accepted: bool) -> None:
+    config = BASE
+    if allowed is not None:
+        config = config.replace(
+            "[server]", f"[server]\ncors_allowed_origins = {json.dumps(allowed)}"
+        )
+    async with running_feed(config) as feed:
+        header = feed.url if origin == "same" else origin
+        try:
+            async with connect(
+                ws_url(feed), additional_headers={"Origin": header}, proxy=None, open_timeout=5
+            ) as ws:
+                opened = await asyncio.wait_for(ws.recv(), 5)
+                result = isinstance(opened, str) and opened.startswith("0")
+        except websockets.InvalidStatus:
+            result = False
+        assert result is accepted
