@@ -16,9 +16,15 @@ from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
 from feed.change import Change, Gap
 from feed.options import Options
-from tests.support.redis import RedisTarget, _embedded_redis, redis_target  # noqa: F401
+from tests.support.redis import RedisTarget, open_redis_target
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,10 +17,16 @@ from connectors.redis import RedisConnector
 from feed.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 from feed.options import Options
-from tests.support.redis import RedisServer, RedisTarget, free_port, private_redis  # noqa: F401
+from tests.support.redis import RedisServer, RedisTarget, free_port, open_private_redis
 from tests.test_redis import take, take_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisTarget]:
+    async with open_private_redis() as target:
+        yield target
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:

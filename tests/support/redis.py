@@ -11,6 +11,7 @@ events off) always get a private server of their own instead.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import socket
@@ -18,7 +19,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,40 +183,29 @@ _shared: RedisServer | None = None
 
 
 def shared_server() -> RedisServer:
-    """One embedded server for the whole run (tests isolate by key prefix)."""
+    """One embedded server for the whole run (tests isolate by key prefix); stopped at exit."""
     global _shared
     if _shared is None:
         _shared = RedisServer()
         _shared.start()
+        atexit.register(_shared.close)
     return _shared
-
-
-def stop_shared_server() -> None:
-    global _shared
-    if _shared is not None:
-        _shared.close()
-        _shared = None
 
 
 def unique_prefix() -> str:
     return f"feedtest:{uuid.uuid4().hex[:10]}:"
 
 
-@pytest.fixture(scope="session")
-def _embedded_redis() -> Iterator[RedisServer | None]:
-    if os.environ.get(ENV_URL):
-        yield None
-        return
-    yield shared_server()
-    stop_shared_server()
+@asynccontextmanager
+async def open_redis_target() -> AsyncIterator[RedisTarget]:
+    """FEED_TEST_REDIS_URL if set, else the embedded server; a fresh key prefix either way.
 
-
-@pytest.fixture
-async def redis_target(_embedded_redis: RedisServer | None) -> AsyncIterator[RedisTarget]:
-    """FEED_TEST_REDIS_URL if set, else the embedded server; a fresh key prefix either way."""
-    url = os.environ.get(ENV_URL) or (_embedded_redis.url() if _embedded_redis else "")
+    Test modules wrap this in a fixture: `async with open_redis_target() as t: yield t`.
+    """
+    server = None if os.environ.get(ENV_URL) else shared_server()
+    url = os.environ.get(ENV_URL) or (server.url() if server else "")
     admin = Redis.from_url(url)
-    target = RedisTarget(url=url, prefix=unique_prefix(), admin=admin, server=_embedded_redis)
+    target = RedisTarget(url=url, prefix=unique_prefix(), admin=admin, server=server)
     try:
         await admin.ping()
     except Exception as exc:
@@ -227,15 +218,15 @@ async def redis_target(_embedded_redis: RedisServer | None) -> AsyncIterator[Red
         await admin.aclose()
 
 
-@pytest.fixture
-async def private_redis() -> AsyncIterator[RedisTarget]:
-    """A server of this test's own, even when FEED_TEST_REDIS_URL is set: for restarts,
-    tiny output buffers and keyspace events switched off, which must never hit a shared one."""
-    server = RedisServer()
-    server.start()
+@asynccontextmanager
+async def open_private_redis(*args: str) -> AsyncIterator[RedisTarget]:
+    """A server of the caller's own, even when FEED_TEST_REDIS_URL is set: for restarts, tiny
+    output buffers and keyspace events switched off, which must never hit a shared server."""
+    server = RedisServer(*args)
+    await asyncio.to_thread(server.start)
     admin = Redis.from_url(server.url())
     try:
         yield RedisTarget(url=server.url(), prefix=unique_prefix(), admin=admin, server=server)
     finally:
         await admin.aclose()
-        server.close()
+        await asyncio.to_thread(server.close)
