@@ -70,6 +70,7 @@ HISTORY_LOST = 286
 AUTH_FAILED = 18
 UNAUTHORIZED = 13
 STANDALONE = 40573
+IMAGE_MISSING = 280  # ChangeStreamFatalError, e.g. a required pre- or post-image is missing
 STANDALONE_HINT = (
     "standalone MongoDB servers do not support change streams: run it as a replica set "
     "(a single-node one is enough: mongod --replSet rs0, then rs.initiate())"
@@ -291,7 +292,7 @@ class MongoConnector(Connector):
         stream, self._open_stream = self._open_stream, None
         if stream is None:
             stream = await self._watch()
-        async with stream:
+        try:
             self.set_status(State.UP)
             await self._advance(stream.resume_token, event=False, end_of_batch=True)
             while True:
@@ -299,7 +300,9 @@ class MongoConnector(Connector):
                 self._progress += 1
                 if event is None:
                     if not stream.alive:
-                        # Closed without an invalidate we could see: say so and start again.
+                        # Closed without an invalidate we could see: resuming from our token
+                        # could meet the same end again, so start from now and say so.
+                        self._token = None
                         yield Gap(self.name, "MongoDB change stream closed by the server")
                         return
                     await self._advance(stream.resume_token, event=False, end_of_batch=True)
@@ -313,8 +316,13 @@ class MongoConnector(Connector):
                     stream.resume_token, event=True, end_of_batch=_batch_done(stream), change=change
                 )
                 if change.op == "invalidate":
+                    # Reopened with startAfter the invalidate token: nothing after it is missed,
+                    # but clients should reload what the dropped or renamed collection showed.
                     yield Gap(self.name, f"MongoDB change stream invalidated ({change.target})")
                     return
+        finally:
+            with contextlib.suppress(PyMongoError):
+                await stream.close()
 
     def _fallback_target(self) -> str:
         db, coll = stream_scope(self.watches)
@@ -462,6 +470,11 @@ class MongoConnector(Connector):
                 )
             if exc.code == UNAUTHORIZED:
                 return SourceMisconfigured(f"MongoDB user may not do this: {message}")
+            if exc.code == IMAGE_MISSING or "-image" in message:
+                return SourceMisconfigured(
+                    f"{message} (enable them with collMod changeStreamPreAndPostImages: "
+                    '{enabled: true}, or use "whenAvailable")'
+                )
             if exc.code == STANDALONE:
                 return SourceMisconfigured(f"MongoDB at {self._server}: {STANDALONE_HINT}")
             return SourceUnavailable(f"MongoDB error {exc.code}: {message}")

@@ -119,3 +119,18 @@ async def test_standalone_server_is_refused_in_one_line() -> None:
 async def test_check_describes_the_source(mongodb: MongoSource, db: str) -> None:  # noqa: F811
     text = await make(mongodb, f"{db}.orders").check()
     assert text.startswith("MongoDB ") and f"{db}.orders" in text
+
+
+async def test_required_images_without_pre_and_post_images(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", full_document="required")
+    # Depending on the server this fails when the stream opens or at the first update event.
+    with pytest.raises(SourceMisconfigured) as caught:
+        async with streaming(connector) as stream:
+            await coll.insert_one({"_id": 1})
+            await coll.update_one({"_id": 1}, {"$set": {"n": 1}})
+            async with asyncio.timeout(15):
+                while True:
+                    await anext(stream)
+    message = str(caught.value)
+    assert "changeStreamPreAndPostImages" in message and "\n" not in message
