@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,8 +38,9 @@ def make_connector(
 class Stream:
     """Iterates a started connector's changes() in the background, like the hub does."""
 
-    def __init__(self, connector: PostgresConnector) -> None:
+    def __init__(self, connector: PostgresConnector, pull_limit: int | None = None) -> None:
         self.connector = connector
+        self.pull_limit = pull_limit
         self.queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.states: list[State] = []
@@ -46,8 +48,14 @@ class Stream:
 
     async def _run(self) -> None:
         try:
+            pulled = 0
             async for item in self.connector.changes():
                 self.queue.put_nowait(item)
+                pulled += 1
+                if self.pull_limit is not None and pulled >= self.pull_limit:
+                    # Never ask for the next item: the last one stays unacknowledged, as
+                    # when a hub stops between routing an item and asking for the next.
+                    await asyncio.Event().wait()
         except Exception as exc:
             self.queue.put_nowait(exc)
 
@@ -79,9 +87,11 @@ class Stream:
 
 
 @asynccontextmanager
-async def streaming(connector: PostgresConnector) -> AsyncIterator[Stream]:
+async def streaming(
+    connector: PostgresConnector, pull_limit: int | None = None
+) -> AsyncIterator[Stream]:
     """Start the connector, read its stream in the background, stop both afterwards."""
-    stream = Stream(connector)
+    stream = Stream(connector, pull_limit)
     await asyncio.wait_for(connector.start(), WAIT)
     stream.begin()
     try:
@@ -90,3 +100,101 @@ async def streaming(connector: PostgresConnector) -> AsyncIterator[Stream]:
     finally:
         await stream.end()
         await asyncio.wait_for(connector.stop(), WAIT)
+
+
+class TcpProxy:
+    """A TCP forwarder between the connector and Postgres that a test can break on purpose.
+
+    `cut()` closes every connection and refuses new ones (an outage the client notices at once);
+    `freeze()` stops forwarding bytes on the open connections without closing them (a half-open
+    connection: only a heartbeat can notice it); `restore()` accepts and forwards again.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.refusing = False
+        self.accepted = 0
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, list[bool]]] = []
+        self._frozen: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, list[bool]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpProxy:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        for a, b, _ in self._frozen:
+            a.close()
+            b.close()
+        if self.server is not None:
+            self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    @classmethod
+    def for_url(cls, url: str) -> TcpProxy:
+        match = re.match(r"^\w+://[^@/]*@([^:/]+):(\d+)/", url)
+        assert match, f"cannot proxy {url!r}: the tests need a host:port URL"
+        return cls(match.group(1), int(match.group(2)))
+
+    def url(self, url: str) -> str:
+        """`url` with its host:port replaced by the proxy's."""
+        head, _, rest = url.partition("@")
+        _, _, path = rest.partition("/")
+        return f"{head}@127.0.0.1:{self.port}/{path}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self.accepted += 1
+        frozen_now = [False]
+        self._pairs.append((writer, up_writer, frozen_now))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst, frozen_now))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen_now: list[bool]
+    ) -> None:
+        try:
+            while True:
+                data = await src.read(65536)
+                if not data:
+                    break
+                if frozen_now[0]:
+                    continue  # swallowed: neither side hears from the other again
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            if not frozen_now[0]:
+                dst.close()
+
+    def cut(self) -> None:
+        self.refusing = True
+        for a, b, _ in self._pairs:
+            a.close()
+            b.close()
+        self._pairs.clear()
+
+    def freeze(self) -> None:
+        """Open connections go silent; connections made afterwards work normally."""
+        for pair in self._pairs:
+            pair[2][0] = True
+            self._frozen.append(pair)
+        self._pairs.clear()
+
+    def restore(self) -> None:
+        self.refusing = False
