@@ -24,6 +24,8 @@ from feed.config import parse_config
 from feed.server import FeedApp
 from tests.auth_helpers import TOKENS, token_config
 from tests.conftest import MEMORY_CONFIG
+from tests.support import postgres as pg_support
+from tests.support.postgres import PgDatabase
 from tests.support.server import WAIT, RunningFeed, free_port, running_feed
 from tests.support.waiting import wait_until
 
@@ -346,7 +348,7 @@ async def test_selecting_a_row_shows_before_and_after_with_changes_marked(
     await page.keyboard.press("ArrowDown")
     await expect(rows(page).nth(1)).to_have_attribute("aria-selected", "true")
     await expect(rows(page).nth(1)).to_be_focused()
-    await expect(page.locator("#changed-fields")).to_have_text("Changed: id, status, amount")
+    await expect(page.locator("#changed-fields")).to_have_text("New: no before image.")
     await expect(detail.locator('tr[data-field="status"] td.before')).to_have_text("—")
 
 
@@ -524,10 +526,125 @@ async def test_narrow_screen_has_no_sideways_scrolling(
         )
         await expect(rows(page)).to_have_count(1)
         await rows(page).first.click()
-        await expect(page.locator("#changed-fields")).to_contain_text("Changed:")
+        await expect(page.locator("#changed-fields")).to_have_text("New: no before image.")
         overflow = await page.evaluate(
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
         assert overflow <= 0
     finally:
         await context.close()
+
+
+# -- a real Postgres -----------------------------------------------------------------------------
+
+pg_server = pg_support.pg_server  # the session's Postgres, shared with the connector tests
+
+
+@pytest.fixture
+async def shop_db(pg_server: pg_support.PgServer) -> AsyncIterator[PgDatabase]:
+    """A database of this test's own with the tables a shop would have."""
+    db = await pg_support.create_database(pg_server)
+    try:
+        await db.conn.execute(SHOP_SQL)
+        yield db
+    finally:
+        await pg_support.drop_database(db)
+
+
+SHOP_SQL = """
+CREATE TABLE public.orders (
+    id int PRIMARY KEY,
+    customer text NOT NULL,
+    status text NOT NULL,
+    amount numeric(10, 2) NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE public.customers (id int PRIMARY KEY, name text NOT NULL, email text);
+"""
+
+
+def postgres_config(url: str) -> str:
+    return f"""
+[server]
+replay_buffer = 200
+
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "{url}"
+tables = ["public.orders", "public.customers"]
+auto_migrate = true
+heartbeat_interval = 0.5
+heartbeat_timeout = 2.0
+reconnect_max = 0.5
+"""
+
+
+@pytest.mark.postgres
+async def test_rows_written_with_sql_appear_filtered_paused_and_resumed(
+    shop_db: PgDatabase, page: Page
+) -> None:
+    pg = shop_db
+    async with running_feed(postgres_config(pg.url)) as feed:
+        url = f"{feed.url}/?room=main:public.orders&room=main:public.orders&filter=status=eq.paid"
+        await page.goto(url)
+        everything = subscription(page, "main:public.orders")
+        paid = subscription(page, "main:public.orders?status=eq.paid")
+        await expect(everything).to_have_attribute("data-status", "live")
+        await expect(paid).to_have_attribute("data-status", "live")
+        connector = page.locator('#connector-list li[data-name="main"]')
+        await expect(connector.locator(".state").first).to_have_text("up")
+
+        await pg.conn.execute(
+            "INSERT INTO public.orders (id, customer, status, amount) VALUES"
+            " (1, 'acme', 'new', 120.50), (2, 'globex', 'paid', 80)"
+        )
+        await pg.conn.execute("UPDATE public.orders SET status = 'paid' WHERE id = 1")
+        # One row per change, whichever subscriptions it matched.
+        await expect(rows(page)).to_have_count(3)
+        await expect(rows(page).locator(".op")).to_have_text(["update", "insert", "insert"])
+        assert await keys_shown(page) == ["1", "2", "1"]
+
+        # The update: status changed, amount did not, and both subscriptions matched it.
+        await rows(page).first.click()
+        await expect(page.locator("#changed-fields")).to_have_text("Changed: status")
+        status = page.locator('#detail-body tr[data-field="status"]')
+        await expect(status.locator("td")).to_have_text(["new", "paid"])
+        await expect(page.locator('#detail-body tr[data-field="amount"] td')).to_have_text(
+            ["120.50", "120.50"]
+        )
+        await expect(page.locator("#change-rooms")).to_have_text(
+            "Matched: main:public.orders, main:public.orders?status=eq.paid"
+        )
+
+        # Pause: SQL writes wait for the resume.
+        await page.get_by_role("button", name="Pause").click()
+        await pg.conn.execute(
+            "INSERT INTO public.orders (id, customer, status, amount) VALUES (3, 'initech', 'new', 5)"
+        )
+        await expect(page.locator("#paused-note")).to_have_text("Paused: 1 new change waiting.")
+        await expect(rows(page)).to_have_count(3)
+        await page.get_by_role("button", name="Resume").click()
+        await expect(rows(page)).to_have_count(4)
+
+        # A forced disconnect: rows committed meanwhile come back when the page resumes.
+        [sid] = list(feed.hub.clients)
+        await feed.app.sio.disconnect(sid)
+        await pg.conn.execute(
+            "INSERT INTO public.orders (id, customer, status, amount) VALUES"
+            " (4, 'acme', 'paid', 42), (5, 'umbrella', 'new', 7)"
+        )
+        await expect(everything).to_have_attribute("data-status", "recovered")
+        await expect(paid).to_have_attribute("data-status", "recovered")
+        await expect(rows(page)).to_have_count(6)
+        assert await keys_shown(page) == ["5", "4", "3", "1", "2", "1"]
+        await pg.conn.execute("DELETE FROM public.orders WHERE id = 2")
+        await expect(rows(page)).to_have_count(7)
+        await rows(page).first.click()
+        await expect(page.locator("#change-rooms")).to_have_text(
+            "Matched: main:public.orders, main:public.orders?status=eq.paid"
+        )
+        await expect(page.locator("#changed-fields")).to_have_text("Gone: no after image.")
+        await expect(page.locator('#detail-body tr[data-field="customer"] td')).to_have_text(
+            ["globex", "—"]
+        )

@@ -24,6 +24,7 @@ const state = {
   lastSeq: new Map(), // canonical room -> last seq shown or skipped
   epoch: null,
   rows: [], // changes shown, newest first, never more than maxRows
+  byId: new Map(), // id -> change, for rows shown or waiting: one row per change, whatever rooms
   incoming: [], // changes not yet drawn (while paused, or until the next frame)
   missedWhilePaused: 0,
   paused: false,
@@ -331,6 +332,8 @@ function subscribe(sub) {
     }
     sub.canonical = ack.room;
     const sameEpoch = !state.epoch || ack.epoch === state.epoch;
+    // Another server process: change ids from a source that started over may repeat.
+    if (!sameEpoch) state.byId.clear();
     state.epoch = ack.epoch || state.epoch;
     if (ack.recovered === true) {
       const missed = ack.seq - request.since;
@@ -392,7 +395,7 @@ function drawSubscriptions() {
     const item = document.createElement("li");
     item.className = "subscription";
     item.dataset.key = subscriptionKey(sub);
-    item.dataset.room = sub.canonical || sub.room;
+    item.dataset.room = sub.canonical || (sub.filter ? `${sub.room}?${sub.filter}` : sub.room);
     item.dataset.status = sub.status;
     const name = document.createElement("code");
     name.textContent = sub.canonical || (sub.filter ? `${sub.room}?${sub.filter}` : sub.room);
@@ -533,20 +536,33 @@ function receive(changes) {
       if (last !== undefined && change.seq <= last) continue; // already shown
       state.lastSeq.set(change.room, change.seq);
     }
+    // The same change reaches every subscribed room it matches: show it once, note the rooms.
+    const known = state.byId.get(change.id);
+    if (known) {
+      known.rooms.add(change.room);
+      if (state.selected === known) drawDetail(known);
+      continue;
+    }
+    change.rooms = new Set([change.room]);
+    state.byId.set(change.id, change);
     const received = state.metrics.received;
     received.set(change.connector, (received.get(change.connector) || 0) + 1);
     state.incoming.push(change);
     if (state.paused) state.missedWhilePaused += 1;
   }
   // Bounded whatever happens: nothing older than the last maxRows can ever be shown.
-  if (state.incoming.length > state.maxRows) {
-    state.incoming.splice(0, state.incoming.length - state.maxRows);
-  }
+  dropOldIncoming();
   if (state.paused) {
     drawPausedNote();
   } else {
     scheduleDraw();
   }
+}
+
+function dropOldIncoming() {
+  if (state.incoming.length <= state.maxRows) return;
+  const dropped = state.incoming.splice(0, state.incoming.length - state.maxRows);
+  for (const change of dropped) state.byId.delete(change.id);
 }
 
 function scheduleDraw() {
@@ -573,7 +589,8 @@ function drawIncoming() {
 function trimRows() {
   const body = $("change-rows");
   while (state.rows.length > state.maxRows) {
-    state.rows.pop();
+    const dropped = state.rows.pop();
+    state.byId.delete(dropped.id);
     body.lastElementChild.remove();
   }
   $("change-count").textContent = `${state.rows.length} shown`;
@@ -671,14 +688,21 @@ function drawDetail(change) {
   summary.append(op, " ", where);
   const facts = document.createElement("p");
   facts.className = "hint";
-  facts.textContent = `room ${change.room} · seq ${change.seq} · ${change.ts || "no time"} · id ${change.id}`;
-  body.append(summary, facts);
+  facts.textContent = `${change.ts || "no commit time"} · id ${change.id}`;
+  const rooms = document.createElement("p");
+  rooms.id = "change-rooms";
+  rooms.className = "hint";
+  rooms.textContent = `Matched: ${[...change.rooms].join(", ")}`;
+  body.append(summary, facts, rooms);
 
   const fields = diffImages(change.before, change.after);
   const changed = fields.filter((f) => f.changed).map((f) => f.field);
   const note = document.createElement("p");
   note.id = "changed-fields";
-  note.textContent = changed.length ? `Changed: ${changed.join(", ")}` : "No field changed.";
+  if (!change.before && change.after) note.textContent = "New: no before image.";
+  else if (change.before && !change.after) note.textContent = "Gone: no after image.";
+  else if (!change.before && !change.after) note.textContent = "The source sent no row images.";
+  else note.textContent = changed.length ? `Changed: ${changed.join(", ")}` : "No field changed.";
   body.append(note);
 
   const table = document.createElement("table");
@@ -704,12 +728,6 @@ function drawDetail(change) {
   }
   table.append(rows);
   if (fields.length) body.append(table);
-  if (change.before === null && change.after === null) {
-    const none = document.createElement("p");
-    none.className = "hint";
-    none.textContent = "The source sent no row images for this change.";
-    body.append(none);
-  }
   if (change.meta) {
     const meta = document.createElement("pre");
     meta.className = "meta";
@@ -753,6 +771,7 @@ function drawPausedNote() {
 function clearRows() {
   state.rows = [];
   state.incoming = [];
+  state.byId.clear();
   state.missedWhilePaused = 0;
   state.selected = null;
   $("change-rows").replaceChildren();
@@ -767,9 +786,7 @@ function setMaxRows() {
   if (!Number.isFinite(value) || value < 1) return;
   state.maxRows = Math.min(10000, value);
   localStorage.setItem(MAX_ROWS_KEY, String(state.maxRows));
-  if (state.incoming.length > state.maxRows) {
-    state.incoming.splice(0, state.incoming.length - state.maxRows);
-  }
+  dropOldIncoming();
   trimRows();
 }
 

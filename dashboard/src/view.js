@@ -93,7 +93,9 @@ export function diffImages(before, after) {
     const hasAfter = !!after && Object.hasOwn(after, field);
     const b = hasBefore ? before[field] : undefined;
     const a = hasAfter ? after[field] : undefined;
-    const changed = hasBefore !== hasAfter || JSON.stringify(b) !== JSON.stringify(a);
+    // Only an update has two images to compare; an insert or delete is new or gone as a whole.
+    const both = !!before && !!after;
+    const changed = both && (hasBefore !== hasAfter || JSON.stringify(b) !== JSON.stringify(a));
     return { field, before: b, after: a, hasBefore, hasAfter, changed };
   });
 }
