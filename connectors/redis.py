@@ -142,11 +142,19 @@ class RedisConnector(Connector):
 
     def resolve(self, rest: str) -> RoomAddress | None:
         """`session:*` is the pattern's room; `session:abc` is a key room under the first pattern
-        (in config order) that matches it, Redis glob rules included."""
+        (in config order) that matches it, Redis glob rules included.
+
+        The hub's canonical name for that key room is `session:*:session:abc` (target, then key);
+        it resolves to the same room, so a client may resubscribe with the name its ack returned.
+        """
         if self.mode == "streams":
             return super().resolve(rest)
         if rest in self.patterns:
             return RoomAddress(rest)
+        for pattern in self.patterns:
+            key = rest[len(pattern) + 1 :]
+            if rest.startswith(pattern + ":") and key and matches(pattern, key):
+                return RoomAddress(pattern, key)
         for pattern in self.patterns:
             if matches(pattern, rest):
                 return RoomAddress(pattern, rest)

@@ -144,3 +144,12 @@ def test_values_decode_for_every_type() -> None:
     assert binary.base64 and binary.value == ["b2s=", "/w=="]
     assert decode_value([b"none", 0, [], 0], 10).after() is None
     assert decode_value([b"ReJSON-RL", 0, [], 0], 10).value is None
+
+
+def test_canonical_room_names_resolve_back() -> None:
+    connector = make(patterns=["session:*", "*"])
+    short = connector.resolve("session:abc")
+    assert short is not None
+    canonical = f"{short.target}:{short.key}"  # what the hub puts in the subscribe ack
+    assert canonical == "session:*:session:abc"
+    assert connector.resolve(canonical) == short

@@ -1,0 +1,107 @@
+"""Redis through the whole product: a real Redis, the real server, real Socket.IO clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.support.redis import RedisTarget, open_redis_target
+from tests.support.server import RunningFeed, feed_client, running_feed
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+WAIT = 15.0
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
+
+
+def config(t: RedisTarget, extra: str = "") -> str:
+    return f"""
+[server]
+replay_buffer = 50
+
+[[connectors]]
+name = "cache"
+type = "redis"
+url = "{t.url}"
+patterns = ["{t.key("session:*")}", "{t.key("user:*")}"]
+configure = true
+fetch_values = true
+health_check_interval = 0.5
+{extra}
+"""
+
+
+async def wait_up(feed: RunningFeed, name: str = "cache") -> None:
+    async with asyncio.timeout(WAIT):
+        while feed.hub.connectors[name].status.state.value != "up":  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_set_reaches_pattern_and_key_rooms(redis_target: RedisTarget) -> None:
+    t = redis_target
+    key = t.key("session:abc")
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as pattern_client, feed_client(feed.url) as key_client:
+            ack = await pattern_client.subscribe(f"cache:{t.key('session:*')}")
+            assert ack["ok"] and ack["room"] == f"cache:{t.key('session:*')}"
+            ack = await key_client.subscribe(f"cache:{key}")
+            assert ack["ok"], ack
+            # The ack's canonical name resolves to the same room.
+            again = await key_client.subscribe(ack["room"])
+            assert again["ok"] and again["room"] == ack["room"]
+            await t.admin.set(t.key("session:other"), "x")
+            await t.admin.set(key, "hello")
+            await t.admin.hset(t.key("user:1"), "name", "ada")  # another pattern's room
+            first, second = await pattern_client.take(2)
+            [mine] = await key_client.take(1)
+    assert (first["op"], first["key"]) == ("set", t.key("session:other"))
+    assert second["key"] == key and second["after"] == {"value": "hello", "type": "string"}
+    assert second["source"] == "redis" and second["target"] == t.key("session:*")
+    assert mine["id"] == second["id"] and mine["room"] == ack["room"]
+    assert pattern_client.changes.empty()
+
+
+async def test_kill_pubsub_sends_gap_to_clients(redis_target: RedisTarget) -> None:
+    t = redis_target
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            room = f"cache:{t.key('session:*')}"
+            assert (await client.subscribe(room))["ok"]
+            await t.admin.set(t.key("session:a"), "1")
+            await t.admin.set(t.key("session:a"), "2")
+            before, _ = await client.take(2)
+            assert await t.kill_pubsub("feed:cache:events") >= 1
+            gap = await client.next_gap(timeout=WAIT)
+            await t.admin.set(t.key("session:b"), "2")
+            after = await client.next_change()
+            resumed = await client.subscribe(room, since=before["seq"], epoch=gap.get("epoch"))
+    assert gap["connector"] == "cache" and gap["room"] == room and "dropped" in gap["reason"]
+    assert after["key"] == t.key("session:b")
+    assert resumed["ok"] and resumed["recovered"] is False  # a gap since: reload
+
+
+async def test_snapshot_on_subscribe(redis_target: RedisTarget) -> None:
+    t = redis_target
+    await t.admin.set(t.key("session:a"), "1")
+    await t.admin.rpush(t.key("session:l"), "x", "y")
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(f"cache:{t.key('session:*')}", snapshot=True)
+    assert ack["ok"], ack
+    rows = {row["key"]: row for row in ack["snapshot"]}
+    assert rows[t.key("session:a")]["value"] == "1"
+    assert rows[t.key("session:l")] == {
+        "key": t.key("session:l"),
+        "type": "list",
+        "value": ["x", "y"],
+    }
+    assert ack["snapshot_truncated"] is False
