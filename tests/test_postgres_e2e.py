@@ -1,0 +1,131 @@
+"""End to end: a feed server with a Postgres connector, Socket.IO clients, SQL writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.support import postgres as pg_support
+from tests.support.postgres import PgDatabase
+from tests.support.server import feed_client, running_feed
+from tests.support.waiting import wait_until
+
+pg_server = pg_support.pg_server
+pg = pg_support.pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
+
+
+def config(dsn: str, tables: str = '["public.orders"]', extra: str = "") -> str:
+    return f"""
+[server]
+replay_buffer = 100
+
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "{dsn}"
+tables = {tables}
+auto_migrate = true
+heartbeat_interval = 0.5
+reconnect_max = 0.5
+{extra}
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.things"]
+"""
+
+
+async def http_get(url: str) -> tuple[int, dict[str, object]]:
+    def fetch() -> tuple[int, dict[str, object]]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    return await asyncio.to_thread(fetch)
+
+
+async def orders(db: PgDatabase) -> None:
+    await db.conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text, amount numeric(10,2))"
+    )
+
+
+async def test_sql_writes_arrive_as_change_events(pg: PgDatabase) -> None:
+    await orders(pg)
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client, feed_client(feed.url) as row_client:
+            ack = await client.subscribe("main:public.orders")
+            assert ack["ok"], ack
+            assert (await row_client.subscribe("main:public.orders:2"))["ok"]
+            await pg.conn.execute("INSERT INTO orders VALUES (1, 'new', 12.50), (2, 'new', 1)")
+            await pg.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+            await pg.conn.execute("DELETE FROM orders WHERE id = 2")
+            got = await client.take(4)
+            row = await row_client.take(2)
+    assert [(c["op"], c["key"]) for c in got] == [
+        ("insert", 1),
+        ("insert", 2),
+        ("update", 1),
+        ("delete", 2),
+    ]
+    assert [c["seq"] for c in got] == [1, 2, 3, 4]
+    assert got[0]["after"] == {"id": 1, "status": "new", "amount": "12.50"}
+    assert got[2]["before"]["status"] == "new" and got[2]["after"]["status"] == "paid"
+    assert all(c["source"] == "postgres" and c["room"] == "main:public.orders" for c in got)
+    assert all(c["id"].startswith("main:") and c["ts"].endswith("Z") for c in got)
+    assert [(c["op"], c["room"]) for c in row] == [
+        ("insert", "main:public.orders:2"),
+        ("delete", "main:public.orders:2"),
+    ]
+
+
+async def test_snapshot_with_filter_then_live(pg: PgDatabase) -> None:
+    await orders(pg)
+    await pg.conn.execute(
+        "INSERT INTO orders VALUES (1, 'paid', 150), (2, 'new', 500), (3, 'paid', 50)"
+    )
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(
+                "main:public.orders", filter="status=eq.paid&amount=gt.100", snapshot=True
+            )
+            assert ack["ok"], ack
+            assert ack["snapshot"] == [{"id": 1, "status": "paid", "amount": "150.00"}]
+            await pg.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 2")
+            await pg.conn.execute("UPDATE orders SET amount = 10 WHERE id = 1")  # stops matching
+            joined, left = await client.take(2)
+    assert joined["key"] == 2 and joined["after"]["status"] == "paid"
+    assert left["key"] == 1 and left["after"]["amount"] == "10.00"
+
+
+async def test_missing_table_shows_down_and_other_connectors_keep_serving(
+    pg: PgDatabase,
+) -> None:
+    async with running_feed(config(pg.url, '["public.nope"]')) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "down", 15, "postgres down")
+        assert connector.status.detail.endswith("table public.nope does not exist")
+        status, body = await http_get(feed.url + "/readyz")
+        assert status == 503 and body["ready"] is False
+        async with feed_client(feed.url) as client:
+            assert (await client.subscribe("mem:public.things"))["ok"]
+            feed.hub.connectors["mem"].write(  # type: ignore[attr-defined]
+                "public.things", "insert", {"id": 1}
+            )
+            assert (await client.next_change())["key"] == 1
+        # Creating the table is enough: the hub retries and the connector comes up.
+        await pg.conn.execute("CREATE TABLE public.nope (id int PRIMARY KEY)")
+        await wait_until(lambda: connector.status.state.value == "up", 30, "postgres up")
