@@ -99,7 +99,7 @@ def token_config() -> str:
 
 
 def make_jwt(
-    sub: str = "alice",
+    sub: str | None = "alice",
     *,
     ttl: float = 300,
     key: Any = SECRET,

@@ -40,7 +40,7 @@ IDENTITIES = {
     "globex": Identity("globex-svc", frozenset({"tenant", "support"}), {"tenant": "globex"}),
     "nobody": Identity("nobody", frozenset(), {}),
 }
-MASKS = {
+MASKS: dict[str, dict[str, list[tuple[str, ...]]]] = {
     "ops": {},
     "acme": {"public.customers": [("password_hash",), ("profile", "ssn")]},
     "globex": {
