@@ -318,7 +318,9 @@ class MongoConnector(Connector):
                 if change.op == "invalidate":
                     # Reopened with startAfter the invalidate token: nothing after it is missed,
                     # but clients should reload what the dropped or renamed collection showed.
-                    yield Gap(self.name, f"MongoDB change stream invalidated ({change.target})")
+                    target = change.target if "." in change.target else None
+                    reason = f"MongoDB change stream invalidated ({change.target})"
+                    yield Gap(self.name, reason, target)
                     return
         finally:
             with contextlib.suppress(PyMongoError):

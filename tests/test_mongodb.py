@@ -258,7 +258,7 @@ async def test_drop_invalidates_then_gap_then_stream_continues(
     assert isinstance(insert, Change) and insert.op == "insert"
     assert isinstance(drop, Change) and drop.op == "drop" and drop.target == f"{db}.orders"
     assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
-    assert isinstance(gap, Gap) and "invalidated" in gap.reason
+    assert isinstance(gap, Gap) and "invalidated" in gap.reason and gap.target == f"{db}.orders"
     assert isinstance(again, Change) and again.key == 2
 
 
@@ -390,3 +390,25 @@ async def test_snapshot_of_an_object_id_row(mongodb: MongoSource, db: str) -> No
             await asyncio.gather(pulling, return_exceptions=True)
             await stream.aclose()
     assert [row["_id"] for row in snap.rows] == [oid]
+
+
+async def test_room_filters_read_mongodb_values(mongodb: MongoSource, db: str) -> None:  # noqa: F811
+    from feed.filters import parse_filter
+
+    coll = mongodb.client[db]["orders"]
+    owner = ObjectId()
+    async with streaming(make(mongodb, f"{db}.orders")) as stream:
+        await coll.insert_one(
+            {
+                "_id": 1,
+                "owner": owner,
+                "amount": 150,
+                "ship": {"country": "FR"},
+                "at": dt.datetime(2026, 5, 1, tzinfo=dt.UTC),
+            }
+        )
+        [insert] = await changes(stream, 1)
+    assert parse_filter(f"owner=eq.{owner}").matches(insert)
+    assert parse_filter("amount=gt.100&ship.country=eq.FR").matches(insert)
+    assert parse_filter("at=gte.2026-04-30T00:00:00Z").matches(insert)
+    assert not parse_filter("ship.country=eq.DE").matches(insert)
