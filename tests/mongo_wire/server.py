@@ -42,6 +42,23 @@ MAX_WIRE_VERSION = 21  # MongoDB 7.0: change stream pre-images, startAfter, snap
 ELECTION_ID = ObjectId("7fffffff0000000000000001")
 FULL_DOCUMENT = ("default", "updateLookup", "whenAvailable", "required")
 BEFORE_CHANGE = ("off", "whenAvailable", "required")
+# Fields any command may carry that are not the command's own arguments.
+GENERIC_FIELDS = frozenset(
+    {
+        "$db",
+        "lsid",
+        "$clusterTime",
+        "txnNumber",
+        "writeConcern",
+        "readConcern",
+        "$readPreference",
+        "comment",
+        "maxTimeMS",
+        "apiVersion",
+        "apiStrict",
+        "apiDeprecationErrors",
+    }
+)
 
 
 class _Close(Exception):
@@ -197,7 +214,7 @@ class MongoWireServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         conn = Connection(next(self._conn_ids), writer)
         self._connections[conn.id] = conn
         try:
@@ -218,7 +235,7 @@ class MongoWireServer:
         finally:
             self._connections.pop(conn.id, None)
             writer.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _dispatch(self, conn: Connection, request: Request) -> dict[str, Any]:
         cmd = request.command
@@ -334,20 +351,7 @@ class MongoWireServer:
     # -- namespaces ----------------------------------------------------------------------------
 
     async def _create(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
-        options = {
-            k: v
-            for k, v in cmd.items()
-            if k
-            not in (
-                "create",
-                "$db",
-                "lsid",
-                "$clusterTime",
-                "writeConcern",
-                "txnNumber",
-                "$readPreference",
-            )
-        }
+        options = {k: v for k, v in cmd.items() if k != "create" and k not in GENERIC_FIELDS}
         self.store.create(cmd["$db"], cmd["create"], options)
         return {}
 
@@ -366,7 +370,7 @@ class MongoWireServer:
             )
         source = tuple(cmd["renameCollection"].split(".", 1))
         target = tuple(cmd["to"].split(".", 1))
-        self.store.rename(source, target, bool(cmd.get("dropTarget")))  # type: ignore[arg-type]
+        self.store.rename(source, target, bool(cmd.get("dropTarget")))
         return {}
 
     async def _coll_mod(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -679,7 +683,8 @@ class MongoWireServer:
         }
 
     async def _kill_cursors(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
-        killed, missing = [], []
+        killed: list[int] = []
+        missing: list[int] = []
         for cursor_id in cmd.get("cursors", []):
             (killed if self._cursors.pop(cursor_id, None) is not None else missing).append(
                 cursor_id

@@ -321,7 +321,7 @@ class ChangeStream:
             if event is not None and self._passes(event):
                 batch.append(event)
             if self._invalidates(entry):
-                invalidate = {
+                invalidate: dict[str, Any] = {
                     "_id": make_token(entry.ts, INVALIDATE, entry.index),
                     "operationType": "invalidate",
                     "clusterTime": entry.ts,

@@ -29,7 +29,9 @@ MORE_TO_COME = 1 << 1
 EXHAUST_ALLOWED = 1 << 16
 
 HEADER = struct.Struct("<iiii")
-CODEC = CodecOptions(tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
+CODEC: CodecOptions[dict[str, Any]] = CodecOptions(
+    tz_aware=True, uuid_representation=UuidRepresentation.STANDARD
+)
 
 
 class WireError(Exception):
