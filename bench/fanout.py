@@ -48,12 +48,12 @@ def percentile(values: list[float], q: float) -> float | None:
 class Server:
     """A feed or baseline server process on a fresh port, serving `targets` of connector `mem`."""
 
-    def __init__(self, kind: str, targets: list[str], profile: str | None = None) -> None:
+    def __init__(self, kind: str, targets: list[str]) -> None:
         self.kind = kind
         self.targets = targets
         port = free_port()
         if kind == "feed":
-            self.child = Child(feed_main, memory_config(targets, port), profile, name="feed")
+            self.child = Child(feed_main, memory_config(targets, port), name="feed")
         else:
             self.child = Child(baseline_main, port, name="baseline")
         _, self.port = self.child.recv(60)

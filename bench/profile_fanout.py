@@ -33,12 +33,24 @@ def main() -> int:
             stem = RESULTS / f"profile-{args.clients}{args.tag}"
             spy = [
                 str(Path(sys.executable).with_name("py-spy")),
-                "record", "--pid", str(server.child.pid), "--duration", str(int(args.seconds)),
-                "--rate", "250", "--nonblocking",
+                "record",
+                "--pid",
+                str(server.child.pid),
+                "--duration",
+                str(int(args.seconds)),
+                "--rate",
+                "250",
+                "--nonblocking",
             ]
+
             def record() -> None:
-                subprocess.run([*spy, "--format", "raw", "-o", f"{stem}.txt"], check=False,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [*spy, "--format", "raw", "-o", f"{stem}.txt"],
+                    check=False,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+
             thread = threading.Thread(target=record)
             thread.start()
             count = int(args.rate * (args.seconds + 1))

@@ -50,13 +50,13 @@ targets = [{names}]
 # -- the feed --------------------------------------------------------------------------------
 
 
-def feed_main(conn: Connection, config_toml: str, profile: str | None = None) -> None:
+def feed_main(conn: Connection, config_toml: str) -> None:
     raise_nofile()
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(_feed(conn, config_toml, profile))
+    asyncio.run(_feed(conn, config_toml))
 
 
-async def _feed(conn: Connection, config_toml: str, profile: str | None) -> None:
+async def _feed(conn: Connection, config_toml: str) -> None:
     import uvicorn
 
     from connectors.memory import MemoryConnector
@@ -75,7 +75,7 @@ async def _feed(conn: Connection, config_toml: str, profile: str | None) -> None
             ws_max_size=config.server.max_message_bytes,
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(30):
         while not server.started:
@@ -85,10 +85,7 @@ async def _feed(conn: Connection, config_toml: str, profile: str | None) -> None
             await asyncio.sleep(0.01)
     conn.send(("ready", config.server.port))
 
-    profiler: Any = None
-
     async def handle(request: tuple[Any, ...]) -> Any:
-        nonlocal profiler
         op = request[0]
         if op == "emit":
             targets, count, rate = request[1:]
@@ -98,23 +95,8 @@ async def _feed(conn: Connection, config_toml: str, profile: str | None) -> None
             def write(i: int) -> None:
                 memory.write(targets[i % n], "insert", {"id": i, "t": time.time()})
 
-            if profile and profiler is None:
-                from pyinstrument import Profiler
-
-                profiler = Profiler(interval=0.0005, async_mode="disabled")
-                profiler.start()
             seconds = await paced(count, rate, write)
             return ("emitted", seconds)
-        if op == "profile_stop":
-            if profiler is None:
-                return ("profile", "")
-            profiler.stop()
-            text = profiler.output_text(unicode=False, color=False, show_all=False)
-            if profile:
-                with open(profile, "w") as out:
-                    out.write(profiler.output_html())
-            profiler = None
-            return ("profile", text)
         if op == "clients":
             return ("clients", len(app.hub.clients))
         raise ValueError(f"unknown request {op!r}")
@@ -171,7 +153,12 @@ async def _baseline(conn: Connection, port: int) -> None:
                         room = body["room"]
                         rooms.setdefault(room, set()).add(ws)
                         joined.append(room)
-                        ack = {"ok": True, "room": room, "seq": seqs.get(room, 0), "recovered": None}
+                        ack = {
+                            "ok": True,
+                            "room": room,
+                            "seq": seqs.get(room, 0),
+                            "recovered": None,
+                        }
                         await ws.send(f"43{ack_id}" + json.dumps([ack]))
         except Exception:
             pass
@@ -214,8 +201,6 @@ async def _baseline(conn: Connection, port: int) -> None:
                 return ("emitted", seconds)
             if op == "clients":
                 return ("clients", clients)
-            if op == "profile_stop":
-                return ("profile", "")
             raise ValueError(f"unknown request {op!r}")
 
         await serve_commands(conn, handle)

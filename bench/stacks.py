@@ -24,8 +24,9 @@ def summarise(path: str, top: int = 25) -> str:
     total = 0
     leaf: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    for line in open(path):
-        stack, _, count = line.rstrip().rpartition(" ")
+    with open(path) as lines:
+        records = [line.rstrip().rpartition(" ") for line in lines]
+    for stack, _, count in records:
         if not stack:
             continue
         n = int(count)

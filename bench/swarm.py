@@ -85,7 +85,9 @@ class Swarm:
         timeout: float = 120.0,
     ) -> None:
         processes = max(1, min(processes, count))
-        self.sizes = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
+        self.sizes = [
+            count // processes + (1 if i < count % processes else 0) for i in range(processes)
+        ]
         self.children: list[Child] = []
         try:
             for i, size in enumerate(self.sizes):

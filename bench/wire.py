@@ -199,9 +199,8 @@ class SioClient(asyncio.Protocol):
                     self.ready.set_result(ack)
                 else:
                     self.ready.set_exception(ConnectionError(f"subscribe refused: {ack}"))
-        elif message.startswith(b"44"):  # connect error
-            if not self.ready.done():
-                self.ready.set_exception(ConnectionError(message.decode(errors="replace")))
+        elif message.startswith(b"44") and not self.ready.done():  # connect error
+            self.ready.set_exception(ConnectionError(message.decode(errors="replace")))
 
 
 async def connect_many(

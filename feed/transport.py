@@ -9,6 +9,12 @@ recipient: each queued packet wakes the client's Engine.IO writer, which goes th
 
 - encodes a room frame once, as one Engine.IO packet object (its encoding is cached), and puts that
   same object straight into each recipient's Engine.IO queue, synchronously and without tasks;
+- when a client's Engine.IO writer is idle (parked on its empty queue) and its connection is a
+  uvicorn websocket that can take data now, writes the frame to the socket directly: the same
+  WebSocket frame bytes for every such client (a server frame is unmasked, so it is identical
+  for all clients that did not negotiate compression). Otherwise (a packet already queued or in
+  flight, a paused transport, long-polling, another ASGI server) it uses the queue, so nothing
+  ever overtakes what is queued, and a slow client still meets the outbound queue limit;
 - under load, sends fewer frames: the changes routed to a room during one pass of the event loop
   are sent at the end of that pass as one `changes` frame (a list, in order). A change that is
   alone in its pass still goes out as a plain `change`, one loop iteration later, so latency at
@@ -25,11 +31,22 @@ not skipped for it, after the catch-up frame that the hub sent before releasing 
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
+
+_SansIO: Any = None
+_OPEN: Any = None
+try:  # the direct path knows uvicorn's default websocket protocol, and only that one
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
+
+    _SansIO, _OPEN = WebSocketsSansIOProtocol, State.OPEN
+except ImportError:  # pragma: no cover
+    pass
 
 MAX_BATCH = 256
 """Changes per `changes` frame; a longer run for one room goes out as several frames, in order."""
@@ -56,6 +73,61 @@ Entry = tuple[Any, Sequence[str]]
 """A buffered change payload and the sids it must skip."""
 
 
+class Outgoing:
+    """One Socket.IO event, encoded once: Engine.IO packets for queues, frame bytes for sockets."""
+
+    __slots__ = ("_wire", "packets", "text")
+
+    def __init__(self, packets: list[Any]) -> None:
+        self.packets = packets
+        single = packets[0].encode() if len(packets) == 1 else None
+        self.text: bytes | None = single.encode() if isinstance(single, str) else None
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        """The unmasked, uncompressed WebSocket text frame (what a server sends every client)."""
+        if self._wire is None:
+            assert self.text is not None
+            n = len(self.text)
+            if n < 126:
+                head = struct.pack("!BB", 0x81, n)
+            elif n < 65536:
+                head = struct.pack("!BBH", 0x81, 126, n)
+            else:
+                head = struct.pack("!BBQ", 0x81, 127, n)
+            self._wire = head + self.text
+        return self._wire
+
+
+def _direct_protocol(socket: Any) -> Any:
+    """The uvicorn websocket protocol under an Engine.IO socket, when it can be written to now.
+
+    feed.limits records the Engine.IO ASGI websocket wrapper on its socket (`feed_websocket`);
+    its ASGI send callable is a bound method of uvicorn's protocol object. Anything unexpected
+    answers None, and the caller uses the queue.
+    """
+    if _SansIO is None:
+        return None
+    send = getattr(getattr(socket, "feed_websocket", None), "asgi_send", None)
+    protocol = getattr(send, "__self__", None)
+    if not isinstance(protocol, _SansIO):
+        return None
+    return protocol
+
+
+def _writer_parked(queue: Any) -> bool:
+    """Whether the Engine.IO writer waits on an empty queue, i.e. holds no packet in flight.
+
+    Between taking packets off the queue and writing them the writer has no waiting getter, and
+    a direct write then could overtake them; so only a pending getter counts as idle.
+    """
+    if queue.qsize():
+        return False
+    getters: Any = getattr(queue, "_getters", ())
+    return any(not g.done() for g in getters)
+
+
 class SocketIOTransport:
     """Rooms are python-socketio rooms in the default namespace."""
 
@@ -68,7 +140,9 @@ class SocketIOTransport:
         self._count = 0
         self._flush_handle: asyncio.Handle | None = None
         self.frames_sent = 0
-        """Room frames encoded (each went to every recipient); for benchmarks and tests."""
+        """Frames encoded (each went to every recipient); for benchmarks and tests."""
+        self.direct_writes = 0
+        """Frames written straight to a connection rather than through its queue."""
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -130,8 +204,8 @@ class SocketIOTransport:
 
     def _flush_room(self, room: str, entries: list[Entry]) -> None:
         if not any(skip for _, skip in entries):
-            for packets in self._change_frames([data for data, _ in entries]):
-                self._deliver(room, packets, ())
+            for out in self._change_frames([data for data, _ in entries]):
+                self._deliver(room, out, ())
             return
         # Some members were still being caught up for some of these changes: group the room's
         # members by the changes they get, and encode once per group (usually two groups).
@@ -142,21 +216,23 @@ class SocketIOTransport:
             if picked:
                 groups.setdefault(picked, []).append(eio_sid)
         for picked, eio_sids in groups.items():
-            for packets in self._change_frames([entries[i][0] for i in picked]):
+            for out in self._change_frames([entries[i][0] for i in picked]):
                 for eio_sid in eio_sids:
-                    self._put(eio_sid, packets)
+                    self._put(eio_sid, out)
 
-    def _change_frames(self, payloads: list[Any]) -> Iterable[list[Any]]:
+    def _change_frames(self, payloads: list[Any]) -> Iterable[Outgoing]:
         if len(payloads) == 1:
             yield self._packets("change", payloads[0])
             return
         for start in range(0, len(payloads), self.max_batch):
             chunk = payloads[start : start + self.max_batch]
-            yield self._packets("changes", chunk) if len(chunk) > 1 else self._packets(
-                "change", chunk[0]
+            yield (
+                self._packets("changes", chunk)
+                if len(chunk) > 1
+                else self._packets("change", chunk[0])
             )
 
-    def _packets(self, event: str, data: Any) -> list[Any]:
+    def _packets(self, event: str, data: Any) -> Outgoing:
         """One Socket.IO event as Engine.IO packets, encoded once for every recipient."""
         pkt = self.sio.packet_class(sio_packet.EVENT, namespace=self.namespace, data=[event, data])
         encoded = pkt.encode()
@@ -166,24 +242,51 @@ class SocketIOTransport:
         packets = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in encoded]
         for p in packets:
             p.encode()  # fill the packet's encode cache now, once, not in every client's writer
-        return packets
+        return Outgoing(packets)
 
-    def _deliver(self, room: str | None, packets: list[Any], skip: Sequence[str]) -> None:
-        sockets = self.sio.eio.sockets
+    def _deliver(self, room: str | None, out: Outgoing, skip: Sequence[str]) -> None:
         skipped = frozenset(skip) if skip else None
         for sid, eio_sid in self.sio.manager.get_participants(self.namespace, room):
-            if skipped is not None and sid in skipped:
-                continue
-            socket = sockets.get(eio_sid)
-            if socket is None or socket.closing or socket.closed:
-                continue
-            queue = socket.queue
-            for p in packets:
-                queue.put_nowait(p)
+            if skipped is None or sid not in skipped:
+                self._put(eio_sid, out)
 
-    def _put(self, eio_sid: str, packets: list[Any]) -> None:
+    def _put(self, eio_sid: str, out: Outgoing) -> None:
         socket = self.sio.eio.sockets.get(eio_sid)
         if socket is None or socket.closing or socket.closed:
             return
-        for p in packets:
-            socket.queue.put_nowait(p)
+        queue = socket.queue
+        if out.text is not None and _writer_parked(queue):
+            protocol = getattr(socket, "feed_protocol", None)
+            if protocol is None:
+                protocol = _direct_protocol(socket)
+                if protocol is not None:
+                    socket.feed_protocol = protocol
+            if protocol is not None and self._write(protocol, out):
+                self.direct_writes += 1
+                return
+        for p in out.packets:
+            queue.put_nowait(p)
+
+    def _write(self, protocol: Any, out: Outgoing) -> bool:
+        """Write straight to the connection, as uvicorn's own ASGI send would; False: use the queue."""
+        if (
+            not protocol.writable.is_set()
+            or not protocol.handshake_complete
+            or protocol.close_sent
+            or protocol.disconnected
+            or protocol.initial_response is not None
+            or protocol.transport.is_closing()
+        ):
+            return False
+        conn = protocol.conn
+        if conn.extensions:  # compression keeps per-connection state: frame it for this one
+            try:
+                conn.send_text(out.text)
+            except Exception:
+                return False
+            protocol.transport.write(b"".join(conn.data_to_send()))
+        else:
+            if conn.state is not _OPEN or conn.expect_continuation_frame:
+                return False
+            protocol.transport.write(out.wire)
+        return True

@@ -1,0 +1,233 @@
+"""Fan-out mechanics with real clients: batching into `changes`, order, catch-up, direct writes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import socketio
+from engineio import packet as eio_packet
+
+from connectors.memory import MemoryConnector
+from feed.transport import SocketIOTransport
+from tests.support.server import RunningFeed, running_feed
+
+WAIT = 10.0
+
+CONFIG = """
+[server]
+replay_buffer = 5000
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders", "public.customers"]
+"""
+
+ROOM = "mem:public.orders"
+
+
+class Recorder:
+    """A python-socketio client that keeps every event in arrival order, frames unflattened."""
+
+    def __init__(self) -> None:
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.events: list[tuple[str, Any]] = []
+        self.changed = asyncio.Event()
+        self.sio.on("*", self._any)
+
+    async def _any(self, event: str, data: Any = None) -> None:
+        self.events.append((event, data))
+        self.changed.set()
+
+    async def connect(self, url: str) -> Recorder:
+        await self.sio.connect(url, transports=["websocket"], wait_timeout=WAIT)
+        return self
+
+    async def subscribe(self, room: str, **fields: Any) -> dict[str, Any]:
+        ack: dict[str, Any] = await self.sio.call(
+            "subscribe", {"room": room, **fields}, timeout=WAIT
+        )
+        assert ack["ok"], ack
+        return ack
+
+    def changes(self, room: str = ROOM) -> list[dict[str, Any]]:
+        flat: list[dict[str, Any]] = []
+        for event, data in self.events:
+            if event == "change":
+                flat.append(data)
+            elif event == "changes":
+                flat.extend(data)
+        return [c for c in flat if c["room"] == room]
+
+    def frames(self, event: str) -> list[Any]:
+        return [data for name, data in self.events if name == event]
+
+    async def until(self, count: int, room: str = ROOM, timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.changes(room)) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def close(self) -> None:
+        await self.sio.disconnect()
+
+
+def memory(feed: RunningFeed) -> MemoryConnector:
+    connector = feed.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector
+
+
+def transport(feed: RunningFeed) -> SocketIOTransport:
+    assert isinstance(feed.hub.transport, SocketIOTransport)
+    return feed.hub.transport
+
+
+def seqs(changes: list[dict[str, Any]]) -> list[int]:
+    return [c["seq"] for c in changes]
+
+
+async def test_a_burst_arrives_in_order_as_changes_frames_and_a_lone_change_as_change() -> None:
+    async with running_feed(CONFIG) as feed:
+        client = await Recorder().connect(feed.url)
+        try:
+            await client.subscribe(ROOM)
+            db = memory(feed)
+            for i in range(600):  # one synchronous burst: routed within one loop pass
+                db.write("public.orders", "insert", {"id": i})
+            await client.until(600)
+            assert seqs(client.changes()) == list(range(1, 601))
+            batches = client.frames("changes")
+            assert batches, "a burst should be batched into `changes` frames"
+            assert max(len(b) for b in batches) <= 256
+            assert all(isinstance(b, list) and b for b in batches)
+
+            before = len(client.events)
+            db.write("public.orders", "insert", {"id": 1000})
+            await client.until(601)
+            assert client.events[before:] == [("change", client.changes()[-1])]
+            assert client.changes()[-1]["seq"] == 601
+        finally:
+            await client.close()
+
+
+async def test_every_client_sees_every_seq_once_in_order_while_others_join_with_since() -> None:
+    """Members join (with `since`, so the hub catches them up) while a writer keeps the room
+    busy: changes routed between a join and the end of its catch-up skip the joiner and reach
+    it in the catch-up frame instead; none may be lost, repeated or reordered."""
+    async with running_feed(CONFIG) as feed:
+        db = memory(feed)
+        first = await Recorder().connect(feed.url)
+        joiners: list[Recorder] = []
+        written = 0
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            nonlocal written
+            while not stop.is_set():
+                for _ in range(5):
+                    db.write("public.orders", "insert", {"id": written})
+                    written += 1
+                await asyncio.sleep(0)
+
+        try:
+            await first.subscribe(ROOM)
+            writing = asyncio.create_task(writer())
+            sinces: list[int] = []
+            for _ in range(12):
+                joiner = await Recorder().connect(feed.url)
+                joiners.append(joiner)
+                since = max(0, written - 20)
+                sinces.append(since)
+                ack = await joiner.subscribe(ROOM, since=since)
+                assert ack["recovered"] is True
+            stop.set()
+            await writing
+            await first.until(written)
+            assert seqs(first.changes()) == list(range(1, written + 1))
+            for since, joiner in zip(sinces, joiners, strict=True):
+                await joiner.until(written - since)
+                assert seqs(joiner.changes()) == list(range(since + 1, written + 1))
+        finally:
+            stop.set()
+            for client in [first, *joiners]:
+                await client.close()
+
+
+async def test_a_member_released_from_catch_up_mid_batch_gets_only_what_was_not_skipped() -> None:
+    """Two changes buffered in one pass: the first skips a member being caught up, the second
+    does not (it was released in between). Each member gets exactly its own changes, in order."""
+    async with running_feed(CONFIG) as feed:
+        a = await Recorder().connect(feed.url)
+        b = await Recorder().connect(feed.url)
+        try:
+            await a.subscribe(ROOM)
+            await b.subscribe(ROOM)
+            sid_b = next(sid for sid in feed.hub.clients if sid != a.sio.get_sid("/"))
+            t = transport(feed)
+            payloads = [{"room": ROOM, "seq": n, "id": f"x{n}"} for n in (1, 2, 3)]
+            await t.send_room(ROOM, "change", payloads[0], [sid_b])
+            await t.send_room(ROOM, "change", payloads[1], [])
+            await t.send_room(ROOM, "change", payloads[2], [sid_b])
+            await a.until(3)
+            await b.until(1)
+            assert a.events == [("changes", payloads)]
+            assert b.events == [("change", payloads[1])]
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_buffered_changes_go_out_before_a_direct_send_or_broadcast() -> None:
+    async with running_feed(CONFIG) as feed:
+        client = await Recorder().connect(feed.url)
+        try:
+            await client.subscribe(ROOM)
+            (sid,) = feed.hub.clients
+            t = transport(feed)
+            one = {"room": ROOM, "seq": 1}
+            two = {"room": ROOM, "seq": 2}
+            await t.send_room(ROOM, "change", one, [])
+            await t.send_to(sid, "gap", {"room": ROOM})
+            await t.send_room(ROOM, "change", two, [])
+            await t.broadcast("status", {"state": "up"})
+            async with asyncio.timeout(WAIT):
+                while len(client.events) < 4:
+                    client.changed.clear()
+                    await client.changed.wait()
+            assert [e for e, _ in client.events] == ["change", "gap", "change", "status"]
+        finally:
+            await client.close()
+
+
+async def test_idle_websocket_clients_are_written_directly_and_busy_ones_through_the_queue() -> (
+    None
+):
+    async with running_feed(CONFIG) as feed:
+        clients = [await Recorder().connect(feed.url) for _ in range(3)]
+        try:
+            for client in clients:
+                await client.subscribe(ROOM)
+            t = transport(feed)
+            direct = t.direct_writes
+            db = memory(feed)
+            db.write("public.orders", "insert", {"id": 1})
+            for client in clients:
+                await client.until(1)
+            assert t.direct_writes - direct == 3
+            # A packet already queued for a client means its writer has work in hand: the next
+            # frame must queue behind it, never overtake it.
+            for s in feed.app.sio.eio.sockets.values():
+                s.queue.put_nowait(eio_packet.Packet(eio_packet.MESSAGE, '2["status",{"n":1}]'))
+            queued = t.direct_writes
+            await t.send_room(ROOM, "change", {"room": ROOM, "seq": 99}, [])
+            t.flush()
+            assert t.direct_writes == queued
+            for client in clients:
+                await client.until(2)
+                names = [e for e, _ in client.events]
+                assert names[-2:] == ["status", "change"]
+        finally:
+            for client in clients:
+                await client.close()
