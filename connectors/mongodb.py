@@ -121,9 +121,12 @@ class MongoConnector(Connector):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._start(stream=True)
+
+    async def _start(self, *, stream: bool) -> None:
         self.set_status(State.STARTING)
         try:
-            await self._connect()
+            await self._connect(stream)
         except ConnectorError as exc:
             self.set_status(State.DOWN, str(exc))
             await self._close_client()
@@ -134,7 +137,7 @@ class MongoConnector(Connector):
             await self._close_client()
             raise error from None
 
-    async def _connect(self) -> None:
+    async def _connect(self, stream: bool) -> None:
         try:
             nodes = parse_uri(self.uri)["nodelist"]
         except (InvalidURI, ConfigurationError, ValueError) as exc:
@@ -158,6 +161,8 @@ class MongoConnector(Connector):
             )
         if not self.allow_missing:
             await self._check_namespaces()
+        if not stream:
+            return
         self._tokens = TokenStore(self._client, self.resume_collection, self.name)
         if self._token is None:
             self._token = await self._tokens.load()
@@ -206,12 +211,20 @@ class MongoConnector(Connector):
             await client.close()
 
     async def check(self) -> str:
-        async with self:
+        """Connect and check the namespaces, without opening a stream or saving a token."""
+        await self._start(stream=False)
+        try:
             assert self._client is not None
             info = await self._client.admin.command("buildInfo")
             hello = await self._client.admin.command("hello")
-            where = hello.get("setName") or "sharded cluster"
-            return f"MongoDB {info.get('version')} ({where}), watching {', '.join(self._watch_names())}"
+        except PyMongoError as exc:
+            raise self._explain(exc) from None
+        finally:
+            await self._close_client()
+            self.set_status(State.STOPPED)
+        where = hello.get("setName") or "sharded cluster"
+        watching = ", ".join(self._watch_names())
+        return f"MongoDB {info.get('version')} ({where}), watching {watching}"
 
     # -- the stream ----------------------------------------------------------------------------
 

@@ -116,9 +116,17 @@ async def test_standalone_server_is_refused_in_one_line() -> None:
     assert "replica set" in message and "rs.initiate()" in message
 
 
-async def test_check_describes_the_source(mongodb: MongoSource, db: str) -> None:  # noqa: F811
-    text = await make(mongodb, f"{db}.orders").check()
+async def test_check_describes_the_source_and_saves_nothing(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    connector = make(mongodb, f"{db}.orders")
+    text = await connector.check()
     assert text.startswith("MongoDB ") and f"{db}.orders" in text
+    tokens = mongodb.client["dbfeed"]["resume_tokens"]
+    assert await tokens.find_one({"_id": connector.name}) is None
+    with pytest.raises(SourceMisconfigured):
+        await make(mongodb, f"{db}.missing").check()
 
 
 async def test_required_images_without_pre_and_post_images(mongodb: MongoSource, db: str) -> None:  # noqa: F811
