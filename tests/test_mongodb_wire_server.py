@@ -1,0 +1,92 @@
+"""Server behaviours the connector relies on, written with plain PyMongo.
+
+They hold for a real replica set too (run them with FEED_TEST_MONGODB_URL), which is how the wire
+test server's fidelity is checked against mongod itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pymongo.errors import OperationFailure
+
+from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+
+pytestmark = pytest.mark.mongodb
+WAIT = 10.0
+
+
+@pytest.fixture
+async def coll(mongodb: MongoSource) -> AsyncIterator[Any]:  # noqa: F811
+    name = MongoSource.unique()
+    await mongodb.client[name].create_collection("c")
+    yield mongodb.client[name]["c"]
+    await mongodb.client.drop_database(name)
+
+
+async def next_event(stream: Any) -> dict[str, Any]:
+    async with asyncio.timeout(WAIT):
+        while True:
+            event = await stream.try_next()
+            if event is not None:
+                return dict(event)
+
+
+async def test_start_at_operation_time_is_inclusive(mongodb: MongoSource, coll: Any) -> None:  # noqa: F811
+    async with mongodb.client.start_session() as session:
+        await coll.insert_one({"_id": "a"}, session=session)
+        at = session.operation_time
+    await coll.insert_one({"_id": "b"})
+    async with await coll.watch(start_at_operation_time=at, max_await_time_ms=100) as stream:
+        first, second = await next_event(stream), await next_event(stream)
+    assert [first["documentKey"]["_id"], second["documentKey"]["_id"]] == ["a", "b"]
+    assert first["clusterTime"] == at
+
+
+async def test_post_batch_token_resumes_after_the_batch(mongodb: MongoSource, coll: Any) -> None:  # noqa: F811
+    async with await coll.watch(max_await_time_ms=100) as stream:
+        await coll.insert_one({"_id": 1})
+        await next_event(stream)
+        assert await stream.try_next() is None  # an empty batch: the token is the batch's end
+        token = stream.resume_token
+    await coll.insert_one({"_id": 2})
+    async with await coll.watch(start_after=token, max_await_time_ms=100) as stream:
+        event = await next_event(stream)
+    assert event["documentKey"] == {"_id": 2}
+
+
+async def test_invalidate_allows_start_after_but_not_resume_after(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    async with await coll.watch(max_await_time_ms=100) as stream:
+        await coll.drop()
+        drop, invalidate = await next_event(stream), await next_event(stream)
+    assert (drop["operationType"], invalidate["operationType"]) == ("drop", "invalidate")
+    with pytest.raises(OperationFailure) as caught:
+        async with await coll.watch(resume_after=invalidate["_id"]) as stream:
+            await stream.try_next()
+    assert caught.value.code == 260
+    async with await coll.watch(start_after=invalidate["_id"], max_await_time_ms=100) as stream:
+        await coll.insert_one({"_id": "again"})
+        event = await next_event(stream)
+    assert event["operationType"] == "insert"
+
+
+async def test_snapshot_read_at_a_cluster_time_sees_that_state(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    async with mongodb.client.start_session() as session:
+        await coll.insert_one({"_id": 1, "v": "old"}, session=session)
+        at = session.operation_time
+    await coll.update_one({"_id": 1}, {"$set": {"v": "new"}})
+    await coll.insert_one({"_id": 2, "v": "new"})
+    cursor = await coll.database.cursor_command(
+        "find", coll.name, readConcern={"level": "snapshot", "atClusterTime": at}
+    )
+    rows = await cursor.to_list()
+    assert rows == [{"_id": 1, "v": "old"}]
