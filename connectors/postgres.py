@@ -174,6 +174,7 @@ class PostgresConnector(Connector):
         self.auto_migrate = options.bool("auto_migrate", False)
         self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
         self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
+        self.poll_interval = options.float("poll_interval", 0.05, minimum=0.001)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -257,7 +258,8 @@ class PostgresConnector(Connector):
             if self.mode == "logical":
                 from connectors.postgres_logical import LogicalReader
 
-                self._logical = LogicalReader(self)
+                if self._logical is None:  # kept across restarts: it knows what was routed
+                    self._logical = LogicalReader(self)
                 await self._logical.prepare(conn)
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
@@ -458,8 +460,13 @@ class PostgresConnector(Connector):
         """`feed migrate`: apply the SQL files, attach configured tables, detach dropped ones."""
         conn = await self._admin()
         try:
+            if self.mode == "logical":
+                from connectors.postgres_logical import LogicalReader
+
+                await self._check_tables(conn, attach=False)
+                return await LogicalReader(self).migrate(conn) or ["logical mode is set up"]
             lines = await apply_migrations(conn, self.schema)
-            lines += await self._check_tables(conn, attach=self.mode == "notify")
+            lines += await self._check_tables(conn, attach=True)
             watched = await conn.fetch(
                 f"SELECT target FROM {self.q}.watches WHERE consumer = $1 ORDER BY target",
                 self.name,
@@ -467,10 +474,6 @@ class PostgresConnector(Connector):
             for row in watched:
                 if row["target"] not in self.targets_by_table:
                     lines += await self._detach(conn, row["target"])
-            if self.mode == "logical":
-                from connectors.postgres_logical import LogicalReader
-
-                lines += await LogicalReader(self).migrate(conn)
             return lines
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
@@ -481,11 +484,14 @@ class PostgresConnector(Connector):
         """`feed unwatch`: stop capturing `tables` for this connector (all of them by default).
 
         A table's triggers are dropped once no connector watches it. With no tables given the
-        connector's saved position is forgotten too (and its replication slot dropped in
-        logical mode), so that it no longer holds back journal pruning or WAL.
+        connector's saved position is forgotten too, so that it no longer holds back journal
+        pruning. In logical mode tables leave the publication, and with no tables given the
+        replication slot and publication are dropped, so the slot no longer holds WAL.
         """
         conn = await self._admin()
         try:
+            if self.mode == "logical":
+                return await self._unwatch_logical(conn, tables)
             if await pending(conn, self.schema) == [m.name for m in load_migrations()]:
                 return [f"schema {self.schema!r} is not installed: nothing to unwatch"]
             watched = [
@@ -505,15 +511,29 @@ class PostgresConnector(Connector):
             if tables is None:
                 await conn.execute(f"DELETE FROM {self.q}.consumers WHERE name = $1", self.name)
                 lines.append(f"forgot the position of {self.name!r}")
-                from connectors.postgres_logical import drop_slot
-
-                if await drop_slot(conn, self.slot):
-                    lines.append(f"dropped replication slot {self.slot!r}")
             return lines or ["nothing to unwatch"]
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
         finally:
             await conn.close()
+
+    async def _unwatch_logical(self, conn: Any, tables: list[str] | None) -> list[str]:
+        from connectors.postgres_logical import drop_slot
+
+        if tables is None:
+            if await drop_slot(conn, self.slot):
+                return [f"dropped replication slot and publication {self.slot!r}"]
+            return [f"no replication slot {self.slot!r}: nothing to unwatch"]
+        lines = []
+        for target in tables:
+            if target in self.targets_by_table:
+                await conn.execute(
+                    f"ALTER PUBLICATION {quote_ident(self.slot)} DROP TABLE {self.regclass(target)}"
+                )
+                lines.append(f"unwatched {target} (removed from publication {self.slot!r})")
+            else:
+                lines.append(f"{target} is not configured for {self.name!r}")
+        return lines
 
     async def check(self) -> str:
         """Reach the server and check the schema and tables without changing anything."""
@@ -583,7 +603,7 @@ class PostgresConnector(Connector):
             self._dead_pid = self._reader_pid
             conn.terminate()
 
-    async def _open_reader(self) -> None:
+    async def _open_reader(self, *, listen: bool = True) -> None:
         """Connect, become the only reader, LISTEN, then load where to resume."""
         conn = await self._connect(reader=True)
         try:
@@ -599,11 +619,12 @@ class PostgresConnector(Connector):
                     )
                 self._dead_pid = None
             await self._acquire_lock(conn)
-            await conn.add_listener(self.channel, self._on_notify)
             conn.add_termination_listener(self._on_terminated)
             self._reader = conn
             self._reader_pid = conn.get_server_pid()
-            await self._load_position(conn)
+            if listen:
+                await conn.add_listener(self.channel, self._on_notify)
+                await self._load_position(conn)
         except BaseException:
             if self._reader is not conn:
                 conn.terminate()

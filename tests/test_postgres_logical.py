@@ -1,0 +1,177 @@
+"""Logical decoding mode: the same promises as notify mode, from a replication slot.
+
+Runs where the server has wal_level=logical (the embedded server always does); against a server
+without it these tests are skipped, except the one that checks the clear refusal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from connectors.base import RoomAddress
+from feed.errors import SourceMisconfigured
+from tests.connector_contract import ConnectorContract
+from tests.postgres_helpers import make_connector, streaming
+from tests.support import postgres as pg_support
+from tests.support.postgres import PgDatabase, PgServer
+from tests.test_postgres_contract import PostgresHarness, open_harness
+
+pg_server = pg_support.pg_server
+pg = pg_support.pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
+
+
+@pytest.fixture
+async def logical_pg(pg: PgDatabase) -> PgDatabase:
+    if await pg.server.wal_level() != "logical":
+        pytest.skip("the server's wal_level is not logical")
+    return pg
+
+
+def logical(db: PgDatabase, tables: list[str], **extra: Any) -> Any:
+    return make_connector(db.url, tables, mode="logical", poll_interval=0.02, **extra)
+
+
+async def orders(db: PgDatabase) -> None:
+    await db.conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text, amount numeric(10,2))"
+    )
+
+
+async def test_changes_in_commit_order_with_images(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await orders(db)
+    async with streaming(logical(db, ["public.orders"])) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'new', 10.50)")
+        await db.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+        await db.conn.execute("DELETE FROM orders WHERE id = 1")
+        await db.conn.execute("TRUNCATE orders")
+        got = await stream.take(4)
+    assert [c.op for c in got] == ["insert", "update", "delete", "truncate"]
+    assert got[0].after == {"id": 1, "status": "new", "amount": Decimal("10.50")}
+    assert got[1].before == {"id": 1, "status": "new", "amount": Decimal("10.50")}
+    assert got[1].after == {"id": 1, "status": "paid", "amount": Decimal("10.50")}
+    assert got[2].before == got[1].after and got[2].after is None and got[2].key == 1
+    assert all(c.ts is not None and c.source == "postgres" for c in got)
+
+
+async def test_out_of_order_commits_arrive_in_commit_order(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await orders(db)
+    t1, t2 = await db.connect(), await db.connect()
+    try:
+        async with streaming(logical(db, ["public.orders"])) as stream:
+            await t1.execute("BEGIN")
+            await t1.execute("INSERT INTO orders VALUES (1, 't1', 1)")
+            await t2.execute("BEGIN")
+            await t2.execute("INSERT INTO orders VALUES (2, 't2', 1)")
+            await t2.execute("COMMIT")
+            await t1.execute("COMMIT")
+            got = await stream.take(2)
+    finally:
+        await t1.close()
+        await t2.close()
+    assert [c.key for c in got] == [2, 1]
+
+
+async def test_types_match_notify_mode(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await db.conn.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
+    await db.conn.execute(
+        """CREATE TABLE public.kinds (id uuid PRIMARY KEY, n numeric, at timestamptz,
+           doc jsonb, tags text[], blob bytea, feeling mood, nothing text, big text)"""
+    )
+    row = (
+        uuid.uuid4(),
+        Decimal("1.250"),
+        dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC),
+        '{"a": [1, 2.5]}',
+        ["x", "y,z"],
+        b"\x00\xff",
+        "happy",
+        None,
+        "b" * 100_000,
+    )
+    sql = "INSERT INTO kinds VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)"
+    async with streaming(logical(db, ["public.kinds"])) as notify_free:
+        await db.conn.execute(sql, *row)
+        via_slot = (await notify_free.take(1))[0]
+        await db.conn.execute("UPDATE kinds SET n = 2")  # big stays TOASTed and unchanged
+        update = (await notify_free.take(1))[0]
+    await db.conn.execute("DELETE FROM kinds")
+    async with streaming(make_connector(db.url, ["public.kinds"], name="n")) as stream:
+        await db.conn.execute(sql, *row)
+        via_journal = (await stream.take(1))[0]
+    assert via_slot.after == via_journal.after
+    assert via_slot.after is not None and via_slot.after["doc"] == {"a": [1, 2.5]}
+    assert update.after is not None and update.after["big"] == "b" * 100_000
+    assert update.after["n"] == Decimal("2")
+
+
+async def test_restart_resumes_from_the_slot(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await orders(db)
+    async with streaming(logical(db, ["public.orders"])) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        await db.conn.execute("INSERT INTO orders VALUES (2, 'a', 1)")
+        first = await stream.take(2)
+    await db.conn.execute("INSERT INTO orders VALUES (3, 'a', 1)")
+    async with streaming(logical(db, ["public.orders"])) as stream:
+        got = await stream.take(1)
+        await db.conn.execute("INSERT INTO orders VALUES (4, 'a', 1)")
+        got += await stream.take(1)
+        stream.assert_idle()
+    assert [c.key for c in first] == [1, 2]
+    assert [c.key for c in got] == [3, 4]
+
+
+async def test_snapshot_covers_exactly_what_it_reflects(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await orders(db)
+    await db.conn.execute("INSERT INTO orders VALUES (1, 'paid', 1)")
+    connector = logical(db, ["public.orders"])
+    async with streaming(connector) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (2, 'paid', 1)")
+        seen = await stream.take(1)
+        snap = await connector.snapshot(RoomAddress("public.orders"), lambda r: True, 10)
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'paid', 1)")
+        later = await stream.take(1)
+    assert sorted(r["id"] for r in snap.rows) == [1, 2]
+    assert snap.covers(seen[0]) and not snap.covers(later[0])
+
+
+async def test_unwatch_drops_the_slot(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await orders(db)
+    connector = logical(db, ["public.orders"])
+    lines = await connector.migrate()
+    assert "created replication slot 'feed_main'" in lines
+    assert await connector.unwatch() == ["dropped replication slot and publication 'feed_main'"]
+    assert await db.conn.fetchval("SELECT count(*) FROM pg_replication_slots") == 0
+
+
+async def test_logical_mode_without_wal_level_logical_is_one_clear_line(pg: PgDatabase) -> None:
+    if await pg.server.wal_level() == "logical":
+        pytest.skip("the server has wal_level=logical")
+    await orders(pg)
+    with pytest.raises(SourceMisconfigured, match="needs wal_level = logical"):
+        await logical(pg, ["public.orders"]).start()
+
+
+class TestPostgresLogicalConnector(ConnectorContract):
+    @pytest.fixture
+    async def harness(self, pg_server: PgServer) -> AsyncIterator[PostgresHarness]:
+        if await pg_server.wal_level() != "logical":
+            pytest.skip("the server's wal_level is not logical")
+        db, harness = await open_harness(pg_server, mode="logical", poll_interval=0.02)
+        try:
+            yield harness
+        finally:
+            await pg_support.drop_database(db)
