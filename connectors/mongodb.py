@@ -452,10 +452,12 @@ class MongoConnector(Connector):
     async def _snapshot_time(self) -> Timestamp:
         """A cluster time whose every change has been delivered: just before the stream's mark.
 
-        When the mark is an event's own time, events of the same transaction may still follow,
-        so wait (about one idle getMore) for the stream to move past it before reading.
+        Reading just before the mark is always safe. When the mark is an event's own time, that
+        event is then not in the rows (the hub replays it from the room's buffer); waiting for
+        the stream's next batch (about one getMore) usually moves the mark past it, so the rows
+        include it and the replay is shorter.
         """
-        deadline = time.monotonic() + self.max_await_ms / 1000 + 5
+        deadline = time.monotonic() + self.max_await_ms / 1000 + 1
         while self._mark is None or self._mark_is_event:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
