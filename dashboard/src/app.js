@@ -202,6 +202,9 @@ function drawConnectors() {
     badge.className = "badge state";
     badge.dataset.state = c.status.state;
     badge.textContent = c.status.state;
+    const rate = document.createElement("span");
+    rate.className = "rate";
+    rate.textContent = `${formatRate(c.rates.length ? c.rates[c.rates.length - 1] : 0)}/s`;
     head.append(name, type, badge);
     if (c.gap) {
       const gap = document.createElement("span");
@@ -211,8 +214,11 @@ function drawConnectors() {
       gap.title = `${c.gap.reason} at ${c.gap.at.toLocaleTimeString()}`;
       head.append(gap);
     }
+    head.append(rate);
     item.append(head);
-    const detail = c.gap ? `gap: ${c.gap.reason}` : c.status.detail;
+    // A gap stays on show until the page reloads: it often comes with a down/up that would
+    // otherwise hide it within a second.
+    const detail = c.gap ? `gap at ${c.gap.at.toLocaleTimeString()}: ${c.gap.reason}` : c.status.detail;
     if (detail) {
       const p = document.createElement("p");
       p.className = "connector-detail";
@@ -225,8 +231,8 @@ function drawConnectors() {
 }
 
 function sparkline(rates) {
-  const width = 160;
-  const height = 28;
+  const width = 240;
+  const height = 30;
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -245,12 +251,8 @@ function sparkline(rates) {
     (r, i) => `${((offset + i) * step).toFixed(1)},${(height - 2 - (r / peak) * (height - 4)).toFixed(1)}`,
   );
   line.setAttribute("points", points.join(" "));
-  const text = document.createElementNS(ns, "text");
-  text.setAttribute("x", width - 2);
-  text.setAttribute("y", 10);
-  text.setAttribute("text-anchor", "end");
-  text.textContent = `${formatRate(now)}/s`;
-  svg.append(title, line, text);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.append(title, line);
   return svg;
 }
 
@@ -406,7 +408,8 @@ function drawSubscriptions() {
     const message = document.createElement("span");
     message.className = "sub-message";
     message.textContent = sub.message;
-    item.append(name, badge, message);
+    message.hidden = !sub.message || sub.message === sub.status;
+    item.append(name, badge);
     if (sub.status === "gap" || sub.status === "error") {
       const again = document.createElement("button");
       again.type = "button";
@@ -422,7 +425,7 @@ function drawSubscriptions() {
     remove.textContent = "×";
     remove.setAttribute("aria-label", `Remove subscription ${name.textContent}`);
     remove.addEventListener("click", () => removeSubscription(sub));
-    item.append(remove);
+    item.append(remove, message);
     list.append(item);
     if (focusKey === item.dataset.key) remove.focus();
   }
