@@ -160,18 +160,35 @@ class OutboundLimiter:
     def _overflowed(self, queue: OutboundQueue) -> None:
         for eio_sid, socket in list(self.sio.eio.sockets.items()):
             if socket.queue is queue:
-                task = asyncio.get_running_loop().create_task(self._cut(eio_sid, socket))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.cut += 1
+                log.warning(
+                    "client %s stopped reading (%d bytes waiting): disconnected",
+                    eio_sid,
+                    self.limit,
+                )
+                if self.on_cut is not None:
+                    self.on_cut(eio_sid)
+                self.close_soon(eio_sid)
                 return
 
-    async def _cut(self, eio_sid: str, socket: Any) -> None:
-        self.cut += 1
-        log.warning(
-            "client %s stopped reading (%d bytes waiting): disconnected", eio_sid, self.limit
-        )
-        if self.on_cut is not None:
-            self.on_cut(eio_sid)
+    def close_soon(self, eio_sid: str, delay: float = 0.0) -> None:
+        """Schedule `close`; usable from synchronous code such as a queue put or a timer."""
+
+        def start() -> None:
+            task = asyncio.get_running_loop().create_task(self.close(eio_sid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, start)
+        else:
+            start()
+
+    async def close(self, eio_sid: str) -> None:
+        """End a connection now, whatever its client does: nothing queued is waited for."""
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is None:
+            return
         try:
             await socket.close(wait=False, abort=True, reason=socket.server.reason.TRANSPORT_ERROR)
         finally:

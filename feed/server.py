@@ -28,6 +28,9 @@ from feed.transport import SocketIOTransport
 
 log = logging.getLogger("feed.server")
 
+EXPIRY_GRACE = 2.0
+"""Seconds an expired client has to leave by itself before its connection is dropped."""
+
 
 @dataclass
 class Session:
@@ -134,6 +137,7 @@ class FeedApp:
         if sid not in self.sessions:
             return
         self.hub.metrics.inc("feed_auth_expired_total")
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         try:
             await self.sio.emit(
                 "auth_expired",
@@ -142,12 +146,12 @@ class FeedApp:
             )
             await self.sio.disconnect(sid)
         finally:
-            # Socket.IO's disconnect only asks the client to leave: close the transport too.
-            eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
-            if eio_sid is not None:
-                await self.sio.eio.disconnect(eio_sid)
             if sid in self.sessions:
                 await self.on_disconnect(sid)
+            # Socket.IO's disconnect only asks the client to leave; a client that ignores it
+            # loses its connection anyway once the notice has had time to go out.
+            if eio_sid is not None:
+                self.outbound.close_soon(eio_sid, delay=EXPIRY_GRACE)
 
     def _cut_off(self, eio_sid: str) -> None:
         self.hub.metrics.inc("feed_slow_clients_cut_total")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from typing import Any
 
 import jwt
 import socketio
+from websockets.asyncio.client import ClientConnection, connect
 
 from connectors.memory import MemoryConnector
 from feed.auth import hash_token
@@ -143,3 +146,40 @@ def source(feed: RunningFeed) -> MemoryConnector:
     connector = feed.hub.connectors["mem"]
     assert isinstance(connector, MemoryConnector)
     return connector
+
+
+def ws_url(feed: RunningFeed) -> str:
+    return feed.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+
+
+async def raw_socketio(
+    feed: RunningFeed, auth: dict[str, Any] | None = None, **options: Any
+) -> tuple[ClientConnection, str]:
+    """A bare websocket that speaks just enough Engine.IO/Socket.IO to subscribe.
+
+    Its receive buffer is tiny and it reads only when told, so once the test stops reading,
+    the server's writes back up exactly as with a client that froze.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    port = int(feed.url.rsplit(":", 1)[1])
+    sock.connect(("127.0.0.1", port))
+    ws = await connect(
+        ws_url(feed), sock=sock, compression=None, proxy=None, max_queue=1, **options
+    )
+    opened = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(opened, str) and opened.startswith("0")
+    eio_sid = json.loads(opened[1:])["sid"]
+    await ws.send("40" + (json.dumps(auth) if auth else ""))
+    connected = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(connected, str) and connected.startswith("40"), connected
+    return ws, eio_sid
+
+
+async def raw_subscribe(ws: ClientConnection, room: str) -> dict[str, Any]:
+    await ws.send("420" + json.dumps(["subscribe", {"room": room}]))
+    while True:
+        frame = await asyncio.wait_for(ws.recv(), 5)
+        if isinstance(frame, str) and frame.startswith("430"):
+            ack: dict[str, Any] = json.loads(frame[3:])[0]
+            return ack

@@ -16,13 +16,14 @@ from typing import Any
 
 import jwt
 import pytest
+import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from feed.auth import hash_token
 from feed.config import parse_config
 from feed.errors import ConfigError
-from feed.server import FeedApp
+from feed.server import EXPIRY_GRACE, FeedApp
 from tests.auth_helpers import (
     AUDIENCE,
     BASE,
@@ -32,6 +33,8 @@ from tests.auth_helpers import (
     TOKENS,
     jwt_config,
     make_jwt,
+    raw_socketio,
+    raw_subscribe,
     refusal,
     source,
     token_config,
@@ -104,7 +107,9 @@ def test_hash_token_cli() -> None:
 
 def test_no_auth_only_on_localhost_unless_forced(caplog: pytest.LogCaptureFixture) -> None:
     public = BASE.replace("[server]", '[server]\nhost = "0.0.0.0"')
-    with pytest.raises(ConfigError, match=r"refusing to serve without authentication on 0\.0\.0\.0"):
+    with pytest.raises(
+        ConfigError, match=r"refusing to serve without authentication on 0\.0\.0\.0"
+    ):
         FeedApp(parse_config(public, "feed.toml", {}))
     FeedApp(parse_config(public, "feed.toml", {}), host="127.0.0.1")  # --host overrides
     forced = parse_config(public + "[auth]\nallow_unauthenticated = true\n", "feed.toml", {})
@@ -316,3 +321,19 @@ async def test_unreachable_jwks_url_refuses_with_a_retryable_reason(keys: dict[s
     async with running_feed(jwks_config('jwks_url = "http://127.0.0.1:9/jwks.json"')) as feed:
         token = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
         assert (await refusal(feed.url, {"token": token}))["data"]["code"] == "auth_unavailable"
+
+
+async def test_a_client_that_ignores_expiry_loses_its_connection(jwt_feed: RunningFeed) -> None:
+    """A hostile client that never leaves on `auth_expired` is dropped after a short grace."""
+    ws, _ = await raw_socketio(jwt_feed, auth={"token": make_jwt(ttl=1.0)})
+    assert (await raw_subscribe(ws, "mem:public.orders"))["ok"]
+    started = time.monotonic()
+    frames: list[str] = []
+    with pytest.raises(websockets.ConnectionClosed):
+        async with asyncio.timeout(10):
+            while True:
+                frame = await ws.recv()
+                frames.append(str(frame))
+    assert any("auth_expired" in f for f in frames)
+    assert time.monotonic() - started < 1.0 + EXPIRY_GRACE + 2
+    assert not jwt_feed.hub.clients
