@@ -10,7 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -20,42 +20,21 @@ from bson import Binary, Decimal128, ObjectId
 from connectors.base import RoomAddress
 from connectors.mongodb import MongoConnector
 from feed.change import Change, Gap
-from feed.options import Options
 from tests.connector_contract import ConnectorContract, streaming
-from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
 WAIT = 15.0
-
-
-def make(source: MongoSource, watch: Any, **settings: Any) -> MongoConnector:
-    name = settings.pop("name", MongoSource.unique("conn"))
-    raw = {"uri": source.url, "watch": watch, "connect_timeout": 5.0, **settings}
-    return MongoConnector(name, Options(raw, f"connectors.{name}"))
-
-
-async def take(stream: AsyncIterator[Change | Gap], count: int) -> list[Change | Gap]:
-    got: list[Change | Gap] = []
-    async with asyncio.timeout(WAIT):
-        while len(got) < count:
-            got.append(await anext(stream))
-    return got
-
-
-async def changes(stream: AsyncIterator[Change | Gap], count: int) -> list[Change]:
-    got = await take(stream, count)
-    assert all(isinstance(c, Change) for c in got), got
-    return [c for c in got if isinstance(c, Change)]
 
 
 # -- the shared connector contract ---------------------------------------------------------------
 
 
 class MongoHarness:
-    def __init__(self, source: MongoSource, db: str) -> None:
+    def __init__(self, source: MongoSource, database: str) -> None:
         self.source = source
-        self.db = db
-        self.target = f"{db}.orders"
+        self.db = database
+        self.target = f"{database}.orders"
         self.name = MongoSource.unique("contract")
 
     def make_connector(self) -> MongoConnector:
@@ -89,27 +68,19 @@ class MongoHarness:
 class TestMongoConnectorContract(ConnectorContract):
     @pytest.fixture
     async def harness(self, mongodb: MongoSource) -> MongoHarness:  # noqa: F811
-        db = MongoSource.unique()
-        await mongodb.client[db].create_collection(
+        database = MongoSource.unique()
+        await mongodb.client[database].create_collection(
             "orders", changeStreamPreAndPostImages={"enabled": True}
         )
-        return MongoHarness(mongodb, db)
+        return MongoHarness(mongodb, database)
 
 
 # -- event shapes ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def db(mongodb: MongoSource) -> AsyncIterator[str]:  # noqa: F811
-    name = MongoSource.unique()
-    await mongodb.client[name].create_collection("orders")
-    yield name
-    await mongodb.client.drop_database(name)
-
-
 async def test_insert_update_replace_delete_carry_documents_and_descriptions(
     mongodb: MongoSource,  # noqa: F811
-    db: str,
+    db: str,  # noqa: F811
 ) -> None:
     coll = mongodb.client[db]["orders"]
     async with streaming(make(mongodb, f"{db}.orders")) as stream:
@@ -246,7 +217,7 @@ async def test_several_collections_across_databases(mongodb: MongoSource, db: st
 
 async def test_drop_invalidates_then_gap_then_stream_continues(
     mongodb: MongoSource,  # noqa: F811
-    db: str,
+    db: str,  # noqa: F811
 ) -> None:
     client = mongodb.client
     async with streaming(make(mongodb, f"{db}.orders")) as stream:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from bson import ObjectId
 
-from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
+from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
 from tests.support.server import RunningFeed, feed_client, running_feed
 
 pytestmark = pytest.mark.mongodb
@@ -28,14 +27,6 @@ watch = ["{watch}"]
 max_await_ms = 200
 {extra}
 """
-
-
-@pytest.fixture
-async def db(mongodb: MongoSource) -> AsyncIterator[str]:  # noqa: F811
-    name = MongoSource.unique()
-    await mongodb.client[name].create_collection("orders")
-    yield name
-    await mongodb.client.drop_database(name)
 
 
 async def wait_up(feed: RunningFeed, name: str = "shop") -> None:
@@ -70,7 +61,7 @@ async def test_insert_reaches_target_and_row_rooms(mongodb: MongoSource, db: str
 
 async def test_snapshot_then_live_without_loss_or_doubles(
     mongodb: MongoSource,  # noqa: F811
-    db: str,
+    db: str,  # noqa: F811
 ) -> None:
     # Pre-images let the filter room see that _id 1 stops matching (its `before` was paid).
     await mongodb.client[db].command(
@@ -101,7 +92,7 @@ async def test_snapshot_then_live_without_loss_or_doubles(
 
 async def test_misconfigured_source_is_down_then_recovers_others_unaffected(
     mongodb: MongoSource,  # noqa: F811
-    db: str,
+    db: str,  # noqa: F811
 ) -> None:
     extra = """
 [[connectors]]

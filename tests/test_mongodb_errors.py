@@ -14,8 +14,7 @@ from feed.errors import ConfigError, SourceMisconfigured, SourceUnavailable
 from feed.options import Options
 from tests.connector_contract import streaming
 from tests.mongo_wire import MongoWireServer
-from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
-from tests.test_mongodb import changes, db, make  # noqa: F401
+from tests.support.mongodb import MongoSource, changes, db, make, mongodb  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
 

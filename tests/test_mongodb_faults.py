@@ -18,8 +18,7 @@ from connectors.mongodb import MongoConnector
 from feed.change import Change, Gap
 from feed.errors import SourceUnavailable
 from tests.connector_contract import streaming
-from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
-from tests.test_mongodb import changes, db, make, take  # noqa: F401
+from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
 

@@ -8,6 +8,7 @@ usable and tests do not see each other's changes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -19,9 +20,13 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
+from connectors.mongodb import MongoConnector
+from feed.change import Change, Gap
+from feed.options import Options
 from tests.mongo_wire import MongoWireServer
 
 ENV = "FEED_TEST_MONGODB_URL"
+STREAM_WAIT = 15.0
 
 
 @dataclass
@@ -94,3 +99,32 @@ async def mongo_source() -> AsyncIterator[MongoSource]:
 async def mongodb() -> AsyncIterator[MongoSource]:
     async with mongo_source() as source:
         yield source
+
+
+@pytest.fixture
+async def db(mongodb: MongoSource) -> AsyncIterator[str]:
+    """A fresh database with an empty `orders` collection, dropped afterwards."""
+    name = MongoSource.unique()
+    await mongodb.client[name].create_collection("orders")
+    yield name
+    await mongodb.client.drop_database(name)
+
+
+def make(source: MongoSource, watch: Any, **settings: Any) -> MongoConnector:
+    name = settings.pop("name", MongoSource.unique("conn"))
+    raw = {"uri": source.url, "watch": watch, "connect_timeout": 5.0, **settings}
+    return MongoConnector(name, Options(raw, f"connectors.{name}"))
+
+
+async def take(stream: AsyncIterator[Change | Gap], count: int) -> list[Change | Gap]:
+    got: list[Change | Gap] = []
+    async with asyncio.timeout(STREAM_WAIT):
+        while len(got) < count:
+            got.append(await anext(stream))
+    return got
+
+
+async def changes(stream: AsyncIterator[Change | Gap], count: int) -> list[Change]:
+    got = await take(stream, count)
+    assert all(isinstance(c, Change) for c in got), got
+    return [c for c in got if isinstance(c, Change)]
