@@ -1,0 +1,224 @@
+"""The examples run as documented in examples/README.md, against a real feed server.
+
+Each client is started as a user would start it, through a TCP proxy that the test can cut like
+a dropped network: the client must print changes, notice the drop, reconnect, resume with
+`since` and `epoch`, and print the changes made while it was away exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from connectors.memory import MemoryConnector
+from feed.config import load_config
+from tests.conftest import MEMORY_CONFIG
+from tests.support.server import RunningFeed, running_feed
+
+ROOT = Path(__file__).parent.parent
+EXAMPLES = ROOT / "examples"
+NODE_DIR = EXAMPLES / "node"
+WAIT = 20.0
+
+
+class CuttableProxy:
+    """Forwards TCP to the feed; `cut()` drops every connection and refuses new ones until
+    `restore()`, which is what a client sees when the network goes away and comes back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.refusing = False
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sink.transport.abort()
+            self.writers.discard(sink)
+
+    def cut(self) -> None:
+        self.refusing = True
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    def restore(self) -> None:
+        self.refusing = False
+
+    async def close(self) -> None:
+        self.cut()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def feed_behind_proxy() -> AsyncIterator[tuple[RunningFeed, CuttableProxy]]:
+    async with running_feed(MEMORY_CONFIG) as feed:
+        proxy = CuttableProxy(int(feed.url.rsplit(":", 1)[1]))
+        await proxy.start()
+        try:
+            yield feed, proxy
+        finally:
+            await proxy.close()
+
+
+class Output:
+    """A client's stdout, read line by line, waited on by pattern (never by sleeping)."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    async def expect(self, pattern: str, timeout: float = WAIT) -> str:
+        assert self.process.stdout is not None
+        regex = re.compile(pattern)
+        for line in self.lines:
+            if regex.search(line):
+                return line
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.process.stdout.readline()
+                if not raw:
+                    err = b""
+                    if self.process.stderr is not None:
+                        err = await self.process.stderr.read()
+                    pytest.fail(
+                        f"client exited before printing {pattern!r}:\n"
+                        + "\n".join(self.lines)
+                        + f"\n{err.decode(errors='replace')}"
+                    )
+                line = raw.decode().rstrip("\n")
+                self.lines.append(line)
+                if regex.search(line):
+                    return line
+
+
+async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
+    """Run a client through a cut, return what it printed; it must exit 0 after 3 changes."""
+    async with feed_behind_proxy() as (_feed, proxy):
+        url = f"http://127.0.0.1:{proxy.port}"
+        process = await asyncio.create_subprocess_exec(
+            *command, "--url", url, "--room", "mem:public.orders", "--count", "3",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        out = Output(process)
+        try:
+            await out.expect(r"^subscribed mem:public\.orders at seq 0$")
+            source = MemoryConnector.instances["mem"]
+            source.write("public.orders", "insert", {"id": 1, "status": "new"})
+            await out.expect(r"^insert  mem:public\.orders #1 key=1 ")
+
+            proxy.cut()
+            await out.expect(r"^disconnected; reconnecting")
+            # Written while the client is away: it must get both on resume, once each.
+            source.write("public.orders", "update", {"id": 1, "status": "paid"})
+            source.write("public.orders", "insert", {"id": 2, "status": "new"})
+            proxy.restore()
+
+            await out.expect(r"^resumed mem:public\.orders at seq 3$")
+            await out.expect(r"^insert  mem:public\.orders #3 key=2 ")
+            assert await asyncio.wait_for(process.wait(), WAIT) == 0
+            assert process.stdout is not None
+            out.lines += (await process.stdout.read()).decode().splitlines()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    changes = [line for line in out.lines if re.match(r"^(insert|update|delete) ", line)]
+    assert [c.split()[2] for c in changes] == ["#1", "#2", "#3"], out.lines
+    assert changes[1].startswith("update  mem:public.orders #2 key=1 ")
+    assert '"paid"' in changes[1]
+    return out.lines
+
+
+async def test_python_client_prints_changes_and_resumes_after_a_drop() -> None:
+    await follow_with_a_drop([sys.executable, str(EXAMPLES / "python_client.py")], ROOT)
+
+
+def node_ready() -> bool:
+    """node and the example's pinned dependencies (npm ci, as examples/README.md says)."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        return False
+    if not (NODE_DIR / "node_modules" / "socket.io-client").is_dir():
+        subprocess.run(
+            ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=300,
+        )
+    return True
+
+
+async def test_node_client_prints_changes_and_resumes_after_a_drop() -> None:
+    if not node_ready():
+        if os.environ.get("CI"):
+            pytest.fail("node and npm are needed (the dashboard build needs them too)")
+        pytest.skip("node/npm not installed")
+    await follow_with_a_drop(["node", "client.mjs"], NODE_DIR)
+
+
+async def test_python_client_reports_a_refused_subscribe() -> None:
+    async with running_feed(MEMORY_CONFIG) as feed:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLES / "python_client.py"),
+            "--url", feed.url, "--room", "mem:no.such.table",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), WAIT)
+    assert b"subscribe mem:no.such.table: unknown_target" in out, out + err
+    assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["postgres", "redis", "mongodb"])
+def test_example_configs_load(name: str) -> None:
+    env = {
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "MONGODB_URL": "mongodb://127.0.0.1:27017/?replicaSet=rs0",
+    }
+    config = load_config(EXAMPLES / f"{name}.toml", env=env)
+    assert [c.type for c in config.connectors] == [name]
+    assert f"examples/{name}.toml" in (EXAMPLES / "README.md").read_text()
