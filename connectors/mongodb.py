@@ -423,6 +423,7 @@ class MongoConnector(Connector):
                 "find",
                 coll,
                 filter=query,
+                codec_options=self._client.codec_options,  # same types as the changes
                 readConcern={"level": "snapshot", "atClusterTime": at},
                 batchSize=min(max(limit + 1, 1), 1000),
             )

@@ -163,9 +163,19 @@ async def test_bson_types_become_json(mongodb: MongoSource, db: str) -> None:  #
         "uid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
         "nested": {"a": [1, {"b": None}], "ok": True},
     }
-    async with streaming(make(mongodb, f"{db}.orders")) as stream:
+    connector = make(mongodb, f"{db}.orders")
+    async with streaming(connector) as stream:
         await coll.insert_one(doc)
         [insert] = await changes(stream, 1)
+        pulling = asyncio.create_task(anext(stream))  # keep the stream moving, as the hub does
+        try:
+            snap = await asyncio.wait_for(
+                connector.snapshot(RoomAddress(f"{db}.orders"), lambda row: True, 10), WAIT
+            )
+        finally:
+            pulling.cancel()
+            await asyncio.gather(pulling, return_exceptions=True)
+    assert snap.rows == [insert.after]  # snapshots and changes decode BSON the same way
     body = json.loads(json.dumps(insert.wire))
     assert insert.row_key == str(oid)
     assert body["key"] == {"$oid": str(oid)}
