@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+import aiohttp
 import pytest
 import websockets
 from websockets.asyncio.client import connect
@@ -160,3 +161,36 @@ async def test_origins(allowed: list[str] | None, origin: str, accepted: bool) -
         except websockets.InvalidStatus:
             result = False
         assert result is accepted
+
+
+async def test_a_long_polling_client_that_stops_polling_is_cut_off_too() -> None:
+    config = BASE + f"[limits]\noutbound_queue_bytes = {QUEUE_LIMIT}\n"
+    async with running_feed(config) as feed, aiohttp.ClientSession() as http:
+        db = source(feed)
+        base = feed.url + "/socket.io/?EIO=4&transport=polling"
+
+        async def get(sid: str) -> str:
+            async with http.get(f"{base}&sid={sid}", timeout=aiohttp.ClientTimeout(10)) as r:
+                return await r.text()
+
+        async def post(sid: str, body: str) -> None:
+            async with http.post(f"{base}&sid={sid}", data=body) as r:
+                assert r.status == 200
+
+        async with http.get(base) as response:
+            eio_sid = json.loads((await response.text())[1:])["sid"]
+        await post(eio_sid, "40")
+        assert (await get(eio_sid)).startswith("40")
+        await post(eio_sid, "420" + json.dumps(["subscribe", {"room": "mem:public.orders"}]))
+        assert '"ok":true' in (await get(eio_sid)).replace(" ", "")
+        queue = feed.app.sio.eio.sockets[eio_sid].queue
+        written = 0
+        while eio_sid in feed.app.sio.eio.sockets and written < 2_000:
+            written += 1
+            db.write("public.orders", "insert", {"id": written, "blob": "x" * 2048})
+            if written % 50 == 0:
+                await wait_until(lambda: db._delivered == db._written, what="writes routed")
+        assert eio_sid not in feed.app.sio.eio.sockets
+        assert queue.overflowed and queue.peak <= QUEUE_LIMIT
+        assert written < 200  # no socket buffers in between: the queue limit alone decides
+        assert not feed.hub.clients
