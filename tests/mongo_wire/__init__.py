@@ -5,8 +5,9 @@ discovery and monitoring, sessions, OP_MSG framing, change stream resumption ins
 It keeps everything in memory and implements only what the connector and its tests use:
 
 - Framing (MongoDB Wire Protocol, https://www.mongodb.com/docs/manual/reference/mongodb-wire-protocol/):
-  the first `hello`/`isMaster` of a connection as OP_QUERY answered with OP_REPLY, then OP_MSG
-  with kind-0 body and kind-1 document sequence sections, checksum and moreToCome flags.
+  a legacy OP_QUERY `hello`/`isMaster` handshake answered with OP_REPLY, and OP_MSG with kind-0
+  body and kind-1 document sequence sections and the checksumPresent and moreToCome flags
+  (tests/test_mongodb_wire_protocol.py checks these byte for byte).
 - Commands: hello/isMaster (a single-node replica set primary, or a standalone with
   `standalone=True`), ping, buildInfo, endSessions, saslStart (always AuthenticationFailed: the
   server has no users), insert, update (operators, replacements, pipeline updates, upserts),

@@ -4,9 +4,9 @@ Layouts follow the MongoDB Wire Protocol reference
 (https://www.mongodb.com/docs/manual/reference/mongodb-wire-protocol/): a 16-byte little-endian
 header (messageLength, requestID, responseTo, opCode), then OP_MSG's flagBits and sections (kind 0
 is the command body, kind 1 a named document sequence such as an insert's `documents`), with an
-optional CRC-32C checksum when flag bit 0 is set. Drivers send the first `hello`/`isMaster` of a
-connection as a legacy OP_QUERY on `admin.$cmd`, answered with OP_REPLY; everything after that is
-OP_MSG.
+optional CRC-32C checksum when flag bit 0 is set (skipped, not verified). Older drivers and tools
+send the first `hello`/`isMaster` of a connection as a legacy OP_QUERY on `admin.$cmd`, answered
+with OP_REPLY (PyMongo 4.20 already uses OP_MSG there); everything after that is OP_MSG.
 """
 
 from __future__ import annotations
