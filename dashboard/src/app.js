@@ -321,8 +321,10 @@ function subscribe(sub) {
     if (state.epoch) request.epoch = state.epoch;
   }
   setSubStatus(sub, "pending", resuming ? "resuming…" : "subscribing…");
+  const attempt = (sub.attempt = (sub.attempt || 0) + 1);
   state.socket.timeout(10000).emit("subscribe", request, (err, ack) => {
-    if (!state.subs.includes(sub)) return; // removed while waiting
+    // Removed while waiting, or asked again since (after a reconnect): this answer is stale.
+    if (!state.subs.includes(sub) || sub.attempt !== attempt) return;
     if (err) {
       setSubStatus(sub, "error", "the server did not answer in time");
       return;
