@@ -13,6 +13,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from feed.config import parse_config
+from feed.errors import ConfigError
 from feed.limits import OutboundQueue, TokenBucket
 from tests.auth_helpers import (
     BASE,
@@ -194,3 +196,11 @@ async def test_a_long_polling_client_that_stops_polling_is_cut_off_too() -> None
         assert queue.overflowed and queue.peak <= QUEUE_LIMIT
         assert written < 200  # no socket buffers in between: the queue limit alone decides
         assert not feed.hub.clients
+
+
+def test_limits_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"limits\.outbound_queue_bytes: must be at least 16384"):
+        parse_config(BASE + "[limits]\noutbound_queue_bytes = 10\n", "feed.toml", {})
+    with pytest.raises(ConfigError, match=r"limits\.subscribe_burts: is not a known setting"):
+        parse_config(BASE + "[limits]\nsubscribe_burts = 10\n", "feed.toml", {})
+    assert parse_config(BASE, "feed.toml", {}).limits.outbound_queue_bytes == 8 * 1024 * 1024
