@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -105,6 +106,7 @@ class MongoConnector(Connector):
         self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
         self.resume_retries = options.int("resume_retries", 5, minimum=0)
         self.allow_missing = options.bool("allow_missing", False)
+        self.lag_threshold = options.float("lag_threshold", 30.0, minimum=0.1)
 
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._tokens: TokenStore | None = None
@@ -319,8 +321,10 @@ class MongoConnector(Connector):
                         yield Gap(self.name, "MongoDB change stream closed by the server")
                         return
                     await self._advance(stream.resume_token, event=False, end_of_batch=True)
+                    self._report_lag(None)  # an empty batch: caught up
                     continue
                 change = to_change(self.name, event, self._fallback_target())
+                self._report_lag(change)
                 if change.target not in self._known and "." in change.target:
                     self._known.add(change.target)
                 yield change
@@ -338,6 +342,16 @@ class MongoConnector(Connector):
         finally:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
+
+    def _report_lag(self, change: Change | None) -> None:
+        """LAGGING while the events read are older than `lag_threshold` (by their wallTime)."""
+        lag = 0.0
+        if change is not None and change.ts is not None:
+            lag = (dt.datetime.now(dt.UTC) - change.ts).total_seconds()
+        if lag > self.lag_threshold:
+            self.set_status(State.LAGGING, f"more than {self.lag_threshold:g}s behind MongoDB")
+        elif self.status.state == State.LAGGING:
+            self.set_status(State.UP)
 
     def _fallback_target(self) -> str:
         db, coll = stream_scope(self.watches)

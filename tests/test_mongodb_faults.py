@@ -10,6 +10,7 @@ server offers from a client (truncating the oplog, cutting every connection at o
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import pytest
 
@@ -198,3 +199,28 @@ async def test_every_connection_dropped_at_once(
         await coll.insert_one({"_id": 3})
         got = await changes(stream, 2)
     assert [c.key for c in got] == [2, 3]
+
+
+async def test_reading_old_events_reports_lagging_until_caught_up(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server to backdate events")
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", lag_threshold=30.0, max_await_ms=100)
+    states = record(connector)
+    async with streaming(connector) as stream:
+        mongodb.wire.store.wall_offset = dt.timedelta(seconds=-120)
+        try:
+            await coll.insert_one({"_id": 1})
+            await changes(stream, 1)
+            lagging = connector.status
+        finally:
+            mongodb.wire.store.wall_offset = dt.timedelta(0)
+        await coll.insert_one({"_id": 2})
+        await changes(stream, 1)
+        caught_up = connector.status
+    assert lagging.state == State.LAGGING and "30s behind" in lagging.detail
+    assert caught_up.state == State.UP
+    assert states.count(State.LAGGING) == 1

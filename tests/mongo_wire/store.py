@@ -134,6 +134,8 @@ class Store:
         self.floor = self._now()
         self._last = self.floor
         self._changed = asyncio.Event()
+        self.wall_offset = dt.timedelta(0)
+        """Added to events' wallTime, to show a reader far behind the writes (lag)."""
 
     # -- the clock -----------------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ class Store:
         return entry
 
     def _entry(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC) + self.wall_offset
         wall = now.replace(microsecond=now.microsecond // 1000 * 1000)  # BSON dates hold ms
         return self._append(Entry(self.tick(), 0, wall, op, db, coll, **fields))
 
