@@ -68,6 +68,7 @@ function connect() {
 }
 
 function setConnection(kind, text) {
+  $("enter-token").hidden = kind !== "auth";
   const box = $("connection");
   box.dataset.state = kind;
   $("connection-text").textContent = text;
@@ -113,7 +114,9 @@ function onConnectError(error) {
   }
 }
 
+let lastRefusal = "";
 function askForToken(reason) {
+  lastRefusal = reason;
   const dialog = $("token-dialog");
   const had = sessionStorage.getItem(TOKEN_KEY);
   $("token-reason").textContent = had
@@ -163,7 +166,10 @@ function onCatalog(reply) {
 
 function onStatus(status) {
   const connector = state.connectors.get(status.connector);
-  if (!connector) return;
+  if (!connector) {
+    state.socket.emit("catalog", onCatalog); // one this page has not heard of yet
+    return;
+  }
   connector.status = status;
   drawConnectors();
 }
@@ -811,6 +817,7 @@ function start() {
   $("max-rows").addEventListener("change", setMaxRows);
   $("token-form").addEventListener("submit", submitToken);
   $("forget-token").addEventListener("click", forgetToken);
+  $("enter-token").addEventListener("click", () => askForToken(lastRefusal));
   const rows = $("change-rows");
   rows.addEventListener("click", (event) => select(event.target.closest("tr"), true));
   rows.addEventListener("keydown", onTableKey);
