@@ -393,3 +393,20 @@ async def test_room_filters_read_mongodb_values(mongodb: MongoSource, db: str) -
     assert parse_filter("amount=gt.100&ship.country=eq.FR").matches(insert)
     assert parse_filter("at=gte.2026-04-30T00:00:00Z").matches(insert)
     assert not parse_filter("ship.country=eq.DE").matches(insert)
+
+
+async def test_dropped_database_invalidates_a_database_watch(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    client = mongodb.client
+    async with streaming(make(mongodb, db)) as stream:
+        await client.drop_database(db)
+        drop, drop_db, invalidate, gap = await take(stream, 4)
+        await client[db]["orders"].insert_one({"_id": "back"})
+        [again] = await changes(stream, 1)
+    assert isinstance(drop, Change) and (drop.op, drop.target) == ("drop", f"{db}.orders")
+    assert isinstance(drop_db, Change) and (drop_db.op, drop_db.target) == ("dropDatabase", db)
+    assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
+    assert isinstance(gap, Gap) and gap.target is None  # every room of the database
+    assert again.key == "back"
