@@ -64,10 +64,12 @@ class DemoWriter:
         mongodb_url: str | None = None,
         interval: float = 1.0,
         seed: int | None = None,
+        mongodb_namespace: str = MONGODB_WATCH[0],
     ) -> None:
         self.postgres_dsn = postgres_dsn
         self.redis_url = redis_url
         self.mongodb_url = mongodb_url
+        self.mongodb_db, _, self.mongodb_collection = mongodb_namespace.partition(".")
         self.interval = interval
         self.random = random.Random(seed)
         self.ticks = 0
@@ -199,7 +201,7 @@ class DemoWriter:
 
         if self._mongo is None:
             self._mongo = AsyncMongoClient(self.mongodb_url, serverSelectionTimeoutMS=10_000)
-        orders = self._mongo["shop"]["orders"]
+        orders = self._mongo[self.mongodb_db][self.mongodb_collection]
         rnd = self.random
         await orders.insert_one(
             {
