@@ -33,6 +33,10 @@ MODES = ("none", "token", "jwt")
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 MAX_TOKEN_LENGTH = 16 * 1024
+JWKS_LIFETIME = 300.0
+"""Seconds a fetched JWKS is used before it is fetched again."""
+JWKS_REFETCH = 30.0
+"""Minimum seconds between fetches triggered by a token whose kid is not in the cached set."""
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 TIME_CLAIMS = frozenset({"exp", "nbf", "iat", "jti", "auth_time"})
 
@@ -355,15 +359,15 @@ class Authenticator:
         self._tokens = {t.sha256: t for t in config.tokens}
         self._jwks: dict[str, Any] | None = None
         self._jwks_client: Any = None
+        self._fetching = asyncio.Lock()
+        self._fetched = 0.0
         jwt_config = config.jwt
         if jwt_config is not None and jwt_config.jwks_file:
             self._jwks = _load_jwks_file(jwt_config.jwks_file, "auth.jwt.jwks_file")
         if jwt_config is not None and jwt_config.jwks_url:
             import jwt
 
-            self._jwks_client = jwt.PyJWKClient(
-                jwt_config.jwks_url, cache_keys=True, lifespan=300, timeout=5
-            )
+            self._jwks_client = jwt.PyJWKClient(jwt_config.jwks_url, cache_jwk_set=False, timeout=5)
 
     async def authenticate(self, payload: Any) -> Identity:
         token = self._token(payload)
@@ -448,26 +452,9 @@ class Authenticator:
         import jwt
 
         kid = header.get("kid")
-        if self._jwks_client is not None:
-            try:
-                if kid is None:
-                    keys = await asyncio.to_thread(self._jwks_client.get_signing_keys)
-                    if len(keys) != 1:
-                        raise AuthError("invalid_token", "the token has no kid (key id)")
-                    return keys[0]
-                return await asyncio.to_thread(self._jwks_client.get_signing_key, str(kid))
-            except jwt.PyJWKClientConnectionError as exc:
-                log.warning("cannot fetch the JWKS: %s", exc)
-                raise AuthError(
-                    "auth_unavailable", "cannot verify tokens right now; retry later"
-                ) from None
-            except jwt.PyJWKClientError:
-                raise AuthError("invalid_token", "no key matches the token's kid") from None
-        assert self._jwks is not None
+        jwks = await self._jwks_document(kid)
         candidates = [
-            k
-            for k in self._jwks["keys"]
-            if isinstance(k, dict) and (kid is None or k.get("kid") == kid)
+            k for k in jwks["keys"] if isinstance(k, dict) and (kid is None or k.get("kid") == kid)
         ]
         if len(candidates) != 1:
             raise AuthError("invalid_token", "no key matches the token's kid")
@@ -476,6 +463,36 @@ class Authenticator:
             return jwt.PyJWK(candidates[0], algorithm=candidates[0].get("alg") or header.get("alg"))
         except jwt.PyJWKError as exc:
             raise AuthError("invalid_token", f"the matching key cannot be used: {exc}") from None
+
+    async def _jwks_document(self, kid: Any) -> dict[str, Any]:
+        """The key set: the file's, or the URL's, cached and refetched sparingly.
+
+        A token with an unknown `kid` may mean the provider rotated its keys, so it triggers a
+        refetch, but at most once per JWKS_REFETCH seconds: otherwise every forged token would
+        cost an HTTP request to the identity provider.
+        """
+        if self._jwks_client is None:
+            assert self._jwks is not None
+            return self._jwks
+        async with self._fetching:
+            now = time.monotonic()
+            known = self._jwks is not None and (
+                kid is None
+                or any(isinstance(k, dict) and k.get("kid") == kid for k in self._jwks["keys"])
+            )
+            stale = self._jwks is None or now - self._fetched > JWKS_LIFETIME
+            if stale or (not known and now - self._fetched > JWKS_REFETCH):
+                self._fetched = now
+                try:
+                    data = await asyncio.to_thread(self._jwks_client.fetch_data)
+                    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+                        raise ValueError('the document has no "keys" list')
+                    self._jwks = data
+                except Exception as exc:
+                    log.warning("cannot fetch the JWKS: %s", exc)
+            if self._jwks is None:
+                raise AuthError("auth_unavailable", "cannot verify tokens right now; retry later")
+            return self._jwks
 
 
 def _path(claims: Mapping[str, Any], path: str) -> Any:

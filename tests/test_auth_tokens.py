@@ -288,11 +288,17 @@ async def test_rs256_and_es256_from_a_jwks_file(
 
 
 @pytest.fixture
-def jwks_url(jwks_document: dict[str, Any]) -> Iterator[str]:
+def fetches() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def jwks_url(jwks_document: dict[str, Any], fetches: list[str]) -> Iterator[str]:
     body = json.dumps(jwks_document).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            fetches.append(self.path)
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -312,9 +318,15 @@ def jwks_url(jwks_document: dict[str, Any]) -> Iterator[str]:
         server.server_close()
 
 
-async def test_rs256_and_es256_from_a_jwks_url(keys: dict[str, Any], jwks_url: str) -> None:
+async def test_rs256_and_es256_from_a_jwks_url(
+    keys: dict[str, Any], jwks_url: str, fetches: list[str]
+) -> None:
     async with running_feed(jwks_config(f'jwks_url = "{jwks_url}"')) as feed:
         await check_jwks_feed(feed, keys)
+        for n in range(5):  # forged kids must not turn into requests to the identity provider
+            token = make_jwt(key=keys["stranger"], algorithm="RS256", headers={"kid": f"x{n}"})
+            assert (await refusal(feed.url, {"token": token}))["data"]["code"] == "invalid_token"
+    assert fetches == ["/.well-known/jwks.json"]
 
 
 async def test_unreachable_jwks_url_refuses_with_a_retryable_reason(keys: dict[str, Any]) -> None:
