@@ -74,7 +74,11 @@ function setConnection(kind, text) {
   $("connection-text").textContent = text;
 }
 
+let connectedAt = 0;
+let serverCloses = 0;
+
 function onConnect() {
+  connectedAt = Date.now();
   const again = state.everConnected;
   state.everConnected = true;
   setConnection("connected", again ? "Connected again: resuming subscriptions" : "Connected");
@@ -92,8 +96,11 @@ function onDisconnect(reason) {
   if (reason === "io server disconnect") {
     // The server closed this connection on purpose (a restart, say): the client library does
     // not retry that by itself, so ask again after a moment.
+    // Back off if it keeps happening, so that a server that keeps refusing is not hammered.
+    serverCloses = Date.now() - connectedAt > 30000 ? 1 : serverCloses + 1;
+    const delay = Math.min(500 * 2 ** (serverCloses - 1), 15000);
     setConnection("reconnecting", "Disconnected by the server; reconnecting…");
-    setTimeout(() => state.socket.connect(), 500);
+    setTimeout(() => state.socket.connect(), delay);
   } else {
     setConnection("reconnecting", `Disconnected (${reason}); reconnecting…`);
   }
