@@ -137,6 +137,7 @@ async def next_change_in(client: FeedClient, room: str, timeout: float = 20) -> 
                 return change
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 async def test_demo_streams_changes_and_stops_without_leftovers(
     tmp_path: Path, stop_signal: signal.Signals
@@ -177,6 +178,7 @@ async def test_demo_streams_changes_and_stops_without_leftovers(
         assert "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 async def test_killed_demo_takes_its_databases_with_it(tmp_path: Path) -> None:
     async with demo_process(tmp_path) as demo:
