@@ -163,6 +163,8 @@ async def test_bookmarked_view_shows_changes_as_they_happen(
     memory_feed: RunningFeed, page: Page
 ) -> None:
     db = source(memory_feed)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
     await expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
     connector = page.locator('#connector-list li[data-name="mem"]')
@@ -179,6 +181,10 @@ async def test_bookmarked_view_shows_changes_as_they_happen(
     await expect(rows(page).first.locator("td").nth(2)).to_have_text("public.orders")
     assert await keys_shown(page) == ["1", "1", "1"]
     await expect(page.locator("#change-count")).to_have_text("3 shown")
+    # Everything the page loads comes from the feed server itself: no CDN, works offline.
+    origin = memory_feed.url.replace("http://", "ws://")
+    assert requested and all(u.startswith((memory_feed.url, origin)) for u in requested), requested
+    assert any(u.endswith("/socket.io.min.js") for u in requested)
 
 
 async def test_filter_in_the_address_shows_only_matching_rows(
