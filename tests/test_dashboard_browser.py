@@ -531,6 +531,42 @@ async def test_token_is_asked_for_kept_out_of_the_address_and_sent(
             await context.close()
 
 
+async def test_every_control_is_labelled_and_the_table_works_by_keyboard(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    await page.get_by_role("button", name="Add condition").click()
+    db.write("public.orders", "insert", {"id": 1})
+    db.write("public.orders", "update", {"id": 1, "status": "paid"})
+    await expect(rows(page)).to_have_count(2)
+    unlabelled = await page.evaluate(
+        """() => [...document.querySelectorAll("input, select, button")]
+            .filter((el) => !el.closest("[hidden]") && !el.closest("dialog:not([open])"))
+            .filter((el) => {
+                const label = el.labels && [...el.labels].some((l) => l.textContent.trim());
+                const aria = (el.getAttribute("aria-label") || "").trim();
+                const text = el.tagName === "BUTTON" && el.textContent.trim();
+                return !(label || aria || text);
+            })
+            .map((el) => el.outerHTML)"""
+    )
+    assert unlabelled == []
+
+    # Tab from the clear button reaches the table as one stop; Enter selects the focused row.
+    await page.get_by_role("button", name="Clear").focus()
+    await page.keyboard.press("Tab")  # the "Keep last" field
+    await page.keyboard.press("Tab")  # the newest row
+    await expect(rows(page).first).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#changed-fields")).to_have_text("Changed: status")
+    await page.keyboard.press("ArrowDown")
+    await expect(page.locator("#changed-fields")).to_have_text("New: no before image.")
+    await page.keyboard.press("Tab")  # leaves the table: rows are not each a Tab stop
+    await expect(rows(page).nth(0)).not_to_be_focused()
+    await expect(rows(page).nth(1)).not_to_be_focused()
+
+
 async def test_narrow_screen_has_no_sideways_scrolling(
     memory_feed: RunningFeed, browser: Browser, console: Console
 ) -> None:
