@@ -174,7 +174,8 @@ class PostgresConnector(Connector):
         self.auto_migrate = options.bool("auto_migrate", False)
         self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
         self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
-        self.poll_interval = options.float("poll_interval", 0.05, minimum=0.001)
+        self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001)
+        self.save_interval = options.float("save_interval", 0.5, minimum=0.0)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -212,6 +213,9 @@ class PostgresConnector(Connector):
         settings = {"application_name": f"feed:{self.name}" + (":reader" if reader else "")}
         if reader:
             idle = str(max(1, int(self.heartbeat_interval)))
+            # Position saves need no fsync of their own: losing the last one after a server
+            # crash only means delivering a few changes again, with the same ids.
+            settings["synchronous_commit"] = "off"
             settings.update(
                 tcp_keepalives_idle=idle, tcp_keepalives_interval=idle, tcp_keepalives_count="3"
             )
@@ -298,11 +302,14 @@ class PostgresConnector(Connector):
         self.set_status(State.STOPPED)
 
     async def _save_on_stop(self) -> None:
-        """Record a batch interrupted half way, so a restart continues after the last delivered
-        row instead of delivering the batch again (a whole batch is saved as it ends)."""
+        """Record exactly what was delivered, down to a batch interrupted half way, so a
+        restart continues after the last delivered row. (While running, the position is saved
+        at most every `save_interval`: after a crash the changes since are delivered again,
+        with the same ids.)"""
         state = self._state
-        if not self._active or state is None or state.batch is None or state.cursor is None:
+        if not self._active or state is None:
             return
+        half_way = state.batch is not None and state.cursor is not None
         with contextlib.suppress(Exception):
             conn = await asyncio.wait_for(self._connect(), self.connect_timeout)
             try:
@@ -311,9 +318,9 @@ class PostgresConnector(Connector):
                     " cursor_maxid = $4, cursor_id = $5, updated_at = now() WHERE name = $1",
                     self.name,
                     state.prev.text,
-                    state.batch.text,
-                    state.cursor[0],
-                    state.cursor[1],
+                    state.batch.text if half_way and state.batch else None,
+                    state.cursor[0] if half_way and state.cursor else None,
+                    state.cursor[1] if half_way and state.cursor else None,
                     timeout=self.heartbeat_timeout,
                 )
             finally:
@@ -745,7 +752,7 @@ class PostgresConnector(Connector):
                 if self.status.state == State.LAGGING:
                     self.set_status(State.UP, f"reading {len(self.tables)} table(s)")
                 now = time.monotonic()
-                if delivered or resume or now - self._last_save > self.prune_interval:
+                if resume or now - self._last_save > (self.save_interval if delivered else 10.0):
                     await conn.execute(
                         f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = NULL,"
                         " cursor_maxid = NULL, cursor_id = NULL, updated_at = now()"
