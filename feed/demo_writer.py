@@ -246,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "MONGODB_URL (each optional) about once a second.",
     )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between ticks")
+    parser.add_argument(
+        "--mongodb-namespace",
+        default=MONGODB_WATCH[0],
+        help=f"database.collection to write documents to (default {MONGODB_WATCH[0]})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     writer = DemoWriter(
@@ -253,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis_url=os.environ.get("REDIS_URL") or None,
         mongodb_url=os.environ.get("MONGODB_URL") or None,
         interval=args.interval,
+        mongodb_namespace=args.mongodb_namespace,
     )
     if not (writer.postgres_dsn or writer.redis_url or writer.mongodb_url):
         print(
