@@ -158,7 +158,10 @@ class Demo:
         say("a writer changes orders, customers, sessions and users every second")
         say("rooms: " + ", ".join(rooms))
         say(MONGODB_HINT)
-        say(f"dashboard: http://{shown}:{port}/")
+        # The dashboard opens with these subscriptions (they live in its address), so the first
+        # look already shows changes arriving.
+        query = "&".join(f"room={room}" for room in (rooms[0], rooms[2]))
+        say(f"dashboard: http://{shown}:{port}/?{query}")
         say("Ctrl-C stops everything.")
 
     def _stop_databases(self) -> None:

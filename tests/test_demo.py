@@ -108,7 +108,8 @@ async def demo_process(tmp_path: Path) -> AsyncIterator[DemoProcess]:
                 output.append(line)
                 if match := URL_LINE.search(line):
                     break
-        yield DemoProcess(process, match.group(1).decode(), output)
+        # The URL opens the dashboard with subscriptions; the server's base is before the query.
+        yield DemoProcess(process, match.group(1).decode().partition("?")[0], output)
     finally:
         if process.returncode is None:
             for pid in children(process.pid):
@@ -146,6 +147,7 @@ async def test_demo_streams_changes_and_stops_without_leftovers(
         banner = b"".join(demo.output).decode()
         assert MONGODB_HINT in banner
         assert "docker compose up" in banner
+        assert "/?room=main:public.orders&room=cache:session:*" in banner
 
         ready = await wait_ready(demo.url)
         assert set(ready["connectors"]) == {"main", "cache"}  # type: ignore[call-overload]
