@@ -37,6 +37,7 @@ from typing import Any
 
 import uvicorn
 
+from feed.auth import is_loopback
 from feed.config import parse_config
 from feed.demo_writer import POSTGRES_TABLES, REDIS_PATTERNS, DemoWriter
 from feed.errors import FeedError
@@ -92,6 +93,12 @@ class Demo:
                 loop.remove_signal_handler(sig)
 
     async def _run(self) -> int:
+        if not is_loopback(self.host):
+            raise DemoError(
+                f"the demo runs without authentication, so it listens on this machine only, not "
+                f"on {self.host}; to open it from elsewhere forward the port "
+                f"(ssh -L {self.port}:127.0.0.1:{self.port} this-host)"
+            )
         check_port_free(self.host, self.port)
         say("starting an embedded Postgres and Redis ...")
         # Spawned from the main thread, before any other thread exists: the parent-death signal
@@ -151,7 +158,7 @@ class Demo:
     def _banner(self, server: uvicorn.Server) -> None:
         assert self.postgres is not None and self.redis is not None
         port = bound_port(server) or self.port
-        shown = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        shown = f"[{self.host}]" if ":" in self.host else self.host
         rooms = [f"main:{t}" for t in POSTGRES_TABLES] + [f"cache:{p}" for p in REDIS_PATTERNS]
         say(f"Postgres (embedded): {self.postgres.url}")
         say(f"Redis (embedded):    {self.redis.url}")

@@ -226,3 +226,16 @@ async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert process.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}".encode() in err
     assert b"Traceback" not in err
+
+
+async def test_demo_refuses_to_listen_beyond_this_machine() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feed", "demo", "--host", "0.0.0.0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    assert b"listens on this machine only" in err and b"ssh -L" in err
+    assert b"starting an embedded" not in out  # refused before starting anything
