@@ -298,7 +298,7 @@ class RedisConnector(Connector):
         assert self._events_pool is not None
         conn: AbstractConnection = self._events_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.connect()
+            await conn.connect()  # type: ignore[no-untyped-call]
             await self._ensure_notifications(conn)
             await conn.send_command("INFO", "server")
             info = await conn.read_response()
