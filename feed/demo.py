@@ -52,6 +52,10 @@ POSTGRES_SETTINGS = {
     "shared_buffers": "32MB",
     "max_connections": "50",
 }
+MONGODB_DETAIL = (
+    "not in the demo (change streams need a replica set): "
+    "docker compose up runs the full stack with MongoDB, see docs/operations.md"
+)
 MONGODB_HINT = (
     "MongoDB: not configured in the demo (change streams need a replica set); "
     "`docker compose up` runs the full stack with MongoDB (see docs/operations.md)"
@@ -125,6 +129,7 @@ class Demo:
                 say(f"migrate {connector.name}: {line}")
 
         app = FeedApp(config, connectors)
+        app.hub.unconfigured = [{"type": "mongodb", "detail": MONGODB_DETAIL}]
         server = QuietServer(
             uvicorn.Config(
                 app.asgi,

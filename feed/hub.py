@@ -101,6 +101,9 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.transport: Transport | None = None
         self.epoch = secrets.token_hex(8)
+        # Source types this deployment leaves out, each {"type", "detail"} saying how to get it
+        # (`feed demo` names MongoDB); the catalog lists them so clients can show them as such.
+        self.unconfigured: list[dict[str, str]] = []
         self.rooms: dict[str, Room] = {}
         self.clients: dict[str, set[str]] = {}
         self._targets: dict[tuple[str, str], TargetRooms] = {}
@@ -441,6 +444,7 @@ class Hub:
                 }
                 for c in self.connectors.values()
             ],
+            "unconfigured": list(self.unconfigured),
         }
 
     def ready(self) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from feed.demo import MONGODB_HINT, demo_config
+from feed.demo import MONGODB_DETAIL, MONGODB_HINT, demo_config
 from tests.support.server import FeedClient, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -160,6 +160,11 @@ async def test_demo_streams_changes_and_stops_without_leftovers(
 
         client = await FeedClient().connect(demo.url)
         try:
+            # MongoDB is listed as left out, with the way to get it, for the dashboard to show.
+            catalog = await client.call("catalog")
+            assert [c["name"] for c in catalog["connectors"]] == ["main", "cache"]
+            assert catalog["unconfigured"] == [{"type": "mongodb", "detail": MONGODB_DETAIL}]
+            assert "docker compose up" in MONGODB_DETAIL
             for room in ("main:public.orders", "cache:session:*"):
                 ack = await client.subscribe(room)
                 assert ack["ok"], ack

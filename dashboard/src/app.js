@@ -20,6 +20,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   socket: null,
   connectors: new Map(), // name -> {name, type, status, targets, gap, rates: number[]}
+  unconfigured: [], // {type, detail}: sources this server leaves out, and how to get them
   subs: [], // {room, filter, canonical, status, message}
   lastSeq: new Map(), // canonical room -> last seq shown or skipped
   epoch: null,
@@ -167,6 +168,7 @@ function onCatalog(reply) {
       rates: old ? old.rates : [],
     });
   }
+  state.unconfigured = reply.unconfigured || [];
   drawConnectors();
   fillConnectorChoices();
 }
@@ -239,6 +241,28 @@ function drawConnectors() {
       item.append(p);
     }
     item.append(sparkline(c.rates));
+    list.append(item);
+  }
+  for (const u of state.unconfigured) {
+    const item = document.createElement("li");
+    item.className = "connector unconfigured";
+    item.dataset.type = u.type;
+    const head = document.createElement("div");
+    head.className = "connector-head";
+    const type = document.createElement("strong");
+    type.textContent = u.type;
+    const badge = document.createElement("span");
+    badge.className = "badge state";
+    badge.dataset.state = "unconfigured";
+    badge.textContent = "not configured";
+    head.append(type, badge);
+    item.append(head);
+    if (u.detail) {
+      const p = document.createElement("p");
+      p.className = "connector-detail";
+      p.textContent = u.detail;
+      item.append(p);
+    }
     list.append(item);
   }
 }
