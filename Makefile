@@ -29,5 +29,17 @@ test: setup lint
 demo: setup
 	$(BIN)/feed demo
 
+# Benchmarks (docs/benchmarks.md): real servers and clients in separate processes on loopback,
+# every phase bounded in time. Sources: FEED_BENCH_POSTGRES_URL, FEED_BENCH_REDIS_URL.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m bench
+
+bench-short: $(VENV)/.bench-installed
+	$(BIN)/python -m bench --short
+
 clean:
 	rm -rf $(VENV) feed/dashboard dashboard/node_modules

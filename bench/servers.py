@@ -52,6 +52,10 @@ targets = [{names}]
 
 def feed_main(conn: Connection, config_toml: str) -> None:
     raise_nofile()
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ["BENCH_TRACEMALLOC"]))
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_feed(conn, config_toml))
 
@@ -85,8 +89,29 @@ async def _feed(conn: Connection, config_toml: str) -> None:
             await asyncio.sleep(0.01)
     conn.send(("ready", config.server.port))
 
+    snapshot: Any = None
+
     async def handle(request: tuple[Any, ...]) -> Any:
+        nonlocal snapshot
         op = request[0]
+        if op == "trace":  # where memory grows between two calls (BENCH_TRACEMALLOC=1)
+            import gc
+            import tracemalloc
+
+            gc.collect()
+            now = tracemalloc.take_snapshot()
+            lines: list[str] = []
+            if snapshot is not None:
+                by_file = now.compare_to(snapshot, "filename")
+                lines.append(f"total {sum(s.size_diff for s in by_file) / 1024:.0f} KiB")
+                lines.extend(str(stat) for stat in by_file[:15])
+                stats = now.compare_to(snapshot, "traceback" if request[1] else "lineno")
+                for stat in stats[: request[2]]:
+                    lines.append(str(stat))
+                    if request[1]:
+                        lines.extend("    " + line for line in stat.traceback.format()[-12:])
+            snapshot = now
+            return ("trace", "\n".join(lines))
         if op == "emit":
             targets, count, rate = request[1:]
             memory = MemoryConnector.instances["mem"]

@@ -52,7 +52,14 @@ async def _swarm(
                 if idle > quiet:
                     break
                 await asyncio.sleep(0.02)
-            return ("counts", stats.changes, stats.frames, stats.latencies, stats.disconnected)
+            return (
+                "counts",
+                stats.changes,
+                stats.frames,
+                stats.latencies,
+                stats.disconnected,
+                stats.last_receive,
+            )
         raise ValueError(f"unknown request {op!r}")
 
     try:
@@ -69,6 +76,8 @@ class Counts:
     frames: int = 0
     latencies: list[float] = field(default_factory=list)
     disconnected: int = 0
+    last_receive: float = 0.0
+    """time.monotonic() of the last frame any client got (the clock is shared by processes)"""
 
 
 class Swarm:
@@ -113,7 +122,8 @@ class Swarm:
             child.conn.send(("wait", expected_per_client * size, timeout, quiet))
         total = Counts()
         for child in self.children:
-            _, changes, frames, latencies, disconnected = child.recv(timeout + 30)
+            _, changes, frames, latencies, disconnected, last = child.recv(timeout + 30)
+            total.last_receive = max(total.last_receive, last)
             total.changes += changes
             total.frames += frames
             total.latencies.extend(latencies)

@@ -122,10 +122,12 @@ def _writer_parked(queue: Any) -> bool:
     Between taking packets off the queue and writing them the writer has no waiting getter, and
     a direct write then could overtake them; so only a pending getter counts as idle.
     """
-    if queue.qsize():
+    if not queue.empty():
         return False
-    getters: Any = getattr(queue, "_getters", ())
-    return any(not g.done() for g in getters)
+    for getter in getattr(queue, "_getters", ()):  # noqa: SIM110 - a loop: no generator per call
+        if not getter.done():
+            return True
+    return False
 
 
 class SocketIOTransport:
@@ -251,32 +253,40 @@ class SocketIOTransport:
                 self._put(eio_sid, out)
 
     def _put(self, eio_sid: str, out: Outgoing) -> None:
+        """Hand one frame to one client: directly when its writer is idle, else via its queue.
+
+        This runs once per recipient per frame, so it is written for speed (the checks that
+        `_direct_protocol` and `_writer_parked` describe, inlined).
+        """
         socket = self.sio.eio.sockets.get(eio_sid)
         if socket is None or socket.closing or socket.closed:
             return
         queue = socket.queue
-        if out.text is not None and _writer_parked(queue):
-            protocol = getattr(socket, "feed_protocol", None)
+        if out.text is not None and queue.empty():
+            protocol = socket.__dict__.get("feed_protocol")
             if protocol is None:
                 protocol = _direct_protocol(socket)
                 if protocol is not None:
                     socket.feed_protocol = protocol
-            if protocol is not None and self._write(protocol, out):
+            if protocol is not None and _writer_parked(queue) and self._write(protocol, out):
                 self.direct_writes += 1
                 return
         for p in out.packets:
             queue.put_nowait(p)
 
-    def _write(self, protocol: Any, out: Outgoing) -> bool:
+    @staticmethod
+    def _write(protocol: Any, out: Outgoing) -> bool:
         """Write straight to the connection, as uvicorn's own ASGI send would; False: use the queue."""
         if (
-            not protocol.writable.is_set()
-            or not protocol.handshake_complete
-            or protocol.close_sent
+            protocol.close_sent
             or protocol.disconnected
+            or not protocol.handshake_complete
             or protocol.initial_response is not None
-            or protocol.transport.is_closing()
+            or not protocol.writable.is_set()
         ):
+            return False
+        transport = protocol.transport
+        if transport.is_closing():
             return False
         conn = protocol.conn
         if conn.extensions:  # compression keeps per-connection state: frame it for this one
@@ -284,9 +294,9 @@ class SocketIOTransport:
                 conn.send_text(out.text)
             except Exception:
                 return False
-            protocol.transport.write(b"".join(conn.data_to_send()))
+            transport.write(b"".join(conn.data_to_send()))
         else:
             if conn.state is not _OPEN or conn.expect_continuation_frame:
                 return False
-            protocol.transport.write(out.wire)
+            transport.write(out.wire)
         return True

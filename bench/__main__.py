@@ -1,0 +1,385 @@
+"""The benchmark suite: `python -m bench` (full) or `python -m bench --short` (CI-sized).
+
+Every server, client swarm, writer and listener runs in its own process on loopback; every phase
+has a deadline. Prints a table, writes bench/results/<time>.json and latest.json, and draws
+bench/results/latest.png. Sources come from FEED_BENCH_POSTGRES_URL / FEED_BENCH_REDIS_URL
+(defaults: the local servers); a phase whose source cannot be reached is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import fanout, idle, sources
+from bench.procs import raise_nofile
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    fanout_points: list[tuple[int, int, float]]
+    """(clients, rooms, changes/s offered across all rooms)"""
+    fanout_windows: int
+    fanout_seconds: float
+    fanout_rounds_at_targets: int
+    idle_clients: list[int]
+    pg_rates: list[float]
+    redis_rates: list[float]
+    source_seconds: float
+    ingest_seconds: float
+    phases: set[str] = field(default_factory=lambda: {"fanout", "idle", "postgres", "redis"})
+
+
+FULL = Plan(
+    fanout_points=[
+        (1, 1, 2000.0),
+        (100, 1, 400.0),
+        (1000, 1, 40.0),
+        (5000, 1, 8.0),
+        (1000, 100, 2000.0),
+    ],
+    fanout_windows=3,
+    fanout_seconds=5.0,
+    fanout_rounds_at_targets=2,
+    idle_clients=[1000, 10000],
+    pg_rates=[100, 1000, 2000, 5000],
+    redis_rates=[100, 1000, 5000],
+    source_seconds=5.0,
+    ingest_seconds=8.0,
+)
+
+SHORT = Plan(
+    fanout_points=[(100, 1, 400.0), (1000, 1, 40.0)],
+    fanout_windows=2,
+    fanout_seconds=2.0,
+    fanout_rounds_at_targets=1,
+    idle_clients=[1000],
+    pg_rates=[100, 1000],
+    redis_rates=[100, 1000],
+    source_seconds=2.0,
+    ingest_seconds=3.0,
+)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import psutil
+
+    packages = {}
+    for name in ("python-socketio", "python-engineio", "uvicorn", "websockets", "asyncpg", "redis"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "packages": packages,
+    }
+
+
+# -- phases ----------------------------------------------------------------------------------
+
+
+def run_fanout(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for clients, rooms, rate in plan.fanout_points:
+        rounds = plan.fanout_rounds_at_targets if clients in (100, 1000) and rooms == 1 else 1
+        targets = [f"t{i}" for i in range(rooms)]
+        processes = 1 if clients == 1 else 2 if clients <= 1000 else 4
+        for _ in range(rounds):
+            for kind in ("feed", "baseline"):
+                server = fanout.Server(kind, targets)
+                try:
+                    swarm = fanout.Swarm(server.port, server.rooms, clients, processes=processes)
+                    try:
+                        for _ in range(plan.fanout_windows):
+                            result = fanout.run_point(
+                                server, swarm, clients, rate, plan.fanout_seconds
+                            )
+                            rows.append(result.as_dict())
+                            log.append(
+                                f"fanout {kind:8} clients={clients:5} rooms={rooms:3} "
+                                f"{result.cpu_per_change_us:7.1f} us/change "
+                                f"{result.changes_per_s:9.0f} changes/s "
+                                f"delivered {result.delivered}/{result.expected}"
+                            )
+                            print(log[-1], flush=True)
+                    finally:
+                        swarm.stop()
+                finally:
+                    server.stop()
+    return rows
+
+
+def run_idle(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for clients in plan.idle_clients:
+        for kind in ("feed", "baseline"):
+            result = idle.measure(kind, clients, processes=max(2, clients // 2500))
+            rows.append(result.as_dict())
+            log.append(
+                f"idle   {kind:8} clients={clients:5} {result.kib_per_connection:6.1f} KiB/conn "
+                f"({result.connected} connected)"
+            )
+            print(log[-1], flush=True)
+    return rows
+
+
+def run_postgres(plan: Plan, log: list[str]) -> dict[str, Any]:
+    url = sources.postgres_url()
+    out: dict[str, Any] = {"url": _redact(url)}
+    with sources.BenchDatabase(url) as db:
+        latency = []
+        for kind in ("feed", "relay"):
+            for r in sources.latency_phase(
+                "postgres", kind, db.url, plan.pg_rates, plan.source_seconds
+            ):
+                latency.append(r.as_dict())
+                log.append(_latency_line(r))
+                print(log[-1], flush=True)
+        out["latency"] = latency
+        ingest = sources.ingest_phase(db.url, plan.ingest_seconds)
+        out["ingest"] = ingest.as_dict()
+        log.append(
+            f"ingest postgres: feed {ingest.feed_rate:.0f}/s, bare asyncpg listener "
+            f"{ingest.listener_rate:.0f}/s, ratio {ingest.ratio:.3f} "
+            f"(writers {ingest.write_rate:.0f}/s, delivered {ingest.feed_delivered}/{ingest.committed})"
+        )
+        print(log[-1], flush=True)
+    return out
+
+
+def run_redis(plan: Plan, log: list[str]) -> dict[str, Any]:
+    import redis
+
+    url = sources.redis_url()
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    client.flushdb()
+    try:
+        latency = []
+        for r in sources.latency_phase("redis", "feed", url, plan.redis_rates, plan.source_seconds):
+            latency.append(r.as_dict())
+            log.append(_latency_line(r))
+            print(log[-1], flush=True)
+    finally:
+        client.flushdb()
+        client.close()
+    return {"url": _redact(url), "latency": latency}
+
+
+def _latency_line(r: sources.LatencyResult) -> str:
+    def f(v: float | None) -> str:
+        return "   -  " if v is None else f"{v:6.1f}"
+
+    return (
+        f"latency {r.source:8} {r.server:5} rate={r.rate:6.0f} (achieved {r.achieved_rate:6.0f}) "
+        f"p50 {f(r.p50_ms)} p95 {f(r.p95_ms)} p99 {f(r.p99_ms)} ms "
+        f"delivered/committed {r.delivered_ratio:.4f}"
+    )
+
+
+def _redact(url: str) -> str:
+    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+        scheme, rest = url.split("//", 1)
+        user = rest.split(":", 1)[0]
+        return f"{scheme}//{user}:***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# -- summary ---------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Medians per point and the ratios the targets are stated in."""
+    summary: dict[str, Any] = {}
+    points: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {}
+    for row in results.get("fanout", []):
+        points.setdefault((row["clients"], row["rooms"]), {}).setdefault(row["server"], []).append(
+            row
+        )
+    fan = []
+    for (clients, rooms), by_kind in sorted(points.items()):
+        feed_rows, base_rows = by_kind.get("feed", []), by_kind.get("baseline", [])
+
+        def med(rows: list[dict[str, Any]], key: str) -> float:
+            values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+            return statistics.median(values) if values else float("nan")
+
+        entry = {
+            "clients": clients,
+            "rooms": rooms,
+            "rate": feed_rows[0]["rate"] if feed_rows else None,
+            "feed_us_per_change": med(feed_rows, "cpu_per_change_us"),
+            "feed_us_per_frame": med(feed_rows, "cpu_per_frame_us"),
+            "baseline_us_per_frame": med(base_rows, "cpu_per_frame_us"),
+            "feed_changes_per_s": med(feed_rows, "changes_per_s"),
+            "baseline_changes_per_s": med(base_rows, "changes_per_s"),
+            "feed_changes_per_frame": med(feed_rows, "delivered") / med(feed_rows, "frames")
+            if feed_rows
+            else float("nan"),
+            "feed_delivered_ratio": min(
+                (r["delivered"] / r["expected"] for r in feed_rows), default=float("nan")
+            ),
+            "baseline_delivered_ratio": min(
+                (r["delivered"] / r["expected"] for r in base_rows), default=float("nan")
+            ),
+            "feed_p50_ms": med(feed_rows, "p50_ms"),
+            "baseline_p50_ms": med(base_rows, "p50_ms"),
+            "windows": len(feed_rows),
+        }
+        entry["cpu_ratio"] = entry["feed_us_per_change"] / entry["baseline_us_per_frame"]
+        fan.append(entry)
+    summary["fanout"] = fan
+    idle_rows = results.get("idle", [])
+    summary["idle"] = [
+        {
+            "clients": r["clients"],
+            "server": r["server"],
+            "kib_per_connection": r["kib_per_connection"],
+            "connected": r["connected"],
+        }
+        for r in idle_rows
+    ]
+    pg = results.get("postgres")
+    if isinstance(pg, dict) and "ingest" in pg:
+        summary["postgres_ingest_ratio"] = pg["ingest"]["ratio"]
+    return summary
+
+
+def table(results: dict[str, Any]) -> str:
+    s = results["summary"]
+    lines = ["", "== fan-out: server CPU per delivered change (medians; OS CPU time of the server)"]
+    lines.append(
+        f"{'clients':>7} {'rooms':>5} {'rate/s':>7} {'feed us/chg':>11} {'feed us/frm':>11} "
+        f"{'ws us/frm':>9} {'ratio':>6} {'chg/frame':>9} {'feed chg/s':>10} {'ws chg/s':>9} "
+        f"{'delivered':>9}"
+    )
+    for e in s.get("fanout", []):
+        lines.append(
+            f"{e['clients']:>7} {e['rooms']:>5} {e['rate']:>7.0f} {e['feed_us_per_change']:>11.1f} "
+            f"{e['feed_us_per_frame']:>11.1f} {e['baseline_us_per_frame']:>9.1f} "
+            f"{e['cpu_ratio']:>6.2f} {e['feed_changes_per_frame']:>9.1f} "
+            f"{e['feed_changes_per_s']:>10.0f} {e['baseline_changes_per_s']:>9.0f} "
+            f"{e['feed_delivered_ratio']:>9.3f}"
+        )
+    if s.get("idle"):
+        lines += ["", "== idle memory per connection (server RSS growth / clients)"]
+        for e in s["idle"]:
+            lines.append(
+                f"{e['server']:>8} {e['clients']:>6} clients: {e['kib_per_connection']:6.1f} KiB "
+                f"({e['connected']} connected)"
+            )
+    for source in ("postgres", "redis"):
+        block = results.get(source)
+        if not isinstance(block, dict) or "latency" not in block:
+            if block:
+                lines += ["", f"== {source}: {block}"]
+            continue
+        lines += [
+            "",
+            f"== {source}: commit-to-client latency ({block['latency'][0]['clients']} clients)",
+        ]
+        lines.append(
+            f"{'server':>6} {'rate':>6} {'achieved':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+            f"{'delivered/committed':>19}"
+        )
+        for r in block["latency"]:
+            lines.append(
+                f"{r['server']:>6} {r['rate']:>6.0f} {r['achieved_rate']:>8.0f} "
+                f"{_num(r['p50_ms']):>7} {_num(r['p95_ms']):>7} {_num(r['p99_ms']):>7} "
+                f"{r['delivered_ratio']:>19.4f}"
+            )
+        if "ingest" in block:
+            i = block["ingest"]
+            lines.append(
+                f"ingest: feed {i['feed_rate']:.0f}/s vs bare asyncpg listener "
+                f"{i['listener_rate']:.0f}/s = {i['ratio']:.3f} (writers flat out: {i['write_rate']:.0f}/s)"
+            )
+    return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true", help="CI-sized: fewer points, shorter")
+    parser.add_argument(
+        "--only", default="", help="comma-separated phases: fanout, idle, postgres, redis"
+    )
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    plan = SHORT if args.short else FULL
+    phases = set(args.only.split(",")) - {""} or plan.phases
+    raise_nofile()
+    RESULTS.mkdir(exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": "short" if args.short else "full",
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    log: list[str] = []
+    runners = {
+        "fanout": run_fanout,
+        "idle": run_idle,
+        "postgres": run_postgres,
+        "redis": run_redis,
+    }
+    failed = False
+    for name in ("fanout", "idle", "postgres", "redis"):
+        if name not in phases:
+            continue
+        try:
+            results[name] = runners[name](plan, log)
+        except Exception as exc:
+            failed = True
+            traceback.print_exc()
+            results[name] = {"skipped": f"{type(exc).__name__}: {exc}"}
+            print(f"{name}: skipped: {exc}", file=sys.stderr)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["summary"] = summarise(results)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(results, indent=1, default=str)
+    (RESULTS / f"{stamp}.json").write_text(text)
+    (RESULTS / ("latest-short.json" if args.short else "latest.json")).write_text(text)
+    print(table(results))
+    if not args.no_plot:
+        from bench.plot import draw
+
+        png = RESULTS / ("latest-short.png" if args.short else "latest.png")
+        draw(results, png)
+        print(f"\nwrote {RESULTS / (stamp + '.json')} and {png}")
+    print(f"took {results['seconds']:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

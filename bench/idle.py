@@ -1,0 +1,76 @@
+"""Memory per idle connection: N connected, subscribed, silent clients in one server process.
+
+The figure is the growth of the server's resident memory (RSS and, where readable, USS) from
+before the first client to a few seconds after the last one subscribed, divided by N.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.fanout import Server
+from bench.swarm import Swarm
+
+
+@dataclass
+class IdleResult:
+    server: str
+    clients: int
+    connected: int
+    rss_before: int
+    rss_after: int
+    kib_per_connection: float
+    uss_kib_per_connection: float
+    connect_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(kind: str, clients: int, processes: int = 4, settle: float = 3.0) -> IdleResult:
+    server = Server(kind, ["t0"])
+    try:
+        # One client first, so that lazily built machinery is not charged to the N that follow.
+        warm = Swarm(server.port, server.rooms, 1, processes=1, probes=0)
+        warm.stop()
+        time.sleep(1.0)
+        before = server.usage()
+        started = time.monotonic()
+        swarm = Swarm(
+            server.port, server.rooms, clients, processes=processes, probes=0, timeout=300
+        )
+        try:
+            connect_seconds = time.monotonic() - started
+            _, connected = server.child.ask("clients")
+            time.sleep(settle)
+            after = server.usage()
+        finally:
+            swarm.stop()
+    finally:
+        server.stop()
+    return IdleResult(
+        server=kind,
+        clients=clients,
+        connected=connected,
+        rss_before=before.rss,
+        rss_after=after.rss,
+        kib_per_connection=(after.rss - before.rss) / clients / 1024,
+        uss_kib_per_connection=(after.uss - before.uss) / clients / 1024
+        if after.uss
+        else float("nan"),
+        connect_seconds=connect_seconds,
+    )
+
+
+def _main() -> None:
+    import sys
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    for kind in ("feed", "baseline"):
+        print(measure(kind, n))
+
+
+if __name__ == "__main__":
+    _main()
