@@ -145,7 +145,7 @@ async def latency_run(url: str, mode: str, rate: int, seconds: int) -> dict[str,
             committed[i] = time.perf_counter()
         achieved = rate * seconds / (time.perf_counter() - start)
         deadline = time.perf_counter() + 10
-        while len(drain.seen) < len(committed) and time.perf_counter() < deadline:
+        while len(drain.seen) < len(committed) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     await conn.close()
     samples = sorted((drain.seen[k] - committed[k]) * 1000 for k in committed if k in drain.seen)
@@ -185,7 +185,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     url = url_for(admin_url, name)
     result: dict[str, Any] = {"server": admin_url.split("@")[-1], "clients": args.clients}
     try:
-        subprocess.run(
+        await asyncio.to_thread(
+            subprocess.run,
             [pgbench_binary(), "-i", "-q", "-s", str(args.scale), url],
             check=True, capture_output=True, timeout=300,
         )  # fmt: skip

@@ -396,9 +396,12 @@ class PostgresConnector(Connector):
                     f"{self.where}: permission denied: GRANT SELECT ON {target} TO {user}"
                 )
             self._shapes[target] = await read_shape(conn, target, regclass, self.query_timeout)
-            if attach and self.mode == "notify":
-                if await self._attach(conn, target, regclass, user):
-                    lines.append(f"watching {target}")
+            if (
+                attach
+                and self.mode == "notify"
+                and await self._attach(conn, target, regclass, user)
+            ):
+                lines.append(f"watching {target}")
         return lines
 
     def _trigger_names(self) -> tuple[str, str]:
@@ -889,35 +892,33 @@ class PostgresConnector(Connector):
         regclass = self.regclass(address.target)
         sql = f"SELECT to_jsonb(t)::text AS row FROM {regclass} t"
         args: list[Any] = []
-        pushdown = address.key is not None and self._pushdown(shape)
-        if pushdown:
-            assert address.key is not None
-            values = address.key.split(",")
-            if len(values) != len(shape.primary_key):
-                return Snapshot(rows=[])
+        values = address.key.split(",") if address.key is not None else []
+        if values and len(values) == len(shape.primary_key) and self._pushdown(shape):
             sql += " WHERE " + " AND ".join(
                 f"t.{quote_ident(col)}::text = ${i}" for i, col in enumerate(shape.primary_key, 1)
             )
             args = values
         rows: list[dict[str, Any]] = []
         truncated = False
-        async with self._pool.acquire(timeout=self.connect_timeout) as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                snap_text = await conn.fetchval(
-                    "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
-                )
-                extra = await self._snapshot_extra(conn)
-                async for record in conn.cursor(sql, *args, prefetch=200):
-                    row = shape.decode(record["row"])
-                    assert row is not None
-                    if address.key is not None and room_key(shape.key(row)) != address.key:
-                        continue
-                    if not where(row):
-                        continue
-                    if len(rows) >= limit:
-                        truncated = True
-                        break
-                    rows.append(row)
+        async with (
+            self._pool.acquire(timeout=self.connect_timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            snap_text = await conn.fetchval(
+                "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
+            )
+            extra = await self._snapshot_extra(conn)
+            async for record in conn.cursor(sql, *args, prefetch=200):
+                row = shape.decode(record["row"])
+                assert row is not None
+                if address.key is not None and room_key(shape.key(row)) != address.key:
+                    continue
+                if not where(row):
+                    continue
+                if len(rows) >= limit:
+                    truncated = True
+                    break
+                rows.append(row)
         snap = Snap.parse(snap_text)
         covers = await self._wait_past(snap, extra)
         return Snapshot(rows=rows, covers=covers, truncated=truncated)
@@ -935,7 +936,8 @@ class PostgresConnector(Connector):
     async def _wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
         """Honour the Snapshot contract: return once every change the rows reflect is yielded."""
         if self._logical is not None:
-            return await self._logical.wait_past(snap, extra)
+            covers_logical: Callable[[Change], bool] = await self._logical.wait_past(snap, extra)
+            return covers_logical
         need = self._polls_started + 1
         self._wake.set()
         try:

@@ -65,7 +65,7 @@ def plain(value: Any) -> Any:
 def _numeric(value: Any) -> Any:
     if isinstance(value, Decimal):
         return value
-    if isinstance(value, int) or isinstance(value, str):  # "NaN", "Infinity"
+    if isinstance(value, int | str):  # "NaN", "Infinity"
         return Decimal(value)
     return value
 
@@ -187,14 +187,14 @@ class TableShape:
         return {name: image.get(name) for name in self.primary_key}
 
 
-async def read_shape(conn: Any, target: str, regclass: str, timeout: float) -> TableShape:
+async def read_shape(conn: Any, target: str, regclass: str, limit: float) -> TableShape:
     columns: dict[str, Convert] = {}
     types: dict[str, str] = {}
-    for row in await conn.fetch(COLUMNS_SQL, regclass, timeout=timeout):
+    for row in await conn.fetch(COLUMNS_SQL, regclass, timeout=limit):
         convert = converter(row["type"], row["kind"], row["category"])
         if row["category"] == "A" and row["elem"] is not None:
             convert = _array(converter(row["elem"], row["elem_kind"], ""))
         columns[row["name"]] = convert
         types[row["name"]] = row["type"]
-    pk = tuple(r["name"] for r in await conn.fetch(PRIMARY_KEY_SQL, regclass, timeout=timeout))
+    pk = tuple(r["name"] for r in await conn.fetch(PRIMARY_KEY_SQL, regclass, timeout=limit))
     return TableShape(target, columns, pk, types)

@@ -346,13 +346,13 @@ async def test_only_configured_tables_are_delivered(pg: PgDatabase) -> None:
 
 
 def test_config_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match="connectors.main.tables: 'orders' must be schema.table"):
+    with pytest.raises(ConfigError, match=r"connectors.main.tables: 'orders' must be schema.table"):
         make_connector("postgresql://x/y", ["orders"])
-    with pytest.raises(ConfigError, match="connectors.main.dsn: is required"):
+    with pytest.raises(ConfigError, match=r"connectors.main.dsn: is required"):
         PostgresConnector("main", Options({"tables": ["public.a"]}, "connectors.main"))
-    with pytest.raises(ConfigError, match="connectors.main.mode: must be one of"):
+    with pytest.raises(ConfigError, match=r"connectors.main.mode: must be one of"):
         make_connector("postgresql://x/y", ["public.a"], mode="wal")
-    with pytest.raises(ConfigError, match="connectors.main.tabels: is not a known setting"):
+    with pytest.raises(ConfigError, match=r"connectors.main.tabels: is not a known setting"):
         make_connector("postgresql://x/y", ["public.a"], tabels=[])
 
 

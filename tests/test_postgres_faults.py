@@ -39,7 +39,7 @@ async def reader_pid(db: PgDatabase) -> int:
 
 
 def keys(changes: list[object]) -> list[object]:
-    return [getattr(c, "key") for c in changes]
+    return [c.key for c in changes]  # type: ignore[attr-defined]
 
 
 async def test_terminated_listener_reconnects_and_delivers_writes_made_meanwhile(

@@ -10,6 +10,7 @@ shared one (and above all a machine's system Postgres) is never restarted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -113,10 +114,8 @@ class EmbeddedPostgres:
         self.start()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
             self.stop("immediate")
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
