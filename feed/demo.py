@@ -33,7 +33,6 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 
@@ -41,7 +40,7 @@ from feed.auth import is_loopback
 from feed.config import parse_config
 from feed.demo_writer import POSTGRES_TABLES, REDIS_PATTERNS, DemoWriter
 from feed.errors import FeedError
-from feed.server import FeedApp
+from feed.server import FeedApp, QuietServer
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -207,14 +206,6 @@ patterns = {toml_list(REDIS_PATTERNS)}
 configure = true
 fetch_values = true
 """
-
-
-class QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the demo decides the order of shutdown."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
 
 
 async def wait_started(

@@ -7,11 +7,14 @@ connectors (saving their positions) and disconnects the clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import socketio
+import uvicorn
 from socketio.exceptions import ConnectionRefusedError as Refused
 
 from connectors.base import Connector
@@ -241,3 +244,11 @@ class FeedApp:
             log.exception("%s failed", event)
             self.hub.metrics.inc("feed_errors_total", code="internal")
             return error_ack(ProtocolError("internal", "the server failed to handle this request"))
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling, for embedding: the caller decides how to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

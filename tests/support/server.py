@@ -15,7 +15,7 @@ import uvicorn
 
 from feed.config import parse_config
 from feed.hub import Hub
-from feed.server import FeedApp
+from feed.server import FeedApp, QuietServer
 
 WAIT = 10.0
 
@@ -46,10 +46,9 @@ async def running_feed(
     config = parse_config(config_toml, "test.toml", {**os.environ, **(env or {})})
     app = FeedApp(config)
     port = free_port()
-    server = uvicorn.Server(
+    server = QuietServer(
         uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(WAIT):
