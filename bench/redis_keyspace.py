@@ -1,0 +1,352 @@
+"""Redis keyspace capture under redis-benchmark SET load: delivered/written and probe latency.
+
+    .venv/bin/python -m bench.redis_keyspace                      # own redis-server, 5k and 20k/s
+    .venv/bin/python -m bench.redis_keyspace --url redis://127.0.0.1:6379/14 --rates 5000,20000
+    .venv/bin/python -m bench.redis_keyspace --load python        # no redis-benchmark binary
+
+The feed runs in its own process (the real app: connector, hub, Socket.IO under uvicorn) with one
+Redis connector, fetch_values off. Load: redis-benchmark (Debian's redis-tools) runs `SET
+<prefix>k:__rand_int__ x`, started every 100 ms for a tenth of the second's target, so the rate
+is paced rather than one burst per run; without the binary (or with --load python) a separate
+Python process writes paced pipelines instead. Written is Redis's own count (INFO commandstats
+cmdstat_set, minus the probes); delivered is what one Socket.IO client subscribed to the load
+pattern's room received. Latency: a probe writer SETs `<prefix>p:<time.time()>` 200 times a
+second in this process during the load; the client (same process, same clock) subtracts that
+time on receipt, so it is SET-sent to client-received, the whole path. Targets from issue 4:
+every event delivered at 20,000 SET/s; p99 under 10 ms at 5,000/s. `--path connector` measures
+the connector alone (SET to `changes()` in this process), which separates the connector's own
+cost from the hub's and Socket.IO's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import redis.asyncio as aioredis
+import socketio
+
+from bench.procs import Child
+from bench.servers import feed_main, free_port
+
+RESULTS = Path(__file__).parent / "results"
+PROBE_RATE = 200
+TICK = 0.1
+
+
+def feed_config(url: str, port: int, prefix: str) -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+dashboard = false
+log_level = "warning"
+replay_buffer = 1000
+
+[[connectors]]
+name = "rk"
+type = "redis"
+url = {json.dumps(url)}
+patterns = [{json.dumps(prefix + "k:*")}, {json.dumps(prefix + "p:*")}]
+configure = true
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- load generators --------------------------------------------------------------------------
+
+
+async def benchmark_load(url: str, prefix: str, rate: int, seconds: float) -> None:
+    """redis-benchmark, one short run per 100 ms tick, each writing a tick's share."""
+    parsed = urlparse(url)
+    per_tick = max(1, int(rate * TICK))
+    args = [
+        "redis-benchmark", "-h", parsed.hostname or "127.0.0.1", "-p", str(parsed.port or 6379),
+        "--dbnum", (parsed.path.strip("/") or "0"), "-n", str(per_tick), "-r", "1000000",
+        "-c", "4", "-P", "8", "-q",
+    ]  # fmt: skip
+    if parsed.password:
+        args += ["-a", parsed.password]
+    args += ["SET", f"{prefix}k:__rand_int__", "x"]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    running: list[asyncio.subprocess.Process] = []
+    ticks = int(seconds / TICK)
+    for tick in range(ticks):
+        due = start + tick * TICK
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        running.append(proc)
+        running = [p for p in running if p.returncode is None]
+    for proc in running:
+        await proc.wait()
+
+
+def python_load_main(url: str, prefix: str, rate: int, seconds: float) -> None:
+    asyncio.run(_python_load(url, prefix, rate, seconds))
+
+
+async def _python_load(url: str, prefix: str, rate: int, seconds: float) -> None:
+    client = aioredis.Redis.from_url(url)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    per_ms = rate / 1000
+    sent = 0
+    while (now := loop.time()) < start + seconds:
+        due = int((now - start) * 1000 * per_ms)
+        if due > sent:
+            pipe = client.pipeline(transaction=False)
+            for i in range(sent, due):
+                pipe.set(f"{prefix}k:{i}", "x")
+            await pipe.execute()
+            sent = due
+        await asyncio.sleep(0.001)
+    await client.aclose()
+
+
+# -- one phase --------------------------------------------------------------------------------
+
+
+async def set_calls(admin: aioredis.Redis) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+
+async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float, load: str) -> dict:
+    admin = aioredis.Redis.from_url(url)
+    sio = socketio.AsyncClient(reconnection=False)
+    delivered = 0
+    gaps: list[str] = []
+    latencies: list[float] = []
+    load_room = f"rk:{prefix}k:*"
+
+    def on_change(change: dict[str, Any]) -> None:
+        nonlocal delivered
+        if change["room"] == load_room:
+            delivered += 1
+        else:
+            sent = float(change["key"].rsplit(":", 1)[1])
+            latencies.append((time.time() - sent) * 1000)
+
+    sio.on("change", on_change)
+    sio.on("changes", lambda batch: [on_change(c) for c in batch])
+    sio.on("gap", lambda gap: gaps.append(gap["reason"]))
+    await sio.connect(feed_url, transports=["websocket"], wait_timeout=10)
+    for room in (load_room, f"rk:{prefix}p:*"):
+        ack = await sio.call("subscribe", {"room": room}, timeout=10)
+        assert ack["ok"], ack
+
+    probes = 0
+
+    async def probe() -> None:
+        nonlocal probes
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() < start + seconds:
+            await admin.set(f"{prefix}p:{time.time()!r}", "x")
+            probes += 1
+            await asyncio.sleep(1 / PROBE_RATE)
+
+    before = await set_calls(admin)
+    started = time.monotonic()
+    if load == "python":
+        proc = multiprocessing.get_context("spawn").Process(
+            target=python_load_main, args=(url, prefix, rate, seconds)
+        )
+        proc.start()
+        await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
+    else:
+        await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds))
+    elapsed = time.monotonic() - started
+    written = await set_calls(admin) - before - probes
+    # Drain: wait until delivery stops growing (or catches up), bounded.
+    deadline = time.monotonic() + 20
+    last, still = -1, 0.0
+    while time.monotonic() < deadline and delivered < written:
+        if delivered == last:
+            if time.monotonic() - still > 2:
+                break
+        else:
+            last, still = delivered, time.monotonic()
+        await asyncio.sleep(0.05)
+    await sio.disconnect()
+    await admin.aclose()
+    return {
+        "path": "feed",
+        "target_rate": rate,
+        "write_rate": round(written / elapsed),
+        "written": written,
+        "delivered": delivered,
+        "delivered_ratio": round(delivered / written, 5) if written else None,
+        "gaps": gaps,
+        "probes": len(latencies),
+        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
+        "latency_ms_max": round(max(latencies), 2) if latencies else None,
+    }
+
+
+async def connector_phase(url: str, prefix: str, rate: int, seconds: float, load: str) -> dict:
+    """The same load, read by the connector in this process: SET to `changes()`, no hub."""
+    from connectors.redis import RedisConnector
+    from feed.options import Options
+
+    table = {"url": url, "patterns": [prefix + "k:*", prefix + "p:*"], "configure": True}
+    source = RedisConnector("rk", Options(table, "bench"))
+    admin = aioredis.Redis.from_url(url)
+    delivered = 0
+    latencies: list[float] = []
+    gaps: list[str] = []
+    probe_target = prefix + "p:*"
+
+    async def consume() -> None:
+        nonlocal delivered
+        async for item in source.changes():
+            if not hasattr(item, "op"):
+                gaps.append(item.reason)
+            elif item.target == probe_target:
+                latencies.append((time.time() - float(item.key.rsplit(":", 1)[1])) * 1000)
+            else:
+                delivered += 1
+
+    async with source:
+        reader = asyncio.create_task(consume())
+        probes = 0
+
+        async def probe() -> None:
+            nonlocal probes
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while loop.time() < start + seconds:
+                await admin.set(f"{prefix}p:{time.time()!r}", "x")
+                probes += 1
+                await asyncio.sleep(1 / PROBE_RATE)
+
+        before = await set_calls(admin)
+        started = time.monotonic()
+        if load == "python":
+            proc = multiprocessing.get_context("spawn").Process(
+                target=python_load_main, args=(url, prefix, rate, seconds)
+            )
+            proc.start()
+            await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
+        else:
+            await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds))
+        elapsed = time.monotonic() - started
+        written = await set_calls(admin) - before - probes
+        async with asyncio.timeout(20):
+            while delivered < written:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    await admin.aclose()
+    return {
+        "path": "connector",
+        "target_rate": rate,
+        "write_rate": round(written / elapsed),
+        "written": written,
+        "delivered": delivered,
+        "delivered_ratio": round(delivered / written, 5) if written else None,
+        "gaps": gaps,
+        "probes": len(latencies),
+        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
+        "latency_ms_max": round(max(latencies), 2) if latencies else None,
+    }
+
+
+async def cleanup(url: str, prefix: str) -> None:
+    admin = aioredis.Redis.from_url(url)
+    async for key in admin.scan_iter(match=prefix + "*", count=5000):
+        await admin.unlink(key)
+    await admin.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="Redis to use (default: start a private redis-server)")
+    parser.add_argument("--rates", default="5000,20000", help="SET/s, comma separated")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--load", choices=("auto", "redis-benchmark", "python"), default="auto")
+    parser.add_argument(
+        "--path",
+        choices=("feed", "connector", "both"),
+        default="both",
+        help="through the whole feed to a Socket.IO client, the connector alone, or both",
+    )
+    args = parser.parse_args()
+    load = args.load
+    if load == "auto":
+        load = "redis-benchmark" if shutil.which("redis-benchmark") else "python"
+    elif load == "redis-benchmark" and not shutil.which("redis-benchmark"):
+        sys.exit("redis-benchmark not found: apt-get install redis-tools, or use --load python")
+
+    server = None
+    url = args.url
+    if url is None:
+        from tests.support.redis import RedisServer
+
+        server = RedisServer()
+        server.start()
+        url = server.url()
+    prefix = f"rkbench:{uuid.uuid4().hex[:8]}:"
+    port = free_port()
+    feed = None
+    results: list[dict[str, Any]] = []
+    try:
+        rates = [int(r) for r in args.rates.split(",")]
+        if args.path in ("connector", "both"):
+            for rate in rates:
+                result = asyncio.run(connector_phase(url, prefix, rate, args.seconds, load))
+                result["load"] = load
+                results.append(result)
+                print(json.dumps(result), flush=True)
+                asyncio.run(cleanup(url, prefix))
+        if args.path in ("feed", "both"):
+            feed = Child(feed_main, feed_config(url, port, prefix), name="feed-redis")
+            feed.recv(60)
+            for rate in rates:
+                result = asyncio.run(
+                    phase(url, f"http://127.0.0.1:{port}", prefix, rate, args.seconds, load)
+                )
+                result["load"] = load
+                results.append(result)
+                print(json.dumps(result), flush=True)
+                asyncio.run(cleanup(url, prefix))
+    finally:
+        if feed is not None:
+            feed.stop()
+        with contextlib.suppress(Exception):
+            asyncio.run(cleanup(url, prefix))
+        if server is not None:
+            server.close()
+    RESULTS.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"redis_keyspace-{stamp}.json"
+    out.write_text(json.dumps({"url": "private" if server else url, "runs": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
