@@ -197,3 +197,39 @@ async def test_evictions_arrive_as_evicted(private_redis: RedisTarget) -> None:
         await pipe.execute()
         items = await take_until(stream, lambda item: getattr(item, "op", "") == "evicted")
     assert items[-1].key.startswith(t.prefix)
+
+
+async def test_slow_consumer_is_bounded_and_its_loss_announced(private_redis: RedisTarget) -> None:
+    """The hub not pulling: the connector stops reading past max_pending, Redis buffers, cuts
+    the subscriber at its output-buffer limit, and the loss arrives as a gap once pulled again."""
+    t, r = private_redis, private_redis.admin
+    await r.config_set("client-output-buffer-limit", "pubsub 64kb 32kb 1")
+    async with connector(t, max_pending=10) as source:
+        stream = aiter(source.changes())
+        # ~20 MB of notifications (long keys), more than the kernel's socket buffers can hide.
+        pad = "x" * 500
+        for _ in range(20):
+            pipe = r.pipeline(transaction=False)
+            for i in range(1000):
+                pipe.set(t.key(f"{pad}{i}"), "x")
+            await pipe.execute()
+        assert source._pending <= 10 + 200  # at most one socket read past the bound
+        items = await take_until(stream, lambda item: isinstance(item, Gap), timeout=30)
+        await r.set(t.key("after"), "1")
+        later = await take_until(
+            stream, lambda item: isinstance(item, Change) and item.key == t.key("after")
+        )
+    assert len(items) - 1 < 20000
+    assert all(isinstance(item, Change) for item in later)
+
+
+async def test_unreadable_values_still_deliver_the_event() -> None:
+    async with (
+        open_private_redis("--rename-command", "EVALSHA", "", "--rename-command", "EVAL", "") as t,
+        connector(t, fetch_values=True) as source,
+    ):
+        stream = aiter(source.changes())
+        await t.admin.set(t.key("a"), "1")
+        [change] = await take(stream, 1)
+    assert change.op == "set" and change.after is None
+    assert "unknown command" in change.meta["value_error"].lower()
