@@ -46,7 +46,7 @@ PROBE_RATE = 200
 TICK = 0.1
 
 
-def feed_config(url: str, port: int, prefix: str) -> str:
+def feed_config(url: str, port: int, prefix: str, fetch_values: bool = False) -> str:
     return f"""
 [server]
 host = "127.0.0.1"
@@ -61,6 +61,7 @@ type = "redis"
 url = {json.dumps(url)}
 patterns = [{json.dumps(prefix + "k:*")}, {json.dumps(prefix + "p:*")}]
 configure = true
+fetch_values = {"true" if fetch_values else "false"}
 """
 
 
@@ -207,12 +208,19 @@ async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float,
     }
 
 
-async def connector_phase(url: str, prefix: str, rate: int, seconds: float, load: str) -> dict:
+async def connector_phase(
+    url: str, prefix: str, rate: int, seconds: float, load: str, fetch_values: bool = False
+) -> dict:
     """The same load, read by the connector in this process: SET to `changes()`, no hub."""
     from connectors.redis import RedisConnector
     from feed.options import Options
 
-    table = {"url": url, "patterns": [prefix + "k:*", prefix + "p:*"], "configure": True}
+    table = {
+        "url": url,
+        "patterns": [prefix + "k:*", prefix + "p:*"],
+        "configure": True,
+        "fetch_values": fetch_values,
+    }
     source = RedisConnector("rk", Options(table, "bench"))
     admin = aioredis.Redis.from_url(url)
     delivered = 0
@@ -295,6 +303,9 @@ def main() -> None:
         default="both",
         help="through the whole feed to a Socket.IO client, the connector alone, or both",
     )
+    parser.add_argument(
+        "--fetch-values", action="store_true", help="read values (one script call per batch)"
+    )
     args = parser.parse_args()
     load = args.load
     if load == "auto":
@@ -318,19 +329,25 @@ def main() -> None:
         rates = [int(r) for r in args.rates.split(",")]
         if args.path in ("connector", "both"):
             for rate in rates:
-                result = asyncio.run(connector_phase(url, prefix, rate, args.seconds, load))
+                result = asyncio.run(
+                    connector_phase(url, prefix, rate, args.seconds, load, args.fetch_values)
+                )
                 result["load"] = load
+                result["fetch_values"] = args.fetch_values
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 asyncio.run(cleanup(url, prefix))
         if args.path in ("feed", "both"):
-            feed = Child(feed_main, feed_config(url, port, prefix), name="feed-redis")
+            feed = Child(
+                feed_main, feed_config(url, port, prefix, args.fetch_values), name="feed-redis"
+            )
             feed.recv(60)
             for rate in rates:
                 result = asyncio.run(
                     phase(url, f"http://127.0.0.1:{port}", prefix, rate, args.seconds, load)
                 )
                 result["load"] = load
+                result["fetch_values"] = args.fetch_values
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 asyncio.run(cleanup(url, prefix))
