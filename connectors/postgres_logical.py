@@ -208,6 +208,7 @@ class LogicalReader:
         self.delivered_end = 0  # every transaction ending at or before this LSN is routed
         self.partial: tuple[int, int] | None = None  # (end_lsn, changes routed) of one half done
         self.confirmed = 0
+        self.last_advance = 0.0
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -351,11 +352,12 @@ class LogicalReader:
                 timeout=c.query_timeout,
             )
             parser = PgOutputParser()
-            transactions = [t for t in (parser.feed(bytes(r["data"])) for r in rows) if t]
+            decoded = [t for t in (parser.feed(bytes(r["data"])) for r in rows) if t]
+            # Transactions routed already but not yet confirmed to the slot come again: skip.
+            transactions = [t for t in decoded if t.end_lsn > self.delivered_end]
             images = await self._rebuild(conn, transactions)
+            fresh = len(transactions)
             for txn in transactions:
-                if txn.end_lsn <= self.delivered_end:
-                    continue  # routed before a reconnect
                 skip = self.partial[1] if self.partial and self.partial[0] == txn.end_lsn else 0
                 for index, raw in enumerate(txn.changes):
                     if raw.target not in c.targets_by_table or index < skip:
@@ -364,8 +366,15 @@ class LogicalReader:
                     self.partial = (txn.end_lsn, index + 1)
                 self.delivered_end = txn.end_lsn
                 self.partial = None
-            if transactions:
+            # Every peek decodes from the slot's restart point whatever was confirmed, so
+            # confirming after every poll would double the server's decoding work: confirm every
+            # `save_interval`, or at once when a full peek brought nothing new.
+            now = time.monotonic()
+            if self.delivered_end > self.confirmed and (
+                now - self.last_advance >= c.save_interval or (rows and not fresh)
+            ):
                 await self._advance(conn)
+                self.last_advance = now
             if len(rows) < c.batch_size:
                 await c._delivered(poll)
                 with contextlib.suppress(TimeoutError):

@@ -137,6 +137,22 @@ async def test_rolled_back_writes_are_not_delivered(pg: PgDatabase) -> None:
     assert [c.key for c in got] == [1, 3]
 
 
+async def test_savepoint_rolled_back_inside_a_committed_transaction(pg: PgDatabase) -> None:
+    await orders(pg)
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        async with pg.conn.transaction():
+            await pg.conn.execute("INSERT INTO orders VALUES (1, 'kept', 1)")
+            await pg.conn.execute("SAVEPOINT s")
+            await pg.conn.execute("INSERT INTO orders VALUES (2, 'undone', 1)")
+            await pg.conn.execute("ROLLBACK TO SAVEPOINT s")
+            await pg.conn.execute("INSERT INTO orders VALUES (3, 'kept', 1)")
+        got = await stream.take(2)
+        await pg.conn.execute("INSERT INTO orders VALUES (4, 'later', 1)")
+        got += await stream.take(1)
+        stream.assert_idle()
+    assert [c.key for c in got] == [1, 3, 4]
+
+
 @pytest.mark.parametrize("size", [7_990, 8_100, 100_000, 1_000_000])
 async def test_big_rows_are_written_and_delivered_whole(pg: PgDatabase, size: int) -> None:
     await pg.conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, body text)")
