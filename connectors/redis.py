@@ -303,6 +303,12 @@ class RedisConnector(Connector):
             await conn.send_command("INFO", "server")
             info = await conn.read_response()
             run_id = _info_field(info, b"run_id")
+            await conn.send_command("INFO", "cluster")
+            if _info_field(await conn.read_response(), b"cluster_enabled") == "1":
+                raise SourceMisconfigured(
+                    f"redis at {self.where} is a Redis Cluster node: cluster is not supported yet "
+                    "(each node publishes only its own keys' events); use a standalone primary"
+                )
             prefix = f"__keyspace@{self.db}__:".encode()
             self._by_channel = {}
             for index, pattern in enumerate(self.patterns):
@@ -429,6 +435,8 @@ class RedisConnector(Connector):
         """Hand a batch to `changes()`; past `max_pending` unconsumed events, stop reading."""
         self._queue.put_nowait(batch)
         self._pending += len(batch)
+        if self._pending > self.max_pending // 2 and self.status.state == State.UP:
+            self.set_status(State.LAGGING, f"{self._pending} events waiting for the hub")
         while self._pending > self.max_pending:
             self._drained.clear()
             await self._drained.wait()
@@ -437,6 +445,9 @@ class RedisConnector(Connector):
         self._pending -= len(batch)
         if self._pending <= self.max_pending:
             self._drained.set()
+        # Hysteresis: back to "up" only well below the mark, so the status does not flap.
+        if self._pending < self.max_pending // 10 and self.status.state == State.LAGGING:
+            self.set_status(State.UP)
 
     async def changes(self) -> AsyncIterator[Change | Gap]:
         if self.mode == "streams":

@@ -233,3 +233,28 @@ async def test_unreadable_values_still_deliver_the_event() -> None:
         [change] = await take(stream, 1)
     assert change.op == "set" and change.after is None
     assert "unknown command" in change.meta["value_error"].lower()
+
+
+async def test_cluster_node_is_refused_in_one_line() -> None:
+    async with open_private_redis("--cluster-enabled", "yes") as t:
+        with pytest.raises(SourceMisconfigured) as info:
+            async with connector(t):
+                pass
+    assert "Redis Cluster node: cluster is not supported yet" in one_line(info.value)
+
+
+async def test_backlog_is_reported_as_lagging(private_redis: RedisTarget) -> None:
+    t, r = private_redis, private_redis.admin
+    source = connector(t, max_pending=100)
+    states: list[str] = []
+    source.on_status(lambda status: states.append(status.state.value))
+    async with source:
+        stream = aiter(source.changes())
+        pipe = r.pipeline(transaction=False)
+        for i in range(300):
+            pipe.set(t.key(f"k{i}"), "x")
+        await pipe.execute()
+        await take(stream, 300)
+        await r.set(t.key("last"), "x")
+        await take(stream, 1)
+    assert states[:3] == ["up", "lagging", "up"]
