@@ -120,6 +120,7 @@ class RedisConnector(Connector):
         self.stream_start = options.choice("start", ("latest", "earliest"), "latest")
         self.offsets_key = options.str("offsets_key", f"feed:offsets:{self.name}")
         self.stream_batch = options.int("stream_batch", 500, minimum=1, maximum=100_000)
+        self.stream_key_field: str | None = options.str("key_field")
 
         self._url_kwargs = url_kwargs
         self._client: Redis | None = None

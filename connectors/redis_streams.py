@@ -173,13 +173,14 @@ class StreamCapture:
     def change(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> Change:
         after, b64 = _fields(fields)
         ms, _ = parse_id(entry_id)
+        key_field = self.owner.stream_key_field
         return Change(
             id=f"{self.owner.name}:{stream}:{entry_id}",
             connector=self.owner.name,
             source="redis",
             target=stream,
             op="xadd",
-            key=entry_id,
+            key=after.get(key_field, entry_id) if key_field else entry_id,
             after=after,
             ts=dt.datetime.fromtimestamp(ms / 1000, dt.UTC),
             meta={"value_base64": True} if b64 else None,
@@ -192,16 +193,23 @@ class StreamCapture:
         """The stream's newest `limit` entries (or one entry), exact: `covers` knows which
         delivered changes they include, because entry ids are positions."""
         stream = address.target
+        key_field = self.owner.stream_key_field
         try:
-            if address.key is not None:
-                entries = await self.client.xrange(stream, address.key, address.key)
+            if key_field:
+                entries, truncated = await self._latest_per_key(stream, key_field, address, limit)
+            elif address.key is not None:
+                try:
+                    entries = await self.client.xrange(stream, address.key, address.key)
+                except ResponseError:  # not an entry id at all: no such row
+                    entries = []
+                truncated = False
             else:
                 entries = list(reversed(await self.client.xrevrange(stream, count=limit + 1)))
+                truncated = len(entries) > limit
+                entries = entries[-limit:]
         except (RedisError, OSError) as exc:
             raise self.owner._failure(exc) from None
-        truncated = address.key is None and len(entries) > limit
-        entries = entries[-limit:] if address.key is None else entries
-        high = parse_id(_text(entries[-1][0])) if entries else (0, 0)
+        high = max((parse_id(_text(e[0])) for e in entries), default=(0, 0))
         # Honour the Snapshot contract: wait until every entry in the rows has been routed.
         async with asyncio.timeout(10):
             while parse_id(self.delivered.get(stream, "0-0")) < high:
@@ -222,6 +230,24 @@ class StreamCapture:
             ),
             truncated=truncated,
         )
+
+    async def _latest_per_key(
+        self, stream: str, key_field: str, address: RoomAddress, limit: int
+    ) -> tuple[list[Any], bool]:
+        """With `key_field` a stream is a changelog: its current rows are the newest entry per
+        key among the newest `snapshot_scan_limit` entries (oldest key first)."""
+        scan = self.owner.snapshot_scan_limit
+        newest = await self.client.xrevrange(stream, count=scan)
+        wanted = key_field.encode()
+        latest: dict[bytes, Any] = {}
+        for entry in newest:
+            key = entry[1].get(wanted, entry[0])
+            if address.key is not None and key != address.key.encode():
+                continue
+            latest.setdefault(key, entry)
+        rows = list(reversed(latest.values()))
+        truncated = len(rows) > limit or len(newest) >= scan
+        return rows[-limit:], truncated
 
 
 def _text(raw: Any) -> str:

@@ -115,3 +115,31 @@ async def test_snapshot_is_exact(redis_target: RedisTarget) -> None:
     )
     assert not snap.covers(later)
     assert one.rows == [{"_id": ids[1], "n": "1"}]
+
+
+async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) -> None:
+    t, r = redis_target, redis_target.admin
+    async with connector(t, key_field="id", start="earliest") as source:
+        for fields in ({"id": "a", "v": "1"}, {"id": "b", "v": "1"}, {"id": "a", "v": "2"}):
+            await r.xadd(t.key("orders"), fields)
+        stream = aiter(source.changes())
+        seen = await take(stream, 3)
+        drainer = asyncio.create_task(anext(stream))
+        try:
+            rows = await source.snapshot(RoomAddress(t.key("orders")), lambda row: True, 10)
+            one = await source.snapshot(RoomAddress(t.key("orders"), "a"), lambda row: True, 10)
+        finally:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
+    assert [c.key for c in seen] == ["a", "b", "a"]
+    assert [(row["id"], row["v"]) for row in rows.rows] == [("b", "1"), ("a", "2")]
+    assert [(row["id"], row["v"]) for row in one.rows] == [("a", "2")]
+    assert all(rows.covers(c) for c in seen)
+
+
+async def test_row_snapshot_of_a_non_id_is_empty(redis_target: RedisTarget) -> None:
+    async with connector(redis_target) as source:
+        snap = await source.snapshot(
+            RoomAddress(redis_target.key("orders"), "not-an-id"), lambda row: True, 10
+        )
+    assert snap.rows == []
