@@ -46,10 +46,15 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(below: int = 65536) -> int:
+    """A free TCP port; `below` leaves room for Redis Cluster's bus port (port + 10000)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below:
+            return port
+    raise RuntimeError(f"no free port below {below}")
 
 
 class RedisServer:
@@ -57,7 +62,7 @@ class RedisServer:
 
     def __init__(self, *args: str) -> None:
         self.binary = redis_server_binary()
-        self.port = free_port()
+        self.port = free_port(below=55000 if "--cluster-enabled" in args else 65536)
         self.dir = tempfile.mkdtemp(prefix="feed-redis-")
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -74,6 +79,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--daemonize", "no",
+            "--logfile", "redis.log",
             *self.args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
@@ -83,6 +89,10 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                log = os.path.join(self.dir, "redis.log")
+                if os.path.exists(log):
+                    with open(log) as f:
+                        err += f.read()[-2000:]
                 raise RuntimeError(f"redis-server exited at start: {err.strip()}")
             if self.ping():
                 return
