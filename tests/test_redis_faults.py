@@ -213,7 +213,8 @@ async def test_slow_consumer_is_bounded_and_its_loss_announced(private_redis: Re
             for i in range(1000):
                 pipe.set(t.key(f"{pad}{i}"), "x")
             await pipe.execute()
-        assert source._pending <= 10 + 200  # at most one socket read past the bound
+        assert source._keyspace is not None
+        assert source._keyspace._pending <= 10 + 200  # at most one socket read past the bound
         items = await take_until(stream, lambda item: isinstance(item, Gap), timeout=30)
         await r.set(t.key("after"), "1")
         later = await take_until(

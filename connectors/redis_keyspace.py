@@ -1,0 +1,512 @@
+"""Keyspace mode: keyspace notifications read straight off a pub/sub socket, with every loss
+announced.
+
+Keyspace notifications are fire-and-forget: Redis sends them to whoever is subscribed at that
+moment and keeps nothing. So this mode cannot promise every event; it promises that every window
+in which events may have been lost is announced with a `Gap` (after a dropped pub/sub connection,
+a Redis restart, a subscriber cut for a full output buffer, or a restart of the connector itself).
+A silent TCP connection is found by PINGing it when it has been quiet for `health_check_interval`
+seconds.
+
+The pub/sub connection is a bare redis-py `Connection`, not `redis.asyncio.client.PubSub`, because
+PubSub reconnects and resubscribes by itself, which would hide exactly the loss windows the feed
+must announce. Events are parsed from raw bytes (see `redis_events`) so non-UTF-8 keys survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from connectors.base import RoomAddress, Snapshot, State
+from connectors.redis_events import (
+    GONE_OPS,
+    NEEDED_FLAGS,
+    KeyspaceEvent,
+    ResponseLine,
+    RespStream,
+    merged_flags,
+    missing_flags,
+    text_or_base64,
+)
+from connectors.redis_values import READ_VALUES, KeyValue, decode_value
+from feed.change import Change, Gap
+from feed.errors import ConnectorError, SourceMisconfigured, SourceUnavailable
+
+if TYPE_CHECKING:
+    from connectors.redis import RedisConnector
+
+log = logging.getLogger("feed.connectors.redis")
+
+LOST = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.IncompleteReadError)
+"""What a dropped or dead connection looks like from redis-py."""
+
+_Received = tuple[KeyspaceEvent, dt.datetime, str]
+"""An event as the reader queues it: the event, when it arrived, and its id stem."""
+_Item = list[_Received] | Gap | ConnectorError
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+class KeyspaceCapture:
+    """The keyspace-mode half of RedisConnector (which owns options, status and the pools).
+
+    One instance per start: `start` subscribes and starts the reader task, `stop` ends it.
+    """
+
+    def __init__(self, owner: RedisConnector, client: Redis, events_pool: ConnectionPool) -> None:
+        self.owner = owner
+        self.client = client
+        self.events_pool = events_pool
+        self.script: Any = client.register_script(READ_VALUES)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._pending = 0
+        self._drained = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._by_channel: dict[bytes, list[tuple[int, str]]] = {}
+        self._restarted = False
+        self._epoch = "0"
+
+    async def start(self) -> None:
+        conn = await self._subscribe()
+        if self.owner._sessions:
+            self._queue.put_nowait(
+                Gap(self.owner.name, "the connector restarted: keyspace events in between lost")
+            )
+        self.owner._sessions += 1
+        self._reader = asyncio.create_task(self._read_loop(conn), name=f"redis:{self.owner.name}")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+
+    # -- keyspace mode: setup ------------------------------------------------------------------
+
+    async def _ensure_notifications(self, conn: AbstractConnection) -> None:
+        """Check notify-keyspace-events; with `configure` add what is missing, never removing."""
+        try:
+            await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
+            reply = await conn.read_response()
+        except ResponseError as exc:
+            if self.owner.auto_configure:
+                raise SourceMisconfigured(
+                    f"redis at {self.owner.where} refuses CONFIG ({exc}): set notify-keyspace-events "
+                    f"to include {NEEDED_FLAGS!r} in your provider's settings"
+                ) from None
+            log.warning(
+                "redis at %s refuses CONFIG GET (%s); assuming notify-keyspace-events includes %r",
+                self.owner.where,
+                exc,
+                NEEDED_FLAGS,
+            )
+            return
+        current = reply[1].decode() if reply and len(reply) > 1 else ""
+        if not missing_flags(current):
+            return
+        wanted = merged_flags(current)
+        command = f'CONFIG SET notify-keyspace-events "{wanted}"'
+        if not self.owner.auto_configure:
+            raise SourceMisconfigured(
+                f"redis at {self.owner.where} has notify-keyspace-events={current!r}, which misses "
+                f"{missing_flags(current)!r}: run  {command}  or set configure = true"
+            )
+        try:
+            await conn.send_command("CONFIG", "SET", "notify-keyspace-events", wanted)
+            await conn.read_response()
+        except ResponseError as exc:
+            raise SourceMisconfigured(
+                f"redis at {self.owner.where} refused {command} ({exc}): "
+                "set it in your provider's settings"
+            ) from None
+        log.info("redis at %s: notify-keyspace-events %r -> %r", self.owner.where, current, wanted)
+
+    async def _subscribe(self) -> AbstractConnection:
+        """Open the events connection, check the server, PSUBSCRIBE every pattern."""
+        assert self.events_pool is not None
+        conn: AbstractConnection = self.events_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            await self._ensure_notifications(conn)
+            await conn.send_command("INFO", "server")
+            info = await conn.read_response()
+            run_id = _info_field(info, b"run_id")
+            await conn.send_command("INFO", "cluster")
+            if _info_field(await conn.read_response(), b"cluster_enabled") == "1":
+                raise SourceMisconfigured(
+                    f"redis at {self.owner.where} is a Redis Cluster node: cluster is not supported yet "
+                    "(each node publishes only its own keys' events); use a standalone primary"
+                )
+            prefix = f"__keyspace@{self.owner.db}__:".encode()
+            self._by_channel = {}
+            for index, pattern in enumerate(self.owner.patterns):
+                self._by_channel.setdefault(prefix + pattern.encode(), []).append((index, pattern))
+            await conn.send_command("PSUBSCRIBE", *self._by_channel)
+            for _ in self._by_channel:
+                reply = await conn.read_response()
+                if not (isinstance(reply, list) and reply and reply[0] == b"psubscribe"):
+                    raise SourceUnavailable(f"redis at {self.owner.where}: odd reply {reply!r}")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            if isinstance(exc, Exception):
+                raise self.owner._failure(exc) from None
+            raise
+        restarted = bool(self.owner._run_id) and run_id != self.owner._run_id
+        self.owner._run_id = run_id
+        self._restarted = restarted
+        self._epoch = _base36(time.time_ns() // 1000)
+        return conn
+
+    # -- keyspace mode: reading ----------------------------------------------------------------
+
+    async def _read_loop(self, conn: AbstractConnection) -> None:
+        """Read events until stopped; on a lost connection reconnect and queue a Gap.
+
+        Items go to a bounded queue: when the hub falls behind, this loop stops reading, Redis
+        buffers the events, and if its output-buffer limit cuts us off that too ends in a Gap.
+        """
+        try:
+            while True:
+                try:
+                    await self._pump(conn)
+                except LOST as exc:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect()
+                    reason = str(exc).strip() or type(exc).__name__
+                    self.owner.set_status(State.DOWN, f"pub/sub connection lost: {reason}")
+                    conn = await self._reconnect()
+                    why = (
+                        "redis restarted"
+                        if self._restarted
+                        else f"the pub/sub connection dropped ({reason})"
+                    )
+                    await self._queue.put(
+                        Gap(self.owner.name, f"{why}: keyspace events may be lost")
+                    )
+                    self.owner.set_status(State.UP)
+        except ConnectorError as exc:
+            self.owner.set_status(State.DOWN, str(exc))
+            await self._queue.put(exc)
+        except Exception as exc:  # a bug: still end the stream visibly instead of hanging
+            log.exception("redis reader failed")
+            await self._queue.put(SourceUnavailable(f"redis reader failed: {exc!r}"))
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def _reconnect(self) -> AbstractConnection:
+        """Resubscribe with backoff for up to `reconnect_timeout`, then give up to the hub."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.owner.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await self._subscribe()
+            except SourceMisconfigured:
+                raise
+            except SourceUnavailable as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                self.owner.set_status(State.DOWN, str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _pump(self, conn: AbstractConnection) -> None:
+        """Parse events straight off the socket, a whole read at a time.
+
+        After the handshake redis-py's parser has consumed exactly the replies it was asked for
+        (the pure-Python parser reads no further), so the connection's stream reader holds the
+        next unread byte and we take over from there.
+        """
+        reader, writer = conn._reader, conn._writer
+        if reader is None or writer is None:
+            raise RedisConnectionError("the events connection closed during setup")
+        stream = RespStream()
+        interval = self.owner.health_check_interval
+        by_channel = self._by_channel
+        stem = f"{self.owner.name}:{self._epoch}-"
+        count = 0
+        ping_sent = False
+        now = dt.datetime.now
+        utc = dt.UTC
+        parse = KeyspaceEvent.try_parse
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # arrives together with data, and stop() would then wait forever.
+                async with asyncio.timeout(interval):
+                    data = await reader.read(1 << 16)
+            except TimeoutError:  # quiet for a whole interval: is the connection still alive?
+                if ping_sent:
+                    raise RedisTimeoutError(f"no reply to PING within {interval:g}s") from None
+                writer.write(PING)
+                ping_sent = True
+                continue
+            if not data:
+                raise RedisConnectionError("connection closed by the server")
+            ping_sent = False
+            ts = now(utc)
+            batch: list[_Received] = []
+            for reply in stream.feed(data):
+                if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+                    event = parse(reply[2], reply[3], reply[1])
+                    if event is not None and event.pattern in by_channel:
+                        count += 1
+                        batch.append((event, ts, f"{stem}{count}"))
+                elif isinstance(reply, ResponseLine) and reply.error:
+                    raise RedisConnectionError(
+                        f"redis error on the events connection: {reply.text}"
+                    )
+            if batch:
+                await self._enqueue(batch)
+
+    async def _enqueue(self, batch: list[_Received]) -> None:
+        """Hand a batch to `changes()`; past `max_pending` unconsumed events, stop reading."""
+        self._queue.put_nowait(batch)
+        self._pending += len(batch)
+        if self._pending > self.owner.max_pending // 2 and self.owner.status.state == State.UP:
+            self.owner.set_status(State.LAGGING, f"{self._pending} events waiting for the hub")
+        while self._pending > self.owner.max_pending:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def _taken(self, batch: list[_Received]) -> None:
+        self._pending -= len(batch)
+        if self._pending <= self.owner.max_pending:
+            self._drained.set()
+        # Hysteresis: back to "up" only well below the mark, so the status does not flap.
+        if (
+            self._pending < self.owner.max_pending // 10
+            and self.owner.status.state == State.LAGGING
+        ):
+            self.owner.set_status(State.UP)
+
+    async def changes(self) -> AsyncIterator[Change | Gap]:
+        if self.owner.fetch_values:
+            async for change_or_gap in self._changes_with_values():
+                yield change_or_gap
+            return
+        get = self._queue.get
+        build = self._build
+        while True:
+            item = await get()
+            if isinstance(item, list):
+                self._taken(item)
+                for received in item:
+                    for change in build(received, None, None):
+                        yield change
+            elif isinstance(item, Gap):
+                yield item
+            else:
+                raise item
+
+    def _build(
+        self, item: _Received, value: KeyValue | None, value_error: str | None
+    ) -> list[Change]:
+        event, ts, stem = item
+        key, key_b64 = text_or_base64(event.key)
+        meta: dict[str, Any] = {}
+        if key_b64:
+            meta["key_base64"] = True
+        after = None
+        if value is not None:
+            after = value.after()
+            meta.update(value.flags())
+        if value_error is not None:
+            meta["value_error"] = value_error
+        return [
+            Change(
+                id=stem,
+                connector=self.owner.name,
+                source="redis",
+                target=pattern,
+                op=event.op,
+                key=key,
+                after=after,
+                ts=ts,
+                meta=meta or None,
+                position=stem,
+            )
+            for _, pattern in self._by_channel.get(event.pattern, ())
+        ]
+
+    # -- keyspace mode: values -----------------------------------------------------------------
+
+    async def _changes_with_values(self) -> AsyncIterator[Change | Gap]:
+        """Read values for batches of events while the next batches are already being read.
+
+        Up to 4 batches are in flight on separate connections, so one slow read does not stall the
+        stream; results are still yielded in arrival order.
+        """
+        ready: asyncio.Queue[asyncio.Task[list[Change | Gap | ConnectorError]]] = asyncio.Queue(4)
+
+        async def batcher() -> None:
+            while True:
+                items = [await self._queue.get()]
+                size = 0
+                while True:
+                    last = items[-1]
+                    if isinstance(last, list):
+                        self._taken(last)
+                        size += len(last)
+                    if size >= 500 or self._queue.empty():
+                        break
+                    items.append(self._queue.get_nowait())
+                await ready.put(asyncio.create_task(self._with_values(items)))
+
+        feeder = asyncio.create_task(batcher())
+        try:
+            while True:
+                task = await ready.get()
+                for item in await task:
+                    if isinstance(item, ConnectorError):
+                        raise item
+                    yield item
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(BaseException):
+                await feeder
+            while not ready.empty():
+                ready.get_nowait().cancel()
+
+    async def _with_values(self, items: list[_Item]) -> list[Change | Gap | ConnectorError]:
+        batch: list[_Received | Gap | ConnectorError] = []
+        for item in items:
+            if isinstance(item, list):
+                batch.extend(item)
+            else:
+                batch.append(item)
+        keys = list(
+            dict.fromkeys(
+                item[0].key
+                for item in batch
+                if isinstance(item, tuple) and item[0].op not in GONE_OPS
+            )
+        )
+        values: dict[bytes, KeyValue] = {}
+        error: str | None = None
+        if keys:
+            try:
+                values = await self.read_values(keys)
+            except (RedisError, OSError) as exc:
+                error = str(exc) or type(exc).__name__
+        out: list[Change | Gap | ConnectorError] = []
+        for entry in batch:
+            if isinstance(entry, tuple):
+                event = entry[0]
+                if event.op in GONE_OPS:
+                    out.extend(self._build(entry, None, None))
+                else:
+                    out.extend(self._build(entry, values.get(event.key), error))
+            else:
+                out.append(entry)
+        return out
+
+    async def read_values(self, keys: list[bytes]) -> dict[bytes, KeyValue]:
+        """Type and bounded value of each key, in one script call."""
+        assert self.client is not None
+        reply = await self.script(
+            keys=keys, args=[self.owner.max_value_items, self.owner.max_value_bytes]
+        )
+        return {
+            key: decode_value(row, self.owner.max_value_items)
+            for key, row in zip(keys, reply, strict=True)
+        }
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    async def snapshot(
+        self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> Snapshot:
+        """SCAN the pattern (or read the one key); never exact, so `covers` is always False.
+
+        SCAN may return a key twice or miss keys changed while it runs, and values are read after
+        the keys are listed; every buffered change is therefore replayed after the snapshot.
+        """
+        try:
+            if address.key is not None:
+                keys = [address.key.encode()]
+                truncated = False
+                if not await self.client.exists(keys[0]):
+                    keys = []
+            else:
+                keys, truncated = await self._scan(address.target, limit)
+            rows: list[dict[str, Any]] = []
+            for start in range(0, len(keys), 200):
+                chunk = keys[start : start + 200]
+                values = await self.read_values(chunk) if self.owner.fetch_values else {}
+                if not self.owner.fetch_values:
+                    pipe = self.client.pipeline(transaction=False)
+                    for key in chunk:
+                        pipe.type(key)
+                    kinds = await pipe.execute()
+                    values = {
+                        k: KeyValue(t.decode() if isinstance(t, bytes) else t, None)
+                        for k, t in zip(chunk, kinds, strict=True)
+                    }
+                for key in chunk:
+                    row = _row(key, values[key], self.owner.fetch_values)
+                    if row is not None and where(row):
+                        rows.append(row)
+        except RedisError as exc:
+            raise self.owner._failure(exc) from None
+        return Snapshot(rows=rows[:limit], truncated=truncated or len(rows) > limit)
+
+    async def _scan(self, pattern: str, limit: int) -> tuple[list[bytes], bool]:
+        """Keys matching `pattern`, deduplicated, stopping after `limit` + 1 keys or
+        `snapshot_scan_limit` keys examined (a SCAN over a huge keyspace must stay bounded)."""
+        assert self.client is not None
+        seen: dict[bytes, None] = {}
+        cursor = 0
+        examined = 0
+        while True:
+            cursor, batch = await self.client.scan(cursor, match=pattern, count=1000)
+            examined += 1000
+            for key in batch:
+                seen[key if isinstance(key, bytes) else str(key).encode()] = None
+            if cursor == 0:
+                return list(seen)[: limit + 1], len(seen) > limit
+            if len(seen) > limit or examined >= self.owner.snapshot_scan_limit:
+                return list(seen)[: limit + 1], True
+
+
+def _row(key: bytes, value: KeyValue, with_value: bool) -> dict[str, Any] | None:
+    if value.type == "none":
+        return None  # deleted between SCAN and the read
+    text, key_b64 = text_or_base64(key)
+    row: dict[str, Any] = {"key": text, "type": value.type}
+    if with_value:
+        row["value"] = value.value
+        row.update(value.flags())
+    if key_b64:
+        row["key_base64"] = True
+    return row
+
+
+def _info_field(info: Any, name: bytes) -> str:
+    if isinstance(info, bytes):
+        for line in info.splitlines():
+            if line.startswith(name + b":"):
+                return line.split(b":", 1)[1].decode()
+    return ""
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while number:
+        number, rem = divmod(number, 36)
+        out = digits[rem] + out
+    return out or "0"
