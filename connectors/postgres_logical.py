@@ -209,6 +209,7 @@ class LogicalReader:
         self.partial: tuple[int, int] | None = None  # (end_lsn, changes routed) of one half done
         self.confirmed = 0
         self.last_advance = 0.0
+        self.pending_gap = False
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -257,6 +258,8 @@ class LogicalReader:
             "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1", self.slot
         )
         if slot is None:
+            if self.delivered_end:  # it was there before: what happened meanwhile is gone
+                self.pending_gap = True
             try:
                 await conn.execute(
                     "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -310,6 +313,11 @@ class LogicalReader:
             try:
                 await c._open_reader(listen=False)
                 delay = 0.1
+                if self.pending_gap:
+                    self.pending_gap = False
+                    self.delivered_end = self.confirmed = 0
+                    self.partial = None
+                    yield Gap(c.name, f"replication slot {self.slot!r} was recreated")
                 async for change in self._read():
                     yield change
             except asyncio.CancelledError:

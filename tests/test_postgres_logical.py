@@ -6,6 +6,7 @@ without it these tests are skipped, except the one that checks the clear refusal
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import pytest
 from connectors.base import RoomAddress
 from feed.errors import SourceMisconfigured
 from tests.connector_contract import ConnectorContract
-from tests.postgres_helpers import make_connector, streaming
+from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase, PgServer
 from tests.test_postgres_contract import PostgresHarness, open_harness
@@ -175,3 +176,21 @@ class TestPostgresLogicalConnector(ConnectorContract):
             yield harness
         finally:
             await pg_support.drop_database(db)
+
+
+async def test_a_recreated_slot_is_announced_as_a_gap(logical_pg: PgDatabase) -> None:
+    from feed.change import Gap
+
+    db = logical_pg
+    await orders(db)
+    connector = logical(db, ["public.orders"])
+    async with streaming(connector) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        await stream.take(1)
+    await db.conn.execute("SELECT pg_drop_replication_slot('feed_main')")
+    await db.conn.execute("INSERT INTO orders VALUES (2, 'lost with the slot', 1)")
+    async with streaming(connector) as stream:
+        gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+        assert isinstance(gap, Gap) and "recreated" in gap.reason
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'a', 1)")
+        assert [c.key for c in await stream.take(1)] == [3]
