@@ -195,9 +195,7 @@ class RedisConnector(Connector):
             assert self._client is not None
             info = await self._client.info("server")
             version = info.get("redis_version", "?")
-            return (
-                f"redis {version} at {self.where}, {self.mode} mode, {len(self.patterns)} patterns"
-            )
+            return f"redis {version} at {self.where}, {self.mode} mode, patterns: {', '.join(self.patterns)}"
 
     # -- errors --------------------------------------------------------------------------------
 
