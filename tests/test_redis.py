@@ -250,3 +250,18 @@ async def test_connector_restart_announces_a_gap(redis_target: RedisTarget) -> N
 async def test_check_describes_the_server(redis_target: RedisTarget) -> None:
     text = await connector(redis_target).check()
     assert text.startswith("redis ") and "keyspace mode" in text and ":" in text
+
+
+async def test_values_keep_arrival_order_under_a_burst(redis_target: RedisTarget) -> None:
+    """Batches are read concurrently; changes must still come out in the order Redis sent them."""
+    t, r = redis_target, redis_target.admin
+    async with connector(t, fetch_values=True) as source:
+        stream = aiter(source.changes())
+        for chunk in range(4):
+            pipe = r.pipeline(transaction=False)
+            for i in range(chunk * 500, chunk * 500 + 500):
+                pipe.set(t.key(f"k{i}"), str(i))
+            await pipe.execute()
+        got = await take(stream, 2000, timeout=20)
+    assert [c.key for c in got] == [t.key(f"k{i}") for i in range(2000)]
+    assert all(c.after == {"type": "string", "value": str(i)} for i, c in enumerate(got))
