@@ -120,7 +120,8 @@ def format_ts(ts: dt.datetime | None) -> str | None:
         return None
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=dt.UTC)
-    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime, and this runs once per change.
+    return ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def to_json(value: Any) -> JSON:

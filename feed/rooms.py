@@ -25,8 +25,9 @@ class Room:
     filter: RowFilter | None = None
     capacity: int = 1000
     seq: int = 0
-    gap_seq: int = 0
-    """The seq at the last announced gap: history before it cannot be trusted for resume."""
+    gap_seq: int | None = None
+    """The seq at the last announced gap: a resume from it or before cannot be trusted, since
+    whatever the source lost came after that number and never got one of its own."""
     members: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
     """Members still being caught up (replay or snapshot): live sends skip them meanwhile."""
@@ -54,7 +55,7 @@ class Room:
 
     def holds_after(self, since: int) -> bool:
         """Whether every change after `since` is still here (so a resume loses nothing)."""
-        if since > self.seq or since < self.gap_seq:
+        if since > self.seq or (self.gap_seq is not None and since <= self.gap_seq):
             return False
         if since == self.seq:
             return True

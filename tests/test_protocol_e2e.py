@@ -252,3 +252,21 @@ async def test_filter_room_expires_after_grace(memory_feed: RunningFeed) -> None
         assert name in memory_feed.hub.rooms
     await wait_until(lambda: name not in memory_feed.hub.rooms, what="filter room expiry")
     assert "mem:public.orders" in memory_feed.hub.rooms
+
+
+async def test_resume_from_the_seq_of_a_gap_is_not_recovered(memory_feed: RunningFeed) -> None:
+    """Whatever the source lost came after the last numbered change: resuming from it is unsafe."""
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        await client.subscribe("mem:public.orders")
+        db.write("public.orders", "insert", {"id": 1})
+        last = await client.next_change()
+        db.announce_gap("pubsub connection dropped")
+        await client.next_gap()
+        db.write("public.orders", "insert", {"id": 2})
+        after_gap = await client.next_change()
+    async with feed_client(memory_feed.url) as client:
+        stale = await client.subscribe("mem:public.orders", since=last["seq"])
+        fresh = await client.subscribe("mem:public.orders", since=after_gap["seq"])
+    assert stale["recovered"] is False
+    assert fresh["recovered"] is True
