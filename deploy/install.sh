@@ -9,12 +9,6 @@ python="${PYTHON:-python3}"
 "$python" -m venv "$venv"
 "$venv/bin/pip" install --no-cache-dir --disable-pip-version-check --quiet --quiet '.[jwt]'
 
-# The Postgres connector reads its SQL from migrations/ beside the `connectors` package; a wheel
-# does not carry that folder, so put it where the installed package looks.
-site=$("$venv/bin/python" -I -c 'import connectors, os; print(os.path.dirname(os.path.dirname(connectors.__file__)))')
-mkdir -p "$site/migrations"
-cp migrations/*.sql "$site/migrations/"
-
 # Fail the build, not the first start, when something is missing. (-I: import the installed
 # package, not the source tree in the current directory.)
 "$venv/bin/feed" --version
