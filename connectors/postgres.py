@@ -132,6 +132,17 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event` at most `seconds`.
+
+    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives just as the
+    event is set, and the reader would then run on after the hub cancelled it.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -726,7 +737,8 @@ class PostgresConnector(Connector):
             if conn is None or conn.is_closed():
                 raise asyncpg.ConnectionDoesNotExistError("reader connection closed")
             tx = conn.transaction(isolation="repeatable_read")
-            await asyncio.wait_for(tx.start(), self.heartbeat_timeout)
+            async with asyncio.timeout(self.heartbeat_timeout):
+                await tx.start()
             try:
                 now_text = await conn.fetchval(
                     "SELECT pg_current_snapshot()::text", timeout=self.heartbeat_timeout
@@ -768,11 +780,13 @@ class PostgresConnector(Connector):
                     saved = batch_snap.text
                 else:
                     saved = None
-                await asyncio.wait_for(tx.commit(), self.heartbeat_timeout)
+                async with asyncio.timeout(self.heartbeat_timeout):
+                    await tx.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
                     if not conn.is_closed():
-                        await asyncio.wait_for(tx.rollback(), 1)
+                        async with asyncio.timeout(1):
+                            await tx.rollback()
                 raise
             self._state = ReaderState(batch_snap)
             if saved is not None:
@@ -781,8 +795,7 @@ class PostgresConnector(Connector):
                 continue  # the interrupted batch is done: now read what came after it
             await self._delivered(poll)
             await self._maybe_prune(conn)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.heartbeat_interval)
+            await wait_event(self._wake, self.heartbeat_interval)
 
     async def _delivered(self, poll: int) -> None:
         async with self._progress:

@@ -36,6 +36,14 @@ from feed.errors import SourceMisconfigured, SourceUnavailable
 if TYPE_CHECKING:
     from connectors.postgres import PostgresConnector, Snap
 
+
+async def wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait for `event` at most `seconds` (see connectors.postgres.wait_event for why)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 JSON_TYPES = {114, 3802}  # json, jsonb: rebuilt from parsed values, not from their text
 
@@ -385,8 +393,7 @@ class LogicalReader:
                 self.last_advance = now
             if len(rows) < c.batch_size:
                 await c._delivered(poll)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(c._wake.wait(), c.poll_interval)
+                await wait_event(c._wake, c.poll_interval)
 
     async def _rebuild(
         self, conn: Any, transactions: list[Transaction]
