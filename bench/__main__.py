@@ -112,13 +112,17 @@ def run_fanout(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
         rounds = plan.fanout_rounds_at_targets if clients in (100, 1000) and rooms == 1 else 1
         targets = [f"t{i}" for i in range(rooms)]
         processes = 1 if clients == 1 else 2 if clients <= 1000 else 4
-        for _ in range(rounds):
-            for kind in ("feed", "baseline"):
+        for round_ in range(rounds):
+            kinds = ["feed", "baseline"]
+            if round_ == 0 and rooms == 1 and clients in (100, 1000):
+                kinds.append("socketio")  # python-socketio's own emit: where the feed started
+            for kind in kinds:
+                windows = 1 if kind == "socketio" else plan.fanout_windows
                 server = fanout.Server(kind, targets)
                 try:
                     swarm = fanout.Swarm(server.port, server.rooms, clients, processes=processes)
                     try:
-                        for _ in range(plan.fanout_windows):
+                        for _ in range(windows):
                             result = fanout.run_point(
                                 server, swarm, clients, rate, plan.fanout_seconds
                             )
@@ -140,7 +144,7 @@ def run_fanout(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
 def run_idle(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
     rows = []
     for clients in plan.idle_clients:
-        for kind in ("feed", "baseline"):
+        for kind in ("feed", "socketio", "baseline"):
             result = idle.measure(kind, clients, processes=max(2, clients // 2500))
             rows.append(result.as_dict())
             log.append(
@@ -152,26 +156,29 @@ def run_idle(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
 
 
 def run_postgres(plan: Plan, log: list[str]) -> dict[str, Any]:
+    """Each phase gets a fresh database: a feed resumes from its saved position, so a journal
+    left by an earlier phase would be delivered again (rightly) and spoil the counts."""
     url = sources.postgres_url()
     out: dict[str, Any] = {"url": _redact(url)}
-    with sources.BenchDatabase(url) as db:
-        latency = []
-        for kind in ("feed", "relay"):
+    latency = []
+    for kind in ("feed", "relay"):
+        with sources.BenchDatabase(url) as db:
             for r in sources.latency_phase(
                 "postgres", kind, db.url, plan.pg_rates, plan.source_seconds
             ):
                 latency.append(r.as_dict())
                 log.append(_latency_line(r))
                 print(log[-1], flush=True)
-        out["latency"] = latency
+    out["latency"] = latency
+    with sources.BenchDatabase(url) as db:
         ingest = sources.ingest_phase(db.url, plan.ingest_seconds)
-        out["ingest"] = ingest.as_dict()
-        log.append(
-            f"ingest postgres: feed {ingest.feed_rate:.0f}/s, bare asyncpg listener "
-            f"{ingest.listener_rate:.0f}/s, ratio {ingest.ratio:.3f} "
-            f"(writers {ingest.write_rate:.0f}/s, delivered {ingest.feed_delivered}/{ingest.committed})"
-        )
-        print(log[-1], flush=True)
+    out["ingest"] = ingest.as_dict()
+    log.append(
+        f"ingest postgres: feed {ingest.feed_rate:.0f}/s, bare asyncpg listener "
+        f"{ingest.listener_rate:.0f}/s, ratio {ingest.ratio:.3f} "
+        f"(writers {ingest.write_rate:.0f}/s, delivered {ingest.feed_delivered}/{ingest.committed})"
+    )
+    print(log[-1], flush=True)
     return out
 
 
@@ -226,6 +233,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     fan = []
     for (clients, rooms), by_kind in sorted(points.items()):
         feed_rows, base_rows = by_kind.get("feed", []), by_kind.get("baseline", [])
+        sio_rows = by_kind.get("socketio", [])
 
         def med(rows: list[dict[str, Any]], key: str) -> float:
             values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
@@ -238,6 +246,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "feed_us_per_change": med(feed_rows, "cpu_per_change_us"),
             "feed_us_per_frame": med(feed_rows, "cpu_per_frame_us"),
             "baseline_us_per_frame": med(base_rows, "cpu_per_frame_us"),
+            "socketio_us_per_change": med(sio_rows, "cpu_per_change_us"),
             "feed_changes_per_s": med(feed_rows, "changes_per_s"),
             "baseline_changes_per_s": med(base_rows, "changes_per_s"),
             "feed_changes_per_frame": med(feed_rows, "delivered") / med(feed_rows, "frames")
@@ -288,6 +297,10 @@ def table(results: dict[str, Any]) -> str:
             f"{e['feed_changes_per_s']:>10.0f} {e['baseline_changes_per_s']:>9.0f} "
             f"{e['feed_delivered_ratio']:>9.3f}"
         )
+    sio = [e for e in s.get("fanout", []) if not math.isnan(e["socketio_us_per_change"])]
+    if sio:
+        lines.append("plain python-socketio emit (same clients, same frames), us per change:")
+        lines.extend(f"  {e['clients']:>5} clients: {e['socketio_us_per_change']:.1f}" for e in sio)
     if s.get("idle"):
         lines += ["", "== idle memory per connection (server RSS growth / clients)"]
         for e in s["idle"]:

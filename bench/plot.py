@@ -28,6 +28,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
         )
         ax.set_xscale("log")
         ax.legend(fontsize=8)
+    ax.set_yscale("log")
     ax.set_title("Fan-out, one room: server CPU (OS time) per delivery")
     ax.set_xlabel("clients in the room")
     ax.set_ylabel("µs of server CPU")

@@ -229,3 +229,75 @@ async def _baseline(conn: Connection, port: int) -> None:
             raise ValueError(f"unknown request {op!r}")
 
         await serve_commands(conn, handle)
+
+
+# -- plain python-socketio: the stack the feed is built on, with its own room emit -----------
+
+
+def socketio_main(conn: Connection, port: int) -> None:
+    raise_nofile()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_socketio(conn, port))
+
+
+async def _socketio(conn: Connection, port: int) -> None:
+    import socketio
+    import uvicorn
+
+    sio = socketio.AsyncServer(async_mode="asgi", logger=False, engineio_logger=False)
+    seqs: dict[str, int] = {}
+
+    @sio.on("subscribe")  # type: ignore[untyped-decorator]
+    async def subscribe(sid: str, data: dict[str, Any]) -> dict[str, Any]:
+        await sio.enter_room(sid, data["room"])
+        return {"ok": True, "room": data["room"], "seq": seqs.get(data["room"], 0)}
+
+    server = uvicorn.Server(
+        uvicorn.Config(socketio.ASGIApp(sio), host="127.0.0.1", port=port, log_level="warning")
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(30):
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
+            await asyncio.sleep(0.01)
+    conn.send(("ready", port))
+
+    async def handle(request: tuple[Any, ...]) -> Any:
+        op = request[0]
+        if op == "emit":
+            targets, count, rate = request[1:]
+            n = len(targets)
+            pending: set[asyncio.Task[None]] = set()
+
+            def write(i: int) -> None:
+                target = targets[i % n]
+                room = f"mem:{target}"
+                seq = seqs[room] = seqs.get(room, 0) + 1
+                payload = {
+                    "id": f"mem:{i + 1}",
+                    "connector": "mem",
+                    "source": "memory",
+                    "target": target,
+                    "op": "insert",
+                    "key": i,
+                    "before": None,
+                    "after": {"id": i, "t": time.time()},
+                    "ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "room": room,
+                    "seq": seq,
+                }
+                emit = asyncio.ensure_future(sio.emit("change", payload, room=room))
+                pending.add(emit)
+                emit.add_done_callback(pending.discard)
+
+            seconds = await paced(count, rate, write)
+            return ("emitted", seconds)
+        if op == "clients":
+            return ("clients", len(sio.manager.rooms.get("/", {}).get(None, {})))
+        raise ValueError(f"unknown request {op!r}")
+
+    try:
+        await serve_commands(conn, handle)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

@@ -41,17 +41,18 @@ def default_stamp(change: dict[str, Any]) -> float | None:
     return None
 
 
-def frame(text: str) -> bytes:
-    """A masked client text frame (clients must mask, RFC 6455 5.3)."""
-    payload = text.encode()
+def frame(text: str | bytes, opcode: int = 0x1) -> bytes:
+    """A masked client frame (clients must mask, RFC 6455 5.3); text unless `opcode` says."""
+    payload = text.encode() if isinstance(text, str) else text
     mask = os.urandom(4)
     n = len(payload)
+    first = 0x80 | opcode
     if n < 126:
-        header = struct.pack("!BB", 0x81, 0x80 | n)
+        header = struct.pack("!BB", first, 0x80 | n)
     elif n < 65536:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
     else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
     masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
     return header + mask + masked
 
@@ -160,7 +161,9 @@ class SioClient(asyncio.Protocol):
             opcode = buf[pos] & 0x0F
             pos = end
             if opcode != 1:
-                if opcode == 8:
+                if opcode == 9 and self.transport is not None:  # WebSocket ping (uvicorn's)
+                    self.transport.write(frame(bytes(buf[start:end]), opcode=0xA))
+                elif opcode == 8:
                     self.close()
                 continue
             frames += 1
