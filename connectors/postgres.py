@@ -123,6 +123,7 @@ def is_transient(exc: BaseException) -> bool:
         | TimeoutError
         | ConnectionError
         | asyncpg.InterfaceError
+        | asyncpg.InternalClientError  # e.g. a protocol state broken by a dying server
         | asyncpg.ConnectionDoesNotExistError,
     ):
         return True
@@ -208,6 +209,7 @@ class PostgresConnector(Connector):
         self._commit_ts = False
         self._last_prune = 0.0
         self._last_save = 0.0
+        self._unsaved = False
         self._logical: Any = None
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -607,9 +609,12 @@ class PostgresConnector(Connector):
             except Exception as exc:
                 if self._stopping:
                     return
-                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
                     self.set_status(State.DOWN, one_line(exc))
                     raise SourceMisconfigured(f"{self.where}: {one_line(exc)}") from None
+                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                    raise  # a bug, not the source: the hub logs it and restarts the connector
+                log.warning("%s: reader connection lost: %s", self.name, one_line(exc))
                 self._active = False
                 await self._lost_reader()
                 self.set_status(
@@ -767,7 +772,9 @@ class PostgresConnector(Connector):
                 if self.status.state == State.LAGGING:
                     self.set_status(State.UP, f"reading {len(self.tables)} table(s)")
                 now = time.monotonic()
-                if resume or now - self._last_save > (self.save_interval if delivered else 10.0):
+                self._unsaved = self._unsaved or delivered > 0
+                since = now - self._last_save
+                if resume or since > (self.save_interval if self._unsaved else 10.0):
                     await conn.execute(
                         f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = NULL,"
                         " cursor_maxid = NULL, cursor_id = NULL, updated_at = now()"
@@ -777,6 +784,7 @@ class PostgresConnector(Connector):
                         timeout=self.heartbeat_timeout,
                     )
                     self._last_save = now
+                    self._unsaved = False
                     saved = batch_snap.text
                 else:
                     saved = None

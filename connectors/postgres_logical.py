@@ -339,9 +339,11 @@ class LogicalReader:
 
                 if type(exc).__name__ == "_Stopped":
                     return
-                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
                     c.set_status(State.DOWN, one_line(exc))
                     raise SourceMisconfigured(f"{c.where}: {one_line(exc)}") from None
+                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                    raise  # a bug, not the source: the hub logs it and restarts the connector
                 c._active = False
                 await c._lost_reader()
                 c.set_status(
