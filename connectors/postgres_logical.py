@@ -216,8 +216,9 @@ class LogicalReader:
         self.delivered_end = 0  # every transaction ending at or before this LSN is routed
         self.partial: tuple[int, int] | None = None  # (end_lsn, changes routed) of one half done
         self.confirmed = 0
-        self.last_advance = 0.0
+        self.last_nudge = 0.0
         self.pending_gap = False
+        self.can_nudge: bool | None = None
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -311,6 +312,27 @@ class LogicalReader:
                 timeout=self.c.query_timeout,
             )
             self.confirmed = self.delivered_end
+            now = time.monotonic()
+            if now - self.last_nudge >= self.c.save_interval:
+                self.last_nudge = now
+                await self._nudge_restart_point(conn)
+
+    async def _nudge_restart_point(self, conn: Any) -> None:
+        """Let the slot's restart point follow what was confirmed.
+
+        Every peek decodes WAL from the slot's restart point, which only moves where the server
+        logged a running-transactions record (every 15 s, or at a checkpoint); under steady
+        writes each peek would decode up to 15 s of WAL again. Postgres 16+ can log one on
+        demand (superuser, or EXECUTE granted on pg_log_standby_snapshot); without it the
+        reader still works, just with more decoding per poll.
+        """
+        if self.can_nudge is False:
+            return
+        try:
+            await conn.execute("SELECT pg_log_standby_snapshot()", timeout=self.c.query_timeout)
+            self.can_nudge = True
+        except (asyncpg.UndefinedFunctionError, asyncpg.InsufficientPrivilegeError):
+            self.can_nudge = False
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -374,7 +396,6 @@ class LogicalReader:
             # Transactions routed already but not yet confirmed to the slot come again: skip.
             transactions = [t for t in decoded if t.end_lsn > self.delivered_end]
             images = await self._rebuild(conn, transactions)
-            fresh = len(transactions)
             for txn in transactions:
                 skip = self.partial[1] if self.partial and self.partial[0] == txn.end_lsn else 0
                 for index, raw in enumerate(txn.changes):
@@ -384,15 +405,10 @@ class LogicalReader:
                     self.partial = (txn.end_lsn, index + 1)
                 self.delivered_end = txn.end_lsn
                 self.partial = None
-            # Every peek decodes from the slot's restart point whatever was confirmed, so
-            # confirming after every poll would double the server's decoding work: confirm every
-            # `save_interval`, or at once when a full peek brought nothing new.
-            now = time.monotonic()
-            if self.delivered_end > self.confirmed and (
-                now - self.last_advance >= c.save_interval or (rows and not fresh)
-            ):
+            # Confirm what was routed at once: a peek returns everything after the confirmed
+            # point, so confirming late means reading the same transactions again.
+            if self.delivered_end > self.confirmed:
                 await self._advance(conn)
-                self.last_advance = now
             if len(rows) < c.batch_size:
                 await c._delivered(poll)
                 await wait_event(c._wake, c.poll_interval)
