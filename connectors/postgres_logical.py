@@ -22,14 +22,17 @@ import datetime as dt
 import json
 import struct
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from connectors.base import State
 from connectors.postgres_migrate import quote_ident
+from connectors.postgres_types import loads, plain
 from feed.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
@@ -167,9 +170,74 @@ class PgOutputParser:
 _UNCHANGED = object()
 
 
+def _json_value(cell: Any) -> Any:
+    """A column for jsonb_populate_record: JSON columns as JSON, the rest as their text."""
+    if isinstance(cell, Cell):
+        return json.loads(cell.text) if cell.type_oid in JSON_TYPES else cell.text
+    return cell
+
+
 def _cstring(body: memoryview, pos: int) -> tuple[str, int]:
     end = bytes(body[pos:]).index(b"\0") + pos
     return bytes(body[pos:end]).decode(), end + 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One column value as pgoutput sends it: the type's text output and the type."""
+
+    text: str
+    type_oid: int
+
+
+def _bool(text: str) -> bool:
+    return text == "t"
+
+
+def _json(text: str) -> Any:
+    return plain(loads(text))
+
+
+# Types whose text output Python reads directly (the values equal what `to_jsonb` and
+# TableShape.decode give); every other type goes through the server (see _rebuild).
+DIRECT: dict[int, Callable[[str], Any]] = {
+    16: _bool,
+    20: int,
+    21: int,
+    23: int,
+    26: int,
+    700: float,
+    701: float,
+    1700: Decimal,
+    25: str,
+    1043: str,
+    1042: str,
+    19: str,
+    2950: uuid.UUID,
+    1082: dt.date.fromisoformat,
+    1114: dt.datetime.fromisoformat,
+    1184: dt.datetime.fromisoformat,
+    114: _json,
+    3802: _json,
+}
+
+
+def direct(image: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The image as Python values when every column has a direct reader, else None."""
+    if image is None:
+        return None
+    out: dict[str, Any] = {}
+    for name, cell in image.items():
+        if cell is None:
+            out[name] = None
+            continue
+        if not isinstance(cell, Cell) or cell.type_oid not in DIRECT:
+            return None
+        try:
+            out[name] = DIRECT[cell.type_oid](cell.text)
+        except (ValueError, ArithmeticError):  # 'infinity', BC dates and the like
+            return None
+    return out
 
 
 def _tuple(body: memoryview, pos: int, relation: Relation) -> tuple[dict[str, Any], int]:
@@ -187,9 +255,8 @@ def _tuple(body: memoryview, pos: int, relation: Relation) -> tuple[dict[str, An
         else:
             (length,) = struct.unpack_from("!i", body, pos)
             pos += 4
-            text = bytes(body[pos : pos + length]).decode()
+            values[name] = Cell(bytes(body[pos : pos + length]).decode(), type_oid)
             pos += length
-            values[name] = json.loads(text) if type_oid in JSON_TYPES else text
     return values, pos
 
 
@@ -423,8 +490,8 @@ class LogicalReader:
                 if raw.target not in self.c.targets_by_table:
                     continue
                 for side, image in ((0, raw.before), (1, raw.after)):
-                    if image is not None:
-                        clean = {k: v for k, v in image.items() if v is not _UNCHANGED}
+                    if image is not None and direct(image) is None:
+                        clean = {k: _json_value(v) for k, v in image.items() if v is not _UNCHANGED}
                         wanted.setdefault(raw.target, []).append(((id(raw), side), clean))
         images: dict[tuple[int, int], str | None] = {}
         for target, items in wanted.items():
@@ -449,8 +516,12 @@ class LogicalReader:
     ) -> Change:
         c = self.c
         shape = await c._shape(conn, raw.target)
-        before = shape.decode(images.get((id(raw), 0)))
-        after = shape.decode(images.get((id(raw), 1)))
+        before = direct(raw.before)
+        if before is None:
+            before = shape.decode(images.get((id(raw), 0)))
+        after = direct(raw.after)
+        if after is None:
+            after = shape.decode(images.get((id(raw), 1)))
         return c.make_change(
             shape,
             op=raw.op,

@@ -116,6 +116,32 @@ async def test_types_match_notify_mode(logical_pg: PgDatabase) -> None:
     assert update.after["n"] == Decimal("2")
 
 
+async def test_directly_read_types_match_notify_mode(logical_pg: PgDatabase) -> None:
+    """Columns whose text pgoutput's reader parses itself (no server round trip)."""
+    db = logical_pg
+    await db.conn.execute(
+        """CREATE TABLE public.plain (id bigint PRIMARY KEY, b boolean, s smallint,
+           f float8, fn float8, n numeric, v varchar(10), c char(5), u uuid, d date,
+           t timestamp, tz timestamptz, j json, jb jsonb)"""
+    )
+    sql = """INSERT INTO plain VALUES (1, true, -3, 2.5, 'NaN', 123.4500, 'vé', 'ab', $1,
+               '2026-02-28', '2026-01-02 03:04:05.25', '2026-01-02 03:04:05.000006+05:30',
+               '{"x": [1, 2.5]}', '{"y": null}')"""
+    row_id = uuid.uuid4()
+    async with streaming(logical(db, ["public.plain"])) as stream:
+        await db.conn.execute(sql, row_id)
+        via_slot = (await stream.take(1))[0]
+    await db.conn.execute("DELETE FROM plain")
+    async with streaming(make_connector(db.url, ["public.plain"], name="n")) as stream:
+        await db.conn.execute(sql, row_id)
+        via_journal = (await stream.take(1))[0]
+    assert via_slot.after is not None and via_journal.after is not None
+    fn_slot, fn_journal = via_slot.after.pop("fn"), via_journal.after.pop("fn")
+    assert fn_slot != fn_slot and fn_journal != fn_journal  # both NaN
+    assert via_slot.after == via_journal.after
+    assert via_slot.after["c"] == "ab   " and via_slot.after["u"] == row_id
+
+
 async def test_restart_resumes_from_the_slot(logical_pg: PgDatabase) -> None:
     db = logical_pg
     await orders(db)
