@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ def draw(results: dict[str, Any], path: Path) -> None:
         ax.plot(
             xs, [e["baseline_us_per_frame"] for e in fan], "s--", label="raw websockets: per frame"
         )
+        sio = [e for e in fan if not math.isnan(e.get("socketio_us_per_change", math.nan))]
+        if sio:
+            ax.plot(
+                [e["clients"] for e in sio],
+                [e["socketio_us_per_change"] for e in sio],
+                "x",
+                markersize=10,
+                label="plain python-socketio emit: per change",
+            )
         ax.set_xscale("log")
         ax.legend(fontsize=8)
     ax.set_yscale("log")
