@@ -231,3 +231,47 @@ async def test_idle_websocket_clients_are_written_directly_and_busy_ones_through
         finally:
             for client in clients:
                 await client.close()
+
+
+async def test_a_client_with_compression_gets_frames_compressed_for_it_on_the_direct_path() -> None:
+    """Browsers negotiate permessage-deflate: then each frame must go through that connection's
+    own compressor (its context carries over between frames), never as the shared bytes."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    async with running_feed(CONFIG) as feed:
+        url = feed.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+        async with connect(url, compression="deflate", open_timeout=WAIT) as ws:
+            assert ws.protocol.extensions, "the server should accept permessage-deflate"
+
+            async def receive() -> str:
+                message = await asyncio.wait_for(ws.recv(), WAIT)
+                assert isinstance(message, str)
+                return message
+
+            assert (await receive()).startswith("0")
+            await ws.send("40")
+            assert (await receive()).startswith("40")
+            await ws.send("420" + json.dumps(["subscribe", {"room": ROOM}]))
+            assert (await receive()).startswith("430")
+            t = transport(feed)
+            direct = t.direct_writes
+            db = memory(feed)
+            for i in range(3):  # one burst, then a lone change
+                db.write("public.orders", "insert", {"id": i})
+            events = []
+            while sum(len(e[1]) if e[0] == "changes" else 1 for e in events) < 3:
+                message = await receive()
+                if message.startswith("42"):
+                    events.append(json.loads(message[2:]))
+            db.write("public.orders", "insert", {"id": 9})
+            while True:
+                message = await receive()
+                if message.startswith("42"):
+                    events.append(json.loads(message[2:]))
+                    break
+            assert t.direct_writes > direct
+            flat = [c for name, data in events for c in (data if name == "changes" else [data])]
+            assert [c["seq"] for c in flat] == [1, 2, 3, 4]
+            assert events[-1][0] == "change" and events[-1][1]["after"] == {"id": 9}
