@@ -262,7 +262,7 @@ class SocketIOTransport:
         if socket is None or socket.closing or socket.closed:
             return
         queue = socket.queue
-        if out.text is not None and queue.empty():
+        if out.text is not None and socket.upgraded and not socket.upgrading and queue.empty():
             protocol = socket.__dict__.get("feed_protocol")
             if protocol is None:
                 protocol = _direct_protocol(socket)

@@ -275,3 +275,23 @@ async def test_a_client_with_compression_gets_frames_compressed_for_it_on_the_di
             flat = [c for name, data in events for c in (data if name == "changes" else [data])]
             assert [c["seq"] for c in flat] == [1, 2, 3, 4]
             assert events[-1][0] == "change" and events[-1][1]["after"] == {"id": 9}
+
+
+async def test_a_client_that_starts_on_long_polling_and_upgrades_gets_everything_in_order() -> None:
+    async with running_feed(CONFIG) as feed:
+        client = Recorder()
+        await client.sio.connect(feed.url, transports=["polling", "websocket"], wait_timeout=WAIT)
+        try:
+            await client.subscribe(ROOM)
+            db = memory(feed)
+            total = 0
+            for _ in range(20):  # keep changes coming while the upgrade happens
+                for _ in range(5):
+                    db.write("public.orders", "insert", {"id": total})
+                    total += 1
+                await asyncio.sleep(0.01)
+            await client.until(total)
+            assert seqs(client.changes()) == list(range(1, total + 1))
+            assert client.sio.transport() == "websocket"
+        finally:
+            await client.close()
