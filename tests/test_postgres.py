@@ -487,3 +487,16 @@ async def test_failed_migration_rolls_back_and_names_the_file(
     assert await pg.conn.fetchval("SELECT to_regclass('custom.two')") is None
     applied = await pg.conn.fetch("SELECT name FROM custom.migrations")
     assert [r["name"] for r in applied] == ["0001_ok.sql"]
+
+
+async def test_unwatch_keeps_triggers_another_connector_needs(pg: PgDatabase) -> None:
+    await orders(pg)
+    await make_connector(pg.url, ["public.orders"], name="a").migrate()
+    await make_connector(pg.url, ["public.orders"], name="b").migrate()
+    a_lines = await make_connector(pg.url, ["public.orders"], name="a").unwatch(["public.orders"])
+    assert a_lines == ["stopped watching public.orders (still watched by another connector)"]
+    async with streaming(make_connector(pg.url, ["public.orders"], name="b")) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        assert (await stream.next()).key == 1
+    b_lines = await make_connector(pg.url, ["public.orders"], name="b").unwatch(["public.orders"])
+    assert b_lines == ["unwatched public.orders (capture triggers dropped)"]

@@ -129,3 +129,20 @@ async def test_missing_table_shows_down_and_other_connectors_keep_serving(
         # Creating the table is enough: the hub retries and the connector comes up.
         await pg.conn.execute("CREATE TABLE public.nope (id int PRIMARY KEY)")
         await wait_until(lambda: connector.status.state.value == "up", 30, "postgres up")
+
+
+async def test_unreachable_server_shows_down_and_retries(pg: PgDatabase) -> None:
+    unreachable = "postgresql://postgres@127.0.0.1:1/nothing"
+    async with running_feed(config(unreachable)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "down", 15, "postgres down")
+        assert "cannot connect" in connector.status.detail
+        assert "\n" not in connector.status.detail
+        status, body = await http_get(feed.url + "/readyz")
+        assert status == 503 and body["ready"] is False
+        async with feed_client(feed.url) as client:
+            assert (await client.subscribe("mem:public.things"))["ok"]
+            feed.hub.connectors["mem"].write(  # type: ignore[attr-defined]
+                "public.things", "insert", {"id": 1}
+            )
+            assert (await client.next_change())["key"] == 1
