@@ -500,3 +500,19 @@ async def test_unwatch_keeps_triggers_another_connector_needs(pg: PgDatabase) ->
         assert (await stream.next()).key == 1
     b_lines = await make_connector(pg.url, ["public.orders"], name="b").unwatch(["public.orders"])
     assert b_lines == ["unwatched public.orders (capture triggers dropped)"]
+
+
+async def test_a_table_added_to_the_config_is_picked_up_on_the_next_start(
+    pg: PgDatabase,
+) -> None:
+    await orders(pg)
+    await pg.conn.execute("CREATE TABLE public.customers (id int PRIMARY KEY, name text)")
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        assert (await stream.next()).target == "public.orders"
+    both = make_connector(pg.url, ["public.orders", "public.customers"])
+    async with streaming(both) as stream:
+        await pg.conn.execute("INSERT INTO customers VALUES (1, 'Ann')")
+        await pg.conn.execute("INSERT INTO orders VALUES (2, 'a', 1)")
+        got = await stream.take(2)
+    assert [(c.target, c.key) for c in got] == [("public.customers", 1), ("public.orders", 2)]
