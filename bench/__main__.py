@@ -12,15 +12,20 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
+import socket
 import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import fanout, idle, sources
 from bench.procs import raise_nofile
@@ -83,7 +88,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
 
     import psutil
 
@@ -155,10 +159,55 @@ def run_idle(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), 2):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def source_url(kind: str) -> Iterator[tuple[str, str]]:
+    """The source's URL and where it came from: the environment, the local default server, or
+    (as the test suite does on a fresh laptop, or always with FEED_BENCH_EMBEDDED=1) an embedded
+    server started for this run."""
+    env = "FEED_BENCH_POSTGRES_URL" if kind == "postgres" else "FEED_BENCH_REDIS_URL"
+    url = sources.postgres_url() if kind == "postgres" else sources.redis_url()
+    embedded = os.environ.get("FEED_BENCH_EMBEDDED") == "1"
+    if not embedded and (env in os.environ or _reachable(url)):
+        yield url, "environment" if env in os.environ else "local server"
+        return
+    if kind == "postgres":
+        from tests.support.postgres import start_embedded
+
+        pg = start_embedded()
+        try:
+            yield pg.url(), "embedded (tests/support, fsync off)"
+        finally:
+            pg.close()
+    else:
+        from tests.support.redis import RedisServer
+
+        server = RedisServer()
+        server.start()
+        try:
+            yield server.url(14), "embedded redis-server"
+        finally:
+            server.close()
+
+
 def run_postgres(plan: Plan, log: list[str]) -> dict[str, Any]:
+    with source_url("postgres") as (url, origin):
+        out = _run_postgres(plan, log, url)
+        out["origin"] = origin
+        return out
+
+
+def _run_postgres(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
     """Each phase gets a fresh database: a feed resumes from its saved position, so a journal
     left by an earlier phase would be delivered again (rightly) and spoil the counts."""
-    url = sources.postgres_url()
     out: dict[str, Any] = {"url": _redact(url)}
     latency = []
     for kind in ("feed", "relay"):
@@ -183,9 +232,15 @@ def run_postgres(plan: Plan, log: list[str]) -> dict[str, Any]:
 
 
 def run_redis(plan: Plan, log: list[str]) -> dict[str, Any]:
+    with source_url("redis") as (url, origin):
+        out = _run_redis(plan, log, url)
+        out["origin"] = origin
+        return out
+
+
+def _run_redis(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
     import redis
 
-    url = sources.redis_url()
     client = redis.Redis.from_url(url, socket_timeout=5)
     client.flushdb()
     try:
