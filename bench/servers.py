@@ -77,6 +77,8 @@ async def _feed(conn: Connection, config_toml: str) -> None:
             log_level="warning",
             lifespan="on",
             ws_max_size=config.server.max_message_bytes,
+            # A knob for comparing uvicorn's websocket implementations; `feed serve` uses "auto".
+            ws=os.environ.get("BENCH_UVICORN_WS", "auto"),  # type: ignore[arg-type]
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
