@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hash_token.set_defaults(handler=cmd_hash_token)
 
+    unwatch = commands.add_parser(
+        "unwatch", help="stop capturing tables (drop triggers, forget positions) on Postgres"
+    )
+    unwatch.add_argument("--config", "-c", default="feed.toml")
+    unwatch.add_argument("--connector", help="only this connector (default: every postgres one)")
+    unwatch.add_argument(
+        "--table", action="append", dest="tables", help="schema.table to stop (default: all)"
+    )
+    unwatch.set_defaults(handler=cmd_unwatch)
+
     demo = commands.add_parser("demo", help="run a self-contained demo (embedded databases)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
@@ -159,6 +169,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     async def apply() -> None:
         for connector in connectors:
             lines = await connector.migrate()
+            for line in lines or ["nothing to do"]:
+                print(f"{connector.name}: {line}")
+
+    asyncio.run(apply())
+    return 0
+
+
+def cmd_unwatch(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    connectors = [
+        c
+        for c in config.build_connectors()
+        if hasattr(c, "unwatch") and args.connector in (None, c.name)
+    ]
+    if not connectors:
+        which = f"named {args.connector!r} " if args.connector else ""
+        print(f"feed: {args.config}: no Postgres connector {which}to unwatch", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def apply() -> None:
+        for connector in connectors:
+            lines = await connector.unwatch(args.tables)  # type: ignore[attr-defined]
             for line in lines or ["nothing to do"]:
                 print(f"{connector.name}: {line}")
 

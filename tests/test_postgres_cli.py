@@ -1,0 +1,52 @@
+"""`feed migrate` and `feed unwatch` run as a user runs them, against a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.support import postgres as pg_support
+from tests.support.postgres import PgDatabase
+
+pg_server = pg_support.pg_server
+pg = pg_support.pg
+
+ROOT = Path(__file__).parent.parent
+TRIGGERS = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal"
+
+
+async def feed(*args: str, database_url: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feed", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_migrate_then_unwatch_from_the_command_line(pg: PgDatabase, tmp_path: Path) -> None:
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+        "dsn = '${DATABASE_URL}'\ntables = ['public.orders']\n"
+    )
+    code, out, err = await feed("migrate", "--config", str(config), database_url=pg.url)
+    assert code == 0, err
+    assert "main: watching public.orders" in out.splitlines()
+    assert await pg.conn.fetchval(TRIGGERS, "public.orders") == 2
+
+    code, out, err = await feed(
+        "unwatch", "--config", str(config), "--connector", "nope", database_url=pg.url
+    )
+    assert code == 2 and err.strip().endswith("no Postgres connector named 'nope' to unwatch")
+
+    code, out, err = await feed("unwatch", "--config", str(config), database_url=pg.url)
+    assert code == 0, err
+    assert "main: unwatched public.orders (capture triggers dropped)" in out.splitlines()
+    assert await pg.conn.fetchval(TRIGGERS, "public.orders") == 0
