@@ -954,11 +954,9 @@ class PostgresConnector(Connector):
             return await self._logical.snapshot_mark(conn)
         return None
 
-    async def _wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
-        """Honour the Snapshot contract: return once every change the rows reflect is yielded."""
-        if self._logical is not None:
-            covers_logical: Callable[[Change], bool] = await self._logical.wait_past(snap, extra)
-            return covers_logical
+    async def wait_for_next_poll(self) -> None:
+        """Wait for a complete poll begun after now: by then every transaction committed before
+        this call has been read and routed, which is what a snapshot's exactness rests on."""
         need = self._polls_started + 1
         self._wake.set()
         try:
@@ -970,6 +968,13 @@ class PostgresConnector(Connector):
                 f"{self.where}: the change stream did not catch up with the snapshot within "
                 f"{self.snapshot_wait:g}s ({self.status.detail or self.status.state.value})"
             ) from None
+
+    async def _wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
+        """Honour the Snapshot contract: return once every change the rows reflect is yielded."""
+        if self._logical is not None:
+            covers_logical: Callable[[Change], bool] = await self._logical.wait_past(snap, extra)
+            return covers_logical
+        await self.wait_for_next_poll()
 
         def covers(change: Change) -> bool:
             position = change.position

@@ -540,19 +540,7 @@ class LogicalReader:
     async def wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
         """Wait for a complete poll begun after the snapshot: every transaction visible in it
         has committed before, so its changes have been routed by then."""
-        c = self.c
-        need = c._polls_started + 1
-        c._wake.set()
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(c.snapshot_wait):
-                async with c._progress:
-                    await c._progress.wait_for(lambda: c._polls_delivered >= need)
-        except TimeoutError:
-            raise SourceUnavailable(
-                f"{c.where}: the change stream did not catch up with the snapshot within "
-                f"{time.monotonic() - started:.0f}s"
-            ) from None
+        await self.c.wait_for_next_poll()
         epoch = snap.xmax & ~0xFFFFFFFF
 
         def covers(change: Change) -> bool:
