@@ -134,6 +134,35 @@ async def set_calls(admin: aioredis.Redis) -> int:
     return int(stats.get("cmdstat_set", {}).get("calls", 0))
 
 
+async def run_load(
+    admin: aioredis.Redis, url: str, prefix: str, rate: int, seconds: float, load: str
+) -> tuple[int, float]:
+    """Drive the SET load with probes alongside; return (load SETs written, seconds taken)."""
+    probes = 0
+
+    async def probe() -> None:
+        nonlocal probes
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() < start + seconds:
+            await admin.set(f"{prefix}p:{time.time()!r}", "x")
+            probes += 1
+            await asyncio.sleep(1 / PROBE_RATE)
+
+    before = await set_calls(admin)
+    started = time.monotonic()
+    if load == "python":
+        proc = multiprocessing.get_context("spawn").Process(
+            target=python_load_main, args=(url, prefix, rate, seconds)
+        )
+        proc.start()
+        await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
+    else:
+        await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds))
+    elapsed = time.monotonic() - started
+    return await set_calls(admin) - before - probes, elapsed
+
+
 async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float, load: str) -> dict:
     admin = aioredis.Redis.from_url(url)
     sio = socketio.AsyncClient(reconnection=False)
@@ -158,29 +187,7 @@ async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float,
         ack = await sio.call("subscribe", {"room": room}, timeout=10)
         assert ack["ok"], ack
 
-    probes = 0
-
-    async def probe() -> None:
-        nonlocal probes
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        while loop.time() < start + seconds:
-            await admin.set(f"{prefix}p:{time.time()!r}", "x")
-            probes += 1
-            await asyncio.sleep(1 / PROBE_RATE)
-
-    before = await set_calls(admin)
-    started = time.monotonic()
-    if load == "python":
-        proc = multiprocessing.get_context("spawn").Process(
-            target=python_load_main, args=(url, prefix, rate, seconds)
-        )
-        proc.start()
-        await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
-    else:
-        await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds))
-    elapsed = time.monotonic() - started
-    written = await set_calls(admin) - before - probes
+    written, elapsed = await run_load(admin, url, prefix, rate, seconds, load)
     # Drain: wait until delivery stops growing (or catches up), bounded.
     deadline = time.monotonic() + 20
     last, still = -1, 0.0
@@ -240,29 +247,7 @@ async def connector_phase(
 
     async with source:
         reader = asyncio.create_task(consume())
-        probes = 0
-
-        async def probe() -> None:
-            nonlocal probes
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            while loop.time() < start + seconds:
-                await admin.set(f"{prefix}p:{time.time()!r}", "x")
-                probes += 1
-                await asyncio.sleep(1 / PROBE_RATE)
-
-        before = await set_calls(admin)
-        started = time.monotonic()
-        if load == "python":
-            proc = multiprocessing.get_context("spawn").Process(
-                target=python_load_main, args=(url, prefix, rate, seconds)
-            )
-            proc.start()
-            await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
-        else:
-            await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds))
-        elapsed = time.monotonic() - started
-        written = await set_calls(admin) - before - probes
+        written, elapsed = await run_load(admin, url, prefix, rate, seconds, load)
         async with asyncio.timeout(20):
             while delivered < written:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
