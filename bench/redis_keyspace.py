@@ -163,7 +163,12 @@ async def run_load(
     return await set_calls(admin) - before - probes, elapsed
 
 
-async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float, load: str) -> dict:
+async def phase(
+    url: str, feed_url: str, prefix: str, rate: int, seconds: float, load: str, feed_pid: int
+) -> dict:
+    import psutil
+
+    feed_proc = psutil.Process(feed_pid)
     admin = aioredis.Redis.from_url(url)
     sio = socketio.AsyncClient(reconnection=False)
     delivered = 0
@@ -187,6 +192,7 @@ async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float,
         ack = await sio.call("subscribe", {"room": room}, timeout=10)
         assert ack["ok"], ack
 
+    cpu_before = feed_proc.cpu_times()
     written, elapsed = await run_load(admin, url, prefix, rate, seconds, load)
     # Drain: wait until delivery stops growing (or catches up), bounded.
     deadline = time.monotonic() + 20
@@ -198,10 +204,13 @@ async def phase(url: str, feed_url: str, prefix: str, rate: int, seconds: float,
         else:
             last, still = delivered, time.monotonic()
         await asyncio.sleep(0.05)
+    cpu_after = feed_proc.cpu_times()
+    feed_cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
     await sio.disconnect()
     await admin.aclose()
     return {
         "path": "feed",
+        "feed_cpu_us_per_change": round(feed_cpu / max(1, written + len(latencies)) * 1e6, 1),
         "target_rate": rate,
         "write_rate": round(written / elapsed),
         "written": written,
@@ -329,7 +338,9 @@ def main() -> None:
             feed.recv(60)
             for rate in rates:
                 result = asyncio.run(
-                    phase(url, f"http://127.0.0.1:{port}", prefix, rate, args.seconds, load)
+                    phase(
+                        url, f"http://127.0.0.1:{port}", prefix, rate, args.seconds, load, feed.pid
+                    )
                 )
                 result["load"] = load
                 result["fetch_values"] = args.fetch_values

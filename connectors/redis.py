@@ -180,9 +180,9 @@ class RedisConnector(Connector):
             raise SourceUnavailable(f"redis connector {self.name!r} is not running")
         return capture
 
-    async def changes(self) -> AsyncIterator[Change | Gap]:
-        async for item in self._capture().changes():
-            yield item
+    def changes(self) -> AsyncIterator[Change | Gap]:
+        # The capture's own iterator, not a generator around it: one fewer hop per change.
+        return self._capture().changes()
 
     async def snapshot(
         self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int

@@ -24,7 +24,7 @@ from feed.change import Change, Gap, format_ts, to_json
 from feed.config import ServerConfig
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 from feed.filters import RowFilter, parse_filter
-from feed.metrics import Labels, Metrics
+from feed.metrics import Counter, Labels, Metrics
 from feed.protocol import SubscribeRequest
 from feed.rooms import Room
 from feed.transport import Transport
@@ -109,6 +109,7 @@ class Hub:
         self._targets: dict[tuple[str, str], TargetRooms] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
             connector.on_status(self._status_changed)
@@ -193,15 +194,24 @@ class Hub:
         if isinstance(item, Gap):
             await self._gap(item)
             return
-        self.metrics.inc("feed_changes_in_total", connector=connector.name)
+        counted_in, counted_out = self._counters(connector.name)
+        counted_in.inc()
+        transport = self.transport
         for room, payload in self.route(item):
-            if len(room.members) > len(room.pending) and self.transport is not None:
-                await self.transport.send_room(room.name, "change", payload, list(room.pending))
-                self.metrics.inc(
-                    "feed_changes_out_total",
-                    len(room.members) - len(room.pending),
-                    connector=connector.name,
-                )
+            receivers = len(room.members) - len(room.pending)
+            if receivers > 0 and transport is not None:
+                skip = list(room.pending) if room.pending else []
+                await transport.send_room(room.name, "change", payload, skip)
+                counted_out.inc(receivers)
+
+    def _counters(self, connector: str) -> tuple[Counter, Counter]:
+        counters = self._change_counters.get(connector)
+        if counters is None:
+            counters = self._change_counters[connector] = (
+                self.metrics.counter("feed_changes_in_total", connector=connector),
+                self.metrics.counter("feed_changes_out_total", connector=connector),
+            )
+        return counters
 
     async def _gap(self, gap: Gap) -> None:
         self.metrics.inc("feed_gaps_total", connector=gap.connector)

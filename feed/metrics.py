@@ -24,6 +24,10 @@ class Metrics:
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         self._counters[name][tuple(sorted(labels.items()))] += amount
 
+    def counter(self, name: str, **labels: str) -> Counter:
+        """One series bound once, for paths that count every change (no label sorting per call)."""
+        return Counter(self._counters[name], tuple(sorted(labels.items())))
+
     def value(self, name: str, **labels: str) -> float:
         return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
 
@@ -47,6 +51,18 @@ class Metrics:
                 rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                 lines.append(f"{name}{{{rendered}}} {value:g}" if rendered else f"{name} {value:g}")
         return "\n".join(lines) + "\n"
+
+
+class Counter:
+    __slots__ = ("_key", "_series")
+
+    def __init__(self, series: dict[Labels, float], key: Labels) -> None:
+        self._series = series
+        self._key = key
+        series.setdefault(key, 0.0)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._series[self._key] += amount
 
 
 def _escape(value: str) -> str:

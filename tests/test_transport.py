@@ -295,3 +295,31 @@ async def test_a_client_that_starts_on_long_polling_and_upgrades_gets_everything
             assert client.sio.transport() == "websocket"
         finally:
             await client.close()
+
+
+async def test_frames_are_what_python_socketio_would_encode_and_values_arrive_intact() -> None:
+    """The transport writes the Socket.IO text itself (no per-value binary search): same bytes."""
+    awkward = {
+        "id": 1,
+        "name": 'Zoë "quoted" \\ back\nslash \u2028 \U0001f600',
+        "big": 2**70,
+        "ratio": 0.1,
+        "nested": {"list": [1, None, True, "x"], "empty": {}},
+    }
+    async with running_feed(CONFIG) as feed:
+        sent = transport(feed)._packets("changes", [awkward, {"id": 2}])
+        reference = socketio.packet.Packet(
+            socketio.packet.EVENT, namespace="/", data=["changes", [awkward, {"id": 2}]]
+        ).encode()
+        assert [p.encode() for p in sent.packets] == [
+            eio_packet.Packet(eio_packet.MESSAGE, reference).encode()
+        ]
+
+        client = await Recorder().connect(feed.url)
+        try:
+            await client.subscribe(ROOM)
+            memory(feed).write("public.orders", "insert", awkward)
+            await client.until(1)
+            assert client.changes()[0]["after"] == awkward
+        finally:
+            await client.close()
