@@ -137,7 +137,11 @@ class OutboundQueue(asyncio.Queue[Any]):
 
 
 class OutboundLimiter:
-    """Installs `OutboundQueue` on an AsyncServer's Engine.IO side and cuts off who overflows."""
+    """Bounds what waits for each client on an AsyncServer's Engine.IO side; cuts off who overflows.
+
+    Long-polling sockets get an `OutboundQueue`; the websockets of feed.eio_websocket hold their
+    packets in its `Backlog` (only while the transport is paused), bounded by the same limit.
+    """
 
     def __init__(self, sio: Any, limit: int, on_cut: Callable[[str], None] | None = None) -> None:
         self.sio = sio
@@ -147,17 +151,15 @@ class OutboundLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
         eio = sio.eio
         eio.create_queue = lambda *args, **kwargs: OutboundQueue(limit, self._overflowed)
+        if hasattr(eio, "on_outbound_overflow"):  # feed.eio_websocket.LeanEngineIO
+            eio.outbound_limit = limit
+            eio.on_outbound_overflow = self._overflowed
         websocket = eio._async.get("websocket")
         if websocket is not None:
             # A per-server copy: the driver table is module-level and shared by every server.
             eio._async = {**eio._async, "websocket": _recording(websocket)}
 
-    def queue_of(self, eio_sid: str) -> OutboundQueue | None:
-        socket = self.sio.eio.sockets.get(eio_sid)
-        queue = getattr(socket, "queue", None)
-        return queue if isinstance(queue, OutboundQueue) else None
-
-    def _overflowed(self, queue: OutboundQueue) -> None:
+    def _overflowed(self, queue: Any) -> None:
         for eio_sid, socket in list(self.sio.eio.sockets.items()):
             if socket.queue is queue:
                 self.cut += 1
@@ -212,11 +214,17 @@ def _recording(websocket_class: Any) -> Any:
 def _abort_transport(socket: Any) -> None:
     """Drop the TCP connection under a websocket whose writer is stuck on a full buffer.
 
+    A feed.eio_websocket socket knows its connection (`abort`); for Engine.IO's own websocket
+    handler, the rest of this applies.
+
     Closing politely would queue a close frame behind the data the client is not reading. The
     ASGI send callable of uvicorn's websocket protocols is a bound method of the protocol, which
     owns the asyncio transport; aborting it releases the stuck writer at once. With another server
     this does nothing and the server's own keepalive timeout ends the connection instead.
     """
+    if getattr(socket, "protocol", None) is not None:
+        socket.abort()
+        return
     websocket = getattr(socket, "feed_websocket", None)
     send = getattr(websocket, "asgi_send", None)
     protocol = getattr(send, "__self__", None)

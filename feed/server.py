@@ -21,6 +21,7 @@ from connectors.base import Connector
 from feed.access import Authorizer
 from feed.auth import Authenticator, AuthError, Identity, check_exposure, seconds_left
 from feed.config import Config
+from feed.eio_websocket import FeedSocketIO
 from feed.errors import ProtocolError
 from feed.filters import parse_filter
 from feed.http import HttpApp
@@ -58,7 +59,7 @@ class FeedApp:
         self.sessions: dict[str, Session] = {}
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
-        self.sio = socketio.AsyncServer(
+        self.sio = FeedSocketIO(
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
             max_http_buffer_size=settings.max_message_bytes,

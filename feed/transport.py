@@ -39,15 +39,7 @@ from typing import Any, Protocol
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
-_SansIO: Any = None
-_OPEN: Any = None
-try:  # the direct path knows uvicorn's default websocket protocol, and only that one
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.protocol import State
-
-    _SansIO, _OPEN = WebSocketsSansIOProtocol, State.OPEN
-except ImportError:  # pragma: no cover
-    pass
+from feed.eio_websocket import LeanSocket
 
 _EVENT_PREFIX = str(sio_packet.EVENT)  # a Socket.IO EVENT in the default namespace, no ack id
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # what python-socketio's encode uses
@@ -110,36 +102,6 @@ class Outgoing:
                 head = struct.pack("!BBQ", 0x81, 127, n)
             self._wire = head + self.text
         return self._wire
-
-
-def _direct_protocol(socket: Any) -> Any:
-    """The uvicorn websocket protocol under an Engine.IO socket, when it can be written to now.
-
-    feed.limits records the Engine.IO ASGI websocket wrapper on its socket (`feed_websocket`);
-    its ASGI send callable is a bound method of uvicorn's protocol object. Anything unexpected
-    answers None, and the caller uses the queue.
-    """
-    if _SansIO is None:
-        return None
-    send = getattr(getattr(socket, "feed_websocket", None), "asgi_send", None)
-    protocol = getattr(send, "__self__", None)
-    if not isinstance(protocol, _SansIO):
-        return None
-    return protocol
-
-
-def _writer_parked(queue: Any) -> bool:
-    """Whether the Engine.IO writer waits on an empty queue, i.e. holds no packet in flight.
-
-    Between taking packets off the queue and writing them the writer has no waiting getter, and
-    a direct write then could overtake them; so only a pending getter counts as idle.
-    """
-    if not queue.empty():
-        return False
-    for getter in getattr(queue, "_getters", ()):  # noqa: SIM110 - a loop: no generator per call
-        if not getter.done():
-            return True
-    return False
 
 
 class SocketIOTransport:
@@ -272,50 +234,20 @@ class SocketIOTransport:
                 self._put(eio_sid, out)
 
     def _put(self, eio_sid: str, out: Outgoing) -> None:
-        """Hand one frame to one client: directly when its writer is idle, else via its queue.
+        """Hand one frame to one client: written at once when its websocket takes it, else
+        queued behind what already waits for it (feed.eio_websocket), so nothing overtakes.
 
-        This runs once per recipient per frame, so it is written for speed (the checks that
-        `_direct_protocol` and `_writer_parked` describe, inlined).
+        This runs once per recipient per frame, so it is written for speed.
         """
         socket = self.sio.eio.sockets.get(eio_sid)
         if socket is None or socket.closing or socket.closed:
             return
-        queue = socket.queue
-        if out.text is not None and socket.upgraded and not socket.upgrading and queue.empty():
-            protocol = socket.__dict__.get("feed_protocol")
-            if protocol is None:
-                protocol = _direct_protocol(socket)
-                if protocol is not None:
-                    socket.feed_protocol = protocol
-            if protocol is not None and _writer_parked(queue) and self._write(protocol, out):
+        if type(socket) is LeanSocket:
+            if out.text is not None and socket.write_frame(out.text, out.wire):
                 self.direct_writes += 1
                 return
-        for p in out.packets:
-            queue.put_nowait(p)
-
-    @staticmethod
-    def _write(protocol: Any, out: Outgoing) -> bool:
-        """Write straight to the connection, as uvicorn's own ASGI send would; False: use the queue."""
-        if (
-            protocol.close_sent
-            or protocol.disconnected
-            or not protocol.handshake_complete
-            or protocol.initial_response is not None
-            or not protocol.writable.is_set()
-        ):
-            return False
-        transport = protocol.transport
-        if transport.is_closing():
-            return False
-        conn = protocol.conn
-        if conn.extensions:  # compression keeps per-connection state: frame it for this one
-            try:
-                conn.send_text(out.text)
-            except Exception:
-                return False
-            transport.write(b"".join(conn.data_to_send()))
-        else:
-            if conn.state is not _OPEN or conn.expect_continuation_frame:
-                return False
-            transport.write(out.wire)
-        return True
+            for p in out.packets:
+                socket.write(p)
+            return
+        for p in out.packets:  # another Engine.IO server's socket: its own queue and writer
+            socket.queue.put_nowait(p)

@@ -14,6 +14,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from feed.config import parse_config
+from feed.eio_websocket import Backlog
 from feed.errors import ConfigError
 from feed.limits import OutboundQueue, TokenBucket
 from tests.auth_helpers import (
@@ -44,7 +45,8 @@ async def test_clients_that_stop_reading_are_cut_off_and_others_keep_their_laten
         for ws, _ in stalled:
             assert (await raw_subscribe(ws, "mem:public.orders"))["ok"]
         queues = [sockets[eio_sid].queue for _, eio_sid in stalled]
-        assert all(isinstance(q, OutboundQueue) for q in queues)
+        # Websockets hold packets only while their transport is paused, in a bounded Backlog.
+        assert all(isinstance(q, Backlog) and q.limit == QUEUE_LIMIT for q in queues)
         stalled_sids = set(feed.hub.clients)
         async with feed_client(feed.url) as normal:
             assert (await normal.subscribe("mem:public.orders"))["ok"]

@@ -1,0 +1,600 @@
+"""Engine.IO over uvicorn's websocket protocol without per-connection tasks, queues or timers.
+
+python-engineio runs every websocket connection with three asyncio tasks (a reader wrapped in
+`asyncio.wait_for`, a writer parked on an `asyncio.Queue`, and a ping task sleeping out the ping
+interval), keeps the connection's WSGI-style environ for its whole life, and lets the ASGI server
+keep the handshake's request and response headers. At 10,000 idle clients that machinery, not the
+data, is most of the server's memory (docs/benchmarks.md, "Idle memory per connection").
+
+This module keeps Engine.IO's and python-socketio's logic (sessions, namespaces, acks, rooms,
+disconnect reasons) and replaces only that machinery, for websocket connections served by
+uvicorn's default websocket protocol (`WebSocketsSansIOProtocol`):
+
+- **one reader**: the ASGI application task uvicorn already runs reads the socket directly (no
+  extra task, no `wait_for`);
+- **no writer task**: a packet is framed and written to the connection at once. Only when the
+  transport is paused (the client is not reading) do packets wait, in a `Backlog` that counts
+  the bytes it holds (the outbound limit, feed.limits, cuts the client off past it) and that is
+  drained, in order, by a task that exists only while there is a backlog;
+- **one pinger for all sockets**: a single timer sends Engine.IO pings when they are due and
+  closes the sockets whose pong did not come back within `ping_timeout` (two FIFOs: with a fixed
+  interval, due times are appended in order). It replaces Engine.IO's per-socket ping tasks and
+  its monitor task, for every socket, long-polling ones included;
+- **no handshake state after connect**: the environ is emptied once the Socket.IO connect
+  handler has run (`get_environ()` then answers `{}`; the feed's handlers read it only at
+  connect, and not even then), and uvicorn's copies of the request and response headers are
+  dropped once the websocket is accepted.
+
+Long-polling connections (and the polling phase of a client that then upgrades) use Engine.IO's
+own queue and code; when such a client upgrades, what its queue still holds is written to the
+websocket first, then it continues like a websocket-only client. With any other ASGI server or
+websocket implementation, sockets fall back to Engine.IO's own websocket handler (they still use
+the shared pinger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import engineio
+import socketio
+from engineio import exceptions as eio_exceptions
+from engineio import packet as eio_packet
+from engineio.async_socket import AsyncSocket
+
+from feed.limits import packet_size
+
+log = logging.getLogger("feed.eio_websocket")
+
+_SansIO: Any = None
+_OPEN: Any = None
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
+
+    _SansIO, _OPEN = WebSocketsSansIOProtocol, State.OPEN
+except ImportError:  # pragma: no cover
+    pass
+
+_PING = eio_packet.Packet(eio_packet.PING)
+_PING.encode()
+_CLOSE = eio_packet.Packet(eio_packet.CLOSE)
+_CLOSE.encode()
+
+
+class Backlog:
+    """Packets waiting for a paused websocket, bounded in bytes; its deque exists only while used.
+
+    Past `limit` bytes it drops what it is given and calls `on_overflow` once; the owner then
+    closes the connection. The interface is the part of `feed.limits.OutboundQueue` that the
+    rest of the feed reads (`bytes`, `peak`, `overflowed`, `put_nowait`, `empty`, `qsize`).
+    """
+
+    __slots__ = ("bytes", "items", "limit", "on_overflow", "overflowed", "peak")
+
+    def __init__(self, limit: int | None, on_overflow: Callable[[Backlog], None] | None) -> None:
+        self.limit = limit
+        self.on_overflow = on_overflow
+        self.items: collections.deque[Any] | None = None
+        self.bytes = 0
+        self.peak = 0
+        self.overflowed = False
+
+    def put_nowait(self, item: Any) -> None:
+        if self.overflowed:
+            return
+        size = packet_size(item)
+        if self.limit is not None and self.bytes + size > self.limit:
+            self.overflowed = True
+            if self.on_overflow is not None:
+                self.on_overflow(self)
+            return
+        if self.items is None:
+            self.items = collections.deque()
+        self.items.append(item)
+        self.bytes += size
+        if self.bytes > self.peak:
+            self.peak = self.bytes
+
+    def popleft(self) -> Any:
+        assert self.items is not None
+        item = self.items.popleft()
+        self.bytes -= packet_size(item)
+        if not self.items:
+            self.items = None
+        return item
+
+    def clear(self) -> None:
+        self.items = None
+        self.bytes = 0
+
+    def empty(self) -> bool:
+        return self.items is None
+
+    def qsize(self) -> int:
+        return len(self.items) if self.items is not None else 0
+
+
+def lean_protocol(send: Any) -> Any:
+    """uvicorn's sansio websocket protocol behind an ASGI send callable, or None."""
+    protocol = getattr(send, "__self__", None)
+    if _SansIO is not None and isinstance(protocol, _SansIO):
+        return protocol
+    return None
+
+
+def _release_handshake(protocol: Any) -> None:
+    """Drop what uvicorn keeps of the handshake once the websocket is accepted.
+
+    The request object is also held by the websockets parser that read it, so its headers are
+    emptied in place; the scope's header list goes too (uvicorn reads the scope after the
+    handshake only for log lines, which use `client` and `path`).
+    """
+    request = getattr(protocol, "request", None)
+    if request is not None:
+        request.headers.clear()
+    response = getattr(protocol, "response", None)
+    if response is not None:
+        response.headers.clear()
+    scope = getattr(protocol, "scope", None)
+    if isinstance(scope, dict):
+        scope["headers"] = []
+
+
+class LeanSocket(AsyncSocket):  # type: ignore[misc]
+    """An Engine.IO socket that, once its websocket is open, writes straight to the connection."""
+
+    def __init__(self, server: LeanEngineIO, sid: str, lean: bool) -> None:
+        # BaseSocket.__init__, minus the asyncio.Queue for sockets that never poll.
+        self.server = server
+        self.sid = sid
+        self.queue: Any = (
+            Backlog(server.outbound_limit, server.on_outbound_overflow)
+            if lean
+            else server.create_queue()
+        )
+        self.last_ping: float | None = time.time()
+        self.connected = False
+        self.upgrading = False
+        self.upgraded = False
+        self.closing = False
+        self.closed = False
+        self.session: dict[str, Any] = {}
+        self.protocol: Any = None
+        """uvicorn's websocket protocol while this socket writes to it directly, else None."""
+        self._drainer: asyncio.Task[None] | None = None
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send(self, pkt: Any) -> None:
+        if not await self.check_ping_timeout():
+            return
+        self.write(pkt)
+
+    def write(self, pkt: Any) -> None:
+        """Send one packet now if the connection takes it, else keep it in order for later."""
+        protocol = self.protocol
+        if protocol is None:
+            self.queue.put_nowait(pkt)  # not a direct websocket (yet): Engine.IO's queue
+            return
+        if self.queue.items is None and protocol.writable.is_set():
+            if self._writable(protocol):
+                self._frame(protocol, pkt)
+            return  # a connection that is going away takes nothing more
+        self._hold(pkt)
+
+    def write_frame(self, text: bytes, wire: Any) -> bool:
+        """The transport's fast path: one text frame, `wire` being its uncompressed framing
+        (shared by every recipient). False: not written; the caller writes its packets."""
+        protocol = self.protocol
+        if protocol is None or self.queue.items is not None or not protocol.writable.is_set():
+            return False
+        if not self._writable(protocol):
+            return True  # going away: nothing to write, and nothing to queue either
+        conn = protocol.conn
+        if conn.extensions:  # compression keeps per-connection state: frame it for this one
+            try:
+                conn.send_text(text)
+            except Exception:
+                return True
+            protocol.transport.write(b"".join(conn.data_to_send()))
+        else:
+            if conn.state is not _OPEN or conn.expect_continuation_frame:
+                return True
+            protocol.transport.write(wire)
+        return True
+
+    @staticmethod
+    def _writable(protocol: Any) -> bool:
+        return not (protocol.close_sent or protocol.disconnected or protocol.transport.is_closing())
+
+    @staticmethod
+    def _frame(protocol: Any, pkt: Any) -> None:
+        encoded = pkt.encode()
+        conn = protocol.conn
+        try:
+            if isinstance(encoded, str):
+                conn.send_text(encoded.encode())
+            else:
+                conn.send_binary(encoded)
+        except Exception:  # the websocket is closing: nothing more can be sent on it
+            return
+        protocol.transport.write(b"".join(conn.data_to_send()))
+
+    def _hold(self, pkt: Any) -> None:
+        self.queue.put_nowait(pkt)
+        if self._drainer is None and self.queue.items is not None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Write the backlog, in order, as the connection takes it; then end it if closed."""
+        protocol = self.protocol
+        backlog = self.queue
+        try:
+            while True:
+                if not protocol.writable.is_set():
+                    await protocol.writable.wait()
+                if not self._writable(protocol):
+                    backlog.clear()
+                    return
+                while backlog.items is not None and protocol.writable.is_set():
+                    self._frame(protocol, backlog.popleft())
+                if backlog.items is None:
+                    break
+            if self.closed:
+                with contextlib.suppress(Exception):
+                    await protocol.send({"type": "websocket.close"})
+        finally:
+            self._drainer = None
+
+    async def _end_websocket(self) -> None:
+        """Close the websocket (a close frame, through uvicorn); the reader then sees the end.
+
+        With packets still waiting, or the transport paused, the drainer does it once they are
+        written."""
+        protocol = self.protocol
+        if protocol is None or not self._writable(protocol):
+            return
+        if not protocol.writable.is_set() or self.queue.items is not None:
+            if self._drainer is None:
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            return
+        with contextlib.suppress(Exception):
+            await protocol.send({"type": "websocket.close"})
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once (a client that does not read gets no close frame)."""
+        protocol = self.protocol
+        if protocol is not None:
+            self.queue.clear()
+            with contextlib.suppress(Exception):
+                protocol.transport.abort()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
+        if self.protocol is None and not isinstance(self.queue, Backlog):
+            await super().close(wait=wait, abort=abort, reason=reason)
+        elif not self.closed and not self.closing:
+            self.closing = True
+            await self.server._trigger_event(
+                "disconnect",
+                self.sid,
+                reason or self.server.reason.SERVER_DISCONNECT,
+                run_async=False,
+            )
+            if abort:
+                self.queue.clear()
+            else:
+                self.write(_CLOSE)
+            self.closed = True
+            await self._end_websocket()
+            drainer = self._drainer
+            if drainer is not None:
+                # A client that does not take the rest within a ping timeout loses it.
+                asyncio.get_running_loop().call_later(self.server.ping_timeout, self._abort_open)
+                if wait:
+                    await asyncio.shield(drainer)
+        if self.closed and self.server.sockets.get(self.sid) is self:
+            del self.server.sockets[self.sid]
+
+    def _abort_open(self) -> None:
+        protocol = self.protocol
+        if protocol is not None and not protocol.disconnected:
+            self.abort()
+
+    def schedule_ping(self) -> None:
+        # only schedule a new ping if the previous ping wait cycle completed
+        if self.last_ping:
+            self.last_ping = None
+            self.server.pinger.schedule(self.sid)
+
+    def ping_now(self) -> float:
+        """Send a ping (the pinger's call); returns the stamp its pong must clear."""
+        stamp = self.last_ping = time.time()
+        self.write(_PING)
+        return stamp
+
+    # -- the websocket -------------------------------------------------------------------------
+
+    async def _upgrade_websocket(self, environ: dict[str, Any]) -> Any:
+        receive: Any = environ.get("asgi.receive")
+        send: Any = environ.get("asgi.send")
+        protocol = lean_protocol(send)
+        if protocol is None or receive is None:
+            return await super()._upgrade_websocket(environ)
+        if self.upgraded:
+            raise OSError("Socket has been upgraded already")
+        upgrade = self.connected
+        if upgrade:
+            # This request's environ was only needed to get here (websocket-only clients keep
+            # theirs until the Socket.IO connect handler has seen it: FeedSocketIO).
+            environ.clear()
+        del environ
+        await send({"type": "websocket.accept"})
+        _release_handshake(protocol)
+        if upgrade:
+            if not await self._probe(receive, send):
+                return ""
+        else:
+            self.connected = True
+            self.upgraded = True
+        self._go_direct(protocol)
+        if self.closed:  # closed while connecting
+            await self._end_websocket()
+            return ""
+        await self._read(receive)
+        return ""
+
+    async def _probe(self, receive: Any, send: Any) -> bool:
+        """Engine.IO's upgrade: `2probe`/`3probe`, end the pending poll, then `5`."""
+        self.upgrading = True  # hold packet sends during the upgrade
+        data = await self._next(receive)
+        if data is None:
+            self.upgrading = False
+            return False
+        pkt = eio_packet.Packet(encoded_packet=data)
+        if pkt.packet_type != eio_packet.PING or pkt.data != "probe":
+            self.server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
+            self.upgrading = False
+            return False
+        await send(
+            {
+                "type": "websocket.send",
+                "text": eio_packet.Packet(eio_packet.PONG, data="probe").encode(),
+            }
+        )
+        self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # end the pending poll
+        data = await self._next(receive)
+        if data is None:
+            self.upgrading = False
+            return False
+        pkt = eio_packet.Packet(encoded_packet=data)
+        if pkt.packet_type != eio_packet.UPGRADE:
+            self.server.logger.info(
+                "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
+                self.sid,
+                data,
+            )
+            self.upgrading = False
+            return False
+        self.upgraded = True
+        self.upgrading = False
+        return True
+
+    def _go_direct(self, protocol: Any) -> None:
+        """From now on write to the websocket; what waits in the queue goes first, in order."""
+        waiting = self.queue
+        self.queue = Backlog(self.server.outbound_limit, self.server.on_outbound_overflow)
+        self.protocol = protocol
+        if isinstance(waiting, Backlog):
+            while waiting.items is not None:
+                self.write(waiting.popleft())
+        else:
+            while not waiting.empty():
+                pkt = waiting.get_nowait()
+                if pkt is not None:
+                    self.write(pkt)
+
+    async def _next(self, receive: Any) -> Any:
+        """The next message's data, or None when the websocket ended (or sent too much)."""
+        event = await receive()
+        if event["type"] != "websocket.receive":
+            return None
+        data = event.get("text")
+        if data is None:
+            data = event.get("bytes")
+        if data is None or len(data) > self.server.max_http_buffer_size:
+            return None
+        return data
+
+    async def _read(self, receive: Any) -> None:
+        """The connection's only task: read and dispatch packets until the websocket ends."""
+        self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
+        while True:
+            data = await self._next(receive)
+            if data is None:
+                break
+            try:
+                pkt = eio_packet.Packet(encoded_packet=data)
+            except Exception:
+                self.server.logger.info("%s: undecodable packet, closing", self.sid)
+                break
+            try:
+                await self.receive(pkt)
+            except eio_exceptions.UnknownPacketError:
+                pass
+            except eio_exceptions.SocketIsClosedError:
+                self.server.logger.info("Receive error -- socket is closed")
+                break
+            except Exception:
+                # if we get an unexpected exception we log the error and exit
+                # the connection properly
+                self.server.logger.exception("Unknown receive error")
+            if self.closed:
+                break
+        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        await self._end_websocket()
+
+
+class Pinger:
+    """Engine.IO pings and pong deadlines for every socket of one server, on one timer.
+
+    Each socket has at most one ping waiting (the next is scheduled when its pong comes back),
+    and every ping is due `ping_interval` after it was scheduled, so appending keeps each FIFO
+    in due order. A stale entry (the socket is gone, or answered) is dropped when it comes up.
+    """
+
+    __slots__ = ("_at", "_handle", "_tasks", "deadlines", "pings", "server")
+
+    def __init__(self, server: LeanEngineIO) -> None:
+        self.server = server
+        self.pings: collections.deque[tuple[float, str]] = collections.deque()
+        self.deadlines: collections.deque[tuple[float, str, float]] = collections.deque()
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def schedule(self, sid: str) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.server.ping_interval
+        self.pings.append((due, sid))
+        self._arm(loop, due)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.pings.clear()
+        self.deadlines.clear()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if self._handle is not None:
+            if self._at <= due:
+                return
+            self._handle.cancel()
+        self._at = due
+        self._handle = loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        sockets = self.server.sockets
+        pings, deadlines = self.pings, self.deadlines
+        timeout = self.server.ping_timeout
+        while pings and pings[0][0] <= now:
+            _, sid = pings.popleft()
+            s = sockets.get(sid)
+            if s is not None and not s.closing and not s.closed:
+                try:
+                    stamp = s.ping_now()
+                except Exception:  # pragma: no cover - a broken socket must not stop the others
+                    log.exception("ping to %s failed", sid)
+                    continue
+                deadlines.append((now + timeout, sid, stamp))
+        while deadlines and deadlines[0][0] <= now:
+            _, sid, stamp = deadlines.popleft()
+            s = sockets.get(sid)
+            if s is not None and s.last_ping == stamp and not s.closing and not s.closed:
+                task = loop.create_task(self.server._ping_timed_out(s))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        heads = [q[0][0] for q in (pings, deadlines) if q]
+        if heads:
+            self._arm(loop, min(heads))
+
+
+class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
+    """engineio.AsyncServer whose sockets are `LeanSocket`s, pinged by one `Pinger`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["monitor_clients"] = False  # the pinger checks pong deadlines for all sockets
+        super().__init__(*args, **kwargs)
+        self.pinger = Pinger(self)
+        self.outbound_limit: int | None = None
+        """Bytes a paused websocket may have waiting before `on_outbound_overflow` (feed.limits)."""
+        self.on_outbound_overflow: Callable[[Backlog], None] | None = None
+
+    async def _handle_connect(
+        self, environ: dict[str, Any], transport: str, jsonp_index: Any = None
+    ) -> Any:
+        """engineio.AsyncServer._handle_connect, creating a LeanSocket."""
+        sid = self.generate_id()
+        lean = transport == "websocket" and lean_protocol(environ.get("asgi.send")) is not None
+        s = LeanSocket(self, sid, lean)
+        self.sockets[sid] = s
+
+        pkt = eio_packet.Packet(
+            eio_packet.OPEN,
+            {
+                "sid": sid,
+                "upgrades": self._upgrades(sid, transport),
+                "pingTimeout": int(self.ping_timeout * 1000),
+                "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+                "maxPayload": self.max_http_buffer_size,
+            },
+        )
+        await s.send(pkt)
+
+        ret = await self._trigger_event("connect", sid, environ, run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            self.logger.warning("Application rejected connection")
+            return self._unauthorized(ret or None)
+
+        s.schedule_ping()
+
+        if transport == "websocket":
+            ret = await s.handle_get_request(environ)
+            if s.closed and sid in self.sockets:
+                # websocket connection ended, so we are done
+                del self.sockets[sid]
+            return ret
+        s.connected = True
+        headers = None
+        if self.cookie:
+            cookie = (
+                self.cookie
+                if isinstance(self.cookie, dict)
+                else {"name": self.cookie, "path": "/", "SameSite": "Lax"}
+            )
+            headers = [("Set-Cookie", self._generate_sid_cookie(sid, cookie))]
+        try:
+            return self._ok(await s.poll(), headers=headers, jsonp_index=jsonp_index)
+        except eio_exceptions.QueueEmpty:
+            return self._bad_request()
+
+    async def _ping_timed_out(self, s: LeanSocket) -> None:
+        self.logger.info("%s: Client is gone, closing socket", s.sid)
+        await s.close(wait=False, abort=False, reason=self.reason.PING_TIMEOUT)
+        if self.sockets.get(s.sid) is s:
+            del self.sockets[s.sid]
+        protocol = s.protocol
+        if protocol is not None and not protocol.writable.is_set():
+            s.abort()  # it does not read: do not wait for it to take the close frame
+
+    async def shutdown(self) -> None:
+        self.pinger.stop()
+        await super().shutdown()
+
+
+class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
+    """socketio.AsyncServer on `LeanEngineIO`, which lets go of each environ after connect."""
+
+    def _engineio_server_class(self) -> type[LeanEngineIO]:
+        return LeanEngineIO
+
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        await super()._handle_connect(eio_sid, namespace, data)
+        if self.manager.sid_from_eio_sid(eio_sid, namespace or "/") is not None:
+            environ = self.environ.get(eio_sid)
+            if environ:
+                # Emptied in place: Engine.IO's request handler still holds this very dict.
+                environ.clear()
