@@ -147,6 +147,113 @@ def _release_handshake(protocol: Any) -> None:
         scope["headers"] = []
 
 
+class LeanQueue:
+    """uvicorn's websocket receive queue (`put_nowait`, `get`, `empty`) for its one reader.
+
+    An `asyncio.Queue` is four deques (items, getters, putters, and its `join` event's waiters),
+    about 3 KiB while empty; this holds a deque only while events wait to be read.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        items = self._items
+        if items is None:
+            items = self._items = collections.deque()
+        items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while self._items is None:
+            if self._waiter is not None:
+                raise RuntimeError("a websocket has one reader")
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self.get_nowait()
+
+    def get_nowait(self) -> Any:
+        items = self._items
+        if items is None:
+            raise asyncio.QueueEmpty
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
+
+    def empty(self) -> bool:
+        return self._items is None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+
+class LeanEvent:
+    """uvicorn's `writable` flag (`is_set`, `set`, `clear`, `wait`), waiters kept only while any.
+
+    An `asyncio.Event` carries a deque of waiters (about 700 bytes) even when nobody waits.
+    """
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self, value: bool) -> None:
+        self._value = value
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if not self._value:
+            self._value = True
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:
+        if self._value:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+def _slim_protocol(protocol: Any) -> None:
+    """Swap uvicorn's receive queue and `writable` event for the lean ones, once accepted.
+
+    Only in the state a just-accepted connection is in: nobody waits on either (this runs in the
+    connection's only reader, between two of its own steps), and what was received is kept.
+    """
+    queue = protocol.queue
+    if type(queue) is asyncio.Queue:
+        lean = LeanQueue()
+        while not queue.empty():
+            lean.put_nowait(queue.get_nowait())
+        protocol.queue = lean
+    writable = protocol.writable
+    if type(writable) is asyncio.Event and writable.is_set():
+        protocol.writable = LeanEvent(True)
+
+
 class LeanSocket(AsyncSocket):  # type: ignore[misc]
     """An Engine.IO socket that, once its websocket is open, writes straight to the connection."""
 
@@ -339,6 +446,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         del environ
         await send({"type": "websocket.accept"})
         _release_handshake(protocol)
+        _slim_protocol(protocol)
         if upgrade:
             if not await self._probe(receive, send):
                 return ""
