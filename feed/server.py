@@ -85,6 +85,7 @@ class FeedApp:
 
     async def _shutdown(self) -> None:
         await self.hub.__aexit__(None, None, None)
+        await self.sio.shutdown()  # stops Engine.IO's pinger
 
     def _register_handlers(self) -> None:
         for event, handler in {

@@ -1,0 +1,131 @@
+"""feed.eio_websocket: websocket clients run on one task each, pings come from one pinger, a dead
+client is still cut off within pingInterval + pingTimeout, and a client whose transport pauses
+gets everything, in order, once it reads again. Real server, real Socket.IO clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from feed.eio_websocket import Backlog, LeanSocket
+from tests.auth_helpers import BASE, raw_socketio, raw_subscribe, source, ws_url
+from tests.support.server import WAIT, feed_client, running_feed
+from tests.support.waiting import wait_until
+
+ROOM = "mem:public.orders"
+
+
+async def open_raw(url: str) -> tuple[ClientConnection, str]:
+    """A websocket-only Socket.IO client that does not answer Engine.IO pings by itself."""
+    ws = await connect(url, compression=None, proxy=None, open_timeout=WAIT)
+    opened = await asyncio.wait_for(ws.recv(), WAIT)
+    assert isinstance(opened, str) and opened.startswith("0")
+    await ws.send("40")
+    connected = await asyncio.wait_for(ws.recv(), WAIT)
+    assert isinstance(connected, str) and connected.startswith("40")
+    return ws, json.loads(opened[1:])["sid"]
+
+
+def seqs_in(frame: str) -> list[int]:
+    if not frame.startswith("42"):
+        return []
+    name, data = json.loads(frame[2:])[:2]
+    if name == "change":
+        return [data["seq"]]
+    if name == "changes":
+        return [c["seq"] for c in data]
+    return []
+
+
+async def test_a_client_that_stops_answering_pings_is_cut_off_within_interval_plus_timeout() -> (
+    None
+):
+    async with running_feed(BASE) as feed:
+        eio = feed.app.sio.eio
+        eio.ping_interval, eio.ping_timeout = 1, 1  # advertised to clients that connect now
+        db = source(feed)
+        async with feed_client(feed.url) as live:
+            assert (await live.subscribe(ROOM))["ok"]
+            started = time.monotonic()
+            dead, eio_sid = await open_raw(ws_url(feed))
+            frames: list[str] = []
+            with pytest.raises(websockets.ConnectionClosed):
+                async with asyncio.timeout(WAIT):
+                    while True:  # read, but never answer a ping
+                        frame = await dead.recv()
+                        assert isinstance(frame, str)
+                        frames.append(frame)
+            elapsed = time.monotonic() - started
+            assert frames[0] == "2", frames  # it was pinged...
+            assert frames[-1] == "1", frames  # ...and told it was closed
+            # Its pong was due 1 s after the ping, which was due 1 s after it connected.
+            assert 1.8 <= elapsed <= 3.0, elapsed
+            assert eio_sid not in eio.sockets
+            assert len(feed.hub.clients) == 1
+            # The client that answers its pings has met the same deadlines and is still here.
+            db.write("public.orders", "insert", {"id": 1})
+            assert (await live.next_change())["after"] == {"id": 1}
+            assert live.sio.connected
+
+
+async def test_websocket_clients_run_on_their_connection_task_alone() -> None:
+    async with running_feed(BASE) as feed:
+        clients = [await open_raw(ws_url(feed)) for _ in range(5)]
+        try:
+            for ws, _ in clients:
+                assert (await raw_subscribe(ws, ROOM))["ok"]
+            coros: list[Any] = [t.get_coro() for t in asyncio.all_tasks()]
+            # One uvicorn task per websocket, and no Engine.IO writer, reader or ping tasks.
+            names = [c.__qualname__ for c in coros]
+            assert names.count("WebSocketsSansIOProtocol.run_asgi") == 5, names
+            engineio = [c.__qualname__ for c in coros if "/engineio/" in c.cr_code.co_filename]
+            assert not engineio, engineio
+            sockets = feed.app.sio.eio.sockets
+            assert all(type(sockets[sid]) is LeanSocket for _, sid in clients)
+            assert all(sockets[sid].protocol is not None for _, sid in clients)
+            # Handshake state is not kept once the client is connected.
+            for sid in list(feed.hub.clients):
+                assert feed.app.sio.get_environ(sid) == {}
+        finally:
+            for ws, _ in clients:
+                await ws.close()
+
+
+async def test_a_client_that_pauses_reading_gets_everything_in_order_when_it_resumes() -> None:
+    async with running_feed(BASE) as feed:
+        db = source(feed)
+        ws, eio_sid = await raw_socketio(feed)  # tiny receive buffer, reads only when told
+        try:
+            assert (await raw_subscribe(ws, ROOM))["ok"]
+            socket: Any = feed.app.sio.eio.sockets[eio_sid]
+            assert isinstance(socket.queue, Backlog)
+            total = 0
+            while socket.queue.empty() and total < 5_000:
+                for _ in range(20):
+                    total += 1
+                    db.write(
+                        "public.orders", "insert", {"id": total, "blob": os.urandom(512).hex()}
+                    )
+                await wait_until(lambda: db._delivered == db._written, what="writes routed")
+            assert not socket.queue.empty(), "the transport never paused"
+            for _ in range(20):  # more while the backlog holds: they must queue behind it
+                total += 1
+                db.write("public.orders", "insert", {"id": total, "blob": "x"})
+            got: list[int] = []
+            async with asyncio.timeout(WAIT):
+                while len(got) < total:
+                    frame = await ws.recv()
+                    assert isinstance(frame, str)
+                    got.extend(seqs_in(frame))
+            assert got == list(range(1, total + 1))
+            assert socket.queue.empty() and socket.queue.bytes == 0
+            assert socket.queue.peak > 0 and not socket.queue.overflowed
+        finally:
+            await ws.close()
