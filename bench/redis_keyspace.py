@@ -164,7 +164,14 @@ async def run_load(
 
 
 async def phase(
-    url: str, feed_url: str, prefix: str, rate: int, seconds: float, load: str, feed_pid: int
+    url: str,
+    feed_url: str,
+    prefix: str,
+    rate: int,
+    seconds: float,
+    load: str,
+    feed_pid: int,
+    client: str = "socketio",
 ) -> dict:
     import psutil
 
@@ -184,33 +191,64 @@ async def phase(
             sent = float(change["key"].rsplit(":", 1)[1])
             latencies.append((time.time() - sent) * 1000)
 
-    sio.on("change", on_change)
-    sio.on("changes", lambda batch: [on_change(c) for c in batch])
-    sio.on("gap", lambda gap: gaps.append(gap["reason"]))
-    await sio.connect(feed_url, transports=["websocket"], wait_timeout=10)
-    for room in (load_room, f"rk:{prefix}p:*"):
-        ack = await sio.call("subscribe", {"room": room}, timeout=10)
-        assert ack["ok"], ack
+    stats = None
+    if client == "wire":
+        from bench.wire import Stats, connect_many
 
-    cpu_before = feed_proc.cpu_times()
+        parsed = urlparse(feed_url)
+        stats = Stats()
+        wire_clients = await connect_many(
+            parsed.hostname or "127.0.0.1",
+            parsed.port or 80,
+            [f"rk:{prefix}p:*", load_room],
+            2,
+            stats,
+            probes=1,
+        )
+    else:
+        sio.on("change", on_change)
+        sio.on("changes", lambda batch: [on_change(c) for c in batch])
+        sio.on("gap", lambda gap: gaps.append(gap["reason"]))
+        await sio.connect(feed_url, transports=["websocket"], wait_timeout=10)
+        for room in (load_room, f"rk:{prefix}p:*"):
+            ack = await sio.call("subscribe", {"room": room}, timeout=10)
+            assert ack["ok"], ack
+
+    own = psutil.Process()
+    cpu_before, own_before = feed_proc.cpu_times(), own.cpu_times()
     written, elapsed = await run_load(admin, url, prefix, rate, seconds, load)
     # Drain: wait until delivery stops growing (or catches up), bounded.
     deadline = time.monotonic() + 20
     last, still = -1, 0.0
     while time.monotonic() < deadline and delivered < written:
+        if stats is not None:
+            delivered = stats.changes - len(stats.latencies)
         if delivered == last:
             if time.monotonic() - still > 2:
                 break
         else:
             last, still = delivered, time.monotonic()
         await asyncio.sleep(0.05)
-    cpu_after = feed_proc.cpu_times()
+    cpu_after, own_after = feed_proc.cpu_times(), own.cpu_times()
+    if stats is not None:
+        delivered = stats.changes - len(stats.latencies)
+        latencies = [t * 1000 for t in stats.latencies]
+        for wire_client in wire_clients:
+            wire_client.close()
+    own_cpu = (own_after.user + own_after.system) - (own_before.user + own_before.system)
     feed_cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-    await sio.disconnect()
+    if stats is None:
+        await sio.disconnect()
     await admin.aclose()
     return {
         "path": "feed",
+        "client": client,
         "feed_cpu_us_per_change": round(feed_cpu / max(1, written + len(latencies)) * 1e6, 1),
+        "bench_client_cpu_share": round(own_cpu / elapsed, 2),
+        "feed_cpu_share": round(feed_cpu / elapsed, 2),
+        "feed_cpu_system_share": round((cpu_after.system - cpu_before.system) / feed_cpu, 2)
+        if feed_cpu
+        else None,
         "target_rate": rate,
         "write_rate": round(written / elapsed),
         "written": written,
@@ -298,6 +336,13 @@ def main() -> None:
         help="through the whole feed to a Socket.IO client, the connector alone, or both",
     )
     parser.add_argument(
+        "--client",
+        choices=("socketio", "wire"),
+        default="socketio",
+        help="python-socketio AsyncClient (as a user's service would), or bench/wire.py's "
+        "wire-level clients (far less CPU in the measuring process)",
+    )
+    parser.add_argument(
         "--fetch-values", action="store_true", help="read values (one script call per batch)"
     )
     args = parser.parse_args()
@@ -339,7 +384,14 @@ def main() -> None:
             for rate in rates:
                 result = asyncio.run(
                     phase(
-                        url, f"http://127.0.0.1:{port}", prefix, rate, args.seconds, load, feed.pid
+                        url,
+                        f"http://127.0.0.1:{port}",
+                        prefix,
+                        rate,
+                        args.seconds,
+                        load,
+                        feed.pid,
+                        args.client,
                     )
                 )
                 result["load"] = load

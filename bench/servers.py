@@ -57,7 +57,27 @@ def feed_main(conn: Connection, config_toml: str) -> None:
 
         tracemalloc.start(int(os.environ["BENCH_TRACEMALLOC"]))
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("BENCH_GC_LOG"):
+        _log_gc_pauses(os.environ["BENCH_GC_LOG"])
     asyncio.run(_feed(conn, config_toml))
+
+
+def _log_gc_pauses(path: str) -> None:
+    """Append every garbage-collector pause (generation, ms) to `path`: is a tail the GC's?"""
+    import gc
+    import time
+
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            with open(path, "a") as out:
+                pause = (time.perf_counter() - started[0]) * 1000
+                out.write(f"{info['generation']} {pause:.3f} {time.time():.3f}\n")
+
+    gc.callbacks.append(callback)
 
 
 async def _feed(conn: Connection, config_toml: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import socketio
@@ -297,29 +298,32 @@ async def test_a_client_that_starts_on_long_polling_and_upgrades_gets_everything
             await client.close()
 
 
-async def test_frames_are_what_python_socketio_would_encode_and_values_arrive_intact() -> None:
-    """The transport writes the Socket.IO text itself (no per-value binary search): same bytes."""
+async def test_frames_decode_as_python_socketio_frames_do_and_values_arrive_intact() -> None:
+    """The transport writes the Socket.IO text itself (no per-value binary search, orjson):
+    a client decodes exactly what python-socketio's own encoding would give it."""
     awkward = {
         "id": 1,
         "name": 'Zoë "quoted" \\ back\nslash \u2028 \U0001f600',
-        "big": 2**70,
         "ratio": 0.1,
         "nested": {"list": [1, None, True, "x"], "empty": {}},
     }
+    huge = {"id": 2, "big": 2**70}  # past 64 bits: orjson refuses, the Packet path takes it
     async with running_feed(CONFIG) as feed:
-        sent = transport(feed)._packets("changes", [awkward, {"id": 2}])
-        reference = socketio.packet.Packet(
-            socketio.packet.EVENT, namespace="/", data=["changes", [awkward, {"id": 2}]]
-        ).encode()
-        assert [p.encode() for p in sent.packets] == [
-            eio_packet.Packet(eio_packet.MESSAGE, reference).encode()
-        ]
+        for payload in ([awkward, {"id": 3}], [huge]):
+            [packet] = transport(feed)._packets("changes", payload).packets
+            reference = socketio.packet.Packet(
+                socketio.packet.EVENT, namespace="/", data=["changes", payload]
+            ).encode()
+            text = packet.encode()
+            assert text.startswith('42["changes",')
+            assert json.loads(text[2:]) == json.loads(reference[1:]) == ["changes", payload]
 
         client = await Recorder().connect(feed.url)
         try:
             await client.subscribe(ROOM)
             memory(feed).write("public.orders", "insert", awkward)
-            await client.until(1)
-            assert client.changes()[0]["after"] == awkward
+            memory(feed).write("public.orders", "insert", huge)
+            await client.until(2)
+            assert [c["after"] for c in client.changes()] == [awkward, huge]
         finally:
             await client.close()
