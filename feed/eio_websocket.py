@@ -402,12 +402,12 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
                 self.write(_CLOSE)
             self.closed = True
             await self._end_websocket()
-            drainer = self._drainer
-            if drainer is not None:
-                # A client that does not take the rest within a ping timeout loses it.
+            if self._drainer is not None:
+                # What waits goes out before the close frame, in the drainer, which nobody
+                # waits for (`wait` is not honoured: a client that does not read must not hold
+                # up whoever closes it); a client that does not take it within a ping timeout
+                # loses its connection.
                 asyncio.get_running_loop().call_later(self.server.ping_timeout, self._abort_open)
-                if wait:
-                    await asyncio.shield(drainer)
         if self.closed and self.server.sockets.get(self.sid) is self:
             del self.server.sockets[self.sid]
 

@@ -476,6 +476,52 @@ async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page
     await expect(badge).to_have_text("up")  # the hub restarted it after a backoff
 
 
+async def test_socket_io_client_on_long_polling_upgrades_and_gets_every_change_in_order(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """socket.io-client's default path: long-polling first, then the websocket upgrade (the
+    server's polling queue is handed over to the direct websocket writes); changes keep coming
+    while it happens."""
+    db = source(memory_feed)
+    await page.goto(memory_feed.url + "/")  # for the page's own copy of socket.io-client
+    started = await page.evaluate(
+        """async ([room, ms]) => {
+            const socket = io({ transports: ["polling", "websocket"], reconnection: false });
+            window.polled = socket;
+            window.seqs = [];
+            socket.on("change", (c) => window.seqs.push(c.seq));
+            socket.on("changes", (cs) => cs.forEach((c) => window.seqs.push(c.seq)));
+            window.upgraded = new Promise((resolve) => socket.io.on("open", () =>
+                socket.io.engine.on("upgrade", (t) => resolve(t.name))));
+            await new Promise((resolve, reject) => {
+                socket.on("connect", resolve);
+                socket.on("connect_error", reject);
+            });
+            const first = socket.io.engine.transport.name;
+            const ack = await socket.timeout(ms).emitWithAck("subscribe", { room });
+            return [first, ack.ok];
+        }""",
+        ["mem:public.orders", EXPECT_MS],
+    )
+    assert started == ["polling", True]
+    total = 0
+    for _ in range(10):  # keep changes coming while the upgrade happens
+        for _ in range(10):
+            total += 1
+            db.write("public.orders", "insert", {"id": total})
+        await page.evaluate("() => new Promise((r) => setTimeout(r, 10))")
+    await page.wait_for_function(f"window.seqs.length >= {total}", timeout=EXPECT_MS)
+    upgraded = await page.evaluate(
+        f"""() => Promise.race([window.upgraded,
+            new Promise((r) => setTimeout(() => r("no upgrade"), {EXPECT_MS}))])"""
+    )
+    assert upgraded == "websocket"
+    assert await page.evaluate("window.seqs") == list(range(1, total + 1))
+    db.write("public.orders", "insert", {"id": total + 1})  # and on the websocket itself
+    await page.wait_for_function(f"window.seqs.length === {total + 1}", timeout=EXPECT_MS)
+    assert await page.evaluate("window.polled.io.engine.transport.name") == "websocket"
+
+
 # -- auth and layout -----------------------------------------------------------------------------
 
 
