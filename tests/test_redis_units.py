@@ -122,6 +122,36 @@ def test_resp_stream_handles_split_frames_and_binary() -> None:
     )
 
 
+def _pmessage(pattern: bytes, channel: bytes, op: bytes) -> bytes:
+    parts = [b"pmessage", pattern, channel, op]
+    return b"*4\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def test_fast_event_parser_agrees_with_the_exact_parser_at_every_cut() -> None:
+    """feed_events' one-match fast path must never disagree with the length-driven parser: keys
+    holding CRLF or a fake length prefix, non-UTF-8 bytes, other replies, frames cut anywhere."""
+    frames = [
+        _pmessage(b"__keyspace@0__:a*", b"__keyspace@0__:abc", b"set"),
+        _pmessage(b"__keyspace@0__:a*", b"__keyspace@0__:a\r\n$3\r\nset\r\n", b"del"),
+        _pmessage(b"__keyspace@12__:*", b"__keyspace@12__:\xff\xfe", b"hset"),
+        b"+OK\r\n",
+        _pmessage(b"__keyspace@0__:*", b"__keyevent@0__:set", b"k"),  # not keyspace: raw
+        b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+        _pmessage(b"p\r\n$9", b"__keyspace@0__:k", b"xgroup-create"),
+        b"-ERR boom\r\n",
+    ]
+    data = b"".join(frames)
+    exact = RespStream().feed(data)
+    expected = [(KeyspaceEvent.from_message(r) if type(r) is list else None) or r for r in exact]
+    assert len(expected) == len(frames)
+    assert expected[1] == KeyspaceEvent(b"a\r\n$3\r\nset\r\n", "del", 0, b"__keyspace@0__:a*")
+    assert expected[2] == KeyspaceEvent(b"\xff\xfe", "hset", 12, b"__keyspace@12__:*")
+    for cut in range(1, len(data)):
+        stream = RespStream()
+        got = stream.feed_events(data[:cut]) + stream.feed_events(data[cut:])
+        assert got == expected, cut
+
+
 def test_non_keyspace_messages_are_ignored() -> None:
     assert KeyspaceEvent.from_message([b"message", b"x", b"y"]) is None
     assert KeyspaceEvent.try_parse(b"__keyevent@0__:set", b"k") is None
