@@ -65,11 +65,19 @@ def measure(kind: str, clients: int, processes: int = 4, settle: float = 3.0) ->
 
 
 def _main() -> None:
+    """`python -m bench.idle [N ...]`: the feed, plain python-socketio and the raw websockets
+    server at each N (default 1000), in one run, as `python -m bench --only idle` measures them."""
     import sys
 
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    for kind in ("feed", "baseline"):
-        print(measure(kind, n))
+    for n in [int(a) for a in sys.argv[1:]] or [1000]:
+        for kind in ("feed", "socketio", "baseline"):
+            result = measure(kind, n, processes=max(2, n // 2500))
+            print(
+                f"{kind:8} clients={n:6} {result.kib_per_connection:5.1f} KiB/conn RSS "
+                f"{result.uss_kib_per_connection:5.1f} USS ({result.connected} connected, "
+                f"{result.connect_seconds:.1f} s to connect)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
