@@ -122,6 +122,8 @@ def room_key(key: Any) -> str | None:
     """
     if key is None:
         return None
+    if type(key) is str:  # most keys (every Redis key): skip the ABC checks below
+        return key
     if isinstance(key, Mapping):
         return ",".join(_scalar_text(v) for v in key.values())
     if isinstance(key, list | tuple):

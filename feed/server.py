@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,6 +82,12 @@ class FeedApp:
 
     async def _startup(self) -> None:
         await self.hub.__aenter__()
+        # Everything alive now (modules, the app, the connectors) lives as long as the process:
+        # moved out of the collector's reach, it no longer makes every full collection pause
+        # the loop (about 40 ms for a full collection of the loaded modules on these machines,
+        # straight into the latency tail).
+        gc.collect()
+        gc.freeze()
         log.info("feed serving %d connector(s)", len(self.hub.connectors))
 
     async def _shutdown(self) -> None:
