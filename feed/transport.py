@@ -1,20 +1,21 @@
-"""How the hub reaches clients: room frames encoded once and handed to every client's send queue.
+"""How the hub reaches clients: room frames encoded once and written to every client.
 
 python-socketio's `emit` to a room creates one asyncio task per recipient per message, and each
 task re-enters Engine.IO's `send` (a ping-timeout check, a log call, an awaited queue put). At
 hundreds of recipients that bookkeeping costs more server CPU than writing to the sockets.
 Profiling the fan-out (docs/benchmarks.md) showed the rest of the cost is per *frame* per
-recipient: each queued packet wakes the client's Engine.IO writer, which goes through
+recipient: each queued packet woke the client's Engine.IO writer, which went through
 `asyncio.wait_for` and the ASGI send path. So this layer:
 
-- encodes a room frame once, as one Engine.IO packet object (its encoding is cached), and puts that
-  same object straight into each recipient's Engine.IO queue, synchronously and without tasks;
-- when a client's Engine.IO writer is idle (parked on its empty queue) and its connection is a
-  uvicorn websocket that can take data now, writes the frame to the socket directly: the same
-  WebSocket frame bytes for every such client (a server frame is unmasked, so it is identical
-  for all clients that did not negotiate compression). Otherwise (a packet already queued or in
-  flight, a paused transport, long-polling, another ASGI server) it uses the queue, so nothing
-  ever overtakes what is queued, and a slow client still meets the outbound queue limit;
+- encodes a room frame once, as one Engine.IO packet object (its encoding is cached), and hands
+  that same object to each recipient, synchronously and without tasks;
+- writes it to each websocket client's connection at once (feed.eio_websocket: those sockets
+  have no writer task): the same WebSocket frame bytes for every such client (a server frame is
+  unmasked, so it is identical for all clients that did not negotiate compression; a client
+  that did gets it through its own compressor). A client whose transport is paused, or that
+  already has packets waiting, gets it behind them in its bounded backlog, so nothing ever
+  overtakes what waits and a slow client still meets the outbound queue limit; long-polling
+  clients (and other Engine.IO servers' sockets) get it in their Engine.IO queue;
 - under load, sends fewer frames: the changes routed to a room during one pass of the event loop
   are sent at the end of that pass as one `changes` frame (a list, in order). A change that is
   alone in its pass still goes out as a plain `change`, one loop iteration later, so latency at
