@@ -303,7 +303,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         if protocol is None or self.queue.items is not None or not protocol.writable.is_set():
             return False
         if not self._writable(protocol):
-            return True  # going away: nothing to write, and nothing to queue either
+            return False  # going away: `write` drops the packets
         conn = protocol.conn
         if conn.extensions:  # compression keeps per-connection state: frame it for this one
             try:

@@ -491,13 +491,15 @@ async def test_socket_io_client_on_long_polling_upgrades_and_gets_every_change_i
             window.seqs = [];
             socket.on("change", (c) => window.seqs.push(c.seq));
             socket.on("changes", (cs) => cs.forEach((c) => window.seqs.push(c.seq)));
-            window.upgraded = new Promise((resolve) => socket.io.on("open", () =>
-                socket.io.engine.on("upgrade", (t) => resolve(t.name))));
+            let first = null;
+            window.upgraded = new Promise((resolve) => socket.io.on("open", () => {
+                first = socket.io.engine.transport.name;
+                socket.io.engine.on("upgrade", (t) => resolve(t.name));
+            }));
             await new Promise((resolve, reject) => {
                 socket.on("connect", resolve);
                 socket.on("connect_error", reject);
             });
-            const first = socket.io.engine.transport.name;
             const ack = await socket.timeout(ms).emitWithAck("subscribe", { room });
             return [first, ack.ok];
         }""",
