@@ -11,15 +11,19 @@ import time
 from typing import Any
 
 import pytest
+import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from feed.config import parse_config
 from feed.eio_websocket import Backlog, LeanSocket
+from feed.server import FeedApp, QuietServer
 from tests.auth_helpers import BASE, raw_socketio, raw_subscribe, source, ws_url
-from tests.support.server import WAIT, feed_client, running_feed
+from tests.support.server import WAIT, feed_client, free_port, running_feed
 from tests.support.waiting import wait_until
 
 ROOM = "mem:public.orders"
+WS_PATH = "/socket.io/?EIO=4&transport=websocket"
 
 
 async def open_raw(url: str) -> tuple[ClientConnection, str]:
@@ -129,3 +133,45 @@ async def test_a_client_that_pauses_reading_gets_everything_in_order_when_it_res
             assert socket.queue.peak > 0 and not socket.queue.overflowed
         finally:
             await ws.close()
+
+
+async def test_under_another_websocket_implementation_engineio_handles_the_socket() -> None:
+    """uvicorn's wsproto protocol is not the lean path's: Engine.IO's own handler serves the
+    websocket, and the shared pinger still pings it and cuts it off when it stops answering."""
+    pytest.importorskip("wsproto")
+    config = parse_config(BASE, "test.toml", {})
+    app = FeedApp(config)
+    port = free_port()
+    server = QuietServer(
+        uvicorn.Config(
+            app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="wsproto"
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        await wait_until(lambda: server.started or task.done(), what="uvicorn started")
+        assert server.started
+        url = f"http://127.0.0.1:{port}"
+        eio = app.sio.eio
+        eio.ping_interval, eio.ping_timeout = 1, 1
+        memory: Any = app.hub.connectors["mem"]
+        async with feed_client(url) as live:
+            assert (await live.subscribe(ROOM))["ok"]
+            [socket] = eio.sockets.values()
+            assert type(socket) is LeanSocket and socket.protocol is None
+            dead, eio_sid = await open_raw(url.replace("http://", "ws://") + WS_PATH)
+            frames: list[str] = []
+            with pytest.raises(websockets.ConnectionClosed):
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        frame = await dead.recv()
+                        assert isinstance(frame, str)
+                        frames.append(frame)
+            # Pinged, not answered, closed (Engine.IO's own close sends no `1` on a ping timeout).
+            assert frames[0] == "2", frames
+            assert eio_sid not in eio.sockets
+            memory.write("public.orders", "insert", {"id": 1})
+            assert (await live.next_change())["after"] == {"id": 1}
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT)
