@@ -175,3 +175,44 @@ async def test_under_another_websocket_implementation_engineio_handles_the_socke
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, WAIT)
+
+
+async def test_closing_a_paused_client_does_not_wait_and_its_backlog_goes_first() -> None:
+    async with running_feed(BASE) as feed:
+        db = source(feed)
+        ws, eio_sid = await raw_socketio(feed)  # tiny receive buffer, reads only when told
+        try:
+            assert (await raw_subscribe(ws, ROOM))["ok"]
+            socket: Any = feed.app.sio.eio.sockets[eio_sid]
+            total = 0
+            while socket.queue.empty() and total < 5_000:
+                for _ in range(20):
+                    total += 1
+                    db.write(
+                        "public.orders", "insert", {"id": total, "blob": os.urandom(512).hex()}
+                    )
+                await wait_until(lambda: db._delivered == db._written, what="writes routed")
+            assert not socket.queue.empty(), "the transport never paused"
+            [sid] = list(feed.hub.clients)
+            # The server closes it while it is not reading (Socket.IO's disconnect, then the
+            # Engine.IO connection's): neither may wait for the client.
+            await asyncio.wait_for(feed.app.sio.disconnect(sid), 1.0)
+            assert not feed.hub.clients
+            await asyncio.wait_for(feed.app.sio.eio.disconnect(eio_sid), 1.0)
+            assert eio_sid not in feed.app.sio.eio.sockets
+            got: list[int] = []
+            tail: list[str] = []
+            with pytest.raises(websockets.ConnectionClosedOK):
+                async with asyncio.timeout(WAIT):
+                    while True:
+                        frame = await ws.recv()
+                        assert isinstance(frame, str)
+                        got.extend(seqs_in(frame))
+                        if not frame.startswith("42"):
+                            tail.append(frame)
+            # Everything it was sent, in order, then Socket.IO's and Engine.IO's goodbyes, then
+            # the WebSocket close.
+            assert got == list(range(1, total + 1))
+            assert tail == ["41", "1"], tail
+        finally:
+            await ws.close()
