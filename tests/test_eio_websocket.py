@@ -216,3 +216,33 @@ async def test_closing_a_paused_client_does_not_wait_and_its_backlog_goes_first(
             assert tail == ["41", "1"], tail
         finally:
             await ws.close()
+
+
+async def test_a_stalled_client_misses_its_pong_deadline_and_loses_the_connection() -> None:
+    """Not reading at all (its ping is stuck behind its backlog): cut off on the same deadline,
+    and its TCP connection dropped rather than left waiting for it to take a close frame."""
+    async with running_feed(BASE) as feed:
+        eio = feed.app.sio.eio
+        eio.ping_interval, eio.ping_timeout = 1, 1
+        db = source(feed)
+        started = time.monotonic()
+        ws, eio_sid = await raw_socketio(feed)
+        try:
+            assert (await raw_subscribe(ws, ROOM))["ok"]
+            socket: Any = eio.sockets[eio_sid]
+            total = 0
+            while socket.queue.empty() and total < 5_000:
+                for _ in range(20):
+                    total += 1
+                    db.write(
+                        "public.orders", "insert", {"id": total, "blob": os.urandom(512).hex()}
+                    )
+                await wait_until(lambda: db._delivered == db._written, what="writes routed")
+            assert not socket.queue.empty(), "the transport never paused"
+            await wait_until(lambda: eio_sid not in eio.sockets, timeout=WAIT, what="cut off")
+            elapsed = time.monotonic() - started
+            assert elapsed <= 3.0, elapsed
+            assert not feed.hub.clients
+            await wait_until(lambda: socket.protocol.disconnected, what="TCP connection dropped")
+        finally:
+            ws.transport.abort()  # nothing to say goodbye to
