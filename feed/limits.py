@@ -5,8 +5,10 @@ Engine.IO gives every connection an unbounded send queue. A client that stops re
 tab, a hostile script, a phone in a tunnel) fills its TCP window, then the server's transport
 buffer, and from then on every change for it piles up in that queue: memory grows without bound
 while the client still looks connected. `OutboundLimiter` swaps in a queue that counts the bytes it
-holds and, past the limit, drops the connection instead of the memory. Putting into it never waits,
-so the hub's sends to everyone else are never held up by the slow one.
+holds (and gives the same limit to the backlog of feed.eio_websocket's websockets, which hold
+packets only while their transport is paused) and, past the limit, drops the connection instead of
+the memory. Putting into either never waits, so the hub's sends to everyone else are never held up
+by the slow one.
 """
 
 from __future__ import annotations
