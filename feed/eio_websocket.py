@@ -529,6 +529,12 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             data = await self._next(receive)
             if data is None:
                 break
+            if self.closed:
+                # Closed by the server: what still waits for the client, then the close frame,
+                # go out in the drainer; the websocket's end comes after them. Until then
+                # nothing the client says is dispatched (returning now would let uvicorn close
+                # the transport under the drainer).
+                continue
             try:
                 pkt = eio_packet.Packet(encoded_packet=data)
             except Exception:
@@ -540,13 +546,10 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
                 pass
             except eio_exceptions.SocketIsClosedError:
                 self.server.logger.info("Receive error -- socket is closed")
-                break
             except Exception:
                 # if we get an unexpected exception we log the error and exit
                 # the connection properly
                 self.server.logger.exception("Unknown receive error")
-            if self.closed:
-                break
         await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
         await self._end_websocket()
 
