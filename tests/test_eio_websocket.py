@@ -200,6 +200,7 @@ async def test_closing_a_paused_client_does_not_wait_and_its_backlog_goes_first(
             assert not feed.hub.clients
             await asyncio.wait_for(feed.app.sio.eio.disconnect(eio_sid), 1.0)
             assert eio_sid not in feed.app.sio.eio.sockets
+            await ws.send('421["catalog"]')  # talking after the close changes nothing of that
             got: list[int] = []
             tail: list[str] = []
             with pytest.raises(websockets.ConnectionClosedOK):
