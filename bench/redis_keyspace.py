@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -75,14 +76,31 @@ def percentile(values: list[float], q: float) -> float:
 # -- load generators --------------------------------------------------------------------------
 
 
-async def benchmark_load(url: str, prefix: str, rate: int, seconds: float) -> None:
-    """redis-benchmark, one short run per 100 ms tick, each writing a tick's share."""
+@dataclass(frozen=True)
+class LoadShape:
+    """How redis-benchmark delivers each tick's share: its connections and pipeline depth.
+
+    redis-benchmark has no rate option, so the bench starts one short run per tick. With
+    `connections=4, pipeline=8` a tick's SETs reach Redis within a couple of milliseconds (500 at
+    once at 5,000/s); with `connections=1, pipeline=1` they are spread over the tick by one round
+    trip each, as an application writing one key at a time would.
+    """
+
+    tick: float = TICK
+    connections: int = 4
+    pipeline: int = 8
+
+
+async def benchmark_load(
+    url: str, prefix: str, rate: int, seconds: float, shape: LoadShape = LoadShape()
+) -> None:
+    """redis-benchmark, one short run per tick, each writing a tick's share."""
     parsed = urlparse(url)
-    per_tick = max(1, int(rate * TICK))
+    per_tick = max(1, int(rate * shape.tick))
     args = [
         "redis-benchmark", "-h", parsed.hostname or "127.0.0.1", "-p", str(parsed.port or 6379),
         "--dbnum", (parsed.path.strip("/") or "0"), "-n", str(per_tick), "-r", "1000000",
-        "-c", "4", "-P", "8", "-q",
+        "-c", str(shape.connections), "-P", str(shape.pipeline), "-q",
     ]  # fmt: skip
     if parsed.password:
         args += ["-a", parsed.password]
@@ -90,9 +108,9 @@ async def benchmark_load(url: str, prefix: str, rate: int, seconds: float) -> No
     loop = asyncio.get_running_loop()
     start = loop.time()
     running: list[asyncio.subprocess.Process] = []
-    ticks = int(seconds / TICK)
+    ticks = int(seconds / shape.tick)
     for tick in range(ticks):
-        due = start + tick * TICK
+        due = start + tick * shape.tick
         if due > loop.time():
             await asyncio.sleep(due - loop.time())
         proc = await asyncio.create_subprocess_exec(
@@ -135,7 +153,13 @@ async def set_calls(admin: aioredis.Redis) -> int:
 
 
 async def run_load(
-    admin: aioredis.Redis, url: str, prefix: str, rate: int, seconds: float, load: str
+    admin: aioredis.Redis,
+    url: str,
+    prefix: str,
+    rate: int,
+    seconds: float,
+    load: str,
+    shape: LoadShape = LoadShape(),
 ) -> tuple[int, float]:
     """Drive the SET load with probes alongside; return (load SETs written, seconds taken)."""
     probes = 0
@@ -158,7 +182,7 @@ async def run_load(
         proc.start()
         await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
     else:
-        await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds))
+        await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds, shape))
     elapsed = time.monotonic() - started
     return await set_calls(admin) - before - probes, elapsed
 
@@ -171,7 +195,8 @@ async def phase(
     seconds: float,
     load: str,
     feed_pid: int,
-    client: str = "socketio",
+    client: str = "wire",
+    shape: LoadShape = LoadShape(),
 ) -> dict:
     import psutil
 
@@ -216,7 +241,7 @@ async def phase(
 
     own = psutil.Process()
     cpu_before, own_before = feed_proc.cpu_times(), own.cpu_times()
-    written, elapsed = await run_load(admin, url, prefix, rate, seconds, load)
+    written, elapsed = await run_load(admin, url, prefix, rate, seconds, load, shape)
     # Drain: wait until delivery stops growing (or catches up), bounded.
     deadline = time.monotonic() + 20
     last, still = -1, 0.0
@@ -233,6 +258,7 @@ async def phase(
     if stats is not None:
         delivered = stats.changes - len(stats.latencies)
         latencies = [t * 1000 for t in stats.latencies]
+        gaps = stats.gaps
         for wire_client in wire_clients:
             wire_client.close()
     own_cpu = (own_after.user + own_after.system) - (own_before.user + own_before.system)
@@ -263,7 +289,13 @@ async def phase(
 
 
 async def connector_phase(
-    url: str, prefix: str, rate: int, seconds: float, load: str, fetch_values: bool = False
+    url: str,
+    prefix: str,
+    rate: int,
+    seconds: float,
+    load: str,
+    fetch_values: bool = False,
+    shape: LoadShape = LoadShape(),
 ) -> dict:
     """The same load, read by the connector in this process: SET to `changes()`, no hub."""
     from connectors.redis import RedisConnector
@@ -294,7 +326,7 @@ async def connector_phase(
 
     async with source:
         reader = asyncio.create_task(consume())
-        written, elapsed = await run_load(admin, url, prefix, rate, seconds, load)
+        written, elapsed = await run_load(admin, url, prefix, rate, seconds, load, shape)
         async with asyncio.timeout(20):
             while delivered < written:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
@@ -337,15 +369,26 @@ def main() -> None:
     )
     parser.add_argument(
         "--client",
-        choices=("socketio", "wire"),
-        default="socketio",
-        help="python-socketio AsyncClient (as a user's service would), or bench/wire.py's "
-        "wire-level clients (far less CPU in the measuring process)",
+        choices=("wire", "socketio"),
+        default="wire",
+        help="bench/wire.py's wire-level Socket.IO clients (what `python -m bench` uses; little "
+        "CPU in the measuring process), or a python-socketio AsyncClient in this process, as a "
+        "user's Python service would run",
     )
     parser.add_argument(
         "--fetch-values", action="store_true", help="read values (one script call per batch)"
     )
+    parser.add_argument(
+        "--tick", type=float, default=TICK, help="seconds between redis-benchmark runs"
+    )
+    parser.add_argument(
+        "--rb-connections", type=int, default=4, help="redis-benchmark -c for each tick's run"
+    )
+    parser.add_argument(
+        "--rb-pipeline", type=int, default=8, help="redis-benchmark -P for each tick's run"
+    )
     args = parser.parse_args()
+    shape = LoadShape(args.tick, args.rb_connections, args.rb_pipeline)
     load = args.load
     if load == "auto":
         load = "redis-benchmark" if shutil.which("redis-benchmark") else "python"
@@ -369,9 +412,10 @@ def main() -> None:
         if args.path in ("connector", "both"):
             for rate in rates:
                 result = asyncio.run(
-                    connector_phase(url, prefix, rate, args.seconds, load, args.fetch_values)
+                    connector_phase(url, prefix, rate, args.seconds, load, args.fetch_values, shape)
                 )
                 result["load"] = load
+                result["load_shape"] = asdict(shape) if load == "redis-benchmark" else None
                 result["fetch_values"] = args.fetch_values
                 results.append(result)
                 print(json.dumps(result), flush=True)
@@ -392,9 +436,11 @@ def main() -> None:
                         load,
                         feed.pid,
                         args.client,
+                        shape,
                     )
                 )
                 result["load"] = load
+                result["load_shape"] = asdict(shape) if load == "redis-benchmark" else None
                 result["fetch_values"] = args.fetch_values
                 results.append(result)
                 print(json.dumps(result), flush=True)

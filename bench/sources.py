@@ -140,7 +140,15 @@ def writer_main(conn: Connection, kind: str, url: str) -> None:
 
 
 async def _writer(conn: Connection, kind: str, url: str) -> None:
+    """Paced writers: 8 lanes, each change stamped with `time.time()` as it is written.
+
+    Postgres commits one INSERT per transaction, so every change is its own commit. A Redis lane
+    that has fallen behind its schedule sends the SETs now due in one pipeline (each key still
+    stamped on its own): one awaited round trip per SET caps redis-py near 2,500 SET/s on a
+    shared 2-core machine, which measured the writer rather than the feed.
+    """
     lanes = 8
+    batch_max = 1
     if kind == "postgres":
         import asyncpg
 
@@ -150,16 +158,23 @@ async def _writer(conn: Connection, kind: str, url: str) -> None:
         ]
         insert = f"INSERT INTO {TABLE} (t) VALUES ($1)"
 
-        async def write(lane: int, i: int) -> None:
+        async def write(lane: int, numbers: range) -> None:
             await pool[lane].execute(insert, time.time())
 
     else:
         import redis.asyncio as aioredis
 
+        batch_max = 64
         clients = [aioredis.Redis.from_url(url) for _ in range(lanes)]
 
-        async def write(lane: int, i: int) -> None:
-            await clients[lane].set(f"bench:{i}:{time.time()!r}", "x")
+        async def write(lane: int, numbers: range) -> None:
+            if len(numbers) == 1:
+                await clients[lane].set(f"bench:{numbers[0]}:{time.time()!r}", "x")
+                return
+            pipe = clients[lane].pipeline(transaction=False)
+            for n in numbers:
+                pipe.set(f"bench:{n}:{time.time()!r}", "x")
+            await pipe.execute()
 
     counter = 0
 
@@ -176,18 +191,26 @@ async def _writer(conn: Connection, kind: str, url: str) -> None:
             i = k
             while True:
                 now = loop.time()
+                batch = 1
                 if rate:
                     due = start + i / rate
                     if due >= end:
                         return
                     if due > now:
                         await asyncio.sleep(due - now)
+                        now = loop.time()
+                    while batch < batch_max:
+                        following = start + (i + batch * lanes) / rate
+                        if following > now or following >= end:
+                            break
+                        batch += 1
                 elif now >= end:
                     return
-                counter += 1
-                await write(k, counter)
-                done += 1
-                i += lanes
+                numbers = range(counter + 1, counter + 1 + batch)
+                counter += batch
+                await write(k, numbers)
+                done += batch
+                i += batch * lanes
 
         await asyncio.gather(*(lane(k) for k in range(lanes)))
         return ("written", done, loop.time() - start)

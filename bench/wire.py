@@ -25,6 +25,7 @@ from typing import Any
 SEQ = b'"seq":'
 CHANGE = b'42["change",'
 CHANGES = b'42["changes",'
+GAP = b'42["gap",'
 
 
 def default_stamp(change: dict[str, Any]) -> float | None:
@@ -64,6 +65,7 @@ class Stats:
         self.changes = 0
         self.frames = 0
         self.latencies: list[float] = []
+        self.gaps: list[str] = []
         self.disconnected = 0
         self.last_receive = 0.0
 
@@ -202,6 +204,8 @@ class SioClient(asyncio.Protocol):
                     self.ready.set_result(ack)
                 else:
                     self.ready.set_exception(ConnectionError(f"subscribe refused: {ack}"))
+        elif message.startswith(GAP):  # loss announced for our room: the bench reports it
+            self.stats.gaps.append(str(json.loads(message[2:])[1].get("reason")))
         elif message.startswith(b"44") and not self.ready.done():  # connect error
             self.ready.set_exception(ConnectionError(message.decode(errors="replace")))
 
