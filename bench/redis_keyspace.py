@@ -7,8 +7,10 @@
 The feed runs in its own process (the real app: connector, hub, Socket.IO under uvicorn) with one
 Redis connector, fetch_values off. Load: redis-benchmark (Debian's redis-tools) runs `SET
 <prefix>k:__rand_int__ x`, started every 100 ms for a tenth of the second's target, so the rate
-is paced rather than one burst per run; without the binary (or with --load python) a separate
-Python process writes paced pipelines instead. Written is Redis's own count (INFO commandstats
+is paced rather than one burst per run, in two shapes (`--shapes`): `paced`, one connection
+without pipelining, so a tick's SETs are spread over it by their round trips, and `burst`, 4
+connections pipelining 8, so they land within a couple of milliseconds. Without the binary (or
+with --load python) a separate Python process writes a small pipeline every millisecond. Written is Redis's own count (INFO commandstats
 cmdstat_set, minus the probes); delivered is what one Socket.IO client subscribed to the load
 pattern's room received. Latency: a probe writer SETs `<prefix>p:<time.time()>` 200 times a
 second in this process during the load; the client (same process, same clock) subtracts that
@@ -32,6 +34,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -91,6 +94,13 @@ class LoadShape:
     pipeline: int = 8
 
 
+SHAPES = {
+    "paced": LoadShape(TICK, 1, 1),
+    "burst": LoadShape(TICK, 4, 8),
+}
+"""Named load shapes for `--shapes`: one key at a time, and a tick's SETs pipelined at once."""
+
+
 async def benchmark_load(
     url: str, prefix: str, rate: int, seconds: float, shape: LoadShape = LoadShape()
 ) -> None:
@@ -122,8 +132,21 @@ async def benchmark_load(
         await proc.wait()
 
 
-def python_load_main(url: str, prefix: str, rate: int, seconds: float) -> None:
-    asyncio.run(_python_load(url, prefix, rate, seconds))
+def load_main(
+    conn: Connection, load: str, url: str, prefix: str, rate: int, seconds: float, shape: LoadShape
+) -> None:
+    """The load generator's own process: say ready, wait for go, write, say done.
+
+    Not in the measuring process: starting a redis-benchmark every tick (a fork, and a thread to
+    reap it) there would delay the probes and the client that times them.
+    """
+    conn.send("ready")
+    conn.recv()
+    if load == "python":
+        asyncio.run(_python_load(url, prefix, rate, seconds))
+    else:
+        asyncio.run(benchmark_load(url, prefix, rate, seconds, shape))
+    conn.send("done")
 
 
 async def _python_load(url: str, prefix: str, rate: int, seconds: float) -> None:
@@ -173,17 +196,25 @@ async def run_load(
             probes += 1
             await asyncio.sleep(1 / PROBE_RATE)
 
-    before = await set_calls(admin)
-    started = time.monotonic()
-    if load == "python":
-        proc = multiprocessing.get_context("spawn").Process(
-            target=python_load_main, args=(url, prefix, rate, seconds)
-        )
-        proc.start()
-        await asyncio.gather(probe(), asyncio.to_thread(proc.join, seconds + 60))
-    else:
-        await asyncio.gather(probe(), benchmark_load(url, prefix, rate, seconds, shape))
-    elapsed = time.monotonic() - started
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    proc = context.Process(
+        target=load_main, args=(theirs, load, url, prefix, rate, seconds, shape), daemon=True
+    )
+    proc.start()
+    try:
+        if not await asyncio.to_thread(ours.poll, 60) or ours.recv() != "ready":
+            raise RuntimeError("the load generator did not start")
+        before = await set_calls(admin)
+        started = time.monotonic()
+        ours.send("go")
+        finished = asyncio.to_thread(ours.poll, seconds + 60)
+        await asyncio.gather(probe(), finished)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
     return await set_calls(admin) - before - probes, elapsed
 
 
@@ -379,21 +410,38 @@ def main() -> None:
         "--fetch-values", action="store_true", help="read values (one script call per batch)"
     )
     parser.add_argument(
+        "--shapes",
+        default="paced,burst",
+        help="redis-benchmark load shapes to run, comma separated: paced (-c 1 -P 1: one round "
+        "trip per SET), burst (-c 4 -P 8: a tick's SETs at once)",
+    )
+    parser.add_argument(
         "--tick", type=float, default=TICK, help="seconds between redis-benchmark runs"
     )
     parser.add_argument(
-        "--rb-connections", type=int, default=4, help="redis-benchmark -c for each tick's run"
+        "--rb-connections",
+        type=int,
+        help="redis-benchmark -c (with --rb-pipeline: one custom shape)",
     )
-    parser.add_argument(
-        "--rb-pipeline", type=int, default=8, help="redis-benchmark -P for each tick's run"
-    )
+    parser.add_argument("--rb-pipeline", type=int, help="redis-benchmark -P for a custom shape")
     args = parser.parse_args()
-    shape = LoadShape(args.tick, args.rb_connections, args.rb_pipeline)
+    if args.rb_connections or args.rb_pipeline:
+        shapes = {"custom": LoadShape(args.tick, args.rb_connections or 1, args.rb_pipeline or 1)}
+    else:
+        try:
+            shapes = {
+                name: LoadShape(args.tick, SHAPES[name].connections, SHAPES[name].pipeline)
+                for name in args.shapes.split(",")
+            }
+        except KeyError as exc:
+            sys.exit(f"--shapes: unknown shape {exc}; choose from {', '.join(SHAPES)}")
     load = args.load
     if load == "auto":
         load = "redis-benchmark" if shutil.which("redis-benchmark") else "python"
     elif load == "redis-benchmark" and not shutil.which("redis-benchmark"):
         sys.exit("redis-benchmark not found: apt-get install redis-tools, or use --load python")
+    if load == "python":
+        shapes = {"smooth": LoadShape()}  # the Python writer paces every millisecond itself
 
     server = None
     url = args.url
@@ -409,23 +457,29 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     try:
         rates = [int(r) for r in args.rates.split(",")]
+        runs = [(name, shape, rate) for name, shape in shapes.items() for rate in rates]
+
+        def record(result: dict[str, Any], name: str, shape: LoadShape) -> None:
+            result["load"] = load
+            result["shape"] = name
+            result["load_shape"] = asdict(shape) if load == "redis-benchmark" else None
+            result["fetch_values"] = args.fetch_values
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            asyncio.run(cleanup(url, prefix))
+
         if args.path in ("connector", "both"):
-            for rate in rates:
+            for name, shape, rate in runs:
                 result = asyncio.run(
                     connector_phase(url, prefix, rate, args.seconds, load, args.fetch_values, shape)
                 )
-                result["load"] = load
-                result["load_shape"] = asdict(shape) if load == "redis-benchmark" else None
-                result["fetch_values"] = args.fetch_values
-                results.append(result)
-                print(json.dumps(result), flush=True)
-                asyncio.run(cleanup(url, prefix))
+                record(result, name, shape)
         if args.path in ("feed", "both"):
             feed = Child(
                 feed_main, feed_config(url, port, prefix, args.fetch_values), name="feed-redis"
             )
             feed.recv(60)
-            for rate in rates:
+            for name, shape, rate in runs:
                 result = asyncio.run(
                     phase(
                         url,
@@ -439,12 +493,7 @@ def main() -> None:
                         shape,
                     )
                 )
-                result["load"] = load
-                result["load_shape"] = asdict(shape) if load == "redis-benchmark" else None
-                result["fetch_values"] = args.fetch_values
-                results.append(result)
-                print(json.dumps(result), flush=True)
-                asyncio.run(cleanup(url, prefix))
+                record(result, name, shape)
     finally:
         if feed is not None:
             feed.stop()
@@ -456,6 +505,15 @@ def main() -> None:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"redis_keyspace-{stamp}.json"
     out.write_text(json.dumps({"url": "private" if server else url, "runs": results}, indent=2))
+    print()
+    print(
+        f"{'path':9} {'shape':7} {'SET/s':>6} {'delivered/written':>19} {'p50 ms':>7} {'p99 ms':>7}"
+    )
+    for r in results:
+        print(
+            f"{r['path']:9} {r['shape']:7} {r['write_rate']:6} "
+            f"{r['delivered']:>9}/{r['written']:<9} {r['latency_ms_p50']:7} {r['latency_ms_p99']:7}"
+        )
     print(f"wrote {out}")
 
 

@@ -59,6 +59,13 @@ def feed_main(conn: Connection, config_toml: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     if os.environ.get("BENCH_GC_LOG"):
         _log_gc_pauses(os.environ["BENCH_GC_LOG"])
+    if os.environ.get("BENCH_CPROFILE"):  # call counts per change, not timings: cProfile skews
+        import cProfile
+
+        with cProfile.Profile() as profile:
+            asyncio.run(_feed(conn, config_toml))
+        profile.dump_stats(os.environ["BENCH_CPROFILE"])
+        return
     asyncio.run(_feed(conn, config_toml))
 
 
