@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from bench import fanout, idle, sources
 from bench.procs import raise_nofile
+from bench.swarm import Swarm
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -91,7 +92,7 @@ def machine() -> dict[str, Any]:
 
     import psutil
 
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in ("python-socketio", "python-engineio", "uvicorn", "websockets", "asyncpg", "redis"):
         try:
             packages[name] = metadata.version(name)
@@ -124,7 +125,7 @@ def run_fanout(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
                 windows = 1 if kind == "socketio" else plan.fanout_windows
                 server = fanout.Server(kind, targets)
                 try:
-                    swarm = fanout.Swarm(server.port, server.rooms, clients, processes=processes)
+                    swarm = Swarm(server.port, server.rooms, clients, processes=processes)
                     try:
                         for _ in range(windows):
                             result = fanout.run_point(
@@ -294,7 +295,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
             return statistics.median(values) if values else float("nan")
 
-        entry = {
+        entry: dict[str, Any] = {
             "clients": clients,
             "rooms": rooms,
             "rate": feed_rows[0]["rate"] if feed_rows else None,

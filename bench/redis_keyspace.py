@@ -228,7 +228,7 @@ async def phase(
     feed_pid: int,
     client: str = "wire",
     shape: LoadShape = LoadShape(),
-) -> dict:
+) -> dict[str, Any]:
     import psutil
 
     feed_proc = psutil.Process(feed_pid)
@@ -263,7 +263,12 @@ async def phase(
         )
     else:
         sio.on("change", on_change)
-        sio.on("changes", lambda batch: [on_change(c) for c in batch])
+
+        def on_changes(batch: list[dict[str, Any]]) -> None:
+            for change in batch:
+                on_change(change)
+
+        sio.on("changes", on_changes)
         sio.on("gap", lambda gap: gaps.append(gap["reason"]))
         await sio.connect(feed_url, transports=["websocket"], wait_timeout=10)
         for room in (load_room, f"rk:{prefix}p:*"):
@@ -327,9 +332,10 @@ async def connector_phase(
     load: str,
     fetch_values: bool = False,
     shape: LoadShape = LoadShape(),
-) -> dict:
+) -> dict[str, Any]:
     """The same load, read by the connector in this process: SET to `changes()`, no hub."""
     from connectors.redis import RedisConnector
+    from feed.change import Gap
     from feed.options import Options
 
     table = {
@@ -348,7 +354,7 @@ async def connector_phase(
     async def consume() -> None:
         nonlocal delivered
         async for item in source.changes():
-            if not hasattr(item, "op"):
+            if isinstance(item, Gap):
                 gaps.append(item.reason)
             elif item.target == probe_target:
                 latencies.append((time.time() - float(item.key.rsplit(":", 1)[1])) * 1000)

@@ -172,13 +172,13 @@ class RedisTarget:
     async def kill_pubsub(self, client_name: str) -> int:
         """CLIENT KILL TYPE pubsub; on a shared server only our connector's connection (by ID)."""
         if self.owned:
-            return int(await self.admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+            return int(await self.admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))  # type: ignore[no-untyped-call]
         clients = await self.admin.client_list(_type="pubsub")
         killed = 0
         for client in clients:
             if client.get("name") == client_name:
                 killed += int(
-                    await self.admin.execute_command(
+                    await self.admin.execute_command(  # type: ignore[no-untyped-call]
                         "CLIENT", "KILL", "TYPE", "pubsub", "ID", client["id"]
                     )
                 )
