@@ -10,8 +10,8 @@ Redis connector, fetch_values off. Load: redis-benchmark (Debian's redis-tools) 
 is paced rather than one burst per run, in two shapes (`--shapes`): `paced`, one connection
 without pipelining, so a tick's SETs are spread over it by their round trips, and `burst`, 4
 connections pipelining 8, so they land within a couple of milliseconds. Without the binary (or
-with --load python) a separate Python process writes a small pipeline every millisecond. Written is Redis's own count (INFO commandstats
-cmdstat_set, minus the probes); delivered is what one Socket.IO client subscribed to the load
+with --load python) a separate Python process writes a small pipeline every millisecond. Written
+is Redis's own count (INFO commandstats cmdstat_set, minus the probes); delivered is what one Socket.IO client subscribed to the load
 pattern's room received. Latency: a probe writer SETs `<prefix>p:<time.time()>` 200 times a
 second in this process during the load; the client (same process, same clock) subtracts that
 time on receipt, so it is SET-sent to client-received, the whole path. Targets from issue 4:
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import multiprocessing
@@ -89,9 +90,9 @@ class LoadShape:
     trip each, as an application writing one key at a time would.
     """
 
-    tick: float = TICK
-    connections: int = 4
-    pipeline: int = 8
+    tick: float
+    connections: int
+    pipeline: int
 
 
 SHAPES = {
@@ -102,7 +103,7 @@ SHAPES = {
 
 
 async def benchmark_load(
-    url: str, prefix: str, rate: int, seconds: float, shape: LoadShape = LoadShape()
+    url: str, prefix: str, rate: int, seconds: float, shape: LoadShape
 ) -> None:
     """redis-benchmark, one short run per tick, each writing a tick's share."""
     parsed = urlparse(url)
@@ -182,7 +183,7 @@ async def run_load(
     rate: int,
     seconds: float,
     load: str,
-    shape: LoadShape = LoadShape(),
+    shape: LoadShape,
 ) -> tuple[int, float]:
     """Drive the SET load with probes alongside; return (load SETs written, seconds taken)."""
     probes = 0
@@ -208,9 +209,10 @@ async def run_load(
         before = await set_calls(admin)
         started = time.monotonic()
         ours.send("go")
-        finished = asyncio.to_thread(ours.poll, seconds + 60)
-        await asyncio.gather(probe(), finished)
+        _, finished = await asyncio.gather(probe(), asyncio.to_thread(ours.poll, seconds + 60))
         elapsed = time.monotonic() - started
+        if not finished:
+            raise RuntimeError("the load generator did not finish")
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -226,8 +228,8 @@ async def phase(
     seconds: float,
     load: str,
     feed_pid: int,
-    client: str = "wire",
-    shape: LoadShape = LoadShape(),
+    client: str,
+    shape: LoadShape,
 ) -> dict[str, Any]:
     import psutil
 
@@ -330,8 +332,8 @@ async def connector_phase(
     rate: int,
     seconds: float,
     load: str,
-    fetch_values: bool = False,
-    shape: LoadShape = LoadShape(),
+    fetch_values: bool,
+    shape: LoadShape,
 ) -> dict[str, Any]:
     """The same load, read by the connector in this process: SET to `changes()`, no hub."""
     from connectors.redis import RedisConnector
@@ -436,7 +438,7 @@ def main() -> None:
     else:
         try:
             shapes = {
-                name: LoadShape(args.tick, SHAPES[name].connections, SHAPES[name].pipeline)
+                name: dataclasses.replace(SHAPES[name], tick=args.tick)
                 for name in args.shapes.split(",")
             }
         except KeyError as exc:
@@ -447,7 +449,7 @@ def main() -> None:
     elif load == "redis-benchmark" and not shutil.which("redis-benchmark"):
         sys.exit("redis-benchmark not found: apt-get install redis-tools, or use --load python")
     if load == "python":
-        shapes = {"smooth": LoadShape()}  # the Python writer paces every millisecond itself
+        shapes = {"smooth": SHAPES["paced"]}  # ignored: the Python writer paces every millisecond
 
     server = None
     url = args.url
