@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -63,10 +64,29 @@ def feed_main(conn: Connection, config_toml: str) -> None:
         import cProfile
 
         with cProfile.Profile() as profile:
-            asyncio.run(_feed(conn, config_toml))
+            run_in_loop(_feed(conn, config_toml))
         profile.dump_stats(os.environ["BENCH_CPROFILE"])
         return
-    asyncio.run(_feed(conn, config_toml))
+    run_in_loop(_feed(conn, config_toml))
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when asked for or ("auto") when installed, as uvicorn's loop="auto" chooses."""
+    if name in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            if name == "uvloop":
+                raise
+    return asyncio.new_event_loop
+
+
+def run_in_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the feed on the loop `feed serve` would pick (BENCH_LOOP=asyncio|uvloop to compare)."""
+    with asyncio.Runner(loop_factory=loop_factory(os.environ.get("BENCH_LOOP", "auto"))) as r:
+        r.run(main)
 
 
 def _log_gc_pauses(path: str) -> None:
