@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib
 import json
 import logging
 import os
@@ -73,10 +74,10 @@ def feed_main(conn: Connection, config_toml: str) -> None:
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop when asked for or ("auto") when installed, as uvicorn's loop="auto" chooses."""
     if name in ("auto", "uvloop"):
-        try:
-            import uvloop
-
-            return uvloop.new_event_loop
+        try:  # not a dependency: installed by hand to compare
+            factory: Callable[[], asyncio.AbstractEventLoop]
+            factory = importlib.import_module("uvloop").new_event_loop
+            return factory
         except ImportError:
             if name == "uvloop":
                 raise
