@@ -39,7 +39,7 @@ bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
 
 bench-short: $(VENV)/.bench-installed
-	$(BIN)/python -m bench --short
+	$(BIN)/python -m bench --short --check
 
 clean:
 	rm -rf $(VENV) feed/dashboard dashboard/node_modules

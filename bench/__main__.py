@@ -393,6 +393,41 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def losses(results: dict[str, Any]) -> list[str]:
+    """What the feed failed to deliver in this run, one line each: the checks `--check` makes.
+
+    Only losses, never timings: a slow host moves every figure, but a change that reached a
+    client is either there or not. Baselines are not held to it (the relay is expected to fall
+    behind).
+    """
+    found: list[str] = []
+    for name, phase in results.items():
+        if isinstance(phase, dict) and "skipped" in phase:
+            found.append(f"{name}: the phase did not run ({phase['skipped']})")
+    for e in results.get("summary", {}).get("fanout", []):
+        if e["feed_delivered_ratio"] != 1.0:
+            found.append(
+                f"fanout {e['clients']} clients, {e['rooms']} rooms: the feed delivered "
+                f"{e['feed_delivered_ratio']:.4f} of the changes"
+            )
+    for source in ("postgres", "redis"):
+        for r in results.get(source, {}).get("latency", []):
+            if r["server"] == "feed" and r["delivered_ratio"] != 1.0:
+                found.append(
+                    f"{source} at {r['rate']:.0f}/s: delivered/committed {r['delivered_ratio']:.4f}"
+                )
+    ingest = results.get("postgres", {}).get("ingest")
+    if ingest and ingest["feed_delivered"] != ingest["committed"]:
+        found.append(
+            f"postgres ingest: delivered {ingest['feed_delivered']} of {ingest['committed']}"
+        )
+    idle_runs = results.get("idle")
+    for r in idle_runs if isinstance(idle_runs, list) else []:
+        if r["server"] == "feed" and r["connected"] != r["clients"]:
+            found.append(f"idle: {r['connected']} of {r['clients']} clients connected")
+    return found
+
+
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -404,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="comma-separated phases: fanout, idle, postgres, redis"
     )
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if the feed lost a change or a client anywhere (timings are never checked)",
+    )
     args = parser.parse_args(argv)
     plan = SHORT if args.short else FULL
     phases = set(args.only.split(",")) - {""} or plan.phases
@@ -447,6 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         draw(results, png)
         print(f"\nwrote {RESULTS / (stamp + '.json')} and {png}")
     print(f"took {results['seconds']:.0f}s")
+    if args.check:
+        found = losses(results)
+        for line in found:
+            print(f"bench check: {line}", file=sys.stderr)
+        if found:
+            return 1
+        print("bench check: every change and every client delivered")
     return 1 if failed else 0
 
 
