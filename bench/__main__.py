@@ -44,9 +44,12 @@ class Plan:
     idle_clients: list[int]
     pg_rates: list[float]
     redis_rates: list[float]
+    mongodb_rates: list[float]
     source_seconds: float
     ingest_seconds: float
-    phases: set[str] = field(default_factory=lambda: {"fanout", "idle", "postgres", "redis"})
+    phases: set[str] = field(
+        default_factory=lambda: {"fanout", "idle", "postgres", "redis", "mongodb"}
+    )
 
 
 FULL = Plan(
@@ -63,6 +66,7 @@ FULL = Plan(
     idle_clients=[1000, 10000],
     pg_rates=[100, 1000, 2000, 5000],
     redis_rates=[100, 1000, 5000],
+    mongodb_rates=[100, 1000, 5000],
     source_seconds=5.0,
     ingest_seconds=8.0,
 )
@@ -75,6 +79,7 @@ SHORT = Plan(
     idle_clients=[1000],
     pg_rates=[100, 1000],
     redis_rates=[100, 1000],
+    mongodb_rates=[100, 1000],
     source_seconds=2.0,
     ingest_seconds=3.0,
 )
@@ -256,6 +261,24 @@ def _run_redis(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
     return {"url": _redact(url), "latency": latency}
 
 
+def run_mongodb(plan: Plan, log: list[str]) -> dict[str, Any]:
+    """Only against a server the user names: no mongod can be started here (see the docs)."""
+    url = os.environ.get("FEED_BENCH_MONGODB_URL")
+    if not url:
+        note = "not run: set FEED_BENCH_MONGODB_URL to a replica set to measure MongoDB"
+        print(f"mongodb: {note}", flush=True)
+        return {"not_run": note}
+    latency = []
+    with sources.BenchMongo(url):
+        for r in sources.latency_phase(
+            "mongodb", "feed", url, plan.mongodb_rates, plan.source_seconds
+        ):
+            latency.append(r.as_dict())
+            log.append(_latency_line(r))
+            print(log[-1], flush=True)
+    return {"url": _redact(url), "latency": latency, "origin": "environment"}
+
+
 def _latency_line(r: sources.LatencyResult) -> str:
     def f(v: float | None) -> str:
         return "   -  " if v is None else f"{v:6.1f}"
@@ -364,11 +387,12 @@ def table(results: dict[str, Any]) -> str:
                 f"{e['server']:>8} {e['clients']:>6} clients: {e['kib_per_connection']:6.1f} KiB "
                 f"({e['connected']} connected)"
             )
-    for source in ("postgres", "redis"):
+    for source in ("postgres", "redis", "mongodb"):
         block = results.get(source)
         if not isinstance(block, dict) or "latency" not in block:
             if block:
-                lines += ["", f"== {source}: {block}"]
+                note = block.get("not_run") or block.get("skipped") or block
+                lines += ["", f"== {source}: {note}"]
             continue
         lines += [
             "",
@@ -410,7 +434,7 @@ def losses(results: dict[str, Any]) -> list[str]:
                 f"fanout {e['clients']} clients, {e['rooms']} rooms: the feed delivered "
                 f"{e['feed_delivered_ratio']:.4f} of the changes"
             )
-    for source in ("postgres", "redis"):
+    for source in ("postgres", "redis", "mongodb"):
         for r in results.get(source, {}).get("latency", []):
             if r["server"] == "feed" and r["delivered_ratio"] != 1.0:
                 found.append(
@@ -436,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="CI-sized: fewer points, shorter")
     parser.add_argument(
-        "--only", default="", help="comma-separated phases: fanout, idle, postgres, redis"
+        "--only",
+        default="",
+        help="comma-separated phases: fanout, idle, postgres, redis, mongodb",
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -461,9 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         "idle": run_idle,
         "postgres": run_postgres,
         "redis": run_redis,
+        "mongodb": run_mongodb,
     }
     failed = False
-    for name in ("fanout", "idle", "postgres", "redis"):
+    for name in ("fanout", "idle", "postgres", "redis", "mongodb"):
         if name not in phases:
             continue
         try:

@@ -55,7 +55,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("changes/s")
 
     ax = axes[1][0]
-    for source, style in (("postgres", "o"), ("redis", "^")):
+    for source, style in (("postgres", "o"), ("redis", "^"), ("mongodb", "s")):
         block = results.get(source)
         if not isinstance(block, dict) or "latency" not in block:
             continue

@@ -1,4 +1,4 @@
-"""Commit-to-client latency and ingest for real sources (Postgres, Redis), with their baselines.
+"""Commit-to-client latency and ingest for real sources (Postgres, Redis, MongoDB), with baselines.
 
 A writer process commits at a paced rate, each row (or Redis key) carrying `time.time()` taken
 just before its statement; Socket.IO clients in other processes time every change they get.
@@ -27,6 +27,9 @@ TABLE = "public.bench_events"
 CHANNEL = "bench_raw"
 PG_ROOM = f"pg:{TABLE}"
 REDIS_ROOM = "rd:bench:*"
+MONGO_DB = "dbfeed_bench"
+MONGO_NAMESPACE = f"{MONGO_DB}.events"
+MONGO_ROOM = f"mg:{MONGO_NAMESPACE}"
 
 SETUP = f"""
 CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, t double precision NOT NULL, pad text);
@@ -132,6 +135,48 @@ configure = true
 """
 
 
+def mongodb_config(uri: str, port: int) -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+dashboard = false
+log_level = "warning"
+
+[[connectors]]
+name = "mg"
+type = "mongodb"
+uri = {json.dumps(uri)}
+watch = [{json.dumps(MONGO_NAMESPACE)}]
+resume_store = "none"
+"""
+
+
+class BenchMongo:
+    """The bench's own database on the MongoDB at `uri`: created empty, dropped afterwards.
+
+    The bench's feed keeps no resume token (`resume_store = "none"`): each run starts from now.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __enter__(self) -> BenchMongo:
+        with self._client() as client:
+            client.drop_database(MONGO_DB)
+            client[MONGO_DB].create_collection("events")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._client() as client:
+            client.drop_database(MONGO_DB)
+
+    def _client(self) -> Any:
+        from pymongo import MongoClient
+
+        return MongoClient(self.uri, serverSelectionTimeoutMS=10_000)
+
+
 # -- the writer ------------------------------------------------------------------------------
 
 
@@ -145,7 +190,8 @@ async def _writer(conn: Connection, kind: str, url: str) -> None:
     Postgres commits one INSERT per transaction, so every change is its own commit. A Redis lane
     that has fallen behind its schedule sends the SETs now due in one pipeline (each key still
     stamped on its own): one awaited round trip per SET caps redis-py near 2,500 SET/s on a
-    shared 2-core machine, which measured the writer rather than the feed.
+    shared 2-core machine, which measured the writer rather than the feed. A MongoDB lane does
+    the same with insert_many (each document still stamped on its own).
     """
     lanes = 8
     batch_max = 1
@@ -160,6 +206,19 @@ async def _writer(conn: Connection, kind: str, url: str) -> None:
 
         async def write(lane: int, numbers: range) -> None:
             await pool[lane].execute(insert, time.time())
+
+    elif kind == "mongodb":
+        from pymongo import AsyncMongoClient
+
+        batch_max = 64  # as for Redis: a lane behind its schedule inserts what is due at once
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+        events = mongo[MONGO_DB]["events"]
+
+        async def write(lane: int, numbers: range) -> None:
+            if len(numbers) == 1:
+                await events.insert_one({"n": numbers[0], "t": time.time()})
+                return
+            await events.insert_many([{"n": n, "t": time.time()} for n in numbers], ordered=True)
 
     else:
         import redis.asyncio as aioredis
@@ -313,9 +372,12 @@ def start_server(kind: str, source: str, url: str) -> tuple[Child, int, str]:
         child = Child(relay_main, url, port, name="relay")
         room = PG_ROOM
     else:
-        config = pg_config(url, port) if source == "postgres" else redis_config(url, port)
-        child = Child(feed_main, config, name=f"feed-{source}")
-        room = PG_ROOM if source == "postgres" else REDIS_ROOM
+        config, room = {
+            "postgres": (pg_config, PG_ROOM),
+            "redis": (redis_config, REDIS_ROOM),
+            "mongodb": (mongodb_config, MONGO_ROOM),
+        }[source]
+        child = Child(feed_main, config(url, port), name=f"feed-{source}")
     child.recv(120)
     return child, port, room
 
