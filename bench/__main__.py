@@ -65,7 +65,7 @@ FULL = Plan(
     fanout_rounds_at_targets=2,
     idle_clients=[1000, 10000],
     pg_rates=[100, 1000, 2000, 5000],
-    redis_rates=[100, 1000, 5000],
+    redis_rates=[100, 1000, 5000, 10000, 20000],  # on to the knee
     mongodb_rates=[100, 1000, 5000],
     source_seconds=5.0,
     ingest_seconds=8.0,
@@ -226,15 +226,26 @@ def _run_postgres(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
                 print(log[-1], flush=True)
     out["latency"] = latency
     with sources.BenchDatabase(url) as db:
-        ingest = sources.ingest_phase(db.url, plan.ingest_seconds)
+        ingest = sources.ingest_phase("postgres", db.url, plan.ingest_seconds)
     out["ingest"] = ingest.as_dict()
-    log.append(
-        f"ingest postgres: feed {ingest.feed_rate:.0f}/s, bare asyncpg listener "
+    log.append(_ingest_line("postgres", ingest))
+    print(log[-1], flush=True)
+    return out
+
+
+LISTENERS = {
+    "postgres": "bare asyncpg listener",
+    "redis": "bare pub/sub socket",
+}
+"""What each source's ingest is compared with (bench/sources.py: listener_main)."""
+
+
+def _ingest_line(source: str, ingest: sources.IngestResult) -> str:
+    return (
+        f"ingest {source}: feed {ingest.feed_rate:.0f}/s, {LISTENERS[source]} "
         f"{ingest.listener_rate:.0f}/s, ratio {ingest.ratio:.3f} "
         f"(writers {ingest.write_rate:.0f}/s, delivered {ingest.feed_delivered}/{ingest.committed})"
     )
-    print(log[-1], flush=True)
-    return out
 
 
 def run_redis(plan: Plan, log: list[str]) -> dict[str, Any]:
@@ -255,10 +266,14 @@ def _run_redis(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
             latency.append(r.as_dict())
             log.append(_latency_line(r))
             print(log[-1], flush=True)
+        client.flushdb()
+        ingest = sources.ingest_phase("redis", url, plan.ingest_seconds)
+        log.append(_ingest_line("redis", ingest))
+        print(log[-1], flush=True)
     finally:
         client.flushdb()
         client.close()
-    return {"url": _redact(url), "latency": latency}
+    return {"url": _redact(url), "latency": latency, "ingest": ingest.as_dict()}
 
 
 def run_mongodb(plan: Plan, log: list[str]) -> dict[str, Any]:
@@ -357,6 +372,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     pg = results.get("postgres")
     if isinstance(pg, dict) and "ingest" in pg:
         summary["postgres_ingest_ratio"] = pg["ingest"]["ratio"]
+    rd = results.get("redis")
+    if isinstance(rd, dict) and "ingest" in rd:
+        summary["redis_ingest_ratio"] = rd["ingest"]["ratio"]
     return summary
 
 
@@ -411,7 +429,7 @@ def table(results: dict[str, Any]) -> str:
         if "ingest" in block:
             i = block["ingest"]
             lines.append(
-                f"ingest: feed {i['feed_rate']:.0f}/s vs bare asyncpg listener "
+                f"ingest: feed {i['feed_rate']:.0f}/s vs {LISTENERS[source]} "
                 f"{i['listener_rate']:.0f}/s = {i['ratio']:.3f} (writers flat out: {i['write_rate']:.0f}/s)"
             )
     return "\n".join(lines)
@@ -440,11 +458,12 @@ def losses(results: dict[str, Any]) -> list[str]:
                 found.append(
                     f"{source} at {r['rate']:.0f}/s: delivered/committed {r['delivered_ratio']:.4f}"
                 )
-    ingest = results.get("postgres", {}).get("ingest")
-    if ingest and ingest["feed_delivered"] != ingest["committed"]:
-        found.append(
-            f"postgres ingest: delivered {ingest['feed_delivered']} of {ingest['committed']}"
-        )
+    for source in ("postgres", "redis"):
+        ingest = results.get(source, {}).get("ingest")
+        if ingest and ingest["feed_delivered"] != ingest["committed"]:
+            found.append(
+                f"{source} ingest: delivered {ingest['feed_delivered']} of {ingest['committed']}"
+            )
     idle_runs = results.get("idle")
     for r in idle_runs if isinstance(idle_runs, list) else []:
         if r["server"] == "feed" and r["connected"] != r["clients"]:
@@ -505,12 +524,17 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(results, indent=1, default=str)
     (RESULTS / f"{stamp}.json").write_text(text)
-    (RESULTS / ("latest-short.json" if args.short else "latest.json")).write_text(text)
+    # latest.json and its plot are what docs/benchmarks.md shows: only a run of every phase
+    # replaces them (an --only run is kept under its time stamp alone).
+    whole = phases == plan.phases
+    latest = "latest-short" if args.short else "latest"
+    if whole:
+        (RESULTS / f"{latest}.json").write_text(text)
     print(table(results))
     if not args.no_plot:
         from bench.plot import draw
 
-        png = RESULTS / ("latest-short.png" if args.short else "latest.png")
+        png = RESULTS / (f"{latest}.png" if whole else f"{stamp}.png")
         draw(results, png)
         print(f"\nwrote {RESULTS / (stamp + '.json')} and {png}")
     print(f"took {results['seconds']:.0f}s")

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -265,6 +266,8 @@ async def _writer(conn: Connection, kind: str, url: str) -> None:
                         batch += 1
                 elif now >= end:
                     return
+                else:  # flat out: as many per round trip as a lane that is behind would send
+                    batch = batch_max
                 numbers = range(counter + 1, counter + 1 + batch)
                 counter += batch
                 await write(k, numbers)
@@ -327,14 +330,12 @@ async def _relay(conn: Connection, dsn: str, port: int) -> None:
         await listener.close()
 
 
-def listener_main(conn: Connection, dsn: str) -> None:
-    """The bare asyncpg listener: counts notifications, nothing else."""
-    asyncio.run(_listener(conn, dsn))
+def listener_main(conn: Connection, source: str, url: str) -> None:
+    """The bare listener: counts notifications, nothing else."""
+    asyncio.run(_listener(conn, source, url))
 
 
-async def _listener(conn: Connection, dsn: str) -> None:
-    import asyncpg
-
+async def _listener(conn: Connection, source: str, url: str) -> None:
     received = 0
     last = 0.0
 
@@ -343,8 +344,20 @@ async def _listener(conn: Connection, dsn: str) -> None:
         received += 1
         last = time.monotonic()
 
-    listener = await asyncpg.connect(dsn)
-    await listener.add_listener(CHANNEL, count)
+    def count_many(n: int) -> None:
+        nonlocal received, last
+        if n:
+            received += n
+            last = time.monotonic()
+
+    if source == "postgres":
+        import asyncpg
+
+        listener = await asyncpg.connect(url)
+        await listener.add_listener(CHANNEL, count)
+        close = listener.close
+    else:
+        close = await _keyspace_counter(url, count_many)
 
     async def handle(request: tuple[Any, ...]) -> Any:
         nonlocal received
@@ -360,7 +373,53 @@ async def _listener(conn: Connection, dsn: str) -> None:
 
     conn.send(("ready",))
     await serve_commands(conn, handle)
-    await listener.close()
+    await close()
+
+
+async def _keyspace_counter(url: str, count_many: Callable[[int], None]) -> Callable[[], Any]:
+    """A raw socket PSUBSCRIBEd to the bench keys' keyspace channel, counting `pmessage`s.
+
+    No RESP parsing at all (one C-level count per read, carrying the last 7 bytes over so a
+    word split by a read is still found): the most any Python subscriber could receive, where
+    redis-py's own pub/sub parser would have measured itself.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    reader, writer = await asyncio.open_connection(
+        parts.hostname or "127.0.0.1", parts.port or 6379
+    )
+
+    def command(*args: str) -> bytes:
+        out = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(out)
+
+    if parts.password:
+        auth = [parts.username, parts.password] if parts.username else [parts.password]
+        writer.write(command("AUTH", *auth))
+        reply = await reader.readline()
+        if not reply.startswith(b"+"):
+            raise RuntimeError(f"redis AUTH failed: {reply!r}")
+    writer.write(command("PSUBSCRIBE", f"__keyspace@{db}__:bench:*"))
+
+    async def pump() -> None:
+        tail = b""
+        while data := await reader.read(1 << 16):
+            chunk = tail + data
+            count_many(chunk.count(b"pmessage"))
+            tail = chunk[-7:]
+
+    task = asyncio.create_task(pump())
+
+    async def close() -> None:
+        task.cancel()
+        writer.close()
+
+    return close
 
 
 # -- phases ----------------------------------------------------------------------------------
@@ -450,15 +509,17 @@ class IngestResult:
         return asdict(self)
 
 
-def ingest_phase(url: str, seconds: float) -> IngestResult:
+def ingest_phase(source: str, url: str, seconds: float) -> IngestResult:
     """Writers flat out; the feed (to one client) and a bare listener consume the same commits.
 
-    Each consumer's ingest rate is what it received divided by the time from the first write
-    until it had everything the writers committed.
+    The bare listener is an asyncpg connection LISTENing to the bench trigger's NOTIFYs for
+    Postgres, and a raw pub/sub socket counting keyspace notifications for Redis. Each
+    consumer's ingest rate is what it received divided by the time from the first write until it
+    had everything the writers committed.
     """
-    server, port, room = start_server("feed", "postgres", url)
-    writer = Child(writer_main, "postgres", url, name="writer")
-    listener = Child(listener_main, url, name="listener")
+    server, port, room = start_server("feed", source, url)
+    writer = Child(writer_main, source, url, name="writer")
+    listener = Child(listener_main, source, url, name="listener")
     try:
         writer.recv(60)
         listener.recv(60)
