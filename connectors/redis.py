@@ -13,8 +13,8 @@ Design notes a user should know (also in docs/connectors/redis.md):
 - Keyspace `ts` is when the feed received the event (Redis gives no commit time); streams `ts` is
   the entry id's time.
 - `after` is `{"value", "type"}` read after the event (with `fetch_values`), the value at read time.
-- Redis Cluster is not supported yet: each node publishes only its own keys' events, so a cluster
-  node is refused at start.
+- Redis Cluster (keyspace mode): each node publishes only its own keys' events, so the capture
+  subscribes on every primary and follows topology changes (connectors/redis_cluster.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissi
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
 from connectors.redis_glob import PatternError, is_glob, matches, validate
-from connectors.redis_keyspace import LOST, KeyspaceCapture
+from connectors.redis_keyspace import LOST, EventSource, KeyspaceCapture
 from connectors.redis_streams import StreamCapture
 from feed.change import Change, Gap
 from feed.errors import ConnectorError, SourceMisconfigured, SourceUnavailable
@@ -81,6 +81,7 @@ class RedisConnector(Connector):
         self.reconnect_timeout = options.float("reconnect_timeout", 10.0, minimum=0.0)
         self.max_pending = options.int("max_pending", 100_000, minimum=10)
         self.snapshot_scan_limit = options.int("snapshot_scan_limit", 100_000, minimum=1)
+        self.cluster_refresh_interval = options.float("cluster_refresh_interval", 5.0, minimum=0.05)
 
         # Streams mode only (read here so a typo is still reported in keyspace mode).
         self.stream_start = options.choice("start", ("latest", "earliest"), "latest")
@@ -89,14 +90,15 @@ class RedisConnector(Connector):
         self.stream_key_field: str | None = options.str("key_field")
 
         self._url_kwargs = url_kwargs
-        self._client: Redis | None = None
+        self._client: Any = None  # Redis, or RedisCluster when the server is a cluster node
         self._pool: ConnectionPool | None = None
         self._events_pool: ConnectionPool | None = None
         self._keyspace: KeyspaceCapture | None = None
         self._streams: StreamCapture | None = None
         # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
         self._sessions = 0
-        self._run_id = ""
+        self._run_ids: dict[str, str] = {}
+        """Each server's run_id when last subscribed (keyed by host:port): a new one, a restart."""
 
     def targets(self) -> list[str]:
         return list(self.patterns)
@@ -124,34 +126,90 @@ class RedisConnector(Connector):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _new_pool(self, role: str, **extra: Any) -> ConnectionPool:
-        return ConnectionPool.from_url(
-            self.url,
-            db=self.db,
-            socket_connect_timeout=5.0,
-            socket_timeout=max(10.0, 2 * self.health_check_interval),
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,  # the reader parses RESP2 pub/sub arrays; RESP3 would make them pushes
-            client_name=_client_name(self.name, role),
+        """A pool to the url's server, or (with host and port in `extra`) to a cluster node,
+        with the url's credentials either way."""
+        options: dict[str, Any] = {
+            **self._url_kwargs,
+            "db": self.db,
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": max(10.0, 2 * self.health_check_interval),
+            "retry": Retry(NoBackoff(), 0),
+            # The reader parses RESP2 pub/sub arrays; RESP3 would make them pushes.
+            "protocol": 2,
+            "client_name": _client_name(self.name, role),
             **extra,
-        )
+        }
+        return ConnectionPool(**options)
 
     async def start(self) -> None:
         self.set_status(State.STARTING)
         self._pool = self._new_pool("data", max_connections=8)
         self._client = Redis(connection_pool=self._pool)
         try:
-            if self.mode == "streams":
+            cluster = await self._cluster_primaries()
+            if cluster is not None:
+                await self._start_cluster(cluster)
+            elif self.mode == "streams":
                 self._streams = StreamCapture(self, self._client)
                 await self._streams.start()
             else:
                 # The pure-Python parser never reads past the reply it parses (see `_pump`).
                 self._events_pool = self._new_pool("events", parser_class=_AsyncRESP2Parser)
-                self._keyspace = KeyspaceCapture(self, self._client, self._events_pool)
+                source = EventSource(self._events_pool, self.where)
+                self._keyspace = KeyspaceCapture(self, self._client, [source])
                 await self._keyspace.start()
         except BaseException:
             await self._close()
             raise
         self.set_status(State.UP)
+
+    async def _cluster_primaries(self) -> list[Any] | None:
+        """None for a standalone server; a cluster node's serving primaries otherwise."""
+        from connectors.redis_cluster import discover, refuse_unsupported
+
+        assert self._client is not None
+        try:
+            info = await self._client.info("cluster")
+        except Exception as exc:
+            if "SELECT is not allowed in cluster mode" in str(exc):  # the url's /N on a cluster
+                refuse_unsupported(self)
+            raise self._failure(exc) from None
+        if str(info.get("cluster_enabled", "0")) != "1":
+            return None
+        refuse_unsupported(self)
+        try:
+            return await discover(self._client, self._url_kwargs.get("host") or "127.0.0.1")
+        except Exception as exc:
+            raise self._failure(exc) from None
+
+    async def _start_cluster(self, primaries: list[Any]) -> None:
+        from redis.asyncio.cluster import RedisCluster
+
+        from connectors.redis_cluster import ClusterKeyspaceCapture
+
+        seed: Redis = self._client
+        self._client = RedisCluster(
+            host=self._url_kwargs.get("host"),
+            port=int(self._url_kwargs.get("port", 6379)),
+            username=self._url_kwargs.get("username"),
+            password=self._url_kwargs.get("password"),
+            protocol=2,
+            socket_connect_timeout=5.0,
+            socket_timeout=max(10.0, 2 * self.health_check_interval),
+            client_name=_client_name(self.name, "data"),
+        )
+        await seed.aclose()
+        if self._pool is not None:
+            await self._pool.disconnect()
+            self._pool = None
+
+        def pool_for(node: Any) -> ConnectionPool:
+            return self._new_pool(
+                "events", host=node.host, port=node.port, parser_class=_AsyncRESP2Parser
+            )
+
+        self._keyspace = ClusterKeyspaceCapture(self, self._client, primaries, pool_for)
+        await self._keyspace.start()
 
     async def stop(self) -> None:
         await self._close()

@@ -21,9 +21,9 @@ import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -58,43 +58,64 @@ _Item = list[_Received] | Gap | ConnectorError
 PING = b"*1\r\n$4\r\nPING\r\n"
 
 
+@dataclass(eq=False)
+class EventSource:
+    """One server whose keyspace events are read: the standalone primary, or one cluster primary.
+
+    Each keeps its own pub/sub connection, so each has its own epoch (ids stay unique across
+    servers and reconnects) and its own restart detection.
+    """
+
+    pool: ConnectionPool
+    where: str
+    tag: str = ""
+    """Appended to the epoch in ids: "" for a standalone server, a node number in a cluster."""
+    cluster: bool = False
+    epoch: str = "0"
+    restarted: bool = False
+
+
 class KeyspaceCapture:
     """The keyspace-mode half of RedisConnector (which owns options, status and the pools).
 
-    One instance per start: `start` subscribes and starts the reader task, `stop` ends it.
+    One instance per start: `start` subscribes and starts the reader task, `stop` ends it. A
+    cluster runs one reader per primary into the same queue (connectors/redis_cluster.py).
     """
 
-    def __init__(self, owner: RedisConnector, client: Redis, events_pool: ConnectionPool) -> None:
+    def __init__(self, owner: RedisConnector, client: Any, sources: list[EventSource]) -> None:
         self.owner = owner
         self.client = client
-        self.events_pool = events_pool
+        self.sources = sources
         self.script: Any = client.register_script(READ_VALUES)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0
         self._drained = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: list[asyncio.Task[None]] = []
         self._by_channel: dict[bytes, list[tuple[int, str]]] = {}
-        self._restarted = False
-        self._epoch = "0"
 
     async def start(self) -> None:
-        conn = await self._subscribe()
+        conns = [await self._subscribe(source) for source in self.sources]
         if self.owner._sessions:
             self._queue.put_nowait(
                 Gap(self.owner.name, "the connector restarted: keyspace events in between lost")
             )
         self.owner._sessions += 1
-        self._reader = asyncio.create_task(self._read_loop(conn), name=f"redis:{self.owner.name}")
+        for source, conn in zip(self.sources, conns, strict=True):
+            self._readers.append(
+                asyncio.create_task(
+                    self._read_loop(source, conn), name=f"redis:{self.owner.name}:{source.where}"
+                )
+            )
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self._readers.clear()
 
     # -- keyspace mode: setup ------------------------------------------------------------------
 
-    async def _ensure_notifications(self, conn: AbstractConnection) -> None:
+    async def _ensure_notifications(self, conn: AbstractConnection, where: str) -> None:
         """Check notify-keyspace-events; with `configure` add what is missing, never removing."""
         try:
             await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
@@ -102,12 +123,12 @@ class KeyspaceCapture:
         except ResponseError as exc:
             if self.owner.auto_configure:
                 raise SourceMisconfigured(
-                    f"redis at {self.owner.where} refuses CONFIG ({exc}): set notify-keyspace-events "
+                    f"redis at {where} refuses CONFIG ({exc}): set notify-keyspace-events "
                     f"to include {NEEDED_FLAGS!r} in your provider's settings"
                 ) from None
             log.warning(
                 "redis at %s refuses CONFIG GET (%s); assuming notify-keyspace-events includes %r",
-                self.owner.where,
+                where,
                 exc,
                 NEEDED_FLAGS,
             )
@@ -119,7 +140,7 @@ class KeyspaceCapture:
         command = f'CONFIG SET notify-keyspace-events "{wanted}"'
         if not self.owner.auto_configure:
             raise SourceMisconfigured(
-                f"redis at {self.owner.where} has notify-keyspace-events={current!r}, which misses "
+                f"redis at {where} has notify-keyspace-events={current!r}, which misses "
                 f"{missing_flags(current)!r}: run  {command}  or set configure = true"
             )
         try:
@@ -127,26 +148,26 @@ class KeyspaceCapture:
             await conn.read_response()
         except ResponseError as exc:
             raise SourceMisconfigured(
-                f"redis at {self.owner.where} refused {command} ({exc}): "
-                "set it in your provider's settings"
+                f"redis at {where} refused {command} ({exc}): set it in your provider's settings"
             ) from None
-        log.info("redis at %s: notify-keyspace-events %r -> %r", self.owner.where, current, wanted)
+        log.info("redis at %s: notify-keyspace-events %r -> %r", where, current, wanted)
 
-    async def _subscribe(self) -> AbstractConnection:
+    async def _subscribe(self, source: EventSource) -> AbstractConnection:
         """Open the events connection, check the server, PSUBSCRIBE every pattern."""
-        assert self.events_pool is not None
-        conn: AbstractConnection = self.events_pool.make_connection()  # type: ignore[no-untyped-call]
+        conn: AbstractConnection = source.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             await conn.connect()  # type: ignore[no-untyped-call]
-            await self._ensure_notifications(conn)
+            await self._ensure_notifications(conn, source.where)
             await conn.send_command("INFO", "server")
             info = await conn.read_response()
             run_id = _info_field(info, b"run_id")
             await conn.send_command("INFO", "cluster")
-            if _info_field(await conn.read_response(), b"cluster_enabled") == "1":
-                raise SourceMisconfigured(
-                    f"redis at {self.owner.where} is a Redis Cluster node: cluster is not supported yet "
-                    "(each node publishes only its own keys' events); use a standalone primary"
+            is_cluster = _info_field(await conn.read_response(), b"cluster_enabled") == "1"
+            if is_cluster != source.cluster:
+                raise SourceUnavailable(
+                    f"redis at {source.where} "
+                    + ("became a cluster node" if is_cluster else "is no longer a cluster node")
+                    + " since the connector started"
                 )
             prefix = f"__keyspace@{self.owner.db}__:".encode()
             self._by_channel = {}
@@ -156,22 +177,22 @@ class KeyspaceCapture:
             for _ in self._by_channel:
                 reply = await conn.read_response()
                 if not (isinstance(reply, list) and reply and reply[0] == b"psubscribe"):
-                    raise SourceUnavailable(f"redis at {self.owner.where}: odd reply {reply!r}")
+                    raise SourceUnavailable(f"redis at {source.where}: odd reply {reply!r}")
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
             if isinstance(exc, Exception):
                 raise self.owner._failure(exc) from None
             raise
-        restarted = bool(self.owner._run_id) and run_id != self.owner._run_id
-        self.owner._run_id = run_id
-        self._restarted = restarted
-        self._epoch = _base36(time.time_ns() // 1000)
+        known = self.owner._run_ids.get(source.where)
+        source.restarted = bool(known) and run_id != known
+        self.owner._run_ids[source.where] = run_id
+        source.epoch = _base36(time.time_ns() // 1000) + source.tag
         return conn
 
     # -- keyspace mode: reading ----------------------------------------------------------------
 
-    async def _read_loop(self, conn: AbstractConnection) -> None:
+    async def _read_loop(self, source: EventSource, conn: AbstractConnection) -> None:
         """Read events until stopped; on a lost connection reconnect and queue a Gap.
 
         Items go to a bounded queue: when the hub falls behind, this loop stops reading, Redis
@@ -180,17 +201,19 @@ class KeyspaceCapture:
         try:
             while True:
                 try:
-                    await self._pump(conn)
+                    await self._pump(source, conn)
                 except LOST as exc:
                     with contextlib.suppress(Exception):
                         await conn.disconnect()
                     reason = str(exc).strip() or type(exc).__name__
-                    self.owner.set_status(State.DOWN, f"pub/sub connection lost: {reason}")
-                    conn = await self._reconnect()
+                    where = f" to {source.where}" if source.cluster else ""
+                    self.owner.set_status(State.DOWN, f"pub/sub connection{where} lost: {reason}")
+                    conn = await self._reconnect(source)
+                    at = f" at {source.where}" if source.cluster else ""
                     why = (
-                        "redis restarted"
-                        if self._restarted
-                        else f"the pub/sub connection dropped ({reason})"
+                        f"redis{at} restarted"
+                        if source.restarted
+                        else f"the pub/sub connection{where} dropped ({reason})"
                     )
                     await self._queue.put(
                         Gap(self.owner.name, f"{why}: keyspace events may be lost")
@@ -206,14 +229,14 @@ class KeyspaceCapture:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
 
-    async def _reconnect(self) -> AbstractConnection:
+    async def _reconnect(self, source: EventSource) -> AbstractConnection:
         """Resubscribe with backoff for up to `reconnect_timeout`, then give up to the hub."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.owner.reconnect_timeout
         delay = 0.05
         while True:
             try:
-                return await self._subscribe()
+                return await self._subscribe(source)
             except SourceMisconfigured:
                 raise
             except SourceUnavailable as exc:
@@ -223,7 +246,7 @@ class KeyspaceCapture:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _pump(self, conn: AbstractConnection) -> None:
+    async def _pump(self, source: EventSource, conn: AbstractConnection) -> None:
         """Parse events straight off the socket, a whole read at a time.
 
         After the handshake redis-py's parser has consumed exactly the replies it was asked for
@@ -258,7 +281,7 @@ class KeyspaceCapture:
         timer = loop.call_at(last_heard + interval, watchdog)
         stream = RespStream()
         by_channel = self._by_channel
-        stem = f"{self.owner.name}:{self._epoch}-"
+        stem = f"{self.owner.name}:{source.epoch}-"
         count = 0
         now = dt.datetime.now
         utc = dt.UTC

@@ -1,0 +1,162 @@
+"""Redis Cluster: keyspace events from every primary, values and snapshots across slots, and
+topology changes (a lost pub/sub connection, a failover) announced as gaps.
+
+Against a real cluster of redis-server processes the suite starts (tests/support/redis_cluster.py);
+a cluster is never shared, so these tests ignore FEED_TEST_REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from connectors.redis import RedisConnector
+from feed.change import Change, Gap
+from feed.errors import SourceUnavailable
+from feed.options import Options
+from tests.support.redis_cluster import RedisCluster, redis_cluster
+from tests.support.server import feed_client, running_feed
+from tests.test_redis import take, take_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
+PATTERN = "c:*"
+
+
+def connector(cluster: RedisCluster, **extra: Any) -> RedisConnector:
+    table: dict[str, Any] = {
+        "url": cluster.url,
+        "patterns": [PATTERN],
+        "configure": True,
+        "health_check_interval": 0.5,
+        "reconnect_timeout": 2.0,
+        "cluster_refresh_interval": 0.2,
+        **extra,
+    }
+    return RedisConnector("cache", Options(table, "connectors[0]"))
+
+
+def node_client(node: Any) -> Redis:
+    return Redis(host="127.0.0.1", port=node.port, protocol=2)
+
+
+@pytest.fixture(scope="module")
+async def cluster() -> AsyncIterator[RedisCluster]:
+    async with redis_cluster(primaries=3) as running:
+        yield running
+
+
+async def set_on_every_primary(cluster: RedisCluster, tag: str) -> list[str]:
+    """SET one key on each primary, through that primary itself (no cluster client involved)."""
+    keys = []
+    for node in cluster.primaries:
+        key = cluster.key_on(node, f"c:{tag}:")
+        client = node_client(node)
+        try:
+            await client.set(key, f"v-{key}")
+        finally:
+            await client.aclose()
+        keys.append(key)
+    return keys
+
+
+async def test_events_from_every_primary_arrive(cluster: RedisCluster) -> None:
+    async with connector(cluster, fetch_values=True) as source:
+        stream = aiter(source.changes())
+        keys = await set_on_every_primary(cluster, "every")
+        changes: list[Change] = await take(stream, len(keys))
+    assert sorted(c.key for c in changes) == sorted(keys)
+    assert {c.op for c in changes} == {"set"} and {c.target for c in changes} == {PATTERN}
+    assert len({c.id for c in changes}) == len(keys)  # ids stay unique across primaries
+    # Values were read from each key's own node, one script call per hash slot.
+    assert all(c.after == {"value": f"v-{c.key}", "type": "string"} for c in changes)
+
+
+async def test_snapshot_scans_every_primary(cluster: RedisCluster) -> None:
+    keys = await set_on_every_primary(cluster, "snap")
+    async with connector(cluster, fetch_values=True) as source:
+        address = source.resolve("c:*")
+        assert address is not None
+        snapshot = await source.snapshot(address, lambda row: row["key"].startswith("c:snap:"), 100)
+    rows = {row["key"]: row for row in snapshot.rows}
+    assert sorted(rows) == sorted(keys)
+    assert all(rows[k]["value"] == f"v-{k}" for k in keys)
+
+
+async def test_a_primary_dropping_the_subscriber_is_a_gap_then_its_events_flow(
+    cluster: RedisCluster,
+) -> None:
+    victim = cluster.primaries[1]
+    async with connector(cluster) as source:
+        stream = aiter(source.changes())
+        await set_on_every_primary(cluster, "before")
+        await take(stream, len(cluster.primaries))
+        admin = node_client(victim)
+        try:
+            assert await admin.client_kill_filter(_type="pubsub") >= 1
+        finally:
+            await admin.aclose()
+        [gap] = await take(stream, 1, timeout=15)
+        assert isinstance(gap, Gap) and f"127.0.0.1:{victim.port}" in gap.reason
+        keys = await set_on_every_primary(cluster, "after")
+        changes = await take(stream, len(keys))
+    assert sorted(c.key for c in changes) == sorted(keys)
+
+
+async def test_failover_ends_in_a_gap_and_the_new_primary_is_followed() -> None:
+    """Through the whole product: the hub restarts the connector on the topology change, clients
+    get a gap, then the events of the slots that moved to the promoted replica."""
+    async with redis_cluster(primaries=3, replicas=1) as cluster:
+        replica = cluster.replicas[0]
+        config = f"""
+[[connectors]]
+name = "cache"
+type = "redis"
+url = "{cluster.url}"
+patterns = ["{PATTERN}"]
+configure = true
+health_check_interval = 0.5
+reconnect_timeout = 2.0
+cluster_refresh_interval = 0.2
+"""
+        async with running_feed(config) as feed, feed_client(feed.url) as client:
+            await wait_up(feed)
+            assert (await client.subscribe(f"cache:{PATTERN}"))["ok"]
+            moved = cluster.key_on(cluster.primaries[0], "c:moved:")
+            await cluster_set(cluster, moved, "1")
+            [before] = await client.take(1)
+            assert before["key"] == moved
+            await cluster.failover(replica)
+            gap = await client.next_gap(timeout=20)
+            assert "restarted" in gap["reason"] or "topology" in gap["reason"]
+            await wait_up(feed)
+            await cluster_set(cluster, moved, "2")
+            [after] = await client.take(1, timeout=20)
+    assert after["key"] == moved and after["seq"] > before["seq"]
+
+
+async def test_a_topology_change_stops_the_stream_for_a_restart() -> None:
+    async with redis_cluster(primaries=3, replicas=1) as cluster, connector(cluster) as source:
+        stream = aiter(source.changes())
+        await cluster.failover(cluster.replicas[0])
+        with pytest.raises(SourceUnavailable, match="topology changed"):
+            await take_until(stream, lambda item: False, timeout=20)
+
+
+async def cluster_set(cluster: RedisCluster, key: str, value: str) -> None:
+    from redis.asyncio.cluster import RedisCluster as Client
+
+    client = Client.from_url(cluster.url, protocol=2)
+    try:
+        await client.set(key, value)
+    finally:
+        await client.aclose()
+
+
+async def wait_up(feed: Any) -> None:
+    async with asyncio.timeout(20):
+        while feed.hub.connectors["cache"].status.state.value != "up":  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
