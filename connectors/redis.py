@@ -96,6 +96,7 @@ class RedisConnector(Connector):
         self._keyspace: KeyspaceCapture | None = None
         self._streams: StreamCapture | None = None
         # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
+        self._cluster = False
         self._sessions = 0
         self._run_ids: dict[str, str] = {}
         """Each server's run_id when last subscribed (keyed by host:port): a new one, a restart."""
@@ -147,6 +148,7 @@ class RedisConnector(Connector):
         self._client = Redis(connection_pool=self._pool)
         try:
             cluster = await self._cluster_primaries()
+            self._cluster = cluster is not None
             if cluster is not None:
                 await self._start_cluster(cluster)
             elif self.mode == "streams":
@@ -253,7 +255,12 @@ class RedisConnector(Connector):
             assert self._client is not None
             info = await self._client.info("server")
             version = info.get("redis_version", "?")
-            return f"redis {version} at {self.where}, {self.mode} mode, patterns: {', '.join(self.patterns)}"
+            primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
+            shape = f", a cluster of {primaries} primaries" if self._cluster else ""
+            return (
+                f"redis {version} at {self.where}{shape}, {self.mode} mode, "
+                f"patterns: {', '.join(self.patterns)}"
+            )
 
     # -- errors --------------------------------------------------------------------------------
 

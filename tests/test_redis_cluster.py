@@ -160,3 +160,23 @@ async def wait_up(feed: Any) -> None:
     async with asyncio.timeout(20):
         while feed.hub.connectors["cache"].status.state.value != "up":  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+
+async def test_a_new_shard_is_subscribed_after_a_gap() -> None:
+    """Slots moved to a new primary: the connector restarts, announces the gap and then reads
+    the new primary's events too."""
+    async with redis_cluster(primaries=2) as cluster:
+        source = connector(cluster)
+        async with source:
+            stream = aiter(source.changes())
+            newcomer = await cluster.add_primary()
+            with pytest.raises(SourceUnavailable, match=f"new primary 127.0.0.1:{newcomer.port}"):
+                await take_until(stream, lambda item: False, timeout=20)
+        async with source:  # what the hub does after the failure
+            stream = aiter(source.changes())
+            [gap] = await take(stream, 1)
+            assert isinstance(gap, Gap) and "restarted" in gap.reason
+            keys = await set_on_every_primary(cluster, "grown")
+            changes = await take(stream, len(keys))
+    assert len(cluster.primaries) == 3
+    assert sorted(c.key for c in changes) == sorted(keys)
