@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.redis_keyspace                      # own redis-server, 5k and 20k/s
     .venv/bin/python -m bench.redis_keyspace --url redis://127.0.0.1:6379/14 --rates 5000,20000
     .venv/bin/python -m bench.redis_keyspace --load python        # no redis-benchmark binary
+    .venv/bin/python -m bench.redis_keyspace --cluster 3          # a 3-primary Redis Cluster
 
 The feed runs in its own process (the real app: connector, hub, Socket.IO under uvicorn) with one
 Redis connector, fetch_values off. Load: redis-benchmark (Debian's redis-tools) runs `SET
@@ -17,7 +18,9 @@ second in this process during the load; the client (same process, same clock) su
 time on receipt, so it is SET-sent to client-received, the whole path. Targets from issue 4:
 every event delivered at 20,000 SET/s; p99 under 10 ms at 5,000/s. `--path connector` measures
 the connector alone (SET to `changes()` in this process), which separates the connector's own
-cost from the hub's and Socket.IO's.
+cost from the hub's and Socket.IO's. `--cluster N` runs the same against a Redis Cluster of N
+primaries (tests/support/redis_cluster.py) with the Python writer, whose cluster pipeline
+spreads the keys over every primary; Redis's counts are summed over the primaries.
 """
 
 from __future__ import annotations
@@ -102,17 +105,33 @@ SHAPES = {
 """Named load shapes for `--shapes`: one key at a time, and a tick's SETs pipelined at once."""
 
 
+async def admin_client(url: str) -> Any:
+    """A client for the bench's own commands: RedisCluster when `url` is a cluster node."""
+    plain = aioredis.Redis.from_url(url)
+    info = await plain.info("cluster")
+    if str(info.get("cluster_enabled", "0")) != "1":
+        return plain
+    await plain.aclose()
+    from redis.asyncio.cluster import RedisCluster
+
+    return RedisCluster.from_url(url)
+
+
 async def benchmark_load(
     url: str, prefix: str, rate: int, seconds: float, shape: LoadShape
 ) -> None:
     """redis-benchmark, one short run per tick, each writing a tick's share."""
     parsed = urlparse(url)
     per_tick = max(1, int(rate * shape.tick))
+    probe = await admin_client(url)
+    cluster = type(probe) is not aioredis.Redis
+    await probe.aclose()
     args = [
         "redis-benchmark", "-h", parsed.hostname or "127.0.0.1", "-p", str(parsed.port or 6379),
-        "--dbnum", (parsed.path.strip("/") or "0"), "-n", str(per_tick), "-r", "1000000",
+        "-n", str(per_tick), "-r", "1000000",
         "-c", str(shape.connections), "-P", str(shape.pipeline), "-q",
     ]  # fmt: skip
+    args += ["--cluster"] if cluster else ["--dbnum", parsed.path.strip("/") or "0"]
     if parsed.password:
         args += ["-a", parsed.password]
     args += ["SET", f"{prefix}k:__rand_int__", "x"]
@@ -151,7 +170,7 @@ def load_main(
 
 
 async def _python_load(url: str, prefix: str, rate: int, seconds: float) -> None:
-    client = aioredis.Redis.from_url(url)
+    client = await admin_client(url)
     loop = asyncio.get_running_loop()
     start = loop.time()
     per_ms = rate / 1000
@@ -171,13 +190,17 @@ async def _python_load(url: str, prefix: str, rate: int, seconds: float) -> None
 # -- one phase --------------------------------------------------------------------------------
 
 
-async def set_calls(admin: aioredis.Redis) -> int:
-    stats = await admin.info("commandstats")
-    return int(stats.get("cmdstat_set", {}).get("calls", 0))
+async def set_calls(admin: Any) -> int:
+    """SETs Redis executed (summed over a cluster's primaries; redirected ones not counted)."""
+    if type(admin) is aioredis.Redis:
+        stats = await admin.info("commandstats")
+        return int(stats.get("cmdstat_set", {}).get("calls", 0))
+    per_node = await admin.info("commandstats", target_nodes=admin.PRIMARIES)
+    return sum(int(node.get("cmdstat_set", {}).get("calls", 0)) for node in per_node.values())
 
 
 async def run_load(
-    admin: aioredis.Redis,
+    admin: Any,
     url: str,
     prefix: str,
     rate: int,
@@ -234,7 +257,7 @@ async def phase(
     import psutil
 
     feed_proc = psutil.Process(feed_pid)
-    admin = aioredis.Redis.from_url(url)
+    admin = await admin_client(url)
     sio = socketio.AsyncClient(reconnection=False)
     delivered = 0
     gaps: list[str] = []
@@ -347,7 +370,7 @@ async def connector_phase(
         "fetch_values": fetch_values,
     }
     source = RedisConnector("rk", Options(table, "bench"))
-    admin = aioredis.Redis.from_url(url)
+    admin = await admin_client(url)
     delivered = 0
     latencies: list[float] = []
     gaps: list[str] = []
@@ -388,7 +411,7 @@ async def connector_phase(
 
 
 async def cleanup(url: str, prefix: str) -> None:
-    admin = aioredis.Redis.from_url(url)
+    admin = await admin_client(url)
     async for key in admin.scan_iter(match=prefix + "*", count=5000):
         await admin.unlink(key)
     await admin.aclose()
@@ -432,6 +455,12 @@ def main() -> None:
         help="redis-benchmark -c (with --rb-pipeline: one custom shape)",
     )
     parser.add_argument("--rb-pipeline", type=int, help="redis-benchmark -P for a custom shape")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        metavar="N",
+        help="start a Redis Cluster of N primaries instead of one redis-server",
+    )
     args = parser.parse_args()
     if args.rb_connections or args.rb_pipeline:
         shapes = {"custom": LoadShape(args.tick, args.rb_connections or 1, args.rb_pipeline or 1)}
@@ -448,12 +477,20 @@ def main() -> None:
         load = "redis-benchmark" if shutil.which("redis-benchmark") else "python"
     elif load == "redis-benchmark" and not shutil.which("redis-benchmark"):
         sys.exit("redis-benchmark not found: apt-get install redis-tools, or use --load python")
+    if args.cluster:
+        # redis-benchmark --cluster sends a custom command's keys to the right node only when
+        # they share one {hash tag}, i.e. one node: the Python writer's cluster pipeline spreads
+        # them over every primary instead.
+        load = "python"
     if load == "python":
         shapes = {"smooth": SHAPES["paced"]}  # ignored: the Python writer paces every millisecond
 
-    server = None
+    server: Any = None
     url = args.url
-    if url is None:
+    if url is None and args.cluster:
+        server = ClusterInThread(args.cluster)
+        url = server.url
+    elif url is None:
         from tests.support.redis import RedisServer
 
         server = RedisServer()
@@ -512,7 +549,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"redis_keyspace-{stamp}.json"
-    out.write_text(json.dumps({"url": "private" if server else url, "runs": results}, indent=2))
+    where = f"private cluster of {args.cluster}" if args.cluster else "private"
+    out.write_text(json.dumps({"url": where if server else url, "runs": results}, indent=2))
     print()
     print(
         f"{'path':9} {'shape':7} {'SET/s':>6} {'delivered/written':>19} {'p50 ms':>7} {'p99 ms':>7}"
@@ -523,6 +561,42 @@ def main() -> None:
             f"{r['delivered']:>9}/{r['written']:<9} {r['latency_ms_p50']:7} {r['latency_ms_p99']:7}"
         )
     print(f"wrote {out}")
+
+
+class ClusterInThread:
+    """A Redis Cluster (tests/support/redis_cluster.py) held open by a thread with its own event
+    loop, since each phase here runs in its own `asyncio.run`."""
+
+    def __init__(self, primaries: int) -> None:
+        import threading
+
+        from tests.support.redis_cluster import redis_cluster
+
+        ready, self._done = threading.Event(), threading.Event()
+        box: dict[str, Any] = {}
+
+        async def hold() -> None:
+            async with redis_cluster(primaries=primaries) as cluster:
+                box["url"] = cluster.url
+                ready.set()
+                await asyncio.to_thread(self._done.wait)
+
+        def run() -> None:
+            try:
+                asyncio.run(hold())
+            except BaseException as exc:
+                box["error"] = exc
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name="redis-cluster", daemon=True)
+        self._thread.start()
+        if not ready.wait(120) or "error" in box:
+            raise RuntimeError(f"the Redis Cluster did not start: {box.get('error')!r}")
+        self.url: str = box["url"]
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(60)
 
 
 if __name__ == "__main__":
