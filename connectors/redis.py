@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
@@ -38,6 +38,9 @@ from connectors.redis_streams import StreamCapture
 from feed.change import Change, Gap
 from feed.errors import ConnectorError, SourceMisconfigured, SourceUnavailable
 from feed.options import Options
+
+if TYPE_CHECKING:
+    from connectors.redis_cluster import ClusterNode
 
 
 class RedisConnector(Connector):
@@ -95,8 +98,8 @@ class RedisConnector(Connector):
         self._events_pool: ConnectionPool | None = None
         self._keyspace: KeyspaceCapture | None = None
         self._streams: StreamCapture | None = None
-        # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
         self._cluster = False
+        # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
         self._sessions = 0
         self._run_ids: dict[str, str] = {}
         """Each server's run_id when last subscribed (keyed by host:port): a new one, a restart."""
@@ -165,7 +168,7 @@ class RedisConnector(Connector):
             raise
         self.set_status(State.UP)
 
-    async def _cluster_primaries(self) -> list[Any] | None:
+    async def _cluster_primaries(self) -> list[ClusterNode] | None:
         """None for a standalone server; a cluster node's serving primaries otherwise."""
         from connectors.redis_cluster import discover, refuse_unsupported
 
@@ -184,17 +187,14 @@ class RedisConnector(Connector):
         except Exception as exc:
             raise self._failure(exc) from None
 
-    async def _start_cluster(self, primaries: list[Any]) -> None:
+    async def _start_cluster(self, primaries: list[ClusterNode]) -> None:
         from redis.asyncio.cluster import RedisCluster
 
         from connectors.redis_cluster import ClusterKeyspaceCapture
 
         seed: Redis = self._client
-        self._client = RedisCluster(
-            host=self._url_kwargs.get("host"),
-            port=int(self._url_kwargs.get("port", 6379)),
-            username=self._url_kwargs.get("username"),
-            password=self._url_kwargs.get("password"),
+        self._client = RedisCluster.from_url(  # credentials and TLS (rediss://) from the url
+            self.url,
             protocol=2,
             socket_connect_timeout=5.0,
             socket_timeout=max(10.0, 2 * self.health_check_interval),
@@ -205,7 +205,7 @@ class RedisConnector(Connector):
             await self._pool.disconnect()
             self._pool = None
 
-        def pool_for(node: Any) -> ConnectionPool:
+        def pool_for(node: ClusterNode) -> ConnectionPool:
             return self._new_pool(
                 "events", host=node.host, port=node.port, parser_class=_AsyncRESP2Parser
             )

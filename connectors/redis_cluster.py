@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import ConnectionPool
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
@@ -75,16 +76,18 @@ class ClusterNode:
 
     @property
     def serving_primary(self) -> bool:
-        """A primary that holds slots and that the cluster does not consider failed."""
+        """A primary that holds slots, unless the cluster agrees it has failed (`fail`, not one
+        node's passing suspicion `fail?`, which would make the watcher restart for nothing)."""
         return (
             "master" in self.flags
-            and not self.flags & {"fail", "fail?", "handshake", "noaddr"}
+            and not self.flags & {"fail", "handshake", "noaddr"}
             and self.slot_ranges > 0
         )
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 def serving_primaries(nodes_text: str, default_host: str) -> list[ClusterNode]:
@@ -109,7 +112,7 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
         owner: RedisConnector,
         client: Any,
         primaries: Iterable[ClusterNode],
-        pool_for: Any,
+        pool_for: Callable[[ClusterNode], ConnectionPool],
     ) -> None:
         super().__init__(owner, client, [])
         self.primaries = list(primaries)

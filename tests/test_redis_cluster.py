@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from connectors.redis import RedisConnector
+from connectors.redis_cluster import ClusterNode, serving_primaries
 from feed.change import Change, Gap
 from feed.errors import SourceUnavailable
 from feed.options import Options
@@ -180,3 +181,23 @@ async def test_a_new_shard_is_subscribed_after_a_gap() -> None:
             changes = await take(stream, len(keys))
     assert len(cluster.primaries) == 3
     assert sorted(c.key for c in changes) == sorted(keys)
+
+
+def test_cluster_nodes_lines_are_parsed_as_redis_prints_them() -> None:
+    text = "\n".join(
+        [
+            # myself before meeting anyone: no address of its own yet
+            "a1 :7000@17000 myself,master - 0 0 1 connected 0-5460",
+            # a hostname after the bus port, and a slot being migrated away
+            "b2 10.0.0.2:7001@17001,node-b master - 0 1 2 connected 5461-10922 [10922->-c3]",
+            "c3 [::1]:7002@17002 master,fail? - 0 1 3 connected 10923-16383",
+            "d4 10.0.0.4:7003@17003 master,fail - 0 1 4 disconnected 100",
+            "e5 10.0.0.5:7004@17004 slave a1 0 1 1 connected",
+            "f6 10.0.0.6:7005@17005 master - 0 1 5 connected",  # an empty primary
+            "garbage",
+        ]
+    )
+    primaries = serving_primaries(text, "seed.example")
+    assert [p.address for p in primaries] == ["10.0.0.2:7001", "[::1]:7002", "seed.example:7000"]
+    assert [p.slot_ranges for p in primaries] == [1, 1, 1]
+    assert ClusterNode.from_line("garbage", "x") is None
