@@ -15,7 +15,8 @@ Topology changes end in a connector restart, which finds the new primaries and a
 
 Values and snapshots go through redis-py's `RedisCluster`, which routes each command to the
 key's node; the value-reading script runs once per hash slot among a batch's keys (a script's
-keys must share a slot), and snapshots SCAN every primary.
+keys must share a slot), all of a batch's calls in one cluster pipeline, and snapshots SCAN
+every primary.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from connectors.redis_keyspace import LOST, EventSource, KeyspaceCapture
-from connectors.redis_values import KeyValue, decode_value
+from connectors.redis_values import READ_VALUES, KeyValue, decode_value
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
 if TYPE_CHECKING:
@@ -175,19 +176,36 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
         return None
 
     async def read_values(self, keys: list[bytes]) -> dict[bytes, KeyValue]:
-        """One script call per hash slot among `keys`, concurrently (RedisCluster routes each)."""
+        """One script call per hash slot among `keys` (a script's keys must share a slot), all in
+        one cluster pipeline: one round trip per primary, whatever the number of slots."""
         by_slot: dict[int, list[bytes]] = {}
         for key in keys:
             by_slot.setdefault(key_slot(key), []).append(key)
-        args = [self.owner.max_value_items, self.owner.max_value_bytes]
-        replies = await asyncio.gather(
-            *(self.script(keys=group, args=args) for group in by_slot.values())
-        )
+        groups = list(by_slot.values())
+        replies = await self._evalsha_each(groups)
         values: dict[bytes, KeyValue] = {}
-        for group, reply in zip(by_slot.values(), replies, strict=True):
+        for group, reply in zip(groups, replies, strict=True):
             for key, row in zip(group, reply, strict=True):
                 values[key] = decode_value(row, self.owner.max_value_items)
         return values
+
+    async def _evalsha_each(self, groups: list[list[bytes]]) -> list[Any]:
+        """The value script on each group; loaded on every node first if one lacks it (a new
+        primary after a failover, a SCRIPT FLUSH)."""
+        args = [self.owner.max_value_items, self.owner.max_value_bytes]
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for group in groups:
+                pipe.execute_command("EVALSHA", self.script.sha, len(group), *group, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self.client.script_load(READ_VALUES)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        raise AssertionError("unreachable")
 
     async def _scan(self, pattern: str, limit: int) -> tuple[list[bytes], bool]:
         """SCAN every primary (redis-py's cluster scan_iter), bounded as the standalone one."""

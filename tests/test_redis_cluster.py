@@ -201,3 +201,21 @@ def test_cluster_nodes_lines_are_parsed_as_redis_prints_them() -> None:
     assert [p.address for p in primaries] == ["10.0.0.2:7001", "[::1]:7002", "seed.example:7000"]
     assert [p.slot_ranges for p in primaries] == [1, 1, 1]
     assert ClusterNode.from_line("garbage", "x") is None
+
+
+async def test_values_survive_a_script_flush(cluster: RedisCluster) -> None:
+    """A primary without the value script (a SCRIPT FLUSH, a promoted replica) gets it loaded."""
+    async with connector(cluster, fetch_values=True) as source:
+        stream = aiter(source.changes())
+        await set_on_every_primary(cluster, "flush1")
+        await take(stream, len(cluster.primaries))
+        for node in cluster.primaries:
+            client = node_client(node)
+            try:
+                await client.script_flush()
+            finally:
+                await client.aclose()
+        keys = await set_on_every_primary(cluster, "flush2")
+        changes: list[Change] = await take(stream, len(keys))
+    assert all(c.after == {"value": f"v-{c.key}", "type": "string"} for c in changes)
+    assert not any(c.meta and "value_error" in c.meta for c in changes)
