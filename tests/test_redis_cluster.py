@@ -8,8 +8,9 @@ a cluster is never shared, so these tests ignore FEED_TEST_REDIS_URL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
 
 import pytest
 from redis.asyncio import Redis
@@ -19,6 +20,7 @@ from connectors.redis_cluster import ClusterNode, serving_primaries
 from feed.change import Change, Gap
 from feed.errors import SourceUnavailable
 from feed.options import Options
+from tests.connector_contract import ConnectorContract
 from tests.support.redis_cluster import RedisCluster, redis_cluster
 from tests.support.server import feed_client, running_feed
 from tests.test_redis import take, take_until
@@ -219,3 +221,50 @@ async def test_values_survive_a_script_flush(cluster: RedisCluster) -> None:
         changes: list[Change] = await take(stream, len(keys))
     assert all(c.after == {"value": f"v-{c.key}", "type": "string"} for c in changes)
     assert not any(c.meta and "value_error" in c.meta for c in changes)
+
+
+class ClusterHarness:
+    """Rows are hashes under a per-test prefix, spread over every primary by their hash slots."""
+
+    def __init__(self, cluster: RedisCluster, client: Any) -> None:
+        self.cluster = cluster
+        self.client = client
+        self.prefix = f"cc{uuid.uuid4().hex[:6]}:"
+        self.target = self.prefix + "*"
+
+    def make_connector(self) -> RedisConnector:
+        return connector(cluster=self.cluster, patterns=[self.target], fetch_values=True)
+
+    def row_key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def create(self, key: str, fields: Mapping[str, Any]) -> None:
+        await self.client.hset(self.row_key(key), mapping={k: str(v) for k, v in fields.items()})
+
+    async def modify(self, key: str, fields: Mapping[str, Any]) -> None:
+        await self.create(key, fields)
+
+    async def remove(self, key: str) -> None:
+        await self.client.delete(self.row_key(key))
+
+
+class TestRedisClusterConnector(ConnectorContract):
+    """The contract on a cluster: as the standalone keyspace mode (not durable, snapshots not
+    exact, values read after the event), and without an order across rows of different
+    primaries."""
+
+    ops: ClassVar[dict[str, str]] = {"create": "hset", "modify": "hset", "remove": "del"}
+    durable = False
+    exact_snapshots = False
+    images = False
+    ordered_across_rows = False
+
+    @pytest.fixture
+    async def harness(self, cluster: RedisCluster) -> AsyncIterator[ClusterHarness]:
+        from redis.asyncio.cluster import RedisCluster as Client
+
+        client = Client.from_url(cluster.url, protocol=2)
+        try:
+            yield ClusterHarness(cluster, client)
+        finally:
+            await client.aclose()
