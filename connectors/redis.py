@@ -20,6 +20,7 @@ Design notes a user should know (also in docs/connectors/redis.md):
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,12 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+)
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
 from connectors.redis_glob import PatternError, is_glob, matches, validate
@@ -41,6 +47,8 @@ from feed.options import Options
 
 if TYPE_CHECKING:
     from connectors.redis_cluster import ClusterNode
+
+log = logging.getLogger("feed.connectors.redis")
 
 
 class RedisConnector(Connector):
@@ -99,6 +107,8 @@ class RedisConnector(Connector):
         self._keyspace: KeyspaceCapture | None = None
         self._streams: StreamCapture | None = None
         self._cluster = False
+        self._known_primaries: list[tuple[str, int]] = []
+        """A cluster's primaries when last discovered: asked when the url's node is down."""
         # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
         self._sessions = 0
         self._run_ids: dict[str, str] = {}
@@ -178,16 +188,48 @@ class RedisConnector(Connector):
         except Exception as exc:
             if "SELECT is not allowed in cluster mode" in str(exc):  # the url's /N on a cluster
                 refuse_unsupported(self)
+            if isinstance(exc, LOST) and self._known_primaries:
+                return await self._discover_from_known(exc)
             raise self._failure(exc) from None
         if str(info.get("cluster_enabled", "0")) != "1":
             return None
         refuse_unsupported(self)
         try:
-            return await discover(self._client, self._url_kwargs.get("host") or "127.0.0.1")
+            primaries = await discover(self._client, self._url_kwargs.get("host") or "127.0.0.1")
         except Exception as exc:
             raise self._failure(exc) from None
+        self._known_primaries = [(n.host, n.port) for n in primaries]
+        return primaries
+
+    async def _discover_from_known(self, seed_error: BaseException) -> list[ClusterNode]:
+        """The url's node is down (a failed primary, say): ask the primaries known from the
+        last discovery, so the connector follows the cluster rather than that one node."""
+        from connectors.redis_cluster import discover
+
+        for host, port in self._known_primaries:
+            pool = self._new_pool("data", host=host, port=port)
+            client = Redis(connection_pool=pool)
+            try:
+                primaries = await discover(client, host)
+            except (RedisError, *LOST):
+                continue
+            finally:
+                await client.aclose()
+                await pool.disconnect()
+            if primaries:
+                log.warning(
+                    "redis cluster: %s is unreachable (%s); discovered the primaries through %s:%d",
+                    self.where,
+                    seed_error,
+                    host,
+                    port,
+                )
+                self._known_primaries = [(n.host, n.port) for n in primaries]
+                return primaries
+        raise self._failure(seed_error) from None
 
     async def _start_cluster(self, primaries: list[ClusterNode]) -> None:
+        from redis.asyncio.cluster import ClusterNode as StartupNode
         from redis.asyncio.cluster import RedisCluster
 
         from connectors.redis_cluster import ClusterKeyspaceCapture
@@ -195,6 +237,8 @@ class RedisConnector(Connector):
         seed: Redis = self._client
         self._client = RedisCluster.from_url(  # credentials and TLS (rediss://) from the url
             self.url,
+            # Besides the url's node, which may be the one that is down.
+            startup_nodes=[StartupNode(h, p) for h, p in self._known_primaries],
             protocol=2,
             socket_connect_timeout=5.0,
             socket_timeout=max(10.0, 2 * self.health_check_interval),

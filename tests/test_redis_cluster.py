@@ -268,3 +268,48 @@ class TestRedisClusterConnector(ConnectorContract):
             yield ClusterHarness(cluster, client)
         finally:
             await client.aclose()
+
+
+async def subscribed_on(node: Any, client_name: str) -> bool:
+    """Whether `node` has a pub/sub client of that name: what an operator would check."""
+    admin = node_client(node)
+    try:
+        clients = await admin.client_list(_type="pubsub")
+    finally:
+        await admin.aclose()
+    return any(c.get("name") == client_name for c in clients)
+
+
+async def test_the_url_node_dying_does_not_strand_the_feed() -> None:
+    """The node the url names dies and its replica takes over: the feed rediscovers the cluster
+    through the primaries it knew, announces the gap and follows the promoted replica."""
+    async with redis_cluster(primaries=3, replicas=1) as cluster:
+        seed, replica = cluster.primaries[0], cluster.replicas[0]
+        config = f"""
+[[connectors]]
+name = "cache"
+type = "redis"
+url = "{cluster.url}"
+patterns = ["{PATTERN}"]
+configure = true
+health_check_interval = 0.5
+reconnect_timeout = 1.0
+cluster_refresh_interval = 0.2
+"""
+        async with running_feed(config) as feed, feed_client(feed.url) as client:
+            await wait_up(feed)
+            assert (await client.subscribe(f"cache:{PATTERN}"))["ok"]
+            key = cluster.key_on(seed, "c:seed:")
+            await cluster_set(cluster, key, "1")
+            [before] = await client.take(1)
+            await asyncio.to_thread(seed.stop)
+            await cluster.refresh(timeout=30)  # the replica promoted itself
+            gap = await client.next_gap(timeout=30)
+            async with asyncio.timeout(30):
+                # Redis has no event for a new subscriber: poll CLIENT LIST, with a deadline.
+                while not await subscribed_on(replica, "feed:cache:events"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await cluster_set(cluster, key, "2")
+            [after] = await client.take(1, timeout=20)
+    assert before["key"] == after["key"] == key and after["seq"] > before["seq"]
+    assert gap["reason"]
