@@ -13,8 +13,9 @@ Design notes a user should know (also in docs/connectors/redis.md):
 - Keyspace `ts` is when the feed received the event (Redis gives no commit time); streams `ts` is
   the entry id's time.
 - `after` is `{"value", "type"}` read after the event (with `fetch_values`), the value at read time.
-- Redis Cluster (keyspace mode): each node publishes only its own keys' events, so the capture
-  subscribes on every primary and follows topology changes (connectors/redis_cluster.py).
+- Redis Cluster: in keyspace mode each node publishes only its own keys' events, so the capture
+  subscribes on every primary and follows topology changes (connectors/redis_cluster.py); in
+  streams mode the streams are read in hash-slot groups through the cluster client.
 """
 
 from __future__ import annotations
@@ -232,8 +233,12 @@ class RedisConnector(Connector):
         from redis.asyncio.cluster import ClusterNode as StartupNode
         from redis.asyncio.cluster import RedisCluster
 
-        from connectors.redis_cluster import ClusterKeyspaceCapture
+        from connectors.redis_cluster import ClusterKeyspaceCapture, slot_groups
 
+        if not primaries:
+            raise SourceUnavailable(
+                f"redis cluster at {self.where} has no primary serving slots yet"
+            )
         seed: Redis = self._client
         self._client = RedisCluster.from_url(  # credentials and TLS (rediss://) from the url
             self.url,
@@ -248,6 +253,11 @@ class RedisConnector(Connector):
         if self._pool is not None:
             await self._pool.disconnect()
             self._pool = None
+
+        if self.mode == "streams":
+            self._streams = StreamCapture(self, self._client, slot_groups(self.patterns))
+            await self._streams.start()
+            return
 
         def pool_for(node: ClusterNode) -> ConnectionPool:
             return self._new_pool(

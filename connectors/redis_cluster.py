@@ -124,10 +124,6 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if not self.sources:
-            raise SourceUnavailable(
-                f"redis cluster at {self.owner.where} has no primary serving slots yet"
-            )
         await super().start()
         self._watcher = asyncio.create_task(self._watch(), name=f"redis:{self.owner.name}:topology")
 
@@ -219,13 +215,16 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
         return list(seen)[: limit + 1], len(seen) > limit
 
 
+def slot_groups(streams: Iterable[str]) -> list[list[str]]:
+    """Streams grouped by hash slot, in config order: one XREAD can name only one slot's keys."""
+    groups: dict[int, list[str]] = {}
+    for stream in streams:
+        groups.setdefault(key_slot(stream.encode()), []).append(stream)
+    return list(groups.values())
+
+
 def refuse_unsupported(owner: RedisConnector) -> None:
-    """What a cluster cannot do, in one line each, before anything is subscribed."""
-    if owner.mode == "streams":
-        raise SourceMisconfigured(
-            f"redis at {owner.where} is a Redis Cluster node: streams mode does not support "
-            'cluster yet; use mode = "keyspace", or a standalone primary'
-        )
+    """What a cluster cannot do, in one line, before anything is subscribed."""
     if owner.db != 0:
         raise SourceMisconfigured(
             f"redis at {owner.where} is a Redis Cluster node, and a cluster has only database 0: "

@@ -7,6 +7,10 @@ is saved in a hash (`offsets_key`, one field per stream) whenever the stream goe
 save are delivered again, with the same ids (`<connector>:<stream>:<entry id>`), so clients drop
 them. The one loss a stream can still cause is trimming (MAXLEN, XTRIM, XDEL) past a position the
 feed has not read yet: that is detected at start and announced with a Gap for that stream.
+
+On a Redis Cluster one XREAD can only name streams of one hash slot, so the streams are read in
+slot groups, each by its own blocking XREAD task, merged into one stream of changes (entries of
+one stream stay in order; different streams never had a common order).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from connectors.base import RoomAddress, Snapshot, State
@@ -42,12 +45,16 @@ def parse_id(entry_id: str) -> tuple[int, int]:
 class StreamCapture:
     """The streams-mode half of RedisConnector (it owns options, status and the client)."""
 
-    def __init__(self, owner: RedisConnector, client: Redis) -> None:
+    def __init__(
+        self, owner: RedisConnector, client: Any, groups: list[list[str]] | None = None
+    ) -> None:
         self.owner = owner
         # redis-py 8's precise return types (bytes | str | None for RESP2 and RESP3) cost more
         # casts than they catch here; the connection is always RESP2 with bytes replies.
         self.client: Any = client
         self.streams = list(owner.patterns)
+        self.groups = groups or [self.streams]
+        """Streams one XREAD may name together: all of them, or those sharing a cluster slot."""
         self.last: dict[str, str] = {}
         self.delivered: dict[str, str] = {}
         self.saved: dict[str, str] = {}
@@ -129,6 +136,10 @@ class StreamCapture:
         for gap in self.pending_gaps:
             yield gap
         self.pending_gaps = []
+        if len(self.groups) > 1:
+            async for change in self._changes_by_group():
+                yield change
+            return
         owner = self.owner
         block = max(1, int(owner.health_check_interval * 1000))
         since_save = 0
@@ -169,6 +180,73 @@ class StreamCapture:
                     if since_save >= _SAVE_EVERY:
                         await self.save()
                         since_save = 0
+
+    async def _changes_by_group(self) -> AsyncIterator[Change]:
+        """One reader task per slot group, their entries merged as they come; positions are
+        saved as in `changes`: when the readers have nothing waiting, every `_SAVE_EVERY`
+        entries, and on stop."""
+        arrived: asyncio.Queue[tuple[Any, list[Any]] | BaseException] = asyncio.Queue(
+            maxsize=2 * len(self.groups)  # readers wait while the hub is behind
+        )
+        readers = [
+            asyncio.create_task(self._read_group(group, arrived), name=f"xread:{group[0]}")
+            for group in self.groups
+        ]
+        since_save = 0
+        try:
+            while True:
+                if since_save and arrived.empty():
+                    await self.save()
+                    since_save = 0
+                item = await arrived.get()
+                if isinstance(item, BaseException):
+                    raise item
+                raw_stream, entries = item
+                stream = _text(raw_stream)
+                for raw_id, fields in entries:
+                    entry_id = _text(raw_id)
+                    yield self.change(stream, entry_id, fields)
+                    self.delivered[stream] = entry_id
+                    self._progress.set()
+                    since_save += 1
+                    if since_save >= _SAVE_EVERY:
+                        await self.save()
+                        since_save = 0
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _read_group(
+        self, group: list[str], arrived: asyncio.Queue[tuple[Any, list[Any]] | BaseException]
+    ) -> None:
+        """XREAD one slot group forever; a failure that outlasts `reconnect_timeout` goes to
+        the consumer, which ends the stream for the hub to restart (positions are saved)."""
+        owner = self.owner
+        block = max(1, int(owner.health_check_interval * 1000))
+        delay = 0.05
+        while True:
+            try:
+                wanted = {stream: self.last[stream] for stream in group}
+                reply = await self.client.xread(wanted, count=owner.stream_batch, block=block)
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():  # see `changes`
+                    raise asyncio.CancelledError
+                delay = 0.05
+                owner.set_status(State.UP)
+            except (RedisError, OSError) as exc:
+                failure = owner._failure(exc)
+                if not isinstance(failure, SourceUnavailable) or delay > owner.reconnect_timeout:
+                    await arrived.put(failure)
+                    return
+                owner.set_status(State.DOWN, str(failure))
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            for raw_stream, entries in reply or []:
+                if entries:
+                    self.last[_text(raw_stream)] = _text(entries[-1][0])
+                    await arrived.put((raw_stream, entries))
 
     def change(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> Change:
         after, b64 = _fields(fields)
