@@ -94,7 +94,15 @@ class KeyspaceCapture:
         self._by_channel: dict[bytes, list[tuple[int, str]]] = {}
 
     async def start(self) -> None:
-        conns = [await self._subscribe(source) for source in self.sources]
+        conns: list[AbstractConnection] = []
+        try:
+            for source in self.sources:
+                conns.append(await self._subscribe(source))
+        except BaseException:  # one primary refused: leave none of the others subscribed
+            for conn in conns:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+            raise
         if self.owner._sessions:
             self._queue.put_nowait(
                 Gap(self.owner.name, "the connector restarted: keyspace events in between lost")

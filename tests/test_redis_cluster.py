@@ -440,3 +440,27 @@ class TestRedisClusterStreamsConnector(ConnectorContract):
             yield ClusterStreamHarness(cluster, client)
         finally:
             await client.aclose()
+
+
+async def test_a_primary_without_keyspace_events_is_named_in_one_line(
+    cluster: RedisCluster,
+) -> None:
+    """Without `configure`, each primary is checked; the one that lacks the flags is named, and
+    the primaries already subscribed are left again."""
+    from feed.errors import SourceMisconfigured
+
+    *ready, missing = cluster.primaries
+    for node, flags in [*((n, "KEA") for n in ready), (missing, "")]:
+        admin = node_client(node)
+        try:
+            await admin.config_set("notify-keyspace-events", flags)
+        finally:
+            await admin.aclose()
+    with pytest.raises(SourceMisconfigured) as info:
+        async with connector(cluster, configure=False):
+            pass
+    message = str(info.value)
+    assert "\n" not in message and f"127.0.0.1:{missing.port}" in message
+    assert "CONFIG SET notify-keyspace-events" in message
+    for node in ready:
+        assert not await subscribed_on(node, "feed:cache:events")
