@@ -76,6 +76,36 @@ class TargetRooms:
         return rooms
 
 
+STOP_GRACE = 5.0
+"""Seconds a cancelled connector task gets to save its position and let go of its source."""
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait for them; cancel again any still running after STOP_GRACE.
+
+    A driver can swallow a cancellation that lands just as its reply arrives (redis-py has done
+    so), and a connector task that ignored its one cancel would hold shutdown up forever. The
+    grace comes first so that a connector saving its position on the way out is not cut short.
+    """
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
+    for _ in range(3):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    if pending:
+        names = ", ".join(sorted(t.get_name() for t in pending))
+        log.warning("left running at shutdown (they ignored cancellation): %s", names)
+    for task in tasks:  # retrieve outcomes so asyncio does not log them as never retrieved
+        if task.done() and not task.cancelled():
+            task.exception()
+
+
 def room_name(
     connector: str, address: RoomAddress, row_filter: RowFilter | None, shape: Shape | None = None
 ) -> str:
@@ -131,9 +161,7 @@ class Hub:
         tb: TracebackType | None,
     ) -> None:
         """Stop connectors (they save their positions as they leave), then drop the clients."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for task in list(self._background):
             task.cancel()
