@@ -8,9 +8,10 @@ save are delivered again, with the same ids (`<connector>:<stream>:<entry id>`),
 them. The one loss a stream can still cause is trimming (MAXLEN, XTRIM, XDEL) past a position the
 feed has not read yet: that is detected at start and announced with a Gap for that stream.
 
-On a Redis Cluster one XREAD can only name streams of one hash slot, so the streams are read in
-slot groups, each by its own blocking XREAD task, merged into one stream of changes (entries of
-one stream stay in order; different streams never had a common order).
+Each group of streams is read by its own blocking XREAD task, and the groups are merged into one
+stream of changes (entries of one stream stay in order; different streams never had a common
+order). A standalone server has one group; on a Redis Cluster one XREAD can only name streams of
+one hash slot, so there is a group per slot.
 """
 
 from __future__ import annotations
@@ -133,58 +134,15 @@ class StreamCapture:
             self.saved.update(changed)
 
     async def changes(self) -> AsyncIterator[Change | Gap]:
+        """Entries as they are read: one reader task per group of streams (one group on a
+        standalone server; one per hash slot on a cluster), merged as they come.
+
+        Positions are saved when the readers have nothing waiting, every `_SAVE_EVERY` entries,
+        and on stop.
+        """
         for gap in self.pending_gaps:
             yield gap
         self.pending_gaps = []
-        if len(self.groups) > 1:
-            async for change in self._changes_by_group():
-                yield change
-            return
-        owner = self.owner
-        block = max(1, int(owner.health_check_interval * 1000))
-        since_save = 0
-        delay = 0.05
-        while True:
-            try:
-                if since_save:
-                    await self.save()
-                    since_save = 0
-                reply = await self.client.xread(self.last, count=owner.stream_batch, block=block)
-                me = asyncio.current_task()  # whichever task is pulling right now
-                if me is not None and me.cancelling():
-                    # redis-py can swallow a cancel that lands as its reply arrives; without
-                    # this check a cancelled reader would go on polling forever.
-                    raise asyncio.CancelledError
-                delay = 0.05
-                owner.set_status(State.UP)
-            except (RedisError, OSError) as exc:
-                failure = owner._failure(exc)
-                if not isinstance(failure, SourceUnavailable):
-                    raise failure from None
-                owner.set_status(State.DOWN, str(failure))
-                if delay > owner.reconnect_timeout:
-                    raise failure from None
-                await asyncio.sleep(delay)
-                delay *= 2
-                continue
-            for raw_stream, entries in reply or []:
-                stream = _text(raw_stream)
-                for raw_id, fields in entries:
-                    entry_id = _text(raw_id)
-                    self.last[stream] = entry_id
-                    yield self.change(stream, entry_id, fields)
-                    # Asked for the next item: the hub has routed this entry.
-                    self.delivered[stream] = entry_id
-                    self._progress.set()
-                    since_save += 1
-                    if since_save >= _SAVE_EVERY:
-                        await self.save()
-                        since_save = 0
-
-    async def _changes_by_group(self) -> AsyncIterator[Change]:
-        """One reader task per slot group, their entries merged as they come; positions are
-        saved as in `changes`: when the readers have nothing waiting, every `_SAVE_EVERY`
-        entries, and on stop."""
         arrived: asyncio.Queue[tuple[Any, list[Any]] | BaseException] = asyncio.Queue(
             maxsize=2 * len(self.groups)  # readers wait while the hub is behind
         )
@@ -206,6 +164,7 @@ class StreamCapture:
                 for raw_id, fields in entries:
                     entry_id = _text(raw_id)
                     yield self.change(stream, entry_id, fields)
+                    # Asked for the next item: the hub has routed this entry.
                     self.delivered[stream] = entry_id
                     self._progress.set()
                     since_save += 1
@@ -220,7 +179,7 @@ class StreamCapture:
     async def _read_group(
         self, group: list[str], arrived: asyncio.Queue[tuple[Any, list[Any]] | BaseException]
     ) -> None:
-        """XREAD one slot group forever; a failure that outlasts `reconnect_timeout` goes to
+        """XREAD one group of streams forever; a failure that outlasts `reconnect_timeout` goes to
         the consumer, which ends the stream for the hub to restart (positions are saved)."""
         owner = self.owner
         block = max(1, int(owner.health_check_interval * 1000))
@@ -230,7 +189,9 @@ class StreamCapture:
                 wanted = {stream: self.last[stream] for stream in group}
                 reply = await self.client.xread(wanted, count=owner.stream_batch, block=block)
                 me = asyncio.current_task()
-                if me is not None and me.cancelling():  # see `changes`
+                if me is not None and me.cancelling():
+                    # redis-py can swallow a cancel that lands as its reply arrives; without
+                    # this check a cancelled reader would go on polling forever.
                     raise asyncio.CancelledError
                 delay = 0.05
                 owner.set_status(State.UP)
