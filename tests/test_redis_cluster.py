@@ -42,6 +42,21 @@ def connector(cluster: RedisCluster, **extra: Any) -> RedisConnector:
     return RedisConnector("cache", Options(table, "connectors[0]"))
 
 
+def feed_config(cluster: RedisCluster, reconnect_timeout: float) -> str:
+    """The whole product's config for the same connector as `connector` builds."""
+    return f"""
+[[connectors]]
+name = "cache"
+type = "redis"
+url = "{cluster.url}"
+patterns = ["{PATTERN}"]
+configure = true
+health_check_interval = 0.5
+reconnect_timeout = {reconnect_timeout}
+cluster_refresh_interval = 0.2
+"""
+
+
 def node_client(node: Any) -> Redis:
     return Redis(host="127.0.0.1", port=node.port, protocol=2)
 
@@ -114,17 +129,7 @@ async def test_failover_ends_in_a_gap_and_the_new_primary_is_followed() -> None:
     get a gap, then the events of the slots that moved to the promoted replica."""
     async with redis_cluster(primaries=3, replicas=1) as cluster:
         replica = cluster.replicas[0]
-        config = f"""
-[[connectors]]
-name = "cache"
-type = "redis"
-url = "{cluster.url}"
-patterns = ["{PATTERN}"]
-configure = true
-health_check_interval = 0.5
-reconnect_timeout = 2.0
-cluster_refresh_interval = 0.2
-"""
+        config = feed_config(cluster, reconnect_timeout=2.0)
         async with running_feed(config) as feed, feed_client(feed.url) as client:
             await wait_up(feed)
             assert (await client.subscribe(f"cache:{PATTERN}"))["ok"]
@@ -285,17 +290,7 @@ async def test_the_url_node_dying_does_not_strand_the_feed() -> None:
     through the primaries it knew, announces the gap and follows the promoted replica."""
     async with redis_cluster(primaries=3, replicas=1) as cluster:
         seed, replica = cluster.primaries[0], cluster.replicas[0]
-        config = f"""
-[[connectors]]
-name = "cache"
-type = "redis"
-url = "{cluster.url}"
-patterns = ["{PATTERN}"]
-configure = true
-health_check_interval = 0.5
-reconnect_timeout = 1.0
-cluster_refresh_interval = 0.2
-"""
+        config = feed_config(cluster, reconnect_timeout=1.0)
         async with running_feed(config) as feed, feed_client(feed.url) as client:
             await wait_up(feed)
             assert (await client.subscribe(f"cache:{PATTERN}"))["ok"]
