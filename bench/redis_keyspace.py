@@ -47,7 +47,7 @@ import redis.asyncio as aioredis
 import socketio
 
 from bench.procs import Child
-from bench.servers import feed_main, free_port
+from bench.servers import feed_main, free_port, server_section
 
 RESULTS = Path(__file__).parent / "results"
 PROBE_RATE = 200
@@ -55,14 +55,9 @@ TICK = 0.1
 
 
 def feed_config(url: str, port: int, prefix: str, fetch_values: bool = False) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-dashboard = false
-log_level = "warning"
-replay_buffer = 1000
-
+    return (
+        server_section(port, "replay_buffer = 1000")
+        + f"""
 [[connectors]]
 name = "rk"
 type = "redis"
@@ -71,6 +66,7 @@ patterns = [{json.dumps(prefix + "k:*")}, {json.dumps(prefix + "p:*")}]
 configure = true
 fetch_values = {"true" if fetch_values else "false"}
 """
+    )
 
 
 def percentile(values: list[float], q: float) -> float:

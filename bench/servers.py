@@ -31,22 +31,29 @@ def free_port() -> int:
         return port
 
 
-def memory_config(targets: list[str], port: int, extra: str = "") -> str:
-    names = ", ".join(json.dumps(t) for t in targets)
+def server_section(port: int, extra: str = "") -> str:
+    """The `[server]` table every bench feed runs with: loopback, no dashboard, quiet logs."""
     return f"""
 [server]
 host = "127.0.0.1"
 port = {port}
-replay_buffer = 1000
 dashboard = false
 log_level = "warning"
 {extra}
+"""
 
+
+def memory_config(targets: list[str], port: int, extra: str = "") -> str:
+    names = ", ".join(json.dumps(t) for t in targets)
+    return (
+        server_section(port, f"replay_buffer = 1000\n{extra}")
+        + f"""
 [[connectors]]
 name = "mem"
 type = "memory"
 targets = [{names}]
 """
+    )
 
 
 # -- the feed --------------------------------------------------------------------------------

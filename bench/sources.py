@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.fanout import percentile
 from bench.procs import Child, raise_nofile, serve_commands
-from bench.servers import feed_main, free_port
+from bench.servers import feed_main, free_port, server_section
 from bench.swarm import Swarm
 
 TABLE = "public.bench_events"
@@ -103,13 +103,9 @@ class BenchDatabase:
 
 
 def pg_config(dsn: str, port: int) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-dashboard = false
-log_level = "warning"
-
+    return (
+        server_section(port)
+        + f"""
 [[connectors]]
 name = "pg"
 type = "postgres"
@@ -117,16 +113,13 @@ dsn = {json.dumps(dsn)}
 tables = [{json.dumps(TABLE)}]
 auto_migrate = true
 """
+    )
 
 
 def redis_config(url: str, port: int) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-dashboard = false
-log_level = "warning"
-
+    return (
+        server_section(port)
+        + f"""
 [[connectors]]
 name = "rd"
 type = "redis"
@@ -134,16 +127,13 @@ url = {json.dumps(url)}
 patterns = ["bench:*"]
 configure = true
 """
+    )
 
 
 def mongodb_config(uri: str, port: int) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-dashboard = false
-log_level = "warning"
-
+    return (
+        server_section(port)
+        + f"""
 [[connectors]]
 name = "mg"
 type = "mongodb"
@@ -151,6 +141,7 @@ uri = {json.dumps(uri)}
 watch = [{json.dumps(MONGO_NAMESPACE)}]
 resume_store = "none"
 """
+    )
 
 
 class BenchMongo:
