@@ -35,7 +35,6 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
-    RedisError,
 )
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
@@ -205,17 +204,13 @@ class RedisConnector(Connector):
     async def _discover_from_known(self, seed_error: BaseException) -> list[ClusterNode]:
         """The url's node is down (a failed primary, say): ask the primaries known from the
         last discovery, so the connector follows the cluster rather than that one node."""
-        from connectors.redis_cluster import discover
+        from connectors.redis_cluster import discover_at
 
         for host, port in self._known_primaries:
             pool = self._new_pool("data", host=host, port=port)
-            client = Redis(connection_pool=pool)
             try:
-                primaries = await discover(client, host)
-            except (RedisError, *LOST):
-                continue
+                primaries = await discover_at(pool, host)
             finally:
-                await client.aclose()
                 await pool.disconnect()
             if primaries:
                 log.warning(

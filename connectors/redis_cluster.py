@@ -105,6 +105,19 @@ async def discover(client: Redis, default_host: str) -> list[ClusterNode]:
     return serving_primaries(text, default_host)
 
 
+async def discover_at(pool: ConnectionPool, host: str) -> list[ClusterNode] | None:
+    """The primaries as the node behind `pool` sees them; None if it does not answer. The pool
+    stays open: it is the caller's."""
+    client = Redis(connection_pool=pool)
+    try:
+        return await discover(client, host)
+    except (RedisError, *LOST):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose(close_connection_pool=False)
+
+
 class ClusterKeyspaceCapture(KeyspaceCapture):
     """KeyspaceCapture with one event source per primary and a watcher for topology changes."""
 
@@ -115,12 +128,12 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
         primaries: Iterable[ClusterNode],
         pool_for: Callable[[ClusterNode], ConnectionPool],
     ) -> None:
-        super().__init__(owner, client, [])
         self.primaries = list(primaries)
-        self.sources = [
+        sources = [
             EventSource(pool_for(node), node.address, tag=f".{index}", cluster=True)
             for index, node in enumerate(self.primaries)
         ]
+        super().__init__(owner, client, sources)
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -160,15 +173,9 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
         """Ask the subscribed primaries in turn; None when none answers (their readers will
         notice the loss themselves)."""
         for source in self.sources:
-            client = Redis(connection_pool=source.pool)
-            try:
-                nodes = await discover(client, self.primaries[0].host)
+            nodes = await discover_at(source.pool, self.primaries[0].host)
+            if nodes is not None:
                 return {n.address for n in nodes}
-            except (RedisError, *LOST):
-                continue
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.aclose(close_connection_pool=False)
         return None
 
     async def read_values(self, keys: list[bytes]) -> dict[bytes, KeyValue]:
