@@ -218,12 +218,7 @@ def _run_postgres(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
     latency = []
     for kind in ("feed", "relay"):
         with sources.BenchDatabase(url) as db:
-            for r in sources.latency_phase(
-                "postgres", kind, db.url, plan.pg_rates, plan.source_seconds
-            ):
-                latency.append(r.as_dict())
-                log.append(_latency_line(r))
-                print(log[-1], flush=True)
+            latency += _latency_rows("postgres", kind, db.url, plan.pg_rates, plan, log)
     out["latency"] = latency
     with sources.BenchDatabase(url) as db:
         ingest = sources.ingest_phase("postgres", db.url, plan.ingest_seconds)
@@ -261,11 +256,7 @@ def _run_redis(plan: Plan, log: list[str], url: str) -> dict[str, Any]:
     client = redis.Redis.from_url(url, socket_timeout=5)
     client.flushdb()
     try:
-        latency = []
-        for r in sources.latency_phase("redis", "feed", url, plan.redis_rates, plan.source_seconds):
-            latency.append(r.as_dict())
-            log.append(_latency_line(r))
-            print(log[-1], flush=True)
+        latency = _latency_rows("redis", "feed", url, plan.redis_rates, plan, log)
         client.flushdb()
         ingest = sources.ingest_phase("redis", url, plan.ingest_seconds)
         log.append(_ingest_line("redis", ingest))
@@ -283,15 +274,21 @@ def run_mongodb(plan: Plan, log: list[str]) -> dict[str, Any]:
         note = "not run: set FEED_BENCH_MONGODB_URL to a replica set to measure MongoDB"
         print(f"mongodb: {note}", flush=True)
         return {"not_run": note}
-    latency = []
     with sources.BenchMongo(url):
-        for r in sources.latency_phase(
-            "mongodb", "feed", url, plan.mongodb_rates, plan.source_seconds
-        ):
-            latency.append(r.as_dict())
-            log.append(_latency_line(r))
-            print(log[-1], flush=True)
+        latency = _latency_rows("mongodb", "feed", url, plan.mongodb_rates, plan, log)
     return {"url": _redact(url), "latency": latency, "origin": "environment"}
+
+
+def _latency_rows(
+    source: str, kind: str, url: str, rates: list[float], plan: Plan, log: list[str]
+) -> list[dict[str, Any]]:
+    """One latency phase: each rate's result as a JSON row, logged and printed as it comes."""
+    rows = []
+    for r in sources.latency_phase(source, kind, url, rates, plan.source_seconds):
+        rows.append(r.as_dict())
+        log.append(_latency_line(r))
+        print(log[-1], flush=True)
+    return rows
 
 
 def _latency_line(r: sources.LatencyResult) -> str:
