@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
+from connectors.health import CAPTURE_METRICS
 from feed.access import Shape, ShapedRoom
 from feed.change import Change, Gap, format_ts, to_json
 from feed.config import ServerConfig
@@ -508,12 +509,16 @@ class Hub:
         m.describe("feed_subscriptions", "gauge", "Subscriptions across clients")
         m.describe("feed_replay_evictions_total", "counter", "Changes dropped from replay buffers")
         m.describe("feed_errors_total", "counter", "Client requests refused, by code")
+        for name, (kind, text) in CAPTURE_METRICS.items():
+            m.describe(name, kind, text)
         m.gauges(self._gauge_values)
 
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:
         for c in self.connectors.values():
             up = 1.0 if c.status.state in (State.UP, State.LAGGING) else 0.0
             yield "feed_connector_up", (("connector", c.name),), up
+            for name, labels, value in c.gauges():
+                yield name, (("connector", c.name), *labels), value
         kinds = {"target": 0, "row": 0, "filter": 0}
         evicted = 0
         for room in self.rooms.values():
