@@ -67,12 +67,14 @@ async def insert(db: PgDatabase, *ids: int) -> None:
         await db.conn.execute("INSERT INTO orders VALUES ($1, 'x')", i)
 
 
-async def next_status(client: FeedClient, state: str, timeout: float = WAIT) -> dict[str, Any]:
-    """The next `status` event of connector main in `state` (earlier ones are skipped)."""
+async def next_status(
+    client: FeedClient, state: str, timeout: float = WAIT, connector: str = "main"
+) -> dict[str, Any]:
+    """The next `status` event of `connector` in `state` (earlier ones are skipped)."""
     async with asyncio.timeout(timeout):
         while True:
             status: dict[str, Any] = await client.statuses.get()
-            if status["connector"] == "main" and status["state"] == state:
+            if status["connector"] == connector and status["state"] == state:
                 return status
 
 
