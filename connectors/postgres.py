@@ -644,29 +644,93 @@ class PostgresConnector(Connector):
         return lines
 
     async def check(self) -> str:
-        """Reach the server and check the schema and tables without changing anything."""
+        """Reach the server and check the schema, tables and capture without changing anything.
+
+        Raises (so `feed check` fails) where capture cannot work: triggers missing or disabled,
+        a journal gone, in logical mode a slot lost or another database's.
+        """
         conn = await self._admin()
         try:
             version = await conn.fetchval("SHOW server_version")
-            missing = await pending(conn, self.schema)
             await self._check_tables(conn, attach=False)
+            if self.mode == "logical":
+                backlog = await self._check_logical(conn)
+                return f"Postgres {version}, logical mode, {len(self.tables)} table(s){backlog}"
+            missing = await pending(conn, self.schema)
             backlog = ""
             if not missing:
-                count = await conn.fetchval(f"SELECT count(*) FROM {self.q}.journal")
-                backlog = f", journal {count} rows"
+                backlog = await self._check_capture(conn)
             else:
                 backlog = f", needs `feed migrate` ({len(missing)} pending)"
-            if self.mode == "logical":
-                level = await conn.fetchval("SHOW wal_level")
-                if level != "logical":
-                    raise SourceMisconfigured(
-                        f"{self.where}: mode = 'logical' needs wal_level = logical (it is {level})"
-                    )
             return f"Postgres {version}, {self.mode} mode, {len(self.tables)} table(s){backlog}"
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
         finally:
             await conn.close()
+
+    async def _check_capture(self, conn: Any) -> str:
+        """`feed check` in notify mode: the capture watch's judgement, and the journal's size."""
+        faults = await inspect_notify(
+            conn, self.schema, self.name, self.tables, {}, self.query_timeout
+        )
+        if faults:
+            lines = [f.line if f.hint else f"{f.detail}; run `feed migrate`" for f in faults]
+            raise SourceMisconfigured(f"{self.where}: capture cannot work: " + " | ".join(lines))
+        stats = await journal_stats(
+            conn, self.schema, self.name, self.query_timeout, self.journal_warn_age
+        )
+        text = (
+            f", journal {stats.rows} rows ({stats.bytes // 1024} KiB), oldest undelivered "
+            f"{stats.undelivered_age:.0f}s"
+        )
+        if stats.rows > self.journal_warn_rows or stats.undelivered_age > self.journal_warn_age:
+            text += " (past the warning ceiling)"
+        if stats.stale_consumers:
+            names = ", ".join(stats.stale_consumers)
+            text += f"; positions not moved for {self.journal_warn_age:g}s hold pruning: {names}"
+        return text
+
+    async def _check_logical(self, conn: Any) -> str:
+        """`feed check` in logical mode: wal_level, the slot (present, ours, valid) and its WAL."""
+        from connectors.postgres_logical import LogicalReader
+
+        level = await conn.fetchval("SHOW wal_level")
+        if level != "logical":
+            raise SourceMisconfigured(
+                f"{self.where}: mode = 'logical' needs wal_level = logical (it is {level})"
+            )
+        reader = LogicalReader(self)
+        slot = await conn.fetchrow(
+            "SELECT plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
+        )
+        if slot is None:
+            if await reader._marked(conn):
+                raise SourceMisconfigured(
+                    f"{self.where}: replication slot {self.slot!r} is gone (dropped, or lost): "
+                    "changes since are lost; the feed recreates it at start, with a gap"
+                )
+            return f", needs `feed migrate` (no replication slot {self.slot!r} yet)"
+        if slot["plugin"] != "pgoutput" or slot["database"] != await conn.fetchval(
+            "SELECT current_database()"
+        ):
+            raise SourceMisconfigured(
+                f"{self.where}: replication slot {self.slot!r} is not this feed's "
+                f"({slot['plugin']} in database {slot['database']!r}): choose another `slot`"
+            )
+        if slot["wal_status"] == "lost":
+            raise SourceMisconfigured(
+                f"{self.where}: replication slot {self.slot!r} was invalidated (wal_status lost: "
+                "the server removed WAL the feed had not read; see max_slot_wal_keep_size): "
+                "those changes are lost; the feed recreates the slot at start, with a gap"
+            )
+        info = await reader.inspect(conn)
+        assert info is not None
+        retained = int(info["retained"] or 0)
+        text = f", slot {self.slot!r} {slot['wal_status']}, retains {retained // 1024} KiB of WAL"
+        if info["tables"] < len(self.tables):
+            text += f"; publication covers {info['tables']} of {len(self.tables)} tables"
+        return text
 
     def targets(self) -> list[str]:
         return list(self.tables)
@@ -1018,6 +1082,12 @@ class PostgresConnector(Connector):
 
     def gauges(self) -> list[Gauge]:
         samples = super().gauges()
+        logical = self._logical
+        if logical is not None and logical.retained_wal is not None:
+            samples += [
+                ("feed_capture_ok", (), 1.0),
+                ("feed_postgres_slot_retained_wal_bytes", (), float(logical.retained_wal)),
+            ]
         if self.mode != "notify" or self._stats is None:
             return samples
         stats = self._stats
