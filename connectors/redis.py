@@ -314,8 +314,18 @@ class RedisConnector(Connector):
             version = info.get("redis_version", "?")
             primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
             shape = f", a cluster of {primaries} primaries" if self._cluster else ""
+            flags = ""
+            if self.mode == "keyspace":
+                try:
+                    value = (await self._client.config_get("notify-keyspace-events")).get(
+                        "notify-keyspace-events", ""
+                    )
+                    text = value.decode() if isinstance(value, bytes) else str(value)
+                    flags = f", notify-keyspace-events {text!r}"
+                except Exception:  # CONFIG refused (managed services): start() warned already
+                    flags = ", notify-keyspace-events unreadable (CONFIG refused)"
             return (
-                f"redis {version} at {self.where}{shape}, {self.mode} mode, "
+                f"redis {version} at {self.where}{shape}, {self.mode} mode{flags}, "
                 f"patterns: {', '.join(self.patterns)}"
             )
 

@@ -267,3 +267,31 @@ async def test_one_prune_pass_keeps_up_with_5000_rows_a_second(pg: PgDatabase) -
     finally:
         await conn.close()
     assert await pg.conn.fetchval("SELECT count(*) FROM feed.journal") == 0
+
+
+async def test_feed_check_fails_where_capture_cannot_work(pg: PgDatabase, tmp_path: Any) -> None:
+    from tests.test_postgres_cli import feed as run_feed
+
+    await orders(pg)
+    connector = make_connector(pg.url, ["public.orders"])
+    await connector.migrate()
+    assert "journal 0 rows" in await connector.check()
+    await pg.conn.execute("ALTER TABLE orders DISABLE TRIGGER feed_capture")
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+        "dsn = '${DATABASE_URL}'\ntables = ['public.orders']\n"
+    )
+    code, out, err = await run_feed("check", "--config", str(config), database_url=pg.url)
+    assert code == 1, (out, err)
+    assert "capture triggers on public.orders are disabled" in out and "ENABLE TRIGGER" in out
+    await pg.conn.execute("ALTER TABLE orders ENABLE TRIGGER ALL")
+    await pg.conn.execute("DROP TRIGGER feed_capture ON orders")
+    with pytest.raises(SourceMisconfigured, match=r"were dropped.*run `feed migrate`"):
+        await connector.check()
+    await connector.migrate()
+    await make_connector(pg.url, ["public.orders"], name="never").migrate()
+    await pg.conn.execute(
+        "UPDATE feed.consumers SET updated_at = now() - interval '1 hour' WHERE name = 'never'"
+    )
+    assert "hold pruning: never" in await connector.check()
