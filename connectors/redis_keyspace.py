@@ -189,7 +189,10 @@ class KeyspaceCapture:
                         await conn.connect()  # type: ignore[no-untyped-call]
                     await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
                     reply = await conn.read_response()
-                except ResponseError as exc:  # CONFIG refused: nothing to watch with
+                except ResponseError as exc:
+                    if not _refused(exc):  # LOADING after a restart, say: look again later
+                        continue
+                    # CONFIG refused (a managed service): nothing to watch with.
                     log.warning(
                         "redis at %s: cannot watch notify-keyspace-events: %s", source.where, exc
                     )
@@ -634,6 +637,12 @@ def _row(key: bytes, value: KeyValue, with_value: bool) -> dict[str, Any] | None
     if key_b64:
         row["key_base64"] = True
     return row
+
+
+def _refused(exc: ResponseError) -> bool:
+    """Whether the server refuses CONFIG for good (renamed, ACL), not for the moment."""
+    text = str(exc).lower()
+    return "unknown command" in text or "noperm" in text or "permission" in text
 
 
 def _info_field(info: Any, name: bytes) -> str:
