@@ -964,7 +964,10 @@ class PostgresConnector(Connector):
                 continue  # the interrupted batch is done: now read what came after it
             await self._delivered(poll)
             await self._maybe_prune(conn)
-            await wait_event(self._wake, self.heartbeat_interval)
+            # Asleep until woken, the heartbeat, or the next capture check, whichever is first:
+            # a disabled trigger sends no NOTIFY, so only the check's own clock finds it.
+            due = self._last_capture_check + self.capture_check_interval - time.monotonic()
+            await wait_event(self._wake, max(0.0, min(self.heartbeat_interval, due)))
 
     # -- the capture watch -----------------------------------------------------------------------
 
@@ -993,7 +996,7 @@ class PostgresConnector(Connector):
         self._last_capture_check = time.monotonic()
         self._check_now = False
         found = await inspect_notify(
-            conn, self.schema, self.name, self.tables, self._oids, self.query_timeout
+            conn, self.schema, self.name, self.tables, self._oids, self.heartbeat_timeout
         )
         current = {(f.target, f.kind): f for f in found}
         for key, old in list(self._faults.items()):

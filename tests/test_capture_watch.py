@@ -300,3 +300,18 @@ async def test_feed_check_fails_where_capture_cannot_work(pg: PgDatabase, tmp_pa
         "UPDATE feed.consumers SET updated_at = now() - interval '1 hour' WHERE name = 'never'"
     )
     assert "hold pruning: never" in await connector.check()
+
+
+async def test_the_check_keeps_its_interval_while_the_reader_idles(pg: PgDatabase) -> None:
+    """No NOTIFY comes from a disabled trigger: the check must not wait for the heartbeat."""
+    from feed.change import Gap
+    from tests.postgres_helpers import streaming
+
+    await orders(pg)
+    connector = make_connector(
+        pg.url, ["public.orders"], heartbeat_interval=20.0, capture_check_interval=0.2
+    )
+    async with streaming(connector) as stream:
+        await pg.conn.execute("ALTER TABLE orders DISABLE TRIGGER ALL")
+        gap = await asyncio.wait_for(stream.queue.get(), 3.0)
+    assert isinstance(gap, Gap) and "disabled" in gap.reason
