@@ -352,7 +352,7 @@ class LogicalReader:
         if slot is not None and slot["wal_status"] == "lost":
             # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size).
             # The slot can never be read again; a new one is the only way on, with a gap.
-            await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
+            await self._drop_when_free(conn)
             lines.append(f"dropped invalidated replication slot {self.slot!r} (wal_status lost)")
             self.pending_gap = True
             self.gap_reason = (
@@ -395,6 +395,16 @@ class LogicalReader:
                 "choose another `slot` name"
             )
         return lines
+
+    async def _drop_when_free(self, conn: Any) -> None:
+        """Drop the slot; a session of ours that was just cut off may still hold it briefly."""
+        for _ in range(50):
+            try:
+                await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
+                return
+            except asyncpg.ObjectInUseError:
+                await asyncio.sleep(0.1)
+        await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
 
     async def _marked(self, conn: Any) -> bool:
         """Whether a previous run left its marker: the slot existed, whatever happened since."""

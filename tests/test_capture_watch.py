@@ -68,13 +68,22 @@ async def insert(db: PgDatabase, *ids: int) -> None:
 
 
 async def next_status(
-    client: FeedClient, state: str, timeout: float = WAIT, connector: str = "main"
+    client: FeedClient,
+    state: str,
+    timeout: float = WAIT,
+    connector: str = "main",
+    saying: str = "",
 ) -> dict[str, Any]:
-    """The next `status` event of `connector` in `state` (earlier ones are skipped)."""
+    """The next `status` event of `connector` in `state` whose detail contains `saying`
+    (earlier ones are skipped)."""
     async with asyncio.timeout(timeout):
         while True:
             status: dict[str, Any] = await client.statuses.get()
-            if status["connector"] == connector and status["state"] == state:
+            if (
+                status["connector"] == connector
+                and status["state"] == state
+                and saying in status["detail"]
+            ):
                 return status
 
 
