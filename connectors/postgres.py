@@ -62,6 +62,8 @@ log = logging.getLogger("feed.connectors.postgres")
 
 READER_LOCK_CLASS = LOCK_CLASS + 1
 PRUNE_CHUNK = 20_000
+LOCK_PATIENCE = 20
+"""Tries, 0.1 s apart, for the reader lock before `feed migrate --prune` or `unwatch` refuses."""
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 IDENTIFIER = re.compile(r"^[^\s.]+$")
 
@@ -516,9 +518,14 @@ class PostgresConnector(Connector):
         """Hold this connector's reader lock while detaching, so no feed reads meanwhile; refuse
         (naming the reader) when a running feed holds it, unless `force`."""
         key = f"{self.schema}/{self.name}"
-        got = await conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))", READER_LOCK_CLASS, key
-        )
+        got = False
+        for attempt in range(LOCK_PATIENCE):  # a feed stopped a moment ago is still letting go
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))", READER_LOCK_CLASS, key
+            )
+            if got or force or attempt == LOCK_PATIENCE - 1:
+                break
+            await asyncio.sleep(0.1)
         if not got and not force:
             holder = await conn.fetchrow(
                 """SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local') AS addr
