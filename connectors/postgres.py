@@ -680,6 +680,11 @@ class PostgresConnector(Connector):
         faults = await inspect_notify(
             conn, self.schema, self.name, self.tables, {}, self.query_timeout
         )
+        attached = await conn.fetchval(
+            f"SELECT count(*) FROM {self.q}.watches WHERE consumer = $1", self.name
+        )
+        if not attached and all(f.mend for f in faults):
+            return f", needs `feed migrate` ({self.name!r} is not attached to its tables yet)"
         if faults:
             lines = [f.line if f.hint else f"{f.detail}; run `feed migrate`" for f in faults]
             raise SourceMisconfigured(f"{self.where}: capture cannot work: " + " | ".join(lines))
