@@ -564,11 +564,19 @@ class PostgresConnector(Connector):
         try:
             version = await conn.fetchval("SHOW server_version")
             missing = await pending(conn, self.schema)
+            if missing and self.mode == "notify" and not self.auto_migrate:
+                # `feed serve` would keep this connector down: a failure now, not an "ok".
+                raise SourceMisconfigured(
+                    f"{len(missing)} migration(s) pending ({', '.join(missing)}): "
+                    "run `feed migrate --config <file>` (or set auto_migrate = true)"
+                )
             await self._check_tables(conn, attach=False)
             backlog = ""
             if not missing:
                 count = await conn.fetchval(f"SELECT count(*) FROM {self.q}.journal")
                 backlog = f", journal {count} rows"
+            elif self.mode == "notify":
+                backlog = f", {len(missing)} migration(s) pending, applied at start (auto_migrate)"
             else:
                 backlog = f", needs `feed migrate` ({len(missing)} pending)"
             if self.mode == "logical":

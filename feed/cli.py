@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -154,7 +155,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             except TimeoutError:
                 rows.append((connector.name, connector.kind, "FAIL", "timed out"))
             except (FeedError, OSError) as exc:
-                rows.append((connector.name, connector.kind, "FAIL", str(exc)))
+                # Hints name `--config <file>`: print the command as it runs here.
+                detail = str(exc).replace("--config <file>", f"--config {shlex.quote(args.config)}")
+                rows.append((connector.name, connector.kind, "FAIL", detail))
         return rows
 
     rows = asyncio.run(reach())
