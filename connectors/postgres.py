@@ -38,6 +38,7 @@ from typing import Any
 import asyncpg
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
+from connectors.postgres_filters import check_filter
 from connectors.postgres_migrate import (
     LOCK_CLASS,
     apply_migrations,
@@ -49,6 +50,7 @@ from connectors.postgres_migrate import (
 from connectors.postgres_types import TableShape, read_shape
 from feed.change import Change, Gap, room_key
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
+from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors.postgres")
@@ -901,6 +903,12 @@ class PostgresConnector(Connector):
             meta=meta,
             position=position,
         )
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Unknown columns and literals not of the column's type: see connectors/postgres_filters."""
+        shape = self._shapes.get(target)
+        if shape is not None:  # not read yet (the connector is not up): nothing to check against
+            check_filter(shape, row_filter)
 
     # -- snapshots -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -293,6 +293,30 @@ class Hub:
             )
         return connector, address
 
+    def split_room_filter(self, request: SubscribeRequest) -> SubscribeRequest:
+        """Accept a filter room's canonical name as `room` (`main:public.orders?status=eq.paid`).
+
+        Acks return that name and clients store it, so it must work when sent back. A canonical
+        filter never holds a `?` (its values are percent-encoded), so the name splits at the last
+        one; a name that resolves whole (a Redis key or pattern may hold a `?`) is left alone.
+        """
+        base, mark, filter_text = request.room.rpartition("?")
+        if not mark or not base or not filter_text:
+            return request
+        with contextlib.suppress(ProtocolError):
+            self.resolve(request.room)
+            return request
+        limit = self.settings.max_filter_length
+        if request.filter is not None and (
+            parse_filter(request.filter, max_length=limit).canonical
+            != parse_filter(filter_text, max_length=limit).canonical
+        ):
+            raise ProtocolError(
+                "bad_filter",
+                "the room name already holds a filter; send it once, in `room` or in `filter`",
+            )
+        return replace(request, room=base, filter=filter_text)
+
     def connect(self, sid: str) -> None:
         self.clients.setdefault(sid, set())
 
@@ -317,12 +341,15 @@ class Hub:
         """
         if shape is not None:
             forced, mask = shape.forced, shape.image
+        request = self.split_room_filter(request)
         connector, address = self.resolve(request.room)
         row_filter = (
             parse_filter(request.filter, max_length=self.settings.max_filter_length)
             if request.filter
             else None
         )
+        if row_filter is not None:
+            connector.check_filter(address.target, row_filter)  # one that can never match: refused
         if forced is not None:
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())

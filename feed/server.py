@@ -192,6 +192,7 @@ class FeedApp:
                 max_room=settings.max_room_length,
                 max_filter=settings.max_filter_length,
             )
+            request = self.hub.split_room_filter(request)
             connector, address = self.hub.resolve(request.room)
             client_filter = (
                 parse_filter(request.filter, max_length=settings.max_filter_length)

@@ -146,3 +146,64 @@ async def test_unreachable_server_shows_down_and_retries(pg: PgDatabase) -> None
                 "public.things", "insert", {"id": 1}
             )
             assert (await client.next_change())["key"] == 1
+
+
+async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
+    pg: PgDatabase,
+) -> None:
+    await pg.conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text, amount numeric(10,2),"
+        " paid bool, created_at timestamptz, meta jsonb)"
+    )
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+
+            async def refused(filter_text: str) -> str:
+                ack = await client.subscribe("main:public.orders", filter=filter_text)
+                assert not ack["ok"] and ack["error"]["code"] == "bad_filter", ack
+                return str(ack["error"]["message"])
+
+            message = await refused("nosuchcol=eq.1")
+            assert "public.orders has no column 'nosuchcol'" in message
+            assert "columns: id, status, amount, paid, created_at, meta" in message
+            assert "amount is numeric: 'abc' is not a number" in await refused("amount=gt.abc")
+            assert "paid is bool" in await refused("paid=eq.yes")
+            assert "id is int4: 'x'" in await refused("id=in.(1,x)")
+            assert "with a UTC offset" in await refused("created_at=gt.2024-05-01T12:00:00")
+            assert "status is text, not JSON" in await refused("status.x=eq.1")
+            for good in (
+                "status=eq.anything",
+                "amount=gt.100&paid=eq.true",
+                "id=in.(1,2)",
+                "created_at=gte.2024-05-01T12:00:00Z",
+                "meta.tier=eq.gold",
+                "amount=eq.null",
+            ):
+                ack = await client.subscribe("main:public.orders", filter=good)
+                assert ack["ok"], (good, ack)
+
+
+async def test_the_canonical_filter_room_name_is_accepted_back_as_room(pg: PgDatabase) -> None:
+    """Acks name a filter room `main:public.orders?...`; clients store that name and send it."""
+    await orders(pg)
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as first, feed_client(feed.url) as again:
+            ack = await first.subscribe("main:public.orders", filter="status=eq.paid&amount=gt.1")
+            assert ack["ok"], ack
+            name = ack["room"]
+            assert name == "main:public.orders?amount=gt.1&status=eq.paid"
+            back = await again.subscribe(name)
+            assert back["ok"] and back["room"] == name, back
+            same = await again.subscribe(name, filter="status=eq.paid&amount=gt.1")
+            assert same["ok"] and same["room"] == name, same
+            other = await again.subscribe(name, filter="status=eq.new")
+            assert not other["ok"] and other["error"]["code"] == "bad_filter", other
+            await pg.conn.execute("INSERT INTO orders VALUES (1, 'paid', 5), (2, 'new', 5)")
+            got_first, got_again = await first.take(1), await again.take(1)
+        assert [c["key"] for c in got_first] == [c["key"] for c in got_again] == [1]
+        assert got_again[0]["room"] == name
+        assert (await http_get(f"{feed.url}/readyz"))[0] == 200
