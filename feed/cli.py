@@ -20,7 +20,8 @@ from feed.config import Config, load_config
 from feed.errors import FeedError
 
 EXIT_USAGE = 2
-EXIT_UNREACHABLE = 1
+EXIT_UNREACHABLE = 1  # `feed check`: a source failed
+EXIT_CANNOT_LISTEN = 1  # `feed serve`: the host and port cannot be listened on
 CHECK_TIMEOUT = 15.0
 
 
@@ -97,8 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from feed.listen import PortInUse, check_port_free
+
     config = load_config(args.config)
-    serve(config, host=args.host, port=args.port)
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    try:  # before connecting to any source: a busy port is one line, not a traceback
+        check_port_free(host, port, fix="pass --port with a free port, or change [server] port")
+    except PortInUse as exc:
+        print(f"feed: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    serve(config, host=host, port=port)
     return 0
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import uvicorn
 
+from feed import listen
 from feed.auth import is_loopback
 from feed.config import parse_config
 from feed.demo_writer import POSTGRES_TABLES, REDIS_PATTERNS, DemoWriter
@@ -240,16 +241,10 @@ def bound_port(server: uvicorn.Server) -> int | None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise DemoError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); pass --port with a free port"
-            ) from None
+    try:
+        listen.check_port_free(host, port)
+    except listen.PortInUse as exc:
+        raise DemoError(str(exc)) from None
 
 
 def free_port() -> int:
