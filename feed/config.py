@@ -77,7 +77,9 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("no such file; pass --config with the path of your feed.toml") from None
+        raise ConfigError(
+            "no such file; pass --config with the path of your feed.toml", file=file
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", file=file) from None
     return parse_config(text, file, os.environ if env is None else env)

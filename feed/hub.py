@@ -183,7 +183,11 @@ class Hub:
                 raise
             except FeedError as exc:
                 reason = str(exc)
-                log.warning("connector %s: %s", connector.name, reason)
+                # Logged once per retry: by the status change below, or here when the connector
+                # is already down for another reason (a repeat of the same one is not logged).
+                status = connector.status
+                if status.state is State.DOWN and status.detail != reason:
+                    log.warning("connector %s: %s", connector.name, reason)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.exception("connector %s crashed", connector.name)
@@ -516,7 +520,8 @@ class Hub:
         return all(c.status.state in (State.UP, State.LAGGING) for c in self.connectors.values())
 
     def _status_changed(self, status: Status) -> None:
-        log.info("connector %s is %s %s", status.connector, status.state.value, status.detail)
+        level = logging.WARNING if status.state is State.DOWN else logging.INFO
+        log.log(level, "connector %s is %s %s", status.connector, status.state.value, status.detail)
         if self.transport is not None:
             self._spawn(self.transport.broadcast("status", status.to_json()))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import urllib.error
 import urllib.request
 
@@ -146,6 +148,31 @@ async def test_unreachable_server_shows_down_and_retries(pg: PgDatabase) -> None
                 "public.things", "insert", {"id": 1}
             )
             assert (await client.next_change())["key"] == 1
+
+
+async def test_a_source_that_is_down_is_logged_once_per_retry(
+    pg: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable = "postgresql://postgres@127.0.0.1:1/nothing"
+
+    def about_main() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "feed.hub" and "main" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="feed.hub"):
+        async with running_feed(config(unreachable)):
+            await wait_until(
+                lambda: sum("cannot connect" in r.getMessage() for r in about_main()) >= 2,
+                30,
+                "two failed attempts",
+            )
+    lines = [(r.levelname, r.getMessage().split(" connecting")[0]) for r in about_main()]
+    failures = [r for r in about_main() if "cannot connect" in r.getMessage()]
+    # Each attempt: one INFO line when it starts, one WARNING line when it fails; never the
+    # same failure twice (it used to be a WARNING and an INFO line).
+    assert all(r.levelname == "WARNING" for r in failures), lines
+    kinds = ["fail" if "cannot connect" in r.getMessage() else "start" for r in about_main()]
+    assert "fail" in kinds
+    assert all(a != b for a, b in itertools.pairwise(kinds)), lines
 
 
 async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
