@@ -64,6 +64,8 @@ class FeedApp:
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
             max_http_buffer_size=settings.max_message_bytes,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
             logger=False,
             engineio_logger=False,
         )
