@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -104,6 +105,9 @@ async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:  # retrieve outcomes so asyncio does not log them as never retrieved
         if task.done() and not task.cancelled():
             task.exception()
+
+
+SHAPED_SUFFIX = re.compile(r"@[0-9a-f]{16}$")  # what room_name appends for a shape's profile
 
 
 def room_name(
@@ -310,6 +314,12 @@ class Hub:
         with contextlib.suppress(ProtocolError):
             self.resolve(request.room)
             return request
+        if SHAPED_SUFFIX.search(filter_text):
+            raise ProtocolError(
+                "bad_request",
+                "a room name ending in @<profile> is one the server shaped for an identity; "
+                "subscribe with the room and filter you asked for",
+            )
         limit = self.settings.max_filter_length
         if request.filter is not None and (
             parse_filter(request.filter, max_length=limit).canonical

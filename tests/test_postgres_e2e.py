@@ -229,6 +229,9 @@ async def test_the_canonical_filter_room_name_is_accepted_back_as_room(pg: PgDat
             assert same["ok"] and same["room"] == name, same
             other = await again.subscribe(name, filter="status=eq.new")
             assert not other["ok"] and other["error"]["code"] == "bad_filter", other
+            # A shaped room's name (`...@<profile>`) is the server's to assign, never a filter.
+            shaped = await again.subscribe(name + "@0123456789abcdef")
+            assert not shaped["ok"] and shaped["error"]["code"] == "bad_request", shaped
             await pg.conn.execute("INSERT INTO orders VALUES (1, 'paid', 5), (2, 'new', 5)")
             got_first, got_again = await first.take(1), await again.take(1)
         assert [c["key"] for c in got_first] == [c["key"] for c in got_again] == [1]
