@@ -45,6 +45,7 @@ from connectors.postgres_capture import (
     journal_stats,
     trigger_names,
 )
+from connectors.postgres_filters import check_filter
 from connectors.postgres_migrate import (
     LOCK_CLASS,
     apply_migrations,
@@ -56,6 +57,7 @@ from connectors.postgres_migrate import (
 from connectors.postgres_types import TableShape, read_shape
 from feed.change import Change, Gap, room_key
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
+from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors.postgres")
@@ -659,16 +661,21 @@ class PostgresConnector(Connector):
         conn = await self._admin()
         try:
             version = await conn.fetchval("SHOW server_version")
+            missing = await pending(conn, self.schema) if self.mode == "notify" else []
+            if missing and not self.auto_migrate:
+                # `feed serve` would keep this connector down: a failure now, not an "ok".
+                raise SourceMisconfigured(
+                    f"{len(missing)} migration(s) pending ({', '.join(missing)}): "
+                    "run `feed migrate --config <file>` (or set auto_migrate = true)"
+                )
             await self._check_tables(conn, attach=False)
             if self.mode == "logical":
                 backlog = await self._check_logical(conn)
                 return f"Postgres {version}, logical mode, {len(self.tables)} table(s){backlog}"
-            missing = await pending(conn, self.schema)
-            backlog = ""
             if not missing:
                 backlog = await self._check_capture(conn)
             else:
-                backlog = f", needs `feed migrate` ({len(missing)} pending)"
+                backlog = f", {len(missing)} migration(s) pending, applied at start (auto_migrate)"
             return f"Postgres {version}, {self.mode} mode, {len(self.tables)} table(s){backlog}"
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
@@ -684,7 +691,12 @@ class PostgresConnector(Connector):
             f"SELECT count(*) FROM {self.q}.watches WHERE consumer = $1", self.name
         )
         if not attached and all(f.mend for f in faults):
-            return f", needs `feed migrate` ({self.name!r} is not attached to its tables yet)"
+            if self.auto_migrate:
+                return ", not attached to its tables yet: attached at start (auto_migrate)"
+            raise SourceMisconfigured(
+                f"{self.where}: {self.name!r} is not attached to its tables yet: "
+                "run `feed migrate --config <file>` (or set auto_migrate = true)"
+            )
         if faults:
             lines = [f.line if f.hint else f"{f.detail}; run `feed migrate`" for f in faults]
             raise SourceMisconfigured(f"{self.where}: capture cannot work: " + " | ".join(lines))
@@ -722,7 +734,10 @@ class PostgresConnector(Connector):
                     f"{self.where}: replication slot {self.slot!r} is gone (dropped, or lost): "
                     "changes since are lost; the feed recreates it at start, with a gap"
                 )
-            return f", needs `feed migrate` (no replication slot {self.slot!r} yet)"
+            return (
+                f", no replication slot {self.slot!r} yet: `feed migrate` or the first start "
+                "creates it"
+            )
         if slot["plugin"] != "pgoutput" or slot["database"] != await conn.fetchval(
             "SELECT current_database()"
         ):
@@ -1212,6 +1227,12 @@ class PostgresConnector(Connector):
             meta=meta,
             position=position,
         )
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Unknown columns and literals not of the column's type: see connectors/postgres_filters."""
+        shape = self._shapes.get(target)
+        if shape is not None:  # not read yet (the connector is not up): nothing to check against
+            check_filter(shape, row_filter)
 
     # -- snapshots -------------------------------------------------------------------------------
 

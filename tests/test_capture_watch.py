@@ -290,7 +290,9 @@ async def test_feed_check_fails_where_capture_cannot_work(pg: PgDatabase, tmp_pa
     await pg.conn.execute("CREATE TABLE public.other (id int PRIMARY KEY)")
     await make_connector(pg.url, ["public.other"], name="first").migrate()
     connector = make_connector(pg.url, ["public.orders"])
-    assert "'main' is not attached to its tables yet" in await connector.check()
+    assert "not attached to its tables yet: attached at start" in await connector.check()
+    with pytest.raises(SourceMisconfigured, match="'main' is not attached to its tables yet"):
+        await make_connector(pg.url, ["public.orders"], auto_migrate=False).check()
     await connector.migrate()
     assert "journal 0 rows" in await connector.check()
     await pg.conn.execute("ALTER TABLE orders DISABLE TRIGGER feed_capture")

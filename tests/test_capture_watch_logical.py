@@ -93,7 +93,7 @@ async def test_a_slot_dropped_while_stopped_is_announced_by_a_new_process(
 async def test_feed_check_in_logical_mode(logical_pg: PgDatabase) -> None:
     db = logical_pg
     await orders(db)
-    assert "needs `feed migrate`" in await logical(db).check()
+    assert "no replication slot 'feed_main' yet" in await logical(db).check()
     await logical(db).migrate()
     text = await logical(db).check()
     assert "logical mode" in text and "pending" not in text
