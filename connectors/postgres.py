@@ -234,6 +234,7 @@ class PostgresConnector(Connector):
         self._last_capture_check = 0.0
         self._check_now = False
         self._stats: JournalStats | None = None
+        self._last_measure = -1e9
         self._over_ceiling = False
         self._warned_stale: set[str] = set()
 
@@ -1051,7 +1052,10 @@ class PostgresConnector(Connector):
                 self._faults[key] = shown
                 yield self._announce(shown)
         self._show_running()
-        await self._measure(conn)
+        # Counting the journal scans it: every sixth check (30 s by default) is enough for
+        # metrics and warnings about growth measured in minutes.
+        if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
+            await self._measure(conn)
 
     async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> str:
         """Repair what the feed itself set up; return what was done, for the status line."""
@@ -1082,6 +1086,7 @@ class PostgresConnector(Connector):
     async def _measure(self, conn: Any) -> None:
         """Journal size and age for the metrics; warn once per crossing of the ceiling, and
         once per position that has not moved for journal_warn_age (it holds back pruning)."""
+        self._last_measure = time.monotonic()
         stats = self._stats = await journal_stats(
             conn, self.schema, self.name, self.query_timeout, self.journal_warn_age
         )
