@@ -244,7 +244,7 @@ async def test_a_position_nobody_moves_is_counted(pg: PgDatabase) -> None:
 
 
 async def test_migrate_and_unwatch_refuse_to_detach_a_running_feeds_table(
-    pg: PgDatabase,
+    pg: PgDatabase, tmp_path: Any
 ) -> None:
     await orders(pg)
     await pg.conn.execute("CREATE TABLE public.other (id int PRIMARY KEY)")
@@ -259,8 +259,23 @@ async def test_migrate_and_unwatch_refuse_to_detach_a_running_feeds_table(
             await other.migrate(prune=True)
         with pytest.raises(SourceMisconfigured, match=r"feed:main:reader.*add --force"):
             await other.unwatch()
+        # The same from the command line, as the user ran it: one line, exit 2.
+        from tests.test_postgres_cli import feed as run_feed
+
+        other_toml = tmp_path / "other.toml"
+        other_toml.write_text(
+            "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+            "dsn = '${DATABASE_URL}'\ntables = ['public.orders']\n"
+        )
+        code, out, err = await run_feed(
+            "migrate", "--config", str(other_toml), "--prune", database_url=pg.url
+        )
+        assert code == 2 and "refusing to detach public.other" in err, (out, err)
+        code, out, err = await run_feed("unwatch", "--config", str(other_toml), database_url=pg.url)
+        assert code == 2 and "refusing to unwatch" in err and "--force" in err, (out, err)
         triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass"
         assert await pg.conn.fetchval(triggers + " AND NOT tgisinternal", "public.other") == 2
+        assert await pg.conn.fetchval(triggers + " AND NOT tgisinternal", "public.orders") == 2
         assert await ready(feed.url) == 200
     # With the feed stopped, the same prune goes through.
     lines = await make_connector(pg.url, ["public.orders"]).migrate(prune=True)
