@@ -1031,7 +1031,7 @@ class PostgresConnector(Connector):
             if key in current:
                 continue
             del self._faults[key]
-            if not old.mend:  # e.g. the triggers were enabled again: the window closes now
+            if not old.mend or old.hint:  # fixed by someone else: the window closes now
                 what = old.target or self.name
                 yield Gap(
                     self.name,
@@ -1041,15 +1041,23 @@ class PostgresConnector(Connector):
                 )
         user = None
         for key, fault in current.items():
-            if key not in self._faults:
-                shown = fault
-                if fault.mend:
-                    user = user or await conn.fetchval("SELECT current_user")
-                    mended = await self._mend(conn, fault, user)
-                    shown = CaptureFault(
-                        fault.target, fault.kind, f"{fault.detail}; {mended}", "", True
-                    )
-                self._faults[key] = shown
+            standing = self._faults.get(key)
+            # A new fault; or one the feed failed to mend (its hint says so): try again.
+            if standing is not None and not (standing.mend and standing.hint):
+                continue
+            shown = fault
+            if fault.mend:
+                user = user or await conn.fetchval("SELECT current_user")
+                ok, done = await self._mend(conn, fault, user)
+                shown = CaptureFault(
+                    fault.target,
+                    fault.kind,
+                    f"{fault.detail}; {done}",
+                    "" if ok else "run `feed migrate --config <file>`",
+                    True,
+                )
+            self._faults[key] = shown
+            if standing is None:
                 yield self._announce(shown)
         self._show_running()
         # Counting the journal scans it: every sixth check (30 s by default) is enough for
@@ -1057,8 +1065,8 @@ class PostgresConnector(Connector):
         if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
             await self._measure(conn)
 
-    async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> str:
-        """Repair what the feed itself set up; return what was done, for the status line."""
+    async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> tuple[bool, str]:
+        """Repair what the feed itself set up; say whether it worked and what was done."""
         state = self._state
         try:
             if fault.kind == "position_lost" and state is not None:
@@ -1068,7 +1076,7 @@ class PostgresConnector(Connector):
                     self.name,
                     state.prev.text,
                 )
-                return "position restored from memory"
+                return True, "position restored from memory"
             if fault.target is not None:
                 regclass = self.regclass(fault.target)
                 await self._attach(conn, fault.target, regclass, user)
@@ -1076,12 +1084,12 @@ class PostgresConnector(Connector):
                 if oid is not None:
                     self._oids[fault.target] = int(oid)
                     self._shapes.pop(fault.target, None)  # a re-created table: read it again
-                return "capture re-attached"
+                return True, "capture re-attached"
         except (SourceMisconfigured, asyncpg.PostgresError) as exc:
             if isinstance(exc, asyncpg.PostgresError) and is_transient(exc):
                 raise
-            return f"could not re-attach ({one_line(exc)}): run `feed migrate --config <file>`"
-        return "nothing to mend"
+            return False, f"could not re-attach ({one_line(exc)})"
+        return True, "nothing to mend"
 
     async def _measure(self, conn: Any) -> None:
         """Journal size and age for the metrics; warn once per crossing of the ceiling, and

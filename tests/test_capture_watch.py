@@ -344,3 +344,48 @@ async def test_the_check_keeps_its_interval_while_the_reader_idles(pg: PgDatabas
         await pg.conn.execute("ALTER TABLE orders DISABLE TRIGGER ALL")
         gap = await asyncio.wait_for(stream.queue.get(), 3.0)
     assert isinstance(gap, Gap) and "disabled" in gap.reason
+
+
+async def test_a_repair_the_feed_cannot_make_is_retried_and_closed_by_the_operator(
+    pg: PgDatabase,
+) -> None:
+    """A feed role without TRIGGER on the table cannot re-attach: it says what to run, tries
+    again at each check, and closes the window with a second gap once the operator has."""
+    import uuid
+
+    from feed.change import Gap
+    from tests.postgres_helpers import streaming
+
+    await orders(pg)
+    role = f"feed_weak_{uuid.uuid4().hex[:8]}"
+    await pg.conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        await make_connector(pg.url, ["public.orders"]).migrate()
+        await pg.conn.execute(f"GRANT USAGE ON SCHEMA feed TO {role}")
+        await pg.conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role}"
+        )
+        await pg.conn.execute(f"GRANT SELECT ON orders TO {role}")
+        weak_url = pg.url.replace("postgresql://postgres@", f"postgresql://{role}@")
+        connector = make_connector(
+            weak_url, ["public.orders"], auto_migrate=False, capture_check_interval=0.2
+        )
+        async with streaming(connector) as stream:
+            await pg.conn.execute("DROP TRIGGER feed_capture ON orders")
+            first = await asyncio.wait_for(stream.queue.get(), WAIT)
+            assert isinstance(first, Gap) and "could not re-attach" in first.reason
+            assert "run `feed migrate" in connector.status.detail
+            assert connector.status.state.value == "down"
+            await make_connector(pg.url, ["public.orders"]).migrate()  # the operator's fix
+            closing = await asyncio.wait_for(stream.queue.get(), WAIT)
+            assert isinstance(closing, Gap) and "resumed" in closing.reason
+            await eventually(lambda: _state(connector), "up", "the connector up again")
+            await pg.conn.execute("INSERT INTO orders VALUES (9, 'x')")
+            assert (await stream.next()).key == 9
+    finally:
+        await pg.conn.execute(f"DROP OWNED BY {role}")
+        await pg.conn.execute(f"DROP ROLE {role}")
+
+
+async def _state(connector: Any) -> str:
+    return str(connector.status.state.value)
