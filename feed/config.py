@@ -33,6 +33,8 @@ class ServerConfig:
     max_room_length: int = 512
     max_filter_length: int = 1024
     snapshot_limit: int = 1000
+    snapshot_chunk_bytes: int = 256 * 1024
+    """JSON bytes of rows per snapshot frame: larger snapshots go out in several (feed.snapshots)."""
     cors_allowed_origins: list[str] = field(default_factory=list)
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True
@@ -132,6 +134,9 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         max_room_length=server_opts.int("max_room_length", 512, minimum=16),
         max_filter_length=server_opts.int("max_filter_length", 1024, minimum=16),
         snapshot_limit=server_opts.int("snapshot_limit", 1000, minimum=1),
+        snapshot_chunk_bytes=server_opts.int(
+            "snapshot_chunk_bytes", 256 * 1024, minimum=1024, maximum=16 * 1024 * 1024
+        ),
         cors_allowed_origins=server_opts.str_list("cors_allowed_origins"),
         max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
         dashboard=server_opts.bool("dashboard", True),
@@ -157,6 +162,12 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
     auth = parse_auth(top)
     limits = parse_limits(top)
+    if server.snapshot_chunk_bytes * 2 > limits.outbound_queue_bytes:
+        server_opts.fail(
+            "snapshot_chunk_bytes",
+            f"must be at most half of [limits] outbound_queue_bytes "
+            f"({limits.outbound_queue_bytes}), or a client taking a snapshot is cut off as slow",
+        )
     top._used.add("auth")
     top.finish()
     return Config(

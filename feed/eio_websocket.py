@@ -62,6 +62,9 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+POLL_CLOSE_WAIT = 2.0
+"""Seconds a closing long-polling socket waits for its client to take what is queued."""
+
 _PING = eio_packet.Packet(eio_packet.PING)
 _PING.encode()
 _CLOSE = eio_packet.Packet(eio_packet.CLOSE)
@@ -387,7 +390,17 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         if self.protocol is None and not isinstance(self.queue, Backlog):
-            await super().close(wait=wait, abort=abort, reason=reason)
+            # Engine.IO waits for a long-polling client to take its queue (the close packet
+            # included) with no bound: one that never polls again held the closing task, and
+            # with it shutdown, forever. It gets POLL_CLOSE_WAIT seconds.
+            await super().close(wait=False, abort=abort, reason=reason)
+            if abort:
+                # Ends a poll that is waiting now (an empty answer; the next one is refused),
+                # rather than leaving it, and the client's disconnect, to the poll timeout.
+                self.queue.put_nowait(None)
+            elif wait:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.queue.join(), POLL_CLOSE_WAIT)
         elif not self.closed and not self.closing:
             self.closing = True
             await self.server._trigger_event(

@@ -27,6 +27,7 @@ from feed.filters import RowFilter, parse_filter
 from feed.metrics import Counter, Labels, Metrics
 from feed.protocol import SubscribeRequest
 from feed.rooms import Room
+from feed.snapshots import split_rows
 from feed.transport import Transport
 
 log = logging.getLogger("feed.hub")
@@ -139,6 +140,7 @@ class Hub:
         self._targets: dict[tuple[str, str], TargetRooms] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._catch_ups: dict[tuple[str, str], object] = {}
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
@@ -350,14 +352,21 @@ class Hub:
             "epoch": self.epoch,
         }
         covers: Callable[[Change], bool] | None = None
+        rest: list[list[Any]] = []
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
             rows = [mask(r) if mask else r for r in snapshot.rows]
-            ack["snapshot"] = [to_json(r) for r in rows if r is not None]
+            first, *rest = split_rows(
+                [to_json(r) for r in rows if r is not None], self.settings.snapshot_chunk_bytes
+            )
+            ack["snapshot"] = first
             ack["snapshot_truncated"] = snapshot.truncated
+            ack["snapshot_chunks"] = 1 + len(rest)
             ack["seq"] = cursor
-        self._spawn(self._catch_up(sid, room, cursor, covers))
+        # The ack goes out when this returns, before the catch-up task's first step: the rest of
+        # the snapshot, then what the room got meanwhile, follow it in that order.
+        self._spawn(self._catch_up(sid, room, cursor, covers, rest))
         return ack
 
     async def _snapshot(
@@ -425,15 +434,33 @@ class Hub:
             self.transport.leave(sid, room.name)
 
     async def _catch_up(
-        self, sid: str, room: Room, cursor: int, covers: Callable[[Change], bool] | None
+        self,
+        sid: str,
+        room: Room,
+        cursor: int,
+        covers: Callable[[Change], bool] | None,
+        chunks: list[list[Any]] | None = None,
     ) -> None:
-        """Send a new member what it missed after `cursor`, in order, then let it go live.
+        """Send a new member the rest of its snapshot and what it missed after `cursor`, in
+        order, then let it go live.
 
-        Each pass sends everything buffered so far in one `changes` frame; the member leaves the
+        Snapshot chunks 2..N go first, each once the client has taken most of the previous one
+        (`send_paced`), so a large snapshot never piles up past the outbound limit. Then each
+        pass sends everything buffered so far in one `changes` frame; the member leaves the
         pending set in the same step that finds nothing newer, so no live send can overtake it.
+        A newer subscribe of the same client to the same room supersedes this one.
         """
+        key = (sid, room.name)
+        token = self._catch_ups[key] = object()
         try:
-            while sid in room.pending:
+            if chunks and self.transport is not None:
+                total = len(chunks) + 1
+                for index, rows in enumerate(chunks, start=2):
+                    if sid not in room.pending or self._catch_ups.get(key) is not token:
+                        return
+                    body = {"room": room.name, "chunk": index, "of": total, "rows": rows}
+                    await self.transport.send_paced(sid, "snapshot", body)
+            while sid in room.pending and self._catch_ups.get(key) is token:
                 if cursor < room.seq and not room.holds_after(cursor):
                     if self.transport is not None:
                         body = {
@@ -461,6 +488,9 @@ class Hub:
         except Exception:
             log.exception("catch-up for %s in %s failed", sid, room.name)
             room.pending.discard(sid)
+        finally:
+            if self._catch_ups.get(key) is token:
+                del self._catch_ups[key]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -160,6 +160,9 @@ class RoomsTransport:
         if event in ("change", "changes"):
             self.received.setdefault(sid, []).extend(data if isinstance(data, list) else [data])
 
+    async def send_paced(self, sid: str, event: str, data: Any) -> None:
+        await self.send_to(sid, event, data)
+
     async def broadcast(self, event: str, data: Any) -> None:
         pass
 
