@@ -6,6 +6,7 @@ config that does not gets one line naming the file, the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -162,12 +163,12 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
     auth = parse_auth(top)
     limits = parse_limits(top)
-    if server.snapshot_chunk_bytes * 2 > limits.outbound_queue_bytes:
-        server_opts.fail(
-            "snapshot_chunk_bytes",
-            f"must be at most half of [limits] outbound_queue_bytes "
-            f"({limits.outbound_queue_bytes}), or a client taking a snapshot is cut off as slow",
-        )
+    # A chunk waits whole in a long-polling client's queue: chunks are kept to a quarter of
+    # the outbound limit, so a client taking a snapshot is never cut off as slow.
+    server = dataclasses.replace(
+        server,
+        snapshot_chunk_bytes=min(server.snapshot_chunk_bytes, limits.outbound_queue_bytes // 4),
+    )
     top._used.add("auth")
     top.finish()
     return Config(

@@ -34,12 +34,12 @@ def test_split_rows_keeps_every_row_in_order_and_bounds_each_chunk() -> None:
     assert split_rows([rows[1], big, rows[2]], 10_000) == [[rows[1]], [big], [rows[2]]]
 
 
-def test_chunk_size_is_validated_against_the_outbound_limit() -> None:
+def test_chunk_size_is_validated_and_kept_under_the_outbound_limit() -> None:
     with pytest.raises(ConfigError, match=r"server\.snapshot_chunk_bytes: must be at least 1024"):
         parse_config(BASE.replace("[server]", "[server]\nsnapshot_chunk_bytes = 10"), "f", {})
     too_big = BASE.replace("[server]", "[server]\nsnapshot_chunk_bytes = 1048576")
-    with pytest.raises(ConfigError, match=r"snapshot_chunk_bytes: must be at most half of"):
-        parse_config(too_big + "[limits]\noutbound_queue_bytes = 1048576\n", "f", {})
+    small_queue = parse_config(too_big + "[limits]\noutbound_queue_bytes = 1048576\n", "f", {})
+    assert small_queue.server.snapshot_chunk_bytes == 262144  # a quarter of the outbound limit
     assert parse_config(BASE, "f", {}).server.snapshot_chunk_bytes == CHUNK
 
 
