@@ -390,6 +390,14 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 protocol.transport.abort()
 
+    async def _close_polling(self, abort: bool, reason: Any) -> None:
+        """Engine.IO's close of a long-polling socket, never waiting for the client."""
+        await super().close(wait=False, abort=abort, reason=reason)
+        if abort:
+            # Ends a poll that is waiting now (an empty answer; the next one is refused),
+            # rather than leaving it, and the client's disconnect, to the poll timeout.
+            self.queue.put_nowait(None)
+
     async def handle_post_request(self, environ: dict[str, Any]) -> None:
         """A long-polling POST: Engine.IO's, with a malformed body reported and the session
         closed instead of a traceback at ERROR (and a 400 for the request)."""
@@ -411,7 +419,9 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             problem = f"undecodable payload: {type(exc).__name__}: {exc}"
         if problem is not None:
             self.server.report_malformed(self.sid, "bad_payload", problem)
-            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_ERROR)
+            # Closed but left in the server's table: Engine.IO's error path removes it and
+            # answers 400 (it answers nothing at all for a session already gone).
+            await self._close_polling(abort=True, reason=self.server.reason.TRANSPORT_ERROR)
             raise eio_exceptions.EngineIOError(problem)
         for pkt in packets:
             await self.receive(pkt)
@@ -423,14 +433,11 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             # Engine.IO waits for a long-polling client to take its queue (the close packet
             # included) with no bound: one that never polls again held the closing task, and
             # with it shutdown, forever. It gets POLL_CLOSE_WAIT seconds.
-            await super().close(wait=False, abort=abort, reason=reason)
-            if abort:
-                # Ends a poll that is waiting now (an empty answer; the next one is refused),
-                # rather than leaving it, and the client's disconnect, to the poll timeout.
-                self.queue.put_nowait(None)
-            elif wait:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.queue.join(), POLL_CLOSE_WAIT)
+            if not self.closed and not self.closing:
+                await self._close_polling(abort=abort, reason=reason)
+                if wait and not abort:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.queue.join(), POLL_CLOSE_WAIT)
         elif not self.closed and not self.closing:
             self.closing = True
             await self.server._trigger_event(
