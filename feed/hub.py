@@ -26,6 +26,7 @@ from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 from feed.filters import RowFilter, parse_filter
 from feed.metrics import Counter, Labels, Metrics
 from feed.protocol import SubscribeRequest
+from feed.room_budget import RoomBudget
 from feed.rooms import Room
 from feed.snapshots import split_rows
 from feed.transport import Transport
@@ -141,6 +142,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], object] = {}
+        self.budget = RoomBudget(per_identity=5000, total=50_000)
+        """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
@@ -209,9 +212,50 @@ class Hub:
             r for r in self.rooms.values() if r.expired(now, self.settings.filter_room_grace)
         ]
         for room in expired:
-            del self.rooms[room.name]
-            self._targets[(room.connector, room.target)].discard(room)
+            self._drop_room(room)
         return len(expired)
+
+    def _drop_room(self, room: Room) -> None:
+        del self.rooms[room.name]
+        self._targets[(room.connector, room.target)].discard(room)
+        self.budget.release(room.name)
+
+    def _make_room_for(self, owner: str) -> None:
+        """Before `owner` creates a room: within its budget and the server's, by expiring an
+        idle room early if need be (its own first), or refuse (feed.room_budget)."""
+        budget = self.budget
+        if budget.over_identity(owner) and not self._evict_idle(owner):
+            self.metrics.inc("feed_rooms_refused_total", reason="identity")
+            raise ProtocolError(
+                "too_many_rooms",
+                f"{owner!r} already has {budget.charged(owner)} row and filter rooms (the limit "
+                "is [limits] rooms_per_identity); unsubscribe from some, or share filters",
+            )
+        if budget.over_total() and not self._evict_idle(None):
+            self.metrics.inc("feed_rooms_refused_total", reason="total")
+            raise ProtocolError(
+                "server_busy",
+                f"the server holds its maximum of {budget.total} row and filter rooms, all "
+                "followed; retry later",
+            )
+
+    def _evict_idle(self, owner: str | None) -> bool:
+        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None)."""
+        owners = self.budget.owners
+        oldest: Room | None = None
+        for name, charged_to in owners.items():
+            if owner is not None and charged_to != owner:
+                continue
+            room = self.rooms.get(name)
+            if room is None or room.members or room.empty_since is None:
+                continue
+            if oldest is None or room.empty_since < (oldest.empty_since or 0.0):
+                oldest = room
+        if oldest is None:
+            return False
+        self._drop_room(oldest)
+        self.metrics.inc("feed_rooms_evicted_total")
+        return True
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -311,8 +355,12 @@ class Hub:
         forced: RowFilter | None = None,
         mask: RowGuard | None = None,
         shape: Shape | None = None,
+        owner: str = "anonymous",
     ) -> dict[str, Any]:
         """Join a room; replay from `since` or answer with a snapshot; return the ack.
+
+        `owner` (the identity's name) is charged for the row or filter room it creates or
+        joins (feed.room_budget).
 
         A `shape` (from feed.access) forces its filter, masks snapshot rows, and puts the client
         in a room whose live and replayed payloads are shaped the same way.
@@ -335,7 +383,12 @@ class Hub:
                 f"at most {self.settings.max_subscriptions} subscriptions per client; "
                 "unsubscribe from a room first",
             )
+        ephemeral = address.key is not None or row_filter is not None or shape is not None
+        if ephemeral and name not in self.rooms:
+            self._make_room_for(owner)
         room = self._room(connector.name, address, row_filter, shape)
+        if ephemeral:
+            self.budget.charge(room.name, owner)
         recovered: bool | None = None
         cursor = room.seq
         if request.since is not None:
@@ -538,6 +591,8 @@ class Hub:
         m.describe("feed_subscriptions", "gauge", "Subscriptions across clients")
         m.describe("feed_replay_evictions_total", "counter", "Changes dropped from replay buffers")
         m.describe("feed_errors_total", "counter", "Client requests refused, by code")
+        m.describe("feed_rooms_refused_total", "counter", "New rooms refused, by limit reached")
+        m.describe("feed_rooms_evicted_total", "counter", "Idle rooms expired early for new ones")
         m.gauges(self._gauge_values)
 
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:

@@ -46,6 +46,10 @@ class LimitsConfig:
     """Seconds a connection has to send complete request headers (slowloris, feed.guard)."""
     handshake_timeout: float = 10.0
     """Seconds between an Engine.IO session opening and its Socket.IO connect."""
+    rooms_per_identity: int = 5000
+    """Row and filter rooms charged to one identity (feed.room_budget; 0: no limit)."""
+    max_rooms: int = 50_000
+    """Row and filter rooms in all (0: no limit)."""
 
 
 def parse_limits(top: Options) -> LimitsConfig:
@@ -58,6 +62,8 @@ def parse_limits(top: Options) -> LimitsConfig:
         max_connections=opts.int("max_connections", 0, minimum=0),
         header_timeout=opts.float("header_timeout", 10.0, minimum=0.1),
         handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1),
+        rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0),
+        max_rooms=opts.int("max_rooms", 50_000, minimum=0),
     )
     opts.finish()
     return config

@@ -30,6 +30,7 @@ from feed.http import HttpApp
 from feed.hub import Hub
 from feed.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.protocol import SubscribeRequest, error_ack, unsubscribe_room
+from feed.room_budget import RoomBudget
 from feed.transport import SocketIOTransport
 
 log = logging.getLogger("feed.server")
@@ -67,6 +68,7 @@ class FeedApp:
         self.sessions: dict[str, Session] = {}
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
+        self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
         self.sio = FeedSocketIO(
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
@@ -258,7 +260,7 @@ class FeedApp:
                 else None
             )
             shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
-            return await self.hub.subscribe(sid, request, shape=shape)
+            return await self.hub.subscribe(sid, request, shape=shape, owner=session.identity.name)
 
         return await self._answer("subscribe", handle)
 

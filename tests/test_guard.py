@@ -8,14 +8,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from tests.auth_helpers import BASE, source, ws_url
-from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.auth_helpers import BASE, TOKENS, source, token_config, ws_url
+from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
 POLL = "/socket.io/?EIO=4&transport=polling"
@@ -243,3 +244,75 @@ async def test_malformed_packets_are_counted_and_logged_once_without_a_traceback
     ]
     warnings = [r for r in caplog.records if r.name == "feed.guard"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+ROOM_LIMITS = "[limits]\nrooms_per_identity = 50\nmax_rooms = 120\n"
+
+
+def room_config() -> str:
+    return (
+        token_config().replace("filter_room_grace = 0.2", "filter_room_grace = 300") + ROOM_LIMITS
+    )
+
+
+async def subscribe_filters(client: FeedClient, start: int, count: int) -> list[dict[str, Any]]:
+    return [
+        await client.subscribe("mem:public.orders", filter=f"id=eq.{i}")
+        for i in range(start, start + count)
+    ]
+
+
+async def test_filter_rooms_are_bounded_per_identity_and_grace_kept_rooms_count() -> None:
+    async with running_feed(room_config()) as feed:
+        ops = {"token": TOKENS["ops"]}
+        hub = feed.hub
+        async with feed_client(feed.url, auth=ops) as first:
+            assert all(a["ok"] for a in await subscribe_filters(first, 0, 50))
+            refused = await first.subscribe("mem:public.orders", filter="id=eq.999")
+            assert refused["ok"] is False and refused["error"]["code"] == "too_many_rooms"
+            assert "rooms_per_identity" in refused["error"]["message"]
+            # Rows rooms count too; a room it already has is no new room.
+            assert (await first.subscribe("mem:public.orders:7"))["error"]["code"] == (
+                "too_many_rooms"
+            )
+            assert (await first.subscribe("mem:public.orders", filter="id=eq.3"))["ok"]
+        # Gone, its 50 rooms stay for their grace, charged to ops; a new ops connection with
+        # new filters makes them expire early instead of adding to them. Three rounds.
+        for round_ in range(1, 4):
+            async with feed_client(feed.url, auth=ops) as again:
+                acks = await subscribe_filters(again, 100 * round_, 50)
+                assert all(a["ok"] for a in acks), [a for a in acks if not a["ok"]][:1]
+                assert hub.budget.charged("ops") == 50
+            assert len([r for r in hub.rooms.values() if r.filter is not None]) == 50
+        assert hub.metrics.value("feed_rooms_evicted_total") == 150
+        assert hub.metrics.value("feed_rooms_refused_total", reason="identity") == 2
+
+
+async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
+    async with running_feed(room_config()) as feed:
+        auth = {who: {"token": TOKENS[who]} for who in ("ops", "acme-svc", "globex-svc")}
+        async with (
+            feed_client(feed.url, auth=auth["ops"]) as ops,
+            feed_client(feed.url, auth=auth["acme-svc"]) as acme,
+        ):
+            assert all(a["ok"] for a in await subscribe_filters(acme, 0, 50))
+            async with feed_client(feed.url, auth=auth["globex-svc"]) as globex:
+                assert all(a["ok"] for a in await subscribe_filters(globex, 0, 50))
+                assert all(a["ok"] for a in await subscribe_filters(ops, 0, 20))
+                assert len(feed.hub.budget) == 120
+                busy = await ops.subscribe("mem:public.orders", filter="id=eq.500")
+                assert busy["ok"] is False and busy["error"]["code"] == "server_busy", busy
+            # globex left: its rooms are idle now, and the oldest makes way for a new one.
+            assert (await ops.subscribe("mem:public.orders", filter="id=eq.500"))["ok"]
+            assert len(feed.hub.budget) == 120
+            assert feed.hub.budget.charged("globex-svc") == 49
+            # A flood of new filters by one identity never takes more than its share.
+            for _ in range(3):
+                async with feed_client(feed.url, auth=auth["acme-svc"]) as flood:
+                    acks = await subscribe_filters(flood, 1000, 60)
+                    assert {a["error"]["code"] for a in acks if not a["ok"]} <= {
+                        "too_many_rooms",
+                        "server_busy",
+                    }
+                assert len(feed.hub.budget) <= 120
+                assert feed.hub.budget.charged("acme-svc") <= 50
