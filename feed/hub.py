@@ -13,7 +13,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -143,6 +143,9 @@ class Hub:
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], object] = {}
         self.budget = RoomBudget(per_identity=5000, total=50_000)
+        self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        """Sends a status change to clients in place of a broadcast (feed.server: the detail
+        only to operators)."""
         """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
@@ -573,7 +576,9 @@ class Hub:
 
     def _status_changed(self, status: Status) -> None:
         log.info("connector %s is %s %s", status.connector, status.state.value, status.detail)
-        if self.transport is not None:
+        if self.announce_status is not None:
+            self._spawn(self.announce_status(status.to_json()))
+        elif self.transport is not None:
             self._spawn(self.transport.broadcast("status", status.to_json()))
 
     # -- metrics -------------------------------------------------------------------------------

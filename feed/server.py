@@ -31,6 +31,7 @@ from feed.hub import Hub
 from feed.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.protocol import SubscribeRequest, error_ack, unsubscribe_room
 from feed.room_budget import RoomBudget
+from feed.status import generic, generic_catalog
 from feed.transport import SocketIOTransport
 
 log = logging.getLogger("feed.server")
@@ -69,6 +70,7 @@ class FeedApp:
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
         self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
+        self.hub.announce_status = self._announce_status
         self.sio = FeedSocketIO(
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
@@ -277,7 +279,20 @@ class FeedApp:
         session = self.sessions.get(sid)
         if session is None:
             return error_ack(ProtocolError("not_connected", "this connection is closing"))
-        return self.authorizer.catalog(session.identity, self.hub.catalog())
+        catalog = self.authorizer.catalog(session.identity, self.hub.catalog())
+        if not self.config.auth.operator(session.identity):
+            catalog = generic_catalog(catalog)
+        return catalog
+
+    async def _announce_status(self, body: dict[str, Any]) -> None:
+        """A connector's status change: the detail to operators, a generic line to the rest."""
+        transport = self.hub.transport
+        if transport is None:
+            return
+        plain = generic(body)
+        for sid, session in list(self.sessions.items()):
+            operator = self.config.auth.operator(session.identity)
+            await transport.send_to(sid, "status", body if operator else plain)
 
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
         """Swap in a fresh token before the current one expires, keeping the subscriptions."""
