@@ -8,9 +8,9 @@ Three things a client could do cheaply that cost the server dearly (issue 18, do
   before reading anything, closes the connection and the Engine.IO session named in the URL;
 - **slowloris**: uvicorn starts its keep-alive timer only after a response, so a connection that
   sends a partial request holds its descriptor forever. `guarded_http_protocol` closes a
-  connection whose request headers are not complete `header_timeout` seconds after it opened
-  (or after its previous response), and refuses connections past `max_connections` with a 503,
-  so the clients already connected keep being served;
+  connection whose request (headers, and body if any) is not complete `request_timeout` seconds
+  after it opened (or after its previous response), and refuses connections past
+  `max_connections` with a 503, so the clients already connected keep being served;
 - **malformed packets**: Engine.IO and Socket.IO logged each at ERROR with a full traceback,
   twice. `ClientErrors` counts them (`feed_client_errors_total{kind}`) and logs at most one
   WARNING line per interval, saying how many were left out.
@@ -162,11 +162,11 @@ class ConnectionGuard:
     """Settings and counts shared by every connection's protocol (see `guarded_http_protocol`)."""
 
     def __init__(
-        self, metrics: Metrics, errors: ClientErrors, header_timeout: float, max_connections: int
+        self, metrics: Metrics, errors: ClientErrors, request_timeout: float, max_connections: int
     ) -> None:
         self.metrics = metrics
         self.errors = errors
-        self.header_timeout = header_timeout
+        self.request_timeout = request_timeout
         self.max_connections = max_connections or automatic_connection_cap()
         self.connections: set[Any] | None = None
         """uvicorn's set of open connections (HTTP and websocket), once one has been made."""
@@ -185,15 +185,17 @@ class ConnectionGuard:
 
 
 def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header timeout and a connection cap (`uvicorn.Config(http=)`).
+    """uvicorn's h11 protocol with a request timeout and a connection cap (`uvicorn.Config(http=)`).
 
-    The timer runs while the connection waits for a request's headers: from the moment it
-    opens, and again after each response. A complete request (or a websocket upgrade) stops it;
-    long-polls and websockets, once their request is in, are not timed by it.
+    The timer runs while the connection waits for a request, headers and body: from the moment
+    it opens, and again after each response. A complete request (or a websocket upgrade) stops
+    it; long-polls and websockets, once their request is in, are not timed by it.
     """
 
     class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
         _header_timer: asyncio.TimerHandle | None = None
+        _timed_cycle: Any = None
+        """The request cycle current when the timer was armed (the one already answered)."""
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -210,9 +212,14 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def handle_events(self) -> None:
-            cycle = self.cycle
             super().handle_events()
-            if self.cycle is not cycle:  # a request's headers are complete
+            cycle = self.cycle
+            # A new request, headers and body, is complete.
+            if (
+                self._header_timer is not None
+                and cycle is not self._timed_cycle
+                and not cycle.more_body
+            ):
                 self._disarm()
 
         def handle_websocket_upgrade(self, event: Any) -> None:
@@ -227,21 +234,24 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
 
         def _arm(self) -> None:
             self._disarm()
-            self._header_timer = self.loop.call_later(guard.header_timeout, self._headers_late)
+            self._timed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(guard.request_timeout, self._late)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
 
-        def _headers_late(self) -> None:
+        def _late(self) -> None:
             self._header_timer = None
             if self.transport.is_closing():
                 return
-            if self.conn.trailing_data[0]:  # part of a request came, the rest did not
+            partial_body = self.cycle is not self._timed_cycle
+            if partial_body or self.conn.trailing_data[0]:  # part of a request came, not all
                 guard.errors.report(
-                    "header_timeout",
-                    f"no complete request headers within {guard.header_timeout:g} s: closed",
+                    "request_timeout",
+                    f"no complete request within {guard.request_timeout:g} s "
+                    f"({'body' if partial_body else 'headers'} incomplete): closed",
                 )
             self.transport.abort()
 

@@ -42,8 +42,8 @@ class LimitsConfig:
     max_connections: int = 0
     """Open TCP connections served at once; more are refused with 503 (0: the process's
     open-file limit less 100, feed.guard)."""
-    header_timeout: float = 10.0
-    """Seconds a connection has to send complete request headers (slowloris, feed.guard)."""
+    request_timeout: float = 10.0
+    """Seconds a connection has to send a complete request, headers and body (slowloris)."""
     handshake_timeout: float = 10.0
     """Seconds between an Engine.IO session opening and its Socket.IO connect."""
     rooms_per_identity: int = 5000
@@ -60,7 +60,7 @@ def parse_limits(top: Options) -> LimitsConfig:
         subscribe_burst=opts.int("subscribe_burst", 100, minimum=1),
         outbound_queue_bytes=opts.int("outbound_queue_bytes", 8 * 1024 * 1024, minimum=16 * 1024),
         max_connections=opts.int("max_connections", 0, minimum=0),
-        header_timeout=opts.float("header_timeout", 10.0, minimum=0.1),
+        request_timeout=opts.float("request_timeout", 10.0, minimum=0.1),
         handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1),
         rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0),
         max_rooms=opts.int("max_rooms", 50_000, minimum=0),

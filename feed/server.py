@@ -91,7 +91,7 @@ class FeedApp:
         limits = config.limits
         self.client_errors = ClientErrors(self.hub.metrics)
         self.guard = ConnectionGuard(
-            self.hub.metrics, self.client_errors, limits.header_timeout, limits.max_connections
+            self.hub.metrics, self.client_errors, limits.request_timeout, limits.max_connections
         )
         eio = self.sio.eio
         eio.on_malformed = self._malformed

@@ -102,20 +102,30 @@ async def test_a_polling_post_within_the_limit_still_works_and_a_bad_length_gets
 SLOW = 30
 
 
-async def test_slowloris_connections_are_closed_within_the_header_timeout() -> None:
-    config = BASE + "[limits]\nheader_timeout = 1.0\n"
-    async with running_feed(config) as feed, feed_client(feed.url) as normal:
+async def test_slowloris_connections_are_closed_within_the_request_timeout() -> None:
+    config = BASE + "[limits]\nrequest_timeout = 1.0\n"
+    async with (
+        running_feed(config) as feed,
+        feed_client(feed.url) as normal,
+        aiohttp.ClientSession() as http,
+    ):
         db = source(feed)
         assert (await normal.subscribe("mem:public.orders"))["ok"]
+        sid = await open_session(http, feed)
 
-        async def slowloris() -> float:
-            """A request whose headers trickle in and never end; the time until it is closed."""
+        async def slowloris(n: int) -> float:
+            """A request whose headers (or, for odd n, body) trickle in and never end; the time
+            until it is closed."""
             reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
             started = time.monotonic()
-            writer.write(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n")
+            if n % 2:
+                head = f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n"
+                writer.write(head.encode())
+            else:
+                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: x\r\n".encode())
             try:
-                for n in range(100):
-                    writer.write(f"X-Slow-{n}: a\r\n".encode())
+                for i in range(100):
+                    writer.write(f"X-Slow-{i}: a\r\n".encode())
                     await writer.drain()
                     try:
                         got = await asyncio.wait_for(reader.read(1), 0.2)
@@ -129,7 +139,7 @@ async def test_slowloris_connections_are_closed_within_the_header_timeout() -> N
                 writer.close()
             return time.monotonic() - started
 
-        holding = [asyncio.create_task(slowloris()) for _ in range(SLOW)]
+        holding = [asyncio.create_task(slowloris(n)) for n in range(SLOW)]
         latencies = []
         for i in range(20):  # the normal client, meanwhile
             started = time.monotonic()
@@ -140,12 +150,12 @@ async def test_slowloris_connections_are_closed_within_the_header_timeout() -> N
         assert max(closed_after) < 1.0 + 1.0, closed_after  # the timeout, plus a little
         assert max(latencies) < 0.5, latencies
         metrics = feed.hub.metrics.render()
-        assert f'feed_client_errors_total{{kind="header_timeout"}} {SLOW}' in metrics
+        assert f'feed_client_errors_total{{kind="request_timeout"}} {SLOW}' in metrics
 
 
 async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_working() -> None:
     cap = 20
-    config = BASE + f"[limits]\nmax_connections = {cap}\nheader_timeout = 30\n"
+    config = BASE + f"[limits]\nmax_connections = {cap}\nrequest_timeout = 30\n"
     async with running_feed(config) as feed, feed_client(feed.url) as normal:
         db = source(feed)
         assert (await normal.subscribe("mem:public.orders"))["ok"]
