@@ -147,10 +147,10 @@ class Hub:
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], object] = {}
         self.budget = RoomBudget(per_identity=5000, total=50_000)
+        """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
         self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         """Sends a status change to clients in place of a broadcast (feed.server: the detail
         only to operators)."""
-        """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
