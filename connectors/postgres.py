@@ -303,7 +303,7 @@ class PostgresConnector(Connector):
 
                 if self._logical is None:  # kept across restarts: it knows what was routed
                     self._logical = LogicalReader(self)
-                await self._logical.prepare(conn)
+                await self._logical.prepare(conn, starting=True)
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
         finally:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import re
 import struct
 import time
 import uuid
@@ -49,6 +50,7 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 MARKER = "dbfeed: replication slot"
+STOPPED_AT = re.compile(r"\(stopped at ([0-9A-Fa-f]+/[0-9A-Fa-f]+),")
 """Start of the comment left on the publication once the slot exists: a slot missing later was
 dropped or lost (not never made), which a restarted feed could not otherwise know."""
 JSON_TYPES = {114, 3802}  # json, jsonb: rebuilt from parsed values, not from their text
@@ -296,7 +298,7 @@ class LogicalReader:
 
     # -- setup -----------------------------------------------------------------------------------
 
-    async def prepare(self, conn: Any) -> list[str]:
+    async def prepare(self, conn: Any, *, starting: bool = False) -> list[str]:
         """Check wal_level, then make the publication, replica identities and slot exist."""
         c = self.c
         level = await conn.fetchval("SHOW wal_level")
@@ -338,10 +340,12 @@ class LogicalReader:
                 f"(publication, replica identity): {exc}"
             ) from None
         slot = await conn.fetchrow(
-            "SELECT plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, database, wal_status, confirmed_flush_lsn::text AS confirmed"
+            " FROM pg_replication_slots WHERE slot_name = $1",
             self.slot,
         )
-        marked = await self._marked(conn)
+        marker = await self._marker(conn)
+        marked = marker is not None
         if slot is not None and slot["database"] != await conn.fetchval(
             "SELECT current_database()"
         ):
@@ -383,18 +387,40 @@ class LogicalReader:
                     f"ALTER ROLE {user} REPLICATION"
                 ) from None
             lines.append(f"created replication slot {self.slot!r}")
-            await conn.execute(
-                f"COMMENT ON PUBLICATION {pub} IS "
-                + quote_literal(
-                    f"{MARKER} {self.slot} (created {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%SZ})"
-                )
-            )
-        elif slot["plugin"] != "pgoutput":
+            await self._set_marker(conn, "running" if starting else "created")
+            return lines
+        if slot["plugin"] != "pgoutput":
             raise SourceMisconfigured(
                 f"{c.where}: replication slot {self.slot!r} uses {slot['plugin']}, not pgoutput: "
                 "choose another `slot` name"
             )
+        stopped = STOPPED_AT.search(marker or "")
+        if (
+            stopped
+            and slot["confirmed"]
+            and parse_lsn(slot["confirmed"]) > parse_lsn(stopped.group(1))
+        ):
+            # Ours stopped there; the slot now confirms more: someone read it (consuming what the
+            # feed had not delivered) or dropped and made it again while the feed was stopped.
+            self.pending_gap = True
+            self.gap_reason = (
+                f"replication slot {self.slot!r} moved on while the feed was stopped (it stopped "
+                f"at {stopped.group(1)}, the slot now starts after {slot['confirmed']}: read by "
+                "something else, or dropped and recreated): changes in between were not delivered"
+            )
+        if starting or not marked:
+            await self._set_marker(conn, "running" if starting else "created")
         return lines
+
+    async def _set_marker(self, conn: Any, state: str) -> None:
+        """Leave on the publication that the slot exists, and whether the feed stopped cleanly
+        (with where) or is running; see MARKER."""
+        now = dt.datetime.now(dt.UTC)
+        await conn.execute(
+            f"COMMENT ON PUBLICATION {quote_ident(self.publication)} IS "
+            + quote_literal(f"{MARKER} {self.slot} ({state}, {now:%Y-%m-%d %H:%M:%SZ})"),
+            timeout=self.c.query_timeout,
+        )
 
     async def _drop_when_free(self, conn: Any) -> None:
         """Drop the slot; a session of ours that was just cut off may still hold it briefly."""
@@ -406,13 +432,17 @@ class LogicalReader:
                 await asyncio.sleep(0.1)
         await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
 
-    async def _marked(self, conn: Any) -> bool:
-        """Whether a previous run left its marker: the slot existed, whatever happened since."""
+    async def _marker(self, conn: Any) -> str | None:
+        """The marker a previous run left (the slot existed, whatever happened since), or None."""
         comment = await conn.fetchval(
             "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
             self.publication,
         )
-        return bool(comment) and str(comment).startswith(f"{MARKER} {self.slot} ")
+        text = str(comment) if comment else ""
+        return text if text.startswith(f"{MARKER} {self.slot} ") else None
+
+    async def _marked(self, conn: Any) -> bool:
+        return await self._marker(conn) is not None
 
     async def migrate(self, conn: Any) -> list[str]:
         lines = await self.prepare(conn)
@@ -469,13 +499,19 @@ class LogicalReader:
             )
 
     async def stop(self) -> None:
-        """Confirm what was routed, so a restart does not deliver it again."""
-        if self.delivered_end <= self.confirmed:
-            return
+        """Confirm what was routed, so a restart does not deliver it again, and mark where the
+        feed stopped: a slot found further on at the next start was moved by someone else."""
         with contextlib.suppress(Exception):
             conn = await asyncio.wait_for(self.c._connect(), self.c.connect_timeout)
             try:
                 await self._advance(conn)
+                confirmed = await conn.fetchval(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots"
+                    " WHERE slot_name = $1",
+                    self.slot,
+                )
+                if confirmed and await self._marked(conn):
+                    await self._set_marker(conn, f"stopped at {confirmed}")
             finally:
                 await conn.close()
 
