@@ -205,3 +205,23 @@ async def test_a_slot_moved_on_while_the_feed_was_stopped_is_announced(
         await db.conn.execute("INSERT INTO orders VALUES (4, 'a')")
         assert [c.key for c in await stream.take(1)] == [4]
         stream.assert_idle()
+
+
+async def test_a_slot_of_another_database_is_refused(logical_pg: PgDatabase) -> None:
+    import uuid
+
+    import asyncpg
+
+    db = logical_pg
+    await orders(db)
+    slot = f"foreign_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(db.server.admin_url)
+    try:
+        await admin.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+        with pytest.raises(SourceMisconfigured, match="belongs to database 'postgres'"):
+            await logical(db, slot=slot).start()
+        with pytest.raises(SourceMisconfigured, match="is not this feed's"):
+            await logical(db, slot=slot).check()
+    finally:
+        await admin.execute("SELECT pg_drop_replication_slot($1)", slot)
+        await admin.close()
