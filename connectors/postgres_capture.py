@@ -186,7 +186,7 @@ async def journal_stats(
     q = quote_ident(schema)
     row = await conn.fetchrow(
         f"""SELECT (SELECT count(*) FROM {q}.journal) AS rows,
-                   pg_total_relation_size('{q}.journal'::regclass) AS bytes,
+                   pg_total_relation_size(to_regclass($2)) AS bytes,
                    extract(epoch FROM now() - (SELECT min(ts) FROM {q}.journal)) AS oldest,
                    extract(epoch FROM now() - (
                        SELECT min(j.ts) FROM {q}.journal j, {q}.consumers k
@@ -195,6 +195,7 @@ async def journal_stats(
                          AND NOT pg_visible_in_snapshot(j.xid, k.snapshot::pg_snapshot)
                    )) AS undelivered""",
         consumer,
+        f"{q}.journal",
         timeout=query_timeout,
     )
     stale = await conn.fetch(
