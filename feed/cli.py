@@ -198,7 +198,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     async def apply() -> None:
         for connector in connectors:
-            lines = await connector.migrate(prune=args.prune, force=args.force)
+            # Only asked when given: a third-party connector's migrate() may take no options.
+            options = {"prune": True, "force": args.force} if args.prune else {}
+            lines = await connector.migrate(**options)
             for line in lines or ["nothing to do"]:
                 print(f"{connector.name}: {line}")
 
