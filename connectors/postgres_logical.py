@@ -356,6 +356,12 @@ class LogicalReader:
         if slot is not None and slot["wal_status"] == "lost":
             # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size).
             # The slot can never be read again; a new one is the only way on, with a gap.
+            c.set_status(
+                State.DOWN,
+                f"replication slot {self.slot!r} was invalidated (wal_status lost: the server "
+                "removed WAL the feed had not read; raise max_slot_wal_keep_size): recreating "
+                "it, changes in between are lost and announced",
+            )
             await self._drop_when_free(conn)
             lines.append(f"dropped invalidated replication slot {self.slot!r} (wal_status lost)")
             self.pending_gap = True
@@ -575,7 +581,8 @@ class LogicalReader:
 
                 if type(exc).__name__ == "_Stopped":
                     return
-                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+                in_use = isinstance(exc, asyncpg.ObjectInUseError)  # our last session, ending
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc) and not in_use:
                     line = one_line(exc)
                     if "can no longer" in line and "replication slot" in line:
                         line += (
@@ -584,13 +591,12 @@ class LogicalReader:
                         )
                     c.set_status(State.DOWN, line)
                     raise SourceMisconfigured(f"{c.where}: {line}") from None
-                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                if not (is_transient(exc) or in_use or isinstance(exc, SourceUnavailable)):
                     raise  # a bug, not the source: the hub logs it and restarts the connector
                 c._active = False
                 await c._lost_reader()
-                c.set_status(
-                    State.DOWN, f"connection lost ({one_line(exc)}); reconnecting in {delay:.1f}s"
-                )
+                what = one_line(exc) if in_use else f"connection lost ({one_line(exc)})"
+                c.set_status(State.DOWN, f"{what}; reconnecting in {delay:.1f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, c.reconnect_max)
 

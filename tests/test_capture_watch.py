@@ -342,7 +342,7 @@ async def test_the_check_keeps_its_interval_while_the_reader_idles(pg: PgDatabas
     )
     async with streaming(connector) as stream:
         await pg.conn.execute("ALTER TABLE orders DISABLE TRIGGER ALL")
-        gap = await asyncio.wait_for(stream.queue.get(), 3.0)
+        gap = await asyncio.wait_for(stream.queue.get(), 6.0)  # the heartbeat is 20 s
     assert isinstance(gap, Gap) and "disabled" in gap.reason
 
 
