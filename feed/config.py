@@ -15,6 +15,7 @@ from typing import Any
 
 from connectors import Connector, resolve_type
 from feed.auth import AuthConfig, parse_auth
+from feed.engine import ClusterConfig, parse_cluster
 from feed.errors import ConfigError
 from feed.limits import LimitsConfig, parse_limits
 from feed.options import Options
@@ -62,6 +63,8 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cluster: ClusterConfig | None = None
+    """The `[cluster]` table; None runs the feed in one process with rooms in memory."""
 
     def build_connectors(self) -> list[Connector]:
         """Instantiate every connector, so their own settings are validated now."""
@@ -157,8 +160,15 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
     auth = parse_auth(top)
     limits = parse_limits(top)
+    cluster = parse_cluster(top, server.replay_buffer)
     top._used.add("auth")
     top.finish()
     return Config(
-        path=file, server=server, connectors=connectors, raw=raw, auth=auth, limits=limits
+        path=file,
+        server=server,
+        connectors=connectors,
+        raw=raw,
+        auth=auth,
+        limits=limits,
+        cluster=cluster,
     )

@@ -1,0 +1,297 @@
+"""Several nodes on one Redis, in one test process: the engine's contract, fast.
+
+Each node is the real app under uvicorn on its own port with a `[cluster]` table; clients are
+real Socket.IO clients. The memory connector is per node, so a test writes to the connector of
+the node that holds the lease (the reader). The process-level tests (kill -9, every node
+restarted, Postgres) are in tests/test_cluster_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import pytest
+
+from connectors.memory import MemoryConnector
+from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.redis
+
+
+def cluster_config(url: str, prefix: str, lease: float = 1.0, history: int = 50) -> str:
+    return f"""
+[server]
+filter_room_grace = 0.5
+
+[cluster]
+url = "{url}"
+prefix = "{prefix.rstrip(":")}"
+lease = {lease}
+history = {history}
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders"]
+"""
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
+
+
+async def start_nodes(
+    stack: AsyncExitStack, config: str, count: int, names: list[str] | None = None
+) -> list[RunningFeed]:
+    nodes = []
+    for i in range(count):
+        node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
+        if names:
+            node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "{names[i]}"\n')
+        nodes.append(await stack.enter_async_context(running_feed(node_config)))
+    return nodes
+
+
+async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
+    found: list[RunningFeed] = []
+
+    def one_reads() -> bool:
+        found[:] = [
+            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
+        ]
+        return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
+
+    await wait_until(one_reads, 15, "one node to read the connector")
+    return found[0]
+
+
+def memory(node: RunningFeed) -> MemoryConnector:
+    connector = node.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector
+
+
+async def subscribed(client: FeedClient, room: str, **fields: Any) -> dict[str, Any]:
+    ack = await client.subscribe(room, **fields)
+    assert ack["ok"], ack
+    return ack
+
+
+async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 3)
+        reader = await reader_of(nodes)
+        others = [n for n in nodes if n is not reader]
+        clients = [await stack.enter_async_context(feed_client(n.url)) for n in nodes]
+        acks = [await subscribed(c, "mem:public.orders") for c in clients]
+        assert len({a["epoch"] for a in acks}) == 1
+        # A filter room followed only on a node that does not read the connector.
+        filtered = await stack.enter_async_context(feed_client(others[0].url))
+        fack = await subscribed(filtered, "mem:public.orders", filter="status=eq.paid")
+        assert fack["room"] == "mem:public.orders?status=eq.paid"
+        # The reader learns the room over the control channel.
+        engine = reader.hub.engine
+        assert engine is not None
+        await wait_until(
+            lambda: (
+                "mem:public.orders?status=eq.paid"
+                in engine._index.get("mem", {}).get("public.orders", None).filtered  # type: ignore[union-attr]
+                if engine._index.get("mem", {}).get("public.orders")
+                else False
+            ),
+            10,
+            "the reader to route the filter room",
+        )
+        for i in range(1, 21):
+            memory(reader).write(
+                "public.orders", "insert", {"id": i, "status": "paid" if i % 2 else "new"}
+            )
+        seen = [await c.take(20) for c in clients]
+        for got in seen:
+            assert [c["seq"] for c in got] == list(range(1, 21))
+            assert [c["key"] for c in got] == list(range(1, 21))
+        assert seen[0] == seen[1] == seen[2]
+        paid = await filtered.take(10)
+        assert [c["seq"] for c in paid] == list(range(1, 11))
+        assert [c["key"] for c in paid] == list(range(1, 21, 2))
+        # Each node subscribed only to the rooms its own clients follow.
+        for node in nodes:
+            assert node.hub.engine is not None
+            mirrored = set(node.hub.engine._mirrors)
+            expected = {"mem:public.orders"}
+            if node is others[0]:
+                expected.add("mem:public.orders?status=eq.paid")
+            assert mirrored == expected
+
+
+async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        first = await FeedClient().connect(reader.url)
+        ack = await subscribed(first, "mem:public.orders")
+        for i in range(1, 6):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        got = await first.take(5)
+        await first.close()
+        for i in range(6, 12):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        await wait_until(lambda: reader.hub.rooms["mem:public.orders"].seq == 11)
+        async with feed_client(other.url) as second:
+            resumed = await subscribed(
+                second, "mem:public.orders", since=got[-1]["seq"], epoch=ack["epoch"]
+            )
+            assert resumed["recovered"] is True
+            assert resumed["epoch"] == ack["epoch"]
+            missed = await second.take(6)
+            assert [c["seq"] for c in missed] == list(range(6, 12))
+            memory(reader).write("public.orders", "insert", {"id": 12})
+            assert (await second.next_change())["seq"] == 12
+            # Another epoch, or a seq older than the history: recovered false, never a hole.
+        async with feed_client(other.url) as third:
+            stale = await subscribed(third, "mem:public.orders", since=3, epoch="elsewhere")
+            assert stale["recovered"] is False
+
+
+async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix, history=10)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        for i in range(1, 501):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        async with feed_client(other.url) as client:
+            ack = await subscribed(client, "mem:public.orders")
+            await wait_until(lambda: other.hub.rooms["mem:public.orders"].seq == 500, 15)
+            length = await redis_target.admin.xlen(
+                f"{redis_target.prefix.rstrip(':')}:room:mem:public.orders:history"
+            )
+            assert 10 <= length < 500
+            old = await subscribed(client, "mem:public.orders", since=5, epoch=ack["epoch"])
+            assert old["recovered"] is False
+            recent = await subscribed(client, "mem:public.orders", since=495, epoch=ack["epoch"])
+            assert recent["recovered"] is True
+
+
+async def test_snapshot_on_a_node_that_does_not_read_is_exact(redis_target: RedisTarget) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        source = memory(reader)
+        for i in range(1, 31):
+            source.write("public.orders", "insert", {"id": i, "n": 0})
+
+        async def writer() -> None:
+            for n in range(1, 201):
+                source.write("public.orders", "update", {"id": n % 30 + 1, "n": n})
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(writer())
+        async with feed_client(other.url) as client:
+            ack = await subscribed(client, "mem:public.orders", snapshot=True)
+            await task
+            rows = {r["id"]: r for r in ack["snapshot"]}
+            assert len(rows) == 30
+            # Apply the live changes after the snapshot: the result must be the source's rows.
+            expected = {int(k): v for k, v in source._tables["public.orders"].items()}
+            last = ack["seq"]
+            while rows != expected:
+                change = await client.next_change()
+                assert change["seq"] > last
+                last = change["seq"]
+                rows[change["key"]] = change["after"]
+            # Nothing more (no duplicate of what the snapshot covered).
+            assert client.changes.empty()
+
+
+async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as outer:
+        inner = AsyncExitStack()
+        a = await inner.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "a"\n'))
+        )
+        b = await outer.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "b"\n'))
+        )
+        reader = await reader_of([a, b])
+        assert reader is a
+        async with feed_client(b.url) as client:
+            catalog = await client.call("catalog")
+            assert catalog["connectors"][0]["reader"] == "a"
+            async with aiohttp.ClientSession() as http, http.get(f"{b.url}/readyz") as r:
+                body = await r.json()
+                assert r.status == 200
+                assert body["connectors"]["mem"]["reader"] == "a"
+                assert body["cluster"]["node"] == "b"
+            await inner.aclose()  # a stops: it releases the lease, b takes over
+            assert await reader_of([b]) is b
+            await wait_until(
+                lambda: b.hub.engine is not None and b.hub.engine.reader_of("mem") == "b"
+            )
+            catalog = await client.call("catalog")
+            assert catalog["connectors"][0]["reader"] == "b"
+
+
+async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> None:
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        config = cluster_config(target.url, "restart")
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        client = await stack.enter_async_context(feed_client(other.url))
+        ack = await subscribed(client, "mem:public.orders")
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["seq"] == 1
+        await asyncio.to_thread(target.server.stop)  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as http:
+
+            async def readyz(node: RunningFeed) -> int:
+                async with http.get(f"{node.url}/readyz") as r:
+                    return r.status
+
+            for node in nodes:
+                async with asyncio.timeout(10):
+                    while await readyz(node) != 503:  # noqa: ASYNC110 - HTTP has no event
+                        await asyncio.sleep(0.05)
+            status = await asyncio.wait_for(client.statuses.get(), 10)
+            while status["state"] != "down":
+                status = await asyncio.wait_for(client.statuses.get(), 10)
+            assert "Redis" in status["detail"]
+            assert client.sio.connected
+            await asyncio.to_thread(target.server.start)  # type: ignore[union-attr]
+            for node in nodes:
+                async with asyncio.timeout(20):
+                    while await readyz(node) != 200:  # noqa: ASYNC110 - HTTP has no event
+                        await asyncio.sleep(0.05)
+        reader = await reader_of(nodes)
+        memory(reader).write("public.orders", "insert", {"id": 2})
+        # Redis lost everything (no persistence): a new epoch, announced to the live client.
+        gap = await client.next_gap(15)
+        assert gap["room"] == "mem:public.orders"
+        change = await client.next_change(15)
+        assert change["key"] == 2
+        async with feed_client(other.url) as late:
+            again = await subscribed(late, "mem:public.orders", since=1, epoch=ack["epoch"])
+            assert again["recovered"] is False
+            assert again["epoch"] != ack["epoch"]
