@@ -295,3 +295,23 @@ async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> No
             again = await subscribed(late, "mem:public.orders", since=1, epoch=ack["epoch"])
             assert again["recovered"] is False
             assert again["epoch"] != ack["epoch"]
+
+
+async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 1)
+        reader = await reader_of(nodes)
+        engine = reader.hub.engine
+        assert engine is not None
+        old = engine._leases["mem"]
+        client = await stack.enter_async_context(feed_client(reader.url))
+        await subscribed(client, "mem:public.orders")
+        # As if another node had taken the connector over while this one was paused.
+        await redis_target.admin.incr(engine.fence_key("mem"))
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        await wait_until(lambda: engine._leases.get("mem", old) != old, 15, "a new lease")
+        memory(reader).write("public.orders", "insert", {"id": 2})
+        change = await client.next_change()
+        assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
+        assert engine._leases["mem"] > old + 1

@@ -34,17 +34,30 @@ return 0
 """
 
 PUBLISH = """
--- KEYS: fence, then (meta, stream) per room.
--- ARGV: token, history, candidate epoch, ttl ms, then (channel, payload) per room.
--- Returns the room seqs, in order. A stale token is refused before anything is written.
+-- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per room.
+-- ARGV: token, history, candidate epoch, ttl ms, change id, ids kept,
+--       then (channel, payload) per room.
+-- Returns the room seqs, in order, or nil when this change id was published already (a new
+-- reader re-reads from the connector's last saved position, which may be a little behind what
+-- the old one published). A stale token is refused before anything is written.
 local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then
   return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ', current ' .. tostring(fence))
 end
+if redis.call('ZSCORE', KEYS[2], ARGV[5]) then
+  return false
+end
+local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('ZADD', KEYS[2], (tonumber(top[2]) or 0) + 1, ARGV[5])
+local kept = redis.call('ZCARD', KEYS[2])
+if kept > tonumber(ARGV[6]) + 1000 then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, kept - tonumber(ARGV[6]) - 1)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local out = {}
-local rooms = (#KEYS - 1) / 2
+local rooms = (#KEYS - 2) / 2
 for i = 1, rooms do
-  local meta, stream = KEYS[2 * i], KEYS[2 * i + 1]
+  local meta, stream = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     -- New room, or Redis lost it: a new epoch, and no history that could contradict it.
@@ -53,11 +66,11 @@ for i = 1, rooms do
     redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
   end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  local payload = ARGV[4 + 2 * i]
+  local payload = ARGV[6 + 2 * i]
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', payload)
   redis.call('PEXPIRE', meta, ARGV[4])
   redis.call('PEXPIRE', stream, ARGV[4])
-  redis.call('PUBLISH', ARGV[3 + 2 * i], seq .. '\\n' .. epoch .. '\\n' .. payload)
+  redis.call('PUBLISH', ARGV[5 + 2 * i], seq .. '\\n' .. epoch .. '\\n' .. payload)
   out[i] = seq
 end
 return out
