@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import postgres as pg_support
-from tests.support.cluster import FeedNode, Tally
+from tests.support.cluster import FeedNode, LoadBalancer, Tally, haproxy_binary
 from tests.support.postgres import PgDatabase
 from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
 
@@ -222,3 +222,56 @@ async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_
                 await tally.close()
             for node in nodes:
                 await node.stop()
+
+
+@pytest.mark.skipif(haproxy_binary() is None, reason="haproxy missing: apt-get install haproxy")
+async def test_through_the_load_balancer_websocket_and_long_polling_clients_resume(
+    pg: PgDatabase, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    await orders(pg)
+    prefix = redis_target.prefix.rstrip(":")
+    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    nodes = await start_cluster(config)
+    balancer = await LoadBalancer(tmp_path, [(n.name, n.port) for n in nodes]).start()
+    tallies: list[Tally] = []
+    try:
+        await reading_node(nodes)
+        for transports in (("websocket",), ("polling",)):
+            tally = Tally(ROOM, lambda: [balancer.url], name=f"via-lb-{transports[0]}")
+            tally.transports = transports
+            tallies.append(await tally.start())
+        async with Writer(pg) as writer:
+            await writer.wait_for(60)
+            # The clients all come from 127.0.0.1, so the balancer keeps them on one node:
+            # kill -9 that node (whether or not it reads the connector).
+            busy = []
+            for node in nodes:
+                if await _metric(node, "feed_clients") >= 2:
+                    busy.append(node)
+            assert len(busy) == 1, "the balancer should keep one address on one node"
+            busy[0].kill()
+            await busy[0].process.wait()  # type: ignore[union-attr]
+            busy[0].process = None
+            await writer.wait_for(len(writer.committed) + 100)
+        committed = writer.committed
+        for tally in tallies:
+            await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
+            check(tally, committed)
+            assert tally.resumes, f"{tally.name} never had to resume"
+    finally:
+        for tally in tallies:
+            await tally.close()
+        await balancer.stop()
+        for node in nodes:
+            await node.stop()
+
+
+async def _metric(node: FeedNode, name: str) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0

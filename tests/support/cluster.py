@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -125,6 +126,7 @@ class Tally:
     epoch: str | None = None
     node: int = 0
     errors: list[str] = field(default_factory=list)
+    transports: tuple[str, ...] = ("websocket",)
     _sio: socketio.AsyncClient | None = None
     _task: asyncio.Task[None] | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -183,7 +185,7 @@ class Tally:
             try:
                 self._lost.clear()
                 self._sio = sio
-                await sio.connect(url, transports=["websocket"], wait_timeout=5)
+                await sio.connect(url, transports=list(self.transports), wait_timeout=5)
                 request: dict[str, Any] = {"room": self.room}
                 if self.last is not None:
                     request.update(since=self.last, epoch=self.epoch)
@@ -231,3 +233,66 @@ class Tally:
         if self._sio is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._sio.disconnect()
+
+
+def haproxy_binary() -> str | None:
+    """Debian's haproxy (`apt-get install haproxy`; .ci/run installs it)."""
+    return shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+    )
+
+
+def haproxy_config(port: int, backends: list[tuple[str, int]]) -> str:
+    """deploy/haproxy.cfg's balancing and checks, with this test's nodes as the servers."""
+    template = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    head, _, _ = template.partition("    # servers\n")
+    servers = "".join(
+        f"    server {name} 127.0.0.1:{p} check inter 300ms fall 2 rise 1\n" for name, p in backends
+    )
+    text = head + servers
+    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}")
+    # Docker's DNS resolver is for the compose network only.
+    start = text.index("resolvers docker")
+    end = text.index("\n\n", start)
+    return text[:start] + text[end + 2 :]
+
+
+class LoadBalancer:
+    """HAProxy in front of the nodes, as docker-compose.yml runs it."""
+
+    def __init__(self, config_dir: Path, backends: list[tuple[str, int]]) -> None:
+        self.port = free_port()
+        self.path = config_dir / "haproxy.cfg"
+        self.path.write_text(haproxy_config(self.port, backends))
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> LoadBalancer:
+        binary = haproxy_binary()
+        assert binary is not None
+        check = await asyncio.create_subprocess_exec(
+            binary, "-c", "-f", str(self.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await check.communicate()
+        assert check.returncode == 0, out.decode()
+        self.process = await asyncio.create_subprocess_exec(
+            binary, "-db", "-f", str(self.path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    writer.close()
+                    return self
+                except OSError:
+                    await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await asyncio.wait_for(self.process.wait(), WAIT)
