@@ -136,7 +136,7 @@ def test_two_replicas_behind_a_sticky_load_balancer(stack: dict[str, Any]) -> No
     assert "ports" not in services["feed"], "clients reach the replicas through the balancer"
     lb = services["lb"]
     # Published on the host's loopback only: the dev stack runs without authentication.
-    assert all(str(p).startswith("127.0.0.1:") for p in lb["ports"]), lb["ports"]
+    assert all(published(p)[0] == "127.0.0.1" for p in lb["ports"]), lb["ports"]
     mount = next(v for v in lb["volumes"] if "haproxy.cfg" in str(v))
     source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
     text = Path(source).read_text()
@@ -191,9 +191,11 @@ def test_env_changes_the_defaults(tmp_path: Path) -> None:
     env.write_text("POSTGRES_PASSWORD=another-one\nFEED_PORT=8010\n")
     result = compose_config("--env-file", str(env), env={})
     assert result.returncode == 0, result.stderr
-    feed = yaml.safe_load(result.stdout)["services"]["feed"]
+    services = yaml.safe_load(result.stdout)["services"]
+    feed = services["feed"]
     assert ":another-one@postgres:5432/feed" in feed["environment"]["DATABASE_URL"]
-    assert published(feed["ports"][0]) == ("127.0.0.1", "8010")
+    # The replicas are published through the load balancer.
+    assert published(services["lb"]["ports"][0]) == ("127.0.0.1", "8010")
 
 
 def published(port: str | dict[str, Any]) -> tuple[str, str]:
