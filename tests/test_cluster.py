@@ -315,3 +315,64 @@ async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -
         change = await client.next_change()
         assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
         assert engine._leases["mem"] > old + 1
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "fix"),
+    [
+        ("prefix = 'x'", "cluster.url", "is required"),
+        ("url = 'http://redis:6379'", "cluster.url", "redis://host:6379/0"),
+        ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "at least 0.5"),
+        ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
+        ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),
+        ("url = 'redis://r'\nleese = 3", "cluster.leese", "not a known setting"),
+    ],
+)
+def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) -> None:
+    from feed.config import parse_config
+    from feed.errors import ConfigError
+
+    text = f"[cluster]\n{table}\n\n[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "feed.toml", {})
+    message = str(caught.value)
+    assert message.startswith(f"feed.toml: {key}: ") and fix in message
+    assert "\n" not in message
+
+
+def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:
+    from feed.config import parse_config
+
+    text = "[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
+    config = parse_config(text, "feed.toml", {})
+    assert config.cluster is None
+    defaults = parse_config("[cluster]\nurl='redis://r'\n" + text, "feed.toml", {}).cluster
+    assert defaults is not None
+    assert (defaults.prefix, defaults.lease, defaults.history) == ("dbfeed", 10.0, 1000)
+
+
+async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        engine = reader.hub.engine
+        assert engine is not None
+        name = "mem:public.orders?status=eq.paid"
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and name in index.filtered
+
+        async with feed_client(other.url) as client:
+            await subscribed(client, "mem:public.orders", filter="status=eq.paid")
+            await wait_until(routed, 10, "the reader to route the room")
+            memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+            assert (await client.next_change())["room"] == name
+        # Gone from the node after the grace (0.5 s), from the reader a few refreshes later.
+        await wait_until(lambda: name not in other.hub.rooms, 10, "the node to drop the room")
+        await wait_until(lambda: not routed(), 15, "the reader to stop routing the room")
+        assert other.hub.engine is not None and name not in other.hub.engine._mirrors
