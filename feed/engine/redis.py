@@ -202,6 +202,8 @@ class RedisEngine:
         self._leases: dict[str, int] = {}
         self._index: dict[str, dict[str, TargetIndex]] = {}
         self._last_seq: dict[str, int] = {}
+        self._published = 0
+        """Changes this node published (numbers the ids remembered in the `seen` set)."""
         self._watching: dict[str, list[tuple[int, Change]]] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._by_channel: dict[bytes, Mirror] = {}
@@ -473,8 +475,11 @@ class RedisEngine:
             secrets.token_hex(8),
             self.ttl_ms,
             change.id,
+            (token << 32) + self._published,
+            1 if self._published % 1024 == 0 else 0,
             SEEN,
         ]
+        self._published += 1
         wire = change.wire
         for room in rooms:
             payload = {**wire, "room": room.name}

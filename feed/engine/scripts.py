@@ -35,25 +35,29 @@ return 0
 
 PUBLISH = """
 -- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per room.
--- ARGV: token, history, candidate epoch, ttl ms, change id, ids kept,
---       then (channel, payload) per room.
+-- ARGV: token, history, candidate epoch, ttl ms, change id, its number at this reader
+--       (token * 2^32 + count: increasing across readers), trim (1: trim seen and refresh ttls),
+--       ids kept, then (channel, payload) per room.
 -- Returns the room seqs, in order, or nil when this change id was published already (a new
 -- reader re-reads from the connector's last saved position, which may be a little behind what
 -- the old one published). A stale token is refused before anything is written.
+-- Seven commands for a change that goes to one room (with EVALSHA): the cost per change that
+-- docs/scaling.md counts.
 local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then
   return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ', current ' .. tostring(fence))
 end
-if redis.call('ZSCORE', KEYS[2], ARGV[5]) then
+if redis.call('ZADD', KEYS[2], 'NX', ARGV[6], ARGV[5]) == 0 then
   return false
 end
-local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('ZADD', KEYS[2], (tonumber(top[2]) or 0) + 1, ARGV[5])
-local kept = redis.call('ZCARD', KEYS[2])
-if kept > tonumber(ARGV[6]) + 1000 then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, kept - tonumber(ARGV[6]) - 1)
+local trim = ARGV[7] == '1'
+if trim then
+  local kept = redis.call('ZCARD', KEYS[2])
+  if kept > tonumber(ARGV[8]) then
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, kept - tonumber(ARGV[8]) - 1)
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local out = {}
 local rooms = (#KEYS - 2) / 2
 for i = 1, rooms do
@@ -66,11 +70,13 @@ for i = 1, rooms do
     redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
   end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  local payload = ARGV[6 + 2 * i]
+  local payload = ARGV[8 + 2 * i]
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', payload)
-  redis.call('PEXPIRE', meta, ARGV[4])
-  redis.call('PEXPIRE', stream, ARGV[4])
-  redis.call('PUBLISH', ARGV[5 + 2 * i], seq .. '\\n' .. epoch .. '\\n' .. payload)
+  if trim or seq % 64 == 1 then
+    redis.call('PEXPIRE', meta, ARGV[4])
+    redis.call('PEXPIRE', stream, ARGV[4])
+  end
+  redis.call('PUBLISH', ARGV[7 + 2 * i], seq .. '\\n' .. epoch .. '\\n' .. payload)
   out[i] = seq
 end
 return out
