@@ -217,6 +217,11 @@ class RedisEngine:
         """Statuses of connectors read here, replaced by "Redis unreachable": the real one
         and the replacement (restored on reconnect unless the connector changed it since)."""
         self.ttl_ms = int(config.room_ttl * 1000)
+        hub.metrics.describe(
+            "feed_cluster_duplicates_dropped_total",
+            "counter",
+            "Changes read again after a takeover and not published twice",
+        )
         self.refresh = max(0.2, min(5.0, config.lease / 4))
         """Seconds between registry refreshes (members' rooms) and re-reads (at the reader)."""
 
