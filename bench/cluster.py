@@ -1,6 +1,6 @@
 """The cluster phase: one node without [cluster], then 1, 2 and 3 nodes on one Redis.
 
-    python -m bench.cluster [--rate 500] [--seconds 5] [--clients 300]
+    python -m bench.cluster [--rate 50] [--seconds 6] [--clients 200]   (also a phase of `make bench`)
 
 Each `feed serve` runs as its own process with a Postgres connector; a client swarm in another
 process spreads its websocket clients over the nodes, all following `main:public.orders`; a
@@ -281,23 +281,47 @@ async def run_setup(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    dsn = os.environ.get("FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    setups = [(1, False), (1, True), (2, True), (3, True)]
+SETUPS = [(1, False), (1, True), (2, True), (3, True)]
+
+
+async def run_setups(dsn: str, clients: int, rate: float, seconds: float) -> list[dict[str, Any]]:
     results = []
-    for nodes, clustered in setups:
-        result = await run_setup(dsn, nodes, clustered, args.clients, args.rate, args.seconds)
-        results.append(result)
-        print(json.dumps(result), flush=True)
+    for nodes, clustered in SETUPS:
+        results.append(await run_setup(dsn, nodes, clustered, clients, rate, seconds))
+    single = results[0]["cpu_us_per_delivery"]
+    for result in results:
+        mine = result["cpu_us_per_delivery"]
+        result["cpu_ratio"] = round(mine / single, 2) if mine and single else None
     return results
+
+
+def describe(r: dict[str, Any]) -> str:
+    what = f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
+    line = (
+        f"cluster {what:<20} {r['rate']:.0f}/s, {r['clients']} clients: "
+        f"{r['cpu_us_per_delivery']} us CPU per delivery (x{r.get('cpu_ratio')}), "
+        f"p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} ms, "
+        f"delivered {r['received']}/{r['expected']}"
+    )
+    if r["clustered"]:
+        line += (
+            f", Redis {r['redis_commands_per_change']} commands, "
+            f"{r['redis_bytes_in_per_change']} B in, {r['redis_bytes_out_per_change']} B out "
+            "per change"
+        )
+    return line
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster")
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "swarm"])
-    parser.add_argument("--rate", type=float, default=500.0)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--clients", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--urls", default="")
     parser.add_argument("--expect", type=int, default=0)
     args = parser.parse_args()
@@ -305,7 +329,10 @@ def main() -> None:
         result = asyncio.run(swarm(args.urls.split(","), args.clients, args.expect, 120.0))
         print(json.dumps(result), flush=True)
         return
-    results = asyncio.run(run(args))
+    dsn = os.environ.get("FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    results = asyncio.run(run_setups(dsn, args.clients, args.rate, args.seconds))
+    for result in results:
+        print(describe(result), flush=True)
     lost = [r for r in results if r["received"] < r["expected"]]
     out = ROOT / "bench" / "results" / "cluster-latest.json"
     out.parent.mkdir(exist_ok=True)
