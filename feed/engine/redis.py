@@ -461,6 +461,10 @@ class RedisEngine:
                 continue
             with contextlib.suppress(ValueError):
                 self._route_spec(_loads(raw))
+        routed = {i.room.name for t in self._index.values() for i in t.values()}
+        routed.update(n for t in self._index.values() for i in t.values() for n in i.names())
+        for name in [n for n in self._last_seq if n not in routed]:
+            del self._last_seq[name]  # an expired room: forget its number too
         if dead:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hdel(self.registry_key(connector), *dead)
