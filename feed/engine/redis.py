@@ -325,6 +325,8 @@ class RedisEngine:
                 finally:
                     self._leases.pop(name, None)
                     self._index.pop(name, None)
+                    if self.readers.get(name) == self.node:
+                        self.readers[name] = None
                     renewer.cancel()
                     with contextlib.suppress(BaseException):
                         await renewer
