@@ -376,3 +376,31 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
         await wait_until(lambda: name not in other.hub.rooms, 10, "the node to drop the room")
         await wait_until(lambda: not routed(), 15, "the reader to stop routing the room")
         assert other.hub.engine is not None and name not in other.hub.engine._mirrors
+
+
+async def test_a_takeover_of_a_connector_that_cannot_resume_announces_a_gap(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix).replace(
+        'targets = ["public.orders"]', 'targets = ["public.orders"]\ndurable = false'
+    )
+    async with AsyncExitStack() as outer:
+        inner = AsyncExitStack()
+        a = await inner.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "a"\n'))
+        )
+        assert await reader_of([a]) is a
+        b = await outer.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "b"\n'))
+        )
+        client = await outer.enter_async_context(feed_client(b.url))
+        await subscribed(client, "mem:public.orders")
+        memory(a).write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["seq"] == 1
+        await inner.aclose()  # a goes away; b takes over a source that cannot resume
+        assert await reader_of([b]) is b
+        gap = await client.next_gap(15)
+        assert gap["room"] == "mem:public.orders" and "another node" in gap["reason"]
+        async with feed_client(b.url) as late:
+            again = await subscribed(late, "mem:public.orders", since=1)
+            assert again["recovered"] is False  # what was missed cannot be replayed

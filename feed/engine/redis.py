@@ -321,6 +321,12 @@ class RedisEngine:
                     self._leases[name] = token
                     self.readers[name] = self.node
                     log.info("%s: reading connector %s (fencing token %d)", self.node, name, token)
+                    if token > 1 and not connector.durable:
+                        # Another node read it before (the token counts readers): what the
+                        # source said while nobody listened is gone, and the clients must know.
+                        reason = "the connector moved to another node: events in between lost"
+                        with contextlib.suppress(Exception):
+                            await self.publish_gap(Gap(name, reason))
                     yield
                 finally:
                     self._leases.pop(name, None)
