@@ -404,3 +404,64 @@ async def test_a_takeover_of_a_connector_that_cannot_resume_announces_a_gap(
         async with feed_client(b.url) as late:
             again = await subscribed(late, "mem:public.orders", since=1)
             assert again["recovered"] is False  # what was missed cannot be replayed
+
+
+async def test_rules_and_masks_hold_when_another_node_reads(redis_target: RedisTarget) -> None:
+    from tests.auth_helpers import TOKENS, token_config
+
+    cluster = (
+        f'\n[cluster]\nurl = "{redis_target.url}"\nprefix = "{redis_target.prefix.rstrip(":")}"\n'
+        "lease = 1.0\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                running_feed(token_config() + cluster + f'node = "n{i}"\n')
+            )
+            for i in range(2)
+        ]
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        clients = {}
+        for who in ("ops", "acme-svc", "globex-svc"):
+            client = await FeedClient().connect(other.url, auth={"token": TOKENS[who]})
+            stack.push_async_callback(client.close)
+            ack = await subscribed(client, "mem:public.customers")
+            clients[who] = (client, ack)
+        assert clients["acme-svc"][1]["room"] != clients["ops"][1]["room"]  # a shaped room
+        shaped = {ack["room"] for _, ack in clients.values()} - {"mem:public.customers"}
+        engine = reader.hub.engine
+        assert engine is not None
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.customers")
+            return index is not None and shaped <= set(index.filtered)
+
+        await wait_until(routed, 10, "the reader to route the shaped rooms")
+        for i, tenant in enumerate(("acme", "globex"), 1):
+            row = {
+                "id": i,
+                "tenant_id": tenant,
+                "name": f"{tenant} customer",
+                "password_hash": "secret",
+                "profile": {"ssn": "123-45", "city": "Oslo"},
+                "internal_note": "vip",
+            }
+            memory(reader).write("public.customers", "insert", row)
+        ops = await clients["ops"][0].take(2)
+        assert [c["after"]["password_hash"] for c in ops] == ["secret", "secret"]
+        acme = await clients["acme-svc"][0].next_change()
+        assert acme["after"] == {
+            "id": 1,
+            "tenant_id": "acme",
+            "name": "acme customer",
+            "profile": {"city": "Oslo"},
+            "internal_note": "vip",
+        }
+        globex = await clients["globex-svc"][0].next_change()
+        assert globex["after"]["tenant_id"] == "globex"
+        assert "internal_note" not in globex["after"] and "password_hash" not in globex["after"]
+        # Nothing else arrives for the tenants (no other tenant's row, no second copy).
+        memory(reader).write("public.customers", "insert", {"id": 3, "tenant_id": "acme"})
+        assert (await clients["acme-svc"][0].next_change())["key"] == 3
+        assert clients["globex-svc"][0].changes.empty()
