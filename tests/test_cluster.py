@@ -465,3 +465,36 @@ async def test_rules_and_masks_hold_when_another_node_reads(redis_target: RedisT
         memory(reader).write("public.customers", "insert", {"id": 3, "tenant_id": "acme"})
         assert (await clients["acme-svc"][0].next_change())["key"] == 3
         assert clients["globex-svc"][0].changes.empty()
+
+
+async def test_a_node_cuts_off_its_clients_that_stop_reading(redis_target: RedisTarget) -> None:
+    import os as os_module
+
+    from tests.auth_helpers import raw_socketio, raw_subscribe
+
+    limit = 256 * 1024
+    config = cluster_config(redis_target.url, redis_target.prefix, history=50) + (
+        f"\n[limits]\noutbound_queue_bytes = {limit}\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        sockets = other.app.sio.eio.sockets
+        stalled = [await raw_socketio(other) for _ in range(2)]
+        for ws, _ in stalled:
+            assert (await raw_subscribe(ws, "mem:public.orders"))["ok"]
+        normal = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(normal, "mem:public.orders")
+        written = 0
+        while any(eio_sid in sockets for _, eio_sid in stalled) and written < 20_000:
+            for _ in range(50):
+                written += 1
+                row = {"id": written, "blob": os_module.urandom(1024).hex()}
+                memory(reader).write("public.orders", "insert", row)
+            got = await normal.take(50, timeout=10)
+            assert got[-1]["key"] == written  # the reading client misses nothing meanwhile
+            queued = sum(s.queue.bytes for s in list(sockets.values()))
+            assert queued <= 2 * limit + 64 * 1024
+        assert not any(eio_sid in sockets for _, eio_sid in stalled), f"after {written}"
+        assert "feed_slow_clients_cut_total 2" in other.hub.metrics.render()
