@@ -498,3 +498,37 @@ async def test_a_node_cuts_off_its_clients_that_stop_reading(redis_target: Redis
             assert queued <= 2 * limit + 64 * 1024
         assert not any(eio_sid in sockets for _, eio_sid in stalled), f"after {written}"
         assert "feed_slow_clients_cut_total 2" in other.hub.metrics.render()
+
+
+async def test_a_large_snapshot_on_another_node_comes_in_chunks_before_the_changes(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix).replace(
+        "[server]\n", "[server]\nsnapshot_chunk_bytes = 1024\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        for i in range(1, 61):
+            memory(reader).write("public.orders", "insert", {"id": i, "note": "x" * 40})
+        client = await stack.enter_async_context(feed_client(other.url))
+        order: list[str] = []
+        chunks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def on_snapshot(body: dict[str, Any]) -> None:
+            order.append("snapshot")
+            chunks.put_nowait(body)
+
+        client.sio.on("snapshot", on_snapshot)
+        ack = await subscribed(client, "mem:public.orders", snapshot=True)
+        memory(reader).write("public.orders", "insert", {"id": 61})
+        assert ack["snapshot_chunks"] > 1
+        rows = list(ack["snapshot"])
+        for index in range(2, ack["snapshot_chunks"] + 1):
+            body = await asyncio.wait_for(chunks.get(), 10)
+            assert (body["chunk"], body["of"]) == (index, ack["snapshot_chunks"])
+            rows += body["rows"]
+        assert sorted(r["id"] for r in rows) == list(range(1, 61))
+        change = await client.next_change()
+        assert change["key"] == 61

@@ -857,14 +857,15 @@ class RedisEngine:
         self,
         sid: str,
         request: SubscribeRequest,
+        room: Room,
         connector: Connector,
         address: RoomAddress,
-        row_filter: RowFilter | None,
-        shape: Shape | None,
         mask: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None,
     ) -> dict[str, Any]:
+        """The hub's subscribe once the room exists here: numbers and history from Redis."""
+        from feed.snapshots import split_rows
+
         hub = self.hub
-        room = hub._room(connector.name, address, row_filter, shape)
         mirror = await self.watch(room)
         seq = mirror.seq or 0
         cursor = seq
@@ -883,18 +884,23 @@ class RedisEngine:
             "epoch": mirror.epoch,
         }
         plan: SnapshotPlan | None = None
+        rest: list[list[Any]] = []
         if request.snapshot and not recovered:
             try:
-                answer = await self._snapshot(room, address, row_filter)
+                answer = await self._snapshot(room, address)
             except BaseException:
                 hub._leave(sid, room)
                 raise
             plan = SnapshotPlan(int(answer["upto"]), frozenset(answer["uncovered"]))
             rows = [mask(r) if mask else r for r in answer["rows"]]
-            ack["snapshot"] = [r for r in rows if r is not None]
+            first, *rest = split_rows(
+                [r for r in rows if r is not None], hub.settings.snapshot_chunk_bytes
+            )
+            ack["snapshot"] = first
             ack["snapshot_truncated"] = bool(answer["truncated"])
+            ack["snapshot_chunks"] = 1 + len(rest)
             ack["seq"] = cursor
-        hub._spawn(self._catch_up(sid, mirror, cursor, plan))
+        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest))
         return ack
 
     async def _holds_after(self, mirror: Mirror, since: int) -> bool:
@@ -917,14 +923,30 @@ class RedisEngine:
         return bool(first) and int(first[0][0].split(b"-")[0]) == since + 1
 
     async def _catch_up(
-        self, sid: str, mirror: Mirror, cursor: int, plan: SnapshotPlan | None
+        self,
+        sid: str,
+        mirror: Mirror,
+        cursor: int,
+        plan: SnapshotPlan | None,
+        chunks: list[list[Any]],
     ) -> None:
-        """Send a new member what it missed after `cursor`, then let it go live (see the hub's
-        own catch-up: the member leaves `pending` in the step that finds nothing newer)."""
+        """Send a new member the rest of its snapshot and what it missed after `cursor`, then
+        let it go live (as the hub's own catch-up: the member leaves `pending` in the step that
+        finds nothing newer; a newer subscribe of the same client to the room supersedes it)."""
         room = mirror.room
-        transport = self.hub.transport
+        hub = self.hub
+        transport = hub.transport
+        key = (sid, room.name)
+        token = hub._catch_ups[key] = object()
         try:
-            while sid in room.pending:
+            if chunks and transport is not None:
+                total = len(chunks) + 1
+                for index, rows in enumerate(chunks, start=2):
+                    if sid not in room.pending or hub._catch_ups.get(key) is not token:
+                        return
+                    body = {"room": room.name, "chunk": index, "of": total, "rows": rows}
+                    await transport.send_paced(sid, "snapshot", body)
+            while sid in room.pending and hub._catch_ups.get(key) is token:
                 seq = mirror.seq or 0
                 if plan is not None and seq < plan.upto:
                     advanced = mirror.advanced
@@ -949,19 +971,20 @@ class RedisEngine:
                     cursor = seq
                     if batch and transport is not None:
                         await transport.send_to(sid, "changes", batch)
-                        self.hub.metrics.inc("feed_changes_replayed_total", len(batch))
+                        hub.metrics.inc("feed_changes_replayed_total", len(batch))
                     continue
                 room.pending.discard(sid)
                 return
         except Exception:
             log.exception("catch-up for %s in %s failed", sid, room.name)
             room.pending.discard(sid)
+        finally:
+            if hub._catch_ups.get(key) is token:
+                del hub._catch_ups[key]
 
     # -- snapshots, taken by the reader --------------------------------------------------------
 
-    async def _snapshot(
-        self, room: Room, address: RoomAddress, row_filter: RowFilter | None
-    ) -> dict[str, Any]:
+    async def _snapshot(self, room: Room, address: RoomAddress) -> dict[str, Any]:
         request = {
             "t": "snapshot",
             "spec": room_spec(room),
