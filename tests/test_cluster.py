@@ -532,3 +532,36 @@ async def test_a_large_snapshot_on_another_node_comes_in_chunks_before_the_chang
         assert sorted(r["id"] for r in rows) == list(range(1, 61))
         change = await client.next_change()
         assert change["key"] == 61
+
+
+async def test_feed_check_reaches_the_cluster_and_names_the_readers(
+    redis_target: RedisTarget, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.redis import free_port
+
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 1)
+        await reader_of(nodes)
+
+        def check(text: str) -> subprocess.CompletedProcess[str]:
+            path = tmp_path / "feed.toml"
+            path.write_text(text)
+            return subprocess.run(
+                [sys.executable, "-m", "feed", "check", "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        ok = await asyncio.to_thread(check, config)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        row = next(line for line in ok.stdout.splitlines() if line.startswith("[cluster]"))
+        assert row.split()[1:3] == ["redis", "ok"] and "mem: node0" in row
+        down = f"redis://127.0.0.1:{free_port()}/0"
+        failed = await asyncio.to_thread(check, config.replace(redis_target.url, down))
+        assert failed.returncode == 1
+        assert "[cluster]  redis   FAIL    cannot reach" in failed.stdout

@@ -1114,3 +1114,28 @@ class RedisEngine:
                 pipe.pexpire(self.meta_key(name), self.ttl_ms)
                 pipe.pexpire(self.stream_key(name), self.ttl_ms)
             await pipe.execute()
+
+
+async def check(config: ClusterConfig, connectors: list[str]) -> str:
+    """For `feed check`: reach the cluster's Redis, check its version, say who reads what."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(config.url, socket_connect_timeout=3.0, socket_timeout=5.0)
+    try:
+        info = await client.info("server")
+        version = str(info.get("redis_version", "?"))
+        parts = [int(p) if p.isdigit() else 0 for p in [*version.split("."), "0", "0"][:2]]
+        if tuple(parts) < (6, 2):
+            raise ClusterError(f"Redis {version} is too old: the cluster needs Redis 6.2+")
+        readers = []
+        for name in connectors:
+            holder = await client.get(f"{config.prefix}:lease:{name}")
+            text = holder.decode() if isinstance(holder, bytes) else str(holder or "")
+            reader = text.rsplit("|", 1)[0] if text else "nobody"
+            readers.append(f"{name}: {reader}")
+        where = f"Redis {version}, prefix {config.prefix!r}"
+        return f"{where}; readers: {', '.join(readers)}" if readers else where
+    except (OSError, aioredis.RedisError) as exc:
+        raise ClusterError(f"cannot reach {config.url}: {one_line(exc)}") from None
+    finally:
+        await client.aclose()
