@@ -126,6 +126,49 @@ describe("against one feed server", () => {
     }
   });
 
+  test("changes seen before are dropped by id (a resume from an older position)", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe("mem:public.customers");
+      const log = record(sub);
+      await sub.ready;
+      const start = sub.seq;
+      await h.burst(20001, 10, 0, "public.customers");
+      await until(() => log.changes.length === 10, "10 changes");
+      sub.seq = start + 5; // the server will replay the last 5, delivered already
+      sub._send();
+      await until(() => sub.state === "recovered", "the resume");
+      assert.deepEqual(log.states.at(-1).info, { replayed: 5 });
+      await h.burst(20011, 2, 0, "public.customers");
+      await until(() => log.changes.length === 12, "2 more");
+      assertOnceInOrder(log.changes, start + 1, start + 12);
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("a hole in seq becomes a reload with a fresh snapshot, never passed on", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe(ROOM, { snapshot: true });
+      const log = record(sub);
+      await sub.ready;
+      const start = sub.seq;
+      await h.burst(30001, 3);
+      await until(() => log.changes.length === 3, "3 changes");
+      sub.seq = start + 1; // as if the next two had never arrived
+      sub._forgetIds();
+      await h.write("update", { id: 30002, status: "paid" });
+      await until(() => log.snapshots.length === 2 && sub.state === "live", "the reload");
+      assert.ok(log.states.some((s) => s.state === "reload" && s.info.reason === `changes ${start + 2}..${start + 3} never arrived`));
+      assert.equal(log.changes.length, 3);
+      assert.equal(sub.rows.get("30002").status, "paid");
+      assert.deepEqual(plainRows(sub.rows), plainRows(new Map(Object.entries(await h.rows()))));
+    } finally {
+      feed.close();
+    }
+  });
+
   test("a gap announced by the source: reload, and a fresh snapshot by itself", async () => {
     const feed = new FeedClient(h.url, WS);
     try {
