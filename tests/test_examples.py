@@ -86,7 +86,7 @@ async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
         )  # fmt: skip
         out = Output(process)
         try:
-            await out.expect(r"^subscribed mem:public\.orders at seq 0$")
+            await out.expect(r"^live    mem:public\.orders at seq 0$")
             source = MemoryConnector.instances["mem"]
             source.write("public.orders", "insert", {"id": 1, "status": "new"})
             await out.expect(r"^insert  mem:public\.orders #1 key=1 ")
@@ -98,7 +98,7 @@ async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
             source.write("public.orders", "insert", {"id": 2, "status": "new"})
             proxy.restore()
 
-            await out.expect(r"^resumed mem:public\.orders at seq 3$")
+            await out.expect(r"^resumed mem:public\.orders: 2 missed change\(s\) replayed$")
             await out.expect(r"^insert  mem:public\.orders #3 key=2 ")
             assert await asyncio.wait_for(process.wait(), WAIT) == 0
             assert process.stdout is not None
@@ -119,10 +119,21 @@ async def test_python_client_prints_changes_and_resumes_after_a_drop() -> None:
 
 
 def node_ready() -> bool:
-    """node and the example's pinned dependencies (npm ci, as examples/README.md says)."""
+    """node and the example's dependencies (npm ci, as examples/README.md says).
+
+    The example installs dbfeed-client from clients/js as a copy (.npmrc: install-links), so
+    the copy is refreshed whenever the library's sources have changed since.
+    """
     if not shutil.which("node") or not shutil.which("npm"):
         return False
-    if not (NODE_DIR / "node_modules" / "socket.io-client").is_dir():
+    installed = NODE_DIR / "node_modules" / "dbfeed-client"
+    library = ROOT / "clients" / "js"
+    stale = not (installed / "index.js").is_file() or any(
+        (installed / name).read_bytes() != (library / name).read_bytes()
+        for name in ("index.js", "package.json")
+        if (installed / name).is_file()
+    )
+    if stale:
         subprocess.run(
             ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=NODE_DIR,
