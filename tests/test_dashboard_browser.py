@@ -184,7 +184,8 @@ async def test_bookmarked_view_shows_changes_as_they_happen(
     # Everything the page loads comes from the feed server itself: no CDN, works offline.
     origin = memory_feed.url.replace("http://", "ws://")
     assert requested and all(u.startswith((memory_feed.url, origin)) for u in requested), requested
-    assert any(u.endswith("/socket.io.min.js") for u in requested)
+    assert any(u.endswith("/socket.io.esm.min.js") for u in requested)
+    assert any(u.endswith("/dbfeed-client.js") for u in requested)
 
 
 async def test_filter_in_the_address_shows_only_matching_rows(

@@ -59,6 +59,9 @@ export interface FeedClientOptions {
   token?: Token;
   /** Refresh a function token's JWT before it expires (default true). */
   refreshTokens?: boolean;
+  /** With a function token: retry a refused connection with backoff (default true); when
+   * false, wait for `reconnect()`. A fixed token's refusal ends every subscription. */
+  retryRefused?: boolean;
   /** Socket.IO path (default "/socket.io/"). */
   path?: string;
   transports?: ("websocket" | "polling" | "webtransport")[];
@@ -100,6 +103,8 @@ export class FeedError extends Error {
   constructor(code: string, message: string, data?: unknown);
   readonly code: string;
   readonly data?: unknown;
+  /** Set on the error of a connection the server refused (its `data.code` says why). */
+  readonly refused?: boolean;
 }
 
 /** The row key as in row room names: `42`, `abc`, `7,2`; null when there is none. */
@@ -114,6 +119,8 @@ export class FeedClient {
   subscribe(room: string, options?: SubscribeOptions): Subscription;
   catalog(): Promise<CatalogAnswer>;
   refresh(token?: string): Promise<{ ok: true; expires_in: number | null }>;
+  /** Connect again now (after a new token, say); `force` drops a live connection first. */
+  reconnect(force?: boolean): void;
   close(): void;
   on(event: "connect", fn: () => void): this;
   on(event: "disconnect", fn: (reason: string) => void): this;

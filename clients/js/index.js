@@ -192,6 +192,14 @@ export class FeedClient extends Emitter {
     return ack;
   }
 
+  /** Connect again now (after the user gave a new token, say); `force` drops a live connection. */
+  reconnect(force = false) {
+    if (this._closed) return;
+    clearTimeout(this._retryTimer);
+    if (force && this.socket.connected) this.socket.disconnect();
+    if (!this.socket.connected) this.socket.connect();
+  }
+
   close() {
     this._closed = true;
     clearTimeout(this._refreshTimer);
@@ -241,9 +249,12 @@ export class FeedClient extends Emitter {
     if (this.socket.active) return; // a transport failure: socket.io-client retries by itself
     // Refused by the server (authentication, too many connections).
     const error = new FeedError(err?.data?.code || "refused", err?.message || "connection refused", err?.data);
+    error.refused = true;
     this._emit("error", error);
-    if (typeof this.options.token === "function" && !this._closed) {
-      // A token provider may have a better token next time.
+    if (typeof this.options.token === "function") {
+      // A token provider may have a better token next time: retry (unless told to wait for
+      // `reconnect()`, as the dashboard does while it asks the user); keep the subscriptions.
+      if (this.options.retryRefused === false || this._closed) return;
       this._serverCloses += 1;
       const delay = Math.min(500 * 2 ** this._serverCloses, this.options.reconnectionDelayMax ?? 5000);
       this._retryTimer = setTimeout(() => {
