@@ -1,7 +1,11 @@
 // dbfeed-client against the real feed server (tests/support/client_harness.py), with Node's
 // built-in test runner: `node --test test/` (run by `make test`).
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
 
 import { FeedClient, FeedError, keyText } from "../index.js";
 import { Harness, plainRows, record, until } from "./harness.mjs";
@@ -346,4 +350,63 @@ test("keyText renders keys as row room names do", () => {
   assert.equal(keyText({ $oid: "64b7f0c2a1b2c3d4e5f60718" }), "64b7f0c2a1b2c3d4e5f60718");
   assert.equal(keyText(true), "true");
   assert.equal(keyText(null), null);
+});
+
+describe("the README's JavaScript snippet, run as written", () => {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const readme = readFileSync(join(here, "..", "..", "..", "README.md"), "utf8");
+  const snippet = readme.match(/```js\n(\/\/ subscribe\.mjs[\s\S]*?)```/)[1];
+  let h;
+  before(async () => {
+    h = await Harness.start();
+  });
+  after(async () => {
+    await h.stop();
+  });
+
+  // Written inside this package, so that `import ... from "dbfeed-client"` resolves to it.
+  function start(source) {
+    const dir = mkdtempSync(join(here, "readme-"));
+    const file = join(dir, "subscribe.mjs");
+    writeFileSync(file, source.replaceAll("http://127.0.0.1:8000", h.url).replaceAll("main:public.orders", ROOM));
+    const child = spawn(process.execPath, [file], { stdio: ["ignore", "pipe", "pipe"] });
+    const run = { out: "", code: undefined };
+    child.stdout.on("data", (d) => (run.out += d));
+    child.stderr.on("data", (d) => (run.out += d));
+    run.exited = new Promise((resolve) => child.on("exit", (code) => resolve((run.code = code))));
+    run.expect = (pattern) => until(() => pattern.test(run.out), `${pattern} in the output:\n${run.out}`);
+    run.stop = async () => {
+      if (run.code === undefined) child.kill();
+      await run.exited;
+      rmSync(dir, { recursive: true, force: true });
+    };
+    return run;
+  }
+
+  test("it prints the current rows, then each change (a delete's before image)", async () => {
+    await h.send({ cmd: "truncate", target: "public.orders" });
+    await h.write("insert", { id: 1, status: "paid" });
+    await h.send({ cmd: "delivered" });
+    const run = start(snippet);
+    try {
+      await run.expect(/^1 paid orders now$/m);
+      await h.write("insert", { id: 2, status: "paid" });
+      await h.write("delete", { id: 2 });
+      await run.expect(/^delete 2 \{ id: 2, status: 'paid' \}$/m);
+      assert.match(run.out, /^live \{\}$/m);
+      assert.match(run.out, /^insert 2 \{ id: 2, status: 'paid' \}$/m);
+    } finally {
+      await run.stop();
+    }
+  });
+
+  test("a bad filter is reported, and the script ends", async () => {
+    const run = start(snippet.replace("status=eq.paid", "status=zz.paid"));
+    try {
+      await run.expect(/^subscribe failed: bad_filter: .*unknown operator 'zz'/m);
+      assert.equal(await run.exited, 0);
+    } finally {
+      await run.stop();
+    }
+  });
 });

@@ -76,6 +76,7 @@ class FeedClient(_Events):
         *,
         token: Token = None,
         refresh_tokens: bool = True,
+        retry_refused: bool = True,
         transports: tuple[str, ...] = ("websocket",),
         socketio_path: str = "socket.io",
         reconnection_delay: float = 0.5,
@@ -90,6 +91,7 @@ class FeedClient(_Events):
         self.reconnection_delay = reconnection_delay
         self.reconnection_delay_max = reconnection_delay_max
         self.refresh_tokens = refresh_tokens
+        self.retry_refused = retry_refused
         self._token_source = token
         self._token: str | None = token if isinstance(token, str) else None
         self.subscriptions: set[Subscription] = set()
@@ -174,7 +176,7 @@ class FeedClient(_Events):
                         str(code or "refused"), str(self._refusal.get("message") or exc)
                     )
                     self._emit("error", error)
-                    if not callable(self._token_source):
+                    if not callable(self._token_source) or not self.retry_refused:
                         # The same token would be refused again: give up, and say so.
                         if not first.done():
                             first.set_exception(error)
