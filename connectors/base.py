@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Self
 
 from feed.change import Change, Gap
 from feed.errors import SnapshotNotSupported
+from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors")
@@ -138,6 +139,15 @@ class Connector(ABC):
         for target in sorted(self.targets(), key=len, reverse=True):
             if rest.startswith(target + ":") and len(rest) > len(target) + 1:
                 return RoomAddress(target, rest[len(target) + 1 :])
+        return None
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Refuse (ProtocolError "bad_filter") a filter no row of `target` can ever match.
+
+        Only a source with a known schema can tell (Postgres: unknown columns, literals not of the
+        column's type). The default accepts every filter: MongoDB documents and Redis values have
+        no schema, so there a field that is absent simply does not match.
+        """
         return None
 
     async def snapshot(

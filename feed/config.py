@@ -37,6 +37,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True
     log_level: str = "info"
+    ping_interval: int = 25
+    ping_timeout: int = 20
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("no such file; pass --config with the path of your feed.toml") from None
+        raise ConfigError(
+            "no such file; pass --config with the path of your feed.toml", file=file
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", file=file) from None
     return parse_config(text, file, os.environ if env is None else env)
@@ -136,6 +140,10 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
         dashboard=server_opts.bool("dashboard", True),
         log_level=server_opts.choice("log_level", ["debug", "info", "warning", "error"], "info"),
+        # Whole seconds: Engine.IO's handshake advertises the interval in whole seconds, so 0.5
+        # would reach clients as 0.
+        ping_interval=server_opts.int("ping_interval", 25, minimum=1, maximum=3600),
+        ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=3600),
     )
     server_opts.finish()
 

@@ -20,7 +20,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 NOT_BUILT = b"""<!doctype html><title>dbfeed</title>
 <h1>dbfeed is running</h1>
-<p>The dashboard has not been built in this install: run <code>make dashboard</code>.
+<p>The dashboard has not been built in this install: in a checkout, run <code>make dashboard</code>
+(<code>pip install .</code> builds it into the package; it needs npm).
 Socket.IO clients can connect at this address.</p>"""
 
 

@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -112,6 +113,9 @@ async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
             task.exception()
 
 
+SHAPED_SUFFIX = re.compile(r"@[0-9a-f]{16}$")  # what room_name appends for a shape's profile
+
+
 def room_name(
     connector: str, address: RoomAddress, row_filter: RowFilter | None, shape: Shape | None = None
 ) -> str:
@@ -189,7 +193,11 @@ class Hub:
                 raise
             except FeedError as exc:
                 reason = str(exc)
-                log.warning("connector %s: %s", connector.name, reason)
+                # Logged once per retry: by the status change below, or here when the connector
+                # is already down for another reason (a repeat of the same one is not logged).
+                status = connector.status
+                if status.state is State.DOWN and status.detail != reason:
+                    log.warning("connector %s: %s", connector.name, reason)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.exception("connector %s crashed", connector.name)
@@ -299,6 +307,36 @@ class Hub:
             )
         return connector, address
 
+    def split_room_filter(self, request: SubscribeRequest) -> SubscribeRequest:
+        """Accept a filter room's canonical name as `room` (`main:public.orders?status=eq.paid`).
+
+        Acks return that name and clients store it, so it must work when sent back. A canonical
+        filter never holds a `?` (its values are percent-encoded), so the name splits at the last
+        one; a name that resolves whole (a Redis key or pattern may hold a `?`) is left alone.
+        """
+        base, mark, filter_text = request.room.rpartition("?")
+        if not mark or not base or not filter_text:
+            return request
+        with contextlib.suppress(ProtocolError):
+            self.resolve(request.room)
+            return request
+        if SHAPED_SUFFIX.search(filter_text):
+            raise ProtocolError(
+                "bad_request",
+                "a room name ending in @<profile> is one the server shaped for an identity; "
+                "subscribe with the room and filter you asked for",
+            )
+        limit = self.settings.max_filter_length
+        if request.filter is not None and (
+            parse_filter(request.filter, max_length=limit).canonical
+            != parse_filter(filter_text, max_length=limit).canonical
+        ):
+            raise ProtocolError(
+                "bad_filter",
+                "the room name already holds a filter; send it once, in `room` or in `filter`",
+            )
+        return replace(request, room=base, filter=filter_text)
+
     def connect(self, sid: str) -> None:
         self.clients.setdefault(sid, set())
 
@@ -323,12 +361,15 @@ class Hub:
         """
         if shape is not None:
             forced, mask = shape.forced, shape.image
+        request = self.split_room_filter(request)
         connector, address = self.resolve(request.room)
         row_filter = (
             parse_filter(request.filter, max_length=self.settings.max_filter_length)
             if request.filter
             else None
         )
+        if row_filter is not None:
+            connector.check_filter(address.target, row_filter)  # one that can never match: refused
         if forced is not None:
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())
@@ -495,7 +536,8 @@ class Hub:
         return all(c.status.state in (State.UP, State.LAGGING) for c in self.connectors.values())
 
     def _status_changed(self, status: Status) -> None:
-        log.info("connector %s is %s %s", status.connector, status.state.value, status.detail)
+        level = logging.WARNING if status.state is State.DOWN else logging.INFO
+        log.log(level, "connector %s is %s %s", status.connector, status.state.value, status.detail)
         if self.transport is not None:
             self._spawn(self.transport.broadcast("status", status.to_json()))
 

@@ -64,6 +64,8 @@ class FeedApp:
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
             max_http_buffer_size=settings.max_message_bytes,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
             logger=False,
             engineio_logger=False,
         )
@@ -192,6 +194,7 @@ class FeedApp:
                 max_room=settings.max_room_length,
                 max_filter=settings.max_filter_length,
             )
+            request = self.hub.split_room_filter(request)
             connector, address = self.hub.resolve(request.room)
             client_filter = (
                 parse_filter(request.filter, max_length=settings.max_filter_length)
