@@ -58,7 +58,7 @@ async def feed_server() -> AsyncIterator[Harness]:
         yield h
 
 
-def client(url: str, **options: Any) -> FeedClient:
+def client(url: str | list[str], **options: Any) -> FeedClient:
     return FeedClient(url, reconnection_delay=0.1, reconnection_delay_max=1.0, **options)
 
 
@@ -331,6 +331,24 @@ async def test_a_snapshot_in_chunks_is_assembled_before_the_live_changes() -> No
                 h.write("public.orders", "update", {"id": 7, "status": "paid"})
                 await log.until(lambda: len(log.changes) == 1, "a live change after the chunks")
                 assert sub.rows == h.rows("public.orders")
+
+
+async def test_several_nodes_when_one_goes_away_whichever_answers_is_used() -> None:
+    async with (
+        harness() as a,
+        harness() as b,
+        client([a.url, b.url]) as feed,
+        feed.subscribe(ROOM) as sub,
+    ):
+        log = Log(sub)
+        assert feed.url == a.url
+        a.proxy.cut()  # node a is gone (its connections dropped, new ones refused)
+        await log.until(lambda: feed.url == b.url and sub.state == "live", "node b")
+        # Two separate feeds here, so b cannot replay a's numbers: a reload. (The nodes of a
+        # cluster share room numbers and history, and the same resume would be `recovered`.)
+        assert "reload" in log.names, log.states
+        b.write("public.orders", "insert", {"id": 1, "status": "new"})
+        await log.until(lambda: len(log.changes) == 1, "a change from node b")
 
 
 def test_key_text_renders_keys_as_row_room_names_do() -> None:

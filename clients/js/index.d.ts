@@ -111,8 +111,11 @@ export class FeedError extends Error {
 export function keyText(key: Json | undefined): string | null;
 
 export class FeedClient {
-  constructor(url: string, options?: FeedClientOptions);
+  /** One URL, or the nodes of one feed (a cluster): after a failed attempt the next is tried. */
+  constructor(url: string | string[], options?: FeedClientOptions);
+  /** The node connected to (or being tried). */
   readonly url: string;
+  readonly urls: string[];
   readonly socket: Socket;
   readonly connected: boolean;
   readonly subscriptions: Set<Subscription>;

@@ -110,7 +110,10 @@ class Emitter {
 export class FeedClient extends Emitter {
   constructor(url, options = {}) {
     super();
-    this.url = url;
+    // One URL, or several nodes of one feed: after a failed attempt the next one is tried.
+    this.urls = Array.isArray(url) ? [...url] : [url];
+    if (this.urls.length === 0) throw new FeedError("bad_url", "no URL given");
+    this._urlIndex = 0;
     this.options = options;
     this.subscriptions = new Set();
     this._byRoom = new Map(); // canonical room -> Set<Subscription>
@@ -123,6 +126,7 @@ export class FeedClient extends Emitter {
     this._token = typeof options.token === "string" ? options.token : null;
     this.connected = false;
     const ioOptions = {
+      forceNew: true, // a connection of its own, never one shared with other code on the page
       transports: options.transports || ["websocket", "polling"],
       reconnectionDelay: options.reconnectionDelay ?? 500,
       reconnectionDelayMax: options.reconnectionDelayMax ?? 5000,
@@ -140,8 +144,13 @@ export class FeedClient extends Emitter {
       },
     };
     const factory = options.io || io;
-    this.socket = factory(url, ioOptions);
+    this.socket = factory(this.urls[0], ioOptions);
     this._wire();
+  }
+
+  /** The URL of the node this client is connected to (or trying). */
+  get url() {
+    return this.urls[this._urlIndex];
   }
 
   async _currentToken() {
@@ -246,7 +255,14 @@ export class FeedClient extends Emitter {
   }
 
   _onConnectError(err) {
-    if (this.socket.active) return; // a transport failure: socket.io-client retries by itself
+    if (this.socket.active) {
+      // A transport failure: socket.io-client retries by itself, at the next node if several.
+      if (this.urls.length > 1 && this.socket.io) {
+        this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+        this.socket.io.uri = this.urls[this._urlIndex];
+      }
+      return;
+    }
     // Refused by the server (authentication, too many connections).
     const error = new FeedError(err?.data?.code || "refused", err?.message || "connection refused", err?.data);
     error.refused = true;

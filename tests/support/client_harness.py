@@ -80,6 +80,7 @@ class Harness:
         self.task: asyncio.Task[None] | None = None
         self.config = ""
         self.tables: dict[str, dict[str, dict[str, Any]]] | None = None
+        self._source: MemoryConnector | None = None
 
     @property
     def url(self) -> str:
@@ -92,7 +93,9 @@ class Harness:
 
     @property
     def source(self) -> MemoryConnector:
-        return MemoryConnector.instances["mem"]
+        """This server's memory connector (instances register by name, so keep our own)."""
+        assert self._source is not None
+        return self._source
 
     async def start(self, extra: str = "", auth: bool = False) -> None:
         self.config = config_text(extra, auth)
@@ -102,8 +105,9 @@ class Harness:
     async def _serve(self) -> None:
         config = parse_config(self.config, "harness.toml", dict(os.environ))
         connectors = config.build_connectors()
+        self._source = next(c for c in connectors if isinstance(c, MemoryConnector))
         if self.tables is not None:  # the "database" outlives the feed
-            self.source._tables = self.tables
+            self._source._tables = self.tables
         self.app = FeedApp(config, connectors=connectors)
         self.server = QuietServer(
             uvicorn.Config(

@@ -342,6 +342,27 @@ test("a snapshot in chunks is assembled before the live changes", async (t) => {
   }
 });
 
+test("several nodes: when one goes away, whichever answers is used", async () => {
+  const [a, b] = await Promise.all([Harness.start(), Harness.start()]);
+  const feed = new FeedClient([a.url, b.url], WS);
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await sub.ready;
+    assert.equal(feed.url, a.url);
+    await a.send({ cmd: "cut" }); // node a is gone (its connections dropped, new ones refused)
+    await until(() => feed.connected && feed.url === b.url && sub.state === "live", "node b");
+    // Two separate feeds here, so b cannot replay a's numbers: a reload. (The nodes of a cluster
+    // share room numbers and history, and the same resume would be `recovered`.)
+    assert.ok(log.states.some((s) => s.state === "reload"), JSON.stringify(log.states));
+    await b.write("insert", { id: 1, status: "new" });
+    await until(() => log.changes.length === 1, "a change from node b");
+  } finally {
+    feed.close();
+    await Promise.all([a.stop(), b.stop()]);
+  }
+});
+
 test("keyText renders keys as row room names do", () => {
   assert.equal(keyText(42), "42");
   assert.equal(keyText("abc"), "abc");

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -72,7 +72,7 @@ class FeedClient(_Events):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: Token = None,
         refresh_tokens: bool = True,
@@ -84,7 +84,11 @@ class FeedClient(_Events):
         timeout: float = 10.0,
     ) -> None:
         super().__init__()
-        self.url = url
+        # One URL, or several nodes of one feed: after a failed attempt the next one is tried.
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise FeedError("bad_url", "no URL given")
+        self._url_index = 0
         self.timeout = timeout
         self.transports = transports
         self.socketio_path = socketio_path
@@ -118,6 +122,11 @@ class FeedClient(_Events):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def url(self) -> str:
+        """The node connected to (or being tried)."""
+        return self.urls[self._url_index]
 
     @property
     def connected(self) -> bool:
@@ -184,8 +193,11 @@ class FeedClient(_Events):
                             sub._fail(error)
                         return
                 elif not first.done() and loop.time() >= deadline:
-                    first.set_exception(ConnectError("unreachable", f"{self.url}: {exc}"))
+                    urls = ", ".join(self.urls)
+                    first.set_exception(ConnectError("unreachable", f"{urls}: {exc}"))
                     return
+                else:
+                    self._url_index = (self._url_index + 1) % len(self.urls)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnection_delay_max)
                 continue
