@@ -403,6 +403,7 @@ export class Subscription extends Emitter {
     this._attempt += 1;
     this._phase = "idle";
     this.client._unregister(this);
+    if (!this._everReady) this._rejectReady(new FeedError("closed", "unsubscribed before the server answered"));
   }
 
   _setState(state, info = {}) {
@@ -436,6 +437,11 @@ export class Subscription extends Emitter {
   }
 
   _onAck(attempt, request, ack) {
+    if (this._closed && ack && ack.ok && !this.client._byRoom.has(ack.room) && this.client.connected) {
+      // Unsubscribed while the answer was on its way: leave the room the server put us in.
+      this.client._call("unsubscribe", { room: ack.room }).catch(() => {});
+      return;
+    }
     if (attempt !== this._attempt || this._closed) return; // stale: asked again since
     if (!ack || !ack.ok) {
       const error = ackError(ack);

@@ -537,6 +537,13 @@ class Subscription(_Events):
         await self._on_ack(attempt, request, ack)
 
     async def _on_ack(self, attempt: int, request: dict[str, Any], ack: dict[str, Any]) -> None:
+        room = ack.get("room")
+        if self._closed and ack.get("ok") and isinstance(room, str):
+            if room not in self.client._by_room and self.client.connected:
+                # Unsubscribed while the answer was on its way: leave the room we were put in.
+                with contextlib.suppress(FeedError):
+                    await self.client._call("unsubscribe", {"room": room})
+            return
         if attempt != self._attempt or self._closed:
             return  # stale: asked again since
         if not ack.get("ok"):
