@@ -405,3 +405,11 @@ async def test_a_hole_without_snapshot_is_announced_then_the_stream_goes_on(
         await log.until(lambda: len(log.changes) == 4, "the change after the hole")
         assert log.names == ["reload", "live"]
         assert log.states[0][1]["reason"] == "changes 2..3 never arrived"
+
+
+async def test_a_refused_first_connection_raises_even_with_a_token_function() -> None:
+    async with harness(auth=True) as h:
+        with pytest.raises(FeedError) as caught:
+            async with client(h.url, token=lambda: "not-a-valid-token"):
+                pass
+        assert caught.value.code == "invalid_token"

@@ -135,8 +135,9 @@ class FeedClient(_Events):
     async def connect(self) -> None:
         """Connect, then stay connected in the background until `close`.
 
-        Raises ConnectError when the server refuses (a fixed token it does not accept) or cannot
-        be reached within `timeout` seconds.
+        Raises ConnectError when the server refuses the first attempt or cannot be reached within
+        `timeout` seconds. Later, a refused reconnect is retried when the token is a function
+        (it may have a better token next time) and `retry_refused` is true.
         """
         if self._runner is not None:
             raise FeedError("already_connected", "connect() was called before")
@@ -185,8 +186,10 @@ class FeedClient(_Events):
                         str(code or "refused"), str(self._refusal.get("message") or exc)
                     )
                     self._emit("error", error)
-                    if not callable(self._token_source) or not self.retry_refused:
-                        # The same token would be refused again: give up, and say so.
+                    retry = callable(self._token_source) and self.retry_refused and first.done()
+                    if not retry:
+                        # The same token would be refused again (or this is the first attempt,
+                        # which `connect()` reports): give up, and say so.
                         if not first.done():
                             first.set_exception(error)
                         for sub in list(self.subscriptions):
