@@ -753,3 +753,15 @@ async def test_rows_written_with_sql_appear_filtered_paused_and_resumed(
         await expect(page.locator('#detail-body tr[data-field="customer"] td')).to_have_text(
             ["globex", "—"]
         )
+
+
+async def test_a_script_that_does_not_load_is_named_instead_of_a_blank_page(
+    memory_feed: RunningFeed, page: Page, console: Console
+) -> None:
+    console.allow_network_noise = True  # the browser logs the failed request
+    await page.route("**/dbfeed-client.js", lambda route: route.abort())
+    await page.goto(memory_feed.url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "refused")
+    await expect(page.locator("#connection-text")).to_have_text(
+        "The dashboard's scripts did not load: rebuild the dashboard (make dashboard)."
+    )

@@ -11,17 +11,12 @@ import {
   subscriptionKey,
   subscriptionsFromQuery,
 } from "./view.js";
+import { FeedClient } from "./dbfeed-client.js";
+import { io } from "socket.io-client";
 
-// The client library and socket.io-client (mapped by index.html's import map), loaded so that a
-// dashboard built without them says so instead of staying blank.
-let FeedClient = null;
-try {
-  ({ FeedClient } = await import("./dbfeed-client.js"));
-  // The page's own socket.io-client, for a raw connection from the browser console.
-  window.io = (await import("socket.io-client")).io;
-} catch (err) {
-  console.error(err);
-}
+// The page's own socket.io-client (index.html's import map), for a raw connection from the
+// browser console.
+window.io = io;
 
 const TOKEN_KEY = "dbfeed.token";
 const MAX_ROWS_KEY = "dbfeed.maxRows";
@@ -839,10 +834,6 @@ function start() {
   }
   writeAddress();
   drawSubscriptions();
-  if (FeedClient === null) {
-    setConnection("refused", "The Socket.IO client did not load: rebuild the dashboard (make dashboard).");
-    return;
-  }
   connect();
   for (const sub of state.subs) subscribe(sub);
 }
