@@ -33,9 +33,15 @@ function finish(code) {
 }
 
 feed.on("disconnect", () => console.log("disconnected; reconnecting ..."));
+let refused = false;
 feed.on("error", (err) => {
-  // A refused connection (a bad token, say) ends every subscription with this error too.
-  console.error(`${args.url}: ${err.code}: ${err.message}`);
+  if (err.refused) {
+    // The server refused the connection (a bad token, say): every subscription ends with it.
+    refused = true;
+    console.error(`cannot connect to ${args.url}: ${err.code}: ${err.message}`);
+  } else {
+    console.error(`${err.code}: ${err.message}`);
+  }
 });
 feed.on("status", (s) => console.log(`status  ${s.connector} is ${s.state} ${s.detail}`));
 feed.on("gap", (gap) => console.log(`gap     ${gap.room}: ${gap.reason}`));
@@ -46,7 +52,7 @@ for (const room of wanted) {
     if (state === "live") console.log(`live    ${sub.room} at seq ${sub.seq}`);
     else if (state === "recovered") console.log(`resumed ${sub.room}: ${info.replayed} missed change(s) replayed`);
     else if (state === "reload") console.log(`reload  ${sub.room}: ${info.reason} (reload your data)`);
-    else if (state === "error") console.log(`subscribe ${room}: ${info.code}: ${info.message}`);
+    else if (state === "error" && !refused) console.log(`subscribe ${room}: ${info.code}: ${info.message}`);
   });
   sub.on("change", (change) => {
     const image = change.after ?? change.before; // a delete has only its before image
