@@ -292,7 +292,7 @@ test("a slow consumer: the server cuts it off, it resumes, and its rows are righ
     sub.on("change", () => {
       if (!slow) return;
       slow = false;
-      const end = Date.now() + 3000; // a handler that blocks the event loop for 3 s
+      const end = Date.now() + 5000; // a handler that blocks the event loop for 5 s
       while (Date.now() < end);
     });
     await h.send({ cmd: "burst", spread: true, target: "public.orders", start: 1, count: 3000, pad: 8000 });
