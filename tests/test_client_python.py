@@ -413,3 +413,18 @@ async def test_a_refused_first_connection_raises_even_with_a_token_function() ->
             async with client(h.url, token=lambda: "not-a-valid-token"):
                 pass
         assert caught.value.code == "invalid_token"
+
+
+async def test_a_gap_while_the_subscribe_is_answered_is_acted_on_after_it(
+    feed_server: Harness,
+) -> None:
+    """A gap can reach a member whose snapshot is still on its way: never dropped silently."""
+    async with client(feed_server.url) as feed:
+        sub = feed.subscribe(ROOM, snapshot=True)
+        log = Log(sub)
+        await asyncio.sleep(0)  # the subscribe is on its way
+        assert sub._phase == "subscribing"
+        sub._gap({"room": ROOM, "reason": "lost while subscribing", "seq": 0})  # as it arrives
+        await sub.ready()
+        await log.until(lambda: len(log.snapshots) == 2 and sub.state == "live", "a reload")
+        assert ("reload", {"reason": "lost while subscribing"}) in log.states

@@ -372,6 +372,7 @@ export class Subscription extends Emitter {
     this._everReady = false;
     this._retries = 0;
     this._reloading = false;
+    this._gapWhileSubscribing = null;
     this.ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -429,6 +430,7 @@ export class Subscription extends Emitter {
     this._phase = "subscribing";
     this._buffer = [];
     this._chunks = null;
+    this._gapWhileSubscribing = null;
     if (this.state !== "pending") this._setState("pending", { resuming });
     this.client._call("subscribe", request).then(
       (ack) => this._onAck(attempt, request, ack),
@@ -527,6 +529,9 @@ export class Subscription extends Emitter {
       if (this._phase !== "ready") break;
       this._receive(change);
     }
+    const gap = this._gapWhileSubscribing;
+    this._gapWhileSubscribing = null;
+    if (gap && this._phase === "ready") this._gap(gap);
   }
 
   _receive(change) {
@@ -577,8 +582,12 @@ export class Subscription extends Emitter {
   }
 
   _gap(gap) {
-    if (this._phase !== "ready") return;
     const reason = gap.reason || "the source may have lost changes";
+    if (this._phase !== "ready") {
+      // Mid-subscribe: act on it once the answer (and snapshot) is in.
+      this._gapWhileSubscribing = gap;
+      return;
+    }
     if (this.snapshot) {
       this._reloadNow(reason);
       return;

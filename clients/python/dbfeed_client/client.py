@@ -449,6 +449,7 @@ class Subscription(_Events):
         self._skip_ok = False
         self._fresh = False
         self._reloading = False
+        self._gap_while_subscribing: dict[str, Any] | None = None
         self._ids: dict[Any, None] = {}
         self._closed = False
         self._error: FeedError | None = None
@@ -531,6 +532,7 @@ class Subscription(_Events):
         self._phase = "subscribing"
         self._buffer = []
         self._chunks = None
+        self._gap_while_subscribing = None
         if self.state != "pending":
             self._set_state("pending", resuming=resuming)
         try:
@@ -638,6 +640,9 @@ class Subscription(_Events):
             if self._phase != "ready":
                 break
             self._receive(change)
+        gap, self._gap_while_subscribing = self._gap_while_subscribing, None
+        if gap is not None and self._phase == "ready":
+            self._gap(gap)
 
     def _receive(self, change: Change) -> None:
         if self._closed:
@@ -680,6 +685,7 @@ class Subscription(_Events):
 
     def _gap(self, gap: dict[str, Any]) -> None:
         if self._phase != "ready":
+            self._gap_while_subscribing = gap  # acted on once the answer (and snapshot) is in
             return
         reason = str(gap.get("reason") or "the source may have lost changes")
         if self.snapshot:
