@@ -99,8 +99,11 @@ class Emitter {
         fn(...args);
       } catch (err) {
         // One failing handler must not break the stream for the others; report it.
-        if (event !== "handler_error") this._emit("handler_error", err, event);
-        else console.error(err);
+        if (event !== "handler_error" && this._handlers.get("handler_error")?.size) {
+          this._emit("handler_error", err, event);
+        } else {
+          console.error(`dbfeed-client: a "${event}" handler failed:`, err);
+        }
       }
     }
   }
