@@ -124,14 +124,11 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
 
     app = FeedApp(config, host=host or config.server.host)
     logging.getLogger().setLevel(config.server.log_level.upper())
-    uvicorn_config = uvicorn.Config(
-        app.asgi,
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
+    uvicorn_config = app.uvicorn_config(
+        host or config.server.host,
+        config.server.port if port is None else port,
         log_level=config.server.log_level,
-        lifespan="on",
         timeout_graceful_shutdown=10,
-        ws_max_size=config.server.max_message_bytes,
     )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
     # was installed before it; make that a clean exit, as service managers expect.

@@ -6,6 +6,7 @@ config that does not gets one line naming the file, the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -33,6 +34,8 @@ class ServerConfig:
     max_room_length: int = 512
     max_filter_length: int = 1024
     snapshot_limit: int = 1000
+    snapshot_chunk_bytes: int = 256 * 1024
+    """JSON bytes of rows per snapshot frame: larger snapshots go out in several (feed.snapshots)."""
     cors_allowed_origins: list[str] = field(default_factory=list)
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True
@@ -136,6 +139,9 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         max_room_length=server_opts.int("max_room_length", 512, minimum=16),
         max_filter_length=server_opts.int("max_filter_length", 1024, minimum=16),
         snapshot_limit=server_opts.int("snapshot_limit", 1000, minimum=1),
+        snapshot_chunk_bytes=server_opts.int(
+            "snapshot_chunk_bytes", 256 * 1024, minimum=1024, maximum=16 * 1024 * 1024
+        ),
         cors_allowed_origins=server_opts.str_list("cors_allowed_origins"),
         max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
         dashboard=server_opts.bool("dashboard", True),
@@ -165,6 +171,12 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
     auth = parse_auth(top)
     limits = parse_limits(top)
+    # A chunk waits whole in a long-polling client's queue: chunks are kept to a quarter of
+    # the outbound limit, so a client taking a snapshot is never cut off as slow.
+    server = dataclasses.replace(
+        server,
+        snapshot_chunk_bytes=min(server.snapshot_chunk_bytes, limits.outbound_queue_bytes // 4),
+    )
     top._used.add("auth")
     top.finish()
     return Config(

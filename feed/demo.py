@@ -135,13 +135,8 @@ class Demo:
         app = FeedApp(config, connectors)
         app.hub.unconfigured = [{"type": "mongodb", "detail": MONGODB_DETAIL}]
         server = QuietServer(
-            uvicorn.Config(
-                app.asgi,
-                host=self.host,
-                port=self.port,
-                log_level="warning",
-                lifespan="on",
-                timeout_graceful_shutdown=10,
+            app.uvicorn_config(
+                self.host, self.port, log_level="warning", timeout_graceful_shutdown=10
             )
         )
         serving = asyncio.create_task(server.serve())

@@ -14,7 +14,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
@@ -27,7 +27,9 @@ from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 from feed.filters import RowFilter, parse_filter
 from feed.metrics import Counter, Labels, Metrics
 from feed.protocol import SubscribeRequest
+from feed.room_budget import RoomBudget
 from feed.rooms import Room
+from feed.snapshots import split_rows
 from feed.transport import Transport
 
 log = logging.getLogger("feed.hub")
@@ -149,6 +151,12 @@ class Hub:
         self._targets: dict[tuple[str, str], TargetRooms] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._catch_ups: dict[tuple[str, str], object] = {}
+        self.budget = RoomBudget(per_identity=5000, total=50_000)
+        """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
+        self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        """Sends a status change to clients in place of a broadcast (feed.server: the detail
+        only to operators)."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
@@ -221,9 +229,50 @@ class Hub:
             r for r in self.rooms.values() if r.expired(now, self.settings.filter_room_grace)
         ]
         for room in expired:
-            del self.rooms[room.name]
-            self._targets[(room.connector, room.target)].discard(room)
+            self._drop_room(room)
         return len(expired)
+
+    def _drop_room(self, room: Room) -> None:
+        del self.rooms[room.name]
+        self._targets[(room.connector, room.target)].discard(room)
+        self.budget.release(room.name)
+
+    def _make_room_for(self, owner: str) -> None:
+        """Before `owner` creates a room: within its budget and the server's, by expiring an
+        idle room early if need be (its own first), or refuse (feed.room_budget)."""
+        budget = self.budget
+        if budget.over_identity(owner) and not self._evict_idle(owner):
+            self.metrics.inc("feed_rooms_refused_total", reason="identity")
+            raise ProtocolError(
+                "too_many_rooms",
+                f"{owner!r} already has {budget.charged(owner)} row and filter rooms (the limit "
+                "is [limits] rooms_per_identity); unsubscribe from some, or share filters",
+            )
+        if budget.over_total() and not self._evict_idle(None):
+            self.metrics.inc("feed_rooms_refused_total", reason="total")
+            raise ProtocolError(
+                "server_busy",
+                f"the server holds its maximum of {budget.total} row and filter rooms, all "
+                "followed; retry later",
+            )
+
+    def _evict_idle(self, owner: str | None) -> bool:
+        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None)."""
+        owners = self.budget.owners
+        oldest: Room | None = None
+        for name, charged_to in owners.items():
+            if owner is not None and charged_to != owner:
+                continue
+            room = self.rooms.get(name)
+            if room is None or room.members or room.empty_since is None:
+                continue
+            if oldest is None or room.empty_since < (oldest.empty_since or 0.0):
+                oldest = room
+        if oldest is None:
+            return False
+        self._drop_room(oldest)
+        self.metrics.inc("feed_rooms_evicted_total")
+        return True
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -353,8 +402,12 @@ class Hub:
         forced: RowFilter | None = None,
         mask: RowGuard | None = None,
         shape: Shape | None = None,
+        owner: str = "anonymous",
     ) -> dict[str, Any]:
         """Join a room; replay from `since` or answer with a snapshot; return the ack.
+
+        `owner` (the identity's name) is charged for the row or filter room it creates or
+        joins (feed.room_budget).
 
         A `shape` (from feed.access) forces its filter, masks snapshot rows, and puts the client
         in a room whose live and replayed payloads are shaped the same way.
@@ -380,7 +433,12 @@ class Hub:
                 f"at most {self.settings.max_subscriptions} subscriptions per client; "
                 "unsubscribe from a room first",
             )
+        ephemeral = address.key is not None or row_filter is not None or shape is not None
+        if ephemeral and name not in self.rooms:
+            self._make_room_for(owner)
         room = self._room(connector.name, address, row_filter, shape)
+        if ephemeral:
+            self.budget.charge(room.name, owner)
         recovered: bool | None = None
         cursor = room.seq
         if request.since is not None:
@@ -397,14 +455,21 @@ class Hub:
             "epoch": self.epoch,
         }
         covers: Callable[[Change], bool] | None = None
+        rest: list[list[Any]] = []
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
             rows = [mask(r) if mask else r for r in snapshot.rows]
-            ack["snapshot"] = [to_json(r) for r in rows if r is not None]
+            first, *rest = split_rows(
+                [to_json(r) for r in rows if r is not None], self.settings.snapshot_chunk_bytes
+            )
+            ack["snapshot"] = first
             ack["snapshot_truncated"] = snapshot.truncated
+            ack["snapshot_chunks"] = 1 + len(rest)
             ack["seq"] = cursor
-        self._spawn(self._catch_up(sid, room, cursor, covers))
+        # The ack goes out when this returns, before the catch-up task's first step: the rest of
+        # the snapshot, then what the room got meanwhile, follow it in that order.
+        self._spawn(self._catch_up(sid, room, cursor, covers, rest))
         return ack
 
     async def _snapshot(
@@ -472,15 +537,33 @@ class Hub:
             self.transport.leave(sid, room.name)
 
     async def _catch_up(
-        self, sid: str, room: Room, cursor: int, covers: Callable[[Change], bool] | None
+        self,
+        sid: str,
+        room: Room,
+        cursor: int,
+        covers: Callable[[Change], bool] | None,
+        chunks: list[list[Any]] | None = None,
     ) -> None:
-        """Send a new member what it missed after `cursor`, in order, then let it go live.
+        """Send a new member the rest of its snapshot and what it missed after `cursor`, in
+        order, then let it go live.
 
-        Each pass sends everything buffered so far in one `changes` frame; the member leaves the
+        Snapshot chunks 2..N go first, each once the client has taken most of the previous one
+        (`send_paced`), so a large snapshot never piles up past the outbound limit. Then each
+        pass sends everything buffered so far in one `changes` frame; the member leaves the
         pending set in the same step that finds nothing newer, so no live send can overtake it.
+        A newer subscribe of the same client to the same room supersedes this one.
         """
+        key = (sid, room.name)
+        token = self._catch_ups[key] = object()
         try:
-            while sid in room.pending:
+            if chunks and self.transport is not None:
+                total = len(chunks) + 1
+                for index, rows in enumerate(chunks, start=2):
+                    if sid not in room.pending or self._catch_ups.get(key) is not token:
+                        return
+                    body = {"room": room.name, "chunk": index, "of": total, "rows": rows}
+                    await self.transport.send_paced(sid, "snapshot", body)
+            while sid in room.pending and self._catch_ups.get(key) is token:
                 if cursor < room.seq and not room.holds_after(cursor):
                     if self.transport is not None:
                         body = {
@@ -508,6 +591,9 @@ class Hub:
         except Exception:
             log.exception("catch-up for %s in %s failed", sid, room.name)
             room.pending.discard(sid)
+        finally:
+            if self._catch_ups.get(key) is token:
+                del self._catch_ups[key]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -538,7 +624,9 @@ class Hub:
     def _status_changed(self, status: Status) -> None:
         level = logging.WARNING if status.state is State.DOWN else logging.INFO
         log.log(level, "connector %s is %s %s", status.connector, status.state.value, status.detail)
-        if self.transport is not None:
+        if self.announce_status is not None:
+            self._spawn(self.announce_status(status.to_json()))
+        elif self.transport is not None:
             self._spawn(self.transport.broadcast("status", status.to_json()))
 
     # -- metrics -------------------------------------------------------------------------------
@@ -556,6 +644,8 @@ class Hub:
         m.describe("feed_subscriptions", "gauge", "Subscriptions across clients")
         m.describe("feed_replay_evictions_total", "counter", "Changes dropped from replay buffers")
         m.describe("feed_errors_total", "counter", "Client requests refused, by code")
+        m.describe("feed_rooms_refused_total", "counter", "New rooms refused, by limit reached")
+        m.describe("feed_rooms_evicted_total", "counter", "Idle rooms expired early for new ones")
         m.gauges(self._gauge_values)
 
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:
