@@ -110,9 +110,7 @@ class Harness:
             self._source._tables = self.tables
         self.app = FeedApp(config, connectors=connectors)
         self.server = QuietServer(
-            uvicorn.Config(
-                self.app.asgi, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-            )
+            self.app.uvicorn_config("127.0.0.1", self.port, log_level="warning")
         )
         self.task = asyncio.create_task(self.server.serve())
         async with asyncio.timeout(WAIT):
