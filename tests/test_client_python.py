@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from dbfeed_client import FeedClient, FeedError, SubscribeError, Subscription, key_text
 
-from tests.support.client_harness import Harness, harness, make_token, server_has
+from tests.support.client_harness import Harness, harness, make_token
 
 ROOM = "mem:public.orders"
 WAIT = 20.0
@@ -308,8 +308,6 @@ async def test_a_slow_consumer_within_its_queue_gets_everything(feed_server: Har
 
 
 async def test_a_snapshot_in_chunks_is_assembled_before_the_live_changes() -> None:
-    if not server_has("snapshot_chunk_bytes"):
-        pytest.skip("this server has no [server] snapshot_chunk_bytes yet (issue 18 adds it)")
     config = "[server]\nreplay_buffer = 5000\nsnapshot_chunk_bytes = 4096\n"
     async with harness(config) as h:
         h.burst("public.orders", 1, 300, pad=100)

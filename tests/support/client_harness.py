@@ -12,7 +12,6 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
     {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
     {"cmd": "cut"} / {"cmd": "restore"} / {"cmd": "restart"} / {"cmd": "stop"}
     {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
-    {"cmd": "server_has", "setting": "snapshot_chunk_bytes"}   -> {"ok": true, "has": bool}
 
 The server is the real FeedApp under uvicorn with the in-memory connector. A restart starts a new
 FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows over, as
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -32,7 +30,7 @@ from typing import Any
 import uvicorn
 
 from connectors.memory import MemoryConnector
-from feed.config import ServerConfig, parse_config
+from feed.config import parse_config
 from feed.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
 from tests.support.server import free_port
@@ -175,10 +173,6 @@ async def harness(extra: str = "", auth: bool = False) -> Any:
         await h.stop()
 
 
-def server_has(setting: str) -> bool:
-    return setting in {f.name for f in dataclasses.fields(ServerConfig)}
-
-
 async def serve_commands() -> None:
     """The JSON-lines loop the Node tests drive."""
     loop = asyncio.get_running_loop()
@@ -236,8 +230,6 @@ async def serve_commands() -> None:
                     await h.restart()
                 elif cmd == "token":
                     reply["token"] = make_token(float(command.get("ttl", 300)))
-                elif cmd == "server_has":
-                    reply["has"] = server_has(command["setting"])
                 elif cmd == "stop":
                     break
                 else:

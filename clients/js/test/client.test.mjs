@@ -312,14 +312,7 @@ test("a slow consumer: the server cuts it off, it resumes, and its rows are righ
   }
 });
 
-test("a snapshot in chunks is assembled before the live changes", async (t) => {
-  const probe = await Harness.start();
-  const has = (await probe.send({ cmd: "server_has", setting: "snapshot_chunk_bytes" })).has;
-  await probe.stop();
-  if (!has) {
-    t.skip("this server has no [server] snapshot_chunk_bytes yet (issue 18 adds chunked snapshots)");
-    return;
-  }
+test("a snapshot in chunks is assembled before the live changes", async () => {
   const h = await Harness.start({ config: "[server]\nreplay_buffer = 5000\nsnapshot_chunk_bytes = 4096\n" });
   const feed = new FeedClient(h.url, WS);
   let chunks = 0;
