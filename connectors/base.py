@@ -81,6 +81,10 @@ class Connector(ABC):
     """Base class for sources. Subclasses set `kind`, read their options, and implement the rest."""
 
     kind: ClassVar[str] = ""
+    durable: bool = True
+    """Whether a new instance resumes from a saved position. A cluster hands a connector from a
+    dead node to another one; for a connector that cannot resume (Redis keyspace events) the new
+    reader announces a `gap` for the time nobody read it."""
 
     def __init__(self, name: str, options: Options) -> None:
         self.name = name

@@ -170,6 +170,17 @@ def cmd_check(args: argparse.Namespace) -> int:
                 # Hints name `--config <file>`: print the command as it runs here.
                 detail = str(exc).replace("--config <file>", f"--config {shlex.quote(args.config)}")
                 rows.append((connector.name, connector.kind, "FAIL", detail))
+        if config.cluster is not None:
+            from feed.engine.redis import check
+
+            names = [c.name for c in connectors]
+            try:
+                detail = await asyncio.wait_for(check(config.cluster, names), CHECK_TIMEOUT)
+                rows.append(("[cluster]", "redis", "ok", detail))
+            except TimeoutError:
+                rows.append(("[cluster]", "redis", "FAIL", "timed out"))
+            except FeedError as exc:
+                rows.append(("[cluster]", "redis", "FAIL", str(exc)))
         return rows
 
     rows = asyncio.run(reach())

@@ -16,6 +16,7 @@ from typing import Any
 
 from connectors import Connector, resolve_type
 from feed.auth import AuthConfig, parse_auth
+from feed.engine import ClusterConfig, parse_cluster
 from feed.errors import ConfigError
 from feed.limits import LimitsConfig, parse_limits
 from feed.options import Options
@@ -67,6 +68,8 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cluster: ClusterConfig | None = None
+    """The `[cluster]` table; None runs the feed in one process with rooms in memory."""
 
     def build_connectors(self) -> list[Connector]:
         """Instantiate every connector, so their own settings are validated now."""
@@ -171,6 +174,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
     auth = parse_auth(top)
     limits = parse_limits(top)
+    cluster = parse_cluster(top, server.replay_buffer)
     # A chunk waits whole in a long-polling client's queue: chunks are kept to a quarter of
     # the outbound limit, so a client taking a snapshot is never cut off as slow.
     server = dataclasses.replace(
@@ -180,5 +184,11 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
     top._used.add("auth")
     top.finish()
     return Config(
-        path=file, server=server, connectors=connectors, raw=raw, auth=auth, limits=limits
+        path=file,
+        server=server,
+        connectors=connectors,
+        raw=raw,
+        auth=auth,
+        limits=limits,
+        cluster=cluster,
     )

@@ -43,8 +43,13 @@ class HttpApp:
             ready = self.hub.ready()
             body = {
                 "ready": ready,
-                "connectors": {c.name: c.status.to_json() for c in self.hub.connectors.values()},
+                "connectors": {
+                    c.name: {**c.status.to_json(), **self.hub._reader(c.name)}
+                    for c in self.hub.connectors.values()
+                },
             }
+            if self.hub.engine is not None:
+                body["cluster"] = self.hub.engine.describe()
             await respond_json(send, 200 if ready else 503, body)
         elif path == "/metrics":
             text = self.hub.metrics.render().encode()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
 from feed.access import Shape, ShapedRoom
@@ -31,6 +31,9 @@ from feed.room_budget import RoomBudget
 from feed.rooms import Room
 from feed.snapshots import split_rows
 from feed.transport import Transport
+
+if TYPE_CHECKING:
+    from feed.engine.redis import RedisEngine
 
 log = logging.getLogger("feed.hub")
 
@@ -142,6 +145,8 @@ class Hub:
         self.connectors = {c.name: c for c in connectors}
         self.metrics = metrics or Metrics()
         self.transport: Transport | None = None
+        self.engine: RedisEngine | None = None
+        """The cluster engine ([cluster]); None keeps rooms, numbers and history in memory."""
         self.epoch = secrets.token_hex(8)
         # Source types this deployment leaves out, each {"type", "detail"} saying how to get it
         # (`feed demo` names MongoDB); the catalog lists them so clients can show them as such.
@@ -165,6 +170,8 @@ class Hub:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        if self.engine is not None:
+            await self.engine.start()
         for connector in self.connectors.values():
             self._tasks.append(
                 asyncio.create_task(self._supervise(connector), name=f"connector:{connector.name}")
@@ -183,6 +190,8 @@ class Hub:
         self._tasks.clear()
         for task in list(self._background):
             task.cancel()
+        if self.engine is not None:
+            await self.engine.stop()
         if self.transport is not None:
             with contextlib.suppress(Exception):
                 await self.transport.disconnect_all()
@@ -193,7 +202,7 @@ class Hub:
         while True:
             started = time.monotonic()
             try:
-                async with connector:
+                async with self._reading(connector), connector:
                     async for item in connector.changes():
                         await self._dispatch(connector, item)
                 reason = "change stream ended"
@@ -217,6 +226,12 @@ class Hub:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, BACKOFF_MAX)
 
+    def _reading(self, connector: Connector) -> contextlib.AbstractAsyncContextManager[None]:
+        """In a cluster, the connector runs only while this node holds its lease."""
+        if self.engine is None:
+            return contextlib.nullcontext()
+        return self.engine.reading(connector)
+
     async def _janitor(self) -> None:
         """Drop row and filter rooms nobody has followed for the grace period."""
         interval = max(0.05, min(5.0, self.settings.filter_room_grace / 4 or 0.05))
@@ -236,6 +251,8 @@ class Hub:
         del self.rooms[room.name]
         self._targets[(room.connector, room.target)].discard(room)
         self.budget.release(room.name)
+        if self.engine is not None:
+            self.engine.forget(room)
 
     def _make_room_for(self, owner: str) -> None:
         """Before `owner` creates a room: within its budget and the server's, by expiring an
@@ -287,6 +304,9 @@ class Hub:
             return
         counted_in, counted_out = self._counters(connector.name)
         counted_in.inc()
+        if self.engine is not None:  # numbered in Redis; every node delivers what it follows
+            await self.engine.publish(connector, item)
+            return
         transport = self.transport
         for room, payload in self.route(item):
             receivers = len(room.members) - len(room.pending)
@@ -305,8 +325,11 @@ class Hub:
         return counters
 
     async def _gap(self, gap: Gap) -> None:
-        self.metrics.inc("feed_gaps_total", connector=gap.connector)
         log.warning("connector %s: gap announced: %s", gap.connector, gap.reason)
+        if self.engine is not None:
+            await self.engine.publish_gap(gap)
+            return
+        self.metrics.inc("feed_gaps_total", connector=gap.connector)
         for room in list(self.rooms.values()):
             if room.connector != gap.connector or (gap.target and room.target != gap.target):
                 continue
@@ -439,6 +462,8 @@ class Hub:
         room = self._room(connector.name, address, row_filter, shape)
         if ephemeral:
             self.budget.charge(room.name, owner)
+        if self.engine is not None:  # numbers, history and snapshots from the cluster
+            return await self.engine.subscribe(sid, request, room, connector, address, mask)
         recovered: bool | None = None
         cursor = room.seq
         if request.since is not None:
@@ -612,18 +637,29 @@ class Hub:
                     "type": c.kind,
                     "status": c.status.to_json(),
                     "targets": c.targets(),
+                    **self._reader(c.name),
                 }
                 for c in self.connectors.values()
             ],
             "unconfigured": list(self.unconfigured),
         }
 
+    def _reader(self, name: str) -> dict[str, Any]:
+        """In a cluster, which node reads the connector (`reader`, None when none does)."""
+        if self.engine is None:
+            return {}
+        return {"reader": self.engine.reader_of(name)}
+
     def ready(self) -> bool:
+        if self.engine is not None and not self.engine.up:
+            return False
         return all(c.status.state in (State.UP, State.LAGGING) for c in self.connectors.values())
 
     def _status_changed(self, status: Status) -> None:
         level = logging.WARNING if status.state is State.DOWN else logging.INFO
         log.log(level, "connector %s is %s %s", status.connector, status.state.value, status.detail)
+        if self.engine is not None:
+            self.engine.status_changed(status)
         if self.announce_status is not None:
             self._spawn(self.announce_status(status.to_json()))
         elif self.transport is not None:

@@ -83,6 +83,10 @@ class FeedApp:
             engineio_logger=ENGINEIO_LOG,
         )
         self.hub.transport = SocketIOTransport(self.sio)
+        if config.cluster is not None:
+            from feed.engine.redis import RedisEngine
+
+            self.hub.engine = RedisEngine(config.cluster, self.hub)
         self.outbound = OutboundLimiter(
             self.sio, config.limits.outbound_queue_bytes, on_cut=self._cut_off
         )
