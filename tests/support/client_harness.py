@@ -12,6 +12,8 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
     {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
     {"cmd": "cut"} / {"cmd": "restore"} / {"cmd": "restart"} / {"cmd": "stop"}
     {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
+    {"cmd": "cluster_start"}          -> {"ok": true, "urls": [<node 0 via a proxy>, <node 1>]}
+    {"cmd": "cluster_write", "op": "insert", "row": {...}} / {"cmd": "cluster_cut"} / ..._restore
 
 The server is the real FeedApp under uvicorn with the in-memory connector. A restart starts a new
 FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows over, as
@@ -33,7 +35,8 @@ from connectors.memory import MemoryConnector
 from feed.config import parse_config
 from feed.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
-from tests.support.server import free_port
+from tests.support.redis import open_redis_target
+from tests.support.server import RunningFeed, free_port, running_feed
 
 WAIT = 10.0
 SECRET = "harness-secret-for-client-tests-0123456789"
@@ -163,6 +166,49 @@ class Harness:
                 await source._progress.wait()
 
 
+class ClusterHarness:
+    """Two nodes of one feed on one Redis (the suite's), the first behind a cuttable proxy.
+
+    The memory connector is per node: changes are written on the node that holds the lease.
+    """
+
+    def __init__(self) -> None:
+        self.stack = contextlib.AsyncExitStack()
+        self.nodes: list[RunningFeed] = []
+        self.proxy: CuttableProxy | None = None
+
+    async def start(self) -> list[str]:
+        target = await self.stack.enter_async_context(open_redis_target())
+        config = (
+            f'[server]\nfilter_room_grace = 5\n\n[cluster]\nurl = "{target.url}"\n'
+            f'prefix = "{target.prefix.rstrip(":")}"\nlease = 1.0\nhistory = 1000\n'
+            '\n[[connectors]]\nname = "mem"\ntype = "memory"\ntargets = ["public.orders"]\n'
+        )
+        for i in range(2):
+            node = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
+            self.nodes.append(await self.stack.enter_async_context(running_feed(node)))
+        self.proxy = CuttableProxy(int(self.nodes[0].url.rsplit(":", 1)[1]))
+        await self.proxy.start()
+        self.stack.push_async_callback(self.proxy.close)
+        return [f"http://127.0.0.1:{self.proxy.port}", self.nodes[1].url]
+
+    async def reader(self) -> MemoryConnector:
+        """The memory connector of the node that reads it (once one holds the lease)."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                for node in self.nodes:
+                    engine = node.hub.engine
+                    connector = node.hub.connectors["mem"]
+                    leased = engine is not None and "mem" in engine._leases
+                    if leased and connector.status.state.value == "up":
+                        assert isinstance(connector, MemoryConnector)
+                        return connector
+                await asyncio.sleep(0.05)  # no event for a lease taken in another node
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
+
+
 @contextlib.asynccontextmanager
 async def harness(extra: str = "", auth: bool = False) -> Any:
     h = Harness()
@@ -179,6 +225,7 @@ async def serve_commands() -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     h = Harness()
+    cluster: ClusterHarness | None = None
     background: set[asyncio.Task[None]] = set()
 
     def answer(body: dict[str, Any]) -> None:
@@ -230,6 +277,21 @@ async def serve_commands() -> None:
                     await h.restart()
                 elif cmd == "token":
                     reply["token"] = make_token(float(command.get("ttl", 300)))
+                elif cmd == "cluster_start":
+                    cluster = ClusterHarness()
+                    reply["urls"] = await cluster.start()
+                elif cmd == "cluster_write":
+                    assert cluster is not None
+                    source = await cluster.reader()
+                    source.write(
+                        command.get("target", "public.orders"), command["op"], command["row"]
+                    )
+                elif cmd in ("cluster_cut", "cluster_restore"):
+                    assert cluster is not None and cluster.proxy is not None
+                    if cmd == "cluster_cut":
+                        cluster.proxy.cut()
+                    else:
+                        cluster.proxy.restore()
                 elif cmd == "stop":
                     break
                 else:
@@ -238,6 +300,8 @@ async def serve_commands() -> None:
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             answer(reply)
     finally:
+        if cluster is not None:
+            await cluster.stop()
         await h.stop()
         answer({"ok": True, "stopped": True})
 

@@ -356,6 +356,31 @@ test("several nodes: when one goes away, whichever answers is used", async () =>
   }
 });
 
+test("a cluster: the client resumes on another node, nothing missing or twice, `recovered`", async () => {
+  const h = new Harness();
+  const { urls } = await h.send({ cmd: "cluster_start" });
+  const feed = new FeedClient(urls, WS);
+  try {
+    const sub = feed.subscribe(ROOM, { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    for (let i = 1; i <= 10; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+    await until(() => log.changes.length === 10, "10 changes on the first node");
+    await h.send({ cmd: "cluster_cut" }); // the first node is gone for this client
+    await until(() => sub.state === "pending", "the drop");
+    for (let i = 11; i <= 20; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+    await until(() => log.changes.length === 20, "the changes made while away");
+    assert.equal(feed.url, urls[1]);
+    assertOnceInOrder(log.changes, 1, 20);
+    assert.ok(log.states.some((s) => s.state === "recovered" && s.info.replayed === 10), JSON.stringify(log.states));
+    assert.ok(!log.states.some((s) => s.state === "reload"));
+    assert.equal(sub.rows.size, 20);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
 test("keyText renders keys as row room names do", () => {
   assert.equal(keyText(42), "42");
   assert.equal(keyText("abc"), "abc");
