@@ -72,6 +72,12 @@ class TargetRooms:
 
     def matching(self, change: Change) -> list[Room]:
         rooms = [self.room]
+        if change.key is None and change.before is None and change.after is None:
+            # A truncate (or a dropped collection) empties every row and filter room too.
+            for by_name in self.by_key.values():
+                rooms.extend(by_name.values())
+            rooms.extend(self.filtered.values())
+            return rooms
         key = change.row_key
         if key is not None and self.by_key:
             for room in self.by_key.get(key, {}).values():

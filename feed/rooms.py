@@ -44,6 +44,13 @@ class Room:
         """Number the change for this room, keep it for replay, and return its wire payload."""
         self.seq += 1
         payload = {**change.wire, "room": self.name, "seq": self.seq}
+        if (
+            self.filter is not None
+            and change.after is not None
+            and not self.filter.matches_image(change.after)
+        ):
+            # Delivered for its before image only: the row has just left this room's filter.
+            payload["left"] = True
         self._buffer.append((self.seq, change, payload))
         if len(self._buffer) > self.capacity:
             self._buffer.popleft()
