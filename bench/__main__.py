@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import fanout, idle, sources
+from bench import fanout, filter_rooms, idle, sources
 from bench.procs import raise_nofile
 from bench.swarm import Swarm
 
@@ -47,8 +47,14 @@ class Plan:
     mongodb_rates: list[float]
     source_seconds: float
     ingest_seconds: float
+    filter_sizes: list[int]
+    """distinct filter rooms on one target, for the routing measurement"""
+    filter_repeats: int
+    burst_sizes: list[int]
+    """per-user filter rooms for the burst through the real server"""
+    burst_repeats: int
     phases: set[str] = field(
-        default_factory=lambda: {"fanout", "idle", "postgres", "redis", "mongodb"}
+        default_factory=lambda: {"fanout", "idle", "postgres", "redis", "mongodb", "filters"}
     )
 
 
@@ -69,6 +75,10 @@ FULL = Plan(
     mongodb_rates=[100, 1000, 5000],
     source_seconds=5.0,
     ingest_seconds=8.0,
+    filter_sizes=[10, 1000, 10_000, 100_000],
+    filter_repeats=5,
+    burst_sizes=[10, 10_000],
+    burst_repeats=3,
 )
 
 SHORT = Plan(
@@ -82,6 +92,10 @@ SHORT = Plan(
     mongodb_rates=[100, 1000],
     source_seconds=2.0,
     ingest_seconds=3.0,
+    filter_sizes=[10, 10_000],
+    filter_repeats=3,
+    burst_sizes=[10, 10_000],
+    burst_repeats=1,
 )
 
 
@@ -163,6 +177,24 @@ def run_idle(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
             )
             print(log[-1], flush=True)
     return rows
+
+
+BURST_CHANGES = 3000
+
+
+def run_filters(plan: Plan, log: list[str]) -> dict[str, Any]:
+    """Routing CPU per change by number of filter rooms, and a burst through the real server."""
+    block: dict[str, Any] = {
+        "routing": filter_rooms.routing_phase(
+            plan.filter_sizes, budget=2.0, repeats=plan.filter_repeats
+        ),
+        "burst": filter_rooms.burst_phase(
+            plan.burst_sizes, BURST_CHANGES, plan.burst_repeats, timeout=120.0
+        ),
+    }
+    block["summary"] = filter_rooms.summarise(block)
+    log.extend(filter_rooms.table(block))
+    return block
 
 
 def _reachable(url: str) -> bool:
@@ -366,6 +398,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         }
         for r in idle_rows
     ]
+    filters = results.get("filters")
+    if isinstance(filters, dict) and "summary" in filters:
+        summary["filters"] = filters["summary"]
     pg = results.get("postgres")
     if isinstance(pg, dict) and "ingest" in pg:
         summary["postgres_ingest_ratio"] = pg["ingest"]["ratio"]
@@ -402,6 +437,9 @@ def table(results: dict[str, Any]) -> str:
                 f"{e['server']:>8} {e['clients']:>6} clients: {e['kib_per_connection']:6.1f} KiB "
                 f"({e['connected']} connected)"
             )
+    filters = results.get("filters")
+    if isinstance(filters, dict) and "summary" in filters:
+        lines += filter_rooms.table(filters)
     for source in ("postgres", "redis", "mongodb"):
         block = results.get(source)
         if not isinstance(block, dict) or "latency" not in block:
@@ -461,6 +499,9 @@ def losses(results: dict[str, Any]) -> list[str]:
             found.append(
                 f"{source} ingest: delivered {ingest['feed_delivered']} of {ingest['committed']}"
             )
+    filters = results.get("filters")
+    if isinstance(filters, dict):
+        found += filter_rooms.losses(filters)
     idle_runs = results.get("idle")
     for r in idle_runs if isinstance(idle_runs, list) else []:
         if r["server"] == "feed" and r["connected"] != r["clients"]:
@@ -478,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated phases: fanout, idle, postgres, redis, mongodb",
+        help="comma-separated phases: fanout, idle, postgres, redis, mongodb, filters",
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -504,9 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         "postgres": run_postgres,
         "redis": run_redis,
         "mongodb": run_mongodb,
+        "filters": run_filters,
     }
     failed = False
-    for name in ("fanout", "idle", "postgres", "redis", "mongodb"):
+    for name in ("fanout", "idle", "postgres", "redis", "mongodb", "filters"):
         if name not in phases:
             continue
         try:
@@ -534,6 +576,15 @@ def main(argv: list[str] | None = None) -> int:
         png = RESULTS / (f"{latest}.png" if whole else f"{stamp}.png")
         draw(results, png)
         print(f"\nwrote {RESULTS / (stamp + '.json')} and {png}")
+        filters = results.get("filters")
+        if isinstance(filters, dict) and "summary" in filters:
+            name = (
+                f"{latest}-filters.png"
+                if whole or phases == {"filters"}
+                else f"{stamp}-filters.png"
+            )
+            filter_rooms.draw(filters, RESULTS / name)
+            print(f"wrote {RESULTS / name}")
     print(f"took {results['seconds']:.0f}s")
     if args.check:
         found = losses(results)
