@@ -329,10 +329,11 @@ def summarise(block: dict[str, Any]) -> dict[str, Any]:
 
 def table(block: dict[str, Any]) -> list[str]:
     s = block["summary"]
-    sizes = sorted({n for by in s["routing"].values() for n in by})
+    routing = {kind: {int(n): us for n, us in by.items()} for kind, by in s["routing"].items()}
+    sizes = sorted({n for by in routing.values() for n in by})
     lines = ["", "== filter rooms: routing CPU per change, µs (median of repeats)"]
     lines.append(f"{'kind':>6} " + " ".join(f"{n:>9}" for n in sizes))
-    for kind, by in s["routing"].items():
+    for kind, by in routing.items():
         cells = [f"{by[n]:>9.1f}" if n in by else f"{'-':>9}" for n in sizes]
         lines.append(f"{kind:>6} " + " ".join(cells))
     for rooms, b in s["burst"].items():
@@ -369,8 +370,13 @@ def draw(block: dict[str, Any], path: Path) -> None:
         "scan": "eq rooms checked one by one (before the index)",
     }
     for kind, by in s["routing"].items():
-        xs = sorted(by)
-        left.plot(xs, [by[x] for x in xs], styles.get(kind, "o-"), label=labels.get(kind, kind))
+        points = sorted((int(n), us) for n, us in by.items())  # JSON made the keys text
+        left.plot(
+            [n for n, _ in points],
+            [us for _, us in points],
+            styles.get(kind, "o-"),
+            label=labels.get(kind, kind),
+        )
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("distinct filter rooms on the target")
