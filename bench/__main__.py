@@ -65,6 +65,7 @@ FULL = Plan(
         (1000, 1, 40.0),
         (5000, 1, 8.0),
         (1000, 100, 2000.0),
+        (1000, 1000, 2000.0),  # every client in its own room: the per-change path
     ],
     fanout_windows=3,
     fanout_seconds=5.0,
@@ -130,14 +131,23 @@ def machine() -> dict[str, Any]:
 # -- phases ----------------------------------------------------------------------------------
 
 
+TARGET_POINTS = {(100, 1), (1000, 1), (1000, 1000)}
+"""(clients, rooms) the targets are stated at: run `fanout_rounds_at_targets` times, alternating."""
+
+
 def run_fanout(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    no_node = fanout.node_available()
+    if no_node:
+        log.append(f"fanout: the Node.js Socket.IO baseline is not run: {no_node}")
+        print(log[-1], flush=True)
     for clients, rooms, rate in plan.fanout_points:
-        rounds = plan.fanout_rounds_at_targets if clients in (100, 1000) and rooms == 1 else 1
+        at_target = (clients, rooms) in TARGET_POINTS
+        rounds = plan.fanout_rounds_at_targets if at_target else 1
         targets = [f"t{i}" for i in range(rooms)]
         processes = 1 if clients == 1 else 2 if clients <= 1000 else 4
         for round_ in range(rounds):
-            kinds = ["feed", "baseline"]
+            kinds = ["feed", "baseline"] + ([] if no_node else ["node"])
             if round_ == 0 and rooms == 1 and clients in (100, 1000):
                 kinds.append("socketio")  # python-socketio's own emit: where the feed started
             for kind in kinds:
@@ -357,6 +367,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for (clients, rooms), by_kind in sorted(points.items()):
         feed_rows, base_rows = by_kind.get("feed", []), by_kind.get("baseline", [])
         sio_rows = by_kind.get("socketio", [])
+        node_rows = by_kind.get("node", [])
 
         def med(rows: list[dict[str, Any]], key: str) -> float:
             values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
@@ -370,6 +381,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "feed_us_per_frame": med(feed_rows, "cpu_per_frame_us"),
             "baseline_us_per_frame": med(base_rows, "cpu_per_frame_us"),
             "socketio_us_per_change": med(sio_rows, "cpu_per_change_us"),
+            "node_us_per_change": med(node_rows, "cpu_per_change_us"),
+            "node_changes_per_s": med(node_rows, "changes_per_s"),
+            "node_delivered_ratio": min(
+                (r["delivered"] / r["expected"] for r in node_rows), default=float("nan")
+            ),
+            "node_p50_ms": med(node_rows, "p50_ms"),
             "feed_changes_per_s": med(feed_rows, "changes_per_s"),
             "baseline_changes_per_s": med(base_rows, "changes_per_s"),
             "feed_changes_per_frame": med(feed_rows, "delivered") / med(feed_rows, "frames")
@@ -386,6 +403,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "windows": len(feed_rows),
         }
         entry["cpu_ratio"] = entry["feed_us_per_change"] / entry["baseline_us_per_frame"]
+        entry["node_ratio"] = entry["feed_us_per_change"] / entry["node_us_per_change"]
         fan.append(entry)
     summary["fanout"] = fan
     idle_rows = results.get("idle", [])
@@ -425,6 +443,14 @@ def table(results: dict[str, Any]) -> str:
             f"{e['cpu_ratio']:>6.2f} {e['feed_changes_per_frame']:>9.1f} "
             f"{e['feed_changes_per_s']:>10.0f} {e['baseline_changes_per_s']:>9.0f} "
             f"{e['feed_delivered_ratio']:>9.3f}"
+        )
+    node = [e for e in s.get("fanout", []) if not math.isnan(e.get("node_us_per_change", math.nan))]
+    if node:
+        lines.append("Node.js Socket.IO io.to(room).emit (same clients), us per delivered change:")
+        lines.extend(
+            f"  {e['clients']:>5} clients, {e['rooms']:>4} rooms: {e['node_us_per_change']:.1f}"
+            f" (feed/node {e['node_ratio']:.2f}, delivered {e['node_delivered_ratio']:.3f})"
+            for e in node
         )
     sio = [e for e in s.get("fanout", []) if not math.isnan(e["socketio_us_per_change"])]
     if sio:
