@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import enum
 import ipaddress
+import json
 import math
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,6 +20,20 @@ from typing import Any, Generic, TypeVar, overload
 
 JSON = Any
 """A value made only of dict, list, str, int, float, bool and None."""
+
+def _stdlib_dumps(value: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes, as orjson's `dumps` gives it."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+dumps_json: Callable[[Any], bytes] = _stdlib_dumps
+"""JSON text as bytes: orjson where installed (it raises TypeError for ints past 64 bits)."""
+try:  # a dependency, but the feed still works without it (the standard library is slower)
+    import orjson
+
+    dumps_json = orjson.dumps
+except ImportError:  # pragma: no cover
+    pass
 
 T = TypeVar("T")
 
@@ -97,6 +112,16 @@ class Change:
         if self.meta:
             body["meta"] = to_json(self.meta)
         return body
+
+    @computed_once
+    def wire_json(self) -> bytes | None:
+        """`wire` as JSON text, encoded once however many rooms the change goes to (the
+        transport splices each room's `room` and `seq` in front); None when orjson refuses it
+        (integers past 64 bits), and the transport then encodes each room's payload whole."""
+        try:
+            return dumps_json(self.wire)
+        except (TypeError, ValueError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -205,8 +230,6 @@ def to_json(value: Any) -> JSON:
 
 def _bson_to_json(value: Any) -> JSON:
     """Relaxed extended JSON for one BSON value (imported lazily: only MongoDB users have bson)."""
-    import json
-
     from bson import json_util
 
     return json.loads(json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS))

@@ -10,10 +10,70 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-from feed.change import Change
+from feed.change import Change, dumps_json
 from feed.filters import RowFilter
+
+
+class Payload(dict[str, Any]):
+    """A room's copy of a change's wire body, `room` and `seq` added, that keeps its change.
+
+    The transport then writes it as the change's JSON (encoded once, `Change.wire_json`) with
+    this room's `room` and `seq` spliced in, instead of encoding the whole body once per room.
+    Any change to the copy (a shaped room masking fields, say) drops the change, so what is
+    written is always what the dict holds.
+    """
+
+    __slots__ = ("change",)
+
+    def __init__(self, change: Change, room: str, seq: int) -> None:
+        super().__init__(change.wire, room=room, seq=seq)
+        self.change: Change | None = change
+
+    def json_body(self) -> bytes | None:
+        """The payload as JSON by splicing (None: encode the dict itself)."""
+        change = self.change
+        body = change.wire_json if change is not None else None
+        if body is None:
+            return None
+        head = b'{"room":' + dumps_json(self["room"]) + b',"seq":' + str(self["seq"]).encode()
+        return head + b"," + body[1:]
+
+    def _edited(self) -> None:
+        self.change = None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._edited()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._edited()
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
+        self._edited()
+        return super().__ior__(other)
+
+    def pop(self, *args: Any) -> Any:
+        self._edited()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._edited()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._edited()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._edited()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._edited()
+        return super().setdefault(key, default)
 
 
 @dataclass(eq=False)
@@ -43,7 +103,7 @@ class Room:
     def record(self, change: Change) -> dict[str, Any]:
         """Number the change for this room, keep it for replay, and return its wire payload."""
         self.seq += 1
-        payload = {**change.wire, "room": self.name, "seq": self.seq}
+        payload = Payload(change, self.name, self.seq)
         self._buffer.append((self.seq, change, payload))
         if len(self._buffer) > self.capacity:
             self._buffer.popleft()

@@ -32,36 +32,24 @@ not skipped for it, after the catch-up frame that the hub sent before releasing 
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
+from feed.change import dumps_json
 from feed.eio_websocket import LeanSocket
+from feed.rooms import Payload
 
 _EVENT_PREFIX = str(sio_packet.EVENT)  # a Socket.IO EVENT in the default namespace, no ack id
+_CHANGE_HEAD = b'42["change",'  # Engine.IO MESSAGE, Socket.IO EVENT
+_CHANGES_HEAD = b'42["changes",['
 
-
-def _stdlib_dumps(value: Any) -> str:
-    return _json_encode(value)
-
-
-_json_encode = json.JSONEncoder(separators=(",", ":")).encode  # python-socketio's own settings
-_dumps: Callable[[Any], str] = _stdlib_dumps
-try:  # a dependency, but the feed still works without it
-    import orjson
-
-    def _orjson_dumps(value: Any) -> str:
-        # Raw UTF-8 rather than \u escapes: the same JSON to every parser, and shorter frames.
-        # Integers past 64 bits raise TypeError, and the caller falls back to the Packet path.
-        return orjson.dumps(value).decode()
-
-    _dumps = _orjson_dumps
-except ImportError:  # pragma: no cover
-    pass
+# Raw UTF-8 rather than \u escapes (orjson): the same JSON to every parser, and shorter frames.
+# Integers past 64 bits raise TypeError, and the caller falls back to the Packet path.
+_dumpb = dumps_json
 
 
 def _message(text: str) -> Any:
@@ -97,15 +85,34 @@ Entry = tuple[Any, Sequence[str]]
 
 
 class Outgoing:
-    """One Socket.IO event, encoded once: Engine.IO packets for queues, frame bytes for sockets."""
+    """One Socket.IO event, encoded once: frame bytes for sockets, Engine.IO packets for queues.
 
-    __slots__ = ("_wire", "packets", "text")
+    Most frames only ever reach websockets written directly, so the Engine.IO packet objects
+    (for long-polling clients and backlogs) are made on first use.
+    """
 
-    def __init__(self, packets: list[Any]) -> None:
-        self.packets = packets
-        single = packets[0].encode() if len(packets) == 1 else None
-        self.text: bytes | None = single.encode() if isinstance(single, str) else None
+    __slots__ = ("_packets", "_wire", "text")
+
+    def __init__(self, text: bytes | None, packets: list[Any] | None = None) -> None:
+        self.text = text
+        """The Engine.IO text (`4` + the Socket.IO text) when the event is one packet."""
+        self._packets = packets
         self._wire: bytes | None = None
+
+    @classmethod
+    def of_packets(cls, packets: list[Any]) -> Outgoing:
+        single = packets[0].encode() if len(packets) == 1 else None
+        return cls(single.encode() if isinstance(single, str) else None, packets)
+
+    @property
+    def packets(self) -> list[Any]:
+        if self._packets is None:
+            assert self.text is not None
+            text = self.text.decode()
+            packet = eio_packet.Packet(eio_packet.MESSAGE, text[1:])
+            packet.encode_cache = text  # encoded once, for every client's queue
+            self._packets = [packet]
+        return self._packets
 
     @property
     def wire(self) -> bytes:
@@ -121,6 +128,16 @@ class Outgoing:
                 head = struct.pack("!BBQ", 0x81, 127, n)
             self._wire = head + self.text
         return self._wire
+
+
+def _payload_json(payload: Any) -> bytes:
+    """One change payload as JSON: spliced from the change's JSON when it is a room's `Payload`
+    (the body is encoded once per change, not once per room), else encoded whole."""
+    if type(payload) is Payload:
+        body = payload.json_body()
+        if body is not None:
+            return body
+    return _dumpb(payload)
 
 
 class SocketIOTransport:
@@ -216,16 +233,24 @@ class SocketIOTransport:
                     self._put(eio_sid, out)
 
     def _change_frames(self, payloads: list[Any]) -> Iterable[Outgoing]:
-        if len(payloads) == 1:
-            yield self._packets("change", payloads[0])
-            return
         for start in range(0, len(payloads), self.max_batch):
             chunk = payloads[start : start + self.max_batch]
-            yield (
-                self._packets("changes", chunk)
-                if len(chunk) > 1
-                else self._packets("change", chunk[0])
-            )
+            self.frames_sent += 1
+            try:
+                if len(chunk) == 1:
+                    text = _CHANGE_HEAD + _payload_json(chunk[0]) + b"]"
+                else:
+                    body = b",".join([_payload_json(p) for p in chunk])
+                    text = _CHANGES_HEAD + body + b"]]"
+            except (TypeError, ValueError):
+                self.frames_sent -= 1  # counted again by _packets
+                yield (
+                    self._packets("changes", chunk)
+                    if len(chunk) > 1
+                    else self._packets("change", chunk[0])
+                )
+                continue
+            yield Outgoing(text)
 
     def _packets(self, event: str, data: Any) -> Outgoing:
         """One Socket.IO event as Engine.IO packets, encoded once for every recipient.
@@ -239,14 +264,14 @@ class SocketIOTransport:
         """
         self.frames_sent += 1
         try:
-            return Outgoing([_message(_EVENT_PREFIX + _dumps([event, data]))])
+            return Outgoing(b"4" + _EVENT_PREFIX.encode() + _dumpb([event, data]))
         except (TypeError, ValueError):
             pass
         pkt = self.sio.packet_class(sio_packet.EVENT, namespace=self.namespace, data=[event, data])
         encoded = pkt.encode()
         if not isinstance(encoded, list):  # a list only when the data carries binary attachments
             encoded = [encoded]
-        return Outgoing([_message(part) for part in encoded])
+        return Outgoing.of_packets([_message(part) for part in encoded])
 
     def _deliver(self, room: str | None, out: Outgoing, skip: Sequence[str]) -> None:
         skipped = frozenset(skip) if skip else None

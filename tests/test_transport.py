@@ -10,7 +10,10 @@ import socketio
 from engineio import packet as eio_packet
 
 from connectors.memory import MemoryConnector
-from feed.transport import SocketIOTransport
+from feed.access import Shape, ShapedRoom
+from feed.change import Change
+from feed.rooms import Payload, Room
+from feed.transport import SocketIOTransport, _payload_json
 from tests.support.server import RunningFeed, running_feed
 
 WAIT = 10.0
@@ -327,3 +330,33 @@ async def test_frames_decode_as_python_socketio_frames_do_and_values_arrive_inta
             assert [c["after"] for c in client.changes()] == [awkward, huge]
         finally:
             await client.close()
+
+
+def test_a_change_is_encoded_once_and_each_room_gets_its_own_room_and_seq() -> None:
+    """Rooms splice their `room` and `seq` into the change's JSON, encoded once per change; a
+    payload edited after numbering (a shaped room masking fields) is encoded as it now is."""
+    change = Change(
+        "c1", "mem", "memory", "t", "update", 7, {"id": 7, "pw": "a"}, {"id": 7, "pw": "b"}
+    )
+    plain, other = Room("mem:t", "mem", "t"), Room("mem:t?id=eq.7", "mem", "t")
+    shaped = ShapedRoom("mem:t@x", "mem", "t", shape=Shape(None, (("pw",),)))
+    payloads = [
+        plain.record(change),
+        other.record(change),
+        other.record(change),
+        shaped.record(change),
+    ]
+    decoded = [json.loads(_payload_json(p)) for p in payloads]
+    assert decoded == [dict(p) for p in payloads]
+    assert [(d["room"], d["seq"]) for d in decoded] == [
+        ("mem:t", 1),
+        ("mem:t?id=eq.7", 1),
+        ("mem:t?id=eq.7", 2),
+        ("mem:t@x", 1),
+    ]
+    assert decoded[3]["before"] == {"id": 7} and decoded[3]["after"] == {"id": 7}  # masked
+    assert "wire_json" in change.__dict__  # encoded once, shared by the rooms
+    assert isinstance(payloads[0], Payload) and payloads[0].json_body() is not None
+    payloads[0]["after"] = None
+    assert payloads[0].json_body() is None  # edited: the splice no longer applies
+    assert json.loads(_payload_json(payloads[0]))["after"] is None
