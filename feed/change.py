@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar, overload
 JSON = Any
 """A value made only of dict, list, str, int, float, bool and None."""
 
+
 def _stdlib_dumps(value: Any) -> bytes:
     """Compact JSON as UTF-8 bytes, as orjson's `dumps` gives it."""
     return json.dumps(value, separators=(",", ":")).encode()

@@ -29,7 +29,7 @@ from feed.metrics import Counter, Labels, Metrics
 from feed.protocol import SubscribeRequest
 from feed.rooms import Room
 from feed.routing import FilterIndex
-from feed.transport import Transport
+from feed.transport import FlushBeforeWaiting, Transport
 
 log = logging.getLogger("feed.hub")
 
@@ -180,8 +180,7 @@ class Hub:
             started = time.monotonic()
             try:
                 async with connector:
-                    async for item in connector.changes():
-                        await self._dispatch(connector, item)
+                    await self._follow(connector)
                 reason = "change stream ended"
             except asyncio.CancelledError:
                 raise
@@ -198,6 +197,23 @@ class Hub:
                 delay = BACKOFF_START
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _follow(self, connector: Connector) -> None:
+        """Dispatch the connector's changes; what they routed is sent when the stream waits."""
+        stream = aiter(connector.changes())
+        transport = self.transport
+        idle = transport.flush if transport is not None else (lambda: None)
+        try:
+            while True:
+                try:
+                    item = await FlushBeforeWaiting(anext(stream), idle)
+                except StopAsyncIteration:
+                    return
+                if transport is not None:
+                    transport.hold()
+                await self._dispatch(connector, item)
+        finally:
+            idle()
 
     async def _janitor(self) -> None:
         """Drop row and filter rooms nobody has followed for the grace period."""

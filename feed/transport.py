@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
@@ -42,6 +42,8 @@ from socketio import packet as sio_packet
 from feed.change import dumps_json
 from feed.eio_websocket import LeanSocket
 from feed.rooms import Payload
+
+T = TypeVar("T")
 
 _EVENT_PREFIX = str(sio_packet.EVENT)  # a Socket.IO EVENT in the default namespace, no ack id
 _CHANGE_HEAD = b'42["change",'  # Engine.IO MESSAGE, Socket.IO EVENT
@@ -67,6 +69,12 @@ MAX_BUFFERED = 1024
 
 
 class Transport(Protocol):
+    def hold(self) -> None:
+        """Keep `change` sends buffered until `flush`: the caller (the hub's loop over a change
+        stream) promises to flush before it waits, so no extra loop pass is needed for it."""
+
+    def flush(self) -> None: ...
+
     def enter(self, sid: str, room: str) -> None: ...
 
     def leave(self, sid: str, room: str) -> None: ...
@@ -78,6 +86,46 @@ class Transport(Protocol):
     async def broadcast(self, event: str, data: Any) -> None: ...
 
     async def disconnect_all(self) -> None: ...
+
+
+class FlushBeforeWaiting:
+    """Await `awaitable` (the next item of a change stream); if it would suspend, call `idle`
+    first.
+
+    The hub routes every change a stream has ready without waiting, and sends what it routed
+    when the stream has nothing more: the batch ends exactly where the source paused, and a lone
+    change goes out in the same loop pass that routed it instead of one pass later.
+    """
+
+    __slots__ = ("awaitable", "idle")
+
+    def __init__(self, awaitable: Awaitable[T], idle: Callable[[], None]) -> None:
+        self.awaitable = awaitable
+        self.idle = idle
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        inner = self.awaitable.__await__()
+        try:
+            signal = inner.send(None)
+        except StopIteration as done:  # ready without waiting
+            return done.value
+        self.idle()
+        while True:  # what `yield from inner` does from here on
+            try:
+                sent = yield signal
+            except GeneratorExit:
+                inner.close()
+                raise
+            except BaseException as exc:  # a cancellation, say: passed on as it came
+                try:
+                    signal = inner.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    signal = inner.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 Entry = tuple[Any, Sequence[str]]
@@ -151,6 +199,7 @@ class SocketIOTransport:
         self._buffered: dict[str, list[Entry]] = {}
         self._count = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._held = False
         self.frames_sent = 0
         """Frames encoded (each went to every recipient); for benchmarks and tests."""
         self.direct_writes = 0
@@ -183,7 +232,7 @@ class SocketIOTransport:
         if self._count >= MAX_BUFFERED:
             self.flush()
             await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
-        elif self._flush_handle is None:
+        elif self._flush_handle is None and not self._held:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     async def send_to(self, sid: str, event: str, data: Any) -> None:
@@ -201,8 +250,12 @@ class SocketIOTransport:
         for sid in list(self.sio.manager.get_participants(self.namespace, None)):
             await self.sio.disconnect(sid[0], namespace=self.namespace)
 
+    def hold(self) -> None:
+        self._held = True
+
     def flush(self) -> None:
         """Send every buffered room frame now (rooms in the order they were first buffered)."""
+        self._held = False
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
