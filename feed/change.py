@@ -115,12 +115,12 @@ class Change:
         return body
 
     @computed_once
-    def wire_json(self) -> bytes | None:
-        """`wire` as JSON text, encoded once however many rooms the change goes to (the
-        transport splices each room's `room` and `seq` in front); None when orjson refuses it
-        (integers past 64 bits), and the transport then encodes each room's payload whole."""
+    def wire_tail(self) -> bytes | None:
+        """`wire` as JSON text without its opening brace, encoded once however many rooms the
+        change goes to (each room's `room` and `seq` are spliced in front of it); None when
+        orjson refuses it (integers past 64 bits): the transport then encodes payloads whole."""
         try:
-            return dumps_json(self.wire)
+            return dumps_json(self.wire)[1:]
         except (TypeError, ValueError):
             return None
 

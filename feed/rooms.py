@@ -26,19 +26,15 @@ class Payload(dict[str, Any]):
     """
 
     __slots__ = ("change",)
-
-    def __init__(self, change: Change, room: str, seq: int) -> None:
-        super().__init__(change.wire, room=room, seq=seq)
-        self.change: Change | None = change
+    change: Change | None
 
     def json_body(self) -> bytes | None:
         """The payload as JSON by splicing (None: encode the dict itself)."""
         change = self.change
-        body = change.wire_json if change is not None else None
-        if body is None:
+        tail = change.wire_tail if change is not None else None
+        if tail is None:
             return None
-        head = b'{"room":' + dumps_json(self["room"]) + b',"seq":' + str(self["seq"]).encode()
-        return head + b"," + body[1:]
+        return b'{"room":%b,"seq":%d,%b' % (dumps_json(self["room"]), self["seq"], tail)
 
     def _edited(self) -> None:
         self.change = None
@@ -103,7 +99,8 @@ class Room:
     def record(self, change: Change) -> dict[str, Any]:
         """Number the change for this room, keep it for replay, and return its wire payload."""
         self.seq += 1
-        payload = Payload(change, self.name, self.seq)
+        payload = Payload(change.wire, room=self.name, seq=self.seq)  # dict's init: no frames
+        payload.change = change
         self._buffer.append((self.seq, change, payload))
         if len(self._buffer) > self.capacity:
             self._buffer.popleft()

@@ -356,7 +356,7 @@ def test_a_change_is_encoded_once_and_each_room_gets_its_own_room_and_seq() -> N
         ("mem:t@x", 1),
     ]
     assert decoded[3]["before"] == {"id": 7} and decoded[3]["after"] == {"id": 7}  # masked
-    assert "wire_json" in change.__dict__  # encoded once, shared by the rooms
+    assert "wire_tail" in change.__dict__  # encoded once, shared by the rooms
     assert isinstance(payloads[0], Payload) and payloads[0].json_body() is not None
     payloads[0]["after"] = None
     assert payloads[0].json_body() is None  # edited: the splice no longer applies
