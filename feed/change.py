@@ -178,9 +178,13 @@ def format_ts(ts: dt.datetime | None) -> str | None:
     last, text = _last_ts
     if ts is last:  # the changes of one read (Redis) or one transaction share their ts object
         return text
-    aware = ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)
     # isoformat is several times faster than strftime, and this runs once per change.
-    text = aware.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if ts.tzinfo is dt.UTC:  # what the sources give: no conversion ("+00:00" becomes "Z")
+        text = ts.isoformat(timespec="microseconds")[:-6] + "Z"
+    elif ts.tzinfo is None:
+        text = ts.isoformat(timespec="microseconds") + "Z"
+    else:
+        text = ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     _last_ts = (ts, text)
     return text
 
@@ -194,7 +198,12 @@ def to_json(value: Any) -> JSON:
     Decimal becomes a string so no precision is lost; bytes become base64; non-finite floats become
     the strings "NaN", "Infinity", "-Infinity"; BSON types become relaxed extended JSON.
     """
-    if value is None or isinstance(value, bool | int | str):
+    kind = type(value)  # exact types first: this runs for every value of every image
+    if kind is str or kind is int or value is None or kind is bool:
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         if math.isfinite(value):
