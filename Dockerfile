@@ -14,7 +14,7 @@ RUN make -C dashboard build
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY feed/ feed/
 COPY connectors/ connectors/
 COPY migrations/ migrations/

@@ -53,8 +53,19 @@ class Plan:
     burst_sizes: list[int]
     """per-user filter rooms for the burst through the real server"""
     burst_repeats: int
+    cluster_clients: int = 200
+    cluster_rate: float = 50.0
+    cluster_seconds: float = 6.0
     phases: set[str] = field(
-        default_factory=lambda: {"fanout", "idle", "postgres", "redis", "mongodb", "filters"}
+        default_factory=lambda: {
+            "fanout",
+            "idle",
+            "postgres",
+            "redis",
+            "mongodb",
+            "cluster",
+            "filters",
+        }
     )
 
 
@@ -97,6 +108,9 @@ SHORT = Plan(
     filter_repeats=3,
     burst_sizes=[10, 10_000],
     burst_repeats=1,
+    cluster_clients=40,
+    cluster_rate=50.0,
+    cluster_seconds=2.0,
 )
 
 
@@ -283,6 +297,22 @@ def _ingest_line(source: str, ingest: sources.IngestResult) -> str:
         f"{ingest.listener_rate:.0f}/s, ratio {ingest.ratio:.3f} "
         f"(writers {ingest.write_rate:.0f}/s, delivered {ingest.feed_delivered}/{ingest.committed})"
     )
+
+
+def run_cluster(plan: Plan, log: list[str]) -> dict[str, Any]:
+    """One node without [cluster], then 1, 2 and 3 nodes on one Redis (bench/cluster.py)."""
+    import asyncio
+
+    from bench import cluster
+
+    with source_url("postgres") as (url, origin):
+        rows = asyncio.run(
+            cluster.run_setups(url, plan.cluster_clients, plan.cluster_rate, plan.cluster_seconds)
+        )
+    for row in rows:
+        log.append(cluster.describe(row))
+        print(log[-1], flush=True)
+    return {"origin": origin, "setups": rows}
 
 
 def run_redis(plan: Plan, log: list[str]) -> dict[str, Any]:
@@ -493,6 +523,12 @@ def table(results: dict[str, Any]) -> str:
                 f"ingest: feed {i['feed_rate']:.0f}/s vs {LISTENERS[source]} "
                 f"{i['listener_rate']:.0f}/s = {i['ratio']:.3f} (writers flat out: {i['write_rate']:.0f}/s)"
             )
+    block = results.get("cluster")
+    if isinstance(block, dict) and "setups" in block:
+        from bench import cluster
+
+        lines += ["", "== cluster: one Postgres connector, clients spread over the nodes"]
+        lines.extend(cluster.describe(row) for row in block["setups"])
     return "\n".join(lines)
 
 
@@ -528,6 +564,10 @@ def losses(results: dict[str, Any]) -> list[str]:
     filters = results.get("filters")
     if isinstance(filters, dict):
         found += filter_rooms.losses(filters)
+    block = results.get("cluster")
+    for r in block.get("setups", []) if isinstance(block, dict) else []:
+        if r["received"] != r["expected"]:
+            found.append(f"cluster {r['nodes']} node(s): {r['received']} of {r['expected']}")
     idle_runs = results.get("idle")
     for r in idle_runs if isinstance(idle_runs, list) else []:
         if r["server"] == "feed" and r["connected"] != r["clients"]:
@@ -545,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated phases: fanout, idle, postgres, redis, mongodb, filters",
+        help="comma-separated phases: fanout, idle, postgres, redis, mongodb, cluster, filters",
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -571,10 +611,11 @@ def main(argv: list[str] | None = None) -> int:
         "postgres": run_postgres,
         "redis": run_redis,
         "mongodb": run_mongodb,
+        "cluster": run_cluster,
         "filters": run_filters,
     }
     failed = False
-    for name in ("fanout", "idle", "postgres", "redis", "mongodb", "filters"):
+    for name in ("fanout", "idle", "postgres", "redis", "mongodb", "cluster", "filters"):
         if name not in phases:
             continue
         try:

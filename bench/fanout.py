@@ -125,11 +125,18 @@ class Server:
         self.kind = kind
         self.targets = targets
         port = free_port()
+        self.redis: Any = None
         self.child: Child | NodeChild
         if kind == "feed":
             self.child = Child(feed_main, memory_config(targets, port), name="feed")
         elif kind == "node":
             self.child = NodeChild(port)
+        elif kind == "feed-cluster":  # the same feed as one node of a cluster (private Redis)
+            from bench.cluster import RedisProcess
+
+            self.redis = RedisProcess()
+            cluster = f'\n[cluster]\nurl = "{self.redis.url}"\nprefix = "bench"\n'
+            self.child = Child(feed_main, memory_config(targets, port) + cluster, name="feed")
         elif kind == "socketio":
             self.child = Child(socketio_main, port, name="socketio")
         else:
@@ -149,6 +156,8 @@ class Server:
 
     def stop(self) -> None:
         self.child.stop()
+        if self.redis is not None:
+            self.redis.close()
 
 
 def run_point(

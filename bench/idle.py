@@ -66,11 +66,16 @@ def measure(kind: str, clients: int, processes: int = 4, settle: float = 3.0) ->
 
 def _main() -> None:
     """`python -m bench.idle [N ...]`: the feed, plain python-socketio and the raw websockets
-    server at each N (default 1000), in one run, as `python -m bench --only idle` measures them."""
+    server at each N (default 1000), in one run, as `python -m bench --only idle` measures them.
+    `python -m bench.idle --cluster [N ...]`: the feed alone and as a node of a cluster."""
     import sys
 
-    for n in [int(a) for a in sys.argv[1:]] or [1000]:
-        for kind in ("feed", "socketio", "baseline"):
+    kinds: tuple[str, ...] = ("feed", "socketio", "baseline")
+    args = sys.argv[1:]
+    if args and args[0] == "--cluster":  # the feed alone and as one node of a cluster
+        kinds, args = ("feed", "feed-cluster"), args[1:]
+    for n in [int(a) for a in args] or [1000]:
+        for kind in kinds:
             result = measure(kind, n, processes=max(2, n // 2500))
             print(
                 f"{kind:8} clients={n:6} {result.kib_per_connection:5.1f} KiB/conn RSS "

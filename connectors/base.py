@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Self
 
 from feed.change import Change, Gap
 from feed.errors import SnapshotNotSupported
+from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors")
@@ -80,6 +81,10 @@ class Connector(ABC):
     """Base class for sources. Subclasses set `kind`, read their options, and implement the rest."""
 
     kind: ClassVar[str] = ""
+    durable: bool = True
+    """Whether a new instance resumes from a saved position. A cluster hands a connector from a
+    dead node to another one; for a connector that cannot resume (Redis keyspace events) the new
+    reader announces a `gap` for the time nobody read it."""
 
     def __init__(self, name: str, options: Options) -> None:
         self.name = name
@@ -138,6 +143,15 @@ class Connector(ABC):
         for target in sorted(self.targets(), key=len, reverse=True):
             if rest.startswith(target + ":") and len(rest) > len(target) + 1:
                 return RoomAddress(target, rest[len(target) + 1 :])
+        return None
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Refuse (ProtocolError "bad_filter") a filter no row of `target` can ever match.
+
+        Only a source with a known schema can tell (Postgres: unknown columns, literals not of the
+        column's type). The default accepts every filter: MongoDB documents and Redis values have
+        no schema, so there a field that is absent simply does not match.
+        """
         return None
 
     async def snapshot(

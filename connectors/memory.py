@@ -27,6 +27,8 @@ class MemoryConnector(Connector):
     def configure(self, options: Options) -> None:
         self._targets = options.str_list("targets", required=True)
         self.key_field = options.str("key", "id")
+        # Tests of a source that cannot resume (like Redis keyspace events) set this to false.
+        self.durable = options.bool("durable", True)
         self._queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
         self._tables: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in self._targets}
         self._positions = itertools.count(1)

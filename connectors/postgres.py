@@ -38,6 +38,7 @@ from typing import Any
 import asyncpg
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
+from connectors.postgres_filters import check_filter
 from connectors.postgres_migrate import (
     LOCK_CLASS,
     apply_migrations,
@@ -49,6 +50,7 @@ from connectors.postgres_migrate import (
 from connectors.postgres_types import TableShape, read_shape
 from feed.change import Change, Gap, room_key
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
+from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors.postgres")
@@ -564,11 +566,19 @@ class PostgresConnector(Connector):
         try:
             version = await conn.fetchval("SHOW server_version")
             missing = await pending(conn, self.schema)
+            if missing and self.mode == "notify" and not self.auto_migrate:
+                # `feed serve` would keep this connector down: a failure now, not an "ok".
+                raise SourceMisconfigured(
+                    f"{len(missing)} migration(s) pending ({', '.join(missing)}): "
+                    "run `feed migrate --config <file>` (or set auto_migrate = true)"
+                )
             await self._check_tables(conn, attach=False)
             backlog = ""
             if not missing:
                 count = await conn.fetchval(f"SELECT count(*) FROM {self.q}.journal")
                 backlog = f", journal {count} rows"
+            elif self.mode == "notify":
+                backlog = f", {len(missing)} migration(s) pending, applied at start (auto_migrate)"
             else:
                 backlog = f", needs `feed migrate` ({len(missing)} pending)"
             if self.mode == "logical":
@@ -893,6 +903,12 @@ class PostgresConnector(Connector):
             meta=meta,
             position=position,
         )
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Unknown columns and literals not of the column's type: see connectors/postgres_filters."""
+        shape = self._shapes.get(target)
+        if shape is not None:  # not read yet (the connector is not up): nothing to check against
+            check_filter(shape, row_filter)
 
     # -- snapshots -------------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ from typing import Any
 
 Convert = Callable[[Any], Any]
 
+# typtype and typcategory are "char": cast to text, or asyncpg hands them back as bytes.
 COLUMNS_SQL = """
 SELECT a.attname AS name,
-       bt.typname AS type, bt.typtype AS kind, bt.typcategory AS category,
-       et.typname AS elem, et.typtype AS elem_kind
+       bt.typname AS type, bt.typtype::text AS kind, bt.typcategory::text AS category,
+       et.typname AS elem, et.typtype::text AS elem_kind
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

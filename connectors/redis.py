@@ -71,6 +71,7 @@ class RedisConnector(Connector):
         self.where = _describe(url_kwargs, self.db)
 
         self.mode = options.choice("mode", ("keyspace", "streams"), "keyspace")
+        self.durable = self.mode == "streams"
         self.patterns = options.str_list("patterns", required=True)
         for pattern in self.patterns:
             try:

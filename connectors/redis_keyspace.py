@@ -145,7 +145,8 @@ class KeyspaceCapture:
         if not missing_flags(current):
             return
         wanted = merged_flags(current)
-        command = f'CONFIG SET notify-keyspace-events "{wanted}"'
+        # Single quotes: the flags hold a `$`, which a shell would expand inside double quotes.
+        command = f"CONFIG SET notify-keyspace-events '{wanted}'"
         if not self.owner.auto_configure:
             raise SourceMisconfigured(
                 f"redis at {where} has notify-keyspace-events={current!r}, which misses "

@@ -7,7 +7,9 @@ venv="${1:?usage: deploy/install.sh VENV_DIR}"
 python="${PYTHON:-python3}"
 
 "$python" -m venv "$venv"
-"$venv/bin/pip" install --no-cache-dir --disable-pip-version-check --quiet --quiet '.[jwt]'
+# constraints.txt: the exact versions `make lock` recorded, the same ones `make setup` and CI use.
+"$venv/bin/pip" install --no-cache-dir --disable-pip-version-check --quiet --quiet \
+  -c constraints.txt '.[jwt]'
 
 # Fail the build, not the first start, when something is missing. (-I: import the installed
 # package, not the source tree in the current directory.)

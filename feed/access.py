@@ -31,6 +31,10 @@ from feed.filters import RowFilter, parse_filter
 from feed.rooms import Room
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
+SPECIAL_LITERALS = frozenset({"null"})
+"""Filter literals that are not read as their text (feed.filters: `null` is NULL). Claims are
+filled percent-encoded, so no claim can add a condition, an operator or a list item; these are
+the only values whose meaning would still change, and claims equal to them are refused."""
 Path = tuple[str, ...]
 
 
@@ -143,16 +147,37 @@ def render_filter(template: str, identity: Identity) -> RowFilter:
     """Fill `{claim}` placeholders from the identity; a missing claim refuses the subscribe."""
 
     def value(match: re.Match[str]) -> str:
-        claim = identity.claim(match.group(1))
-        if isinstance(claim, list) and claim and all(_scalar(v) for v in claim):
-            return ",".join(_literal(v) for v in claim)
-        if not _scalar(claim):
+        name = match.group(1)
+        claim = identity.claim(name)
+        values = claim if isinstance(claim, list) and claim else [claim]
+        if not all(_scalar(v) for v in values):
             raise ProtocolError(
-                "forbidden", f"your identity has no {match.group(1)!r} claim, which the rules need"
+                "forbidden", f"your identity has no {name!r} claim, which the rules need"
             )
-        return _literal(claim)
+        special = next((v for v in values if _literal(v) in SPECIAL_LITERALS), None)
+        if special is not None:
+            # Filled in, it would not be data: `tenant=eq.null` matches rows whose tenant is
+            # NULL, not the tenant named "null". Such a claim cannot be expressed: refused.
+            raise ProtocolError(
+                "forbidden",
+                f"your {name!r} claim is {special!r}, which the row filter would read as "
+                "something other than that text; ask for a token with another value",
+            )
+        return ",".join(_literal(v) for v in values)
 
-    return parse_filter(PLACEHOLDER.sub(value, template))
+    rendered = parse_filter(PLACEHOLDER.sub(value, template))
+    # Claims that only together make a special literal (`{a}{b}` filled with "nu" and "ll").
+    if _special_count(rendered) > _special_count(parse_filter(PLACEHOLDER.sub("x", template))):
+        raise ProtocolError(
+            "forbidden",
+            "your claims fill the row filter with a value it would not read as text; "
+            "ask for a token with other values",
+        )
+    return rendered
+
+
+def _special_count(row_filter: RowFilter) -> int:
+    return sum(v in SPECIAL_LITERALS for c in row_filter.conditions for v in c.values)
 
 
 def _scalar(value: Any) -> bool:

@@ -142,10 +142,22 @@ class AuthConfig:
     jwt: JwtConfig | None = None
     rules: tuple[Rule, ...] = ()
     masks: tuple[MaskRule, ...] = ()
+    operator_roles: tuple[str, ...] = ("admin",)
+    """Roles that see connector status details (host, database, role names in errors)."""
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    def operator(self, identity: Identity) -> bool:
+        """Whether this identity sees status details; others get a generic line (feed.status).
+
+        Without auth on a loopback-only server everyone is the operator; with auth, or with
+        `allow_unauthenticated`, only identities holding one of `operator_roles`.
+        """
+        if identity.anonymous:
+            return not self.enabled and not self.allow_unauthenticated
+        return bool(identity.roles.intersection(self.operator_roles))
 
 
 def parse_auth(top: Options) -> AuthConfig:
@@ -164,6 +176,9 @@ def parse_auth(top: Options) -> AuthConfig:
     jwt_config = _parse_jwt(opts.table("jwt")) if "jwt" in opts.raw else None
     rules = tuple(_parse_rule(o) for o in _tables(opts, "rules"))
     masks = tuple(_parse_mask(o) for o in _tables(opts, "masks"))
+    operator_roles = (
+        tuple(opts.str_list("operator_roles")) if "operator_roles" in opts.raw else ("admin",)
+    )
     opts.finish()
     if mode == "token" and not tokens:
         opts.fail("tokens", 'mode "token" needs at least one [[auth.tokens]] entry')
@@ -171,7 +186,7 @@ def parse_auth(top: Options) -> AuthConfig:
         opts.fail("jwt", 'mode "jwt" needs an [auth.jwt] table (algorithms and a key)')
     if mode != "none" and not rules:
         log.warning("[auth] is on but has no [[auth.rules]]: every subscribe will be refused")
-    return AuthConfig(mode, allow_unauth, leeway, tokens, jwt_config, rules, masks)
+    return AuthConfig(mode, allow_unauth, leeway, tokens, jwt_config, rules, masks, operator_roles)
 
 
 def _tables(opts: Options, key: str) -> list[Options]:
@@ -236,7 +251,7 @@ def _parse_jwt(opts: Options) -> JwtConfig:
     try:
         import jwt  # noqa: F401
     except ImportError:
-        opts.fail("algorithms", "JWT support needs PyJWT: pip install 'dbfeed[jwt]'")
+        opts.fail("algorithms", "JWT support needs PyJWT: pip install '.[jwt]' from a checkout")
     return JwtConfig(
         algorithms,
         secret,

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,8 +20,10 @@ from feed.config import Config, load_config
 from feed.errors import FeedError
 
 EXIT_USAGE = 2
-EXIT_UNREACHABLE = 1
+EXIT_UNREACHABLE = 1  # `feed check`: a source failed
+EXIT_CANNOT_LISTEN = 1  # `feed serve`: the host and port cannot be listened on
 CHECK_TIMEOUT = 15.0
+CONFIG_HELP = "the config file (default: feed.toml in the current folder)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,17 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--config", "-c", default="feed.toml", help="config file (feed.toml)")
-    serve.add_argument("--host", help="override [server] host")
-    serve.add_argument("--port", type=int, help="override [server] port")
+    serve.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
+    serve.add_argument("--host", help="address to listen on (overrides [server] host)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides [server] port)")
     serve.set_defaults(handler=cmd_serve)
 
     check = commands.add_parser("check", help="validate the config and reach every source")
-    check.add_argument("--config", "-c", default="feed.toml")
+    check.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
     check.set_defaults(handler=cmd_check)
 
     migrate = commands.add_parser("migrate", help="apply migrations/ to each Postgres connector")
-    migrate.add_argument("--config", "-c", default="feed.toml")
+    migrate.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
     migrate.set_defaults(handler=cmd_migrate)
 
     hash_token = commands.add_parser(
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     unwatch = commands.add_parser(
         "unwatch", help="stop capturing tables (drop triggers, forget positions) on Postgres"
     )
-    unwatch.add_argument("--config", "-c", default="feed.toml")
+    unwatch.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
     unwatch.add_argument("--connector", help="only this connector (default: every postgres one)")
     unwatch.add_argument(
         "--table", action="append", dest="tables", help="schema.table to stop (default: all)"
@@ -89,15 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     unwatch.set_defaults(handler=cmd_unwatch)
 
     demo = commands.add_parser("demo", help="run a self-contained demo (embedded databases)")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on, loopback only (127.0.0.1)"
+    )
+    demo.add_argument(
+        "--port", type=int, default=8000, help="port for the dashboard and Socket.IO (8000)"
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from feed.listen import PortInUse, check_port_free
+
     config = load_config(args.config)
-    serve(config, host=args.host, port=args.port)
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    try:  # before connecting to any source: a busy port is one line, not a traceback
+        check_port_free(host, port, fix="pass --port with a free port, or change [server] port")
+    except PortInUse as exc:
+        print(f"feed: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    serve(config, host=host, port=port)
     return 0
 
 
@@ -108,14 +124,11 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
 
     app = FeedApp(config, host=host or config.server.host)
     logging.getLogger().setLevel(config.server.log_level.upper())
-    uvicorn_config = uvicorn.Config(
-        app.asgi,
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
+    uvicorn_config = app.uvicorn_config(
+        host or config.server.host,
+        config.server.port if port is None else port,
         log_level=config.server.log_level,
-        lifespan="on",
         timeout_graceful_shutdown=10,
-        ws_max_size=config.server.max_message_bytes,
     )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
     # was installed before it; make that a clean exit, as service managers expect.
@@ -154,7 +167,20 @@ def cmd_check(args: argparse.Namespace) -> int:
             except TimeoutError:
                 rows.append((connector.name, connector.kind, "FAIL", "timed out"))
             except (FeedError, OSError) as exc:
-                rows.append((connector.name, connector.kind, "FAIL", str(exc)))
+                # Hints name `--config <file>`: print the command as it runs here.
+                detail = str(exc).replace("--config <file>", f"--config {shlex.quote(args.config)}")
+                rows.append((connector.name, connector.kind, "FAIL", detail))
+        if config.cluster is not None:
+            from feed.engine.redis import check
+
+            names = [c.name for c in connectors]
+            try:
+                detail = await asyncio.wait_for(check(config.cluster, names), CHECK_TIMEOUT)
+                rows.append(("[cluster]", "redis", "ok", detail))
+            except TimeoutError:
+                rows.append(("[cluster]", "redis", "FAIL", "timed out"))
+            except FeedError as exc:
+                rows.append(("[cluster]", "redis", "FAIL", str(exc)))
         return rows
 
     rows = asyncio.run(reach())
@@ -202,7 +228,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         demo = importlib.import_module("feed.demo")
     except ImportError as exc:
-        print(f"feed: the demo needs the embedded extras: pip install 'dbfeed[embedded]' ({exc})")
+        print(
+            "feed: the demo needs the embedded extras: from a checkout, "
+            f"pip install '.[embedded]' ({exc})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     result: int = demo.run(host=args.host, port=args.port)
     return result

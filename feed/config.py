@@ -6,6 +6,7 @@ config that does not gets one line naming the file, the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -15,6 +16,7 @@ from typing import Any
 
 from connectors import Connector, resolve_type
 from feed.auth import AuthConfig, parse_auth
+from feed.engine import ClusterConfig, parse_cluster
 from feed.errors import ConfigError
 from feed.limits import LimitsConfig, parse_limits
 from feed.options import Options
@@ -33,10 +35,14 @@ class ServerConfig:
     max_room_length: int = 512
     max_filter_length: int = 1024
     snapshot_limit: int = 1000
+    snapshot_chunk_bytes: int = 256 * 1024
+    """JSON bytes of rows per snapshot frame: larger snapshots go out in several (feed.snapshots)."""
     cors_allowed_origins: list[str] = field(default_factory=list)
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True
     log_level: str = "info"
+    ping_interval: int = 25
+    ping_timeout: int = 20
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cluster: ClusterConfig | None = None
+    """The `[cluster]` table; None runs the feed in one process with rooms in memory."""
 
     def build_connectors(self) -> list[Connector]:
         """Instantiate every connector, so their own settings are validated now."""
@@ -77,7 +85,9 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("no such file; pass --config with the path of your feed.toml") from None
+        raise ConfigError(
+            "no such file; pass --config with the path of your feed.toml", file=file
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", file=file) from None
     return parse_config(text, file, os.environ if env is None else env)
@@ -132,10 +142,17 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         max_room_length=server_opts.int("max_room_length", 512, minimum=16),
         max_filter_length=server_opts.int("max_filter_length", 1024, minimum=16),
         snapshot_limit=server_opts.int("snapshot_limit", 1000, minimum=1),
+        snapshot_chunk_bytes=server_opts.int(
+            "snapshot_chunk_bytes", 256 * 1024, minimum=1024, maximum=16 * 1024 * 1024
+        ),
         cors_allowed_origins=server_opts.str_list("cors_allowed_origins"),
         max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
         dashboard=server_opts.bool("dashboard", True),
         log_level=server_opts.choice("log_level", ["debug", "info", "warning", "error"], "info"),
+        # Whole seconds: Engine.IO's handshake advertises the interval in whole seconds, so 0.5
+        # would reach clients as 0.
+        ping_interval=server_opts.int("ping_interval", 25, minimum=1, maximum=3600),
+        ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=3600),
     )
     server_opts.finish()
 
@@ -157,8 +174,21 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         connectors.append(ConnectorConfig(name, type_name, dict(entry), key))
     auth = parse_auth(top)
     limits = parse_limits(top)
+    cluster = parse_cluster(top, server.replay_buffer)
+    # A chunk waits whole in a long-polling client's queue: chunks are kept to a quarter of
+    # the outbound limit, so a client taking a snapshot is never cut off as slow.
+    server = dataclasses.replace(
+        server,
+        snapshot_chunk_bytes=min(server.snapshot_chunk_bytes, limits.outbound_queue_bytes // 4),
+    )
     top._used.add("auth")
     top.finish()
     return Config(
-        path=file, server=server, connectors=connectors, raw=raw, auth=auth, limits=limits
+        path=file,
+        server=server,
+        connectors=connectors,
+        raw=raw,
+        auth=auth,
+        limits=limits,
+        cluster=cluster,
     )

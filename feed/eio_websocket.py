@@ -46,7 +46,9 @@ import engineio
 import socketio
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
+from engineio import payload as eio_payload
 from engineio.async_socket import AsyncSocket
+from socketio import packet as sio_packet
 
 from feed.limits import packet_size
 
@@ -61,6 +63,11 @@ try:
     _SansIO, _OPEN = WebSocketsSansIOProtocol, State.OPEN
 except ImportError:  # pragma: no cover
     pass
+
+POLL_CLOSE_WAIT = 2.0
+"""Seconds a closing long-polling socket waits for its client to take what is queued."""
+
+_KNOWN_TYPES = frozenset(range(len(eio_packet.packet_names)))
 
 _PING = eio_packet.Packet(eio_packet.PING)
 _PING.encode()
@@ -383,11 +390,54 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 protocol.transport.abort()
 
+    async def _close_polling(self, abort: bool, reason: Any) -> None:
+        """Engine.IO's close of a long-polling socket, never waiting for the client."""
+        await super().close(wait=False, abort=abort, reason=reason)
+        if abort:
+            # Ends a poll that is waiting now (an empty answer; the next one is refused),
+            # rather than leaving it, and the client's disconnect, to the poll timeout.
+            self.queue.put_nowait(None)
+
+    async def handle_post_request(self, environ: dict[str, Any]) -> None:
+        """A long-polling POST: Engine.IO's, with a malformed body reported and the session
+        closed instead of a traceback at ERROR (and a 400 for the request)."""
+        length = int(environ.get("CONTENT_LENGTH") or "0")
+        if length > self.server.max_http_buffer_size:
+            raise eio_exceptions.ContentTooLongError()
+        body = await environ["wsgi.input"].read(length)
+        try:
+            packets = eio_payload.Payload(encoded_payload=body.decode("utf-8")).packets
+            problem = next(
+                (
+                    f"unknown packet type {p.packet_type}"
+                    for p in packets
+                    if p.packet_type not in _KNOWN_TYPES
+                ),
+                None,
+            )
+        except Exception as exc:  # bad UTF-8, a junk type byte, bad base64, ...
+            problem = f"undecodable payload: {type(exc).__name__}: {exc}"
+        if problem is not None:
+            self.server.report_malformed(self.sid, "bad_payload", problem)
+            # Closed but left in the server's table: Engine.IO's error path removes it and
+            # answers 400 (it answers nothing at all for a session already gone).
+            await self._close_polling(abort=True, reason=self.server.reason.TRANSPORT_ERROR)
+            raise eio_exceptions.EngineIOError(problem)
+        for pkt in packets:
+            await self.receive(pkt)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         if self.protocol is None and not isinstance(self.queue, Backlog):
-            await super().close(wait=wait, abort=abort, reason=reason)
+            # Engine.IO waits for a long-polling client to take its queue (the close packet
+            # included) with no bound: one that never polls again held the closing task, and
+            # with it shutdown, forever. It gets POLL_CLOSE_WAIT seconds.
+            if not self.closed and not self.closing:
+                await self._close_polling(abort=abort, reason=reason)
+                if wait and not abort:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.queue.join(), POLL_CLOSE_WAIT)
         elif not self.closed and not self.closing:
             self.closing = True
             await self.server._trigger_event(
@@ -537,8 +587,13 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
                 continue
             try:
                 pkt = eio_packet.Packet(encoded_packet=data)
-            except Exception:
-                self.server.logger.info("%s: undecodable packet, closing", self.sid)
+            except Exception as exc:
+                self.server.report_malformed(self.sid, "bad_packet", f"undecodable packet: {exc}")
+                break
+            if pkt.packet_type not in _KNOWN_TYPES:
+                self.server.report_malformed(
+                    self.sid, "bad_packet", f"unknown packet type {pkt.packet_type}"
+                )
                 break
             try:
                 await self.receive(pkt)
@@ -632,6 +687,17 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         self.outbound_limit: int | None = None
         """Bytes a paused websocket may have waiting before `on_outbound_overflow` (feed.limits)."""
         self.on_outbound_overflow: Callable[[Backlog], None] | None = None
+        self.on_malformed: Callable[[str, str, str], None] | None = None
+        """Told (sid, kind, detail) of each malformed message (feed.guard counts and logs)."""
+        self.on_open: Callable[[str], None] | None = None
+        """Told the sid of each new Engine.IO session (the Socket.IO handshake timeout)."""
+
+    def report_malformed(self, sid: str, kind: str, detail: str) -> None:
+        """A client sent something that is not Engine.IO/Socket.IO: one line, not a traceback."""
+        if self.on_malformed is not None:
+            self.on_malformed(sid, kind, detail)
+        else:
+            log.warning("%s: malformed %s: %s", sid, kind, detail[:200])
 
     async def _handle_connect(
         self, environ: dict[str, Any], transport: str, jsonp_index: Any = None
@@ -661,6 +727,8 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
             return self._unauthorized(ret or None)
 
         s.schedule_ping()
+        if self.on_open is not None:
+            self.on_open(sid)
 
         if transport == "websocket":
             ret = await s.handle_get_request(environ)
@@ -701,6 +769,53 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
 
     def _engineio_server_class(self) -> type[LeanEngineIO]:
         return LeanEngineIO
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        """python-socketio's dispatch, for the packets the feed speaks (JSON, no attachments).
+
+        Anything else (bad JSON, a junk type, an event that is not a list starting with its
+        name, a binary message or a claim of attachments) is reported (feed.guard: a counter
+        and a rate-limited WARNING line) and ends the connection, where python-socketio logged
+        a traceback at ERROR and, for attachments, waited for them.
+        """
+        problem: str | None = None
+        pkt: Any = None
+        if not isinstance(data, str):
+            problem = "a binary message (the feed takes JSON text only)"
+        else:
+            try:
+                pkt = self.packet_class(encoded_packet=data)
+            except Exception as exc:
+                problem = f"undecodable Socket.IO packet: {type(exc).__name__}: {exc}"
+        if pkt is not None:
+            kind = pkt.packet_type
+            if kind in (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK):
+                problem = "a packet with binary attachments (the feed takes JSON text only)"
+            elif kind == sio_packet.EVENT and not (
+                isinstance(pkt.data, list) and pkt.data and isinstance(pkt.data[0], str)
+            ):
+                problem = "an event that is not a list starting with its name"
+            elif kind not in (
+                sio_packet.CONNECT,
+                sio_packet.DISCONNECT,
+                sio_packet.EVENT,
+                sio_packet.ACK,
+            ):
+                problem = f"unexpected packet type {kind}"
+        if problem is not None:
+            self.eio.report_malformed(eio_sid, "bad_packet", problem)
+            socket = self.eio.sockets.get(eio_sid)
+            if socket is not None:
+                await socket.close(wait=False, abort=True, reason=self.eio.reason.TRANSPORT_ERROR)
+            return
+        if kind == sio_packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif kind == sio_packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind == sio_packet.EVENT:
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        else:
+            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
 
     async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
         await super()._handle_connect(eio_sid, namespace, data)

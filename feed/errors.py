@@ -43,6 +43,10 @@ class SourceMisconfigured(ConnectorError):
     """
 
 
+class ClusterError(FeedError):
+    """The cluster's Redis refused or failed a step (a lost lease, an unreachable server)."""
+
+
 class SnapshotNotSupported(FeedError):
     """The connector cannot return current rows for this room."""
 

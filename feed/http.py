@@ -20,7 +20,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 NOT_BUILT = b"""<!doctype html><title>dbfeed</title>
 <h1>dbfeed is running</h1>
-<p>The dashboard has not been built in this install: run <code>make dashboard</code>.
+<p>The dashboard has not been built in this install: in a checkout, run <code>make dashboard</code>
+(<code>pip install .</code> builds it into the package; it needs npm).
 Socket.IO clients can connect at this address.</p>"""
 
 
@@ -42,8 +43,13 @@ class HttpApp:
             ready = self.hub.ready()
             body = {
                 "ready": ready,
-                "connectors": {c.name: c.status.to_json() for c in self.hub.connectors.values()},
+                "connectors": {
+                    c.name: {**c.status.to_json(), **self.hub._reader(c.name)}
+                    for c in self.hub.connectors.values()
+                },
             }
+            if self.hub.engine is not None:
+                body["cluster"] = self.hub.engine.describe()
             await respond_json(send, 200 if ready else 503, body)
         elif path == "/metrics":
             text = self.hub.metrics.render().encode()

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
 from feed.access import Shape, ShapedRoom
@@ -27,9 +28,14 @@ from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 from feed.filters import RowFilter, parse_filter
 from feed.metrics import Counter, Labels, Metrics
 from feed.protocol import SubscribeRequest
+from feed.room_budget import RoomBudget
 from feed.rooms import Room
 from feed.routing import FilterIndex
+from feed.snapshots import split_rows
 from feed.transport import FlushBeforeWaiting, Transport
+
+if TYPE_CHECKING:
+    from feed.engine.redis import RedisEngine
 
 log = logging.getLogger("feed.hub")
 
@@ -110,6 +116,9 @@ async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
             task.exception()
 
 
+SHAPED_SUFFIX = re.compile(r"@[0-9a-f]{16}$")  # what room_name appends for a shape's profile
+
+
 def room_name(
     connector: str, address: RoomAddress, row_filter: RowFilter | None, shape: Shape | None = None
 ) -> str:
@@ -134,6 +143,8 @@ class Hub:
         self.connectors = {c.name: c for c in connectors}
         self.metrics = metrics or Metrics()
         self.transport: Transport | None = None
+        self.engine: RedisEngine | None = None
+        """The cluster engine ([cluster]); None keeps rooms, numbers and history in memory."""
         self.epoch = secrets.token_hex(8)
         # Source types this deployment leaves out, each {"type", "detail"} saying how to get it
         # (`feed demo` names MongoDB); the catalog lists them so clients can show them as such.
@@ -143,6 +154,12 @@ class Hub:
         self._targets: dict[tuple[str, str], TargetRooms] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._catch_ups: dict[tuple[str, str], object] = {}
+        self.budget = RoomBudget(per_identity=5000, total=50_000)
+        """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
+        self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        """Sends a status change to clients in place of a broadcast (feed.server: the detail
+        only to operators)."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
@@ -151,6 +168,8 @@ class Hub:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        if self.engine is not None:
+            await self.engine.start()
         for connector in self.connectors.values():
             self._tasks.append(
                 asyncio.create_task(self._supervise(connector), name=f"connector:{connector.name}")
@@ -169,6 +188,8 @@ class Hub:
         self._tasks.clear()
         for task in list(self._background):
             task.cancel()
+        if self.engine is not None:
+            await self.engine.stop()
         if self.transport is not None:
             with contextlib.suppress(Exception):
                 await self.transport.disconnect_all()
@@ -179,14 +200,18 @@ class Hub:
         while True:
             started = time.monotonic()
             try:
-                async with connector:
+                async with self._reading(connector), connector:
                     await self._follow(connector)
                 reason = "change stream ended"
             except asyncio.CancelledError:
                 raise
             except FeedError as exc:
                 reason = str(exc)
-                log.warning("connector %s: %s", connector.name, reason)
+                # Logged once per retry: by the status change below, or here when the connector
+                # is already down for another reason (a repeat of the same one is not logged).
+                status = connector.status
+                if status.state is State.DOWN and status.detail != reason:
+                    log.warning("connector %s: %s", connector.name, reason)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.exception("connector %s crashed", connector.name)
@@ -209,11 +234,17 @@ class Hub:
                     item = await FlushBeforeWaiting(anext(stream), idle)
                 except StopAsyncIteration:
                     return
-                if transport is not None:
+                if transport is not None and self.engine is None:  # a cluster sends elsewhere
                     transport.hold()
                 await self._dispatch(connector, item)
         finally:
             idle()
+
+    def _reading(self, connector: Connector) -> contextlib.AbstractAsyncContextManager[None]:
+        """In a cluster, the connector runs only while this node holds its lease."""
+        if self.engine is None:
+            return contextlib.nullcontext()
+        return self.engine.reading(connector)
 
     async def _janitor(self) -> None:
         """Drop row and filter rooms nobody has followed for the grace period."""
@@ -227,9 +258,52 @@ class Hub:
             r for r in self.rooms.values() if r.expired(now, self.settings.filter_room_grace)
         ]
         for room in expired:
-            del self.rooms[room.name]
-            self._targets[(room.connector, room.target)].discard(room)
+            self._drop_room(room)
         return len(expired)
+
+    def _drop_room(self, room: Room) -> None:
+        del self.rooms[room.name]
+        self._targets[(room.connector, room.target)].discard(room)
+        self.budget.release(room.name)
+        if self.engine is not None:
+            self.engine.forget(room)
+
+    def _make_room_for(self, owner: str) -> None:
+        """Before `owner` creates a room: within its budget and the server's, by expiring an
+        idle room early if need be (its own first), or refuse (feed.room_budget)."""
+        budget = self.budget
+        if budget.over_identity(owner) and not self._evict_idle(owner):
+            self.metrics.inc("feed_rooms_refused_total", reason="identity")
+            raise ProtocolError(
+                "too_many_rooms",
+                f"{owner!r} already has {budget.charged(owner)} row and filter rooms (the limit "
+                "is [limits] rooms_per_identity); unsubscribe from some, or share filters",
+            )
+        if budget.over_total() and not self._evict_idle(None):
+            self.metrics.inc("feed_rooms_refused_total", reason="total")
+            raise ProtocolError(
+                "server_busy",
+                f"the server holds its maximum of {budget.total} row and filter rooms, all "
+                "followed; retry later",
+            )
+
+    def _evict_idle(self, owner: str | None) -> bool:
+        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None)."""
+        owners = self.budget.owners
+        oldest: Room | None = None
+        for name, charged_to in owners.items():
+            if owner is not None and charged_to != owner:
+                continue
+            room = self.rooms.get(name)
+            if room is None or room.members or room.empty_since is None:
+                continue
+            if oldest is None or room.empty_since < (oldest.empty_since or 0.0):
+                oldest = room
+        if oldest is None:
+            return False
+        self._drop_room(oldest)
+        self.metrics.inc("feed_rooms_evicted_total")
+        return True
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -244,6 +318,9 @@ class Hub:
             return
         counted_in, counted_out = self._counters(connector.name)
         counted_in.inc()
+        if self.engine is not None:  # numbered in Redis; every node delivers what it follows
+            await self.engine.publish(connector, item)
+            return
         transport = self.transport
         for room, payload in self.route(item):
             receivers = len(room.members) - len(room.pending)
@@ -262,8 +339,11 @@ class Hub:
         return counters
 
     async def _gap(self, gap: Gap) -> None:
-        self.metrics.inc("feed_gaps_total", connector=gap.connector)
         log.warning("connector %s: gap announced: %s", gap.connector, gap.reason)
+        if self.engine is not None:
+            await self.engine.publish_gap(gap)
+            return
+        self.metrics.inc("feed_gaps_total", connector=gap.connector)
         for room in list(self.rooms.values()):
             if room.connector != gap.connector or (gap.target and room.target != gap.target):
                 continue
@@ -313,6 +393,36 @@ class Hub:
             )
         return connector, address
 
+    def split_room_filter(self, request: SubscribeRequest) -> SubscribeRequest:
+        """Accept a filter room's canonical name as `room` (`main:public.orders?status=eq.paid`).
+
+        Acks return that name and clients store it, so it must work when sent back. A canonical
+        filter never holds a `?` (its values are percent-encoded), so the name splits at the last
+        one; a name that resolves whole (a Redis key or pattern may hold a `?`) is left alone.
+        """
+        base, mark, filter_text = request.room.rpartition("?")
+        if not mark or not base or not filter_text:
+            return request
+        with contextlib.suppress(ProtocolError):
+            self.resolve(request.room)
+            return request
+        if SHAPED_SUFFIX.search(filter_text):
+            raise ProtocolError(
+                "bad_request",
+                "a room name ending in @<profile> is one the server shaped for an identity; "
+                "subscribe with the room and filter you asked for",
+            )
+        limit = self.settings.max_filter_length
+        if request.filter is not None and (
+            parse_filter(request.filter, max_length=limit).canonical
+            != parse_filter(filter_text, max_length=limit).canonical
+        ):
+            raise ProtocolError(
+                "bad_filter",
+                "the room name already holds a filter; send it once, in `room` or in `filter`",
+            )
+        return replace(request, room=base, filter=filter_text)
+
     def connect(self, sid: str) -> None:
         self.clients.setdefault(sid, set())
 
@@ -329,20 +439,27 @@ class Hub:
         forced: RowFilter | None = None,
         mask: RowGuard | None = None,
         shape: Shape | None = None,
+        owner: str = "anonymous",
     ) -> dict[str, Any]:
         """Join a room; replay from `since` or answer with a snapshot; return the ack.
+
+        `owner` (the identity's name) is charged for the row or filter room it creates or
+        joins (feed.room_budget).
 
         A `shape` (from feed.access) forces its filter, masks snapshot rows, and puts the client
         in a room whose live and replayed payloads are shaped the same way.
         """
         if shape is not None:
             forced, mask = shape.forced, shape.image
+        request = self.split_room_filter(request)
         connector, address = self.resolve(request.room)
         row_filter = (
             parse_filter(request.filter, max_length=self.settings.max_filter_length)
             if request.filter
             else None
         )
+        if row_filter is not None:
+            connector.check_filter(address.target, row_filter)  # one that can never match: refused
         if forced is not None:
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())
@@ -353,7 +470,14 @@ class Hub:
                 f"at most {self.settings.max_subscriptions} subscriptions per client; "
                 "unsubscribe from a room first",
             )
+        ephemeral = address.key is not None or row_filter is not None or shape is not None
+        if ephemeral and name not in self.rooms:
+            self._make_room_for(owner)
         room = self._room(connector.name, address, row_filter, shape)
+        if ephemeral:
+            self.budget.charge(room.name, owner)
+        if self.engine is not None:  # numbers, history and snapshots from the cluster
+            return await self.engine.subscribe(sid, request, room, connector, address, mask)
         recovered: bool | None = None
         cursor = room.seq
         if request.since is not None:
@@ -370,14 +494,21 @@ class Hub:
             "epoch": self.epoch,
         }
         covers: Callable[[Change], bool] | None = None
+        rest: list[list[Any]] = []
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
             rows = [mask(r) if mask else r for r in snapshot.rows]
-            ack["snapshot"] = [to_json(r) for r in rows if r is not None]
+            first, *rest = split_rows(
+                [to_json(r) for r in rows if r is not None], self.settings.snapshot_chunk_bytes
+            )
+            ack["snapshot"] = first
             ack["snapshot_truncated"] = snapshot.truncated
+            ack["snapshot_chunks"] = 1 + len(rest)
             ack["seq"] = cursor
-        self._spawn(self._catch_up(sid, room, cursor, covers))
+        # The ack goes out when this returns, before the catch-up task's first step: the rest of
+        # the snapshot, then what the room got meanwhile, follow it in that order.
+        self._spawn(self._catch_up(sid, room, cursor, covers, rest))
         return ack
 
     async def _snapshot(
@@ -445,15 +576,33 @@ class Hub:
             self.transport.leave(sid, room.name)
 
     async def _catch_up(
-        self, sid: str, room: Room, cursor: int, covers: Callable[[Change], bool] | None
+        self,
+        sid: str,
+        room: Room,
+        cursor: int,
+        covers: Callable[[Change], bool] | None,
+        chunks: list[list[Any]] | None = None,
     ) -> None:
-        """Send a new member what it missed after `cursor`, in order, then let it go live.
+        """Send a new member the rest of its snapshot and what it missed after `cursor`, in
+        order, then let it go live.
 
-        Each pass sends everything buffered so far in one `changes` frame; the member leaves the
+        Snapshot chunks 2..N go first, each once the client has taken most of the previous one
+        (`send_paced`), so a large snapshot never piles up past the outbound limit. Then each
+        pass sends everything buffered so far in one `changes` frame; the member leaves the
         pending set in the same step that finds nothing newer, so no live send can overtake it.
+        A newer subscribe of the same client to the same room supersedes this one.
         """
+        key = (sid, room.name)
+        token = self._catch_ups[key] = object()
         try:
-            while sid in room.pending:
+            if chunks and self.transport is not None:
+                total = len(chunks) + 1
+                for index, rows in enumerate(chunks, start=2):
+                    if sid not in room.pending or self._catch_ups.get(key) is not token:
+                        return
+                    body = {"room": room.name, "chunk": index, "of": total, "rows": rows}
+                    await self.transport.send_paced(sid, "snapshot", body)
+            while sid in room.pending and self._catch_ups.get(key) is token:
                 if cursor < room.seq and not room.holds_after(cursor):
                     if self.transport is not None:
                         body = {
@@ -481,6 +630,9 @@ class Hub:
         except Exception:
             log.exception("catch-up for %s in %s failed", sid, room.name)
             room.pending.discard(sid)
+        finally:
+            if self._catch_ups.get(key) is token:
+                del self._catch_ups[key]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -499,18 +651,32 @@ class Hub:
                     "type": c.kind,
                     "status": c.status.to_json(),
                     "targets": c.targets(),
+                    **self._reader(c.name),
                 }
                 for c in self.connectors.values()
             ],
             "unconfigured": list(self.unconfigured),
         }
 
+    def _reader(self, name: str) -> dict[str, Any]:
+        """In a cluster, which node reads the connector (`reader`, None when none does)."""
+        if self.engine is None:
+            return {}
+        return {"reader": self.engine.reader_of(name)}
+
     def ready(self) -> bool:
+        if self.engine is not None and not self.engine.up:
+            return False
         return all(c.status.state in (State.UP, State.LAGGING) for c in self.connectors.values())
 
     def _status_changed(self, status: Status) -> None:
-        log.info("connector %s is %s %s", status.connector, status.state.value, status.detail)
-        if self.transport is not None:
+        level = logging.WARNING if status.state is State.DOWN else logging.INFO
+        log.log(level, "connector %s is %s %s", status.connector, status.state.value, status.detail)
+        if self.engine is not None:
+            self.engine.status_changed(status)
+        if self.announce_status is not None:
+            self._spawn(self.announce_status(status.to_json()))
+        elif self.transport is not None:
             self._spawn(self.transport.broadcast("status", status.to_json()))
 
     # -- metrics -------------------------------------------------------------------------------
@@ -528,6 +694,8 @@ class Hub:
         m.describe("feed_subscriptions", "gauge", "Subscriptions across clients")
         m.describe("feed_replay_evictions_total", "counter", "Changes dropped from replay buffers")
         m.describe("feed_errors_total", "counter", "Client requests refused, by code")
+        m.describe("feed_rooms_refused_total", "counter", "New rooms refused, by limit reached")
+        m.describe("feed_rooms_evicted_total", "counter", "Idle rooms expired early for new ones")
         m.gauges(self._gauge_values)
 
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:

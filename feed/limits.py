@@ -39,6 +39,17 @@ class LimitsConfig:
     """...and how many it may send at once."""
     outbound_queue_bytes: int = 8 * 1024 * 1024
     """Bytes waiting to be sent to one client before it is cut off as too slow."""
+    max_connections: int = 0
+    """Open TCP connections served at once; more are refused with 503 (0: the process's
+    open-file limit less 100, feed.guard)."""
+    request_timeout: float = 10.0
+    """Seconds a connection has to send a complete request, headers and body (slowloris)."""
+    handshake_timeout: float = 10.0
+    """Seconds between an Engine.IO session opening and its Socket.IO connect."""
+    rooms_per_identity: int = 5000
+    """Row and filter rooms charged to one identity (feed.room_budget; 0: no limit)."""
+    max_rooms: int = 50_000
+    """Row and filter rooms in all (0: no limit)."""
 
 
 def parse_limits(top: Options) -> LimitsConfig:
@@ -48,6 +59,11 @@ def parse_limits(top: Options) -> LimitsConfig:
         subscribe_rate=opts.float("subscribe_rate", 20.0, minimum=0.01),
         subscribe_burst=opts.int("subscribe_burst", 100, minimum=1),
         outbound_queue_bytes=opts.int("outbound_queue_bytes", 8 * 1024 * 1024, minimum=16 * 1024),
+        max_connections=opts.int("max_connections", 0, minimum=0),
+        request_timeout=opts.float("request_timeout", 10.0, minimum=0.1),
+        handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1),
+        rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0),
+        max_rooms=opts.int("max_rooms", 50_000, minimum=0),
     )
     opts.finish()
     return config

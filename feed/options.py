@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -33,6 +34,11 @@ class Options:
         self._used.add(key)
         if key not in self.raw:
             if required:
+                typo = self._misspelling_of(key)
+                if typo is not None:
+                    self.fail(
+                        typo, f"is not a known setting here; did you mean {key!r} (required)?"
+                    )
                 self.fail(key, "is required")
             return default
         return self.raw[key]
@@ -114,4 +120,12 @@ class Options:
         unknown = sorted(set(self.raw) - self._used)
         if unknown:
             known = ", ".join(sorted(self._used))
-            self.fail(unknown[0], f"is not a known setting here (known: {known})")
+            close = difflib.get_close_matches(unknown[0], sorted(self._used), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            self.fail(unknown[0], f"is not a known setting here ({hint}known: {known})")
+
+    def _misspelling_of(self, key: builtins.str) -> builtins.str | None:
+        """A key in the table that looks like a typo of `key` (`tabels` for `tables`)."""
+        spare = [k for k in self.raw if isinstance(k, str) and k not in self._used]
+        close = difflib.get_close_matches(key, spare, n=1)
+        return close[0] if close else None

@@ -25,13 +25,22 @@ from feed.config import Config
 from feed.eio_websocket import FeedSocketIO
 from feed.errors import ProtocolError
 from feed.filters import parse_filter
+from feed.guard import ClientErrors, ConnectionGuard, InboundLimit, guarded_http_protocol
 from feed.http import HttpApp
 from feed.hub import Hub
 from feed.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.protocol import SubscribeRequest, error_ack, unsubscribe_room
+from feed.room_budget import RoomBudget
+from feed.status import generic, generic_catalog
 from feed.transport import SocketIOTransport
 
 log = logging.getLogger("feed.server")
+
+SOCKETIO_LOG = logging.getLogger("feed.socketio")
+ENGINEIO_LOG = logging.getLogger("feed.engineio")
+for _library_log in (SOCKETIO_LOG, ENGINEIO_LOG):
+    # Their INFO lines are per packet; what matters of their errors is reported by feed.guard.
+    _library_log.setLevel(logging.ERROR)
 
 EXPIRY_GRACE = 2.0
 """Seconds an expired client has to leave by itself before its connection is dropped."""
@@ -60,25 +69,85 @@ class FeedApp:
         self.sessions: dict[str, Session] = {}
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
+        self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
+        self.hub.announce_status = self._announce_status
         self.sio = FeedSocketIO(
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
             max_http_buffer_size=settings.max_message_bytes,
-            logger=False,
-            engineio_logger=False,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            # Their own loggers, through the feed's logging once (with False each library adds
+            # a handler of its own, and every line it logs was printed twice).
+            logger=SOCKETIO_LOG,
+            engineio_logger=ENGINEIO_LOG,
         )
         self.hub.transport = SocketIOTransport(self.sio)
+        if config.cluster is not None:
+            from feed.engine.redis import RedisEngine
+
+            self.hub.engine = RedisEngine(config.cluster, self.hub)
         self.outbound = OutboundLimiter(
             self.sio, config.limits.outbound_queue_bytes, on_cut=self._cut_off
         )
         self._describe_metrics()
         self._register_handlers()
-        self.asgi = socketio.ASGIApp(
-            self.sio,
-            other_asgi_app=HttpApp(self.hub, dashboard=settings.dashboard),
-            on_startup=self._startup,
-            on_shutdown=self._shutdown,
+        limits = config.limits
+        self.client_errors = ClientErrors(self.hub.metrics)
+        self.guard = ConnectionGuard(
+            self.hub.metrics, self.client_errors, limits.request_timeout, limits.max_connections
         )
+        eio = self.sio.eio
+        eio.on_malformed = self._malformed
+        eio.on_open = self._opened
+        self.asgi = InboundLimit(
+            socketio.ASGIApp(
+                self.sio,
+                other_asgi_app=HttpApp(self.hub, dashboard=settings.dashboard),
+                on_startup=self._startup,
+                on_shutdown=self._shutdown,
+            ),
+            settings.max_message_bytes,
+            self.client_errors,
+            self._close_session,
+        )
+
+    def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
+        """How uvicorn must serve this app: the guarded HTTP protocol (header timeout and
+        connection cap, feed.guard) and the inbound message limit on websockets too."""
+        options.setdefault("lifespan", "on")
+        return uvicorn.Config(
+            self.asgi,
+            host=host,
+            port=port,
+            http=guarded_http_protocol(self.guard),
+            ws_max_size=self.config.server.max_message_bytes,
+            **options,
+        )
+
+    def _malformed(self, eio_sid: str, kind: str, detail: str) -> None:
+        self.client_errors.report(kind, detail)
+
+    def _close_session(self, eio_sid: str) -> None:
+        if eio_sid in self.sio.eio.sockets:
+            self.outbound.close_soon(eio_sid)
+
+    def _opened(self, eio_sid: str) -> None:
+        """An Engine.IO session must complete its Socket.IO connect in time, or it is closed:
+        an open session that never connects holds a descriptor and is never authenticated."""
+
+        def check() -> None:
+            if (
+                eio_sid in self.sio.eio.sockets
+                and self.sio.manager.sid_from_eio_sid(eio_sid, "/") is None
+            ):
+                self.client_errors.report(
+                    "handshake_timeout",
+                    f"no Socket.IO connect within {self.config.limits.handshake_timeout:g} s",
+                )
+                self.outbound.close_soon(eio_sid)
+
+        asyncio.get_running_loop().call_later(self.config.limits.handshake_timeout, check)
 
     async def _startup(self) -> None:
         await self.hub.__aenter__()
@@ -192,6 +261,7 @@ class FeedApp:
                 max_room=settings.max_room_length,
                 max_filter=settings.max_filter_length,
             )
+            request = self.hub.split_room_filter(request)
             connector, address = self.hub.resolve(request.room)
             client_filter = (
                 parse_filter(request.filter, max_length=settings.max_filter_length)
@@ -199,7 +269,7 @@ class FeedApp:
                 else None
             )
             shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
-            return await self.hub.subscribe(sid, request, shape=shape)
+            return await self.hub.subscribe(sid, request, shape=shape, owner=session.identity.name)
 
         return await self._answer("subscribe", handle)
 
@@ -216,7 +286,20 @@ class FeedApp:
         session = self.sessions.get(sid)
         if session is None:
             return error_ack(ProtocolError("not_connected", "this connection is closing"))
-        return self.authorizer.catalog(session.identity, self.hub.catalog())
+        catalog = self.authorizer.catalog(session.identity, self.hub.catalog())
+        if not self.config.auth.operator(session.identity):
+            catalog = generic_catalog(catalog)
+        return catalog
+
+    async def _announce_status(self, body: dict[str, Any]) -> None:
+        """A connector's status change: the detail to operators, a generic line to the rest."""
+        transport = self.hub.transport
+        if transport is None:
+            return
+        plain = generic(body)
+        for sid, session in list(self.sessions.items()):
+            operator = self.config.auth.operator(session.identity)
+            await transport.send_to(sid, "status", body if operator else plain)
 
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
         """Swap in a fresh token before the current one expires, keeping the subscriptions."""

@@ -64,6 +64,12 @@ def _message(text: str) -> Any:
 MAX_BATCH = 256
 """Changes per `changes` frame; a longer run for one room goes out as several frames, in order."""
 
+PACE_BYTES = 64 * 1024
+"""Bytes that may wait for a client before `send_paced` holds its next part back."""
+
+PACE_INTERVAL = 0.005
+"""Seconds between two looks at a paced client's queue."""
+
 MAX_BUFFERED = 1024
 """Changes held across all rooms before a flush is forced (and the loop given a turn)."""
 
@@ -82,6 +88,8 @@ class Transport(Protocol):
     async def send_room(self, room: str, event: str, data: Any, skip: list[str]) -> None: ...
 
     async def send_to(self, sid: str, event: str, data: Any) -> None: ...
+
+    async def send_paced(self, sid: str, event: str, data: Any) -> None: ...
 
     async def broadcast(self, event: str, data: Any) -> None: ...
 
@@ -241,6 +249,27 @@ class SocketIOTransport:
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, self.namespace)
         if eio_sid is not None:
             self._put(eio_sid, self._packets(event, data))
+
+    async def send_paced(self, sid: str, event: str, data: Any) -> None:
+        """`send_to`, once at most PACE_BYTES wait for this client (its queue or backlog).
+
+        For a large payload in parts (snapshot chunks): each part goes out when the client has
+        taken most of the one before, so the parts never pile up to the outbound limit and cut
+        off a client that is reading. A client that stops reading is closed by its ping
+        timeout, which ends the wait (as does any other close).
+        """
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, self.namespace)
+        if eio_sid is None:
+            return
+        while True:
+            socket = self.sio.eio.sockets.get(eio_sid)
+            if socket is None or socket.closing or socket.closed:
+                return
+            if getattr(socket.queue, "bytes", 0) <= PACE_BYTES:
+                break
+            await asyncio.sleep(PACE_INTERVAL)  # no event tells when a queue shrinks
+        self.flush()
+        self._put(eio_sid, self._packets(event, data))
 
     async def broadcast(self, event: str, data: Any) -> None:
         self.flush()

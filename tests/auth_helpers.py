@@ -19,7 +19,23 @@ from tests.support.server import WAIT, RunningFeed
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
 ISSUER = "https://issuer.test"
 AUDIENCE = "feed"
-TOKENS = {"ops": "ops-token-0001", "acme-svc": "acme-token-0002", "globex-svc": "globex-token-03"}
+# Tenant claims the filter language could read as something other than their text (issue 18):
+# "null" is refused; the others are tenants like any other and see exactly the rows with that text.
+SPECIAL_CLAIMS = {
+    "null": "null",
+    "NULL": "NULL",
+    "true": "true",
+    "comma": "acme,globex",
+    "inject": "acme&tenant_id=neq.acme",
+    "paren": "(acme)",
+    "percent": "%61cme",
+}
+TOKENS = {
+    "ops": "ops-token-0001",
+    "acme-svc": "acme-token-0002",
+    "globex-svc": "globex-token-03",
+    **{f"{who}-svc": f"{who}-token-0004" for who in SPECIAL_CLAIMS},
+}
 
 BASE = """
 [server]
@@ -34,7 +50,7 @@ targets = ["public.orders", "public.customers", "public.audit"]
 
 
 def static_tokens() -> str:
-    """ops is an admin; the two service tokens carry a tenant claim."""
+    """ops is an admin; the service tokens carry a tenant claim (SPECIAL_CLAIMS ones too)."""
     return f"""
 [[auth.tokens]]
 name = "ops"
@@ -52,7 +68,16 @@ name = "globex-svc"
 sha256 = "{hash_token(TOKENS["globex-svc"])}"
 roles = ["tenant", "support"]
 claims = {{ tenant = "globex" }}
+""" + "".join(
+        f"""
+[[auth.tokens]]
+name = "{who}-svc"
+sha256 = "{hash_token(TOKENS[f"{who}-svc"])}"
+roles = ["tenant"]
+claims = {{ tenant = {json.dumps(claim)} }}
 """
+        for who, claim in SPECIAL_CLAIMS.items()
+    )
 
 
 RULES = """

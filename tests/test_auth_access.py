@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from connectors.base import RoomAddress
 from connectors.memory import MemoryConnector
-from feed.access import Authorizer, Shape, strip
+from feed.access import Authorizer, Shape, render_filter, strip
 from feed.auth import Identity
 from feed.change import Change, to_json
 from feed.config import ServerConfig, parse_config
@@ -27,18 +27,24 @@ from feed.errors import ProtocolError
 from feed.filters import parse_filter
 from feed.hub import Hub
 from feed.options import Options
-from feed.protocol import SubscribeRequest
-from tests.auth_helpers import TOKENS, jwt_config, make_jwt, source, token_config
+from feed.protocol import SubscribeRequest, error_ack
+from tests.auth_helpers import SPECIAL_CLAIMS, TOKENS, jwt_config, make_jwt, source, token_config
 from tests.support.server import FeedClient, feed_client, running_feed
 from tests.support.waiting import wait_until
 
 WAIT = 10.0
 TENANTS = ("acme", "globex")
+REFUSED = {"null"}  # of SPECIAL_CLAIMS: the claim "null" cannot be filled in, so it is refused
+ROW_TENANTS = (*TENANTS, None, *SPECIAL_CLAIMS.values())
 IDENTITIES = {
     "ops": Identity("ops", frozenset({"admin"}), {"sub": "ops"}),
     "acme": Identity("acme-svc", frozenset({"tenant"}), {"tenant": "acme"}),
     "globex": Identity("globex-svc", frozenset({"tenant", "support"}), {"tenant": "globex"}),
     "nobody": Identity("nobody", frozenset(), {}),
+    **{
+        who: Identity(f"{who}-svc", frozenset({"tenant"}), {"tenant": claim})
+        for who, claim in SPECIAL_CLAIMS.items()
+    },
 }
 MASKS: dict[str, dict[str, list[tuple[str, ...]]]] = {
     "ops": {},
@@ -46,6 +52,10 @@ MASKS: dict[str, dict[str, list[tuple[str, ...]]]] = {
     "globex": {
         "public.customers": [("password_hash",), ("profile", "ssn"), ("internal_note",)],
         "public.orders": [("internal_note",)],
+    },
+    **{
+        who: {"public.customers": [("password_hash",), ("profile", "ssn")]}
+        for who in SPECIAL_CLAIMS
     },
 }
 
@@ -73,6 +83,11 @@ class Spec:
     def tenant(self) -> str | None:
         return IDENTITIES[self.who].claims.get("tenant")
 
+    @property
+    def refused(self) -> bool:
+        """Its identity's claim cannot be filled into the row filter: every subscribe fails."""
+        return self.who in REFUSED
+
     def matches(self, image: Mapping[str, Any] | None) -> bool:
         """Does this image satisfy the forced filter and the client's filter?"""
         if image is None:
@@ -84,7 +99,7 @@ class Spec:
 
     def expected(self, change: Change) -> dict[str, Any] | None:
         """What this subscriber must receive for a change (None: nothing at all)."""
-        if change.target != self.target:
+        if change.target != self.target or self.refused:
             return None
         if self.key is not None and change.row_key != str(self.key):
             return None
@@ -102,7 +117,11 @@ class Spec:
         return {"id": change.id, "before": shown(change.before), "after": shown(change.after)}
 
     def snapshot_row(self, row: Mapping[str, Any]) -> Any:
-        if not self.matches(row) or (self.key is not None and row["id"] != self.key):
+        if (
+            self.refused
+            or not self.matches(row)
+            or (self.key is not None and row["id"] != self.key)
+        ):
             return None
         return to_json(strip(row, MASKS[self.who].get(self.target, [])))
 
@@ -110,7 +129,7 @@ class Spec:
 rows = st.fixed_dictionaries(
     {
         "id": st.integers(1, 4),
-        "tenant_id": st.sampled_from(TENANTS),
+        "tenant_id": st.sampled_from(ROW_TENANTS),
         "status": st.sampled_from(["new", "paid"]),
     },
     optional={
@@ -129,7 +148,7 @@ writes = st.lists(
 )
 specs = st.builds(
     Spec,
-    who=st.sampled_from(["ops", "acme", "globex"]),
+    who=st.sampled_from(["ops", "acme", "globex", *SPECIAL_CLAIMS]),
     target=st.sampled_from(["public.orders", "public.customers"]),
     key=st.none() | st.integers(1, 4),
     filter=st.none() | st.just("status=eq.paid"),
@@ -166,6 +185,9 @@ class RoomsTransport:
         if event in ("change", "changes"):
             self.received.setdefault(sid, []).extend(data if isinstance(data, list) else [data])
 
+    async def send_paced(self, sid: str, event: str, data: Any) -> None:
+        await self.send_to(sid, event, data)
+
     async def broadcast(self, event: str, data: Any) -> None:
         pass
 
@@ -182,7 +204,12 @@ async def settle(hub: Hub, db: MemoryConnector) -> None:
 async def subscribe(hub: Hub, sid: str, spec: Spec, **fields: Any) -> dict[str, Any]:
     _, address = hub.resolve(spec.room)
     client_filter = parse_filter(spec.filter) if spec.filter else None
-    shape = authorizer().grant(IDENTITIES[spec.who], "mem", address, client_filter)
+    try:
+        shape = authorizer().grant(IDENTITIES[spec.who], "mem", address, client_filter)
+    except ProtocolError as exc:
+        assert spec.refused and exc.code == "forbidden", (spec, exc)
+        return error_ack(exc)
+    assert not spec.refused, spec
     request = SubscribeRequest(spec.room, spec.filter, **fields)
     return await hub.subscribe(sid, request, shape=shape)
 
@@ -216,9 +243,9 @@ async def test_no_leak_on_live_replay_and_snapshot_paths(
         snapshots: dict[int, list[Any]] = {}
         for i, spec in enumerate(subscriptions):
             ack = await subscribe(hub, f"replay{i}", spec, since=0)
-            assert ack["recovered"] is True
+            assert ack.get("recovered") is True or spec.refused
             ack = await subscribe(hub, f"snap{i}", spec, snapshot=True)
-            snapshots[i] = ack["snapshot"]
+            snapshots[i] = ack.get("snapshot", [])
         tables = {t: [dict(r) for r in db._tables[t].values()] for t in db._tables}
         split = len(changes)
         changes += [db.write(t, op, row) for t, op, row in second]
@@ -278,6 +305,16 @@ def test_rules_decide_in_order_and_deny_by_default() -> None:
     no_claim = Identity("x", frozenset({"tenant"}), {})
     with pytest.raises(ProtocolError, match="no 'tenant' claim"):
         rules.grant(no_claim, "mem", address("public.orders"))
+    for claim in ("null", ["acme", "null"]):  # would read as NULL, not as the text "null"
+        special = Identity("x", frozenset({"tenant"}), {"tenant": claim})
+        with pytest.raises(ProtocolError, match="'tenant' claim is 'null'") as refused:
+            rules.grant(special, "mem", address("public.orders"))
+        assert refused.value.code == "forbidden"
+    halves = Identity("x", frozenset(), {"a": "nu", "b": "ll"})
+    with pytest.raises(ProtocolError, match="would not read as text"):
+        render_filter("tenant_id=eq.{a}{b}", halves)
+    kept = render_filter("deleted=eq.null&tenant_id=eq.{a}", halves)  # the rule's own null
+    assert kept.canonical == "deleted=eq.null&tenant_id=eq.nu"
     hostile = Identity("x", frozenset({"tenant"}), {"tenant": "acme&tenant_id=neq.acme"})
     shape = rules.grant(hostile, "mem", address("public.orders"))
     assert shape is not None and shape.forced is not None and len(shape.forced.conditions) == 1
@@ -388,7 +425,12 @@ async def test_jwt_claims_drive_rules_over_socketio() -> None:
         assert a.changes.empty()
 
 
-SPEC_TOKENS = {"ops": TOKENS["ops"], "acme": TOKENS["acme-svc"], "globex": TOKENS["globex-svc"]}
+SPEC_TOKENS = {
+    "ops": TOKENS["ops"],
+    "acme": TOKENS["acme-svc"],
+    "globex": TOKENS["globex-svc"],
+    **{who: TOKENS[f"{who}-svc"] for who in SPECIAL_CLAIMS},
+}
 
 
 def sentinel(spec: Spec, serial: int) -> tuple[str, str, dict[str, Any]]:
@@ -417,17 +459,20 @@ async def test_no_leak_over_real_socketio(
 
             for i, spec in enumerate(subscriptions):
                 client = await connect(f"live{i}", spec)
-                assert (await client.subscribe(spec.room, filter=spec.filter))["ok"]
+                ack = await client.subscribe(spec.room, filter=spec.filter)
+                assert ack["ok"] is not spec.refused, (spec, ack)
+                if spec.refused:
+                    assert ack["error"]["code"] == "forbidden", ack
             changes = [db.write(t, op, row) for t, op, row in first]
             await wait_until(lambda: db._delivered == db._written, what="first writes routed")
             snapshots = {}
             for i, spec in enumerate(subscriptions):
                 client = await connect(f"replay{i}", spec)
                 ack = await client.subscribe(spec.room, filter=spec.filter, since=0)
-                assert ack["recovered"] is True, ack
+                assert ack.get("recovered") is True or spec.refused, ack
                 client = await connect(f"snap{i}", spec)
                 ack = await client.subscribe(spec.room, filter=spec.filter, snapshot=True)
-                snapshots[i] = ack["snapshot"]
+                snapshots[i] = ack.get("snapshot", [])
             tables = {t: [dict(r) for r in db._tables[t].values()] for t in db._tables}
             split = len(changes)
             tail = second + [sentinel(s, n) for n, s in enumerate(subscriptions)]

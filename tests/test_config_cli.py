@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from feed import __version__
+from feed.cli import build_parser
 from feed.config import load_config, parse_config
 from feed.errors import ConfigError
 
@@ -41,7 +43,16 @@ def test_interpolation_and_defaults() -> None:
         ("[server\nport=1", "feed.toml: not valid TOML"),
         ("[server]\nport = 'x'", "feed.toml: server.port: must be a whole number"),
         ("[server]\nport = 70000", "feed.toml: server.port: must be at most 65535"),
-        ("[server]\nprot = 1", "feed.toml: server.prot: is not a known setting here"),
+        (
+            "[server]\nprot = 1",
+            "feed.toml: server.prot: is not a known setting here (did you mean 'port'? known:",
+        ),
+        (
+            "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = 'postgresql://h/db'\n"
+            "tabels = ['public.orders']",
+            "feed.toml: connectors[0].tabels: is not a known setting here; "
+            "did you mean 'tables' (required)?",
+        ),
         ("[[connectors]]\ntype = 'memory'", "feed.toml: connectors[0].name: is required"),
         (
             "[[connectors]]\nname = 'a:b'\ntype = 'memory'\ntargets=['t']",
@@ -89,9 +100,12 @@ def test_third_party_connector_by_import_path() -> None:
     assert connector.kind == "memory"
 
 
-def test_missing_file() -> None:
-    with pytest.raises(ConfigError, match="no such file"):
+def test_missing_file_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
         load_config("/nonexistent/feed.toml")
+    assert str(info.value) == (
+        "/nonexistent/feed.toml: no such file; pass --config with the path of your feed.toml"
+    )
 
 
 def run_feed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -130,3 +144,11 @@ def test_cli_check_prints_a_table(tmp_path: Path) -> None:
     assert lines[0] == f"config {config}: ok (1 connector(s))"
     assert lines[1].split() == ["connector", "type", "result", "detail"]
     assert lines[2].split() == ["mem", "memory", "ok", "reachable"]
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"feed {name} {'/'.join(action.option_strings) or action.dest}"

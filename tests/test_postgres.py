@@ -172,7 +172,8 @@ async def test_types_round_trip(pg: PgDatabase) -> None:
         """CREATE TABLE public.kinds (
             id uuid PRIMARY KEY, n numeric, big numeric, f float8, fnan float8, i8 bigint,
             at timestamptz, local timestamp, day date, doc jsonb, tags text[], nums int[],
-            blob bytea, feeling mood, nothing text, yes boolean, moods mood[])"""
+            blob bytea, feeling mood, nothing text, yes boolean, moods mood[],
+            ats timestamptz[], ns numeric[], ids uuid[])"""
     )
     row_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
     at = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
@@ -194,6 +195,9 @@ async def test_types_round_trip(pg: PgDatabase) -> None:
         "nothing": None,
         "yes": True,
         "moods": ["sad", "ok"],
+        "ats": [at, None],
+        "ns": [Decimal("123456789012345678901234567890.1"), Decimal("0.10")],
+        "ids": [row_id],
     }
     columns = list(values)
     async with streaming(make_connector(pg.url, ["public.kinds"])) as stream:
@@ -222,6 +226,10 @@ async def test_types_round_trip(pg: PgDatabase) -> None:
     assert after["blob"] == b"\x00\x01\xfe\xff"
     assert after["feeling"] == "happy" and after["moods"] == ["sad", "ok"]
     assert after["nothing"] is None and after["yes"] is True
+    # Arrays decode element by element, as their scalars do.
+    assert after["ats"] == [at, None]
+    assert after["ns"] == [Decimal("123456789012345678901234567890.1"), Decimal("0.10")]
+    assert after["ids"] == [row_id]
     # The documented JSON forms, as clients receive them.
     wire = to_json(after)
     assert wire["n"] == "12345.678900"
@@ -429,7 +437,11 @@ async def test_unmigrated_schema_says_to_run_feed_migrate(pg: PgDatabase) -> Non
     connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
     with pytest.raises(SourceMisconfigured, match="run `feed migrate"):
         await connector.start()
-    assert "needs `feed migrate`" in await connector.check()
+    with pytest.raises(SourceMisconfigured, match=r"1 migration\(s\) pending .*run `feed migrate"):
+        await connector.check()
+    # With auto_migrate the server applies them at start: check says so and passes.
+    auto = make_connector(pg.url, ["public.orders"], auto_migrate=True)
+    assert "pending, applied at start (auto_migrate)" in await auto.check()
 
 
 # -- migrations, watching and unwatching ---------------------------------------------------------

@@ -50,3 +50,26 @@ async def test_migrate_then_unwatch_from_the_command_line(pg: PgDatabase, tmp_pa
     assert code == 0, err
     assert "main: unwatched public.orders (capture triggers dropped)" in out.splitlines()
     assert await pg.conn.fetchval(TRIGGERS, "public.orders") == 0
+
+
+async def test_check_fails_while_migrations_are_pending_and_names_the_command(
+    pg: PgDatabase, tmp_path: Path
+) -> None:
+    """`feed check` must not say ok when `feed serve` would keep the connector down."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+        "dsn = '${DATABASE_URL}'\ntables = ['public.orders']\n"
+    )
+    code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
+    assert code == 1, out + err
+    row = next(line for line in out.splitlines() if line.startswith("main"))
+    assert "FAIL" in row and "migration(s) pending" in row
+    assert f"run `feed migrate --config {config}`" in row
+
+    code, out, err = await feed("migrate", "--config", str(config), database_url=pg.url)
+    assert code == 0, err
+    code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
+    assert code == 0, out + err
+    assert "journal 0 rows" in out

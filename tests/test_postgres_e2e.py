@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import urllib.error
 import urllib.request
 
@@ -146,3 +148,92 @@ async def test_unreachable_server_shows_down_and_retries(pg: PgDatabase) -> None
                 "public.things", "insert", {"id": 1}
             )
             assert (await client.next_change())["key"] == 1
+
+
+async def test_a_source_that_is_down_is_logged_once_per_retry(
+    pg: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable = "postgresql://postgres@127.0.0.1:1/nothing"
+
+    def about_main() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "feed.hub" and "main" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="feed.hub"):
+        async with running_feed(config(unreachable)):
+            await wait_until(
+                lambda: sum("cannot connect" in r.getMessage() for r in about_main()) >= 2,
+                30,
+                "two failed attempts",
+            )
+    lines = [(r.levelname, r.getMessage().split(" connecting")[0]) for r in about_main()]
+    failures = [r for r in about_main() if "cannot connect" in r.getMessage()]
+    # Each attempt: one INFO line when it starts, one WARNING line when it fails; never the
+    # same failure twice (it used to be a WARNING and an INFO line).
+    assert all(r.levelname == "WARNING" for r in failures), lines
+    kinds = ["fail" if "cannot connect" in r.getMessage() else "start" for r in about_main()]
+    assert "fail" in kinds
+    assert all(a != b for a, b in itertools.pairwise(kinds)), lines
+
+
+async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
+    pg: PgDatabase,
+) -> None:
+    await pg.conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text, amount numeric(10,2),"
+        " paid bool, created_at timestamptz, meta jsonb)"
+    )
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+
+            async def refused(filter_text: str) -> str:
+                ack = await client.subscribe("main:public.orders", filter=filter_text)
+                assert not ack["ok"] and ack["error"]["code"] == "bad_filter", ack
+                return str(ack["error"]["message"])
+
+            message = await refused("nosuchcol=eq.1")
+            assert "public.orders has no column 'nosuchcol'" in message
+            assert "columns: id, status, amount, paid, created_at, meta" in message
+            assert "amount is numeric: 'abc' is not a number" in await refused("amount=gt.abc")
+            assert "paid is bool" in await refused("paid=eq.yes")
+            assert "id is int4: 'x'" in await refused("id=in.(1,x)")
+            assert "with a UTC offset" in await refused("created_at=gt.2024-05-01T12:00:00")
+            assert "status is text, not JSON" in await refused("status.x=eq.1")
+            for good in (
+                "status=eq.anything",
+                "amount=gt.100&paid=eq.true",
+                "id=in.(1,2)",
+                "created_at=gte.2024-05-01T12:00:00Z",
+                "meta.tier=eq.gold",
+                "amount=eq.null",
+            ):
+                ack = await client.subscribe("main:public.orders", filter=good)
+                assert ack["ok"], (good, ack)
+
+
+async def test_the_canonical_filter_room_name_is_accepted_back_as_room(pg: PgDatabase) -> None:
+    """Acks name a filter room `main:public.orders?...`; clients store that name and send it."""
+    await orders(pg)
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as first, feed_client(feed.url) as again:
+            ack = await first.subscribe("main:public.orders", filter="status=eq.paid&amount=gt.1")
+            assert ack["ok"], ack
+            name = ack["room"]
+            assert name == "main:public.orders?amount=gt.1&status=eq.paid"
+            back = await again.subscribe(name)
+            assert back["ok"] and back["room"] == name, back
+            same = await again.subscribe(name, filter="status=eq.paid&amount=gt.1")
+            assert same["ok"] and same["room"] == name, same
+            other = await again.subscribe(name, filter="status=eq.new")
+            assert not other["ok"] and other["error"]["code"] == "bad_filter", other
+            # A shaped room's name (`...@<profile>`) is the server's to assign, never a filter.
+            shaped = await again.subscribe(name + "@0123456789abcdef")
+            assert not shaped["ok"] and shaped["error"]["code"] == "bad_request", shaped
+            await pg.conn.execute("INSERT INTO orders VALUES (1, 'paid', 5), (2, 'new', 5)")
+            got_first, got_again = await first.take(1), await again.take(1)
+        assert [c["key"] for c in got_first] == [c["key"] for c in got_again] == [1]
+        assert got_again[0]["room"] == name
+        assert (await http_get(f"{feed.url}/readyz"))[0] == 200

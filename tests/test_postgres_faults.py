@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from connectors.base import State
@@ -31,8 +33,10 @@ async def insert(db: PgDatabase, *ids: int) -> None:
 
 
 async def reader_pid(db: PgDatabase) -> int:
+    """The test's own reader: on a shared server another feed's reader has the same name."""
     pid = await db.conn.fetchval(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'feed:main:reader'"
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE application_name = 'feed:main:reader' AND datname = current_database()"
     )
     assert pid is not None, "no reader session"
     return int(pid)
@@ -42,8 +46,25 @@ def keys(changes: list[object]) -> list[object]:
     return [c.key for c in changes]  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+async def other_feeds_reader(pg: PgDatabase) -> AsyncIterator[asyncpg.Connection]:
+    """Another feed's reader on the same server, in another database, with the same name.
+
+    A test must find and terminate its own reader, never that one (a shared server, such as a
+    developer's own Postgres, runs other feeds); it asserts at the end that this one survived.
+    """
+    other = await asyncpg.connect(
+        pg.server.admin_url, timeout=10, server_settings={"application_name": "feed:main:reader"}
+    )
+    try:
+        yield other
+        assert await other.fetchval("SELECT 1") == 1, "another database's reader was terminated"
+    finally:
+        await other.close()
+
+
 async def test_terminated_listener_reconnects_and_delivers_writes_made_meanwhile(
-    pg: PgDatabase,
+    pg: PgDatabase, other_feeds_reader: asyncpg.Connection
 ) -> None:
     await orders(pg)
     async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
@@ -81,7 +102,9 @@ async def test_outage_writes_are_delivered_once_after_reconnect(pg: PgDatabase) 
             stream.assert_idle()
 
 
-async def test_half_open_connection_is_detected_by_the_heartbeat(pg: PgDatabase) -> None:
+async def test_half_open_connection_is_detected_by_the_heartbeat(
+    pg: PgDatabase, other_feeds_reader: asyncpg.Connection
+) -> None:
     await orders(pg)
     async with TcpProxy.for_url(pg.url) as proxy:
         connector = make_connector(

@@ -181,7 +181,12 @@ async def test_unwatch_drops_the_slot(logical_pg: PgDatabase) -> None:
     lines = await connector.migrate()
     assert "created replication slot 'feed_main'" in lines
     assert await connector.unwatch() == ["dropped replication slot and publication 'feed_main'"]
-    assert await db.conn.fetchval("SELECT count(*) FROM pg_replication_slots") == 0
+    assert (
+        await db.conn.fetchval(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        == 0
+    )
 
 
 async def test_logical_mode_without_wal_level_logical_is_one_clear_line(pg: PgDatabase) -> None:

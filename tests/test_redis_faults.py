@@ -132,7 +132,19 @@ async def test_keyspace_events_off_names_the_config_set(private_redis: RedisTarg
         async with connector(t, configure=False):
             pass
     line = one_line(info.value)
-    assert f'CONFIG SET notify-keyspace-events "{current}Kg$lshzet"' in line
+    command = f"CONFIG SET notify-keyspace-events '{current}Kg$lshzet'"
+    assert command in line
+    # Pasted into a shell after redis-cli, the flags arrive as printed (no `$` expansion).
+    shell = await asyncio.create_subprocess_exec(
+        "sh", "-c", f"printf '%s\\n' {command}", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(shell.communicate(), 10)
+    assert out.decode().split() == [
+        "CONFIG",
+        "SET",
+        "notify-keyspace-events",
+        f"{current}Kg$lshzet",
+    ]
     assert "configure = true" in line
 
     async with connector(t, configure=True) as source:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -50,3 +51,31 @@ async def test_sigterm_disconnects_clients_and_exits_cleanly(tmp_path: Path) -> 
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_busy_port_is_one_line_and_exit_1_before_any_source_is_reached(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "feed.toml"
+        # A Postgres connector that would take seconds to give up: the refusal must come first.
+        config.write_text(
+            "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+            "dsn = 'postgresql://nobody@127.0.0.1:1/none'\ntables = ['public.orders']\n"
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert out == b""
+    assert err.decode().splitlines() == [
+        f"feed: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "pass --port with a free port, or change [server] port"
+    ]

@@ -74,7 +74,7 @@ def env_example() -> dict[str, str]:
 
 
 def test_compose_file_is_valid_and_has_every_service(stack: dict[str, Any]) -> None:
-    assert set(stack["services"]) == {"postgres", "mongo", "redis", "feed", "writer"}
+    assert set(stack["services"]) == {"postgres", "mongo", "redis", "feed", "lb", "writer"}
 
 
 def test_sources_have_healthchecks_and_named_volumes(stack: dict[str, Any]) -> None:
@@ -128,14 +128,31 @@ def test_feed_is_built_here_migrates_then_serves(stack: dict[str, Any]) -> None:
     assert Path(feed["build"]["context"]).resolve() == ROOT.resolve()
     command = " ".join(feed["command"])
     assert re.search(r"feed migrate .*&& exec feed serve", command), command
+
+
+def test_two_replicas_behind_a_sticky_load_balancer(stack: dict[str, Any]) -> None:
+    services = stack["services"]
+    assert services["feed"]["deploy"]["replicas"] == 2
+    assert "ports" not in services["feed"], "clients reach the replicas through the balancer"
+    lb = services["lb"]
     # Published on the host's loopback only: the dev stack runs without authentication.
-    assert all(str(p).startswith("127.0.0.1:") for p in feed["ports"]), feed["ports"]
+    assert all(published(p)[0] == "127.0.0.1" for p in lb["ports"]), lb["ports"]
+    mount = next(v for v in lb["volumes"] if "haproxy.cfg" in str(v))
+    source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
+    text = Path(source).read_text()
+    assert "balance source" in text, "long-polling clients must stay on one node"
+    assert "option httpchk GET /healthz" in text
+    # The replicas share one cluster, in a Redis database apart from the watched keys.
+    cluster_url = services["feed"]["environment"]["FEED_CLUSTER_URL"]
+    assert cluster_url.endswith("/1")
+    assert services["feed"]["environment"]["REDIS_URL"].endswith("/0")
 
 
 def test_feed_config_parses_with_the_compose_environment(stack: dict[str, Any]) -> None:
     feed = stack["services"]["feed"]
     mount = next(v for v in feed["volumes"] if v.endswith(":/etc/feed/feed.toml:ro"))
     config = load_config(mount.split(":")[0], env=feed["environment"])
+    assert config.cluster is not None and config.cluster.url.endswith("/1")
     by_name = {c.name: c for c in config.connectors}
     assert {c.type for c in config.connectors} == {"postgres", "mongodb", "redis"}
     # The writer writes where the feed watches.
@@ -147,20 +164,46 @@ def test_feed_config_parses_with_the_compose_environment(stack: dict[str, Any]) 
         assert writer[key] == feed["environment"][key]
 
 
-def test_no_credentials_are_hard_coded(tmp_path: Path) -> None:
-    text = COMPOSE.read_text()
-    for key, value in env_example().items():
-        if "PASSWORD" in key:
-            assert value not in text, f"{key}'s value is written in docker-compose.yml"
-    required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
-    assert required <= set(env_example()), "every required variable is documented in .env.example"
-    # Without .env, compose stops with a line that says what to do (an empty --env-file stands
-    # in for a missing .env, whatever a developer keeps in theirs).
+def test_compose_up_works_without_env_with_the_documented_defaults(tmp_path: Path) -> None:
+    """`docker compose up` alone: no .env needed; its defaults are .env.example's values."""
+    # An empty --env-file stands in for a missing .env, whatever a developer keeps in theirs.
     empty = tmp_path / "empty.env"
     empty.write_text("")
     result = compose_config("--env-file", str(empty), env={})
-    assert result.returncode != 0
-    assert "copy .env.example to .env" in result.stderr
+    assert result.returncode == 0, result.stderr
+    bare: dict[str, Any] = yaml.safe_load(result.stdout)
+    example = compose_config("--env-file", str(ENV_EXAMPLE))
+    assert example.returncode == 0, example.stderr
+    assert bare == yaml.safe_load(example.stdout), "compose's defaults differ from .env.example"
+    # Every variable the compose file reads has a default, and .env.example documents it.
+    text = COMPOSE.read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)", text))
+    assert used == set(re.findall(r"\$\{([A-Z_]+):-", text)), "a variable without a default"
+    assert used == set(env_example()), "every variable is documented in .env.example"
+    # Those defaults are safe only because nothing is published beyond loopback.
+    for name, service in bare["services"].items():
+        for port in service.get("ports", []):
+            assert published(port)[0] == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+
+
+def test_env_changes_the_defaults(tmp_path: Path) -> None:
+    env = tmp_path / "custom.env"
+    env.write_text("POSTGRES_PASSWORD=another-one\nFEED_PORT=8010\n")
+    result = compose_config("--env-file", str(env), env={})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    feed = services["feed"]
+    assert ":another-one@postgres:5432/feed" in feed["environment"]["DATABASE_URL"]
+    # The replicas are published through the load balancer.
+    assert published(services["lb"]["ports"][0]) == ("127.0.0.1", "8010")
+
+
+def published(port: str | dict[str, Any]) -> tuple[str, str]:
+    """(host address, host port) of a resolved port: docker-compose v1 writes the short form."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "")), str(port.get("published", ""))
+    parts = port.split("/")[0].split(":")
+    return (parts[0], parts[1]) if len(parts) == 3 else ("", parts[0])
 
 
 def test_init_sql_matches_the_writers_tables() -> None:

@@ -100,6 +100,7 @@ async def test_compose_processes_deliver_the_writers_changes_from_all_three_sour
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": pg.url,
         "REDIS_URL": keyspace_redis.url,
+        "FEED_CLUSTER_URL": keyspace_redis.url.rpartition("/")[0] + "/1",
         "MONGODB_URL": mongodb.url,
         "FEED_HOST": "127.0.0.1",
     }

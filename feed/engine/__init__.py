@@ -1,0 +1,64 @@
+"""Engines: where room numbers, history and live fan-out between nodes live.
+
+Without a `[cluster]` table there is no engine object at all: the hub numbers, buffers and sends
+in its own process, exactly as a single node always did (feed/hub.py, feed/rooms.py). With one,
+`feed.engine.redis.RedisEngine` keeps every room's sequence, epoch and history in Redis and moves
+changes between nodes over Redis pub/sub (Centrifugo's Redis engine is the model: a history
+stream and a publish in one Lua script, so the two cannot disagree). The engine is imported
+lazily, so the redis package is only needed by clusters and by the Redis connector.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+from feed.options import Options
+
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The `[cluster]` table: one Redis shared by every node that runs the same config."""
+
+    url: str
+    prefix: str = "dbfeed"
+    lease: float = 10.0
+    """Seconds a dead reader keeps a connector before another node takes it over."""
+    history: int = 1000
+    """Changes kept per room for resume (trimmed by Redis, XADD MAXLEN)."""
+    node: str = ""
+    """This node's name in status, /readyz and the catalog (default: host name and process id)."""
+    room_ttl: float = 86400.0
+    """Seconds a room's numbers and history outlive its last change and its last member."""
+
+
+def default_node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def parse_cluster(top: Options, replay_buffer: int) -> ClusterConfig | None:
+    """Read `[cluster]`, or None when the table is absent (the single-process default)."""
+    if "cluster" not in top.raw:
+        top._used.add("cluster")
+        return None
+    opts = top.table("cluster")
+    url = opts.str("url", required=True)
+    if not url.startswith(("redis://", "rediss://", "unix://", "valkey://", "valkeys://")):
+        opts.fail("url", f"{url!r} is not a Redis URL; write redis://host:6379/0")
+    prefix = opts.str("prefix", "dbfeed")
+    if not PREFIX_PATTERN.match(prefix):
+        opts.fail("prefix", f"{prefix!r} must be 1-64 letters, digits or _ . : -")
+    lease = opts.float("lease", 10.0, minimum=0.5)
+    history = opts.int("history", replay_buffer, minimum=1, maximum=1_000_000)
+    node = opts.str("node", "") or default_node_name()
+    room_ttl = opts.float("room_ttl", 86400.0, minimum=1.0)
+    opts.finish()
+    url = "redis://" + url.removeprefix("valkey://") if url.startswith("valkey://") else url
+    url = "rediss://" + url.removeprefix("valkeys://") if url.startswith("valkeys://") else url
+    return ClusterConfig(
+        url=url, prefix=prefix, lease=lease, history=history, node=node, room_ttl=room_ttl
+    )

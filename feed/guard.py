@@ -1,0 +1,258 @@
+"""The server's edge against hostile and broken clients, before any authentication.
+
+Three things a client could do cheaply that cost the server dearly (issue 18, docs/security.md):
+
+- **oversized long-polling POSTs**: Engine.IO answered a body over `max_message_bytes` by
+  closing the session and waiting, without bound, for a poll that never came; the request, its
+  body and its task stayed forever. `InboundLimit` answers 413 from the `Content-Length` alone,
+  before reading anything, closes the connection and the Engine.IO session named in the URL;
+- **slowloris**: uvicorn starts its keep-alive timer only after a response, so a connection that
+  sends a partial request holds its descriptor forever. `guarded_http_protocol` closes a
+  connection whose request (headers, and body if any) is not complete `request_timeout` seconds
+  after it opened (or after its previous response), and refuses connections past
+  `max_connections` with a 503, so the clients already connected keep being served;
+- **malformed packets**: Engine.IO and Socket.IO logged each at ERROR with a full traceback,
+  twice. `ClientErrors` counts them (`feed_client_errors_total{kind}`) and logs at most one
+  WARNING line per interval, saying how many were left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from feed.metrics import Metrics
+
+log = logging.getLogger("feed.guard")
+
+WARN_INTERVAL = 10.0
+"""Seconds between two WARNING lines about client errors (the counter counts every one)."""
+
+FD_RESERVE = 100
+"""Descriptors kept for sources, logs and the listening socket under the automatic cap."""
+
+
+def automatic_connection_cap() -> int:
+    """The connection cap when none is configured: the process's open-file limit less a reserve.
+
+    Past that limit `accept` fails (EMFILE) and asyncio logs an error per attempt; a cap below
+    it refuses politely and keeps descriptors for the sources.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(100, soft - FD_RESERVE)
+
+
+class ClientErrors:
+    """Counts what broken or hostile clients send, and says so in the log, rate-limited."""
+
+    def __init__(self, metrics: Metrics, interval: float = WARN_INTERVAL) -> None:
+        self.metrics = metrics
+        self.interval = interval
+        self._last = -interval
+        self._left_out = 0
+        metrics.describe(
+            "feed_client_errors_total",
+            "counter",
+            "Malformed, oversized or too slow client input, by kind",
+        )
+
+    def report(self, kind: str, detail: str) -> None:
+        self.metrics.inc("feed_client_errors_total", kind=kind)
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._left_out += 1
+            return
+        left_out, self._left_out = self._left_out, 0
+        self._last = now
+        more = f" ({left_out} more since the last such line)" if left_out else ""
+        log.warning("client error (%s): %s%s", kind, detail[:200], more)
+
+
+# -- oversized requests --------------------------------------------------------------------------
+
+_TOO_LARGE = b"the message is larger than the server's max_message_bytes"
+
+
+class InboundLimit:
+    """ASGI middleware: an Engine.IO POST whose body is declared larger than the limit gets 413.
+
+    Nothing of the body is read: the answer goes out at once with `Connection: close`, so uvicorn
+    closes the connection instead of draining the rest. The Engine.IO session the request names
+    is closed too (a message too large ends an Engine.IO session, as it does over a websocket).
+    A body without a `Content-Length` is not read by Engine.IO at all, so it needs no bound here.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        limit: int,
+        errors: ClientErrors,
+        close_session: Callable[[str], None],
+        path: str = "/socket.io",
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.errors = errors
+        self.close_session = close_session
+        self.path = path
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope.get("method") == "POST"
+            and scope.get("path", "").startswith(self.path)
+        ):
+            length = _content_length(scope.get("headers", ()))
+            if length is None or length > self.limit:
+                await self._refuse(scope, send, length)
+                return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Any, send: Any, length: int | None) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        sid = (query.get("sid") or [""])[0]
+        self.errors.report("oversized", f"a POST of {length} bytes (limit {self.limit})")
+        if sid:
+            self.close_session(sid)
+        status, body = (413, _TOO_LARGE) if length is not None else (400, b"bad Content-Length")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(headers: Any) -> int | None:
+    """The declared body size; 0 when none is declared; None when it is not a number."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+            return length if length >= 0 else None
+    return 0
+
+
+# -- slow and surplus connections ----------------------------------------------------------------
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+    b"content-length: 39\r\n\r\nthe server is at its connection limit.\n"
+)
+
+
+class ConnectionGuard:
+    """Settings and counts shared by every connection's protocol (see `guarded_http_protocol`)."""
+
+    def __init__(
+        self, metrics: Metrics, errors: ClientErrors, request_timeout: float, max_connections: int
+    ) -> None:
+        self.metrics = metrics
+        self.errors = errors
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections or automatic_connection_cap()
+        self.connections: set[Any] | None = None
+        """uvicorn's set of open connections (HTTP and websocket), once one has been made."""
+        metrics.describe("feed_connections", "gauge", "Open TCP connections (HTTP and websocket)")
+        metrics.describe(
+            "feed_connections_refused_total", "counter", "Connections refused at the cap"
+        )
+        metrics.describe(
+            "feed_connection_limit", "gauge", "The most connections served at once (the cap)"
+        )
+        metrics.gauges(self._gauges)
+
+    def _gauges(self) -> Any:
+        yield "feed_connections", (), float(len(self.connections or ()))
+        yield "feed_connection_limit", (), float(self.max_connections)
+
+
+def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a request timeout and a connection cap (`uvicorn.Config(http=)`).
+
+    The timer runs while the connection waits for a request, headers and body: from the moment
+    it opens, and again after each response. A complete request (or a websocket upgrade) stops
+    it; long-polls and websockets, once their request is in, are not timed by it.
+    """
+
+    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+        _header_timer: asyncio.TimerHandle | None = None
+        _timed_cycle: Any = None
+        """The request cycle current when the timer was armed (the one already answered)."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            guard.connections = self.connections
+            if len(self.connections) > guard.max_connections:
+                guard.metrics.inc("feed_connections_refused_total")
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            cycle = self.cycle
+            # A new request, headers and body, is complete.
+            if (
+                self._header_timer is not None
+                and cycle is not self._timed_cycle
+                and not cycle.more_body
+            ):
+                self._disarm()
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._disarm()
+            super().handle_websocket_upgrade(event)
+
+        def on_response_complete(self) -> None:
+            # Armed first: a pipelined request that super() handles now disarms it at once.
+            if not self.transport.is_closing():
+                self._arm()
+            super().on_response_complete()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(guard.request_timeout, self._late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            partial_body = self.cycle is not self._timed_cycle
+            if partial_body or self.conn.trailing_data[0]:  # part of a request came, not all
+                guard.errors.report(
+                    "request_timeout",
+                    f"no complete request within {guard.request_timeout:g} s "
+                    f"({'body' if partial_body else 'headers'} incomplete): closed",
+                )
+            self.transport.abort()
+
+    return GuardedH11Protocol

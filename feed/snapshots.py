@@ -1,0 +1,59 @@
+"""Snapshots in bounded chunks: the rows of one snapshot split by their JSON size.
+
+A snapshot used to travel whole in the subscribe ack. With the default `snapshot_limit` of 1,000
+rows and 5 KB rows that ack was 5 MB: more than python-socketio's client takes in one websocket
+frame (aiohttp's 4 MB limit), more than a long-polling response should carry, and, past the
+outbound limit, a reason to cut off a client that was reading. So the ack carries the first chunk
+and says how many there are (`snapshot_chunks`); the rest follow as `snapshot` events, to that
+client only, before any change for the room (docs/protocol.md, "Snapshots").
+
+Sizes are measured once per row, with the encoder the transport uses, so a chunk's frame is about
+`snapshot_chunk_bytes` of rows plus a little framing; a single row larger than that goes alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_json_size: Callable[[Any], int]
+try:
+    import orjson
+
+    def _orjson_size(value: Any) -> int:
+        return len(orjson.dumps(value))
+
+    _json_size = _orjson_size
+except ImportError:  # pragma: no cover
+
+    def _stdlib_size(value: Any) -> int:
+        return len(json.dumps(value, separators=(",", ":")).encode())
+
+    _json_size = _stdlib_size
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as JSON; rows that orjson refuses (huge integers) are measured by json."""
+    try:
+        return _json_size(value)
+    except TypeError:
+        return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
+def split_rows(rows: Sequence[Any], max_bytes: int) -> list[list[Any]]:
+    """Consecutive chunks of `rows`, each at most `max_bytes` of JSON unless one row is larger.
+
+    Always at least one chunk (an empty snapshot is one empty chunk), so concatenating the
+    chunks in order gives back `rows` exactly.
+    """
+    chunks: list[list[Any]] = [[]]
+    size = 0
+    for row in rows:
+        row_size = json_size(row) + 1  # the comma between rows
+        if chunks[-1] and size + row_size > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += row_size
+    return chunks

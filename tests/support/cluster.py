@@ -1,0 +1,298 @@
+"""Cluster tests: `feed serve` nodes as real processes, and clients that count what they get.
+
+A `FeedNode` is one `feed serve` process with its own port and node name (the config reads it
+from FEED_NODE); it can be stopped with SIGTERM, killed with SIGKILL, and started again on the
+same port. A `Tally` is a Socket.IO client that follows one room across nodes: when its node
+goes away it reconnects to the next one and resumes with `since` and `epoch`, and it records
+every anomaly a user would notice (a seq out of order, a duplicate, a gap, a failed resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import socketio
+
+from tests.support.server import free_port
+
+ROOT = Path(__file__).parent.parent.parent
+WAIT = 30.0
+
+
+class FeedNode:
+    """One `feed serve` process of a cluster."""
+
+    def __init__(self, name: str, config: Path, port: int | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.port = port or free_port()
+        self.process: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> FeedNode:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve",
+            "--config", str(self.config), "--port", str(self.port),
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "FEED_NODE": self.name},
+        )  # fmt: skip
+        assert self.process.stderr is not None
+        async with asyncio.timeout(WAIT):
+            while True:
+                line = (await self.process.stderr.readline()).decode(errors="replace")
+                if not line:
+                    raise AssertionError(f"{self.name} exited at start:\n{''.join(self.log)}")
+                self.log.append(line)
+                if "Uvicorn running" in line:
+                    break
+        self._drain = asyncio.create_task(self._read_log())
+        return self
+
+    async def _read_log(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.log.append(line.decode(errors="replace"))
+
+    def kill(self) -> None:
+        """kill -9: no lease released, no position saved, connections simply gone."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(process.wait(), WAIT)
+        except TimeoutError:
+            process.kill()
+            code = await process.wait()
+        if self._drain is not None:
+            await asyncio.wait_for(self._drain, WAIT)
+        self.process = None
+        return code
+
+    async def readyz(self) -> tuple[int, dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.url}/readyz", timeout=aiohttp.ClientTimeout(total=5)) as response,
+        ):
+            return response.status, await response.json()
+
+    async def wait_ready(self, status: int = 200, timeout: float = WAIT) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    code, body = await self.readyz()
+                    if code == status:
+                        return body
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+
+
+@dataclass
+class Tally:
+    """A client following one room over a list of nodes; it resumes on the next node."""
+
+    room: str
+    urls: Callable[[], list[str]]
+    name: str = "client"
+    seqs: list[int] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    duplicates: int = 0
+    disorder: list[tuple[int, int]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    epoch: str | None = None
+    node: int = 0
+    errors: list[str] = field(default_factory=list)
+    transports: tuple[str, ...] = ("websocket",)
+    _sio: socketio.AsyncClient | None = None
+    _task: asyncio.Task[None] | None = None
+    _progress: asyncio.Event = field(default_factory=asyncio.Event)
+    _lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def last(self) -> int | None:
+        return self.seqs[-1] if self.seqs else None
+
+    def _take(self, change: dict[str, Any]) -> None:
+        if change["id"] in self.ids:
+            self.duplicates += 1
+            return
+        self.ids.add(change["id"])
+        if self.seqs and change["seq"] != self.seqs[-1] + 1:
+            self.disorder.append((self.seqs[-1], change["seq"]))
+        self.seqs.append(change["seq"])
+        self.keys.append(change["key"])
+        self._progress.set()
+
+    async def start(self) -> Tally:
+        await self._connect()
+        self._task = asyncio.create_task(self._follow())
+        return self
+
+    def _client(self) -> socketio.AsyncClient:
+        sio = socketio.AsyncClient(reconnection=False)
+
+        async def on_change(data: dict[str, Any]) -> None:
+            self._take(data)
+
+        async def on_changes(batch: list[dict[str, Any]]) -> None:
+            for data in batch:
+                self._take(data)
+
+        async def on_gap(data: dict[str, Any]) -> None:
+            self.gaps.append(data)
+
+        async def on_disconnect(*args: Any) -> None:
+            if self._sio is sio:
+                self._lost.set()
+
+        sio.on("change", on_change)
+        sio.on("changes", on_changes)
+        sio.on("gap", on_gap)
+        sio.on("disconnect", on_disconnect)
+        return sio
+
+    async def _connect(self) -> None:
+        """Connect to the next node that answers and subscribe (resuming when it has a seq)."""
+        self._sio = None
+        for _ in range(300):
+            urls = self.urls()
+            url = urls[self.node % len(urls)]
+            sio = self._client()
+            try:
+                self._lost.clear()
+                self._sio = sio
+                await sio.connect(url, transports=list(self.transports), wait_timeout=5)
+                request: dict[str, Any] = {"room": self.room}
+                if self.last is not None:
+                    request.update(since=self.last, epoch=self.epoch)
+                ack = await sio.call("subscribe", request, timeout=10)
+                if not ack.get("ok"):
+                    raise RuntimeError(f"subscribe refused: {ack}")
+                if self.last is not None:
+                    self.resumes.append({"url": url, **ack})
+                self.epoch = ack["epoch"]
+                return
+            except Exception as exc:
+                self.errors.append(f"{url}: {type(exc).__name__}: {exc}")
+                self._sio = None
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await sio.disconnect()
+                self.node += 1
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"{self.name} could not reconnect: {self.errors[-3:]}")
+
+    async def _follow(self) -> None:
+        while True:
+            await self._lost.wait()
+            self.node += 1
+            await self._connect()
+
+    async def wait_for(self, count: int, timeout: float = WAIT) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.seqs) < count:
+                    self._progress.clear()
+                    await self._progress.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.name}: {len(self.seqs)} of {count} changes after {timeout}s; last seq "
+                f"{self.last}, duplicates {self.duplicates}, jumps {self.disorder[:5]}, "
+                f"gaps {self.gaps[:3]}, resumes {self.resumes[-3:]}, errors {self.errors[-3:]}, "
+                f"follower {self._task}"
+            ) from None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._task
+        if self._sio is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._sio.disconnect()
+
+
+def haproxy_binary() -> str | None:
+    """Debian's haproxy (`apt-get install haproxy`; .ci/run installs it)."""
+    return shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+    )
+
+
+def haproxy_config(port: int, backends: list[tuple[str, int]]) -> str:
+    """deploy/haproxy.cfg's balancing and checks, with this test's nodes as the servers."""
+    template = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    head, _, _ = template.partition("    # servers\n")
+    servers = "".join(
+        f"    server {name} 127.0.0.1:{p} check inter 300ms fall 2 rise 1\n" for name, p in backends
+    )
+    text = head + servers
+    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}")
+    # Docker's DNS resolver is for the compose network only.
+    start = text.index("resolvers docker")
+    end = text.index("\n\n", start)
+    return text[:start] + text[end + 2 :]
+
+
+class LoadBalancer:
+    """HAProxy in front of the nodes, as docker-compose.yml runs it."""
+
+    def __init__(self, config_dir: Path, backends: list[tuple[str, int]]) -> None:
+        self.port = free_port()
+        self.path = config_dir / "haproxy.cfg"
+        self.path.write_text(haproxy_config(self.port, backends))
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> LoadBalancer:
+        binary = haproxy_binary()
+        assert binary is not None
+        check = await asyncio.create_subprocess_exec(
+            binary, "-c", "-f", str(self.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await check.communicate()
+        assert check.returncode == 0, out.decode()
+        self.process = await asyncio.create_subprocess_exec(
+            binary, "-db", "-f", str(self.path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    writer.close()
+                    return self
+                except OSError:
+                    await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await asyncio.wait_for(self.process.wait(), WAIT)

@@ -1,0 +1,567 @@
+"""Several nodes on one Redis, in one test process: the engine's contract, fast.
+
+Each node is the real app under uvicorn on its own port with a `[cluster]` table; clients are
+real Socket.IO clients. The memory connector is per node, so a test writes to the connector of
+the node that holds the lease (the reader). The process-level tests (kill -9, every node
+restarted, Postgres) are in tests/test_cluster_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import pytest
+
+from connectors.memory import MemoryConnector
+from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.redis
+
+
+def cluster_config(url: str, prefix: str, lease: float = 1.0, history: int = 50) -> str:
+    return f"""
+[server]
+filter_room_grace = 0.5
+
+[cluster]
+url = "{url}"
+prefix = "{prefix.rstrip(":")}"
+lease = {lease}
+history = {history}
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders"]
+"""
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
+
+
+async def start_nodes(
+    stack: AsyncExitStack, config: str, count: int, names: list[str] | None = None
+) -> list[RunningFeed]:
+    nodes = []
+    for i in range(count):
+        node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
+        if names:
+            node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "{names[i]}"\n')
+        nodes.append(await stack.enter_async_context(running_feed(node_config)))
+    return nodes
+
+
+async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
+    found: list[RunningFeed] = []
+
+    def one_reads() -> bool:
+        found[:] = [
+            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
+        ]
+        return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
+
+    await wait_until(one_reads, 15, "one node to read the connector")
+    return found[0]
+
+
+def memory(node: RunningFeed) -> MemoryConnector:
+    connector = node.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector
+
+
+async def subscribed(client: FeedClient, room: str, **fields: Any) -> dict[str, Any]:
+    ack = await client.subscribe(room, **fields)
+    assert ack["ok"], ack
+    return ack
+
+
+async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 3)
+        reader = await reader_of(nodes)
+        others = [n for n in nodes if n is not reader]
+        clients = [await stack.enter_async_context(feed_client(n.url)) for n in nodes]
+        acks = [await subscribed(c, "mem:public.orders") for c in clients]
+        assert len({a["epoch"] for a in acks}) == 1
+        # A filter room followed only on a node that does not read the connector.
+        filtered = await stack.enter_async_context(feed_client(others[0].url))
+        fack = await subscribed(filtered, "mem:public.orders", filter="status=eq.paid")
+        assert fack["room"] == "mem:public.orders?status=eq.paid"
+        # The reader learns the room over the control channel.
+        engine = reader.hub.engine
+        assert engine is not None
+        await wait_until(
+            lambda: (
+                "mem:public.orders?status=eq.paid"
+                in engine._index.get("mem", {}).get("public.orders", None).filtered  # type: ignore[union-attr]
+                if engine._index.get("mem", {}).get("public.orders")
+                else False
+            ),
+            10,
+            "the reader to route the filter room",
+        )
+        for i in range(1, 21):
+            memory(reader).write(
+                "public.orders", "insert", {"id": i, "status": "paid" if i % 2 else "new"}
+            )
+        seen = [await c.take(20) for c in clients]
+        for got in seen:
+            assert [c["seq"] for c in got] == list(range(1, 21))
+            assert [c["key"] for c in got] == list(range(1, 21))
+        assert seen[0] == seen[1] == seen[2]
+        paid = await filtered.take(10)
+        assert [c["seq"] for c in paid] == list(range(1, 11))
+        assert [c["key"] for c in paid] == list(range(1, 21, 2))
+        # Each node subscribed only to the rooms its own clients follow.
+        for node in nodes:
+            assert node.hub.engine is not None
+            mirrored = set(node.hub.engine._mirrors)
+            expected = {"mem:public.orders"}
+            if node is others[0]:
+                expected.add("mem:public.orders?status=eq.paid")
+            assert mirrored == expected
+
+
+async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        first = await FeedClient().connect(reader.url)
+        ack = await subscribed(first, "mem:public.orders")
+        for i in range(1, 6):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        got = await first.take(5)
+        await first.close()
+        for i in range(6, 12):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        await wait_until(lambda: reader.hub.rooms["mem:public.orders"].seq == 11)
+        async with feed_client(other.url) as second:
+            resumed = await subscribed(
+                second, "mem:public.orders", since=got[-1]["seq"], epoch=ack["epoch"]
+            )
+            assert resumed["recovered"] is True
+            assert resumed["epoch"] == ack["epoch"]
+            missed = await second.take(6)
+            assert [c["seq"] for c in missed] == list(range(6, 12))
+            memory(reader).write("public.orders", "insert", {"id": 12})
+            assert (await second.next_change())["seq"] == 12
+            # Another epoch, or a seq older than the history: recovered false, never a hole.
+        async with feed_client(other.url) as third:
+            stale = await subscribed(third, "mem:public.orders", since=3, epoch="elsewhere")
+            assert stale["recovered"] is False
+
+
+async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix, history=10)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        for i in range(1, 501):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        async with feed_client(other.url) as client:
+            ack = await subscribed(client, "mem:public.orders")
+            await wait_until(lambda: other.hub.rooms["mem:public.orders"].seq == 500, 15)
+            length = await redis_target.admin.xlen(
+                f"{redis_target.prefix.rstrip(':')}:room:mem:public.orders:history"
+            )
+            assert 10 <= length < 500
+            old = await subscribed(client, "mem:public.orders", since=5, epoch=ack["epoch"])
+            assert old["recovered"] is False
+            recent = await subscribed(client, "mem:public.orders", since=495, epoch=ack["epoch"])
+            assert recent["recovered"] is True
+
+
+async def test_snapshot_on_a_node_that_does_not_read_is_exact(redis_target: RedisTarget) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        source = memory(reader)
+        for i in range(1, 31):
+            source.write("public.orders", "insert", {"id": i, "n": 0})
+
+        async def writer() -> None:
+            for n in range(1, 201):
+                source.write("public.orders", "update", {"id": n % 30 + 1, "n": n})
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(writer())
+        async with feed_client(other.url) as client:
+            ack = await subscribed(client, "mem:public.orders", snapshot=True)
+            await task
+            rows = {r["id"]: r for r in ack["snapshot"]}
+            assert len(rows) == 30
+            # Apply the live changes after the snapshot: the result must be the source's rows.
+            expected = {int(k): v for k, v in source._tables["public.orders"].items()}
+            last = ack["seq"]
+            while rows != expected:
+                change = await client.next_change()
+                assert change["seq"] > last
+                last = change["seq"]
+                rows[change["key"]] = change["after"]
+            # Nothing more (no duplicate of what the snapshot covered).
+            assert client.changes.empty()
+
+
+async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as outer:
+        inner = AsyncExitStack()
+        a = await inner.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "a"\n'))
+        )
+        b = await outer.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "b"\n'))
+        )
+        reader = await reader_of([a, b])
+        assert reader is a
+        async with feed_client(b.url) as client:
+            catalog = await client.call("catalog")
+            assert catalog["connectors"][0]["reader"] == "a"
+            async with aiohttp.ClientSession() as http, http.get(f"{b.url}/readyz") as r:
+                body = await r.json()
+                assert r.status == 200
+                assert body["connectors"]["mem"]["reader"] == "a"
+                assert body["cluster"]["node"] == "b"
+            await inner.aclose()  # a stops: it releases the lease, b takes over
+            assert await reader_of([b]) is b
+            await wait_until(
+                lambda: b.hub.engine is not None and b.hub.engine.reader_of("mem") == "b"
+            )
+            catalog = await client.call("catalog")
+            assert catalog["connectors"][0]["reader"] == "b"
+
+
+async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> None:
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        config = cluster_config(target.url, "restart")
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        client = await stack.enter_async_context(feed_client(other.url))
+        ack = await subscribed(client, "mem:public.orders")
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["seq"] == 1
+        await asyncio.to_thread(target.server.stop)  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as http:
+
+            async def readyz(node: RunningFeed) -> int:
+                async with http.get(f"{node.url}/readyz") as r:
+                    return r.status
+
+            for node in nodes:
+                async with asyncio.timeout(10):
+                    while await readyz(node) != 503:  # noqa: ASYNC110 - HTTP has no event
+                        await asyncio.sleep(0.05)
+            status = await asyncio.wait_for(client.statuses.get(), 10)
+            while status["state"] != "down":
+                status = await asyncio.wait_for(client.statuses.get(), 10)
+            assert "Redis" in status["detail"]
+            assert client.sio.connected
+            await asyncio.to_thread(target.server.start)  # type: ignore[union-attr]
+            for node in nodes:
+                async with asyncio.timeout(20):
+                    while await readyz(node) != 200:  # noqa: ASYNC110 - HTTP has no event
+                        await asyncio.sleep(0.05)
+        reader = await reader_of(nodes)
+        memory(reader).write("public.orders", "insert", {"id": 2})
+        # Redis lost everything (no persistence): a new epoch, announced to the live client.
+        gap = await client.next_gap(15)
+        assert gap["room"] == "mem:public.orders"
+        change = await client.next_change(15)
+        assert change["key"] == 2
+        async with feed_client(other.url) as late:
+            again = await subscribed(late, "mem:public.orders", since=1, epoch=ack["epoch"])
+            assert again["recovered"] is False
+            assert again["epoch"] != ack["epoch"]
+
+
+async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 1)
+        reader = await reader_of(nodes)
+        engine = reader.hub.engine
+        assert engine is not None
+        old = engine._leases["mem"]
+        client = await stack.enter_async_context(feed_client(reader.url))
+        await subscribed(client, "mem:public.orders")
+        # As if another node had taken the connector over while this one was paused.
+        await redis_target.admin.incr(engine.fence_key("mem"))
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        await wait_until(lambda: engine._leases.get("mem", old) != old, 15, "a new lease")
+        memory(reader).write("public.orders", "insert", {"id": 2})
+        change = await client.next_change()
+        assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
+        assert engine._leases["mem"] > old + 1
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "fix"),
+    [
+        ("prefix = 'x'", "cluster.url", "is required"),
+        ("url = 'http://redis:6379'", "cluster.url", "redis://host:6379/0"),
+        ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "at least 0.5"),
+        ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
+        ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),
+        ("url = 'redis://r'\nleese = 3", "cluster.leese", "not a known setting"),
+    ],
+)
+def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) -> None:
+    from feed.config import parse_config
+    from feed.errors import ConfigError
+
+    text = f"[cluster]\n{table}\n\n[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "feed.toml", {})
+    message = str(caught.value)
+    assert message.startswith(f"feed.toml: {key}: ") and fix in message
+    assert "\n" not in message
+
+
+def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:
+    from feed.config import parse_config
+
+    text = "[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
+    config = parse_config(text, "feed.toml", {})
+    assert config.cluster is None
+    defaults = parse_config("[cluster]\nurl='redis://r'\n" + text, "feed.toml", {}).cluster
+    assert defaults is not None
+    assert (defaults.prefix, defaults.lease, defaults.history) == ("dbfeed", 10.0, 1000)
+
+
+async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        engine = reader.hub.engine
+        assert engine is not None
+        name = "mem:public.orders?status=eq.paid"
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and name in index.filtered
+
+        async with feed_client(other.url) as client:
+            await subscribed(client, "mem:public.orders", filter="status=eq.paid")
+            await wait_until(routed, 10, "the reader to route the room")
+            memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+            assert (await client.next_change())["room"] == name
+        # Gone from the node after the grace (0.5 s), from the reader a few refreshes later.
+        await wait_until(lambda: name not in other.hub.rooms, 10, "the node to drop the room")
+        await wait_until(lambda: not routed(), 15, "the reader to stop routing the room")
+        assert other.hub.engine is not None and name not in other.hub.engine._mirrors
+
+
+async def test_a_takeover_of_a_connector_that_cannot_resume_announces_a_gap(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix).replace(
+        'targets = ["public.orders"]', 'targets = ["public.orders"]\ndurable = false'
+    )
+    async with AsyncExitStack() as outer:
+        inner = AsyncExitStack()
+        a = await inner.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "a"\n'))
+        )
+        assert await reader_of([a]) is a
+        b = await outer.enter_async_context(
+            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "b"\n'))
+        )
+        client = await outer.enter_async_context(feed_client(b.url))
+        await subscribed(client, "mem:public.orders")
+        memory(a).write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["seq"] == 1
+        await inner.aclose()  # a goes away; b takes over a source that cannot resume
+        assert await reader_of([b]) is b
+        gap = await client.next_gap(15)
+        assert gap["room"] == "mem:public.orders" and "another node" in gap["reason"]
+        async with feed_client(b.url) as late:
+            again = await subscribed(late, "mem:public.orders", since=1)
+            assert again["recovered"] is False  # what was missed cannot be replayed
+
+
+async def test_rules_and_masks_hold_when_another_node_reads(redis_target: RedisTarget) -> None:
+    from tests.auth_helpers import TOKENS, token_config
+
+    cluster = (
+        f'\n[cluster]\nurl = "{redis_target.url}"\nprefix = "{redis_target.prefix.rstrip(":")}"\n'
+        "lease = 1.0\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                running_feed(token_config() + cluster + f'node = "n{i}"\n')
+            )
+            for i in range(2)
+        ]
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        clients = {}
+        for who in ("ops", "acme-svc", "globex-svc"):
+            client = await FeedClient().connect(other.url, auth={"token": TOKENS[who]})
+            stack.push_async_callback(client.close)
+            ack = await subscribed(client, "mem:public.customers")
+            clients[who] = (client, ack)
+        assert clients["acme-svc"][1]["room"] != clients["ops"][1]["room"]  # a shaped room
+        shaped = {ack["room"] for _, ack in clients.values()} - {"mem:public.customers"}
+        engine = reader.hub.engine
+        assert engine is not None
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.customers")
+            return index is not None and shaped <= set(index.filtered)
+
+        await wait_until(routed, 10, "the reader to route the shaped rooms")
+        for i, tenant in enumerate(("acme", "globex"), 1):
+            row = {
+                "id": i,
+                "tenant_id": tenant,
+                "name": f"{tenant} customer",
+                "password_hash": "secret",
+                "profile": {"ssn": "123-45", "city": "Oslo"},
+                "internal_note": "vip",
+            }
+            memory(reader).write("public.customers", "insert", row)
+        ops = await clients["ops"][0].take(2)
+        assert [c["after"]["password_hash"] for c in ops] == ["secret", "secret"]
+        acme = await clients["acme-svc"][0].next_change()
+        assert acme["after"] == {
+            "id": 1,
+            "tenant_id": "acme",
+            "name": "acme customer",
+            "profile": {"city": "Oslo"},
+            "internal_note": "vip",
+        }
+        globex = await clients["globex-svc"][0].next_change()
+        assert globex["after"]["tenant_id"] == "globex"
+        assert "internal_note" not in globex["after"] and "password_hash" not in globex["after"]
+        # Nothing else arrives for the tenants (no other tenant's row, no second copy).
+        memory(reader).write("public.customers", "insert", {"id": 3, "tenant_id": "acme"})
+        assert (await clients["acme-svc"][0].next_change())["key"] == 3
+        assert clients["globex-svc"][0].changes.empty()
+
+
+async def test_a_node_cuts_off_its_clients_that_stop_reading(redis_target: RedisTarget) -> None:
+    import os as os_module
+
+    from tests.auth_helpers import raw_socketio, raw_subscribe
+
+    limit = 256 * 1024
+    config = cluster_config(redis_target.url, redis_target.prefix, history=50) + (
+        f"\n[limits]\noutbound_queue_bytes = {limit}\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        sockets = other.app.sio.eio.sockets
+        stalled = [await raw_socketio(other) for _ in range(2)]
+        for ws, _ in stalled:
+            assert (await raw_subscribe(ws, "mem:public.orders"))["ok"]
+        normal = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(normal, "mem:public.orders")
+        written = 0
+        while any(eio_sid in sockets for _, eio_sid in stalled) and written < 20_000:
+            for _ in range(50):
+                written += 1
+                row = {"id": written, "blob": os_module.urandom(1024).hex()}
+                memory(reader).write("public.orders", "insert", row)
+            got = await normal.take(50, timeout=10)
+            assert got[-1]["key"] == written  # the reading client misses nothing meanwhile
+            queued = sum(s.queue.bytes for s in list(sockets.values()))
+            assert queued <= 2 * limit + 64 * 1024
+        assert not any(eio_sid in sockets for _, eio_sid in stalled), f"after {written}"
+        assert "feed_slow_clients_cut_total 2" in other.hub.metrics.render()
+
+
+async def test_a_large_snapshot_on_another_node_comes_in_chunks_before_the_changes(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix).replace(
+        "[server]\n", "[server]\nsnapshot_chunk_bytes = 1024\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        for i in range(1, 61):
+            memory(reader).write("public.orders", "insert", {"id": i, "note": "x" * 40})
+        client = await stack.enter_async_context(feed_client(other.url))
+        order: list[str] = []
+        chunks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def on_snapshot(body: dict[str, Any]) -> None:
+            order.append("snapshot")
+            chunks.put_nowait(body)
+
+        client.sio.on("snapshot", on_snapshot)
+        ack = await subscribed(client, "mem:public.orders", snapshot=True)
+        memory(reader).write("public.orders", "insert", {"id": 61})
+        assert ack["snapshot_chunks"] > 1
+        rows = list(ack["snapshot"])
+        for index in range(2, ack["snapshot_chunks"] + 1):
+            body = await asyncio.wait_for(chunks.get(), 10)
+            assert (body["chunk"], body["of"]) == (index, ack["snapshot_chunks"])
+            rows += body["rows"]
+        assert sorted(r["id"] for r in rows) == list(range(1, 61))
+        change = await client.next_change()
+        assert change["key"] == 61
+
+
+async def test_feed_check_reaches_the_cluster_and_names_the_readers(
+    redis_target: RedisTarget, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.redis import free_port
+
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 1)
+        await reader_of(nodes)
+
+        def check(text: str) -> subprocess.CompletedProcess[str]:
+            path = tmp_path / "feed.toml"
+            path.write_text(text)
+            return subprocess.run(
+                [sys.executable, "-m", "feed", "check", "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        ok = await asyncio.to_thread(check, config)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        row = next(line for line in ok.stdout.splitlines() if line.startswith("[cluster]"))
+        assert row.split()[1:3] == ["redis", "ok"] and "mem: node0" in row
+        down = f"redis://127.0.0.1:{free_port()}/0"
+        failed = await asyncio.to_thread(check, config.replace(redis_target.url, down))
+        assert failed.returncode == 1
+        assert "[cluster]  redis   FAIL    cannot reach" in failed.stdout

@@ -1,0 +1,277 @@
+"""Three `feed serve` processes on one Redis, Postgres as the source, under a steady write load.
+
+What the cluster promises, checked the way a user would notice it: every client (on different
+nodes, resuming on another node when its own goes away) ends with exactly the rows committed,
+seqs contiguous from its first, no duplicate, and no gap or failed resume, across a kill -9 of
+the reading node, a restart of every node, and a restart of Redis (with its append-only file:
+Redis kept the history, so nothing needs a reload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import postgres as pg_support
+from tests.support.cluster import FeedNode, LoadBalancer, Tally, haproxy_binary
+from tests.support.postgres import PgDatabase
+from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+
+pg_server = pg_support.pg_server
+pg = pg_support.pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
+
+ROOM = "main:public.orders"
+
+
+def write_config(path: Path, dsn: str, redis_url: str, prefix: str, lease: float = 2.0) -> Path:
+    path.write_text(
+        f"""
+[server]
+filter_room_grace = 2
+
+[cluster]
+url = "{redis_url}"
+prefix = "{prefix}"
+lease = {lease}
+node = "${{FEED_NODE}}"
+
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "{dsn}"
+tables = ["public.orders"]
+auto_migrate = true
+heartbeat_interval = 0.5
+reconnect_max = 0.5
+standby_interval = 0.2
+save_interval = 0.2
+"""
+    )
+    return path
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
+
+
+class Writer:
+    """Commits one row per transaction at a steady pace; `committed` is what the source holds."""
+
+    def __init__(self, db: PgDatabase, interval: float = 0.01) -> None:
+        self.db = db
+        self.interval = interval
+        self.committed: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Writer:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        conn = await self.db.connect()
+        try:
+            n = len(self.committed)
+            while True:
+                n += 1
+                await conn.execute("INSERT INTO orders (id, status) VALUES ($1, 'new')", n)
+                self.committed.append(n)
+                await asyncio.sleep(self.interval)
+        finally:
+            await conn.close()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(30):
+            while len(self.committed) < count:  # noqa: ASYNC110 - the writer's own pace
+                await asyncio.sleep(0.01)
+
+
+async def reading_node(nodes: list[FeedNode]) -> FeedNode:
+    async with asyncio.timeout(30):
+        while True:
+            for node in nodes:
+                if node.process is None:
+                    continue
+                try:
+                    _, body = await node.readyz()
+                except Exception:
+                    continue
+                reading = "main" in body.get("cluster", {}).get("reading", [])
+                if reading and body["connectors"]["main"]["state"] == "up":
+                    return node
+            await asyncio.sleep(0.1)
+
+
+def check(tally: Tally, committed: list[int]) -> None:
+    """What a user would notice: every committed row once, in order, nothing to reload."""
+    assert tally.duplicates == 0, f"{tally.name}: {tally.duplicates} duplicates"
+    assert tally.disorder == [], f"{tally.name}: seq jumps {tally.disorder[:5]}"
+    assert tally.gaps == [], f"{tally.name}: gaps {tally.gaps[:3]}"
+    assert all(r["recovered"] is True for r in tally.resumes), tally.resumes
+    first = committed.index(tally.keys[0])
+    assert tally.keys == committed[first:], f"{tally.name}: rows differ from the committed ones"
+
+
+async def orders(db: PgDatabase) -> None:
+    await db.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
+
+
+async def start_cluster(config: Path, count: int = 3) -> list[FeedNode]:
+    nodes = [FeedNode(f"node{i}", config) for i in range(count)]
+    await asyncio.gather(*(n.start() for n in nodes))
+    for node in nodes:
+        await node.wait_ready()
+    return nodes
+
+
+async def test_kill_the_reader_then_restart_every_node_under_load(
+    pg: PgDatabase, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    await orders(pg)
+    prefix = redis_target.prefix.rstrip(":")
+    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    nodes = await start_cluster(config)
+    tallies: list[Tally] = []
+    try:
+        reader = await reading_node(nodes)
+        urls = [n.url for n in nodes]  # the same ports across restarts
+        # One client per node, the reader's own included (it must resume elsewhere).
+        for i, node in enumerate(nodes):
+            tally = Tally(ROOM, lambda: urls, name=f"client-on-{node.name}", node=i)
+            tallies.append(await tally.start())
+        async with Writer(pg) as writer:
+            await writer.wait_for(100)
+            reader.kill()  # kill -9 under load
+            await reader.process.wait()  # type: ignore[union-attr]
+            reader.process = None
+            started = asyncio.get_running_loop().time()
+            new_reader = await reading_node(nodes)
+            took_over = asyncio.get_running_loop().time() - started
+            assert new_reader is not reader
+            assert took_over < 2.0 + 8.0  # the lease, plus the connector's start on a busy box
+            await writer.wait_for(len(writer.committed) + 100)
+            await reader.start()  # the killed node comes back as a standby
+            await reader.wait_ready()
+            # Restart every node (SIGTERM, then start again on the same ports).
+            for node in nodes:
+                assert await node.stop() == 0, "".join(node.log[-30:])
+            await writer.wait_for(len(writer.committed) + 50)
+            await asyncio.gather(*(n.start() for n in nodes))
+            await reading_node(nodes)
+            await writer.wait_for(len(writer.committed) + 100)
+        committed = writer.committed
+        for tally in tallies:
+            await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
+            check(tally, committed)
+            assert tally.resumes, f"{tally.name} never had to resume"
+    finally:
+        for tally in tallies:
+            await tally.close()
+        for node in nodes:
+            await node.stop()
+
+
+async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_path: Path) -> None:
+    await orders(pg)
+    async with open_private_redis("--appendonly", "yes", "--appendfsync", "always") as target:
+        assert target.server is not None
+        config = write_config(tmp_path / "feed.toml", pg.url, target.url, "restart")
+        nodes = await start_cluster(config, 2)
+        tallies: list[Tally] = []
+        try:
+            await reading_node(nodes)
+            urls = [n.url for n in nodes]
+            for i in range(2):
+                tallies.append(await Tally(ROOM, lambda: urls, name=f"client{i}", node=i).start())
+            async with Writer(pg) as writer:
+                await writer.wait_for(50)
+                await asyncio.to_thread(target.server.stop)
+                for node in nodes:  # every node shows it; clients stay connected
+                    body = await node.wait_ready(503, timeout=15)
+                    assert body["cluster"]["redis"] == "down" or any(
+                        c["state"] == "down" for c in body["connectors"].values()
+                    )
+                await writer.wait_for(len(writer.committed) + 50)
+                await asyncio.to_thread(target.server.start)
+                for node in nodes:
+                    await node.wait_ready(200, timeout=30)
+                await writer.wait_for(len(writer.committed) + 50)
+            committed = writer.committed
+            for tally in tallies:
+                await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
+                check(tally, committed)
+                assert tally.resumes == [], "the clients' connections should have survived"
+        finally:
+            for tally in tallies:
+                await tally.close()
+            for node in nodes:
+                await node.stop()
+
+
+@pytest.mark.skipif(haproxy_binary() is None, reason="haproxy missing: apt-get install haproxy")
+async def test_through_the_load_balancer_websocket_and_long_polling_clients_resume(
+    pg: PgDatabase, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    await orders(pg)
+    prefix = redis_target.prefix.rstrip(":")
+    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    nodes = await start_cluster(config)
+    balancer = await LoadBalancer(tmp_path, [(n.name, n.port) for n in nodes]).start()
+    tallies: list[Tally] = []
+    try:
+        await reading_node(nodes)
+        for transports in (("websocket",), ("polling",)):
+            tally = Tally(ROOM, lambda: [balancer.url], name=f"via-lb-{transports[0]}")
+            tally.transports = transports
+            tallies.append(await tally.start())
+        async with Writer(pg) as writer:
+            await writer.wait_for(60)
+            # The clients all come from 127.0.0.1, so the balancer keeps them on one node:
+            # kill -9 that node (whether or not it reads the connector).
+            busy = []
+            for node in nodes:
+                if await _metric(node, "feed_clients") >= 2:
+                    busy.append(node)
+            assert len(busy) == 1, "the balancer should keep one address on one node"
+            busy[0].kill()
+            await busy[0].process.wait()  # type: ignore[union-attr]
+            busy[0].process = None
+            await writer.wait_for(len(writer.committed) + 100)
+        committed = writer.committed
+        for tally in tallies:
+            await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
+            check(tally, committed)
+            assert tally.resumes, f"{tally.name} never had to resume"
+    finally:
+        for tally in tallies:
+            await tally.close()
+        await balancer.stop()
+        for node in nodes:
+            await node.stop()
+
+
+async def _metric(node: FeedNode, name: str) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0

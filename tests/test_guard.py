@@ -1,0 +1,328 @@
+"""The server's edge (feed.guard) against the real server over real sockets: oversized polling
+POSTs, slowloris, the connection cap, the Socket.IO handshake timeout, malformed packets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from tests.auth_helpers import BASE, TOKENS, source, token_config, ws_url
+from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
+from tests.support.waiting import wait_until
+
+POLL = "/socket.io/?EIO=4&transport=polling"
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def port_of(feed: RunningFeed) -> int:
+    return int(feed.url.rsplit(":", 1)[1])
+
+
+async def open_session(http: aiohttp.ClientSession, feed: RunningFeed) -> str:
+    async with http.get(feed.url + POLL) as response:
+        sid: str = json.loads((await response.text())[1:])["sid"]
+    async with http.post(f"{feed.url}{POLL}&sid={sid}", data="40") as response:
+        assert response.status == 200
+    return sid
+
+
+async def raw_request(feed: RunningFeed, head: bytes, body: bytes = b"") -> bytes:
+    """Send a request (maybe only part of its body); return the status line it got."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        return await reader.readline()
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_polling_post_is_answered_413_at_once_and_memory_stays_flat() -> None:
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        eio = feed.app.sio.eio
+        body = b"4" + b"x" * (200 * 1024)  # three times max_message_bytes
+
+        async def oversized(sid: str) -> float:
+            head = (
+                f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            started = time.monotonic()
+            async with asyncio.timeout(1.0):  # an answer within a second, not never
+                status = await raw_request(feed, head, body[: 64 * 1024])
+            assert status.startswith(b"HTTP/1.1 413"), status
+            return time.monotonic() - started
+
+        sids = [await open_session(http, feed) for _ in range(10)]
+        for sid in sids:
+            await oversized(sid)
+        assert not set(sids) & set(eio.sockets)  # each named session was closed and freed
+        assert not feed.hub.clients
+        before = rss_bytes()
+        took = [await oversized(sids[i % 10] if i % 2 else "no-such-session") for i in range(500)]
+        grown = rss_bytes() - before
+        assert grown < 5 * 1024 * 1024, f"RSS grew {grown / 1e6:.1f} MB over 500 oversized POSTs"
+        assert max(took) < 1.0
+        # Nothing of them is left: no request task, no session, no open connection.
+        server_state = feed.server.server_state
+        assert not server_state.tasks, server_state.tasks
+        assert f'feed_client_errors_total{{kind="oversized"}} {510}' in feed.hub.metrics.render()
+        # A normal client is unaffected.
+        async with feed_client(feed.url) as client:
+            assert (await client.subscribe("mem:public.orders"))["ok"]
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 3.0  # shutdown is not held up by any of them
+
+
+async def test_a_polling_post_within_the_limit_still_works_and_a_bad_length_gets_400() -> None:
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        sid = await open_session(http, feed)
+        payload = "42" + json.dumps(["subscribe", {"room": "mem:public.orders"}])
+        async with http.post(f"{feed.url}{POLL}&sid={sid}", data=payload) as response:
+            assert response.status == 200
+        head = f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Length: nine\r\n\r\n"
+        assert (await raw_request(feed, head.encode())).startswith(b"HTTP/1.1 400")
+
+
+SLOW = 30
+
+
+async def test_slowloris_connections_are_closed_within_the_request_timeout() -> None:
+    config = BASE + "[limits]\nrequest_timeout = 1.0\n"
+    async with (
+        running_feed(config) as feed,
+        feed_client(feed.url) as normal,
+        aiohttp.ClientSession() as http,
+    ):
+        db = source(feed)
+        assert (await normal.subscribe("mem:public.orders"))["ok"]
+        sid = await open_session(http, feed)
+
+        async def slowloris(n: int) -> float:
+            """A request whose headers (or, for odd n, body) trickle in and never end; the time
+            until it is closed."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
+            started = time.monotonic()
+            if n % 2:
+                head = f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n"
+                writer.write(head.encode())
+            else:
+                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: x\r\n".encode())
+            try:
+                for i in range(100):
+                    writer.write(f"X-Slow-{i}: a\r\n".encode())
+                    await writer.drain()
+                    try:
+                        got = await asyncio.wait_for(reader.read(1), 0.2)
+                    except TimeoutError:
+                        continue
+                    assert got == b""  # closed, with nothing sent
+                    break
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+            return time.monotonic() - started
+
+        holding = [asyncio.create_task(slowloris(n)) for n in range(SLOW)]
+        latencies = []
+        for i in range(20):  # the normal client, meanwhile
+            started = time.monotonic()
+            db.write("public.orders", "insert", {"id": i})
+            assert (await normal.next_change())["key"] == i
+            latencies.append(time.monotonic() - started)
+        closed_after = await asyncio.gather(*holding)
+        assert max(closed_after) < 1.0 + 1.0, closed_after  # the timeout, plus a little
+        assert max(latencies) < 0.5, latencies
+        metrics = feed.hub.metrics.render()
+        assert f'feed_client_errors_total{{kind="request_timeout"}} {SLOW}' in metrics
+
+
+async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_working() -> None:
+    cap = 20
+    config = BASE + f"[limits]\nmax_connections = {cap}\nrequest_timeout = 30\n"
+    async with running_feed(config) as feed, feed_client(feed.url) as normal:
+        db = source(feed)
+        assert (await normal.subscribe("mem:public.orders"))["ok"]
+        # With the normal client's websocket, the server is at its cap.
+        idle = [await asyncio.open_connection("127.0.0.1", port_of(feed)) for _ in range(cap - 1)]
+        try:
+            refused = 0
+            for _ in range(10):
+                status = await asyncio.wait_for(
+                    raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"), 5
+                )
+                refused += status.startswith(b"HTTP/1.1 503")
+            assert refused == 10
+            db.write("public.orders", "insert", {"id": 1})
+            assert (await normal.next_change())["key"] == 1  # the connected client is served
+            metrics = feed.hub.metrics.render()
+            assert "feed_connections_refused_total 10" in metrics, metrics
+            assert f"feed_connection_limit {cap}" in metrics
+            assert f"feed_connections {cap}" in metrics
+        finally:
+            for _, writer in idle:
+                writer.close()
+        # Below the cap again, new clients get in.
+        async with asyncio.timeout(5):
+            while True:
+                status = await raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if not status.startswith(b"HTTP/1.1 503"):
+                    break
+        async with feed_client(feed.url) as late:
+            assert (await late.subscribe("mem:public.orders"))["ok"]
+
+
+async def test_an_engineio_session_that_never_connects_socketio_is_closed() -> None:
+    config = BASE + "[limits]\nhandshake_timeout = 0.5\n"
+    async with running_feed(config) as feed:
+        async with connect(ws_url(feed), proxy=None) as ws:
+            opened = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(opened, str) and opened.startswith("0")
+            started = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+            assert time.monotonic() - started < 2.0
+        assert 'feed_client_errors_total{kind="handshake_timeout"} 1' in (feed.hub.metrics.render())
+        async with feed_client(feed.url) as client:  # one that does connect is kept
+            await asyncio.sleep(0.8)  # past the handshake timeout: it must still be there
+            assert (await client.subscribe("mem:public.orders"))["ok"]
+
+
+MALFORMED_POLLING: list[bytes] = [
+    b"x",  # a junk Engine.IO type byte
+    b"9",  # an Engine.IO type that does not exist
+    b"\xff\xfe\xfd",  # not UTF-8
+    b"4\xc3\x28",  # invalid UTF-8 inside a message
+    b'42["subscribe", {',  # bad JSON
+    b'451-["subscribe",{"_placeholder":true,"num":0}]',  # claims a binary attachment
+    b"49",  # a Socket.IO type that does not exist
+    b'42"subscribe"',  # an event that is not a list
+    b"425",  # an event that is a number
+    b"44{}",  # CONNECT_ERROR from a client
+]
+
+
+async def test_malformed_packets_are_counted_and_logged_once_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        for body in MALFORMED_POLLING:
+            sid = await open_session(http, feed)
+            async with http.post(f"{feed.url}{POLL}&sid={sid}", data=body) as response:
+                assert response.status in (200, 400), (body, response.status)
+            sockets = feed.app.sio.eio.sockets
+            await wait_until(lambda: sid not in sockets, 5, "the session ended")  # noqa: B023
+        async with connect(ws_url(feed), proxy=None) as ws:  # and over a websocket
+            await ws.recv()
+            await ws.send("40")
+            await ws.recv()
+            await ws.send(b"\x00\x01binary")
+            with pytest.raises(websockets.ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+        metrics = feed.hub.metrics.render()
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('feed_client_errors_total{kind="bad_')
+        )
+        assert counted == len(MALFORMED_POLLING) + 1, metrics
+        async with feed_client(feed.url) as client:  # the server is fine
+            assert (await client.subscribe("mem:public.orders"))["ok"]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR
+    ]
+    warnings = [r for r in caplog.records if r.name == "feed.guard"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+ROOM_LIMITS = "[limits]\nrooms_per_identity = 50\nmax_rooms = 120\n"
+
+
+def room_config() -> str:
+    return (
+        token_config().replace("filter_room_grace = 0.2", "filter_room_grace = 300") + ROOM_LIMITS
+    )
+
+
+async def subscribe_filters(client: FeedClient, start: int, count: int) -> list[dict[str, Any]]:
+    return [
+        await client.subscribe("mem:public.orders", filter=f"id=eq.{i}")
+        for i in range(start, start + count)
+    ]
+
+
+async def test_filter_rooms_are_bounded_per_identity_and_grace_kept_rooms_count() -> None:
+    async with running_feed(room_config()) as feed:
+        ops = {"token": TOKENS["ops"]}
+        hub = feed.hub
+        async with feed_client(feed.url, auth=ops) as first:
+            assert all(a["ok"] for a in await subscribe_filters(first, 0, 50))
+            refused = await first.subscribe("mem:public.orders", filter="id=eq.999")
+            assert refused["ok"] is False and refused["error"]["code"] == "too_many_rooms"
+            assert "rooms_per_identity" in refused["error"]["message"]
+            # Rows rooms count too; a room it already has is no new room.
+            assert (await first.subscribe("mem:public.orders:7"))["error"]["code"] == (
+                "too_many_rooms"
+            )
+            assert (await first.subscribe("mem:public.orders", filter="id=eq.3"))["ok"]
+        # Gone, its 50 rooms stay for their grace, charged to ops; a new ops connection with
+        # new filters makes them expire early instead of adding to them. Three rounds.
+        for round_ in range(1, 4):
+            async with feed_client(feed.url, auth=ops) as again:
+                acks = await subscribe_filters(again, 100 * round_, 50)
+                assert all(a["ok"] for a in acks), [a for a in acks if not a["ok"]][:1]
+                assert hub.budget.charged("ops") == 50
+            assert len([r for r in hub.rooms.values() if r.filter is not None]) == 50
+        assert hub.metrics.value("feed_rooms_evicted_total") == 150
+        assert hub.metrics.value("feed_rooms_refused_total", reason="identity") == 2
+
+
+async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
+    async with running_feed(room_config()) as feed:
+        auth = {who: {"token": TOKENS[who]} for who in ("ops", "acme-svc", "globex-svc")}
+        async with (
+            feed_client(feed.url, auth=auth["ops"]) as ops,
+            feed_client(feed.url, auth=auth["acme-svc"]) as acme,
+        ):
+            assert all(a["ok"] for a in await subscribe_filters(acme, 0, 50))
+            async with feed_client(feed.url, auth=auth["globex-svc"]) as globex:
+                assert all(a["ok"] for a in await subscribe_filters(globex, 0, 50))
+                assert all(a["ok"] for a in await subscribe_filters(ops, 0, 20))
+                assert len(feed.hub.budget) == 120
+                busy = await ops.subscribe("mem:public.orders", filter="id=eq.500")
+                assert busy["ok"] is False and busy["error"]["code"] == "server_busy", busy
+            # globex left: its rooms are idle now, and the oldest makes way for a new one.
+            assert (await ops.subscribe("mem:public.orders", filter="id=eq.500"))["ok"]
+            assert len(feed.hub.budget) == 120
+            assert feed.hub.budget.charged("globex-svc") == 49
+            # A flood of new filters by one identity never takes more than its share.
+            for _ in range(3):
+                async with feed_client(feed.url, auth=auth["acme-svc"]) as flood:
+                    acks = await subscribe_filters(flood, 1000, 60)
+                    assert {a["error"]["code"] for a in acks if not a["ok"]} <= {
+                        "too_many_rooms",
+                        "server_busy",
+                    }
+                assert len(feed.hub.budget) <= 120
+                assert feed.hub.budget.charged("acme-svc") <= 50

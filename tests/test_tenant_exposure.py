@@ -1,0 +1,61 @@
+"""What tenants learn besides their rows (issue 18 item 7): connector status details, which name
+hosts, databases and roles, go to operators only; tenants get a generic line."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from connectors.base import State
+from tests.auth_helpers import BASE, TOKENS, source, token_config
+from tests.support.server import FeedClient, feed_client, running_feed
+
+SECRET_DETAIL = 'connection to "db.internal:5432" refused for role "feed_rw" on database "prod"'
+
+
+async def next_down(client: FeedClient) -> dict[str, Any]:
+    while True:
+        status = await asyncio.wait_for(client.statuses.get(), 10)
+        if status["state"] == "down":
+            return status
+
+
+async def test_status_details_reach_operators_and_tenants_get_a_generic_line() -> None:
+    async with running_feed(token_config()) as feed:
+        ops_auth, acme_auth = {"token": TOKENS["ops"]}, {"token": TOKENS["acme-svc"]}
+        async with (
+            feed_client(feed.url, auth=ops_auth) as ops,
+            feed_client(feed.url, auth=acme_auth) as acme,
+        ):
+            source(feed).set_status(State.DOWN, SECRET_DETAIL)
+            seen_by_ops, seen_by_acme = await next_down(ops), await next_down(acme)
+            assert seen_by_ops["detail"] == SECRET_DETAIL
+            assert (
+                seen_by_acme["detail"]
+                == "the source is unavailable; changes resume when it is back"
+            )
+            assert "db.internal" not in str(seen_by_acme)
+            ops_catalog, acme_catalog = await ops.call("catalog"), await acme.call("catalog")
+            assert ops_catalog["connectors"][0]["status"]["detail"] == SECRET_DETAIL
+            assert acme_catalog["connectors"][0]["status"]["state"] == "down"
+            assert "db.internal" not in str(acme_catalog)
+        async with aiohttp.ClientSession() as http, http.get(feed.url + "/readyz") as ready:
+            body = await ready.json()  # operators' own endpoint keeps the detail
+        assert body["connectors"]["mem"]["detail"] == SECRET_DETAIL
+
+
+async def test_operator_roles_are_configurable_and_a_loopback_server_without_auth_tells_all() -> (
+    None
+):
+    config = token_config().replace(
+        'mode = "token"', 'mode = "token"\noperator_roles = ["support"]'
+    )
+    support_auth = {"token": TOKENS["globex-svc"]}
+    async with running_feed(config) as feed, feed_client(feed.url, auth=support_auth) as support:
+        source(feed).set_status(State.DOWN, SECRET_DETAIL)
+        assert (await next_down(support))["detail"] == SECRET_DETAIL
+    async with running_feed(BASE) as feed, feed_client(feed.url) as anonymous:
+        source(feed).set_status(State.DOWN, SECRET_DETAIL)
+        assert (await next_down(anonymous))["detail"] == SECRET_DETAIL
