@@ -58,7 +58,7 @@ class TargetRooms:
 
     room: Room
     by_key: dict[str, dict[str, Room]] = field(default_factory=dict)
-    filtered: FilterIndex = field(default_factory=FilterIndex)
+    filtered: FilterIndex[Room] = field(default_factory=FilterIndex)
 
     def add(self, room: Room) -> None:
         if room.key is not None:
@@ -73,7 +73,7 @@ class TargetRooms:
             if not rooms:
                 self.by_key.pop(room.key, None)
         else:
-            self.filtered.discard(room)
+            self.filtered.discard(room.name)
 
     def matching(self, change: Change) -> list[Room]:
         rooms = [self.room]

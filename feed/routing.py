@@ -21,11 +21,20 @@ A key match is only a candidate: the room's whole filter is checked on both imag
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from feed.change import Change
 from feed.filters import Condition, RowFilter, lookup, value_key
-from feed.rooms import Room
+
+
+class Routable(Protocol):
+    """What the index needs of a room: the hub's `Room`, or the cluster reader's `Routed`."""
+
+    name: str
+    filter: RowFilter | None
+
+
+Room = TypeVar("Room", bound=Routable)
 
 _MISSING: Any = object()
 
@@ -66,8 +75,11 @@ def anchor_of(row_filter: RowFilter) -> Condition | None:
     return best
 
 
-class FilterIndex:
-    """The filter rooms (and unfiltered shaped rooms) of one target, indexed for routing."""
+class FilterIndex(Generic[Room]):
+    """The filter rooms (and unfiltered shaped rooms) of one target, indexed for routing.
+
+    Rooms are known by name: `name in index` and iterating give names.
+    """
 
     def __init__(self) -> None:
         self._by_value: dict[str, dict[Hashable, dict[str, Room]]] = {}
@@ -80,9 +92,11 @@ class FilterIndex:
     def __len__(self) -> int:
         return len(self._anchors) + len(self._scanned) + len(self._unfiltered)
 
-    def __contains__(self, room: Room) -> bool:
-        name = room.name
+    def __contains__(self, name: object) -> bool:
         return name in self._anchors or name in self._scanned or name in self._unfiltered
+
+    def __iter__(self) -> Iterator[str]:
+        return (room.name for room in self.rooms())
 
     def rooms(self) -> Iterator[Room]:
         yield from self._unfiltered.values()
@@ -91,7 +105,7 @@ class FilterIndex:
         yield from self._scanned.values()
 
     def add(self, room: Room) -> None:
-        if room in self:
+        if room.name in self:
             return
         if room.filter is None:
             self._unfiltered[room.name] = room
@@ -108,8 +122,7 @@ class FilterIndex:
             by_key.setdefault(key, {})[room.name] = room
         self._anchors[room.name] = (room, anchor.field, keys)
 
-    def discard(self, room: Room) -> None:
-        name = room.name
+    def discard(self, name: str) -> None:
         self._unfiltered.pop(name, None)
         self._scanned.pop(name, None)
         anchored = self._anchors.pop(name, None)
@@ -157,7 +170,7 @@ class FilterIndex:
                 out.append(room)
 
 
-def _matches(room: Room, before: FieldReader | None, after: FieldReader | None) -> bool:
+def _matches(room: Routable, before: FieldReader | None, after: FieldReader | None) -> bool:
     assert room.filter is not None
     conditions = room.filter.conditions
     return (before is not None and before.satisfies(conditions)) or (
