@@ -7,8 +7,10 @@ Profiling the fan-out (docs/benchmarks.md) showed the rest of the cost is per *f
 recipient: each queued packet woke the client's Engine.IO writer, which went through
 `asyncio.wait_for` and the ASGI send path. So this layer:
 
-- encodes a room frame once, as one Engine.IO packet object (its encoding is cached), and hands
-  that same object to each recipient, synchronously and without tasks;
+- encodes a room frame once and hands the same bytes (or, for queues, the same Engine.IO packet
+  object, made on first use) to each recipient, synchronously and without tasks; a change's
+  JSON is itself encoded once, however many rooms it goes to: each room splices its `room` and
+  `seq` in front of it (feed.rooms.Payload);
 - writes it to each websocket client's connection at once (feed.eio_websocket: those sockets
   have no writer task): the same WebSocket frame bytes for every such client (a server frame is
   unmasked, so it is identical for all clients that did not negotiate compression; a client
@@ -16,10 +18,11 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   already has packets waiting, gets it behind them in its bounded backlog, so nothing ever
   overtakes what waits and a slow client still meets the outbound queue limit; long-polling
   clients (and other Engine.IO servers' sockets) get it in their Engine.IO queue;
-- under load, sends fewer frames: the changes routed to a room during one pass of the event loop
-  are sent at the end of that pass as one `changes` frame (a list, in order). A change that is
-  alone in its pass still goes out as a plain `change`, one loop iteration later, so latency at
-  low rates does not suffer.
+- under load, sends fewer frames: the changes routed to a room while the hub drains what its
+  change stream has ready are sent as one `changes` frame (a list, in order) when the stream
+  would wait (`hold`, then `flush` from `FlushBeforeWaiting`); a lone change goes out as a plain
+  `change` in the same loop pass. Changes sent by anyone else are flushed at the end of the
+  loop pass, one iteration later.
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
 anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,
