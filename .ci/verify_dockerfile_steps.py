@@ -262,7 +262,7 @@ def smoke_test(replay: Replay) -> None:
         print("   HEALTHCHECK command passes against `feed serve`", flush=True)
         with urllib.request.urlopen(f"{url}/", timeout=5) as response:
             page = response.read().decode()
-        if "socket.io.min.js" not in page:
+        if "socket.io.esm.min.js" not in page:
             raise SystemExit("the installed feed does not serve the built dashboard at /")
         print("   the built dashboard is served at /", flush=True)
     finally:

@@ -27,6 +27,9 @@ from feed.options import Options
 
 log = logging.getLogger("feed.connectors")
 
+Gauge = tuple[str, tuple[tuple[str, str], ...], float]
+"""A metric sample a connector reports: name, labels other than `connector`, value."""
+
 
 class State(enum.StrEnum):
     STARTING = "starting"
@@ -90,6 +93,7 @@ class Connector(ABC):
         self.name = name
         self._status = Status(name, State.STARTING)
         self._listeners: list[Callable[[Status], None]] = []
+        self.capture_faults: dict[str, int] = {}
         self.configure(options)
         options.finish()
 
@@ -165,11 +169,27 @@ class Connector(ABC):
         async with self:
             return "reachable"
 
-    async def migrate(self) -> list[str]:
-        """Apply what the source needs (`feed migrate`); return what was done, one line each."""
+    async def migrate(self, *, prune: bool = False, force: bool = False) -> list[str]:
+        """Apply what the source needs (`feed migrate`); return what was done, one line each.
+
+        `prune` also removes what the config no longer names (capture of a table taken out of
+        `tables`); `force` does so even while another process reads this connector.
+        """
         return []
 
-    # -- status --------------------------------------------------------------------------------
+    # -- status and metrics --------------------------------------------------------------------
+
+    def count_fault(self, kind: str) -> None:
+        """Count one capture interruption found by the connector's own check, by kind."""
+        self.capture_faults[kind] = self.capture_faults.get(kind, 0) + 1
+
+    def gauges(self) -> list[Gauge]:
+        """Metric samples read at scrape time (values the connector measured on its own schedule:
+        a scrape never waits on the source). The hub adds the `connector` label."""
+        return [
+            ("feed_capture_faults_total", (("kind", kind),), float(count))
+            for kind, count in sorted(self.capture_faults.items())
+        ]
 
     @property
     def status(self) -> Status:

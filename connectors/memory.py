@@ -91,6 +91,26 @@ class MemoryConnector(Connector):
         self._queue.put_nowait(change)
         return change
 
+    def truncate(self, target: str) -> Change:
+        """Empty a table, as Postgres's TRUNCATE does: one change with no key and no images."""
+        self._tables[target].clear()
+        position = next(self._positions)
+        self._written = position
+        change = Change(
+            id=f"{self.name}:{position}",
+            connector=self.name,
+            source=self.kind,
+            target=target,
+            op="truncate",
+            key=None,
+            before=None,
+            after=None,
+            ts=dt.datetime.now(dt.UTC),
+            position=position,
+        )
+        self._queue.put_nowait(change)
+        return change
+
     def announce_gap(self, reason: str = "test gap") -> None:
         self._queue.put_nowait(Gap(self.name, reason))
 

@@ -253,7 +253,13 @@ class MongoConnector(Connector):
                     if self._tokens is not None:
                         await self._tokens.forget()
                     self._token = None
-                    gap = Gap(self.name, "MongoDB change stream history lost (oplog rolled over)")
+                    self.count_fault("history_lost")
+                    gap = Gap(
+                        self.name,
+                        "MongoDB change stream history lost: the oplog no longer holds the "
+                        "resume token (it rolled over while the feed was behind or stopped; "
+                        "a bigger oplog, replSetResizeOplog, keeps a longer window)",
+                    )
                 elif not exc.has_error_label("ResumableChangeStreamError"):
                     error = self._explain(exc)
                     self.set_status(State.DOWN, str(error))
@@ -318,6 +324,7 @@ class MongoConnector(Connector):
                         # Closed without an invalidate we could see: resuming from our token
                         # could meet the same end again, so start from now and say so.
                         self._token = None
+                        self.count_fault("stream_closed")
                         yield Gap(self.name, "MongoDB change stream closed by the server")
                         return
                     await self._advance(stream.resume_token, event=False, end_of_batch=True)
@@ -336,7 +343,11 @@ class MongoConnector(Connector):
                     # Reopened with startAfter the invalidate token: nothing after it is missed,
                     # but clients should reload what the dropped or renamed collection showed.
                     target = change.target if "." in change.target else None
-                    reason = f"MongoDB change stream invalidated ({change.target})"
+                    self.count_fault("stream_invalidated")
+                    reason = (
+                        f"MongoDB change stream invalidated ({change.target} was dropped or "
+                        "renamed): reload; changes to a re-created collection follow"
+                    )
                     yield Gap(self.name, reason, target)
                     return
         finally:

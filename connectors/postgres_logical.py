@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import re
 import struct
 import time
 import uuid
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from connectors.base import State
-from connectors.postgres_migrate import quote_ident
+from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import loads, plain
 from feed.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
@@ -48,6 +49,10 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
 
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+MARKER = "dbfeed: replication slot"
+STOPPED_AT = re.compile(r"\(stopped at ([0-9A-Fa-f]+/[0-9A-Fa-f]+),")
+"""Start of the comment left on the publication once the slot exists: a slot missing later was
+dropped or lost (not never made), which a restarted feed could not otherwise know."""
 JSON_TYPES = {114, 3802}  # json, jsonb: rebuilt from parsed values, not from their text
 
 
@@ -285,11 +290,15 @@ class LogicalReader:
         self.confirmed = 0
         self.last_nudge = 0.0
         self.pending_gap = False
+        self.gap_reason = ""
         self.can_nudge: bool | None = None
+        self.retained_wal: int | None = None
+        self.wal_status = ""
+        self.last_check = 0.0
 
     # -- setup -----------------------------------------------------------------------------------
 
-    async def prepare(self, conn: Any) -> list[str]:
+    async def prepare(self, conn: Any, *, starting: bool = False) -> list[str]:
         """Check wal_level, then make the publication, replica identities and slot exist."""
         c = self.c
         level = await conn.fetchval("SHOW wal_level")
@@ -331,11 +340,46 @@ class LogicalReader:
                 f"(publication, replica identity): {exc}"
             ) from None
         slot = await conn.fetchrow(
-            "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1", self.slot
+            "SELECT plugin, database, wal_status, confirmed_flush_lsn::text AS confirmed"
+            " FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
         )
+        marker = await self._marker(conn)
+        marked = marker is not None
+        if slot is not None and slot["database"] != await conn.fetchval(
+            "SELECT current_database()"
+        ):
+            raise SourceMisconfigured(
+                f"{c.where}: replication slot {self.slot!r} belongs to database "
+                f"{slot['database']!r}, not this one: choose another `slot` name"
+            )
+        if slot is not None and slot["wal_status"] == "lost":
+            # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size).
+            # The slot can never be read again; a new one is the only way on, with a gap.
+            c.set_status(
+                State.DOWN,
+                f"replication slot {self.slot!r} was invalidated (wal_status lost: the server "
+                "removed WAL the feed had not read; raise max_slot_wal_keep_size): recreating "
+                "it, changes in between are lost and announced",
+            )
+            await self._drop_when_free(conn)
+            lines.append(f"dropped invalidated replication slot {self.slot!r} (wal_status lost)")
+            self.pending_gap = True
+            self.gap_reason = (
+                f"replication slot {self.slot!r} was invalidated (wal_status lost: the server "
+                "removed WAL the feed had not read, see max_slot_wal_keep_size) and was "
+                "recreated: changes in between were lost"
+            )
+            slot = None
+        elif slot is None and (self.delivered_end or marked):
+            # It was there before (this process read from it, or the marker a previous run left
+            # on the publication says so): what happened meanwhile is gone.
+            self.pending_gap = True
+            self.gap_reason = (
+                f"replication slot {self.slot!r} was dropped (by an operator, `feed unwatch`, "
+                "or invalidation) and was recreated: changes in between were lost"
+            )
         if slot is None:
-            if self.delivered_end:  # it was there before: what happened meanwhile is gone
-                self.pending_gap = True
             try:
                 await conn.execute(
                     "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -349,24 +393,131 @@ class LogicalReader:
                     f"ALTER ROLE {user} REPLICATION"
                 ) from None
             lines.append(f"created replication slot {self.slot!r}")
-        elif slot["plugin"] != "pgoutput":
+            await self._set_marker(conn, "running" if starting else "created")
+            return lines
+        if slot["plugin"] != "pgoutput":
             raise SourceMisconfigured(
                 f"{c.where}: replication slot {self.slot!r} uses {slot['plugin']}, not pgoutput: "
                 "choose another `slot` name"
             )
+        stopped = STOPPED_AT.search(marker or "")
+        if (
+            stopped
+            and slot["confirmed"]
+            and parse_lsn(slot["confirmed"]) > parse_lsn(stopped.group(1))
+        ):
+            # Ours stopped there; the slot now confirms more: someone read it (consuming what the
+            # feed had not delivered) or dropped and made it again while the feed was stopped.
+            self.pending_gap = True
+            self.gap_reason = (
+                f"replication slot {self.slot!r} moved on while the feed was stopped (it stopped "
+                f"at {stopped.group(1)}, the slot now starts after {slot['confirmed']}: read by "
+                "something else, or dropped and recreated): changes in between were not delivered"
+            )
+        if starting or not marked:
+            await self._set_marker(conn, "running" if starting else "created")
         return lines
 
+    async def _set_marker(self, conn: Any, state: str) -> None:
+        """Leave on the publication that the slot exists, and whether the feed stopped cleanly
+        (with where) or is running; see MARKER."""
+        now = dt.datetime.now(dt.UTC)
+        await conn.execute(
+            f"COMMENT ON PUBLICATION {quote_ident(self.publication)} IS "
+            + quote_literal(f"{MARKER} {self.slot} ({state}, {now:%Y-%m-%d %H:%M:%SZ})"),
+            timeout=self.c.query_timeout,
+        )
+
+    async def _drop_when_free(self, conn: Any) -> None:
+        """Drop the slot; a session of ours that was just cut off may still hold it briefly."""
+        for _ in range(50):
+            try:
+                await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
+                return
+            except asyncpg.ObjectInUseError:
+                await asyncio.sleep(0.1)
+        await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
+
+    async def _marker(self, conn: Any) -> str | None:
+        """The marker a previous run left (the slot existed, whatever happened since), or None."""
+        comment = await conn.fetchval(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
+            self.publication,
+        )
+        text = str(comment) if comment else ""
+        return text if text.startswith(f"{MARKER} {self.slot} ") else None
+
+    async def _marked(self, conn: Any) -> bool:
+        return await self._marker(conn) is not None
+
     async def migrate(self, conn: Any) -> list[str]:
-        return await self.prepare(conn)
+        lines = await self.prepare(conn)
+        if self.pending_gap:
+            lines.append(f"warning: {self.gap_reason}")
+        return lines
+
+    async def inspect(self, conn: Any) -> dict[str, Any] | None:
+        """The slot as the server sees it, with the WAL it holds back (None when missing)."""
+        row = await conn.fetchrow(
+            """SELECT active, wal_status, database = current_database() AS here,
+                      pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
+                      (SELECT count(*) FROM pg_publication_tables p
+                       WHERE p.pubname = $2) AS tables
+               FROM pg_replication_slots WHERE slot_name = $1""",
+            self.slot,
+            self.publication,
+            timeout=self.c.query_timeout,
+        )
+        return dict(row) if row is not None else None
+
+    async def _watch(self, conn: Any) -> None:
+        """Every `capture_check_interval`: the slot still there and readable, the publication
+        still covering every table, and the WAL it holds back (for the metric).
+
+        A fault ends the stream with SourceMisconfigured, so the hub restarts the connector:
+        its `prepare` recreates what is missing and the restart announces the gap.
+        """
+        c = self.c
+        self.last_check = time.monotonic()
+        info = await self.inspect(conn)
+        if info is None:
+            raise SourceMisconfigured(
+                f"{c.where}: replication slot {self.slot!r} was dropped while the feed read it; "
+                "recreating it (changes in between are lost and announced)"
+            )
+        self.retained_wal = int(info["retained"] or 0)
+        self.wal_status = str(info["wal_status"] or "")
+        if self.wal_status == "lost":
+            raise SourceMisconfigured(
+                f"{c.where}: replication slot {self.slot!r} was invalidated (wal_status lost: "
+                "the server removed WAL the feed had not read; raise max_slot_wal_keep_size); "
+                "recreating it (changes in between are lost and announced)"
+            )
+        if info["tables"] < len(c.tables):
+            self.pending_gap = True
+            self.gap_reason = (
+                f"publication {self.publication!r} stopped covering some watched tables "
+                "(ALTER PUBLICATION?): their changes in between were not decoded"
+            )
+            raise SourceMisconfigured(
+                f"{c.where}: publication {self.publication!r} no longer covers every watched "
+                "table; re-adding them (changes in between are lost and announced)"
+            )
 
     async def stop(self) -> None:
-        """Confirm what was routed, so a restart does not deliver it again."""
-        if self.delivered_end <= self.confirmed:
-            return
+        """Confirm what was routed, so a restart does not deliver it again, and mark where the
+        feed stopped: a slot found further on at the next start was moved by someone else."""
         with contextlib.suppress(Exception):
             conn = await asyncio.wait_for(self.c._connect(), self.c.connect_timeout)
             try:
                 await self._advance(conn)
+                confirmed = await conn.fetchval(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots"
+                    " WHERE slot_name = $1",
+                    self.slot,
+                )
+                if confirmed and await self._marked(conn):
+                    await self._set_marker(conn, f"stopped at {confirmed}")
             finally:
                 await conn.close()
 
@@ -414,7 +565,9 @@ class LogicalReader:
                     self.pending_gap = False
                     self.delivered_end = self.confirmed = 0
                     self.partial = None
-                    yield Gap(c.name, f"replication slot {self.slot!r} was recreated")
+                    c.count_fault("slot_lost")
+                    reason = self.gap_reason or f"replication slot {self.slot!r} was recreated"
+                    yield Gap(c.name, reason)
                 async for change in self._read():
                     yield change
             except asyncio.CancelledError:
@@ -428,16 +581,22 @@ class LogicalReader:
 
                 if type(exc).__name__ == "_Stopped":
                     return
-                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
-                    c.set_status(State.DOWN, one_line(exc))
-                    raise SourceMisconfigured(f"{c.where}: {one_line(exc)}") from None
-                if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
+                in_use = isinstance(exc, asyncpg.ObjectInUseError)  # our last session, ending
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc) and not in_use:
+                    line = one_line(exc)
+                    if "can no longer" in line and "replication slot" in line:
+                        line += (
+                            " (invalidated: the server removed WAL the feed had not read, see "
+                            "max_slot_wal_keep_size; the feed recreates the slot, with a gap)"
+                        )
+                    c.set_status(State.DOWN, line)
+                    raise SourceMisconfigured(f"{c.where}: {line}") from None
+                if not (is_transient(exc) or in_use or isinstance(exc, SourceUnavailable)):
                     raise  # a bug, not the source: the hub logs it and restarts the connector
                 c._active = False
                 await c._lost_reader()
-                c.set_status(
-                    State.DOWN, f"connection lost ({one_line(exc)}); reconnecting in {delay:.1f}s"
-                )
+                what = one_line(exc) if in_use else f"connection lost ({one_line(exc)})"
+                c.set_status(State.DOWN, f"{what}; reconnecting in {delay:.1f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, c.reconnect_max)
 
@@ -450,6 +609,8 @@ class LogicalReader:
             conn = c._reader
             if conn is None or conn.is_closed():
                 raise asyncpg.ConnectionDoesNotExistError("reader connection closed")
+            if time.monotonic() - self.last_check >= c.capture_check_interval:
+                await self._watch(conn)
             rows = await conn.fetch(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,"
                 " 'proto_version', '1', 'publication_names', $3)",

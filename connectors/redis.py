@@ -37,7 +37,7 @@ from redis.exceptions import (
     NoPermissionError,
 )
 
-from connectors.base import Connector, RoomAddress, Snapshot, State
+from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State
 from connectors.redis_glob import PatternError, is_glob, matches, validate
 from connectors.redis_keyspace import LOST, EventSource, KeyspaceCapture
 from connectors.redis_streams import StreamCapture
@@ -90,6 +90,7 @@ class RedisConnector(Connector):
         self.max_value_bytes = options.int("max_value_bytes", 65536, minimum=16)
         self.max_value_items = options.int("max_value_items", 1000, minimum=1)
         self.health_check_interval = options.float("health_check_interval", 5.0, minimum=0.05)
+        self.capture_check_interval = options.float("capture_check_interval", 5.0, minimum=0.05)
         self.reconnect_timeout = options.float("reconnect_timeout", 10.0, minimum=0.0)
         self.max_pending = options.int("max_pending", 100_000, minimum=10)
         self.snapshot_scan_limit = options.int("snapshot_scan_limit", 100_000, minimum=1)
@@ -284,6 +285,13 @@ class RedisConnector(Connector):
                 await self._client.aclose()
             self._client = None
 
+    def gauges(self) -> list[Gauge]:
+        samples = super().gauges()
+        if self._keyspace is not None:
+            ok = 0.0 if self._keyspace.flag_faults else 1.0
+            samples += [("feed_capture_ok", (), ok), ("feed_redis_keyspace_flags_ok", (), ok)]
+        return samples
+
     def _capture(self) -> KeyspaceCapture | StreamCapture:
         capture = self._streams if self.mode == "streams" else self._keyspace
         if capture is None:
@@ -307,8 +315,18 @@ class RedisConnector(Connector):
             version = info.get("redis_version", "?")
             primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
             shape = f", a cluster of {primaries} primaries" if self._cluster else ""
+            flags = ""
+            if self.mode == "keyspace":
+                try:
+                    value = (await self._client.config_get("notify-keyspace-events")).get(
+                        "notify-keyspace-events", ""
+                    )
+                    text = value.decode() if isinstance(value, bytes) else str(value)
+                    flags = f", notify-keyspace-events {text!r}"
+                except Exception:  # CONFIG refused (managed services): start() warned already
+                    flags = ", notify-keyspace-events unreadable (CONFIG refused)"
             return (
-                f"redis {version} at {self.where}{shape}, {self.mode} mode, "
+                f"redis {version} at {self.where}{shape}, {self.mode} mode{flags}, "
                 f"patterns: {', '.join(self.patterns)}"
             )
 

@@ -92,6 +92,8 @@ class KeyspaceCapture:
         self._drained = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
         self._by_channel: dict[bytes, list[tuple[int, str]]] = {}
+        self.flag_faults: dict[str, str] = {}
+        """Servers (by `where`) whose notify-keyspace-events misses flags, and the status line."""
 
     async def start(self) -> None:
         conns: list[AbstractConnection] = []
@@ -112,6 +114,11 @@ class KeyspaceCapture:
             self._readers.append(
                 asyncio.create_task(
                     self._read_loop(source, conn), name=f"redis:{self.owner.name}:{source.where}"
+                )
+            )
+            self._readers.append(
+                asyncio.create_task(
+                    self._watch_flags(source), name=f"redis:{self.owner.name}:flags:{source.where}"
                 )
             )
 
@@ -160,6 +167,99 @@ class KeyspaceCapture:
                 f"redis at {where} refused {command} ({exc}): set it in your provider's settings"
             ) from None
         log.info("redis at %s: notify-keyspace-events %r -> %r", where, current, wanted)
+
+    async def _watch_flags(self, source: EventSource) -> None:
+        """Look at notify-keyspace-events every `capture_check_interval`.
+
+        Redis checks nothing: with the flags cleared (`CONFIG SET notify-keyspace-events ""`,
+        a config reload, a managed service's settings page) it simply stops publishing, the
+        pub/sub socket stays healthy and every event is lost in silence. So the flags are read
+        again while running: a fault is announced with a gap and a DOWN status; with
+        `configure = true` the flags are set again at once (and the window still announced),
+        without it the status says what to run, and a second gap closes the window when the
+        flags come back. A lost connection is the reader's business; this loop just retries.
+        """
+        interval = self.owner.capture_check_interval
+        conn: AbstractConnection | None = None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    if conn is None:
+                        conn = source.pool.make_connection()  # type: ignore[no-untyped-call]
+                        await conn.connect()  # type: ignore[no-untyped-call]
+                    await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
+                    reply = await conn.read_response()
+                except ResponseError as exc:
+                    if not _refused(exc):  # LOADING after a restart, say: look again later
+                        continue
+                    # CONFIG refused (a managed service): nothing to watch with.
+                    log.warning(
+                        "redis at %s: cannot watch notify-keyspace-events: %s", source.where, exc
+                    )
+                    return
+                except (*LOST, RedisError):
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                    conn = None
+                    continue
+                current = reply[1].decode() if reply and len(reply) > 1 else ""
+                await self._judge_flags(source, conn, current)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+
+    async def _judge_flags(
+        self, source: EventSource, conn: AbstractConnection, current: str
+    ) -> None:
+        owner = self.owner
+        missing = missing_flags(current)
+        at = f" at {source.where}" if source.cluster else ""
+        if not missing:
+            was = self.flag_faults.pop(source.where, None)
+            if was is not None:
+                if not was.startswith("re-applied"):
+                    await self._queue.put(
+                        Gap(
+                            owner.name,
+                            f"notify-keyspace-events{at} covers the feed again; keyspace events "
+                            "while it did not were lost",
+                        )
+                    )
+                self._show_flags()
+            return
+        owner.count_fault("keyspace_flags")
+        wanted = merged_flags(current)
+        command = f"CONFIG SET notify-keyspace-events '{wanted}'"
+        if owner.auto_configure:
+            try:
+                await conn.send_command("CONFIG", "SET", "notify-keyspace-events", wanted)
+                await conn.read_response()
+                line = (
+                    f"re-applied notify-keyspace-events{at} ({current!r} missed {missing!r}): "
+                    "keyspace events before that were lost"
+                )
+            except ResponseError as exc:
+                line = f"notify-keyspace-events{at} is {current!r}, missing {missing!r}, and {command} was refused ({exc})"
+        else:
+            line = (
+                f"notify-keyspace-events{at} is {current!r}, missing {missing!r}: Redis sends "
+                f"no keyspace events the feed needs; run {command} (or set configure = true)"
+            )
+        if source.where in self.flag_faults and not line.startswith("re-applied"):
+            return  # still the same standing fault: announced once
+        log.warning("connector %s: %s", owner.name, line)
+        self.flag_faults[source.where] = line
+        await self._queue.put(Gap(owner.name, line))
+        self._show_flags()
+
+    def _show_flags(self) -> None:
+        if self.flag_faults:
+            self.owner.set_status(State.DOWN, " | ".join(self.flag_faults.values()))
+        else:
+            self.owner.set_status(State.UP)
 
     async def _subscribe(self, source: EventSource) -> AbstractConnection:
         """Open the events connection, check the server, PSUBSCRIBE every pattern."""
@@ -538,6 +638,12 @@ def _row(key: bytes, value: KeyValue, with_value: bool) -> dict[str, Any] | None
     if key_b64:
         row["key_base64"] = True
     return row
+
+
+def _refused(exc: ResponseError) -> bool:
+    """Whether the server refuses CONFIG for good (renamed, ACL), not for the moment."""
+    text = str(exc).lower()
+    return "unknown command" in text or "noperm" in text or "permission" in text
 
 
 def _info_field(info: Any, name: bytes) -> str:

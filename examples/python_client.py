@@ -1,105 +1,58 @@
 """Subscribe to feed rooms and print every change, resuming where it stopped after a reconnect.
 
-    pip install python-socketio aiohttp        # (both come with the feed itself)
+    pip install ./clients/python              # dbfeed-client (`make setup` installs it in .venv)
     python examples/python_client.py --room main:public.orders
     python examples/python_client.py --room main:public.orders --filter 'status=eq.paid'
     python examples/python_client.py --url http://127.0.0.1:8000 --room cache:session:* --count 5
 
-The parts worth copying: handle both `change` and `changes` (a list, in order), remember the
-last `seq` per room and the server's `epoch`, and on every (re)connect subscribe again with
-`since` and `epoch`. The server then re-sends what was missed (`recovered: true`) or says that it
-cannot (`recovered: false`: reload your data). Duplicates are dropped by `seq`.
+The resume logic (both `change` and `changes`, the last `seq` and `epoch` of each room, the
+resubscribe after every reconnect, duplicates, `recovered` or `reload`) lives in the client
+library, dbfeed_client (clients/python, docs/clients.md); this file only prints what it reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from typing import Any
 
-import socketio
+from dbfeed_client import FeedClient, FeedError, SubscribeError, Subscription
 
 
-class Follower:
-    def __init__(self, rooms: list[str], filter: str | None, count: int | None) -> None:
-        self.wanted = rooms
-        self.filter = filter
-        self.count = count
-        self.printed = 0
-        self.epoch: str | None = None
-        self.canonical: dict[str, str] = {}  # requested room -> the server's canonical name
-        self.last_seq: dict[str, int] = {}  # canonical room -> last seq printed
-        self.done = asyncio.Event()
-        self.sio = socketio.AsyncClient(reconnection=True, reconnection_delay=0.5)
-        self.sio.on("connect", self.on_connect)
-        self.sio.on("disconnect", self.on_disconnect)
-        self.sio.on("change", self.on_change)
-        self.sio.on("changes", self.on_changes)
-        self.sio.on("gap", self.on_gap)
-        self.sio.on("status", self.on_status)
+def show_state(sub: Subscription, state: str, info: dict[str, Any]) -> None:
+    if state == "live":
+        print(f"live    {sub.room} at seq {sub.seq}", flush=True)
+    elif state == "recovered":
+        print(f"resumed {sub.room}: {info['replayed']} missed change(s) replayed", flush=True)
+    elif state == "reload":
+        print(f"reload  {sub.room}: {info['reason']} (reload your data)", flush=True)
 
-    async def on_connect(self) -> None:
-        # Subscribe from a task: the acks arrive as messages this handler would otherwise block.
-        self.sio.start_background_task(self.subscribe_all)
 
-    async def subscribe_all(self) -> None:
-        for room in self.wanted:
-            request: dict[str, Any] = {"room": room}
-            if self.filter:
-                request["filter"] = self.filter
-            canonical = self.canonical.get(room)
-            if canonical in self.last_seq and self.epoch:
-                request["since"] = self.last_seq[canonical]
-                request["epoch"] = self.epoch
-            ack = await self.sio.call("subscribe", request, timeout=10)
-            if not ack.get("ok"):
-                error = ack.get("error", {})
-                print(f"subscribe {room}: {error.get('code')}: {error.get('message')}", flush=True)
-                self.done.set()
-                return
-            canonical = self.canonical[room] = ack["room"]
-            if ack.get("recovered") is not True:
-                if "since" in request:
-                    print(f"resume {canonical}: missed changes, reload your data", flush=True)
-                if ack.get("epoch") != self.epoch:
-                    self.last_seq[canonical] = ack["seq"]  # a new server run numbers afresh
-                else:
-                    self.last_seq[canonical] = max(self.last_seq.get(canonical, 0), ack["seq"])
-            state = {None: "subscribed", True: "resumed", False: "subscribed again"}
-            print(f"{state[ack.get('recovered')]} {canonical} at seq {ack['seq']}", flush=True)
-        # One server run for all rooms: remember its epoch once every room has answered.
-        self.epoch = ack.get("epoch")
+def show_change(change: dict[str, Any]) -> None:
+    image = change["after"] if change["after"] is not None else change["before"]
+    key = json.dumps(change["key"])
+    print(
+        f"{change['op']:<7} {change['room']} #{change['seq']} key={key} {json.dumps(image)}",
+        flush=True,
+    )
 
-    async def on_disconnect(self, *reason: Any) -> None:
-        if not self.done.is_set():
-            print("disconnected; reconnecting ...", flush=True)
 
-    async def on_change(self, change: dict[str, Any]) -> None:
-        room, seq = change["room"], change["seq"]
-        if seq <= self.last_seq.get(room, -1):
-            return  # already printed (a resend after a resume)
-        self.last_seq[room] = seq
-        image = change["after"] if change["after"] is not None else change["before"]
-        print(
-            f"{change['op']:<7} {room} #{seq} key={json.dumps(change['key'])} {json.dumps(image)}",
-            flush=True,
-        )
-        self.printed += 1
-        if self.count is not None and self.printed >= self.count:
-            self.done.set()
-
-    async def on_changes(self, changes: list[dict[str, Any]]) -> None:
-        for change in changes:
-            await self.on_change(change)
-
-    async def on_gap(self, gap: dict[str, Any]) -> None:
-        print(f"gap     {gap.get('room')}: {gap.get('reason')} (reload your data)", flush=True)
-
-    async def on_status(self, status: dict[str, Any]) -> None:
-        print(f"status  {status['connector']} is {status['state']} {status['detail']}", flush=True)
+async def follow(
+    feed: FeedClient, room: str, filter: str | None, changes: asyncio.Queue[Any]
+) -> None:
+    sub = feed.subscribe(room, filter=filter)
+    sub.on("state", lambda state, info: show_state(sub, state, info))
+    try:
+        async with sub:
+            async for change in sub:
+                await changes.put(change)
+    except SubscribeError as exc:
+        print(f"subscribe {room}: {exc.code}: {exc.message}", flush=True)
+        raise
 
 
 async def main() -> int:
@@ -111,17 +64,44 @@ async def main() -> int:
     parser.add_argument("--count", type=int, help="exit after printing this many changes")
     args = parser.parse_args()
 
-    follower = Follower(args.room or ["main:public.orders"], args.filter, args.count)
-    auth = {"token": args.token} if args.token else None
     try:
-        await follower.sio.connect(args.url, auth=auth, transports=["websocket"], wait_timeout=10)
-    except socketio.exceptions.ConnectionError as exc:
-        print(f"cannot connect to {args.url}: {exc}", file=sys.stderr)
+        async with FeedClient(args.url, token=args.token) as feed:
+            feed.on(
+                "disconnect", lambda reason: print("disconnected; reconnecting ...", flush=True)
+            )
+            feed.on(
+                "status", lambda s: print(f"status  {s['connector']} is {s['state']}", flush=True)
+            )
+            feed.on("gap", lambda g: print(f"gap     {g['room']}: {g['reason']}", flush=True))
+            changes: asyncio.Queue[Any] = asyncio.Queue()
+            rooms = args.room or ["main:public.orders"]
+            tasks = [asyncio.create_task(follow(feed, r, args.filter, changes)) for r in rooms]
+            printed = 0
+            following = set(tasks)
+            try:
+                while following and (args.count is None or printed < args.count):
+                    getter = asyncio.create_task(changes.get())
+                    done, _ = await asyncio.wait(
+                        [getter, *following], return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done - {getter}:
+                        following.discard(task)
+                        task.result()  # a refused subscribe raises here
+                    if getter in done:
+                        show_change(getter.result())
+                        printed += 1
+                    else:
+                        getter.cancel()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+    except SubscribeError:
+        return 1  # already said which room and why
+    except FeedError as exc:
+        print(f"cannot connect to {args.url}: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
-    try:
-        await follower.done.wait()
-    finally:
-        await follower.sio.disconnect()
     return 0
 
 

@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply migrations/ to each Postgres connector")
     migrate.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
+    migrate.add_argument(
+        "--prune",
+        action="store_true",
+        help="also stop capturing tables this config no longer lists",
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="with --prune: even while a running feed reads the connector",
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
     hash_token = commands.add_parser(
@@ -88,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     unwatch.add_argument("--connector", help="only this connector (default: every postgres one)")
     unwatch.add_argument(
         "--table", action="append", dest="tables", help="schema.table to stop (default: all)"
+    )
+    unwatch.add_argument(
+        "--force",
+        action="store_true",
+        help="even while a running feed reads the connector (it will re-attach, with a gap)",
     )
     unwatch.set_defaults(handler=cmd_unwatch)
 
@@ -194,7 +209,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     async def apply() -> None:
         for connector in connectors:
-            lines = await connector.migrate()
+            # Only asked when given: a third-party connector's migrate() may take no options.
+            options = {"prune": True, "force": args.force} if args.prune else {}
+            lines = await connector.migrate(**options)
             for line in lines or ["nothing to do"]:
                 print(f"{connector.name}: {line}")
 
@@ -216,7 +233,9 @@ def cmd_unwatch(args: argparse.Namespace) -> int:
 
     async def apply() -> None:
         for connector in connectors:
-            lines = await connector.unwatch(args.tables)  # type: ignore[attr-defined]
+            lines = await connector.unwatch(  # type: ignore[attr-defined]
+                args.tables, force=args.force
+            )
             for line in lines or ["nothing to do"]:
                 print(f"{connector.name}: {line}")
 

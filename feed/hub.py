@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
+from connectors.health import CAPTURE_METRICS
 from feed.access import Shape, ShapedRoom
 from feed.change import Change, Gap, format_ts, to_json
 from feed.config import ServerConfig
@@ -77,6 +78,12 @@ class TargetRooms:
 
     def matching(self, change: Change) -> list[Room]:
         rooms = [self.room]
+        if change.key is None and change.before is None and change.after is None:
+            # A truncate (or a dropped collection) empties every row and filter room too.
+            for by_name in self.by_key.values():
+                rooms.extend(by_name.values())
+            rooms.extend(self.filtered.rooms())
+            return rooms
         key = change.row_key
         if key is not None and self.by_key:
             for room in self.by_key.get(key, {}).values():
@@ -696,12 +703,16 @@ class Hub:
         m.describe("feed_errors_total", "counter", "Client requests refused, by code")
         m.describe("feed_rooms_refused_total", "counter", "New rooms refused, by limit reached")
         m.describe("feed_rooms_evicted_total", "counter", "Idle rooms expired early for new ones")
+        for name, (kind, text) in CAPTURE_METRICS.items():
+            m.describe(name, kind, text)
         m.gauges(self._gauge_values)
 
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:
         for c in self.connectors.values():
             up = 1.0 if c.status.state in (State.UP, State.LAGGING) else 0.0
             yield "feed_connector_up", (("connector", c.name),), up
+            for name, labels, value in c.gauges():
+                yield name, (("connector", c.name), *labels), value
         kinds = {"target": 0, "row": 0, "filter": 0}
         evicted = 0
         for room in self.rooms.values():

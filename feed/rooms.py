@@ -34,7 +34,8 @@ class Payload(dict[str, Any]):
         tail = change.wire_tail if change is not None else None
         if tail is None:
             return None
-        return b'{"room":%b,"seq":%d,%b' % (dumps_json(self["room"]), self["seq"], tail)
+        left = b'"left":true,' if "left" in self else b""
+        return b'{"room":%b,"seq":%d,%b%b' % (dumps_json(self["room"]), self["seq"], left, tail)
 
     def _edited(self) -> None:
         self.change = None
@@ -99,7 +100,17 @@ class Room:
     def record(self, change: Change) -> dict[str, Any]:
         """Number the change for this room, keep it for replay, and return its wire payload."""
         self.seq += 1
-        payload = Payload(change.wire, room=self.name, seq=self.seq)  # dict's init: no frames
+        left = (
+            self.filter is not None
+            and change.after is not None
+            and not self.filter.matches_image(change.after)
+        )
+        # Delivered for its before image only: the row has just left this room's filter.
+        # (Built by dict's own init, without Python frames: this runs per room per change.)
+        if left:
+            payload = Payload(change.wire, room=self.name, seq=self.seq, left=True)
+        else:
+            payload = Payload(change.wire, room=self.name, seq=self.seq)
         payload.change = change
         self._buffer.append((self.seq, change, payload))
         if len(self._buffer) > self.capacity:

@@ -193,10 +193,9 @@ def _payload_json(payload: Any) -> bytes:
     """One change payload as JSON: spliced from the change's JSON when it is a room's `Payload`
     (the body is encoded once per change, not once per room), else encoded whole."""
     if type(payload) is Payload:
-        change = payload.change
-        tail = change.wire_tail if change is not None else None
-        if tail is not None:  # Payload.json_body, inline: this runs once per room per change
-            return b'{"room":%b,"seq":%d,%b' % (_dumpb(payload["room"]), payload["seq"], tail)
+        body = payload.json_body()
+        if body is not None:
+            return body
     return _dumpb(payload)
 
 

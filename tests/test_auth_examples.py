@@ -18,7 +18,7 @@ WAIT = 20.0
 def commands() -> list[tuple[list[str], Path]]:
     found = [([sys.executable, "python_client.py"], EXAMPLES)]
     node = EXAMPLES / "node"
-    if (node / "node_modules" / "socket.io-client").is_dir():
+    if (node / "node_modules" / "dbfeed-client").is_dir():
         found.append((["node", "client.mjs"], node))
     return found
 

@@ -184,7 +184,8 @@ async def test_bookmarked_view_shows_changes_as_they_happen(
     # Everything the page loads comes from the feed server itself: no CDN, works offline.
     origin = memory_feed.url.replace("http://", "ws://")
     assert requested and all(u.startswith((memory_feed.url, origin)) for u in requested), requested
-    assert any(u.endswith("/socket.io.min.js") for u in requested)
+    assert any(u.endswith("/socket.io.esm.min.js") for u in requested)
+    assert any(u.endswith("/dbfeed-client.js") for u in requested)
 
 
 async def test_filter_in_the_address_shows_only_matching_rows(
@@ -752,3 +753,15 @@ async def test_rows_written_with_sql_appear_filtered_paused_and_resumed(
         await expect(page.locator('#detail-body tr[data-field="customer"] td')).to_have_text(
             ["globex", "—"]
         )
+
+
+async def test_a_script_that_does_not_load_is_named_instead_of_a_blank_page(
+    memory_feed: RunningFeed, page: Page, console: Console
+) -> None:
+    console.allow_network_noise = True  # the browser logs the failed request
+    await page.route("**/dbfeed-client.js", lambda route: route.abort())
+    await page.goto(memory_feed.url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "refused")
+    await expect(page.locator("#connection-text")).to_have_text(
+        "The dashboard's scripts did not load: rebuild the dashboard (make dashboard)."
+    )

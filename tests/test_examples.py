@@ -22,72 +22,13 @@ import pytest
 from connectors.memory import MemoryConnector
 from feed.config import load_config
 from tests.conftest import MEMORY_CONFIG
+from tests.support.proxy import CuttableProxy
 from tests.support.server import RunningFeed, running_feed
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
 NODE_DIR = EXAMPLES / "node"
 WAIT = 20.0
-
-
-class CuttableProxy:
-    """Forwards TCP to the feed; `cut()` drops every connection and refuses new ones until
-    `restore()`, which is what a client sees when the network goes away and comes back."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.refusing = False
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            sink.transport.abort()
-            self.writers.discard(sink)
-
-    def cut(self) -> None:
-        self.refusing = True
-        for writer in list(self.writers):
-            writer.transport.abort()
-        self.writers.clear()
-
-    def restore(self) -> None:
-        self.refusing = False
-
-    async def close(self) -> None:
-        self.cut()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @contextlib.asynccontextmanager
@@ -145,7 +86,7 @@ async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
         )  # fmt: skip
         out = Output(process)
         try:
-            await out.expect(r"^subscribed mem:public\.orders at seq 0$")
+            await out.expect(r"^live    mem:public\.orders at seq 0$")
             source = MemoryConnector.instances["mem"]
             source.write("public.orders", "insert", {"id": 1, "status": "new"})
             await out.expect(r"^insert  mem:public\.orders #1 key=1 ")
@@ -157,7 +98,7 @@ async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
             source.write("public.orders", "insert", {"id": 2, "status": "new"})
             proxy.restore()
 
-            await out.expect(r"^resumed mem:public\.orders at seq 3$")
+            await out.expect(r"^resumed mem:public\.orders: 2 missed change\(s\) replayed$")
             await out.expect(r"^insert  mem:public\.orders #3 key=2 ")
             assert await asyncio.wait_for(process.wait(), WAIT) == 0
             assert process.stdout is not None
@@ -178,10 +119,21 @@ async def test_python_client_prints_changes_and_resumes_after_a_drop() -> None:
 
 
 def node_ready() -> bool:
-    """node and the example's pinned dependencies (npm ci, as examples/README.md says)."""
+    """node and the example's dependencies (npm ci, as examples/README.md says).
+
+    The example installs dbfeed-client from clients/js as a copy (.npmrc: install-links), so
+    the copy is refreshed whenever the library's sources have changed since.
+    """
     if not shutil.which("node") or not shutil.which("npm"):
         return False
-    if not (NODE_DIR / "node_modules" / "socket.io-client").is_dir():
+    installed = NODE_DIR / "node_modules" / "dbfeed-client"
+    library = ROOT / "clients" / "js"
+    stale = not (installed / "index.js").is_file() or any(
+        (installed / name).read_bytes() != (library / name).read_bytes()
+        for name in ("index.js", "package.json")
+        if (installed / name).is_file()
+    )
+    if stale:
         subprocess.run(
             ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=NODE_DIR,

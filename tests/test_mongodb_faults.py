@@ -224,3 +224,74 @@ async def test_reading_old_events_reports_lagging_until_caught_up(
     assert lagging.state == State.LAGGING and "30s behind" in lagging.detail
     assert caught_up.state == State.UP
     assert states.count(State.LAGGING) == 1
+
+
+# -- the capture review of issue 17: every way the stream loses track is announced --------------
+
+
+async def test_a_renamed_collection_is_announced_and_counted(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_one({"_id": 0})
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    async with streaming(connector) as stream:
+        await coll.rename("archive")
+        rename, invalidate, gap = await take(stream, 3)
+        await mongodb.client[db]["orders"].insert_one({"_id": 1})  # a new collection, same name
+        [again] = await changes(stream, 1)
+    assert isinstance(rename, Change) and rename.op == "rename"
+    assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
+    assert isinstance(gap, Gap) and "dropped or renamed" in gap.reason
+    assert gap.target == f"{db}.orders"
+    assert again.key == 1
+    assert connector.capture_faults == {"stream_invalidated": 1}
+
+
+async def test_a_collection_dropped_while_stopped_is_announced_at_restart(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    coll = mongodb.client[db]["orders"]
+    name = MongoSource.unique("dropped")
+    async with streaming(make(mongodb, f"{db}.orders", name=name, max_await_ms=100)) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+    await coll.drop()
+    await coll.insert_one({"_id": 2})  # re-created while the feed was stopped
+    connector = make(mongodb, f"{db}.orders", name=name, max_await_ms=100)
+    async with streaming(connector) as stream:
+        # The last change before the stop may come again (it was not acknowledged), then:
+        items = await take(stream, 3)
+        if isinstance(items[0], Change) and items[0].op == "insert":
+            items = items[1:] + await take(stream, 1)
+        drop, invalidate, gap = items
+        assert isinstance(gap, Gap) and gap.target == f"{db}.orders"
+        await coll.insert_one({"_id": 3})
+        later = await changes(stream, 2)
+    assert isinstance(drop, Change) and drop.op == "drop"
+    assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
+    # The stream goes on after the invalidate: the re-created collection's changes, even those
+    # made while the feed was stopped, are delivered.
+    assert [c.key for c in later] == [2, 3]
+
+
+async def test_a_token_the_oplog_no_longer_holds_says_why_and_is_counted(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
+    coll = mongodb.client[db]["orders"]
+    name = MongoSource.unique("rolled")
+    async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+    await coll.insert_one({"_id": 2})  # never delivered: the oplog loses it
+    mongodb.wire.store.truncate_oplog()
+    connector = make(mongodb, f"{db}.orders", name=name)
+    async with streaming(connector) as stream:
+        [gap] = await take(stream, 1)
+    assert isinstance(gap, Gap) and "oplog no longer holds the resume token" in gap.reason
+    assert connector.capture_faults == {"history_lost": 1}

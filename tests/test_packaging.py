@@ -2,7 +2,8 @@
 
 `python -m build` makes the sdist from a copy of this checkout (without any built dashboard), then
 the wheel from that sdist, as a release would: both must hold feed/dashboard/ with the same files
-as dashboard/src/ plus socket.io-client's bundle at the version package-lock.json pins.
+as dashboard/src/ plus the client library (clients/js) and socket.io-client's bundle at the version
+package-lock.json pins.
 `pip install .` runs the same `build_py` hook as the wheel build.
 """
 
@@ -62,6 +63,7 @@ def test_wheel_and_sdist_carry_the_built_dashboard(tmp_path: Path) -> None:
     [wheel] = out.glob("*.whl")  # built from the sdist by `python -m build`
 
     expected = {p.name: p.read_bytes() for p in (ROOT / "dashboard" / "src").iterdir()}
+    expected["dbfeed-client.js"] = (ROOT / "clients" / "js" / "index.js").read_bytes()
     lock = json.loads((ROOT / "dashboard" / "package-lock.json").read_text())
     version = lock["packages"]["node_modules/socket.io-client"]["version"]
 
@@ -80,5 +82,5 @@ def test_wheel_and_sdist_carry_the_built_dashboard(tmp_path: Path) -> None:
         }
     for built in (in_wheel, in_sdist):
         assert {k: v for k, v in built.items() if k in expected} == expected
-        assert set(built) == set(expected) | {"socket.io.min.js", "socket.io.min.js.map"}
-        assert f"Socket.IO v{version}".encode() in built["socket.io.min.js"][:200]
+        assert set(built) == set(expected) | {"socket.io.esm.min.js", "socket.io.esm.min.js.map"}
+        assert f"Socket.IO v{version}".encode() in built["socket.io.esm.min.js"][:200]

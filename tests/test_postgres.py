@@ -447,7 +447,9 @@ async def test_unmigrated_schema_says_to_run_feed_migrate(pg: PgDatabase) -> Non
 # -- migrations, watching and unwatching ---------------------------------------------------------
 
 
-async def test_migrate_twice_is_a_no_op_and_detaches_unconfigured_tables(pg: PgDatabase) -> None:
+async def test_migrate_twice_is_a_no_op_and_prune_detaches_unconfigured_tables(
+    pg: PgDatabase,
+) -> None:
     await orders(pg)
     await pg.conn.execute("CREATE TABLE public.customers (id int PRIMARY KEY)")
     both = make_connector(pg.url, ["public.orders", "public.customers"])
@@ -463,7 +465,10 @@ async def test_migrate_twice_is_a_no_op_and_detaches_unconfigured_tables(pg: PgD
     assert await pg.conn.fetchval(triggers, "public.customers") == 2
     only_orders = make_connector(pg.url, ["public.orders"])
     third = await only_orders.migrate()
-    assert third[-1] == "unwatched public.customers (capture triggers dropped)"
+    assert third[-1].startswith("public.customers is still watched but not in this config's")
+    assert await pg.conn.fetchval(triggers, "public.customers") == 2
+    fourth = await only_orders.migrate(prune=True)
+    assert fourth[-1] == "unwatched public.customers (capture triggers dropped)"
     assert await pg.conn.fetchval(triggers, "public.customers") == 0
     assert await pg.conn.fetchval(triggers, "public.orders") == 2
     assert "Postgres" in await only_orders.check()

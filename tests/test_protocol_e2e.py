@@ -270,3 +270,31 @@ async def test_resume_from_the_seq_of_a_gap_is_not_recovered(memory_feed: Runnin
         fresh = await client.subscribe("mem:public.orders", since=after_gap["seq"])
     assert stale["recovered"] is False
     assert fresh["recovered"] is True
+
+
+async def test_a_row_leaving_a_filter_is_marked_left_and_a_truncate_reaches_every_room(
+    memory_feed: RunningFeed,
+) -> None:
+    """What the client libraries rely on to keep `rows` right in filter and row rooms."""
+    db = source(memory_feed)
+    async with feed_client(memory_feed.url) as client:
+        assert (await client.subscribe("mem:public.orders", filter="status=eq.paid"))["ok"]
+        assert (await client.subscribe("mem:public.orders:1"))["ok"]
+        db.write("public.orders", "insert", {"id": 1, "status": "paid"})
+        db.write("public.orders", "update", {"id": 1, "status": "refunded"})
+        got = await client.take(4)
+        by_room: dict[str, list[dict[str, Any]]] = {}
+        for change in got:
+            by_room.setdefault(change["room"], []).append(change)
+        entered, left = by_room["mem:public.orders?status=eq.paid"]
+        assert "left" not in entered
+        assert left["left"] is True and left["after"]["status"] == "refunded"
+        assert all("left" not in c for c in by_room["mem:public.orders:1"])  # no filter there
+
+        db.truncate("public.orders")
+        truncates = await client.take(2)
+        assert {c["room"] for c in truncates} == {
+            "mem:public.orders?status=eq.paid",
+            "mem:public.orders:1",
+        }
+        assert all(c["op"] == "truncate" and c["key"] is None for c in truncates)

@@ -250,6 +250,7 @@ async def test_connector_restart_announces_a_gap(redis_target: RedisTarget) -> N
 async def test_check_describes_the_server(redis_target: RedisTarget) -> None:
     text = await connector(redis_target).check()
     assert text.startswith("redis ") and "keyspace mode" in text and ":" in text
+    assert "notify-keyspace-events '" in text
 
 
 async def test_values_keep_arrival_order_under_a_burst(redis_target: RedisTarget) -> None:

@@ -13,6 +13,7 @@ from engineio import packet as eio_packet
 from connectors.memory import MemoryConnector
 from feed.access import Shape, ShapedRoom
 from feed.change import Change
+from feed.filters import parse_filter
 from feed.rooms import Payload, Room
 from feed.transport import FlushBeforeWaiting, SocketIOTransport, _payload_json
 from tests.support.server import RunningFeed, running_feed
@@ -357,6 +358,8 @@ def test_a_change_is_encoded_once_and_each_room_gets_its_own_room_and_seq() -> N
     ]
     assert decoded[3]["before"] == {"id": 7} and decoded[3]["after"] == {"id": 7}  # masked
     assert "wire_tail" in change.__dict__  # encoded once, shared by the rooms
+    leaving = Room("mem:t?pw=eq.a", "mem", "t", filter=parse_filter("pw=eq.a")).record(change)
+    assert json.loads(_payload_json(leaving)) == dict(leaving) and leaving["left"] is True
     assert isinstance(payloads[0], Payload) and payloads[0].json_body() is not None
     payloads[0]["after"] = None
     assert payloads[0].json_body() is None  # edited: the splice no longer applies

@@ -11,6 +11,12 @@ import {
   subscriptionKey,
   subscriptionsFromQuery,
 } from "./view.js";
+import { FeedClient } from "./dbfeed-client.js";
+import { io } from "socket.io-client";
+
+// The page's own socket.io-client (index.html's import map), for a raw connection from the
+// browser console.
+window.io = io;
 
 const TOKEN_KEY = "dbfeed.token";
 const MAX_ROWS_KEY = "dbfeed.maxRows";
@@ -18,12 +24,11 @@ const RATE_SAMPLES = 60;
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  socket: null,
+  feed: null, // the FeedClient (dbfeed-client)
   connectors: new Map(), // name -> {name, type, status, targets, gap, rates: number[]}
   unconfigured: [], // {type, detail}: sources this server leaves out, and how to get them
-  subs: [], // {room, filter, canonical, status, message}
-  lastSeq: new Map(), // canonical room -> last seq shown or skipped
-  epoch: null,
+  subs: [], // {room, filter, canonical, status, message, handle: the library's Subscription}
+  epoch: null, // the server run the shown changes come from
   rows: [], // changes shown, newest first, never more than maxRows
   byId: new Map(), // id -> change, for rows shown or waiting: one row per change, whatever rooms
   incoming: [], // changes not yet drawn (while paused, or until the next frame)
@@ -37,35 +42,35 @@ const state = {
 };
 
 // -- connection ---------------------------------------------------------------------------------
+//
+// dbfeed-client (clients/js) keeps the connection and resumes every subscription after a
+// reconnect; this page shows what it reports.
 
 function connect() {
   const path = new URL("socket.io", window.location.href).pathname;
-  const socket = window.io(window.location.origin, {
+  const feed = new FeedClient(window.location.origin, {
     path,
     transports: ["websocket", "polling"],
     reconnectionDelay: 500,
     reconnectionDelayMax: 4000,
-    // A function, so every reconnect sends the token the user most recently gave.
-    auth: (send) => {
-      const token = sessionStorage.getItem(TOKEN_KEY);
-      send(token ? { token } : {});
-    },
+    // A function, so every reconnect sends the token the user most recently gave; a refused
+    // token waits for the user rather than being retried.
+    token: () => sessionStorage.getItem(TOKEN_KEY),
+    retryRefused: false,
   });
-  state.socket = socket;
-  socket.on("connect", onConnect);
-  socket.on("disconnect", onDisconnect);
-  socket.on("connect_error", onConnectError);
-  socket.io.on("reconnect_attempt", (attempt) => {
+  state.feed = feed;
+  feed.on("connect", onConnect);
+  feed.on("disconnect", onDisconnect);
+  feed.on("error", onFeedError);
+  feed.socket.on("connect_error", () => {
+    // The transport failed; the client library retries with backoff. (Refusals: onFeedError.)
+    if (feed.socket.active) setConnection("reconnecting", "Server unreachable; retrying…");
+  });
+  feed.socket.io.on("reconnect_attempt", (attempt) => {
     setConnection("reconnecting", `Reconnecting (attempt ${attempt})…`);
   });
-  socket.on("change", (change) => receive([change]));
-  socket.on("changes", (batch) => receive(Array.isArray(batch) ? batch : []));
-  socket.on("status", onStatus);
-  socket.on("auth_expired", (notice) => {
-    // The server ends the connection next; the reconnect will ask for a new token.
-    setConnection("auth", (notice && notice.message) || "The token expired");
-  });
-  socket.on("gap", onGap);
+  feed.on("status", onStatus);
+  feed.on("gap", onGap);
 }
 
 function setConnection(kind, text) {
@@ -75,43 +80,31 @@ function setConnection(kind, text) {
   $("connection-text").textContent = text;
 }
 
-let connectedAt = 0;
-let serverCloses = 0;
-
 function onConnect() {
-  connectedAt = Date.now();
   const again = state.everConnected;
   state.everConnected = true;
   setConnection("connected", again ? "Connected again: resuming subscriptions" : "Connected");
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
-  state.socket.emit("catalog", onCatalog);
-  for (const sub of state.subs) subscribe(sub);
+  state.feed.catalog().then(onCatalog, () => {});
   startMetrics();
 }
 
 function onDisconnect(reason) {
   stopMetrics();
-  for (const sub of state.subs) {
-    if (sub.status !== "error") setSubStatus(sub, "offline", "waiting for the connection");
-  }
   if (reason === "io server disconnect") {
-    // The server closed this connection on purpose (a restart, say): the client library does
-    // not retry that by itself, so ask again after a moment.
-    // Back off if it keeps happening, so that a server that keeps refusing is not hammered.
-    serverCloses = Date.now() - connectedAt > 30000 ? 1 : serverCloses + 1;
-    const delay = Math.min(500 * 2 ** (serverCloses - 1), 15000);
+    // The server closed this connection on purpose (a restart, say): the client library
+    // connects again after a backoff.
     setConnection("reconnecting", "Disconnected by the server; reconnecting…");
-    setTimeout(() => state.socket.connect(), delay);
   } else {
     setConnection("reconnecting", `Disconnected (${reason}); reconnecting…`);
   }
 }
 
-function onConnectError(error) {
-  if (state.socket.active) {
-    // The transport failed; the client library retries with backoff.
-    setConnection("reconnecting", "Server unreachable; retrying…");
-    return;
+function onFeedError(error) {
+  if (!error.refused) {
+    // The server ends the connection next; the reconnect will ask for a new token.
+    if (error.code === "token_expired") setConnection("auth", error.message || "The token expired");
+    return; // otherwise a failed refresh, say: the connection goes on
   }
   // The server refused this connection: retrying with the same credentials would not help.
   if (isAuthRefusal(error)) {
@@ -143,21 +136,19 @@ function submitToken(event) {
   }
   sessionStorage.setItem(TOKEN_KEY, token);
   setConnection("connecting", "Connecting with the token…");
-  state.socket.connect();
+  state.feed.reconnect();
 }
 
 function forgetToken() {
   sessionStorage.removeItem(TOKEN_KEY);
   $("forget-token").hidden = true;
-  state.socket.disconnect();
-  state.socket.connect();
+  state.feed.reconnect(true);
 }
 
 // -- catalog and connector status ---------------------------------------------------------------
 
 function onCatalog(reply) {
   if (!reply || !reply.ok) return;
-  state.epoch = state.epoch || reply.epoch;
   const known = state.connectors;
   state.connectors = new Map();
   for (const item of reply.connectors) {
@@ -176,7 +167,7 @@ function onCatalog(reply) {
 function onStatus(status) {
   const connector = state.connectors.get(status.connector);
   if (!connector) {
-    state.socket.emit("catalog", onCatalog); // one this page has not heard of yet
+    state.feed.catalog().then(onCatalog, () => {}); // one this page has not heard of yet
     return;
   }
   connector.status = status;
@@ -189,14 +180,7 @@ function onGap(gap) {
     connector.gap = { reason: gap.reason, at: new Date() };
     drawConnectors();
   }
-  for (const sub of state.subs) {
-    if (sub.canonical === gap.room) {
-      setSubStatus(sub, "gap", `missed changes (${gap.reason}): reload needed`);
-    }
-  }
-  if (typeof gap.seq === "number" && gap.room) {
-    state.lastSeq.set(gap.room, Math.max(state.lastSeq.get(gap.room) || 0, gap.seq));
-  }
+  // Each subscription of that room reports the gap itself, as a "reload" state.
 }
 
 function drawConnectors() {
@@ -326,7 +310,7 @@ async function sampleRates() {
     }
   }
   if (m.mode === "received") totals = new Map(m.received);
-  if (!totals || !state.socket.connected) return;
+  if (!totals || !state.feed.connected) return;
   if (m.last) {
     const seconds = Math.max(0.001, (now - m.last.at) / 1000);
     for (const c of state.connectors.values()) {
@@ -349,47 +333,42 @@ function parseChangesIn(text) {
 // -- subscriptions ------------------------------------------------------------------------------
 
 function subscribe(sub) {
-  if (!state.socket.connected) return;
-  const request = { room: sub.room };
-  if (sub.filter) request.filter = sub.filter;
-  const resuming = sub.canonical && state.lastSeq.has(sub.canonical);
-  if (resuming) {
-    request.since = state.lastSeq.get(sub.canonical);
-    if (state.epoch) request.epoch = state.epoch;
-  }
-  setSubStatus(sub, "pending", resuming ? "resuming…" : "subscribing…");
-  const attempt = (sub.attempt = (sub.attempt || 0) + 1);
-  state.socket.timeout(10000).emit("subscribe", request, (err, ack) => {
-    // Removed while waiting, or asked again since (after a reconnect): this answer is stale.
-    if (!state.subs.includes(sub) || sub.attempt !== attempt) return;
-    if (err) {
-      setSubStatus(sub, "error", "the server did not answer in time");
-      return;
-    }
-    if (!ack || !ack.ok) {
-      const error = (ack && ack.error) || { code: "unknown", message: "no answer" };
-      setSubStatus(sub, "error", `${error.code}: ${error.message}`);
-      return;
-    }
-    sub.canonical = ack.room;
-    const sameEpoch = !state.epoch || ack.epoch === state.epoch;
+  sub.handle = state.feed.subscribe(sub.room, sub.filter ? { filter: sub.filter } : {});
+  sub.handle.on("state", (name, info) => onSubState(sub, name, info));
+  sub.handle.on("change", (change) => receive([change]));
+}
+
+function onSubState(sub, name, info) {
+  const handle = sub.handle;
+  if (handle.room) sub.canonical = handle.room;
+  if (handle.epoch && handle.epoch !== state.epoch) {
     // Another server process: change ids from a source that started over may repeat.
-    if (!sameEpoch) state.byId.clear();
-    state.epoch = ack.epoch || state.epoch;
-    if (ack.recovered === true) {
-      const missed = ack.seq - request.since;
-      setSubStatus(sub, "recovered", `resumed: ${missed} missed change${missed === 1 ? "" : "s"} recovered`);
-    } else if (ack.recovered === false) {
-      // Numbering starts again from the server's (perhaps after a restart).
-      state.lastSeq.set(ack.room, ack.seq);
-      setSubStatus(sub, "gap", "missed changes could not be replayed: reload needed");
-    } else {
-      // A change may have arrived before this answer; keep its seq unless the server restarted.
-      const seen = sameEpoch ? state.lastSeq.get(ack.room) || 0 : 0;
-      state.lastSeq.set(ack.room, Math.max(seen, ack.seq));
-      setSubStatus(sub, "live", "live");
+    if (state.epoch) state.byId.clear();
+    state.epoch = handle.epoch;
+  }
+  if (name === "pending") {
+    if (info.reason === "disconnected") setSubStatus(sub, "offline", "waiting for the connection");
+    else if (!sub.reloading && sub.status !== "gap") {
+      setSubStatus(sub, "pending", info.resuming ? "resuming…" : "subscribing…");
     }
-  });
+  } else if (name === "live") {
+    // A reload the user has not asked for stays on show until they do.
+    if (sub.status !== "gap" || sub.reloading) setSubStatus(sub, "live", "live");
+    sub.reloading = false;
+  } else if (name === "recovered") {
+    const n = info.replayed;
+    setSubStatus(sub, "recovered", `resumed: ${n} missed change${n === 1 ? "" : "s"} recovered`);
+  } else if (name === "reload") {
+    if (sub.reloading) return;
+    const lost = info.reason === "the server could not replay what was missed";
+    setSubStatus(
+      sub,
+      "gap",
+      lost ? "missed changes could not be replayed: reload needed" : `missed changes (${info.reason}): reload needed`,
+    );
+  } else if (name === "error") {
+    setSubStatus(sub, "error", `${info.code}: ${info.message}`);
+  }
 }
 
 function addSubscription(room, filter) {
@@ -404,20 +383,23 @@ function addSubscription(room, filter) {
 
 function removeSubscription(sub) {
   state.subs = state.subs.filter((s) => s !== sub);
-  const stillWanted = state.subs.some((s) => s.canonical === sub.canonical);
-  if (sub.canonical && !stillWanted) {
-    state.lastSeq.delete(sub.canonical);
-    if (state.socket.connected) state.socket.emit("unsubscribe", { room: sub.canonical }, () => {});
-  }
+  if (sub.handle) sub.handle.unsubscribe().catch(() => {});
   writeAddress();
   drawSubscriptions();
 }
 
-// Start the subscription afresh: the user has seen that changes were missed.
+// Start the subscription afresh: the user has seen that changes were missed (or an error).
 function reloadSubscription(sub) {
-  if (sub.canonical) state.lastSeq.delete(sub.canonical);
-  sub.canonical = null;
-  subscribe(sub);
+  if (sub.status === "error" || !sub.handle) {
+    if (sub.handle) sub.handle.unsubscribe().catch(() => {});
+    sub.canonical = null;
+    setSubStatus(sub, "pending", "subscribing…");
+    subscribe(sub);
+    return;
+  }
+  sub.reloading = true;
+  setSubStatus(sub, "pending", "subscribing…");
+  sub.handle.reload();
 }
 
 function setSubStatus(sub, status, message) {
@@ -573,11 +555,6 @@ function submitSubscription(event) {
 function receive(changes) {
   for (const change of changes) {
     if (!change || typeof change !== "object") continue;
-    const last = state.lastSeq.get(change.room);
-    if (typeof change.seq === "number") {
-      if (last !== undefined && change.seq <= last) continue; // already shown
-      state.lastSeq.set(change.room, change.seq);
-    }
     // The same change reaches every subscribed room it matches: show it once, note the rooms.
     const known = state.byId.get(change.id);
     if (known) {
@@ -857,11 +834,8 @@ function start() {
   }
   writeAddress();
   drawSubscriptions();
-  if (typeof window.io !== "function") {
-    setConnection("refused", "The Socket.IO client did not load: rebuild the dashboard (make dashboard).");
-    return;
-  }
   connect();
+  for (const sub of state.subs) subscribe(sub);
 }
 
 start();

@@ -1,0 +1,164 @@
+// Type declarations for dbfeed-client (index.js). Checked by `tsc --noEmit` in the tests.
+import type { Socket, SocketOptions, ManagerOptions } from "socket.io-client";
+
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+export type Row = { [field: string]: Json };
+
+/** One change, as the server sends it (docs/protocol.md). */
+export interface Change {
+  id: string;
+  room: string;
+  seq: number;
+  connector: string;
+  source: string;
+  target: string;
+  op: string;
+  key: Json;
+  before: Row | null;
+  after: Row | null;
+  ts: string;
+  meta?: { [key: string]: Json };
+  /** Set when a filter room delivers a change whose after image no longer matches. */
+  left?: true;
+}
+
+export interface Status {
+  connector: string;
+  state: "up" | "down" | "lagging" | "starting" | "stopped";
+  detail: string;
+  since: string;
+}
+
+export interface Gap {
+  connector: string;
+  room: string;
+  target: string;
+  reason: string;
+  seq: number;
+  ts?: string;
+}
+
+export type State = "pending" | "live" | "recovered" | "reload" | "error";
+
+export interface StateInfo {
+  /** recovered: how many changes the server replays. */
+  replayed?: number;
+  /** reload: why data may have been missed; pending: why we wait. */
+  reason?: string;
+  /** pending: whether the subscribe resumes from the last seq. */
+  resuming?: boolean;
+  /** error: the server's code and message. */
+  code?: string;
+  message?: string;
+}
+
+export type Token = string | (() => string | null | Promise<string | null>);
+
+export interface FeedClientOptions {
+  /** A token, or a function returning the current one (called on every connect and refresh). */
+  token?: Token;
+  /** Refresh a function token's JWT before it expires (default true). */
+  refreshTokens?: boolean;
+  /** With a function token: retry a refused connection with backoff (default true); when
+   * false, wait for `reconnect()`. A fixed token's refusal ends every subscription. */
+  retryRefused?: boolean;
+  /** Socket.IO path (default "/socket.io/"). */
+  path?: string;
+  transports?: ("websocket" | "polling" | "webtransport")[];
+  reconnectionDelay?: number;
+  reconnectionDelayMax?: number;
+  /** Milliseconds to wait for an answer to a request (default 10000). */
+  timeout?: number;
+  /** Any other socket.io-client options. */
+  socketOptions?: Partial<ManagerOptions & SocketOptions>;
+  /** The socket.io-client `io` function to use (default: the one imported). */
+  io?: (url: string, options: Partial<ManagerOptions & SocketOptions>) => Socket;
+}
+
+export interface SubscribeOptions {
+  /** A PostgREST-style filter: `status=eq.paid&amount=gt.100`. */
+  filter?: string;
+  /** Start with the current rows, and keep `rows` up to date. */
+  snapshot?: boolean;
+  /** How to read a snapshot row's key: a field, fields (a composite key), or a function. */
+  key?: string | string[] | ((row: Row) => Json);
+  /** Resume from a position saved earlier (`sub.seq` and `sub.epoch`). */
+  since?: number;
+  epoch?: string;
+}
+
+export interface SnapshotInfo {
+  truncated: boolean;
+  rows: Map<string, Row>;
+}
+
+export interface CatalogAnswer {
+  ok: true;
+  epoch: string;
+  connectors: { name: string; type: string; status: Status; targets: string[] }[];
+  unconfigured: { type: string; detail: string }[];
+}
+
+export class FeedError extends Error {
+  constructor(code: string, message: string, data?: unknown);
+  readonly code: string;
+  readonly data?: unknown;
+  /** Set on the error of a connection the server refused (its `data.code` says why). */
+  readonly refused?: boolean;
+}
+
+/** The row key as in row room names: `42`, `abc`, `7,2`; null when there is none. */
+export function keyText(key: Json | undefined): string | null;
+
+export class FeedClient {
+  /** One URL, or the nodes of one feed (a cluster): after a failed attempt the next is tried. */
+  constructor(url: string | string[], options?: FeedClientOptions);
+  /** The node connected to (or being tried). */
+  readonly url: string;
+  readonly urls: string[];
+  readonly socket: Socket;
+  readonly connected: boolean;
+  readonly subscriptions: Set<Subscription>;
+  subscribe(room: string, options?: SubscribeOptions): Subscription;
+  catalog(): Promise<CatalogAnswer>;
+  refresh(token?: string): Promise<{ ok: true; expires_in: number | null }>;
+  /** Connect again now (after a new token, say); `force` drops a live connection first. */
+  reconnect(force?: boolean): void;
+  close(): void;
+  on(event: "connect", fn: () => void): this;
+  on(event: "disconnect", fn: (reason: string) => void): this;
+  on(event: "error", fn: (error: FeedError) => void): this;
+  on(event: "status", fn: (status: Status) => void): this;
+  on(event: "gap", fn: (gap: Gap) => void): this;
+  on(event: "handler_error", fn: (error: unknown, event: string) => void): this;
+  off(event: string, fn: (...args: any[]) => void): this;
+}
+
+export class Subscription {
+  readonly client: FeedClient;
+  /** The room as asked for. */
+  readonly requested: string;
+  readonly filter: string | null;
+  readonly snapshot: boolean;
+  /** The canonical room name from the server (null until the first answer). */
+  readonly room: string | null;
+  readonly state: State;
+  /** The last seq delivered, and the server run it belongs to: save both to resume later. */
+  readonly seq: number | null;
+  readonly epoch: string | null;
+  /** With `snapshot`: row key (as in row room names) -> current row; otherwise null. */
+  readonly rows: Map<string, Row> | null;
+  /** Whether the last snapshot stopped at the server's `snapshot_limit`. */
+  readonly truncated: boolean;
+  /** Resolves on the first successful answer; rejects with a FeedError when refused. */
+  readonly ready: Promise<Subscription>;
+  unsubscribe(): Promise<void>;
+  /** Start afresh: a new subscribe without `since`, with a new snapshot. */
+  reload(reason?: string): void;
+  on(event: "snapshot", fn: (rows: Row[], info: SnapshotInfo) => void): this;
+  on(event: "change", fn: (change: Change) => void): this;
+  on(event: "state", fn: (state: State, info: StateInfo) => void): this;
+  on(event: "error", fn: (error: FeedError) => void): this;
+  on(event: "handler_error", fn: (error: unknown, event: string) => void): this;
+  off(event: string, fn: (...args: any[]) => void): this;
+}

@@ -1,0 +1,640 @@
+// dbfeed-client: subscriptions to a dbfeed server that resume by themselves and keep rows live.
+//
+// The hard part of a realtime client, written once: `change` and `changes` unpacked, each
+// room's last `seq` and `epoch` remembered and sent back after every reconnect, duplicates
+// dropped by `id`, a hole in `seq` turned into a reload (never passed on silently), snapshots
+// assembled from their chunks and fetched again by themselves when a reload is needed, and the
+// current rows kept right through all of it. See docs/clients.md for the API and the states.
+//
+// An ES module with no build step; its one dependency is socket.io-client. In a browser without
+// a bundler, map "socket.io-client" to its ESM build with an import map (the dashboard does).
+
+import { io } from "socket.io-client";
+
+const RETRYABLE = new Set(["rate_limited", "internal", "snapshot_failed", "not_connected", "timeout"]);
+const REMOVALS = new Set(["delete", "del", "expired", "evicted", "unlink"]);
+const CLEARS = new Set(["truncate", "drop", "dropDatabase", "rename", "invalidate"]);
+const MAX_IDS = 4096; // recent change ids kept per subscription to drop duplicates
+const MAX_ORPHANS = 10000; // changes held for a room whose first subscribe ack has not come yet
+
+/** An error from the server (its `code` and `message`) or from the client itself. */
+export class FeedError extends Error {
+  constructor(code, message, data) {
+    super(message);
+    this.name = "FeedError";
+    this.code = code;
+    if (data !== undefined) this.data = data;
+  }
+}
+
+/** The row key as it appears in row room names: `42`, `abc`, `7,2` for a composite key. */
+export function keyText(key) {
+  if (key === null || key === undefined) return null;
+  if (typeof key === "string") return key;
+  if (Array.isArray(key)) return key.map(scalarText).join(",");
+  if (typeof key === "object") {
+    if (typeof key.$oid === "string") return key.$oid;
+    return Object.values(key).map(scalarText).join(",");
+  }
+  return scalarText(key);
+}
+
+function scalarText(value) {
+  if (value === null || value === undefined) return "null";
+  if (typeof value === "string") return value;
+  if (typeof value === "object") {
+    if (typeof value.$oid === "string") return value.$oid;
+    return JSON.stringify(value);
+  }
+  return String(value);
+}
+
+/** The key of a snapshot row: `_id` (MongoDB), else `id`, else `key` (Redis), unless told. */
+function rowKeyOf(spec, row) {
+  if (typeof spec === "function") return keyText(spec(row));
+  if (typeof spec === "string") return keyText(row[spec]);
+  if (Array.isArray(spec)) return spec.map((f) => scalarText(row[f])).join(",");
+  for (const field of ["_id", "id", "key"]) {
+    if (row && row[field] !== undefined) return keyText(row[field]);
+  }
+  return null;
+}
+
+/** Seconds until a JWT's `exp`, or null when the token is not a JWT with one. */
+function jwtSecondsLeft(token) {
+  if (typeof token !== "string") return null;
+  const parts = token.replace(/^Bearer /, "").split(".");
+  if (parts.length !== 3) return null;
+  try {
+    const text = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const padded = text + "=".repeat((4 - (text.length % 4)) % 4);
+    const json = typeof atob === "function" ? atob(padded) : Buffer.from(padded, "base64").toString("binary");
+    const exp = JSON.parse(json).exp;
+    return typeof exp === "number" ? exp - Date.now() / 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+class Emitter {
+  constructor() {
+    this._handlers = new Map();
+  }
+
+  /** Call `fn` on every `event`; returns this, so calls chain. */
+  on(event, fn) {
+    if (!this._handlers.has(event)) this._handlers.set(event, new Set());
+    this._handlers.get(event).add(fn);
+    return this;
+  }
+
+  off(event, fn) {
+    this._handlers.get(event)?.delete(fn);
+    return this;
+  }
+
+  _emit(event, ...args) {
+    for (const fn of [...(this._handlers.get(event) || [])]) {
+      try {
+        fn(...args);
+      } catch (err) {
+        // One failing handler must not break the stream for the others; report it.
+        if (event !== "handler_error" && this._handlers.get("handler_error")?.size) {
+          this._emit("handler_error", err, event);
+        } else {
+          console.error(`dbfeed-client: a "${event}" handler failed:`, err);
+        }
+      }
+    }
+  }
+}
+
+/** One connection to a feed server, shared by any number of subscriptions. */
+export class FeedClient extends Emitter {
+  constructor(url, options = {}) {
+    super();
+    // One URL, or several nodes of one feed: after a failed attempt the next one is tried.
+    this.urls = Array.isArray(url) ? [...url] : [url];
+    if (this.urls.length === 0) throw new FeedError("bad_url", "no URL given");
+    this._urlIndex = 0;
+    this.options = options;
+    this.subscriptions = new Set();
+    this._byRoom = new Map(); // canonical room -> Set<Subscription>
+    this._orphans = []; // changes for rooms no subscription knows yet (first acks pending)
+    this._closed = false;
+    this._serverCloses = 0;
+    this._connectedAt = 0;
+    this._refreshTimer = null;
+    this._retryTimer = null;
+    this._token = typeof options.token === "string" ? options.token : null;
+    this.connected = false;
+    const ioOptions = {
+      forceNew: true, // a connection of its own, never one shared with other code on the page
+      transports: options.transports || ["websocket", "polling"],
+      reconnectionDelay: options.reconnectionDelay ?? 500,
+      reconnectionDelayMax: options.reconnectionDelayMax ?? 5000,
+      ...(options.path ? { path: options.path } : {}),
+      ...(options.socketOptions || {}),
+      // A function, so that every reconnect asks for the current token.
+      auth: (send) => {
+        this._currentToken().then(
+          (token) => send(token ? { token } : {}),
+          (err) => {
+            this._emit("error", new FeedError("token_unavailable", `could not get a token: ${err.message}`));
+            send({});
+          },
+        );
+      },
+    };
+    const factory = options.io || io;
+    this.socket = factory(this.urls[0], ioOptions);
+    this._wire();
+  }
+
+  /** The URL of the node this client is connected to (or trying). */
+  get url() {
+    return this.urls[this._urlIndex];
+  }
+
+  async _currentToken() {
+    const source = this.options.token;
+    if (typeof source === "function") this._token = (await source()) || null;
+    return this._token;
+  }
+
+  _wire() {
+    const socket = this.socket;
+    socket.on("connect", () => this._onConnect());
+    socket.on("disconnect", (reason) => this._onDisconnect(reason));
+    socket.on("connect_error", (err) => this._onConnectError(err));
+    socket.on("change", (change) => this._route([change]));
+    socket.on("changes", (list) => this._route(Array.isArray(list) ? list : []));
+    socket.on("snapshot", (chunk) => this._onChunk(chunk));
+    socket.on("gap", (gap) => this._onGap(gap));
+    socket.on("status", (status) => this._emit("status", status));
+    socket.on("auth_expired", (notice) => {
+      // The server closes this connection next; the reconnect asks for a fresh token.
+      this._emit("error", new FeedError(notice?.code || "token_expired", notice?.message || "the token expired"));
+    });
+  }
+
+  /** Follow a room; see docs/clients.md for the options. */
+  subscribe(room, options = {}) {
+    if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
+    const sub = new Subscription(this, room, options);
+    this.subscriptions.add(sub);
+    if (this.connected) sub._send();
+    return sub;
+  }
+
+  /** The server's connectors, their targets and status. */
+  async catalog() {
+    const ack = await this._call("catalog", undefined);
+    if (!ack || !ack.ok) throw ackError(ack);
+    return ack;
+  }
+
+  /** Send a fresh token now (from the `token` function unless one is given). */
+  async refresh(token) {
+    const fresh = token ?? (await this._currentToken());
+    const ack = await this._call("refresh", { token: fresh });
+    if (!ack || !ack.ok) throw ackError(ack);
+    this._token = fresh;
+    this._scheduleRefresh(typeof ack.expires_in === "number" ? ack.expires_in : null);
+    return ack;
+  }
+
+  /** Connect again now (after the user gave a new token, say); `force` drops a live connection. */
+  reconnect(force = false) {
+    if (this._closed) return;
+    clearTimeout(this._retryTimer);
+    if (force && this.socket.connected) this.socket.disconnect();
+    if (!this.socket.connected) this.socket.connect();
+  }
+
+  close() {
+    this._closed = true;
+    clearTimeout(this._refreshTimer);
+    clearTimeout(this._retryTimer);
+    for (const sub of [...this.subscriptions]) sub._close();
+    this.socket.disconnect();
+  }
+
+  async _call(event, payload) {
+    const timeout = this.options.timeout ?? 10000;
+    try {
+      return payload === undefined
+        ? await this.socket.timeout(timeout).emitWithAck(event)
+        : await this.socket.timeout(timeout).emitWithAck(event, payload);
+    } catch {
+      throw new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`);
+    }
+  }
+
+  _onConnect() {
+    this.connected = true;
+    this._connectedAt = Date.now();
+    this._emit("connect");
+    this._scheduleRefresh(jwtSecondsLeft(this._token));
+    for (const sub of this.subscriptions) sub._send();
+  }
+
+  _onDisconnect(reason) {
+    this.connected = false;
+    clearTimeout(this._refreshTimer);
+    this._emit("disconnect", reason);
+    for (const sub of this.subscriptions) sub._offline();
+    this._orphans = [];
+    if (this._closed) return;
+    if (reason === "io server disconnect") {
+      // The server closed the connection on purpose (a restart, an expired token):
+      // socket.io-client does not retry that by itself, so do it with a backoff.
+      this._serverCloses = Date.now() - this._connectedAt > 30000 ? 1 : this._serverCloses + 1;
+      const delay = Math.min(500 * 2 ** (this._serverCloses - 1), this.options.reconnectionDelayMax ?? 5000);
+      this._retryTimer = setTimeout(() => {
+        if (!this._closed) this.socket.connect();
+      }, delay);
+    }
+  }
+
+  _onConnectError(err) {
+    if (this.socket.active) {
+      // A transport failure: socket.io-client retries by itself, at the next node if several.
+      if (this.urls.length > 1 && this.socket.io) {
+        this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+        this.socket.io.uri = this.urls[this._urlIndex];
+      }
+      return;
+    }
+    // Refused by the server (authentication, too many connections).
+    const error = new FeedError(err?.data?.code || "refused", err?.message || "connection refused", err?.data);
+    error.refused = true;
+    this._emit("error", error);
+    if (typeof this.options.token === "function") {
+      // A token provider may have a better token next time: retry (unless told to wait for
+      // `reconnect()`, as the dashboard does while it asks the user); keep the subscriptions.
+      if (this.options.retryRefused === false || this._closed) return;
+      this._serverCloses += 1;
+      const delay = Math.min(500 * 2 ** this._serverCloses, this.options.reconnectionDelayMax ?? 5000);
+      this._retryTimer = setTimeout(() => {
+        if (!this._closed) this.socket.connect();
+      }, delay);
+      return;
+    }
+    for (const sub of [...this.subscriptions]) sub._fail(error);
+  }
+
+  _scheduleRefresh(secondsLeft) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    const wanted = this.options.refreshTokens !== false && typeof this.options.token === "function";
+    if (secondsLeft === null || !wanted || this._closed) return;
+    // Refresh with a quarter of the lifetime to spare, so a slow answer is still in time.
+    const delay = Math.max(0.2, secondsLeft * 0.75) * 1000;
+    this._refreshTimer = setTimeout(() => {
+      this.refresh().catch((err) => {
+        this._emit("error", err instanceof FeedError ? err : new FeedError("refresh_failed", String(err)));
+        // Try again shortly; if the token does expire, the server closes and we reconnect.
+        if (this.connected) this._scheduleRefresh(Math.max(1, secondsLeft * 0.25));
+      });
+    }, delay);
+  }
+
+  _register(sub, room) {
+    if (!this._byRoom.has(room)) this._byRoom.set(room, new Set());
+    this._byRoom.get(room).add(sub);
+    const mine = this._orphans.filter((c) => c.room === room);
+    if (mine.length) this._orphans = this._orphans.filter((c) => c.room !== room);
+    return mine;
+  }
+
+  _unregister(sub) {
+    if (sub.room && this._byRoom.get(sub.room)?.delete(sub) && this._byRoom.get(sub.room).size === 0) {
+      this._byRoom.delete(sub.room);
+    }
+  }
+
+  _route(changes) {
+    for (const change of changes) {
+      if (!change || typeof change !== "object") continue;
+      const subs = this._byRoom.get(change.room);
+      if (subs) {
+        for (const sub of subs) sub._receive(change);
+      } else if ([...this.subscriptions].some((s) => s.room === null)) {
+        // An answer to a first subscribe is on its way; the change is for that room.
+        this._orphans.push(change);
+        if (this._orphans.length > MAX_ORPHANS) this._orphans.shift();
+      }
+    }
+  }
+
+  _onChunk(chunk) {
+    const subs = chunk && this._byRoom.get(chunk.room);
+    if (subs) for (const sub of subs) sub._chunk(chunk);
+  }
+
+  _onGap(gap) {
+    const subs = gap && this._byRoom.get(gap.room);
+    if (subs) for (const sub of subs) sub._gap(gap);
+    this._emit("gap", gap);
+  }
+}
+
+function ackError(ack) {
+  const error = (ack && ack.error) || { code: "bad_answer", message: "the server sent no valid answer" };
+  return new FeedError(error.code, error.message);
+}
+
+/**
+ * One followed room. Events: "snapshot" (rows, info), "change" (change), "state" (state, info),
+ * "error" (FeedError). `ready` settles on the first answer: it rejects on a refused subscribe.
+ */
+export class Subscription extends Emitter {
+  constructor(client, room, options) {
+    super();
+    this.client = client;
+    this.requested = room;
+    this.filter = options.filter || null;
+    this.snapshot = Boolean(options.snapshot);
+    this.keySpec = options.key;
+    this.room = null; // the canonical name, from the first ack
+    this.state = "pending";
+    this.seq = options.since ?? null;
+    this.epoch = options.epoch ?? null;
+    this.rows = this.snapshot ? new Map() : null;
+    this.truncated = false;
+    this._attempt = 0;
+    this._phase = "idle"; // idle | subscribing | chunks | ready
+    this._buffer = [];
+    this._chunks = null;
+    this._skipOk = false;
+    this._fresh = false; // the next subscribe must not resume (a reload asked for new rows)
+    this._ids = new Set();
+    this._idOrder = [];
+    this._closed = false;
+    this._everReady = false;
+    this._retries = 0;
+    this._reloading = false;
+    this._gapWhileSubscribing = null;
+    this.ready = new Promise((resolve, reject) => {
+      this._resolveReady = resolve;
+      this._rejectReady = reject;
+    });
+    this.ready.catch(() => {}); // a refusal also arrives as the "error" state
+  }
+
+  /** Stop following the room. */
+  async unsubscribe() {
+    const room = this.room;
+    const wasSubscribed = this._phase !== "idle" || this._everReady;
+    this._close();
+    this.client.subscriptions.delete(this);
+    if (room && wasSubscribed && this.client.connected && ![...this.client.subscriptions].some((s) => s.room === room)) {
+      const ack = await this.client._call("unsubscribe", { room });
+      if (!ack || !ack.ok) throw ackError(ack);
+    }
+  }
+
+  /** Start afresh: forget the position (and rows) and subscribe again, with a new snapshot. */
+  reload(reason = "asked by the application") {
+    this._setState("reload", { reason });
+    this._fresh = true;
+    if (this.client.connected) this._send();
+  }
+
+  _close() {
+    this._closed = true;
+    this._attempt += 1;
+    this._phase = "idle";
+    this.client._unregister(this);
+    if (!this._everReady) this._rejectReady(new FeedError("closed", "unsubscribed before the server answered"));
+  }
+
+  _setState(state, info = {}) {
+    this.state = state;
+    if (state === "reload") this._reloading = true;
+    else if (state !== "pending") this._reloading = false;
+    this._emit("state", state, info);
+  }
+
+  _send() {
+    if (this._closed) return;
+    // The room as asked (with its filter), not the canonical name: older servers refuse a
+    // canonical filter room passed back as `room`, and the answer names the same room anyway.
+    const request = { room: this.requested };
+    if (this.filter) request.filter = this.filter;
+    const resuming = !this._fresh && this.seq !== null && this.epoch !== null;
+    if (resuming) {
+      request.since = this.seq;
+      request.epoch = this.epoch;
+    }
+    if (this.snapshot) request.snapshot = true;
+    const attempt = ++this._attempt;
+    this._phase = "subscribing";
+    this._buffer = [];
+    this._chunks = null;
+    this._gapWhileSubscribing = null;
+    if (this.state !== "pending") this._setState("pending", { resuming });
+    this.client._call("subscribe", request).then(
+      (ack) => this._onAck(attempt, request, ack),
+      (err) => this._onAck(attempt, request, { ok: false, error: { code: err.code || "timeout", message: err.message } }),
+    );
+  }
+
+  _onAck(attempt, request, ack) {
+    if (this._closed && ack && ack.ok && !this.client._byRoom.has(ack.room) && this.client.connected) {
+      // Unsubscribed while the answer was on its way: leave the room the server put us in.
+      this.client._call("unsubscribe", { room: ack.room }).catch(() => {});
+      return;
+    }
+    if (attempt !== this._attempt || this._closed) return; // stale: asked again since
+    if (!ack || !ack.ok) {
+      const error = ackError(ack);
+      if (RETRYABLE.has(error.code) && this.client.connected) {
+        this._retries += 1;
+        const delay = Math.min(250 * 2 ** this._retries, 10000);
+        setTimeout(() => {
+          if (attempt === this._attempt && this.client.connected) this._send();
+        }, delay);
+        return;
+      }
+      this._fail(error);
+      return;
+    }
+    this._retries = 0;
+    this.client._unregister(this);
+    this.room = ack.room;
+    const early = this.client._register(this, ack.room);
+    this._buffer = [...early, ...this._buffer];
+    const newEpoch = this.epoch !== null && ack.epoch !== this.epoch;
+    this.epoch = ack.epoch ?? null;
+    if (ack.recovered === true) {
+      const replayed = ack.seq - request.since;
+      this._finish("recovered", { replayed });
+      return;
+    }
+    if (newEpoch) this._forgetIds();
+    if (ack.recovered === false && !this._reloading) {
+      this._setState("reload", { reason: "the server could not replay what was missed" });
+    }
+    this._fresh = false;
+    if (Array.isArray(ack.snapshot)) {
+      const total = Number.isInteger(ack.snapshot_chunks) ? ack.snapshot_chunks : 1;
+      this._chunks = { rows: [...ack.snapshot], next: 2, of: total, seq: ack.seq, truncated: Boolean(ack.snapshot_truncated) };
+      if (total > 1) {
+        this._phase = "chunks";
+        return;
+      }
+      this._applySnapshot();
+      return;
+    }
+    this.seq = ack.seq;
+    this._skipOk = false;
+    this._finish("live", {});
+  }
+
+  _chunk(chunk) {
+    if (this._phase !== "chunks" || !this._chunks) return;
+    if (chunk.chunk !== this._chunks.next || !Array.isArray(chunk.rows)) {
+      this._reloadNow(`snapshot chunk ${chunk.chunk} arrived where ${this._chunks.next} was due`);
+      return;
+    }
+    this._chunks.rows.push(...chunk.rows);
+    this._chunks.next += 1;
+    if (this._chunks.next > this._chunks.of) this._applySnapshot();
+  }
+
+  _applySnapshot() {
+    const { rows, seq, truncated } = this._chunks;
+    this._chunks = null;
+    this.rows = new Map();
+    for (const row of rows) {
+      const key = rowKeyOf(this.keySpec, row);
+      if (key !== null) this.rows.set(key, row);
+    }
+    this.truncated = truncated;
+    this.seq = seq;
+    this._skipOk = true; // changes the rows already reflect are skipped, so numbers may jump once
+    this._forgetIds();
+    this._emit("snapshot", rows, { truncated, rows: this.rows });
+    this._finish("live", {});
+  }
+
+  _finish(state, info) {
+    this._phase = "ready";
+    const first = !this._everReady;
+    this._everReady = true;
+    this._setState(state, info);
+    if (first) this._resolveReady(this);
+    const buffered = this._buffer;
+    this._buffer = [];
+    for (const change of buffered) {
+      if (this._phase !== "ready") break;
+      this._receive(change);
+    }
+    const gap = this._gapWhileSubscribing;
+    this._gapWhileSubscribing = null;
+    if (gap && this._phase === "ready") this._gap(gap);
+  }
+
+  _receive(change) {
+    if (this._closed) return;
+    if (this._phase !== "ready") {
+      this._buffer.push(change);
+      return;
+    }
+    if (change.id !== undefined && this._ids.has(change.id)) return;
+    const seq = change.seq;
+    if (typeof seq === "number" && this.seq !== null) {
+      if (seq <= this.seq) return; // already delivered (a resend after a resume)
+      if (seq !== this.seq + 1 && !this._skipOk) {
+        const missed = `changes ${this.seq + 1}..${seq - 1} never arrived`;
+        if (this.snapshot) {
+          this._reloadNow(missed);
+          return;
+        }
+        this._setState("reload", { reason: missed });
+        this._setState("live", {});
+      }
+    }
+    if (typeof seq === "number") this.seq = seq;
+    this._skipOk = false;
+    this._remember(change.id);
+    if (this.rows) this._apply(change);
+    this._emit("change", change);
+  }
+
+  _apply(change) {
+    if (CLEARS.has(change.op)) {
+      this.rows.clear();
+      return;
+    }
+    const key = keyText(change.key);
+    if (key === null) return;
+    if (REMOVALS.has(change.op) || change.left === true) {
+      this.rows.delete(key);
+    } else if (change.after !== null && change.after !== undefined) {
+      this.rows.set(key, change.after);
+    } else if (change.before === null || change.before === undefined) {
+      // A Redis event without the value: the key exists; keep what is known of it.
+      if (!this.rows.has(key)) this.rows.set(key, { key });
+    } else {
+      // An image withheld by the server (a row moved out of what this identity may see).
+      this.rows.delete(key);
+    }
+  }
+
+  _gap(gap) {
+    const reason = gap.reason || "the source may have lost changes";
+    if (this._phase !== "ready") {
+      // Mid-subscribe: act on it once the answer (and snapshot) is in.
+      this._gapWhileSubscribing = gap;
+      return;
+    }
+    if (this.snapshot) {
+      this._reloadNow(reason);
+      return;
+    }
+    if (typeof gap.seq === "number" && (this.seq === null || gap.seq > this.seq)) this.seq = gap.seq;
+    this._setState("reload", { reason });
+    this._setState("live", {});
+  }
+
+  _reloadNow(reason) {
+    this._setState("reload", { reason });
+    this._fresh = true;
+    if (this.client.connected) this._send();
+  }
+
+  _offline() {
+    if (this._closed || this.state === "error") return;
+    if (this._phase === "chunks") this._fresh = true; // half a snapshot: start again
+    this._phase = "idle";
+    this._attempt += 1;
+    this._buffer = [];
+    this._chunks = null;
+    this._setState("pending", { reason: "disconnected" });
+  }
+
+  _fail(error) {
+    if (this._closed) return;
+    this._phase = "idle";
+    this._setState("error", { code: error.code, message: error.message });
+    this._emit("error", error);
+    this._rejectReady(error);
+    this._close();
+    this.client.subscriptions.delete(this);
+  }
+
+  _remember(id) {
+    if (id === undefined || id === null) return;
+    this._ids.add(id);
+    this._idOrder.push(id);
+    if (this._idOrder.length > MAX_IDS) this._ids.delete(this._idOrder.shift());
+  }
+
+  _forgetIds() {
+    this._ids.clear();
+    this._idOrder = [];
+  }
+}

@@ -1,0 +1,451 @@
+// dbfeed-client against the real feed server (tests/support/client_harness.py), with Node's
+// built-in test runner: `node --test test/` (run by `make test`).
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { FeedClient, FeedError, keyText } from "../index.js";
+import { Harness, plainRows, record, until } from "./harness.mjs";
+
+const ROOM = "mem:public.orders";
+const WS = { transports: ["websocket"], reconnectionDelay: 100, reconnectionDelayMax: 1000 };
+
+function assertOnceInOrder(changes, from, to) {
+  const seqs = changes.map((c) => c.seq);
+  const expected = Array.from({ length: to - from + 1 }, (_, i) => from + i);
+  assert.deepEqual(seqs, expected, "every change once, in seq order");
+  assert.equal(new Set(changes.map((c) => c.id)).size, changes.length, "no id twice");
+}
+
+describe("against one feed server", () => {
+  let h;
+  before(async () => {
+    h = await Harness.start();
+  });
+  after(async () => {
+    await h.stop();
+  });
+
+  test("a burst arrives as `changes` frames and is delivered one change at a time", async () => {
+    const feed = new FeedClient(h.url, WS);
+    let frames = 0;
+    feed.socket.on("changes", () => (frames += 1));
+    try {
+      const sub = feed.subscribe("mem:public.customers", { snapshot: true });
+      const log = record(sub);
+      await sub.ready;
+      assert.equal(sub.state, "live");
+      await h.burst(1, 500, 0, "public.customers");
+      await until(() => log.changes.length === 500, "500 changes");
+      assert.ok(frames > 0, "the server batched some of the burst");
+      assertOnceInOrder(log.changes, 1, 500);
+      assert.equal(sub.rows.size, 500);
+      assert.deepEqual(sub.rows.get("42"), { id: 42, status: "new", amount: 42 });
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("rows stay right through inserts, updates, a row leaving the filter, deletes, truncate", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      await h.send({ cmd: "truncate", target: "public.orders" });
+      await h.write("insert", { id: 1, status: "paid", amount: 10 });
+      await h.write("insert", { id: 2, status: "new", amount: 20 });
+      await h.send({ cmd: "delivered" });
+      const paid = feed.subscribe(ROOM, { filter: "status=eq.paid", snapshot: true });
+      const all = feed.subscribe(ROOM, { snapshot: true });
+      const log = record(paid);
+      await Promise.all([paid.ready, all.ready]);
+      assert.equal(paid.room, "mem:public.orders?status=eq.paid");
+      assert.deepEqual([...paid.rows.keys()], ["1"]);
+      assert.deepEqual(log.snapshots[0], [{ id: 1, status: "paid", amount: 10 }]);
+
+      await h.write("update", { id: 2, status: "paid" }); // enters the filter
+      await h.write("update", { id: 1, amount: 11 }); // stays
+      await h.write("update", { id: 1, status: "refunded" }); // leaves the filter
+      await h.write("insert", { id: 3, status: "paid", amount: 30 });
+      await h.write("delete", { id: 3 });
+      await until(() => log.changes.length === 5, "5 changes in the filter room");
+      assert.deepEqual(plainRows(paid.rows), { 2: { id: 2, status: "paid", amount: 20 } });
+      assert.deepEqual(plainRows(all.rows), plainRows(new Map(Object.entries(await h.rows()))));
+
+      await h.send({ cmd: "truncate", target: "public.orders" });
+      await until(() => all.rows.size === 0 && paid.rows.size === 0, "both emptied by truncate");
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("a connection cut in the middle of a burst: nothing missing, nothing twice, `recovered`", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe("mem:public.customers");
+      const log = record(sub);
+      await sub.ready;
+      const first = sub.seq + 1;
+      let atCut = null;
+      sub.on("change", () => {
+        if (log.changes.length === 100 && atCut === null) {
+          atCut = 100;
+          h.send({ cmd: "cut" });
+        }
+      });
+      await h.send({ cmd: "burst", spread: true, target: "public.customers", start: 10001, count: 3000, pad: 300 });
+      await until(() => sub.state === "pending", "the client to notice the cut");
+      const received = log.changes.length;
+      assert.ok(received < 3000, `cut in the middle (${received} of 3000 received)`);
+      await h.send({ cmd: "restore" });
+      await until(() => log.changes.length === 3000, "all 3000 changes");
+      assertOnceInOrder(log.changes, first, first + 2999);
+      const recovered = log.states.find((s) => s.state === "recovered");
+      assert.ok(recovered, `recovered: ${JSON.stringify(log.states)}`);
+      assert.ok(recovered.info.replayed > 0);
+      assert.ok(!log.states.some((s) => s.state === "reload"));
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("a bad filter rejects with the server's code and message", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe(ROOM, { filter: "status=zz.paid" });
+      const states = record(sub).states;
+      await assert.rejects(sub.ready, (err) => {
+        assert.ok(err instanceof FeedError);
+        assert.equal(err.code, "bad_filter");
+        assert.match(err.message, /unknown operator 'zz'/);
+        return true;
+      });
+      assert.equal(sub.state, "error");
+      assert.equal(states.at(-1).info.code, "bad_filter");
+      const unknown = feed.subscribe("mem:no.such.table");
+      await assert.rejects(unknown.ready, { code: "unknown_target" });
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("changes seen before are dropped by id (a resume from an older position)", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe("mem:public.customers");
+      const log = record(sub);
+      await sub.ready;
+      const start = sub.seq;
+      await h.burst(20001, 10, 0, "public.customers");
+      await until(() => log.changes.length === 10, "10 changes");
+      sub.seq = start + 5; // the server will replay the last 5, delivered already
+      sub._send();
+      await until(() => sub.state === "recovered", "the resume");
+      assert.deepEqual(log.states.at(-1).info, { replayed: 5 });
+      await h.burst(20011, 2, 0, "public.customers");
+      await until(() => log.changes.length === 12, "2 more");
+      assertOnceInOrder(log.changes, start + 1, start + 12);
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("a hole in seq becomes a reload with a fresh snapshot, never passed on", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe(ROOM, { snapshot: true });
+      const log = record(sub);
+      await sub.ready;
+      const start = sub.seq;
+      await h.burst(30001, 3);
+      await until(() => log.changes.length === 3, "3 changes");
+      sub.seq = start + 1; // as if the next two had never arrived
+      sub._forgetIds();
+      await h.write("update", { id: 30002, status: "paid" });
+      await until(() => log.snapshots.length === 2 && sub.state === "live", "the reload");
+      assert.ok(log.states.some((s) => s.state === "reload" && s.info.reason === `changes ${start + 2}..${start + 3} never arrived`));
+      assert.equal(log.changes.length, 3);
+      assert.equal(sub.rows.get("30002").status, "paid");
+      assert.deepEqual(plainRows(sub.rows), plainRows(new Map(Object.entries(await h.rows()))));
+    } finally {
+      feed.close();
+    }
+  });
+
+  test("a gap announced by the source: reload, and a fresh snapshot by itself", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe(ROOM, { snapshot: true });
+      const log = record(sub);
+      await sub.ready;
+      await h.send({ cmd: "gap", reason: "lost events" });
+      await until(() => log.snapshots.length === 2 && sub.state === "live", "a second snapshot");
+      assert.deepEqual(
+        log.states.map((s) => s.state),
+        ["live", "reload", "pending", "live"],
+      );
+      assert.equal(log.states[1].info.reason, "lost events");
+    } finally {
+      feed.close();
+    }
+  });
+});
+
+test("a server restart: `reload`, then a fresh snapshot and the right rows", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    await h.burst(1, 20);
+    const sub = feed.subscribe(ROOM, { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    assert.equal(sub.rows.size, 20);
+    const epoch = sub.epoch;
+    await h.send({ cmd: "restart" });
+    await until(() => log.snapshots.length === 2 && sub.state === "live", "the fresh snapshot");
+    assert.notEqual(sub.epoch, epoch);
+    const states = log.states.map((s) => s.state);
+    assert.deepEqual(states.slice(-2), ["reload", "live"], JSON.stringify(states));
+    await h.write("update", { id: 5, status: "paid" });
+    await h.write("delete", { id: 6 });
+    await until(() => sub.rows.get("5")?.status === "paid" && !sub.rows.has("6"), "live after the restart");
+    assert.deepEqual(plainRows(sub.rows), plainRows(new Map(Object.entries(await h.rows()))));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a token that expires is refreshed before it does: the connection stays up", async () => {
+  const h = await Harness.start({ auth: true });
+  let minted = 0;
+  const feed = new FeedClient(h.url, {
+    ...WS,
+    token: async () => {
+      minted += 1;
+      return (await h.send({ cmd: "token", ttl: 2 })).token;
+    },
+  });
+  let disconnects = 0;
+  feed.on("disconnect", () => (disconnects += 1));
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await sub.ready;
+    // The first token lives 2 s; three refreshes take the connection well past it.
+    await until(() => minted >= 4, "three refreshes", 10000);
+    await h.write("insert", { id: 900, status: "new" });
+    await until(() => log.changes.length === 1, "a change after the first token expired");
+    assert.equal(disconnects, 0, "never disconnected");
+    assert.deepEqual(
+      log.states.map((s) => s.state),
+      ["live"],
+    );
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a token that expires unrefreshed: the server closes, the client reconnects with a new one and resumes", async () => {
+  const h = await Harness.start({ auth: true });
+  let minted = 0;
+  const feed = new FeedClient(h.url, {
+    ...WS,
+    refreshTokens: false,
+    token: async () => {
+      minted += 1;
+      return (await h.send({ cmd: "token", ttl: minted === 1 ? 1.5 : 300 })).token;
+    },
+  });
+  const errors = [];
+  feed.on("error", (err) => errors.push(err.code));
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await sub.ready;
+    await h.write("insert", { id: 901, status: "new" });
+    await until(() => log.states.some((s) => s.state === "recovered"), "a resume after the expiry");
+    assert.deepEqual(errors, ["token_expired"]);
+    await h.write("insert", { id: 902, status: "new" });
+    await until(() => log.changes.length === 2, "both changes");
+    assertOnceInOrder(log.changes, 1, 2);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a slow consumer: the server cuts it off, it resumes, and its rows are right", async () => {
+  // A small outbound queue, so that a client that stops reading is cut off by the server.
+  const h = await Harness.start({ config: "[limits]\noutbound_queue_bytes = 16384\n" });
+  // Straight to the server: the proxy's buffers would hide a client that stops reading.
+  const feed = new FeedClient(h.direct, WS);
+  let disconnects = 0;
+  feed.on("disconnect", () => (disconnects += 1));
+  try {
+    const sub = feed.subscribe(ROOM, { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    let slow = true;
+    sub.on("change", () => {
+      if (!slow) return;
+      slow = false;
+      const end = Date.now() + 5000; // a handler that blocks the event loop for 5 s
+      while (Date.now() < end);
+    });
+    await h.send({ cmd: "burst", spread: true, target: "public.orders", start: 1, count: 3000, pad: 8000 });
+    await until(() => sub.rows.size === 3000 && sub.state !== "pending", "all rows", 60000);
+    assert.deepEqual(plainRows(sub.rows), plainRows(new Map(Object.entries(await h.rows()))));
+    console.log(`slow consumer: ${disconnects} cut(s), states ${log.states.map((s) => s.state)}`);
+    const seqs = log.changes.map((c) => c.seq);
+    assert.ok(
+      seqs.every((s, i) => i === 0 || s > seqs[i - 1]),
+      "in order, nothing twice",
+    );
+    assert.ok(disconnects >= 1, "the server cut the slow client off");
+    if (!log.states.some((s) => s.state === "reload")) assertOnceInOrder(log.changes, 1, 3000);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a snapshot in chunks is assembled before the live changes", async () => {
+  const h = await Harness.start({ config: "[server]\nreplay_buffer = 5000\nsnapshot_chunk_bytes = 4096\n" });
+  const feed = new FeedClient(h.url, WS);
+  let chunks = 0;
+  feed.socket.on("snapshot", () => (chunks += 1));
+  try {
+    await h.burst(1, 300, 100);
+    await h.send({ cmd: "delivered" });
+    const sub = feed.subscribe(ROOM, { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    assert.ok(chunks > 0, "the server sent the snapshot in chunks");
+    assert.equal(sub.rows.size, 300);
+    assert.equal(log.snapshots[0].length, 300);
+    await h.write("update", { id: 7, status: "paid" });
+    await until(() => sub.rows.get("7")?.status === "paid", "a live change after the chunks");
+    assert.deepEqual(plainRows(sub.rows), plainRows(new Map(Object.entries(await h.rows()))));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("several nodes: when one goes away, whichever answers is used", async () => {
+  const [a, b] = await Promise.all([Harness.start(), Harness.start()]);
+  const feed = new FeedClient([a.url, b.url], WS);
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await sub.ready;
+    assert.equal(feed.url, a.url);
+    await a.send({ cmd: "cut" }); // node a is gone (its connections dropped, new ones refused)
+    await until(() => feed.connected && feed.url === b.url && sub.state === "live", "node b");
+    // Two separate feeds here, so b cannot replay a's numbers: a reload. (The nodes of a cluster
+    // share room numbers and history, and the same resume would be `recovered`.)
+    assert.ok(log.states.some((s) => s.state === "reload"), JSON.stringify(log.states));
+    await b.write("insert", { id: 1, status: "new" });
+    await until(() => log.changes.length === 1, "a change from node b");
+  } finally {
+    feed.close();
+    await Promise.all([a.stop(), b.stop()]);
+  }
+});
+
+test("a cluster: the client resumes on another node, nothing missing or twice, `recovered`", async () => {
+  const h = new Harness();
+  const { urls } = await h.send({ cmd: "cluster_start" });
+  const feed = new FeedClient(urls, WS);
+  try {
+    const sub = feed.subscribe(ROOM, { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    for (let i = 1; i <= 10; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+    await until(() => log.changes.length === 10, "10 changes on the first node");
+    await h.send({ cmd: "cluster_cut" }); // the first node is gone for this client
+    await until(() => sub.state === "pending", "the drop");
+    for (let i = 11; i <= 20; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+    await until(() => log.changes.length === 20, "the changes made while away");
+    assert.equal(feed.url, urls[1]);
+    assertOnceInOrder(log.changes, 1, 20);
+    assert.ok(log.states.some((s) => s.state === "recovered" && s.info.replayed === 10), JSON.stringify(log.states));
+    assert.ok(!log.states.some((s) => s.state === "reload"));
+    assert.equal(sub.rows.size, 20);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("keyText renders keys as row room names do", () => {
+  assert.equal(keyText(42), "42");
+  assert.equal(keyText("abc"), "abc");
+  assert.equal(keyText([7, 2]), "7,2");
+  assert.equal(keyText({ order_id: 7, line: 2 }), "7,2");
+  assert.equal(keyText({ $oid: "64b7f0c2a1b2c3d4e5f60718" }), "64b7f0c2a1b2c3d4e5f60718");
+  assert.equal(keyText(true), "true");
+  assert.equal(keyText(null), null);
+});
+
+describe("the README's JavaScript snippet, run as written", () => {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const readme = readFileSync(join(here, "..", "..", "..", "README.md"), "utf8");
+  const snippet = readme.match(/```js\n(\/\/ subscribe\.mjs[\s\S]*?)```/)[1];
+  let h;
+  before(async () => {
+    h = await Harness.start();
+  });
+  after(async () => {
+    await h.stop();
+  });
+
+  // Written inside this package, so that `import ... from "dbfeed-client"` resolves to it.
+  function start(source) {
+    const dir = mkdtempSync(join(here, "readme-"));
+    const file = join(dir, "subscribe.mjs");
+    writeFileSync(file, source.replaceAll("http://127.0.0.1:8000", h.url).replaceAll("main:public.orders", ROOM));
+    const child = spawn(process.execPath, [file], { stdio: ["ignore", "pipe", "pipe"] });
+    const run = { out: "", code: undefined };
+    child.stdout.on("data", (d) => (run.out += d));
+    child.stderr.on("data", (d) => (run.out += d));
+    run.exited = new Promise((resolve) => child.on("exit", (code) => resolve((run.code = code))));
+    run.expect = (pattern) => until(() => pattern.test(run.out), `${pattern} in the output:\n${run.out}`);
+    run.stop = async () => {
+      if (run.code === undefined) child.kill();
+      await run.exited;
+      rmSync(dir, { recursive: true, force: true });
+    };
+    return run;
+  }
+
+  test("it prints the current rows, then each change (a delete's before image)", async () => {
+    await h.send({ cmd: "truncate", target: "public.orders" });
+    await h.write("insert", { id: 1, status: "paid" });
+    await h.send({ cmd: "delivered" });
+    const run = start(snippet);
+    try {
+      await run.expect(/^1 paid orders now$/m);
+      await h.write("insert", { id: 2, status: "paid" });
+      await h.write("delete", { id: 2 });
+      await run.expect(/^delete 2 \{ id: 2, status: 'paid' \}$/m);
+      assert.match(run.out, /^live \{\}$/m);
+      assert.match(run.out, /^insert 2 \{ id: 2, status: 'paid' \}$/m);
+    } finally {
+      await run.stop();
+    }
+  });
+
+  test("a bad filter is reported, and the script ends", async () => {
+    const run = start(snippet.replace("status=eq.paid", "status=zz.paid"));
+    try {
+      await run.expect(/^subscribe failed: bad_filter: .*unknown operator 'zz'/m);
+      assert.equal(await run.exited, 0);
+    } finally {
+      await run.stop();
+    }
+  });
+});

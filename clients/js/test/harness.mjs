@@ -1,0 +1,117 @@
+// Drives tests/support/client_harness.py: a real feed server (FeedApp under uvicorn, the memory
+// connector) behind a proxy the tests can cut, restartable on the same port.
+import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+export const WAIT = 20000;
+
+function python() {
+  if (process.env.FEED_PYTHON) return process.env.FEED_PYTHON;
+  const venv = join(ROOT, ".venv", "bin", "python");
+  return existsSync(venv) ? venv : "python3";
+}
+
+export class Harness {
+  static async start(options = {}) {
+    const h = new Harness();
+    const reply = await h.send({ cmd: "start", config: options.config || "", auth: Boolean(options.auth) });
+    h.url = reply.url;
+    h.direct = reply.direct;
+    return h;
+  }
+
+  constructor() {
+    this.child = spawn(python(), ["-m", "tests.support.client_harness"], {
+      cwd: ROOT,
+      stdio: ["pipe", "pipe", "inherit"],
+      env: { ...process.env, PYTHONPATH: ROOT },
+    });
+    this.waiting = [];
+    this.exited = false;
+    createInterface({ input: this.child.stdout }).on("line", (line) => {
+      const next = this.waiting.shift();
+      if (next) next.resolve(JSON.parse(line));
+    });
+    this.child.on("exit", (code) => {
+      this.exited = true;
+      for (const w of this.waiting.splice(0)) w.reject(new Error(`the harness exited (${code})`));
+    });
+  }
+
+  send(command) {
+    return new Promise((resolve, reject) => {
+      if (this.exited) {
+        reject(new Error("the harness has exited"));
+        return;
+      }
+      const timer = setTimeout(() => reject(new Error(`no answer to ${JSON.stringify(command)}`)), WAIT);
+      this.waiting.push({
+        resolve: (reply) => {
+          clearTimeout(timer);
+          if (reply.ok) resolve(reply);
+          else reject(new Error(`harness: ${reply.error}`));
+        },
+        reject: (err) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      });
+      this.child.stdin.write(`${JSON.stringify(command)}\n`);
+    });
+  }
+
+  write(op, row, target = "public.orders") {
+    return this.send({ cmd: "write", target, op, row });
+  }
+
+  burst(start, count, pad = 0, target = "public.orders") {
+    return this.send({ cmd: "burst", target, start, count, pad });
+  }
+
+  async rows(target = "public.orders") {
+    return (await this.send({ cmd: "rows", target })).rows;
+  }
+
+  async stop() {
+    if (this.exited) return;
+    await this.send({ cmd: "stop" }).catch(() => {});
+    this.child.stdin.end();
+  }
+}
+
+/** Resolve when `predicate()` holds, checked on every event of `emitter`; fail after `ms`. */
+export function until(predicate, what, ms = WAIT) {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const tick = () => {
+      let done = false;
+      try {
+        done = predicate();
+      } catch (err) {
+        reject(err);
+        return;
+      }
+      if (done) resolve();
+      else if (Date.now() - started > ms) reject(new Error(`timed out after ${ms} ms waiting for ${what}`));
+      else setTimeout(tick, 10);
+    };
+    tick();
+  });
+}
+
+/** Everything a subscription reports, in order, for assertions. */
+export function record(sub) {
+  const log = { changes: [], states: [], snapshots: [] };
+  sub.on("change", (c) => log.changes.push(c));
+  sub.on("state", (state, info) => log.states.push({ state, info }));
+  sub.on("snapshot", (rows) => log.snapshots.push(rows));
+  return log;
+}
+
+export function plainRows(map) {
+  return Object.fromEntries([...map.entries()].sort(([a], [b]) => a.localeCompare(b)));
+}

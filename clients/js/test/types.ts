@@ -1,0 +1,21 @@
+// Compiled by `tsc --noEmit` only: the README's and docs/clients.md's usage, type-checked.
+import { FeedClient, FeedError, type Change, type Row, type State } from "dbfeed-client";
+
+const feed = new FeedClient("http://127.0.0.1:8000", { token: async () => "a token" });
+const sub = feed.subscribe("main:public.orders", { filter: "status=eq.paid", snapshot: true, key: "id" });
+sub.on("snapshot", (rows: Row[]) => console.log(rows.length));
+sub.on("change", (change: Change) => console.log(change.op, change.key, change.after ?? change.before));
+sub.on("state", (state: State, info) => console.log(state, info.replayed, info.reason, info.code));
+feed.on("error", (err: FeedError) => console.log(err.code, err.message));
+async function main(): Promise<void> {
+  try {
+    await sub.ready;
+  } catch (err) {
+    if (err instanceof FeedError) console.log(err.code);
+  }
+  const rows: Map<string, Row> | null = sub.rows;
+  console.log(rows?.get("42")?.status, sub.seq, sub.epoch);
+  await sub.unsubscribe();
+  feed.close();
+}
+void main();

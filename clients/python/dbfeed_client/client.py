@@ -1,0 +1,743 @@
+"""FeedClient and Subscription: a connection that comes back by itself, and rooms that resume.
+
+The connection is supervised here rather than by python-socketio's own reconnection, because
+that one does not retry after the server closes a connection on purpose (a restart, an expired
+token), and each attempt must ask the token provider again. Every (re)connect subscribes each
+room again with its last `seq` and `epoch`; the answer says whether the missed changes are
+replayed (`recovered`) or not (`reload`, with a fresh snapshot when the subscription has one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+import socketio
+
+from dbfeed_client.errors import (
+    ClosedError,
+    ConnectError,
+    FeedError,
+    RequestTimeout,
+    SubscribeError,
+)
+from dbfeed_client.rows import Change, KeySpec, Row, apply, jwt_seconds_left, row_key
+
+log = logging.getLogger("dbfeed_client")
+
+State = Literal["pending", "live", "recovered", "reload", "error"]
+Token = str | Callable[[], str | None] | Callable[[], Awaitable[str | None]] | None
+Handler = Callable[..., Any]
+
+RETRYABLE = frozenset({"rate_limited", "internal", "snapshot_failed", "not_connected", "timeout"})
+MAX_IDS = 4096
+"""Recent change ids kept per subscription to drop duplicates."""
+MAX_ORPHANS = 10000
+"""Changes held for a room whose first subscribe answer has not arrived yet."""
+
+
+class _Events:
+    """Callbacks by event name; a failing callback is logged and does not stop the others."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Handler]] = {}
+
+    def on(self, event: str, handler: Handler) -> None:
+        """Call `handler` on every `event` (see docs/clients.md for the events)."""
+        self._handlers.setdefault(event, []).append(handler)
+
+    def off(self, event: str, handler: Handler) -> None:
+        with contextlib.suppress(ValueError):
+            self._handlers.get(event, []).remove(handler)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for handler in list(self._handlers.get(event, [])):
+            try:
+                handler(*args)
+            except Exception:
+                log.exception("dbfeed_client: a %r handler failed", event)
+
+
+class FeedClient(_Events):
+    """One connection to a feed server, shared by any number of subscriptions.
+
+    Events (`on`): "connect", "disconnect" (reason), "error" (FeedError), "status" (dict),
+    "gap" (dict).
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        token: Token = None,
+        refresh_tokens: bool = True,
+        retry_refused: bool = True,
+        transports: tuple[str, ...] = ("websocket",),
+        socketio_path: str = "socket.io",
+        reconnection_delay: float = 0.5,
+        reconnection_delay_max: float = 5.0,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        # One URL, or several nodes of one feed: after a failed attempt the next one is tried.
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise FeedError("bad_url", "no URL given")
+        self._url_index = 0
+        self.timeout = timeout
+        self.transports = transports
+        self.socketio_path = socketio_path
+        self.reconnection_delay = reconnection_delay
+        self.reconnection_delay_max = reconnection_delay_max
+        self.refresh_tokens = refresh_tokens
+        self.retry_refused = retry_refused
+        self._token_source = token
+        self._token: str | None = token if isinstance(token, str) else None
+        self.subscriptions: set[Subscription] = set()
+        self._by_room: dict[str, set[Subscription]] = {}
+        self._orphans: list[Change] = []
+        self._sio: socketio.AsyncClient | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._refusal: dict[str, Any] | None = None
+        self._gone = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FeedClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def url(self) -> str:
+        """The node connected to (or being tried)."""
+        return self.urls[self._url_index]
+
+    @property
+    def connected(self) -> bool:
+        return self._sio is not None and self._sio.connected
+
+    async def connect(self) -> None:
+        """Connect, then stay connected in the background until `close`.
+
+        Raises ConnectError when the server refuses the first attempt or cannot be reached within
+        `timeout` seconds. Later, a refused reconnect is retried when the token is a function
+        (it may have a better token next time) and `retry_refused` is true.
+        """
+        if self._runner is not None:
+            raise FeedError("already_connected", "connect() was called before")
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self._run(first))
+        await first
+
+    async def close(self) -> None:
+        self._closed = True
+        for sub in list(self.subscriptions):
+            sub._close(ClosedError("closed", "the client was closed"))
+        for task in [self._runner, self._refresher, *self._tasks]:
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if self._sio is not None:
+            with contextlib.suppress(Exception):
+                await self._sio.disconnect()
+        for task in [self._runner, self._refresher, *self._tasks]:
+            if task is not None and task is not asyncio.current_task():
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _run(self, first: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        delay = self.reconnection_delay
+        while not self._closed:
+            sio = self._new_socket()
+            self._refusal = None
+            self._gone.clear()
+            try:
+                await sio.connect(
+                    self.url,
+                    auth=self._auth,
+                    transports=list(self.transports),
+                    socketio_path=self.socketio_path,
+                    wait_timeout=self.timeout,
+                )
+            except (socketio.exceptions.ConnectionError, ValueError) as exc:
+                with contextlib.suppress(Exception):
+                    await sio.disconnect()
+                if self._refusal is not None:
+                    data = self._refusal.get("data")
+                    code = data.get("code") if isinstance(data, dict) else None
+                    error = ConnectError(
+                        str(code or "refused"), str(self._refusal.get("message") or exc)
+                    )
+                    self._emit("error", error)
+                    retry = callable(self._token_source) and self.retry_refused and first.done()
+                    if not retry:
+                        # The same token would be refused again (or this is the first attempt,
+                        # which `connect()` reports): give up, and say so.
+                        if not first.done():
+                            first.set_exception(error)
+                        for sub in list(self.subscriptions):
+                            sub._fail(error)
+                        return
+                elif not first.done() and loop.time() >= deadline:
+                    urls = ", ".join(self.urls)
+                    first.set_exception(ConnectError("unreachable", f"{urls}: {exc}"))
+                    return
+                else:
+                    self._url_index = (self._url_index + 1) % len(self.urls)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnection_delay_max)
+                continue
+            delay = self.reconnection_delay
+            self._sio = sio
+            if not first.done():
+                first.set_result(None)
+            self._on_connect()
+            await self._gone.wait()
+            with contextlib.suppress(Exception):
+                await sio.disconnect()
+            if not self._closed:
+                await asyncio.sleep(delay)
+
+    def _new_socket(self) -> socketio.AsyncClient:
+        sio = socketio.AsyncClient(reconnection=False)
+        sio.on("connect_error", self._on_connect_error)
+        sio.on("disconnect", self._on_disconnect)
+        sio.on("change", self._on_change)
+        sio.on("changes", self._on_changes)
+        sio.on("snapshot", self._on_chunk)
+        sio.on("gap", self._on_gap)
+        sio.on("status", self._on_status)
+        sio.on("auth_expired", self._on_auth_expired)
+        return sio
+
+    async def _auth(self) -> dict[str, str]:
+        token = await self._current_token()
+        return {"token": token} if token else {}
+
+    async def _current_token(self) -> str | None:
+        source = self._token_source
+        if callable(source):
+            value = source()
+            if inspect.isawaitable(value):
+                value = await value
+            self._token = value if isinstance(value, str) and value else None
+        return self._token
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        room: str,
+        *,
+        filter: str | None = None,
+        snapshot: bool = False,
+        key: KeySpec = None,
+        since: int | None = None,
+        epoch: str | None = None,
+        max_queue: int = 10000,
+    ) -> Subscription:
+        """Follow a room: use as `async with` (or `await sub.ready()`), then `async for`."""
+        if self._closed:
+            raise ClosedError("closed", "this FeedClient is closed")
+        sub = Subscription(self, room, filter, snapshot, key, since, epoch, max_queue)
+        self.subscriptions.add(sub)
+        if self.connected:
+            self._spawn(sub._send())
+        return sub
+
+    async def catalog(self) -> dict[str, Any]:
+        """The server's connectors, their targets and status."""
+        ack = await self._call("catalog", None)
+        if not ack.get("ok"):
+            raise _ack_error(ack, FeedError)
+        return ack
+
+    async def refresh(self, token: str | None = None) -> dict[str, Any]:
+        """Send a fresh token now (from the token function unless one is given)."""
+        fresh = token if token is not None else await self._current_token()
+        ack = await self._call("refresh", {"token": fresh})
+        if not ack.get("ok"):
+            raise _ack_error(ack, FeedError)
+        self._token = fresh
+        expires_in = ack.get("expires_in")
+        self._schedule_refresh(expires_in if isinstance(expires_in, int | float) else None)
+        return ack
+
+    async def _call(self, event: str, data: Any) -> dict[str, Any]:
+        sio = self._sio
+        if sio is None or not sio.connected:
+            raise FeedError("not_connected", "not connected to the server")
+        try:
+            ack = await sio.call(event, data, timeout=self.timeout)
+        except socketio.exceptions.TimeoutError:
+            raise RequestTimeout(
+                "timeout", f"the server did not answer {event} within {self.timeout} s"
+            ) from None
+        except socketio.exceptions.SocketIOError as exc:
+            raise FeedError("not_connected", f"{event}: {exc}") from None
+        if not isinstance(ack, dict):
+            return {"ok": False, "error": {"code": "bad_answer", "message": repr(ack)[:200]}}
+        return ack
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- connection events ---------------------------------------------------------------------
+
+    def _on_connect(self) -> None:
+        self._emit("connect")
+        self._schedule_refresh(jwt_seconds_left(self._token))
+        for sub in list(self.subscriptions):
+            self._spawn(sub._send())
+
+    async def _on_connect_error(self, data: Any = None) -> None:
+        if isinstance(data, dict) and "message" in data:
+            self._refusal = data
+
+    async def _on_disconnect(self, *reason: Any) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        self._emit("disconnect", str(reason[0]) if reason else "")
+        for sub in list(self.subscriptions):
+            sub._offline()
+        self._orphans = []
+        self._gone.set()
+
+    async def _on_auth_expired(self, notice: Any = None) -> None:
+        body = notice if isinstance(notice, dict) else {}
+        code = str(body.get("code") or "token_expired")
+        self._emit("error", FeedError(code, str(body.get("message") or "the token expired")))
+
+    def _schedule_refresh(self, seconds_left: float | None) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        wanted = self.refresh_tokens and callable(self._token_source)
+        if seconds_left is None or not wanted or self._closed:
+            return
+        self._refresher = asyncio.ensure_future(self._refresh_later(seconds_left))
+
+    async def _refresh_later(self, seconds_left: float) -> None:
+        # With a quarter of the lifetime to spare, so that a slow answer is still in time.
+        await asyncio.sleep(max(0.2, seconds_left * 0.75))
+        self._refresher = None
+        try:
+            await self.refresh()
+        except FeedError as exc:
+            self._emit("error", exc)
+            # Try again shortly; if the token does expire, the server closes and we reconnect.
+            if self.connected:
+                self._schedule_refresh(max(1.0, seconds_left * 0.25))
+
+    # -- routing -------------------------------------------------------------------------------
+
+    async def _on_change(self, change: Any) -> None:
+        self._route([change])
+
+    async def _on_changes(self, changes: Any) -> None:
+        self._route(changes if isinstance(changes, list) else [])
+
+    def _route(self, changes: list[Any]) -> None:
+        for change in changes:
+            if not isinstance(change, dict):
+                continue
+            subs = self._by_room.get(change.get("room", ""))
+            if subs:
+                for sub in list(subs):
+                    sub._receive(change)
+            elif any(s.room is None for s in self.subscriptions):
+                # An answer to a first subscribe is on its way; the change is for that room.
+                self._orphans.append(change)
+                if len(self._orphans) > MAX_ORPHANS:
+                    self._orphans.pop(0)
+
+    async def _on_chunk(self, chunk: Any) -> None:
+        if isinstance(chunk, dict):
+            for sub in list(self._by_room.get(chunk.get("room", ""), ())):
+                sub._chunk(chunk)
+
+    async def _on_gap(self, gap: Any) -> None:
+        if isinstance(gap, dict):
+            for sub in list(self._by_room.get(gap.get("room", ""), ())):
+                sub._gap(gap)
+            self._emit("gap", gap)
+
+    async def _on_status(self, status: Any) -> None:
+        self._emit("status", status)
+
+    def _register(self, sub: Subscription, room: str) -> list[Change]:
+        self._by_room.setdefault(room, set()).add(sub)
+        mine = [c for c in self._orphans if c.get("room") == room]
+        if mine:
+            self._orphans = [c for c in self._orphans if c.get("room") != room]
+        return mine
+
+    def _unregister(self, sub: Subscription) -> None:
+        if sub.room is not None:
+            subs = self._by_room.get(sub.room)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_room[sub.room]
+
+
+def _ack_error(ack: dict[str, Any], kind: type[FeedError]) -> FeedError:
+    error = ack.get("error")
+    if not isinstance(error, dict):
+        error = {"code": "bad_answer", "message": "the server sent no valid answer"}
+    return kind(str(error.get("code")), str(error.get("message")))
+
+
+_END = object()
+
+
+class Subscription(_Events):
+    """One followed room: an async iterator of its changes, with `rows`, `state`, `seq`, `epoch`.
+
+    Events (`on`): "change" (change), "snapshot" (rows, info), "state" (state, info).
+    """
+
+    def __init__(
+        self,
+        client: FeedClient,
+        room: str,
+        filter: str | None,
+        snapshot: bool,
+        key: KeySpec,
+        since: int | None,
+        epoch: str | None,
+        max_queue: int,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.requested = room
+        self.filter = filter
+        self.snapshot = snapshot
+        self.key = key
+        self.room: str | None = None
+        """The canonical room name, from the server's first answer."""
+        self.state: State = "pending"
+        self.seq: int | None = since
+        self.epoch: str | None = epoch
+        self.rows: dict[str, Row] | None = {} if snapshot else None
+        self.truncated = False
+        self.max_queue = max_queue
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._attempt = 0
+        self._phase = "idle"  # idle | subscribing | chunks | ready
+        self._buffer: list[Change] = []
+        self._chunks: dict[str, Any] | None = None
+        self._skip_ok = False
+        self._fresh = False
+        self._reloading = False
+        self._gap_while_subscribing: dict[str, Any] | None = None
+        self._ids: dict[Any, None] = {}
+        self._closed = False
+        self._error: FeedError | None = None
+        self._ever_ready = False
+        self._retries = 0
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- the public side -----------------------------------------------------------------------
+
+    async def ready(self) -> Subscription:
+        """Wait for the first answer; raise SubscribeError (or ConnectError) when refused."""
+        await asyncio.shield(self._ready)
+        return self
+
+    async def __aenter__(self) -> Subscription:
+        return await self.ready()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(FeedError):
+            await self.unsubscribe()
+
+    def __aiter__(self) -> AsyncIterator[Change]:
+        return self
+
+    async def __anext__(self) -> Change:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # every later call ends too
+            if self._error is not None and not isinstance(self._error, ClosedError):
+                raise self._error
+            raise StopAsyncIteration
+        change: Change = item
+        return change
+
+    async def unsubscribe(self) -> None:
+        """Stop following the room (and end the iteration)."""
+        room = self.room
+        was_subscribed = self._ever_ready or self._phase != "idle"
+        self._close(ClosedError("closed", "unsubscribed"))
+        others = any(s.room == room for s in self.client.subscriptions)
+        if room is not None and was_subscribed and self.client.connected and not others:
+            ack = await self.client._call("unsubscribe", {"room": room})
+            if not ack.get("ok"):
+                raise _ack_error(ack, FeedError)
+
+    def reload(self, reason: str = "asked by the application") -> None:
+        """Start afresh: subscribe again without `since`, with a new snapshot."""
+        self._reload_now(reason, resubscribe=True)
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def _set_state(self, state: State, **info: Any) -> None:
+        self.state = state
+        if state == "reload":
+            self._reloading = True
+        elif state != "pending":
+            self._reloading = False
+        self._emit("state", state, info)
+
+    async def _send(self) -> None:
+        if self._closed:
+            return
+        # The room as asked, with its filter: the answer names the canonical room anyway.
+        request: dict[str, Any] = {"room": self.requested}
+        if self.filter:
+            request["filter"] = self.filter
+        resuming = not self._fresh and self.seq is not None and self.epoch is not None
+        if resuming:
+            request["since"] = self.seq
+            request["epoch"] = self.epoch
+        if self.snapshot:
+            request["snapshot"] = True
+        self._attempt += 1
+        attempt = self._attempt
+        self._phase = "subscribing"
+        self._buffer = []
+        self._chunks = None
+        self._gap_while_subscribing = None
+        if self.state != "pending":
+            self._set_state("pending", resuming=resuming)
+        try:
+            ack = await self.client._call("subscribe", request)
+        except FeedError as exc:
+            ack = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        await self._on_ack(attempt, request, ack)
+
+    async def _on_ack(self, attempt: int, request: dict[str, Any], ack: dict[str, Any]) -> None:
+        room = ack.get("room")
+        if self._closed and ack.get("ok") and isinstance(room, str):
+            if room not in self.client._by_room and self.client.connected:
+                # Unsubscribed while the answer was on its way: leave the room we were put in.
+                with contextlib.suppress(FeedError):
+                    await self.client._call("unsubscribe", {"room": room})
+            return
+        if attempt != self._attempt or self._closed:
+            return  # stale: asked again since
+        if not ack.get("ok"):
+            error = _ack_error(ack, SubscribeError)
+            if error.code == "not_connected":
+                return  # the next connect subscribes again
+            if error.code in RETRYABLE and self.client.connected:
+                self._retries += 1
+                await asyncio.sleep(min(0.25 * 2**self._retries, 10.0))
+                if attempt == self._attempt and self.client.connected:
+                    self.client._spawn(self._send())
+                return
+            self._fail(error)
+            return
+        self._retries = 0
+        self.client._unregister(self)
+        self.room = str(ack["room"])
+        self._buffer = [*self.client._register(self, self.room), *self._buffer]
+        new_epoch = self.epoch is not None and ack.get("epoch") != self.epoch
+        self.epoch = ack.get("epoch")
+        seq = int(ack.get("seq", 0))
+        if ack.get("recovered") is True:
+            self._finish("recovered", replayed=seq - int(request["since"]))
+            return
+        if new_epoch:
+            self._ids.clear()
+        if ack.get("recovered") is False and not self._reloading:
+            self._set_state("reload", reason="the server could not replay what was missed")
+        self._fresh = False
+        snapshot = ack.get("snapshot")
+        if isinstance(snapshot, list):
+            chunks = ack.get("snapshot_chunks")
+            total = chunks if isinstance(chunks, int) and chunks > 1 else 1
+            self._chunks = {
+                "rows": list(snapshot),
+                "next": 2,
+                "of": total,
+                "seq": seq,
+                "truncated": bool(ack.get("snapshot_truncated")),
+            }
+            if total > 1:
+                self._phase = "chunks"
+                return
+            self._apply_snapshot()
+            return
+        self.seq = seq
+        self._skip_ok = False
+        self._finish("live")
+
+    def _chunk(self, chunk: dict[str, Any]) -> None:
+        if self._phase != "chunks" or self._chunks is None:
+            return
+        rows = chunk.get("rows")
+        if chunk.get("chunk") != self._chunks["next"] or not isinstance(rows, list):
+            due = self._chunks["next"]
+            self._reload_now(f"snapshot chunk {chunk.get('chunk')} arrived where {due} was due")
+            return
+        self._chunks["rows"].extend(rows)
+        self._chunks["next"] += 1
+        if self._chunks["next"] > self._chunks["of"]:
+            self._apply_snapshot()
+
+    def _apply_snapshot(self) -> None:
+        assert self._chunks is not None
+        rows: list[Row] = self._chunks["rows"]
+        self.seq = self._chunks["seq"]
+        self.truncated = self._chunks["truncated"]
+        self._chunks = None
+        current: dict[str, Row] = {}
+        for row in rows:
+            key = row_key(self.key, row) if isinstance(row, dict) else None
+            if key is not None:
+                current[key] = row
+        self.rows = current
+        self._skip_ok = True  # changes the rows already reflect are skipped: numbers may jump
+        self._ids.clear()
+        self._emit("snapshot", rows, {"truncated": self.truncated, "rows": self.rows})
+        self._finish("live")
+
+    def _finish(self, state: State, **info: Any) -> None:
+        self._phase = "ready"
+        first = not self._ever_ready
+        self._ever_ready = True
+        self._set_state(state, **info)
+        if first and not self._ready.done():
+            self._ready.set_result(None)
+        buffered, self._buffer = self._buffer, []
+        for change in buffered:
+            if self._phase != "ready":
+                break
+            self._receive(change)
+        gap, self._gap_while_subscribing = self._gap_while_subscribing, None
+        if gap is not None and self._phase == "ready":
+            self._gap(gap)
+
+    def _receive(self, change: Change) -> None:
+        if self._closed:
+            return
+        if self._phase != "ready":
+            self._buffer.append(change)
+            return
+        change_id = change.get("id")
+        if change_id is not None and change_id in self._ids:
+            return
+        seq = change.get("seq")
+        if isinstance(seq, int) and self.seq is not None:
+            if seq <= self.seq:
+                return  # already delivered (a resend after a resume)
+            if seq != self.seq + 1 and not self._skip_ok:
+                missed = f"changes {self.seq + 1}..{seq - 1} never arrived"
+                if self.snapshot:
+                    self._reload_now(missed)
+                    return
+                self._set_state("reload", reason=missed)
+                self._set_state("live")
+        if isinstance(seq, int):
+            self.seq = seq
+        self._skip_ok = False
+        if change_id is not None:
+            self._ids[change_id] = None
+            if len(self._ids) > MAX_IDS:
+                del self._ids[next(iter(self._ids))]
+        if self.rows is not None:
+            apply(self.rows, change)
+        self._emit("change", change)
+        if self._queue.qsize() >= self.max_queue:
+            # The consumer is too slow: drop what waits rather than grow without bound, and say so.
+            dropped = self._queue.qsize()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._reload_now(f"the consumer fell behind: {dropped} waiting changes dropped")
+            return
+        self._queue.put_nowait(change)
+
+    def _gap(self, gap: dict[str, Any]) -> None:
+        if self._phase != "ready":
+            self._gap_while_subscribing = gap  # acted on once the answer (and snapshot) is in
+            return
+        reason = str(gap.get("reason") or "the source may have lost changes")
+        if self.snapshot:
+            self._reload_now(reason)
+            return
+        seq = gap.get("seq")
+        if isinstance(seq, int) and (self.seq is None or seq > self.seq):
+            self.seq = seq
+        self._set_state("reload", reason=reason)
+        self._set_state("live")
+
+    def _reload_now(self, reason: str, resubscribe: bool = False) -> None:
+        self._set_state("reload", reason=reason)
+        self._fresh = True
+        if resubscribe or self.snapshot or self._phase != "ready":
+            self._phase = "subscribing"  # nothing more is delivered until the new answer
+            if self.client.connected:
+                self.client._spawn(self._send())
+        else:
+            self._set_state("live")
+
+    def _offline(self) -> None:
+        if self._closed or self.state == "error":
+            return
+        if self._phase == "chunks":
+            self._fresh = True  # half a snapshot: start again
+        self._phase = "idle"
+        self._attempt += 1
+        self._buffer = []
+        self._chunks = None
+        self._set_state("pending", reason="disconnected")
+
+    def _fail(self, error: FeedError) -> None:
+        if self._closed:
+            return
+        self._phase = "idle"
+        self._set_state("error", code=error.code, message=error.message)
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved: `ready()` raises it again for whoever waits
+        self._close(error)
+
+    def _close(self, error: FeedError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._error = error
+        self._attempt += 1
+        self._phase = "idle"
+        self.client._unregister(self)
+        self.client.subscriptions.discard(self)
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()
+        self._queue.put_nowait(_END)

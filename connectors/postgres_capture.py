@@ -1,0 +1,214 @@
+"""The Postgres connector's watch over its own capture (notify mode), and the journal's size.
+
+Why: the reader only sees what the triggers write. A trigger disabled for a bulk load, a table
+dropped and re-created, `feed unwatch` run from another shell, all stop the journal filling while
+the reader keeps polling happily: nothing fails, changes are just never captured. So the reader
+looks, every `capture_check_interval`, at what capture rests on (both triggers present and enabled
+on the very table it attached them to, its watch and position rows) and reports what it finds as
+`CaptureFault`s; the connector turns them into a gap, a status and, where it can, a repair.
+
+The same queries serve `feed check` and the journal metrics, so what the feed warns about while
+running and what `feed check` prints are one judgement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from connectors.postgres_migrate import quote_ident
+
+
+@dataclass(frozen=True)
+class CaptureFault:
+    """One way capture of a table stopped or may have stopped.
+
+    `mend` says whether the connector can repair it itself (re-attach its triggers); when it
+    cannot, `hint` is the command the operator runs.
+    """
+
+    target: str | None
+    kind: str
+    detail: str
+    hint: str = ""
+    mend: bool = False
+
+    @property
+    def line(self) -> str:
+        return f"{self.detail}; {self.hint}" if self.hint else self.detail
+
+
+@dataclass(frozen=True)
+class JournalStats:
+    """How much of the journal is waiting, for metrics, warnings and `feed check`."""
+
+    rows: int
+    bytes: int
+    oldest_age: float  # seconds since the oldest row still in the journal was written
+    undelivered_age: float  # seconds since the oldest change this consumer has not delivered
+    stale_consumers: list[str]  # positions older than the journal's oldest row's age, not ours
+
+
+def trigger_names(schema: str) -> tuple[str, str]:
+    return f"{schema}_capture", f"{schema}_capture_truncate"
+
+
+def regclass_of(target: str) -> str:
+    schema, _, name = target.partition(".")
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+async def inspect_notify(
+    conn: Any,
+    schema: str,
+    consumer: str,
+    tables: list[str],
+    oids: dict[str, int],
+    query_timeout: float,
+) -> list[CaptureFault]:
+    """What is wrong with capture for `tables` (empty when all is well), in one round trip.
+
+    `oids` are the tables' oids when the connector attached to them: a different oid under the
+    same name is a table dropped and re-created, whose first changes nobody captured.
+    """
+    q = quote_ident(schema)
+    row_trigger, truncate_trigger = trigger_names(schema)
+    journal = await conn.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"{q}.journal", timeout=query_timeout
+    )
+    if not journal:
+        return [
+            CaptureFault(
+                None,
+                "journal_missing",
+                f"the journal table {schema}.journal is gone",
+                "run `feed migrate --config <file>`",
+            )
+        ]
+    rows = await conn.fetch(
+        f"""SELECT t.target, c.oid::bigint AS oid,
+                   count(g.oid) AS present,
+                   count(g.oid) FILTER (WHERE g.tgenabled IN ('O', 'A')) AS enabled,
+                   EXISTS (SELECT 1 FROM {q}.watches w
+                           WHERE w.consumer = $3 AND w.target = t.target) AS watched,
+                   EXISTS (SELECT 1 FROM {q}.consumers k WHERE k.name = $3) AS positioned
+            FROM unnest($1::text[], $2::text[]) AS t(target, reg)
+            LEFT JOIN pg_class c ON c.oid = to_regclass(t.reg)
+            LEFT JOIN pg_trigger g ON g.tgrelid = c.oid AND g.tgname = ANY($4::text[])
+            GROUP BY t.target, c.oid""",
+        tables,
+        [regclass_of(t) for t in tables],
+        consumer,
+        [row_trigger, truncate_trigger],
+        timeout=query_timeout,
+    )
+    faults: list[CaptureFault] = []
+    by_target = {r["target"]: r for r in rows}
+    if rows and not rows[0]["positioned"]:
+        faults.append(
+            CaptureFault(
+                None,
+                "position_lost",
+                f"the saved position of {consumer!r} was deleted (`feed unwatch` while running?); "
+                "journal rows it had not read may have been pruned",
+                mend=True,
+            )
+        )
+    for target in tables:
+        row = by_target[target]
+        if row["oid"] is None:
+            faults.append(
+                CaptureFault(
+                    target,
+                    "table_missing",
+                    f"table {target} no longer exists",
+                    "re-create it (the feed re-attaches by itself) or remove it from `tables`",
+                )
+            )
+            continue
+        known = oids.get(target)
+        if known is not None and row["oid"] != known:
+            faults.append(
+                CaptureFault(
+                    target,
+                    "table_recreated",
+                    f"table {target} was dropped and re-created: changes to the new table "
+                    "before now were not captured",
+                    mend=True,
+                )
+            )
+            continue
+        if row["present"] < 2:
+            unwatched = "" if row["watched"] else " (`feed unwatch` while running?)"
+            faults.append(
+                CaptureFault(
+                    target,
+                    "trigger_missing",
+                    f"the capture triggers on {target} were dropped{unwatched}: changes made "
+                    "since were not captured",
+                    mend=True,
+                )
+            )
+            continue
+        if row["enabled"] < 2:
+            regclass = regclass_of(target)
+            faults.append(
+                CaptureFault(
+                    target,
+                    "trigger_disabled",
+                    f"the capture triggers on {target} are disabled: its changes are not captured",
+                    f"run ALTER TABLE {regclass} ENABLE TRIGGER {quote_ident(row_trigger)}, "
+                    f"ENABLE TRIGGER {quote_ident(truncate_trigger)}",
+                )
+            )
+            continue
+        if not row["watched"]:
+            faults.append(
+                CaptureFault(
+                    target,
+                    "watch_missing",
+                    f"{target} is no longer recorded as watched by {consumer!r} "
+                    "(`feed unwatch` while running?)",
+                    mend=True,
+                )
+            )
+    return faults
+
+
+async def journal_stats(
+    conn: Any, schema: str, consumer: str, query_timeout: float, stale_after: float
+) -> JournalStats:
+    """The journal's size and age, and which other consumers have not read for `stale_after` s.
+
+    Bytes are the table's and its indexes' size on disk (what an operator's disk alert sees);
+    rows are counted by the primary key, which is cheap while the journal is pruned.
+    """
+    q = quote_ident(schema)
+    row = await conn.fetchrow(
+        f"""SELECT (SELECT count(*) FROM {q}.journal) AS rows,
+                   pg_total_relation_size(to_regclass($2)) AS bytes,
+                   extract(epoch FROM now() - (SELECT min(ts) FROM {q}.journal)) AS oldest,
+                   extract(epoch FROM now() - (
+                       SELECT min(j.ts) FROM {q}.journal j, {q}.consumers k
+                       WHERE k.name = $1
+                         AND j.xid >= pg_snapshot_xmin(k.snapshot::pg_snapshot)
+                         AND NOT pg_visible_in_snapshot(j.xid, k.snapshot::pg_snapshot)
+                   )) AS undelivered""",
+        consumer,
+        f"{q}.journal",
+        timeout=query_timeout,
+    )
+    stale = await conn.fetch(
+        f"SELECT name FROM {q}.consumers WHERE name <> $1"
+        " AND updated_at < now() - make_interval(secs => $2) ORDER BY name",
+        consumer,
+        stale_after,
+        timeout=query_timeout,
+    )
+    return JournalStats(
+        rows=int(row["rows"]),
+        bytes=int(row["bytes"]),
+        oldest_age=float(row["oldest"] or 0.0),
+        undelivered_age=float(row["undelivered"] or 0.0),
+        stale_consumers=[r["name"] for r in stale],
+    )

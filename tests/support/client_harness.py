@@ -1,0 +1,310 @@
+"""A real feed server for the client libraries' tests: restartable, behind a cuttable proxy.
+
+The Python client's tests use `Harness` directly; the JavaScript client's tests (Node's test
+runner, clients/js/test) start `python -m tests.support.client_harness` and drive the same
+`Harness` with one JSON command per line on stdin, one JSON answer per line on stdout:
+
+    {"cmd": "start", "config": "<extra TOML>", "auth": false}  -> {"ok": true, "url": ..., "direct": ...}
+    {"cmd": "write", "target": "public.orders", "op": "insert", "row": {...}}
+    {"cmd": "burst", "target": "public.orders", "start": 1, "count": 300, "pad": 0}
+        (with "spread": true, written 50 at a time in the background, 10 ms apart)
+    {"cmd": "truncate", "target": "public.orders"} / {"cmd": "gap", "reason": "..."}
+    {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
+    {"cmd": "cut"} / {"cmd": "restore"} / {"cmd": "restart"} / {"cmd": "stop"}
+    {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
+    {"cmd": "cluster_start"}          -> {"ok": true, "urls": [<node 0 via a proxy>, <node 1>]}
+    {"cmd": "cluster_write", "op": "insert", "row": {...}} / {"cmd": "cluster_cut"} / ..._restore
+
+The server is the real FeedApp under uvicorn with the in-memory connector. A restart starts a new
+FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows over, as
+a database outlives the feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from typing import Any
+
+import uvicorn
+
+from connectors.memory import MemoryConnector
+from feed.config import parse_config
+from feed.server import FeedApp, QuietServer
+from tests.support.proxy import CuttableProxy
+from tests.support.redis import open_redis_target
+from tests.support.server import RunningFeed, free_port, running_feed
+
+WAIT = 10.0
+SECRET = "harness-secret-for-client-tests-0123456789"
+TARGETS = ["public.orders", "public.customers"]
+
+
+def config_text(extra: str = "", auth: bool = False) -> str:
+    """The harness's feed: one memory connector `mem`; `extra` adds settings (whole tables)."""
+    server = "[server]\nreplay_buffer = 5000\nfilter_room_grace = 5\n"
+    if extra.lstrip().startswith("[server]"):
+        server = ""  # the caller's own [server] table
+    text = server + extra + '\n[[connectors]]\nname = "mem"\ntype = "memory"\n'
+    text += f"targets = {json.dumps(TARGETS)}\n"
+    if auth:
+        text += (
+            '\n[auth]\nmode = "jwt"\nleeway = 0\n\n[auth.jwt]\nalgorithms = ["HS256"]\n'
+            f'secret = "{SECRET}"\naudience = "feed"\n\n'
+            '[[auth.rules]]\nroles = ["admin"]\nallow = ["*"]\n'
+        )
+    return text
+
+
+def make_token(ttl: float, name: str = "client-test") -> str:
+    import time
+
+    import jwt
+
+    now = time.time()
+    body = {"sub": name, "aud": "feed", "iat": int(now), "exp": now + ttl, "roles": ["admin"]}
+    token: str = jwt.encode(body, SECRET, algorithm="HS256")
+    return token
+
+
+class Harness:
+    """One feed server on a fixed port, a proxy in front of it, and its memory source."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proxy = CuttableProxy(self.port)
+        self.app: FeedApp | None = None
+        self.server: uvicorn.Server | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.config = ""
+        self.tables: dict[str, dict[str, dict[str, Any]]] | None = None
+        self._source: MemoryConnector | None = None
+
+    @property
+    def url(self) -> str:
+        """Through the proxy: what clients use, so tests can cut them off."""
+        return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def direct(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def source(self) -> MemoryConnector:
+        """This server's memory connector (instances register by name, so keep our own)."""
+        assert self._source is not None
+        return self._source
+
+    async def start(self, extra: str = "", auth: bool = False) -> None:
+        self.config = config_text(extra, auth)
+        await self.proxy.start()
+        await self._serve()
+
+    async def _serve(self) -> None:
+        config = parse_config(self.config, "harness.toml", dict(os.environ))
+        connectors = config.build_connectors()
+        self._source = next(c for c in connectors if isinstance(c, MemoryConnector))
+        if self.tables is not None:  # the "database" outlives the feed
+            self._source._tables = self.tables
+        self.app = FeedApp(config, connectors=connectors)
+        self.server = QuietServer(
+            self.app.uvicorn_config("127.0.0.1", self.port, log_level="warning")
+        )
+        self.task = asyncio.create_task(self.server.serve())
+        async with asyncio.timeout(WAIT):
+            while not self.server.started:
+                if self.task.done():
+                    self.task.result()
+                    raise RuntimeError("uvicorn exited before it started")
+                await asyncio.sleep(0.01)
+
+    async def _halt(self) -> None:
+        if self.server is not None and self.task is not None:
+            self.tables = self.source._tables
+            self.server.should_exit = True
+            await asyncio.wait_for(self.task, WAIT)
+            self.server = self.task = None
+
+    async def restart(self) -> None:
+        """A new server process in all but name: new epoch, empty buffers, the same rows."""
+        await self._halt()
+        await self._serve()
+
+    async def stop(self) -> None:
+        await self._halt()
+        await self.proxy.close()
+
+    def write(self, target: str, op: str, row: dict[str, Any]) -> dict[str, Any]:
+        return self.source.write(target, op, row).wire
+
+    def burst(self, target: str, start: int, count: int, pad: int = 0) -> None:
+        """`count` inserts in one go: the server sends them as `changes` frames."""
+        for i in range(start, start + count):
+            row: dict[str, Any] = {"id": i, "status": "new", "amount": i}
+            if pad:  # incompressible, so that websocket compression cannot shrink it
+                row["pad"] = os.urandom(pad // 2).hex()
+            self.source.write(target, "insert", row)
+
+    async def spread_burst(self, target: str, start: int, count: int, pad: int = 0) -> None:
+        """The same inserts, 50 at a time with a pause between: a burst that takes a while."""
+        for first in range(start, start + count, 50):
+            self.burst(target, first, min(50, start + count - first), pad)
+            await asyncio.sleep(0.01)
+
+    def rows(self, target: str) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.source._tables[target].items()}
+
+    async def delivered(self) -> None:
+        """Until the hub has routed every change written so far."""
+        source = self.source
+        async with asyncio.timeout(WAIT):
+            while source._delivered < source._written:
+                source._progress.clear()
+                await source._progress.wait()
+
+
+class ClusterHarness:
+    """Two nodes of one feed on one Redis (the suite's), the first behind a cuttable proxy.
+
+    The memory connector is per node: changes are written on the node that holds the lease.
+    """
+
+    def __init__(self) -> None:
+        self.stack = contextlib.AsyncExitStack()
+        self.nodes: list[RunningFeed] = []
+        self.proxy: CuttableProxy | None = None
+
+    async def start(self) -> list[str]:
+        target = await self.stack.enter_async_context(open_redis_target())
+        config = (
+            f'[server]\nfilter_room_grace = 5\n\n[cluster]\nurl = "{target.url}"\n'
+            f'prefix = "{target.prefix.rstrip(":")}"\nlease = 1.0\nhistory = 1000\n'
+            '\n[[connectors]]\nname = "mem"\ntype = "memory"\ntargets = ["public.orders"]\n'
+        )
+        for i in range(2):
+            node = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
+            self.nodes.append(await self.stack.enter_async_context(running_feed(node)))
+        self.proxy = CuttableProxy(int(self.nodes[0].url.rsplit(":", 1)[1]))
+        await self.proxy.start()
+        self.stack.push_async_callback(self.proxy.close)
+        return [f"http://127.0.0.1:{self.proxy.port}", self.nodes[1].url]
+
+    async def reader(self) -> MemoryConnector:
+        """The memory connector of the node that reads it (once one holds the lease)."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                for node in self.nodes:
+                    engine = node.hub.engine
+                    connector = node.hub.connectors["mem"]
+                    leased = engine is not None and "mem" in engine._leases
+                    if leased and connector.status.state.value == "up":
+                        assert isinstance(connector, MemoryConnector)
+                        return connector
+                await asyncio.sleep(0.05)  # no event for a lease taken in another node
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
+
+
+@contextlib.asynccontextmanager
+async def harness(extra: str = "", auth: bool = False) -> Any:
+    h = Harness()
+    await h.start(extra, auth)
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+async def serve_commands() -> None:
+    """The JSON-lines loop the Node tests drive."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    h = Harness()
+    cluster: ClusterHarness | None = None
+    background: set[asyncio.Task[None]] = set()
+
+    def answer(body: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(body) + "\n")
+        sys.stdout.flush()
+
+    try:
+        while line := await reader.readline():
+            command = json.loads(line)
+            cmd = command.get("cmd")
+            try:
+                reply: dict[str, Any] = {"ok": True}
+                if cmd == "start":
+                    await h.start(command.get("config", ""), bool(command.get("auth")))
+                    reply.update(url=h.url, direct=h.direct)
+                elif cmd == "write":
+                    reply["change"] = h.write(command["target"], command["op"], command["row"])
+                elif cmd == "burst" and command.get("spread"):
+                    task = asyncio.create_task(
+                        h.spread_burst(
+                            command.get("target", "public.orders"),
+                            command["start"],
+                            command["count"],
+                            command.get("pad", 0),
+                        )
+                    )
+                    background.add(task)
+                    task.add_done_callback(background.discard)
+                elif cmd == "burst":
+                    h.burst(
+                        command.get("target", "public.orders"),
+                        command["start"],
+                        command["count"],
+                        command.get("pad", 0),
+                    )
+                elif cmd == "truncate":
+                    h.source.truncate(command.get("target", "public.orders"))
+                elif cmd == "gap":
+                    h.source.announce_gap(command.get("reason", "test gap"))
+                elif cmd == "delivered":
+                    await h.delivered()
+                elif cmd == "rows":
+                    reply["rows"] = h.rows(command.get("target", "public.orders"))
+                elif cmd == "cut":
+                    h.proxy.cut()
+                elif cmd == "restore":
+                    h.proxy.restore()
+                elif cmd == "restart":
+                    await h.restart()
+                elif cmd == "token":
+                    reply["token"] = make_token(float(command.get("ttl", 300)))
+                elif cmd == "cluster_start":
+                    cluster = ClusterHarness()
+                    reply["urls"] = await cluster.start()
+                elif cmd == "cluster_write":
+                    assert cluster is not None
+                    source = await cluster.reader()
+                    source.write(
+                        command.get("target", "public.orders"), command["op"], command["row"]
+                    )
+                elif cmd in ("cluster_cut", "cluster_restore"):
+                    assert cluster is not None and cluster.proxy is not None
+                    if cmd == "cluster_cut":
+                        cluster.proxy.cut()
+                    else:
+                        cluster.proxy.restore()
+                elif cmd == "stop":
+                    break
+                else:
+                    reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+            except Exception as exc:
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            answer(reply)
+    finally:
+        if cluster is not None:
+            await cluster.stop()
+        await h.stop()
+        answer({"ok": True, "stopped": True})
+
+
+if __name__ == "__main__":
+    asyncio.run(serve_commands())

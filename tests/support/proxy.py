@@ -1,0 +1,65 @@
+"""A TCP proxy a test can cut like a dropped network (shared by the examples' and clients' tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class CuttableProxy:
+    """Forwards TCP to the feed; `cut()` drops every connection and refuses new ones until
+    `restore()`, which is what a client sees when the network goes away and comes back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.refusing = False
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sink.transport.abort()
+            self.writers.discard(sink)
+
+    def cut(self) -> None:
+        self.refusing = True
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    def restore(self) -> None:
+        self.refusing = False
+
+    async def close(self) -> None:
+        self.cut()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,227 @@
+"""Logical mode under an operator's hands (issue 17): a slot dropped or invalidated is announced
+after any restart, `feed check` tells the truth, and the WAL the slot holds is a metric.
+
+Needs wal_level = logical (the suite's embedded server has it; the tests skip elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from feed.change import Gap
+from feed.errors import SourceMisconfigured
+from tests.postgres_helpers import WAIT, make_connector, streaming
+from tests.support import postgres as pg_support
+from tests.support.postgres import EmbeddedPostgres, PgDatabase, PgServer
+from tests.support.server import feed_client, running_feed
+from tests.support.waiting import wait_until
+from tests.test_capture_watch import http_get, metric, next_status
+
+pg_server = pg_support.pg_server
+pg = pg_support.pg
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+async def logical_pg(pg: PgDatabase) -> PgDatabase:
+    if await pg.server.wal_level() != "logical":
+        pytest.skip("the server's wal_level is not logical")
+    return pg
+
+
+@pytest.fixture
+async def small_wal_pg() -> AsyncIterator[PgDatabase]:
+    """A private server whose slots may keep at most 1 MB of WAL: easy to invalidate."""
+    embedded: EmbeddedPostgres = pg_support.start_embedded(max_slot_wal_keep_size="1MB")
+    try:
+        db = await pg_support.create_database(PgServer(embedded.url(), embedded))
+        try:
+            yield db
+        finally:
+            await db.conn.close()
+    finally:
+        embedded.close()
+
+
+def logical(db: PgDatabase, **extra: Any) -> Any:
+    return make_connector(db.url, ["public.orders"], mode="logical", poll_interval=0.02, **extra)
+
+
+async def orders(db: PgDatabase) -> None:
+    await db.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, note text)")
+
+
+async def invalidate(db: PgDatabase) -> None:
+    """Write past max_slot_wal_keep_size and checkpoint: the slot's WAL is removed."""
+    for _ in range(4):
+        await db.conn.execute(
+            "INSERT INTO orders SELECT g, 'lost' FROM generate_series(1, 1) g"
+            " ON CONFLICT (id) DO UPDATE SET note = 'lost'"
+        )
+        await db.conn.execute("SELECT pg_switch_wal()")
+    await db.conn.execute("CHECKPOINT")
+    status = await db.conn.fetchval("SELECT wal_status FROM pg_replication_slots")
+    assert status == "lost", status
+
+
+async def test_a_slot_dropped_while_stopped_is_announced_by_a_new_process(
+    logical_pg: PgDatabase,
+) -> None:
+    db = logical_pg
+    await orders(db)
+    async with streaming(logical(db)) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        await stream.take(1)
+    await db.conn.execute("SELECT pg_drop_replication_slot('feed_main')")
+    await db.conn.execute("INSERT INTO orders VALUES (2, 'never delivered')")
+    with pytest.raises(SourceMisconfigured, match="is gone"):
+        await logical(db).check()
+    # A new connector, as after a restart of the feed: nothing in memory says the slot existed.
+    async with streaming(logical(db)) as stream:
+        gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+        assert isinstance(gap, Gap) and "dropped" in gap.reason, gap
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
+        assert [c.key for c in await stream.take(1)] == [3]
+        stream.assert_idle()
+
+
+async def test_feed_check_in_logical_mode(logical_pg: PgDatabase) -> None:
+    db = logical_pg
+    await orders(db)
+    assert "no replication slot 'feed_main' yet" in await logical(db).check()
+    await logical(db).migrate()
+    text = await logical(db).check()
+    assert "logical mode" in text and "pending" not in text
+    assert "slot 'feed_main' reserved, retains" in text
+
+
+async def test_an_invalidated_slot_is_recreated_with_a_gap_and_a_hint(
+    small_wal_pg: PgDatabase,
+) -> None:
+    db = small_wal_pg
+    await orders(db)
+    await logical(db).migrate()
+    await invalidate(db)
+    with pytest.raises(SourceMisconfigured, match="max_slot_wal_keep_size"):
+        await logical(db).check()
+    config = f"""
+[[connectors]]
+name = "main"
+type = "postgres"
+mode = "logical"
+dsn = "{db.url}"
+tables = ["public.orders"]
+poll_interval = 0.02
+capture_check_interval = 0.3
+"""
+    async with running_feed(config) as feed, feed_client(feed.url) as client:
+        assert (await client.subscribe("main:public.orders"))["ok"]
+        # The slot was lost before this feed started: announced at start (perhaps before the
+        # subscribe, so counted rather than awaited on the client).
+        async with asyncio.timeout(WAIT):
+            while feed.hub.metrics.value("feed_gaps_total", connector="main") < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await next_status(client, "up")
+        await db.conn.execute("INSERT INTO orders VALUES (100, 'after')")
+        got = await client.next_change()
+        assert got["key"] == 100
+        retained = await metric(feed.url, 'feed_postgres_slot_retained_wal_bytes{connector="main"}')
+        assert retained >= 0
+        assert "feed_postgres_slot_retained_wal_bytes" in (await http_get(feed.url + "/metrics"))[1]
+        # Invalidated again while serving: the client hears the gap, with the cause.
+        before = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        await invalidate(db)
+        # (A "connection lost" may come first: the checkpoint ends a session reading the slot.)
+        await next_status(client, "down", saying="max_slot_wal_keep_size")
+        gap = await client.next_gap(timeout=WAIT)
+        while gap["ts"] < before:  # the start's gap, if it reached this client
+            gap = await client.next_gap(timeout=WAIT)
+        assert "wal_status lost" in gap["reason"], gap
+        await db.conn.execute("INSERT INTO orders VALUES (101, 'after')")
+        async with asyncio.timeout(WAIT):  # what invalidate() wrote may come first, or not
+            while (await client.next_change())["key"] != 101:
+                pass
+
+
+async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
+    logical_pg: PgDatabase,
+) -> None:
+    db = logical_pg
+    await orders(db)
+    config = f"""
+[[connectors]]
+name = "main"
+type = "postgres"
+mode = "logical"
+dsn = "{db.url}"
+tables = ["public.orders"]
+poll_interval = 0.02
+capture_check_interval = 0.3
+"""
+    async with running_feed(config) as feed, feed_client(feed.url) as client:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
+        assert (await client.subscribe("main:public.orders"))["ok"]
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        assert (await client.next_change())["key"] == 1
+        await db.conn.execute("ALTER PUBLICATION feed_main DROP TABLE orders")
+        await db.conn.execute("INSERT INTO orders VALUES (2, 'not decoded')")
+        gap = await client.next_gap()
+        assert "stopped covering" in gap["reason"], gap
+        tables = "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'feed_main'"
+        assert await db.conn.fetchval(tables) == 1
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
+        async with asyncio.timeout(WAIT):  # 2 may or may not be decoded, depending on timing
+            while (await client.next_change())["key"] != 3:
+                pass
+
+
+async def test_a_slot_moved_on_while_the_feed_was_stopped_is_announced(
+    logical_pg: PgDatabase,
+) -> None:
+    """Dropped and made again by hand (or read by something else) while no feed ran: the slot
+    exists, so only where the feed stopped, kept on the publication, tells."""
+    db = logical_pg
+    await orders(db)
+    async with streaming(logical(db)) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        await stream.take(1)
+    await db.conn.execute("INSERT INTO orders VALUES (2, 'lost with the old slot')")
+    await db.conn.execute("SELECT pg_drop_replication_slot('feed_main')")
+    await db.conn.execute("SELECT pg_create_logical_replication_slot('feed_main', 'pgoutput')")
+    async with streaming(logical(db)) as stream:
+        gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+        assert isinstance(gap, Gap) and "moved on while the feed was stopped" in gap.reason, gap
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
+        assert [c.key for c in await stream.take(1)] == [3]
+    # A clean stop and start with nothing in between: no gap.
+    async with streaming(logical(db)) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (4, 'a')")
+        assert [c.key for c in await stream.take(1)] == [4]
+        stream.assert_idle()
+
+
+async def test_a_slot_of_another_database_is_refused(logical_pg: PgDatabase) -> None:
+    import uuid
+
+    import asyncpg
+
+    db = logical_pg
+    await orders(db)
+    slot = f"foreign_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(db.server.admin_url)
+    try:
+        await admin.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+        with pytest.raises(SourceMisconfigured, match="belongs to database 'postgres'"):
+            await logical(db, slot=slot).start()
+        with pytest.raises(SourceMisconfigured, match="is not this feed's"):
+            await logical(db, slot=slot).check()
+    finally:
+        await admin.execute("SELECT pg_drop_replication_slot($1)", slot)
+        await admin.close()

@@ -1,0 +1,70 @@
+"""dbfeed_client on a cluster: when its node goes away it resumes on another, `recovered`.
+
+Two nodes of one feed on one Redis (tests/test_cluster.py's setup, in this process); the client
+is given both URLs and reaches the first through a proxy the test cuts. The room's numbers and
+history live in Redis, so the other node replays what was missed: nothing missing, nothing twice,
+and no reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import pytest
+from dbfeed_client import FeedClient
+
+from tests.support.proxy import CuttableProxy
+from tests.support.redis import RedisTarget, open_redis_target
+from tests.test_client_python import Log, assert_once_in_order
+from tests.test_cluster import cluster_config, memory, reader_of, start_nodes
+
+pytestmark = pytest.mark.redis
+
+ROOM = "mem:public.orders"
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
+
+
+async def test_the_client_resumes_on_another_node_with_nothing_missing_or_twice(
+    redis_target: RedisTarget,
+) -> None:
+    config = cluster_config(redis_target.url, redis_target.prefix, history=1000)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        first, second = nodes
+        proxy = CuttableProxy(int(first.url.rsplit(":", 1)[1]))
+        await proxy.start()
+        stack.push_async_callback(proxy.close)
+        feed = FeedClient(
+            [f"http://127.0.0.1:{proxy.port}", second.url],
+            reconnection_delay=0.1,
+            reconnection_delay_max=1.0,
+        )
+        await stack.enter_async_context(feed)
+        sub = await stack.enter_async_context(feed.subscribe(ROOM, snapshot=True))
+        log = Log(sub)
+        for i in range(1, 11):
+            memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+        await log.until(lambda: len(log.changes) == 10, "10 changes on the first node")
+
+        proxy.cut()  # the first node is gone for this client
+        await log.until(lambda: sub.state == "pending", "the drop")
+        for i in range(11, 21):
+            memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+        memory(reader).write("public.orders", "update", {"id": 3, "status": "paid"})
+        await log.until(lambda: len(log.changes) == 21, "the changes made while away")
+
+        assert feed.url == second.url
+        assert_once_in_order(log.changes, 1, 21)
+        assert ("recovered", {"replayed": 11}) in log.states, log.states
+        assert "reload" not in log.names
+        assert sub.rows is not None and len(sub.rows) == 20
+        assert sub.rows["3"]["status"] == "paid"
+        memory(reader).write("public.orders", "delete", {"id": 4})
+        await log.until(lambda: "4" not in (sub.rows or {}), "live on the second node")
