@@ -61,8 +61,11 @@ lock:
 
 # Benchmarks (docs/benchmarks.md): real servers and clients in separate processes on loopback,
 # every phase bounded in time. Sources: FEED_BENCH_POSTGRES_URL, FEED_BENCH_REDIS_URL.
-$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml constraints.txt
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml constraints.txt bench/node/package-lock.json
 	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[bench]'
+	@# The Node.js Socket.IO baseline (bench/node): skipped, with a note, where npm is missing.
+	if command -v npm >/dev/null; then npm ci --prefix bench/node --no-audit --no-fund --silent; \
+	else echo "npm not found: the fan-out bench will run without its Node.js baseline"; fi
 	touch $@
 
 bench: $(VENV)/.bench-installed

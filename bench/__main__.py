@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import fanout, idle, sources
+from bench import fanout, filter_rooms, idle, sources
 from bench.procs import raise_nofile
 from bench.swarm import Swarm
 
@@ -47,11 +47,25 @@ class Plan:
     mongodb_rates: list[float]
     source_seconds: float
     ingest_seconds: float
+    filter_sizes: list[int]
+    """distinct filter rooms on one target, for the routing measurement"""
+    filter_repeats: int
+    burst_sizes: list[int]
+    """per-user filter rooms for the burst through the real server"""
+    burst_repeats: int
     cluster_clients: int = 200
     cluster_rate: float = 50.0
     cluster_seconds: float = 6.0
     phases: set[str] = field(
-        default_factory=lambda: {"fanout", "idle", "postgres", "redis", "mongodb", "cluster"}
+        default_factory=lambda: {
+            "fanout",
+            "idle",
+            "postgres",
+            "redis",
+            "mongodb",
+            "cluster",
+            "filters",
+        }
     )
 
 
@@ -62,6 +76,7 @@ FULL = Plan(
         (1000, 1, 40.0),
         (5000, 1, 8.0),
         (1000, 100, 2000.0),
+        (1000, 1000, 2000.0),  # every client in its own room: the per-change path
     ],
     fanout_windows=3,
     fanout_seconds=5.0,
@@ -72,6 +87,10 @@ FULL = Plan(
     mongodb_rates=[100, 1000, 5000],
     source_seconds=5.0,
     ingest_seconds=8.0,
+    filter_sizes=[10, 1000, 10_000, 100_000],
+    filter_repeats=5,
+    burst_sizes=[10, 10_000],
+    burst_repeats=3,
 )
 
 SHORT = Plan(
@@ -85,6 +104,10 @@ SHORT = Plan(
     mongodb_rates=[100, 1000],
     source_seconds=2.0,
     ingest_seconds=3.0,
+    filter_sizes=[10, 10_000],
+    filter_repeats=3,
+    burst_sizes=[10, 10_000],
+    burst_repeats=1,
     cluster_clients=40,
     cluster_rate=50.0,
     cluster_seconds=2.0,
@@ -122,14 +145,23 @@ def machine() -> dict[str, Any]:
 # -- phases ----------------------------------------------------------------------------------
 
 
+TARGET_POINTS = {(100, 1), (1000, 1), (1000, 1000)}
+"""(clients, rooms) the targets are stated at: run `fanout_rounds_at_targets` times, alternating."""
+
+
 def run_fanout(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    no_node = fanout.node_available()
+    if no_node:
+        log.append(f"fanout: the Node.js Socket.IO baseline is not run: {no_node}")
+        print(log[-1], flush=True)
     for clients, rooms, rate in plan.fanout_points:
-        rounds = plan.fanout_rounds_at_targets if clients in (100, 1000) and rooms == 1 else 1
+        at_target = (clients, rooms) in TARGET_POINTS
+        rounds = plan.fanout_rounds_at_targets if at_target else 1
         targets = [f"t{i}" for i in range(rooms)]
         processes = 1 if clients == 1 else 2 if clients <= 1000 else 4
         for round_ in range(rounds):
-            kinds = ["feed", "baseline"]
+            kinds = ["feed", "baseline"] + ([] if no_node else ["node"])
             if round_ == 0 and rooms == 1 and clients in (100, 1000):
                 kinds.append("socketio")  # python-socketio's own emit: where the feed started
             for kind in kinds:
@@ -169,6 +201,24 @@ def run_idle(plan: Plan, log: list[str]) -> list[dict[str, Any]]:
             )
             print(log[-1], flush=True)
     return rows
+
+
+BURST_CHANGES = 3000
+
+
+def run_filters(plan: Plan, log: list[str]) -> dict[str, Any]:
+    """Routing CPU per change by number of filter rooms, and a burst through the real server."""
+    block: dict[str, Any] = {
+        "routing": filter_rooms.routing_phase(
+            plan.filter_sizes, budget=2.0, repeats=plan.filter_repeats
+        ),
+        "burst": filter_rooms.burst_phase(
+            plan.burst_sizes, BURST_CHANGES, plan.burst_repeats, timeout=120.0
+        ),
+    }
+    block["summary"] = filter_rooms.summarise(block)
+    log.extend(filter_rooms.table(block))
+    return block
 
 
 def _reachable(url: str) -> bool:
@@ -347,6 +397,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for (clients, rooms), by_kind in sorted(points.items()):
         feed_rows, base_rows = by_kind.get("feed", []), by_kind.get("baseline", [])
         sio_rows = by_kind.get("socketio", [])
+        node_rows = by_kind.get("node", [])
 
         def med(rows: list[dict[str, Any]], key: str) -> float:
             values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
@@ -360,6 +411,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "feed_us_per_frame": med(feed_rows, "cpu_per_frame_us"),
             "baseline_us_per_frame": med(base_rows, "cpu_per_frame_us"),
             "socketio_us_per_change": med(sio_rows, "cpu_per_change_us"),
+            "node_us_per_change": med(node_rows, "cpu_per_change_us"),
+            "node_changes_per_s": med(node_rows, "changes_per_s"),
+            "node_delivered_ratio": min(
+                (r["delivered"] / r["expected"] for r in node_rows), default=float("nan")
+            ),
+            "node_p50_ms": med(node_rows, "p50_ms"),
             "feed_changes_per_s": med(feed_rows, "changes_per_s"),
             "baseline_changes_per_s": med(base_rows, "changes_per_s"),
             "feed_changes_per_frame": med(feed_rows, "delivered") / med(feed_rows, "frames")
@@ -376,6 +433,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "windows": len(feed_rows),
         }
         entry["cpu_ratio"] = entry["feed_us_per_change"] / entry["baseline_us_per_frame"]
+        entry["node_ratio"] = entry["feed_us_per_change"] / entry["node_us_per_change"]
         fan.append(entry)
     summary["fanout"] = fan
     idle_rows = results.get("idle", [])
@@ -388,6 +446,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         }
         for r in idle_rows
     ]
+    filters = results.get("filters")
+    if isinstance(filters, dict) and "summary" in filters:
+        summary["filters"] = filters["summary"]
     pg = results.get("postgres")
     if isinstance(pg, dict) and "ingest" in pg:
         summary["postgres_ingest_ratio"] = pg["ingest"]["ratio"]
@@ -413,6 +474,14 @@ def table(results: dict[str, Any]) -> str:
             f"{e['feed_changes_per_s']:>10.0f} {e['baseline_changes_per_s']:>9.0f} "
             f"{e['feed_delivered_ratio']:>9.3f}"
         )
+    node = [e for e in s.get("fanout", []) if not math.isnan(e.get("node_us_per_change", math.nan))]
+    if node:
+        lines.append("Node.js Socket.IO io.to(room).emit (same clients), us per delivered change:")
+        lines.extend(
+            f"  {e['clients']:>5} clients, {e['rooms']:>4} rooms: {e['node_us_per_change']:.1f}"
+            f" (feed/node {e['node_ratio']:.2f}, delivered {e['node_delivered_ratio']:.3f})"
+            for e in node
+        )
     sio = [e for e in s.get("fanout", []) if not math.isnan(e["socketio_us_per_change"])]
     if sio:
         lines.append("plain python-socketio emit (same clients, same frames), us per change:")
@@ -424,6 +493,9 @@ def table(results: dict[str, Any]) -> str:
                 f"{e['server']:>8} {e['clients']:>6} clients: {e['kib_per_connection']:6.1f} KiB "
                 f"({e['connected']} connected)"
             )
+    filters = results.get("filters")
+    if isinstance(filters, dict) and "summary" in filters:
+        lines += filter_rooms.table(filters)
     for source in ("postgres", "redis", "mongodb"):
         block = results.get(source)
         if not isinstance(block, dict) or "latency" not in block:
@@ -489,6 +561,9 @@ def losses(results: dict[str, Any]) -> list[str]:
             found.append(
                 f"{source} ingest: delivered {ingest['feed_delivered']} of {ingest['committed']}"
             )
+    filters = results.get("filters")
+    if isinstance(filters, dict):
+        found += filter_rooms.losses(filters)
     block = results.get("cluster")
     for r in block.get("setups", []) if isinstance(block, dict) else []:
         if r["received"] != r["expected"]:
@@ -510,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated phases: fanout, idle, postgres, redis, mongodb, cluster",
+        help="comma-separated phases: fanout, idle, postgres, redis, mongodb, cluster, filters",
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -537,9 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         "redis": run_redis,
         "mongodb": run_mongodb,
         "cluster": run_cluster,
+        "filters": run_filters,
     }
     failed = False
-    for name in ("fanout", "idle", "postgres", "redis", "mongodb", "cluster"):
+    for name in ("fanout", "idle", "postgres", "redis", "mongodb", "cluster", "filters"):
         if name not in phases:
             continue
         try:
@@ -567,6 +643,15 @@ def main(argv: list[str] | None = None) -> int:
         png = RESULTS / (f"{latest}.png" if whole else f"{stamp}.png")
         draw(results, png)
         print(f"\nwrote {RESULTS / (stamp + '.json')} and {png}")
+        filters = results.get("filters")
+        if isinstance(filters, dict) and "summary" in filters:
+            name = (
+                f"{latest}-filters.png"
+                if whole or phases == {"filters"}
+                else f"{stamp}-filters.png"
+            )
+            filter_rooms.draw(filters, RESULTS / name)
+            print(f"wrote {RESULTS / name}")
     print(f"took {results['seconds']:.0f}s")
     if args.check:
         found = losses(results)

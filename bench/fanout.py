@@ -1,4 +1,5 @@
-"""Fan-out: one room (or many) to N clients, the feed against a raw `websockets` broadcast.
+"""Fan-out: one room (or many) to N clients, the feed against a raw `websockets` broadcast and
+the reference Node.js Socket.IO server (bench/node/server.mjs, `io.to(room).emit`).
 
 The figure that matters is server CPU per delivered change, read from the operating system for
 the server process over the whole window from the first write until every client has everything.
@@ -6,9 +7,14 @@ the server process over the whole window from the first write until every client
 
 from __future__ import annotations
 
+import json
+import select
+import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.procs import Child, Usage
@@ -47,6 +53,71 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def node_available() -> str | None:
+    """Why the Node.js baseline cannot run here, or None (it needs node and `npm ci` done)."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE_DIR / "node_modules" / "socket.io").is_dir():
+        return f"socket.io is not installed: run `npm ci --prefix {NODE_DIR}` (make bench does)"
+    return None
+
+
+class NodeChild:
+    """The Node.js Socket.IO server as a child process, driven over stdin/stdout (JSON lines)
+    with the same ask/recv/stop/pid as a bench.procs.Child."""
+
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            ["node", str(NODE_DIR / "server.mjs"), str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def recv(self, timeout: float) -> Any:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"the Node.js server did not answer within {timeout:.0f}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Node.js server exited ({self.proc.poll()})")
+        message = json.loads(line)
+        if message["op"] == "error":
+            raise RuntimeError(f"node: {message['message']}")
+        if message["op"] == "ready":
+            return ("ready", message["port"])
+        if message["op"] == "emitted":
+            return ("emitted", message["seconds"])
+        return (message["op"], message.get("count"))
+
+    def ask(self, op: str, *args: Any, timeout: float = 60.0) -> Any:
+        assert self.proc.stdin is not None
+        request: dict[str, Any] = {"op": op}
+        if op == "emit":
+            request.update(zip(("targets", "count", "rate"), args, strict=True))
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.recv(timeout)
+
+    def stop(self) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the server exits when its stdin closes
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 class Server:
     """A feed or baseline server process on a fresh port, serving `targets` of connector `mem`."""
 
@@ -55,8 +126,11 @@ class Server:
         self.targets = targets
         port = free_port()
         self.redis: Any = None
+        self.child: Child | NodeChild
         if kind == "feed":
             self.child = Child(feed_main, memory_config(targets, port), name="feed")
+        elif kind == "node":
+            self.child = NodeChild(port)
         elif kind == "feed-cluster":  # the same feed as one node of a cluster (private Redis)
             from bench.cluster import RedisProcess
 

@@ -27,6 +27,14 @@ def draw(results: dict[str, Any], path: Path) -> None:
         ax.plot(
             xs, [e["baseline_us_per_frame"] for e in fan], "s--", label="raw websockets: per frame"
         )
+        node = [e for e in fan if not math.isnan(e.get("node_us_per_change", math.nan))]
+        if node:
+            ax.plot(
+                [e["clients"] for e in node],
+                [e["node_us_per_change"] for e in node],
+                "d-.",
+                label="Node.js Socket.IO: per delivered change",
+            )
         sio = [e for e in fan if not math.isnan(e.get("socketio_us_per_change", math.nan))]
         if sio:
             ax.plot(

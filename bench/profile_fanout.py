@@ -1,7 +1,9 @@
-"""Profile the feed's fan-out: the server under py-spy while N clients follow one room.
+"""Profile the feed's fan-out: the server under py-spy while N clients follow one room (or
+`--rooms` rooms, the clients spread evenly over them).
 
     python -m bench.profile_fanout --clients 100 --rate 100 --seconds 6
-writes a py-spy flame graph (SVG) and a raw collapsed-stack file to bench/results/.
+    python -m bench.profile_fanout --clients 1000 --rooms 1000 --rate 2000 --seconds 6
+writes a raw collapsed-stack file to bench/results/ (summarise it with bench/stacks.py).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rooms", type=int, default=1)
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    server = Server("feed", ["t0"])
+    server = Server("feed", [f"t{i}" for i in range(args.rooms)])
     try:
         swarm = Swarm(server.port, server.rooms, args.clients)
         try:
-            stem = RESULTS / f"profile-{args.clients}{args.tag}"
+            stem = RESULTS / f"profile-{args.clients}x{args.rooms}{args.tag}"
             spy = [
                 str(Path(sys.executable).with_name("py-spy")),
                 "record",
@@ -56,7 +59,7 @@ def main() -> int:
             count = int(args.rate * (args.seconds + 1))
             server.emit(count, args.rate, timeout=args.seconds * 4 + 60)
             thread.join()
-            swarm.wait(count, timeout=30, quiet=2)
+            swarm.wait(count // args.rooms, timeout=30, quiet=2)
         finally:
             swarm.stop()
     finally:

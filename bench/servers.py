@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -147,6 +148,7 @@ async def _feed(conn: Connection, config_toml: str) -> None:
     conn.send(("ready", config.server.port))
 
     snapshot: Any = None
+    keys = itertools.count()
 
     async def handle(request: tuple[Any, ...]) -> Any:
         nonlocal snapshot
@@ -175,10 +177,20 @@ async def _feed(conn: Connection, config_toml: str) -> None:
             n = len(targets)
 
             def write(i: int) -> None:
-                memory.write(targets[i % n], "insert", {"id": i, "t": time.time()})
+                # A fresh key each time: numbering from 0 on every emit made every change after
+                # the warm-up an insert over a stored row, carrying a `before` image (bigger
+                # frames than the baselines send).
+                memory.write(targets[i % n], "insert", {"id": next(keys), "t": time.time()})
 
             seconds = await paced(count, rate, write)
             return ("emitted", seconds)
+        if op == "burst":  # `count` inserts at once, as one statement's rows arrive
+            target, count, users, offset = request[1:]
+            memory = MemoryConnector.instances["mem"]
+            for i in range(count):
+                row = {"id": next(keys), "user_id": (offset + i) % users, "t": time.time()}
+                memory.write(target, "insert", row)
+            return ("emitted", count)
         if op == "clients":
             return ("clients", len(app.hub.clients))
         raise ValueError(f"unknown request {op!r}")

@@ -14,7 +14,7 @@ def short(frame: str) -> str:
     if not m:
         return frame.strip()
     path = m["file"]
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in ("site-packages/", "lib/python3.11/", "/work/main/", "/work/i15/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{m['func']} ({path})"

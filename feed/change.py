@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import enum
 import ipaddress
+import json
 import math
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,6 +20,21 @@ from typing import Any, Generic, TypeVar, overload
 
 JSON = Any
 """A value made only of dict, list, str, int, float, bool and None."""
+
+
+def _stdlib_dumps(value: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes, as orjson's `dumps` gives it."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+dumps_json: Callable[[Any], bytes] = _stdlib_dumps
+"""JSON text as bytes: orjson where installed (it raises TypeError for ints past 64 bits)."""
+try:  # a dependency, but the feed still works without it (the standard library is slower)
+    import orjson
+
+    dumps_json = orjson.dumps
+except ImportError:  # pragma: no cover
+    pass
 
 T = TypeVar("T")
 
@@ -98,6 +114,16 @@ class Change:
             body["meta"] = to_json(self.meta)
         return body
 
+    @computed_once
+    def wire_tail(self) -> bytes | None:
+        """`wire` as JSON text without its opening brace, encoded once however many rooms the
+        change goes to (each room's `room` and `seq` are spliced in front of it); None when
+        orjson refuses it (integers past 64 bits): the transport then encodes payloads whole."""
+        try:
+            return dumps_json(self.wire)[1:]
+        except (TypeError, ValueError):
+            return None
+
 
 @dataclass(frozen=True)
 class Gap:
@@ -152,9 +178,13 @@ def format_ts(ts: dt.datetime | None) -> str | None:
     last, text = _last_ts
     if ts is last:  # the changes of one read (Redis) or one transaction share their ts object
         return text
-    aware = ts if ts.tzinfo is not None else ts.replace(tzinfo=dt.UTC)
     # isoformat is several times faster than strftime, and this runs once per change.
-    text = aware.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if ts.tzinfo is dt.UTC:  # what the sources give: no conversion ("+00:00" becomes "Z")
+        text = ts.isoformat(timespec="microseconds")[:-6] + "Z"
+    elif ts.tzinfo is None:
+        text = ts.isoformat(timespec="microseconds") + "Z"
+    else:
+        text = ts.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     _last_ts = (ts, text)
     return text
 
@@ -168,7 +198,12 @@ def to_json(value: Any) -> JSON:
     Decimal becomes a string so no precision is lost; bytes become base64; non-finite floats become
     the strings "NaN", "Infinity", "-Infinity"; BSON types become relaxed extended JSON.
     """
-    if value is None or isinstance(value, bool | int | str):
+    kind = type(value)  # exact types first: this runs for every value of every image
+    if kind is str or kind is int or value is None or kind is bool:
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         if math.isfinite(value):
@@ -205,8 +240,6 @@ def to_json(value: Any) -> JSON:
 
 def _bson_to_json(value: Any) -> JSON:
     """Relaxed extended JSON for one BSON value (imported lazily: only MongoDB users have bson)."""
-    import json
-
     from bson import json_util
 
     return json.loads(json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS))

@@ -4,13 +4,20 @@ Clients that send the same conditions in any order share one canonical filter, h
 routing cost grows with the number of distinct filters, not with the number of clients. A change
 matches a filter when its before image or its after image does, so a row that stops matching is
 still delivered once and the client can drop it.
+
+Each literal is read once, when the filter is parsed, as every type a row value may turn out to
+have (`Literal`): a change then compares typed values instead of parsing text per comparison.
+The same reading gives each literal its equality keys (`Literal.equality_keys`, `value_key`),
+which is what lets feed.routing find the filter rooms of a change by value instead of trying
+each one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -31,11 +38,116 @@ MAX_CONDITIONS = 20
 MAX_IN_VALUES = 100
 
 
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """A filter literal read once as each type a row value may have (None: not of that type).
+
+    `_compare` used to convert the literal on every comparison; the readings here are the same
+    conversions done once, so the documented semantics are unchanged: numbers compare as
+    `Decimal`, `true`/`false` as booleans, ISO 8601 as dates and times, anything else as text.
+    """
+
+    text: str
+    null: bool
+    boolean: bool | None
+    number: Decimal | None
+    moment: dt.datetime | None
+    day: dt.date | None
+
+    @classmethod
+    def parse(cls, text: str) -> Literal:
+        boolean = {"true": True, "false": False}.get(text)
+        try:
+            number: Decimal | None = Decimal(text)
+        except (InvalidOperation, ValueError, TypeError):
+            number = None
+        try:
+            moment: dt.datetime | None = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        try:
+            day: dt.date | None = dt.date.fromisoformat(text)
+        except ValueError:
+            day = None
+        return cls(text, text == "null", boolean, number, moment, day)
+
+    def equality_keys(self) -> tuple[Hashable, ...]:
+        """The equality keys of this literal: `eq` holds for a value only if `value_key(value)`
+        is one of them (the reverse need not hold: routing checks its candidates)."""
+        if self.null:  # `eq.null` holds for null only, whatever the column's type
+            return (NULL_KEY,)
+        keys: list[Hashable] = [("s", self.text)]
+        if self.boolean is not None:
+            keys.append(("b", self.boolean))
+        if self.number is not None and not self.number.is_nan():
+            keys.append(("n", self.number))
+        if self.moment is not None:
+            keys.append(_moment_key(self.moment))
+        if self.day is not None:
+            keys.append(("d", self.day))
+        return tuple(k for k in keys if k is not None)
+
+
+NULL_KEY: Hashable = ("null",)
+
+
+def _moment_key(moment: dt.datetime) -> Hashable:
+    """Naive and aware times never compare equal; aware ones compare as UTC instants."""
+    if moment.tzinfo is None:
+        return ("t", moment)
+    offset = moment.utcoffset()
+    if offset is None:  # a tzinfo that gives no offset: equal to nothing
+        return None
+    return ("tz", moment.replace(tzinfo=None) - offset)
+
+
+def value_key(value: Any) -> Hashable:
+    """The equality key of a row value (None: it equals no literal); see `Literal.equality_keys`.
+
+    Keys are tagged by the type the value is compared as, so `1` and `true` never meet, while
+    `1`, `1.0` and `Decimal("1.00")` share one key (equal numbers hash alike in Python).
+    """
+    if value is None:
+        return NULL_KEY
+    kind = type(value)
+    if kind is str:
+        return ("s", value)
+    if kind is int:
+        return ("n", value)
+    try:
+        if isinstance(value, bool):
+            return ("b", value)
+        if isinstance(value, int | float | Decimal):
+            number = Decimal(str(value))
+            return None if number.is_nan() else ("n", number)
+        if isinstance(value, dt.datetime):
+            return _moment_key(value)
+        if isinstance(value, dt.date):
+            return ("d", value)
+        if isinstance(value, str):
+            return ("s", str.__str__(value))
+        return ("s", str(value))
+    except (InvalidOperation, ValueError, TypeError):
+        return None
+
+
 @dataclass(frozen=True, order=True)
 class Condition:
     field: str
     op: str
     values: tuple[str, ...]
+    literals: tuple[Literal, ...] = dataclasses.field(
+        init=False, compare=False, repr=False, hash=False
+    )
+    """`values`, each read once as the types it may be compared with."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "literals", tuple(Literal.parse(v) for v in self.values))
+
+    @property
+    def equality(self) -> bool:
+        """An `eq` or `in` condition: routing can find its rooms by value."""
+        return self.op == "eq" or self.op == "in"
 
     def text(self) -> str:
         if self.op == "in":
@@ -44,14 +156,16 @@ class Condition:
         return f"{quote(self.field, safe='._-')}={self.op}.{_quote_value(self.values[0])}"
 
     def holds(self, image: Mapping[str, Any]) -> bool:
-        found, value = _lookup(image, self.field)
-        if not found:
-            return False
+        found, value = lookup(image, self.field)
+        return found and self.test(value)
+
+    def test(self, value: Any) -> bool:
+        """Whether the condition holds for a value the image has (found by `lookup`)."""
         if self.op == "in":
-            return any(_compare(operator.eq, value, literal) for literal in self.values)
+            return any(_compare(operator.eq, value, literal) for literal in self.literals)
         if self.op == "neq" and value is None:
             return self.values[0] != "null"
-        return _compare(OPERATORS[self.op], value, self.values[0])
+        return _compare(OPERATORS[self.op], value, self.literals[0])
 
 
 @dataclass(frozen=True)
@@ -117,7 +231,7 @@ def _quote_value(value: str) -> str:
     return quote(value, safe="._-:+@ ")
 
 
-def _lookup(image: Mapping[str, Any], field: str) -> tuple[bool, Any]:
+def lookup(image: Mapping[str, Any], field: str) -> tuple[bool, Any]:
     """A top-level field, or a nested one by dotted path (MongoDB documents, jsonb columns)."""
     if field in image:
         return True, image[field]
@@ -129,29 +243,33 @@ def _lookup(image: Mapping[str, Any], field: str) -> tuple[bool, Any]:
     return True, value
 
 
-def _compare(op: Callable[[Any, Any], bool], value: Any, literal: str) -> bool:
+def _compare(op: Callable[[Any, Any], bool], value: Any, literal: Literal) -> bool:
     """Compare a row value with a filter literal, reading the literal as the value's type."""
-    if literal == "null" and op in (operator.eq, operator.ne):
+    if literal.null and (op is operator.eq or op is operator.ne):
         return op(value, None)
     if value is None:
         return False
+    kind = type(value)
+    if kind is str:  # the common cases first, without the isinstance chain
+        return op(value, literal.text)
     try:
+        if kind is int:
+            # An int compares with a Decimal exactly, as Decimal(str(value)) would.
+            return literal.number is not None and op(value, literal.number)
         if isinstance(value, bool):
-            if literal not in ("true", "false"):
-                return False
-            return op(value, literal == "true")
+            return literal.boolean is not None and op(value, literal.boolean)
         if isinstance(value, int | float | Decimal):
-            return op(Decimal(str(value)), Decimal(literal))
+            return literal.number is not None and op(Decimal(str(value)), literal.number)
         if isinstance(value, dt.datetime):
-            other = dt.datetime.fromisoformat(literal.replace("Z", "+00:00"))
-            if (value.tzinfo is None) != (other.tzinfo is None):
+            other = literal.moment
+            if other is None or (value.tzinfo is None) != (other.tzinfo is None):
                 return False
             return op(value, other)
         if isinstance(value, dt.date):
-            return op(value, dt.date.fromisoformat(literal))
+            return literal.day is not None and op(value, literal.day)
         if isinstance(value, str):
-            return op(value, literal)
-        return op(str(value), literal)
+            return op(value, literal.text)
+        return op(str(value), literal.text)
     except (InvalidOperation, ValueError, TypeError):
         # A literal that is not of the column's type matches nothing rather than failing the
         # routing of this change for every other room.

@@ -10,10 +10,67 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-from feed.change import Change
+from feed.change import Change, dumps_json
 from feed.filters import RowFilter
+
+
+class Payload(dict[str, Any]):
+    """A room's copy of a change's wire body, `room` and `seq` added, that keeps its change.
+
+    The transport then writes it as the change's JSON (encoded once, `Change.wire_json`) with
+    this room's `room` and `seq` spliced in, instead of encoding the whole body once per room.
+    Any change to the copy (a shaped room masking fields, say) drops the change, so what is
+    written is always what the dict holds.
+    """
+
+    __slots__ = ("change",)
+    change: Change | None
+
+    def json_body(self) -> bytes | None:
+        """The payload as JSON by splicing (None: encode the dict itself)."""
+        change = self.change
+        tail = change.wire_tail if change is not None else None
+        if tail is None:
+            return None
+        left = b'"left":true,' if "left" in self else b""
+        return b'{"room":%b,"seq":%d,%b%b' % (dumps_json(self["room"]), self["seq"], left, tail)
+
+    def _edited(self) -> None:
+        self.change = None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._edited()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._edited()
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
+        self._edited()
+        return super().__ior__(other)
+
+    def pop(self, *args: Any) -> Any:
+        self._edited()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._edited()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._edited()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._edited()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._edited()
+        return super().setdefault(key, default)
 
 
 @dataclass(eq=False)
@@ -43,14 +100,18 @@ class Room:
     def record(self, change: Change) -> dict[str, Any]:
         """Number the change for this room, keep it for replay, and return its wire payload."""
         self.seq += 1
-        payload = {**change.wire, "room": self.name, "seq": self.seq}
-        if (
+        left = (
             self.filter is not None
             and change.after is not None
             and not self.filter.matches_image(change.after)
-        ):
-            # Delivered for its before image only: the row has just left this room's filter.
-            payload["left"] = True
+        )
+        # Delivered for its before image only: the row has just left this room's filter.
+        # (Built by dict's own init, without Python frames: this runs per room per change.)
+        if left:
+            payload = Payload(change.wire, room=self.name, seq=self.seq, left=True)
+        else:
+            payload = Payload(change.wire, room=self.name, seq=self.seq)
+        payload.change = change
         self._buffer.append((self.seq, change, payload))
         if len(self._buffer) > self.capacity:
             self._buffer.popleft()

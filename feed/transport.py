@@ -7,8 +7,10 @@ Profiling the fan-out (docs/benchmarks.md) showed the rest of the cost is per *f
 recipient: each queued packet woke the client's Engine.IO writer, which went through
 `asyncio.wait_for` and the ASGI send path. So this layer:
 
-- encodes a room frame once, as one Engine.IO packet object (its encoding is cached), and hands
-  that same object to each recipient, synchronously and without tasks;
+- encodes a room frame once and hands the same bytes (or, for queues, the same Engine.IO packet
+  object, made on first use) to each recipient, synchronously and without tasks; a change's
+  JSON is itself encoded once, however many rooms it goes to: each room splices its `room` and
+  `seq` in front of it (feed.rooms.Payload);
 - writes it to each websocket client's connection at once (feed.eio_websocket: those sockets
   have no writer task): the same WebSocket frame bytes for every such client (a server frame is
   unmasked, so it is identical for all clients that did not negotiate compression; a client
@@ -16,10 +18,11 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   already has packets waiting, gets it behind them in its bounded backlog, so nothing ever
   overtakes what waits and a slow client still meets the outbound queue limit; long-polling
   clients (and other Engine.IO servers' sockets) get it in their Engine.IO queue;
-- under load, sends fewer frames: the changes routed to a room during one pass of the event loop
-  are sent at the end of that pass as one `changes` frame (a list, in order). A change that is
-  alone in its pass still goes out as a plain `change`, one loop iteration later, so latency at
-  low rates does not suffer.
+- under load, sends fewer frames: the changes routed to a room while the hub drains what its
+  change stream has ready are sent as one `changes` frame (a list, in order) when the stream
+  would wait (`hold`, then `flush` from `FlushBeforeWaiting`); a lone change goes out as a plain
+  `change` in the same loop pass. Changes sent by anyone else are flushed at the end of the
+  loop pass, one iteration later.
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
 anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,
@@ -32,36 +35,26 @@ not skipped for it, after the catch-up frame that the hub sent before releasing 
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
+from feed.change import dumps_json
 from feed.eio_websocket import LeanSocket
+from feed.rooms import Payload
+
+T = TypeVar("T")
 
 _EVENT_PREFIX = str(sio_packet.EVENT)  # a Socket.IO EVENT in the default namespace, no ack id
+_CHANGE_HEAD = b'42["change",'  # Engine.IO MESSAGE, Socket.IO EVENT
+_CHANGES_HEAD = b'42["changes",['
 
-
-def _stdlib_dumps(value: Any) -> str:
-    return _json_encode(value)
-
-
-_json_encode = json.JSONEncoder(separators=(",", ":")).encode  # python-socketio's own settings
-_dumps: Callable[[Any], str] = _stdlib_dumps
-try:  # a dependency, but the feed still works without it
-    import orjson
-
-    def _orjson_dumps(value: Any) -> str:
-        # Raw UTF-8 rather than \u escapes: the same JSON to every parser, and shorter frames.
-        # Integers past 64 bits raise TypeError, and the caller falls back to the Packet path.
-        return orjson.dumps(value).decode()
-
-    _dumps = _orjson_dumps
-except ImportError:  # pragma: no cover
-    pass
+# Raw UTF-8 rather than \u escapes (orjson): the same JSON to every parser, and shorter frames.
+# Integers past 64 bits raise TypeError, and the caller falls back to the Packet path.
+_dumpb = dumps_json
 
 
 def _message(text: str) -> Any:
@@ -85,6 +78,12 @@ MAX_BUFFERED = 1024
 
 
 class Transport(Protocol):
+    def hold(self) -> None:
+        """Keep `change` sends buffered until `flush`: the caller (the hub's loop over a change
+        stream) promises to flush before it waits, so no extra loop pass is needed for it."""
+
+    def flush(self) -> None: ...
+
     def enter(self, sid: str, room: str) -> None: ...
 
     def leave(self, sid: str, room: str) -> None: ...
@@ -100,20 +99,79 @@ class Transport(Protocol):
     async def disconnect_all(self) -> None: ...
 
 
+class FlushBeforeWaiting:
+    """Await `awaitable` (the next item of a change stream); if it would suspend, call `idle`
+    first.
+
+    The hub routes every change a stream has ready without waiting, and sends what it routed
+    when the stream has nothing more: the batch ends exactly where the source paused, and a lone
+    change goes out in the same loop pass that routed it instead of one pass later.
+    """
+
+    __slots__ = ("awaitable", "idle")
+
+    def __init__(self, awaitable: Awaitable[T], idle: Callable[[], None]) -> None:
+        self.awaitable = awaitable
+        self.idle = idle
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        inner = self.awaitable.__await__()
+        try:
+            signal = inner.send(None)
+        except StopIteration as done:  # ready without waiting
+            return done.value
+        self.idle()
+        while True:  # what `yield from inner` does from here on
+            try:
+                sent = yield signal
+            except GeneratorExit:
+                inner.close()
+                raise
+            except BaseException as exc:  # a cancellation, say: passed on as it came
+                try:
+                    signal = inner.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    signal = inner.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
 Entry = tuple[Any, Sequence[str]]
 """A buffered change payload and the sids it must skip."""
 
 
 class Outgoing:
-    """One Socket.IO event, encoded once: Engine.IO packets for queues, frame bytes for sockets."""
+    """One Socket.IO event, encoded once: frame bytes for sockets, Engine.IO packets for queues.
 
-    __slots__ = ("_wire", "packets", "text")
+    Most frames only ever reach websockets written directly, so the Engine.IO packet objects
+    (for long-polling clients and backlogs) are made on first use.
+    """
 
-    def __init__(self, packets: list[Any]) -> None:
-        self.packets = packets
-        single = packets[0].encode() if len(packets) == 1 else None
-        self.text: bytes | None = single.encode() if isinstance(single, str) else None
+    __slots__ = ("_packets", "_wire", "text")
+
+    def __init__(self, text: bytes | None, packets: list[Any] | None = None) -> None:
+        self.text = text
+        """The Engine.IO text (`4` + the Socket.IO text) when the event is one packet."""
+        self._packets = packets
         self._wire: bytes | None = None
+
+    @classmethod
+    def of_packets(cls, packets: list[Any]) -> Outgoing:
+        single = packets[0].encode() if len(packets) == 1 else None
+        return cls(single.encode() if isinstance(single, str) else None, packets)
+
+    @property
+    def packets(self) -> list[Any]:
+        if self._packets is None:
+            assert self.text is not None
+            text = self.text.decode()
+            packet = eio_packet.Packet(eio_packet.MESSAGE, text[1:])
+            packet.encode_cache = text  # encoded once, for every client's queue
+            self._packets = [packet]
+        return self._packets
 
     @property
     def wire(self) -> bytes:
@@ -131,6 +189,16 @@ class Outgoing:
         return self._wire
 
 
+def _payload_json(payload: Any) -> bytes:
+    """One change payload as JSON: spliced from the change's JSON when it is a room's `Payload`
+    (the body is encoded once per change, not once per room), else encoded whole."""
+    if type(payload) is Payload:
+        body = payload.json_body()
+        if body is not None:
+            return body
+    return _dumpb(payload)
+
+
 class SocketIOTransport:
     """Rooms are python-socketio rooms in the default namespace."""
 
@@ -142,6 +210,7 @@ class SocketIOTransport:
         self._buffered: dict[str, list[Entry]] = {}
         self._count = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._held = False
         self.frames_sent = 0
         """Frames encoded (each went to every recipient); for benchmarks and tests."""
         self.direct_writes = 0
@@ -174,7 +243,7 @@ class SocketIOTransport:
         if self._count >= MAX_BUFFERED:
             self.flush()
             await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
-        elif self._flush_handle is None:
+        elif self._flush_handle is None and not self._held:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     async def send_to(self, sid: str, event: str, data: Any) -> None:
@@ -213,8 +282,12 @@ class SocketIOTransport:
         for sid in list(self.sio.manager.get_participants(self.namespace, None)):
             await self.sio.disconnect(sid[0], namespace=self.namespace)
 
+    def hold(self) -> None:
+        self._held = True
+
     def flush(self) -> None:
         """Send every buffered room frame now (rooms in the order they were first buffered)."""
+        self._held = False
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -227,6 +300,15 @@ class SocketIOTransport:
     # -- mechanics -----------------------------------------------------------------------------
 
     def _flush_room(self, room: str, entries: list[Entry]) -> None:
+        if len(entries) == 1 and not entries[0][1]:  # the common case at low rates: one change
+            try:
+                out = Outgoing(_CHANGE_HEAD + _payload_json(entries[0][0]) + b"]")
+            except (TypeError, ValueError):
+                out = self._packets("change", entries[0][0])
+            else:
+                self.frames_sent += 1
+            self._deliver(room, out, ())
+            return
         if not any(skip for _, skip in entries):
             for out in self._change_frames([data for data, _ in entries]):
                 self._deliver(room, out, ())
@@ -245,16 +327,24 @@ class SocketIOTransport:
                     self._put(eio_sid, out)
 
     def _change_frames(self, payloads: list[Any]) -> Iterable[Outgoing]:
-        if len(payloads) == 1:
-            yield self._packets("change", payloads[0])
-            return
         for start in range(0, len(payloads), self.max_batch):
             chunk = payloads[start : start + self.max_batch]
-            yield (
-                self._packets("changes", chunk)
-                if len(chunk) > 1
-                else self._packets("change", chunk[0])
-            )
+            self.frames_sent += 1
+            try:
+                if len(chunk) == 1:
+                    text = _CHANGE_HEAD + _payload_json(chunk[0]) + b"]"
+                else:
+                    body = b",".join([_payload_json(p) for p in chunk])
+                    text = _CHANGES_HEAD + body + b"]]"
+            except (TypeError, ValueError):
+                self.frames_sent -= 1  # counted again by _packets
+                yield (
+                    self._packets("changes", chunk)
+                    if len(chunk) > 1
+                    else self._packets("change", chunk[0])
+                )
+                continue
+            yield Outgoing(text)
 
     def _packets(self, event: str, data: Any) -> Outgoing:
         """One Socket.IO event as Engine.IO packets, encoded once for every recipient.
@@ -268,14 +358,14 @@ class SocketIOTransport:
         """
         self.frames_sent += 1
         try:
-            return Outgoing([_message(_EVENT_PREFIX + _dumps([event, data]))])
+            return Outgoing(b"4" + _EVENT_PREFIX.encode() + _dumpb([event, data]))
         except (TypeError, ValueError):
             pass
         pkt = self.sio.packet_class(sio_packet.EVENT, namespace=self.namespace, data=[event, data])
         encoded = pkt.encode()
         if not isinstance(encoded, list):  # a list only when the data carries binary attachments
             encoded = [encoded]
-        return Outgoing([_message(part) for part in encoded])
+        return Outgoing.of_packets([_message(part) for part in encoded])
 
     def _deliver(self, room: str | None, out: Outgoing, skip: Sequence[str]) -> None:
         skipped = frozenset(skip) if skip else None

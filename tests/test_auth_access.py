@@ -165,6 +165,12 @@ class RoomsTransport:
     members: dict[str, set[str]] = field(default_factory=dict)
     received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
+    def hold(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
     def enter(self, sid: str, room: str) -> None:
         self.members.setdefault(room, set()).add(sid)
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from bson import Binary, Decimal128, ObjectId
 
-from feed.change import Change, room_key, to_json
+from feed.change import Change, format_ts, room_key, to_json
 
 
 class Color(enum.Enum):
@@ -84,3 +84,14 @@ def test_wire_body_is_shared_and_immutable() -> None:
         "after",
         "ts",
     }
+
+
+def test_commit_times_render_in_utc_with_a_z_whatever_their_zone() -> None:
+    instant = "2026-01-02T03:04:05.000006Z"
+    assert format_ts(dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC)) == instant
+    assert format_ts(dt.datetime(2026, 1, 2, 3, 4, 5, 6)) == instant  # naive: taken as UTC
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    assert format_ts(dt.datetime(2026, 1, 2, 5, 4, 5, 6, tzinfo=plus2)) == instant
+    assert (
+        format_ts(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)) == "2026-01-02T03:04:05.000000Z"
+    )

@@ -6,11 +6,16 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 import socketio
 from engineio import packet as eio_packet
 
 from connectors.memory import MemoryConnector
-from feed.transport import SocketIOTransport
+from feed.access import Shape, ShapedRoom
+from feed.change import Change
+from feed.filters import parse_filter
+from feed.rooms import Payload, Room
+from feed.transport import FlushBeforeWaiting, SocketIOTransport, _payload_json
 from tests.support.server import RunningFeed, running_feed
 
 WAIT = 10.0
@@ -325,5 +330,83 @@ async def test_frames_decode_as_python_socketio_frames_do_and_values_arrive_inta
             memory(feed).write("public.orders", "insert", huge)
             await client.until(2)
             assert [c["after"] for c in client.changes()] == [awkward, huge]
+        finally:
+            await client.close()
+
+
+def test_a_change_is_encoded_once_and_each_room_gets_its_own_room_and_seq() -> None:
+    """Rooms splice their `room` and `seq` into the change's JSON, encoded once per change; a
+    payload edited after numbering (a shaped room masking fields) is encoded as it now is."""
+    change = Change(
+        "c1", "mem", "memory", "t", "update", 7, {"id": 7, "pw": "a"}, {"id": 7, "pw": "b"}
+    )
+    plain, other = Room("mem:t", "mem", "t"), Room("mem:t?id=eq.7", "mem", "t")
+    shaped = ShapedRoom("mem:t@x", "mem", "t", shape=Shape(None, (("pw",),)))
+    payloads = [
+        plain.record(change),
+        other.record(change),
+        other.record(change),
+        shaped.record(change),
+    ]
+    decoded = [json.loads(_payload_json(p)) for p in payloads]
+    assert decoded == [dict(p) for p in payloads]
+    assert [(d["room"], d["seq"]) for d in decoded] == [
+        ("mem:t", 1),
+        ("mem:t?id=eq.7", 1),
+        ("mem:t?id=eq.7", 2),
+        ("mem:t@x", 1),
+    ]
+    assert decoded[3]["before"] == {"id": 7} and decoded[3]["after"] == {"id": 7}  # masked
+    assert "wire_tail" in change.__dict__  # encoded once, shared by the rooms
+    leaving = Room("mem:t?pw=eq.a", "mem", "t", filter=parse_filter("pw=eq.a")).record(change)
+    assert json.loads(_payload_json(leaving)) == dict(leaving) and leaving["left"] is True
+    assert isinstance(payloads[0], Payload) and payloads[0].json_body() is not None
+    payloads[0]["after"] = None
+    assert payloads[0].json_body() is None  # edited: the splice no longer applies
+    assert json.loads(_payload_json(payloads[0]))["after"] is None
+
+
+async def test_routed_changes_are_flushed_when_the_stream_would_wait_and_not_before() -> None:
+    """FlushBeforeWaiting calls `idle` only when the awaited item is not ready, then waits for
+    it as a plain `await` would (results, exceptions and cancellation pass through)."""
+    flushed: list[str] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    queue.put_nowait(1)
+    assert await FlushBeforeWaiting(queue.get(), lambda: flushed.append("x")) == 1
+    assert flushed == []  # ready: no flush
+    waiter = asyncio.ensure_future(FlushBeforeWaiting(queue.get(), lambda: flushed.append("y")))
+    await asyncio.sleep(0)
+    assert flushed == ["y"]  # about to wait: flushed first
+    queue.put_nowait(2)
+    assert await asyncio.wait_for(waiter, WAIT) == 2
+
+    async def failing() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await FlushBeforeWaiting(failing(), lambda: None)
+    stuck = asyncio.ensure_future(FlushBeforeWaiting(queue.get(), lambda: None))
+    await asyncio.sleep(0)
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    queue.put_nowait(3)
+    assert queue.get_nowait() == 3  # the cancelled getter took nothing
+
+
+async def test_a_lone_change_goes_out_in_the_pass_that_routed_it() -> None:
+    async with running_feed(CONFIG) as feed:
+        client = await Recorder().connect(feed.url)
+        try:
+            await client.subscribe(ROOM)
+            sent = transport(feed).frames_sent
+            seen: list[int] = []
+            # The write wakes the hub's task (a callback in the next pass); this check is queued
+            # right behind it, so it sees whether the hub sent the frame in that same pass.
+            memory(feed).write("public.orders", "insert", {"id": 1})
+            asyncio.get_running_loop().call_soon(lambda: seen.append(transport(feed).frames_sent))
+            await client.until(1)
+            assert seen == [sent + 1]
         finally:
             await client.close()

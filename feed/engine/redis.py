@@ -44,6 +44,7 @@ from feed.errors import ClusterError, FeedError, ProtocolError, SnapshotNotSuppo
 from feed.filters import RowFilter, parse_filter
 from feed.protocol import SubscribeRequest
 from feed.rooms import Room
+from feed.routing import FilterIndex
 
 if TYPE_CHECKING:
     from feed.hub import Hub
@@ -115,16 +116,17 @@ class TargetIndex:
 
     room: Routed
     by_key: dict[str, dict[str, Routed]] = field(default_factory=dict)
-    filtered: dict[str, Routed] = field(default_factory=dict)
+    filtered: FilterIndex[Routed] = field(default_factory=FilterIndex)
+    """Filter rooms indexed by their eq/in conditions, as the hub's are (feed.routing)."""
 
     def add(self, room: Routed) -> None:
         if room.key is not None:
             self.by_key.setdefault(room.key, {})[room.name] = room
         else:
-            self.filtered[room.name] = room
+            self.filtered.add(room)
 
     def discard(self, name: str) -> None:
-        self.filtered.pop(name, None)
+        self.filtered.discard(name)
         for key, rooms in list(self.by_key.items()):
             if rooms.pop(name, None) is not None and not rooms:
                 del self.by_key[key]
@@ -139,9 +141,7 @@ class TargetIndex:
             for room in self.by_key.get(key, {}).values():
                 if room.filter is None or room.filter.matches(change):
                     rooms.append(room)
-        for room in self.filtered.values():
-            if room.filter is None or room.filter.matches(change):
-                rooms.append(room)
+        self.filtered.collect(change, rooms)
         return rooms
 
 

@@ -1,0 +1,178 @@
+"""The filter rooms of one target, found for a change without checking every filter.
+
+The common use of filter rooms is one per user or tenant (`user_id=eq.<id>`, or a forced row filter
+from a claim): thousands of rooms on one target, of which a change matches one or two. Checking
+every filter per change made routing cost grow with the number of rooms (59 ms per change at
+10,000), so the rooms are indexed by the equality part of their filter:
+
+- a filter with an `eq` or `in` condition is filed under that condition's field and the
+  equality keys of its literals (feed.filters: `Literal.equality_keys`); a change looks up the
+  key of its before and after values of each such field, and only those candidates have their
+  whole filter checked. The cost per change grows with the number of distinct indexed fields,
+  not with the number of rooms;
+- a filter with no equality part (only `neq`, `lt`, `lte`, `gt`, `gte`) is checked on every
+  change, but each image field is read once per change however many filters name it;
+- a room without a filter (a shaped room that masks fields only) receives every change.
+
+A key match is only a candidate: the room's whole filter is checked on both images, exactly as
+`RowFilter.matches` does, so the index can only make routing faster, never change its answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+from feed.change import Change
+from feed.filters import Condition, RowFilter, lookup, value_key
+
+
+class Routable(Protocol):
+    """What the index needs of a room: the hub's `Room`, or the cluster reader's `Routed`."""
+
+    name: str
+    filter: RowFilter | None
+
+
+Room = TypeVar("Room", bound=Routable)
+
+_MISSING: Any = object()
+
+
+class FieldReader:
+    """One image's field values, each looked up once however many conditions read it."""
+
+    __slots__ = ("image", "values")
+
+    def __init__(self, image: Mapping[str, Any]) -> None:
+        self.image = image
+        self.values: dict[str, Any] = {}
+
+    def get(self, field: str) -> Any:
+        """The field's value, or `_MISSING` when the image does not have it."""
+        value = self.values.get(field, _MISSING)
+        if value is _MISSING and field not in self.values:
+            found, value = lookup(self.image, field)
+            if not found:
+                value = _MISSING
+            self.values[field] = value
+        return value
+
+    def satisfies(self, conditions: tuple[Condition, ...]) -> bool:
+        for condition in conditions:
+            value = self.get(condition.field)
+            if value is _MISSING or not condition.test(value):
+                return False
+        return True
+
+
+def anchor_of(row_filter: RowFilter) -> Condition | None:
+    """The condition a filter is indexed by: its equality condition with the fewest values."""
+    best: Condition | None = None
+    for condition in row_filter.conditions:
+        if condition.equality and (best is None or len(condition.values) < len(best.values)):
+            best = condition
+    return best
+
+
+class FilterIndex(Generic[Room]):
+    """The filter rooms (and unfiltered shaped rooms) of one target, indexed for routing.
+
+    Rooms are known by name: `name in index` and iterating give names.
+    """
+
+    def __init__(self) -> None:
+        self._by_value: dict[str, dict[Hashable, dict[str, Room]]] = {}
+        """field -> equality key -> rooms whose anchor condition has that key."""
+        self._anchors: dict[str, tuple[Room, str, tuple[Hashable, ...]]] = {}
+        self._scanned: dict[str, Room] = {}
+        """Rooms with no equality condition, checked on every change."""
+        self._unfiltered: dict[str, Room] = {}
+
+    def __len__(self) -> int:
+        return len(self._anchors) + len(self._scanned) + len(self._unfiltered)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._anchors or name in self._scanned or name in self._unfiltered
+
+    def __iter__(self) -> Iterator[str]:
+        return (room.name for room in self.rooms())
+
+    def rooms(self) -> Iterator[Room]:
+        yield from self._unfiltered.values()
+        for room, _, _ in self._anchors.values():
+            yield room
+        yield from self._scanned.values()
+
+    def add(self, room: Room) -> None:
+        if room.name in self:
+            return
+        if room.filter is None:
+            self._unfiltered[room.name] = room
+            return
+        anchor = anchor_of(room.filter)
+        if anchor is None:
+            self._scanned[room.name] = room
+            return
+        keys = tuple(
+            dict.fromkeys(k for literal in anchor.literals for k in literal.equality_keys())
+        )
+        by_key = self._by_value.setdefault(anchor.field, {})
+        for key in keys:
+            by_key.setdefault(key, {})[room.name] = room
+        self._anchors[room.name] = (room, anchor.field, keys)
+
+    def discard(self, name: str) -> None:
+        self._unfiltered.pop(name, None)
+        self._scanned.pop(name, None)
+        anchored = self._anchors.pop(name, None)
+        if anchored is None:
+            return
+        _, field, keys = anchored
+        by_key = self._by_value[field]
+        for key in keys:
+            rooms = by_key[key]
+            rooms.pop(name, None)
+            if not rooms:
+                del by_key[key]
+        if not by_key:
+            del self._by_value[field]
+
+    def index_size(self) -> int:
+        """(field, key) entries in the equality index: it must shrink back as rooms go."""
+        return sum(len(by_key) for by_key in self._by_value.values())
+
+    def collect(self, change: Change, out: list[Room]) -> None:
+        """Append to `out` every room whose filter the change's before or after image matches."""
+        if self._unfiltered:
+            out.extend(self._unfiltered.values())
+        if not self._by_value and not self._scanned:
+            return
+        before = FieldReader(change.before) if change.before is not None else None
+        after = FieldReader(change.after) if change.after is not None else None
+        if self._by_value:
+            candidates: dict[str, Room] = {}
+            for field, by_key in self._by_value.items():
+                for reader in (before, after):
+                    if reader is None:
+                        continue
+                    value = reader.get(field)
+                    if value is _MISSING:
+                        continue
+                    rooms = by_key.get(value_key(value))
+                    if rooms:
+                        candidates.update(rooms)
+            for room in candidates.values():
+                if _matches(room, before, after):
+                    out.append(room)
+        for room in self._scanned.values():
+            if _matches(room, before, after):
+                out.append(room)
+
+
+def _matches(room: Routable, before: FieldReader | None, after: FieldReader | None) -> bool:
+    assert room.filter is not None
+    conditions = room.filter.conditions
+    return (before is not None and before.satisfies(conditions)) or (
+        after is not None and after.satisfies(conditions)
+    )
