@@ -582,8 +582,10 @@ class Subscription(_Events):
         if isinstance(snapshot, list):
             chunks = ack.get("snapshot_chunks")
             total = chunks if isinstance(chunks, int) and chunks > 1 else 1
+            keys = ack.get("snapshot_keys")  # absent from servers older than snapshot keys
             self._chunks = {
                 "rows": list(snapshot),
+                "keys": list(keys) if isinstance(keys, list) and _paired(keys, snapshot) else None,
                 "next": 2,
                 "of": total,
                 "seq": seq,
@@ -606,6 +608,11 @@ class Subscription(_Events):
             due = self._chunks["next"]
             self._reload_now(f"snapshot chunk {chunk.get('chunk')} arrived where {due} was due")
             return
+        keys = chunk.get("keys")
+        if self._chunks["keys"] is not None and _paired(keys, rows):
+            self._chunks["keys"].extend(keys)
+        else:
+            self._chunks["keys"] = None  # not the server's keys for every row: guess them all
         self._chunks["rows"].extend(rows)
         self._chunks["next"] += 1
         if self._chunks["next"] > self._chunks["of"]:
@@ -614,13 +621,17 @@ class Subscription(_Events):
     def _apply_snapshot(self) -> None:
         assert self._chunks is not None
         rows: list[Row] = self._chunks["rows"]
+        keys: list[Any] | None = self._chunks["keys"]
         self.seq = self._chunks["seq"]
         self.truncated = self._chunks["truncated"]
         self._chunks = None
         current: dict[str, Row] = {}
-        for row in rows:
-            key = row_key(self.key, row) if isinstance(row, dict) else None
-            if key is not None:
+        for index, row in enumerate(rows):
+            if keys is not None:  # the server's: exactly the key its changes carry
+                key = keys[index] if isinstance(keys[index], str) else None
+            else:  # an older server: guess from the row (or the caller's `key`)
+                key = row_key(self.key, row) if isinstance(row, dict) else None
+            if key is not None and isinstance(row, dict):
                 current[key] = row
         self.rows = current
         self._skip_ok = True  # changes the rows already reflect are skipped: numbers may jump
@@ -741,3 +752,8 @@ class Subscription(_Events):
             self._ready.set_exception(error)
             self._ready.exception()
         self._queue.put_nowait(_END)
+
+
+def _paired(keys: Any, rows: Any) -> bool:
+    """Whether `keys` is a key list for `rows` (one per row), as a server with snapshot keys sends."""
+    return isinstance(keys, list) and isinstance(rows, list) and len(keys) == len(rows)
