@@ -442,6 +442,8 @@ class Subscription(_Events):
         self.truncated = False
         self.max_queue = max_queue
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._iterated = False  # whether anyone iterates: callbacks alone need no backlog
+        self._queueing = True  # False once it overflowed with nobody iterating
         self._attempt = 0
         self._phase = "idle"  # idle | subscribing | chunks | ready
         self._buffer: list[Change] = []
@@ -477,6 +479,8 @@ class Subscription(_Events):
             await self.unsubscribe()
 
     def __aiter__(self) -> AsyncIterator[Change]:
+        self._iterated = True
+        self._queueing = True
         return self
 
     async def __anext__(self) -> Change:
@@ -685,11 +689,18 @@ class Subscription(_Events):
         if self.rows is not None:
             apply(self.rows, change)
         self._emit("change", change)
+        if not self._queueing:
+            return
         if self._queue.qsize() >= self.max_queue:
             # The consumer is too slow: drop what waits rather than grow without bound, and say so.
             dropped = self._queue.qsize()
             while not self._queue.empty():
                 self._queue.get_nowait()
+            if not self._iterated:
+                # Callbacks only, no iteration yet: keep no backlog (an iteration begun later
+                # starts with the changes that come after it), and no reload: nobody fell behind.
+                self._queueing = False
+                return
             self._reload_now(f"the consumer fell behind: {dropped} waiting changes dropped")
             return
         self._queue.put_nowait(change)
