@@ -46,15 +46,32 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port(below: int = 65536) -> int:
-    """A free TCP port; `below` leaves room for Redis Cluster's bus port (port + 10000)."""
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(below: int = 65536, *, bus: bool = False) -> int:
+    """A free TCP port; with `bus`, one whose Redis Cluster bus port (port + 10000) is free too.
+
+    `below` leaves room for that bus port. Both are only free at the time of asking: another
+    process may take them before redis-server binds, so `RedisServer.start` retries.
+    """
     for _ in range(100):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port < below:
+        if port < below and (not bus or _bindable(port + 10000)):
             return port
     raise RuntimeError(f"no free port below {below}")
+
+
+class PortTaken(RuntimeError):
+    """redis-server could not bind its port (or its cluster bus port)."""
 
 
 class RedisServer:
@@ -62,15 +79,38 @@ class RedisServer:
 
     def __init__(self, *args: str) -> None:
         self.binary = redis_server_binary()
-        self.port = free_port(below=55000 if "--cluster-enabled" in args else 65536)
+        self.cluster = "--cluster-enabled" in args
+        self.port = self._free_port()
         self.dir = tempfile.mkdtemp(prefix="feed-redis-")
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    def _free_port(self) -> int:
+        return free_port(below=55000, bus=True) if self.cluster else free_port()
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start; a first start whose port was taken meanwhile moves to another free port.
+
+        The port was free when chosen, but on a busy machine another process can bind it (or
+        the cluster bus port) before redis-server does. A restart keeps its port: the tests
+        rely on that, and nothing else should be on it.
+        """
+        for attempt in range(5):
+            try:
+                self._start(timeout)
+            except PortTaken:
+                if self.started or attempt == 4:
+                    raise
+                self.port = self._free_port()
+            else:
+                self.started = True
+                return
+
+    def _start(self, timeout: float) -> None:
         command = [
             self.binary,
             "--port", str(self.port),
@@ -93,6 +133,8 @@ class RedisServer:
                 if os.path.exists(log):
                     with open(log) as f:
                         err += f.read()[-2000:]
+                if "Address already in use" in err:
+                    raise PortTaken(f"port {self.port} was taken: {err.strip()}")
                 raise RuntimeError(f"redis-server exited at start: {err.strip()}")
             if self.ping():
                 return
