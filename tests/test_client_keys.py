@@ -161,22 +161,32 @@ async def test_on_a_cluster_node_that_does_not_read_the_connector_rows_use_its_k
     connector, target = LINES
     cluster = ClusterHarness()
     try:
-        await cluster.start()
+        await cluster.start("snapshot_chunk_bytes = 1024\n")
         reader = await cluster.reader(connector)
-        for number in range(1, 4):
-            reader.write(target, "insert", line(5, number, number))
+        for order_id in range(1, 6):
+            for number in range(1, 9):  # enough rows for a snapshot in several chunks
+                reader.write(target, "insert", line(order_id, number, number))
         url = await cluster.follower(connector)
-        async with (
-            client(url) as feed,
-            feed.subscribe(f"{connector}:{target}", snapshot=True) as sub,
-        ):
-            log = Log(sub)
-            assert sub.rows == {f"5,{n}": line(5, n, n) for n in range(1, 4)}
-            reader.write(target, "insert", line(6, 1, 1))
-            reader.write(target, "update", {"order_id": 5, "line": 2, "qty": 20})
-            reader.write(target, "delete", {"order_id": 5, "line": 3})
-            await log.until(lambda: len(log.changes) == 3, "insert, update, delete")
-            assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
-            assert sub.rows["5,2"]["qty"] == 20 and "5,3" not in sub.rows
+        async with client(url) as feed:
+            chunks: list[Any] = []
+            assert feed._sio is not None
+            library = feed._on_chunk
+
+            async def spy(chunk: Any) -> None:
+                chunks.append(chunk)
+                await library(chunk)
+
+            feed._sio.on("snapshot", spy)
+            async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
+                log = Log(sub)
+                assert chunks and all(len(c["keys"]) == len(c["rows"]) for c in chunks)
+                assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
+                assert len(sub.rows) == 40 and sub.rows["5,3"] == line(5, 3, 3)
+                reader.write(target, "insert", line(6, 1, 1))
+                reader.write(target, "update", {"order_id": 5, "line": 2, "qty": 20})
+                reader.write(target, "delete", {"order_id": 5, "line": 3})
+                await log.until(lambda: len(log.changes) == 3, "insert, update, delete")
+                assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
+                assert sub.rows["5,2"]["qty"] == 20 and "5,3" not in sub.rows
     finally:
         await cluster.stop()

@@ -196,10 +196,11 @@ class ClusterHarness:
         self.nodes: list[RunningFeed] = []
         self.proxy: CuttableProxy | None = None
 
-    async def start(self) -> list[str]:
+    async def start(self, server: str = "") -> list[str]:
+        """Start both nodes; `server` adds lines to their [server] table."""
         target = await self.stack.enter_async_context(open_redis_target())
         config = (
-            f'[server]\nfilter_room_grace = 5\n\n[cluster]\nurl = "{target.url}"\n'
+            f'[server]\nfilter_room_grace = 5\n{server}\n[cluster]\nurl = "{target.url}"\n'
             f'prefix = "{target.prefix.rstrip(":")}"\nlease = 1.0\nhistory = 1000\n'
             '\n[[connectors]]\nname = "mem"\ntype = "memory"\ntargets = ["public.orders"]\n' + KEYED
         )
