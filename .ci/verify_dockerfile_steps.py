@@ -228,7 +228,7 @@ def smoke_test(replay: Replay) -> None:
         "REDIS_URL": "redis://redis:6379/0",
     }
     subprocess.run(
-        [python, "-I", "-c", f"from feed.config import load_config; load_config({str(config)!r})"],
+        [python, "-I", "-c", f"from feed.app.config import load_config; load_config({str(config)!r})"],
         env=check_env, check=True, timeout=60, cwd=replay.fs,
     )  # fmt: skip
     print(f"   {config.name} in the image parses with the compose environment", flush=True)

@@ -59,7 +59,7 @@ def filter_texts(kind: str, count: int) -> list[str]:
 
 def make_changes(kind: str, rooms: int, count: int, seed: int = 1) -> list[Any]:
     """Inserts and updates whose images name random users (and tenants, amounts)."""
-    from feed.change import Change
+    from feed.core.change import Change
 
     rng = random.Random(seed)
     spread = 3 * rooms if kind == "in" else max(rooms, 1)
@@ -94,9 +94,9 @@ class RoutingResult:
 
 def measure_routing(kind: str, rooms: int, changes: int, repeats: int = 3) -> RoutingResult:
     """CPU per change of the hub's routing step over `rooms` filter rooms of `kind`."""
-    from feed.filters import parse_filter
-    from feed.hub import TargetRooms
-    from feed.rooms import Room
+    from feed.core.filters import parse_filter
+    from feed.core.rooms import Room
+    from feed.routing.hub import TargetRooms
 
     target = TargetRooms(Room(f"mem:{TARGET}", "mem", TARGET, capacity=1000))
     filters = [parse_filter(t) for t in filter_texts(kind, rooms)]

@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 
 from connectors.postgres import PostgresConnector
-from feed.change import Change
+from feed.core.change import Change
 from feed.options import Options
 
 TABLES = [

@@ -353,7 +353,7 @@ async def connector_phase(
 ) -> dict[str, Any]:
     """The same load, read by the connector in this process: SET to `changes()`, no hub."""
     from connectors.redis import RedisConnector
-    from feed.change import Gap
+    from feed.core.change import Gap
     from feed.options import Options
 
     table = {

@@ -120,8 +120,8 @@ async def _feed(conn: Connection, config_toml: str) -> None:
     import uvicorn
 
     from connectors.memory import MemoryConnector
-    from feed.config import parse_config
-    from feed.server import FeedApp
+    from feed.app.config import parse_config
+    from feed.app.server import FeedApp
 
     config = parse_config(config_toml, "bench.toml", dict(os.environ))
     app = FeedApp(config)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
+from feed.core.filters import RowFilter
 from feed.errors import SnapshotNotSupported
-from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors")
@@ -79,7 +79,7 @@ class Snapshot:
     covers: Callable[[Change], bool] = lambda change: False
     truncated: bool = False
     keys: Sequence[str | None] | None = None
-    """Each row's key as in row room names (`feed.change.room_key` of the key its changes carry),
+    """Each row's key as in row room names (`feed.core.change.room_key` of the key its changes carry),
     in the order of `rows`; None for a row without one (a table with no primary key). Sent to
     clients beside the rows (`snapshot_keys`), because only the connector knows which columns
     make the key (a Postgres primary key of any name, composite ones, MongoDB `_id`, the Redis

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
-from feed.change import Change, Gap, room_key
+from feed.core.change import Change, Gap, room_key
 from feed.errors import SourceUnavailable
 from feed.options import Options
 

@@ -56,7 +56,7 @@ from connectors.mongodb_events import (
     token_time,
 )
 from connectors.mongodb_tokens import TokenStore
-from feed.change import Change, Gap, room_key
+from feed.core.change import Change, Gap, room_key
 from feed.errors import (
     ConnectorError,
     SnapshotNotSupported,

@@ -15,7 +15,7 @@ from typing import Any
 
 from bson.timestamp import Timestamp
 
-from feed.change import Change
+from feed.core.change import Change
 from feed.errors import ConfigError
 
 # Characters MongoDB refuses in database names (https://www.mongodb.com/docs/manual/reference/limits/).

@@ -55,9 +55,9 @@ from connectors.postgres_migrate import (
     quote_ident,
 )
 from connectors.postgres_types import TableShape, read_shape
-from feed.change import Change, Gap, room_key
+from feed.core.change import Change, Gap, room_key
+from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
-from feed.filters import RowFilter
 from feed.options import Options
 
 log = logging.getLogger("feed.connectors.postgres")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 from connectors.postgres_types import TableShape
+from feed.core.filters import Condition, RowFilter
 from feed.errors import ProtocolError
-from feed.filters import Condition, RowFilter
 
 TEXT = {"text", "varchar", "bpchar", "name", "citext"}
 NUMBERS = {"int2", "int4", "int8", "numeric", "float4", "float8", "oid", "money"}

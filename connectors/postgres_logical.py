@@ -34,7 +34,7 @@ import asyncpg
 from connectors.base import State
 from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import loads, plain
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State
 from connectors.redis_glob import PatternError, is_glob, matches, validate
 from connectors.redis_keyspace import LOST, EventSource, KeyspaceCapture
 from connectors.redis_streams import StreamCapture
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import ConnectorError, SourceMisconfigured, SourceUnavailable
 from feed.options import Options
 

@@ -41,7 +41,7 @@ from connectors.redis_events import (
     text_or_base64,
 )
 from connectors.redis_values import READ_VALUES, KeyValue, decode_value
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import ConnectorError, SourceMisconfigured, SourceUnavailable
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError, ResponseError
 
 from connectors.base import RoomAddress, Snapshot, State
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
 if TYPE_CHECKING:

@@ -17,12 +17,12 @@ python="${PYTHON:-python3}"
 "$venv/bin/python" -I - <<'PY'
 from pathlib import Path
 
-import feed.http
+import feed.app.http
 from connectors.postgres_migrate import load_migrations
 
 names = [m.name for m in load_migrations()]
 assert names, "no migrations found beside the installed connectors package"
-index = Path(feed.http.DASHBOARD_DIR) / "index.html"
+index = Path(feed.app.http.DASHBOARD_DIR) / "index.html"
 assert index.is_file(), f"the dashboard was not built into the package ({index} is missing)"
 print(f"migrations: {', '.join(names)}; dashboard: {index.parent}")
 PY

@@ -1,5 +1,5 @@
 import sys
 
-from feed.cli import main
+from feed.app.cli import main
 
 sys.exit(main())

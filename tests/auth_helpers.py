@@ -13,7 +13,7 @@ import socketio
 from websockets.asyncio.client import ClientConnection, connect
 
 from connectors.memory import MemoryConnector
-from feed.auth import hash_token
+from feed.security.auth import hash_token
 from tests.support.server import WAIT, RunningFeed
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Protocol
 
 from connectors.base import Connector, RoomAddress, State
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 
 WAIT = 15.0
 

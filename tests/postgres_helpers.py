@@ -11,7 +11,7 @@ from typing import Any
 
 from connectors.base import State
 from connectors.postgres import PostgresConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.options import Options
 from tests.support.waiting import wait_until
 

@@ -19,15 +19,16 @@ from hypothesis import strategies as st
 
 from connectors.base import RoomAddress
 from connectors.memory import MemoryConnector
-from feed.access import Authorizer, Shape, render_filter, strip
-from feed.auth import Identity
-from feed.change import Change, to_json
-from feed.config import ServerConfig, parse_config
+from feed.app.config import parse_config
+from feed.core.change import Change, to_json
+from feed.core.filters import parse_filter
+from feed.delivery.protocol import SubscribeRequest, error_ack
 from feed.errors import ProtocolError
-from feed.filters import parse_filter
-from feed.hub import Hub
 from feed.options import Options
-from feed.protocol import SubscribeRequest, error_ack
+from feed.routing.hub import Hub
+from feed.routing.settings import ServerConfig
+from feed.security.access import Authorizer, Shape, render_filter, strip
+from feed.security.auth import Identity
 from tests.auth_helpers import SPECIAL_CLAIMS, TOKENS, jwt_config, make_jwt, source, token_config
 from tests.support.server import FeedClient, feed_client, running_feed
 from tests.support.waiting import wait_until

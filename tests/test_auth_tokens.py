@@ -20,10 +20,10 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from feed.auth import hash_token
-from feed.config import parse_config
+from feed.app.config import parse_config
+from feed.app.server import EXPIRY_GRACE, FeedApp
 from feed.errors import ConfigError
-from feed.server import EXPIRY_GRACE, FeedApp
+from feed.security.auth import hash_token
 from tests.auth_helpers import (
     AUDIENCE,
     BASE,

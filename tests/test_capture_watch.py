@@ -333,7 +333,7 @@ async def test_feed_check_fails_where_capture_cannot_work(pg: PgDatabase, tmp_pa
 
 async def test_the_check_keeps_its_interval_while_the_reader_idles(pg: PgDatabase) -> None:
     """No NOTIFY comes from a disabled trigger: the check must not wait for the heartbeat."""
-    from feed.change import Gap
+    from feed.core.change import Gap
     from tests.postgres_helpers import streaming
 
     await orders(pg)
@@ -353,7 +353,7 @@ async def test_a_repair_the_feed_cannot_make_is_retried_and_closed_by_the_operat
     again at each check, and closes the window with a second gap once the operator has."""
     import uuid
 
-    from feed.change import Gap
+    from feed.core.change import Gap
     from tests.postgres_helpers import streaming
 
     await orders(pg)

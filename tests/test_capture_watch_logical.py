@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from feed.change import Gap
+from feed.core.change import Gap
 from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from connectors.redis import RedisConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.options import Options
 from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import feed_client, running_feed

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from bson import Binary, Decimal128, ObjectId
 
-from feed.change import Change, format_ts, room_key, to_json
+from feed.core.change import Change, format_ts, room_key, to_json
 
 
 class Color(enum.Enum):

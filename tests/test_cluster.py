@@ -329,7 +329,7 @@ async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -
     ],
 )
 def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) -> None:
-    from feed.config import parse_config
+    from feed.app.config import parse_config
     from feed.errors import ConfigError
 
     text = f"[cluster]\n{table}\n\n[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
@@ -341,7 +341,7 @@ def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) ->
 
 
 def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:
-    from feed.config import parse_config
+    from feed.app.config import parse_config
 
     text = "[[connectors]]\nname='m'\ntype='memory'\ntargets=['t']\n"
     config = parse_config(text, "feed.toml", {})

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from feed import __version__
-from feed.cli import build_parser
-from feed.config import load_config, parse_config
+from feed.app.cli import build_parser
+from feed.app.config import load_config, parse_config
 from feed.errors import ConfigError
 
 GOOD = """

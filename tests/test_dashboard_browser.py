@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from connectors.memory import MemoryConnector
-from feed.config import parse_config
-from feed.server import FeedApp
+from feed.app.config import parse_config
+from feed.app.server import FeedApp
 from tests.auth_helpers import TOKENS, token_config
 from tests.conftest import MEMORY_CONFIG
 from tests.support import postgres as pg_support

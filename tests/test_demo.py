@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from feed.demo import MONGODB_DETAIL, MONGODB_HINT, demo_config
+from feed.demo.demo import MONGODB_DETAIL, MONGODB_HINT, demo_config
 from tests.support.server import FeedClient, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -202,7 +202,7 @@ async def test_killed_demo_takes_its_databases_with_it(tmp_path: Path) -> None:
 
 
 def test_demo_config_is_a_valid_feed_config() -> None:
-    from feed.config import parse_config
+    from feed.app.config import parse_config
 
     config = parse_config(
         demo_config("127.0.0.1", 8000, "postgresql://postgres@127.0.0.1:5/postgres",

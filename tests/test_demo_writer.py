@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from feed.change import Change
-from feed.demo_writer import KEEP_ROWS, DemoWriter
+from feed.core.change import Change
+from feed.demo.demo_writer import KEEP_ROWS, DemoWriter
 from tests.support.mongodb import MongoSource, db, make, mongodb, take  # noqa: F401
 
 pytestmark = pytest.mark.mongodb

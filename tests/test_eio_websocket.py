@@ -1,4 +1,4 @@
-"""feed.eio_websocket: websocket clients run on one task each, pings come from one pinger, a dead
+"""feed.delivery.eio_websocket: websocket clients run on one task each, pings come from one pinger, a dead
 client is still cut off within pingInterval + pingTimeout, and a client whose transport pauses
 gets everything, in order, once it reads again. Real server, real Socket.IO clients."""
 
@@ -15,9 +15,9 @@ import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from feed.config import parse_config
-from feed.eio_websocket import Backlog, LeanSocket
-from feed.server import FeedApp, QuietServer
+from feed.app.config import parse_config
+from feed.app.server import FeedApp, QuietServer
+from feed.delivery.eio_websocket import Backlog, LeanSocket
 from tests.auth_helpers import BASE, raw_socketio, raw_subscribe, source, ws_url
 from tests.support.server import WAIT, feed_client, free_port, running_feed
 from tests.support.waiting import wait_until

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from feed import embedded_postgres_install as install
-from feed.embedded_postgres_install import EmbeddedPostgresError
+from feed.demo import embedded_postgres_install as install
+from feed.demo.embedded_postgres_install import EmbeddedPostgresError
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="only root runs the server as another user"

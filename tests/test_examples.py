@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from connectors.memory import MemoryConnector
-from feed.config import load_config
+from feed.app.config import load_config
 from tests.conftest import MEMORY_CONFIG
 from tests.support.proxy import CuttableProxy
 from tests.support.server import RunningFeed, running_feed

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feed.change import Change
+from feed.core.change import Change
+from feed.core.filters import parse_filter
 from feed.errors import ProtocolError
-from feed.filters import parse_filter
 
 
 def change(before: dict[str, object] | None, after: dict[str, object] | None) -> Change:

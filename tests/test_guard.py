@@ -1,4 +1,4 @@
-"""The server's edge (feed.guard) against the real server over real sockets: oversized polling
+"""The server's edge (feed.security.guard) against the real server over real sockets: oversized polling
 POSTs, slowloris, the connection cap, the Socket.IO handshake timeout, malformed packets."""
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-import feed.hub
+import feed.routing.hub
 from connectors.memory import MemoryConnector
-from feed.change import Change, Gap
-from feed.hub import Hub
+from feed.core.change import Change, Gap
 from feed.options import Options
+from feed.routing.hub import Hub
 
 
 class SwallowingConnector(MemoryConnector):
@@ -35,7 +35,7 @@ class SwallowingConnector(MemoryConnector):
 async def test_a_connector_that_swallows_its_cancel_does_not_hang_shutdown(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(feed.hub, "STOP_GRACE", 0.3)
+    monkeypatch.setattr(feed.routing.hub, "STOP_GRACE", 0.3)
     connector = SwallowingConnector("stubborn", Options({"targets": ["t"]}, "test"))
     hub = Hub([connector])
     await hub.__aenter__()

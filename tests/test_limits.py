@@ -13,10 +13,10 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from feed.config import parse_config
-from feed.eio_websocket import Backlog
+from feed.app.config import parse_config
+from feed.delivery.eio_websocket import Backlog
 from feed.errors import ConfigError
-from feed.limits import OutboundQueue, TokenBucket
+from feed.security.limits import OutboundQueue, TokenBucket
 from tests.auth_helpers import (
     BASE,
     TOKENS,

@@ -19,7 +19,7 @@ from bson import Binary, Decimal128, ObjectId
 
 from connectors.base import RoomAddress
 from connectors.mongodb import MongoConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from tests.connector_contract import ConnectorContract, streaming
 from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401
 
@@ -374,7 +374,7 @@ async def test_snapshot_of_an_object_id_row(mongodb: MongoSource, db: str) -> No
 
 
 async def test_room_filters_read_mongodb_values(mongodb: MongoSource, db: str) -> None:  # noqa: F811
-    from feed.filters import parse_filter
+    from feed.core.filters import parse_filter
 
     coll = mongodb.client[db]["orders"]
     owner = ObjectId()

@@ -16,7 +16,7 @@ import pytest
 
 from connectors.base import State, Status
 from connectors.mongodb import MongoConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import SourceUnavailable
 from tests.connector_contract import streaming
 from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401

@@ -9,7 +9,7 @@ import time
 import pytest
 import websockets
 
-from feed.config import parse_config
+from feed.app.config import parse_config
 from feed.errors import ConfigError
 from tests.support.server import running_feed
 

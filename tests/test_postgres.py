@@ -12,7 +12,7 @@ import pytest
 
 from connectors.base import RoomAddress
 from connectors.postgres import PgPosition, PostgresConnector
-from feed.change import to_json
+from feed.core.change import to_json
 from feed.errors import ConfigError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
 from feed.options import Options
 from tests.postgres_helpers import WAIT, make_connector, streaming

@@ -210,7 +210,7 @@ class TestPostgresLogicalConnector(ConnectorContract):
 
 
 async def test_a_recreated_slot_is_announced_as_a_gap(logical_pg: PgDatabase) -> None:
-    from feed.change import Gap
+    from feed.core.change import Gap
 
     db = logical_pg
     await orders(db)

@@ -14,7 +14,7 @@ import pytest
 
 from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.options import Options
 from tests.support.redis import RedisTarget, open_redis_target
 

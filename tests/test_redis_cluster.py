@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from connectors.redis import RedisConnector
 from connectors.redis_cluster import ClusterNode, serving_primaries
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import SourceUnavailable
 from feed.options import Options
 from tests.connector_contract import ConnectorContract

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from connectors.redis import RedisConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 from feed.options import Options
 from tests.support.redis import RedisServer, RedisTarget, free_port, open_private_redis

@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.memory import MemoryConnector
-from feed.access import Shape
-from feed.change import Change
-from feed.filters import Condition, Literal, RowFilter, _compare, parse_filter, value_key
-from feed.hub import Hub, TargetRooms
+from feed.core.change import Change
+from feed.core.filter_index import FilterIndex
+from feed.core.filters import Condition, Literal, RowFilter, _compare, parse_filter, value_key
+from feed.core.rooms import Room
+from feed.delivery.protocol import SubscribeRequest
 from feed.options import Options
-from feed.protocol import SubscribeRequest
-from feed.rooms import Room
-from feed.routing import FilterIndex
+from feed.routing.hub import Hub, TargetRooms
+from feed.security.access import Shape
 
 # -- the oracle: filters as evaluated before this index existed ---------------------------------
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import socketio
 
-from feed.config import parse_config
+from feed.app.config import parse_config
+from feed.core.snapshots import chunk_event, json_size, split_rows, split_snapshot, visible
 from feed.errors import ConfigError
-from feed.snapshots import chunk_event, json_size, split_rows, split_snapshot, visible
 from tests.auth_helpers import BASE, source
 from tests.support.server import WAIT, running_feed
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from feed.config import load_config
-from feed.demo_writer import MONGODB_WATCH, POSTGRES_TABLES, REDIS_PATTERNS, SCHEMA_SQL
+from feed.app.config import load_config
+from feed.demo.demo_writer import MONGODB_WATCH, POSTGRES_TABLES, REDIS_PATTERNS, SCHEMA_SQL
 
 ROOT = Path(__file__).parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -265,5 +265,5 @@ def test_dockerignore_keeps_local_environments_out() -> None:
         ".env",
     ):
         assert module.ignored(path, patterns), path
-    for path in ("feed/server.py", "migrations/0001_journal.sql", "dashboard/src/app.js"):
+    for path in ("feed/app/server.py", "migrations/0001_journal.sql", "dashboard/src/app.js"):
         assert not module.ignored(path, patterns), path

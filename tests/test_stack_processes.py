@@ -3,7 +3,7 @@
 What docker-compose.yml runs, run the same way against this suite's own servers: the Postgres
 init script, `feed migrate` then `feed serve` with deploy/feed.toml and the environment compose
 gives the feed, Redis with keyspace events on (as the compose command line sets them), and
-`python -m feed.demo_writer` as the writer service. A Socket.IO client must then see the writer's
+`python -m feed.demo.demo_writer` as the writer service. A Socket.IO client must then see the writer's
 changes from all three sources, and both processes must stop cleanly on SIGTERM (what
 `docker compose stop` sends).
 """
@@ -128,7 +128,7 @@ async def test_compose_processes_deliver_the_writers_changes_from_all_three_sour
                 ack = await client.subscribe(room)
                 assert ack["ok"], ack
             writer = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "feed.demo_writer",
+                sys.executable, "-m", "feed.demo.demo_writer",
                 "--interval", "0.2", "--mongodb-namespace", namespace,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=writer_log,

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.memory import MemoryConnector
+from feed.delivery.protocol import SubscribeRequest
 from feed.errors import ProtocolError
-from feed.hub import Hub
 from feed.options import Options
-from feed.protocol import SubscribeRequest
+from feed.routing.hub import Hub
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=50),

@@ -11,11 +11,11 @@ import socketio
 from engineio import packet as eio_packet
 
 from connectors.memory import MemoryConnector
-from feed.access import Shape, ShapedRoom
-from feed.change import Change
-from feed.filters import parse_filter
-from feed.rooms import Payload, Room
-from feed.transport import FlushBeforeWaiting, SocketIOTransport, _payload_json
+from feed.core.change import Change
+from feed.core.filters import parse_filter
+from feed.core.rooms import Payload, Room
+from feed.delivery.transport import FlushBeforeWaiting, SocketIOTransport, _payload_json
+from feed.security.access import Shape, ShapedRoom
 from tests.support.server import RunningFeed, running_feed
 
 WAIT = 10.0

@@ -1,7 +1,7 @@
 -- The demo's tables, created when the compose stack's Postgres starts on an empty volume (the
 -- official image runs /docker-entrypoint-initdb.d/*.sql then). They must exist before the feed's
 -- `feed migrate` attaches its capture triggers to them. Same statements as SCHEMA_SQL in
--- feed/demo_writer.py (tests/test_stack.py checks that they agree).
+-- feed/demo/demo_writer.py (tests/test_stack.py checks that they agree).
 CREATE TABLE IF NOT EXISTS public.customers (
     id serial PRIMARY KEY,
     name text NOT NULL,

@@ -37,18 +37,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from connectors.base import Connector, RoomAddress, State, Status
-from feed.access import Shape, ShapedRoom
-from feed.change import Change, Gap, format_ts, to_json
+from feed.core.change import Change, Gap, format_ts, to_json
+from feed.core.filter_index import FilterIndex
+from feed.core.filters import RowFilter, parse_filter
+from feed.core.rooms import Room
+from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.delivery.protocol import SubscribeRequest
 from feed.engine import ClusterConfig
 from feed.errors import ClusterError, FeedError, ProtocolError, SnapshotNotSupported
-from feed.filters import RowFilter, parse_filter
-from feed.protocol import SubscribeRequest
-from feed.rooms import Room
-from feed.routing import FilterIndex
-from feed.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.security.access import Shape, ShapedRoom
 
 if TYPE_CHECKING:
-    from feed.hub import Hub
+    from feed.routing.hub import Hub
 
 log = logging.getLogger("feed.engine.redis")
 
@@ -118,7 +118,7 @@ class TargetIndex:
     room: Routed
     by_key: dict[str, dict[str, Routed]] = field(default_factory=dict)
     filtered: FilterIndex[Routed] = field(default_factory=FilterIndex)
-    """Filter rooms indexed by their eq/in conditions, as the hub's are (feed.routing)."""
+    """Filter rooms indexed by their eq/in conditions, as the hub's are (feed.core.filter_index)."""
 
     def add(self, room: Routed) -> None:
         if room.key is not None:

@@ -36,8 +36,8 @@ from typing import Any
 import uvicorn
 
 from connectors.memory import MemoryConnector
-from feed.config import parse_config
-from feed.server import FeedApp, QuietServer
+from feed.app.config import parse_config
+from feed.app.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import open_redis_target
 from tests.support.server import RunningFeed, free_port, running_feed

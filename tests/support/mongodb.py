@@ -21,7 +21,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
 from connectors.mongodb import MongoConnector
-from feed.change import Change, Gap
+from feed.core.change import Change, Gap
 from feed.options import Options
 from tests.mongo_wire import MongoWireServer
 

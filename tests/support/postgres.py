@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from feed.embedded_postgres_install import (
+from feed.demo.embedded_postgres_install import (
     EmbeddedPostgresError,
     PostgresInstall,
     postgres_install,

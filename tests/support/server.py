@@ -13,9 +13,9 @@ from typing import Any
 import socketio
 import uvicorn
 
-from feed.config import parse_config
-from feed.hub import Hub
-from feed.server import FeedApp, QuietServer
+from feed.app.config import parse_config
+from feed.app.server import FeedApp, QuietServer
+from feed.routing.hub import Hub
 
 WAIT = 10.0
 

@@ -6,7 +6,7 @@ accepted algorithms, audience and issuer come from the config and never from the
 Everything a client gets wrong raises `AuthError`, whose code and message are sent back with the
 refused connection.
 
-Authorization (what an identity may follow) lives in feed.access; this module only says who it is.
+Authorization (what an identity may follow) lives in feed.security.access; this module only says who it is.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feed.errors import ConfigError, FeedError
+from feed.core.filters import parse_filter
+from feed.errors import ConfigError, FeedError, ProtocolError
 from feed.options import Options
 
 log = logging.getLogger("feed.auth")
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
+"""A `{claim}` in a rule's row_filter template (filled per identity by feed.security.access)."""
 
 MODES = ("none", "token", "jwt")
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -150,7 +154,7 @@ class AuthConfig:
         return self.mode != "none"
 
     def operator(self, identity: Identity) -> bool:
-        """Whether this identity sees status details; others get a generic line (feed.status).
+        """Whether this identity sees status details; others get a generic line (feed.app.status).
 
         Without auth on a loopback-only server everyone is the operator; with auth, or with
         `allow_unauthenticated`, only identities holding one of `operator_roles`.
@@ -281,8 +285,6 @@ def _parse_rule(opts: Options) -> Rule:
     row_filter = opts.str("row_filter")
     opts.finish()
     if row_filter is not None:
-        from feed.access import check_template
-
         problem = check_template(row_filter)
         if problem:
             opts.fail("row_filter", problem)
@@ -526,3 +528,20 @@ def seconds_left(identity: Identity) -> float | None:
     if identity.expires_at is None:
         return None
     return max(0.0, identity.expires_at - time.time())
+
+
+def check_template(template: str) -> str | None:
+    """Why a row_filter template is unusable, or None (checked at config load)."""
+    if not PLACEHOLDER.search(template):
+        return None if _parses(template) else f"{template!r} is not a valid filter"
+    if not _parses(PLACEHOLDER.sub("x", template)):
+        return f"{template!r} is not a valid filter once claims are filled in"
+    return None
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_filter(text)
+    except ProtocolError:
+        return False
+    return True

@@ -24,15 +24,14 @@ from typing import Any
 from urllib.parse import quote
 
 from connectors.base import RoomAddress
-from feed.auth import AuthConfig, Identity, MaskRule, Rule
-from feed.change import Change
+from feed.core.change import Change
+from feed.core.filters import RowFilter, parse_filter
+from feed.core.rooms import Room
 from feed.errors import ProtocolError
-from feed.filters import RowFilter, parse_filter
-from feed.rooms import Room
+from feed.security.auth import PLACEHOLDER, AuthConfig, Identity, MaskRule, Rule
 
-PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
 SPECIAL_LITERALS = frozenset({"null"})
-"""Filter literals that are not read as their text (feed.filters: `null` is NULL). Claims are
+"""Filter literals that are not read as their text (feed.core.filters: `null` is NULL). Claims are
 filled percent-encoded, so no claim can add a condition, an operator or a list item; these are
 the only values whose meaning would still change, and claims equal to them are refused."""
 Path = tuple[str, ...]
@@ -124,23 +123,6 @@ class ShapedRoom(Room):
 
 
 # -- rules -------------------------------------------------------------------------------------
-
-
-def check_template(template: str) -> str | None:
-    """Why a row_filter template is unusable, or None (checked at config load)."""
-    if not PLACEHOLDER.search(template):
-        return None if _parses(template) else f"{template!r} is not a valid filter"
-    if not _parses(PLACEHOLDER.sub("x", template)):
-        return f"{template!r} is not a valid filter once claims are filled in"
-    return None
-
-
-def _parses(text: str) -> bool:
-    try:
-        parse_filter(text)
-    except ProtocolError:
-        return False
-    return True
 
 
 def render_filter(template: str, identity: Identity) -> RowFilter:

@@ -2,7 +2,7 @@
 
 It exists so that a dashboard opened on a fresh demo or compose stack is alive at once. `feed demo`
 runs it in-process against its embedded Postgres and Redis; the compose stack runs it as its own
-service (`python -m feed.demo_writer`) against all three sources, reading DATABASE_URL, REDIS_URL
+service (`python -m feed.demo.demo_writer`) against all three sources, reading DATABASE_URL, REDIS_URL
 and MONGODB_URL. Each source is optional, and a source that is briefly unreachable costs one log
 line per tick rather than the writer: the point is a steady trickle of inserts, updates and
 deletes, not a benchmark.
@@ -239,9 +239,9 @@ class DemoWriter:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m feed.demo_writer`: the compose stack's writer service."""
+    """`python -m feed.demo.demo_writer`: the compose stack's writer service."""
     parser = argparse.ArgumentParser(
-        prog="python -m feed.demo_writer",
+        prog="python -m feed.demo.demo_writer",
         description="Write demo changes to the sources named by DATABASE_URL, REDIS_URL and "
         "MONGODB_URL (each optional) about once a second.",
     )

@@ -6,7 +6,7 @@ every filter per change made routing cost grow with the number of rooms (59 ms p
 10,000), so the rooms are indexed by the equality part of their filter:
 
 - a filter with an `eq` or `in` condition is filed under that condition's field and the
-  equality keys of its literals (feed.filters: `Literal.equality_keys`); a change looks up the
+  equality keys of its literals (feed.core.filters: `Literal.equality_keys`); a change looks up the
   key of its before and after values of each such field, and only those candidates have their
   whole filter checked. The cost per change grows with the number of distinct indexed fields,
   not with the number of rooms;
@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from feed.change import Change
-from feed.filters import Condition, RowFilter, lookup, value_key
+from feed.core.change import Change
+from feed.core.filters import Condition, RowFilter, lookup, value_key
 
 
 class Routable(Protocol):

@@ -5,7 +5,7 @@ Engine.IO gives every connection an unbounded send queue. A client that stops re
 tab, a hostile script, a phone in a tunnel) fills its TCP window, then the server's transport
 buffer, and from then on every change for it piles up in that queue: memory grows without bound
 while the client still looks connected. `OutboundLimiter` swaps in a queue that counts the bytes it
-holds (and gives the same limit to the backlog of feed.eio_websocket's websockets, which hold
+holds (and gives the same limit to the backlog of feed.delivery.eio_websocket's websockets, which hold
 packets only while their transport is paused) and, past the limit, drops the connection instead of
 the memory. Putting into either never waits, so the hub's sends to everyone else are never held up
 by the slow one.
@@ -41,13 +41,13 @@ class LimitsConfig:
     """Bytes waiting to be sent to one client before it is cut off as too slow."""
     max_connections: int = 0
     """Open TCP connections served at once; more are refused with 503 (0: the process's
-    open-file limit less 100, feed.guard)."""
+    open-file limit less 100, feed.security.guard)."""
     request_timeout: float = 10.0
     """Seconds a connection has to send a complete request, headers and body (slowloris)."""
     handshake_timeout: float = 10.0
     """Seconds between an Engine.IO session opening and its Socket.IO connect."""
     rooms_per_identity: int = 5000
-    """Row and filter rooms charged to one identity (feed.room_budget; 0: no limit)."""
+    """Row and filter rooms charged to one identity (feed.security.room_budget; 0: no limit)."""
     max_rooms: int = 50_000
     """Row and filter rooms in all (0: no limit)."""
 
@@ -157,7 +157,7 @@ class OutboundQueue(asyncio.Queue[Any]):
 class OutboundLimiter:
     """Bounds what waits for each client on an AsyncServer's Engine.IO side; cuts off who overflows.
 
-    Long-polling sockets get an `OutboundQueue`; the websockets of feed.eio_websocket hold their
+    Long-polling sockets get an `OutboundQueue`; the websockets of feed.delivery.eio_websocket hold their
     packets in its `Backlog` (only while the transport is paused), bounded by the same limit.
     """
 
@@ -169,7 +169,7 @@ class OutboundLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
         eio = sio.eio
         eio.create_queue = lambda *args, **kwargs: OutboundQueue(limit, self._overflowed)
-        if hasattr(eio, "on_outbound_overflow"):  # feed.eio_websocket.LeanEngineIO
+        if hasattr(eio, "on_outbound_overflow"):  # feed.delivery.eio_websocket.LeanEngineIO
             eio.outbound_limit = limit
             eio.on_outbound_overflow = self._overflowed
         websocket = eio._async.get("websocket")
@@ -232,7 +232,7 @@ def _recording(websocket_class: Any) -> Any:
 def _abort_transport(socket: Any) -> None:
     """Drop the TCP connection under a websocket whose writer is stuck on a full buffer.
 
-    A feed.eio_websocket socket knows its connection (`abort`); for Engine.IO's own websocket
+    A feed.delivery.eio_websocket socket knows its connection (`abort`); for Engine.IO's own websocket
     handler, the rest of this applies.
 
     Closing politely would queue a close frame behind the data the client is not reading. The

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from feed.change import Change, dumps_json
-from feed.filters import RowFilter
+from feed.core.change import Change, dumps_json
+from feed.core.filters import RowFilter
 
 
 class Payload(dict[str, Any]):

@@ -10,8 +10,8 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
 - encodes a room frame once and hands the same bytes (or, for queues, the same Engine.IO packet
   object, made on first use) to each recipient, synchronously and without tasks; a change's
   JSON is itself encoded once, however many rooms it goes to: each room splices its `room` and
-  `seq` in front of it (feed.rooms.Payload);
-- writes it to each websocket client's connection at once (feed.eio_websocket: those sockets
+  `seq` in front of it (feed.core.rooms.Payload);
+- writes it to each websocket client's connection at once (feed.delivery.eio_websocket: those sockets
   have no writer task): the same WebSocket frame bytes for every such client (a server frame is
   unmasked, so it is identical for all clients that did not negotiate compression; a client
   that did gets it through its own compressor). A client whose transport is paused, or that
@@ -42,9 +42,9 @@ from typing import Any, Protocol, TypeVar
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
-from feed.change import dumps_json
-from feed.eio_websocket import LeanSocket
-from feed.rooms import Payload
+from feed.core.change import dumps_json
+from feed.core.rooms import Payload
+from feed.delivery.eio_websocket import LeanSocket
 
 T = TypeVar("T")
 
@@ -349,7 +349,7 @@ class SocketIOTransport:
     def _packets(self, event: str, data: Any) -> Outgoing:
         """One Socket.IO event as Engine.IO packets, encoded once for every recipient.
 
-        The feed's payloads are JSON by construction (feed.change.to_json), so the Socket.IO text
+        The feed's payloads are JSON by construction (feed.core.change.to_json), so the Socket.IO text
         is built here as python-socketio's `Packet.encode` would build it, without the Packet's
         recursive search for binary data in every value of a batch (a tenth of the server's CPU
         under a Redis burst), and with orjson (JSON encoding was the largest remaining share,
@@ -375,7 +375,7 @@ class SocketIOTransport:
 
     def _put(self, eio_sid: str, out: Outgoing) -> None:
         """Hand one frame to one client: written at once when its websocket takes it, else
-        queued behind what already waits for it (feed.eio_websocket), so nothing overtakes.
+        queued behind what already waits for it (feed.delivery.eio_websocket), so nothing overtakes.
 
         This runs once per recipient per frame, so it is written for speed.
         """

@@ -1,7 +1,7 @@
 """The hub: runs connectors, routes each change to its rooms, numbers, buffers and sends it.
 
 Routing is synchronous and allocation-light because it runs once per change for every subscriber
-at once; filter rooms are found by value through an index (feed.routing), so the per-change cost
+at once; filter rooms are found by value through an index (feed.core.filter_index), so the per-change cost
 does not grow with the number of per-user or per-tenant filter rooms.
 Everything that waits (snapshots, catch-up sends) happens off the routing path.
 """
@@ -18,25 +18,22 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Protocol, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
 from connectors.health import CAPTURE_METRICS
-from feed.access import Shape, ShapedRoom
-from feed.change import Change, Gap, format_ts, to_json
-from feed.config import ServerConfig
+from feed.core.change import Change, Gap, format_ts, to_json
+from feed.core.filter_index import FilterIndex
+from feed.core.filters import RowFilter, parse_filter
+from feed.core.rooms import Room
+from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.delivery.protocol import SubscribeRequest
+from feed.delivery.transport import FlushBeforeWaiting, Transport
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
-from feed.filters import RowFilter, parse_filter
 from feed.metrics import Counter, Labels, Metrics
-from feed.protocol import SubscribeRequest
-from feed.room_budget import RoomBudget
-from feed.rooms import Room
-from feed.routing import FilterIndex
-from feed.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
-from feed.transport import FlushBeforeWaiting, Transport
-
-if TYPE_CHECKING:
-    from feed.engine.redis import RedisEngine
+from feed.routing.settings import ServerConfig
+from feed.security.access import Shape, ShapedRoom
+from feed.security.room_budget import RoomBudget
 
 log = logging.getLogger("feed.hub")
 
@@ -53,7 +50,7 @@ RowGuard = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
 class TargetRooms:
     """The rooms of one connector target: the target room and the followed subrooms.
 
-    Filter rooms are found through an index of their equality conditions (feed.routing), so a
+    Filter rooms are found through an index of their equality conditions (feed.core.filter_index), so a
     change costs the same with ten per-user rooms as with a hundred thousand.
     """
 
@@ -139,6 +136,35 @@ def room_name(
     return name
 
 
+class Engine(Protocol):
+    """What the hub asks of a cluster engine (feed.engine.redis.RedisEngine is the one there is).
+
+    The hub is the layer below the engine: it names the engine only through this protocol, so the
+    engine can import the hub and not the other way round (tests/test_layers.py).
+    """
+
+    up: bool
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+    def reading(self, connector: Connector) -> contextlib.AbstractAsyncContextManager[None]: ...
+    def forget(self, room: Room) -> None: ...
+    async def publish(self, connector: Connector, change: Change) -> None: ...
+    async def publish_gap(self, gap: Gap) -> None: ...
+    async def subscribe(
+        self,
+        sid: str,
+        request: SubscribeRequest,
+        room: Room,
+        connector: Connector,
+        address: RoomAddress,
+        mask: RowGuard | None,
+    ) -> dict[str, Any]: ...
+    def reader_of(self, name: str) -> str | None: ...
+    def status_changed(self, status: Status) -> None: ...
+
+
 class Hub:
     def __init__(
         self,
@@ -150,7 +176,7 @@ class Hub:
         self.connectors = {c.name: c for c in connectors}
         self.metrics = metrics or Metrics()
         self.transport: Transport | None = None
-        self.engine: RedisEngine | None = None
+        self.engine: Engine | None = None
         """The cluster engine ([cluster]); None keeps rooms, numbers and history in memory."""
         self.epoch = secrets.token_hex(8)
         # Source types this deployment leaves out, each {"type", "detail"} saying how to get it
@@ -163,9 +189,9 @@ class Hub:
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], object] = {}
         self.budget = RoomBudget(per_identity=5000, total=50_000)
-        """Row and filter rooms per identity and in all (feed.room_budget; [limits] sets it)."""
+        """Row and filter rooms per identity and in all (feed.security.room_budget; [limits] sets it)."""
         self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
-        """Sends a status change to clients in place of a broadcast (feed.server: the detail
+        """Sends a status change to clients in place of a broadcast (feed.app.server: the detail
         only to operators)."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
@@ -277,7 +303,7 @@ class Hub:
 
     def _make_room_for(self, owner: str) -> None:
         """Before `owner` creates a room: within its budget and the server's, by expiring an
-        idle room early if need be (its own first), or refuse (feed.room_budget)."""
+        idle room early if need be (its own first), or refuse (feed.security.room_budget)."""
         budget = self.budget
         if budget.over_identity(owner) and not self._evict_idle(owner):
             self.metrics.inc("feed_rooms_refused_total", reason="identity")
@@ -451,9 +477,9 @@ class Hub:
         """Join a room; replay from `since` or answer with a snapshot; return the ack.
 
         `owner` (the identity's name) is charged for the row or filter room it creates or
-        joins (feed.room_budget).
+        joins (feed.security.room_budget).
 
-        A `shape` (from feed.access) forces its filter, masks snapshot rows, and puts the client
+        A `shape` (from feed.security.access) forces its filter, masks snapshot rows, and puts the client
         in a room whose live and replayed payloads are shaped the same way.
         """
         if shape is not None:

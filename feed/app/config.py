@@ -15,34 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from connectors import Connector, resolve_type
-from feed.auth import AuthConfig, parse_auth
 from feed.engine import ClusterConfig, parse_cluster
 from feed.errors import ConfigError
-from feed.limits import LimitsConfig, parse_limits
 from feed.options import Options
+from feed.routing.settings import ServerConfig
+from feed.security.auth import AuthConfig, parse_auth
+from feed.security.limits import LimitsConfig, parse_limits
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replay_buffer: int = 1000
-    filter_room_grace: float = 30.0
-    max_subscriptions: int = 100
-    max_room_length: int = 512
-    max_filter_length: int = 1024
-    snapshot_limit: int = 1000
-    snapshot_chunk_bytes: int = 256 * 1024
-    """JSON bytes of rows per snapshot frame: larger snapshots go out in several (feed.snapshots)."""
-    cors_allowed_origins: list[str] = field(default_factory=list)
-    max_message_bytes: int = 64 * 1024
-    dashboard: bool = True
-    log_level: str = "info"
-    ping_interval: int = 25
-    ping_timeout: int = 20
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from feed import __version__
-from feed.config import Config, load_config
+from feed.app.config import Config, load_config
 from feed.errors import FeedError
 
 EXIT_USAGE = 2
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from feed.listen import PortInUse, check_port_free
+    from feed.app.listen import PortInUse, check_port_free
 
     config = load_config(args.config)
     host = args.host or config.server.host
@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
-    from feed.server import FeedApp
+    from feed.app.server import FeedApp
 
     app = FeedApp(config, host=host or config.server.host)
     logging.getLogger().setLevel(config.server.log_level.upper())
@@ -152,7 +152,7 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
 
 
 def cmd_hash_token(args: argparse.Namespace) -> int:
-    from feed.auth import hash_token, new_token
+    from feed.security.auth import hash_token, new_token
 
     if args.generate:
         token = new_token()
@@ -245,7 +245,7 @@ def cmd_unwatch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        demo = importlib.import_module("feed.demo")
+        demo = importlib.import_module("feed.demo.demo")
     except ImportError as exc:
         print(
             "feed: the demo needs the embedded extras: from a checkout, "

@@ -34,13 +34,13 @@ from pathlib import Path
 
 import uvicorn
 
-from feed import listen
-from feed.auth import is_loopback
-from feed.config import parse_config
-from feed.demo_writer import POSTGRES_TABLES, REDIS_PATTERNS, DemoWriter
-from feed.embedded_postgres_install import EmbeddedPostgresError, postgres_install, server_dir
+from feed.app import listen
+from feed.app.config import parse_config
+from feed.app.server import FeedApp, QuietServer
+from feed.demo.demo_writer import POSTGRES_TABLES, REDIS_PATTERNS, DemoWriter
+from feed.demo.embedded_postgres_install import EmbeddedPostgresError, postgres_install, server_dir
 from feed.errors import FeedError
-from feed.server import FeedApp, QuietServer
+from feed.security.auth import is_loopback
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0

@@ -19,27 +19,27 @@ import uvicorn
 from socketio.exceptions import ConnectionRefusedError as Refused
 
 from connectors.base import Connector
-from feed.access import Authorizer
-from feed.auth import Authenticator, AuthError, Identity, check_exposure, seconds_left
-from feed.config import Config
-from feed.eio_websocket import FeedSocketIO
+from feed.app.config import Config
+from feed.app.http import HttpApp
+from feed.app.status import generic, generic_catalog
+from feed.core.filters import parse_filter
+from feed.delivery.eio_websocket import FeedSocketIO
+from feed.delivery.protocol import SubscribeRequest, error_ack, unsubscribe_room
+from feed.delivery.transport import SocketIOTransport
 from feed.errors import ProtocolError
-from feed.filters import parse_filter
-from feed.guard import ClientErrors, ConnectionGuard, InboundLimit, guarded_http_protocol
-from feed.http import HttpApp
-from feed.hub import Hub
-from feed.limits import ConnectionCounter, OutboundLimiter, TokenBucket
-from feed.protocol import SubscribeRequest, error_ack, unsubscribe_room
-from feed.room_budget import RoomBudget
-from feed.status import generic, generic_catalog
-from feed.transport import SocketIOTransport
+from feed.routing.hub import Hub
+from feed.security.access import Authorizer
+from feed.security.auth import Authenticator, AuthError, Identity, check_exposure, seconds_left
+from feed.security.guard import ClientErrors, ConnectionGuard, InboundLimit, guarded_http_protocol
+from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
+from feed.security.room_budget import RoomBudget
 
 log = logging.getLogger("feed.server")
 
 SOCKETIO_LOG = logging.getLogger("feed.socketio")
 ENGINEIO_LOG = logging.getLogger("feed.engineio")
 for _library_log in (SOCKETIO_LOG, ENGINEIO_LOG):
-    # Their INFO lines are per packet; what matters of their errors is reported by feed.guard.
+    # Their INFO lines are per packet; what matters of their errors is reported by feed.security.guard.
     _library_log.setLevel(logging.ERROR)
 
 EXPIRY_GRACE = 2.0
@@ -114,7 +114,7 @@ class FeedApp:
 
     def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
         """How uvicorn must serve this app: the guarded HTTP protocol (header timeout and
-        connection cap, feed.guard) and the inbound message limit on websockets too."""
+        connection cap, feed.security.guard) and the inbound message limit on websockets too."""
         options.setdefault("lifespan", "on")
         return uvicorn.Config(
             self.asgi,
