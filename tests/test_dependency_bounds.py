@@ -1,9 +1,9 @@
 """The lean websocket path is the one in use, and the packages it builds on are the tested ones.
 
-feed/delivery/eio_websocket.py relies on private parts of uvicorn, python-engineio and python-socketio.
-When an upgrade moves them, the module quietly falls back to Engine.IO's own machinery (the
-server still works, at several times the memory per client, docs/benchmarks.md). These tests
-turn that silence into a failure that says what happened and where to look.
+feed/delivery/eio_websocket.py relies on private parts of uvicorn, python-engineio and
+python-socketio. When an upgrade moves them, the module quietly falls back to Engine.IO's own
+machinery (the server still works, at several times the memory per client, docs/benchmarks.md).
+These tests turn that silence into a failure that says what happened and where to look.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from tests.support.server import WAIT, running_feed
 ROOT = Path(__file__).parent.parent
 INTERNALS = ("uvicorn", "python-engineio", "python-socketio")
 HINT = (
-    "feed/delivery/eio_websocket.py's lean websocket path is off: the installed {package} no longer has "
-    "what it builds on; keep it within pyproject.toml's range (pip install -c constraints.txt)"
+    "feed/delivery/eio_websocket.py's lean websocket path is off: the installed {package} no "
+    "longer has what it builds on; keep it within pyproject.toml's range (pip install -c constraints.txt)"
 )
 
 

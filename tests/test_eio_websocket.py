@@ -1,6 +1,6 @@
-"""feed.delivery.eio_websocket: websocket clients run on one task each, pings come from one pinger, a dead
-client is still cut off within pingInterval + pingTimeout, and a client whose transport pauses
-gets everything, in order, once it reads again. Real server, real Socket.IO clients."""
+"""feed.delivery.eio_websocket: websocket clients run on one task each, pings come from one pinger,
+a dead client is still cut off within pingInterval + pingTimeout, and a client whose transport
+pauses gets everything, in order, once it reads again. Real server, real Socket.IO clients."""
 
 from __future__ import annotations
 

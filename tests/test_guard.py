@@ -1,5 +1,5 @@
-"""The server's edge (feed.security.guard) against the real server over real sockets: oversized polling
-POSTs, slowloris, the connection cap, the Socket.IO handshake timeout, malformed packets."""
+"""The server's edge (feed.security.guard) against the real server over real sockets: oversized
+polling POSTs, slowloris, the connection cap, the Socket.IO handshake timeout, malformed packets."""
 
 from __future__ import annotations
 

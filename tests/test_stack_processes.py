@@ -3,8 +3,8 @@
 What docker-compose.yml runs, run the same way against this suite's own servers: the Postgres
 init script, `feed migrate` then `feed serve` with deploy/feed.toml and the environment compose
 gives the feed, Redis with keyspace events on (as the compose command line sets them), and
-`python -m feed.demo.demo_writer` as the writer service. A Socket.IO client must then see the writer's
-changes from all three sources, and both processes must stop cleanly on SIGTERM (what
+`python -m feed.demo.demo_writer` as the writer service. A Socket.IO client must then see the
+writer's changes from all three sources, and both processes must stop cleanly on SIGTERM (what
 `docker compose stop` sends).
 """
 

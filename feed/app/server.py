@@ -39,7 +39,8 @@ log = logging.getLogger("feed.server")
 SOCKETIO_LOG = logging.getLogger("feed.socketio")
 ENGINEIO_LOG = logging.getLogger("feed.engineio")
 for _library_log in (SOCKETIO_LOG, ENGINEIO_LOG):
-    # Their INFO lines are per packet; what matters of their errors is reported by feed.security.guard.
+    # Their INFO lines are per packet; what matters of their errors is reported by
+    # feed.security.guard.
     _library_log.setLevel(logging.ERROR)
 
 EXPIRY_GRACE = 2.0

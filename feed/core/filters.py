@@ -8,8 +8,8 @@ still delivered once and the client can drop it.
 Each literal is read once, when the filter is parsed, as every type a row value may turn out to
 have (`Literal`): a change then compares typed values instead of parsing text per comparison.
 The same reading gives each literal its equality keys (`Literal.equality_keys`, `value_key`),
-which is what lets feed.core.filter_index find the filter rooms of a change by value instead of trying
-each one.
+which is what lets feed.core.filter_index find the filter rooms of a change by value instead of
+trying each one.
 """
 
 from __future__ import annotations

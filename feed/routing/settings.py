@@ -21,7 +21,8 @@ class ServerConfig:
     max_filter_length: int = 1024
     snapshot_limit: int = 1000
     snapshot_chunk_bytes: int = 256 * 1024
-    """JSON bytes of rows per snapshot frame: larger snapshots go out in several (feed.core.snapshots)."""
+    """JSON bytes of rows per snapshot frame: larger snapshots go out in several
+    (feed.core.snapshots)."""
     cors_allowed_origins: list[str] = field(default_factory=list)
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True

@@ -6,7 +6,8 @@ accepted algorithms, audience and issuer come from the config and never from the
 Everything a client gets wrong raises `AuthError`, whose code and message are sent back with the
 refused connection.
 
-Authorization (what an identity may follow) lives in feed.security.access; this module only says who it is.
+Authorization (what an identity may follow) lives in feed.security.access; this module only says
+who it is.
 """
 
 from __future__ import annotations

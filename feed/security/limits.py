@@ -5,10 +5,10 @@ Engine.IO gives every connection an unbounded send queue. A client that stops re
 tab, a hostile script, a phone in a tunnel) fills its TCP window, then the server's transport
 buffer, and from then on every change for it piles up in that queue: memory grows without bound
 while the client still looks connected. `OutboundLimiter` swaps in a queue that counts the bytes it
-holds (and gives the same limit to the backlog of feed.delivery.eio_websocket's websockets, which hold
-packets only while their transport is paused) and, past the limit, drops the connection instead of
-the memory. Putting into either never waits, so the hub's sends to everyone else are never held up
-by the slow one.
+holds (and gives the same limit to the backlog of feed.delivery.eio_websocket's websockets, which
+hold packets only while their transport is paused) and, past the limit, drops the connection instead
+of the memory. Putting into either never waits, so the hub's sends to everyone else are never held
+up by the slow one.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ class OutboundQueue(asyncio.Queue[Any]):
 class OutboundLimiter:
     """Bounds what waits for each client on an AsyncServer's Engine.IO side; cuts off who overflows.
 
-    Long-polling sockets get an `OutboundQueue`; the websockets of feed.delivery.eio_websocket hold their
-    packets in its `Backlog` (only while the transport is paused), bounded by the same limit.
+    Long-polling sockets get an `OutboundQueue`; the websockets of feed.delivery.eio_websocket hold
+    their packets in its `Backlog` (only while the transport is paused), bounded by the same limit.
     """
 
     def __init__(self, sio: Any, limit: int, on_cut: Callable[[str], None] | None = None) -> None:
@@ -232,8 +232,8 @@ def _recording(websocket_class: Any) -> Any:
 def _abort_transport(socket: Any) -> None:
     """Drop the TCP connection under a websocket whose writer is stuck on a full buffer.
 
-    A feed.delivery.eio_websocket socket knows its connection (`abort`); for Engine.IO's own websocket
-    handler, the rest of this applies.
+    A feed.delivery.eio_websocket socket knows its connection (`abort`); for Engine.IO's own
+    websocket handler, the rest of this applies.
 
     Closing politely would queue a close frame behind the data the client is not reading. The
     ASGI send callable of uvicorn's websocket protocols is a bound method of the protocol, which
