@@ -247,3 +247,42 @@ def test_every_option_the_docs_give_a_command_exists() -> None:
                 assert flag in options, f"{page.name}: feed {command} has no {flag}"
                 seen += 1
     assert seen >= 10
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to '-'."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("#"):
+            title = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower())
+            anchors.add(title.replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_between_the_docs_resolves() -> None:
+    pages = [
+        ROOT / "README.md",
+        *DOCS.rglob("*.md"),
+        *(ROOT / "clients").glob("*/README.md"),
+        ROOT / "examples" / "README.md",
+    ]
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not broken
+
+
+def test_the_readme_lists_every_doc() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for page in DOCS.rglob("*.md"):
+        assert f"({page.relative_to(ROOT)})" in readme, f"README.md does not link {page.name}"
