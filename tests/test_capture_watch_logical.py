@@ -53,6 +53,20 @@ def logical(db: PgDatabase, **extra: Any) -> Any:
     return make_connector(db.url, ["public.orders"], mode="logical", poll_interval=0.02, **extra)
 
 
+def feed_config(db: PgDatabase) -> str:
+    """A feed reading public.orders in logical mode, checking its capture every 0.3 s."""
+    return f"""
+[[connectors]]
+name = "main"
+type = "postgres"
+mode = "logical"
+dsn = "{db.url}"
+tables = ["public.orders"]
+poll_interval = 0.02
+capture_check_interval = 0.3
+"""
+
+
 async def orders(db: PgDatabase) -> None:
     await db.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, note text)")
 
@@ -110,17 +124,7 @@ async def test_an_invalidated_slot_is_recreated_with_a_gap_and_a_hint(
     await invalidate(db)
     with pytest.raises(SourceMisconfigured, match="max_slot_wal_keep_size"):
         await logical(db).check()
-    config = f"""
-[[connectors]]
-name = "main"
-type = "postgres"
-mode = "logical"
-dsn = "{db.url}"
-tables = ["public.orders"]
-poll_interval = 0.02
-capture_check_interval = 0.3
-"""
-    async with running_feed(config) as feed, feed_client(feed.url) as client:
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
         assert (await client.subscribe("main:public.orders"))["ok"]
         # The slot was lost before this feed started: announced at start (perhaps before the
         # subscribe, so counted rather than awaited on the client).
@@ -154,17 +158,7 @@ async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
 ) -> None:
     db = logical_pg
     await orders(db)
-    config = f"""
-[[connectors]]
-name = "main"
-type = "postgres"
-mode = "logical"
-dsn = "{db.url}"
-tables = ["public.orders"]
-poll_interval = 0.02
-capture_check_interval = 0.3
-"""
-    async with running_feed(config) as feed, feed_client(feed.url) as client:
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
         connector = feed.hub.connectors["main"]
         await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
         assert (await client.subscribe("main:public.orders"))["ok"]
