@@ -111,6 +111,10 @@ async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
     assert [c.split()[2] for c in changes] == ["#1", "#2", "#3"], out.lines
     assert changes[1].startswith("update  mem:public.orders #2 key=1 ")
     assert '"paid"' in changes[1]
+    # Only the cut is a disconnect to report: leaving after --count is not one.
+    assert [line for line in out.lines if line.startswith("disconnected")] == [
+        "disconnected; reconnecting ..."
+    ], out.lines
     return out.lines
 
 
