@@ -9,8 +9,6 @@ again once the fault is mended (by the feed itself where it can).
 from __future__ import annotations
 
 import asyncio
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +18,7 @@ from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import make_connector
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
-from tests.support.server import FeedClient, feed_client, running_feed
+from tests.support.server import FeedClient, feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
@@ -45,17 +43,6 @@ reconnect_max = 0.5
 capture_check_interval = {check}
 {extra}
 """
-
-
-async def http_get(url: str) -> tuple[int, str]:
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    return await asyncio.to_thread(fetch)
 
 
 async def orders(db: PgDatabase) -> None:

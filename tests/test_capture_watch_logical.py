@@ -18,9 +18,9 @@ from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import EmbeddedPostgres, PgDatabase, PgServer
-from tests.support.server import feed_client, running_feed
+from tests.support.server import feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
-from tests.test_capture_watch import http_get, metric, next_status
+from tests.test_capture_watch import metric, next_status
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
