@@ -246,7 +246,8 @@ async def test_migrate_and_unwatch_refuse_to_detach_a_running_feeds_table(
             await other.migrate(prune=True)
         with pytest.raises(SourceMisconfigured, match=r"feed:main:reader.*add --force"):
             await other.unwatch()
-        # The same from the command line, as the user ran it: one line, exit 2.
+        # The same from the command line, as the user ran it: one line, exit 1 (the source's
+        # state refuses it, not the config).
         from tests.test_postgres_cli import feed as run_feed
 
         other_toml = tmp_path / "other.toml"
@@ -257,9 +258,9 @@ async def test_migrate_and_unwatch_refuse_to_detach_a_running_feeds_table(
         code, out, err = await run_feed(
             "migrate", "--config", str(other_toml), "--prune", database_url=pg.url
         )
-        assert code == 2 and "refusing to detach public.other" in err, (out, err)
+        assert code == 1 and "refusing to detach public.other" in err, (out, err)
         code, out, err = await run_feed("unwatch", "--config", str(other_toml), database_url=pg.url)
-        assert code == 2 and "refusing to unwatch" in err and "--force" in err, (out, err)
+        assert code == 1 and "refusing to unwatch" in err and "--force" in err, (out, err)
         triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass"
         assert await pg.conn.fetchval(triggers + " AND NOT tgisinternal", "public.other") == 2
         assert await pg.conn.fetchval(triggers + " AND NOT tgisinternal", "public.orders") == 2
