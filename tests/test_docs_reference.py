@@ -286,3 +286,19 @@ def test_the_readme_lists_every_doc() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for page in DOCS.rglob("*.md"):
         assert f"({page.relative_to(ROOT)})" in readme, f"README.md does not link {page.name}"
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """Docs cite tests as evidence ("tested by test_x"); a renamed or deleted test must not linger."""
+    defined: set[str] = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        defined.add(path.stem)
+        defined.update(re.findall(r"def (test_\w+)", path.read_text(encoding="utf-8")))
+    pages = [ROOT / "README.md", *DOCS.rglob("*.md"), ROOT / "examples" / "README.md"]
+    missing = []
+    for page in pages:
+        for name, prefix in re.findall(r"\b(test_\w+?)(_?\.\.\.)?(?!\w)", page.read_text()):
+            found = any(d.startswith(name) for d in defined) if prefix else name in defined
+            if not found:
+                missing.append(f"{page.name}: {name}{prefix}")
+    assert not missing
