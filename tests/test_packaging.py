@@ -84,3 +84,24 @@ def test_wheel_and_sdist_carry_the_built_dashboard(tmp_path: Path) -> None:
         assert {k: v for k, v in built.items() if k in expected} == expected
         assert set(built) == set(expected) | {"socket.io.esm.min.js", "socket.io.esm.min.js.map"}
         assert f"Socket.IO v{version}".encode() in built["socket.io.esm.min.js"][:200]
+
+    # Every module of every layer package is packaged, and the `feed` command names one of them.
+    sources = {
+        p.relative_to(ROOT).as_posix()
+        for package in ("feed", "connectors")
+        for p in (ROOT / package).rglob("*.py")
+        if "dashboard" not in p.parts
+    }
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+        assert sources <= names, sorted(sources - names)
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        [target] = [
+            line.split("=", 1)[1].strip()
+            for line in whl.read(entry_points).decode().splitlines()
+            if line.startswith("feed ")
+        ]
+        module, _, function = target.partition(":")
+        path = module.replace(".", "/") + ".py"
+        assert path in names, f"the feed command names {target}, which the wheel does not have"
+        assert f"def {function}(" in whl.read(path).decode()
