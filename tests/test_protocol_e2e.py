@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from typing import Any
 
 import pytest
 
 from connectors.memory import MemoryConnector
-from tests.support.server import RunningFeed, feed_client
+from tests.support.server import RunningFeed, feed_client, http_get
 from tests.support.waiting import wait_until
 
 
@@ -18,17 +17,6 @@ def source(feed: RunningFeed) -> MemoryConnector:
     connector = feed.hub.connectors["mem"]
     assert isinstance(connector, MemoryConnector)
     return connector
-
-
-async def http_get(url: str) -> tuple[int, str]:
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    return await asyncio.to_thread(fetch)
 
 
 async def test_subscriber_receives_changes_in_order_with_per_room_seq(
