@@ -820,9 +820,10 @@ class RedisEngine:
             if mirror.seq is None:  # the first message of a room being watched: the baseline
                 mirror.epoch, mirror.seq = epoch, first - 1
             elif epoch != mirror.epoch:
-                if mirror.ready:
-                    reason = "the cluster lost this room's history"
-                    await self._announce_gap(mirror, reason, first - 1)
+                # Said even while a reconnect is still resyncing (not `ready`): a publication in
+                # the new epoch can arrive first, and after it the resync sees nothing to tell.
+                reason = "the cluster lost this room's history"
+                await self._announce_gap(mirror, reason, first - 1)
                 mirror.ring.clear()
                 mirror.epoch, mirror.seq, mirror.gap = epoch, first - 1, 0
             if last <= mirror.seq:
