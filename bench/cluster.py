@@ -390,7 +390,7 @@ def draw(
     lat_ax.set_xticks(xs, [label(r) for r in now], fontsize=8)
     lat_ax.set_ylabel("ms, commit to client")
     rate = now[0].get("rate") if now else None
-    lat_ax.set_title(f"Commit-to-client latency at {rate or '?'} changes/s")
+    lat_ax.set_title(f"Commit-to-client latency at {rate or 0:g} changes/s")
     lat_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
