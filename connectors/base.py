@@ -81,6 +81,12 @@ class Snapshot:
     rows: Sequence[Mapping[str, Any]]
     covers: Callable[[Change], bool] = lambda change: False
     truncated: bool = False
+    keys: Sequence[str | None] | None = None
+    """Each row's key as in row room names (`feed.change.room_key` of the key its changes carry),
+    in the order of `rows`; None for a row without one (a table with no primary key). Sent to
+    clients beside the rows (`snapshot_keys`), because only the connector knows which columns
+    make the key (a Postgres primary key of any name, composite ones, MongoDB `_id`, the Redis
+    key). None for the whole list: this connector does not say (clients then guess)."""
 
 
 class Connector(ABC):

@@ -26,7 +26,12 @@ class MemoryConnector(Connector):
 
     def configure(self, options: Options) -> None:
         self._targets = options.str_list("targets", required=True)
-        self.key_field = options.str("key", "id")
+        # `key` names the key column, or lists several: a composite key, which changes carry as
+        # a mapping of column to value, as Postgres does.
+        if isinstance(options.raw.get("key"), list):
+            self.key_fields = options.str_list("key", required=True)
+        else:
+            self.key_fields = [options.str("key", "id")]
         # Tests of a source that cannot resume (like Redis keyspace events) set this to false.
         self.durable = options.bool("durable", True)
         self._queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
@@ -64,7 +69,7 @@ class MemoryConnector(Connector):
     def write(self, target: str, op: str, row: Mapping[str, Any]) -> Change:
         """Apply one write to the stored rows and queue the change it produces."""
         table = self._tables[target]
-        key = row[self.key_field]
+        key = self.key_of(row)
         stored_key = room_key(key) or ""
         before = table.get(stored_key)
         after: dict[str, Any] | None
@@ -90,6 +95,12 @@ class MemoryConnector(Connector):
         )
         self._queue.put_nowait(change)
         return change
+
+    def key_of(self, row: Mapping[str, Any]) -> Any:
+        """A row's key as its changes carry it: the value, or column -> value when composite."""
+        if len(self.key_fields) == 1:
+            return row[self.key_fields[0]]
+        return {name: row[name] for name in self.key_fields}
 
     def truncate(self, target: str) -> Change:
         """Empty a table, as Postgres's TRUNCATE does: one change with no key and no images."""
@@ -122,11 +133,12 @@ class MemoryConnector(Connector):
         self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
     ) -> Snapshot:
         table = self._tables[address.target]
-        rows = [
-            dict(row)
+        chosen = [
+            (key, dict(row))
             for key, row in table.items()
             if (address.key is None or key == address.key) and where(row)
         ]
+        rows = [row for _, row in chosen]
         # The rows reflect every change written so far; honour the Snapshot contract by waiting
         # until the hub has routed all of them.
         high = self._written
@@ -137,4 +149,5 @@ class MemoryConnector(Connector):
             rows=rows[:limit],
             covers=lambda change: change.position is not None and change.position <= high,
             truncated=len(rows) > limit,
+            keys=[key for key, _ in chosen[:limit]],  # stored by their room key already
         )

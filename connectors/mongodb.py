@@ -449,6 +449,7 @@ class MongoConnector(Connector):
         if address.key is not None:
             query = {"_id": {"$in": _key_candidates(address.key)}}
         rows: list[Mapping[str, Any]] = []
+        keys: list[str | None] = []
         truncated = False
         try:
             cursor = await self._client[db].cursor_command(
@@ -461,7 +462,8 @@ class MongoConnector(Connector):
             )
             async with cursor:
                 async for doc in cursor:
-                    if address.key is not None and room_key(doc.get("_id")) != address.key:
+                    key = room_key(doc.get("_id"))
+                    if address.key is not None and key != address.key:
                         continue
                     if not where(doc):
                         continue
@@ -469,6 +471,7 @@ class MongoConnector(Connector):
                         truncated = True
                         break
                     rows.append(doc)
+                    keys.append(key)
         except PyMongoError as exc:
             raise self._explain(exc) from None
 
@@ -480,7 +483,7 @@ class MongoConnector(Connector):
                 and position.cluster_time <= at
             )
 
-        return Snapshot(rows=rows, covers=covers, truncated=truncated)
+        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
 
     async def _snapshot_time(self) -> Timestamp:
         """A cluster time whose every change has been delivered: just before the stream's mark.

@@ -1280,6 +1280,7 @@ class PostgresConnector(Connector):
             )
             args = values
         rows: list[dict[str, Any]] = []
+        keys: list[str | None] = []
         truncated = False
         async with (
             self._pool.acquire(timeout=self.connect_timeout) as conn,
@@ -1292,7 +1293,8 @@ class PostgresConnector(Connector):
             async for record in conn.cursor(sql, *args, prefetch=200):
                 row = shape.decode(record["row"])
                 assert row is not None
-                if address.key is not None and room_key(shape.key(row)) != address.key:
+                key = room_key(shape.key(row))
+                if address.key is not None and key != address.key:
                     continue
                 if not where(row):
                     continue
@@ -1300,9 +1302,10 @@ class PostgresConnector(Connector):
                     truncated = True
                     break
                 rows.append(row)
+                keys.append(key)
         snap = Snap.parse(snap_text)
         covers = await self._wait_past(snap, extra)
-        return Snapshot(rows=rows, covers=covers, truncated=truncated)
+        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
 
     def _pushdown(self, shape: TableShape) -> bool:
         """Whether a row room's key can be matched in SQL (its text form equals room_key's)."""

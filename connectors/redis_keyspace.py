@@ -607,7 +607,10 @@ class KeyspaceCapture:
                         rows.append(row)
         except RedisError as exc:
             raise self.owner._failure(exc) from None
-        return Snapshot(rows=rows[:limit], truncated=truncated or len(rows) > limit)
+        shown = rows[:limit]
+        # A row's key is the Redis key (as text, or base64 with `key_base64`), as in its changes.
+        row_keys: list[str | None] = [row["key"] for row in shown]
+        return Snapshot(rows=shown, truncated=truncated or len(rows) > limit, keys=row_keys)
 
     async def _scan(self, pattern: str, limit: int) -> tuple[list[bytes], bool]:
         """Keys matching `pattern`, deduplicated, stopping after `limit` + 1 keys or

@@ -256,19 +256,24 @@ class StreamCapture:
                 self._progress.clear()
                 await self._progress.wait()
         rows = []
+        keys: list[str | None] = []
         for raw_id, fields in entries:
             after, b64 = _fields(fields)
-            row: dict[str, Any] = {"_id": _text(raw_id), **after}
+            entry_id = _text(raw_id)
+            row: dict[str, Any] = {"_id": entry_id, **after}
             if b64:
                 row["_base64"] = True
             if where(row):
                 rows.append(row)
+                # The key its changes carry (`change` above): the key field, else the entry id.
+                keys.append(after.get(key_field, entry_id) if key_field else entry_id)
         return Snapshot(
             rows=rows,
             covers=lambda c: (
                 c.target == stream and isinstance(c.position, tuple) and c.position[1] <= high
             ),
             truncated=truncated,
+            keys=keys,
         )
 
     async def _latest_per_key(

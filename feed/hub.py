@@ -32,7 +32,7 @@ from feed.protocol import SubscribeRequest
 from feed.room_budget import RoomBudget
 from feed.rooms import Room
 from feed.routing import FilterIndex
-from feed.snapshots import split_rows
+from feed.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
 from feed.transport import FlushBeforeWaiting, Transport
 
 if TYPE_CHECKING:
@@ -503,15 +503,17 @@ class Hub:
             "epoch": self.epoch,
         }
         covers: Callable[[Change], bool] | None = None
-        rest: list[list[Any]] = []
+        rest: list[SnapshotChunk] = []
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
-            rows = [mask(r) if mask else r for r in snapshot.rows]
-            first, *rest = split_rows(
-                [to_json(r) for r in rows if r is not None], self.settings.snapshot_chunk_bytes
+            rows, keys = visible(snapshot.rows, snapshot.keys, mask)
+            (first, first_keys), *rest = split_snapshot(
+                [to_json(r) for r in rows], keys, self.settings.snapshot_chunk_bytes
             )
             ack["snapshot"] = first
+            if first_keys is not None:
+                ack["snapshot_keys"] = first_keys
             ack["snapshot_truncated"] = snapshot.truncated
             ack["snapshot_chunks"] = 1 + len(rest)
             ack["seq"] = cursor
@@ -590,7 +592,7 @@ class Hub:
         room: Room,
         cursor: int,
         covers: Callable[[Change], bool] | None,
-        chunks: list[list[Any]] | None = None,
+        chunks: list[SnapshotChunk] | None = None,
     ) -> None:
         """Send a new member the rest of its snapshot and what it missed after `cursor`, in
         order, then let it go live.
@@ -606,10 +608,10 @@ class Hub:
         try:
             if chunks and self.transport is not None:
                 total = len(chunks) + 1
-                for index, rows in enumerate(chunks, start=2):
+                for index, chunk in enumerate(chunks, start=2):
                     if sid not in room.pending or self._catch_ups.get(key) is not token:
                         return
-                    body = {"room": room.name, "chunk": index, "of": total, "rows": rows}
+                    body = chunk_event(room.name, index, total, chunk)
                     await self.transport.send_paced(sid, "snapshot", body)
             while sid in room.pending and self._catch_ups.get(key) is token:
                 if cursor < room.seq and not room.holds_after(cursor):

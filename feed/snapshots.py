@@ -57,3 +57,55 @@ def split_rows(rows: Sequence[Any], max_bytes: int) -> list[list[Any]]:
         chunks[-1].append(row)
         size += row_size
     return chunks
+
+
+RowGuard = Callable[[Any], Any]
+SnapshotChunk = tuple[list[Any], list[str | None] | None]
+"""One frame's rows and their keys (None: the connector did not say)."""
+
+
+def visible(
+    rows: Sequence[Any], keys: Sequence[str | None] | None, mask: RowGuard | None
+) -> tuple[list[Any], list[str | None] | None]:
+    """The rows a client may see (`mask` hides some, or some columns) and their keys, still
+    paired: a hidden row takes its key with it."""
+    if keys is not None and len(keys) != len(rows):
+        keys = None  # a connector's bug: better no keys than keys of other rows
+    if mask is None:
+        return list(rows), (list(keys) if keys is not None else None)
+    shown: list[Any] = []
+    shown_keys: list[str | None] = []
+    for index, row in enumerate(rows):
+        image = mask(row)
+        if image is None:
+            continue
+        shown.append(image)
+        if keys is not None:
+            shown_keys.append(keys[index])
+    return shown, (shown_keys if keys is not None else None)
+
+
+def split_snapshot(
+    rows: Sequence[Any], keys: Sequence[str | None] | None, max_bytes: int
+) -> list[SnapshotChunk]:
+    """`split_rows`, with each chunk's keys beside its rows (None when the keys are unknown):
+    the ack carries the first pair (`snapshot`, `snapshot_keys`), each `snapshot` event one more
+    (`rows`, `keys`)."""
+    chunks = split_rows(rows, max_bytes)
+    if keys is None:
+        return [(chunk, None) for chunk in chunks]
+    paired: list[SnapshotChunk] = []
+    start = 0
+    for chunk in chunks:
+        paired.append((chunk, list(keys[start : start + len(chunk)])))
+        start += len(chunk)
+    return paired
+
+
+def chunk_event(room: str, index: int, total: int, chunk: SnapshotChunk) -> dict[str, Any]:
+    """The body of the `snapshot` event carrying chunk `index` of `total` (docs/protocol.md)."""
+    rows, keys = chunk
+    body: dict[str, Any] = {"room": room, "chunk": index, "of": total, "rows": rows}
+    if keys is not None:
+        body["keys"] = keys
+    return body

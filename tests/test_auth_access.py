@@ -387,9 +387,11 @@ async def test_masks_apply_on_live_replay_and_snapshot_over_socketio() -> None:
     async with running_feed(token_config()) as feed:
         db = source(feed)
         db.write("public.customers", "insert", secret_row)
+        db.write("public.customers", "insert", {"id": 2, "tenant_id": "other"})
         async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as first:
             ack = await first.subscribe("mem:public.customers", snapshot=True)
             assert ack["snapshot"] == [{"id": 1, "tenant_id": "acme", "profile": {"city": "Oslo"}}]
+            assert ack["snapshot_keys"] == ["1"]  # the hidden row's key went with it
             db.write("public.customers", "update", {"id": 1, "password_hash": "$argon2$y"})
             live = await first.next_change()
         async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as second:

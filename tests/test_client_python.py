@@ -307,6 +307,19 @@ async def test_a_slow_consumer_within_its_queue_gets_everything(feed_server: Har
         assert_once_in_order(seen, 1, 300)
 
 
+async def test_callbacks_without_iteration_keep_no_backlog_and_never_reload(
+    feed_server: Harness,
+) -> None:
+    async with client(feed_server.url) as feed, feed.subscribe(ROOM, max_queue=10) as sub:
+        log = Log(sub)
+        start = sub.seq or 0
+        feed_server.burst("public.orders", 1001, 100)
+        await log.until(lambda: len(log.changes) == 100, "100 changes to the callback")
+        assert "reload" not in log.names, log.states  # nobody fell behind: nobody iterates
+        assert sub.seq == start + 100
+        assert sub._queue.qsize() == 0, "nothing kept for an iteration nobody runs"
+
+
 async def test_a_snapshot_in_chunks_is_assembled_before_the_live_changes() -> None:
     config = "[server]\nreplay_buffer = 5000\nsnapshot_chunk_bytes = 4096\n"
     async with harness(config) as h:

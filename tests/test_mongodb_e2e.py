@@ -85,6 +85,8 @@ async def test_snapshot_then_live_without_loss_or_doubles(
             sentinel = await client.next_change()
     assert ack["ok"], ack
     assert sorted(row["_id"] for row in ack["snapshot"]) == [0, 1, 3, 5]
+    # Each row's key as in row room names (and as clients render `change.key`), beside it.
+    assert ack["snapshot_keys"] == [str(row["_id"]) for row in ack["snapshot"]]
     # The update of _id 0 is in the snapshot, so it is not sent again; what follows is.
     assert [(c["op"], c["key"]) for c in live] == [("insert", 7), ("update", 1)]
     assert sentinel["key"] == 99

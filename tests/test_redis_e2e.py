@@ -98,6 +98,7 @@ async def test_snapshot_on_subscribe(redis_target: RedisTarget) -> None:
             ack = await client.subscribe(f"cache:{t.key('session:*')}", snapshot=True)
     assert ack["ok"], ack
     rows = {row["key"]: row for row in ack["snapshot"]}
+    assert ack["snapshot_keys"] == [row["key"] for row in ack["snapshot"]]  # the Redis keys
     assert rows[t.key("session:a")]["value"] == "1"
     assert rows[t.key("session:l")] == {
         "key": t.key("session:l"),

@@ -103,6 +103,7 @@ async def test_snapshot_is_exact(redis_target: RedisTarget) -> None:
             drainer.cancel()
             await asyncio.gather(drainer, return_exceptions=True)
     assert [row["_id"] for row in snap.rows] == ids[2:] and snap.truncated
+    assert snap.keys == ids[2:]  # without key_field a row's key is its entry id, as in changes
     assert all(snap.covers(c) for c in seen)
     later = Change(
         "x",
@@ -133,6 +134,7 @@ async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) ->
             await asyncio.gather(drainer, return_exceptions=True)
     assert [c.key for c in seen] == ["a", "b", "a"]
     assert [(row["id"], row["v"]) for row in rows.rows] == [("b", "1"), ("a", "2")]
+    assert rows.keys == ["b", "a"]  # the key field's value, as the changes' keys
     assert [(row["id"], row["v"]) for row in one.rows] == [("a", "2")]
     assert all(rows.covers(c) for c in seen)
 

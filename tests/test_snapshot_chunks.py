@@ -15,7 +15,7 @@ import socketio
 
 from feed.config import parse_config
 from feed.errors import ConfigError
-from feed.snapshots import json_size, split_rows
+from feed.snapshots import chunk_event, json_size, split_rows, split_snapshot, visible
 from tests.auth_helpers import BASE, source
 from tests.support.server import WAIT, running_feed
 
@@ -32,6 +32,21 @@ def test_split_rows_keeps_every_row_in_order_and_bounds_each_chunk() -> None:
     assert split_rows([], 10_000) == [[]]
     big = {"id": 0, "blob": "y" * 50_000}  # a row larger than a chunk goes alone
     assert split_rows([rows[1], big, rows[2]], 10_000) == [[rows[1]], [big], [rows[2]]]
+
+
+def test_keys_stay_beside_their_rows_through_masks_and_chunks() -> None:
+    rows = [{"id": i, "blob": "x" * 600} for i in range(40)]
+    keys: list[str | None] = [f"k{i}" for i in range(40)]
+    shown, shown_keys = visible(rows, keys, lambda r: None if r["id"] % 3 == 0 else r)
+    assert shown_keys == [f"k{r['id']}" for r in shown] and len(shown) == 26
+    chunks = split_snapshot(shown, shown_keys, 2048)
+    assert len(chunks) > 1
+    assert all(ks == [f"k{r['id']}" for r in rs] for rs, ks in chunks)
+    assert chunk_event("mem:t", 2, 5, chunks[1])["keys"] == chunks[1][1]
+    # A connector that sends no keys: no keys in the frames (clients then guess).
+    assert all(ks is None for _, ks in split_snapshot(rows, None, 2048))
+    assert "keys" not in chunk_event("mem:t", 2, 5, (rows, None))
+    assert visible(rows, keys[:3], None)[1] is None  # keys not one per row are not sent
 
 
 def test_chunk_size_is_validated_and_kept_under_the_outbound_limit() -> None:

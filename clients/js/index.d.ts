@@ -80,8 +80,14 @@ export interface SubscribeOptions {
   filter?: string;
   /** Start with the current rows, and keep `rows` up to date. */
   snapshot?: boolean;
-  /** How to read a snapshot row's key: a field, fields (a composite key), or a function. */
+  /**
+   * Only for servers older than snapshot keys (whose acks carry no `snapshot_keys`): how to read
+   * a snapshot row's key, a field, fields (a composite key), or a function. A current server
+   * sends each row's key, and that is used instead.
+   */
   key?: string | string[] | ((row: Row) => Json);
+  /** At most this many changes wait for a `for await` loop (default 10000); then a reload. */
+  maxQueue?: number;
   /** Resume from a position saved earlier (`sub.seq` and `sub.epoch`). */
   since?: number;
   epoch?: string;
@@ -150,6 +156,10 @@ export class Subscription {
   readonly rows: Map<string, Row> | null;
   /** Whether the last snapshot stopped at the server's `snapshot_limit`. */
   readonly truncated: boolean;
+  /** The most changes that wait for a `for await` loop before it is told to reload. */
+  readonly maxQueue: number;
+  /** The changes one at a time, as fast as the loop takes them (see `maxQueue`). */
+  [Symbol.asyncIterator](): AsyncIterator<Change>;
   /** Resolves on the first successful answer; rejects with a FeedError when refused. */
   readonly ready: Promise<Subscription>;
   unsubscribe(): Promise<void>;

@@ -49,7 +49,15 @@ function scalarText(value) {
   return String(value);
 }
 
-/** The key of a snapshot row: `_id` (MongoDB), else `id`, else `key` (Redis), unless told. */
+/** Whether `keys` holds one key per row, as a server with snapshot keys sends them. */
+function paired(keys, rows) {
+  return Array.isArray(keys) && Array.isArray(rows) && keys.length === rows.length;
+}
+
+/**
+ * The key of a snapshot row from a server that does not send keys: `_id` (MongoDB), else `id`,
+ * else `key` (Redis), unless told.
+ */
 function rowKeyOf(spec, row) {
   if (typeof spec === "function") return keyText(spec(row));
   if (typeof spec === "string") return keyText(row[spec]);
@@ -363,6 +371,15 @@ export class Subscription extends Emitter {
     this.epoch = options.epoch ?? null;
     this.rows = this.snapshot ? new Map() : null;
     this.truncated = false;
+    // Changes waiting for an async iterator (`for await (const change of sub)`): at most
+    // `maxQueue`; beyond that a consumer that fell behind is told so with a reload.
+    this.maxQueue = options.maxQueue ?? 10000;
+    this._queue = [];
+    this._head = 0; // index of the next change to hand out in _queue
+    this._queueing = true; // false once it overflowed with no iterator: nobody reads it
+    this._iterated = false; // an iterator is open
+    this._waiters = []; // next() calls waiting for a change
+    this._error = null;
     this._attempt = 0;
     this._phase = "idle"; // idle | subscribing | chunks | ready
     this._buffer = [];
@@ -404,6 +421,10 @@ export class Subscription extends Emitter {
 
   _close() {
     this._closed = true;
+    for (const waiter of this._waiters.splice(0)) {
+      if (this._error) waiter.reject(this._error);
+      else waiter.resolve({ value: undefined, done: true });
+    }
     this._attempt += 1;
     this._phase = "idle";
     this.client._unregister(this);
@@ -480,7 +501,9 @@ export class Subscription extends Emitter {
     this._fresh = false;
     if (Array.isArray(ack.snapshot)) {
       const total = Number.isInteger(ack.snapshot_chunks) ? ack.snapshot_chunks : 1;
-      this._chunks = { rows: [...ack.snapshot], next: 2, of: total, seq: ack.seq, truncated: Boolean(ack.snapshot_truncated) };
+      // `snapshot_keys`: each row's key as its changes carry it (absent from older servers).
+      const keys = paired(ack.snapshot_keys, ack.snapshot) ? [...ack.snapshot_keys] : null;
+      this._chunks = { rows: [...ack.snapshot], keys, next: 2, of: total, seq: ack.seq, truncated: Boolean(ack.snapshot_truncated) };
       if (total > 1) {
         this._phase = "chunks";
         return;
@@ -499,19 +522,22 @@ export class Subscription extends Emitter {
       this._reloadNow(`snapshot chunk ${chunk.chunk} arrived where ${this._chunks.next} was due`);
       return;
     }
+    if (this._chunks.keys && paired(chunk.keys, chunk.rows)) this._chunks.keys.push(...chunk.keys);
+    else this._chunks.keys = null; // not the server's keys for every row: guess them all
     this._chunks.rows.push(...chunk.rows);
     this._chunks.next += 1;
     if (this._chunks.next > this._chunks.of) this._applySnapshot();
   }
 
   _applySnapshot() {
-    const { rows, seq, truncated } = this._chunks;
+    const { rows, keys, seq, truncated } = this._chunks;
     this._chunks = null;
     this.rows = new Map();
-    for (const row of rows) {
-      const key = rowKeyOf(this.keySpec, row);
+    rows.forEach((row, index) => {
+      // The server's key when it sends them (exactly what its changes carry); else a guess.
+      const key = keys ? (typeof keys[index] === "string" ? keys[index] : null) : rowKeyOf(this.keySpec, row);
       if (key !== null) this.rows.set(key, row);
-    }
+    });
     this.truncated = truncated;
     this.seq = seq;
     this._skipOk = true; // changes the rows already reflect are skipped, so numbers may jump once
@@ -562,6 +588,70 @@ export class Subscription extends Emitter {
     this._remember(change.id);
     if (this.rows) this._apply(change);
     this._emit("change", change);
+    this._enqueue(change);
+  }
+
+  _enqueue(change) {
+    const waiter = this._waiters.shift();
+    if (waiter) {
+      waiter.resolve({ value: change, done: false });
+      return;
+    }
+    if (!this._queueing) return;
+    const waiting = this._queue.length - this._head;
+    if (waiting >= this.maxQueue) {
+      this._queue = [];
+      this._head = 0;
+      if (!this._iterated) {
+        // Handlers only, no iterator yet: keep no backlog (an iterator opened later starts
+        // with the changes that come after it).
+        this._queueing = false;
+        return;
+      }
+      // The consumer is too slow: drop what waits rather than grow without bound, and say so.
+      this._reloadNow(`the consumer fell behind: ${waiting} waiting changes dropped`);
+      return;
+    }
+    this._queue.push(change);
+  }
+
+  /**
+   * The changes, one at a time, for `for await (const change of sub)`: handed out as fast as
+   * the loop asks, at most `maxQueue` waiting (then a reload, see docs/clients.md). The loop
+   * ends when the subscription is closed; it throws the error of one that failed.
+   */
+  [Symbol.asyncIterator]() {
+    this._iterated = true;
+    this._queueing = true;
+    const iterator = {
+      next: () => this._next(),
+      return: () => {
+        this._iterated = false;
+        this._queueing = false;
+        this._queue = [];
+        this._head = 0;
+        return Promise.resolve({ value: undefined, done: true });
+      },
+      [Symbol.asyncIterator]() {
+        return iterator;
+      },
+    };
+    return iterator;
+  }
+
+  _next() {
+    if (this._head < this._queue.length) {
+      const value = this._queue[this._head];
+      this._queue[this._head] = undefined;
+      this._head += 1;
+      if (this._head >= 1024 && this._head * 2 >= this._queue.length) {
+        this._queue = this._queue.slice(this._head); // compact now and then, not per change
+        this._head = 0;
+      }
+      return Promise.resolve({ value, done: false });
+    }
+    if (this._closed) return this._error ? Promise.reject(this._error) : Promise.resolve({ value: undefined, done: true });
+    return new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
   }
 
   _apply(change) {
@@ -618,6 +708,7 @@ export class Subscription extends Emitter {
 
   _fail(error) {
     if (this._closed) return;
+    this._error = error;
     this._phase = "idle";
     this._setState("error", { code: error.code, message: error.message });
     this._emit("error", error);

@@ -47,6 +47,7 @@ from feed.filters import RowFilter, parse_filter
 from feed.protocol import SubscribeRequest
 from feed.rooms import Room
 from feed.routing import FilterIndex
+from feed.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
 
 if TYPE_CHECKING:
     from feed.hub import Hub
@@ -929,8 +930,6 @@ class RedisEngine:
         mask: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None,
     ) -> dict[str, Any]:
         """The hub's subscribe once the room exists here: numbers and history from Redis."""
-        from feed.snapshots import split_rows
-
         hub = self.hub
         mirror = await self.watch(room)
         seq = mirror.seq or 0
@@ -950,7 +949,7 @@ class RedisEngine:
             "epoch": mirror.epoch,
         }
         plan: SnapshotPlan | None = None
-        rest: list[list[Any]] = []
+        rest: list[SnapshotChunk] = []
         if request.snapshot and not recovered:
             try:
                 answer = await self._snapshot(room, address)
@@ -958,11 +957,14 @@ class RedisEngine:
                 hub._leave(sid, room)
                 raise
             plan = SnapshotPlan(int(answer["upto"]), frozenset(answer["uncovered"]))
-            rows = [mask(r) if mask else r for r in answer["rows"]]
-            first, *rest = split_rows(
-                [r for r in rows if r is not None], hub.settings.snapshot_chunk_bytes
+            # `keys` is absent in the answer of a reading node older than snapshot keys.
+            rows, keys = visible(answer["rows"], answer.get("keys"), mask)
+            (first, first_keys), *rest = split_snapshot(
+                rows, keys, hub.settings.snapshot_chunk_bytes
             )
             ack["snapshot"] = first
+            if first_keys is not None:
+                ack["snapshot_keys"] = first_keys
             ack["snapshot_truncated"] = bool(answer["truncated"])
             ack["snapshot_chunks"] = 1 + len(rest)
             ack["seq"] = cursor
@@ -994,7 +996,7 @@ class RedisEngine:
         mirror: Mirror,
         cursor: int,
         plan: SnapshotPlan | None,
-        chunks: list[list[Any]],
+        chunks: list[SnapshotChunk],
     ) -> None:
         """Send a new member the rest of its snapshot and what it missed after `cursor`, then
         let it go live (as the hub's own catch-up: the member leaves `pending` in the step that
@@ -1007,10 +1009,10 @@ class RedisEngine:
         try:
             if chunks and transport is not None:
                 total = len(chunks) + 1
-                for index, rows in enumerate(chunks, start=2):
+                for index, chunk in enumerate(chunks, start=2):
                     if sid not in room.pending or hub._catch_ups.get(key) is not token:
                         return
-                    body = {"room": room.name, "chunk": index, "of": total, "rows": rows}
+                    body = chunk_event(room.name, index, total, chunk)
                     await transport.send_paced(sid, "snapshot", body)
             while sid in room.pending and hub._catch_ups.get(key) is token:
                 seq = mirror.seq or 0
@@ -1135,6 +1137,7 @@ class RedisEngine:
             return {
                 "ok": True,
                 "rows": [to_json(r) for r in snapshot.rows],
+                "keys": list(snapshot.keys) if snapshot.keys is not None else None,
                 "truncated": snapshot.truncated,
                 "upto": upto,
                 "uncovered": uncovered,

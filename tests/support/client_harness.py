@@ -6,14 +6,18 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
 
     {"cmd": "start", "config": "<extra TOML>", "auth": false}  -> {"ok": true, "url": ..., "direct": ...}
     {"cmd": "write", "target": "public.orders", "op": "insert", "row": {...}}
+        (with "connector": "skus" or "lines", a table keyed by `sku` or by (order_id, line))
     {"cmd": "burst", "target": "public.orders", "start": 1, "count": 300, "pad": 0}
         (with "spread": true, written 50 at a time in the background, 10 ms apart)
     {"cmd": "truncate", "target": "public.orders"} / {"cmd": "gap", "reason": "..."}
+    {"cmd": "delivered", "connector": "mem"}  (until the hub routed every change written)
     {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
+        (with "connector" as for write)
     {"cmd": "cut"} / {"cmd": "restore"} / {"cmd": "restart"} / {"cmd": "stop"}
     {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
     {"cmd": "cluster_start"}          -> {"ok": true, "urls": [<node 0 via a proxy>, <node 1>]}
     {"cmd": "cluster_write", "op": "insert", "row": {...}} / {"cmd": "cluster_cut"} / ..._restore
+        (cluster_write takes "connector" and "target" too: "lines", "public.lines")
 
 The server is the real FeedApp under uvicorn with the in-memory connector. A restart starts a new
 FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows over, as
@@ -41,6 +45,13 @@ from tests.support.server import RunningFeed, free_port, running_feed
 WAIT = 10.0
 SECRET = "harness-secret-for-client-tests-0123456789"
 TARGETS = ["public.orders", "public.customers"]
+KEYED = (
+    # Tables keyed by something else than `id`: the clients' `rows` must use the server's keys.
+    '\n[[connectors]]\nname = "skus"\ntype = "memory"\ntargets = ["public.products"]\n'
+    'key = "sku"\n'
+    '\n[[connectors]]\nname = "lines"\ntype = "memory"\ntargets = ["public.lines"]\n'
+    'key = ["order_id", "line"]\n'
+)
 
 
 def config_text(extra: str = "", auth: bool = False) -> str:
@@ -49,7 +60,7 @@ def config_text(extra: str = "", auth: bool = False) -> str:
     if extra.lstrip().startswith("[server]"):
         server = ""  # the caller's own [server] table
     text = server + extra + '\n[[connectors]]\nname = "mem"\ntype = "memory"\n'
-    text += f"targets = {json.dumps(TARGETS)}\n"
+    text += f"targets = {json.dumps(TARGETS)}\n" + KEYED
     if auth:
         text += (
             '\n[auth]\nmode = "jwt"\nleeway = 0\n\n[auth.jwt]\nalgorithms = ["HS256"]\n'
@@ -137,8 +148,16 @@ class Harness:
         await self._halt()
         await self.proxy.close()
 
-    def write(self, target: str, op: str, row: dict[str, Any]) -> dict[str, Any]:
-        return self.source.write(target, op, row).wire
+    def connector(self, name: str = "mem") -> MemoryConnector:
+        """One of this server's memory connectors: `mem`, or `skus` / `lines` (KEYED)."""
+        if name == "mem":
+            return self.source
+        return MemoryConnector.instances[name]
+
+    def write(
+        self, target: str, op: str, row: dict[str, Any], connector: str = "mem"
+    ) -> dict[str, Any]:
+        return self.connector(connector).write(target, op, row).wire
 
     def burst(self, target: str, start: int, count: int, pad: int = 0) -> None:
         """`count` inserts in one go: the server sends them as `changes` frames."""
@@ -154,12 +173,12 @@ class Harness:
             self.burst(target, first, min(50, start + count - first), pad)
             await asyncio.sleep(0.01)
 
-    def rows(self, target: str) -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.source._tables[target].items()}
+    def rows(self, target: str, connector: str = "mem") -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.connector(connector)._tables[target].items()}
 
-    async def delivered(self) -> None:
+    async def delivered(self, connector: str = "mem") -> None:
         """Until the hub has routed every change written so far."""
-        source = self.source
+        source = self.connector(connector)
         async with asyncio.timeout(WAIT):
             while source._delivered < source._written:
                 source._progress.clear()
@@ -177,12 +196,13 @@ class ClusterHarness:
         self.nodes: list[RunningFeed] = []
         self.proxy: CuttableProxy | None = None
 
-    async def start(self) -> list[str]:
+    async def start(self, server: str = "") -> list[str]:
+        """Start both nodes; `server` adds lines to their [server] table."""
         target = await self.stack.enter_async_context(open_redis_target())
         config = (
-            f'[server]\nfilter_room_grace = 5\n\n[cluster]\nurl = "{target.url}"\n'
+            f'[server]\nfilter_room_grace = 5\n{server}\n[cluster]\nurl = "{target.url}"\n'
             f'prefix = "{target.prefix.rstrip(":")}"\nlease = 1.0\nhistory = 1000\n'
-            '\n[[connectors]]\nname = "mem"\ntype = "memory"\ntargets = ["public.orders"]\n'
+            '\n[[connectors]]\nname = "mem"\ntype = "memory"\ntargets = ["public.orders"]\n' + KEYED
         )
         for i in range(2):
             node = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
@@ -192,18 +212,25 @@ class ClusterHarness:
         self.stack.push_async_callback(self.proxy.close)
         return [f"http://127.0.0.1:{self.proxy.port}", self.nodes[1].url]
 
-    async def reader(self) -> MemoryConnector:
+    async def reader(self, name: str = "mem") -> MemoryConnector:
         """The memory connector of the node that reads it (once one holds the lease)."""
         async with asyncio.timeout(WAIT):
             while True:
                 for node in self.nodes:
                     engine = node.hub.engine
-                    connector = node.hub.connectors["mem"]
-                    leased = engine is not None and "mem" in engine._leases
+                    connector = node.hub.connectors[name]
+                    leased = engine is not None and name in engine._leases
                     if leased and connector.status.state.value == "up":
                         assert isinstance(connector, MemoryConnector)
                         return connector
                 await asyncio.sleep(0.05)  # no event for a lease taken in another node
+
+    async def follower(self, name: str = "mem") -> str:
+        """The URL of a node that does not read connector `name`: its snapshots come over Redis
+        from the reader."""
+        reader = await self.reader(name)
+        node = next(n for n in self.nodes if n.hub.connectors[name] is not reader)
+        return node.url
 
     async def stop(self) -> None:
         await self.stack.aclose()
@@ -242,7 +269,12 @@ async def serve_commands() -> None:
                     await h.start(command.get("config", ""), bool(command.get("auth")))
                     reply.update(url=h.url, direct=h.direct)
                 elif cmd == "write":
-                    reply["change"] = h.write(command["target"], command["op"], command["row"])
+                    reply["change"] = h.write(
+                        command["target"],
+                        command["op"],
+                        command["row"],
+                        command.get("connector", "mem"),
+                    )
                 elif cmd == "burst" and command.get("spread"):
                     task = asyncio.create_task(
                         h.spread_burst(
@@ -266,9 +298,11 @@ async def serve_commands() -> None:
                 elif cmd == "gap":
                     h.source.announce_gap(command.get("reason", "test gap"))
                 elif cmd == "delivered":
-                    await h.delivered()
+                    await h.delivered(command.get("connector", "mem"))
                 elif cmd == "rows":
-                    reply["rows"] = h.rows(command.get("target", "public.orders"))
+                    reply["rows"] = h.rows(
+                        command.get("target", "public.orders"), command.get("connector", "mem")
+                    )
                 elif cmd == "cut":
                     h.proxy.cut()
                 elif cmd == "restore":
@@ -282,10 +316,18 @@ async def serve_commands() -> None:
                     reply["urls"] = await cluster.start()
                 elif cmd == "cluster_write":
                     assert cluster is not None
-                    source = await cluster.reader()
+                    source = await cluster.reader(command.get("connector", "mem"))
                     source.write(
                         command.get("target", "public.orders"), command["op"], command["row"]
                     )
+                elif cmd == "cluster_follower":
+                    assert cluster is not None
+                    reply["url"] = await cluster.follower(command.get("connector", "mem"))
+                elif cmd == "cluster_rows":
+                    assert cluster is not None
+                    source = await cluster.reader(command.get("connector", "mem"))
+                    table = source._tables[command.get("target", "public.orders")]
+                    reply["rows"] = {k: dict(v) for k, v in table.items()}
                 elif cmd in ("cluster_cut", "cluster_restore"):
                     assert cluster is not None and cluster.proxy is not None
                     if cmd == "cluster_cut":

@@ -14,6 +14,11 @@ async function main(): Promise<void> {
     if (err instanceof FeedError) console.log(err.code);
   }
   const rows: Map<string, Row> | null = sub.rows;
+  const slow = feed.subscribe("main:public.orders", { maxQueue: 500 });
+  for await (const change of slow) {
+    console.log(change.seq);
+    break;
+  }
   console.log(rows?.get("42")?.status, sub.seq, sub.epoch);
   await sub.unsubscribe();
   feed.close();

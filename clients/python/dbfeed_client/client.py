@@ -442,6 +442,8 @@ class Subscription(_Events):
         self.truncated = False
         self.max_queue = max_queue
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._iterated = False  # whether anyone iterates: callbacks alone need no backlog
+        self._queueing = True  # False once it overflowed with nobody iterating
         self._attempt = 0
         self._phase = "idle"  # idle | subscribing | chunks | ready
         self._buffer: list[Change] = []
@@ -477,6 +479,8 @@ class Subscription(_Events):
             await self.unsubscribe()
 
     def __aiter__(self) -> AsyncIterator[Change]:
+        self._iterated = True
+        self._queueing = True
         return self
 
     async def __anext__(self) -> Change:
@@ -582,8 +586,10 @@ class Subscription(_Events):
         if isinstance(snapshot, list):
             chunks = ack.get("snapshot_chunks")
             total = chunks if isinstance(chunks, int) and chunks > 1 else 1
+            keys = ack.get("snapshot_keys")  # absent from servers older than snapshot keys
             self._chunks = {
                 "rows": list(snapshot),
+                "keys": list(keys) if isinstance(keys, list) and _paired(keys, snapshot) else None,
                 "next": 2,
                 "of": total,
                 "seq": seq,
@@ -606,6 +612,11 @@ class Subscription(_Events):
             due = self._chunks["next"]
             self._reload_now(f"snapshot chunk {chunk.get('chunk')} arrived where {due} was due")
             return
+        keys = chunk.get("keys")
+        if self._chunks["keys"] is not None and _paired(keys, rows):
+            self._chunks["keys"].extend(keys)
+        else:
+            self._chunks["keys"] = None  # not the server's keys for every row: guess them all
         self._chunks["rows"].extend(rows)
         self._chunks["next"] += 1
         if self._chunks["next"] > self._chunks["of"]:
@@ -614,13 +625,17 @@ class Subscription(_Events):
     def _apply_snapshot(self) -> None:
         assert self._chunks is not None
         rows: list[Row] = self._chunks["rows"]
+        keys: list[Any] | None = self._chunks["keys"]
         self.seq = self._chunks["seq"]
         self.truncated = self._chunks["truncated"]
         self._chunks = None
         current: dict[str, Row] = {}
-        for row in rows:
-            key = row_key(self.key, row) if isinstance(row, dict) else None
-            if key is not None:
+        for index, row in enumerate(rows):
+            if keys is not None:  # the server's: exactly the key its changes carry
+                key = keys[index] if isinstance(keys[index], str) else None
+            else:  # an older server: guess from the row (or the caller's `key`)
+                key = row_key(self.key, row) if isinstance(row, dict) else None
+            if key is not None and isinstance(row, dict):
                 current[key] = row
         self.rows = current
         self._skip_ok = True  # changes the rows already reflect are skipped: numbers may jump
@@ -674,11 +689,18 @@ class Subscription(_Events):
         if self.rows is not None:
             apply(self.rows, change)
         self._emit("change", change)
+        if not self._queueing:
+            return
         if self._queue.qsize() >= self.max_queue:
             # The consumer is too slow: drop what waits rather than grow without bound, and say so.
             dropped = self._queue.qsize()
             while not self._queue.empty():
                 self._queue.get_nowait()
+            if not self._iterated:
+                # Callbacks only, no iteration yet: keep no backlog (an iteration begun later
+                # starts with the changes that come after it), and no reload: nobody fell behind.
+                self._queueing = False
+                return
             self._reload_now(f"the consumer fell behind: {dropped} waiting changes dropped")
             return
         self._queue.put_nowait(change)
@@ -741,3 +763,8 @@ class Subscription(_Events):
             self._ready.set_exception(error)
             self._ready.exception()
         self._queue.put_nowait(_END)
+
+
+def _paired(keys: Any, rows: Any) -> bool:
+    """Whether `keys` is a key list for `rows` (one per row), as a server with snapshot keys sends."""
+    return isinstance(keys, list) and isinstance(rows, list) and len(keys) == len(rows)
