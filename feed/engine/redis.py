@@ -330,8 +330,12 @@ class RedisEngine:
                             f"cannot read the room registry: {one_line(exc)}"
                         ) from None
                     self._leases[name] = token
+                    # The batches carry this reading's token: a late one from an ended reading is
+                    # refused by Redis once any reading (this node's next one too) has begun.
                     batcher = Batcher(
-                        name, lambda batch: self._publish_batch(connector, batch), stop_reading
+                        name,
+                        lambda batch: self._publish_batch(connector, batch, token),
+                        stop_reading,
                     )
                     self._batchers[name] = batcher
                     connector.settle_with(batcher.drain)
@@ -514,13 +518,11 @@ class RedisEngine:
             raise ClusterError(f"{self.node} does not hold the lease on {connector.name!r}")
         await batcher.add(change)
 
-    async def _publish_batch(self, connector: Connector, changes: list[Change]) -> None:
+    async def _publish_batch(self, connector: Connector, changes: list[Change], token: int) -> None:
         """Number, keep and publish a batch of changes in every room each one matches, in one
-        script call (feed.engine.scripts.PUBLISH), routed against the rooms known now."""
+        script call (feed.engine.scripts.PUBLISH) under the fencing token of the reading that
+        read them, routed against the rooms known now."""
         name = connector.name
-        token = self._leases.get(name)
-        if token is None:
-            raise ClusterError(f"{self.node} does not hold the lease on {name!r}")
         slots: dict[str, int] = {}
         keys: list[str] = [self.fence_key(name), self.seen_key(name)]
         channels: list[str] = []
@@ -560,7 +562,8 @@ class RedisEngine:
             seqs = await self._script("PUBLISH", keys, args)
         except Exception as exc:
             if "STALE" in str(exc):
-                self._leases.pop(name, None)
+                if self._leases.get(name) == token:
+                    self._leases.pop(name, None)
                 raise ClusterError(f"{name}: refused by Redis: {exc}") from None
             raise ClusterError(f"cluster Redis: cannot publish: {one_line(exc)}") from None
         at = 0
