@@ -359,7 +359,7 @@ def draw(
     xs = list(range(len(now)))
     width = 0.38 if then else 0.6
     sets = (
-        [("after", now, 0.0)]
+        [("this run", now, 0.0)]
         if not then
         else [("before", then, -width / 2), ("after", now, width / 2)]
     )
@@ -379,9 +379,9 @@ def draw(
     cpu_ax.legend(fontsize=8)
     for name, data, shift in sets:
         line = lat_ax.plot([x + shift for x in xs[: len(data)]], [r["p99_ms"] for r in data],
-                           "o-" if name == "after" else "s:", label=f"{name}: p99")  # fmt: skip
+                           "s:" if name == "before" else "o-", label=f"{name}: p99")  # fmt: skip
         lat_ax.plot([x + shift for x in xs[: len(data)]], [r["p50_ms"] for r in data],
-                    "o--" if name == "after" else "s--", color=line[0].get_color(),
+                    "s--" if name == "before" else "o--", color=line[0].get_color(),
                     alpha=0.6, label=f"{name}: p50")  # fmt: skip
     if now and not now[0]["clustered"] and now[0]["p99_ms"]:
         lat_ax.axhline(now[0]["p99_ms"] + 5, color="tab:red", linestyle="--",
