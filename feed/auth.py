@@ -176,9 +176,9 @@ def parse_auth(top: Options) -> AuthConfig:
     jwt_config = _parse_jwt(opts.table("jwt")) if "jwt" in opts.raw else None
     rules = tuple(_parse_rule(o) for o in _tables(opts, "rules"))
     masks = tuple(_parse_mask(o) for o in _tables(opts, "masks"))
-    operator_roles = (
-        tuple(opts.str_list("operator_roles")) if "operator_roles" in opts.raw else ("admin",)
-    )
+    # Read even when absent, so a misspelt `operator_role` is answered with this key's name.
+    listed = opts.str_list("operator_roles")
+    operator_roles = tuple(listed) if "operator_roles" in opts.raw else ("admin",)
     opts.finish()
     if mode == "token" and not tokens:
         opts.fail("tokens", 'mode "token" needs at least one [[auth.tokens]] entry')

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 from feed import __version__
 from feed.config import Config, load_config
-from feed.errors import FeedError
+from feed.errors import ConnectorError, FeedError
 
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 1  # `feed check`: a source failed
+EXIT_USAGE = 2  # a configuration or command-line mistake
+EXIT_UNREACHABLE = 1  # a source failed: unreachable, or refusing what the command needs
 EXIT_CANNOT_LISTEN = 1  # `feed serve`: the host and port cannot be listened on
 CHECK_TIMEOUT = 15.0
 CONFIG_HELP = "the config file (default: feed.toml in the current folder)"
@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
         return result
+    except ConnectorError as exc:  # `feed migrate`/`unwatch`: the source, not the config
+        print(f"feed: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except FeedError as exc:
         print(f"feed: {exc}", file=sys.stderr)
         return EXIT_USAGE

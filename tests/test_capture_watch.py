@@ -9,8 +9,6 @@ again once the fault is mended (by the feed itself where it can).
 from __future__ import annotations
 
 import asyncio
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +18,7 @@ from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import make_connector
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
-from tests.support.server import FeedClient, feed_client, running_feed
+from tests.support.server import FeedClient, feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
@@ -45,17 +43,6 @@ reconnect_max = 0.5
 capture_check_interval = {check}
 {extra}
 """
-
-
-async def http_get(url: str) -> tuple[int, str]:
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    return await asyncio.to_thread(fetch)
 
 
 async def orders(db: PgDatabase) -> None:
@@ -259,7 +246,8 @@ async def test_migrate_and_unwatch_refuse_to_detach_a_running_feeds_table(
             await other.migrate(prune=True)
         with pytest.raises(SourceMisconfigured, match=r"feed:main:reader.*add --force"):
             await other.unwatch()
-        # The same from the command line, as the user ran it: one line, exit 2.
+        # The same from the command line, as the user ran it: one line, exit 1 (the source's
+        # state refuses it, not the config).
         from tests.test_postgres_cli import feed as run_feed
 
         other_toml = tmp_path / "other.toml"
@@ -270,9 +258,9 @@ async def test_migrate_and_unwatch_refuse_to_detach_a_running_feeds_table(
         code, out, err = await run_feed(
             "migrate", "--config", str(other_toml), "--prune", database_url=pg.url
         )
-        assert code == 2 and "refusing to detach public.other" in err, (out, err)
+        assert code == 1 and "refusing to detach public.other" in err, (out, err)
         code, out, err = await run_feed("unwatch", "--config", str(other_toml), database_url=pg.url)
-        assert code == 2 and "refusing to unwatch" in err and "--force" in err, (out, err)
+        assert code == 1 and "refusing to unwatch" in err and "--force" in err, (out, err)
         triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass"
         assert await pg.conn.fetchval(triggers + " AND NOT tgisinternal", "public.other") == 2
         assert await pg.conn.fetchval(triggers + " AND NOT tgisinternal", "public.orders") == 2

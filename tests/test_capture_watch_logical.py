@@ -18,9 +18,9 @@ from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import EmbeddedPostgres, PgDatabase, PgServer
-from tests.support.server import feed_client, running_feed
+from tests.support.server import feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
-from tests.test_capture_watch import http_get, metric, next_status
+from tests.test_capture_watch import metric, next_status
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
@@ -51,6 +51,20 @@ async def small_wal_pg() -> AsyncIterator[PgDatabase]:
 
 def logical(db: PgDatabase, **extra: Any) -> Any:
     return make_connector(db.url, ["public.orders"], mode="logical", poll_interval=0.02, **extra)
+
+
+def feed_config(db: PgDatabase) -> str:
+    """A feed reading public.orders in logical mode, checking its capture every 0.3 s."""
+    return f"""
+[[connectors]]
+name = "main"
+type = "postgres"
+mode = "logical"
+dsn = "{db.url}"
+tables = ["public.orders"]
+poll_interval = 0.02
+capture_check_interval = 0.3
+"""
 
 
 async def orders(db: PgDatabase) -> None:
@@ -110,17 +124,7 @@ async def test_an_invalidated_slot_is_recreated_with_a_gap_and_a_hint(
     await invalidate(db)
     with pytest.raises(SourceMisconfigured, match="max_slot_wal_keep_size"):
         await logical(db).check()
-    config = f"""
-[[connectors]]
-name = "main"
-type = "postgres"
-mode = "logical"
-dsn = "{db.url}"
-tables = ["public.orders"]
-poll_interval = 0.02
-capture_check_interval = 0.3
-"""
-    async with running_feed(config) as feed, feed_client(feed.url) as client:
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
         assert (await client.subscribe("main:public.orders"))["ok"]
         # The slot was lost before this feed started: announced at start (perhaps before the
         # subscribe, so counted rather than awaited on the client).
@@ -154,17 +158,7 @@ async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
 ) -> None:
     db = logical_pg
     await orders(db)
-    config = f"""
-[[connectors]]
-name = "main"
-type = "postgres"
-mode = "logical"
-dsn = "{db.url}"
-tables = ["public.orders"]
-poll_interval = 0.02
-capture_check_interval = 0.3
-"""
-    async with running_feed(config) as feed, feed_client(feed.url) as client:
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
         connector = feed.hub.connectors["main"]
         await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
         assert (await client.subscribe("main:public.orders"))["ok"]

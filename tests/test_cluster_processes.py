@@ -130,6 +130,17 @@ def check(tally: Tally, committed: list[int]) -> None:
     assert tally.keys == committed[first:], f"{tally.name}: rows differ from the committed ones"
 
 
+async def all_delivered(tallies: list[Tally], committed: list[int], *, resumed: bool) -> None:
+    """Each client gets every row committed since it joined, and had to resume or never did."""
+    for tally in tallies:
+        await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
+        check(tally, committed)
+        if resumed:
+            assert tally.resumes, f"{tally.name} never had to resume"
+        else:
+            assert tally.resumes == [], "the clients' connections should have survived"
+
+
 async def orders(db: PgDatabase) -> None:
     await db.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
 
@@ -178,10 +189,7 @@ async def test_kill_the_reader_then_restart_every_node_under_load(
             await reading_node(nodes)
             await writer.wait_for(len(writer.committed) + 100)
         committed = writer.committed
-        for tally in tallies:
-            await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
-            check(tally, committed)
-            assert tally.resumes, f"{tally.name} never had to resume"
+        await all_delivered(tallies, committed, resumed=True)
     finally:
         for tally in tallies:
             await tally.close()
@@ -215,10 +223,7 @@ async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_
                     await node.wait_ready(200, timeout=30)
                 await writer.wait_for(len(writer.committed) + 50)
             committed = writer.committed
-            for tally in tallies:
-                await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
-                check(tally, committed)
-                assert tally.resumes == [], "the clients' connections should have survived"
+            await all_delivered(tallies, committed, resumed=False)
         finally:
             for tally in tallies:
                 await tally.close()
@@ -331,10 +336,7 @@ async def test_through_the_load_balancer_websocket_and_long_polling_clients_resu
             busy[0].process = None
             await writer.wait_for(len(writer.committed) + 100)
         committed = writer.committed
-        for tally in tallies:
-            await tally.wait_for(len(committed) - committed.index(tally.keys[0]), timeout=60)
-            check(tally, committed)
-            assert tally.resumes, f"{tally.name} never had to resume"
+        await all_delivered(tallies, committed, resumed=True)
     finally:
         for tally in tallies:
             await tally.close()

@@ -84,6 +84,11 @@ def test_interpolation_and_defaults() -> None:
             "feed.toml: connectors[0].targets[0]: environment variable NOPE is not set",
         ),
         ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
+        (
+            "[auth]\noperator_role = ['oncall']",
+            "feed.toml: auth.operator_role: is not a known setting here "
+            "(did you mean 'operator_roles'?",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:

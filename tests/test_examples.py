@@ -111,6 +111,10 @@ async def follow_with_a_drop(command: list[str], cwd: Path) -> list[str]:
     assert [c.split()[2] for c in changes] == ["#1", "#2", "#3"], out.lines
     assert changes[1].startswith("update  mem:public.orders #2 key=1 ")
     assert '"paid"' in changes[1]
+    # Only the cut is a disconnect to report: leaving after --count is not one.
+    assert [line for line in out.lines if line.startswith("disconnected")] == [
+        "disconnected; reconnecting ..."
+    ], out.lines
     return out.lines
 
 
@@ -174,3 +178,46 @@ def test_example_configs_load(name: str) -> None:
     config = load_config(EXAMPLES / f"{name}.toml", env=env)
     assert [c.type for c in config.connectors] == [name]
     assert f"examples/{name}.toml" in (EXAMPLES / "README.md").read_text()
+
+
+def readme_python_snippet() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"```python\n(# subscribe\.py.*?)```", readme, re.S)
+    assert match, "README.md has no ```python block starting with '# subscribe.py'"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("snippet_filter", ["status=eq.paid", "status=zz.paid"])
+async def test_the_readmes_python_snippet_runs_as_written(
+    tmp_path: Path, snippet_filter: str
+) -> None:
+    """The current rows, then each change (a delete's before image); a bad filter says why."""
+    async with running_feed(MEMORY_CONFIG) as feed:
+        source = MemoryConnector.instances["mem"]
+        source.write("public.orders", "insert", {"id": 1, "status": "paid"})
+        script = tmp_path / "subscribe.py"
+        script.write_text(
+            readme_python_snippet()
+            .replace("http://127.0.0.1:8000", feed.url)
+            .replace("main:public.orders", "mem:public.orders")
+            .replace("status=eq.paid", snippet_filter)
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(script),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out = Output(process)
+        try:
+            if snippet_filter.startswith("status=zz"):
+                await out.expect(r"SubscribeError: bad_filter: .*unknown operator 'zz'")
+                assert await asyncio.wait_for(process.wait(), WAIT) != 0
+                return
+            await out.expect(r"^1 paid orders now$")
+            source.write("public.orders", "insert", {"id": 2, "status": "paid"})
+            source.write("public.orders", "delete", {"id": 2})
+            await out.expect(r"^insert 2 \{'id': 2, 'status': 'paid'\}$")
+            await out.expect(r"^delete 2 \{'id': 2, 'status': 'paid'\}$")
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
+from tests.support.server import free_port
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
@@ -50,6 +51,22 @@ async def test_migrate_then_unwatch_from_the_command_line(pg: PgDatabase, tmp_pa
     assert code == 0, err
     assert "main: unwatched public.orders (capture triggers dropped)" in out.splitlines()
     assert await pg.conn.fetchval(TRIGGERS, "public.orders") == 0
+
+
+async def test_an_unreachable_source_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """Exit 2 is for configuration mistakes; a database that is down is a source failing."""
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+        "dsn = '${DATABASE_URL}'\ntables = ['public.orders']\nconnect_timeout = 2.0\n"
+    )
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    for command in ("migrate", "unwatch", "check"):
+        code, out, err = await feed(command, "--config", str(config), database_url=closed)
+        assert code == 1, (command, out, err)
+        assert "Traceback" not in err, err
+        if command != "check":
+            assert err.startswith("feed: ") and err.count("\n") == 1 and "connect" in err, err
 
 
 async def test_check_fails_while_migrations_are_pending_and_names_the_command(

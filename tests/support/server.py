@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +20,19 @@ from feed.hub import Hub
 from feed.server import FeedApp, QuietServer
 
 WAIT = 10.0
+
+
+async def http_get(url: str) -> tuple[int, str]:
+    """GET a URL of the feed (/healthz, /readyz, /metrics): its status and body, errors too."""
+
+    def fetch() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    return await asyncio.to_thread(fetch)
 
 
 def free_port() -> int:

@@ -1,0 +1,304 @@
+"""The reference docs against the code, so they cannot drift apart again.
+
+Every config key a docs table lists is one the config reader accepts, with the stated default, and
+every key the reader accepts is listed; every metric the code exports is in docs/operations.md
+and every metric listed there is exported; every error code the server can send is in
+docs/protocol.md or docs/security.md and every code listed there can be sent; every option a doc
+gives a `feed` command is one that command has. The known keys come from the config reader
+itself (the "known: ..." list of its unknown-key error), so a key added to the code without a
+line in the docs fails here, and so does a default changed on one side only.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feed.cli import build_parser
+from feed.config import Config, parse_config
+from feed.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+MEMORY = '[[connectors]]\nname = "m"\ntype = "memory"\ntargets = ["t"]\n'
+CONNECTORS = {
+    "postgres": 'dsn = "postgresql://127.0.0.1/db"\ntables = ["public.orders"]\n',
+    "mongodb": 'uri = "mongodb://127.0.0.1/?replicaSet=rs0"\nwatch = ["shop.orders"]\n',
+    "redis": 'url = "redis://127.0.0.1:6379/0"\npatterns = ["session:*"]\n',
+}
+PRIMITIVE = (int, float, str, bool, type(None), list, tuple, dict, set, frozenset)
+
+
+def section(path: Path, heading: str) -> list[str]:
+    """The lines under a Markdown heading, up to the next heading of the same or a higher level."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = lines.index(heading) + 1
+    level = len(heading) - len(heading.lstrip("#"))
+    fenced = False
+    for end in range(start, len(lines)):
+        fenced ^= lines[end].startswith("```")
+        if not fenced and re.match(rf"#{{1,{level}}} ", lines[end]):
+            return lines[start:end]
+    end = len(lines)
+    return lines[start:end]
+
+
+def table(lines: list[str], header: str) -> dict[str, str]:
+    """The first table whose first column is headed `header`: first cell (names) -> second."""
+    rows: dict[str, str] = {}
+    found = False
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not found:
+            found = line.startswith("|") and cells[0] == header
+            continue
+        if not line.startswith("|"):
+            break
+        if set(cells[0]) <= set("-: "):
+            continue
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            rows[name] = cells[1] if len(cells) > 1 else ""
+    assert found, f"no table headed {header!r}"
+    return rows
+
+
+def documented_default(cell: str, name: str = "m") -> tuple[bool, Any]:
+    """A default cell read as TOML (`"info"`, `8000`, `[]`), or (False, None) when it is prose."""
+    text = cell.strip().strip("`").replace("<name>", name)
+    try:
+        return True, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return False, None
+
+
+def known_keys(text: str) -> set[str]:
+    """The keys the config reader knows in the table that holds `zz_not_a_key`."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "feed.toml", {})
+    match = re.search(r"known: ([^)]*)\)", str(info.value))
+    assert match, str(info.value)
+    return set(match.group(1).split(", "))
+
+
+def config(text: str = "") -> Config:
+    return parse_config(text + "\n" + MEMORY, "feed.toml", {})
+
+
+@pytest.mark.parametrize(
+    ("heading", "minimal"),
+    [
+        ("## `[server]`", "[server]\n"),
+        ("## `[cluster]`", '[cluster]\nurl = "redis://127.0.0.1/0"\n'),
+    ],
+)
+def test_configuration_md_tables_match_the_config_reader(heading: str, minimal: str) -> None:
+    rows = table(section(DOCS / "configuration.md", heading), "key")
+    assert set(rows) == known_keys(minimal + "zz_not_a_key = 1\n" + MEMORY)
+    name = heading.strip("#` []")
+    loaded = getattr(config(minimal), name)
+    checked = 0
+    for key, cell in rows.items():
+        ok, value = documented_default(cell)
+        if ok:
+            assert getattr(loaded, key) == value, f"[{name}] {key}: docs say {cell}"
+            checked += 1
+    assert checked >= 3
+
+
+def test_security_md_limits_block_matches_the_config_reader() -> None:
+    """The block that lists "every limit, with its default" holds every [limits] key at it."""
+    lines = section(DOCS / "security.md", "## Limits")
+    start = lines.index("```toml") + 1
+    block = tomllib.loads("\n".join(lines[start : lines.index("```", start)]))
+    assert set(block["limits"]) == known_keys("[limits]\nzz_not_a_key = 1\n" + MEMORY)
+    defaults = config()
+    for key, value in block["limits"].items():
+        assert getattr(defaults.limits, key) == value, f"[limits] {key}"
+    for key, value in block["server"].items():
+        assert getattr(defaults.server, key) == value, f"[server] {key}"
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        "[auth]\nzz_not_a_key = 1\n",
+        '[auth]\nmode = "jwt"\n[auth.jwt]\nalgorithms = ["HS256"]\nsecret = "'
+        + "s" * 32
+        + '"\nzz_not_a_key = 1\n',
+        '[[auth.tokens]]\nname = "a"\nsha256 = "' + "a" * 64 + '"\nzz_not_a_key = 1\n',
+        '[[auth.rules]]\nallow = ["*"]\nzz_not_a_key = 1\n',
+        '[[auth.masks]]\nfields = ["a"]\nzz_not_a_key = 1\n',
+    ],
+)
+def test_every_auth_key_is_in_security_md(probe: str) -> None:
+    text = (DOCS / "security.md").read_text(encoding="utf-8")
+    for key in known_keys(probe + MEMORY) - {"tokens", "rules", "masks", "jwt"}:
+        assert re.search(rf"(^|`| ){key}( =|`)", text, re.M), f"{key} is not in docs/security.md"
+
+
+def test_memory_connector_keys_are_in_configuration_md() -> None:
+    lines = "\n".join(section(DOCS / "configuration.md", "### `memory`"))
+    for key in known_keys(MEMORY + "zz_not_a_key = 1\n"):
+        assert f"`{key}" in lines, key
+
+
+@pytest.mark.parametrize("kind", sorted(CONNECTORS))
+def test_connector_page_tables_match_the_connector(kind: str) -> None:
+    base = f'[[connectors]]\nname = "m"\ntype = "{kind}"\n{CONNECTORS[kind]}'
+    rows = table(
+        (DOCS / "connectors" / f"{kind}.md").read_text(encoding="utf-8").splitlines(), "key"
+    )
+    assert set(rows) == known_keys(base + "zz_not_a_key = 1\n")
+
+    def state(text: str) -> dict[str, Any]:
+        [connector] = parse_config(text, "feed.toml", {}).build_connectors()
+        return {k: v for k, v in vars(connector).items() if isinstance(v, PRIMITIVE)}
+
+    defaults = state(base)
+    checked = 0
+    for key, cell in rows.items():
+        ok, value = documented_default(cell)
+        if ok and key not in CONNECTORS[kind]:
+            line = f"{key} = {_toml(value)}\n"
+            assert state(base + line) == defaults, f"{kind}.{key}: docs say {cell}"
+            checked += 1
+    assert checked >= 5
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _sources() -> list[ast.Module]:
+    files = [*(ROOT / "feed").rglob("*.py"), *(ROOT / "connectors").rglob("*.py")]
+    return [ast.parse(f.read_text(encoding="utf-8")) for f in files]
+
+
+def _first_arg_strings(names: set[str]) -> set[str]:
+    """String constants passed first to calls of these functions or methods."""
+    found: set[str] = set()
+    for tree in _sources():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            if name in names and isinstance(first, ast.Constant) and isinstance(first.value, str):
+                found.add(first.value)
+    return found
+
+
+def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
+    exported = {
+        m for m in _first_arg_strings({"inc", "describe", "counter"}) if m.startswith("feed_")
+    }
+    for tree in _sources():  # gauges: ("feed_name", labels, value) tuples read at scrape time
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple) and len(node.elts) == 3:
+                first = node.elts[0]
+                if isinstance(first, ast.Constant) and str(first.value).startswith("feed_"):
+                    exported.add(str(first.value))
+    text = (DOCS / "operations.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(feed_[a-z_]+)` \|", text, re.M))
+    assert exported == documented
+
+
+def test_every_error_code_the_server_sends_is_documented_and_back() -> None:
+    sent = _first_arg_strings({"ProtocolError", "AuthError"})
+    for tree in _sources():  # {"ok": False, "code": "..."} answers between cluster nodes
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values, strict=True):
+                    if (
+                        isinstance(key, ast.Constant)
+                        and key.value == "code"
+                        and isinstance(value, ast.Constant)
+                    ):
+                        sent.add(str(value.value))
+    protocol = table(section(DOCS / "protocol.md", "### Error codes"), "code")
+    auth = table(section(DOCS / "security.md", "## Connecting with a token"), "code")
+    assert sent == set(protocol) | set(auth)
+
+
+COMMAND = re.compile(r"\bfeed (serve|check|migrate|unwatch|demo|hash-token)\b([^`#|\n]*)")
+
+
+def test_every_option_the_docs_give_a_command_exists() -> None:
+    parser = build_parser()
+    commands = next(
+        a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"
+    ).choices  # type: ignore[attr-defined]
+    pages = [ROOT / "README.md", *DOCS.rglob("*.md"), ROOT / "examples" / "README.md"]
+    seen = 0
+    for page in pages:
+        for command, rest in COMMAND.findall(page.read_text(encoding="utf-8")):
+            options = {s for a in commands[command]._actions for s in a.option_strings}
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest):
+                assert flag in options, f"{page.name}: feed {command} has no {flag}"
+                seen += 1
+    assert seen >= 10
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to '-'."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("#"):
+            title = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower())
+            anchors.add(title.replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_between_the_docs_resolves() -> None:
+    pages = [
+        ROOT / "README.md",
+        *DOCS.rglob("*.md"),
+        *(ROOT / "clients").glob("*/README.md"),
+        ROOT / "examples" / "README.md",
+    ]
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not broken
+
+
+def test_the_readme_lists_every_doc() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for page in DOCS.rglob("*.md"):
+        assert f"({page.relative_to(ROOT)})" in readme, f"README.md does not link {page.name}"
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """Docs cite tests as evidence ("tested by test_x"); a renamed or deleted test must not linger."""
+    defined: set[str] = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        defined.add(path.stem)
+        defined.update(re.findall(r"def (test_\w+)", path.read_text(encoding="utf-8")))
+    pages = [ROOT / "README.md", *DOCS.rglob("*.md"), ROOT / "examples" / "README.md"]
+    missing = []
+    for page in pages:
+        for name, prefix in re.findall(r"\b(test_\w+?)(_?\.\.\.)?(?!\w)", page.read_text()):
+            found = any(d.startswith(name) for d in defined) if prefix else name in defined
+            if not found:
+                missing.append(f"{page.name}: {name}{prefix}")
+    assert not missing
