@@ -235,6 +235,8 @@ class Hub:
         stream = aiter(connector.changes())
         transport = self.transport
         idle = transport.flush if transport is not None else (lambda: None)
+        if self.engine is not None:  # a cluster publishes what the stream had ready at once
+            idle = self.engine.idle(connector)
         try:
             while True:
                 try:
