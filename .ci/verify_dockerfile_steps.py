@@ -226,6 +226,7 @@ def smoke_test(replay: Replay) -> None:
         "DATABASE_URL": "postgresql://feed:x@postgres:5432/feed",
         "MONGODB_URL": "mongodb://mongo:27017/?replicaSet=rs0",
         "REDIS_URL": "redis://redis:6379/0",
+        "FEED_CLUSTER_URL": "redis://redis:6379/1",
     }
     subprocess.run(
         [python, "-I", "-c", f"from feed.app.config import load_config; load_config({str(config)!r})"],

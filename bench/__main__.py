@@ -652,6 +652,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             filter_rooms.draw(filters, RESULTS / name)
             print(f"wrote {RESULTS / name}")
+        block = results.get("cluster")
+        if isinstance(block, dict) and block.get("setups"):
+            from bench import cluster
+
+            name = (
+                f"{latest}-cluster.png"
+                if whole or phases == {"cluster"}
+                else f"{stamp}-cluster.png"
+            )
+            cluster.draw(block["setups"], RESULTS / name)
+            print(f"wrote {RESULTS / name}")
     print(f"took {results['seconds']:.0f}s")
     if args.check:
         found = losses(results)

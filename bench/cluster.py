@@ -310,15 +310,108 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+# -- the plot ----------------------------------------------------------------------------------
+
+
+def label(r: dict[str, Any]) -> str:
+    return (
+        f"{r['nodes']} node"
+        + ("s" if r["nodes"] > 1 else "")
+        + (" on Redis" if r["clustered"] else "\nno cluster")
+    )
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setup, each figure the median over repeats (a shared machine is noisy)."""
+    groups: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["nodes"], r["clustered"]), []).append(r)
+    out = []
+    for (nodes, clustered), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        row: dict[str, Any] = {"nodes": nodes, "clustered": clustered, "repeats": len(group)}
+        for key in ("cpu_us_per_delivery", "cpu_ratio", "p50_ms", "p99_ms",
+                    "redis_commands_per_change", "rate", "clients"):  # fmt: skip
+            values = [r[key] for r in group if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+        out.append(row)
+    return out
+
+
+def draw(
+    rows: list[dict[str, Any]], path: Path, before: list[dict[str, Any]] | None = None
+) -> None:
+    """CPU per delivery and p50/p99 per setup (medians over repeats); with `before`, the same
+    figures of an earlier build side by side, measured in the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    now = medians(rows)
+    then = medians(before) if before else []
+    fig, (cpu_ax, lat_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    xs = list(range(len(now)))
+    width = 0.38 if then else 0.6
+    sets = (
+        [("this run", now, 0.0)]
+        if not then
+        else [("before", then, -width / 2), ("after", now, width / 2)]
+    )
+    for name, data, shift in sets:
+        bars = cpu_ax.bar([x + shift for x in xs[: len(data)]],
+                          [r["cpu_us_per_delivery"] or 0 for r in data], width, label=name)  # fmt: skip
+        for bar, r in zip(bars, data, strict=False):
+            if r.get("cpu_ratio"):
+                cpu_ax.annotate(f"x{r['cpu_ratio']:.2f}", (bar.get_x() + bar.get_width() / 2,
+                                bar.get_height()), ha="center", va="bottom", fontsize=7)  # fmt: skip
+    single = now[0]["cpu_us_per_delivery"] if now and not now[0]["clustered"] else None
+    if single:
+        cpu_ax.axhline(1.3 * single, color="tab:red", linestyle="--", label="goal: 1.3 x one node")
+    cpu_ax.set_xticks(xs, [label(r) for r in now], fontsize=8)
+    cpu_ax.set_ylabel("µs of server CPU (all nodes) per delivery")
+    cpu_ax.set_title("Cluster: CPU per delivered change (median of repeats)")
+    cpu_ax.legend(fontsize=8)
+    for name, data, shift in sets:
+        line = lat_ax.plot([x + shift for x in xs[: len(data)]], [r["p99_ms"] for r in data],
+                           "s:" if name == "before" else "o-", label=f"{name}: p99")  # fmt: skip
+        lat_ax.plot([x + shift for x in xs[: len(data)]], [r["p50_ms"] for r in data],
+                    "s--" if name == "before" else "o--", color=line[0].get_color(),
+                    alpha=0.6, label=f"{name}: p50")  # fmt: skip
+    if now and not now[0]["clustered"] and now[0]["p99_ms"]:
+        lat_ax.axhline(now[0]["p99_ms"] + 5, color="tab:red", linestyle="--",
+                       label="goal: one node's p99 + 5 ms")  # fmt: skip
+    lat_ax.set_yscale("log")
+    lat_ax.set_xticks(xs, [label(r) for r in now], fontsize=8)
+    lat_ax.set_ylabel("ms, commit to client")
+    rate = now[0].get("rate") if now else None
+    lat_ax.set_title(f"Commit-to-client latency at {rate or 0:g} changes/s")
+    lat_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def load_runs(names: str) -> list[dict[str, Any]]:
+    """The setups of several result files (cluster-latest.json copies), for `plot`."""
+    return [r for n in names.split(",") if n for r in json.loads(Path(n).read_text())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster")
-    parser.add_argument("mode", nargs="?", default="run", choices=["run", "swarm"])
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "swarm", "plot"])
+    parser.add_argument("--runs", default="", help="plot: result files (repeats), comma-separated")
+    parser.add_argument("--before", default="", help="plot: an earlier build's result files")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest-cluster.png"))
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--urls", default="")
     parser.add_argument("--expect", type=int, default=0)
     args = parser.parse_args()
+    if args.mode == "plot":
+        draw(load_runs(args.runs), Path(args.out), load_runs(args.before) or None)
+        print(f"wrote {args.out}")
+        return
     if args.mode == "swarm":
         result = asyncio.run(swarm(args.urls.split(","), args.clients, args.expect, 120.0))
         print(json.dumps(result), flush=True)

@@ -27,6 +27,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--spy-rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     server = Server("feed", [f"t{i}" for i in range(args.rooms)])
@@ -42,7 +43,7 @@ def main() -> int:
                 "--duration",
                 str(int(args.seconds)),
                 "--rate",
-                "250",
+                str(args.spy_rate),
                 "--nonblocking",
             ]
 

@@ -4,7 +4,10 @@ A connector is an async context manager: entering it connects to the source, lea
 While entered, `changes()` yields `Change` and `Gap` items in the source's commit order. The hub
 pulls the next item only after it has routed and buffered the previous one, so a connector may
 treat "asked for the next item" as "everything yielded before is delivered" and save its position
-(journal offset, resume token, stream id) then. The hub restarts a connector that raises, with
+(journal offset, resume token, stream id) then, after `await self.settle()`: in a cluster the
+hub publishes what a stream had ready as one batch, after the connector moved on, and `settle`
+waits until that is published (raising when it cannot be: then nothing may be saved). The hub
+restarts a connector that raises, with
 backoff, so a connector may simply raise `SourceUnavailable` when it loses its source and let the
 hub call it again; connectors that can resume in place do so themselves.
 """
@@ -15,7 +18,7 @@ import datetime as dt
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -95,6 +98,8 @@ class Connector(ABC):
     dead node to another one; for a connector that cannot resume (Redis keyspace events) the new
     reader announces a `gap` for the time nobody read it."""
 
+    _settle_hook: Callable[[], Awaitable[None]] | None = None
+
     def __init__(self, name: str, options: Options) -> None:
         self.name = name
         self._status = Status(name, State.STARTING)
@@ -130,6 +135,25 @@ class Connector(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Let go of the source, saving the position of everything delivered so far."""
+
+    def settle_with(self, hook: Callable[[], Awaitable[None]] | None) -> None:
+        """The hub's "everything yielded so far is delivered for good" (None: it always is)."""
+        self._settle_hook = hook
+
+    async def settle(self) -> None:
+        """Call before saving a position: returns once every item yielded so far is delivered
+        for good, or raises (a `FeedError`) when it cannot be, and then the position must not
+        be saved. A no-op on a single node, where the hub finishes an item before it asks for
+        the next; a cluster publishes items in batches (feed.engine.batch) and finishes here."""
+        hook = self._settle_hook
+        if hook is not None:
+            await hook()
+
+    def forget_unsaved(self) -> None:
+        """Start the next `start` from the saved position, not from what this instance yielded
+        since: a cluster could not publish all of it (feed.engine.batch). Connectors that keep
+        their position in memory across a restart override this."""
+        return
 
     @abstractmethod
     def changes(self) -> AsyncIterator[Change | Gap]:

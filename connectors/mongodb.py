@@ -59,6 +59,7 @@ from connectors.mongodb_tokens import TokenStore
 from feed.core.change import Change, Gap, room_key
 from feed.errors import (
     ConnectorError,
+    FeedError,
     SnapshotNotSupported,
     SourceMisconfigured,
     SourceUnavailable,
@@ -194,11 +195,16 @@ class MongoConnector(Connector):
                     f"(db.createCollection({watch.coll!r})), or set allow_missing = true"
                 )
 
+    def forget_unsaved(self) -> None:
+        if self._tokens is not None:  # without a token store, memory is all there is
+            self._token = None  # `start` loads the saved token again
+
     async def stop(self) -> None:
         if self._tokens is not None and self._token is not None:
             try:
+                await self.settle()  # nothing saved past what a cluster could not publish
                 await asyncio.wait_for(self._tokens.save(self._token, self._watch_names()), 5)
-            except (PyMongoError, TimeoutError) as exc:
+            except (PyMongoError, TimeoutError, FeedError) as exc:
                 log.warning("%s: could not save the resume token on stop: %s", self.name, exc)
         await self._close_client()
         self.set_status(State.STOPPED)
@@ -393,6 +399,7 @@ class MongoConnector(Connector):
         now = time.monotonic()
         due = now - self._saved_at >= self.save_interval
         if self._tokens is not None and ((event and end_of_batch) or due):
+            await self.settle()  # in a cluster: published first (connectors.base)
             try:
                 await self._tokens.save(token, self._watch_names())
             except OperationFailure as exc:

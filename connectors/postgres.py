@@ -340,6 +340,11 @@ class PostgresConnector(Connector):
         self._active = False
         self.set_status(State.STOPPED)
 
+    def forget_unsaved(self) -> None:
+        self._state = None  # `_load_position` reads the saved row again
+        if self._logical is not None:
+            self._logical.delivered_end = self._logical.confirmed
+
     async def _save_on_stop(self) -> None:
         """Record exactly what was delivered, down to a batch interrupted half way, so a
         restart continues after the last delivered row. (While running, the position is saved
@@ -350,6 +355,7 @@ class PostgresConnector(Connector):
             return
         half_way = state.batch is not None and state.cursor is not None
         with contextlib.suppress(Exception):
+            await self.settle()  # nothing saved past what a cluster could not publish
             conn = await asyncio.wait_for(self._connect(), self.connect_timeout)
             try:
                 await conn.execute(
@@ -962,6 +968,7 @@ class PostgresConnector(Connector):
                 self._unsaved = self._unsaved or delivered > 0
                 since = now - self._last_save
                 if resume or since > (self.save_interval if self._unsaved else 10.0):
+                    await self.settle()  # in a cluster: published first (connectors.base)
                     updated = await conn.execute(
                         f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = NULL,"
                         " cursor_maxid = NULL, cursor_id = NULL, updated_at = now()"

@@ -523,6 +523,7 @@ class LogicalReader:
 
     async def _advance(self, conn: Any) -> None:
         if self.delivered_end > self.confirmed:
+            await self.c.settle()  # in a cluster: published first (connectors.base)
             await conn.execute(
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
                 self.slot,

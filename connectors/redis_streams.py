@@ -28,7 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from connectors.base import RoomAddress, Snapshot, State
 from feed.core.change import Change, Gap
-from feed.errors import SourceMisconfigured, SourceUnavailable
+from feed.errors import FeedError, SourceMisconfigured, SourceUnavailable
 
 if TYPE_CHECKING:
     from connectors.redis import RedisConnector
@@ -124,12 +124,13 @@ class StreamCapture:
             )
 
     async def stop(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, OSError, FeedError):
             await self.save()
 
     async def save(self) -> None:
         changed = {s: i for s, i in self.delivered.items() if self.saved.get(s) != i}
         if changed:
+            await self.owner.settle()  # in a cluster: published first (connectors.base)
             await self.client.hset(self.owner.offsets_key, mapping=changed)
             self.saved.update(changed)
 

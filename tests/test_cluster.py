@@ -565,3 +565,25 @@ async def test_feed_check_reaches_the_cluster_and_names_the_readers(
         failed = await asyncio.to_thread(check, config.replace(redis_target.url, down))
         assert failed.returncode == 1
         assert "[cluster]  redis   FAIL    cannot reach" in failed.stdout
+
+
+async def test_changes_ready_together_are_published_in_one_script_call() -> None:
+    """A burst the connector has ready at once is numbered and published as one batch (one
+    `EVALSHA`, not one round trip per change), and arrives whole and in order on another node."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, cluster_config(target.url, "batch", history=500), 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        client = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(client, "mem:public.orders")
+
+        async def script_calls() -> int:
+            stats = await target.admin.info("commandstats")
+            return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+        before = await script_calls()
+        for i in range(1, 201):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        got = [await client.next_change() for _ in range(200)]
+        assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 201)]
+        assert await script_calls() - before <= 3  # the batch, and maybe lease renewals

@@ -4,7 +4,8 @@ What the cluster promises, checked the way a user would notice it: every client 
 nodes, resuming on another node when its own goes away) ends with exactly the rows committed,
 seqs contiguous from its first, no duplicate, and no gap or failed resume, across a kill -9 of
 the reading node, a restart of every node, and a restart of Redis (with its append-only file:
-Redis kept the history, so nothing needs a reload).
+Redis kept the history, so nothing needs a reload; without one: every client is told, never a
+silent hole).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.support import postgres as pg_support
 from tests.support.cluster import FeedNode, LoadBalancer, Tally, haproxy_binary
 from tests.support.postgres import PgDatabase
 from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
@@ -222,6 +224,81 @@ async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_
                 await writer.wait_for(len(writer.committed) + 50)
             committed = writer.committed
             await all_delivered(tallies, committed, resumed=False)
+        finally:
+            for tally in tallies:
+                await tally.close()
+            for node in nodes:
+                await node.stop()
+
+
+def silent_holes(tally: Tally) -> list[str]:
+    """Every place where a client's seqs jump (or start over) with nothing to tell it: no
+    `gap` and no resume answering `recovered: false` since its previous change."""
+    holes = []
+    last: int | None = None
+    told = False
+    for kind, body in tally.events:
+        if kind == "gap" or (kind == "resume" and body.get("recovered") is not True):
+            told = True
+        elif kind == "change":
+            if last is not None and body["seq"] != last + 1 and not told:
+                holes.append(f"{tally.name}: seq {last} -> {body['seq']} without a gap")
+            last, told = body["seq"], False
+    return holes
+
+
+async def test_redis_restart_without_persistence_is_a_gap_never_a_silent_hole(
+    pg: PgDatabase, tmp_path: Path
+) -> None:
+    """Redis comes back empty under three nodes and a write load: the rooms' history and
+    numbering are gone, so every client is told (`gap`, or `recovered: false` on a resume), its
+    seqs never jump without that, and everything committed once Redis is back arrives, in order."""
+    await orders(pg)
+    async with open_private_redis() as target:  # no RDB, no append-only file
+        assert target.server is not None
+        config = write_config(tmp_path / "feed.toml", pg.url, target.url, "empty")
+        nodes = await start_cluster(config, 3)
+        tallies: list[Tally] = []
+        try:
+            await reading_node(nodes)
+            urls = [n.url for n in nodes]
+            for i in range(3):
+                tallies.append(await Tally(ROOM, lambda: urls, name=f"client{i}", node=i).start())
+            async with Writer(pg) as writer:
+                await writer.wait_for(50)
+                for tally in tallies:
+                    await tally.wait_for(10)
+                await asyncio.to_thread(target.server.stop)
+                for node in nodes:  # every node shows it
+                    body = await node.wait_ready(503, timeout=15)
+                    assert body["cluster"]["redis"] == "down" or any(
+                        c["state"] == "down" for c in body["connectors"].values()
+                    )
+                await writer.wait_for(len(writer.committed) + 50)
+                await asyncio.to_thread(target.server.start)  # empty
+                for node in nodes:
+                    await node.wait_ready(200, timeout=30)
+                for tally in tallies:  # told before the rest is checked
+                    await wait_until(
+                        lambda t=tally: (
+                            bool(t.gaps) or any(r.get("recovered") is False for r in t.resumes)
+                        ),
+                        30,
+                        f"{tally.name} told of the lost history",
+                    )
+                back = len(writer.committed)
+                await writer.wait_for(back + 50)
+            committed = writer.committed
+            after = committed[back:]
+            for tally in tallies:
+                async with asyncio.timeout(60):
+                    while not set(after) <= set(tally.keys):
+                        tally._progress.clear()
+                        await tally._progress.wait()
+                assert silent_holes(tally) == []
+                mine = [k for k in tally.keys if k in set(after)]
+                assert mine == after, f"{tally.name}: rows after the restart differ"
+                assert all(k in set(committed) for k in tally.keys)
         finally:
             for tally in tallies:
                 await tally.close()

@@ -286,3 +286,23 @@ async def test_a_row_leaving_a_filter_is_marked_left_and_a_truncate_reaches_ever
             "mem:public.orders:1",
         }
         assert all(c["op"] == "truncate" and c["key"] is None for c in truncates)
+
+
+async def test_a_replay_is_exactly_what_was_sent_live_left_flag_included(
+    memory_feed: RunningFeed,
+) -> None:
+    """Replay buffers keep the change, not the payload sent: the payload rebuilt for a replay
+    must be the live one, byte for byte in meaning (`left` too)."""
+    db = source(memory_feed)
+    room, paid = "mem:public.orders", "status=eq.paid"
+    async with feed_client(memory_feed.url) as live:
+        assert (await live.subscribe(room, filter=paid))["ok"]
+        db.write("public.orders", "insert", {"id": 1, "status": "paid", "n": 1.5})
+        db.write("public.orders", "update", {"id": 1, "status": "refunded"})
+        sent = await live.take(2)
+        assert [c.get("left") for c in sent] == [None, True]
+        async with feed_client(memory_feed.url) as late:
+            ack = await late.subscribe(room, filter=paid, since=0)
+            assert ack["recovered"] is True
+            replayed = await late.take(2)
+    assert replayed == sent

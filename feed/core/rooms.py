@@ -90,7 +90,11 @@ class Room:
     """Members still being caught up (replay or snapshot): live sends skip them meanwhile."""
     empty_since: float | None = field(default_factory=time.monotonic)
     evicted: int = 0
-    _buffer: deque[tuple[int, Change, dict[str, Any]]] = field(default_factory=deque)
+    _buffer: deque[tuple[int, Change, bool]] = field(default_factory=deque)
+    """(seq, the change, whether it left this room's filter): the shared change and its number
+    rather than this room's payload dict, which is rebuilt from them for a replay. At many rooms
+    the buffered payload copies were most of the feed's long-lived objects, and the garbage
+    collector's full passes over them a measurable share of its CPU (docs/benchmarks.md)."""
 
     @property
     def ephemeral(self) -> bool:
@@ -99,23 +103,29 @@ class Room:
 
     def record(self, change: Change) -> dict[str, Any]:
         """Number the change for this room, keep it for replay, and return its wire payload."""
-        self.seq += 1
+        seq = self.seq = self.seq + 1
+        # Delivered for its before image only: the row has just left this room's filter.
         left = (
             self.filter is not None
             and change.after is not None
             and not self.filter.matches_image(change.after)
         )
-        # Delivered for its before image only: the row has just left this room's filter.
-        # (Built by dict's own init, without Python frames: this runs per room per change.)
-        if left:
-            payload = Payload(change.wire, room=self.name, seq=self.seq, left=True)
-        else:
-            payload = Payload(change.wire, room=self.name, seq=self.seq)
-        payload.change = change
-        self._buffer.append((self.seq, change, payload))
-        if len(self._buffer) > self.capacity:
-            self._buffer.popleft()
+        buffer = self._buffer
+        buffer.append((seq, change, left))
+        if len(buffer) > self.capacity:
+            buffer.popleft()
             self.evicted += 1
+        return self.payload(seq, change, left)
+
+    def payload(self, seq: int, change: Change, left: bool) -> dict[str, Any]:
+        """The change as this room sends it with number `seq`: the same for the live send and
+        for every replay of it (a shaped room overrides this to apply its shape)."""
+        # Built by dict's own init, without Python frames: this runs per room per change.
+        if left:
+            payload = Payload(change.wire, room=self.name, seq=seq, left=True)
+        else:
+            payload = Payload(change.wire, room=self.name, seq=seq)
+        payload.change = change
         return payload
 
     def mark_gap(self) -> None:
@@ -130,9 +140,11 @@ class Room:
         return bool(self._buffer) and self._buffer[0][0] <= since + 1
 
     def after(self, since: int) -> Iterator[tuple[int, Change, dict[str, Any]]]:
-        for entry in self._buffer:
-            if entry[0] > since:
-                yield entry
+        """The buffered changes numbered after `since`, each with its payload, rebuilt exactly
+        as it was first sent."""
+        for seq, change, left in self._buffer:
+            if seq > since:
+                yield seq, change, self.payload(seq, change, left)
 
     def join(self, sid: str) -> None:
         self.members.add(sid)

@@ -10,9 +10,10 @@ Shape (modelled on Centrifugo's Redis engine and python-socketio's pub/sub manag
   always, row and filter rooms from a registry in Redis (a hash of room specs, a sorted set of
   expiry times refreshed by every node that has members). It learns new rooms from a control
   channel at once and re-reads the registry periodically, so a lost message costs only a delay.
-- For the matched rooms, one Lua script numbers the change (`HINCRBY`), appends it to the room's
-  stream (`XADD ... MAXLEN ~ history`, the stream ID being the seq) and `PUBLISH`es it to the
-  room's channel. A room whose meta is gone (Redis restarted without persistence, `FLUSHALL`)
+- For the matched rooms, one Lua script numbers the changes of a batch (what the connector had
+  ready at once, feed.engine.batch), appends each to the room's stream (`XADD ... MAXLEN ~
+  history`, the stream ID being the seq) and `PUBLISH`es the room's run of the batch to the
+  room's channel in one message. A room whose meta is gone (Redis restarted without persistence, `FLUSHALL`)
   gets a new epoch: a resume against the old one answers `recovered: false`, never a hole.
 - Each node subscribes only to the channels of rooms its own clients follow, mirrors their seq
   and a short ring of recent payloads, and delivers to its local members. A hole in the seqs it
@@ -44,6 +45,7 @@ from feed.core.rooms import Room
 from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
 from feed.delivery.protocol import SubscribeRequest
 from feed.engine import ClusterConfig
+from feed.engine.batch import Batcher
 from feed.errors import ClusterError, FeedError, ProtocolError, SnapshotNotSupported
 from feed.security.access import Shape, ShapedRoom
 
@@ -201,6 +203,7 @@ class RedisEngine:
         self.detail = "connecting"
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
         self._leases: dict[str, int] = {}
+        self._batchers: dict[str, Batcher] = {}
         self._index: dict[str, dict[str, TargetIndex]] = {}
         self._last_seq: dict[str, int] = {}
         self._published = 0
@@ -307,6 +310,13 @@ class RedisEngine:
         name = connector.name
         holder, token = await self._acquire(connector)
         lost: list[str] = []
+        failed: list[str] = []
+
+        def stop_reading(reason: str) -> None:  # a batch could not be published
+            failed.append(reason)
+            with contextlib.suppress(RuntimeError):  # the reading is over or ending already
+                deadline.reschedule(asyncio.get_running_loop().time())
+
         try:
             async with asyncio.timeout(None) as deadline:
                 renewer = asyncio.create_task(
@@ -320,6 +330,15 @@ class RedisEngine:
                             f"cannot read the room registry: {one_line(exc)}"
                         ) from None
                     self._leases[name] = token
+                    # The batches carry this reading's token: a late one from an ended reading is
+                    # refused by Redis once any reading (this node's next one too) has begun.
+                    batcher = Batcher(
+                        name,
+                        lambda batch: self._publish_batch(connector, batch, token),
+                        stop_reading,
+                    )
+                    self._batchers[name] = batcher
+                    connector.settle_with(batcher.drain)
                     self.readers[name] = self.node
                     log.info("%s: reading connector %s (fencing token %d)", self.node, name, token)
                     if token > 1 and not connector.durable:
@@ -332,15 +351,22 @@ class RedisEngine:
                 finally:
                     self._leases.pop(name, None)
                     self._index.pop(name, None)
+                    connector.settle_with(None)
+                    gone = self._batchers.pop(name, None)
+                    if gone is not None and not gone.close():
+                        # It moved on past what was not published: from the saved position.
+                        connector.forget_unsaved()
                     if self.readers.get(name) == self.node:
                         self.readers[name] = None
                     renewer.cancel()
                     with contextlib.suppress(BaseException):
                         await renewer
         except TimeoutError:
-            if not lost:
-                raise
-            raise ClusterError(f"lease on {name!r} lost: {lost[0]}") from None
+            if lost:
+                raise ClusterError(f"lease on {name!r} lost: {lost[0]}") from None
+            if failed:
+                raise ClusterError(failed[0]) from None
+            raise
         finally:
             if not lost:
                 with contextlib.suppress(Exception):
@@ -480,48 +506,84 @@ class RedisEngine:
                 pipe.zrem(self.live_key(connector), *dead)
                 await pipe.execute()
 
+    def idle(self, connector: Connector) -> Callable[[], None]:
+        """What the hub calls when the connector's stream would wait: publish its batch."""
+        batcher = self._batchers.get(connector.name)
+        return batcher.idle if batcher is not None else (lambda: None)
+
     async def publish(self, connector: Connector, change: Change) -> None:
-        """Number, keep and publish one change in every room it matches, cluster-wide."""
-        token = self._leases.get(connector.name)
-        if token is None:
+        """Hand one change over to be numbered, kept and published with its batch."""
+        batcher = self._batchers.get(connector.name)
+        if batcher is None or connector.name not in self._leases:
             raise ClusterError(f"{self.node} does not hold the lease on {connector.name!r}")
-        rooms = self._target_index(connector.name, change.target).matching(change)
-        keys: list[str] = [self.fence_key(connector.name), self.seen_key(connector.name)]
+        await batcher.add(change)
+
+    async def _publish_batch(self, connector: Connector, changes: list[Change], token: int) -> None:
+        """Number, keep and publish a batch of changes in every room each one matches, in one
+        script call (feed.engine.scripts.PUBLISH) under the fencing token of the reading that
+        read them, routed against the rooms known now."""
+        name = connector.name
+        slots: dict[str, int] = {}
+        keys: list[str] = [self.fence_key(name), self.seen_key(name)]
+        channels: list[str] = []
+        per_change: list[Any] = []
+        routed: list[list[Routed]] = []
+        first = self._published
+        for change in changes:
+            rooms = self._target_index(name, change.target).matching(change)
+            routed.append(rooms)
+            per_change += [change.id, (token << 32) + self._published, len(rooms)]
+            self._published += 1
+            wire = change.wire
+            for room in rooms:
+                slot = slots.get(room.name)
+                if slot is None:
+                    slot = slots[room.name] = len(slots) + 1
+                    keys += [self.meta_key(room.name), self.stream_key(room.name)]
+                    channels.append(self.channel(room.name))
+                payload = {**wire, "room": room.name}
+                if room.shape is not None:
+                    room.shape.apply(change, payload)
+                per_change += [slot, _dumps(payload)]
+        trim = first == 0 or first // 1024 != self._published // 1024
         args: list[Any] = [
             token,
             self.config.history,
             secrets.token_hex(8),
             self.ttl_ms,
-            change.id,
-            (token << 32) + self._published,
-            1 if self._published % 1024 == 0 else 0,
+            1 if trim else 0,
             SEEN,
+            len(slots),
+            len(changes),
+            *channels,
+            *per_change,
         ]
-        self._published += 1
-        wire = change.wire
-        for room in rooms:
-            payload = {**wire, "room": room.name}
-            if room.shape is not None:
-                room.shape.apply(change, payload)
-            keys += [self.meta_key(room.name), self.stream_key(room.name)]
-            args += [self.channel(room.name), _dumps(payload)]
         try:
             seqs = await self._script("PUBLISH", keys, args)
         except Exception as exc:
             if "STALE" in str(exc):
-                self._leases.pop(connector.name, None)
-                raise ClusterError(f"{connector.name}: refused by Redis: {exc}") from None
+                if self._leases.get(name) == token:
+                    self._leases.pop(name, None)
+                raise ClusterError(f"{name}: refused by Redis: {exc}") from None
             raise ClusterError(f"cluster Redis: cannot publish: {one_line(exc)}") from None
-        if seqs is None:  # published already, before a takeover: not a second time
-            self.hub.metrics.inc("feed_cluster_duplicates_dropped_total", connector=connector.name)
-            return
-        for room, seq in zip(rooms, seqs, strict=True):
-            self._last_seq[room.name] = int(seq)
-            watch = self._watching.get(room.name)
-            if watch is not None:
-                watch.append((int(seq), change))
+        at = 0
+        for change, rooms in zip(changes, routed, strict=True):
+            if rooms and int(seqs[at]) == 0:  # published already, before a takeover
+                self.hub.metrics.inc("feed_cluster_duplicates_dropped_total", connector=name)
+                at += len(rooms)
+                continue
+            for room in rooms:
+                seq = int(seqs[at])
+                at += 1
+                self._last_seq[room.name] = seq
+                watch = self._watching.get(room.name)
+                if watch is not None:
+                    watch.append((seq, change))
 
     async def publish_gap(self, gap: Gap) -> None:
+        batcher = self._batchers.get(gap.connector)
+        if batcher is not None:  # the changes before the gap reach the rooms before it
+            await batcher.drain()
         names: list[str] = []
         for target, index in self._index.get(gap.connector, {}).items():
             if gap.target is None or gap.target == target:
@@ -745,8 +807,8 @@ class RedisEngine:
             seq_text, _, body = rest.partition(b"\n")
             await self._on_gap(mirror, int(seq_text), _loads(body))
             return
-        epoch, _, payload = rest.partition(b"\n")
-        await self._apply(mirror, int(head), epoch.decode(), payload)
+        epoch, _, payloads = rest.partition(b"\n")
+        await self._apply(mirror, int(head), epoch.decode(), payloads.split(b"\n"))
 
     def _on_control(self, body: Mapping[str, Any]) -> None:
         kind = body.get("t")
@@ -755,25 +817,32 @@ class RedisEngine:
         elif kind == "status":
             self._apply_status(str(body.get("c")), body.get("s") or {})
 
-    async def _apply(self, mirror: Mirror, seq: int, epoch: str, raw: bytes) -> None:
+    async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
+        """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..."""
+        last = first + len(raws) - 1
         async with mirror.order:
             if mirror.seq is None:  # the first message of a room being watched: the baseline
-                mirror.epoch, mirror.seq = epoch, seq - 1
+                mirror.epoch, mirror.seq = epoch, first - 1
             elif epoch != mirror.epoch:
-                if mirror.ready:
-                    reason = "the cluster lost this room's history"
-                    await self._announce_gap(mirror, reason, seq - 1)
+                # Said even while a reconnect is still resyncing (not `ready`): a publication in
+                # the new epoch can arrive first, and after it the resync sees nothing to tell.
+                reason = "the cluster lost this room's history"
+                await self._announce_gap(mirror, reason, first - 1)
                 mirror.ring.clear()
-                mirror.epoch, mirror.seq, mirror.gap = epoch, seq - 1, 0
-            if seq <= mirror.seq:
+                mirror.epoch, mirror.seq, mirror.gap = epoch, first - 1, 0
+            if last <= mirror.seq:
                 return  # already delivered (a resync read it from the history first)
-            if seq > mirror.seq + 1:
-                await self._fill(mirror, seq - 1)
-                if seq <= mirror.seq:
+            if first > mirror.seq + 1:
+                await self._fill(mirror, first - 1)
+                if last <= mirror.seq:
                     return
-            payload = _loads(raw)
-            payload["seq"] = seq
-            await self._deliver(mirror, seq, payload)
+            # Sent in one loop pass, the run leaves as one `changes` frame (feed.delivery.transport).
+            for seq, raw in enumerate(raws, start=first):
+                if seq <= mirror.seq:
+                    continue
+                payload = _loads(raw)
+                payload["seq"] = seq
+                await self._deliver(mirror, seq, payload)
 
     async def _deliver(self, mirror: Mirror, seq: int, payload: dict[str, Any]) -> None:
         if mirror.seq is not None and seq <= mirror.seq:
@@ -1063,6 +1132,9 @@ class RedisEngine:
             snapshot = await asyncio.wait_for(
                 connector.snapshot(address, where, int(request["limit"])), SNAPSHOT_TIMEOUT
             )
+            batcher = self._batchers.get(connector.name)
+            if batcher is not None:  # what the stream yielded before the snapshot: numbered
+                await asyncio.wait_for(batcher.drain(), SNAPSHOT_TIMEOUT)
             upto = self._last_seq.get(name, 0)
             uncovered = [s for s, change in watch if not snapshot.covers(change)]
             return {

@@ -34,50 +34,93 @@ return 0
 """
 
 PUBLISH = """
--- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per room.
--- ARGV: token, history, candidate epoch, ttl ms, change id, its number at this reader
---       (token * 2^32 + count: increasing across readers), trim (1: trim seen and refresh ttls),
---       ids kept, then (channel, payload) per room.
--- Returns the room seqs, in order, or nil when this change id was published already (a new
--- reader re-reads from the connector's last saved position, which may be a little behind what
--- the old one published). A stale token is refused before anything is written.
--- Seven commands for a change that goes to one room (with EVALSHA): the cost per change that
--- docs/scaling.md counts.
+-- A batch of changes (what the connector had ready at once), in order, in one call.
+-- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per distinct room.
+-- ARGV: token, history, candidate epoch, ttl ms, trim (1: trim seen and refresh ttls), ids kept,
+--       room count R, change count N, then R channels, then per change: its id, its number at
+--       this reader (token * 2^32 + count: increasing across readers), its room count k, and k
+--       (room index, payload) pairs.
+-- Returns, per change and per room of it, the room's seq (0 for a change published already:
+-- a new reader re-reads from the connector's last saved position, which may be a little behind
+-- what the old one published). A stale token is refused before anything is written.
+-- Commands: per call GET, ZADD, and per room HMGET, HSET, PUBLISH (one message carries the
+-- room's whole run of the batch); per change and room one XADD (docs/scaling.md counts them).
 local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then
   return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ', current ' .. tostring(fence))
 end
-if redis.call('ZADD', KEYS[2], 'NX', ARGV[6], ARGV[5]) == 0 then
-  return false
+local rooms, n = tonumber(ARGV[7]), tonumber(ARGV[8])
+local changes, zadd = {}, {}
+local at = 9 + rooms
+for c = 1, n do
+  local k = tonumber(ARGV[at + 2])
+  changes[c] = {at, k}
+  zadd[2 * c - 1] = ARGV[at + 1]
+  zadd[2 * c] = ARGV[at]
+  at = at + 3 + 2 * k
 end
-local trim = ARGV[7] == '1'
+local fresh = {}
+if redis.call('ZADD', KEYS[2], 'NX', unpack(zadd)) < n then
+  -- Some ids were there before: those whose score is not the one given here are repeats.
+  local ids = {}
+  for c = 1, n do ids[c] = ARGV[changes[c][1]] end
+  local scores = redis.call('ZMSCORE', KEYS[2], unpack(ids))
+  for c = 1, n do fresh[c] = tonumber(scores[c]) == tonumber(ARGV[changes[c][1] + 1]) end
+else
+  for c = 1, n do fresh[c] = true end
+end
+local trim = ARGV[5] == '1'
 if trim then
   local kept = redis.call('ZCARD', KEYS[2])
-  if kept > tonumber(ARGV[8]) then
-    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, kept - tonumber(ARGV[8]) - 1)
+  if kept > tonumber(ARGV[6]) then
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, kept - tonumber(ARGV[6]) - 1)
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
+local epochs, first, seqs, runs = {}, {}, {}, {}
 local out = {}
-local rooms = (#KEYS - 2) / 2
-for i = 1, rooms do
-  local meta, stream = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then
-    -- New room, or Redis lost it: a new epoch, and no history that could contradict it.
-    epoch = ARGV[3]
-    redis.call('DEL', stream)
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+for c = 1, n do
+  local base, k = changes[c][1], changes[c][2]
+  for j = 1, k do
+    local r = tonumber(ARGV[base + 1 + 2 * j])
+    if not fresh[c] then
+      out[#out + 1] = 0
+    else
+      local meta, stream = KEYS[2 * r + 1], KEYS[2 * r + 2]
+      if not epochs[r] then
+        local v = redis.call('HMGET', meta, 'epoch', 'seq')
+        if not v[1] then
+          -- New room, or Redis lost it: a new epoch, and no history that could contradict it.
+          epochs[r], seqs[r] = ARGV[3], 0
+          redis.call('DEL', stream)
+          redis.call('HSET', meta, 'epoch', ARGV[3])
+        else
+          epochs[r], seqs[r] = v[1], tonumber(v[2] or '0')
+        end
+        first[r], runs[r] = seqs[r] + 1, {}
+      end
+      local seq = seqs[r] + 1
+      seqs[r] = seq
+      local payload = ARGV[base + 2 + 2 * j]
+      redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', payload)
+      runs[r][#runs[r] + 1] = payload
+      out[#out + 1] = seq
+    end
   end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  local payload = ARGV[8 + 2 * i]
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', payload)
-  if trim or seq % 64 == 1 then
-    redis.call('PEXPIRE', meta, ARGV[4])
-    redis.call('PEXPIRE', stream, ARGV[4])
+end
+for r = 1, rooms do
+  if epochs[r] then
+    local meta, stream = KEYS[2 * r + 1], KEYS[2 * r + 2]
+    redis.call('HSET', meta, 'seq', seqs[r])
+    if trim or math.floor((first[r] - 2) / 64) ~= math.floor((seqs[r] - 1) / 64) then
+      redis.call('PEXPIRE', meta, ARGV[4])
+      redis.call('PEXPIRE', stream, ARGV[4])
+    end
+    -- One message for the room's run: its first seq, the epoch, then one payload a line
+    -- (JSON payloads hold no raw newline).
+    redis.call('PUBLISH', ARGV[8 + r],
+      first[r] .. '\\n' .. epochs[r] .. '\\n' .. table.concat(runs[r], '\\n'))
   end
-  redis.call('PUBLISH', ARGV[7 + 2 * i], seq .. '\\n' .. epoch .. '\\n' .. payload)
-  out[i] = seq
 end
 return out
 """

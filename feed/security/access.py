@@ -116,8 +116,9 @@ class ShapedRoom(Room):
     def ephemeral(self) -> bool:
         return True
 
-    def record(self, change: Change) -> dict[str, Any]:
-        payload = super().record(change)
+    def payload(self, seq: int, change: Change, left: bool) -> dict[str, Any]:
+        """Shaped for the live send and for every replay alike (the buffer keeps the change)."""
+        payload = super().payload(seq, change, left)
         self.shape.apply(change, payload)
         return payload
 

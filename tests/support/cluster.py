@@ -127,6 +127,8 @@ class Tally:
     node: int = 0
     errors: list[str] = field(default_factory=list)
     transports: tuple[str, ...] = ("websocket",)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """Everything in arrival order: ("change", c), ("gap", g), ("resume", ack)."""
     _sio: socketio.AsyncClient | None = None
     _task: asyncio.Task[None] | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -137,6 +139,7 @@ class Tally:
         return self.seqs[-1] if self.seqs else None
 
     def _take(self, change: dict[str, Any]) -> None:
+        self.events.append(("change", change))
         if change["id"] in self.ids:
             self.duplicates += 1
             return
@@ -164,6 +167,7 @@ class Tally:
 
         async def on_gap(data: dict[str, Any]) -> None:
             self.gaps.append(data)
+            self.events.append(("gap", data))
 
         async def on_disconnect(*args: Any) -> None:
             if self._sio is sio:
@@ -194,6 +198,7 @@ class Tally:
                     raise RuntimeError(f"subscribe refused: {ack}")
                 if self.last is not None:
                     self.resumes.append({"url": url, **ack})
+                    self.events.append(("resume", ack))
                 self.epoch = ack["epoch"]
                 return
             except Exception as exc:

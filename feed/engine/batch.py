@@ -1,0 +1,110 @@
+"""The reader's publishing in batches: what a connector's stream had ready goes out in one call.
+
+Publishing one change per Lua script call made the reader wait one Redis round trip per change,
+so a poll of twenty rows reached clients one round trip after another (docs/benchmarks.md). Here
+the hub hands each change over without waiting (`add`), and the batch is published when the
+stream would wait (`idle`, called by the hub's `FlushBeforeWaiting`) or when it grows long, one
+script call per batch, one batch at a time: room order is the order changes were added.
+
+The hub asks a connector for its next item before that batch is published, so "asked for the
+next item" no longer means "delivered". A connector therefore awaits `Connector.settle` before
+it saves its position, and the engine hangs `drain` there: it returns once everything added so
+far is published, or raises, and then the position is not saved. A reader killed with -9 loses
+nothing: its successor resumes from the saved position, which is never past what was published
+(and drops by id what the old reader published after it, in the publish script).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from feed.core.change import Change
+from feed.errors import ClusterError
+
+MAX_BATCH = 256
+"""Changes per script call (a longer run goes out as several calls, in order)."""
+
+MAX_PENDING = 1024
+"""Changes added but not yet published before `add` waits for the publishing to catch up."""
+
+
+class Batcher:
+    """One connector's unpublished changes at the reader, for the time it holds the lease."""
+
+    def __init__(
+        self,
+        name: str,
+        publish: Callable[[list[Change]], Awaitable[None]],
+        failed: Callable[[str], None],
+    ) -> None:
+        self.name = name
+        self._publish = publish
+        self._failed = failed
+        """Ends the reading at once (the hub restarts the connector from its saved position),
+        even while the stream waits and no `add` or `drain` would see the error."""
+        self.pending: list[Change] = []
+        self.added = 0
+        self.published = 0
+        """Changes handed to Redis and answered (published, or dropped there as repeats)."""
+        self.error: str | None = None
+        """Why a batch could not be published: every later `add` or `drain` raises it, and the
+        hub restarts the connector from its saved position."""
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(self, change: Change) -> None:
+        if self.error is not None:
+            raise ClusterError(self.error)
+        self.pending.append(change)
+        self.added += 1
+        if len(self.pending) >= MAX_PENDING:
+            await self.drain()
+
+    def idle(self) -> None:
+        """The stream is about to wait: publish what it had ready (in a task: this is sync)."""
+        if self.pending and self.error is None and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"cluster:publish:{self.name}"
+            )
+
+    async def drain(self) -> None:
+        """Return once everything added so far is published; raise ClusterError if it cannot be."""
+        target = self.added
+        while True:
+            if self.error is not None:
+                raise ClusterError(self.error)
+            if self.published >= target:
+                return
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(
+                    self._run(), name=f"cluster:publish:{self.name}"
+                )
+            # Shielded: a drain cancelled (a connector stopping) must not cut a call in half
+            # and leave the batch unpublished for the next one to wait on.
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        try:
+            while self.pending and self.error is None:
+                batch = self.pending[:MAX_BATCH]
+                del self.pending[:MAX_BATCH]
+                await self._publish(batch)
+                self.published += len(batch)
+        except asyncio.CancelledError:
+            self.error = "publishing was cancelled"
+            self.pending.clear()
+            raise
+        except Exception as exc:
+            self.error = str(exc) if isinstance(exc, ClusterError) else f"cannot publish: {exc}"
+            self.pending.clear()
+            self._failed(self.error)
+
+    def close(self) -> bool:
+        """The reading ended: what was not published is dropped (the next reading reads it
+        again from the saved position; a publication under way ends on its own or fails
+        fenced). True when everything added was published."""
+        complete = self.error is None and self.published >= self.added
+        if self.error is None:
+            self.error = "the reading of this connector ended"
+        self.pending.clear()
+        return complete
