@@ -54,7 +54,10 @@ def transport_wedged(sio: socketio.AsyncClient) -> bool:
     connected client whose read or write loop is gone is such a wedge.
     """
     eio = sio.eio
-    if eio.state != "connected":
+    if getattr(eio, "state", None) != "connected":
+        return False
+    # Internals of python-engineio (4.x): where a release lacks them, no wedge is assumed.
+    if not (hasattr(eio, "read_loop_task") and hasattr(eio, "write_loop_task")):
         return False
     read, write = eio.read_loop_task, eio.write_loop_task
     return read is None or read.done() or write is None or write.done()
