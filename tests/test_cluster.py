@@ -135,6 +135,34 @@ async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
             assert mirrored == expected
 
 
+async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
+    redis_target: RedisTarget,
+) -> None:
+    """As on a single node (feed.engine.targets): a truncate empties every room of the target."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        row = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(row, "mem:public.orders:1")
+        paid = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(paid, "mem:public.orders", filter="status=eq.paid")
+        engine = reader.hub.engine
+        assert engine is not None
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and len(list(index.names())) == 2
+
+        await wait_until(routed, 10, "the reader to route both rooms")
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+        memory(reader).truncate("public.orders")
+        for client in (row, paid):
+            got = await client.take(2)
+            assert [(c["op"], c["seq"]) for c in got] == [("insert", 1), ("truncate", 2)]
+
+
 async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:

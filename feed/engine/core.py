@@ -17,7 +17,8 @@ from feed.change import Change
 from feed.engine import ClusterConfig
 from feed.engine.batch import Batcher
 from feed.engine.mirror import Mirror
-from feed.engine.routes import TargetIndex
+from feed.engine.routes import Routed
+from feed.engine.targets import TargetRooms
 
 if TYPE_CHECKING:
     from feed.hub import Hub
@@ -42,7 +43,7 @@ class EngineCore:
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
         self._leases: dict[str, int] = {}
         self._batchers: dict[str, Batcher] = {}
-        self._index: dict[str, dict[str, TargetIndex]] = {}
+        self._index: dict[str, dict[str, TargetRooms[Routed]]] = {}
         self._last_seq: dict[str, int] = {}
         self._published = 0
         """Changes this node published (numbers the ids remembered in the `seen` set)."""

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from feed.engine.core import EngineCore, log
-from feed.engine.routes import Routed, TargetIndex, room_spec, routed_from_spec
+from feed.engine.routes import Routed, room_spec, routed_from_spec
+from feed.engine.targets import TargetRooms
 from feed.engine.wire import dumps, loads
 from feed.errors import FeedError
 from feed.rooms import Room
@@ -25,11 +26,11 @@ class RoomRegistry(EngineCore):
 
     # -- routing at the reader -----------------------------------------------------------------
 
-    def _target_index(self, connector: str, target: str) -> TargetIndex:
+    def _target_index(self, connector: str, target: str) -> TargetRooms[Routed]:
         targets = self._index.setdefault(connector, {})
         index = targets.get(target)
         if index is None:
-            index = targets[target] = TargetIndex(Routed(f"{connector}:{target}"))
+            index = targets[target] = TargetRooms(Routed(f"{connector}:{target}"))
         return index
 
     def _route_spec(self, spec: Mapping[str, Any]) -> Routed | None:
@@ -43,7 +44,7 @@ class RoomRegistry(EngineCore):
             return None
         index = self._target_index(str(connector), str(spec["target"]))
         if routed.name != index.room.name:
-            index.discard(routed.name)
+            index.discard(routed)
             index.add(routed)
         return routed
 
@@ -56,7 +57,7 @@ class RoomRegistry(EngineCore):
             pipe.zrangebyscore(self.live_key(connector), "-inf", f"({now_ms}")
             specs, live, dead = await pipe.execute()
         alive = set(live)
-        fresh: dict[str, TargetIndex] = {}
+        fresh: dict[str, TargetRooms[Routed]] = {}
         self._index[connector] = fresh
         for name, raw in specs.items():
             if name not in alive:
