@@ -9,80 +9,21 @@ restarted, Postgres) are in tests/test_cluster_processes.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
 import pytest
 
-from connectors.memory import MemoryConnector
-from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+from tests.support import cluster as cluster_support
+from tests.support.cluster import cluster_config, memory, reader_of, start_nodes, subscribed
+from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
+redis_target = cluster_support.redis_target
+
 pytestmark = pytest.mark.redis
-
-
-def cluster_config(url: str, prefix: str, lease: float = 1.0, history: int = 50) -> str:
-    return f"""
-[server]
-filter_room_grace = 0.5
-
-[cluster]
-url = "{url}"
-prefix = "{prefix.rstrip(":")}"
-lease = {lease}
-history = {history}
-
-[[connectors]]
-name = "mem"
-type = "memory"
-targets = ["public.orders"]
-"""
-
-
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
-
-
-async def start_nodes(
-    stack: AsyncExitStack, config: str, count: int, names: list[str] | None = None
-) -> list[RunningFeed]:
-    nodes = []
-    for i in range(count):
-        node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
-        if names:
-            node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "{names[i]}"\n')
-        nodes.append(await stack.enter_async_context(running_feed(node_config)))
-    return nodes
-
-
-async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
-    found: list[RunningFeed] = []
-
-    def one_reads() -> bool:
-        found[:] = [
-            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
-        ]
-        return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
-
-    await wait_until(one_reads, 15, "one node to read the connector")
-    return found[0]
-
-
-def memory(node: RunningFeed) -> MemoryConnector:
-    connector = node.hub.connectors["mem"]
-    assert isinstance(connector, MemoryConnector)
-    return connector
-
-
-async def subscribed(client: FeedClient, room: str, **fields: Any) -> dict[str, Any]:
-    ack = await client.subscribe(room, **fields)
-    assert ack["ok"], ack
-    return ack
 
 
 async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
