@@ -16,7 +16,14 @@ import aiohttp
 import pytest
 
 from tests.support import cluster as cluster_support
-from tests.support.cluster import cluster_config, memory, reader_of, start_nodes, subscribed
+from tests.support.cluster import (
+    cluster_config,
+    memory,
+    reader_and_other,
+    reader_of,
+    start_nodes,
+    subscribed,
+)
 from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
@@ -82,9 +89,7 @@ async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
     """As on a single node (feed.engine.targets): a truncate empties every room of the target."""
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         row = await stack.enter_async_context(feed_client(other.url))
         await subscribed(row, "mem:public.orders:1")
         paid = await stack.enter_async_context(feed_client(other.url))
@@ -107,9 +112,7 @@ async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
 async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         first = await FeedClient().connect(reader.url)
         ack = await subscribed(first, "mem:public.orders")
         for i in range(1, 6):
@@ -140,9 +143,7 @@ async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
 ) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix, history=10)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         for i in range(1, 501):
             memory(reader).write("public.orders", "insert", {"id": i})
         async with feed_client(other.url) as client:
@@ -161,9 +162,7 @@ async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
 async def test_snapshot_on_a_node_that_does_not_read_is_exact(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         source = memory(reader)
         for i in range(1, 31):
             source.write("public.orders", "insert", {"id": i, "n": 0})
@@ -325,9 +324,7 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
 ) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         engine = reader.hub.engine
         assert engine is not None
         name = "mem:public.orders?status=eq.paid"
@@ -446,9 +443,7 @@ async def test_a_node_cuts_off_its_clients_that_stop_reading(redis_target: Redis
         f"\n[limits]\noutbound_queue_bytes = {limit}\n"
     )
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         sockets = other.app.sio.eio.sockets
         stalled = [await raw_socketio(other) for _ in range(2)]
         for ws, _ in stalled:
@@ -476,9 +471,7 @@ async def test_a_large_snapshot_on_another_node_comes_in_chunks_before_the_chang
         "[server]\n", "[server]\nsnapshot_chunk_bytes = 1024\n"
     )
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         for i in range(1, 61):
             memory(reader).write("public.orders", "insert", {"id": i, "note": "x" * 40})
         client = await stack.enter_async_context(feed_client(other.url))

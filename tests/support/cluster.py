@@ -411,6 +411,13 @@ async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> Running
     return found[0]
 
 
+async def reader_and_other(stack: AsyncExitStack, config: str) -> tuple[RunningFeed, RunningFeed]:
+    """Two nodes of `config`: the one that reads the memory connector, and the other one."""
+    nodes = await start_nodes(stack, config, 2)
+    reader = await reader_of(nodes)
+    return reader, next(n for n in nodes if n is not reader)
+
+
 def memory(node: RunningFeed) -> MemoryConnector:
     connector = node.hub.connectors["mem"]
     assert isinstance(connector, MemoryConnector)
