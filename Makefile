@@ -26,6 +26,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	cd clients/python && $(CURDIR)/$(BIN)/mypy  # the client library, strict, by its own config
 
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -439,3 +439,30 @@ async def test_a_gap_while_the_subscribe_is_answered_is_acted_on_after_it(
         await sub.ready()
         await log.until(lambda: len(log.snapshots) == 2 and sub.state == "live", "a reload")
         assert ("reload", {"reason": "lost while subscribing"}) in log.states
+
+
+async def test_a_long_poll_answer_cut_mid_body_reconnects_and_resumes(
+    feed_server: Harness,
+) -> None:
+    """A node killed while a poll answer crosses the load balancer: python-engineio's polling
+    client loses its read loop without a disconnect (and would stall forever); the client's
+    watchdog notices, reconnects and resumes with nothing lost or doubled."""
+    async with (
+        client(feed_server.url, transports=("polling",)) as feed,
+        feed.subscribe("mem:public.customers") as sub,
+    ):
+        log = Log(sub)
+        first = (sub.seq or 0) + 1
+        disconnects: list[str] = []
+        feed.on("disconnect", disconnects.append)
+        feed_server.burst("public.customers", 1, 5)
+        await log.until(lambda: len(log.changes) == 5, "the first 5 changes")
+        feed_server.proxy.truncate_marker = b'"status":"cut-here"'
+        feed_server.write("public.customers", "insert", {"id": 6, "status": "cut-here"})
+        await log.until(lambda: "pending" in log.names, "the client to notice the cut answer")
+        assert feed_server.proxy.truncate_marker is None, "the answer was cut"
+        feed_server.burst("public.customers", 7, 10)
+        await log.until(lambda: len(log.changes) == 16, "all 16 changes", timeout=WAIT)
+        assert_once_in_order(log.changes, first, first + 15)
+        assert disconnects, "the cut was reported as a disconnect"
+        assert "recovered" in log.names, log.states

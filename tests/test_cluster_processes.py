@@ -27,6 +27,7 @@ from tests.support.cluster import (
     tallies_on,
 )
 from tests.support.postgres import PgDatabase
+from tests.support.proxy import CuttableProxy
 from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.waiting import wait_until
 
@@ -305,3 +306,34 @@ async def _metric(node: FeedNode, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+async def test_a_long_polling_client_whose_poll_answer_is_cut_mid_body_resumes(
+    pg: PgDatabase, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    """What a node killed behind HAProxy can do to a long-polling client: the answer to its
+    poll arrives with its headers and half its body, then the connection drops. python-engineio
+    then loses its read loop without a disconnect; the Tally notices (as dbfeed_client does),
+    resumes on another node, and still has to get every committed row once."""
+    await orders(pg)
+    prefix = redis_target.prefix.rstrip(":")
+    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    async with running_cluster(config) as nodes:
+        proxy = CuttableProxy(nodes[0].port)
+        await proxy.start()
+        urls = [f"http://127.0.0.1:{proxy.port}", nodes[1].url, nodes[2].url]
+        tally = Tally(ROOM, lambda: urls, name="cut-poll")
+        tally.transports = ("polling",)
+        try:
+            await reading_node(nodes)
+            await tally.start()
+            async with Writer(pg) as writer:
+                await tally.wait_for(30)
+                proxy.truncate_marker = b'["change'
+                await writer.wait_for(len(writer.committed) + 100)
+            assert proxy.truncate_marker is None, "a poll answer was cut"
+            await all_delivered([tally], writer.committed, resumed=True)
+            assert tally.wedges == 1, tally.errors
+        finally:
+            await tally.close()
+            await proxy.close()

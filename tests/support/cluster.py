@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 import socketio
+from dbfeed_client.client import drop_wedged, transport_wedged
 
 from connectors.memory import MemoryConnector
 from tests.support.redis import RedisTarget, open_redis_target
@@ -136,6 +137,8 @@ class Tally:
     transports: tuple[str, ...] = ("websocket",)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     """Everything in arrival order: ("change", c), ("gap", g), ("resume", ack)."""
+    wedges: int = 0
+    """Transports found dead without a disconnect (see `_until_lost`)."""
     _sio: socketio.AsyncClient | None = None
     _task: asyncio.Task[None] | None = None
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -219,9 +222,24 @@ class Tally:
 
     async def _follow(self) -> None:
         while True:
-            await self._lost.wait()
+            await self._until_lost()
             self.node += 1
             await self._connect()
+
+    async def _until_lost(self) -> None:
+        """The disconnect handler, or a wedged transport: python-engineio's long-polling
+        client loses its read loop without a disconnect when a poll answer is cut mid-body (a
+        node killed while its answer crosses the balancer), and would wait forever. Reconnecting
+        then resumes with `since`, so a change the server lost still fails the test."""
+        while not self._lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 1.0)
+            sio = self._sio
+            if not self._lost.is_set() and sio is not None and transport_wedged(sio):
+                self.errors.append(f"{self.name}: transport wedged without a disconnect")
+                self.wedges += 1
+                await drop_wedged(sio)
+                self._lost.set()
 
     async def wait_for(self, count: int, timeout: float = WAIT) -> None:
         try:

@@ -16,6 +16,10 @@ class CuttableProxy:
         self.writers: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.truncate_marker: bytes | None = None
+        """When set: the next answer from the feed holding it is forwarded up to the middle of
+        its body, then the connection drops (a node killed while its answer crosses a load
+        balancer: the client has the headers and part of the body)."""
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -31,14 +35,22 @@ class CuttableProxy:
             writer.transport.abort()
             return
         self.writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
+        for source, sink, down in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(source, sink, down))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, down: bool
+    ) -> None:
         try:
             while data := await source.read(65536):
+                marker = self.truncate_marker
+                if down and marker is not None and _mid_body(data, marker):
+                    self.truncate_marker = None
+                    sink.write(data[: data.index(marker, data.index(b"\r\n\r\n"))])
+                    await sink.drain()
+                    break
                 sink.write(data)
                 await sink.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -63,3 +75,9 @@ class CuttableProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+def _mid_body(data: bytes, marker: bytes) -> bool:
+    """Whether `data` holds a whole HTTP head and, after it, `marker` in the body."""
+    head = data.find(b"\r\n\r\n")
+    return data.startswith(b"HTTP/") and head >= 0 and data.find(marker, head) > head

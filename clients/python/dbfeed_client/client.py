@@ -39,6 +39,43 @@ MAX_IDS = 4096
 """Recent change ids kept per subscription to drop duplicates."""
 MAX_ORPHANS = 10000
 """Changes held for a room whose first subscribe answer has not arrived yet."""
+WATCHDOG_INTERVAL = 1.0
+"""Seconds between two looks at the transport's background tasks (see `transport_wedged`)."""
+
+
+def transport_wedged(sio: socketio.AsyncClient) -> bool:
+    """Whether python-engineio's transport died without saying so.
+
+    Its long-polling read loop catches errors of the HTTP request, not of reading the answer's
+    body: a poll answer cut short (a node killed while its answer crosses a load balancer) or
+    stalled past the poll timeout ends the read loop with an exception, the `disconnect`
+    handler never runs, and the client stays "connected" forever, receiving nothing (its write
+    loop later gives up with "packet queue is empty, aborting", again without a disconnect). A
+    connected client whose read or write loop is gone is such a wedge.
+    """
+    eio = sio.eio
+    if getattr(eio, "state", None) != "connected":
+        return False
+    # Internals of python-engineio (4.x): where a release lacks them, no wedge is assumed.
+    if not (hasattr(eio, "read_loop_task") and hasattr(eio, "write_loop_task")):
+        return False
+    read, write = eio.read_loop_task, eio.write_loop_task
+    return read is None or read.done() or write is None or write.done()
+
+
+async def drop_wedged(sio: socketio.AsyncClient) -> None:
+    """Close a wedged transport at once, running its disconnect handlers; the dead read loop's
+    error is taken here (it is the reason, already known) instead of left unretrieved."""
+    eio = sio.eio
+    read = eio.read_loop_task
+    with contextlib.suppress(Exception):
+        await eio.disconnect(abort=True)
+    if read is not None:
+        if not read.done():
+            read.cancel()
+        await asyncio.wait([read], timeout=1.0)
+        if read.done() and not read.cancelled():
+            read.exception()
 
 
 class _Events:
@@ -209,11 +246,25 @@ class FeedClient(_Events):
             if not first.done():
                 first.set_result(None)
             self._on_connect()
-            await self._gone.wait()
+            await self._watch(sio)
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             if not self._closed:
                 await asyncio.sleep(delay)
+
+    async def _watch(self, sio: socketio.AsyncClient) -> None:
+        """Wait until the connection is lost, noticing a wedged transport too (which never
+        reports its loss): that one is dropped here, which runs the disconnect handler."""
+        while not self._gone.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gone.wait(), WATCHDOG_INTERVAL)
+            if not self._gone.is_set() and transport_wedged(sio):
+                log.warning(
+                    "dbfeed_client: the transport stopped without a disconnect; reconnecting"
+                )
+                await drop_wedged(sio)  # runs `_on_disconnect` through the disconnect handler
+                if not self._gone.is_set():
+                    await self._on_disconnect("transport error")
 
     def _new_socket(self) -> socketio.AsyncClient:
         sio = socketio.AsyncClient(reconnection=False)
