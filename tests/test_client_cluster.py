@@ -1,6 +1,6 @@
 """dbfeed_client on a cluster: when its node goes away it resumes on another, `recovered`.
 
-Two nodes of one feed on one Redis (tests/test_cluster.py's setup, in this process); the client
+Two nodes of one feed on one Redis (tests/support/cluster.py's nodes in this process); the client
 is given both URLs and reaches the first through a proxy the test cuts. The room's numbers and
 history live in Redis, so the other node replays what was missed: nothing missing, nothing twice,
 and no reload.
@@ -8,26 +8,23 @@ and no reload.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import pytest
 from dbfeed_client import FeedClient
 
+from tests.support import cluster as cluster_support
+from tests.support.cluster import cluster_config, memory, reader_of, start_nodes
 from tests.support.proxy import CuttableProxy
-from tests.support.redis import RedisTarget, open_redis_target
+from tests.support.redis import RedisTarget
 from tests.test_client_python import Log, assert_once_in_order
-from tests.test_cluster import cluster_config, memory, reader_of, start_nodes
 
 pytestmark = pytest.mark.redis
 
 ROOM = "mem:public.orders"
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = cluster_support.redis_target
 
 
 async def test_the_client_resumes_on_another_node_with_nothing_missing_or_twice(

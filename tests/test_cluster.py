@@ -9,80 +9,28 @@ restarted, Postgres) are in tests/test_cluster_processes.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
 import pytest
 
-from connectors.memory import MemoryConnector
-from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+from tests.support import cluster as cluster_support
+from tests.support.cluster import (
+    cluster_config,
+    memory,
+    reader_and_other,
+    reader_of,
+    start_nodes,
+    subscribed,
+)
+from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
+redis_target = cluster_support.redis_target
+
 pytestmark = pytest.mark.redis
-
-
-def cluster_config(url: str, prefix: str, lease: float = 1.0, history: int = 50) -> str:
-    return f"""
-[server]
-filter_room_grace = 0.5
-
-[cluster]
-url = "{url}"
-prefix = "{prefix.rstrip(":")}"
-lease = {lease}
-history = {history}
-
-[[connectors]]
-name = "mem"
-type = "memory"
-targets = ["public.orders"]
-"""
-
-
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
-
-
-async def start_nodes(
-    stack: AsyncExitStack, config: str, count: int, names: list[str] | None = None
-) -> list[RunningFeed]:
-    nodes = []
-    for i in range(count):
-        node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
-        if names:
-            node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "{names[i]}"\n')
-        nodes.append(await stack.enter_async_context(running_feed(node_config)))
-    return nodes
-
-
-async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
-    found: list[RunningFeed] = []
-
-    def one_reads() -> bool:
-        found[:] = [
-            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
-        ]
-        return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
-
-    await wait_until(one_reads, 15, "one node to read the connector")
-    return found[0]
-
-
-def memory(node: RunningFeed) -> MemoryConnector:
-    connector = node.hub.connectors["mem"]
-    assert isinstance(connector, MemoryConnector)
-    return connector
-
-
-async def subscribed(client: FeedClient, room: str, **fields: Any) -> dict[str, Any]:
-    ack = await client.subscribe(room, **fields)
-    assert ack["ok"], ack
-    return ack
 
 
 async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
@@ -135,12 +83,36 @@ async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
             assert mirrored == expected
 
 
+async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
+    redis_target: RedisTarget,
+) -> None:
+    """As on a single node (feed.core.targets): a truncate empties every room of the target."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        row = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(row, "mem:public.orders:1")
+        paid = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(paid, "mem:public.orders", filter="status=eq.paid")
+        engine = reader.hub.engine
+        assert engine is not None
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and len(list(index.names())) == 2
+
+        await wait_until(routed, 10, "the reader to route both rooms")
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+        memory(reader).truncate("public.orders")
+        for client in (row, paid):
+            got = await client.take(2)
+            assert [(c["op"], c["seq"]) for c in got] == [("insert", 1), ("truncate", 2)]
+
+
 async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         first = await FeedClient().connect(reader.url)
         ack = await subscribed(first, "mem:public.orders")
         for i in range(1, 6):
@@ -171,9 +143,7 @@ async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
 ) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix, history=10)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         for i in range(1, 501):
             memory(reader).write("public.orders", "insert", {"id": i})
         async with feed_client(other.url) as client:
@@ -192,9 +162,7 @@ async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
 async def test_snapshot_on_a_node_that_does_not_read_is_exact(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         source = memory(reader)
         for i in range(1, 31):
             source.write("public.orders", "insert", {"id": i, "n": 0})
@@ -356,9 +324,7 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
 ) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         engine = reader.hub.engine
         assert engine is not None
         name = "mem:public.orders?status=eq.paid"
@@ -477,9 +443,7 @@ async def test_a_node_cuts_off_its_clients_that_stop_reading(redis_target: Redis
         f"\n[limits]\noutbound_queue_bytes = {limit}\n"
     )
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         sockets = other.app.sio.eio.sockets
         stalled = [await raw_socketio(other) for _ in range(2)]
         for ws, _ in stalled:
@@ -507,9 +471,7 @@ async def test_a_large_snapshot_on_another_node_comes_in_chunks_before_the_chang
         "[server]\n", "[server]\nsnapshot_chunk_bytes = 1024\n"
     )
     async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, config)
         for i in range(1, 61):
             memory(reader).write("public.orders", "insert", {"id": i, "note": "x" * 40})
         client = await stack.enter_async_context(feed_client(other.url))

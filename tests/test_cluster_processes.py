@@ -11,16 +11,24 @@ silent hole).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import cluster as cluster_support
 from tests.support import postgres as pg_support
-from tests.support.cluster import FeedNode, LoadBalancer, Tally, haproxy_binary
+from tests.support.cluster import (
+    FeedNode,
+    LoadBalancer,
+    Tally,
+    haproxy_binary,
+    reading_node,
+    running_cluster,
+    tallies_on,
+)
 from tests.support.postgres import PgDatabase
 from tests.support.proxy import CuttableProxy
-from tests.support.redis import RedisTarget, open_private_redis, open_redis_target
+from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
@@ -58,10 +66,7 @@ save_interval = 0.2
     return path
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = cluster_support.redis_target
 
 
 class Writer:
@@ -105,22 +110,6 @@ class Writer:
                 await asyncio.sleep(0.01)
 
 
-async def reading_node(nodes: list[FeedNode]) -> FeedNode:
-    async with asyncio.timeout(30):
-        while True:
-            for node in nodes:
-                if node.process is None:
-                    continue
-                try:
-                    _, body = await node.readyz()
-                except Exception:
-                    continue
-                reading = "main" in body.get("cluster", {}).get("reading", [])
-                if reading and body["connectors"]["main"]["state"] == "up":
-                    return node
-            await asyncio.sleep(0.1)
-
-
 def check(tally: Tally, committed: list[int]) -> None:
     """What a user would notice: every committed row once, in order, nothing to reload."""
     assert tally.duplicates == 0, f"{tally.name}: {tally.duplicates} duplicates"
@@ -146,56 +135,38 @@ async def orders(db: PgDatabase) -> None:
     await db.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
 
 
-async def start_cluster(config: Path, count: int = 3) -> list[FeedNode]:
-    nodes = [FeedNode(f"node{i}", config) for i in range(count)]
-    await asyncio.gather(*(n.start() for n in nodes))
-    for node in nodes:
-        await node.wait_ready()
-    return nodes
-
-
 async def test_kill_the_reader_then_restart_every_node_under_load(
     pg: PgDatabase, redis_target: RedisTarget, tmp_path: Path
 ) -> None:
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
     config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
-    nodes = await start_cluster(config)
-    tallies: list[Tally] = []
-    try:
+    async with running_cluster(config) as nodes:
         reader = await reading_node(nodes)
-        urls = [n.url for n in nodes]  # the same ports across restarts
         # One client per node, the reader's own included (it must resume elsewhere).
-        for i, node in enumerate(nodes):
-            tally = Tally(ROOM, lambda: urls, name=f"client-on-{node.name}", node=i)
-            tallies.append(await tally.start())
-        async with Writer(pg) as writer:
-            await writer.wait_for(100)
-            reader.kill()  # kill -9 under load
-            await reader.process.wait()  # type: ignore[union-attr]
-            reader.process = None
-            started = asyncio.get_running_loop().time()
-            new_reader = await reading_node(nodes)
-            took_over = asyncio.get_running_loop().time() - started
-            assert new_reader is not reader
-            assert took_over < 2.0 + 8.0  # the lease, plus the connector's start on a busy box
-            await writer.wait_for(len(writer.committed) + 100)
-            await reader.start()  # the killed node comes back as a standby
-            await reader.wait_ready()
-            # Restart every node (SIGTERM, then start again on the same ports).
-            for node in nodes:
-                assert await node.stop() == 0, "".join(node.log[-30:])
-            await writer.wait_for(len(writer.committed) + 50)
-            await asyncio.gather(*(n.start() for n in nodes))
-            await reading_node(nodes)
-            await writer.wait_for(len(writer.committed) + 100)
-        committed = writer.committed
-        await all_delivered(tallies, committed, resumed=True)
-    finally:
-        for tally in tallies:
-            await tally.close()
-        for node in nodes:
-            await node.stop()
+        async with tallies_on(ROOM, nodes) as tallies:
+            async with Writer(pg) as writer:
+                await writer.wait_for(100)
+                reader.kill()  # kill -9 under load
+                await reader.process.wait()  # type: ignore[union-attr]
+                reader.process = None
+                started = asyncio.get_running_loop().time()
+                new_reader = await reading_node(nodes)
+                took_over = asyncio.get_running_loop().time() - started
+                assert new_reader is not reader
+                assert took_over < 2.0 + 8.0  # the lease, plus the connector's start on a busy box
+                await writer.wait_for(len(writer.committed) + 100)
+                await reader.start()  # the killed node comes back as a standby
+                await reader.wait_ready()
+                # Restart every node (SIGTERM, then start again on the same ports).
+                for node in nodes:
+                    assert await node.stop() == 0, "".join(node.log[-30:])
+                await writer.wait_for(len(writer.committed) + 50)
+                await asyncio.gather(*(n.start() for n in nodes))
+                await reading_node(nodes)
+                await writer.wait_for(len(writer.committed) + 100)
+            committed = writer.committed
+            await all_delivered(tallies, committed, resumed=True)
 
 
 async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_path: Path) -> None:
@@ -203,33 +174,24 @@ async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_
     async with open_private_redis("--appendonly", "yes", "--appendfsync", "always") as target:
         assert target.server is not None
         config = write_config(tmp_path / "feed.toml", pg.url, target.url, "restart")
-        nodes = await start_cluster(config, 2)
-        tallies: list[Tally] = []
-        try:
+        async with running_cluster(config, 2) as nodes:
             await reading_node(nodes)
-            urls = [n.url for n in nodes]
-            for i in range(2):
-                tallies.append(await Tally(ROOM, lambda: urls, name=f"client{i}", node=i).start())
-            async with Writer(pg) as writer:
-                await writer.wait_for(50)
-                await asyncio.to_thread(target.server.stop)
-                for node in nodes:  # every node shows it; clients stay connected
-                    body = await node.wait_ready(503, timeout=15)
-                    assert body["cluster"]["redis"] == "down" or any(
-                        c["state"] == "down" for c in body["connectors"].values()
-                    )
-                await writer.wait_for(len(writer.committed) + 50)
-                await asyncio.to_thread(target.server.start)
-                for node in nodes:
-                    await node.wait_ready(200, timeout=30)
-                await writer.wait_for(len(writer.committed) + 50)
-            committed = writer.committed
-            await all_delivered(tallies, committed, resumed=False)
-        finally:
-            for tally in tallies:
-                await tally.close()
-            for node in nodes:
-                await node.stop()
+            async with tallies_on(ROOM, nodes) as tallies:
+                async with Writer(pg) as writer:
+                    await writer.wait_for(50)
+                    await asyncio.to_thread(target.server.stop)
+                    for node in nodes:  # every node shows it; clients stay connected
+                        body = await node.wait_ready(503, timeout=15)
+                        assert body["cluster"]["redis"] == "down" or any(
+                            c["state"] == "down" for c in body["connectors"].values()
+                        )
+                    await writer.wait_for(len(writer.committed) + 50)
+                    await asyncio.to_thread(target.server.start)
+                    for node in nodes:
+                        await node.wait_ready(200, timeout=30)
+                    await writer.wait_for(len(writer.committed) + 50)
+                committed = writer.committed
+                await all_delivered(tallies, committed, resumed=False)
 
 
 def silent_holes(tally: Tally) -> list[str]:
@@ -258,53 +220,44 @@ async def test_redis_restart_without_persistence_is_a_gap_never_a_silent_hole(
     async with open_private_redis() as target:  # no RDB, no append-only file
         assert target.server is not None
         config = write_config(tmp_path / "feed.toml", pg.url, target.url, "empty")
-        nodes = await start_cluster(config, 3)
-        tallies: list[Tally] = []
-        try:
+        async with running_cluster(config, 3) as nodes:
             await reading_node(nodes)
-            urls = [n.url for n in nodes]
-            for i in range(3):
-                tallies.append(await Tally(ROOM, lambda: urls, name=f"client{i}", node=i).start())
-            async with Writer(pg) as writer:
-                await writer.wait_for(50)
+            async with tallies_on(ROOM, nodes) as tallies:
+                async with Writer(pg) as writer:
+                    await writer.wait_for(50)
+                    for tally in tallies:
+                        await tally.wait_for(10)
+                    await asyncio.to_thread(target.server.stop)
+                    for node in nodes:  # every node shows it
+                        body = await node.wait_ready(503, timeout=15)
+                        assert body["cluster"]["redis"] == "down" or any(
+                            c["state"] == "down" for c in body["connectors"].values()
+                        )
+                    await writer.wait_for(len(writer.committed) + 50)
+                    await asyncio.to_thread(target.server.start)  # empty
+                    for node in nodes:
+                        await node.wait_ready(200, timeout=30)
+                    for tally in tallies:  # told before the rest is checked
+                        await wait_until(
+                            lambda t=tally: (
+                                bool(t.gaps) or any(r.get("recovered") is False for r in t.resumes)
+                            ),
+                            30,
+                            f"{tally.name} told of the lost history",
+                        )
+                    back = len(writer.committed)
+                    await writer.wait_for(back + 50)
+                committed = writer.committed
+                after = committed[back:]
                 for tally in tallies:
-                    await tally.wait_for(10)
-                await asyncio.to_thread(target.server.stop)
-                for node in nodes:  # every node shows it
-                    body = await node.wait_ready(503, timeout=15)
-                    assert body["cluster"]["redis"] == "down" or any(
-                        c["state"] == "down" for c in body["connectors"].values()
-                    )
-                await writer.wait_for(len(writer.committed) + 50)
-                await asyncio.to_thread(target.server.start)  # empty
-                for node in nodes:
-                    await node.wait_ready(200, timeout=30)
-                for tally in tallies:  # told before the rest is checked
-                    await wait_until(
-                        lambda t=tally: (
-                            bool(t.gaps) or any(r.get("recovered") is False for r in t.resumes)
-                        ),
-                        30,
-                        f"{tally.name} told of the lost history",
-                    )
-                back = len(writer.committed)
-                await writer.wait_for(back + 50)
-            committed = writer.committed
-            after = committed[back:]
-            for tally in tallies:
-                async with asyncio.timeout(60):
-                    while not set(after) <= set(tally.keys):
-                        tally._progress.clear()
-                        await tally._progress.wait()
-                assert silent_holes(tally) == []
-                mine = [k for k in tally.keys if k in set(after)]
-                assert mine == after, f"{tally.name}: rows after the restart differ"
-                assert all(k in set(committed) for k in tally.keys)
-        finally:
-            for tally in tallies:
-                await tally.close()
-            for node in nodes:
-                await node.stop()
+                    async with asyncio.timeout(60):
+                        while not set(after) <= set(tally.keys):
+                            tally._progress.clear()
+                            await tally._progress.wait()
+                    assert silent_holes(tally) == []
+                    mine = [k for k in tally.keys if k in set(after)]
+                    assert mine == after, f"{tally.name}: rows after the restart differ"
+                    assert all(k in set(committed) for k in tally.keys)
 
 
 @pytest.mark.skipif(haproxy_binary() is None, reason="haproxy missing: apt-get install haproxy")
@@ -314,36 +267,34 @@ async def test_through_the_load_balancer_websocket_and_long_polling_clients_resu
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
     config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
-    nodes = await start_cluster(config)
-    balancer = await LoadBalancer(tmp_path, [(n.name, n.port) for n in nodes]).start()
-    tallies: list[Tally] = []
-    try:
-        await reading_node(nodes)
-        for transports in (("websocket",), ("polling",)):
-            tally = Tally(ROOM, lambda: [balancer.url], name=f"via-lb-{transports[0]}")
-            tally.transports = transports
-            tallies.append(await tally.start())
-        async with Writer(pg) as writer:
-            await writer.wait_for(60)
-            # The clients all come from 127.0.0.1, so the balancer keeps them on one node:
-            # kill -9 that node (whether or not it reads the connector).
-            busy = []
-            for node in nodes:
-                if await _metric(node, "feed_clients") >= 2:
-                    busy.append(node)
-            assert len(busy) == 1, "the balancer should keep one address on one node"
-            busy[0].kill()
-            await busy[0].process.wait()  # type: ignore[union-attr]
-            busy[0].process = None
-            await writer.wait_for(len(writer.committed) + 100)
-        committed = writer.committed
-        await all_delivered(tallies, committed, resumed=True)
-    finally:
-        for tally in tallies:
-            await tally.close()
-        await balancer.stop()
-        for node in nodes:
-            await node.stop()
+    async with running_cluster(config) as nodes:
+        balancer = await LoadBalancer(tmp_path, [(n.name, n.port) for n in nodes]).start()
+        tallies: list[Tally] = []
+        try:
+            await reading_node(nodes)
+            for transports in (("websocket",), ("polling",)):
+                tally = Tally(ROOM, lambda: [balancer.url], name=f"via-lb-{transports[0]}")
+                tally.transports = transports
+                tallies.append(await tally.start())
+            async with Writer(pg) as writer:
+                await writer.wait_for(60)
+                # The clients all come from 127.0.0.1, so the balancer keeps them on one node:
+                # kill -9 that node (whether or not it reads the connector).
+                busy = []
+                for node in nodes:
+                    if await _metric(node, "feed_clients") >= 2:
+                        busy.append(node)
+                assert len(busy) == 1, "the balancer should keep one address on one node"
+                busy[0].kill()
+                await busy[0].process.wait()  # type: ignore[union-attr]
+                busy[0].process = None
+                await writer.wait_for(len(writer.committed) + 100)
+            committed = writer.committed
+            await all_delivered(tallies, committed, resumed=True)
+        finally:
+            for tally in tallies:
+                await tally.close()
+            await balancer.stop()
 
 
 async def _metric(node: FeedNode, name: str) -> float:
@@ -367,24 +318,22 @@ async def test_a_long_polling_client_whose_poll_answer_is_cut_mid_body_resumes(
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
     config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
-    nodes = await start_cluster(config)
-    proxy = CuttableProxy(nodes[0].port)
-    await proxy.start()
-    urls = [f"http://127.0.0.1:{proxy.port}", nodes[1].url, nodes[2].url]
-    tally = Tally(ROOM, lambda: urls, name="cut-poll")
-    tally.transports = ("polling",)
-    try:
-        await reading_node(nodes)
-        await tally.start()
-        async with Writer(pg) as writer:
-            await tally.wait_for(30)
-            proxy.truncate_marker = b'["change'
-            await writer.wait_for(len(writer.committed) + 100)
-        assert proxy.truncate_marker is None, "a poll answer was cut"
-        await all_delivered([tally], writer.committed, resumed=True)
-        assert tally.wedges == 1, tally.errors
-    finally:
-        await tally.close()
-        await proxy.close()
-        for node in nodes:
-            await node.stop()
+    async with running_cluster(config) as nodes:
+        proxy = CuttableProxy(nodes[0].port)
+        await proxy.start()
+        urls = [f"http://127.0.0.1:{proxy.port}", nodes[1].url, nodes[2].url]
+        tally = Tally(ROOM, lambda: urls, name="cut-poll")
+        tally.transports = ("polling",)
+        try:
+            await reading_node(nodes)
+            await tally.start()
+            async with Writer(pg) as writer:
+                await tally.wait_for(30)
+                proxy.truncate_marker = b'["change'
+                await writer.wait_for(len(writer.committed) + 100)
+            assert proxy.truncate_marker is None, "a poll answer was cut"
+            await all_delivered([tally], writer.committed, resumed=True)
+            assert tally.wedges == 1, tally.errors
+        finally:
+            await tally.close()
+            await proxy.close()

@@ -16,17 +16,17 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 from connectors.base import Connector, RoomAddress, State, Status
 from connectors.health import CAPTURE_METRICS
 from feed.core.change import Change, Gap, format_ts, to_json
-from feed.core.filter_index import FilterIndex
 from feed.core.filters import RowFilter, parse_filter
 from feed.core.rooms import Room
 from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.core.targets import TargetRooms as TargetRooms  # also imported from here (bench, tests)
 from feed.delivery.protocol import SubscribeRequest
 from feed.delivery.transport import FlushBeforeWaiting, Transport
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
@@ -44,50 +44,6 @@ HEALTHY_RUN = 30.0
 SNAPSHOT_TIMEOUT = 30.0
 
 RowGuard = Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
-
-
-@dataclass
-class TargetRooms:
-    """The rooms of one connector target: the target room and the followed subrooms.
-
-    Filter rooms are found through an index of their equality conditions (feed.core.filter_index),
-    so a change costs the same with ten per-user rooms as with a hundred thousand.
-    """
-
-    room: Room
-    by_key: dict[str, dict[str, Room]] = field(default_factory=dict)
-    filtered: FilterIndex[Room] = field(default_factory=FilterIndex)
-
-    def add(self, room: Room) -> None:
-        if room.key is not None:
-            self.by_key.setdefault(room.key, {})[room.name] = room
-        else:  # a filter room, or a shaped room that sees the whole target
-            self.filtered.add(room)
-
-    def discard(self, room: Room) -> None:
-        if room.key is not None:
-            rooms = self.by_key.get(room.key, {})
-            rooms.pop(room.name, None)
-            if not rooms:
-                self.by_key.pop(room.key, None)
-        else:
-            self.filtered.discard(room.name)
-
-    def matching(self, change: Change) -> list[Room]:
-        rooms = [self.room]
-        if change.key is None and change.before is None and change.after is None:
-            # A truncate (or a dropped collection) empties every row and filter room too.
-            for by_name in self.by_key.values():
-                rooms.extend(by_name.values())
-            rooms.extend(self.filtered.rooms())
-            return rooms
-        key = change.row_key
-        if key is not None and self.by_key:
-            for room in self.by_key.get(key, {}).values():
-                if room.filter is None or room.filter.matches(change):
-                    rooms.append(room)
-        self.filtered.collect(change, rooms)
-        return rooms
 
 
 STOP_GRACE = 5.0
@@ -186,7 +142,7 @@ class Hub:
         self.unconfigured: list[dict[str, str]] = []
         self.rooms: dict[str, Room] = {}
         self.clients: dict[str, set[str]] = {}
-        self._targets: dict[tuple[str, str], TargetRooms] = {}
+        self._targets: dict[tuple[str, str], TargetRooms[Room]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], object] = {}
@@ -397,7 +353,7 @@ class Hub:
                 }
                 await self.transport.send_room(room.name, "gap", body, [])
 
-    def _target_rooms(self, connector: str, target: str) -> TargetRooms:
+    def _target_rooms(self, connector: str, target: str) -> TargetRooms[Room]:
         rooms = self._targets.get((connector, target))
         if rooms is None:
             room = Room(f"{connector}:{target}", connector, target, capacity=self._capacity)

@@ -5,6 +5,8 @@ from FEED_NODE); it can be stopped with SIGTERM, killed with SIGKILL, and starte
 same port. A `Tally` is a Socket.IO client that follows one room across nodes: when its node
 goes away it reconnects to the next one and resumes with `since` and `epoch`, and it records
 every anomaly a user would notice (a seq out of order, a duplicate, a gap, a failed resume).
+The last part starts nodes inside the test process instead (`start_nodes`), for the engine's
+faster tests; `redis_target` is the Redis every cluster test shares, under its own prefix.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import socketio
 from dbfeed_client.client import drop_wedged, transport_wedged
 
-from tests.support.server import free_port
+from connectors.memory import MemoryConnector
+from tests.support.redis import RedisTarget, open_redis_target
+from tests.support.server import FeedClient, RunningFeed, free_port, running_feed
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).parent.parent.parent
 WAIT = 30.0
@@ -258,6 +265,53 @@ class Tally:
                 await self._sio.disconnect()
 
 
+@contextlib.asynccontextmanager
+async def running_cluster(config: Path, count: int = 3) -> AsyncIterator[list[FeedNode]]:
+    """`count` nodes of one config (node0, node1, ...), ready; every one stopped at the end."""
+    nodes = [FeedNode(f"node{i}", config) for i in range(count)]
+    try:
+        await asyncio.gather(*(n.start() for n in nodes))
+        for node in nodes:
+            await node.wait_ready()
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+@contextlib.asynccontextmanager
+async def tallies_on(room: str, nodes: list[FeedNode]) -> AsyncIterator[list[Tally]]:
+    """One `Tally` per node, each starting on its own node and resuming on the next ones
+    (the same ports across restarts); all closed at the end."""
+    urls = [n.url for n in nodes]
+    tallies: list[Tally] = []
+    try:
+        for i, node in enumerate(nodes):
+            tally = Tally(room, lambda: urls, name=f"client-on-{node.name}", node=i)
+            tallies.append(await tally.start())
+        yield tallies
+    finally:
+        for tally in tallies:
+            await tally.close()
+
+
+async def reading_node(nodes: list[FeedNode], connector: str = "main") -> FeedNode:
+    """The node whose /readyz says it reads `connector`, once that connector is up there."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            for node in nodes:
+                if node.process is None:
+                    continue
+                try:
+                    _, body = await node.readyz()
+                except Exception:
+                    continue
+                reading = connector in body.get("cluster", {}).get("reading", [])
+                if reading and body["connectors"][connector]["state"] == "up":
+                    return node
+            await asyncio.sleep(0.1)
+
+
 def haproxy_binary() -> str | None:
     """Debian's haproxy (`apt-get install haproxy`; .ci/run installs it)."""
     return shutil.which("haproxy") or (
@@ -319,3 +373,76 @@ class LoadBalancer:
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             await asyncio.wait_for(self.process.wait(), WAIT)
+
+
+# -- nodes in this process (tests/test_cluster.py, tests/test_client_cluster.py) -------------
+# The real app under uvicorn per node, each with its own memory connector: a test writes to the
+# connector of the node that holds the lease (the reader).
+
+
+def cluster_config(url: str, prefix: str, lease: float = 1.0, history: int = 50) -> str:
+    return f"""
+[server]
+filter_room_grace = 0.5
+
+[cluster]
+url = "{url}"
+prefix = "{prefix.rstrip(":")}"
+lease = {lease}
+history = {history}
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders"]
+"""
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    async with open_redis_target() as target:
+        yield target
+
+
+async def start_nodes(
+    stack: AsyncExitStack, config: str, count: int, names: list[str] | None = None
+) -> list[RunningFeed]:
+    nodes = []
+    for i in range(count):
+        node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "node{i}"\n')
+        if names:
+            node_config = config.replace("[cluster]\n", f'[cluster]\nnode = "{names[i]}"\n')
+        nodes.append(await stack.enter_async_context(running_feed(node_config)))
+    return nodes
+
+
+async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
+    found: list[RunningFeed] = []
+
+    def one_reads() -> bool:
+        found[:] = [
+            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
+        ]
+        return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
+
+    await wait_until(one_reads, 15, "one node to read the connector")
+    return found[0]
+
+
+async def reader_and_other(stack: AsyncExitStack, config: str) -> tuple[RunningFeed, RunningFeed]:
+    """Two nodes of `config`: the one that reads the memory connector, and the other one."""
+    nodes = await start_nodes(stack, config, 2)
+    reader = await reader_of(nodes)
+    return reader, next(n for n in nodes if n is not reader)
+
+
+def memory(node: RunningFeed) -> MemoryConnector:
+    connector = node.hub.connectors["mem"]
+    assert isinstance(connector, MemoryConnector)
+    return connector
+
+
+async def subscribed(client: FeedClient, room: str, **fields: Any) -> dict[str, Any]:
+    ack = await client.subscribe(room, **fields)
+    assert ack["ok"], ack
+    return ack

@@ -1,0 +1,81 @@
+"""The rooms of one connector target, as both the hub and the cluster reader route a change.
+
+A single node's hub routes to its own `Room`s; a cluster's reader routes to the `Routed` rooms
+that any node registered (feed.engine.routes). The rule is the same on both sides, so it is one
+piece: the target room always, row rooms by the change's key, filter rooms through the index of
+their equality conditions (feed.core.filter_index), and every room on a truncate. Kept here, in
+the core layer below both, so that the reader needs nothing from the hub's module and the hub
+nothing from the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from feed.core.change import Change
+from feed.core.filter_index import FilterIndex
+from feed.core.filters import RowFilter
+
+
+class Targeted(Protocol):
+    """What routing needs of a room: its name, row key and filter
+    (feed.core.filter_index.Routable)."""
+
+    name: str
+    key: str | None
+    filter: RowFilter | None
+
+
+R = TypeVar("R", bound=Targeted)
+
+
+@dataclass
+class TargetRooms(Generic[R]):
+    """The target room and the followed subrooms of one target.
+
+    A change costs the same with ten per-user rooms as with a hundred thousand: row rooms are
+    found by key, filter rooms by their eq/in conditions.
+    """
+
+    room: R
+    by_key: dict[str, dict[str, R]] = field(default_factory=dict)
+    filtered: FilterIndex[R] = field(default_factory=FilterIndex)
+
+    def add(self, room: R) -> None:
+        if room.key is not None:
+            self.by_key.setdefault(room.key, {})[room.name] = room
+        else:  # a filter room, or a shaped room that sees the whole target
+            self.filtered.add(room)
+
+    def discard(self, room: R) -> None:
+        if room.key is not None:
+            rooms = self.by_key.get(room.key, {})
+            rooms.pop(room.name, None)
+            if not rooms:
+                self.by_key.pop(room.key, None)
+        else:
+            self.filtered.discard(room.name)
+
+    def names(self) -> Iterator[str]:
+        """The subrooms' names (the target room's is `room.name`)."""
+        yield from self.filtered
+        for rooms in self.by_key.values():
+            yield from rooms
+
+    def matching(self, change: Change) -> list[R]:
+        rooms = [self.room]
+        if change.key is None and change.before is None and change.after is None:
+            # A truncate (or a dropped collection) empties every row and filter room too.
+            for by_name in self.by_key.values():
+                rooms.extend(by_name.values())
+            rooms.extend(self.filtered.rooms())
+            return rooms
+        key = change.row_key
+        if key is not None and self.by_key:
+            for room in self.by_key.get(key, {}).values():
+                if room.filter is None or room.filter.matches(change):
+                    rooms.append(room)
+        self.filtered.collect(change, rooms)
+        return rooms

@@ -1,0 +1,102 @@
+"""What every part of the Redis engine shares: its state, its key names and its scripts.
+
+The engine is split by concern into a chain of small classes (registry, publisher, lease,
+snapshots, history, delivery, resume; feed.engine.redis puts them together). Each link only
+calls what the links below it define, so there is no import cycle and no forward stub; this base
+holds the state they all read (tests and the hub look at `_leases`, `_index`, `_mirrors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from connectors.base import Status
+from feed.core.change import Change
+from feed.core.targets import TargetRooms
+from feed.engine import ClusterConfig
+from feed.engine.batch import Batcher
+from feed.engine.mirror import Mirror
+from feed.engine.routes import Routed
+
+if TYPE_CHECKING:
+    from feed.routing.hub import Hub
+
+log = logging.getLogger("feed.engine.redis")
+
+
+class EngineCore:
+    """The state and key names of one node's engine (see feed.engine.redis.RedisEngine)."""
+
+    def __init__(self, config: ClusterConfig, hub: Hub) -> None:
+        self.config = config
+        self.hub = hub
+        self.node = config.node
+        p = config.prefix
+        self._p = p
+        self.control = f"{p}:control".encode()
+        self.inbox = f"{p}:node:{self.node}".encode()
+        self.redis: Any = None
+        self.up = False
+        self.detail = "connecting"
+        self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
+        self._leases: dict[str, int] = {}
+        self._batchers: dict[str, Batcher] = {}
+        self._index: dict[str, dict[str, TargetRooms[Routed]]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._published = 0
+        """Changes this node published (numbers the ids remembered in the `seen` set)."""
+        self._watching: dict[str, list[tuple[int, Change]]] = {}
+        self._mirrors: dict[str, Mirror] = {}
+        self._by_channel: dict[bytes, Mirror] = {}
+        self._pubsub: Any = None
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scripts: dict[str, Any] = {}
+        self._connected = asyncio.Event()
+        self._overridden: dict[str, tuple[Status, Status]] = {}
+        """Statuses of connectors read here, replaced by "Redis unreachable": the real one
+        and the replacement (restored on reconnect unless the connector changed it since)."""
+        self.ttl_ms = int(config.room_ttl * 1000)
+        hub.metrics.describe(
+            "feed_cluster_duplicates_dropped_total",
+            "counter",
+            "Changes read again after a takeover and not published twice",
+        )
+        self.refresh = max(0.2, min(5.0, config.lease / 4))
+        """Seconds between registry refreshes (members' rooms) and re-reads (at the reader)."""
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def meta_key(self, room: str) -> str:
+        return f"{self._p}:room:{room}:meta"
+
+    def stream_key(self, room: str) -> str:
+        return f"{self._p}:room:{room}:history"
+
+    def channel(self, room: str) -> str:
+        return f"{self._p}:room:{room}:live"
+
+    def lease_key(self, connector: str) -> str:
+        return f"{self._p}:lease:{connector}"
+
+    def fence_key(self, connector: str) -> str:
+        return f"{self._p}:fence:{connector}"
+
+    def seen_key(self, connector: str) -> str:
+        return f"{self._p}:seen:{connector}"
+
+    def registry_key(self, connector: str) -> str:
+        return f"{self._p}:rooms:{connector}"
+
+    def live_key(self, connector: str) -> str:
+        return f"{self._p}:live:{connector}"
+
+    @property
+    def status_key(self) -> str:
+        return f"{self._p}:status"
+
+    async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        return await self._scripts[name](keys=keys, args=args)

@@ -1,0 +1,315 @@
+"""The node side: follow the rooms this node's clients are in, and deliver what Redis sends.
+
+The listen loop is python-socketio's pub/sub manager's shape: a bad message is logged and
+skipped, CancelledError is re-raised, a lost connection is retried with a doubling backoff, and
+what the outage may have cost is filled from the history or announced with a `gap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from connectors.base import State
+from feed.core.rooms import Room
+from feed.engine.core import log
+from feed.engine.history import History
+from feed.engine.mirror import Mirror
+from feed.engine.wire import loads, one_line
+from feed.errors import ClusterError, ProtocolError
+
+BACKOFF_START = 0.2
+BACKOFF_MAX = 2.0
+SUBSCRIBE_TIMEOUT = 5.0
+
+
+class Delivery(History):
+    """Subscribing to rooms' channels, the listener, and delivery to local members."""
+
+    # -- this node's rooms ---------------------------------------------------------------------
+
+    async def watch(self, room: Room) -> Mirror:
+        """Follow a room's channel (confirmed by Redis) and register it for the reader."""
+        mirror = self._mirrors.get(room.name)
+        if mirror is None:
+            channel = self.channel(room.name).encode()
+            mirror = self._mirrors[room.name] = Mirror(room, channel)
+            self._by_channel[channel] = mirror
+        if mirror.ready:
+            return mirror
+        async with mirror.lock:
+            if mirror.ready:
+                return mirror
+            try:
+                await self._subscribe([mirror.channel])
+                epoch, seq, gap = await self._register(room)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise ProtocolError(
+                    "cluster_unavailable",
+                    f"the cluster's Redis is unreachable ({one_line(exc)}); retry shortly",
+                ) from None
+            self._baseline(mirror, epoch, seq, gap)
+            mirror.ready = True
+        return mirror
+
+    def _baseline(self, mirror: Mirror, epoch: str, seq: int, gap: int) -> None:
+        if mirror.epoch != epoch or mirror.seq is None or mirror.seq < seq:
+            if mirror.epoch != epoch:
+                mirror.ring.clear()
+            mirror.epoch = epoch
+            mirror.seq = max(seq, mirror.seq or 0) if mirror.epoch == epoch else seq
+            mirror.room.seq = mirror.seq
+        mirror.gap = max(mirror.gap, gap)
+
+    def forget(self, room: Room) -> None:
+        """The hub dropped an expired room: stop following its channel."""
+        mirror = self._mirrors.pop(room.name, None)
+        if mirror is None:
+            return
+        self._by_channel.pop(mirror.channel, None)
+        pubsub = self._pubsub
+        if pubsub is not None:
+            self.hub._spawn(self._quietly(pubsub.unsubscribe(mirror.channel)))
+
+    @staticmethod
+    async def _quietly(coro: Any) -> None:
+        with contextlib.suppress(Exception):
+            await coro
+
+    async def _subscribe(self, channels: list[bytes]) -> None:
+        await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT)
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise ClusterError("not connected to the cluster's Redis")
+        loop = asyncio.get_running_loop()
+        waits = []
+        for channel in channels:
+            future = self._confirm.get(channel)
+            if future is None or future.done():
+                future = self._confirm[channel] = loop.create_future()
+            waits.append(future)
+        await pubsub.subscribe(*channels)
+        await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_TIMEOUT)
+
+    # -- the listener: every message this node receives ----------------------------------------
+
+    async def _listen(self) -> None:
+        """Receive forever; a bad message is logged and skipped, a lost connection retried
+        with doubling backoff (and what it may have cost is recovered or announced)."""
+        delay = BACKOFF_START
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.control, self.inbox)
+                self._pubsub = pubsub
+                recovery = asyncio.create_task(self._recover())
+                self._connected.set()
+                try:
+                    while True:
+                        if recovery.done() and not self.up:
+                            recovery.result()  # a failed recovery: reconnect and try again
+                        message = await pubsub.get_message(timeout=0.5)
+                        if message is None:
+                            continue
+                        try:
+                            await self._on_message(message)
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception:
+                            log.exception("bad cluster message on %r", message.get("channel"))
+                finally:
+                    recovery.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("cluster listener: %s", one_line(exc), exc_info=True)
+                self._down(one_line(exc))
+            finally:
+                self._connected.clear()
+                self._pubsub = None
+                for future in self._confirm.values():
+                    future.cancel()
+                self._confirm.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+            if self.up:
+                delay = BACKOFF_START
+
+    def _down(self, detail: str) -> None:
+        """Redis went away: every node says so (status, /readyz); clients stay connected."""
+        first = self.up or self.detail == "connecting"
+        self.up = False
+        self.detail = f"cluster Redis unreachable: {detail}"
+        if not first:
+            return
+        log.warning("%s: %s", self.node, self.detail)
+        for mirror in self._mirrors.values():
+            mirror.ready = False
+        for name, connector in self.hub.connectors.items():
+            before = connector.status
+            connector.set_status(State.DOWN, self.detail)
+            if name in self._leases:
+                self._overridden[name] = (before, connector.status)
+
+    async def _recover(self) -> None:
+        """After (re)connecting: resubscribe, restore statuses, fill or announce what was missed."""
+        channels = [m.channel for m in self._mirrors.values()]
+        if channels:
+            await self._subscribe(channels)
+        statuses = await self.redis.hgetall(self.status_key)
+        was_down = not self.up
+        self.up = True
+        self.detail = "connected"
+        if was_down:
+            log.info("%s: connected to the cluster's Redis", self.node)
+        for name, connector in self.hub.connectors.items():
+            if name in self._leases:
+                saved = self._overridden.pop(name, None)
+                if saved is not None and connector.status is saved[1]:
+                    connector.set_status(saved[0].state, saved[0].detail)  # ours again
+                self.status_changed(connector.status)
+            elif name.encode() in statuses:
+                self._apply_status(name, loads(statuses[name.encode()]))
+        for mirror in list(self._mirrors.values()):
+            await self._resync(mirror)
+            mirror.ready = True
+
+    async def _resync(self, mirror: Mirror) -> None:
+        async with mirror.order:
+            await self._resync_locked(mirror)
+
+    async def _resync_locked(self, mirror: Mirror) -> None:
+        room = mirror.room
+        epoch, seq, gap = await self._register(room)
+        if mirror.epoch is not None and epoch != mirror.epoch:
+            await self._announce_gap(mirror, "the cluster lost this room's history", seq)
+            mirror.ring.clear()
+            mirror.epoch, mirror.seq, mirror.gap = epoch, seq, gap
+            room.seq = seq
+            return
+        mirror.epoch = epoch
+        if gap > mirror.gap:
+            mirror.gap = gap
+        if mirror.seq is not None and seq > mirror.seq:
+            await self._fill(mirror, seq)
+
+    async def _on_message(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel")
+        if kind == b"subscribe" or kind == "subscribe":
+            future = self._confirm.pop(channel, None) if isinstance(channel, bytes) else None
+            if future is not None and not future.done():
+                future.set_result(None)
+            return
+        if kind not in (b"message", "message"):
+            return
+        data: bytes = message["data"]
+        if channel == self.control:
+            self._on_control(loads(data))
+            return
+        if channel == self.inbox:
+            await self._on_inbox(loads(data))
+            return
+        mirror = self._by_channel.get(channel) if isinstance(channel, bytes) else None
+        if mirror is None:
+            return
+        head, _, rest = data.partition(b"\n")
+        if head == b"gap":
+            seq_text, _, body = rest.partition(b"\n")
+            await self._on_gap(mirror, int(seq_text), loads(body))
+            return
+        epoch, _, payloads = rest.partition(b"\n")
+        await self._apply(mirror, int(head), epoch.decode(), payloads.split(b"\n"))
+
+    def _on_control(self, body: Mapping[str, Any]) -> None:
+        kind = body.get("t")
+        if kind == "room":
+            self._route_spec(body["spec"])
+        elif kind == "status":
+            self._apply_status(str(body.get("c")), body.get("s") or {})
+
+    async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
+        """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..."""
+        last = first + len(raws) - 1
+        async with mirror.order:
+            if mirror.seq is None:  # the first message of a room being watched: the baseline
+                mirror.epoch, mirror.seq = epoch, first - 1
+            elif epoch != mirror.epoch:
+                # Said even while a reconnect is still resyncing (not `ready`): a publication in
+                # the new epoch can arrive first, and after it the resync sees nothing to tell.
+                reason = "the cluster lost this room's history"
+                await self._announce_gap(mirror, reason, first - 1)
+                mirror.ring.clear()
+                mirror.epoch, mirror.seq, mirror.gap = epoch, first - 1, 0
+            if last <= mirror.seq:
+                return  # already delivered (a resync read it from the history first)
+            if first > mirror.seq + 1:
+                await self._fill(mirror, first - 1)
+                if last <= mirror.seq:
+                    return
+            # Sent in one loop pass, the run leaves as one `changes` frame
+            # (feed.delivery.transport).
+            for seq, raw in enumerate(raws, start=first):
+                if seq <= mirror.seq:
+                    continue
+                payload = loads(raw)
+                payload["seq"] = seq
+                await self._deliver(mirror, seq, payload)
+
+    async def _deliver(self, mirror: Mirror, seq: int, payload: dict[str, Any]) -> None:
+        if mirror.seq is not None and seq <= mirror.seq:
+            return
+        room = mirror.room
+        if mirror.ring and mirror.ring[-1][0] != seq - 1:
+            mirror.ring.clear()
+        mirror.ring.append((seq, payload))
+        mirror.seq = seq
+        room.seq = seq
+        mirror.advanced.set()
+        mirror.advanced = asyncio.Event()
+        hub = self.hub
+        receivers = len(room.members) - len(room.pending)
+        if receivers > 0 and hub.transport is not None:
+            await hub.transport.send_room(room.name, "change", payload, list(room.pending))
+            hub._counters(room.connector)[1].inc(receivers)
+
+    async def _fill(self, mirror: Mirror, upto: int) -> None:
+        """Deliver what pub/sub did not bring (a hole up to `upto`) from the room's history."""
+        start = mirror.seq or 0
+        entries = await self._history(mirror.room.name, start, upto)
+        if entries is None:
+            await self._announce_gap(
+                mirror, "changes were missed while the cluster's Redis was unreachable", upto
+            )
+            mirror.ring.clear()
+            mirror.seq = upto
+            mirror.room.seq = upto
+            return
+        for seq, payload in entries:
+            await self._deliver(mirror, seq, payload)
+
+    async def _on_gap(self, mirror: Mirror, seq: int, body: Mapping[str, Any]) -> None:
+        mirror.gap = max(mirror.gap, seq)
+        await self._announce_gap(mirror, str(body.get("reason", "")), seq, body.get("ts"))
+
+    async def _announce_gap(self, mirror: Mirror, reason: str, seq: int, ts: Any = None) -> None:
+        room = mirror.room
+        room.mark_gap()
+        mirror.gap = max(mirror.gap, seq)
+        self.hub.metrics.inc("feed_gaps_total", connector=room.connector)
+        if room.members and self.hub.transport is not None:
+            body = {
+                "connector": room.connector,
+                "room": room.name,
+                "target": room.target,
+                "reason": reason,
+                "seq": seq,
+                "ts": ts,
+            }
+            await self.hub.transport.send_room(room.name, "gap", body, [])

@@ -1,0 +1,180 @@
+"""One reader per connector across the cluster: the lease, its fencing token and shared status.
+
+A lease (`SET NX PX`, renewed) with a fencing token from `INCR`: only the holder runs the
+connector, and the publish script refuses a stale token, so a paused old reader cannot write
+after a takeover. The reader shares its connector's status so every node can show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from connectors.base import Connector, State, Status
+from feed.core.change import Gap
+from feed.engine.batch import Batcher
+from feed.engine.core import log
+from feed.engine.publisher import Publisher
+from feed.engine.wire import dumps, loads, one_line
+from feed.errors import ClusterError
+
+
+class Leases(Publisher):
+    """Taking, renewing and losing connectors' leases; showing who reads what."""
+
+    # -- the lease: one reader per connector ---------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def reading(self, connector: Connector) -> AsyncIterator[None]:
+        """Hold the connector's lease while the body runs; end the body when the lease is lost."""
+        name = connector.name
+        holder, token = await self._acquire(connector)
+        lost: list[str] = []
+        failed: list[str] = []
+
+        def stop_reading(reason: str) -> None:  # a batch could not be published
+            failed.append(reason)
+            with contextlib.suppress(RuntimeError):  # the reading is over or ending already
+                deadline.reschedule(asyncio.get_running_loop().time())
+
+        try:
+            async with asyncio.timeout(None) as deadline:
+                renewer = asyncio.create_task(
+                    self._renew(name, holder, deadline, lost), name=f"cluster:lease:{name}"
+                )
+                try:
+                    try:
+                        await self._load_index(name)
+                    except Exception as exc:
+                        raise ClusterError(
+                            f"cannot read the room registry: {one_line(exc)}"
+                        ) from None
+                    self._leases[name] = token
+                    # The batches carry this reading's token: a late one from an ended reading is
+                    # refused by Redis once any reading (this node's next one too) has begun.
+                    batcher = Batcher(
+                        name,
+                        lambda batch: self._publish_batch(connector, batch, token),
+                        stop_reading,
+                    )
+                    self._batchers[name] = batcher
+                    connector.settle_with(batcher.drain)
+                    self.readers[name] = self.node
+                    log.info("%s: reading connector %s (fencing token %d)", self.node, name, token)
+                    if token > 1 and not connector.durable:
+                        # Another node read it before (the token counts readers): what the
+                        # source said while nobody listened is gone, and the clients must know.
+                        reason = "the connector moved to another node: events in between lost"
+                        with contextlib.suppress(Exception):
+                            await self.publish_gap(Gap(name, reason))
+                    yield
+                finally:
+                    self._leases.pop(name, None)
+                    self._index.pop(name, None)
+                    connector.settle_with(None)
+                    gone = self._batchers.pop(name, None)
+                    if gone is not None and not gone.close():
+                        # It moved on past what was not published: from the saved position.
+                        connector.forget_unsaved()
+                    if self.readers.get(name) == self.node:
+                        self.readers[name] = None
+                    renewer.cancel()
+                    with contextlib.suppress(BaseException):
+                        await renewer
+        except TimeoutError:
+            if lost:
+                raise ClusterError(f"lease on {name!r} lost: {lost[0]}") from None
+            if failed:
+                raise ClusterError(failed[0]) from None
+            raise
+        finally:
+            if not lost:
+                with contextlib.suppress(Exception):
+                    await self._script("RELEASE", [self.lease_key(name)], [holder])
+
+    async def _acquire(self, connector: Connector) -> tuple[str, int]:
+        name = connector.name
+        interval = max(0.05, min(1.0, self.config.lease / 10))
+        lease_ms = int(self.config.lease * 1000)
+        shown = ""
+        while True:
+            try:
+                token = await self._script(
+                    "ACQUIRE", [self.lease_key(name), self.fence_key(name)], [self.node, lease_ms]
+                )
+                if token is not None:
+                    return f"{self.node}|{int(token)}", int(token)
+                current = await self.redis.get(self.lease_key(name))
+                reader = current.decode().rsplit("|", 1)[0] if current else None
+                self.readers[name] = reader
+                if reader and reader != shown:
+                    shown = reader
+                    await self._mirror_status(connector, reader)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                shown = ""
+                connector.set_status(State.DOWN, f"cluster Redis unreachable: {one_line(exc)}")
+            await asyncio.sleep(interval)
+
+    async def _renew(
+        self, name: str, holder: str, deadline: asyncio.Timeout, lost: list[str]
+    ) -> None:
+        lease = self.config.lease
+        lease_ms = int(lease * 1000)
+        valid_until = time.monotonic() + lease
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                still = await self._script("RENEW", [self.lease_key(name)], [holder, lease_ms])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() < valid_until - lease / 6:
+                    continue
+                lost.append(f"cannot renew it: {one_line(exc)}")
+            else:
+                if still:
+                    valid_until = time.monotonic() + lease
+                    continue
+                lost.append("another node holds it now")
+            log.warning("%s: lease on %s lost (%s)", self.node, name, lost[0])
+            deadline.reschedule(asyncio.get_running_loop().time())
+            return
+
+    async def _mirror_status(self, connector: Connector, reader: str) -> None:
+        raw = await self.redis.hget(self.status_key, connector.name)
+        if raw:
+            self._apply_status(connector.name, loads(raw))
+        else:
+            connector.set_status(State.STARTING, f"read by {reader}")
+
+    def _apply_status(self, name: str, body: Mapping[str, Any]) -> None:
+        connector = self.hub.connectors.get(name)
+        if connector is None or name in self._leases:
+            return
+        reader = body.get("reader")
+        self.readers[name] = reader
+        detail = str(body.get("detail", ""))
+        connector.set_status(State(body.get("state", "down")), detail)
+
+    def status_changed(self, status: Status) -> None:
+        """The reader shares its connector's status with every node."""
+        if status.connector not in self._leases or self.redis is None:
+            return
+        body = {**status.to_json(), "reader": self.node}
+        self.hub._spawn(self._share_status(status.connector, body))
+
+    async def _share_status(self, name: str, body: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            data = dumps(body)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self.status_key, name, data)
+                pipe.publish(self.control, dumps({"t": "status", "c": name, "s": body}))
+                await pipe.execute()
+
+    def reader_of(self, name: str) -> str | None:
+        return self.readers.get(name)

@@ -1,0 +1,160 @@
+"""Subscribe and resume on any node: the ack's numbers, recovery and catch-up from Redis.
+
+A resume with `since` and `epoch` is answered `recovered: true` only when this node's ring or the
+room's stream still holds everything after `since`; the catch-up then replays it (or the rest of a
+snapshot) before the member goes live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from connectors.base import Connector, RoomAddress
+from feed.core.rooms import Room
+from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.delivery.protocol import SubscribeRequest
+from feed.engine.core import log
+from feed.engine.delivery import Delivery
+from feed.engine.mirror import Mirror
+from feed.engine.snapshots import SnapshotPlan
+from feed.engine.wire import one_line
+from feed.errors import ProtocolError
+
+
+class Resume(Delivery):
+    """The hub's subscribe for a cluster room."""
+
+    # -- subscribe and resume on any node ------------------------------------------------------
+
+    async def subscribe(
+        self,
+        sid: str,
+        request: SubscribeRequest,
+        room: Room,
+        connector: Connector,
+        address: RoomAddress,
+        mask: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None,
+    ) -> dict[str, Any]:
+        """The hub's subscribe once the room exists here: numbers and history from Redis."""
+        hub = self.hub
+        mirror = await self.watch(room)
+        seq = mirror.seq or 0
+        cursor = seq
+        recovered: bool | None = None
+        if request.since is not None:
+            same_epoch = request.epoch is None or request.epoch == mirror.epoch
+            recovered = same_epoch and await self._holds_after(mirror, request.since)
+            if recovered:
+                cursor = request.since
+        hub._join(sid, room)
+        ack: dict[str, Any] = {
+            "ok": True,
+            "room": room.name,
+            "seq": seq,
+            "recovered": recovered,
+            "epoch": mirror.epoch,
+        }
+        plan: SnapshotPlan | None = None
+        rest: list[SnapshotChunk] = []
+        if request.snapshot and not recovered:
+            try:
+                answer = await self._snapshot(room, address)
+            except BaseException:
+                hub._leave(sid, room)
+                raise
+            plan = SnapshotPlan(int(answer["upto"]), frozenset(answer["uncovered"]))
+            # `keys` is absent in the answer of a reading node older than snapshot keys.
+            rows, keys = visible(answer["rows"], answer.get("keys"), mask)
+            (first, first_keys), *rest = split_snapshot(
+                rows, keys, hub.settings.snapshot_chunk_bytes
+            )
+            ack["snapshot"] = first
+            if first_keys is not None:
+                ack["snapshot_keys"] = first_keys
+            ack["snapshot_truncated"] = bool(answer["truncated"])
+            ack["snapshot_chunks"] = 1 + len(rest)
+            ack["seq"] = cursor
+        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest))
+        return ack
+
+    async def _holds_after(self, mirror: Mirror, since: int) -> bool:
+        seq = mirror.seq or 0
+        if since > seq or since < 0 or (mirror.gap and since <= mirror.gap):
+            return False
+        if since == seq:
+            return True
+        ring = mirror.ring
+        if ring and ring[0][0] <= since + 1:
+            return True
+        try:
+            first = await self.redis.xrange(
+                self.stream_key(mirror.room.name), f"{since + 1}-0", "+", count=1
+            )
+        except Exception as exc:
+            raise ProtocolError(
+                "cluster_unavailable", f"the cluster's Redis is unreachable ({one_line(exc)})"
+            ) from None
+        return bool(first) and int(first[0][0].split(b"-")[0]) == since + 1
+
+    async def _catch_up(
+        self,
+        sid: str,
+        mirror: Mirror,
+        cursor: int,
+        plan: SnapshotPlan | None,
+        chunks: list[SnapshotChunk],
+    ) -> None:
+        """Send a new member the rest of its snapshot and what it missed after `cursor`, then
+        let it go live (as the hub's own catch-up: the member leaves `pending` in the step that
+        finds nothing newer; a newer subscribe of the same client to the room supersedes it)."""
+        room = mirror.room
+        hub = self.hub
+        transport = hub.transport
+        key = (sid, room.name)
+        token = hub._catch_ups[key] = object()
+        try:
+            if chunks and transport is not None:
+                total = len(chunks) + 1
+                for index, chunk in enumerate(chunks, start=2):
+                    if sid not in room.pending or hub._catch_ups.get(key) is not token:
+                        return
+                    body = chunk_event(room.name, index, total, chunk)
+                    await transport.send_paced(sid, "snapshot", body)
+            while sid in room.pending and hub._catch_ups.get(key) is token:
+                seq = mirror.seq or 0
+                if plan is not None and seq < plan.upto:
+                    advanced = mirror.advanced
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(advanced.wait(), 1.0)
+                    continue
+                if seq > cursor:
+                    entries = await self._read(mirror, cursor, seq)
+                    if entries is None:
+                        if transport is not None:
+                            body = {
+                                "connector": room.connector,
+                                "room": room.name,
+                                "target": room.target,
+                                "reason": "the room's history no longer holds what was missed",
+                                "seq": seq,
+                            }
+                            await transport.send_to(sid, "gap", body)
+                        cursor = seq
+                        continue
+                    batch = [p for s, p in entries if plan is None or plan.keeps(s)]
+                    cursor = seq
+                    if batch and transport is not None:
+                        await transport.send_to(sid, "changes", batch)
+                        hub.metrics.inc("feed_changes_replayed_total", len(batch))
+                    continue
+                room.pending.discard(sid)
+                return
+        except Exception:
+            log.exception("catch-up for %s in %s failed", sid, room.name)
+            room.pending.discard(sid)
+        finally:
+            if hub._catch_ups.get(key) is token:
+                del hub._catch_ups[key]

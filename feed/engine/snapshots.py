@@ -1,0 +1,141 @@
+"""Snapshots over Redis: taken by the reader, on request from the node whose client asked.
+
+Only the reader runs the connector, so another node asks it through its inbox channel. The
+reader routes the room first, takes the snapshot and answers which of the room's seqs the rows do
+not reflect yet (`SnapshotPlan`), so the asking node replays exactly those: nothing lost or
+doubled between snapshot and live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from connectors.base import RoomAddress
+from feed.core.change import Change, to_json
+from feed.core.rooms import Room
+from feed.engine.lease import Leases
+from feed.engine.routes import room_spec
+from feed.engine.wire import dumps, one_line
+from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
+
+SNAPSHOT_TIMEOUT = 30.0
+
+
+@dataclass
+class SnapshotPlan:
+    """What a cluster snapshot's rows already reflect: every seq up to `upto` but `uncovered`."""
+
+    upto: int
+    uncovered: frozenset[int]
+
+    def keeps(self, seq: int) -> bool:
+        return seq > self.upto or seq in self.uncovered
+
+
+class Snapshots(Leases):
+    """Asking the reader for a snapshot, and answering such requests at the reader."""
+
+    # -- snapshots, taken by the reader --------------------------------------------------------
+
+    async def _snapshot(self, room: Room, address: RoomAddress) -> dict[str, Any]:
+        request = {
+            "t": "snapshot",
+            "spec": room_spec(room),
+            "target": address.target,
+            "key": address.key,
+            "limit": self.hub.settings.snapshot_limit,
+        }
+        reader = self.readers.get(room.connector)
+        if room.connector in self._leases:
+            answer = await self._take_snapshot(request)
+        elif not reader:
+            raise ProtocolError(
+                "snapshot_failed", f"no node is reading connector {room.connector!r} right now"
+            )
+        else:
+            answer = await self._ask(reader, request)
+        if not answer.get("ok"):
+            code = str(answer.get("code", "snapshot_failed"))
+            raise ProtocolError(code, str(answer.get("message", "snapshot failed")))
+        return answer
+
+    async def _ask(self, node: str, request: dict[str, Any]) -> dict[str, Any]:
+        ident = secrets.token_hex(8)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[ident] = future
+        try:
+            inbox = f"{self._p}:node:{node}"
+            body = {**request, "id": ident, "reply": self.inbox.decode()}
+            receivers = await self.redis.publish(inbox, dumps(body))
+            if not receivers:
+                raise ProtocolError("snapshot_failed", f"the reading node {node} is not listening")
+            return await asyncio.wait_for(future, SNAPSHOT_TIMEOUT)
+        except TimeoutError:
+            raise ProtocolError(
+                "snapshot_failed", f"the reading node {node} did not answer in time"
+            ) from None
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError("snapshot_failed", f"snapshot failed: {one_line(exc)}") from None
+        finally:
+            self._replies.pop(ident, None)
+
+    async def _on_inbox(self, body: Mapping[str, Any]) -> None:
+        if body.get("t") == "reply":
+            future = self._replies.get(str(body.get("id")))
+            if future is not None and not future.done():
+                future.set_result(dict(body))
+            return
+        if body.get("t") == "snapshot":
+            self.hub._spawn(self._answer_snapshot(dict(body)))
+
+    async def _answer_snapshot(self, request: dict[str, Any]) -> None:
+        answer = await self._take_snapshot(request)
+        answer.update(t="reply", id=request.get("id"))
+        with contextlib.suppress(Exception):
+            await self.redis.publish(str(request["reply"]), dumps(answer))
+
+    async def _take_snapshot(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """At the reader: route the room from now on, snapshot, say which seqs rows miss."""
+        spec = request["spec"]
+        name = str(spec["name"])
+        connector = self.hub.connectors.get(str(spec.get("connector")))
+        if connector is None or connector.name not in self._leases:
+            return {"ok": False, "code": "snapshot_failed", "message": "not the reading node"}
+        routed = self._route_spec(spec)
+        if routed is None:
+            return {"ok": False, "code": "snapshot_failed", "message": "bad room"}
+        watch: list[tuple[int, Change]] = []
+        self._watching[name] = watch
+        try:
+            where = routed.filter.matches_image if routed.filter else (lambda row: True)
+            address = RoomAddress(str(request["target"]), request.get("key"))
+            snapshot = await asyncio.wait_for(
+                connector.snapshot(address, where, int(request["limit"])), SNAPSHOT_TIMEOUT
+            )
+            batcher = self._batchers.get(connector.name)
+            if batcher is not None:  # what the stream yielded before the snapshot: numbered
+                await asyncio.wait_for(batcher.drain(), SNAPSHOT_TIMEOUT)
+            upto = self._last_seq.get(name, 0)
+            uncovered = [s for s, change in watch if not snapshot.covers(change)]
+            return {
+                "ok": True,
+                "rows": [to_json(r) for r in snapshot.rows],
+                "keys": list(snapshot.keys) if snapshot.keys is not None else None,
+                "truncated": snapshot.truncated,
+                "upto": upto,
+                "uncovered": uncovered,
+            }
+        except SnapshotNotSupported as exc:
+            return {"ok": False, "code": "snapshot_unsupported", "message": str(exc)}
+        except (FeedError, TimeoutError, OSError) as exc:
+            return {"ok": False, "code": "snapshot_failed", "message": f"snapshot failed: {exc}"}
+        finally:
+            if self._watching.get(name) is watch:
+                del self._watching[name]
