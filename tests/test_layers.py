@@ -6,7 +6,8 @@ under `if TYPE_CHECKING:` alike, because each of them is a dependency a reader h
 the bottom up (each package's __init__.py says the same):
 
     shared      feed/__init__.py, errors.py, options.py, metrics.py: used by every layer
-    core        feed/core/: the change, row filters, rooms, the filter index, snapshot chunks
+    core        feed/core/: the change, row filters, rooms, the filter index, target rooms,
+                snapshot chunks
     connectors  connectors/: the sources, built on the core
     security    feed/security/: auth, access rules, limits, the guard, room budgets
     delivery    feed/delivery/: the client protocol, the transport, the lean websocket

@@ -1,4 +1,5 @@
-"""The change and its routing data: changes, row filters, rooms, the filter index, snapshot chunks.
+"""The change and its routing data: changes, row filters, rooms, the filter index, the rooms of a
+target (shared by the hub and the cluster reader), snapshot chunks.
 
 Plain values and synchronous code, no sockets and no network: what a change is, which rooms it
 belongs to and how a room keeps its numbers and replay buffer. Connectors build on this layer.
