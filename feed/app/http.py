@@ -17,7 +17,8 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-DASHBOARD_DIR = Path(__file__).parent / "dashboard"
+DASHBOARD_DIR = Path(__file__).parent.parent / "dashboard"
+"""feed/dashboard/, where setup.py's build hook puts the built dashboard (package data of feed)."""
 NOT_BUILT = b"""<!doctype html><title>dbfeed</title>
 <h1>dbfeed is running</h1>
 <p>The dashboard has not been built in this install: in a checkout, run <code>make dashboard</code>
