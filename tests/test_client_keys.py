@@ -17,7 +17,7 @@ import pytest
 from dbfeed_client import FeedClient
 
 from tests.support import postgres as pg_support
-from tests.support.client_harness import ClusterHarness, Harness, harness
+from tests.support.client_harness import ClusterHarness, Harness, harness, rows_of
 from tests.support.postgres import PgDatabase
 from tests.support.server import running_feed
 from tests.support.waiting import wait_until
@@ -180,13 +180,13 @@ async def test_on_a_cluster_node_that_does_not_read_the_connector_rows_use_its_k
             async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
                 log = Log(sub)
                 assert chunks and all(len(c["keys"]) == len(c["rows"]) for c in chunks)
-                assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
+                assert sub.rows == rows_of(reader, target)
                 assert len(sub.rows) == 40 and sub.rows["5,3"] == line(5, 3, 3)
                 reader.write(target, "insert", line(6, 1, 1))
                 reader.write(target, "update", {"order_id": 5, "line": 2, "qty": 20})
                 reader.write(target, "delete", {"order_id": 5, "line": 3})
                 await log.until(lambda: len(log.changes) == 3, "insert, update, delete")
-                assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
+                assert sub.rows == rows_of(reader, target)
                 assert sub.rows["5,2"]["qty"] == 20 and "5,3" not in sub.rows
     finally:
         await cluster.stop()

@@ -81,6 +81,11 @@ def make_token(ttl: float, name: str = "client-test") -> str:
     return token
 
 
+def rows_of(source: MemoryConnector, target: str) -> dict[str, dict[str, Any]]:
+    """`target`'s rows in a memory connector, by row key: what a client's `rows` must equal."""
+    return {k: dict(v) for k, v in source._tables[target].items()}
+
+
 class Harness:
     """One feed server on a fixed port, a proxy in front of it, and its memory source."""
 
@@ -174,7 +179,7 @@ class Harness:
             await asyncio.sleep(0.01)
 
     def rows(self, target: str, connector: str = "mem") -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.connector(connector)._tables[target].items()}
+        return rows_of(self.connector(connector), target)
 
     async def delivered(self, connector: str = "mem") -> None:
         """Until the hub has routed every change written so far."""
@@ -326,8 +331,7 @@ async def serve_commands() -> None:
                 elif cmd == "cluster_rows":
                     assert cluster is not None
                     source = await cluster.reader(command.get("connector", "mem"))
-                    table = source._tables[command.get("target", "public.orders")]
-                    reply["rows"] = {k: dict(v) for k, v in table.items()}
+                    reply["rows"] = rows_of(source, command.get("target", "public.orders"))
                 elif cmd in ("cluster_cut", "cluster_restore"):
                     assert cluster is not None and cluster.proxy is not None
                     if cmd == "cluster_cut":
