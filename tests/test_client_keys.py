@@ -17,7 +17,7 @@ import pytest
 from dbfeed_client import FeedClient
 
 from tests.support import postgres as pg_support
-from tests.support.client_harness import ClusterHarness, Harness, harness, rows_of
+from tests.support.client_harness import ClusterHarness, Harness, harness, rows_of, snapshot_chunks
 from tests.support.postgres import PgDatabase
 from tests.support.server import running_feed
 from tests.support.waiting import wait_until
@@ -77,15 +77,7 @@ async def test_rows_of_a_composite_key_follow_every_change_through_a_chunked_sna
                 h.write(target, "insert", line(order_id, number, order_id * number), connector)
         await h.delivered(connector)
         async with client(h.url) as feed:
-            chunks: list[Any] = []
-            assert feed._sio is not None
-            library = feed._on_chunk
-
-            async def spy(chunk: Any) -> None:
-                chunks.append(chunk)
-                await library(chunk)
-
-            feed._sio.on("snapshot", spy)
+            chunks = snapshot_chunks(feed)
             async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
                 log = Log(sub)
                 assert chunks, "the server sent the snapshot in chunks"
@@ -168,15 +160,7 @@ async def test_on_a_cluster_node_that_does_not_read_the_connector_rows_use_its_k
                 reader.write(target, "insert", line(order_id, number, number))
         url = await cluster.follower(connector)
         async with client(url) as feed:
-            chunks: list[Any] = []
-            assert feed._sio is not None
-            library = feed._on_chunk
-
-            async def spy(chunk: Any) -> None:
-                chunks.append(chunk)
-                await library(chunk)
-
-            feed._sio.on("snapshot", spy)
+            chunks = snapshot_chunks(feed)
             async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
                 log = Log(sub)
                 assert chunks and all(len(c["keys"]) == len(c["rows"]) for c in chunks)

@@ -31,7 +31,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -41,6 +41,9 @@ from feed.app.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import open_redis_target
 from tests.support.server import RunningFeed, free_port, running_feed
+
+if TYPE_CHECKING:
+    from dbfeed_client import FeedClient
 
 WAIT = 10.0
 SECRET = "harness-secret-for-client-tests-0123456789"
@@ -84,6 +87,24 @@ def make_token(ttl: float, name: str = "client-test") -> str:
 def rows_of(source: MemoryConnector, target: str) -> dict[str, dict[str, Any]]:
     """`target`'s rows in a memory connector, by row key: what a client's `rows` must equal."""
     return {k: dict(v) for k, v in source._tables[target].items()}
+
+
+def snapshot_chunks(feed: FeedClient) -> list[Any]:
+    """Every `snapshot` chunk event `feed` gets from now on, each still handled by the client.
+
+    For tests that show the server really sent a snapshot in chunks before checking the rows
+    the client assembled from them.
+    """
+    chunks: list[Any] = []
+    assert feed._sio is not None
+    library = feed._on_chunk
+
+    async def spy(chunk: Any) -> None:
+        chunks.append(chunk)
+        await library(chunk)
+
+    feed._sio.on("snapshot", spy)
+    return chunks
 
 
 class Harness:
