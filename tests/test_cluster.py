@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import cluster as cluster_support
+from tests.support import redis as redis_support
 from tests.support.cluster import (
     cluster_config,
     memory,
@@ -28,7 +28,7 @@ from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
-redis_target = cluster_support.redis_target
+redis_target = redis_support.redis_target
 
 pytestmark = pytest.mark.redis
 

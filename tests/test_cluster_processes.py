@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import cluster as cluster_support
 from tests.support import postgres as pg_support
+from tests.support import redis as redis_support
 from tests.support.cluster import (
     FeedNode,
     LoadBalancer,
@@ -66,7 +66,7 @@ save_interval = 0.2
     return path
 
 
-redis_target = cluster_support.redis_target
+redis_target = redis_support.redis_target
 
 
 class Writer:

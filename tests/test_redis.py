@@ -16,15 +16,13 @@ from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.options import Options
-from tests.support.redis import RedisTarget, open_redis_target
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = redis_support.redis_target
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,16 +16,14 @@ from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 from feed.options import Options
+from tests.support import redis as redis_support
 from tests.support.redis import RedisServer, RedisTarget, free_port, open_private_redis
 from tests.test_redis import take, take_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def private_redis() -> AsyncIterator[RedisTarget]:
-    async with open_private_redis() as target:
-        yield target
+private_redis = redis_support.private_redis
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,16 +12,14 @@ from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.options import Options
-from tests.support.redis import RedisTarget, open_redis_target
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget
 from tests.test_redis import take
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = redis_support.redis_target
 
 
 def connector(t: RedisTarget, **extra: Any) -> RedisConnector:

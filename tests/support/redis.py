@@ -256,7 +256,7 @@ def unique_prefix() -> str:
 async def open_redis_target() -> AsyncIterator[RedisTarget]:
     """FEED_TEST_REDIS_URL if set, else the embedded server; a fresh key prefix either way.
 
-    Test modules wrap this in a fixture: `async with open_redis_target() as t: yield t`.
+    Tests take it as the `redis_target` fixture below.
     """
     server = None if os.environ.get(ENV_URL) else shared_server()
     url = os.environ.get(ENV_URL) or (server.url() if server else "")
@@ -286,3 +286,20 @@ async def open_private_redis(*args: str) -> AsyncIterator[RedisTarget]:
     finally:
         await admin.aclose()
         await asyncio.to_thread(server.close)
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    """The suite's Redis under a key prefix of this test's own (`open_redis_target`).
+
+    A test module takes it with `redis_target = redis_support.redis_target`.
+    """
+    async with open_redis_target() as target:
+        yield target
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisTarget]:
+    """A Redis server of this test's own (`open_private_redis`), for tests that disturb it."""
+    async with open_private_redis() as target:
+        yield target
