@@ -243,9 +243,8 @@ class ClusterHarness:
         async with asyncio.timeout(WAIT):
             while True:
                 for node in self.nodes:
-                    engine = node.hub.engine
                     connector = node.hub.connectors[name]
-                    leased = engine is not None and name in engine._leases
+                    leased = name in node.engine._leases
                     if leased and connector.status.state.value == "up":
                         assert isinstance(connector, MemoryConnector)
                         return connector

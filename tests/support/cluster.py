@@ -412,9 +412,7 @@ async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> Running
     found: list[RunningFeed] = []
 
     def one_reads() -> bool:
-        found[:] = [
-            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
-        ]
+        found[:] = [n for n in nodes if connector in n.engine._leases]
         return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
 
     await wait_until(one_reads, 15, "one node to read the connector")
