@@ -74,6 +74,12 @@ def free_port(below: int = 65536, *, bus: bool = False) -> int:
     raise RuntimeError(f"no free port below {below}")
 
 
+def text(reply: bytes | str) -> str:
+    """A reply as text: the admin client reads bytes (no decode_responses), which redis-py's
+    types leave open (an XADD's new entry id, for one)."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 class PortTaken(RuntimeError):
     """redis-server could not bind its port (or its cluster bus port)."""
 
@@ -217,6 +223,7 @@ class RedisTarget:
 
     async def kill_pubsub(self, client_name: str) -> int:
         """CLIENT KILL TYPE pubsub; on a shared server only our connector's connection (by ID)."""
+        # The ignores: redis-py leaves execute_command without annotations.
         if self.owned:
             return int(await self.admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))  # type: ignore[no-untyped-call]
         clients = await self.admin.client_list(_type="pubsub")
