@@ -80,6 +80,7 @@ async def test_rows_of_a_composite_key_follow_every_change_through_a_chunked_sna
             chunks = snapshot_chunks(feed)
             async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
                 log = Log(sub)
+                assert sub.rows is not None, "a snapshot subscription keeps the rows"
                 assert chunks, "the server sent the snapshot in chunks"
                 assert all(len(c["keys"]) == len(c["rows"]) for c in chunks)
                 assert sub.rows == h.rows(target, connector)

@@ -57,7 +57,7 @@ def test_keys_stay_beside_their_rows_through_masks_and_chunks() -> None:
 
 
 def test_the_ack_carries_the_first_chunk_and_counts_the_rest() -> None:
-    rows = [{"id": i, "blob": "x" * 600} for i in range(40)]
+    rows: list[dict[str, Any]] = [{"id": i, "blob": "x" * 600} for i in range(40)]
     keys: list[str | None] = [f"k{i}" for i in range(40)]
     masked: list[Any] = []
 
