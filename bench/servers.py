@@ -121,11 +121,13 @@ async def _feed(conn: Connection, config_toml: str) -> None:
 
     from connectors.memory import MemoryConnector
     from feed.app.config import parse_config
-    from feed.app.server import FeedApp
+    from feed.app.server import FeedApp, QuietServer
 
     config = parse_config(config_toml, "bench.toml", dict(os.environ))
     app = FeedApp(config)
-    server = uvicorn.Server(
+    # QuietServer: the parent stops this child through its pipe (or terminate()), so uvicorn must
+    # not take over its SIGINT/SIGTERM (uvicorn 0.54 no longer reads install_signal_handlers).
+    server = QuietServer(
         uvicorn.Config(
             app.asgi,
             host=config.server.host,
@@ -137,7 +139,6 @@ async def _feed(conn: Connection, config_toml: str) -> None:
             ws=os.environ.get("BENCH_UVICORN_WS", "auto"),  # type: ignore[arg-type]
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(30):
         while not server.started:
@@ -313,6 +314,8 @@ async def _socketio(conn: Connection, port: int) -> None:
     import socketio
     import uvicorn
 
+    from feed.app.server import QuietServer
+
     sio = socketio.AsyncServer(async_mode="asgi", logger=False, engineio_logger=False)
     seqs: dict[str, int] = {}
 
@@ -321,10 +324,9 @@ async def _socketio(conn: Connection, port: int) -> None:
         await sio.enter_room(sid, data["room"])
         return {"ok": True, "room": data["room"], "seq": seqs.get(data["room"], 0)}
 
-    server = uvicorn.Server(
+    server = QuietServer(
         uvicorn.Config(socketio.ASGIApp(sio), host="127.0.0.1", port=port, log_level="warning")
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(30):
         while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this

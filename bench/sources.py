@@ -287,6 +287,8 @@ async def _relay(conn: Connection, dsn: str, port: int) -> None:
     import socketio
     import uvicorn
 
+    from feed.app.server import QuietServer
+
     sio = socketio.AsyncServer(async_mode="asgi", logger=False, engineio_logger=False)
     seq = 0
 
@@ -305,10 +307,9 @@ async def _relay(conn: Connection, dsn: str, port: int) -> None:
     await listener.add_listener(
         CHANNEL, lambda c, pid, ch, payload: asyncio.ensure_future(forward(payload))
     )
-    server = uvicorn.Server(
+    server = QuietServer(
         uvicorn.Config(socketio.ASGIApp(sio), host="127.0.0.1", port=port, log_level="warning")
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
         await asyncio.sleep(0.01)
