@@ -136,7 +136,7 @@ async def _feed(conn: Connection, config_toml: str) -> None:
             lifespan="on",
             ws_max_size=config.server.max_message_bytes,
             # A knob for comparing uvicorn's websocket implementations; `feed serve` uses "auto".
-            ws=os.environ.get("BENCH_UVICORN_WS", "auto"),  # type: ignore[arg-type]
+            ws=os.environ.get("BENCH_UVICORN_WS", "auto"),
         )
     )
     task = asyncio.create_task(server.serve())

@@ -187,7 +187,7 @@ class KeyspaceCapture:
                 try:
                     if conn is None:
                         conn = source.pool.make_connection()  # type: ignore[no-untyped-call]
-                        await conn.connect()  # type: ignore[no-untyped-call]
+                        await conn.connect()
                     await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
                     reply = await conn.read_response()
                 except ResponseError as exc:

@@ -236,9 +236,7 @@ def cmd_unwatch(args: argparse.Namespace) -> int:
 
     async def apply() -> None:
         for connector in connectors:
-            lines = await connector.unwatch(  # type: ignore[attr-defined]
-                args.tables, force=args.force
-            )
+            lines = await connector.unwatch(args.tables, force=args.force)
             for line in lines or ["nothing to do"]:
                 print(f"{connector.name}: {line}")
 

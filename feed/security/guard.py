@@ -192,7 +192,7 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
     it; long-polls and websockets, once their request is in, are not timed by it.
     """
 
-    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+    class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _timed_cycle: Any = None
         """The request cycle current when the timer was armed (the one already answered)."""

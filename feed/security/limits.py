@@ -145,10 +145,10 @@ class OutboundQueue(asyncio.Queue[Any]):
     def _put(self, item: Any) -> None:
         self.bytes += packet_size(item) if item is not None else 0
         self.peak = max(self.peak, self.bytes)
-        super()._put(item)  # type: ignore[misc]
+        super()._put(item)
 
     def _get(self) -> Any:
-        item = super()._get()  # type: ignore[misc]
+        item = super()._get()
         if item is not None:
             self.bytes -= packet_size(item)
         return item
@@ -219,7 +219,7 @@ class OutboundLimiter:
 def _recording(websocket_class: Any) -> Any:
     """The Engine.IO ASGI WebSocket wrapper, remembering itself on its Engine.IO socket."""
 
-    class RecordingWebSocket(websocket_class):  # type: ignore[misc, valid-type]
+    class RecordingWebSocket(websocket_class):  # type: ignore[misc]
         def __init__(self, handler: Any, server: Any) -> None:
             super().__init__(handler, server)
             owner = getattr(handler, "__self__", None)
