@@ -14,6 +14,10 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
     {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
         (with "connector" as for write)
     {"cmd": "cut"} / {"cmd": "restore"} / {"cmd": "restart"} / {"cmd": "stop"}
+    {"cmd": "cut_polls"}                                       -> {"ok": true, "cut": 1}
+        (drops only the connections of long-poll GETs waiting for their answer, once one waits)
+    {"cmd": "cut_answer", "target": "public.customers", "row": {..., "status": "cut-here"}}
+        (writes the row; the answer carrying `"status":"cut-here"` is cut mid-body: waits for it)
     {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
     {"cmd": "cluster_start"}          -> {"ok": true, "urls": [<node 0 via a proxy>, <node 1>]}
     {"cmd": "cluster_write", "op": "insert", "row": {...}} / {"cmd": "cluster_cut"} / ..._restore
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
     from dbfeed_client import FeedClient
 
 WAIT = 10.0
+GRACE = 3
+"""Seconds a stop or restart waits for running requests before it cancels them."""
 SECRET = "harness-secret-for-client-tests-0123456789"
 TARGETS = ["public.orders", "public.customers"]
 KEYED = (
@@ -147,8 +153,12 @@ class Harness:
         if self.tables is not None:  # the "database" outlives the feed
             self._source._tables = self.tables
         self.app = FeedApp(config, connectors=connectors)
+        # A long-poll whose connection was cut stays a running request until its session's next
+        # ping (up to 25 s): past GRACE a stop cancels it, as `feed serve` does after 10 s.
         self.server = QuietServer(
-            self.app.uvicorn_config("127.0.0.1", self.port, log_level="warning")
+            self.app.uvicorn_config(
+                "127.0.0.1", self.port, log_level="warning", timeout_graceful_shutdown=GRACE
+            )
         )
         self.task = asyncio.create_task(self.server.serve())
         async with asyncio.timeout(WAIT):
@@ -330,6 +340,13 @@ async def serve_commands() -> None:
                     )
                 elif cmd == "cut":
                     h.proxy.cut()
+                elif cmd == "cut_polls":
+                    reply["cut"] = await h.proxy.cut_waiting_polls(WAIT)
+                elif cmd == "cut_answer":
+                    h.proxy.answer_cut.clear()
+                    h.proxy.truncate_marker = b'"status":"cut-here"'
+                    h.write(command["target"], "insert", command["row"])
+                    await asyncio.wait_for(h.proxy.answer_cut.wait(), WAIT)
                 elif cmd == "restore":
                     h.proxy.restore()
                 elif cmd == "restart":

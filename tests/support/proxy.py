@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 
 class CuttableProxy:
@@ -20,6 +21,11 @@ class CuttableProxy:
         """When set: the next answer from the feed holding it is forwarded up to the middle of
         its body, then the connection drops (a node killed while its answer crosses a load
         balancer: the client has the headers and part of the body)."""
+        self.answer_cut = asyncio.Event()
+        """Set when an answer was cut for `truncate_marker`."""
+        self.links: set[_Link] = set()
+        self._polling = asyncio.Event()
+        """Set when a link starts waiting for a long-poll answer (see `cut_waiting_polls`)."""
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -35,19 +41,27 @@ class CuttableProxy:
             writer.transport.abort()
             return
         self.writers |= {writer, up_writer}
+        link = _Link(writer, up_writer)
+        self.links.add(link)
         for source, sink, down in ((reader, up_writer, False), (up_reader, writer, True)):
-            task = asyncio.create_task(self._pipe(source, sink, down))
+            task = asyncio.create_task(self._pipe(source, sink, down, link))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _pipe(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, down: bool
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, down: bool, link: _Link
     ) -> None:
         try:
             while data := await source.read(65536):
+                if down:
+                    link.waiting = False  # the answer has begun
+                elif _is_poll(data):  # marked before it goes up, so its answer cannot come first
+                    link.waiting = True
+                    self._polling.set()
                 marker = self.truncate_marker
                 if down and marker is not None and _mid_body(data, marker):
                     self.truncate_marker = None
+                    self.answer_cut.set()
                     sink.write(data[: data.index(marker, data.index(b"\r\n\r\n"))])
                     await sink.drain()
                     break
@@ -58,12 +72,27 @@ class CuttableProxy:
         finally:
             sink.transport.abort()
             self.writers.discard(sink)
+            self.links.discard(link)
 
     def cut(self) -> None:
         self.refusing = True
         for writer in list(self.writers):
             writer.transport.abort()
         self.writers.clear()
+
+    async def cut_waiting_polls(self, timeout: float) -> int:
+        """Drop the connections of the long-poll GETs waiting for their answer (once one waits),
+        leaving every other connection, new ones too, alone: a proxy restart or idle timeout
+        that closes a pending poll mid-wait. Returns how many were cut."""
+        async with asyncio.timeout(timeout):
+            while not any(link.waiting for link in self.links):
+                self._polling.clear()
+                await self._polling.wait()
+        waiting = [link for link in self.links if link.waiting]
+        for link in waiting:
+            link.client.transport.abort()
+            link.upstream.transport.abort()
+        return len(waiting)
 
     def restore(self) -> None:
         self.refusing = False
@@ -75,6 +104,22 @@ class CuttableProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+@dataclass(eq=False)
+class _Link:
+    """One client connection through the proxy, both of its ends."""
+
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    waiting: bool = False
+    """A long-poll GET went up and no byte of its answer came back yet: it waits for data."""
+
+
+def _is_poll(data: bytes) -> bool:
+    """Whether `data` starts an Engine.IO long-poll GET (what a polling client leaves waiting)."""
+    line = data.split(b"\r\n", 1)[0]
+    return line.startswith(b"GET ") and b"transport=polling" in line
 
 
 def _mid_body(data: bytes, marker: bytes) -> bool:
