@@ -409,7 +409,7 @@ test("a snapshot in chunks is assembled before the live changes", async () => {
 });
 
 test("several nodes: when one goes away, whichever answers is used", async () => {
-  const [a, b] = await Promise.all([Harness.start(), Harness.start()]);
+  const [a, b] = await Harness.startMany(2);
   const feed = new FeedClient([a.url, b.url], WS);
   try {
     const sub = feed.subscribe(ROOM);

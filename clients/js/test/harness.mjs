@@ -18,10 +18,26 @@ function python() {
 export class Harness {
   static async start(options = {}) {
     const h = new Harness();
-    const reply = await h.send({ cmd: "start", config: options.config || "", auth: Boolean(options.auth) });
-    h.url = reply.url;
-    h.direct = reply.direct;
+    try {
+      const reply = await h.send({ cmd: "start", config: options.config || "", auth: Boolean(options.auth) });
+      h.url = reply.url;
+      h.direct = reply.direct;
+    } catch (err) {
+      // Nobody holds a harness that failed to start: end it, or its process would keep the
+      // test file's process (and `node --test`) waiting forever.
+      h.child.kill();
+      throw err;
+    }
     return h;
+  }
+
+  /** `count` harnesses started side by side; if one fails, the others are stopped. */
+  static async startMany(count, options = {}) {
+    const started = await Promise.allSettled(Array.from({ length: count }, () => Harness.start(options)));
+    const failed = started.find((r) => r.status === "rejected");
+    if (!failed) return started.map((r) => r.value);
+    await Promise.all(started.filter((r) => r.status === "fulfilled").map((r) => r.value.stop()));
+    throw failed.reason;
   }
 
   constructor() {
