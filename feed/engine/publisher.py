@@ -14,6 +14,7 @@ from typing import Any
 from connectors.base import Connector
 from feed.core.change import Change, Gap, format_ts
 from feed.engine.registry import RoomRegistry
+from feed.engine.relay import room_head
 from feed.engine.routes import Routed
 from feed.engine.wire import dumps, one_line
 from feed.errors import ClusterError
@@ -55,14 +56,20 @@ class Publisher(RoomRegistry):
             routed.append(rooms)
             per_change += [change.id, (token << 32) + self._published, len(rooms)]
             self._published += 1
-            wire = change.wire
+            tail = change.wire_tail
             for room in rooms:
                 slot = slots.get(room.name)
                 if slot is None:
                     slot = slots[room.name] = len(slots) + 1
                     keys += [self.meta_key(room.name), self.stream_key(room.name)]
                     channels.append(self.channel(room.name))
-                payload = {**wire, "room": room.name}
+                if room.shape is None and tail is not None:
+                    # The change's JSON, encoded once for all its rooms, behind the room's
+                    # name: what a node sends is then this text with `seq` spliced in
+                    # (feed.engine.relay), the same bytes as a node without [cluster] sends.
+                    per_change += [slot, room_head(room.name) + tail]
+                    continue
+                payload = {"room": room.name, **change.wire}
                 if room.shape is not None:
                     room.shape.apply(change, payload)
                 per_change += [slot, dumps(payload)]
