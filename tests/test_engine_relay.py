@@ -15,7 +15,7 @@ import pytest
 
 from feed.core.change import Change
 from feed.core.rooms import Payload
-from feed.engine.relay import numbered, room_head
+from feed.engine.relay import LEFT, numbered, room_head
 
 
 def change() -> Change:
@@ -51,3 +51,13 @@ def test_a_payload_written_room_last_gets_its_seq_in_front() -> None:
     raw = orjson.dumps({**c.wire, "room": "main:public.orders"})  # a reader before the splice
     relayed = orjson.dumps([numbered("main:public.orders", 3, raw)])
     assert json.loads(relayed) == [{**c.wire, "room": "main:public.orders", "seq": 3}]
+
+
+def test_a_row_leaving_a_filter_room_is_the_text_a_single_node_sends() -> None:
+    c = change()
+    assert c.wire_tail is not None
+    room = "main:public.orders?status=eq.new"
+    raw = room_head(room) + LEFT + c.wire_tail
+    single = Payload(c.wire, room=room, seq=9, left=True)
+    single.change = c
+    assert orjson.dumps(numbered(room, 9, raw)) == single.json_body()

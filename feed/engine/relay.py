@@ -31,6 +31,10 @@ except ImportError:  # pragma: no cover
     _fragment = None
 
 
+LEFT = b'"left":true,'
+"""After the room's name, in a filter room's payload of a change whose row left the filter."""
+
+
 @functools.lru_cache(maxsize=4096)
 def room_head(room: str) -> bytes:
     """`{"room":"<name>",`: the start of every payload the reader writes for the room."""
