@@ -271,6 +271,7 @@ async def check_jwks_feed(feed: RunningFeed, keys: dict[str, Any]) -> None:
     assert (await refusal(feed.url, {"token": unknown_kid}))["data"]["code"] == "invalid_token"
     # RS256/HS256 confusion: an HMAC token keyed with the public key itself.
     confused = jwt.api_jws.PyJWS()
+    # PyJWT refuses a PEM public key as an HMAC secret; this forger's copy is patched to allow it.
     confused._algorithms["HS256"].prepare_key = lambda key: key  # type: ignore[method-assign]
     body = json.loads(base64.urlsafe_b64decode(rs.split(".")[1] + "=="))
     forged = confused.encode(

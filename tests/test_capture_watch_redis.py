@@ -5,7 +5,6 @@ Each test has a Redis server of its own, because it changes the server's notify-
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,7 +12,8 @@ import pytest
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.options import Options
-from tests.support.redis import RedisTarget, open_private_redis
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget
 from tests.support.server import feed_client, running_feed
 from tests.test_capture_watch import eventually, next_status, ready, wait_ready
 from tests.test_redis import take_until
@@ -24,10 +24,7 @@ CHECK = 0.3
 FLAGS = "notify-keyspace-events"
 
 
-@pytest.fixture
-async def private_redis() -> AsyncIterator[RedisTarget]:
-    async with open_private_redis() as target:
-        yield target
+private_redis = redis_support.private_redis
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:

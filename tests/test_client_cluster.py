@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 import pytest
 from dbfeed_client import FeedClient
 
-from tests.support import cluster as cluster_support
+from tests.support import redis as redis_support
 from tests.support.cluster import cluster_config, memory, reader_of, start_nodes
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import RedisTarget
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.redis
 ROOM = "mem:public.orders"
 
 
-redis_target = cluster_support.redis_target
+redis_target = redis_support.redis_target
 
 
 async def test_the_client_resumes_on_another_node_with_nothing_missing_or_twice(

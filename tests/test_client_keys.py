@@ -17,7 +17,7 @@ import pytest
 from dbfeed_client import FeedClient
 
 from tests.support import postgres as pg_support
-from tests.support.client_harness import ClusterHarness, Harness, harness
+from tests.support.client_harness import ClusterHarness, Harness, harness, rows_of, snapshot_chunks
 from tests.support.postgres import PgDatabase
 from tests.support.server import running_feed
 from tests.support.waiting import wait_until
@@ -77,17 +77,10 @@ async def test_rows_of_a_composite_key_follow_every_change_through_a_chunked_sna
                 h.write(target, "insert", line(order_id, number, order_id * number), connector)
         await h.delivered(connector)
         async with client(h.url) as feed:
-            chunks: list[Any] = []
-            assert feed._sio is not None
-            library = feed._on_chunk
-
-            async def spy(chunk: Any) -> None:
-                chunks.append(chunk)
-                await library(chunk)
-
-            feed._sio.on("snapshot", spy)
+            chunks = snapshot_chunks(feed)
             async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
                 log = Log(sub)
+                assert sub.rows is not None, "a snapshot subscription keeps the rows"
                 assert chunks, "the server sent the snapshot in chunks"
                 assert all(len(c["keys"]) == len(c["rows"]) for c in chunks)
                 assert sub.rows == h.rows(target, connector)
@@ -168,25 +161,17 @@ async def test_on_a_cluster_node_that_does_not_read_the_connector_rows_use_its_k
                 reader.write(target, "insert", line(order_id, number, number))
         url = await cluster.follower(connector)
         async with client(url) as feed:
-            chunks: list[Any] = []
-            assert feed._sio is not None
-            library = feed._on_chunk
-
-            async def spy(chunk: Any) -> None:
-                chunks.append(chunk)
-                await library(chunk)
-
-            feed._sio.on("snapshot", spy)
+            chunks = snapshot_chunks(feed)
             async with feed.subscribe(f"{connector}:{target}", snapshot=True) as sub:
                 log = Log(sub)
                 assert chunks and all(len(c["keys"]) == len(c["rows"]) for c in chunks)
-                assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
+                assert sub.rows == rows_of(reader, target)
                 assert len(sub.rows) == 40 and sub.rows["5,3"] == line(5, 3, 3)
                 reader.write(target, "insert", line(6, 1, 1))
                 reader.write(target, "update", {"order_id": 5, "line": 2, "qty": 20})
                 reader.write(target, "delete", {"order_id": 5, "line": 3})
                 await log.until(lambda: len(log.changes) == 3, "insert, update, delete")
-                assert sub.rows == {k: dict(v) for k, v in reader._tables[target].items()}
+                assert sub.rows == rows_of(reader, target)
                 assert sub.rows["5,2"]["qty"] == 20 and "5,3" not in sub.rows
     finally:
         await cluster.stop()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from dbfeed_client import FeedClient, FeedError, SubscribeError, Subscription, key_text
 
-from tests.support.client_harness import Harness, harness, make_token
+from tests.support.client_harness import Harness, harness, make_token, snapshot_chunks
 
 ROOM = "mem:public.orders"
 WAIT = 20.0
@@ -326,15 +326,7 @@ async def test_a_snapshot_in_chunks_is_assembled_before_the_live_changes() -> No
         h.burst("public.orders", 1, 300, pad=100)
         await h.delivered()
         async with client(h.url) as feed:
-            chunks: list[Any] = []
-            assert feed._sio is not None
-            library = feed._on_chunk
-
-            async def spy(chunk: Any) -> None:
-                chunks.append(chunk)
-                await library(chunk)
-
-            feed._sio.on("snapshot", spy)
+            chunks = snapshot_chunks(feed)
             async with feed.subscribe(ROOM, snapshot=True) as sub:
                 log = Log(sub)
                 assert chunks, "the server sent the snapshot in chunks"

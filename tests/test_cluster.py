@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import cluster as cluster_support
+from tests.support import redis as redis_support
 from tests.support.cluster import (
     cluster_config,
     memory,
@@ -28,7 +28,7 @@ from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
-redis_target = cluster_support.redis_target
+redis_target = redis_support.redis_target
 
 pytestmark = pytest.mark.redis
 
@@ -49,18 +49,13 @@ async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
         fack = await subscribed(filtered, "mem:public.orders", filter="status=eq.paid")
         assert fack["room"] == "mem:public.orders?status=eq.paid"
         # The reader learns the room over the control channel.
-        engine = reader.hub.engine
-        assert engine is not None
-        await wait_until(
-            lambda: (
-                "mem:public.orders?status=eq.paid"
-                in engine._index.get("mem", {}).get("public.orders", None).filtered  # type: ignore[union-attr]
-                if engine._index.get("mem", {}).get("public.orders")
-                else False
-            ),
-            10,
-            "the reader to route the filter room",
-        )
+        engine = reader.engine
+
+        def filter_routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and "mem:public.orders?status=eq.paid" in index.filtered
+
+        await wait_until(filter_routed, 10, "the reader to route the filter room")
         for i in range(1, 21):
             memory(reader).write(
                 "public.orders", "insert", {"id": i, "status": "paid" if i % 2 else "new"}
@@ -75,8 +70,7 @@ async def test_every_node_delivers_the_same_numbers_for_target_and_filter_rooms(
         assert [c["key"] for c in paid] == list(range(1, 21, 2))
         # Each node subscribed only to the rooms its own clients follow.
         for node in nodes:
-            assert node.hub.engine is not None
-            mirrored = set(node.hub.engine._mirrors)
+            mirrored = set(node.engine._mirrors)
             expected = {"mem:public.orders"}
             if node is others[0]:
                 expected.add("mem:public.orders?status=eq.paid")
@@ -94,8 +88,7 @@ async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
         await subscribed(row, "mem:public.orders:1")
         paid = await stack.enter_async_context(feed_client(other.url))
         await subscribed(paid, "mem:public.orders", filter="status=eq.paid")
-        engine = reader.hub.engine
-        assert engine is not None
+        engine = reader.engine
 
         def routed() -> bool:
             index = engine._index.get("mem", {}).get("public.orders")
@@ -263,7 +256,8 @@ async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> No
         ack = await subscribed(client, "mem:public.orders")
         memory(reader).write("public.orders", "insert", {"id": 1})
         assert (await client.next_change())["seq"] == 1
-        await asyncio.to_thread(target.server.stop)  # type: ignore[union-attr]
+        assert target.server is not None, "a private Redis is the test's own server"
+        await asyncio.to_thread(target.server.stop)
         async with aiohttp.ClientSession() as http:
 
             async def readyz(node: RunningFeed) -> int:
@@ -279,7 +273,7 @@ async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> No
                 status = await asyncio.wait_for(client.statuses.get(), 10)
             assert "Redis" in status["detail"]
             assert client.sio.connected
-            await asyncio.to_thread(target.server.start)  # type: ignore[union-attr]
+            await asyncio.to_thread(target.server.start)
             for node in nodes:
                 async with asyncio.timeout(20):
                     while await readyz(node) != 200:  # noqa: ASYNC110 - HTTP has no event
@@ -302,8 +296,7 @@ async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -
     async with AsyncExitStack() as stack:
         nodes = await start_nodes(stack, config, 1)
         reader = await reader_of(nodes)
-        engine = reader.hub.engine
-        assert engine is not None
+        engine = reader.engine
         old = engine._leases["mem"]
         client = await stack.enter_async_context(feed_client(reader.url))
         await subscribed(client, "mem:public.orders")
@@ -357,8 +350,7 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
         reader, other = await reader_and_other(stack, config)
-        engine = reader.hub.engine
-        assert engine is not None
+        engine = reader.engine
         name = "mem:public.orders?status=eq.paid"
 
         def routed() -> bool:
@@ -373,7 +365,7 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
         # Gone from the node after the grace (0.5 s), from the reader a few refreshes later.
         await wait_until(lambda: name not in other.hub.rooms, 10, "the node to drop the room")
         await wait_until(lambda: not routed(), 15, "the reader to stop routing the room")
-        assert other.hub.engine is not None and name not in other.hub.engine._mirrors
+        assert name not in other.engine._mirrors
 
 
 async def test_a_takeover_of_a_connector_that_cannot_resume_announces_a_gap(
@@ -428,8 +420,7 @@ async def test_rules_and_masks_hold_when_another_node_reads(redis_target: RedisT
             clients[who] = (client, ack)
         assert clients["acme-svc"][1]["room"] != clients["ops"][1]["room"]  # a shaped room
         shaped = {ack["room"] for _, ack in clients.values()} - {"mem:public.customers"}
-        engine = reader.hub.engine
-        assert engine is not None
+        engine = reader.engine
 
         def routed() -> bool:
             index = engine._index.get("mem", {}).get("public.customers")

@@ -11,12 +11,13 @@ silent hole).
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
 
-from tests.support import cluster as cluster_support
 from tests.support import postgres as pg_support
+from tests.support import redis as redis_support
 from tests.support.cluster import (
     FeedNode,
     LoadBalancer,
@@ -66,7 +67,7 @@ save_interval = 0.2
     return path
 
 
-redis_target = cluster_support.redis_target
+redis_target = redis_support.redis_target
 
 
 class Writer:
@@ -148,7 +149,8 @@ async def test_kill_the_reader_then_restart_every_node_under_load(
             async with Writer(pg) as writer:
                 await writer.wait_for(100)
                 reader.kill()  # kill -9 under load
-                await reader.process.wait()  # type: ignore[union-attr]
+                assert reader.process is not None
+                await reader.process.wait()
                 reader.process = None
                 started = asyncio.get_running_loop().time()
                 new_reader = await reading_node(nodes)
@@ -210,6 +212,11 @@ def silent_holes(tally: Tally) -> list[str]:
     return holes
 
 
+def told_of_loss(tally: Tally) -> bool:
+    """The client got a `gap`, or a resume answering `recovered: false`."""
+    return bool(tally.gaps) or any(r.get("recovered") is False for r in tally.resumes)
+
+
 async def test_redis_restart_without_persistence_is_a_gap_never_a_silent_hole(
     pg: PgDatabase, tmp_path: Path
 ) -> None:
@@ -239,9 +246,7 @@ async def test_redis_restart_without_persistence_is_a_gap_never_a_silent_hole(
                         await node.wait_ready(200, timeout=30)
                     for tally in tallies:  # told before the rest is checked
                         await wait_until(
-                            lambda t=tally: (
-                                bool(t.gaps) or any(r.get("recovered") is False for r in t.resumes)
-                            ),
+                            functools.partial(told_of_loss, tally),
                             30,
                             f"{tally.name} told of the lost history",
                         )
@@ -286,7 +291,8 @@ async def test_through_the_load_balancer_websocket_and_long_polling_clients_resu
                         busy.append(node)
                 assert len(busy) == 1, "the balancer should keep one address on one node"
                 busy[0].kill()
-                await busy[0].process.wait()  # type: ignore[union-attr]
+                assert busy[0].process is not None
+                await busy[0].process.wait()
                 busy[0].process = None
                 await writer.wait_for(len(writer.committed) + 100)
             committed = writer.committed

@@ -20,7 +20,7 @@ import pytest
 
 from connectors.memory import MemoryConnector
 from feed.app.config import parse_config
-from feed.app.server import FeedApp
+from feed.app.server import FeedApp, QuietServer
 from tests.auth_helpers import TOKENS, token_config
 from tests.conftest import MEMORY_CONFIG
 from tests.support import postgres as pg_support
@@ -393,10 +393,11 @@ async def feed_on_port(port: int) -> AsyncIterator[RunningFeed]:
     import uvicorn
 
     app = FeedApp(parse_config(MEMORY_CONFIG, "test.toml", dict(os.environ)))
-    server = uvicorn.Server(
+    # QuietServer leaves the test process's signal handlers alone (uvicorn has no longer read the
+    # install_signal_handlers hook this test used to replace).
+    server = QuietServer(
         uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(WAIT):

@@ -79,9 +79,10 @@ def test_packages_whose_internals_we_use_are_bounded_and_locked_within_the_bound
         assert any(s.operator == "<" for s in requirement.specifier), (
             f"{package} has no upper bound in pyproject.toml"
         )
-        assert pins.get(package) in requirement.specifier, (
-            f"constraints.txt pins {package}=={pins.get(package)}, outside {requirement}: "
-            "run `make lock`"
+        pin = pins.get(package)
+        assert pin is not None, f"constraints.txt does not pin {package}: run `make lock`"
+        assert pin in requirement.specifier, (
+            f"constraints.txt pins {package}=={pin}, outside {requirement}: run `make lock`"
         )
         installed = importlib.metadata.version(package)
         assert installed in requirement.specifier, (

@@ -11,6 +11,7 @@ line in the docs fails here, and so does a default changed on one side only.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import tomllib
@@ -235,9 +236,7 @@ COMMAND = re.compile(r"\bfeed (serve|check|migrate|unwatch|demo|hash-token)\b([^
 
 def test_every_option_the_docs_give_a_command_exists() -> None:
     parser = build_parser()
-    commands = next(
-        a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"
-    ).choices  # type: ignore[attr-defined]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     pages = [ROOT / "README.md", *DOCS.rglob("*.md"), ROOT / "examples" / "README.md"]
     seen = 0
     for page in pages:

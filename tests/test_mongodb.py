@@ -20,7 +20,7 @@ from bson import Binary, Decimal128, ObjectId
 from connectors.base import RoomAddress
 from connectors.mongodb import MongoConnector
 from feed.core.change import Change, Gap
-from tests.connector_contract import ConnectorContract, streaming
+from tests.connector_contract import ConnectorContract, generator, streaming
 from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
@@ -101,7 +101,8 @@ async def test_insert_update_replace_delete_carry_documents_and_descriptions(
     assert {c.target for c in (insert, update, replace, delete)} == {f"{db}.orders"}
     assert all(c.key == 1 and c.row_key == "1" and c.source == "mongodb" for c in [insert, delete])
     assert insert.after == {"_id": 1, "status": "new", "tags": ["a", "b", "c"], "note": "x"}
-    description = update.meta and update.meta["updateDescription"]
+    assert update.meta is not None, "an update carries MongoDB's updateDescription"
+    description = update.meta["updateDescription"]
     assert description["updatedFields"] == {"status": "paid"}
     assert description["removedFields"] == ["note"]
     assert truncate.meta and truncate.meta["updateDescription"]["truncatedArrays"] == [
@@ -279,7 +280,7 @@ async def test_idle_stream_keeps_saving_post_batch_token(mongodb: MongoSource, d
     connector = make(mongodb, f"{db}.orders", token_save_interval=0.0, max_await_ms=100)
     other = mongodb.client[db]["elsewhere"]
     async with connector:
-        stream = connector.changes()
+        stream = generator(connector.changes())
         pulling = asyncio.create_task(anext(stream))
         try:
             first = None
@@ -360,7 +361,7 @@ async def test_snapshot_of_an_object_id_row(mongodb: MongoSource, db: str) -> No
     await coll.insert_many([{"_id": oid, "n": 1}, {"_id": ObjectId(), "n": 2}])
     connector = make(mongodb, f"{db}.orders")
     async with connector:
-        stream = connector.changes()
+        stream = generator(connector.changes())
         pulling = asyncio.create_task(anext(stream))
         try:
             snap = await asyncio.wait_for(

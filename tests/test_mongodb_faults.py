@@ -38,6 +38,21 @@ def record(connector: MongoConnector) -> list[State]:
     return states
 
 
+async def stopped_after_one_change(
+    source: MongoSource, database: str, prefix: str, **settings: object
+) -> str:
+    """Run a connector on `orders` until it has delivered the insert of _id 1, then stop it.
+
+    Returns the connector's name: a connector made again under that name resumes from the token
+    it saved, which is what the tests of stale tokens and of changes made while stopped build on.
+    """
+    name = MongoSource.unique(prefix)
+    async with streaming(make(source, f"{database}.orders", name=name, **settings)) as stream:
+        await source.client[database]["orders"].insert_one({"_id": 1})
+        await changes(stream, 1)
+    return name
+
+
 async def test_connection_closed_mid_get_more_loses_nothing(
     mongodb: MongoSource,  # noqa: F811
     db: str,  # noqa: F811
@@ -170,10 +185,7 @@ async def test_stale_saved_token_gives_gap_then_live_changes(
     if mongodb.wire is None:
         pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
     coll = mongodb.client[db]["orders"]
-    name = MongoSource.unique("stale")
-    async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
-        await coll.insert_one({"_id": 1})
-        await changes(stream, 1)
+    name = await stopped_after_one_change(mongodb, db, "stale")
     mongodb.wire.store.truncate_oplog()
     async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
         [gap] = await take(stream, 1)
@@ -254,10 +266,7 @@ async def test_a_collection_dropped_while_stopped_is_announced_at_restart(
     db: str,  # noqa: F811
 ) -> None:
     coll = mongodb.client[db]["orders"]
-    name = MongoSource.unique("dropped")
-    async with streaming(make(mongodb, f"{db}.orders", name=name, max_await_ms=100)) as stream:
-        await coll.insert_one({"_id": 1})
-        await changes(stream, 1)
+    name = await stopped_after_one_change(mongodb, db, "dropped", max_await_ms=100)
     await coll.drop()
     await coll.insert_one({"_id": 2})  # re-created while the feed was stopped
     connector = make(mongodb, f"{db}.orders", name=name, max_await_ms=100)
@@ -284,10 +293,7 @@ async def test_a_token_the_oplog_no_longer_holds_says_why_and_is_counted(
     if mongodb.wire is None:
         pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
     coll = mongodb.client[db]["orders"]
-    name = MongoSource.unique("rolled")
-    async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
-        await coll.insert_one({"_id": 1})
-        await changes(stream, 1)
+    name = await stopped_after_one_change(mongodb, db, "rolled")
     await coll.insert_one({"_id": 2})  # never delivered: the oplog loses it
     mongodb.wire.store.truncate_oplog()
     connector = make(mongodb, f"{db}.orders", name=name)

@@ -69,7 +69,9 @@ async def test_op_msg_with_document_sequence_and_checksum() -> None:
         op, _, payload = await roundtrip(server, OP_MSG, body)
         assert op == OP_MSG and payload[4] == 0
         assert bson.decode(payload[5:])["n"] == 2
-        found = [d["_id"] for d in server.store.collection("d", "c").docs()]  # type: ignore[union-attr]
+        collection = server.store.collection("d", "c")
+        assert collection is not None, "the insert created d.c"
+        found = [d["_id"] for d in collection.docs()]
     assert found == [1, 2]
 
 

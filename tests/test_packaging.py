@@ -45,6 +45,12 @@ def checkout_copy(dest: Path) -> Path:
     return dest
 
 
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    file = tar.extractfile(member)
+    assert file is not None, f"{member.name} in the sdist is not a regular file"
+    return file.read()
+
+
 @pytest.mark.timeout(300)
 def test_wheel_and_sdist_carry_the_built_dashboard(tmp_path: Path) -> None:
     pytest.importorskip("build", reason="pip install build (in the test extra)")
@@ -76,7 +82,7 @@ def test_wheel_and_sdist_carry_the_built_dashboard(tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/feed/dashboard/"
         in_sdist = {
-            member.name.removeprefix(prefix): tar.extractfile(member).read()  # type: ignore[union-attr]
+            member.name.removeprefix(prefix): read_member(tar, member)
             for member in tar.getmembers()
             if member.name.startswith(prefix) and member.isfile()
         }

@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from connectors.memory import MemoryConnector
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
 from tests.support.server import feed_client, running_feed
@@ -124,9 +125,9 @@ async def test_missing_table_shows_down_and_other_connectors_keep_serving(
         assert status == 503 and body["ready"] is False
         async with feed_client(feed.url) as client:
             assert (await client.subscribe("mem:public.things"))["ok"]
-            feed.hub.connectors["mem"].write(  # type: ignore[attr-defined]
-                "public.things", "insert", {"id": 1}
-            )
+            mem = feed.hub.connectors["mem"]
+            assert isinstance(mem, MemoryConnector)
+            mem.write("public.things", "insert", {"id": 1})
             assert (await client.next_change())["key"] == 1
         # Creating the table is enough: the hub retries and the connector comes up.
         await pg.conn.execute("CREATE TABLE public.nope (id int PRIMARY KEY)")
@@ -144,9 +145,9 @@ async def test_unreachable_server_shows_down_and_retries(pg: PgDatabase) -> None
         assert status == 503 and body["ready"] is False
         async with feed_client(feed.url) as client:
             assert (await client.subscribe("mem:public.things"))["ok"]
-            feed.hub.connectors["mem"].write(  # type: ignore[attr-defined]
-                "public.things", "insert", {"id": 1}
-            )
+            mem = feed.hub.connectors["mem"]
+            assert isinstance(mem, MemoryConnector)
+            mem.write("public.things", "insert", {"id": 1})
             assert (await client.next_change())["key"] == 1
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from connectors.base import State
+from feed.core.change import Change
 from tests.postgres_helpers import WAIT, Stream, TcpProxy, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import EmbeddedPostgres, PgDatabase
@@ -42,8 +44,8 @@ async def reader_pid(db: PgDatabase) -> int:
     return int(pid)
 
 
-def keys(changes: list[object]) -> list[object]:
-    return [c.key for c in changes]  # type: ignore[attr-defined]
+def keys(changes: list[Change]) -> list[Any]:
+    return [c.key for c in changes]
 
 
 @pytest.fixture
@@ -207,12 +209,10 @@ async def test_concurrent_writers_are_all_delivered_once(pg: PgDatabase) -> None
     try:
         async with streaming(make_connector(pg.url, ["public.counters"])) as stream:
 
-            async def work(conn: object, rounds: int) -> None:
+            async def work(conn: asyncpg.Connection, rounds: int) -> None:
                 for r in range(rounds):
-                    async with conn.transaction():  # type: ignore[attr-defined]
-                        await conn.execute(  # type: ignore[attr-defined]
-                            "UPDATE counters SET n = n + 1 WHERE id = $1", r % 5 + 1
-                        )
+                    async with conn.transaction():
+                        await conn.execute("UPDATE counters SET n = n + 1 WHERE id = $1", r % 5 + 1)
                         await asyncio.sleep(0)
 
             await asyncio.wait_for(asyncio.gather(*(work(w, 40) for w in writers)), WAIT)

@@ -16,15 +16,13 @@ from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.options import Options
-from tests.support.redis import RedisTarget, open_redis_target
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget, text
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = redis_support.redis_target
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:
@@ -128,7 +126,7 @@ async def test_values_for_each_type(redis_target: RedisTarget) -> None:
         await r.rpush(k("l"), "x", "y")
         await r.sadd(k("set"), "b", "a")
         await r.zadd(k("z"), {"low": 1, "high": 2.5})
-        entry = (await r.xadd(k("x"), {"f": "v"})).decode()
+        entry = text(await r.xadd(k("x"), {"f": "v"}))
         await r.delete(k("h"))
         got = await take(stream, 7)
     after = {c.key: (c.op, c.after) for c in got[:6]}

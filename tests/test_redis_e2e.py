@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support.redis import RedisTarget, open_redis_target
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget
 from tests.support.server import RunningFeed, feed_client, running_feed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 WAIT = 15.0
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = redis_support.redis_target
 
 
 def config(t: RedisTarget, extra: str = "") -> str:

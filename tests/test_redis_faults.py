@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,24 +16,25 @@ from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 from feed.options import Options
+from tests.support import redis as redis_support
 from tests.support.redis import RedisServer, RedisTarget, free_port, open_private_redis
 from tests.test_redis import take, take_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def private_redis() -> AsyncIterator[RedisTarget]:
-    async with open_private_redis() as target:
-        yield target
+private_redis = redis_support.private_redis
 
 
 def connector(target: RedisTarget, **extra: Any) -> RedisConnector:
     return RedisConnector("cache", Options(target.config(**extra), "connectors[0]"))
 
 
-def text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+async def keyspace_events(t: RedisTarget) -> str:
+    """The server's notify-keyspace-events flags (CONFIG GET replies with text)."""
+    flags = (await t.admin.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+    assert flags is not None, "CONFIG GET notify-keyspace-events gave no value"
+    return flags
 
 
 def one_line(exc: BaseException) -> str:
@@ -127,7 +127,7 @@ async def test_outage_longer_than_reconnect_timeout_raises_then_restart_gaps(
 async def test_keyspace_events_off_names_the_config_set(private_redis: RedisTarget) -> None:
     t = private_redis
     await t.admin.config_set("notify-keyspace-events", "Ex")
-    current = text((await t.admin.config_get("notify-keyspace-events"))["notify-keyspace-events"])
+    current = await keyspace_events(t)
     with pytest.raises(SourceMisconfigured) as info:
         async with connector(t, configure=False):
             pass
@@ -148,11 +148,11 @@ async def test_keyspace_events_off_names_the_config_set(private_redis: RedisTarg
     assert "configure = true" in line
 
     async with connector(t, configure=True) as source:
-        flags = (await t.admin.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+        flags = await keyspace_events(t)
         stream = aiter(source.changes())
         await t.admin.set(t.key("a"), "1")
         assert (await take(stream, 1))[0].op == "set"
-    assert set("Ex") <= set(text(flags))  # flags set by someone else are kept
+    assert set("Ex") <= set(flags)  # flags set by someone else are kept
 
 
 async def test_refused_config_gets_one_line(private_redis: RedisTarget) -> None:
@@ -189,7 +189,9 @@ async def test_auth_failure_and_unreachable_get_one_line(private_redis: RedisTar
             assert source.status.state.value == "up"
     finally:
         server.close()
-    closed = RedisTarget(url=f"redis://127.0.0.1:{free_port()}/0", prefix="p:", admin=None)  # type: ignore[arg-type]
+    closed = RedisTarget(
+        url=f"redis://127.0.0.1:{free_port()}/0", prefix="p:", admin=private_redis.admin
+    )
     with pytest.raises(SourceUnavailable) as unreachable:
         async with connector(closed):
             pass

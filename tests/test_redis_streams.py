@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,16 +12,15 @@ from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
 from feed.options import Options
-from tests.support.redis import RedisTarget, open_redis_target
+from tests.connector_contract import generator
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget, text
 from tests.test_redis import take
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
+redis_target = redis_support.redis_target
 
 
 def connector(t: RedisTarget, **extra: Any) -> RedisConnector:
@@ -40,7 +38,7 @@ async def test_entries_arrive_with_stable_ids_and_source_time(redis_target: Redi
     t = redis_target
     async with connector(t) as source:
         stream = aiter(source.changes())
-        first = (await t.admin.xadd(t.key("orders"), {"status": "new", "n": "1"})).decode()
+        first = text(await t.admin.xadd(t.key("orders"), {"status": "new", "n": "1"}))
         await t.admin.xadd(t.key("audit"), {"who": b"\xff"})
         one, two = await take(stream, 2)
     assert isinstance(one, Change) and one.id == f"cache:{t.key('orders')}:{first}"
@@ -91,8 +89,8 @@ async def test_trimmed_past_the_position_is_a_gap(redis_target: RedisTarget) -> 
 async def test_snapshot_is_exact(redis_target: RedisTarget) -> None:
     t, r = redis_target, redis_target.admin
     async with connector(t, start="earliest") as source:
-        ids = [(await r.xadd(t.key("orders"), {"n": str(i)})).decode() for i in range(5)]
-        stream = aiter(source.changes())
+        ids = [text(await r.xadd(t.key("orders"), {"n": str(i)})) for i in range(5)]
+        stream = generator(source.changes())
         seen = await take(stream, 5)
         # Keep pulling, as the hub does: the snapshot waits until its entries are routed.
         drainer = asyncio.create_task(anext(stream))
@@ -121,9 +119,9 @@ async def test_snapshot_is_exact(redis_target: RedisTarget) -> None:
 async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) -> None:
     t, r = redis_target, redis_target.admin
     async with connector(t, key_field="id", start="earliest") as source:
-        for fields in ({"id": "a", "v": "1"}, {"id": "b", "v": "1"}, {"id": "a", "v": "2"}):
-            await r.xadd(t.key("orders"), fields)
-        stream = aiter(source.changes())
+        for key, v in (("a", "1"), ("b", "1"), ("a", "2")):
+            await r.xadd(t.key("orders"), {"id": key, "v": v})
+        stream = generator(source.changes())
         seen = await take(stream, 3)
         drainer = asyncio.create_task(anext(stream))
         try:

@@ -57,7 +57,8 @@ def test_db_from_option_when_url_has_none() -> None:
 
 def test_rooms_resolve_to_the_first_matching_pattern() -> None:
     connector = make(patterns=["session:*", "user:[0-9]*", "*"])
-    assert connector.resolve("session:*").target == "session:*"  # type: ignore[union-attr]
+    pattern = connector.resolve("session:*")
+    assert pattern is not None and pattern.target == "session:*"
     address = connector.resolve("session:abc")
     assert address is not None and (address.target, address.key) == ("session:*", "session:abc")
     address = connector.resolve("user:7")

@@ -14,7 +14,14 @@ import pytest
 import socketio
 
 from feed.app.config import parse_config
-from feed.core.snapshots import chunk_event, json_size, split_rows, split_snapshot, visible
+from feed.core.snapshots import (
+    chunk_event,
+    json_size,
+    snapshot_ack,
+    split_rows,
+    split_snapshot,
+    visible,
+)
 from feed.errors import ConfigError
 from tests.auth_helpers import BASE, source
 from tests.support.server import WAIT, running_feed
@@ -47,6 +54,31 @@ def test_keys_stay_beside_their_rows_through_masks_and_chunks() -> None:
     assert all(ks is None for _, ks in split_snapshot(rows, None, 2048))
     assert "keys" not in chunk_event("mem:t", 2, 5, (rows, None))
     assert visible(rows, keys[:3], None)[1] is None  # keys not one per row are not sent
+
+
+def test_the_ack_carries_the_first_chunk_and_counts_the_rest() -> None:
+    rows: list[dict[str, Any]] = [{"id": i, "blob": "x" * 600} for i in range(40)]
+    keys: list[str | None] = [f"k{i}" for i in range(40)]
+    masked: list[Any] = []
+
+    def hide(row: Any) -> Any:
+        masked.append(row)
+        return None if row["id"] % 3 == 0 else row
+
+    def encode(row: Any) -> Any:
+        return {**row, "blob": row["blob"].upper()}
+
+    fields, rest = snapshot_ack(rows, keys, hide, True, 2048, encode=encode)
+    assert masked == rows  # the mask sees the rows before `encode` (the hub's reads source values)
+    shown = fields["snapshot"] + [r for chunk, _ in rest for r in chunk]
+    assert shown == [encode(r) for r in rows if r["id"] % 3]
+    assert fields["snapshot_keys"] == [f"k{r['id']}" for r in fields["snapshot"]]
+    assert all(ks == [f"k{r['id']}" for r in rs] for rs, ks in rest)
+    assert fields["snapshot_truncated"] is True
+    assert fields["snapshot_chunks"] == 1 + len(rest) > 1
+    empty, none = snapshot_ack([], None, None, False, 2048)
+    assert empty == {"snapshot": [], "snapshot_truncated": False, "snapshot_chunks": 1}
+    assert none == []
 
 
 def test_chunk_size_is_validated_and_kept_under_the_outbound_limit() -> None:

@@ -266,7 +266,7 @@ async def test_a_client_with_compression_gets_frames_compressed_for_it_on_the_di
             db = memory(feed)
             for i in range(3):  # one burst, then a lone change
                 db.write("public.orders", "insert", {"id": i})
-            events = []
+            events: list[list[Any]] = []  # ["changes", [...]] or ["change", {...}]
             while sum(len(e[1]) if e[0] == "changes" else 1 for e in events) < 3:
                 message = await receive()
                 if message.startswith("42"):

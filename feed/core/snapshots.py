@@ -109,3 +109,31 @@ def chunk_event(room: str, index: int, total: int, chunk: SnapshotChunk) -> dict
     if keys is not None:
         body["keys"] = keys
     return body
+
+
+def snapshot_ack(
+    rows: Sequence[Any],
+    keys: Sequence[str | None] | None,
+    mask: RowGuard | None,
+    truncated: bool,
+    max_bytes: int,
+    encode: Callable[[Any], Any] | None = None,
+) -> tuple[dict[str, Any], list[SnapshotChunk]]:
+    """The snapshot fields of a subscribe ack, and the chunks that follow it as `snapshot` events.
+
+    The hub (rows from its own connector) and the cluster engine (rows a reading node sent over
+    Redis) answer a subscribe the same way, so the ack is built here once: the rows the client
+    may see, each passed through `encode` (the hub turns source values into JSON only after the
+    mask has seen them), split by size; the ack gets the first chunk (`snapshot`,
+    `snapshot_keys`), `snapshot_truncated` and `snapshot_chunks` (docs/protocol.md, "Snapshots").
+    """
+    shown, shown_keys = visible(rows, keys, mask)
+    if encode is not None:
+        shown = [encode(row) for row in shown]
+    (first, first_keys), *rest = split_snapshot(shown, shown_keys, max_bytes)
+    fields: dict[str, Any] = {"snapshot": first}
+    if first_keys is not None:
+        fields["snapshot_keys"] = first_keys
+    fields["snapshot_truncated"] = truncated
+    fields["snapshot_chunks"] = 1 + len(rest)
+    return fields, rest

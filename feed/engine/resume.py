@@ -14,7 +14,7 @@ from typing import Any
 
 from connectors.base import Connector, RoomAddress
 from feed.core.rooms import Room
-from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.core.snapshots import SnapshotChunk, chunk_event, snapshot_ack
 from feed.delivery.protocol import SubscribeRequest
 from feed.engine.core import log
 from feed.engine.delivery import Delivery
@@ -67,15 +67,14 @@ class Resume(Delivery):
                 raise
             plan = SnapshotPlan(int(answer["upto"]), frozenset(answer["uncovered"]))
             # `keys` is absent in the answer of a reading node older than snapshot keys.
-            rows, keys = visible(answer["rows"], answer.get("keys"), mask)
-            (first, first_keys), *rest = split_snapshot(
-                rows, keys, hub.settings.snapshot_chunk_bytes
+            fields, rest = snapshot_ack(
+                answer["rows"],
+                answer.get("keys"),
+                mask,
+                bool(answer["truncated"]),
+                hub.settings.snapshot_chunk_bytes,
             )
-            ack["snapshot"] = first
-            if first_keys is not None:
-                ack["snapshot_keys"] = first_keys
-            ack["snapshot_truncated"] = bool(answer["truncated"])
-            ack["snapshot_chunks"] = 1 + len(rest)
+            ack.update(fields)
             ack["seq"] = cursor
         hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest))
         return ack

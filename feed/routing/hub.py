@@ -25,7 +25,7 @@ from connectors.health import CAPTURE_METRICS
 from feed.core.change import Change, Gap, format_ts, to_json
 from feed.core.filters import RowFilter, parse_filter
 from feed.core.rooms import Room
-from feed.core.snapshots import SnapshotChunk, chunk_event, split_snapshot, visible
+from feed.core.snapshots import SnapshotChunk, chunk_event, snapshot_ack
 from feed.core.targets import TargetRooms as TargetRooms  # also imported from here (bench, tests)
 from feed.delivery.protocol import SubscribeRequest
 from feed.delivery.transport import FlushBeforeWaiting, Transport
@@ -492,15 +492,15 @@ class Hub:
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
-            rows, keys = visible(snapshot.rows, snapshot.keys, mask)
-            (first, first_keys), *rest = split_snapshot(
-                [to_json(r) for r in rows], keys, self.settings.snapshot_chunk_bytes
+            fields, rest = snapshot_ack(
+                snapshot.rows,
+                snapshot.keys,
+                mask,
+                snapshot.truncated,
+                self.settings.snapshot_chunk_bytes,
+                encode=to_json,
             )
-            ack["snapshot"] = first
-            if first_keys is not None:
-                ack["snapshot_keys"] = first_keys
-            ack["snapshot_truncated"] = snapshot.truncated
-            ack["snapshot_chunks"] = 1 + len(rest)
+            ack.update(fields)
             ack["seq"] = cursor
         # The ack goes out when this returns, before the catch-up task's first step: the rest of
         # the snapshot, then what the room got meanwhile, follow it in that order.

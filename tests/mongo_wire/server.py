@@ -505,7 +505,7 @@ class MongoWireServer:
 
     def _read_time(self, cmd: Mapping[str, Any]) -> Timestamp | None:
         concern = cmd.get("readConcern") or {}
-        at = concern.get("atClusterTime")
+        at: Timestamp | None = concern.get("atClusterTime")
         if at is None:
             return None
         if concern.get("level") != "snapshot":
@@ -518,7 +518,7 @@ class MongoWireServer:
             )
         if at > self.store.last:
             raise CommandError(2, "BadValue", "atClusterTime must not be in the future")
-        return at  # type: ignore[no-any-return]
+        return at
 
     async def _find(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
         db, name = cmd["$db"], cmd["find"]

@@ -31,7 +31,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -41,6 +41,9 @@ from feed.app.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import open_redis_target
 from tests.support.server import RunningFeed, free_port, running_feed
+
+if TYPE_CHECKING:
+    from dbfeed_client import FeedClient
 
 WAIT = 10.0
 SECRET = "harness-secret-for-client-tests-0123456789"
@@ -79,6 +82,29 @@ def make_token(ttl: float, name: str = "client-test") -> str:
     body = {"sub": name, "aud": "feed", "iat": int(now), "exp": now + ttl, "roles": ["admin"]}
     token: str = jwt.encode(body, SECRET, algorithm="HS256")
     return token
+
+
+def rows_of(source: MemoryConnector, target: str) -> dict[str, dict[str, Any]]:
+    """`target`'s rows in a memory connector, by row key: what a client's `rows` must equal."""
+    return {k: dict(v) for k, v in source._tables[target].items()}
+
+
+def snapshot_chunks(feed: FeedClient) -> list[Any]:
+    """Every `snapshot` chunk event `feed` gets from now on, each still handled by the client.
+
+    For tests that show the server really sent a snapshot in chunks before checking the rows
+    the client assembled from them.
+    """
+    chunks: list[Any] = []
+    assert feed._sio is not None
+    library = feed._on_chunk
+
+    async def spy(chunk: Any) -> None:
+        chunks.append(chunk)
+        await library(chunk)
+
+    feed._sio.on("snapshot", spy)
+    return chunks
 
 
 class Harness:
@@ -174,7 +200,7 @@ class Harness:
             await asyncio.sleep(0.01)
 
     def rows(self, target: str, connector: str = "mem") -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.connector(connector)._tables[target].items()}
+        return rows_of(self.connector(connector), target)
 
     async def delivered(self, connector: str = "mem") -> None:
         """Until the hub has routed every change written so far."""
@@ -217,9 +243,8 @@ class ClusterHarness:
         async with asyncio.timeout(WAIT):
             while True:
                 for node in self.nodes:
-                    engine = node.hub.engine
                     connector = node.hub.connectors[name]
-                    leased = engine is not None and name in engine._leases
+                    leased = name in node.engine._leases
                     if leased and connector.status.state.value == "up":
                         assert isinstance(connector, MemoryConnector)
                         return connector
@@ -326,8 +351,7 @@ async def serve_commands() -> None:
                 elif cmd == "cluster_rows":
                     assert cluster is not None
                     source = await cluster.reader(command.get("connector", "mem"))
-                    table = source._tables[command.get("target", "public.orders")]
-                    reply["rows"] = {k: dict(v) for k, v in table.items()}
+                    reply["rows"] = rows_of(source, command.get("target", "public.orders"))
                 elif cmd in ("cluster_cut", "cluster_restore"):
                     assert cluster is not None and cluster.proxy is not None
                     if cmd == "cluster_cut":

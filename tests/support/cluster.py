@@ -6,7 +6,7 @@ same port. A `Tally` is a Socket.IO client that follows one room across nodes: w
 goes away it reconnects to the next one and resumes with `since` and `epoch`, and it records
 every anomaly a user would notice (a seq out of order, a duplicate, a gap, a failed resume).
 The last part starts nodes inside the test process instead (`start_nodes`), for the engine's
-faster tests; `redis_target` is the Redis every cluster test shares, under its own prefix.
+faster tests, on the Redis every test shares (tests/support/redis.py's `redis_target`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import socketio
 from dbfeed_client.client import drop_wedged, transport_wedged
 
 from connectors.memory import MemoryConnector
-from tests.support.redis import RedisTarget, open_redis_target
 from tests.support.server import FeedClient, RunningFeed, free_port, running_feed
 from tests.support.waiting import wait_until
 
@@ -398,12 +396,6 @@ targets = ["public.orders"]
 """
 
 
-@pytest.fixture
-async def redis_target() -> AsyncIterator[RedisTarget]:
-    async with open_redis_target() as target:
-        yield target
-
-
 async def start_nodes(
     stack: AsyncExitStack, config: str, count: int, names: list[str] | None = None
 ) -> list[RunningFeed]:
@@ -420,9 +412,7 @@ async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> Running
     found: list[RunningFeed] = []
 
     def one_reads() -> bool:
-        found[:] = [
-            n for n in nodes if n.hub.engine is not None and connector in n.hub.engine._leases
-        ]
+        found[:] = [n for n in nodes if connector in n.engine._leases]
         return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
 
     await wait_until(one_reads, 15, "one node to read the connector")

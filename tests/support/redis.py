@@ -74,6 +74,12 @@ def free_port(below: int = 65536, *, bus: bool = False) -> int:
     raise RuntimeError(f"no free port below {below}")
 
 
+def text(reply: bytes | str) -> str:
+    """A reply as text: the admin client reads bytes (no decode_responses), which redis-py's
+    types leave open (an XADD's new entry id, for one)."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 class PortTaken(RuntimeError):
     """redis-server could not bind its port (or its cluster bus port)."""
 
@@ -217,6 +223,7 @@ class RedisTarget:
 
     async def kill_pubsub(self, client_name: str) -> int:
         """CLIENT KILL TYPE pubsub; on a shared server only our connector's connection (by ID)."""
+        # The ignores: redis-py leaves execute_command without annotations.
         if self.owned:
             return int(await self.admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))  # type: ignore[no-untyped-call]
         clients = await self.admin.client_list(_type="pubsub")
@@ -256,7 +263,7 @@ def unique_prefix() -> str:
 async def open_redis_target() -> AsyncIterator[RedisTarget]:
     """FEED_TEST_REDIS_URL if set, else the embedded server; a fresh key prefix either way.
 
-    Test modules wrap this in a fixture: `async with open_redis_target() as t: yield t`.
+    Tests take it as the `redis_target` fixture below.
     """
     server = None if os.environ.get(ENV_URL) else shared_server()
     url = os.environ.get(ENV_URL) or (server.url() if server else "")
@@ -286,3 +293,20 @@ async def open_private_redis(*args: str) -> AsyncIterator[RedisTarget]:
     finally:
         await admin.aclose()
         await asyncio.to_thread(server.close)
+
+
+@pytest.fixture
+async def redis_target() -> AsyncIterator[RedisTarget]:
+    """The suite's Redis under a key prefix of this test's own (`open_redis_target`).
+
+    A test module takes it with `redis_target = redis_support.redis_target`.
+    """
+    async with open_redis_target() as target:
+        yield target
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisTarget]:
+    """A Redis server of this test's own (`open_private_redis`), for tests that disturb it."""
+    async with open_private_redis() as target:
+        yield target

@@ -238,6 +238,7 @@ class RedisCluster:
         return self._owner[key_slot(raw)]
 
     async def command(self, node: RedisServer, *args: Any) -> Any:
+        # The ignore: redis-py leaves execute_command without annotations.
         return await self.admin(node).execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def text(self, node: RedisServer, *args: Any) -> str:

@@ -17,6 +17,7 @@ import uvicorn
 
 from feed.app.config import parse_config
 from feed.app.server import FeedApp, QuietServer
+from feed.engine.redis import RedisEngine
 from feed.routing.hub import Hub
 
 WAIT = 10.0
@@ -51,6 +52,17 @@ class RunningFeed:
     @property
     def hub(self) -> Hub:
         return self.app.hub
+
+    @property
+    def engine(self) -> RedisEngine:
+        """The node's cluster engine, for tests that look inside it (leases, rooms, mirrors).
+
+        The hub knows it only as its Engine protocol, which has none of those; a test that asks for
+        it runs the feed with a [cluster] table, so the engine is a RedisEngine.
+        """
+        engine = self.hub.engine
+        assert isinstance(engine, RedisEngine), "this feed runs without a [cluster] engine"
+        return engine
 
 
 @asynccontextmanager
