@@ -112,8 +112,7 @@ async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
         reader, other = await reader_and_other(stack, config)
         paid = await stack.enter_async_context(feed_client(other.url))
         ack = await subscribed(paid, "mem:public.orders", filter="status=eq.paid")
-        engine = reader.hub.engine
-        assert engine is not None
+        engine = reader.engine
 
         def routed() -> bool:
             index = engine._index.get("mem", {}).get("public.orders")
