@@ -5,8 +5,9 @@ room the change's own JSON, encoded once however many rooms it goes to (`Change.
 behind `{"room":...,`. A node that receives it only has to put the room's `seq` in: it splices
 `"seq":N,` after the room's name and hands the bytes on as a pre-encoded JSON value
 (`orjson.Fragment`), which the transport writes as they are. No node decodes and re-encodes
-the payloads it relays, and what its clients receive is the same text as a node without
-[cluster] sends (`{"room":...,"seq":N,...}`, feed.core.rooms.Payload).
+the payloads it relays, and for a room without a shape its clients receive the same text as a
+node without [cluster] sends (`{"room":...,"seq":N,...}`, feed.core.rooms.Payload); a shaped
+room's payload is the shaped dict encoded by the reader, the same JSON object.
 
 A payload that does not begin with the room's name (one written by an older reader) gets `seq`
 in front instead: the same JSON object, its members in another order. Without orjson (a
