@@ -1,7 +1,7 @@
 """An in-memory source for tests and the hub's own benchmark.
 
 It behaves like a database table per target: `write` applies an insert, update or delete to the
-stored rows and queues the change, so snapshots and live changes agree exactly as they would for a
+stored rows and queues the change (or hands it to the hub's `sink` at once, connectors.base), so snapshots and live changes agree exactly as they would for a
 real source. Every instance registers itself by name in `MemoryConnector.instances` so that a test
 can reach the connector the server built from its config.
 """
@@ -109,7 +109,18 @@ class MemoryConnector(Connector):
             ts=dt.datetime.now(dt.UTC),
             position=position,
         )
-        self._queue.put_nowait(change)
+        sink = self.sink
+        if sink is None or self._queue.qsize():  # the hub is busy, or earlier items still wait
+            self._queue.put_nowait(change)
+            return change
+        try:
+            sink(change)  # routed and on its way before this returns (connectors.base)
+        except Exception as exc:
+            self.sink = None
+            self._queue.put_nowait(exc)  # the hub's stream raises it: a failed dispatch
+        else:
+            self._delivered = position
+            self._progress.set()
         return change
 
     def key_of(self, row: Mapping[str, Any]) -> Any:

@@ -90,6 +90,12 @@ class Transport(Protocol):
 
     async def send_room(self, room: str, event: str, data: Any, skip: list[str]) -> None: ...
 
+    def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
+        """`send_room(room, "change", ...)` without awaiting, for a change routed inside a
+        connector's own call (`Connector.sink`); True when the buffer filled up and was flushed,
+        and a caller that can should give the loop a turn."""
+        ...
+
     async def send_to(self, sid: str, event: str, data: Any) -> None: ...
 
     async def send_paced(self, sid: str, event: str, data: Any) -> None: ...
@@ -234,6 +240,10 @@ class SocketIOTransport:
             self.flush()
             self._deliver(room, self._packets(event, data), skip)
             return
+        if self.send_change(room, data, skip):
+            await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
+
+    def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
         entries = self._buffered.get(room)
         if entries is None:
             self._buffered[room] = [(data, skip)]
@@ -242,9 +252,10 @@ class SocketIOTransport:
         self._count += 1
         if self._count >= MAX_BUFFERED:
             self.flush()
-            await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
-        elif self._flush_handle is None and not self._held:
+            return True
+        if self._flush_handle is None and not self._held:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+        return False
 
     async def send_to(self, sid: str, event: str, data: Any) -> None:
         self.flush()
