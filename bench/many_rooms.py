@@ -5,7 +5,8 @@ hits them alike. Prints each window and the medians (server CPU per delivered ch
     python -m bench.many_rooms                       # feed on asyncio and uvloop, Node.js, raw
     python -m bench.many_rooms --rounds 3 --servers feed-asyncio,node
 
-`feed-asyncio` and `feed-uvloop` are the feed on that event loop (BENCH_LOOP, bench.servers);
+`feed-asyncio` and `feed-uvloop` are the feed on that event loop (BENCH_LOOP, bench.servers),
+`feed-uvloop-nogc` (say) the same with the cycle collector off (BENCH_GC=off, to see its share);
 `node` the Node.js Socket.IO server (bench/node), `baseline` the raw websockets server.
 """
 
@@ -25,19 +26,23 @@ SERVERS = ("feed-asyncio", "feed-uvloop", "node", "baseline")
 
 
 def one(kind: str, clients: int, rooms: int, rate: float, seconds: float) -> FanoutResult:
-    loop = None
-    if kind.startswith("feed-"):
-        kind, loop = "feed", kind.removeprefix("feed-")
-    previous = os.environ.get("BENCH_LOOP")
-    if loop is not None:
-        os.environ["BENCH_LOOP"] = loop  # the spawned server inherits it
+    env: dict[str, str] = {}
+    if kind.startswith("feed-"):  # feed-<loop>, or feed-<loop>-nogc: the collector off
+        kind, _, variant = kind.partition("-")
+        loop, _, gc = variant.partition("-")
+        env["BENCH_LOOP"] = loop
+        if gc == "nogc":
+            env["BENCH_GC"] = "off"
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # the spawned server inherits it
     try:
         server = Server(kind, [f"t{i}" for i in range(rooms)])
     finally:
-        if previous is None:
-            os.environ.pop("BENCH_LOOP", None)
-        else:
-            os.environ["BENCH_LOOP"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         swarm = Swarm(server.port, server.rooms, clients, processes=2)
         try:

@@ -67,6 +67,10 @@ def feed_main(conn: Connection, config_toml: str) -> None:
 
         tracemalloc.start(int(os.environ["BENCH_TRACEMALLOC"]))
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("BENCH_GC") == "off":  # how much of the CPU is the cycle collector's
+        import gc
+
+        gc.disable()
     if os.environ.get("BENCH_GC_LOG"):
         _log_gc_pauses(os.environ["BENCH_GC_LOG"])
     if os.environ.get("BENCH_CPROFILE"):  # call counts per change, not timings: cProfile skews
