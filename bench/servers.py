@@ -129,16 +129,13 @@ async def _feed(conn: Connection, config_toml: str) -> None:
 
     config = parse_config(config_toml, "bench.toml", dict(os.environ))
     app = FeedApp(config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app.asgi,
-            host=config.server.host,
-            port=config.server.port,
+    server = uvicorn.Server(  # configured as `feed serve` configures it (feed.app.cli)
+        app.uvicorn_config(
+            config.server.host,
+            config.server.port,
             log_level="warning",
-            lifespan="on",
-            ws_max_size=config.server.max_message_bytes,
             # A knob for comparing uvicorn's websocket implementations; `feed serve` uses "auto".
-            ws=os.environ.get("BENCH_UVICORN_WS", "auto"),  # type: ignore[arg-type]
+            ws=os.environ.get("BENCH_UVICORN_WS", "auto"),
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]

@@ -94,7 +94,12 @@ class MemoryConnector(Connector):
         before: Mapping[str, Any] | None,
         after: Mapping[str, Any] | None,
     ) -> Change:
-        """Give a write the next position and queue its change for the hub (copies of images)."""
+        """Give a write the next position and queue its change for the hub.
+
+        The change shares the stored row dicts as its images: a stored row is only ever
+        replaced (`write`), dropped or cleared from its table, never changed in place, and
+        snapshots hand out copies, so nothing can alter an image under the change.
+        """
         position = next(self._positions)
         self._written = position
         change = Change(
@@ -104,8 +109,8 @@ class MemoryConnector(Connector):
             target=target,
             op=op,
             key=key,
-            before=dict(before) if before is not None else None,
-            after=dict(after) if after is not None else None,
+            before=before,
+            after=after,
             ts=dt.datetime.now(dt.UTC),
             position=position,
         )

@@ -150,6 +150,8 @@ def room_key(key: Any) -> str | None:
         return None
     if type(key) is str:  # most keys (every Redis key): skip the ABC checks below
         return key
+    if type(key) is int:  # most of the rest (serial ids)
+        return str(key)
     if isinstance(key, Mapping):
         return ",".join(_scalar_text(v) for v in key.values())
     if isinstance(key, list | tuple):
@@ -192,6 +194,10 @@ def format_ts(ts: dt.datetime | None) -> str | None:
 _last_ts: tuple[dt.datetime | None, str] = (None, "")
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+"""Types `to_json` gives back as they are (and finite floats)."""
+
+
 def to_json(value: Any) -> JSON:
     """Map every type the sources produce onto JSON (the table is in docs/protocol.md).
 
@@ -202,7 +208,15 @@ def to_json(value: Any) -> JSON:
     if kind is str or kind is int or value is None or kind is bool:
         return value
     if kind is dict:
-        return {k if type(k) is str else str(k): to_json(v) for k, v in value.items()}
+        for k, v in value.items():
+            plain = type(v) in _PLAIN or (type(v) is float and math.isfinite(v))
+            if not plain or type(k) is not str:
+                return {k if type(k) is str else str(k): to_json(v) for k, v in value.items()}
+        # Already JSON, as most images are: shared, not copied (an image is never changed in
+        # place, and one object fewer per change for the garbage collector to keep visiting).
+        return value
+    if kind is float and math.isfinite(value):
+        return value
     if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
