@@ -21,8 +21,10 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
 - under load, sends fewer frames: the changes routed to a room while the hub drains what its
   change stream has ready are sent as one `changes` frame (a list, in order) when the stream
   would wait (`hold`, then `flush` from `FlushBeforeWaiting`); a lone change goes out as a plain
-  `change` in the same loop pass. Changes sent by anyone else are flushed at the end of the
-  loop pass, one iteration later.
+  `change` in the same loop pass. Changes sent by anyone else, and those a connector hands
+  the hub in its own call (`send_change`, through the hub's sink: connectors.base), are
+  flushed at the end of the loop pass, one iteration later: a burst written in one pass is
+  still one frame per room.
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
 anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,
