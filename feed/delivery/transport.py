@@ -295,6 +295,11 @@ class SocketIOTransport:
         for sid in list(self.sio.manager.get_participants(self.namespace, None)):
             await self.sio.disconnect(sid[0], namespace=self.namespace)
 
+    @property
+    def buffered(self) -> int:
+        """Changes routed and not yet written (they go out at the end of the loop pass)."""
+        return self._count
+
     def hold(self) -> None:
         self._held = True
 
