@@ -61,8 +61,12 @@ class computed_once(Generic[T]):
     def __get__(self, instance: object | None, owner: type | None = None) -> T | computed_once[T]:
         if instance is None:
             return self
-        # A non-data descriptor: once the value is in the instance's __dict__, it wins lookups.
-        value = instance.__dict__[self.name] = self.compute(instance)
+        # A non-data descriptor: once the value is an instance attribute, it wins lookups. Set
+        # as an attribute, not through `__dict__`: asking for `__dict__` makes Python build a
+        # dict object for the instance, one more object per change for the garbage collector
+        # to visit on every full pass while the change sits in a replay buffer.
+        value = self.compute(instance)
+        object.__setattr__(instance, self.name, value)
         return value
 
 
