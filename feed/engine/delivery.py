@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from connectors.base import State
@@ -111,7 +111,26 @@ class Delivery(History):
                 recovery = asyncio.create_task(self._recover())
                 self._connected.set()
                 try:
-                    await self._receive(pubsub, recovery)
+                    while True:
+                        if recovery.done() and not self.up:
+                            recovery.result()  # a failed recovery: reconnect and try again
+                        # What the messages read at once routed leaves when the next read would
+                        # wait (as the hub does with a change stream): a lone message's changes
+                        # go out in the pass that received it, a burst's as one frame per room.
+                        message = await FlushBeforeWaiting(
+                            pubsub.get_message(timeout=0.5), self._flush
+                        )
+                        if message is None:
+                            continue
+                        transport = self.hub.transport
+                        if transport is not None:
+                            transport.hold()
+                        try:
+                            await self._on_message(message)
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception:
+                            log.exception("bad cluster message on %r", message.get("channel"))
                 finally:
                     self._flush()
                     recovery.cancel()
@@ -132,48 +151,6 @@ class Delivery(History):
             delay = min(delay * 2, BACKOFF_MAX)
             if self.up:
                 delay = BACKOFF_START
-
-    async def _receive(self, pubsub: Any, recovery: asyncio.Task[None]) -> None:
-        """Read the subscription connection until it fails.
-
-        One awaited read per wake-up, then every reply the parser already holds, each handled
-        in the same pass: redis-py's `get_message` costs about 10 µs a message (its retry,
-        timing and health-check wrappers, and a coroutine chain per reply) against well under
-        one for a reply taken from hiredis's buffer, and every node pays it for every message.
-        The health check (a PING when the connection was quiet for its interval) still runs
-        before each wait, and a failed read is raised, not retried, so the listen loop's
-        reconnect and recovery handle it.
-        """
-        conn = pubsub.connection
-        buffered = _buffered_replies(conn)
-        while True:
-            if recovery.done() and not self.up:
-                recovery.result()  # a failed recovery: reconnect and try again
-            await pubsub.check_health()
-            if not conn.is_connected:
-                raise ClusterError("the pub/sub connection closed")
-            # What the replies read at once routed leaves when the next read would wait (as the
-            # hub does with a change stream): a lone message's changes go out in the pass that
-            # received it, a burst's as one frame per room.
-            reply = await FlushBeforeWaiting(
-                conn.read_response(timeout=0.5, disconnect_on_error=False, push_request=True),
-                self._flush,
-            )
-            if reply is None:
-                continue
-            transport = self.hub.transport
-            if transport is not None:
-                transport.hold()
-            while reply is not None:
-                if isinstance(reply, Exception):
-                    raise reply  # an error reply, or a broken connection the parser reported
-                try:
-                    await self._on_reply(pubsub, reply)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("bad cluster message: %.200r", reply)
-                reply = buffered()
 
     def _flush(self) -> None:
         transport = self.hub.transport
@@ -238,16 +215,6 @@ class Delivery(History):
         if mirror.seq is not None and seq > mirror.seq:
             await self._fill(mirror, seq)
 
-    async def _on_reply(self, pubsub: Any, reply: Any) -> None:
-        """One reply of the subscription connection: a publication, or what redis-py tracks."""
-        if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-            await self._on_publication(reply[1], reply[2])
-            return
-        # (un)subscribe confirmations, pongs: redis-py keeps its channel list from these
-        message = await pubsub.handle_message(reply)
-        if message is not None:
-            await self._on_message(message)
-
     async def _on_message(self, message: Mapping[str, Any]) -> None:
         kind = message.get("type")
         channel = message.get("channel")
@@ -256,10 +223,9 @@ class Delivery(History):
             if future is not None and not future.done():
                 future.set_result(None)
             return
-        if kind in (b"message", "message"):
-            await self._on_publication(channel, message["data"])
-
-    async def _on_publication(self, channel: Any, data: bytes) -> None:
+        if kind not in (b"message", "message"):
+            return
+        data: bytes = message["data"]
         if channel == self.control:
             self._on_control(loads(data))
             return
@@ -363,22 +329,3 @@ class Delivery(History):
                 "ts": ts,
             }
             await self.hub.transport.send_room(room.name, "gap", body, [])
-
-
-def _buffered_replies(conn: Any) -> Callable[[], Any]:
-    """A function returning the next complete reply the connection's parser already holds, or
-    None: hiredis's reader, asked directly (redis-py has no public call that does not wait).
-    Without hiredis, always None: each reply then takes one awaited read."""
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA
-
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    gets = getattr(reader, "gets", None)
-    if gets is None or not hasattr(reader, "feed"):
-        return lambda: None
-
-    def buffered() -> Any:
-        reply = gets()
-        return None if reply is False or reply is NOT_ENOUGH_DATA else reply
-
-    return buffered
