@@ -246,6 +246,9 @@ async def run_setup(
             server_cpu_s=round(cpu, 3),
             cpu_us_per_delivery=round(1e6 * cpu / delivered, 2) if delivered else None,
             node_rss_kib=rss,
+            node_cpu_us_per_change=[
+                round(1e6 * (a - b) / expect, 1) for a, b in zip(cpu_after, cpu_before, strict=True)
+            ],
         )
         if clustered:
             commands = (

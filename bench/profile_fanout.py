@@ -28,6 +28,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--tag", default="")
     parser.add_argument("--spy-rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="only samples holding the GIL: the Python work, without time in epoll or send",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     server = Server("feed", [f"t{i}" for i in range(args.rooms)])
@@ -45,6 +50,7 @@ def main() -> int:
                 "--rate",
                 str(args.spy_rate),
                 "--nonblocking",
+                *(["--gil"] if args.gil else []),
             ]
 
             def record() -> None:

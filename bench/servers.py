@@ -67,6 +67,10 @@ def feed_main(conn: Connection, config_toml: str) -> None:
 
         tracemalloc.start(int(os.environ["BENCH_TRACEMALLOC"]))
     logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("BENCH_GC") == "off":  # how much of the CPU is the cycle collector's
+        import gc
+
+        gc.disable()
     if os.environ.get("BENCH_GC_LOG"):
         _log_gc_pauses(os.environ["BENCH_GC_LOG"])
     if os.environ.get("BENCH_CPROFILE"):  # call counts per change, not timings: cProfile skews
@@ -117,7 +121,6 @@ def _log_gc_pauses(path: str) -> None:
 
 
 async def _feed(conn: Connection, config_toml: str) -> None:
-    import uvicorn
 
     from connectors.memory import MemoryConnector
     from feed.app.config import parse_config
@@ -127,14 +130,11 @@ async def _feed(conn: Connection, config_toml: str) -> None:
     app = FeedApp(config)
     # QuietServer: the parent stops this child through its pipe (or terminate()), so uvicorn must
     # not take over its SIGINT/SIGTERM (uvicorn 0.54 no longer reads install_signal_handlers).
-    server = QuietServer(
-        uvicorn.Config(
-            app.asgi,
-            host=config.server.host,
-            port=config.server.port,
+    server = QuietServer(  # configured as `feed serve` configures it (feed.app.cli)
+        app.uvicorn_config(
+            config.server.host,
+            config.server.port,
             log_level="warning",
-            lifespan="on",
-            ws_max_size=config.server.max_message_bytes,
             # A knob for comparing uvicorn's websocket implementations; `feed serve` uses "auto".
             ws=os.environ.get("BENCH_UVICORN_WS", "auto"),
         )

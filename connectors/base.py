@@ -10,6 +10,14 @@ waits until that is published (raising when it cannot be: then nothing may be sa
 restarts a connector that raises, with
 backoff, so a connector may simply raise `SourceUnavailable` when it loses its source and let the
 hub call it again; connectors that can resume in place do so themselves.
+
+A connector may also hand a change straight to the hub, in its own call: while the hub waits for
+the next item of `changes()` it sets `sink`, and a connector with nothing still waiting to be
+yielded may call `sink(change)` instead of queueing the change for its stream. That saves the
+queue, the task wake-up and the async generator step per batch (the per-change path that
+dominates when each change goes to few clients, docs/benchmarks.md). `changes()` stays the
+interface every connector implements; the sink is an optional shortcut (the memory connector
+takes it), never offered in a cluster, where the engine publishes what the stream yields.
 """
 
 from __future__ import annotations
@@ -99,6 +107,13 @@ class Connector(ABC):
     reader announces a `gap` for the time nobody read it."""
 
     _settle_hook: Callable[[], Awaitable[None]] | None = None
+
+    sink: Callable[[Change], None] | None = None
+    """Set by the hub only while it waits for the next item of `changes()` (so it has finished
+    every item before): calling it routes, numbers and sends the change at once, as if it had
+    been yielded. Only for a change with nothing of this connector's still waiting to be
+    yielded, or it would overtake those. If it raises, the change is lost as a failed dispatch
+    is: make the stream raise that error (the hub then restarts the connector)."""
 
     def __init__(self, name: str, options: Options) -> None:
         self.name = name

@@ -1,7 +1,7 @@
 """An in-memory source for tests and the hub's own benchmark.
 
 It behaves like a database table per target: `write` applies an insert, update or delete to the
-stored rows and queues the change, so snapshots and live changes agree exactly as they would for a
+stored rows and queues the change (or hands it to the hub's `sink` at once, connectors.base), so snapshots and live changes agree exactly as they would for a
 real source. Every instance registers itself by name in `MemoryConnector.instances` so that a test
 can reach the connector the server built from its config.
 """
@@ -94,7 +94,12 @@ class MemoryConnector(Connector):
         before: Mapping[str, Any] | None,
         after: Mapping[str, Any] | None,
     ) -> Change:
-        """Give a write the next position and queue its change for the hub (copies of images)."""
+        """Give a write the next position and queue its change for the hub.
+
+        The change shares the stored row dicts as its images: a stored row is only ever
+        replaced (`write`), dropped or cleared from its table, never changed in place, and
+        snapshots hand out copies, so nothing can alter an image under the change.
+        """
         position = next(self._positions)
         self._written = position
         change = Change(
@@ -104,12 +109,23 @@ class MemoryConnector(Connector):
             target=target,
             op=op,
             key=key,
-            before=dict(before) if before is not None else None,
-            after=dict(after) if after is not None else None,
+            before=before,
+            after=after,
             ts=dt.datetime.now(dt.UTC),
             position=position,
         )
-        self._queue.put_nowait(change)
+        sink = self.sink
+        if sink is None or self._queue.qsize():  # the hub is busy, or earlier items still wait
+            self._queue.put_nowait(change)
+            return change
+        try:
+            sink(change)  # routed and on its way before this returns (connectors.base)
+        except Exception as exc:
+            self.sink = None
+            self._queue.put_nowait(exc)  # the hub's stream raises it: a failed dispatch
+        else:
+            self._delivered = position
+            self._progress.set()
         return change
 
     def key_of(self, row: Mapping[str, Any]) -> Any:

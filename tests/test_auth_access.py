@@ -182,6 +182,11 @@ class RoomsTransport:
         for sid in self.members.get(room, set()) - set(skip):
             await self.send_to(sid, event, data)
 
+    def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
+        for sid in self.members.get(room, set()) - set(skip):
+            self.received.setdefault(sid, []).append(data)
+        return False
+
     async def send_to(self, sid: str, event: str, data: Any) -> None:
         if event in ("change", "changes"):
             self.received.setdefault(sid, []).extend(data if isinstance(data, list) else [data])

@@ -102,6 +102,37 @@ async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
             assert [(c["op"], c["seq"]) for c in got] == [("insert", 1), ("truncate", 2)]
 
 
+async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
+    redis_target: RedisTarget,
+) -> None:
+    """As on a single node (docs/protocol.md): the change whose after image no longer matches a
+    filter room's filter carries `"left": true`, live and in a replay from the room's history."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        paid = await stack.enter_async_context(feed_client(other.url))
+        ack = await subscribed(paid, "mem:public.orders", filter="status=eq.paid")
+        engine = reader.engine
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and ack["room"] in list(index.names())
+
+        await wait_until(routed, 10, "the reader to route the filter room")
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+        memory(reader).write("public.orders", "update", {"id": 1, "status": "refunded"})
+        live = await paid.take(2)
+        assert [c.get("left") for c in live] == [None, True]
+        assert live[1]["after"]["status"] == "refunded"
+        late = await stack.enter_async_context(feed_client(reader.url))
+        back = await subscribed(
+            late, "mem:public.orders", filter="status=eq.paid", since=0, epoch=ack["epoch"]
+        )
+        assert back["recovered"] is True
+        replayed = await late.take(2)
+        assert [(c["seq"], c.get("left")) for c in replayed] == [(1, None), (2, True)]
+
+
 async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:

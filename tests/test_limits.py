@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 
 from feed.app.config import parse_config
 from feed.delivery.eio_websocket import Backlog
+from feed.delivery.transport import SocketIOTransport
 from feed.errors import ConfigError
 from feed.security.limits import OutboundQueue, TokenBucket
 from tests.auth_helpers import (
@@ -198,12 +199,17 @@ async def test_a_long_polling_client_that_stops_polling_is_cut_off_too() -> None
         await post(eio_sid, "420" + json.dumps(["subscribe", {"room": "mem:public.orders"}]))
         assert '"ok":true' in (await get(eio_sid)).replace(" ", "")
         queue = feed.app.sio.eio.sockets[eio_sid].queue
+        sent = feed.hub.transport
+        assert isinstance(sent, SocketIOTransport)
         written = 0
         while eio_sid in feed.app.sio.eio.sockets and written < 2_000:
             written += 1
             db.write("public.orders", "insert", {"id": written, "blob": "x" * 2048})
-            if written % 50 == 0:
-                await wait_until(lambda: db._delivered == db._written, what="writes routed")
+            if written % 50 == 0:  # routed in `write` (the hub's sink), sent at the pass's end
+                await wait_until(
+                    lambda: db._delivered == db._written and not sent.buffered,
+                    what="writes routed and sent",
+                )
         assert eio_sid not in feed.app.sio.eio.sockets
         assert queue.overflowed and queue.peak <= QUEUE_LIMIT
         assert written < 200  # no socket buffers in between: the queue limit alone decides

@@ -424,3 +424,29 @@ async def test_shaped_rooms_with_forced_filters_are_indexed() -> None:
         if room.name.startswith("mem:public.orders?tenant=eq.2@"):
             assert payload["before"] is None and payload["after"] == {"tenant": 2}
     assert by_name["mem:public.orders"]["after"]["secret"] == "s"
+
+
+def test_a_room_s_replay_buffer_numbers_and_flags_what_it_evicts_and_keeps() -> None:
+    """The buffer keeps changes without their numbers (consecutive, ending at `seq`): replays
+    carry the numbers and `left` flags they were first sent with, and eviction forgets both."""
+    room = Room("mem:t?s=eq.a", "mem", "t", filter=parse_filter("s=eq.a"), capacity=3)
+    statuses = ["a", "b", "a", "b", "a"]  # changes 2 and 4 leave the filter (after is "b")
+    sent = []
+    for i, s in enumerate(statuses, start=1):
+        change = Change(f"mem:{i}", "mem", "memory", "t", "update", i, {"s": "a"}, {"s": s})
+        sent.append(room.record(change))
+        if i == 4:  # 1 evicted; 2, 3 and 4 replayed as they were sent
+            assert [bool(p.get("left")) for _, _, p in room.after(0)] == [True, False, True]
+    assert [p["seq"] for p in sent] == [1, 2, 3, 4, 5]
+    assert [bool(p.get("left")) for p in sent] == [False, True, False, True, False]
+    assert room._left == {4}  # 2 was evicted with its change
+    assert not room.holds_after(1) and room.holds_after(2) and room.holds_after(5)
+    replayed = list(room.after(2))
+    assert [(seq, change.id) for seq, change, _ in replayed] == [
+        (3, "mem:3"),
+        (4, "mem:4"),
+        (5, "mem:5"),
+    ]
+    assert [payload for _, _, payload in replayed] == sent[2:]
+    assert [seq for seq, _, _ in room.after(4)] == [5]
+    assert list(room.after(5)) == []

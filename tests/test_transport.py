@@ -17,6 +17,7 @@ from feed.core.rooms import Payload, Room
 from feed.delivery.transport import FlushBeforeWaiting, SocketIOTransport, _payload_json
 from feed.security.access import Shape, ShapedRoom
 from tests.support.server import RunningFeed, running_feed
+from tests.support.waiting import wait_until
 
 WAIT = 10.0
 
@@ -402,11 +403,64 @@ async def test_a_lone_change_goes_out_in_the_pass_that_routed_it() -> None:
             await client.subscribe(ROOM)
             sent = transport(feed).frames_sent
             seen: list[int] = []
-            # The write wakes the hub's task (a callback in the next pass); this check is queued
-            # right behind it, so it sees whether the hub sent the frame in that same pass.
+            # The write is routed in the writer's call (the hub's sink) and its flush queued for
+            # the end of this pass; this check is queued right behind it, so it sees whether the
+            # frame went out in that same pass.
             memory(feed).write("public.orders", "insert", {"id": 1})
             asyncio.get_running_loop().call_soon(lambda: seen.append(transport(feed).frames_sent))
             await client.until(1)
             assert seen == [sent + 1]
+        finally:
+            await client.close()
+
+
+async def test_a_write_while_the_hub_waits_is_routed_in_the_writers_own_call() -> None:
+    """The push path (connectors.base `sink`): a change written while the hub waits for the
+    stream is numbered before `write` returns, with no queue or task wake-up in between; a burst
+    is still batched, a change written behind a queued gap stays behind it, and a failure while
+    routing a pushed change restarts the connector as a failed dispatch does."""
+    async with running_feed(CONFIG) as feed:
+        client = await Recorder().connect(feed.url)
+        db = memory(feed)
+        hub = feed.hub
+        try:
+            await client.subscribe(ROOM)
+            await wait_until(lambda: db.sink is not None, what="the hub waiting for the stream")
+            room = hub.rooms[ROOM]
+            db.write("public.orders", "insert", {"id": 1})
+            assert room.seq == 1 and db._queue.empty()  # routed in the call, nothing queued
+            assert db._delivered == db._written == 1
+            for i in range(2, 302):  # a burst in one pass: one flush at its end
+                db.write("public.orders", "insert", {"id": i})
+            assert room.seq == 301
+            await client.until(301)
+            assert seqs(client.changes()) == list(range(1, 302))
+            assert len(client.frames("changes")) <= 2, "a pushed burst should go out batched"
+
+            # A gap queued for the stream: a write right behind it must not overtake it.
+            db.announce_gap("test gap")
+            db.write("public.orders", "insert", {"id": 400})
+            assert room.seq == 301  # queued behind the gap, not pushed
+            await client.until(302)
+            names = [name for name, _ in client.events]
+            assert names.index("gap") < len(names) - 1 and names[-1] == "change"
+            assert client.changes()[-1]["seq"] == 302
+
+            # Routing a pushed change fails: the writer is unaffected, the stream raises the
+            # error and the hub restarts the connector, which then delivers again.
+            await wait_until(lambda: db.sink is not None, what="the hub waiting again")
+            started = db.started
+            original = hub.route
+
+            def broken(change: Change) -> Any:
+                hub.route = original  # type: ignore[method-assign]
+                raise RuntimeError("routing failed")
+
+            hub.route = broken  # type: ignore[method-assign]
+            db.write("public.orders", "insert", {"id": 500})  # lost, as a failed dispatch is
+            await wait_until(lambda: db.started > started, what="the connector restarted")
+            db.write("public.orders", "insert", {"id": 501})
+            await client.until(303)
+            assert client.changes()[-1]["after"]["id"] == 501
         finally:
             await client.close()

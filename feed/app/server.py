@@ -68,6 +68,8 @@ class FeedApp:
         self.authenticator = Authenticator(config.auth)
         self.authorizer = Authorizer(config.auth)
         self.sessions: dict[str, Session] = {}
+        self._handshakes: dict[str, asyncio.TimerHandle] = {}
+        """The handshake-timeout check of each Engine.IO session not yet connected."""
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
         self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
@@ -115,8 +117,14 @@ class FeedApp:
 
     def uvicorn_config(self, host: str, port: int, **options: Any) -> FeedConfig:
         """How uvicorn must serve this app: the guarded HTTP protocol (header timeout and
-        connection cap, feed.security.guard) and the inbound message limit on websockets too."""
+        connection cap, feed.security.guard) and the inbound message limit on websockets too.
+
+        uvicorn's own WebSocket pings are off: Engine.IO already pings every client and closes
+        those whose pong is late (feed.delivery.eio_websocket, one ticker for all of them), and
+        uvicorn's keepalive keeps a timer per connection in the event loop's heap (a thousand
+        timers at a thousand clients, each one making every timer the loop sets cost more)."""
         options.setdefault("lifespan", "on")
+        options.setdefault("ws_ping_interval", None)
         return FeedConfig(
             self,
             self.asgi,
@@ -139,6 +147,7 @@ class FeedApp:
         an open session that never connects holds a descriptor and is never authenticated."""
 
         def check() -> None:
+            self._handshakes.pop(eio_sid, None)
             if (
                 eio_sid in self.sio.eio.sockets
                 and self.sio.manager.sid_from_eio_sid(eio_sid, "/") is None
@@ -149,7 +158,10 @@ class FeedApp:
                 )
                 self.outbound.close_soon(eio_sid)
 
-        asyncio.get_running_loop().call_later(self.config.limits.handshake_timeout, check)
+        # Cancelled by the connect (on_connect), so that a server with many clients does not
+        # carry a timer per client in the loop's heap for the first seconds of each.
+        loop = asyncio.get_running_loop()
+        self._handshakes[eio_sid] = loop.call_later(self.config.limits.handshake_timeout, check)
 
     async def _startup(self) -> None:
         await self.hub.__aenter__()
@@ -190,6 +202,9 @@ class FeedApp:
             self.hub.metrics.inc("feed_auth_refused_total", code=exc.code)
             log.info("connection refused (%s): %s", exc.code, exc.message)
             raise Refused(exc.message, {"code": exc.code}) from None
+        handshake = self._handshakes.pop(self.sio.manager.eio_sid_from_sid(sid, "/") or "", None)
+        if handshake is not None:
+            handshake.cancel()
         limits = self.config.limits
         session = Session(identity, TokenBucket(limits.subscribe_rate, limits.subscribe_burst))
         self.sessions[sid] = session

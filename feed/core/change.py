@@ -61,8 +61,12 @@ class computed_once(Generic[T]):
     def __get__(self, instance: object | None, owner: type | None = None) -> T | computed_once[T]:
         if instance is None:
             return self
-        # A non-data descriptor: once the value is in the instance's __dict__, it wins lookups.
-        value = instance.__dict__[self.name] = self.compute(instance)
+        # A non-data descriptor: once the value is an instance attribute, it wins lookups. Set
+        # as an attribute, not through `__dict__`: asking for `__dict__` makes Python build a
+        # dict object for the instance, one more object per change for the garbage collector
+        # to visit on every full pass while the change sits in a replay buffer.
+        value = self.compute(instance)
+        object.__setattr__(instance, self.name, value)
         return value
 
 
@@ -150,6 +154,8 @@ def room_key(key: Any) -> str | None:
         return None
     if type(key) is str:  # most keys (every Redis key): skip the ABC checks below
         return key
+    if type(key) is int:  # most of the rest (serial ids)
+        return str(key)
     if isinstance(key, Mapping):
         return ",".join(_scalar_text(v) for v in key.values())
     if isinstance(key, list | tuple):
@@ -192,6 +198,10 @@ def format_ts(ts: dt.datetime | None) -> str | None:
 _last_ts: tuple[dt.datetime | None, str] = (None, "")
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+"""Types `to_json` gives back as they are (and finite floats)."""
+
+
 def to_json(value: Any) -> JSON:
     """Map every type the sources produce onto JSON (the table is in docs/protocol.md).
 
@@ -202,7 +212,15 @@ def to_json(value: Any) -> JSON:
     if kind is str or kind is int or value is None or kind is bool:
         return value
     if kind is dict:
-        return {k if type(k) is str else str(k): to_json(v) for k, v in value.items()}
+        for k, v in value.items():
+            plain = type(v) in _PLAIN or (type(v) is float and math.isfinite(v))
+            if not plain or type(k) is not str:
+                return {k if type(k) is str else str(k): to_json(v) for k, v in value.items()}
+        # Already JSON, as most images are: shared, not copied (an image is never changed in
+        # place, and one object fewer per change for the garbage collector to keep visiting).
+        return value
+    if kind is float and math.isfinite(value):
+        return value
     if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):

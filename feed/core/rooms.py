@@ -6,6 +6,7 @@ client see at a glance that it has everything, and `since` names a point in one 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -90,11 +91,14 @@ class Room:
     """Members still being caught up (replay or snapshot): live sends skip them meanwhile."""
     empty_since: float | None = field(default_factory=time.monotonic)
     evicted: int = 0
-    _buffer: deque[tuple[int, Change, bool]] = field(default_factory=deque)
-    """(seq, the change, whether it left this room's filter): the shared change and its number
-    rather than this room's payload dict, which is rebuilt from them for a replay. At many rooms
-    the buffered payload copies were most of the feed's long-lived objects, and the garbage
-    collector's full passes over them a measurable share of its CPU (docs/benchmarks.md)."""
+    _buffer: deque[Change] = field(default_factory=deque)
+    """The last changes numbered here, oldest first: the shared change rather than this room's
+    payload dict, which is rebuilt for a replay. Their numbers are consecutive and end at `seq`
+    (`record` is the only writer), so no number is stored with them: at many rooms the
+    buffered entries are most of the feed's long-lived objects, and every object kept costs
+    the garbage collector's full passes time (docs/benchmarks.md)."""
+    _left: set[int] = field(default_factory=set)
+    """The numbers of buffered changes that left this room's filter (sent for `before` only)."""
 
     @property
     def ephemeral(self) -> bool:
@@ -111,10 +115,14 @@ class Room:
             and not self.filter.matches_image(change.after)
         )
         buffer = self._buffer
-        buffer.append((seq, change, left))
+        buffer.append(change)
+        if left:
+            self._left.add(seq)
         if len(buffer) > self.capacity:
             buffer.popleft()
             self.evicted += 1
+            if self._left:
+                self._left.discard(seq - len(buffer))
         return self.payload(seq, change, left)
 
     def payload(self, seq: int, change: Change, left: bool) -> dict[str, Any]:
@@ -137,14 +145,17 @@ class Room:
             return False
         if since == self.seq:
             return True
-        return bool(self._buffer) and self._buffer[0][0] <= since + 1
+        return bool(self._buffer) and self.seq - len(self._buffer) + 1 <= since + 1
 
     def after(self, since: int) -> Iterator[tuple[int, Change, dict[str, Any]]]:
         """The buffered changes numbered after `since`, each with its payload, rebuilt exactly
         as it was first sent."""
-        for seq, change, left in self._buffer:
-            if seq > since:
-                yield seq, change, self.payload(seq, change, left)
+        buffer = self._buffer
+        first = self.seq - len(buffer) + 1
+        skip = max(0, since + 1 - first)
+        for offset, change in enumerate(itertools.islice(buffer, skip, None), start=skip):
+            seq = first + offset
+            yield seq, change, self.payload(seq, change, seq in self._left)
 
     def join(self, sid: str) -> None:
         self.members.add(sid)

@@ -21,8 +21,10 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
 - under load, sends fewer frames: the changes routed to a room while the hub drains what its
   change stream has ready are sent as one `changes` frame (a list, in order) when the stream
   would wait (`hold`, then `flush` from `FlushBeforeWaiting`); a lone change goes out as a plain
-  `change` in the same loop pass. Changes sent by anyone else are flushed at the end of the
-  loop pass, one iteration later.
+  `change` in the same loop pass. Changes sent by anyone else, and those a connector hands
+  the hub in its own call (`send_change`, through the hub's sink: connectors.base), are
+  flushed at the end of the loop pass, one iteration later: a burst written in one pass is
+  still one frame per room.
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
 anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,
@@ -89,6 +91,12 @@ class Transport(Protocol):
     def leave(self, sid: str, room: str) -> None: ...
 
     async def send_room(self, room: str, event: str, data: Any, skip: list[str]) -> None: ...
+
+    def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
+        """`send_room(room, "change", ...)` without awaiting, for a change routed inside a
+        connector's own call (`Connector.sink`); True when the buffer filled up and was flushed,
+        and a caller that can should give the loop a turn."""
+        ...
 
     async def send_to(self, sid: str, event: str, data: Any) -> None: ...
 
@@ -234,6 +242,10 @@ class SocketIOTransport:
             self.flush()
             self._deliver(room, self._packets(event, data), skip)
             return
+        if self.send_change(room, data, skip):
+            await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
+
+    def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
         entries = self._buffered.get(room)
         if entries is None:
             self._buffered[room] = [(data, skip)]
@@ -242,9 +254,10 @@ class SocketIOTransport:
         self._count += 1
         if self._count >= MAX_BUFFERED:
             self.flush()
-            await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
-        elif self._flush_handle is None and not self._held:
+            return True
+        if self._flush_handle is None and not self._held:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+        return False
 
     async def send_to(self, sid: str, event: str, data: Any) -> None:
         self.flush()
@@ -281,6 +294,11 @@ class SocketIOTransport:
         self.flush()
         for sid in list(self.sio.manager.get_participants(self.namespace, None)):
             await self.sio.disconnect(sid[0], namespace=self.namespace)
+
+    @property
+    def buffered(self) -> int:
+        """Changes routed and not yet written (they go out at the end of the loop pass)."""
+        return self._count
 
     def hold(self) -> None:
         self._held = True

@@ -14,9 +14,11 @@ from typing import Any
 
 from connectors.base import State
 from feed.core.rooms import Room
+from feed.delivery.transport import FlushBeforeWaiting
 from feed.engine.core import log
 from feed.engine.history import History
 from feed.engine.mirror import Mirror
+from feed.engine.relay import numbered
 from feed.engine.wire import loads, one_line
 from feed.errors import ClusterError, ProtocolError
 
@@ -112,9 +114,17 @@ class Delivery(History):
                     while True:
                         if recovery.done() and not self.up:
                             recovery.result()  # a failed recovery: reconnect and try again
-                        message = await pubsub.get_message(timeout=0.5)
+                        # What the messages read at once routed leaves when the next read would
+                        # wait (as the hub does with a change stream): a lone message's changes
+                        # go out in the pass that received it, a burst's as one frame per room.
+                        message = await FlushBeforeWaiting(
+                            pubsub.get_message(timeout=0.5), self._flush
+                        )
                         if message is None:
                             continue
+                        transport = self.hub.transport
+                        if transport is not None:
+                            transport.hold()
                         try:
                             await self._on_message(message)
                         except asyncio.CancelledError:
@@ -122,6 +132,7 @@ class Delivery(History):
                         except Exception:
                             log.exception("bad cluster message on %r", message.get("channel"))
                 finally:
+                    self._flush()
                     recovery.cancel()
             except asyncio.CancelledError:
                 raise
@@ -140,6 +151,11 @@ class Delivery(History):
             delay = min(delay * 2, BACKOFF_MAX)
             if self.up:
                 delay = BACKOFF_START
+
+    def _flush(self) -> None:
+        transport = self.hub.transport
+        if transport is not None:
+            transport.flush()
 
     def _down(self, detail: str) -> None:
         """Redis went away: every node says so (status, /readyz); clients stay connected."""
@@ -254,15 +270,15 @@ class Delivery(History):
                 if last <= mirror.seq:
                     return
             # Sent in one loop pass, the run leaves as one `changes` frame
-            # (feed.delivery.transport).
+            # (feed.delivery.transport); each payload is relayed as the reader encoded it, with
+            # its seq spliced in (feed.engine.relay), never decoded here.
+            name = mirror.room.name
             for seq, raw in enumerate(raws, start=first):
                 if seq <= mirror.seq:
                     continue
-                payload = loads(raw)
-                payload["seq"] = seq
-                await self._deliver(mirror, seq, payload)
+                await self._deliver(mirror, seq, numbered(name, seq, raw))
 
-    async def _deliver(self, mirror: Mirror, seq: int, payload: dict[str, Any]) -> None:
+    async def _deliver(self, mirror: Mirror, seq: int, payload: Any) -> None:
         if mirror.seq is not None and seq <= mirror.seq:
             return
         room = mirror.room

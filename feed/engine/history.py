@@ -33,9 +33,7 @@ class History(Snapshots):
             return None
         return entries
 
-    async def _read(
-        self, mirror: Mirror, after: int, upto: int
-    ) -> list[tuple[int, dict[str, Any]]] | None:
+    async def _read(self, mirror: Mirror, after: int, upto: int) -> list[tuple[int, Any]] | None:
         ring = mirror.ring
         if ring and ring[0][0] <= after + 1 and ring[-1][0] >= upto:
             return [(s, p) for s, p in ring if after < s <= upto]

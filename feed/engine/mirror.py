@@ -27,7 +27,9 @@ class Mirror:
     seq: int | None = None
     gap: int = 0
     ready: bool = False
-    ring: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=RING))
+    ring: deque[tuple[int, Any]] = field(default_factory=lambda: deque(maxlen=RING))
+    """Recent payloads, each a dict (read from the history) or the relayed JSON as it was sent
+    (feed.engine.relay): either is written to a client as it is."""
     advanced: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while the room is being subscribed and registered."""

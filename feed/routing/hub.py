@@ -216,23 +216,45 @@ class Hub:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _follow(self, connector: Connector) -> None:
-        """Dispatch the connector's changes; what they routed is sent when the stream waits."""
+        """Dispatch the connector's changes; what they routed is sent when the stream waits.
+
+        While it waits, the connector may hand changes over in its own call (`connector.sink`,
+        connectors.base): routed at once, sent at the end of that loop pass, without waking this
+        task. The sink is open only while this task is parked, so a pushed change can never
+        interleave with the dispatch of a yielded one.
+        """
         stream = aiter(connector.changes())
         transport = self.transport
-        idle = transport.flush if transport is not None else (lambda: None)
+        flush = transport.flush if transport is not None else (lambda: None)
         if self.engine is not None:  # a cluster publishes what the stream had ready at once
-            idle = self.engine.idle(connector)
+            idle = done = self.engine.idle(connector)
+        else:
+            idle, done = self._parking(connector, flush), flush
         try:
             while True:
                 try:
                     item = await FlushBeforeWaiting(anext(stream), idle)
                 except StopAsyncIteration:
                     return
+                finally:
+                    connector.sink = None
                 if transport is not None and self.engine is None:  # a cluster sends elsewhere
                     transport.hold()
                 await self._dispatch(connector, item)
         finally:
-            idle()
+            connector.sink = None
+            done()
+
+    def _parking(self, connector: Connector, flush: Callable[[], None]) -> Callable[[], None]:
+        """What the hub does as it starts waiting for the stream: send what it routed, then
+        take the connector's changes through the sink until it resumes."""
+        take = self._taker(connector)
+
+        def park() -> None:
+            flush()
+            connector.sink = take
+
+        return park
 
     def _reading(self, connector: Connector) -> contextlib.AbstractAsyncContextManager[None]:
         """In a cluster, the connector runs only while this node holds its lease."""
@@ -315,13 +337,32 @@ class Hub:
         if self.engine is not None:  # numbered in Redis; every node delivers what it follows
             await self.engine.publish(connector, item)
             return
+        if self._send(item, counted_out):
+            await asyncio.sleep(0)  # a source with a long backlog must not starve the writers
+
+    def _taker(self, connector: Connector) -> Callable[[Change], None]:
+        """The sink a connector may hand a change to while the hub waits for its stream."""
+        counted_in, counted_out = self._counters(connector.name)
+
+        def take(change: Change) -> None:
+            counted_in.inc()
+            self._send(change, counted_out)
+
+        return take
+
+    def _send(self, change: Change, counted_out: Counter) -> bool:
+        """Route the change and hand each room's payload to the transport (buffered until the
+        end of the pass, or the flush before the stream waits); True when the transport's
+        buffer filled up and was flushed."""
         transport = self.transport
-        for room, payload in self.route(item):
+        full = False
+        for room, payload in self.route(change):
             receivers = len(room.members) - len(room.pending)
             if receivers > 0 and transport is not None:
                 skip = list(room.pending) if room.pending else []
-                await transport.send_room(room.name, "change", payload, skip)
+                full = transport.send_change(room.name, payload, skip) or full
                 counted_out.inc(receivers)
+        return full
 
     def _counters(self, connector: str) -> tuple[Counter, Counter]:
         counters = self._change_counters.get(connector)
