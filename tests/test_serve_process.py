@@ -7,8 +7,12 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
+import socketio
+
+from tests.support.proxy import CuttableProxy
 from tests.support.server import FeedClient, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -79,3 +83,56 @@ async def test_a_busy_port_is_one_line_and_exit_1_before_any_source_is_reached(
         f"feed: cannot listen on 127.0.0.1:{port} (Address already in use); "
         "pass --port with a free port, or change [server] port"
     ]
+
+
+async def test_sigterm_ends_a_waiting_long_poll_at_once_and_exits_within_3_s(
+    tmp_path: Path,
+) -> None:
+    """A long-polling client's poll waits on the server for data (up to the ping interval):
+    uvicorn's graceful shutdown would wait for it, 10 s, before the feed stops. SIGTERM must
+    answer it at once, so that the client loses its connection and reconnects elsewhere, and
+    the process exits in well under that."""
+    port = free_port()
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert process.stderr is not None
+    sio = socketio.AsyncClient(reconnection=False)
+    proxy: CuttableProxy | None = None
+    try:
+        async with asyncio.timeout(30):
+            while b"Uvicorn running" not in (line := await process.stderr.readline()):
+                assert line, "the server exited before it started"
+        proxy = CuttableProxy(port)
+        await proxy.start()
+        disconnected = asyncio.Event()
+        sio.on("disconnect", lambda *args: disconnected.set())
+        url = f"http://127.0.0.1:{proxy.port}"
+        await sio.connect(url, transports=["polling"], wait_timeout=10)
+        ack = await sio.call("subscribe", {"room": "mem:public.orders"}, timeout=10)
+        assert ack["ok"]
+        await proxy.poll_waiting(10)  # the client's next poll is at the server, unanswered
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(disconnected.wait(), 15)
+        noticed = time.monotonic() - started
+        rest = await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        took = time.monotonic() - started
+        assert took < 3.0, f"exited {took:.1f} s after SIGTERM (client noticed at {noticed:.1f} s)"
+        assert noticed < 3.0
+        assert b"Traceback" not in rest
+        assert b"timeout graceful shutdown exceeded" not in rest
+    finally:
+        await sio.disconnect()
+        if proxy is not None:
+            await proxy.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

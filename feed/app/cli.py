@@ -136,9 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
-    import uvicorn
 
-    from feed.app.server import FeedApp
+    from feed.app.server import FeedApp, FeedServer
 
     app = FeedApp(config, host=host or config.server.host)
     logging.getLogger().setLevel(config.server.log_level.upper())
@@ -151,7 +150,7 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
     # was installed before it; make that a clean exit, as service managers expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.Server(uvicorn_config).run()
+    FeedServer(uvicorn_config).run()
 
 
 def cmd_hash_token(args: argparse.Namespace) -> int:

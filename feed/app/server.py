@@ -115,7 +115,7 @@ class FeedApp:
             self._close_session,
         )
 
-    def uvicorn_config(self, host: str, port: int, **options: Any) -> uvicorn.Config:
+    def uvicorn_config(self, host: str, port: int, **options: Any) -> FeedConfig:
         """How uvicorn must serve this app: the guarded HTTP protocol (header timeout and
         connection cap, feed.security.guard) and the inbound message limit on websockets too.
 
@@ -125,7 +125,8 @@ class FeedApp:
         timers at a thousand clients, each one making every timer the loop sets cost more)."""
         options.setdefault("lifespan", "on")
         options.setdefault("ws_ping_interval", None)
-        return uvicorn.Config(
+        return FeedConfig(
+            self,
             self.asgi,
             host=host,
             port=port,
@@ -354,7 +355,32 @@ class FeedApp:
             return error_ack(ProtocolError("internal", "the server failed to handle this request"))
 
 
-class QuietServer(uvicorn.Server):
+class FeedConfig(uvicorn.Config):
+    """uvicorn's config, knowing the FeedApp it serves (for `FeedServer`'s shutdown)."""
+
+    def __init__(self, feed: FeedApp, app: Any, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.feed = feed
+
+
+class FeedServer(uvicorn.Server):
+    """uvicorn ending the feed's long polls when it starts to shut down.
+
+    uvicorn's graceful shutdown waits (10 s in `feed serve`) for running requests, and a
+    long-polling client always has one: its poll, which waits for data up to the ping interval.
+    Websockets are closed at once, so only polling clients held a restart for the full 10 s and
+    learnt of it last. Their sessions end first, which answers the waiting polls.
+    """
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        if isinstance(self.config, FeedConfig):
+            ended = await self.config.feed.sio.eio.end_polling()
+            if ended:
+                log.info("shutdown: ended %d long-polling session(s)", ended)
+        await super().shutdown(sockets)
+
+
+class QuietServer(FeedServer):
     """uvicorn without its own signal handling, for embedding: the caller decides how to stop."""
 
     @contextlib.contextmanager

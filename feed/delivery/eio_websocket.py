@@ -73,6 +73,7 @@ _PING = eio_packet.Packet(eio_packet.PING)
 _PING.encode()
 _CLOSE = eio_packet.Packet(eio_packet.CLOSE)
 _CLOSE.encode()
+_NOOP = eio_packet.Packet(eio_packet.NOOP)
 
 
 class Backlog:
@@ -397,6 +398,20 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             # Ends a poll that is waiting now (an empty answer; the next one is refused),
             # rather than leaving it, and the client's disconnect, to the poll timeout.
             self.queue.put_nowait(None)
+
+    async def end_polling(self) -> bool:
+        """At shutdown: a long-polling session ends now, its waiting poll answered (a NOOP),
+        the next one refused, so the client reconnects (to another node) as a websocket client
+        does when its connection closes. Left alone, a waiting poll is a running request that
+        holds the server's graceful shutdown until the ping interval ends it. Returns whether
+        this socket was polling."""
+        if self.protocol is not None or isinstance(self.queue, Backlog):
+            return False  # a websocket: the server's shutdown closes it
+        if self.closed or self.closing:
+            return False
+        self.queue.put_nowait(_NOOP)
+        await self._close_polling(abort=True, reason=self.server.reason.SERVER_DISCONNECT)
+        return True
 
     async def handle_post_request(self, environ: dict[str, Any]) -> None:
         """A long-polling POST: Engine.IO's, with a malformed body reported and the session
@@ -760,6 +775,16 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         protocol = s.protocol
         if protocol is not None and not protocol.writable.is_set():
             s.abort()  # it does not read: do not wait for it to take the close frame
+
+    async def end_polling(self) -> int:
+        """End every long-polling session now (`LeanSocket.end_polling`); how many there were."""
+        ended = 0
+        for sid, s in list(self.sockets.items()):
+            if isinstance(s, LeanSocket) and await s.end_polling():
+                ended += 1
+                if self.sockets.get(sid) is s:
+                    del self.sockets[sid]
+        return ended
 
     async def shutdown(self) -> None:
         self.pinger.stop()

@@ -25,7 +25,9 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
 
 The server is the real FeedApp under uvicorn with the in-memory connector. A restart starts a new
 FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows over, as
-a database outlives the feed.
+a database outlives the feed. The harness holds that port's listening socket from start to stop
+and hands uvicorn a copy of it each time, so no other process can take the port (not even during
+a restart, when connections wait in the socket's backlog for the new server).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from feed.app.config import parse_config
 from feed.app.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import open_redis_target
-from tests.support.server import RunningFeed, free_port, running_feed
+from tests.support.server import RunningFeed, listening_socket, port_of, running_feed
 
 if TYPE_CHECKING:
     from dbfeed_client import FeedClient
@@ -117,7 +119,8 @@ class Harness:
     """One feed server on a fixed port, a proxy in front of it, and its memory source."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.listener = listening_socket()
+        self.port = port_of(self.listener)
         self.proxy = CuttableProxy(self.port)
         self.app: FeedApp | None = None
         self.server: uvicorn.Server | None = None
@@ -160,7 +163,8 @@ class Harness:
                 "127.0.0.1", self.port, log_level="warning", timeout_graceful_shutdown=GRACE
             )
         )
-        self.task = asyncio.create_task(self.server.serve())
+        # A copy: uvicorn closes the socket it served when it stops; the port stays ours.
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.listener.dup()]))
         async with asyncio.timeout(WAIT):
             while not self.server.started:
                 if self.task.done():
@@ -181,8 +185,11 @@ class Harness:
         await self._serve()
 
     async def stop(self) -> None:
-        await self._halt()
-        await self.proxy.close()
+        try:
+            await self._halt()
+            await self.proxy.close()
+        finally:
+            self.listener.close()
 
     def connector(self, name: str = "mem") -> MemoryConnector:
         """One of this server's memory connectors: `mem`, or `skus` / `lines` (KEYED)."""
@@ -274,8 +281,8 @@ class ClusterHarness:
 @contextlib.asynccontextmanager
 async def harness(extra: str = "", auth: bool = False) -> Any:
     h = Harness()
-    await h.start(extra, auth)
     try:
+        await h.start(extra, auth)
         yield h
     finally:
         await h.stop()

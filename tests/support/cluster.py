@@ -33,6 +33,12 @@ from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).parent.parent.parent
 WAIT = 30.0
+PORT_TRIES = 5
+"""Ports a new `FeedNode` tries when the one it picked is taken before its process binds it."""
+
+
+class PortTaken(AssertionError):
+    """A `feed serve` child could not listen: another process holds its port."""
 
 
 class FeedNode:
@@ -42,6 +48,9 @@ class FeedNode:
         self.name = name
         self.config = config
         self.port = port or free_port()
+        self._port_movable = port is None
+        """True until the node first runs: until then nobody knows its port, so a port another
+        process took in the meantime is replaced by a fresh one (see `start`)."""
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self._drain: asyncio.Task[None] | None = None
@@ -51,6 +60,31 @@ class FeedNode:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> FeedNode:
+        """Start `feed serve` and wait until it listens.
+
+        `feed serve` must be told its port, picked free a moment before it binds: on a busy
+        machine another process can take it in between ("address already in use"). Before the
+        node first ran, it then retries with a fresh port, PORT_TRIES times in all; once it ran,
+        clients know its port, so a restart on a port taken meanwhile fails, saying so.
+        """
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                await self._start_once()
+            except PortTaken as exc:
+                if not self._port_movable:
+                    raise PortTaken(
+                        f"{exc} (its port is fixed: given, or known from a run)"
+                    ) from None
+                if attempt == PORT_TRIES:
+                    raise PortTaken(f"{exc} (the last of {PORT_TRIES} ports tried)") from None
+                self.port = free_port()
+                continue
+            self._port_movable = False
+            return self
+        raise AssertionError("unreachable")
+
+    async def _start_once(self) -> None:
+        first = len(self.log)  # this run's lines: the log spans restarts
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "feed", "serve",
             "--config", str(self.config), "--port", str(self.port),
@@ -63,12 +97,16 @@ class FeedNode:
             while True:
                 line = (await self.process.stderr.readline()).decode(errors="replace")
                 if not line:
-                    raise AssertionError(f"{self.name} exited at start:\n{''.join(self.log)}")
+                    await self.process.wait()
+                    self.process = None
+                    text = "".join(self.log[first:])
+                    if "already in use" in text.lower():
+                        raise PortTaken(f"{self.name}: port {self.port} is taken:\n{text}")
+                    raise AssertionError(f"{self.name} exited at start:\n{text}")
                 self.log.append(line)
                 if "Uvicorn running" in line:
                     break
         self._drain = asyncio.create_task(self._read_log())
-        return self
 
     async def _read_log(self) -> None:
         assert self.process is not None and self.process.stderr is not None

@@ -84,15 +84,19 @@ class CuttableProxy:
         """Drop the connections of the long-poll GETs waiting for their answer (once one waits),
         leaving every other connection, new ones too, alone: a proxy restart or idle timeout
         that closes a pending poll mid-wait. Returns how many were cut."""
-        async with asyncio.timeout(timeout):
-            while not any(link.waiting for link in self.links):
-                self._polling.clear()
-                await self._polling.wait()
+        await self.poll_waiting(timeout)
         waiting = [link for link in self.links if link.waiting]
         for link in waiting:
             link.client.transport.abort()
             link.upstream.transport.abort()
         return len(waiting)
+
+    async def poll_waiting(self, timeout: float) -> None:
+        """Until a long-poll GET has gone up and no byte of its answer has come back."""
+        async with asyncio.timeout(timeout):
+            while not any(link.waiting for link in self.links):
+                self._polling.clear()
+                await self._polling.wait()
 
     def restore(self) -> None:
         self.refusing = False

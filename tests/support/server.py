@@ -37,10 +37,40 @@ async def http_get(url: str) -> tuple[int, str]:
 
 
 def free_port() -> int:
+    """A port free a moment ago, for a child process that must be told one (`--port`).
+
+    Another process may take it before the child binds it: such callers retry on "address
+    already in use" (tests/support/cluster.py's FeedNode). A server run in this process takes
+    a `listening_socket` instead, which has no such race.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def listening_socket() -> socket.socket:
+    """A socket already listening on a port the kernel chose: handed to uvicorn (`sockets=`),
+    it serves the port it holds, so no other process can take the port between picking it and
+    binding it (which free_port leaves open, and which failed tests on a busy machine).
+
+    IPPROTO_TCP spelled out, as uvicorn's own bind has it: asyncio turns Nagle's algorithm off
+    (TCP_NODELAY) only on connections whose socket says TCP, and with it on a poll answer's
+    head and body wait for an ACK between them, unlike in production.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
 
 
 @dataclass
@@ -72,9 +102,10 @@ async def running_feed(
     """Start the app from a config text (no [server] port needed) and stop it afterwards."""
     config = parse_config(config_toml, "test.toml", {**os.environ, **(env or {})})
     app = FeedApp(config)
-    port = free_port()
+    sock = listening_socket()
+    port = port_of(sock)
     server = QuietServer(app.uvicorn_config("127.0.0.1", port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(WAIT):
             while not server.started:
@@ -85,7 +116,10 @@ async def running_feed(
         yield RunningFeed(f"http://127.0.0.1:{port}", app, server)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, WAIT)
+        try:
+            await asyncio.wait_for(task, WAIT)
+        finally:
+            sock.close()
 
 
 class FeedClient:
