@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from tests.auth_helpers import TOKENS, token_config
 from tests.conftest import MEMORY_CONFIG
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
-from tests.support.server import WAIT, RunningFeed, free_port, running_feed
+from tests.support.server import WAIT, RunningFeed, listening_socket, port_of, running_feed
 from tests.support.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -388,17 +389,20 @@ async def test_dropped_connection_resumes_and_recovers_missed_changes(
 
 
 @asynccontextmanager
-async def feed_on_port(port: int) -> AsyncIterator[RunningFeed]:
-    """The real app on a chosen port, so that a restart comes back where the page looks."""
+async def feed_on_port(listener: socket.socket) -> AsyncIterator[RunningFeed]:
+    """The real app on the port `listener` holds, so that a restart comes back where the page
+    looks. The test keeps the listening socket across restarts and uvicorn serves a copy (it
+    closes the socket it served when it stops), so no other process can take the port."""
     import uvicorn
 
+    port = port_of(listener)
     app = FeedApp(parse_config(MEMORY_CONFIG, "test.toml", dict(os.environ)))
     # QuietServer leaves the test process's signal handlers alone (uvicorn has no longer read the
     # install_signal_handlers hook this test used to replace).
     server = QuietServer(
         uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[listener.dup()]))
     try:
         async with asyncio.timeout(WAIT):
             while not server.started:
@@ -415,28 +419,29 @@ async def test_server_restart_reconnects_and_says_a_reload_is_needed(
     page: Page, console: Console
 ) -> None:
     console.allow_network_noise = True  # the browser logs its failed reconnects
-    port = free_port()
-    room = "mem:public.orders"
-    async with feed_on_port(port) as feed:
-        await open_live(page, f"{feed.url}/?room={room}", room)
-        source(feed).write("public.orders", "insert", {"id": 1})
-        await expect(rows(page)).to_have_count(1)
-    await expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
-    await expect(subscription(page, room)).to_have_attribute("data-status", "offline")
+    # Held across both servers: the restarted one comes back on the port the page looks at.
+    with listening_socket() as listener:
+        room = "mem:public.orders"
+        async with feed_on_port(listener) as feed:
+            await open_live(page, f"{feed.url}/?room={room}", room)
+            source(feed).write("public.orders", "insert", {"id": 1})
+            await expect(rows(page)).to_have_count(1)
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+        await expect(subscription(page, room)).to_have_attribute("data-status", "offline")
 
-    async with feed_on_port(port) as feed:  # a new process: its replay buffers are empty
-        item = subscription(page, room)
-        await expect(item).to_have_attribute("data-status", "gap")
-        await expect(item.locator(".sub-message")).to_contain_text("reload needed")
-        await expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
-        # Numbering restarted on the new server; its changes still show.
-        source(feed).write("public.orders", "insert", {"id": 2})
-        await expect(rows(page)).to_have_count(2)
-        await page.get_by_role("button", name=f"Reload {room}").click()
-        await expect(item).to_have_attribute("data-status", "live")
-        source(feed).write("public.orders", "insert", {"id": 3})
-        await expect(rows(page)).to_have_count(3)
-        assert await keys_shown(page) == ["3", "2", "1"]
+        async with feed_on_port(listener) as feed:  # a new process: its replay buffers are empty
+            item = subscription(page, room)
+            await expect(item).to_have_attribute("data-status", "gap")
+            await expect(item.locator(".sub-message")).to_contain_text("reload needed")
+            await expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+            # Numbering restarted on the new server; its changes still show.
+            source(feed).write("public.orders", "insert", {"id": 2})
+            await expect(rows(page)).to_have_count(2)
+            await page.get_by_role("button", name=f"Reload {room}").click()
+            await expect(item).to_have_attribute("data-status", "live")
+            source(feed).write("public.orders", "insert", {"id": 3})
+            await expect(rows(page)).to_have_count(3)
+            assert await keys_shown(page) == ["3", "2", "1"]
 
 
 async def test_gap_is_shown_on_the_subscription_and_the_connector(

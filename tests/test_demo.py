@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from feed.demo.demo import MONGODB_DETAIL, MONGODB_HINT, demo_config
-from tests.support.server import FeedClient, free_port
+from tests.support.server import FeedClient, PortTaken, on_free_port
 
 ROOT = Path(__file__).parent.parent
 URL_LINE = re.compile(rb"feed demo: dashboard: (http://\S+)")
@@ -86,14 +86,25 @@ def data_dirs(cmdlines: list[str]) -> list[Path]:
 
 @asynccontextmanager
 async def demo_process(tmp_path: Path) -> AsyncIterator[DemoProcess]:
-    port = free_port()
-    stderr = (tmp_path / "stderr.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "feed", "demo", "--port", str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    demo = await on_free_port(lambda port: start_demo(tmp_path, port))
+    try:
+        yield demo
+    finally:
+        end(demo.process)
+        await demo.process.wait()
+
+
+async def start_demo(tmp_path: Path, port: int) -> DemoProcess:
+    """`feed demo` on `port`, once it printed its URL; PortTaken when the port was taken before
+    the demo bound it (`on_free_port` then tries a fresh one)."""
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:  # the child has its own copy
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "demo", "--port", str(port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
     assert process.stdout is not None
     output: list[bytes] = []
     try:
@@ -101,22 +112,30 @@ async def demo_process(tmp_path: Path) -> AsyncIterator[DemoProcess]:
             while True:
                 line = await process.stdout.readline()
                 if not line:
-                    log = (tmp_path / "stderr.log").read_text(errors="replace")
+                    await process.wait()
+                    text = log.read_text(errors="replace")
+                    if "already in use" in text.lower():
+                        raise PortTaken(f"port {port} is taken:\n{text}")
                     pytest.fail(
-                        f"feed demo exited before printing its URL:\n{b''.join(output).decode()}{log[-3000:]}"
+                        f"feed demo exited before printing its URL:\n{b''.join(output).decode()}{text[-3000:]}"
                     )
                 output.append(line)
                 if match := URL_LINE.search(line):
                     break
-        # The URL opens the dashboard with subscriptions; the server's base is before the query.
-        yield DemoProcess(process, match.group(1).decode().partition("?")[0], output)
-    finally:
-        if process.returncode is None:
-            for pid in children(process.pid):
-                os.kill(pid, signal.SIGKILL)
-            process.kill()
-            await process.wait()
-        stderr.close()
+    except BaseException:
+        end(process)
+        await process.wait()
+        raise
+    # The URL opens the dashboard with subscriptions; the server's base is before the query.
+    return DemoProcess(process, match.group(1).decode().partition("?")[0], output)
+
+
+def end(process: asyncio.subprocess.Process) -> None:
+    """Kill the demo and its children (its databases), unless it ended already."""
+    if process.returncode is None:
+        for pid in children(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
 
 
 async def wait_ready(url: str, timeout: float = 60) -> dict[str, object]:

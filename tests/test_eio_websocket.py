@@ -19,7 +19,7 @@ from feed.app.config import parse_config
 from feed.app.server import FeedApp, QuietServer
 from feed.delivery.eio_websocket import Backlog, LeanSocket
 from tests.auth_helpers import BASE, raw_socketio, raw_subscribe, source, ws_url
-from tests.support.server import WAIT, feed_client, free_port, running_feed
+from tests.support.server import WAIT, feed_client, listening_socket, port_of, running_feed
 from tests.support.waiting import wait_until
 
 ROOM = "mem:public.orders"
@@ -148,13 +148,14 @@ async def test_under_another_websocket_implementation_engineio_handles_the_socke
     pytest.importorskip("wsproto")
     config = parse_config(BASE, "test.toml", {})
     app = FeedApp(config)
-    port = free_port()
+    listener = listening_socket()
+    port = port_of(listener)
     server = QuietServer(
         uvicorn.Config(
             app.asgi, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="wsproto"
         )
     )
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[listener]))
     try:
         await wait_until(lambda: server.started or task.done(), what="uvicorn started")
         assert server.started
@@ -181,7 +182,10 @@ async def test_under_another_websocket_implementation_engineio_handles_the_socke
             assert (await live.next_change())["after"] == {"id": 1}
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, WAIT)
+        try:
+            await asyncio.wait_for(task, WAIT)
+        finally:
+            listener.close()
 
 
 async def test_closing_a_paused_client_does_not_wait_and_its_backlog_goes_first() -> None:

@@ -13,33 +13,53 @@ from pathlib import Path
 import socketio
 
 from tests.support.proxy import CuttableProxy
-from tests.support.server import FeedClient, free_port
+from tests.support.server import FeedClient, PortTaken, on_free_port
 
 ROOT = Path(__file__).parent.parent
+MEMORY = "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
+
+
+async def serve(
+    tmp_path: Path, port_in_config: bool = False
+) -> tuple[asyncio.subprocess.Process, int]:
+    """`feed serve` with a memory connector on a free port (in its config, or `--port`), once
+    it listens; a port another process took before the child bound it is replaced by a fresh one."""
+
+    async def start(port: int) -> tuple[asyncio.subprocess.Process, int]:
+        config = tmp_path / "feed.toml"
+        config.write_text(f"[server]\nport = {port}\n\n{MEMORY}" if port_in_config else MEMORY)
+        flags = [] if port_in_config else ["--port", str(port)]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve", "--config", str(config), *flags,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert process.stderr is not None
+        lines: list[bytes] = []
+        try:
+            async with asyncio.timeout(30):
+                while b"Uvicorn running" not in (line := await process.stderr.readline()):
+                    if not line:
+                        await process.wait()
+                        text = b"".join(lines).decode(errors="replace")
+                        if "already in use" in text.lower():
+                            raise PortTaken(f"port {port} is taken:\n{text}")
+                        raise AssertionError(f"the server exited before it started:\n{text}")
+                    lines.append(line)
+        except BaseException:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            raise
+        return process, port
+
+    return await on_free_port(start)
 
 
 async def test_sigterm_disconnects_clients_and_exits_cleanly(tmp_path: Path) -> None:
-    port = free_port()
-    config = tmp_path / "feed.toml"
-    config.write_text(
-        f"[server]\nport = {port}\n\n"
-        "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "feed",
-        "serve",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    process, port = await serve(tmp_path, port_in_config=True)
     assert process.stderr is not None
     try:
-        async with asyncio.timeout(30):
-            while b"Uvicorn running" not in (line := await process.stderr.readline()):
-                assert line, "the server exited before it started"
         client = await FeedClient().connect(f"http://127.0.0.1:{port}")
         disconnected = asyncio.Event()
         client.sio.on("disconnect", lambda *args: disconnected.set())
@@ -92,23 +112,11 @@ async def test_sigterm_ends_a_waiting_long_poll_at_once_and_exits_within_3_s(
     uvicorn's graceful shutdown would wait for it, 10 s, before the feed stops. SIGTERM must
     answer it at once, so that the client loses its connection and reconnects elsewhere, and
     the process exits in well under that."""
-    port = free_port()
-    config = tmp_path / "feed.toml"
-    config.write_text(
-        "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    process, port = await serve(tmp_path)
     assert process.stderr is not None
     sio = socketio.AsyncClient(reconnection=False)
     proxy: CuttableProxy | None = None
     try:
-        async with asyncio.timeout(30):
-            while b"Uvicorn running" not in (line := await process.stderr.readline()):
-                assert line, "the server exited before it started"
         proxy = CuttableProxy(port)
         await proxy.start()
         disconnected = asyncio.Event()

@@ -24,7 +24,7 @@ from tests.support import postgres as pg_support
 from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
 from tests.support.postgres import PgDatabase
 from tests.support.redis import RedisTarget, open_private_redis
-from tests.support.server import FeedClient, free_port
+from tests.support.server import FeedClient, PortTaken, on_free_port
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -53,6 +53,36 @@ async def run(*args: str, env: dict[str, str]) -> tuple[int, str]:
     out, _ = await asyncio.wait_for(process.communicate(), WAIT)
     assert process.returncode is not None
     return process.returncode, out.decode(errors="replace")
+
+
+async def serve(
+    config: Path, env: dict[str, str], log: Path
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`feed serve` on a free port, once ready; a port another process took before the child
+    bound it is replaced by a fresh one (`on_free_port`)."""
+
+    async def start(port: int) -> tuple[asyncio.subprocess.Process, str]:
+        with log.open("wb") as stderr:  # the child has its own copy
+            server = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_ready(url, server)
+        except BaseException:
+            if server.returncode is None:
+                server.kill()
+            await server.wait()
+            text = await asyncio.to_thread(log.read_text, errors="replace")
+            if "already in use" in text.lower():
+                raise PortTaken(f"port {port} is taken:\n{text}") from None
+            raise
+        return server, url
+
+    return await on_free_port(start)
 
 
 async def wait_ready(url: str, server: asyncio.subprocess.Process) -> None:
@@ -94,7 +124,6 @@ async def test_compose_processes_deliver_the_writers_changes_from_all_three_sour
     namespace = f"{db}.orders"
     config = tmp_path / "feed.toml"
     config.write_text((DEPLOY / "feed.toml").read_text().replace('"shop.orders"', f'"{namespace}"'))
-    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -109,18 +138,10 @@ async def test_compose_processes_deliver_the_writers_changes_from_all_three_sour
     assert code == 0, out
     assert "main: applied" in out and "main: watching public.orders" in out, out
 
-    serve_log = (tmp_path / "serve.log").open("wb")
     writer_log = (tmp_path / "writer.log").open("wb")
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=serve_log,
-        env=env,
-    )  # fmt: skip
+    server, url = await serve(config, env, tmp_path / "serve.log")
     writer = None
-    url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(url, server)
         client = await FeedClient().connect(url)
         try:
             rooms = ["main:public.orders", f"shop:{namespace}", "cache:session:*"]
@@ -155,5 +176,4 @@ async def test_compose_processes_deliver_the_writers_changes_from_all_three_sour
             if process is not None and process.returncode is None:
                 process.kill()
                 await process.wait()
-        serve_log.close()
         writer_log.close()

@@ -28,17 +28,19 @@ import socketio
 from dbfeed_client.client import drop_wedged, transport_wedged
 
 from connectors.memory import MemoryConnector
-from tests.support.server import FeedClient, RunningFeed, free_port, running_feed
+from tests.support.server import (
+    PORT_TRIES,
+    FeedClient,
+    PortTaken,
+    RunningFeed,
+    free_port,
+    on_free_port,
+    running_feed,
+)
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).parent.parent.parent
 WAIT = 30.0
-PORT_TRIES = 5
-"""Ports a new `FeedNode` tries when the one it picked is taken before its process binds it."""
-
-
-class PortTaken(AssertionError):
-    """A `feed serve` child could not listen: another process holds its port."""
 
 
 class FeedNode:
@@ -370,13 +372,32 @@ def haproxy_config(port: int, backends: list[tuple[str, int]]) -> str:
     return text[:start] + text[end + 2 :]
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Process `pid` holds a TCP socket listening on `port` (Linux: /proc/net/tcp's listening
+    sockets matched by inode against the process's file descriptors)."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+            listening.add(f"socket:[{fields[9]}]")
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in listening:
+                return True
+    return False
+
+
 class LoadBalancer:
     """HAProxy in front of the nodes, as docker-compose.yml runs it."""
 
     def __init__(self, config_dir: Path, backends: list[tuple[str, int]]) -> None:
-        self.port = free_port()
+        self.port = 0  # picked by `start`
         self.path = config_dir / "haproxy.cfg"
-        self.path.write_text(haproxy_config(self.port, backends))
+        self.backends = backends
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -384,6 +405,14 @@ class LoadBalancer:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> LoadBalancer:
+        """Start HAProxy on a free port and wait until it accepts; a port another process took
+        before HAProxy bound it is replaced by a fresh one (`on_free_port`)."""
+        await on_free_port(self._start_once)
+        return self
+
+    async def _start_once(self, port: int) -> None:
+        self.port = port
+        self.path.write_text(haproxy_config(port, self.backends))
         binary = haproxy_binary()
         assert binary is not None
         check = await asyncio.create_subprocess_exec(
@@ -392,18 +421,25 @@ class LoadBalancer:
         )  # fmt: skip
         out, _ = await check.communicate()
         assert check.returncode == 0, out.decode()
-        self.process = await asyncio.create_subprocess_exec(
-            binary, "-db", "-f", str(self.path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        log = self.path.with_name("haproxy.log")
+        with log.open("wb") as stderr:
+            process = self.process = await asyncio.create_subprocess_exec(
+                binary, "-db", "-f", str(self.path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+            )  # fmt: skip
         async with asyncio.timeout(WAIT):
             while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                    writer.close()
-                    return self
-                except OSError:
-                    await asyncio.sleep(0.05)
+                if process.returncode is not None:
+                    text = log.read_text(errors="replace")
+                    self.process = None
+                    if "cannot bind" in text.lower() or "already in use" in text.lower():
+                        raise PortTaken(f"haproxy: port {port} is taken:\n{text}")
+                    raise AssertionError(f"haproxy exited at start:\n{text}")
+                # Its own socket, not merely something accepting there: a process that took the
+                # port would accept too, while HAProxy is about to exit on "cannot bind".
+                if listens_on(process.pid, port):
+                    return
+                await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:

@@ -7,10 +7,10 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import socketio
 import uvicorn
@@ -21,6 +21,13 @@ from feed.engine.redis import RedisEngine
 from feed.routing.hub import Hub
 
 WAIT = 10.0
+PORT_TRIES = 5
+"""Ports a child process is given in turn when the one picked is taken before the child binds it."""
+T = TypeVar("T")
+
+
+class PortTaken(AssertionError):
+    """A child process could not listen: another process holds the port it was told."""
 
 
 async def http_get(url: str) -> tuple[int, str]:
@@ -47,6 +54,18 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def on_free_port(start: Callable[[int], Awaitable[T]]) -> T:
+    """`start(port)` on a `free_port`, and again on a fresh one when it raises PortTaken
+    (another process took the port before the child bound it), PORT_TRIES times in all."""
+    for attempt in range(1, PORT_TRIES + 1):
+        try:
+            return await start(free_port())
+        except PortTaken as exc:
+            if attempt == PORT_TRIES:
+                raise PortTaken(f"{exc} (the last of {PORT_TRIES} ports tried)") from None
+    raise AssertionError("unreachable")
 
 
 def listening_socket() -> socket.socket:
