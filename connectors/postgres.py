@@ -1175,7 +1175,11 @@ class PostgresConnector(Connector):
                         LIMIT $2)""",
                 self.retention,
                 PRUNE_CHUNK,
-                timeout=self.query_timeout,
+                # The heartbeat's bound, not query_timeout: the prune runs on the reader's own
+                # connection, and a half-open connection must be noticed within
+                # heartbeat_interval + heartbeat_timeout even when it dies mid-prune (a chunk
+                # takes milliseconds; one that times out costs a reconnect, not a change).
+                timeout=self.heartbeat_timeout,
             )
             deleted = int(done.split()[-1]) if done.startswith("DELETE") else 0
             if deleted < PRUNE_CHUNK or time.monotonic() > budget or self._stopping:
