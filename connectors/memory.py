@@ -1,9 +1,10 @@
 """An in-memory source for tests and the hub's own benchmark.
 
 It behaves like a database table per target: `write` applies an insert, update or delete to the
-stored rows and queues the change (or hands it to the hub's `sink` at once, connectors.base), so snapshots and live changes agree exactly as they would for a
-real source. Every instance registers itself by name in `MemoryConnector.instances` so that a test
-can reach the connector the server built from its config.
+stored rows and queues the change (or hands it to the hub's `sink` at once, connectors.base), so
+snapshots and live changes agree exactly as they would for a real source. Every instance
+registers itself by name in `MemoryConnector.instances` so that a test can reach the connector the
+server built from its config.
 """
 
 from __future__ import annotations
