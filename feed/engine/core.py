@@ -19,6 +19,7 @@ from feed.engine import ClusterConfig
 from feed.engine.batch import Batcher
 from feed.engine.mirror import Mirror
 from feed.engine.routes import Routed
+from feed.engine.subscriber import Subscriber
 
 if TYPE_CHECKING:
     from feed.routing.hub import Hub
@@ -50,7 +51,7 @@ class EngineCore:
         self._watching: dict[str, list[tuple[int, Change]]] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._by_channel: dict[bytes, Mirror] = {}
-        self._pubsub: Any = None
+        self._pubsub: Subscriber | None = None
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -19,6 +19,7 @@ from feed.engine.core import log
 from feed.engine.history import History
 from feed.engine.mirror import Mirror
 from feed.engine.relay import numbered
+from feed.engine.subscriber import Message, Subscriber
 from feed.engine.wire import loads, one_line
 from feed.errors import ClusterError, ProtocolError
 
@@ -75,12 +76,8 @@ class Delivery(History):
         self._by_channel.pop(mirror.channel, None)
         pubsub = self._pubsub
         if pubsub is not None:
-            self.hub._spawn(self._quietly(pubsub.unsubscribe(mirror.channel)))
-
-    @staticmethod
-    async def _quietly(coro: Any) -> None:
-        with contextlib.suppress(Exception):
-            await coro
+            with contextlib.suppress(ConnectionError):  # a new connection will not subscribe it
+                pubsub.unsubscribe(mirror.channel)
 
     async def _subscribe(self, channels: list[bytes]) -> None:
         await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT)
@@ -94,7 +91,7 @@ class Delivery(History):
             if future is None or future.done():
                 future = self._confirm[channel] = loop.create_future()
             waits.append(future)
-        await pubsub.subscribe(*channels)
+        pubsub.subscribe(*channels)
         await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_TIMEOUT)
 
     # -- the listener: every message this node receives ----------------------------------------
@@ -104,9 +101,12 @@ class Delivery(History):
         with doubling backoff (and what it may have cost is recovered or announced)."""
         delay = BACKOFF_START
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub: Subscriber | None = None
             try:
-                await pubsub.subscribe(self.control, self.inbox)
+                pubsub = await Subscriber.open(
+                    self.config.url, answer=max(2.0, self.config.lease / 2)
+                )
+                pubsub.subscribe(self.control, self.inbox)
                 self._pubsub = pubsub
                 recovery = asyncio.create_task(self._recover())
                 self._connected.set()
@@ -117,20 +117,19 @@ class Delivery(History):
                         # What the messages read at once routed leaves when the next read would
                         # wait (as the hub does with a change stream): a lone message's changes
                         # go out in the pass that received it, a burst's as one frame per room.
-                        message = await FlushBeforeWaiting(
-                            pubsub.get_message(timeout=0.5), self._flush
-                        )
-                        if message is None:
+                        messages = await FlushBeforeWaiting(pubsub.read(0.5), self._flush)
+                        if not messages:
                             continue
                         transport = self.hub.transport
                         if transport is not None:
                             transport.hold()
-                        try:
-                            await self._on_message(message)
-                        except asyncio.CancelledError:
-                            raise
-                        except Exception:
-                            log.exception("bad cluster message on %r", message.get("channel"))
+                        for message in messages:
+                            try:
+                                await self._on_message(message)
+                            except asyncio.CancelledError:
+                                raise
+                            except Exception:
+                                log.exception("bad cluster message: %.200r", message)
                 finally:
                     self._flush()
                     recovery.cancel()
@@ -145,8 +144,8 @@ class Delivery(History):
                 for future in self._confirm.values():
                     future.cancel()
                 self._confirm.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    pubsub.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
             if self.up:
@@ -215,24 +214,22 @@ class Delivery(History):
         if mirror.seq is not None and seq > mirror.seq:
             await self._fill(mirror, seq)
 
-    async def _on_message(self, message: Mapping[str, Any]) -> None:
-        kind = message.get("type")
-        channel = message.get("channel")
-        if kind == b"subscribe" or kind == "subscribe":
-            future = self._confirm.pop(channel, None) if isinstance(channel, bytes) else None
-            if future is not None and not future.done():
-                future.set_result(None)
+    async def _on_message(self, message: Message) -> None:
+        kind = message[0]
+        if kind != b"message":
+            if kind == b"subscribe":
+                future = self._confirm.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(None)
             return
-        if kind not in (b"message", "message"):
-            return
-        data: bytes = message["data"]
+        _, channel, data = message
         if channel == self.control:
             self._on_control(loads(data))
             return
         if channel == self.inbox:
             await self._on_inbox(loads(data))
             return
-        mirror = self._by_channel.get(channel) if isinstance(channel, bytes) else None
+        mirror = self._by_channel.get(channel)
         if mirror is None:
             return
         head, _, rest = data.partition(b"\n")
