@@ -9,6 +9,7 @@ restarted, Postgres) are in tests/test_cluster_processes.py.
 from __future__ import annotations
 
 import asyncio
+import signal
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -245,6 +246,21 @@ async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
             assert catalog["connectors"][0]["reader"] == "b"
 
 
+async def readyz_on_every_node(
+    nodes: list[RunningFeed], status: int, within: float, redis: str | None = None
+) -> None:
+    """Wait until every node's /readyz answers `status` (and, given `redis`, shows the
+    cluster's Redis so: "up" or "down"). HTTP has no event to wait on."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(within):
+        for node in nodes:
+            while True:
+                async with http.get(f"{node.url}/readyz") as r:
+                    body = await r.json()
+                    if r.status == status and redis in (None, body["cluster"]["redis"]):
+                        break
+                await asyncio.sleep(0.05)
+
+
 async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> None:
     async with open_private_redis() as target, AsyncExitStack() as stack:
         config = cluster_config(target.url, "restart")
@@ -257,26 +273,14 @@ async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> No
         assert (await client.next_change())["seq"] == 1
         assert target.server is not None, "a private Redis is the test's own server"
         await asyncio.to_thread(target.server.stop)
-        async with aiohttp.ClientSession() as http:
-
-            async def readyz(node: RunningFeed) -> int:
-                async with http.get(f"{node.url}/readyz") as r:
-                    return r.status
-
-            for node in nodes:
-                async with asyncio.timeout(10):
-                    while await readyz(node) != 503:  # noqa: ASYNC110 - HTTP has no event
-                        await asyncio.sleep(0.05)
+        await readyz_on_every_node(nodes, 503, within=10)
+        status = await asyncio.wait_for(client.statuses.get(), 10)
+        while status["state"] != "down":
             status = await asyncio.wait_for(client.statuses.get(), 10)
-            while status["state"] != "down":
-                status = await asyncio.wait_for(client.statuses.get(), 10)
-            assert "Redis" in status["detail"]
-            assert client.sio.connected
-            await asyncio.to_thread(target.server.start)
-            for node in nodes:
-                async with asyncio.timeout(20):
-                    while await readyz(node) != 200:  # noqa: ASYNC110 - HTTP has no event
-                        await asyncio.sleep(0.05)
+        assert "Redis" in status["detail"]
+        assert client.sio.connected
+        await asyncio.to_thread(target.server.start)
+        await readyz_on_every_node(nodes, 200, within=20)
         reader = await reader_of(nodes)
         memory(reader).write("public.orders", "insert", {"id": 2})
         # Redis lost everything (no persistence): a new epoch, announced to the live client.
@@ -288,6 +292,54 @@ async def test_redis_restart_is_shown_and_resumes_answer_recovered_false() -> No
             again = await subscribed(late, "mem:public.orders", since=1, epoch=ack["epoch"])
             assert again["recovered"] is False
             assert again["epoch"] != ack["epoch"]
+
+
+async def test_a_redis_that_stops_answering_is_shown_and_delivery_resumes_after() -> None:
+    """A Redis frozen (SIGSTOP: the connections stay open, nothing answers) must not leave a
+    node waiting on its pub/sub connection forever: it PINGs a quiet connection and gives up on
+    an unanswered PING, so every node says Redis is down, and when Redis answers again the
+    changes committed meanwhile arrive, in order."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, cluster_config(target.url, "frozen", lease=2.0), 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        client = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(client, "mem:public.orders")
+        # Nothing is written before the freeze: each node's memory connector numbers its own
+        # change ids from 1, and a new reader's first id would repeat the old reader's (dropped
+        # in Redis as a change published already, as a real source's re-read would be).
+        assert target.server is not None and target.server.proc is not None
+        target.server.proc.send_signal(signal.SIGSTOP)
+        try:  # quiet 5 s, then a PING unanswered for `answer` (2 s here) and a tick
+            await readyz_on_every_node(nodes, 503, within=15, redis="down")
+            assert client.sio.connected
+        finally:
+            target.server.proc.send_signal(signal.SIGCONT)
+        await readyz_on_every_node(nodes, 200, within=20, redis="up")
+        reader = await reader_of(nodes)
+        memory(reader).write("public.orders", "insert", {"id": 2})
+        change = await client.next_change(15)
+        assert (change["key"], change["seq"]) == (2, 1)
+
+
+async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:
+    """Every connection a node opens (commands and its own pub/sub reader) signs in with the
+    URL's user and password; a wrong password is shown, not retried in silence."""
+    async with open_private_redis("--requirepass", "s3cret") as target, AsyncExitStack() as stack:
+        url = target.url.replace("redis://", "redis://default:s3cret@")
+        nodes = await start_nodes(stack, cluster_config(url, "signed"), 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        client = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(client, "mem:public.orders")
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["seq"] == 1
+        wrong = await stack.enter_async_context(
+            running_feed(cluster_config(url.replace("s3cret", "wrong"), "signed"))
+        )
+        await readyz_on_every_node([wrong], 503, within=10, redis="down")
+        async with aiohttp.ClientSession() as http, http.get(f"{wrong.url}/readyz") as r:
+            assert "WRONGPASS" in (await r.json())["cluster"]["detail"]
 
 
 async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -> None:

@@ -117,7 +117,7 @@ class Delivery(History):
                         # What the messages read at once routed leaves when the next read would
                         # wait (as the hub does with a change stream): a lone message's changes
                         # go out in the pass that received it, a burst's as one frame per room.
-                        messages = await FlushBeforeWaiting(pubsub.read(0.5), self._flush)
+                        messages = await FlushBeforeWaiting(pubsub.read(), self._flush)
                         if not messages:
                             continue
                         transport = self.hub.transport
@@ -284,8 +284,9 @@ class Delivery(History):
         mirror.ring.append((seq, payload))
         mirror.seq = seq
         room.seq = seq
-        mirror.advanced.set()
-        mirror.advanced = asyncio.Event()
+        if mirror.advanced is not None:  # a catch-up waits for the room to move on
+            mirror.advanced.set()
+            mirror.advanced = None
         hub = self.hub
         receivers = len(room.members) - len(room.pending)
         if receivers > 0 and hub.transport is not None:

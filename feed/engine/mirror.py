@@ -30,7 +30,8 @@ class Mirror:
     ring: deque[tuple[int, Any]] = field(default_factory=lambda: deque(maxlen=RING))
     """Recent payloads, each a dict (read from the history) or the relayed JSON as it was sent
     (feed.engine.relay): either is written to a client as it is."""
-    advanced: asyncio.Event = field(default_factory=asyncio.Event)
+    advanced: asyncio.Event | None = None
+    """Set (and dropped) when the room's seq moves on: made only when a catch-up waits."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while the room is being subscribed and registered."""
     order: asyncio.Lock = field(default_factory=asyncio.Lock)

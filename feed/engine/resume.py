@@ -126,6 +126,8 @@ class Resume(Delivery):
                 seq = mirror.seq or 0
                 if plan is not None and seq < plan.upto:
                     advanced = mirror.advanced
+                    if advanced is None:
+                        advanced = mirror.advanced = asyncio.Event()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(advanced.wait(), 1.0)
                     continue

@@ -22,6 +22,9 @@ from typing import Any
 
 import hiredis
 
+TICK = 0.5
+"""Seconds between the listener's looks at its own state when no message comes."""
+
 Message = list[Any]
 """A reply as hiredis parses it: `[b"message", channel, data]`, `[b"subscribe", channel, n]`..."""
 
@@ -45,14 +48,15 @@ def _tls(options: Mapping[str, Any]) -> ssl.SSLContext:
 class Subscriber(asyncio.Protocol):
     """One pub/sub connection: `open` it, `subscribe`, then `read` what arrives."""
 
-    def __init__(self, quiet: float, timeout: float) -> None:
+    def __init__(self, quiet: float, answer: float) -> None:
         self._parser = hiredis.Reader()
         self._ready: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self._quiet = quiet
-        self._timeout = timeout
+        self._answer = answer
+        self._timer: asyncio.TimerHandle | None = None
         self._heard = 0.0
         self._pinged: float | None = None
 
@@ -92,7 +96,9 @@ class Subscriber(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self._heard = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
+        self._timer = loop.call_later(TICK, self._tick)
 
     def data_received(self, data: bytes) -> None:
         self._heard = asyncio.get_running_loop().time()
@@ -121,19 +127,16 @@ class Subscriber(asyncio.Protocol):
         if self._lost is None:
             self._send(_command(b"UNSUBSCRIBE", *channels))
 
-    async def read(self, wait: float) -> list[Message]:
-        """Every message received so far, waiting up to `wait` seconds for one (an empty list
-        when none came); raises ConnectionError once the connection is lost or silent."""
+    async def read(self) -> list[Message]:
+        """Every message received so far, waiting for one if there is none yet. An empty list
+        every `TICK` seconds of quiet, so the listener looks at its own state now and then;
+        raises ConnectionError once the connection is lost, or silent past `answer` seconds."""
         if not self._ready:
             if self._lost is not None:
                 raise self._lost
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(wait):
-                    await self._waiter
-            except TimeoutError:
-                self._check_quiet()
-                return []
+                await self._waiter
             finally:
                 self._waiter = None
             if not self._ready and self._lost is not None:
@@ -166,21 +169,29 @@ class Subscriber(asyncio.Protocol):
                 self._waiter = None
         return self._ready.popleft()
 
-    def _check_quiet(self) -> None:
-        now = asyncio.get_running_loop().time()
-        if self._pinged is not None:
-            if now - self._pinged > self._timeout:
-                self._fail(ConnectionError(f"no answer from Redis in {self._timeout:g} s"))
-                assert self._transport is not None
+    def _tick(self) -> None:
+        """Every `TICK` seconds (one timer, not one per read): wake the listener, and PING a
+        quiet connection or end one whose PING went unanswered."""
+        if self._lost is not None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._pinged is not None and now - self._pinged > self._answer:
+            self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
+            if self._transport is not None:
                 self._transport.abort()
-                raise ConnectionError(f"no answer from Redis in {self._timeout:g} s")
-        elif now - self._heard > self._quiet:
+            return
+        if self._pinged is None and now - self._heard > self._quiet:
             self._pinged = now
             self._send(_command(b"PING"))
+        self._timer = loop.call_later(TICK, self._tick)
+        self._wake()
 
     def _fail(self, exc: Exception) -> None:
         if self._lost is None:
             self._lost = exc
+            if self._timer is not None:
+                self._timer.cancel()
         self._wake()
 
     def _wake(self) -> None:
