@@ -18,8 +18,8 @@ from feed.core.targets import TargetRooms
 from feed.engine import ClusterConfig
 from feed.engine.batch import Batcher
 from feed.engine.mirror import Mirror
+from feed.engine.resp import Caller, Subscriber
 from feed.engine.routes import Routed
-from feed.engine.subscriber import Subscriber
 
 if TYPE_CHECKING:
     from feed.routing.hub import Hub
@@ -52,6 +52,8 @@ class EngineCore:
         self._mirrors: dict[str, Mirror] = {}
         self._by_channel: dict[bytes, Mirror] = {}
         self._pubsub: Subscriber | None = None
+        self._caller: Caller | None = None
+        self._caller_lock = asyncio.Lock()
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,3 +103,15 @@ class EngineCore:
 
     async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         return await self._scripts[name](keys=keys, args=args)
+
+    async def _hot_script(self, source: str, keys: list[Any], args: list[Any]) -> Any:
+        """A script called for every batch (the reader's publishing): over the engine's own
+        connection (feed.engine.resp.Caller), opened again after it was lost."""
+        caller = self._caller
+        if caller is None or caller.lost:
+            async with self._caller_lock:
+                caller = self._caller
+                if caller is None or caller.lost:
+                    answer = max(2.0, self.config.lease / 2)
+                    caller = self._caller = await Caller.open(self.config.url, answer=answer)
+        return await caller.script(source, keys, args)

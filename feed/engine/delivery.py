@@ -19,7 +19,7 @@ from feed.engine.core import log
 from feed.engine.history import History
 from feed.engine.mirror import Mirror
 from feed.engine.relay import numbered
-from feed.engine.subscriber import Message, Subscriber
+from feed.engine.resp import Message, Subscriber
 from feed.engine.wire import loads, one_line
 from feed.errors import ClusterError, ProtocolError
 

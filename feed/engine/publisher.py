@@ -13,6 +13,7 @@ from typing import Any
 
 from connectors.base import Connector
 from feed.core.change import Change, Gap, format_ts
+from feed.engine import scripts
 from feed.engine.registry import RoomRegistry
 from feed.engine.relay import LEFT, room_head
 from feed.engine.routes import Routed
@@ -97,7 +98,7 @@ class Publisher(RoomRegistry):
             *per_change,
         ]
         try:
-            seqs = await self._script("PUBLISH", keys, args)
+            seqs = await self._hot_script(scripts.PUBLISH, keys, args)
         except Exception as exc:
             if "STALE" in str(exc):
                 if self._leases.get(name) == token:

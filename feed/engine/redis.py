@@ -74,6 +74,8 @@ class RedisEngine(Resume):
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        if self._caller is not None:
+            self._caller.close()
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()

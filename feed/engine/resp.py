@@ -1,0 +1,282 @@
+"""The engine's own Redis connections on its hot paths, parsed in the event loop's own callback.
+
+Why not redis-py there: profiled on a node that does not read (2 nodes, one client each, 50
+lone changes a second), `PubSub.get_message` and what it wraps (its retry, timeout and
+health-check layers, and the parser's push handling with its logger look-ups) took two thirds of
+the node's Python time, against a tenth for routing and sending what it read; at the reader,
+redis-py's `EVALSHA` path (connection pool, retry wrapper, command packing) was two thirds of the
+publishing. Here the bytes Redis sends are fed to hiredis in `data_received`, and each reply
+handed on in that same callback: no task wakes up per reply but the one that waits for it.
+
+Two connections, on one base that connects (TCP, TLS or a Unix socket, with the URL's user and
+password): `Subscriber`, a node's pub/sub connection (feed.engine.delivery), and `Caller`, the
+reader's publishing script calls (feed.engine.publisher). Every other command, rarer, goes
+through redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+import hiredis
+
+from feed.errors import ClusterError
+
+TICK = 0.5
+"""Seconds between the listener's looks at its own state when no message comes."""
+
+Message = list[Any]
+"""A reply as hiredis parses it: `[b"message", channel, data]`, `[b"subscribe", channel, n]`..."""
+
+
+class ReplyError(ClusterError):
+    """Redis answered a command with an error (a script's `error_reply`, say)."""
+
+
+def pack(parts: Sequence[bytes | str | int]) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        if isinstance(part, bytes):
+            data = part
+        elif isinstance(part, str):
+            data = part.encode()
+        else:
+            data = b"%d" % part
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _tls(options: Mapping[str, Any]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Connection(asyncio.Protocol):
+    """A connection to Redis whose replies answer the commands sent, in order (`call`); a reply
+    nothing waits for goes to `received` (a pub/sub connection's messages)."""
+
+    def __init__(self, answer: float) -> None:
+        self._parser = hiredis.Reader()
+        self._expected: deque[asyncio.Future[Any]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._lost: Exception | None = None
+        self._answer = answer
+
+    @classmethod
+    async def open(cls, url: str, *, answer: float) -> Self:
+        """Connect and sign in within `answer` seconds (also the wait for any later reply)."""
+        from redis.asyncio.connection import parse_url
+
+        options = parse_url(url.replace("valkey", "redis", 1) if url.startswith("valkey") else url)
+        loop = asyncio.get_running_loop()
+        connection = cls(answer)
+        async with asyncio.timeout(answer):
+            if "path" in options:
+                await loop.create_unix_connection(lambda: connection, options["path"])
+            else:
+                tls = _tls(options) if url.startswith(("rediss", "valkeys")) else None
+                await loop.create_connection(
+                    lambda: connection, options.get("host", "localhost"), options.get("port", 6379),
+                    ssl=tls,
+                )  # fmt: skip
+            password = options.get("password")
+            if password:
+                user = options.get("username")
+                try:
+                    await connection.call(["AUTH", user, password] if user else ["AUTH", password])
+                except ReplyError as exc:
+                    connection.close()
+                    raise ConnectionError(f"Redis refused the password: {exc}") from None
+        return connection
+
+    async def call(self, parts: Sequence[bytes | str | int]) -> Any:
+        """Send one command and return its reply (ReplyError for an error reply). Without a
+        reply in `answer` seconds the connection is closed: later replies would be misread."""
+        self._send(pack(parts))
+        future = asyncio.get_running_loop().create_future()
+        self._expected.append(future)
+        try:
+            async with asyncio.timeout(self._answer):
+                return await future
+        except TimeoutError:
+            self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
+            raise self._lost from None  # type: ignore[misc]
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._fail(ConnectionError("closed"))
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        expected = self._expected
+        try:
+            reply = parser.gets()
+            while reply is not False:
+                if expected:
+                    future = expected.popleft()
+                    if not future.done():
+                        if isinstance(reply, hiredis.ReplyError):
+                            future.set_exception(ReplyError(str(reply)))
+                        else:
+                            future.set_result(reply)
+                else:
+                    self.received(reply)
+                reply = parser.gets()
+        except hiredis.ProtocolError as exc:
+            self._fail(ConnectionError(f"unreadable reply from Redis: {exc}"))
+            return
+        self.heard()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+    # -- for subclasses ------------------------------------------------------------------------
+
+    def received(self, reply: Any) -> None:
+        """A reply no command waits for."""
+
+    def heard(self) -> None:
+        """Called after each read from Redis."""
+
+    def _send(self, data: bytes) -> None:
+        if self._lost is not None:
+            raise self._lost
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._lost is None:
+            self._lost = exc
+            if self._transport is not None:
+                self._transport.abort()
+        while self._expected:
+            future = self._expected.popleft()
+            if not future.done():
+                future.set_exception(exc)
+
+
+class Subscriber(Connection):
+    """A node's pub/sub connection: `open` it, `subscribe`, then `read` what arrives. A PING
+    goes out when it has been quiet for `QUIET` seconds, so a Redis that stopped answering is
+    noticed within `QUIET + answer` seconds, not never."""
+
+    QUIET = 5.0
+
+    def __init__(self, answer: float) -> None:
+        super().__init__(answer)
+        self._ready: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._heard = 0.0
+        self._pinged: float | None = None
+
+    def subscribe(self, *channels: bytes) -> None:
+        self._send(pack([b"SUBSCRIBE", *channels]))
+
+    def unsubscribe(self, *channels: bytes) -> None:
+        if self._lost is None:
+            self._send(pack([b"UNSUBSCRIBE", *channels]))
+
+    async def read(self) -> list[Message]:
+        """Every message received so far, waiting for one if there is none yet. An empty list
+        every `TICK` seconds of quiet, so the listener looks at its own state now and then;
+        raises ConnectionError once the connection is lost, or silent past `answer` seconds."""
+        if not self._ready:
+            if self._lost is not None:
+                raise self._lost
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            if not self._ready and self._lost is not None:
+                raise self._lost
+        messages = list(self._ready)
+        self._ready.clear()
+        return messages
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
+        self._timer = loop.call_later(TICK, self._tick)
+
+    def received(self, reply: Any) -> None:
+        self._ready.append(reply)
+
+    def heard(self) -> None:
+        self._heard = asyncio.get_running_loop().time()
+        self._pinged = None
+        self._wake()
+
+    def _tick(self) -> None:
+        """Every `TICK` seconds (one timer, not one per read): wake the listener, and PING a
+        quiet connection or end one whose PING went unanswered."""
+        if self._lost is not None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._pinged is not None and now - self._pinged > self._answer:
+            self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
+            return
+        if self._pinged is None and now - self._heard > self.QUIET:
+            self._pinged = now
+            self._send(pack([b"PING"]))
+        self._timer = loop.call_later(TICK, self._tick)
+        self._wake()
+
+    def _fail(self, exc: Exception) -> None:
+        super()._fail(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Caller(Connection):
+    """The reader's connection for its publishing script: EVALSHA, loading the script the first
+    time Redis does not know it (after a restart, say)."""
+
+    async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        sha = _sha(source)
+        try:
+            return await self.call([b"EVALSHA", sha, len(keys), *keys, *args])
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.call([b"SCRIPT", b"LOAD", source])
+        return await self.call([b"EVALSHA", sha, len(keys), *keys, *args])
+
+
+_shas: dict[str, bytes] = {}
+
+
+def _sha(source: str) -> bytes:
+    sha = _shas.get(source)
+    if sha is None:
+        sha = _shas[source] = hashlib.sha1(source.encode()).hexdigest().encode()
+    return sha
