@@ -67,6 +67,10 @@ class Connection(asyncio.Protocol):
     def __init__(self, answer: float) -> None:
         self._parser = hiredis.Reader()
         self._expected: deque[asyncio.Future[Any]] = deque()
+        self._sent: deque[float] = deque()
+        """When each expected reply's command went out (one timer checks the oldest, instead
+        of a timeout per call)."""
+        self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self._answer = answer
@@ -100,16 +104,14 @@ class Connection(asyncio.Protocol):
 
     async def call(self, parts: Sequence[bytes | str | int]) -> Any:
         """Send one command and return its reply (ReplyError for an error reply). Without a
-        reply in `answer` seconds the connection is closed: later replies would be misread."""
+        reply in `answer` seconds the connection is closed (`_tick`): later replies would be
+        misread."""
         self._send(pack(parts))
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._expected.append(future)
-        try:
-            async with asyncio.timeout(self._answer):
-                return await future
-        except TimeoutError:
-            self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
-            raise self._lost from None  # type: ignore[misc]
+        self._sent.append(loop.time())
+        return await future
 
     def close(self) -> None:
         if self._transport is not None:
@@ -124,6 +126,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -134,6 +137,7 @@ class Connection(asyncio.Protocol):
             while reply is not False:
                 if expected:
                     future = expected.popleft()
+                    self._sent.popleft()
                     if not future.done():
                         if isinstance(reply, hiredis.ReplyError):
                             future.set_exception(ReplyError(str(reply)))
@@ -164,11 +168,24 @@ class Connection(asyncio.Protocol):
         assert self._transport is not None
         self._transport.write(data)
 
+    def _tick(self) -> None:
+        """Every `TICK` seconds: end the connection if the oldest reply is overdue."""
+        if self._lost is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._sent and loop.time() - self._sent[0] > self._answer:
+            self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
+            return
+        self._timer = loop.call_later(TICK, self._tick)
+
     def _fail(self, exc: Exception) -> None:
         if self._lost is None:
             self._lost = exc
             if self._transport is not None:
                 self._transport.abort()
+            if self._timer is not None:
+                self._timer.cancel()
+        self._sent.clear()
         while self._expected:
             future = self._expected.popleft()
             if not future.done():
@@ -186,7 +203,6 @@ class Subscriber(Connection):
         super().__init__(answer)
         self._ready: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._heard = 0.0
         self._pinged: float | None = None
 
@@ -217,9 +233,7 @@ class Subscriber(Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        loop = asyncio.get_running_loop()
-        self._heard = loop.time()
-        self._timer = loop.call_later(TICK, self._tick)
+        self._heard = asyncio.get_running_loop().time()
 
     def received(self, reply: Any) -> None:
         self._ready.append(reply)
@@ -230,25 +244,22 @@ class Subscriber(Connection):
         self._wake()
 
     def _tick(self) -> None:
-        """Every `TICK` seconds (one timer, not one per read): wake the listener, and PING a
-        quiet connection or end one whose PING went unanswered."""
+        """Also wake the listener, and PING a quiet connection or end one whose PING went
+        unanswered."""
+        super()._tick()
         if self._lost is not None:
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         if self._pinged is not None and now - self._pinged > self._answer:
             self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
             return
         if self._pinged is None and now - self._heard > self.QUIET:
             self._pinged = now
             self._send(pack([b"PING"]))
-        self._timer = loop.call_later(TICK, self._tick)
         self._wake()
 
     def _fail(self, exc: Exception) -> None:
         super()._fail(exc)
-        if self._timer is not None:
-            self._timer.cancel()
         self._wake()
 
     def _wake(self) -> None:

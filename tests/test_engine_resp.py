@@ -1,0 +1,68 @@
+"""The engine's own Redis connections (feed.engine.resp) against a real redis-server: the
+script caller's reload and its overdue-reply cut-off; the subscriber's messages. The cluster
+tests (tests/test_cluster*.py) use both through real nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from feed.engine.resp import Caller, ReplyError, Subscriber
+from tests.support.redis import open_private_redis
+
+pytestmark = pytest.mark.redis
+
+SCRIPT = "return {tonumber(ARGV[1]) + 1, KEYS[1]}"
+
+
+async def test_a_script_runs_again_after_redis_forgot_it() -> None:
+    async with open_private_redis() as target:
+        caller = await Caller.open(target.url, answer=2.0)
+        try:
+            assert await caller.script(SCRIPT, ["k"], [41]) == [42, b"k"]
+            await target.admin.script_flush()
+            assert await caller.script(SCRIPT, ["k"], [1]) == [2, b"k"]
+            with pytest.raises(ReplyError, match="STALE"):
+                await caller.script("return redis.error_reply('STALE token')", [], [])
+        finally:
+            caller.close()
+
+
+async def test_a_reply_that_does_not_come_ends_the_connection() -> None:
+    async with open_private_redis() as target:
+        assert target.server is not None and target.server.proc is not None
+        caller = await Caller.open(target.url, answer=1.0)
+        target.server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectionError, match="no answer"):
+                await asyncio.wait_for(caller.script(SCRIPT, ["k"], [1]), 5)
+            assert time.monotonic() - started < 3
+            assert caller.lost
+        finally:
+            target.server.proc.send_signal(signal.SIGCONT)
+
+
+async def test_the_subscriber_reads_what_is_published_in_order() -> None:
+    async with open_private_redis() as target:
+        subscriber = await Subscriber.open(target.url, answer=2.0)
+        try:
+            subscriber.subscribe(b"room")
+            assert await asyncio.wait_for(subscriber.read(), 5) == [[b"subscribe", b"room", 1]]
+            for n in range(50):
+                await target.admin.publish("room", str(n))
+            got: list[bytes] = []
+            async with asyncio.timeout(5):
+                while len(got) < 50:
+                    got += [m[2] for m in await subscriber.read() if m[0] == b"message"]
+            assert got == [str(n).encode() for n in range(50)]
+            await target.admin.client_kill_filter(_type="pubsub")
+            with pytest.raises(ConnectionError):
+                async with asyncio.timeout(5):
+                    while True:
+                        await subscriber.read()
+        finally:
+            subscriber.close()
