@@ -249,6 +249,15 @@ class Delivery(History):
 
     async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
         """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..."""
+        seq = mirror.seq
+        if (
+            seq is not None
+            and first <= seq + 1
+            and epoch == mirror.epoch
+            and not mirror.order.locked()
+        ):  # the usual case: the run goes on from the room's seq, and nothing awaits between
+            self._relay(mirror, first, raws)
+            return
         last = first + len(raws) - 1
         async with mirror.order:
             if mirror.seq is None:  # the first message of a room being watched: the baseline
@@ -266,16 +275,19 @@ class Delivery(History):
                 await self._fill(mirror, first - 1)
                 if last <= mirror.seq:
                     return
-            # Sent in one loop pass, the run leaves as one `changes` frame
-            # (feed.delivery.transport); each payload is relayed as the reader encoded it, with
-            # its seq spliced in (feed.engine.relay), never decoded here.
-            name = mirror.room.name
-            for seq, raw in enumerate(raws, start=first):
-                if seq <= mirror.seq:
-                    continue
-                await self._deliver(mirror, seq, numbered(name, seq, raw))
+            self._relay(mirror, first, raws)
 
-    async def _deliver(self, mirror: Mirror, seq: int, payload: Any) -> None:
+    def _relay(self, mirror: Mirror, first: int, raws: list[bytes]) -> None:
+        """Deliver the payloads past the room's seq. Sent in one loop pass, the run leaves as
+        one `changes` frame (feed.delivery.transport); each payload is relayed as the reader
+        encoded it, with its seq spliced in (feed.engine.relay), never decoded here."""
+        name = mirror.room.name
+        done = mirror.seq or 0
+        for seq, raw in enumerate(raws, start=first):
+            if seq > done:
+                self._deliver(mirror, seq, numbered(name, seq, raw))
+
+    def _deliver(self, mirror: Mirror, seq: int, payload: Any) -> None:
         if mirror.seq is not None and seq <= mirror.seq:
             return
         room = mirror.room
@@ -290,7 +302,7 @@ class Delivery(History):
         hub = self.hub
         receivers = len(room.members) - len(room.pending)
         if receivers > 0 and hub.transport is not None:
-            await hub.transport.send_room(room.name, "change", payload, list(room.pending))
+            hub.transport.send_change(room.name, payload, list(room.pending))
             hub._counters(room.connector)[1].inc(receivers)
 
     async def _fill(self, mirror: Mirror, upto: int) -> None:
@@ -306,7 +318,7 @@ class Delivery(History):
             mirror.room.seq = upto
             return
         for seq, payload in entries:
-            await self._deliver(mirror, seq, payload)
+            self._deliver(mirror, seq, payload)
 
     async def _on_gap(self, mirror: Mirror, seq: int, body: Mapping[str, Any]) -> None:
         mirror.gap = max(mirror.gap, seq)
