@@ -29,10 +29,14 @@ def _stdlib_dumps(value: Any) -> bytes:
 
 dumps_json: Callable[[Any], bytes] = _stdlib_dumps
 """JSON text as bytes: orjson where installed (it raises TypeError for ints past 64 bits)."""
+_dumps_utc: Callable[..., bytes] | None = None
+"""orjson's `dumps`, for a UTC time as `"...Z"` (OPT_UTC_Z); None without orjson."""
+_UTC_Z = 0
 try:  # a dependency, but the feed still works without it (the standard library is slower)
     import orjson
 
     dumps_json = orjson.dumps
+    _dumps_utc, _UTC_Z = orjson.dumps, orjson.OPT_UTC_Z
 except ImportError:  # pragma: no cover
     pass
 
@@ -184,8 +188,11 @@ def format_ts(ts: dt.datetime | None) -> str | None:
     last, text = _last_ts
     if ts is last:  # the changes of one read (Redis) or one transaction share their ts object
         return text
-    # isoformat is several times faster than strftime, and this runs once per change.
-    if ts.tzinfo is dt.UTC:  # what the sources give: no conversion ("+00:00" becomes "Z")
+    # This runs once per change. orjson writes a UTC time five times faster than isoformat
+    # (itself several times faster than strftime), but leaves out a fraction of zero.
+    if ts.tzinfo is dt.UTC and ts.microsecond and type(ts) is dt.datetime and _dumps_utc:
+        text = _dumps_utc(ts, option=_UTC_Z)[1:-1].decode()
+    elif ts.tzinfo is dt.UTC:  # what the sources give: no conversion ("+00:00" becomes "Z")
         text = ts.isoformat(timespec="microseconds")[:-6] + "Z"
     elif ts.tzinfo is None:
         text = ts.isoformat(timespec="microseconds") + "Z"

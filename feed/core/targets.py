@@ -72,10 +72,11 @@ class TargetRooms(Generic[R]):
                 rooms.extend(by_name.values())
             rooms.extend(self.filtered.rooms())
             return rooms
-        key = change.row_key
-        if key is not None and self.by_key:
-            for room in self.by_key.get(key, {}).values():
-                if room.filter is None or room.filter.matches(change):
-                    rooms.append(room)
+        if self.by_key:  # the row key only when some row room is followed
+            key = change.row_key
+            if key is not None:
+                for room in self.by_key.get(key, {}).values():
+                    if room.filter is None or room.filter.matches(change):
+                        rooms.append(room)
         self.filtered.collect(change, rooms)
         return rooms
