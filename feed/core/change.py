@@ -69,8 +69,10 @@ class computed_once(Generic[T]):
         # as an attribute, not through `__dict__`: asking for `__dict__` makes Python build a
         # dict object for the instance, one more object per change for the garbage collector
         # to visit on every full pass while the change sits in a replay buffer.
+        # `setattr`, not `object.__setattr__` (a slower call): the classes using this do not
+        # refuse assignment at run time (see `immutable`).
         value = self.compute(instance)
-        object.__setattr__(instance, self.name, value)
+        setattr(instance, self.name, value)
         return value
 
 
@@ -123,14 +125,16 @@ class Change:
     @computed_once
     def wire(self) -> dict[str, JSON]:
         """The JSON body shared by every room this change goes to (room and seq are added later)."""
+        key, before = self.key, self.before
         body: dict[str, JSON] = {
             "id": self.id,
             "connector": self.connector,
             "source": self.source,
             "target": self.target,
             "op": self.op,
-            "key": to_json(self.key),
-            "before": to_json(self.before),
+            # A str or int key and a missing image, the common cases, without a call.
+            "key": key if type(key) is str or type(key) is int else to_json(key),
+            "before": None if before is None else to_json(before),
             "after": to_json(self.after),
             "ts": format_ts(self.ts),
         }
