@@ -160,13 +160,15 @@ class Outgoing:
     (for long-polling clients and backlogs) are made on first use.
     """
 
-    __slots__ = ("_packets", "_wire", "text")
+    __slots__ = ("_packets", "text", "wire")
 
     def __init__(self, text: bytes | None, packets: list[Any] | None = None) -> None:
         self.text = text
         """The Engine.IO text (`4` + the Socket.IO text) when the event is one packet."""
         self._packets = packets
-        self._wire: bytes | None = None
+        self.wire = _text_frame(text) if text is not None else None
+        """The unmasked, uncompressed WebSocket text frame of `text` (what a server sends every
+        client); made at once, not on first use: it is read once per recipient."""
 
     @classmethod
     def of_packets(cls, packets: list[Any]) -> Outgoing:
@@ -183,20 +185,16 @@ class Outgoing:
             self._packets = [packet]
         return self._packets
 
-    @property
-    def wire(self) -> bytes:
-        """The unmasked, uncompressed WebSocket text frame (what a server sends every client)."""
-        if self._wire is None:
-            assert self.text is not None
-            n = len(self.text)
-            if n < 126:
-                head = struct.pack("!BB", 0x81, n)
-            elif n < 65536:
-                head = struct.pack("!BBH", 0x81, 126, n)
-            else:
-                head = struct.pack("!BBQ", 0x81, 127, n)
-            self._wire = head + self.text
-        return self._wire
+
+def _text_frame(text: bytes) -> bytes:
+    n = len(text)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + text
 
 
 def _payload_json(payload: Any) -> bytes:
