@@ -42,12 +42,16 @@ class TargetRooms(Generic[R]):
     room: R
     by_key: dict[str, dict[str, R]] = field(default_factory=dict)
     filtered: FilterIndex[R] = field(default_factory=FilterIndex)
+    alone: bool = field(default=True, init=False, repr=False)
+    """No subroom is followed: a change goes to the target room only. Checked first, so that
+    such a change (every change, at many target rooms) reads neither index."""
 
     def add(self, room: R) -> None:
         if room.key is not None:
             self.by_key.setdefault(room.key, {})[room.name] = room
         else:  # a filter room, or a shaped room that sees the whole target
             self.filtered.add(room)
+        self.alone = False
 
     def discard(self, room: R) -> None:
         if room.key is not None:
@@ -57,6 +61,7 @@ class TargetRooms(Generic[R]):
                 self.by_key.pop(room.key, None)
         else:
             self.filtered.discard(room.name)
+        self.alone = not self.by_key and not len(self.filtered)
 
     def names(self) -> Iterator[str]:
         """The subrooms' names (the target room's is `room.name`)."""
@@ -66,16 +71,19 @@ class TargetRooms(Generic[R]):
 
     def matching(self, change: Change) -> list[R]:
         rooms = [self.room]
+        if self.alone:
+            return rooms
         if change.key is None and change.before is None and change.after is None:
             # A truncate (or a dropped collection) empties every row and filter room too.
             for by_name in self.by_key.values():
                 rooms.extend(by_name.values())
             rooms.extend(self.filtered.rooms())
             return rooms
-        key = change.row_key
-        if key is not None and self.by_key:
-            for room in self.by_key.get(key, {}).values():
-                if room.filter is None or room.filter.matches(change):
-                    rooms.append(room)
+        if self.by_key:  # the row key only when some row room is followed
+            key = change.row_key
+            if key is not None:
+                for room in self.by_key.get(key, {}).values():
+                    if room.filter is None or room.filter.matches(change):
+                        rooms.append(room)
         self.filtered.collect(change, rooms)
         return rooms

@@ -310,7 +310,8 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         protocol = self.protocol
         if protocol is None or self.queue.items is not None or not protocol.writable.is_set():
             return False
-        if not self._writable(protocol):
+        # `_writable`, inline: this runs per recipient per frame.
+        if protocol.close_sent or protocol.disconnected or protocol.transport.is_closing():
             return False  # going away: `write` drops the packets
         conn = protocol.conn
         if conn.extensions:  # compression keeps per-connection state: frame it for this one

@@ -75,6 +75,8 @@ PACE_BYTES = 64 * 1024
 PACE_INTERVAL = 0.005
 """Seconds between two looks at a paced client's queue."""
 
+_NO_ROOMS: dict[Any, Any] = {}
+
 MAX_BUFFERED = 1024
 """Changes held across all rooms before a flush is forced (and the loop given a turn)."""
 
@@ -158,13 +160,15 @@ class Outgoing:
     (for long-polling clients and backlogs) are made on first use.
     """
 
-    __slots__ = ("_packets", "_wire", "text")
+    __slots__ = ("_packets", "text", "wire")
 
     def __init__(self, text: bytes | None, packets: list[Any] | None = None) -> None:
         self.text = text
         """The Engine.IO text (`4` + the Socket.IO text) when the event is one packet."""
         self._packets = packets
-        self._wire: bytes | None = None
+        self.wire = _text_frame(text) if text is not None else None
+        """The unmasked, uncompressed WebSocket text frame of `text` (what a server sends every
+        client); made at once, not on first use: it is read once per recipient."""
 
     @classmethod
     def of_packets(cls, packets: list[Any]) -> Outgoing:
@@ -181,20 +185,16 @@ class Outgoing:
             self._packets = [packet]
         return self._packets
 
-    @property
-    def wire(self) -> bytes:
-        """The unmasked, uncompressed WebSocket text frame (what a server sends every client)."""
-        if self._wire is None:
-            assert self.text is not None
-            n = len(self.text)
-            if n < 126:
-                head = struct.pack("!BB", 0x81, n)
-            elif n < 65536:
-                head = struct.pack("!BBH", 0x81, 126, n)
-            else:
-                head = struct.pack("!BBQ", 0x81, 127, n)
-            self._wire = head + self.text
-        return self._wire
+
+def _text_frame(text: bytes) -> bytes:
+    n = len(text)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + text
 
 
 def _payload_json(payload: Any) -> bytes:
@@ -218,6 +218,9 @@ class SocketIOTransport:
         self._buffered: dict[str, list[Entry]] = {}
         self._count = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop the flushes are scheduled on, kept: on Python 3.11 each
+        `asyncio.get_running_loop()` makes a getpid system call, and this runs per change."""
         self._held = False
         self.frames_sent = 0
         """Frames encoded (each went to every recipient); for benchmarks and tests."""
@@ -256,7 +259,10 @@ class SocketIOTransport:
             self.flush()
             return True
         if self._flush_handle is None and not self._held:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_soon(self.flush)
         return False
 
     async def send_to(self, sid: str, event: str, data: Any) -> None:
@@ -386,8 +392,14 @@ class SocketIOTransport:
         return Outgoing.of_packets([_message(part) for part in encoded])
 
     def _deliver(self, room: str | None, out: Outgoing, skip: Sequence[str]) -> None:
+        # The manager's `get_participants(namespace, room)` inline (this runs per room per
+        # frame): the room's bidict read through its own dict, as the manager reads it, and
+        # copied as there, since a write may end in a disconnect that leaves the room.
+        members: Any = self.sio.manager.rooms.get(self.namespace, _NO_ROOMS).get(room)
+        if members is None:
+            return
         skipped = frozenset(skip) if skip else None
-        for sid, eio_sid in self.sio.manager.get_participants(self.namespace, room):
+        for sid, eio_sid in members._fwdm.copy().items():
             if skipped is None or sid not in skipped:
                 self._put(eio_sid, out)
 
