@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Generic, TypeVar, dataclass_transform, overload
+from typing import Any, Generic, TypeVar, overload
 
 JSON = Any
 """A value made only of dict, list, str, int, float, bool and None."""
@@ -69,30 +69,12 @@ class computed_once(Generic[T]):
         # as an attribute, not through `__dict__`: asking for `__dict__` makes Python build a
         # dict object for the instance, one more object per change for the garbage collector
         # to visit on every full pass while the change sits in a replay buffer.
-        # `setattr`, not `object.__setattr__` (a slower call): the classes using this do not
-        # refuse assignment at run time (see `immutable`).
         value = self.compute(instance)
-        setattr(instance, self.name, value)
+        object.__setattr__(instance, self.name, value)
         return value
 
 
-C = TypeVar("C")
-
-
-@dataclass_transform(frozen_default=True, field_specifiers=(field,))
-def immutable(cls: type[C]) -> type[C]:
-    """A dataclass the type checker treats as frozen, built as a plain one at run time.
-
-    A frozen dataclass's `__init__` sets each field through `object.__setattr__` (its own
-    `__setattr__` refuses): for a Change's eleven fields that was about a microsecond per change,
-    four times a plain dataclass's, on the path every change takes. Nothing in the feed assigns
-    to a Change after it is built, and mypy (strict) refuses any code that tries. Equality and
-    hashing stay those of the frozen class (`unsafe_hash`: by the compared fields).
-    """
-    return dataclass(unsafe_hash=True)(cls)
-
-
-@immutable
+@dataclass(frozen=True)
 class Change:
     """One committed change at a source.
 
