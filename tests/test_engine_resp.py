@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+from redis.asyncio import Redis
 
 from feed.engine.resp import Caller, ReplyError, Subscriber
 from tests.support.redis import open_private_redis
@@ -29,6 +30,21 @@ async def test_a_script_runs_again_after_redis_forgot_it() -> None:
                 await caller.script("return redis.error_reply('STALE token')", [], [])
         finally:
             caller.close()
+
+
+async def test_scripts_run_in_the_urls_database() -> None:
+    async with open_private_redis() as target:
+        caller = await Caller.open(target.url.rpartition("/")[0] + "/3", answer=2.0)
+        try:
+            await caller.script("return redis.call('SET', KEYS[1], ARGV[1])", ["here"], ["x"])
+        finally:
+            caller.close()
+        assert await target.admin.get("here") is None  # not in database 0
+        third = Redis.from_url(target.url.rpartition("/")[0] + "/3")
+        try:
+            assert await third.get("here") == b"x"
+        finally:
+            await third.aclose()
 
 
 async def test_a_reply_that_does_not_come_ends_the_connection() -> None:

@@ -77,7 +77,8 @@ class Connection(asyncio.Protocol):
 
     @classmethod
     async def open(cls, url: str, *, answer: float) -> Self:
-        """Connect and sign in within `answer` seconds (also the wait for any later reply)."""
+        """Connect, sign in and select the URL's database within `answer` seconds (also the
+        wait for any later reply)."""
         from redis.asyncio.connection import parse_url
 
         options = parse_url(url.replace("valkey", "redis", 1) if url.startswith("valkey") else url)
@@ -100,6 +101,8 @@ class Connection(asyncio.Protocol):
                 except ReplyError as exc:
                     connection.close()
                     raise ConnectionError(f"Redis refused the password: {exc}") from None
+            if options.get("db"):  # scripts touch the URL's database (pub/sub ignores it)
+                await connection.call(["SELECT", options["db"]])
         return connection
 
     async def call(self, parts: Sequence[bytes | str | int]) -> Any:
