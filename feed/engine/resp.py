@@ -71,6 +71,9 @@ class Connection(asyncio.Protocol):
         """When each expected reply's command went out (one timer checks the oldest, instead
         of a timeout per call)."""
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        """Kept: on Python 3.11 each `asyncio.get_running_loop()` costs a getpid system call,
+        and the hot paths here run per message."""
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self._answer = answer
@@ -110,7 +113,7 @@ class Connection(asyncio.Protocol):
         reply in `answer` seconds the connection is closed (`_tick`): later replies would be
         misread."""
         self._send(pack(parts))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future = loop.create_future()
         self._expected.append(future)
         self._sent.append(loop.time())
@@ -129,7 +132,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
+        self._timer = self._loop.call_later(TICK, self._tick)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -175,7 +178,7 @@ class Connection(asyncio.Protocol):
         """Every `TICK` seconds: end the connection if the oldest reply is overdue."""
         if self._lost is not None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if self._sent and loop.time() - self._sent[0] > self._answer:
             self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
             return
@@ -223,7 +226,7 @@ class Subscriber(Connection):
         if not self._ready:
             if self._lost is not None:
                 raise self._lost
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -236,13 +239,13 @@ class Subscriber(Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._heard = asyncio.get_running_loop().time()
+        self._heard = self._loop.time()
 
     def received(self, reply: Any) -> None:
         self._ready.append(reply)
 
     def heard(self) -> None:
-        self._heard = asyncio.get_running_loop().time()
+        self._heard = self._loop.time()
         self._pinged = None
         self._wake()
 
@@ -252,7 +255,7 @@ class Subscriber(Connection):
         super()._tick()
         if self._lost is not None:
             return
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         if self._pinged is not None and now - self._pinged > self._answer:
             self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
             return
