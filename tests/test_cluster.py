@@ -298,11 +298,11 @@ async def test_a_redis_that_stops_answering_is_shown_and_delivery_resumes_after(
     """A Redis frozen (SIGSTOP: the connections stay open, nothing answers) must not leave a
     node waiting on its pub/sub connection forever: it PINGs a quiet connection and gives up on
     an unanswered PING, so every node says Redis is down, and when Redis answers again the
-    changes committed meanwhile arrive, in order."""
+    changes flow again."""
     async with open_private_redis() as target, AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, cluster_config(target.url, "frozen", lease=2.0), 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        config = cluster_config(target.url, "frozen", lease=2.0)
+        reader, other = await reader_and_other(stack, config)
+        nodes = [reader, other]
         client = await stack.enter_async_context(feed_client(other.url))
         await subscribed(client, "mem:public.orders")
         # Nothing is written before the freeze: each node's memory connector numbers its own
@@ -327,9 +327,7 @@ async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:
     URL's user and password; a wrong password is shown, not retried in silence."""
     async with open_private_redis("--requirepass", "s3cret") as target, AsyncExitStack() as stack:
         url = target.url.replace("redis://", "redis://default:s3cret@")
-        nodes = await start_nodes(stack, cluster_config(url, "signed"), 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, cluster_config(url, "signed"))
         client = await stack.enter_async_context(feed_client(other.url))
         await subscribed(client, "mem:public.orders")
         memory(reader).write("public.orders", "insert", {"id": 1})
