@@ -87,25 +87,27 @@ class Connection(asyncio.Protocol):
         options = parse_url(url.replace("valkey", "redis", 1) if url.startswith("valkey") else url)
         loop = asyncio.get_running_loop()
         connection = cls(answer)
-        async with asyncio.timeout(answer):
-            if "path" in options:
-                await loop.create_unix_connection(lambda: connection, options["path"])
-            else:
-                tls = _tls(options) if url.startswith(("rediss", "valkeys")) else None
-                await loop.create_connection(
-                    lambda: connection, options.get("host", "localhost"), options.get("port", 6379),
-                    ssl=tls,
-                )  # fmt: skip
-            password = options.get("password")
-            if password:
-                user = options.get("username")
-                try:
-                    await connection.call(["AUTH", user, password] if user else ["AUTH", password])
-                except ReplyError as exc:
-                    connection.close()
-                    raise ConnectionError(f"Redis refused the password: {exc}") from None
-            if options.get("db"):  # scripts touch the URL's database (pub/sub ignores it)
-                await connection.call(["SELECT", options["db"]])
+        try:
+            async with asyncio.timeout(answer):
+                if "path" in options:
+                    await loop.create_unix_connection(lambda: connection, options["path"])
+                else:
+                    tls = _tls(options) if url.startswith(("rediss", "valkeys")) else None
+                    host, port = options.get("host", "localhost"), options.get("port", 6379)
+                    await loop.create_connection(lambda: connection, host, port, ssl=tls)
+                password = options.get("password")
+                if password:
+                    user = options.get("username")
+                    auth = ["AUTH", user, password] if user else ["AUTH", password]
+                    try:
+                        await connection.call(auth)
+                    except ReplyError as exc:
+                        raise ConnectionError(f"Redis refused the password: {exc}") from None
+                if options.get("db"):  # scripts touch the URL's database (pub/sub ignores it)
+                    await connection.call(["SELECT", options["db"]])
+        except BaseException:
+            connection.close()  # no half-open connection, nor its timer, left behind
+            raise
         return connection
 
     async def call(self, parts: Sequence[bytes | str | int]) -> Any:
