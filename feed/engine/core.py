@@ -68,6 +68,8 @@ class EngineCore:
             "counter",
             "Changes read again after a takeover and not published twice",
         )
+        self.answer = max(2.0, config.lease / 2)
+        """Seconds a reply from Redis may take before its connection is given up."""
         self.refresh = max(0.2, min(5.0, config.lease / 4))
         """Seconds between registry refreshes (members' rooms) and re-reads (at the reader)."""
 
@@ -112,6 +114,6 @@ class EngineCore:
             async with self._caller_lock:
                 caller = self._caller
                 if caller is None or caller.lost:
-                    answer = max(2.0, self.config.lease / 2)
-                    caller = self._caller = await Caller.open(self.config.url, answer=answer)
+                    caller = await Caller.open(self.config.url, answer=self.answer)
+                    self._caller = caller
         return await caller.script(source, keys, args)

@@ -103,9 +103,7 @@ class Delivery(History):
         while True:
             pubsub: Subscriber | None = None
             try:
-                pubsub = await Subscriber.open(
-                    self.config.url, answer=max(2.0, self.config.lease / 2)
-                )
+                pubsub = await Subscriber.open(self.config.url, answer=self.answer)
                 pubsub.subscribe(self.control, self.inbox)
                 self._pubsub = pubsub
                 recovery = asyncio.create_task(self._recover())

@@ -57,10 +57,11 @@ class RedisEngine(Resume):
         self.redis = aioredis.Redis.from_url(
             self.config.url,
             socket_connect_timeout=3.0,
-            socket_timeout=max(2.0, self.config.lease / 2),
+            socket_timeout=self.answer,
             health_check_interval=5,
         )
-        for name in ("ACQUIRE", "RENEW", "RELEASE", "PUBLISH", "REGISTER", "GAP"):
+        # PUBLISH, once per batch, goes over the engine's own connection (`_hot_script`).
+        for name in ("ACQUIRE", "RENEW", "RELEASE", "REGISTER", "GAP"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
         self._tasks = [
             asyncio.create_task(self._listen(), name="cluster:listen"),

@@ -176,12 +176,17 @@ class Connection(asyncio.Protocol):
         assert self._transport is not None
         self._transport.write(data)
 
+    def _awaited_since(self) -> float | None:
+        """When the oldest answer still awaited was asked for (None: none is)."""
+        return self._sent[0] if self._sent else None
+
     def _tick(self) -> None:
-        """Every `TICK` seconds: end the connection if the oldest reply is overdue."""
+        """Every `TICK` seconds: end the connection if the oldest answer is overdue."""
         if self._lost is not None:
             return
         loop = self._loop
-        if self._sent and loop.time() - self._sent[0] > self._answer:
+        since = self._awaited_since()
+        if since is not None and loop.time() - since > self._answer:
             self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
             return
         self._timer = loop.call_later(TICK, self._tick)
@@ -218,8 +223,7 @@ class Subscriber(Connection):
         self._send(pack([b"SUBSCRIBE", *channels]))
 
     def unsubscribe(self, *channels: bytes) -> None:
-        if self._lost is None:
-            self._send(pack([b"UNSUBSCRIBE", *channels]))
+        self._send(pack([b"UNSUBSCRIBE", *channels]))
 
     async def read(self) -> list[Message]:
         """Every message received so far, waiting for one if there is none yet. An empty list
@@ -251,16 +255,19 @@ class Subscriber(Connection):
         self._pinged = None
         self._wake()
 
+    def _awaited_since(self) -> float | None:
+        """The PING's time too: any byte from Redis answers it (`heard`)."""
+        since = super()._awaited_since()
+        if self._pinged is None or (since is not None and since < self._pinged):
+            return since
+        return self._pinged
+
     def _tick(self) -> None:
-        """Also wake the listener, and PING a quiet connection or end one whose PING went
-        unanswered."""
+        """Also wake the listener, and PING a quiet connection (an unanswered PING ends it)."""
         super()._tick()
         if self._lost is not None:
             return
         now = self._loop.time()
-        if self._pinged is not None and now - self._pinged > self._answer:
-            self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
-            return
         if self._pinged is None and now - self._heard > self.QUIET:
             self._pinged = now
             self._send(pack([b"PING"]))
