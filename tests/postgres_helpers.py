@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -44,7 +45,14 @@ class Stream:
         self.queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.states: list[State] = []
-        connector.on_status(lambda status: self.states.append(status.state))
+        self.history: list[str] = []  # what a timed-out wait reports: where the reader was
+        self.started = time.monotonic()
+        connector.on_status(self._on_status)
+
+    def _on_status(self, status: Any) -> None:
+        self.states.append(status.state)
+        at = time.monotonic() - self.started
+        self.history.append(f"{at:.2f}s {status.state.value}: {status.detail}")
 
     async def _run(self) -> None:
         try:
@@ -69,7 +77,13 @@ class Stream:
                 await asyncio.wait_for(self.task, WAIT)
 
     async def next(self, timeout: float = WAIT) -> Change:
-        item = await asyncio.wait_for(self.queue.get(), timeout)
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"no change within {timeout}s; the connector's statuses:\n  "
+                + "\n  ".join(self.history)
+            ) from None
         if isinstance(item, BaseException):
             raise item
         assert isinstance(item, Change), item
