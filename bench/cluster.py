@@ -33,6 +33,8 @@ from typing import Any
 
 ROOT = Path(__file__).parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
+PROBES = 10
+"""Clients per node that decode and time what they receive (the rest only count it)."""
 
 
 def free_port() -> int:
@@ -134,50 +136,61 @@ async def wait_ready(urls: list[str]) -> None:
 # -- the client swarm (its own process) -----------------------------------------------------------
 
 
-async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> dict[str, Any]:
+def commit_time(change: dict[str, Any]) -> float | None:
+    """A change's commit time (`ts`, on this machine's clock) as seconds since the epoch."""
     import datetime as dt
 
-    import socketio
+    ts = change.get("ts")
+    if not isinstance(ts, str):
+        return None
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
-    latencies: list[float] = []
-    received = 0
-    done = asyncio.Event()
 
-    def take(change: dict[str, Any]) -> None:
-        nonlocal received
-        received += 1
-        ts = dt.datetime.fromisoformat(change["ts"].replace("Z", "+00:00"))
-        latencies.append(time.time() - ts.timestamp())
-        if received >= expect * count:
-            done.set()
+async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> dict[str, Any]:
+    """`count` clients spread over the nodes, all following the table's room.
 
-    def take_many(batch: list[dict[str, Any]]) -> None:
-        for change in batch:
-            take(change)
+    They are the fan-out bench's lean clients (bench.wire): each counts the changes in a frame
+    without decoding it, and PROBES clients per node (bench.wire's probes) decode and time
+    theirs. With python-socketio's client for all 200, this process was the slowest part of the
+    run on a 2-core machine: it fell behind by seconds, so the latencies measured the swarm,
+    and the nodes' sockets backed up, which changed what they spent per delivery.
+    """
+    from urllib.parse import urlsplit
 
+    from bench.wire import Stats, connect_many
+
+    stats = Stats()
     clients = []
-    for i in range(count):
-        sio = socketio.AsyncClient(reconnection=False)
-        sio.on("change", take)
-        sio.on("changes", take_many)
-        await sio.connect(urls[i % len(urls)], transports=["websocket"], wait_timeout=10)
-        ack = await sio.call("subscribe", {"room": "main:public.orders"}, timeout=10)
-        assert ack["ok"], ack
-        clients.append(sio)
+    for i, url in enumerate(urls):
+        share = count // len(urls) + (1 if i < count % len(urls) else 0)
+        where = urlsplit(url)
+        host, port = where.hostname or "127.0.0.1", where.port or 80
+        clients += await connect_many(
+            host, port, "main:public.orders", share, stats, probes=min(PROBES, share),
+            stamp=commit_time,
+        )  # fmt: skip
     print("ready", flush=True)
-    await asyncio.sleep(0)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+    stats.reset()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), deadline)
-    for sio in clients:
-        await sio.disconnect()
-    latencies.sort()
-    return {
-        "received": received,
+        async with asyncio.timeout(deadline):
+            # Polled: the clients count in their protocol callbacks, with no event per change.
+            while stats.changes < expect * count:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    latencies = sorted(stats.latencies)
+    result = {
+        "received": stats.changes,
         "expected": expect * count,
         "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
     }
+    # Told first, closed after: the nodes' CPU is read in between, so the window holds the
+    # deliveries and not 200 disconnects (which, with 6 s of changes, were a tenth of it).
+    print(json.dumps(result), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "bye"
+    for client in clients:
+        client.close()
+    return result
 
 
 # -- one setup ---------------------------------------------------------------------------------------
@@ -229,8 +242,11 @@ async def run_setup(
             delay = started + n / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        out, _ = await asyncio.wait_for(crowd.communicate(), seconds + 60)
+        out = await asyncio.wait_for(crowd.stdout.readline(), seconds + 60)
         cpu_after = [cpu_seconds(p.pid) for p in processes]
+        crowd.stdin.write(b"bye\n")
+        await crowd.stdin.drain()
+        await asyncio.wait_for(crowd.wait(), 60)
         after_info = await info_client.info("stats") if info_client else {}
         if info_client:
             await info_client.aclose()
@@ -416,8 +432,7 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
     if args.mode == "swarm":
-        result = asyncio.run(swarm(args.urls.split(","), args.clients, args.expect, 120.0))
-        print(json.dumps(result), flush=True)
+        asyncio.run(swarm(args.urls.split(","), args.clients, args.expect, 120.0))
         return
     dsn = os.environ.get("FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     results = asyncio.run(run_setups(dsn, args.clients, args.rate, args.seconds))

@@ -219,8 +219,9 @@ async def connect_many(
     probes: int = 1,
     concurrency: int = 64,
     timeout: float = 60.0,
+    stamp: Callable[[dict[str, Any]], float | None] = default_stamp,
 ) -> list[SioClient]:
-    """Open `count` clients (the first `probes` of them time what they receive)."""
+    """Open `count` clients (the first `probes` of them time what they receive, from `stamp`)."""
     loop = asyncio.get_running_loop()
     rooms = [room] if isinstance(room, str) else room
     clients: list[SioClient] = []
@@ -230,7 +231,9 @@ async def connect_many(
         async with gate:
             target = rooms[i % len(rooms)]
             _, client = await loop.create_connection(
-                lambda: SioClient(host, port, target, stats, probe=i < probes), host, port
+                lambda: SioClient(host, port, target, stats, probe=i < probes, stamp=stamp),
+                host,
+                port,
             )
             clients.append(client)
             await client.ready
