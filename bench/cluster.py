@@ -185,7 +185,7 @@ async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> di
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
     }
     # Told first, closed after: the nodes' CPU is read in between, so the window holds the
-    # deliveries and not 200 disconnects (which, with 6 s of changes, were a tenth of it).
+    # deliveries and not the clients' disconnects.
     print(json.dumps(result), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "bye"
     for client in clients:
