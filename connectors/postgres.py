@@ -987,6 +987,7 @@ class PostgresConnector(Connector):
                             batch_snap.text,
                             state.cursor[0],
                             state.cursor[1],
+                            timeout=self.query_timeout,  # its bind: bounded, as every read
                         )
                     rows = await cursor.fetch(self.batch_size, timeout=self.query_timeout)
                 if self.status.state == State.LAGGING:

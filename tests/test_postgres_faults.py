@@ -109,8 +109,16 @@ async def test_half_open_connection_is_detected_by_the_heartbeat(
 ) -> None:
     await orders(pg)
     async with TcpProxy.for_url(pg.url) as proxy:
+        # query_timeout too: a freeze that lands while a page of changes is being read (say, a
+        # poll started at once by a NOTIFY that came during the one before) is bounded by it,
+        # not by the heartbeat (docs/connectors/postgres.md). At its default of 30 s the wait
+        # below timed out now and then, the statuses showing the reader up throughout.
         connector = make_connector(
-            proxy.url(pg.url), ["public.orders"], heartbeat_interval=0.5, heartbeat_timeout=0.5
+            proxy.url(pg.url),
+            ["public.orders"],
+            heartbeat_interval=0.5,
+            heartbeat_timeout=0.5,
+            query_timeout=1.0,
         )
         async with streaming(connector) as stream:
             await insert(pg, 1)
