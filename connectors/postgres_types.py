@@ -45,11 +45,15 @@ ORDER BY k.n
 """
 
 
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+"""One decoder for every row: `json.loads` with an argument builds a new one per call."""
+
+
 def loads(text: str | None) -> Any:
     """Parse jsonb text keeping every digit of a number (floats become Decimal first)."""
     if text is None:
         return None
-    return json.loads(text, parse_float=Decimal)
+    return _DECODER.decode(text)
 
 
 def plain(value: Any) -> Any:
