@@ -10,8 +10,10 @@ handed on in that same callback: no task wakes up per reply but the one that wai
 
 Two connections, on one base that connects (TCP, TLS or a Unix socket, with the URL's user and
 password): `Subscriber`, a node's pub/sub connection (feed.engine.delivery), and `Caller`, the
-reader's publishing script calls (feed.engine.publisher). Every other command, rarer, goes
-through redis-py.
+scripts called per batch or on a short clock: the reader's publishing (feed.engine.publisher),
+and the lease's taking and renewal (feed.engine.lease), which every node waiting for a
+connector asks about every `lease / 10` seconds (through redis-py, with a GET to learn the
+holder, that was most of an idle node's CPU). Every other command, rarer, goes through redis-py.
 """
 
 from __future__ import annotations
@@ -284,8 +286,8 @@ class Subscriber(Connection):
 
 
 class Caller(Connection):
-    """The reader's connection for its publishing script: EVALSHA, loading the script the first
-    time Redis does not know it (after a restart, say)."""
+    """A node's connection for its hot scripts: EVALSHA, loading the script the first time Redis
+    does not know it (after a restart, say)."""
 
     async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         sha = _sha(source)
