@@ -231,19 +231,31 @@ class Subscriber(Connection):
         """Every message received so far, waiting for one if there is none yet. An empty list
         every `TICK` seconds of quiet, so the listener looks at its own state now and then;
         raises ConnectionError once the connection is lost, or silent past `answer` seconds."""
-        if not self._ready:
+        messages = self.take()
+        if messages:
+            return messages
+        await self.arrival()
+        return self.take()
+
+    def take(self) -> list[Message]:
+        """Every message received so far, maybe none; raises ConnectionError once the
+        connection is lost and nothing it received is left."""
+        ready = self._ready
+        if not ready:
             if self._lost is not None:
                 raise self._lost
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-            if not self._ready and self._lost is not None:
-                raise self._lost
-        messages = list(self._ready)
-        self._ready.clear()
+            return []
+        messages = list(ready)
+        ready.clear()
         return messages
+
+    def arrival(self) -> asyncio.Future[None]:
+        """Done when something arrives, the connection is lost, or `TICK` seconds pass: the
+        listener's wait, a future rather than a coroutine (it waits once per message)."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = self._loop.create_future()
+        return waiter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -281,8 +293,10 @@ class Subscriber(Connection):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class Caller(Connection):
