@@ -382,14 +382,14 @@ def describe_median(r: dict[str, Any]) -> str:
     what = f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
     rounds = ", ".join(f"{x:.2f}" for x in r["cpu_ratios"] if x is not None)
     line = (
-        f"cluster {what:<20} {r['rate']:.0f}/s, {r['clients']} clients, median of "
+        f"cluster {what:<20} {r['rate']:.0f}/s, {r['clients']:.0f} clients, median of "
         f"{r['repeats']}: {r['cpu_us_per_delivery']:.1f} us CPU per delivery "
         f"(x{r['cpu_ratio']:.2f}; rounds {rounds}), p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} ms"
     )
     if r["clustered"]:
         line += (
             f" ({_ms(r['p99_added_ms'])} ms over one node's), "
-            f"Redis {r['redis_commands_per_change']} commands per change"
+            f"Redis {r['redis_commands_per_change']:.2f} commands per change"
         )
     return line + f", delivered {r['received']}/{r['expected']}"
 
