@@ -107,9 +107,8 @@ class EngineCore:
         return await self._scripts[name](keys=keys, args=args)
 
     async def _hot_script(self, source: str, keys: list[Any], args: list[Any]) -> Any:
-        """A script called for every batch (the reader's publishing) or on a short clock (the
-        lease's taking and renewal): over the engine's own connection
-        (feed.engine.resp.Caller), opened again after it was lost."""
+        """A script called for every batch (the reader's publishing): over the engine's own
+        connection (feed.engine.resp.Caller), opened again after it was lost."""
         caller = self._caller
         if caller is None or caller.lost:
             async with self._caller_lock:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from connectors.base import State
 from feed.core.rooms import Room
+from feed.delivery.transport import FlushBeforeWaiting
 from feed.engine.core import log
 from feed.engine.history import History
 from feed.engine.mirror import Mirror
@@ -111,22 +112,18 @@ class Delivery(History):
                     while True:
                         if recovery.done() and not self.up:
                             recovery.result()  # a failed recovery: reconnect and try again
-                        messages = pubsub.take()
+                        # What the messages read at once routed leaves when the next read would
+                        # wait (as the hub does with a change stream): a lone message's changes
+                        # go out in the pass that received it, a burst's as one frame per room.
+                        messages = await FlushBeforeWaiting(pubsub.read(), self._flush)
                         if not messages:
-                            # What the messages taken at once routed leaves before the wait (as
-                            # the hub does with a change stream): a lone message's changes go
-                            # out in the pass that received it, a burst's as one frame per room.
-                            self._flush()
-                            await pubsub.arrival()
                             continue
                         transport = self.hub.transport
                         if transport is not None:
                             transport.hold()
                         for message in messages:
                             try:
-                                waits = self._on_message(message)
-                                if waits is not None:
-                                    await waits
+                                await self._on_message(message)
                             except asyncio.CancelledError:
                                 raise
                             except Exception:
@@ -215,42 +212,31 @@ class Delivery(History):
         if mirror.seq is not None and seq > mirror.seq:
             await self._fill(mirror, seq)
 
-    def _on_message(self, message: Message) -> Coroutine[Any, Any, None] | None:
-        """Handle one message; what has to wait (a resync, a fill from the history, a reply)
-        comes back as a coroutine for the listener to await. A room's run that goes on from
-        its seq, most messages, is relayed here: no coroutine is made per message."""
+    async def _on_message(self, message: Message) -> None:
         kind = message[0]
         if kind != b"message":
             if kind == b"subscribe":
                 future = self._confirm.pop(message[1], None)
                 if future is not None and not future.done():
                     future.set_result(None)
-            return None
+            return
         _, channel, data = message
         if channel == self.control:
             self._on_control(loads(data))
-            return None
+            return
         if channel == self.inbox:
-            return self._on_inbox(loads(data))
+            await self._on_inbox(loads(data))
+            return
         mirror = self._by_channel.get(channel)
         if mirror is None:
-            return None
+            return
         head, _, rest = data.partition(b"\n")
         if head == b"gap":
             seq_text, _, body = rest.partition(b"\n")
-            return self._on_gap(mirror, int(seq_text), loads(body))
-        epoch_bytes, _, payloads = rest.partition(b"\n")
-        first, epoch, raws = int(head), epoch_bytes.decode(), payloads.split(b"\n")
-        seq = mirror.seq
-        if (
-            seq is not None
-            and first <= seq + 1
-            and epoch == mirror.epoch
-            and not mirror.order.locked()
-        ):  # the usual case: the run goes on from the room's seq, and nothing awaits between
-            self._relay(mirror, first, raws)
-            return None
-        return self._apply(mirror, first, epoch, raws)
+            await self._on_gap(mirror, int(seq_text), loads(body))
+            return
+        epoch, _, payloads = rest.partition(b"\n")
+        await self._apply(mirror, int(head), epoch.decode(), payloads.split(b"\n"))
 
     def _on_control(self, body: Mapping[str, Any]) -> None:
         kind = body.get("t")
@@ -260,8 +246,16 @@ class Delivery(History):
             self._apply_status(str(body.get("c")), body.get("s") or {})
 
     async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
-        """Deliver a room's run of a batch that does not simply go on from the room's seq
-        (`_on_message` relays those): a first message, a new epoch, a repeat or a hole."""
+        """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..."""
+        seq = mirror.seq
+        if (
+            seq is not None
+            and first <= seq + 1
+            and epoch == mirror.epoch
+            and not mirror.order.locked()
+        ):  # the usual case: the run goes on from the room's seq, and nothing awaits between
+            self._relay(mirror, first, raws)
+            return
         last = first + len(raws) - 1
         async with mirror.order:
             if mirror.seq is None:  # the first message of a room being watched: the baseline

@@ -15,7 +15,6 @@ from typing import Any
 
 from connectors.base import Connector, State, Status
 from feed.core.change import Gap
-from feed.engine import scripts
 from feed.engine.batch import Batcher
 from feed.engine.core import log
 from feed.engine.publisher import Publisher
@@ -103,16 +102,13 @@ class Leases(Publisher):
         shown = ""
         while True:
             try:
-                # Every waiting node asks this every `interval`, for as long as it waits: over
-                # the engine's lean connection, one round trip (an idle node's upkeep).
-                answer = await self._hot_script(
-                    scripts.ACQUIRE,
-                    [self.lease_key(name), self.fence_key(name)],
-                    [self.node, lease_ms],
+                token = await self._script(
+                    "ACQUIRE", [self.lease_key(name), self.fence_key(name)], [self.node, lease_ms]
                 )
-                if isinstance(answer, int):
-                    return f"{self.node}|{answer}", answer
-                reader = answer.decode().rsplit("|", 1)[0] if answer else None
+                if token is not None:
+                    return f"{self.node}|{int(token)}", int(token)
+                current = await self.redis.get(self.lease_key(name))
+                reader = current.decode().rsplit("|", 1)[0] if current else None
                 self.readers[name] = reader
                 if reader and reader != shown:
                     shown = reader
@@ -133,9 +129,7 @@ class Leases(Publisher):
         while True:
             await asyncio.sleep(lease / 3)
             try:
-                still = await self._hot_script(
-                    scripts.RENEW, [self.lease_key(name)], [holder, lease_ms]
-                )
+                still = await self._script("RENEW", [self.lease_key(name)], [holder, lease_ms])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

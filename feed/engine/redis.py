@@ -60,9 +60,8 @@ class RedisEngine(Resume):
             socket_timeout=self.answer,
             health_check_interval=5,
         )
-        # PUBLISH (once per batch), ACQUIRE and RENEW (every waiting node's and every reader's
-        # upkeep) go over the engine's own connection (`_hot_script`).
-        for name in ("RELEASE", "REGISTER", "GAP"):
+        # PUBLISH, once per batch, goes over the engine's own connection (`_hot_script`).
+        for name in ("ACQUIRE", "RENEW", "RELEASE", "REGISTER", "GAP"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
         self._tasks = [
             asyncio.create_task(self._listen(), name="cluster:listen"),

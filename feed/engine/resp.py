@@ -10,10 +10,8 @@ handed on in that same callback: no task wakes up per reply but the one that wai
 
 Two connections, on one base that connects (TCP, TLS or a Unix socket, with the URL's user and
 password): `Subscriber`, a node's pub/sub connection (feed.engine.delivery), and `Caller`, the
-scripts called per batch or on a short clock: the reader's publishing (feed.engine.publisher),
-and the lease's taking and renewal (feed.engine.lease), which every node waiting for a
-connector asks about every `lease / 10` seconds (through redis-py, with a GET to learn the
-holder, that was most of an idle node's CPU). Every other command, rarer, goes through redis-py.
+reader's publishing script calls (feed.engine.publisher). Every other command, rarer, goes
+through redis-py.
 """
 
 from __future__ import annotations
@@ -231,31 +229,19 @@ class Subscriber(Connection):
         """Every message received so far, waiting for one if there is none yet. An empty list
         every `TICK` seconds of quiet, so the listener looks at its own state now and then;
         raises ConnectionError once the connection is lost, or silent past `answer` seconds."""
-        messages = self.take()
-        if messages:
-            return messages
-        await self.arrival()
-        return self.take()
-
-    def take(self) -> list[Message]:
-        """Every message received so far, maybe none; raises ConnectionError once the
-        connection is lost and nothing it received is left."""
-        ready = self._ready
-        if not ready:
+        if not self._ready:
             if self._lost is not None:
                 raise self._lost
-            return []
-        messages = list(ready)
-        ready.clear()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            if not self._ready and self._lost is not None:
+                raise self._lost
+        messages = list(self._ready)
+        self._ready.clear()
         return messages
-
-    def arrival(self) -> asyncio.Future[None]:
-        """Done when something arrives, the connection is lost, or `TICK` seconds pass: the
-        listener's wait, a future rather than a coroutine (it waits once per message)."""
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            waiter = self._waiter = self._loop.create_future()
-        return waiter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -293,15 +279,13 @@ class Subscriber(Connection):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class Caller(Connection):
-    """A node's connection for its hot scripts: EVALSHA, loading the script the first time Redis
-    does not know it (after a restart, say)."""
+    """The reader's connection for its publishing script: EVALSHA, loading the script the first
+    time Redis does not know it (after a restart, say)."""
 
     async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         sha = _sha(source)

@@ -7,15 +7,13 @@ reader that wakes up after another node took its connector over cannot publish a
 """
 
 ACQUIRE = """
--- KEYS: lease, fence. ARGV: node, lease ms. Returns the new fencing token (an integer), or
--- the current holder ('node|token', a string) when another node holds the lease: a node that
--- waits for the lease learns who reads in the same round trip.
+-- KEYS: lease, fence. ARGV: node, lease ms. Returns the new fencing token, or nil.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local token = redis.call('INCR', KEYS[2])
   redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
   return token
 end
-return redis.call('GET', KEYS[1])
+return false
 """
 
 RENEW = """

@@ -483,31 +483,14 @@ async def start_nodes(
 
 
 async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
-    """The node that reads `connector`: the only one holding its lease, for a whole lease.
-
-    After Redis lost its data (a restart without persistence), the old reader believes it
-    still reads until its next renewal (every `lease / 3` seconds) finds the lease gone, while
-    another node may take it meanwhile: a change written to the old reader's in-memory
-    connector then is lost with its reading (each node's memory connector is its own source,
-    unlike a database every node reads). A node that stays the only reader for a whole lease
-    has renewed it since.
-    """
     found: list[RunningFeed] = []
 
     def one_reads() -> bool:
         found[:] = [n for n in nodes if connector in n.engine._leases]
         return len(found) == 1 and found[0].hub.connectors[connector].status.state.value == "up"
 
-    loop = asyncio.get_running_loop()
-    lease = nodes[0].engine.config.lease
-    async with asyncio.timeout(30):
-        while True:
-            await wait_until(one_reads, 15, "one node to read the connector")
-            candidate, since = found[0], loop.time()
-            while one_reads() and found[0] is candidate:
-                if loop.time() - since >= lease:
-                    return candidate
-                await asyncio.sleep(0.01)  # a renewal that fails has no event to wait on
+    await wait_until(one_reads, 15, "one node to read the connector")
+    return found[0]
 
 
 async def reader_and_other(stack: AsyncExitStack, config: str) -> tuple[RunningFeed, RunningFeed]:
