@@ -311,27 +311,24 @@ def run_cluster(plan: Plan, log: list[str]) -> dict[str, Any]:
 
     from bench import cluster
 
+    points = [
+        (plan.cluster_clients, plan.cluster_rate),  # the CPU goal's point
+        (plan.cluster_latency_clients, plan.cluster_latency_rate),  # the latency goal's
+    ]
+    measured: list[list[dict[str, Any]]] = []
     with source_url("postgres") as (url, origin):
-        rows = asyncio.run(
-            cluster.run_rounds(
-                url, plan.cluster_clients, plan.cluster_rate, plan.cluster_seconds,
-                plan.cluster_rounds,
+        for clients, rate in points:
+            rows = asyncio.run(
+                cluster.run_rounds(url, clients, rate, plan.cluster_seconds, plan.cluster_rounds)
             )
-        )  # fmt: skip
-        for row in rows:
-            print(cluster.describe(row), flush=True)
-        latency = asyncio.run(
-            cluster.run_rounds(
-                url, plan.cluster_latency_clients, plan.cluster_latency_rate,
-                plan.cluster_seconds, plan.cluster_rounds,
-            )
-        )  # fmt: skip
-        for row in latency:
-            print(cluster.describe(row), flush=True)
-    for row in cluster.medians(rows) + cluster.medians(latency):
+            for row in rows:
+                print(cluster.describe(row), flush=True)
+            measured.append(rows)
+    setups, latency = measured
+    for row in cluster.medians(setups) + cluster.medians(latency):
         log.append(cluster.describe_median(row))
         print(log[-1], flush=True)
-    return {"origin": origin, "setups": rows, "latency": latency}
+    return {"origin": origin, "setups": setups, "latency": latency}
 
 
 def run_redis(plan: Plan, log: list[str]) -> dict[str, Any]:

@@ -326,8 +326,12 @@ async def run_rounds(
     return rows
 
 
+def setup_name(r: dict[str, Any]) -> str:
+    return f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
+
+
 def describe(r: dict[str, Any]) -> str:
-    what = f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
+    what = setup_name(r)
     line = (
         f"cluster {what:<20} {r['rate']:.0f}/s, {r['clients']} clients: "
         f"{r['cpu_us_per_delivery']} us CPU per delivery (x{r.get('cpu_ratio')}), "
@@ -379,7 +383,7 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def describe_median(r: dict[str, Any]) -> str:
     """A setup's medians over its rounds, with each round's CPU ratio (the spread matters)."""
-    what = f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
+    what = setup_name(r)
     rounds = ", ".join(f"{x:.2f}" for x in r["cpu_ratios"] if x is not None)
     line = (
         f"cluster {what:<20} {r['rate']:.0f}/s, {r['clients']:.0f} clients, median of "
