@@ -350,13 +350,40 @@ async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -
         client = await stack.enter_async_context(feed_client(reader.url))
         await subscribed(client, "mem:public.orders")
         # As if another node had taken the connector over while this one was paused.
-        await redis_target.admin.incr(engine.fence_key("mem"))
+        await redis_target.admin.set(engine.fence_key("mem"), "2:another")
         memory(reader).write("public.orders", "insert", {"id": 1})
         await wait_until(lambda: engine._leases.get("mem", old) != old, 15, "a new lease")
         memory(reader).write("public.orders", "insert", {"id": 2})
         change = await client.next_change()
         assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
-        assert engine._leases["mem"] > old + 1
+        assert engine._leases["mem"].startswith("3:")  # the count goes on from the other's
+
+
+async def test_a_reader_from_before_redis_lost_its_counters_cannot_publish(
+    redis_target: RedisTarget,
+) -> None:
+    """Redis restarted without persistence loses the lease and the fencing counter, which then
+    counts from 1 again: the reading node from before must not share a token with the next."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 1)
+        reader = await reader_of(nodes)
+        engine = reader.engine
+        old = engine._leases["mem"]
+        assert old.startswith("1:")
+        client = await stack.enter_async_context(feed_client(reader.url))
+        await subscribed(client, "mem:public.orders")
+        # The loss, then another node's first reading, before this node's renewal notices.
+        await redis_target.admin.delete(engine.lease_key("mem"), engine.fence_key("mem"))
+        other = await engine._script(
+            "ACQUIRE", [engine.lease_key("mem"), engine.fence_key("mem")], ["ghost", 1000, "cd"]
+        )
+        assert other.decode() == "1:cd"
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        await wait_until(lambda: engine._leases.get("mem", old) != old, 15, "a new lease")
+        memory(reader).write("public.orders", "insert", {"id": 2})
+        change = await client.next_change()
+        assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
 
 
 @pytest.mark.parametrize(

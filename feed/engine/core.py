@@ -42,7 +42,7 @@ class EngineCore:
         self.up = False
         self.detail = "connecting"
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
-        self._leases: dict[str, int] = {}
+        self._leases: dict[str, str] = {}
         self._batchers: dict[str, Batcher] = {}
         self._index: dict[str, dict[str, TargetRooms[Routed]]] = {}
         self._last_seq: dict[str, int] = {}

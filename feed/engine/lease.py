@@ -1,14 +1,15 @@
 """One reader per connector across the cluster: the lease, its fencing token and shared status.
 
-A lease (`SET NX PX`, renewed) with a fencing token from `INCR`: only the holder runs the
-connector, and the publish script refuses a stale token, so a paused old reader cannot write
-after a takeover. The reader shares its connector's status so every node can show it.
+A lease (`SET NX PX`, renewed) with a fencing token (a count of readings and a random tag):
+only the holder runs the connector, and the publish script refuses any other token, so a paused
+old reader cannot write after a takeover, not even after Redis lost the counter. The reader shares its connector's status so every node can show it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -32,6 +33,7 @@ class Leases(Publisher):
         """Hold the connector's lease while the body runs; end the body when the lease is lost."""
         name = connector.name
         holder, token = await self._acquire(connector)
+        count = int(token.split(":", 1)[0])
         lost: list[str] = []
         failed: list[str] = []
 
@@ -57,15 +59,15 @@ class Leases(Publisher):
                     # refused by Redis once any reading (this node's next one too) has begun.
                     batcher = Batcher(
                         name,
-                        lambda batch: self._publish_batch(connector, batch, token),
+                        lambda batch: self._publish_batch(connector, batch, token, count),
                         stop_reading,
                     )
                     self._batchers[name] = batcher
                     connector.settle_with(batcher.drain)
                     self.readers[name] = self.node
-                    log.info("%s: reading connector %s (fencing token %d)", self.node, name, token)
-                    if token > 1 and not connector.durable:
-                        # Another node read it before (the token counts readers): what the
+                    log.info("%s: reading connector %s (fencing token %s)", self.node, name, token)
+                    if count > 1 and not connector.durable:
+                        # Another node read it before (the token counts readings): what the
                         # source said while nobody listened is gone, and the clients must know.
                         reason = "the connector moved to another node: events in between lost"
                         with contextlib.suppress(Exception):
@@ -95,7 +97,7 @@ class Leases(Publisher):
                 with contextlib.suppress(Exception):
                     await self._script("RELEASE", [self.lease_key(name)], [holder])
 
-    async def _acquire(self, connector: Connector) -> tuple[str, int]:
+    async def _acquire(self, connector: Connector) -> tuple[str, str]:
         name = connector.name
         interval = max(0.05, min(1.0, self.config.lease / 10))
         lease_ms = int(self.config.lease * 1000)
@@ -103,10 +105,13 @@ class Leases(Publisher):
         while True:
             try:
                 token = await self._script(
-                    "ACQUIRE", [self.lease_key(name), self.fence_key(name)], [self.node, lease_ms]
+                    "ACQUIRE",
+                    [self.lease_key(name), self.fence_key(name)],
+                    [self.node, lease_ms, secrets.token_hex(8)],
                 )
                 if token is not None:
-                    return f"{self.node}|{int(token)}", int(token)
+                    token = token.decode() if isinstance(token, bytes) else str(token)
+                    return f"{self.node}|{token}", token
                 current = await self.redis.get(self.lease_key(name))
                 reader = current.decode().rsplit("|", 1)[0] if current else None
                 self.readers[name] = reader

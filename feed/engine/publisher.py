@@ -41,7 +41,9 @@ class Publisher(RoomRegistry):
             raise ClusterError(f"{self.node} does not hold the lease on {connector.name!r}")
         await batcher.add(change)
 
-    async def _publish_batch(self, connector: Connector, changes: list[Change], token: int) -> None:
+    async def _publish_batch(
+        self, connector: Connector, changes: list[Change], token: str, count: int
+    ) -> None:
         """Number, keep and publish a batch of changes in every room each one matches, in one
         script call (feed.engine.scripts.PUBLISH) under the fencing token of the reading that
         read them, routed against the rooms known now."""
@@ -55,7 +57,7 @@ class Publisher(RoomRegistry):
         for change in changes:
             rooms = self._target_index(name, change.target).matching(change)
             routed.append(rooms)
-            per_change += [change.id, (token << 32) + self._published, len(rooms)]
+            per_change += [change.id, (count << 32) + self._published, len(rooms)]
             self._published += 1
             tail = change.wire_tail
             for room in rooms:

@@ -7,9 +7,15 @@ reader that wakes up after another node took its connector over cannot publish a
 """
 
 ACQUIRE = """
--- KEYS: lease, fence. ARGV: node, lease ms. Returns the new fencing token, or nil.
+-- KEYS: lease, fence. ARGV: node, lease ms, a random tag. Returns the new fencing token, or nil.
+-- The token is the count of readings so far and the tag ('7:9f3a...'): the count orders them
+-- (its first reader announces no move), the tag keeps two readings from ever sharing a token,
+-- even when Redis lost the counter (a restart without persistence) and counts from 1 again
+-- while a reader from before the loss still holds its old token.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local token = redis.call('INCR', KEYS[2])
+  local count = tonumber(string.match(redis.call('GET', KEYS[2]) or '0', '^%d+') or '0') + 1
+  local token = count .. ':' .. ARGV[3]
+  redis.call('SET', KEYS[2], token)
   redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
   return token
 end
@@ -38,8 +44,8 @@ PUBLISH = """
 -- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per distinct room.
 -- ARGV: token, history, candidate epoch, ttl ms, trim (1: trim seen and refresh ttls), ids kept,
 --       room count R, change count N, then R channels, then per change: its id, its number at
---       this reader (token * 2^32 + count: increasing across readers), its room count k, and k
---       (room index, payload) pairs.
+--       this reader (the token's count * 2^32 + changes published: increasing across readers),
+--       its room count k, and k (room index, payload) pairs.
 -- Returns, per change and per room of it, the room's seq (0 for a change published already:
 -- a new reader re-reads from the connector's last saved position, which may be a little behind
 -- what the old one published). A stale token is refused before anything is written.
