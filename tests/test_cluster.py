@@ -340,30 +340,25 @@ async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:
             assert "WRONGPASS" in (await r.json())["cluster"]["detail"]
 
 
-async def test_a_stale_fencing_token_cannot_publish(redis_target: RedisTarget) -> None:
-    config = cluster_config(redis_target.url, redis_target.prefix)
-    async with AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config, 1)
-        reader = await reader_of(nodes)
-        engine = reader.engine
-        old = engine._leases["mem"]
-        client = await stack.enter_async_context(feed_client(reader.url))
-        await subscribed(client, "mem:public.orders")
-        # As if another node had taken the connector over while this one was paused.
-        await redis_target.admin.set(engine.fence_key("mem"), "2:another")
-        memory(reader).write("public.orders", "insert", {"id": 1})
-        await wait_until(lambda: engine._leases.get("mem", old) != old, 15, "a new lease")
-        memory(reader).write("public.orders", "insert", {"id": 2})
-        change = await client.next_change()
-        assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
-        assert engine._leases["mem"].startswith("3:")  # the count goes on from the other's
+async def _counted_on(engine: Any, admin: Any) -> None:
+    """Another node took the connector over while this one was paused: the count moved on."""
+    await admin.set(engine.fence_key("mem"), "2:another")
 
 
-async def test_a_reader_from_before_redis_lost_its_counters_cannot_publish(
-    redis_target: RedisTarget,
+async def _counted_again(engine: Any, admin: Any) -> None:
+    """Redis lost the lease and the counter (a restart without persistence), which counts
+    from 1 again, and another node took the connector: its token must not be this one's."""
+    await admin.delete(engine.lease_key("mem"), engine.fence_key("mem"))
+    token = await engine._script(
+        "ACQUIRE", [engine.lease_key("mem"), engine.fence_key("mem")], ["ghost", 1000, "cd"]
+    )
+    assert token.decode() == "1:cd"
+
+
+@pytest.mark.parametrize(("takeover", "next_count"), [(_counted_on, "3:"), (_counted_again, "2:")])
+async def test_a_stale_fencing_token_cannot_publish(
+    redis_target: RedisTarget, takeover: Any, next_count: str
 ) -> None:
-    """Redis restarted without persistence loses the lease and the fencing counter, which then
-    counts from 1 again: the reading node from before must not share a token with the next."""
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:
         nodes = await start_nodes(stack, config, 1)
@@ -373,17 +368,13 @@ async def test_a_reader_from_before_redis_lost_its_counters_cannot_publish(
         assert old.startswith("1:")
         client = await stack.enter_async_context(feed_client(reader.url))
         await subscribed(client, "mem:public.orders")
-        # The loss, then another node's first reading, before this node's renewal notices.
-        await redis_target.admin.delete(engine.lease_key("mem"), engine.fence_key("mem"))
-        other = await engine._script(
-            "ACQUIRE", [engine.lease_key("mem"), engine.fence_key("mem")], ["ghost", 1000, "cd"]
-        )
-        assert other.decode() == "1:cd"
+        await takeover(engine, redis_target.admin)  # before this node's renewal notices
         memory(reader).write("public.orders", "insert", {"id": 1})
         await wait_until(lambda: engine._leases.get("mem", old) != old, 15, "a new lease")
         memory(reader).write("public.orders", "insert", {"id": 2})
         change = await client.next_change()
         assert (change["key"], change["seq"]) == (2, 1)  # the stale write was never published
+        assert engine._leases["mem"].startswith(next_count)  # the count goes on
 
 
 @pytest.mark.parametrize(
