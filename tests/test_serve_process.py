@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
+import pytest
 import socketio
 
 from tests.support.proxy import CuttableProxy
@@ -144,3 +146,58 @@ async def test_sigterm_ends_a_waiting_long_poll_at_once_and_exits_within_3_s(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_thousands_of_clients_leaving_at_once_cost_the_server_little(
+    tmp_path: Path,
+) -> None:
+    """Clients leaving at once (a balancer restarted, a network blip) must not freeze the server.
+
+    python-socketio's own manager scanned every room, and every client is a room of its own,
+    for each disconnect: 5,000 clients, each in its own row room, leaving at once cost the
+    server 5.9 s of CPU here, during which nothing was delivered. The feed's manager
+    (feed.delivery.manager) looks only at the leaving client's rooms: 0.36 s.
+    """
+    from bench.procs import raise_nofile
+    from bench.wire import Stats, connect_many
+
+    count = 5000
+    if sys.platform != "linux":
+        pytest.skip("reads the server's CPU time from /proc")
+    if raise_nofile() < 2 * count + 200:
+        pytest.skip(f"needs {2 * count + 200} open files (ulimit -n) for {count} clients")
+    process, port = await serve(tmp_path)
+    assert process.stderr is not None
+    logs = asyncio.create_task(process.stderr.read())  # uvicorn logs each connection
+    try:
+        rows = [f"mem:public.orders:{i}" for i in range(count)]  # a room per user, say
+        clients = await connect_many("127.0.0.1", port, rows, count, Stats(), timeout=180)
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        async def connected() -> float:
+            async with aiohttp.ClientSession() as http, http.get(url) as response:
+                text = await response.text()
+            return float(
+                next(ln for ln in text.splitlines() if ln.startswith("feed_clients "))[13:]
+            )
+
+        assert await connected() == count
+        before = cpu_seconds(process.pid)
+        for client in clients:
+            client.close()
+        async with asyncio.timeout(120):
+            while await connected() > 0:  # noqa: ASYNC110 - a gauge in another process
+                await asyncio.sleep(0.1)
+        spent = cpu_seconds(process.pid) - before
+        assert spent < 2.0, f"{count} clients leaving cost the server {spent:.1f} s of CPU"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await logs
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

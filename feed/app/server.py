@@ -24,6 +24,7 @@ from feed.app.http import HttpApp
 from feed.app.status import generic, generic_catalog
 from feed.core.filters import parse_filter
 from feed.delivery.eio_websocket import FeedSocketIO
+from feed.delivery.manager import IndexedManager
 from feed.delivery.protocol import SubscribeRequest, error_ack, unsubscribe_room
 from feed.delivery.transport import SocketIOTransport
 from feed.errors import ProtocolError
@@ -75,6 +76,7 @@ class FeedApp:
         self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
         self.hub.announce_status = self._announce_status
         self.sio = FeedSocketIO(
+            client_manager=IndexedManager(),  # a disconnect costs the client's own rooms
             async_mode="asgi",
             cors_allowed_origins=settings.cors_allowed_origins or None,
             max_http_buffer_size=settings.max_message_bytes,
