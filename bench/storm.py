@@ -1,4 +1,4 @@
-"""Clients leaving at once: the server CPU a disconnect storm costs, for growing client counts.
+"""Clients arriving and leaving at once: the server CPU each storm costs, for growing counts.
 
     python -m bench.storm                      # 1,000, 2,000, 4,000 and 8,000 clients
     python -m bench.storm --clients 5000,10000
@@ -23,10 +23,12 @@ QUIET = 1.5
 """Seconds without any CPU time added that end a storm."""
 
 
-def storm(count: int) -> tuple[float, float]:
-    """(server CPU seconds, seconds until it settled) for `count` clients leaving at once."""
+def storm(count: int) -> tuple[float, float, float]:
+    """(server CPU seconds to connect them, to let them go, and seconds until it settled) for
+    `count` clients arriving (as fast as four processes connect them) and leaving at once."""
     server = Server("feed", [f"t{i}" for i in range(count)])
     try:
+        idle = server.usage().cpu
         swarm = Swarm(server.port, server.rooms, count, processes=4)
         before = server.usage().cpu
         started = time.monotonic()
@@ -37,7 +39,7 @@ def storm(count: int) -> tuple[float, float]:
             now = server.usage().cpu
             if now != last:
                 last, moved = now, time.monotonic()
-        return last - before, moved - started
+        return before - idle, last - before, moved - started
     finally:
         server.stop()
 
@@ -48,10 +50,11 @@ def main() -> int:
     args = parser.parse_args()
     raise_nofile()
     for count in (int(n) for n in args.clients.split(",")):
-        cpu, seconds = storm(count)
+        arriving, leaving, seconds = storm(count)
         print(
-            f"{count} clients leaving at once: {cpu:.2f} s of server CPU "
-            f"({1e6 * cpu / count:.0f} µs each), settled in {seconds:.1f} s",
+            f"{count} clients: arriving {arriving:.2f} s of server CPU "
+            f"({1e6 * arriving / count:.0f} µs each); leaving at once {leaving:.2f} s "
+            f"({1e6 * leaving / count:.0f} µs each), settled in {seconds:.1f} s",
             flush=True,
         )
     return 0

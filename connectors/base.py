@@ -26,7 +26,7 @@ import datetime as dt
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -180,18 +180,26 @@ class Connector(ABC):
     def targets(self) -> list[str]:
         """The tables, collections or key patterns this connector offers (target room names)."""
 
+    def known_targets(self) -> Collection[str]:
+        """The targets, for a membership test: a subscribe then costs a lookup, not a scan of
+        every target (a connector whose targets are fixed keeps them in a set)."""
+        return set(self.targets())
+
     def resolve(self, rest: str) -> RoomAddress | None:
         """Resolve what follows `<connector>:` in a room name; None when it names nothing here.
 
         The default knows `<target>` and `<target>:<key>`; connectors whose targets are patterns
         (Redis) override it.
         """
-        for target in self.targets():
-            if rest == target:
-                return RoomAddress(target)
-        for target in sorted(self.targets(), key=len, reverse=True):
-            if rest.startswith(target + ":") and len(rest) > len(target) + 1:
-                return RoomAddress(target, rest[len(target) + 1 :])
+        known = self.known_targets()
+        if rest in known:
+            return RoomAddress(rest)
+        # The longest target followed by ":" and a key: each ":" from the right is a candidate
+        # split, so the cost is the name's colons, not a scan (and sort) of every target.
+        end = len(rest)
+        while (end := rest.rfind(":", 0, end)) > 0:
+            if end < len(rest) - 1 and rest[:end] in known:
+                return RoomAddress(rest[:end], rest[end + 1 :])
         return None
 
     def check_filter(self, target: str, row_filter: RowFilter) -> None:

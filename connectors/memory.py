@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, ClassVar
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
@@ -27,6 +27,7 @@ class MemoryConnector(Connector):
 
     def configure(self, options: Options) -> None:
         self._targets = options.str_list("targets", required=True)
+        self._known = frozenset(self._targets)
         # `key` names the key column, or lists several: a composite key, which changes carry as
         # a mapping of column to value, as Postgres does.
         if isinstance(options.raw.get("key"), list):
@@ -64,6 +65,9 @@ class MemoryConnector(Connector):
 
     def targets(self) -> list[str]:
         return list(self._targets)
+
+    def known_targets(self) -> Collection[str]:
+        return self._known
 
     # -- the "database" ------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
 from bson import ObjectId
@@ -419,6 +419,9 @@ class MongoConnector(Connector):
 
     def targets(self) -> list[str]:
         return sorted(self._known)
+
+    def known_targets(self) -> Collection[str]:
+        return self._known
 
     def resolve(self, rest: str) -> RoomAddress | None:
         found = super().resolve(rest)

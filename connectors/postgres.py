@@ -31,7 +31,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +170,7 @@ class PostgresConnector(Connector):
     def configure(self, options: Options) -> None:
         self.dsn: str = options.str("dsn", required=True)
         self.tables: list[str] = options.str_list("tables", required=True)
+        self._known = frozenset(self.tables)
         self.targets_by_table: dict[str, tuple[str, str]] = {}
         for table in self.tables:
             schema, dot, name = table.partition(".")
@@ -768,6 +769,9 @@ class PostgresConnector(Connector):
 
     def targets(self) -> list[str]:
         return list(self.tables)
+
+    def known_targets(self) -> Collection[str]:
+        return self._known
 
     # -- the change stream -----------------------------------------------------------------------
 

@@ -44,3 +44,25 @@ class TestMemoryConnector(ConnectorContract):
     @pytest.fixture
     def harness(self) -> MemoryHarness:
         return MemoryHarness()
+
+
+@pytest.mark.parametrize(
+    ("rest", "address"),
+    [
+        ("a", ("a", None)),
+        ("a:b", ("a:b", None)),  # a whole target before a target and a key
+        ("a:b:c", ("a:b", "c")),  # the longest target that leaves a key
+        ("a:x:y", ("a", "x:y")),  # a key may hold colons
+        ("a:", None),  # no key
+        ("a:b:", ("a", "b:")),
+        ("b", None),
+        (":a", None),
+    ],
+)
+def test_a_room_name_resolves_to_the_longest_target_and_its_key(
+    rest: str, address: tuple[str, str | None] | None
+) -> None:
+    """Connector.resolve, shared by every connector but Redis: a lookup per ':' in the name."""
+    connector = MemoryConnector("mem", Options({"targets": ["a", "a:b"]}, "test"))
+    found = connector.resolve(rest)
+    assert ((found.target, found.key) if found is not None else None) == address
