@@ -458,3 +458,30 @@ async def test_a_long_poll_answer_cut_mid_body_reconnects_and_resumes(
         assert_once_in_order(log.changes, first, first + 15)
         assert disconnects, "the cut was reported as a disconnect"
         assert "recovered" in log.names, log.states
+
+
+async def test_clients_cut_off_together_come_back_spread_over_time(feed_server: Harness) -> None:
+    """Every client of a node that goes away retries: at the same instant, the next node would
+    take all their handshakes as one burst. Each retry waits its delay spread by ±50%."""
+    feeds = [FeedClient(feed_server.url, reconnection_delay=1.0) for _ in range(20)]
+    back: list[float] = []
+    loop = asyncio.get_running_loop()
+    all_back = asyncio.Event()
+
+    def came_back() -> None:
+        back.append(loop.time())
+        if len(back) == len(feeds):
+            all_back.set()
+
+    try:
+        for feed in feeds:
+            await feed.connect()
+            feed.on("connect", came_back)
+        feed_server.proxy.cut()
+        feed_server.proxy.restore()
+        await asyncio.wait_for(all_back.wait(), WAIT)
+        # 20 delays drawn from 0.5 to 1.5 s: without the spread they came back within a few ms.
+        assert max(back) - min(back) > 0.4, sorted(t - min(back) for t in back)
+    finally:
+        for feed in feeds:
+            await feed.close()

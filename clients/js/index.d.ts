@@ -105,6 +105,13 @@ export interface CatalogAnswer {
   unconfigured: { type: string; detail: string }[];
 }
 
+/** The wait before the library's own retry number `attempt` (0, 1, ...): doubling from
+ * `reconnectionDelay` up to `reconnectionDelayMax`, spread by ±50% at random. */
+export function retryDelay(
+  attempt: number,
+  options?: { reconnectionDelay?: number; reconnectionDelayMax?: number },
+): number;
+
 export class FeedError extends Error {
   constructor(code: string, message: string, data?: unknown);
   readonly code: string;

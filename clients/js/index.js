@@ -18,6 +18,19 @@ const MAX_IDS = 4096; // recent change ids kept per subscription to drop duplica
 const MAX_ORPHANS = 10000; // changes held for a room whose first subscribe ack has not come yet
 
 /** An error from the server (its `code` and `message`) or from the client itself. */
+/**
+ * How long to wait before retry number `attempt` (0, 1, ...) that the library makes itself: the
+ * delay doubles from `reconnectionDelay` up to `reconnectionDelayMax`, and is spread by ±50% at
+ * random, as socket.io-client spreads its own (randomizationFactor 0.5). Without the spread,
+ * every client of a node that restarts would come back at the same instant, and the next node
+ * would take all their handshakes as one burst (about 1.2 ms of server CPU each).
+ */
+export function retryDelay(attempt, options = {}) {
+  const base = (options.reconnectionDelay ?? 500) * 2 ** attempt;
+  const max = options.reconnectionDelayMax ?? 5000;
+  return Math.min(base, max) * (0.5 + Math.random());
+}
+
 export class FeedError extends Error {
   constructor(code, message, data) {
     super(message);
@@ -258,7 +271,7 @@ export class FeedClient extends Emitter {
       // The server closed the connection on purpose (a restart, an expired token):
       // socket.io-client does not retry that by itself, so do it with a backoff.
       this._serverCloses = Date.now() - this._connectedAt > 30000 ? 1 : this._serverCloses + 1;
-      const delay = Math.min(500 * 2 ** (this._serverCloses - 1), this.options.reconnectionDelayMax ?? 5000);
+      const delay = retryDelay(this._serverCloses - 1, this.options);
       this._retryTimer = setTimeout(() => {
         if (!this._closed) this.socket.connect();
       }, delay);
@@ -283,7 +296,7 @@ export class FeedClient extends Emitter {
       // `reconnect()`, as the dashboard does while it asks the user); keep the subscriptions.
       if (this.options.retryRefused === false || this._closed) return;
       this._serverCloses += 1;
-      const delay = Math.min(500 * 2 ** this._serverCloses, this.options.reconnectionDelayMax ?? 5000);
+      const delay = retryDelay(this._serverCloses, this.options);
       this._retryTimer = setTimeout(() => {
         if (!this._closed) this.socket.connect();
       }, delay);

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -33,6 +34,14 @@ log = logging.getLogger("dbfeed_client")
 State = Literal["pending", "live", "recovered", "reload", "error"]
 Token = str | Callable[[], str | None] | Callable[[], Awaitable[str | None]] | None
 Handler = Callable[..., Any]
+
+
+def spread(delay: float) -> float:
+    """A reconnect delay spread by ±50% at random, as socket.io-client spreads its own
+    (randomizationFactor 0.5): the clients of a node that restarts then come back over a
+    stretch of time, not as one burst of handshakes at the next node."""
+    return delay * random.uniform(0.5, 1.5)
+
 
 RETRYABLE = frozenset({"rate_limited", "internal", "snapshot_failed", "not_connected", "timeout"})
 MAX_IDS = 4096
@@ -238,7 +247,7 @@ class FeedClient(_Events):
                     return
                 else:
                     self._url_index = (self._url_index + 1) % len(self.urls)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(spread(delay))
                 delay = min(delay * 2, self.reconnection_delay_max)
                 continue
             delay = self.reconnection_delay
@@ -250,7 +259,7 @@ class FeedClient(_Events):
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             if not self._closed:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(spread(delay))
 
     async def _watch(self, sio: socketio.AsyncClient) -> None:
         """Wait until the connection is lost, noticing a wedged transport too (which never
