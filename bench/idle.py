@@ -1,7 +1,9 @@
 """Memory per idle connection: N connected, subscribed, silent clients in one server process.
 
 The figure is the growth of the server's resident memory (RSS and, where readable, USS) from
-before the first client to a few seconds after the last one subscribed, divided by N.
+before the first client to a few seconds after the last one subscribed, divided by N. With
+`--cpu SECONDS`, also the server's CPU over that many idle seconds (the pings and pongs every
+connection exchanges each ping interval, 25 s by default), as a share of one core.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ class IdleResult:
     kib_per_connection: float
     uss_kib_per_connection: float
     connect_seconds: float
+    idle_cpu_percent: float | None = None
+    """Server CPU while the N clients sat idle, % of one core (when a window was asked for)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def measure(kind: str, clients: int, processes: int = 4, settle: float = 3.0) -> IdleResult:
+def measure(
+    kind: str, clients: int, processes: int = 4, settle: float = 3.0, cpu_window: float = 0.0
+) -> IdleResult:
     server = Server(kind, ["t0"])
     try:
         # One client first, so that lazily built machinery is not charged to the N that follow.
@@ -46,6 +52,10 @@ def measure(kind: str, clients: int, processes: int = 4, settle: float = 3.0) ->
             _, connected = server.child.ask("clients")
             time.sleep(settle)
             after = server.usage()
+            idle_cpu = None
+            if cpu_window > 0:
+                time.sleep(cpu_window)
+                idle_cpu = 100 * (server.usage().cpu - after.cpu) / cpu_window
         finally:
             swarm.stop()
     finally:
@@ -61,26 +71,33 @@ def measure(kind: str, clients: int, processes: int = 4, settle: float = 3.0) ->
         if after.uss
         else float("nan"),
         connect_seconds=connect_seconds,
+        idle_cpu_percent=idle_cpu,
     )
 
 
 def _main() -> None:
     """`python -m bench.idle [N ...]`: the feed, plain python-socketio and the raw websockets
     server at each N (default 1000), in one run, as `python -m bench --only idle` measures them.
-    `python -m bench.idle --cluster [N ...]`: the feed alone and as a node of a cluster."""
+    `python -m bench.idle --cluster [N ...]`: the feed alone and as a node of a cluster.
+    `--cpu SECONDS` (first) adds the server's CPU over that many idle seconds."""
     import sys
 
     kinds: tuple[str, ...] = ("feed", "socketio", "baseline")
     args = sys.argv[1:]
+    window = 0.0
+    if args[:1] == ["--cpu"]:
+        window, args = float(args[1]), args[2:]
     if args and args[0] == "--cluster":  # the feed alone and as one node of a cluster
         kinds, args = ("feed", "feed-cluster"), args[1:]
     for n in [int(a) for a in args] or [1000]:
         for kind in kinds:
-            result = measure(kind, n, processes=max(2, n // 2500))
+            result = measure(kind, n, processes=max(2, n // 2500), cpu_window=window)
+            cpu = result.idle_cpu_percent
             print(
                 f"{kind:8} clients={n:6} {result.kib_per_connection:5.1f} KiB/conn RSS "
                 f"{result.uss_kib_per_connection:5.1f} USS ({result.connected} connected, "
-                f"{result.connect_seconds:.1f} s to connect)",
+                f"{result.connect_seconds:.1f} s to connect)"
+                + (f", idle {cpu:.1f}% of a core" if cpu is not None else ""),
                 flush=True,
             )
 

@@ -159,14 +159,17 @@ class LeanQueue:
     """uvicorn's websocket receive queue (`put_nowait`, `get`, `empty`) for its one reader.
 
     An `asyncio.Queue` is four deques (items, getters, putters, and its `join` event's waiters),
-    about 3 KiB while empty; this holds a deque only while events wait to be read.
+    about 3 KiB while empty; this holds a deque only while events wait to be read. It keeps its
+    loop once known: on Python 3.11 each `asyncio.get_running_loop()` is a getpid system call,
+    and the reader waits once per message (a pong every ping interval, on every connection).
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_loop", "_waiter")
 
     def __init__(self) -> None:
         self._items: collections.deque[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def put_nowait(self, item: Any) -> None:
         items = self._items
@@ -181,7 +184,10 @@ class LeanQueue:
         while self._items is None:
             if self._waiter is not None:
                 raise RuntimeError("a websocket has one reader")
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
             try:
                 await waiter
             finally:
@@ -633,7 +639,7 @@ class Pinger:
     in due order. A stale entry (the socket is gone, or answered) is dropped when it comes up.
     """
 
-    __slots__ = ("_at", "_handle", "_tasks", "deadlines", "pings", "server")
+    __slots__ = ("_at", "_handle", "_loop", "_tasks", "deadlines", "pings", "server")
 
     def __init__(self, server: LeanEngineIO) -> None:
         self.server = server
@@ -642,9 +648,14 @@ class Pinger:
         self._handle: asyncio.TimerHandle | None = None
         self._at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """Kept from the first schedule (and dropped by `stop`): every pong schedules a ping, and
+        `asyncio.get_running_loop()` is a getpid system call on Python 3.11."""
 
     def schedule(self, sid: str) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         due = loop.time() + self.server.ping_interval
         self.pings.append((due, sid))
         self._arm(loop, due)
@@ -653,6 +664,7 @@ class Pinger:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._loop = None
         self.pings.clear()
         self.deadlines.clear()
 
@@ -666,7 +678,7 @@ class Pinger:
 
     def _tick(self) -> None:
         self._handle = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         sockets = self.server.sockets
         pings, deadlines = self.pings, self.deadlines
