@@ -45,6 +45,11 @@ class EngineCore:
         self._leases: dict[str, str] = {}
         self._batchers: dict[str, Batcher] = {}
         self._index: dict[str, dict[str, TargetRooms[Routed]]] = {}
+        self._routed: dict[str, dict[bytes, tuple[str, Routed, int]]] = {}
+        """At the reader, per connector: each routed row or filter room by its name (as Redis
+        spells it) with its target and when it was routed (`_route_count`), so that a re-read of
+        the registry adds and drops only what changed."""
+        self._route_count = 0
         self._last_seq: dict[str, int] = {}
         self._published = 0
         """Changes this node published (numbers the ids remembered in the `seen` set)."""

@@ -76,6 +76,7 @@ class Leases(Publisher):
                 finally:
                     self._leases.pop(name, None)
                     self._index.pop(name, None)
+                    self._routed.pop(name, None)
                     connector.settle_with(None)
                     gone = self._batchers.pop(name, None)
                     if gone is not None and not gone.close():
