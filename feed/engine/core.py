@@ -39,6 +39,7 @@ class EngineCore:
         self.control = f"{p}:control".encode()
         self.inbox = f"{p}:node:{self.node}".encode()
         self.redis: Any = None
+        self._lease_redis: Any = None
         self.up = False
         self.detail = "connecting"
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}

@@ -242,6 +242,9 @@ class Delivery(History):
         kind = body.get("t")
         if kind == "room":
             self._route_spec(body["spec"])
+        elif kind == "rooms":  # rooms a late node registered again (feed.engine.registry)
+            for spec in body["specs"]:
+                self._route_spec(spec)
         elif kind == "status":
             self._apply_status(str(body.get("c")), body.get("s") or {})
 

@@ -113,7 +113,7 @@ class Leases(Publisher):
                 if token is not None:
                     token = token.decode() if isinstance(token, bytes) else str(token)
                     return f"{self.node}|{token}", token
-                current = await self.redis.get(self.lease_key(name))
+                current = await self._lease_redis.get(self.lease_key(name))
                 reader = current.decode().rsplit("|", 1)[0] if current else None
                 self.readers[name] = reader
                 if reader and reader != shown:

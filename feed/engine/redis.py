@@ -43,6 +43,13 @@ from feed.engine.resume import Resume
 from feed.engine.wire import one_line
 from feed.errors import ClusterError
 
+POOL_CONNECTIONS = 32
+"""Connections a node opens for its occasional commands (registrations, leases, history reads),
+besides its pub/sub connection and the reader's publishing one; a burst waits for one."""
+POOL_WAIT = 30.0
+"""Seconds a command waits for a free connection: each holder's own wait is bounded by the
+answer timeout, so a long wait here means a burst of work, not an unreachable Redis."""
+
 
 class RedisEngine(Resume):
     """Room numbering, history and fan-out in Redis, for one node of a cluster."""
@@ -54,15 +61,29 @@ class RedisEngine(Resume):
 
         from feed.engine import scripts
 
-        self.redis = aioredis.Redis.from_url(
-            self.config.url,
-            socket_connect_timeout=3.0,
-            socket_timeout=self.answer,
-            health_check_interval=5,
+        # A pool that makes a burst wait for a connection: redis-py's default one refuses the
+        # 101st concurrent command (MaxConnectionsError), and 3,000 clients subscribing at once
+        # (a reconnect storm) got "cluster_unavailable" answers.
+        options = {
+            "socket_connect_timeout": 3.0,
+            "socket_timeout": self.answer,
+            "health_check_interval": 5,
+        }
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.config.url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT, **options
         )
+        self.redis = aioredis.Redis.from_pool(pool)
+        # The leases have connections of their own: a renewal queued behind a burst of
+        # registrations in the shared pool would let the lease lapse under a live reader.
+        own = aioredis.BlockingConnectionPool.from_url(
+            self.config.url, max_connections=2, timeout=self.answer, **options
+        )
+        self._lease_redis = aioredis.Redis.from_pool(own)
         # PUBLISH, once per batch, goes over the engine's own connection (`_hot_script`).
-        for name in ("ACQUIRE", "RENEW", "RELEASE", "REGISTER", "GAP"):
+        for name in ("REGISTER", "REFRESH", "GAP"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
+        for name in ("ACQUIRE", "RENEW", "RELEASE"):
+            self._scripts[name] = self._lease_redis.register_script(getattr(scripts, name))
         self._tasks = [
             asyncio.create_task(self._listen(), name="cluster:listen"),
             asyncio.create_task(self._keepalive(), name="cluster:keepalive"),
@@ -77,9 +98,10 @@ class RedisEngine(Resume):
         self._tasks.clear()
         if self._caller is not None:
             self._caller.close()
-        if self.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
+        for client in (self.redis, self._lease_redis):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def describe(self) -> dict[str, Any]:
         return {

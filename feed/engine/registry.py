@@ -20,6 +20,9 @@ from feed.engine.routes import Routed, room_spec, routed_from_spec
 from feed.engine.wire import dumps, loads
 from feed.errors import FeedError
 
+REFRESH_CHUNK = 1000
+"""Rooms per refresh script call: each call holds Redis a few milliseconds at most."""
+
 
 class RoomRegistry(EngineCore):
     """Registering this node's rooms, and the reader's routing index built from all nodes'."""
@@ -99,9 +102,8 @@ class RoomRegistry(EngineCore):
             "REGISTER",
             [self.registry_key(room.connector), self.live_key(room.connector),
              self.meta_key(room.name)],
-            [room.name, dumps(spec), expiry, secrets.token_hex(8), self.ttl_ms],
+            [room.name, dumps(spec), expiry, secrets.token_hex(8), self.ttl_ms, self.control],
         )  # fmt: skip
-        await self.redis.publish(self.control, dumps({"t": "room", "spec": spec}))
         epoch, seq, gap = result
         return epoch.decode(), int(seq), int(gap)
 
@@ -109,18 +111,41 @@ class RoomRegistry(EngineCore):
         return self.hub.settings.filter_room_grace + 3 * self.refresh
 
     async def _refresh_rooms(self) -> None:
+        """Keep this node's followed rooms alive: their registry expiry, and their history's
+        and numbering's TTL. One script call per connector and `REFRESH_CHUNK` rooms: a
+        redis-py pipeline of four commands a room cost the node 1.4 s of CPU per refresh at
+        10,000 followed rooms (docs/scaling.md). A row or filter room the registry lost (the
+        reader dropped it as expired while this node was late) is registered again at once."""
         now = time.monotonic()
         grace = self.hub.settings.filter_room_grace
         expiry = int((time.time() + self._live_for()) * 1000)
+        followed: dict[str, list[Room]] = {}
+        for mirror in self._mirrors.values():
+            room = mirror.room
+            if room.empty_since is not None and now - room.empty_since >= grace:
+                continue
+            followed.setdefault(room.connector, []).append(room)
+        for connector, rooms in followed.items():
+            for start in range(0, len(rooms), REFRESH_CHUNK):
+                keys: list[str] = [self.registry_key(connector), self.live_key(connector)]
+                args: list[Any] = [expiry, self.ttl_ms]
+                for room in rooms[start : start + REFRESH_CHUNK]:
+                    keys += [self.meta_key(room.name), self.stream_key(room.name)]
+                    args += [room.name, 1 if room.ephemeral else 0]
+                missing = await self._script("REFRESH", keys, args)
+                lost = [self._mirrors.get(raw.decode()) for raw in missing or ()]
+                await self._announce_rooms(connector, [m.room for m in lost if m is not None])
+
+    async def _announce_rooms(self, connector: str, rooms: list[Room]) -> None:
+        """Put rooms back in the registry and tell the reader to route them, in one round
+        trip: one command each would make a late refresh later still, and more rooms lapse."""
+        if not rooms:
+            return
+        specs = [room_spec(room) for room in rooms]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for mirror in self._mirrors.values():
-                room = mirror.room
-                if room.empty_since is not None and now - room.empty_since >= grace:
-                    continue
-                name = room.name
-                if room.ephemeral:
-                    pipe.hset(self.registry_key(room.connector), name, dumps(room_spec(room)))
-                    pipe.zadd(self.live_key(room.connector), {name: expiry}, gt=True)
-                pipe.pexpire(self.meta_key(name), self.ttl_ms)
-                pipe.pexpire(self.stream_key(name), self.ttl_ms)
+            pipe.hset(
+                self.registry_key(connector),
+                mapping={spec["name"]: dumps(spec) for spec in specs},
+            )
+            pipe.publish(self.control, dumps({"t": "rooms", "specs": specs}))
             await pipe.execute()

@@ -132,16 +132,39 @@ return out
 """
 
 REGISTER = """
--- KEYS: registry hash, live zset, meta. ARGV: room name, spec, expiry ms, candidate epoch, ttl.
--- Registers a followed room and returns {epoch, seq, gap} of its history.
+-- KEYS: registry hash, live zset, meta. ARGV: room name, spec, expiry ms, candidate epoch, ttl,
+-- control channel. Registers a followed room, tells the reader (one round trip for both), and
+-- returns {epoch, seq, gap} of its history.
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[1])
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[4]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('PUBLISH', ARGV[6], '{"t":"room","spec":' .. ARGV[2] .. '}')
 local v = redis.call('HMGET', KEYS[3], 'epoch', 'seq', 'gap')
 return {v[1], v[2] or '0', v[3] or '0'}
+"""
+
+REFRESH = """
+-- A node's followed rooms, kept alive. KEYS: registry hash, live zset, then (meta, history) per
+-- room. ARGV: expiry ms, ttl ms, then (name, 1 for a row or filter room else 0) per room.
+-- Returns the row and filter rooms the registry no longer held (the reader dropped them as
+-- expired): their node registers them again and tells the reader.
+local live, expiry, ttl = KEYS[2], ARGV[1], ARGV[2]
+local missing = {}
+for i = 1, (#ARGV - 2) / 2 do
+  local name = ARGV[1 + 2 * i]
+  if ARGV[2 + 2 * i] == '1' then
+    if not redis.call('ZSCORE', live, name) then
+      missing[#missing + 1] = name
+    end
+    redis.call('ZADD', live, 'GT', expiry, name)
+  end
+  redis.call('PEXPIRE', KEYS[1 + 2 * i], ttl)
+  redis.call('PEXPIRE', KEYS[2 + 2 * i], ttl)
+end
+return missing
 """
 
 GAP = """

@@ -512,7 +512,16 @@ class Hub:
         if ephemeral:
             self.budget.charge(room.name, owner)
         if self.engine is not None:  # numbers, history and snapshots from the cluster
-            return await self.engine.subscribe(sid, request, room, connector, address, mask)
+            # Held while the cluster registers it: a new room is empty until its subscriber
+            # joins, and a registration slower than the grace (a burst of subscribes) let the
+            # room expire under it, the subscriber then in a room nobody delivered to.
+            held = room.empty_since is not None
+            room.empty_since = None
+            try:
+                return await self.engine.subscribe(sid, request, room, connector, address, mask)
+            finally:
+                if held and not room.members:
+                    room.empty_since = time.monotonic()
         recovered: bool | None = None
         cursor = room.seq
         if request.since is not None:

@@ -493,6 +493,33 @@ async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> Running
     return found[0]
 
 
+async def confirmed_reader(
+    nodes: list[RunningFeed], admin: Any, connector: str = "mem"
+) -> RunningFeed:
+    """The node that reads `connector` by Redis's own account: its token is the current fence.
+
+    After Redis restarted or froze, a node may still believe it reads (until its renewal fails)
+    while another took the connector over; a change written to the old one's in-memory connector
+    would be lost. The fence in Redis names exactly one reading, so the node holding that token
+    is the reader until its lease lapses.
+    """
+    key = nodes[0].engine.fence_key(connector)
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                fence = await admin.get(key)
+                found = [
+                    n for n in nodes
+                    if fence is not None and n.engine._leases.get(connector) == fence.decode()
+                    and n.hub.connectors[connector].status.state.value == "up"
+                ]  # fmt: skip
+                if found:
+                    return found[0]
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"no node holds the current fencing token of {connector}") from None
+
+
 async def reader_and_other(stack: AsyncExitStack, config: str) -> tuple[RunningFeed, RunningFeed]:
     """Two nodes of `config`: the one that reads the memory connector, and the other one."""
     nodes = await start_nodes(stack, config, 2)
