@@ -25,6 +25,7 @@ from tests.support.cluster import (
     memory,
     reader_and_other,
     reader_of,
+    routes,
     start_nodes,
     subscribed,
 )
@@ -424,8 +425,7 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
         name = "mem:public.orders?status=eq.paid"
 
         def routed() -> bool:
-            index = engine._index.get("mem", {}).get("public.orders")
-            return index is not None and name in index.filtered
+            return routes(engine, name)
 
         async with feed_client(other.url) as client:
             await subscribed(client, "mem:public.orders", filter="status=eq.paid")
@@ -689,19 +689,15 @@ async def test_a_room_the_reader_dropped_is_registered_again_by_its_node(
 ) -> None:
     """A node that refreshed its rooms too late finds the reader dropped one as expired: it
     registers it again at once, so the room's changes reach its clients again."""
-    config = cluster_config(redis_target.url, redis_target.prefix)
+    name = "mem:public.orders?status=eq.paid"
     async with AsyncExitStack() as stack:
-        reader, other = await reader_and_other(stack, config)
+        reader, other = await reader_and_other(
+            stack, cluster_config(redis_target.url, redis_target.prefix)
+        )
         engine = reader.engine
-        name = "mem:public.orders?status=eq.paid"
-
-        def routed() -> bool:
-            index = engine._index.get("mem", {}).get("public.orders")
-            return index is not None and name in index.filtered
-
         client = await stack.enter_async_context(feed_client(other.url))
         await subscribed(client, "mem:public.orders", filter="status=eq.paid")
-        await wait_until(routed, 10, "the reader to route the room")
+        await wait_until(lambda: routes(engine, name), 10, "the reader to route the room")
 
         # As if the node had been silent past the room's expiry: the reader drops it.
         async def silent() -> None:
@@ -710,10 +706,10 @@ async def test_a_room_the_reader_dropped_is_registered_again_by_its_node(
         setattr(other.engine, "_refresh_rooms", silent)  # noqa: B010 - the node falls silent
         await redis_target.admin.zadd(engine.live_key("mem"), {name: 1})
         await engine._load_index("mem")
-        assert not routed()
+        assert not routes(engine, name)
         assert not await redis_target.admin.hexists(engine.registry_key("mem"), name)
         delattr(other.engine, "_refresh_rooms")  # its next refresh finds the room gone
-        await wait_until(routed, 10, "the node to register the room again")
+        await wait_until(lambda: routes(engine, name), 10, "the node to register it again")
         memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
         assert (await client.next_change())["key"] == 1
 

@@ -493,6 +493,12 @@ async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> Running
     return found[0]
 
 
+def routes(engine: Any, room: str, connector: str = "mem", target: str = "public.orders") -> bool:
+    """Whether the reader's routing index holds the filter room `room`."""
+    index = engine._index.get(connector, {}).get(target)
+    return index is not None and room in index.filtered
+
+
 async def confirmed_reader(
     nodes: list[RunningFeed], admin: Any, connector: str = "mem"
 ) -> RunningFeed:
