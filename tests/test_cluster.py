@@ -749,3 +749,32 @@ async def test_a_node_keeps_thousands_of_followed_rooms_alive_cheaply(
         assert min(spent) < 0.2, f"refreshing {count} rooms took {min(spent):.2f} s at least"
         live = await redis_target.admin.zcard(reader.engine.live_key("mem"))
         assert live == count
+
+
+async def test_a_snapshot_after_redis_lost_the_rooms_goes_live_in_the_new_epoch(
+    redis_target: RedisTarget,
+) -> None:
+    """The reader tells a snapshot's node up to which seq its rows reach. After Redis lost the
+    rooms (a new epoch, numbered from 1 again) that must not be the last number the reader
+    published before the loss: the new subscriber would wait for the room to get that far."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    room = "mem:public.orders?status=eq.new"
+    async with AsyncExitStack() as stack:
+        reader = await reader_of(await start_nodes(stack, config, 1))
+        engine = reader.engine
+        async with feed_client(reader.url) as first:
+            await subscribed(first, "mem:public.orders", filter="status=eq.new")
+            for i in range(1, 6):
+                memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+            assert [c["seq"] for c in await first.take(5)] == [1, 2, 3, 4, 5]
+        await wait_until(lambda: room not in engine._mirrors, 10, "the room to expire")
+        # Redis loses everything of this cluster (as a restart without persistence would).
+        admin = redis_target.admin
+        await admin.delete(*[key async for key in admin.scan_iter(f"{redis_target.prefix}*")])
+        await wait_until(lambda: "mem" not in engine._leases, 15, "the lease to lapse")
+        await confirmed_reader([reader], admin)
+        late = await stack.enter_async_context(feed_client(reader.url))
+        ack = await subscribed(late, "mem:public.orders", filter="status=eq.new", snapshot=True)
+        assert len(ack["snapshot"]) == 5
+        memory(reader).write("public.orders", "insert", {"id": 6, "status": "new"})
+        assert (await late.next_change(10))["key"] == 6

@@ -77,6 +77,11 @@ class Leases(Publisher):
                     self._leases.pop(name, None)
                     self._index.pop(name, None)
                     self._routed.pop(name, None)
+                    # The numbers this reading published: a later reading's snapshots must not
+                    # take them for the rooms' (after Redis lost them, a new epoch counts from 1).
+                    prefix = f"{name}:"
+                    for room in [r for r in self._last_seq if r.startswith(prefix)]:
+                        del self._last_seq[room]
                     connector.settle_with(None)
                     gone = self._batchers.pop(name, None)
                     if gone is not None and not gone.close():

@@ -122,7 +122,9 @@ class Snapshots(Leases):
             batcher = self._batchers.get(connector.name)
             if batcher is not None:  # what the stream yielded before the snapshot: numbered
                 await asyncio.wait_for(batcher.drain(), SNAPSHOT_TIMEOUT)
-            upto = self._last_seq.get(name, 0)
+            upto = self._last_seq.get(name)
+            if upto is None:  # not published to in this reading: the number earlier ones left
+                upto = int(await self.redis.hget(self.meta_key(name), "seq") or 0)
             uncovered = [s for s, change in watch if not snapshot.covers(change)]
             return {
                 "ok": True,
