@@ -17,7 +17,6 @@ const CLEARS = new Set(["truncate", "drop", "dropDatabase", "rename", "invalidat
 const MAX_IDS = 4096; // recent change ids kept per subscription to drop duplicates
 const MAX_ORPHANS = 10000; // changes held for a room whose first subscribe ack has not come yet
 
-/** An error from the server (its `code` and `message`) or from the client itself. */
 /**
  * How long to wait before retry number `attempt` (0, 1, ...) that the library makes itself: the
  * delay doubles from `reconnectionDelay` up to `reconnectionDelayMax`, and is spread by ±50% at
@@ -31,6 +30,7 @@ export function retryDelay(attempt, options = {}) {
   return Math.min(base, max) * (0.5 + Math.random());
 }
 
+/** An error from the server (its `code` and `message`) or from the client itself. */
 export class FeedError extends Error {
   constructor(code, message, data) {
     super(message);

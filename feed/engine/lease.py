@@ -2,7 +2,8 @@
 
 A lease (`SET NX PX`, renewed) with a fencing token (a count of readings and a random tag):
 only the holder runs the connector, and the publish script refuses any other token, so a paused
-old reader cannot write after a takeover, not even after Redis lost the counter. The reader shares its connector's status so every node can show it.
+old reader cannot write after a takeover, not even after Redis lost the counter. The reader
+shares its connector's status so every node can show it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Shape (modelled on Centrifugo's Redis engine and python-socketio's pub/sub manager):
 
 - One reader per connector across the cluster: a lease (`SET NX PX`, renewed) with a fencing
-  token (a count of readings and a random tag). Only the holder runs the connector; every publication carries the token and
-  the publish script refuses a stale one, so a paused old reader cannot write after a takeover.
+  token (a count of readings and a random tag). Only the holder runs the connector; every
+  publication carries the token and the publish script refuses a stale one, so a paused old
+  reader cannot write after a takeover.
   The source-side guards (Postgres's advisory lock) stay as they are.
 - The reader routes each change to the rooms that exist anywhere in the cluster: target rooms
   always, row and filter rooms from a registry in Redis (a hash of room specs, a sorted set of
