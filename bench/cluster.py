@@ -122,6 +122,35 @@ async def start_node(config_path: Path, name: str) -> tuple[asyncio.subprocess.P
     return process, url
 
 
+def profile_nodes(
+    processes: list[asyncio.subprocess.Process], nodes: int, clustered: bool, seconds: float
+) -> list[subprocess.Popen[bytes]]:
+    """With BENCH_PYSPY=<folder>: py-spy samples every node through the measured window, to
+    <folder>/<setup>-node<i>.txt (collapsed stacks; BENCH_PYSPY_NATIVE=1 adds C frames); with
+    BENCH_PERF=<folder>, perf records them to <setup>-node<i>.data (`perf report -i`), the
+    kernel's share (system calls, wake-ups) included, without Python's function names."""
+    setup = f"{nodes}{'c' if clustered else 'n'}"
+    duration = str(int(seconds))
+    commands: list[list[str]] = []
+    if folder := os.environ.get("BENCH_PERF"):
+        for i, p in enumerate(processes):
+            out = f"{folder}/{setup}-node{i}.data"
+            commands.append(["perf", "record", "-F", "1999", "-g", "-p", str(p.pid), "-o", out])
+            commands[-1] += ["--", "sleep", duration]
+    elif folder := os.environ.get("BENCH_PYSPY"):
+        spy = str(Path(sys.executable).parent / "py-spy")
+        mode = "--native" if os.environ.get("BENCH_PYSPY_NATIVE") else "--nonblocking"
+        for i, p in enumerate(processes):
+            out = f"{folder}/{setup}-node{i}.txt"
+            commands.append([spy, "record", "-p", str(p.pid), "-r", "400", "-d", duration])
+            commands[-1] += ["-f", "raw", "-o", out, mode]
+    else:
+        return []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    quiet = subprocess.DEVNULL
+    return [subprocess.Popen(c, stdout=quiet, stderr=quiet) for c in commands]
+
+
 async def wait_ready(urls: list[str]) -> None:
     import aiohttp
 
@@ -235,6 +264,7 @@ async def run_setup(
         info_client = aioredis.Redis.from_url(redis.url) if redis else None
         before_info = await info_client.info("stats") if info_client else {}
         cpu_before = [cpu_seconds(p.pid) for p in processes]
+        spies = profile_nodes(processes, nodes, clustered, seconds)
         crowd.stdin.write(b"go\n")
         await crowd.stdin.drain()
         started = time.monotonic()
@@ -245,6 +275,8 @@ async def run_setup(
                 await asyncio.sleep(delay)
         out = await asyncio.wait_for(crowd.stdout.readline(), seconds + 60)
         cpu_after = [cpu_seconds(p.pid) for p in processes]
+        for spy in spies:
+            spy.wait(30)
         crowd.stdin.write(b"bye\n")
         await crowd.stdin.drain()
         await asyncio.wait_for(crowd.wait(), 60)

@@ -922,8 +922,10 @@ class PostgresConnector(Connector):
 
         Every row carries the snapshot (`now`); when there is nothing to read it is one row of
         NULLs. The same rows as the batch query's first `LIMIT`, without a portal to bind and
-        then fetch: a lone change costs three round trips (BEGIN, this, COMMIT) instead of
-        five, and on a virtual machine each round trip's wake-ups cost more than the Python.
+        then fetch, and outside a transaction (one statement, one snapshot): a lone change
+        costs this one round trip, where BEGIN, a snapshot query, a bind, a fetch and COMMIT
+        took five, and on a virtual machine each round trip's wake-ups cost more than the
+        Python around it (docs/benchmarks.md).
         """
         limit = 7 if resume else 4
         return f"""
@@ -946,15 +948,22 @@ class PostgresConnector(Connector):
             if state.cursor is None:
                 state.batch = None  # nothing of the interrupted poll was delivered: start afresh
             resume = state.batch is not None
+            heard = self._wake.is_set()  # a NOTIFY (the connection spoke just now), not the clock
             self._wake.clear()
             self._polls_started += 1
             poll = self._polls_started
             conn = self._reader
             if conn is None or conn.is_closed():
                 raise asyncpg.ConnectionDoesNotExistError("reader connection closed")
-            tx = conn.transaction(isolation="repeatable_read")
-            async with asyncio.timeout(self.heartbeat_timeout):
-                await tx.start()
+            if not heard:
+                # The heartbeat: a connection that died while the reader was idle is noticed
+                # within heartbeat_timeout, not the query_timeout a page of a backlog may need.
+                await conn.execute("SELECT 1", timeout=self.heartbeat_timeout)
+            # No transaction around the first query: one statement reads under one snapshot
+            # (the `now` it returns), so a poll that fits in one page is one round trip, not
+            # three (BEGIN, it, COMMIT). A transaction opens only for the cursor after a full
+            # page, whose rows are bounded by that snapshot's text anyway (`_batch_query`).
+            tx: Any = None
             try:
                 prev = [str(state.prev.xmax), state.prev.xip_array, self.tables]
                 args: list[Any] = list(prev)
@@ -985,6 +994,9 @@ class PostgresConnector(Connector):
                         break
                     if cursor is None:  # a full first chunk: the rest after it, by a cursor
                         assert state.cursor is not None
+                        tx = conn.transaction(isolation="repeatable_read")
+                        async with asyncio.timeout(self.heartbeat_timeout):
+                            await tx.start()
                         cursor = await conn.cursor(
                             self._batch_query(True),
                             *prev,
@@ -1016,11 +1028,12 @@ class PostgresConnector(Connector):
                     saved = batch_snap.text
                 else:
                     saved = None
-                async with asyncio.timeout(self.heartbeat_timeout):
-                    await tx.commit()
+                if tx is not None:
+                    async with asyncio.timeout(self.heartbeat_timeout):
+                        await tx.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
-                    if not conn.is_closed():
+                    if tx is not None and not conn.is_closed():
                         async with asyncio.timeout(1):
                             await tx.rollback()
                 raise

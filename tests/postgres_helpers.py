@@ -39,9 +39,18 @@ def make_connector(
 class Stream:
     """Iterates a started connector's changes() in the background, like the hub does."""
 
-    def __init__(self, connector: PostgresConnector, pull_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        connector: PostgresConnector,
+        pull_limit: int | None = None,
+        pause_after: int | None = None,
+    ) -> None:
         self.connector = connector
         self.pull_limit = pull_limit
+        self.pause_after = pause_after
+        self.paused = asyncio.Event()
+        """Set once `pause_after` items were pulled: the reader waits for `carry_on`."""
+        self._carry_on = asyncio.Event()
         self.queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.states: list[State] = []
@@ -64,8 +73,14 @@ class Stream:
                     # Never ask for the next item: the last one stays unacknowledged, as
                     # when a hub stops between routing an item and asking for the next.
                     await asyncio.Event().wait()
+                if pulled == self.pause_after:  # mid-batch: what commits now is not in it
+                    self.paused.set()
+                    await self._carry_on.wait()
         except Exception as exc:
             self.queue.put_nowait(exc)
+
+    def carry_on(self) -> None:
+        self._carry_on.set()
 
     def begin(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -102,10 +117,10 @@ class Stream:
 
 @asynccontextmanager
 async def streaming(
-    connector: PostgresConnector, pull_limit: int | None = None
+    connector: PostgresConnector, pull_limit: int | None = None, pause_after: int | None = None
 ) -> AsyncIterator[Stream]:
     """Start the connector, read its stream in the background, stop both afterwards."""
-    stream = Stream(connector, pull_limit)
+    stream = Stream(connector, pull_limit, pause_after)
     await asyncio.wait_for(connector.start(), WAIT)
     stream.begin()
     try:

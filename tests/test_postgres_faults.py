@@ -137,6 +137,33 @@ async def test_half_open_connection_is_detected_by_the_heartbeat(
             stream.assert_idle()
 
 
+async def test_a_connection_that_dies_while_the_reader_idles_is_noticed_by_the_heartbeat(
+    pg: PgDatabase,
+) -> None:
+    """A poll reads outside a transaction, bounded by query_timeout (a page of a backlog may
+    take long); an idle reader's heartbeat still notices a dead connection within its own
+    bound, with query_timeout left at its default."""
+    await orders(pg)
+    async with TcpProxy.for_url(pg.url) as proxy:
+        connector = make_connector(
+            proxy.url(pg.url), ["public.orders"], heartbeat_interval=0.5, heartbeat_timeout=0.5
+        )
+        assert connector.query_timeout == 30
+        async with streaming(connector) as stream:
+            await insert(pg, 1)
+            assert keys(await stream.take(1)) == [1]
+            polls = connector._polls_started
+            await wait_until(lambda: connector._polls_started >= polls + 2, WAIT, "idle polls")
+            proxy.freeze()  # idle: no NOTIFY can come, only the heartbeat finds it out
+            started = time.monotonic()
+            await insert(pg, 2)
+            got = await stream.take(1, timeout=10)
+            detected = time.monotonic() - started
+            assert keys(got) == [2]
+            assert detected < 5, f"took {detected:.1f}s to notice a dead connection"
+            stream.assert_idle()
+
+
 async def test_server_restart_loses_nothing(
     pg_private: tuple[EmbeddedPostgres, PgDatabase],
 ) -> None:
@@ -177,6 +204,27 @@ async def test_stop_half_way_through_a_batch_resumes_after_the_last_delivered(
     assert keys(first) == [1, 2, 3, 4]
     assert keys(rest) == list(range(4, 12))
     assert first[3].id == rest[0].id  # the same change, recognisable by its id
+
+
+async def test_a_commit_in_the_middle_of_a_long_batch_comes_after_it_once(
+    pg: PgDatabase,
+) -> None:
+    """A poll reads its first page outside a transaction and the rest by a cursor in another
+    snapshot: what commits between the two belongs to the next poll, not to this batch."""
+    await orders(pg)
+    await make_connector(pg.url, ["public.orders"]).migrate()
+    async with pg.conn.transaction():
+        await insert(pg, *range(1, 11))  # one transaction: a batch of ten, pages of three
+    connector = make_connector(pg.url, ["public.orders"], batch_size=3)
+    async with streaming(connector, pause_after=2) as stream:
+        await asyncio.wait_for(stream.paused.wait(), WAIT)  # inside the first page
+        await insert(pg, 11, 12)  # committed before the cursor for the rest of the batch opens
+        stream.carry_on()
+        got = await stream.take(12)
+        await insert(pg, 13)  # after any repeat of 11 or 12
+        got += await stream.take(1)
+        stream.assert_idle()
+    assert keys(got) == list(range(1, 14))
 
 
 async def test_two_readers_deliver_each_change_once_and_take_over(pg: PgDatabase) -> None:
