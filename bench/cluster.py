@@ -128,7 +128,8 @@ def profile_nodes(
     """With BENCH_PYSPY=<folder>: py-spy samples every node through the measured window, to
     <folder>/<setup>-node<i>.txt (collapsed stacks; BENCH_PYSPY_NATIVE=1 adds C frames); with
     BENCH_PERF=<folder>, perf records them to <setup>-node<i>.data (`perf report -i`), the
-    kernel's share (system calls, wake-ups) included, without Python's function names."""
+    kernel's share (system calls, wake-ups) included, without Python's function names; with
+    BENCH_STRACE=<folder>, strace counts their system calls to <setup>-node<i>.strace."""
     setup = f"{nodes}{'c' if clustered else 'n'}"
     duration = str(int(seconds))
     commands: list[list[str]] = []
@@ -137,6 +138,11 @@ def profile_nodes(
             out = f"{folder}/{setup}-node{i}.data"
             commands.append(["perf", "record", "-F", "1999", "-g", "-p", str(p.pid), "-o", out])
             commands[-1] += ["--", "sleep", duration]
+    elif folder := os.environ.get("BENCH_STRACE"):  # system calls counted, per node
+        for i, p in enumerate(processes):
+            out = f"{folder}/{setup}-node{i}.strace"
+            commands.append(["timeout", "-s", "INT", duration, "strace", "-c", "-f", "-o", out])
+            commands[-1] += ["-p", str(p.pid)]
     elif folder := os.environ.get("BENCH_PYSPY"):
         spy = str(Path(sys.executable).parent / "py-spy")
         mode = "--native" if os.environ.get("BENCH_PYSPY_NATIVE") else "--nonblocking"

@@ -149,8 +149,11 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
     """Wait for `event` at most `seconds`.
 
     Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives just as the
-    event is set, and the reader would then run on after the hub cancelled it.
+    event is set, and the reader would then run on after the hub cancelled it. Already set (a
+    NOTIFY came during the poll, as under a steady write load): no timer to arm and cancel.
     """
+    if event.is_set():
+        return
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
