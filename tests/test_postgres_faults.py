@@ -104,6 +104,18 @@ async def test_outage_writes_are_delivered_once_after_reconnect(pg: PgDatabase) 
             stream.assert_idle()
 
 
+async def freeze_and_take(pg: PgDatabase, proxy: TcpProxy, stream: Stream, key: int) -> None:
+    """Freeze the reader's connection, then commit row `key`: the reader must notice the dead
+    connection and deliver the row over a new one within 5 s."""
+    proxy.freeze()
+    started = time.monotonic()
+    await insert(pg, key)
+    got = await stream.take(1, timeout=10)
+    detected = time.monotonic() - started
+    assert keys(got) == [key]
+    assert detected < 5, f"took {detected:.1f}s to notice a dead connection"
+
+
 async def test_half_open_connection_is_detected_by_the_heartbeat(
     pg: PgDatabase, other_feeds_reader: asyncpg.Connection
 ) -> None:
@@ -124,13 +136,7 @@ async def test_half_open_connection_is_detected_by_the_heartbeat(
             await insert(pg, 1)
             assert keys(await stream.take(1)) == [1]
             old = await reader_pid(pg)
-            proxy.freeze()  # the old session still holds the reader lock on the server
-            started = time.monotonic()
-            await insert(pg, 2)
-            got = await stream.take(1, timeout=10)
-            detected = time.monotonic() - started
-            assert keys(got) == [2]
-            assert detected < 5, f"took {detected:.1f}s to notice a dead connection"
+            await freeze_and_take(pg, proxy, stream, 2)  # the old session keeps the reader lock
             assert await reader_pid(pg) != old
             await insert(pg, 3)
             assert keys(await stream.take(1)) == [3]
@@ -154,13 +160,8 @@ async def test_a_connection_that_dies_while_the_reader_idles_is_noticed_by_the_h
             assert keys(await stream.take(1)) == [1]
             polls = connector._polls_started
             await wait_until(lambda: connector._polls_started >= polls + 2, WAIT, "idle polls")
-            proxy.freeze()  # idle: no NOTIFY can come, only the heartbeat finds it out
-            started = time.monotonic()
-            await insert(pg, 2)
-            got = await stream.take(1, timeout=10)
-            detected = time.monotonic() - started
-            assert keys(got) == [2]
-            assert detected < 5, f"took {detected:.1f}s to notice a dead connection"
+            # Idle: no NOTIFY can come, only the heartbeat finds the connection dead.
+            await freeze_and_take(pg, proxy, stream, 2)
             stream.assert_idle()
 
 
