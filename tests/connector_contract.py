@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 from connectors.base import Connector, RoomAddress, State
 from feed.core.change import Change, Gap
+from tests.support.waiting import stopped
 
 WAIT = 15.0
 
@@ -182,8 +183,7 @@ class ConnectorContract:
                     connector.snapshot(RoomAddress(harness.target), lambda row: True, 100), WAIT
                 )
             finally:
-                drainer.cancel()
-                await asyncio.gather(drainer, return_exceptions=True)
+                await stopped(drainer)
         assert all(isinstance(item, Change) for item in seen)
         assert len(snapshot.rows) >= 2
         assert all(isinstance(row, Mapping) for row in snapshot.rows)

@@ -22,6 +22,7 @@ from connectors.mongodb import MongoConnector
 from feed.core.change import Change, Gap
 from tests.connector_contract import ConnectorContract, generator, streaming
 from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401
+from tests.support.waiting import stopped
 
 pytestmark = pytest.mark.mongodb
 WAIT = 15.0
@@ -174,8 +175,7 @@ async def test_bson_types_become_json(mongodb: MongoSource, db: str) -> None:  #
                 connector.snapshot(RoomAddress(f"{db}.orders"), lambda row: True, 10), WAIT
             )
         finally:
-            pulling.cancel()
-            await asyncio.gather(pulling, return_exceptions=True)
+            await stopped(pulling)
     assert snap.rows == [insert.after]  # snapshots and changes decode BSON the same way
     body = json.loads(json.dumps(insert.wire))
     assert insert.row_key == str(oid)
@@ -295,8 +295,7 @@ async def test_idle_stream_keeps_saving_post_batch_token(mongodb: MongoSource, d
                     await asyncio.sleep(0.1)
                     later = await saved_token(mongodb, connector)
         finally:
-            pulling.cancel()
-            await asyncio.gather(pulling, return_exceptions=True)
+            await stopped(pulling)
             await stream.aclose()
     assert later["_data"] > first["_data"]
 
@@ -346,8 +345,7 @@ async def test_snapshot_is_consistent_with_the_stream(mongodb: MongoSource, db: 
             limited = await connector.snapshot(RoomAddress(f"{db}.orders"), lambda row: True, 2)
             one = await connector.snapshot(RoomAddress(f"{db}.orders", "3"), lambda row: True, 10)
         finally:
-            drainer.cancel()
-            await asyncio.gather(drainer, return_exceptions=True)
+            await stopped(drainer)
     assert sorted(row["_id"] for row in snap.rows) == [0, 1, 3]
     assert isinstance(seen, Change) and snap.covers(seen)
     assert isinstance(later, Change) and not snap.covers(later)
@@ -368,8 +366,7 @@ async def test_snapshot_of_an_object_id_row(mongodb: MongoSource, db: str) -> No
                 connector.snapshot(RoomAddress(f"{db}.orders", str(oid)), lambda r: True, 10), WAIT
             )
         finally:
-            pulling.cancel()
-            await asyncio.gather(pulling, return_exceptions=True)
+            await stopped(pulling)
             await stream.aclose()
     assert [row["_id"] for row in snap.rows] == [oid]
 

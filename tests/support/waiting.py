@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -22,3 +23,20 @@ async def wait_until(
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def stopped(task: asyncio.Task[Any], what: str = "the task") -> None:
+    """Cancel `task` and wait until it ends, cancelling it again while it runs on.
+
+    A driver can swallow a cancellation that lands just as its reply arrives (redis-py has done
+    so); the hub cancels its connector tasks the same way (feed.routing.hub.cancel_and_wait).
+    One cancel and an unbounded wait would hang the test instead of failing it.
+    """
+    for _ in range(20):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            if not task.cancelled():
+                task.exception()  # retrieved: asyncio does not log it as never retrieved
+            return
+    raise AssertionError(f"{what} ignored cancellation for 10 s")
