@@ -9,6 +9,7 @@ restarted, Postgres) are in tests/test_cluster_processes.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -778,3 +779,27 @@ async def test_a_snapshot_after_redis_lost_the_rooms_goes_live_in_the_new_epoch(
         assert len(ack["snapshot"]) == 5
         memory(reader).write("public.orders", "insert", {"id": 6, "status": "new"})
         assert (await late.next_change(10))["key"] == 6
+
+
+async def test_a_node_shuts_down_when_its_upkeep_ignores_a_cancel(
+    redis_target: RedisTarget,
+) -> None:
+    """redis-py can swallow a cancel that lands as a reply arrives: the engine's upkeep loop
+    then runs on. The node must still stop within seconds (its shutdown cancels again), not
+    hang (a fresh-clone CI run saw a node's shutdown outlive its test's 10 s)."""
+
+    async def upkeep_that_swallows_one_cancel() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)  # the cancel "lands as the reply arrives"
+        await asyncio.sleep(3600)  # and the loop goes on to its next round
+
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        (node,) = await start_nodes(stack, config, 1)
+        stubborn = asyncio.create_task(upkeep_that_swallows_one_cancel())
+        node.engine._tasks.append(stubborn)
+        await asyncio.sleep(0)  # running, inside its first sleep
+        started = time.monotonic()
+    stopped_in = time.monotonic() - started
+    assert stubborn.cancelled()
+    assert stopped_in < 5, f"the node took {stopped_in:.1f}s to stop"

@@ -43,6 +43,7 @@ from feed.engine.core import log
 from feed.engine.resume import Resume
 from feed.engine.wire import one_line
 from feed.errors import ClusterError
+from feed.routing.hub import cancel_and_wait
 
 POOL_CONNECTIONS = 32
 """Connections a node opens for its occasional commands (registrations, leases, history reads),
@@ -91,11 +92,10 @@ class RedisEngine(Resume):
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Cancelled again while one runs on: redis-py can swallow a cancel that lands as a reply
+        # arrives, and the upkeep loop would then go on, holding the server's shutdown forever
+        # (a fresh-clone CI run: a node's shutdown outlived its test's 10 s).
+        await cancel_and_wait(self._tasks, grace=1.0)
         self._tasks.clear()
         if self._caller is not None:
             self._caller.close()

@@ -50,18 +50,19 @@ STOP_GRACE = 5.0
 """Seconds a cancelled connector task gets to save its position and let go of its source."""
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel `tasks` and wait for them; cancel again any still running after STOP_GRACE.
+async def cancel_and_wait(tasks: list[asyncio.Task[None]], grace: float | None = None) -> None:
+    """Cancel `tasks` and wait for them; cancel again any still running after `grace` seconds
+    (STOP_GRACE, read when called, by default).
 
     A driver can swallow a cancellation that lands just as its reply arrives (redis-py has done
-    so), and a connector task that ignored its one cancel would hold shutdown up forever. The
-    grace comes first so that a connector saving its position on the way out is not cut short.
+    so), and a task that ignored its one cancel would hold shutdown up forever. The grace comes
+    first so that a connector saving its position on the way out is not cut short.
     """
     for task in tasks:
         task.cancel()
     if not tasks:
         return
-    _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
+    _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE if grace is None else grace)
     for _ in range(3):
         if not pending:
             break
