@@ -50,7 +50,7 @@ STOP_GRACE = 5.0
 """Seconds a cancelled connector task gets to save its position and let go of its source."""
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task[None]], grace: float | None = None) -> None:
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], grace: float | None = None) -> None:
     """Cancel `tasks` and wait for them; cancel again any still running after `grace` seconds
     (STOP_GRACE, read when called, by default).
 
