@@ -49,7 +49,6 @@ def main() -> int:
                 str(int(args.seconds)),
                 "--rate",
                 str(args.spy_rate),
-                "--nonblocking",
                 *(["--gil"] if args.gil else []),
             ]
 
