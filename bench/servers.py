@@ -73,13 +73,6 @@ def feed_main(conn: Connection, config_toml: str) -> None:
         gc.disable()
     if os.environ.get("BENCH_GC_LOG"):
         _log_gc_pauses(os.environ["BENCH_GC_LOG"])
-    if os.environ.get("BENCH_CPROFILE"):  # call counts per change, not timings: cProfile skews
-        import cProfile
-
-        with cProfile.Profile() as profile:
-            run_in_loop(_feed(conn, config_toml))
-        profile.dump_stats(os.environ["BENCH_CPROFILE"])
-        return
     run_in_loop(_feed(conn, config_toml))
 
 
@@ -100,6 +93,21 @@ def run_in_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run the feed on the loop `feed serve` would pick (BENCH_LOOP=asyncio|uvloop to compare)."""
     with asyncio.Runner(loop_factory=loop_factory(os.environ.get("BENCH_LOOP", "auto"))) as r:
         r.run(main)
+
+
+_profile: list[Any] = []
+
+
+def _profiler() -> Any:
+    """The process's cProfile (BENCH_CPROFILE), switched on; None when not asked for."""
+    if not os.environ.get("BENCH_CPROFILE"):
+        return None
+    if not _profile:
+        import cProfile
+
+        _profile.append(cProfile.Profile())
+    _profile[0].enable()
+    return _profile[0]
 
 
 def _log_gc_pauses(path: str) -> None:
@@ -183,7 +191,13 @@ async def _feed(conn: Connection, config_toml: str) -> None:
                 # frames than the baselines send).
                 memory.write(targets[i % n], "insert", {"id": next(keys), "t": time.time()})
 
+            # BENCH_CPROFILE=<file>: call counts per change over the emits alone (not the
+            # clients' connections), not timings: cProfile skews those.
+            profile = _profiler()
             seconds = await paced(count, rate, write)
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(os.environ["BENCH_CPROFILE"])
             return ("emitted", seconds)
         if op == "burst":  # `count` inserts at once, as one statement's rows arrive
             target, count, users, offset = request[1:]
@@ -361,7 +375,13 @@ async def _socketio(conn: Connection, port: int) -> None:
                 pending.add(emit)
                 emit.add_done_callback(pending.discard)
 
+            # BENCH_CPROFILE=<file>: call counts per change over the emits alone (not the
+            # clients' connections), not timings: cProfile skews those.
+            profile = _profiler()
             seconds = await paced(count, rate, write)
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(os.environ["BENCH_CPROFILE"])
             return ("emitted", seconds)
         if op == "clients":
             return ("clients", len(sio.manager.rooms.get("/", {}).get(None, {})))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any
 
@@ -464,3 +465,37 @@ async def test_a_write_while_the_hub_waits_is_routed_in_the_writers_own_call() -
             assert client.changes()[-1]["after"]["id"] == 501
         finally:
             await client.close()
+
+
+async def test_a_buffered_change_costs_the_collector_one_object_sent_or_replayed() -> None:
+    """A change waits in its room's replay buffer for as long as the buffer keeps it (at many
+    rooms, most of the feed's long-lived objects), and every full pass of the garbage collector
+    walks every tracked object: the wire dict a change is encoded from (tracked, as it holds
+    the images) is dropped once the rooms have their payloads, live or replayed."""
+    count = 2000
+    async with running_feed(CONFIG) as feed:
+        live = await Recorder().connect(feed.url)
+        late = await Recorder().connect(feed.url)
+        db = memory(feed)
+        try:
+            await live.subscribe(ROOM)
+
+            def tracked() -> int:
+                gc.collect()
+                return len(gc.get_objects())
+
+            before = tracked()
+            for i in range(count):  # rows of atomic values: the images are not tracked
+                db.write("public.orders", "insert", {"id": i, "total": i * 1.5})
+            await live.until(count)
+            live.events.clear()  # what the client kept is not the server's
+            grown = tracked() - before
+            assert grown < 1.25 * count, f"{grown} objects for {count} buffered changes"
+            await late.subscribe(ROOM, since=0)  # every change replayed, its dict built again
+            await late.until(count)
+            late.events.clear()
+            grown = tracked() - before
+            assert grown < 1.25 * count, f"{grown} objects after a replay of {count} changes"
+        finally:
+            await live.close()
+            await late.close()

@@ -75,6 +75,7 @@ class computed_once(Generic[T]):
 
 
 _set = object.__setattr__
+_unset = object.__delattr__
 
 
 @dataclass(frozen=True, init=False)
@@ -167,6 +168,23 @@ class Change:
             return dumps_json(self.wire)[1:]
         except (TypeError, ValueError):
             return None
+
+    def settle(self, keep_json: bool) -> None:
+        """Forget the `wire` dict once every room has its payload (each room copies it), keeping
+        the JSON (`wire_tail`) when a write of it is still to come.
+
+        A routed change then waits in its rooms' replay buffers for as long as they keep it,
+        and the dict would double what each waiting change costs: about 360 bytes, and a
+        second object for the garbage collector (the dict holds the images, so it is tracked),
+        whose full passes walk every tracked object (docs/benchmarks.md, "Replay buffers and
+        the garbage collector"). The JSON is bytes, which it does not track. A replay builds
+        the dict again, and settles again."""
+        if keep_json:
+            self.wire_tail  # noqa: B018 (computed and kept before its dict goes)
+        try:  # noqa: SIM105 (no context manager per change: this runs once for each)
+            _unset(self, "wire")
+        except AttributeError:  # never built, or settled already
+            pass
 
 
 @dataclass(frozen=True)

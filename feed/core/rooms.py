@@ -155,7 +155,9 @@ class Room:
         skip = max(0, since + 1 - first)
         for offset, change in enumerate(itertools.islice(buffer, skip, None), start=skip):
             seq = first + offset
-            yield seq, change, self.payload(seq, change, seq in self._left)
+            payload = self.payload(seq, change, seq in self._left)
+            change.settle(keep_json=False)  # a replay is encoded whole (`Payload` keeps its dict)
+            yield seq, change, payload
 
     def join(self, sid: str) -> None:
         self.members.add(sid)
