@@ -96,12 +96,13 @@ class Snap:
         return "{" + ",".join(str(x) for x in sorted(self.xip)) + "}"
 
 
-@dataclass(frozen=True)
-class PgPosition:
-    """Where a change sits in the journal: its transaction and its row."""
+PgPosition = tuple[int, int]
+"""Where a change sits in the journal: its transaction's id and its row's.
 
-    xid: int
-    id: int
+A plain tuple, not a class: a change carries its position for as long as a room's replay buffer
+keeps it, and every instance of a Python class (an int subclass too) is tracked by the garbage
+collector, whose full passes walk every tracked object; a tuple of ints is not tracked once the
+collector has seen it (docs/benchmarks.md, "Replay buffers and the garbage collector")."""
 
 
 @dataclass
@@ -1266,7 +1267,7 @@ class PostgresConnector(Connector):
             after=after,
             ts=row["commit_ts"] or row["ts"],
             change_id=f"{self.name}:{row['id']}",
-            position=PgPosition(row["xid"], row["id"]),
+            position=(row["xid"], row["id"]),
         )
 
     def make_change(
@@ -1392,7 +1393,7 @@ class PostgresConnector(Connector):
         await self.wait_for_next_poll()
 
         def covers(change: Change) -> bool:
-            position = change.position
-            return isinstance(position, PgPosition) and snap.visible(position.xid)
+            position: PgPosition = change.position
+            return type(position) is tuple and snap.visible(position[0])
 
         return covers

@@ -65,14 +65,10 @@ def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
-@dataclass(frozen=True)
-class LogicalPosition:
-    """A change's transaction (32-bit xid, as pgoutput gives it), commit LSN and index."""
+LogicalPosition = tuple[int, int, int, int]
+"""A change's transaction (32-bit xid, as pgoutput gives it), commit LSN, end LSN and index.
 
-    xid: int
-    commit_lsn: int
-    end_lsn: int
-    index: int
+A plain tuple, as the trigger mode's `PgPosition` (connectors/postgres.py says why)."""
 
 
 @dataclass
@@ -691,7 +687,7 @@ class LogicalReader:
             after=after,
             ts=txn.commit_ts,
             change_id=f"{c.name}:{format_lsn(txn.commit_lsn)}:{index}",
-            position=LogicalPosition(txn.xid, txn.commit_lsn, txn.end_lsn, index),
+            position=(txn.xid, txn.commit_lsn, txn.end_lsn, index),
         )
 
     # -- snapshots -------------------------------------------------------------------------------
@@ -706,10 +702,10 @@ class LogicalReader:
         epoch = snap.xmax & ~0xFFFFFFFF
 
         def covers(change: Change) -> bool:
-            position = change.position
-            if not isinstance(position, LogicalPosition):
+            position: LogicalPosition = change.position
+            if type(position) is not tuple:
                 return False
-            full = epoch | position.xid
+            full = epoch | position[0]
             if full > snap.xmax:
                 full -= 1 << 32
             return snap.visible(full)
