@@ -75,7 +75,6 @@ class computed_once(Generic[T]):
 
 
 _set = object.__setattr__
-_unset = object.__delattr__
 
 
 @dataclass(frozen=True, init=False)
@@ -169,22 +168,60 @@ class Change:
         except (TypeError, ValueError):
             return None
 
-    def settle(self, keep_json: bool) -> None:
-        """Forget the `wire` dict once every room has its payload (each room copies it), keeping
-        the JSON (`wire_tail`) when a write of it is still to come.
+    @computed_once
+    def kept(self) -> tuple[Any, ...]:
+        """The change's fields in `__init__`'s order, as a replay buffer keeps them
+        (`Change.thawed(kept)` is the change again).
 
-        A routed change then waits in its rooms' replay buffers for as long as they keep it,
-        and the dict would double what each waiting change costs: about 360 bytes, and a
-        second object for the garbage collector (the dict holds the images, so it is tracked),
-        whose full passes walk every tracked object (docs/benchmarks.md, "Replay buffers and
-        the garbage collector"). The JSON is bytes, which it does not track. A replay builds
-        the dict again, and settles again."""
-        if keep_json:
-            self.wire_tail  # noqa: B018 (computed and kept before its dict goes)
-        try:  # noqa: SIM105 (no context manager per change: this runs once for each)
-            _unset(self, "wire")
-        except AttributeError:  # never built, or settled already
-            pass
+        A tuple, not the change: a buffer keeps what it holds for as long as `replay_buffer`
+        changes have not come after it, at many rooms most of the process's long-lived
+        objects, and the garbage collector's full passes walk every tracked object. Every
+        instance of a Python class is tracked, with its computed wire dict (it holds the
+        images) beside it; a tuple whose items are strings, numbers, times, tuples of those and
+        dicts of those is not, once the collector has seen it (docs/benchmarks.md, "Replay
+        buffers and the garbage collector"). A dict among its items would keep it tracked
+        whatever the dict holds, so the images and `meta` are kept as their keys and their
+        values (`thawed` makes dicts of them again). The change itself, its wire dict and its
+        JSON go when its payloads have been written."""
+        return (
+            self.id,
+            self.connector,
+            self.source,
+            self.target,
+            self.op,
+            self.key,
+            _frozen(self.before),
+            _frozen(self.after),
+            self.ts,
+            _frozen(self.meta),
+            self.position,
+        )
+
+    @classmethod
+    def thawed(cls, kept: tuple[Any, ...]) -> Change:
+        """The change again from what `kept` gave."""
+        (id, connector, source, target, op, key, before, after, ts, meta, position) = kept
+        return cls(
+            id,
+            connector,
+            source,
+            target,
+            op,
+            key,
+            _thawed(before),
+            _thawed(after),
+            ts,
+            _thawed(meta),
+            position,
+        )
+
+
+def _frozen(image: Mapping[str, Any] | None) -> tuple[tuple[str, ...], tuple[Any, ...]] | None:
+    return None if image is None else (tuple(image), tuple(image.values()))
+
+
+def _thawed(frozen: tuple[tuple[str, ...], tuple[Any, ...]] | None) -> dict[str, Any] | None:
+    return None if frozen is None else dict(zip(*frozen, strict=True))
 
 
 @dataclass(frozen=True)

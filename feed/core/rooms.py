@@ -91,12 +91,13 @@ class Room:
     """Members still being caught up (replay or snapshot): live sends skip them meanwhile."""
     empty_since: float | None = field(default_factory=time.monotonic)
     evicted: int = 0
-    _buffer: deque[Change] = field(default_factory=deque)
-    """The last changes numbered here, oldest first: the shared change rather than this room's
-    payload dict, which is rebuilt for a replay. Their numbers are consecutive and end at `seq`
-    (`record` is the only writer), so no number is stored with them: at many rooms the
-    buffered entries are most of the feed's long-lived objects, and every object kept costs
-    the garbage collector's full passes time (docs/benchmarks.md)."""
+    _buffer: deque[tuple[Any, ...]] = field(default_factory=deque)
+    """The last changes numbered here, oldest first, each as its fields (`Change.kept`, shared
+    by every room it went to) rather than this room's payload dict, which is rebuilt for a
+    replay. Their numbers are consecutive and end at `seq` (`record` is the only writer), so
+    no number is stored with them: at many rooms the buffered entries are most of the feed's
+    long-lived objects, and every tracked object kept costs the garbage collector's full
+    passes time (docs/benchmarks.md, "Replay buffers and the garbage collector")."""
     _left: set[int] = field(default_factory=set)
     """The numbers of buffered changes that left this room's filter (sent for `before` only)."""
 
@@ -115,7 +116,7 @@ class Room:
             and not self.filter.matches_image(change.after)
         )
         buffer = self._buffer
-        buffer.append(change)
+        buffer.append(change.kept)
         if left:
             self._left.add(seq)
         if len(buffer) > self.capacity:
@@ -153,11 +154,10 @@ class Room:
         buffer = self._buffer
         first = self.seq - len(buffer) + 1
         skip = max(0, since + 1 - first)
-        for offset, change in enumerate(itertools.islice(buffer, skip, None), start=skip):
+        for offset, kept in enumerate(itertools.islice(buffer, skip, None), start=skip):
             seq = first + offset
-            payload = self.payload(seq, change, seq in self._left)
-            change.settle(keep_json=False)  # a replay is encoded whole (`Payload` keeps its dict)
-            yield seq, change, payload
+            change = Change.thawed(kept)
+            yield seq, change, self.payload(seq, change, seq in self._left)
 
     def join(self, sid: str) -> None:
         self.members.add(sid)

@@ -357,15 +357,12 @@ class Hub:
         buffer filled up and was flushed."""
         transport = self.transport
         full = False
-        sent = False
         for room, payload in self.route(change):
             receivers = len(room.members) - len(room.pending)
             if receivers > 0 and transport is not None:
                 skip = list(room.pending) if room.pending else []
                 full = transport.send_change(room.name, payload, skip) or full
                 counted_out.inc(receivers)
-                sent = True
-        change.settle(keep_json=sent)
         return full
 
     def _counters(self, connector: str) -> tuple[Counter, Counter]:
