@@ -66,6 +66,9 @@ def main() -> int:
     parser.add_argument("--rooms", type=int, default=200)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--changes", type=int, default=2000)
+    parser.add_argument(
+        "--keep", metavar="DIR", help="copy callgrind's output here, for callgrind_annotate"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("bench.instructions needs valgrind: apt-get install valgrind", file=sys.stderr)
@@ -96,6 +99,10 @@ def main() -> int:
         finally:
             server.stop()
         total = counted(directory)
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            for path in directory.glob("callgrind.*"):
+                shutil.copy(path, args.keep)
     print(
         f"{total / args.changes / 1000:.1f}k instructions per change "
         f"({args.clients} clients, {args.rooms} rooms, {args.rate:g}/s, {args.changes} changes; "

@@ -47,7 +47,11 @@ log_level = "warning"
 def memory_config(targets: list[str], port: int, extra: str = "") -> str:
     names = ", ".join(json.dumps(t) for t in targets)
     return (
-        server_section(port, f"replay_buffer = 1000\n{extra}")
+        # BENCH_REPLAY_BUFFER: a few, to measure with every room's buffer full (each change
+        # evicts one), as a feed that has run a while has them.
+        server_section(
+            port, f"replay_buffer = {os.environ.get('BENCH_REPLAY_BUFFER', 1000)}\n{extra}"
+        )
         + f"""
 [[connectors]]
 name = "mem"

@@ -168,10 +168,10 @@ class Change:
         except (TypeError, ValueError):
             return None
 
-    @computed_once
     def kept(self) -> tuple[Any, ...]:
         """The change's fields in `__init__`'s order, as a replay buffer keeps them
-        (`Change.thawed(kept)` is the change again).
+        (`Change.thawed(kept)` is the change again); made once per change, however many rooms
+        it goes to (`Hub.route`).
 
         A tuple, not the change: a buffer keeps what it holds for as long as `replay_buffer`
         changes have not come after it, at many rooms most of the process's long-lived
@@ -183,6 +183,8 @@ class Change:
         whatever the dict holds, so the images and `meta` are kept as their keys and their
         values (`thawed` makes dicts of them again). The change itself, its wire dict and its
         JSON go when its payloads have been written."""
+        # `_frozen` inline for the images: this runs once per change.
+        before, after, meta = self.before, self.after, self.meta
         return (
             self.id,
             self.connector,
@@ -190,10 +192,10 @@ class Change:
             self.target,
             self.op,
             self.key,
-            _frozen(self.before),
-            _frozen(self.after),
+            None if before is None else (tuple(before), tuple(before.values())),
+            None if after is None else (tuple(after), tuple(after.values())),
             self.ts,
-            _frozen(self.meta),
+            None if meta is None else _frozen(meta),
             self.position,
         )
 

@@ -106,8 +106,9 @@ class Room:
         """Row and filter rooms live only while followed; target rooms live as long as the feed."""
         return self.key is not None or self.filter is not None
 
-    def record(self, change: Change) -> dict[str, Any]:
-        """Number the change for this room, keep it for replay, and return its wire payload."""
+    def record(self, change: Change, kept: tuple[Any, ...] | None = None) -> dict[str, Any]:
+        """Number the change for this room, keep it for replay (`kept`: `change.kept()`, made
+        once for all its rooms), and return its wire payload."""
         seq = self.seq = self.seq + 1
         # Delivered for its before image only: the row has just left this room's filter.
         left = (
@@ -116,7 +117,7 @@ class Room:
             and not self.filter.matches_image(change.after)
         )
         buffer = self._buffer
-        buffer.append(change.kept)
+        buffer.append(change.kept() if kept is None else kept)
         if left:
             self._left.add(seq)
         if len(buffer) > self.capacity:

@@ -327,7 +327,8 @@ class Hub:
     def route(self, change: Change) -> list[tuple[Room, dict[str, Any]]]:
         """Number and buffer the change in every room it matches; return what to send where."""
         rooms = self._target_rooms(change.connector, change.target).matching(change)
-        return [(room, room.record(change)) for room in rooms]
+        kept = change.kept()
+        return [(room, room.record(change, kept)) for room in rooms]
 
     async def _dispatch(self, connector: Connector, item: Change | Gap) -> None:
         if isinstance(item, Gap):
