@@ -177,11 +177,11 @@ class Change:
         changes have not come after it, at many rooms most of the process's long-lived
         objects, and the garbage collector's full passes walk every tracked object. Every
         instance of a Python class is tracked, with its computed wire dict (it holds the
-        images) beside it; a tuple whose items are strings, numbers, times, tuples of those and
-        dicts of those is not, once the collector has seen it (docs/benchmarks.md, "Replay
-        buffers and the garbage collector"). A dict among its items would keep it tracked
-        whatever the dict holds, so the images and `meta` are kept as their keys and their
-        values (`thawed` makes dicts of them again). The change itself, its wire dict and its
+        images) beside it; a tuple whose items are strings, numbers, times and tuples of those
+        is not, once the collector has seen it (docs/benchmarks.md, "Replay buffers and the
+        garbage collector"). A dict among its items would keep it tracked whatever the dict
+        holds, so the images and `meta` are kept as their keys and their values (`thawed`
+        makes dicts of them again). The change itself, its wire dict and its
         JSON go when its payloads have been written."""
         # `_frozen` inline for the images: this runs once per change.
         before, after, meta = self.before, self.after, self.meta
@@ -202,9 +202,9 @@ class Change:
     @classmethod
     def thawed(cls, kept: tuple[Any, ...]) -> Change:
         """The change again from what `kept` gave."""
-        (id, connector, source, target, op, key, before, after, ts, meta, position) = kept
+        ident, connector, source, target, op, key, before, after, ts, meta, position = kept
         return cls(
-            id,
+            ident,
             connector,
             source,
             target,
