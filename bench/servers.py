@@ -8,6 +8,7 @@ operating system charges to the server process covers producing, routing and sen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib
 import itertools
@@ -16,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -102,16 +103,25 @@ def run_in_loop(main: Coroutine[Any, Any, None]) -> None:
 _profile: list[Any] = []
 
 
-def _profiler() -> Any:
-    """The process's cProfile (BENCH_CPROFILE), switched on; None when not asked for."""
+@contextlib.contextmanager
+def _profiling() -> Iterator[None]:
+    """With BENCH_CPROFILE=<file>: the process's cProfile runs through the block and is written
+    to the file after it (over every block so far). For call counts per change over the emits
+    alone, not the clients' connections; not for timings, which cProfile skews."""
     if not os.environ.get("BENCH_CPROFILE"):
-        return None
+        yield
+        return
     if not _profile:
         import cProfile
 
         _profile.append(cProfile.Profile())
-    _profile[0].enable()
-    return _profile[0]
+    profile = _profile[0]
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        profile.dump_stats(os.environ["BENCH_CPROFILE"])
 
 
 def _log_gc_pauses(path: str) -> None:
@@ -195,13 +205,8 @@ async def _feed(conn: Connection, config_toml: str) -> None:
                 # frames than the baselines send).
                 memory.write(targets[i % n], "insert", {"id": next(keys), "t": time.time()})
 
-            # BENCH_CPROFILE=<file>: call counts per change over the emits alone (not the
-            # clients' connections), not timings: cProfile skews those.
-            profile = _profiler()
-            seconds = await paced(count, rate, write)
-            if profile is not None:
-                profile.disable()
-                profile.dump_stats(os.environ["BENCH_CPROFILE"])
+            with _profiling():
+                seconds = await paced(count, rate, write)
             return ("emitted", seconds)
         if op == "burst":  # `count` inserts at once, as one statement's rows arrive
             target, count, users, offset = request[1:]
@@ -379,13 +384,8 @@ async def _socketio(conn: Connection, port: int) -> None:
                 pending.add(emit)
                 emit.add_done_callback(pending.discard)
 
-            # BENCH_CPROFILE=<file>: call counts per change over the emits alone (not the
-            # clients' connections), not timings: cProfile skews those.
-            profile = _profiler()
-            seconds = await paced(count, rate, write)
-            if profile is not None:
-                profile.disable()
-                profile.dump_stats(os.environ["BENCH_CPROFILE"])
+            with _profiling():
+                seconds = await paced(count, rate, write)
             return ("emitted", seconds)
         if op == "clients":
             return ("clients", len(sio.manager.rooms.get("/", {}).get(None, {})))

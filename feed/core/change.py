@@ -181,10 +181,8 @@ class Change:
         is not, once the collector has seen it (docs/benchmarks.md, "Replay buffers and the
         garbage collector"). A dict among its items would keep it tracked whatever the dict
         holds, so the images and `meta` are kept as their keys and their values (`thawed`
-        makes dicts of them again). The change itself, its wire dict and its
-        JSON go when its payloads have been written."""
-        # `_frozen` inline for the images: this runs once per change.
-        before, after, meta = self.before, self.after, self.meta
+        makes dicts of them again). The change itself, its wire dict and its JSON go when its
+        payloads have been written."""
         return (
             self.id,
             self.connector,
@@ -192,10 +190,10 @@ class Change:
             self.target,
             self.op,
             self.key,
-            None if before is None else (tuple(before), tuple(before.values())),
-            None if after is None else (tuple(after), tuple(after.values())),
+            _frozen(self.before),
+            _frozen(self.after),
             self.ts,
-            None if meta is None else _frozen(meta),
+            _frozen(self.meta),
             self.position,
         )
 
