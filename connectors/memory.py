@@ -41,7 +41,10 @@ class MemoryConnector(Connector):
         self._positions = itertools.count(1)
         self._written = 0
         self._delivered = 0
-        self._progress = asyncio.Event()
+        self._backlog = 0
+        """Items in `_queue` (kept here: `Queue.qsize()` is a call, and this is read per write)."""
+        self._progress: asyncio.Event | None = None
+        """Set when the hub has routed more; made only while a snapshot waits for that."""
         self.started = 0
         MemoryConnector.instances[self.name] = self
 
@@ -55,13 +58,13 @@ class MemoryConnector(Connector):
     async def changes(self) -> AsyncIterator[Change | Gap]:
         while True:
             item = await self._queue.get()
+            self._backlog -= 1
             if isinstance(item, BaseException):
                 raise item
             yield item
             # Asked for the next item: the hub has routed this one.
             if isinstance(item, Change):
-                self._delivered = item.position
-                self._progress.set()
+                self._routed(item.position)
 
     def targets(self) -> list[str]:
         return list(self._targets)
@@ -120,18 +123,37 @@ class MemoryConnector(Connector):
             position=position,
         )
         sink = self.sink
-        if sink is None or self._queue.qsize():  # the hub is busy, or earlier items still wait
-            self._queue.put_nowait(change)
+        if sink is None or self._backlog:  # the hub is busy, or earlier items still wait
+            self._put(change)
             return change
         try:
             sink(change)  # routed and on its way before this returns (connectors.base)
         except Exception as exc:
             self.sink = None
-            self._queue.put_nowait(exc)  # the hub's stream raises it: a failed dispatch
+            self._put(exc)  # the hub's stream raises it: a failed dispatch
         else:
             self._delivered = position
-            self._progress.set()
+            if self._progress is not None:
+                self._routed(position)
         return change
+
+    async def routed(self, position: int | None = None) -> None:
+        """Until the hub has routed every change up to `position` (all written so far if None)."""
+        high = self._written if position is None else position
+        while self._delivered < high:
+            if self._progress is None:
+                self._progress = asyncio.Event()
+            await self._progress.wait()
+
+    def _put(self, item: Change | Gap | BaseException) -> None:
+        self._backlog += 1
+        self._queue.put_nowait(item)
+
+    def _routed(self, position: int) -> None:
+        self._delivered = position
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     def key_of(self, row: Mapping[str, Any]) -> Any:
         """A row's key as its changes carry it: the value, or column -> value when composite."""
@@ -140,11 +162,11 @@ class MemoryConnector(Connector):
         return {name: row[name] for name in self.key_fields}
 
     def announce_gap(self, reason: str = "test gap") -> None:
-        self._queue.put_nowait(Gap(self.name, reason))
+        self._put(Gap(self.name, reason))
 
     def crash(self, message: str = "simulated source failure") -> None:
         """Make the change stream raise, as a dropped connection would."""
-        self._queue.put_nowait(SourceUnavailable(message))
+        self._put(SourceUnavailable(message))
 
     async def snapshot(
         self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
@@ -159,9 +181,8 @@ class MemoryConnector(Connector):
         # The rows reflect every change written so far; honour the Snapshot contract by waiting
         # until the hub has routed all of them.
         high = self._written
-        while self._delivered < high:
-            self._progress.clear()
-            await asyncio.wait_for(self._progress.wait(), timeout=10)
+        async with asyncio.timeout(10):
+            await self.routed(high)
         return Snapshot(
             rows=rows[:limit],
             covers=lambda change: change.position is not None and change.position <= high,

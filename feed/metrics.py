@@ -54,15 +54,18 @@ class Metrics:
 
 
 class Counter:
-    __slots__ = ("_key", "_series")
+    """One series of a counter. `series[key] += n` is `inc(n)` without the call, for the hub's
+    per-change path."""
+
+    __slots__ = ("key", "series")
 
     def __init__(self, series: dict[Labels, float], key: Labels) -> None:
-        self._series = series
-        self._key = key
+        self.series = series
+        self.key = key
         series.setdefault(key, 0.0)
 
     def inc(self, amount: float = 1.0) -> None:
-        self._series[self._key] += amount
+        self.series[self.key] += amount
 
 
 def _escape(value: str) -> str:

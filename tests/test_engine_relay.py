@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from feed.core.change import Change
-from feed.core.rooms import Payload
+from feed.core.rooms import Payload, Room
 from feed.engine.relay import LEFT, numbered, room_head
 
 
@@ -44,6 +44,9 @@ def test_a_relayed_payload_is_the_text_a_single_node_sends(room: str) -> None:
     relayed = orjson.dumps(numbered(room, 41, raw))
     assert relayed == single.json_body()
     assert json.loads(relayed) == {**c.wire, "room": room, "seq": 41}
+    # A room's own payload starts from the name it encoded once (Room.head): the same text.
+    numbered_here = Room(room, "main", "public.orders", seq=40)
+    assert numbered_here.record(c).json_body() == relayed  # type: ignore[attr-defined]
 
 
 def test_a_payload_written_room_last_gets_its_seq_in_front() -> None:

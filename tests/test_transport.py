@@ -451,13 +451,13 @@ async def test_a_write_while_the_hub_waits_is_routed_in_the_writers_own_call() -
             # error and the hub restarts the connector, which then delivers again.
             await wait_until(lambda: db.sink is not None, what="the hub waiting again")
             started = db.started
-            original = hub.route
+            original = hub._send
 
-            def broken(change: Change) -> Any:
-                hub.route = original  # type: ignore[method-assign]
+            def broken(change: Change, counted: Any) -> Any:
+                hub._send = original  # type: ignore[method-assign]
                 raise RuntimeError("routing failed")
 
-            hub.route = broken  # type: ignore[method-assign]
+            hub._send = broken  # type: ignore[method-assign,assignment]
             db.write("public.orders", "insert", {"id": 500})  # lost, as a failed dispatch is
             await wait_until(lambda: db.started > started, what="the connector restarted")
             db.write("public.orders", "insert", {"id": 501})

@@ -26,8 +26,11 @@ class Payload(dict[str, Any]):
     written is always what the dict holds.
     """
 
-    __slots__ = ("change",)
+    __slots__ = ("change", "head")
     change: Change | None
+    head: bytes
+    """`{"room":<the room's name>,"seq":` as JSON, made once per room (`Room.head`); unset in a
+    payload made elsewhere, which encodes its `room` instead."""
 
     def json_body(self) -> bytes | None:
         """The payload as JSON by splicing (None: encode the dict itself)."""
@@ -36,7 +39,11 @@ class Payload(dict[str, Any]):
         if tail is None:
             return None
         left = b'"left":true,' if "left" in self else b""
-        return b'{"room":%b,"seq":%d,%b%b' % (dumps_json(self["room"]), self["seq"], left, tail)
+        try:
+            head = self.head
+        except AttributeError:  # not made by a room
+            head = b'{"room":%b,"seq":' % dumps_json(self["room"])
+        return b"%b%d,%b%b" % (head, self["seq"], left, tail)
 
     def _edited(self) -> None:
         self.change = None
@@ -100,6 +107,12 @@ class Room:
     passes time (docs/benchmarks.md, "Replay buffers and the garbage collector")."""
     _left: set[int] = field(default_factory=set)
     """The numbers of buffered changes that left this room's filter (sent for `before` only)."""
+    head: bytes = field(init=False, repr=False, default=b"")
+    """The start of every payload's JSON up to its number (`Payload.head`): the name is
+    encoded once per room rather than once per change."""
+
+    def __post_init__(self) -> None:
+        self.head = b'{"room":%b,"seq":' % dumps_json(self.name)
 
     @property
     def ephemeral(self) -> bool:
@@ -136,6 +149,7 @@ class Room:
         else:
             payload = Payload(change.wire, room=self.name, seq=seq)
         payload.change = change
+        payload.head = self.head
         return payload
 
     def mark_gap(self) -> None:

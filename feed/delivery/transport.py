@@ -325,10 +325,12 @@ class SocketIOTransport:
 
     def _flush_room(self, room: str, entries: list[Entry]) -> None:
         if len(entries) == 1 and not entries[0][1]:  # the common case at low rates: one change
-            try:
-                out = Outgoing(_CHANGE_HEAD + _payload_json(entries[0][0]) + b"]")
+            data = entries[0][0]
+            try:  # _payload_json, inline
+                body = data.json_body() if type(data) is Payload else None
+                out = Outgoing(_CHANGE_HEAD + (_dumpb(data) if body is None else body) + b"]")
             except (TypeError, ValueError):
-                out = self._packets("change", entries[0][0])
+                out = self._packets("change", data)
             else:
                 self.frames_sent += 1
             self._deliver(room, out, ())

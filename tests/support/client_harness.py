@@ -223,9 +223,7 @@ class Harness:
         """Until the hub has routed every change written so far."""
         source = self.connector(connector)
         async with asyncio.timeout(WAIT):
-            while source._delivered < source._written:
-                source._progress.clear()
-                await source._progress.wait()
+            await source.routed()
 
 
 class ClusterHarness:
