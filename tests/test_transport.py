@@ -397,20 +397,27 @@ async def test_routed_changes_are_flushed_when_the_stream_would_wait_and_not_bef
     assert queue.get_nowait() == 3  # the cancelled getter took nothing
 
 
-async def test_a_lone_change_goes_out_in_the_pass_that_routed_it() -> None:
+async def test_a_lone_change_goes_out_in_the_writers_call_and_a_burst_behind_it_as_one_frame() -> (
+    None
+):
+    """A pushed change that finds nothing waiting is written before `write` returns (no frame
+    buffered for the end of the loop pass); the room's further changes in the same pass leave
+    together, as one `changes` frame, when the pass ends."""
     async with running_feed(CONFIG) as feed:
         client = await Recorder().connect(feed.url)
         try:
             await client.subscribe(ROOM)
-            sent = transport(feed).frames_sent
-            seen: list[int] = []
-            # The write is routed in the writer's call (the hub's sink) and its flush queued for
-            # the end of this pass; this check is queued right behind it, so it sees whether the
-            # frame went out in that same pass.
+            t = transport(feed)
+            sent = t.frames_sent
             memory(feed).write("public.orders", "insert", {"id": 1})
-            asyncio.get_running_loop().call_soon(lambda: seen.append(transport(feed).frames_sent))
-            await client.until(1)
-            assert seen == [sent + 1]
+            assert t.frames_sent == sent + 1 and t.buffered == 0  # written in the call
+            for i in range(2, 12):  # the same pass: buffered behind the first
+                memory(feed).write("public.orders", "insert", {"id": i})
+            assert t.frames_sent == sent + 1 and t.buffered == 10
+            await client.until(11)
+            assert seqs(client.changes()) == list(range(1, 12))
+            batches = [len(body) for body in client.frames("changes")]
+            assert batches == [10], f"the rest of the pass as one frame, got {batches}"
         finally:
             await client.close()
 

@@ -354,8 +354,9 @@ class Hub:
         return take
 
     def _send(self, change: Change, counted_out: Counter) -> bool:
-        """Route the change and hand each room's payload to the transport (buffered until the
-        end of the pass, or the flush before the stream waits); True when the transport's
+        """Route the change and hand each room's payload to the transport (written at once,
+        or buffered until the end of the pass or the flush before the stream waits: see
+        feed.delivery.transport); True when the transport's
         buffer filled up and was flushed.
 
         `route` inline, with its list: per change, at one client per room, every Python call
