@@ -26,7 +26,7 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   room's first in a loop pass is written at once when nothing else waits to go out, and the
   rest are flushed at the end of the pass, one iteration later: a burst written in one pass is
   at most two frames per room (its first change, then the rest as one `changes` frame), and a
-  change on its own costs no buffering (at one client per room, 5% of the server's CPU per
+  change on its own costs no buffering (at one client per room, about 4% of the server's CPU per
   change: docs/benchmarks.md).
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
