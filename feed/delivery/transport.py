@@ -422,23 +422,42 @@ class SocketIOTransport:
         if members is None:
             return
         skipped = frozenset(skip) if skip else None
+        # `_put`'s direct write, inline: one Python call fewer per recipient.
+        sockets = self.sio.eio.sockets
+        text, wire = out.text, out.wire
+        direct = 0
         for sid, eio_sid in members._fwdm.copy().items():
-            if skipped is None or sid not in skipped:
-                self._put(eio_sid, out)
+            if skipped is not None and sid in skipped:
+                continue
+            socket = sockets.get(eio_sid)
+            if socket is None or socket.closing or socket.closed:
+                continue
+            if type(socket) is LeanSocket and text is not None and socket.write_frame(text, wire):
+                direct += 1
+            else:
+                self._queue(socket, out)
+        self.direct_writes += direct
 
     def _put(self, eio_sid: str, out: Outgoing) -> None:
         """Hand one frame to one client: written at once when its websocket takes it, else
         queued behind what already waits for it (feed.delivery.eio_websocket), so nothing overtakes.
 
-        This runs once per recipient per frame, so it is written for speed.
+        This runs once per recipient per frame, so it is written for speed (and `_deliver`
+        has its own copy of the direct write).
         """
         socket = self.sio.eio.sockets.get(eio_sid)
         if socket is None or socket.closing or socket.closed:
             return
+        text = out.text
+        if type(socket) is LeanSocket and text is not None and socket.write_frame(text, out.wire):
+            self.direct_writes += 1
+            return
+        self._queue(socket, out)
+
+    @staticmethod
+    def _queue(socket: Any, out: Outgoing) -> None:
+        """The frame's packets behind what waits for the client (or for its writer)."""
         if type(socket) is LeanSocket:
-            if out.text is not None and socket.write_frame(out.text, out.wire):
-                self.direct_writes += 1
-                return
             for p in out.packets:
                 socket.write(p)
             return
