@@ -422,6 +422,28 @@ async def test_a_lone_change_goes_out_in_the_writers_call_and_a_burst_behind_it_
             await client.close()
 
 
+async def test_changes_a_stream_had_ready_go_out_as_the_first_then_one_frame() -> None:
+    """The stream path (the hub holds the transport while it drains what the stream has ready):
+    a room's first change is written as it is routed, the rest leave as one `changes` frame
+    when the stream would wait, all in order."""
+    async with running_feed(CONFIG) as feed:
+        client = await Recorder().connect(feed.url)
+        db = memory(feed)
+        try:
+            await client.subscribe(ROOM)
+            await wait_until(lambda: db.sink is not None, what="the hub waiting for the stream")
+            db.announce_gap("test gap")  # queued: the writes behind it go through the stream
+            for i in range(10):
+                db.write("public.orders", "insert", {"id": i})
+            await client.until(10)
+            assert seqs(client.changes()) == list(range(1, 11))
+            after_gap = client.events[[name for name, _ in client.events].index("gap") + 1 :]
+            shapes = [(name, len(data) if name == "changes" else 1) for name, data in after_gap]
+            assert shapes == [("change", 1), ("changes", 9)], shapes
+        finally:
+            await client.close()
+
+
 async def test_a_write_while_the_hub_waits_is_routed_in_the_writers_own_call() -> None:
     """The push path (connectors.base `sink`): a change written while the hub waits for the
     stream is numbered before `write` returns, with no queue or task wake-up in between; a burst

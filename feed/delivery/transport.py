@@ -19,15 +19,15 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   overtakes what waits and a slow client still meets the outbound queue limit; long-polling
   clients (and other Engine.IO servers' sockets) get it in their Engine.IO queue;
 - under load, sends fewer frames: the changes routed to a room while the hub drains what its
-  change stream has ready are sent as one `changes` frame (a list, in order) when the stream
-  would wait (`hold`, then `flush` from `FlushBeforeWaiting`); a lone change goes out as a plain
-  `change` in the same loop pass. Of the changes sent by anyone else, and those a connector
-  hands the hub in its own call (`send_change`, through the hub's sink: connectors.base), a
-  room's first in a loop pass is written at once when nothing else waits to go out, and the
-  rest are flushed at the end of the pass, one iteration later: a burst written in one pass is
-  at most two frames per room (its first change, then the rest as one `changes` frame), and a
-  change on its own costs no buffering (at one client per room, about 4% of the server's CPU per
-  change: docs/benchmarks.md).
+  change stream has ready are sent as one `changes` frame (a list, in order; all but the first,
+  below) when the stream would wait (`hold`, then `flush` from `FlushBeforeWaiting`). Changes sent by anyone else,
+  and those a connector hands the hub in its own call (`send_change`, through the hub's sink:
+  connectors.base), are flushed at the end of the loop pass, one iteration later. Either way a
+  room's first change since the last flush is written at once when nothing else waits to go
+  out, and only its further changes wait for the flush: a burst is at most two frames per room
+  (its first change, then the rest as one `changes` frame), and a lone change costs no
+  buffering (at one client per room, about 4% of the server's CPU per change:
+  docs/benchmarks.md).
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
 anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,
@@ -86,8 +86,10 @@ MAX_BUFFERED = 1024
 
 class Transport(Protocol):
     def hold(self) -> None:
-        """Keep `change` sends buffered until `flush`: the caller (the hub's loop over a change
-        stream) promises to flush before it waits, so no extra loop pass is needed for it."""
+        """Keep `change` sends buffered until `flush` (all but a room's first since the last
+        flush, when nothing else waits: written at once): the caller (the hub's loop over a
+        change stream) promises to flush before it waits, so no extra loop pass is needed for
+        it."""
 
     def flush(self) -> None: ...
 
@@ -226,7 +228,7 @@ class SocketIOTransport:
         `asyncio.get_running_loop()` makes a getpid system call, and this runs per change."""
         self._held = False
         self._through: set[str] = set()
-        """Rooms a change was written to at once in this loop pass (`send_change`)."""
+        """Rooms a change was written to at once since the last flush (`send_change`)."""
         self.frames_sent = 0
         """Frames encoded (each went to every recipient); for benchmarks and tests."""
         self.direct_writes = 0
@@ -256,11 +258,14 @@ class SocketIOTransport:
     def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
         entries = self._buffered.get(room)
         if entries is None:
-            if not self._buffered and not self._held and not skip and room not in self._through:
-                # Nothing waits to go out, and nothing went to this room in this pass: written
-                # at once (a room's further changes in the pass still leave as one frame).
+            if not self._buffered and not skip and room not in self._through:
+                # Nothing waits to go out, and nothing went to this room since the last flush:
+                # written at once (the room's further changes until the flush leave as one
+                # frame). The flush ends the record of rooms written: the one held sends
+                # promise, else one at the end of this loop pass.
                 self._through.add(room)
-                self._schedule_flush()  # which ends the pass's record of rooms written
+                if not self._held and self._flush_handle is None:
+                    self._schedule_flush()
                 self._send_one(room, data)
                 return False
             self._buffered[room] = [(data, skip)]

@@ -114,7 +114,8 @@ class Delivery(History):
                             recovery.result()  # a failed recovery: reconnect and try again
                         # What the messages read at once routed leaves when the next read would
                         # wait (as the hub does with a change stream): a lone message's changes
-                        # go out in the pass that received it, a burst's as one frame per room.
+                        # go out in the pass that received it, a burst's as at most two frames
+                        # per room (its first change at once, the rest as one).
                         messages = await FlushBeforeWaiting(pubsub.read(), self._flush)
                         if not messages:
                             continue
@@ -280,7 +281,7 @@ class Delivery(History):
 
     def _relay(self, mirror: Mirror, first: int, raws: list[bytes]) -> None:
         """Deliver the payloads past the room's seq. Sent in one loop pass, the run leaves as
-        one `changes` frame (feed.delivery.transport); each payload is relayed as the reader
+        its first change and one `changes` frame (feed.delivery.transport); each payload is relayed as the reader
         encoded it, with its seq spliced in (feed.engine.relay), never decoded here."""
         name = mirror.room.name
         done = mirror.seq or 0
