@@ -132,9 +132,7 @@ class MemoryConnector(Connector):
             self.sink = None
             self._put(exc)  # the hub's stream raises it: a failed dispatch
         else:
-            self._delivered = position
-            if self._progress is not None:
-                self._routed(position)
+            self._routed(position)
         return change
 
     async def routed(self, position: int | None = None) -> None:

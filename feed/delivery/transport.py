@@ -20,9 +20,10 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   clients (and other Engine.IO servers' sockets) get it in their Engine.IO queue;
 - under load, sends fewer frames: the changes routed to a room while the hub drains what its
   change stream has ready are sent as one `changes` frame (a list, in order; all but the first,
-  below) when the stream would wait (`hold`, then `flush` from `FlushBeforeWaiting`). Changes sent by anyone else,
-  and those a connector hands the hub in its own call (`send_change`, through the hub's sink:
-  connectors.base), are flushed at the end of the loop pass, one iteration later. Either way a
+  below) when the stream would wait (`hold`, then `flush` from `FlushBeforeWaiting`). Changes
+  sent by anyone else, and those a connector hands the hub in its own call (`send_change`,
+  through the hub's sink: connectors.base), are flushed at the end of the loop pass, one
+  iteration later. Either way a
   room's first change since the last flush is written at once when nothing else waits to go
   out, and only its further changes wait for the flush: a burst is at most two frames per room
   (its first change, then the rest as one `changes` frame), and a lone change costs no
@@ -264,7 +265,7 @@ class SocketIOTransport:
                 # frame). The flush ends the record of rooms written: the one held sends
                 # promise, else one at the end of this loop pass.
                 self._through.add(room)
-                if not self._held and self._flush_handle is None:
+                if not self._held:
                     self._schedule_flush()
                 self._send_one(room, data)
                 return False
@@ -348,9 +349,8 @@ class SocketIOTransport:
 
     def _send_one(self, room: str, data: Any) -> None:
         """One change to every member of the room, as a `change` frame."""
-        try:  # _payload_json, inline
-            body = data.json_body() if type(data) is Payload else None
-            out = Outgoing(_CHANGE_HEAD + (_dumpb(data) if body is None else body) + b"]")
+        try:
+            out = Outgoing(_CHANGE_HEAD + _payload_json(data) + b"]")
         except (TypeError, ValueError):
             out = self._packets("change", data)
         else:

@@ -15,7 +15,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -325,10 +325,18 @@ class Hub:
     # -- routing -------------------------------------------------------------------------------
 
     def route(self, change: Change) -> list[tuple[Room, dict[str, Any]]]:
-        """Number and buffer the change in every room it matches; return what to send where."""
-        rooms = self._target_rooms(change.connector, change.target).matching(change)
+        """Number and buffer the change in every room it matches; return what to send where
+        (`_send` does the same, sending as it goes)."""
         kept = change.kept()
-        return [(room, room.record(change, kept)) for room in rooms]
+        return [(room, room.record(change, kept)) for room in self._rooms_for(change)]
+
+    def _rooms_for(self, change: Change) -> Sequence[Room]:
+        """The rooms the change goes to: the target room alone, without `matching`'s call and
+        list, when it has no followed subroom (every change, at many target rooms)."""
+        target = self._targets.get((change.connector, change.target))
+        if target is None:
+            target = self._target_rooms(change.connector, change.target)
+        return (target.room,) if target.alone else target.matching(change)
 
     async def _dispatch(self, connector: Connector, item: Change | Gap) -> None:
         if isinstance(item, Gap):
@@ -356,20 +364,16 @@ class Hub:
     def _send(self, change: Change, counted_out: Counter) -> bool:
         """Route the change and hand each room's payload to the transport (written at once,
         or buffered until the end of the pass or the flush before the stream waits: see
-        feed.delivery.transport); True when the transport's
-        buffer filled up and was flushed.
+        feed.delivery.transport); True when the transport's buffer filled up and was flushed.
 
-        `route` inline, with its list: per change, at one client per room, every Python call
-        on this path is a measurable share of the feed's CPU (docs/benchmarks.md).
+        `route`, sending as it goes rather than building its list: per change, at one client
+        per room, every Python call on this path is a measurable share of the feed's CPU
+        (docs/benchmarks.md).
         """
-        target = self._targets.get((change.connector, change.target))
-        if target is None:
-            target = self._target_rooms(change.connector, change.target)
-        rooms = (target.room,) if target.alone else target.matching(change)
         kept = change.kept()
         transport = self.transport
         full = False
-        for room in rooms:
+        for room in self._rooms_for(change):
             payload = room.record(change, kept)
             receivers = len(room.members) - len(room.pending)
             if receivers > 0 and transport is not None:
