@@ -180,20 +180,23 @@ class Change:
         return tail
 
     def kept(self) -> tuple[Any, ...]:
-        """The change's fields in `__init__`'s order, as a replay buffer keeps them
-        (`Change.thawed(kept)` is the change again); made once per change, however many rooms
-        it goes to (`Hub.route`).
+        """The change's fields, as a replay buffer keeps them (`Change.thawed(kept)` is the
+        change again); made once per change, however many rooms it goes to (`Hub._send`).
 
         A tuple, not the change: a buffer keeps what it holds for as long as `replay_buffer`
         changes have not come after it, at many rooms most of the process's long-lived
         objects, and the garbage collector's full passes walk every tracked object. Every
         instance of a Python class is tracked, with its computed wire dict (it holds the
-        images) beside it; a tuple whose items are strings, numbers, times and tuples of those
-        is not, once the collector has seen it (docs/benchmarks.md, "Replay buffers and the
-        garbage collector"). A dict among its items would keep it tracked whatever the dict
-        holds, so the images and `meta` are kept as their keys and their values (`thawed`
-        makes dicts of them again). The change itself, its wire dict and its JSON go when its
-        payloads have been written."""
+        images) beside it; a tuple whose items are strings, numbers and times is not, once the
+        collector has seen it. A dict among its items would keep it tracked whatever the dict
+        holds, so each image and `meta` is kept as a tuple of its keys and one of its values,
+        side by side in this tuple (`thawed` makes dicts of them again). Side by side, not as
+        a pair: the collector can only let go of a tuple after every tuple in it, and it looks
+        at the survivors of a pass in no set order, so a nested pair let most kept changes
+        reach the old generation still tracked, where every one of them brought the next full
+        pass nearer (docs/benchmarks.md, "Replay buffers and the garbage collector"). The
+        change itself, its wire dict and its JSON go when its payloads have been written."""
+        before, after, meta = self.before, self.after, self.meta
         return (
             self.id,
             self.connector,
@@ -201,17 +204,21 @@ class Change:
             self.target,
             self.op,
             self.key,
-            _frozen(self.before),
-            _frozen(self.after),
             self.ts,
-            _frozen(self.meta),
             self.position,
+            None if before is None else tuple(before),
+            None if before is None else tuple(before.values()),
+            None if after is None else tuple(after),
+            None if after is None else tuple(after.values()),
+            None if meta is None else tuple(meta),
+            None if meta is None else tuple(meta.values()),
         )
 
     @classmethod
     def thawed(cls, kept: tuple[Any, ...]) -> Change:
         """The change again from what `kept` gave."""
-        ident, connector, source, target, op, key, before, after, ts, meta, position = kept
+        ident, connector, source, target, op, key, ts, position, *images = kept
+        before_keys, before, after_keys, after, meta_keys, meta = images
         return cls(
             ident,
             connector,
@@ -219,20 +226,12 @@ class Change:
             target,
             op,
             key,
-            _thawed(before),
-            _thawed(after),
+            None if before_keys is None else dict(zip(before_keys, before, strict=True)),
+            None if after_keys is None else dict(zip(after_keys, after, strict=True)),
             ts,
-            _thawed(meta),
+            None if meta_keys is None else dict(zip(meta_keys, meta, strict=True)),
             position,
         )
-
-
-def _frozen(image: Mapping[str, Any] | None) -> tuple[tuple[str, ...], tuple[Any, ...]] | None:
-    return None if image is None else (tuple(image), tuple(image.values()))
-
-
-def _thawed(frozen: tuple[tuple[str, ...], tuple[Any, ...]] | None) -> dict[str, Any] | None:
-    return None if frozen is None else dict(zip(*frozen, strict=True))
 
 
 @dataclass(frozen=True)
