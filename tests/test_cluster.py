@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from feed.engine import scripts
 from tests.support import redis as redis_support
 from tests.support.cluster import (
     cluster_config,
@@ -223,7 +225,9 @@ async def test_snapshot_on_a_node_that_does_not_read_is_exact(redis_target: Redi
 async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
     redis_target: RedisTarget,
 ) -> None:
-    config = cluster_config(redis_target.url, redis_target.prefix)
+    """A reader that stops lets its lease go and says so: the other node reads at once, not
+    when the lease would have run out (10 s here)."""
+    config = cluster_config(redis_target.url, redis_target.prefix, lease=10.0)
     async with AsyncExitStack() as outer:
         inner = AsyncExitStack()
         a = await inner.enter_async_context(
@@ -243,12 +247,37 @@ async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
                 assert body["connectors"]["mem"]["reader"] == "a"
                 assert body["cluster"]["node"] == "b"
             await inner.aclose()  # a stops: it releases the lease, b takes over
+            stopped = time.monotonic()
             assert await reader_of([b]) is b
+            assert time.monotonic() - stopped < 3.0  # the lease had about 10 s left
             await wait_until(
                 lambda: b.hub.engine is not None and b.hub.engine.reader_of("mem") == "b"
             )
             catalog = await client.call("catalog")
             assert catalog["connectors"][0]["reader"] == "b"
+
+
+async def test_a_node_waiting_for_the_lease_asks_only_as_it_runs_out() -> None:
+    """A node that does not read asks Redis for the lease when the reader's would expire (the
+    reader renews it every third of the lease), not on a clock of its own: a few calls per
+    lease period, however many nodes wait. Counted with MONITOR on a Redis of the test's own."""
+    lease = 3.0
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, cluster_config(target.url, "wait", lease=lease), 2)
+        await reader_of(nodes)
+        acquire = hashlib.sha1(scripts.ACQUIRE.encode()).hexdigest()
+        asked = 0
+        window = 1.5 * lease
+        async with target.admin.monitor() as monitor:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(window):
+                    while True:
+                        command = await monitor.next_command()
+                        if acquire in str(command.get("command", "")).lower():
+                            asked += 1
+        # Each ask finds at least two thirds of the lease left: at most 3 in 1.5 leases (it
+        # was one every lease / 10 seconds, 15 here).
+        assert 1 <= asked <= 3, asked
 
 
 async def readyz_on_every_node(

@@ -44,6 +44,8 @@ class EngineCore:
         self.detail = "connecting"
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
         self._leases: dict[str, str] = {}
+        self._lease_wakes: dict[str, asyncio.Event] = {}
+        """Per connector, set to end this node's wait for its lease (feed.engine.lease)."""
         self._batchers: dict[str, Batcher] = {}
         self._index: dict[str, dict[str, TargetRooms[Routed]]] = {}
         self._routed: dict[str, dict[bytes, tuple[str, Routed, int]]] = {}

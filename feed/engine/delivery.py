@@ -182,6 +182,7 @@ class Delivery(History):
         self.detail = "connected"
         if was_down:
             log.info("%s: connected to the cluster's Redis", self.node)
+            self.lease_released()  # a lease Redis lost meanwhile is taken at once
         for name, connector in self.hub.connectors.items():
             if name in self._leases:
                 saved = self._overridden.pop(name, None)
@@ -248,6 +249,8 @@ class Delivery(History):
                 self._route_spec(spec)
         elif kind == "status":
             self._apply_status(str(body.get("c")), body.get("s") or {})
+        elif kind == "released":  # its reader let the lease go: take it now, not at expiry
+            self.lease_released(str(body.get("c")))
 
     async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
         """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..."""

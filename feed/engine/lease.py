@@ -23,6 +23,10 @@ from feed.engine.publisher import Publisher
 from feed.engine.wire import dumps, loads, one_line
 from feed.errors import ClusterError
 
+LEASE_MARGIN = 0.01
+"""Seconds past a lease's expiry at which a waiting node asks for it again: Redis expires keys
+to the millisecond, and a node that asks a little early only waits the rest."""
+
 
 class Leases(Publisher):
     """Taking, renewing and losing connectors' leases; showing who reads what."""
@@ -101,36 +105,62 @@ class Leases(Publisher):
             raise
         finally:
             if not lost:
+                released = dumps({"t": "released", "c": name})
                 with contextlib.suppress(Exception):
-                    await self._script("RELEASE", [self.lease_key(name)], [holder])
+                    await self._script(
+                        "RELEASE", [self.lease_key(name)], [holder, self.control, released]
+                    )
 
     async def _acquire(self, connector: Connector) -> tuple[str, str]:
+        """Take the connector's lease, waiting for as long as another node holds it.
+
+        A waiting node asks again when the holder's lease would run out (the PTTL the script
+        answers with), or at once when the holder says it let go (a "released" message on the
+        control channel, `lease_released`): a takeover follows a dead reader's expiry to the
+        millisecond, a clean handover takes a round trip, and a waiting node costs Redis one
+        call per renewal period rather than one or two a second. While Redis cannot be
+        reached, it asks every `lease / 10` seconds (at most 1).
+        """
         name = connector.name
         interval = max(0.05, min(1.0, self.config.lease / 10))
         lease_ms = int(self.config.lease * 1000)
+        wake = self._lease_wakes.setdefault(name, asyncio.Event())
         shown = ""
         while True:
+            wake.clear()  # before asking: a release said while the answer travels still wakes
+            wait = interval
             try:
-                token = await self._script(
+                reply = await self._script(
                     "ACQUIRE",
                     [self.lease_key(name), self.fence_key(name)],
                     [self.node, lease_ms, secrets.token_hex(8)],
                 )
-                if token is not None:
-                    token = token.decode() if isinstance(token, bytes) else str(token)
+                if not isinstance(reply, list):
+                    token = reply.decode() if isinstance(reply, bytes) else str(reply)
                     return f"{self.node}|{token}", token
-                current = await self._lease_redis.get(self.lease_key(name))
+                current, left_ms = reply
                 reader = current.decode().rsplit("|", 1)[0] if current else None
                 self.readers[name] = reader
                 if reader and reader != shown:
                     shown = reader
                     await self._mirror_status(connector, reader)
+                if isinstance(left_ms, int) and left_ms > 0:
+                    wait = min(left_ms / 1000, self.config.lease) + LEASE_MARGIN
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 shown = ""
                 connector.set_status(State.DOWN, f"cluster Redis unreachable: {one_line(exc)}")
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await wake.wait()
+
+    def lease_released(self, name: str | None = None) -> None:
+        """Wake the nodes' waits for a lease (`name`'s, or every one): its holder let go, or
+        Redis is back and whatever it lost should be taken again now."""
+        for connector, wake in self._lease_wakes.items():
+            if name is None or connector == name:
+                wake.set()
 
     async def _renew(
         self, name: str, holder: str, deadline: asyncio.Timeout, lost: list[str]

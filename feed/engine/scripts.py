@@ -7,7 +7,8 @@ reader that wakes up after another node took its connector over cannot publish a
 """
 
 ACQUIRE = """
--- KEYS: lease, fence. ARGV: node, lease ms, a random tag. Returns the new fencing token, or nil.
+-- KEYS: lease, fence. ARGV: node, lease ms, a random tag. Returns the new fencing token, or,
+-- when another node holds the lease, its holder ('node|token') and the ms it has left (PTTL).
 -- The token is the count of readings so far and the tag ('7:9f3a...'): the count orders them
 -- (its first reader announces no move), the tag keeps two readings from ever sharing a token,
 -- even when Redis lost the counter (a restart without persistence) and counts from 1 again
@@ -19,7 +20,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
   return token
 end
-return false
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
 RENEW = """
@@ -32,9 +33,12 @@ return 0
 """
 
 RELEASE = """
--- KEYS: lease. ARGV: holder. Deletes the lease only if it is still ours.
+-- KEYS: lease. ARGV: holder, the control channel, the message that says so. Deletes the lease
+-- only if it is still ours, and tells the nodes waiting for it (they wait for its expiry else).
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
 end
 return 0
 """
