@@ -47,12 +47,13 @@ from pymongo.uri_parser import parse_uri
 
 from connectors.base import Connector, RoomAddress, Snapshot, State
 from connectors.mongodb_events import (
-    Position,
     Watch,
+    cluster_time_of,
     just_before,
     stream_match,
     stream_scope,
     to_change,
+    token_of,
     token_time,
 )
 from connectors.mongodb_tokens import TokenStore
@@ -387,13 +388,15 @@ class MongoConnector(Connector):
             return
         self._token = token
         mark = token_time(token)
-        if mark is None and change is not None and isinstance(change.position, Position):
-            mark = change.position.cluster_time
+        if mark is None and change is not None:
+            mark = cluster_time_of(change.position)
         if mark is not None:
             # The position is an event's own time when the token is that event's (not a mark past
             # the end of the batch): other events of the same transaction may still follow.
             self._mark = mark
-            self._mark_is_event = event and change is not None and change.position.token == token
+            self._mark_is_event = (
+                event and change is not None and token_of(change.position) == token
+            )
             self._mark_moved.set()
             self._mark_moved = asyncio.Event()
         now = time.monotonic()
@@ -479,12 +482,8 @@ class MongoConnector(Connector):
             raise self._explain(exc) from None
 
         def covers(change: Change) -> bool:
-            position = change.position
-            return (
-                isinstance(position, Position)
-                and position.cluster_time is not None
-                and position.cluster_time <= at
-            )
+            cluster_time = cluster_time_of(change.position)
+            return cluster_time is not None and cluster_time <= at
 
         return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
 

@@ -101,12 +101,37 @@ def just_before(ts: Timestamp) -> Timestamp:
     return Timestamp(ts.time - 1, 0xFFFFFFFF)
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where a change sits in the oplog: its cluster time (for snapshots) and resume token."""
+Position = tuple[Any, ...]
+"""Where a change sits in the oplog: its cluster time as seconds and increment (-1, -1 when the
+event has none), for snapshots, then its resume token's keys and values in turn (`_data` and
+its text, as a rule): `position_of`, `cluster_time_of`, `token_of`.
 
-    cluster_time: Timestamp | None
-    token: Mapping[str, Any]
+One flat tuple, as Postgres's positions are (connectors/postgres.py says why): a replay buffer
+keeps each change's position, and the garbage collector never lets go of a tuple that holds a
+`Timestamp`, a class instance or a dict (even a dict of strings), and lets go of a tuple inside
+a tuple only a pass later, by which time it may have reached the old generation: each buffered
+change would stay tracked and bring the full passes nearer (docs/benchmarks.md, "Replay buffers
+and the garbage collector")."""
+
+
+def position_of(cluster_time: Timestamp | None, token: Mapping[str, Any]) -> Position:
+    time, inc = (-1, -1) if cluster_time is None else (cluster_time.time, cluster_time.inc)
+    return (time, inc, *[part for item in token.items() for part in item])
+
+
+def cluster_time_of(position: Any) -> Timestamp | None:
+    """The cluster time in a MongoDB change's position (None: it has none, or the position is
+    not a MongoDB one)."""
+    if type(position) is tuple and len(position) % 2 == 0 and position[0] >= 0:
+        return Timestamp(position[0], position[1])
+    return None
+
+
+def token_of(position: Any) -> Mapping[str, Any] | None:
+    """The resume token in a MongoDB change's position (None: not a MongoDB position)."""
+    if type(position) is tuple and len(position) % 2 == 0:
+        return dict(zip(position[2::2], position[3::2], strict=True))
+    return None
 
 
 def change_id(connector: str, token: Mapping[str, Any], cluster_time: Timestamp | None) -> str:
@@ -159,5 +184,5 @@ def to_change(connector: str, event: Mapping[str, Any], fallback_target: str) ->
         after=event.get("fullDocument"),
         ts=ts,
         meta=meta or None,
-        position=Position(cluster_time if isinstance(cluster_time, Timestamp) else None, token),
+        position=position_of(cluster_time if isinstance(cluster_time, Timestamp) else None, token),
     )
