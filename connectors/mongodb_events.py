@@ -120,15 +120,16 @@ def position_of(cluster_time: Timestamp | None, token: Mapping[str, Any]) -> Pos
 
 
 def cluster_time_of(position: Any) -> Timestamp | None:
-    """The cluster time in a MongoDB change's position (None: it has none, or the position is
-    not a MongoDB one)."""
+    """The cluster time in a MongoDB change's position (`position_of`; None when the event had
+    none, or the change has no position)."""
     if type(position) is tuple and len(position) % 2 == 0 and position[0] >= 0:
         return Timestamp(position[0], position[1])
     return None
 
 
 def token_of(position: Any) -> Mapping[str, Any] | None:
-    """The resume token in a MongoDB change's position (None: not a MongoDB position)."""
+    """The resume token in a MongoDB change's position (`position_of`; None when the change
+    has no position)."""
     if type(position) is tuple and len(position) % 2 == 0:
         return dict(zip(position[2::2], position[3::2], strict=True))
     return None

@@ -217,8 +217,8 @@ class Change:
     @classmethod
     def thawed(cls, kept: tuple[Any, ...]) -> Change:
         """The change again from what `kept` gave."""
-        ident, connector, source, target, op, key, ts, position, *images = kept
-        before_keys, before, after_keys, after, meta_keys, meta = images
+        ident, connector, source, target, op, key, ts, position = kept[:8]
+        before_keys, before, after_keys, after, meta_keys, meta = kept[8:]
         return cls(
             ident,
             connector,

@@ -23,12 +23,11 @@ recipient: each queued packet woke the client's Engine.IO writer, which went thr
   below) when the stream would wait (`hold`, then `flush` from `FlushBeforeWaiting`). Changes
   sent by anyone else, and those a connector hands the hub in its own call (`send_change`,
   through the hub's sink: connectors.base), are flushed at the end of the loop pass, one
-  iteration later. Either way a
-  room's first change since the last flush is written at once when nothing else waits to go
-  out, and only its further changes wait for the flush: a burst is at most two frames per room
-  (its first change, then the rest as one `changes` frame), and a lone change costs no
-  buffering (at one client per room, about 4% of the server's CPU per change:
-  docs/benchmarks.md).
+  iteration later. Either way a room's first change since the last flush is written at once
+  when nothing else waits to go out, and only its further changes wait for the flush: a burst
+  is at most two frames per room (its first change, then the rest as one `changes` frame), and
+  a lone change costs no buffering (at one client per room, about 4% of the server's CPU per
+  change: docs/benchmarks.md).
 
 Order is what the hub would get from unbuffered sends. Buffered room frames are flushed before
 anything else goes out (a direct `send_to`, a broadcast, a gap) and before membership changes,

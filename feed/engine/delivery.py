@@ -285,7 +285,8 @@ class Delivery(History):
     def _relay(self, mirror: Mirror, first: int, raws: list[bytes]) -> None:
         """Deliver the payloads past the room's seq. Sent in one loop pass, the run leaves as
         its first change and one `changes` frame (feed.delivery.transport); each payload is
-        relayed as the reader encoded it, with its seq spliced in (feed.engine.relay), never decoded here."""
+        relayed as the reader encoded it, with its seq spliced in (feed.engine.relay), never
+        decoded here."""
         name = mirror.room.name
         done = mirror.seq or 0
         for seq, raw in enumerate(raws, start=first):
