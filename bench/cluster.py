@@ -87,6 +87,8 @@ class RedisProcess:
 
 def config(dsn: str, redis_url: str | None) -> str:
     cluster = f'\n[cluster]\nurl = "{redis_url}"\nprefix = "bench"\nnode = "${{FEED_NODE}}"\n'
+    if interval := os.environ.get("BENCH_PUBLISH_INTERVAL"):  # to compare; else the default
+        cluster += f"publish_interval = {float(interval)}\n"
     return f"""
 [server]
 log_level = "warning"

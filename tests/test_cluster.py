@@ -420,6 +420,8 @@ async def test_a_stale_fencing_token_cannot_publish(
         ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
         ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),
         ("url = 'redis://r'\nleese = 3", "cluster.leese", "not a known setting"),
+        ("url = 'redis://r'\npublish_interval = -1", "cluster.publish_interval", "at least 0"),
+        ("url = 'redis://r'\npublish_interval = 5", "cluster.publish_interval", "at most 1"),
     ],
 )
 def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) -> None:
@@ -443,6 +445,7 @@ def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:
     defaults = parse_config("[cluster]\nurl='redis://r'\n" + text, "feed.toml", {}).cluster
     assert defaults is not None
     assert (defaults.prefix, defaults.lease, defaults.history) == ("dbfeed", 10.0, 1000)
+    assert defaults.publish_interval == 0.005
 
 
 async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it(
@@ -672,6 +675,42 @@ async def test_changes_ready_together_are_published_in_one_script_call() -> None
         got = [await client.next_change() for _ in range(200)]
         assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 201)]
         assert await script_calls() - before <= 3  # the batch, and maybe lease renewals
+
+
+async def test_a_steady_stream_is_published_a_few_changes_per_call() -> None:
+    """`publish_interval` spaces the reader's script calls: a change after a quiet spell goes out
+    at once, and changes written one by one soon after wait for the interval and go together
+    (at 1,000 changes/s every node woke for each change alone: docs/benchmarks.md)."""
+    interval = 0.4
+    config = cluster_config("URL", "paced", lease=10.0, history=500).replace(
+        "history = 500\n", f"history = 500\npublish_interval = {interval}\n"
+    )
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config.replace("URL", target.url), 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        client = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(client, "mem:public.orders")
+
+        async def script_calls() -> int:
+            stats = await target.admin.info("commandstats")
+            return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+        before = await script_calls()
+        started = time.monotonic()
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        first = await client.next_change()
+        alone = time.monotonic() - started
+        assert alone < interval / 2, f"a change after a quiet spell waited {alone:.2f} s"
+        started = time.monotonic()
+        for i in range(2, 22):  # one at a time, as a poll of one row each would hand them over
+            memory(reader).write("public.orders", "insert", {"id": i})
+            await asyncio.sleep(0.005)
+        got = [first] + [await client.next_change() for _ in range(20)]
+        waited = time.monotonic() - started
+        assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 22)]
+        assert waited >= interval / 2, f"the stream went out after {waited:.2f} s"
+        assert await script_calls() - before <= 4  # 1 + 1 or 2 batches, maybe a lease renewal
 
 
 async def test_the_reader_routes_rooms_registered_without_a_word_and_rereads_cheaply(

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 from feed.options import Options
 
+PUBLISH_INTERVAL = 0.005
+"""The default `publish_interval`: at 1,000 changes/s, batches of about five (docs/scaling.md)."""
+
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
@@ -37,6 +40,9 @@ class ClusterConfig:
     """This node's name in status, /readyz and the catalog (default: host name and process id)."""
     room_ttl: float = 86400.0
     """Seconds a room's numbers and history outlive its last change and its last member."""
+    publish_interval: float = PUBLISH_INTERVAL
+    """Seconds at least between a reader's two publish calls for one connector: a change after
+    a quiet spell goes at once, one sooner waits at most this long (feed.engine.batch)."""
 
 
 def default_node_name() -> str:
@@ -59,9 +65,18 @@ def parse_cluster(top: Options, replay_buffer: int) -> ClusterConfig | None:
     history = opts.int("history", replay_buffer, minimum=1, maximum=1_000_000)
     node = opts.str("node", "") or default_node_name()
     room_ttl = opts.float("room_ttl", 86400.0, minimum=1.0)
+    publish_interval = opts.float("publish_interval", PUBLISH_INTERVAL, minimum=0.0)
+    if publish_interval > 1.0:
+        opts.fail("publish_interval", f"must be at most 1 (seconds), not {publish_interval}")
     opts.finish()
     url = "redis://" + url.removeprefix("valkey://") if url.startswith("valkey://") else url
     url = "rediss://" + url.removeprefix("valkeys://") if url.startswith("valkeys://") else url
     return ClusterConfig(
-        url=url, prefix=prefix, lease=lease, history=history, node=node, room_ttl=room_ttl
+        url=url,
+        prefix=prefix,
+        lease=lease,
+        history=history,
+        node=node,
+        room_ttl=room_ttl,
+        publish_interval=publish_interval,
     )

@@ -12,6 +12,14 @@ it saves its position, and the engine hangs `drain` there: it returns once every
 far is published, or raises, and then the position is not saved. A reader killed with -9 loses
 nothing: its successor resumes from the saved position, which is never past what was published
 (and drops by id what the old reader published after it, in the publish script).
+
+Under a steady stream a batch was still one change: at 1,000 changes/s, one row per transaction,
+every poll read one row and every node woke for it alone, and it is the wake-ups, not the bytes,
+that cost (docs/benchmarks.md). `[cluster] publish_interval` spaces the script calls: a change
+after a quiet spell goes out at once, and one that comes sooner than `publish_interval` after the
+last call waits for the rest of it, with whatever else arrives meanwhile. So a feed writing fifty
+changes a second never waits, and one writing a thousand publishes a few at a time, each at most
+`publish_interval` late (Kafka's producer `linger.ms` does the same trade, on every batch).
 """
 
 from __future__ import annotations
@@ -37,8 +45,11 @@ class Batcher:
         name: str,
         publish: Callable[[list[Change]], Awaitable[None]],
         failed: Callable[[str], None],
+        interval: float = 0.0,
     ) -> None:
         self.name = name
+        self.interval = interval
+        """Seconds at least between two script calls, unless a `drain` is waiting."""
         self._publish = publish
         self._failed = failed
         """Ends the reading at once (the hub restarts the connector from its saved position),
@@ -51,6 +62,10 @@ class Batcher:
         """Why a batch could not be published: every later `add` or `drain` raises it, and the
         hub restarts the connector from its saved position."""
         self._task: asyncio.Task[None] | None = None
+        self._due: asyncio.TimerHandle | None = None
+        """The call that starts the next publishing when the interval is up."""
+        self._started = -interval
+        """When the last script call began (loop time)."""
 
     async def add(self, change: Change) -> None:
         if self.error is not None:
@@ -61,11 +76,30 @@ class Batcher:
             await self.drain()
 
     def idle(self) -> None:
-        """The stream is about to wait: publish what it had ready (in a task: this is sync)."""
-        if self.pending and self.error is None and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"cluster:publish:{self.name}"
-            )
+        """The stream is about to wait: publish what it had ready (in a task: this is sync),
+        now, or when `interval` has passed since the last call."""
+        if self.pending and self.error is None and self._due is None and not self._running():
+            self._start(urgent=False)
+
+    def _running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _start(self, urgent: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if not urgent:
+            wait = self._started + self.interval - loop.time()
+            if wait > 0:
+                self._due = loop.call_later(wait, self._on_due)
+                return
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        self._task = loop.create_task(self._run(urgent), name=f"cluster:publish:{self.name}")
+
+    def _on_due(self) -> None:
+        self._due = None
+        if self.pending and self.error is None and not self._running():
+            self._start(urgent=False)
 
     async def drain(self) -> None:
         """Return once everything added so far is published; raise ClusterError if it cannot be."""
@@ -75,17 +109,21 @@ class Batcher:
                 raise ClusterError(self.error)
             if self.published >= target:
                 return
-            if self._task is None or self._task.done():
-                self._task = asyncio.get_running_loop().create_task(
-                    self._run(), name=f"cluster:publish:{self.name}"
-                )
+            if not self._running():
+                self._start(urgent=True)  # a save point waits on it: not the interval
+            assert self._task is not None
             # Shielded: a drain cancelled (a connector stopping) must not cut a call in half
             # and leave the batch unpublished for the next one to wait on.
             await asyncio.shield(self._task)
 
-    async def _run(self) -> None:
+    async def _run(self, urgent: bool) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self.pending and self.error is None:
+                if not urgent and loop.time() < self._started + self.interval:
+                    self._start(urgent=False)  # what came during this call: when it is due
+                    return
+                self._started = loop.time()
                 batch = self.pending[:MAX_BATCH]
                 del self.pending[:MAX_BATCH]
                 await self._publish(batch)
@@ -106,5 +144,8 @@ class Batcher:
         complete = self.error is None and self.published >= self.added
         if self.error is None:
             self.error = "the reading of this connector ended"
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
         self.pending.clear()
         return complete

@@ -66,6 +66,7 @@ class Leases(Publisher):
                         name,
                         lambda batch: self._publish_batch(connector, batch, token, count),
                         stop_reading,
+                        self.config.publish_interval,
                     )
                     self._batchers[name] = batcher
                     connector.settle_with(batcher.drain)
