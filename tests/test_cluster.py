@@ -659,22 +659,32 @@ async def test_changes_ready_together_are_published_in_one_script_call() -> None
     """A burst the connector has ready at once is numbered and published as one batch (one
     `EVALSHA`, not one round trip per change), and arrives whole and in order on another node."""
     async with open_private_redis() as target, AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, cluster_config(target.url, "batch", history=500), 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
-        client = await stack.enter_async_context(feed_client(other.url))
-        await subscribed(client, "mem:public.orders")
-
-        async def script_calls() -> int:
-            stats = await target.admin.info("commandstats")
-            return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-        before = await script_calls()
+        config = cluster_config(target.url, "batch", history=500)
+        reader, client = await reader_and_a_client_elsewhere(stack, config)
+        before = await script_calls(target)
         for i in range(1, 201):
             memory(reader).write("public.orders", "insert", {"id": i})
         got = [await client.next_change() for _ in range(200)]
         assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 201)]
-        assert await script_calls() - before <= 3  # the batch, and maybe lease renewals
+        assert await script_calls(target) - before <= 3  # the batch, and maybe lease renewals
+
+
+async def reader_and_a_client_elsewhere(
+    stack: AsyncExitStack, config: str
+) -> tuple[RunningFeed, FeedClient]:
+    """Two nodes: the one that reads `mem`, and a client of the other following its table."""
+    nodes = await start_nodes(stack, config, 2)
+    reader = await reader_of(nodes)
+    other = next(n for n in nodes if n is not reader)
+    client = await stack.enter_async_context(feed_client(other.url))
+    await subscribed(client, "mem:public.orders")
+    return reader, client
+
+
+async def script_calls(target: RedisTarget) -> int:
+    """Script calls Redis has run so far (publishing batches, and lease renewals)."""
+    stats = await target.admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def test_a_steady_stream_is_published_a_few_changes_per_call() -> None:
@@ -686,17 +696,10 @@ async def test_a_steady_stream_is_published_a_few_changes_per_call() -> None:
         "history = 500\n", f"history = 500\npublish_interval = {interval}\n"
     )
     async with open_private_redis() as target, AsyncExitStack() as stack:
-        nodes = await start_nodes(stack, config.replace("URL", target.url), 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
-        client = await stack.enter_async_context(feed_client(other.url))
-        await subscribed(client, "mem:public.orders")
-
-        async def script_calls() -> int:
-            stats = await target.admin.info("commandstats")
-            return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-        before = await script_calls()
+        reader, client = await reader_and_a_client_elsewhere(
+            stack, config.replace("URL", target.url)
+        )
+        before = await script_calls(target)
         started = time.monotonic()
         memory(reader).write("public.orders", "insert", {"id": 1})
         first = await client.next_change()
@@ -710,7 +713,7 @@ async def test_a_steady_stream_is_published_a_few_changes_per_call() -> None:
         waited = time.monotonic() - started
         assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 22)]
         assert waited >= interval / 2, f"the stream went out after {waited:.2f} s"
-        assert await script_calls() - before <= 4  # 1 + 1 or 2 batches, maybe a lease renewal
+        assert await script_calls(target) - before <= 4  # 1 + 1 or 2 batches, maybe a renewal
 
 
 async def test_the_reader_routes_rooms_registered_without_a_word_and_rereads_cheaply(
