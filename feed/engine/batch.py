@@ -91,15 +91,20 @@ class Batcher:
             if wait > 0:
                 self._due = loop.call_later(wait, self._on_due)
                 return
+        self._go(loop, urgent)
+
+    def _on_due(self) -> None:
+        # Not checked against the interval again: uvloop's timers count whole milliseconds and
+        # fire up to one early, and a check would re-arm them for a fraction, round after round.
+        self._due = None
+        if self.pending and self.error is None and not self._running():
+            self._go(asyncio.get_running_loop(), False)
+
+    def _go(self, loop: asyncio.AbstractEventLoop, urgent: bool) -> None:
         if self._due is not None:
             self._due.cancel()
             self._due = None
         self._task = loop.create_task(self._run(urgent), name=f"cluster:publish:{self.name}")
-
-    def _on_due(self) -> None:
-        self._due = None
-        if self.pending and self.error is None and not self._running():
-            self._start(urgent=False)
 
     async def drain(self) -> None:
         """Return once everything added so far is published; raise ClusterError if it cannot be."""
@@ -118,11 +123,13 @@ class Batcher:
 
     async def _run(self, urgent: bool) -> None:
         loop = asyncio.get_running_loop()
+        first = True
         try:
             while self.pending and self.error is None:
-                if not urgent and loop.time() < self._started + self.interval:
+                if not (urgent or first) and loop.time() < self._started + self.interval:
                     self._start(urgent=False)  # what came during this call: when it is due
                     return
+                first = False
                 self._started = loop.time()
                 batch = self.pending[:MAX_BATCH]
                 del self.pending[:MAX_BATCH]
