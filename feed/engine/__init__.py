@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from feed.options import Options
 
 PUBLISH_INTERVAL = 0.002
-"""The default `publish_interval`: at 1,000 changes/s a tenth less CPU for the same latency; longer
-ones save more and delay changes more (docs/benchmarks.md, "The reader's publish interval")."""
+"""The default `publish_interval`: no latency to see at 1,000 changes/s, and up to a tenth less CPU;
+longer ones save more and delay changes more (docs/benchmarks.md, "The reader's publish
+interval")."""
 
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
