@@ -66,6 +66,8 @@ class Batcher:
         """The call that starts the next publishing when the interval is up."""
         self._started = -interval
         """When the last script call began (loop time)."""
+        self._loop = asyncio.get_running_loop()
+        """Kept: it is asked for its time on every wait of the stream (made in the loop)."""
 
     async def add(self, change: Change) -> None:
         if self.error is not None:
@@ -79,32 +81,30 @@ class Batcher:
         """The stream is about to wait: publish what it had ready (in a task: this is sync),
         now, or when `interval` has passed since the last call."""
         if self.pending and self.error is None and self._due is None and not self._running():
-            self._start(urgent=False)
+            self._when_due()
 
     def _running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def _start(self, urgent: bool) -> None:
-        loop = asyncio.get_running_loop()
-        if not urgent:
-            wait = self._started + self.interval - loop.time()
-            if wait > 0:
-                self._due = loop.call_later(wait, self._on_due)
-                return
-        self._go(loop, urgent)
+    def _when_due(self) -> None:
+        wait = self._started + self.interval - self._loop.time()
+        if wait > 0:
+            self._due = self._loop.call_later(wait, self._on_due)
+        else:
+            self._go(urgent=False)
 
     def _on_due(self) -> None:
         # Not checked against the interval again: uvloop's timers count whole milliseconds and
         # fire up to one early, and a check would re-arm them for a fraction, round after round.
         self._due = None
         if self.pending and self.error is None and not self._running():
-            self._go(asyncio.get_running_loop(), False)
+            self._go(urgent=False)
 
-    def _go(self, loop: asyncio.AbstractEventLoop, urgent: bool) -> None:
+    def _go(self, urgent: bool) -> None:
         if self._due is not None:
             self._due.cancel()
             self._due = None
-        self._task = loop.create_task(self._run(urgent), name=f"cluster:publish:{self.name}")
+        self._task = self._loop.create_task(self._run(urgent), name=f"cluster:publish:{self.name}")
 
     async def drain(self) -> None:
         """Return once everything added so far is published; raise ClusterError if it cannot be."""
@@ -115,19 +115,19 @@ class Batcher:
             if self.published >= target:
                 return
             if not self._running():
-                self._start(urgent=True)  # a save point waits on it: not the interval
+                self._go(urgent=True)  # a save point waits on it: not the interval
             assert self._task is not None
             # Shielded: a drain cancelled (a connector stopping) must not cut a call in half
             # and leave the batch unpublished for the next one to wait on.
             await asyncio.shield(self._task)
 
     async def _run(self, urgent: bool) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         first = True
         try:
             while self.pending and self.error is None:
                 if not (urgent or first) and loop.time() < self._started + self.interval:
-                    self._start(urgent=False)  # what came during this call: when it is due
+                    self._when_due()  # what came during this call: when it is due
                     return
                 first = False
                 self._started = loop.time()
