@@ -166,7 +166,7 @@ class RoomsTransport:
     members: dict[str, set[str]] = field(default_factory=dict)
     received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def hold(self) -> None:
+    def hold(self, first_at_once: bool = True) -> None:
         pass
 
     def flush(self) -> None:

@@ -716,6 +716,26 @@ async def test_a_steady_stream_is_published_a_few_changes_per_call() -> None:
         assert await script_calls(target) - before <= 4  # 1 + 1 or 2 batches, maybe a renewal
 
 
+async def test_a_published_run_reaches_a_client_of_another_node_as_one_frame() -> None:
+    """What the reader published in one call reaches a follower in one message, relayed in its
+    subscriber's read callback (feed.engine.delivery `_direct`) as one frame per client: the
+    whole run is in hand, so nothing is gained by writing its first change alone."""
+    config = cluster_config("URL", "runs", lease=10.0, history=500).replace(
+        "history = 500\n", "history = 500\npublish_interval = 0.4\n"
+    )
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        reader, client = await reader_and_a_client_elsewhere(
+            stack, config.replace("URL", target.url)
+        )
+        memory(reader).write("public.orders", "insert", {"id": 1})  # goes at once: a run of 1
+        first = await client.next_change()
+        for i in range(2, 12):  # within the interval: they wait, and go as one run of 10
+            memory(reader).write("public.orders", "insert", {"id": i})
+        got = [first] + [await client.next_change() for _ in range(10)]
+        assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 12)]
+        assert client.frames == [1, 10], client.frames
+
+
 async def test_the_reader_routes_rooms_registered_without_a_word_and_rereads_cheaply(
     redis_target: RedisTarget,
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -80,5 +81,53 @@ async def test_the_subscriber_reads_what_is_published_in_order() -> None:
                 async with asyncio.timeout(5):
                     while True:
                         await subscriber.read()
+        finally:
+            subscriber.close()
+
+
+async def test_messages_taken_in_the_read_callback_never_pass_those_left_to_read() -> None:
+    """`direct` takes what it can as it arrives (read never returns those), but only while
+    nothing waits to be read and the reader is not busy: the order stays the published one."""
+    async with open_private_redis() as target:
+        subscriber = await Subscriber.open(target.url, answer=2.0)
+        taken: list[bytes] = []
+        took = asyncio.Event()
+
+        def direct(message: list[Any]) -> bool:
+            if message[0] == b"message" and message[2].startswith(b"d"):
+                taken.append(message[2])
+                return True
+            return False
+
+        subscriber.direct, subscriber.direct_done = direct, took.set
+        try:
+            subscriber.subscribe(b"room")
+            assert await asyncio.wait_for(subscriber.read(), 5) == [[b"subscribe", b"room", 1]]
+
+            async def read(count: int) -> list[bytes]:
+                got: list[bytes] = []
+                async with asyncio.timeout(5):
+                    while len(got) < count:
+                        got += [m[2] for m in await subscriber.read() if m[0] == b"message"]
+                return got
+
+            for n in range(3):  # nothing waits: taken at once
+                await target.admin.publish("room", f"d{n}")
+            async with asyncio.timeout(5):
+                while len(taken) < 3:
+                    took.clear()
+                    await took.wait()
+            assert taken == [b"d0", b"d1", b"d2"]
+            for body in ("q3", "d4", "d5"):  # behind one left to read: left to read too
+                await target.admin.publish("room", body)
+            assert await read(3) == [b"q3", b"d4", b"d5"]
+            subscriber.busy = True  # the reader is handling what it read: nothing passes it
+            await target.admin.publish("room", "d6")
+            assert await read(1) == [b"d6"]
+            subscriber.busy = False
+            took.clear()
+            await target.admin.publish("room", "d7")
+            await asyncio.wait_for(took.wait(), 5)
+            assert taken == [b"d0", b"d1", b"d2", b"d7"]
         finally:
             subscriber.close()

@@ -85,11 +85,13 @@ MAX_BUFFERED = 1024
 
 
 class Transport(Protocol):
-    def hold(self) -> None:
-        """Keep `change` sends buffered until `flush` (all but a room's first since the last
-        flush, when nothing else waits: written at once): the caller (the hub's loop over a
-        change stream) promises to flush before it waits, so no extra loop pass is needed for
-        it."""
+    def hold(self, first_at_once: bool = True) -> None:
+        """Keep `change` sends buffered until `flush`: the caller promises to flush before it
+        waits, so no extra loop pass is needed for it. With `first_at_once`, a room's first
+        change since the last flush is written at once when nothing else waits (the hub's loop
+        over a change stream, whose next change may be a while coming); without it every change
+        waits for the flush (a cluster node relaying runs it already holds whole: one frame per
+        room and client)."""
 
     def flush(self) -> None: ...
 
@@ -227,6 +229,7 @@ class SocketIOTransport:
         """The loop the flushes are scheduled on, kept: on Python 3.11 each
         `asyncio.get_running_loop()` makes a getpid system call, and this runs per change."""
         self._held = False
+        self._first_at_once = True
         self._through: set[str] = set()
         """Rooms a change was written to at once since the last flush (`send_change`)."""
         self.frames_sent = 0
@@ -258,7 +261,12 @@ class SocketIOTransport:
     def send_change(self, room: str, data: Any, skip: list[str]) -> bool:
         entries = self._buffered.get(room)
         if entries is None:
-            if not self._buffered and not skip and room not in self._through:
+            if (
+                not self._buffered
+                and not skip
+                and room not in self._through
+                and self._first_at_once
+            ):
                 # Nothing waits to go out, and nothing went to this room since the last flush:
                 # written at once (the room's further changes until the flush leave as one
                 # frame). The flush ends the record of rooms written: the one held sends
@@ -327,12 +335,14 @@ class SocketIOTransport:
         """Changes routed and not yet written (they go out at the end of the loop pass)."""
         return self._count
 
-    def hold(self) -> None:
+    def hold(self, first_at_once: bool = True) -> None:
         self._held = True
+        self._first_at_once = first_at_once
 
     def flush(self) -> None:
         """Send every buffered room frame now (rooms in the order they were first buffered)."""
         self._held = False
+        self._first_at_once = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

@@ -105,6 +105,7 @@ class Delivery(History):
             try:
                 pubsub = await Subscriber.open(self.config.url, answer=self.answer)
                 pubsub.subscribe(self.control, self.inbox)
+                pubsub.direct, pubsub.direct_done = self._direct, self._flush
                 self._pubsub = pubsub
                 recovery = asyncio.create_task(self._recover())
                 self._connected.set()
@@ -112,16 +113,18 @@ class Delivery(History):
                     while True:
                         if recovery.done() and not self.up:
                             recovery.result()  # a failed recovery: reconnect and try again
-                        # What the messages read at once routed leaves when the next read would
-                        # wait (as the hub does with a change stream): a lone message's changes
-                        # go out in the pass that received it, a burst's as at most two frames
-                        # per room (its first change at once, the rest as one).
+                        # Most messages never come here: a room's next run is relayed in the
+                        # read callback (`_direct`). What does (a hole to fill, a new epoch,
+                        # control) leaves when the next read would wait, as the hub does with a
+                        # change stream: in the pass that received it, one frame per room.
+                        pubsub.busy = False
                         messages = await FlushBeforeWaiting(pubsub.read(), self._flush)
                         if not messages:
                             continue
+                        pubsub.busy = True  # what arrives meanwhile waits its turn in `read`
                         transport = self.hub.transport
                         if transport is not None:
-                            transport.hold()
+                            transport.hold(first_at_once=False)
                         for message in messages:
                             try:
                                 await self._on_message(message)
@@ -213,6 +216,32 @@ class Delivery(History):
             mirror.gap = gap
         if mirror.seq is not None and seq > mirror.seq:
             await self._fill(mirror, seq)
+
+    def _direct(self, message: Message) -> bool:
+        """Relay a room's run that goes on from its seq in the subscriber's read callback
+        (feed.engine.resp.Subscriber.direct), as `_apply` would; False for anything that may
+        await (a hole to fill, a new epoch, a resync under way) or is not a room's changes:
+        the listener's. The transport holds the run until the read ends (`_flush`)."""
+        if message[0] != b"message":
+            return False
+        mirror = self._by_channel.get(message[1])
+        if mirror is None or mirror.seq is None or mirror.order.locked():
+            return False
+        try:
+            head, _, rest = message[2].partition(b"\n")
+            if head == b"gap":
+                return False
+            epoch, _, payloads = rest.partition(b"\n")
+            first = int(head)
+            if first > mirror.seq + 1 or epoch.decode() != mirror.epoch:
+                return False
+            transport = self.hub.transport
+            if transport is not None:
+                transport.hold(first_at_once=False)
+            self._relay(mirror, first, payloads.split(b"\n"))
+        except Exception:
+            log.exception("bad cluster message: %.200r", message)
+        return True
 
     async def _on_message(self, message: Message) -> None:
         kind = message[0]

@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Self
 
 import hiredis
@@ -208,7 +208,12 @@ class Connection(asyncio.Protocol):
 class Subscriber(Connection):
     """A node's pub/sub connection: `open` it, `subscribe`, then `read` what arrives. A PING
     goes out when it has been quiet for `QUIET` seconds, so a Redis that stopped answering is
-    noticed within `QUIET + answer` seconds, not never."""
+    noticed within `QUIET + answer` seconds, not never.
+
+    A message `direct` takes is handled in the read callback itself, and `read` never returns
+    it: the common message (a room's next changes) then costs no task wake-up, which was about a
+    sixth of a node's CPU per change when it relays a few changes per message.
+    """
 
     QUIET = 5.0
 
@@ -218,6 +223,14 @@ class Subscriber(Connection):
         self._waiter: asyncio.Future[None] | None = None
         self._heard = 0.0
         self._pinged: float | None = None
+        self.direct: Callable[[Message], bool] | None = None
+        """Handles a message at once when it can (True), in the read callback. Offered one only
+        while nothing waits to be read and `busy` is off, so messages never pass one another."""
+        self.direct_done: Callable[[], None] | None = None
+        """Called after a read from Redis in which `direct` took messages (to send them)."""
+        self.busy = False
+        """Set by the reader of `read` while it handles what it read (it may await meanwhile)."""
+        self._took = False
 
     def subscribe(self, *channels: bytes) -> None:
         self._send(pack([b"SUBSCRIBE", *channels]))
@@ -248,12 +261,21 @@ class Subscriber(Connection):
         self._heard = self._loop.time()
 
     def received(self, reply: Any) -> None:
+        direct = self.direct
+        if direct is not None and not self._ready and not self.busy and direct(reply):
+            self._took = True
+            return
         self._ready.append(reply)
 
     def heard(self) -> None:
         self._heard = self._loop.time()
         self._pinged = None
-        self._wake()
+        if self._took:
+            self._took = False
+            if self.direct_done is not None:
+                self.direct_done()
+        if self._ready:
+            self._wake()
 
     def _awaited_since(self) -> float | None:
         """The PING's time too: any byte from Redis answers it (`heard`)."""

@@ -153,15 +153,19 @@ class FeedClient:
         self.changes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.gaps: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.frames: list[int] = []
+        """The changes each `change` (1) or `changes` frame carried, in arrival order."""
         self.sio.on("change", self._on_change)
         self.sio.on("changes", self._on_changes)
         self.sio.on("gap", self._on_gap)
         self.sio.on("status", self._on_status)
 
     async def _on_change(self, data: dict[str, Any]) -> None:
+        self.frames.append(1)
         self.changes.put_nowait(data)
 
     async def _on_changes(self, batch: list[dict[str, Any]]) -> None:
+        self.frames.append(len(batch))
         for data in batch:
             self.changes.put_nowait(data)
 
