@@ -312,33 +312,42 @@ class Delivery(History):
             self._relay(mirror, first, raws)
 
     def _relay(self, mirror: Mirror, first: int, raws: list[bytes]) -> None:
-        """Deliver the payloads past the room's seq. Sent in one loop pass, the run leaves as
-        its first change and one `changes` frame (feed.delivery.transport); each payload is
-        relayed as the reader encoded it, with its seq spliced in (feed.engine.relay), never
-        decoded here."""
-        name = mirror.room.name
+        """Deliver the payloads past the room's seq, as one run: each relayed as the reader
+        encoded it, with its seq spliced in (feed.engine.relay), never decoded here; the room's
+        books (seq, ring, counters) kept once per run, not once per change."""
         done = mirror.seq or 0
-        for seq, raw in enumerate(raws, start=first):
-            if seq > done:
-                self._deliver(mirror, seq, numbered(name, seq, raw))
+        if first <= done:
+            raws = raws[done - first + 1 :]
+            first = done + 1
+        if raws:
+            name = mirror.room.name
+            payloads = [numbered(name, seq, raw) for seq, raw in enumerate(raws, start=first)]
+            self._deliver_run(mirror, first, payloads)
 
     def _deliver(self, mirror: Mirror, seq: int, payload: Any) -> None:
-        if mirror.seq is not None and seq <= mirror.seq:
-            return
+        if mirror.seq is None or seq > mirror.seq:
+            self._deliver_run(mirror, seq, [payload])
+
+    def _deliver_run(self, mirror: Mirror, first: int, payloads: list[Any]) -> None:
+        """Deliver `payloads`, numbered `first`, `first + 1`, ... (all past the room's seq)."""
         room = mirror.room
-        if mirror.ring and mirror.ring[-1][0] != seq - 1:
-            mirror.ring.clear()
-        mirror.ring.append((seq, payload))
-        mirror.seq = seq
-        room.seq = seq
+        ring = mirror.ring
+        if ring and ring[-1][0] != first - 1:
+            ring.clear()
+        last = first + len(payloads) - 1
+        ring.extend(zip(range(first, last + 1), payloads, strict=True))
+        mirror.seq = room.seq = last
         if mirror.advanced is not None:  # a catch-up waits for the room to move on
             mirror.advanced.set()
             mirror.advanced = None
         hub = self.hub
+        transport = hub.transport
         receivers = len(room.members) - len(room.pending)
-        if receivers > 0 and hub.transport is not None:
-            hub.transport.send_change(room.name, payload, list(room.pending))
-            hub._counters(room.connector)[1].inc(receivers)
+        if receivers > 0 and transport is not None:
+            name, skip = room.name, list(room.pending)
+            for payload in payloads:
+                transport.send_change(name, payload, skip)
+            hub._counters(room.connector)[1].inc(receivers * len(payloads))
 
     async def _fill(self, mirror: Mirror, upto: int) -> None:
         """Deliver what pub/sub did not bring (a hole up to `upto`) from the room's history."""
