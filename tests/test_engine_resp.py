@@ -131,3 +131,16 @@ async def test_messages_taken_in_the_read_callback_never_pass_those_left_to_read
             assert taken == [b"d0", b"d1", b"d2", b"d7"]
         finally:
             subscriber.close()
+
+
+def test_commands_are_packed_alike_with_and_without_hiredis_packer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both packers write the same RESP, whatever the argument types a publishing call has."""
+    from feed.engine import resp
+
+    parts: list[bytes | str | int] = [b"EVALSHA", "sha", 2, -7, 2**40, "é ü", b"", b"a\r\nb", ""]
+    packed = resp.pack(parts)
+    monkeypatch.setattr(resp, "_pack_command", None)
+    assert resp.pack(parts) == packed
+    assert packed.startswith(b"*9\r\n$7\r\nEVALSHA\r\n$3\r\nsha\r\n$1\r\n2\r\n$2\r\n-7\r\n")
