@@ -445,7 +445,7 @@ def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:
     defaults = parse_config("[cluster]\nurl='redis://r'\n" + text, "feed.toml", {}).cluster
     assert defaults is not None
     assert (defaults.prefix, defaults.lease, defaults.history) == ("dbfeed", 10.0, 1000)
-    assert defaults.publish_interval == 0.002
+    assert defaults.publish_interval == 0.005
 
 
 async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it(
