@@ -87,15 +87,16 @@ async def test_the_subscriber_reads_what_is_published_in_order() -> None:
 
 async def test_messages_taken_in_the_read_callback_never_pass_those_left_to_read() -> None:
     """`direct` takes what it can as it arrives (read never returns those), but only while
-    nothing waits to be read and the reader is not busy: the order stays the published one."""
+    nothing waits to be read and the reader is not busy handling what it read: whichever way
+    each message goes, they are handled in the order they were published."""
     async with open_private_redis() as target:
         subscriber = await Subscriber.open(target.url, answer=2.0)
-        taken: list[bytes] = []
+        handled: list[bytes] = []
         took = asyncio.Event()
 
         def direct(message: list[Any]) -> bool:
             if message[0] == b"message" and message[2].startswith(b"d"):
-                taken.append(message[2])
+                handled.append(message[2])
                 return True
             return False
 
@@ -103,32 +104,42 @@ async def test_messages_taken_in_the_read_callback_never_pass_those_left_to_read
         try:
             subscriber.subscribe(b"room")
             assert await asyncio.wait_for(subscriber.read(), 5) == [[b"subscribe", b"room", 1]]
-
-            async def read(count: int) -> list[bytes]:
-                got: list[bytes] = []
-                async with asyncio.timeout(5):
-                    while len(got) < count:
-                        got += [m[2] for m in await subscriber.read() if m[0] == b"message"]
-                return got
-
             for n in range(3):  # nothing waits: taken at once
                 await target.admin.publish("room", f"d{n}")
             async with asyncio.timeout(5):
-                while len(taken) < 3:
+                while len(handled) < 3:
                     took.clear()
                     await took.wait()
-            assert taken == [b"d0", b"d1", b"d2"]
-            for body in ("q3", "d4", "d5"):  # behind one left to read: left to read too
-                await target.admin.publish("room", body)
-            assert await read(3) == [b"q3", b"d4", b"d5"]
+            assert handled == [b"d0", b"d1", b"d2"]
+
             subscriber.busy = True  # the reader is handling what it read: nothing passes it
-            await target.admin.publish("room", "d6")
-            assert await read(1) == [b"d6"]
-            subscriber.busy = False
-            took.clear()
-            await target.admin.publish("room", "d7")
-            await asyncio.wait_for(took.wait(), 5)
-            assert taken == [b"d0", b"d1", b"d2", b"d7"]
+            await target.admin.publish("room", "d3")
+            assert [m[2] for m in await asyncio.wait_for(subscriber.read(), 5)] == [b"d3"]
+            handled.append(b"d3")
+
+            # A stream of both kinds, read as the cluster listener reads: busy from the moment
+            # read returns until what it returned is handled (which may await).
+            bodies = [f"{'q' if n % 3 == 1 else 'd'}{n}".encode() for n in range(4, 64)]
+
+            async def publish() -> None:
+                for at in range(0, len(bodies), 3):  # a q and two d's in one read, mostly
+                    async with target.admin.pipeline(transaction=False) as pipe:
+                        for body in bodies[at : at + 3]:
+                            pipe.publish("room", body)
+                        await pipe.execute()
+
+            publishing = asyncio.create_task(publish())
+            async with asyncio.timeout(10):
+                while len(handled) < 4 + len(bodies):
+                    subscriber.busy = False
+                    messages = await subscriber.read()
+                    subscriber.busy = True
+                    for message in messages:
+                        if message[0] == b"message":
+                            await asyncio.sleep(0)  # a handler that awaits
+                            handled.append(message[2])
+                await publishing
+            assert handled == [b"d0", b"d1", b"d2", b"d3", *bodies]
         finally:
             subscriber.close()
 
