@@ -258,6 +258,8 @@ class Delivery(History):
         if channel == self.inbox:
             await self._on_inbox(loads(data))
             return
+        if self._direct(message):  # a run that goes on from the room's seq: nothing to await
+            return
         mirror = self._by_channel.get(channel)
         if mirror is None:
             return
@@ -282,16 +284,8 @@ class Delivery(History):
             self.lease_released(str(body.get("c")))
 
     async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
-        """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..."""
-        seq = mirror.seq
-        if (
-            seq is not None
-            and first <= seq + 1
-            and epoch == mirror.epoch
-            and not mirror.order.locked()
-        ):  # the usual case: the run goes on from the room's seq, and nothing awaits between
-            self._relay(mirror, first, raws)
-            return
+        """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..., when
+        it may have to await (the usual run, going on from the room's seq, is `_direct`'s)."""
         last = first + len(raws) - 1
         async with mirror.order:
             if mirror.seq is None:  # the first message of a room being watched: the baseline
