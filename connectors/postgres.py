@@ -224,6 +224,7 @@ class PostgresConnector(Connector):
         self._progress = asyncio.Condition()
         self._polls_started = 0
         self._polls_delivered = 0
+        self._asleep = False  # between polls: what a test waits for to fault an idle reader
         self._active = False
         self._stopping = False
         self._commit_ts = False
@@ -1051,7 +1052,11 @@ class PostgresConnector(Connector):
             # Asleep until woken, the heartbeat, or the next capture check, whichever is first:
             # a disabled trigger sends no NOTIFY, so only the check's own clock finds it.
             due = self._last_capture_check + self.capture_check_interval - time.monotonic()
-            await wait_event(self._wake, max(0.0, min(self.heartbeat_interval, due)))
+            self._asleep = True
+            try:
+                await wait_event(self._wake, max(0.0, min(self.heartbeat_interval, due)))
+            finally:
+                self._asleep = False
 
     # -- the capture watch -----------------------------------------------------------------------
 

@@ -160,6 +160,10 @@ async def test_a_connection_that_dies_while_the_reader_idles_is_noticed_by_the_h
             assert keys(await stream.take(1)) == [1]
             polls = connector._polls_started
             await wait_until(lambda: connector._polls_started >= polls + 2, WAIT, "idle polls")
+            # Frozen while the reader sleeps between polls, in the same loop turn as seen: a
+            # freeze that lands inside a poll's read is bounded by query_timeout instead (the
+            # test before this one), which failed this test now and then in CI.
+            await wait_until(lambda: connector._asleep, WAIT, "the reader asleep between polls")
             # Idle: no NOTIFY can come, only the heartbeat finds the connection dead.
             await freeze_and_take(pg, proxy, stream, 2)
             stream.assert_idle()
