@@ -9,18 +9,16 @@ from pathlib import Path
 import pytest
 
 from tests.auth_helpers import TOKENS, source, token_config
+from tests.support.examples import EXAMPLES, NODE_DIR, need_node
 from tests.support.server import RunningFeed, running_feed
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
 WAIT = 20.0
 
 
 def commands() -> list[tuple[list[str], Path]]:
-    found = [([sys.executable, "python_client.py"], EXAMPLES)]
-    node = EXAMPLES / "node"
-    if (node / "node_modules" / "dbfeed-client").is_dir():
-        found.append((["node", "client.mjs"], node))
-    return found
+    # The Node case is always collected: it installs the example's dependencies itself
+    # (need_node), so a fresh checkout runs it rather than leaving it out unseen.
+    return [([sys.executable, "python_client.py"], EXAMPLES), (["node", "client.mjs"], NODE_DIR)]
 
 
 async def run(
@@ -42,6 +40,8 @@ async def run(
 async def test_example_client_with_a_token_sees_only_its_tenant(
     command: list[str], cwd: Path
 ) -> None:
+    if command[0] == "node":
+        need_node()
     async with running_feed(token_config()) as feed:
         db = source(feed)
         refused = await run(feed, command, cwd, None)

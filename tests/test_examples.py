@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,12 +20,10 @@ import pytest
 from connectors.memory import MemoryConnector
 from feed.app.config import load_config
 from tests.conftest import MEMORY_CONFIG
+from tests.support.examples import EXAMPLES, NODE_DIR, ROOT, need_node
 from tests.support.proxy import CuttableProxy
 from tests.support.server import RunningFeed, running_feed
 
-ROOT = Path(__file__).parent.parent
-EXAMPLES = ROOT / "examples"
-NODE_DIR = EXAMPLES / "node"
 WAIT = 20.0
 
 
@@ -122,36 +118,8 @@ async def test_python_client_prints_changes_and_resumes_after_a_drop() -> None:
     await follow_with_a_drop([sys.executable, str(EXAMPLES / "python_client.py")], ROOT)
 
 
-def node_ready() -> bool:
-    """node and the example's dependencies (npm ci, as examples/README.md says).
-
-    The example installs dbfeed-client from clients/js as a copy (.npmrc: install-links), so
-    the copy is refreshed whenever the library's sources have changed since.
-    """
-    if not shutil.which("node") or not shutil.which("npm"):
-        return False
-    installed = NODE_DIR / "node_modules" / "dbfeed-client"
-    library = ROOT / "clients" / "js"
-    stale = not (installed / "index.js").is_file() or any(
-        (installed / name).read_bytes() != (library / name).read_bytes()
-        for name in ("index.js", "package.json")
-        if (installed / name).is_file()
-    )
-    if stale:
-        subprocess.run(
-            ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            check=True,
-            timeout=300,
-        )
-    return True
-
-
 async def test_node_client_prints_changes_and_resumes_after_a_drop() -> None:
-    if not node_ready():
-        if os.environ.get("CI"):
-            pytest.fail("node and npm are needed (the dashboard build needs them too)")
-        pytest.skip("node/npm not installed")
+    need_node()
     await follow_with_a_drop(["node", "client.mjs"], NODE_DIR)
 
 
