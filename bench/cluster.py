@@ -131,7 +131,8 @@ def profile_nodes(
     <folder>/<setup>-node<i>.txt (collapsed stacks; BENCH_PYSPY_NATIVE=1 adds C frames); with
     BENCH_PERF=<folder>, perf records them to <setup>-node<i>.data (`perf report -i`), the
     kernel's share (system calls, wake-ups) included, without Python's function names; with
-    BENCH_STRACE=<folder>, strace counts their system calls to <setup>-node<i>.strace."""
+    BENCH_PERF_STAT=<folder>, perf stat counts their CPU time and context switches (each one a
+    wake-up) to <setup>-node<i>.stat; with BENCH_STRACE=<folder>, strace counts their system calls to <setup>-node<i>.strace."""
     setup = f"{nodes}{'c' if clustered else 'n'}"
     duration = str(int(seconds))
     commands: list[list[str]] = []
@@ -140,6 +141,11 @@ def profile_nodes(
             out = f"{folder}/{setup}-node{i}.data"
             commands.append(["perf", "record", "-F", "1999", "-g", "-p", str(p.pid), "-o", out])
             commands[-1] += ["--", "sleep", duration]
+    elif folder := os.environ.get("BENCH_PERF_STAT"):  # CPU time and wake-ups, per node
+        for i, p in enumerate(processes):
+            out = f"{folder}/{setup}-node{i}.stat"
+            commands.append(["perf", "stat", "-e", "task-clock,context-switches", "-o", out])
+            commands[-1] += ["-p", str(p.pid), "--", "sleep", duration]
     elif folder := os.environ.get("BENCH_STRACE"):  # system calls counted, per node
         for i, p in enumerate(processes):
             out = f"{folder}/{setup}-node{i}.strace"
@@ -150,7 +156,7 @@ def profile_nodes(
         mode = "--native" if os.environ.get("BENCH_PYSPY_NATIVE") else "--nonblocking"
         for i, p in enumerate(processes):
             out = f"{folder}/{setup}-node{i}.txt"
-            commands.append([spy, "record", "-p", str(p.pid), "-r", "400", "-d", duration])
+            commands.append([spy, "record", "-p", str(p.pid), "-r", "1000", "-d", duration])
             commands[-1] += ["-f", "raw", "-o", out, mode]
     else:
         return []

@@ -193,3 +193,72 @@ async def test_thousands_of_clients_leaving_at_once_cost_the_server_little(
             process.kill()
             await process.wait()
         await logs
+
+
+def wakeups(pid: int) -> int:
+    """How many times the process's threads have gone to sleep and been woken (Linux)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as status:
+            for line in status:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_an_idle_server_sleeps_and_still_answers_with_a_current_date(
+    tmp_path: Path,
+) -> None:
+    """An idle `feed serve` wakes a few times a second at most: uvicorn's main loop alone woke
+    it ten times a second, which on a cluster of nodes each woken cold cost a third of their
+    idle CPU (docs/benchmarks.md). Its HTTP answers still carry a Date header that moves on
+    each second, and SIGTERM still ends it at once (the main loop wakes for it)."""
+    process, port = await serve(tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}/healthz"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                first = response.headers["Date"]
+            before, started = wakeups(process.pid), time.monotonic()
+            await asyncio.sleep(3.0)  # the quiet being measured: nothing to wait for
+            per_second = (wakeups(process.pid) - before) / (time.monotonic() - started)
+            assert per_second < 4, f"an idle server woke {per_second:.1f} times a second"
+            async with http.get(url) as response:
+                assert response.headers["Date"] != first
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert time.monotonic() - started < 3.0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_server_embedded_in_a_program_stops_at_once_when_told() -> None:
+    """`should_exit`, set by a program that runs the feed's server in its own loop (the demo,
+    the tests), ends it at once, not at the main loop's next tick a second later."""
+    from feed.app.config import parse_config
+    from feed.app.server import FeedApp, QuietServer
+    from tests.support.server import listening_socket, port_of
+
+    app = FeedApp(parse_config(MEMORY, "test.toml", dict(os.environ)))
+    sock = listening_socket()
+    server = QuietServer(app.uvicorn_config("127.0.0.1", port_of(sock), log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                assert not task.done()
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # idle a moment: the main loop is in its wait between ticks
+        started = time.monotonic()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        took = time.monotonic() - started
+        assert took < 0.5, f"the server took {took:.2f} s to stop"
+    finally:
+        if not task.done():
+            task.cancel()
+        sock.close()
