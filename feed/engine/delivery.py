@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,10 @@ from feed.errors import ClusterError, ProtocolError
 BACKOFF_START = 0.2
 BACKOFF_MAX = 2.0
 SUBSCRIBE_TIMEOUT = 5.0
+
+
+def _wake(pubsub: Subscriber, _: object) -> None:
+    pubsub.wake()
 
 
 class Delivery(History):
@@ -108,6 +113,8 @@ class Delivery(History):
                 pubsub.direct, pubsub.direct_done = self._direct, self._flush
                 self._pubsub = pubsub
                 recovery = asyncio.create_task(self._recover())
+                # A failed recovery is looked at once, not at the connection's next tick.
+                recovery.add_done_callback(functools.partial(_wake, pubsub))
                 self._connected.set()
                 try:
                     while True:

@@ -27,8 +27,10 @@ import hiredis
 
 from feed.errors import ClusterError
 
-TICK = 0.5
-"""Seconds between the listener's looks at its own state when no message comes."""
+TICK = 1.0
+"""Seconds between a connection's looks at its overdue answers (each `answer` is at least 2 s),
+and the pub/sub connection's at its quiet. Each look wakes the process: at 0.5 s they were, with
+uvicorn's ten a second, most of an idle node's wake-ups (docs/benchmarks.md)."""
 
 Message = list[Any]
 """A reply as hiredis parses it: `[b"message", channel, data]`, `[b"subscribe", channel, n]`..."""
@@ -85,6 +87,8 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self._answer = answer
+        self._always = False
+        """Tick even when no answer is awaited (the pub/sub connection: its PING when quiet)."""
 
     @classmethod
     async def open(cls, url: str, *, answer: float) -> Self:
@@ -127,6 +131,8 @@ class Connection(asyncio.Protocol):
         future = loop.create_future()
         self._expected.append(future)
         self._sent.append(loop.time())
+        if self._timer is None:
+            self._timer = loop.call_later(TICK, self._tick)
         return await future
 
     def close(self) -> None:
@@ -142,7 +148,8 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self._timer = self._loop.call_later(TICK, self._tick)
+        if self._always:
+            self._timer = self._loop.call_later(TICK, self._tick)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -189,7 +196,9 @@ class Connection(asyncio.Protocol):
         return self._sent[0] if self._sent else None
 
     def _tick(self) -> None:
-        """Every `TICK` seconds: end the connection if the oldest answer is overdue."""
+        """Every `TICK` seconds while an answer is awaited (always, with `_always`): end the
+        connection if the oldest answer is overdue."""
+        self._timer = None
         if self._lost is not None:
             return
         loop = self._loop
@@ -197,7 +206,8 @@ class Connection(asyncio.Protocol):
         if since is not None and loop.time() - since > self._answer:
             self._fail(ConnectionError(f"no answer from Redis in {self._answer:g} s"))
             return
-        self._timer = loop.call_later(TICK, self._tick)
+        if since is not None or self._always:
+            self._timer = loop.call_later(TICK, self._tick)
 
     def _fail(self, exc: Exception) -> None:
         if self._lost is None:
@@ -239,6 +249,7 @@ class Subscriber(Connection):
         self.busy = False
         """Set by the reader of `read` while it handles what it read (it may await meanwhile)."""
         self._took = False
+        self._always = True
 
     def subscribe(self, *channels: bytes) -> None:
         self._send(pack([b"SUBSCRIBE", *channels]))
@@ -283,7 +294,7 @@ class Subscriber(Connection):
             if self.direct_done is not None:
                 self.direct_done()
         if self._ready:
-            self._wake()
+            self.wake()
 
     def _awaited_since(self) -> float | None:
         """The PING's time too: any byte from Redis answers it (`heard`)."""
@@ -301,13 +312,14 @@ class Subscriber(Connection):
         if self._pinged is None and now - self._heard > self.QUIET:
             self._pinged = now
             self._send(pack([b"PING"]))
-        self._wake()
+        self.wake()
 
     def _fail(self, exc: Exception) -> None:
         super()._fail(exc)
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """End a `read` that waits (an empty list) so its caller looks at its own state."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
