@@ -112,12 +112,14 @@ auto_migrate = true
 """
 
 
-async def start_node(config_path: Path, name: str) -> tuple[asyncio.subprocess.Process, str]:
+async def start_node(
+    config_path: Path, name: str, source: Path = ROOT
+) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "feed", "serve", "--config", str(config_path), "--port", str(port),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "FEED_NODE": name},
+        env={**os.environ, "PYTHONPATH": str(source), "FEED_NODE": name},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     import aiohttp
@@ -270,8 +272,10 @@ class Setup:
     its nodes and its client swarm, alive for a whole round; its writes go out in slices
     (`slice`), each measured on its own, between the other setups' slices."""
 
-    def __init__(self, dsn: str, nodes: int, clustered: bool, clients: int, rate: float) -> None:
-        self.dsn, self.nodes, self.clustered = dsn, nodes, clustered
+    def __init__(
+        self, dsn: str, nodes: int, clustered: bool, clients: int, rate: float, source: Path = ROOT
+    ) -> None:
+        self.dsn, self.nodes, self.clustered, self.source = dsn, nodes, clustered, source
         self.clients, self.rate = clients, rate
         self.db = f"feed_bench_cluster_{uuid.uuid4().hex[:8]}"
         self.redis = RedisProcess() if clustered else None
@@ -301,7 +305,7 @@ class Setup:
         cfg.write_text(config(db_dsn, self.redis.url if self.redis else None))
         urls = []
         for i in range(self.nodes):
-            process, url = await start_node(cfg, f"node{i}")
+            process, url = await start_node(cfg, f"node{i}", self.source)
             self.processes.append(process)
             urls.append(url)
         await wait_ready(urls)
@@ -356,6 +360,7 @@ class Setup:
         result.update(
             nodes=self.nodes,
             clustered=self.clustered,
+            build="this" if self.source == ROOT else str(self.source),
             clients=self.clients,
             rate=self.rate,
             changes=expect,
@@ -404,11 +409,21 @@ other setups', so a shared machine's drift (a setup's CPU per change moved by a 
 
 SETUPS = [(1, False), (1, True), (2, True), (3, True)]
 
+BASELINE = (
+    Path(os.path.abspath(os.environ["BENCH_BASELINE"])) if "BENCH_BASELINE" in os.environ else None
+)
+BASELINE_SETUPS = [(1, False), (3, True)]
+"""With BENCH_BASELINE=<another checkout>: these setups run that checkout's feed too, side by
+side with this one's in the same slices, each figured against its own single node (a change
+measured against the build before it, on the same machine at the same moments)."""
+
 
 async def run_setups(dsn: str, clients: int, rate: float, seconds: float) -> list[dict[str, Any]]:
     """Every setup once, side by side: all started, then their writes in slices of `SLICE`
     seconds taken in turn (each slice in a new order), each figured against the single node."""
     setups = [Setup(dsn, nodes, clustered, clients, rate) for nodes, clustered in SETUPS]
+    if baseline := BASELINE:
+        setups += [Setup(dsn, n, c, clients, rate, baseline) for n, c in BASELINE_SETUPS]
     try:
         for setup in setups:
             await setup.start()
@@ -434,8 +449,8 @@ async def run_setups(dsn: str, clients: int, rate: float, seconds: float) -> lis
     finally:
         for setup in setups:
             await setup.close()
-    single = results[0]
     for result in results:
+        single = next(r for r in results if r["build"] == result["build"] and not r["clustered"])
         mine, theirs = result["cpu_us_per_delivery"], single["cpu_us_per_delivery"]
         result["cpu_ratio"] = round(mine / theirs, 2) if mine and theirs else None
         if result["p99_ms"] is not None and single["p99_ms"] is not None:
@@ -458,7 +473,8 @@ async def run_rounds(
 
 
 def setup_name(r: dict[str, Any]) -> str:
-    return f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster")
+    build = "" if r.get("build", "this") == "this" else " (baseline)"
+    return f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster") + build
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -490,17 +506,24 @@ def label(r: dict[str, Any]) -> str:
         f"{r['nodes']} node"
         + ("s" if r["nodes"] > 1 else "")
         + (" on Redis" if r["clustered"] else "\nno cluster")
+        + ("" if r.get("build", "this") == "this" else "\n(baseline)")
     )
 
 
 def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per setup, each figure the median over repeats (a shared machine is noisy)."""
-    groups: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, bool, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["nodes"], r["clustered"]), []).append(r)
+        groups.setdefault((r["nodes"], r["clustered"], r.get("build", "this")), []).append(r)
     out = []
-    for (nodes, clustered), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        row: dict[str, Any] = {"nodes": nodes, "clustered": clustered, "repeats": len(group)}
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][2] != "this", kv[0][1], kv[0][0]))
+    for (nodes, clustered, build), group in ordered:
+        row: dict[str, Any] = {
+            "nodes": nodes,
+            "clustered": clustered,
+            "build": build,
+            "repeats": len(group),
+        }
         for key in ("cpu_us_per_delivery", "cpu_ratio", "p50_ms", "p99_ms", "p99_added_ms",
                     "redis_commands_per_change", "rate", "clients"):  # fmt: skip
             values = [r[key] for r in group if r.get(key) is not None]
