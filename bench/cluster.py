@@ -36,8 +36,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.procs import cpu_seconds
+
 ROOT = Path(__file__).parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
 PROBES = 10
 """Clients per node that decode and time what they receive (the rest only count it)."""
 
@@ -46,17 +47,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU time, all its threads, to the nanosecond: Linux's clock of another
-    process (what `clock_getcpuclockid` returns). /proc's user and system times count in ticks
-    of 10 ms: a follower's 150 ms in a 6 s window was then 15 ticks, each 7% of its figure."""
-    try:
-        return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
-    except OSError:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def rss_kib(pid: int) -> int:

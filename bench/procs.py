@@ -37,12 +37,23 @@ class Usage:
     @classmethod
     def of(cls, pid: int) -> Usage:
         proc = psutil.Process(pid)
-        times = proc.cpu_times()
         try:
             uss = proc.memory_full_info().uss
         except (psutil.AccessDenied, AttributeError):
             uss = 0
-        return cls(times.user + times.system, proc.memory_info().rss, uss)
+        return cls(cpu_seconds(pid), proc.memory_info().rss, uss)
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time, all its threads, to the nanosecond: Linux's clock of another
+    process (what `clock_getcpuclockid` returns). The user and system times the OS reports count
+    in ticks of 10 ms: 16,000 deliveries at 50 µs each were 80 ticks, one tick 1.25% of the
+    figure; elsewhere, psutil's times."""
+    try:
+        return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    except (OSError, AttributeError):  # not Linux
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
 
 
 class Child:
