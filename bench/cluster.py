@@ -578,8 +578,8 @@ def draw(
         cpu_ax.axhline(1.3 * single, color="tab:red", linestyle="--", label="goal: 1.3 x one node")
     cpu_ax.set_xticks(xs, [label(r) for r in now], fontsize=8)
     cpu_ax.set_ylabel("µs of server CPU (all nodes) per delivery")
-    point = f" at {now[0]['rate']:g}/s, {now[0]['clients']} clients" if now else ""
-    cpu_ax.set_title(f"Cluster: CPU per delivered change{point} (median of repeats)")
+    point = f" at {now[0]['rate']:g}/s, {now[0]['clients']:g} clients" if now else ""
+    cpu_ax.set_title(f"CPU per delivered change{point}, medians", fontsize=10)
     cpu_ax.legend(fontsize=8)
     lat_sets = sets if not latency else [("this run", medians(latency), 0.0)]
     lat_now = lat_sets[-1][1]
