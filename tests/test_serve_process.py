@@ -262,3 +262,49 @@ async def test_a_server_embedded_in_a_program_stops_at_once_when_told() -> None:
         if not task.done():
             task.cancel()
         sock.close()
+
+
+async def test_shutdown_ends_cleanly_with_a_websocket_whose_close_has_begun() -> None:
+    """A client that says goodbye as the server stops: its websocket's close handshake has begun
+    when uvicorn closes every connection with a close frame of its own, and uvicorn's websockets
+    protocol raised InvalidState there, which ended the shutdown with a traceback (seen in CI:
+    the dashboard's browser closing its page as the test's server stopped). The state is made
+    here as a client's close frame makes it (the protocol answers it and is then closing)."""
+    from feed.app.config import parse_config
+    from feed.app.server import FeedApp, QuietServer
+    from tests.support.server import listening_socket, port_of
+
+    app = FeedApp(parse_config(MEMORY, "test.toml", dict(os.environ)))
+    sock = listening_socket()
+    port = port_of(sock)
+    server = QuietServer(app.uvicorn_config("127.0.0.1", port, log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                assert not task.done()
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+            async with http.ws_connect(url) as ws:
+                opened = await asyncio.wait_for(ws.receive(), 10)
+                assert str(opened.data).startswith("0{")  # Engine.IO's open packet
+                from uvicorn.protocols.websockets.websockets_sansio_impl import (
+                    WebSocketsSansIOProtocol,
+                )
+
+                sockets = [
+                    c
+                    for c in server.server_state.connections
+                    if isinstance(c, WebSocketsSansIOProtocol)
+                ]
+                assert len(sockets) == 1, "uvicorn's websockets (sans-I/O) protocol expected"
+                sockets[0].conn.send_close(1000)  # what answering a client's close frame does
+                server.should_exit = True
+                await asyncio.wait_for(task, 10)  # raised InvalidState before
+                closed = await asyncio.wait_for(ws.receive(), 10)
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    finally:
+        if not task.done():
+            task.cancel()
+        sock.close()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -419,7 +420,24 @@ class FeedServer(uvicorn.Server):
             ended = await self.config.feed.sio.eio.end_polling()
             if ended:
                 log.info("shutdown: ended %d long-polling session(s)", ended)
+        # uvicorn closes every connection with a close frame of its own, and its websockets
+        # protocol raises InvalidState for one whose close handshake has begun (a client that
+        # said goodbye in the same loop pass), which ended the shutdown there, with a traceback.
+        for connection in list(self.server_state.connections):
+            shut = functools.partial(_shut, connection, connection.shutdown)
+            connection.shutdown = shut  # type: ignore[method-assign]  # this one object's
         await super().shutdown(sockets)
+
+
+def _shut(connection: Any, shutdown: Callable[[], None]) -> None:
+    """A connection's shutdown at the server's: one that fails (already closing) is closed."""
+    try:
+        shutdown()
+    except Exception as exc:
+        log.debug("shutdown: a connection already closing (%s)", exc)
+        transport = getattr(connection, "transport", None)
+        if transport is not None:
+            transport.close()
 
 
 class QuietServer(FeedServer):
