@@ -8,14 +8,18 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 import socketio
 
+from feed.app.config import parse_config
+from feed.app.server import FeedApp, QuietServer
 from tests.support.proxy import CuttableProxy
-from tests.support.server import FeedClient, PortTaken, on_free_port
+from tests.support.server import FeedClient, PortTaken, listening_socket, on_free_port, port_of
 
 ROOT = Path(__file__).parent.parent
 MEMORY = "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
@@ -236,13 +240,10 @@ async def test_an_idle_server_sleeps_and_still_answers_with_a_current_date(
             await process.wait()
 
 
-async def test_a_server_embedded_in_a_program_stops_at_once_when_told() -> None:
-    """`should_exit`, set by a program that runs the feed's server in its own loop (the demo,
-    the tests), ends it at once, not at the main loop's next tick a second later."""
-    from feed.app.config import parse_config
-    from feed.app.server import FeedApp, QuietServer
-    from tests.support.server import listening_socket, port_of
-
+@asynccontextmanager
+async def embedded() -> AsyncIterator[tuple[QuietServer, asyncio.Task[None], int]]:
+    """The feed's server run inside this test's loop, as a program embeds it: the server, its
+    task and its port, once it listens; cancelled afterwards if it has not stopped."""
     app = FeedApp(parse_config(MEMORY, "test.toml", dict(os.environ)))
     sock = listening_socket()
     server = QuietServer(app.uvicorn_config("127.0.0.1", port_of(sock), log_level="warning"))
@@ -252,16 +253,23 @@ async def test_a_server_embedded_in_a_program_stops_at_once_when_told() -> None:
             while not server.started:
                 assert not task.done()
                 await asyncio.sleep(0.01)
+        yield server, task, port_of(sock)
+    finally:
+        if not task.done():
+            task.cancel()
+        sock.close()
+
+
+async def test_a_server_embedded_in_a_program_stops_at_once_when_told() -> None:
+    """`should_exit`, set by a program that runs the feed's server in its own loop (the demo,
+    the tests), ends it at once, not at the main loop's next tick a second later."""
+    async with embedded() as (server, task, _):
         await asyncio.sleep(0.2)  # idle a moment: the main loop is in its wait between ticks
         started = time.monotonic()
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         took = time.monotonic() - started
         assert took < 0.5, f"the server took {took:.2f} s to stop"
-    finally:
-        if not task.done():
-            task.cancel()
-        sock.close()
 
 
 async def test_shutdown_ends_cleanly_with_a_websocket_whose_close_has_begun() -> None:
@@ -270,41 +278,21 @@ async def test_shutdown_ends_cleanly_with_a_websocket_whose_close_has_begun() ->
     protocol raised InvalidState there, which ended the shutdown with a traceback (seen in CI:
     the dashboard's browser closing its page as the test's server stopped). The state is made
     here as a client's close frame makes it (the protocol answers it and is then closing)."""
-    from feed.app.config import parse_config
-    from feed.app.server import FeedApp, QuietServer
-    from tests.support.server import listening_socket, port_of
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-    app = FeedApp(parse_config(MEMORY, "test.toml", dict(os.environ)))
-    sock = listening_socket()
-    port = port_of(sock)
-    server = QuietServer(app.uvicorn_config("127.0.0.1", port, log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                assert not task.done()
-                await asyncio.sleep(0.01)
-        async with aiohttp.ClientSession() as http:
-            url = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
-            async with http.ws_connect(url) as ws:
-                opened = await asyncio.wait_for(ws.receive(), 10)
-                assert str(opened.data).startswith("0{")  # Engine.IO's open packet
-                from uvicorn.protocols.websockets.websockets_sansio_impl import (
-                    WebSocketsSansIOProtocol,
-                )
-
-                sockets = [
-                    c
-                    for c in server.server_state.connections
-                    if isinstance(c, WebSocketsSansIOProtocol)
-                ]
-                assert len(sockets) == 1, "uvicorn's websockets (sans-I/O) protocol expected"
-                sockets[0].conn.send_close(1000)  # what answering a client's close frame does
-                server.should_exit = True
-                await asyncio.wait_for(task, 10)  # raised InvalidState before
-                closed = await asyncio.wait_for(ws.receive(), 10)
-                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-    finally:
-        if not task.done():
-            task.cancel()
-        sock.close()
+    async with embedded() as (server, task, port), aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+        async with http.ws_connect(url) as ws:
+            opened = await asyncio.wait_for(ws.receive(), 10)
+            assert str(opened.data).startswith("0{")  # Engine.IO's open packet
+            sockets = [
+                c
+                for c in server.server_state.connections
+                if isinstance(c, WebSocketsSansIOProtocol)
+            ]
+            assert len(sockets) == 1, "uvicorn's websockets (sans-I/O) protocol expected"
+            sockets[0].conn.send_close(1000)  # what answering a client's close frame does
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)  # raised InvalidState before
+            closed = await asyncio.wait_for(ws.receive(), 10)
+            assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
