@@ -134,7 +134,8 @@ def profile_nodes(
     BENCH_PERF=<folder>, perf records them to <setup>-node<i>.data (`perf report -i`), the
     kernel's share (system calls, wake-ups) included, without Python's function names; with
     BENCH_PERF_STAT=<folder>, perf stat counts their CPU time and context switches (each one a
-    wake-up) to <setup>-node<i>.stat; with BENCH_STRACE=<folder>, strace counts their system calls to <setup>-node<i>.strace."""
+    wake-up) to <setup>-node<i>.stat; with BENCH_STRACE=<folder>, strace counts their system
+    calls to <setup>-node<i>.strace."""
     setup = f"{nodes}{'c' if clustered else 'n'}"
     duration = str(int(seconds))
     commands: list[list[str]] = []
@@ -249,12 +250,8 @@ async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
 # -- one setup ---------------------------------------------------------------------------------------
 
 
-COUNTERS = {
-    "commands": "total_commands_processed",
-    "net_in": "total_net_input_bytes",
-    "net_out": "total_net_output_bytes",
-}
-"""Redis's INFO counters a slice reads, by the Setup field they add up in."""
+COUNTERS = ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")
+"""Redis's INFO counters a slice reads (what it adds to each, summed over the slices)."""
 
 
 class Setup:
@@ -268,12 +265,12 @@ class Setup:
         self.dsn, self.nodes, self.clustered, self.source = dsn, nodes, clustered, source
         self.clients, self.rate = clients, rate
         self.db = f"feed_bench_cluster_{uuid.uuid4().hex[:8]}"
-        self.redis = RedisProcess() if clustered else None
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+        self.redis: RedisProcess | None = None
+        self.tmp: Path | None = None
         self.processes: list[asyncio.subprocess.Process] = []
         self.written = 0
         self.cpu = [0.0] * nodes
-        self.commands = self.net_in = self.net_out = 0
+        self.counted = dict.fromkeys(COUNTERS, 0)
         self.rss: list[int] = []
         self.result: dict[str, Any] = {}
         self.admin: Any = None
@@ -286,6 +283,8 @@ class Setup:
         import asyncpg
         import redis.asyncio as aioredis
 
+        self.redis = RedisProcess() if self.clustered else None
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
         self.admin = await asyncpg.connect(self.dsn)
         await self.admin.execute(f'CREATE DATABASE "{self.db}"')
         db_dsn = self.dsn.rpartition("/")[0] + "/" + self.db
@@ -310,7 +309,7 @@ class Setup:
         self.info = aioredis.Redis.from_url(self.redis.url) if self.redis else None
         if self.info:  # what one INFO adds to Redis's counters, taken off each slice's figures
             first, second = await self.info.info("stats"), await self.info.info("stats")
-            self.own = {key: second[key] - first[key] for key in COUNTERS.values()}
+            self.own = {key: second[key] - first[key] for key in COUNTERS}
 
     async def _tell(self, line: str) -> bytes:
         assert self.crowd is not None and self.crowd.stdin and self.crowd.stdout
@@ -340,9 +339,8 @@ class Setup:
             self.cpu[i] += a - b
         if self.info:
             after_info = await self.info.info("stats")
-            for field, key in COUNTERS.items():
-                delta = after_info[key] - before_info[key] - self.own[key]
-                setattr(self, field, getattr(self, field) + delta)
+            for key in COUNTERS:
+                self.counted[key] += after_info[key] - before_info[key] - self.own[key]
 
     def figures(self) -> dict[str, Any]:
         result = dict(self.result)
@@ -350,7 +348,7 @@ class Setup:
         result.update(
             nodes=self.nodes,
             clustered=self.clustered,
-            build="this" if self.source == ROOT else str(self.source),
+            build=THIS if self.source == ROOT else str(self.source),
             clients=self.clients,
             rate=self.rate,
             changes=expect,
@@ -361,9 +359,11 @@ class Setup:
         )
         if self.clustered:
             result.update(
-                redis_commands_per_change=round(self.commands / expect, 2),
-                redis_bytes_in_per_change=round(self.net_in / expect),
-                redis_bytes_out_per_change=round(self.net_out / expect),
+                redis_commands_per_change=round(
+                    self.counted["total_commands_processed"] / expect, 2
+                ),
+                redis_bytes_in_per_change=round(self.counted["total_net_input_bytes"] / expect),
+                redis_bytes_out_per_change=round(self.counted["total_net_output_bytes"] / expect),
             )
         return result
 
@@ -388,7 +388,8 @@ class Setup:
         if self.admin is not None:
             await self.admin.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
             await self.admin.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 SLICE = 1.0
@@ -403,6 +404,8 @@ BASELINE = (
     Path(os.path.abspath(os.environ["BENCH_BASELINE"])) if "BENCH_BASELINE" in os.environ else None
 )
 BASELINE_SETUPS = [(1, False), (3, True)]
+THIS = "this"
+"""The `build` of a row of this checkout's feed (a baseline's is its path)."""
 """With BENCH_BASELINE=<another checkout>: these setups run that checkout's feed too, side by
 side with this one's in the same slices, each figured against its own single node (a change
 measured against the build before it, on the same machine at the same moments)."""
@@ -462,8 +465,13 @@ async def run_rounds(
     return rows
 
 
+def is_baseline(r: dict[str, Any]) -> bool:
+    """A row of the BENCH_BASELINE checkout's feed (rows from before it have no `build`)."""
+    return bool(r.get("build", THIS) != THIS)
+
+
 def setup_name(r: dict[str, Any]) -> str:
-    build = "" if r.get("build", "this") == "this" else " (baseline)"
+    build = " (baseline)" if is_baseline(r) else ""
     return f"{r['nodes']} node(s)" + (" on Redis" if r["clustered"] else ", no cluster") + build
 
 
@@ -496,7 +504,7 @@ def label(r: dict[str, Any]) -> str:
         f"{r['nodes']} node"
         + ("s" if r["nodes"] > 1 else "")
         + (" on Redis" if r["clustered"] else "\nno cluster")
-        + ("" if r.get("build", "this") == "this" else "\n(baseline)")
+        + ("\n(baseline)" if is_baseline(r) else "")
     )
 
 
@@ -504,9 +512,9 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per setup, each figure the median over repeats (a shared machine is noisy)."""
     groups: dict[tuple[int, bool, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["nodes"], r["clustered"], r.get("build", "this")), []).append(r)
+        groups.setdefault((r["nodes"], r["clustered"], r.get("build", THIS)), []).append(r)
     out = []
-    ordered = sorted(groups.items(), key=lambda kv: (kv[0][2] != "this", kv[0][1], kv[0][0]))
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][2] != THIS, kv[0][1], kv[0][0]))
     for (nodes, clustered, build), group in ordered:
         row: dict[str, Any] = {
             "nodes": nodes,

@@ -74,6 +74,9 @@ class Connection(asyncio.Protocol):
     """A connection to Redis whose replies answer the commands sent, in order (`call`); a reply
     nothing waits for goes to `received` (a pub/sub connection's messages)."""
 
+    _always = False
+    """Tick even when no answer is awaited (the pub/sub connection: its PING when quiet)."""
+
     def __init__(self, answer: float) -> None:
         self._parser = hiredis.Reader()
         self._expected: deque[asyncio.Future[Any]] = deque()
@@ -87,8 +90,6 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._lost: Exception | None = None
         self._answer = answer
-        self._always = False
-        """Tick even when no answer is awaited (the pub/sub connection: its PING when quiet)."""
 
     @classmethod
     async def open(cls, url: str, *, answer: float) -> Self:
@@ -234,6 +235,7 @@ class Subscriber(Connection):
     """
 
     QUIET = 5.0
+    _always = True
 
     def __init__(self, answer: float) -> None:
         super().__init__(answer)
@@ -249,7 +251,6 @@ class Subscriber(Connection):
         self.busy = False
         """Set by the reader of `read` while it handles what it read (it may await meanwhile)."""
         self._took = False
-        self._always = True
 
     def subscribe(self, *channels: bytes) -> None:
         self._send(pack([b"SUBSCRIBE", *channels]))
