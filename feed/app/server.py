@@ -375,7 +375,7 @@ class FeedServer(uvicorn.Server):
     learnt of it last. Their sessions end first, which answers the waiting polls.
 
     Its main loop ticks once a second instead of uvicorn's ten: each tick woke an idle process
-    for 0.1 to 0.2 ms on a 2-core machine of the kind we benchmark on, a third of an idle
+    for 0.1 to 0.2 ms on a 2-core machine of the kind we benchmark on, 30 to 57% of an idle
     node's CPU, paid again by every node of a cluster (docs/benchmarks.md). What the ticks were
     for stays: the Date header still changes every second (uvicorn renews it on every tenth
     count, and this loop counts in tens), and `should_exit`, set by a signal or by whoever
