@@ -1,4 +1,4 @@
-"""Shutdown is bounded even when a connector's task swallows its cancellation."""
+"""Shutdown is bounded even when a connector's task swallows its cancellation; status in the log."""
 
 from __future__ import annotations
 
@@ -49,3 +49,22 @@ async def test_a_connector_that_swallows_its_cancel_does_not_hang_shutdown(
     assert connector.swallowed == 1  # it did ignore the first cancel...
     assert time.monotonic() - started < 2  # ...and the second one ended it, after the grace
     assert "ignored cancellation" not in caplog.text
+
+
+async def test_status_changes_are_logged_as_one_readable_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What an operator reads in the log: the state, then its detail after a colon, and no
+    dangling space when there is no detail (`connector main is stopped `, before)."""
+    from connectors.base import State
+
+    connector = MemoryConnector("orders", Options({"targets": ["t"]}, "test"))
+    hub = Hub([connector])
+    with caplog.at_level(logging.INFO, logger="feed.hub"):
+        await hub.__aenter__()
+        connector.set_status(State.DOWN, "the database is unreachable")
+        await asyncio.wait_for(hub.__aexit__(None, None, None), 5)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connector ")]
+    assert "connector orders is down: the database is unreachable" in lines
+    assert "connector orders is up" in lines  # the memory connector's `up` has no detail
+    assert all(line == line.rstrip() for line in lines)

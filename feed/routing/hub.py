@@ -735,7 +735,12 @@ class Hub:
 
     def _status_changed(self, status: Status) -> None:
         level = logging.WARNING if status.state is State.DOWN else logging.INFO
-        log.log(level, "connector %s is %s %s", status.connector, status.state.value, status.detail)
+        if status.detail:
+            log.log(
+                level, "connector %s is %s: %s", status.connector, status.state.value, status.detail
+            )
+        else:
+            log.log(level, "connector %s is %s", status.connector, status.state.value)
         if self.engine is not None:
             self.engine.status_changed(status)
         if self.announce_status is not None:
