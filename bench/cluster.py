@@ -193,6 +193,11 @@ def commit_time(change: dict[str, Any]) -> float | None:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
+def p99_ms(ordered: list[float]) -> float | None:
+    """The 99th percentile of sorted latencies in seconds, in ms (None for none)."""
+    return 1000 * ordered[int(len(ordered) * 0.99) - 1] if ordered else None
+
+
 async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
     """`count` clients spread over the nodes, all following the table's room.
 
@@ -201,14 +206,17 @@ async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
     theirs. With python-socketio's client for all 200, this process was the slowest part of the
     run on a 2-core machine: it fell behind by seconds, so the latencies measured the swarm,
     and the nodes' sockets backed up, which changed what they spent per delivery.
+
+    Each node's clients count and time apart (`p99_ms_by_node`; node0, started first, reads): is a
+    cluster's tail its followers' clients, one hop further from the source, or everyone's?
     """
     from urllib.parse import urlsplit
 
     from bench.wire import Stats, connect_many
 
-    stats = Stats()
+    by_node = [Stats() for _ in urls]
     clients = []
-    for i, url in enumerate(urls):
+    for i, (url, stats) in enumerate(zip(urls, by_node, strict=True)):
         share = count // len(urls) + (1 if i < count % len(urls) else 0)
         where = urlsplit(url)
         host, port = where.hostname or "127.0.0.1", where.port or 80
@@ -223,21 +231,23 @@ async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
         if not line:
             break
         if line[0] == "go":
-            stats.reset()
+            for stats in by_node:
+                stats.reset()
         elif line[0] == "wait":  # until every client has every change written so far
             expect = int(line[1])
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(deadline):
                     # Polled: the clients count in their protocol callbacks, with no event per
                     # change.
-                    while stats.changes < expect * count:  # noqa: ASYNC110
+                    while sum(s.changes for s in by_node) < expect * count:  # noqa: ASYNC110
                         await asyncio.sleep(0.002)
-            latencies = sorted(stats.latencies)
+            latencies = sorted(x for s in by_node for x in s.latencies)
             result = {
-                "received": stats.changes,
+                "received": sum(s.changes for s in by_node),
                 "expected": expect * count,
                 "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
-                "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
+                "p99_ms": p99_ms(latencies),
+                "p99_ms_by_node": [p99_ms(sorted(s.latencies)) for s in by_node],
             }
             # Told first, closed after "bye": the nodes' CPU is read in between, so a window
             # holds the deliveries and not the clients' disconnects.
@@ -489,6 +499,8 @@ def describe(r: dict[str, Any]) -> str:
             f"{r['redis_bytes_in_per_change']} B in, {r['redis_bytes_out_per_change']} B out "
             "per change"
         )
+    if len(r.get("p99_ms_by_node") or []) > 1:  # the reader's clients first
+        line += ", p99 by node " + "/".join(_ms(x) for x in r["p99_ms_by_node"]) + " ms"
     return line
 
 
