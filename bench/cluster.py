@@ -193,9 +193,12 @@ def commit_time(change: dict[str, Any]) -> float | None:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def p99_ms(ordered: list[float]) -> float | None:
-    """The 99th percentile of sorted latencies in seconds, in ms (None for none)."""
-    return 1000 * ordered[int(len(ordered) * 0.99) - 1] if ordered else None
+def p99_ms(latencies: list[float]) -> float | None:
+    """The 99th percentile of latencies in seconds, in ms (None for none)."""
+    from bench.fanout import percentile
+
+    p99 = percentile(latencies, 0.99)
+    return None if p99 is None else 1000 * p99
 
 
 async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
@@ -241,13 +244,13 @@ async def swarm(urls: list[str], count: int, deadline: float) -> dict[str, Any]:
                     # change.
                     while sum(s.changes for s in by_node) < expect * count:  # noqa: ASYNC110
                         await asyncio.sleep(0.002)
-            latencies = sorted(x for s in by_node for x in s.latencies)
+            latencies = [x for s in by_node for x in s.latencies]
             result = {
                 "received": sum(s.changes for s in by_node),
                 "expected": expect * count,
                 "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
                 "p99_ms": p99_ms(latencies),
-                "p99_ms_by_node": [p99_ms(sorted(s.latencies)) for s in by_node],
+                "p99_ms_by_node": [p99_ms(s.latencies) for s in by_node],
             }
             # Told first, closed after "bye": the nodes' CPU is read in between, so a window
             # holds the deliveries and not the clients' disconnects.
@@ -414,11 +417,11 @@ BASELINE = (
     Path(os.path.abspath(os.environ["BENCH_BASELINE"])) if "BENCH_BASELINE" in os.environ else None
 )
 BASELINE_SETUPS = [(1, False), (3, True)]
-THIS = "this"
-"""The `build` of a row of this checkout's feed (a baseline's is its path)."""
 """With BENCH_BASELINE=<another checkout>: these setups run that checkout's feed too, side by
 side with this one's in the same slices, each figured against its own single node (a change
 measured against the build before it, on the same machine at the same moments)."""
+THIS = "this"
+"""The `build` of a row of this checkout's feed (a baseline's is its path)."""
 
 
 async def run_setups(dsn: str, clients: int, rate: float, seconds: float) -> list[dict[str, Any]]:

@@ -735,12 +735,8 @@ class Hub:
 
     def _status_changed(self, status: Status) -> None:
         level = logging.WARNING if status.state is State.DOWN else logging.INFO
-        if status.detail:
-            log.log(
-                level, "connector %s is %s: %s", status.connector, status.state.value, status.detail
-            )
-        else:
-            log.log(level, "connector %s is %s", status.connector, status.state.value)
+        detail = f": {status.detail}" if status.detail else ""
+        log.log(level, "connector %s is %s%s", status.connector, status.state.value, detail)
         if self.engine is not None:
             self.engine.status_changed(status)
         if self.announce_status is not None:
