@@ -119,6 +119,8 @@ class Connector(ABC):
         self.name = name
         self._status = Status(name, State.STARTING)
         self._listeners: list[Callable[[Status], None]] = []
+        self._own: Status | None = None
+        """While a status is held (`hold_status`): the connector's own, shown on release."""
         self.capture_faults: dict[str, int] = {}
         self.configure(options)
         options.finish()
@@ -252,10 +254,43 @@ class Connector(ABC):
         self._listeners.append(listener)
 
     def set_status(self, state: State, detail: str = "") -> None:
-        """Record and announce a state change (repeats of the same state and detail are dropped)."""
-        if state == self._status.state and detail == self._status.detail:
+        """Record and announce a state change (repeats of the same state and detail are dropped);
+        while a status is held, only record it, to be shown when the hold ends."""
+        if self._own is not None:
+            self._own = Status(self.name, state, detail)
             return
-        self._status = Status(self.name, state, detail)
+        self._show(Status(self.name, state, detail))
+
+    def hold_status(self, state: State, detail: str) -> None:
+        """Show this status whatever the connector says meanwhile, until `release_status`.
+
+        The cluster engine holds a reading connector down while the cluster's Redis is out of
+        reach: the connector itself still reads its source fine and would say "up" at its next
+        check, but nothing it reads can reach a client.
+        """
+        if self._own is None:
+            self._own = self._status
+        self._show(Status(self.name, state, detail))
+
+    def release_status(self) -> None:
+        """End a hold: show the connector's own latest status again (since now)."""
+        own, self._own = self._own, None
+        if own is not None:
+            self._show(Status(self.name, own.state, own.detail))
+
+    @property
+    def status_held(self) -> bool:
+        return self._own is not None
+
+    @property
+    def own_status(self) -> Status:
+        """What the connector last said of itself, held or not: what its own checks go by."""
+        return self._status if self._own is None else self._own
+
+    def _show(self, status: Status) -> None:
+        if status.state == self._status.state and status.detail == self._status.detail:
+            return
+        self._status = status
         for listener in self._listeners:
             try:
                 listener(self._status)

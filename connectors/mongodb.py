@@ -368,7 +368,7 @@ class MongoConnector(Connector):
             lag = (dt.datetime.now(dt.UTC) - change.ts).total_seconds()
         if lag > self.lag_threshold:
             self.set_status(State.LAGGING, f"more than {self.lag_threshold:g}s behind MongoDB")
-        elif self.status.state == State.LAGGING:
+        elif self.own_status.state == State.LAGGING:
             self.set_status(State.UP)
 
     def _fallback_target(self) -> str:

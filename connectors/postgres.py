@@ -1011,7 +1011,7 @@ class PostgresConnector(Connector):
                             timeout=self.query_timeout,  # its bind: bounded, as every read
                         )
                     rows = await cursor.fetch(self.batch_size, timeout=self.query_timeout)
-                if self.status.state == State.LAGGING:
+                if self.own_status.state == State.LAGGING:
                     self._show_running()
                 now = time.monotonic()
                 self._unsaved = self._unsaved or delivered > 0

@@ -421,7 +421,7 @@ class KeyspaceCapture:
         """Hand a batch to `changes()`; past `max_pending` unconsumed events, stop reading."""
         self._queue.put_nowait(batch)
         self._pending += len(batch)
-        if self._pending > self.owner.max_pending // 2 and self.owner.status.state == State.UP:
+        if self._pending > self.owner.max_pending // 2 and self.owner.own_status.state == State.UP:
             self.owner.set_status(State.LAGGING, f"{self._pending} events waiting for the hub")
         while self._pending > self.owner.max_pending:
             self._drained.clear()
@@ -434,7 +434,7 @@ class KeyspaceCapture:
         # Hysteresis: back to "up" only well below the mark, so the status does not flap.
         if (
             self._pending < self.owner.max_pending // 10
-            and self.owner.status.state == State.LAGGING
+            and self.owner.own_status.state == State.LAGGING
         ):
             self.owner.set_status(State.UP)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from connectors.base import State
 from feed.engine import scripts
 from tests.support import redis as redis_support
 from tests.support.cluster import (
@@ -354,6 +356,101 @@ async def test_a_redis_that_stops_answering_is_shown_and_delivery_resumes_after(
         memory(reader).write("public.orders", "insert", {"id": 2})
         change = await client.next_change(15)
         assert (change["key"], change["seq"]) == (2, 1)
+
+
+async def readyz(node: RunningFeed) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/readyz") as r:
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def test_a_reading_connector_is_shown_down_while_redis_is_away_whatever_it_says() -> None:
+    """While the cluster's Redis is away the reader's connector still reads its source, and its
+    own checks say "up" again (Postgres's capture watch does every few seconds); but nothing it
+    reads can reach a client, so it stays shown down until Redis is back, then shows its own."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        config = cluster_config(target.url, "held", lease=30.0)
+        nodes = await start_nodes(stack, config, 1)
+        reader = await reader_of(nodes)
+        assert target.server is not None
+        await asyncio.to_thread(target.server.stop)
+        await readyz_on_every_node(nodes, 503, within=10, redis="down")
+        memory(reader).set_status(State.UP, "reading 1 target(s)")  # as its own check would
+        shown = (await readyz(reader))["connectors"]["mem"]
+        assert (shown["state"], shown["detail"].split(":")[0]) == (
+            "down",
+            "cluster Redis unreachable",
+        )
+        await asyncio.to_thread(target.server.start)
+        await readyz_on_every_node(nodes, 200, within=20, redis="up")
+        shown = (await readyz(reader))["connectors"]["mem"]
+        assert (shown["state"], shown["detail"]) == ("up", "reading 1 target(s)")
+
+
+async def test_a_redis_out_of_reach_at_start_is_said_once_per_connector(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listener and the lease loop both find Redis out of reach, each in its own words;
+    the connector is shown down once, not once per finder."""
+    connections: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            connections.append(await asyncio.wait_for(reader.read(200), 5))
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.INFO, logger="feed.hub")
+    async with server, AsyncExitStack() as stack:
+        config = cluster_config(f"redis://127.0.0.1:{port}/0", "away")
+        nodes = await start_nodes(stack, config, 1)
+
+        def both_tried_twice() -> bool:
+            subscribes = sum(b"SUBSCRIBE" in data for data in connections)
+            return subscribes >= 2 and len(connections) - subscribes >= 2
+
+        await wait_until(both_tried_twice, 15, "the listener and the lease loop to try twice")
+        await readyz_on_every_node(nodes, 503, within=5, redis="down")
+    downs = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("connector mem is down")
+    ]
+    assert len(downs) == 1, downs
+
+
+async def test_a_lease_redis_lost_is_said_so() -> None:
+    """Redis lost the lease (FLUSHALL here; a restart without persistence alike): the reader
+    says that, not that another node took the connector, and reads again."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        config = cluster_config(target.url, "flushed", lease=1.0)
+        nodes = await start_nodes(stack, config, 1)
+        reader = await reader_of(nodes)
+        seen: list[tuple[str, str]] = []
+        memory(reader).on_status(lambda s: seen.append((s.state.value, s.detail)))
+        await target.admin.flushall()
+        await wait_until(lambda: seen[-1:] == [("up", "")], 15, "the reader to read again")
+        assert [state for state, _ in seen] == ["down", "up"], seen
+        assert "Redis no longer has it" in seen[0][1], seen
+
+
+async def test_a_nodes_own_status_coming_back_from_redis_changes_nothing() -> None:
+    """A reader shares its connector's status through Redis, and hears it back: a "stopped" said
+    as its reading ends arrives after the "down" that says why, and must not replace it."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        config = cluster_config(target.url, "echo", lease=5.0)
+        reader, other = await reader_and_other(stack, config)
+        seen: list[str] = []
+        other.hub.connectors["mem"].on_status(lambda s: seen.append(s.detail))
+
+        async def say(node: RunningFeed, detail: str) -> None:
+            status = {"connector": "mem", "state": "down", "detail": detail, "since": "now"}
+            body = {"t": "status", "c": "mem", "s": {**status, "reader": node.engine.node}}
+            await target.admin.publish(other.engine.control, json.dumps(body))
+
+        await say(other, "its own, late")  # as `other` would hear itself after reading
+        await say(reader, "the reader's")  # in order on the channel: after the first
+        await wait_until(lambda: "the reader's" in seen, 10, "the reader's status")
+        assert "its own, late" not in seen, seen
 
 
 async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from connectors.base import Status
+from connectors.base import Connector, State
 from feed.core.change import Change
 from feed.core.targets import TargetRooms
 from feed.engine import ClusterConfig
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from feed.routing.hub import Hub
 
 log = logging.getLogger("feed.engine.redis")
+
+UNREACHABLE = "cluster Redis unreachable"
 
 
 class EngineCore:
@@ -67,9 +69,6 @@ class EngineCore:
         self._tasks: list[asyncio.Task[None]] = []
         self._scripts: dict[str, Any] = {}
         self._connected = asyncio.Event()
-        self._overridden: dict[str, tuple[Status, Status]] = {}
-        """Statuses of connectors read here, replaced by "Redis unreachable": the real one
-        and the replacement (restored on reconnect unless the connector changed it since)."""
         self.ttl_ms = int(config.room_ttl * 1000)
         hub.metrics.describe(
             "feed_cluster_duplicates_dropped_total",
@@ -110,6 +109,21 @@ class EngineCore:
     @property
     def status_key(self) -> str:
         return f"{self._p}:status"
+
+    def _show_unreachable(self, connector: Connector, detail: str, hold: bool = False) -> None:
+        """Show `connector` down for the cluster's Redis, unless it says so already: the
+        listener and the lease loop notice one outage within a millisecond, each in its own
+        words (asyncio's and redis-py's), and a user should read it once. `hold`: keep it shown
+        until the listener is back (`_recover`), whatever a reading connector says meanwhile."""
+        status = connector.status
+        if status.state is State.DOWN and status.detail.startswith(UNREACHABLE):
+            if hold and not connector.status_held:
+                connector.hold_status(status.state, status.detail)
+            return
+        if hold:
+            connector.hold_status(State.DOWN, f"{UNREACHABLE}: {detail}")
+        else:
+            connector.set_status(State.DOWN, f"{UNREACHABLE}: {detail}")
 
     async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         return await self._scripts[name](keys=keys, args=args)

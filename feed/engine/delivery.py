@@ -13,10 +13,9 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from connectors.base import State
 from feed.core.rooms import Room
 from feed.delivery.transport import FlushBeforeWaiting
-from feed.engine.core import log
+from feed.engine.core import UNREACHABLE, log
 from feed.engine.history import History
 from feed.engine.mirror import Mirror
 from feed.engine.relay import numbered
@@ -169,17 +168,14 @@ class Delivery(History):
         """Redis went away: every node says so (status, /readyz); clients stay connected."""
         first = self.up or self.detail == "connecting"
         self.up = False
-        self.detail = f"cluster Redis unreachable: {detail}"
+        self.detail = f"{UNREACHABLE}: {detail}"
         if not first:
             return
         log.warning("%s: %s", self.node, self.detail)
         for mirror in self._mirrors.values():
             mirror.ready = False
         for name, connector in self.hub.connectors.items():
-            before = connector.status
-            connector.set_status(State.DOWN, self.detail)
-            if name in self._leases:
-                self._overridden[name] = (before, connector.status)
+            self._show_unreachable(connector, detail, hold=name in self._leases)
 
     async def _recover(self) -> None:
         """After (re)connecting: resubscribe, restore statuses, fill or announce what was missed."""
@@ -194,10 +190,8 @@ class Delivery(History):
             log.info("%s: connected to the cluster's Redis", self.node)
             self.lease_released()  # a lease Redis lost meanwhile is taken at once
         for name, connector in self.hub.connectors.items():
+            connector.release_status()  # what it said meanwhile (a reading that ended, say)
             if name in self._leases:
-                saved = self._overridden.pop(name, None)
-                if saved is not None and connector.status is saved[1]:
-                    connector.set_status(saved[0].state, saved[0].detail)  # ours again
                 self.status_changed(connector.status)
             elif name.encode() in statuses:
                 self._apply_status(name, loads(statuses[name.encode()]))

@@ -151,7 +151,7 @@ class Leases(Publisher):
                 raise
             except Exception as exc:
                 shown = ""
-                connector.set_status(State.DOWN, f"cluster Redis unreachable: {one_line(exc)}")
+                self._show_unreachable(connector, one_line(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await wake.wait()
@@ -180,10 +180,14 @@ class Leases(Publisher):
                     continue
                 lost.append(f"cannot renew it: {one_line(exc)}")
             else:
-                if still:
+                if still == 1:
                     valid_until = time.monotonic() + lease
                     continue
-                lost.append("another node holds it now")
+                lost.append(
+                    "another node holds it now"
+                    if still == 0
+                    else "Redis no longer has it (it expired, or Redis lost its data)"
+                )
             log.warning("%s: lease on %s lost (%s)", self.node, name, lost[0])
             deadline.reschedule(asyncio.get_running_loop().time())
             return
@@ -197,9 +201,12 @@ class Leases(Publisher):
 
     def _apply_status(self, name: str, body: Mapping[str, Any]) -> None:
         connector = self.hub.connectors.get(name)
-        if connector is None or name in self._leases:
-            return
         reader = body.get("reader")
+        # Its own word coming back (through the control channel, or the hash after a
+        # reconnect) says nothing new, and may be older than what it shows since its reading
+        # ended: a "stopped" echo arriving after the "down" that said why.
+        if connector is None or name in self._leases or reader == self.node:
+            return
         self.readers[name] = reader
         detail = str(body.get("detail", ""))
         connector.set_status(State(body.get("state", "down")), detail)

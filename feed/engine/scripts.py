@@ -24,12 +24,17 @@ return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
 RENEW = """
--- KEYS: lease. ARGV: holder ('node|token'), lease ms. 1 when still ours (and renewed), else 0.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+-- KEYS: lease. ARGV: holder ('node|token'), lease ms. 1 when still ours (and renewed), 0 when
+-- another node holds it, -1 when nobody does (it expired, or Redis lost it).
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-return 0
+if holder then
+  return 0
+end
+return -1
 """
 
 RELEASE = """
