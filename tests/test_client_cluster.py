@@ -8,15 +8,22 @@ and no reload.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 
 import pytest
 from dbfeed_client import FeedClient
 
 from tests.support import redis as redis_support
-from tests.support.cluster import cluster_config, memory, reader_of, start_nodes
+from tests.support.cluster import (
+    cluster_config,
+    confirmed_reader,
+    memory,
+    reader_of,
+    start_nodes,
+)
 from tests.support.proxy import CuttableProxy
-from tests.support.redis import RedisTarget
+from tests.support.redis import RedisTarget, open_private_redis
 from tests.test_client_python import Log, assert_once_in_order
 
 pytestmark = pytest.mark.redis
@@ -65,3 +72,32 @@ async def test_the_client_resumes_on_another_node_with_nothing_missing_or_twice(
         assert sub.rows["3"]["status"] == "paid"
         memory(reader).write("public.orders", "delete", {"id": 4})
         await log.until(lambda: "4" not in (sub.rows or {}), "live on the second node")
+
+
+async def test_after_redis_lost_the_history_the_client_follows_the_new_numbering() -> None:
+    """Redis restarted without persistence: the room's numbering begins again in a new epoch,
+    and the node says so with a `gap`. A subscription without a snapshot goes on in the new
+    numbering: the changes after the gap arrive (they were taken for repeats of the old seq 1
+    to 5 and dropped), and a resume names the new epoch."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        config = cluster_config(target.url, "renumbered")
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        other = next(n for n in nodes if n is not reader)
+        feed = await stack.enter_async_context(FeedClient(other.url))
+        sub = await stack.enter_async_context(feed.subscribe(ROOM))
+        log = Log(sub)
+        for i in range(1, 6):
+            memory(reader).write("public.orders", "insert", {"id": i})
+        await log.until(lambda: len(log.changes) == 5, "5 changes")
+        old_epoch = sub.epoch
+        assert target.server is not None
+        await asyncio.to_thread(target.server.stop)
+        await asyncio.to_thread(target.server.start)
+        await log.until(lambda: "reload" in log.names, "the gap for the lost history")
+        reader = await confirmed_reader(nodes, target.admin)
+        memory(reader).write("public.orders", "insert", {"id": 6})
+        await log.until(lambda: len(log.changes) == 6, "the change after the gap")
+        assert (log.changes[-1]["key"], log.changes[-1]["seq"]) == (6, 1)
+        assert sub.epoch is not None and sub.epoch != old_epoch
+        assert (sub.seq, sub.state) == (1, "live")

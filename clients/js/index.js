@@ -698,7 +698,15 @@ export class Subscription extends Emitter {
       this._reloadNow(reason);
       return;
     }
-    if (typeof gap.seq === "number" && (this.seq === null || gap.seq > this.seq)) this.seq = gap.seq;
+    if (typeof gap.epoch === "string" && this.epoch !== null && gap.epoch !== this.epoch) {
+      // The room's numbering began again (a cluster whose Redis lost the history): its next
+      // change is `seq + 1` of the new epoch, and a resume must name that epoch.
+      this.epoch = gap.epoch;
+      this._forgetIds();
+      if (typeof gap.seq === "number") this.seq = gap.seq;
+    } else if (typeof gap.seq === "number" && (this.seq === null || gap.seq > this.seq)) {
+      this.seq = gap.seq;
+    }
     this._setState("reload", { reason });
     this._setState("live", {});
   }

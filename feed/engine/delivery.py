@@ -207,7 +207,9 @@ class Delivery(History):
         room = mirror.room
         epoch, seq, gap = await self._register(room)
         if mirror.epoch is not None and epoch != mirror.epoch:
-            await self._announce_gap(mirror, "the cluster lost this room's history", seq)
+            await self._announce_gap(
+                mirror, "the cluster lost this room's history", seq, epoch=epoch
+            )
             mirror.ring.clear()
             mirror.epoch, mirror.seq, mirror.gap = epoch, seq, gap
             room.seq = seq
@@ -295,7 +297,7 @@ class Delivery(History):
                 # Said even while a reconnect is still resyncing (not `ready`): a publication in
                 # the new epoch can arrive first, and after it the resync sees nothing to tell.
                 reason = "the cluster lost this room's history"
-                await self._announce_gap(mirror, reason, first - 1)
+                await self._announce_gap(mirror, reason, first - 1, epoch=epoch)
                 mirror.ring.clear()
                 mirror.epoch, mirror.seq, mirror.gap = epoch, first - 1, 0
             if last <= mirror.seq:
@@ -363,7 +365,11 @@ class Delivery(History):
         mirror.gap = max(mirror.gap, seq)
         await self._announce_gap(mirror, str(body.get("reason", "")), seq, body.get("ts"))
 
-    async def _announce_gap(self, mirror: Mirror, reason: str, seq: int, ts: Any = None) -> None:
+    async def _announce_gap(
+        self, mirror: Mirror, reason: str, seq: int, ts: Any = None, epoch: str | None = None
+    ) -> None:
+        """Tell the room's members; `epoch`: the new one, when the numbering begins again (Redis
+        lost the history), so that a client takes `seq` as the room's position in it."""
         room = mirror.room
         room.mark_gap()
         mirror.gap = max(mirror.gap, seq)
@@ -375,6 +381,7 @@ class Delivery(History):
                 "target": room.target,
                 "reason": reason,
                 "seq": seq,
+                "epoch": epoch or mirror.epoch,
                 "ts": ts,
             }
             await self.hub.transport.send_room(room.name, "gap", body, [])

@@ -141,6 +141,7 @@ class Resume(Delivery):
                                 "target": room.target,
                                 "reason": "the room's history no longer holds what was missed",
                                 "seq": seq,
+                                "epoch": mirror.epoch,
                             }
                             await transport.send_to(sid, "gap", body)
                         cursor = seq

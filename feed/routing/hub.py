@@ -408,6 +408,7 @@ class Hub:
                     "target": room.target,
                     "reason": gap.reason,
                     "seq": room.seq,
+                    "epoch": self.epoch,
                     "ts": format_ts(gap.ts),
                 }
                 await self.transport.send_room(room.name, "gap", body, [])
@@ -675,6 +676,7 @@ class Hub:
                             "target": room.target,
                             "reason": "the replay buffer no longer holds what was missed",
                             "seq": room.seq,
+                            "epoch": self.epoch,
                         }
                         await self.transport.send_to(sid, "gap", body)
                     cursor = room.seq

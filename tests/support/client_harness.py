@@ -239,7 +239,7 @@ class ClusterHarness:
 
     async def start(self, server: str = "") -> list[str]:
         """Start both nodes; `server` adds lines to their [server] table."""
-        target = await self.stack.enter_async_context(open_redis_target())
+        target = self.target = await self.stack.enter_async_context(open_redis_target())
         config = (
             f'[server]\nfilter_room_grace = 5\n{server}\n[cluster]\nurl = "{target.url}"\n'
             f'prefix = "{target.prefix.rstrip(":")}"\nlease = 1.0\nhistory = 1000\n'
@@ -252,6 +252,13 @@ class ClusterHarness:
         await self.proxy.start()
         self.stack.push_async_callback(self.proxy.close)
         return [f"http://127.0.0.1:{self.proxy.port}", self.nodes[1].url]
+
+    async def lose_history(self) -> None:
+        """Delete every room's numbers and history from Redis, as a Redis restarted without
+        persistence would have (the suite's Redis may be shared: only this feed's keys go)."""
+        keys = [key async for key in self.target.admin.scan_iter(f"{self.target.prefix}room:*")]
+        if keys:
+            await self.target.admin.delete(*keys)
 
     async def reader(self, name: str = "mem") -> MemoryConnector:
         """The memory connector of the node that reads it (once one holds the lease)."""
@@ -374,6 +381,9 @@ async def serve_commands() -> None:
                     assert cluster is not None
                     source = await cluster.reader(command.get("connector", "mem"))
                     reply["rows"] = rows_of(source, command.get("target", "public.orders"))
+                elif cmd == "cluster_lose_history":
+                    assert cluster is not None
+                    await cluster.lose_history()
                 elif cmd in ("cluster_cut", "cluster_restore"):
                     assert cluster is not None and cluster.proxy is not None
                     if cmd == "cluster_cut":

@@ -454,6 +454,30 @@ test("a cluster: the client resumes on another node, nothing missing or twice, `
   }
 });
 
+test("a cluster whose Redis lost the room's history: the client follows the new numbering", async () => {
+  const h = new Harness();
+  const { urls } = await h.send({ cmd: "cluster_start" });
+  const feed = new FeedClient([urls[1]], WS);
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await sub.ready;
+    for (let i = 1; i <= 5; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+    await until(() => log.changes.length === 5, "5 changes");
+    const oldEpoch = sub.epoch;
+    await h.send({ cmd: "cluster_lose_history" });
+    await h.send({ cmd: "cluster_write", op: "insert", row: { id: 6 } });
+    // Numbered 1 in a new epoch, after a gap: not a repeat of the old seq 1, to be dropped.
+    await until(() => log.changes.length === 6, "the change after the gap");
+    assert.deepEqual([log.changes[5].key, log.changes[5].seq], [6, 1]);
+    assert.ok(sub.epoch && sub.epoch !== oldEpoch, `epoch ${sub.epoch} after ${oldEpoch}`);
+    assert.ok(log.states.some((s) => s.state === "reload"), JSON.stringify(log.states));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
 test("keyText renders keys as row room names do", () => {
   assert.equal(keyText(42), "42");
   assert.equal(keyText("abc"), "abc");

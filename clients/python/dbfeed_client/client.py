@@ -773,8 +773,15 @@ class Subscription(_Events):
         if self.snapshot:
             self._reload_now(reason)
             return
-        seq = gap.get("seq")
-        if isinstance(seq, int) and (self.seq is None or seq > self.seq):
+        seq, epoch = gap.get("seq"), gap.get("epoch")
+        if isinstance(epoch, str) and self.epoch is not None and epoch != self.epoch:
+            # The room's numbering began again (a cluster whose Redis lost the history): its
+            # next change is `seq + 1` of the new epoch, and a resume must name that epoch.
+            self.epoch = epoch
+            self._ids.clear()
+            if isinstance(seq, int):
+                self.seq = seq
+        elif isinstance(seq, int) and (self.seq is None or seq > self.seq):
             self.seq = seq
         self._set_state("reload", reason=reason)
         self._set_state("live")
