@@ -127,6 +127,7 @@ class Leases(Publisher):
         lease_ms = int(self.config.lease * 1000)
         wake = self._lease_wakes.setdefault(name, asyncio.Event())
         shown = ""
+        failed = 0
         while True:
             wake.clear()  # before asking: a release said while the answer travels still wakes
             wait = interval
@@ -139,6 +140,7 @@ class Leases(Publisher):
                 if not isinstance(reply, list):
                     token = reply.decode() if isinstance(reply, bytes) else str(reply)
                     return f"{self.node}|{token}", token
+                failed = 0
                 current, left_ms = reply
                 reader = current.decode().rsplit("|", 1)[0] if current else None
                 self.readers[name] = reader
@@ -151,7 +153,12 @@ class Leases(Publisher):
                 raise
             except Exception as exc:
                 shown = ""
-                self._show_unreachable(connector, one_line(exc))
+                failed += 1
+                # With the listener connected, one failed call is most likely a pooled
+                # connection from before a Redis restart (redis-py finds it closed on use): the
+                # next call opens a new one. Shown as down from the second in a row.
+                if not self.up or failed > 1:
+                    self._show_unreachable(connector, one_line(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await wake.wait()
