@@ -467,7 +467,7 @@ class KeyspaceCapture:
             meta["key_base64"] = True
         after = None
         if value is not None:
-            after = value.after()
+            after = _row(event.key, value, True)  # the same row a snapshot gives for the key
             meta.update(value.flags())
         if value_error is not None:
             meta["value_error"] = value_error

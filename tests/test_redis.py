@@ -130,17 +130,20 @@ async def test_values_for_each_type(redis_target: RedisTarget) -> None:
         await r.delete(k("h"))
         got = await take(stream, 7)
     after = {c.key: (c.op, c.after) for c in got[:6]}
-    assert after[k("s")] == ("set", {"type": "string", "value": "hello"})
-    assert after[k("l")] == ("rpush", {"type": "list", "value": ["x", "y"]})
-    assert after[k("set")] == ("sadd", {"type": "set", "value": ["a", "b"]})
-    assert after[k("z")] == ("zadd", {"type": "zset", "value": [["low", 1.0], ["high", 2.5]]})
+    # Each image is the row a snapshot gives for its key: the key, its type and its value.
+    assert after[k("s")] == ("set", {"key": k("s"), "type": "string", "value": "hello"})
+    assert after[k("l")] == ("rpush", {"key": k("l"), "type": "list", "value": ["x", "y"]})
+    assert after[k("set")] == ("sadd", {"key": k("set"), "type": "set", "value": ["a", "b"]})
+    zset = [["low", 1.0], ["high", 2.5]]
+    assert after[k("z")] == ("zadd", {"key": k("z"), "type": "zset", "value": zset})
     assert after[k("x")] == (
         "xadd",
-        {"type": "stream", "value": [{"id": entry, "fields": {"f": "v"}}]},
+        {"key": k("x"), "type": "stream", "value": [{"id": entry, "fields": {"f": "v"}}]},
     )
     # The hash event's value was read when the feed got to it: maybe after the delete, in
     # which case it says so (type "none" reads as no after image), never a stale guess.
-    assert after[k("h")][1] in ({"type": "hash", "value": {"a": "1", "b": "2"}}, None)
+    hashed = {"key": k("h"), "type": "hash", "value": {"a": "1", "b": "2"}}
+    assert after[k("h")][1] in (hashed, None)
     assert (got[6].op, got[6].key, got[6].after) == ("del", k("h"), None)
 
 
@@ -170,11 +173,20 @@ async def test_non_utf8_keys_and_values_are_base64(redis_target: RedisTarget) ->
         snapshot = await source.snapshot(RoomAddress(t.key("*")), lambda row: True, 10)
     assert binary.key == base64.b64encode(raw_key).decode()
     assert binary.meta == {"key_base64": True, "value_base64": True}
-    assert binary.after == {"type": "string", "value": base64.b64encode(b"\x00\x9f").decode()}
+    assert binary.after == {
+        "key": binary.key,
+        "type": "string",
+        "value": base64.b64encode(b"\x00\x9f").decode(),
+        "value_base64": True,
+        "key_base64": True,
+    }
     assert text_key.key == t.key("text") and text_key.meta == {"value_base64": True}
     assert binary.wire["key"] == binary.key  # JSON-safe
     rows = {row["key"]: row for row in snapshot.rows}
     assert rows[binary.key]["key_base64"] is True
+    # A live image is the row a snapshot gives: a client keeping rows sees one shape.
+    assert rows[binary.key] == binary.after
+    assert rows[text_key.key] == text_key.after
 
 
 async def test_snapshot_scans_the_pattern_bounded(redis_target: RedisTarget) -> None:
@@ -263,4 +275,6 @@ async def test_values_keep_arrival_order_under_a_burst(redis_target: RedisTarget
             await pipe.execute()
         got = await take(stream, 2000, timeout=20)
     assert [c.key for c in got] == [t.key(f"k{i}") for i in range(2000)]
-    assert all(c.after == {"type": "string", "value": str(i)} for i, c in enumerate(got))
+    assert all(
+        c.after == {"key": c.key, "type": "string", "value": str(i)} for i, c in enumerate(got)
+    )

@@ -90,7 +90,7 @@ async def test_events_from_every_primary_arrive(cluster: RedisCluster) -> None:
     assert {c.op for c in changes} == {"set"} and {c.target for c in changes} == {PATTERN}
     assert len({c.id for c in changes}) == len(keys)  # ids stay unique across primaries
     # Values were read from each key's own node, one script call per hash slot.
-    assert all(c.after == {"value": f"v-{c.key}", "type": "string"} for c in changes)
+    assert all(c.after == {"key": c.key, "type": "string", "value": f"v-{c.key}"} for c in changes)
 
 
 async def test_snapshot_scans_every_primary(cluster: RedisCluster) -> None:
@@ -224,7 +224,7 @@ async def test_values_survive_a_script_flush(cluster: RedisCluster) -> None:
                 await client.aclose()
         keys = await set_on_every_primary(cluster, "flush2")
         changes: list[Change] = await take(stream, len(keys))
-    assert all(c.after == {"value": f"v-{c.key}", "type": "string"} for c in changes)
+    assert all(c.after == {"key": c.key, "type": "string", "value": f"v-{c.key}"} for c in changes)
     assert not any(c.meta and "value_error" in c.meta for c in changes)
 
 

@@ -59,7 +59,11 @@ async def test_set_reaches_pattern_and_key_rooms(redis_target: RedisTarget) -> N
             first, second = await pattern_client.take(2)
             [mine] = await key_client.take(1)
     assert (first["op"], first["key"]) == ("set", t.key("session:other"))
-    assert second["key"] == key and second["after"] == {"value": "hello", "type": "string"}
+    assert second["key"] == key and second["after"] == {
+        "key": key,
+        "type": "string",
+        "value": "hello",
+    }
     assert second["source"] == "redis" and second["target"] == t.key("session:*")
     assert mine["id"] == second["id"] and mine["room"] == ack["room"]
     assert pattern_client.changes.empty()
