@@ -160,6 +160,9 @@ def _array(element: Convert) -> Convert:
     return convert
 
 
+_ABSENT: Any = object()
+
+
 @dataclass(frozen=True)
 class TableShape:
     """A table's columns (with their decoders) and primary key, read from the catalog."""
@@ -170,15 +173,26 @@ class TableShape:
     column_types: Mapping[str, str]
 
     def decode(self, text: str | None) -> dict[str, Any] | None:
-        """One row image; columns the catalog no longer knows (dropped since) stay as JSON."""
+        """One row image, its columns in the table's order; columns the catalog no longer knows
+        (dropped since) stay as JSON, after the others.
+
+        The images are `to_jsonb(row)`, and jsonb keeps its keys shortest first, so a row read
+        as is came out as `id, amount, status, created, user_id`: a client laying rows out as
+        the table does would have to know the table's columns to undo that.
+        """
         image = loads(text)
         if image is None:
             return None
-        columns = self.columns
-        return {
-            name: (None if value is None else columns.get(name, plain)(value))
-            for name, value in image.items()
-        }
+        row: dict[str, Any] = {}
+        for name, convert in self.columns.items():
+            value = image.get(name, _ABSENT)
+            if value is not _ABSENT:
+                row[name] = None if value is None else convert(value)
+        if len(row) != len(image):
+            for name, value in image.items():
+                if name not in row:
+                    row[name] = None if value is None else plain(value)
+        return row
 
     def knows(self, image: Mapping[str, Any]) -> bool:
         return all(name in self.columns for name in image)

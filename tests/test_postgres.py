@@ -307,6 +307,26 @@ async def test_alter_table_add_and_drop_column(pg: PgDatabase) -> None:
     assert got[2].after is not None and got[2].after["amount"] == Decimal("3.00")
 
 
+async def test_images_and_snapshot_rows_keep_the_tables_column_order(pg: PgDatabase) -> None:
+    """Rows are captured as jsonb, which orders keys shortest first; a client that lays rows out
+    by their keys (the dashboard, a table view) gets them in the table's order."""
+    await pg.conn.execute(
+        "CREATE TABLE public.orders (order_id int PRIMARY KEY, zone text, customer_name text,"
+        " n int, placed_at timestamptz)"
+    )
+    columns = ["order_id", "zone", "customer_name", "n", "placed_at"]
+    connector = make_connector(pg.url, ["public.orders"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'eu', 'Ada', 2, now())")
+        await pg.conn.execute("UPDATE orders SET n = 3 WHERE order_id = 1")
+        insert, update = await stream.take(2)
+        snap = await connector.snapshot(RoomAddress("public.orders"), lambda row: True, 10)
+    assert insert.after is not None and list(insert.after) == columns
+    assert update.before is not None and list(update.before) == columns
+    assert update.after is not None and list(update.after) == columns
+    assert [list(row) for row in snap.rows] == [columns]
+
+
 async def test_snapshot_is_consistent_with_the_stream(pg: PgDatabase) -> None:
     await orders(pg)
     await pg.conn.execute("INSERT INTO orders SELECT g, 'old', g FROM generate_series(1, 5) g")
