@@ -209,7 +209,7 @@ class Hub:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.exception("connector %s crashed", connector.name)
             self.metrics.inc("feed_connector_restarts_total", connector=connector.name)
-            if connector.status.state not in (State.DOWN,):
+            if connector.own_status.state is not State.DOWN:  # also while shown down by a hold
                 connector.set_status(State.DOWN, reason)
             if time.monotonic() - started > HEALTHY_RUN:
                 delay = BACKOFF_START
