@@ -453,6 +453,31 @@ async def test_a_nodes_own_status_coming_back_from_redis_changes_nothing() -> No
         assert "its own, late" not in seen, seen
 
 
+async def test_two_nodes_given_one_name_say_so_and_the_second_waits_its_turn(
+    redis_target: RedisTarget,
+) -> None:
+    """Leases, statuses and inboxes go by the node's name: a second process with the same
+    `node` took the reader's name for its own and never read (stuck "starting"), and snapshot
+    answers went to both. It now says what is wrong, and reads once the name is free."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    named = config.replace("[cluster]\n", '[cluster]\nnode = "twin"\n')
+    async with AsyncExitStack() as stack:
+        async with running_feed(named) as first:
+            await reader_of([first])
+            second = await stack.enter_async_context(running_feed(named))
+            await readyz_on_every_node([second], 503, within=10)
+            body = await readyz(second)
+            assert (
+                "another feed process on this cluster is named 'twin'"
+                in (body["cluster"]["detail"])
+            ), body
+            assert body["connectors"]["mem"]["state"] == "down"
+            assert (await readyz(first))["ready"] is True
+        # A clean stop lets the name go: the second takes it and the connector.
+        await readyz_on_every_node([second], 200, within=15)
+        assert await reader_of([second]) is second
+
+
 async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:
     """Every connection a node opens (commands and its own pub/sub reader) signs in with the
     URL's user and password; a wrong password is shown, not retried in silence."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from connectors.base import Connector, State
@@ -44,6 +45,10 @@ class EngineCore:
         self._lease_redis: Any = None
         self.up = False
         self.detail = "connecting"
+        self.instance = secrets.token_hex(6)
+        """Tells this process from another that was given the same `node` name."""
+        self.name_taken: str | None = None
+        """Why this node waits (another process holds its name), or None."""
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
         self._leases: dict[str, str] = {}
         self._lease_wakes: dict[str, asyncio.Event] = {}
@@ -105,6 +110,9 @@ class EngineCore:
 
     def live_key(self, connector: str) -> str:
         return f"{self._p}:live:{connector}"
+
+    def name_key(self) -> str:
+        return f"{self._p}:name:{self.node}"
 
     @property
     def status_key(self) -> str:

@@ -182,6 +182,7 @@ class Delivery(History):
         channels = [m.channel for m in self._mirrors.values()]
         if channels:
             await self._subscribe(channels)
+        await self._claim_name()
         statuses = await self.redis.hgetall(self.status_key)
         was_down = not self.up
         self.up = True

@@ -131,6 +131,13 @@ class Leases(Publisher):
         while True:
             wake.clear()  # before asking: a release said while the answer travels still wakes
             wait = interval
+            if self.name_taken is not None:  # freed: `_claim_name` wakes this wait
+                shown = ""
+                connector.set_status(State.DOWN, self.name_taken)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.lease):
+                        await wake.wait()
+                continue
             try:
                 reply = await self._script(
                     "ACQUIRE",
@@ -198,6 +205,37 @@ class Leases(Publisher):
             log.warning("%s: lease on %s lost (%s)", self.node, name, lost[0])
             deadline.reschedule(asyncio.get_running_loop().time())
             return
+
+    # -- the node's name: one process per name ------------------------------------------------
+
+    async def _claim_name(self) -> None:
+        """Hold this node's name in Redis for `lease` seconds (renewed by the upkeep loop).
+
+        Leases, statuses and each node's inbox go by the name: a second process given the same
+        `node` would never read (it takes the reader's name for its own), and snapshot answers
+        meant for one would reach both. So while another process holds the name, this one says
+        so and takes no lease (`_acquire`); it goes on once the name is free, a lease's time
+        after the other stopped at the latest.
+        """
+        ms = int(self.config.lease * 1000)
+        ours = await self._script("NAME", [self.name_key()], [self.instance, ms, 1])
+        if ours:
+            if self.name_taken is not None:
+                log.info("%s: this node's name is its own again", self.node)
+                self.name_taken = None
+                self.lease_released()
+            return
+        if self.name_taken is None:
+            self.name_taken = (
+                f"another feed process on this cluster is named {self.node!r} (a node still"
+                f" running, or one that stopped less than {self.config.lease:g} s ago): give each"
+                " node its own [cluster] node, or leave it out (the host name and process id)"
+            )
+            log.error("%s: %s", self.node, self.name_taken)
+
+    async def _forget_name(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._script("NAME", [self.name_key()], [self.instance, 0, 0])
 
     async def _mirror_status(self, connector: Connector, reader: str) -> None:
         raw = await self.redis.hget(self.status_key, connector.name)

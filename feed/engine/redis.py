@@ -82,7 +82,7 @@ class RedisEngine(Resume):
         )
         self._lease_redis = aioredis.Redis.from_pool(own)
         # PUBLISH, once per batch, goes over the engine's own connection (`_hot_script`).
-        for name in ("REGISTER", "REFRESH", "GAP"):
+        for name in ("REGISTER", "REFRESH", "GAP", "NAME"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
         for name in ("ACQUIRE", "RENEW", "RELEASE"):
             self._scripts[name] = self._lease_redis.register_script(getattr(scripts, name))
@@ -97,6 +97,10 @@ class RedisEngine(Resume):
         # (a fresh-clone CI run: a node's shutdown outlived its test's 10 s).
         await cancel_and_wait(self._tasks, grace=1.0)
         self._tasks.clear()
+        if self.up and self.name_taken is None:  # a restart under the same name needs no wait
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.answer):
+                    await self._forget_name()
         if self._caller is not None:
             self._caller.close()
         for client in (self.redis, self._lease_redis):
@@ -108,7 +112,7 @@ class RedisEngine(Resume):
         return {
             "node": self.node,
             "redis": "up" if self.up else "down",
-            "detail": self.detail,
+            "detail": self.name_taken or self.detail,
             "readers": dict(self.readers),
             "reading": sorted(self._leases),
         }
@@ -122,6 +126,7 @@ class RedisEngine(Resume):
             if not self.up:
                 continue
             try:
+                await self._claim_name()
                 await self._refresh_rooms()
                 for name in list(self._leases):
                     await self._load_index(name)

@@ -37,6 +37,24 @@ end
 return -1
 """
 
+NAME = """
+-- KEYS: the node name's key. ARGV: this process's instance tag, ms to keep it, and 1 to claim it
+-- (set or renew) or 0 to let it go. Claiming returns 1 when the name is this process's, 0 while
+-- another process holds it (two nodes configured with one `node`, or one that just died).
+local holder = redis.call('GET', KEYS[1])
+if ARGV[3] == '0' then
+  if holder == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+  end
+  return 1
+end
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 RELEASE = """
 -- KEYS: lease. ARGV: holder, the control channel, the message that says so. Deletes the lease
 -- only if it is still ours, and tells the nodes waiting for it (they wait for its expiry else).
