@@ -478,6 +478,30 @@ async def test_two_nodes_given_one_name_say_so_and_the_second_waits_its_turn(
         assert await reader_of([second]) is second
 
 
+async def test_a_node_whose_config_differs_from_the_readers_says_so(
+    redis_target: RedisTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config rolled out node by node: the reader still has the old target list, so a room
+    of the new target on an updated node gets nothing until that node reads. The updated node
+    says so, in its log and /readyz, rather than stay quiet."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    newer = config.replace(
+        'targets = ["public.orders"]', 'targets = ["public.orders", "public.items"]'
+    )
+    assert newer != config
+    async with AsyncExitStack() as stack:
+        [old] = await start_nodes(stack, config, 1, names=["old"])
+        await reader_of([old])
+        [new] = await start_nodes(stack, newer, 1, names=["new"])
+        marker = "reads 'mem' with other targets than this node's config"
+
+        await wait_until(lambda: "mem" in new.engine.differing, 10, "the reader's targets")
+        said = (await readyz(new))["cluster"]["config_differs"]["mem"]
+        assert marker in said and "only here ['public.items']" in said, said
+        assert any(marker in r.getMessage() for r in caplog.records)
+        assert "config_differs" not in (await readyz(old))["cluster"]
+
+
 async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:
     """Every connection a node opens (commands and its own pub/sub reader) signs in with the
     URL's user and password; a wrong password is shown, not retried in silence."""

@@ -47,6 +47,9 @@ class EngineCore:
         self.detail = "connecting"
         self.instance = secrets.token_hex(6)
         """Tells this process from another that was given the same `node` name."""
+        self.differing: dict[str, str] = {}
+        """Connectors whose reader's config gives them other targets than this node's, with
+        what differs (feed.engine.lease `_compare_targets`; in /readyz)."""
         self.name_taken: str | None = None
         """Why this node waits (another process holds its name), or None."""
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}

@@ -60,6 +60,7 @@ class Leases(Publisher):
                             f"cannot read the room registry: {one_line(exc)}"
                         ) from None
                     self._leases[name] = token
+                    self.differing.pop(name, None)  # read here: with this node's own config
                     # The batches carry this reading's token: a late one from an ended reading is
                     # refused by Redis once any reading (this node's next one too) has begun.
                     batcher = Batcher(
@@ -255,12 +256,41 @@ class Leases(Publisher):
         self.readers[name] = reader
         detail = str(body.get("detail", ""))
         connector.set_status(State(body.get("state", "down")), detail)
+        self._compare_targets(connector, str(reader), body.get("targets"))
+
+    def _compare_targets(self, connector: Connector, reader: str, theirs: Any) -> None:
+        """Say so when the reader's config gives the connector other targets than this node's
+        (a config rolled out node by node): a room of a target only this node has gets nothing
+        until a node with this config reads the connector, and that must not go unnoticed."""
+        name = connector.name
+        ours = sorted(connector.targets())
+        if not isinstance(theirs, list) or theirs == ours:
+            self.differing.pop(name, None)
+            return
+        differs = (
+            f"{reader} reads {name!r} with other targets than this node's config: only here"
+            f" {sorted(set(ours) - set(theirs))}, only there {sorted(set(theirs) - set(ours))};"
+            " rooms of a target the reader lacks get no changes until a node with this config"
+            " reads it (run every node with the same config)"
+        )
+        if self.differing.get(name) != differs:
+            log.warning("%s: %s", self.node, differs)
+            self.differing[name] = differs
+
+    def status_body(self, connector: Connector) -> dict[str, Any]:
+        """What the reader shares of its connector: its status, its name and the targets its
+        config gives the connector (`_compare_targets` on the other nodes)."""
+        return {
+            **connector.status.to_json(),
+            "reader": self.node,
+            "targets": sorted(connector.targets()),
+        }
 
     def status_changed(self, status: Status) -> None:
         """The reader shares its connector's status with every node."""
         if status.connector not in self._leases or self.redis is None:
             return
-        body = {**status.to_json(), "reader": self.node}
+        body = self.status_body(self.hub.connectors[status.connector])
         self.hub._spawn(self._share_status(status.connector, body))
 
     async def _share_status(self, name: str, body: dict[str, Any]) -> None:

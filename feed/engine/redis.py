@@ -115,6 +115,7 @@ class RedisEngine(Resume):
             "detail": self.name_taken or self.detail,
             "readers": dict(self.readers),
             "reading": sorted(self._leases),
+            **({"config_differs": dict(self.differing)} if self.differing else {}),
         }
 
     # -- upkeep --------------------------------------------------------------------------------
@@ -130,9 +131,7 @@ class RedisEngine(Resume):
                 await self._refresh_rooms()
                 for name in list(self._leases):
                     await self._load_index(name)
-                    connector = self.hub.connectors[name]
-                    body = {**connector.status.to_json(), "reader": self.node}
-                    await self._share_status(name, body)
+                    await self._share_status(name, self.status_body(self.hub.connectors[name]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
