@@ -520,6 +520,35 @@ async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:
             assert "WRONGPASS" in (await r.json())["cluster"]["detail"]
 
 
+async def test_a_url_without_the_password_redis_asks_for_says_so(
+    caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    """Redis answered the pub/sub connection's SUBSCRIBE with NOAUTH, an error reply nothing
+    waited for: the node logged a traceback at every retry and showed a TypeError. It now says
+    what to put in the URL, and so does `feed check` (with any password in the URL hidden)."""
+    import subprocess
+    import sys
+
+    async with open_private_redis("--requirepass", "s3cret") as target, AsyncExitStack() as stack:
+        node = await stack.enter_async_context(running_feed(cluster_config(target.url, "nopw")))
+        await readyz_on_every_node([node], 503, within=10, redis="down")
+        detail = (await readyz(node))["cluster"]["detail"]
+        assert "Redis asks for a password and the URL gives none" in detail, detail
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+        def check(url: str) -> subprocess.CompletedProcess[str]:
+            path = tmp_path / "feed.toml"
+            path.write_text(cluster_config(url, "nopw"))
+            command = [sys.executable, "-m", "feed", "check", "--config", str(path)]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        bare = await asyncio.to_thread(check, target.url)
+        assert bare.returncode == 1 and "asks for a password" in bare.stdout, bare.stdout
+        wrong = await asyncio.to_thread(check, target.url.replace("redis://", "redis://:wrong@"))
+        assert wrong.returncode == 1 and "cannot sign in to redis://:***@" in wrong.stdout
+        assert "wrong" not in wrong.stdout
+
+
 async def _counted_on(engine: Any, admin: Any) -> None:
     """Another node took the connector over while this one was paused: the count moved on."""
     await admin.set(engine.fence_key("mem"), "2:another")

@@ -40,8 +40,9 @@ from typing import Any
 
 from feed.engine import ClusterConfig
 from feed.engine.core import log
+from feed.engine.resp import refusal
 from feed.engine.resume import Resume
-from feed.engine.wire import one_line
+from feed.engine.wire import one_line, shown_url
 from feed.errors import ClusterError
 from feed.routing.hub import cancel_and_wait
 
@@ -157,7 +158,10 @@ async def check(config: ClusterConfig, connectors: list[str]) -> str:
             readers.append(f"{name}: {reader}")
         where = f"Redis {version}, prefix {config.prefix!r}"
         return f"{where}; readers: {', '.join(readers)}" if readers else where
+    except aioredis.AuthenticationError as exc:
+        where = shown_url(config.url)
+        raise ClusterError(f"cannot sign in to {where}: {refusal(str(exc))}") from None
     except (OSError, aioredis.RedisError) as exc:
-        raise ClusterError(f"cannot reach {config.url}: {one_line(exc)}") from None
+        raise ClusterError(f"cannot reach {shown_url(config.url)}: {one_line(exc)}") from None
     finally:
         await client.aclose()

@@ -62,6 +62,19 @@ def pack(parts: Sequence[bytes | str | int]) -> bytes:
     return b"".join(out)
 
 
+PASSWORD_HINT = "put it in the URL: redis://:password@host:6379/0 (or redis://user:password@...)"
+
+
+def refusal(error: str) -> str:
+    """What to tell the operator about an error Redis answered instead of doing the command."""
+    if (
+        error.startswith("NOAUTH")
+        or "must be called with the client already authenticated" in error
+    ):
+        return f"Redis asks for a password and the URL gives none: {PASSWORD_HINT}"
+    return f"Redis refused: {error}"
+
+
 def _tls(options: Mapping[str, Any]) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
     if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
@@ -167,6 +180,11 @@ class Connection(asyncio.Protocol):
                             future.set_exception(ReplyError(str(reply)))
                         else:
                             future.set_result(reply)
+                elif isinstance(reply, hiredis.ReplyError):
+                    # An error no command waits for: Redis refused a SUBSCRIBE or a PING (a
+                    # password it asks for, an ACL), and will refuse every retry alike.
+                    self._fail(ConnectionError(refusal(str(reply))))
+                    return
                 else:
                     self.received(reply)
                 reply = parser.gets()
