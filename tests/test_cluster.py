@@ -358,6 +358,11 @@ async def test_a_redis_that_stops_answering_is_shown_and_delivery_resumes_after(
         assert (change["key"], change["seq"]) == (2, 1)
 
 
+async def metrics(node: RunningFeed) -> set[str]:
+    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as r:
+        return set((await r.text()).splitlines())
+
+
 async def readyz(node: RunningFeed) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.get(f"{node.url}/readyz") as r:
         body: dict[str, Any] = await r.json()
@@ -375,6 +380,7 @@ async def test_a_reading_connector_is_shown_down_while_redis_is_away_whatever_it
         assert target.server is not None
         await asyncio.to_thread(target.server.stop)
         await readyz_on_every_node(nodes, 503, within=10, redis="down")
+        assert "feed_cluster_redis_up 0" in await metrics(reader)
         memory(reader).set_status(State.UP, "reading 1 target(s)")  # as its own check would
         shown = (await readyz(reader))["connectors"]["mem"]
         assert (shown["state"], shown["detail"].split(":")[0]) == (
@@ -500,6 +506,17 @@ async def test_a_node_whose_config_differs_from_the_readers_says_so(
         assert marker in said and "only here ['public.items']" in said, said
         assert any(marker in r.getMessage() for r in caplog.records)
         assert "config_differs" not in (await readyz(old))["cluster"]
+        # What an alert reads: one reader for the connector, and the node whose config differs.
+        assert {
+            "feed_cluster_redis_up 1",
+            'feed_cluster_reading{connector="mem"} 1',
+            'feed_cluster_config_differs{connector="mem"} 0',
+        } <= await metrics(old)
+        assert {
+            "feed_cluster_redis_up 1",
+            'feed_cluster_reading{connector="mem"} 0',
+            'feed_cluster_config_differs{connector="mem"} 1',
+        } <= await metrics(new)
 
 
 async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:

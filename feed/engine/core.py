@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from connectors.base import Connector, State
@@ -21,6 +22,7 @@ from feed.engine.batch import Batcher
 from feed.engine.mirror import Mirror
 from feed.engine.resp import Caller, Subscriber
 from feed.engine.routes import Routed
+from feed.metrics import Labels
 
 if TYPE_CHECKING:
     from feed.routing.hub import Hub
@@ -83,10 +85,28 @@ class EngineCore:
             "counter",
             "Changes read again after a takeover and not published twice",
         )
+        hub.metrics.describe(
+            "feed_cluster_redis_up", "gauge", "1 while the cluster's Redis answers"
+        )
+        hub.metrics.describe(
+            "feed_cluster_reading", "gauge", "1 for each connector this node reads"
+        )
+        hub.metrics.describe(
+            "feed_cluster_config_differs", "gauge", "1 where the reader's targets differ from ours"
+        )
+        hub.metrics.gauges(self._gauge_values)
         self.answer = max(2.0, config.lease / 2)
         """Seconds a reply from Redis may take before its connection is given up."""
         self.refresh = max(0.2, min(5.0, config.lease / 4))
         """Seconds between registry refreshes (members' rooms) and re-reads (at the reader)."""
+
+    def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:
+        """Read at scrape time: what an alert on a cluster needs beyond /readyz."""
+        yield "feed_cluster_redis_up", (), 1.0 if self.up and self.name_taken is None else 0.0
+        for name in self.hub.connectors:
+            labels = (("connector", name),)
+            yield "feed_cluster_reading", labels, 1.0 if name in self._leases else 0.0
+            yield "feed_cluster_config_differs", labels, 1.0 if name in self.differing else 0.0
 
     # -- keys ----------------------------------------------------------------------------------
 
