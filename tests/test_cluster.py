@@ -749,6 +749,11 @@ async def test_rules_and_masks_hold_when_another_node_reads(redis_target: RedisT
         memory(reader).write("public.customers", "insert", {"id": 3, "tenant_id": "acme"})
         assert (await clients["acme-svc"][0].next_change())["key"] == 3
         assert clients["globex-svc"][0].changes.empty()
+        # Which node reads (by default its host name) is for operators, as a status's detail.
+        operator = await clients["ops"][0].sio.call("catalog", {}, timeout=10)
+        tenant = await clients["acme-svc"][0].sio.call("catalog", {}, timeout=10)
+        assert [c.get("reader") for c in operator["connectors"]] == [reader.engine.node]
+        assert [c.get("reader", "absent") for c in tenant["connectors"]] == ["absent"]
 
 
 async def test_a_node_cuts_off_its_clients_that_stop_reading(redis_target: RedisTarget) -> None:

@@ -8,6 +8,7 @@ polls the page until it holds or fails after EXPECT_MS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -481,6 +482,25 @@ async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page
     db.crash("connection reset by peer")
     await page.wait_for_function("window.seenStates.includes('down')", timeout=EXPECT_MS)
     await expect(badge).to_have_text("up")  # the hub restarted it after a backoff
+
+
+async def test_in_a_cluster_each_connector_names_the_node_that_reads_it(page: Page) -> None:
+    """Two nodes on one Redis: the dashboard, open on the node that does not read, says which
+    one does, and follows a handover when the reader stops."""
+    from tests.support.cluster import cluster_config, start_nodes
+    from tests.support.redis import open_redis_target
+
+    async with open_redis_target() as target, contextlib.AsyncExitStack() as stack:
+        config = cluster_config(target.url, target.prefix)
+        card = page.locator('#connector-list li[data-name="mem"] .reader')
+        named = config.replace("[cluster]\n", '[cluster]\nnode = "first"\n')
+        async with running_feed(named) as first:
+            await wait_until(lambda: "mem" in first.engine._leases, 15, "the first node to read")
+            [second] = await start_nodes(stack, config, 1, names=["second"])
+            await page.goto(second.url + "/")
+            await expect(card).to_have_text("read by first")
+        # The first stopped cleanly and let its lease go: the second reads now.
+        await expect(card).to_have_text("read by second", timeout=EXPECT_MS)
 
 
 async def test_socket_io_client_on_long_polling_upgrades_and_gets_every_change_in_order(

@@ -171,6 +171,7 @@ function onStatus(status) {
     return;
   }
   connector.status = status;
+  if ("reader" in status) connector.reader = status.reader; // a cluster's, for operators
   drawConnectors();
 }
 
@@ -205,6 +206,12 @@ function drawConnectors() {
     rate.className = "rate";
     rate.textContent = `${formatRate(c.rates.length ? c.rates[c.rates.length - 1] : 0)}/s`;
     head.append(name, type, badge);
+    if (c.reader) {
+      const reader = document.createElement("span");
+      reader.className = "hint reader";
+      reader.textContent = `read by ${c.reader}`;
+      head.append(reader);
+    }
     if (c.gap) {
       const gap = document.createElement("span");
       gap.className = "badge state";

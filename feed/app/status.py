@@ -21,14 +21,21 @@ GENERIC = {
 
 
 def generic(status: dict[str, Any]) -> dict[str, Any]:
-    """A status body (`Status.to_json()`) with its detail replaced by the line for its state."""
-    return {**status, "detail": GENERIC.get(str(status.get("state")), "")}
+    """A status body (`Status.to_json()`) with its detail replaced by the line for its state,
+    and without the cluster node that reads it (by default its host name and process id)."""
+    body = {key: value for key, value in status.items() if key != "reader"}
+    body["detail"] = GENERIC.get(str(status.get("state")), "")
+    return body
 
 
 def generic_catalog(catalog: dict[str, Any]) -> dict[str, Any]:
-    """The catalog with every connector's status made generic."""
+    """The catalog with every connector's status made generic, and without the cluster node
+    that reads it: a node's name is by default its host name and process id."""
     connectors = [
-        {**entry, "status": generic(entry["status"])} if "status" in entry else entry
+        {
+            **{key: value for key, value in entry.items() if key != "reader"},
+            **({"status": generic(entry["status"])} if "status" in entry else {}),
+        }
         for entry in catalog.get("connectors", [])
     ]
     return {**catalog, "connectors": connectors}

@@ -71,7 +71,7 @@ class Leases(Publisher):
                     )
                     self._batchers[name] = batcher
                     connector.settle_with(batcher.drain)
-                    self.readers[name] = self.node
+                    self._set_reader(name, self.node)
                     log.info("%s: reading connector %s (fencing token %s)", self.node, name, token)
                     if count > 1 and not connector.durable:
                         # Another node read it before (the token counts readings): what the
@@ -95,7 +95,7 @@ class Leases(Publisher):
                         # It moved on past what was not published: from the saved position.
                         connector.forget_unsaved()
                     if self.readers.get(name) == self.node:
-                        self.readers[name] = None
+                        self._set_reader(name, None)
                     renewer.cancel()
                     with contextlib.suppress(BaseException):
                         await renewer
@@ -151,7 +151,7 @@ class Leases(Publisher):
                 failed = 0
                 current, left_ms = reply
                 reader = current.decode().rsplit("|", 1)[0] if current else None
-                self.readers[name] = reader
+                self._set_reader(name, reader)
                 if reader and reader != shown:
                     shown = reader
                     await self._mirror_status(connector, reader)
@@ -253,7 +253,7 @@ class Leases(Publisher):
         # ended: a "stopped" echo arriving after the "down" that said why.
         if connector is None or name in self._leases or reader == self.node:
             return
-        self.readers[name] = reader
+        self._set_reader(name, reader if isinstance(reader, str) else None)
         detail = str(body.get("detail", ""))
         connector.set_status(State(body.get("state", "down")), detail)
         self._compare_targets(connector, str(reader), body.get("targets"))
@@ -300,6 +300,13 @@ class Leases(Publisher):
                 pipe.hset(self.status_key, name, data)
                 pipe.publish(self.control, dumps({"t": "status", "c": name, "s": body}))
                 await pipe.execute()
+
+    def _set_reader(self, name: str, reader: str | None) -> None:
+        """Note who reads `name` now; a change is told to this node's clients with the status,
+        even when the state stays the same (a handover from one "up" reader to another)."""
+        if self.readers.get(name) != reader:
+            self.readers[name] = reader
+            self.hub.reader_changed(name)
 
     def reader_of(self, name: str) -> str | None:
         return self.readers.get(name)

@@ -741,10 +741,21 @@ class Hub:
         log.log(level, "connector %s is %s%s", status.connector, status.state.value, detail)
         if self.engine is not None:
             self.engine.status_changed(status)
+        self._announce(status)
+
+    def reader_changed(self, name: str) -> None:
+        """(Cluster) another node reads connector `name` now: its clients hear it with the
+        status, whose state may not have changed."""
+        connector = self.connectors.get(name)
+        if connector is not None:
+            self._announce(connector.status)
+
+    def _announce(self, status: Status) -> None:
+        body = {**status.to_json(), **self._reader(status.connector)}
         if self.announce_status is not None:
-            self._spawn(self.announce_status(status.to_json()))
+            self._spawn(self.announce_status(body))
         elif self.transport is not None:
-            self._spawn(self.transport.broadcast("status", status.to_json()))
+            self._spawn(self.transport.broadcast("status", body))
 
     # -- metrics -------------------------------------------------------------------------------
 
