@@ -27,6 +27,8 @@ export interface Status {
   state: "up" | "down" | "lagging" | "starting" | "stopped";
   detail: string;
   since: string;
+  /** In a cluster, to operators: the node that reads the connector (null while none does). */
+  reader?: string | null;
 }
 
 export interface Gap {
@@ -34,8 +36,11 @@ export interface Gap {
   room: string;
   target: string;
   reason: string;
+  /** The room's position as of the gap: its next change is `seq + 1`... */
   seq: number;
-  ts?: string;
+  /** ...in this epoch (a new one when a cluster's Redis lost the room's history). */
+  epoch?: string | null;
+  ts?: string | null;
 }
 
 export type State = "pending" | "live" | "recovered" | "reload" | "error";
@@ -101,7 +106,8 @@ export interface SnapshotInfo {
 export interface CatalogAnswer {
   ok: true;
   epoch: string;
-  connectors: { name: string; type: string; status: Status; targets: string[] }[];
+  /** `reader`: in a cluster, to operators, the node that reads the connector. */
+  connectors: { name: string; type: string; status: Status; targets: string[]; reader?: string | null }[];
   unconfigured: { type: string; detail: string }[];
 }
 
