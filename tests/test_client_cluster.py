@@ -19,6 +19,7 @@ from tests.support.cluster import (
     cluster_config,
     confirmed_reader,
     memory,
+    reader_and_other,
     reader_of,
     start_nodes,
 )
@@ -80,10 +81,8 @@ async def test_after_redis_lost_the_history_the_client_follows_the_new_numbering
     numbering: the changes after the gap arrive (they were taken for repeats of the old seq 1
     to 5 and dropped), and a resume names the new epoch."""
     async with open_private_redis() as target, AsyncExitStack() as stack:
-        config = cluster_config(target.url, "renumbered")
-        nodes = await start_nodes(stack, config, 2)
-        reader = await reader_of(nodes)
-        other = next(n for n in nodes if n is not reader)
+        reader, other = await reader_and_other(stack, cluster_config(target.url, "renumbered"))
+        nodes = [reader, other]
         feed = await stack.enter_async_context(FeedClient(other.url))
         sub = await stack.enter_async_context(feed.subscribe(ROOM))
         log = Log(sub)
