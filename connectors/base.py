@@ -213,6 +213,17 @@ class Connector(ABC):
         """
         return None
 
+    def filter_schema(self) -> dict[str, dict[str, str]] | None:
+        """What `check_filter` goes by, per target (Postgres: each column's type), as JSON, for
+        the other nodes of a cluster: their connector is not running, so it has not read the
+        source's schema, and without it they accepted filters the reader would refuse."""
+        return None
+
+    def adopt_filter_schema(self, schema: Mapping[str, Mapping[str, str]]) -> None:
+        """A standby's copy of the reading node's `filter_schema()`, checked against while this
+        connector has not read the source's schema itself (without a schema: nothing to keep)."""
+        return None
+
     async def snapshot(
         self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
     ) -> Snapshot:

@@ -218,6 +218,8 @@ class PostgresConnector(Connector):
         self._reader_pid: int | None = None
         self._dead_pid: int | None = None
         self._shapes: dict[str, TableShape] = {}
+        self._adopted: dict[str, TableShape] = {}
+        """Column types the reading node shares, while this (standby) connector has no shapes."""
         self._state: ReaderState | None = None
         self._saved_text: str | None = None
         self._wake = asyncio.Event()
@@ -1308,9 +1310,19 @@ class PostgresConnector(Connector):
 
     def check_filter(self, target: str, row_filter: RowFilter) -> None:
         """Unknown columns and literals not of the column's type: see connectors/postgres_filters."""
-        shape = self._shapes.get(target)
-        if shape is not None:  # not read yet (the connector is not up): nothing to check against
+        shape = self._shapes.get(target) or self._adopted.get(target)
+        if shape is not None:  # not read yet, nor shared by a reader: nothing to check against
             check_filter(shape, row_filter)
+
+    def filter_schema(self) -> dict[str, dict[str, str]] | None:
+        return {target: dict(shape.column_types) for target, shape in self._shapes.items()}
+
+    def adopt_filter_schema(self, schema: Mapping[str, Mapping[str, str]]) -> None:
+        self._adopted = {
+            target: TableShape(target, {}, (), dict(types))
+            for target, types in schema.items()
+            if target in self.targets_by_table and isinstance(types, Mapping)
+        }
 
     # -- snapshots -------------------------------------------------------------------------------
 

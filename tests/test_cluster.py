@@ -23,6 +23,7 @@ import pytest
 
 from connectors.base import State
 from feed.engine import scripts
+from tests.support import postgres as pg_support
 from tests.support import redis as redis_support
 from tests.support.cluster import (
     cluster_config,
@@ -34,11 +35,14 @@ from tests.support.cluster import (
     start_nodes,
     subscribed,
 )
+from tests.support.postgres import PgDatabase
 from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
 redis_target = redis_support.redis_target
+pg_server = pg_support.pg_server
+pg = pg_support.pg
 
 pytestmark = pytest.mark.redis
 
@@ -517,6 +521,46 @@ async def test_a_node_whose_config_differs_from_the_readers_says_so(
             'feed_cluster_reading{connector="mem"} 0',
             'feed_cluster_config_differs{connector="mem"} 1',
         } <= await metrics(new)
+
+
+@pytest.mark.postgres
+async def test_a_node_that_does_not_read_refuses_the_filters_the_reader_would(
+    redis_target: RedisTarget, pg: PgDatabase
+) -> None:
+    """Filters are checked against the table's columns and types, which only a running Postgres
+    connector has read: a node that did not read accepted `nosuchcol=eq.1`, a room that could
+    never match, where the reader answered `bad_filter`. The reader now shares the column types."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, amount numeric)")
+    config = f"""
+[cluster]
+url = "{redis_target.url}"
+prefix = "{redis_target.prefix.rstrip(":")}"
+lease = 1.0
+
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "{pg.url}"
+tables = ["public.orders"]
+auto_migrate = true
+"""
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes, "main")
+        other = next(n for n in nodes if n is not reader)
+        await wait_until(
+            lambda: other.engine._schemas.get("main") is not None, 10, "the reader's schema"
+        )
+        for node in (reader, other):
+            client = await stack.enter_async_context(feed_client(node.url))
+            for bad, says in (
+                ("nosuchcol=eq.1", "public.orders has no column 'nosuchcol'"),
+                ("amount=gt.abc", "public.orders.amount is numeric: 'abc' is not a number"),
+            ):
+                ack = await client.subscribe("main:public.orders", filter=bad)
+                assert ack["ok"] is False and ack["error"]["code"] == "bad_filter", ack
+                assert says in ack["error"]["message"], ack
+            await subscribed(client, "main:public.orders", filter="amount=gt.10")
 
 
 async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:

@@ -49,6 +49,9 @@ class EngineCore:
         self.detail = "connecting"
         self.instance = secrets.token_hex(6)
         """Tells this process from another that was given the same `node` name."""
+        self._schemas: dict[str, str] = {}
+        """Per connector, the digest of the filter schema last shared (at the reader) or adopted
+        (elsewhere): feed.engine.lease `_share_status` and `_apply_status`."""
         self.differing: dict[str, str] = {}
         """Connectors whose reader's config gives them other targets than this node's, with
         what differs (feed.engine.lease `_compare_targets`; in /readyz)."""
@@ -136,6 +139,10 @@ class EngineCore:
 
     def name_key(self) -> str:
         return f"{self._p}:name:{self.node}"
+
+    @property
+    def schema_key(self) -> str:
+        return f"{self._p}:schema"
 
     @property
     def status_key(self) -> str:

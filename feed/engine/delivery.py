@@ -189,6 +189,7 @@ class Delivery(History):
         self.detail = "connected"
         if was_down:
             log.info("%s: connected to the cluster's Redis", self.node)
+            self._schemas.clear()  # Redis may have lost them: share and fetch them again
             self.lease_released()  # a lease Redis lost meanwhile is taken at once
         for name, connector in self.hub.connectors.items():
             connector.release_status()  # what it said meanwhile (a reading that ended, say)

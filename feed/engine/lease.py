@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -257,6 +258,22 @@ class Leases(Publisher):
         detail = str(body.get("detail", ""))
         connector.set_status(State(body.get("state", "down")), detail)
         self._compare_targets(connector, str(reader), body.get("targets"))
+        digest = body.get("schema")
+        if isinstance(digest, str) and self._schemas.get(name) != digest:
+            self._schemas[name] = digest
+            self.hub._spawn(self._adopt_schema(connector))
+
+    async def _adopt_schema(self, connector: Connector) -> None:
+        """Take the reader's filter schema (`Connector.filter_schema`), so that a filter it
+        would refuse is refused here too, not accepted to match nothing."""
+        try:
+            raw = await self.redis.hget(self.schema_key, connector.name)
+            if raw is None:
+                raise LookupError("not shared yet")
+            connector.adopt_filter_schema(loads(raw))
+        except Exception as exc:
+            self._schemas.pop(connector.name, None)  # asked again with the next status
+            log.debug("%s: no filter schema for %s yet: %s", self.node, connector.name, exc)
 
     def _compare_targets(self, connector: Connector, reader: str, theirs: Any) -> None:
         """Say so when the reader's config gives the connector other targets than this node's
@@ -294,12 +311,22 @@ class Leases(Publisher):
         self.hub._spawn(self._share_status(status.connector, body))
 
     async def _share_status(self, name: str, body: dict[str, Any]) -> None:
+        """The reader's status to every node, with the digest of its connector's filter schema
+        (the schema itself written beside it when it changed)."""
         with contextlib.suppress(Exception):
-            data = dumps(body)
+            schema = self.hub.connectors[name].filter_schema()
+            text = dumps(schema) if schema else None
+            digest = hashlib.sha1(text).hexdigest()[:16] if text else None
+            if digest is not None:
+                body = {**body, "schema": digest}
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.status_key, name, data)
+                if text is not None and self._schemas.get(name) != digest:
+                    pipe.hset(self.schema_key, name, text)
+                pipe.hset(self.status_key, name, dumps(body))
                 pipe.publish(self.control, dumps({"t": "status", "c": name, "s": body}))
                 await pipe.execute()
+            if digest is not None:
+                self._schemas[name] = digest
 
     def _set_reader(self, name: str, reader: str | None) -> None:
         """Note who reads `name` now; a change is told to this node's clients with the status,
