@@ -51,36 +51,6 @@ async def test_a_connector_that_swallows_its_cancel_does_not_hang_shutdown(
     assert "ignored cancellation" not in caplog.text
 
 
-async def test_a_source_that_refuses_every_retry_alike_is_one_warning(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A source down for a while (here a Postgres port nobody listens on) fails each retry the
-    same way: the log said "starting" and "down: ..." at every backoff step. It says it once;
-    the status events still tell every change to clients."""
-    import socket
-
-    from tests.postgres_helpers import make_connector
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
-    connector = make_connector(f"postgresql://postgres@127.0.0.1:{port}/db", ["public.orders"])
-    hub = Hub([connector])
-    with caplog.at_level(logging.INFO, logger="feed.hub"):
-        await hub.__aenter__()
-        try:
-            deadline = time.monotonic() + 15
-            while hub.metrics.value("feed_connector_restarts_total", connector="main") < 3:
-                assert time.monotonic() < deadline, "three retries"  # the backoff has no event
-                await asyncio.sleep(0.05)
-        finally:
-            await asyncio.wait_for(hub.__aexit__(None, None, None), 5)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connector ")]
-    downs = [line for line in lines if line.startswith("connector main is down")]
-    assert len(downs) == 1 and "127.0.0.1" in downs[0], lines
-    assert lines.count("connector main is starting: connecting to " + connector.where) <= 1, lines
-
-
 async def test_status_changes_are_logged_as_one_readable_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -153,9 +153,6 @@ class Hub:
         self.announce_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         """Sends a status change to clients in place of a broadcast (feed.app.server: the detail
         only to operators)."""
-        self._failing: dict[str, str] = {}
-        """Per connector down since its last success, the failure the log said last: a source
-        that refuses every retry the same way is one warning, not two lines a backoff step."""
         self._change_counters: dict[str, tuple[Counter, Counter]] = {}
         self._describe_metrics()
         for connector in self.connectors.values():
@@ -740,15 +737,6 @@ class Hub:
 
     def _status_changed(self, status: Status) -> None:
         level = logging.WARNING if status.state is State.DOWN else logging.INFO
-        name = status.connector
-        if status.state is State.DOWN:
-            if self._failing.get(name) == status.detail:
-                level = logging.DEBUG  # the same failure after a retry: said once per outage
-            self._failing[name] = status.detail
-        elif status.state is State.STARTING and name in self._failing:
-            level = logging.DEBUG  # a retry: its outcome is what the log says
-        else:
-            self._failing.pop(name, None)  # up, lagging or stopped: the next failure is news
         detail = f": {status.detail}" if status.detail else ""
         log.log(level, "connector %s is %s%s", status.connector, status.state.value, detail)
         if self.engine is not None:
