@@ -20,20 +20,23 @@ GENERIC = {
 }
 
 
+def _without_reader(entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` without the cluster node that reads the connector: a node's name is by default
+    its host name and process id."""
+    return {key: value for key, value in entry.items() if key != "reader"}
+
+
 def generic(status: dict[str, Any]) -> dict[str, Any]:
     """A status body (`Status.to_json()`) with its detail replaced by the line for its state,
-    and without the cluster node that reads it (by default its host name and process id)."""
-    body = {key: value for key, value in status.items() if key != "reader"}
-    body["detail"] = GENERIC.get(str(status.get("state")), "")
-    return body
+    and without its reader."""
+    return {**_without_reader(status), "detail": GENERIC.get(str(status.get("state")), "")}
 
 
 def generic_catalog(catalog: dict[str, Any]) -> dict[str, Any]:
-    """The catalog with every connector's status made generic, and without the cluster node
-    that reads it: a node's name is by default its host name and process id."""
+    """The catalog with every connector's status made generic, and without their readers."""
     connectors = [
         {
-            **{key: value for key, value in entry.items() if key != "reader"},
+            **_without_reader(entry),
             **({"status": generic(entry["status"])} if "status" in entry else {}),
         }
         for entry in catalog.get("connectors", [])

@@ -154,14 +154,12 @@ class EngineCore:
         words (asyncio's and redis-py's), and a user should read it once. `hold`: keep it shown
         until the listener is back (`_recover`), whatever a reading connector says meanwhile."""
         status = connector.status
-        if status.state is State.DOWN and status.detail.startswith(UNREACHABLE):
-            if hold and not connector.status_held:
-                connector.hold_status(status.state, status.detail)
-            return
-        if hold:
-            connector.hold_status(State.DOWN, f"{UNREACHABLE}: {detail}")
-        else:
-            connector.set_status(State.DOWN, f"{UNREACHABLE}: {detail}")
+        shown = status.state is State.DOWN and status.detail.startswith(UNREACHABLE)
+        text = status.detail if shown else f"{UNREACHABLE}: {detail}"
+        if hold and not (shown and connector.status_held):
+            connector.hold_status(State.DOWN, text)
+        elif not shown:
+            connector.set_status(State.DOWN, text)
 
     async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
         return await self._scripts[name](keys=keys, args=args)

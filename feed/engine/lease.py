@@ -294,31 +294,28 @@ class Leases(Publisher):
             log.warning("%s: %s", self.node, differs)
             self.differing[name] = differs
 
-    def status_body(self, connector: Connector) -> dict[str, Any]:
-        """What the reader shares of its connector: its status, its name and the targets its
-        config gives the connector (`_compare_targets` on the other nodes)."""
-        return {
-            **connector.status.to_json(),
-            "reader": self.node,
-            "targets": sorted(connector.targets()),
-        }
-
     def status_changed(self, status: Status) -> None:
         """The reader shares its connector's status with every node."""
         if status.connector not in self._leases or self.redis is None:
             return
-        body = self.status_body(self.hub.connectors[status.connector])
-        self.hub._spawn(self._share_status(status.connector, body))
+        self.hub._spawn(self._share_status(status.connector))
 
-    async def _share_status(self, name: str, body: dict[str, Any]) -> None:
-        """The reader's status to every node, with the digest of its connector's filter schema
-        (the schema itself written beside it when it changed)."""
+    async def _share_status(self, name: str) -> None:
+        """The reader's connector to every node: its status, this node's name, the targets
+        its config gives it (`_compare_targets`) and the digest of its filter schema (the
+        schema itself written beside it when it changed: `_adopt_schema`)."""
         with contextlib.suppress(Exception):
-            schema = self.hub.connectors[name].filter_schema()
+            connector = self.hub.connectors[name]
+            body: dict[str, Any] = {
+                **connector.status.to_json(),
+                "reader": self.node,
+                "targets": sorted(connector.targets()),
+            }
+            schema = connector.filter_schema()
             text = dumps(schema) if schema else None
             digest = hashlib.sha1(text).hexdigest()[:16] if text else None
             if digest is not None:
-                body = {**body, "schema": digest}
+                body["schema"] = digest
             async with self.redis.pipeline(transaction=False) as pipe:
                 if text is not None and self._schemas.get(name) != digest:
                     pipe.hset(self.schema_key, name, text)

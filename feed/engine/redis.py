@@ -132,7 +132,7 @@ class RedisEngine(Resume):
                 await self._refresh_rooms()
                 for name in list(self._leases):
                     await self._load_index(name)
-                    await self._share_status(name, self.status_body(self.hub.connectors[name]))
+                    await self._share_status(name)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
