@@ -37,7 +37,7 @@ from typing import Any
 
 import asyncpg
 
-from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State
+from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State, Where
 from connectors.postgres_capture import (
     CaptureFault,
     JournalStats,
@@ -45,7 +45,7 @@ from connectors.postgres_capture import (
     journal_stats,
     trigger_names,
 )
-from connectors.postgres_filters import check_filter
+from connectors.postgres_filters import check_filter, pushdown
 from connectors.postgres_migrate import (
     LOCK_CLASS,
     apply_migrations,
@@ -64,6 +64,8 @@ log = logging.getLogger("feed.connectors.postgres")
 
 READER_LOCK_CLASS = LOCK_CLASS + 1
 PRUNE_CHUNK = 20_000
+POOL_SIZE = 2
+"""Connections for snapshots (the change stream has its own)."""
 LOCK_PATIENCE = 20
 """Tries, 0.1 s apart, for the reader lock before `feed migrate --prune` or `unwatch` refuses."""
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
@@ -320,7 +322,7 @@ class PostgresConnector(Connector):
             self._pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=0,
-                max_size=2,
+                max_size=POOL_SIZE,
                 timeout=self.connect_timeout,
                 server_settings={"application_name": f"feed:{self.name}:snapshot"},
             )
@@ -1331,7 +1333,8 @@ class PostgresConnector(Connector):
     ) -> Snapshot:
         if address.target not in self.targets_by_table:
             raise SnapshotNotSupported(f"{self.name}: no table {address.target!r}")
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise SourceUnavailable(f"{self.where}: not connected")
         shape = self._shapes.get(address.target)
         if shape is None:
@@ -1342,42 +1345,57 @@ class PostgresConnector(Connector):
             )
         regclass = self.regclass(address.target)
         sql = f"SELECT to_jsonb(t)::text AS row FROM {regclass} t"
+        clauses: list[str] = []
         args: list[Any] = []
         values = address.key.split(",") if address.key is not None else []
-        if values and len(values) == len(shape.primary_key) and self._pushdown(shape):
-            sql += " WHERE " + " AND ".join(
+        if values and len(values) == len(shape.primary_key) and self._key_in_sql(shape):
+            clauses = [
                 f"t.{quote_ident(col)}::text = ${i}" for i, col in enumerate(shape.primary_key, 1)
-            )
-            args = values
+            ]
+            args = list(values)
+        if isinstance(where, Where):  # the room's filter, as far as SQL keeps every row it may
+            more, more_args = pushdown(shape, where.filter, len(args) + 1)
+            clauses += more
+            args += more_args
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
         rows: list[dict[str, Any]] = []
         keys: list[str | None] = []
         truncated = False
-        async with (
-            self._pool.acquire(timeout=self.connect_timeout) as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            snap_text = await conn.fetchval(
-                "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
-            )
-            extra = await self._snapshot_extra(conn)
-            async for record in conn.cursor(sql, *args, prefetch=200):
-                row = shape.decode(record["row"])
-                assert row is not None
-                key = room_key(shape.key(row))
-                if address.key is not None and key != address.key:
-                    continue
-                if not where(row):
-                    continue
-                if len(rows) >= limit:
-                    truncated = True
-                    break
-                rows.append(row)
-                keys.append(key)
+        try:
+            conn = await pool.acquire(timeout=self.connect_timeout)
+        except TimeoutError:
+            raise SourceUnavailable(
+                f"{self.where}: no database connection for the snapshot within "
+                f"{self.connect_timeout:g}s (the {POOL_SIZE} it has are busy with other snapshots, "
+                "or the database is slow to answer): retry"
+            ) from None
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                snap_text = await conn.fetchval(
+                    "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
+                )
+                extra = await self._snapshot_extra(conn)
+                async for record in conn.cursor(sql, *args, prefetch=200):
+                    row = shape.decode(record["row"])
+                    assert row is not None
+                    key = room_key(shape.key(row))
+                    if address.key is not None and key != address.key:
+                        continue
+                    if not where(row):
+                        continue
+                    if len(rows) >= limit:
+                        truncated = True
+                        break
+                    rows.append(row)
+                    keys.append(key)
+        finally:
+            await pool.release(conn)
         snap = Snap.parse(snap_text)
         covers = await self._wait_past(snap, extra)
         return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
 
-    def _pushdown(self, shape: TableShape) -> bool:
+    def _key_in_sql(self, shape: TableShape) -> bool:
         """Whether a row room's key can be matched in SQL (its text form equals room_key's)."""
         simple = {"int2", "int4", "int8", "text", "varchar", "bpchar", "uuid", "name", "citext"}
         return all(shape.column_types.get(col) in simple for col in shape.primary_key)

@@ -14,9 +14,11 @@ import datetime as dt
 import uuid
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
+from connectors.postgres_migrate import quote_ident
 from connectors.postgres_types import TableShape
-from feed.core.filters import Condition, RowFilter
+from feed.core.filters import Condition, Literal, RowFilter
 from feed.errors import ProtocolError
 
 TEXT = {"text", "varchar", "bpchar", "name", "citext"}
@@ -111,3 +113,108 @@ def _check_condition(shape: TableShape, condition: Condition) -> None:
                 "bad_filter",
                 f"{shape.target}.{column} is {type_name}: {literal[:64]!r} is not {wanted}",
             )
+
+
+# -- snapshots: the filter as a WHERE clause -------------------------------------------------------
+
+INTEGERS = {"int2", "int4", "int8"}
+INT8 = 1 << 63
+
+
+def pushdown(
+    shape: TableShape, row_filter: RowFilter | None, first: int
+) -> tuple[list[str], list[Any]]:
+    """SQL conditions (parameters numbered from `first`) that every row `row_filter` matches
+    satisfies: a per-user room's snapshot then reads that user's rows, through the table's index,
+    instead of every row (2.5 s per subscribe on a 300,000-row table, measured).
+
+    Only what is sure to keep every matching row is translated; the filter is still applied to
+    each row read (feed.core.filters, the rules clients are told), so a condition left out costs
+    time, never rows. Translated: `eq` and `in` on integer, numeric, text, varchar, boolean, uuid,
+    date and timestamp columns, `eq.null`, and `lt`/`lte`/`gt`/`gte` on integer and numeric
+    columns. Not translated: `neq`, dotted paths, floats (a float4 reads back rounded: SQL's
+    comparison would drop rows Python's keeps), char(n) (SQL ignores its padding one way only),
+    text ordering (collations differ from Python's), and any literal not of the column's type.
+    """
+    clauses: list[str] = []
+    args: list[Any] = []
+    for condition in row_filter.conditions if row_filter is not None else ():
+        translated = _translate(shape, condition)
+        if translated is None:
+            continue
+        sql, values = translated
+        clauses.append(sql.format(*(f"${first + len(args) + i}" for i in range(len(values)))))
+        args += values
+    return clauses, args
+
+
+def _translate(shape: TableShape, condition: Condition) -> tuple[str, list[Any]] | None:
+    type_name = shape.column_types.get(condition.field)
+    if type_name is None or condition.op == "neq":
+        return None
+    column = "t." + quote_ident(condition.field)
+    if condition.op in ("eq", "in"):
+        null = any(literal.null for literal in condition.literals)
+        typed = _typed(type_name, [v for v in condition.literals if not v.null])
+        if typed is None:
+            return None
+        sql_type, values = typed
+        if not values:
+            return (f"{column} IS NULL" if null else "FALSE"), []
+        sql = f"{column} = ANY({{}}::{sql_type}[])"
+        return (f"({sql} OR {column} IS NULL)" if null else sql), [values]
+    if type_name not in INTEGERS and type_name != "numeric":
+        return None
+    number = condition.literals[0].number
+    if number is None or not number.is_finite() or abs(number.adjusted()) > 1000:
+        return None
+    symbol = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}[condition.op]
+    return f"{column} {symbol} {{}}::numeric", [number]
+
+
+def _typed(type_name: str, literals: list[Literal]) -> tuple[str, list[Any]] | None:
+    """The literals as values of the column's type, leaving out those that equal no value of it
+    (None: one may equal a value SQL would not find, or the type is not translated)."""
+    try:
+        if type_name in INTEGERS or type_name == "numeric":
+            numbers = [v.number for v in literals]
+            if any(n is None or not n.is_finite() or abs(n.adjusted()) > 1000 for n in numbers):
+                return None
+            if type_name == "numeric":
+                return "numeric", numbers
+            # Compared as int8, so that the column's index serves: a fraction, or a number past
+            # int8's range, equals no value of the column.
+            whole = [int(n) for n in numbers if n is not None and n == n.to_integral_value()]
+            return "int8", [n for n in whole if -INT8 <= n < INT8]
+        if type_name in ("text", "varchar"):
+            # Postgres text holds no NUL and no lone surrogate: such a literal equals no value.
+            return "text", [v.text for v in literals if _storable(v.text)]
+        if type_name == "bool":
+            if any(v.boolean is None for v in literals):
+                return None
+            return "bool", [v.boolean for v in literals]
+        if type_name == "uuid":
+            return "uuid", [uuid.UUID(v.text) for v in literals]
+        if type_name == "date":
+            if any(v.day is None for v in literals):
+                return None
+            return "date", [v.day for v in literals]
+        if type_name in ("timestamptz", "timestamp"):
+            aware = type_name == "timestamptz"
+            moments = [v.moment for v in literals]
+            if any(m is None or (m.tzinfo is not None) != aware for m in moments):
+                return None
+            return type_name, moments
+    except (ValueError, ArithmeticError):
+        return None
+    return None
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.base import RoomAddress
+from connectors.base import RoomAddress, Where
 from feed.core.change import Change, to_json
 from feed.core.rooms import Room
 from feed.engine.lease import Leases
@@ -114,10 +114,10 @@ class Snapshots(Leases):
         watch: list[tuple[int, Change]] = []
         self._watching[name] = watch
         try:
-            where = routed.filter.matches_image if routed.filter else (lambda row: True)
             address = RoomAddress(str(request["target"]), request.get("key"))
             snapshot = await asyncio.wait_for(
-                connector.snapshot(address, where, int(request["limit"])), SNAPSHOT_TIMEOUT
+                connector.snapshot(address, Where(routed.filter), int(request["limit"])),
+                SNAPSHOT_TIMEOUT,
             )
             batcher = self._batchers.get(connector.name)
             if batcher is not None:  # what the stream yielded before the snapshot: numbered
@@ -137,7 +137,11 @@ class Snapshots(Leases):
         except SnapshotNotSupported as exc:
             return {"ok": False, "code": "snapshot_unsupported", "message": str(exc)}
         except (FeedError, TimeoutError, OSError) as exc:
-            return {"ok": False, "code": "snapshot_failed", "message": f"snapshot failed: {exc}"}
+            return {
+                "ok": False,
+                "code": "snapshot_failed",
+                "message": f"snapshot failed: {str(exc) or f'no answer within {SNAPSHOT_TIMEOUT:g}s'}",
+            }
         finally:
             if self._watching.get(name) is watch:
                 del self._watching[name]

@@ -20,7 +20,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from connectors.base import Connector, RoomAddress, State, Status
+from connectors.base import Connector, RoomAddress, State, Status, Where
 from connectors.health import CAPTURE_METRICS
 from feed.core.change import Change, Gap, format_ts, to_json
 from feed.core.filters import RowFilter, parse_filter
@@ -584,17 +584,20 @@ class Hub:
         sid: str,
         room: Room,
     ) -> Any:
-        where = row_filter.matches_image if row_filter else (lambda row: True)
         try:
             return await asyncio.wait_for(
-                connector.snapshot(address, where, self.settings.snapshot_limit), SNAPSHOT_TIMEOUT
+                connector.snapshot(address, Where(row_filter), self.settings.snapshot_limit),
+                SNAPSHOT_TIMEOUT,
             )
         except SnapshotNotSupported as exc:
             self._leave(sid, room)
             raise ProtocolError("snapshot_unsupported", str(exc)) from None
         except (FeedError, TimeoutError, OSError) as exc:
             self._leave(sid, room)
-            raise ProtocolError("snapshot_failed", f"snapshot failed: {exc}") from None
+            raise ProtocolError(
+                "snapshot_failed",
+                f"snapshot failed: {str(exc) or f'no answer within {SNAPSHOT_TIMEOUT:g}s'}",
+            ) from None
 
     def unsubscribe(self, sid: str, name: str) -> dict[str, Any]:
         room = self.rooms.get(name)
