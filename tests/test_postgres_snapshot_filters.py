@@ -205,3 +205,21 @@ def test_what_is_left_to_the_row_check() -> None:
         [[1], ["a"]],
     )
     assert pushdown(shape, parse_filter("id=eq.2.5"), 1) == (["FALSE"], [])
+
+
+async def test_a_row_rooms_snapshot_with_a_filter(pg: PgDatabase) -> None:
+    """The key's parameters and the filter's are numbered in one query."""
+    await pg.conn.execute(
+        "CREATE TABLE public.lines (order_id int, line int, qty int, PRIMARY KEY (order_id, line))"
+    )
+    await pg.conn.execute("INSERT INTO lines VALUES (7, 1, 1), (7, 2, 5), (8, 2, 5)")
+    connector = make_connector(pg.url, ["public.lines"])
+    async with streaming(connector):
+        kept = await connector.snapshot(
+            RoomAddress("public.lines", "7,2"), Where(parse_filter("qty=gt.1&line=eq.2")), 10
+        )
+        dropped = await connector.snapshot(
+            RoomAddress("public.lines", "7,1"), Where(parse_filter("qty=gt.1")), 10
+        )
+    assert kept.rows == [{"order_id": 7, "line": 2, "qty": 5}] and kept.keys == ["7,2"]
+    assert dropped.rows == []
