@@ -25,6 +25,7 @@ from tests.support.cluster import (
 )
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import RedisTarget, open_private_redis
+from tests.support.waiting import wait_until
 from tests.test_client_python import Log, assert_once_in_order
 
 pytestmark = pytest.mark.redis
@@ -100,3 +101,28 @@ async def test_after_redis_lost_the_history_the_client_follows_the_new_numbering
         assert (log.changes[-1]["key"], log.changes[-1]["seq"]) == (6, 1)
         assert sub.epoch is not None and sub.epoch != old_epoch
         assert (sub.seq, sub.state) == (1, "live")
+
+
+async def test_a_subscribe_refused_while_redis_is_away_goes_live_once_it_is_back() -> None:
+    """`cluster_unavailable` says "retry shortly": the library does, with backoff, instead of
+    failing the subscription for good (a page loaded, or a client reconnected, during a Redis
+    restart used to end in the `error` state and receive nothing once Redis was back)."""
+    async with open_private_redis() as target, AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, cluster_config(target.url, "away"))
+        nodes = [reader, other]
+        feed = await stack.enter_async_context(FeedClient(other.url))
+        assert target.server is not None
+        await asyncio.to_thread(target.server.stop)
+        refused = await feed._call("subscribe", {"room": ROOM})
+        assert refused["error"]["code"] == "cluster_unavailable", refused
+        sub = feed.subscribe(ROOM)
+        log = Log(sub)
+        # The library's retries are its own business: no event tells of one.
+        await wait_until(lambda: sub._retries > 0 or "error" in log.names, 30, "a refusal")
+        assert "error" not in log.names, log.states
+        await asyncio.to_thread(target.server.start)
+        await asyncio.wait_for(sub.ready(), 30)
+        assert sub.state == "live", log.states
+        reader = await confirmed_reader(nodes, target.admin)
+        memory(reader).write("public.orders", "insert", {"id": 1})
+        await log.until(lambda: len(log.changes) == 1, "a change once Redis is back", 30)

@@ -11,7 +11,16 @@
 
 import { io } from "socket.io-client";
 
-const RETRYABLE = new Set(["rate_limited", "internal", "snapshot_failed", "not_connected", "timeout"]);
+// Subscribe refusals the server means as "try again": retried with backoff, not reported.
+const RETRYABLE = new Set([
+  "rate_limited",
+  "internal",
+  "snapshot_failed",
+  "cluster_unavailable",
+  "server_busy",
+  "not_connected",
+  "timeout",
+]);
 const REMOVALS = new Set(["delete", "del", "expired", "evicted", "unlink"]);
 const CLEARS = new Set(["truncate", "drop", "dropDatabase", "rename", "invalidate"]);
 const MAX_IDS = 4096; // recent change ids kept per subscription to drop duplicates

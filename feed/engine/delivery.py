@@ -55,9 +55,13 @@ class Delivery(History):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                why = one_line(exc)
+                if isinstance(exc, TimeoutError):  # waited for the listener, or for Redis
+                    why = self.detail if not self.up else f"no answer in {SUBSCRIBE_TIMEOUT:g} s"
+                why = why.removeprefix(f"{UNREACHABLE}: ")
                 raise ProtocolError(
                     "cluster_unavailable",
-                    f"the cluster's Redis is unreachable ({one_line(exc)}); retry shortly",
+                    f"the cluster's Redis is unreachable ({why}); retry shortly",
                 ) from None
             self._baseline(mirror, epoch, seq, gap)
             mirror.ready = True

@@ -478,6 +478,32 @@ test("a cluster whose Redis lost the room's history: the client follows the new 
   }
 });
 
+test("a subscribe refused as server_busy is retried until the server has room for it", async () => {
+  // max_rooms = 1: a second filter room is refused while the first is followed, and made room
+  // for once the first is only kept by its grace.
+  const h = await Harness.start({ config: "[limits]\nmax_rooms = 1\n" });
+  const first = new FeedClient(h.url, WS);
+  const second = new FeedClient(h.url, WS);
+  try {
+    const held = first.subscribe(ROOM, { filter: "id=eq.1" });
+    await held.ready;
+    const sub = second.subscribe(ROOM, { filter: "id=eq.2" });
+    const log = record(sub);
+    // The library's retries make no event: poll its count.
+    await until(() => sub._retries > 0 || sub.state === "error", "a refusal");
+    assert.notEqual(sub.state, "error", JSON.stringify(log.states));
+    held.unsubscribe();
+    await sub.ready;
+    assert.equal(sub.state, "live");
+    await h.write("insert", { id: 2, status: "new" });
+    await until(() => log.changes.length === 1, "the change once subscribed");
+  } finally {
+    first.close();
+    second.close();
+    await h.stop();
+  }
+});
+
 test("keyText renders keys as row room names do", () => {
   assert.equal(keyText(42), "42");
   assert.equal(keyText("abc"), "abc");

@@ -43,7 +43,18 @@ def spread(delay: float) -> float:
     return delay * random.uniform(0.5, 1.5)
 
 
-RETRYABLE = frozenset({"rate_limited", "internal", "snapshot_failed", "not_connected", "timeout"})
+RETRYABLE = frozenset(
+    {
+        "rate_limited",
+        "internal",
+        "snapshot_failed",
+        "cluster_unavailable",
+        "server_busy",
+        "not_connected",
+        "timeout",
+    }
+)
+"""Subscribe refusals the server means as "try again": retried with backoff, not reported."""
 MAX_IDS = 4096
 """Recent change ids kept per subscription to drop duplicates."""
 MAX_ORPHANS = 10000
