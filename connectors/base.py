@@ -124,6 +124,11 @@ class Connector(ABC):
     dead node to another one; for a connector that cannot resume (Redis keyspace events) the new
     reader announces a `gap` for the time nobody read it."""
 
+    before_images: bool = True
+    """Whether every update and delete carries its before image. Without (Redis, MongoDB without
+    pre-images) a filter room cannot see a row leave it in the change itself, so the router
+    follows which rows each filter room holds (feed.core.filter_index)."""
+
     _settle_hook: Callable[[], Awaitable[None]] | None = None
 
     sink: Callable[[Change], None] | None = None

@@ -36,6 +36,8 @@ class MemoryConnector(Connector):
             self.key_fields = [options.str("key", "id")]
         # Tests of a source that cannot resume (like Redis keyspace events) set this to false.
         self.durable = options.bool("durable", True)
+        # Tests of a source whose changes carry no before image (Redis) set this to false.
+        self.before_images = options.bool("before_images", True)
         self._queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
         self._tables: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in self._targets}
         self._positions = itertools.count(1)
@@ -87,7 +89,7 @@ class MemoryConnector(Connector):
         else:
             after = {**(before or {}), **row} if op == "update" else dict(row)
             table[stored_key] = after
-        return self._queue_change(target, op, key, before, after)
+        return self._queue_change(target, op, key, before if self.before_images else None, after)
 
     def truncate(self, target: str) -> Change:
         """Empty a table, as Postgres's TRUNCATE does: one change with no key and no images."""

@@ -97,6 +97,7 @@ class MongoConnector(Connector):
         self.before_change = options.choice(
             "full_document_before_change", ["off", "whenAvailable", "required"], "off"
         )
+        self.before_images = self.before_change == "required"
         store = options.choice("resume_store", ["mongodb", "none"], "mongodb")
         store_name = options.str("resume_collection", "dbfeed.resume_tokens")
         db, _, coll = store_name.partition(".")

@@ -72,6 +72,7 @@ class RedisConnector(Connector):
 
         self.mode = options.choice("mode", ("keyspace", "streams"), "keyspace")
         self.durable = self.mode == "streams"
+        self.before_images = False  # keyspace events say nothing of the value before
         self.patterns = options.str_list("patterns", required=True)
         for pattern in self.patterns:
             try:

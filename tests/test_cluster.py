@@ -147,6 +147,36 @@ async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
         assert [(c["seq"], c.get("left")) for c in replayed] == [(1, None), (2, True)]
 
 
+async def test_without_before_images_the_reader_sends_a_row_leaving_a_filter_room(
+    redis_target: RedisTarget,
+) -> None:
+    """A source that sends no before image (Redis; here the memory connector told to act so):
+    the reader follows the rows it gave each filter room (its snapshot, taken at the reader),
+    and sends a row's leaving and its delete there, though nothing in them matches the filter.
+    A second node registering the same room meanwhile does not make the reader forget them."""
+    config = cluster_config(redis_target.url, redis_target.prefix) + "before_images = false\n"
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        for key in (1, 2, 3):
+            memory(reader).write("public.orders", "insert", {"id": key, "status": "paid"})
+        client = await stack.enter_async_context(feed_client(other.url))
+        ack = await subscribed(client, "mem:public.orders", filter="status=eq.paid", snapshot=True)
+        assert sorted(ack["snapshot_keys"]) == ["1", "2", "3"]
+        again = await stack.enter_async_context(feed_client(reader.url))
+        assert (await again.subscribe("mem:public.orders", filter="status=eq.paid"))["ok"]
+        memory(reader).write("public.orders", "update", {"id": 1, "status": "refunded"})
+        memory(reader).write("public.orders", "delete", {"id": 2})
+        memory(reader).write("public.orders", "update", {"id": 4, "status": "new"})  # never in
+        memory(reader).write("public.orders", "update", {"id": 3, "status": "shipped"})
+        got = await client.take(3)
+        assert [(c["op"], c["key"], c.get("left")) for c in got] == [
+            ("update", 1, True),
+            ("delete", 2, None),
+            ("update", 3, True),
+        ]
+        assert all(c["before"] is None for c in got)
+
+
 async def test_resume_on_another_node_replays_from_redis(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:

@@ -107,3 +107,40 @@ async def test_snapshot_on_subscribe(redis_target: RedisTarget) -> None:
         "value": ["x", "y"],
     }
     assert ack["snapshot_truncated"] is False
+
+
+async def test_a_filter_room_hears_a_key_leave_it_or_go(redis_target: RedisTarget) -> None:
+    """Redis sends no before image, so "the old value matched, the new one does not" cannot be
+    read from the change: the feed follows the keys it gave each filter room (by its snapshot or
+    a matching change) and sends such a key's next change there too. Before, a key that left the
+    filter or was deleted was never sent, and the client's rows kept it for good."""
+    t = redis_target
+    pro, deleted, free, late = (t.key(f"user:{n}") for n in (1, 2, 3, 4))
+    await t.admin.hset(pro, mapping={"plan": "pro"})
+    await t.admin.hset(deleted, mapping={"plan": "pro"})
+    await t.admin.hset(free, mapping={"plan": "free"})
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(
+                f"cache:{t.key('user:*')}", filter="value.plan=eq.pro", snapshot=True
+            )
+            assert sorted(ack["snapshot_keys"]) == [pro, deleted], ack
+            await t.admin.hset(pro, "plan", "free")  # leaves the room
+            await t.admin.delete(deleted)  # gone
+            await t.admin.hset(free, "plan", "free")  # never in it: not sent
+            await t.admin.hset(late, "plan", "pro")  # enters
+            got = await client.take(3)
+            # Redis's value is read after its event: written before that read, the next value
+            # would be what both events show.
+            await t.admin.hset(late, "plan", "basic")  # and leaves again
+            got += await client.take(1)
+            assert client.changes.empty()
+    assert [(c["op"], c["key"]) for c in got] == [
+        ("hset", pro),
+        ("del", deleted),
+        ("hset", late),
+        ("hset", late),
+    ]
+    assert [c.get("left", False) for c in got] == [True, False, False, True]
+    assert got[1]["after"] is None

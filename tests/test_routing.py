@@ -321,6 +321,73 @@ def test_the_index_routes_exactly_as_checking_every_filter(
         assert {r.name for r in rooms if r.filter and r.filter.matches(change)} == expected
 
 
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(row_filters, min_size=1, max_size=8),
+    st.lists(
+        st.tuples(st.sampled_from([1, 2, 3]), images(), st.integers(0, 3)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.data(),
+)
+def test_without_before_images_a_room_hears_of_every_row_it_was_given(
+    filters: list[RowFilter],
+    changes: list[tuple[int, dict[str, Any] | None, int]],
+    data: st.DataObject,
+) -> None:
+    """A source with no before images (Redis): each change reaches the rooms its new image
+    matches and the rooms that hold its row (last sent it matching, or given it by a snapshot),
+    exactly; so a client's rows never keep one that left its filter or was deleted. Some
+    changes do carry one (MongoDB's `whenAvailable` pre-images): routed by it, as always."""
+    index: FilterIndex[Room] = FilterIndex(track=True)
+    rooms = rooms_for(filters)
+    for room in rooms:
+        index.add(room)
+    holds: dict[str, set[str]] = {room.name: set() for room in rooms}  # the model
+    snapshot_room = data.draw(st.sampled_from(rooms))
+    given = data.draw(st.sets(st.sampled_from(["1", "2", "3"])))
+    index.hold(snapshot_room.name, given)
+    holds[snapshot_room.name] |= given
+    for key, after, seen in changes:
+        op = "delete" if after is None else "update"
+        before = dict(after or {}, a=seen) if seen else None  # a before image, now and then
+        change = Change("1", "main", "redis", "public.orders", op, key, before, after)
+        routed: list[Room] = []
+        index.collect(change, routed)
+        names = [r.name for r in routed]
+        assert len(names) == len(set(names))  # never twice
+        matched = {r.name for r in rooms if r.filter is not None and r.filter.matches_image(after)}
+        if before is None:
+            holding = {name for name, rows in holds.items() if str(key) in rows}
+            assert set(names) == matched | holding
+        else:
+            assert set(names) == {r.name for r in rooms if r.filter and r.filter.matches(change)}
+        for name, rows in holds.items():
+            if name in matched:
+                rows.add(str(key))
+            else:
+                rows.discard(str(key))
+    assert index.held() == sum(len(rows) for rows in holds.values())
+    for room in rooms:
+        index.discard(room.name)
+    assert index.held() == 0 and not index._held
+
+
+def test_a_room_registered_again_keeps_the_rows_it_holds() -> None:
+    """The cluster reader rebuilds a room from its spec whenever a node registers it."""
+    index: FilterIndex[Room] = FilterIndex(track=True)
+    (room,) = rooms_for([parse_filter("plan=eq.pro")])
+    index.add(room)
+    index.hold(room.name, ["a"])
+    index.discard(room.name, forget=False)
+    (again,) = rooms_for([parse_filter("plan=eq.pro")])
+    index.add(again)
+    routed: list[Room] = []
+    index.collect(Change("1", "main", "redis", "t", "del", "a", None, None), routed)
+    assert routed == [again]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(row_filters, min_size=1, max_size=10), st.data())
 def test_removing_rooms_leaves_the_index_exact_and_empty(

@@ -16,11 +16,17 @@ every filter per change made routing cost grow with the number of rooms (59 ms p
 
 A key match is only a candidate: the room's whole filter is checked on both images, exactly as
 `RowFilter.matches` does, so the index can only make routing faster, never change its answer.
+
+Some sources send no before image (Redis keyspace events, MongoDB without pre-images): "the old
+image matched, the new one does not" cannot be seen in the change, and a row that left a filter
+room, or was deleted, went unannounced, its clients keeping it forever. For such a target the
+index `track`s which rows each filter room was last sent matching (or was given in a snapshot,
+`hold`), and a change of such a row without a before image reaches those rooms too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from feed.core.change import Change
@@ -81,7 +87,13 @@ class FilterIndex(Generic[Room]):
     Rooms are known by name: `name in index` and iterating give names.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, track: bool = False) -> None:
+        self.track = track
+        """Follow which rows each filter room holds (a source without before images)."""
+        self._held: dict[str, dict[str, Room]] = {}
+        """Row key -> the filter rooms last sent a matching image of it (with `track`)."""
+        self._holds: dict[str, set[str]] = {}
+        """Room name -> the row keys it holds, to forget them with the room."""
         self._by_value: dict[str, dict[Hashable, dict[str, Room]]] = {}
         """field -> equality key -> rooms whose anchor condition has that key."""
         self._anchors: dict[str, tuple[Room, str, tuple[Hashable, ...]]] = {}
@@ -107,6 +119,8 @@ class FilterIndex(Generic[Room]):
     def add(self, room: Room) -> None:
         if room.name in self:
             return
+        for row in self._holds.get(room.name, ()):  # kept by `discard(forget=False)`
+            self._held[row][room.name] = room
         if room.filter is None:
             self._unfiltered[room.name] = room
             return
@@ -122,7 +136,15 @@ class FilterIndex(Generic[Room]):
             by_key.setdefault(key, {})[room.name] = room
         self._anchors[room.name] = (room, anchor.field, keys)
 
-    def discard(self, name: str) -> None:
+    def discard(self, name: str, forget: bool = True) -> None:
+        """Drop a room; `forget=False` keeps the rows it holds, for the same room added again
+        (the cluster reader rebuilds a room from its spec each time a node registers it)."""
+        for row in self._holds.pop(name, ()) if forget else ():
+            holders = self._held.get(row)
+            if holders is not None:
+                holders.pop(name, None)
+                if not holders:
+                    del self._held[row]
         self._unfiltered.pop(name, None)
         self._scanned.pop(name, None)
         anchored = self._anchors.pop(name, None)
@@ -142,8 +164,66 @@ class FilterIndex(Generic[Room]):
         """(field, key) entries in the equality index: it must shrink back as rooms go."""
         return sum(len(by_key) for by_key in self._by_value.values())
 
+    def held(self) -> int:
+        """(room, row) pairs followed for a source without before images."""
+        return sum(len(keys) for keys in self._holds.values())
+
+    def hold(self, name: str, keys: Iterable[str | None]) -> None:
+        """With `track`: filter room `name` holds these rows (a snapshot gave them to it)."""
+        if name in self._anchors:
+            room = self._anchors[name][0]
+        elif name in self._scanned:
+            room = self._scanned[name]
+        else:
+            return
+        if not self.track:
+            return
+        for key in keys:
+            if key is not None:
+                self._held.setdefault(key, {})[name] = room
+                self._holds.setdefault(name, set()).add(key)
+
     def collect(self, change: Change, out: list[Room]) -> None:
-        """Append to `out` every room whose filter the change's before or after image matches."""
+        """Append to `out` every room whose filter the change's before or after image matches
+        (and, with `track`, every filter room that holds the row of a change without a before
+        image)."""
+        start = len(out)
+        self._collect(change, out)
+        if self.track and (self._held or len(out) > start):
+            self._follow(change, out, start)
+
+    def _follow(self, change: Change, out: list[Room], start: int) -> None:
+        """Of the rooms `out[start:]`, those the after image matches hold the change's row now;
+        without a before image, rooms that held it and are not among them are sent the change
+        too (the row left them, or is gone). A change with a before image was routed by it."""
+        key = change.row_key
+        if key is None:
+            return
+        after = change.after
+        routed = out[start:]
+        if change.before is None:
+            now = {room.name: room for room in routed if room.filter is not None}
+        elif after is None:
+            now = {}
+        else:
+            now = {
+                room.name: room
+                for room in routed
+                if room.filter is not None and room.filter.matches_image(after)
+            }
+        holders = self._held.pop(key, None)
+        if holders:
+            for name, room in holders.items():
+                if name not in now:
+                    if change.before is None:
+                        out.append(room)
+                    self._holds[name].discard(key)
+        if now and after is not None:
+            self._held[key] = now
+            for name in now:
+                self._holds.setdefault(name, set()).add(key)
+
+    def _collect(self, change: Change, out: list[Room]) -> None:
         if self._unfiltered:
             out.extend(self._unfiltered.values())
         if not self._by_value and not self._scanned:

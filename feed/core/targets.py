@@ -45,6 +45,13 @@ class TargetRooms(Generic[R]):
     alone: bool = field(default=True, init=False, repr=False)
     """No subroom is followed: a change goes to the target room only. Checked first, so that
     such a change (every change, at many target rooms) reads neither index."""
+    track: bool = False
+    """The source may send changes without a before image (`Connector.before_images`): filter
+    rooms follow the rows they hold (feed.core.filter_index), and a row room with a filter
+    gets every such change of its row, since whether its row left cannot be told from it."""
+
+    def __post_init__(self) -> None:
+        self.filtered.track = self.track
 
     def add(self, room: R) -> None:
         if room.key is not None:
@@ -53,14 +60,14 @@ class TargetRooms(Generic[R]):
             self.filtered.add(room)
         self.alone = False
 
-    def discard(self, room: R) -> None:
+    def discard(self, room: R, forget: bool = True) -> None:
         if room.key is not None:
             rooms = self.by_key.get(room.key, {})
             rooms.pop(room.name, None)
             if not rooms:
                 self.by_key.pop(room.key, None)
         else:
-            self.filtered.discard(room.name)
+            self.filtered.discard(room.name, forget)
         self.alone = not self.by_key and not len(self.filtered)
 
     def names(self) -> Iterator[str]:
@@ -82,8 +89,9 @@ class TargetRooms(Generic[R]):
         if self.by_key:  # the row key only when some row room is followed
             key = change.row_key
             if key is not None:
+                blind = self.track and change.before is None
                 for room in self.by_key.get(key, {}).values():
-                    if room.filter is None or room.filter.matches(change):
+                    if room.filter is None or blind or room.filter.matches(change):
                         rooms.append(room)
         self.filtered.collect(change, rooms)
         return rooms

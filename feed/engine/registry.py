@@ -33,7 +33,9 @@ class RoomRegistry(EngineCore):
         targets = self._index.setdefault(connector, {})
         index = targets.get(target)
         if index is None:
-            index = targets[target] = TargetRooms(Routed(f"{connector}:{target}"))
+            source = self.hub.connectors.get(connector)
+            track = source is not None and not source.before_images
+            index = targets[target] = TargetRooms(Routed(f"{connector}:{target}"), track=track)
         return index
 
     def _route_spec(self, spec: Mapping[str, Any]) -> Routed | None:
@@ -48,7 +50,7 @@ class RoomRegistry(EngineCore):
         target = str(spec["target"])
         index = self._target_index(str(connector), target)
         if routed.name != index.room.name:
-            index.discard(routed)
+            index.discard(routed, forget=False)  # the same room again: the rows it holds stay
             index.add(routed)
             self._route_count += 1
             known = self._routed.setdefault(str(connector), {})

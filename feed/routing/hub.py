@@ -419,7 +419,9 @@ class Hub:
             room = Room(f"{connector}:{target}", connector, target, capacity=self._capacity)
             room.empty_since = None
             self.rooms[room.name] = room
-            rooms = self._targets[(connector, target)] = TargetRooms(room)
+            source = self.connectors.get(connector)
+            track = source is not None and not source.before_images
+            rooms = self._targets[(connector, target)] = TargetRooms(room, track=track)
         return rooms
 
     @property
@@ -561,6 +563,10 @@ class Hub:
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
+            if snapshot.keys is not None:  # the rows the room holds, for a source that sends
+                # no before images (feed.core.filter_index)
+                target = self._target_rooms(connector.name, address.target)
+                target.filtered.hold(room.name, snapshot.keys)
             fields, rest = snapshot_ack(
                 snapshot.rows,
                 snapshot.keys,
