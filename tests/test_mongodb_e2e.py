@@ -92,6 +92,38 @@ async def test_snapshot_then_live_without_loss_or_doubles(
     assert sentinel["key"] == 99
 
 
+async def test_without_pre_images_a_filter_room_hears_a_document_leave_it_or_go(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """No pre-images: updates and deletes carry no `before`. The feed remembers which documents
+    the filter room was given (the snapshot, matching changes) and sends their next change."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "status": "paid"} for i in (1, 2)])
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(
+                f"shop:{db}.orders", filter="status=eq.paid", snapshot=True
+            )
+            assert ack["ok"] and sorted(ack["snapshot_keys"]) == ["1", "2"], ack
+            await coll.update_one({"_id": 1}, {"$set": {"status": "refunded"}})
+            await coll.delete_one({"_id": 2})
+            await coll.insert_one({"_id": 3, "status": "new"})  # never in the room
+            await coll.insert_one({"_id": 4, "status": "paid"})
+            got = await client.take(3)
+            await coll.update_one({"_id": 4}, {"$set": {"status": "new"}})
+            got += await client.take(1)
+            assert client.changes.empty()
+    assert [(c["op"], c["key"], c.get("left")) for c in got] == [
+        ("update", 1, True),
+        ("delete", 2, None),
+        ("insert", 4, None),
+        ("update", 4, True),
+    ]
+    assert all(c["before"] is None for c in got)
+
+
 async def test_misconfigured_source_is_down_then_recovers_others_unaffected(
     mongodb: MongoSource,  # noqa: F811
     db: str,  # noqa: F811
