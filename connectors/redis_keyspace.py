@@ -73,6 +73,8 @@ class EventSource:
     cluster: bool = False
     epoch: str = "0"
     restarted: bool = False
+    flushes: int | None = None
+    """FLUSHDB, FLUSHALL and SWAPDB run on it so far (INFO commandstats), when known."""
 
 
 class KeyspaceCapture:
@@ -94,8 +96,11 @@ class KeyspaceCapture:
         self._by_channel: dict[bytes, list[tuple[int, str]]] = {}
         self.flag_faults: dict[str, str] = {}
         """Servers (by `where`) whose notify-keyspace-events misses flags, and the status line."""
+        self._stopping = False
 
     async def start(self) -> None:
+        for source in self.sources:  # what to compare with: flushes from now on are gaps
+            source.flushes = await self._flushes_so_far(source)
         conns: list[AbstractConnection] = []
         try:
             for source in self.sources:
@@ -123,6 +128,9 @@ class KeyspaceCapture:
             )
 
     async def stop(self) -> None:
+        # redis-py's connection can swallow a cancel that lands as a command's reply arrives
+        # (seen here: a stop that never ended); the flags loop then ends at its next turn.
+        self._stopping = True
         for reader in self._readers:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
@@ -169,7 +177,7 @@ class KeyspaceCapture:
         log.info("redis at %s: notify-keyspace-events %r -> %r", where, current, wanted)
 
     async def _watch_flags(self, source: EventSource) -> None:
-        """Look at notify-keyspace-events every `capture_check_interval`.
+        """Look at notify-keyspace-events, and for flushes, every `capture_check_interval`.
 
         Redis checks nothing: with the flags cleared (`CONFIG SET notify-keyspace-events ""`,
         a config reload, a managed service's settings page) it simply stops publishing, the
@@ -177,17 +185,26 @@ class KeyspaceCapture:
         again while running: a fault is announced with a gap and a DOWN status; with
         `configure = true` the flags are set again at once (and the window still announced),
         without it the status says what to run, and a second gap closes the window when the
-        flags come back. A lost connection is the reader's business; this loop just retries.
+        flags come back. Nor does Redis send an event for the keys FLUSHDB, FLUSHALL or SWAPDB
+        remove: their counts in INFO commandstats are read too, and one that grew is a gap. A
+        lost connection is the reader's business; this loop just retries.
         """
         interval = self.owner.capture_check_interval
         conn: AbstractConnection | None = None
+        config = info = True  # what the server lets this loop read
         try:
-            while True:
+            while config or info:
                 await asyncio.sleep(interval)
+                if self._stopping:
+                    return
                 try:
                     if conn is None:
                         conn = source.pool.make_connection()  # type: ignore[no-untyped-call]
                         await conn.connect()
+                    if info:
+                        info = await self._look_for_flushes(source, conn)
+                    if not config:
+                        continue
                     await conn.send_command("CONFIG", "GET", "notify-keyspace-events")
                     reply = await conn.read_response()
                 except ResponseError as exc:
@@ -197,7 +214,8 @@ class KeyspaceCapture:
                     log.warning(
                         "redis at %s: cannot watch notify-keyspace-events: %s", source.where, exc
                     )
-                    return
+                    config = False
+                    continue
                 except (*LOST, RedisError):
                     if conn is not None:
                         with contextlib.suppress(Exception):
@@ -210,6 +228,42 @@ class KeyspaceCapture:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.disconnect()
+
+    async def _flushes_so_far(self, source: EventSource) -> int | None:
+        conn = source.pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()
+            await conn.send_command("INFO", "commandstats")
+            return flush_count(await conn.read_response())
+        except (*LOST, RedisError):  # the first look takes it then
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def _look_for_flushes(self, source: EventSource, conn: AbstractConnection) -> bool:
+        """Announce a gap when FLUSHDB, FLUSHALL or SWAPDB ran since the last look; False when
+        the server refuses INFO (then nothing tells, as documented)."""
+        await conn.send_command("INFO", "commandstats")
+        try:
+            reply = await conn.read_response()
+        except ResponseError as exc:
+            if not _refused(exc):
+                raise
+            log.warning("redis at %s: cannot watch for FLUSHDB/FLUSHALL: %s", source.where, exc)
+            return False
+        count = flush_count(reply)
+        before, source.flushes = source.flushes, count
+        if before is not None and count > before:
+            self.owner.count_fault("flush")
+            at = f" at {source.where}" if source.cluster else ""
+            line = (
+                f"FLUSHDB, FLUSHALL or SWAPDB ran on Redis{at}: the keys it removed or swapped "
+                "sent no keyspace events"
+            )
+            log.warning("connector %s: %s", self.owner.name, line)
+            await self._queue.put(Gap(self.owner.name, line))
+        return True
 
     async def _judge_flags(
         self, source: EventSource, conn: AbstractConnection, current: str
@@ -641,6 +695,22 @@ def _row(key: bytes, value: KeyValue, with_value: bool) -> dict[str, Any] | None
     if key_b64:
         row["key_base64"] = True
     return row
+
+
+FLUSHES = (b"cmdstat_flushdb", b"cmdstat_flushall", b"cmdstat_swapdb")
+
+
+def flush_count(info: Any) -> int:
+    """FLUSHDB, FLUSHALL and SWAPDB calls that succeeded, from INFO commandstats' text (a
+    count that fell was reset by CONFIG RESETSTAT: the next look compares with it)."""
+    text = info if isinstance(info, bytes) else str(info).encode()
+    total = 0
+    for line in text.splitlines():
+        name, _, stats = line.strip().partition(b":")
+        if name in FLUSHES:
+            fields = dict(part.split(b"=", 1) for part in stats.split(b",") if b"=" in part)
+            total += int(fields.get(b"calls", 0)) - int(fields.get(b"failed_calls", 0))
+    return total
 
 
 def _refused(exc: ResponseError) -> bool:

@@ -93,3 +93,22 @@ async def test_configure_true_reapplies_the_flags_and_still_announces(
 
 async def _state(source: RedisConnector) -> str:
     return source.status.state.value
+
+
+async def test_a_flush_is_announced_with_a_gap(private_redis: RedisTarget) -> None:
+    """FLUSHDB, FLUSHALL and SWAPDB remove keys without a keyspace event: the feed reads their
+    counts in INFO commandstats with the flags, and a count that grew is a gap (a client with a
+    snapshot reloads it). Before, the keys were gone and nothing said so."""
+    t = private_redis
+    source = connector(t, configure=True)
+    async with source:
+        stream = aiter(source.changes())
+        await t.admin.set(t.key("a"), "1")
+        first = await take_until(stream, lambda item: isinstance(item, Change), timeout=10)
+        assert [item.key for item in first] == [t.key("a")]
+        for flush in ("FLUSHDB", "FLUSHALL", "SWAPDB 0 1"):
+            await t.admin.execute_command(*flush.split())  # type: ignore[no-untyped-call]
+            await t.admin.set(t.key("b"), "1")  # an event after it: the gap comes, in any order
+            items = await take_until(stream, lambda item: isinstance(item, Gap), timeout=10)
+            assert "FLUSHDB, FLUSHALL or SWAPDB ran" in items[-1].reason, items
+        assert source.capture_faults.get("flush") == 3

@@ -168,6 +168,12 @@ class FilterIndex(Generic[Room]):
         """(room, row) pairs followed for a source without before images."""
         return sum(len(keys) for keys in self._holds.values())
 
+    def forget_held(self) -> None:
+        """After a gap: what the rooms hold is unknown now (their clients reload, and a new
+        snapshot is held again)."""
+        self._held.clear()
+        self._holds.clear()
+
     def hold(self, name: str, keys: Iterable[str | None]) -> None:
         """With `track`: filter room `name` holds these rows (a snapshot gave them to it)."""
         if name in self._anchors:

@@ -129,6 +129,7 @@ class Publisher(RoomRegistry):
         for target, index in self._index.get(gap.connector, {}).items():
             if gap.target is None or gap.target == target:
                 names += [index.room.name, *index.names()]
+                index.filtered.forget_held()
         if not names:
             return
         body = dumps({"reason": gap.reason, "ts": format_ts(gap.ts)})

@@ -393,6 +393,9 @@ class Hub:
 
     async def _gap(self, gap: Gap) -> None:
         log.warning("connector %s: gap announced: %s", gap.connector, gap.reason)
+        for (connector, target), rooms in self._targets.items():
+            if connector == gap.connector and (not gap.target or target == gap.target):
+                rooms.filtered.forget_held()
         if self.engine is not None:
             await self.engine.publish_gap(gap)
             return
