@@ -74,6 +74,36 @@ def test_bad_filters_are_refused_with_a_reason(text: str) -> None:
     assert info.value.code == "bad_filter" and info.value.message
 
 
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ('name=in.("Smith, John",Ada)', ("Ada", "Smith, John")),  # PostgREST's quoting
+        ('name=eq."a,b"', ("a,b",)),
+        ('name=in.("say \\"hi\\"",x)', ('say "hi"', "x")),
+        ('name=in.("back\\\\slash")', ("back\\slash",)),
+        ('name=in.("",a)', ("", "a")),
+        ("name=in.(a%2Cb,c)", ("a,b", "c")),  # percent-encoding, as before
+        ("name=eq.%22a%22", ('"a"',)),  # an encoded quote is a character, not a delimiter
+    ],
+)
+def test_quoted_values_as_postgrest_reads_them(text: str, values: tuple[str, ...]) -> None:
+    """A value with a comma (or anything else) in double quotes is one value; before, the
+    quotes were kept and `in.("Smith, John",Ada)` looked for '"Smith' and ' John"'."""
+    parsed = parse_filter(text)
+    assert parsed.conditions[0].values == values
+    assert parse_filter(parsed.canonical) == parsed
+    assert parsed.matches_image({"name": values[-1]})
+
+
+@pytest.mark.parametrize(
+    "text", ['name=in.("abc,d)', 'name=in.("a"b,c)', 'name=eq."a"b"', 'name=in.("a)']
+)
+def test_broken_quotes_are_refused(text: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_filter(text)
+    assert info.value.code == "bad_filter" and "quote" in info.value.message
+
+
 def test_limits() -> None:
     with pytest.raises(ProtocolError):
         parse_filter("a=eq.1&" * 30)

@@ -151,7 +151,7 @@ class Condition:
 
     def text(self) -> str:
         if self.op == "in":
-            inner = ",".join(_quote_value(v) for v in self.values)
+            inner = ",".join(_quote_value(v) if v else '""' for v in self.values)
             return f"{quote(self.field, safe='._-')}=in.({inner})"
         return f"{quote(self.field, safe='._-')}={self.op}.{_quote_value(self.values[0])}"
 
@@ -217,14 +217,64 @@ def _parse_condition(part: str) -> Condition:
     if op == "in":
         if not (raw.startswith("(") and raw.endswith(")")):
             raise ProtocolError("bad_filter", f"{part!r}: in takes a list, e.g. {field}=in.(1,2)")
-        values = tuple(unquote(v) for v in raw[1:-1].split(",") if v != "")
+        values = tuple(unquote(v) for v in _list_items(raw[1:-1], part))
         if not values or len(values) > MAX_IN_VALUES:
             raise ProtocolError("bad_filter", f"{part!r}: in takes 1 to {MAX_IN_VALUES} values")
         return Condition(field, op, tuple(sorted(set(values))))
     if op not in OPERATORS:
         known = ", ".join([*OPERATORS, "in"])
         raise ProtocolError("bad_filter", f"{part!r}: unknown operator {op!r} (use one of {known})")
+    if len(raw) >= 2 and raw.startswith('"') and raw.endswith('"'):
+        raw = _unquoted(raw, part)
     return Condition(field, op, (unquote(raw),))
+
+
+def _list_items(text: str, part: str) -> list[str]:
+    """An `in` list's items, as PostgREST reads them: split at commas outside double quotes, a
+    quoted item (`"Smith, John"`) with `\\"` and `\\\\` for a quote and a backslash inside.
+    Quotes are read before percent-decoding, so a `%22` is a quote character, never a delimiter
+    (the canonical names the server returns encode quotes that way)."""
+    items: list[str] = []
+    i = 0
+    while i <= len(text):
+        if text.startswith('"', i):
+            end = i + 1
+            while end < len(text) and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if end >= len(text):
+                raise ProtocolError("bad_filter", f"{part!r}: a quote in the list is not closed")
+            items.append(_unquoted(text[i : end + 1], part))
+            i = end + 1
+            if i < len(text) and text[i] != ",":
+                raise ProtocolError(
+                    "bad_filter", f"{part!r}: a quoted value must be followed by ',' or ')'"
+                )
+            i += 1
+            continue
+        comma = text.find(",", i)
+        end = len(text) if comma < 0 else comma
+        if end > i:
+            items.append(text[i:end])
+        i = end + 1
+    return items
+
+
+def _unquoted(quoted: str, part: str) -> str:
+    """`"..."` without its quotes, `\\x` read as x."""
+    out: list[str] = []
+    inner = quoted[1:-1]
+    i = 0
+    while i < len(inner):
+        ch = inner[i]
+        if ch == "\\" and i + 1 < len(inner):
+            out.append(inner[i + 1])
+            i += 2
+            continue
+        if ch == '"':
+            raise ProtocolError("bad_filter", f'{part!r}: write a quote inside quotes as \\"')
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def _quote_value(value: str) -> str:
