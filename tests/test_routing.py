@@ -355,6 +355,7 @@ def test_without_before_images_a_room_hears_of_every_row_it_was_given(
         change = Change("1", "main", "redis", "public.orders", op, key, before, after)
         routed: list[Room] = []
         index.collect(change, routed)
+        index.follow(change, routed, 0)
         names = [r.name for r in routed]
         assert len(names) == len(set(names))  # never twice
         matched = {r.name for r in rooms if r.filter is not None and r.filter.matches_image(after)}
@@ -384,7 +385,9 @@ def test_a_room_registered_again_keeps_the_rows_it_holds() -> None:
     (again,) = rooms_for([parse_filter("plan=eq.pro")])
     index.add(again)
     routed: list[Room] = []
-    index.collect(Change("1", "main", "redis", "t", "del", "a", None, None), routed)
+    gone = Change("1", "main", "redis", "t", "del", "a", None, None)
+    index.collect(gone, routed)
+    index.follow(gone, routed, 0)
     assert routed == [again]
 
 

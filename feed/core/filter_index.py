@@ -189,19 +189,14 @@ class FilterIndex(Generic[Room]):
                 self._held.setdefault(key, {})[name] = room
                 self._holds.setdefault(name, set()).add(key)
 
-    def collect(self, change: Change, out: list[Room]) -> None:
-        """Append to `out` every room whose filter the change's before or after image matches
-        (and, with `track`, every filter room that holds the row of a change without a before
-        image)."""
-        start = len(out)
-        self._collect(change, out)
-        if self.track and (self._held or len(out) > start):
-            self._follow(change, out, start)
-
-    def _follow(self, change: Change, out: list[Room], start: int) -> None:
-        """Of the rooms `out[start:]`, those the after image matches hold the change's row now;
-        without a before image, rooms that held it and are not among them are sent the change
-        too (the row left them, or is gone). A change with a before image was routed by it."""
+    def follow(self, change: Change, out: list[Room], start: int) -> None:
+        """With `track`, after `collect` appended `out[start:]`: of those rooms, the ones the
+        after image matches hold the change's row now; without a before image, rooms that held
+        it and are not among them are appended too (the row left them, or is gone). A change
+        with a before image was routed by it. Apart from `collect`, so that a target that does
+        not track pays nothing for it."""
+        if not self._held and len(out) == start:
+            return
         key = change.row_key
         if key is None:
             return
@@ -229,7 +224,9 @@ class FilterIndex(Generic[Room]):
             for name in now:
                 self._holds.setdefault(name, set()).add(key)
 
-    def _collect(self, change: Change, out: list[Room]) -> None:
+    def collect(self, change: Change, out: list[Room]) -> None:
+        """Append to `out` every room whose filter the change's before or after image matches
+        (see `follow` for a source without before images)."""
         if self._unfiltered:
             out.extend(self._unfiltered.values())
         if not self._by_value and not self._scanned:

@@ -93,5 +93,10 @@ class TargetRooms(Generic[R]):
                 for room in self.by_key.get(key, {}).values():
                     if room.filter is None or blind or room.filter.matches(change):
                         rooms.append(room)
+        if self.track:
+            start = len(rooms)
+            self.filtered.collect(change, rooms)
+            self.filtered.follow(change, rooms, start)
+            return rooms
         self.filtered.collect(change, rooms)
         return rooms
