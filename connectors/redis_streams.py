@@ -211,7 +211,8 @@ class StreamCapture:
                     await arrived.put((raw_stream, entries))
 
     def change(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> Change:
-        after, b64 = _fields(fields)
+        fields_read, b64 = _fields(fields)
+        after = _row(entry_id, fields_read, b64)
         ms, _ = parse_id(entry_id)
         key_field = self.owner.stream_key_field
         return Change(
@@ -220,7 +221,7 @@ class StreamCapture:
             source="redis",
             target=stream,
             op="xadd",
-            key=after.get(key_field, entry_id) if key_field else entry_id,
+            key=fields_read.get(key_field, entry_id) if key_field else entry_id,
             after=after,
             ts=dt.datetime.fromtimestamp(ms / 1000, dt.UTC),
             meta={"value_base64": True} if b64 else None,
@@ -260,9 +261,7 @@ class StreamCapture:
         for raw_id, fields in entries:
             after, b64 = _fields(fields)
             entry_id = _text(raw_id)
-            row: dict[str, Any] = {"_id": entry_id, **after}
-            if b64:
-                row["_base64"] = True
+            row = _row(entry_id, after, b64)
             if where(row):
                 rows.append(row)
                 # The key its changes carry (`change` above): the key field, else the entry id.
@@ -309,3 +308,14 @@ def _fields(fields: Mapping[bytes, bytes]) -> tuple[dict[str, str], bool]:
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
+
+
+def _row(entry_id: str, fields: dict[str, Any], b64: bool) -> dict[str, Any]:
+    """An entry as a row, the same in a change's `after` and in a snapshot: its id as `_id`,
+    then its fields (and `_base64` when they are base64). A live row used to lack `_id`, so a
+    client's rows differed by where they came from, and a filter on `_id` matched snapshot rows
+    only."""
+    row: dict[str, Any] = {"_id": entry_id, **fields}
+    if b64:
+        row["_base64"] = True
+    return row

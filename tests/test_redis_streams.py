@@ -59,9 +59,10 @@ async def test_entries_arrive_with_stable_ids_and_source_time(redis_target: Redi
         one, two = await take(stream, 2)
     assert isinstance(one, Change) and one.id == f"cache:{t.key('orders')}:{first}"
     assert (one.op, one.target, one.key) == ("xadd", t.key("orders"), first)
-    assert one.after == {"status": "new", "n": "1"}
+    assert one.after == {"_id": first, "status": "new", "n": "1"}
     assert one.ts is not None and abs(one.ts - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=5)
-    assert two.meta == {"value_base64": True} and two.after == {"d2hv": "/w=="}
+    assert two.meta == {"value_base64": True}
+    assert two.after == {"_id": two.key, "d2hv": "/w==", "_base64": True}
     assert source.resolve(f"{t.key('orders')}:{first}") == RoomAddress(t.key("orders"), first)
 
 
@@ -161,3 +162,22 @@ async def test_row_snapshot_of_a_non_id_is_empty(redis_target: RedisTarget) -> N
             RoomAddress(redis_target.key("orders"), "not-an-id"), lambda row: True, 10
         )
     assert snap.rows == []
+
+
+async def test_a_live_row_is_the_snapshot_row_of_its_entry(redis_target: RedisTarget) -> None:
+    """`after` and a snapshot row of the same entry are equal (`_id` first, then the fields), so
+    a client's rows do not differ by where each came from, and filters treat both alike."""
+    t = redis_target
+    async with connector(t) as source:
+        stream = generator(source.changes())
+        try:
+            await t.admin.xadd(t.key("orders"), {"status": "new"})
+            (live,) = await take(stream, 1)
+            waiting = asyncio.create_task(
+                source.snapshot(RoomAddress(t.key("orders"), live.key), lambda row: True, 5)
+            )
+            await routed_past(t, stream)
+            snap = await asyncio.wait_for(waiting, 10)
+        finally:
+            await closed(stream)
+    assert isinstance(live, Change) and snap.rows == [live.after]
