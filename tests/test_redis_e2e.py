@@ -144,3 +144,38 @@ async def test_a_filter_room_hears_a_key_leave_it_or_go(redis_target: RedisTarge
     ]
     assert [c.get("left", False) for c in got] == [True, False, False, True]
     assert got[1]["after"] is None
+
+
+async def test_client_rows_follow_keys_renamed_moved_and_taken_away(
+    redis_target: RedisTarget,
+) -> None:
+    """dbfeed_client's rows for a pattern room equal the keys Redis holds after RENAME, MOVE
+    and GETDEL: each ends a key with an event of its own (rename_from, move_from, del), and the
+    first two used to leave the old key in `rows` for good."""
+    from dbfeed_client import FeedClient
+
+    t = redis_target
+    pattern = t.key("user:*")
+    keys = [t.key(f"user:{n}") for n in range(4)]
+    for key in keys:
+        await t.admin.set(key, "v")
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with (
+            FeedClient(feed.url) as client,
+            client.subscribe(f"cache:{pattern}", snapshot=True) as sub,
+        ):
+            seen: asyncio.Queue[str] = asyncio.Queue()
+            sub.on("change", lambda change: seen.put_nowait(change["op"]))
+            await t.admin.rename(keys[0], t.key("user:renamed"))
+            await t.admin.move(keys[1], 5)
+            await t.admin.getdel(keys[2])
+            ops = [await asyncio.wait_for(seen.get(), WAIT) for _ in range(4)]
+            held = sorted([key.decode() async for key in t.admin.scan_iter(match=pattern)])
+            assert sub.rows is not None and sorted(sub.rows) == held, ops
+    assert ops == ["rename_from", "rename_to", "move_from", "del"]
+    import redis.asyncio as aioredis
+
+    other = aioredis.Redis.from_url(t.url, db=5)  # the moved key: not left behind
+    await other.delete(keys[1])
+    await other.aclose()

@@ -21,7 +21,17 @@ const RETRYABLE = new Set([
   "not_connected",
   "timeout",
 ]);
-const REMOVALS = new Set(["delete", "del", "expired", "evicted", "unlink"]);
+// Ops after which the row's key is gone (a Redis key renamed or moved away included).
+const REMOVALS = new Set([
+  "delete",
+  "del",
+  "expired",
+  "evicted",
+  "unlink",
+  "rename_from",
+  "move_from",
+  "getdel",
+]);
 const CLEARS = new Set(["truncate", "drop", "dropDatabase", "rename", "invalidate"]);
 const MAX_IDS = 4096; // recent change ids kept per subscription to drop duplicates
 const MAX_ORPHANS = 10000; // changes held for a room whose first subscribe ack has not come yet

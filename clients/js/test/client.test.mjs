@@ -504,6 +504,27 @@ test("a subscribe refused as server_busy is retried until the server has room fo
   }
 });
 
+test("rows drop a key renamed, moved or taken away (Redis's rename_from, move_from, getdel)", async () => {
+  // The harness's memory source takes any op name; Redis sends these when a key goes away
+  // under another name or into another database, and the library used to keep the old key.
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    for (const id of [1, 2, 3, 4]) await h.write("insert", { id, status: "new" });
+    const sub = feed.subscribe(ROOM, { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    await h.write("rename_from", { id: 1 });
+    await h.write("move_from", { id: 2 });
+    await h.write("getdel", { id: 3 });
+    await until(() => log.changes.length === 3, "the three changes");
+    assert.deepEqual([...sub.rows.keys()], ["4"]);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
 test("keyText renders keys as row room names do", () => {
   assert.equal(keyText(42), "42");
   assert.equal(keyText("abc"), "abc");

@@ -18,7 +18,10 @@ Row = dict[str, Any]
 Change = dict[str, Any]
 KeySpec = str | Sequence[str] | Callable[[Mapping[str, Any]], Any] | None
 
-REMOVALS = frozenset({"delete", "del", "expired", "evicted", "unlink"})
+REMOVALS = frozenset(
+    {"delete", "del", "expired", "evicted", "unlink", "rename_from", "move_from", "getdel"}
+)
+"""Ops after which the row's key is gone (a Redis key renamed or moved away included)."""
 CLEARS = frozenset({"truncate", "drop", "dropDatabase", "rename", "invalidate"})
 
 
