@@ -176,14 +176,14 @@ class FilterIndex(Generic[Room]):
 
     def hold(self, name: str, keys: Iterable[str | None]) -> None:
         """With `track`: filter room `name` holds these rows (a snapshot gave them to it)."""
+        if not self.track:
+            return
         if name in self._anchors:
             room = self._anchors[name][0]
         elif name in self._scanned:
             room = self._scanned[name]
         else:
-            return
-        if not self.track:
-            return
+            return  # not a filter room (a target, row or masks-only room follows no rows)
         for key in keys:
             if key is not None:
                 self._held.setdefault(key, {})[name] = room
