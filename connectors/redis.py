@@ -42,7 +42,8 @@ from connectors.redis_glob import PatternError, is_glob, matches, validate
 from connectors.redis_keyspace import LOST, EventSource, KeyspaceCapture
 from connectors.redis_streams import StreamCapture
 from feed.core.change import Change, Gap
-from feed.errors import ConnectorError, SourceMisconfigured, SourceUnavailable
+from feed.core.filters import RowFilter
+from feed.errors import ConnectorError, ProtocolError, SourceMisconfigured, SourceUnavailable
 from feed.options import Options
 
 if TYPE_CHECKING:
@@ -119,6 +120,17 @@ class RedisConnector(Connector):
 
     def targets(self) -> list[str]:
         return list(self.patterns)
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Without `fetch_values` a keyspace event carries no image (`after` is null), so a
+        filter room would never receive a change: refused, saying what to set."""
+        if self.mode == "keyspace" and not self.fetch_values:
+            raise ProtocolError(
+                "bad_filter",
+                f"connector {self.name!r} does not read values (fetch_values = false), so its "
+                "changes have no image a filter could match; set fetch_values = true in its "
+                "config, or follow the pattern or key room",
+            )
 
     def resolve(self, rest: str) -> RoomAddress | None:
         """`session:*` is the pattern's room; `session:abc` is a key room under the first pattern

@@ -179,3 +179,17 @@ async def test_client_rows_follow_keys_renamed_moved_and_taken_away(
     other = aioredis.Redis.from_url(t.url, db=5)  # the moved key: not left behind
     await other.delete(keys[1])
     await other.aclose()
+
+
+async def test_a_filter_without_values_to_match_is_refused(redis_target: RedisTarget) -> None:
+    """Without fetch_values a keyspace change has no image: a filter room would never receive
+    anything, so the subscribe is refused saying what to set (it used to be accepted)."""
+    t = redis_target
+    async with running_feed(config(t).replace("fetch_values = true", "")) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(f"cache:{t.key('user:*')}", filter="type=eq.hash")
+            plain = await client.subscribe(f"cache:{t.key('user:*')}")
+    assert ack["ok"] is False and ack["error"]["code"] == "bad_filter", ack
+    assert "fetch_values = true" in ack["error"]["message"]
+    assert plain["ok"], plain
