@@ -1343,8 +1343,41 @@ class PostgresConnector(Connector):
             raise SnapshotNotSupported(
                 f"{address.target} has no primary key, so it has no row rooms to snapshot"
             )
-        regclass = self.regclass(address.target)
-        sql = f"SELECT to_jsonb(t)::text AS row FROM {regclass} t"
+        try:
+            conn = await pool.acquire(timeout=self.connect_timeout)
+        except TimeoutError:
+            raise SourceUnavailable(
+                f"{self.where}: no database connection for the snapshot within "
+                f"{self.connect_timeout:g}s (the {POOL_SIZE} it has are busy with other snapshots, "
+                "or the database is slow to answer): retry"
+            ) from None
+        try:
+            try:
+                read = await self._snapshot_on(conn, shape, address, where, limit)
+            except asyncpg.UndefinedColumnError:
+                # A column the filter names was dropped since the table's shape was read: read
+                # it again (the filter then goes by the columns there are) and take it anew.
+                shape = await self._refresh_shape(conn, address.target)
+                read = await self._snapshot_on(conn, shape, address, where, limit)
+        except asyncpg.PostgresError as exc:
+            raise SourceUnavailable(f"{self.where}: snapshot of {address.target}: {exc}") from None
+        finally:
+            await pool.release(conn)
+        rows, keys, truncated, snap_text, extra = read
+        covers = await self._wait_past(Snap.parse(snap_text), extra)
+        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
+
+    async def _snapshot_on(
+        self,
+        conn: Any,
+        shape: TableShape,
+        address: RoomAddress,
+        where: Callable[[Mapping[str, Any]], bool],
+        limit: int,
+    ) -> tuple[list[dict[str, Any]], list[str | None], bool, str, Any]:
+        """The rows, their keys, whether cut at `limit`, and what `_wait_past` needs: read on
+        `conn` in one REPEATABLE READ transaction."""
+        sql = f"SELECT to_jsonb(t)::text AS row FROM {self.regclass(address.target)} t"
         clauses: list[str] = []
         args: list[Any] = []
         values = address.key.split(",") if address.key is not None else []
@@ -1362,38 +1395,25 @@ class PostgresConnector(Connector):
         rows: list[dict[str, Any]] = []
         keys: list[str | None] = []
         truncated = False
-        try:
-            conn = await pool.acquire(timeout=self.connect_timeout)
-        except TimeoutError:
-            raise SourceUnavailable(
-                f"{self.where}: no database connection for the snapshot within "
-                f"{self.connect_timeout:g}s (the {POOL_SIZE} it has are busy with other snapshots, "
-                "or the database is slow to answer): retry"
-            ) from None
-        try:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                snap_text = await conn.fetchval(
-                    "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
-                )
-                extra = await self._snapshot_extra(conn)
-                async for record in conn.cursor(sql, *args, prefetch=200):
-                    row = shape.decode(record["row"])
-                    assert row is not None
-                    key = room_key(shape.key(row))
-                    if address.key is not None and key != address.key:
-                        continue
-                    if not where(row):
-                        continue
-                    if len(rows) >= limit:
-                        truncated = True
-                        break
-                    rows.append(row)
-                    keys.append(key)
-        finally:
-            await pool.release(conn)
-        snap = Snap.parse(snap_text)
-        covers = await self._wait_past(snap, extra)
-        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            snap_text = await conn.fetchval(
+                "SELECT pg_current_snapshot()::text", timeout=self.query_timeout
+            )
+            extra = await self._snapshot_extra(conn)
+            async for record in conn.cursor(sql, *args, prefetch=200):
+                row = shape.decode(record["row"])
+                assert row is not None
+                key = room_key(shape.key(row))
+                if address.key is not None and key != address.key:
+                    continue
+                if not where(row):
+                    continue
+                if len(rows) >= limit:
+                    truncated = True
+                    break
+                rows.append(row)
+                keys.append(key)
+        return rows, keys, truncated, snap_text, extra
 
     def _key_in_sql(self, shape: TableShape) -> bool:
         """Whether a row room's key can be matched in SQL (its text form equals room_key's)."""

@@ -18,6 +18,7 @@ import pytest
 from connectors.base import RoomAddress, Where
 from connectors.postgres_filters import pushdown
 from feed.core.filters import RowFilter, parse_filter
+from feed.errors import ProtocolError
 from tests.postgres_helpers import make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
@@ -223,3 +224,21 @@ async def test_a_row_rooms_snapshot_with_a_filter(pg: PgDatabase) -> None:
         )
     assert kept.rows == [{"order_id": 7, "line": 2, "qty": 5}] and kept.keys == ["7,2"]
     assert dropped.rows == []
+
+
+async def test_a_snapshot_after_the_filters_column_was_dropped(pg: PgDatabase) -> None:
+    """The filter goes into the query, so a column dropped since the table's shape was read
+    made the query fail (an `internal` error for the client): the shape is read again and the
+    snapshot taken anew, empty as before, and the column is unknown to new filters from then."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, x int)")
+    await pg.conn.execute("INSERT INTO orders SELECT g, g % 3 FROM generate_series(1, 9) g")
+    connector = make_connector(pg.url, ["public.orders"])
+    address = RoomAddress("public.orders")
+    x_is_1 = Where(parse_filter("x=eq.1"))
+    async with streaming(connector):
+        assert len((await connector.snapshot(address, x_is_1, 100)).rows) == 3
+        await pg.conn.execute("ALTER TABLE orders DROP COLUMN x")
+        assert (await connector.snapshot(address, x_is_1, 100)).rows == []
+        with pytest.raises(ProtocolError) as refused:
+            connector.check_filter("public.orders", parse_filter("x=eq.1"))
+    assert refused.value.code == "bad_filter" and "no column 'x'" in refused.value.message
