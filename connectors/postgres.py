@@ -1354,9 +1354,12 @@ class PostgresConnector(Connector):
         try:
             try:
                 read = await self._snapshot_on(conn, shape, address, where, limit)
-            except asyncpg.UndefinedColumnError:
-                # A column the filter names was dropped since the table's shape was read: read
-                # it again (the filter then goes by the columns there are) and take it anew.
+            except asyncpg.PostgresError as exc:
+                if not exc.sqlstate or exc.sqlstate[:2] not in ("42", "22"):
+                    raise
+                # The table changed since its shape was read (a column the filter names dropped,
+                # or of another type now): read it again, so the filter goes by the columns
+                # there are, and take the snapshot anew.
                 shape = await self._refresh_shape(conn, address.target)
                 read = await self._snapshot_on(conn, shape, address, where, limit)
         except asyncpg.PostgresError as exc:
