@@ -248,8 +248,9 @@ class KeyspaceCapture:
         try:
             reply = await conn.read_response()
         except ResponseError as exc:
-            if not _refused(exc):
-                raise
+            if "loading" in str(exc).lower():  # a restart: look again next time
+                return True
+            # Refused (an ACL, a proxy that has no INFO): the flags are still watched.
             log.warning("redis at %s: cannot watch for FLUSHDB/FLUSHALL: %s", source.where, exc)
             return False
         count = flush_count(reply)
