@@ -166,7 +166,7 @@ def _translate(shape: TableShape, condition: Condition) -> tuple[str, list[Any]]
     if type_name not in INTEGERS and type_name != "numeric":
         return None
     number = condition.literals[0].number
-    if number is None or not number.is_finite() or abs(number.adjusted()) > 1000:
+    if not _plain(number):
         return None
     symbol = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}[condition.op]
     return f"{column} {symbol} {{}}::numeric", [number]
@@ -178,7 +178,7 @@ def _typed(type_name: str, literals: list[Literal]) -> tuple[str, list[Any]] | N
     try:
         if type_name in INTEGERS or type_name == "numeric":
             numbers = [v.number for v in literals]
-            if any(n is None or not n.is_finite() or abs(n.adjusted()) > 1000 for n in numbers):
+            if not all(_plain(n) for n in numbers):
                 return None
             if type_name == "numeric":
                 return "numeric", numbers
@@ -208,6 +208,11 @@ def _typed(type_name: str, literals: list[Literal]) -> tuple[str, list[Any]] | N
     except (ValueError, ArithmeticError):
         return None
     return None
+
+
+def _plain(number: Decimal | None) -> bool:
+    """A number SQL's numeric takes as it is: finite, and of a sane exponent."""
+    return number is not None and number.is_finite() and abs(number.adjusted()) <= 1000
 
 
 def _storable(text: str) -> bool:

@@ -233,8 +233,7 @@ class KeyspaceCapture:
         conn = source.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             await conn.connect()
-            await conn.send_command("INFO", "commandstats")
-            return flush_count(await conn.read_response())
+            return await _read_flushes(conn)
         except (*LOST, RedisError):  # the first look takes it then
             return None
         finally:
@@ -244,16 +243,14 @@ class KeyspaceCapture:
     async def _look_for_flushes(self, source: EventSource, conn: AbstractConnection) -> bool:
         """Announce a gap when FLUSHDB, FLUSHALL or SWAPDB ran since the last look; False when
         the server refuses INFO (then nothing tells, as documented)."""
-        await conn.send_command("INFO", "commandstats")
         try:
-            reply = await conn.read_response()
+            count = await _read_flushes(conn)
         except ResponseError as exc:
             if "loading" in str(exc).lower():  # a restart: look again next time
                 return True
             # Refused (an ACL, a proxy that has no INFO): the flags are still watched.
             log.warning("redis at %s: cannot watch for FLUSHDB/FLUSHALL: %s", source.where, exc)
             return False
-        count = flush_count(reply)
         before, source.flushes = source.flushes, count
         if before is not None and count > before:
             self.owner.count_fault("flush")
@@ -699,6 +696,11 @@ def _row(key: bytes, value: KeyValue, with_value: bool) -> dict[str, Any] | None
 
 
 FLUSHES = (b"cmdstat_flushdb", b"cmdstat_flushall", b"cmdstat_swapdb")
+
+
+async def _read_flushes(conn: AbstractConnection) -> int:
+    await conn.send_command("INFO", "commandstats")
+    return flush_count(await conn.read_response())
 
 
 def flush_count(info: Any) -> int:

@@ -174,9 +174,10 @@ class FilterIndex(Generic[Room]):
         self._held.clear()
         self._holds.clear()
 
-    def hold(self, name: str, keys: Iterable[str | None]) -> None:
-        """With `track`: filter room `name` holds these rows (a snapshot gave them to it)."""
-        if not self.track:
+    def hold(self, name: str, keys: Iterable[str | None] | None) -> None:
+        """With `track`: filter room `name` holds these rows (a snapshot gave them to it; None:
+        the connector did not say its rows' keys)."""
+        if not self.track or keys is None:
             return
         if name in self._anchors:
             room = self._anchors[name][0]

@@ -119,10 +119,9 @@ class Snapshots(Leases):
                 connector.snapshot(address, Where(routed.filter), int(request["limit"])),
                 SNAPSHOT_TIMEOUT,
             )
-            if snapshot.keys is not None:  # the rows the room holds, for a source that
-                # sends no before images (feed.core.filter_index)
-                index = self._target_index(connector.name, address.target)
-                index.filtered.hold(name, snapshot.keys)
+            # The rows the room holds, for a source that sends no before images.
+            index = self._target_index(connector.name, address.target)
+            index.filtered.hold(name, snapshot.keys)
             batcher = self._batchers.get(connector.name)
             if batcher is not None:  # what the stream yielded before the snapshot: numbered
                 await asyncio.wait_for(batcher.drain(), SNAPSHOT_TIMEOUT)

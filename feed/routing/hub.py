@@ -566,10 +566,9 @@ class Hub:
         if request.snapshot and not recovered:
             snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             covers = snapshot.covers
-            if snapshot.keys is not None:  # the rows the room holds, for a source that sends
-                # no before images (feed.core.filter_index)
-                target = self._target_rooms(connector.name, address.target)
-                target.filtered.hold(room.name, snapshot.keys)
+            # The rows the room holds, for a source that sends no before images.
+            target = self._target_rooms(connector.name, address.target)
+            target.filtered.hold(room.name, snapshot.keys)
             fields, rest = snapshot_ack(
                 snapshot.rows,
                 snapshot.keys,
