@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -41,8 +42,10 @@ from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State, Wher
 from connectors.postgres_capture import (
     CaptureFault,
     JournalStats,
+    Partition,
     inspect_notify,
     journal_stats,
+    partitions,
     trigger_names,
 )
 from connectors.postgres_filters import check_filter, pushdown
@@ -53,6 +56,7 @@ from connectors.postgres_migrate import (
     load_migrations,
     pending,
     quote_ident,
+    quote_literal,
 )
 from connectors.postgres_types import TableShape, read_shape
 from feed.core.change import Change, Gap, room_key
@@ -239,6 +243,9 @@ class PostgresConnector(Connector):
         # The capture watch (connectors/postgres_capture.py): what each table's oid was when
         # its triggers were attached, the faults standing now, when to look next.
         self._oids: dict[str, int] = {}
+        self._partitions: dict[str, dict[int, Partition]] = {}  # target -> partitions, last look
+        self._truncated_whole: set[str] = set()  # logical mode: targets truncated since that look
+        self._rewritten: dict[str, list[str]] = {}  # logical mode: partitions with new storage
         self._faults: dict[tuple[str | None, str], CaptureFault] = {}
         self._start_faults: list[CaptureFault] = []
         self._last_capture_check = 0.0
@@ -453,6 +460,7 @@ class PostgresConnector(Connector):
             self._shapes[target] = await read_shape(conn, target, regclass, self.query_timeout)
             if attach and self.mode == "notify":
                 done = await self._attach(conn, target, regclass, user)
+                lines += await self._cover(conn, target, regclass, user)
                 self._oids[target] = int(oid)
                 if done == "attached":
                     lines.append(f"watching {target}")
@@ -513,6 +521,80 @@ class PostgresConnector(Connector):
             )
         return "attached" if new_watch else "reattached"
 
+    async def _cover(self, conn: Any, target: str, regclass: str, user: str) -> list[str]:
+        """Make the capture triggers fire in every replication role and on every partition;
+        return a line for each thing done or that could not be done.
+
+        Why ALWAYS: a trigger enabled the plain way fires only in the "origin" replication role,
+        so rows written under `session_replication_role = replica` (a logical replication
+        subscriber applying its publisher's changes, bulk loads that skip foreign keys) would not
+        be captured, silently. Why partitions: a statement trigger is not cloned to partitions, so
+        a TRUNCATE of one partition would empty part of the table unseen; each partition gets the
+        truncate trigger too (the capture function turns it into a gap for the table). Row
+        triggers are cloned by Postgres itself, with the parent's enabled state.
+        """
+        row_trigger, truncate_trigger = self._trigger_names()
+        tree = await conn.fetch(
+            """SELECT p.level, quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS reg,
+                      n.nspname || '.' || c.relname AS name,
+                      (SELECT g.tgenabled::text FROM pg_trigger g
+                       WHERE g.tgrelid = p.relid AND g.tgname = $2) AS truncate_on,
+                      (SELECT g.tgenabled::text FROM pg_trigger g
+                       WHERE g.tgrelid = p.relid AND g.tgname = $3) AS row_on
+               FROM (SELECT 0 AS level, $1::regclass AS relid
+                     UNION ALL  -- pg_partition_tree: nothing for a plain table
+                     SELECT level, relid FROM pg_partition_tree($1::regclass) WHERE level > 0) p
+               JOIN pg_class c ON c.oid = p.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               ORDER BY p.level""",
+            regclass,
+            truncate_trigger,
+            row_trigger,
+            timeout=self.query_timeout,
+        )
+        arg = quote_literal(target)
+        lines: list[str] = []
+        for part in tree:
+            reg, level = part["reg"], part["level"]
+            what = f"partition {part['name']} of {target}" if level else target
+            truncate_on = part["truncate_on"]
+            if level and truncate_on is None:
+                try:
+                    await conn.execute(
+                        f"SET lock_timeout = '5s'; CREATE TRIGGER {quote_ident(truncate_trigger)}"
+                        f" AFTER TRUNCATE ON {reg} FOR EACH STATEMENT"
+                        f" EXECUTE FUNCTION {self.q}.capture({arg}); RESET lock_timeout"
+                    )
+                except asyncpg.InsufficientPrivilegeError:
+                    lines.append(
+                        f"warning: a TRUNCATE of {what} would not be captured: "
+                        f"GRANT TRIGGER ON {reg} TO {user}, or run `feed migrate` as its owner"
+                    )
+                    continue
+                truncate_on = "O"
+                lines.append(f"capturing truncates of {what}")
+            states = {truncate_trigger: truncate_on}
+            if not level:
+                states[row_trigger] = part["row_on"]
+            # Enabled in one role only ('O' origin, 'R' replica): made ALWAYS. Disabled ('D') is
+            # left alone: the capture watch reports it, with a gap (connectors.postgres_capture).
+            turn = [trigger for trigger, state in states.items() if state in ("O", "R")]
+            if not turn:
+                continue
+            enable = ", ".join(f"ENABLE ALWAYS TRIGGER {quote_ident(t)}" for t in turn)
+            try:
+                await conn.execute(
+                    f"SET lock_timeout = '5s'; ALTER TABLE {reg} {enable}; RESET lock_timeout"
+                )
+            except asyncpg.InsufficientPrivilegeError:
+                lines.append(
+                    f"warning: writes to {what} under session_replication_role = replica are "
+                    f"not captured (its capture triggers fire in the origin role only; setting "
+                    f"them to fire always needs the owner): run `feed migrate` as its owner, or "
+                    f"ALTER TABLE {reg} {enable}"
+                )
+        return lines
+
     async def _detach(self, conn: Any, target: str) -> list[str]:
         await conn.execute(
             f"DELETE FROM {self.q}.watches WHERE consumer = $1 AND target = $2", self.name, target
@@ -526,10 +608,21 @@ class PostgresConnector(Connector):
         regclass = f"{quote_ident(schema)}.{quote_ident(name)}"
         if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
             return [f"stopped watching {target} (table no longer exists)"]
+        row_trigger, truncate_trigger = self._trigger_names()
+        partitions = await conn.fetch(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS reg"
+            " FROM pg_partition_tree($1::regclass) p JOIN pg_class c ON c.oid = p.relid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.level > 0",
+            regclass,
+        )
         async with conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '5s'")
-            for trigger in self._trigger_names():
+            for trigger in (row_trigger, truncate_trigger):  # the row trigger's clones go with it
                 await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {regclass}")
+            for part in partitions:
+                await conn.execute(
+                    f"DROP TRIGGER IF EXISTS {quote_ident(truncate_trigger)} ON {part['reg']}"
+                )
         return [f"unwatched {target} (capture triggers dropped)"]
 
     @contextlib.asynccontextmanager
@@ -989,11 +1082,21 @@ class PostgresConnector(Connector):
                 state.batch = batch_snap
                 delivered = 0
                 refreshed: set[str] = set()
+                truncates: set[tuple[Any, str]] = set()
                 cursor = None
                 while True:
                     if len(rows) == self.batch_size and delivered == 0 and not self._faults:
                         self.set_status(State.LAGGING, "catching up with the journal")
                     for row in rows:
+                        if row["op"] == "truncate" and row["before"] is not None:
+                            cut = self._partition_truncated(row, truncates)
+                            if cut is not None:
+                                yield cut
+                            state.cursor = (row["maxid"], row["id"])
+                            delivered += 1
+                            continue
+                        if row["op"] == "truncate":
+                            truncates.add((row["xid"], row["target"]))
                         change = await self._decode(conn, row, refreshed)
                         yield change
                         # Asked for the next item: the hub has routed this one.
@@ -1062,6 +1165,29 @@ class PostgresConnector(Connector):
             finally:
                 self._asleep = False
 
+    def _partition_truncated(
+        self, row: Mapping[str, Any], truncates: set[tuple[Any, str]]
+    ) -> Gap | None:
+        """A gap for the truncate of one partition of a watched table, once per transaction
+        and table (migrations/0002_partition_truncate.sql).
+
+        It emptied part of the table: clients must reload, not clear. When the whole table was
+        truncated in the same transaction, each partition's trigger fired too, after the
+        table's own, whose truncate already says it all: those pass unannounced.
+        """
+        target = row["target"]
+        if (row["xid"], target) in truncates:
+            return None
+        truncates.add((row["xid"], target))
+        partition = json.loads(row["before"]).get("partition", "?")
+        self.count_fault("partition_truncated")
+        return Gap(
+            self.name,
+            f"partition {partition} of {target} was truncated: its rows left {target} "
+            "without delete events",
+            target,
+        )
+
     # -- the capture watch -----------------------------------------------------------------------
 
     def _show_running(self) -> None:
@@ -1125,10 +1251,97 @@ class PostgresConnector(Connector):
             if standing is None:
                 yield self._announce(shown)
         self._show_running()
+        async for gap in self._watch_partitions(conn):
+            yield gap
         # Counting the journal scans it: every sixth check (30 s by default) is enough for
         # metrics and warnings about growth measured in minutes.
         if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
             await self._measure(conn)
+
+    async def _watch_partitions(self, conn: Any) -> AsyncIterator[Gap]:
+        """A gap for each partition that left a watched table, and for each that joined it
+        with rows in it; new partitions made ready for capture (connectors.postgres_capture.
+        partitions says why). Both modes.
+
+        A partition created empty (ahead of time, as pg_partman does) is not a gap: every row
+        written to it since was captured. One attached with rows, or found with rows by the
+        first look after it was created, is announced: the feed cannot tell rows it captured
+        from rows that came with the attach. What changed while no feed ran is not seen (the
+        partitions are compared with this process's last look).
+
+        Logical mode has no truncate trigger (it installs nothing), and pgoutput does not send
+        the truncate of a partition when it publishes through the partitioned table; such a
+        truncate gives the partition new storage, so a partition whose file node changed is a
+        gap too (as are VACUUM FULL and CLUSTER, which rewrite it: a reload too many, never a
+        change missed), announced at the next look unless a truncate of the whole table was
+        read by then.
+        """
+        found = await partitions(conn, self.tables, self._trigger_names(), self.heartbeat_timeout)
+        now: dict[str, dict[int, Partition]] = {target: {} for target in self.tables}
+        uncovered = {part.target for part in found if not part.covered}
+        for part in found:
+            if part.level:
+                now[part.target][part.oid] = part
+        logical = self.mode == "logical"
+        whole = self._truncated_whole
+        self._truncated_whole = set()
+        for target, names in self._rewritten.items():  # seen last look; no truncate since
+            if target not in whole:
+                for name in names:
+                    self.count_fault("partition_truncated")
+                    yield Gap(
+                        self.name,
+                        f"partition {name} of {target} was truncated or rewritten: its rows "
+                        f"may have left {target} without delete events",
+                        target,
+                    )
+        self._rewritten = {}
+        user = None
+        for target, parts in now.items():
+            last = self._partitions.get(target)
+            self._partitions[target] = parts
+            if any(key[0] == target for key in self._faults):
+                continue  # missing or re-created: its own fault speaks for it
+            if logical:
+                for part in parts.values():
+                    if not part.full:
+                        await conn.execute(
+                            f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL",
+                            timeout=self.query_timeout,
+                        )
+                        log.info("%s: %s: replica identity full", self.name, part.name)
+            elif target in uncovered:
+                user = user or await conn.fetchval("SELECT current_user")
+                for line in await self._cover(conn, target, self.regclass(target), user):
+                    log.info("%s: %s", self.name, line)
+            if last is None:
+                continue  # the first look: nothing to compare with
+            for oid, old in last.items():
+                if oid not in parts:
+                    self.count_fault("partition_removed")
+                    yield Gap(
+                        self.name,
+                        f"partition {old.name} left {target} (detached or dropped): its rows "
+                        f"left {target} without delete events",
+                        target,
+                    )
+                elif logical and old.filenode != parts[oid].filenode and target not in whole:
+                    # Judged at the next look: a truncate of the whole table committed before
+                    # this look may not have been read yet.
+                    self._rewritten.setdefault(target, []).append(old.name)
+            for oid, part in parts.items():
+                if oid in last:
+                    continue
+                if await conn.fetchval(
+                    f"SELECT EXISTS (SELECT 1 FROM {part.regclass})", timeout=self.query_timeout
+                ):
+                    self.count_fault("partition_added")
+                    yield Gap(
+                        self.name,
+                        f"partition {part.name} joined {target} with rows in it: rows that came "
+                        "with it were not announced as inserts",
+                        target,
+                    )
 
     async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> tuple[bool, str]:
         """Repair what the feed itself set up; say whether it worked and what was done."""
@@ -1145,6 +1358,8 @@ class PostgresConnector(Connector):
             if fault.target is not None:
                 regclass = self.regclass(fault.target)
                 await self._attach(conn, fault.target, regclass, user)
+                for line in await self._cover(conn, fault.target, regclass, user):
+                    log.warning("%s: %s", self.name, line)
                 oid = await conn.fetchval("SELECT to_regclass($1)::oid", regclass)
                 if oid is not None:
                     self._oids[fault.target] = int(oid)

@@ -157,8 +157,9 @@ async def inspect_notify(
                     target,
                     "trigger_disabled",
                     f"the capture triggers on {target} are disabled: its changes are not captured",
-                    f"run ALTER TABLE {regclass} ENABLE TRIGGER {quote_ident(row_trigger)}, "
-                    f"ENABLE TRIGGER {quote_ident(truncate_trigger)}",
+                    f"run ALTER TABLE {regclass} ENABLE ALWAYS TRIGGER "
+                    f"{quote_ident(row_trigger)}, ENABLE ALWAYS TRIGGER "
+                    f"{quote_ident(truncate_trigger)}",
                 )
             )
             continue
@@ -212,3 +213,68 @@ async def journal_stats(
         undelivered_age=float(row["undelivered"] or 0.0),
         stale_consumers=[r["name"] for r in stale],
     )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition (at any depth) of a watched partitioned table, as the capture watch saw it."""
+
+    target: str
+    oid: int
+    name: str  # schema.name, unquoted, for messages
+    regclass: str  # quoted, for SQL
+    level: int  # 0: the watched table itself
+    covered: bool  # notify mode: its capture triggers present, none firing in one role only
+    full: bool  # replica identity full (logical mode: whole before images)
+    filenode: int  # its storage: a new one after TRUNCATE (0 for a partitioned partition)
+
+
+async def partitions(
+    conn: Any, tables: list[str], triggers: tuple[str, str], query_timeout: float
+) -> list[Partition]:
+    """Every partition of the watched tables, and the tables themselves (level 0), in one
+    round trip.
+
+    Why watch them: dropping or detaching a partition (the usual way to expire old rows of a
+    partitioned table) removes its rows from the table without a trigger firing, and attaching
+    a table that has rows adds them the same way; a new partition also needs the truncate
+    trigger, which Postgres does not clone (migrations/0002_partition_truncate.sql). And a
+    capture trigger enabled again the plain way (`ENABLE TRIGGER`) fires in the origin
+    replication role only, which the connector undoes (PostgresConnector._cover).
+    """
+    rows = await conn.fetch(
+        """SELECT t.target, p.level, p.relid::bigint AS oid,
+                  n.nspname || '.' || c.relname AS name,
+                  quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS reg,
+                  (SELECT count(*) FILTER (WHERE g.tgenabled <> 'O' AND g.tgenabled <> 'R')
+                          = CASE WHEN p.level = 0 THEN 2 ELSE 1 END
+                   FROM pg_trigger g WHERE g.tgrelid = p.relid
+                     AND g.tgname = ANY(CASE WHEN p.level = 0 THEN $3::text[]
+                                             ELSE $3[2:2] END)) AS covered,
+                  c.relreplident = 'f' AS full, c.relfilenode::bigint AS filenode
+           FROM unnest($1::text[], $2::text[]) AS t(target, reg)
+           CROSS JOIN LATERAL (
+               SELECT 0 AS level, to_regclass(t.reg) AS relid
+               UNION ALL  -- pg_partition_tree: nothing for a plain table
+               SELECT level, relid FROM pg_partition_tree(to_regclass(t.reg)) WHERE level > 0
+           ) p
+           JOIN pg_class c ON c.oid = p.relid
+           JOIN pg_namespace n ON n.oid = c.relnamespace""",
+        tables,
+        [regclass_of(t) for t in tables],
+        list(triggers),
+        timeout=query_timeout,
+    )
+    return [
+        Partition(
+            r["target"],
+            int(r["oid"]),
+            r["name"],
+            r["reg"],
+            r["level"],
+            r["covered"],
+            r["full"],
+            r["filenode"],
+        )
+        for r in rows
+    ]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from connectors.base import State
+from connectors.postgres_capture import partitions
 from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import loads, plain
 from feed.core.change import Change, Gap
@@ -317,19 +318,30 @@ class LogicalReader:
                     self.publication,
                 )
             }
+            # Through the root: a partitioned table's changes are published under its own name
+            # (by default pgoutput names the partition, which is no watched table).
             if not exists:
-                await conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {tables}")
+                await conn.execute(
+                    f"CREATE PUBLICATION {pub} FOR TABLE {tables}"
+                    " WITH (publish_via_partition_root = true)"
+                )
                 lines.append(f"created publication {self.publication!r}")
             elif current != set(c.tables):
                 await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {tables}")
                 lines.append(f"publication {self.publication!r} now covers {len(c.tables)} tables")
-            for target in c.tables:
-                ident = await conn.fetchval(
-                    "SELECT relreplident FROM pg_class WHERE oid = $1::regclass", c.regclass(target)
+            if exists and not await self._via_root(conn):
+                await conn.execute(
+                    f"ALTER PUBLICATION {pub} SET (publish_via_partition_root = true)"
                 )
-                if ident != "f":  # full before images for updates and deletes, any table
-                    await conn.execute(f"ALTER TABLE {c.regclass(target)} REPLICA IDENTITY FULL")
-                    lines.append(f"{target}: replica identity full")
+                lines.append(
+                    f"publication {self.publication!r} now publishes through partitioned tables"
+                )
+            # Full before images for updates and deletes, any table; for a partitioned table
+            # its partitions' setting is the one that counts.
+            for part in await partitions(conn, c.tables, c._trigger_names(), c.query_timeout):
+                if not part.full:
+                    await conn.execute(f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL")
+                    lines.append(f"{part.name}: replica identity full")
         except asyncpg.InsufficientPrivilegeError as exc:
             raise SourceMisconfigured(
                 f"{c.where}: logical mode needs to own the watched tables "
@@ -443,6 +455,13 @@ class LogicalReader:
         text = str(comment) if comment else ""
         return text if text.startswith(f"{MARKER} {self.slot} ") else None
 
+    async def _via_root(self, conn: Any) -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT pubviaroot FROM pg_publication WHERE pubname = $1", self.publication
+            )
+        )
+
     async def _marked(self, conn: Any) -> bool:
         return await self._marker(conn) is not None
 
@@ -466,7 +485,7 @@ class LogicalReader:
         )
         return dict(row) if row is not None else None
 
-    async def _watch(self, conn: Any) -> None:
+    async def _watch(self, conn: Any) -> list[Gap]:
         """Every `capture_check_interval`: the slot still there and readable, the publication
         still covering every table, and the WAL it holds back (for the metric).
 
@@ -499,6 +518,18 @@ class LogicalReader:
                 f"{c.where}: publication {self.publication!r} no longer covers every watched "
                 "table; re-adding them (changes in between are lost and announced)"
             )
+        if not await self._via_root(conn):
+            self.pending_gap = True
+            self.gap_reason = (
+                f"publication {self.publication!r} stopped publishing through partitioned "
+                "tables (publish_via_partition_root): their changes in between were not decoded"
+            )
+            raise SourceMisconfigured(
+                f"{c.where}: publication {self.publication!r} no longer publishes through "
+                "partitioned tables; setting publish_via_partition_root again (changes in "
+                "between are lost and announced)"
+            )
+        return [gap async for gap in c._watch_partitions(conn)]
 
     async def stop(self) -> None:
         """Confirm what was routed, so a restart does not deliver it again, and mark where the
@@ -597,7 +628,7 @@ class LogicalReader:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, c.reconnect_max)
 
-    async def _read(self) -> AsyncIterator[Change]:
+    async def _read(self) -> AsyncIterator[Change | Gap]:
         c = self.c
         while not c._stopping:
             c._wake.clear()
@@ -607,7 +638,8 @@ class LogicalReader:
             if conn is None or conn.is_closed():
                 raise asyncpg.ConnectionDoesNotExistError("reader connection closed")
             if time.monotonic() - self.last_check >= c.capture_check_interval:
-                await self._watch(conn)
+                for gap in await self._watch(conn):
+                    yield gap
             rows = await conn.fetch(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,"
                 " 'proto_version', '1', 'publication_names', $3)",
@@ -626,6 +658,8 @@ class LogicalReader:
                 for index, raw in enumerate(txn.changes):
                     if raw.target not in c.targets_by_table or index < skip:
                         continue
+                    if raw.op == "truncate":  # its partitions' new storage is no gap
+                        c._truncated_whole.add(raw.target)
                     yield await self._change(conn, txn, index, raw, images)
                     self.partial = (txn.end_lsn, index + 1)
                 self.delivered_end = txn.end_lsn

@@ -123,7 +123,7 @@ async def test_disabled_triggers_are_announced_and_the_window_closed(pg: PgDatab
         assert gap["room"] == "main:public.orders"
         assert "disabled" in gap["reason"]
         down = await next_status(client, "down")
-        assert "ENABLE TRIGGER" in down["detail"] and "public.orders" in down["detail"]
+        assert "ENABLE ALWAYS TRIGGER" in down["detail"] and "public.orders" in down["detail"]
         assert await ready(feed.url) == 503
         assert (
             await metric(feed.url, 'feed_capture_faults_total{connector="main",kind="trigger_') == 1
@@ -136,6 +136,21 @@ async def test_disabled_triggers_are_announced_and_the_window_closed(pg: PgDatab
         await wait_ready(feed.url, 200)
         await insert(pg, 4)
         assert (await client.next_change())["key"] == 4
+        # Enabled the plain way, the triggers fire in the origin role only: the check sets them
+        # to fire always again, so a row written as a replica is captured.
+        await eventually(
+            lambda: pg.conn.fetchval(
+                "SELECT bool_and(tgenabled = 'A') FROM pg_trigger"
+                " WHERE tgrelid = 'orders'::regclass AND NOT tgisinternal"
+            ),
+            True,
+            "the triggers set to ENABLE ALWAYS again",
+        )
+        await pg.conn.execute(
+            "BEGIN; SET LOCAL session_replication_role = replica;"
+            " INSERT INTO orders VALUES (5, 'as a replica'); COMMIT"
+        )
+        assert (await client.next_change())["key"] == 5
         assert client.changes.empty()
 
 
@@ -306,7 +321,8 @@ async def test_feed_check_fails_where_capture_cannot_work(pg: PgDatabase, tmp_pa
     )
     code, out, err = await run_feed("check", "--config", str(config), database_url=pg.url)
     assert code == 1, (out, err)
-    assert "capture triggers on public.orders are disabled" in out and "ENABLE TRIGGER" in out
+    assert "capture triggers on public.orders are disabled" in out
+    assert "ENABLE ALWAYS TRIGGER" in out
     await pg.conn.execute("ALTER TABLE orders ENABLE TRIGGER ALL")
     await pg.conn.execute("DROP TRIGGER feed_capture ON orders")
     with pytest.raises(SourceMisconfigured, match=r"were dropped.*run `feed migrate`"):
