@@ -110,7 +110,9 @@ async def test_rows_written_as_a_replica_are_delivered(pg: PgDatabase, client: F
 async def test_every_partition_s_rows_arrive_in_the_table_s_room(
     pg: PgDatabase, client: FeedClient
 ) -> None:
-    await pg.conn.execute("INSERT INTO events VALUES (1, '2025-03-01', 'a'), (2, '2026-03-01', 'b')")
+    await pg.conn.execute(
+        "INSERT INTO events VALUES (1, '2025-03-01', 'a'), (2, '2026-03-01', 'b')"
+    )
     await pg.conn.execute("UPDATE events SET note = 'c' WHERE id = 2")
     await pg.conn.execute("DELETE FROM events WHERE id = 1")
     got = [await client.next_change() for _ in range(4)]
@@ -127,7 +129,9 @@ async def test_every_partition_s_rows_arrive_in_the_table_s_room(
 async def test_a_truncated_partition_is_a_gap_and_a_truncated_table_a_truncate(
     pg: PgDatabase, client: FeedClient
 ) -> None:
-    await pg.conn.execute("INSERT INTO events VALUES (1, '2025-03-01', 'a'), (2, '2026-03-01', 'b')")
+    await pg.conn.execute(
+        "INSERT INTO events VALUES (1, '2025-03-01', 'a'), (2, '2026-03-01', 'b')"
+    )
     await client.take(2)
     await pg.conn.execute("TRUNCATE events_2025")
     gap = await client.next_gap()
