@@ -182,3 +182,22 @@ async def test_partitions_that_leave_or_join_with_rows_are_gaps(
     assert "events_2030 left" in (await client.next_gap())["reason"]
     await settled(pg, client, 22)
     assert client.gaps.empty(), client.gaps.get_nowait()
+
+
+async def test_unwatch_takes_the_truncate_triggers_off_every_partition(pg: PgDatabase) -> None:
+    from tests.postgres_helpers import make_connector
+
+    await pg.conn.execute(
+        """CREATE TABLE public.events (id int, day date, PRIMARY KEY (id, day))
+               PARTITION BY RANGE (day);
+           CREATE TABLE public.events_2025 PARTITION OF public.events
+               FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"""
+    )
+    count = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'feed_capture%'"
+    connector = make_connector(pg.url, ["public.events"])
+    assert "capturing truncates of partition public.events_2025 of public.events" in (
+        await connector.migrate()
+    )
+    assert await pg.conn.fetchval(count) == 4  # the table's two, the partition's clone and its own
+    await connector.unwatch()
+    assert await pg.conn.fetchval(count) == 0
