@@ -246,6 +246,7 @@ class PostgresConnector(Connector):
         self._partitions: dict[str, dict[int, Partition]] = {}  # target -> partitions, last look
         self._truncated_whole: set[str] = set()  # logical mode: targets truncated since that look
         self._rewritten: dict[str, list[str]] = {}  # logical mode: partitions with new storage
+        self._said: set[str] = set()  # lines of _cover already logged
         self._faults: dict[tuple[str | None, str], CaptureFault] = {}
         self._start_faults: list[CaptureFault] = []
         self._last_capture_check = 0.0
@@ -1264,8 +1265,8 @@ class PostgresConnector(Connector):
         partitions says why). Both modes.
 
         A partition created empty (ahead of time, as pg_partman does) is not a gap: every row
-        written to it since was captured. One attached with rows, or found with rows by the
-        first look after it was created, is announced: the feed cannot tell rows it captured
+        written to it since was captured. One attached with rows, or found with rows (its size
+        above zero) by the first look after it was created, is announced: the feed cannot tell rows it captured
         from rows that came with the attach. What changed while no feed ran is not seen (the
         partitions are compared with this process's last look).
 
@@ -1304,16 +1305,32 @@ class PostgresConnector(Connector):
                 continue  # missing or re-created: its own fault speaks for it
             if logical:
                 for part in parts.values():
-                    if not part.full:
-                        await conn.execute(
-                            f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL",
-                            timeout=self.query_timeout,
-                        )
+                    if part.full:
+                        continue
+                    alter = f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL"
+                    try:
+                        await conn.execute(alter, timeout=self.query_timeout)
                         log.info("%s: %s: replica identity full", self.name, part.name)
+                    except asyncpg.InsufficientPrivilegeError:
+                        line = (
+                            f"warning: updates and deletes in partition {part.name} carry no "
+                            f"whole before image (its replica identity is not full, and only "
+                            f"its owner can set it): as its owner run {alter}"
+                        )
+                        if line not in self._said:
+                            self._said.add(line)
+                            log.warning("%s: %s", self.name, line)
             elif target in uncovered:
                 user = user or await conn.fetchval("SELECT current_user")
                 for line in await self._cover(conn, target, self.regclass(target), user):
-                    log.info("%s: %s", self.name, line)
+                    if line not in self._said:  # a warning that stands is said once, not per check
+                        self._said.add(line)
+                        log.log(
+                            logging.WARNING if "warning" in line else logging.INFO,
+                            "%s: %s",
+                            self.name,
+                            line,
+                        )
             if last is None:
                 continue  # the first look: nothing to compare with
             for oid, old in last.items():
@@ -1332,8 +1349,11 @@ class PostgresConnector(Connector):
             for oid, part in parts.items():
                 if oid in last:
                     continue
+                # Its size, not a read: the feed's role may have no SELECT on a new partition.
                 if await conn.fetchval(
-                    f"SELECT EXISTS (SELECT 1 FROM {part.regclass})", timeout=self.query_timeout
+                    "SELECT pg_relation_size($1::bigint::oid) > 0",
+                    part.oid,
+                    timeout=self.query_timeout,
                 ):
                     self.count_fault("partition_added")
                     yield Gap(

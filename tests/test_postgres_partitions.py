@@ -201,3 +201,55 @@ async def test_unwatch_takes_the_truncate_triggers_off_every_partition(pg: PgDat
     assert await pg.conn.fetchval(count) == 4  # the table's two, the partition's clone and its own
     await connector.unwatch()
     assert await pg.conn.fetchval(count) == 0
+
+
+async def test_a_partition_the_feed_may_not_touch_is_one_warning_not_a_restart(
+    pg: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A feed role with TRIGGER and SELECT on the tables it watches, but none on a partition
+    created later (grants are per table): it cannot put the truncate trigger on it, says so
+    once, and reads on (it used to fail its capture check on the partition, and restart)."""
+    import logging
+    import uuid
+
+    from tests.postgres_helpers import make_connector, streaming
+
+    await pg.conn.execute(
+        """CREATE TABLE public.events (id int, day date, PRIMARY KEY (id, day))
+               PARTITION BY RANGE (day);
+           CREATE TABLE public.events_2025 PARTITION OF public.events
+               FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"""
+    )
+    await make_connector(pg.url, ["public.events"]).migrate()
+    role = f"feed_weak_{uuid.uuid4().hex[:8]}"
+    await pg.conn.execute(
+        f"""CREATE ROLE {role} LOGIN;
+            GRANT USAGE ON SCHEMA feed TO {role};
+            GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role};
+            GRANT SELECT, TRIGGER ON ALL TABLES IN SCHEMA public TO {role};"""
+    )
+    try:
+        weak = pg.url.replace("postgresql://postgres@", f"postgresql://{role}@")
+        connector = make_connector(
+            weak, ["public.events"], auto_migrate=False, capture_check_interval=0.1
+        )
+        caplog.set_level(logging.INFO, logger="feed.connectors.postgres")
+        async with streaming(connector) as stream:
+            await pg.conn.execute(
+                "CREATE TABLE public.events_2026 PARTITION OF public.events"
+                " FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')"
+            )
+            warned = "a TRUNCATE of partition public.events_2026 of public.events would not"
+            await eventually(lambda: _logged(caplog, warned), True, "the warning")
+            for i in range(3):  # checks go on meanwhile; the reader stays up
+                await pg.conn.execute("INSERT INTO events VALUES ($1, '2026-02-02')", i)
+                assert (await stream.next()).key["id"] == i
+            assert sum(warned in r.getMessage() for r in caplog.records) == 1
+            assert connector.status.state.value == "up", stream.history
+            assert stream.states.count(connector.status.state) == 1, stream.history
+    finally:
+        await pg.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
