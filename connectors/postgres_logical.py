@@ -24,7 +24,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -649,16 +649,8 @@ class LogicalReader:
                     yield gap
             parser = PgOutputParser()
             read = 0
-            # By a cursor, a chunk at a time, and a transaction's changes handed on a chunk at a
-            # time: the feed's memory does not grow with a transaction's size (a 300,000-row
-            # INSERT took 390 MB when a peek was read whole). The server keeps the peek's
-            # output in a tuplestore, on disk past work_mem.
-            async with conn.transaction():
-                cursor = await conn.cursor(
-                    PEEK, self.slot, c.batch_size, self.publication, timeout=c.query_timeout
-                )
-                while True:
-                    rows = await cursor.fetch(CHUNK, timeout=c.query_timeout)
+            async with contextlib.aclosing(self._pages(conn)) as pages:
+                async for rows in pages:
                     read += len(rows)
                     for row in rows:
                         done = parser.feed(bytes(row["data"]))
@@ -667,8 +659,6 @@ class LogicalReader:
                             continue
                         async for change in self._hand_on(conn, txn, final=done is not None):
                             yield change
-                    if len(rows) < CHUNK:
-                        break
             # Confirm what was routed at once: a peek returns everything after the confirmed
             # point, so confirming late means reading the same transactions again.
             if self.delivered_end > self.confirmed:
@@ -676,6 +666,30 @@ class LogicalReader:
             if read < c.batch_size:
                 await c._delivered(poll)
                 await wait_event(c._wake, c.poll_interval)
+
+    async def _pages(self, conn: Any) -> AsyncGenerator[list[Any], None]:
+        """One peek's messages, at most CHUNK at a time, so that the feed's memory does not
+        grow with a transaction's size (a 300,000-row INSERT took 390 MB when a peek was read
+        whole; Postgres keeps a peek's output in a tuplestore, on disk past work_mem).
+
+        The first page is one statement, no transaction: a poll is one round trip, as before.
+        Only a full page reads the rest, by a cursor over the same peek past it (the slot has
+        not moved, so the peek gives the same messages; the server decodes them again, which a
+        poll of more than CHUNK messages, a backlog or a large transaction, can afford).
+        """
+        c = self.c
+        args = (self.slot, c.batch_size, self.publication, CHUNK)
+        rows = await conn.fetch(PEEK + " LIMIT $4", *args, timeout=c.query_timeout)
+        yield rows
+        if len(rows) < CHUNK:
+            return
+        async with conn.transaction():
+            cursor = await conn.cursor(PEEK + " OFFSET $4", *args, timeout=c.query_timeout)
+            while True:
+                rows = await cursor.fetch(CHUNK, timeout=c.query_timeout)
+                yield rows
+                if len(rows) < CHUNK:
+                    return
 
     async def _hand_on(self, conn: Any, txn: Transaction, *, final: bool) -> AsyncIterator[Change]:
         """The changes of `txn` decoded since the last call; with `final`, its commit was read.
