@@ -1280,7 +1280,9 @@ class PostgresConnector(Connector):
         found = await partitions(conn, self.tables, self._trigger_names(), self.heartbeat_timeout)
         now: dict[str, dict[int, Partition]] = {target: {} for target in self.tables}
         uncovered = {part.target for part in found if not part.covered}
+        identities: dict[str, list[Partition]] = {target: [] for target in self.tables}
         for part in found:
+            identities[part.target].append(part)
             if part.level:
                 now[part.target][part.oid] = part
         logical = self.mode == "logical"
@@ -1304,7 +1306,7 @@ class PostgresConnector(Connector):
             if any(key[0] == target for key in self._faults):
                 continue  # missing or re-created: its own fault speaks for it
             if logical:
-                for part in parts.values():
+                for part in identities[target]:
                     if part.full:
                         continue
                     alter = f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL"
@@ -1313,13 +1315,25 @@ class PostgresConnector(Connector):
                         log.info("%s: %s: replica identity full", self.name, part.name)
                     except asyncpg.InsufficientPrivilegeError:
                         line = (
-                            f"warning: updates and deletes in partition {part.name} carry no "
-                            f"whole before image (its replica identity is not full, and only "
-                            f"its owner can set it): as its owner run {alter}"
+                            f"warning: updates and deletes in {part.name} carry no whole before "
+                            f"image (its replica identity is not full, and only its owner can "
+                            f"set it): as its owner run {alter}"
                         )
-                        if line not in self._said:
-                            self._said.add(line)
-                            log.warning("%s: %s", self.name, line)
+                        if line in self._said:
+                            continue  # said, and announced, once
+                        self._said.add(line)
+                        log.warning("%s: %s", self.name, line)
+                    if last is not None and (not part.level or part.oid in last):
+                        # Set back after someone changed it (ALTER TABLE ... REPLICA IDENTITY):
+                        # meanwhile updates and deletes came without the old row, which filter
+                        # rooms need to see a row leave.
+                        self.count_fault("replica_identity")
+                        yield Gap(
+                            self.name,
+                            f"the replica identity of {part.name} was not full: updates and "
+                            "deletes in between came without their old rows",
+                            target,
+                        )
             elif target in uncovered:
                 user = user or await conn.fetchval("SELECT current_user")
                 for line in await self._cover(conn, target, self.regclass(target), user):
