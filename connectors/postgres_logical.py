@@ -291,6 +291,7 @@ class LogicalReader:
         self.publication = connector.slot
         self.delivered_end = 0  # every transaction ending at or before this LSN is routed
         self.partial: tuple[int, int] | None = None  # (commit_lsn, changes routed), half done
+        self.columns: dict[str, tuple[frozenset[str], str | None]] = {}  # _read_columns
         self.confirmed = 0
         self.last_nudge = 0.0
         self.pending_gap = False
@@ -325,24 +326,19 @@ class LogicalReader:
                     self.publication,
                 )
             }
-            # Through the root: a partitioned table's changes are published under its own name
-            # (by default pgoutput names the partition, which is no watched table).
+            # The options (`_unset_options` says why each): set when made, and again when found
+            # otherwise.
             if not exists:
-                await conn.execute(
-                    f"CREATE PUBLICATION {pub} FOR TABLE {tables}"
-                    " WITH (publish_via_partition_root = true)"
-                )
+                await conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {tables}")
                 lines.append(f"created publication {self.publication!r}")
             elif current != set(c.tables):
                 await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {tables}")
                 lines.append(f"publication {self.publication!r} now covers {len(c.tables)} tables")
-            if exists and not await self._via_root(conn):
-                await conn.execute(
-                    f"ALTER PUBLICATION {pub} SET (publish_via_partition_root = true)"
-                )
-                lines.append(
-                    f"publication {self.publication!r} now publishes through partitioned tables"
-                )
+            unset = await self._unset_options(conn)
+            if unset:
+                await conn.execute(f"ALTER PUBLICATION {pub} SET ({', '.join(unset)})")
+                if exists:
+                    lines.append(f"publication {self.publication!r} now has {', '.join(unset)}")
             # Full before images for updates and deletes, any table; for a partitioned table
             # its partitions' setting is the one that counts.
             for part in await partitions(conn, c.tables, c._trigger_names(), c.query_timeout):
@@ -462,12 +458,29 @@ class LogicalReader:
         text = str(comment) if comment else ""
         return text if text.startswith(f"{MARKER} {self.slot} ") else None
 
-    async def _via_root(self, conn: Any) -> bool:
-        return bool(
-            await conn.fetchval(
-                "SELECT pubviaroot FROM pg_publication WHERE pubname = $1", self.publication
-            )
+    async def _unset_options(self, conn: Any) -> list[str]:
+        """The publication's options that are not as the reader needs them, as `name = value`.
+
+        `publish_via_partition_root`: a partitioned table's changes come under its own name (by
+        default pgoutput names the partition, which is no watched table, and they were lost).
+        `publish_generated_columns` (Postgres 18+): generated columns come with the row; left
+        out, Postgres refuses every UPDATE and DELETE of a table whose replica identity (FULL)
+        holds one ("Replica identity must not contain unpublished generated columns"), so the
+        feed would break its users' writes. Before 18 they are never sent; the reader computes
+        them (`_rebuild`).
+        """
+        found = await conn.fetchval(
+            "SELECT to_jsonb(p)::text FROM pg_publication p WHERE pubname = $1", self.publication
         )
+        if found is None:
+            return []
+        options = json.loads(found)
+        unset = []
+        if not options.get("pubviaroot"):
+            unset.append("publish_via_partition_root = true")
+        if options.get("pubgencols", "s") != "s":
+            unset.append("publish_generated_columns = stored")
+        return unset
 
     async def _marked(self, conn: Any) -> bool:
         return await self._marker(conn) is not None
@@ -525,16 +538,16 @@ class LogicalReader:
                 f"{c.where}: publication {self.publication!r} no longer covers every watched "
                 "table; re-adding them (changes in between are lost and announced)"
             )
-        if not await self._via_root(conn):
+        unset = await self._unset_options(conn)
+        if unset:
             self.pending_gap = True
             self.gap_reason = (
-                f"publication {self.publication!r} stopped publishing through partitioned "
-                "tables (publish_via_partition_root): their changes in between were not decoded"
+                f"publication {self.publication!r} lost {', '.join(unset)}: changes in between "
+                "may not have been decoded"
             )
             raise SourceMisconfigured(
-                f"{c.where}: publication {self.publication!r} no longer publishes through "
-                "partitioned tables; setting publish_via_partition_root again (changes in "
-                "between are lost and announced)"
+                f"{c.where}: publication {self.publication!r} lost {', '.join(unset)}; setting "
+                "it again (changes in between are lost and announced)"
             )
         return [gap async for gap in c._watch_partitions(conn)]
 
@@ -720,27 +733,76 @@ class LogicalReader:
     async def _rebuild(
         self, conn: Any, changes: list[RawChange]
     ) -> dict[tuple[int, int], str | None]:
-        """Ask the server for `to_jsonb` images of the text values, one query per table."""
+        """Ask the server for `to_jsonb` images of the text values, one query per table.
+
+        Also every image of a table with generated columns: pgoutput leaves them out (before
+        Postgres 18), where a snapshot and notify mode's `to_jsonb(NEW)` have them, so they are
+        computed here from the row, by the column's own expression (immutable, and of the
+        row's other columns only, so the value is the one stored).
+        """
         wanted: dict[str, list[tuple[tuple[int, int], dict[str, Any]]]] = {}
         for raw in changes:
             if raw.target not in self.c.targets_by_table:
                 continue
+            sample = raw.after if raw.after is not None else raw.before
+            if sample is None:
+                continue  # a truncate
+            known = self.columns.get(raw.target)
+            if known is None or known[0] != sample.keys():
+                known = await self._read_columns(conn, raw.target, sample.keys())
             for side, image in ((0, raw.before), (1, raw.after)):
-                if image is not None and direct(image) is None:
+                if image is not None and (known[1] is not None or direct(image) is None):
                     clean = {k: _json_value(v) for k, v in image.items() if v is not _UNCHANGED}
                     wanted.setdefault(raw.target, []).append(((id(raw), side), clean))
         images: dict[tuple[int, int], str | None] = {}
         for target, items in wanted.items():
+            record = f"jsonb_populate_record(NULL::{self.c.regclass(target)}, u.x::jsonb)"
+            rows = "unnest($1::text[]) WITH ORDINALITY AS u(x, n)"
+            select = self.columns[target][1]
+            if select is None:
+                sql = f"SELECT to_jsonb({record})::text AS image FROM {rows} ORDER BY n"
+            else:
+                sql = (
+                    f"SELECT to_jsonb(g)::text AS image FROM {rows},"
+                    f" LATERAL (SELECT {select} FROM {record} AS r) AS g ORDER BY n"
+                )
             rebuilt = await conn.fetch(
-                f"SELECT to_jsonb(jsonb_populate_record(NULL::{self.c.regclass(target)},"
-                " x::jsonb))::text AS image"
-                " FROM unnest($1::text[]) WITH ORDINALITY AS u(x, n) ORDER BY n",
+                sql,
                 [json.dumps(image) for _, image in items],
                 timeout=self.c.query_timeout,
             )
             for (ref, _), row in zip(items, rebuilt, strict=True):
                 images[ref] = row["image"]
         return images
+
+    async def _read_columns(
+        self, conn: Any, target: str, published: Any
+    ) -> tuple[frozenset[str], str | None]:
+        """Remember, for the columns pgoutput sends of `target`, the select list that adds its
+        generated columns (None when it sends them all, or has none); read again when the columns
+        sent change."""
+        rows = await conn.fetch(
+            """SELECT a.attname,
+                      CASE WHEN a.attgenerated = 's' THEN pg_get_expr(d.adbin, d.adrelid) END
+                          AS expr
+               FROM pg_attribute a
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+               WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+               ORDER BY a.attnum""",
+            self.c.regclass(target),
+            timeout=self.c.query_timeout,
+        )
+        select = None
+        if any(row["expr"] is not None and row["attname"] not in published for row in rows):
+            select = ", ".join(
+                f"({row['expr']}) AS {quote_ident(row['attname'])}"
+                if row["expr"] is not None
+                else f"r.{quote_ident(row['attname'])}"
+                for row in rows
+            )
+        known = (frozenset(published), select)
+        self.columns[target] = known
+        return known
 
     async def _change(
         self,
@@ -752,12 +814,10 @@ class LogicalReader:
     ) -> Change:
         c = self.c
         shape = await c._shape(conn, raw.target)
-        before = direct(raw.before)
-        if before is None:
-            before = shape.decode(images.get((id(raw), 0)))
-        after = direct(raw.after)
-        if after is None:
-            after = shape.decode(images.get((id(raw), 1)))
+        ref = (id(raw), 0)
+        before = shape.decode(images[ref]) if ref in images else direct(raw.before)
+        ref = (id(raw), 1)
+        after = shape.decode(images[ref]) if ref in images else direct(raw.after)
         return c.make_change(
             shape,
             op=raw.op,

@@ -143,6 +143,44 @@ async def test_directly_read_types_match_notify_mode(logical_pg: PgDatabase) -> 
     assert slot["c"] == "ab   " and slot["u"] == row_id
 
 
+async def test_generated_columns_match_notify_mode_and_the_snapshot(
+    logical_pg: PgDatabase,
+) -> None:
+    """pgoutput (before Postgres 18) sends no generated column; images carried none, where
+    notify mode's and a snapshot's rows have them, so a filter on one never matched a live
+    change and client rows lost the column at the first update."""
+    db = logical_pg
+    await db.conn.execute(
+        """CREATE TABLE public.lines (id int PRIMARY KEY, qty int, price numeric,
+           total numeric GENERATED ALWAYS AS (qty * price) STORED, label text
+           GENERATED ALWAYS AS ('#' || id::text) STORED, note text)"""
+    )
+    expected = {
+        "id": 1,
+        "qty": 2,
+        "price": Decimal("1.5"),
+        "total": Decimal("3.0"),
+        "label": "#1",
+        "note": "a",
+    }
+    connector = logical(db, ["public.lines"])
+    async with streaming(connector) as stream:
+        await db.conn.execute("INSERT INTO lines (id, qty, price, note) VALUES (1, 2, 1.5, 'a')")
+        insert = await stream.next()
+        snapshot = await connector.snapshot(RoomAddress("public.lines"), lambda r: True, 10)
+        await db.conn.execute("UPDATE lines SET qty = 3 WHERE id = 1")
+        await db.conn.execute("DELETE FROM lines WHERE id = 1")
+        update, delete = await stream.take(2)
+    assert snapshot.rows == [expected]
+    assert insert.after == expected
+    assert update.before == expected
+    assert update.after == {**expected, "qty": 3, "total": Decimal("4.5")}
+    assert delete.before == update.after
+    async with streaming(make_connector(db.url, ["public.lines"], name="n")) as stream:
+        await db.conn.execute("INSERT INTO lines (id, qty, price, note) VALUES (1, 2, 1.5, 'a')")
+        assert (await stream.next()).after == expected
+
+
 async def test_restart_resumes_from_the_slot(logical_pg: PgDatabase) -> None:
     db = logical_pg
     await orders(db)
