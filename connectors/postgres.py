@@ -1259,7 +1259,9 @@ class PostgresConnector(Connector):
         if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
             await self._measure(conn)
 
-    async def _watch_partitions(self, conn: Any) -> AsyncIterator[Gap]:
+    async def _watch_partitions(
+        self, conn: Any, found: list[Partition] | None = None
+    ) -> AsyncIterator[Gap]:
         """A gap for each partition that left a watched table, and for each that joined it
         with rows in it; new partitions made ready for capture (connectors.postgres_capture.
         partitions says why). Both modes.
@@ -1277,7 +1279,10 @@ class PostgresConnector(Connector):
         change missed), announced at the next look unless a truncate of the whole table was
         read by then.
         """
-        found = await partitions(conn, self.tables, self._trigger_names(), self.heartbeat_timeout)
+        if found is None:  # the logical reader passes what it read for its own check
+            found = await partitions(
+                conn, self.tables, self._trigger_names(), self.heartbeat_timeout
+            )
         now: dict[str, dict[int, Partition]] = {target: {} for target in self.tables}
         uncovered = {part.target for part in found if not part.covered}
         identities: dict[str, list[Partition]] = {target: [] for target in self.tables}

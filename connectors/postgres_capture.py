@@ -227,6 +227,7 @@ class Partition:
     covered: bool  # notify mode: its capture triggers present, none firing in one role only
     full: bool  # replica identity full (logical mode: whole before images)
     filenode: int  # its storage: a new one after TRUNCATE (0 for a partitioned partition)
+    virtual: str | None  # its virtual generated columns (Postgres 18+), comma separated
 
 
 async def partitions(
@@ -251,7 +252,10 @@ async def partitions(
                    FROM pg_trigger g WHERE g.tgrelid = p.relid
                      AND g.tgname = ANY(CASE WHEN p.level = 0 THEN $3::text[]
                                              ELSE $3[2:2] END)) AS covered,
-                  c.relreplident = 'f' AS full, c.relfilenode::bigint AS filenode
+                  c.relreplident = 'f' AS full, c.relfilenode::bigint AS filenode,
+                  (SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a
+                   WHERE a.attrelid = p.relid AND a.attgenerated = 'v'
+                     AND NOT a.attisdropped) AS virtual
            FROM unnest($1::text[], $2::text[]) AS t(target, reg)
            CROSS JOIN LATERAL (
                SELECT 0 AS level, to_regclass(t.reg) AS relid
@@ -275,6 +279,7 @@ async def partitions(
             r["covered"],
             r["full"],
             r["filenode"],
+            r["virtual"],
         )
         for r in rows
     ]

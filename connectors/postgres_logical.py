@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from connectors.base import State
-from connectors.postgres_capture import partitions
+from connectors.postgres_capture import Partition, partitions
 from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import loads, plain
 from feed.core.change import Change, Gap
@@ -315,6 +315,8 @@ class LogicalReader:
         lines: list[str] = []
         tables = ", ".join(c.regclass(t) for t in c.tables)
         pub = quote_ident(self.publication)
+        parts = await partitions(conn, c.tables, c._trigger_names(), c.query_timeout)
+        self._refuse_virtual(parts)
         try:
             exists = await conn.fetchval(
                 "SELECT count(*) FROM pg_publication WHERE pubname = $1", self.publication
@@ -341,7 +343,7 @@ class LogicalReader:
                     lines.append(f"publication {self.publication!r} now has {', '.join(unset)}")
             # Full before images for updates and deletes, any table; for a partitioned table
             # its partitions' setting is the one that counts.
-            for part in await partitions(conn, c.tables, c._trigger_names(), c.query_timeout):
+            for part in parts:
                 if not part.full:
                     await conn.execute(f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL")
                     lines.append(f"{part.name}: replica identity full")
@@ -458,6 +460,21 @@ class LogicalReader:
         text = str(comment) if comment else ""
         return text if text.startswith(f"{MARKER} {self.slot} ") else None
 
+    def _refuse_virtual(self, parts: list[Partition]) -> None:
+        """Refuse a table with a virtual generated column (Postgres 18+): pgoutput cannot send
+        one, and Postgres refuses every UPDATE and DELETE of a published table whose replica
+        identity (FULL, which the feed needs for whole before images) holds a column it does
+        not send: watching it would break its users' writes."""
+        for part in parts:
+            if part.virtual:
+                raise SourceMisconfigured(
+                    f"{self.c.where}: logical mode cannot watch {part.target}: {part.name} has "
+                    f"virtual generated columns ({part.virtual}), which a publication cannot "
+                    "send, and with the replica identity FULL the feed needs Postgres would "
+                    "refuse its updates and deletes; watch it with mode = 'notify' (another "
+                    "connector), or make the columns STORED"
+                )
+
     async def _unset_options(self, conn: Any) -> list[str]:
         """The publication's options that are not as the reader needs them, as `name = value`.
 
@@ -514,6 +531,16 @@ class LogicalReader:
         """
         c = self.c
         self.last_check = time.monotonic()
+        parts = await partitions(conn, c.tables, c._trigger_names(), c.heartbeat_timeout)
+        virtual = sorted({part.target for part in parts if part.virtual})
+        if virtual:  # added since the start: out of the publication at once, so writes work
+            await conn.execute(
+                f"ALTER PUBLICATION {quote_ident(self.publication)} DROP TABLE "
+                + ", ".join(c.regclass(target) for target in virtual)
+            )
+            self.pending_gap = True
+            self.gap_reason = f"{', '.join(virtual)} left the publication (virtual columns)"
+            self._refuse_virtual(parts)
         info = await self.inspect(conn)
         if info is None:
             raise SourceMisconfigured(
@@ -549,7 +576,7 @@ class LogicalReader:
                 f"{c.where}: publication {self.publication!r} lost {', '.join(unset)}; setting "
                 "it again (changes in between are lost and announced)"
             )
-        return [gap async for gap in c._watch_partitions(conn)]
+        return [gap async for gap in c._watch_partitions(conn, parts)]
 
     async def stop(self) -> None:
         """Confirm what was routed, so a restart does not deliver it again, and mark where the

@@ -181,6 +181,40 @@ async def test_generated_columns_match_notify_mode_and_the_snapshot(
         assert (await stream.next()).after == expected
 
 
+async def test_a_table_with_a_virtual_column_is_refused_and_writes_keep_working(
+    logical_pg: PgDatabase,
+) -> None:
+    """Postgres 18's virtual generated columns cannot be published, and with the replica
+    identity FULL Postgres refuses a published table's updates and deletes: the feed must not
+    watch it in logical mode, refusing at start, and giving it up at once when one is added
+    while it runs (out of the publication: the user's writes work), shown down."""
+    db = logical_pg
+    if int(await db.conn.fetchval("SHOW server_version_num")) < 180000:
+        pytest.skip("virtual generated columns need Postgres 18")
+    await db.conn.execute(
+        """CREATE TABLE public.v (id int PRIMARY KEY, qty int,
+           twice int GENERATED ALWAYS AS (qty * 2) VIRTUAL)"""
+    )
+    with pytest.raises(
+        SourceMisconfigured, match=r"public\.v has virtual generated columns \(twice\)"
+    ):
+        await logical(db, ["public.v"]).migrate()
+    await db.conn.execute("UPDATE v SET qty = 1")  # not published: writes work
+
+    await orders(db)
+    connector = logical(db, ["public.orders"], capture_check_interval=0.1)
+    async with streaming(connector) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'new', 1)")
+        await stream.next()
+        await db.conn.execute(
+            "ALTER TABLE orders ADD COLUMN twice numeric GENERATED ALWAYS AS (amount * 2) VIRTUAL"
+        )
+        item = await asyncio.wait_for(stream.queue.get(), WAIT)
+        assert isinstance(item, SourceMisconfigured), item
+        assert "virtual generated columns (twice)" in str(item)
+        await db.conn.execute("UPDATE orders SET status = 'paid'")  # the user's write works
+
+
 async def test_restart_resumes_from_the_slot(logical_pg: PgDatabase) -> None:
     db = logical_pg
     await orders(db)
