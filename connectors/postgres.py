@@ -58,7 +58,7 @@ from connectors.postgres_migrate import (
     quote_ident,
     quote_literal,
 )
-from connectors.postgres_types import TableShape, read_shape
+from connectors.postgres_types import TableShape, computing, read_shape, recompute_sql
 from feed.core.change import Change, Gap, room_key
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
@@ -247,6 +247,7 @@ class PostgresConnector(Connector):
         self._truncated_whole: set[str] = set()  # logical mode: targets truncated since that look
         self._rewritten: dict[str, list[str]] = {}  # logical mode: partitions with new storage
         self._said: set[str] = set()  # lines of _cover already logged
+        self._virtual: dict[str, str | None] = {}  # target -> `computing`'s select list
         self._faults: dict[tuple[str | None, str], CaptureFault] = {}
         self._start_faults: list[CaptureFault] = []
         self._last_capture_check = 0.0
@@ -1088,6 +1089,7 @@ class PostgresConnector(Connector):
                 while True:
                     if len(rows) == self.batch_size and delivered == 0 and not self._faults:
                         self.set_status(State.LAGGING, "catching up with the journal")
+                    computed = await self._computed(conn, rows)
                     for row in rows:
                         if row["op"] == "truncate" and row["before"] is not None:
                             cut = self._partition_truncated(row, truncates)
@@ -1098,7 +1100,7 @@ class PostgresConnector(Connector):
                             continue
                         if row["op"] == "truncate":
                             truncates.add((row["xid"], row["target"]))
-                        change = await self._decode(conn, row, refreshed)
+                        change = await self._decode(conn, row, refreshed, computed)
                         yield change
                         # Asked for the next item: the hub has routed this one.
                         state.cursor = (row["maxid"], row["id"])
@@ -1165,6 +1167,38 @@ class PostgresConnector(Connector):
                 await wait_event(self._wake, max(0.0, min(self.heartbeat_interval, due)))
             finally:
                 self._asleep = False
+
+    async def _computed(self, conn: Any, rows: list[Any]) -> dict[tuple[int, str], str]:
+        """Images of `rows` (journal rows) with their virtual generated columns computed, by
+        (journal id, side); none for tables without such columns (nearly every poll: one
+        lookup per row). A trigger's NEW and OLD hold them as NULL (Postgres 18), where a
+        snapshot has their values (postgres_types.computing says why computing them is right).
+        """
+        wanted: dict[str, list[tuple[tuple[int, str], str]]] = {}
+        for row in rows:
+            target = row["target"]
+            select = self._virtual.get(target, "")
+            if select == "":
+                select = self._virtual[target] = await computing(
+                    conn, self.regclass(target), lambda _, kind: kind == "v", self.query_timeout
+                )
+            if select is None:
+                continue
+            for side in ("before", "after"):
+                if row[side] is not None and row["op"] != "truncate":
+                    wanted.setdefault(target, []).append(((row["id"], side), row[side]))
+        computed: dict[tuple[int, str], str] = {}
+        for target, items in wanted.items():
+            select = self._virtual[target]
+            assert select is not None
+            rebuilt = await conn.fetch(
+                recompute_sql(self.regclass(target), select),
+                [text for _, text in items],
+                timeout=self.query_timeout,
+            )
+            for (ref, _), found in zip(items, rebuilt, strict=True):
+                computed[ref] = found["image"]
+        return computed
 
     def _partition_truncated(
         self, row: Mapping[str, Any], truncates: set[tuple[Any, str]]
@@ -1504,6 +1538,7 @@ class PostgresConnector(Connector):
         return shape
 
     async def _refresh_shape(self, conn: Any, target: str) -> TableShape:
+        self._virtual.pop(target, None)  # columns may have changed: look again
         regclass = self.regclass(target)
         if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
             raise SourceMisconfigured(f"{self.where}: table {target} does not exist")
@@ -1511,18 +1546,26 @@ class PostgresConnector(Connector):
         self._shapes[target] = shape
         return shape
 
-    async def _decode(self, conn: Any, row: Mapping[str, Any], refreshed: set[str]) -> Change:
+    async def _decode(
+        self,
+        conn: Any,
+        row: Mapping[str, Any],
+        refreshed: set[str],
+        computed: Mapping[tuple[int, str], str],
+    ) -> Change:
         target = row["target"]
         shape = await self._shape(conn, target)
-        before = shape.decode(row["before"])
-        after = shape.decode(row["after"])
+        before_text = computed.get((row["id"], "before"), row["before"])
+        after_text = computed.get((row["id"], "after"), row["after"])
+        before = shape.decode(before_text)
+        after = shape.decode(after_text)
         if target not in refreshed and not all(
             shape.knows(image) for image in (before, after) if image is not None
         ):
             refreshed.add(target)  # a column was added (or dropped): read the catalog again
             shape = await self._refresh_shape(conn, target)
-            before = shape.decode(row["before"])
-            after = shape.decode(row["after"])
+            before = shape.decode(before_text)
+            after = shape.decode(after_text)
         return self.make_change(
             shape,
             op=row["op"],

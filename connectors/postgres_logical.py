@@ -34,7 +34,7 @@ import asyncpg
 from connectors.base import State
 from connectors.postgres_capture import Partition, partitions
 from connectors.postgres_migrate import quote_ident, quote_literal
-from connectors.postgres_types import loads, plain
+from connectors.postgres_types import computing, loads, plain, recompute_sql
 from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
@@ -789,10 +789,7 @@ class LogicalReader:
             if select is None:
                 sql = f"SELECT to_jsonb({record})::text AS image FROM {rows} ORDER BY n"
             else:
-                sql = (
-                    f"SELECT to_jsonb(g)::text AS image FROM {rows},"
-                    f" LATERAL (SELECT {select} FROM {record} AS r) AS g ORDER BY n"
-                )
+                sql = recompute_sql(self.c.regclass(target), select)
             rebuilt = await conn.fetch(
                 sql,
                 [json.dumps(image) for _, image in items],
@@ -806,27 +803,14 @@ class LogicalReader:
         self, conn: Any, target: str, published: Any
     ) -> tuple[frozenset[str], str | None]:
         """Remember, for the columns pgoutput sends of `target`, the select list that adds its
-        generated columns (None when it sends them all, or has none); read again when the columns
-        sent change."""
-        rows = await conn.fetch(
-            """SELECT a.attname,
-                      CASE WHEN a.attgenerated = 's' THEN pg_get_expr(d.adbin, d.adrelid) END
-                          AS expr
-               FROM pg_attribute a
-               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-               WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
-               ORDER BY a.attnum""",
+        stored generated columns (None when it sends them all, or has none: before Postgres 18
+        it sends none); read again when the columns sent change."""
+        select = await computing(
+            conn,
             self.c.regclass(target),
-            timeout=self.c.query_timeout,
+            lambda name, kind: kind == "s" and name not in published,
+            self.c.query_timeout,
         )
-        select = None
-        if any(row["expr"] is not None and row["attname"] not in published for row in rows):
-            select = ", ".join(
-                f"({row['expr']}) AS {quote_ident(row['attname'])}"
-                if row["expr"] is not None
-                else f"r.{quote_ident(row['attname'])}"
-                for row in rows
-            )
         known = (frozenset(published), select)
         self.columns[target] = known
         return known

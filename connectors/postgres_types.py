@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from connectors.postgres_migrate import quote_ident
+
 Convert = Callable[[Any], Any]
 
 # typtype and typcategory are "char": cast to text, or asyncpg hands them back as bytes.
@@ -217,3 +219,47 @@ async def read_shape(conn: Any, target: str, regclass: str, limit: float) -> Tab
         types[row["name"]] = row["type"]
     pk = tuple(r["name"] for r in await conn.fetch(PRIMARY_KEY_SQL, regclass, timeout=limit))
     return TableShape(target, columns, pk, types)
+
+
+GENERATED_SQL = """
+SELECT a.attname AS name, a.attgenerated::text AS kind,
+       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS expr
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+async def computing(
+    conn: Any, regclass: str, pick: Callable[[str, str], bool], limit: float
+) -> str | None:
+    """A select list over a row `r` of the table that computes the generated columns `pick`
+    chooses (by name and kind: "s" stored, "v" virtual) from the row's other columns, by their
+    own expressions; None when it chooses none (or the table is gone).
+
+    Why: some images come without a generated column's value (pgoutput before Postgres 18
+    leaves stored ones out; a trigger's NEW and OLD hold virtual ones, Postgres 18, as NULL),
+    where a snapshot's `to_jsonb(row)` has it. Such a column's expression is immutable and of
+    the same row's other columns only, so computing it from the image gives the value a read
+    of the row gives.
+    """
+    rows = await conn.fetch(GENERATED_SQL, regclass, timeout=limit)
+    if not any(row["expr"] is not None and pick(row["name"], row["kind"]) for row in rows):
+        return None
+    return ", ".join(
+        f"({row['expr']}) AS {quote_ident(row['name'])}"
+        if row["expr"] is not None and pick(row["name"], row["kind"])
+        else f"r.{quote_ident(row['name'])}"
+        for row in rows
+    )
+
+
+def recompute_sql(regclass: str, select: str) -> str:
+    """The query that rebuilds images ($1, JSON texts) with `select` (`computing`), in order."""
+    return (
+        "SELECT to_jsonb(g)::text AS image"
+        " FROM unnest($1::text[]) WITH ORDINALITY AS u(x, n),"
+        f" LATERAL (SELECT {select}"
+        f" FROM jsonb_populate_record(NULL::{regclass}, u.x::jsonb) AS r) AS g ORDER BY n"
+    )

@@ -557,3 +557,30 @@ async def test_a_table_added_to_the_config_is_picked_up_on_the_next_start(
         await pg.conn.execute("INSERT INTO orders VALUES (2, 'a', 1)")
         got = await stream.take(2)
     assert [(c.target, c.key) for c in got] == [("public.customers", 1), ("public.orders", 2)]
+
+
+async def test_virtual_generated_columns_have_their_values(pg: PgDatabase) -> None:
+    """Postgres 18's virtual generated columns are NULL in a trigger's NEW and OLD; a snapshot
+    has their values. Images now have them too (computed by the reader), so a filter on one
+    matches live changes and client rows keep them."""
+    if int(await pg.conn.fetchval("SHOW server_version_num")) < 180000:
+        pytest.skip("virtual generated columns need Postgres 18")
+    await pg.conn.execute(
+        """CREATE TABLE public.v (id int PRIMARY KEY, qty int,
+           twice int GENERATED ALWAYS AS (qty * 2) VIRTUAL,
+           stored int GENERATED ALWAYS AS (qty + 1) STORED)"""
+    )
+    connector = make_connector(pg.url, ["public.v"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO v (id, qty) VALUES (1, 2)")
+        await pg.conn.execute("UPDATE v SET qty = 4 WHERE id = 1")
+        await pg.conn.execute("DELETE FROM v")
+        insert, update, delete = await stream.take(3)
+        await pg.conn.execute("INSERT INTO v (id, qty) VALUES (2, 5)")
+        await stream.next()
+        snapshot = await connector.snapshot(RoomAddress("public.v"), lambda r: True, 10)
+    assert insert.after == {"id": 1, "qty": 2, "twice": 4, "stored": 3}
+    assert update.before == insert.after
+    assert update.after == {"id": 1, "qty": 4, "twice": 8, "stored": 5}
+    assert delete.before == update.after
+    assert snapshot.rows == [{"id": 2, "qty": 5, "twice": 10, "stored": 6}]
