@@ -313,7 +313,9 @@ class PostgresConnector(Connector):
         try:
             if self.mode == "notify":
                 await self._ensure_schema(conn)
-            await self._check_tables(conn, attach=True)
+            for line in await self._check_tables(conn, attach=True):
+                if line.startswith("warning"):
+                    log.warning("%s: %s", self.name, line)
             self._commit_ts = (
                 await conn.fetchval("SELECT current_setting('track_commit_timestamp')") == "on"
             )
@@ -458,6 +460,13 @@ class PostgresConnector(Connector):
             if not await conn.fetchval("SELECT has_table_privilege($1, 'SELECT')", regclass):
                 raise SourceMisconfigured(
                     f"{self.where}: permission denied: GRANT SELECT ON {target} TO {user}"
+                )
+            if await conn.fetchval("SELECT row_security_active($1::regclass)", regclass):
+                lines.append(
+                    f"warning: row level security applies to {user} on {target}: a snapshot "
+                    "holds only the rows its policies let it read, while changes carry every "
+                    f"row; ALTER ROLE {user} BYPASSRLS, or run the feed as the table's owner "
+                    "(without FORCE ROW LEVEL SECURITY)"
                 )
             self._shapes[target] = await read_shape(conn, target, regclass, self.query_timeout)
             if attach and self.mode == "notify":
@@ -780,15 +789,15 @@ class PostgresConnector(Connector):
                     f"{len(missing)} migration(s) pending ({', '.join(missing)}): "
                     "run `feed migrate --config <file>` (or set auto_migrate = true)"
                 )
-            await self._check_tables(conn, attach=False)
+            warnings = "".join(f"; {line}" for line in await self._check_tables(conn, attach=False))
             if self.mode == "logical":
                 backlog = await self._check_logical(conn)
-                return f"Postgres {version}, logical mode, {len(self.tables)} table(s){backlog}"
-            if not missing:
+            elif not missing:
                 backlog = await self._check_capture(conn)
             else:
                 backlog = f", {len(missing)} migration(s) pending, applied at start (auto_migrate)"
-            return f"Postgres {version}, {self.mode} mode, {len(self.tables)} table(s){backlog}"
+            tables = f"{len(self.tables)} table(s)"
+            return f"Postgres {version}, {self.mode} mode, {tables}{backlog}{warnings}"
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None
         finally:

@@ -584,3 +584,40 @@ async def test_virtual_generated_columns_have_their_values(pg: PgDatabase) -> No
     assert update.after == {"id": 1, "qty": 4, "twice": 8, "stored": 5}
     assert delete.before == update.after
     assert snapshot.rows == [{"id": 2, "qty": 5, "twice": 10, "stored": 6}]
+
+
+async def test_row_level_security_over_the_feed_is_a_warning(
+    pg: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table whose policies apply to the feed's role: its snapshots would hold only the rows
+    the policies let it read, while changes carry every row. `feed check` and the start say so
+    (the snapshot itself is as the database allows)."""
+    import logging
+
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders VALUES (1, 'mine', 1), (2, 'theirs', 2)")
+    await make_connector(pg.url, ["public.orders"]).migrate()
+    role = f"feed_rls_{uuid.uuid4().hex[:8]}"
+    await pg.conn.execute(
+        f"""CREATE ROLE {role} LOGIN;
+            GRANT USAGE ON SCHEMA feed TO {role};
+            GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role};
+            GRANT SELECT ON orders TO {role};
+            ALTER TABLE orders ENABLE ROW LEVEL SECURITY;
+            CREATE POLICY only_mine ON orders FOR SELECT TO {role} USING (status = 'mine');"""
+    )
+    try:
+        owner_line = await make_connector(pg.url, ["public.orders"]).check()
+        assert "row level security" not in owner_line  # the owner bypasses its policies
+        url = pg.url.replace("postgresql://postgres@", f"postgresql://{role}@")
+        connector = make_connector(url, ["public.orders"], auto_migrate=False)
+        line = await connector.check()
+        assert f"row level security applies to {role} on public.orders" in line, line
+        assert f"ALTER ROLE {role} BYPASSRLS" in line
+        caplog.set_level(logging.WARNING, logger="feed.connectors.postgres")
+        async with streaming(connector):
+            assert any("row level security" in r.getMessage() for r in caplog.records)
+            snapshot = await connector.snapshot(RoomAddress("public.orders"), lambda r: True, 10)
+        assert [row["id"] for row in snapshot.rows] == [1]  # what its policies let it read
+    finally:
+        await pg.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
