@@ -621,3 +621,15 @@ async def test_row_level_security_over_the_feed_is_a_warning(
         assert [row["id"] for row in snapshot.rows] == [1]  # what its policies let it read
     finally:
         await pg.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_inheritance_children_are_a_warning(pg: PgDatabase) -> None:
+    """Legacy inheritance (not partitioning): a child's rows read as the parent's in a
+    snapshot, but a trigger or publication of the parent does not see writes to the child."""
+    await pg.conn.execute(
+        """CREATE TABLE public.log (id int, note text);
+           CREATE TABLE public.log_2024 () INHERITS (public.log);"""
+    )
+    line = await make_connector(pg.url, ["public.log"]).check()
+    assert "public.log has inheritance children (log_2024)" in line, line
+    assert "watch them as tables of their own" in line
