@@ -849,7 +849,7 @@ class PostgresConnector(Connector):
 
     async def _check_logical(self, conn: Any) -> str:
         """`feed check` in logical mode: wal_level, the slot (present, ours, valid) and its WAL."""
-        from connectors.postgres_logical import LogicalReader
+        from connectors.postgres_logical import INVALIDATED, LogicalReader, invalidation
 
         level = await conn.fetchval("SHOW wal_level")
         if level != "logical":
@@ -858,7 +858,8 @@ class PostgresConnector(Connector):
             )
         reader = LogicalReader(self)
         slot = await conn.fetchrow(
-            "SELECT plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            f"SELECT plugin, database, wal_status, {INVALIDATED} AS invalidated"
+            " FROM pg_replication_slots s WHERE slot_name = $1",
             self.slot,
         )
         if slot is None:
@@ -878,11 +879,11 @@ class PostgresConnector(Connector):
                 f"{self.where}: replication slot {self.slot!r} is not this feed's "
                 f"({slot['plugin']} in database {slot['database']!r}): choose another `slot`"
             )
-        if slot["wal_status"] == "lost":
+        if slot["wal_status"] == "lost" or slot["invalidated"]:
+            why = invalidation(slot["wal_status"], slot["invalidated"])
             raise SourceMisconfigured(
-                f"{self.where}: replication slot {self.slot!r} was invalidated (wal_status lost: "
-                "the server removed WAL the feed had not read; see max_slot_wal_keep_size): "
-                "those changes are lost; the feed recreates the slot at start, with a gap"
+                f"{self.where}: replication slot {self.slot!r} was invalidated ({why}): "
+                "changes since are lost; the feed recreates the slot at start, with a gap"
             )
         info = await reader.inspect(conn)
         assert info is not None

@@ -63,6 +63,25 @@ CHUNK = 1000
 JSON_TYPES = {114, 3802}  # json, jsonb: rebuilt from parsed values, not from their text
 
 
+INVALIDATED = "to_jsonb(s) ->> 'invalidation_reason'"
+"""Why a slot was invalidated (Postgres 17+; NULL before, and for a valid slot)."""
+
+
+def invalidation(wal_status: str | None, reason: str | None) -> str:
+    """Why a slot can no longer be read, and what to change, for a status line."""
+    if reason == "wal_removed" or (reason is None and wal_status == "lost"):
+        return (
+            "wal_status lost: the server removed WAL the feed had not read; raise "
+            "max_slot_wal_keep_size"
+        )
+    if reason == "idle_timeout":
+        return (
+            "idle_timeout: unread for longer than idle_replication_slot_timeout; raise it, or "
+            "keep a feed running"
+        )
+    return f"{reason}"
+
+
 def parse_lsn(text: str) -> int:
     high, _, low = text.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
@@ -353,8 +372,8 @@ class LogicalReader:
                 f"(publication, replica identity): {exc}"
             ) from None
         slot = await conn.fetchrow(
-            "SELECT plugin, database, wal_status, confirmed_flush_lsn::text AS confirmed"
-            " FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, database, wal_status, confirmed_flush_lsn::text AS confirmed,"
+            f" {INVALIDATED} AS invalidated FROM pg_replication_slots s WHERE slot_name = $1",
             self.slot,
         )
         marker = await self._marker(conn)
@@ -366,22 +385,23 @@ class LogicalReader:
                 f"{c.where}: replication slot {self.slot!r} belongs to database "
                 f"{slot['database']!r}, not this one: choose another `slot` name"
             )
-        if slot is not None and slot["wal_status"] == "lost":
-            # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size).
-            # The slot can never be read again; a new one is the only way on, with a gap.
+        if slot is not None and (slot["wal_status"] == "lost" or slot["invalidated"]):
+            # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size), or
+            # (Postgres 17+) for another reason, such as Postgres 18's
+            # idle_replication_slot_timeout. The slot can never be read again; a new one is the
+            # only way on, with a gap.
+            why = invalidation(slot["wal_status"], slot["invalidated"])
             c.set_status(
                 State.DOWN,
-                f"replication slot {self.slot!r} was invalidated (wal_status lost: the server "
-                "removed WAL the feed had not read; raise max_slot_wal_keep_size): recreating "
-                "it, changes in between are lost and announced",
+                f"replication slot {self.slot!r} was invalidated ({why}): recreating it, "
+                "changes in between are lost and announced",
             )
             await self._drop_when_free(conn)
-            lines.append(f"dropped invalidated replication slot {self.slot!r} (wal_status lost)")
+            lines.append(f"dropped invalidated replication slot {self.slot!r} ({why})")
             self.pending_gap = True
             self.gap_reason = (
-                f"replication slot {self.slot!r} was invalidated (wal_status lost: the server "
-                "removed WAL the feed had not read, see max_slot_wal_keep_size) and was "
-                "recreated: changes in between were lost"
+                f"replication slot {self.slot!r} was invalidated ({why}) and was recreated: "
+                "changes in between were lost"
             )
             slot = None
         elif slot is None and (self.delivered_end or marked):
@@ -511,11 +531,12 @@ class LogicalReader:
     async def inspect(self, conn: Any) -> dict[str, Any] | None:
         """The slot as the server sees it, with the WAL it holds back (None when missing)."""
         row = await conn.fetchrow(
-            """SELECT active, wal_status, database = current_database() AS here,
+            f"""SELECT active, wal_status, {INVALIDATED} AS invalidated,
+                      database = current_database() AS here,
                       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
                       (SELECT count(*) FROM pg_publication_tables p
                        WHERE p.pubname = $2) AS tables
-               FROM pg_replication_slots WHERE slot_name = $1""",
+               FROM pg_replication_slots s WHERE slot_name = $1""",
             self.slot,
             self.publication,
             timeout=self.c.query_timeout,
@@ -549,10 +570,10 @@ class LogicalReader:
             )
         self.retained_wal = int(info["retained"] or 0)
         self.wal_status = str(info["wal_status"] or "")
-        if self.wal_status == "lost":
+        if self.wal_status == "lost" or info["invalidated"]:
+            why = invalidation(self.wal_status, info["invalidated"])
             raise SourceMisconfigured(
-                f"{c.where}: replication slot {self.slot!r} was invalidated (wal_status lost: "
-                "the server removed WAL the feed had not read; raise max_slot_wal_keep_size); "
+                f"{c.where}: replication slot {self.slot!r} was invalidated ({why}); "
                 "recreating it (changes in between are lost and announced)"
             )
         if info["tables"] < len(c.tables):

@@ -219,3 +219,39 @@ async def test_a_slot_of_another_database_is_refused(logical_pg: PgDatabase) -> 
     finally:
         await admin.execute("SELECT pg_drop_replication_slot($1)", slot)
         await admin.close()
+
+
+async def test_a_slot_invalidated_for_idleness_is_recreated_with_a_gap() -> None:
+    """Postgres 18 invalidates a slot unread for idle_replication_slot_timeout; its
+    wal_status does not say so (only invalidation_reason does), and the feed reused it, failing
+    every read. It is recreated now, with a gap naming the setting, as for WAL removed."""
+    embedded = pg_support.start_embedded(idle_replication_slot_timeout="1s")
+    try:
+        db = await pg_support.create_database(PgServer(embedded.url(), embedded))
+        try:
+            if int(await db.conn.fetchval("SHOW server_version_num")) < 180000:
+                pytest.skip("idle_replication_slot_timeout needs Postgres 18")
+            await orders(db)
+            await logical(db).migrate()
+            reason = (
+                "SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = 'feed_main'"
+            )
+
+            async def idle_out() -> bool:
+                await db.conn.execute("CHECKPOINT")  # where the server invalidates it
+                return await db.conn.fetchval(reason) == "idle_timeout"
+
+            async with asyncio.timeout(WAIT):
+                while not await idle_out():  # noqa: ASYNC110 - the server has no event for it
+                    await asyncio.sleep(0.2)
+            with pytest.raises(SourceMisconfigured, match="idle_replication_slot_timeout"):
+                await logical(db).check()
+            async with streaming(logical(db)) as stream:
+                gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+                assert isinstance(gap, Gap) and "idle_timeout" in gap.reason, gap
+                await db.conn.execute("INSERT INTO orders VALUES (1, 'after')")
+                assert (await stream.next()).key == 1
+        finally:
+            await db.conn.close()
+    finally:
+        embedded.close()
