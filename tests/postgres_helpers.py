@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -227,3 +228,20 @@ class TcpProxy:
 
     def restore(self) -> None:
         self.refusing = False
+
+
+@asynccontextmanager
+async def feed_role(conn: Any, url: str, grants: str) -> AsyncIterator[tuple[str, str]]:
+    """A login role with what a running feed needs on schema `feed` (made by a migrate before),
+    plus `grants` (SQL, `{role}` filled in): its name and `url` as that role; dropped after."""
+    role = f"feed_role_{uuid.uuid4().hex[:8]}"
+    await conn.execute(
+        f"""CREATE ROLE {role} LOGIN;
+            GRANT USAGE ON SCHEMA feed TO {role};
+            GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role};
+            {grants.format(role=role)}"""
+    )
+    try:
+        yield role, url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

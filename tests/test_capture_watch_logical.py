@@ -17,7 +17,7 @@ from feed.core.change import Gap
 from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
-from tests.support.postgres import EmbeddedPostgres, PgDatabase, PgServer
+from tests.support.postgres import PgDatabase
 from tests.support.server import feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
 from tests.test_capture_watch import metric, next_status
@@ -38,15 +38,8 @@ async def logical_pg(pg: PgDatabase) -> PgDatabase:
 @pytest.fixture
 async def small_wal_pg() -> AsyncIterator[PgDatabase]:
     """A private server whose slots may keep at most 1 MB of WAL: easy to invalidate."""
-    embedded: EmbeddedPostgres = pg_support.start_embedded(max_slot_wal_keep_size="1MB")
-    try:
-        db = await pg_support.create_database(PgServer(embedded.url(), embedded))
-        try:
-            yield db
-        finally:
-            await db.conn.close()
-    finally:
-        embedded.close()
+    async with pg_support.private_database(max_slot_wal_keep_size="1MB") as db:
+        yield db
 
 
 def logical(db: PgDatabase, **extra: Any) -> Any:
@@ -222,36 +215,29 @@ async def test_a_slot_of_another_database_is_refused(logical_pg: PgDatabase) -> 
 
 
 async def test_a_slot_invalidated_for_idleness_is_recreated_with_a_gap() -> None:
-    """Postgres 18 invalidates a slot unread for idle_replication_slot_timeout; its
-    wal_status does not say so (only invalidation_reason does), and the feed reused it, failing
-    every read. It is recreated now, with a gap naming the setting, as for WAL removed."""
-    embedded = pg_support.start_embedded(idle_replication_slot_timeout="1s")
-    try:
-        db = await pg_support.create_database(PgServer(embedded.url(), embedded))
-        try:
-            if int(await db.conn.fetchval("SHOW server_version_num")) < 180000:
-                pytest.skip("idle_replication_slot_timeout needs Postgres 18")
-            await orders(db)
-            await logical(db).migrate()
-            reason = (
-                "SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = 'feed_main'"
-            )
+    """Postgres 18 invalidates a slot unread for idle_replication_slot_timeout. The feed
+    blamed max_slot_wal_keep_size (wal_status reads lost); it reads invalidation_reason now,
+    and `feed check`, the status and the gap name the setting to raise."""
+    async with pg_support.private_database(idle_replication_slot_timeout="1s") as db:
+        if int(await db.conn.fetchval("SHOW server_version_num")) < 180000:
+            pytest.skip("idle_replication_slot_timeout needs Postgres 18")
+        await orders(db)
+        await logical(db).migrate()
+        reason = (
+            "SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = 'feed_main'"
+        )
 
-            async def idle_out() -> bool:
-                await db.conn.execute("CHECKPOINT")  # where the server invalidates it
-                return await db.conn.fetchval(reason) == "idle_timeout"
+        async def idle_out() -> bool:
+            await db.conn.execute("CHECKPOINT")  # where the server invalidates it
+            return bool(await db.conn.fetchval(reason) == "idle_timeout")
 
-            async with asyncio.timeout(WAIT):
-                while not await idle_out():  # noqa: ASYNC110 - the server has no event for it
-                    await asyncio.sleep(0.2)
-            with pytest.raises(SourceMisconfigured, match="idle_replication_slot_timeout"):
-                await logical(db).check()
-            async with streaming(logical(db)) as stream:
-                gap = await asyncio.wait_for(stream.queue.get(), WAIT)
-                assert isinstance(gap, Gap) and "idle_timeout" in gap.reason, gap
-                await db.conn.execute("INSERT INTO orders VALUES (1, 'after')")
-                assert (await stream.next()).key == 1
-        finally:
-            await db.conn.close()
-    finally:
-        embedded.close()
+        async with asyncio.timeout(WAIT):
+            while not await idle_out():  # noqa: ASYNC110 - the server has no event for it
+                await asyncio.sleep(0.2)
+        with pytest.raises(SourceMisconfigured, match="idle_replication_slot_timeout"):
+            await logical(db).check()
+        async with streaming(logical(db)) as stream:
+            gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+            assert isinstance(gap, Gap) and "idle_timeout" in gap.reason, gap
+            await db.conn.execute("INSERT INTO orders VALUES (1, 'after')")
+            assert (await stream.next()).key == 1

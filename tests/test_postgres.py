@@ -16,7 +16,7 @@ from connectors.postgres import PostgresConnector
 from feed.core.change import to_json
 from feed.errors import ConfigError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
 from feed.options import Options
-from tests.postgres_helpers import WAIT, make_connector, streaming
+from tests.postgres_helpers import WAIT, feed_role, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
 
@@ -597,19 +597,12 @@ async def test_row_level_security_over_the_feed_is_a_warning(
     await orders(pg)
     await pg.conn.execute("INSERT INTO orders VALUES (1, 'mine', 1), (2, 'theirs', 2)")
     await make_connector(pg.url, ["public.orders"]).migrate()
-    role = f"feed_rls_{uuid.uuid4().hex[:8]}"
-    await pg.conn.execute(
-        f"""CREATE ROLE {role} LOGIN;
-            GRANT USAGE ON SCHEMA feed TO {role};
-            GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role};
-            GRANT SELECT ON orders TO {role};
-            ALTER TABLE orders ENABLE ROW LEVEL SECURITY;
-            CREATE POLICY only_mine ON orders FOR SELECT TO {role} USING (status = 'mine');"""
-    )
-    try:
+    grants = """GRANT SELECT ON orders TO {role};
+        ALTER TABLE orders ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY only_mine ON orders FOR SELECT TO {role} USING (status = 'mine');"""
+    async with feed_role(pg.conn, pg.url, grants) as (role, url):
         owner_line = await make_connector(pg.url, ["public.orders"]).check()
         assert "row level security" not in owner_line  # the owner bypasses its policies
-        url = pg.url.replace("postgresql://postgres@", f"postgresql://{role}@")
         connector = make_connector(url, ["public.orders"], auto_migrate=False)
         line = await connector.check()
         assert f"row level security applies to {role} on public.orders" in line, line
@@ -619,8 +612,6 @@ async def test_row_level_security_over_the_feed_is_a_warning(
             assert any("row level security" in r.getMessage() for r in caplog.records)
             snapshot = await connector.snapshot(RoomAddress("public.orders"), lambda r: True, 10)
         assert [row["id"] for row in snapshot.rows] == [1]  # what its policies let it read
-    finally:
-        await pg.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 async def test_inheritance_children_are_a_warning(pg: PgDatabase) -> None:

@@ -210,9 +210,8 @@ async def test_a_partition_the_feed_may_not_touch_is_one_warning_not_a_restart(
     created later (grants are per table): it cannot put the truncate trigger on it, says so
     once, and reads on (it used to fail its capture check on the partition, and restart)."""
     import logging
-    import uuid
 
-    from tests.postgres_helpers import make_connector, streaming
+    from tests.postgres_helpers import feed_role, make_connector, streaming
 
     await pg.conn.execute(
         """CREATE TABLE public.events (id int, day date, PRIMARY KEY (id, day))
@@ -221,15 +220,8 @@ async def test_a_partition_the_feed_may_not_touch_is_one_warning_not_a_restart(
                FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"""
     )
     await make_connector(pg.url, ["public.events"]).migrate()
-    role = f"feed_weak_{uuid.uuid4().hex[:8]}"
-    await pg.conn.execute(
-        f"""CREATE ROLE {role} LOGIN;
-            GRANT USAGE ON SCHEMA feed TO {role};
-            GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA feed TO {role};
-            GRANT SELECT, TRIGGER ON ALL TABLES IN SCHEMA public TO {role};"""
-    )
-    try:
-        weak = pg.url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    grants = "GRANT SELECT, TRIGGER ON ALL TABLES IN SCHEMA public TO {role}"
+    async with feed_role(pg.conn, pg.url, grants) as (_, weak):
         connector = make_connector(
             weak, ["public.events"], auto_migrate=False, capture_check_interval=0.1
         )
@@ -247,8 +239,6 @@ async def test_a_partition_the_feed_may_not_touch_is_one_warning_not_a_restart(
             assert sum(warned in r.getMessage() for r in caplog.records) == 1
             assert connector.status.state.value == "up", stream.history
             assert stream.states.count(connector.status.state) == 1, stream.history
-    finally:
-        await pg.conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:

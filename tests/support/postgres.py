@@ -221,3 +221,18 @@ async def pg_private() -> AsyncIterator[tuple[EmbeddedPostgres, PgDatabase]]:
             await db.conn.close()
     finally:
         embedded.close()
+
+
+@contextlib.asynccontextmanager
+async def private_database(**settings: str) -> AsyncIterator[PgDatabase]:
+    """A database on a private embedded server started with `settings` (for tests that need a
+    server setting of their own); the server goes with it."""
+    embedded = start_embedded(**settings)
+    try:
+        db = await create_database(PgServer(embedded.url(), embedded))
+        try:
+            yield db
+        finally:
+            await db.conn.close()
+    finally:
+        embedded.close()
