@@ -42,10 +42,8 @@ from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State, Wher
 from connectors.postgres_capture import (
     CaptureFault,
     JournalStats,
-    Partition,
     inspect_notify,
     journal_stats,
-    partitions,
     trigger_names,
 )
 from connectors.postgres_filters import check_filter, pushdown
@@ -58,6 +56,7 @@ from connectors.postgres_migrate import (
     quote_ident,
     quote_literal,
 )
+from connectors.postgres_partitions import PartitionWatch
 from connectors.postgres_types import TableShape, computing, read_shape, recompute_sql
 from feed.core.change import Change, Gap, room_key
 from feed.core.filters import RowFilter
@@ -243,10 +242,7 @@ class PostgresConnector(Connector):
         # The capture watch (connectors/postgres_capture.py): what each table's oid was when
         # its triggers were attached, the faults standing now, when to look next.
         self._oids: dict[str, int] = {}
-        self._partitions: dict[str, dict[int, Partition]] = {}  # target -> partitions, last look
-        self._truncated_whole: set[str] = set()  # logical mode: targets truncated since that look
-        self._rewritten: dict[str, list[str]] = {}  # logical mode: partitions with new storage
-        self._said: set[str] = set()  # lines of _cover already logged
+        self.partition_watch = PartitionWatch(self)
         self._virtual: dict[str, str | None] = {}  # target -> `computing`'s select list
         self._faults: dict[tuple[str | None, str], CaptureFault] = {}
         self._start_faults: list[CaptureFault] = []
@@ -1308,135 +1304,12 @@ class PostgresConnector(Connector):
             if standing is None:
                 yield self._announce(shown)
         self._show_running()
-        async for gap in self._watch_partitions(conn):
+        async for gap in self.partition_watch.look(conn):
             yield gap
         # Counting the journal scans it: every sixth check (30 s by default) is enough for
         # metrics and warnings about growth measured in minutes.
         if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
             await self._measure(conn)
-
-    async def _watch_partitions(
-        self, conn: Any, found: list[Partition] | None = None
-    ) -> AsyncIterator[Gap]:
-        """A gap for each partition that left a watched table, and for each that joined it
-        with rows in it; new partitions made ready for capture (connectors.postgres_capture.
-        partitions says why). Both modes.
-
-        A partition created empty (ahead of time, as pg_partman does) is not a gap: every row
-        written to it since was captured. One attached with rows, or found with rows (its size
-        above zero) by the first look after it was created, is announced: the feed cannot tell rows it captured
-        from rows that came with the attach. What changed while no feed ran is not seen (the
-        partitions are compared with this process's last look).
-
-        Logical mode has no truncate trigger (it installs nothing), and pgoutput does not send
-        the truncate of a partition when it publishes through the partitioned table; such a
-        truncate gives the partition new storage, so a partition whose file node changed is a
-        gap too (as are VACUUM FULL and CLUSTER, which rewrite it: a reload too many, never a
-        change missed), announced at the next look unless a truncate of the whole table was
-        read by then.
-        """
-        if found is None:  # the logical reader passes what it read for its own check
-            found = await partitions(
-                conn, self.tables, self._trigger_names(), self.heartbeat_timeout
-            )
-        now: dict[str, dict[int, Partition]] = {target: {} for target in self.tables}
-        uncovered = {part.target for part in found if not part.covered}
-        identities: dict[str, list[Partition]] = {target: [] for target in self.tables}
-        for part in found:
-            identities[part.target].append(part)
-            if part.level:
-                now[part.target][part.oid] = part
-        logical = self.mode == "logical"
-        whole = self._truncated_whole
-        self._truncated_whole = set()
-        for target, names in self._rewritten.items():  # seen last look; no truncate since
-            if target not in whole:
-                for name in names:
-                    self.count_fault("partition_truncated")
-                    yield Gap(
-                        self.name,
-                        f"partition {name} of {target} was truncated or rewritten: its rows "
-                        f"may have left {target} without delete events",
-                        target,
-                    )
-        self._rewritten = {}
-        user = None
-        for target, parts in now.items():
-            last = self._partitions.get(target)
-            self._partitions[target] = parts
-            if any(key[0] == target for key in self._faults):
-                continue  # missing or re-created: its own fault speaks for it
-            if logical:
-                for part in identities[target]:
-                    if part.full:
-                        continue
-                    alter = f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL"
-                    try:
-                        await conn.execute(alter, timeout=self.query_timeout)
-                        log.info("%s: %s: replica identity full", self.name, part.name)
-                    except asyncpg.InsufficientPrivilegeError:
-                        line = (
-                            f"warning: updates and deletes in {part.name} carry no whole before "
-                            f"image (its replica identity is not full, and only its owner can "
-                            f"set it): as its owner run {alter}"
-                        )
-                        if line in self._said:
-                            continue  # said, and announced, once
-                        self._said.add(line)
-                        log.warning("%s: %s", self.name, line)
-                    if last is not None and (not part.level or part.oid in last):
-                        # Set back after someone changed it (ALTER TABLE ... REPLICA IDENTITY):
-                        # meanwhile updates and deletes came without the old row, which filter
-                        # rooms need to see a row leave.
-                        self.count_fault("replica_identity")
-                        yield Gap(
-                            self.name,
-                            f"the replica identity of {part.name} was not full: updates and "
-                            "deletes in between came without their old rows",
-                            target,
-                        )
-            elif target in uncovered:
-                user = user or await conn.fetchval("SELECT current_user")
-                for line in await self._cover(conn, target, self.regclass(target), user):
-                    if line not in self._said:  # a warning that stands is said once, not per check
-                        self._said.add(line)
-                        log.log(
-                            logging.WARNING if "warning" in line else logging.INFO,
-                            "%s: %s",
-                            self.name,
-                            line,
-                        )
-            if last is None:
-                continue  # the first look: nothing to compare with
-            for oid, old in last.items():
-                if oid not in parts:
-                    self.count_fault("partition_removed")
-                    yield Gap(
-                        self.name,
-                        f"partition {old.name} left {target} (detached or dropped): its rows "
-                        f"left {target} without delete events",
-                        target,
-                    )
-                elif logical and old.filenode != parts[oid].filenode and target not in whole:
-                    # Judged at the next look: a truncate of the whole table committed before
-                    # this look may not have been read yet.
-                    self._rewritten.setdefault(target, []).append(old.name)
-            for oid, part in parts.items():
-                if oid in last:
-                    continue
-                # Its size, not a read: the feed's role may have no SELECT on a new partition.
-                if await conn.fetchval(
-                    "SELECT pg_relation_size($1::bigint::oid) > 0",
-                    part.oid,
-                    timeout=self.query_timeout,
-                ):
-                    self.count_fault("partition_added")
-                    yield Gap(
-                        self.name,
-                        f"partition {part.name} joined {target} with rows in it: rows that came "
-                        "with it were not announced as inserts",
-                        target,
-                    )
 
     async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> tuple[bool, str]:
         """Repair what the feed itself set up; say whether it worked and what was done."""

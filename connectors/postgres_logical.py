@@ -597,7 +597,7 @@ class LogicalReader:
                 f"{c.where}: publication {self.publication!r} lost {', '.join(unset)}; setting "
                 "it again (changes in between are lost and announced)"
             )
-        return [gap async for gap in c._watch_partitions(conn, parts)]
+        return [gap async for gap in c.partition_watch.look(conn, parts)]
 
     async def stop(self) -> None:
         """Confirm what was routed, so a restart does not deliver it again, and mark where the
@@ -771,7 +771,7 @@ class LogicalReader:
             if raw.target not in c.targets_by_table or index < skip:
                 continue
             if raw.op == "truncate":  # its partitions' new storage is no gap
-                c._truncated_whole.add(raw.target)
+                c.partition_watch.truncated_whole.add(raw.target)
             yield await self._change(conn, txn, index, raw, images)
             self.partial = (txn.commit_lsn, index + 1)
         if final:
