@@ -125,7 +125,8 @@ class PartitionWatch:
         A partition created empty (ahead of time, as pg_partman does) is no gap: every row
         written to it since was captured. One attached with rows, or found with rows by the
         first look after it was created, is: the feed cannot tell rows it captured from rows
-        that came with the attach. In logical mode a partition with new storage is judged at
+        that came with the attach. So is one found empty but truncated since it was made (its
+        storage no longer named by its oid). In logical mode a partition with new storage is judged at
         the next look (`look`): pgoutput does not send a partition's truncate when it publishes
         through the table, but the truncate gives the partition new storage (as do VACUUM FULL
         and CLUSTER: a reload too many, never a change missed); a truncate of the whole table
@@ -146,8 +147,10 @@ class PartitionWatch:
             ):
                 self.rewritten.setdefault(target, []).append(old.name)
         for oid, part in parts.items():
+            if oid in last:
+                continue
             # Its size, not a read: the feed's role may have no SELECT on a new partition.
-            if oid not in last and await conn.fetchval(
+            if await conn.fetchval(
                 "SELECT pg_relation_size($1::bigint::oid) > 0", oid, timeout=self.c.query_timeout
             ):
                 yield self._gap(
@@ -155,6 +158,16 @@ class PartitionWatch:
                     target,
                     f"partition {part.name} joined {target} with rows in it: rows that came "
                     "with it were not announced as inserts",
+                )
+            elif part.filenode not in (0, oid):
+                # A table's storage is named by its oid when made, and anew by each TRUNCATE:
+                # one truncated before this look (and before its truncate trigger, in notify
+                # mode) may have taken rows that were announced.
+                yield self._gap(
+                    "partition_truncated",
+                    target,
+                    f"partition {part.name} of {target} was truncated or rewritten since it was "
+                    f"created: rows written to it may have left {target} without delete events",
                 )
 
     def _gap(self, kind: str, target: str, reason: str) -> Gap:
