@@ -1266,6 +1266,7 @@ class PostgresConnector(Connector):
         visible in the status and /readyz, not only in the gap.
         """
         self._last_capture_check = time.monotonic()
+        self._virtual.clear()  # a virtual column added since: computed from the next page on
         self._check_now = False
         found = await inspect_notify(
             conn, self.schema, self.name, self.tables, self._oids, self.heartbeat_timeout

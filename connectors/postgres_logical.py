@@ -552,6 +552,7 @@ class LogicalReader:
         """
         c = self.c
         self.last_check = time.monotonic()
+        self.columns.clear()  # a generated column added since (not sent) is computed from now on
         parts = await partitions(conn, c.tables, c._trigger_names(), c.heartbeat_timeout)
         virtual = sorted({part.target for part in parts if part.virtual})
         if virtual:  # added since the start: out of the publication at once, so writes work

@@ -570,7 +570,7 @@ async def test_virtual_generated_columns_have_their_values(pg: PgDatabase) -> No
            twice int GENERATED ALWAYS AS (qty * 2) VIRTUAL,
            stored int GENERATED ALWAYS AS (qty + 1) STORED)"""
     )
-    connector = make_connector(pg.url, ["public.v"])
+    connector = make_connector(pg.url, ["public.v"], capture_check_interval=0.2)
     async with streaming(connector) as stream:
         await pg.conn.execute("INSERT INTO v (id, qty) VALUES (1, 2)")
         await pg.conn.execute("UPDATE v SET qty = 4 WHERE id = 1")
@@ -579,6 +579,23 @@ async def test_virtual_generated_columns_have_their_values(pg: PgDatabase) -> No
         await pg.conn.execute("INSERT INTO v (id, qty) VALUES (2, 5)")
         await stream.next()
         snapshot = await connector.snapshot(RoomAddress("public.v"), lambda r: True, 10)
+        # One added while the feed runs: computed from the next capture check on.
+        await pg.conn.execute(
+            "ALTER TABLE v ADD COLUMN thrice int GENERATED ALWAYS AS (qty * 3) VIRTUAL"
+        )
+        async with asyncio.timeout(WAIT):
+            for row in range(3, 1000):  # a write per try: the check has no event of its own
+                await pg.conn.execute("INSERT INTO v (id, qty) VALUES ($1, 1)", row)
+                if (await stream.next()).after == {
+                    "id": row,
+                    "qty": 1,
+                    "twice": 2,
+                    "stored": 2,
+                    "thrice": 3,
+                }:
+                    break
+            else:
+                raise AssertionError("no change with the new column's value")
     assert insert.after == {"id": 1, "qty": 2, "twice": 4, "stored": 3}
     assert update.before == insert.after
     assert update.after == {"id": 1, "qty": 4, "twice": 8, "stored": 5}

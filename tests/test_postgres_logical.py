@@ -179,6 +179,21 @@ async def test_generated_columns_match_notify_mode_and_the_snapshot(
     async with streaming(make_connector(db.url, ["public.lines"], name="n")) as stream:
         await db.conn.execute("INSERT INTO lines (id, qty, price, note) VALUES (1, 2, 1.5, 'a')")
         assert (await stream.next()).after == expected
+    # One added while the feed runs (before 18 it changes nothing pgoutput sends): computed
+    # from the next capture check on.
+    async with streaming(logical(db, ["public.lines"], capture_check_interval=0.2)) as stream:
+        await db.conn.execute("INSERT INTO lines (id, qty, price) VALUES (2, 1, 1)")
+        await stream.next()  # the reader knows the table's columns now
+        await db.conn.execute(
+            "ALTER TABLE lines ADD COLUMN twice numeric GENERATED ALWAYS AS (qty * 2) STORED"
+        )
+        async with asyncio.timeout(WAIT):
+            for row in range(3, 1000):  # a write per try: the check has no event of its own
+                await db.conn.execute("INSERT INTO lines (id, qty, price) VALUES ($1, 1, 1)", row)
+                if ((await stream.next()).after or {}).get("twice") == 2:
+                    break
+            else:
+                raise AssertionError("no change with the new column's value")
 
 
 async def test_a_table_with_a_virtual_column_is_refused_and_writes_keep_working(
