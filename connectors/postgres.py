@@ -577,6 +577,7 @@ class PostgresConnector(Connector):
             reg, level = part["reg"], part["level"]
             what = f"partition {part['name']} of {target}" if level else target
             truncate_on = part["truncate_on"]
+            # One string, one implicit transaction: the SET goes with a statement that fails.
             if level and truncate_on is None:
                 try:
                     await conn.execute(
@@ -589,6 +590,9 @@ class PostgresConnector(Connector):
                         f"warning: a TRUNCATE of {what} would not be captured: "
                         f"GRANT TRIGGER ON {reg} TO {user}, or run `feed migrate` as its owner"
                     )
+                    continue
+                except asyncpg.LockNotAvailableError:
+                    lines.append(f"{what} is busy: its truncate trigger comes at the next check")
                     continue
                 truncate_on = "O"
                 lines.append(f"capturing truncates of {what}")
@@ -611,6 +615,10 @@ class PostgresConnector(Connector):
                     f"not captured (its capture triggers fire in the origin role only; setting "
                     f"them to fire always needs the owner): run `feed migrate` as its owner, or "
                     f"ALTER TABLE {reg} {enable}"
+                )
+            except asyncpg.LockNotAvailableError:
+                lines.append(
+                    f"{what} is busy: its triggers are set to fire always at the next check"
                 )
         return lines
 

@@ -312,3 +312,33 @@ async def test_a_look_finds_a_new_partition_truncated_since_it_was_made(pg: PgDa
     assert "events_2028 of public.events was truncated or rewritten since it was created" in (
         gaps[0].reason
     )
+
+
+async def test_a_busy_new_partition_is_covered_at_a_later_look(pg: PgDatabase) -> None:
+    """The truncate trigger waits for the partition's lock at most 5 s: a long transaction on
+    a new partition delays it to a later look, and fails neither the look nor the reader."""
+    from tests.postgres_helpers import make_connector
+
+    await pg.conn.execute(
+        """CREATE TABLE public.events (id int, day date, PRIMARY KEY (id, day))
+               PARTITION BY RANGE (day);"""
+    )
+    connector = make_connector(pg.url, ["public.events"])
+    await connector.migrate()
+    triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events_2028'::regclass"
+    conn, holder = await pg.connect(), await pg.connect()
+    try:
+        assert [gap async for gap in connector.partition_watch.look(conn)] == []
+        await pg.conn.execute(
+            "CREATE TABLE events_2028 PARTITION OF events"
+            " FOR VALUES FROM ('2028-01-01') TO ('2029-01-01')"
+        )
+        await holder.execute("BEGIN; LOCK TABLE events_2028 IN ROW EXCLUSIVE MODE")  # a writer
+        assert [gap async for gap in connector.partition_watch.look(conn)] == []
+        assert await pg.conn.fetchval(triggers) == 1  # the cloned row trigger only
+        await holder.execute("COMMIT")
+        assert [gap async for gap in connector.partition_watch.look(conn)] == []
+        assert await pg.conn.fetchval(triggers) == 2
+    finally:
+        await conn.close()
+        await holder.close()
