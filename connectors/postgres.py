@@ -577,11 +577,12 @@ class PostgresConnector(Connector):
             reg, level = part["reg"], part["level"]
             what = f"partition {part['name']} of {target}" if level else target
             truncate_on = part["truncate_on"]
+            # A short wait for the lock: writers queue behind it, and the next check tries again.
             # One string, one implicit transaction: the SET goes with a statement that fails.
             if level and truncate_on is None:
                 try:
                     await conn.execute(
-                        f"SET lock_timeout = '5s'; CREATE TRIGGER {quote_ident(truncate_trigger)}"
+                        f"SET lock_timeout = '1s'; CREATE TRIGGER {quote_ident(truncate_trigger)}"
                         f" AFTER TRUNCATE ON {reg} FOR EACH STATEMENT"
                         f" EXECUTE FUNCTION {self.q}.capture({arg}); RESET lock_timeout"
                     )
@@ -607,7 +608,7 @@ class PostgresConnector(Connector):
             enable = ", ".join(f"ENABLE ALWAYS TRIGGER {quote_ident(t)}" for t in turn)
             try:
                 await conn.execute(
-                    f"SET lock_timeout = '5s'; ALTER TABLE {reg} {enable}; RESET lock_timeout"
+                    f"SET lock_timeout = '1s'; ALTER TABLE {reg} {enable}; RESET lock_timeout"
                 )
             except asyncpg.InsufficientPrivilegeError:
                 lines.append(

@@ -95,8 +95,15 @@ class PartitionWatch:
                 continue
             alter = f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL"
             try:
-                await conn.execute(alter, timeout=self.c.query_timeout)
+                # A short wait for the lock: queries queue behind it; the next check tries again.
+                await conn.execute(
+                    f"SET lock_timeout = '1s'; {alter}; RESET lock_timeout",
+                    timeout=self.c.query_timeout,
+                )
                 log.info("%s: %s: replica identity full", self.c.name, part.name)
+            except asyncpg.LockNotAvailableError:
+                self.say(f"{part.name} is busy: its replica identity is set at the next check")
+                continue
             except asyncpg.InsufficientPrivilegeError:
                 if not self.say(
                     f"warning: updates and deletes in {part.name} carry no whole before image "
