@@ -315,7 +315,7 @@ async def test_a_look_finds_a_new_partition_truncated_since_it_was_made(pg: PgDa
 
 
 async def test_a_busy_new_partition_is_covered_at_a_later_look(pg: PgDatabase) -> None:
-    """The truncate trigger waits for the partition's lock at most 5 s: a long transaction on
+    """The truncate trigger waits for the partition's lock at most 1 s: a long transaction on
     a new partition delays it to a later look, and fails neither the look nor the reader."""
     from tests.postgres_helpers import make_connector
 
