@@ -311,7 +311,7 @@ class PostgresConnector(Connector):
                 await self._ensure_schema(conn)
             for line in await self._check_tables(conn, attach=True):
                 if line.startswith("warning"):
-                    log.warning("%s: %s", self.name, line)
+                    self.partition_watch.say(line)  # once: the capture check may find it again
             self._commit_ts = (
                 await conn.fetchval("SELECT current_setting('track_commit_timestamp')") == "on"
             )
@@ -595,6 +595,13 @@ class PostgresConnector(Connector):
                 except asyncpg.LockNotAvailableError:
                     lines.append(f"{what} is busy: its truncate trigger comes at the next check")
                     continue
+                except asyncpg.PostgresError as exc:  # a foreign table cannot have one
+                    if is_transient(exc):
+                        raise
+                    lines.append(
+                        f"warning: a TRUNCATE of {what} would not be captured: {one_line(exc)}"
+                    )
+                    continue
                 truncate_on = "O"
                 lines.append(f"capturing truncates of {what}")
             states = {truncate_trigger: truncate_on}
@@ -620,6 +627,12 @@ class PostgresConnector(Connector):
             except asyncpg.LockNotAvailableError:
                 lines.append(
                     f"{what} is busy: its triggers are set to fire always at the next check"
+                )
+            except asyncpg.PostgresError as exc:
+                if is_transient(exc):
+                    raise
+                lines.append(
+                    f"warning: could not set the triggers of {what} to fire always: {one_line(exc)}"
                 )
         return lines
 

@@ -15,6 +15,7 @@ Logical mode needs wal_level = logical (the suite's embedded server has it; skip
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -342,3 +343,55 @@ async def test_a_busy_new_partition_is_covered_at_a_later_look(pg: PgDatabase) -
     finally:
         await conn.close()
         await holder.close()
+
+
+async def test_a_foreign_partition_is_read_on(
+    pg: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partition that is a foreign table (old rows moved to another server, say). Before
+    Postgres 16 or so it cannot have a TRUNCATE trigger: the check failed on it and restarted the
+    reader at every look; now that is one warning and the reader reads on. Where it can have
+    one, its truncate is a gap like any partition's."""
+    import logging
+
+    import asyncpg
+
+    from feed.core.change import Gap
+    from tests.postgres_helpers import make_connector, streaming
+
+    try:
+        await pg.conn.execute("CREATE EXTENSION postgres_fdw")
+    except asyncpg.PostgresError as exc:
+        pytest.skip(f"no postgres_fdw: {exc}")
+    port = pg.url.rsplit(":", 1)[1].split("/")[0]
+    await pg.conn.execute(
+        f"""CREATE SERVER loop FOREIGN DATA WRAPPER postgres_fdw
+                OPTIONS (host '127.0.0.1', port '{port}', dbname '{pg.name}');
+            CREATE USER MAPPING FOR CURRENT_USER SERVER loop OPTIONS (user 'postgres');
+            CREATE TABLE public.logs (id int, day date) PARTITION BY RANGE (day);
+            CREATE TABLE public.logs_2026 PARTITION OF public.logs
+                FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+            CREATE TABLE public.archive (id int, day date);
+            CREATE FOREIGN TABLE public.logs_2000 PARTITION OF public.logs
+                FOR VALUES FROM ('2000-01-01') TO ('2001-01-01')
+                SERVER loop OPTIONS (table_name 'archive');"""
+    )
+    caplog.set_level(logging.INFO, logger="feed.connectors.postgres")
+    connector = make_connector(pg.url, ["public.logs"], capture_check_interval=0.1)
+    async with streaming(connector) as stream:
+        for i in range(3):  # checks go on meanwhile; the reader stays up
+            await pg.conn.execute("INSERT INTO logs VALUES ($1, '2026-02-02')", i)
+            assert (await stream.next()).key is None  # no primary key: no row rooms
+        assert connector.status.state.value == "up", stream.history
+        assert stream.states.count(connector.status.state) == 1, stream.history
+        covered = await pg.conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'logs_2000'::regclass"
+            " AND tgname = 'feed_capture_truncate'"
+        )
+        if covered:
+            await pg.conn.execute("TRUNCATE logs_2000")
+            gap = await asyncio.wait_for(stream.queue.get(), 15)
+            assert isinstance(gap, Gap) and "logs_2000" in gap.reason, gap
+    warned = [r.getMessage() for r in caplog.records if "warning: a TRUNCATE" in r.getMessage()]
+    assert warned == ([] if covered else [warned[0]]), warned
+    assert covered or ("logs_2000" in warned[0] and "foreign" in warned[0]), warned
