@@ -348,10 +348,10 @@ async def test_a_busy_new_partition_is_covered_at_a_later_look(pg: PgDatabase) -
 async def test_a_foreign_partition_is_read_on(
     pg: PgDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A partition that is a foreign table (old rows moved to another server, say). Before
-    Postgres 16 or so it cannot have a TRUNCATE trigger: the check failed on it and restarted the
+    """A partition that is a foreign table (old rows moved to another server, say). On
+    Postgres 15 it cannot have a TRUNCATE trigger: the check failed on it and restarted the
     reader at every look; now that is one warning and the reader reads on. Where it can have
-    one, its truncate is a gap like any partition's."""
+    one (18), its truncate is a gap like any partition's."""
     import logging
 
     import asyncpg
