@@ -348,18 +348,21 @@ class LogicalReader:
                 )
             }
             # The options (`_unset_options` says why each): set when made, and again when found
-            # otherwise.
-            if not exists:
-                await conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {tables}")
-                lines.append(f"created publication {self.publication!r}")
-            elif current != set(c.tables):
-                await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {tables}")
-                lines.append(f"publication {self.publication!r} now covers {len(c.tables)} tables")
-            unset = await self._unset_options(conn)
-            if unset:
-                await conn.execute(f"ALTER PUBLICATION {pub} SET ({', '.join(unset)})")
-                if exists:
-                    lines.append(f"publication {self.publication!r} now has {', '.join(unset)}")
+            # otherwise. One transaction: no write sees the publication without them.
+            async with conn.transaction():
+                if not exists:
+                    await conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {tables}")
+                    lines.append(f"created publication {self.publication!r}")
+                elif current != set(c.tables):
+                    await conn.execute(f"ALTER PUBLICATION {pub} SET TABLE {tables}")
+                    lines.append(
+                        f"publication {self.publication!r} now covers {len(c.tables)} tables"
+                    )
+                unset = await self._unset_options(conn)
+                if unset:
+                    await conn.execute(f"ALTER PUBLICATION {pub} SET ({', '.join(unset)})")
+                    if exists:
+                        lines.append(f"publication {self.publication!r} now has {', '.join(unset)}")
             # Full before images for updates and deletes, any table; for a partitioned table
             # its partitions' setting is the one that counts.
             for part in parts:
