@@ -74,6 +74,11 @@ class PartitionWatch:
             self.last[target] = parts
             if any(key[0] == target for key in c._faults):
                 continue  # missing or re-created: its own fault speaks for it
+            # Compared before new partitions are made ready: a row written to one once it is
+            # (what a client, or a test, can see) comes after its size was read.
+            if last is not None:
+                async for gap in self._compare(conn, target, last, parts, whole):
+                    yield gap
             if c.mode == "logical":
                 async for gap in self._identities(conn, target, found_here, last):
                     yield gap
@@ -81,9 +86,6 @@ class PartitionWatch:
                 user = await conn.fetchval("SELECT current_user")
                 for line in await c._cover(conn, target, c.regclass(target), user):
                     self.say(line)
-            if last is not None:
-                async for gap in self._compare(conn, target, last, parts, whole):
-                    yield gap
 
     async def _identities(
         self, conn: Any, target: str, found: list[Partition], last: dict[int, Partition] | None
