@@ -44,6 +44,7 @@ from connectors.postgres_capture import (
     JournalStats,
     inspect_notify,
     journal_stats,
+    partitions,
     trigger_names,
 )
 from connectors.postgres_filters import check_filter, pushdown
@@ -479,7 +480,7 @@ class PostgresConnector(Connector):
             self._shapes[target] = await read_shape(conn, target, regclass, self.query_timeout)
             if attach and self.mode == "notify":
                 done = await self._attach(conn, target, regclass, user)
-                lines += await self._cover(conn, target, regclass, user)
+                lines += await self._cover(conn, target, user)
                 self._oids[target] = int(oid)
                 if done == "attached":
                     lines.append(f"watching {target}")
@@ -540,7 +541,7 @@ class PostgresConnector(Connector):
             )
         return "attached" if new_watch else "reattached"
 
-    async def _cover(self, conn: Any, target: str, regclass: str, user: str) -> list[str]:
+    async def _cover(self, conn: Any, target: str, user: str) -> list[str]:
         """Make the capture triggers fire in every replication role and on every partition;
         return a line for each thing done or that could not be done.
 
@@ -553,30 +554,13 @@ class PostgresConnector(Connector):
         triggers are cloned by Postgres itself, with the parent's enabled state.
         """
         row_trigger, truncate_trigger = self._trigger_names()
-        tree = await conn.fetch(
-            """SELECT p.level, quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS reg,
-                      n.nspname || '.' || c.relname AS name,
-                      (SELECT g.tgenabled::text FROM pg_trigger g
-                       WHERE g.tgrelid = p.relid AND g.tgname = $2) AS truncate_on,
-                      (SELECT g.tgenabled::text FROM pg_trigger g
-                       WHERE g.tgrelid = p.relid AND g.tgname = $3) AS row_on
-               FROM (SELECT 0 AS level, $1::regclass AS relid
-                     UNION ALL  -- pg_partition_tree: nothing for a plain table
-                     SELECT level, relid FROM pg_partition_tree($1::regclass) WHERE level > 0) p
-               JOIN pg_class c ON c.oid = p.relid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               ORDER BY p.level""",
-            regclass,
-            truncate_trigger,
-            row_trigger,
-            timeout=self.query_timeout,
-        )
+        tree = await partitions(conn, [target], (row_trigger, truncate_trigger), self.query_timeout)
         arg = quote_literal(target)
         lines: list[str] = []
         for part in tree:
-            reg, level = part["reg"], part["level"]
-            what = f"partition {part['name']} of {target}" if level else target
-            truncate_on = part["truncate_on"]
+            reg, level = part.regclass, part.level
+            what = f"partition {part.name} of {target}" if level else target
+            truncate_on = part.truncate_on
             # A short wait for the lock: writers queue behind it, and the next check tries again.
             # One string, one implicit transaction: the SET goes with a statement that fails.
             if level and truncate_on is None:
@@ -606,7 +590,7 @@ class PostgresConnector(Connector):
                 lines.append(f"capturing truncates of {what}")
             states = {truncate_trigger: truncate_on}
             if not level:
-                states[row_trigger] = part["row_on"]
+                states[row_trigger] = part.row_on
             # Enabled in one role only ('O' origin, 'R' replica): made ALWAYS. Disabled ('D') is
             # left alone: the capture watch reports it, with a gap (connectors.postgres_capture).
             turn = [trigger for trigger, state in states.items() if state in ("O", "R")]
@@ -649,20 +633,15 @@ class PostgresConnector(Connector):
         regclass = f"{quote_ident(schema)}.{quote_ident(name)}"
         if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
             return [f"stopped watching {target} (table no longer exists)"]
-        row_trigger, truncate_trigger = self._trigger_names()
-        partitions = await conn.fetch(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS reg"
-            " FROM pg_partition_tree($1::regclass) p JOIN pg_class c ON c.oid = p.relid"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.level > 0",
-            regclass,
-        )
+        row_trigger, truncate_trigger = triggers = self._trigger_names()
+        tree = await partitions(conn, [target], triggers, self.query_timeout)
         async with conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '5s'")
             for trigger in (row_trigger, truncate_trigger):  # the row trigger's clones go with it
                 await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {regclass}")
-            for part in partitions:
+            for part in [part for part in tree if part.level]:  # its partitions
                 await conn.execute(
-                    f"DROP TRIGGER IF EXISTS {quote_ident(truncate_trigger)} ON {part['reg']}"
+                    f"DROP TRIGGER IF EXISTS {quote_ident(truncate_trigger)} ON {part.regclass}"
                 )
         return [f"unwatched {target} (capture triggers dropped)"]
 
@@ -1349,7 +1328,7 @@ class PostgresConnector(Connector):
             if fault.target is not None:
                 regclass = self.regclass(fault.target)
                 await self._attach(conn, fault.target, regclass, user)
-                for line in await self._cover(conn, fault.target, regclass, user):
+                for line in await self._cover(conn, fault.target, user):
                     log.warning("%s: %s", self.name, line)
                 oid = await conn.fetchval("SELECT to_regclass($1)::oid", regclass)
                 if oid is not None:

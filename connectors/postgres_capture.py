@@ -224,10 +224,19 @@ class Partition:
     name: str  # schema.name, unquoted, for messages
     regclass: str  # quoted, for SQL
     level: int  # 0: the watched table itself
-    covered: bool  # notify mode: its capture triggers present, none firing in one role only
+    row_on: str | None  # notify mode: its row trigger's tgenabled (None: missing)
+    truncate_on: str | None  # and its truncate trigger's
     full: bool  # replica identity full (logical mode: whole before images)
     filenode: int  # its storage: a new one after TRUNCATE (0 for a partitioned partition)
     virtual: str | None  # its virtual generated columns (Postgres 18+), comma separated
+
+    @property
+    def covered(self) -> bool:
+        """Notify mode: its capture triggers are there (the row trigger only on the table
+        itself: Postgres clones it to partitions), none firing in one replication role only
+        ('O' origin, 'R' replica). A disabled one ('D') counts: the capture check reports it."""
+        states = [self.truncate_on] if self.level else [self.row_on, self.truncate_on]
+        return all(state not in (None, "O", "R") for state in states)
 
 
 async def partitions(
@@ -241,17 +250,17 @@ async def partitions(
     a table that has rows adds them the same way; a new partition also needs the truncate
     trigger, which Postgres does not clone (migrations/0002_partition_truncate.sql). And a
     capture trigger enabled again the plain way (`ENABLE TRIGGER`) fires in the origin
-    replication role only, which the connector undoes (PostgresConnector._cover).
+    replication role only, which the connector undoes (PostgresConnector._cover, which reads
+    the triggers' states from here too).
     """
     rows = await conn.fetch(
         """SELECT t.target, p.level, p.relid::bigint AS oid,
                   n.nspname || '.' || c.relname AS name,
                   quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS reg,
-                  (SELECT count(*) FILTER (WHERE g.tgenabled <> 'O' AND g.tgenabled <> 'R')
-                          = CASE WHEN p.level = 0 THEN 2 ELSE 1 END
-                   FROM pg_trigger g WHERE g.tgrelid = p.relid
-                     AND g.tgname = ANY(CASE WHEN p.level = 0 THEN $3::text[]
-                                             ELSE $3[2:2] END)) AS covered,
+                  (SELECT g.tgenabled::text FROM pg_trigger g
+                   WHERE g.tgrelid = p.relid AND g.tgname = $3) AS row_on,
+                  (SELECT g.tgenabled::text FROM pg_trigger g
+                   WHERE g.tgrelid = p.relid AND g.tgname = $4) AS truncate_on,
                   c.relreplident = 'f' AS full, c.relfilenode::bigint AS filenode,
                   (SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a
                    WHERE a.attrelid = p.relid AND a.attgenerated = 'v'
@@ -263,10 +272,11 @@ async def partitions(
                SELECT level, relid FROM pg_partition_tree(to_regclass(t.reg)) WHERE level > 0
            ) p
            JOIN pg_class c ON c.oid = p.relid
-           JOIN pg_namespace n ON n.oid = c.relnamespace""",
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           ORDER BY t.target, p.level""",
         tables,
         [regclass_of(t) for t in tables],
-        list(triggers),
+        *triggers,
         timeout=query_timeout,
     )
     return [
@@ -276,7 +286,8 @@ async def partitions(
             r["name"],
             r["reg"],
             r["level"],
-            r["covered"],
+            r["row_on"],
+            r["truncate_on"],
             r["full"],
             r["filenode"],
             r["virtual"],

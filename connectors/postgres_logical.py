@@ -808,15 +808,8 @@ class LogicalReader:
                     wanted.setdefault(raw.target, []).append(((id(raw), side), clean))
         images: dict[tuple[int, int], str | None] = {}
         for target, items in wanted.items():
-            record = f"jsonb_populate_record(NULL::{self.c.regclass(target)}, u.x::jsonb)"
-            rows = "unnest($1::text[]) WITH ORDINALITY AS u(x, n)"
-            select = self.columns[target][1]
-            if select is None:
-                sql = f"SELECT to_jsonb({record})::text AS image FROM {rows} ORDER BY n"
-            else:
-                sql = recompute_sql(self.c.regclass(target), select)
             rebuilt = await conn.fetch(
-                sql,
+                recompute_sql(self.c.regclass(target), self.columns[target][1]),
                 [json.dumps(image) for _, image in items],
                 timeout=self.c.query_timeout,
             )

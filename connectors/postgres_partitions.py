@@ -84,7 +84,7 @@ class PartitionWatch:
                     yield gap
             elif not all(part.covered for part in found_here):
                 user = await conn.fetchval("SELECT current_user")
-                for line in await c._cover(conn, target, c.regclass(target), user):
+                for line in await c._cover(conn, target, user):
                     self.say(line)
 
     async def _identities(

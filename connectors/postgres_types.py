@@ -255,11 +255,14 @@ async def computing(
     )
 
 
-def recompute_sql(regclass: str, select: str) -> str:
-    """The query that rebuilds images ($1, JSON texts) with `select` (`computing`), in order."""
+def recompute_sql(regclass: str, select: str | None) -> str:
+    """The query that rebuilds images ($1, JSON texts) as `to_jsonb` of the table's row type,
+    in order; with `select` (`computing`), its generated columns computed."""
+    record = f"jsonb_populate_record(NULL::{regclass}, u.x::jsonb)"
+    rows = "unnest($1::text[]) WITH ORDINALITY AS u(x, n)"
+    if select is None:
+        return f"SELECT to_jsonb({record})::text AS image FROM {rows} ORDER BY n"
     return (
-        "SELECT to_jsonb(g)::text AS image"
-        " FROM unnest($1::text[]) WITH ORDINALITY AS u(x, n),"
-        f" LATERAL (SELECT {select}"
-        f" FROM jsonb_populate_record(NULL::{regclass}, u.x::jsonb) AS r) AS g ORDER BY n"
+        f"SELECT to_jsonb(g)::text AS image FROM {rows},"
+        f" LATERAL (SELECT {select} FROM {record} AS r) AS g ORDER BY n"
     )
