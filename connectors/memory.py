@@ -76,12 +76,29 @@ class MemoryConnector(Connector):
 
     # -- the "database" ------------------------------------------------------------------------
 
-    def write(self, target: str, op: str, row: Mapping[str, Any]) -> Change:
-        """Apply one write to the stored rows and queue the change it produces."""
+    def write(
+        self,
+        target: str,
+        op: str,
+        row: Mapping[str, Any],
+        moved_from: Mapping[str, Any] | None = None,
+    ) -> Change:
+        """Apply one write to the stored rows and queue the change it produces.
+
+        `moved_from` (an update only): the key fields the row had before, when `row` gives it
+        a new key, as an update of a Postgres primary key does; the change then carries
+        `meta.old_key`, as the Postgres connector's does."""
         table = self._tables[target]
         key = self.key_of(row)
         stored_key = room_key(key) or ""
-        before = table.get(stored_key)
+        meta = None
+        if moved_from is not None and op == "update":
+            old_key = self.key_of(moved_from)
+            before = table.pop(room_key(old_key) or "", None)
+            if old_key != key:
+                meta = {"old_key": old_key}
+        else:
+            before = table.get(stored_key)
         after: dict[str, Any] | None
         if op == "delete":
             table.pop(stored_key, None)
@@ -89,7 +106,9 @@ class MemoryConnector(Connector):
         else:
             after = {**(before or {}), **row} if op == "update" else dict(row)
             table[stored_key] = after
-        return self._queue_change(target, op, key, before if self.before_images else None, after)
+        return self._queue_change(
+            target, op, key, before if self.before_images else None, after, meta
+        )
 
     def truncate(self, target: str) -> Change:
         """Empty a table, as Postgres's TRUNCATE does: one change with no key and no images."""
@@ -103,6 +122,7 @@ class MemoryConnector(Connector):
         key: Any,
         before: Mapping[str, Any] | None,
         after: Mapping[str, Any] | None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Change:
         """Give a write the next position and queue its change for the hub.
 
@@ -122,6 +142,7 @@ class MemoryConnector(Connector):
             before=before,
             after=after,
             ts=dt.datetime.now(dt.UTC),
+            meta=meta,
             position=position,
         )
         sink = self.sink

@@ -413,6 +413,22 @@ async def test_masks_apply_on_live_replay_and_snapshot_over_socketio() -> None:
         assert ops_ack["snapshot"][0]["password_hash"] == "$argon2$y"
 
 
+async def test_a_shaped_room_is_told_the_key_a_row_it_was_shown_moved_from() -> None:
+    """Masks withhold a change's `meta`, but not the old key of a row the identity was shown:
+    without it a client keeps that row under a key that no longer exists."""
+    async with running_feed(token_config()) as feed:
+        db = source(feed)
+        db.write("public.customers", "insert", {"id": 1, "tenant_id": "acme", "password_hash": "x"})
+        db.write("public.customers", "insert", {"id": 2, "tenant_id": "other"})
+        async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as acme:
+            assert (await acme.subscribe("mem:public.customers"))["ok"]
+            db.write("public.customers", "update", {"id": 5}, moved_from={"id": 2})  # not acme's
+            db.write("public.customers", "update", {"id": 7}, moved_from={"id": 1})
+            seen = await acme.next_change()
+    assert seen["key"] == 7 and seen["meta"] == {"old_key": 1}
+    assert "password_hash" not in seen["before"] and "password_hash" not in seen["after"]
+
+
 async def test_jwt_claims_drive_rules_over_socketio() -> None:
     async with running_feed(jwt_config()) as feed:
         db = source(feed)

@@ -11,6 +11,7 @@ connector (its snapshot comes from the reader over Redis).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -36,6 +37,10 @@ def client(url: str | list[str], **options: Any) -> FeedClient:
 
 def product(sku: str, price: int) -> dict[str, Any]:
     return {"sku": sku, "name": f"product {sku}", "price": price}
+
+
+def one_change(log: Log) -> bool:
+    return len(log.changes) == 1
 
 
 def line(order_id: int, number: int, qty: int) -> dict[str, Any]:
@@ -147,6 +152,60 @@ async def test_postgres_composite_primary_key_of_text_and_date_keeps_rows_right(
                 "main:public.stock:east,2026-01-03,3", snapshot=True
             ) as row_sub:
                 assert row_sub.rows == {"east,2026-01-03,3": sub.rows["east,2026-01-03,3"]}
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(90)
+async def test_an_update_of_a_postgres_primary_key_moves_the_row_in_every_room(
+    pg: PgDatabase,
+) -> None:
+    """The row's old key leaves `rows` everywhere: the table's, a filter room's, and the old
+    key's row room, which is told the row left it (before, it heard nothing at all)."""
+    await pg.conn.execute(
+        "CREATE TABLE public.stock (warehouse text, day date, item int, qty int, "
+        "PRIMARY KEY (warehouse, day, item))"
+    )
+    await pg.conn.execute(
+        "INSERT INTO stock VALUES ('north', '2026-01-01', 1, 5), ('south', '2026-01-02', 2, 7)"
+    )
+    config = (
+        '[server]\nreplay_buffer = 100\n\n[[connectors]]\nname = "main"\n'
+        f'type = "postgres"\ndsn = "{pg.url}"\ntables = ["public.stock"]\n'
+        "auto_migrate = true\nheartbeat_interval = 0.5\nreconnect_max = 0.5\n"
+    )
+    old, new = "north,2026-01-01,1", "north,2026-03-01,1"
+    async with running_feed(config) as server:
+        connector = server.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with (
+            client(server.url) as feed,
+            feed.subscribe("main:public.stock", snapshot=True) as every,
+            feed.subscribe("main:public.stock", filter="qty=gt.0", snapshot=True) as stocked,
+            feed.subscribe(f"main:public.stock:{old}", snapshot=True) as row,
+            feed.subscribe(f"main:public.stock:{new}", snapshot=True) as moved_in,
+        ):
+            logs = [Log(sub) for sub in (every, stocked, row, moved_in)]
+            assert row.rows is not None and set(row.rows) == {old}
+            assert moved_in.rows == {}
+            await pg.conn.execute("UPDATE stock SET day = '2026-03-01' WHERE warehouse = 'north'")
+            for log in logs:
+                await log.until(partial(one_change, log), "the key's update")
+            rows = {
+                f"{r['warehouse']},{r['day']},{r['item']}": dict(r)
+                for r in await pg.conn.fetch("SELECT * FROM stock")
+            }
+            assert every.rows is not None and set(every.rows) == set(rows) == {
+                new,
+                "south,2026-01-02,2",
+            }
+            assert stocked.rows is not None and set(stocked.rows) == set(rows)
+            assert row.rows == {}
+            assert logs[2].changes[0]["left"] is True
+            assert logs[2].changes[0]["meta"] == {
+                "old_key": {"warehouse": "north", "day": "2026-01-01", "item": 1}
+            }
+            assert moved_in.rows is not None and set(moved_in.rows) == {new}
+            assert moved_in.rows[new]["day"] == "2026-03-01"
 
 
 @pytest.mark.redis

@@ -147,6 +147,39 @@ async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
         assert [(c["seq"], c.get("left")) for c in replayed] == [(1, None), (2, True)]
 
 
+async def test_a_row_whose_key_changes_leaves_its_row_room_followed_on_another_node(
+    redis_target: RedisTarget,
+) -> None:
+    """As on a single node (feed.core.targets): an update that moves a row to another key goes
+    to the old key's row room too, marked `left`, live and in a replay from its history."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        old = await stack.enter_async_context(feed_client(other.url))
+        ack = await subscribed(old, "mem:public.orders:1")
+        new = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(new, "mem:public.orders:100")
+        engine = reader.engine
+
+        def routed() -> bool:
+            index = engine._index.get("mem", {}).get("public.orders")
+            return index is not None and len(list(index.names())) == 2
+
+        await wait_until(routed, 10, "the reader to route both row rooms")
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+        memory(reader).write("public.orders", "update", {"id": 100}, moved_from={"id": 1})
+        got = await old.take(2)
+        assert [(c["op"], c.get("left")) for c in got] == [("insert", None), ("update", True)]
+        assert got[1]["key"] == 100 and got[1]["meta"] == {"old_key": 1}
+        arrived = await new.take(1)
+        assert arrived[0]["key"] == 100 and "left" not in arrived[0]
+        late = await stack.enter_async_context(feed_client(reader.url))
+        back = await subscribed(late, "mem:public.orders:1", since=0, epoch=ack["epoch"])
+        assert back["recovered"] is True
+        replayed = await late.take(2)
+        assert [(c["seq"], c.get("left")) for c in replayed] == [(1, None), (2, True)]
+
+
 async def test_without_before_images_the_reader_sends_a_row_leaving_a_filter_room(
     redis_target: RedisTarget,
 ) -> None:

@@ -693,6 +693,10 @@ export class Subscription extends Emitter {
     }
     const key = keyText(change.key);
     if (key === null) return;
+    const meta = change.meta;
+    const oldKey = meta && typeof meta === "object" && "old_key" in meta ? keyText(meta.old_key) : null;
+    // An update that changed the row's key (a Postgres primary key): the old one is gone.
+    if (oldKey !== null && oldKey !== key) this.rows.delete(oldKey);
     if (REMOVALS.has(change.op) || change.left === true) {
       this.rows.delete(key);
     } else if (change.after !== null && change.after !== undefined) {

@@ -142,6 +142,19 @@ class Change:
         return room_key(self.key)
 
     @computed_once
+    def moved_from(self) -> str | None:
+        """The row room key the row had before this change, when the change moved it to another
+        key (an update of a Postgres primary key: `meta["old_key"]`), else None.
+
+        The row room of that old key must hear of it: for its followers the row is gone, and
+        without the change they would keep showing a row that no longer exists."""
+        meta = self.meta
+        if not meta or "old_key" not in meta:
+            return None
+        old = room_key(meta["old_key"])
+        return None if old == self.row_key else old
+
+    @computed_once
     def wire(self) -> dict[str, JSON]:
         """The JSON body shared by every room this change goes to (room and seq are added later).
 

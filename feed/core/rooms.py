@@ -81,6 +81,19 @@ class Payload(dict[str, Any]):
         return super().setdefault(key, default)
 
 
+def leaves(key: str | None, row_filter: RowFilter | None, change: Change) -> bool:
+    """Whether `change` goes to a room for its before image only: the row has just left it,
+    by no longer matching the room's filter, or by moving to another key than the row room's
+    (`Change.moved_from`). Clients drop such a row (`"left": true`). One rule for a node's own
+    rooms (`Room.record`) and for the cluster's reader (feed.engine.publisher)."""
+    after = change.after
+    if after is None:
+        return False
+    if row_filter is not None and not row_filter.matches_image(after):
+        return True
+    return key is not None and change.meta is not None and key == change.moved_from
+
+
 @dataclass(eq=False)
 class Room:
     name: str
@@ -123,11 +136,9 @@ class Room:
         """Number the change for this room, keep it for replay (`kept`: `change.kept()`, made
         once for all its rooms), and return its wire payload."""
         seq = self.seq = self.seq + 1
-        # Delivered for its before image only: the row has just left this room's filter.
-        left = (
-            self.filter is not None
-            and change.after is not None
-            and not self.filter.matches_image(change.after)
+        # A target room (neither key nor filter) never has a row leave it: no call per change.
+        left = (self.key is not None or self.filter is not None) and leaves(
+            self.key, self.filter, change
         )
         buffer = self._buffer
         buffer.append(change.kept() if kept is None else kept)

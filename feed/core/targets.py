@@ -93,6 +93,11 @@ class TargetRooms(Generic[R]):
                 for room in self.by_key.get(key, {}).values():
                     if room.filter is None or blind or room.filter.matches(change):
                         rooms.append(room)
+            moved = change.moved_from if change.meta else None
+            if moved is not None:  # the row left its old key's room (leaves() marks it)
+                for room in self.by_key.get(moved, {}).values():
+                    if room.filter is None or room.filter.matches_image(change.before):
+                        rooms.append(room)
         if self.track:
             start = len(rooms)
             self.filtered.collect(change, rooms)

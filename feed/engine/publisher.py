@@ -13,6 +13,7 @@ from typing import Any
 
 from connectors.base import Connector
 from feed.core.change import Change, Gap, format_ts
+from feed.core.rooms import leaves
 from feed.engine import scripts
 from feed.engine.registry import RoomRegistry
 from feed.engine.relay import LEFT, room_head
@@ -66,12 +67,8 @@ class Publisher(RoomRegistry):
                     slot = slots[room.name] = len(slots) + 1
                     keys += [self.meta_key(room.name), self.stream_key(room.name)]
                     channels.append(self.channel(room.name))
-                # Delivered for its before image only: the row has just left the room's filter
-                # (as feed.core.rooms.Room.record says on a single node).
-                left = (
-                    room.filter is not None
-                    and change.after is not None
-                    and not room.filter.matches_image(change.after)
+                left = (room.key is not None or room.filter is not None) and leaves(
+                    room.key, room.filter, change
                 )
                 if room.shape is None and tail is not None:
                     # The change's JSON, encoded once for all its rooms, behind the room's

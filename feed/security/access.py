@@ -63,15 +63,18 @@ class Shape:
 
     def apply(self, change: Change, payload: dict[str, Any]) -> None:
         """Shape a room's copy of the wire payload in place (the change itself is shared)."""
-        payload["before"] = (
-            strip(payload["before"], self.masked) if self.visible(change.before) else None
-        )
+        seen_before = self.visible(change.before)
+        payload["before"] = strip(payload["before"], self.masked) if seen_before else None
         payload["after"] = (
             strip(payload["after"], self.masked) if self.visible(change.after) else None
         )
         # Source extras (MongoDB's updateDescription, say) can repeat field values that the
-        # images above no longer show; they are withheld rather than parsed per source.
-        payload.pop("meta", None)
+        # images above no longer show; they are withheld rather than parsed per source. All but
+        # the key a row moved from, when its old row was shown: the client keeps that row
+        # under that key and must drop it (a key is never masked: it is in every change).
+        meta = payload.pop("meta", None)
+        if seen_before and change.moved_from is not None and isinstance(meta, dict):
+            payload["meta"] = {"old_key": meta["old_key"]}
 
     def allows_filter(self, row_filter: RowFilter) -> str | None:
         """Why a client filter is refused (it names a masked field), or None.

@@ -6,7 +6,8 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
 
     {"cmd": "start", "config": "<extra TOML>", "auth": false}  -> {"ok": true, "url": ..., "direct": ...}
     {"cmd": "write", "target": "public.orders", "op": "insert", "row": {...}}
-        (with "connector": "skus" or "lines", a table keyed by `sku` or by (order_id, line))
+        (with "connector": "skus" or "lines", a table keyed by `sku` or by (order_id, line);
+        with "moved_from": {<the key fields before>}, an update that changes the row's key)
     {"cmd": "burst", "target": "public.orders", "start": 1, "count": 300, "pad": 0}
         (with "spread": true, written 50 at a time in the background, 10 ms apart)
     {"cmd": "truncate", "target": "public.orders"} / {"cmd": "gap", "reason": "..."}
@@ -198,9 +199,14 @@ class Harness:
         return MemoryConnector.instances[name]
 
     def write(
-        self, target: str, op: str, row: dict[str, Any], connector: str = "mem"
+        self,
+        target: str,
+        op: str,
+        row: dict[str, Any],
+        connector: str = "mem",
+        moved_from: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        return self.connector(connector).write(target, op, row).wire
+        return self.connector(connector).write(target, op, row, moved_from).wire
 
     def burst(self, target: str, start: int, count: int, pad: int = 0) -> None:
         """`count` inserts in one go: the server sends them as `changes` frames."""
@@ -321,6 +327,7 @@ async def serve_commands() -> None:
                         command["op"],
                         command["row"],
                         command.get("connector", "mem"),
+                        command.get("moved_from"),
                     )
                 elif cmd == "burst" and command.get("spread"):
                     task = asyncio.create_task(

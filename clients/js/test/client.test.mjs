@@ -81,6 +81,33 @@ describe("against one feed server", () => {
     }
   });
 
+  test("an update that changes a row's key moves it in rows, and its old row room hears it left", async () => {
+    const feed = new FeedClient(h.url, WS);
+    try {
+      await h.send({ cmd: "truncate", target: "public.orders" });
+      await h.write("insert", { id: 1, status: "paid", amount: 10 });
+      await h.write("insert", { id: 2, status: "new", amount: 20 });
+      await h.send({ cmd: "delivered" });
+      const all = feed.subscribe(ROOM, { snapshot: true });
+      const paid = feed.subscribe(ROOM, { filter: "status=eq.paid", snapshot: true });
+      const row = feed.subscribe(`${ROOM}:1`, { snapshot: true });
+      const logs = [all, paid, row].map(record);
+      await Promise.all([all.ready, paid.ready, row.ready]);
+      assert.deepEqual([...row.rows.keys()], ["1"]);
+
+      await h.write("update", { id: 100 }, "public.orders", { id: 1 });
+      await until(() => logs.every((log) => log.changes.length === 1), "the key's update everywhere");
+      assert.deepEqual(plainRows(all.rows), plainRows(new Map(Object.entries(await h.rows()))));
+      assert.deepEqual([...all.rows.keys()].sort(), ["100", "2"]);
+      assert.deepEqual(plainRows(paid.rows), { 100: { id: 100, status: "paid", amount: 10 } });
+      assert.equal(row.rows.size, 0);
+      assert.equal(logs[2].changes[0].left, true);
+      assert.deepEqual(logs[2].changes[0].meta, { old_key: 1 });
+    } finally {
+      feed.close();
+    }
+  });
+
   test("a connection cut in the middle of a burst: nothing missing, nothing twice, `recovered`", async () => {
     const feed = new FeedClient(h.url, WS);
     try {

@@ -80,8 +80,9 @@ export class Harness {
     });
   }
 
-  write(op, row, target = "public.orders") {
-    return this.send({ cmd: "write", target, op, row });
+  write(op, row, target = "public.orders", movedFrom = undefined) {
+    // movedFrom: the key fields the row had, for an update that changes its key
+    return this.send({ cmd: "write", target, op, row, moved_from: movedFrom });
   }
 
   burst(start, count, pad = 0, target = "public.orders") {

@@ -78,6 +78,12 @@ def apply(rows: dict[str, Row], change: Change) -> None:
     key = key_text(change.get("key"))
     if key is None:
         return
+    meta = change.get("meta")
+    if isinstance(meta, Mapping) and "old_key" in meta:
+        # An update that changed the row's key (a Postgres primary key): the old one is gone.
+        old = key_text(meta["old_key"])
+        if old is not None and old != key:
+            rows.pop(old, None)
     after = change.get("after")
     if change.get("op") in REMOVALS or change.get("left") is True:
         rows.pop(key, None)
