@@ -45,7 +45,7 @@ from pymongo.errors import (
 )
 from pymongo.uri_parser import parse_uri
 
-from connectors.base import Connector, RoomAddress, Snapshot, State
+from connectors.base import Connector, RoomAddress, Snapshot, State, Where
 from connectors.mongodb_events import (
     Watch,
     cluster_time_of,
@@ -56,6 +56,7 @@ from connectors.mongodb_events import (
     token_of,
     token_time,
 )
+from connectors.mongodb_filters import pushdown
 from connectors.mongodb_tokens import TokenStore
 from feed.core.change import Change, Gap, room_key
 from feed.errors import (
@@ -452,9 +453,14 @@ class MongoConnector(Connector):
         if self._client is None:
             raise SourceUnavailable(f"connector {self.name!r} is not running")
         at = await self._snapshot_time()
-        query: dict[str, Any] = {}
+        parts: list[dict[str, Any]] = []
         if address.key is not None:
-            query = {"_id": {"$in": _key_candidates(address.key)}}
+            parts.append({"_id": {"$in": _key_candidates(address.key)}})
+        if isinstance(where, Where):  # the room's filter, as far as MongoDB keeps every match
+            pushed = pushdown(where.filter)
+            if pushed:
+                parts.append(pushed)
+        query: dict[str, Any] = parts[0] if len(parts) == 1 else {"$and": parts} if parts else {}
         rows: list[Mapping[str, Any]] = []
         keys: list[str | None] = []
         truncated = False

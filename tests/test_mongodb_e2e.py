@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from bson import ObjectId
+from bson import Code, Decimal128, Int64, ObjectId
 
+from feed.core.filters import parse_filter
 from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
 from tests.support.server import RunningFeed, feed_client, running_feed
 
@@ -151,3 +153,55 @@ targets = ["public.orders"]
             change = await client.next_change()
     assert change["key"] == "x"
     assert "shop" in str(catalog)
+
+
+async def returned(source: MongoSource) -> int:
+    """Documents the server has sent in query batches so far (serverStatus)."""
+    status = await source.client.admin.command("serverStatus")
+    return int(status["metrics"]["document"]["returned"])
+
+
+async def test_a_per_user_snapshot_reads_that_users_documents_not_the_collection(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The room's eq/in conditions go into the find (connectors/mongodb_filters): a subscribe
+    takes the user's documents from the server, with every value the feed's own comparison
+    finds equal (7 as a number of any BSON type, as text), and no other."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "user_id": i % 100, "n": i} for i in range(2000)])
+    odd: list[dict[str, Any]] = [
+        {"_id": "text", "user_id": "7", "n": 0},
+        {"_id": "double", "user_id": 7.0, "n": 0},
+        {"_id": "long", "user_id": Int64(7), "n": 0},
+        {"_id": "decimal", "user_id": Decimal128("7"), "n": 0},
+        {"_id": "code", "user_id": Code("7"), "n": 0},
+        # The feed compares a Decimal128 as its text: this one is not 7 to it.
+        {"_id": "decimal-other", "user_id": Decimal128("7.0"), "n": 0},
+        {"_id": "bool", "user_id": True, "n": 0},
+        {"_id": "dotted", "owner": {"id": 7}},
+    ]
+    await coll.insert_many(odd)
+    docs = [doc async for doc in coll.find({})]
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        seen: dict[str, set[str]] = {}
+        async with feed_client(feed.url) as client:
+            for text in ("user_id=eq.7", "user_id=in.(7,13)&n=gte.0", "owner.id=eq.7"):
+                wanted = parse_filter(text)
+                before = await returned(mongodb)
+                ack = await client.subscribe(f"shop:{db}.orders", filter=text, snapshot=True)
+                taken = await returned(mongodb) - before
+                assert ack["ok"], ack
+                expected = sorted(str(d["_id"]) for d in docs if wanted.matches_image(d))
+                assert sorted(ack["snapshot_keys"]) == expected, text
+                if text.startswith("user_id"):
+                    # The matches and the text-compared Decimal128; never the collection.
+                    assert taken <= len(expected) + 1, (text, taken)
+                else:  # a dotted field is left to the per-document check
+                    assert taken >= len(docs), (text, taken)
+                seen[text] = set(ack["snapshot_keys"])
+    # A number of any BSON type, or the text; not `Code("7")`, `True` nor Decimal128 `7.0`.
+    found = seen["user_id=eq.7"] - {str(i) for i in range(2000)}
+    assert found == {"text", "double", "long", "decimal"}
+    assert seen["owner.id=eq.7"] == {"dotted"}

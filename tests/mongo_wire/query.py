@@ -1,7 +1,7 @@
 """The small part of MongoDB's query, update and aggregation languages the tests need.
 
 Filters: equality (array fields match any element), dotted paths, $eq $ne $gt $gte $lt $lte $in
-$nin $exists, and $and $or $nor. Updates: replacement documents, the operators $set $unset $inc
+$nin $exists $type (by alias), and $and $or $nor. Updates: replacement documents, the operators $set $unset $inc
 $push $pop, and pipeline updates made of $set/$addFields/$unset stages whose expressions are
 literals, "$field" paths, $literal and $slice. Anything else is refused with the server's own
 error code, so a test that strays outside the subset fails loudly instead of passing by accident.
@@ -10,8 +10,21 @@ error code, so a test that strays outside the subset fails loudly instead of pas
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import uuid
 from collections.abc import Mapping
 from typing import Any
+
+from bson.binary import Binary
+from bson.code import Code
+from bson.dbref import DBRef
+from bson.decimal128 import Decimal128
+from bson.int64 import Int64
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+from bson.objectid import ObjectId
+from bson.regex import Regex
+from bson.timestamp import Timestamp
 
 MISSING = object()
 
@@ -81,7 +94,41 @@ def _match_operator(value: Any, op: str, arg: Any) -> bool:
         return not any(_match_condition(value, item) for item in arg)
     if op == "$exists":
         return (value is not MISSING) == bool(arg)
+    if op == "$type":
+        wanted = set(arg) if isinstance(arg, list) else {arg}
+        if "array" in wanted and isinstance(value, list):
+            return True
+        return any(type_alias(c) in wanted for c in _candidates(value) if not isinstance(c, list))
     raise QueryError(2, f"unknown operator: {op}")
+
+
+def type_alias(value: Any) -> str:
+    """The BSON type alias of a decoded value, as `$type` names it (symbols decode to `str`
+    and are `string` here; the server stores nothing else as a symbol)."""
+    checks: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "bool"),
+        (Int64, "long"),
+        (int, "int"),
+        (float, "double"),
+        (Decimal128, "decimal"),
+        (Code, "javascriptWithScope" if isinstance(value, Code) and value.scope else "javascript"),
+        (str, "string"),
+        ((Binary, uuid.UUID, bytes), "binData"),
+        (ObjectId, "objectId"),
+        (dt.datetime, "date"),
+        (Timestamp, "timestamp"),
+        (Regex, "regex"),
+        (MinKey, "minKey"),
+        (MaxKey, "maxKey"),
+        ((Mapping, DBRef), "object"),
+        (list, "array"),
+    ]
+    if value is None:
+        return "null"
+    for kind, alias in checks:
+        if isinstance(value, kind):
+            return alias
+    raise QueryError(2, f"no BSON type alias for {type(value).__name__}")
 
 
 def matches(doc: Mapping[str, Any], query: Mapping[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from bson import ObjectId
 from bson.binary import Binary
+from bson.int64 import Int64
 from bson.timestamp import Timestamp
 
 from tests.mongo_wire.query import (
@@ -135,6 +136,9 @@ class MongoWireServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_ids = itertools.count(1)
         self._cursor_ids = itertools.count(1_000_001)
+        self.returned = 0
+        """Documents sent in find and getMore batches (`serverStatus().metrics.document
+        .returned`): what a test reads to see how much of a collection a query took."""
         self._reply_ids = itertools.count(1)
         self._cursors: dict[int, FindCursor | StreamCursor] = {}
         self._commands: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]]
@@ -164,6 +168,7 @@ class MongoWireServer:
             "listCollections": self._list_collections,
             "listDatabases": self._list_databases,
             "configureFailPoint": self._configure_fail_point,
+            "serverStatus": self._server_status,
         }
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -322,6 +327,10 @@ class MongoWireServer:
 
     async def _ok(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    async def _server_status(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Only the counter tests read (a real server's has hundreds of fields)."""
+        return {"metrics": {"document": {"returned": Int64(self.returned)}}}
 
     async def _build_info(self, conn: Connection, cmd: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -501,6 +510,7 @@ class MongoWireServer:
             cursor_id = next(self._cursor_ids)
             self._cursors[cursor_id] = FindCursor(ns, rest)
         key = "firstBatch" if first else "nextBatch"
+        self.returned += len(batch)
         return {"cursor": {key: batch, "id": cursor_id, "ns": ns, **(extra or {})}}
 
     def _read_time(self, cmd: Mapping[str, Any]) -> Timestamp | None:
@@ -655,6 +665,7 @@ class MongoWireServer:
             if not cursor.docs:
                 del self._cursors[cursor_id]
                 cursor_id = 0
+            self.returned += len(batch)
             return {"cursor": {"nextBatch": batch, "id": cursor_id, "ns": cursor.ns}}
         stream = cursor.stream
         if cmd.get("batchSize"):
