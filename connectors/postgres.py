@@ -1574,7 +1574,8 @@ class PostgresConnector(Connector):
     ) -> tuple[list[dict[str, Any]], list[str | None], bool, str, Any]:
         """The rows, their keys, whether cut at `limit`, and what `_wait_past` needs: read on
         `conn` in one REPEATABLE READ transaction."""
-        sql = f"SELECT to_jsonb(t)::text AS row FROM {self.regclass(address.target)} t"
+        # `t.*`, not `t`: a bare `t` is the column of that name when the table has one.
+        sql = f"SELECT to_jsonb(t.*)::text AS row FROM {self.regclass(address.target)} t"
         clauses: list[str] = []
         args: list[Any] = []
         values = address.key.split(",") if address.key is not None else []

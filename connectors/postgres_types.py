@@ -261,8 +261,10 @@ def recompute_sql(regclass: str, select: str | None) -> str:
     record = f"jsonb_populate_record(NULL::{regclass}, u.x::jsonb)"
     rows = "unnest($1::text[]) WITH ORDINALITY AS u(x, n)"
     if select is None:
-        return f"SELECT to_jsonb({record})::text AS image FROM {rows} ORDER BY n"
+        return f"SELECT to_jsonb({record})::text AS image FROM {rows} ORDER BY u.n"
+    # Qualified throughout: a table's own column named `g` or `n` would otherwise be what a bare
+    # `g` or `n` means here (the whole-row `g` its value, `n` ambiguous).
     return (
-        f"SELECT to_jsonb(g)::text AS image FROM {rows},"
-        f" LATERAL (SELECT {select} FROM {record} AS r) AS g ORDER BY n"
+        f"SELECT to_jsonb(g.*)::text AS image FROM {rows},"
+        f" LATERAL (SELECT {select} FROM {record} AS r) AS g ORDER BY u.n"
     )

@@ -603,6 +603,29 @@ async def test_virtual_generated_columns_have_their_values(pg: PgDatabase) -> No
     assert snapshot.rows == [{"id": 2, "qty": 5, "twice": 10, "stored": 6}]
 
 
+async def test_columns_named_like_the_connectors_own_aliases(pg: PgDatabase) -> None:
+    """The connector's queries name a table `t` and rows `u`, `g`, `r`, `n`: a table with
+    columns of those names still has its snapshots (a bare `to_jsonb(t)` was the column `t`,
+    and every snapshot failed) and, on Postgres 18, its virtual columns computed (a bare
+    `ORDER BY n` was ambiguous, and every change failed the reader)."""
+    virtual = int(await pg.conn.fetchval("SHOW server_version_num")) >= 180000
+    extra = ", twice int GENERATED ALWAYS AS (n * 2) VIRTUAL" if virtual else ""
+    await pg.conn.execute(
+        f"CREATE TABLE public.odd (id int PRIMARY KEY, t text, u int, g int, r int, n int{extra})"
+    )
+    await pg.conn.execute("INSERT INTO odd (id, t, u, g, r, n) VALUES (1, 'a', 2, 3, 4, 5)")
+    connector = make_connector(pg.url, ["public.odd"])
+    row = {"id": 1, "t": "a", "u": 2, "g": 3, "r": 4, "n": 5} | ({"twice": 10} if virtual else {})
+    async with streaming(connector) as stream:
+        snapshot = await connector.snapshot(RoomAddress("public.odd"), lambda r: True, 10)
+        keyed = await connector.snapshot(RoomAddress("public.odd", "1"), lambda r: True, 10)
+        await pg.conn.execute("UPDATE odd SET n = 6 WHERE id = 1")
+        update = await stream.next()
+    assert snapshot.rows == [row] and keyed.rows == [row]
+    assert update.before == row
+    assert update.after == row | {"n": 6} | ({"twice": 12} if virtual else {})
+
+
 async def test_row_level_security_over_the_feed_is_a_warning(
     pg: PgDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
