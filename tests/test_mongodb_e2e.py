@@ -126,6 +126,45 @@ async def test_without_pre_images_a_filter_room_hears_a_document_leave_it_or_go(
     assert all(c["before"] is None for c in got)
 
 
+async def test_a_document_leaving_while_the_rooms_snapshot_is_read_is_still_announced(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The snapshot reads at a point T; a document of its rows that leaves the filter after T,
+    before the rows are held, was routed to no one: the subscriber kept it for good. The feed
+    now notes the target's changes while the snapshot is read and sends that one after it."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "status": "paid"} for i in (1, 2, 3)])
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        app = "dbfeed-shop"
+        block = {"failCommands": ["find"], "blockConnection": True, "blockTimeMS": 1500}
+        async with (
+            feed_client(feed.url) as client,
+            mongodb.fail_command({"times": 1}, {**block, "appName": app}),
+        ):
+            subscribing = asyncio.create_task(
+                client.subscribe(f"shop:{db}.orders", filter="status=eq.paid", snapshot=True)
+            )
+            async with asyncio.timeout(WAIT):  # the snapshot's find waits at the fail point
+                while not await mongodb.running("find", app):  # noqa: ASYNC110 - a server state
+                    await asyncio.sleep(0.01)
+            await coll.update_one({"_id": 1}, {"$set": {"status": "refunded"}})
+            await coll.delete_one({"_id": 2})
+            await coll.update_one({"_id": 3}, {"$set": {"note": "still paid"}})
+            ack = await subscribing
+            got = await client.take(3)
+            await coll.insert_one({"_id": 99, "status": "paid"})  # a sentinel: nothing else came
+            sentinel = await client.next_change()
+    assert ack["ok"] and sorted(ack["snapshot_keys"]) == ["1", "2", "3"], ack
+    assert sorted((c["key"], c["op"], c.get("left")) for c in got) == [
+        (1, "update", True),
+        (2, "delete", None),
+        (3, "update", None),
+    ]
+    assert sentinel["key"] == 99
+
+
 async def test_misconfigured_source_is_down_then_recovers_others_unaffected(
     mongodb: MongoSource,  # noqa: F811
     db: str,  # noqa: F811

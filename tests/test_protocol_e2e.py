@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from connectors.memory import MemoryConnector
-from tests.support.server import RunningFeed, feed_client, http_get
+from tests.support.server import RunningFeed, feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
 
 
@@ -306,3 +306,57 @@ async def test_a_replay_is_exactly_what_was_sent_live_left_flag_included(
             assert ack["recovered"] is True
             replayed = await late.take(2)
     assert replayed == sent
+
+
+NO_BEFORE = """
+[server]
+replay_buffer = 100
+
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders"]
+before_images = false
+"""
+
+
+async def test_rows_leaving_while_a_snapshot_is_read_reach_the_subscriber_or_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without before images, a row of the snapshot that leaves after its point, before the
+    room holds its rows, is sent to the room then (`left`); when too many rows changed during
+    the read to tell, the subscriber gets a gap after its snapshot instead."""
+    async with running_feed(NO_BEFORE) as feed:
+        db = source(feed)
+        for key in (1, 2, 3):
+            db.write("public.orders", "insert", {"id": key, "status": "paid"})
+        read = db.snapshot
+
+        async def read_then_write(address: Any, where: Any, limit: int) -> Any:
+            snapshot = await read(address, where, limit)
+            db.write("public.orders", "update", {"id": 1, "status": "refunded"})  # after its point
+            db.write("public.orders", "update", {"id": 3, "status": "refunded"})
+            back = db.write("public.orders", "update", {"id": 3, "status": "paid"})  # sent live
+            await db.routed(back.position)  # all three routed before the snapshot returns
+            return snapshot
+
+        db.snapshot = read_then_write  # type: ignore[method-assign]
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(
+                "mem:public.orders", filter="status=eq.paid", snapshot=True
+            )
+            assert sorted(ack["snapshot_keys"]) == ["1", "2", "3"]
+            got = await client.take(2)
+            assert sorted((c["key"], c["after"]["status"], c.get("left")) for c in got) == [
+                (1, "refunded", True),
+                (3, "paid", None),
+            ]
+            db.write("public.orders", "update", {"id": 1, "status": "new"})  # not held: not sent
+            db.write("public.orders", "update", {"id": 2, "status": "new"})
+            assert (await client.next_change())["key"] == 2
+        monkeypatch.setattr("feed.core.filter_index.WATCH_LIMIT", 1)
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe("mem:public.orders", filter="status=eq.new", snapshot=True)
+            assert ack["ok"]
+            gap = await client.next_gap()
+            assert gap["reason"].startswith("too many rows changed while the snapshot was read")

@@ -520,3 +520,41 @@ def test_a_room_s_replay_buffer_numbers_and_flags_what_it_evicts_and_keeps() -> 
     assert [payload for _, _, payload in replayed] == sent[2:]
     assert [seq for seq, _, _ in room.after(4)] == [5]
     assert list(room.after(5)) == []
+
+
+def test_a_snapshot_watch_returns_the_rows_that_left_unseen_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without before images (`track`): of the snapshot's rows, those whose last change during
+    the read came after its point and reached no one, oldest first; past the watch's limit,
+    None (the hub then tells the subscriber to reload)."""
+    index: FilterIndex[Room] = FilterIndex(track=True)
+    paid = Room("m:t?status=eq.paid", "m", "t", filter=parse_filter("status=eq.paid"))
+    index.add(paid)
+    watch = index.watch(paid.name)
+    assert index.watch("m:t").name == "m:t"  # not a filter room here: watches nothing
+
+    def write(n: int, key: int, status: str | None) -> Change:
+        after = None if status is None else {"id": key, "status": status}
+        change = Change(f"m:{n}", "m", "memory", "t", "update", key, None, after, position=n)
+        out: list[Room] = []
+        index.collect(change, out)
+        index.follow(change, out, 0)
+        return change
+
+    write(1, 1, "paid")  # reaches the room (matches): nothing to send again
+    left_late = write(2, 2, "refunded")
+    write(3, 3, "refunded")  # not a row of the snapshot
+    gone = write(4, 4, None)
+    write(5, 5, "refunded")  # covered: the snapshot already shows it gone
+    index.unwatch(watch)
+    write(6, 6, "refunded")  # after the watch: not noted
+    covers = {5}
+    found = watch.leavers(["1", "2", "4", "5", "6"], lambda c: c.position in covers)
+    assert found == [left_late, gone]
+    assert watch.leavers(None, lambda c: False) is None  # no keys: cannot tell
+    monkeypatch.setattr("feed.core.filter_index.WATCH_LIMIT", 2)
+    small = index.watch(paid.name)
+    for n in range(3):
+        write(10 + n, 10 + n, "refunded")
+    assert small.leavers(["10"], lambda c: False) is None

@@ -21,12 +21,15 @@ Some sources send no before image (Redis keyspace events, MongoDB without pre-im
 image matched, the new one does not" cannot be seen in the change, and a row that left a filter
 room, or was deleted, went unannounced, its clients keeping it forever. For such a target the
 index `track`s which rows each filter room was last sent matching (or was given in a snapshot,
-`hold`), and a change of such a row without a before image reaches those rooms too.
+`hold`), and a change of such a row without a before image reaches those rooms too. While a
+filter room's snapshot is read, the rows it will hold are not known yet: a `SnapshotWatch`
+notes the last change of every row meanwhile, so that a row of the snapshot that left before
+the rows were held still reaches the room (`SnapshotWatch.leavers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from feed.core.change import Change
@@ -81,6 +84,55 @@ def anchor_of(row_filter: RowFilter) -> Condition | None:
     return best
 
 
+WATCH_LIMIT = 100_000
+"""Rows a snapshot watch notes at most; past it, which rows left cannot be told (a gap)."""
+
+
+class SnapshotWatch:
+    """The last change of each row of a tracked target while one filter room's snapshot is read,
+    and whether it reached the room.
+
+    Without before images, a row leaves a filter room only through the rows the room holds, and
+    a snapshot's rows are held once it returns. A row of the snapshot whose change after the
+    snapshot's point (not `covers`) made it leave before then reached no one: the new
+    subscriber kept it for good. Only rows seen to change during the read are noted."""
+
+    __slots__ = ("_count", "last", "name", "overflowed")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.last: dict[str, tuple[int, Change, bool]] = {}
+        """Row key -> (when, its last change, whether that reached the room)."""
+        self.overflowed = False
+        self._count = 0
+
+    def note(self, key: str, change: Change, reached: bool) -> None:
+        if key in self.last or len(self.last) < WATCH_LIMIT:
+            self._count += 1
+            self.last[key] = (self._count, change, reached)
+        else:
+            self.overflowed = True
+
+    def leavers(
+        self, keys: Sequence[str | None] | None, covers: Callable[[Change], bool]
+    ) -> list[Change] | None:
+        """Of the snapshot's rows (`keys`), the last changes the room must still get, in the
+        order they happened; None when that cannot be told (too many rows changed meanwhile,
+        or the connector gave no keys)."""
+        if not self.last:
+            return []
+        if self.overflowed or keys is None:
+            return None
+        late = [
+            (when, change)
+            for key in set(keys)
+            if key is not None and key in self.last
+            for when, change, reached in (self.last[key],)
+            if not reached and not covers(change)
+        ]
+        return [change for _, change in sorted(late, key=lambda entry: entry[0])]
+
+
 class FilterIndex(Generic[Room]):
     """The filter rooms (and unfiltered shaped rooms) of one target, indexed for routing.
 
@@ -100,6 +152,8 @@ class FilterIndex(Generic[Room]):
         self._scanned: dict[str, Room] = {}
         """Rooms with no equality condition, checked on every change."""
         self._unfiltered: dict[str, Room] = {}
+        self._watches: list[SnapshotWatch] = []
+        """Filter rooms' snapshots being read (with `track`)."""
 
     def __len__(self) -> int:
         return len(self._anchors) + len(self._scanned) + len(self._unfiltered)
@@ -174,6 +228,17 @@ class FilterIndex(Generic[Room]):
         self._held.clear()
         self._holds.clear()
 
+    def watch(self, name: str) -> SnapshotWatch:
+        """Note every row's last change until `unwatch`: filter room `name`'s snapshot is read."""
+        watch = SnapshotWatch(name)
+        if self.track and name in self and name not in self._unfiltered:
+            self._watches.append(watch)
+        return watch
+
+    def unwatch(self, watch: SnapshotWatch) -> None:
+        if watch in self._watches:
+            self._watches.remove(watch)
+
     def hold(self, name: str, keys: Iterable[str | None] | None) -> None:
         """With `track`: filter room `name` holds these rows (a snapshot gave them to it; None:
         the connector did not say its rows' keys)."""
@@ -196,7 +261,7 @@ class FilterIndex(Generic[Room]):
         it and are not among them are appended too (the row left them, or is gone). A change
         with a before image was routed by it. Apart from `collect`, so that a target that does
         not track pays nothing for it."""
-        if not self._held and len(out) == start:
+        if not self._held and len(out) == start and not self._watches:
             return
         key = change.row_key
         if key is None:
@@ -224,6 +289,10 @@ class FilterIndex(Generic[Room]):
             self._held[key] = now
             for name in now:
                 self._holds.setdefault(name, set()).add(key)
+        if self._watches:
+            reached = {room.name for room in out[start:]}
+            for watch in self._watches:
+                watch.note(key, change, watch.name in reached)
 
     def collect(self, change: Change, out: list[Room]) -> None:
         """Append to `out` every room whose filter the change's before or after image matches

@@ -59,6 +59,7 @@ class Resume(Delivery):
         }
         plan: SnapshotPlan | None = None
         rest: list[SnapshotChunk] = []
+        gap: str | None = None
         if request.snapshot and not recovered:
             try:
                 answer = await self._snapshot(room, address)
@@ -66,6 +67,7 @@ class Resume(Delivery):
                 hub._leave(sid, room)
                 raise
             plan = SnapshotPlan(int(answer["upto"]), frozenset(answer["uncovered"]))
+            gap = answer.get("gap")  # the rows are not sure (the reader says why)
             # `keys` is absent in the answer of a reading node older than snapshot keys.
             fields, rest = snapshot_ack(
                 answer["rows"],
@@ -76,7 +78,7 @@ class Resume(Delivery):
             )
             ack.update(fields)
             ack["seq"] = cursor
-        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest))
+        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest, gap))
         return ack
 
     async def _holds_after(self, mirror: Mirror, since: int) -> bool:
@@ -105,6 +107,7 @@ class Resume(Delivery):
         cursor: int,
         plan: SnapshotPlan | None,
         chunks: list[SnapshotChunk],
+        gap: str | None = None,
     ) -> None:
         """Send a new member the rest of its snapshot and what it missed after `cursor`, then
         let it go live (as the hub's own catch-up: the member leaves `pending` in the step that
@@ -122,6 +125,16 @@ class Resume(Delivery):
                         return
                     body = chunk_event(room.name, index, total, chunk)
                     await transport.send_paced(sid, "snapshot", body)
+            if gap is not None and transport is not None:
+                body = {
+                    "connector": room.connector,
+                    "room": room.name,
+                    "target": room.target,
+                    "reason": gap,
+                    "seq": mirror.seq or 0,
+                    "epoch": mirror.epoch,
+                }
+                await transport.send_to(sid, "gap", body)
             while sid in room.pending and hub._catch_ups.get(key) is token:
                 seq = mirror.seq or 0
                 if plan is not None and seq < plan.upto:

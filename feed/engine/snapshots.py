@@ -113,15 +113,28 @@ class Snapshots(Leases):
             return {"ok": False, "code": "snapshot_failed", "message": "bad room"}
         watch: list[tuple[int, Change]] = []
         self._watching[name] = watch
+        address = RoomAddress(str(request["target"]), request.get("key"))
+        index = self._target_index(connector.name, address.target)
+        # A source without before images: which rows left the room while it was read
+        # (feed.core.filter_index.SnapshotWatch; a filter room only, as on a single node).
+        leaving = index.filtered.watch(name if address.key is None else "")
         try:
-            address = RoomAddress(str(request["target"]), request.get("key"))
-            snapshot = await asyncio.wait_for(
-                connector.snapshot(address, Where(routed.filter), int(request["limit"])),
-                SNAPSHOT_TIMEOUT,
+            try:
+                snapshot = await asyncio.wait_for(
+                    connector.snapshot(address, Where(routed.filter), int(request["limit"])),
+                    SNAPSHOT_TIMEOUT,
+                )
+            finally:
+                index.filtered.unwatch(leaving)
+            # The rows the room holds. One that left meanwhile was published before the room
+            # held it, to no one: the asker's client is told to reload (a gap) rather than
+            # keep it; a single node sends that change itself (Hub.subscribe).
+            leavers = leaving.leavers(snapshot.keys, snapshot.covers)
+            gone = {change.row_key for change in leavers or ()}
+            keys = snapshot.keys
+            index.filtered.hold(
+                name, keys if not gone else [k for k in keys or () if k not in gone]
             )
-            # The rows the room holds, for a source that sends no before images.
-            index = self._target_index(connector.name, address.target)
-            index.filtered.hold(name, snapshot.keys)
             batcher = self._batchers.get(connector.name)
             if batcher is not None:  # what the stream yielded before the snapshot: numbered
                 await asyncio.wait_for(batcher.drain(), SNAPSHOT_TIMEOUT)
@@ -129,7 +142,7 @@ class Snapshots(Leases):
             if upto is None:  # not published to in this reading: the number earlier ones left
                 upto = int(await self.redis.hget(self.meta_key(name), "seq") or 0)
             uncovered = [s for s, change in watch if not snapshot.covers(change)]
-            return {
+            answer: dict[str, Any] = {
                 "ok": True,
                 "rows": [to_json(r) for r in snapshot.rows],
                 "keys": list(snapshot.keys) if snapshot.keys is not None else None,
@@ -137,6 +150,13 @@ class Snapshots(Leases):
                 "upto": upto,
                 "uncovered": uncovered,
             }
+            if leavers is None:
+                answer["gap"] = (
+                    "too many rows changed while the snapshot was read to tell which left"
+                )
+            elif leavers:
+                answer["gap"] = "a row of the snapshot left the room while it was read"
+            return answer
         except SnapshotNotSupported as exc:
             return {"ok": False, "code": "snapshot_unsupported", "message": str(exc)}
         except (FeedError, TimeoutError, OSError) as exc:

@@ -563,12 +563,29 @@ class Hub:
         }
         covers: Callable[[Change], bool] | None = None
         rest: list[SnapshotChunk] = []
+        gap: str | None = None
         if request.snapshot and not recovered:
-            snapshot = await self._snapshot(connector, address, row_filter, sid, room)
-            covers = snapshot.covers
-            # The rows the room holds, for a source that sends no before images.
             target = self._target_rooms(connector.name, address.target)
-            target.filtered.hold(room.name, snapshot.keys)
+            # Only a filter room holds rows (a target room gets every change; a row room with
+            # a filter every change of its row, from such a source).
+            watch = target.filtered.watch(room.name if room.key is None else "")
+            try:
+                snapshot = await self._snapshot(connector, address, row_filter, sid, room)
+            finally:
+                target.filtered.unwatch(watch)
+            covers = snapshot.covers
+            # The rows the room holds, for a source that sends no before images; those that
+            # left it while the snapshot was read get their change now (after the ones the
+            # room had meanwhile, which is their order: each was the row's last).
+            leavers = watch.leavers(snapshot.keys, covers)
+            if leavers is None:
+                gap = "too many rows changed while the snapshot was read to tell which left"
+                target.filtered.hold(room.name, snapshot.keys)
+            else:
+                gone = {change.row_key for change in leavers}
+                target.filtered.hold(room.name, [k for k in snapshot.keys or () if k not in gone])
+                for change in leavers:
+                    self._send_to_room(room, change)
             fields, rest = snapshot_ack(
                 snapshot.rows,
                 snapshot.keys,
@@ -581,8 +598,17 @@ class Hub:
             ack["seq"] = cursor
         # The ack goes out when this returns, before the catch-up task's first step: the rest of
         # the snapshot, then what the room got meanwhile, follow it in that order.
-        self._spawn(self._catch_up(sid, room, cursor, covers, rest))
+        self._spawn(self._catch_up(sid, room, cursor, covers, rest, gap))
         return ack
+
+    def _send_to_room(self, room: Room, change: Change) -> None:
+        """Number one change in one room and send it to its live members (a row that left the
+        room while a snapshot of it was read: `subscribe`); pending members get it in their
+        catch-up, from the room's buffer."""
+        payload = room.record(change)
+        receivers = len(room.members) - len(room.pending)
+        if receivers > 0 and self.transport is not None:
+            self.transport.send_change(room.name, payload, list(room.pending))
 
     async def _snapshot(
         self,
@@ -658,6 +684,7 @@ class Hub:
         cursor: int,
         covers: Callable[[Change], bool] | None,
         chunks: list[SnapshotChunk] | None = None,
+        gap: str | None = None,
     ) -> None:
         """Send a new member the rest of its snapshot and what it missed after `cursor`, in
         order, then let it go live.
@@ -678,18 +705,13 @@ class Hub:
                         return
                     body = chunk_event(room.name, index, total, chunk)
                     await self.transport.send_paced(sid, "snapshot", body)
+            if gap is not None and self.transport is not None:  # the snapshot's rows are unsure
+                await self.transport.send_to(sid, "gap", self._gap_body(room, gap))
             while sid in room.pending and self._catch_ups.get(key) is token:
                 if cursor < room.seq and not room.holds_after(cursor):
                     if self.transport is not None:
-                        body = {
-                            "connector": room.connector,
-                            "room": room.name,
-                            "target": room.target,
-                            "reason": "the replay buffer no longer holds what was missed",
-                            "seq": room.seq,
-                            "epoch": self.epoch,
-                        }
-                        await self.transport.send_to(sid, "gap", body)
+                        reason = "the replay buffer no longer holds what was missed"
+                        await self.transport.send_to(sid, "gap", self._gap_body(room, reason))
                     cursor = room.seq
                     continue
                 batch = [
@@ -710,6 +732,16 @@ class Hub:
         finally:
             if self._catch_ups.get(key) is token:
                 del self._catch_ups[key]
+
+    def _gap_body(self, room: Room, reason: str) -> dict[str, Any]:
+        return {
+            "connector": room.connector,
+            "room": room.name,
+            "target": room.target,
+            "reason": reason,
+            "seq": room.seq,
+            "epoch": self.epoch,
+        }
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

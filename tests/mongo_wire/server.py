@@ -136,6 +136,9 @@ class MongoWireServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._conn_ids = itertools.count(1)
         self._cursor_ids = itertools.count(1_000_001)
+        self.in_flight: dict[tuple[str, str], int] = {}
+        """(command, client's appName) -> how many are being served now (`currentOp`, for
+        tests that act while a command waits at a fail point)."""
         self.returned = 0
         """Documents sent in find and getMore batches (`serverStatus().metrics.document
         .returned`): what a test reads to see how much of a collection a query took."""
@@ -246,6 +249,8 @@ class MongoWireServer:
         cmd = request.command
         name = next(iter(cmd))
         self.commands_seen.append(name)
+        running = (name, conn.app_name or "")
+        self.in_flight[running] = self.in_flight.get(running, 0) + 1
         try:
             if name != "configureFailPoint" and self.fail_point.applies(name, conn):
                 await self._fail(name)
@@ -260,6 +265,8 @@ class MongoWireServer:
                 response["errorLabels"] = exc.labels
         except QueryError as exc:
             response = {"ok": 0.0, "errmsg": str(exc), "code": exc.code, "codeName": "BadValue"}
+        finally:
+            self.in_flight[running] -= 1
         if name not in ("hello", "isMaster", "ismaster") and not self.standalone:
             now = self.store.last
             response["operationTime"] = now

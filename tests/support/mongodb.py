@@ -67,6 +67,16 @@ class MongoSource:
             # mongod counts entries over the fail point's whole life: take the difference.
             point.count = int(off.get("count", 0)) - int(on.get("count", 0))
 
+    async def running(self, command: str, app_name: str) -> bool:
+        """Whether a `command` of the client named `app_name` is being served right now (the
+        wire server: one it is holding at a fail point; a real server: `currentOp`)."""
+        if self.wire is not None:
+            return self.wire.in_flight.get((command, app_name), 0) > 0
+        ops = await self.client.admin.command(
+            {"currentOp": True, f"command.{command}": {"$exists": True}, "appName": app_name}
+        )
+        return bool(ops.get("inprog"))
+
 
 @dataclass
 class FailPoint:
