@@ -363,6 +363,45 @@ async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
             assert catalog["connectors"][0]["reader"] == "b"
 
 
+async def test_a_new_reader_without_before_images_tells_filter_rooms_to_reload(
+    redis_target: RedisTarget,
+) -> None:
+    """The rows each filter room holds (a source without before images) were the old reader's
+    memory: after a handover, a row of theirs that left would reach no one. Their clients get a
+    gap and reload; the target room's, which lose nothing, do not."""
+    config = cluster_config(redis_target.url, redis_target.prefix, lease=10.0)
+    config += "before_images = false\n"
+    async with AsyncExitStack() as outer:
+        stacks = {name: AsyncExitStack() for name in ("a", "b")}
+        nodes = {
+            name: await stack.enter_async_context(
+                running_feed(config.replace("[cluster]\n", f'[cluster]\nnode = "{name}"\n'))
+            )
+            for name, stack in stacks.items()
+        }
+        reader = await reader_of(list(nodes.values()))
+        name = next(n for n, node in nodes.items() if node is reader)
+        other = next(node for node in nodes.values() if node is not reader)
+        for stack in stacks.values():
+            outer.push_async_callback(stack.aclose)
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+        paid = await outer.enter_async_context(feed_client(other.url))
+        ack = await subscribed(paid, "mem:public.orders", filter="status=eq.paid", snapshot=True)
+        assert ack["snapshot_keys"] == ["1"]
+        every = await outer.enter_async_context(feed_client(other.url))
+        await subscribed(every, "mem:public.orders")
+        await stacks[name].aclose()  # the reader stops: the other takes over, without its memory
+        assert await reader_of([other]) is other
+        gap = await paid.next_gap()
+        assert gap["room"] == ack["room"] and "does not know which rows" in gap["reason"]
+        # Each node's memory source numbers its changes from 1, and the old reader published
+        # its `mem:1`: the new reader's first change has that id, and is dropped as a repeat.
+        memory(other).write("public.orders", "insert", {"id": 2, "status": "new"})
+        memory(other).write("public.orders", "insert", {"id": 3, "status": "new"})
+        assert (await every.next_change())["key"] == 3  # its first message since: no gap
+        assert every.gaps.empty()
+
+
 async def test_a_node_waiting_for_the_lease_asks_only_as_it_runs_out() -> None:
     """A node that does not read asks Redis for the lease when the reader's would expire (the
     reader renews it every third of the lease), not on a clock of its own: a few calls per

@@ -80,6 +80,13 @@ class Leases(Publisher):
                         reason = "the connector moved to another node: events in between lost"
                         with contextlib.suppress(Exception):
                             await self.publish_gap(Gap(name, reason))
+                    elif count > 1 and not connector.before_images:
+                        reason = (
+                            "the connector moved to another node, which does not know which rows "
+                            "this filter room holds: reload"
+                        )
+                        with contextlib.suppress(Exception):
+                            await self.publish_held_gap(Gap(name, reason))
                     yield
                 finally:
                     self._leases.pop(name, None)

@@ -127,6 +127,23 @@ class Publisher(RoomRegistry):
             if gap.target is None or gap.target == target:
                 names += [index.room.name, *index.names()]
                 index.filtered.forget_held()
+        await self._gap_rooms(names, gap)
+
+    async def publish_held_gap(self, gap: Gap) -> None:
+        """A gap for the connector's filter rooms only, at a new reading of a source without
+        before images: the rows they held were the last reader's memory (feed.core.filter_index),
+        so a row of theirs that leaves from now on would reach no one. Their clients reload and
+        the new snapshots are held here; target and row rooms get every change, and lose
+        nothing."""
+        names = [
+            room.name
+            for index in self._index.get(gap.connector, {}).values()
+            for room in index.filtered.rooms()
+            if room.filter is not None
+        ]
+        await self._gap_rooms(names, gap)
+
+    async def _gap_rooms(self, names: list[str], gap: Gap) -> None:
         if not names:
             return
         body = dumps({"reason": gap.reason, "ts": format_ts(gap.ts)})
