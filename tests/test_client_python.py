@@ -485,3 +485,34 @@ async def test_clients_cut_off_together_come_back_spread_over_time(feed_server: 
     finally:
         for feed in feeds:
             await feed.close()
+
+
+async def test_a_connect_cancelled_before_the_server_answers_leaves_nothing_running() -> None:
+    """`asyncio.timeout` around `async with FeedClient(...)`, or a shutdown, cancels the connect:
+    the client stops trying and closes what it opened. Before, its background task went on
+    connecting to the server, and its HTTP session and connection were never closed."""
+    opened: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        closed = asyncio.Event()
+        opened.put_nowait(closed)
+        await reader.read()  # the handshake's request, never answered, until the client's EOF
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        before = asyncio.all_tasks()
+        feed = FeedClient(f"http://127.0.0.1:{port}", timeout=30.0)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                async with feed:
+                    raise AssertionError("the server never answers: not connected")
+        closed = await asyncio.wait_for(opened.get(), WAIT)
+        await asyncio.wait_for(closed.wait(), WAIT)  # the client closed its connection
+        assert not (asyncio.all_tasks() - before - {asyncio.current_task()})
+        assert opened.empty()  # and made no new attempt
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -200,7 +200,14 @@ class FeedClient(_Events):
             raise FeedError("already_connected", "connect() was called before")
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(first))
-        await first
+        try:
+            await first
+        except BaseException:
+            # Refused or unreachable (the runner has ended), or cancelled (a timeout around
+            # `async with`, a shutdown): the runner would go on connecting in the background,
+            # with sockets nobody closes.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         self._closed = True
@@ -233,6 +240,12 @@ class FeedClient(_Events):
                     socketio_path=self.socketio_path,
                     wait_timeout=self.timeout,
                 )
+            except asyncio.CancelledError:
+                # Closed while connecting: this socket is not `_sio` yet, so `close` cannot
+                # disconnect it, and its HTTP session would stay open.
+                with contextlib.suppress(Exception):
+                    await sio.disconnect()
+                raise
             except (socketio.exceptions.ConnectionError, ValueError) as exc:
                 with contextlib.suppress(Exception):
                     await sio.disconnect()
