@@ -189,6 +189,19 @@ class PostgresConnector(Connector):
                     "tables", f"{table!r} must be schema.table, e.g. 'public.{table or 'orders'}'"
                 )
             self.targets_by_table[table] = (schema, name)
+        self.keys: dict[str, tuple[str, ...]] = {}
+        """Key columns given in the config, for a table without a primary key (or to use
+        other columns than it): a table's row rooms, `key`, `meta.old_key` and clients' rows."""
+        keys = options.table("keys")
+        for table in keys.raw:
+            if table not in self.targets_by_table:
+                keys.fail(table, f"{table!r} is not in tables; list it there, or remove it here")
+            if isinstance(keys.raw[table], str):
+                self.keys[table] = (keys.str(table, required=True),)
+            else:
+                self.keys[table] = tuple(keys.str_list(table, required=True))
+            if len(set(self.keys[table])) != len(self.keys[table]):
+                keys.fail(table, "names a column twice")
         self.mode = options.choice("mode", ["notify", "logical"], "notify")
         self.schema: str = options.str("schema", "feed")
         if not IDENTIFIER.match(self.schema) or len(self.schema) > 50:
@@ -477,7 +490,7 @@ class PostgresConnector(Connector):
                     "holds their rows, but writes to them are not captured as changes of "
                     f"{target}; watch them as tables of their own"
                 )
-            self._shapes[target] = await read_shape(conn, target, regclass, self.query_timeout)
+            self._shapes[target] = await self._read_shape(conn, target, regclass)
             if attach and self.mode == "notify":
                 done = await self._attach(conn, target, regclass, user)
                 lines += await self._cover(conn, target, user)
@@ -817,15 +830,39 @@ class PostgresConnector(Connector):
         faults = await inspect_notify(
             conn, self.schema, self.name, self.tables, {}, self.query_timeout
         )
-        attached = await conn.fetchval(
-            f"SELECT count(*) FROM {self.q}.watches WHERE consumer = $1", self.name
-        )
-        if not attached and all(f.mend for f in faults):
+        watched = {
+            r["target"]
+            for r in await conn.fetch(
+                f"SELECT target FROM {self.q}.watches WHERE consumer = $1", self.name
+            )
+        }
+        if not watched and all(f.mend for f in faults):
             if self.auto_migrate:
                 return ", not attached to its tables yet: attached at start (auto_migrate)"
             raise SourceMisconfigured(
                 f"{self.where}: {self.name!r} is not attached to its tables yet: "
                 "run `feed migrate --config <file>` (or set auto_migrate = true)"
+            )
+        # A table added to `tables` since the last migrate has neither triggers nor a watch:
+        # new, not "dropped", which is what the capture watch would call it.
+        new = [
+            f.target
+            for f in faults
+            if f.kind == "trigger_missing" and f.target is not None and f.target not in watched
+        ]
+        faults = [f for f in faults if f.target not in new]
+        note = ""
+        if new and self.auto_migrate:
+            note = f", {', '.join(new)} not attached yet: attached at start (auto_migrate)"
+        elif new:
+            faults.append(
+                CaptureFault(
+                    None,
+                    "not_attached",
+                    f"{', '.join(new)} not attached yet (added to `tables` since the last "
+                    "`feed migrate`)",
+                    "run `feed migrate --config <file>` (or set auto_migrate = true)",
+                )
             )
         if faults:
             lines = [f.line if f.hint else f"{f.detail}; run `feed migrate`" for f in faults]
@@ -842,7 +879,7 @@ class PostgresConnector(Connector):
         if stats.stale_consumers:
             names = ", ".join(stats.stale_consumers)
             text += f"; positions not moved for {self.journal_warn_age:g}s hold pruning: {names}"
-        return text
+        return text + note
 
     async def _check_logical(self, conn: Any) -> str:
         """`feed check` in logical mode: wal_level, the slot (present, ours, valid) and its WAL."""
@@ -1439,9 +1476,17 @@ class PostgresConnector(Connector):
         regclass = self.regclass(target)
         if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
             raise SourceMisconfigured(f"{self.where}: table {target} does not exist")
-        shape = await read_shape(conn, target, regclass, self.query_timeout)
+        shape = await self._read_shape(conn, target, regclass)
         self._shapes[target] = shape
         return shape
+
+    async def _read_shape(self, conn: Any, target: str, regclass: str) -> TableShape:
+        try:
+            return await read_shape(
+                conn, target, regclass, self.query_timeout, self.keys.get(target)
+            )
+        except SourceMisconfigured as exc:  # a `keys` column the table does not have
+            raise SourceMisconfigured(f"{self.where}: {exc}") from None
 
     async def _decode(
         self,

@@ -287,6 +287,34 @@ async def test_table_without_primary_key(pg: PgDatabase) -> None:
             await connector.snapshot(RoomAddress("public.events", "x"), lambda r: True, 10)
 
 
+async def test_keys_give_a_table_without_a_primary_key_its_rows(pg: PgDatabase) -> None:
+    """`keys` names the columns that identify a row where the table has no primary key: its
+    changes carry that key (and `meta.old_key` when it changes), and row rooms work."""
+    await pg.conn.execute(
+        "CREATE TABLE public.events (source text NOT NULL, n int NOT NULL, kind text, "
+        "UNIQUE (source, n))"
+    )
+    await pg.conn.execute("INSERT INTO events VALUES ('a', 1, 'x'), ('b', 2, 'y')")
+    connector = make_connector(pg.url, ["public.events"], keys={"public.events": ["source", "n"]})
+    async with streaming(connector) as stream:
+        await pg.conn.execute("UPDATE events SET kind = 'z' WHERE source = 'a'")
+        await pg.conn.execute("UPDATE events SET n = 3 WHERE source = 'b'")
+        await pg.conn.execute("DELETE FROM events WHERE source = 'a'")
+        update, moved, delete = await stream.take(3)
+        row = await connector.snapshot(RoomAddress("public.events", "b,3"), lambda r: True, 10)
+    assert (update.key, update.row_key) == ({"source": "a", "n": 1}, "a,1")
+    assert moved.row_key == "b,3" and moved.meta == {"old_key": {"source": "b", "n": 2}}
+    assert delete.row_key == "a,1" and delete.before == {"source": "a", "n": 1, "kind": "z"}
+    assert row.rows == [{"source": "b", "n": 3, "kind": "y"}] and row.keys == ["b,3"]
+    wrong = make_connector(pg.url, ["public.events"], keys={"public.events": "id"})
+    with pytest.raises(SourceMisconfigured) as info:
+        await wrong.start()
+    assert str(info.value).endswith(
+        "keys: public.events has no column 'id' (its columns: source, n, kind); fix keys"
+    )
+    await wrong.stop()
+
+
 async def test_alter_table_add_and_drop_column(pg: PgDatabase) -> None:
     await orders(pg)
     async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
@@ -401,6 +429,10 @@ def test_config_errors_name_the_key() -> None:
         make_connector("postgresql://x/y", ["public.a"], mode="wal")
     with pytest.raises(ConfigError, match=r"connectors.main.tabels: is not a known setting"):
         make_connector("postgresql://x/y", ["public.a"], tabels=[])
+    with pytest.raises(ConfigError, match=r"connectors.main.keys.public.b: 'public.b' is not in"):
+        make_connector("postgresql://x/y", ["public.a"], keys={"public.b": "id"})
+    with pytest.raises(ConfigError, match=r"connectors.main.keys.public.a: names a column twice"):
+        make_connector("postgresql://x/y", ["public.a"], keys={"public.a": ["id", "id"]})
 
 
 async def test_missing_table_is_one_clear_line(pg: PgDatabase) -> None:

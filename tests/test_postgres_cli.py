@@ -90,3 +90,18 @@ async def test_check_fails_while_migrations_are_pending_and_names_the_command(
     code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
     assert code == 0, out + err
     assert "journal 0 rows" in out
+
+    # A table added to `tables` since: new, not "dropped"; attached by the next migrate.
+    await pg.conn.execute("CREATE TABLE public.refunds (id int PRIMARY KEY)")
+    config.write_text(
+        config.read_text().replace("['public.orders']", "['public.orders', 'public.refunds']")
+    )
+    code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
+    assert code == 1, out + err
+    row = next(line for line in out.splitlines() if line.startswith("main"))
+    assert "public.refunds not attached yet (added to `tables` since the last" in row
+    assert "dropped" not in row
+    code, out, err = await feed("migrate", "--config", str(config), database_url=pg.url)
+    assert code == 0, err
+    code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
+    assert code == 0, out + err
