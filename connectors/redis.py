@@ -103,6 +103,9 @@ class RedisConnector(Connector):
         self.offsets_key = options.str("offsets_key", f"feed:offsets:{self.name}")
         self.stream_batch = options.int("stream_batch", 500, minimum=1, maximum=100_000)
         self.stream_key_field: str | None = options.str("key_field")
+        self.stream_op_field: str | None = options.str("op_field")
+        if self.stream_op_field is not None and self.stream_key_field is None:
+            options.fail("op_field", "needs key_field: only a row named by a field can be deleted")
 
         self._url_kwargs = url_kwargs
         self._client: Any = None  # Redis, or RedisCluster when the server is a cluster node

@@ -212,17 +212,17 @@ class StreamCapture:
 
     def change(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> Change:
         fields_read, b64 = _fields(fields)
-        after = _row(entry_id, fields_read, b64)
         ms, _ = parse_id(entry_id)
         key_field = self.owner.stream_key_field
+        op = entry_op(fields, self.owner.stream_op_field)
         return Change(
             id=f"{self.owner.name}:{stream}:{entry_id}",
             connector=self.owner.name,
             source="redis",
             target=stream,
-            op="xadd",
+            op=op,
             key=fields_read.get(key_field, entry_id) if key_field else entry_id,
-            after=after,
+            after=None if op == "delete" else _row(entry_id, fields_read, b64),
             ts=dt.datetime.fromtimestamp(ms / 1000, dt.UTC),
             meta={"value_base64": True} if b64 else None,
             position=(stream, parse_id(entry_id)),
@@ -283,15 +283,44 @@ class StreamCapture:
         scan = self.owner.snapshot_scan_limit
         newest = await self.client.xrevrange(stream, count=scan)
         wanted = key_field.encode()
+        op_field = self.owner.stream_op_field
         latest: dict[bytes, Any] = {}
         for entry in newest:
             key = entry[1].get(wanted, entry[0])
             if address.key is not None and key != address.key.encode():
                 continue
             latest.setdefault(key, entry)
-        rows = list(reversed(latest.values()))
+        # A row whose newest entry deletes it is not a current row.
+        rows = [e for e in reversed(latest.values()) if entry_op(e[1], op_field) != "delete"]
         truncated = len(rows) > limit or len(newest) >= scan
         return rows[-limit:], truncated
+
+
+OPS = {
+    b"insert": "insert",
+    b"create": "insert",
+    b"c": "insert",
+    b"r": "insert",
+    b"update": "update",
+    b"u": "update",
+    b"delete": "delete",
+    b"d": "delete",
+}
+"""An `op_field` value, any case, as the change's op (Debezium's c, r, u, d included)."""
+
+
+def entry_op(fields: Mapping[bytes, bytes], op_field: str | None) -> str:
+    """The op of an entry: its `op_field` (`delete` ends the row), else `xadd`; a value not in
+    `OPS` is passed on as it is, and clients keep the row."""
+    if op_field is None:
+        return "xadd"
+    raw = fields.get(op_field.encode())
+    if raw is None:
+        return "xadd"
+    known = OPS.get(raw.lower())
+    if known is not None:
+        return known
+    return raw.decode("utf-8", "replace")
 
 
 def _text(raw: Any) -> str:

@@ -12,6 +12,7 @@ import pytest
 from connectors.base import RoomAddress
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
+from feed.errors import ConfigError
 from feed.options import Options
 from tests.connector_contract import generator
 from tests.support import redis as redis_support
@@ -154,6 +155,49 @@ async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) ->
     assert rows.keys == ["b", "a"]  # the key field's value, as the changes' keys
     assert [(row["id"], row["v"]) for row in one.rows] == [("a", "2")]
     assert all(rows.covers(c) for c in seen)
+
+
+async def test_op_field_deletes_rows_of_a_changelog(redis_target: RedisTarget) -> None:
+    """With `op_field`, an entry can say what it does to its row (Debezium's c, u, d too): a
+    delete is a `delete` change without an image, and a snapshot no longer has that row."""
+    t, r = redis_target, redis_target.admin
+    async with connector(t, key_field="id", op_field="op", start="earliest") as source:
+        entries: list[dict[Any, Any]] = [
+            {"id": "a", "op": "insert", "v": "1"},
+            {"id": "b", "op": "c", "v": "1"},
+            {"id": "a", "op": "UPDATE", "v": "2"},
+            {"id": "b", "op": "d"},
+            {"id": "c", "v": "1"},  # no op: an entry as before
+            {"id": "c", "op": "upsert", "v": "2"},  # not known: passed on as it is
+        ]
+        for entry in entries:
+            await r.xadd(t.key("orders"), entry)
+        stream = generator(source.changes())
+        try:
+            seen = await take(stream, 6)
+            await routed_past(t, stream)
+            rows = await source.snapshot(RoomAddress(t.key("orders")), lambda row: True, 10)
+            gone = await source.snapshot(RoomAddress(t.key("orders"), "b"), lambda row: True, 10)
+        finally:
+            await closed(stream)
+    assert [(c.op, c.key) for c in seen] == [
+        ("insert", "a"),
+        ("insert", "b"),
+        ("update", "a"),
+        ("delete", "b"),
+        ("xadd", "c"),
+        ("upsert", "c"),
+    ]
+    assert seen[3].after is None and seen[3].before is None
+    assert seen[2].after is not None and seen[2].after["v"] == "2"
+    assert rows.keys == ["a", "c"] and [row["v"] for row in rows.rows] == ["2", "2"]
+    assert gone.rows == [] and gone.keys == []
+
+
+def test_op_field_needs_key_field() -> None:
+    table = {"url": "redis://localhost/0", "patterns": ["s"], "mode": "streams", "op_field": "op"}
+    with pytest.raises(ConfigError, match=r"connectors\[0\].op_field: needs key_field"):
+        RedisConnector("cache", Options(table, "connectors[0]"))
 
 
 async def test_row_snapshot_of_a_non_id_is_empty(redis_target: RedisTarget) -> None:
