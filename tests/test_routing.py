@@ -558,3 +558,34 @@ def test_a_snapshot_watch_returns_the_rows_that_left_unseen_in_order(
     for n in range(3):
         write(10 + n, 10 + n, "refunded")
     assert small.leavers(["10"], lambda c: False) is None
+
+
+def test_snapshots_read_at_once_share_one_log_and_each_sees_its_own_window() -> None:
+    """A storm of snapshot subscribes costs one note per change, not one per snapshot; a
+    snapshot begun later does not take a change from before it began."""
+    index: FilterIndex[Room] = FilterIndex(track=True)
+    rooms = [
+        Room(f"m:t?status=eq.s{i}", "m", "t", filter=parse_filter(f"status=eq.s{i}"))
+        for i in range(2)
+    ]
+    for room in rooms:
+        index.add(room)
+
+    def write(n: int, key: int, status: str) -> Change:
+        change = Change(f"m:{n}", "m", "memory", "t", "update", key, None, {"status": status})
+        out: list[Room] = []
+        index.collect(change, out)
+        index.follow(change, out, 0)
+        return change
+
+    early = index.watch(rooms[0].name)
+    first = write(1, 1, "gone")
+    late = index.watch(rooms[1].name)
+    second = write(2, 2, "gone")
+    assert early.log is late.log and early.log is not None and len(early.log.last) == 2
+    index.unwatch(early)
+    index.unwatch(late)
+    index.unwatch(late)  # twice: no harm
+    assert early.leavers(["1", "2"], lambda c: False) == [first, second]
+    assert late.leavers(["1", "2"], lambda c: False) == [second]
+    assert index.watch(rooms[0].name).log is not early.log  # a new log once none was left

@@ -22,9 +22,9 @@ image matched, the new one does not" cannot be seen in the change, and a row tha
 room, or was deleted, went unannounced, its clients keeping it forever. For such a target the
 index `track`s which rows each filter room was last sent matching (or was given in a snapshot,
 `hold`), and a change of such a row without a before image reaches those rooms too. While a
-filter room's snapshot is read, the rows it will hold are not known yet: a `SnapshotWatch`
-notes the last change of every row meanwhile, so that a row of the snapshot that left before
-the rows were held still reaches the room (`SnapshotWatch.leavers`).
+filter room's snapshot is read, the rows it will hold are not known yet: a `ChangeLog` notes
+the last change of every row meanwhile, so that a row of the snapshot that left before the rows
+were held still reaches the room (`SnapshotWatch.leavers`).
 """
 
 from __future__ import annotations
@@ -85,33 +85,45 @@ def anchor_of(row_filter: RowFilter) -> Condition | None:
 
 
 WATCH_LIMIT = 100_000
-"""Rows a snapshot watch notes at most; past it, which rows left cannot be told (a gap)."""
+"""Rows a change log notes at most; past it, which rows left cannot be told (a gap)."""
+
+
+class ChangeLog:
+    """The last change of each row of a tracked target, and the rooms it reached, while any
+    filter room's snapshot is read: one log for all of them, so that a change costs one note
+    however many snapshots are under way (a storm of subscribes after a restart)."""
+
+    __slots__ = ("count", "last", "overflowed")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: dict[str, tuple[int, Change, set[str]]] = {}
+        """Row key -> (when, its last change, the names of the filter rooms that reached)."""
+        self.overflowed = False
+
+    def note(self, key: str, change: Change, reached: set[str]) -> None:
+        if key in self.last or len(self.last) < WATCH_LIMIT:
+            self.count += 1
+            self.last[key] = (self.count, change, reached)
+        else:
+            self.overflowed = True
 
 
 class SnapshotWatch:
-    """The last change of each row of a tracked target while one filter room's snapshot is read,
-    and whether it reached the room.
+    """One filter room's snapshot read over a tracked target (`FilterIndex.watch`).
 
     Without before images, a row leaves a filter room only through the rows the room holds, and
     a snapshot's rows are held once it returns. A row of the snapshot whose change after the
     snapshot's point (not `covers`) made it leave before then reached no one: the new
-    subscriber kept it for good. Only rows seen to change during the read are noted."""
+    subscriber kept it for good. `leavers` finds those changes in the target's log."""
 
-    __slots__ = ("_count", "last", "name", "overflowed")
+    __slots__ = ("active", "log", "name", "start")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, log: ChangeLog | None) -> None:
         self.name = name
-        self.last: dict[str, tuple[int, Change, bool]] = {}
-        """Row key -> (when, its last change, whether that reached the room)."""
-        self.overflowed = False
-        self._count = 0
-
-    def note(self, key: str, change: Change, reached: bool) -> None:
-        if key in self.last or len(self.last) < WATCH_LIMIT:
-            self._count += 1
-            self.last[key] = (self._count, change, reached)
-        else:
-            self.overflowed = True
+        self.log = log
+        self.start = log.count if log is not None else 0
+        self.active = log is not None
 
     def leavers(
         self, keys: Sequence[str | None] | None, covers: Callable[[Change], bool]
@@ -119,17 +131,18 @@ class SnapshotWatch:
         """Of the snapshot's rows (`keys`), the last changes the room must still get, in the
         order they happened; None when that cannot be told (too many rows changed meanwhile,
         or the connector gave no keys)."""
-        if not self.last:
+        log = self.log
+        if log is None or log.count == self.start:
             return []
-        if self.overflowed or keys is None:
+        if log.overflowed or keys is None:
             return None
-        late = [
-            (when, change)
-            for key in set(keys)
-            if key is not None and key in self.last
-            for when, change, reached in (self.last[key],)
-            if not reached and not covers(change)
-        ]
+        late = []
+        for key in set(keys):
+            entry = log.last.get(key) if key is not None else None
+            if entry is not None:
+                when, change, reached = entry
+                if when > self.start and self.name not in reached and not covers(change):
+                    late.append((when, change))
         return [change for _, change in sorted(late, key=lambda entry: entry[0])]
 
 
@@ -152,8 +165,9 @@ class FilterIndex(Generic[Room]):
         self._scanned: dict[str, Room] = {}
         """Rooms with no equality condition, checked on every change."""
         self._unfiltered: dict[str, Room] = {}
-        self._watches: list[SnapshotWatch] = []
-        """Filter rooms' snapshots being read (with `track`)."""
+        self._log: ChangeLog | None = None
+        """The rows' last changes while filter rooms' snapshots are read (with `track`)."""
+        self._watching = 0
 
     def __len__(self) -> int:
         return len(self._anchors) + len(self._scanned) + len(self._unfiltered)
@@ -230,14 +244,21 @@ class FilterIndex(Generic[Room]):
 
     def watch(self, name: str) -> SnapshotWatch:
         """Note every row's last change until `unwatch`: filter room `name`'s snapshot is read."""
-        watch = SnapshotWatch(name)
-        if self.track and name in self and name not in self._unfiltered:
-            self._watches.append(watch)
-        return watch
+        if not self.track or name not in self or name in self._unfiltered:
+            return SnapshotWatch(name, None)
+        if self._log is None:
+            self._log = ChangeLog()
+        self._watching += 1
+        return SnapshotWatch(name, self._log)
 
     def unwatch(self, watch: SnapshotWatch) -> None:
-        if watch in self._watches:
-            self._watches.remove(watch)
+        """The snapshot returned (or failed); its `leavers` still read the log it had."""
+        if watch.active:
+            watch.active = False
+            if watch.log is self._log:
+                self._watching -= 1
+                if not self._watching:
+                    self._log = None
 
     def hold(self, name: str, keys: Iterable[str | None] | None) -> None:
         """With `track`: filter room `name` holds these rows (a snapshot gave them to it; None:
@@ -261,7 +282,7 @@ class FilterIndex(Generic[Room]):
         it and are not among them are appended too (the row left them, or is gone). A change
         with a before image was routed by it. Apart from `collect`, so that a target that does
         not track pays nothing for it."""
-        if not self._held and len(out) == start and not self._watches:
+        if not self._held and len(out) == start and self._log is None:
             return
         key = change.row_key
         if key is None:
@@ -289,10 +310,8 @@ class FilterIndex(Generic[Room]):
             self._held[key] = now
             for name in now:
                 self._holds.setdefault(name, set()).add(key)
-        if self._watches:
-            reached = {room.name for room in out[start:]}
-            for watch in self._watches:
-                watch.note(key, change, watch.name in reached)
+        if self._log is not None:
+            self._log.note(key, change, {room.name for room in out[start:]})
 
     def collect(self, change: Change, out: list[Room]) -> None:
         """Append to `out` every room whose filter the change's before or after image matches
