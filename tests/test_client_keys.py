@@ -114,11 +114,8 @@ async def test_a_row_room_of_a_composite_key_has_that_one_row(feed_server: Harne
         assert sub.rows == {}
 
 
-@pytest.mark.postgres
-@pytest.mark.timeout(90)
-async def test_postgres_composite_primary_key_of_text_and_date_keeps_rows_right(
-    pg: PgDatabase,
-) -> None:
+async def stock_table(pg: PgDatabase) -> str:
+    """A table keyed by (text, date, int) with two rows, and a feed config watching it."""
     await pg.conn.execute(
         "CREATE TABLE public.stock (warehouse text, day date, item int, qty int, "
         "PRIMARY KEY (warehouse, day, item))"
@@ -126,11 +123,19 @@ async def test_postgres_composite_primary_key_of_text_and_date_keeps_rows_right(
     await pg.conn.execute(
         "INSERT INTO stock VALUES ('north', '2026-01-01', 1, 5), ('south', '2026-01-02', 2, 7)"
     )
-    config = (
+    return (
         '[server]\nreplay_buffer = 100\n\n[[connectors]]\nname = "main"\n'
         f'type = "postgres"\ndsn = "{pg.url}"\ntables = ["public.stock"]\n'
         "auto_migrate = true\nheartbeat_interval = 0.5\nreconnect_max = 0.5\n"
     )
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(90)
+async def test_postgres_composite_primary_key_of_text_and_date_keeps_rows_right(
+    pg: PgDatabase,
+) -> None:
+    config = await stock_table(pg)
     async with running_feed(config) as server:
         connector = server.hub.connectors["main"]
         await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
@@ -161,18 +166,7 @@ async def test_an_update_of_a_postgres_primary_key_moves_the_row_in_every_room(
 ) -> None:
     """The row's old key leaves `rows` everywhere: the table's, a filter room's, and the old
     key's row room, which is told the row left it (before, it heard nothing at all)."""
-    await pg.conn.execute(
-        "CREATE TABLE public.stock (warehouse text, day date, item int, qty int, "
-        "PRIMARY KEY (warehouse, day, item))"
-    )
-    await pg.conn.execute(
-        "INSERT INTO stock VALUES ('north', '2026-01-01', 1, 5), ('south', '2026-01-02', 2, 7)"
-    )
-    config = (
-        '[server]\nreplay_buffer = 100\n\n[[connectors]]\nname = "main"\n'
-        f'type = "postgres"\ndsn = "{pg.url}"\ntables = ["public.stock"]\n'
-        "auto_migrate = true\nheartbeat_interval = 0.5\nreconnect_max = 0.5\n"
-    )
+    config = await stock_table(pg)
     old, new = "north,2026-01-01,1", "north,2026-03-01,1"
     async with running_feed(config) as server:
         connector = server.hub.connectors["main"]

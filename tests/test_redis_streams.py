@@ -137,19 +137,28 @@ async def test_snapshot_is_exact(redis_target: RedisTarget) -> None:
     assert one.rows == [{"_id": ids[1], "n": "1"}]
 
 
-async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) -> None:
-    t, r = redis_target, redis_target.admin
-    async with connector(t, key_field="id", start="earliest") as source:
-        for key, v in (("a", "1"), ("b", "1"), ("a", "2")):
-            await r.xadd(t.key("orders"), {"id": key, "v": v})
+async def changelog(
+    t: RedisTarget, entries: list[dict[Any, Any]], key: str, **options: Any
+) -> tuple[list[Change], Any, Any]:
+    """Read `entries` from a stream keyed by `id`: the changes, a snapshot of the stream and
+    one of row `key`."""
+    async with connector(t, key_field="id", start="earliest", **options) as source:
+        for entry in entries:
+            await t.admin.xadd(t.key("orders"), entry)
         stream = generator(source.changes())
         try:
-            seen = await take(stream, 3)
+            seen: list[Change] = await take(stream, len(entries))
             await routed_past(t, stream)
             rows = await source.snapshot(RoomAddress(t.key("orders")), lambda row: True, 10)
-            one = await source.snapshot(RoomAddress(t.key("orders"), "a"), lambda row: True, 10)
+            one = await source.snapshot(RoomAddress(t.key("orders"), key), lambda row: True, 10)
         finally:
             await closed(stream)
+    return seen, rows, one
+
+
+async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) -> None:
+    entries = [{"id": key, "v": v} for key, v in (("a", "1"), ("b", "1"), ("a", "2"))]
+    seen, rows, one = await changelog(redis_target, entries, "a")
     assert [c.key for c in seen] == ["a", "b", "a"]
     assert [(row["id"], row["v"]) for row in rows.rows] == [("b", "1"), ("a", "2")]
     assert rows.keys == ["b", "a"]  # the key field's value, as the changes' keys
@@ -160,26 +169,15 @@ async def test_key_field_makes_rows_of_a_changelog(redis_target: RedisTarget) ->
 async def test_op_field_deletes_rows_of_a_changelog(redis_target: RedisTarget) -> None:
     """With `op_field`, an entry can say what it does to its row (Debezium's c, u, d too): a
     delete is a `delete` change without an image, and a snapshot no longer has that row."""
-    t, r = redis_target, redis_target.admin
-    async with connector(t, key_field="id", op_field="op", start="earliest") as source:
-        entries: list[dict[Any, Any]] = [
-            {"id": "a", "op": "insert", "v": "1"},
-            {"id": "b", "op": "c", "v": "1"},
-            {"id": "a", "op": "UPDATE", "v": "2"},
-            {"id": "b", "op": "d"},
-            {"id": "c", "v": "1"},  # no op: an entry as before
-            {"id": "c", "op": "upsert", "v": "2"},  # not known: passed on as it is
-        ]
-        for entry in entries:
-            await r.xadd(t.key("orders"), entry)
-        stream = generator(source.changes())
-        try:
-            seen = await take(stream, 6)
-            await routed_past(t, stream)
-            rows = await source.snapshot(RoomAddress(t.key("orders")), lambda row: True, 10)
-            gone = await source.snapshot(RoomAddress(t.key("orders"), "b"), lambda row: True, 10)
-        finally:
-            await closed(stream)
+    entries: list[dict[Any, Any]] = [
+        {"id": "a", "op": "insert", "v": "1"},
+        {"id": "b", "op": "c", "v": "1"},
+        {"id": "a", "op": "UPDATE", "v": "2"},
+        {"id": "b", "op": "d"},
+        {"id": "c", "v": "1"},  # no op: an entry as before
+        {"id": "c", "op": "upsert", "v": "2"},  # not known: passed on as it is
+    ]
+    seen, rows, gone = await changelog(redis_target, entries, "b", op_field="op")
     assert [(c.op, c.key) for c in seen] == [
         ("insert", "a"),
         ("insert", "b"),

@@ -50,13 +50,18 @@ describe("against one feed server", () => {
     }
   });
 
+  // An empty orders table, then order 1 (paid) and order 2 (new), routed.
+  async function twoOrders() {
+    await h.send({ cmd: "truncate", target: "public.orders" });
+    await h.write("insert", { id: 1, status: "paid", amount: 10 });
+    await h.write("insert", { id: 2, status: "new", amount: 20 });
+    await h.send({ cmd: "delivered" });
+  }
+
   test("rows stay right through inserts, updates, a row leaving the filter, deletes, truncate", async () => {
     const feed = new FeedClient(h.url, WS);
     try {
-      await h.send({ cmd: "truncate", target: "public.orders" });
-      await h.write("insert", { id: 1, status: "paid", amount: 10 });
-      await h.write("insert", { id: 2, status: "new", amount: 20 });
-      await h.send({ cmd: "delivered" });
+      await twoOrders();
       const paid = feed.subscribe(ROOM, { filter: "status=eq.paid", snapshot: true });
       const all = feed.subscribe(ROOM, { snapshot: true });
       const log = record(paid);
@@ -84,10 +89,7 @@ describe("against one feed server", () => {
   test("an update that changes a row's key moves it in rows, and its old row room hears it left", async () => {
     const feed = new FeedClient(h.url, WS);
     try {
-      await h.send({ cmd: "truncate", target: "public.orders" });
-      await h.write("insert", { id: 1, status: "paid", amount: 10 });
-      await h.write("insert", { id: 2, status: "new", amount: 20 });
-      await h.send({ cmd: "delivered" });
+      await twoOrders();
       const all = feed.subscribe(ROOM, { snapshot: true });
       const paid = feed.subscribe(ROOM, { filter: "status=eq.paid", snapshot: true });
       const row = feed.subscribe(`${ROOM}:1`, { snapshot: true });
