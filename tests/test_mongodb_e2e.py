@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 from bson import Code, Decimal128, Int64, ObjectId
+from dbfeed_client import FeedClient
 
 from feed.core.filters import parse_filter
 from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
 from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.test_client_python import Log
 
 pytestmark = pytest.mark.mongodb
 WAIT = 15.0
@@ -244,3 +246,35 @@ async def test_a_per_user_snapshot_reads_that_users_documents_not_the_collection
     found = seen["user_id=eq.7"] - {str(i) for i in range(2000)}
     assert found == {"text", "double", "long", "decimal"}
     assert seen["owner.id=eq.7"] == {"dotted"}
+
+
+async def test_without_the_document_clients_patch_their_rows_from_the_update_description(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """`full_document = "off"`: an update's `after` is null and its `meta.updateDescription`
+    says what changed; the Python client applies it to its rows, which stay the documents."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_one(
+        {"_id": 1, "status": "new", "lines": [1, 2, 3], "ship": {"city": "Oslo", "zip": "0150"}}
+    )
+    extra = 'full_document = "off"'
+    async with (
+        running_feed(config(mongodb, f"{db}.orders", extra)) as feed,
+        FeedClient(feed.url) as client,
+    ):
+        await wait_up(feed)
+        async with client.subscribe(f"shop:{db}.orders", snapshot=True) as sub:
+            log = Log(sub)
+            await coll.update_one(
+                {"_id": 1},
+                {
+                    "$set": {"status": "paid", "ship.city": "Bergen", "lines.4": 9, "note.a": 1},
+                    "$unset": {"ship.zip": ""},
+                },
+            )
+            await coll.update_one({"_id": 1}, {"$pop": {"lines": 1}})
+            await log.until(lambda: len(log.changes) == 2, "both updates")
+            assert all(c["after"] is None for c in log.changes)
+            doc = await coll.find_one({"_id": 1})
+            assert sub.rows == {"1": doc}

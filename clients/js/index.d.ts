@@ -128,6 +128,8 @@ export class FeedError extends Error {
 
 /** The row key as in row room names: `42`, `abc`, `7,2`; null when there is none. */
 export function keyText(key: Json | undefined): string | null;
+/** A copy of a row with a MongoDB update description applied (updatedFields, removedFields, truncatedArrays). */
+export function patched(row: Row, description: { [key: string]: Json }): Row;
 
 export class FeedClient {
   /** One URL, or the nodes of one feed (a cluster): after a failed attempt the next is tried. */

@@ -60,6 +60,68 @@ export class FeedError extends Error {
 }
 
 /** The row key as it appears in row room names: `42`, `abc`, `7,2` for a composite key. */
+/**
+ * A copy of `row` with a MongoDB update description applied, as the server applied it: arrays
+ * truncated, fields removed, then fields set (dotted paths; a number steps into an array, which
+ * grows with nulls as MongoDB's does).
+ */
+export function patched(row, description) {
+  const doc = structuredClone(row);
+  for (const cut of description.truncatedArrays || []) {
+    const found = walk(doc, String(cut.field ?? "").split("."), false);
+    const items = found && child(found[0], found[1]);
+    if (Array.isArray(items)) items.length = Math.min(items.length, Number(cut.newSize));
+  }
+  for (const path of description.removedFields || []) {
+    const found = walk(doc, String(path).split("."), false);
+    if (!found) continue;
+    const [parent, last] = found;
+    if (Array.isArray(parent)) {
+      if (/^\d+$/.test(last) && Number(last) < parent.length) parent[Number(last)] = null;
+    } else {
+      delete parent[last];
+    }
+  }
+  for (const [path, value] of Object.entries(description.updatedFields || {})) {
+    const found = walk(doc, path.split("."), true);
+    if (!found) continue;
+    const [parent, last] = found;
+    if (Array.isArray(parent)) {
+      if (!/^\d+$/.test(last)) continue;
+      while (parent.length < Number(last)) parent.push(null);
+      parent[Number(last)] = value;
+    } else {
+      parent[last] = value;
+    }
+  }
+  return doc;
+}
+
+function isContainer(value) {
+  return value !== null && typeof value === "object";
+}
+
+function child(parent, part) {
+  if (Array.isArray(parent)) return /^\d+$/.test(part) && Number(part) < parent.length ? parent[Number(part)] : null;
+  return Object.hasOwn(parent, part) ? parent[part] : null;
+}
+
+// The container holding the path's last part, and that part (null: the path leads through
+// something else than documents and arrays, or, unless `create`, through nothing).
+function walk(doc, parts, create) {
+  let node = doc;
+  for (const part of parts.slice(0, -1)) {
+    let next = child(node, part);
+    if (next === null || next === undefined) {
+      if (!create || Array.isArray(node)) return null;
+      next = node[part] = {};
+    }
+    if (!isContainer(next)) return null;
+    node = next;
+  }
+  return [node, parts[parts.length - 1]];
+}
+
 export function keyText(key) {
   if (key === null || key === undefined) return null;
   if (typeof key === "string") return key;
@@ -701,6 +763,9 @@ export class Subscription extends Emitter {
       this.rows.delete(key);
     } else if (change.after !== null && change.after !== undefined) {
       this.rows.set(key, change.after);
+    } else if (meta && typeof meta === "object" && meta.updateDescription && typeof meta.updateDescription === "object") {
+      // A MongoDB update without the document (`full_document = "off"`): what it changed.
+      if (this.rows.has(key)) this.rows.set(key, patched(this.rows.get(key), meta.updateDescription));
     } else if (change.before === null || change.before === undefined) {
       // A Redis event without the value: the key exists; keep what is known of it.
       if (!this.rows.has(key)) this.rows.set(key, { key });

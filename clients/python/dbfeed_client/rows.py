@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -89,12 +90,73 @@ def apply(rows: dict[str, Row], change: Change) -> None:
         rows.pop(key, None)
     elif after is not None:
         rows[key] = after
+    elif isinstance(meta, Mapping) and isinstance(meta.get("updateDescription"), Mapping):
+        # A MongoDB update without the document (`full_document = "off"`): what it changed.
+        if key in rows:
+            rows[key] = patched(rows[key], meta["updateDescription"])
     elif change.get("before") is None:
         # A Redis event without the value: the key exists; keep what is known of it.
         rows.setdefault(key, {"key": key})
     else:
         # An image withheld by the server (the row moved out of what this identity may see).
         rows.pop(key, None)
+
+
+def patched(row: Row, description: Mapping[str, Any]) -> Row:
+    """A copy of `row` with a MongoDB update description applied, as the server applied it:
+    arrays truncated, fields removed, then fields set (dotted paths; a number steps into an
+    array, which grows with nulls as MongoDB's does)."""
+    doc = copy.deepcopy(row)
+    for cut in description.get("truncatedArrays") or ():
+        found = _walk(doc, str(cut.get("field", "")).split("."), create=False)
+        if found is not None:
+            parent, last = found
+            items = _child(parent, last)
+            if isinstance(items, list):
+                del items[int(cut.get("newSize", len(items))) :]
+    for path in description.get("removedFields") or ():
+        found = _walk(doc, str(path).split("."), create=False)
+        if found is not None:
+            parent, last = found
+            if isinstance(parent, dict):
+                parent.pop(last, None)
+            elif isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
+                parent[int(last)] = None  # MongoDB's $unset of an element leaves a null
+    for path, value in (description.get("updatedFields") or {}).items():
+        found = _walk(doc, str(path).split("."), create=True)
+        if found is not None:
+            parent, last = found
+            if isinstance(parent, dict):
+                parent[last] = value
+            elif isinstance(parent, list) and last.isdigit():
+                index = int(last)
+                parent.extend([None] * (index + 1 - len(parent)))
+                parent[index] = value
+    return doc
+
+
+def _child(parent: Any, part: str) -> Any:
+    if isinstance(parent, dict):
+        return parent.get(part)
+    if isinstance(parent, list) and part.isdigit() and int(part) < len(parent):
+        return parent[int(part)]
+    return None
+
+
+def _walk(doc: Row, parts: list[str], create: bool) -> tuple[Any, str] | None:
+    """The container holding the path's last part, and that part (None: the path leads through
+    something else than documents and arrays, or, unless `create`, through nothing)."""
+    node: Any = doc
+    for part in parts[:-1]:
+        child = _child(node, part)
+        if child is None:
+            if not create or not isinstance(node, dict):
+                return None
+            child = node[part] = {}
+        if not isinstance(child, dict | list):
+            return None
+        node = child
+    return node, parts[-1]
 
 
 def jwt_seconds_left(token: str | None) -> float | None:
