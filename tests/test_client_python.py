@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from dbfeed_client import FeedClient, FeedError, SubscribeError, Subscription, key_text
+from dbfeed_client.rows import patched
 
 from tests.support.client_harness import Harness, harness, make_token, snapshot_chunks
 
@@ -516,3 +517,27 @@ async def test_a_connect_cancelled_before_the_server_answers_leaves_nothing_runn
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_an_update_description_applied_to_a_row_gives_the_servers_document() -> None:
+    """The same description and document as the JavaScript library's rows.test.mjs."""
+    row = {"_id": 1, "status": "new", "lines": [1, 2, 3], "ship": {"city": "Oslo", "zip": "0150"}}
+    first = patched(
+        row,
+        {
+            "updatedFields": {"status": "paid", "ship.city": "Bergen", "lines.4": 9, "note.a": 1},
+            "removedFields": ["ship.zip"],
+        },
+    )
+    assert first == {
+        "_id": 1,
+        "status": "paid",
+        "lines": [1, 2, 3, None, 9],
+        "ship": {"city": "Bergen"},
+        "note": {"a": 1},
+    }
+    assert row["ship"] == {"city": "Oslo", "zip": "0150"}  # the kept row is not changed in place
+    second = patched(first, {"truncatedArrays": [{"field": "lines", "newSize": 2}]})
+    assert second["lines"] == [1, 2]
+    # A path through a value that is neither a document nor an array changes nothing.
+    assert patched(second, {"updatedFields": {"status.x": 1}}) == second
