@@ -278,3 +278,35 @@ async def test_without_the_document_clients_patch_their_rows_from_the_update_des
             assert all(c["after"] is None for c in log.changes)
             doc = await coll.find_one({"_id": 1})
             assert sub.rows == {"1": doc}
+
+
+async def test_a_subscribe_given_up_before_its_answer_leaves_the_room(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """`asyncio.timeout` around `async with client.subscribe(...)` that runs out while the
+    snapshot is read: the subscription ends, and the client leaves the room once the server's
+    answer comes (before, it stayed subscribed in the background for good)."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_one({"_id": 1, "status": "paid"})
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        block = {"failCommands": ["find"], "blockConnection": True, "blockTimeMS": 1000}
+        async with (
+            FeedClient(feed.url) as client,
+            mongodb.fail_command({"times": 1}, {**block, "appName": "dbfeed-shop"}),
+        ):
+            sub = client.subscribe(f"shop:{db}.orders", snapshot=True)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3), sub:
+                    raise AssertionError("the snapshot is held up: no answer yet")
+            assert sub not in client.subscriptions
+            room = (
+                feed.hub.rooms.get(f"shop:{db}.orders")
+                or feed.hub._target_rooms("shop", f"{db}.orders").room
+            )
+            async with asyncio.timeout(WAIT):  # the answer comes, and the client leaves
+                while not room.members:  # noqa: ASYNC110 - server state
+                    await asyncio.sleep(0.01)
+                while room.members:  # noqa: ASYNC110 - server state
+                    await asyncio.sleep(0.01)

@@ -551,7 +551,15 @@ class Subscription(_Events):
         return self
 
     async def __aenter__(self) -> Subscription:
-        return await self.ready()
+        try:
+            return await self.ready()
+        except asyncio.CancelledError:
+            # Given up before the answer (a timeout around `async with`): the block never ran,
+            # so `__aexit__` will not, and the subscription would live on in the background.
+            # A late answer is then left at once (`_on_ack`).
+            with contextlib.suppress(Exception):
+                await self.unsubscribe()
+            raise
 
     async def __aexit__(
         self,
