@@ -56,7 +56,7 @@ from connectors.mongodb_events import (
     token_of,
     token_time,
 )
-from connectors.mongodb_filters import pushdown
+from connectors.mongodb_filters import conjunction, pushdown
 from connectors.mongodb_tokens import TokenStore
 from feed.core.change import Change, Gap, room_key
 from feed.errors import (
@@ -457,10 +457,8 @@ class MongoConnector(Connector):
         if address.key is not None:
             parts.append({"_id": {"$in": _key_candidates(address.key)}})
         if isinstance(where, Where):  # the room's filter, as far as MongoDB keeps every match
-            pushed = pushdown(where.filter)
-            if pushed:
-                parts.append(pushed)
-        query: dict[str, Any] = parts[0] if len(parts) == 1 else {"$and": parts} if parts else {}
+            parts.append(pushdown(where.filter))
+        query = conjunction([part for part in parts if part])
         rows: list[Mapping[str, Any]] = []
         keys: list[str | None] = []
         truncated = False

@@ -68,10 +68,14 @@ def pushdown(row_filter: RowFilter | None) -> dict[str, Any]:
     """A MongoDB query keeping at least every document `row_filter` keeps ({}: every document)."""
     if row_filter is None:
         return {}
-    clauses = [c for c in map(_clause, row_filter.conditions) if c is not None]
-    if not clauses:
-        return {}
-    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+    return conjunction([c for c in map(_clause, row_filter.conditions) if c is not None])
+
+
+def conjunction(clauses: list[dict[str, Any]]) -> dict[str, Any]:
+    """A query keeping what every clause keeps ({}: every document)."""
+    if len(clauses) <= 1:
+        return clauses[0] if clauses else {}
+    return {"$and": clauses}
 
 
 def _clause(condition: Condition) -> dict[str, Any] | None:

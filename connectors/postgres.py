@@ -33,7 +33,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -1481,12 +1481,18 @@ class PostgresConnector(Connector):
         return shape
 
     async def _read_shape(self, conn: Any, target: str, regclass: str) -> TableShape:
-        try:
-            return await read_shape(
-                conn, target, regclass, self.query_timeout, self.keys.get(target)
+        """The table's columns and key: its primary key, or the columns `keys` names for it."""
+        shape = await read_shape(conn, target, regclass, self.query_timeout)
+        key = self.keys.get(target)
+        if key is None:
+            return shape
+        missing = [name for name in key if name not in shape.columns]
+        if missing:
+            raise SourceMisconfigured(
+                f"{self.where}: keys: {target} has no column {missing[0]!r} (its columns: "
+                f"{', '.join(shape.columns)}); fix keys"
             )
-        except SourceMisconfigured as exc:  # a `keys` column the table does not have
-            raise SourceMisconfigured(f"{self.where}: {exc}") from None
+        return replace(shape, primary_key=key)
 
     async def _decode(
         self,

@@ -19,7 +19,6 @@ from decimal import Decimal
 from typing import Any
 
 from connectors.postgres_migrate import quote_ident
-from feed.errors import SourceMisconfigured
 
 Convert = Callable[[Any], Any]
 
@@ -209,10 +208,7 @@ class TableShape:
         return {name: image.get(name) for name in self.primary_key}
 
 
-async def read_shape(
-    conn: Any, target: str, regclass: str, limit: float, key: tuple[str, ...] | None = None
-) -> TableShape:
-    """The table's columns and key: its primary key, or `key` (the connector's `keys`)."""
+async def read_shape(conn: Any, target: str, regclass: str, limit: float) -> TableShape:
     columns: dict[str, Convert] = {}
     types: dict[str, str] = {}
     for row in await conn.fetch(COLUMNS_SQL, regclass, timeout=limit):
@@ -221,14 +217,6 @@ async def read_shape(
             convert = _array(converter(row["elem"], row["elem_kind"], ""))
         columns[row["name"]] = convert
         types[row["name"]] = row["type"]
-    if key is not None:
-        missing = [name for name in key if name not in columns]
-        if missing:
-            raise SourceMisconfigured(
-                f"keys: {target} has no column {missing[0]!r} (its columns: "
-                f"{', '.join(columns)}); fix keys"
-            )
-        return TableShape(target, columns, key, types)
     pk = tuple(r["name"] for r in await conn.fetch(PRIMARY_KEY_SQL, regclass, timeout=limit))
     return TableShape(target, columns, pk, types)
 

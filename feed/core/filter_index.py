@@ -87,6 +87,10 @@ def anchor_of(row_filter: RowFilter) -> Condition | None:
 WATCH_LIMIT = 100_000
 """Rows a change log notes at most; past it, which rows left cannot be told (a gap)."""
 
+UNSURE = "too many rows changed while the snapshot was read to tell which left"
+"""The reason of the gap a subscriber gets after its snapshot when `SnapshotWatch.leavers`
+cannot tell (a node's hub and a cluster's reader say it alike)."""
+
 
 class ChangeLog:
     """The last change of each row of a tracked target, and the rooms it reached, while any
@@ -259,6 +263,20 @@ class FilterIndex(Generic[Room]):
                 self._watching -= 1
                 if not self._watching:
                     self._log = None
+
+    def settle(
+        self,
+        watch: SnapshotWatch,
+        keys: Sequence[str | None] | None,
+        covers: Callable[[Change], bool],
+    ) -> list[Change] | None:
+        """After `unwatch`: hold the snapshot's rows (`keys`) for its room, but those that left
+        it while it was read, and return the changes that made them leave (`leavers`: None
+        when that cannot be told, and every row is held)."""
+        leavers = watch.leavers(keys, covers)
+        gone = {change.row_key for change in leavers or ()}
+        self.hold(watch.name, [k for k in keys or () if k not in gone] if gone else keys)
+        return leavers
 
     def hold(self, name: str, keys: Iterable[str | None] | None) -> None:
         """With `track`: filter room `name` holds these rows (a snapshot gave them to it; None:

@@ -111,6 +111,20 @@ def chunk_event(room: str, index: int, total: int, chunk: SnapshotChunk) -> dict
     return body
 
 
+def gap_event(
+    connector: str, room: str, target: str, reason: str, seq: int, epoch: str | None
+) -> dict[str, Any]:
+    """The body of a `gap` sent to one new member during its catch-up (docs/protocol.md)."""
+    return {
+        "connector": connector,
+        "room": room,
+        "target": target,
+        "reason": reason,
+        "seq": seq,
+        "epoch": epoch,
+    }
+
+
 def snapshot_ack(
     rows: Sequence[Any],
     keys: Sequence[str | None] | None,

@@ -14,7 +14,7 @@ from typing import Any
 
 from connectors.base import Connector, RoomAddress
 from feed.core.rooms import Room
-from feed.core.snapshots import SnapshotChunk, chunk_event, snapshot_ack
+from feed.core.snapshots import SnapshotChunk, chunk_event, gap_event, snapshot_ack
 from feed.delivery.protocol import SubscribeRequest
 from feed.engine.core import log
 from feed.engine.delivery import Delivery
@@ -126,14 +126,9 @@ class Resume(Delivery):
                     body = chunk_event(room.name, index, total, chunk)
                     await transport.send_paced(sid, "snapshot", body)
             if gap is not None and transport is not None:
-                body = {
-                    "connector": room.connector,
-                    "room": room.name,
-                    "target": room.target,
-                    "reason": gap,
-                    "seq": mirror.seq or 0,
-                    "epoch": mirror.epoch,
-                }
+                body = gap_event(
+                    room.connector, room.name, room.target, gap, mirror.seq or 0, mirror.epoch
+                )
                 await transport.send_to(sid, "gap", body)
             while sid in room.pending and hub._catch_ups.get(key) is token:
                 seq = mirror.seq or 0
@@ -148,14 +143,10 @@ class Resume(Delivery):
                     entries = await self._read(mirror, cursor, seq)
                     if entries is None:
                         if transport is not None:
-                            body = {
-                                "connector": room.connector,
-                                "room": room.name,
-                                "target": room.target,
-                                "reason": "the room's history no longer holds what was missed",
-                                "seq": seq,
-                                "epoch": mirror.epoch,
-                            }
+                            reason = "the room's history no longer holds what was missed"
+                            body = gap_event(
+                                room.connector, room.name, room.target, reason, seq, mirror.epoch
+                            )
                             await transport.send_to(sid, "gap", body)
                         cursor = seq
                         continue

@@ -17,6 +17,7 @@ from typing import Any
 
 from connectors.base import RoomAddress, Where
 from feed.core.change import Change, to_json
+from feed.core.filter_index import UNSURE
 from feed.core.rooms import Room
 from feed.engine.lease import Leases
 from feed.engine.routes import room_spec
@@ -117,7 +118,7 @@ class Snapshots(Leases):
         index = self._target_index(connector.name, address.target)
         # A source without before images: which rows left the room while it was read
         # (feed.core.filter_index.SnapshotWatch; a filter room only, as on a single node).
-        leaving = index.filtered.watch(name if address.key is None else "")
+        leaving = index.filtered.watch(name)
         try:
             try:
                 snapshot = await asyncio.wait_for(
@@ -129,12 +130,7 @@ class Snapshots(Leases):
             # The rows the room holds. One that left meanwhile was published before the room
             # held it, to no one: the asker's client is told to reload (a gap) rather than
             # keep it; a single node sends that change itself (Hub.subscribe).
-            leavers = leaving.leavers(snapshot.keys, snapshot.covers)
-            gone = {change.row_key for change in leavers or ()}
-            keys = snapshot.keys
-            index.filtered.hold(
-                name, keys if not gone else [k for k in keys or () if k not in gone]
-            )
+            leavers = index.filtered.settle(leaving, snapshot.keys, snapshot.covers)
             batcher = self._batchers.get(connector.name)
             if batcher is not None:  # what the stream yielded before the snapshot: numbered
                 await asyncio.wait_for(batcher.drain(), SNAPSHOT_TIMEOUT)
@@ -151,9 +147,7 @@ class Snapshots(Leases):
                 "uncovered": uncovered,
             }
             if leavers is None:
-                answer["gap"] = (
-                    "too many rows changed while the snapshot was read to tell which left"
-                )
+                answer["gap"] = UNSURE
             elif leavers:
                 answer["gap"] = "a row of the snapshot left the room while it was read"
             return answer

@@ -23,9 +23,10 @@ from typing import Any, Protocol, Self
 from connectors.base import Connector, RoomAddress, State, Status, Where
 from connectors.health import CAPTURE_METRICS
 from feed.core.change import Change, Gap, format_ts, to_json
+from feed.core.filter_index import UNSURE
 from feed.core.filters import RowFilter, parse_filter
 from feed.core.rooms import Room
-from feed.core.snapshots import SnapshotChunk, chunk_event, snapshot_ack
+from feed.core.snapshots import SnapshotChunk, chunk_event, gap_event, snapshot_ack
 from feed.core.targets import TargetRooms as TargetRooms  # also imported from here (bench, tests)
 from feed.delivery.protocol import SubscribeRequest
 from feed.delivery.transport import FlushBeforeWaiting, Transport
@@ -566,9 +567,8 @@ class Hub:
         gap: str | None = None
         if request.snapshot and not recovered:
             target = self._target_rooms(connector.name, address.target)
-            # Only a filter room holds rows (a target room gets every change; a row room with
-            # a filter every change of its row, from such a source).
-            watch = target.filtered.watch(room.name if room.key is None else "")
+            # Only a filter room holds rows: the watch of a target or row room notes nothing.
+            watch = target.filtered.watch(room.name)
             try:
                 snapshot = await self._snapshot(connector, address, row_filter, sid, room)
             finally:
@@ -577,13 +577,10 @@ class Hub:
             # The rows the room holds, for a source that sends no before images; those that
             # left it while the snapshot was read get their change now (after the ones the
             # room had meanwhile, which is their order: each was the row's last).
-            leavers = watch.leavers(snapshot.keys, covers)
+            leavers = target.filtered.settle(watch, snapshot.keys, covers)
             if leavers is None:
-                gap = "too many rows changed while the snapshot was read to tell which left"
-                target.filtered.hold(room.name, snapshot.keys)
+                gap = UNSURE
             else:
-                gone = {change.row_key for change in leavers}
-                target.filtered.hold(room.name, [k for k in snapshot.keys or () if k not in gone])
                 for change in leavers:
                     self._send_to_room(room, change)
             fields, rest = snapshot_ack(
@@ -734,14 +731,7 @@ class Hub:
                 del self._catch_ups[key]
 
     def _gap_body(self, room: Room, reason: str) -> dict[str, Any]:
-        return {
-            "connector": room.connector,
-            "room": room.name,
-            "target": room.target,
-            "reason": reason,
-            "seq": room.seq,
-            "epoch": self.epoch,
-        }
+        return gap_event(room.connector, room.name, room.target, reason, room.seq, self.epoch)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
