@@ -9,6 +9,7 @@ important paths over real Socket.IO connections.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -429,6 +430,48 @@ async def test_a_shaped_room_is_told_the_key_a_row_it_was_shown_moved_from() -> 
     assert "password_hash" not in seen["before"] and "password_hash" not in seen["after"]
 
 
+async def test_a_row_moved_to_another_tenant_under_a_new_key_shows_only_the_old_key() -> None:
+    """A row that leaves a tenant and changes its key at once: the tenant learns that its row
+    left, under the key it knew; the new key is the other tenant's (a natural key, an order
+    number, can be their data). Before, `key` carried the new one."""
+    async with running_feed(token_config()) as feed:
+        db = source(feed)
+        db.write("public.orders", "insert", {"id": 6, "tenant_id": "acme", "status": "new"})
+        async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as acme:
+            assert (await acme.subscribe("mem:public.orders"))["ok"]
+            row = await acme.subscribe("mem:public.orders:6")
+            assert row["ok"], row
+            db.write(
+                "public.orders",
+                "update",
+                {"id": 777, "tenant_id": "globex"},
+                moved_from={"id": 6},
+            )
+            seen = [await acme.next_change(), await acme.next_change()]
+    for change in seen:
+        assert change["key"] == 6 and change["after"] is None and change["left"] is True
+        assert change["meta"] == {"old_key": 6}
+        assert "777" not in json.dumps(change)
+
+
+async def test_masks_reach_into_arrays_as_dotted_paths_read() -> None:
+    """`profile.ssn` is masked in every object of an array at `profile`, as a MongoDB dotted
+    path reads; before, only an object at `profile` was masked, and an array of them went out
+    whole."""
+    async with running_feed(token_config()) as feed:
+        db = source(feed)
+        async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as acme:
+            assert (await acme.subscribe("mem:public.customers"))["ok"]
+            profile = [{"city": "Oslo", "ssn": "S-1"}, [{"ssn": "S-2"}], "S-3"]
+            db.write(
+                "public.customers", "insert", {"id": 1, "tenant_id": "acme", "profile": profile}
+            )
+            seen = await acme.next_change()
+            snap = await acme.subscribe("mem:public.customers", snapshot=True)
+    assert seen["after"]["profile"] == [{"city": "Oslo"}, [{}], "S-3"]
+    assert snap["snapshot"][0]["profile"] == [{"city": "Oslo"}, [{}], "S-3"]
+
+
 async def test_jwt_claims_drive_rules_over_socketio() -> None:
     async with running_feed(jwt_config()) as feed:
         db = source(feed)
@@ -447,6 +490,27 @@ async def test_jwt_claims_drive_rules_over_socketio() -> None:
         assert got_a["before"] is None and got_a["after"]["tenant_id"] == "acme"
         assert got_b[1]["after"] is None
         assert a.changes.empty()
+        refusals = {}
+        claims: list[Any] = [None, {"id": "acme"}, "", []]
+        for claim in claims:
+            async with feed_client(feed.url, auth={"token": make_jwt("d", tenant=claim)}) as d:
+                ack = await d.subscribe("mem:public.orders")
+                refusals[json.dumps(claim)] = (ack["error"]["code"], ack["error"]["message"])
+    assert refusals == {  # a claim of no use is not called missing
+        "null": ("forbidden", "your identity has no 'tenant' claim, which the rules need"),
+        **{
+            text: (
+                "forbidden",
+                f"your 'tenant' claim is {kind}; the rules need a string or a "
+                "number (or a list of them)",
+            )
+            for text, kind in (
+                ('{"id": "acme"}', "an object"),
+                ('""', "empty"),
+                ("[]", "an empty list"),
+            )
+        },
+    }
 
 
 SPEC_TOKENS = {

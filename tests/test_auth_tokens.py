@@ -60,6 +60,10 @@ async def test_static_tokens() -> None:
         assert (await refusal(feed.url, {"token": "guess"}))["data"]["code"] == "invalid_token"
         assert (await refusal(feed.url, {"token": 42}))["data"]["code"] == "bad_auth"
         assert (await refusal(feed.url, "ops-token-0001"))["data"]["code"] == "bad_auth"
+        assert (await refusal(feed.url, {"token": "x" * 17_000})) == {
+            "message": "token is longer than 16384 characters",
+            "data": {"code": "bad_auth"},
+        }
         async with feed_client(feed.url, auth={"token": TOKENS["ops"]}) as ops:
             assert (await ops.subscribe("mem:public.audit"))["ok"]
         async with feed_client(feed.url, auth={"token": "Bearer " + TOKENS["ops"]}) as ops:
@@ -136,6 +140,9 @@ async def test_valid_jwt_is_accepted_and_bad_ones_refused_with_reasons(
         (make_jwt(aud=None), "invalid_token"),
         (make_jwt(iss="https://evil.test"), "wrong_issuer"),
         (make_jwt(exp=None), "invalid_token"),
+        # PyJWT reads a numeric string as a time; the expiry timer would not, and never fire.
+        (make_jwt(exp=str(int(time.time()) + 300)), "invalid_token"),
+        (make_jwt(nbf=str(int(time.time()) - 5)), "invalid_token"),
         (make_jwt(sub=None), "invalid_token"),
         (unsigned(make_jwt()), "invalid_token"),
         (make_jwt(key=SECRET, algorithm="HS512"), "invalid_token"),
@@ -193,6 +200,10 @@ async def test_refresh_extends_the_connection_but_not_the_grants(jwt_feed: Runni
         expired: asyncio.Queue[Any] = asyncio.Queue()
         client.sio.on("auth_expired", expired.put_nowait)
         assert (await client.subscribe("mem:public.orders"))["ok"]
+        assert (await client.call("refresh"))["error"] == {
+            "code": "bad_request",
+            "message": 'refresh takes {"token": "<the new token>"}',
+        }
         other_tenant = await client.call("refresh", {"token": make_jwt(tenant="globex")})
         assert other_tenant["error"]["code"] == "identity_changed"
         bad = await client.call("refresh", {"token": make_jwt(ttl=-5)})

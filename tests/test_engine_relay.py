@@ -14,8 +14,11 @@ import orjson
 import pytest
 
 from feed.core.change import Change
+from feed.core.filters import MAX_CONDITIONS, parse_filter
 from feed.core.rooms import Payload, Room
 from feed.engine.relay import LEFT, numbered, room_head
+from feed.engine.routes import room_spec, routed_from_spec
+from feed.security.access import Shape, ShapedRoom
 
 
 def change() -> Change:
@@ -64,3 +67,19 @@ def test_a_row_leaving_a_filter_room_is_the_text_a_single_node_sends() -> None:
     single = Payload(c.wire, room=room, seq=9, left=True)
     single.change = c
     assert orjson.dumps(numbered(room, 9, raw)) == single.json_body()
+
+
+def test_a_tenant_room_past_the_client_condition_limit_is_routed_by_the_reader() -> None:
+    """A client may send 20 conditions; a tenant's forced one makes the room's filter 21. The
+    reader rebuilds the room from its registry spec: before, it re-applied the client limit,
+    logged the spec as bad, and the room (whose subscribe had been acknowledged) never heard
+    of a change."""
+    client = parse_filter("&".join(f"amount=neq.{i}" for i in range(MAX_CONDITIONS)))
+    forced = parse_filter("tenant_id=eq.acme")
+    room = ShapedRoom(
+        "main:public.orders?...@p", "main", "public.orders", filter=client.merged(forced)
+    )
+    room.shape = Shape(forced, (("secret",),))
+    routed = routed_from_spec(json.loads(json.dumps(room_spec(room))))
+    assert routed.filter == room.filter and routed.shape == room.shape
+    assert routed.filter is not None and len(routed.filter.conditions) == MAX_CONDITIONS + 1

@@ -240,13 +240,26 @@ async def test_malformed_packets_are_counted_and_logged_once_without_a_traceback
                 async with asyncio.timeout(5):
                     while True:
                         await ws.recv()
+        # Valid JSON, not valid Unicode: a lone surrogate escape, in the connect's own auth
+        # (no credentials needed to send it) and in a request. Each used to end in a traceback
+        # deep in a handler (hashing the token, quoting a filter), with no answer at all for
+        # the connect.
+        for packets in ([r'40{"token":"\ud800"}'], ["40", r'421["subscribe",{"room":"a:\udfff"}]']):
+            async with connect(ws_url(feed), proxy=None) as ws:
+                await ws.recv()
+                for packet in packets:
+                    await ws.send(packet)
+                with pytest.raises(websockets.ConnectionClosed):
+                    async with asyncio.timeout(5):
+                        while True:
+                            await ws.recv()
         metrics = feed.hub.metrics.render()
         counted = sum(
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
             if line.startswith('feed_client_errors_total{kind="bad_')
         )
-        assert counted == len(MALFORMED_POLLING) + 1, metrics
+        assert counted == len(MALFORMED_POLLING) + 3, metrics
         async with feed_client(feed.url) as client:  # the server is fine
             assert (await client.subscribe("mem:public.orders"))["ok"]
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
@@ -292,7 +305,7 @@ async def test_filter_rooms_are_bounded_per_identity_and_grace_kept_rooms_count(
             async with feed_client(feed.url, auth=ops) as again:
                 acks = await subscribe_filters(again, 100 * round_, 50)
                 assert all(a["ok"] for a in acks), [a for a in acks if not a["ok"]][:1]
-                assert hub.budget.charged("ops") == 50
+                assert hub.budget.charged("token:ops") == 50
             assert len([r for r in hub.rooms.values() if r.filter is not None]) == 50
         assert hub.metrics.value("feed_rooms_evicted_total") == 150
         assert hub.metrics.value("feed_rooms_refused_total", reason="identity") == 2
@@ -315,7 +328,7 @@ async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
             # globex left: its rooms are idle now, and the oldest makes way for a new one.
             assert (await ops.subscribe("mem:public.orders", filter="id=eq.500"))["ok"]
             assert len(feed.hub.budget) == 120
-            assert feed.hub.budget.charged("globex-svc") == 49
+            assert feed.hub.budget.charged("token:globex-svc") == 49
             # A flood of new filters by one identity never takes more than its share.
             for _ in range(3):
                 async with feed_client(feed.url, auth=auth["acme-svc"]) as flood:
@@ -325,4 +338,4 @@ async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
                         "server_busy",
                     }
                 assert len(feed.hub.budget) <= 120
-                assert feed.hub.budget.charged("acme-svc") <= 50
+                assert feed.hub.budget.charged("token:acme-svc") <= 50

@@ -21,6 +21,8 @@ from feed.security.limits import OutboundQueue, TokenBucket
 from tests.auth_helpers import (
     BASE,
     TOKENS,
+    jwt_config,
+    make_jwt,
     raw_socketio,
     raw_subscribe,
     refusal,
@@ -137,6 +139,40 @@ async def test_connections_per_identity() -> None:
         async with feed_client(feed.url, auth=auth), feed_client(feed.url, auth=auth):
             pass  # closed connections are given back
         await wait_until(lambda: feed.app.connections.counts == {}, what="connections released")
+
+
+async def test_a_jwt_subject_named_like_a_static_token_has_its_own_allowance() -> None:
+    """Limits count identities by where their name comes from: a JWT whose `sub` is "ops"
+    is not the static token named "ops", and must not use up its connections (before, three
+    such JWTs locked the operators out with too_many_connections)."""
+    config = jwt_config() + "[limits]\nconnections_per_identity = 1\n"
+    async with running_feed(config) as feed:
+        impostor = {"token": make_jwt(sub="ops")}
+        async with feed_client(feed.url, auth=impostor):
+            assert (await refusal(feed.url, impostor))["data"]["code"] == "too_many_connections"
+            async with feed_client(feed.url, auth={"token": TOKENS["ops"]}) as ops:
+                assert (await ops.call("catalog"))["ok"]
+
+
+async def test_every_request_is_rate_limited_and_a_flood_ends_the_connection() -> None:
+    """`catalog` and unknown events cost a request like `subscribe` (before, a client could
+    send them without end and slow every other client of the node); a client that goes on
+    sending after a hundred `rate_limited` answers in a row is disconnected."""
+    config = BASE + "[limits]\nsubscribe_rate = 0.5\nsubscribe_burst = 3\n"
+    async with running_feed(config) as feed, feed_client(feed.url) as client:
+        acks = [await client.call("catalog") for _ in range(3)]
+        acks += [await client.call("no-such-event"), await client.call("catalog")]
+        assert [a.get("ok", False) for a in acks] == [True, True, True, False, False]
+        assert [a["error"]["code"] for a in acks[3:]] == ["rate_limited", "rate_limited"]
+        gone = asyncio.Event()
+        client.sio.on("disconnect", lambda *args: gone.set())
+        for _ in range(120):
+            await client.sio.emit("catalog", {})
+        await asyncio.wait_for(gone.wait(), 10)
+        metrics = feed.hub.metrics.render()
+        assert 'feed_client_errors_total{kind="flood"} 1' in metrics, metrics
+        async with feed_client(feed.url) as other:  # the server is fine
+            assert (await other.call("catalog"))["ok"]
 
 
 async def test_an_oversized_message_ends_the_connection() -> None:

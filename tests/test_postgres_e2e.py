@@ -213,6 +213,26 @@ async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
                 assert ack["ok"], (good, ack)
 
 
+async def test_a_refused_filter_does_not_name_the_columns_masked_for_the_client(
+    pg: PgDatabase,
+) -> None:
+    """The column list of a mistyped filter left out nothing: a client for whom `secret` is
+    masked learnt that the table has such a column."""
+    await pg.conn.execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, status text, secret text)"
+    )
+    masks = '\n[[auth.masks]]\nrooms = ["main:public.orders"]\nfields = ["secret"]\n'
+    async with running_feed(config(pg.url) + masks) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe("main:public.orders", filter="nosuchcol=eq.1")
+    assert ack["error"] == {
+        "code": "bad_filter",
+        "message": "public.orders has no column 'nosuchcol'",
+    }, ack
+
+
 async def test_the_canonical_filter_room_name_is_accepted_back_as_room(pg: PgDatabase) -> None:
     """Acks name a filter room `main:public.orders?...`; clients store that name and send it."""
     await orders(pg)
@@ -238,3 +258,25 @@ async def test_the_canonical_filter_room_name_is_accepted_back_as_room(pg: PgDat
         assert [c["key"] for c in got_first] == [c["key"] for c in got_again] == [1]
         assert got_again[0]["room"] == name
         assert (await http_get(f"{feed.url}/readyz"))[0] == 200
+
+
+async def test_a_row_room_s_filter_name_sent_back_is_that_room(pg: PgDatabase) -> None:
+    """`main:public.orders:2?status=eq.paid` is row 2's room with that filter, whoever sends
+    it first: it used to resolve as a row keyed `2?status=eq.paid`, under the very name of
+    the real room, and the client asking for the real room next joined one that never
+    matched anything. A shaped row room's name is refused, as a shaped filter room's is."""
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders VALUES (2, 'new', 5)")
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as by_name, feed_client(feed.url) as by_parts:
+            name = "main:public.orders:2?status=eq.paid"
+            first = await by_name.subscribe(name)
+            second = await by_parts.subscribe("main:public.orders:2", filter="status=eq.paid")
+            assert first["ok"] and second["ok"] and first["room"] == second["room"] == name
+            shaped = await by_name.subscribe(name + "@0123456789abcdef")
+            assert shaped["error"]["code"] == "bad_request", shaped
+            await pg.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 2")
+            seen = [(await by_name.next_change())["key"], (await by_parts.next_change())["key"]]
+    assert seen == [2, 2]

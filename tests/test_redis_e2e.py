@@ -146,6 +146,42 @@ async def test_a_filter_room_hears_a_key_leave_it_or_go(redis_target: RedisTarge
     assert got[1]["after"] is None
 
 
+async def test_a_filter_room_drops_a_key_whose_value_was_gone_when_read(
+    redis_target: RedisTarget,
+) -> None:
+    """HSET then DEL in one transaction: the feed reads the value after the events, finds the
+    key gone, and sends the `hset` with no image. The filter room held the key, so it must
+    still hear the `del` that follows. Before, the image-less `hset` made the room forget the
+    key, the `del` went nowhere, and the client's rows kept the key for good."""
+    from dbfeed_client import FeedClient
+
+    t = redis_target
+    stale, kept = t.key("user:stale"), t.key("user:kept")
+    await t.admin.hset(stale, mapping={"plan": "pro"})
+    await t.admin.hset(kept, mapping={"plan": "pro"})
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with (
+            FeedClient(feed.url) as client,
+            client.subscribe(
+                f"cache:{t.key('user:*')}", filter="value.plan=eq.pro", snapshot=True
+            ) as sub,
+        ):
+            assert sub.rows is not None and sorted(sub.rows) == [kept, stale]
+            seen: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+            sub.on("change", lambda change: seen.put_nowait((change["op"], change["key"])))
+            async with t.admin.pipeline(transaction=True) as multi:
+                multi.hset(stale, "n", "1")
+                multi.delete(stale)
+                await multi.execute()
+            await t.admin.hset(kept, "n", "2")  # a marker: everything before it has arrived
+            ops: list[tuple[str, str]] = []
+            while ("hset", kept) not in ops:
+                ops.append(await asyncio.wait_for(seen.get(), WAIT))
+            assert sorted(sub.rows) == [kept], ops
+    assert ops == [("hset", stale), ("del", stale), ("hset", kept)]
+
+
 async def test_client_rows_follow_keys_renamed_moved_and_taken_away(
     redis_target: RedisTarget,
 ) -> None:

@@ -45,6 +45,10 @@ for _library_log in (SOCKETIO_LOG, ENGINEIO_LOG):
     # feed.security.guard.
     _library_log.setLevel(logging.ERROR)
 
+FLOOD_STRIKES = 100
+"""Requests refused in a row before a client that keeps sending is disconnected: each still
+costs the node a decode and an answer, and delays every other client's changes."""
+
 EXPIRY_GRACE = 2.0
 """Seconds an expired client has to leave by itself before its connection is dropped."""
 
@@ -56,6 +60,9 @@ class Session:
     identity: Identity
     bucket: TokenBucket
     expiry: asyncio.TimerHandle | None = None
+    refused: int = 0
+    """Requests refused `rate_limited` since the last one taken: a client that ignores the
+    answer for `FLOOD_STRIKES` of them is flooding, and its connection is ended."""
 
 
 class FeedApp:
@@ -196,7 +203,7 @@ class FeedApp:
         """Authenticate from the auth payload; a refusal carries `{"code": ...}` and a message."""
         try:
             identity = await self.authenticator.authenticate(auth)
-            if not identity.anonymous and not self.connections.admit(identity.name):
+            if not identity.anonymous and not self.connections.admit(identity.account):
                 raise AuthError(
                     "too_many_connections",
                     f"{identity.name!r} already holds {self.connections.limit} connections",
@@ -221,7 +228,7 @@ class FeedApp:
             if session.expiry is not None:
                 session.expiry.cancel()
             if not session.identity.anonymous:
-                self.connections.release(session.identity.name)
+                self.connections.release(session.identity.account)
         self.hub.disconnect(sid)
 
     def _schedule_expiry(self, sid: str, session: Session) -> None:
@@ -268,7 +275,16 @@ class FeedApp:
         if session is None:
             raise ProtocolError("not_connected", "this connection is closing")
         if not session.bucket.take():
+            session.refused += 1
+            if session.refused == FLOOD_STRIKES:
+                eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+                if eio_sid is not None:
+                    self.sio.eio.report_malformed(
+                        eio_sid, "flood", f"{FLOOD_STRIKES} requests refused rate_limited in a row"
+                    )
+                    self.outbound.close_soon(eio_sid)
             raise ProtocolError("rate_limited", "too many requests; slow down and retry")
+        session.refused = 0
         return session
 
     async def on_subscribe(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -289,7 +305,9 @@ class FeedApp:
                 else None
             )
             shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
-            return await self.hub.subscribe(sid, request, shape=shape, owner=session.identity.name)
+            return await self.hub.subscribe(
+                sid, request, shape=shape, owner=session.identity.account
+            )
 
         return await self._answer("subscribe", handle)
 
@@ -303,13 +321,14 @@ class FeedApp:
         return await self._answer("unsubscribe", handle)
 
     async def on_catalog(self, sid: str, *args: Any) -> dict[str, Any]:
-        session = self.sessions.get(sid)
-        if session is None:
-            return error_ack(ProtocolError("not_connected", "this connection is closing"))
-        catalog = self.authorizer.catalog(session.identity, self.hub.catalog())
-        if not self.config.auth.operator(session.identity):
-            catalog = generic_catalog(catalog)
-        return catalog
+        async def handle() -> dict[str, Any]:
+            session = self._session(sid)
+            catalog = self.authorizer.catalog(session.identity, self.hub.catalog())
+            if not self.config.auth.operator(session.identity):
+                catalog = generic_catalog(catalog)
+            return catalog
+
+        return await self._answer("catalog", handle)
 
     async def _announce_status(self, body: dict[str, Any]) -> None:
         """A connector's status change: the detail to operators, a generic line to the rest."""
@@ -326,8 +345,11 @@ class FeedApp:
 
         async def handle() -> dict[str, Any]:
             session = self._session(sid)
+            payload = args[0] if args else None
+            if not isinstance(payload, dict) or "token" not in payload:
+                raise ProtocolError("bad_request", 'refresh takes {"token": "<the new token>"}')
             try:
-                identity = await self.authenticator.authenticate(args[0] if args else None)
+                identity = await self.authenticator.authenticate(payload)
             except AuthError as exc:
                 raise ProtocolError(exc.code, exc.message) from None
             if not identity.same_grants(session.identity):
@@ -342,7 +364,11 @@ class FeedApp:
         return await self._answer("refresh", handle)
 
     async def on_unknown(self, event: str, sid: str, *args: Any) -> dict[str, Any]:
-        return error_ack(ProtocolError("unknown_event", f"no event {str(event)[:64]!r}"))
+        async def handle() -> dict[str, Any]:
+            self._session(sid)  # an unknown event costs a request like any other
+            raise ProtocolError("unknown_event", f"no event {str(event)[:64]!r}")
+
+        return await self._answer("unknown", handle)
 
     async def _answer(self, event: str, handle: Any) -> dict[str, Any]:
         """Run a request; a client's mistake becomes an error ack, a bug an `internal` one."""

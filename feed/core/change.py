@@ -74,6 +74,13 @@ class computed_once(Generic[T]):
 _set = object.__setattr__
 
 
+GONE_OPS = frozenset(
+    {"delete", "del", "expired", "evicted", "unlink", "rename_from", "move_from", "getdel"}
+)
+"""Ops after which the row's key no longer exists, whatever the images say: the protocol's
+removals, which the client libraries drop rows on (a Redis key renamed or moved away too)."""
+
+
 @dataclass(frozen=True, init=False)
 class Change:
     """One committed change at a source.

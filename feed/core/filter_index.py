@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from feed.core.change import Change
+from feed.core.change import GONE_OPS, Change
 from feed.core.filters import Condition, RowFilter, lookup, value_key
 
 
@@ -317,13 +317,22 @@ class FilterIndex(Generic[Room]):
                 for room in routed
                 if room.filter is not None and room.filter.matches_image(after)
             }
-        holders = self._held.pop(key, None)
-        if holders:
-            for name, room in holders.items():
-                if name not in now:
-                    if change.before is None:
-                        out.append(room)
-                    self._holds[name].discard(key)
+        if change.before is None and after is None and change.op not in GONE_OPS:
+            # Neither image, and the row is not gone: a Redis write whose value was read after
+            # the key had vanished, a MongoDB update without its document. Whether it still
+            # matches is unknown, so the rooms holding it hear of it and go on holding it: the
+            # removal that follows (or the next image) must reach them too.
+            held = self._held.get(key)
+            if held:
+                out.extend(room for name, room in held.items() if name not in now)
+        else:
+            holders = self._held.pop(key, None)
+            if holders:
+                for name, room in holders.items():
+                    if name not in now:
+                        if change.before is None:
+                            out.append(room)
+                        self._holds[name].discard(key)
         if now and after is not None:
             self._held[key] = now
             for name in now:

@@ -189,8 +189,14 @@ class RowFilter:
         return RowFilter(tuple(sorted(set(self.conditions) | set(other.conditions))))
 
 
-def parse_filter(text: str, *, max_length: int = 1024) -> RowFilter:
-    """Parse a filter string; raise ProtocolError("bad_filter") saying what is wrong."""
+def parse_filter(
+    text: str, *, max_length: int = 1024, max_conditions: int = MAX_CONDITIONS
+) -> RowFilter:
+    """Parse a filter string; raise ProtocolError("bad_filter") saying what is wrong.
+
+    The limits are a client's; a room's own filter (a client's with a forced one merged in,
+    read back from the cluster's registry) may hold more conditions, and is read with them off.
+    """
     if not isinstance(text, str):
         raise ProtocolError("bad_filter", "filter must be a string like 'status=eq.paid'")
     if len(text) > max_length:
@@ -200,8 +206,8 @@ def parse_filter(text: str, *, max_length: int = 1024) -> RowFilter:
         raise ProtocolError(
             "bad_filter", "filter is empty; use field=op.value, e.g. status=eq.paid"
         )
-    if len(parts) > MAX_CONDITIONS:
-        raise ProtocolError("bad_filter", f"filter has more than {MAX_CONDITIONS} conditions")
+    if len(parts) > max_conditions:
+        raise ProtocolError("bad_filter", f"filter has more than {max_conditions} conditions")
     conditions = {_parse_condition(p) for p in parts}
     return RowFilter(tuple(sorted(conditions)))
 

@@ -804,6 +804,29 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         await super().shutdown()
 
 
+def lone_surrogate(value: Any) -> bool:
+    """Whether decoded JSON holds a string with a lone surrogate (`"\\ud800"` is valid JSON).
+
+    Such a string is not Unicode: it cannot be encoded, hashed or sent on, and would fail deep
+    in a handler. Walked without recursion, as the packet may be nested deep.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
     """socketio.AsyncServer on `LeanEngineIO`, which lets go of each environ after connect."""
 
@@ -827,6 +850,9 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
                 pkt = self.packet_class(encoded_packet=data)
             except Exception as exc:
                 problem = f"undecodable Socket.IO packet: {type(exc).__name__}: {exc}"
+            if pkt is not None and "\\u" in data and lone_surrogate(pkt.data):
+                problem = "a string with a lone UTF-16 surrogate escape (not valid Unicode)"
+                pkt = None
         if pkt is not None:
             kind = pkt.packet_type
             if kind in (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK):

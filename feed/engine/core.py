@@ -63,6 +63,9 @@ class EngineCore:
         """Per connector, set to end this node's wait for its lease (feed.engine.lease)."""
         self._batchers: dict[str, Batcher] = {}
         self._index: dict[str, dict[str, TargetRooms[Routed]]] = {}
+        self._bad_specs: set[str] = set()
+        """Rooms whose registry spec could not be read, each logged once (it comes back with
+        every refresh)."""
         self._routed: dict[str, dict[bytes, tuple[str, Routed, int]]] = {}
         """At the reader, per connector: each routed row or filter room by its name (as Redis
         spells it) with its target and when it was routed (`_route_count`), so that a re-read of

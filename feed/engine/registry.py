@@ -45,7 +45,10 @@ class RoomRegistry(EngineCore):
         try:
             routed = routed_from_spec(spec)
         except (FeedError, KeyError, TypeError) as exc:
-            log.warning("ignoring a bad room spec %r: %s", spec, exc)
+            name = str(spec.get("name"))[:200]
+            if name not in self._bad_specs and len(self._bad_specs) < 10_000:
+                self._bad_specs.add(name)
+                log.warning("ignoring the room %s: its spec cannot be read: %s", name, exc)
             return None
         target = str(spec["target"])
         index = self._target_index(str(connector), target)

@@ -45,11 +45,15 @@ def room_spec(room: Room) -> dict[str, Any]:
 
 
 def routed_from_spec(spec: Mapping[str, Any]) -> Routed:
-    big = 1 << 20
-    row_filter = parse_filter(spec["filter"], max_length=big) if spec.get("filter") else None
+    big = 1 << 20  # a room's own filter, not a client's: no client limit applies
+
+    def parse(text: str) -> RowFilter:
+        return parse_filter(text, max_length=big, max_conditions=big)
+
+    row_filter = parse(spec["filter"]) if spec.get("filter") else None
     shape = None
     if spec.get("shape"):
         raw = spec["shape"]
-        forced = parse_filter(raw["forced"], max_length=big) if raw.get("forced") else None
+        forced = parse(raw["forced"]) if raw.get("forced") else None
         shape = Shape(forced, tuple(tuple(p) for p in raw.get("masked", [])))
     return Routed(spec["name"], spec.get("key"), row_filter, shape)

@@ -458,14 +458,19 @@ class Hub:
 
         Acks return that name and clients store it, so it must work when sent back. A canonical
         filter never holds a `?` (its values are percent-encoded), so the name splits at the last
-        one; a name that resolves whole (a Redis key or pattern may hold a `?`) is left alone.
+        one. The split wins over a key that holds a `?` and a filter after it: both would be
+        named alike, and a room found by its name must be the room asked for (a row room keyed
+        `2?status=eq.x` took the name of row 2's `status=eq.x` room, and whoever asked for that
+        room next joined one that never matched anything). Any other `?` is part of the name (a
+        Redis key or pattern may hold one).
         """
         base, mark, filter_text = request.room.rpartition("?")
         if not mark or not base or not filter_text:
             return request
-        with contextlib.suppress(ProtocolError):
-            self.resolve(request.room)
-            return request
+        try:
+            self.resolve(base)
+        except ProtocolError:
+            return request  # no room before the `?`: it belongs to the name
         if SHAPED_SUFFIX.search(filter_text):
             raise ProtocolError(
                 "bad_request",
@@ -473,9 +478,15 @@ class Hub:
                 "subscribe with the room and filter you asked for",
             )
         limit = self.settings.max_filter_length
+        try:
+            parsed = parse_filter(filter_text, max_length=limit)
+        except ProtocolError:
+            with contextlib.suppress(ProtocolError):
+                self.resolve(request.room)
+                return request  # a key holding a `?` and no filter after it
+            raise
         if request.filter is not None and (
-            parse_filter(request.filter, max_length=limit).canonical
-            != parse_filter(filter_text, max_length=limit).canonical
+            parse_filter(request.filter, max_length=limit).canonical != parsed.canonical
         ):
             raise ProtocolError(
                 "bad_filter",
@@ -519,7 +530,13 @@ class Hub:
             else None
         )
         if row_filter is not None:
-            connector.check_filter(address.target, row_filter)  # one that can never match: refused
+            try:  # one that can never match: refused
+                connector.check_filter(address.target, row_filter)
+            except ProtocolError as exc:
+                if shape is None or not shape.masked:
+                    raise
+                # The columns it lists for a mistyped name would include those masked here.
+                raise ProtocolError(exc.code, exc.message.split(" (columns: ")[0]) from None
         if forced is not None:
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())

@@ -64,10 +64,9 @@ class Shape:
     def apply(self, change: Change, payload: dict[str, Any]) -> None:
         """Shape a room's copy of the wire payload in place (the change itself is shared)."""
         seen_before = self.visible(change.before)
+        seen_after = self.visible(change.after)
         payload["before"] = strip(payload["before"], self.masked) if seen_before else None
-        payload["after"] = (
-            strip(payload["after"], self.masked) if self.visible(change.after) else None
-        )
+        payload["after"] = strip(payload["after"], self.masked) if seen_after else None
         # Source extras (MongoDB's updateDescription, say) can repeat field values that the
         # images above no longer show; they are withheld rather than parsed per source. All but
         # the key a row moved from, when its old row was shown: the client keeps that row
@@ -75,6 +74,10 @@ class Shape:
         meta = payload.pop("meta", None)
         if seen_before and change.moved_from is not None and isinstance(meta, dict):
             payload["meta"] = {"old_key": meta["old_key"]}
+            if not seen_after:
+                # The row left this shape under a new key, which is the new owner's (a natural
+                # key can be their data): it is shown under the key this shape knew it by.
+                payload["key"] = meta["old_key"]
 
     def allows_filter(self, row_filter: RowFilter) -> str | None:
         """Why a client filter is refused (it names a masked field), or None.
@@ -103,10 +106,20 @@ def strip(image: Mapping[str, Any] | None, paths: Iterable[Path]) -> Any:
 
 def _remove(image: dict[str, Any], path: Path) -> None:
     image.pop(".".join(path), None)
-    if len(path) > 1 and isinstance(image.get(path[0]), Mapping):
-        child = dict(image[path[0]])
-        _remove(child, path[1:])
-        image[path[0]] = child
+    if len(path) > 1 and path[0] in image:
+        image[path[0]] = _removed(image[path[0]], path[1:])
+
+
+def _removed(value: Any, path: Path) -> Any:
+    """`value` without `path` inside it: through objects, and through arrays of them as a
+    MongoDB dotted path reads (`items.price` is the price of every item), at any depth."""
+    if isinstance(value, Mapping):
+        child = dict(value)
+        _remove(child, path)
+        return child
+    if isinstance(value, list):
+        return [_removed(item, path) for item in value]
+    return value
 
 
 @dataclass(eq=False)
@@ -129,6 +142,17 @@ class ShapedRoom(Room):
 # -- rules -------------------------------------------------------------------------------------
 
 
+def _kind(claim: Any) -> str:
+    """How a refusal names an unusable claim, without echoing its value."""
+    if isinstance(claim, Mapping):
+        return "an object"
+    if isinstance(claim, list):
+        return "an empty list" if not claim else "a list holding other than strings and numbers"
+    if claim == "":
+        return "empty"
+    return f"a {type(claim).__name__}"
+
+
 def render_filter(template: str, identity: Identity) -> RowFilter:
     """Fill `{claim}` placeholders from the identity; a missing claim refuses the subscribe."""
 
@@ -136,9 +160,15 @@ def render_filter(template: str, identity: Identity) -> RowFilter:
         name = match.group(1)
         claim = identity.claim(name)
         values = claim if isinstance(claim, list) and claim else [claim]
-        if not all(_scalar(v) for v in values):
+        if claim is None:
             raise ProtocolError(
                 "forbidden", f"your identity has no {name!r} claim, which the rules need"
+            )
+        if not all(_scalar(v) for v in values):
+            raise ProtocolError(
+                "forbidden",
+                f"your {name!r} claim is {_kind(claim)}; the rules need a string or a number "
+                "(or a list of them)",
             )
         special = next((v for v in values if _literal(v) in SPECIAL_LITERALS), None)
         if special is not None:

@@ -65,6 +65,14 @@ class Identity:
     expires_at: float | None = None
     """Epoch seconds after which the identity must stop receiving (JWT `exp`)."""
     anonymous: bool = False
+    source: str = "token"
+    """Where the name comes from, "token" (a static token's name) or "jwt" (a subject)."""
+
+    @property
+    def account(self) -> str:
+        """What per-identity limits count by: a JWT subject that happens to equal a static
+        token's name (or another's) is not that token, and must not use up its allowance."""
+        return f"{self.source}:{self.name}"
 
     def claim(self, path: str) -> Any:
         """A claim by name or dotted path (`org.id`), or None."""
@@ -81,6 +89,7 @@ class Identity:
         """Whether a refreshed identity may keep the subscriptions this one was granted."""
         return (
             self.name == other.name
+            and self.source == other.source
             and self.roles == other.roles
             and _timeless(self.claims) == _timeless(other.claims)
         )
@@ -412,8 +421,10 @@ class Authenticator:
         token = payload.get("token")
         if token is None:
             return None
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
+        if not isinstance(token, str) or not token:
             raise AuthError("bad_auth", "token must be a non-empty string")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise AuthError("bad_auth", f"token is longer than {MAX_TOKEN_LENGTH} characters")
         if token.lower().startswith("bearer "):
             token = token[7:].strip()
         return token
@@ -456,13 +467,24 @@ class Authenticator:
             raise AuthError("invalid_token", f"the token lacks the {exc.claim!r} claim") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
+        for time_claim in ("exp", "nbf", "iat"):
+            # PyJWT reads a numeric string as a time, but the expiry timer needs a number: a
+            # token that passed with "exp": "1796..." would otherwise never be cut off.
+            moment = claims.get(time_claim)
+            if moment is not None and (
+                not isinstance(moment, int | float) or isinstance(moment, bool)
+            ):
+                raise AuthError(
+                    "invalid_token",
+                    f"the token's {time_claim!r} claim must be a number (seconds since the epoch)",
+                )
         name = _path(claims, cfg.name_claim)
         if not isinstance(name, str | int) or isinstance(name, bool) or name == "":
             raise AuthError("invalid_token", f"the token has no {cfg.name_claim!r} claim")
         roles = _roles(_path(claims, cfg.roles_claim))
         exp = claims.get("exp")
         expires = float(exp) + self.config.leeway if isinstance(exp, int | float) else None
-        return Identity(str(name), roles, claims, expires)
+        return Identity(str(name), roles, claims, expires, source="jwt")
 
     async def _key(self, header: Mapping[str, Any], cfg: JwtConfig) -> Any:
         if cfg.secret is not None:
