@@ -68,6 +68,18 @@ log = logging.getLogger("feed.connectors.postgres")
 
 READER_LOCK_CLASS = LOCK_CLASS + 1
 PRUNE_CHUNK = 20_000
+RENDERING = {
+    "extra_float_digits": "3",
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "bytea_output": "hex",
+}
+"""How the feed's sessions render values as text (to_jsonb, the logical reader's rebuild): the
+settings migrations/0003 pins on the capture trigger, so that a snapshot row, a logical image
+and a trigger's image of the same row read alike, whatever the database's or a writer's
+defaults."""
+
 POOL_SIZE = 2
 """Connections for snapshots (the change stream has its own)."""
 LOCK_PATIENCE = 20
@@ -279,6 +291,7 @@ class PostgresConnector(Connector):
 
     async def _connect(self, *, reader: bool = False) -> Any:
         settings = {"application_name": f"feed:{self.name}" + (":reader" if reader else "")}
+        settings.update(RENDERING)
         if reader:
             idle = str(max(1, int(self.heartbeat_interval)))
             # Position saves need no fsync of their own: losing the last one after a server
@@ -345,7 +358,7 @@ class PostgresConnector(Connector):
                 min_size=0,
                 max_size=POOL_SIZE,
                 timeout=self.connect_timeout,
-                server_settings={"application_name": f"feed:{self.name}:snapshot"},
+                server_settings={"application_name": f"feed:{self.name}:snapshot", **RENDERING},
             )
         except BaseException as exc:
             raise self._connect_error(exc) from None
@@ -1666,7 +1679,7 @@ class PostgresConnector(Connector):
 
     def _key_in_sql(self, shape: TableShape) -> bool:
         """Whether a row room's key can be matched in SQL (its text form equals room_key's)."""
-        simple = {"int2", "int4", "int8", "text", "varchar", "bpchar", "uuid", "name", "citext"}
+        simple = {"int2", "int4", "int8", "text", "varchar", "uuid", "name", "citext"}
         return all(shape.column_types.get(col) in simple for col in shape.primary_key)
 
     async def _snapshot_extra(self, conn: Any) -> Any:

@@ -246,6 +246,30 @@ async def test_types_round_trip(pg: PgDatabase) -> None:
     assert list(snapshot.rows) == [after]
 
 
+async def test_a_writer_s_session_settings_do_not_change_the_image(pg: PgDatabase) -> None:
+    """The capture trigger renders the row in the writer's session: with extra_float_digits
+    at 0 a double lost its last digits, and the writer's time zone, interval style and bytea
+    output showed in ranges, intervals and composites, so the live image differed from the
+    snapshot row of the same data."""
+    await pg.conn.execute(
+        "CREATE TYPE pair AS (at timestamptz, b bytea);"
+        "CREATE TABLE public.looks (id int PRIMARY KEY, d float8, iv interval, span tstzrange,"
+        " p pair)"
+    )
+    async with streaming(make_connector(pg.url, ["public.looks"])) as stream:
+        await pg.conn.execute(
+            "SET extra_float_digits = 0; SET TimeZone = 'America/New_York';"
+            " SET IntervalStyle = 'iso_8601'; SET DateStyle = 'SQL, DMY'; SET bytea_output = 'escape';"
+            " INSERT INTO looks VALUES (1, 0.30000000000000004, '1 year 2 days 03:04:05',"
+            " '[2024-01-01 00:00+00, 2024-02-01 00:00+00)', ROW('2024-06-01 12:00+00', '\\x01ff'));"
+            " RESET ALL"
+        )
+        change = await stream.next()
+        snapshot = await stream.connector.snapshot(RoomAddress("public.looks"), lambda r: True, 1)
+    assert change.after is not None and change.after["d"] == 0.30000000000000004
+    assert [dict(change.after)] == [dict(row) for row in snapshot.rows]
+
+
 async def test_composite_key_and_row_room_snapshot(pg: PgDatabase) -> None:
     await pg.conn.execute(
         "CREATE TABLE public.lines (order_id int, line int, sku text, PRIMARY KEY (order_id, line))"
@@ -260,6 +284,21 @@ async def test_composite_key_and_row_room_snapshot(pg: PgDatabase) -> None:
         snap = await connector.snapshot(RoomAddress("public.lines", "7,2"), lambda r: True, 10)
     assert [dict(r) for r in snap.rows] == [{"order_id": 7, "line": 2, "sku": "bb"}]
     assert snap.covers(change)
+
+
+async def test_a_char_key_s_row_room_snapshot_finds_its_row(pg: PgDatabase) -> None:
+    """A `char(5)` key is `ab   ` in changes and row room names (padded, as on the wire), but
+    `k::text` drops the padding: the row room's snapshot looked the key up in SQL that way and
+    was always empty."""
+    await pg.conn.execute("CREATE TABLE public.codes (k char(5) PRIMARY KEY, v int)")
+    await pg.conn.execute("INSERT INTO codes VALUES ('ab', 1)")
+    connector = make_connector(pg.url, ["public.codes"])
+    async with streaming(connector) as stream:
+        await pg.conn.execute("UPDATE codes SET v = 2")
+        change = await stream.next()
+        assert change.row_key == "ab   "
+        snap = await connector.snapshot(RoomAddress("public.codes", "ab   "), lambda r: True, 10)
+    assert [dict(r) for r in snap.rows] == [{"k": "ab   ", "v": 2}]
 
 
 async def test_primary_key_change_reports_the_old_key(pg: PgDatabase) -> None:
@@ -492,7 +531,7 @@ async def test_unmigrated_schema_says_to_run_feed_migrate(pg: PgDatabase) -> Non
     connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
     with pytest.raises(SourceMisconfigured, match="run `feed migrate"):
         await connector.start()
-    with pytest.raises(SourceMisconfigured, match=r"2 migration\(s\) pending .*run `feed migrate"):
+    with pytest.raises(SourceMisconfigured, match=r"3 migration\(s\) pending .*run `feed migrate"):
         await connector.check()
     # With auto_migrate the server applies them at start: check says so and passes.
     auto = make_connector(pg.url, ["public.orders"], auto_migrate=True)
@@ -512,11 +551,12 @@ async def test_migrate_twice_is_a_no_op_and_prune_detaches_unconfigured_tables(
     assert first == [
         "applied 0001_journal.sql",
         "applied 0002_partition_truncate.sql",
+        "applied 0003_capture_settings.sql",
         "watching public.orders",
         "watching public.customers",
     ]
     second = await both.migrate()
-    assert second == ["schema 'feed' is up to date (2 migrations applied)"]
+    assert second == ["schema 'feed' is up to date (3 migrations applied)"]
     triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal"
     assert await pg.conn.fetchval(triggers, "public.customers") == 2
     only_orders = make_connector(pg.url, ["public.orders"])
