@@ -58,10 +58,18 @@ def loads(text: str | None) -> Any:
     return _DECODER.decode(text)
 
 
+WIDEST = 1 << 64
+"""Integers past 64 bits are JSON numbers few readers take: python-socketio's client drops a
+message holding one of more than 100 digits (and jsonb prints 1e200 as 201 digits)."""
+
+
 def plain(value: Any) -> Any:
-    """Undo `loads`' Decimals inside values that are JSON by nature (json, jsonb, composites)."""
+    """Undo `loads`' Decimals inside values that are JSON by nature (json, jsonb, composites),
+    and make a number too wide for 64 bits a double, as a decimal one already is."""
     if isinstance(value, Decimal):
         return float(value)
+    if type(value) is int and not -WIDEST < value < WIDEST:
+        return float(Decimal(value))  # past a double's range: infinity, sent as null
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -9,6 +9,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 
 from connectors.base import RoomAddress
@@ -268,6 +269,29 @@ async def test_a_writer_s_session_settings_do_not_change_the_image(pg: PgDatabas
         snapshot = await stream.connector.snapshot(RoomAddress("public.looks"), lambda r: True, 1)
     assert change.after is not None and change.after["d"] == 0.30000000000000004
     assert [dict(change.after)] == [dict(row) for row in snapshot.rows]
+
+
+async def test_a_json_number_past_64_bits_arrives_as_a_double(pg: PgDatabase) -> None:
+    """jsonb prints 1e200 as a 201-digit integer. Sent as such it took the slow encoder and
+    reached Python clients as a number python-socketio refuses (over 100 digits): the message
+    was dropped, with no reload. Like a decimal number in jsonb, it is a double now."""
+    await pg.conn.execute(
+        "CREATE TYPE wide AS (f float8);"
+        "CREATE TABLE public.docs (id int PRIMARY KEY, jb jsonb, w wide)"
+    )
+    async with streaming(make_connector(pg.url, ["public.docs"])) as stream:
+        await pg.conn.execute(
+            """INSERT INTO docs VALUES (1, '{"x": 1e200, "y": -1e400, "z": 12}', ROW(1e300))"""
+        )
+        change = await stream.next()
+    assert change.after is not None
+    assert change.after["jb"] == {"x": 1e200, "y": float("-inf"), "z": 12}
+    assert change.after["w"] == {"f": 1e300}
+    assert orjson.loads(orjson.dumps(to_json(change.after)))["jb"] == {
+        "x": 1e200,
+        "y": "-Infinity",
+        "z": 12,
+    }
 
 
 async def test_composite_key_and_row_room_snapshot(pg: PgDatabase) -> None:
