@@ -124,9 +124,19 @@ class Transaction:
 class PgOutputParser:
     """pgoutput protocol version 1, one message per row of the peek function."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        seen: dict[str, list[tuple[str, int]]] | None = None,
+        altered: set[str] | None = None,
+    ) -> None:
         self.relations: dict[int, Relation] = {}
         self.current: Transaction | None = None
+        self.seen = {} if seen is None else seen
+        """Each table's columns (name, type) as its last Relation message gave them, kept from
+        one peek to the next by the reader."""
+        self.altered = set() if altered is None else altered
+        """Tables whose columns changed since a previous Relation message: pgoutput sends one
+        ahead of a table's first change after an `ALTER TABLE`, the only word of it there is."""
 
     def feed(self, data: bytes) -> Transaction | None:
         """Consume one message; return a transaction when its commit arrives."""
@@ -165,7 +175,11 @@ class PgOutputParser:
             type_oid, _typmod = struct.unpack_from("!Ii", body, pos)
             pos += 8
             columns.append((column, type_oid))
-        self.relations[relid] = Relation(f"{namespace}.{name}", columns)
+        target = f"{namespace}.{name}"
+        if self.seen.get(target, columns) != columns:
+            self.altered.add(target)
+        self.seen[target] = columns
+        self.relations[relid] = Relation(target, columns)
 
     def _row(self, kind: bytes, body: memoryview) -> None:
         (relid,) = struct.unpack_from("!I", body)
@@ -311,6 +325,8 @@ class LogicalReader:
         self.delivered_end = 0  # every transaction ending at or before this LSN is routed
         self.partial: tuple[int, int] | None = None  # (commit_lsn, changes routed), half done
         self.columns: dict[str, tuple[frozenset[str], str | None]] = {}  # _read_columns
+        self.relation_columns: dict[str, list[tuple[str, int]]] = {}  # PgOutputParser.seen
+        self.altered: set[str] = set()  # PgOutputParser.altered: shapes to read again
         self.confirmed = 0
         self.last_nudge = 0.0
         self.pending_gap = False
@@ -712,7 +728,7 @@ class LogicalReader:
             if time.monotonic() - self.last_check >= c.capture_check_interval:
                 for gap in await self._watch(conn):
                     yield gap
-            parser = PgOutputParser()
+            parser = PgOutputParser(self.relation_columns, self.altered)
             read = 0
             async with contextlib.aclosing(self._pages(conn)) as pages:
                 async for rows in pages:
@@ -769,6 +785,13 @@ class LogicalReader:
         txn.changes, txn.taken = [], base + len(pending)
         if txn.commit_lsn < self.delivered_end:
             return
+        for target in {raw.target for raw in pending} & self.altered:
+            # Columns added, dropped, renamed or of another type: decode by what they are now
+            # (notify mode notices a new column name in an image; a type change shows nowhere
+            # but here).
+            self.altered.discard(target)
+            if target in c.targets_by_table:
+                await c._refresh_shape(conn, target)
         images = await self._rebuild(conn, pending)
         skip = self.partial[1] if self.partial and self.partial[0] == txn.commit_lsn else 0
         for index, raw in enumerate(pending, base):

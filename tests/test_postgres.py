@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import gc
 import uuid
@@ -15,7 +16,14 @@ import pytest
 from connectors.base import RoomAddress
 from connectors.postgres import PostgresConnector
 from feed.core.change import to_json
-from feed.errors import ConfigError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
+from feed.core.filters import parse_filter
+from feed.errors import (
+    ConfigError,
+    ProtocolError,
+    SnapshotNotSupported,
+    SourceMisconfigured,
+    SourceUnavailable,
+)
 from feed.options import Options
 from tests.postgres_helpers import WAIT, feed_role, make_connector, streaming
 from tests.support import postgres as pg_support
@@ -376,6 +384,34 @@ async def test_keys_give_a_table_without_a_primary_key_its_rows(pg: PgDatabase) 
         "keys: public.events has no column 'id' (its columns: source, n, kind); fix keys"
     )
     await wrong.stop()
+
+
+async def test_a_column_of_a_new_type_is_decoded_by_it(pg: PgDatabase) -> None:
+    """`ALTER COLUMN ... TYPE` keeps the column's name, so no image showed it: changes kept
+    the old type's decoding, and filters were checked against it, until a restart. The
+    capture check notices the new type and reads the table's shape again."""
+    await orders(pg)
+    connector = make_connector(pg.url, ["public.orders"], capture_check_interval=0.1)
+    placed = parse_filter("amount=gt.2024-01-01T00:00:00Z")
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        await stream.take(1)
+        with pytest.raises(ProtocolError, match="is numeric"):
+            connector.check_filter("public.orders", placed)
+        await pg.conn.execute(
+            "ALTER TABLE orders ALTER COLUMN amount TYPE timestamptz"
+            " USING '2024-06-01 00:00+00'::timestamptz + amount * interval '1 day'"
+        )
+        async with asyncio.timeout(WAIT):
+            while True:
+                with contextlib.suppress(ProtocolError):
+                    connector.check_filter("public.orders", placed)
+                    break
+                await asyncio.sleep(0.05)
+        await pg.conn.execute("UPDATE orders SET status = 'b'")
+        change = (await stream.take(1))[0]
+    assert change.after is not None
+    assert change.after["amount"] == dt.datetime(2024, 6, 2, tzinfo=dt.UTC)
 
 
 async def test_alter_table_add_and_drop_column(pg: PgDatabase) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from connectors.base import RoomAddress
+from feed.core.filters import parse_filter
 from feed.errors import SourceMisconfigured
 from tests.connector_contract import ConnectorContract
 from tests.postgres_helpers import WAIT, make_connector, streaming
@@ -245,6 +246,33 @@ async def test_restart_resumes_from_the_slot(logical_pg: PgDatabase) -> None:
         stream.assert_idle()
     assert [c.key for c in first] == [1, 2]
     assert [c.key for c in got] == [3, 4]
+
+
+async def test_columns_added_or_retyped_while_running_are_decoded_by_their_type(
+    logical_pg: PgDatabase,
+) -> None:
+    """The reader kept the table's columns as read at start: an added numeric came as a float
+    (12.5 for 12.50), bytea as `\\x..` text, and a filter on the new column was refused as
+    "no column". pgoutput's Relation message says the columns changed; the shape is read
+    again, as after a restart (and as notify mode does for a new column)."""
+    db = logical_pg
+    await orders(db)
+    connector = logical(db, ["public.orders"])
+    async with streaming(connector) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a', 1)")
+        await stream.take(1)
+        await db.conn.execute("ALTER TABLE orders ADD COLUMN price numeric, ADD COLUMN raw bytea")
+        await db.conn.execute("UPDATE orders SET price = 12.50, raw = '\\x00ff' WHERE id = 1")
+        added = (await stream.take(1))[0]
+        await db.conn.execute(
+            "ALTER TABLE orders ALTER COLUMN status TYPE bytea USING status::bytea"
+        )
+        await db.conn.execute("UPDATE orders SET amount = 2 WHERE id = 1")
+        retyped = (await stream.take(1))[0]
+        connector.check_filter("public.orders", parse_filter("price=gt.10"))
+    assert added.after is not None and retyped.after is not None
+    assert (added.after["price"], added.after["raw"]) == (Decimal("12.50"), b"\x00\xff")
+    assert retyped.after["status"] == b"a"
 
 
 async def test_snapshot_covers_exactly_what_it_reflects(logical_pg: PgDatabase) -> None:
