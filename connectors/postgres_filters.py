@@ -22,7 +22,10 @@ from feed.core.filters import Condition, Literal, RowFilter
 from feed.errors import ProtocolError
 
 TEXT = {"text", "varchar", "bpchar", "name", "citext"}
-NUMBERS = {"int2", "int4", "int8", "numeric", "float4", "float8", "oid", "money"}
+NUMBERS = {"int2", "int4", "int8", "numeric", "float4", "float8", "oid"}
+UNCOMPARABLE = {"bytea": "bytes, sent as base64"}
+"""Types whose values a literal never equals: refused rather than accepted to match nothing.
+(`money` is its text form, as `interval` is: compared as text.)"""
 
 
 def _number(text: str) -> str | None:
@@ -90,9 +93,19 @@ def _check_condition(shape: TableShape, condition: Condition) -> None:
     column = field if field in shape.column_types else field.partition(".")[0]
     type_name = shape.column_types.get(column)
     if type_name is None:
-        names = ", ".join(list(shape.column_types)[:40])
+        names = ", ".join(shape.column_types)
+        if len(names) > 600:
+            names = names[:600].rsplit(", ", 1)[0] + ", ..."
         raise ProtocolError(
             "bad_filter", f"{shape.target} has no column {field[:64]!r} (columns: {names})"
+        )
+    nulls_only = all(v == "null" for v in condition.values) and condition.op in ("eq", "neq")
+    kind = "an array" if type_name.startswith("_") else UNCOMPARABLE.get(type_name)
+    if column == field and kind is not None and not nulls_only:
+        raise ProtocolError(
+            "bad_filter",
+            f"{shape.target}.{column} is {type_name} ({kind}): a filter compares single "
+            "values, so no literal can match it (only eq.null and neq.null)",
         )
     if column != field:  # a path into the column's value
         if type_name not in CHECKS and type_name not in TEXT:  # json, jsonb, composites, ...

@@ -181,7 +181,7 @@ async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
 ) -> None:
     await pg.conn.execute(
         "CREATE TABLE public.orders (id int PRIMARY KEY, status text, amount numeric(10,2),"
-        " paid bool, created_at timestamptz, meta jsonb)"
+        " paid bool, created_at timestamptz, meta jsonb, tags text[], raw bytea, fee money)"
     )
     async with running_feed(config(pg.url)) as feed:
         connector = feed.hub.connectors["main"]
@@ -195,7 +195,10 @@ async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
 
             message = await refused("nosuchcol=eq.1")
             assert "public.orders has no column 'nosuchcol'" in message
-            assert "columns: id, status, amount, paid, created_at, meta" in message
+            assert "columns: id, status, amount, paid, created_at, meta, tags, raw, fee" in message
+            # Accepted before, and matched nothing, ever: a list or bytes equals no literal.
+            assert "tags is _text (an array)" in await refused("tags=eq.{a,b}")
+            assert "raw is bytea" in await refused("raw=eq.AP8=")
             assert "amount is numeric: 'abc' is not a number" in await refused("amount=gt.abc")
             assert "paid is bool" in await refused("paid=eq.yes")
             assert "id is int4: 'x'" in await refused("id=in.(1,x)")
@@ -208,6 +211,9 @@ async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
                 "created_at=gte.2024-05-01T12:00:00Z",
                 "meta.tier=eq.gold",
                 "amount=eq.null",
+                "tags=eq.null",
+                "raw=neq.null",
+                "fee=eq.$1,234.56",  # money is its text, as the row shows it
             ):
                 ack = await client.subscribe("main:public.orders", filter=good)
                 assert ack["ok"], (good, ack)
