@@ -210,6 +210,8 @@ class PgOutputParser:
 
 
 _UNCHANGED = object()
+UNREADABLE = "\0unreadable"
+"""A rebuilt image in place of one the server could not make (`_rebuild`): its change is a gap."""
 
 
 def _json_value(cell: Any) -> Any:
@@ -772,7 +774,9 @@ class LogicalReader:
                 if len(rows) < CHUNK:
                     return
 
-    async def _hand_on(self, conn: Any, txn: Transaction, *, final: bool) -> AsyncIterator[Change]:
+    async def _hand_on(
+        self, conn: Any, txn: Transaction, *, final: bool
+    ) -> AsyncIterator[Change | Gap]:
         """The changes of `txn` decoded since the last call; with `final`, its commit was read.
 
         Transactions routed already but not yet confirmed to the slot come again (a peek
@@ -799,7 +803,15 @@ class LogicalReader:
                 continue
             if raw.op == "truncate":  # its partitions' new storage is no gap
                 c.partition_watch.truncated_whole.add(raw.target)
-            yield await self._change(conn, txn, index, raw, images)
+            if (id(raw), 0) in images and images[(id(raw), 0)] is UNREADABLE:
+                yield Gap(
+                    c.name,
+                    f"a change of {raw.target} was not delivered: a json value in it holds "
+                    "\\u0000, which jsonb cannot hold (store such values as jsonb or text)",
+                    raw.target,
+                )
+            else:
+                yield await self._change(conn, txn, index, raw, images)
             self.partial = (txn.commit_lsn, index + 1)
         if final:
             self.delivered_end = txn.end_lsn
@@ -831,13 +843,26 @@ class LogicalReader:
                     wanted.setdefault(raw.target, []).append(((id(raw), side), clean))
         images: dict[tuple[int, int], str | None] = {}
         for target, items in wanted.items():
-            rebuilt = await conn.fetch(
-                recompute_sql(self.c.regclass(target), self.columns[target][1]),
-                [json.dumps(image) for _, image in items],
-                timeout=self.c.query_timeout,
-            )
+            sql = recompute_sql(self.c.regclass(target), self.columns[target][1])
+            try:
+                rebuilt = await conn.fetch(
+                    sql, [json.dumps(image) for _, image in items], timeout=self.c.query_timeout
+                )
+            except asyncpg.UntranslatableCharacterError:
+                # A `json` value holding \u0000, which jsonb cannot: the change with it is
+                # set aside (a gap, `_hand_on`), image by image, so that it does not stop the
+                # reader at this transaction for good, and the others go on.
+                rebuilt = []
+                for ref, image in items:
+                    try:
+                        rebuilt += await conn.fetch(
+                            sql, [json.dumps(image)], timeout=self.c.query_timeout
+                        )
+                    except asyncpg.UntranslatableCharacterError:
+                        rebuilt.append({"image": UNREADABLE})
+                        images[(ref[0], 0)] = UNREADABLE
             for (ref, _), row in zip(items, rebuilt, strict=True):
-                images[ref] = row["image"]
+                images.setdefault(ref, row["image"])
         return images
 
     async def _read_columns(
