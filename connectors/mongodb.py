@@ -22,15 +22,17 @@ position, so every change the rows reflect has already been yielded and `covers`
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
-from bson import ObjectId
-from bson.errors import InvalidId
+from bson import Decimal128, ObjectId, json_util
+from bson.errors import BSONError
 from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.common import URI_OPTIONS_VALIDATOR_MAP
@@ -455,7 +457,7 @@ class MongoConnector(Connector):
         at = await self._snapshot_time()
         parts: list[dict[str, Any]] = []
         if address.key is not None:
-            parts.append({"_id": {"$in": _key_candidates(address.key)}})
+            parts.append(row_query(address.key))
         if isinstance(where, Where):  # the room's filter, as far as MongoDB keeps every match
             parts.append(pushdown(where.filter))
         query = conjunction([part for part in parts if part])
@@ -573,13 +575,71 @@ def _batch_done(stream: Any) -> bool:
     return not has_next() if callable(has_next) else True
 
 
+UNSPELLED_TYPES = ["object", "javascript", "javascriptWithScope", "symbol", "minKey", "maxKey"]
+"""BSON types of `_id` whose row key text cannot be read back into the value: a document's
+text is its values without their field names (`{a: 1, b: "x"}` is `1,x`), and the rest are
+rare enough not to bother. A row room's snapshot reads the documents with such an `_id` by type
+(on the `_id` index, a range holding those types only) and keeps the one whose text is the
+room's key."""
+
+
+def row_query(key: str) -> dict[str, Any]:
+    """The query for the document(s) whose `_id` renders as `key` in a row room name.
+
+    Every `_id` value whose text (`room_key`) is `key` is looked up by value on the `_id`
+    index (`_key_candidates`); `_id`s of the types that text cannot name back
+    (`UNSPELLED_TYPES`, embedded documents above all) are read by type. Where `_id`s are
+    ObjectIds, strings, numbers, UUIDs or dates, as they usually are, the second part reads
+    nothing. Before, only the text, an ObjectId and a number were tried, and a row room of a
+    document keyed by a document, a date, a UUID, binary data, a boolean or a Decimal128 had
+    an empty snapshot though its changes reached the room.
+    """
+    return {
+        "$or": [
+            {"_id": {"$in": _key_candidates(key)}},
+            {"_id": {"$type": UNSPELLED_TYPES}},
+        ]
+    }
+
+
 def _key_candidates(key: str) -> list[Any]:
-    """The _id values a row-room key can stand for (it is the key's text form)."""
+    """The `_id` values whose row key text is `key`, read back from it as each BSON type it
+    can spell: text, an ObjectId, numbers (int, double, Decimal128: MongoDB's equality crosses
+    the numeric types, but a Decimal128 of other digits renders differently), a boolean, a
+    date, a UUID, binary data (base64, or its extended JSON's `{"base64": .., "subType": ..}`),
+    a timestamp. Only values that render back as `key` are kept."""
+    readings: list[Callable[[str], Any]] = [
+        ObjectId,
+        _int64,
+        float,
+        Decimal128,
+        {"true": True, "false": False}.__getitem__,
+        _date,
+        uuid.UUID,
+        lambda text: base64.b64decode(text, validate=True),
+        lambda text: json_util.loads(f'{{"$binary": {text}}}'),
+        lambda text: json_util.loads(f'{{"$timestamp": {text}}}'),
+    ]
     candidates: list[Any] = [key]
-    with contextlib.suppress(InvalidId, TypeError):
-        candidates.append(ObjectId(key))
-    with contextlib.suppress(ValueError):
-        candidates.append(int(key))
-    with contextlib.suppress(ValueError):
-        candidates.append(float(key))
+    for read in readings:
+        with contextlib.suppress(ValueError, TypeError, KeyError, ArithmeticError, BSONError):
+            value = read(key)
+            if room_key(value) == key:
+                candidates.append(value)
     return candidates
+
+
+def _int64(text: str) -> int:
+    """An integer BSON can hold (a longer one could not be an `_id`, and would fail the query)."""
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(text)
+    return value
+
+
+def _date(text: str) -> dt.datetime:
+    """A date as `room_key` writes it (UTC, with a `Z`); BSON dates keep milliseconds."""
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError(text)
+    return when

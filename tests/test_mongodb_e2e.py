@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import uuid
 from typing import Any
 
 import pytest
-from bson import Code, Decimal128, Int64, ObjectId
-from dbfeed_client import FeedClient
+from bson import Binary, Code, Decimal128, Int64, ObjectId, Timestamp
+from dbfeed_client import FeedClient, Subscription
 
 from feed.core.filters import parse_filter
 from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
@@ -310,3 +312,93 @@ async def test_a_subscribe_given_up_before_its_answer_leaves_the_room(
                     await asyncio.sleep(0.01)
                 while room.members:  # noqa: ASYNC110 - server state
                     await asyncio.sleep(0.01)
+
+
+ODD_IDS: list[Any] = [
+    ObjectId("64b7f0c2a1b2c3d4e5f60718"),
+    42,
+    Int64(43),
+    "abc",
+    "a,b",
+    1.5,
+    2.0,
+    {"a": 1, "b": "x"},
+    {"day": dt.datetime(2026, 5, 1, tzinfo=dt.UTC), "n": Decimal128("1.50")},
+    True,
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    b"\x01\x02",
+    Binary(b"\x03\x04", 5),
+    dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC),
+    Decimal128("9.90"),
+    Timestamp(1700000000, 7),
+]
+"""An `_id` of every type a collection can have (not an array: MongoDB refuses one)."""
+
+
+def rows(sub: Subscription) -> dict[str, Any]:
+    assert sub.rows is not None, "a subscription with a snapshot keeps rows"
+    return sub.rows
+
+
+async def test_every_kind_of_id_has_its_row_rooms_snapshot_and_one_key_everywhere(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A row room's snapshot finds its document whatever the `_id`'s type, by the name the
+    server gives it (`snapshot_keys`, the changes' key): only text, ObjectIds and numbers were
+    looked up, so a document, date, UUID, binary, boolean or Decimal128 `_id` gave an empty
+    snapshot. And a client keys the document as the server does: a Decimal128 `_id` was
+    `{'$numberDecimal': '9.90'}` to the server and `9.90` to the client (two rows, a dead row
+    room), a double 2.0 `2.0` and `2`."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "n": 0} for i in ODD_IDS])
+    docs = [doc async for doc in coll.find({})]
+    async with (
+        running_feed(config(mongodb, f"{db}.orders")) as feed,
+        FeedClient(feed.url) as client,
+    ):
+        await wait_up(feed)
+        async with client.subscribe(f"shop:{db}.orders", snapshot=True) as whole:
+            keys = sorted(rows(whole))
+            assert len(keys) == len(ODD_IDS), keys
+            assert "9.90" in keys and "2" in keys and "1,x" in keys
+            rooms: dict[str, Any] = {}
+            for key in keys:
+                sub = client.subscribe(f"shop:{db}.orders:{key}", snapshot=True)
+                await sub.ready()
+                rooms[key] = (sub, Log(sub))
+                assert list(rows(sub)) == [key], (key, rows(sub))
+                assert rows(sub)[key] == rows(whole)[key]
+            log = Log(whole)
+            for doc in docs:
+                await coll.update_one({"_id": doc["_id"]}, {"$inc": {"n": 1}})
+            await log.until(lambda: len(log.changes) == len(docs), "every update")
+            # The changes' keys name the rows the snapshot named: no row twice.
+            assert sorted(rows(whole)) == keys
+            assert all(row["n"] == 1 for row in rows(whole).values())
+            for key, (sub, row_log) in rooms.items():
+                await row_log.until(lambda row_log=row_log: len(row_log.changes) == 1, key)
+                assert list(rows(sub)) == [key] and rows(sub)[key]["n"] == 1
+                await sub.unsubscribe()
+
+
+async def test_a_row_rooms_snapshot_reads_its_document_only(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The row room's query looks the `_id` up by value: on a collection keyed by ObjectIds,
+    numbers or text it takes one document from the server, not the collection (documents
+    keyed by documents, whose text has no field names, are read by type)."""
+    coll = mongodb.client[db]["orders"]
+    oids = [ObjectId() for _ in range(300)]
+    await coll.insert_many([{"_id": oid} for oid in oids] + [{"_id": i} for i in range(300)])
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            for key in (str(oids[7]), "7", "nothing"):
+                before = await returned(mongodb)
+                ack = await client.subscribe(f"shop:{db}.orders:{key}", snapshot=True)
+                taken = await returned(mongodb) - before
+                assert ack["ok"], ack
+                assert ack["snapshot_keys"] == ([] if key == "nothing" else [key])
+                assert taken == len(ack["snapshot"]), (key, taken)
