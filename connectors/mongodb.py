@@ -57,6 +57,7 @@ from connectors.mongodb_events import (
     to_change,
     token_of,
     token_time,
+    watched,
 )
 from connectors.mongodb_filters import conjunction, pushdown
 from connectors.mongodb_tokens import TokenStore
@@ -343,9 +344,22 @@ class MongoConnector(Connector):
                     continue
                 change = to_change(self.name, event, self._fallback_target())
                 self._report_lag(change)
-                if change.target not in self._known and "." in change.target:
-                    self._known.add(change.target)
-                yield change
+                into = watched(self.watches, event.get("to")) if change.op == "rename" else None
+                if into is None or watched(self.watches, event.get("ns")) is not None:
+                    if change.target not in self._known and "." in change.target:
+                        self._known.add(change.target)
+                    yield change  # (a rename from a collection nobody watches is not)
+                if into is not None and stream_scope(self.watches)[1] is None:
+                    # A collection renamed onto a watched name: the destination's documents
+                    # came with no change of their own. (A collection stream is invalidated
+                    # next, and that gap says so.)
+                    self._known.add(into)
+                    self.count_fault("renamed_into")
+                    reason = (
+                        f"MongoDB collection {change.target} was renamed to {into}: its "
+                        "documents arrived there without changes; reload"
+                    )
+                    yield Gap(self.name, reason, into)
                 # Asked for the next item: the hub has routed `change`.
                 await self._advance(
                     stream.resume_token, event=True, end_of_batch=_batch_done(stream), change=change
@@ -357,7 +371,8 @@ class MongoConnector(Connector):
                     self.count_fault("stream_invalidated")
                     reason = (
                         f"MongoDB change stream invalidated ({change.target} was dropped or "
-                        "renamed): reload; changes to a re-created collection follow"
+                        "renamed, or a collection was renamed onto it): reload; changes to a "
+                        "re-created collection follow"
                     )
                     yield Gap(self.name, reason, target)
                     return

@@ -402,3 +402,33 @@ async def test_a_row_rooms_snapshot_reads_its_document_only(
                 assert ack["ok"], ack
                 assert ack["snapshot_keys"] == ([] if key == "nothing" else [key])
                 assert taken == len(ack["snapshot"]), (key, taken)
+
+
+async def test_a_collection_renamed_back_onto_a_followed_one_reloads_its_rows(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The probe's case: orders renamed away (the room's rows are cleared), then renamed back:
+    its documents were back in the collection but never in the client's rows, with no gap.
+    Now the room gets a gap, and the client reloads its rows from a fresh snapshot."""
+    client = mongodb.client
+    coll = client[db]["orders"]
+    await client[db].create_collection("customers")
+    await coll.insert_one({"_id": 77, "status": "kept"})
+    watch = f'{db}.orders", "{db}.customers'  # two collections: a database stream
+    async with (
+        running_feed(config(mongodb, watch)) as feed,
+        FeedClient(feed.url) as feed_client_,
+    ):
+        await wait_up(feed)
+        async with feed_client_.subscribe(f"shop:{db}.orders", snapshot=True) as sub:
+            log = Log(sub)
+            assert list(rows(sub)) == ["77"]
+            await coll.rename("orders_old")
+            await log.until(lambda: not rows(sub), "the rename clears the rows")
+            await client[db]["orders_old"].rename("orders")
+            await log.until(lambda: "reload" in log.names, "a gap: reload")
+            await log.until(lambda: log.names[-1] == "live" and "77" in rows(sub), "reloaded")
+            await coll.insert_one({"_id": 78})
+            await log.until(lambda: "78" in rows(sub), "the insert after it")
+            assert sorted(rows(sub)) == ["77", "78"]

@@ -268,7 +268,9 @@ class Store:
         if self.collection(*target) is not None:
             if not drop_target:
                 raise CommandError(48, "NamespaceExists", "target namespace exists")
-            self.drop(*target)
+            # One oplog entry, as mongod writes it (the rename carries dropTarget): streams see
+            # the rename, no drop of the target (jstests/change_streams/metadata_notifications.js).
+            del self.dbs[target[0]][target[1]]
         del self.dbs[source[0]][source[1]]
         if not self.dbs[source[0]]:
             del self.dbs[source[0]]
@@ -303,9 +305,18 @@ class ChangeStream:
     def _in_scope(self, entry: Entry) -> bool:
         if self.db is None:
             return entry.db not in INTERNAL_DBS
+        if entry.op == "rename" and entry.to is not None and self._watches(*entry.to):
+            # A stream on the rename's target sees it too (`ns` the source, `to` the target),
+            # and a collection stream is invalidated by it, as by a rename of its own: mongod's
+            # jstests/change_streams/metadata_notifications.js ("This is true if the change
+            # stream is on the source or target collection of the rename").
+            return True
         if entry.db != self.db:
             return False
         return self.coll is None or entry.coll == self.coll or entry.op == "dropDatabase"
+
+    def _watches(self, db: str, coll: str) -> bool:
+        return db == self.db and (self.coll is None or coll == self.coll)
 
     def _invalidates(self, entry: Entry) -> bool:
         if self.coll is not None:
