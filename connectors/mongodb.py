@@ -62,9 +62,11 @@ from connectors.mongodb_events import (
 from connectors.mongodb_filters import conjunction, pushdown
 from connectors.mongodb_tokens import TokenStore
 from feed.core.change import Change, Gap, room_key
+from feed.core.filters import RowFilter
 from feed.errors import (
     ConnectorError,
     FeedError,
+    ProtocolError,
     SnapshotNotSupported,
     SourceMisconfigured,
     SourceUnavailable,
@@ -123,6 +125,7 @@ class MongoConnector(Connector):
         self._mark_moved = asyncio.Event()
         self._saved_at = float("-inf")
         self._known: set[str] = {w.name for w in self.watches}
+        self._whole_dbs = {w.db for w in self.watches if w.coll is None}
         self._open_stream: Any = None  # opened by start(), consumed by changes()
         self._progress = 0  # batches read, to tell a fresh failure from a repeated one
         self._server = ""
@@ -445,8 +448,40 @@ class MongoConnector(Connector):
     def known_targets(self) -> Collection[str]:
         return self._known
 
+    def parent_target(self, target: str) -> str | None:
+        """A collection of a database watched whole: the database's room (`shop:crm`) gets its
+        changes too. The catalog lists the database as a target, and a target room receives
+        every change of what it names; before, `shop:crm` was accepted and heard nothing but
+        a dropDatabase."""
+        db, dot, _ = target.partition(".")
+        if dot and db in self._whole_dbs:
+            return db
+        return None
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Refuse a filter on a whole database's room without pre-images: a document leaving
+        the filter is then told by the rows a room was given, keyed by `_id`, and `_id`s
+        repeat across the database's collections (one collection's document would pass for
+        another's); a collection's room knows its documents."""
+        if target in self._whole_dbs and not self.before_images:
+            raise ProtocolError(
+                "bad_filter",
+                f"{target!r} is a whole database: filter its collections' rooms "
+                f"({self.name}:{target}.<collection>?{row_filter.canonical[:128]}), or set "
+                'full_document_before_change = "required" (pre-images), with which its own '
+                "room takes filters",
+            )
+
     def resolve(self, rest: str) -> RoomAddress | None:
         found = super().resolve(rest)
+        if found is not None and found.key is not None and found.target in self._whole_dbs:
+            # A key names a document of one collection; `_id`s repeat across collections.
+            raise ProtocolError(
+                "unknown_target",
+                f"{found.target!r} is a whole database: it has no row rooms; follow a "
+                f"document in its collection's room, {self.name}:{found.target}.<collection>:"
+                f"{found.key[:64]}",
+            )
         if found is not None:
             return found
         # A watched database offers its collections even before their first change.

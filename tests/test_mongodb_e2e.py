@@ -432,3 +432,83 @@ async def test_a_collection_renamed_back_onto_a_followed_one_reloads_its_rows(
             await coll.insert_one({"_id": 78})
             await log.until(lambda: "78" in rows(sub), "the insert after it")
             assert sorted(rows(sub)) == ["77", "78"]
+
+
+async def test_a_watched_databases_room_receives_every_change_of_its_collections(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """`watch = ["<db>"]`: the catalog lists the database as a target, and its room gets every
+    change of every collection, each naming its collection as `target`; before, the room was
+    accepted and heard nothing. A gap of one of its collections reaches it too. It has no row
+    rooms (a key names a document of one collection), no snapshot, and, without pre-images,
+    no filter rooms (`_id`s repeat across collections), and says so."""
+    client = mongodb.client
+    await client[db].create_collection("customers")
+    async with running_feed(config(mongodb, db)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as whole, feed_client(feed.url) as one:
+            catalog = await whole.call("catalog")
+            [shop] = [c for c in catalog["connectors"] if c["name"] == "shop"]
+            assert db in shop["targets"]
+            assert (await whole.subscribe(f"shop:{db}"))["ok"]
+            assert (await one.subscribe(f"shop:{db}.orders"))["ok"]
+            await client[db]["orders"].insert_one({"_id": 1, "status": "paid"})
+            await client[db]["customers"].insert_one({"_id": 1, "status": "new"})
+            await client[db]["brand_new"].insert_one({"_id": 2, "status": "paid"})
+            got = await whole.take(3)
+            mine = await one.take(1)
+            await client[db]["staging"].insert_one({"_id": 3})
+            await client[db]["staging"].rename("orders", dropTarget=True)
+            gaps = [await whole.next_gap(), await one.next_gap()]
+            row = await whole.call("subscribe", {"room": f"shop:{db}:1"})
+            snap = await whole.call("subscribe", {"room": f"shop:{db}", "snapshot": True})
+            paid = await whole.call("subscribe", {"room": f"shop:{db}", "filter": "status=eq.paid"})
+    assert [(c["room"], c["target"], c["key"]) for c in got] == [
+        (f"shop:{db}", f"{db}.orders", 1),
+        (f"shop:{db}", f"{db}.customers", 1),
+        (f"shop:{db}", f"{db}.brand_new", 2),
+    ]
+    assert [c["seq"] for c in got] == [1, 2, 3]
+    assert [(c["room"], c["key"]) for c in mine] == [(f"shop:{db}.orders", 1)]
+    assert [(g["room"], g["target"]) for g in gaps] == [
+        (f"shop:{db}", db),
+        (f"shop:{db}.orders", f"{db}.orders"),
+    ]
+    assert not row["ok"] and row["error"]["code"] == "unknown_target"
+    assert f"shop:{db}.<collection>:1" in row["error"]["message"]
+    assert not snap["ok"] and snap["error"]["code"] == "snapshot_unsupported", snap
+    assert not paid["ok"] and paid["error"]["code"] == "bad_filter", paid
+    assert f"shop:{db}.<collection>?status=eq.paid" in paid["error"]["message"]
+
+
+async def test_with_pre_images_a_watched_databases_room_takes_filters(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """With every change carrying its before image, a filter room on the database's room
+    needs no memory of its rows: it gets each collection's matching changes, and the one
+    that makes a document leave it (`left`)."""
+    client = mongodb.client
+    await client[db].create_collection("customers")
+    for name in ("orders", "customers"):
+        await client[db].command(
+            {"collMod": name, "changeStreamPreAndPostImages": {"enabled": True}}
+        )
+    images = 'full_document_before_change = "required"'
+    async with running_feed(config(mongodb, db, images)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as paid:
+            ack = await paid.subscribe(f"shop:{db}", filter="status=eq.paid")
+            assert ack["ok"], ack
+            await client[db]["orders"].insert_one({"_id": 1, "status": "paid"})
+            await client[db]["customers"].insert_one({"_id": 1, "status": "new"})
+            await client[db]["customers"].update_one({"_id": 1}, {"$set": {"n": 1}})
+            await client[db]["orders"].update_one({"_id": 1}, {"$set": {"status": "sent"}})
+            await client[db]["customers"].insert_one({"_id": 2, "status": "paid"})
+            got = await paid.take(3)
+    assert [(c["target"], c["key"], c["op"], c.get("left")) for c in got] == [
+        (f"{db}.orders", 1, "insert", None),
+        (f"{db}.orders", 1, "update", True),
+        (f"{db}.customers", 2, "insert", None),
+    ]
