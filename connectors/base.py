@@ -210,6 +210,12 @@ class Connector(ABC):
         every target (a connector whose targets are fixed keeps them in a set)."""
         return set(self.targets())
 
+    def parent_target(self, target: str) -> str | None:
+        """A wider target whose room also receives every change of `target` (MongoDB: the
+        watched database of a collection), or None. Its target room and filter rooms are
+        routed each change of `target` as their own; it has no row rooms."""
+        return None
+
     def resolve(self, rest: str) -> RoomAddress | None:
         """Resolve what follows `<connector>:` in a room name; None when it names nothing here.
 

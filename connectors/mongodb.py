@@ -22,15 +22,17 @@ position, so every change the rows reflect has already been yielded and `covers`
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
-from bson import ObjectId
-from bson.errors import InvalidId
+from bson import Decimal128, ObjectId, json_util
+from bson.errors import BSONError
 from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.common import URI_OPTIONS_VALIDATOR_MAP
@@ -55,13 +57,16 @@ from connectors.mongodb_events import (
     to_change,
     token_of,
     token_time,
+    watched,
 )
 from connectors.mongodb_filters import conjunction, pushdown
 from connectors.mongodb_tokens import TokenStore
 from feed.core.change import Change, Gap, room_key
+from feed.core.filters import RowFilter
 from feed.errors import (
     ConnectorError,
     FeedError,
+    ProtocolError,
     SnapshotNotSupported,
     SourceMisconfigured,
     SourceUnavailable,
@@ -120,6 +125,7 @@ class MongoConnector(Connector):
         self._mark_moved = asyncio.Event()
         self._saved_at = float("-inf")
         self._known: set[str] = {w.name for w in self.watches}
+        self._whole_dbs = {w.db for w in self.watches if w.coll is None}
         self._open_stream: Any = None  # opened by start(), consumed by changes()
         self._progress = 0  # batches read, to tell a fresh failure from a repeated one
         self._server = ""
@@ -341,9 +347,22 @@ class MongoConnector(Connector):
                     continue
                 change = to_change(self.name, event, self._fallback_target())
                 self._report_lag(change)
-                if change.target not in self._known and "." in change.target:
-                    self._known.add(change.target)
-                yield change
+                into = watched(self.watches, event.get("to")) if change.op == "rename" else None
+                if into is None or watched(self.watches, event.get("ns")) is not None:
+                    if change.target not in self._known and "." in change.target:
+                        self._known.add(change.target)
+                    yield change  # (a rename from a collection nobody watches is not)
+                if into is not None and stream_scope(self.watches)[1] is None:
+                    # A collection renamed onto a watched name: the destination's documents
+                    # came with no change of their own. (A collection stream is invalidated
+                    # next, and that gap says so.)
+                    self._known.add(into)
+                    self.count_fault("renamed_into")
+                    reason = (
+                        f"MongoDB collection {change.target} was renamed to {into}: its "
+                        "documents arrived there without changes; reload"
+                    )
+                    yield Gap(self.name, reason, into)
                 # Asked for the next item: the hub has routed `change`.
                 await self._advance(
                     stream.resume_token, event=True, end_of_batch=_batch_done(stream), change=change
@@ -355,7 +374,8 @@ class MongoConnector(Connector):
                     self.count_fault("stream_invalidated")
                     reason = (
                         f"MongoDB change stream invalidated ({change.target} was dropped or "
-                        "renamed): reload; changes to a re-created collection follow"
+                        "renamed, or a collection was renamed onto it): reload; changes to a "
+                        "re-created collection follow"
                     )
                     yield Gap(self.name, reason, target)
                     return
@@ -428,8 +448,40 @@ class MongoConnector(Connector):
     def known_targets(self) -> Collection[str]:
         return self._known
 
+    def parent_target(self, target: str) -> str | None:
+        """A collection of a database watched whole: the database's room (`shop:crm`) gets its
+        changes too. The catalog lists the database as a target, and a target room receives
+        every change of what it names; before, `shop:crm` was accepted and heard nothing but
+        a dropDatabase."""
+        db, dot, _ = target.partition(".")
+        if dot and db in self._whole_dbs:
+            return db
+        return None
+
+    def check_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Refuse a filter on a whole database's room without pre-images: a document leaving
+        the filter is then told by the rows a room was given, keyed by `_id`, and `_id`s
+        repeat across the database's collections (one collection's document would pass for
+        another's); a collection's room knows its documents."""
+        if target in self._whole_dbs and not self.before_images:
+            raise ProtocolError(
+                "bad_filter",
+                f"{target!r} is a whole database: filter its collections' rooms "
+                f"({self.name}:{target}.<collection>?{row_filter.canonical[:128]}), or set "
+                'full_document_before_change = "required" (pre-images), with which its own '
+                "room takes filters",
+            )
+
     def resolve(self, rest: str) -> RoomAddress | None:
         found = super().resolve(rest)
+        if found is not None and found.key is not None and found.target in self._whole_dbs:
+            # A key names a document of one collection; `_id`s repeat across collections.
+            raise ProtocolError(
+                "unknown_target",
+                f"{found.target!r} is a whole database: it has no row rooms; follow a "
+                f"document in its collection's room, {self.name}:{found.target}.<collection>:"
+                f"{found.key[:64]}",
+            )
         if found is not None:
             return found
         # A watched database offers its collections even before their first change.
@@ -455,7 +507,7 @@ class MongoConnector(Connector):
         at = await self._snapshot_time()
         parts: list[dict[str, Any]] = []
         if address.key is not None:
-            parts.append({"_id": {"$in": _key_candidates(address.key)}})
+            parts.append(row_query(address.key))
         if isinstance(where, Where):  # the room's filter, as far as MongoDB keeps every match
             parts.append(pushdown(where.filter))
         query = conjunction([part for part in parts if part])
@@ -573,13 +625,71 @@ def _batch_done(stream: Any) -> bool:
     return not has_next() if callable(has_next) else True
 
 
+UNSPELLED_TYPES = ["object", "javascript", "javascriptWithScope", "symbol", "minKey", "maxKey"]
+"""BSON types of `_id` whose row key text cannot be read back into the value: a document's
+text is its values without their field names (`{a: 1, b: "x"}` is `1,x`), and the rest are
+rare enough not to bother. A row room's snapshot reads the documents with such an `_id` by type
+(on the `_id` index, a range holding those types only) and keeps the one whose text is the
+room's key."""
+
+
+def row_query(key: str) -> dict[str, Any]:
+    """The query for the document(s) whose `_id` renders as `key` in a row room name.
+
+    Every `_id` value whose text (`room_key`) is `key` is looked up by value on the `_id`
+    index (`_key_candidates`); `_id`s of the types that text cannot name back
+    (`UNSPELLED_TYPES`, embedded documents above all) are read by type. Where `_id`s are
+    ObjectIds, strings, numbers, UUIDs or dates, as they usually are, the second part reads
+    nothing. Before, only the text, an ObjectId and a number were tried, and a row room of a
+    document keyed by a document, a date, a UUID, binary data, a boolean or a Decimal128 had
+    an empty snapshot though its changes reached the room.
+    """
+    return {
+        "$or": [
+            {"_id": {"$in": _key_candidates(key)}},
+            {"_id": {"$type": UNSPELLED_TYPES}},
+        ]
+    }
+
+
 def _key_candidates(key: str) -> list[Any]:
-    """The _id values a row-room key can stand for (it is the key's text form)."""
+    """The `_id` values whose row key text is `key`, read back from it as each BSON type it
+    can spell: text, an ObjectId, numbers (int, double, Decimal128: MongoDB's equality crosses
+    the numeric types, but a Decimal128 of other digits renders differently), a boolean, a
+    date, a UUID, binary data (base64, or its extended JSON's `{"base64": .., "subType": ..}`),
+    a timestamp. Only values that render back as `key` are kept."""
+    readings: list[Callable[[str], Any]] = [
+        ObjectId,
+        _int64,
+        float,
+        Decimal128,
+        {"true": True, "false": False}.__getitem__,
+        _date,
+        uuid.UUID,
+        lambda text: base64.b64decode(text, validate=True),
+        lambda text: json_util.loads(f'{{"$binary": {text}}}'),
+        lambda text: json_util.loads(f'{{"$timestamp": {text}}}'),
+    ]
     candidates: list[Any] = [key]
-    with contextlib.suppress(InvalidId, TypeError):
-        candidates.append(ObjectId(key))
-    with contextlib.suppress(ValueError):
-        candidates.append(int(key))
-    with contextlib.suppress(ValueError):
-        candidates.append(float(key))
+    for read in readings:
+        with contextlib.suppress(ValueError, TypeError, KeyError, ArithmeticError, BSONError):
+            value = read(key)
+            if room_key(value) == key:
+                candidates.append(value)
     return candidates
+
+
+def _int64(text: str) -> int:
+    """An integer BSON can hold (a longer one could not be an `_id`, and would fail the query)."""
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(text)
+    return value
+
+
+def _date(text: str) -> dt.datetime:
+    """A date as `room_key` writes it (UTC, with a `Z`); BSON dates keep milliseconds."""
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError(text)
+    return when

@@ -58,7 +58,8 @@ def stream_scope(watches: Sequence[Watch]) -> tuple[str | None, str | None]:
 def stream_match(
     watches: Sequence[Watch], scope: tuple[str | None, str | None], exclude: tuple[str, str] | None
 ) -> list[dict[str, Any]]:
-    """The $match stage (if any) that keeps only watched namespaces and never the token store.
+    """The $match stage (if any) that keeps only watched namespaces (a rename's source or
+    target) and never the token store.
 
     Invalidate events carry no namespace, so they are always let through: the connector must see
     them to know the stream ended.
@@ -68,8 +69,13 @@ def stream_match(
         return []
     clauses: list[dict[str, Any]] = []
     if db is None or all(w.coll is not None for w in watches):
+        # A rename's `ns` is its source: one whose target (`to`) is watched must pass too, or
+        # the documents it brings in would appear with no change and no gap.
         wanted: list[dict[str, Any]] = [
-            {"ns.db": w.db} if w.coll is None else {"ns.db": w.db, "ns.coll": w.coll}
+            {f"{field}.db": w.db}
+            if w.coll is None
+            else {f"{field}.db": w.db, f"{field}.coll": w.coll}
+            for field in ("ns", "to")
             for w in watches
         ]
         clauses.append({"$or": [*wanted, {"operationType": "invalidate"}]})
@@ -78,6 +84,16 @@ def stream_match(
     if not clauses:
         return []
     return [{"$match": clauses[0] if len(clauses) == 1 else {"$and": clauses}}]
+
+
+def watched(watches: Sequence[Watch], namespace: Any) -> str | None:
+    """`db.coll` when an event's namespace (`ns`, or a rename's `to`) is watched, else None."""
+    if not isinstance(namespace, Mapping) or not namespace.get("coll"):
+        return None
+    db, coll = str(namespace.get("db")), str(namespace["coll"])
+    if any(w.db == db and w.coll in (None, coll) for w in watches):
+        return f"{db}.{coll}"
+    return None
 
 
 def token_time(token: Mapping[str, Any] | None) -> Timestamp | None:

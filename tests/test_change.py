@@ -10,12 +10,13 @@ import inspect
 import json
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from bson import Binary, Decimal128, ObjectId
 
-from feed.core.change import Change, format_ts, room_key, to_json
+from feed.core.change import Change, format_ts, key_text, room_key, to_json
 from feed.core.rooms import Room
 
 
@@ -63,6 +64,33 @@ def test_room_keys() -> None:
     assert room_key({"order_id": 7, "line": 2}) == "7,2"
     assert room_key(ObjectId("64b7f0c2a1b2c3d4e5f60718")) == "64b7f0c2a1b2c3d4e5f60718"
     assert room_key(None) is None
+
+
+KEY_TEXT = Path(__file__).parent / "support" / "key_text.json"
+
+
+@pytest.mark.parametrize("key, text", json.loads(KEY_TEXT.read_text())["cases"])
+def test_key_text_is_the_one_rule_the_client_libraries_follow(key: Any, text: str | None) -> None:
+    """The table both client libraries check too: a key's text from its JSON form alone."""
+    assert key_text(key) == text
+
+
+def test_room_keys_of_bson_values_read_as_their_json_keys() -> None:
+    """A key JSON has no type for is named by its JSON form's text, as clients see it (a
+    Decimal128 was named by Python's str of its extended JSON, `{'$numberDecimal': '9.90'}`,
+    and a whole double `2.0`, which a JavaScript client reads as 2)."""
+    assert room_key(Decimal128("9.90")) == "9.90"
+    assert room_key(2.0) == "2"
+    assert room_key({"a": Decimal128("1.5"), "b": 2.0}) == "1.5,2"
+    assert room_key({"a": {"b": 1}}) == '{"b":1}'
+    assert room_key(Binary(b"\x01\x02", 5)) == '{"base64":"AQI=","subType":"05"}'
+    assert room_key(uuid.UUID("12345678-1234-5678-1234-567812345678")) == (
+        "12345678-1234-5678-1234-567812345678"
+    )
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert room_key(when) == "2026-01-02T03:04:05.000000Z"
+    for value in (Decimal128("9.90"), 2.0, 1e-5, {"a": 1.0}, [True, None]):
+        assert room_key(value) == key_text(json.loads(json.dumps(to_json(value))))
 
 
 def test_wire_body_is_shared_and_immutable() -> None:

@@ -5,7 +5,9 @@ behind a proxy the tests cut, and restarts it on the same port."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -363,6 +365,16 @@ def test_key_text_renders_keys_as_row_room_names_do() -> None:
     assert key_text({"$oid": "64b7f0c2a1b2c3d4e5f60718"}) == "64b7f0c2a1b2c3d4e5f60718"
     assert key_text(True) == "true"
     assert key_text(None) is None
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    json.loads((Path(__file__).parent / "support" / "key_text.json").read_text())["cases"],
+)
+def test_key_text_follows_the_servers_rule(key: Any, text: str | None) -> None:
+    """The server's table (tests/test_change.py checks it there): a Decimal128 `_id` is
+    `9.90` on both sides, a whole double `2`, a value inside a key compact JSON."""
+    assert key_text(key) == text
 
 
 async def test_changes_seen_before_are_dropped_by_id(feed_server: Harness) -> None:

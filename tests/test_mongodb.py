@@ -434,3 +434,60 @@ async def test_dropped_database_invalidates_a_database_watch(
     assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
     assert isinstance(gap, Gap) and gap.target is None  # every room of the database
     assert again.key == "back"
+
+
+async def test_a_collection_renamed_onto_a_watched_one_gives_it_a_gap(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A rename's `ns` is its source: one from a collection nobody watches onto a watched name
+    was filtered out, and its documents appeared in the watched collection with no change and
+    no gap. Its target (`to`) is matched too, and the destination's rooms get a gap."""
+    client = mongodb.client
+    await client[db].create_collection("customers")
+    await client[db]["staging"].insert_one({"_id": 1})
+    other = MongoSource.unique()
+    await client[other]["incoming"].insert_one({"_id": 2})
+    try:
+        # Two collections: a database stream with a $match.
+        async with streaming(make(mongodb, [f"{db}.orders", f"{db}.customers"])) as stream:
+            await client[db]["staging"].rename("orders", dropTarget=True)
+            await client[db]["customers"].insert_one({"_id": "after"})
+            gap, after = await take(stream, 2)
+        assert isinstance(gap, Gap) and gap.target == f"{db}.orders", gap
+        assert f"{db}.staging was renamed to {db}.orders" in gap.reason
+        assert isinstance(after, Change) and after.key == "after"
+        # Across databases: a cluster stream with a $match.
+        watch = [f"{db}.orders", f"{other}.kept"]
+        async with streaming(make(mongodb, watch, allow_missing=True)) as stream:
+            await client[other]["incoming"].rename("customers_x")  # nobody watches either
+            await client.admin.command(
+                "renameCollection", f"{other}.customers_x", to=f"{db}.orders", dropTarget=True
+            )
+            await client[db]["orders"].insert_one({"_id": 3})
+            gap, insert = await take(stream, 2)
+        assert isinstance(gap, Gap) and gap.target == f"{db}.orders", gap
+        assert isinstance(insert, Change) and (insert.target, insert.key) == (f"{db}.orders", 3)
+    finally:
+        await client.drop_database(other)
+
+
+async def test_a_watched_collection_replaced_by_a_rename_invalidates_its_stream(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """One watched collection: a collection stream. mongod shows it a rename onto it (`ns`
+    the source, `to` the collection) and invalidates it, as a rename of its own; the feed
+    sends the invalidate and a gap for the collection, not a change of the source."""
+    client = mongodb.client
+    await client[db]["orders"].insert_one({"_id": "old"})
+    await client[db]["staging"].insert_one({"_id": "new"})
+    async with streaming(make(mongodb, f"{db}.orders")) as stream:
+        await client[db]["staging"].rename("orders", dropTarget=True)
+        invalidate, gap = await take(stream, 2)
+        await client[db]["orders"].insert_one({"_id": "later"})
+        [later] = await changes(stream, 1)
+    assert isinstance(invalidate, Change) and invalidate.op == "invalidate"
+    assert invalidate.target == f"{db}.orders"
+    assert isinstance(gap, Gap) and gap.target == f"{db}.orders", gap
+    assert later.key == "later"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import uuid
 from typing import Any
 
 import pytest
-from bson import Code, Decimal128, Int64, ObjectId
-from dbfeed_client import FeedClient
+from bson import Binary, Code, Decimal128, Int64, ObjectId, Timestamp
+from dbfeed_client import FeedClient, Subscription
 
 from feed.core.filters import parse_filter
 from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
@@ -310,3 +312,203 @@ async def test_a_subscribe_given_up_before_its_answer_leaves_the_room(
                     await asyncio.sleep(0.01)
                 while room.members:  # noqa: ASYNC110 - server state
                     await asyncio.sleep(0.01)
+
+
+ODD_IDS: list[Any] = [
+    ObjectId("64b7f0c2a1b2c3d4e5f60718"),
+    42,
+    Int64(43),
+    "abc",
+    "a,b",
+    1.5,
+    2.0,
+    {"a": 1, "b": "x"},
+    {"day": dt.datetime(2026, 5, 1, tzinfo=dt.UTC), "n": Decimal128("1.50")},
+    True,
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    b"\x01\x02",
+    Binary(b"\x03\x04", 5),
+    dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC),
+    Decimal128("9.90"),
+    Timestamp(1700000000, 7),
+]
+"""An `_id` of every type a collection can have (not an array: MongoDB refuses one)."""
+
+
+def rows(sub: Subscription) -> dict[str, Any]:
+    assert sub.rows is not None, "a subscription with a snapshot keeps rows"
+    return sub.rows
+
+
+async def test_every_kind_of_id_has_its_row_rooms_snapshot_and_one_key_everywhere(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A row room's snapshot finds its document whatever the `_id`'s type, by the name the
+    server gives it (`snapshot_keys`, the changes' key): only text, ObjectIds and numbers were
+    looked up, so a document, date, UUID, binary, boolean or Decimal128 `_id` gave an empty
+    snapshot. And a client keys the document as the server does: a Decimal128 `_id` was
+    `{'$numberDecimal': '9.90'}` to the server and `9.90` to the client (two rows, a dead row
+    room), a double 2.0 `2.0` and `2`."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_many([{"_id": i, "n": 0} for i in ODD_IDS])
+    docs = [doc async for doc in coll.find({})]
+    async with (
+        running_feed(config(mongodb, f"{db}.orders")) as feed,
+        FeedClient(feed.url) as client,
+    ):
+        await wait_up(feed)
+        async with client.subscribe(f"shop:{db}.orders", snapshot=True) as whole:
+            keys = sorted(rows(whole))
+            assert len(keys) == len(ODD_IDS), keys
+            assert "9.90" in keys and "2" in keys and "1,x" in keys
+            rooms: dict[str, Any] = {}
+            for key in keys:
+                sub = client.subscribe(f"shop:{db}.orders:{key}", snapshot=True)
+                await sub.ready()
+                rooms[key] = (sub, Log(sub))
+                assert list(rows(sub)) == [key], (key, rows(sub))
+                assert rows(sub)[key] == rows(whole)[key]
+            log = Log(whole)
+            for doc in docs:
+                await coll.update_one({"_id": doc["_id"]}, {"$inc": {"n": 1}})
+            await log.until(lambda: len(log.changes) == len(docs), "every update")
+            # The changes' keys name the rows the snapshot named: no row twice.
+            assert sorted(rows(whole)) == keys
+            assert all(row["n"] == 1 for row in rows(whole).values())
+            for key, (sub, row_log) in rooms.items():
+                await row_log.until(lambda row_log=row_log: len(row_log.changes) == 1, key)
+                assert list(rows(sub)) == [key] and rows(sub)[key]["n"] == 1
+                await sub.unsubscribe()
+
+
+async def test_a_row_rooms_snapshot_reads_its_document_only(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The row room's query looks the `_id` up by value: on a collection keyed by ObjectIds,
+    numbers or text it takes one document from the server, not the collection (documents
+    keyed by documents, whose text has no field names, are read by type)."""
+    coll = mongodb.client[db]["orders"]
+    oids = [ObjectId() for _ in range(300)]
+    await coll.insert_many([{"_id": oid} for oid in oids] + [{"_id": i} for i in range(300)])
+    async with running_feed(config(mongodb, f"{db}.orders")) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as client:
+            for key in (str(oids[7]), "7", "nothing"):
+                before = await returned(mongodb)
+                ack = await client.subscribe(f"shop:{db}.orders:{key}", snapshot=True)
+                taken = await returned(mongodb) - before
+                assert ack["ok"], ack
+                assert ack["snapshot_keys"] == ([] if key == "nothing" else [key])
+                assert taken == len(ack["snapshot"]), (key, taken)
+
+
+async def test_a_collection_renamed_back_onto_a_followed_one_reloads_its_rows(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The probe's case: orders renamed away (the room's rows are cleared), then renamed back:
+    its documents were back in the collection but never in the client's rows, with no gap.
+    Now the room gets a gap, and the client reloads its rows from a fresh snapshot."""
+    client = mongodb.client
+    coll = client[db]["orders"]
+    await client[db].create_collection("customers")
+    await coll.insert_one({"_id": 77, "status": "kept"})
+    watch = f'{db}.orders", "{db}.customers'  # two collections: a database stream
+    async with (
+        running_feed(config(mongodb, watch)) as feed,
+        FeedClient(feed.url) as feed_client_,
+    ):
+        await wait_up(feed)
+        async with feed_client_.subscribe(f"shop:{db}.orders", snapshot=True) as sub:
+            log = Log(sub)
+            assert list(rows(sub)) == ["77"]
+            await coll.rename("orders_old")
+            await log.until(lambda: not rows(sub), "the rename clears the rows")
+            await client[db]["orders_old"].rename("orders")
+            await log.until(lambda: "reload" in log.names, "a gap: reload")
+            await log.until(lambda: log.names[-1] == "live" and "77" in rows(sub), "reloaded")
+            await coll.insert_one({"_id": 78})
+            await log.until(lambda: "78" in rows(sub), "the insert after it")
+            assert sorted(rows(sub)) == ["77", "78"]
+
+
+async def test_a_watched_databases_room_receives_every_change_of_its_collections(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """`watch = ["<db>"]`: the catalog lists the database as a target, and its room gets every
+    change of every collection, each naming its collection as `target`; before, the room was
+    accepted and heard nothing. A gap of one of its collections reaches it too. It has no row
+    rooms (a key names a document of one collection), no snapshot, and, without pre-images,
+    no filter rooms (`_id`s repeat across collections), and says so."""
+    client = mongodb.client
+    await client[db].create_collection("customers")
+    async with running_feed(config(mongodb, db)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as whole, feed_client(feed.url) as one:
+            catalog = await whole.call("catalog")
+            [shop] = [c for c in catalog["connectors"] if c["name"] == "shop"]
+            assert db in shop["targets"]
+            assert (await whole.subscribe(f"shop:{db}"))["ok"]
+            assert (await one.subscribe(f"shop:{db}.orders"))["ok"]
+            await client[db]["orders"].insert_one({"_id": 1, "status": "paid"})
+            await client[db]["customers"].insert_one({"_id": 1, "status": "new"})
+            await client[db]["brand_new"].insert_one({"_id": 2, "status": "paid"})
+            got = await whole.take(3)
+            mine = await one.take(1)
+            await client[db]["staging"].insert_one({"_id": 3})
+            await client[db]["staging"].rename("orders", dropTarget=True)
+            gaps = [await whole.next_gap(), await one.next_gap()]
+            row = await whole.call("subscribe", {"room": f"shop:{db}:1"})
+            snap = await whole.call("subscribe", {"room": f"shop:{db}", "snapshot": True})
+            paid = await whole.call("subscribe", {"room": f"shop:{db}", "filter": "status=eq.paid"})
+    assert [(c["room"], c["target"], c["key"]) for c in got] == [
+        (f"shop:{db}", f"{db}.orders", 1),
+        (f"shop:{db}", f"{db}.customers", 1),
+        (f"shop:{db}", f"{db}.brand_new", 2),
+    ]
+    assert [c["seq"] for c in got] == [1, 2, 3]
+    assert [(c["room"], c["key"]) for c in mine] == [(f"shop:{db}.orders", 1)]
+    assert [(g["room"], g["target"]) for g in gaps] == [
+        (f"shop:{db}", db),
+        (f"shop:{db}.orders", f"{db}.orders"),
+    ]
+    assert not row["ok"] and row["error"]["code"] == "unknown_target"
+    assert f"shop:{db}.<collection>:1" in row["error"]["message"]
+    assert not snap["ok"] and snap["error"]["code"] == "snapshot_unsupported", snap
+    assert not paid["ok"] and paid["error"]["code"] == "bad_filter", paid
+    assert f"shop:{db}.<collection>?status=eq.paid" in paid["error"]["message"]
+
+
+async def test_with_pre_images_a_watched_databases_room_takes_filters(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """With every change carrying its before image, a filter room on the database's room
+    needs no memory of its rows: it gets each collection's matching changes, and the one
+    that makes a document leave it (`left`)."""
+    client = mongodb.client
+    await client[db].create_collection("customers")
+    for name in ("orders", "customers"):
+        await client[db].command(
+            {"collMod": name, "changeStreamPreAndPostImages": {"enabled": True}}
+        )
+    images = 'full_document_before_change = "required"'
+    async with running_feed(config(mongodb, db, images)) as feed:
+        await wait_up(feed)
+        async with feed_client(feed.url) as paid:
+            ack = await paid.subscribe(f"shop:{db}", filter="status=eq.paid")
+            assert ack["ok"], ack
+            await client[db]["orders"].insert_one({"_id": 1, "status": "paid"})
+            await client[db]["customers"].insert_one({"_id": 1, "status": "new"})
+            await client[db]["customers"].update_one({"_id": 1}, {"$set": {"n": 1}})
+            await client[db]["orders"].update_one({"_id": 1}, {"$set": {"status": "sent"}})
+            await client[db]["customers"].insert_one({"_id": 2, "status": "paid"})
+            got = await paid.take(3)
+    assert [(c["target"], c["key"], c["op"], c.get("left")) for c in got] == [
+        (f"{db}.orders", 1, "insert", None),
+        (f"{db}.orders", 1, "update", True),
+        (f"{db}.customers", 2, "insert", None),
+    ]

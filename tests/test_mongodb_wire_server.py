@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pymongo.errors import OperationFailure
+from pymongo.errors import OperationFailure, WriteError
 
 from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
 
@@ -90,3 +90,11 @@ async def test_snapshot_read_at_a_cluster_time_sees_that_state(
     )
     rows = await cursor.to_list()
     assert rows == [{"_id": 1, "v": "old"}]
+
+
+async def test_an_id_is_never_an_array(coll: Any) -> None:
+    """mongod refuses an array `_id` (BadValue): a row key never has to stand for one."""
+    with pytest.raises(WriteError) as refused:
+        await coll.insert_one({"_id": [1, 2]})
+    assert refused.value.code == 2 and "array for _id" in str(refused.value)
+    await coll.insert_one({"_id": {"a": [1, 2]}})  # an array inside a document is fine

@@ -122,23 +122,41 @@ function walk(doc, parts, create) {
   return [node, parts[parts.length - 1]];
 }
 
+/**
+ * The key as in a row room name: `42`, `abc`, `7,2` for a composite key, null for none.
+ *
+ * The server's rule (docs/protocol.md, "Row keys as text"), shared with the Python library:
+ * text is itself; an array, or an object that is not one BSON value, its values joined by
+ * commas; `{"$oid": ..}` and `{"$numberDecimal": ..}` their text (a Decimal128 `_id` is
+ * `9.90`, as on the server); numbers as `String` writes them; a value inside a key that is an
+ * object or array as `JSON.stringify` writes it.
+ */
 export function keyText(key) {
   if (key === null || key === undefined) return null;
   if (typeof key === "string") return key;
   if (Array.isArray(key)) return key.map(scalarText).join(",");
   if (typeof key === "object") {
-    if (typeof key.$oid === "string") return key.$oid;
+    const wrapped = wrappedText(key);
+    if (wrapped !== null) return wrapped;
     return Object.values(key).map(scalarText).join(",");
   }
   return scalarText(key);
+}
+
+// The text of an extended JSON object that is one value (an ObjectId, a Decimal128), else null.
+function wrappedText(value) {
+  const names = Object.keys(value);
+  if (names.length !== 1) return null;
+  const text = value[names[0]];
+  return (names[0] === "$oid" || names[0] === "$numberDecimal") && typeof text === "string" ? text : null;
 }
 
 function scalarText(value) {
   if (value === null || value === undefined) return "null";
   if (typeof value === "string") return value;
   if (typeof value === "object") {
-    if (typeof value.$oid === "string") return value.$oid;
-    return JSON.stringify(value);
+    const wrapped = Array.isArray(value) ? null : wrappedText(value);
+    return wrapped !== null ? wrapped : JSON.stringify(value);
   }
   return String(value);
 }

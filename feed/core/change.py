@@ -269,36 +269,117 @@ class Gap:
 
 
 def room_key(key: Any) -> str | None:
-    """Render a change key for a row room name.
+    """Render a change key for a row room name (None: the change has no key).
 
-    Scalars render as their JSON text without quotes (`42`, `abc`); a composite key renders its
-    values in column order joined by commas (`7,2026-01-01`), which is what clients put in the
-    room name to follow that one row.
+    The text is a function of the key's JSON form (`to_json`), so that a client, which sees
+    only the JSON `key` of a change, renders the same text (clients/python dbfeed_client
+    `key_text`, clients/js `keyText`; docs/protocol.md, "Row keys as text"): scalars as their
+    JSON text without quotes (`42`, `abc`), a composite key's values in column order joined by
+    commas (`7,2026-01-01`), an ObjectId or Decimal128 as its own text. Before, the server
+    rendered a value JSON has no type for by Python's `str` of its extended JSON
+    (`{'$numberDecimal': '9.90'}`) where the clients wrote `9.90`, and a whole float `2.0`
+    where a JavaScript client can only see `2`: the two named one row differently.
     """
     if key is None:
         return None
-    if type(key) is str:  # most keys (every Redis key): skip the ABC checks below
+    if type(key) is str:  # most keys (every Redis key): skip the conversions below
         return key
     if type(key) is int:  # most of the rest (serial ids)
         return str(key)
-    if isinstance(key, Mapping):
-        return ",".join(_scalar_text(v) for v in key.values())
-    if isinstance(key, list | tuple):
+    return key_text(to_json(key))
+
+
+def key_text(key: JSON) -> str | None:
+    """The row key text of a key already in its JSON form (`room_key` after `to_json`).
+
+    The one rule, kept in step with the client libraries: null is no key; text is itself; an
+    array, or an object (a composite key, a MongoDB `_id` that is a document), is its values'
+    texts joined by commas, except that an object standing for one BSON value (`{"$oid": ..}`,
+    `{"$numberDecimal": ..}`) is that value's text.
+    """
+    if key is None:
+        return None
+    if isinstance(key, str):
+        return key
+    if isinstance(key, list):
         return ",".join(_scalar_text(v) for v in key)
+    if isinstance(key, dict):
+        wrapped = _wrapped_text(key)
+        if wrapped is not None:
+            return wrapped
+        return ",".join(_scalar_text(v) for v in key.values())
     return _scalar_text(key)
 
 
-def _scalar_text(value: Any) -> str:
-    converted = to_json(value)
-    if isinstance(converted, bool):
-        return "true" if converted else "false"
-    if converted is None:
+_WRAPPERS = ("$oid", "$numberDecimal")
+"""Extended JSON objects that are one value with a text of its own: an ObjectId's hex, a
+Decimal128's digits."""
+
+
+def _wrapped_text(value: dict[str, Any]) -> str | None:
+    if len(value) == 1:
+        for name in _WRAPPERS:
+            text = value.get(name)
+            if isinstance(text, str):
+                return text
+    return None
+
+
+def _scalar_text(value: JSON) -> str:
+    """One value of a key in its JSON form, as JavaScript's `String` and `JSON.stringify`
+    write it (a browser renders the same key as this server)."""
+    if value is None:
         return "null"
-    if isinstance(converted, str):
-        return converted
-    if isinstance(converted, dict) and "$oid" in converted:
-        return str(converted["$oid"])
-    return str(converted)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return number_text(value)
+    if isinstance(value, dict):
+        wrapped = _wrapped_text(value)
+        if wrapped is not None:
+            return wrapped
+    return compact_json(value)
+
+
+def number_text(value: float) -> str:
+    """A float as JavaScript's `String(number)` writes it: a whole one as an integer (`2`,
+    JSON does not tell 2.0 from 2, so a JavaScript client cannot), others in the shortest
+    text that reads back, plain from 1e-6 to 1e21 (`0.00001`, where Python's repr says
+    `1e-05`), in exponent form outside (`1e-7`, `1e+21`)."""
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    sign = "-" if value < 0 else ""
+    text = repr(abs(value))
+    mantissa, e, exponent = text.partition("e")
+    if not e:  # Python writes plain text from 1e-4 on: the same digits as JavaScript
+        return sign + text
+    digits = mantissa.replace(".", "")
+    point = int(exponent) + 1  # the value is 0.<digits> x 10**point
+    if -6 < point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    rest = f".{digits[1:]}" if len(digits) > 1 else ""
+    return f"{sign}{digits[0]}{rest}e{'-' if point - 1 < 0 else '+'}{abs(point - 1)}"
+
+
+def compact_json(value: JSON) -> str:
+    """JSON text as JavaScript's `JSON.stringify` writes it: no spaces, numbers as `String`
+    writes them, non-ASCII as it is."""
+    if isinstance(value, dict):
+        members = (
+            f"{json.dumps(str(k), ensure_ascii=False)}:{compact_json(v)}" for k, v in value.items()
+        )
+        return "{" + ",".join(members) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(compact_json(v) for v in value) + "]"
+    if isinstance(value, float):
+        return number_text(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def format_ts(ts: dt.datetime | None) -> str | None:

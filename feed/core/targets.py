@@ -42,23 +42,29 @@ class TargetRooms(Generic[R]):
     room: R
     by_key: dict[str, dict[str, R]] = field(default_factory=dict)
     filtered: FilterIndex[R] = field(default_factory=FilterIndex)
+    bare: bool = field(default=True, init=False, repr=False)
+    """No subroom is followed."""
     alone: bool = field(default=True, init=False, repr=False)
-    """No subroom is followed: a change goes to the target room only. Checked first, so that
-    such a change (every change, at many target rooms) reads neither index."""
+    """No subroom is followed and no parent: a change goes to the target room only. Checked
+    first, so that such a change (every change, at many target rooms) reads neither index."""
     track: bool = False
     """The source may send changes without a before image (`Connector.before_images`): filter
     rooms follow the rows they hold (feed.core.filter_index), and a row room with a filter
-    gets every such change of its row, since whether its row left cannot be told from it."""
+    gets every change of its row, since whether its row left cannot be told from it."""
+    parent: TargetRooms[R] | None = None
+    """The rooms of a wider target that also receive every change of this one
+    (`Connector.parent_target`: a MongoDB database watched whole, for its collections)."""
 
     def __post_init__(self) -> None:
         self.filtered.track = self.track
+        self.alone = self.parent is None
 
     def add(self, room: R) -> None:
         if room.key is not None:
             self.by_key.setdefault(room.key, {})[room.name] = room
         else:  # a filter room, or a shaped room that sees the whole target
             self.filtered.add(room)
-        self.alone = False
+        self.bare = self.alone = False
 
     def discard(self, room: R, forget: bool = True) -> None:
         if room.key is not None:
@@ -68,7 +74,8 @@ class TargetRooms(Generic[R]):
                 self.by_key.pop(room.key, None)
         else:
             self.filtered.discard(room.name, forget)
-        self.alone = not self.by_key and not len(self.filtered)
+        self.bare = not self.by_key and not len(self.filtered)
+        self.alone = self.bare and self.parent is None
 
     def names(self) -> Iterator[str]:
         """The subrooms' names (the target room's is `room.name`)."""
@@ -77,8 +84,14 @@ class TargetRooms(Generic[R]):
             yield from rooms
 
     def matching(self, change: Change) -> list[R]:
+        rooms = self._own(change)
+        if self.parent is not None:
+            rooms += self.parent.matching(change)
+        return rooms
+
+    def _own(self, change: Change) -> list[R]:
         rooms = [self.room]
-        if self.alone:
+        if self.bare:
             return rooms
         if change.key is None and change.before is None and change.after is None:
             # A truncate (or a dropped collection) empties every row and filter room too.

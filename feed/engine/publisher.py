@@ -123,8 +123,10 @@ class Publisher(RoomRegistry):
         if batcher is not None:  # the changes before the gap reach the rooms before it
             await batcher.drain()
         names: list[str] = []
+        source = self.hub.connectors.get(gap.connector)
+        wider = source.parent_target(gap.target) if source and gap.target else None
         for target, index in self._index.get(gap.connector, {}).items():
-            if gap.target is None or gap.target == target:
+            if gap.target is None or target in (gap.target, wider):
                 names += [index.room.name, *index.names()]
                 index.filtered.forget_held()
         await self._gap_rooms(names, gap)

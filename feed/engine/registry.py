@@ -35,7 +35,10 @@ class RoomRegistry(EngineCore):
         if index is None:
             source = self.hub.connectors.get(connector)
             track = source is not None and not source.before_images
-            index = targets[target] = TargetRooms(Routed(f"{connector}:{target}"), track=track)
+            wider = source.parent_target(target) if source is not None else None
+            parent = self._target_index(connector, wider) if wider is not None else None
+            index = TargetRooms(Routed(f"{connector}:{target}"), track=track, parent=parent)
+            targets[target] = index
         return index
 
     def _route_spec(self, spec: Mapping[str, Any]) -> Routed | None:

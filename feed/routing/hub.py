@@ -394,15 +394,18 @@ class Hub:
 
     async def _gap(self, gap: Gap) -> None:
         log.warning("connector %s: gap announced: %s", gap.connector, gap.reason)
+        reached = self._gap_targets(gap)
         for (connector, target), rooms in self._targets.items():
-            if connector == gap.connector and (not gap.target or target == gap.target):
+            if connector == gap.connector and (reached is None or target in reached):
                 rooms.filtered.forget_held()
         if self.engine is not None:
             await self.engine.publish_gap(gap)
             return
         self.metrics.inc("feed_gaps_total", connector=gap.connector)
         for room in list(self.rooms.values()):
-            if room.connector != gap.connector or (gap.target and room.target != gap.target):
+            if room.connector != gap.connector or (
+                reached is not None and room.target not in reached
+            ):
                 continue
             room.mark_gap()
             if room.members and self.transport is not None:
@@ -417,6 +420,15 @@ class Hub:
                 }
                 await self.transport.send_room(room.name, "gap", body, [])
 
+    def _gap_targets(self, gap: Gap) -> set[str] | None:
+        """The targets whose rooms a gap reaches (None: every target of its connector): its
+        own, and the wider one whose rooms also receive its changes (`parent_target`)."""
+        if not gap.target:
+            return None
+        source = self.connectors.get(gap.connector)
+        wider = source.parent_target(gap.target) if source is not None else None
+        return {gap.target} if wider is None else {gap.target, wider}
+
     def _target_rooms(self, connector: str, target: str) -> TargetRooms[Room]:
         rooms = self._targets.get((connector, target))
         if rooms is None:
@@ -425,7 +437,10 @@ class Hub:
             self.rooms[room.name] = room
             source = self.connectors.get(connector)
             track = source is not None and not source.before_images
-            rooms = self._targets[(connector, target)] = TargetRooms(room, track=track)
+            wider = source.parent_target(target) if source is not None else None
+            parent = self._target_rooms(connector, wider) if wider is not None else None
+            rooms = TargetRooms(room, track=track, parent=parent)
+            self._targets[(connector, target)] = rooms
         return rooms
 
     @property

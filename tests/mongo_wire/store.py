@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
+from bson.regex import Regex
 from bson.timestamp import Timestamp
 
 from tests.mongo_wire.query import QueryError, describe_update, matches
+from tests.mongo_wire.wire import CODEC
 
 HWM, EVENT, INVALIDATE = 0x00, 0x80, 0x81
 TOKEN = re.compile(r"^82([0-9A-F]{8})([0-9A-F]{8})2B([0-9A-F]{2})([0-9A-F]{8})04$")
@@ -45,8 +47,8 @@ class CommandError(Exception):
 
 
 def id_key(value: Any) -> bytes:
-    """A hashable, type-exact key for an _id value."""
-    return bson.encode({"v": value})
+    """A hashable, type-exact key for an _id value (a UUID `_id` encoded as the wire does)."""
+    return bson.encode({"v": value}, codec_options=CODEC)
 
 
 def make_token(ts: Timestamp, kind: int, index: int) -> dict[str, str]:
@@ -197,6 +199,11 @@ class Store:
     # -- writes --------------------------------------------------------------------------------
 
     def insert(self, db: str, name: str, doc: dict[str, Any]) -> None:
+        if isinstance(doc["_id"], list | Regex):
+            # mongod's own check (insert.cpp fixDocumentForInsert): an _id is never an array
+            # (an index on it could not be unique) nor a regular expression.
+            kind = "an array" if isinstance(doc["_id"], list) else "a regex"
+            raise CommandError(2, "BadValue", f"can't use {kind} for _id")
         coll = self.collection(db, name, create=True)
         assert coll is not None
         key = id_key(doc["_id"])
@@ -261,7 +268,9 @@ class Store:
         if self.collection(*target) is not None:
             if not drop_target:
                 raise CommandError(48, "NamespaceExists", "target namespace exists")
-            self.drop(*target)
+            # One oplog entry, as mongod writes it (the rename carries dropTarget): streams see
+            # the rename, no drop of the target (jstests/change_streams/metadata_notifications.js).
+            del self.dbs[target[0]][target[1]]
         del self.dbs[source[0]][source[1]]
         if not self.dbs[source[0]]:
             del self.dbs[source[0]]
@@ -296,9 +305,18 @@ class ChangeStream:
     def _in_scope(self, entry: Entry) -> bool:
         if self.db is None:
             return entry.db not in INTERNAL_DBS
+        if entry.op == "rename" and entry.to is not None and self._watches(*entry.to):
+            # A stream on the rename's target sees it too (`ns` the source, `to` the target),
+            # and a collection stream is invalidated by it, as by a rename of its own: mongod's
+            # jstests/change_streams/metadata_notifications.js ("This is true if the change
+            # stream is on the source or target collection of the rename").
+            return True
         if entry.db != self.db:
             return False
         return self.coll is None or entry.coll == self.coll or entry.op == "dropDatabase"
+
+    def _watches(self, db: str, coll: str) -> bool:
+        return db == self.db and (self.coll is None or coll == self.coll)
 
     def _invalidates(self, entry: Entry) -> bool:
         if self.coll is not None:

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { patched } from "../index.js";
+import { keyText, patched } from "../index.js";
 
 test("an update description applied to a row gives the document the server has", () => {
   const row = { _id: 1, status: "new", lines: [1, 2, 3], ship: { city: "Oslo", zip: "0150" } };
@@ -24,4 +24,12 @@ test("an update description applied to a row gives the document the server has",
   assert.deepEqual(second.lines, [1, 2]);
   // A path through a value that is neither a document nor an array changes nothing.
   assert.deepEqual(patched(second, { updatedFields: { "status.x": 1 } }), second);
+});
+
+// The server's table of key texts (tests/support/key_text.json, checked by the server and the
+// Python library too): one row has one key in `rows`, whichever side names it.
+test("keyText follows the server's rule for every kind of key", async () => {
+  const { readFile } = await import("node:fs/promises");
+  const table = JSON.parse(await readFile(new URL("../../../tests/support/key_text.json", import.meta.url), "utf8"));
+  for (const [key, text] of table.cases) assert.equal(keyText(key), text, JSON.stringify(key));
 });

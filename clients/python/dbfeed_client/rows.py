@@ -27,7 +27,14 @@ CLEARS = frozenset({"truncate", "drop", "dropDatabase", "rename", "invalidate"})
 
 
 def key_text(key: Any) -> str | None:
-    """The key as in a row room name: `42`, `abc`, `7,2` for a composite key, None for none."""
+    """The key as in a row room name: `42`, `abc`, `7,2` for a composite key, None for none.
+
+    The server's rule (feed.core.change.room_key; docs/protocol.md, "Row keys as text"), on
+    the key's JSON form: text is itself; an array, or an object that is not one BSON value,
+    its values joined by commas; `{"$oid": ..}` and `{"$numberDecimal": ..}` their text;
+    numbers as JavaScript writes them (`2` for 2.0, which JSON cannot tell apart); a value
+    inside a key that is an object or array as compact JSON. The same as the JavaScript
+    library, so one row has one key in `rows` whichever library holds it."""
     if key is None:
         return None
     if isinstance(key, str):
@@ -35,26 +42,78 @@ def key_text(key: Any) -> str | None:
     if isinstance(key, list | tuple):
         return ",".join(_scalar_text(v) for v in key)
     if isinstance(key, Mapping):
-        oid = key.get("$oid")
-        if isinstance(oid, str):
-            return oid
+        wrapped = _wrapped_text(key)
+        if wrapped is not None:
+            return wrapped
         return ",".join(_scalar_text(v) for v in key.values())
     return _scalar_text(key)
+
+
+_WRAPPERS = ("$oid", "$numberDecimal")
+
+
+def _wrapped_text(value: Mapping[str, Any]) -> str | None:
+    """The text of an extended JSON object that is one value (an ObjectId, a Decimal128)."""
+    if len(value) == 1:
+        for name in _WRAPPERS:
+            text = value.get(name)
+            if isinstance(text, str):
+                return text
+    return None
 
 
 def _scalar_text(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
     if isinstance(value, str):
         return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _number_text(value)
     if isinstance(value, Mapping):
-        oid = value.get("$oid")
-        return oid if isinstance(oid, str) else json.dumps(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # JSON does not tell 1.0 from 1; the server wrote 1
-    return str(value)
+        wrapped = _wrapped_text(value)
+        if wrapped is not None:
+            return wrapped
+    return _compact_json(value)
+
+
+def _number_text(value: float) -> str:
+    """As JavaScript's `String(number)`: whole numbers below 1e21 as integers, others in the
+    shortest text that reads back, plain from 1e-6 to 1e21, else in exponent form."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    sign = "-" if value < 0 else ""
+    text = repr(abs(value))
+    mantissa, e, exponent = text.partition("e")
+    if not e:
+        return sign + text
+    digits = mantissa.replace(".", "")
+    point = int(exponent) + 1
+    if -6 < point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    rest = f".{digits[1:]}" if len(digits) > 1 else ""
+    return f"{sign}{digits[0]}{rest}e{'-' if point - 1 < 0 else '+'}{abs(point - 1)}"
+
+
+def _compact_json(value: Any) -> str:
+    """As JavaScript's `JSON.stringify`: no spaces, numbers as `String` writes them."""
+    if isinstance(value, Mapping):
+        members = (
+            f"{json.dumps(str(k), ensure_ascii=False)}:{_compact_json(v)}" for k, v in value.items()
+        )
+        return "{" + ",".join(members) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_compact_json(v) for v in value) + "]"
+    if isinstance(value, float):
+        return _number_text(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def row_key(spec: KeySpec, row: Mapping[str, Any]) -> str | None:
