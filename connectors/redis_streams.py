@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError, ResponseError
 
 from connectors.base import RoomAddress, Snapshot, State
+from connectors.redis_events import text_or_base64
 from feed.core.change import Change, Gap
 from feed.errors import FeedError, SourceMisconfigured, SourceUnavailable
 
@@ -213,18 +214,25 @@ class StreamCapture:
     def change(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes]) -> Change:
         fields_read, b64 = _fields(fields)
         ms, _ = parse_id(entry_id)
-        key_field = self.owner.stream_key_field
         op = entry_op(fields, self.owner.stream_op_field)
+        key, key_b64 = entry_key(entry_id, fields, self.owner.stream_key_field)
+        meta: dict[str, Any] | None = None
+        if b64 or key_b64:
+            meta = {}
+            if b64:
+                meta["value_base64"] = True
+            if key_b64:
+                meta["key_base64"] = True
         return Change(
             id=f"{self.owner.name}:{stream}:{entry_id}",
             connector=self.owner.name,
             source="redis",
             target=stream,
             op=op,
-            key=fields_read.get(key_field, entry_id) if key_field else entry_id,
+            key=key,
             after=None if op == "delete" else _row(entry_id, fields_read, b64),
             ts=dt.datetime.fromtimestamp(ms / 1000, dt.UTC),
-            meta={"value_base64": True} if b64 else None,
+            meta=meta,
             position=(stream, parse_id(entry_id)),
         )
 
@@ -264,8 +272,8 @@ class StreamCapture:
             row = _row(entry_id, after, b64)
             if where(row):
                 rows.append(row)
-                # The key its changes carry (`change` above): the key field, else the entry id.
-                keys.append(after.get(key_field, entry_id) if key_field else entry_id)
+                # The key its changes carry (`change` above), read the same way.
+                keys.append(entry_key(entry_id, fields, key_field)[0])
         return Snapshot(
             rows=rows,
             covers=lambda c: (
@@ -287,7 +295,8 @@ class StreamCapture:
         latest: dict[bytes, Any] = {}
         for entry in newest:
             key = entry[1].get(wanted, entry[0])
-            if address.key is not None and key != address.key.encode():
+            # A row room names the key as changes carry it (base64 when it is not UTF-8).
+            if address.key is not None and text_or_base64(key)[0] != address.key:
                 continue
             latest.setdefault(key, entry)
         # A row whose newest entry deletes it is not a current row.
@@ -321,6 +330,24 @@ def entry_op(fields: Mapping[bytes, bytes], op_field: str | None) -> str:
     if known is not None:
         return known
     return raw.decode("utf-8", "replace")
+
+
+def entry_key(
+    entry_id: str, fields: Mapping[bytes, bytes], key_field: str | None
+) -> tuple[str, bool]:
+    """The row an entry changes, and whether that key is base64: the `key_field` value, read
+    from the raw fields (text, or base64 when it is not UTF-8), else the entry id.
+
+    Read from the raw fields because `_fields` renders every name base64 as soon as any field
+    is not UTF-8: looked up there, the key field of such an entry was not found and the entry
+    was keyed by its id, a row of its own that no later entry of the key updated or deleted.
+    """
+    if key_field is None:
+        return entry_id, False
+    raw = fields.get(key_field.encode())
+    if raw is None:
+        return entry_id, False
+    return text_or_base64(raw)
 
 
 def _text(raw: Any) -> str:

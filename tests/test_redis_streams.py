@@ -223,3 +223,22 @@ async def test_a_live_row_is_the_snapshot_row_of_its_entry(redis_target: RedisTa
         finally:
             await closed(stream)
     assert isinstance(live, Change) and snap.rows == [live.after]
+
+
+async def test_key_field_is_read_from_entries_that_are_not_utf8(redis_target: RedisTarget) -> None:
+    """An entry with any field that is not UTF-8 has all its fields sent base64, but its row is
+    still the key field's value (before: its entry id, a row of its own that later entries of
+    the key never updated or deleted), in changes and snapshots alike; a key that is itself not
+    UTF-8 is sent base64 with `key_base64`, as keyspace mode sends such keys."""
+    entries: list[dict[Any, Any]] = [
+        {"id": "42", "status": "new"},
+        {"id": "42", "status": "paid", "blob": b"\xff\x00"},
+        {"id": b"k\xff", "v": "1"},
+    ]
+    seen, rows, one = await changelog(redis_target, entries, "42")
+    assert [c.key for c in seen] == ["42", "42", "a/8="]
+    assert seen[1].meta == {"value_base64": True}
+    assert seen[2].meta == {"value_base64": True, "key_base64": True}
+    assert rows.keys == ["42", "a/8="]  # the keys the changes carry
+    assert [row["_id"] for row in one.rows] == [seen[1].after["_id"]]  # row 42: its newest entry
+    assert one.keys == ["42"]
