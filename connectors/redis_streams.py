@@ -355,11 +355,32 @@ def _text(raw: Any) -> str:
 
 
 def _fields(fields: Mapping[bytes, bytes]) -> tuple[dict[str, str], bool]:
-    """Field names and values as text, or all base64 when any is not UTF-8."""
+    """Field names and values as text, or all base64 when any is not UTF-8.
+
+    A text name that `_row` uses for itself is moved aside (`_name`); base64 names never are
+    (base64 has no `_`).
+    """
     try:
-        return {k.decode(): v.decode() for k, v in fields.items()}, False
+        return {
+            (_name(k.decode()) if k[:1] == b"_" else k.decode()): v.decode()
+            for k, v in fields.items()
+        }, False
     except UnicodeDecodeError:
         return {_b64(k): _b64(v) for k, v in fields.items()}, True
+
+
+_RESERVED = ("id", "base64")
+
+
+def _name(name: str) -> str:
+    """A field name as a row's key: `_id` and `_base64`, and those names behind more
+    underscores, get one more underscore in front (`_id` -> `__id`, `__id` -> `___id`).
+
+    The row's own `_id` (the entry id) and `_base64` flag must win, or a field named `_id`
+    silently passed itself off as the entry id (in filters, and to clients keying rows by
+    `_id`); one more underscore keeps the field, under a name no other field can have.
+    """
+    return "_" + name if name.lstrip("_") in _RESERVED else name
 
 
 def _b64(raw: bytes) -> str:
@@ -368,9 +389,9 @@ def _b64(raw: bytes) -> str:
 
 def _row(entry_id: str, fields: dict[str, Any], b64: bool) -> dict[str, Any]:
     """An entry as a row, the same in a change's `after` and in a snapshot: its id as `_id`,
-    then its fields (and `_base64` when they are base64). A live row used to lack `_id`, so a
-    client's rows differed by where they came from, and a filter on `_id` matched snapshot rows
-    only."""
+    then its fields (and `_base64` when they are base64; `_fields` has moved any field named
+    `_id` or `_base64` aside). A live row used to lack `_id`, so a client's rows differed by
+    where they came from, and a filter on `_id` matched snapshot rows only."""
     row: dict[str, Any] = {"_id": entry_id, **fields}
     if b64:
         row["_base64"] = True

@@ -242,3 +242,24 @@ async def test_key_field_is_read_from_entries_that_are_not_utf8(redis_target: Re
     assert rows.keys == ["42", "a/8="]  # the keys the changes carry
     assert [row["_id"] for row in one.rows] == [seen[1].after["_id"]]  # row 42: its newest entry
     assert one.keys == ["42"]
+
+
+async def test_fields_named_like_the_rows_own_are_kept_aside(redis_target: RedisTarget) -> None:
+    """`_id` is the entry id and `_base64` the feed's flag, whatever the entry holds: a field
+    of either name (or of such a name behind more underscores) gets one more `_` in front, live
+    and in snapshots, so a filter or a client keying rows by `_id` always sees the entry id."""
+    entries: list[dict[Any, Any]] = [
+        {"id": "7", "_id": "fake", "__id": "two", "_base64": "no", "_other": "x"}
+    ]
+    seen, rows, _ = await changelog(redis_target, entries, "7")
+    after = seen[0].after
+    assert after == {
+        "_id": after["_id"],
+        "id": "7",
+        "__id": "fake",
+        "___id": "two",
+        "__base64": "no",
+        "_other": "x",
+    }
+    assert after["_id"] != "fake" and seen[0].id.endswith(after["_id"])
+    assert rows.rows == [after]
