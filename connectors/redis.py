@@ -194,7 +194,8 @@ class RedisConnector(Connector):
         except BaseException:
             await self._close()
             raise
-        self.set_status(State.UP)
+        # Streams mode is up with a listed key that is not a stream, but says so (down, naming it).
+        self.set_status(*(self._streams.health() if self._streams is not None else (State.UP, "")))
 
     async def _cluster_primaries(self) -> list[ClusterNode] | None:
         """None for a standalone server; a cluster node's serving primaries otherwise."""
