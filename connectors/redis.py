@@ -330,6 +330,9 @@ class RedisConnector(Connector):
             assert self._client is not None
             info = await self._client.info("server")
             version = info.get("redis_version", "?")
+            if self._streams is not None and self._streams.trouble():
+                # `serve` reads the other streams meanwhile; `check` is where to fix it first.
+                raise SourceMisconfigured(self._streams.trouble())
             primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
             shape = f", a cluster of {primaries} primaries" if self._cluster else ""
             flags = ""

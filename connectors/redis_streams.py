@@ -286,11 +286,11 @@ class StreamCapture:
             self.pending_gaps.append(Gap(self.owner.name, reason, target=stream))
 
     def _set_aside(self, stream: str, kind: str, announce: bool) -> Gap | None:
-        """Stop reading a listed key that is not a stream (the others go on): one status line
-        names it, and a Gap tells its rooms their rows are gone with the stream it was."""
+        """Stop reading a listed key that is not a stream (the others go on): the status line
+        (`trouble`, logged by the hub as the status changes) names it, and a Gap tells its rooms
+        their rows went with the stream it was."""
         self.wrong_type[stream] = kind
         self.last[stream], self.counted[stream] = _START, 0
-        log.warning("connector %s: %s; the other streams are read", self.owner.name, self.trouble())
         if not announce:
             return None
         reason = f"stream {stream!r} was replaced by a {kind}, which is not a stream"
@@ -441,9 +441,8 @@ class StreamCapture:
         for stream in aside:
             kind = _text(replies[len(replies) - len(aside) + aside.index(stream)])
             if kind in ("stream", "none"):  # read from its start: what it holds is new
-                del self.wrong_type[stream]
+                del self.wrong_type[stream]  # the status says so: up again, or the others
                 self.last[stream], self.counted[stream] = _START, None
-                log.info("connector %s: %r is a stream again", owner.name, stream)
         if not reading:
             if self.wrong_type.keys() & set(aside):
                 await asyncio.sleep(block / 1000)  # nothing else to wait on

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from connectors.base import RoomAddress, State
 from connectors.redis import RedisConnector
 from feed.core.change import Change, Gap
-from feed.errors import ConfigError
+from feed.errors import ConfigError, SourceMisconfigured
 from feed.options import Options
 from tests.connector_contract import generator
 from tests.support import redis as redis_support
@@ -456,6 +456,8 @@ async def test_a_listed_key_that_is_not_a_stream_at_start(redis_target: RedisTar
         finally:
             await closed(stream)
     assert status.state is State.DOWN and f"{t.key('orders')!r} holds a string" in status.detail
+    with pytest.raises(SourceMisconfigured, match=f"{t.key('orders')!r} holds a string"):
+        await connector(t).check()  # feed check: the same line, and a failed source
     assert isinstance(audit, Change) and audit.after == {"_id": audit.key, "n": "read"}
 
 
