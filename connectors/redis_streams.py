@@ -119,8 +119,10 @@ def judge(
     removes the oldest entries, so with the first entry left and Redis 7's count the answer is
     exact: a stream kept at MAXLEN 1 and read entry by entry loses nothing and gets no gap. Redis
     6.2 keeps no count: there a trim past prev is a gap unless nothing was ever added after it,
-    and an entry gone below the first one left is taken for an XDEL (6.2 cannot tell a stream
-    deleted and created again with lower ids from it; Redis 7 can).
+    and prev gone with older entries left is a gap too, without a reset: an XDEL of prev (no
+    loss) and a stream deleted and created again with lower ids (its entries below prev never
+    read) look the same there, and only the second would be worth reading the stream again
+    from its start; the gap's reload shows the new stream's rows either way.
     """
     last = ids[-1] if ids else prev
     read = len(ids)
@@ -137,6 +139,11 @@ def judge(
         return Verdict(f"stream {stream!r} was deleted and created again", reset=True)
     if info.first is not None and info.first <= prev:
         deleted = info.max_deleted
+        if info.added is None:  # Redis 6.2
+            return Verdict(
+                f"stream {stream!r} lost the entry read last ({_id(prev)}) but has older ones: "
+                "deleted with XDEL, or deleted and created again (Redis 6.2 cannot tell)"
+            )
         if deleted is not None and deleted > prev and deleted not in ids:
             return Verdict(f"entries of stream {stream!r} were deleted (XDEL) before being read")
         return Verdict(None, counted=None if counted is None else counted + read)
