@@ -196,6 +196,13 @@ class StreamCapture:
         self.delivered: dict[str, str] = {}
         self.saved: dict[str, str] = {}
         self.pending_gaps: list[Gap] = []
+        self.tail: dict[str, Mapping[bytes, bytes]] = {}
+        """The fields of the entry at `last`, when the reader read it: a stream deleted and
+        created again can hold a new entry under that very id (an automatic id in the same
+        millisecond), which only its fields tell apart."""
+        self.judged: dict[str, tuple[str, tuple[int, int], tuple[int, int] | None] | None] = {}
+        """Each stream's position, last id and first id when `judge` last looked at it: while
+        the entry read last stays gone and nothing changes, one gap says it, not every read."""
         self.counted: dict[str, int | None] = {}
         """Each stream's number (Redis 7 `entries-added`) of the entry at `last`, if known."""
         self.counters: bool | None = None
@@ -462,7 +469,7 @@ class StreamCapture:
         present = dict(zip(placed, replies[: len(placed)], strict=True))
         infos = dict(zip(asked, replies[len(placed) : len(placed) + len(asked)], strict=True))
         entries_of = {_text(raw): entries for raw, entries in got or [] if entries}
-        gone = [s for s in placed if not isinstance(present[s], list) or not present[s]]
+        gone = [s for s in placed if not self._still_there(s, present[s])]
         if gone:
             check = self.client.pipeline(transaction=False)
             for stream in gone:
@@ -481,15 +488,23 @@ class StreamCapture:
             if info is not None:
                 self.counters = info.added is not None
             lost: _Lost | None = None
-            if stream in gone:
+            seen = None if info is None else (self.last[stream], info.last_generated, info.first)
+            if stream in gone and not ids and seen is not None and self.judged.get(stream) == seen:
+                pass  # judged already, and nothing was added or trimmed since: said once
+            elif stream in gone:
                 verdict = judge(
                     stream, parse_id(self.last[stream]), ids, self.counted.get(stream), info
                 )
+                self.judged[stream] = seen
+                at = present.get(stream)
+                if isinstance(at, list) and at:  # a new entry under the id read last (6.2)
+                    self.tail[stream] = at[0][1]
                 if verdict.lost is not None:
                     gap = Gap(owner.name, verdict.lost, target=stream)
                     lost = _Lost(stream, gap, verdict.reset)
                 if verdict.reset:  # what was read may be the old stream's or the new one's
                     self.last[stream], self.counted[stream] = _START, verdict.counted
+                    self.tail.pop(stream, None)
                     assert lost is not None
                     news.append(lost)
                     continue
@@ -498,10 +513,18 @@ class StreamCapture:
                 lost = self._recount(stream, ids, info, reply)
             if entries:
                 self.last[stream] = _text(entries[-1][0])
+                self.tail[stream] = entries[-1][1]
                 news.append((stream, entries))
             if lost is not None:
                 news.append(lost)
         return news
+
+    def _still_there(self, stream: str, reply: Any) -> bool:
+        """Whether the XRANGE of the entry read last found it, with the fields it had."""
+        if not isinstance(reply, list) or not reply:
+            return False
+        tail = self.tail.get(stream)
+        return tail is None or reply[0][1] == tail
 
     def _recount(
         self, stream: str, ids: list[tuple[int, int]], info: StreamInfo | None, reply: Any
