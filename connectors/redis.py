@@ -194,7 +194,8 @@ class RedisConnector(Connector):
         except BaseException:
             await self._close()
             raise
-        self.set_status(State.UP)
+        # Streams mode is up with a listed key that is not a stream, but says so (down, naming it).
+        self.set_status(*(self._streams.health() if self._streams is not None else (State.UP, "")))
 
     async def _cluster_primaries(self) -> list[ClusterNode] | None:
         """None for a standalone server; a cluster node's serving primaries otherwise."""
@@ -329,6 +330,9 @@ class RedisConnector(Connector):
             assert self._client is not None
             info = await self._client.info("server")
             version = info.get("redis_version", "?")
+            if self._streams is not None and self._streams.trouble():
+                # `serve` reads the other streams meanwhile; `check` is where to fix it first.
+                raise SourceMisconfigured(self._streams.trouble())
             primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
             shape = f", a cluster of {primaries} primaries" if self._cluster else ""
             flags = ""
