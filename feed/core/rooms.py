@@ -168,7 +168,15 @@ class Room:
 
     def holds_after(self, since: int) -> bool:
         """Whether every change after `since` is still here (so a resume loses nothing)."""
-        if since > self.seq or (self.gap_seq is not None and since <= self.gap_seq):
+        if self.gap_seq is not None and since <= self.gap_seq:
+            return False
+        return self.buffered_after(since)
+
+    def buffered_after(self, since: int) -> bool:
+        """Whether every change numbered after `since` is still in the buffer, gaps aside: for
+        a member's catch-up, which started after any gap before it (its snapshot or its
+        `recovered: false` covers that one) and heard of any gap since live, as members do."""
+        if since > self.seq:
             return False
         if since == self.seq:
             return True

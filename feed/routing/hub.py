@@ -737,7 +737,7 @@ class Hub:
             if gap is not None and self.transport is not None:  # the snapshot's rows are unsure
                 await self.transport.send_to(sid, "gap", self._gap_body(room, gap))
             while sid in room.pending and self._catch_ups.get(key) is token:
-                if cursor < room.seq and not room.holds_after(cursor):
+                if cursor < room.seq and not room.buffered_after(cursor):
                     if self.transport is not None:
                         reason = "the replay buffer no longer holds what was missed"
                         await self.transport.send_to(sid, "gap", self._gap_body(room, reason))
