@@ -26,7 +26,8 @@ Convert = Callable[[Any], Any]
 COLUMNS_SQL = """
 SELECT a.attname AS name,
        bt.typname AS type, bt.typtype::text AS kind, bt.typcategory::text AS category,
-       et.typname AS elem, et.typtype::text AS elem_kind
+       bt.typrelid AS fields, et.typname AS elem, et.typtype::text AS elem_kind,
+       et.typrelid AS elem_fields
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -36,6 +37,8 @@ LEFT JOIN pg_catalog.pg_type et
 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
+FIELDS_SQL = COLUMNS_SQL.replace("$1::regclass", "$1::oid")
+"""A composite type's fields, as COLUMNS_SQL reads a table's columns (by the type's relation)."""
 
 PRIMARY_KEY_SQL = """
 SELECT a.attname AS name
@@ -217,16 +220,59 @@ class TableShape:
 
 
 async def read_shape(conn: Any, target: str, regclass: str, limit: float) -> TableShape:
-    columns: dict[str, Convert] = {}
     types: dict[str, str] = {}
-    for row in await conn.fetch(COLUMNS_SQL, regclass, timeout=limit):
-        convert = converter(row["type"], row["kind"], row["category"])
-        if row["category"] == "A" and row["elem"] is not None:
-            convert = _array(converter(row["elem"], row["elem_kind"], ""))
-        columns[row["name"]] = convert
+    rows = await conn.fetch(COLUMNS_SQL, regclass, timeout=limit)
+    columns = await _converters(conn, rows, limit, 0)
+    for row in rows:
         types[row["name"]] = row["type"]
     pk = tuple(r["name"] for r in await conn.fetch(PRIMARY_KEY_SQL, regclass, timeout=limit))
     return TableShape(target, columns, pk, types)
+
+
+MAX_NESTING = 8
+"""Composite types inside composite types decoded by their fields' types, this deep at most
+(past it, `plain`)."""
+
+
+async def _converters(conn: Any, rows: list[Any], limit: float, depth: int) -> dict[str, Convert]:
+    """A decoder per column (or per field of a composite type), by its type; a composite's
+    fields by theirs, so a numeric, a bytea or a timestamptz reads the same in a composite
+    as in a column of its own (before, they came as a double, `\\x..` text and jsonb's time)."""
+    columns: dict[str, Convert] = {}
+    for row in rows:
+        convert = converter(row["type"], row["kind"], row["category"])
+        if row["kind"] == "c" and depth < MAX_NESTING:
+            convert = await _composite(conn, row["fields"], limit, depth)
+        if row["category"] == "A" and row["elem"] is not None:
+            element = converter(row["elem"], row["elem_kind"], "")
+            if row["elem_kind"] == "c" and depth < MAX_NESTING:
+                element = await _composite(conn, row["elem_fields"], limit, depth)
+            convert = _array(element)
+        columns[row["name"]] = convert
+    return columns
+
+
+async def _composite(conn: Any, relid: int, limit: float, depth: int) -> Convert:
+    fields = await _converters(
+        conn, await conn.fetch(FIELDS_SQL, relid, timeout=limit), limit, depth + 1
+    )
+    if not fields:
+        return plain
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return plain(value)
+        record: dict[str, Any] = {}
+        for name, decode in fields.items():  # in the type's order, as a table's columns
+            if name in value:
+                field = value[name]
+                record[name] = None if field is None else decode(field)
+        for name, field in value.items():
+            if name not in record:
+                record[name] = plain(field)
+        return record
+
+    return convert
 
 
 GENERATED_SQL = """

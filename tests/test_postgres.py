@@ -279,6 +279,40 @@ async def test_a_writer_s_session_settings_do_not_change_the_image(pg: PgDatabas
     assert [dict(change.after)] == [dict(row) for row in snapshot.rows]
 
 
+async def test_a_composite_s_fields_are_decoded_by_their_types(pg: PgDatabase) -> None:
+    """A numeric in a composite came as a double (its digits lost), a bytea as `\\x..` text, a
+    timestamptz in jsonb's form: each field is now decoded as a column of its type is, nested
+    composites and arrays of them too, and a filter on a field compares by its type."""
+    await pg.conn.execute(
+        "CREATE TYPE inner_t AS (n numeric, at timestamptz);"
+        "CREATE TYPE outer_t AS (n numeric, b bytea, at timestamptz, i inner_t, t text);"
+        "CREATE TABLE public.things (id int PRIMARY KEY, c outer_t, cs inner_t[])"
+    )
+    async with streaming(make_connector(pg.url, ["public.things"])) as stream:
+        await pg.conn.execute(
+            "INSERT INTO things VALUES (1, ROW(123456789012345678901234567890.10, '\\xdeadbeef',"
+            " '2024-06-01 12:00+02', ROW(1.50, '2024-01-01 00:00+00'), 'x'),"
+            " ARRAY[ROW(2.50, NULL)::inner_t])"
+        )
+        change = await stream.next()
+        snapshot = await stream.connector.snapshot(RoomAddress("public.things"), lambda r: True, 1)
+    at = dt.datetime(2024, 6, 1, 10, tzinfo=dt.UTC)
+    assert change.after == {
+        "id": 1,
+        "c": {
+            "n": Decimal("123456789012345678901234567890.10"),
+            "b": b"\xde\xad\xbe\xef",
+            "at": at,
+            "i": {"n": Decimal("1.50"), "at": dt.datetime(2024, 1, 1, tzinfo=dt.UTC)},
+            "t": "x",
+        },
+        "cs": [{"n": Decimal("2.50"), "at": None}],
+    }
+    assert [dict(row) for row in snapshot.rows] == [change.after]
+    assert list(to_json(change.after)["c"]) == ["n", "b", "at", "i", "t"]  # the type's order
+    assert parse_filter("c.n=eq.123456789012345678901234567890.1").matches_image(change.after)
+
+
 async def test_a_json_number_past_64_bits_arrives_as_a_double(pg: PgDatabase) -> None:
     """jsonb prints 1e200 as a 201-digit integer. Sent as such it took the slow encoder and
     reached Python clients as a number python-socketio refuses (over 100 digits): the message
