@@ -297,6 +297,42 @@ async def test_history_is_bounded_by_redis_and_too_old_resumes_are_refused(
             assert recent["recovered"] is True
 
 
+async def test_a_gap_while_a_snapshot_is_read_reaches_the_client_library(
+    redis_target: RedisTarget,
+) -> None:
+    """A gap that reaches the subscriber's node before its subscribe's answer is sent went to
+    a client with no subscription for it yet (the room's name comes in the answer), and was
+    lost: the node's catch-up now sends it again after the answer, and the library reloads."""
+    from dbfeed_client import FeedClient
+
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        source = memory(reader)
+        source.write("public.orders", "insert", {"id": 1})
+        read = source.snapshot
+
+        async def read_then_gap(address: Any, where: Any, limit: int) -> Any:
+            snapshot = await read(address, where, limit)
+            source.snapshot = read  # type: ignore[method-assign]  # the reload's is plain
+            room = other.hub.rooms["mem:public.orders"]
+            counted = room.gaps
+            source.announce_gap("lost while you subscribed")
+            await wait_until(lambda: room.gaps > counted, 10, "the gap at the other node")
+            return snapshot
+
+        source.snapshot = read_then_gap  # type: ignore[method-assign]
+        async with FeedClient(other.url) as client:
+            sub = client.subscribe("mem:public.orders", snapshot=True)
+            states: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+            sub.on("state", lambda state, info=None: states.put_nowait((state, info)))
+            await asyncio.wait_for(sub.ready(), 10)
+            seen = [await asyncio.wait_for(states.get(), 10) for _ in range(4)]
+            await sub.unsubscribe()
+    assert [state for state, _ in seen] == ["live", "reload", "pending", "live"], seen
+    assert seen[1][1]["reason"] == "lost while you subscribed"
+
+
 async def test_snapshot_on_a_node_that_does_not_read_is_exact(redis_target: RedisTarget) -> None:
     config = cluster_config(redis_target.url, redis_target.prefix)
     async with AsyncExitStack() as stack:

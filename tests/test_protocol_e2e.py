@@ -351,6 +351,39 @@ async def test_a_snapshot_taken_after_a_gap_is_not_told_of_it_again(
         assert client.gaps.empty()
 
 
+async def test_a_gap_while_a_snapshot_is_read_reaches_the_client_library(
+    memory_feed: RunningFeed,
+) -> None:
+    """A gap announced while a subscriber's snapshot is read goes to the room's members, the
+    new one too, but before its subscribe's answer: a client then has no subscription to give
+    it to (the room's name comes in the answer). The catch-up sends it again after the answer,
+    so the library reloads; with no change after the gap, nothing told it before."""
+    from dbfeed_client import FeedClient
+
+    db = source(memory_feed)
+    db.write("public.orders", "insert", {"id": 1})
+    read = db.snapshot
+
+    async def read_then_gap(address: Any, where: Any, limit: int) -> Any:
+        snapshot = await read(address, where, limit)
+        db.snapshot = read  # type: ignore[method-assign]  # the reload's snapshot is plain
+        db.announce_gap("lost while you subscribed")
+        marker = db.write("public.customers", "insert", {"id": 9})  # routed after the gap
+        await db.routed(marker.position)
+        return snapshot
+
+    db.snapshot = read_then_gap  # type: ignore[method-assign]
+    async with FeedClient(memory_feed.url) as client:
+        sub = client.subscribe("mem:public.orders", snapshot=True)
+        states: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        sub.on("state", lambda state, info=None: states.put_nowait((state, info)))
+        await asyncio.wait_for(sub.ready(), 10)
+        seen = [await asyncio.wait_for(states.get(), 10) for _ in range(4)]
+        await sub.unsubscribe()
+    assert [state for state, _ in seen] == ["live", "reload", "pending", "live"], seen
+    assert seen[1][1]["reason"] == "lost while you subscribed"
+
+
 async def test_rows_leaving_while_a_snapshot_is_read_reach_the_subscriber_or_a_gap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -118,6 +118,10 @@ class Room:
     no number is stored with them: at many rooms the buffered entries are most of the feed's
     long-lived objects, and every tracked object kept costs the garbage collector's full
     passes time (docs/benchmarks.md, "Replay buffers and the garbage collector")."""
+    gaps: int = 0
+    """Gaps announced here so far: a member's catch-up tells it of one announced since it
+    joined, which it may have heard before its subscribe's answer, with no room to go to."""
+    gap_reason: str = ""
     _left: set[int] = field(default_factory=set)
     """The numbers of buffered changes that left this room's filter (sent for `before` only)."""
     head: bytes = field(init=False, repr=False, default=b"")
@@ -163,8 +167,10 @@ class Room:
         payload.head = self.head
         return payload
 
-    def mark_gap(self) -> None:
+    def mark_gap(self, reason: str = "") -> None:
         self.gap_seq = self.seq
+        self.gaps += 1
+        self.gap_reason = reason
 
     def holds_after(self, since: int) -> bool:
         """Whether every change after `since` is still here (so a resume loses nothing)."""

@@ -377,7 +377,7 @@ class Delivery(History):
         """Tell the room's members; `epoch`: the new one, when the numbering begins again (Redis
         lost the history), so that a client takes `seq` as the room's position in it."""
         room = mirror.room
-        room.mark_gap()
+        room.mark_gap(reason)
         mirror.gap = max(mirror.gap, seq)
         self.hub.metrics.inc("feed_gaps_total", connector=room.connector)
         if room.members and self.hub.transport is not None:

@@ -50,6 +50,7 @@ class Resume(Delivery):
             if recovered:
                 cursor = request.since
         hub._join(sid, room)
+        gaps = room.gaps
         ack: dict[str, Any] = {
             "ok": True,
             "room": room.name,
@@ -78,7 +79,7 @@ class Resume(Delivery):
             )
             ack.update(fields)
             ack["seq"] = cursor
-        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest, gap))
+        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest, gap, gaps))
         return ack
 
     async def _holds_after(self, mirror: Mirror, since: int) -> bool:
@@ -108,6 +109,7 @@ class Resume(Delivery):
         plan: SnapshotPlan | None,
         chunks: list[SnapshotChunk],
         gap: str | None = None,
+        gaps: int = 0,
     ) -> None:
         """Send a new member the rest of its snapshot and what it missed after `cursor`, then
         let it go live (as the hub's own catch-up: the member leaves `pending` in the step that
@@ -132,6 +134,16 @@ class Resume(Delivery):
                 await transport.send_to(sid, "gap", body)
             while sid in room.pending and hub._catch_ups.get(key) is token:
                 seq = mirror.seq or 0
+                if room.gaps != gaps and transport is not None:
+                    # Announced since it joined: heard before its answer, with no room to go
+                    # to in a client (the hub's catch-up says more).
+                    gaps = room.gaps
+                    reason = room.gap_reason or "the source may have lost changes"
+                    body = gap_event(
+                        room.connector, room.name, room.target, reason, seq, mirror.epoch
+                    )
+                    await transport.send_to(sid, "gap", body)
+                    continue
                 if plan is not None and seq < plan.upto:
                     advanced = mirror.advanced
                     if advanced is None:

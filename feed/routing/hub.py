@@ -407,7 +407,7 @@ class Hub:
                 reached is not None and room.target not in reached
             ):
                 continue
-            room.mark_gap()
+            room.mark_gap(gap.reason)
             if room.members and self.transport is not None:
                 body = {
                     "connector": gap.connector,
@@ -587,6 +587,7 @@ class Hub:
             if recovered:
                 cursor = request.since
         self._join(sid, room)
+        gaps = room.gaps
         ack: dict[str, Any] = {
             "ok": True,
             "room": room.name,
@@ -627,7 +628,7 @@ class Hub:
             ack["seq"] = cursor
         # The ack goes out when this returns, before the catch-up task's first step: the rest of
         # the snapshot, then what the room got meanwhile, follow it in that order.
-        self._spawn(self._catch_up(sid, room, cursor, covers, rest, gap))
+        self._spawn(self._catch_up(sid, room, cursor, covers, rest, gap, gaps))
         return ack
 
     def _send_to_room(self, room: Room, change: Change) -> None:
@@ -714,9 +715,15 @@ class Hub:
         covers: Callable[[Change], bool] | None,
         chunks: list[SnapshotChunk] | None = None,
         gap: str | None = None,
+        gaps: int = 0,
     ) -> None:
         """Send a new member the rest of its snapshot and what it missed after `cursor`, in
         order, then let it go live.
+
+        A gap announced since it joined (`gaps`: the room's count then) is sent again: the live
+        one reached it before its subscribe's answer, when a client has no room to give it to.
+        One announced before it joined is not: its snapshot was read after it, or its answer
+        said `recovered: false`.
 
         Snapshot chunks 2..N go first, each once the client has taken most of the previous one
         (`send_paced`), so a large snapshot never piles up past the outbound limit. Then each
@@ -737,6 +744,11 @@ class Hub:
             if gap is not None and self.transport is not None:  # the snapshot's rows are unsure
                 await self.transport.send_to(sid, "gap", self._gap_body(room, gap))
             while sid in room.pending and self._catch_ups.get(key) is token:
+                if room.gaps != gaps and self.transport is not None:
+                    gaps = room.gaps
+                    reason = room.gap_reason or "the source may have lost changes"
+                    await self.transport.send_to(sid, "gap", self._gap_body(room, reason))
+                    continue
                 if cursor < room.seq and not room.buffered_after(cursor):
                     if self.transport is not None:
                         reason = "the replay buffer no longer holds what was missed"
