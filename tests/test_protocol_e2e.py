@@ -351,6 +351,36 @@ async def test_a_snapshot_taken_after_a_gap_is_not_told_of_it_again(
         assert client.gaps.empty()
 
 
+async def test_a_second_subscription_to_a_room_takes_nothing_from_the_first(
+    memory_feed: RunningFeed,
+) -> None:
+    """A client follows a room, then subscribes to it again with a snapshot (the libraries open
+    one server subscription per call). The catch-up left out what the new snapshot covers, but
+    the client's stream of the room is one: the first subscription lost those changes, and
+    after a snapshot a jump in numbers is expected, so nothing told it."""
+    db = source(memory_feed)
+    read = db.snapshot
+
+    async def write_then_read(address: Any, where: Any, limit: int) -> Any:
+        covered = db.write("public.orders", "insert", {"id": 2})  # the snapshot reflects it
+        await db.routed(covered.position)
+        return await read(address, where, limit)
+
+    async with feed_client(memory_feed.url) as client:
+        first = await client.subscribe("mem:public.orders")
+        db.write("public.orders", "insert", {"id": 1})
+        assert (await client.next_change())["seq"] == first["seq"] + 1
+        db.snapshot = write_then_read  # type: ignore[method-assign]
+        again = await client.subscribe("mem:public.orders", snapshot=True)
+        assert again["snapshot_keys"] == ["1", "2"]
+        db.write("public.orders", "insert", {"id": 3})
+        got = [await client.next_change(), await client.next_change()]
+    assert [(c["seq"], c["key"]) for c in got] == [
+        (first["seq"] + 2, 2),
+        (first["seq"] + 3, 3),
+    ]
+
+
 async def test_a_gap_while_a_snapshot_is_read_reaches_the_client_library(
     memory_feed: RunningFeed,
 ) -> None:

@@ -22,6 +22,7 @@ from feed.engine.mirror import Mirror
 from feed.engine.snapshots import SnapshotPlan
 from feed.engine.wire import one_line
 from feed.errors import ProtocolError
+from feed.routing.hub import CatchUp, shared_start
 
 
 class Resume(Delivery):
@@ -49,6 +50,7 @@ class Resume(Delivery):
             recovered = same_epoch and await self._holds_after(mirror, request.since)
             if recovered:
                 cursor = request.since
+        already, previous = sid in room.members, hub._catch_ups.get((sid, room.name))
         hub._join(sid, room)
         gaps = room.gaps
         ack: dict[str, Any] = {
@@ -79,7 +81,9 @@ class Resume(Delivery):
             )
             ack.update(fields)
             ack["seq"] = cursor
-        hub._spawn(self._catch_up(sid, mirror, cursor, plan, rest, gap, gaps))
+        filtered, start = shared_start(already, previous, cursor)
+        catch_up = self._catch_up(sid, mirror, start, plan if filtered else None, rest, gap, gaps)
+        hub._spawn(catch_up)
         return ack
 
     async def _holds_after(self, mirror: Mirror, since: int) -> bool:
@@ -118,7 +122,7 @@ class Resume(Delivery):
         hub = self.hub
         transport = hub.transport
         key = (sid, room.name)
-        token = hub._catch_ups[key] = object()
+        token = hub._catch_ups[key] = CatchUp(cursor)
         try:
             if chunks and transport is not None:
                 total = len(chunks) + 1
@@ -167,6 +171,7 @@ class Resume(Delivery):
                     if batch and transport is not None:
                         await transport.send_to(sid, "changes", batch)
                         hub.metrics.inc("feed_changes_replayed_total", len(batch))
+                    token.sent = cursor
                     continue
                 room.pending.discard(sid)
                 return

@@ -94,6 +94,27 @@ def room_name(
     return name
 
 
+class CatchUp:
+    """One member's catch-up under way, and how far it has sent the room's changes."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, sent: int) -> None:
+        self.sent = sent
+
+
+def shared_start(already: bool, previous: CatchUp | None, cursor: int) -> tuple[bool, int]:
+    """Whether a catch-up may leave out what the subscriber's snapshot covers, and where it
+    starts. A client that follows the room already (another of its subscriptions: the client
+    libraries open one per call) has one stream of the room for all of them: leaving out what
+    the new snapshot covers, or starting after what a catch-up it supersedes had sent, took
+    changes from the other subscription with no hole in its numbers to tell (right after a
+    snapshot a jump is expected), and its rows silently missed them."""
+    if not already:
+        return True, cursor
+    return False, cursor if previous is None else min(cursor, previous.sent)
+
+
 class Engine(Protocol):
     """What the hub asks of a cluster engine (feed.engine.redis.RedisEngine is the one there is).
 
@@ -147,7 +168,7 @@ class Hub:
         self._targets: dict[tuple[str, str], TargetRooms[Room]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
-        self._catch_ups: dict[tuple[str, str], object] = {}
+        self._catch_ups: dict[tuple[str, str], CatchUp] = {}
         self.budget = RoomBudget(per_identity=5000, total=50_000)
         """Row and filter rooms per identity and in all (feed.security.room_budget; [limits] sets
         it)."""
@@ -586,6 +607,7 @@ class Hub:
             recovered = same_epoch and room.holds_after(request.since)
             if recovered:
                 cursor = request.since
+        already, previous = sid in room.members, self._catch_ups.get((sid, room.name))
         self._join(sid, room)
         gaps = room.gaps
         ack: dict[str, Any] = {
@@ -628,7 +650,8 @@ class Hub:
             ack["seq"] = cursor
         # The ack goes out when this returns, before the catch-up task's first step: the rest of
         # the snapshot, then what the room got meanwhile, follow it in that order.
-        self._spawn(self._catch_up(sid, room, cursor, covers, rest, gap, gaps))
+        filtered, start = shared_start(already, previous, cursor)
+        self._spawn(self._catch_up(sid, room, start, covers if filtered else None, rest, gap, gaps))
         return ack
 
     def _send_to_room(self, room: Room, change: Change) -> None:
@@ -732,7 +755,7 @@ class Hub:
         A newer subscribe of the same client to the same room supersedes this one.
         """
         key = (sid, room.name)
-        token = self._catch_ups[key] = object()
+        token = self._catch_ups[key] = CatchUp(cursor)
         try:
             if chunks and self.transport is not None:
                 total = len(chunks) + 1
@@ -767,6 +790,7 @@ class Hub:
                 if batch and self.transport is not None:
                     await self.transport.send_to(sid, "changes", batch)
                     self.metrics.inc("feed_changes_replayed_total", len(batch))
+                token.sent = cursor
         except Exception:
             log.exception("catch-up for %s in %s failed", sid, room.name)
             room.pending.discard(sid)
