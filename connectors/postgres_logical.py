@@ -803,7 +803,7 @@ class LogicalReader:
                 continue
             if raw.op == "truncate":  # its partitions' new storage is no gap
                 c.partition_watch.truncated_whole.add(raw.target)
-            if (id(raw), 0) in images and images[(id(raw), 0)] is UNREADABLE:
+            if any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):
                 yield Gap(
                     c.name,
                     f"a change of {raw.target} was not delivered: a json value in it holds "
@@ -853,16 +853,15 @@ class LogicalReader:
                 # set aside (a gap, `_hand_on`), image by image, so that it does not stop the
                 # reader at this transaction for good, and the others go on.
                 rebuilt = []
-                for ref, image in items:
+                for _, image in items:
                     try:
                         rebuilt += await conn.fetch(
                             sql, [json.dumps(image)], timeout=self.c.query_timeout
                         )
                     except asyncpg.UntranslatableCharacterError:
                         rebuilt.append({"image": UNREADABLE})
-                        images[(ref[0], 0)] = UNREADABLE
             for (ref, _), row in zip(items, rebuilt, strict=True):
-                images.setdefault(ref, row["image"])
+                images[ref] = row["image"]
         return images
 
     async def _read_columns(

@@ -322,9 +322,7 @@ class FilterIndex(Generic[Room]):
             # the key had vanished, a MongoDB update without its document. Whether it still
             # matches is unknown, so the rooms holding it hear of it and go on holding it: the
             # removal that follows (or the next image) must reach them too.
-            held = self._held.get(key)
-            if held:
-                out.extend(room for name, room in held.items() if name not in now)
+            out.extend(self._held.get(key, {}).values())  # no filter matched: `now` is empty
         else:
             holders = self._held.pop(key, None)
             if holders:

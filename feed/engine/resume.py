@@ -50,8 +50,7 @@ class Resume(Delivery):
             recovered = same_epoch and await self._holds_after(mirror, request.since)
             if recovered:
                 cursor = request.since
-        already, previous = sid in room.members, hub._catch_ups.get((sid, room.name))
-        hub._join(sid, room)
+        already, previous = hub._join(sid, room)
         gaps = room.gaps
         ack: dict[str, Any] = {
             "ok": True,

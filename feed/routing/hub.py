@@ -607,8 +607,7 @@ class Hub:
             recovered = same_epoch and room.holds_after(request.since)
             if recovered:
                 cursor = request.since
-        already, previous = sid in room.members, self._catch_ups.get((sid, room.name))
-        self._join(sid, room)
+        already, previous = self._join(sid, room)
         gaps = room.gaps
         ack: dict[str, Any] = {
             "ok": True,
@@ -716,13 +715,18 @@ class Hub:
             target_rooms.add(room)
         return room
 
-    def _join(self, sid: str, room: Room) -> None:
-        """Enter the room as a pending member: live sends skip it until it is caught up."""
+    def _join(self, sid: str, room: Room) -> tuple[bool, CatchUp | None]:
+        """Enter the room as a pending member: live sends skip it until it is caught up.
+
+        Returns what `shared_start` needs: whether the client was in the room already, and
+        the catch-up under way for it there, if any."""
+        already, previous = sid in room.members, self._catch_ups.get((sid, room.name))
         room.join(sid)
         room.pending.add(sid)
         self.clients.setdefault(sid, set()).add(room.name)
         if self.transport is not None:
             self.transport.enter(sid, room.name)
+        return already, previous
 
     def _leave(self, sid: str, room: Room) -> None:
         room.leave(sid)
