@@ -890,6 +890,71 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
         assert name not in other.engine._mirrors
 
 
+async def test_a_room_whose_numbering_and_history_expire_apart_keeps_working(
+    redis_target: RedisTarget,
+) -> None:
+    """A room's numbering (meta) and history (stream) have TTLs of their own, set together but
+    refreshed at different moments (registering a room refreshes only its numbering). Each
+    expiry is played here by deleting the key, as Redis does when its TTL runs out: the history
+    first, then, while nobody follows the room, the numbering. The history made again must
+    expire (it did not: a stream kept for good), and the room's next subscriber must get its
+    changes: a new numbering beside an old history made every publish of the connector fail
+    (XADD's "ID ... equal or smaller"), for every room of the cluster, for good."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    admin, prefix = redis_target.admin, redis_target.prefix.rstrip(":")
+    name = "mem:public.orders?status=eq.paid"
+    meta, stream = f"{prefix}:room:{name}:meta", f"{prefix}:room:{name}:history"
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        table = await stack.enter_async_context(feed_client(other.url))
+        await subscribed(table, "mem:public.orders")
+        async with feed_client(other.url) as client:
+            await subscribed(client, "mem:public.orders", filter="status=eq.paid")
+            await wait_until(lambda: routes(reader.engine, name), 10, "the reader to route it")
+            memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+            assert (await client.next_change())["seq"] == 1
+            await admin.delete(stream)
+            memory(reader).write("public.orders", "insert", {"id": 2, "status": "paid"})
+            assert (await client.next_change())["seq"] == 2
+            remade_ttl = await admin.pttl(stream)
+        await wait_until(lambda: name not in other.hub.rooms, 10, "the node to drop the room")
+        await wait_until(lambda: not routes(reader.engine, name), 15, "the reader to drop it")
+        await admin.delete(meta)
+        async with feed_client(other.url) as client:
+            await subscribed(client, "mem:public.orders", filter="status=eq.paid")
+            await wait_until(lambda: routes(reader.engine, name), 10, "the reader to route it")
+            memory(reader).write("public.orders", "insert", {"id": 3, "status": "paid"})
+            change = await client.next_change()
+            assert (change["key"], change["seq"]) == (3, 1)
+        assert [c["key"] for c in await table.take(3)] == [1, 2, 3]
+        assert reader.hub.connectors["mem"].status.state == State.UP
+        assert remade_ttl > 0
+
+
+async def test_a_history_ahead_of_its_rooms_numbering_is_replaced_not_fatal(
+    redis_target: RedisTarget,
+) -> None:
+    """However a room's history came to hold entries past its numbering (another epoch's, left
+    by a numbering evicted under `allkeys-lru`, say), the publish that meets it replaces that
+    history instead of failing, and with it every other room of the call, for good."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    admin, prefix = redis_target.admin, redis_target.prefix.rstrip(":")
+    stream = f"{prefix}:room:mem:public.orders:history"
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        async with feed_client(other.url) as client:
+            await subscribed(client, "mem:public.orders")
+            memory(reader).write("public.orders", "insert", {"id": 1})
+            assert (await client.next_change())["seq"] == 1
+            await admin.xadd(stream, {"d": "{}"}, id="1000-1")
+            for i in (2, 3):
+                memory(reader).write("public.orders", "insert", {"id": i})
+            assert [c["seq"] for c in await client.take(2)] == [2, 3]
+        entries = await admin.xrange(stream)
+        assert [entry_id for entry_id, _ in entries] == [b"2-1", b"3-1"]
+        assert reader.hub.connectors["mem"].status.state == State.UP
+
+
 async def test_a_takeover_of_a_connector_that_cannot_resume_announces_a_gap(
     redis_target: RedisTarget,
 ) -> None:

@@ -109,7 +109,7 @@ class RoomRegistry(EngineCore):
         result = await self._script(
             "REGISTER",
             [self.registry_key(room.connector), self.live_key(room.connector),
-             self.meta_key(room.name)],
+             self.meta_key(room.name), self.stream_key(room.name)],
             [room.name, dumps(spec), expiry, secrets.token_hex(8), self.ttl_ms, self.control],
         )  # fmt: skip
         epoch, seq, gap = result

@@ -110,8 +110,29 @@ if trim then
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-local epochs, first, seqs, runs = {}, {}, {}, {}
+local epochs, first, seqs, runs, remade = {}, {}, {}, {}, {}
 local out = {}
+-- A room's first entry of the call goes in with NOMKSTREAM, which says when its history is
+-- gone: a history that expired before its numbering (registering refreshes only the numbering)
+-- is made again here and must expire with it. A history holding ids past the numbering is
+-- another epoch's (its numbering was evicted, say): it is replaced, since XADD would refuse
+-- this call, and so every room of the connector, for good.
+local function append(r, stream, seq, payload)
+  local id = seq .. '-1'
+  if first[r] ~= seq then
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], id, 'd', payload)
+    return
+  end
+  local added = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], id, 'd', payload)
+  if type(added) == 'table' and added.err then
+    redis.call('DEL', stream)
+    added = false
+  end
+  if not added then
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], id, 'd', payload)
+    remade[r] = true
+  end
+end
 for c = 1, n do
   local base, k = changes[c][1], changes[c][2]
   for j = 1, k do
@@ -135,7 +156,7 @@ for c = 1, n do
       local seq = seqs[r] + 1
       seqs[r] = seq
       local payload = ARGV[base + 2 + 2 * j]
-      redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', payload)
+      append(r, stream, seq, payload)
       runs[r][#runs[r] + 1] = payload
       out[#out + 1] = seq
     end
@@ -145,7 +166,7 @@ for r = 1, rooms do
   if epochs[r] then
     local meta, stream = KEYS[2 * r + 1], KEYS[2 * r + 2]
     redis.call('HSET', meta, 'seq', seqs[r])
-    if trim or math.floor((first[r] - 2) / 64) ~= math.floor((seqs[r] - 1) / 64) then
+    if trim or remade[r] or math.floor((first[r] - 2) / 64) ~= math.floor((seqs[r] - 1) / 64) then
       redis.call('PEXPIRE', meta, ARGV[4])
       redis.call('PEXPIRE', stream, ARGV[4])
     end
@@ -159,13 +180,15 @@ return out
 """
 
 REGISTER = """
--- KEYS: registry hash, live zset, meta. ARGV: room name, spec, expiry ms, candidate epoch, ttl,
--- control channel. Registers a followed room, tells the reader (one round trip for both), and
--- returns {epoch, seq, gap} of its history.
+-- KEYS: registry hash, live zset, meta, history. ARGV: room name, spec, expiry ms, candidate
+-- epoch, ttl, control channel. Registers a followed room, tells the reader (one round trip for
+-- both), and returns {epoch, seq, gap} of its history. A new numbering starts a new epoch, so
+-- a history left from an earlier one (it outlived its numbering) is not this epoch's.
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[1])
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[4]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
+  redis.call('DEL', KEYS[4])
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[6], '{"t":"room","spec":' .. ARGV[2] .. '}')
