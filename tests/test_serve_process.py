@@ -83,6 +83,30 @@ async def test_sigterm_disconnects_clients_and_exits_cleanly(tmp_path: Path) -> 
             await process.wait()
 
 
+async def test_ctrl_c_stops_like_sigterm_and_exits_0(tmp_path: Path) -> None:
+    """docs/operations.md: SIGINT and SIGTERM alike stop the feed cleanly, exit 0. Ctrl-C ended
+    with 130 (uvicorn re-raises the signal after its graceful stop, Python's default handler
+    turned it into KeyboardInterrupt), so a service manager stopping the feed with SIGINT, or a
+    script running it, saw a failure after a clean stop."""
+    process, port = await serve(tmp_path)
+    assert process.stderr is not None
+    try:
+        client = await FeedClient().connect(f"http://127.0.0.1:{port}")
+        disconnected = asyncio.Event()
+        client.sio.on("disconnect", lambda *args: disconnected.set())
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(disconnected.wait(), 15)
+        rest = await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert b"Traceback" not in rest
+        assert b"Application shutdown complete" in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def test_a_busy_port_is_one_line_and_exit_1_before_any_source_is_reached(
     tmp_path: Path,
 ) -> None:

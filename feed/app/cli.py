@@ -147,9 +147,11 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
         log_level=config.server.log_level,
         timeout_graceful_shutdown=10,
     )
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
-    # was installed before it; make that a clean exit, as service managers expect.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # uvicorn shuts down gracefully on SIGTERM and SIGINT, then re-raises the signal with the
+    # handler that was installed before it; make that a clean exit, as service managers expect
+    # (Python's own SIGINT handler turned a clean Ctrl-C stop into KeyboardInterrupt, exit 130).
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda signum, frame: sys.exit(0))
     FeedServer(uvicorn_config).run()
 
 
