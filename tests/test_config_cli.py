@@ -43,6 +43,7 @@ def test_interpolation_and_defaults() -> None:
         ("[server\nport=1", "feed.toml: not valid TOML"),
         ("[server]\nport = 'x'", "feed.toml: server.port: must be a whole number"),
         ("[server]\nport = 70000", "feed.toml: server.port: must be at most 65535"),
+        ("[server]\nhost = '${HOST:-}'", "feed.toml: server.host: must be an address to listen on"),
         (
             "[server]\nprot = 1",
             "feed.toml: server.prot: is not a known setting here (did you mean 'port'? known:",
@@ -157,3 +158,52 @@ def test_every_option_of_every_command_has_help_text() -> None:
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"feed {name} {'/'.join(action.option_strings) or action.dest}"
+
+
+MEMORY = "[[connectors]]\nname='mem'\ntype='memory'\ntargets=['public.orders']\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # The socket layer took 70000 modulo 65536: the feed listened on 4464, logging 70000.
+        (["serve", "--port", "70000"], "argument --port: 70000 is not a port number (0 to 65535)"),
+        (["demo", "--port", "-1"], "argument --port: -1 is not a port number (0 to 65535)"),
+        # Ignored before: the user believed a forced prune had been asked for.
+        (["migrate", "--force"], "feed: migrate --force only goes with --prune"),
+        (["hash-token", "--generate", "mytoken"], "feed: give a token to hash or --generate"),
+    ],
+)
+def test_cli_options_that_cannot_work_are_refused_with_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    with_config = ["--config", str(config)] if args[0] in ("serve", "migrate") else []
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "feed", *args, *with_config],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"feed {' '.join(args)} ran instead of refusing") from exc
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_an_address_of_another_machine_says_to_change_the_host(tmp_path: Path) -> None:
+    """192.0.2.1 (TEST-NET-1) is nobody's address here: the hint named --port, which cannot
+    help."""
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    result = run_feed("serve", "--config", str(config), "--host", "192.0.2.1", "--port", "8000")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "feed: cannot listen on 192.0.2.1:8000 (Cannot assign requested address); pass --host "
+        "with an address of this machine (127.0.0.1, or 0.0.0.0 for all of them), or change "
+        "[server] host"
+    ]

@@ -136,6 +136,8 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=3600),
     )
     server_opts.finish()
+    if not server.host:  # `${HOST:-}` or `host = ""`: getaddrinfo's "unknown host" named no key
+        server_opts.fail("host", 'must be an address to listen on, like "127.0.0.1" or "0.0.0.0"')
 
     entries = top._get("connectors", [], False)
     if not isinstance(entries, list):
