@@ -84,6 +84,16 @@ def test_interpolation_and_defaults() -> None:
             "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['${NOPE}']",
             "feed.toml: connectors[0].targets[0]: environment variable NOPE is not set",
         ),
+        # Both were left as they stand, so the connector got '${DATABASE_URL' as its address.
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['${TABLE']",
+            "feed.toml: connectors[0].targets[0]: '${TABLE' is not an environment reference: "
+            "write ${NAME} or ${NAME:-default}",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['a.${MY TABLE}']",
+            "feed.toml: connectors[0].targets[0]: '${MY TABLE}' is not an environment reference",
+        ),
         ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
         (
             "[auth]\noperator_role = ['oncall']",
