@@ -37,6 +37,9 @@ def test_interpolation_and_defaults() -> None:
     assert connector.targets()[0] == "public.fallback"
 
 
+PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = ['public.orders']"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -94,6 +97,37 @@ def test_interpolation_and_defaults() -> None:
             "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['a.${MY TABLE}']",
             "feed.toml: connectors[0].targets[0]: '${MY TABLE}' is not an environment reference",
         ),
+        # A dsn asyncpg can never use: `feed check` said "cannot connect: invalid DSN ... got ''"
+        # or "[Errno 2] No such file or directory", and `feed serve` retried it forever.
+        (
+            PG.format(dsn="mysql://u:secret@h/db"),
+            "feed.toml: connectors[0].dsn: must be a postgresql:// URL "
+            "(postgresql://user:password@host:5432/db), and this is a mysql:// URL",
+        ),
+        (
+            PG.format(dsn="$DATABASE_URL"),
+            "feed.toml: connectors[0].dsn: is '$DATABASE_URL': to read the environment variable "
+            "write ${DATABASE_URL}",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h:54e2/db"),
+            "feed.toml: connectors[0].dsn: has port '54e2', which is not a number",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslmode=verify_full"),
+            "feed.toml: connectors[0].dsn: sslmode=verify_full is not one of disable, allow, "
+            "prefer, require, verify-ca, verify-full",
+        ),
+        (
+            PG.format(
+                dsn="postgresql://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+            ),
+            "feed.toml: connectors[0].dsn: sslrootcert=/nonexistent/ca.pem: no such file",
+        ),
+        (
+            PG.format(dsn="postgresql://u@[::1]:5432/db?sslcert=/nonexistent/me.crt"),
+            "feed.toml: connectors[0].dsn: sslcert=/nonexistent/me.crt: no such file",
+        ),
         ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
         (
             "[auth]\noperator_role = ['oncall']",
@@ -108,6 +142,20 @@ def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+    assert "secret" not in message  # a password in a dsn is never shown
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:p@h:5432/db",
+        "postgres://h1:5432,h2:5433/db?sslmode=disable&sslcert=/nonexistent/ignored.crt",
+        "postgresql:///db?host=/var/run/postgresql",
+        "postgresql://u@[::1]/db?sslmode=prefer&sslrootcert=/nonexistent/optional.crt",
+    ],
+)
+def test_dsns_asyncpg_takes_are_accepted(dsn: str) -> None:
+    parse_config(PG.format(dsn=dsn), "feed.toml", {})
 
 
 def test_third_party_connector_by_import_path() -> None:
