@@ -162,8 +162,10 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
 
     from feed.app.server import FeedApp, FeedServer
 
-    app = FeedApp(config, host=host or config.server.host)
+    # Before the app is built: it logs (the authentication line) as it starts, and with
+    # log_level = "warning" that INFO line was printed anyway.
     logging.getLogger().setLevel(config.server.log_level.upper())
+    app = FeedApp(config, host=host or config.server.host)
     uvicorn_config = app.uvicorn_config(
         host or config.server.host,
         config.server.port if port is None else port,
