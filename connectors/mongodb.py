@@ -26,10 +26,12 @@ import base64
 import contextlib
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from bson import Decimal128, ObjectId, json_util
 from bson.errors import BSONError
@@ -91,6 +93,9 @@ class MongoConnector(Connector):
 
     def configure(self, options: Options) -> None:
         self.uri: str = options.str("uri", required=True)
+        problem = uri_problem(self.uri)
+        if problem is not None:
+            options.fail("uri", problem)
         raw_watch = options.raw.get("watch")
         if isinstance(raw_watch, str):
             names = [options.str("watch", required=True)]
@@ -605,6 +610,32 @@ class MongoConnector(Connector):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).split(", full error:")[0]
     return " ".join(text.split())[:300]
+
+
+TLS_FILES = ("tlscafile", "tlscertificatekeyfile", "tlscrlfile")
+
+
+def uri_problem(uri: str) -> str | None:
+    """What is wrong with `uri` before connecting, or None: a config error, not a connector
+    that `feed serve` starts and retries forever. `mongodb+srv://` is left to the connection:
+    parsing it asks DNS."""
+    if uri.startswith("mongodb+srv://"):
+        return None
+    if not uri.startswith("mongodb://"):
+        if uri.startswith("$") and uri[1:].isidentifier():
+            return f"is {uri!r}: to read the environment variable write ${{{uri[1:]}}}"
+        scheme = uri.partition("://")[0] + "://" if "://" in uri else "not a URI"
+        return f"must be a mongodb:// or mongodb+srv:// URI, and this is {scheme}"
+    query = uri.partition("?")[2]
+    for part in query.split("&"):
+        name, _, path = part.partition("=")
+        if name.lower() in TLS_FILES and path and not os.path.isfile(unquote(path)):
+            return f"{name}={unquote(path)}: no such file; give the path of an existing file"
+    try:
+        parse_uri(uri)
+    except (InvalidURI, ConfigurationError, ValueError, OSError) as exc:
+        return f"invalid MongoDB uri: {_uri_problem(uri, exc)}"
+    return None
 
 
 def _uri_problem(uri: str, exc: BaseException) -> str:

@@ -47,6 +47,7 @@ from connectors.postgres_capture import (
     partitions,
     trigger_names,
 )
+from connectors.postgres_dsn import dsn_problem
 from connectors.postgres_filters import check_filter, pushdown
 from connectors.postgres_migrate import (
     LOCK_CLASS,
@@ -199,6 +200,9 @@ class PostgresConnector(Connector):
 
     def configure(self, options: Options) -> None:
         self.dsn: str = options.str("dsn", required=True)
+        problem = dsn_problem(self.dsn)
+        if problem is not None:
+            options.fail("dsn", problem)
         self.tables: list[str] = options.str_list("tables", required=True)
         self._known = frozenset(self.tables)
         self.targets_by_table: dict[str, tuple[str, str]] = {}

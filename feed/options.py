@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -129,3 +130,23 @@ class Options:
         spare = [k for k in self.raw if isinstance(k, str) and k not in self._used]
         close = difflib.get_close_matches(key, spare, n=1)
         return close[0] if close else None
+
+
+REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+REDIS_CERT_REQS = ("none", "optional", "required")
+
+
+def redis_url_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None:
+    """What is known wrong in a Redis URL's parsed query before connecting, or None.
+
+    A missing `ssl_ca_certs` file was reported at connect time as "Error 2 connecting to
+    host:6379. No such file or directory", which reads as an unreachable server.
+    """
+    for name in REDIS_TLS_FILES:
+        path = params.get(name)
+        if isinstance(path, builtins.str) and not os.path.isfile(os.path.expanduser(path)):
+            return f"{name}={path}: no such file; give the path of an existing file"
+    reqs = params.get("ssl_cert_reqs")
+    if isinstance(reqs, builtins.str) and reqs.lower() not in REDIS_CERT_REQS:
+        return f"ssl_cert_reqs={reqs} is not one of {', '.join(REDIS_CERT_REQS)}"
+    return None

@@ -835,6 +835,12 @@ async def test_a_stale_fencing_token_cannot_publish(
     [
         ("prefix = 'x'", "cluster.url", "is required"),
         ("url = 'http://redis:6379'", "cluster.url", "redis://host:6379/0"),
+        ("url = 'redis:/:secret@r:6379'", "cluster.url", "is not a Redis URL (no scheme)"),
+        (
+            "url = 'rediss://r:6379?ssl_ca_certs=/nonexistent/ca.pem'",
+            "cluster.url",
+            "ssl_ca_certs=/nonexistent/ca.pem: no such file",
+        ),
         ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "at least 0.5"),
         ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
         ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),
@@ -852,7 +858,7 @@ def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) ->
         parse_config(text, "feed.toml", {})
     message = str(caught.value)
     assert message.startswith(f"feed.toml: {key}: ") and fix in message
-    assert "\n" not in message
+    assert "\n" not in message and "secret" not in message
 
 
 def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:

@@ -37,12 +37,16 @@ def test_interpolation_and_defaults() -> None:
     assert connector.targets()[0] == "public.fallback"
 
 
+PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = ['public.orders']"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("[server\nport=1", "feed.toml: not valid TOML"),
         ("[server]\nport = 'x'", "feed.toml: server.port: must be a whole number"),
         ("[server]\nport = 70000", "feed.toml: server.port: must be at most 65535"),
+        ("[server]\nhost = '${HOST:-}'", "feed.toml: server.host: must be an address to listen on"),
         (
             "[server]\nprot = 1",
             "feed.toml: server.prot: is not a known setting here (did you mean 'port'? known:",
@@ -83,6 +87,47 @@ def test_interpolation_and_defaults() -> None:
             "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['${NOPE}']",
             "feed.toml: connectors[0].targets[0]: environment variable NOPE is not set",
         ),
+        # Both were left as they stand, so the connector got '${DATABASE_URL' as its address.
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['${TABLE']",
+            "feed.toml: connectors[0].targets[0]: '${TABLE' is not an environment reference: "
+            "write ${NAME} or ${NAME:-default}",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['a.${MY TABLE}']",
+            "feed.toml: connectors[0].targets[0]: '${MY TABLE}' is not an environment reference",
+        ),
+        # A dsn asyncpg can never use: `feed check` said "cannot connect: invalid DSN ... got ''"
+        # or "[Errno 2] No such file or directory", and `feed serve` retried it forever.
+        (
+            PG.format(dsn="mysql://u:secret@h/db"),
+            "feed.toml: connectors[0].dsn: must be a postgresql:// URL "
+            "(postgresql://user:password@host:5432/db), and this is a mysql:// URL",
+        ),
+        (
+            PG.format(dsn="$DATABASE_URL"),
+            "feed.toml: connectors[0].dsn: is '$DATABASE_URL': to read the environment variable "
+            "write ${DATABASE_URL}",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h:54e2/db"),
+            "feed.toml: connectors[0].dsn: has port '54e2', which is not a number",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslmode=verify_full"),
+            "feed.toml: connectors[0].dsn: sslmode=verify_full is not one of disable, allow, "
+            "prefer, require, verify-ca, verify-full",
+        ),
+        (
+            PG.format(
+                dsn="postgresql://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+            ),
+            "feed.toml: connectors[0].dsn: sslrootcert=/nonexistent/ca.pem: no such file",
+        ),
+        (
+            PG.format(dsn="postgresql://u@[::1]:5432/db?sslcert=/nonexistent/me.crt"),
+            "feed.toml: connectors[0].dsn: sslcert=/nonexistent/me.crt: no such file",
+        ),
         ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
         (
             "[auth]\noperator_role = ['oncall']",
@@ -97,6 +142,20 @@ def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+    assert "secret" not in message  # a password in a dsn is never shown
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:p@h:5432/db",
+        "postgres://h1:5432,h2:5433/db?sslmode=disable&sslcert=/nonexistent/ignored.crt",
+        "postgresql:///db?host=/var/run/postgresql",
+        "postgresql://u@[::1]/db?sslmode=prefer&sslrootcert=/nonexistent/optional.crt",
+    ],
+)
+def test_dsns_asyncpg_takes_are_accepted(dsn: str) -> None:
+    parse_config(PG.format(dsn=dsn), "feed.toml", {})
 
 
 def test_third_party_connector_by_import_path() -> None:
@@ -157,3 +216,52 @@ def test_every_option_of_every_command_has_help_text() -> None:
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"feed {name} {'/'.join(action.option_strings) or action.dest}"
+
+
+MEMORY = "[[connectors]]\nname='mem'\ntype='memory'\ntargets=['public.orders']\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # The socket layer took 70000 modulo 65536: the feed listened on 4464, logging 70000.
+        (["serve", "--port", "70000"], "argument --port: 70000 is not a port number (0 to 65535)"),
+        (["demo", "--port", "-1"], "argument --port: -1 is not a port number (0 to 65535)"),
+        # Ignored before: the user believed a forced prune had been asked for.
+        (["migrate", "--force"], "feed: migrate --force only goes with --prune"),
+        (["hash-token", "--generate", "mytoken"], "feed: give a token to hash or --generate"),
+    ],
+)
+def test_cli_options_that_cannot_work_are_refused_with_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    with_config = ["--config", str(config)] if args[0] in ("serve", "migrate") else []
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "feed", *args, *with_config],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"feed {' '.join(args)} ran instead of refusing") from exc
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_an_address_of_another_machine_says_to_change_the_host(tmp_path: Path) -> None:
+    """192.0.2.1 (TEST-NET-1) is nobody's address here: the hint named --port, which cannot
+    help."""
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    result = run_feed("serve", "--config", str(config), "--host", "192.0.2.1", "--port", "8000")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "feed: cannot listen on 192.0.2.1:8000 (Cannot assign requested address); pass --host "
+        "with an address of this machine (127.0.0.1, or 0.0.0.0 for all of them), or change "
+        "[server] host"
+    ]

@@ -68,10 +68,32 @@ def test_watch_accepts_a_single_name_or_a_list() -> None:
     assert build(uri="mongodb://h/", watch=["a.b", "c"]).targets() == ["a.b", "c"]
 
 
-@pytest.mark.parametrize("uri", ["http://example.com/", "mongodb://", "mongodb://h/?w=banana&x=1"])
-async def test_bad_uri(uri: str) -> None:
-    message = await start_error(build(uri=uri, watch="shop.orders"))
-    assert message.startswith("invalid MongoDB uri:")
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        ("http://example.com/", "must be a mongodb:// or mongodb+srv:// URI, and this is http://"),
+        ("$MONGODB_URL", "to read the environment variable write ${MONGODB_URL}"),
+        ("mongodb://", "invalid MongoDB uri:"),
+        ("mongodb://h/?w=banana&x=1", "invalid MongoDB uri:"),
+        ("mongodb://h/?replicaSett=rs0", "invalid MongoDB uri: unknown option 'replicaSett'"),
+        # Reported when the connector started, as "[Errno 2] The tlscafile file is not
+        # readable" naming no path, and `feed serve` retried it forever.
+        (
+            "mongodb://u:secret@h/?tls=true&tlsCAFile=/nonexistent/ca.pem",
+            "tlsCAFile=/nonexistent/ca.pem: no such file",
+        ),
+    ],
+)
+def test_a_uri_that_cannot_work_is_a_config_error(uri: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(uri=uri, watch="shop.orders")
+    assert caught.value.key == "connectors.shop.uri"
+    assert words in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_an_srv_uri_is_left_to_the_connection() -> None:
+    """Parsing mongodb+srv:// asks DNS: not at config time."""
+    assert build(uri="mongodb+srv://cluster0.invalid/", watch="shop").targets() == ["shop"]
 
 
 async def test_unreachable_server() -> None:

@@ -27,6 +27,20 @@ def make(**table: object) -> RedisConnector:
     [
         ({"url": "http://x"}, "connectors[0].url: is not a Redis URL"),
         ({"url": "redis://"}, "connectors[0].url: names no host"),
+        # Reported when connecting, as "Error 2 connecting to 127.0.0.1:6379. No such file or
+        # directory": an unreachable server, it read, and `feed serve` retried it forever.
+        (
+            {"url": "rediss://h:6379/0?ssl_ca_certs=/nonexistent/ca.pem"},
+            "connectors[0].url: ssl_ca_certs=/nonexistent/ca.pem: no such file",
+        ),
+        (
+            {"url": "rediss://h:6379/0?ssl_certfile=/nonexistent/me.crt"},
+            "connectors[0].url: ssl_certfile=/nonexistent/me.crt: no such file",
+        ),
+        (
+            {"url": "rediss://h:6379/0?ssl_cert_reqs=strict"},
+            "connectors[0].url: ssl_cert_reqs=strict is not one of none, optional, required",
+        ),
         ({"patterns": []}, "connectors[0].patterns: must list at least one entry"),
         ({"patterns": ["session:[ab"]}, "unclosed '['"),
         ({"patterns": [" a*"]}, "leading or trailing whitespace"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -77,6 +78,71 @@ async def test_sigterm_disconnects_clients_and_exits_cleanly(tmp_path: Path) -> 
         assert await asyncio.wait_for(process.wait(), 15) == 0
         assert b"Traceback" not in rest
         assert b"Application shutdown complete" in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_ctrl_c_stops_like_sigterm_and_exits_0(tmp_path: Path) -> None:
+    """docs/operations.md: SIGINT and SIGTERM alike stop the feed cleanly, exit 0. Ctrl-C ended
+    with 130 (uvicorn re-raises the signal after its graceful stop, Python's default handler
+    turned it into KeyboardInterrupt), so a service manager stopping the feed with SIGINT, or a
+    script running it, saw a failure after a clean stop."""
+    process, port = await serve(tmp_path)
+    assert process.stderr is not None
+    try:
+        client = await FeedClient().connect(f"http://127.0.0.1:{port}")
+        disconnected = asyncio.Event()
+        client.sio.on("disconnect", lambda *args: disconnected.set())
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(disconnected.wait(), 15)
+        rest = await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert b"Traceback" not in rest
+        assert b"Application shutdown complete" in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_log_level_warning_prints_no_info_line(tmp_path: Path) -> None:
+    """`[server] log_level = "warning"`: the authentication line (INFO, logged as the app is
+    built) was printed before the level was set."""
+
+    async def start(port: int) -> tuple[asyncio.subprocess.Process, int]:
+        config = tmp_path / "feed.toml"
+        config.write_text(f"[server]\nport = {port}\nlog_level = 'warning'\n\n{MEMORY}")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve", "--config", str(config),
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        try:
+            async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+                while True:  # nothing is logged at this level: wait for it to answer
+                    if process.returncode is not None:
+                        raise PortTaken(f"port {port}: the server exited")
+                    with contextlib.suppress(aiohttp.ClientConnectionError):
+                        async with http.get(f"http://127.0.0.1:{port}/healthz") as answer:
+                            if answer.status == 200:
+                                return process, port
+                    await asyncio.sleep(0.05)
+        except BaseException:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            raise
+
+    process, _ = await on_free_port(start)
+    assert process.stderr is not None
+    try:
+        process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert b" INFO " not in rest and b"INFO:" not in rest, rest.decode()
     finally:
         if process.returncode is None:
             process.kill()

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
     serve.add_argument("--host", help="address to listen on (overrides [server] host)")
-    serve.add_argument("--port", type=int, help="port to listen on (overrides [server] port)")
+    serve.add_argument(
+        "--port", type=port_number, help="port to listen on (overrides [server] port)"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     check = commands.add_parser("check", help="validate the config and reach every source")
@@ -114,10 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on, loopback only (127.0.0.1)"
     )
     demo.add_argument(
-        "--port", type=int, default=8000, help="port for the dashboard and Socket.IO (8000)"
+        "--port",
+        type=port_number,
+        default=8000,
+        help="port for the dashboard and Socket.IO (8000)",
     )
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def port_number(text: str) -> int:
+    """`--port`: 0 to 65535. The socket layer takes a larger number modulo 65536, so
+    `--port 70000` listened on 4464 while the log said 70000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0 to 65535)")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -127,7 +144,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     try:  # before connecting to any source: a busy port is one line, not a traceback
-        check_port_free(host, port, fix="pass --port with a free port, or change [server] port")
+        check_port_free(
+            host,
+            port,
+            fix="pass --port with a free port, or change [server] port",
+            host_fix="pass --host with an address of this machine (127.0.0.1, or 0.0.0.0 for "
+            "all of them), or change [server] host",
+        )
     except PortInUse as exc:
         print(f"feed: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
@@ -139,23 +162,30 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
 
     from feed.app.server import FeedApp, FeedServer
 
-    app = FeedApp(config, host=host or config.server.host)
+    # Before the app is built: it logs (the authentication line) as it starts, and with
+    # log_level = "warning" that INFO line was printed anyway.
     logging.getLogger().setLevel(config.server.log_level.upper())
+    app = FeedApp(config, host=host or config.server.host)
     uvicorn_config = app.uvicorn_config(
         host or config.server.host,
         config.server.port if port is None else port,
         log_level=config.server.log_level,
         timeout_graceful_shutdown=10,
     )
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
-    # was installed before it; make that a clean exit, as service managers expect.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # uvicorn shuts down gracefully on SIGTERM and SIGINT, then re-raises the signal with the
+    # handler that was installed before it; make that a clean exit, as service managers expect
+    # (Python's own SIGINT handler turned a clean Ctrl-C stop into KeyboardInterrupt, exit 130).
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda signum, frame: sys.exit(0))
     FeedServer(uvicorn_config).run()
 
 
 def cmd_hash_token(args: argparse.Namespace) -> int:
     from feed.security.auth import hash_token, new_token
 
+    if args.generate and args.token is not None:
+        print("feed: give a token to hash or --generate a new one, not both", file=sys.stderr)
+        return EXIT_USAGE
     if args.generate:
         token = new_token()
         print(f"token:  {token}")
@@ -206,6 +236,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.force and not args.prune:  # it would be ignored: say so before changing anything
+        print(
+            "feed: migrate --force only goes with --prune (it detaches tables even while a "
+            "running feed reads the connector); add --prune, or leave --force out",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     config = load_config(args.config)
     connectors = config.build_connectors()
 

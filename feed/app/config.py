@@ -103,6 +103,15 @@ def _interpolate(value: Any, env: Any, key: str) -> Any:
                 key=key,
             )
 
+        for start in (m.start() for m in re.finditer(r"\$\{", value)):
+            if not ENV_PATTERN.match(value, start):  # `${DATABASE URL}`, an unclosed `${X`
+                end = value.find("}", start)
+                shown = value[start : end + 1 if end >= 0 else start + 40]
+                raise ConfigError(
+                    f"{shown!r} is not an environment reference: write ${{NAME}} or "
+                    "${NAME:-default}, NAME being letters, digits and _",
+                    key=key,
+                )
         return ENV_PATTERN.sub(replace, value)
     if isinstance(value, dict):
         return {k: _interpolate(v, env, f"{key}.{k}" if key else k) for k, v in value.items()}
@@ -136,6 +145,8 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=3600),
     )
     server_opts.finish()
+    if not server.host:  # `${HOST:-}` or `host = ""`: getaddrinfo's "unknown host" named no key
+        server_opts.fail("host", 'must be an address to listen on, like "127.0.0.1" or "0.0.0.0"')
 
     entries = top._get("connectors", [], False)
     if not isinstance(entries, list):

@@ -8,6 +8,7 @@ taken between this check and uvicorn's bind still fails, as uvicorn reports it.
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from feed.errors import FeedError
@@ -17,8 +18,18 @@ class PortInUse(FeedError):
     """The host and port cannot be listened on; the message says which and what to do."""
 
 
-def check_port_free(host: str, port: int, *, fix: str = "pass --port with a free port") -> None:
-    """Raise PortInUse (one line, naming the address and `fix`) when host:port cannot be bound."""
+def check_port_free(
+    host: str,
+    port: int,
+    *,
+    fix: str = "pass --port with a free port",
+    host_fix: str = "pass --host with an address of this machine",
+) -> None:
+    """Raise PortInUse (one line, naming the address and the fix) when host:port cannot be bound.
+
+    A port in use gets `fix`; a host that is not this machine's (an unknown name, another
+    machine's address) gets `host_fix`: another port would not help there.
+    """
     if port == 0:
         return
     try:
@@ -26,10 +37,13 @@ def check_port_free(host: str, port: int, *, fix: str = "pass --port with a free
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except (socket.gaierror, UnicodeError) as exc:
-        raise PortInUse(f"cannot listen on {host}:{port} (unknown host: {exc})") from None
+        raise PortInUse(
+            f"cannot listen on {host}:{port} (unknown host: {exc}); {host_fix}"
+        ) from None
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
         except OSError as exc:
-            raise PortInUse(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from None
+            hint = host_fix if exc.errno == errno.EADDRNOTAVAIL else fix
+            raise PortInUse(f"cannot listen on {host}:{port} ({exc.strerror}); {hint}") from None

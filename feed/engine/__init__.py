@@ -18,7 +18,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from feed.options import Options
+from feed.options import Options, redis_url_problem
 
 PUBLISH_INTERVAL = 0.005
 """The default `publish_interval` (Kafka's producer has waited as long since 4.0): at 1,000
@@ -59,7 +59,18 @@ def parse_cluster(top: Options, replay_buffer: int) -> ClusterConfig | None:
     opts = top.table("cluster")
     url = opts.str("url", required=True)
     if not url.startswith(("redis://", "rediss://", "unix://", "valkey://", "valkeys://")):
-        opts.fail("url", f"{url!r} is not a Redis URL; write redis://host:6379/0")
+        # Not the URL itself: a password in it must not reach the terminal or the logs.
+        scheme = url.partition("://")[0] + "://" if "://" in url else "no scheme"
+        opts.fail("url", f"is not a Redis URL ({scheme}); write redis://host:6379/0")
+    from redis.asyncio.connection import parse_url
+
+    try:
+        as_redis = url.replace("valkey", "redis", 1) if url.startswith("valkey") else url
+        problem = redis_url_problem(parse_url(as_redis))
+    except ValueError as exc:
+        problem = f"is not a Redis URL ({exc}); write redis://host:6379/0"
+    if problem is not None:
+        opts.fail("url", problem)
     prefix = opts.str("prefix", "dbfeed")
     if not PREFIX_PATTERN.match(prefix):
         opts.fail("prefix", f"{prefix!r} must be 1-64 letters, digits or _ . : -")
