@@ -64,6 +64,10 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+POLL_PACKETS = 16
+"""Packets in one long-polling answer at most: python-engineio's client (and so the Python
+client library over polling) refuses more, and python-engineio's server, more in a POST."""
+
 POLL_CLOSE_WAIT = 2.0
 """Seconds a closing long-polling socket waits for its client to take what is queued."""
 
@@ -74,6 +78,20 @@ _PING.encode()
 _CLOSE = eio_packet.Packet(eio_packet.CLOSE)
 _CLOSE.encode()
 _NOOP = eio_packet.Packet(eio_packet.NOOP)
+
+
+class PollPayload(eio_payload.Payload):  # type: ignore[misc]
+    """A long-polling POST's packets, as many as its body holds.
+
+    python-engineio refuses a payload of more than 16 packets (and the session with it), but
+    Engine.IO clients put everything they have queued into one POST: socket.io-client (and
+    python-engineio's own client) sending 30 subscribes at once, or resubscribing 30 rooms
+    after a reconnect, were cut off with "transport error", reconnected, and were cut off
+    again. The body is already bounded by `max_message_bytes`, as a websocket message is, and
+    each request in it is rate-limited like one sent over a websocket.
+    """
+
+    max_decode_packets = 2**31
 
 
 class Backlog:
@@ -406,6 +424,37 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             # rather than leaving it, and the client's disconnect, to the poll timeout.
             self.queue.put_nowait(None)
 
+    async def poll(self) -> list[Any]:
+        """Engine.IO's poll: wait for a packet, then answer with what waits, at most
+        POLL_PACKETS of them; the client polls again at once for the rest.
+
+        python-engineio's client (under python-socketio, and so `dbfeed_client` with the
+        polling transport) refuses an answer of more than 16 packets and drops its connection
+        ("Unexpected packet from server"): a burst of changes for several rooms, or many acks,
+        between two polls cut it off.
+        """
+        try:
+            first = await asyncio.wait_for(
+                self.queue.get(), self.server.ping_interval + self.server.ping_timeout
+            )
+            self.queue.task_done()
+        except (TimeoutError, asyncio.CancelledError):
+            raise eio_exceptions.QueueEmpty() from None
+        if first is None:
+            return []
+        packets = [first]
+        while len(packets) < POLL_PACKETS:
+            try:
+                pkt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self.queue.task_done()
+            if pkt is None:
+                self.queue.put_nowait(None)  # the end, for the next poll
+                break
+            packets.append(pkt)
+        return packets
+
     async def end_polling(self) -> bool:
         """At shutdown: a long-polling session ends now, its waiting poll answered (a NOOP),
         the next one refused, so the client reconnects (to another node) as a websocket client
@@ -428,7 +477,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             raise eio_exceptions.ContentTooLongError()
         body = await environ["wsgi.input"].read(length)
         try:
-            packets = eio_payload.Payload(encoded_payload=body.decode("utf-8")).packets
+            packets = PollPayload(encoded_payload=body.decode("utf-8")).packets
             problem = next(
                 (
                     f"unknown packet type {p.packet_type}"

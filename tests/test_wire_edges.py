@@ -1,0 +1,97 @@
+"""The wire protocol as unusual and hostile clients use it, against the real server over real
+sockets: long-polling POSTs of many packets, a Socket.IO disconnect that leaves its Engine.IO
+session open, malformed upgrade probes, websocket requests for paths that are not Socket.IO."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import socketio
+
+from tests.auth_helpers import BASE, source
+from tests.support.server import RunningFeed, running_feed
+
+POLL = "/socket.io/?EIO=4&transport=polling"
+
+
+async def open_polling(http: aiohttp.ClientSession, feed: RunningFeed) -> str:
+    """A long-polling session connected to the default namespace; its Engine.IO sid."""
+    async with http.get(feed.url + POLL) as response:
+        sid: str = json.loads((await response.text())[1:])["sid"]
+    async with http.post(f"{feed.url}{POLL}&sid={sid}", data="40") as response:
+        assert response.status == 200
+    async with http.get(f"{feed.url}{POLL}&sid={sid}") as response:
+        assert (await response.text()).startswith("40")
+    return sid
+
+
+async def poll_acks(http: aiohttp.ClientSession, url: str, count: int) -> dict[int, str]:
+    """Poll until `count` acks came; each ack's id -> its JSON text."""
+    acks: dict[int, str] = {}
+    async with asyncio.timeout(10):
+        while len(acks) < count:
+            async with http.get(url) as response:
+                assert response.status == 200, await response.text()
+                for packet in (await response.text()).split("\x1e"):
+                    if packet.startswith("43"):
+                        ack_id, _, body = packet[2:].partition("[")
+                        acks[int(ack_id)] = body
+    return acks
+
+
+async def test_a_polling_post_of_many_packets_is_served_like_a_websocket() -> None:
+    """socket.io-client and python-engineio's client put every queued packet into one POST:
+    30 subscribes sent at once (or resubscribed after a reconnect) were refused as "Too many
+    packets in payload" (python-engineio's limit of 16), the session closed, the client
+    reconnected and was refused again."""
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        sid = await open_polling(http, feed)
+        url = f"{feed.url}{POLL}&sid={sid}"
+        body = "\x1e".join(
+            f'42{i}["subscribe",{{"room":"mem:public.orders:{i}"}}]' for i in range(40)
+        )
+        async with http.post(url, data=body) as response:
+            assert response.status == 200, await response.text()
+        acks = await poll_acks(http, url, 40)
+        assert sorted(acks) == list(range(40))
+        assert all('"ok":true' in ack for ack in acks.values()), acks
+        assert sid in feed.app.sio.eio.sockets
+
+
+async def test_a_python_client_polling_gets_bursts_of_more_than_16_frames() -> None:
+    """python-engineio's client refuses a poll answer of more than 16 packets and drops the
+    connection: 30 rooms each getting a change at once (30 frames waiting for one poll), or 40
+    requests answered together, cut off a Python client on the polling transport."""
+    async with running_feed(BASE) as feed:
+        db = source(feed)
+        client = socketio.AsyncClient(reconnection=False)
+        got: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        client.on("change", got.put_nowait)
+
+        def batch(changes: list[dict[str, Any]]) -> None:
+            for change in changes:
+                got.put_nowait(change)
+
+        client.on("changes", batch)
+        await client.connect(feed.url, transports=["polling"], wait_timeout=10)
+        try:
+            for i in range(30):  # one at a time: each request in a POST of its own
+                ack = await client.call("subscribe", {"room": f"mem:public.orders:{i}"})
+                assert ack["ok"], ack
+            for i in range(30):  # in one pass of the loop: 30 frames for one poll answer
+                db.write("public.orders", "insert", {"id": i})
+            keys = sorted([(await asyncio.wait_for(got.get(), 10))["key"] for _ in range(30)])
+            assert keys == list(range(30))
+            answers = await asyncio.gather(  # 40 requests in one POST, 40 acks to poll
+                *(
+                    client.call("subscribe", {"room": f"mem:public.orders:{i}"}, timeout=10)
+                    for i in range(40)
+                )
+            )
+            assert all(answer["ok"] for answer in answers)
+            assert client.connected
+        finally:
+            await client.disconnect()
