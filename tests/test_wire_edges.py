@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
+import pytest
 import socketio
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
 
-from tests.auth_helpers import BASE, source
+from tests.auth_helpers import BASE, source, ws_url
 from tests.support.server import RunningFeed, running_feed
 
 POLL = "/socket.io/?EIO=4&transport=polling"
@@ -95,3 +99,47 @@ async def test_a_python_client_polling_gets_bursts_of_more_than_16_frames() -> N
             assert client.connected
         finally:
             await client.disconnect()
+
+
+async def text(ws: ClientConnection) -> str:
+    """The next message, which must be text."""
+    message = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(message, str), message
+    return message
+
+
+async def recv_until_closed(ws: ClientConnection, timeout: float) -> float:
+    """Read (and drop) what comes until the server closes; how long that took."""
+    started = time.monotonic()
+    with pytest.raises(websockets.ConnectionClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                await ws.recv()
+    return time.monotonic() - started
+
+
+async def test_a_session_whose_client_left_the_namespace_must_connect_again_in_time() -> None:
+    """A `41` (Socket.IO disconnect) left the Engine.IO session open for good: no handshake
+    timeout, no token, not counted in connections_per_identity, as long as it answered pings.
+    It now has `handshake_timeout` to connect again, as a new session does."""
+    config = BASE + "[limits]\nhandshake_timeout = 0.5\n"
+    async with running_feed(config) as feed:
+        async with connect(ws_url(feed), proxy=None) as ws:
+            await ws.recv()
+            await ws.send("40")
+            assert (await text(ws)).startswith("40")
+            await ws.send("41")
+            assert await recv_until_closed(ws, 5) < 2.0
+        assert 'feed_client_errors_total{kind="handshake_timeout"} 1' in feed.hub.metrics.render()
+
+        # One that connects again on the same session is kept, past the timeout.
+        async with connect(ws_url(feed), proxy=None) as ws:
+            await ws.recv()
+            await ws.send("40")
+            await ws.recv()
+            await ws.send("41")
+            await ws.send("40")
+            assert (await text(ws)).startswith("40")
+            await asyncio.sleep(0.8)  # past the handshake timeout: it must still be there
+            await ws.send('421["subscribe",{"room":"mem:public.orders"}]')
+            assert (await text(ws)).startswith('431[{"ok":true')

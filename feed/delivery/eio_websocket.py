@@ -769,7 +769,8 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         """Told (sid, kind, detail) of each malformed message (feed.security.guard counts and
         logs)."""
         self.on_open: Callable[[str], None] | None = None
-        """Told the sid of each new Engine.IO session (the Socket.IO handshake timeout)."""
+        """Told the sid of each Engine.IO session that has no Socket.IO connection: each new
+        one, and one whose client left the namespace (the Socket.IO handshake timeout)."""
 
     def report_malformed(self, sid: str, kind: str, detail: str) -> None:
         """A client sent something that is not Engine.IO/Socket.IO: one line, not a traceback."""
@@ -927,6 +928,18 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
             await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
         elif kind == sio_packet.DISCONNECT:
             await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+            socket = self.eio.sockets.get(eio_sid)
+            if (
+                socket is not None
+                and not socket.closed
+                and self.eio.on_open is not None
+                and self.manager.sid_from_eio_sid(eio_sid, "/") is None
+            ):
+                # The client left the namespace and kept its Engine.IO session: it has the
+                # handshake timeout to connect again, like a new session. Without this, a `41`
+                # kept a session (and its descriptor) open for good, unauthenticated and
+                # uncounted by connections_per_identity.
+                self.eio.on_open(eio_sid)
         elif kind == sio_packet.EVENT:
             await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
         else:
