@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -143,3 +144,51 @@ async def test_a_session_whose_client_left_the_namespace_must_connect_again_in_t
             await asyncio.sleep(0.8)  # past the handshake timeout: it must still be there
             await ws.send('421["subscribe",{"room":"mem:public.orders"}]')
             assert (await text(ws)).startswith('431[{"ok":true')
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [[""], ["x"], ["2probe", ""], ["2probe", "x"]],
+    ids=["empty", "junk", "probe-then-empty", "probe-then-junk"],
+)
+async def test_a_malformed_upgrade_probe_fails_the_upgrade_without_a_traceback(
+    probe: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade whose probe was not an Engine.IO packet (an empty or junk message) ended in
+    "Exception in ASGI application" and a traceback at ERROR. It is now reported as a client
+    error; the upgrade fails and the polling session goes on, as for any failed upgrade."""
+    caplog.set_level(logging.INFO)
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        sid = await open_polling(http, feed)
+        async with connect(f"{ws_url(feed)}&sid={sid}", proxy=None) as ws:
+            for message in probe:
+                await ws.send(message)
+            await recv_until_closed(ws, 5)
+        url = f"{feed.url}{POLL}&sid={sid}"
+        async with http.post(url, data='421["catalog"]') as response:
+            assert response.status == 200
+        assert '"ok":true' in (await poll_acks(http, url, 1))[1]
+        assert 'feed_client_errors_total{kind="bad_packet"} 1' in feed.hub.metrics.render()
+    assert not errors_logged(caplog), errors_logged(caplog)
+
+
+async def test_a_websocket_request_for_another_path_gets_404(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`ws://host:port/` or `/healthz` (a wrong URL in a client) got 500 and an ERROR line
+    ("ASGI callable returned without completing handshake") per attempt."""
+    caplog.set_level(logging.INFO)
+    async with running_feed(BASE) as feed:
+        base = feed.url.replace("http://", "ws://")
+        for path in ("/", "/healthz", "/index.html", "/nope"):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with connect(base + path, proxy=None):
+                    pass
+            assert refused.value.response.status_code == 404, path
+        async with connect(ws_url(feed), proxy=None) as ws:  # Socket.IO's path still works
+            assert (await text(ws)).startswith("0")
+    assert not errors_logged(caplog), errors_logged(caplog)

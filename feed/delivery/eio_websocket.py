@@ -584,11 +584,9 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
     async def _probe(self, receive: Any, send: Any) -> bool:
         """Engine.IO's upgrade: `2probe`/`3probe`, end the pending poll, then `5`."""
         self.upgrading = True  # hold packet sends during the upgrade
-        data = await self._next(receive)
-        if data is None:
-            self.upgrading = False
+        pkt = await self._probe_packet(receive)
+        if pkt is None:
             return False
-        pkt = eio_packet.Packet(encoded_packet=data)
         if pkt.packet_type != eio_packet.PING or pkt.data != "probe":
             self.server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
             self.upgrading = False
@@ -600,22 +598,37 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             }
         )
         self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # end the pending poll
-        data = await self._next(receive)
-        if data is None:
-            self.upgrading = False
+        pkt = await self._probe_packet(receive)
+        if pkt is None:
             return False
-        pkt = eio_packet.Packet(encoded_packet=data)
         if pkt.packet_type != eio_packet.UPGRADE:
             self.server.logger.info(
-                "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
+                "%s: Failed websocket upgrade, expected UPGRADE packet, received type %s.",
                 self.sid,
-                data,
+                pkt.packet_type,
             )
             self.upgrading = False
             return False
         self.upgraded = True
         self.upgrading = False
         return True
+
+    async def _probe_packet(self, receive: Any) -> Any:
+        """The upgrade's next packet; None (the upgrade failed) when the websocket ended or
+        sent something that is not an Engine.IO packet (reported, where Engine.IO's decode
+        error went to the log as a traceback of the ASGI application)."""
+        data = await self._next(receive)
+        pkt = None
+        if data is not None:
+            try:
+                pkt = eio_packet.Packet(encoded_packet=data)
+            except Exception as exc:
+                self.server.report_malformed(
+                    self.sid, "bad_packet", f"undecodable upgrade packet: {exc}"
+                )
+        if pkt is None:
+            self.upgrading = False
+        return pkt
 
     def _go_direct(self, protocol: Any) -> None:
         """From now on write to the websocket; what waits in the queue goes first, in order."""
