@@ -192,3 +192,23 @@ async def test_a_websocket_request_for_another_path_gets_404(
         async with connect(ws_url(feed), proxy=None) as ws:  # Socket.IO's path still works
             assert (await text(ws)).startswith("0")
     assert not errors_logged(caplog), errors_logged(caplog)
+
+
+async def test_refused_engineio_requests_are_client_errors_not_errors_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A poll for a session the server does not have (every polling client after a restart),
+    an origin not accepted, an unsupported protocol version: Engine.IO logged the first of each
+    at ERROR, which alerts an operator for a client's mistake. They are counted instead."""
+    caplog.set_level(logging.INFO)
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        for query, headers in [
+            (f"{POLL}&sid=no-such-session", {}),
+            (POLL, {"Origin": "http://evil.example"}),
+            ("/socket.io/?EIO=3&transport=polling", {}),
+            ("/socket.io/?EIO=4&transport=carrier-pigeon", {}),
+        ]:
+            async with http.get(feed.url + query, headers=headers) as response:
+                assert response.status == 400, query
+        assert 'feed_client_errors_total{kind="bad_request"} 4' in feed.hub.metrics.render()
+    assert not errors_logged(caplog), errors_logged(caplog)

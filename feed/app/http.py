@@ -99,7 +99,7 @@ async def refuse_websocket(scope: Scope, send: Send) -> None:
         )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
-        await send({"type": "websocket.close", "code": 1008})
+        await send({"type": "websocket.close"})
 
 
 async def respond_json(send: Send, status: int, body: Any) -> None:

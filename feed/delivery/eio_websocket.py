@@ -792,6 +792,16 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         else:
             log.warning("%s: malformed %s: %s", sid, kind, detail[:200])
 
+    def _log_error_once(self, message: str, message_key: str) -> None:
+        """Engine.IO's refusal of a request (an unknown or closed session, an origin not
+        accepted, an unsupported protocol version, a bad transport): a client's mistake, or a
+        polling client from before a restart, not the server's. Engine.IO logged the first of
+        each at ERROR; they are counted (`bad_request`) and logged as other client errors."""
+        if message_key == "no-websocket":  # the server's own setup: an error indeed
+            super()._log_error_once(message, message_key)
+        else:
+            self.report_malformed("", "bad_request", message)
+
     async def _handle_connect(
         self, environ: dict[str, Any], transport: str, jsonp_index: Any = None
     ) -> Any:
