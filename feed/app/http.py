@@ -33,6 +33,9 @@ class HttpApp:
         self.dashboard_dir = dashboard_dir.resolve()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, send)
+            return
         if scope["type"] != "http":
             return
         path = scope.get("path", "/")
@@ -73,6 +76,30 @@ class HttpApp:
         if kind.startswith("text/") or kind.endswith("javascript"):
             kind += "; charset=utf-8"
         await respond(send, 200, file.read_bytes(), kind, cache="no-cache")
+
+
+async def refuse_websocket(scope: Scope, send: Send) -> None:
+    """A websocket request for a path that is not Socket.IO's (`ws://host:8000/`): 404.
+
+    Returning without an answer made uvicorn log "ASGI callable returned without completing
+    handshake" at ERROR and answer 500, for a client's wrong URL. Where the server cannot send
+    an HTTP answer to a websocket request (the ASGI extension), the request is refused (403).
+    """
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = b"not found: Socket.IO clients connect at /socket.io/\n"
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 404,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close"})
 
 
 async def respond_json(send: Send, status: int, body: Any) -> None:

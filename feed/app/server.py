@@ -154,7 +154,9 @@ class FeedApp:
 
     def _opened(self, eio_sid: str) -> None:
         """An Engine.IO session must complete its Socket.IO connect in time, or it is closed:
-        an open session that never connects holds a descriptor and is never authenticated."""
+        an open session that never connects holds a descriptor and is never authenticated.
+        Also called for a session whose client disconnected from the namespace (`41`) and
+        kept the session: it must connect again in as long."""
 
         def check() -> None:
             self._handshakes.pop(eio_sid, None)
@@ -170,6 +172,9 @@ class FeedApp:
 
         # Cancelled by the connect (on_connect), so that a server with many clients does not
         # carry a timer per client in the loop's heap for the first seconds of each.
+        earlier = self._handshakes.pop(eio_sid, None)
+        if earlier is not None:
+            earlier.cancel()
         loop = asyncio.get_running_loop()
         self._handshakes[eio_sid] = loop.call_later(self.config.limits.handshake_timeout, check)
 

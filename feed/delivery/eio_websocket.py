@@ -64,6 +64,10 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+POLL_PACKETS = 16
+"""Packets in one long-polling answer at most: python-engineio's client (and so the Python
+client library over polling) refuses more, and python-engineio's server, more in a POST."""
+
 POLL_CLOSE_WAIT = 2.0
 """Seconds a closing long-polling socket waits for its client to take what is queued."""
 
@@ -74,6 +78,20 @@ _PING.encode()
 _CLOSE = eio_packet.Packet(eio_packet.CLOSE)
 _CLOSE.encode()
 _NOOP = eio_packet.Packet(eio_packet.NOOP)
+
+
+class PollPayload(eio_payload.Payload):  # type: ignore[misc]
+    """A long-polling POST's packets, as many as its body holds.
+
+    python-engineio refuses a payload of more than 16 packets (and the session with it), but
+    Engine.IO clients put everything they have queued into one POST: socket.io-client (and
+    python-engineio's own client) sending 30 subscribes at once, or resubscribing 30 rooms
+    after a reconnect, were cut off with "transport error", reconnected, and were cut off
+    again. The body is already bounded by `max_message_bytes`, as a websocket message is, and
+    each request in it is rate-limited like one sent over a websocket.
+    """
+
+    max_decode_packets = 2**31
 
 
 class Backlog:
@@ -406,6 +424,37 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             # rather than leaving it, and the client's disconnect, to the poll timeout.
             self.queue.put_nowait(None)
 
+    async def poll(self) -> list[Any]:
+        """Engine.IO's poll: wait for a packet, then answer with what waits, at most
+        POLL_PACKETS of them; the client polls again at once for the rest.
+
+        python-engineio's client (under python-socketio, and so `dbfeed_client` with the
+        polling transport) refuses an answer of more than 16 packets and drops its connection
+        ("Unexpected packet from server"): a burst of changes for several rooms, or many acks,
+        between two polls cut it off.
+        """
+        try:
+            first = await asyncio.wait_for(
+                self.queue.get(), self.server.ping_interval + self.server.ping_timeout
+            )
+            self.queue.task_done()
+        except (TimeoutError, asyncio.CancelledError):
+            raise eio_exceptions.QueueEmpty() from None
+        if first is None:
+            return []
+        packets = [first]
+        while len(packets) < POLL_PACKETS:
+            try:
+                pkt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self.queue.task_done()
+            if pkt is None:
+                self.queue.put_nowait(None)  # the end, for the next poll
+                break
+            packets.append(pkt)
+        return packets
+
     async def end_polling(self) -> bool:
         """At shutdown: a long-polling session ends now, its waiting poll answered (a NOOP),
         the next one refused, so the client reconnects (to another node) as a websocket client
@@ -428,7 +477,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             raise eio_exceptions.ContentTooLongError()
         body = await environ["wsgi.input"].read(length)
         try:
-            packets = eio_payload.Payload(encoded_payload=body.decode("utf-8")).packets
+            packets = PollPayload(encoded_payload=body.decode("utf-8")).packets
             problem = next(
                 (
                     f"unknown packet type {p.packet_type}"
@@ -535,11 +584,9 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
     async def _probe(self, receive: Any, send: Any) -> bool:
         """Engine.IO's upgrade: `2probe`/`3probe`, end the pending poll, then `5`."""
         self.upgrading = True  # hold packet sends during the upgrade
-        data = await self._next(receive)
-        if data is None:
-            self.upgrading = False
+        pkt = await self._probe_packet(receive)
+        if pkt is None:
             return False
-        pkt = eio_packet.Packet(encoded_packet=data)
         if pkt.packet_type != eio_packet.PING or pkt.data != "probe":
             self.server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
             self.upgrading = False
@@ -551,22 +598,37 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             }
         )
         self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # end the pending poll
-        data = await self._next(receive)
-        if data is None:
-            self.upgrading = False
+        pkt = await self._probe_packet(receive)
+        if pkt is None:
             return False
-        pkt = eio_packet.Packet(encoded_packet=data)
         if pkt.packet_type != eio_packet.UPGRADE:
             self.server.logger.info(
-                "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
+                "%s: Failed websocket upgrade, expected UPGRADE packet, received type %s.",
                 self.sid,
-                data,
+                pkt.packet_type,
             )
             self.upgrading = False
             return False
         self.upgraded = True
         self.upgrading = False
         return True
+
+    async def _probe_packet(self, receive: Any) -> Any:
+        """The upgrade's next packet; None (the upgrade failed) when the websocket ended or
+        sent something that is not an Engine.IO packet (reported, where Engine.IO's decode
+        error went to the log as a traceback of the ASGI application)."""
+        data = await self._next(receive)
+        pkt = None
+        if data is not None:
+            try:
+                pkt = eio_packet.Packet(encoded_packet=data)
+            except Exception as exc:
+                self.server.report_malformed(
+                    self.sid, "bad_packet", f"undecodable upgrade packet: {exc}"
+                )
+        if pkt is None:
+            self.upgrading = False
+        return pkt
 
     def _go_direct(self, protocol: Any) -> None:
         """From now on write to the websocket; what waits in the queue goes first, in order."""
@@ -720,7 +782,8 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         """Told (sid, kind, detail) of each malformed message (feed.security.guard counts and
         logs)."""
         self.on_open: Callable[[str], None] | None = None
-        """Told the sid of each new Engine.IO session (the Socket.IO handshake timeout)."""
+        """Told the sid of each Engine.IO session that has no Socket.IO connection: each new
+        one, and one whose client left the namespace (the Socket.IO handshake timeout)."""
 
     def report_malformed(self, sid: str, kind: str, detail: str) -> None:
         """A client sent something that is not Engine.IO/Socket.IO: one line, not a traceback."""
@@ -728,6 +791,16 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
             self.on_malformed(sid, kind, detail)
         else:
             log.warning("%s: malformed %s: %s", sid, kind, detail[:200])
+
+    def _log_error_once(self, message: str, message_key: str) -> None:
+        """Engine.IO's refusal of a request (an unknown or closed session, an origin not
+        accepted, an unsupported protocol version, a bad transport): a client's mistake, or a
+        polling client from before a restart, not the server's. Engine.IO logged the first of
+        each at ERROR; they are counted (`bad_request`) and logged as other client errors."""
+        if message_key == "no-websocket":  # the server's own setup: an error indeed
+            super()._log_error_once(message, message_key)
+        else:
+            self.report_malformed("", "bad_request", message)
 
     async def _handle_connect(
         self, environ: dict[str, Any], transport: str, jsonp_index: Any = None
@@ -878,6 +951,18 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
             await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
         elif kind == sio_packet.DISCONNECT:
             await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+            socket = self.eio.sockets.get(eio_sid)
+            if (
+                socket is not None
+                and not socket.closed
+                and self.eio.on_open is not None
+                and self.manager.sid_from_eio_sid(eio_sid, "/") is None
+            ):
+                # The client left the namespace and kept its Engine.IO session: it has the
+                # handshake timeout to connect again, like a new session. Without this, a `41`
+                # kept a session (and its descriptor) open for good, unauthenticated and
+                # uncounted by connections_per_identity.
+                self.eio.on_open(eio_sid)
         elif kind == sio_packet.EVENT:
             await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
         else:
