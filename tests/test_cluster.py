@@ -890,6 +890,38 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
         assert name not in other.engine._mirrors
 
 
+async def test_a_resume_in_a_filter_room_that_expired_meanwhile_is_not_recovered(
+    redis_target: RedisTarget,
+) -> None:
+    """A filter room nobody followed for longer than the grace is no longer routed, so changes
+    that came meanwhile were never numbered in it. Its numbers and history stayed in Redis (for
+    `room_ttl`) and a resume from before answered `recovered: true` with the next change under
+    the next seq: a silent hole. The reader now drops them with the registry entry, so the
+    resume answers `recovered: false` (a new epoch), as a single node does."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        name = "mem:public.orders?status=eq.paid"
+        async with feed_client(other.url) as client:
+            ack = await subscribed(client, "mem:public.orders", filter="status=eq.paid")
+            await wait_until(lambda: routes(reader.engine, name), 10, "the reader to route it")
+            memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+            last = await client.next_change()
+        await wait_until(lambda: not routes(reader.engine, name), 15, "the room to expire")
+        memory(reader).write("public.orders", "insert", {"id": 2, "status": "paid"})  # unrouted
+        async with feed_client(other.url) as client:
+            again = await subscribed(
+                client, "mem:public.orders", filter="status=eq.paid",
+                since=last["seq"], epoch=ack["epoch"],
+            )  # fmt: skip
+            assert again["recovered"] is False, again
+            assert again["epoch"] != ack["epoch"]
+            await wait_until(lambda: routes(reader.engine, name), 10, "the reader to route it")
+            memory(reader).write("public.orders", "insert", {"id": 3, "status": "paid"})
+            change = await client.next_change()
+            assert (change["key"], change["seq"]) == (3, 1)
+
+
 async def test_a_takeover_of_a_connector_that_cannot_resume_announces_a_gap(
     redis_target: RedisTarget,
 ) -> None:
