@@ -835,12 +835,6 @@ async def test_a_stale_fencing_token_cannot_publish(
     [
         ("prefix = 'x'", "cluster.url", "is required"),
         ("url = 'http://redis:6379'", "cluster.url", "redis://host:6379/0"),
-        ("url = 'redis:/:secret@r:6379'", "cluster.url", "is not a Redis URL (no scheme)"),
-        (
-            "url = 'rediss://r:6379?ssl_ca_certs=/nonexistent/ca.pem'",
-            "cluster.url",
-            "ssl_ca_certs=/nonexistent/ca.pem: no such file",
-        ),
         ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "at least 0.5"),
         ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
         ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),
@@ -858,7 +852,7 @@ def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) ->
         parse_config(text, "feed.toml", {})
     message = str(caught.value)
     assert message.startswith(f"feed.toml: {key}: ") and fix in message
-    assert "\n" not in message and "secret" not in message
+    assert "\n" not in message
 
 
 def test_without_a_cluster_table_the_feed_keeps_rooms_in_memory() -> None:
@@ -894,6 +888,38 @@ async def test_a_filter_room_followed_on_one_node_expires_when_nobody_follows_it
         await wait_until(lambda: name not in other.hub.rooms, 10, "the node to drop the room")
         await wait_until(lambda: not routed(), 15, "the reader to stop routing the room")
         assert name not in other.engine._mirrors
+
+
+async def test_a_resume_in_a_filter_room_that_expired_meanwhile_is_not_recovered(
+    redis_target: RedisTarget,
+) -> None:
+    """A filter room nobody followed for longer than the grace is no longer routed, so changes
+    that came meanwhile were never numbered in it. Its numbers and history stayed in Redis (for
+    `room_ttl`) and a resume from before answered `recovered: true` with the next change under
+    the next seq: a silent hole. The reader now drops them with the registry entry, so the
+    resume answers `recovered: false` (a new epoch), as a single node does."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        name = "mem:public.orders?status=eq.paid"
+        async with feed_client(other.url) as client:
+            ack = await subscribed(client, "mem:public.orders", filter="status=eq.paid")
+            await wait_until(lambda: routes(reader.engine, name), 10, "the reader to route it")
+            memory(reader).write("public.orders", "insert", {"id": 1, "status": "paid"})
+            last = await client.next_change()
+        await wait_until(lambda: not routes(reader.engine, name), 15, "the room to expire")
+        memory(reader).write("public.orders", "insert", {"id": 2, "status": "paid"})  # unrouted
+        async with feed_client(other.url) as client:
+            again = await subscribed(
+                client, "mem:public.orders", filter="status=eq.paid",
+                since=last["seq"], epoch=ack["epoch"],
+            )  # fmt: skip
+            assert again["recovered"] is False, again
+            assert again["epoch"] != ack["epoch"]
+            await wait_until(lambda: routes(reader.engine, name), 10, "the reader to route it")
+            memory(reader).write("public.orders", "insert", {"id": 3, "status": "paid"})
+            change = await client.next_change()
+            assert (change["key"], change["seq"]) == (3, 1)
 
 
 async def test_a_room_whose_numbering_and_history_expire_apart_keeps_working(

@@ -343,3 +343,61 @@ async def test_a_long_polling_client_whose_poll_answer_is_cut_mid_body_resumes(
         finally:
             await tally.close()
             await proxy.close()
+
+
+CLOCK_BEHIND = """
+import time
+
+_real = time.time
+time.time = lambda: _real() - 60.0  # this process's wall clock, a minute behind the others'
+"""
+
+
+async def test_rooms_followed_on_a_node_whose_clock_is_behind_get_every_change(
+    pg: PgDatabase, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    """A node whose wall clock is a minute behind the reader's (NTP failing on one machine):
+    the filter and row rooms only its clients follow must still get every change. The registry
+    compared expiries each node wrote by its own clock with the reader's clock, so the reader
+    took that node's rooms for long expired and dropped them again and again: their clients
+    silently missed changes (no gap, seqs contiguous), while target rooms were fine."""
+    await orders(pg)
+    await pg.conn.execute("INSERT INTO orders VALUES (0, 'row')")
+    prefix = redis_target.prefix.rstrip(":")
+    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    skewed = tmp_path / "clock"
+    skewed.mkdir()
+    (skewed / "sitecustomize.py").write_text(CLOCK_BEHIND)
+    first = FeedNode("node0", config)
+    behind = FeedNode("behind", config, env={"PYTHONPATH": str(skewed)})
+    try:
+        await first.start()
+        await reading_node([first])  # the reader keeps the right time
+        await behind.start()
+        await behind.wait_ready()
+        urls = [behind.url]
+        tallies = [
+            await Tally(room, lambda: urls, name=room).start()
+            for room in ("main:public.orders?status=eq.paid", "main:public.orders:0")
+        ]
+        try:
+            conn = await pg.connect()
+            try:
+                for n in range(1, 121):  # about 6 s: many of the reader's registry reads
+                    async with conn.transaction():
+                        await conn.execute("INSERT INTO orders VALUES ($1, 'paid')", n)
+                        await conn.execute("UPDATE orders SET status = $1 WHERE id = 0", f"r{n}")
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+            for tally in tallies:
+                await tally.wait_for(120)
+                assert tally.gaps == [] and tally.duplicates == 0 and tally.disorder == []
+            assert tallies[0].keys == list(range(1, 121))
+            assert tallies[1].keys == [0] * 120
+        finally:
+            for tally in tallies:
+                await tally.close()
+    finally:
+        await behind.stop()
+        await first.stop()

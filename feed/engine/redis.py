@@ -83,7 +83,7 @@ class RedisEngine(Resume):
         )
         self._lease_redis = aioredis.Redis.from_pool(own)
         # PUBLISH, once per batch, goes over the engine's own connection (`_hot_script`).
-        for name in ("REGISTER", "REFRESH", "GAP", "NAME"):
+        for name in ("REGISTER", "REFRESH", "LIVE", "GAP", "NAME"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
         for name in ("ACQUIRE", "RENEW", "RELEASE"):
             self._scripts[name] = self._lease_redis.register_script(getattr(scripts, name))

@@ -65,21 +65,28 @@ class RoomRegistry(EngineCore):
 
     async def _load_index(self, connector: str) -> None:
         """Bring the routing index in line with the registry: every room some node has members
-        in (expired entries dropped, here and in Redis).
+        in (expired entries dropped, here and in Redis, with their numbers and history: see
+        scripts.LIVE).
 
         Only the names are read each time; a spec is read and parsed only for a room not
         routed yet. Re-reading and re-parsing every spec every `refresh` seconds cost the
         reader 0.3 s of blocked loop at 10,000 filter rooms and 2 s at 50,000 (docs/scaling.md).
         A room routed after the names were read (from the control channel) is kept.
         """
-        now_ms = int(time.time() * 1000)
         self._index.setdefault(connector, {})
         known = self._routed.setdefault(connector, {})
         asked_at = self._route_count
+        # Live by Redis's clock, as the expiries were set (scripts.NOW_MS); the expired ones
+        # are dropped by the same script, with their numbers and history.
+        # In a pipeline, as before: redis-py retries a pipeline on a pooled connection found
+        # closed (the first call after a Redis restart), not a lone script call.
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(self.live_key(connector), now_ms, "+inf")
-            pipe.zrangebyscore(self.live_key(connector), "-inf", f"({now_ms}")
-            live, dead = await pipe.execute()
+            await self._scripts["LIVE"](
+                keys=[self.live_key(connector), self.registry_key(connector)],
+                args=[self.meta_key("").removesuffix(":meta")],
+                client=pipe,
+            )
+            (live,) = await pipe.execute()
         alive = set(live)
         for name in known.keys() - alive:
             target, routed, routed_at = known[name]
@@ -97,26 +104,23 @@ class RoomRegistry(EngineCore):
                 if raw is not None:
                     with contextlib.suppress(ValueError):
                         self._route_spec(loads(raw))
-        if dead:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hdel(self.registry_key(connector), *dead)
-                pipe.zrem(self.live_key(connector), *dead)
-                await pipe.execute()
 
     async def _register(self, room: Room) -> tuple[str, int, int]:
         spec = room_spec(room)
-        expiry = int((time.time() + self._live_for()) * 1000)
         result = await self._script(
             "REGISTER",
             [self.registry_key(room.connector), self.live_key(room.connector),
              self.meta_key(room.name), self.stream_key(room.name)],
-            [room.name, dumps(spec), expiry, secrets.token_hex(8), self.ttl_ms, self.control],
+            [room.name, dumps(spec), self._live_ms(), secrets.token_hex(8), self.ttl_ms,
+             self.control],
         )  # fmt: skip
         epoch, seq, gap = result
         return epoch.decode(), int(seq), int(gap)
 
-    def _live_for(self) -> float:
-        return self.hub.settings.filter_room_grace + 3 * self.refresh
+    def _live_ms(self) -> int:
+        """How long a registration keeps a room alive without a refresh, in ms; Redis adds its
+        own clock's time (scripts.NOW_MS), so the nodes' clocks never meet in the registry."""
+        return int((self.hub.settings.filter_room_grace + 3 * self.refresh) * 1000)
 
     async def _refresh_rooms(self) -> None:
         """Keep this node's followed rooms alive: their registry expiry, and their history's
@@ -126,7 +130,7 @@ class RoomRegistry(EngineCore):
         reader dropped it as expired while this node was late) is registered again at once."""
         now = time.monotonic()
         grace = self.hub.settings.filter_room_grace
-        expiry = int((time.time() + self._live_for()) * 1000)
+        expiry = self._live_ms()
         followed: dict[str, list[Room]] = {}
         for mirror in self._mirrors.values():
             room = mirror.room

@@ -179,13 +179,26 @@ end
 return out
 """
 
-REGISTER = """
--- KEYS: registry hash, live zset, meta, history. ARGV: room name, spec, expiry ms, candidate
--- epoch, ttl, control channel. Registers a followed room, tells the reader (one round trip for
--- both), and returns {epoch, seq, gap} of its history. A new numbering starts a new epoch, so
--- a history left from an earlier one (it outlived its numbering) is not this epoch's.
+NOW_MS = """
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+"""
+"""Redis's own clock, in ms: the registry's expiries are set and read by it, never by a node's
+clock, so a node whose clock is off (a failed NTP, a VM restored from a snapshot) neither has
+its rooms dropped by the reader as long expired nor keeps them alive long after it left."""
+
+REGISTER = (
+    """
+-- KEYS: registry hash, live zset, meta, history. ARGV: room name, spec, ms to keep it alive
+-- (from Redis's clock), candidate epoch, ttl, control channel. Registers a followed room, tells
+-- the reader (one round trip for both), and returns {epoch, seq, gap} of its history. A new
+-- numbering starts a new epoch, so a history left from an earlier one (it outlived its
+-- numbering) is not this epoch's.
+"""
+    + NOW_MS
+    + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[2], 'GT', now_ms + tonumber(ARGV[3]), ARGV[1])
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[4]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
   redis.call('DEL', KEYS[4])
@@ -195,13 +208,18 @@ redis.call('PUBLISH', ARGV[6], '{"t":"room","spec":' .. ARGV[2] .. '}')
 local v = redis.call('HMGET', KEYS[3], 'epoch', 'seq', 'gap')
 return {v[1], v[2] or '0', v[3] or '0'}
 """
+)
 
-REFRESH = """
+REFRESH = (
+    """
 -- A node's followed rooms, kept alive. KEYS: registry hash, live zset, then (meta, history) per
--- room. ARGV: expiry ms, ttl ms, then (name, 1 for a row or filter room else 0) per room.
--- Returns the row and filter rooms the registry no longer held (the reader dropped them as
--- expired): their node registers them again and tells the reader.
-local live, expiry, ttl = KEYS[2], ARGV[1], ARGV[2]
+-- room. ARGV: ms to keep them alive (from Redis's clock), ttl ms, then (name, 1 for a row or
+-- filter room else 0) per room. Returns the row and filter rooms the registry no longer held
+-- (the reader dropped them as expired): their node registers them again and tells the reader.
+"""
+    + NOW_MS
+    + """
+local live, expiry, ttl = KEYS[2], now_ms + tonumber(ARGV[1]), ARGV[2]
 local missing = {}
 for i = 1, (#ARGV - 2) / 2 do
   local name = ARGV[1 + 2 * i]
@@ -216,6 +234,34 @@ for i = 1, (#ARGV - 2) / 2 do
 end
 return missing
 """
+)
+
+LIVE = (
+    """
+-- KEYS: live zset, registry hash. ARGV: the prefix of room keys ('<prefix>:room:').
+-- Returns the rooms whose expiry is still ahead by Redis's clock. The others are dropped here,
+-- in the same step; a row, filter or shaped room with its numbering and history, since one
+-- nobody follows is not routed: the changes that came meanwhile were never numbered in it, and
+-- a resume from before must find a new epoch (recovered: false), not the old one with a hole
+-- in it. Done in one step so that a room registered again in between keeps its numbers.
+"""
+    + NOW_MS
+    + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms)
+for _, name in ipairs(dead) do
+  -- Target rooms are registered too (REGISTER, when a node first follows one) but are routed
+  -- whether or not anyone follows them: their history is whole, and stays.
+  local ok, spec = pcall(cjson.decode, redis.call('HGET', KEYS[2], name) or 'null')
+  if ok and type(spec) == 'table' and (spec.shape or (spec.key ~= nil and spec.key ~= cjson.null)
+      or (spec.filter ~= nil and spec.filter ~= cjson.null)) then
+    redis.call('DEL', ARGV[1] .. name .. ':meta', ARGV[1] .. name .. ':history')
+  end
+  redis.call('ZREM', KEYS[1], name)
+  redis.call('HDEL', KEYS[2], name)
+end
+return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
+"""
+)
 
 GAP = """
 -- KEYS: meta per room. ARGV: body, then a channel per room.

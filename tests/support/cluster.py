@@ -46,9 +46,17 @@ WAIT = 30.0
 class FeedNode:
     """One `feed serve` process of a cluster."""
 
-    def __init__(self, name: str, config: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.config = config
+        self.env = env or {}
+        """More environment for the process (PYTHONPATH is put before the project's)."""
         self.port = port or free_port()
         self._port_movable = port is None
         """True until the node first runs: until then nobody knows its port, so a port another
@@ -92,7 +100,10 @@ class FeedNode:
             "--config", str(self.config), "--port", str(self.port),
             stderr=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "FEED_NODE": self.name},
+            env={
+                **os.environ, **self.env, "FEED_NODE": self.name,
+                "PYTHONPATH": os.pathsep.join(filter(None, [self.env.get("PYTHONPATH"), str(ROOT)])),
+            },
         )  # fmt: skip
         assert self.process.stderr is not None
         async with asyncio.timeout(WAIT):
