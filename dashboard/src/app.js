@@ -852,11 +852,15 @@ function clearRows() {
   drawPausedNote();
 }
 
+// The box always shows the bound in force: one typed out of range (0, 99999) is brought into
+// 10..10000 (the box's own min and max) rather than left on show while another number applies.
 function setMaxRows() {
   const input = $("max-rows");
   const value = Math.round(Number(input.value));
-  if (!Number.isFinite(value) || value < 1) return;
-  state.maxRows = Math.min(10000, value);
+  if (Number.isFinite(value) && input.value.trim() !== "") {
+    state.maxRows = Math.min(10000, Math.max(10, value));
+  }
+  input.value = String(state.maxRows);
   localStorage.setItem(MAX_ROWS_KEY, String(state.maxRows));
   dropOldIncoming();
   trimRows();
@@ -867,7 +871,7 @@ function setMaxRows() {
 function start() {
   const saved = Number(localStorage.getItem(MAX_ROWS_KEY));
   if (saved >= 1) {
-    state.maxRows = Math.min(10000, saved);
+    state.maxRows = Math.min(10000, Math.max(10, saved));
     $("max-rows").value = String(state.maxRows);
   }
   $("subscribe-form").addEventListener("submit", submitSubscription);
