@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -264,6 +265,30 @@ async def test_subscribe_from_the_form_and_remove_updates_the_address(
     )
 
 
+async def test_an_in_list_typed_with_quotes_keeps_commas_inside_an_item(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """`"Smith, John", Ada` is two names, as in PostgREST: the form used to split it at every
+    comma, so the filter silently never matched "Smith, John"."""
+    db = source(memory_feed)
+    await page.goto(memory_feed.url + "/")
+    await page.get_by_label("Target").select_option("public.customers")
+    await page.get_by_role("button", name="Add condition").click()
+    await page.get_by_label("Field 1").fill("name")
+    await page.get_by_label("Operator 1").select_option("in")
+    await page.get_by_label("Value 1").fill('"Smith, John", Ada, "say \\"hi\\""')
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    room = "mem:public.customers?name=in.(%22say%20hi%22,Ada,Smith%2C%20John)"
+    item = page.locator("#subscriptions li")
+    await expect(item).to_have_attribute("data-status", "live")
+
+    for i, name in enumerate(["Smith", "Smith, John", "John", "Ada", 'say "hi"']):
+        db.write("public.customers", "insert", {"id": i, "name": name})
+    await expect(rows(page)).to_have_count(3)
+    assert await keys_shown(page) == ["4", "3", "1"]
+    assert room
+
+
 async def test_a_bad_bookmark_says_why(memory_feed: RunningFeed, page: Page) -> None:
     await page.goto(f"{memory_feed.url}/?room=mem:public.nothing")
     item = subscription(page, "mem:public.nothing")
@@ -329,6 +354,17 @@ async def test_only_the_last_n_rows_are_kept_under_a_flood(
     assert (await keys_shown(page))[-1] == "580"
 
 
+async def test_keep_last_shows_the_bound_in_force(memory_feed: RunningFeed, page: Page) -> None:
+    """99999 was taken as 10000 and 0 ignored, each left on show as if it applied."""
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    keep = page.get_by_label("Keep last")
+    for typed, shown in (("99999", "10000"), ("0", "10"), ("", "10"), ("250", "250")):
+        await keep.fill(typed)
+        await keep.press("Enter")
+        await expect(keep).to_have_value(shown)
+    assert await page.evaluate("localStorage.getItem('dbfeed.maxRows')") == "250"
+
+
 async def test_selecting_a_row_shows_before_and_after_with_changes_marked(
     memory_feed: RunningFeed, page: Page
 ) -> None:
@@ -359,6 +395,92 @@ async def test_selecting_a_row_shows_before_and_after_with_changes_marked(
     await expect(detail.locator('tr[data-field="status"] td.before')).to_have_text("—")
 
 
+async def test_markup_in_names_and_values_is_shown_as_text(page: Page) -> None:
+    """Targets, keys, column names and values are the database's, not the page's: markup in
+    any of them is shown as written and never runs (no element is made, no handler fires)."""
+    evil = '<img src=x onerror="window.pwned=1">'
+    config = """
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.<b>t</b>"]
+"""
+    async with running_feed(config) as feed:
+        room = "mem:public.<b>t</b>"
+        await open_live(page, f"{feed.url}/?room={quote(room)}", room)
+        source(feed).write("public.<b>t</b>", "insert", {"id": evil, evil: evil, "n": "<script>"})
+        await expect(rows(page)).to_have_count(1)
+        await rows(page).first.click()
+        await expect(rows(page).first.locator("td").nth(4)).to_have_text(evil)
+        await expect(rows(page).first.locator("td").nth(2)).to_have_text("public.<b>t</b>")
+        field = page.locator("#detail-body table.diff tbody th").filter(has_text="onerror")
+        await expect(field).to_have_text(evil)
+        await expect(page.locator("#detail-body td.after").first).to_have_text(evil)
+        assert await page.locator("img, b, main script").count() == 0
+        assert await page.evaluate("window.pwned") is None
+
+
+async def test_a_huge_value_is_shown_in_part_until_asked_and_the_page_stays_short(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """A 2 MB field drawn whole made the page 800,000 pixels tall and selecting it slow."""
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    huge = "<b>z</b>" * 250_000
+    db.write("public.orders", "insert", {"id": 1, "payload": huge, "small": "ok"})
+    await expect(rows(page)).to_have_count(1)
+    await rows(page).first.click()
+    cell = page.locator('#detail-body tr[data-field="payload"] td.after')
+    show_all = cell.get_by_role("button", name="Show all (1,990,000 more characters)")
+    await expect(show_all).to_be_visible()
+    await expect(page.locator('#detail-body tr[data-field="small"] td.after')).to_have_text("ok")
+    height = "document.documentElement.scrollHeight"
+    assert await page.evaluate(height) < 3000
+
+    await show_all.click()
+    box = cell.locator(".value")
+    await expect(show_all).to_have_count(0)
+    assert await box.evaluate("b => b.textContent.length") == len(huge)
+    assert await page.evaluate(height) < 3000  # the whole value scrolls in its own box
+
+
+async def test_a_change_without_a_before_image_is_only_new_when_it_is_an_insert(
+    page: Page,
+) -> None:
+    """Sources that send no before image (Redis) update keys that already existed: the detail
+    view must not call such a change "New"."""
+    config = MEMORY_CONFIG.replace('type = "memory"', 'type = "memory"\nbefore_images = false')
+    async with running_feed(config) as feed:
+        db = source(feed)
+        await open_live(page, f"{feed.url}/?room=mem:public.orders", "mem:public.orders")
+        db.write("public.orders", "insert", {"id": 1, "status": "new"})
+        db.write("public.orders", "update", {"id": 1, "status": "paid"})
+        await expect(rows(page)).to_have_count(2)
+        await rows(page).first.click()
+        await expect(page.locator("#changed-fields")).to_have_text(
+            "The source sent no before image."
+        )
+        await rows(page).nth(1).click()
+        await expect(page.locator("#changed-fields")).to_have_text("New: no before image.")
+
+
+async def test_the_selected_change_sits_under_a_short_change_table(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """With several subscriptions (a tall left column) and few rows, the detail panel used to
+    float far below the change table, the space between them empty."""
+    rooms = "&".join(f"room=mem:public.orders:{i}" for i in range(8))
+    await open_live(page, f"{memory_feed.url}/?{rooms}", "mem:public.orders:7")
+    source(memory_feed).write("public.orders", "insert", {"id": 1})
+    await expect(rows(page)).to_have_count(1)
+    boxes = [await page.locator(f"section.{n}").bounding_box() for n in ("connectors", "changes")]
+    detail = await page.locator("section.detail").bounding_box()
+    assert detail is not None and None not in boxes
+    # Right under the first row (the taller of the connectors and the changes), not lower.
+    first_row_end = max(b["y"] + b["height"] for b in boxes if b)
+    assert detail["y"] - first_row_end < 30
+
+
 # -- connection, resume, gaps --------------------------------------------------------------------
 
 
@@ -375,9 +497,7 @@ async def test_dropped_connection_resumes_and_recovers_missed_changes(
     for i in (2, 3, 4):  # written while the page is away
         db.write("public.orders", "insert", {"id": i})
 
-    await expect(page.locator("#connection-text")).to_have_text(
-        "Connected again: resuming subscriptions"
-    )
+    # (The line says "Connected again: resuming subscriptions" until the resume is answered.)
     item = subscription(page, "mem:public.orders")
     await expect(item).to_have_attribute("data-status", "recovered")
     await expect(item.locator(".sub-message")).to_have_text(
@@ -387,6 +507,8 @@ async def test_dropped_connection_resumes_and_recovers_missed_changes(
     assert await keys_shown(page) == ["4", "3", "2", "1"]
     db.write("public.orders", "insert", {"id": 5})
     await expect(rows(page)).to_have_count(5)
+    # Once every subscription has its answer the line stops saying it is resuming.
+    await expect(page.locator("#connection-text")).to_have_text("Connected")
 
 
 @asynccontextmanager
@@ -662,6 +784,13 @@ async def test_narrow_screen_has_no_sideways_scrolling(
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
         assert overflow <= 0
+        # An op is a word in a badge, never broken over lines ("ins/ert"), however narrow.
+        source(memory_feed).write("public.orders", "update", {"id": 1, "status": "shipped"})
+        await expect(rows(page)).to_have_count(2)
+        for badge in await page.locator("#change-rows .op").all():
+            box = await badge.bounding_box()
+            size = await badge.evaluate("b => parseFloat(getComputedStyle(b).fontSize)")
+            assert box is not None and box["height"] < 2 * size, await badge.inner_text()
     finally:
         await context.close()
 

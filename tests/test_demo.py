@@ -250,6 +250,9 @@ async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}".encode() in err
+    # A second `make demo` is the usual cause: say so, and how to choose a port from make.
+    assert b"another feed demo or server may be running there" in err
+    assert f"make demo PORT={port + 10}".encode() in err
     assert b"Traceback" not in err
 
 

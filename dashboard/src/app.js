@@ -2,8 +2,10 @@
 // live table of changes, and a resume after every reconnect that says whether anything was lost.
 import {
   OPERATORS,
+  clip,
   conditionText,
   diffImages,
+  imagesNote,
   isAuthRefusal,
   queryFromSubscriptions,
   roomFor,
@@ -21,6 +23,10 @@ window.io = io;
 const TOKEN_KEY = "dbfeed.token";
 const MAX_ROWS_KEY = "dbfeed.maxRows";
 const RATE_SAMPLES = 60;
+// How much of one value the page draws before "Show all": a whole document of megabytes would make
+// the page hundreds of thousands of pixels tall. A key in the table is cut shorter (CSS ellipsis).
+const VALUE_SHOWN = 10000;
+const KEY_SHOWN = 500;
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -38,6 +44,7 @@ const state = {
   selected: null,
   drawScheduled: false,
   everConnected: false,
+  resuming: false, // connected again, some subscriptions not yet answered
   metrics: { mode: "source", last: null, timer: null, received: new Map() },
 };
 
@@ -83,10 +90,21 @@ function setConnection(kind, text) {
 function onConnect() {
   const again = state.everConnected;
   state.everConnected = true;
+  state.resuming = again;
   setConnection("connected", again ? "Connected again: resuming subscriptions" : "Connected");
+  settleConnection();
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
   state.feed.catalog().then(onCatalog, () => {});
   startMetrics();
+}
+
+// After a reconnect the line says subscriptions are resuming until each has its answer, and then
+// plain "Connected" again: left as it was, it would say "resuming" for as long as the page stays.
+function settleConnection() {
+  if (!state.resuming || !state.feed.connected) return;
+  if (state.subs.some((s) => s.status === "pending" || s.status === "offline")) return;
+  state.resuming = false;
+  setConnection("connected", "Connected");
 }
 
 function onDisconnect(reason) {
@@ -393,6 +411,7 @@ function removeSubscription(sub) {
   if (sub.handle) sub.handle.unsubscribe().catch(() => {});
   writeAddress();
   drawSubscriptions();
+  settleConnection();
 }
 
 // Start the subscription afresh: the user has seen that changes were missed (or an error).
@@ -413,6 +432,7 @@ function setSubStatus(sub, status, message) {
   sub.status = status;
   sub.message = message;
   drawSubscriptions();
+  settleConnection();
 }
 
 function drawSubscriptions() {
@@ -645,7 +665,7 @@ function changeRow(change) {
     change.connector,
     change.target,
     change.op,
-    showValue(change.key),
+    keyText(change.key),
   ];
   cells.forEach((text, index) => {
     const cell = document.createElement("td");
@@ -659,10 +679,19 @@ function changeRow(change) {
       cell.textContent = text;
     }
     if (index === 0 && ts) cell.title = change.ts;
+    if (index === 4) {
+      cell.className = "key";
+      cell.title = text;
+    }
     row.append(cell);
   });
   if (state.selected && state.selected.id === change.id) row.setAttribute("aria-selected", "true");
   return row;
+}
+
+function keyText(key) {
+  const { text, omitted } = clip(showValue(key), KEY_SHOWN);
+  return omitted ? `${text}… (${omitted} more characters)` : text;
 }
 
 function timeText(date) {
@@ -710,7 +739,7 @@ function drawDetail(change) {
   op.dataset.op = change.op;
   op.textContent = change.op;
   const where = document.createElement("code");
-  where.textContent = `${change.connector}:${change.target} key ${showValue(change.key)}`;
+  where.textContent = `${change.connector}:${change.target} key ${keyText(change.key)}`;
   summary.append(op, " ", where);
   const facts = document.createElement("p");
   facts.className = "hint";
@@ -725,10 +754,7 @@ function drawDetail(change) {
   const changed = fields.filter((f) => f.changed).map((f) => f.field);
   const note = document.createElement("p");
   note.id = "changed-fields";
-  if (!change.before && change.after) note.textContent = "New: no before image.";
-  else if (change.before && !change.after) note.textContent = "Gone: no after image.";
-  else if (!change.before && !change.after) note.textContent = "The source sent no row images.";
-  else note.textContent = changed.length ? `Changed: ${changed.join(", ")}` : "No field changed.";
+  note.textContent = imagesNote(change.op, change.before, change.after, changed);
   body.append(note);
 
   const table = document.createElement("table");
@@ -757,7 +783,7 @@ function drawDetail(change) {
   if (change.meta) {
     const meta = document.createElement("pre");
     meta.className = "meta";
-    meta.textContent = `meta: ${JSON.stringify(change.meta, null, 2)}`;
+    showClipped(meta, `meta: ${JSON.stringify(change.meta, null, 2)}`);
     body.append(meta);
   }
 }
@@ -765,12 +791,32 @@ function drawDetail(change) {
 function valueCell(value, present, side) {
   const cell = document.createElement("td");
   cell.className = side;
-  if (present) cell.textContent = showValue(value);
-  else {
+  if (present) {
+    // A box of bounded height that scrolls: even a value shown whole keeps the page short.
+    const box = document.createElement("div");
+    box.className = "value";
+    showClipped(box, showValue(value));
+    cell.append(box);
+  } else {
     cell.classList.add("absent");
     cell.textContent = "—";
   }
   return cell;
+}
+
+// The first VALUE_SHOWN characters of a long text, and a button that draws the rest on request.
+function showClipped(element, full) {
+  const { text, omitted } = clip(full, VALUE_SHOWN);
+  element.textContent = text;
+  if (!omitted) return;
+  const more = document.createElement("button");
+  more.type = "button";
+  more.className = "quiet show-all";
+  more.textContent = `Show all (${omitted.toLocaleString("en")} more characters)`;
+  more.addEventListener("click", () => {
+    element.textContent = full;
+  });
+  element.append("… ", more);
 }
 
 function setPaused(paused) {
@@ -806,11 +852,15 @@ function clearRows() {
   drawPausedNote();
 }
 
+// The box always shows the bound in force: one typed out of range (0, 99999) is brought into
+// 10..10000 (the box's own min and max) rather than left on show while another number applies.
 function setMaxRows() {
   const input = $("max-rows");
   const value = Math.round(Number(input.value));
-  if (!Number.isFinite(value) || value < 1) return;
-  state.maxRows = Math.min(10000, value);
+  if (Number.isFinite(value) && input.value.trim() !== "") {
+    state.maxRows = Math.min(10000, Math.max(10, value));
+  }
+  input.value = String(state.maxRows);
   localStorage.setItem(MAX_ROWS_KEY, String(state.maxRows));
   dropOldIncoming();
   trimRows();
@@ -821,7 +871,7 @@ function setMaxRows() {
 function start() {
   const saved = Number(localStorage.getItem(MAX_ROWS_KEY));
   if (saved >= 1) {
-    state.maxRows = Math.min(10000, saved);
+    state.maxRows = Math.min(10000, Math.max(10, saved));
     $("max-rows").value = String(state.maxRows);
   }
   $("subscribe-form").addEventListener("submit", submitSubscription);

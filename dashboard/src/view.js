@@ -57,10 +57,43 @@ function dedupe(subs) {
 export function conditionText(field, op, value) {
   const name = encodeURIComponent(field.trim());
   if (op === "in") {
-    const items = value.trim().replace(/^\(|\)$/g, "").split(",").map((v) => v.trim());
+    const items = listItems(value.trim().replace(/^\(|\)$/g, ""));
     return `${name}=in.(${items.filter((v) => v !== "").map(quote).join(",")})`;
   }
   return `${name}=${op}.${quote(value.trim())}`;
+}
+
+// The items of a typed `in` list: split at commas, except inside double quotes, which (as in
+// PostgREST) hold an item that has commas of its own: `"Smith, John", Ada`. `\"` and `\\` stand
+// for a quote and a backslash inside quotes. Each item is then percent-encoded whole, so its
+// commas reach the server as part of the value.
+export function listItems(text) {
+  const items = [];
+  let item = "";
+  let quoted = false;
+  let wasQuoted = false;
+  for (let i = 0; i < text.length; i += 1) {
+    const ch = text[i];
+    if (quoted) {
+      if (ch === "\\" && i + 1 < text.length) {
+        i += 1;
+        item += text[i];
+      } else if (ch === '"') quoted = false;
+      else item += ch;
+    } else if (ch === '"' && item.trim() === "") {
+      quoted = true;
+      wasQuoted = true;
+      item = "";
+    } else if (ch === ",") {
+      items.push(wasQuoted ? item : item.trim());
+      item = "";
+      wasQuoted = false;
+    } else if (!(wasQuoted && ch.trim() === "")) {
+      item += ch;
+    }
+  }
+  items.push(wasQuoted ? item : item.trim());
+  return items;
 }
 
 function quote(value) {
@@ -104,6 +137,25 @@ export function showValue(value) {
   if (value === undefined) return "";
   if (typeof value === "string") return value;
   return JSON.stringify(value);
+}
+
+// At most `limit` characters of a text, and how many were left out: a field of megabytes drawn
+// whole makes the page hundreds of thousands of pixels tall and selecting its row take seconds.
+export function clip(text, limit) {
+  if (text.length <= limit) return { text, omitted: 0 };
+  return { text: text.slice(0, limit), omitted: text.length - limit };
+}
+
+// What the detail view says about a change's images. Only an insert is new and only a delete
+// is gone: an update from a source that sends no before image (Redis: `set`, `expire`, ...)
+// is neither, and saying "New" of a key that has existed for hours would be wrong.
+export function imagesNote(op, before, after, changed) {
+  const hasBefore = !!before;
+  const hasAfter = !!after;
+  if (!hasBefore && !hasAfter) return "The source sent no row images.";
+  if (!hasBefore) return op === "insert" ? "New: no before image." : "The source sent no before image.";
+  if (!hasAfter) return op === "delete" ? "Gone: no after image." : "The source sent no after image.";
+  return changed.length ? `Changed: ${changed.join(", ")}` : "No field changed.";
 }
 
 // Refusals that mean "give me a (different) token", as opposed to "the server is unreachable" or

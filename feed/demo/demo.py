@@ -236,8 +236,18 @@ def bound_port(server: uvicorn.Server) -> int | None:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """One line when the port is taken, most often by a demo already running (a second
+    `make demo`): it says so, and how to pick another port from make as well as from the CLI."""
     try:
-        listen.check_port_free(host, port)
+        listen.check_port_free(
+            host,
+            port,
+            fix=(
+                "another feed demo or server may be running there (open its URL, or stop it "
+                f"with Ctrl-C); for a second one pass --port with a free port "
+                f"(make demo PORT={port + 10})"
+            ),
+        )
     except listen.PortInUse as exc:
         raise DemoError(str(exc)) from None
 
