@@ -1,5 +1,5 @@
-"""dbfeed_client's requests against the real feed server: many rooms on one client, and rooms
-left and joined at once. The JavaScript client's tests (clients/js/test/requests.test.mjs) run
+"""dbfeed_client's requests against the real feed server: many rooms on one client, rooms left
+and joined at once, and a resume from a saved position. The JavaScript client's tests (clients/js/test/requests.test.mjs) run
 the same scenarios."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dbfeed_client import FeedClient
+import pytest
+from dbfeed_client import FeedClient, FeedError
 
 from tests.support.client_harness import harness
 
@@ -75,3 +76,26 @@ async def test_a_room_left_while_another_subscribe_to_it_is_answered_still_deliv
         async with asyncio.timeout(WAIT):
             await got.wait()
         assert second.rows is not None and second.rows["1"]["status"] == "new"
+
+
+async def test_a_position_without_its_epoch_is_refused_rather_than_dropped() -> None:
+    """Before: `subscribe(room, since=17)` without `epoch` dropped `since` and went `live`: the
+    changes after 17 were missed without a word. Now it raises; with the epoch it resumes."""
+    async with harness() as h, client(h.url) as feed:
+        async with feed.subscribe(ROOM) as first:
+            for i in (1, 2, 3):
+                h.write("public.orders", "insert", {"id": i, "status": "new"})
+            await h.delivered()
+            async with asyncio.timeout(WAIT):
+                async for change in first:
+                    if change["seq"] == 3:
+                        break
+            epoch = first.epoch
+        with pytest.raises(FeedError) as caught:
+            feed.subscribe(ROOM, since=1)
+        assert caught.value.code == "bad_request"
+        assert "epoch" in caught.value.message
+        async with feed.subscribe(ROOM, since=1, epoch=epoch) as resumed:
+            assert resumed.state == "recovered"
+            async with asyncio.timeout(WAIT):
+                assert [(await anext(resumed))["seq"] for _ in range(2)] == [2, 3]

@@ -384,6 +384,11 @@ export class FeedClient extends Emitter {
   /** Follow a room; see docs/clients.md for the options. */
   subscribe(room, options = {}) {
     if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
+    if (options.since != null && options.epoch == null) {
+      // Without its epoch a position cannot be resumed safely (numbers from another server run
+      // mean nothing), and dropping it would miss every change after it without a word.
+      throw new FeedError("bad_request", "`since` needs the `epoch` it was saved with (sub.seq and sub.epoch)");
+    }
     const sub = new Subscription(this, room, options);
     this.subscriptions.add(sub);
     if (this.connected) sub._send();

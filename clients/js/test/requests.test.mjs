@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { FeedClient } from "../index.js";
+import { FeedClient, FeedError } from "../index.js";
 import { Harness, until } from "./harness.mjs";
 
 const ROOM = "mem:public.orders";
@@ -61,6 +61,35 @@ test("a room left while another subscribe to it is answered still delivers to th
     await h.write("insert", { id: 1, status: "new" });
     await until(() => got === 1, "the change, in the room the first subscription left");
     assert.equal(second.rows.get("1").status, "new");
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a position without its epoch is refused rather than dropped; with it, the client resumes", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const first = feed.subscribe(ROOM);
+    await first.ready;
+    const seen = [];
+    first.on("change", (change) => seen.push(change.seq));
+    for (const id of [1, 2, 3]) await h.write("insert", { id, status: "new" });
+    await until(() => seen.length === 3, "three changes");
+    const epoch = first.epoch;
+    await first.unsubscribe();
+    assert.throws(
+      () => feed.subscribe(ROOM, { since: 1 }),
+      (err) => err instanceof FeedError && err.code === "bad_request" && /epoch/.test(err.message),
+    );
+    const resumed = feed.subscribe(ROOM, { since: 1, epoch });
+    const replayed = [];
+    resumed.on("change", (change) => replayed.push(change.seq));
+    await resumed.ready;
+    assert.equal(resumed.state, "recovered");
+    await until(() => replayed.length === 2, "the two changes after 1");
+    assert.deepEqual(replayed, [2, 3]);
   } finally {
     feed.close();
     await h.stop();

@@ -343,6 +343,12 @@ class FeedClient(_Events):
         """Follow a room: use as `async with` (or `await sub.ready()`), then `async for`."""
         if self._closed:
             raise ClosedError("closed", "this FeedClient is closed")
+        if since is not None and epoch is None:
+            # Without its epoch a position cannot be resumed safely (numbers from another server
+            # run mean nothing), and dropping it would miss every change after it without a word.
+            raise FeedError(
+                "bad_request", "`since` needs the `epoch` it was saved with (sub.seq and sub.epoch)"
+            )
         sub = Subscription(self, room, filter, snapshot, key, since, epoch, max_queue)
         self.subscriptions.add(sub)
         if self.connected:
