@@ -5,6 +5,7 @@ the same scenarios."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -99,3 +100,41 @@ async def test_a_position_without_its_epoch_is_refused_rather_than_dropped() -> 
             assert resumed.state == "recovered"
             async with asyncio.timeout(WAIT):
                 assert [(await anext(resumed))["seq"] for _ in range(2)] == [2, 3]
+
+
+async def test_a_change_sent_again_by_a_restarted_server_is_dropped_by_its_id() -> None:
+    """Before: after a restart (a new epoch) the libraries forgot the ids they had seen, so a
+    change the new server read again from its source (a feed killed before it saved its
+    position) reached a subscription twice. Ids belong to the source: now it is dropped."""
+    async with harness() as h, client(h.url) as feed, feed.subscribe(ROOM) as sub:
+        got: list[dict[str, Any]] = []
+        states: list[str] = []
+        arrived = asyncio.Event()
+
+        def changed(change: dict[str, Any]) -> None:
+            got.append(change)
+            arrived.set()
+
+        def stated(state: str, info: dict[str, Any]) -> None:
+            states.append(state)
+            arrived.set()
+
+        sub.on("change", changed)
+        sub.on("state", stated)
+
+        async def until(condition: Callable[[], bool]) -> None:
+            async with asyncio.timeout(WAIT):
+                while not condition():
+                    arrived.clear()
+                    await arrived.wait()
+
+        first = h.write("public.orders", "insert", {"id": 1, "status": "new"})
+        await until(lambda: len(got) == 1)
+        epoch = sub.epoch
+        await h.restart()
+        await until(lambda: sub.epoch != epoch and sub.state == "live")
+        h.redeliver(str(first["id"]))  # the new run reads it again
+        second = h.write("public.orders", "insert", {"id": 2, "status": "new"})
+        await until(lambda: any(c["id"] == second["id"] for c in got))
+        assert [c["id"] for c in got] == [first["id"], second["id"]]
+        assert "reload" in states

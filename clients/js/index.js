@@ -722,14 +722,14 @@ export class Subscription extends Emitter {
     this.room = ack.room;
     const early = this.client._register(this, ack.room);
     this._buffer = [...early, ...this._buffer];
-    const newEpoch = this.epoch !== null && ack.epoch !== this.epoch;
+    // Change ids are kept whatever the epoch: they belong to the source, not to the server run,
+    // so a change a restarted server reads again from its source carries the id seen before.
     this.epoch = ack.epoch ?? null;
     if (ack.recovered === true) {
       const replayed = ack.seq - request.since;
       this._finish("recovered", { replayed });
       return;
     }
-    if (newEpoch) this._forgetIds();
     if (ack.recovered === false && !this._reloading) {
       this._setState("reload", { reason: "the server could not replay what was missed" });
     }
@@ -776,7 +776,6 @@ export class Subscription extends Emitter {
     this.truncated = truncated;
     this.seq = seq;
     this._skipOk = true; // changes the rows already reflect are skipped, so numbers may jump once
-    this._forgetIds();
     this._emit("snapshot", rows, { truncated, rows: this.rows });
     this._finish("live", {});
   }
@@ -931,7 +930,6 @@ export class Subscription extends Emitter {
       // The room's numbering began again (a cluster whose Redis lost the history): its next
       // change is `seq + 1` of the new epoch, and a resume must name that epoch.
       this.epoch = gap.epoch;
-      this._forgetIds();
       if (typeof gap.seq === "number") this.seq = gap.seq;
     } else if (typeof gap.seq === "number" && (this.seq === null || gap.seq > this.seq)) {
       this.seq = gap.seq;
@@ -972,10 +970,5 @@ export class Subscription extends Emitter {
     this._ids.add(id);
     this._idOrder.push(id);
     if (this._idOrder.length > MAX_IDS) this._ids.delete(this._idOrder.shift());
-  }
-
-  _forgetIds() {
-    this._ids.clear();
-    this._idOrder = [];
   }
 }

@@ -95,3 +95,29 @@ test("a position without its epoch is refused rather than dropped; with it, the 
     await h.stop();
   }
 });
+
+test("a change sent again by a restarted server (a new epoch) is dropped by its id", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const sub = feed.subscribe(ROOM);
+    const got = [];
+    const states = [];
+    sub.on("change", (change) => got.push(change.id));
+    sub.on("state", (state) => states.push(state));
+    await sub.ready;
+    const first = (await h.write("insert", { id: 1, status: "new" })).change;
+    await until(() => got.length === 1, "the first change");
+    const epoch = sub.epoch;
+    await h.send({ cmd: "restart" });
+    await until(() => sub.epoch !== epoch && sub.state === "live", "the restarted server's answer");
+    await h.send({ cmd: "redeliver", id: first.id }); // the new run reads it again
+    const second = (await h.write("insert", { id: 2, status: "new" })).change;
+    await until(() => got.includes(second.id), "the second change");
+    assert.deepEqual(got, [first.id, second.id]);
+    assert.ok(states.includes("reload"));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});

@@ -714,14 +714,13 @@ class Subscription(_Events):
         self.client._unregister(self)
         self.room = str(ack["room"])
         self._buffer = [*self.client._register(self, self.room), *self._buffer]
-        new_epoch = self.epoch is not None and ack.get("epoch") != self.epoch
+        # Change ids are kept whatever the epoch: they belong to the source, not to the server
+        # run, so a change a restarted server reads again from its source has the id seen before.
         self.epoch = ack.get("epoch")
         seq = int(ack.get("seq", 0))
         if ack.get("recovered") is True:
             self._finish("recovered", replayed=seq - int(request["since"]))
             return
-        if new_epoch:
-            self._ids.clear()
         if ack.get("recovered") is False and not self._reloading:
             self._set_state("reload", reason="the server could not replay what was missed")
         self._fresh = False
@@ -782,7 +781,6 @@ class Subscription(_Events):
                 current[key] = row
         self.rows = current
         self._skip_ok = True  # changes the rows already reflect are skipped: numbers may jump
-        self._ids.clear()
         self._emit("snapshot", rows, {"truncated": self.truncated, "rows": self.rows})
         self._finish("live")
 
@@ -861,7 +859,6 @@ class Subscription(_Events):
             # The room's numbering began again (a cluster whose Redis lost the history): its
             # next change is `seq + 1` of the new epoch, and a resume must name that epoch.
             self.epoch = epoch
-            self._ids.clear()
             if isinstance(seq, int):
                 self.seq = seq
         elif isinstance(seq, int) and (self.seq is None or seq > self.seq):
