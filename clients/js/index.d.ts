@@ -93,7 +93,7 @@ export interface SubscribeOptions {
   key?: string | string[] | ((row: Row) => Json);
   /** At most this many changes wait for a `for await` loop (default 10000); then a reload. */
   maxQueue?: number;
-  /** Resume from a position saved earlier (`sub.seq` and `sub.epoch`). */
+  /** Resume from a position saved earlier (`sub.seq` and `sub.epoch`): `since` without `epoch` throws. */
   since?: number;
   epoch?: string;
 }

@@ -35,6 +35,10 @@ const REMOVALS = new Set([
 const CLEARS = new Set(["truncate", "drop", "dropDatabase", "rename", "invalidate"]);
 const MAX_IDS = 4096; // recent change ids kept per subscription to drop duplicates
 const MAX_ORPHANS = 10000; // changes held for a room whose first subscribe ack has not come yet
+// Requests that may wait for their answers at once. The server refuses requests beyond its
+// `[limits] subscribe_burst` with `rate_limited` and cuts off a client after 100 refusals in a
+// row: a client with more rooms than that must not send them all at once.
+const MAX_IN_FLIGHT = 16;
 
 /**
  * How long to wait before retry number `attempt` (0, 1, ...) that the library makes itself: the
@@ -47,6 +51,84 @@ export function retryDelay(attempt, options = {}) {
   const base = (options.reconnectionDelay ?? 500) * 2 ** attempt;
   const max = options.reconnectionDelayMax ?? 5000;
   return Math.min(base, max) * (0.5 + Math.random());
+}
+
+/**
+ * Paces one client's requests, so that the server's rate limit slows them down rather than
+ * failing them or cutting the connection: at most MAX_IN_FLIGHT wait for answers at once; after
+ * a `rate_limited` answer every request waits out a pause (`retryDelay`, doubling while the
+ * refusals go on) and then only one goes at a time until the server takes one again.
+ */
+class Pacer {
+  constructor(options) {
+    this.options = options;
+    this.busy = 0; // requests waiting for their answers
+    this.waiting = []; // resolvers of requests waiting for their turn, first come first served
+    this.limited = 0; // pauses in a row: refusals since the server last took a request
+    this.resumeAt = 0;
+    this.timer = null;
+  }
+
+  /** Resolves when the request may go; `give()` once its answer is in. */
+  take() {
+    if (this.waiting.length === 0 && this._free()) {
+      this.busy += 1;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      this.waiting.push(resolve);
+      this._wake();
+    });
+  }
+
+  give() {
+    this.busy -= 1;
+    this._wake();
+  }
+
+  /** The server refused a request as too fast: pause (once per round of refusals). */
+  refused() {
+    if (Date.now() < this.resumeAt) return; // a request of the round already paused
+    this.limited += 1;
+    this.resumeAt = Date.now() + retryDelay(this.limited - 1, this.options);
+  }
+
+  /** The server took a request: back to the full pace. */
+  accepted() {
+    this.limited = 0;
+    this._wake();
+  }
+
+  /** Lets every waiting request go (they find the client closed). */
+  close() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.resumeAt = 0;
+    for (const resolve of this.waiting.splice(0)) {
+      this.busy += 1;
+      resolve();
+    }
+  }
+
+  // `now` is read once per decision: read twice, a pause could end between the two reads,
+  // and a request left waiting for the pause's end would find no timer set to wake it.
+  _free(now = Date.now()) {
+    return now >= this.resumeAt && this.busy < (this.limited ? 1 : MAX_IN_FLIGHT);
+  }
+
+  _wake() {
+    const now = Date.now();
+    while (this.waiting.length && this._free(now)) {
+      this.busy += 1;
+      this.waiting.shift()();
+    }
+    if (this.waiting.length && now < this.resumeAt && !this.timer) {
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        this._wake();
+      }, this.resumeAt - now);
+    }
+  }
 }
 
 /** An error from the server (its `code` and `message`) or from the client itself. */
@@ -247,6 +329,7 @@ export class FeedClient extends Emitter {
     this._refreshTimer = null;
     this._retryTimer = null;
     this._token = typeof options.token === "string" ? options.token : null;
+    this._pacer = new Pacer(options);
     this.connected = false;
     const ioOptions = {
       forceNew: true, // a connection of its own, never one shared with other code on the page
@@ -301,6 +384,11 @@ export class FeedClient extends Emitter {
   /** Follow a room; see docs/clients.md for the options. */
   subscribe(room, options = {}) {
     if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
+    if (options.since != null && options.epoch == null) {
+      // Without its epoch a position cannot be resumed safely (numbers from another server run
+      // mean nothing), and dropping it would miss every change after it without a word.
+      throw new FeedError("bad_request", "`since` needs the `epoch` it was saved with (sub.seq and sub.epoch)");
+    }
     const sub = new Subscription(this, room, options);
     this.subscriptions.add(sub);
     if (this.connected) sub._send();
@@ -337,18 +425,45 @@ export class FeedClient extends Emitter {
     clearTimeout(this._refreshTimer);
     clearTimeout(this._retryTimer);
     for (const sub of [...this.subscriptions]) sub._close();
+    this._pacer.close();
     this.socket.disconnect();
   }
 
+  /** Send a request and wait for its answer, paced (Pacer): `rate_limited` is retried here. */
   async _call(event, payload) {
     const timeout = this.options.timeout ?? 10000;
-    try {
-      return payload === undefined
-        ? await this.socket.timeout(timeout).emitWithAck(event)
-        : await this.socket.timeout(timeout).emitWithAck(event, payload);
-    } catch {
-      throw new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`);
+    for (;;) {
+      await this._pacer.take();
+      let ack;
+      try {
+        if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
+        ack =
+          payload === undefined
+            ? await this.socket.timeout(timeout).emitWithAck(event)
+            : await this.socket.timeout(timeout).emitWithAck(event, payload);
+      } catch (err) {
+        this._pacer.give();
+        if (err instanceof FeedError) throw err;
+        throw new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`);
+      }
+      const limited = ack?.ok === false && ack.error?.code === "rate_limited";
+      if (limited) this._pacer.refused();
+      else if (ack?.ok) this._pacer.accepted();
+      this._pacer.give();
+      if (!limited || this._closed || !this.connected) return ack;
     }
+  }
+
+  /**
+   * Leave `room` on the server. A subscribe of the same room still on its way (another
+   * subscription, whose canonical name is not known yet) may be answered before or after the
+   * server handles this, so it may end up outside the room: it is sent again when answered.
+   */
+  async _leave(room) {
+    for (const sub of this.subscriptions) {
+      if (sub._phase === "subscribing") sub._leftWhileAsking.add(room);
+    }
+    return this._call("unsubscribe", { room });
   }
 
   _onConnect() {
@@ -505,6 +620,7 @@ export class Subscription extends Emitter {
     this._retries = 0;
     this._reloading = false;
     this._gapWhileSubscribing = null;
+    this._leftWhileAsking = new Set(); // rooms left while the subscribe was on its way
     this.ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -519,7 +635,7 @@ export class Subscription extends Emitter {
     this._close();
     this.client.subscriptions.delete(this);
     if (room && wasSubscribed && this.client.connected && ![...this.client.subscriptions].some((s) => s.room === room)) {
-      const ack = await this.client._call("unsubscribe", { room });
+      const ack = await this.client._leave(room);
       if (!ack || !ack.ok) throw ackError(ack);
     }
   }
@@ -567,6 +683,7 @@ export class Subscription extends Emitter {
     this._buffer = [];
     this._chunks = null;
     this._gapWhileSubscribing = null;
+    this._leftWhileAsking.clear();
     if (this.state !== "pending") this._setState("pending", { resuming });
     this.client._call("subscribe", request).then(
       (ack) => this._onAck(attempt, request, ack),
@@ -577,7 +694,7 @@ export class Subscription extends Emitter {
   _onAck(attempt, request, ack) {
     if (this._closed && ack && ack.ok && !this.client._byRoom.has(ack.room) && this.client.connected) {
       // Unsubscribed while the answer was on its way: leave the room the server put us in.
-      this.client._call("unsubscribe", { room: ack.room }).catch(() => {});
+      this.client._leave(ack.room).catch(() => {});
       return;
     }
     if (attempt !== this._attempt || this._closed) return; // stale: asked again since
@@ -595,18 +712,24 @@ export class Subscription extends Emitter {
       return;
     }
     this._retries = 0;
+    if (this._leftWhileAsking.has(ack.room)) {
+      // This client left the room (another subscription's unsubscribe) while this answer was
+      // on its way: the server may have taken us out after putting us in. Ask again.
+      this._send();
+      return;
+    }
     this.client._unregister(this);
     this.room = ack.room;
     const early = this.client._register(this, ack.room);
     this._buffer = [...early, ...this._buffer];
-    const newEpoch = this.epoch !== null && ack.epoch !== this.epoch;
+    // Change ids are kept whatever the epoch: they belong to the source, not to the server run,
+    // so a change a restarted server reads again from its source carries the id seen before.
     this.epoch = ack.epoch ?? null;
     if (ack.recovered === true) {
       const replayed = ack.seq - request.since;
       this._finish("recovered", { replayed });
       return;
     }
-    if (newEpoch) this._forgetIds();
     if (ack.recovered === false && !this._reloading) {
       this._setState("reload", { reason: "the server could not replay what was missed" });
     }
@@ -653,7 +776,6 @@ export class Subscription extends Emitter {
     this.truncated = truncated;
     this.seq = seq;
     this._skipOk = true; // changes the rows already reflect are skipped, so numbers may jump once
-    this._forgetIds();
     this._emit("snapshot", rows, { truncated, rows: this.rows });
     this._finish("live", {});
   }
@@ -808,7 +930,6 @@ export class Subscription extends Emitter {
       // The room's numbering began again (a cluster whose Redis lost the history): its next
       // change is `seq + 1` of the new epoch, and a resume must name that epoch.
       this.epoch = gap.epoch;
-      this._forgetIds();
       if (typeof gap.seq === "number") this.seq = gap.seq;
     } else if (typeof gap.seq === "number" && (this.seq === null || gap.seq > this.seq)) {
       this.seq = gap.seq;
@@ -849,10 +970,5 @@ export class Subscription extends Emitter {
     this._ids.add(id);
     this._idOrder.push(id);
     if (this._idOrder.length > MAX_IDS) this._ids.delete(this._idOrder.shift());
-  }
-
-  _forgetIds() {
-    this._ids.clear();
-    this._idOrder = [];
   }
 }

@@ -11,6 +11,7 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
     {"cmd": "burst", "target": "public.orders", "start": 1, "count": 300, "pad": 0}
         (with "spread": true, written 50 at a time in the background, 10 ms apart)
     {"cmd": "truncate", "target": "public.orders"} / {"cmd": "gap", "reason": "..."}
+    {"cmd": "redeliver", "id": "mem:3"}  (a change written before, sent again with its id)
     {"cmd": "delivered", "connector": "mem"}  (until the hub routed every change written)
     {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
         (with "connector" as for write)
@@ -25,8 +26,8 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
         (cluster_write takes "connector" and "target" too: "lines", "public.lines")
 
 The server is the real FeedApp under uvicorn with the in-memory connector. A restart starts a new
-FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows over, as
-a database outlives the feed. The harness holds that port's listening socket from start to stop
+FeedApp (a new epoch, empty replay buffers) on the same port, carrying the stored rows and the
+positions over (so change ids go on, never repeat), as a database outlives the feed. The harness holds that port's listening socket from start to stop
 and hands uvicorn a copy of it each time, so no other process can take the port (not even during
 a restart, when connections wait in the socket's backlog for the new server).
 """
@@ -50,7 +51,11 @@ from tests.support.redis import open_redis_target
 from tests.support.server import RunningFeed, listening_socket, port_of, running_feed
 
 if TYPE_CHECKING:
+    import itertools
+
     from dbfeed_client import FeedClient
+
+    from feed.core.change import Change
 
 WAIT = 10.0
 GRACE = 3
@@ -128,6 +133,9 @@ class Harness:
         self.task: asyncio.Task[None] | None = None
         self.config = ""
         self.tables: dict[str, dict[str, dict[str, Any]]] | None = None
+        self.positions: itertools.count[int] | None = None
+        self.written: dict[str, Change] = {}
+        """Changes written through `write`, by id, for `redeliver`."""
         self._source: MemoryConnector | None = None
 
     @property
@@ -156,6 +164,8 @@ class Harness:
         self._source = next(c for c in connectors if isinstance(c, MemoryConnector))
         if self.tables is not None:  # the "database" outlives the feed
             self._source._tables = self.tables
+        if self.positions is not None:  # and so do its positions, which change ids are made of
+            self._source._positions = self.positions
         self.app = FeedApp(config, connectors=connectors)
         # A long-poll whose connection was cut stays a running request until its session's next
         # ping (up to 25 s): past GRACE a stop cancels it, as `feed serve` does after 10 s.
@@ -176,6 +186,7 @@ class Harness:
     async def _halt(self) -> None:
         if self.server is not None and self.task is not None:
             self.tables = self.source._tables
+            self.positions = self.source._positions
             self.server.should_exit = True
             await asyncio.wait_for(self.task, WAIT)
             self.server = self.task = None
@@ -206,7 +217,14 @@ class Harness:
         connector: str = "mem",
         moved_from: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        return self.connector(connector).write(target, op, row, moved_from).wire
+        change = self.connector(connector).write(target, op, row, moved_from)
+        self.written[change.id] = change
+        return change.wire
+
+    def redeliver(self, change_id: str) -> None:
+        """The change written with this id, sent again by the current server with its id (as a
+        source read again from an older position after a crash sends it)."""
+        self.source.redeliver(self.written[change_id])
 
     def burst(self, target: str, start: int, count: int, pad: int = 0) -> None:
         """`count` inserts in one go: the server sends them as `changes` frames."""
@@ -329,6 +347,8 @@ async def serve_commands() -> None:
                         command.get("connector", "mem"),
                         command.get("moved_from"),
                     )
+                elif cmd == "redeliver":
+                    h.redeliver(command["id"])
                 elif cmd == "burst" and command.get("spread"):
                     task = asyncio.create_task(
                         h.spread_burst(

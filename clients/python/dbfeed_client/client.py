@@ -27,6 +27,7 @@ from dbfeed_client.errors import (
     RequestTimeout,
     SubscribeError,
 )
+from dbfeed_client.pacing import Pacer
 from dbfeed_client.rows import Change, KeySpec, Row, apply, jwt_seconds_left, row_key
 
 log = logging.getLogger("dbfeed_client")
@@ -165,6 +166,7 @@ class FeedClient(_Events):
         self._closed = False
         self._refusal: dict[str, Any] | None = None
         self._gone = asyncio.Event()
+        self._pacer = Pacer(reconnection_delay, reconnection_delay_max)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -213,6 +215,7 @@ class FeedClient(_Events):
         self._closed = True
         for sub in list(self.subscriptions):
             sub._close(ClosedError("closed", "the client was closed"))
+        self._pacer.close()
         for task in [self._runner, self._refresher, *self._tasks]:
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
@@ -340,6 +343,12 @@ class FeedClient(_Events):
         """Follow a room: use as `async with` (or `await sub.ready()`), then `async for`."""
         if self._closed:
             raise ClosedError("closed", "this FeedClient is closed")
+        if since is not None and epoch is None:
+            # Without its epoch a position cannot be resumed safely (numbers from another server
+            # run mean nothing), and dropping it would miss every change after it without a word.
+            raise FeedError(
+                "bad_request", "`since` needs the `epoch` it was saved with (sub.seq and sub.epoch)"
+            )
         sub = Subscription(self, room, filter, snapshot, key, since, epoch, max_queue)
         self.subscriptions.add(sub)
         if self.connected:
@@ -365,7 +374,25 @@ class FeedClient(_Events):
         return ack
 
     async def _call(self, event: str, data: Any) -> dict[str, Any]:
+        """Send a request and wait for its answer, paced (`Pacer`): `rate_limited` is retried."""
+        while True:
+            await self._pacer.take()
+            try:
+                ack = await self._call_once(event, data)
+                limited = ack.get("ok") is False and _error_code(ack) == "rate_limited"
+                if limited:
+                    self._pacer.refused()
+                elif ack.get("ok"):
+                    self._pacer.accepted()
+            finally:
+                self._pacer.give()
+            if not limited or self._closed or not self.connected:
+                return ack
+
+    async def _call_once(self, event: str, data: Any) -> dict[str, Any]:
         sio = self._sio
+        if self._closed:
+            raise ClosedError("closed", "this FeedClient is closed")
         if sio is None or not sio.connected:
             raise FeedError("not_connected", "not connected to the server")
         try:
@@ -379,6 +406,18 @@ class FeedClient(_Events):
         if not isinstance(ack, dict):
             return {"ok": False, "error": {"code": "bad_answer", "message": repr(ack)[:200]}}
         return ack
+
+    async def _leave(self, room: str) -> dict[str, Any]:
+        """Leave `room` on the server.
+
+        A subscribe of the same room still on its way (another subscription, whose canonical
+        name is not known yet) may be answered before or after the server handles this, so it
+        may end up outside the room: it is sent again when answered (`_on_ack`).
+        """
+        for sub in self.subscriptions:
+            if sub._phase == "subscribing":
+                sub._left_while_asking.add(room)
+        return await self._call("unsubscribe", {"room": room})
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -484,6 +523,11 @@ class FeedClient(_Events):
                     del self._by_room[sub.room]
 
 
+def _error_code(ack: dict[str, Any]) -> Any:
+    error = ack.get("error")
+    return error.get("code") if isinstance(error, dict) else None
+
+
 def _ack_error(ack: dict[str, Any], kind: type[FeedError]) -> FeedError:
     error = ack.get("error")
     if not isinstance(error, dict):
@@ -536,6 +580,7 @@ class Subscription(_Events):
         self._fresh = False
         self._reloading = False
         self._gap_while_subscribing: dict[str, Any] | None = None
+        self._left_while_asking: set[str] = set()  # rooms left while the subscribe was on its way
         self._ids: dict[Any, None] = {}
         self._closed = False
         self._error: FeedError | None = None
@@ -592,7 +637,7 @@ class Subscription(_Events):
         self._close(ClosedError("closed", "unsubscribed"))
         others = any(s.room == room for s in self.client.subscriptions)
         if room is not None and was_subscribed and self.client.connected and not others:
-            ack = await self.client._call("unsubscribe", {"room": room})
+            ack = await self.client._leave(room)
             if not ack.get("ok"):
                 raise _ack_error(ack, FeedError)
 
@@ -629,6 +674,7 @@ class Subscription(_Events):
         self._buffer = []
         self._chunks = None
         self._gap_while_subscribing = None
+        self._left_while_asking.clear()
         if self.state != "pending":
             self._set_state("pending", resuming=resuming)
         try:
@@ -643,7 +689,7 @@ class Subscription(_Events):
             if room not in self.client._by_room and self.client.connected:
                 # Unsubscribed while the answer was on its way: leave the room we were put in.
                 with contextlib.suppress(FeedError):
-                    await self.client._call("unsubscribe", {"room": room})
+                    await self.client._leave(room)
             return
         if attempt != self._attempt or self._closed:
             return  # stale: asked again since
@@ -660,17 +706,21 @@ class Subscription(_Events):
             self._fail(error)
             return
         self._retries = 0
+        if room in self._left_while_asking:
+            # This client left the room (another subscription's unsubscribe) while this answer
+            # was on its way: the server may have taken us out after putting us in. Ask again.
+            self.client._spawn(self._send())
+            return
         self.client._unregister(self)
         self.room = str(ack["room"])
         self._buffer = [*self.client._register(self, self.room), *self._buffer]
-        new_epoch = self.epoch is not None and ack.get("epoch") != self.epoch
+        # Change ids are kept whatever the epoch: they belong to the source, not to the server
+        # run, so a change a restarted server reads again from its source has the id seen before.
         self.epoch = ack.get("epoch")
         seq = int(ack.get("seq", 0))
         if ack.get("recovered") is True:
             self._finish("recovered", replayed=seq - int(request["since"]))
             return
-        if new_epoch:
-            self._ids.clear()
         if ack.get("recovered") is False and not self._reloading:
             self._set_state("reload", reason="the server could not replay what was missed")
         self._fresh = False
@@ -731,7 +781,6 @@ class Subscription(_Events):
                 current[key] = row
         self.rows = current
         self._skip_ok = True  # changes the rows already reflect are skipped: numbers may jump
-        self._ids.clear()
         self._emit("snapshot", rows, {"truncated": self.truncated, "rows": self.rows})
         self._finish("live")
 
@@ -810,7 +859,6 @@ class Subscription(_Events):
             # The room's numbering began again (a cluster whose Redis lost the history): its
             # next change is `seq + 1` of the new epoch, and a resume must name that epoch.
             self.epoch = epoch
-            self._ids.clear()
             if isinstance(seq, int):
                 self.seq = seq
         elif isinstance(seq, int) and (self.seq is None or seq > self.seq):

@@ -1,0 +1,123 @@
+// dbfeed-client's requests against the real feed server: many rooms on one client, and rooms
+// left and joined at once (the same scenarios as tests/test_client_requests.py).
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { FeedClient, FeedError } from "../index.js";
+import { Harness, until } from "./harness.mjs";
+
+const ROOM = "mem:public.orders";
+const WS = { transports: ["websocket"], reconnectionDelay: 100, reconnectionDelayMax: 1000 };
+// A small burst, so that a client with a hundred-odd rooms goes past it.
+const LIMITED =
+  "[server]\nreplay_buffer = 5000\nmax_subscriptions = 300\n" +
+  "[limits]\nsubscribe_burst = 10\nsubscribe_rate = 50.0\n";
+const ROOMS = 130; // past the burst, and refusals in a row enough to be cut off (100) if all went at once
+
+function timeLimit(promise, ms, what) {
+  let timer;
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, limit]).finally(() => clearTimeout(timer));
+}
+
+test("more rooms than the server's burst: paced, never cut off, and unsubscribes do not throw", async () => {
+  const h = await Harness.start({ config: LIMITED });
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const disconnects = [];
+    feed.on("disconnect", (reason) => disconnects.push(reason));
+    const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
+    await timeLimit(Promise.all(subs.map((sub) => sub.ready)), 30000, "every subscription");
+    assert.deepEqual(disconnects, []);
+    assert.ok(subs.every((sub) => sub.state === "live"));
+
+    let got = 0;
+    subs[ROOMS - 1].on("change", () => (got += 1));
+    await h.write("insert", { id: ROOMS, status: "paid" });
+    await until(() => got === 1, "a change in the last row room");
+
+    await timeLimit(Promise.all(subs.map((sub) => sub.unsubscribe())), 30000, "every unsubscribe");
+    assert.deepEqual(disconnects, []);
+    assert.equal(feed.subscriptions.size, 0);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a room left while another subscribe to it is answered still delivers to the new one", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const first = feed.subscribe(ROOM);
+    await first.ready;
+    const second = feed.subscribe(ROOM, { snapshot: true }); // sent at once, before the unsubscribe
+    await first.unsubscribe();
+    await second.ready;
+    let got = 0;
+    second.on("change", () => (got += 1));
+    await h.write("insert", { id: 1, status: "new" });
+    await until(() => got === 1, "the change, in the room the first subscription left");
+    assert.equal(second.rows.get("1").status, "new");
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a position without its epoch is refused rather than dropped; with it, the client resumes", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const first = feed.subscribe(ROOM);
+    await first.ready;
+    const seen = [];
+    first.on("change", (change) => seen.push(change.seq));
+    for (const id of [1, 2, 3]) await h.write("insert", { id, status: "new" });
+    await until(() => seen.length === 3, "three changes");
+    const epoch = first.epoch;
+    await first.unsubscribe();
+    assert.throws(
+      () => feed.subscribe(ROOM, { since: 1 }),
+      (err) => err instanceof FeedError && err.code === "bad_request" && /epoch/.test(err.message),
+    );
+    const resumed = feed.subscribe(ROOM, { since: 1, epoch });
+    const replayed = [];
+    resumed.on("change", (change) => replayed.push(change.seq));
+    await resumed.ready;
+    assert.equal(resumed.state, "recovered");
+    await until(() => replayed.length === 2, "the two changes after 1");
+    assert.deepEqual(replayed, [2, 3]);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a change sent again by a restarted server (a new epoch) is dropped by its id", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const sub = feed.subscribe(ROOM);
+    const got = [];
+    const states = [];
+    sub.on("change", (change) => got.push(change.id));
+    sub.on("state", (state) => states.push(state));
+    await sub.ready;
+    const first = (await h.write("insert", { id: 1, status: "new" })).change;
+    await until(() => got.length === 1, "the first change");
+    const epoch = sub.epoch;
+    await h.send({ cmd: "restart" });
+    await until(() => sub.epoch !== epoch && sub.state === "live", "the restarted server's answer");
+    await h.send({ cmd: "redeliver", id: first.id }); // the new run reads it again
+    const second = (await h.write("insert", { id: 2, status: "new" })).change;
+    await until(() => got.includes(second.id), "the second change");
+    assert.deepEqual(got, [first.id, second.id]);
+    assert.ok(states.includes("reload"));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});

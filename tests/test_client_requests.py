@@ -1,0 +1,140 @@
+"""dbfeed_client's requests against the real feed server: many rooms on one client, rooms left
+and joined at once, and a resume from a saved position. The JavaScript client's tests (clients/js/test/requests.test.mjs) run
+the same scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from dbfeed_client import FeedClient, FeedError
+
+from tests.support.client_harness import harness
+
+ROOM = "mem:public.orders"
+WAIT = 30.0
+# A small burst, so that a client with a hundred-odd rooms goes past it (the default burst is
+# the default `max_subscriptions`, 100; an operator who raises one need not raise the other).
+LIMITED = (
+    "[server]\nreplay_buffer = 5000\nmax_subscriptions = 300\n"
+    "[limits]\nsubscribe_burst = 10\nsubscribe_rate = 50.0\n"
+)
+ROOMS = 130
+"""More rooms than the burst, and refusals in a row enough to be cut off (100) if all went at once."""
+
+
+def client(url: str, **options: Any) -> FeedClient:
+    return FeedClient(url, reconnection_delay=0.1, reconnection_delay_max=1.0, **options)
+
+
+async def test_more_rooms_than_the_servers_burst_are_paced_not_cut_off() -> None:
+    """Before: the client sent every subscribe at once, the server refused those past its burst,
+    and after 100 refusals in a row cut the client off: it reconnected, sent them all again and
+    was cut off again, for a minute. Its unsubscribes raised `rate_limited`, leaving the rooms
+    joined on the server. Now the client paces its requests and retries refused ones."""
+    async with harness(LIMITED) as h:
+        disconnects: list[str] = []
+        async with client(h.url) as feed:
+            feed.on("disconnect", disconnects.append)
+            subs = [feed.subscribe(f"{ROOM}:{i}") for i in range(1, ROOMS + 1)]
+            async with asyncio.timeout(WAIT):
+                await asyncio.gather(*(sub.ready() for sub in subs))
+            assert disconnects == []
+            assert all(sub.state == "live" for sub in subs)
+
+            got = asyncio.Event()
+            subs[-1].on("change", lambda change: got.set())
+            h.write("public.orders", "insert", {"id": ROOMS, "status": "paid"})
+            async with asyncio.timeout(WAIT):
+                await got.wait()
+
+            async with asyncio.timeout(WAIT):
+                await asyncio.gather(*(sub.unsubscribe() for sub in subs))  # none raises
+            assert disconnects == []
+            assert feed.subscriptions == set()
+
+
+async def test_a_room_left_while_another_subscribe_to_it_is_answered_still_delivers() -> None:
+    """Before: a second subscription to a room, asked while the first one's unsubscribe was
+    sent, went `live` but the server had taken the client out of the room: it received nothing,
+    silently. Now it asks again when its answer comes after such an unsubscribe."""
+    async with harness() as h, client(h.url) as feed:
+        first = feed.subscribe(ROOM)
+        await first.ready()
+        second = feed.subscribe(ROOM, snapshot=True)
+        async with asyncio.timeout(WAIT):
+            while second._phase != "subscribing":  # noqa: ASYNC110 - its task has not run yet
+                await asyncio.sleep(0)
+        await asyncio.sleep(0)  # its subscribe is on the wire, before the unsubscribe below
+        await first.unsubscribe()
+        async with asyncio.timeout(WAIT):
+            await second.ready()
+        got = asyncio.Event()
+        second.on("change", lambda change: got.set())
+        h.write("public.orders", "insert", {"id": 1, "status": "new"})
+        async with asyncio.timeout(WAIT):
+            await got.wait()
+        assert second.rows is not None and second.rows["1"]["status"] == "new"
+
+
+async def test_a_position_without_its_epoch_is_refused_rather_than_dropped() -> None:
+    """Before: `subscribe(room, since=17)` without `epoch` dropped `since` and went `live`: the
+    changes after 17 were missed without a word. Now it raises; with the epoch it resumes."""
+    async with harness() as h, client(h.url) as feed:
+        async with feed.subscribe(ROOM) as first:
+            for i in (1, 2, 3):
+                h.write("public.orders", "insert", {"id": i, "status": "new"})
+            await h.delivered()
+            async with asyncio.timeout(WAIT):
+                async for change in first:
+                    if change["seq"] == 3:
+                        break
+            epoch = first.epoch
+        with pytest.raises(FeedError) as caught:
+            feed.subscribe(ROOM, since=1)
+        assert caught.value.code == "bad_request"
+        assert "epoch" in caught.value.message
+        async with feed.subscribe(ROOM, since=1, epoch=epoch) as resumed:
+            assert resumed.state == "recovered"
+            async with asyncio.timeout(WAIT):
+                assert [(await anext(resumed))["seq"] for _ in range(2)] == [2, 3]
+
+
+async def test_a_change_sent_again_by_a_restarted_server_is_dropped_by_its_id() -> None:
+    """Before: after a restart (a new epoch) the libraries forgot the ids they had seen, so a
+    change the new server read again from its source (a feed killed before it saved its
+    position) reached a subscription twice. Ids belong to the source: now it is dropped."""
+    async with harness() as h, client(h.url) as feed, feed.subscribe(ROOM) as sub:
+        got: list[dict[str, Any]] = []
+        states: list[str] = []
+        arrived = asyncio.Event()
+
+        def changed(change: dict[str, Any]) -> None:
+            got.append(change)
+            arrived.set()
+
+        def stated(state: str, info: dict[str, Any]) -> None:
+            states.append(state)
+            arrived.set()
+
+        sub.on("change", changed)
+        sub.on("state", stated)
+
+        async def until(condition: Callable[[], bool]) -> None:
+            async with asyncio.timeout(WAIT):
+                while not condition():
+                    arrived.clear()
+                    await arrived.wait()
+
+        first = h.write("public.orders", "insert", {"id": 1, "status": "new"})
+        await until(lambda: len(got) == 1)
+        epoch = sub.epoch
+        await h.restart()
+        await until(lambda: sub.epoch != epoch and sub.state == "live")
+        h.redeliver(str(first["id"]))  # the new run reads it again
+        second = h.write("public.orders", "insert", {"id": 2, "status": "new"})
+        await until(lambda: any(c["id"] == second["id"] for c in got))
+        assert [c["id"] for c in got] == [first["id"], second["id"]]
+        assert "reload" in states
