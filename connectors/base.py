@@ -242,6 +242,16 @@ class Connector(ABC):
         """
         return None
 
+    def check_key(self, target: str, key: str) -> None:
+        """Refuse (ProtocolError "bad_key") a row room no row of `target` can ever fill.
+
+        Such a room was acknowledged and went live, then heard nothing: a mistyped key looked
+        like a quiet row. Only a source that knows its keys can tell (Postgres: a table without
+        a primary key, a composite key given fewer values than it has columns, an integer key
+        given something else). The default accepts every key.
+        """
+        return None
+
     def filter_schema(self) -> dict[str, dict[str, str]] | None:
         """What `check_filter` goes by, per target (Postgres: each column's type), as JSON, for
         the other nodes of a cluster: their connector is not running, so it has not read the

@@ -48,7 +48,7 @@ from connectors.postgres_capture import (
     trigger_names,
 )
 from connectors.postgres_dsn import dsn_problem
-from connectors.postgres_filters import check_filter, pushdown
+from connectors.postgres_filters import KEYS_ENTRY, check_filter, check_key, pushdown
 from connectors.postgres_migrate import (
     LOCK_CLASS,
     apply_migrations,
@@ -262,6 +262,7 @@ class PostgresConnector(Connector):
         self._dead_pid: int | None = None
         self._shapes: dict[str, TableShape] = {}
         self._adopted: dict[str, TableShape] = {}
+        self._adopted_keys: dict[str, tuple[str, ...]] = {}
         """Column types the reading node shares, while this (standby) connector has no shapes."""
         self._state: ReaderState | None = None
         self._saved_text: str | None = None
@@ -1609,14 +1610,36 @@ class PostgresConnector(Connector):
         if shape is not None:  # not read yet, nor shared by a reader: nothing to check against
             check_filter(shape, row_filter)
 
+    def check_key(self, target: str, key: str) -> None:
+        """A row room's key against the table's key columns: see connectors/postgres_filters."""
+        shape = self._shapes.get(target)
+        if shape is None:  # a node that does not read: the reader's key columns, if it said
+            adopted = self._adopted.get(target)
+            if adopted is None or target not in self._adopted_keys:
+                return
+            shape = replace(adopted, primary_key=self._adopted_keys[target])
+        check_key(shape, key, self.name)
+
     def filter_schema(self) -> dict[str, dict[str, str]] | None:
-        return {target: dict(shape.column_types) for target, shape in self._shapes.items()}
+        schema = {target: dict(shape.column_types) for target, shape in self._shapes.items()}
+        # Key columns under a name no table has (a target holds a dot); nodes that do not know
+        # it skip it, as they skip any name that is not one of their tables.
+        schema[KEYS_ENTRY] = {
+            target: ",".join(shape.primary_key) for target, shape in self._shapes.items()
+        }
+        return schema
 
     def adopt_filter_schema(self, schema: Mapping[str, Mapping[str, str]]) -> None:
         self._adopted = {
             target: TableShape(target, {}, (), dict(types))
             for target, types in schema.items()
             if target in self.targets_by_table and isinstance(types, Mapping)
+        }
+        keys = schema.get(KEYS_ENTRY)
+        self._adopted_keys = {
+            target: tuple(columns.split(",")) if columns else ()
+            for target, columns in (keys.items() if isinstance(keys, Mapping) else ())
+            if isinstance(columns, str)
         }
 
     # -- snapshots -------------------------------------------------------------------------------

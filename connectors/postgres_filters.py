@@ -11,6 +11,7 @@ json and other types accept any literal.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -80,6 +81,43 @@ CHECKS: dict[str, Callable[[str], str | None]] = {
     "date": _date,
     "uuid": _uuid,
 }
+
+
+KEYS_ENTRY = "~keys"
+"""Where `filter_schema` carries each table's key columns (comma-joined) to the other nodes."""
+
+INTEGERS = {"int2", "int4", "int8"}
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def check_key(shape: TableShape, key: str, connector: str) -> None:
+    """Raise ProtocolError("bad_key") for a row room key no row of this table can have.
+
+    Only what is sure is refused: a composite key's values may hold commas themselves, so only
+    fewer parts than key columns is impossible; an integer key's text is its digits.
+    """
+    columns = shape.primary_key
+    if not columns:
+        raise ProtocolError(
+            "bad_key",
+            f"{shape.target} has no primary key, so it has no row rooms: name its key columns "
+            f"with `keys` in connector {connector!r}, or follow {connector}:{shape.target} "
+            "with a filter",
+        )
+    if len(columns) > 1 and key.count(",") + 1 < len(columns):
+        example = ",".join(f"<{column}>" for column in columns)
+        raise ProtocolError(
+            "bad_key",
+            f"{shape.target}'s key is ({', '.join(columns)}): a row room names every one, "
+            f"joined by commas ({connector}:{shape.target}:{example}), not {key[:64]!r}",
+        )
+    integer = len(columns) == 1 and shape.column_types.get(columns[0]) in INTEGERS
+    if integer and not WHOLE_NUMBER.fullmatch(key):
+        raise ProtocolError(
+            "bad_key",
+            f"{shape.target}'s key {columns[0]} is {shape.column_types[columns[0]]}: "
+            f"{key[:64]!r} is not a whole number",
+        )
 
 
 def check_filter(shape: TableShape, row_filter: RowFilter) -> None:

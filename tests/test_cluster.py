@@ -711,8 +711,12 @@ async def test_a_node_that_does_not_read_refuses_the_filters_the_reader_would(
 ) -> None:
     """Filters are checked against the table's columns and types, which only a running Postgres
     connector has read: a node that did not read accepted `nosuchcol=eq.1`, a room that could
-    never match, where the reader answered `bad_filter`. The reader now shares the column types."""
+    never match, where the reader answered `bad_filter`. The reader now shares the column types,
+    and the key columns: a row room no row can fill (no primary key, a composite key given one
+    value, an integer key given a word) was acknowledged and went live, then heard nothing."""
     await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, amount numeric)")
+    await pg.conn.execute("CREATE TABLE public.lines (o int, n int, PRIMARY KEY (o, n))")
+    await pg.conn.execute("CREATE TABLE public.notes (body text)")
     config = f"""
 [cluster]
 url = "{redis_target.url}"
@@ -723,7 +727,7 @@ lease = 1.0
 name = "main"
 type = "postgres"
 dsn = "{pg.url}"
-tables = ["public.orders"]
+tables = ["public.orders", "public.lines", "public.notes"]
 auto_migrate = true
 """
     async with AsyncExitStack() as stack:
@@ -743,6 +747,16 @@ auto_migrate = true
                 assert ack["ok"] is False and ack["error"]["code"] == "bad_filter", ack
                 assert says in ack["error"]["message"], ack
             await subscribed(client, "main:public.orders", filter="amount=gt.10")
+            for room, says in (
+                ("main:public.notes:x", "public.notes has no primary key"),
+                ("main:public.lines:7", "public.lines's key is (o, n)"),
+                ("main:public.orders:abc", "'abc' is not a whole number"),
+            ):
+                ack = await client.subscribe(room)
+                assert ack["ok"] is False and ack["error"]["code"] == "bad_key", ack
+                assert says in ack["error"]["message"], ack
+            for room in ("main:public.lines:7,2", "main:public.orders:-4"):
+                await subscribed(client, room)
 
 
 async def test_nodes_sign_in_to_a_redis_with_a_password() -> None:

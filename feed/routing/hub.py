@@ -560,6 +560,8 @@ class Hub:
             forced, mask = shape.forced, shape.image
         request = self.split_room_filter(request)
         connector, address = self.resolve(request.room)
+        if address.key is not None:
+            connector.check_key(address.target, address.key)
         row_filter = (
             parse_filter(request.filter, max_length=self.settings.max_filter_length)
             if request.filter
