@@ -23,7 +23,8 @@ from feed.core.filters import Condition, Literal, RowFilter
 from feed.errors import ProtocolError
 
 TEXT = {"text", "varchar", "bpchar", "name", "citext"}
-NUMBERS = {"int2", "int4", "int8", "numeric", "float4", "float8", "oid"}
+INTEGERS = {"int2", "int4", "int8"}
+NUMBERS = {*INTEGERS, "numeric", "float4", "float8", "oid"}
 UNCOMPARABLE = {"bytea": "bytes, sent as base64"}
 """Types whose values a literal never equals: refused rather than accepted to match nothing.
 (`money` is its text form, as `interval` is: compared as text.)"""
@@ -35,6 +36,15 @@ def _number(text: str) -> str | None:
     except InvalidOperation:
         return "a number, e.g. 100 or 9.5"
     return None
+
+
+def _whole(text: str) -> str | None:
+    """An integer column equals no fraction, NaN or infinity (`qty=eq.1.5`): refused, as any
+    literal no value of the column equals is. (`lt`/`gt` take them: `qty=lt.1.5` means something.)"""
+    number = Decimal(text)
+    if number.is_finite() and number == number.to_integral_value():
+        return None
+    return "a whole number, e.g. 100"
 
 
 def _bool(text: str) -> str | None:
@@ -159,6 +169,8 @@ def _check_condition(shape: TableShape, condition: Condition) -> None:
         if literal == "null" and condition.op in ("eq", "neq", "in"):
             continue
         wanted = check(literal)
+        if wanted is None and condition.equality and type_name in INTEGERS:
+            wanted = _whole(literal)
         if wanted is not None:
             raise ProtocolError(
                 "bad_filter",
@@ -168,7 +180,6 @@ def _check_condition(shape: TableShape, condition: Condition) -> None:
 
 # -- snapshots: the filter as a WHERE clause -------------------------------------------------------
 
-INTEGERS = {"int2", "int4", "int8"}
 INT8 = 1 << 63
 
 

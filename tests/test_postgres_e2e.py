@@ -219,6 +219,28 @@ async def test_filters_that_can_never_match_are_refused_naming_column_and_type(
                 assert ack["ok"], (good, ack)
 
 
+async def test_an_integer_column_refuses_equality_with_a_fraction(pg: PgDatabase) -> None:
+    """`qty=eq.1.5` on an int column was accepted and then matched nothing, ever (as NaN and
+    Infinity did): refused now, like any literal not of the column's type. An ordering with a
+    fraction means something (`qty=lt.1.5`), and `eq.2.0` equals 2: both are kept."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, qty int8)")
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+            for bad in ("qty=eq.1.5", "qty=in.(1,2.5)", "id=eq.NaN", "id=in.(Infinity)"):
+                ack = await client.subscribe("main:public.orders", filter=bad)
+                assert not ack["ok"] and ack["error"]["code"] == "bad_filter", (bad, ack)
+                assert "is not a whole number" in ack["error"]["message"], ack
+            for good in ("qty=lt.1.5", "qty=neq.1.5", "id=eq.2.0&qty=in.(1e2,3)"):
+                ack = await client.subscribe("main:public.orders", filter=good)
+                assert ack["ok"], (good, ack)
+            room = ack["room"]
+            await pg.conn.execute("INSERT INTO public.orders VALUES (2, 100)")
+            change = await client.next_change()
+    assert change["room"] == room and change["key"] == 2
+
+
 async def test_a_refused_filter_does_not_name_the_columns_masked_for_the_client(
     pg: PgDatabase,
 ) -> None:

@@ -414,6 +414,34 @@ async def test_a_gap_while_a_snapshot_is_read_reaches_the_client_library(
     assert seen[1][1]["reason"] == "lost while you subscribed"
 
 
+async def test_every_gap_carries_the_documented_fields(memory_feed: RunningFeed) -> None:
+    """A gap announced while a subscribe is answered reaches the new member twice: with the
+    room (before the answer) and again from its catch-up (after it). docs/protocol.md lists
+    `{connector, room, target, reason, seq, epoch, ts}`; the catch-up's copy had no `ts`."""
+    db = source(memory_feed)
+    db.write("public.orders", "insert", {"id": 1})
+    read = db.snapshot
+
+    async def read_then_gap(address: Any, where: Any, limit: int) -> Any:
+        snapshot = await read(address, where, limit)
+        db.snapshot = read  # type: ignore[method-assign]
+        db.announce_gap("lost while you subscribed")
+        marker = db.write("public.customers", "insert", {"id": 9})  # routed after the gap
+        await db.routed(marker.position)
+        return snapshot
+
+    db.snapshot = read_then_gap  # type: ignore[method-assign]
+    async with feed_client(memory_feed.url) as client:
+        ack = await client.subscribe("mem:public.orders", snapshot=True)
+        assert ack["ok"], ack
+        gaps = [await client.next_gap(), await client.next_gap()]
+    fields = {"connector", "room", "target", "reason", "seq", "epoch", "ts"}
+    for gap in gaps:
+        assert set(gap) == fields, gap
+        assert gap["room"] == "mem:public.orders" and gap["epoch"] == ack["epoch"]
+        assert isinstance(gap["ts"], str) and gap["ts"].endswith("Z")
+
+
 async def test_rows_leaving_while_a_snapshot_is_read_reach_the_subscriber_or_a_gap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -13,9 +13,12 @@ Sizes are measured once per row, with the encoder the transport uses, so a chunk
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from feed.core.change import format_ts
 
 _json_size: Callable[[Any], int]
 try:
@@ -114,7 +117,11 @@ def chunk_event(room: str, index: int, total: int, chunk: SnapshotChunk) -> dict
 def gap_event(
     connector: str, room: str, target: str, reason: str, seq: int, epoch: str | None
 ) -> dict[str, Any]:
-    """The body of a `gap` sent to one new member during its catch-up (docs/protocol.md)."""
+    """The body of a `gap` sent to one new member during its catch-up (docs/protocol.md).
+
+    It carries every field of a `gap` sent to a room, `ts` included (the time it is announced
+    to this member): a client reading `gap.ts` got nothing from these before.
+    """
     return {
         "connector": connector,
         "room": room,
@@ -122,6 +129,7 @@ def gap_event(
         "reason": reason,
         "seq": seq,
         "epoch": epoch,
+        "ts": format_ts(dt.datetime.now(dt.UTC)),
     }
 
 
