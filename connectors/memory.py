@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import secrets
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, ClassVar
 
@@ -41,6 +42,11 @@ class MemoryConnector(Connector):
         self._queue: asyncio.Queue[Change | Gap | BaseException] = asyncio.Queue()
         self._tables: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in self._targets}
         self._positions = itertools.count(1)
+        self._run = f"{self.name}:{secrets.token_hex(4)}:"
+        """The start of this instance's change ids. Its positions start at 1 on every start of
+        the process, and ids must not repeat: clients drop a change whose id they have seen
+        (a source that resumes from an older position sends some again), so a restarted demo's
+        first changes vanished from a dashboard left open."""
         self._written = 0
         self._delivered = 0
         self._backlog = 0
@@ -133,7 +139,7 @@ class MemoryConnector(Connector):
         position = next(self._positions)
         self._written = position
         change = Change(
-            id=f"{self.name}:{position}",
+            id=f"{self._run}{position}",
             connector=self.name,
             source=self.kind,
             target=target,
