@@ -381,6 +381,24 @@ async def test_a_second_subscription_to_a_room_takes_nothing_from_the_first(
     ]
 
 
+def gap_while_the_snapshot_is_read(feed: RunningFeed) -> None:
+    """The next snapshot of the memory connector announces a gap, with no change after it in
+    the room, once its rows are read; the snapshots after it are plain."""
+    db = source(feed)
+    db.write("public.orders", "insert", {"id": 1})
+    read = db.snapshot
+
+    async def read_then_gap(address: Any, where: Any, limit: int) -> Any:
+        snapshot = await read(address, where, limit)
+        db.snapshot = read  # type: ignore[method-assign]
+        db.announce_gap("lost while you subscribed")
+        marker = db.write("public.customers", "insert", {"id": 9})  # routed after the gap
+        await db.routed(marker.position)
+        return snapshot
+
+    db.snapshot = read_then_gap  # type: ignore[method-assign]
+
+
 async def test_a_gap_while_a_snapshot_is_read_reaches_the_client_library(
     memory_feed: RunningFeed,
 ) -> None:
@@ -390,19 +408,7 @@ async def test_a_gap_while_a_snapshot_is_read_reaches_the_client_library(
     so the library reloads; with no change after the gap, nothing told it before."""
     from dbfeed_client import FeedClient
 
-    db = source(memory_feed)
-    db.write("public.orders", "insert", {"id": 1})
-    read = db.snapshot
-
-    async def read_then_gap(address: Any, where: Any, limit: int) -> Any:
-        snapshot = await read(address, where, limit)
-        db.snapshot = read  # type: ignore[method-assign]  # the reload's snapshot is plain
-        db.announce_gap("lost while you subscribed")
-        marker = db.write("public.customers", "insert", {"id": 9})  # routed after the gap
-        await db.routed(marker.position)
-        return snapshot
-
-    db.snapshot = read_then_gap  # type: ignore[method-assign]
+    gap_while_the_snapshot_is_read(memory_feed)
     async with FeedClient(memory_feed.url) as client:
         sub = client.subscribe("mem:public.orders", snapshot=True)
         states: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -418,19 +424,7 @@ async def test_every_gap_carries_the_documented_fields(memory_feed: RunningFeed)
     """A gap announced while a subscribe is answered reaches the new member twice: with the
     room (before the answer) and again from its catch-up (after it). docs/protocol.md lists
     `{connector, room, target, reason, seq, epoch, ts}`; the catch-up's copy had no `ts`."""
-    db = source(memory_feed)
-    db.write("public.orders", "insert", {"id": 1})
-    read = db.snapshot
-
-    async def read_then_gap(address: Any, where: Any, limit: int) -> Any:
-        snapshot = await read(address, where, limit)
-        db.snapshot = read  # type: ignore[method-assign]
-        db.announce_gap("lost while you subscribed")
-        marker = db.write("public.customers", "insert", {"id": 9})  # routed after the gap
-        await db.routed(marker.position)
-        return snapshot
-
-    db.snapshot = read_then_gap  # type: ignore[method-assign]
+    gap_while_the_snapshot_is_read(memory_feed)
     async with feed_client(memory_feed.url) as client:
         ack = await client.subscribe("mem:public.orders", snapshot=True)
         assert ack["ok"], ack
