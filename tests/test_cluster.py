@@ -845,6 +845,19 @@ async def test_a_stale_fencing_token_cannot_publish(
         assert engine._leases["mem"].startswith(next_count)  # the count goes on
 
 
+async def test_a_lease_redis_no_longer_holds_is_named_so_when_publishing(
+    redis_target: RedisTarget,
+) -> None:
+    """After a restart without persistence, a FLUSHALL or an eviction the reader's publish is
+    refused; the reason (shown in /readyz) said "current false", Lua's word for a missing key."""
+    prefix = redis_target.prefix.rstrip(":")
+    keys = [f"{prefix}:fence:gone", f"{prefix}:seen:gone"]
+    with pytest.raises(Exception, match="no longer holds the lease") as refused:
+        await redis_target.admin.eval(scripts.PUBLISH, 2, *keys, "7:n", 50, "e", 1000, 0, 1, 0, 0)
+    assert "STALE" in str(refused.value)  # what the publisher goes by
+    assert "false" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("table", "key", "fix"),
     [

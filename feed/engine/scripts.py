@@ -80,7 +80,11 @@ PUBLISH = """
 -- room's whole run of the batch); per change and room one XADD (docs/scaling.md counts them).
 local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then
-  return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ', current ' .. tostring(fence))
+  if not fence then
+    return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ': Redis no longer holds the '
+      .. 'lease (restarted without persistence, flushed, or evicted it under maxmemory)')
+  end
+  return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ', current ' .. fence)
 end
 local rooms, n = tonumber(ARGV[7]), tonumber(ARGV[8])
 local changes, zadd = {}, {}
