@@ -649,6 +649,7 @@ export class Subscription extends Emitter {
 
   _close() {
     this._closed = true;
+    clearTimeout(this._retryTimer); // a pending retry would keep Node alive after close()
     for (const waiter of this._waiters.splice(0)) {
       if (this._error) waiter.reject(this._error);
       else waiter.resolve({ value: undefined, done: true });
@@ -703,7 +704,8 @@ export class Subscription extends Emitter {
       if (RETRYABLE.has(error.code) && this.client.connected) {
         this._retries += 1;
         const delay = Math.min(250 * 2 ** this._retries, 10000);
-        setTimeout(() => {
+        clearTimeout(this._retryTimer);
+        this._retryTimer = setTimeout(() => {
           if (attempt === this._attempt && this.client.connected) this._send();
         }, delay);
         return;

@@ -1,7 +1,9 @@
 // dbfeed-client's requests against the real feed server: many rooms on one client, and rooms
 // left and joined at once (the same scenarios as tests/test_client_requests.py).
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { test } from "node:test";
+import { fileURLToPath } from "node:url";
 
 import { FeedClient, FeedError } from "../index.js";
 import { Harness, until } from "./harness.mjs";
@@ -118,6 +120,54 @@ test("a change sent again by a restarted server (a new epoch) is dropped by its 
     assert.ok(states.includes("reload"));
   } finally {
     feed.close();
+    await h.stop();
+  }
+});
+
+test("close() ends a subscription's pending retry, so Node can exit at once", async () => {
+  // The server's one row or filter room is taken and followed: a subscribe to another is
+  // refused as server_busy, a refusal the library retries after a doubling delay. A retry
+  // timer left behind by close() kept the process alive for up to that delay (10 s at most).
+  const h = await Harness.start({ config: "[limits]\nmax_rooms = 1\n" });
+  const holder = new FeedClient(h.url, WS);
+  await holder.subscribe(`${ROOM}:99`).ready;
+  const library = fileURLToPath(new URL("../index.js", import.meta.url));
+  const script = `
+    const { FeedClient } = await import(${JSON.stringify(library)});
+    const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"] });
+    const sub = feed.subscribe("${ROOM}:1");
+    sub.ready.catch(() => {});
+    let refused = 0;
+    const original = sub._onAck.bind(sub);
+    sub._onAck = (attempt, request, ack) => {
+      if (ack && ack.ok === false && ack.error.code === "server_busy") refused += 1;
+      original(attempt, request, ack);
+      if (refused === 4) {
+        feed.close();
+        console.log("closed");
+      }
+    };
+  `;
+  const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  let closedAt = null;
+  child.stdout.on("data", (d) => {
+    out += d;
+    if (closedAt === null && out.includes("closed")) closedAt = Date.now();
+  });
+  child.stderr.on("data", (d) => (out += d));
+  const exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
+  try {
+    const code = await timeLimit(exited, 20000, `the script to end:\n${out}`);
+    assert.equal(code, 0, out);
+    assert.ok(closedAt !== null, out);
+    // The fifth retry would have waited 8 s; the process ends as soon as the client is closed.
+    assert.ok(Date.now() - closedAt < 2000, `exited ${Date.now() - closedAt} ms after close()`);
+  } finally {
+    child.kill();
+    holder.close();
     await h.stop();
   }
 });
