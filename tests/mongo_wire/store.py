@@ -339,6 +339,9 @@ class ChangeStream:
                 event = self.render(entry)
             self.position = Position(entry.ts, entry.index, EVENT)
             if event is not None and self._passes(event):
+                missing = event.pop(_MISSING, None)
+                if missing is not None:
+                    raise _image_missing(missing)
                 batch.append(event)
             if self._invalidates(entry):
                 invalidate: dict[str, Any] = {
@@ -364,7 +367,14 @@ class ChangeStream:
             raise CommandError(exc.code, "BadValue", str(exc)) from None
 
     def render(self, entry: Entry) -> dict[str, Any]:
-        """The change event document, per https://www.mongodb.com/docs/manual/reference/change-events/."""
+        """The change event document, per https://www.mongodb.com/docs/manual/reference/change-events/.
+
+        A required image that is missing is marked (`_MISSING`), not raised here: the stream
+        fails only when the event passes the `$match` stages. mongod pushes a `$match` on
+        `ns`, `operationType` and the like down into its oplog scan (the change stream rewrites
+        of 6.0+, jstests/change_streams/oplog_rewrite/), so an event filtered out never reaches
+        the image lookup; failing on it made a cluster-wide stream with required pre-images die
+        on the connector's own (filtered out) resume token writes."""
         event: dict[str, Any] = {
             "_id": entry.token,
             "operationType": entry.op,
@@ -383,15 +393,19 @@ class ChangeStream:
                 event["fullDocument"] = coll.current(id_key(entry.key)) if coll else None
             elif self.full_document in ("whenAvailable", "required"):
                 if not entry.images and self.full_document == "required":
-                    raise _image_missing("post")
+                    event[_MISSING] = "post"
                 event["fullDocument"] = entry.post if entry.images else None
         if entry.op in ("update", "replace", "delete") and self.before_change != "off":
             if not entry.images and self.before_change == "required":
-                raise _image_missing("pre")
+                event.setdefault(_MISSING, "pre")
             event["fullDocumentBeforeChange"] = entry.pre if entry.images else None
         if entry.op == "rename" and entry.to:
             event["to"] = {"db": entry.to[0], "coll": entry.to[1]}
         return event
+
+
+_MISSING = "\x00missing image"
+"""An event's key naming the required image it lacks (`render`), removed before it is sent."""
 
 
 def _history_lost() -> CommandError:
