@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, WriteError
 
+from tests.mongo_wire import MongoWireServer
 from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
@@ -110,7 +112,7 @@ async def test_an_event_a_match_filters_out_never_needs_its_required_pre_image(
     failed it, and a cluster stream with `full_document_before_change = "required"` never got
     past the connector's first token save."""
     name = MongoSource.unique()
-    images = {"changeStreamPreAndPostImages": {"enabled": True}}
+    images: dict[str, Any] = {"changeStreamPreAndPostImages": {"enabled": True}}
     kept = await mongodb.client[name].create_collection("kept", **images)
     plain = await mongodb.client[name].create_collection("plain")
     try:
@@ -127,3 +129,26 @@ async def test_an_event_a_match_filters_out_never_needs_its_required_pre_image(
             assert event["fullDocumentBeforeChange"] == {"_id": 1, "n": 0}
     finally:
         await mongodb.client.drop_database(name)
+
+
+async def test_a_token_of_another_wire_server_run_is_history_lost() -> None:
+    """Wire server only: a restarted wire server starts empty, a new deployment whose oplog
+    never held a token the old one handed out. Resuming there is ChangeStreamHistoryLost, as
+    mongod answers for a token its oplog does not hold; before, a token no older than the new
+    server's start was taken as a place in its oplog, and a connector resumed silently over
+    the writes lost with the old server's data."""
+    async with MongoWireServer() as before, MongoWireServer() as after:
+        old: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(before.url, directConnection=True)
+        new: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(after.url, directConnection=True)
+        try:
+            await old.shop.orders.insert_one({"_id": 1})  # later than `after` started
+            async with await old.shop.orders.watch() as stream:
+                await stream.try_next()
+                token = stream.resume_token
+            await new.shop.create_collection("orders")
+            with pytest.raises(OperationFailure) as caught:
+                await new.shop.orders.watch(resume_after=token)
+            assert caught.value.code == 286
+        finally:
+            await old.close()
+            await new.close()
