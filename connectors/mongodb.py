@@ -115,6 +115,10 @@ class MongoConnector(Connector):
         if not db or not coll:
             options.fail("resume_collection", f"must be database.collection, not {store_name!r}")
         self.resume_collection = (db, coll) if store == "mongodb" else None
+        # Without a token store a new instance starts from now: a cluster that hands the
+        # connector to another node must then announce a gap (feed.engine.lease), or what was
+        # written while no node read it is lost without a word.
+        self.durable = self.resume_collection is not None
         self.save_interval = options.float("token_save_interval", 10.0, minimum=0)
         self.max_await_ms = options.int("max_await_ms", 1000, minimum=10, maximum=60_000)
         self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)

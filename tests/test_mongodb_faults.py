@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
+from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
 
 from connectors.base import State, Status
 from connectors.mongodb import MongoConnector
 from feed.core.change import Change, Gap
 from feed.errors import SourceUnavailable
+from feed.options import Options
 from tests.connector_contract import streaming
+from tests.mongo_wire import MongoWireServer
 from tests.support.mongodb import MongoSource, changes, db, make, mongodb, take  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
@@ -301,3 +306,42 @@ async def test_a_token_the_oplog_no_longer_holds_says_why_and_is_counted(
         [gap] = await take(stream, 1)
     assert isinstance(gap, Gap) and "oplog no longer holds the resume token" in gap.reason
     assert connector.capture_faults == {"history_lost": 1}
+
+
+async def test_a_wire_server_restarted_without_its_data_is_a_gap() -> None:
+    """The wire server keeps everything in memory: restarted, it is a new deployment whose
+    oplog never held the connector's token, and resuming there must be history lost (a gap),
+    as mongod says for a token its oplog does not reach. Its tokens carried only a cluster
+    time, so one handed out in the second of the restart was taken as a place in the new
+    oplog: the stream resumed silently over every write lost with the old server's data."""
+    async with MongoWireServer() as first:
+        port = first.port
+        url = f"{first.url}?replicaSet={first.set_name}"
+        options = {"uri": url, "watch": "shop.orders", "max_await_ms": 100}
+        connector = MongoConnector("restarted", Options(options, "connectors.restarted"))
+        writer: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+        try:
+            await writer.shop.create_collection("orders")
+            async with streaming(connector) as stream:
+                await writer.shop.orders.insert_one({"_id": 1})
+                await changes(stream, 1)
+                await _mid_second()  # the restart falls in the second of the last token
+                await first.stop()
+                async with MongoWireServer(port=port) as second:
+                    assert second.port == port
+                    await writer.shop.create_collection("orders")
+                    await writer.shop.orders.insert_one({"_id": 2})
+                    [gap] = await take(stream, 1)
+                    await writer.shop.orders.insert_one({"_id": 3})
+                    [live] = await changes(stream, 1)
+        finally:
+            await writer.close()
+    assert isinstance(gap, Gap) and "history lost" in gap.reason, gap
+    assert live.key == 3
+
+
+async def _mid_second() -> None:
+    """Until about 0.4 s into a second: the stream's getMores (every 0.1 s) have handed out
+    tokens of this second, and a server started now starts its clock in it."""
+    fraction = time.time() % 1
+    await asyncio.sleep((1.4 - fraction) % 1)

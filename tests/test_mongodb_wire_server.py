@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, WriteError
 
+from tests.mongo_wire import MongoWireServer
 from tests.support.mongodb import MongoSource, mongodb  # noqa: F401
 
 pytestmark = pytest.mark.mongodb
@@ -98,3 +100,55 @@ async def test_an_id_is_never_an_array(coll: Any) -> None:
         await coll.insert_one({"_id": [1, 2]})
     assert refused.value.code == 2 and "array for _id" in str(refused.value)
     await coll.insert_one({"_id": {"a": [1, 2]}})  # an array inside a document is fine
+
+
+async def test_an_event_a_match_filters_out_never_needs_its_required_pre_image(
+    mongodb: MongoSource,  # noqa: F811
+) -> None:
+    """mongod pushes a `$match` on `ns` down into its oplog scan (its change stream rewrites),
+    so the image lookup never sees an event the `$match` drops: a cluster-wide stream with
+    required pre-images, filtered to collections that keep them, is not failed by a write to
+    one that does not (the connector's own resume token collection, say). The wire server
+    failed it, and a cluster stream with `full_document_before_change = "required"` never got
+    past the connector's first token save."""
+    name = MongoSource.unique()
+    images: dict[str, Any] = {"changeStreamPreAndPostImages": {"enabled": True}}
+    kept = await mongodb.client[name].create_collection("kept", **images)
+    plain = await mongodb.client[name].create_collection("plain")
+    try:
+        await kept.insert_one({"_id": 1, "n": 0})
+        await plain.insert_one({"_id": 1, "n": 0})
+        match = {"$match": {"$nor": [{"ns.db": name, "ns.coll": "plain"}]}}
+        async with await mongodb.client.watch(
+            [match], full_document_before_change="required", max_await_time_ms=200
+        ) as stream:
+            await plain.update_one({"_id": 1}, {"$inc": {"n": 1}})
+            await kept.update_one({"_id": 1}, {"$inc": {"n": 1}})
+            event = await next_event(stream)
+            assert event["ns"] == {"db": name, "coll": "kept"}
+            assert event["fullDocumentBeforeChange"] == {"_id": 1, "n": 0}
+    finally:
+        await mongodb.client.drop_database(name)
+
+
+async def test_a_token_of_another_wire_server_run_is_history_lost() -> None:
+    """Wire server only: a restarted wire server starts empty, a new deployment whose oplog
+    never held a token the old one handed out. Resuming there is ChangeStreamHistoryLost, as
+    mongod answers for a token its oplog does not hold; before, a token no older than the new
+    server's start was taken as a place in its oplog, and a connector resumed silently over
+    the writes lost with the old server's data."""
+    async with MongoWireServer() as before, MongoWireServer() as after:
+        old: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(before.url, directConnection=True)
+        new: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(after.url, directConnection=True)
+        try:
+            await old.shop.orders.insert_one({"_id": 1})  # later than `after` started
+            async with await old.shop.orders.watch() as stream:
+                await stream.try_next()
+                token = stream.resume_token
+            await new.shop.create_collection("orders")
+            with pytest.raises(OperationFailure) as caught:
+                await new.shop.orders.watch(resume_after=token)
+            assert caught.value.code == 286
+        finally:
+            await old.close()
+            await new.close()

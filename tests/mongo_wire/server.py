@@ -34,6 +34,7 @@ from tests.mongo_wire.store import (
     CommandError,
     Position,
     Store,
+    make_token,
 )
 from tests.mongo_wire.wire import HEADER, Request, WireError, parse, reply
 
@@ -643,7 +644,7 @@ class MongoWireServer:
             batch: list[dict[str, Any]] = []
             token = dict(spec.get("startAfter") or spec.get("resumeAfter") or {}) or None
             if token is None:
-                token = {"_data": f"82{position.ts.time:08X}{position.ts.inc:08X}2B00{0:08X}04"}
+                token = make_token(position.ts, HWM, 0, self.store.run)
         else:
             stream.batch_size = batch_size or 101
             batch, token = stream.next_batch()

@@ -7,7 +7,11 @@ the state after the writes up to that time (what a snapshot read on a real repli
 Resume tokens imitate the server's v1 KeyString hex layout only where clients may look: `_data`
 starts with "82" and the big-endian (seconds, increment) cluster time, which is also what the
 server itself extracts (SERVER-133517). The rest is this server's own: a kind byte (00 high-water
-mark, 80 event, 81 invalidate) and the event's index inside its cluster time.
+mark, 80 event, 81 invalidate), the event's index inside its cluster time, and the server's run
+(a random number per `Store`): a token of another run names history this server never had, as a
+token kept from before a restart of this in-memory server does (it starts empty), and resuming
+from it is ChangeStreamHistoryLost (286). Before, a restart within the second of the last token
+handed out accepted it, and the feed went on over the lost writes without a gap.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import re
 import time
 import uuid
@@ -30,7 +35,7 @@ from tests.mongo_wire.query import QueryError, describe_update, matches
 from tests.mongo_wire.wire import CODEC
 
 HWM, EVENT, INVALIDATE = 0x00, 0x80, 0x81
-TOKEN = re.compile(r"^82([0-9A-F]{8})([0-9A-F]{8})2B([0-9A-F]{2})([0-9A-F]{8})04$")
+TOKEN = re.compile(r"^82([0-9A-F]{8})([0-9A-F]{8})2B([0-9A-F]{2})([0-9A-F]{8})([0-9A-F]{8})04$")
 INTERNAL_DBS = {"admin", "config", "local"}
 
 
@@ -51,8 +56,8 @@ def id_key(value: Any) -> bytes:
     return bson.encode({"v": value}, codec_options=CODEC)
 
 
-def make_token(ts: Timestamp, kind: int, index: int) -> dict[str, str]:
-    return {"_data": f"82{ts.time:08X}{ts.inc:08X}2B{kind:02X}{index:08X}04"}
+def make_token(ts: Timestamp, kind: int, index: int, run: int) -> dict[str, str]:
+    return {"_data": f"82{ts.time:08X}{ts.inc:08X}2B{kind:02X}{index:08X}{run:08X}04"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Position:
     ts: Timestamp
     index: int
     kind: int
+    run: int | None = None  # the server run the token came from (None: not from a token)
 
     @classmethod
     def parse(cls, token: Any) -> Position:
@@ -69,8 +75,8 @@ class Position:
         found = TOKEN.match(data) if isinstance(data, str) else None
         if not found:
             raise CommandError(260, "InvalidResumeToken", f"Invalid resume token: {token!r}")
-        t, i, kind, index = (int(g, 16) for g in found.groups())
-        return cls(Timestamp(t, i), index, kind)
+        t, i, kind, index, run = (int(g, 16) for g in found.groups())
+        return cls(Timestamp(t, i), index, kind, run)
 
     def admits(self, ts: Timestamp, index: int) -> bool:
         if self.kind == HWM:
@@ -94,10 +100,11 @@ class Entry:
     images: bool = False  # changeStreamPreAndPostImages was on when this was written
     update: dict[str, Any] | None = None
     to: tuple[str, str] | None = None
+    run: int = 0
 
     @property
     def token(self) -> dict[str, str]:
-        return make_token(self.ts, EVENT, self.index)
+        return make_token(self.ts, EVENT, self.index, self.run)
 
 
 @dataclass
@@ -133,6 +140,8 @@ class Store:
     def __init__(self) -> None:
         self.dbs: dict[str, dict[str, Collection]] = {}
         self.oplog: list[Entry] = []
+        self.run = int.from_bytes(os.urandom(4), "big")
+        """This server's run, in its tokens (see the module docstring)."""
         self.floor = self._now()
         self._last = self.floor
         self._changed = asyncio.Event()
@@ -190,7 +199,7 @@ class Store:
     def _entry(self, op: str, db: str, coll: str | None, **fields: Any) -> Entry:
         now = dt.datetime.now(dt.UTC) + self.wall_offset
         wall = now.replace(microsecond=now.microsecond // 1000 * 1000)  # BSON dates hold ms
-        return self._append(Entry(self.tick(), 0, wall, op, db, coll, **fields))
+        return self._append(Entry(self.tick(), 0, wall, op, db, coll, **fields, run=self.run))
 
     async def wait_for_write(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -301,6 +310,8 @@ class ChangeStream:
                 )
         if self.position.ts < self.store.floor:
             raise _history_lost()
+        if self.position.run is not None and self.position.run != self.store.run:
+            raise _history_lost()  # a token from before a restart: history this run never had
 
     def _in_scope(self, entry: Entry) -> bool:
         if self.db is None:
@@ -339,10 +350,13 @@ class ChangeStream:
                 event = self.render(entry)
             self.position = Position(entry.ts, entry.index, EVENT)
             if event is not None and self._passes(event):
+                missing = event.pop(_MISSING, None)
+                if missing is not None:
+                    raise _image_missing(missing)
                 batch.append(event)
             if self._invalidates(entry):
                 invalidate: dict[str, Any] = {
-                    "_id": make_token(entry.ts, INVALIDATE, entry.index),
+                    "_id": make_token(entry.ts, INVALIDATE, entry.index, self.store.run),
                     "operationType": "invalidate",
                     "clusterTime": entry.ts,
                     "wallTime": entry.wall,
@@ -355,7 +369,7 @@ class ChangeStream:
         # writer of a real replica set keeps an idle stream's token moving.
         mark = self.store.tick()
         self.position = Position(mark, 0, HWM)
-        return batch, make_token(mark, HWM, 0)
+        return batch, make_token(mark, HWM, 0, self.store.run)
 
     def _passes(self, event: Mapping[str, Any]) -> bool:
         try:
@@ -364,7 +378,14 @@ class ChangeStream:
             raise CommandError(exc.code, "BadValue", str(exc)) from None
 
     def render(self, entry: Entry) -> dict[str, Any]:
-        """The change event document, per https://www.mongodb.com/docs/manual/reference/change-events/."""
+        """The change event document, per https://www.mongodb.com/docs/manual/reference/change-events/.
+
+        A required image that is missing is marked (`_MISSING`), not raised here: the stream
+        fails only when the event passes the `$match` stages. mongod pushes a `$match` on
+        `ns`, `operationType` and the like down into its oplog scan (the change stream rewrites
+        of 6.0+, jstests/change_streams/oplog_rewrite/), so an event filtered out never reaches
+        the image lookup; failing on it made a cluster-wide stream with required pre-images die
+        on the connector's own (filtered out) resume token writes."""
         event: dict[str, Any] = {
             "_id": entry.token,
             "operationType": entry.op,
@@ -383,15 +404,19 @@ class ChangeStream:
                 event["fullDocument"] = coll.current(id_key(entry.key)) if coll else None
             elif self.full_document in ("whenAvailable", "required"):
                 if not entry.images and self.full_document == "required":
-                    raise _image_missing("post")
+                    event[_MISSING] = "post"
                 event["fullDocument"] = entry.post if entry.images else None
         if entry.op in ("update", "replace", "delete") and self.before_change != "off":
             if not entry.images and self.before_change == "required":
-                raise _image_missing("pre")
+                event.setdefault(_MISSING, "pre")
             event["fullDocumentBeforeChange"] = entry.pre if entry.images else None
         if entry.op == "rename" and entry.to:
             event["to"] = {"db": entry.to[0], "coll": entry.to[1]}
         return event
+
+
+_MISSING = "\x00missing image"
+"""An event's key naming the required image it lacks (`render`), removed before it is sent."""
 
 
 def _history_lost() -> CommandError:
