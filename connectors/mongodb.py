@@ -82,6 +82,20 @@ AUTH_FAILED = 18
 UNAUTHORIZED = 13
 STANDALONE = 40573
 IMAGE_MISSING = 280  # ChangeStreamFatalError, e.g. a required pre- or post-image is missing
+
+
+def history_lost(exc: OperationFailure) -> bool:
+    """ChangeStreamHistoryLost, or a resume token the oplog's window should hold but does not
+    (ChangeStreamFatalError "the resume token was not found": a token of another replica set,
+    or saved before a restore). Either way the stream cannot go on from the token: a gap, then
+    from now. The second was read as a missing image, and the connector restarted from the
+    same token for good."""
+    if exc.code == HISTORY_LOST:
+        return True
+    message = str((exc.details or {}).get("errmsg") or exc)
+    return exc.code == IMAGE_MISSING and "resume token was not found" in message
+
+
 STANDALONE_HINT = (
     "standalone MongoDB servers do not support change streams: run it as a replica set "
     "(a single-node one is enough: mongod --replSet rs0, then rs.initiate())"
@@ -192,7 +206,7 @@ class MongoConnector(Connector):
         try:
             self._open_stream = await self._watch()
         except OperationFailure as exc:
-            if exc.code != HISTORY_LOST:
+            if not history_lost(exc):
                 raise
 
     async def _check_namespaces(self) -> None:
@@ -265,7 +279,7 @@ class MongoConnector(Connector):
                     yield item
                 continue  # the stream ended by itself (invalidated): open a new one
             except OperationFailure as exc:
-                if exc.code == HISTORY_LOST:
+                if history_lost(exc):
                     if lost_at == self._progress:
                         # Lost again without a single batch since starting from now: not a
                         # rolled-over oplog, so do not loop; the hub restarts us with backoff.
@@ -591,7 +605,7 @@ class MongoConnector(Connector):
                 )
             if exc.code == UNAUTHORIZED:
                 return SourceMisconfigured(f"MongoDB user may not do this: {message}")
-            if exc.code == IMAGE_MISSING or "-image" in message:
+            if (exc.code == IMAGE_MISSING and not history_lost(exc)) or "-image" in message:
                 return SourceMisconfigured(
                     f"{message} (enable them with collMod changeStreamPreAndPostImages: "
                     '{enabled: true}, or use "whenAvailable")'

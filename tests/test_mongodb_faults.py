@@ -200,6 +200,34 @@ async def test_stale_saved_token_gives_gap_then_live_changes(
     assert live.key == 2
 
 
+async def test_a_saved_token_the_oplog_never_held_gives_gap_then_live_changes(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A token within the oplog's window that names no event there (saved on another replica
+    set, or before a restore): mongod answers ChangeStreamFatalError "the resume token was not
+    found". It was taken for a missing pre-image: the connector restarted from the same token
+    for good, with a hint about collMod. It is history lost: a gap, then from now."""
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: its tokens can be made to name no event")
+    coll = mongodb.client[db]["orders"]
+    name = await stopped_after_one_change(mongodb, db, "unknown")
+    tokens = mongodb.client["dbfeed"]["resume_tokens"]
+    saved = await tokens.find_one({"_id": name})
+    assert saved is not None
+    data = saved["token"]["_data"]
+    # The fake's token: 82, time, inc, 2B, kind, the event's index within its time, run, 04.
+    # An event token (kind 80) at the saved time with an index no event there has.
+    forged = {"_data": f"{data[:20]}80{999:08X}{data[30:]}"}
+    await tokens.update_one({"_id": name}, {"$set": {"token": forged}})
+    async with streaming(make(mongodb, f"{db}.orders", name=name)) as stream:
+        [gap] = await take(stream, 1)
+        await coll.insert_one({"_id": 2})
+        [live] = await changes(stream, 1)
+    assert isinstance(gap, Gap) and "history lost" in gap.reason, gap
+    assert live.key == 2
+
+
 async def test_every_connection_dropped_at_once(
     mongodb: MongoSource,  # noqa: F811
     db: str,  # noqa: F811

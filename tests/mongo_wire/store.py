@@ -312,6 +312,12 @@ class ChangeStream:
             raise _history_lost()
         if self.position.run is not None and self.position.run != self.store.run:
             raise _history_lost()  # a token from before a restart: history this run never had
+        if self.position.kind == EVENT and self.position.run is not None:
+            at = (self.position.ts, self.position.index)
+            if not any((entry.ts, entry.index) == at for entry in self.store.oplog):
+                # Within the oplog's window but no such event (a token of another replica set,
+                # or of a restored backup): mongod says so, and it is not resumable.
+                raise _token_not_found(self.position)
 
     def _in_scope(self, entry: Entry) -> bool:
         if self.db is None:
@@ -425,6 +431,16 @@ def _history_lost() -> CommandError:
         "ChangeStreamHistoryLost",
         "Resume of change stream was not possible, as the resume point may no longer be in the "
         "oplog.",
+    )
+
+
+def _token_not_found(position: Position) -> CommandError:
+    data = make_token(position.ts, position.kind, position.index, position.run or 0)["_data"]
+    return CommandError(
+        280,
+        "ChangeStreamFatalError",
+        f'cannot resume stream; the resume token was not found. {{_data: "{data}"}}',
+        ["NonResumableChangeStreamError"],
     )
 
 
