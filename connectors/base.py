@@ -205,6 +205,12 @@ class Connector(ABC):
     def targets(self) -> list[str]:
         """The tables, collections or key patterns this connector offers (target room names)."""
 
+    def configured_targets(self) -> list[str]:
+        """The targets the config gives (what every node of a cluster compares with the
+        reader's: `feed.engine.lease`). The same as `targets` unless the connector finds more
+        while it runs (MongoDB: the collections of a database watched whole)."""
+        return sorted(self.targets())
+
     def known_targets(self) -> Collection[str]:
         """The targets, for a membership test: a subscribe then costs a lookup, not a scan of
         every target (a connector whose targets are fixed keeps them in a set)."""

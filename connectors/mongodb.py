@@ -471,6 +471,9 @@ class MongoConnector(Connector):
     def known_targets(self) -> Collection[str]:
         return self._known
 
+    def configured_targets(self) -> list[str]:
+        return sorted(watch.name for watch in self.watches)
+
     def parent_target(self, target: str) -> str | None:
         """A collection of a database watched whole: the database's room (`shop:crm`) gets its
         changes too. The catalog lists the database as a target, and a target room receives

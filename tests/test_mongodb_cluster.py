@@ -16,6 +16,7 @@ from tests.support.cluster import reader_of, subscribed
 from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
 from tests.support.redis import RedisTarget
 from tests.support.server import feed_client, running_feed
+from tests.support.waiting import wait_until
 
 redis_target = redis_support.redis_target
 
@@ -70,3 +71,25 @@ async def test_a_takeover_without_a_token_store_announces_a_gap(
         assert gap["room"] == room and "another node" in gap["reason"]
         await mongodb.client[db]["orders"].insert_one({"_id": 2})
         assert (await client.next_change())["key"] == 2  # and it goes on from there
+
+
+async def test_a_watched_databases_collections_are_not_taken_for_another_config(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+    redis_target: RedisTarget,
+) -> None:
+    """The reader finds the collections of a database watched whole as it runs; a node that
+    does not read knows only the config's `watch`. Every node compared the reader's targets
+    with its own, and warned, with the same config everywhere, "run every node with the same
+    config". Nodes compare the targets their configs give."""
+    await mongodb.client[db]["people"].insert_one({"_id": 1})
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(running_feed(config(mongodb, redis_target, "a", db)))
+        assert await reader_of([a], "shop") is a
+        assert f"{db}.people" in a.hub.connectors["shop"].targets()  # found while reading
+        b = await stack.enter_async_context(running_feed(config(mongodb, redis_target, "b", db)))
+        await wait_until(
+            lambda: b.hub.connectors["shop"].status.state.value == "up", 15, "the reader's status"
+        )
+        assert b.engine is not None
+        assert b.engine.differing == {}

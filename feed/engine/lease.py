@@ -287,7 +287,7 @@ class Leases(Publisher):
         (a config rolled out node by node): a room of a target only this node has gets nothing
         until a node with this config reads the connector, and that must not go unnoticed."""
         name = connector.name
-        ours = sorted(connector.targets())
+        ours = connector.configured_targets()
         if not isinstance(theirs, list) or theirs == ours:
             self.differing.pop(name, None)
             return
@@ -316,7 +316,7 @@ class Leases(Publisher):
             body: dict[str, Any] = {
                 **connector.status.to_json(),
                 "reader": self.node,
-                "targets": sorted(connector.targets()),
+                "targets": connector.configured_targets(),
             }
             schema = connector.filter_schema()
             text = dumps(schema) if schema else None
