@@ -430,11 +430,8 @@ async def test_a_new_reader_without_before_images_tells_filter_rooms_to_reload(
         assert await reader_of([other]) is other
         gap = await paid.next_gap()
         assert gap["room"] == ack["room"] and "does not know which rows" in gap["reason"]
-        # Each node's memory source numbers its changes from 1, and the old reader published
-        # its `mem:1`: the new reader's first change has that id, and is dropped as a repeat.
         memory(other).write("public.orders", "insert", {"id": 2, "status": "new"})
-        memory(other).write("public.orders", "insert", {"id": 3, "status": "new"})
-        assert (await every.next_change())["key"] == 3  # its first message since: no gap
+        assert (await every.next_change())["key"] == 2  # its first message since: no gap
         assert every.gaps.empty()
 
 
