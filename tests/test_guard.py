@@ -15,6 +15,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from feed.metrics import Metrics
+from feed.security.guard import ClientErrors
 from tests.auth_helpers import BASE, TOKENS, source, token_config, ws_url
 from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
@@ -339,3 +341,19 @@ async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
                     }
                 assert len(feed.hub.budget) <= 120
                 assert feed.hub.budget.charged("token:acme-svc") <= 50
+
+
+def test_the_left_out_count_does_not_pin_other_kinds_on_the_logged_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The rate-limited line said "(1 more since the last such line)" after a bad_request when
+    what it had left out was a bad_packet: an operator read it as more of the same kind."""
+    caplog.set_level(logging.WARNING, logger="feed.guard")
+    errors = ClientErrors(Metrics(), interval=3600)
+    errors.report("bad_packet", "junk")
+    errors.report("handshake_timeout", "left out, within the interval")
+    errors._last -= 3600  # the interval has passed
+    errors.report("bad_request", "Invalid session x")
+    last = caplog.records[-1].getMessage()
+    assert last.startswith("client error (bad_request): Invalid session x"), last
+    assert "1 more client errors of any kind since the last line" in last, last

@@ -73,7 +73,10 @@ class ClientErrors:
             return
         left_out, self._left_out = self._left_out, 0
         self._last = now
-        more = f" ({left_out} more since the last such line)" if left_out else ""
+        # The left-out ones may be of any kind: the line must not pin them on this one.
+        more = (
+            f" ({left_out} more client errors of any kind since the last line)" if left_out else ""
+        )
         log.warning("client error (%s): %s%s", kind, detail[:200], more)
 
 
