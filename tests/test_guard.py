@@ -155,7 +155,10 @@ async def test_slowloris_connections_are_closed_within_the_request_timeout() -> 
         assert f'feed_client_errors_total{{kind="request_timeout"}} {SLOW}' in metrics
 
 
-async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_working() -> None:
+async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_working(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="feed.guard")
     cap = 20
     config = BASE + f"[limits]\nmax_connections = {cap}\nrequest_timeout = 30\n"
     async with running_feed(config) as feed, feed_client(feed.url) as normal:
@@ -177,6 +180,10 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
             assert "feed_connections_refused_total 10" in metrics, metrics
             assert f"feed_connection_limit {cap}" in metrics
             assert f"feed_connections {cap}" in metrics
+            # One line for the ten (the refused clients saw a 503; the log used to say nothing).
+            lines = [r.getMessage() for r in caplog.records if "refused with 503" in r.getMessage()]
+            assert len(lines) == 1, lines
+            assert f"{cap} connections open, the cap is {cap}" in lines[0], lines[0]
         finally:
             for _, writer in idle:
                 writer.close()

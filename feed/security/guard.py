@@ -173,6 +173,8 @@ class ConnectionGuard:
         self.max_connections = max_connections or automatic_connection_cap()
         self.connections: set[Any] | None = None
         """uvicorn's set of open connections (HTTP and websocket), once one has been made."""
+        self._warned = -WARN_INTERVAL
+        self._unwarned = 0
         metrics.describe("feed_connections", "gauge", "Open TCP connections (HTTP and websocket)")
         metrics.describe(
             "feed_connections_refused_total", "counter", "Connections refused at the cap"
@@ -181,6 +183,27 @@ class ConnectionGuard:
             "feed_connection_limit", "gauge", "The most connections served at once (the cap)"
         )
         metrics.gauges(self._gauges)
+
+    def refused(self) -> None:
+        """Count a connection refused at the cap, and say so in the log at most once per
+        `WARN_INTERVAL`: the refused clients only see a 503, and without a line the operator
+        looking at the log had nothing to go by."""
+        self.metrics.inc("feed_connections_refused_total")
+        now = time.monotonic()
+        if now - self._warned < WARN_INTERVAL:
+            self._unwarned += 1
+            return
+        more, self._unwarned = self._unwarned, 0
+        self._warned = now
+        also = f" ({more} more since the last line)" if more else ""
+        log.warning(
+            "connection refused with 503: %d connections open, the cap is %d ([limits] "
+            "max_connections, or the open-file limit less %d when it is 0)%s",
+            len(self.connections or ()) - 1,
+            self.max_connections,
+            FD_RESERVE,
+            also,
+        )
 
     def _gauges(self) -> Any:
         yield "feed_connections", (), float(len(self.connections or ()))
@@ -204,7 +227,7 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
             super().connection_made(transport)
             guard.connections = self.connections
             if len(self.connections) > guard.max_connections:
-                guard.metrics.inc("feed_connections_refused_total")
+                guard.refused()
                 transport.write(_BUSY)
                 transport.close()
                 return
