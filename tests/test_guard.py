@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,14 @@ from websockets.asyncio.client import connect
 from feed.metrics import Metrics
 from feed.security.guard import ClientErrors
 from tests.auth_helpers import BASE, TOKENS, source, token_config, ws_url
-from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
+from tests.support.server import (
+    FeedClient,
+    PortTaken,
+    RunningFeed,
+    feed_client,
+    on_free_port,
+    running_feed,
+)
 from tests.support.waiting import wait_until
 
 POLL = "/socket.io/?EIO=4&transport=polling"
@@ -364,3 +374,59 @@ def test_the_left_out_count_does_not_pin_other_kinds_on_the_logged_one(
     last = caplog.records[-1].getMessage()
     assert last.startswith("client error (bad_request): Invalid session x"), last
     assert "1 more client errors of any kind since the last line" in last, last
+
+
+async def test_a_cap_above_the_open_file_limit_is_lowered_to_it_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """With `max_connections` above the open-file limit, connections past the limit were reset
+    without an answer and nothing was logged: the cap was no cap. The server now serves at most
+    what the limit allows (503 past it, as documented) and says so when it starts."""
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[limits]\nmax_connections = 100000\n\n"
+        "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
+    )
+
+    def low_limit() -> None:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (300, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+
+    async def start(port: int) -> tuple[asyncio.subprocess.Process, int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
+            stderr=asyncio.subprocess.PIPE, preexec_fn=low_limit,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )  # fmt: skip
+        assert process.stderr is not None
+        lines: list[str] = []
+        async with asyncio.timeout(30):
+            while "Uvicorn running" not in (line := (await process.stderr.readline()).decode()):
+                if not line:
+                    await process.wait()
+                    if "already in use" in "".join(lines).lower():
+                        raise PortTaken("".join(lines))
+                    raise AssertionError("".join(lines))
+                lines.append(line)
+        return process, port, "".join(lines)
+
+    process, port, started = await on_free_port(start)
+    try:
+        assert "max_connections = 100000 is more than the open-file limit allows (300" in started
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert "feed_connection_limit 200\n" in await response.text()
+            # Past the cap: a 503, not a reset.
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 503")
+                writer.close()
+            finally:
+                for _, w in idle:
+                    w.close()
+    finally:
+        process.terminate()
+        await process.wait()

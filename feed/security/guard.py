@@ -51,6 +51,31 @@ def automatic_connection_cap() -> int:
     return max(100, soft - FD_RESERVE)
 
 
+def effective_connection_cap(configured: int) -> int:
+    """`[limits] max_connections`, but never above what the open-file limit allows.
+
+    Past the open-file limit `accept` fails, and the connections past it were reset without an
+    answer and without a line in the log (uvloop), so a cap set above the limit was no cap at
+    all: the configured one is lowered to the automatic one, with a warning naming both.
+    """
+    automatic = automatic_connection_cap()
+    if not configured:
+        return automatic
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and configured > automatic:
+        log.warning(
+            "[limits] max_connections = %d is more than the open-file limit allows (%d "
+            "descriptors, %d kept for sources and logs): serving at most %d connections; raise "
+            "the limit (ulimit -n, LimitNOFILE=, ulimits: nofile) to serve more",
+            configured,
+            soft,
+            FD_RESERVE,
+            automatic,
+        )
+        return automatic
+    return configured
+
+
 class ClientErrors:
     """Counts what broken or hostile clients send, and says so in the log, rate-limited."""
 
@@ -170,7 +195,7 @@ class ConnectionGuard:
         self.metrics = metrics
         self.errors = errors
         self.request_timeout = request_timeout
-        self.max_connections = max_connections or automatic_connection_cap()
+        self.max_connections = effective_connection_cap(max_connections)
         self.connections: set[Any] | None = None
         """uvicorn's set of open connections (HTTP and websocket), once one has been made."""
         self._warned = -WARN_INTERVAL
