@@ -105,6 +105,27 @@ class ClientErrors:
         log.warning("client error (%s): %s%s", kind, detail[:200], more)
 
 
+class ClientFaultsCounted(logging.Filter):
+    """Drops uvicorn's ERROR and traceback for a websocket text frame that is not UTF-8.
+
+    uvicorn logs it with `logger.exception` and closes the websocket with 1007, which the feed
+    counts and logs itself, one rate-limited line (`bad_packet`, feed.delivery.eio_websocket):
+    left in, any client could write six lines of traceback into the log per message.
+    """
+
+    MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+def quiet_counted_client_faults() -> None:
+    """Install `ClientFaultsCounted` on uvicorn's error logger, once."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientFaultsCounted) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(ClientFaultsCounted())
+
+
 # -- oversized requests --------------------------------------------------------------------------
 
 _TOO_LARGE = b"the message is larger than the server's max_message_bytes"
