@@ -430,3 +430,26 @@ async def test_a_cap_above_the_open_file_limit_is_lowered_to_it_with_a_warning(
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_requests_that_are_not_http_are_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn logged "Invalid HTTP request received." at WARNING for each one, uncounted: any
+    client could write a line per request into the log. They are now client errors
+    (`bad_request`), with at most one line per 10 s."""
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's config stops it at "uvicorn"
+    async with running_feed(BASE) as feed:
+        uvicorn_log.addHandler(caplog.handler)  # after uvicorn configured its logging
+        try:
+            for _ in range(5):
+                status = await asyncio.wait_for(raw_request(feed, b"GARBAGE\r\n\r\n"), 5)
+                assert status.startswith(b"HTTP/1.1 400"), status
+            metrics = feed.hub.metrics.render()
+            assert 'feed_client_errors_total{kind="bad_request"} 5' in metrics, metrics
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("client error (bad_request): a request that is not HTTP"), lines

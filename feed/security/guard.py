@@ -256,6 +256,29 @@ class ConnectionGuard:
         yield "feed_connection_limit", (), float(self.max_connections)
 
 
+INVALID_HTTP = "Invalid HTTP request received."
+"""What uvicorn logs, at WARNING and per request, for bytes that are not HTTP."""
+
+
+class CountedProtocolLog:
+    """uvicorn's logger as one connection's protocol uses it, with its warning about a request
+    that is not HTTP turned into a counted client error (`bad_request`, at most one line per
+    `WARN_INTERVAL`): as uvicorn logs it, any client could write a line per request."""
+
+    def __init__(self, logger: Any, errors: ClientErrors) -> None:
+        self._logger = logger
+        self._errors = errors
+
+    def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if msg == INVALID_HTTP:
+            self._errors.report("bad_request", "a request that is not HTTP: answered 400")
+            return
+        self._logger.warning(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
 def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a request timeout and a connection cap (`uvicorn.Config(http=)`).
 
@@ -271,6 +294,8 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            # Duck-typed: the protocol calls only warning, and the rest passes through.
+            self.logger = CountedProtocolLog(self.logger, guard.errors)  # type: ignore[assignment]
             guard.connections = self.connections
             if len(self.connections) > guard.max_connections:
                 guard.refused()
