@@ -145,6 +145,9 @@ class Connector(ABC):
         self._own: Status | None = None
         """While a status is held (`hold_status`): the connector's own, shown on release."""
         self.capture_faults: dict[str, int] = {}
+        self.restarts = 0
+        """Times the connector was started again after a failure: by the hub, or by the connector
+        itself reconnecting to its source in place (`feed_connector_restarts_total`)."""
         self.configure(options)
         options.finish()
 
@@ -295,6 +298,14 @@ class Connector(ABC):
     def count_fault(self, kind: str) -> None:
         """Count one capture interruption found by the connector's own check, by kind."""
         self.capture_faults[kind] = self.capture_faults.get(kind, 0) + 1
+
+    def count_restart(self) -> None:
+        """Count one reconnect to the source after a failure, made without the hub's restart.
+
+        Postgres, MongoDB and the Redis readers retry a lost connection inside their change
+        stream; uncounted, a flapping database never moved `feed_connector_restarts_total`.
+        """
+        self.restarts += 1
 
     def gauges(self) -> list[Gauge]:
         """Metric samples read at scrape time (values the connector measured on its own schedule:

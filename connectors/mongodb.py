@@ -319,6 +319,7 @@ class MongoConnector(Connector):
         self.set_status(State.DOWN, str(error))
         if failures >= self.resume_retries:
             raise error from None
+        self.count_restart()
         delay = min(0.1 * 2**failures, 5.0)
         log.info("%s: %s; reopening the change stream in %.1fs", self.name, error, delay)
         await asyncio.sleep(delay)

@@ -992,6 +992,7 @@ class PostgresConnector(Connector):
                 if not is_transient(exc) and not isinstance(exc, SourceUnavailable):
                     raise  # a bug, not the source: the hub logs it and restarts the connector
                 log.warning("%s: reader connection lost: %s", self.name, one_line(exc))
+                self.count_restart()
                 self._active = False
                 await self._lost_reader()
                 self.set_status(

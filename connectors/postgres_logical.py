@@ -712,6 +712,7 @@ class LogicalReader:
                 if not (is_transient(exc) or in_use or isinstance(exc, SourceUnavailable)):
                     raise  # a bug, not the source: the hub logs it and restarts the connector
                 c._active = False
+                c.count_restart()
                 await c._lost_reader()
                 what = one_line(exc) if in_use else f"connection lost ({one_line(exc)})"
                 c.set_status(State.DOWN, f"{what}; reconnecting in {delay:.1f}s")

@@ -396,6 +396,7 @@ class KeyspaceCapture:
         deadline = loop.time() + self.owner.reconnect_timeout
         delay = 0.05
         while True:
+            self.owner.count_restart()
             try:
                 return await self._subscribe(source)
             except SourceMisconfigured:

@@ -405,6 +405,7 @@ class StreamCapture:
                     await arrived.put(failure)
                     return
                 owner.set_status(State.DOWN, str(failure))
+                owner.count_restart()
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue

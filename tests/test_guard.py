@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,17 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from feed.metrics import Metrics
+from feed.security.guard import ClientErrors
 from tests.auth_helpers import BASE, TOKENS, source, token_config, ws_url
-from tests.support.server import FeedClient, RunningFeed, feed_client, running_feed
+from tests.support.server import (
+    FeedClient,
+    PortTaken,
+    RunningFeed,
+    feed_client,
+    on_free_port,
+    running_feed,
+)
 from tests.support.waiting import wait_until
 
 POLL = "/socket.io/?EIO=4&transport=polling"
@@ -153,7 +165,10 @@ async def test_slowloris_connections_are_closed_within_the_request_timeout() -> 
         assert f'feed_client_errors_total{{kind="request_timeout"}} {SLOW}' in metrics
 
 
-async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_working() -> None:
+async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_working(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="feed.guard")
     cap = 20
     config = BASE + f"[limits]\nmax_connections = {cap}\nrequest_timeout = 30\n"
     async with running_feed(config) as feed, feed_client(feed.url) as normal:
@@ -175,6 +190,10 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
             assert "feed_connections_refused_total 10" in metrics, metrics
             assert f"feed_connection_limit {cap}" in metrics
             assert f"feed_connections {cap}" in metrics
+            # One line for the ten (the refused clients saw a 503; the log used to say nothing).
+            lines = [r.getMessage() for r in caplog.records if "refused with 503" in r.getMessage()]
+            assert len(lines) == 1, lines
+            assert f"{cap} connections open, the cap is {cap}" in lines[0], lines[0]
         finally:
             for _, writer in idle:
                 writer.close()
@@ -339,3 +358,98 @@ async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
                     }
                 assert len(feed.hub.budget) <= 120
                 assert feed.hub.budget.charged("token:acme-svc") <= 50
+
+
+def test_the_left_out_count_does_not_pin_other_kinds_on_the_logged_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The rate-limited line said "(1 more since the last such line)" after a bad_request when
+    what it had left out was a bad_packet: an operator read it as more of the same kind."""
+    caplog.set_level(logging.WARNING, logger="feed.guard")
+    errors = ClientErrors(Metrics(), interval=3600)
+    errors.report("bad_packet", "junk")
+    errors.report("handshake_timeout", "left out, within the interval")
+    errors._last -= 3600  # the interval has passed
+    errors.report("bad_request", "Invalid session x")
+    last = caplog.records[-1].getMessage()
+    assert last.startswith("client error (bad_request): Invalid session x"), last
+    assert "1 more client errors of any kind since the last line" in last, last
+
+
+async def test_a_cap_above_the_open_file_limit_is_lowered_to_it_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """With `max_connections` above the open-file limit, connections past the limit were reset
+    without an answer and nothing was logged: the cap was no cap. The server now serves at most
+    what the limit allows (503 past it, as documented) and says so when it starts."""
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[limits]\nmax_connections = 100000\n\n"
+        "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
+    )
+
+    def low_limit() -> None:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (300, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+
+    async def start(port: int) -> tuple[asyncio.subprocess.Process, int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve", "--config", str(config), "--port", str(port),
+            stderr=asyncio.subprocess.PIPE, preexec_fn=low_limit,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )  # fmt: skip
+        assert process.stderr is not None
+        lines: list[str] = []
+        async with asyncio.timeout(30):
+            while "Uvicorn running" not in (line := (await process.stderr.readline()).decode()):
+                if not line:
+                    await process.wait()
+                    if "already in use" in "".join(lines).lower():
+                        raise PortTaken("".join(lines))
+                    raise AssertionError("".join(lines))
+                lines.append(line)
+        return process, port, "".join(lines)
+
+    process, port, started = await on_free_port(start)
+    try:
+        assert "max_connections = 100000 is more than the open-file limit allows (300" in started
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert "feed_connection_limit 200\n" in await response.text()
+            # Past the cap: a 503, not a reset.
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 503")
+                writer.close()
+            finally:
+                for _, w in idle:
+                    w.close()
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_requests_that_are_not_http_are_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn logged "Invalid HTTP request received." at WARNING for each one, uncounted: any
+    client could write a line per request into the log. They are now client errors
+    (`bad_request`), with at most one line per 10 s."""
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's config stops it at "uvicorn"
+    async with running_feed(BASE) as feed:
+        uvicorn_log.addHandler(caplog.handler)  # after uvicorn configured its logging
+        try:
+            for _ in range(5):
+                status = await asyncio.wait_for(raw_request(feed, b"GARBAGE\r\n\r\n"), 5)
+                assert status.startswith(b"HTTP/1.1 400"), status
+            metrics = feed.hub.metrics.render()
+            assert 'feed_client_errors_total{kind="bad_request"} 5' in metrics, metrics
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("client error (bad_request): a request that is not HTTP"), lines

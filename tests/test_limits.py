@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 
@@ -183,6 +184,36 @@ async def test_an_oversized_message_ends_the_connection() -> None:
         await client.sio.emit("subscribe", {"room": "mem:public.orders", "filter": "a" * 10_000})
         await asyncio.wait_for(gone.wait(), 10)
         assert not feed.hub.clients
+        # uvicorn's frame parser refuses it before Engine.IO sees it: it was not counted, so an
+        # operator saw neither a metric nor a log line for a client sending too much.
+        await wait_until(
+            lambda: 'feed_client_errors_total{kind="oversized"} 1' in feed.hub.metrics.render()
+        )
+
+
+async def test_a_text_frame_that_is_not_utf8_is_counted_as_a_bad_packet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn closes such a websocket (1007) itself: counted as documented, and its ERROR with
+    a traceback (any client could write one per message into the log) is left out."""
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's config stops it at "uvicorn"
+    async with running_feed(BASE) as feed:
+        uvicorn_log.addHandler(caplog.handler)  # after uvicorn configured its logging
+        try:
+            ws, _ = await raw_socketio(feed)
+            async with ws:
+                await ws.send(b'42["catalog","\xff\xfe"]', text=True)
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+            await wait_until(
+                lambda: 'feed_client_errors_total{kind="bad_packet"} 1' in feed.hub.metrics.render()
+            )
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+    loud = [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not loud, loud
+    assert any("not UTF-8" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

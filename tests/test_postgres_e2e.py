@@ -308,3 +308,25 @@ async def test_a_row_room_s_filter_name_sent_back_is_that_room(pg: PgDatabase) -
             await pg.conn.execute("UPDATE orders SET status = 'paid' WHERE id = 2")
             seen = [(await by_name.next_change())["key"], (await by_parts.next_change())["key"]]
     assert seen == [2, 2]
+
+
+async def test_a_lost_reader_connection_counts_as_a_connector_restart(pg: PgDatabase) -> None:
+    """The Postgres connector reconnects inside its change stream, not through the hub's
+    restart, so `feed_connector_restarts_total` (and the documented alert on its rate) stayed
+    at 0 however often the database dropped the feed; a Redis connector's outage counted."""
+    await orders(pg)
+    async with running_feed(config(pg.url)) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        restarts = 'feed_connector_restarts_total{connector="main"}'
+        assert f"{restarts} 0" in feed.hub.metrics.render()
+        pid = await pg.conn.fetchval(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE application_name = 'feed:main:reader' AND datname = current_database()"
+        )
+        assert await pg.conn.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+        await wait_until(
+            lambda: f"{restarts} 1" in feed.hub.metrics.render(), 15, "the restart counted"
+        )
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up again")
+        assert 'feed_connector_restarts_total{connector="mem"} 0' in feed.hub.metrics.render()

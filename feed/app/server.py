@@ -32,7 +32,13 @@ from feed.errors import ProtocolError
 from feed.routing.hub import Hub
 from feed.security.access import Authorizer
 from feed.security.auth import Authenticator, AuthError, Identity, check_exposure, seconds_left
-from feed.security.guard import ClientErrors, ConnectionGuard, InboundLimit, guarded_http_protocol
+from feed.security.guard import (
+    ClientErrors,
+    ConnectionGuard,
+    InboundLimit,
+    guarded_http_protocol,
+    quiet_counted_client_faults,
+)
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.security.room_budget import RoomBudget
 
@@ -107,6 +113,7 @@ class FeedApp:
         self._register_handlers()
         limits = config.limits
         self.client_errors = ClientErrors(self.hub.metrics)
+        quiet_counted_client_faults()
         self.guard = ConnectionGuard(
             self.hub.metrics, self.client_errors, limits.request_timeout, limits.max_connections
         )

@@ -648,11 +648,19 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         """The next message's data, or None when the websocket ended (or sent too much)."""
         event = await receive()
         if event["type"] != "websocket.receive":
+            fault = _FAULTY_CLOSES.get(event.get("code"))
+            if fault is not None:
+                self.server.report_malformed(self.sid, *fault)
             return None
         data = event.get("text")
         if data is None:
             data = event.get("bytes")
-        if data is None or len(data) > self.server.max_http_buffer_size:
+        if data is None:
+            return None
+        if len(data) > self.server.max_http_buffer_size:
+            self.server.report_malformed(
+                self.sid, "oversized", f"a websocket message of {len(data)} bytes"
+            )
             return None
         return data
 
@@ -691,6 +699,16 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
                 self.server.logger.exception("Unknown receive error")
         await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
         await self._end_websocket()
+
+
+_FAULTY_CLOSES: dict[Any, tuple[str, str]] = {
+    1009: ("oversized", "a websocket message larger than max_message_bytes"),
+    1007: ("bad_packet", "a websocket text frame that is not UTF-8"),
+    1002: ("bad_packet", "a websocket protocol error"),
+}
+"""How a websocket ended when uvicorn's frame parser refused what the client sent (it closes the
+connection itself, before the message reaches Engine.IO): counted like the faults Engine.IO
+sees (`feed_client_errors_total`), which these used not to be."""
 
 
 class Pinger:

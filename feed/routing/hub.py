@@ -230,7 +230,7 @@ class Hub:
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.exception("connector %s crashed", connector.name)
-            self.metrics.inc("feed_connector_restarts_total", connector=connector.name)
+            connector.restarts += 1
             if connector.own_status.state is not State.DOWN:  # also while shown down by a hold
                 connector.set_status(State.DOWN, reason)
             if time.monotonic() - started > HEALTHY_RUN:
@@ -889,6 +889,7 @@ class Hub:
         for c in self.connectors.values():
             up = 1.0 if c.status.state in (State.UP, State.LAGGING) else 0.0
             yield "feed_connector_up", (("connector", c.name),), up
+            yield "feed_connector_restarts_total", (("connector", c.name),), float(c.restarts)
             for name, labels, value in c.gauges():
                 yield name, (("connector", c.name), *labels), value
         kinds = {"target": 0, "row": 0, "filter": 0}

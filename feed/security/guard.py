@@ -51,6 +51,31 @@ def automatic_connection_cap() -> int:
     return max(100, soft - FD_RESERVE)
 
 
+def effective_connection_cap(configured: int) -> int:
+    """`[limits] max_connections`, but never above what the open-file limit allows.
+
+    Past the open-file limit `accept` fails, and the connections past it were reset without an
+    answer and without a line in the log (uvloop), so a cap set above the limit was no cap at
+    all: the configured one is lowered to the automatic one, with a warning naming both.
+    """
+    automatic = automatic_connection_cap()
+    if not configured:
+        return automatic
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and configured > automatic:
+        log.warning(
+            "[limits] max_connections = %d is more than the open-file limit allows (%d "
+            "descriptors, %d kept for sources and logs): serving at most %d connections; raise "
+            "the limit (ulimit -n, LimitNOFILE=, ulimits: nofile) to serve more",
+            configured,
+            soft,
+            FD_RESERVE,
+            automatic,
+        )
+        return automatic
+    return configured
+
+
 class ClientErrors:
     """Counts what broken or hostile clients send, and says so in the log, rate-limited."""
 
@@ -73,8 +98,32 @@ class ClientErrors:
             return
         left_out, self._left_out = self._left_out, 0
         self._last = now
-        more = f" ({left_out} more since the last such line)" if left_out else ""
+        # The left-out ones may be of any kind: the line must not pin them on this one.
+        more = (
+            f" ({left_out} more client errors of any kind since the last line)" if left_out else ""
+        )
         log.warning("client error (%s): %s%s", kind, detail[:200], more)
+
+
+class ClientFaultsCounted(logging.Filter):
+    """Drops uvicorn's ERROR and traceback for a websocket text frame that is not UTF-8.
+
+    uvicorn logs it with `logger.exception` and closes the websocket with 1007, which the feed
+    counts and logs itself, one rate-limited line (`bad_packet`, feed.delivery.eio_websocket):
+    left in, any client could write six lines of traceback into the log per message.
+    """
+
+    MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+def quiet_counted_client_faults() -> None:
+    """Install `ClientFaultsCounted` on uvicorn's error logger, once."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientFaultsCounted) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(ClientFaultsCounted())
 
 
 # -- oversized requests --------------------------------------------------------------------------
@@ -167,9 +216,11 @@ class ConnectionGuard:
         self.metrics = metrics
         self.errors = errors
         self.request_timeout = request_timeout
-        self.max_connections = max_connections or automatic_connection_cap()
+        self.max_connections = effective_connection_cap(max_connections)
         self.connections: set[Any] | None = None
         """uvicorn's set of open connections (HTTP and websocket), once one has been made."""
+        self._warned = -WARN_INTERVAL
+        self._unwarned = 0
         metrics.describe("feed_connections", "gauge", "Open TCP connections (HTTP and websocket)")
         metrics.describe(
             "feed_connections_refused_total", "counter", "Connections refused at the cap"
@@ -179,9 +230,53 @@ class ConnectionGuard:
         )
         metrics.gauges(self._gauges)
 
+    def refused(self) -> None:
+        """Count a connection refused at the cap, and say so in the log at most once per
+        `WARN_INTERVAL`: the refused clients only see a 503, and without a line the operator
+        looking at the log had nothing to go by."""
+        self.metrics.inc("feed_connections_refused_total")
+        now = time.monotonic()
+        if now - self._warned < WARN_INTERVAL:
+            self._unwarned += 1
+            return
+        more, self._unwarned = self._unwarned, 0
+        self._warned = now
+        also = f" ({more} more since the last line)" if more else ""
+        log.warning(
+            "connection refused with 503: %d connections open, the cap is %d ([limits] "
+            "max_connections, or the open-file limit less %d when it is 0)%s",
+            len(self.connections or ()) - 1,
+            self.max_connections,
+            FD_RESERVE,
+            also,
+        )
+
     def _gauges(self) -> Any:
         yield "feed_connections", (), float(len(self.connections or ()))
         yield "feed_connection_limit", (), float(self.max_connections)
+
+
+INVALID_HTTP = "Invalid HTTP request received."
+"""What uvicorn logs, at WARNING and per request, for bytes that are not HTTP."""
+
+
+class CountedProtocolLog:
+    """uvicorn's logger as one connection's protocol uses it, with its warning about a request
+    that is not HTTP turned into a counted client error (`bad_request`, at most one line per
+    `WARN_INTERVAL`): as uvicorn logs it, any client could write a line per request."""
+
+    def __init__(self, logger: Any, errors: ClientErrors) -> None:
+        self._logger = logger
+        self._errors = errors
+
+    def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if msg == INVALID_HTTP:
+            self._errors.report("bad_request", "a request that is not HTTP: answered 400")
+            return
+        self._logger.warning(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
 
 
 def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
@@ -199,9 +294,11 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            # Duck-typed: the protocol calls only warning, and the rest passes through.
+            self.logger = CountedProtocolLog(self.logger, guard.errors)  # type: ignore[assignment]
             guard.connections = self.connections
             if len(self.connections) > guard.max_connections:
-                guard.metrics.inc("feed_connections_refused_total")
+                guard.refused()
                 transport.write(_BUSY)
                 transport.close()
                 return
