@@ -188,7 +188,17 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
 
 
 def one_line(exc: BaseException) -> str:
+    """The first line of an error's message, worded for an operator.
+
+    asyncpg reports a session the server ended while it sat idle (pg_terminate_backend, a
+    restart) at the next query as "cannot switch to state 12; another operation (2) is in
+    progress": its protocol state, nothing an operator can act on.
+    """
     text = str(exc).strip()
+    if "the underlying connection is closed" in text and exc.__context__ is not None:
+        return one_line(exc.__context__)  # a cleanup after the error that tells what happened
+    if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in text:
+        return "the server ended the session"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -1636,6 +1646,46 @@ class PostgresConnector(Connector):
             raise SnapshotNotSupported(
                 f"{address.target} has no primary key, so it has no row rooms to snapshot"
             )
+        # Twice at most: a pooled connection may have died while idle (pg_terminate_backend,
+        # a restarted server, an idle timeout) or while it read, which a fresh one mends; the
+        # subscriber gets rows, or one clear `snapshot_failed` it may retry, never a traceback.
+        for attempt in (1, 2):
+            try:
+                read = await self._snapshot_pooled(shape, address, where, limit)
+                break
+            except SourceUnavailable:
+                raise
+            except asyncpg.PostgresError as exc:
+                if not is_transient(exc):
+                    raise SourceUnavailable(
+                        f"{self.where}: snapshot of {address.target}: {one_line(exc)}"
+                    ) from None
+                lost: BaseException = exc
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                lost = exc
+            if attempt == 2 or self._stopping:
+                raise SourceUnavailable(
+                    f"{self.where}: snapshot of {address.target}: connection lost "
+                    f"({one_line(lost)}): retry"
+                ) from None
+            log.info("%s: snapshot connection lost (%s): reading again", self.name, one_line(lost))
+        rows, keys, truncated, snap_text, extra = read
+        covers = await self._wait_past(Snap.parse(snap_text), extra)
+        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
+
+    async def _snapshot_pooled(
+        self,
+        shape: TableShape,
+        address: RoomAddress,
+        where: Callable[[Mapping[str, Any]], bool],
+        limit: int,
+    ) -> tuple[list[dict[str, Any]], list[str | None], bool, str, Any]:
+        """`_snapshot_on` a connection of the pool (the current one: a restart replaces it)."""
+        pool = self._pool
+        if pool is None:
+            raise SourceUnavailable(f"{self.where}: not connected (the connector is restarting)")
         try:
             conn = await pool.acquire(timeout=self.connect_timeout)
         except TimeoutError:
@@ -1646,7 +1696,7 @@ class PostgresConnector(Connector):
             ) from None
         try:
             try:
-                read = await self._snapshot_on(conn, shape, address, where, limit)
+                return await self._snapshot_on(conn, shape, address, where, limit)
             except asyncpg.PostgresError as exc:
                 if not exc.sqlstate or exc.sqlstate[:2] not in ("42", "22"):
                     raise
@@ -1654,14 +1704,11 @@ class PostgresConnector(Connector):
                 # or of another type now): read it again, so the filter goes by the columns
                 # there are, and take the snapshot anew.
                 shape = await self._refresh_shape(conn, address.target)
-                read = await self._snapshot_on(conn, shape, address, where, limit)
-        except asyncpg.PostgresError as exc:
-            raise SourceUnavailable(f"{self.where}: snapshot of {address.target}: {exc}") from None
+                return await self._snapshot_on(conn, shape, address, where, limit)
         finally:
-            await pool.release(conn)
-        rows, keys, truncated, snap_text, extra = read
-        covers = await self._wait_past(Snap.parse(snap_text), extra)
-        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
+            # A broken connection is terminated by the pool, which then raises: nothing to add.
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
 
     async def _snapshot_on(
         self,
