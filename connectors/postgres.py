@@ -1081,8 +1081,16 @@ class PostgresConnector(Connector):
             self._state = ReaderState(Snap.parse(text))
             self._saved_text = text
             return
-        if self._state is not None and row["snapshot"] == self._saved_text:
-            return  # a reconnect: memory knows exactly what was delivered, keep it
+        if self._state is not None and self._saved_text is not None:
+            saved = Snap.parse(self._saved_text)
+            if row["snapshot"] == self._saved_text or Snap.parse(row["snapshot"]).xmax < saved.xmax:
+                # A reconnect: memory knows exactly what was delivered, keep it. A row behind
+                # what this reader saved is that save lost: written without waiting for fsync,
+                # it goes with a server crash (an immediate restart), and reading from the row
+                # would deliver everything since again. Only a row further on is news: another
+                # feed server read meanwhile, or `feed unwatch` started it afresh.
+                self._unsaved = True  # saved again at the next poll
+                return
         batch = Snap.parse(row["batch_snapshot"]) if row["batch_snapshot"] else None
         cursor = (row["cursor_maxid"], row["cursor_id"]) if batch is not None else None
         self._state = ReaderState(Snap.parse(row["snapshot"]), batch, cursor)
