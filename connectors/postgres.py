@@ -47,6 +47,7 @@ from connectors.postgres_capture import (
     partitions,
     trigger_names,
 )
+from connectors.postgres_columns import Columns, column_lists, gap_reason
 from connectors.postgres_dsn import dsn_problem
 from connectors.postgres_filters import check_filter, pushdown
 from connectors.postgres_migrate import (
@@ -69,13 +70,6 @@ log = logging.getLogger("feed.connectors.postgres")
 
 READER_LOCK_CLASS = LOCK_CLASS + 1
 PRUNE_CHUNK = 20_000
-COLUMN_TYPES_SQL = """
-SELECT a.attrelid::int8 AS oid,
-       array_agg(a.attname || ' ' || a.atttypid::text ORDER BY a.attnum) AS columns
-FROM pg_catalog.pg_attribute a
-WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
-GROUP BY a.attrelid
-"""
 
 RENDERING = {
     "extra_float_digits": "3",
@@ -290,7 +284,7 @@ class PostgresConnector(Connector):
         # The capture watch (connectors/postgres_capture.py): what each table's oid was when
         # its triggers were attached, the faults standing now, when to look next.
         self._oids: dict[str, int] = {}
-        self._columns_seen: dict[str, tuple[str, ...]] = {}  # _notice_retyped
+        self._columns_seen: dict[str, Columns] = {}  # notice_columns
         self.partition_watch = PartitionWatch(self)
         self._virtual: dict[str, str | None] = {}  # target -> `computing`'s select list
         self._faults: dict[tuple[str | None, str], CaptureFault] = {}
@@ -1389,32 +1383,36 @@ class PostgresConnector(Connector):
         self._show_running()
         async for gap in self.partition_watch.look(conn):
             yield gap
-        await self._notice_retyped(conn)
+        for gap in await self.notice_columns(conn):
+            yield gap
         # Counting the journal scans it: every sixth check (30 s by default) is enough for
         # metrics and warnings about growth measured in minutes.
         if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
             await self._measure(conn)
 
-    async def _notice_retyped(self, conn: Any) -> None:
-        """Read a table's shape again when its columns' types changed (`ALTER COLUMN ... TYPE`).
+    async def notice_columns(self, conn: Any) -> list[Gap]:
+        """Read a table's shape again when its columns changed, and announce a gap for it
+        (connectors/postgres_columns.py says why). Both modes, at every capture check.
 
-        A new or dropped column shows in the next image (`_decode`), a new type does not: the
-        images kept the old type's decoding (bytea as `\\x..` text, a new timestamptz not in
-        UTC), and filters were checked against it, until a restart. One catalog query per
+        A new or dropped column also shows in the next image (`_decode`), a new type does not:
+        the images kept the old type's decoding (bytea as `\\x..` text, a new timestamptz not
+        in UTC), and filters were checked against it, until a restart. One catalog query per
         capture check, for every watched table.
         """
-        by_oid = {oid: target for target, oid in self._oids.items()}
-        if not by_oid:
-            return
-        rows = await conn.fetch(COLUMN_TYPES_SQL, list(by_oid), timeout=self.heartbeat_timeout)
-        for row in rows:
-            target = by_oid.get(row["oid"])
-            if target is None:
-                continue
-            columns = tuple(row["columns"])
-            if self._columns_seen.get(target, columns) != columns and target in self._shapes:
-                await self._refresh_shape(conn, target)
+        regclasses = {target: self.regclass(target) for target in self.tables}
+        found = await column_lists(conn, regclasses, self.heartbeat_timeout)
+        gaps: list[Gap] = []
+        for target, columns in found.items():
+            seen = self._columns_seen.get(target)
             self._columns_seen[target] = columns
+            if seen is None or seen == columns:
+                continue
+            if target in self._shapes:
+                await self._refresh_shape(conn, target)
+            reason = gap_reason(target, seen, columns)
+            log.warning("%s: %s", self.name, reason)
+            gaps.append(Gap(self.name, reason, target))
+        return gaps
 
     async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> tuple[bool, str]:
         """Repair what the feed itself set up; say whether it worked and what was done."""

@@ -619,7 +619,8 @@ class LogicalReader:
                 f"{c.where}: publication {self.publication!r} lost {', '.join(unset)}; setting "
                 "it again (changes in between are lost and announced)"
             )
-        return [gap async for gap in c.partition_watch.look(conn, parts)]
+        gaps = [gap async for gap in c.partition_watch.look(conn, parts)]
+        return gaps + await c.notice_columns(conn)
 
     async def stop(self) -> None:
         """Confirm what was routed, so a restart does not deliver it again, and mark where the
