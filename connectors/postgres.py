@@ -1400,7 +1400,7 @@ class PostgresConnector(Connector):
         capture check, for every watched table.
         """
         regclasses = {target: self.regclass(target) for target in self.tables}
-        found = await column_lists(conn, regclasses, self.heartbeat_timeout)
+        found = await column_lists(conn, regclasses, self.heartbeat_timeout, self.keys)
         gaps: list[Gap] = []
         for target, columns in found.items():
             seen = self._columns_seen.get(target)

@@ -1,5 +1,5 @@
 """A watched table's columns changed while the feed runs (ADD, DROP, RENAME COLUMN, ALTER
-COLUMN ... TYPE): a `gap` for the table, in both modes.
+COLUMN ... TYPE, another primary key): a `gap` for the table, in both modes.
 
 Such an ALTER changes every row (a new column's default, the value in its new type, a new
 name) without one row change: a client keeping rows from a snapshot went on showing the old
@@ -45,6 +45,10 @@ async def connector(request: pytest.FixtureRequest, pg: PgDatabase) -> Any:
         ("DROP COLUMN status", "dropped status"),
         ("RENAME COLUMN status TO state", "added state text; dropped status"),
         ("ALTER COLUMN n TYPE numeric", "n is now numeric (was integer)"),
+        (
+            "DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (id, status)",
+            "the primary key is now (id, status) (was (id))",
+        ),
     ],
 )
 async def test_a_column_change_is_a_gap_for_the_table(
@@ -59,6 +63,8 @@ async def test_a_column_change_is_a_gap_for_the_table(
         assert f"the columns of public.orders changed ({said})" in gap.reason, gap.reason
         assert "reload" in gap.reason
         await pg.conn.execute("UPDATE orders SET n = 3")
-        after = (await stream.take(1))[0].after
-        assert after is not None and str(after["n"]) == "3"
+        change = (await stream.take(1))[0]
+        assert change.after is not None and str(change.after["n"]) == "3"
+        if "primary key" in said:  # its rows' keys are by the new key now
+            assert change.key == {"id": 1, "status": "a"}
         stream.assert_idle()  # one gap per change of columns, not one per check
