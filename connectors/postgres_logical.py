@@ -337,6 +337,9 @@ class LogicalReader:
         self.retained_wal: int | None = None
         self.wal_status = ""
         self.last_check = 0.0
+        self.recreate = False  # the slot must be made anew at the next start (`changes`)
+        self.broken: SourceMisconfigured | None = None
+        """A fault `_watch` announced with gaps; `_read` raises it once they are yielded."""
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -406,6 +409,11 @@ class LogicalReader:
                 f"{c.where}: replication slot {self.slot!r} belongs to database "
                 f"{slot['database']!r}, not this one: choose another `slot` name"
             )
+        recreate, self.recreate = self.recreate, False
+        if slot is not None and recreate:  # see `changes`: a publication dropped (gap said)
+            await self._drop_when_free(conn)
+            lines.append(f"dropped replication slot {self.slot!r} (its publication was dropped)")
+            slot = None
         if slot is not None and (slot["wal_status"] == "lost" or slot["invalidated"]):
             # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size), or
             # (Postgres 17+) for another reason, such as Postgres 18's
@@ -425,7 +433,7 @@ class LogicalReader:
                 "changes in between were lost"
             )
             slot = None
-        elif slot is None and (self.delivered_end or marked):
+        elif slot is None and not recreate and (self.delivered_end or marked):
             # It was there before (this process read from it, or the marker a previous run left
             # on the publication says so): what happened meanwhile is gone.
             self.pending_gap = True
@@ -519,6 +527,7 @@ class LogicalReader:
     async def _unset_options(self, conn: Any) -> list[str]:
         """The publication's options that are not as the reader needs them, as `name = value`.
 
+        `publish`: every kind of change (insert, update, delete, truncate), as when made.
         `publish_via_partition_root`: a partitioned table's changes come under its own name (by
         default pgoutput names the partition, which is no watched table, and they were lost).
         `publish_generated_columns` (Postgres 18+): generated columns come with the row; left
@@ -534,6 +543,11 @@ class LogicalReader:
             return []
         options = json.loads(found)
         unset = []
+        kinds = ("insert", "update", "delete", "truncate")
+        if not all(options.get(f"pub{kind}", True) for kind in kinds):
+            # Narrowed by hand (`SET (publish = 'insert')`): the other kinds of change were
+            # not decoded at all, and clients' rows drifted from the table without a word.
+            unset.append(f"publish = '{', '.join(kinds)}'")
         if not options.get("pubviaroot"):
             unset.append("publish_via_partition_root = true")
         if options.get("pubgencols", "s") != "s":
@@ -556,10 +570,19 @@ class LogicalReader:
                       database = current_database() AS here,
                       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
                       (SELECT count(*) FROM pg_publication_tables p
-                       WHERE p.pubname = $2) AS tables
+                       WHERE p.pubname = $2) AS tables,
+                      (SELECT coalesce(array_agg(t), ARRAY[]::text[]) FROM unnest($3::text[]) t
+                       WHERE NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                                         WHERE p.pubname = $2
+                                           AND p.schemaname || '.' || p.tablename = t)
+                      ) AS unpublished,
+                      (SELECT coalesce(array_agg(t), ARRAY[]::text[]) FROM unnest($3::text[], $4::text[])
+                              u(t, reg) WHERE to_regclass(u.reg) IS NULL) AS missing
                FROM pg_replication_slots s WHERE slot_name = $1""",
             self.slot,
             self.publication,
+            self.c.tables,
+            [self.c.regclass(target) for target in self.c.tables],
             timeout=self.c.query_timeout,
         )
         return dict(row) if row is not None else None
@@ -598,7 +621,23 @@ class LogicalReader:
                 f"{c.where}: replication slot {self.slot!r} was invalidated ({why}); "
                 "recreating it (changes in between are lost and announced)"
             )
-        if info["tables"] < len(c.tables):
+        if info["missing"]:
+            # Renamed or dropped: the publication follows a renamed table by its oid, so its
+            # changes went on coming under the new name, which no room has, and were skipped
+            # while the connector showed `up`.
+            # Announced at once (clients reload: their snapshot waits for the table), then
+            # down until it is back, as notify mode does.
+            gone = ", ".join(info["missing"])
+            self.broken = SourceMisconfigured(
+                f"{c.where}: table {gone} does not exist (renamed or dropped); re-create it "
+                "or rename it back (the feed goes on by itself), or remove it from `tables`"
+            )
+            c.count_fault("table_missing")
+            return [
+                Gap(c.name, f"table {target} no longer exists (renamed or dropped)", target)
+                for target in info["missing"]
+            ]
+        if info["unpublished"] or info["tables"] < len(c.tables):
             self.pending_gap = True
             self.gap_reason = (
                 f"publication {self.publication!r} stopped covering some watched tables "
@@ -703,6 +742,19 @@ class LogicalReader:
                 in_use = isinstance(exc, asyncpg.ObjectInUseError)  # our last session, ending
                 if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc) and not in_use:
                     line = one_line(exc)
+                    if f'publication "{self.publication}" does not exist' in line:
+                        # Dropped by hand: the slot decodes each change with the catalog of
+                        # its time, so it fails on every change made without the publication,
+                        # even once the start has made it again; it was a restart loop for
+                        # good. Only a new slot goes on, with a gap.
+                        self.recreate = True
+                        self.pending_gap = True
+                        self.gap_reason = (
+                            f"publication {self.publication!r} was dropped while the feed read "
+                            "(by hand?): the replication slot could not decode past it and was "
+                            "recreated with the publication; changes in between were lost"
+                        )
+                        line += "; recreating it and the replication slot, with a gap"
                     if "can no longer" in line and "replication slot" in line:
                         line += (
                             " (invalidated: the server removed WAL the feed had not read, see "
@@ -731,6 +783,9 @@ class LogicalReader:
             if time.monotonic() - self.last_check >= c.capture_check_interval:
                 for gap in await self._watch(conn):
                     yield gap
+                if self.broken is not None:
+                    broken, self.broken = self.broken, None
+                    raise broken
             parser = PgOutputParser(self.relation_columns, self.altered)
             read = 0
             async with contextlib.aclosing(self._pages(conn)) as pages:
