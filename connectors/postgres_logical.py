@@ -35,6 +35,7 @@ from connectors.base import State
 from connectors.postgres_capture import Partition, partitions
 from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import computing, loads, plain, recompute_sql
+from connectors.postgres_waits import LOCK_WAIT, lock_holder, oldest_transaction
 from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
@@ -357,6 +358,7 @@ class LogicalReader:
         pub = quote_ident(self.publication)
         parts = await partitions(conn, c.tables, c._trigger_names(), c.query_timeout)
         self._refuse_virtual(parts)
+        busy = ""
         try:
             exists = await conn.fetchval(
                 "SELECT count(*) FROM pg_publication WHERE pubname = $1", self.publication
@@ -371,6 +373,7 @@ class LogicalReader:
             # The options (`_unset_options` says why each): set when made, and again when found
             # otherwise. One transaction: no write sees the publication without them.
             async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
                 if not exists:
                     await conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {tables}")
                     lines.append(f"created publication {self.publication!r}")
@@ -388,8 +391,22 @@ class LogicalReader:
             # its partitions' setting is the one that counts.
             for part in parts:
                 if not part.full:
-                    await conn.execute(f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL")
+                    busy = part.regclass
+                    # One string, one implicit transaction: the SET goes with a failing ALTER.
+                    await conn.execute(
+                        f"SET lock_timeout = '{LOCK_WAIT}';"
+                        f" ALTER TABLE {part.regclass} REPLICA IDENTITY FULL; RESET lock_timeout"
+                    )
                     lines.append(f"{part.name}: replica identity full")
+        except asyncpg.LockNotAvailableError:
+            # Waiting on, the ALTER's lock would hold up every writer of the table behind it.
+            holder = await lock_holder(conn, busy) if busy else ""
+            raise SourceUnavailable(
+                f"{c.where}: {busy or tables} is busy: setting up logical mode waited "
+                f"{LOCK_WAIT} for a transaction holding a lock on it"
+                f"{' (' + holder + ')' if holder else ''} and gave way to its writers; end or "
+                "commit that transaction, then try again (a running feed does by itself)"
+            ) from None
         except asyncpg.InsufficientPrivilegeError as exc:
             raise SourceMisconfigured(
                 f"{c.where}: logical mode needs to own the watched tables "
@@ -453,6 +470,16 @@ class LogicalReader:
                 raise SourceMisconfigured(
                     f"{c.where}: permission denied to create replication slot {self.slot!r}: "
                     f"ALTER ROLE {user} REPLICATION"
+                ) from None
+            except TimeoutError:
+                # A new slot waits for every transaction open when it began (asyncpg cancels
+                # the statement at the timeout, so nothing is left behind).
+                oldest = await oldest_transaction(conn)
+                raise SourceUnavailable(
+                    f"{c.where}: creating replication slot {self.slot!r} waited "
+                    f"{c.query_timeout:g}s (query_timeout) for the transactions open when it "
+                    f"began{' (the oldest: ' + oldest + ')' if oldest else ''}; end or commit "
+                    "them, then try again (a running feed does by itself)"
                 ) from None
             lines.append(f"created replication slot {self.slot!r}")
             await self._set_marker(conn, "running" if starting else "created")

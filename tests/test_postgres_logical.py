@@ -18,7 +18,7 @@ import pytest
 from connectors.base import RoomAddress
 from feed.core.change import Change, Gap
 from feed.core.filters import parse_filter
-from feed.errors import SourceMisconfigured
+from feed.errors import SourceMisconfigured, SourceUnavailable
 from tests.connector_contract import ConnectorContract
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
@@ -440,3 +440,59 @@ async def test_a_transaction_cut_short_by_a_reconnect_goes_on_exactly_once(
             stream.assert_idle()
     assert [c.key for c in got] == list(range(1, 5501))
     assert len({c.id for c in got}) == 5500
+
+
+async def test_setup_behind_a_long_transaction_gives_way_to_writers(
+    logical_pg: PgDatabase,
+) -> None:
+    """`feed migrate` (or a first start) while a transaction holds a lock on a table: the
+    `REPLICA IDENTITY FULL` waited for it without end, and every write to the table queued
+    behind that wait; now it gives way after a moment and names the transaction."""
+    db = logical_pg
+    await orders(db)
+    long = await db.connect()
+    writer = await db.connect()
+    try:
+        await long.execute("BEGIN")
+        await long.execute("INSERT INTO orders VALUES (1, 'long', 1)")
+        setup = asyncio.create_task(logical(db, ["public.orders"]).migrate())
+        async with asyncio.timeout(WAIT):  # a server state, no event to await: polled
+            while not await db.conn.fetchval(  # noqa: ASYNC110 - no event for it
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%REPLICA IDENTITY FULL%'"
+            ):
+                await asyncio.sleep(0.02)
+        # Queued behind the ALTER's lock request: it waits until the setup gives way.
+        await writer.execute("INSERT INTO orders VALUES (2, 'app', 1)", timeout=WAIT)
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(setup, WAIT)
+        pid = await long.fetchval("SELECT pg_backend_pid()")
+    finally:
+        await long.close()
+        await writer.close()
+    message = str(caught.value)
+    assert "public.orders" in message and "is busy" in message, message
+    assert f"pid {pid}," in message and "\n" not in message, message
+
+
+async def test_a_slot_waiting_for_a_long_transaction_fails_in_one_line(
+    logical_pg: PgDatabase,
+) -> None:
+    """A new slot waits for every transaction open when it began: past query_timeout that was
+    a bare TimeoutError traceback from `feed migrate`."""
+    db = logical_pg
+    await orders(db)
+    await db.conn.execute("ALTER TABLE orders REPLICA IDENTITY FULL")
+    long = await db.connect()
+    try:
+        await long.execute("BEGIN")
+        await long.execute("INSERT INTO orders VALUES (1, 'long', 1)")
+        pid = await long.fetchval("SELECT pg_backend_pid()")
+        connector = logical(db, ["public.orders"], query_timeout=1.0)
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(connector.migrate(), WAIT)
+    finally:
+        await long.close()
+    message = str(caught.value)
+    assert "creating replication slot 'feed_main' waited 1s" in message, message
+    assert f"(the oldest: pid {pid}," in message, message
