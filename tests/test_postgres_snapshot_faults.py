@@ -124,3 +124,22 @@ async def test_a_snapshot_cut_short_by_the_connectors_restart_fails_cleanly(
             await locker.close()
     assert "\n" not in str(caught.value)
     assert "snapshot of public.orders" in str(caught.value), caught.value
+
+
+def test_a_session_the_server_ended_is_named_so_in_status_lines() -> None:
+    """What asyncpg raises at the next query on a session the server ended while it sat idle
+    (the logical reader between polls): its protocol state was the reader's `down` line."""
+    from connectors.postgres import one_line
+
+    state = asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in")
+    assert one_line(state) == "the server ended the session"
+    try:
+        try:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed: terminating")
+        except asyncpg.ConnectionDoesNotExistError:
+            raise asyncpg.InterfaceError(
+                "cannot call Transaction.__aexit__(): the underlying connection is closed"
+            ) from None
+    except asyncpg.InterfaceError as exc:
+        cleanup = exc
+    assert one_line(cleanup) == "connection was closed: terminating"
