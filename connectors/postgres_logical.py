@@ -745,6 +745,7 @@ class LogicalReader:
         while not c._stopping:
             try:
                 await c._open_reader(listen=False)
+                await self._reread_confirmed()
                 delay = 0.1
                 if self.pending_gap:
                     self.pending_gap = False
@@ -797,6 +798,24 @@ class LogicalReader:
                 c.set_status(State.DOWN, f"{what}; reconnecting in {delay:.1f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, c.reconnect_max)
+
+    async def _reread_confirmed(self) -> None:
+        """Take the slot's own confirmed point when it is behind what this reader confirmed.
+
+        A server crash (an immediate restart) sets a slot back to its state at the last
+        checkpoint: everything confirmed since comes again at each peek. The reader skips what
+        it routed, but believing it had confirmed it, it never advanced the slot again, so
+        every peek returned the same already-routed page: the connector stayed `up`, delivered
+        nothing more, and snapshots timed out.
+        """
+        conn = self.c._reader
+        text = await conn.fetchval(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
+            timeout=self.c.heartbeat_timeout,
+        )
+        if text is not None:
+            self.confirmed = min(self.confirmed, parse_lsn(text))
 
     async def _read(self) -> AsyncIterator[Change | Gap]:
         c = self.c
