@@ -47,6 +47,7 @@ from connectors.postgres_capture import (
     partitions,
     trigger_names,
 )
+from connectors.postgres_columns import Columns, column_lists, gap_reason
 from connectors.postgres_dsn import dsn_problem
 from connectors.postgres_filters import KEYS_ENTRY, check_filter, check_key, pushdown
 from connectors.postgres_migrate import (
@@ -69,13 +70,6 @@ log = logging.getLogger("feed.connectors.postgres")
 
 READER_LOCK_CLASS = LOCK_CLASS + 1
 PRUNE_CHUNK = 20_000
-COLUMN_TYPES_SQL = """
-SELECT a.attrelid::int8 AS oid,
-       array_agg(a.attname || ' ' || a.atttypid::text ORDER BY a.attnum) AS columns
-FROM pg_catalog.pg_attribute a
-WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
-GROUP BY a.attrelid
-"""
 
 RENDERING = {
     "extra_float_digits": "3",
@@ -188,7 +182,17 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
 
 
 def one_line(exc: BaseException) -> str:
+    """The first line of an error's message, worded for an operator.
+
+    asyncpg reports a session the server ended while it sat idle (pg_terminate_backend, a
+    restart) at the next query as "cannot switch to state 12; another operation (2) is in
+    progress": its protocol state, nothing an operator can act on.
+    """
     text = str(exc).strip()
+    if "the underlying connection is closed" in text and exc.__context__ is not None:
+        return one_line(exc.__context__)  # a cleanup after the error that tells what happened
+    if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in text:
+        return "the server ended the session"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -281,7 +285,7 @@ class PostgresConnector(Connector):
         # The capture watch (connectors/postgres_capture.py): what each table's oid was when
         # its triggers were attached, the faults standing now, when to look next.
         self._oids: dict[str, int] = {}
-        self._columns_seen: dict[str, tuple[str, ...]] = {}  # _notice_retyped
+        self._columns_seen: dict[str, Columns] = {}  # notice_columns
         self.partition_watch = PartitionWatch(self)
         self._virtual: dict[str, str | None] = {}  # target -> `computing`'s select list
         self._faults: dict[tuple[str | None, str], CaptureFault] = {}
@@ -1073,8 +1077,16 @@ class PostgresConnector(Connector):
             self._state = ReaderState(Snap.parse(text))
             self._saved_text = text
             return
-        if self._state is not None and row["snapshot"] == self._saved_text:
-            return  # a reconnect: memory knows exactly what was delivered, keep it
+        if self._state is not None and self._saved_text is not None:
+            saved = Snap.parse(self._saved_text)
+            if row["snapshot"] == self._saved_text or Snap.parse(row["snapshot"]).xmax < saved.xmax:
+                # A reconnect: memory knows exactly what was delivered, keep it. A row behind
+                # what this reader saved is that save lost: written without waiting for fsync,
+                # it goes with a server crash (an immediate restart), and reading from the row
+                # would deliver everything since again. Only a row further on is news: another
+                # feed server read meanwhile, or `feed unwatch` started it afresh.
+                self._unsaved = True  # saved again at the next poll
+                return
         batch = Snap.parse(row["batch_snapshot"]) if row["batch_snapshot"] else None
         cursor = (row["cursor_maxid"], row["cursor_id"]) if batch is not None else None
         self._state = ReaderState(Snap.parse(row["snapshot"]), batch, cursor)
@@ -1373,32 +1385,36 @@ class PostgresConnector(Connector):
         self._show_running()
         async for gap in self.partition_watch.look(conn):
             yield gap
-        await self._notice_retyped(conn)
+        for gap in await self.notice_columns(conn):
+            yield gap
         # Counting the journal scans it: every sixth check (30 s by default) is enough for
         # metrics and warnings about growth measured in minutes.
         if time.monotonic() - self._last_measure >= min(30.0, 6 * self.capture_check_interval):
             await self._measure(conn)
 
-    async def _notice_retyped(self, conn: Any) -> None:
-        """Read a table's shape again when its columns' types changed (`ALTER COLUMN ... TYPE`).
+    async def notice_columns(self, conn: Any) -> list[Gap]:
+        """Read a table's shape again when its columns changed, and announce a gap for it
+        (connectors/postgres_columns.py says why). Both modes, at every capture check.
 
-        A new or dropped column shows in the next image (`_decode`), a new type does not: the
-        images kept the old type's decoding (bytea as `\\x..` text, a new timestamptz not in
-        UTC), and filters were checked against it, until a restart. One catalog query per
+        A new or dropped column also shows in the next image (`_decode`), a new type does not:
+        the images kept the old type's decoding (bytea as `\\x..` text, a new timestamptz not
+        in UTC), and filters were checked against it, until a restart. One catalog query per
         capture check, for every watched table.
         """
-        by_oid = {oid: target for target, oid in self._oids.items()}
-        if not by_oid:
-            return
-        rows = await conn.fetch(COLUMN_TYPES_SQL, list(by_oid), timeout=self.heartbeat_timeout)
-        for row in rows:
-            target = by_oid.get(row["oid"])
-            if target is None:
-                continue
-            columns = tuple(row["columns"])
-            if self._columns_seen.get(target, columns) != columns and target in self._shapes:
-                await self._refresh_shape(conn, target)
+        regclasses = {target: self.regclass(target) for target in self.tables}
+        found = await column_lists(conn, regclasses, self.heartbeat_timeout, self.keys)
+        gaps: list[Gap] = []
+        for target, columns in found.items():
+            seen = self._columns_seen.get(target)
             self._columns_seen[target] = columns
+            if seen is None or seen == columns:
+                continue
+            if target in self._shapes:
+                await self._refresh_shape(conn, target)
+            reason = gap_reason(target, seen, columns)
+            log.warning("%s: %s", self.name, reason)
+            gaps.append(Gap(self.name, reason, target))
+        return gaps
 
     async def _mend(self, conn: Any, fault: CaptureFault, user: str) -> tuple[bool, str]:
         """Repair what the feed itself set up; say whether it worked and what was done."""
@@ -1660,6 +1676,46 @@ class PostgresConnector(Connector):
             raise SnapshotNotSupported(
                 f"{address.target} has no primary key, so it has no row rooms to snapshot"
             )
+        # Twice at most: a pooled connection may have died while idle (pg_terminate_backend,
+        # a restarted server, an idle timeout) or while it read, which a fresh one mends; the
+        # subscriber gets rows, or one clear `snapshot_failed` it may retry, never a traceback.
+        for attempt in (1, 2):
+            try:
+                read = await self._snapshot_pooled(shape, address, where, limit)
+                break
+            except SourceUnavailable:
+                raise
+            except asyncpg.PostgresError as exc:
+                if not is_transient(exc):
+                    raise SourceUnavailable(
+                        f"{self.where}: snapshot of {address.target}: {one_line(exc)}"
+                    ) from None
+                lost: BaseException = exc
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                lost = exc
+            if attempt == 2 or self._stopping:
+                raise SourceUnavailable(
+                    f"{self.where}: snapshot of {address.target}: connection lost "
+                    f"({one_line(lost)}): retry"
+                ) from None
+            log.info("%s: snapshot connection lost (%s): reading again", self.name, one_line(lost))
+        rows, keys, truncated, snap_text, extra = read
+        covers = await self._wait_past(Snap.parse(snap_text), extra)
+        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
+
+    async def _snapshot_pooled(
+        self,
+        shape: TableShape,
+        address: RoomAddress,
+        where: Callable[[Mapping[str, Any]], bool],
+        limit: int,
+    ) -> tuple[list[dict[str, Any]], list[str | None], bool, str, Any]:
+        """`_snapshot_on` a connection of the pool (the current one: a restart replaces it)."""
+        pool = self._pool
+        if pool is None:
+            raise SourceUnavailable(f"{self.where}: not connected (the connector is restarting)")
         try:
             conn = await pool.acquire(timeout=self.connect_timeout)
         except TimeoutError:
@@ -1670,7 +1726,7 @@ class PostgresConnector(Connector):
             ) from None
         try:
             try:
-                read = await self._snapshot_on(conn, shape, address, where, limit)
+                return await self._snapshot_on(conn, shape, address, where, limit)
             except asyncpg.PostgresError as exc:
                 if not exc.sqlstate or exc.sqlstate[:2] not in ("42", "22"):
                     raise
@@ -1678,14 +1734,11 @@ class PostgresConnector(Connector):
                 # or of another type now): read it again, so the filter goes by the columns
                 # there are, and take the snapshot anew.
                 shape = await self._refresh_shape(conn, address.target)
-                read = await self._snapshot_on(conn, shape, address, where, limit)
-        except asyncpg.PostgresError as exc:
-            raise SourceUnavailable(f"{self.where}: snapshot of {address.target}: {exc}") from None
+                return await self._snapshot_on(conn, shape, address, where, limit)
         finally:
-            await pool.release(conn)
-        rows, keys, truncated, snap_text, extra = read
-        covers = await self._wait_past(Snap.parse(snap_text), extra)
-        return Snapshot(rows=rows, covers=covers, truncated=truncated, keys=keys)
+            # A broken connection is terminated by the pool, which then raises: nothing to add.
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
 
     async def _snapshot_on(
         self,

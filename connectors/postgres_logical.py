@@ -35,6 +35,7 @@ from connectors.base import State
 from connectors.postgres_capture import Partition, partitions
 from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import computing, loads, plain, recompute_sql
+from connectors.postgres_waits import LOCK_WAIT, lock_holder, oldest_transaction
 from feed.core.change import Change, Gap
 from feed.errors import SourceMisconfigured, SourceUnavailable
 
@@ -337,6 +338,9 @@ class LogicalReader:
         self.retained_wal: int | None = None
         self.wal_status = ""
         self.last_check = 0.0
+        self.recreate = False  # the slot must be made anew at the next start (`changes`)
+        self.broken: SourceMisconfigured | None = None
+        """A fault `_watch` announced with gaps; `_read` raises it once they are yielded."""
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -354,6 +358,7 @@ class LogicalReader:
         pub = quote_ident(self.publication)
         parts = await partitions(conn, c.tables, c._trigger_names(), c.query_timeout)
         self._refuse_virtual(parts)
+        busy = ""
         try:
             exists = await conn.fetchval(
                 "SELECT count(*) FROM pg_publication WHERE pubname = $1", self.publication
@@ -368,6 +373,7 @@ class LogicalReader:
             # The options (`_unset_options` says why each): set when made, and again when found
             # otherwise. One transaction: no write sees the publication without them.
             async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
                 if not exists:
                     await conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {tables}")
                     lines.append(f"created publication {self.publication!r}")
@@ -385,8 +391,22 @@ class LogicalReader:
             # its partitions' setting is the one that counts.
             for part in parts:
                 if not part.full:
-                    await conn.execute(f"ALTER TABLE {part.regclass} REPLICA IDENTITY FULL")
+                    busy = part.regclass
+                    # One string, one implicit transaction: the SET goes with a failing ALTER.
+                    await conn.execute(
+                        f"SET lock_timeout = '{LOCK_WAIT}';"
+                        f" ALTER TABLE {part.regclass} REPLICA IDENTITY FULL; RESET lock_timeout"
+                    )
                     lines.append(f"{part.name}: replica identity full")
+        except asyncpg.LockNotAvailableError:
+            # Waiting on, the ALTER's lock would hold up every writer of the table behind it.
+            holder = await lock_holder(conn, busy) if busy else ""
+            raise SourceUnavailable(
+                f"{c.where}: {busy or tables} is busy: setting up logical mode waited "
+                f"{LOCK_WAIT} for a transaction holding a lock on it"
+                f"{' (' + holder + ')' if holder else ''} and gave way to its writers; end or "
+                "commit that transaction, then try again (a running feed does by itself)"
+            ) from None
         except asyncpg.InsufficientPrivilegeError as exc:
             raise SourceMisconfigured(
                 f"{c.where}: logical mode needs to own the watched tables "
@@ -406,6 +426,11 @@ class LogicalReader:
                 f"{c.where}: replication slot {self.slot!r} belongs to database "
                 f"{slot['database']!r}, not this one: choose another `slot` name"
             )
+        recreate, self.recreate = self.recreate, False
+        if slot is not None and recreate:  # see `changes`: a publication dropped (gap said)
+            await self._drop_when_free(conn)
+            lines.append(f"dropped replication slot {self.slot!r} (its publication was dropped)")
+            slot = None
         if slot is not None and (slot["wal_status"] == "lost" or slot["invalidated"]):
             # Invalidated: the server removed WAL it still needed (max_slot_wal_keep_size), or
             # (Postgres 17+) for another reason, such as Postgres 18's
@@ -425,7 +450,7 @@ class LogicalReader:
                 "changes in between were lost"
             )
             slot = None
-        elif slot is None and (self.delivered_end or marked):
+        elif slot is None and not recreate and (self.delivered_end or marked):
             # It was there before (this process read from it, or the marker a previous run left
             # on the publication says so): what happened meanwhile is gone.
             self.pending_gap = True
@@ -445,6 +470,16 @@ class LogicalReader:
                 raise SourceMisconfigured(
                     f"{c.where}: permission denied to create replication slot {self.slot!r}: "
                     f"ALTER ROLE {user} REPLICATION"
+                ) from None
+            except TimeoutError:
+                # A new slot waits for every transaction open when it began (asyncpg cancels
+                # the statement at the timeout, so nothing is left behind).
+                oldest = await oldest_transaction(conn)
+                raise SourceUnavailable(
+                    f"{c.where}: creating replication slot {self.slot!r} waited "
+                    f"{c.query_timeout:g}s (query_timeout) for the transactions open when it "
+                    f"began{' (the oldest: ' + oldest + ')' if oldest else ''}; end or commit "
+                    "them, then try again (a running feed does by itself)"
                 ) from None
             lines.append(f"created replication slot {self.slot!r}")
             await self._set_marker(conn, "running" if starting else "created")
@@ -519,6 +554,7 @@ class LogicalReader:
     async def _unset_options(self, conn: Any) -> list[str]:
         """The publication's options that are not as the reader needs them, as `name = value`.
 
+        `publish`: every kind of change (insert, update, delete, truncate), as when made.
         `publish_via_partition_root`: a partitioned table's changes come under its own name (by
         default pgoutput names the partition, which is no watched table, and they were lost).
         `publish_generated_columns` (Postgres 18+): generated columns come with the row; left
@@ -534,6 +570,11 @@ class LogicalReader:
             return []
         options = json.loads(found)
         unset = []
+        kinds = ("insert", "update", "delete", "truncate")
+        if not all(options.get(f"pub{kind}", True) for kind in kinds):
+            # Narrowed by hand (`SET (publish = 'insert')`): the other kinds of change were
+            # not decoded at all, and clients' rows drifted from the table without a word.
+            unset.append(f"publish = '{', '.join(kinds)}'")
         if not options.get("pubviaroot"):
             unset.append("publish_via_partition_root = true")
         if options.get("pubgencols", "s") != "s":
@@ -556,10 +597,19 @@ class LogicalReader:
                       database = current_database() AS here,
                       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
                       (SELECT count(*) FROM pg_publication_tables p
-                       WHERE p.pubname = $2) AS tables
+                       WHERE p.pubname = $2) AS tables,
+                      (SELECT coalesce(array_agg(t), ARRAY[]::text[]) FROM unnest($3::text[]) t
+                       WHERE NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                                         WHERE p.pubname = $2
+                                           AND p.schemaname || '.' || p.tablename = t)
+                      ) AS unpublished,
+                      (SELECT coalesce(array_agg(t), ARRAY[]::text[]) FROM unnest($3::text[], $4::text[])
+                              u(t, reg) WHERE to_regclass(u.reg) IS NULL) AS missing
                FROM pg_replication_slots s WHERE slot_name = $1""",
             self.slot,
             self.publication,
+            self.c.tables,
+            [self.c.regclass(target) for target in self.c.tables],
             timeout=self.c.query_timeout,
         )
         return dict(row) if row is not None else None
@@ -598,7 +648,23 @@ class LogicalReader:
                 f"{c.where}: replication slot {self.slot!r} was invalidated ({why}); "
                 "recreating it (changes in between are lost and announced)"
             )
-        if info["tables"] < len(c.tables):
+        if info["missing"]:
+            # Renamed or dropped: the publication follows a renamed table by its oid, so its
+            # changes went on coming under the new name, which no room has, and were skipped
+            # while the connector showed `up`.
+            # Announced at once (clients reload: their snapshot waits for the table), then
+            # down until it is back, as notify mode does.
+            gone = ", ".join(info["missing"])
+            self.broken = SourceMisconfigured(
+                f"{c.where}: table {gone} does not exist (renamed or dropped); re-create it "
+                "or rename it back (the feed goes on by itself), or remove it from `tables`"
+            )
+            c.count_fault("table_missing")
+            return [
+                Gap(c.name, f"table {target} no longer exists (renamed or dropped)", target)
+                for target in info["missing"]
+            ]
+        if info["unpublished"] or info["tables"] < len(c.tables):
             self.pending_gap = True
             self.gap_reason = (
                 f"publication {self.publication!r} stopped covering some watched tables "
@@ -619,7 +685,8 @@ class LogicalReader:
                 f"{c.where}: publication {self.publication!r} lost {', '.join(unset)}; setting "
                 "it again (changes in between are lost and announced)"
             )
-        return [gap async for gap in c.partition_watch.look(conn, parts)]
+        gaps = [gap async for gap in c.partition_watch.look(conn, parts)]
+        return gaps + await c.notice_columns(conn)
 
     async def stop(self) -> None:
         """Confirm what was routed, so a restart does not deliver it again, and mark where the
@@ -678,6 +745,7 @@ class LogicalReader:
         while not c._stopping:
             try:
                 await c._open_reader(listen=False)
+                await self._reread_confirmed()
                 delay = 0.1
                 if self.pending_gap:
                     self.pending_gap = False
@@ -702,6 +770,19 @@ class LogicalReader:
                 in_use = isinstance(exc, asyncpg.ObjectInUseError)  # our last session, ending
                 if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc) and not in_use:
                     line = one_line(exc)
+                    if f'publication "{self.publication}" does not exist' in line:
+                        # Dropped by hand: the slot decodes each change with the catalog of
+                        # its time, so it fails on every change made without the publication,
+                        # even once the start has made it again; it was a restart loop for
+                        # good. Only a new slot goes on, with a gap.
+                        self.recreate = True
+                        self.pending_gap = True
+                        self.gap_reason = (
+                            f"publication {self.publication!r} was dropped while the feed read "
+                            "(by hand?): the replication slot could not decode past it and was "
+                            "recreated with the publication; changes in between were lost"
+                        )
+                        line += "; recreating it and the replication slot, with a gap"
                     if "can no longer" in line and "replication slot" in line:
                         line += (
                             " (invalidated: the server removed WAL the feed had not read, see "
@@ -719,6 +800,24 @@ class LogicalReader:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, c.reconnect_max)
 
+    async def _reread_confirmed(self) -> None:
+        """Take the slot's own confirmed point when it is behind what this reader confirmed.
+
+        A server crash (an immediate restart) sets a slot back to its state at the last
+        checkpoint: everything confirmed since comes again at each peek. The reader skips what
+        it routed, but believing it had confirmed it, it never advanced the slot again, so
+        every peek returned the same already-routed page: the connector stayed `up`, delivered
+        nothing more, and snapshots timed out.
+        """
+        conn = self.c._reader
+        text = await conn.fetchval(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
+            timeout=self.c.heartbeat_timeout,
+        )
+        if text is not None:
+            self.confirmed = min(self.confirmed, parse_lsn(text))
+
     async def _read(self) -> AsyncIterator[Change | Gap]:
         c = self.c
         while not c._stopping:
@@ -731,6 +830,9 @@ class LogicalReader:
             if time.monotonic() - self.last_check >= c.capture_check_interval:
                 for gap in await self._watch(conn):
                     yield gap
+                if self.broken is not None:
+                    broken, self.broken = self.broken, None
+                    raise broken
             parser = PgOutputParser(self.relation_columns, self.altered)
             read = 0
             async with contextlib.aclosing(self._pages(conn)) as pages:

@@ -105,6 +105,20 @@ class Stream:
         assert isinstance(item, Change), item
         return item
 
+    async def gap(self, timeout: float = WAIT) -> Gap:
+        """The next item, which must be a gap."""
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"no gap within {timeout}s; the connector's statuses:\n  "
+                + "\n  ".join(self.history)
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, Gap), item
+        return item
+
     async def take(self, count: int, timeout: float = WAIT) -> list[Change]:
         return [await self.next(timeout) for _ in range(count)]
 

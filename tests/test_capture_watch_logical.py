@@ -241,3 +241,79 @@ async def test_a_slot_invalidated_for_idleness_is_recreated_with_a_gap() -> None
             assert isinstance(gap, Gap) and "idle_timeout" in gap.reason, gap
             await db.conn.execute("INSERT INTO orders VALUES (1, 'after')")
             assert (await stream.next()).key == 1
+
+
+async def test_a_publication_narrowed_by_hand_is_set_back_with_a_gap(
+    logical_pg: PgDatabase,
+) -> None:
+    """`ALTER PUBLICATION ... SET (publish = 'insert')`: updates and deletes were no longer
+    decoded, and clients' rows drifted from the table while the connector showed `up`."""
+    db = logical_pg
+    await orders(db)
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
+        assert (await client.subscribe("main:public.orders"))["ok"]
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        assert (await client.next_change())["key"] == 1
+        await db.conn.execute("ALTER PUBLICATION feed_main SET (publish = 'insert')")
+        await db.conn.execute("UPDATE orders SET note = 'not decoded' WHERE id = 1")
+        gap = await client.next_gap()
+        assert "lost publish = 'insert, update, delete, truncate'" in gap["reason"], gap
+        options = "SELECT pubupdate AND pubdelete FROM pg_publication WHERE pubname = 'feed_main'"
+        assert await db.conn.fetchval(options)
+        await db.conn.execute("DELETE FROM orders WHERE id = 1")
+        async with asyncio.timeout(WAIT):
+            while (await client.next_change())["op"] != "delete":
+                pass
+
+
+async def test_a_publication_dropped_by_hand_is_made_again_with_its_slot(
+    logical_pg: PgDatabase,
+) -> None:
+    """The slot decodes each change with the catalog of its time, so after a DROP PUBLICATION
+    every peek failed with 'publication "feed_main" does not exist', even after the restart had
+    made it again: a restart loop for good, and no gap."""
+    db = logical_pg
+    await orders(db)
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
+        assert (await client.subscribe("main:public.orders"))["ok"]
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        assert (await client.next_change())["key"] == 1
+        await db.conn.execute("DROP PUBLICATION feed_main")
+        await db.conn.execute("INSERT INTO orders VALUES (2, 'lost')")
+        gap = await client.next_gap()
+        assert "publication 'feed_main' was dropped" in gap["reason"], gap
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
+        async with asyncio.timeout(WAIT):
+            while (await client.next_change())["key"] != 3:
+                pass
+        assert connector.status.state.value == "up"
+
+
+async def test_a_renamed_table_is_a_gap_and_down_until_it_is_back(
+    logical_pg: PgDatabase,
+) -> None:
+    """The publication follows a renamed table by its oid: its changes came on under the new
+    name, which no room has, and were skipped while the connector showed `up`."""
+    db = logical_pg
+    await orders(db)
+    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
+        assert (await client.subscribe("main:public.orders"))["ok"]
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        assert (await client.next_change())["key"] == 1
+        await db.conn.execute("ALTER TABLE orders RENAME TO orders_old")
+        await db.conn.execute("INSERT INTO orders_old VALUES (2, 'under another name')")
+        gap = await client.next_gap()
+        assert gap["reason"] == "table public.orders no longer exists (renamed or dropped)"
+        await wait_until(lambda: "does not exist" in (connector.status.detail or ""), WAIT, "down")
+        await db.conn.execute("ALTER TABLE orders_old RENAME TO orders")
+        await wait_until(lambda: connector.status.state.value == "up", WAIT, "up again")
+        await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
+        async with asyncio.timeout(WAIT):
+            while (await client.next_change())["key"] != 3:
+                pass

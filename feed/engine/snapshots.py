@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from feed.engine.wire import dumps, one_line
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 
 SNAPSHOT_TIMEOUT = 30.0
+
+log = logging.getLogger("feed.engine")
 
 
 @dataclass
@@ -159,6 +162,12 @@ class Snapshots(Leases):
                 "code": "snapshot_failed",
                 "message": f"snapshot failed: {str(exc) or f'no answer within {SNAPSHOT_TIMEOUT:g}s'}",
             }
+        except Exception:
+            # A connector's bug: logged here, once, and answered, where it used to escape the
+            # spawned task ("Task exception was never retrieved") and leave the asking node
+            # waiting SNAPSHOT_TIMEOUT for a reply that never came.
+            log.exception("snapshot of %s failed", name)
+            return {"ok": False, "code": "snapshot_failed", "message": "snapshot failed: internal"}
         finally:
             if self._watching.get(name) is watch:
                 del self._watching[name]
