@@ -7,6 +7,7 @@ Needs wal_level = logical (the suite's embedded server has it; the tests skip el
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from feed.errors import SourceMisconfigured
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
-from tests.support.server import feed_client, http_get, running_feed
+from tests.support.server import FeedClient, RunningFeed, feed_client, http_get, running_feed
 from tests.support.waiting import wait_until
 from tests.test_capture_watch import metric, next_status
 
@@ -146,10 +147,9 @@ async def test_an_invalidated_slot_is_recreated_with_a_gap_and_a_hint(
                 pass
 
 
-async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
-    logical_pg: PgDatabase,
-) -> None:
-    db = logical_pg
+@contextlib.asynccontextmanager
+async def following_orders(db: PgDatabase) -> AsyncIterator[tuple[RunningFeed, FeedClient]]:
+    """A feed reading the slot, and a client that has had row 1 of `orders` through it."""
     await orders(db)
     async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
         connector = feed.hub.connectors["main"]
@@ -157,6 +157,14 @@ async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
         assert (await client.subscribe("main:public.orders"))["ok"]
         await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
         assert (await client.next_change())["key"] == 1
+        yield feed, client
+
+
+async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
+    logical_pg: PgDatabase,
+) -> None:
+    db = logical_pg
+    async with following_orders(db) as (_, client):
         await db.conn.execute("ALTER PUBLICATION feed_main DROP TABLE orders")
         await db.conn.execute("INSERT INTO orders VALUES (2, 'not decoded')")
         gap = await client.next_gap()
@@ -249,13 +257,7 @@ async def test_a_publication_narrowed_by_hand_is_set_back_with_a_gap(
     """`ALTER PUBLICATION ... SET (publish = 'insert')`: updates and deletes were no longer
     decoded, and clients' rows drifted from the table while the connector showed `up`."""
     db = logical_pg
-    await orders(db)
-    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
-        connector = feed.hub.connectors["main"]
-        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
-        assert (await client.subscribe("main:public.orders"))["ok"]
-        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
-        assert (await client.next_change())["key"] == 1
+    async with following_orders(db) as (_, client):
         await db.conn.execute("ALTER PUBLICATION feed_main SET (publish = 'insert')")
         await db.conn.execute("UPDATE orders SET note = 'not decoded' WHERE id = 1")
         gap = await client.next_gap()
@@ -275,17 +277,15 @@ async def test_a_publication_dropped_by_hand_is_made_again_with_its_slot(
     every peek failed with 'publication "feed_main" does not exist', even after the restart had
     made it again: a restart loop for good, and no gap."""
     db = logical_pg
-    await orders(db)
-    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
+    async with following_orders(db) as (feed, client):
         connector = feed.hub.connectors["main"]
-        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
-        assert (await client.subscribe("main:public.orders"))["ok"]
-        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
-        assert (await client.next_change())["key"] == 1
         await db.conn.execute("DROP PUBLICATION feed_main")
         await db.conn.execute("INSERT INTO orders VALUES (2, 'lost')")
         gap = await client.next_gap()
-        assert "publication 'feed_main' was dropped" in gap["reason"], gap
+        # Up to PostgreSQL 17 the slot fails on the missing publication; 18 decodes on without
+        # it, and the capture check finds the tables uncovered first: a gap either way.
+        dropped = ("publication 'feed_main' was dropped", "stopped covering")
+        assert any(reason in gap["reason"] for reason in dropped), gap
         await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
         async with asyncio.timeout(WAIT):
             while (await client.next_change())["key"] != 3:
@@ -299,13 +299,8 @@ async def test_a_renamed_table_is_a_gap_and_down_until_it_is_back(
     """The publication follows a renamed table by its oid: its changes came on under the new
     name, which no room has, and were skipped while the connector showed `up`."""
     db = logical_pg
-    await orders(db)
-    async with running_feed(feed_config(db)) as feed, feed_client(feed.url) as client:
+    async with following_orders(db) as (feed, client):
         connector = feed.hub.connectors["main"]
-        await wait_until(lambda: connector.status.state.value == "up", WAIT, "the slot read")
-        assert (await client.subscribe("main:public.orders"))["ok"]
-        await db.conn.execute("INSERT INTO orders VALUES (1, 'a')")
-        assert (await client.next_change())["key"] == 1
         await db.conn.execute("ALTER TABLE orders RENAME TO orders_old")
         await db.conn.execute("INSERT INTO orders_old VALUES (2, 'under another name')")
         gap = await client.next_gap()
