@@ -1207,12 +1207,14 @@ async def test_changes_ready_together_are_published_in_one_script_call() -> None
     async with open_private_redis() as target, AsyncExitStack() as stack:
         config = cluster_config(target.url, "batch", history=500)
         reader, client = await reader_and_a_client_elsewhere(stack, config)
-        before = await script_calls(target)
+        before, added = await script_calls(target), await command_calls(target, "xadd")
         for i in range(1, 201):
             memory(reader).write("public.orders", "insert", {"id": i})
         got = [await client.next_change() for _ in range(200)]
         assert [(c["key"], c["seq"]) for c in got] == [(i, i) for i in range(1, 201)]
         assert await script_calls(target) - before <= 3  # the batch, and maybe lease renewals
+        # One entry each in the room's history, the first (which makes the stream) included.
+        assert await command_calls(target, "xadd") - added == 200
 
 
 async def reader_and_a_client_elsewhere(
@@ -1229,8 +1231,13 @@ async def reader_and_a_client_elsewhere(
 
 async def script_calls(target: RedisTarget) -> int:
     """Script calls Redis has run so far (publishing batches, and lease renewals)."""
+    return await command_calls(target, "evalsha")
+
+
+async def command_calls(target: RedisTarget, command: str) -> int:
+    """How many times Redis has run `command` so far, inside scripts too."""
     stats = await target.admin.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
 async def test_a_steady_stream_is_published_a_few_changes_per_call() -> None:

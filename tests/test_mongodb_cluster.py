@@ -13,7 +13,7 @@ import pytest
 
 from tests.support import redis as redis_support
 from tests.support.cluster import reader_of, subscribed
-from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
+from tests.support.mongodb import MongoSource, db, mongodb, shop_connector  # noqa: F401
 from tests.support.redis import RedisTarget
 from tests.support.server import feed_client, running_feed
 from tests.support.waiting import wait_until
@@ -30,14 +30,7 @@ url = "{redis.url}"
 prefix = "{redis.prefix.rstrip(":")}"
 lease = 10
 node = "{node}"
-
-[[connectors]]
-name = "shop"
-type = "mongodb"
-uri = "{source.url}"
-watch = ["{watch}"]
-max_await_ms = 200
-{extra}
+{shop_connector(source, watch)}{extra}
 """
 
 

@@ -12,7 +12,7 @@ from bson import Binary, Code, Decimal128, Int64, ObjectId, Timestamp
 from dbfeed_client import FeedClient, Subscription
 
 from feed.core.filters import parse_filter
-from tests.support.mongodb import MongoSource, db, mongodb  # noqa: F401
+from tests.support.mongodb import MongoSource, db, mongodb, shop_connector  # noqa: F401
 from tests.support.server import RunningFeed, feed_client, running_feed
 from tests.test_client_python import Log
 
@@ -24,14 +24,7 @@ def config(source: MongoSource, watch: str, extra: str = "") -> str:
     return f"""
 [server]
 replay_buffer = 50
-
-[[connectors]]
-name = "shop"
-type = "mongodb"
-uri = "{source.url}"
-watch = ["{watch}"]
-max_await_ms = 200
-{extra}
+{shop_connector(source, watch)}{extra}
 """
 
 

@@ -6,6 +6,8 @@ error escaping as a traceback and an `internal` ack."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -60,43 +62,42 @@ async def orders(pg: PgDatabase) -> PgDatabase:
     return pg
 
 
+@asynccontextmanager
+async def snapshot_behind_a_lock(
+    db: PgDatabase, connector: PostgresConnector
+) -> AsyncIterator[tuple[asyncio.Task[Any], asyncpg.Connection]]:
+    """A snapshot of `orders` started while another session holds the table's lock, so that
+    its own session can be ended (or its connector stopped) while it waits. The lock holder
+    comes along: rolling back its transaction lets the snapshot read."""
+    locker = await asyncpg.connect(db.url)
+    try:
+        await locker.execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        yield snapshot(connector), locker
+    finally:
+        await locker.close()
+
+
 async def test_a_snapshot_whose_session_is_terminated_reads_again(orders: PgDatabase) -> None:
     connector = make_connector(orders.url, ["public.orders"])
-    async with streaming(connector):
-        locker = await asyncpg.connect(orders.url)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-            task = snapshot(connector)
-            first = await blocked_snapshot_pid(orders)
-            await terminate(orders, first)
-            await blocked_snapshot_pid(orders, first)  # the second attempt, on a fresh session
-            await tx.rollback()
-            result = await asyncio.wait_for(task, WAIT)
-        finally:
-            await locker.close()
-        assert sorted(row["id"] for row in result.rows) == [1, 2, 3, 4, 5]
+    async with streaming(connector), snapshot_behind_a_lock(orders, connector) as (task, locker):
+        first = await blocked_snapshot_pid(orders)
+        await terminate(orders, first)
+        await blocked_snapshot_pid(orders, first)  # the second attempt, on a fresh session
+        await locker.execute("ROLLBACK")
+        result = await asyncio.wait_for(task, WAIT)
+    assert sorted(row["id"] for row in result.rows) == [1, 2, 3, 4, 5]
 
 
 async def test_a_snapshot_that_loses_its_session_twice_fails_in_one_line(
     orders: PgDatabase,
 ) -> None:
     connector = make_connector(orders.url, ["public.orders"])
-    async with streaming(connector):
-        locker = await asyncpg.connect(orders.url)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-            task = snapshot(connector)
-            first = await blocked_snapshot_pid(orders)
-            await terminate(orders, first)
-            await terminate(orders, await blocked_snapshot_pid(orders, first))
-            with pytest.raises(SourceUnavailable) as caught:
-                await asyncio.wait_for(task, WAIT)
-        finally:
-            await locker.close()
+    async with streaming(connector), snapshot_behind_a_lock(orders, connector) as (task, _):
+        first = await blocked_snapshot_pid(orders)
+        await terminate(orders, first)
+        await terminate(orders, await blocked_snapshot_pid(orders, first))
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(task, WAIT)
     message = str(caught.value)
     assert "\n" not in message
     assert "snapshot of public.orders: connection lost" in message, message
@@ -109,19 +110,11 @@ async def test_a_snapshot_cut_short_by_the_connectors_restart_fails_cleanly(
     """What the hub does when it restarts a connector (stop, start) mid-snapshot: the pool
     closes under the snapshot ('pool is closing', 'connection is closed' before)."""
     connector = make_connector(orders.url, ["public.orders"])
-    async with streaming(connector):
-        locker = await asyncpg.connect(orders.url)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-            task = snapshot(connector)
-            await blocked_snapshot_pid(orders)
-            await asyncio.wait_for(connector.stop(), WAIT)  # closes the pool, then ends it
-            with pytest.raises(SourceUnavailable) as caught:
-                await asyncio.wait_for(task, WAIT)
-        finally:
-            await locker.close()
+    async with streaming(connector), snapshot_behind_a_lock(orders, connector) as (task, _):
+        await blocked_snapshot_pid(orders)
+        await asyncio.wait_for(connector.stop(), WAIT)  # closes the pool, then ends it
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(task, WAIT)
     assert "\n" not in str(caught.value)
     assert "snapshot of public.orders" in str(caught.value), caught.value
 

@@ -127,6 +127,16 @@ local function append(r, stream, seq, payload)
     redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], id, 'd', payload)
     return
   end
+  if seq == 1 then
+    -- A numbering's first entry: the history an earlier numbering left was deleted when this
+    -- one began, so the stream is made here (one XADD), unless that history came back.
+    local made = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[2], id, 'd', payload)
+    if type(made) == 'table' and made.err then
+      redis.call('DEL', stream)
+      redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], id, 'd', payload)
+    end
+    return
+  end
   local added = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], id, 'd', payload)
   if type(added) == 'table' and added.err then
     redis.call('DEL', stream)

@@ -120,6 +120,19 @@ async def db(mongodb: MongoSource) -> AsyncIterator[str]:
     await mongodb.client.drop_database(name)
 
 
+def shop_connector(source: MongoSource, watch: str) -> str:
+    """The `[[connectors]]` entry the feed-level tests run: `shop`, watching one namespace of
+    `source`, its cursor answering within 200 ms so that a test's changes arrive promptly."""
+    return f"""
+[[connectors]]
+name = "shop"
+type = "mongodb"
+uri = "{source.url}"
+watch = ["{watch}"]
+max_await_ms = 200
+"""
+
+
 def make(source: MongoSource, watch: Any, **settings: Any) -> MongoConnector:
     name = settings.pop("name", MongoSource.unique("conn"))
     raw = {"uri": source.url, "watch": watch, "connect_timeout": 5.0, **settings}
