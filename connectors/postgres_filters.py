@@ -47,6 +47,17 @@ def _whole(text: str) -> str | None:
     return "a whole number, e.g. 100"
 
 
+def _not_nan(text: str) -> str | None:
+    """`x=eq.NaN` (or `lt.NaN`...) on a number column: filters compare numbers as IEEE does,
+    so it matched nothing, not even a NaN (Postgres's own `=` says NaN = NaN): refused.
+    `neq.NaN` holds for every value, and is kept."""
+    if Decimal(text).is_nan():
+        return (
+            "a number other than NaN (NaN neither equals nor orders with any value, not even a NaN)"
+        )
+    return None
+
+
 def _bool(text: str) -> str | None:
     return None if text in ("true", "false") else "true or false"
 
@@ -171,6 +182,8 @@ def _check_condition(shape: TableShape, condition: Condition) -> None:
         wanted = check(literal)
         if wanted is None and condition.equality and type_name in INTEGERS:
             wanted = _whole(literal)
+        if wanted is None and condition.op != "neq" and type_name in NUMBERS:
+            wanted = _not_nan(literal)
         if wanted is not None:
             raise ProtocolError(
                 "bad_filter",

@@ -61,7 +61,7 @@ PEEK = (
 )
 CHUNK = 1000
 """Messages fetched, and changes of one transaction decoded, before they are handed on."""
-JSON_TYPES = {114, 3802}  # json, jsonb: rebuilt from parsed values, not from their text
+JSON_TYPES = {114, 3802}  # json, jsonb: their text is JSON, spliced into a rebuilt image as it is
 
 
 INVALIDATED = "to_jsonb(s) ->> 'invalidation_reason'"
@@ -215,11 +215,24 @@ UNREADABLE = "\0unreadable"
 """A rebuilt image in place of one the server could not make (`_rebuild`): its change is a gap."""
 
 
-def _json_value(cell: Any) -> Any:
-    """A column for jsonb_populate_record: JSON columns as JSON, the rest as their text."""
-    if isinstance(cell, Cell):
-        return json.loads(cell.text) if cell.type_oid in JSON_TYPES else cell.text
-    return cell
+def image_text(image: dict[str, Any]) -> str:
+    """An image as one JSON object for jsonb_populate_record: a json or jsonb column's own
+    text as it is, the other columns' texts as JSON strings (unchanged TOAST columns left out).
+
+    The server reads a JSON column's numbers and keys as `to_jsonb` does in notify mode and in
+    snapshots (`1.0E+2` is the numeric `100`, keys in jsonb's order). Before, the text went
+    through Python's json: `1.0E+2` became the float `100.0`, sent as `100.0`.
+    """
+    parts = []
+    for name, cell in image.items():
+        if cell is _UNCHANGED:
+            continue
+        if isinstance(cell, Cell):
+            value = cell.text if cell.type_oid in JSON_TYPES else json.dumps(cell.text)
+        else:
+            value = json.dumps(cell)
+        parts.append(f"{json.dumps(name)}:{value}")
+    return "{" + ",".join(parts) + "}"
 
 
 def _cstring(body: memoryview, pos: int) -> tuple[str, int]:
@@ -239,6 +252,11 @@ def _bool(text: str) -> bool:
     return text == "t"
 
 
+def _float(text: str) -> float:
+    """A double as `to_jsonb` gives it, which reads it through numeric: -0 is 0."""
+    return float(text) + 0.0
+
+
 def _json(text: str) -> Any:
     return plain(loads(text))
 
@@ -251,8 +269,8 @@ DIRECT: dict[int, Callable[[str], Any]] = {
     21: int,
     23: int,
     26: int,
-    700: float,
-    701: float,
+    700: _float,
+    701: _float,
     1700: Decimal,
     25: str,
     1043: str,
@@ -262,8 +280,7 @@ DIRECT: dict[int, Callable[[str], Any]] = {
     1082: dt.date.fromisoformat,
     1114: dt.datetime.fromisoformat,
     1184: dt.datetime.fromisoformat,
-    114: _json,
-    3802: _json,
+    3802: _json,  # jsonb's text is already jsonb's (not `json`, kept as written: rebuilt)
 }
 
 
@@ -930,7 +947,7 @@ class LogicalReader:
         computed here from the row, by the column's own expression (immutable, and of the
         row's other columns only, so the value is the one stored).
         """
-        wanted: dict[str, list[tuple[tuple[int, int], dict[str, Any]]]] = {}
+        wanted: dict[str, list[tuple[tuple[int, int], str]]] = {}
         for raw in changes:
             if raw.target not in self.c.targets_by_table:
                 continue
@@ -942,25 +959,22 @@ class LogicalReader:
                 known = await self._read_columns(conn, raw.target, sample.keys())
             for side, image in ((0, raw.before), (1, raw.after)):
                 if image is not None and (known[1] is not None or direct(image) is None):
-                    clean = {k: _json_value(v) for k, v in image.items() if v is not _UNCHANGED}
-                    wanted.setdefault(raw.target, []).append(((id(raw), side), clean))
+                    wanted.setdefault(raw.target, []).append(((id(raw), side), image_text(image)))
         images: dict[tuple[int, int], str | None] = {}
         for target, items in wanted.items():
             sql = recompute_sql(self.c.regclass(target), self.columns[target][1])
             try:
                 rebuilt = await conn.fetch(
-                    sql, [json.dumps(image) for _, image in items], timeout=self.c.query_timeout
+                    sql, [text for _, text in items], timeout=self.c.query_timeout
                 )
             except asyncpg.UntranslatableCharacterError:
                 # A `json` value holding \u0000, which jsonb cannot: the change with it is
                 # set aside (a gap, `_hand_on`), image by image, so that it does not stop the
                 # reader at this transaction for good, and the others go on.
                 rebuilt = []
-                for _, image in items:
+                for _, text in items:
                     try:
-                        rebuilt += await conn.fetch(
-                            sql, [json.dumps(image)], timeout=self.c.query_timeout
-                        )
+                        rebuilt += await conn.fetch(sql, [text], timeout=self.c.query_timeout)
                     except asyncpg.UntranslatableCharacterError:
                         rebuilt.append({"image": UNREADABLE})
             for (ref, _), row in zip(items, rebuilt, strict=True):

@@ -52,7 +52,7 @@ def test_json_mapping_of_source_types() -> None:
     assert out["color"] == "red"
     assert out["nan"] == "NaN"
     assert out["tags"] == ["a", "b"]
-    assert out["nested"] == {"deep": [1, {"x": "1E+2"}]}
+    assert out["nested"] == {"deep": [1, {"x": "100"}]}  # positional, never an exponent
     assert out["oid"] == {"$oid": "64b7f0c2a1b2c3d4e5f60718"}
     assert out["d128"] == {"$numberDecimal": "1.10"}
     assert out["bin"] == {"$binary": {"base64": "AQI=", "subType": "04"}}

@@ -15,7 +15,7 @@ import pytest
 
 from connectors.base import RoomAddress
 from connectors.postgres import PostgresConnector
-from feed.core.change import Change, Gap, to_json
+from feed.core.change import Change, Gap, room_key, to_json
 from feed.core.filters import parse_filter
 from feed.errors import (
     ConfigError,
@@ -334,6 +334,30 @@ async def test_a_json_number_past_64_bits_arrives_as_a_double(pg: PgDatabase) ->
         "y": "-Infinity",
         "z": 12,
     }
+
+
+async def test_a_small_numeric_keeps_postgres_s_digits_on_the_wire(pg: PgDatabase) -> None:
+    """Python's `str` of a Decimal writes an exponent past six zeros after the point: the
+    numeric 0.00000001 reached clients as "1E-8" and 0.0000000000 as "0E-10", and named its
+    row room `...:1E-8`, where Postgres (and the docs: every digit kept) say 0.00000001."""
+    await pg.conn.execute(
+        "CREATE TABLE public.rates (r numeric PRIMARY KEY, n numeric, ns numeric[], big numeric)"
+    )
+    async with streaming(make_connector(pg.url, ["public.rates"])) as stream:
+        await pg.conn.execute(
+            "INSERT INTO rates VALUES (0.00000001, 0.0000000000, ARRAY[1e-7, 120], 1e30)"
+        )
+        change = await stream.next()
+    texts = await pg.conn.fetchrow("SELECT r::text, n::text, ns::text, big::text FROM rates")
+    wire = orjson.loads(orjson.dumps(to_json(change.after)))
+    assert wire == {
+        "r": "0.00000001",
+        "n": "0.0000000000",
+        "ns": ["0.0000001", "120"],
+        "big": "1000000000000000000000000000000",
+    }
+    assert [wire["r"], wire["n"], "{" + ",".join(wire["ns"]) + "}", wire["big"]] == list(texts)
+    assert room_key(change.key) == "0.00000001"
 
 
 async def test_composite_key_and_row_room_snapshot(pg: PgDatabase) -> None:

@@ -241,6 +241,27 @@ async def test_an_integer_column_refuses_equality_with_a_fraction(pg: PgDatabase
     assert change["room"] == room and change["key"] == 2
 
 
+async def test_equality_with_nan_is_refused_on_number_columns(pg: PgDatabase) -> None:
+    """`x=eq.NaN` on a numeric or float column was accepted and matched nothing, ever, not
+    even a row holding NaN (filters compare numbers as IEEE does: NaN equals nothing), and a
+    snapshot read the table for nothing: refused now, as a fraction is on an integer column;
+    `lt.NaN` and the like too (no value orders with NaN). `neq.NaN` keeps its meaning."""
+    await pg.conn.execute(
+        "CREATE TABLE public.readings (id int PRIMARY KEY, n numeric, f float8, r real)"
+    )
+    async with running_feed(config(pg.url, tables='["public.readings"]')) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+            for bad in ("n=eq.NaN", "f=in.(1,NaN)", "r=eq.nan", "n=gt.NaN", "id=lt.NaN"):
+                ack = await client.subscribe("main:public.readings", filter=bad)
+                assert not ack["ok"] and ack["error"]["code"] == "bad_filter", (bad, ack)
+                assert "NaN neither equals nor orders" in ack["error"]["message"], ack
+            for good in ("n=neq.NaN", "f=lt.1e308", "n=eq.Infinity", "f=in.(1,-Infinity)"):
+                ack = await client.subscribe("main:public.readings", filter=good)
+                assert ack["ok"], (good, ack)
+
+
 async def test_a_refused_filter_does_not_name_the_columns_masked_for_the_client(
     pg: PgDatabase,
 ) -> None:

@@ -16,10 +16,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from connectors.base import RoomAddress
-from feed.core.change import Change, Gap
+from feed.core.change import Change, Gap, to_json
 from feed.core.filters import parse_filter
 from feed.demo.embedded_postgres_install import server_dir
 from feed.errors import SourceMisconfigured, SourceUnavailable
@@ -154,6 +155,62 @@ async def test_directly_read_types_match_notify_mode(logical_pg: PgDatabase) -> 
     assert fn_slot != fn_slot and fn_journal != fn_journal  # both NaN
     assert slot == journal
     assert slot["c"] == "ab   " and slot["u"] == row_id
+
+
+def on_the_wire(image: Any) -> bytes:
+    """An image as the server writes it to clients (key order, `100` against `100.0`, `-0.0`)."""
+    return orjson.dumps(to_json(image))
+
+
+@pytest.mark.parametrize(
+    "extra", ["", ", span interval DEFAULT '1 day'"], ids=["read-directly", "rebuilt"]
+)
+async def test_json_columns_reach_the_wire_as_in_notify_mode(
+    logical_pg: PgDatabase, extra: str
+) -> None:
+    """A `json` column (not `jsonb`) is kept as written; `to_jsonb` (notify mode, snapshots)
+    gives it jsonb's key order and reads its numbers as numeric, so `1.0E+2` is `100`. The
+    logical reader parsed pgoutput's text in Python instead: the keys came in the written
+    order and `1.0E+2` as `100.0`, read directly or rebuilt by the server (from Python's float).
+    """
+    db = logical_pg
+    await db.conn.execute(f"CREATE TABLE public.docs (id int PRIMARY KEY, j json{extra})")
+    sql = """INSERT INTO docs (id, j) VALUES
+             (1, '{"long key": 1.0E+2, "a": [2E0, 1.50, {"zz": 1, "b": 0.1e1}]}')"""
+    async with streaming(logical(db, ["public.docs"])) as stream:
+        await db.conn.execute(sql)
+        via_slot = await stream.next()
+    await db.conn.execute("DELETE FROM docs")
+    async with streaming(make_connector(db.url, ["public.docs"], name="n")) as stream:
+        await db.conn.execute(sql)
+        via_journal = await stream.next()
+    assert on_the_wire(via_slot.after) == on_the_wire(via_journal.after)
+    assert orjson.loads(on_the_wire(via_journal.after))["j"] == {
+        "a": [2, 1.5, {"b": 1, "zz": 1}],
+        "long key": 100,
+    }
+
+
+async def test_a_negative_zero_double_reaches_the_wire_as_in_notify_mode(
+    logical_pg: PgDatabase,
+) -> None:
+    """`to_jsonb` reads a double through numeric, which has no -0: notify mode and snapshots
+    send `0.0`. The logical reader, reading a table of directly read types, sent `-0.0`."""
+    db = logical_pg
+    await db.conn.execute("CREATE TABLE public.points (id int PRIMARY KEY, x float8, y real)")
+    sql = "INSERT INTO points VALUES (1, '-0', '-0')"
+    connector = logical(db, ["public.points"])
+    async with streaming(connector) as stream:
+        await db.conn.execute(sql)
+        via_slot = await stream.next()
+        snapshot = await connector.snapshot(RoomAddress("public.points"), lambda r: True, 10)
+    await db.conn.execute("DELETE FROM points")
+    async with streaming(make_connector(db.url, ["public.points"], name="n")) as stream:
+        await db.conn.execute(sql)
+        via_journal = await stream.next()
+    assert on_the_wire(via_slot.after) == on_the_wire(via_journal.after)
+    assert on_the_wire(via_slot.after) == on_the_wire(snapshot.rows[0])
+    assert on_the_wire(via_slot.after) == b'{"id":1,"x":0.0,"y":0.0}'
 
 
 async def test_generated_columns_match_notify_mode_and_the_snapshot(

@@ -443,7 +443,8 @@ def to_json(value: Any) -> JSON:
     if type(value).__module__.startswith("bson"):  # before bytes: bson.Binary is a bytes
         return _bson_to_json(value)
     if isinstance(value, Decimal):
-        return str(value)
+        # Positional, as Postgres prints numeric: `str` writes 0.00000001 as "1E-8".
+        return format(value, "f")
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             return value.isoformat()
