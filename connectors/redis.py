@@ -121,6 +121,9 @@ class RedisConnector(Connector):
         """A cluster's primaries when last discovered: asked when the url's node is down."""
         # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
         self._sessions = 0
+        self.stream_positions: dict[str, str] = {}
+        """Streams mode: the positions this process last saved in `offsets_key`, so a restart
+        by the hub notices a Redis that lost them (redis_streams.StreamCapture._recall)."""
         self._run_ids: dict[str, str] = {}
         """Each server's run_id when last subscribed (keyed by host:port): a new one, a restart."""
 
