@@ -44,7 +44,7 @@ from connectors.redis_streams import StreamCapture
 from feed.core.change import Change, Gap
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, ProtocolError, SourceMisconfigured, SourceUnavailable
-from feed.options import Options, redis_url_problem
+from feed.options import Options, redis_url_db_problem, redis_url_problem
 
 if TYPE_CHECKING:
     from connectors.redis_cluster import ClusterNode
@@ -65,7 +65,7 @@ class RedisConnector(Connector):
             options.fail("url", f"is not a Redis URL ({exc}); use redis://[:password@]host:6379/0")
         if "path" not in url_kwargs and not url_kwargs.get("host"):
             options.fail("url", "names no host; use redis://[:password@]host:6379/0")
-        problem = redis_url_problem(url_kwargs)
+        problem = redis_url_db_problem(self.url) or redis_url_problem(url_kwargs)
         if problem is not None:
             options.fail("url", problem)
         url_db = int(url_kwargs.get("db", 0))

@@ -46,6 +46,15 @@ def make(**table: object) -> RedisConnector:
         ({"patterns": [" a*"]}, "leading or trailing whitespace"),
         ({"patterns": ["a*", "a*"]}, "lists the same pattern twice"),
         ({"db": 2}, "connectors[0].db: is 2 but url selects database 0"),
+        # redis-py ignores a path that is not a number: database 0 was read in silence.
+        (
+            {"url": "redis://h:6379/cache"},
+            "connectors[0].url: names database 'cache' in its path, which is not a number",
+        ),
+        ({"url": "redis://h:6379/1a"}, "names database '1a' in its path, which is not a number"),
+        ({"url": "redis://h:6379/-1"}, "names database '-1' in its path, which is not a number"),
+        # ?db= won over the path, in silence.
+        ({"url": "redis://h:6379/1?db=2"}, "selects database 1 in its path and 2 in ?db="),
         ({"mode": "streams", "patterns": ["s:*"]}, "in streams mode list stream keys"),
         ({"mode": "pubsub"}, "connectors[0].mode: must be one of"),
         ({"fetch_value": True}, "connectors[0].fetch_value: is not a known setting"),
