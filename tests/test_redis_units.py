@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from connectors.redis import RedisConnector
@@ -189,6 +190,9 @@ def test_values_decode_for_every_type() -> None:
     assert listed.value == ["x", "y"] and listed.truncated and listed.flags()["length"] == 5
     assert decode_value([b"set", 2, [b"b", b"a"], 0], 10).value == ["a", "b"]
     assert decode_value([b"zset", 1, [b"m", b"1.5"], 0], 10).value == [["m", 1.5]]
+    # JSON has no infinity: the encoder sent these scores as null.
+    infinite = decode_value([b"zset", 2, [b"lo", b"-inf", b"hi", b"inf"], 0], 10)
+    assert orjson.loads(orjson.dumps(infinite.value)) == [["lo", "-inf"], ["hi", "inf"]]
     stream = decode_value([b"stream", 2, [[b"2-0", [b"f", b"2"]], [b"1-0", [b"f", b"1"]]], 0], 10)
     assert stream.value == [
         {"id": "1-0", "fields": {"f": "1"}},
