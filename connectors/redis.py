@@ -35,6 +35,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
+    RedisError,
 )
 
 from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State
@@ -339,7 +340,12 @@ class RedisConnector(Connector):
             if self._streams is not None and self._streams.trouble():
                 # `serve` reads the other streams meanwhile; `check` is where to fix it first.
                 raise SourceMisconfigured(self._streams.trouble())
-            primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
+            if self._streams is not None:
+                try:
+                    await self._streams.try_reads()
+                except (RedisError, OSError) as exc:
+                    raise self._failure(exc) from None
+            primaries = len(self._known_primaries)  # streams mode has no keyspace sources
             shape = f", a cluster of {primaries} primaries" if self._cluster else ""
             flags = ""
             if self.mode == "keyspace":

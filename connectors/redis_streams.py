@@ -339,6 +339,20 @@ class StreamCapture:
                 )
             self.pending_gaps.append(Gap(self.owner.name, reason, target=stream))
 
+    async def try_reads(self) -> None:
+        """Make each read `serve` makes and `start` does not (XREAD, XRANGE, XREVRANGE) once,
+        reading nothing, so `feed check` finds a user refused one: it said ok, and `serve`
+        then stopped at its first read."""
+        for group in self.groups:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xread(dict.fromkeys(group, "$"), count=1)  # no BLOCK: answered at once
+            for stream in group:
+                pipe.xrange(stream, "+", "+")
+                pipe.xrevrange(stream, count=1)
+            for reply in await pipe.execute(raise_on_error=False):
+                if isinstance(reply, Exception):  # redis-py's own, not its pipeline wrapping
+                    raise reply
+
     def _set_aside(self, stream: str, kind: str, announce: bool) -> Gap | None:
         """Stop reading a listed key that is not a stream (the others go on): the status line
         (`trouble`, logged by the hub as the status changes) names it, and a Gap tells its rooms

@@ -103,3 +103,20 @@ async def test_redis_gone_while_positions_are_saved_is_one_line(
             await take(stream, 1, timeout=15)
         assert isinstance(failed.value, SourceUnavailable)
         assert "is unreachable" in str(failed.value)
+
+
+async def test_check_finds_a_user_refused_the_reads(private_redis: RedisTarget) -> None:
+    """`feed check` said ok for a user refused XREAD (start makes no XREAD), and `serve`
+    stopped at its first read."""
+    t, r = private_redis, private_redis.admin
+    await r.acl_setuser(
+        "noread", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+        commands=["+@all", "-xread"],
+    )  # fmt: skip
+    source = connector(t, url=t.url.replace("redis://", "redis://noread:pw@"))
+    with pytest.raises(SourceMisconfigured) as refused:
+        await source.check()
+    assert "permission denied (this user has no permissions to run the 'xread'" in str(
+        refused.value
+    )
+    assert "streams mode" in await connector(t).check()
