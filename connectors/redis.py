@@ -35,6 +35,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
+    RedisError,
 )
 
 from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State
@@ -44,7 +45,7 @@ from connectors.redis_streams import StreamCapture
 from feed.core.change import Change, Gap
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, ProtocolError, SourceMisconfigured, SourceUnavailable
-from feed.options import Options, redis_url_problem
+from feed.options import Options, redis_url_db_problem, redis_url_problem
 
 if TYPE_CHECKING:
     from connectors.redis_cluster import ClusterNode
@@ -65,7 +66,7 @@ class RedisConnector(Connector):
             options.fail("url", f"is not a Redis URL ({exc}); use redis://[:password@]host:6379/0")
         if "path" not in url_kwargs and not url_kwargs.get("host"):
             options.fail("url", "names no host; use redis://[:password@]host:6379/0")
-        problem = redis_url_problem(url_kwargs)
+        problem = redis_url_db_problem(self.url) or redis_url_problem(url_kwargs)
         if problem is not None:
             options.fail("url", problem)
         url_db = int(url_kwargs.get("db", 0))
@@ -121,6 +122,9 @@ class RedisConnector(Connector):
         """A cluster's primaries when last discovered: asked when the url's node is down."""
         # Kept across restarts: a restart after a session means a gap; a new run_id, a restart.
         self._sessions = 0
+        self.stream_positions: dict[str, str] = {}
+        """Streams mode: the positions this process last saved in `offsets_key`, so a restart
+        by the hub notices a Redis that lost them (redis_streams.StreamCapture._recall)."""
         self._run_ids: dict[str, str] = {}
         """Each server's run_id when last subscribed (keyed by host:port): a new one, a restart."""
 
@@ -336,7 +340,12 @@ class RedisConnector(Connector):
             if self._streams is not None and self._streams.trouble():
                 # `serve` reads the other streams meanwhile; `check` is where to fix it first.
                 raise SourceMisconfigured(self._streams.trouble())
-            primaries = len(self._keyspace.sources) if self._keyspace is not None else 0
+            if self._streams is not None:
+                try:
+                    await self._streams.try_reads()
+                except (RedisError, OSError) as exc:
+                    raise self._failure(exc) from None
+            primaries = len(self._known_primaries)  # streams mode has no keyspace sources
             shape = f", a cluster of {primaries} primaries" if self._cluster else ""
             flags = ""
             if self.mode == "keyspace":

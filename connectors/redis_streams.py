@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from connectors.base import RoomAddress, Snapshot, State
 from connectors.redis_events import text_or_base64
@@ -227,25 +227,60 @@ class StreamCapture:
             raise self.owner._failure(exc) from None
         except (RedisError, OSError) as exc:
             raise self.owner._failure(exc) from None
-        positions = {
+        in_redis = {
             s: raw.decode() for s, raw in zip(self.streams, saved, strict=True) if raw is not None
         }
+        positions, recalled = self._recall(in_redis)
         try:
             for stream in self.streams:
-                await self._place(stream, positions.get(stream))
+                await self._place(stream, positions.get(stream), recalled=stream in recalled)
         except (RedisError, OSError) as exc:
             raise self.owner._failure(exc) from None
         self.delivered = dict(self.last)
-        # A position moved back to a stream's start (deleted meanwhile) is saved below.
-        self.saved = positions
+        # A position moved back to a stream's start (deleted meanwhile), or one this process
+        # remembered and Redis lost, is saved below.
+        self.saved = in_redis
         # Pin where "latest" was on the first start, so a restart resumes from there.
         await self.save()
         now = asyncio.get_running_loop().time()
         self._verified = {group[0]: now for group in self.groups}
 
-    async def _place(self, stream: str, position: str | None) -> None:
+    def _recall(self, in_redis: Mapping[str, str]) -> tuple[dict[str, str], set[str]]:
+        """The positions to resume from: Redis's, except where this process delivered and
+        saved further before (a restart by the hub) and Redis's are missing or behind.
+
+        A Redis restarted without persistence loses `offsets_key` with the streams: read as a
+        first start, `start = "latest"` skipped in silence what was written since Redis came
+        back, and clients kept rows of entries that no longer exist. A Redis restarted from an
+        older snapshot (RDB, `appendfsync everysec`) brings back older positions, and clients
+        kept entries the stream lost. Resuming from the position remembered lets `_place` judge
+        the stream against it: gone, created again or trimmed past it, each a gap. (A feed
+        process started anew remembers nothing: see docs/connectors/redis.md.)
+        """
+        positions = dict(in_redis)
+        recalled: set[str] = set()
+        for stream, known in self.owner.stream_positions.items():
+            there = in_redis.get(stream)
+            if stream in self.streams and (there is None or parse_id(there) < parse_id(known)):
+                positions[stream] = known
+                recalled.add(stream)
+                log.warning(
+                    "redis at %s: offsets_key %r has %s for stream %r, behind the position %s "
+                    "this process saved: Redis lost data (a restart without persistence, or "
+                    "from an older snapshot), or the key was changed; resuming from %s",
+                    self.owner.where,
+                    self.owner.offsets_key,
+                    "no position" if there is None else there,
+                    stream,
+                    known,
+                    known,
+                )
+        return positions, recalled
+
+    async def _place(self, stream: str, position: str | None, recalled: bool = False) -> None:
         """Where to read `stream` from: the saved position, or (first start) `start`; a Gap
         queued when entries after the saved position were lost while the feed was stopped.
+        `recalled`: the position is this process's own, which Redis had lost (`_recall`).
 
         A first entry newer than the position means trimming reached it (it may have removed
         only entries already delivered: a harmless extra reload); Redis 7 also records the
@@ -297,7 +332,26 @@ class StreamCapture:
             if lost:
                 reason = f"stream {stream!r} was trimmed past the saved position {position}"
         if reason is not None:
+            if recalled:
+                reason += (
+                    f" (and offsets_key {self.owner.offsets_key!r} had lost its position: "
+                    "Redis restarted without its data, or from an older snapshot)"
+                )
             self.pending_gaps.append(Gap(self.owner.name, reason, target=stream))
+
+    async def try_reads(self) -> None:
+        """Make each read `serve` makes and `start` does not (XREAD, XRANGE, XREVRANGE) once,
+        reading nothing, so `feed check` finds a user refused one: it said ok, and `serve`
+        then stopped at its first read."""
+        for group in self.groups:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xread(dict.fromkeys(group, "$"), count=1)  # no BLOCK: answered at once
+            for stream in group:
+                pipe.xrange(stream, "+", "+")
+                pipe.xrevrange(stream, count=1)
+            for reply in await pipe.execute(raise_on_error=False):
+                if isinstance(reply, Exception):  # redis-py's own, not its pipeline wrapping
+                    raise reply
 
     def _set_aside(self, stream: str, kind: str, announce: bool) -> Gap | None:
         """Stop reading a listed key that is not a stream (the others go on): the status line
@@ -329,11 +383,34 @@ class StreamCapture:
             await self.save()
 
     async def save(self) -> None:
-        changed = {s: i for s, i in self.delivered.items() if self.saved.get(s) != i}
+        """Write the positions delivered since the last save to `offsets_key`."""
+        changed = self._unsaved()
         if changed:
             await self.owner.settle()  # in a cluster: published first (connectors.base)
-            await self.client.hset(self.owner.offsets_key, mapping=changed)
-            self.saved.update(changed)
+            await self._write(changed)
+
+    def _unsaved(self) -> dict[str, str]:
+        return {s: i for s, i in self.delivered.items() if self.saved.get(s) != i}
+
+    async def _write(self, changed: Mapping[str, str]) -> None:
+        """HSET the positions; a failure is one line (a ConnectorError), never redis-py's
+        exception, which the hub logged as a crash with its traceback at every retry."""
+        try:
+            await self.client.hset(self.owner.offsets_key, mapping=dict(changed))
+        except ReadOnlyError:
+            raise SourceMisconfigured(
+                f"redis at {self.owner.where} is a read-only replica: streams mode saves its "
+                f"positions in offsets_key {self.owner.offsets_key!r}; point url at the primary"
+            ) from None
+        except (RedisError, OSError) as exc:
+            failure = self.owner._failure(exc)
+            text = str(failure).removeprefix(f"redis at {self.owner.where}: ")
+            raise type(failure)(
+                f"redis at {self.owner.where}: cannot save positions in offsets_key "
+                f"{self.owner.offsets_key!r}: {text}"
+            ) from None
+        self.saved.update(changed)
+        self.owner.stream_positions.update(changed)
 
     async def changes(self) -> AsyncIterator[Change | Gap]:
         """Entries as they are read: one reader task per group of streams (one group on a
@@ -355,8 +432,7 @@ class StreamCapture:
         since_save = 0
         try:
             while True:
-                if since_save and arrived.empty():
-                    await self.save()
+                if since_save and arrived.empty() and await self._saved():
                     since_save = 0
                 item = await arrived.get()
                 if isinstance(item, BaseException):
@@ -375,13 +451,26 @@ class StreamCapture:
                     self.delivered[stream] = entry_id
                     self._progress.set()
                     since_save += 1
-                    if since_save >= _SAVE_EVERY:
-                        await self.save()
+                    if since_save >= _SAVE_EVERY and await self._saved():
                         since_save = 0
         finally:
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _saved(self) -> bool:
+        """Save the positions while reading. A lost connection only means "not yet": the
+        readers report it (they retry for `reconnect_timeout`) and the next save tries again;
+        it used to end the stream with redis-py's exception, a crash with a traceback."""
+        changed = self._unsaved()
+        if changed:
+            await self.owner.settle()
+            try:
+                await self._write(changed)
+            except SourceUnavailable as exc:
+                log.debug("connector %s: %s; saving again later", self.owner.name, exc)
+                return False
+        return True
 
     async def _read_group(self, group: list[str], arrived: asyncio.Queue[_Arrival]) -> None:
         """XREAD one group of streams forever; a failure that outlasts `reconnect_timeout` goes to

@@ -10,6 +10,7 @@ newer than the event that triggered the read.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,8 +173,11 @@ def _texts(items: Sequence[bytes]) -> tuple[list[str], bool]:
 
 
 def _score(raw: Any) -> float | str:
+    """A score as a number; `inf` and `-inf` (ZADD accepts them) stay text: JSON has no
+    infinity, and the encoder wrote them as null, a score lost in silence."""
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     try:
-        return float(text)
+        score = float(text)
     except ValueError:
         return text
+    return score if math.isfinite(score) else text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import os
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -134,6 +135,28 @@ class Options:
 
 REDIS_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 REDIS_CERT_REQS = ("none", "optional", "required")
+
+
+def redis_url_db_problem(url: builtins.str) -> builtins.str | None:
+    """What is wrong with the database a Redis URL names in its path, or None.
+
+    redis-py ignores a path that is not a number (`redis://host:6379/cache`, `/1a`) and lets
+    `?db=` override the path: the feed then read database 0 (or another) in silence.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return None  # the path is the socket's; `?db=` names the database
+    path = urllib.parse.unquote(parts.path).replace("/", "")
+    if not path:
+        return None
+    if not path.isdecimal():
+        return (
+            f"names database {path!r} in its path, which is not a number; use redis://host:6379/0"
+        )
+    query = urllib.parse.parse_qs(parts.query).get("db")
+    if query and query[0] != path:
+        return f"selects database {path} in its path and {query[0]} in ?db=; keep one"
+    return None
 
 
 def redis_url_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None:

@@ -860,6 +860,7 @@ async def test_a_lease_redis_no_longer_holds_is_named_so_when_publishing(
     [
         ("prefix = 'x'", "cluster.url", "is required"),
         ("url = 'http://redis:6379'", "cluster.url", "redis://host:6379/0"),
+        ("url = 'redis://r/feed'", "cluster.url", "names database 'feed' in its path"),
         ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "at least 0.5"),
         ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
         ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),

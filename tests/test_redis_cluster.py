@@ -467,3 +467,10 @@ async def test_a_primary_without_keyspace_events_is_named_in_one_line(
     assert "CONFIG SET notify-keyspace-events" in message
     for node in ready:
         assert not await subscribed_on(node, "feed:cache:events")
+
+
+async def test_streams_check_reads_each_slot_group(cluster: RedisCluster) -> None:
+    """`feed check` tries the reads of every stream (one XREAD per hash slot, as `serve`)."""
+    streams = streams_on_every_primary(cluster, "check")
+    text = await streams_connector(cluster, streams, "check").check()
+    assert "a cluster of 3 primaries, streams mode" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from connectors.redis import RedisConnector
@@ -46,6 +47,15 @@ def make(**table: object) -> RedisConnector:
         ({"patterns": [" a*"]}, "leading or trailing whitespace"),
         ({"patterns": ["a*", "a*"]}, "lists the same pattern twice"),
         ({"db": 2}, "connectors[0].db: is 2 but url selects database 0"),
+        # redis-py ignores a path that is not a number: database 0 was read in silence.
+        (
+            {"url": "redis://h:6379/cache"},
+            "connectors[0].url: names database 'cache' in its path, which is not a number",
+        ),
+        ({"url": "redis://h:6379/1a"}, "names database '1a' in its path, which is not a number"),
+        ({"url": "redis://h:6379/-1"}, "names database '-1' in its path, which is not a number"),
+        # ?db= won over the path, in silence.
+        ({"url": "redis://h:6379/1?db=2"}, "selects database 1 in its path and 2 in ?db="),
         ({"mode": "streams", "patterns": ["s:*"]}, "in streams mode list stream keys"),
         ({"mode": "pubsub"}, "connectors[0].mode: must be one of"),
         ({"fetch_value": True}, "connectors[0].fetch_value: is not a known setting"),
@@ -180,6 +190,9 @@ def test_values_decode_for_every_type() -> None:
     assert listed.value == ["x", "y"] and listed.truncated and listed.flags()["length"] == 5
     assert decode_value([b"set", 2, [b"b", b"a"], 0], 10).value == ["a", "b"]
     assert decode_value([b"zset", 1, [b"m", b"1.5"], 0], 10).value == [["m", 1.5]]
+    # JSON has no infinity: the encoder sent these scores as null.
+    infinite = decode_value([b"zset", 2, [b"lo", b"-inf", b"hi", b"inf"], 0], 10)
+    assert orjson.loads(orjson.dumps(infinite.value)) == [["lo", "-inf"], ["hi", "inf"]]
     stream = decode_value([b"stream", 2, [[b"2-0", [b"f", b"2"]], [b"1-0", [b"f", b"1"]]], 0], 10)
     assert stream.value == [
         {"id": "1-0", "fields": {"f": "1"}},

@@ -18,7 +18,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from feed.options import Options, redis_url_problem
+from feed.options import Options, redis_url_db_problem, redis_url_problem
 
 PUBLISH_INTERVAL = 0.005
 """The default `publish_interval` (Kafka's producer has waited as long since 4.0): at 1,000
@@ -66,7 +66,7 @@ def parse_cluster(top: Options, replay_buffer: int) -> ClusterConfig | None:
 
     try:
         as_redis = url.replace("valkey", "redis", 1) if url.startswith("valkey") else url
-        problem = redis_url_problem(parse_url(as_redis))
+        problem = redis_url_db_problem(as_redis) or redis_url_problem(parse_url(as_redis))
     except ValueError as exc:
         problem = f"is not a Redis URL ({exc}); write redis://host:6379/0"
     if problem is not None:
