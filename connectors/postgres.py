@@ -57,6 +57,7 @@ from connectors.postgres_migrate import (
     apply_migrations,
     channel_for,
     load_migrations,
+    newer,
     pending,
     quote_ident,
     quote_literal,
@@ -868,6 +869,8 @@ class PostgresConnector(Connector):
                 backlog = await self._check_capture(conn)
             else:
                 backlog = f", {len(missing)} migration(s) pending, applied at start (auto_migrate)"
+            if self.mode == "notify":
+                warnings += "".join(f"; {line}" for line in await newer(conn, self.schema))
             tables = f"{len(self.tables)} table(s)"
             return f"Postgres {version}, {self.mode} mode, {tables}{backlog}{warnings}"
         except asyncpg.PostgresError as exc:

@@ -141,7 +141,28 @@ async def apply_migrations(
             lines.append(f"applied {migration.name}")
     if not lines:
         lines.append(f"schema {schema!r} is up to date ({len(migrations)} migrations applied)")
-    return lines
+    return lines + await newer(conn, schema, migrations)
+
+
+async def newer(conn: Any, schema: str, migrations: list[Migration] | None = None) -> list[str]:
+    """A warning when the schema holds migrations this build does not have: a newer feed
+    migrated it (a roll under way, or a build gone back to). Migrations only move forward, so
+    this build reads a schema it was not written for: said, not refused, because during a
+    rolling upgrade the older nodes must keep running."""
+    migrations = load_migrations() if migrations is None else migrations
+    known = {m.version for m in migrations}
+    q = quote_ident(schema)
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{q}.migrations"):
+        return []
+    rows = await conn.fetch(f"SELECT version, name FROM {q}.migrations ORDER BY version")
+    unknown = [r["name"] for r in rows if r["version"] not in known]
+    if not unknown:
+        return []
+    return [
+        f"warning: schema {schema!r} has migrations this feed does not know "
+        f"({', '.join(unknown)}): a newer feed applied them; run that build (migrations are "
+        "never undone)"
+    ]
 
 
 async def _create_grant(conn: Any, schema: str) -> str:

@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 
+from connectors.postgres_migrate import apply_migrations, load_migrations
 from feed.errors import SourceMisconfigured
-from tests.postgres_helpers import make_connector
+from tests.postgres_helpers import make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
 
@@ -122,3 +123,51 @@ async def test_a_table_renamed_before_it_is_unwatched_loses_its_triggers(
     assert any("public.customers" in line and "public.clients" in line for line in lines), lines
     await pg.conn.execute("INSERT INTO public.clients VALUES (1)")
     assert await pg.conn.fetchval("SELECT count(*) FROM feed.journal") == 0
+
+
+async def test_a_database_set_up_by_the_first_release_is_brought_up_to_date(
+    pg: PgDatabase,
+) -> None:
+    """What the first release (commit 961bad8) left: migration 0001 only, its triggers enabled
+    the plain way, a position, and changes captured while no feed of the new build ran. The new
+    build refuses to read until `feed migrate`, which applies the rest and keeps all of it."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
+    await apply_migrations(pg.conn, "feed", load_migrations()[:1])
+    await pg.conn.execute(  # the first release's attach, as it ran then
+        "INSERT INTO feed.consumers (name, snapshot) VALUES ('main', pg_current_snapshot()::text);"
+        "INSERT INTO feed.watches (consumer, target) VALUES ('main', 'public.orders');"
+        "CREATE TRIGGER feed_capture AFTER INSERT OR UPDATE OR DELETE ON public.orders"
+        " FOR EACH ROW EXECUTE FUNCTION feed.capture('public.orders');"
+        "CREATE TRIGGER feed_capture_truncate AFTER TRUNCATE ON public.orders"
+        " FOR EACH STATEMENT EXECUTE FUNCTION feed.capture('public.orders')"
+    )
+    await pg.conn.execute("INSERT INTO public.orders VALUES (1, 'before the upgrade')")
+    connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
+    with pytest.raises(SourceMisconfigured, match=r"2 migration\(s\) pending"):
+        await connector.check()
+    lines = await connector.migrate()
+    assert lines == ["applied 0002_partition_truncate.sql", "applied 0003_capture_settings.sql"]
+    states = await pg.conn.fetch(
+        "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass"
+        " AND tgname LIKE 'feed%'"
+    )
+    assert [r["tgenabled"] for r in states] == ["A", "A"]  # made to fire always
+    assert "journal 1 rows" in await connector.check()
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO public.orders VALUES (2, 'after')")
+        changes = await stream.take(2)
+    assert [(c.op, c.key) for c in changes] == [("insert", 1), ("insert", 2)]
+
+
+async def test_a_schema_migrated_by_a_newer_build_is_said(pg: PgDatabase) -> None:
+    """A build gone back to (or an old node during a roll) found the newer build's migrations
+    and said "schema 'feed' is up to date (3 migrations applied)"."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY)")
+    connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
+    await connector.migrate()
+    await pg.conn.execute(
+        "INSERT INTO feed.migrations (version, name, checksum) VALUES (9999, '9999_later.sql', 'x')"
+    )
+    lines = await connector.migrate()
+    assert [line for line in lines if "9999_later.sql" in line and "newer" in line], lines
+    assert "9999_later.sql" in await connector.check()  # said, and still passes
