@@ -42,9 +42,11 @@ from connectors.base import Connector, Gauge, RoomAddress, Snapshot, State, Wher
 from connectors.postgres_capture import (
     CaptureFault,
     JournalStats,
+    capture_triggers,
     inspect_notify,
     journal_stats,
     partitions,
+    regclass_of,
     trigger_names,
 )
 from connectors.postgres_columns import Columns, column_lists, gap_reason
@@ -55,9 +57,11 @@ from connectors.postgres_migrate import (
     apply_migrations,
     channel_for,
     load_migrations,
+    newer,
     pending,
     quote_ident,
     quote_literal,
+    setup_lock,
 )
 from connectors.postgres_partitions import PartitionWatch
 from connectors.postgres_types import TableShape, computing, read_shape, recompute_sql
@@ -490,7 +494,15 @@ class PostgresConnector(Connector):
         )
 
     async def _check_tables(self, conn: Any, *, attach: bool) -> list[str]:
-        """Check every configured table exists and can be read (and captured, when attaching)."""
+        """Check every configured table exists and can be read (and captured, when attaching).
+
+        Attaching holds the schema's setup lock: every node of a deployment may do it at once."""
+        if attach and self.mode == "notify":
+            async with setup_lock(conn, self.schema):
+                return await self._check_each_table(conn, attach=True)
+        return await self._check_each_table(conn, attach=attach)
+
+    async def _check_each_table(self, conn: Any, *, attach: bool) -> list[str]:
         lines: list[str] = []
         user = await conn.fetchval("SELECT current_user")
         for target in self.tables:
@@ -547,26 +559,16 @@ class PostgresConnector(Connector):
         """Make sure both capture triggers are on `target`; say whether they were already
         ("present"), new ("attached") or had been there before and vanished ("reattached")."""
         row_trigger, truncate_trigger = self._trigger_names()
-        # The consumer's starting point is taken before the triggers exist, so no change
-        # captured by them can fall before it.
-        await conn.execute(
-            f"INSERT INTO {self.q}.consumers (name, snapshot)"
-            " VALUES ($1, pg_current_snapshot()::text) ON CONFLICT (name) DO NOTHING",
-            self.name,
-        )
         have = await conn.fetchval(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = ANY($2)",
             regclass,
             [row_trigger, truncate_trigger],
         )
-        new_watch = await conn.fetchval(
-            f"INSERT INTO {self.q}.watches (consumer, target) VALUES ($1, $2)"
-            " ON CONFLICT DO NOTHING RETURNING true",
-            self.name,
-            target,
-        )
         if have == 2:
+            await self._mark_watched(conn, target)
             return "present"
+        # Refused before anything is written: a watch row left by a refused attach made the
+        # table look attached once and dropped since (a false gap, a false "re-attached").
         if not await conn.fetchval("SELECT has_table_privilege($1, 'TRIGGER')", regclass):
             raise SourceMisconfigured(
                 f"{self.where}: permission denied to attach capture to {target}: "
@@ -574,6 +576,7 @@ class PostgresConnector(Connector):
             )
         arg = "'" + target.replace("'", "''") + "'"
         async with conn.transaction():
+            new_watch = await self._mark_watched(conn, target)
             await conn.execute("SET LOCAL lock_timeout = '5s'")
             await conn.execute(
                 f"DROP TRIGGER IF EXISTS {quote_ident(row_trigger)} ON {regclass};"
@@ -584,6 +587,23 @@ class PostgresConnector(Connector):
                 f" ON {regclass} FOR EACH STATEMENT EXECUTE FUNCTION {self.q}.capture({arg})"
             )
         return "attached" if new_watch else "reattached"
+
+    async def _mark_watched(self, conn: Any, target: str) -> bool:
+        """Record that this connector watches `target`; say whether that is new. The consumer's
+        starting point is taken before the triggers commit, so no change they capture for it
+        falls before it."""
+        await conn.execute(
+            f"INSERT INTO {self.q}.consumers (name, snapshot)"
+            " VALUES ($1, pg_current_snapshot()::text) ON CONFLICT (name) DO NOTHING",
+            self.name,
+        )
+        new: bool = await conn.fetchval(
+            f"INSERT INTO {self.q}.watches (consumer, target) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            self.name,
+            target,
+        )
+        return bool(new)
 
     async def _cover(self, conn: Any, target: str, user: str) -> list[str]:
         """Make the capture triggers fire in every replication role and on every partition;
@@ -673,21 +693,21 @@ class PostgresConnector(Connector):
         )
         if others:
             return [f"stopped watching {target} (still watched by another connector)"]
-        schema, _, name = target.partition(".")
-        regclass = f"{quote_ident(schema)}.{quote_ident(name)}"
-        if await conn.fetchval("SELECT to_regclass($1)", regclass) is None:
-            return [f"stopped watching {target} (table no longer exists)"]
-        row_trigger, truncate_trigger = triggers = self._trigger_names()
-        tree = await partitions(conn, [target], triggers, self.query_timeout)
+        found = await capture_triggers(conn, self.schema, target)
+        if not found:
+            if await conn.fetchval("SELECT to_regclass($1)", regclass_of(target)) is None:
+                return [f"stopped watching {target} (table no longer exists)"]
+            return [f"unwatched {target} (it had no capture triggers left)"]
         async with conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '5s'")
-            for trigger in (row_trigger, truncate_trigger):  # the row trigger's clones go with it
-                await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {regclass}")
-            for part in [part for part in tree if part.level]:  # its partitions
-                await conn.execute(
-                    f"DROP TRIGGER IF EXISTS {quote_ident(truncate_trigger)} ON {part.regclass}"
-                )
-        return [f"unwatched {target} (capture triggers dropped)"]
+            for relation, _, trigger in found:  # a row trigger's clones on partitions go with it
+                await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {relation}")
+        row_trigger = self._trigger_names()[0]
+        now = next((name for _, name, trigger in found if trigger == row_trigger), target)
+        if now == target:
+            return [f"unwatched {target} (capture triggers dropped)"]
+        # Renamed, or moved to another schema, since it was attached.
+        return [f"unwatched {target} (now {now}: capture triggers dropped)"]
 
     @contextlib.asynccontextmanager
     async def _reader_lock(self, conn: Any, force: bool, action: str) -> AsyncIterator[None]:
@@ -849,6 +869,8 @@ class PostgresConnector(Connector):
                 backlog = await self._check_capture(conn)
             else:
                 backlog = f", {len(missing)} migration(s) pending, applied at start (auto_migrate)"
+            if self.mode == "notify":
+                warnings += "".join(f"; {line}" for line in await newer(conn, self.schema))
             tables = f"{len(self.tables)} table(s)"
             return f"Postgres {version}, {self.mode} mode, {tables}{backlog}{warnings}"
         except asyncpg.PostgresError as exc:

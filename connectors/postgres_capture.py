@@ -53,6 +53,29 @@ def trigger_names(schema: str) -> tuple[str, str]:
     return f"{schema}_capture", f"{schema}_capture_truncate"
 
 
+async def capture_triggers(conn: Any, schema: str, target: str) -> list[tuple[str, str, str]]:
+    """(relation as SQL, relation's name, trigger) for every capture trigger made for `target`,
+    wherever that table now is.
+
+    Found by the function and argument the triggers were made with, not by the table's name: a
+    table renamed since it was attached keeps its triggers under its new name, and looking for
+    them under the old one left them writing to the journal for good. Row triggers cloned onto
+    partitions are left out: they go with their parent's.
+    """
+    rows = await conn.fetch(
+        "SELECT format('%I.%I', cn.nspname, c.relname) AS reg, cn.nspname || '.' || c.relname"
+        " AS name, t.tgname FROM pg_trigger t"
+        " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace"
+        " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = $1 AND p.proname = 'capture' AND t.tgparentid = 0"
+        " AND t.tgargs = convert_to($2, 'UTF8') || '\\x00'::bytea"
+        " ORDER BY t.tgrelid, t.tgname",
+        schema,
+        target,
+    )
+    return [(r["reg"], r["name"], r["tgname"]) for r in rows]
+
+
 def regclass_of(target: str) -> str:
     schema, _, name = target.partition(".")
     return f"{quote_ident(schema)}.{quote_ident(name)}"

@@ -1448,3 +1448,44 @@ async def test_a_node_shuts_down_when_its_upkeep_ignores_a_cancel(
     stopped_in = time.monotonic() - started
     assert stubborn.cancelled()
     assert stopped_in < 5, f"the node took {stopped_in:.1f}s to stop"
+
+
+async def test_a_lease_refused_by_redis_is_not_called_unreachable(
+    redis_target: RedisTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answering the lease script with an error is no outage: a node of an older build
+    (integer fencing tokens, before 2026-12-03) whose `INCR` met a newer build's token said
+    `cluster Redis unreachable: ResponseError: value is not an integer` for good, and so does
+    any build whose keys were written otherwise. The status names the script's refusal, the
+    prefix and where the upgrade procedure is."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    prefix = redis_target.prefix.rstrip(":")
+    await redis_target.admin.hset(f"{prefix}:fence:mem", "written", "by another program")
+    caplog.set_level(logging.INFO, logger="feed.hub")
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 1)
+        connector = nodes[0].hub.connectors["mem"]
+
+        def refused() -> bool:
+            return connector.status.state is State.DOWN and "refused" in connector.status.detail
+
+        await wait_until(refused, 15, "the connector shown down with the refusal")
+        detail = connector.status.detail
+        assert "unreachable" not in detail, detail
+        assert f"prefix {prefix!r}" in detail and "WRONGTYPE" in detail, detail
+        assert "docs/operations.md" in detail, detail
+        # The node asks again and again (every `lease`); it is said once.
+        refusals = await wrongtype_count(redis_target)
+        async with asyncio.timeout(15):
+            while await wrongtype_count(redis_target) < refusals + 2:  # noqa: ASYNC110 - Redis counts
+                await asyncio.sleep(0.1)
+        said = [r for r in caplog.records if "refused the lease script" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage()[:60] for r in caplog.records]
+        assert await redis_target.admin.get(f"{prefix}:lease:mem") is None  # it holds nothing
+
+
+async def wrongtype_count(target: RedisTarget) -> int:
+    """How many WRONGTYPE errors the server has answered (INFO errorstats, Redis 6.2+)."""
+    stats = await target.admin.info("errorstats")
+    found = stats.get("errorstat_WRONGTYPE", {"count": 0})
+    return int(found["count"])

@@ -170,14 +170,24 @@ class Leases(Publisher):
             except Exception as exc:
                 shown = ""
                 failed += 1
+                if refused_by_script(exc):  # Redis answered: no outage, the data is not ours
+                    if connector.status.detail != self._refusal(exc):  # said once
+                        connector.set_status(State.DOWN, self._refusal(exc))
                 # With the listener connected, one failed call is most likely a pooled
                 # connection from before a Redis restart (redis-py finds it closed on use): the
                 # next call opens a new one. Shown as down from the second in a row.
-                if not self.up or failed > 1:
+                elif not self.up or failed > 1:
                     self._show_unreachable(connector, one_line(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await wake.wait()
+
+    def _refusal(self, exc: Exception) -> str:
+        return (
+            f"cluster Redis refused the lease script ({one_line(exc)}): keys under prefix "
+            f"{self.config.prefix!r} were written by another program, or by a feed build whose "
+            "cluster data differs from this one's (docs/operations.md, Upgrading)"
+        )
 
     def lease_released(self, name: str | None = None) -> None:
         """Wake the nodes' waits for a lease (`name`'s, or every one): its holder let go, or
@@ -341,3 +351,11 @@ class Leases(Publisher):
 
     def reader_of(self, name: str) -> str | None:
         return self.readers.get(name)
+
+
+def refused_by_script(exc: BaseException) -> bool:
+    """An error raised by Redis running a script on data it did not expect (a WRONGTYPE, an
+    INCR of a value that is not a number), as opposed to Redis being out of reach."""
+    import redis.exceptions
+
+    return isinstance(exc, redis.exceptions.ResponseError) and "script" in str(exc)

@@ -13,8 +13,11 @@ ACQUIRE = """
 -- (its first reader announces no move), the tag keeps two readings from ever sharing a token,
 -- even when Redis lost the counter (a restart without persistence) and counts from 1 again
 -- while a reader from before the loss still holds its old token.
+-- The fence is read first: a key this script cannot read (WRONGTYPE) fails it before the lease
+-- is written, so a refused node holds nothing (it held the lease, reading nothing, before).
+local fence = redis.call('GET', KEYS[2])
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local count = tonumber(string.match(redis.call('GET', KEYS[2]) or '0', '^%d+') or '0') + 1
+  local count = tonumber(string.match(fence or '0', '^%d+') or '0') + 1
   local token = count .. ':' .. ARGV[3]
   redis.call('SET', KEYS[2], token)
   redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
