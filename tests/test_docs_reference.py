@@ -241,6 +241,30 @@ def test_every_capture_fault_kind_is_documented_and_back() -> None:
     assert counted == set(re.findall(r"`([a-z_]+)`", meaning))
 
 
+def test_readyz_cluster_object_fields_are_documented() -> None:
+    """Every field of `/readyz`'s `cluster` object (the engine's `describe()`) is named in
+    docs/operations.md's health table, and every field named there is one it has."""
+    tree = ast.parse((ROOT / "feed" / "engine" / "redis.py").read_text(encoding="utf-8"))
+    [describe] = [
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "describe"
+    ]
+    fields = {
+        key.value
+        for node in ast.walk(describe)
+        if isinstance(node, ast.Dict)
+        for key in node.keys
+        if isinstance(key, ast.Constant) and isinstance(key.value, str)
+    }
+    [row] = [
+        line
+        for line in section(DOCS / "operations.md", "## Health endpoints")
+        if line.startswith("| `GET /readyz` |")
+    ]
+    match = re.search(r"a `cluster` object \(([^)]*)\)", row)
+    assert match, row
+    assert fields == set(re.findall(r"`([a-z_]+)`", match.group(1)))
+
+
 def test_every_error_code_the_server_sends_is_documented_and_back() -> None:
     sent = _first_arg_strings({"ProtocolError", "AuthError"})
     for tree in _sources():  # {"ok": False, "code": "..."} answers between cluster nodes
