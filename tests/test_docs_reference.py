@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from feed.app.cli import build_parser
-from feed.app.config import Config, parse_config
+from feed.app.config import Config, load_config, parse_config
 from feed.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +140,53 @@ def test_every_auth_key_is_in_security_md(probe: str) -> None:
     text = (DOCS / "security.md").read_text(encoding="utf-8")
     for key in known_keys(probe + MEMORY) - {"tokens", "rules", "masks", "jwt"}:
         assert re.search(rf"(^|`| ){key}( =|`)", text, re.M), f"{key} is not in docs/security.md"
+
+
+_THIRD = MEMORY + MEMORY.replace('"m"', '"m2"') + '[[connectors]]\nname = "c"\ntype = "redis"\n'
+ERROR_CASES = {  # a feed.toml each documented error line comes from (None: the file is missing)
+    "empty tables": '[[connectors]]\nname = "m"\ntype = "postgres"\ndsn = "postgresql://h/d"\n'
+    "tables = []\n",
+    "typo in [server]": "[server]\nprot = 8000\n" + MEMORY,
+    "typo of a required key": '[[connectors]]\nname = "m"\ntype = "postgres"\n'
+    'dsn = "postgresql://h/d"\ntabels = ["public.orders"]\n',
+    "unset variable": MEMORY + '[[connectors]]\nname = "main"\ntype = "postgres"\n'
+    'dsn = "${DATABASE_URL}"\ntables = ["public.orders"]\n',
+    "missing file": None,
+    "not a Redis URL": _THIRD + 'url = "http://h:6379/0"\npatterns = ["session:*"]\n',
+    "bad pattern": _THIRD + 'url = "redis://h:6379/0"\npatterns = ["session:[ab"]\n',
+    "two databases": _THIRD + 'url = "redis://h/0"\npatterns = ["s:*"]\ndb = 2\n',
+    "no CA file": _THIRD
+    + 'url = "rediss://h:6379/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/feed/ca.pem"\n'
+    'patterns = ["s:*"]\n',
+}
+
+
+def test_the_documented_config_errors_are_the_ones_the_reader_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-line errors the docs show, word for word ("…" ends a shortened line)."""
+    monkeypatch.chdir(tmp_path)
+    given = set()
+    for text in ERROR_CASES.values():
+        if text is not None:
+            (tmp_path / "feed.toml").write_text(text)
+        else:
+            (tmp_path / "feed.toml").unlink()
+        with pytest.raises(ConfigError) as info:
+            load_config("feed.toml", {}).build_connectors()
+        given.add(f"feed: {info.value}")
+    documented = [
+        line
+        for page in (DOCS / "configuration.md", DOCS / "connectors" / "redis.md")
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if line.startswith("feed: feed.toml: ")
+    ]
+    assert len(documented) == len(given)
+    for line in documented:
+        if line.endswith("…)"):
+            assert any(g.startswith(line.removesuffix("…)")) for g in given), line
+        else:
+            assert line in given, line
 
 
 def test_memory_connector_keys_are_in_configuration_md() -> None:
