@@ -393,6 +393,29 @@ def test_every_option_the_docs_give_a_command_exists() -> None:
     assert seen >= 10
 
 
+def test_the_client_options_in_clients_md_are_the_libraries_options() -> None:
+    """The JavaScript options table is `FeedClientOptions` (clients/js/index.d.ts), and the
+    Python signature docs/clients.md gives is `FeedClient`'s, parameter for parameter."""
+    import inspect
+
+    from dbfeed_client import FeedClient
+
+    lines = section(DOCS / "clients.md", "## JavaScript")
+    declared = (ROOT / "clients" / "js" / "index.d.ts").read_text(encoding="utf-8")
+    body = re.search(r"interface FeedClientOptions \{(.*?)\n\}", declared, re.S)
+    assert body, "no FeedClientOptions in index.d.ts"
+    options = set(re.findall(r"^  (\w+)\??:", body.group(1), re.M))
+    assert set(table(lines, "option")) == options
+    text = "\n".join(section(DOCS / "clients.md", "## Python"))
+    match = re.search(r"`FeedClient\(url, \*, ([^`]*)\)`", text)
+    assert match, "no FeedClient(...) signature in docs/clients.md"
+    documented = dict(part.split("=", 1) for part in re.split(r",\s*(?=\w+=)", match.group(1)))
+    parameters = inspect.signature(FeedClient).parameters
+    assert set(documented) == set(parameters) - {"url"}
+    for name, default in documented.items():
+        assert repr(parameters[name].default) == default.replace('"', "'"), name
+
+
 def _anchors(page: Path) -> set[str]:
     """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to '-'."""
     anchors: set[str] = set()
