@@ -416,6 +416,33 @@ def test_the_client_options_in_clients_md_are_the_libraries_options() -> None:
         assert repr(parameters[name].default) == default.replace('"', "'"), name
 
 
+def test_every_bench_command_the_docs_give_exists_with_its_options() -> None:
+    """`python -m bench.idle --cpu 50 10000` and the like: the module answers `--help` (bench.idle
+    read its arguments by hand, and `--help` was a traceback) and has each option shown."""
+    import subprocess
+    import sys
+
+    pages = [ROOT / "README.md", *DOCS.rglob("*.md")]
+    shown: dict[str, set[str]] = {}
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for module, rest in re.findall(r"python -m (bench(?:\.\w+)?)\b([^`|\n)]*)", text):
+            flags = shown.setdefault(module, set())
+            flags.update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest))
+    assert "bench.idle" in shown
+    for module, flags in sorted(shown.items()):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-500:])
+        for flag in flags:
+            assert flag in done.stdout, f"python -m {module} has no {flag}"
+
+
 def _anchors(page: Path) -> set[str]:
     """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to '-'."""
     anchors: set[str] = set()
