@@ -79,17 +79,19 @@ def _main() -> None:
     """`python -m bench.idle [N ...]`: the feed, plain python-socketio and the raw websockets
     server at each N (default 1000), in one run, as `python -m bench --only idle` measures them.
     `python -m bench.idle --cluster [N ...]`: the feed alone and as a node of a cluster.
-    `--cpu SECONDS` (first) adds the server's CPU over that many idle seconds."""
-    import sys
+    `--cpu SECONDS` adds the server's CPU over that many idle seconds."""
+    import argparse
 
+    parser = argparse.ArgumentParser(prog="python -m bench.idle", description=_main.__doc__)
+    parser.add_argument("clients", nargs="*", type=int, help="idle clients per run (1000)")
+    parser.add_argument("--cluster", action="store_true", help="the feed alone and as a node")
+    parser.add_argument("--cpu", type=float, default=0.0, metavar="SECONDS", help="idle CPU too")
+    args = parser.parse_args()  # `--help`, or a count that is not a number, was a traceback
     kinds: tuple[str, ...] = ("feed", "socketio", "baseline")
-    args = sys.argv[1:]
-    window = 0.0
-    if args[:1] == ["--cpu"]:
-        window, args = float(args[1]), args[2:]
-    if args and args[0] == "--cluster":  # the feed alone and as one node of a cluster
-        kinds, args = ("feed", "feed-cluster"), args[1:]
-    for n in [int(a) for a in args] or [1000]:
+    if args.cluster:  # the feed alone and as one node of a cluster
+        kinds = ("feed", "feed-cluster")
+    window = args.cpu
+    for n in args.clients or [1000]:
         for kind in kinds:
             result = measure(kind, n, processes=max(2, n // 2500), cpu_window=window)
             cpu = result.idle_cpu_percent

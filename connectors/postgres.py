@@ -1435,6 +1435,7 @@ class PostgresConnector(Connector):
                 await self._refresh_shape(conn, target)
             reason = gap_reason(target, seen, columns)
             log.warning("%s: %s", self.name, reason)
+            self.count_fault("columns_changed")
             gaps.append(Gap(self.name, reason, target))
         return gaps
 

@@ -351,6 +351,7 @@ class LogicalReader:
         self.last_nudge = 0.0
         self.pending_gap = False
         self.gap_reason = ""
+        self.gap_kind = "slot_lost"  # feed_capture_faults_total's kind for the pending gap
         self.can_nudge: bool | None = None
         self.retained_wal: int | None = None
         self.wal_status = ""
@@ -462,6 +463,7 @@ class LogicalReader:
             await self._drop_when_free(conn)
             lines.append(f"dropped invalidated replication slot {self.slot!r} ({why})")
             self.pending_gap = True
+            self.gap_kind = "slot_lost"
             self.gap_reason = (
                 f"replication slot {self.slot!r} was invalidated ({why}) and was recreated: "
                 "changes in between were lost"
@@ -471,6 +473,7 @@ class LogicalReader:
             # It was there before (this process read from it, or the marker a previous run left
             # on the publication says so): what happened meanwhile is gone.
             self.pending_gap = True
+            self.gap_kind = "slot_lost"
             self.gap_reason = (
                 f"replication slot {self.slot!r} was dropped (by an operator, `feed unwatch`, "
                 "or invalidation) and was recreated: changes in between were lost"
@@ -515,6 +518,7 @@ class LogicalReader:
             # Ours stopped there; the slot now confirms more: someone read it (consuming what the
             # feed had not delivered) or dropped and made it again while the feed was stopped.
             self.pending_gap = True
+            self.gap_kind = "slot_lost"
             self.gap_reason = (
                 f"replication slot {self.slot!r} moved on while the feed was stopped (it stopped "
                 f"at {stopped.group(1)}, the slot now starts after {slot['confirmed']}: read by "
@@ -649,6 +653,7 @@ class LogicalReader:
                 + ", ".join(c.regclass(target) for target in virtual)
             )
             self.pending_gap = True
+            self.gap_kind = "publication"
             self.gap_reason = f"{', '.join(virtual)} left the publication (virtual columns)"
             self._refuse_virtual(parts)
         info = await self.inspect(conn)
@@ -683,6 +688,7 @@ class LogicalReader:
             ]
         if info["unpublished"] or info["tables"] < len(c.tables):
             self.pending_gap = True
+            self.gap_kind = "publication"
             self.gap_reason = (
                 f"publication {self.publication!r} stopped covering some watched tables "
                 "(ALTER PUBLICATION?): their changes in between were not decoded"
@@ -694,6 +700,7 @@ class LogicalReader:
         unset = await self._unset_options(conn)
         if unset:
             self.pending_gap = True
+            self.gap_kind = "publication"
             self.gap_reason = (
                 f"publication {self.publication!r} lost {', '.join(unset)}: changes in between "
                 "may not have been decoded"
@@ -768,7 +775,7 @@ class LogicalReader:
                     self.pending_gap = False
                     self.delivered_end = self.confirmed = 0
                     self.partial = None
-                    c.count_fault("slot_lost")
+                    c.count_fault(self.gap_kind)
                     reason = self.gap_reason or f"replication slot {self.slot!r} was recreated"
                     yield Gap(c.name, reason)
                 async for change in self._read():
@@ -794,6 +801,7 @@ class LogicalReader:
                         # good. Only a new slot goes on, with a gap.
                         self.recreate = True
                         self.pending_gap = True
+                        self.gap_kind = "publication"
                         self.gap_reason = (
                             f"publication {self.publication!r} was dropped while the feed read "
                             "(by hand?): the replication slot could not decode past it and was "

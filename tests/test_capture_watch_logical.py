@@ -164,11 +164,13 @@ async def test_a_table_taken_out_of_the_publication_is_put_back_with_a_gap(
     logical_pg: PgDatabase,
 ) -> None:
     db = logical_pg
-    async with following_orders(db) as (_, client):
+    async with following_orders(db) as (feed, client):
         await db.conn.execute("ALTER PUBLICATION feed_main DROP TABLE orders")
         await db.conn.execute("INSERT INTO orders VALUES (2, 'not decoded')")
         gap = await client.next_gap()
         assert "stopped covering" in gap["reason"], gap
+        # Counted as what it was (it was counted as slot_lost, a slot that was never touched).
+        assert feed.hub.connectors["main"].capture_faults == {"publication": 1}
         tables = "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'feed_main'"
         assert await db.conn.fetchval(tables) == 1
         await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
@@ -257,11 +259,12 @@ async def test_a_publication_narrowed_by_hand_is_set_back_with_a_gap(
     """`ALTER PUBLICATION ... SET (publish = 'insert')`: updates and deletes were no longer
     decoded, and clients' rows drifted from the table while the connector showed `up`."""
     db = logical_pg
-    async with following_orders(db) as (_, client):
+    async with following_orders(db) as (feed, client):
         await db.conn.execute("ALTER PUBLICATION feed_main SET (publish = 'insert')")
         await db.conn.execute("UPDATE orders SET note = 'not decoded' WHERE id = 1")
         gap = await client.next_gap()
         assert "lost publish = 'insert, update, delete, truncate'" in gap["reason"], gap
+        assert feed.hub.connectors["main"].capture_faults == {"publication": 1}
         options = "SELECT pubupdate AND pubdelete FROM pg_publication WHERE pubname = 'feed_main'"
         assert await db.conn.fetchval(options)
         await db.conn.execute("DELETE FROM orders WHERE id = 1")
@@ -286,6 +289,7 @@ async def test_a_publication_dropped_by_hand_is_made_again_with_its_slot(
         # it, and the capture check finds the tables uncovered first: a gap either way.
         dropped = ("publication 'feed_main' was dropped", "stopped covering")
         assert any(reason in gap["reason"] for reason in dropped), gap
+        assert connector.capture_faults == {"publication": 1}
         await db.conn.execute("INSERT INTO orders VALUES (3, 'a')")
         async with asyncio.timeout(WAIT):
             while (await client.next_change())["key"] != 3:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from feed.app.cli import build_parser
-from feed.app.config import Config, parse_config
+from feed.app.config import Config, load_config, parse_config
 from feed.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +142,53 @@ def test_every_auth_key_is_in_security_md(probe: str) -> None:
         assert re.search(rf"(^|`| ){key}( =|`)", text, re.M), f"{key} is not in docs/security.md"
 
 
+_THIRD = MEMORY + MEMORY.replace('"m"', '"m2"') + '[[connectors]]\nname = "c"\ntype = "redis"\n'
+ERROR_CASES = {  # a feed.toml each documented error line comes from (None: the file is missing)
+    "empty tables": '[[connectors]]\nname = "m"\ntype = "postgres"\ndsn = "postgresql://h/d"\n'
+    "tables = []\n",
+    "typo in [server]": "[server]\nprot = 8000\n" + MEMORY,
+    "typo of a required key": '[[connectors]]\nname = "m"\ntype = "postgres"\n'
+    'dsn = "postgresql://h/d"\ntabels = ["public.orders"]\n',
+    "unset variable": MEMORY + '[[connectors]]\nname = "main"\ntype = "postgres"\n'
+    'dsn = "${DATABASE_URL}"\ntables = ["public.orders"]\n',
+    "missing file": None,
+    "not a Redis URL": _THIRD + 'url = "http://h:6379/0"\npatterns = ["session:*"]\n',
+    "bad pattern": _THIRD + 'url = "redis://h:6379/0"\npatterns = ["session:[ab"]\n',
+    "two databases": _THIRD + 'url = "redis://h/0"\npatterns = ["s:*"]\ndb = 2\n',
+    "no CA file": _THIRD
+    + 'url = "rediss://h:6379/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/feed/ca.pem"\n'
+    'patterns = ["s:*"]\n',
+}
+
+
+def test_the_documented_config_errors_are_the_ones_the_reader_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-line errors the docs show, word for word ("…" ends a shortened line)."""
+    monkeypatch.chdir(tmp_path)
+    given = set()
+    for text in ERROR_CASES.values():
+        if text is not None:
+            (tmp_path / "feed.toml").write_text(text)
+        else:
+            (tmp_path / "feed.toml").unlink()
+        with pytest.raises(ConfigError) as info:
+            load_config("feed.toml", {}).build_connectors()
+        given.add(f"feed: {info.value}")
+    documented = [
+        line
+        for page in (DOCS / "configuration.md", DOCS / "connectors" / "redis.md")
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if line.startswith("feed: feed.toml: ")
+    ]
+    assert len(documented) == len(given)
+    for line in documented:
+        if line.endswith("…)"):
+            assert any(g.startswith(line.removesuffix("…)")) for g in given), line
+        else:
+            assert line in given, line
+
+
 def test_memory_connector_keys_are_in_configuration_md() -> None:
     lines = "\n".join(section(DOCS / "configuration.md", "### `memory`"))
     for key in known_keys(MEMORY + "zz_not_a_key = 1\n"):
@@ -169,6 +216,46 @@ def test_connector_page_tables_match_the_connector(kind: str) -> None:
             assert state(base + line) == defaults, f"{kind}.{key}: docs say {cell}"
             checked += 1
     assert checked >= 5
+
+
+SAMPLE_ENV = {
+    "DATABASE_URL": "postgresql://127.0.0.1/db",
+    "MONGODB_URL": "mongodb://127.0.0.1/?replicaSet=rs0",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "FEED_CLUSTER_URL": "redis://127.0.0.1:6379/1",
+    "JWT_SECRET": "s" * 32,
+    "HOSTNAME": "node-1",
+}
+
+
+def _toml_samples() -> list[Any]:
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), ROOT / "examples" / "README.md"]
+    samples = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for match in re.finditer(r"^```toml\n(.*?)^```", text, re.M | re.S):
+            line = text.count("\n", 0, match.start()) + 1
+            where = f"{page.relative_to(ROOT)}:{line}"
+            samples.append(pytest.param(where, match.group(1), id=where))
+    return samples
+
+
+@pytest.mark.parametrize(("where", "sample"), _toml_samples())
+def test_every_toml_sample_in_the_docs_is_a_config_the_reader_accepts(
+    where: str, sample: str
+) -> None:
+    """A user copies these: each must load (with `${VAR}` set, `"..."` a placeholder for a hash),
+    alone or, when it has no `[[connectors]]`, beside one."""
+    raw = tomllib.loads(sample)
+    if "project" in raw:  # a connector package's pyproject.toml, not a feed.toml
+        return
+    text = sample.replace('"..."', '"' + "a" * 64 + '"')
+    if "connectors" not in raw:
+        text += "\n" + MEMORY
+    try:
+        parse_config(text, where, SAMPLE_ENV)
+    except ConfigError as exc:  # a third-party type is an import path this checkout lacks
+        assert "cannot import 'mycompany." in str(exc), str(exc)
 
 
 def _toml(value: Any) -> str:
@@ -214,6 +301,64 @@ def test_every_metric_is_documented_and_every_documented_metric_exists() -> None
     assert exported == documented
 
 
+def test_every_capture_fault_kind_is_documented_and_back() -> None:
+    """`feed_capture_faults_total{kind}`: the kinds docs/operations.md lists are the ones the
+    connectors count (a column change was announced as a gap but counted under no kind)."""
+    counted: set[str] = set()
+    for path in (ROOT / "connectors").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            # the logical reader's `self.gap_kind = "..."`, counted with its pending gap
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and any(isinstance(t, ast.Attribute) and t.attr == "gap_kind" for t in node.targets)
+            ):
+                counted.add(str(node.value.value))
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            # count_fault(kind); the partition watch's _gap(kind, ...); CaptureFault(target, kind,
+            # ...), each counted by kind when the running connector announces it.
+            at = {"count_fault": 0, "_gap": 0, "CaptureFault": 1}.get(name)
+            if at is not None and len(node.args) > at:
+                kind = node.args[at]
+                if isinstance(kind, ast.Constant) and isinstance(kind.value, str):
+                    counted.add(kind.value)
+    counted.discard("not_attached")  # `feed check`'s own verdict, never counted
+    [row] = [
+        line
+        for line in section(DOCS / "operations.md", "### Capture metrics")
+        if line.startswith("| `feed_capture_faults_total` |")
+    ]
+    meaning = row.strip().strip("|").split("|")[-1]
+    assert counted == set(re.findall(r"`([a-z_]+)`", meaning))
+
+
+def test_readyz_cluster_object_fields_are_documented() -> None:
+    """Every field of `/readyz`'s `cluster` object (the engine's `describe()`) is named in
+    docs/operations.md's health table, and every field named there is one it has."""
+    tree = ast.parse((ROOT / "feed" / "engine" / "redis.py").read_text(encoding="utf-8"))
+    [describe] = [
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "describe"
+    ]
+    fields = {
+        key.value
+        for node in ast.walk(describe)
+        if isinstance(node, ast.Dict)
+        for key in node.keys
+        if isinstance(key, ast.Constant) and isinstance(key.value, str)
+    }
+    [row] = [
+        line
+        for line in section(DOCS / "operations.md", "## Health endpoints")
+        if line.startswith("| `GET /readyz` |")
+    ]
+    match = re.search(r"a `cluster` object \(([^)]*)\)", row)
+    assert match, row
+    assert fields == set(re.findall(r"`([a-z_]+)`", match.group(1)))
+
+
 def test_every_error_code_the_server_sends_is_documented_and_back() -> None:
     sent = _first_arg_strings({"ProtocolError", "AuthError"})
     for tree in _sources():  # {"ok": False, "code": "..."} answers between cluster nodes
@@ -246,6 +391,56 @@ def test_every_option_the_docs_give_a_command_exists() -> None:
                 assert flag in options, f"{page.name}: feed {command} has no {flag}"
                 seen += 1
     assert seen >= 10
+
+
+def test_the_client_options_in_clients_md_are_the_libraries_options() -> None:
+    """The JavaScript options table is `FeedClientOptions` (clients/js/index.d.ts), and the
+    Python signature docs/clients.md gives is `FeedClient`'s, parameter for parameter."""
+    import inspect
+
+    from dbfeed_client import FeedClient
+
+    lines = section(DOCS / "clients.md", "## JavaScript")
+    declared = (ROOT / "clients" / "js" / "index.d.ts").read_text(encoding="utf-8")
+    body = re.search(r"interface FeedClientOptions \{(.*?)\n\}", declared, re.S)
+    assert body, "no FeedClientOptions in index.d.ts"
+    options = set(re.findall(r"^  (\w+)\??:", body.group(1), re.M))
+    assert set(table(lines, "option")) == options
+    text = "\n".join(section(DOCS / "clients.md", "## Python"))
+    match = re.search(r"`FeedClient\(url, \*, ([^`]*)\)`", text)
+    assert match, "no FeedClient(...) signature in docs/clients.md"
+    documented = dict(part.split("=", 1) for part in re.split(r",\s*(?=\w+=)", match.group(1)))
+    parameters = inspect.signature(FeedClient).parameters
+    assert set(documented) == set(parameters) - {"url"}
+    for name, default in documented.items():
+        assert repr(parameters[name].default) == default.replace('"', "'"), name
+
+
+def test_every_bench_command_the_docs_give_exists_with_its_options() -> None:
+    """`python -m bench.idle --cpu 50 10000` and the like: the module answers `--help` (bench.idle
+    read its arguments by hand, and `--help` was a traceback) and has each option shown."""
+    import subprocess
+    import sys
+
+    pages = [ROOT / "README.md", *DOCS.rglob("*.md")]
+    shown: dict[str, set[str]] = {}
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for module, rest in re.findall(r"python -m (bench(?:\.\w+)?)\b([^`|\n)]*)", text):
+            flags = shown.setdefault(module, set())
+            flags.update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest))
+    assert "bench.idle" in shown
+    for module, flags in sorted(shown.items()):
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-500:])
+        for flag in flags:
+            assert flag in done.stdout, f"python -m {module} has no {flag}"
 
 
 def _anchors(page: Path) -> set[str]:
