@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -40,6 +41,7 @@ from tests.auth_helpers import (
     token_config,
 )
 from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -367,3 +369,31 @@ async def test_a_client_that_ignores_expiry_loses_its_connection(jwt_feed: Runni
     assert any("auth_expired" in f for f in frames)
     assert time.time() - expires_at < EXPIRY_GRACE + 2
     assert not jwt_feed.hub.clients
+
+
+async def test_events_named_connect_or_disconnect_end_the_connection(
+    jwt_feed: RunningFeed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """python-socketio ran its connect or disconnect handler for a client *event* of that name:
+    a `disconnect` event dropped the session (its expiry timer and its connection count with
+    it) and kept the connection open past the token's expiry; a `connect` event swapped in
+    another identity without the refresh checks, or logged a traceback at ERROR."""
+    caplog.set_level(logging.INFO)
+    events: list[list[Any]] = [
+        ["disconnect"],
+        ["connect", {}, {"token": make_jwt(sub="mallory")}],
+        ["connect", {}],
+    ]
+    for event in events:
+        ws, _ = await raw_socketio(jwt_feed, auth={"token": make_jwt(ttl=60)})
+        assert (await raw_subscribe(ws, "mem:public.orders"))["ok"]
+        await ws.send("421" + json.dumps(event))
+        with pytest.raises(websockets.ConnectionClosed):
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+        await wait_until(lambda: not jwt_feed.app.sessions, 5, "the session ended")
+        assert not jwt_feed.app.connections.counts, event
+    metrics = jwt_feed.hub.metrics.render()
+    assert 'feed_client_errors_total{kind="bad_packet"} 3' in metrics, metrics
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
