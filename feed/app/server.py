@@ -55,6 +55,9 @@ FLOOD_STRIKES = 100
 """Requests refused in a row before a client that keeps sending is disconnected: each still
 costs the node a decode and an answer, and delays every other client's changes."""
 
+SNAPSHOT_FAILED = "the snapshot could not be read right now; retry later"
+"""What a `snapshot_failed` says to a client that is not an operator (feed.app.status)."""
+
 EXPIRY_GRACE = 2.0
 """Seconds an expired client has to leave by itself before its connection is dropped."""
 
@@ -317,9 +320,17 @@ class FeedApp:
                 else None
             )
             shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
-            return await self.hub.subscribe(
-                sid, request, shape=shape, owner=session.identity.account
-            )
+            try:
+                return await self.hub.subscribe(
+                    sid, request, shape=shape, owner=session.identity.account
+                )
+            except ProtocolError as exc:
+                if exc.code != "snapshot_failed" or self.config.auth.operator(session.identity):
+                    raise
+                # Its message is the driver's error, or names the reading node: hosts,
+                # databases and roles, which only operators see (as in `status`).
+                log.info("snapshot of %s failed: %s", request.room[:128], exc.message)
+                raise ProtocolError("snapshot_failed", SNAPSHOT_FAILED) from None
 
         return await self._answer("subscribe", handle)
 
