@@ -375,7 +375,7 @@ class FeedApp:
                 identity = await self.authenticator.authenticate(payload)
             except AuthError as exc:
                 raise ProtocolError(exc.code, exc.message) from None
-            if not identity.same_grants(session.identity):
+            if not identity.same_grants(session.identity, self.config.auth.granting_claims):
                 raise ProtocolError(
                     "identity_changed",
                     "the new token grants different access; reconnect with it instead",
