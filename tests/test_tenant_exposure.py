@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from connectors.base import State
+from connectors.memory import MemoryConnector
 from tests.auth_helpers import BASE, TOKENS, source, token_config
 from tests.support.server import FeedClient, feed_client, free_port, running_feed
 
@@ -91,3 +92,28 @@ tables = ["public.orders"]
     assert told_ops["error"]["code"] == told_acme["error"]["code"] == "snapshot_failed"
     assert "prod_secrets" in told_ops["error"]["message"]
     assert "prod_secrets" not in str(told_acme) and "127.0.0.1" not in str(told_acme)
+
+
+async def test_status_goes_only_to_those_who_may_follow_the_connector() -> None:
+    """The catalog lists only what an identity may follow; `status` went to everyone, so a
+    tenant learnt of every connector (its name, whether it was down) all the same."""
+    config = token_config().replace(
+        BASE.strip(),
+        BASE.strip() + '\n\n[[connectors]]\nname = "billing"\ntype = "memory"\ntargets = ["t"]\n',
+    )
+    async with running_feed(config) as feed:
+        ops_auth, acme_auth = {"token": TOKENS["ops"]}, {"token": TOKENS["acme-svc"]}
+        async with (
+            feed_client(feed.url, auth=ops_auth) as ops,
+            feed_client(feed.url, auth=acme_auth) as acme,
+        ):
+            billing = feed.hub.connectors["billing"]
+            assert isinstance(billing, MemoryConnector)
+            billing.set_status(State.DOWN, SECRET_DETAIL)
+            source(feed).set_status(State.DOWN, SECRET_DETAIL)
+            assert (await next_down(ops))["connector"] == "billing"
+            assert (await next_down(ops))["connector"] == "mem"
+            # The second status reached acme, so the first would have come before it.
+            assert (await next_down(acme))["connector"] == "mem"
+            catalog = await acme.call("catalog")
+        assert [c["name"] for c in catalog["connectors"]] == ["mem"]

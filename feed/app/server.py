@@ -359,8 +359,15 @@ class FeedApp:
         if transport is None:
             return
         plain = generic(body)
+        connector = self.hub.connectors.get(str(body.get("connector")))
+        targets = connector.targets() if connector is not None else []
         for sid, session in list(self.sessions.items()):
             operator = self.config.auth.operator(session.identity)
+            if not operator and not any(
+                self.authorizer.visible_target(session.identity, str(body["connector"]), target)
+                for target in targets
+            ):
+                continue  # a connector the catalog does not show it: not even its name
             await transport.send_to(sid, "status", body if operator else plain)
 
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
