@@ -17,6 +17,7 @@ from typing import Any
 
 import jwt
 import pytest
+import socketio
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -39,6 +40,7 @@ from tests.auth_helpers import (
     refusal,
     source,
     token_config,
+    ws_url,
 )
 from tests.support.server import RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
@@ -403,3 +405,41 @@ async def test_events_named_connect_or_disconnect_end_the_connection(
     metrics = jwt_feed.hub.metrics.render()
     assert 'feed_client_errors_total{kind="bad_packet"} 3' in metrics, metrics
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_request_lines_in_the_log_do_not_carry_session_ids(jwt_feed: RunningFeed) -> None:
+    """uvicorn logs every request line at INFO, and a long-polling client's name its Engine.IO
+    session: whoever read the log could poll that session (its changes) or post in its name."""
+    lines = Lines()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.access", "uvicorn.error")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(lines)
+        logger.setLevel(logging.INFO)
+    token = make_jwt()
+    client = socketio.AsyncClient(reconnection=False)
+    try:
+        await client.connect(jwt_feed.url, auth={"token": token}, transports=["polling"])
+        sid = client.eio.sid
+        assert (await client.call("subscribe", {"room": "mem:public.orders"}, timeout=10))["ok"]
+        await client.disconnect()
+        async with websockets.connect(ws_url(jwt_feed) + f"&sid={sid}") as ws:
+            await ws.recv()  # refused (the session is gone), and its path logged all the same
+        raise AssertionError("a websocket for a closed session was accepted")
+    except websockets.InvalidStatus as refused:
+        assert refused.response.status_code == 403
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(lines)
+            logger.setLevel(level)
+    assert sum("sid=***" in line for line in lines.lines) >= 3, lines.lines
+    assert not [line for line in lines.lines if sid in line or token in line]

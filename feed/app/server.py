@@ -40,6 +40,7 @@ from feed.security.guard import (
     quiet_counted_client_faults,
 )
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
+from feed.security.redact import redact_session_ids
 from feed.security.room_budget import RoomBudget
 
 log = logging.getLogger("feed.server")
@@ -145,7 +146,7 @@ class FeedApp:
         timers at a thousand clients, each one making every timer the loop sets cost more)."""
         options.setdefault("lifespan", "on")
         options.setdefault("ws_ping_interval", None)
-        return FeedConfig(
+        config = FeedConfig(
             self,
             self.asgi,
             host=host,
@@ -154,6 +155,8 @@ class FeedApp:
             ws_max_size=self.config.server.max_message_bytes,
             **options,
         )
+        redact_session_ids()  # after uvicorn's Config has set its loggers up
+        return config
 
     def _malformed(self, eio_sid: str, kind: str, detail: str) -> None:
         self.client_errors.report(kind, detail)
