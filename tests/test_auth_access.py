@@ -29,7 +29,7 @@ from feed.options import Options
 from feed.routing.hub import Hub
 from feed.routing.settings import ServerConfig
 from feed.security.access import Authorizer, Shape, render_filter, strip
-from feed.security.auth import Identity
+from feed.security.auth import Identity, hash_token
 from tests.auth_helpers import SPECIAL_CLAIMS, TOKENS, jwt_config, make_jwt, source, token_config
 from tests.support.server import FeedClient, feed_client, running_feed
 from tests.support.waiting import wait_until
@@ -586,3 +586,45 @@ async def test_no_leak_over_real_socketio(
         finally:
             for client in clients.values():
                 await client.close()
+
+
+async def test_an_unshaped_room_never_takes_the_name_of_a_shaped_one() -> None:
+    """A shaped room is named `<room>@<profile>`; a key or filter value ending in `@<profile>`
+    gave an unshaped room that very name. An identity with masks that asked for the other room
+    then joined the unshaped one and received the masked fields (and the other room's rows)."""
+    support = "support-token-0000000000000005"
+    config = (
+        token_config()
+        + f"""
+[[auth.tokens]]
+name = "support-svc"
+sha256 = "{hash_token(support)}"
+roles = ["support"]
+
+[[auth.rules]]
+roles = ["support"]
+allow = ["mem:public.audit"]
+"""
+    )
+    async with running_feed(config) as feed:
+        db = source(feed)
+        async with (
+            feed_client(feed.url, auth={"token": support}) as masked,
+            feed_client(feed.url, auth={"token": TOKENS["ops"]}) as ops,
+        ):
+            probe = await masked.subscribe("mem:public.audit", filter="status=eq.probe")
+            profile = probe["room"].rsplit("@", 1)[1]
+            for request in (
+                {"room": "mem:public.audit", "filter": f"status=eq.x@{profile}"},
+                {"room": f"mem:public.audit:7@{profile}"},
+            ):
+                refused = await ops.call("subscribe", request)
+                assert refused["error"]["code"] == "bad_request", refused
+            ack = await masked.subscribe("mem:public.audit", filter="status=eq.x")
+            assert ack["ok"] and ack["room"].endswith(f"@{profile}")
+            db.write(
+                "public.audit", "insert", {"id": 1, "status": f"x@{profile}", "internal_note": "a"}
+            )
+            db.write("public.audit", "insert", {"id": 2, "status": "x", "internal_note": "b"})
+            seen = await masked.next_change()
+        assert seen["key"] == 2 and seen["after"] == {"id": 2, "status": "x"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 
 import jwt
 import pytest
+import socketio
 import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -38,8 +40,10 @@ from tests.auth_helpers import (
     refusal,
     source,
     token_config,
+    ws_url,
 )
 from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -206,6 +210,12 @@ async def test_refresh_extends_the_connection_but_not_the_grants(jwt_feed: Runni
         }
         other_tenant = await client.call("refresh", {"token": make_jwt(tenant="globex")})
         assert other_tenant["error"]["code"] == "identity_changed"
+        other_role = await client.call("refresh", {"token": make_jwt(roles=["tenant", "admin"])})
+        assert other_role["error"]["code"] == "identity_changed"
+        # Claims no rule reads may differ: identity providers put per-token values in some
+        # (Azure AD's uti, aio and rh), and every refresh was refused identity_changed.
+        per_token = make_jwt(ttl=3.0, uti="AbC123", aio="E2ZgYJjv", rh="0.AR8A")
+        assert (await client.call("refresh", {"token": per_token}))["ok"]
         bad = await client.call("refresh", {"token": make_jwt(ttl=-5)})
         assert bad["error"]["code"] == "token_expired"
         ack = await client.call("refresh", {"token": make_jwt(ttl=60)})
@@ -367,3 +377,69 @@ async def test_a_client_that_ignores_expiry_loses_its_connection(jwt_feed: Runni
     assert any("auth_expired" in f for f in frames)
     assert time.time() - expires_at < EXPIRY_GRACE + 2
     assert not jwt_feed.hub.clients
+
+
+async def test_events_named_connect_or_disconnect_end_the_connection(
+    jwt_feed: RunningFeed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """python-socketio ran its connect or disconnect handler for a client *event* of that name:
+    a `disconnect` event dropped the session (its expiry timer and its connection count with
+    it) and kept the connection open past the token's expiry; a `connect` event swapped in
+    another identity without the refresh checks, or logged a traceback at ERROR."""
+    caplog.set_level(logging.INFO)
+    events: list[list[Any]] = [
+        ["disconnect"],
+        ["connect", {}, {"token": make_jwt(sub="mallory")}],
+        ["connect", {}],
+    ]
+    for event in events:
+        ws, _ = await raw_socketio(jwt_feed, auth={"token": make_jwt(ttl=60)})
+        assert (await raw_subscribe(ws, "mem:public.orders"))["ok"]
+        await ws.send("421" + json.dumps(event))
+        with pytest.raises(websockets.ConnectionClosed):
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+        await wait_until(lambda: not jwt_feed.app.sessions, 5, "the session ended")
+        assert not jwt_feed.app.connections.counts, event
+    metrics = jwt_feed.hub.metrics.render()
+    assert 'feed_client_errors_total{kind="bad_packet"} 3' in metrics, metrics
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_request_lines_in_the_log_do_not_carry_session_ids(jwt_feed: RunningFeed) -> None:
+    """uvicorn logs every request line at INFO, and a long-polling client's name its Engine.IO
+    session: whoever read the log could poll that session (its changes) or post in its name."""
+    lines = Lines()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.access", "uvicorn.error")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(lines)
+        logger.setLevel(logging.INFO)
+    token = make_jwt()
+    client = socketio.AsyncClient(reconnection=False)
+    try:
+        await client.connect(jwt_feed.url, auth={"token": token}, transports=["polling"])
+        sid = client.eio.sid
+        assert (await client.call("subscribe", {"room": "mem:public.orders"}, timeout=10))["ok"]
+        await client.disconnect()
+        async with websockets.connect(ws_url(jwt_feed) + f"&sid={sid}") as ws:
+            await ws.recv()  # refused (the session is gone), and its path logged all the same
+        raise AssertionError("a websocket for a closed session was accepted")
+    except websockets.InvalidStatus as refused:
+        assert refused.response.status_code == 403
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(lines)
+            logger.setLevel(level)
+    assert sum("sid=***" in line for line in lines.lines) >= 3, lines.lines
+    assert not [line for line in lines.lines if sid in line or token in line]

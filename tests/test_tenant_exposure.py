@@ -9,8 +9,9 @@ from typing import Any
 import aiohttp
 
 from connectors.base import State
+from connectors.memory import MemoryConnector
 from tests.auth_helpers import BASE, TOKENS, source, token_config
-from tests.support.server import FeedClient, feed_client, running_feed
+from tests.support.server import FeedClient, feed_client, free_port, running_feed
 
 SECRET_DETAIL = 'connection to "db.internal:5432" refused for role "feed_rw" on database "prod"'
 
@@ -59,3 +60,60 @@ async def test_operator_roles_are_configurable_and_a_loopback_server_without_aut
     async with running_feed(BASE) as feed, feed_client(feed.url) as anonymous:
         source(feed).set_status(State.DOWN, SECRET_DETAIL)
         assert (await next_down(anonymous))["detail"] == SECRET_DETAIL
+
+
+async def test_a_failed_snapshot_tells_the_source_detail_to_operators_only() -> None:
+    """A `snapshot_failed` carried the driver's words (`postgres 127.0.0.1:5432/prod: not
+    connected`) to every client, the host and database that `status` withholds from tenants."""
+    config = token_config().replace(
+        BASE.strip(),
+        BASE.strip()
+        + f"""
+
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "postgresql://feed_rw@127.0.0.1:{free_port()}/prod_secrets"
+tables = ["public.orders"]
+""",
+    )
+    config = config.replace(
+        'allow = ["mem:public.orders", "mem:public.customers"]',
+        'allow = ["mem:public.orders", "mem:public.customers", "main:public.orders"]',
+    )
+    async with running_feed(config) as feed:
+        ops_auth, acme_auth = {"token": TOKENS["ops"]}, {"token": TOKENS["acme-svc"]}
+        async with (
+            feed_client(feed.url, auth=ops_auth) as ops,
+            feed_client(feed.url, auth=acme_auth) as acme,
+        ):
+            told_ops = await ops.subscribe("main:public.orders", snapshot=True)
+            told_acme = await acme.subscribe("main:public.orders", snapshot=True)
+    assert told_ops["error"]["code"] == told_acme["error"]["code"] == "snapshot_failed"
+    assert "prod_secrets" in told_ops["error"]["message"]
+    assert "prod_secrets" not in str(told_acme) and "127.0.0.1" not in str(told_acme)
+
+
+async def test_status_goes_only_to_those_who_may_follow_the_connector() -> None:
+    """The catalog lists only what an identity may follow; `status` went to everyone, so a
+    tenant learnt of every connector (its name, whether it was down) all the same."""
+    config = token_config().replace(
+        BASE.strip(),
+        BASE.strip() + '\n\n[[connectors]]\nname = "billing"\ntype = "memory"\ntargets = ["t"]\n',
+    )
+    async with running_feed(config) as feed:
+        ops_auth, acme_auth = {"token": TOKENS["ops"]}, {"token": TOKENS["acme-svc"]}
+        async with (
+            feed_client(feed.url, auth=ops_auth) as ops,
+            feed_client(feed.url, auth=acme_auth) as acme,
+        ):
+            billing = feed.hub.connectors["billing"]
+            assert isinstance(billing, MemoryConnector)
+            billing.set_status(State.DOWN, SECRET_DETAIL)
+            source(feed).set_status(State.DOWN, SECRET_DETAIL)
+            assert (await next_down(ops))["connector"] == "billing"
+            assert (await next_down(ops))["connector"] == "mem"
+            # The second status reached acme, so the first would have come before it.
+            assert (await next_down(acme))["connector"] == "mem"
+            catalog = await acme.call("catalog")
+        assert [c["name"] for c in catalog["connectors"]] == ["mem"]

@@ -40,6 +40,7 @@ from feed.security.guard import (
     quiet_counted_client_faults,
 )
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
+from feed.security.redact import redact_session_ids
 from feed.security.room_budget import RoomBudget
 
 log = logging.getLogger("feed.server")
@@ -54,6 +55,9 @@ for _library_log in (SOCKETIO_LOG, ENGINEIO_LOG):
 FLOOD_STRIKES = 100
 """Requests refused in a row before a client that keeps sending is disconnected: each still
 costs the node a decode and an answer, and delays every other client's changes."""
+
+SNAPSHOT_FAILED = "the snapshot could not be read right now; retry later"
+"""What a `snapshot_failed` says to a client that is not an operator (feed.app.status)."""
 
 EXPIRY_GRACE = 2.0
 """Seconds an expired client has to leave by itself before its connection is dropped."""
@@ -142,7 +146,7 @@ class FeedApp:
         timers at a thousand clients, each one making every timer the loop sets cost more)."""
         options.setdefault("lifespan", "on")
         options.setdefault("ws_ping_interval", None)
-        return FeedConfig(
+        config = FeedConfig(
             self,
             self.asgi,
             host=host,
@@ -151,6 +155,8 @@ class FeedApp:
             ws_max_size=self.config.server.max_message_bytes,
             **options,
         )
+        redact_session_ids()  # after uvicorn's Config has set its loggers up
+        return config
 
     def _malformed(self, eio_sid: str, kind: str, detail: str) -> None:
         self.client_errors.report(kind, detail)
@@ -317,9 +323,17 @@ class FeedApp:
                 else None
             )
             shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
-            return await self.hub.subscribe(
-                sid, request, shape=shape, owner=session.identity.account
-            )
+            try:
+                return await self.hub.subscribe(
+                    sid, request, shape=shape, owner=session.identity.account
+                )
+            except ProtocolError as exc:
+                if exc.code != "snapshot_failed" or self.config.auth.operator(session.identity):
+                    raise
+                # Its message is the driver's error, or names the reading node: hosts,
+                # databases and roles, which only operators see (as in `status`).
+                log.info("snapshot of %s failed: %s", request.room[:128], exc.message)
+                raise ProtocolError("snapshot_failed", SNAPSHOT_FAILED) from None
 
         return await self._answer("subscribe", handle)
 
@@ -348,8 +362,15 @@ class FeedApp:
         if transport is None:
             return
         plain = generic(body)
+        connector = self.hub.connectors.get(str(body.get("connector")))
+        targets = connector.targets() if connector is not None else []
         for sid, session in list(self.sessions.items()):
             operator = self.config.auth.operator(session.identity)
+            if not operator and not any(
+                self.authorizer.visible_target(session.identity, str(body["connector"]), target)
+                for target in targets
+            ):
+                continue  # a connector the catalog does not show it: not even its name
             await transport.send_to(sid, "status", body if operator else plain)
 
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -364,7 +385,7 @@ class FeedApp:
                 identity = await self.authenticator.authenticate(payload)
             except AuthError as exc:
                 raise ProtocolError(exc.code, exc.message) from None
-            if not identity.same_grants(session.identity):
+            if not identity.same_grants(session.identity, self.config.auth.granting_claims):
                 raise ProtocolError(
                     "identity_changed",
                     "the new token grants different access; reconnect with it instead",

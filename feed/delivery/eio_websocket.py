@@ -952,6 +952,11 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
                 isinstance(pkt.data, list) and pkt.data and isinstance(pkt.data[0], str)
             ):
                 problem = "an event that is not a list starting with its name"
+            elif kind == sio_packet.EVENT and pkt.data[0] in self.reserved_events:
+                # python-socketio would run the connect or disconnect handler for it: a client
+                # could then drop its own session (its expiry timer and connection count with
+                # it) and keep the connection, or log a traceback per message.
+                problem = f"an event named {pkt.data[0]!r}, which is reserved"
             elif kind not in (
                 sio_packet.CONNECT,
                 sio_packet.DISCONNECT,

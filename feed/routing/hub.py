@@ -579,6 +579,15 @@ class Hub:
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())
         name = room_name(connector.name, address, row_filter, shape)
+        if shape is None and SHAPED_SUFFIX.search(name):
+            # Its name would be that of a shaped room (a key or filter value ending in `@` and
+            # 16 hex digits): whoever asked for the other one next would join this one, a
+            # masked identity then receiving it unmasked.
+            raise ProtocolError(
+                "bad_request",
+                f"{name[-80:]!r} ends like the name of a room shaped for an identity "
+                "(@ and 16 hex digits); a key or filter value ending so cannot be followed",
+            )
         if name not in subscribed and len(subscribed) >= self.settings.max_subscriptions:
             raise ProtocolError(
                 "too_many_subscriptions",

@@ -20,7 +20,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,6 @@ JWKS_LIFETIME = 300.0
 JWKS_REFETCH = 30.0
 """Minimum seconds between fetches triggered by a token whose kid is not in the cached set."""
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-TIME_CLAIMS = frozenset({"exp", "nbf", "iat", "jti", "auth_time"})
 
 
 class AuthError(FeedError):
@@ -85,18 +84,19 @@ class Identity:
             value = value[part]
         return value
 
-    def same_grants(self, other: Identity) -> bool:
-        """Whether a refreshed identity may keep the subscriptions this one was granted."""
+    def same_grants(self, other: Identity, claims: Iterable[str]) -> bool:
+        """Whether a refreshed identity may keep the subscriptions this one was granted.
+
+        `claims` are those the rules read (`AuthConfig.granting_claims`): the others do not
+        decide access, and identity providers put per-token values in some (Azure AD's `uti`,
+        `aio` and `rh` differ in every token it issues), which made every refresh fail.
+        """
         return (
             self.name == other.name
             and self.source == other.source
             and self.roles == other.roles
-            and _timeless(self.claims) == _timeless(other.claims)
+            and all(self.claim(path) == other.claim(path) for path in claims)
         )
-
-
-def _timeless(claims: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in claims.items() if k not in TIME_CLAIMS}
 
 
 ANONYMOUS = Identity("anonymous", anonymous=True)
@@ -162,6 +162,15 @@ class AuthConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def granting_claims(self) -> frozenset[str]:
+        """The claims access depends on: those the rules match on or fill a row filter from."""
+        names: set[str] = set()
+        for rule in self.rules:
+            names.update(rule.claims)
+            names.update(PLACEHOLDER.findall(rule.row_filter or ""))
+        return frozenset(names)
 
     def operator(self, identity: Identity) -> bool:
         """Whether this identity sees status details; others get a generic line (feed.app.status).

@@ -1,0 +1,38 @@
+"""Engine.IO session ids kept out of uvicorn's request lines.
+
+A long-polling client's every request names its session (`?...&sid=ej_CSl...`), and uvicorn logs
+each request line at INFO, as it logs each websocket's path. Whoever holds a live session's id can
+poll it (and receive the changes shaped for its identity) or post requests in its name, so the id
+is as good as the client's token while the session lasts: it is logged as `sid=***`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+SESSION_ID = re.compile(r"(?<=[?&]sid=)[^&\s\"]+")
+LOGGERS = ("uvicorn.access", "uvicorn.error")
+"""uvicorn's request lines (HTTP) and its websocket lines (`"WebSocket /socket.io/?..."`)."""
+
+
+def _redacted(value: object) -> object:
+    if isinstance(value, str) and "sid=" in value:
+        return SESSION_ID.sub("***", value)
+    return value
+
+
+class RedactSessionIds(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted(arg) for arg in record.args)
+        record.msg = _redacted(record.msg)
+        return True
+
+
+def redact_session_ids() -> None:
+    """Install the filter on uvicorn's loggers (after uvicorn has configured its logging)."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSessionIds) for f in logger.filters):
+            logger.addFilter(RedactSessionIds())
