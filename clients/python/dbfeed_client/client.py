@@ -198,6 +198,8 @@ class FeedClient(_Events):
         `timeout` seconds. Later, a refused reconnect is retried when the token is a function
         (it may have a better token next time) and `retry_refused` is true.
         """
+        if self._closed:
+            raise ClosedError("closed", "this FeedClient is closed; make a new one")
         if self._runner is not None:
             raise FeedError("already_connected", "connect() was called before")
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -232,13 +234,28 @@ class FeedClient(_Events):
         deadline = loop.time() + self.timeout
         delay = self.reconnection_delay
         while not self._closed:
+            try:
+                # Asked here, not by python-socketio during the handshake: there a failing token
+                # function would leave the attempt waiting out `timeout` (then "unreachable")
+                # with its transport open.
+                token = await self._current_token()
+            except ConnectError as error:
+                self._emit("error", error)
+                if not first.done():
+                    first.set_exception(error)
+                    for sub in list(self.subscriptions):
+                        sub._fail(error)
+                    return
+                await asyncio.sleep(spread(delay))
+                delay = min(delay * 2, self.reconnection_delay_max)
+                continue
             sio = self._new_socket()
             self._refusal = None
             self._gone.clear()
             try:
                 await sio.connect(
                     self.url,
-                    auth=self._auth,
+                    auth={"token": token} if token else {},
                     transports=list(self.transports),
                     socketio_path=self.socketio_path,
                     wait_timeout=self.timeout,
@@ -303,7 +320,10 @@ class FeedClient(_Events):
                     await self._on_disconnect("transport error")
 
     def _new_socket(self) -> socketio.AsyncClient:
-        sio = socketio.AsyncClient(reconnection=False)
+        # handle_sigint=False: python-engineio's own SIGINT handler would replace the
+        # application's (asyncio.run's KeyboardInterrupt, a web server's graceful shutdown),
+        # cancel every task of the loop and stop it.
+        sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
         sio.on("connect_error", self._on_connect_error)
         sio.on("disconnect", self._on_disconnect)
         sio.on("change", self._on_change)
@@ -314,16 +334,21 @@ class FeedClient(_Events):
         sio.on("auth_expired", self._on_auth_expired)
         return sio
 
-    async def _auth(self) -> dict[str, str]:
-        token = await self._current_token()
-        return {"token": token} if token else {}
-
     async def _current_token(self) -> str | None:
+        """The token to send: the token function's answer, when the token is a function.
+
+        A function that raises (its identity provider is down, say) is a `ConnectError`
+        `token_failed`, carrying its error as `__cause__`."""
         source = self._token_source
         if callable(source):
-            value = source()
-            if inspect.isawaitable(value):
-                value = await value
+            try:
+                value = source()
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception as exc:
+                raise ConnectError(
+                    "token_failed", f"the token function raised {type(exc).__name__}: {exc}"
+                ) from exc
             self._token = value if isinstance(value, str) and value else None
         return self._token
 
