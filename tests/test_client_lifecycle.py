@@ -161,3 +161,43 @@ async def test_connect_after_close_says_the_client_is_closed(feed_server: Harnes
 async def feed_server() -> AsyncIterator[Harness]:
     async with harness() as h:
         yield h
+
+
+async def test_async_handlers_run_in_order_and_their_errors_are_logged(
+    feed_server: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An `async def` handler was called and its coroutine dropped: it never ran (only a
+    "coroutine was never awaited" warning said so)."""
+    seen: list[Any] = []
+    done = asyncio.Event()
+
+    async def on_connect() -> None:
+        seen.append("connect")
+
+    async def on_state(state: str, info: dict[str, Any]) -> None:
+        seen.append(state)
+
+    async def on_change(change: dict[str, Any]) -> None:
+        await asyncio.sleep(0)
+        seen.append(change["key"])
+        if change["key"] == 2:
+            done.set()
+
+    async def failing(change: dict[str, Any]) -> None:
+        raise ValueError("a bug in the application's handler")
+
+    feed = FeedClient(feed_server.url)
+    feed.on("connect", on_connect)
+    async with feed:
+        sub = feed.subscribe(ROOM)
+        sub.on("state", on_state)
+        sub.on("change", failing)
+        sub.on("change", on_change)
+        async with sub:
+            feed_server.write("public.orders", "insert", {"id": 1, "status": "new"})
+            feed_server.write("public.orders", "insert", {"id": 2, "status": "new"})
+            await asyncio.wait_for(done.wait(), WAIT)
+    assert seen == ["connect", "live", 1, 2]
+    failures = [r for r in caplog.records if r.name == "dbfeed_client" and r.exc_info]
+    assert len(failures) == 2
+    assert "a bug in the application's handler" in str(failures[0].exc_info)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import random
@@ -100,7 +101,11 @@ async def drop_wedged(sio: socketio.AsyncClient) -> None:
 
 
 class _Events:
-    """Callbacks by event name; a failing callback is logged and does not stop the others."""
+    """Callbacks by event name; a failing callback is logged and does not stop the others.
+
+    A callback may be a coroutine function: each call then runs as a task of its own (started
+    in the order of the events, not awaited one after the other), which closing the client
+    cancels if it is still running."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, list[Handler]] = {}
@@ -113,12 +118,28 @@ class _Events:
         with contextlib.suppress(ValueError):
             self._handlers.get(event, []).remove(handler)
 
+    def _handler_tasks(self) -> set[asyncio.Task[Any]]:
+        raise NotImplementedError
+
     def _emit(self, event: str, *args: Any) -> None:
         for handler in list(self._handlers.get(event, [])):
             try:
-                handler(*args)
+                result = handler(*args)
             except Exception:
                 log.exception("dbfeed_client: a %r handler failed", event)
+                continue
+            if inspect.isawaitable(result):
+                # Called and dropped, an async handler's coroutine would never run.
+                tasks = self._handler_tasks()
+                task = asyncio.ensure_future(result)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(functools.partial(_handler_done, event))
+
+
+def _handler_done(event: str, task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("dbfeed_client: a %r handler failed", event, exc_info=task.exception())
 
 
 class FeedClient(_Events):
@@ -167,6 +188,9 @@ class FeedClient(_Events):
         self._refusal: dict[str, Any] | None = None
         self._gone = asyncio.Event()
         self._pacer = Pacer(reconnection_delay, reconnection_delay_max)
+
+    def _handler_tasks(self) -> set[asyncio.Task[Any]]:
+        return self._tasks
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -612,6 +636,9 @@ class Subscription(_Events):
         self._ever_ready = False
         self._retries = 0
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _handler_tasks(self) -> set[asyncio.Task[Any]]:
+        return self.client._tasks
 
     # -- the public side -----------------------------------------------------------------------
 
