@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import random
@@ -100,7 +101,11 @@ async def drop_wedged(sio: socketio.AsyncClient) -> None:
 
 
 class _Events:
-    """Callbacks by event name; a failing callback is logged and does not stop the others."""
+    """Callbacks by event name; a failing callback is logged and does not stop the others.
+
+    A callback may be a coroutine function: each call then runs as a task of its own (started
+    in the order of the events, not awaited one after the other), which closing the client
+    cancels if it is still running."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, list[Handler]] = {}
@@ -113,12 +118,28 @@ class _Events:
         with contextlib.suppress(ValueError):
             self._handlers.get(event, []).remove(handler)
 
+    def _handler_tasks(self) -> set[asyncio.Task[Any]]:
+        raise NotImplementedError
+
     def _emit(self, event: str, *args: Any) -> None:
         for handler in list(self._handlers.get(event, [])):
             try:
-                handler(*args)
+                result = handler(*args)
             except Exception:
                 log.exception("dbfeed_client: a %r handler failed", event)
+                continue
+            if inspect.isawaitable(result):
+                # Called and dropped, an async handler's coroutine would never run.
+                tasks = self._handler_tasks()
+                task = asyncio.ensure_future(result)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(functools.partial(_handler_done, event))
+
+
+def _handler_done(event: str, task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("dbfeed_client: a %r handler failed", event, exc_info=task.exception())
 
 
 class FeedClient(_Events):
@@ -168,6 +189,9 @@ class FeedClient(_Events):
         self._gone = asyncio.Event()
         self._pacer = Pacer(reconnection_delay, reconnection_delay_max)
 
+    def _handler_tasks(self) -> set[asyncio.Task[Any]]:
+        return self._tasks
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> FeedClient:
@@ -198,6 +222,8 @@ class FeedClient(_Events):
         `timeout` seconds. Later, a refused reconnect is retried when the token is a function
         (it may have a better token next time) and `retry_refused` is true.
         """
+        if self._closed:
+            raise ClosedError("closed", "this FeedClient is closed; make a new one")
         if self._runner is not None:
             raise FeedError("already_connected", "connect() was called before")
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -232,13 +258,28 @@ class FeedClient(_Events):
         deadline = loop.time() + self.timeout
         delay = self.reconnection_delay
         while not self._closed:
+            try:
+                # Asked here, not by python-socketio during the handshake: there a failing token
+                # function would leave the attempt waiting out `timeout` (then "unreachable")
+                # with its transport open.
+                token = await self._current_token()
+            except ConnectError as error:
+                self._emit("error", error)
+                if not first.done():
+                    first.set_exception(error)
+                    for sub in list(self.subscriptions):
+                        sub._fail(error)
+                    return
+                await asyncio.sleep(spread(delay))
+                delay = min(delay * 2, self.reconnection_delay_max)
+                continue
             sio = self._new_socket()
             self._refusal = None
             self._gone.clear()
             try:
                 await sio.connect(
                     self.url,
-                    auth=self._auth,
+                    auth={"token": token} if token else {},
                     transports=list(self.transports),
                     socketio_path=self.socketio_path,
                     wait_timeout=self.timeout,
@@ -303,7 +344,10 @@ class FeedClient(_Events):
                     await self._on_disconnect("transport error")
 
     def _new_socket(self) -> socketio.AsyncClient:
-        sio = socketio.AsyncClient(reconnection=False)
+        # handle_sigint=False: python-engineio's own SIGINT handler would replace the
+        # application's (asyncio.run's KeyboardInterrupt, a web server's graceful shutdown),
+        # cancel every task of the loop and stop it.
+        sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
         sio.on("connect_error", self._on_connect_error)
         sio.on("disconnect", self._on_disconnect)
         sio.on("change", self._on_change)
@@ -314,16 +358,21 @@ class FeedClient(_Events):
         sio.on("auth_expired", self._on_auth_expired)
         return sio
 
-    async def _auth(self) -> dict[str, str]:
-        token = await self._current_token()
-        return {"token": token} if token else {}
-
     async def _current_token(self) -> str | None:
+        """The token to send: the token function's answer, when the token is a function.
+
+        A function that raises (its identity provider is down, say) is a `ConnectError`
+        `token_failed`, carrying its error as `__cause__`."""
         source = self._token_source
         if callable(source):
-            value = source()
-            if inspect.isawaitable(value):
-                value = await value
+            try:
+                value = source()
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception as exc:
+                raise ConnectError(
+                    "token_failed", f"the token function raised {type(exc).__name__}: {exc}"
+                ) from exc
             self._token = value if isinstance(value, str) and value else None
         return self._token
 
@@ -587,6 +636,9 @@ class Subscription(_Events):
         self._ever_ready = False
         self._retries = 0
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _handler_tasks(self) -> set[asyncio.Task[Any]]:
+        return self.client._tasks
 
     # -- the public side -----------------------------------------------------------------------
 
