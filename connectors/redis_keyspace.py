@@ -165,7 +165,7 @@ class KeyspaceCapture:
         if not self.owner.auto_configure:
             raise SourceMisconfigured(
                 f"redis at {where} has notify-keyspace-events={current!r}, which misses "
-                f"{missing_flags(current)!r}: run  {command}  or set configure = true"
+                f"{missing_flags(current)!r}: run {command} (or set configure = true)"
             )
         try:
             await conn.send_command("CONFIG", "SET", "notify-keyspace-events", wanted)

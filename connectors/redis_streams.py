@@ -195,7 +195,8 @@ class StreamCapture:
         self.last: dict[str, str] = {}
         self.delivered: dict[str, str] = {}
         self.saved: dict[str, str] = {}
-        self.pending_gaps: list[Gap] = []
+        self.pending_gaps: list[tuple[Gap, str]] = []
+        """Found at start, with their `feed_capture_faults_total` kinds."""
         self.tail: dict[str, Mapping[bytes, bytes]] = {}
         """The fields of the entry at `last`, when the reader read it: a stream deleted and
         created again can hold a new entry under that very id (an automatic id in the same
@@ -296,7 +297,7 @@ class StreamCapture:
                 kind = _text(await self.client.type(stream))
                 aside = self._set_aside(stream, kind, announce=position not in (None, _START))
                 if aside is not None:
-                    self.pending_gaps.append(aside)
+                    self.pending_gaps.append((aside, "stream_lost"))
                 return
         if info is not None:
             self.counters = info.added is not None
@@ -312,7 +313,7 @@ class StreamCapture:
                 self.counted[stream] = info.added
             return
         at = parse_id(position)
-        reason = None
+        reason, kind = None, "stream_lost"
         if info is None:
             if position != _START:
                 reason = f"stream {stream!r} no longer exists"
@@ -331,13 +332,14 @@ class StreamCapture:
                 self.counted[stream] = None if offset is None else offset - 1
             if lost:
                 reason = f"stream {stream!r} was trimmed past the saved position {position}"
+                kind = "stream_trimmed"
         if reason is not None:
             if recalled:
                 reason += (
                     f" (and offsets_key {self.owner.offsets_key!r} had lost its position: "
                     "Redis restarted without its data, or from an older snapshot)"
                 )
-            self.pending_gaps.append(Gap(self.owner.name, reason, target=stream))
+            self.pending_gaps.append((Gap(self.owner.name, reason, target=stream), kind))
 
     async def try_reads(self) -> None:
         """Make each read `serve` makes and `start` does not (XREAD, XRANGE, XREVRANGE) once,
@@ -419,7 +421,8 @@ class StreamCapture:
         Positions are saved when the readers have nothing waiting, every `_SAVE_EVERY` entries,
         and on stop.
         """
-        for gap in self.pending_gaps:
+        for gap, kind in self.pending_gaps:
+            self.owner.count_fault(kind)
             yield gap
         self.pending_gaps = []
         arrived: asyncio.Queue[_Arrival] = asyncio.Queue(
@@ -438,6 +441,11 @@ class StreamCapture:
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, _Lost):
+                    # Counted as handed on: a loss can be judged more than once before.
+                    if item.reset:
+                        self.owner.count_fault("stream_lost")
+                    else:
+                        self.owner.count_fault("stream_trimmed")
                     yield item.gap
                     if item.reset:  # saved too: a restart reads the new stream from its start
                         self.delivered[item.stream] = _START

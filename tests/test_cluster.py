@@ -1200,6 +1200,8 @@ async def test_feed_check_reaches_the_cluster_and_names_the_readers(
         failed = await asyncio.to_thread(check, config.replace(redis_target.url, down))
         assert failed.returncode == 1
         assert "[cluster]  redis   FAIL    cannot reach" in failed.stdout
+        padded = [line for line in ok.stdout.splitlines() if line != line.rstrip()]
+        assert not padded, f"rows padded with trailing spaces: {padded}"
 
 
 async def test_changes_ready_together_are_published_in_one_script_call() -> None:

@@ -155,6 +155,7 @@ ERROR_CASES = {  # a feed.toml each documented error line comes from (None: the 
     "not a Redis URL": _THIRD + 'url = "http://h:6379/0"\npatterns = ["session:*"]\n',
     "bad pattern": _THIRD + 'url = "redis://h:6379/0"\npatterns = ["session:[ab"]\n',
     "two databases": _THIRD + 'url = "redis://h/0"\npatterns = ["s:*"]\ndb = 2\n',
+    "a database by name": _THIRD + 'url = "redis://h:6379/cache"\npatterns = ["s:*"]\n',
     "no CA file": _THIRD
     + 'url = "rediss://h:6379/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/feed/ca.pem"\n'
     'patterns = ["s:*"]\n',

@@ -139,6 +139,7 @@ async def test_trimmed_past_the_position_is_a_gap(redis_target: RedisTarget) -> 
         rest = await take(stream, 2)
     assert isinstance(gap, Gap) and gap.target == t.key("orders") and "trimmed" in gap.reason
     assert [c.after["n"] for c in rest] == ["3", "4"]
+    assert source.capture_faults == {"stream_trimmed": 1}  # feed_capture_faults_total
 
 
 async def test_snapshot_is_exact(redis_target: RedisTarget) -> None:
@@ -335,6 +336,7 @@ async def trimmed_while_running(t: RedisTarget) -> None:
             await closed(stream)
     (gap,) = gaps(items)
     assert gap.target == t.key("orders") and "trimmed" in gap.reason, gap.reason
+    assert source.capture_faults == {"stream_trimmed": 1}
     changes = [item.after["n"] for item in items if isinstance(item, Change) and item.after]
     assert changes[-5:] == ["195", "196", "197", "198", "199"]
 
@@ -382,6 +384,7 @@ async def test_a_stream_deleted_while_running_is_a_gap(redis_target: RedisTarget
             await closed(stream)
     assert isinstance(gap, Gap) and gap.target == t.key("orders"), gap
     assert gap.reason == f"stream {t.key('orders')!r} was deleted"
+    assert source.capture_faults == {"stream_lost": 1}
     assert [(c.key, c.after["n"]) for c in again] == [("1-1", "again"), (again[1].key, "later")]
     # The saved position moved back with it (the last entry confirmed): a restart reads on.
     assert await r.hget(t.key("offsets"), t.key("orders")) == b"1-1"
