@@ -330,6 +330,7 @@ export class FeedClient extends Emitter {
     this._retryTimer = null;
     this._token = typeof options.token === "string" ? options.token : null;
     this._pacer = new Pacer(options);
+    this._requests = new Set(); // requests waiting for their answers (see _request)
     this.connected = false;
     const ioOptions = {
       forceNew: true, // a connection of its own, never one shared with other code on the page
@@ -426,6 +427,7 @@ export class FeedClient extends Emitter {
     clearTimeout(this._retryTimer);
     for (const sub of [...this.subscriptions]) sub._close();
     this._pacer.close();
+    this._failRequests(new FeedError("closed", "this FeedClient is closed"), false);
     this.socket.disconnect();
   }
 
@@ -437,20 +439,57 @@ export class FeedClient extends Emitter {
       let ack;
       try {
         if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
-        ack =
-          payload === undefined
-            ? await this.socket.timeout(timeout).emitWithAck(event)
-            : await this.socket.timeout(timeout).emitWithAck(event, payload);
+        ack = await this._request(event, payload, timeout);
       } catch (err) {
         this._pacer.give();
-        if (err instanceof FeedError) throw err;
-        throw new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`);
+        throw err;
       }
       const limited = ack?.ok === false && ack.error?.code === "rate_limited";
       if (limited) this._pacer.refused();
       else if (ack?.ok) this._pacer.accepted();
       this._pacer.give();
       if (!limited || this._closed || !this.connected) return ack;
+    }
+  }
+
+  /**
+   * Emit `event` and wait for its answer. The wait is the library's own (not socket.io-client's
+   * `timeout()`), so that close() ends it at once: socket.io-client keeps a request made while
+   * disconnected, with its timer, to send after a reconnect, and that timer kept Node alive
+   * for `timeout` ms after close(), which then failed it as a timeout. A request that went out
+   * on a connection that then dropped fails with `not_connected` (the new connection knows
+   * nothing of it); one made while disconnected goes out when the connection is back.
+   */
+  _request(event, payload, timeout) {
+    return new Promise((resolve, reject) => {
+      const request = {
+        event,
+        sent: this.socket.connected,
+        fail: (error) => {
+          clearTimeout(timer);
+          this._requests.delete(request);
+          reject(error);
+        },
+      };
+      const timer = setTimeout(
+        () => request.fail(new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`)),
+        timeout,
+      );
+      this._requests.add(request);
+      const answer = (ack) => {
+        if (!this._requests.delete(request)) return; // failed already (timeout, closed)
+        clearTimeout(timer);
+        resolve(ack);
+      };
+      if (payload === undefined) this.socket.emit(event, answer);
+      else this.socket.emit(event, payload, answer);
+    });
+  }
+
+  /** Fail the requests waiting for answers: all of them, or those sent on the connection that dropped. */
+  _failRequests(error, sentOnly) {
+    for (const request of [...this._requests]) {
+      if (!sentOnly || request.sent) request.fail(new FeedError(error.code, `${request.event}: ${error.message}`));
     }
   }
 
@@ -477,6 +516,7 @@ export class FeedClient extends Emitter {
   _onDisconnect(reason) {
     this.connected = false;
     clearTimeout(this._refreshTimer);
+    this._failRequests(new FeedError("not_connected", "the connection closed before the server answered"), true);
     this._emit("disconnect", reason);
     for (const sub of this.subscriptions) sub._offline();
     this._orphans = [];
@@ -635,7 +675,15 @@ export class Subscription extends Emitter {
     this._close();
     this.client.subscriptions.delete(this);
     if (room && wasSubscribed && this.client.connected && ![...this.client.subscriptions].some((s) => s.room === room)) {
-      const ack = await this.client._leave(room);
+      let ack;
+      try {
+        ack = await this.client._leave(room);
+      } catch (err) {
+        // The connection dropped, or the client was closed, before the answer: either way this
+        // client is out of the room (a new connection starts in none), as was asked.
+        if (err instanceof FeedError && (err.code === "not_connected" || err.code === "closed")) return;
+        throw err;
+      }
       if (!ack || !ack.ok) throw ackError(ack);
     }
   }

@@ -171,3 +171,87 @@ test("close() ends a subscription's pending retry, so Node can exit at once", as
     await h.stop();
   }
 });
+
+test("close() ends the requests waiting for an answer at once (`closed`), so Node can exit", async () => {
+  // A request made while the connection is down waits for it (socket.io-client keeps it, to
+  // send after a reconnect). Its wait, socket.io-client's own timer, outlived close(): Node
+  // stayed up for `timeout` ms, and the request then failed as a timeout, not as closed.
+  const h = await Harness.start();
+  await h.send({ cmd: "cut" }); // connections refused: the client never connects
+  const library = fileURLToPath(new URL("../index.js", import.meta.url));
+  const script = `
+    const { FeedClient } = await import(${JSON.stringify(library)});
+    const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"], timeout: 15000 });
+    const answer = feed.catalog().then(() => "answered", (err) => err.code);
+    setTimeout(async () => {
+      feed.close();
+      console.log("closed");
+      console.log("catalog: " + (await answer));
+    }, 300);
+  `;
+  const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  let closedAt = null;
+  child.stdout.on("data", (d) => {
+    out += d;
+    if (closedAt === null && out.includes("closed")) closedAt = Date.now();
+  });
+  child.stderr.on("data", (d) => (out += d));
+  const exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
+  try {
+    const code = await timeLimit(exited, 20000, `the script to end:\n${out}`);
+    assert.equal(code, 0, out);
+    assert.match(out, /catalog: closed/);
+    assert.ok(Date.now() - closedAt < 2000, `exited ${Date.now() - closedAt} ms after close()`);
+  } finally {
+    child.kill();
+    await h.stop();
+  }
+});
+
+test("requests cut off by a dropped connection: unsubscribe resolves (the room is left), others fail as not_connected", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const gone = feed.subscribe(`${ROOM}:1`);
+    const kept = feed.subscribe(`${ROOM}:2`);
+    await Promise.all([gone.ready, kept.ready]);
+    const heard = [];
+    gone.on("change", (c) => heard.push(c));
+    // The connection drops just as the request goes out, before any answer can come.
+    let cut = null;
+    feed.socket.onAnyOutgoing((event) => {
+      if (cut === null && (event === "unsubscribe" || event === "catalog")) {
+        cut = event;
+        feed.socket.io.engine.close();
+      }
+    });
+    await timeLimit(gone.unsubscribe(), 5000, "the unsubscribe"); // threw FeedError "timeout"
+    assert.equal(cut, "unsubscribe");
+    await until(() => kept.state === "recovered", "the other subscription to resume");
+    cut = null;
+    const error = await timeLimit(
+      feed.catalog().then(
+        () => null,
+        (err) => err,
+      ),
+      5000,
+      "the catalog",
+    );
+    assert.equal(cut, "catalog");
+    assert.ok(error instanceof FeedError);
+    assert.equal(error.code, "not_connected"); // was "timeout": "did not answer within 10000 ms"
+    await until(() => kept.state === "recovered", "the other subscription to resume again");
+    const seqs = [];
+    kept.on("change", (c) => seqs.push(c.key));
+    await h.write("insert", { id: 1, status: "new", amount: 1 });
+    await h.write("insert", { id: 2, status: "new", amount: 2 });
+    await until(() => seqs.length === 1, "the change to the room still followed");
+    assert.deepEqual(heard, []);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
