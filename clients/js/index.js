@@ -684,7 +684,10 @@ export class Subscription extends Emitter {
         if (err instanceof FeedError && (err.code === "not_connected" || err.code === "closed")) return;
         throw err;
       }
-      if (!ack || !ack.ok) throw ackError(ack);
+      // `not_subscribed`: the server has this client outside the room already (its subscribe
+      // since the last reconnect was refused for now and waits to be retried, or is still on
+      // its way): what was asked.
+      if (!ack || (!ack.ok && ack.error?.code !== "not_subscribed")) throw ackError(ack);
     }
   }
 

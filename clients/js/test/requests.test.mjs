@@ -255,3 +255,34 @@ test("requests cut off by a dropped connection: unsubscribe resolves (the room i
     await h.stop();
   }
 });
+
+test("unsubscribe() of a room whose resubscribe waits for a retry resolves (the server says not_subscribed)", async () => {
+  // One row or filter room at most: after a cut, another client's room takes the slot of this
+  // one's (idle meanwhile), so its resubscribe is refused as server_busy and waits to be
+  // retried. Leaving it then is answered not_subscribed, which unsubscribe() threw.
+  const h = await Harness.start({ config: "[server]\nfilter_room_grace = 30\n[limits]\nmax_rooms = 1\n" });
+  const feed = new FeedClient(h.url, WS);
+  const holder = new FeedClient(h.direct, WS);
+  try {
+    const sub = feed.subscribe(`${ROOM}:1`);
+    await sub.ready;
+    const refusals = [];
+    const original = sub._onAck.bind(sub);
+    sub._onAck = (attempt, request, ack) => {
+      if (ack && ack.ok === false) refusals.push(ack.error.code);
+      original(attempt, request, ack);
+    };
+    await h.send({ cmd: "cut" });
+    await until(() => sub.state === "pending", "the subscription to notice the cut");
+    await holder.subscribe(`${ROOM}:2`).ready; // the idle room 1 makes way for room 2
+    await h.send({ cmd: "restore" });
+    await until(() => refusals.includes("server_busy"), "the resubscribe to be refused as server_busy");
+    assert.equal(sub.state, "pending");
+    await timeLimit(sub.unsubscribe(), 5000, "the unsubscribe"); // threw FeedError not_subscribed
+    assert.equal(feed.subscriptions.size, 0);
+  } finally {
+    feed.close();
+    holder.close();
+    await h.stop();
+  }
+});
