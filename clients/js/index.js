@@ -69,16 +69,30 @@ class Pacer {
     this.timer = null;
   }
 
-  /** Resolves when the request may go; `give()` once its answer is in. */
-  take() {
+  /**
+   * Resolves when the request may go; `give()` once its answer is in. `first`: ahead of the
+   * others waiting (a token refresh, which must not wait for a client's hundreds of subscribes
+   * and arrive after the token expired).
+   */
+  take(first = false) {
     if (this.waiting.length === 0 && this._free()) {
       this.busy += 1;
       return Promise.resolve();
     }
     return new Promise((resolve) => {
-      this.waiting.push(resolve);
+      if (first) this.waiting.unshift(resolve);
+      else this.waiting.push(resolve);
       this._wake();
     });
+  }
+
+  /** A new connection: the server's rate limit starts afresh (a full burst), so does the pace. */
+  reset() {
+    this.limited = 0;
+    this.resumeAt = 0;
+    clearTimeout(this.timer);
+    this.timer = null;
+    this._wake();
   }
 
   give() {
@@ -331,6 +345,7 @@ export class FeedClient extends Emitter {
     this._token = typeof options.token === "string" ? options.token : null;
     this._pacer = new Pacer(options);
     this._requests = new Set(); // requests waiting for their answers (see _request)
+    this._connections = 0; // connections that ended: a request asked on an earlier one is stale
     this.connected = false;
     const ioOptions = {
       forceNew: true, // a connection of its own, never one shared with other code on the page
@@ -434,11 +449,19 @@ export class FeedClient extends Emitter {
   /** Send a request and wait for its answer, paced (Pacer): `rate_limited` is retried here. */
   async _call(event, payload) {
     const timeout = this.options.timeout ?? 10000;
+    const connection = this._connections;
     for (;;) {
-      await this._pacer.take();
+      await this._pacer.take(event === "refresh");
       let ack;
       try {
         if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
+        if (this._connections !== connection) {
+          // Asked on a connection that dropped while it waited for its turn: not sent, as it
+          // would be on the new connection, stale (each subscription asks again for itself),
+          // taking the server's rate from the requests that count. Waiting requests piled up
+          // this way at every reconnect of a client with more rooms than the server's burst.
+          throw new FeedError("not_connected", `the connection closed before ${event} was sent`);
+        }
         ack = await this._request(event, payload, timeout);
       } catch (err) {
         this._pacer.give();
@@ -508,6 +531,7 @@ export class FeedClient extends Emitter {
   _onConnect() {
     this.connected = true;
     this._connectedAt = Date.now();
+    this._pacer.reset();
     this._emit("connect");
     this._scheduleRefresh(jwtSecondsLeft(this._token));
     for (const sub of this.subscriptions) sub._send();
@@ -515,6 +539,7 @@ export class FeedClient extends Emitter {
 
   _onDisconnect(reason) {
     this.connected = false;
+    this._connections += 1;
     clearTimeout(this._refreshTimer);
     this._failRequests(new FeedError("not_connected", "the connection closed before the server answered"), true);
     this._emit("disconnect", reason);

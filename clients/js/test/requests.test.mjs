@@ -286,3 +286,63 @@ test("unsubscribe() of a room whose resubscribe waits for a retry resolves (the 
     await h.stop();
   }
 });
+
+test("a reconnect while subscribes wait their turn: each room is asked for once on the new connection", async () => {
+  // The subscribes still waiting for their turn (past the burst) when the connection dropped
+  // used to be sent on the new one as well, beside each subscription's own new subscribe: the
+  // rooms were asked for twice, at the server's rate, and every further reconnect in the middle
+  // added more (a client that also had to refresh a token never caught up).
+  const h = await Harness.start({ config: LIMITED });
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
+    const answers = subs.map(() => 0); // subscribe answers taken (not rate_limited) after the cut
+    let cut = false;
+    subs.forEach((sub, i) => {
+      const original = sub._onAck.bind(sub);
+      sub._onAck = (attempt, request, ack) => {
+        if (cut && ack && ack.ok) answers[i] += 1;
+        original(attempt, request, ack);
+      };
+    });
+    await until(() => subs.filter((sub) => sub.state === "live").length >= 30, "30 rooms subscribed");
+    assert.ok(subs.some((sub) => sub.state === "pending"), "some still wait their turn");
+    cut = true;
+    await h.send({ cmd: "cut" });
+    await until(() => !feed.connected, "the client to notice the cut");
+    await h.send({ cmd: "restore" });
+    await timeLimit(
+      until(() => subs.every((sub) => sub.state === "live" || sub.state === "recovered"), "every room again", 30000),
+      31000,
+      "every room again",
+    );
+    assert.deepEqual(
+      answers.map((n, i) => [i + 1, n]).filter(([, n]) => n !== 1),
+      [],
+      "rooms answered other than once after the reconnect",
+    );
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a token refresh goes ahead of the subscribes waiting their turn, so the token does not expire", async () => {
+  // 130 rooms at 20 a second past a burst of 10 take about 6 s; the token lasts 4 s and is
+  // refreshed at 3 s. Behind the subscribes, the refresh came after the token expired: the
+  // server closed the connection, the client subscribed everything again, and so on for ever.
+  const config = "[server]\nmax_subscriptions = 300\n[limits]\nsubscribe_burst = 10\nsubscribe_rate = 20.0\n";
+  const h = await Harness.start({ config, auth: true });
+  const feed = new FeedClient(h.url, { ...WS, token: async () => (await h.send({ cmd: "token", ttl: 4 })).token });
+  try {
+    const disconnects = [];
+    feed.on("disconnect", (reason) => disconnects.push(reason));
+    const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
+    await timeLimit(Promise.all(subs.map((sub) => sub.ready)), 30000, "every subscription");
+    assert.deepEqual(disconnects, []);
+    assert.ok(subs.every((sub) => sub.state === "live"));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
