@@ -93,9 +93,12 @@ export interface SubscribeOptions {
   key?: string | string[] | ((row: Row) => Json);
   /** At most this many changes wait for a `for await` loop (default 10000); then a reload. */
   maxQueue?: number;
-  /** Resume from a position saved earlier (`sub.seq` and `sub.epoch`): `since` without `epoch` throws. */
-  since?: number;
-  epoch?: string;
+  /**
+   * Resume from a position saved earlier (`sub.seq` and `sub.epoch`): `since` without `epoch`
+   * throws. Null, as `sub.seq` and `sub.epoch` are before the first answer, means none.
+   */
+  since?: number | null;
+  epoch?: string | null;
 }
 
 export interface SnapshotInfo {

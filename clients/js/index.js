@@ -69,16 +69,30 @@ class Pacer {
     this.timer = null;
   }
 
-  /** Resolves when the request may go; `give()` once its answer is in. */
-  take() {
+  /**
+   * Resolves when the request may go; `give()` once its answer is in. `first`: ahead of the
+   * others waiting (a token refresh, which must not wait for a client's hundreds of subscribes
+   * and arrive after the token expired).
+   */
+  take(first = false) {
     if (this.waiting.length === 0 && this._free()) {
       this.busy += 1;
       return Promise.resolve();
     }
     return new Promise((resolve) => {
-      this.waiting.push(resolve);
+      if (first) this.waiting.unshift(resolve);
+      else this.waiting.push(resolve);
       this._wake();
     });
+  }
+
+  /** A new connection: the server's rate limit starts afresh (a full burst), so does the pace. */
+  reset() {
+    this.limited = 0;
+    this.resumeAt = 0;
+    clearTimeout(this.timer);
+    this.timer = null;
+    this._wake();
   }
 
   give() {
@@ -330,6 +344,8 @@ export class FeedClient extends Emitter {
     this._retryTimer = null;
     this._token = typeof options.token === "string" ? options.token : null;
     this._pacer = new Pacer(options);
+    this._requests = new Set(); // requests waiting for their answers (see _request)
+    this._connections = 0; // connections that ended: a request asked on an earlier one is stale
     this.connected = false;
     const ioOptions = {
       forceNew: true, // a connection of its own, never one shared with other code on the page
@@ -426,31 +442,77 @@ export class FeedClient extends Emitter {
     clearTimeout(this._retryTimer);
     for (const sub of [...this.subscriptions]) sub._close();
     this._pacer.close();
+    this._failRequests(new FeedError("closed", "this FeedClient is closed"), false);
     this.socket.disconnect();
   }
 
   /** Send a request and wait for its answer, paced (Pacer): `rate_limited` is retried here. */
   async _call(event, payload) {
     const timeout = this.options.timeout ?? 10000;
+    const connection = this._connections;
     for (;;) {
-      await this._pacer.take();
+      await this._pacer.take(event === "refresh");
       let ack;
       try {
         if (this._closed) throw new FeedError("closed", "this FeedClient is closed");
-        ack =
-          payload === undefined
-            ? await this.socket.timeout(timeout).emitWithAck(event)
-            : await this.socket.timeout(timeout).emitWithAck(event, payload);
+        if (this._connections !== connection) {
+          // Asked on a connection that dropped while it waited for its turn: not sent, as it
+          // would be on the new connection, stale (each subscription asks again for itself),
+          // taking the server's rate from the requests that count. Waiting requests piled up
+          // this way at every reconnect of a client with more rooms than the server's burst.
+          throw new FeedError("not_connected", `the connection closed before ${event} was sent`);
+        }
+        ack = await this._request(event, payload, timeout);
       } catch (err) {
         this._pacer.give();
-        if (err instanceof FeedError) throw err;
-        throw new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`);
+        throw err;
       }
       const limited = ack?.ok === false && ack.error?.code === "rate_limited";
       if (limited) this._pacer.refused();
       else if (ack?.ok) this._pacer.accepted();
       this._pacer.give();
       if (!limited || this._closed || !this.connected) return ack;
+    }
+  }
+
+  /**
+   * Emit `event` and wait for its answer. The wait is the library's own (not socket.io-client's
+   * `timeout()`), so that close() ends it at once: socket.io-client keeps a request made while
+   * disconnected, with its timer, to send after a reconnect, and that timer kept Node alive
+   * for `timeout` ms after close(), which then failed it as a timeout. A request that went out
+   * on a connection that then dropped fails with `not_connected` (the new connection knows
+   * nothing of it); one made while disconnected goes out when the connection is back.
+   */
+  _request(event, payload, timeout) {
+    return new Promise((resolve, reject) => {
+      const request = {
+        event,
+        sent: this.socket.connected,
+        fail: (error) => {
+          clearTimeout(timer);
+          this._requests.delete(request);
+          reject(error);
+        },
+      };
+      const timer = setTimeout(
+        () => request.fail(new FeedError("timeout", `the server did not answer ${event} within ${timeout} ms`)),
+        timeout,
+      );
+      this._requests.add(request);
+      const answer = (ack) => {
+        if (!this._requests.delete(request)) return; // failed already (timeout, closed)
+        clearTimeout(timer);
+        resolve(ack);
+      };
+      if (payload === undefined) this.socket.emit(event, answer);
+      else this.socket.emit(event, payload, answer);
+    });
+  }
+
+  /** Fail the requests waiting for answers: all of them, or those sent on the connection that dropped. */
+  _failRequests(error, sentOnly) {
+    for (const request of [...this._requests]) {
+      if (!sentOnly || request.sent) request.fail(new FeedError(error.code, `${request.event}: ${error.message}`));
     }
   }
 
@@ -469,6 +531,7 @@ export class FeedClient extends Emitter {
   _onConnect() {
     this.connected = true;
     this._connectedAt = Date.now();
+    this._pacer.reset();
     this._emit("connect");
     this._scheduleRefresh(jwtSecondsLeft(this._token));
     for (const sub of this.subscriptions) sub._send();
@@ -476,7 +539,9 @@ export class FeedClient extends Emitter {
 
   _onDisconnect(reason) {
     this.connected = false;
+    this._connections += 1;
     clearTimeout(this._refreshTimer);
+    this._failRequests(new FeedError("not_connected", "the connection closed before the server answered"), true);
     this._emit("disconnect", reason);
     for (const sub of this.subscriptions) sub._offline();
     this._orphans = [];
@@ -635,8 +700,19 @@ export class Subscription extends Emitter {
     this._close();
     this.client.subscriptions.delete(this);
     if (room && wasSubscribed && this.client.connected && ![...this.client.subscriptions].some((s) => s.room === room)) {
-      const ack = await this.client._leave(room);
-      if (!ack || !ack.ok) throw ackError(ack);
+      let ack;
+      try {
+        ack = await this.client._leave(room);
+      } catch (err) {
+        // The connection dropped, or the client was closed, before the answer: either way this
+        // client is out of the room (a new connection starts in none), as was asked.
+        if (err instanceof FeedError && (err.code === "not_connected" || err.code === "closed")) return;
+        throw err;
+      }
+      // `not_subscribed`: the server has this client outside the room already (its subscribe
+      // since the last reconnect was refused for now and waits to be retried, or is still on
+      // its way): what was asked.
+      if (!ack || (!ack.ok && ack.error?.code !== "not_subscribed")) throw ackError(ack);
     }
   }
 

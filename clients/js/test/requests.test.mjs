@@ -171,3 +171,178 @@ test("close() ends a subscription's pending retry, so Node can exit at once", as
     await h.stop();
   }
 });
+
+test("close() ends the requests waiting for an answer at once (`closed`), so Node can exit", async () => {
+  // A request made while the connection is down waits for it (socket.io-client keeps it, to
+  // send after a reconnect). Its wait, socket.io-client's own timer, outlived close(): Node
+  // stayed up for `timeout` ms, and the request then failed as a timeout, not as closed.
+  const h = await Harness.start();
+  await h.send({ cmd: "cut" }); // connections refused: the client never connects
+  const library = fileURLToPath(new URL("../index.js", import.meta.url));
+  const script = `
+    const { FeedClient } = await import(${JSON.stringify(library)});
+    const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"], timeout: 15000 });
+    const answer = feed.catalog().then(() => "answered", (err) => err.code);
+    setTimeout(async () => {
+      feed.close();
+      console.log("closed");
+      console.log("catalog: " + (await answer));
+    }, 300);
+  `;
+  const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  let closedAt = null;
+  child.stdout.on("data", (d) => {
+    out += d;
+    if (closedAt === null && out.includes("closed")) closedAt = Date.now();
+  });
+  child.stderr.on("data", (d) => (out += d));
+  const exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
+  try {
+    const code = await timeLimit(exited, 20000, `the script to end:\n${out}`);
+    assert.equal(code, 0, out);
+    assert.match(out, /catalog: closed/);
+    assert.ok(Date.now() - closedAt < 2000, `exited ${Date.now() - closedAt} ms after close()`);
+  } finally {
+    child.kill();
+    await h.stop();
+  }
+});
+
+test("requests cut off by a dropped connection: unsubscribe resolves (the room is left), others fail as not_connected", async () => {
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const gone = feed.subscribe(`${ROOM}:1`);
+    const kept = feed.subscribe(`${ROOM}:2`);
+    await Promise.all([gone.ready, kept.ready]);
+    const heard = [];
+    gone.on("change", (c) => heard.push(c));
+    // The connection drops just as the request goes out, before any answer can come.
+    let cut = null;
+    feed.socket.onAnyOutgoing((event) => {
+      if (cut === null && (event === "unsubscribe" || event === "catalog")) {
+        cut = event;
+        feed.socket.io.engine.close();
+      }
+    });
+    await timeLimit(gone.unsubscribe(), 5000, "the unsubscribe"); // threw FeedError "timeout"
+    assert.equal(cut, "unsubscribe");
+    await until(() => kept.state === "recovered", "the other subscription to resume");
+    cut = null;
+    const error = await timeLimit(
+      feed.catalog().then(
+        () => null,
+        (err) => err,
+      ),
+      5000,
+      "the catalog",
+    );
+    assert.equal(cut, "catalog");
+    assert.ok(error instanceof FeedError);
+    assert.equal(error.code, "not_connected"); // was "timeout": "did not answer within 10000 ms"
+    await until(() => kept.state === "recovered", "the other subscription to resume again");
+    const seqs = [];
+    kept.on("change", (c) => seqs.push(c.key));
+    await h.write("insert", { id: 1, status: "new", amount: 1 });
+    await h.write("insert", { id: 2, status: "new", amount: 2 });
+    await until(() => seqs.length === 1, "the change to the room still followed");
+    assert.deepEqual(heard, []);
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("unsubscribe() of a room whose resubscribe waits for a retry resolves (the server says not_subscribed)", async () => {
+  // One row or filter room at most: after a cut, another client's room takes the slot of this
+  // one's (idle meanwhile), so its resubscribe is refused as server_busy and waits to be
+  // retried. Leaving it then is answered not_subscribed, which unsubscribe() threw.
+  const h = await Harness.start({ config: "[server]\nfilter_room_grace = 30\n[limits]\nmax_rooms = 1\n" });
+  const feed = new FeedClient(h.url, WS);
+  const holder = new FeedClient(h.direct, WS);
+  try {
+    const sub = feed.subscribe(`${ROOM}:1`);
+    await sub.ready;
+    const refusals = [];
+    const original = sub._onAck.bind(sub);
+    sub._onAck = (attempt, request, ack) => {
+      if (ack && ack.ok === false) refusals.push(ack.error.code);
+      original(attempt, request, ack);
+    };
+    await h.send({ cmd: "cut" });
+    await until(() => sub.state === "pending", "the subscription to notice the cut");
+    await holder.subscribe(`${ROOM}:2`).ready; // the idle room 1 makes way for room 2
+    await h.send({ cmd: "restore" });
+    await until(() => refusals.includes("server_busy"), "the resubscribe to be refused as server_busy");
+    assert.equal(sub.state, "pending");
+    await timeLimit(sub.unsubscribe(), 5000, "the unsubscribe"); // threw FeedError not_subscribed
+    assert.equal(feed.subscriptions.size, 0);
+  } finally {
+    feed.close();
+    holder.close();
+    await h.stop();
+  }
+});
+
+test("a reconnect while subscribes wait their turn: each room is asked for once on the new connection", async () => {
+  // The subscribes still waiting for their turn (past the burst) when the connection dropped
+  // used to be sent on the new one as well, beside each subscription's own new subscribe: the
+  // rooms were asked for twice, at the server's rate, and every further reconnect in the middle
+  // added more (a client that also had to refresh a token never caught up).
+  const h = await Harness.start({ config: LIMITED });
+  const feed = new FeedClient(h.url, WS);
+  try {
+    const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
+    const answers = subs.map(() => 0); // subscribe answers taken (not rate_limited) after the cut
+    let cut = false;
+    subs.forEach((sub, i) => {
+      const original = sub._onAck.bind(sub);
+      sub._onAck = (attempt, request, ack) => {
+        if (cut && ack && ack.ok) answers[i] += 1;
+        original(attempt, request, ack);
+      };
+    });
+    await until(() => subs.filter((sub) => sub.state === "live").length >= 30, "30 rooms subscribed");
+    assert.ok(subs.some((sub) => sub.state === "pending"), "some still wait their turn");
+    cut = true;
+    await h.send({ cmd: "cut" });
+    await until(() => !feed.connected, "the client to notice the cut");
+    await h.send({ cmd: "restore" });
+    await timeLimit(
+      until(() => subs.every((sub) => sub.state === "live" || sub.state === "recovered"), "every room again", 30000),
+      31000,
+      "every room again",
+    );
+    assert.deepEqual(
+      answers.map((n, i) => [i + 1, n]).filter(([, n]) => n !== 1),
+      [],
+      "rooms answered other than once after the reconnect",
+    );
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a token refresh goes ahead of the subscribes waiting their turn, so the token does not expire", async () => {
+  // 130 rooms at 20 a second past a burst of 10 take about 6 s; the token lasts 4 s and is
+  // refreshed at 3 s. Behind the subscribes, the refresh came after the token expired: the
+  // server closed the connection, the client subscribed everything again, and so on for ever.
+  const config = "[server]\nmax_subscriptions = 300\n[limits]\nsubscribe_burst = 10\nsubscribe_rate = 20.0\n";
+  const h = await Harness.start({ config, auth: true });
+  const feed = new FeedClient(h.url, { ...WS, token: async () => (await h.send({ cmd: "token", ttl: 4 })).token });
+  try {
+    const disconnects = [];
+    feed.on("disconnect", (reason) => disconnects.push(reason));
+    const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
+    await timeLimit(Promise.all(subs.map((sub) => sub.ready)), 30000, "every subscription");
+    assert.deepEqual(disconnects, []);
+    assert.ok(subs.every((sub) => sub.state === "live"));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});

@@ -20,6 +20,9 @@ async function main(): Promise<void> {
     break;
   }
   console.log(rows?.get("42")?.status, sub.seq, sub.epoch);
+  // A position saved as the docs say (sub.seq, sub.epoch: null before the first answer).
+  const resumed = feed.subscribe("main:public.orders", { since: sub.seq, epoch: sub.epoch });
+  await resumed.unsubscribe();
   await sub.unsubscribe();
   feed.close();
 }
