@@ -145,6 +145,12 @@ class Pacer {
   }
 }
 
+/** Refusals that say "not now" rather than "not this token": the identity holds its most
+ * connections (another may close), the identity provider's keys could not be fetched. A client
+ * retries them with backoff whatever its token, so a fixed token does not end every
+ * subscription for good over a moment's refusal. */
+const TRANSIENT_REFUSALS = new Set(["too_many_connections", "auth_unavailable"]);
+
 /** An error from the server (its `code` and `message`) or from the client itself. */
 export class FeedError extends Error {
   constructor(code, message, data) {
@@ -570,9 +576,10 @@ export class FeedClient extends Emitter {
     const error = new FeedError(err?.data?.code || "refused", err?.message || "connection refused", err?.data);
     error.refused = true;
     this._emit("error", error);
-    if (typeof this.options.token === "function") {
-      // A token provider may have a better token next time: retry (unless told to wait for
-      // `reconnect()`, as the dashboard does while it asks the user); keep the subscriptions.
+    if (typeof this.options.token === "function" || TRANSIENT_REFUSALS.has(error.code)) {
+      // A token provider may have a better token next time, and a refusal that says "not now"
+      // passes whatever the token: retry (unless told to wait for `reconnect()`, as the
+      // dashboard does while it asks the user); keep the subscriptions.
       if (this.options.retryRefused === false || this._closed) return;
       this._serverCloses += 1;
       const delay = retryDelay(this._serverCloses, this.options);

@@ -378,6 +378,30 @@ test("a token that expires unrefreshed: the server closes, the client reconnects
   }
 });
 
+test("a fixed token refused as too_many_connections is retried until a connection is free", async () => {
+  const h = await Harness.start({ auth: true, config: "[limits]\nconnections_per_identity = 1\n" });
+  const token = (await h.send({ cmd: "token", ttl: 300 })).token; // a string, not a function
+  const first = new FeedClient(h.url, { ...WS, token });
+  const second = new FeedClient(h.url, { ...WS, token });
+  const errors = [];
+  second.on("error", (err) => errors.push(err.code));
+  try {
+    await first.subscribe(ROOM).ready;
+    const sub = second.subscribe(ROOM);
+    const log = record(sub);
+    await until(() => errors.includes("too_many_connections"), "the second connection refused");
+    first.close(); // its connection frees the identity's one slot
+    await until(() => sub.state === "live", "the second client live once the slot is free");
+    await h.write("insert", { id: 903, status: "new" });
+    await until(() => log.changes.length === 1, "a change on the second client");
+    assert.ok(!log.states.some((s) => s.state === "error"), JSON.stringify(log.states));
+  } finally {
+    first.close();
+    second.close();
+    await h.stop();
+  }
+});
+
 test("a slow consumer: the server cuts it off, it resumes, and its rows are right", async () => {
   // A small outbound queue, so that a client that stops reading is cut off by the server.
   const h = await Harness.start({ config: "[limits]\noutbound_queue_bytes = 16384\n" });
