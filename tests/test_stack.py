@@ -142,6 +142,10 @@ def test_two_replicas_behind_a_sticky_load_balancer(stack: dict[str, Any]) -> No
     text = Path(source).read_text()
     assert "balance source" in text, "long-polling clients must stay on one node"
     assert "option httpchk GET /healthz" in text
+    # The client's address in the replicas' log: lb sets the header (a client's own is
+    # replaced), and the replicas believe it from any address of the stack's network.
+    assert "http-request set-header X-Forwarded-For %[src]" in text
+    assert services["feed"]["environment"]["FORWARDED_ALLOW_IPS"] == "*"
     # The replicas share one cluster, in a Redis database apart from the watched keys.
     cluster_url = services["feed"]["environment"]["FEED_CLUSTER_URL"]
     assert cluster_url.endswith("/1")

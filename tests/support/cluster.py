@@ -52,11 +52,14 @@ class FeedNode:
         config: Path,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        stdout: Path | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.env = env or {}
         """More environment for the process (PYTHONPATH is put before the project's)."""
+        self.stdout = stdout
+        """Where the process's standard output goes (uvicorn's request lines), else nowhere."""
         self.port = port or free_port()
         self._port_movable = port is None
         """True until the node first runs: until then nobody knows its port, so a port another
@@ -95,16 +98,13 @@ class FeedNode:
 
     async def _start_once(self) -> None:
         first = len(self.log)  # this run's lines: the log spans restarts
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "feed", "serve",
-            "--config", str(self.config), "--port", str(self.port),
-            stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            env={
-                **os.environ, **self.env, "FEED_NODE": self.name,
-                "PYTHONPATH": os.pathsep.join(filter(None, [self.env.get("PYTHONPATH"), str(ROOT)])),
-            },
-        )  # fmt: skip
+        with contextlib.ExitStack() as files:
+            stdout = (
+                files.enter_context(self.stdout.open("ab"))
+                if self.stdout is not None
+                else asyncio.subprocess.DEVNULL
+            )
+            self.process = await self._spawn(stdout)
         assert self.process.stderr is not None
         async with asyncio.timeout(WAIT):
             while True:
@@ -120,6 +120,18 @@ class FeedNode:
                 if "Uvicorn running" in line:
                     break
         self._drain = asyncio.create_task(self._read_log())
+
+    async def _spawn(self, stdout: Any) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feed", "serve",
+            "--config", str(self.config), "--port", str(self.port),
+            stderr=asyncio.subprocess.PIPE,
+            stdout=stdout,
+            env={
+                **os.environ, **self.env, "FEED_NODE": self.name,
+                "PYTHONPATH": os.pathsep.join(filter(None, [self.env.get("PYTHONPATH"), str(ROOT)])),
+            },
+        )  # fmt: skip
 
     async def _read_log(self) -> None:
         assert self.process is not None and self.process.stderr is not None
@@ -368,15 +380,32 @@ def haproxy_binary() -> str | None:
     )
 
 
-def haproxy_config(port: int, backends: list[tuple[str, int]]) -> str:
-    """deploy/haproxy.cfg's balancing and checks, with this test's nodes as the servers."""
+FAST_CHECKS = "check inter 300ms fall 2 rise 1"
+"""Health checks that notice a dead node within a second, for tests that wait for that."""
+
+
+def deploy_checks() -> str:
+    """The health-check options of deploy/haproxy.cfg's servers (its `server-template` line)."""
+    template = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    line = next(x for x in template.splitlines() if x.strip().startswith("server-template"))
+    words = line.split()[4:]  # server-template <prefix> <count> <address> <options...>
+    return " ".join(words[: words.index("resolvers")])
+
+
+def haproxy_config(
+    port: int,
+    backends: list[tuple[str, int]],
+    checks: str = FAST_CHECKS,
+    binds: tuple[str, ...] = (),
+) -> str:
+    """deploy/haproxy.cfg's balancing and checks, with this test's nodes as the servers (checked
+    with `checks`), listening on 127.0.0.1:`port` and on each of `binds` (`bind` lines' rest)."""
     template = (ROOT / "deploy" / "haproxy.cfg").read_text()
     head, _, _ = template.partition("    # servers\n")
-    servers = "".join(
-        f"    server {name} 127.0.0.1:{p} check inter 300ms fall 2 rise 1\n" for name, p in backends
-    )
+    servers = "".join(f"    server {name} 127.0.0.1:{p} {checks}\n" for name, p in backends)
     text = head + servers
-    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}")
+    more = "".join(f"\n    bind {bind}" for bind in binds)
+    text = text.replace("    bind :8000", f"    bind 127.0.0.1:{port}{more}")
     # Docker's DNS resolver is for the compose network only.
     start = text.index("resolvers docker")
     end = text.index("\n\n", start)
@@ -405,10 +434,18 @@ def listens_on(pid: int, port: int) -> bool:
 class LoadBalancer:
     """HAProxy in front of the nodes, as docker-compose.yml runs it."""
 
-    def __init__(self, config_dir: Path, backends: list[tuple[str, int]]) -> None:
+    def __init__(
+        self,
+        config_dir: Path,
+        backends: list[tuple[str, int]],
+        checks: str = FAST_CHECKS,
+        binds: tuple[str, ...] = (),
+    ) -> None:
         self.port = 0  # picked by `start`
         self.path = config_dir / "haproxy.cfg"
         self.backends = backends
+        self.checks = checks
+        self.binds = binds
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -423,7 +460,7 @@ class LoadBalancer:
 
     async def _start_once(self, port: int) -> None:
         self.port = port
-        self.path.write_text(haproxy_config(port, self.backends))
+        self.path.write_text(haproxy_config(port, self.backends, self.checks, self.binds))
         binary = haproxy_binary()
         assert binary is not None
         check = await asyncio.create_subprocess_exec(
