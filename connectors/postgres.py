@@ -1186,6 +1186,7 @@ class PostgresConnector(Connector):
             # three (BEGIN, it, COMMIT). A transaction opens only for the cursor after a full
             # page, whose rows are bounded by that snapshot's text anyway (`_batch_query`).
             tx: Any = None
+            side: Any = None  # a connection for positions saved half way through this poll
             try:
                 prev = [str(state.prev.xmax), state.prev.xip_array, self.tables]
                 args: list[Any] = list(prev)
@@ -1225,6 +1226,8 @@ class PostgresConnector(Connector):
                         delivered += 1
                     if len(rows) < self.batch_size:
                         break
+                    if delivered and time.monotonic() - self._last_save > self.save_interval:
+                        side = await self._save_half_way(side, state)
                     if cursor is None:  # a full first chunk: the rest after it, by a cursor
                         assert state.cursor is not None
                         tx = conn.transaction(isolation="repeatable_read")
@@ -1241,6 +1244,13 @@ class PostgresConnector(Connector):
                     rows = await cursor.fetch(self.batch_size, timeout=self.query_timeout)
                 if self.own_status.state == State.LAGGING:
                     self._show_running()
+                if tx is not None:
+                    # Before the save: a position saved half way (`_save_half_way`) changed
+                    # the row after this REPEATABLE READ transaction's snapshot, so updating
+                    # it here would fail with a serialization error.
+                    async with asyncio.timeout(self.heartbeat_timeout):
+                        await tx.commit()
+                    tx = None
                 now = time.monotonic()
                 self._unsaved = self._unsaved or delivered > 0
                 since = now - self._last_save
@@ -1261,15 +1271,15 @@ class PostgresConnector(Connector):
                     saved = batch_snap.text
                 else:
                     saved = None
-                if tx is not None:
-                    async with asyncio.timeout(self.heartbeat_timeout):
-                        await tx.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
                     if tx is not None and not conn.is_closed():
                         async with asyncio.timeout(1):
                             await tx.rollback()
                 raise
+            finally:
+                if side is not None:
+                    side.terminate()
             self._state = ReaderState(batch_snap)
             if saved is not None:
                 self._saved_text = saved
@@ -1285,6 +1295,35 @@ class PostgresConnector(Connector):
                 await wait_event(self._wake, max(0.0, min(self.heartbeat_interval, due)))
             finally:
                 self._asleep = False
+
+    async def _save_half_way(self, side: Any, state: ReaderState) -> Any:
+        """Save where a long poll stands (its batch and the last routed row), as a stop does.
+
+        A poll delivers a whole transaction, or everything committed while the reader was away,
+        before it saves at its end: a crash (`kill -9`, an OOM kill) while it ran sent every
+        change of it again on the next start, 200,000 for a 200,000-row `UPDATE`, more than a
+        cluster's and the client libraries' duplicate windows hold. Saved every `save_interval`,
+        at most that much comes again. The reader's own connection is inside the poll's
+        REPEATABLE READ transaction, whose writes would land only at its end: this goes
+        through a connection of its own, opened once per long poll. Returns it."""
+        await self.settle()  # nothing saved past what a cluster could not publish
+        if side is None or side.is_closed():
+            side = await asyncio.wait_for(self._connect(), self.connect_timeout)
+        assert state.batch is not None and state.cursor is not None
+        await side.execute(
+            f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = $3,"
+            " cursor_maxid = $4, cursor_id = $5, updated_at = now() WHERE name = $1",
+            self.name,
+            state.prev.text,
+            state.batch.text,
+            state.cursor[0],
+            state.cursor[1],
+            timeout=self.heartbeat_timeout,
+        )
+        self._last_save = time.monotonic()
+        # A reconnect finds its own save in the row and goes on from memory (further on).
+        self._saved_text = state.prev.text
+        return side
 
     async def _computed(self, conn: Any, rows: list[Any]) -> dict[tuple[int, str], str]:
         """Images of `rows` (journal rows) with their virtual generated columns computed, by

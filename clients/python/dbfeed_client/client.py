@@ -347,7 +347,15 @@ class FeedClient(_Events):
         # handle_sigint=False: python-engineio's own SIGINT handler would replace the
         # application's (asyncio.run's KeyboardInterrupt, a web server's graceful shutdown),
         # cancel every task of the loop and stop it.
-        sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
+        # max_msg_size=0: aiohttp's websocket refuses a message over 4 MiB by default, and one
+        # change (a row with a wide text or jsonb column) or one `changes` frame may be larger:
+        # the client then closed with 1009, resumed, was replayed the same frame and closed
+        # again, forever. The server bounds what it sends ([limits] outbound_queue_bytes).
+        sio = socketio.AsyncClient(
+            reconnection=False,
+            handle_sigint=False,
+            websocket_extra_options={"max_msg_size": 0},
+        )
         sio.on("connect_error", self._on_connect_error)
         sio.on("disconnect", self._on_disconnect)
         sio.on("change", self._on_change)
