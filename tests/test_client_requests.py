@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from dbfeed_client import FeedClient, FeedError
+from dbfeed_client import ClosedError, FeedClient, FeedError
 
 from tests.support.client_harness import harness
 
@@ -138,3 +138,116 @@ async def test_a_change_sent_again_by_a_restarted_server_is_dropped_by_its_id() 
         await until(lambda: any(c["id"] == second["id"] for c in got))
         assert [c["id"] for c in got] == [first["id"], second["id"]]
         assert "reload" in states
+
+
+def on_send(feed: FeedClient, event: str) -> asyncio.Event:
+    """An event set once the client's current connection sends `event` (a request goes out
+    through the socket's `emit`, whether python-socketio's `call` or the library sends it)."""
+    sio = feed._sio
+    assert sio is not None
+    sent = asyncio.Event()
+    emit = sio.emit
+
+    async def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        result = await emit(name, *args, **kwargs)
+        if name == event:
+            sent.set()
+        return result
+
+    sio.emit = spy
+    return sent
+
+
+async def test_close_ends_a_request_waiting_for_its_answer_at_once() -> None:
+    """Before: close() left a request on its way (the network silent, say) waiting for the
+    answer of a connection closed under it: `catalog()` raised RequestTimeout `timeout`
+    seconds later, not ClosedError at once, and an application's shutdown waited for it."""
+    async with harness() as h:
+        feed = client(h.url, timeout=30.0)
+        await feed.connect()
+        try:
+            sent = on_send(feed, "catalog")
+            h.proxy.hold()  # the answer will not come
+            asking = asyncio.create_task(feed.catalog())
+            async with asyncio.timeout(WAIT):
+                await sent.wait()
+            # close() itself may wait a little for the silent connection (python-engineio gives
+            # the websocket's closing handshake 5 s): the request must not wait with it.
+            closing = asyncio.create_task(feed.close())
+            with pytest.raises(ClosedError):
+                async with asyncio.timeout(2.0):
+                    await asking  # raised RequestTimeout 30 s later
+            async with asyncio.timeout(WAIT):
+                await closing
+        finally:
+            await feed.close()
+            h.proxy.restore()
+
+
+async def test_requests_cut_off_by_a_dropped_connection_end_at_once() -> None:
+    """Before: a request whose connection dropped before its answer waited out `timeout` for
+    an answer that could not come (python-socketio's `call` waits through a drop), then raised
+    RequestTimeout; `unsubscribe()` raised it too, though the room was left (a new connection
+    starts in none). Now unsubscribe() returns and other requests raise `not_connected`."""
+    async with harness() as h, client(h.url, timeout=30.0) as feed:
+        gone = feed.subscribe(f"{ROOM}:1")
+        kept = feed.subscribe(f"{ROOM}:2")
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(gone.ready(), kept.ready())
+        heard: list[dict[str, Any]] = []
+        gone.on("change", heard.append)
+        states: list[str] = []
+        changed = asyncio.Event()
+
+        def stated(state: str, info: dict[str, Any]) -> None:
+            states.append(state)
+            changed.set()
+
+        kept.on("state", stated)
+
+        async def resumed() -> None:
+            async with asyncio.timeout(WAIT):
+                while "recovered" not in states:
+                    changed.clear()
+                    await changed.wait()
+            states.clear()
+
+        sent = on_send(feed, "unsubscribe")
+        h.proxy.hold()
+        leaving = asyncio.create_task(gone.unsubscribe())
+        async with asyncio.timeout(WAIT):
+            await sent.wait()
+        h.proxy.cut()  # the connection drops before the answer
+        h.proxy.restore()
+        async with asyncio.timeout(5.0):
+            await leaving  # raised RequestTimeout after 30 s
+        await resumed()
+
+        sent = on_send(feed, "catalog")
+        h.proxy.hold()
+        asking = asyncio.create_task(feed.catalog())
+        async with asyncio.timeout(WAIT):
+            await sent.wait()
+        h.proxy.cut()
+        h.proxy.restore()
+        with pytest.raises(FeedError) as caught:
+            async with asyncio.timeout(5.0):
+                await asking
+        assert caught.value.code == "not_connected"
+        await resumed()
+
+        got: list[dict[str, Any]] = []
+        arrived = asyncio.Event()
+
+        def received(change: dict[str, Any]) -> None:
+            got.append(change)
+            arrived.set()
+
+        kept.on("change", received)
+        h.write("public.orders", "insert", {"id": 1, "status": "new"})
+        h.write("public.orders", "insert", {"id": 2, "status": "new"})
+        async with asyncio.timeout(WAIT):
+            await arrived.wait()
+        await h.delivered()
+        assert [c["after"]["id"] for c in got] == [2]
+        assert heard == []
