@@ -251,3 +251,36 @@ async def test_requests_cut_off_by_a_dropped_connection_end_at_once() -> None:
         await h.delivered()
         assert [c["after"]["id"] for c in got] == [2]
         assert heard == []
+
+
+async def test_unsubscribe_of_a_room_whose_resubscribe_waits_for_a_retry_returns() -> None:
+    """Before: after a reconnect whose resubscribe the server refused for now (`server_busy`,
+    retried later), unsubscribe() raised `not_subscribed`: the server has the client outside
+    the room already, which is what was asked. One row or filter room at most: after a cut,
+    another client's room takes the slot of this one's (idle meanwhile)."""
+    config = "[server]\nfilter_room_grace = 30\n[limits]\nmax_rooms = 1\n"
+    async with harness(config) as h, client(h.url) as feed, client(h.direct) as holder:
+        sub = feed.subscribe(f"{ROOM}:1")
+        async with asyncio.timeout(WAIT):
+            await sub.ready()
+        refused = asyncio.Event()
+        on_ack = sub._on_ack
+
+        async def spy(attempt: int, request: dict[str, Any], ack: dict[str, Any]) -> None:
+            if ack.get("ok") is False and ack["error"]["code"] == "server_busy":
+                refused.set()
+            await on_ack(attempt, request, ack)
+
+        sub._on_ack = spy  # type: ignore[method-assign]
+        h.proxy.cut()
+        async with asyncio.timeout(WAIT):
+            while feed.connected:  # noqa: ASYNC110 - no event says so before `disconnect` runs
+                await asyncio.sleep(0.01)
+            await holder.subscribe(f"{ROOM}:2").ready()  # the idle room 1 makes way for room 2
+        h.proxy.restore()
+        async with asyncio.timeout(WAIT):
+            await refused.wait()
+        assert sub.state == "pending"
+        async with asyncio.timeout(5.0):
+            await sub.unsubscribe()  # raised FeedError not_subscribed
+        assert feed.subscriptions == set()

@@ -731,7 +731,10 @@ class Subscription(_Events):
                     # none), as was asked.
                     return
                 raise
-            if not ack.get("ok"):
+            # `not_subscribed`: the server has this client outside the room already (its
+            # subscribe since the last reconnect was refused for now and waits to be retried,
+            # or is still on its way): what was asked.
+            if not ack.get("ok") and _error_code(ack) != "not_subscribed":
                 raise _ack_error(ack, FeedError)
 
     def reload(self, reason: str = "asked by the application") -> None:
