@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from dbfeed_client import ClosedError, FeedClient, FeedError
+from dbfeed_client import ClosedError, FeedClient, FeedError, Subscription
 
-from tests.support.client_harness import harness
+from tests.support.client_harness import harness, make_token
 
 ROOM = "mem:public.orders"
 WAIT = 30.0
@@ -272,10 +272,11 @@ async def test_unsubscribe_of_a_room_whose_resubscribe_waits_for_a_retry_returns
             await on_ack(attempt, request, ack)
 
         sub._on_ack = spy  # type: ignore[method-assign]
+        dropped = asyncio.Event()
+        feed.on("disconnect", lambda reason: dropped.set())
         h.proxy.cut()
         async with asyncio.timeout(WAIT):
-            while feed.connected:  # noqa: ASYNC110 - no event says so before `disconnect` runs
-                await asyncio.sleep(0.01)
+            await dropped.wait()
             await holder.subscribe(f"{ROOM}:2").ready()  # the idle room 1 makes way for room 2
         h.proxy.restore()
         async with asyncio.timeout(WAIT):
@@ -284,3 +285,81 @@ async def test_unsubscribe_of_a_room_whose_resubscribe_waits_for_a_retry_returns
         async with asyncio.timeout(5.0):
             await sub.unsubscribe()  # raised FeedError not_subscribed
         assert feed.subscriptions == set()
+
+
+async def test_a_reconnect_while_subscribes_wait_their_turn_asks_for_each_room_once() -> None:
+    """Before: the subscribes still waiting for their turn (past the burst, the client pausing
+    after `rate_limited` refusals) when the connection dropped were sent on the new connection
+    too once the pause was over, beside each subscription's own new subscribe: rooms were asked
+    for twice, taking the new connection's burst, and every reconnect in a pause added more.
+    Here the connection drops during a pause longer than the reconnect takes (the pause doubles
+    while the server, at 2 subscribes a second, goes on refusing)."""
+    config = "[limits]\nsubscribe_burst = 10\nsubscribe_rate = 2.0\n"
+    rooms = 20
+    async with (
+        harness(config) as h,
+        FeedClient(h.url, reconnection_delay=0.05, reconnection_delay_max=1.0) as feed,
+    ):
+        loop = asyncio.get_running_loop()
+        paused = asyncio.Event()
+        refused = feed._pacer.refused
+
+        def spy_refused() -> None:
+            refused()
+            if feed._pacer._resume_at - loop.time() > 0.3:  # the reconnect takes under 0.1 s
+                paused.set()
+
+        feed._pacer.refused = spy_refused  # type: ignore[method-assign]
+        subs = [feed.subscribe(f"{ROOM}:{i}") for i in range(1, rooms + 1)]
+        answers = [0] * rooms  # subscribe answers taken (not rate_limited) after the drop
+        dropped = asyncio.Event()  # (not at the cut: answers in before it may still be handled)
+        feed.on("disconnect", lambda reason: dropped.set())
+        progress = asyncio.Event()
+
+        def spy_on(index: int, sub: Subscription) -> None:
+            on_ack = sub._on_ack
+
+            async def spy(attempt: int, request: dict[str, Any], ack: dict[str, Any]) -> None:
+                if dropped.is_set() and ack.get("ok"):
+                    answers[index] += 1
+                await on_ack(attempt, request, ack)
+                progress.set()
+
+            sub._on_ack = spy  # type: ignore[method-assign]
+
+        for index, sub in enumerate(subs):
+            spy_on(index, sub)
+
+        async with asyncio.timeout(WAIT):
+            await paused.wait()
+        assert any(sub.state == "pending" for sub in subs), "some still wait their turn"
+        h.proxy.cut()
+        async with asyncio.timeout(WAIT):
+            await dropped.wait()
+        h.proxy.restore()
+        async with asyncio.timeout(WAIT):
+            while not all(sub.state in ("live", "recovered") for sub in subs):
+                progress.clear()
+                await progress.wait()
+        twice = [(i + 1, n) for i, n in enumerate(answers) if n != 1]
+        assert twice == [], "rooms answered other than once after the reconnect"
+
+
+async def test_a_token_refresh_goes_ahead_of_the_subscribes_waiting_their_turn() -> None:
+    """130 rooms at 20 a second past a burst of 10 take about 6 s; the token lasts 4 s and is
+    refreshed at 3 s. Before: behind the subscribes, the refresh came after the token expired,
+    the server closed the connection, the client subscribed everything again, and so on."""
+    config = (
+        "[server]\nmax_subscriptions = 300\n[limits]\nsubscribe_burst = 10\nsubscribe_rate = 20.0\n"
+    )
+    async with (
+        harness(config, auth=True) as h,
+        client(h.url, token=lambda: make_token(4)) as feed,
+    ):
+        disconnects: list[str] = []
+        feed.on("disconnect", disconnects.append)
+        subs = [feed.subscribe(f"{ROOM}:{i}") for i in range(1, ROOMS + 1)]
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(*(sub.ready() for sub in subs))
+        assert disconnects == []
+        assert all(sub.state == "live" for sub in subs)

@@ -190,6 +190,8 @@ class FeedClient(_Events):
         self._pacer = Pacer(reconnection_delay, reconnection_delay_max)
         self._requests: set[asyncio.Future[Any]] = set()
         """Answers awaited for requests sent (see `_call_once`)."""
+        self._connections = 0
+        """Connections that ended: a request asked on an earlier one is stale (see `_call`)."""
 
     def _handler_tasks(self) -> set[asyncio.Task[Any]]:
         return self._tasks
@@ -427,9 +429,17 @@ class FeedClient(_Events):
 
     async def _call(self, event: str, data: Any) -> dict[str, Any]:
         """Send a request and wait for its answer, paced (`Pacer`): `rate_limited` is retried."""
+        connection = self._connections
         while True:
-            await self._pacer.take()
+            await self._pacer.take(first=event == "refresh")
             try:
+                if self._connections != connection and not self._closed:
+                    # Asked on a connection that dropped while it waited for its turn: not sent,
+                    # as on the new connection it would be stale (each subscription asks again
+                    # for itself), taking the server's rate from the requests that count.
+                    raise FeedError(
+                        "not_connected", f"the connection closed before {event} was sent"
+                    )
                 ack = await self._call_once(event, data)
                 limited = ack.get("ok") is False and _error_code(ack) == "rate_limited"
                 if limited:
@@ -505,6 +515,7 @@ class FeedClient(_Events):
     # -- connection events ---------------------------------------------------------------------
 
     def _on_connect(self) -> None:
+        self._pacer.reset()
         self._emit("connect")
         self._schedule_refresh(jwt_seconds_left(self._token))
         for sub in list(self.subscriptions):
@@ -515,6 +526,7 @@ class FeedClient(_Events):
             self._refusal = data
 
     async def _on_disconnect(self, *reason: Any) -> None:
+        self._connections += 1
         if self._refresher is not None:
             self._refresher.cancel()
         # The new connection knows nothing of the requests sent on this one.
