@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 class CuttableProxy:
     """Forwards TCP to the feed; `cut()` drops every connection and refuses new ones until
-    `restore()`, which is what a client sees when the network goes away and comes back."""
+    `restore()`, which is what a client sees when the network goes away and comes back.
+    `hold()` keeps the connections open but forwards nothing (a network that goes silent, so a
+    request waits for an answer that does not come) until `cut()` or `restore()`."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -26,6 +28,9 @@ class CuttableProxy:
         self.links: set[_Link] = set()
         self._polling = asyncio.Event()
         """Set when a link starts waiting for a long-poll answer (see `cut_waiting_polls`)."""
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        """Clear while held (`hold`): what arrives waits, unforwarded."""
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -53,6 +58,7 @@ class CuttableProxy:
     ) -> None:
         try:
             while data := await source.read(65536):
+                await self._flowing.wait()
                 if down:
                     link.waiting = False  # the answer has begun
                 elif _is_poll(data):  # marked before it goes up, so its answer cannot come first
@@ -79,6 +85,11 @@ class CuttableProxy:
         for writer in list(self.writers):
             writer.transport.abort()
         self.writers.clear()
+        self._flowing.set()  # what was held goes nowhere now: its connections are gone
+
+    def hold(self) -> None:
+        """Forward nothing more, in either direction, and drop nothing (see the class)."""
+        self._flowing.clear()
 
     async def cut_waiting_polls(self, timeout: float) -> int:
         """Drop the connections of the long-poll GETs waiting for their answer (once one waits),
@@ -100,6 +111,7 @@ class CuttableProxy:
 
     def restore(self) -> None:
         self.refusing = False
+        self._flowing.set()
 
     async def close(self) -> None:
         self.cut()

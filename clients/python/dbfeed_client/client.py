@@ -188,6 +188,10 @@ class FeedClient(_Events):
         self._refusal: dict[str, Any] | None = None
         self._gone = asyncio.Event()
         self._pacer = Pacer(reconnection_delay, reconnection_delay_max)
+        self._requests: set[asyncio.Future[Any]] = set()
+        """Answers awaited for requests sent (see `_call_once`)."""
+        self._connections = 0
+        """Connections that ended: a request asked on an earlier one is stale (see `_call`)."""
 
     def _handler_tasks(self) -> set[asyncio.Task[Any]]:
         return self._tasks
@@ -242,6 +246,7 @@ class FeedClient(_Events):
         for sub in list(self.subscriptions):
             sub._close(ClosedError("closed", "the client was closed"))
         self._pacer.close()
+        self._fail_requests(ClosedError("closed", "this FeedClient is closed"))
         for task in [self._runner, self._refresher, *self._tasks]:
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
@@ -432,9 +437,17 @@ class FeedClient(_Events):
 
     async def _call(self, event: str, data: Any) -> dict[str, Any]:
         """Send a request and wait for its answer, paced (`Pacer`): `rate_limited` is retried."""
+        connection = self._connections
         while True:
-            await self._pacer.take()
+            await self._pacer.take(first=event == "refresh")
             try:
+                if self._connections != connection and not self._closed:
+                    # Asked on a connection that dropped while it waited for its turn: not sent,
+                    # as on the new connection it would be stale (each subscription asks again
+                    # for itself), taking the server's rate from the requests that count.
+                    raise FeedError(
+                        "not_connected", f"the connection closed before {event} was sent"
+                    )
                 ack = await self._call_once(event, data)
                 limited = ack.get("ok") is False and _error_code(ack) == "rate_limited"
                 if limited:
@@ -447,22 +460,48 @@ class FeedClient(_Events):
                 return ack
 
     async def _call_once(self, event: str, data: Any) -> dict[str, Any]:
+        """Send `event` and wait for its answer.
+
+        The wait is the library's own, not python-socketio's `call`, which waits out its
+        timeout through a dropped connection and a close (the answer can no longer come): a
+        request whose connection drops raises `not_connected` at once, and one waiting when
+        the client is closed raises ClosedError (`_fail_requests`)."""
         sio = self._sio
         if self._closed:
             raise ClosedError("closed", "this FeedClient is closed")
         if sio is None or not sio.connected:
             raise FeedError("not_connected", "not connected to the server")
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def answered(*args: Any) -> None:
+            if not answer.done():
+                answer.set_result(args[0] if len(args) == 1 else None)
+
+        self._requests.add(answer)
         try:
-            ack = await sio.call(event, data, timeout=self.timeout)
-        except socketio.exceptions.TimeoutError:
-            raise RequestTimeout(
-                "timeout", f"the server did not answer {event} within {self.timeout} s"
-            ) from None
-        except socketio.exceptions.SocketIOError as exc:
-            raise FeedError("not_connected", f"{event}: {exc}") from None
+            try:
+                await sio.emit(event, data, callback=answered)
+            except socketio.exceptions.SocketIOError as exc:
+                raise FeedError("not_connected", f"{event}: {exc}") from None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    ack = await answer
+            except TimeoutError:
+                raise RequestTimeout(
+                    "timeout", f"the server did not answer {event} within {self.timeout} s"
+                ) from None
+        finally:
+            self._requests.discard(answer)
         if not isinstance(ack, dict):
             return {"ok": False, "error": {"code": "bad_answer", "message": repr(ack)[:200]}}
         return ack
+
+    def _fail_requests(self, error: FeedError) -> None:
+        """End the requests waiting for answers (the connection dropped, or the client closed)."""
+        for answer in list(self._requests):
+            if not answer.done():
+                answer.set_exception(error)
+        self._requests.clear()
 
     async def _leave(self, room: str) -> dict[str, Any]:
         """Leave `room` on the server.
@@ -484,6 +523,7 @@ class FeedClient(_Events):
     # -- connection events ---------------------------------------------------------------------
 
     def _on_connect(self) -> None:
+        self._pacer.reset()
         self._emit("connect")
         self._schedule_refresh(jwt_seconds_left(self._token))
         for sub in list(self.subscriptions):
@@ -494,8 +534,13 @@ class FeedClient(_Events):
             self._refusal = data
 
     async def _on_disconnect(self, *reason: Any) -> None:
+        self._connections += 1
         if self._refresher is not None:
             self._refresher.cancel()
+        # The new connection knows nothing of the requests sent on this one.
+        self._fail_requests(
+            FeedError("not_connected", "the connection closed before the server answered")
+        )
         self._emit("disconnect", str(reason[0]) if reason else "")
         for sub in list(self.subscriptions):
             sub._offline()
@@ -697,8 +742,19 @@ class Subscription(_Events):
         self._close(ClosedError("closed", "unsubscribed"))
         others = any(s.room == room for s in self.client.subscriptions)
         if room is not None and was_subscribed and self.client.connected and not others:
-            ack = await self.client._leave(room)
-            if not ack.get("ok"):
+            try:
+                ack = await self.client._leave(room)
+            except FeedError as exc:
+                if exc.code in ("not_connected", "closed"):
+                    # The connection dropped, or the client was closed, before the answer:
+                    # either way this client is out of the room (a new connection starts in
+                    # none), as was asked.
+                    return
+                raise
+            # `not_subscribed`: the server has this client outside the room already (its
+            # subscribe since the last reconnect was refused for now and waits to be retried,
+            # or is still on its way): what was asked.
+            if not ack.get("ok") and _error_code(ack) != "not_subscribed":
                 raise _ack_error(ack, FeedError)
 
     def reload(self, reason: str = "asked by the application") -> None:

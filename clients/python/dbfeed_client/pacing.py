@@ -5,7 +5,10 @@ off a client that goes on through 100 refusals in a row. A client with more room
 (after every reconnect it subscribes them all again) must therefore not send them all at once,
 nor retry each refused one on its own timer: at most `MAX_IN_FLIGHT` requests wait for answers at
 once, and after a refusal every request waits out one pause, doubling while the refusals go on,
-after which only one goes at a time until the server takes one again.
+after which only one goes at a time until the server takes one again. A token refresh goes
+ahead of the requests waiting (behind a client's hundreds of subscribes it would arrive after
+the token expired), and a new connection starts at the full pace (the server's limit is per
+connection).
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ class Pacer:
         self._resume_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
-    async def take(self) -> None:
-        """Wait for a turn: first come, first served."""
+    async def take(self, first: bool = False) -> None:
+        """Wait for a turn: first come, first served, unless `first` (ahead of those waiting)."""
         if not self._waiting and self._free(asyncio.get_running_loop().time()):
             self._busy += 1
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(turn)
+        if first:
+            self._waiting.appendleft(turn)
+        else:
+            self._waiting.append(turn)
         self._wake()
         try:
             await turn
@@ -66,6 +72,15 @@ class Pacer:
     def accepted(self) -> None:
         """The server took a request: back to the full pace."""
         self._limited = 0
+        self._wake()
+
+    def reset(self) -> None:
+        """A new connection: the server's limit starts afresh (a full burst), so does the pace."""
+        self._limited = 0
+        self._resume_at = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
 
     def close(self) -> None:
