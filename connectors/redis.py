@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
-from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from connectors.redis_cluster import ClusterNode
 
 log = logging.getLogger("feed.connectors.redis")
+
+DATA_CONNECTIONS = 8
+"""Connections for values and snapshots to a standalone server (up to 4 value reads at once)."""
 
 
 class RedisConnector(Connector):
@@ -167,6 +170,21 @@ class RedisConnector(Connector):
     def _new_pool(self, role: str, **extra: Any) -> ConnectionPool:
         """A pool to the url's server, or (with host and port in `extra`) to a cluster node,
         with the url's credentials either way."""
+        options = self._pool_options(role, **extra)
+        return ConnectionPool(**options)
+
+    def _data_pool(self) -> ConnectionPool:
+        """The pool for values and snapshots: at most DATA_CONNECTIONS, and a call past them
+        waits for a free one. A plain pool raised "Too many connections" instead: with clients
+        reloading together (after a gap) their snapshots took every connection, and live
+        changes went out without their values (`value_error`), leaving clients' rows stale."""
+        options = self._pool_options("data")
+        options.pop("max_connections", None)  # a url's ?max_connections= (the old pool's was 8)
+        return BlockingConnectionPool(
+            max_connections=DATA_CONNECTIONS, timeout=options["socket_timeout"], **options
+        )
+
+    def _pool_options(self, role: str, **extra: Any) -> dict[str, Any]:
         options: dict[str, Any] = {
             **self._url_kwargs,
             "db": self.db,
@@ -178,11 +196,11 @@ class RedisConnector(Connector):
             "client_name": _client_name(self.name, role),
             **extra,
         }
-        return ConnectionPool(**options)
+        return options
 
     async def start(self) -> None:
         self.set_status(State.STARTING)
-        self._pool = self._new_pool("data", max_connections=8)
+        self._pool = self._data_pool()
         self._client = Redis(connection_pool=self._pool)
         try:
             cluster = await self._cluster_primaries()

@@ -212,6 +212,28 @@ async def test_snapshot_scans_the_pattern_bounded(redis_target: RedisTarget) -> 
     assert all_rows.covers(change) is False  # Redis snapshots are never exact
 
 
+async def test_many_snapshots_at_once_do_not_starve_value_reads(redis_target: RedisTarget) -> None:
+    """The connector reads values and snapshots through one pool of 8 connections. When more
+    than 8 calls were under way (clients reloading together after a gap) redis-py raised
+    "Too many connections": a snapshot failed, and worse, live changes went out without their
+    value (`value_error`), so a client's rows kept the old one in silence. Now a call waits
+    for a free connection."""
+    t, r = redis_target, redis_target.admin
+    for i in range(20):
+        await r.hset(t.key(f"h{i}"), "n", str(i))
+    async with connector(t, fetch_values=True) as source:
+        stream = aiter(source.changes())
+        room = RoomAddress(t.key("*"))
+        snapshots = [source.snapshot(room, lambda row: True, 100) for _ in range(12)]
+        results, _ = await asyncio.gather(
+            asyncio.gather(*snapshots), r.hset(t.key("h3"), "n", "new")
+        )
+        [change] = await take(stream, 1)
+    assert all(len(snapshot.rows) == 20 for snapshot in results)
+    assert change.meta is None, change.meta
+    assert change.after is not None and change.after["value"] == {"n": "new"}
+
+
 async def test_snapshot_without_values_lists_keys_and_types(redis_target: RedisTarget) -> None:
     t = redis_target
     await t.admin.rpush(t.key("l"), "a")

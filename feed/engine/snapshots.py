@@ -22,10 +22,15 @@ from feed.core.filter_index import UNSURE
 from feed.core.rooms import Room
 from feed.engine.lease import Leases
 from feed.engine.routes import room_spec
-from feed.engine.wire import dumps, one_line
+from feed.engine.wire import dumps, loads, one_line
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 
 SNAPSHOT_TIMEOUT = 30.0
+INLINE_ANSWER_BYTES = 256 * 1024
+"""Largest answer the reader publishes to the asking node's inbox itself. A larger one is left
+in a key (`<prefix>:answer:<id>`, expiring after SNAPSHOT_TIMEOUT) and only its name published:
+Redis cuts a subscriber whose output buffer passes `client-output-buffer-limit pubsub` (32 MB,
+or 8 MB for a minute, by default), and that connection carries every room the node relays."""
 
 log = logging.getLogger("feed.engine")
 
@@ -53,6 +58,7 @@ class Snapshots(Leases):
             "target": address.target,
             "key": address.key,
             "limit": self.hub.settings.snapshot_limit,
+            "stored": True,  # a large answer may be left in a key (an older reader ignores this)
         }
         reader = self.readers.get(room.connector)
         if room.connector in self._leases:
@@ -78,7 +84,16 @@ class Snapshots(Leases):
             receivers = await self.redis.publish(inbox, dumps(body))
             if not receivers:
                 raise ProtocolError("snapshot_failed", f"the reading node {node} is not listening")
-            return await asyncio.wait_for(future, SNAPSHOT_TIMEOUT)
+            answer = await asyncio.wait_for(future, SNAPSHOT_TIMEOUT)
+            stored = answer.get("stored")
+            if isinstance(stored, str):
+                body = await self.redis.getdel(stored)
+                if body is None:
+                    raise ProtocolError(
+                        "snapshot_failed", "the reading node's answer expired before it was read"
+                    )
+                answer = dict(loads(body))
+            return answer
         except TimeoutError:
             raise ProtocolError(
                 "snapshot_failed", f"the reading node {node} did not answer in time"
@@ -102,8 +117,13 @@ class Snapshots(Leases):
     async def _answer_snapshot(self, request: dict[str, Any]) -> None:
         answer = await self._take_snapshot(request)
         answer.update(t="reply", id=request.get("id"))
+        body = dumps(answer)
         with contextlib.suppress(Exception):
-            await self.redis.publish(str(request["reply"]), dumps(answer))
+            if request.get("stored") is True and len(body) > INLINE_ANSWER_BYTES:
+                key = f"{self._p}:answer:{secrets.token_hex(8)}"
+                await self.redis.set(key, body, px=int(SNAPSHOT_TIMEOUT * 1000))
+                body = dumps({"t": "reply", "id": request.get("id"), "stored": key})
+            await self.redis.publish(str(request["reply"]), body)
 
     async def _take_snapshot(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """At the reader: route the room from now on, snapshot, say which seqs rows miss."""

@@ -753,7 +753,8 @@ class Subscription(_Events):
                 raise
             # `not_subscribed`: the server has this client outside the room already (its
             # subscribe since the last reconnect was refused for now and waits to be retried,
-            # or is still on its way): what was asked.
+            # or is still on its way; or a reload's snapshot failed and is being asked again):
+            # what was asked.
             if not ack.get("ok") and _error_code(ack) != "not_subscribed":
                 raise _ack_error(ack, FeedError)
 
