@@ -263,6 +263,34 @@ async def test_a_refused_token_raises_connect_error() -> None:
         assert caught.value.code == "invalid_token"
 
 
+async def test_a_fixed_token_refused_for_now_is_retried_until_a_connection_is_free() -> None:
+    """`too_many_connections` says "not now", not "not this token": a client with a string token
+    whose reconnect is refused so keeps its subscriptions and retries, and comes back when the
+    identity's other connection goes (before, every subscription ended in `error` for good)."""
+    async with harness("[limits]\nconnections_per_identity = 1\n", auth=True) as h:
+        token = make_token(300)
+        refused = asyncio.Event()
+        async with client(h.url, token=token) as feed, feed.subscribe(ROOM) as sub:
+
+            def on_error(error: FeedError) -> None:
+                if error.code == "too_many_connections":
+                    refused.set()
+
+            feed.on("error", on_error)
+            log = Log(sub)
+            h.proxy.cut()  # its connection dropped; the proxy refuses new ones for now
+            other = client(h.direct, token=lambda: token)  # retried until the slot is free
+            async with other:
+                h.proxy.restore()
+                async with asyncio.timeout(WAIT):
+                    await refused.wait()
+            # `other` closed: its slot is free, and the retried reconnect gets it.
+            await log.until(lambda: log.names[-1:] == ["recovered"], "a resume", timeout=20)
+            h.write("public.orders", "insert", {"id": 904, "status": "new"})
+            await log.until(lambda: len(log.changes) == 1, "a change after the resume")
+            assert "error" not in log.names
+
+
 async def test_a_slow_consumer_is_told_to_reload_and_its_rows_stay_right(
     feed_server: Harness,
 ) -> None:

@@ -142,6 +142,12 @@ def _handler_done(event: str, task: asyncio.Task[Any]) -> None:
         log.error("dbfeed_client: a %r handler failed", event, exc_info=task.exception())
 
 
+TRANSIENT_REFUSALS = frozenset({"too_many_connections", "auth_unavailable"})
+"""Refusals that say "not now" rather than "not this token": the identity holds its most
+connections (another may close), the identity provider's keys could not be fetched. Retried with
+backoff whatever the token, so a fixed token does not end every subscription for good."""
+
+
 class FeedClient(_Events):
     """One connection to a feed server, shared by any number of subscriptions.
 
@@ -223,8 +229,9 @@ class FeedClient(_Events):
         """Connect, then stay connected in the background until `close`.
 
         Raises ConnectError when the server refuses the first attempt or cannot be reached within
-        `timeout` seconds. Later, a refused reconnect is retried when the token is a function
-        (it may have a better token next time) and `retry_refused` is true.
+        `timeout` seconds. Later, a refused reconnect is retried when `retry_refused` is true
+        and the token is a function (it may have a better token next time) or the refusal says
+        "not now" (`TRANSIENT_REFUSALS`).
         """
         if self._closed:
             raise ClosedError("closed", "this FeedClient is closed; make a new one")
@@ -305,8 +312,10 @@ class FeedClient(_Events):
                         str(code or "refused"), str(self._refusal.get("message") or exc)
                     )
                     self._emit("error", error)
-                    retry = callable(self._token_source) and self.retry_refused and first.done()
-                    if not retry:
+                    retry = (
+                        callable(self._token_source) or code in TRANSIENT_REFUSALS
+                    ) and self.retry_refused
+                    if not (retry and first.done()):
                         # The same token would be refused again (or this is the first attempt,
                         # which `connect()` reports): give up, and say so.
                         if not first.done():
