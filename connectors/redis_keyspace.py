@@ -601,16 +601,46 @@ class KeyspaceCapture:
             except (RedisError, OSError) as exc:
                 error = str(exc) or type(exc).__name__
         out: list[Change | Gap | ConnectorError] = []
+        unread: dict[str, dict[str, None]] = {}  # target -> keys whose change has no value
         for entry in batch:
             if isinstance(entry, tuple):
                 event = entry[0]
                 if event.op in GONE_OPS:
                     out.extend(self._build(entry, None, None))
                 else:
-                    out.extend(self._build(entry, values.get(event.key), error))
+                    built = self._build(entry, values.get(event.key), error)
+                    out.extend(built)
+                    if error is not None:
+                        for change in built:
+                            unread.setdefault(change.target, {})[str(change.key)] = None
             else:
                 out.append(entry)
+        if error is not None:
+            out.extend(self._unread_gaps(unread, error))
         return out
+
+    def _unread_gaps(
+        self, unread: Mapping[str, Mapping[str, None]], error: str
+    ) -> list[Change | Gap | ConnectorError]:
+        """A gap for the rooms the changes sent without their value reach (`value_error`).
+
+        Such a change says a key changed, not what it holds: a client keeping rows cannot
+        apply it and kept a stale (or empty) row for the key with nothing telling it so. The
+        gap comes after the changes, so the snapshot a client reloads is taken after them.
+        """
+        self.owner.count_fault("value_read")
+        gaps: list[Change | Gap | ConnectorError] = []
+        for target, keys in unread.items():
+            first = next(iter(keys))
+            what = (
+                f"the value of {first!r} could not be read after its change"
+                if len(keys) == 1
+                else f"the values of {len(keys)} keys ({first!r}, ...) could not be read "
+                "after their changes"
+            )
+            reason = f"{what} ({error}): the changes went out with after: null"
+            gaps.append(Gap(self.owner.name, reason, target, keys=frozenset(keys)))
+        return gaps
 
     async def read_values(self, keys: list[bytes]) -> dict[bytes, KeyValue]:
         """Type and bounded value of each key, in one script call."""

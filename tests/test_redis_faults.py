@@ -245,9 +245,14 @@ async def test_unreadable_values_still_deliver_the_event() -> None:
     ):
         stream = aiter(source.changes())
         await t.admin.set(t.key("a"), "1")
-        [change] = await take(stream, 1)
+        change, gap = await take(stream, 2)
     assert change.op == "set" and change.after is None
     assert "unknown command" in change.meta["value_error"].lower()
+    # Then a gap for the rooms the change reached: a client keeping rows cannot apply it.
+    assert (
+        isinstance(gap, Gap) and gap.target == change.target and gap.keys == frozenset([change.key])
+    )
+    assert source.capture_faults == {"value_read": 1}
 
 
 async def test_a_lone_cluster_node_is_answered_in_one_line() -> None:

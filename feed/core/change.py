@@ -260,12 +260,22 @@ class Gap:
 
     Clients that receive a `gap` should reload what they show: the feed cannot replay what the
     source never told it.
+
+    `keys`, with a `target`, narrows it to some rows: the gap then reaches the target room, its
+    filter rooms (either may hold those rows) and the row rooms of those keys (as `room_key`
+    renders them), not the row rooms of every other key. A Redis value that could not be read
+    after its event is such a gap: one key's row is unknown, the rest are right.
     """
 
     connector: str
     reason: str
     target: str | None = None
     ts: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    keys: frozenset[str] | None = None
+
+    def reaches_key(self, key: str | None) -> bool:
+        """Whether a room of the gap's target with this row key (None: not a row room) gets it."""
+        return key is None or self.keys is None or key in self.keys
 
 
 def room_key(key: Any) -> str | None:

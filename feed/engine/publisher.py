@@ -127,7 +127,12 @@ class Publisher(RoomRegistry):
         wider = source.parent_target(gap.target) if source and gap.target else None
         for target, index in self._index.get(gap.connector, {}).items():
             if gap.target is None or target in (gap.target, wider):
-                names += [index.room.name, *index.names()]
+                if gap.keys is None:
+                    names += [index.room.name, *index.names()]
+                else:  # some rows only: not the row rooms of every other key
+                    names += [index.room.name, *index.filtered]
+                    for key in gap.keys:
+                        names += index.by_key.get(key, {})
                 index.filtered.forget_held()
         await self._gap_rooms(names, gap)
 

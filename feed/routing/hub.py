@@ -424,8 +424,10 @@ class Hub:
             return
         self.metrics.inc("feed_gaps_total", connector=gap.connector)
         for room in list(self.rooms.values()):
-            if room.connector != gap.connector or (
-                reached is not None and room.target not in reached
+            if (
+                room.connector != gap.connector
+                or (reached is not None and room.target not in reached)
+                or not gap.reaches_key(room.key)
             ):
                 continue
             room.mark_gap(gap.reason)
