@@ -410,6 +410,7 @@ class PostgresConnector(Connector):
         self._state = None  # `_load_position` reads the saved row again
         if self._logical is not None:
             self._logical.delivered_end = self._logical.confirmed
+            self._logical.crashed = True  # nor does the stop save where it was
 
     async def _save_on_stop(self) -> None:
         """Record exactly what was delivered, down to a batch interrupted half way, so a

@@ -53,6 +53,8 @@ async def wait_event(event: asyncio.Event, seconds: float) -> None:
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 MARKER = "dbfeed: replication slot"
 STOPPED_AT = re.compile(r"\(stopped at ([0-9A-Fa-f]+/[0-9A-Fa-f]+),")
+ROUTED = re.compile(r"; routed (\d+) of the transaction committed at ([0-9A-Fa-f]+/[0-9A-Fa-f]+)\)")
+"""The marker's record of a transaction routed in part (see `LogicalReader._save_partial`)."""
 """Start of the comment left on the publication once the slot exists: a slot missing later was
 dropped or lost (not never made), which a restarted feed could not otherwise know."""
 PEEK = (
@@ -349,6 +351,8 @@ class LogicalReader:
         self.altered: set[str] = set()  # PgOutputParser.altered: shapes to read again
         self.confirmed = 0
         self.last_nudge = 0.0
+        self.partial_saved = 0.0  # when `partial` was last written into the marker
+        self.crashed = False  # tests: a stop that saves nothing, as after a kill -9
         self.pending_gap = False
         self.gap_reason = ""
         self.gap_kind = "slot_lost"  # feed_capture_faults_total's kind for the pending gap
@@ -509,6 +513,16 @@ class LogicalReader:
                 f"{c.where}: replication slot {self.slot!r} uses {slot['plugin']}, not pgoutput: "
                 "choose another `slot` name"
             )
+        routed = ROUTED.search(marker or "")
+        if (
+            routed
+            and self.partial is None
+            and slot["confirmed"]
+            and parse_lsn(routed.group(2)) > parse_lsn(slot["confirmed"])
+        ):
+            # A previous run was cut off (or stopped) half way through this transaction: the
+            # slot gives it again whole, and the reader skips what that run routed.
+            self.partial = (parse_lsn(routed.group(2)), int(routed.group(1)))
         stopped = STOPPED_AT.search(marker or "")
         if (
             stopped
@@ -532,11 +546,34 @@ class LogicalReader:
         """Leave on the publication that the slot exists, and whether the feed stopped cleanly
         (with where) or is running; see MARKER."""
         now = dt.datetime.now(dt.UTC)
+        routed = ""
+        if self.partial is not None and self.partial[0] >= self.delivered_end:
+            routed = (
+                f"; routed {self.partial[1]} of the transaction committed at "
+                f"{format_lsn(self.partial[0])}"
+            )
         await conn.execute(
             f"COMMENT ON PUBLICATION {quote_ident(self.publication)} IS "
-            + quote_literal(f"{MARKER} {self.slot} ({state}, {now:%Y-%m-%d %H:%M:%SZ})"),
+            + quote_literal(f"{MARKER} {self.slot} ({state}, {now:%Y-%m-%d %H:%M:%SZ}{routed})"),
             timeout=self.c.query_timeout,
         )
+
+    async def _save_partial(self) -> None:
+        """Write how much of the transaction being handed on was routed into the marker.
+
+        The slot cannot be confirmed inside a transaction, so a crash (`kill -9`, an OOM kill)
+        half way through a large one sent all of it again at the next start: 143,001 changes
+        of a 200,000-row `UPDATE`, far more than a cluster's and the client libraries'
+        duplicate windows hold, so clients got them twice. The next start reads this and
+        skips what was routed (at most `save_interval` worth comes again). The reader's own
+        connection may be inside a peek's cursor transaction: this uses one of its own."""
+        await self.c.settle()  # nothing saved past what a cluster could not publish
+        conn = await asyncio.wait_for(self.c._connect(), self.c.connect_timeout)
+        try:
+            await self._set_marker(conn, "running")
+        finally:
+            await conn.close()
+        self.partial_saved = time.monotonic()
 
     async def _drop_when_free(self, conn: Any) -> None:
         """Drop the slot; a session of ours that was just cut off may still hold it briefly."""
@@ -715,6 +752,8 @@ class LogicalReader:
     async def stop(self) -> None:
         """Confirm what was routed, so a restart does not deliver it again, and mark where the
         feed stopped: a slot found further on at the next start was moved by someone else."""
+        if self.crashed:
+            return
         with contextlib.suppress(Exception):
             conn = await asyncio.wait_for(self.c._connect(), self.c.connect_timeout)
             try:
@@ -944,6 +983,8 @@ class LogicalReader:
         if final:
             self.delivered_end = txn.end_lsn
             self.partial = None
+        elif time.monotonic() - self.partial_saved >= c.save_interval:
+            await self._save_partial()
 
     async def _rebuild(
         self, conn: Any, changes: list[RawChange]
