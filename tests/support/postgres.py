@@ -10,6 +10,7 @@ shared one (and above all a machine's system Postgres) is never restarted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -188,6 +189,17 @@ async def drop_database(db: PgDatabase) -> None:
     await db.conn.close()
     admin = await asyncpg.connect(db.server.admin_url, timeout=10)
     try:
+        # A slot a session still holds pins the database as well (a connector stopped while its
+        # peek ran: the server ends that query only when it next writes to the closed socket).
+        # End such sessions, and wait (a server state, polled) until their slots are let go.
+        held = (
+            "SELECT active_pid FROM pg_replication_slots WHERE database = $1 AND active"
+            " AND active_pid IS NOT NULL"
+        )
+        async with asyncio.timeout(10):
+            while pids := [row[0] for row in await admin.fetch(held, db.name)]:
+                await admin.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p", pids)
+                await asyncio.sleep(0.05)
         # Replication slots pin a database: drop this test's before the database itself.
         await admin.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
