@@ -382,11 +382,13 @@ test("a fixed token refused as too_many_connections is retried until a connectio
   const h = await Harness.start({ auth: true, config: "[limits]\nconnections_per_identity = 1\n" });
   const token = (await h.send({ cmd: "token", ttl: 300 })).token; // a string, not a function
   const first = new FeedClient(h.url, { ...WS, token });
-  const second = new FeedClient(h.url, { ...WS, token });
+  let second = null;
   const errors = [];
-  second.on("error", (err) => errors.push(err.code));
   try {
-    await first.subscribe(ROOM).ready;
+    const held = first.subscribe(ROOM);
+    await until(() => held.state === "live", "the first client live");
+    second = new FeedClient(h.url, { ...WS, token }); // connects now: the slot is taken
+    second.on("error", (err) => errors.push(err.code));
     const sub = second.subscribe(ROOM);
     const log = record(sub);
     await until(() => errors.includes("too_many_connections"), "the second connection refused");
@@ -397,7 +399,7 @@ test("a fixed token refused as too_many_connections is retried until a connectio
     assert.ok(!log.states.some((s) => s.state === "error"), JSON.stringify(log.states));
   } finally {
     first.close();
-    second.close();
+    second?.close();
     await h.stop();
   }
 });
