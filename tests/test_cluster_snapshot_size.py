@@ -57,6 +57,10 @@ async def test_a_snapshot_larger_than_the_pubsub_output_limit_reaches_the_other_
             memory(reader).write("public.orders", "insert", {"id": ROWS, "blob": "new"})
             await wait_until(lambda: str(ROWS) in rows, 10, "a change after the snapshot")
             assert sub.state == "live", sub.state
-        # The answer left in Redis was taken and removed, not left to expire.
-        left = [key async for key in t.admin.scan_iter(match=f"{t.prefix.rstrip(':')}:answer:*")]
-        assert left == []
+        # An answer left in Redis expires: taken and removed when the asking node read it, and
+        # with a TTL when it did not (a request asked again: under load the asking node's pub/sub
+        # connection was once cut by the test's 1 MB limit anyway, and the first answer stayed).
+        pattern = f"{t.prefix.rstrip(':')}:answer:*"
+        left = [key async for key in t.admin.scan_iter(match=pattern)]
+        expiring = [await t.admin.pttl(key) > 0 for key in left]
+        assert all(expiring), left
