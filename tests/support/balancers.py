@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.cluster import ROOT, FeedNode, cluster_config, listens_on
+from tests.support.cluster import ROOT, FeedNode, cluster_config, listens_on, running_cluster
 from tests.support.redis import RedisTarget
 from tests.support.server import PortTaken, on_free_port
 
@@ -31,16 +31,8 @@ async def cluster_nodes(
     config = directory / "feed.toml"
     text = cluster_config(redis_target.url, redis_target.prefix)
     config.write_text(text.replace("[cluster]\n", '[cluster]\nnode = "${FEED_NODE}"\n'))
-    nodes = [FeedNode(f"node{i}", config, stdout=directory / f"node{i}.out") for i in range(count)]
-    try:
-        for node in nodes:
-            await node.start()
-        for node in nodes:
-            await node.wait_ready()
+    async with running_cluster(config, count, logs=directory) as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 def request_lines(nodes: list[FeedNode], marker: str) -> list[str]:

@@ -327,9 +327,15 @@ class Tally:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(config: Path, count: int = 3) -> AsyncIterator[list[FeedNode]]:
-    """`count` nodes of one config (node0, node1, ...), ready; every one stopped at the end."""
-    nodes = [FeedNode(f"node{i}", config) for i in range(count)]
+async def running_cluster(
+    config: Path, count: int = 3, logs: Path | None = None
+) -> AsyncIterator[list[FeedNode]]:
+    """`count` nodes of one config (node0, node1, ...), ready; every one stopped at the end.
+    With `logs`, each writes its standard output to `<logs>/<name>.out`."""
+    nodes = [
+        FeedNode(f"node{i}", config, stdout=None if logs is None else logs / f"node{i}.out")
+        for i in range(count)
+    ]
     try:
         await asyncio.gather(*(n.start() for n in nodes))
         for node in nodes:
