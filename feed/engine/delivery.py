@@ -156,6 +156,7 @@ class Delivery(History):
                 for future in self._confirm.values():
                     future.cancel()
                 self._confirm.clear()
+                self._replies_lost()
                 if pubsub is not None:
                     pubsub.close()
             await asyncio.sleep(delay)
