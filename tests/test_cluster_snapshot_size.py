@@ -7,6 +7,12 @@ subscriber once that buffer passes `client-output-buffer-limit pubsub` (32 MB by
 node lost its one pub/sub connection (every room it relays), the answer never came, the client
 retried after 30 s and cut it again, forever. Now an answer past a few hundred KB is left in a
 key that expires, and only its name is published.
+
+The live changes behind such a snapshot are bounded too: one script call of the reader publishes
+each room's run of its batch as one message, held whole in every subscriber's output buffer until
+the call ends, so a batch stops at feed.engine.batch.MAX_BATCH_BYTES. These tests lower the
+limit to 1 MB and check in Redis's log that it cut nobody: a cut the node recovered from (it
+reconnects and fills from the history) would otherwise pass unseen.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import pytest
 from dbfeed_client import FeedClient
 
 from tests.support import redis as redis_support
-from tests.support.cluster import cluster_config, memory, reader_and_other
+from tests.support.cluster import cluster_config, memory, reader_and_other, subscribed
 from tests.support.redis import RedisTarget
+from tests.support.server import FeedClient as RawClient
 from tests.support.waiting import wait_until
 
 private_redis = redis_support.private_redis
@@ -42,10 +49,14 @@ async def test_a_snapshot_larger_than_the_pubsub_output_limit_reaches_the_other_
         reader, other = await reader_and_other(stack, config)
         for i in range(ROWS):
             memory(reader).write("public.orders", "insert", {"id": i, "blob": BLOB})
-        # Routed before any node follows the room: else the reader may publish them to it while
-        # the other node subscribes, 1.2 MB of live changes past the 1 MB limit set above, which
-        # cuts that node's pub/sub connection (and its first snapshot request with it).
+        # Published before any node follows the room: the snapshot is what this test sends, not
+        # these as live changes. `routed` alone is not that: the reader's first script call was
+        # still under way (it opens its connection and loads the script) when the other node
+        # subscribed, 4 runs in 15 on an idle machine, and then the room's 120 changes went to
+        # it as one 1.2 MB message, past the 1 MB limit set above, before MAX_BATCH_BYTES.
         await asyncio.wait_for(memory(reader).routed(), 10)
+        batcher = reader.engine._batchers["mem"]
+        await wait_until(lambda: batcher.published >= ROWS, 10, "the rows published")
         async with FeedClient(other.url) as client:
             sub = client.subscribe("mem:public.orders", snapshot=True)
             await asyncio.wait_for(sub.ready(), 20)
@@ -64,3 +75,29 @@ async def test_a_snapshot_larger_than_the_pubsub_output_limit_reaches_the_other_
         left = [key async for key in t.admin.scan_iter(match=pattern)]
         expiring = [await t.admin.pttl(key) > 0 for key in left]
         assert all(expiring), left
+    assert await t.output_buffer_cuts() == []
+
+
+async def test_a_burst_of_large_changes_does_not_cut_a_node_that_follows_the_room(
+    private_redis: RedisTarget,
+) -> None:
+    """120 changes of 10 KB written at once: one batch, which the reader published to the room
+    as one 1.2 MB message, and Redis cut the other node, whose client follows the room, however
+    fast it read (it then filled the changes in from the history, or announced a gap when the
+    history no longer held them). Under the default 32 MB limit, 256 rows of 128 KB did the
+    same, on every such batch."""
+    t = private_redis
+    await t.admin.config_set("client-output-buffer-limit", "pubsub 1mb 0 0")
+    config = cluster_config(t.url, t.prefix, history=500)
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        client = await RawClient().connect(other.url)
+        stack.push_async_callback(client.close)
+        await subscribed(client, "mem:public.orders")
+        for i in range(ROWS):
+            memory(reader).write("public.orders", "insert", {"id": i, "blob": BLOB})
+        got = [await client.next_change(10) for _ in range(ROWS)]
+        assert [c["seq"] for c in got] == list(range(1, ROWS + 1))
+        assert all(c["after"]["blob"] == BLOB for c in got)
+        assert client.gaps.empty(), client.gaps.get_nowait()
+    assert await t.output_buffer_cuts() == []

@@ -33,6 +33,15 @@ from feed.errors import ClusterError
 MAX_BATCH = 256
 """Changes per script call (a longer run goes out as several calls, in order)."""
 
+MAX_BATCH_BYTES = 256 * 1024
+"""JSON bytes of changes per script call: a batch stops before the change that would pass this
+(a first change larger on its own goes out alone). A room's run of a batch is one pub/sub
+message, and every message one script call publishes sits in each subscriber's output buffer
+until the call ends (Redis writes to sockets between commands, never during a script): 256 changes of 128 KB
+made one 32 MB message, past Redis's default `client-output-buffer-limit pubsub 32mb`, and Redis
+cut every node that followed the room, as fast as it read, on every such batch. Bounded here, a
+node that keeps up never holds more than about this much per room it follows from one call."""
+
 MAX_PENDING = 1024
 """Changes added but not yet published before `add` waits for the publishing to catch up."""
 
@@ -131,8 +140,7 @@ class Batcher:
                     return
                 first = False
                 self._started = loop.time()
-                batch = self.pending[:MAX_BATCH]
-                del self.pending[:MAX_BATCH]
+                batch = self._take()
                 await self._publish(batch)
                 self.published += len(batch)
         except asyncio.CancelledError:
@@ -143,6 +151,23 @@ class Batcher:
             self.error = str(exc) if isinstance(exc, ClusterError) else f"cannot publish: {exc}"
             self.pending.clear()
             self._failed(self.error)
+
+    def _take(self) -> list[Change]:
+        """The next script call's changes: up to MAX_BATCH, and no more than MAX_BATCH_BYTES of
+        JSON but for a first change larger on its own (each change's text is made once, here or
+        in the publisher, which sends it)."""
+        pending = self.pending
+        size = 0
+        end = 0
+        for change in pending[:MAX_BATCH]:
+            tail = change.wire_tail
+            size += len(tail) if tail is not None else 0
+            if end and size > MAX_BATCH_BYTES:
+                break
+            end += 1
+        batch = pending[:end]
+        del pending[:end]
+        return batch
 
     def close(self) -> bool:
         """The reading ended: what was not published is dropped (the next reading reads it

@@ -81,7 +81,7 @@ class EngineCore:
         self._caller: Caller | None = None
         self._caller_lock = asyncio.Lock()
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
-        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._scripts: dict[str, Any] = {}
         self._connected = asyncio.Event()

@@ -156,6 +156,7 @@ class Delivery(History):
                 for future in self._confirm.values():
                     future.cancel()
                 self._confirm.clear()
+                self._replies_lost()
                 if pubsub is not None:
                     pubsub.close()
             await asyncio.sleep(delay)
@@ -358,7 +359,9 @@ class Delivery(History):
         entries = await self._history(mirror.room.name, start, upto)
         if entries is None:
             await self._announce_gap(
-                mirror, "changes were missed while the cluster's Redis was unreachable", upto
+                mirror,
+                "changes were missed while this node's connection to the cluster's Redis was down",
+                upto,
             )
             mirror.ring.clear()
             mirror.seq = upto

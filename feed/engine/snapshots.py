@@ -32,6 +32,10 @@ in a key (`<prefix>:answer:<id>`, expiring after SNAPSHOT_TIMEOUT) and only its 
 Redis cuts a subscriber whose output buffer passes `client-output-buffer-limit pubsub` (32 MB,
 or 8 MB for a minute, by default), and that connection carries every room the node relays."""
 
+ASK_AGAIN_PAUSE = 0.2
+"""Seconds between two requests asked again while the reader does not listen: a blip that cut
+this node's pub/sub connection cut the reader's too, and it reconnects as fast (0.2 s)."""
+
 log = logging.getLogger("feed.engine")
 
 
@@ -75,16 +79,23 @@ class Snapshots(Leases):
         return answer
 
     async def _ask(self, node: str, request: dict[str, Any]) -> dict[str, Any]:
-        ident = secrets.token_hex(8)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._replies[ident] = future
+        """Ask `node` (the reader) and wait for its answer, which comes to this node's inbox
+        over its pub/sub connection. An answer on its way when that connection was lost is
+        lost with it (Redis keeps nothing for a channel nobody follows): the request is asked
+        again once the connection is back, within the same SNAPSHOT_TIMEOUT. It used to wait
+        the whole 30 s for it, then fail; a client gave up at its own 10 s and asked again."""
         try:
-            inbox = f"{self._p}:node:{node}"
-            body = {**request, "id": ident, "reply": self.inbox.decode()}
-            receivers = await self.redis.publish(inbox, dumps(body))
-            if not receivers:
-                raise ProtocolError("snapshot_failed", f"the reading node {node} is not listening")
-            answer = await asyncio.wait_for(future, SNAPSHOT_TIMEOUT)
+            async with asyncio.timeout(SNAPSHOT_TIMEOUT):
+                again = False
+                while True:
+                    # A reply can only arrive over a connection that follows the inbox.
+                    await self._connected.wait()
+                    answer = await self._ask_once(node, request, again)
+                    if answer is not None:
+                        break
+                    if again:  # the reader's own connection is not back yet (a blip cuts all)
+                        await asyncio.sleep(ASK_AGAIN_PAUSE)
+                    again = True
             stored = answer.get("stored")
             if isinstance(stored, str):
                 body = await self.redis.getdel(stored)
@@ -102,8 +113,33 @@ class Snapshots(Leases):
             raise
         except Exception as exc:
             raise ProtocolError("snapshot_failed", f"snapshot failed: {one_line(exc)}") from None
+
+    async def _ask_once(
+        self, node: str, request: dict[str, Any], again: bool
+    ) -> dict[str, Any] | None:
+        """One request and its answer; None when the pub/sub connection was lost meanwhile
+        (`_replies_lost`), or, asking `again`, when the reader does not listen yet."""
+        ident = secrets.token_hex(8)
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._replies[ident] = future
+        try:
+            inbox = f"{self._p}:node:{node}"
+            body = {**request, "id": ident, "reply": self.inbox.decode()}
+            receivers = await self.redis.publish(inbox, dumps(body))
+            if not receivers:
+                if again:
+                    return None
+                raise ProtocolError("snapshot_failed", f"the reading node {node} is not listening")
+            return await future
         finally:
             self._replies.pop(ident, None)
+
+    def _replies_lost(self) -> None:
+        """The pub/sub connection is gone, and with it any answer on its way: every request
+        waiting for one is asked again (`_ask`)."""
+        for future in self._replies.values():
+            if not future.done():
+                future.set_result(None)
 
     async def _on_inbox(self, body: Mapping[str, Any]) -> None:
         if body.get("t") == "reply":

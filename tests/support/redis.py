@@ -237,9 +237,23 @@ class RedisTarget:
                 )
         return killed
 
+    async def output_buffer_cuts(self) -> list[str]:
+        """The clients our own server closed for passing `client-output-buffer-limit`: Redis's
+        log lines saying so (Redis 6.2, the bundled server, has no count of them in INFO; 7 has
+        `client_output_buffer_limit_disconnections` too, and logs the same line)."""
+        assert self.server is not None, "only a server the suite started has a log to read"
+        path = os.path.join(self.server.dir, "redis.log")
+        text = await asyncio.to_thread(_read, path)
+        return [line for line in text.splitlines() if "overcoming of output buffer limits" in line]
+
     async def cleanup(self) -> None:
         async for key in self.admin.scan_iter(match=self.prefix + "*", count=1000):
             await self.admin.delete(key)
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
 
 
 _shared: RedisServer | None = None
