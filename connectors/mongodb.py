@@ -81,7 +81,12 @@ HISTORY_LOST = 286
 AUTH_FAILED = 18
 UNAUTHORIZED = 13
 STANDALONE = 40573
-IMAGE_MISSING = 280  # ChangeStreamFatalError, e.g. a required pre- or post-image is missing
+FATAL = 280  # ChangeStreamFatalError: e.g. "the resume token was not found"
+NO_MATCHING_DOCUMENT = 47  # what mongod says when a required pre- or post-image is missing
+
+
+def _errmsg(exc: OperationFailure) -> str:
+    return str((exc.details or {}).get("errmsg") or exc)
 
 
 def history_lost(exc: OperationFailure) -> bool:
@@ -92,8 +97,19 @@ def history_lost(exc: OperationFailure) -> bool:
     same token for good."""
     if exc.code == HISTORY_LOST:
         return True
-    message = str((exc.details or {}).get("errmsg") or exc)
-    return exc.code == IMAGE_MISSING and "resume token was not found" in message
+    return exc.code == FATAL and "resume token was not found" in _errmsg(exc)
+
+
+def image_missing(exc: OperationFailure) -> bool:
+    """A required pre- or post-image that MongoDB did not record: NoMatchingDocument (47),
+    "Change stream was configured to require a pre-image ... but the pre-image was not found"
+    (mongod's document_source_change_stream_add_pre_image.cpp; 51770 on 4.4's pre-images).
+    Every ChangeStreamFatalError (280) was taken for this and shown with a collMod hint, while
+    mongod answers 47 here and 280 for other fatal errors."""
+    message = _errmsg(exc)
+    return exc.code in (NO_MATCHING_DOCUMENT, 51770) and (
+        "pre-image" in message or "post-image" in message
+    )
 
 
 STANDALONE_HINT = (
@@ -129,6 +145,15 @@ class MongoConnector(Connector):
         if not db or not coll:
             options.fail("resume_collection", f"must be database.collection, not {store_name!r}")
         self.resume_collection = (db, coll) if store == "mongodb" else None
+        if self.resume_collection is not None and store_name in {w.name for w in self.watches}:
+            # Each save is a change of the watched collection, delivered, then saved: a loop
+            # (638 changes in 6 s of an idle feed), and with other entries the stream's $match
+            # keeps the collection out, so it would hear nothing.
+            options.fail(
+                "watch",
+                f"{store_name!r} is where this connector keeps its resume tokens "
+                "(resume_collection): watch another collection, or set resume_collection",
+            )
         # Without a token store a new instance starts from now: a cluster that hands the
         # connector to another node must then announce a gap (feed.engine.lease), or what was
         # written while no node read it is lost without a word.
@@ -609,7 +634,7 @@ class MongoConnector(Connector):
                 )
             if exc.code == UNAUTHORIZED:
                 return SourceMisconfigured(f"MongoDB user may not do this: {message}")
-            if (exc.code == IMAGE_MISSING and not history_lost(exc)) or "-image" in message:
+            if image_missing(exc):
                 return SourceMisconfigured(
                     f"{message} (enable them with collMod changeStreamPreAndPostImages: "
                     '{enabled: true}, or use "whenAvailable")'

@@ -49,6 +49,21 @@ async def start_error(connector: MongoConnector) -> str:
             "connectors.shop.resume_collection",
             "database.collection",
         ),
+        # mongod opens no change stream on its internal databases or system collections.
+        ({"uri": "mongodb://h/", "watch": ["admin"]}, "connectors.shop.watch", "internal"),
+        ({"uri": "mongodb://h/", "watch": "local.oplog.rs"}, "connectors.shop.watch", "internal"),
+        ({"uri": "mongodb://h/", "watch": "shop.system.views"}, "connectors.shop.watch", "system"),
+        # Watching where the tokens are saved: every save was a change, saved in turn (a loop).
+        (
+            {"uri": "mongodb://h/", "watch": "dbfeed.resume_tokens"},
+            "connectors.shop.watch",
+            "resume tokens",
+        ),
+        (
+            {"uri": "mongodb://h/", "watch": ["shop.orders", "t.k"], "resume_collection": "t.k"},
+            "connectors.shop.watch",
+            "resume tokens",
+        ),
         (
             {"uri": "mongodb://h/", "watch": "shop", "colection": "x"},
             "connectors.shop.colection",

@@ -373,3 +373,21 @@ async def _mid_second() -> None:
     tokens of this second, and a server started now starts its clock in it."""
     fraction = time.time() % 1
     await asyncio.sleep((1.4 - fraction) % 1)
+
+
+async def test_a_fatal_stream_error_is_not_taken_for_a_missing_pre_image(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A ChangeStreamFatalError (280) other than a lost resume token says what MongoDB said:
+    it was taken for a missing required image and shown with "enable them with collMod
+    changeStreamPreAndPostImages", a hint that cannot help (mongod reports a missing image as
+    NoMatchingDocument, 47: tests/test_mongodb_wire_server.py)."""
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    data = {"failCommands": ["getMore"], "errorCode": 280, "appName": app(connector)}
+    async with streaming(connector) as stream, mongodb.fail_command("alwaysOn", data):
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(anext(stream), 30)
+    message = str(caught.value)
+    assert "280" in message and "\n" not in message
+    assert "changeStreamPreAndPostImages" not in message

@@ -152,3 +152,37 @@ async def test_a_token_of_another_wire_server_run_is_history_lost() -> None:
         finally:
             await old.close()
             await new.close()
+
+
+async def test_no_change_stream_on_internal_databases_or_system_collections(
+    mongodb: MongoSource,  # noqa: F811
+) -> None:
+    """mongod refuses a change stream on admin, config and local, and on a system.*
+    collection (InvalidNamespace, 73): the connector refuses such a `watch` in the config. The
+    wire server opened them."""
+    for target in (mongodb.client.admin, mongodb.client.local, mongodb.client.shop["system.js"]):
+        with pytest.raises(OperationFailure) as caught:
+            async with await target.watch():
+                pass
+        assert caught.value.code == 73, caught.value
+
+
+async def test_a_missing_required_image_is_no_matching_document(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """A required pre-image that was not recorded fails the stream with NoMatchingDocument
+    (47), "Change stream was configured to require a pre-image ... but the pre-image was not
+    found for event" (mongod's document_source_change_stream_add_pre_image.cpp), not a
+    labelled ChangeStreamFatalError (280): the wire server answered 280, the code mongod gives
+    a resume token it cannot find."""
+    await coll.insert_one({"_id": 1, "n": 0})
+    async with await coll.watch(
+        full_document_before_change="required", max_await_time_ms=200
+    ) as stream:
+        await coll.update_one({"_id": 1}, {"$inc": {"n": 1}})
+        with pytest.raises(OperationFailure) as caught:
+            await next_event(stream)
+    assert caught.value.code == 47, caught.value
+    assert "require a pre-image" in str(caught.value)
+    assert not caught.value.has_error_label("ResumableChangeStreamError")

@@ -358,7 +358,7 @@ class ChangeStream:
             if event is not None and self._passes(event):
                 missing = event.pop(_MISSING, None)
                 if missing is not None:
-                    raise _image_missing(missing)
+                    raise _image_missing(missing, event)
                 batch.append(event)
             if self._invalidates(entry):
                 invalidate: dict[str, Any] = {
@@ -444,11 +444,16 @@ def _token_not_found(position: Position) -> CommandError:
     )
 
 
-def _image_missing(which: str) -> CommandError:
+def _image_missing(which: str, event: Mapping[str, Any]) -> CommandError:
+    """mongod's error for a required image it has not got: NoMatchingDocument (47), no label
+    (document_source_change_stream_add_pre_image.cpp / _add_post_image.cpp; SERVER-66808
+    shows the text). This server answered 280 ChangeStreamFatalError, the code mongod gives a
+    resume token it cannot find, which a connector must tell apart."""
+    shown = {k: event[k] for k in ("_id", "operationType", "clusterTime") if k in event}
     return CommandError(
-        280,
-        "ChangeStreamFatalError",
-        f"Change stream was configured to require a {which}-image for all update, delete and "
-        f"replace events, but the {which}-image was not found",
-        ["NonResumableChangeStreamError"],
+        47,
+        "NoMatchingDocument",
+        f"Executor error during getMore :: caused by :: Change stream was configured to "
+        f"require a {which}-image for all update, delete and replace events, but the "
+        f"{which}-image was not found for event: {shown}",
     )
