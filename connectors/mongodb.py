@@ -364,10 +364,15 @@ class MongoConnector(Connector):
         scope = stream_scope(self.watches)
         pipeline = stream_match(self.watches, scope, self.resume_collection)
         options: dict[str, Any] = {"max_await_time_ms": self.max_await_ms}
+        # "required" is asked of MongoDB as "whenAvailable" and checked here (`_check_images`):
+        # mongod reads the event a resume token names again, through its image lookups, so a
+        # restart after an update written before pre-images were on failed with
+        # NoMatchingDocument for good, though that update was delivered long ago and every
+        # later one has its images (SERVER-136798, MongoDB 7.0 to 8.2).
         if self.full_document != "off":
-            options["full_document"] = self.full_document
+            options["full_document"] = _asked(self.full_document)
         if self.before_change != "off":
-            options["full_document_before_change"] = self.before_change
+            options["full_document_before_change"] = _asked(self.before_change)
         if self._token is not None:
             options["start_after"] = self._token
         return await self._target().watch(pipeline, **options)
@@ -394,6 +399,7 @@ class MongoConnector(Connector):
                     await self._advance(stream.resume_token, event=False, end_of_batch=True)
                     self._report_lag(None)  # an empty batch: caught up
                     continue
+                self._check_images(event)
                 change = to_change(self.name, event, self._fallback_target())
                 self._report_lag(change)
                 into = watched(self.watches, event.get("to")) if change.op == "rename" else None
@@ -431,6 +437,31 @@ class MongoConnector(Connector):
         finally:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
+
+    def _check_images(self, event: Mapping[str, Any]) -> None:
+        """What "required" asks of MongoDB (`_watch`), checked on each event delivered: an
+        image MongoDB did not record stops the connector at that event, which is not
+        delivered (clients relying on `before` never get a change without it)."""
+        op = event.get("operationType")
+        which = None
+        if self.before_change == "required" and op in ("update", "replace", "delete"):
+            which = "pre" if event.get("fullDocumentBeforeChange") is None else None
+        if which is None and self.full_document == "required" and op == "update":
+            which = "post" if event.get("fullDocument") is None else None
+        if which is None:
+            return
+        ns = event.get("ns") or {}
+        key = (event.get("documentKey") or {}).get("_id")
+        setting = "full_document_before_change" if which == "pre" else "full_document"
+        error = SourceMisconfigured(
+            f"MongoDB has no {which}-image for the {op} of {ns.get('db')}.{ns.get('coll')} "
+            f'_id {key!r} at {event.get("clusterTime")} and {setting} is "required": enable '
+            "changeStreamPreAndPostImages on the collection (collMod; images are kept only for "
+            f'writes made after that), or set {setting} = "whenAvailable" (this change then '
+            "comes with null)"
+        )
+        self.set_status(State.DOWN, str(error))
+        raise error
 
     def _report_lag(self, change: Change | None) -> None:
         """LAGGING while the events read are older than `lag_threshold` (by their wallTime)."""
@@ -652,6 +683,11 @@ class MongoConnector(Connector):
                 f"lost the change stream from MongoDB at {self._server}: {_one_line(exc)}"
             )
         return SourceUnavailable(f"MongoDB at {self._server}: {_one_line(exc)}")
+
+
+def _asked(mode: str) -> str:
+    """The image mode asked of MongoDB: "required" is checked by the connector instead."""
+    return "whenAvailable" if mode == "required" else mode
 
 
 def _one_line(exc: BaseException) -> str:

@@ -186,3 +186,34 @@ async def test_a_missing_required_image_is_no_matching_document(
     assert caught.value.code == 47, caught.value
     assert "require a pre-image" in str(caught.value)
     assert not caught.value.has_error_label("ResumableChangeStreamError")
+
+
+async def test_resuming_after_an_event_without_its_required_pre_image_fails(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """mongod reads the event a resume token names again, through its image lookups, before it
+    drops it (SERVER-136798, 7.0 to 8.2): resuming after an update written without a pre-image
+    with fullDocumentBeforeChange "required" fails with NoMatchingDocument, though that update
+    is not returned and every later one has its image; "whenAvailable" resumes. The wire server
+    resumed, so the connector's answer to it (it asks for "whenAvailable" and checks
+    "required" itself) went untested."""
+    await coll.insert_one({"_id": 1, "v": 0})
+    async with await coll.watch(max_await_time_ms=200) as stream:
+        await coll.update_one({"_id": 1}, {"$set": {"v": 1}})
+        token = (await next_event(stream))["_id"]
+    await coll.database.command(
+        {"collMod": coll.name, "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    await coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+    async with await coll.watch(
+        start_after=token, full_document_before_change="whenAvailable", max_await_time_ms=200
+    ) as stream:
+        event = await next_event(stream)
+        assert event["fullDocumentBeforeChange"] == {"_id": 1, "v": 1}
+    with pytest.raises(OperationFailure) as caught:
+        async with await coll.watch(
+            start_after=token, full_document_before_change="required", max_await_time_ms=200
+        ) as stream:
+            await next_event(stream)
+    assert caught.value.code == 47, caught.value

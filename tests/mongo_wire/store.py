@@ -314,10 +314,29 @@ class ChangeStream:
             raise _history_lost()  # a token from before a restart: history this run never had
         if self.position.kind == EVENT and self.position.run is not None:
             at = (self.position.ts, self.position.index)
-            if not any((entry.ts, entry.index) == at for entry in self.store.oplog):
+            found = [entry for entry in self.store.oplog if (entry.ts, entry.index) == at]
+            if not found:
                 # Within the oplog's window but no such event (a token of another replica set,
                 # or of a restored backup): mongod says so, and it is not resumable.
                 raise _token_not_found(self.position)
+            self._resumed = found[0]
+
+    _resumed: Entry | None = field(default=None, init=False)
+    """The event a resume token names: mongod reads it again, through the image lookups, before
+    it checks the token and drops the event (SERVER-136798: resuming after an update written
+    without a pre-image, with fullDocumentBeforeChange "required", fails with
+    NoMatchingDocument though that update is not returned)."""
+
+    def _check_resumed(self) -> None:
+        entry, self._resumed = self._resumed, None
+        if entry is None or not self._in_scope(entry):
+            return
+        if self.coll is not None and entry.op == "dropDatabase":
+            return
+        event = self.render(entry)
+        missing = event.pop(_MISSING, None)
+        if missing is not None and self._passes(event):
+            raise _image_missing(missing, event)
 
     def _in_scope(self, entry: Entry) -> bool:
         if self.db is None:
@@ -344,6 +363,7 @@ class ChangeStream:
         """Events after the current position (at most batch_size) and the postBatchResumeToken."""
         if self.position.ts < self.store.floor:
             raise _history_lost()
+        self._check_resumed()
         batch: list[dict[str, Any]] = []
         for entry in self.store.oplog:
             if len(batch) >= self.batch_size:
