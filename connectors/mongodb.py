@@ -81,6 +81,7 @@ HISTORY_LOST = 286
 AUTH_FAILED = 18
 UNAUTHORIZED = 13
 STANDALONE = 40573
+CAPPED_POSITION_LOST = 136  # an open stream's place left the oplog (it rolled over)
 FATAL = 280  # ChangeStreamFatalError: e.g. "the resume token was not found"
 NO_MATCHING_DOCUMENT = 47  # what mongod says when a required pre- or post-image is missing
 
@@ -94,8 +95,13 @@ def history_lost(exc: OperationFailure) -> bool:
     (ChangeStreamFatalError "the resume token was not found": a token of another replica set,
     or saved before a restore). Either way the stream cannot go on from the token: a gap, then
     from now. The second was read as a missing image, and the connector restarted from the
-    same token for good."""
-    if exc.code == HISTORY_LOST:
+    same token for good.
+
+    An open stream whose place the oplog rolled past gets CappedPositionLost (136) from its
+    getMore: the oplog is the only capped collection a change stream reads, and whatever
+    followed that place is gone too. It has no resumable label, so it was shown as "MongoDB
+    error 136", the connector restarted, and only its reopening found the history lost."""
+    if exc.code in (HISTORY_LOST, CAPPED_POSITION_LOST):
         return True
     return exc.code == FATAL and "resume token was not found" in _errmsg(exc)
 

@@ -391,3 +391,27 @@ async def test_a_fatal_stream_error_is_not_taken_for_a_missing_pre_image(
     message = str(caught.value)
     assert "280" in message and "\n" not in message
     assert "changeStreamPreAndPostImages" not in message
+
+
+async def test_an_oplog_rolling_past_an_open_stream_is_a_gap(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The oplog rolls past the place of a running connector (it fell behind): mongod fails
+    the open stream's getMore with CappedPositionLost (136), not ChangeStreamHistoryLost. It
+    was shown as "MongoDB error 136" and the connector raised (down, restarted by the hub);
+    it is history lost: a gap, then from now, as a resume would find."""
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+        mongodb.wire.store.truncate_oplog()
+        [gap] = await take(stream, 1)
+        await coll.insert_one({"_id": 2})
+        [after] = await changes(stream, 1)
+    assert isinstance(gap, Gap) and "oplog no longer holds" in gap.reason, gap
+    assert after.key == 2
+    assert connector.capture_faults == {"history_lost": 1}

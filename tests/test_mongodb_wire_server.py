@@ -217,3 +217,28 @@ async def test_resuming_after_an_event_without_its_required_pre_image_fails(
         ) as stream:
             await next_event(stream)
     assert caught.value.code == 47, caught.value
+
+
+async def test_an_open_stream_the_oplog_rolls_past_gets_capped_position_lost(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """Wire server only (a real oplog cannot be truncated from a client). mongod's getMore on
+    an open stream whose place left the oplog fails as any capped scan does:
+    CappedPositionLost (136), unlabelled (SERVER-137324 describes it); resuming there is
+    ChangeStreamHistoryLost (286). The wire server answered 286 on the getMore."""
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
+    await coll.insert_one({"_id": 1})
+    async with await coll.watch(max_await_time_ms=200) as stream:
+        await coll.insert_one({"_id": 2})
+        token = (await next_event(stream))["_id"]
+        mongodb.wire.store.truncate_oplog()
+        with pytest.raises(OperationFailure) as caught:
+            await next_event(stream)
+    assert caught.value.code == 136, caught.value
+    assert not caught.value.has_error_label("ResumableChangeStreamError")
+    with pytest.raises(OperationFailure) as resumed:
+        async with await coll.watch(resume_after=token) as stream:
+            await stream.try_next()
+    assert resumed.value.code == 286

@@ -27,7 +27,8 @@ It keeps everything in memory and implements only what the connector and its tes
   admin, config, local and system.* collections (InvalidNamespace, 73), `$match` stages after it, postBatchResumeToken on every
   batch (a high-water mark that advances while idle, as the periodic noop writer makes it do on
   a real replica set), invalidate after drop/rename/dropDatabase, and ChangeStreamHistoryLost
-  (286) for resume points before `store.truncate_oplog()`; ChangeStreamFatalError (280) "the
+  (286) for resume points before `store.truncate_oplog()` (CappedPositionLost, 136, for the
+  getMore of a stream open across it); ChangeStreamFatalError (280) "the
   resume token was not found" for an event token of this run that names no event in the oplog.
 
 Event documents follow MongoDB's change event reference

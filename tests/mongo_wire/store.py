@@ -362,7 +362,11 @@ class ChangeStream:
     def next_batch(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """Events after the current position (at most batch_size) and the postBatchResumeToken."""
         if self.position.ts < self.store.floor:
-            raise _history_lost()
+            # An open stream whose place left the oplog: its oplog scan dies as any capped
+            # collection scan does (CappedPositionLost, 136, with no resumable label); mongod
+            # says ChangeStreamHistoryLost only when a stream is opened or resumed there
+            # (SERVER-137324 describes this: a mid-stream CappedPositionLost is passed on as is).
+            raise _capped_position_lost()
         self._check_resumed()
         batch: list[dict[str, Any]] = []
         for entry in self.store.oplog:
@@ -451,6 +455,15 @@ def _history_lost() -> CommandError:
         "ChangeStreamHistoryLost",
         "Resume of change stream was not possible, as the resume point may no longer be in the "
         "oplog.",
+    )
+
+
+def _capped_position_lost() -> CommandError:
+    return CommandError(
+        136,
+        "CappedPositionLost",
+        "Executor error during getMore :: caused by :: CollectionScan died due to position in "
+        "capped collection being deleted.",
     )
 
 
