@@ -459,9 +459,12 @@ class MongoConnector(Connector):
         ns = event.get("ns") or {}
         key = (event.get("documentKey") or {}).get("_id")
         setting = "full_document_before_change" if which == "pre" else "full_document"
+        when = event.get("wallTime") or event.get("clusterTime")
+        if isinstance(when, dt.datetime):
+            when = when.isoformat()
         error = SourceMisconfigured(
             f"MongoDB has no {which}-image for the {op} of {ns.get('db')}.{ns.get('coll')} "
-            f'_id {key!r} at {event.get("clusterTime")} and {setting} is "required": enable '
+            f'_id {key!r} at {when} and {setting} is "required": enable '
             "changeStreamPreAndPostImages on the collection (collMod; images are kept only for "
             f'writes made after that), or set {setting} = "whenAvailable" (this change then '
             "comes with null)"
