@@ -81,6 +81,10 @@ HISTORY_LOST = 286
 AUTH_FAILED = 18
 UNAUTHORIZED = 13
 STANDALONE = 40573
+TOO_LARGE = 10334  # BSONObjectTooLarge: an event over 16 MB (a big document with its images)
+STRIPPED = ["fullDocument", "fullDocumentBeforeChange", "updateDescription"]
+"""What an event too large to read is read without: what is left (its kind, namespace, key,
+time and token) is always small."""
 CAPPED_POSITION_LOST = 136  # an open stream's place left the oplog (it rolled over)
 FATAL = 280  # ChangeStreamFatalError: e.g. "the resume token was not found"
 NO_MATCHING_DOCUMENT = 47  # what mongod says when a required pre- or post-image is missing
@@ -182,6 +186,7 @@ class MongoConnector(Connector):
         self._whole_dbs = {w.db for w in self.watches if w.coll is None}
         self._open_stream: Any = None  # opened by start(), consumed by changes()
         self._progress = 0  # batches read, to tell a fresh failure from a repeated one
+        self._one_by_one = False  # reading one event a batch, to reach one too large to read
         self._server = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -329,6 +334,21 @@ class MongoConnector(Connector):
                         "resume token (it rolled over while the feed was behind or stopped; "
                         "a bigger oplog, replSetResizeOplog, keeps a longer window)",
                     )
+                elif exc.code == TOO_LARGE and self._token is not None:
+                    # An event over 16 MB fails its whole batch, and every reopening from our
+                    # token: the connector stopped there for good. Reopened for one event at a
+                    # time (a stream's first batch of one: PyMongo asks getMores for two),
+                    # every event before it arrives whole; once opening fails, the next event
+                    # is that one: read without its documents, delivered, and its rooms get a
+                    # gap (reload that document).
+                    if not self._one_by_one:
+                        log.warning("%s: %s", self.name, _one_line(exc))
+                        self._one_by_one = True
+                        continue
+                    async for item in self._read_stripped():
+                        yield item
+                    self._one_by_one = False
+                    continue
                 elif not exc.has_error_label("ResumableChangeStreamError"):
                     error = self._explain(exc)
                     self.set_status(State.DOWN, str(error))
@@ -343,6 +363,44 @@ class MongoConnector(Connector):
                 with contextlib.suppress(PyMongoError):
                     self._open_stream = await self._watch()
                 yield gap
+
+    async def _read_stripped(self) -> AsyncIterator[Change | Gap]:
+        """The event after the delivered position, known to be too large to read: read without
+        its documents (`STRIPPED`), delivered with `before` and `after` null, then a gap for
+        its collection's rooms, whose clients reload the document."""
+        scope = stream_scope(self.watches)
+        pipeline = stream_match(self.watches, scope, self.resume_collection)
+        pipeline.append({"$unset": STRIPPED})
+        deadline = time.monotonic() + self.connect_timeout + self.max_await_ms / 1000
+        try:
+            async with await self._target().watch(
+                pipeline,
+                start_after=self._token,
+                batch_size=1,
+                max_await_time_ms=self.max_await_ms,
+            ) as stream:
+                while (event := await stream.try_next()) is None:
+                    if not stream.alive or time.monotonic() > deadline:
+                        raise SourceUnavailable(
+                            f"MongoDB at {self._server}: the change event too large to read "
+                            "did not come again"
+                        )
+        except OperationFailure as exc:
+            error = self._explain(exc)
+            self.set_status(State.DOWN, str(error))
+            raise error from None
+        change = to_change(self.name, event, self._fallback_target())
+        if change.target not in self._known and "." in change.target:
+            self._known.add(change.target)
+        yield change
+        self.count_fault("event_too_large")
+        yield Gap(
+            self.name,
+            f"MongoDB change event over 16 MB ({change.op} of {change.target}, with its "
+            "documents): delivered without them; reload",
+            change.target if "." in change.target else None,
+        )
+        await self._advance(event["_id"], event=True, end_of_batch=True, change=change)
 
     async def _back_off(self, failures: int, exc: PyMongoError) -> int:
         """Wait before reopening the stream, or give up and let the hub restart the connector."""
@@ -381,6 +439,8 @@ class MongoConnector(Connector):
             options["full_document_before_change"] = _asked(self.before_change)
         if self._token is not None:
             options["start_after"] = self._token
+        if self._one_by_one:
+            options["batch_size"] = 1
         return await self._target().watch(pipeline, **options)
 
     async def _stream(self) -> AsyncIterator[Change | Gap]:
@@ -391,6 +451,8 @@ class MongoConnector(Connector):
         try:
             self.set_status(State.UP)
             await self._advance(stream.resume_token, event=False, end_of_batch=True)
+            if self._one_by_one and _batch_done(stream):
+                self._one_by_one = False  # nothing after the token to step through one by one
             while True:
                 event = await stream.try_next()
                 self._progress += 1
@@ -440,6 +502,8 @@ class MongoConnector(Connector):
                     )
                     yield Gap(self.name, reason, target)
                     return
+                if self._one_by_one:
+                    return  # the next event from a stream of its own (`changes`)
         finally:
             with contextlib.suppress(PyMongoError):
                 await stream.close()

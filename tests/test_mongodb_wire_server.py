@@ -242,3 +242,34 @@ async def test_an_open_stream_the_oplog_rolls_past_gets_capped_position_lost(
         async with await coll.watch(resume_after=token) as stream:
             await stream.try_next()
     assert resumed.value.code == 286
+
+
+async def test_an_event_over_16_mb_fails_its_batch_unless_reshaped(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """A change event over 16 MB (a 9 MB document's update with its pre- and post-images) fails
+    the batch with BSONObjectTooLarge (10334), and so every stream reopened before it; an
+    `$unset` of its documents lets it through (MongoDB's "Large Change Stream Events"). The
+    wire server sent events of any size, so a connector stopped there for good went untested."""
+    await coll.database.command(
+        {"collMod": coll.name, "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    await coll.insert_one({"_id": 1, "blob": "x" * (9 * 1024 * 1024)})
+    async with await coll.watch(
+        full_document="required",
+        full_document_before_change="required",
+        max_await_time_ms=200,
+    ) as stream:
+        token = stream.resume_token
+        await coll.update_one({"_id": 1}, {"$set": {"blob": "y" * (9 * 1024 * 1024)}})
+        with pytest.raises(OperationFailure) as caught:
+            await next_event(stream)
+    assert caught.value.code == 10334, caught.value
+    stripped = [{"$unset": ["fullDocument", "fullDocumentBeforeChange", "updateDescription"]}]
+    async with await coll.watch(
+        stripped, start_after=token, full_document="required", max_await_time_ms=200
+    ) as stream:
+        event = await next_event(stream)
+    assert event["operationType"] == "update" and event["documentKey"] == {"_id": 1}
+    assert "fullDocument" not in event and "updateDescription" not in event

@@ -24,7 +24,8 @@ It keeps everything in memory and implements only what the connector and its tes
   whenAvailable, required) served from pre- and post-images kept when the collection has
   changeStreamPreAndPostImages enabled (a required one missing is NoMatchingDocument, 47, also
   for the event a resume token names, which mongod reads again: SERVER-136798), refused on
-  admin, config, local and system.* collections (InvalidNamespace, 73), `$match` stages after it, postBatchResumeToken on every
+  admin, config, local and system.* collections (InvalidNamespace, 73), `$match` and `$unset`
+  stages after it, BSONObjectTooLarge (10334) for an event over 16 MB, postBatchResumeToken on every
   batch (a high-water mark that advances while idle, as the periodic noop writer makes it do on
   a real replica set), invalidate after drop/rename/dropDatabase, and ChangeStreamHistoryLost
   (286) for resume points before `store.truncate_oplog()` (CappedPositionLost, 136, for the

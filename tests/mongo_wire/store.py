@@ -304,9 +304,17 @@ class ChangeStream:
 
     def __post_init__(self) -> None:
         for stage in self.pipeline:
-            if set(stage) - {"$match"}:
+            if len(stage) != 1 or not set(stage) <= {"$match", "$unset"}:
                 raise CommandError(
                     40324, "Location40324", f"Unsupported stage in this test server: {stage}"
+                )
+            if "_id" in _unset_paths(stage.get("$unset", [])):
+                # mongod fails such a stream when it meets an event (280); refused at once here.
+                raise CommandError(
+                    280,
+                    "ChangeStreamFatalError",
+                    "Encountered an event whose _id field, which contains the resume token, "
+                    "was modified by the pipeline.",
                 )
         if self.position.ts < self.store.floor:
             raise _history_lost()
@@ -383,6 +391,10 @@ class ChangeStream:
                 missing = event.pop(_MISSING, None)
                 if missing is not None:
                     raise _image_missing(missing, event)
+                event = self._reshape(event)
+                size = len(bson.encode(event, codec_options=CODEC))
+                if size > MAX_EVENT_SIZE:
+                    raise _too_large(event, size)
                 batch.append(event)
             if self._invalidates(entry):
                 invalidate: dict[str, Any] = {
@@ -401,9 +413,23 @@ class ChangeStream:
         self.position = Position(mark, 0, HWM)
         return batch, make_token(mark, HWM, 0, self.store.run)
 
+    def _reshape(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The `$unset` stages (after the `$match` ones: this server keeps them in that order)."""
+        for stage in self.pipeline:
+            for path in _unset_paths(stage.get("$unset", [])):
+                *parents, last = path.split(".")
+                place: Any = event
+                for part in parents:
+                    place = place.get(part) if isinstance(place, dict) else None
+                if isinstance(place, dict):
+                    place.pop(last, None)
+        return event
+
     def _passes(self, event: Mapping[str, Any]) -> bool:
         try:
-            return all(matches(event, stage["$match"]) for stage in self.pipeline)
+            return all(
+                matches(event, stage["$match"]) for stage in self.pipeline if "$match" in stage
+            )
         except QueryError as exc:
             raise CommandError(exc.code, "BadValue", str(exc)) from None
 
@@ -443,6 +469,28 @@ class ChangeStream:
         if entry.op == "rename" and entry.to:
             event["to"] = {"db": entry.to[0], "coll": entry.to[1]}
         return event
+
+
+MAX_EVENT_SIZE = 16 * 1024 * 1024 + 16 * 1024
+"""mongod's BSONObjMaxInternalSize: a change event larger than this (a big document with its
+pre- and post-images, say) fails the batch with BSONObjectTooLarge (10334)."""
+
+
+def _unset_paths(spec: Any) -> list[str]:
+    return [spec] if isinstance(spec, str) else [str(path) for path in spec]
+
+
+def _too_large(event: Mapping[str, Any], size: int) -> CommandError:
+    """mongod's words for an event over 16 MB: its first element, `_id`, is the event's token
+    (MongoDB's docs: "Large Change Stream Events"; $changeStreamSplitLargeEvent is 7.0's way
+    round it)."""
+    return CommandError(
+        10334,
+        "BSONObjectTooLarge",
+        f"Executor error during getMore :: caused by :: BSONObj size: {size} (0x{size:X}) is "
+        f"invalid. Size must be between 0 and {MAX_EVENT_SIZE}(16MB) First element: _id: "
+        f'{{ _data: "{event["_id"]["_data"]}" }}',
+    )
 
 
 _MISSING = "\x00missing image"
