@@ -203,10 +203,40 @@ class MongoConnector(Connector):
             await self._close_client()
             raise
         except PyMongoError as exc:
-            error = self._explain(exc)
+            error = await self._wrong_set_name(exc) or self._explain(exc)
             self.set_status(State.DOWN, str(error))
             await self._close_client()
             raise error from None
+
+    async def _wrong_set_name(self, exc: PyMongoError) -> ConnectorError | None:
+        """A `replicaSet` in the uri that the server does not bear: PyMongo only says "No
+        replica set members available for replica set name", shown as "cannot reach MongoDB"
+        of a server that answered. Asked directly, the server names its set."""
+        if not isinstance(exc, ServerSelectionTimeoutError) or "replica set name" not in str(exc):
+            return None
+        try:
+            options = parse_uri(self.uri)
+            wanted = options["options"].get("replicaSet")
+            for host, port in options["nodelist"]:
+                client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+                    host,
+                    port,
+                    directConnection=True,
+                    serverSelectionTimeoutMS=int(self.connect_timeout * 1000),
+                )
+                try:
+                    hello = await client.admin.command("hello")
+                finally:
+                    await client.close()
+                actual = hello.get("setName")
+                if actual and actual != wanted:
+                    return SourceMisconfigured(
+                        f"MongoDB at {host}:{port} is replica set {actual!r}, not {wanted!r}: "
+                        f"fix replicaSet in uri (replicaSet={actual})"
+                    )
+        except (PyMongoError, InvalidURI, ConfigurationError, ValueError):
+            return None
+        return None
 
     async def _connect(self, stream: bool) -> None:
         try:

@@ -231,3 +231,14 @@ async def test_required_pre_images_stop_at_the_change_without_one(
     assert "no pre-image for the delete" in message and "_id 7" in message
     assert "changeStreamPreAndPostImages" in message and "\n" not in message
     assert connector.status.state in (State.DOWN, State.STOPPED)
+
+
+async def test_a_wrong_replica_set_name_names_the_right_one() -> None:
+    """Wire server only: its set name is known. A uri whose replicaSet the server does not
+    bear was "cannot reach MongoDB at host: No replica set members available for replica set
+    name" of a server that answered; the server, asked directly, names its set."""
+    async with MongoWireServer() as server:
+        uri = f"{server.url}?replicaSet=myset"
+        message = await start_error(build(uri=uri, watch="shop.orders", connect_timeout=1.0))
+    assert f"is replica set {server.set_name!r}, not 'myset'" in message
+    assert f"replicaSet={server.set_name}" in message
