@@ -81,7 +81,17 @@ HISTORY_LOST = 286
 AUTH_FAILED = 18
 UNAUTHORIZED = 13
 STANDALONE = 40573
-IMAGE_MISSING = 280  # ChangeStreamFatalError, e.g. a required pre- or post-image is missing
+TOO_LARGE = 10334  # BSONObjectTooLarge: an event over 16 MB (a big document with its images)
+STRIPPED = ["fullDocument", "fullDocumentBeforeChange", "updateDescription"]
+"""What an event too large to read is read without: what is left (its kind, namespace, key,
+time and token) is always small."""
+CAPPED_POSITION_LOST = 136  # an open stream's place left the oplog (it rolled over)
+FATAL = 280  # ChangeStreamFatalError: e.g. "the resume token was not found"
+NO_MATCHING_DOCUMENT = 47  # what mongod says when a required pre- or post-image is missing
+
+
+def _errmsg(exc: OperationFailure) -> str:
+    return str((exc.details or {}).get("errmsg") or exc)
 
 
 def history_lost(exc: OperationFailure) -> bool:
@@ -89,11 +99,27 @@ def history_lost(exc: OperationFailure) -> bool:
     (ChangeStreamFatalError "the resume token was not found": a token of another replica set,
     or saved before a restore). Either way the stream cannot go on from the token: a gap, then
     from now. The second was read as a missing image, and the connector restarted from the
-    same token for good."""
-    if exc.code == HISTORY_LOST:
+    same token for good.
+
+    An open stream whose place the oplog rolled past gets CappedPositionLost (136) from its
+    getMore: the oplog is the only capped collection a change stream reads, and whatever
+    followed that place is gone too. It has no resumable label, so it was shown as "MongoDB
+    error 136", the connector restarted, and only its reopening found the history lost."""
+    if exc.code in (HISTORY_LOST, CAPPED_POSITION_LOST):
         return True
-    message = str((exc.details or {}).get("errmsg") or exc)
-    return exc.code == IMAGE_MISSING and "resume token was not found" in message
+    return exc.code == FATAL and "resume token was not found" in _errmsg(exc)
+
+
+def image_missing(exc: OperationFailure) -> bool:
+    """A required pre- or post-image that MongoDB did not record: NoMatchingDocument (47),
+    "Change stream was configured to require a pre-image ... but the pre-image was not found"
+    (mongod's document_source_change_stream_add_pre_image.cpp; 51770 on 4.4's pre-images).
+    Every ChangeStreamFatalError (280) was taken for this and shown with a collMod hint, while
+    mongod answers 47 here and 280 for other fatal errors."""
+    message = _errmsg(exc)
+    return exc.code in (NO_MATCHING_DOCUMENT, 51770) and (
+        "pre-image" in message or "post-image" in message
+    )
 
 
 STANDALONE_HINT = (
@@ -129,6 +155,15 @@ class MongoConnector(Connector):
         if not db or not coll:
             options.fail("resume_collection", f"must be database.collection, not {store_name!r}")
         self.resume_collection = (db, coll) if store == "mongodb" else None
+        if self.resume_collection is not None and store_name in {w.name for w in self.watches}:
+            # Each save is a change of the watched collection, delivered, then saved: a loop
+            # (638 changes in 6 s of an idle feed), and with other entries the stream's $match
+            # keeps the collection out, so it would hear nothing.
+            options.fail(
+                "watch",
+                f"{store_name!r} is where this connector keeps its resume tokens "
+                "(resume_collection): watch another collection, or set resume_collection",
+            )
         # Without a token store a new instance starts from now: a cluster that hands the
         # connector to another node must then announce a gap (feed.engine.lease), or what was
         # written while no node read it is lost without a word.
@@ -151,6 +186,7 @@ class MongoConnector(Connector):
         self._whole_dbs = {w.db for w in self.watches if w.coll is None}
         self._open_stream: Any = None  # opened by start(), consumed by changes()
         self._progress = 0  # batches read, to tell a fresh failure from a repeated one
+        self._one_by_one = False  # reading one event a batch, to reach one too large to read
         self._server = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -167,10 +203,40 @@ class MongoConnector(Connector):
             await self._close_client()
             raise
         except PyMongoError as exc:
-            error = self._explain(exc)
+            error = await self._wrong_set_name(exc) or self._explain(exc)
             self.set_status(State.DOWN, str(error))
             await self._close_client()
             raise error from None
+
+    async def _wrong_set_name(self, exc: PyMongoError) -> ConnectorError | None:
+        """A `replicaSet` in the uri that the server does not bear: PyMongo only says "No
+        replica set members available for replica set name", shown as "cannot reach MongoDB"
+        of a server that answered. Asked directly, the server names its set."""
+        if not isinstance(exc, ServerSelectionTimeoutError) or "replica set name" not in str(exc):
+            return None
+        try:
+            options = parse_uri(self.uri)
+            wanted = options["options"].get("replicaSet")
+            for host, port in options["nodelist"]:
+                client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+                    host,
+                    port,
+                    directConnection=True,
+                    serverSelectionTimeoutMS=int(self.connect_timeout * 1000),
+                )
+                try:
+                    hello = await client.admin.command("hello")
+                finally:
+                    await client.close()
+                actual = hello.get("setName")
+                if actual and actual != wanted:
+                    return SourceMisconfigured(
+                        f"MongoDB at {host}:{port} is replica set {actual!r}, not {wanted!r}: "
+                        f"fix replicaSet in uri (replicaSet={actual})"
+                    )
+        except (PyMongoError, InvalidURI, ConfigurationError, ValueError):
+            return None
+        return None
 
     async def _connect(self, stream: bool) -> None:
         try:
@@ -298,6 +364,21 @@ class MongoConnector(Connector):
                         "resume token (it rolled over while the feed was behind or stopped; "
                         "a bigger oplog, replSetResizeOplog, keeps a longer window)",
                     )
+                elif exc.code == TOO_LARGE and self._token is not None:
+                    # An event over 16 MB fails its whole batch, and every reopening from our
+                    # token: the connector stopped there for good. Reopened for one event at a
+                    # time (a stream's first batch of one: PyMongo asks getMores for two),
+                    # every event before it arrives whole; once opening fails, the next event
+                    # is that one: read without its documents, delivered, and its rooms get a
+                    # gap (reload that document).
+                    if not self._one_by_one:
+                        log.warning("%s: %s", self.name, _one_line(exc))
+                        self._one_by_one = True
+                        continue
+                    async for item in self._read_stripped():
+                        yield item
+                    self._one_by_one = False
+                    continue
                 elif not exc.has_error_label("ResumableChangeStreamError"):
                     error = self._explain(exc)
                     self.set_status(State.DOWN, str(error))
@@ -312,6 +393,44 @@ class MongoConnector(Connector):
                 with contextlib.suppress(PyMongoError):
                     self._open_stream = await self._watch()
                 yield gap
+
+    async def _read_stripped(self) -> AsyncIterator[Change | Gap]:
+        """The event after the delivered position, known to be too large to read: read without
+        its documents (`STRIPPED`), delivered with `before` and `after` null, then a gap for
+        its collection's rooms, whose clients reload the document."""
+        scope = stream_scope(self.watches)
+        pipeline = stream_match(self.watches, scope, self.resume_collection)
+        pipeline.append({"$unset": STRIPPED})
+        deadline = time.monotonic() + self.connect_timeout + self.max_await_ms / 1000
+        try:
+            async with await self._target().watch(
+                pipeline,
+                start_after=self._token,
+                batch_size=1,
+                max_await_time_ms=self.max_await_ms,
+            ) as stream:
+                while (event := await stream.try_next()) is None:
+                    if not stream.alive or time.monotonic() > deadline:
+                        raise SourceUnavailable(
+                            f"MongoDB at {self._server}: the change event too large to read "
+                            "did not come again"
+                        )
+        except OperationFailure as exc:
+            error = self._explain(exc)
+            self.set_status(State.DOWN, str(error))
+            raise error from None
+        change = to_change(self.name, event, self._fallback_target())
+        if change.target not in self._known and "." in change.target:
+            self._known.add(change.target)
+        yield change
+        self.count_fault("event_too_large")
+        yield Gap(
+            self.name,
+            f"MongoDB change event over 16 MB ({change.op} of {change.target}, with its "
+            "documents): delivered without them; reload",
+            change.target if "." in change.target else None,
+        )
+        await self._advance(event["_id"], event=True, end_of_batch=True, change=change)
 
     async def _back_off(self, failures: int, exc: PyMongoError) -> int:
         """Wait before reopening the stream, or give up and let the hub restart the connector."""
@@ -339,12 +458,19 @@ class MongoConnector(Connector):
         scope = stream_scope(self.watches)
         pipeline = stream_match(self.watches, scope, self.resume_collection)
         options: dict[str, Any] = {"max_await_time_ms": self.max_await_ms}
+        # "required" is asked of MongoDB as "whenAvailable" and checked here (`_check_images`):
+        # mongod reads the event a resume token names again, through its image lookups, so a
+        # restart after an update written before pre-images were on failed with
+        # NoMatchingDocument for good, though that update was delivered long ago and every
+        # later one has its images (SERVER-136798, MongoDB 7.0 to 8.2).
         if self.full_document != "off":
-            options["full_document"] = self.full_document
+            options["full_document"] = _asked(self.full_document)
         if self.before_change != "off":
-            options["full_document_before_change"] = self.before_change
+            options["full_document_before_change"] = _asked(self.before_change)
         if self._token is not None:
             options["start_after"] = self._token
+        if self._one_by_one:
+            options["batch_size"] = 1
         return await self._target().watch(pipeline, **options)
 
     async def _stream(self) -> AsyncIterator[Change | Gap]:
@@ -355,6 +481,8 @@ class MongoConnector(Connector):
         try:
             self.set_status(State.UP)
             await self._advance(stream.resume_token, event=False, end_of_batch=True)
+            if self._one_by_one and _batch_done(stream):
+                self._one_by_one = False  # nothing after the token to step through one by one
             while True:
                 event = await stream.try_next()
                 self._progress += 1
@@ -369,6 +497,7 @@ class MongoConnector(Connector):
                     await self._advance(stream.resume_token, event=False, end_of_batch=True)
                     self._report_lag(None)  # an empty batch: caught up
                     continue
+                self._check_images(event)
                 change = to_change(self.name, event, self._fallback_target())
                 self._report_lag(change)
                 into = watched(self.watches, event.get("to")) if change.op == "rename" else None
@@ -403,9 +532,39 @@ class MongoConnector(Connector):
                     )
                     yield Gap(self.name, reason, target)
                     return
+                if self._one_by_one:
+                    return  # the next event from a stream of its own (`changes`)
         finally:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
+
+    def _check_images(self, event: Mapping[str, Any]) -> None:
+        """What "required" asks of MongoDB (`_watch`), checked on each event delivered: an
+        image MongoDB did not record stops the connector at that event, which is not
+        delivered (clients relying on `before` never get a change without it)."""
+        op = event.get("operationType")
+        which = None
+        if self.before_change == "required" and op in ("update", "replace", "delete"):
+            which = "pre" if event.get("fullDocumentBeforeChange") is None else None
+        if which is None and self.full_document == "required" and op == "update":
+            which = "post" if event.get("fullDocument") is None else None
+        if which is None:
+            return
+        ns = event.get("ns") or {}
+        key = (event.get("documentKey") or {}).get("_id")
+        setting = "full_document_before_change" if which == "pre" else "full_document"
+        when = event.get("wallTime") or event.get("clusterTime")
+        if isinstance(when, dt.datetime):
+            when = when.isoformat()
+        error = SourceMisconfigured(
+            f"MongoDB has no {which}-image for the {op} of {ns.get('db')}.{ns.get('coll')} "
+            f'_id {key!r} at {when} and {setting} is "required": enable '
+            "changeStreamPreAndPostImages on the collection (collMod; images are kept only for "
+            f'writes made after that), or set {setting} = "whenAvailable" (this change then '
+            "comes with null)"
+        )
+        self.set_status(State.DOWN, str(error))
+        raise error
 
     def _report_lag(self, change: Change | None) -> None:
         """LAGGING while the events read are older than `lag_threshold` (by their wallTime)."""
@@ -609,7 +768,7 @@ class MongoConnector(Connector):
                 )
             if exc.code == UNAUTHORIZED:
                 return SourceMisconfigured(f"MongoDB user may not do this: {message}")
-            if (exc.code == IMAGE_MISSING and not history_lost(exc)) or "-image" in message:
+            if image_missing(exc):
                 return SourceMisconfigured(
                     f"{message} (enable them with collMod changeStreamPreAndPostImages: "
                     '{enabled: true}, or use "whenAvailable")'
@@ -627,6 +786,11 @@ class MongoConnector(Connector):
                 f"lost the change stream from MongoDB at {self._server}: {_one_line(exc)}"
             )
         return SourceUnavailable(f"MongoDB at {self._server}: {_one_line(exc)}")
+
+
+def _asked(mode: str) -> str:
+    """The image mode asked of MongoDB: "required" is checked by the connector instead."""
+    return "whenAvailable" if mode == "required" else mode
 
 
 def _one_line(exc: BaseException) -> str:

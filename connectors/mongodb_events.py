@@ -20,6 +20,7 @@ from feed.errors import ConfigError
 
 # Characters MongoDB refuses in database names (https://www.mongodb.com/docs/manual/reference/limits/).
 _BAD_DB = re.compile(r'[/\\. "$*<>:|?\x00]')
+INTERNAL_DBS = frozenset({"admin", "config", "local"})
 _TOKEN_TIME = re.compile(r"^82([0-9A-Fa-f]{8})([0-9A-Fa-f]{8})")
 
 
@@ -40,6 +41,16 @@ class Watch:
         if not db or _BAD_DB.search(db) or (dot and (not coll or "$" in coll)):
             raise ConfigError(
                 f'{text!r} is not a database or database.collection name (e.g. "shop.orders")',
+                key=key,
+            )
+        if db in INTERNAL_DBS or coll.startswith("system."):
+            # mongod refuses a change stream there (InvalidNamespace: "$changeStream may not be
+            # opened on the internal ... database/collection"): said now, not as a connector
+            # that starts and is refused for ever.
+            where = f"the internal database {db!r}" if db in INTERNAL_DBS else "a system collection"
+            raise ConfigError(
+                f"{text!r} is {where}: MongoDB opens no change streams on admin, config, local "
+                "or system.* collections; watch your application's databases or collections",
                 key=key,
             )
         return cls(db, coll or None)

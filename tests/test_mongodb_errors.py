@@ -49,6 +49,21 @@ async def start_error(connector: MongoConnector) -> str:
             "connectors.shop.resume_collection",
             "database.collection",
         ),
+        # mongod opens no change stream on its internal databases or system collections.
+        ({"uri": "mongodb://h/", "watch": ["admin"]}, "connectors.shop.watch", "internal"),
+        ({"uri": "mongodb://h/", "watch": "local.oplog.rs"}, "connectors.shop.watch", "internal"),
+        ({"uri": "mongodb://h/", "watch": "shop.system.views"}, "connectors.shop.watch", "system"),
+        # Watching where the tokens are saved: every save was a change, saved in turn (a loop).
+        (
+            {"uri": "mongodb://h/", "watch": "dbfeed.resume_tokens"},
+            "connectors.shop.watch",
+            "resume tokens",
+        ),
+        (
+            {"uri": "mongodb://h/", "watch": ["shop.orders", "t.k"], "resume_collection": "t.k"},
+            "connectors.shop.watch",
+            "resume tokens",
+        ),
         (
             {"uri": "mongodb://h/", "watch": "shop", "colection": "x"},
             "connectors.shop.colection",
@@ -163,3 +178,67 @@ async def test_required_images_without_pre_and_post_images(mongodb: MongoSource,
                     await anext(stream)
     message = str(caught.value)
     assert "changeStreamPreAndPostImages" in message and "\n" not in message
+
+
+async def test_required_pre_images_resume_after_an_update_written_without_one(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A feed run without pre-images saved the token of an update (an event's own token, as a
+    real server's post-batch token often is); pre-images are then turned on and the connector
+    set to "required". mongod reads the token's event again through its image lookups and, asked
+    for "required", fails with NoMatchingDocument (SERVER-136798): the connector was down for
+    good with a collMod hint that could not help. It asks for "whenAvailable" and checks
+    "required" itself, so it resumes, and the next update arrives with its `before`."""
+    coll = mongodb.client[db]["orders"]
+    await coll.insert_one({"_id": 1, "v": 0})
+    async with await coll.watch(max_await_time_ms=200) as raw:
+        await coll.update_one({"_id": 1}, {"$set": {"v": 1}})
+        async with asyncio.timeout(15):
+            while (event := await raw.try_next()) is None:
+                pass
+    name = MongoSource.unique("req")
+    await mongodb.client.dbfeed.resume_tokens.replace_one(
+        {"_id": name}, {"token": event["_id"], "watch": [f"{db}.orders"]}, upsert=True
+    )
+    await mongodb.client[db].command(
+        {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    await coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+    connector = make(mongodb, f"{db}.orders", name=name, full_document_before_change="required")
+    async with streaming(connector) as stream:
+        (update,) = await changes(stream, 1)
+    assert update.op == "update" and update.before == {"_id": 1, "v": 1}
+
+
+async def test_required_pre_images_stop_at_the_change_without_one(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """Checked by the connector, "required" still never delivers a change without its image:
+    it stops at that change, saying which, and what to do."""
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", full_document_before_change="required")
+    with pytest.raises(SourceMisconfigured) as caught:
+        async with streaming(connector) as stream:
+            await coll.insert_one({"_id": 7})
+            await coll.delete_one({"_id": 7})
+            async with asyncio.timeout(15):
+                (insert,) = await changes(stream, 1)
+                assert insert.op == "insert"
+                await anext(stream)
+    message = str(caught.value)
+    assert "no pre-image for the delete" in message and "_id 7" in message
+    assert "changeStreamPreAndPostImages" in message and "\n" not in message
+    assert connector.status.state in (State.DOWN, State.STOPPED)
+
+
+async def test_a_wrong_replica_set_name_names_the_right_one() -> None:
+    """Wire server only: its set name is known. A uri whose replicaSet the server does not
+    bear was "cannot reach MongoDB at host: No replica set members available for replica set
+    name" of a server that answered; the server, asked directly, names its set."""
+    async with MongoWireServer() as server:
+        uri = f"{server.url}?replicaSet=myset"
+        message = await start_error(build(uri=uri, watch="shop.orders", connect_timeout=1.0))
+    assert f"is replica set {server.set_name!r}, not 'myset'" in message
+    assert f"replicaSet={server.set_name}" in message

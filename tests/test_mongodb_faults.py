@@ -373,3 +373,85 @@ async def _mid_second() -> None:
     tokens of this second, and a server started now starts its clock in it."""
     fraction = time.time() % 1
     await asyncio.sleep((1.4 - fraction) % 1)
+
+
+async def test_a_fatal_stream_error_is_not_taken_for_a_missing_pre_image(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A ChangeStreamFatalError (280) other than a lost resume token says what MongoDB said:
+    it was taken for a missing required image and shown with "enable them with collMod
+    changeStreamPreAndPostImages", a hint that cannot help (mongod reports a missing image as
+    NoMatchingDocument, 47: tests/test_mongodb_wire_server.py)."""
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    data = {"failCommands": ["getMore"], "errorCode": 280, "appName": app(connector)}
+    async with streaming(connector) as stream, mongodb.fail_command("alwaysOn", data):
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(anext(stream), 30)
+    message = str(caught.value)
+    assert "280" in message and "\n" not in message
+    assert "changeStreamPreAndPostImages" not in message
+
+
+async def test_an_oplog_rolling_past_an_open_stream_is_a_gap(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """The oplog rolls past the place of a running connector (it fell behind): mongod fails
+    the open stream's getMore with CappedPositionLost (136), not ChangeStreamHistoryLost. It
+    was shown as "MongoDB error 136" and the connector raised (down, restarted by the hub);
+    it is history lost: a gap, then from now, as a resume would find."""
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
+    coll = mongodb.client[db]["orders"]
+    connector = make(mongodb, f"{db}.orders", max_await_ms=100)
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": 1})
+        await changes(stream, 1)
+        mongodb.wire.store.truncate_oplog()
+        [gap] = await take(stream, 1)
+        await coll.insert_one({"_id": 2})
+        [after] = await changes(stream, 1)
+    assert isinstance(gap, Gap) and "oplog no longer holds" in gap.reason, gap
+    assert after.key == 2
+    assert connector.capture_faults == {"history_lost": 1}
+
+
+async def test_a_change_event_over_16_mb_is_delivered_without_its_documents_and_a_gap(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A 9 MB document updated with pre- and post-images makes an event over 16 MB: MongoDB
+    fails its batch (BSONObjectTooLarge, 10334), and every reopening from the connector's
+    token, which stopped there for good (down, restarted by the hub, failing again). The
+    changes before it arrive whole, it arrives without its documents, its collection's rooms
+    get a gap, and the changes after it flow again."""
+    coll = mongodb.client[db]["orders"]
+    await mongodb.client[db].command(
+        {"collMod": "orders", "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    connector = make(
+        mongodb,
+        f"{db}.orders",
+        full_document="whenAvailable",
+        full_document_before_change="whenAvailable",
+        max_await_ms=100,
+    )
+    big = 9 * 1024 * 1024
+    async with streaming(connector) as stream:
+        await coll.insert_one({"_id": "big", "blob": "x" * big})
+        await coll.insert_many([{"_id": n} for n in range(1, 6)])  # in the failing batch
+        await coll.update_one({"_id": "big"}, {"$set": {"blob": "y" * big}})
+        await coll.insert_one({"_id": 6})
+        items = await take(stream, 9)
+        await coll.insert_one({"_id": 7})
+        [later] = await changes(stream, 1)
+    first, *before, update, gap, after = items
+    assert isinstance(first, Change) and first.key == "big" and first.after is not None
+    assert [c.key for c in before if isinstance(c, Change)] == [1, 2, 3, 4, 5]
+    assert isinstance(update, Change) and update.op == "update" and update.key == "big"
+    assert update.before is None and update.after is None
+    assert isinstance(gap, Gap) and gap.target == f"{db}.orders" and "16 MB" in gap.reason
+    assert isinstance(after, Change) and after.key == 6 and after.after == {"_id": 6}
+    assert later.key == 7
+    assert connector.capture_faults == {"event_too_large": 1}

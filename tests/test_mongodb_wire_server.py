@@ -152,3 +152,124 @@ async def test_a_token_of_another_wire_server_run_is_history_lost() -> None:
         finally:
             await old.close()
             await new.close()
+
+
+async def test_no_change_stream_on_internal_databases_or_system_collections(
+    mongodb: MongoSource,  # noqa: F811
+) -> None:
+    """mongod refuses a change stream on admin, config and local, and on a system.*
+    collection (InvalidNamespace, 73): the connector refuses such a `watch` in the config. The
+    wire server opened them."""
+    for target in (mongodb.client.admin, mongodb.client.local, mongodb.client.shop["system.js"]):
+        with pytest.raises(OperationFailure) as caught:
+            async with await target.watch():
+                pass
+        assert caught.value.code == 73, caught.value
+
+
+async def test_a_missing_required_image_is_no_matching_document(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """A required pre-image that was not recorded fails the stream with NoMatchingDocument
+    (47), "Change stream was configured to require a pre-image ... but the pre-image was not
+    found for event" (mongod's document_source_change_stream_add_pre_image.cpp), not a
+    labelled ChangeStreamFatalError (280): the wire server answered 280, the code mongod gives
+    a resume token it cannot find."""
+    await coll.insert_one({"_id": 1, "n": 0})
+    async with await coll.watch(
+        full_document_before_change="required", max_await_time_ms=200
+    ) as stream:
+        await coll.update_one({"_id": 1}, {"$inc": {"n": 1}})
+        with pytest.raises(OperationFailure) as caught:
+            await next_event(stream)
+    assert caught.value.code == 47, caught.value
+    assert "require a pre-image" in str(caught.value)
+    assert not caught.value.has_error_label("ResumableChangeStreamError")
+
+
+async def test_resuming_after_an_event_without_its_required_pre_image_fails(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """mongod reads the event a resume token names again, through its image lookups, before it
+    drops it (SERVER-136798, 7.0 to 8.2): resuming after an update written without a pre-image
+    with fullDocumentBeforeChange "required" fails with NoMatchingDocument, though that update
+    is not returned and every later one has its image; "whenAvailable" resumes. The wire server
+    resumed, so the connector's answer to it (it asks for "whenAvailable" and checks
+    "required" itself) went untested."""
+    await coll.insert_one({"_id": 1, "v": 0})
+    async with await coll.watch(max_await_time_ms=200) as stream:
+        await coll.update_one({"_id": 1}, {"$set": {"v": 1}})
+        token = (await next_event(stream))["_id"]
+    await coll.database.command(
+        {"collMod": coll.name, "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    await coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+    async with await coll.watch(
+        start_after=token, full_document_before_change="whenAvailable", max_await_time_ms=200
+    ) as stream:
+        event = await next_event(stream)
+        assert event["fullDocumentBeforeChange"] == {"_id": 1, "v": 1}
+    with pytest.raises(OperationFailure) as caught:
+        async with await coll.watch(
+            start_after=token, full_document_before_change="required", max_await_time_ms=200
+        ) as stream:
+            await next_event(stream)
+    assert caught.value.code == 47, caught.value
+
+
+async def test_an_open_stream_the_oplog_rolls_past_gets_capped_position_lost(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """Wire server only (a real oplog cannot be truncated from a client). mongod's getMore on
+    an open stream whose place left the oplog fails as any capped scan does:
+    CappedPositionLost (136), unlabelled (SERVER-137324 describes it); resuming there is
+    ChangeStreamHistoryLost (286). The wire server answered 286 on the getMore."""
+    if mongodb.wire is None:
+        pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")
+    await coll.insert_one({"_id": 1})
+    async with await coll.watch(max_await_time_ms=200) as stream:
+        await coll.insert_one({"_id": 2})
+        token = (await next_event(stream))["_id"]
+        mongodb.wire.store.truncate_oplog()
+        with pytest.raises(OperationFailure) as caught:
+            await next_event(stream)
+    assert caught.value.code == 136, caught.value
+    assert not caught.value.has_error_label("ResumableChangeStreamError")
+    with pytest.raises(OperationFailure) as resumed:
+        async with await coll.watch(resume_after=token) as stream:
+            await stream.try_next()
+    assert resumed.value.code == 286
+
+
+async def test_an_event_over_16_mb_fails_its_batch_unless_reshaped(
+    mongodb: MongoSource,  # noqa: F811
+    coll: Any,
+) -> None:
+    """A change event over 16 MB (a 9 MB document's update with its pre- and post-images) fails
+    the batch with BSONObjectTooLarge (10334), and so every stream reopened before it; an
+    `$unset` of its documents lets it through (MongoDB's "Large Change Stream Events"). The
+    wire server sent events of any size, so a connector stopped there for good went untested."""
+    await coll.database.command(
+        {"collMod": coll.name, "changeStreamPreAndPostImages": {"enabled": True}}
+    )
+    await coll.insert_one({"_id": 1, "blob": "x" * (9 * 1024 * 1024)})
+    async with await coll.watch(
+        full_document="required",
+        full_document_before_change="required",
+        max_await_time_ms=200,
+    ) as stream:
+        token = stream.resume_token
+        await coll.update_one({"_id": 1}, {"$set": {"blob": "y" * (9 * 1024 * 1024)}})
+        with pytest.raises(OperationFailure) as caught:
+            await next_event(stream)
+    assert caught.value.code == 10334, caught.value
+    stripped = [{"$unset": ["fullDocument", "fullDocumentBeforeChange", "updateDescription"]}]
+    async with await coll.watch(
+        stripped, start_after=token, full_document="required", max_await_time_ms=200
+    ) as stream:
+        event = await next_event(stream)
+    assert event["operationType"] == "update" and event["documentKey"] == {"_id": 1}
+    assert "fullDocument" not in event and "updateDescription" not in event

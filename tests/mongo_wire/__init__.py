@@ -22,10 +22,14 @@ It keeps everything in memory and implements only what the connector and its tes
   (allChangesForCluster) with resumeAfter, startAfter, startAtOperationTime, fullDocument
   (default, updateLookup, whenAvailable, required), fullDocumentBeforeChange (off,
   whenAvailable, required) served from pre- and post-images kept when the collection has
-  changeStreamPreAndPostImages enabled, `$match` stages after it, postBatchResumeToken on every
+  changeStreamPreAndPostImages enabled (a required one missing is NoMatchingDocument, 47, also
+  for the event a resume token names, which mongod reads again: SERVER-136798), refused on
+  admin, config, local and system.* collections (InvalidNamespace, 73), `$match` and `$unset`
+  stages after it, BSONObjectTooLarge (10334) for an event over 16 MB, postBatchResumeToken on every
   batch (a high-water mark that advances while idle, as the periodic noop writer makes it do on
   a real replica set), invalidate after drop/rename/dropDatabase, and ChangeStreamHistoryLost
-  (286) for resume points before `store.truncate_oplog()`; ChangeStreamFatalError (280) "the
+  (286) for resume points before `store.truncate_oplog()` (CappedPositionLost, 136, for the
+  getMore of a stream open across it); ChangeStreamFatalError (280) "the
   resume token was not found" for an event token of this run that names no event in the oplog.
 
 Event documents follow MongoDB's change event reference

@@ -29,6 +29,7 @@ from tests.mongo_wire.query import (
 )
 from tests.mongo_wire.store import (
     HWM,
+    INTERNAL_DBS,
     INVALIDATE,
     ChangeStream,
     CommandError,
@@ -604,6 +605,19 @@ class MongoWireServer:
             scope_db, scope_coll = db, None
         else:
             scope_db, scope_coll = db, target
+        if scope_db in INTERNAL_DBS:
+            # mongod (document_source_change_stream.cpp assertIsLegalSpecification)
+            raise CommandError(
+                73,
+                "InvalidNamespace",
+                f"$changeStream may not be opened on the internal {scope_db} database",
+            )
+        if scope_coll is not None and scope_coll.startswith("system."):
+            raise CommandError(
+                73,
+                "InvalidNamespace",
+                f"$changeStream may not be opened on the internal {db}.{scope_coll} collection",
+            )
         full_document = spec.get("fullDocument", "default")
         before = spec.get("fullDocumentBeforeChange", "off")
         if full_document not in FULL_DOCUMENT or before not in BEFORE_CHANGE:

@@ -304,9 +304,17 @@ class ChangeStream:
 
     def __post_init__(self) -> None:
         for stage in self.pipeline:
-            if set(stage) - {"$match"}:
+            if len(stage) != 1 or not set(stage) <= {"$match", "$unset"}:
                 raise CommandError(
                     40324, "Location40324", f"Unsupported stage in this test server: {stage}"
+                )
+            if "_id" in _unset_paths(stage.get("$unset", [])):
+                # mongod fails such a stream when it meets an event (280); refused at once here.
+                raise CommandError(
+                    280,
+                    "ChangeStreamFatalError",
+                    "Encountered an event whose _id field, which contains the resume token, "
+                    "was modified by the pipeline.",
                 )
         if self.position.ts < self.store.floor:
             raise _history_lost()
@@ -314,10 +322,29 @@ class ChangeStream:
             raise _history_lost()  # a token from before a restart: history this run never had
         if self.position.kind == EVENT and self.position.run is not None:
             at = (self.position.ts, self.position.index)
-            if not any((entry.ts, entry.index) == at for entry in self.store.oplog):
+            found = [entry for entry in self.store.oplog if (entry.ts, entry.index) == at]
+            if not found:
                 # Within the oplog's window but no such event (a token of another replica set,
                 # or of a restored backup): mongod says so, and it is not resumable.
                 raise _token_not_found(self.position)
+            self._resumed = found[0]
+
+    _resumed: Entry | None = field(default=None, init=False)
+    """The event a resume token names: mongod reads it again, through the image lookups, before
+    it checks the token and drops the event (SERVER-136798: resuming after an update written
+    without a pre-image, with fullDocumentBeforeChange "required", fails with
+    NoMatchingDocument though that update is not returned)."""
+
+    def _check_resumed(self) -> None:
+        entry, self._resumed = self._resumed, None
+        if entry is None or not self._in_scope(entry):
+            return
+        if self.coll is not None and entry.op == "dropDatabase":
+            return
+        event = self.render(entry)
+        missing = event.pop(_MISSING, None)
+        if missing is not None and self._passes(event):
+            raise _image_missing(missing, event)
 
     def _in_scope(self, entry: Entry) -> bool:
         if self.db is None:
@@ -343,7 +370,12 @@ class ChangeStream:
     def next_batch(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """Events after the current position (at most batch_size) and the postBatchResumeToken."""
         if self.position.ts < self.store.floor:
-            raise _history_lost()
+            # An open stream whose place left the oplog: its oplog scan dies as any capped
+            # collection scan does (CappedPositionLost, 136, with no resumable label); mongod
+            # says ChangeStreamHistoryLost only when a stream is opened or resumed there
+            # (SERVER-137324 describes this: a mid-stream CappedPositionLost is passed on as is).
+            raise _capped_position_lost()
+        self._check_resumed()
         batch: list[dict[str, Any]] = []
         for entry in self.store.oplog:
             if len(batch) >= self.batch_size:
@@ -358,7 +390,11 @@ class ChangeStream:
             if event is not None and self._passes(event):
                 missing = event.pop(_MISSING, None)
                 if missing is not None:
-                    raise _image_missing(missing)
+                    raise _image_missing(missing, event)
+                event = self._reshape(event)
+                size = len(bson.encode(event, codec_options=CODEC))
+                if size > MAX_EVENT_SIZE:
+                    raise _too_large(event, size)
                 batch.append(event)
             if self._invalidates(entry):
                 invalidate: dict[str, Any] = {
@@ -377,9 +413,23 @@ class ChangeStream:
         self.position = Position(mark, 0, HWM)
         return batch, make_token(mark, HWM, 0, self.store.run)
 
+    def _reshape(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The `$unset` stages (after the `$match` ones: this server keeps them in that order)."""
+        for stage in self.pipeline:
+            for path in _unset_paths(stage.get("$unset", [])):
+                *parents, last = path.split(".")
+                place: Any = event
+                for part in parents:
+                    place = place.get(part) if isinstance(place, dict) else None
+                if isinstance(place, dict):
+                    place.pop(last, None)
+        return event
+
     def _passes(self, event: Mapping[str, Any]) -> bool:
         try:
-            return all(matches(event, stage["$match"]) for stage in self.pipeline)
+            return all(
+                matches(event, stage["$match"]) for stage in self.pipeline if "$match" in stage
+            )
         except QueryError as exc:
             raise CommandError(exc.code, "BadValue", str(exc)) from None
 
@@ -421,6 +471,28 @@ class ChangeStream:
         return event
 
 
+MAX_EVENT_SIZE = 16 * 1024 * 1024 + 16 * 1024
+"""mongod's BSONObjMaxInternalSize: a change event larger than this (a big document with its
+pre- and post-images, say) fails the batch with BSONObjectTooLarge (10334)."""
+
+
+def _unset_paths(spec: Any) -> list[str]:
+    return [spec] if isinstance(spec, str) else [str(path) for path in spec]
+
+
+def _too_large(event: Mapping[str, Any], size: int) -> CommandError:
+    """mongod's words for an event over 16 MB: its first element, `_id`, is the event's token
+    (MongoDB's docs: "Large Change Stream Events"; $changeStreamSplitLargeEvent is 7.0's way
+    round it)."""
+    return CommandError(
+        10334,
+        "BSONObjectTooLarge",
+        f"Executor error during getMore :: caused by :: BSONObj size: {size} (0x{size:X}) is "
+        f"invalid. Size must be between 0 and {MAX_EVENT_SIZE}(16MB) First element: _id: "
+        f'{{ _data: "{event["_id"]["_data"]}" }}',
+    )
+
+
 _MISSING = "\x00missing image"
 """An event's key naming the required image it lacks (`render`), removed before it is sent."""
 
@@ -434,6 +506,15 @@ def _history_lost() -> CommandError:
     )
 
 
+def _capped_position_lost() -> CommandError:
+    return CommandError(
+        136,
+        "CappedPositionLost",
+        "Executor error during getMore :: caused by :: CollectionScan died due to position in "
+        "capped collection being deleted.",
+    )
+
+
 def _token_not_found(position: Position) -> CommandError:
     data = make_token(position.ts, position.kind, position.index, position.run or 0)["_data"]
     return CommandError(
@@ -444,11 +525,16 @@ def _token_not_found(position: Position) -> CommandError:
     )
 
 
-def _image_missing(which: str) -> CommandError:
+def _image_missing(which: str, event: Mapping[str, Any]) -> CommandError:
+    """mongod's error for a required image it has not got: NoMatchingDocument (47), no label
+    (document_source_change_stream_add_pre_image.cpp / _add_post_image.cpp; SERVER-66808
+    shows the text). This server answered 280 ChangeStreamFatalError, the code mongod gives a
+    resume token it cannot find, which a connector must tell apart."""
+    shown = {k: event[k] for k in ("_id", "operationType", "clusterTime") if k in event}
     return CommandError(
-        280,
-        "ChangeStreamFatalError",
-        f"Change stream was configured to require a {which}-image for all update, delete and "
-        f"replace events, but the {which}-image was not found",
-        ["NonResumableChangeStreamError"],
+        47,
+        "NoMatchingDocument",
+        f"Executor error during getMore :: caused by :: Change stream was configured to "
+        f"require a {which}-image for all update, delete and replace events, but the "
+        f"{which}-image was not found for event: {shown}",
     )
