@@ -462,7 +462,7 @@ class MongoConnector(Connector):
         # mongod reads the event a resume token names again, through its image lookups, so a
         # restart after an update written before pre-images were on failed with
         # NoMatchingDocument for good, though that update was delivered long ago and every
-        # later one has its images (SERVER-136798, MongoDB 7.0 to 8.2).
+        # later one has its images.
         if self.full_document != "off":
             options["full_document"] = _asked(self.full_document)
         if self.before_change != "off":

@@ -187,7 +187,7 @@ async def test_required_pre_images_resume_after_an_update_written_without_one(
     """A feed run without pre-images saved the token of an update (an event's own token, as a
     real server's post-batch token often is); pre-images are then turned on and the connector
     set to "required". mongod reads the token's event again through its image lookups and, asked
-    for "required", fails with NoMatchingDocument (SERVER-136798): the connector was down for
+    for "required", fails with NoMatchingDocument: the connector was down for
     good with a collMod hint that could not help. It asks for "whenAvailable" and checks
     "required" itself, so it resumes, and the next update arrives with its `before`."""
     coll = mongodb.client[db]["orders"]

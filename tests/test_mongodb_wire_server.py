@@ -193,7 +193,7 @@ async def test_resuming_after_an_event_without_its_required_pre_image_fails(
     coll: Any,
 ) -> None:
     """mongod reads the event a resume token names again, through its image lookups, before it
-    drops it (SERVER-136798, 7.0 to 8.2): resuming after an update written without a pre-image
+    drops it: resuming after an update written without a pre-image
     with fullDocumentBeforeChange "required" fails with NoMatchingDocument, though that update
     is not returned and every later one has its image; "whenAvailable" resumes. The wire server
     resumed, so the connector's answer to it (it asks for "whenAvailable" and checks
@@ -225,7 +225,7 @@ async def test_an_open_stream_the_oplog_rolls_past_gets_capped_position_lost(
 ) -> None:
     """Wire server only (a real oplog cannot be truncated from a client). mongod's getMore on
     an open stream whose place left the oplog fails as any capped scan does:
-    CappedPositionLost (136), unlabelled (SERVER-137324 describes it); resuming there is
+    CappedPositionLost (136), unlabelled; resuming there is
     ChangeStreamHistoryLost (286). The wire server answered 286 on the getMore."""
     if mongodb.wire is None:
         pytest.skip("needs the wire server: a real oplog cannot be truncated from a client")

@@ -23,7 +23,7 @@ It keeps everything in memory and implements only what the connector and its tes
   (default, updateLookup, whenAvailable, required), fullDocumentBeforeChange (off,
   whenAvailable, required) served from pre- and post-images kept when the collection has
   changeStreamPreAndPostImages enabled (a required one missing is NoMatchingDocument, 47, also
-  for the event a resume token names, which mongod reads again: SERVER-136798), refused on
+  for the event a resume token names, which mongod reads again), refused on
   admin, config, local and system.* collections (InvalidNamespace, 73), `$match` and `$unset`
   stages after it, BSONObjectTooLarge (10334) for an event over 16 MB, postBatchResumeToken on every
   batch (a high-water mark that advances while idle, as the periodic noop writer makes it do on

@@ -331,7 +331,7 @@ class ChangeStream:
 
     _resumed: Entry | None = field(default=None, init=False)
     """The event a resume token names: mongod reads it again, through the image lookups, before
-    it checks the token and drops the event (SERVER-136798: resuming after an update written
+    it checks the token and drops the event (resuming after an update written
     without a pre-image, with fullDocumentBeforeChange "required", fails with
     NoMatchingDocument though that update is not returned)."""
 
@@ -373,7 +373,7 @@ class ChangeStream:
             # An open stream whose place left the oplog: its oplog scan dies as any capped
             # collection scan does (CappedPositionLost, 136, with no resumable label); mongod
             # says ChangeStreamHistoryLost only when a stream is opened or resumed there
-            # (SERVER-137324 describes this: a mid-stream CappedPositionLost is passed on as is).
+            # (a mid-stream CappedPositionLost is passed on as is).
             raise _capped_position_lost()
         self._check_resumed()
         batch: list[dict[str, Any]] = []
