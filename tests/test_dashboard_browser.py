@@ -8,6 +8,7 @@ polls the page until it holds or fails after EXPECT_MS.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -444,6 +445,43 @@ async def test_a_huge_value_is_shown_in_part_until_asked_and_the_page_stays_shor
     assert await page.evaluate(height) < 3000  # the whole value scrolls in its own box
 
 
+# How many pixels of a screenshot are dark (well below white and the pale highlight colours):
+# decoded by the page's own canvas (no image library in the test environment), so what is
+# counted is what the browser painted.
+DARK_PIXELS_JS = """async (b64) => {
+    const image = new Image();
+    image.src = `data:image/png;base64,${b64}`;
+    await image.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = image.width;
+    canvas.height = image.height;
+    const context = canvas.getContext("2d");
+    context.drawImage(image, 0, 0);
+    const data = context.getImageData(0, 0, image.width, image.height).data;
+    let dark = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i] + data[i + 1] + data[i + 2] < 600) dark += 1;
+    return dark;
+}"""
+
+
+async def test_underscores_in_a_value_are_painted_not_clipped(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """A value's box scrolls (overflow: auto) and clipped what a glyph drew below the line box:
+    at 1x, DejaVu Sans Mono's underscore on a value's last line, so `line_one_x` read as
+    `line one x` and a value of underscores showed as blank."""
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.write("public.orders", "insert", {"id": 1, "line": "_" * 20})
+    await expect(rows(page)).to_have_count(1)
+    await rows(page).first.click()
+    box = page.locator('#detail-body tr[data-field="line"] td.after .value')
+    await expect(box).to_have_text("_" * 20)
+    shot = await box.screenshot()
+    dark = await page.evaluate(DARK_PIXELS_JS, base64.b64encode(shot).decode())
+    assert dark >= 20, f"{dark} dark pixels: the underscores were clipped off"
+
+
 async def test_a_change_without_a_before_image_is_only_new_when_it_is_an_insert(
     page: Page,
 ) -> None:
@@ -773,19 +811,29 @@ async def test_narrow_screen_has_no_sideways_scrolling(
         page = await context.new_page()
         page.on("console", console.on_console)
         page.on("pageerror", console.on_page_error)
-        await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+        # A key and a filter room name are words of any length without a space: the detail's
+        # heading ("mem:public.orders key kkk…") and its "Matched: <rooms>" line pushed the page
+        # sideways (2,500 px wide for a 300-character key).
+        status = "paid_" + "p" * 80
+        filtered = f"mem:public.orders?status=eq.{status}"
+        url = f"{memory_feed.url}/?room=mem:public.orders&room=mem:public.orders&filter=status=eq.{status}"
+        await page.goto(url)
+        for room in ("mem:public.orders", filtered):
+            await expect(subscription(page, room)).to_have_attribute("data-status", "live")
+        key = "k" * 300
         source(memory_feed).write(
-            "public.orders", "insert", {"id": 1, "status": "paid", "note": "x" * 200}
+            "public.orders", "insert", {"id": key, "status": status, "note": "x" * 200}
         )
         await expect(rows(page)).to_have_count(1)
         await rows(page).first.click()
         await expect(page.locator("#changed-fields")).to_have_text("New: no before image.")
+        await expect(page.locator("#change-rooms")).to_contain_text(filtered)
         overflow = await page.evaluate(
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
         assert overflow <= 0
         # An op is a word in a badge, never broken over lines ("ins/ert"), however narrow.
-        source(memory_feed).write("public.orders", "update", {"id": 1, "status": "shipped"})
+        source(memory_feed).write("public.orders", "update", {"id": key, "status": "shipped"})
         await expect(rows(page)).to_have_count(2)
         for badge in await page.locator("#change-rows .op").all():
             box = await badge.bounding_box()
