@@ -766,6 +766,36 @@ async def test_token_is_asked_for_kept_out_of_the_address_and_sent(
             await context.close()
 
 
+async def test_a_subscription_refused_to_one_token_is_asked_again_with_the_next(
+    browser: Browser, console: Console
+) -> None:
+    """A tenant's token may not follow `public.audit` (forbidden). Signing in again as an admin
+    connected, but the subscription kept the old refusal, naming the tenant, until Retry."""
+    async with running_feed(token_config()) as feed:
+        context = await browser.new_context()
+        context.set_default_timeout(EXPECT_MS)
+        page = await context.new_page()
+        page.on("console", console.on_console)
+        page.on("pageerror", console.on_page_error)
+        try:
+            await page.goto(f"{feed.url}/?room=mem:public.audit")
+            token_input = page.get_by_label("Access token", exact=True)
+            await token_input.fill(TOKENS["acme-svc"])
+            await page.get_by_role("button", name="Connect").click()
+            item = subscription(page, "mem:public.audit")
+            await expect(item).to_have_attribute("data-status", "error")
+            await expect(item.locator(".sub-message")).to_contain_text("forbidden")
+
+            await page.get_by_role("button", name="Forget token").click()
+            await token_input.fill(TOKENS["ops"])
+            await page.get_by_role("button", name="Connect").click()
+            await expect(item).to_have_attribute("data-status", "live")
+            source(feed).write("public.audit", "insert", {"id": 1})
+            await expect(rows(page)).to_have_count(1)
+        finally:
+            await context.close()
+
+
 async def test_every_control_is_labelled_and_the_table_works_by_keyboard(
     memory_feed: RunningFeed, page: Page
 ) -> None:

@@ -45,6 +45,7 @@ const state = {
   drawScheduled: false,
   everConnected: false,
   resuming: false, // connected again, some subscriptions not yet answered
+  identityChanged: false, // a token was given or forgotten: refusals may not hold for the new one
   metrics: { mode: "source", last: null, timer: null, received: new Map() },
 };
 
@@ -92,6 +93,13 @@ function onConnect() {
   state.everConnected = true;
   state.resuming = again;
   setConnection("connected", again ? "Connected again: resuming subscriptions" : "Connected");
+  if (state.identityChanged) {
+    // The server refused those subscriptions to the identity before (`forbidden`, or a target its
+    // catalog hid): ask again as the one the user just signed in as, rather than leave the old
+    // refusal, naming the old identity, on show until they think of pressing Retry.
+    state.identityChanged = false;
+    for (const sub of state.subs) if (sub.status === "error") reloadSubscription(sub);
+  }
   settleConnection();
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
   state.feed.catalog().then(onCatalog, () => {});
@@ -153,12 +161,14 @@ function submitToken(event) {
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
+  state.identityChanged = true;
   setConnection("connecting", "Connecting with the token…");
   state.feed.reconnect();
 }
 
 function forgetToken() {
   sessionStorage.removeItem(TOKEN_KEY);
+  state.identityChanged = true;
   $("forget-token").hidden = true;
   state.feed.reconnect(true);
 }
