@@ -623,6 +623,51 @@ async def test_gap_is_shown_on_the_subscription_and_the_connector(
     )
 
 
+async def test_a_snapshot_starts_the_table_with_the_current_rows(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """The page never asked for a snapshot: a row room on a quiet row (or a table) stayed empty
+    until something changed, and after a gap only a Reload without rows was offered."""
+    db = source(memory_feed)
+    db.write("public.orders", "insert", {"id": 1, "status": "paid"})
+    db.write("public.orders", "insert", {"id": 2, "status": "new"})
+    db.write("public.customers", "insert", {"id": 7, "name": "Ann"})
+    await open_live(
+        page, f"{memory_feed.url}/?room=mem:public.orders&snapshot=1", "mem:public.orders"
+    )
+    item = subscription(page, "mem:public.orders")
+    await expect(item.locator(".sub-message")).to_have_text("started from 2 current rows")
+    await expect(rows(page).locator(".op")).to_have_text(["snapshot", "snapshot"])
+    assert sorted(await keys_shown(page)) == ["1", "2"]
+    db.write("public.orders", "update", {"id": 2, "status": "paid"})
+    await expect(rows(page).locator(".op")).to_have_text(["update", "snapshot", "snapshot"])
+    await rows(page).nth(1).click()
+    await expect(page.locator("#changed-fields")).to_contain_text("(snapshot), not a change")
+
+    # From the form: a single row, with its current image; the address records the choice.
+    await page.get_by_label("Target").select_option("public.customers")
+    await page.get_by_label("Single row").fill("7")
+    await page.get_by_label("Start with the current rows").check()
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    row_item = subscription(page, "mem:public.customers:7")
+    await expect(row_item).to_have_attribute("data-status", "live")
+    await expect(row_item.locator(".sub-message")).to_have_text("started from 1 current row")
+    await expect(rows(page)).to_have_count(4)
+    assert (await keys_shown(page))[:2] == ["7", "2"]  # the new row's image, then the update
+    assert "room=mem:public.customers:7&snapshot=1" in page.url
+    assert "room=mem:public.orders&snapshot=1" in page.url
+
+    # A gap: the library reads the rows again by itself, so nothing waits for a Reload.
+    db.write("public.orders", "insert", {"id": 3, "status": "new"})
+    await expect(rows(page)).to_have_count(5)
+    db.announce_gap("redis restarted")
+    await expect(item.locator(".sub-message")).to_have_text("started from 3 current rows")
+    await expect(item).to_have_attribute("data-status", "live")
+    # Both subscriptions read again (the gap is the connector's): 3 orders and customer 7, on
+    # top of the 2 + 1 rows of the first snapshots.
+    await expect(rows(page).locator('.op[data-op="snapshot"]')).to_have_count(3 + 1 + 2 + 1)
+
+
 async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page: Page) -> None:
     db = source(memory_feed)
     await page.goto(memory_feed.url + "/")

@@ -368,9 +368,44 @@ function parseChangesIn(text) {
 // -- subscriptions ------------------------------------------------------------------------------
 
 function subscribe(sub) {
-  sub.handle = state.feed.subscribe(sub.room, sub.filter ? { filter: sub.filter } : {});
+  const options = {};
+  if (sub.filter) options.filter = sub.filter;
+  if (sub.snapshot) options.snapshot = true;
+  sub.handle = state.feed.subscribe(sub.room, options);
   sub.handle.on("state", (name, info) => onSubState(sub, name, info));
+  sub.handle.on("snapshot", (rows, info) => onSnapshot(sub, info));
   sub.handle.on("change", (change) => receive([change]));
+}
+
+// The room's current rows, before its live changes (and again after a reload: the library reads
+// them afresh by itself). Each goes in the table as a row of op "snapshot", oldest first, so the
+// changes that follow sit above them; the table's bound applies to them as to changes.
+let snapshotCount = 0;
+function onSnapshot(sub, info) {
+  const room = sub.handle.room || sub.room;
+  const connector = room.slice(0, room.indexOf(":"));
+  const target = room.slice(connector.length + 1).replace(/\?.*$/, "");
+  snapshotCount += 1;
+  const rows = [];
+  for (const [key, row] of info.rows) {
+    rows.push({
+      id: `snapshot ${snapshotCount} ${room} ${key}`,
+      room,
+      connector,
+      target,
+      op: "snapshot",
+      key,
+      before: null,
+      after: row,
+      ts: null,
+      snapshot: true,
+    });
+  }
+  const n = info.rows.size;
+  sub.snapshotNote = `started from ${n} current row${n === 1 ? "" : "s"}${
+    info.truncated ? " (cut at the server's snapshot_limit)" : ""
+  }`;
+  receive(rows);
 }
 
 function onSubState(sub, name, info) {
@@ -388,13 +423,18 @@ function onSubState(sub, name, info) {
     }
   } else if (name === "live") {
     // A reload the user has not asked for stays on show until they do.
-    if (sub.status !== "gap" || sub.reloading) setSubStatus(sub, "live", "live");
+    if (sub.status !== "gap" || sub.reloading) setSubStatus(sub, "live", sub.snapshotNote || "live");
     sub.reloading = false;
   } else if (name === "recovered") {
     const n = info.replayed;
     setSubStatus(sub, "recovered", `resumed: ${n} missed change${n === 1 ? "" : "s"} recovered`);
   } else if (name === "reload") {
     if (sub.reloading) return;
+    if (sub.snapshot) {
+      // Nothing to ask of the user: the library reads the current rows again by itself.
+      setSubStatus(sub, "pending", `missed changes (${info.reason}): reading the current rows again`);
+      return;
+    }
     const lost = info.reason === "the server could not replay what was missed";
     setSubStatus(
       sub,
@@ -406,8 +446,8 @@ function onSubState(sub, name, info) {
   }
 }
 
-function addSubscription(room, filter) {
-  const sub = { room, filter: filter || null, canonical: null, status: "pending", message: "" };
+function addSubscription(room, filter, snapshot) {
+  const sub = { room, filter: filter || null, snapshot: !!snapshot, canonical: null, status: "pending", message: "" };
   if (state.subs.some((s) => subscriptionKey(s) === subscriptionKey(sub))) return false;
   state.subs.push(sub);
   writeAddress();
@@ -582,7 +622,7 @@ function submitSubscription(event) {
     conditions.push(conditionText(field, op, value));
   }
   const room = roomFor(name, connector.type, target, $("sub-key").value.trim());
-  if (!addSubscription(room, conditions.join("&") || null)) {
+  if (!addSubscription(room, conditions.join("&") || null, $("sub-snapshot").checked)) {
     error.textContent = "Already subscribed to that.";
   }
 }
@@ -602,7 +642,7 @@ function receive(changes) {
     change.rooms = new Set([change.room]);
     state.byId.set(change.id, change);
     const received = state.metrics.received;
-    received.set(change.connector, (received.get(change.connector) || 0) + 1);
+    if (!change.snapshot) received.set(change.connector, (received.get(change.connector) || 0) + 1);
     state.incoming.push(change);
     if (state.paused) state.missedWhilePaused += 1;
   }
@@ -753,7 +793,9 @@ function drawDetail(change) {
   summary.append(op, " ", where);
   const facts = document.createElement("p");
   facts.className = "hint";
-  facts.textContent = `${change.ts || "no commit time"} · id ${change.id}`;
+  facts.textContent = change.snapshot
+    ? `current row, read when ${change.room} was subscribed`
+    : `${change.ts || "no commit time"} · id ${change.id}`;
   const rooms = document.createElement("p");
   rooms.id = "change-rooms";
   rooms.className = "hint";
