@@ -8,6 +8,7 @@ polls the page until it holds or fails after EXPECT_MS.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -444,6 +445,43 @@ async def test_a_huge_value_is_shown_in_part_until_asked_and_the_page_stays_shor
     assert await page.evaluate(height) < 3000  # the whole value scrolls in its own box
 
 
+# How many pixels of a screenshot are dark (well below white and the pale highlight colours):
+# decoded by the page's own canvas (no image library in the test environment), so what is
+# counted is what the browser painted.
+DARK_PIXELS_JS = """async (b64) => {
+    const image = new Image();
+    image.src = `data:image/png;base64,${b64}`;
+    await image.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = image.width;
+    canvas.height = image.height;
+    const context = canvas.getContext("2d");
+    context.drawImage(image, 0, 0);
+    const data = context.getImageData(0, 0, image.width, image.height).data;
+    let dark = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i] + data[i + 1] + data[i + 2] < 600) dark += 1;
+    return dark;
+}"""
+
+
+async def test_underscores_in_a_value_are_painted_not_clipped(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """A value's box scrolls (overflow: auto) and clipped what a glyph drew below the line box:
+    at 1x, DejaVu Sans Mono's underscore on a value's last line, so `line_one_x` read as
+    `line one x` and a value of underscores showed as blank."""
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.write("public.orders", "insert", {"id": 1, "line": "_" * 20})
+    await expect(rows(page)).to_have_count(1)
+    await rows(page).first.click()
+    box = page.locator('#detail-body tr[data-field="line"] td.after .value')
+    await expect(box).to_have_text("_" * 20)
+    shot = await box.screenshot()
+    dark = await page.evaluate(DARK_PIXELS_JS, base64.b64encode(shot).decode())
+    assert dark >= 20, f"{dark} dark pixels: the underscores were clipped off"
+
+
 async def test_a_change_without_a_before_image_is_only_new_when_it_is_an_insert(
     page: Page,
 ) -> None:
@@ -583,6 +621,51 @@ async def test_gap_is_shown_on_the_subscription_and_the_connector(
     await expect(connector.locator(".connector-detail")).to_have_text(
         re.compile(r"^gap at .+: redis restarted$")
     )
+
+
+async def test_a_snapshot_starts_the_table_with_the_current_rows(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """The page never asked for a snapshot: a row room on a quiet row (or a table) stayed empty
+    until something changed, and after a gap only a Reload without rows was offered."""
+    db = source(memory_feed)
+    db.write("public.orders", "insert", {"id": 1, "status": "paid"})
+    db.write("public.orders", "insert", {"id": 2, "status": "new"})
+    db.write("public.customers", "insert", {"id": 7, "name": "Ann"})
+    await open_live(
+        page, f"{memory_feed.url}/?room=mem:public.orders&snapshot=1", "mem:public.orders"
+    )
+    item = subscription(page, "mem:public.orders")
+    await expect(item.locator(".sub-message")).to_have_text("started from 2 current rows")
+    await expect(rows(page).locator(".op")).to_have_text(["snapshot", "snapshot"])
+    assert sorted(await keys_shown(page)) == ["1", "2"]
+    db.write("public.orders", "update", {"id": 2, "status": "paid"})
+    await expect(rows(page).locator(".op")).to_have_text(["update", "snapshot", "snapshot"])
+    await rows(page).nth(1).click()
+    await expect(page.locator("#changed-fields")).to_contain_text("(snapshot), not a change")
+
+    # From the form: a single row, with its current image; the address records the choice.
+    await page.get_by_label("Target").select_option("public.customers")
+    await page.get_by_label("Single row").fill("7")
+    await page.get_by_label("Start with the current rows").check()
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    row_item = subscription(page, "mem:public.customers:7")
+    await expect(row_item).to_have_attribute("data-status", "live")
+    await expect(row_item.locator(".sub-message")).to_have_text("started from 1 current row")
+    await expect(rows(page)).to_have_count(4)
+    assert (await keys_shown(page))[:2] == ["7", "2"]  # the new row's image, then the update
+    assert "room=mem:public.customers:7&snapshot=1" in page.url
+    assert "room=mem:public.orders&snapshot=1" in page.url
+
+    # A gap: the library reads the rows again by itself, so nothing waits for a Reload.
+    db.write("public.orders", "insert", {"id": 3, "status": "new"})
+    await expect(rows(page)).to_have_count(5)
+    db.announce_gap("redis restarted")
+    await expect(item.locator(".sub-message")).to_have_text("started from 3 current rows")
+    await expect(item).to_have_attribute("data-status", "live")
+    # Both subscriptions read again (the gap is the connector's): 3 orders and customer 7, on
+    # top of the 2 + 1 rows of the first snapshots.
+    await expect(rows(page).locator('.op[data-op="snapshot"]')).to_have_count(3 + 1 + 2 + 1)
 
 
 async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page: Page) -> None:
@@ -728,6 +811,36 @@ async def test_token_is_asked_for_kept_out_of_the_address_and_sent(
             await context.close()
 
 
+async def test_a_subscription_refused_to_one_token_is_asked_again_with_the_next(
+    browser: Browser, console: Console
+) -> None:
+    """A tenant's token may not follow `public.audit` (forbidden). Signing in again as an admin
+    connected, but the subscription kept the old refusal, naming the tenant, until Retry."""
+    async with running_feed(token_config()) as feed:
+        context = await browser.new_context()
+        context.set_default_timeout(EXPECT_MS)
+        page = await context.new_page()
+        page.on("console", console.on_console)
+        page.on("pageerror", console.on_page_error)
+        try:
+            await page.goto(f"{feed.url}/?room=mem:public.audit")
+            token_input = page.get_by_label("Access token", exact=True)
+            await token_input.fill(TOKENS["acme-svc"])
+            await page.get_by_role("button", name="Connect").click()
+            item = subscription(page, "mem:public.audit")
+            await expect(item).to_have_attribute("data-status", "error")
+            await expect(item.locator(".sub-message")).to_contain_text("forbidden")
+
+            await page.get_by_role("button", name="Forget token").click()
+            await token_input.fill(TOKENS["ops"])
+            await page.get_by_role("button", name="Connect").click()
+            await expect(item).to_have_attribute("data-status", "live")
+            source(feed).write("public.audit", "insert", {"id": 1})
+            await expect(rows(page)).to_have_count(1)
+        finally:
+            await context.close()
+
+
 async def test_every_control_is_labelled_and_the_table_works_by_keyboard(
     memory_feed: RunningFeed, page: Page
 ) -> None:
@@ -773,19 +886,29 @@ async def test_narrow_screen_has_no_sideways_scrolling(
         page = await context.new_page()
         page.on("console", console.on_console)
         page.on("pageerror", console.on_page_error)
-        await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+        # A key and a filter room name are words of any length without a space: the detail's
+        # heading ("mem:public.orders key kkk…") and its "Matched: <rooms>" line pushed the page
+        # sideways (2,500 px wide for a 300-character key).
+        status = "paid_" + "p" * 80
+        filtered = f"mem:public.orders?status=eq.{status}"
+        url = f"{memory_feed.url}/?room=mem:public.orders&room=mem:public.orders&filter=status=eq.{status}"
+        await page.goto(url)
+        for room in ("mem:public.orders", filtered):
+            await expect(subscription(page, room)).to_have_attribute("data-status", "live")
+        key = "k" * 300
         source(memory_feed).write(
-            "public.orders", "insert", {"id": 1, "status": "paid", "note": "x" * 200}
+            "public.orders", "insert", {"id": key, "status": status, "note": "x" * 200}
         )
         await expect(rows(page)).to_have_count(1)
         await rows(page).first.click()
         await expect(page.locator("#changed-fields")).to_have_text("New: no before image.")
+        await expect(page.locator("#change-rooms")).to_contain_text(filtered)
         overflow = await page.evaluate(
             "document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
         assert overflow <= 0
         # An op is a word in a badge, never broken over lines ("ins/ert"), however narrow.
-        source(memory_feed).write("public.orders", "update", {"id": 1, "status": "shipped"})
+        source(memory_feed).write("public.orders", "update", {"id": key, "status": "shipped"})
         await expect(rows(page)).to_have_count(2)
         for badge in await page.locator("#change-rows .op").all():
             box = await badge.bounding_box()

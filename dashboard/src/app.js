@@ -45,6 +45,7 @@ const state = {
   drawScheduled: false,
   everConnected: false,
   resuming: false, // connected again, some subscriptions not yet answered
+  identityChanged: false, // a token was given or forgotten: refusals may not hold for the new one
   metrics: { mode: "source", last: null, timer: null, received: new Map() },
 };
 
@@ -92,6 +93,13 @@ function onConnect() {
   state.everConnected = true;
   state.resuming = again;
   setConnection("connected", again ? "Connected again: resuming subscriptions" : "Connected");
+  if (state.identityChanged) {
+    // The server refused those subscriptions to the identity before (`forbidden`, or a target its
+    // catalog hid): ask again as the one the user just signed in as, rather than leave the old
+    // refusal, naming the old identity, on show until they think of pressing Retry.
+    state.identityChanged = false;
+    for (const sub of state.subs) if (sub.status === "error") reloadSubscription(sub);
+  }
   settleConnection();
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
   state.feed.catalog().then(onCatalog, () => {});
@@ -153,12 +161,14 @@ function submitToken(event) {
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
+  state.identityChanged = true;
   setConnection("connecting", "Connecting with the token…");
   state.feed.reconnect();
 }
 
 function forgetToken() {
   sessionStorage.removeItem(TOKEN_KEY);
+  state.identityChanged = true;
   $("forget-token").hidden = true;
   state.feed.reconnect(true);
 }
@@ -358,9 +368,44 @@ function parseChangesIn(text) {
 // -- subscriptions ------------------------------------------------------------------------------
 
 function subscribe(sub) {
-  sub.handle = state.feed.subscribe(sub.room, sub.filter ? { filter: sub.filter } : {});
+  const options = {};
+  if (sub.filter) options.filter = sub.filter;
+  if (sub.snapshot) options.snapshot = true;
+  sub.handle = state.feed.subscribe(sub.room, options);
   sub.handle.on("state", (name, info) => onSubState(sub, name, info));
+  sub.handle.on("snapshot", (rows, info) => onSnapshot(sub, info));
   sub.handle.on("change", (change) => receive([change]));
+}
+
+// The room's current rows, before its live changes (and again after a reload: the library reads
+// them afresh by itself). Each goes in the table as a row of op "snapshot", oldest first, so the
+// changes that follow sit above them; the table's bound applies to them as to changes.
+let snapshotCount = 0;
+function onSnapshot(sub, info) {
+  const room = sub.handle.room || sub.room;
+  const connector = room.slice(0, room.indexOf(":"));
+  const target = room.slice(connector.length + 1).replace(/\?.*$/, "");
+  snapshotCount += 1;
+  const rows = [];
+  for (const [key, row] of info.rows) {
+    rows.push({
+      id: `snapshot ${snapshotCount} ${room} ${key}`,
+      room,
+      connector,
+      target,
+      op: "snapshot",
+      key,
+      before: null,
+      after: row,
+      ts: null,
+      snapshot: true,
+    });
+  }
+  const n = info.rows.size;
+  sub.snapshotNote = `started from ${n} current row${n === 1 ? "" : "s"}${
+    info.truncated ? " (cut at the server's snapshot_limit)" : ""
+  }`;
+  receive(rows);
 }
 
 function onSubState(sub, name, info) {
@@ -378,13 +423,18 @@ function onSubState(sub, name, info) {
     }
   } else if (name === "live") {
     // A reload the user has not asked for stays on show until they do.
-    if (sub.status !== "gap" || sub.reloading) setSubStatus(sub, "live", "live");
+    if (sub.status !== "gap" || sub.reloading) setSubStatus(sub, "live", sub.snapshotNote || "live");
     sub.reloading = false;
   } else if (name === "recovered") {
     const n = info.replayed;
     setSubStatus(sub, "recovered", `resumed: ${n} missed change${n === 1 ? "" : "s"} recovered`);
   } else if (name === "reload") {
     if (sub.reloading) return;
+    if (sub.snapshot) {
+      // Nothing to ask of the user: the library reads the current rows again by itself.
+      setSubStatus(sub, "pending", `missed changes (${info.reason}): reading the current rows again`);
+      return;
+    }
     const lost = info.reason === "the server could not replay what was missed";
     setSubStatus(
       sub,
@@ -396,8 +446,8 @@ function onSubState(sub, name, info) {
   }
 }
 
-function addSubscription(room, filter) {
-  const sub = { room, filter: filter || null, canonical: null, status: "pending", message: "" };
+function addSubscription(room, filter, snapshot) {
+  const sub = { room, filter: filter || null, snapshot: !!snapshot, canonical: null, status: "pending", message: "" };
   if (state.subs.some((s) => subscriptionKey(s) === subscriptionKey(sub))) return false;
   state.subs.push(sub);
   writeAddress();
@@ -572,7 +622,7 @@ function submitSubscription(event) {
     conditions.push(conditionText(field, op, value));
   }
   const room = roomFor(name, connector.type, target, $("sub-key").value.trim());
-  if (!addSubscription(room, conditions.join("&") || null)) {
+  if (!addSubscription(room, conditions.join("&") || null, $("sub-snapshot").checked)) {
     error.textContent = "Already subscribed to that.";
   }
 }
@@ -592,7 +642,7 @@ function receive(changes) {
     change.rooms = new Set([change.room]);
     state.byId.set(change.id, change);
     const received = state.metrics.received;
-    received.set(change.connector, (received.get(change.connector) || 0) + 1);
+    if (!change.snapshot) received.set(change.connector, (received.get(change.connector) || 0) + 1);
     state.incoming.push(change);
     if (state.paused) state.missedWhilePaused += 1;
   }
@@ -743,7 +793,9 @@ function drawDetail(change) {
   summary.append(op, " ", where);
   const facts = document.createElement("p");
   facts.className = "hint";
-  facts.textContent = `${change.ts || "no commit time"} · id ${change.id}`;
+  facts.textContent = change.snapshot
+    ? `current row, read when ${change.room} was subscribed`
+    : `${change.ts || "no commit time"} · id ${change.id}`;
   const rooms = document.createElement("p");
   rooms.id = "change-rooms";
   rooms.className = "hint";

@@ -16,10 +16,13 @@ export function subscriptionsFromQuery(search) {
       if (!value) continue;
       // A canonical filter-room name (`main:public.orders?status=eq.paid`) also works.
       const mark = value.indexOf("?");
-      if (mark > 0) subs.push({ room: value.slice(0, mark), filter: value.slice(mark + 1) || null });
-      else subs.push({ room: value, filter: null });
+      if (mark > 0) subs.push({ room: value.slice(0, mark), filter: value.slice(mark + 1) || null, snapshot: false });
+      else subs.push({ room: value, filter: null, snapshot: false });
     } else if (name === "filter" && current && value) {
       current.filter = current.filter ? `${current.filter}&${value}` : value;
+    } else if (name === "snapshot" && current && !CONDITION_VALUE.test(value)) {
+      // `&snapshot=1` (or `true`, or bare `&snapshot`): start with the room's current rows.
+      current.snapshot = !["0", "false", "no"].includes(value.toLowerCase());
     } else if (current && current.filter !== null && CONDITION_VALUE.test(value)) {
       current.filter = `${current.filter}&${name}=${value}`;
     }
@@ -32,6 +35,7 @@ export function queryFromSubscriptions(subs) {
   for (const sub of subs) {
     params.append("room", sub.room);
     if (sub.filter) params.append("filter", sub.filter);
+    if (sub.snapshot) params.append("snapshot", "1");
   }
   // Readable and still unambiguous: only `&` inside a filter has to stay escaped (%26).
   const text = params.toString().replace(/%3A/gi, ":").replace(/%2C/gi, ",").replace(/%3D/gi, "=")
@@ -150,6 +154,7 @@ export function clip(text, limit) {
 // is gone: an update from a source that sends no before image (Redis: `set`, `expire`, ...)
 // is neither, and saying "New" of a key that has existed for hours would be wrong.
 export function imagesNote(op, before, after, changed) {
+  if (op === "snapshot") return "The row as it was when the subscription began (snapshot), not a change.";
   const hasBefore = !!before;
   const hasAfter = !!after;
   if (!hasBefore && !hasAfter) return "The source sent no row images.";
