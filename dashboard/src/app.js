@@ -26,6 +26,9 @@ const RATE_SAMPLES = 60;
 // How much of one value the page draws before "Show all": a whole document of megabytes would make
 // the page hundreds of thousands of pixels tall. A key in the table is cut shorter (CSS ellipsis).
 const VALUE_SHOWN = 10000;
+// The most rows "Keep last" keeps: Chromium lays the whole table out on every redraw (70 to 120 ms
+// at 10,000 rows), so under a flood of changes a longer table stalled the page for seconds.
+const MAX_ROWS_LIMIT = 2000;
 const KEY_SHOWN = 500;
 const $ = (id) => document.getElementById(id);
 
@@ -905,12 +908,12 @@ function clearRows() {
 }
 
 // The box always shows the bound in force: one typed out of range (0, 99999) is brought into
-// 10..10000 (the box's own min and max) rather than left on show while another number applies.
+// 10..MAX_ROWS_LIMIT (the box's own min and max) rather than left on show while another number applies.
 function setMaxRows() {
   const input = $("max-rows");
   const value = Math.round(Number(input.value));
   if (Number.isFinite(value) && input.value.trim() !== "") {
-    state.maxRows = Math.min(10000, Math.max(10, value));
+    state.maxRows = Math.min(MAX_ROWS_LIMIT, Math.max(10, value));
   }
   input.value = String(state.maxRows);
   localStorage.setItem(MAX_ROWS_KEY, String(state.maxRows));
@@ -923,7 +926,7 @@ function setMaxRows() {
 function start() {
   const saved = Number(localStorage.getItem(MAX_ROWS_KEY));
   if (saved >= 1) {
-    state.maxRows = Math.min(10000, Math.max(10, saved));
+    state.maxRows = Math.min(MAX_ROWS_LIMIT, Math.max(10, saved));
     $("max-rows").value = String(state.maxRows);
   }
   $("subscribe-form").addEventListener("submit", submitSubscription);
