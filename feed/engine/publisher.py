@@ -26,7 +26,8 @@ SEEN = 20_000
 old one published after the connector's last saved position. The Postgres and MongoDB
 connectors save at least every `save_every` / `token_save_every` changes (at most 4,096; logical
 mode adds up to `batch_size` of whole transactions not yet confirmed) and Redis streams every
-1,000 entries, so 20,000 ids cover what a killed reader leaves unsaved at any rate."""
+1,000 entries, so 20,000 ids cover what a killed reader leaves unsaved at any rate (for
+logical mode, with a `batch_size` below about 15,000)."""
 
 
 class Publisher(RoomRegistry):
