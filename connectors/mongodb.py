@@ -7,8 +7,9 @@ through a thread pool, and Motor is past its end of life.
 One change stream covers every `watch` entry (a collection stream, a database stream with a
 $match, or a cluster stream with a $match), so there is one position to save and one commit
 order. The connector saves the stream's resume token when the hub asks for the next item after
-the last change of a batch (the hub has routed everything before it), and, while idle, the
-postBatchResumeToken at most every `token_save_interval` seconds so a quiet stream never falls
+the last change of a batch (the hub has routed everything before it), every `token_save_every`
+events inside a large batch, and, while idle, the postBatchResumeToken at most every
+`token_save_interval` seconds so a quiet stream never falls
 out of the oplog window. A restart resumes with `startAfter`. Resumable errors are retried by the
 driver once and by the connector `resume_retries` more times with backoff before it gives up and
 lets the hub restart it. ChangeStreamHistoryLost (286) and invalidate events produce a `Gap` and
@@ -169,6 +170,11 @@ class MongoConnector(Connector):
         # written while no node read it is lost without a word.
         self.durable = self.resume_collection is not None
         self.save_interval = options.float("token_save_interval", 10.0, minimum=0)
+        self.save_every = options.int("token_save_every", 2000, minimum=1, maximum=4096)
+        """Events routed between token saves inside one batch, whatever the time. A batch
+        (what a getMore returns, up to 16 MiB) was saved only at its end or after
+        `token_save_interval`, so a crash half way through a large one sent every event of
+        it routed so far again: more than the client libraries' window of 4,096 ids."""
         self.max_await_ms = options.int("max_await_ms", 1000, minimum=10, maximum=60_000)
         self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
         self.resume_retries = options.int("resume_retries", 5, minimum=0)
@@ -182,6 +188,7 @@ class MongoConnector(Connector):
         self._mark_is_event = False  # an event's own time: more events may share it
         self._mark_moved = asyncio.Event()
         self._saved_at = float("-inf")
+        self._routed_unsaved = 0  # events routed since the last save (`token_save_every`)
         self._known: set[str] = {w.name for w in self.watches}
         self._whole_dbs = {w.db for w in self.watches if w.coll is None}
         self._open_stream: Any = None  # opened by start(), consumed by changes()
@@ -604,8 +611,11 @@ class MongoConnector(Connector):
             )
             self._mark_moved.set()
             self._mark_moved = asyncio.Event()
+        if event:
+            self._routed_unsaved += 1
         now = time.monotonic()
         due = now - self._saved_at >= self.save_interval
+        due = due or self._routed_unsaved >= self.save_every
         if self._tokens is not None and ((event and end_of_batch) or due):
             await self.settle()  # in a cluster: published first (connectors.base)
             try:
@@ -619,6 +629,7 @@ class MongoConnector(Connector):
                     ) from None
                 raise
             self._saved_at = now
+            self._routed_unsaved = 0
 
     # -- catalog, rooms and snapshots ----------------------------------------------------------
 

@@ -74,6 +74,9 @@ log = logging.getLogger("feed.connectors.postgres")
 
 READER_LOCK_CLASS = LOCK_CLASS + 1
 PRUNE_CHUNK = 20_000
+MAX_SAVE_EVERY = 4096
+"""`save_every`'s ceiling: the client libraries keep the last 4,096 change ids per subscription
+(clients/python, clients/js), so what a crash sends again must not be more."""
 
 RENDERING = {
     "extra_float_digits": "3",
@@ -256,6 +259,10 @@ class PostgresConnector(Connector):
         self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
         self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001)
         self.save_interval = options.float("save_interval", 0.5, minimum=0.0)
+        self.save_every = options.int("save_every", 2000, minimum=1, maximum=MAX_SAVE_EVERY)
+        """Changes routed between position saves, whatever the time: after a crash at most
+        this many come again, which the client libraries' duplicate window (4,096 ids per
+        subscription) must hold; `save_interval` alone let 17,001 come again at 34,000/s."""
         self.capture_check_interval = options.float("capture_check_interval", 5.0, minimum=0.05)
         self.journal_warn_rows = options.int("journal_warn_rows", 1_000_000, minimum=1)
         self.journal_warn_age = options.float("journal_warn_age", 600.0, minimum=1.0)
@@ -285,6 +292,7 @@ class PostgresConnector(Connector):
         self._last_prune = 0.0
         self._last_save = 0.0
         self._unsaved = False
+        self._routed_unsaved = 0  # changes routed since the last save (`save_every`)
         self._logical: Any = None
         # The capture watch (connectors/postgres_capture.py): what each table's oid was when
         # its triggers were attached, the faults standing now, when to look next.
@@ -1211,12 +1219,19 @@ class PostgresConnector(Connector):
                         self.set_status(State.LAGGING, "catching up with the journal")
                     computed = await self._computed(conn, rows)
                     for row in rows:
+                        if self._routed_unsaved >= self.save_every and state.cursor is not None:
+                            # By count as well as by time: at 34,000 changes a second, half
+                            # a second's worth (17,001) was more than the client libraries'
+                            # duplicate window. Before the next row, so the last row of a
+                            # poll is saved by the poll's own save below.
+                            side = await self._save_half_way(side, state)
                         if row["op"] == "truncate" and row["before"] is not None:
                             cut = self._partition_truncated(row, truncates)
                             if cut is not None:
                                 yield cut
                             state.cursor = (row["maxid"], row["id"])
                             delivered += 1
+                            self._routed_unsaved += 1
                             continue
                         if row["op"] == "truncate":
                             truncates.add((row["xid"], row["target"]))
@@ -1225,6 +1240,7 @@ class PostgresConnector(Connector):
                         # Asked for the next item: the hub has routed this one.
                         state.cursor = (row["maxid"], row["id"])
                         delivered += 1
+                        self._routed_unsaved += 1
                     if len(rows) < self.batch_size:
                         break
                     if delivered and time.monotonic() - self._last_save > self.save_interval:
@@ -1255,7 +1271,8 @@ class PostgresConnector(Connector):
                 now = time.monotonic()
                 self._unsaved = self._unsaved or delivered > 0
                 since = now - self._last_save
-                if resume or since > (self.save_interval if self._unsaved else 10.0):
+                counted = self._routed_unsaved >= self.save_every
+                if resume or counted or since > (self.save_interval if self._unsaved else 10.0):
                     await self.settle()  # in a cluster: published first (connectors.base)
                     updated = await conn.execute(
                         f"UPDATE {self.q}.consumers SET snapshot = $2, batch_snapshot = NULL,"
@@ -1269,6 +1286,7 @@ class PostgresConnector(Connector):
                         self._check_now = True
                     self._last_save = now
                     self._unsaved = False
+                    self._routed_unsaved = 0
                     saved = batch_snap.text
                 else:
                     saved = None
@@ -1322,6 +1340,7 @@ class PostgresConnector(Connector):
             timeout=self.heartbeat_timeout,
         )
         self._last_save = time.monotonic()
+        self._routed_unsaved = 0
         # A reconnect finds its own save in the row and goes on from memory (further on).
         self._saved_text = state.prev.text
         return side

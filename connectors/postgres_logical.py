@@ -352,6 +352,8 @@ class LogicalReader:
         self.confirmed = 0
         self.last_nudge = 0.0
         self.partial_saved = 0.0  # when `partial` was last written into the marker
+        self.partial_mark: tuple[int, int] | None = None  # the `partial` the marker holds
+        self.side: Any = None  # `_save_partial`'s connection, while a poll runs
         self.crashed = False  # tests: a stop that saves nothing, as after a kill -9
         self.pending_gap = False
         self.gap_reason = ""
@@ -523,6 +525,7 @@ class LogicalReader:
             # A previous run was cut off (or stopped) half way through this transaction: the
             # slot gives it again whole, and the reader skips what that run routed.
             self.partial = (parse_lsn(routed.group(2)), int(routed.group(1)))
+            self.partial_mark = self.partial
         stopped = STOPPED_AT.search(marker or "")
         if (
             stopped
@@ -565,15 +568,24 @@ class LogicalReader:
         half way through a large one sent all of it again at the next start: 143,001 changes
         of a 200,000-row `UPDATE`, far more than a cluster's and the client libraries'
         duplicate windows hold, so clients got them twice. The next start reads this and
-        skips what was routed (at most `save_interval` worth comes again). The reader's own
-        connection may be inside a peek's cursor transaction: this uses one of its own."""
+        skips what was routed: at most `save_interval` worth, and at most `save_every`
+        changes, comes again. The reader's own connection may be inside a peek's cursor
+        transaction: this uses one of its own, kept until the poll ends (`_read`), as saves
+        by count come several times a second in a large transaction."""
         await self.c.settle()  # nothing saved past what a cluster could not publish
-        conn = await asyncio.wait_for(self.c._connect(), self.c.connect_timeout)
-        try:
-            await self._set_marker(conn, "running")
-        finally:
-            await conn.close()
+        if self.side is None or self.side.is_closed():
+            self.side = await asyncio.wait_for(self.c._connect(), self.c.connect_timeout)
+        await self._set_marker(self.side, "running")
         self.partial_saved = time.monotonic()
+        self.partial_mark = self.partial
+
+    def _routed_unsaved(self, commit_lsn: int) -> int:
+        """Changes of the transaction committed at `commit_lsn` routed since the marker last
+        said how many were (`save_every`)."""
+        if self.partial is None or self.partial[0] != commit_lsn:
+            return 0
+        mark = self.partial_mark
+        return self.partial[1] - (mark[1] if mark is not None and mark[0] == commit_lsn else 0)
 
     async def _drop_when_free(self, conn: Any) -> None:
         """Drop the slot; a session of ours that was just cut off may still hold it briefly."""
@@ -899,16 +911,21 @@ class LogicalReader:
                     raise broken
             parser = PgOutputParser(self.relation_columns, self.altered)
             read = 0
-            async with contextlib.aclosing(self._pages(conn)) as pages:
-                async for rows in pages:
-                    read += len(rows)
-                    for row in rows:
-                        done = parser.feed(bytes(row["data"]))
-                        txn = done or parser.current
-                        if txn is None or (done is None and len(txn.changes) < CHUNK):
-                            continue
-                        async for change in self._hand_on(conn, txn, final=done is not None):
-                            yield change
+            try:
+                async with contextlib.aclosing(self._pages(conn)) as pages:
+                    async for rows in pages:
+                        read += len(rows)
+                        for row in rows:
+                            done = parser.feed(bytes(row["data"]))
+                            txn = done or parser.current
+                            if txn is None or (done is None and len(txn.changes) < CHUNK):
+                                continue
+                            async for change in self._hand_on(conn, txn, final=done is not None):
+                                yield change
+            finally:
+                side, self.side = self.side, None
+                if side is not None:
+                    side.terminate()
             # Confirm what was routed at once: a peek returns everything after the confirmed
             # point, so confirming late means reading the same transactions again.
             if self.delivered_end > self.confirmed:
@@ -968,6 +985,11 @@ class LogicalReader:
         for index, raw in enumerate(pending, base):
             if raw.target not in c.targets_by_table or index < skip:
                 continue
+            if self._routed_unsaved(txn.commit_lsn) >= c.save_every:
+                # By count as well as by time: half a second's worth (10,001 changes) was
+                # more than the client libraries' duplicate window. Before the next change,
+                # so a transaction's last one is confirmed with the slot instead.
+                await self._save_partial()
             if raw.op == "truncate":  # its partitions' new storage is no gap
                 c.partition_watch.truncated_whole.add(raw.target)
             if any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):

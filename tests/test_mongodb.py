@@ -302,6 +302,44 @@ async def test_token_saved_after_each_delivered_batch(mongodb: MongoSource, db: 
     assert token is not None and after["_data"] >= token["_data"]
 
 
+async def test_a_crash_half_way_through_a_large_batch_sends_again_at_most_save_every(
+    mongodb: MongoSource,  # noqa: F811
+    db: str,  # noqa: F811
+) -> None:
+    """A batch (a getMore's answer, up to 16 MiB: tens of thousands of small events) was saved
+    only at its end or after `token_save_interval` (10 s), so a crash half way through one sent
+    every event of it routed so far again at the next start, past the client libraries'
+    window of 4,096 ids. Now the token is saved every `token_save_every` events too."""
+    coll = mongodb.client[db]["orders"]
+    if mongodb.wire is not None:  # answers of a real server's size
+        mongodb.wire.stream_batch = 10_000
+    connector = make(mongodb, f"{db}.orders")  # token_save_every = 2000
+    stream = generator(connector.changes())
+    await connector.start()
+    try:
+        pulling = asyncio.create_task(anext(stream))  # the stream opens, at the current time
+        async with asyncio.timeout(WAIT):
+            while await saved_token(mongodb, connector) is None:  # noqa: ASYNC110 - polled
+                await asyncio.sleep(0.05)
+        await coll.insert_many([{"_id": i} for i in range(1, 6001)])  # one batch
+        head = await pulling
+        assert isinstance(head, Change), head
+        first = [head, *await changes(stream, 4499)]
+    finally:
+        await stream.aclose()
+        await connector._close_client()  # a crash: no token saved at stop
+        if mongodb.wire is not None:
+            mongodb.wire.stream_batch = 1000
+    async with streaming(make(mongodb, f"{db}.orders", name=connector.name)) as again:
+        rest = await changes(again, 1)
+        rest += await changes(again, 6000 - rest[0].key)
+    seen = {c.id for c in first}
+    repeated = [c for c in rest if c.id in seen]
+    assert [c.key for c in first] == list(range(1, 4501))
+    assert 0 < len(repeated) <= 2000, len(repeated)  # from the last save, not from the start
+    assert [c.key for c in rest] == list(range(rest[0].key, 6001))  # then the rest, all of it
+
+
 async def test_idle_stream_keeps_saving_post_batch_token(mongodb: MongoSource, db: str) -> None:  # noqa: F811
     connector = make(mongodb, f"{db}.orders", token_save_interval=0.0, max_await_ms=100)
     other = mongodb.client[db]["elsewhere"]

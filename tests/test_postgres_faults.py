@@ -266,6 +266,36 @@ async def test_a_crash_half_way_through_a_long_batch_sends_again_only_since_the_
     assert [c.id for c in first[25:]] == [c.id for c in rest[:5]]  # sent again, same ids
 
 
+async def test_a_crash_under_many_small_transactions_sends_again_at_most_save_every(
+    pg: PgDatabase,
+) -> None:
+    """Small transactions, each its own poll, saved at a poll's end only every `save_interval`:
+    at a high enough rate that was more changes than the client libraries' duplicate window
+    (4,096 ids) for a crash to send again. Now also every `save_every` changes (2,000)."""
+    await orders(pg)
+    await make_connector(pg.url, ["public.orders"]).migrate()
+    connector = make_connector(pg.url, ["public.orders"], save_interval=30.0)  # a high rate
+    async with streaming(connector, pull_limit=3000) as stream:
+        first: list[Change] = []
+        for n in range(30):  # thirty transactions of 100 rows, one poll each
+            await pg.conn.execute(
+                "INSERT INTO orders SELECT g, 'x' FROM generate_series($1::int, $2::int) g",
+                n * 100 + 1,
+                n * 100 + 100,
+            )
+            first += await stream.take(100)
+        connector.forget_unsaved()  # a crash: the stop saves nothing
+    async with streaming(make_connector(pg.url, ["public.orders"])) as stream:
+        rest = await stream.take(1)
+        rest += await stream.take(3000 - rest[0].key)
+        stream.assert_idle()
+    sent = {c.id for c in first}
+    again = [c for c in rest if c.id in sent]
+    assert keys(first) == list(range(1, 3001))
+    assert keys(rest) == list(range(rest[0].key, 3001))  # none missing
+    assert 0 < len(again) <= 2000, len(again)  # before: all 3,000
+
+
 async def test_a_commit_in_the_middle_of_a_long_batch_comes_after_it_once(
     pg: PgDatabase,
 ) -> None:

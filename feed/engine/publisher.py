@@ -23,8 +23,11 @@ from feed.errors import ClusterError
 
 SEEN = 20_000
 """Change ids each connector remembers in Redis, so a new reader does not publish again what the
-old one published after the connector's last saved position (saved at least every
-`save_interval`: 20,000 ids cover 40,000 changes/s at the Postgres default of 0.5 s)."""
+old one published after the connector's last saved position. The Postgres and MongoDB
+connectors save at least every `save_every` / `token_save_every` changes (at most 4,096; logical
+mode adds up to `batch_size` of whole transactions not yet confirmed) and Redis streams every
+1,000 entries, so 20,000 ids cover what a killed reader leaves unsaved at any rate (for
+logical mode, with a `batch_size` below about 15,000)."""
 
 
 class Publisher(RoomRegistry):

@@ -133,6 +133,9 @@ class MongoWireServer:
         self.store = Store()
         self.fail_point = FailPoint()
         self.commands_seen: list[str] = []
+        self.stream_batch = 1000
+        """Events per getMore answer of a change stream without a batchSize (a real server
+        fills up to 16 MiB: tens of thousands of small events)."""
         self._server: asyncio.Server | None = None
         self._connections: dict[int, Connection] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -662,7 +665,7 @@ class MongoWireServer:
         else:
             stream.batch_size = batch_size or 101
             batch, token = stream.next_batch()
-            stream.batch_size = 1000
+            stream.batch_size = self.stream_batch
         cursor_id = 0
         if not stream.finished:
             cursor_id = next(self._cursor_ids)
