@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -172,3 +173,27 @@ async def test_an_unknown_namespace_is_refused_with_a_v5_connect_error_object() 
         assert isinstance(again, str) and again.startswith("44"), again
         assert isinstance(json.loads(again[2:]), dict), again
         await ws.close()
+
+
+async def test_a_chunked_post_is_read_and_one_past_the_limit_refused() -> None:
+    """HTTP/1.1 lets a client send a POST's body in chunks, without `Content-Length`.
+    Engine.IO read a body by its `Content-Length` alone: it drained a chunked one, dropped it
+    and answered `ok`, so the Socket.IO connect in it was lost without a word. It is read (up
+    to `max_message_bytes`; past that 413, as a declared length is)."""
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        sid = await open_session(http, feed)
+        url = f"{feed.url}{POLL}&sid={sid}"
+
+        async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+            for part in parts:
+                yield part
+
+        async with http.post(url, data=chunks(b"4", b"0")) as response:
+            assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+            assert response.status == 200
+        async with http.get(url) as response:
+            assert (await response.text()).startswith("40{")
+        limit = feed.app.config.server.max_message_bytes
+        async with http.post(url, data=chunks(b"4" + b"x" * limit, b"x")) as response:
+            assert response.status == 413
+        assert sid not in feed.app.sio.eio.sockets  # a message too large ends the session
