@@ -197,3 +197,45 @@ async def test_a_chunked_post_is_read_and_one_past_the_limit_refused() -> None:
         async with http.post(url, data=chunks(b"4" + b"x" * limit, b"x")) as response:
             assert response.status == 413
         assert sid not in feed.app.sio.eio.sockets  # a message too large ends the session
+
+
+async def test_a_second_post_while_one_is_under_way_gets_400_and_ends_the_session() -> None:
+    """Engine.IO: a client MUST NOT have two POSTs under way; the server answers the second 400
+    and closes the session. Both were served, their packets in whatever order the bodies
+    completed: here the second POST's subscribe would have gone before the first's."""
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        sid = await open_session(http, feed)
+        async with http.post(f"{feed.url}{POLL}&sid={sid}", data="40") as response:
+            assert response.status == 200
+        async with http.get(f"{feed.url}{POLL}&sid={sid}") as response:
+            assert (await response.text()).startswith("40{")
+        body = b'420["subscribe",{"room":"mem:public.orders"}]'
+        host, port = feed.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\n"
+            f"Host: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]  # the rest comes later: this POST is still being read
+        )
+        await writer.drain()
+        socket = feed.app.sio.eio.sockets[sid]
+        # (A server without the flag cannot say: the second POST then just follows.)
+        await wait_until(
+            lambda: getattr(socket, "posting", True), WAIT, "the first POST is being read"
+        )
+        async with http.post(
+            f"{feed.url}{POLL}&sid={sid}", data='421["subscribe",{"room":"mem:public.orders:1"}]'
+        ) as response:
+            assert response.status == 400
+        assert sid not in feed.app.sio.eio.sockets
+        writer.write(body[10:])
+        await writer.drain()
+        # The first is answered (its session is gone: its subscribe reaches no one), and the
+        # next request for the session is refused, which tells the client to reconnect.
+        head = await asyncio.wait_for(reader.readline(), WAIT)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.close()
+        async with http.get(f"{feed.url}{POLL}&sid={sid}") as response:
+            assert response.status == 400
+        assert not feed.hub.clients
+        assert not feed.app.sio.manager.rooms.get("/", {}).get("mem:public.orders")

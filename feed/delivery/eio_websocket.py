@@ -311,6 +311,8 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         self._drainer: asyncio.Task[None] | None = None
         self.polling = False
         """A long-polling GET is waiting for packets (`poll`)."""
+        self.posting = False
+        """A long-polling POST is being read or dispatched (`handle_post_request`)."""
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -491,11 +493,36 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
 
     async def handle_post_request(self, environ: dict[str, Any]) -> None:
         """A long-polling POST: Engine.IO's, with a malformed body reported and the session
-        closed instead of a traceback at ERROR (and a 400 for the request)."""
+        closed instead of a traceback at ERROR (and a 400 for the request).
+
+        Engine.IO: a client MUST NOT have two POSTs under way; the second is answered 400 and
+        the session closed. Both used to be served, their packets interleaved in whatever order
+        their bodies came in (a subscribe could overtake the unsubscribe sent before it).
+        """
+        if self.posting:
+            self.server.report_malformed(
+                self.sid, "bad_request", "a second long-polling POST while one was under way"
+            )
+            # Left in the server's table: Engine.IO's error path removes it and answers 400.
+            await self._close_polling(abort=False, reason=self.server.reason.TRANSPORT_ERROR)
+            raise eio_exceptions.EngineIOError("a second POST")
+        self.posting = True
+        try:
+            await self._handle_post(environ)
+        finally:
+            self.posting = False
+
+    async def _handle_post(self, environ: dict[str, Any]) -> None:
         length = int(environ.get("CONTENT_LENGTH") or "0")
         if length > self.server.max_http_buffer_size:
             raise eio_exceptions.ContentTooLongError()
         body = await environ["wsgi.input"].read(length)
+        if self.closed or self.closing:
+            # The session ended while the body came in (a second POST, a ping timeout): its
+            # packets have no session to go to. Engine.IO's error path cannot answer for a
+            # session already gone (it fails on an unset response), so this POST is answered
+            # as read; the client's next request gets the 400 that tells it to reconnect.
+            return
         try:
             packets = PollPayload(encoded_payload=body.decode("utf-8")).packets
             problem = next(
