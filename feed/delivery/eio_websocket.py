@@ -39,6 +39,7 @@ import collections
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -308,6 +309,10 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         self.protocol: Any = None
         """uvicorn's websocket protocol while this socket writes to it directly, else None."""
         self._drainer: asyncio.Task[None] | None = None
+        self.polling = False
+        """A long-polling GET is waiting for packets (`poll`)."""
+        self.posting = False
+        """A long-polling POST is being read or dispatched (`handle_post_request`)."""
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -433,6 +438,18 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         ("Unexpected packet from server"): a burst of changes for several rooms, or many acks,
         between two polls cut it off.
         """
+        if self.polling:
+            # Engine.IO: a second GET while one waits is answered 400 and ends the session.
+            # Served instead, the two requests split the packets between them, and what went
+            # to the one the client had given up on (a retry after a client-side timeout, a
+            # proxy's retry) was lost without a trace. Closed, the client reconnects and
+            # resumes with `since`; the waiting poll gets the close packet.
+            self.server.report_malformed(
+                self.sid, "bad_request", "a second long-polling GET while one was waiting"
+            )
+            await self._close_polling(abort=False, reason=self.server.reason.TRANSPORT_ERROR)
+            raise eio_exceptions.QueueEmpty()
+        self.polling = True
         try:
             first = await asyncio.wait_for(
                 self.queue.get(), self.server.ping_interval + self.server.ping_timeout
@@ -440,8 +457,13 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             self.queue.task_done()
         except (TimeoutError, asyncio.CancelledError):
             raise eio_exceptions.QueueEmpty() from None
+        finally:
+            self.polling = False
         if first is None:
-            return []
+            # The session was closed without a close packet (an abort): a NOOP ends this poll,
+            # the next is refused. An empty body is no Engine.IO payload (a payload holds at
+            # least one packet): socket.io-client read it as a "parser error" packet.
+            return [_NOOP]
         packets = [first]
         while len(packets) < POLL_PACKETS:
             try:
@@ -471,11 +493,36 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
 
     async def handle_post_request(self, environ: dict[str, Any]) -> None:
         """A long-polling POST: Engine.IO's, with a malformed body reported and the session
-        closed instead of a traceback at ERROR (and a 400 for the request)."""
+        closed instead of a traceback at ERROR (and a 400 for the request).
+
+        Engine.IO: a client MUST NOT have two POSTs under way; the second is answered 400 and
+        the session closed. Both used to be served, their packets interleaved in whatever order
+        their bodies came in (a subscribe could overtake the unsubscribe sent before it).
+        """
+        if self.posting:
+            self.server.report_malformed(
+                self.sid, "bad_request", "a second long-polling POST while one was under way"
+            )
+            # Left in the server's table: Engine.IO's error path removes it and answers 400.
+            await self._close_polling(abort=False, reason=self.server.reason.TRANSPORT_ERROR)
+            raise eio_exceptions.EngineIOError("a second POST")
+        self.posting = True
+        try:
+            await self._handle_post(environ)
+        finally:
+            self.posting = False
+
+    async def _handle_post(self, environ: dict[str, Any]) -> None:
         length = int(environ.get("CONTENT_LENGTH") or "0")
         if length > self.server.max_http_buffer_size:
             raise eio_exceptions.ContentTooLongError()
         body = await environ["wsgi.input"].read(length)
+        if self.closed or self.closing:
+            # The session ended while the body came in (a second POST, a ping timeout): its
+            # packets have no session to go to. Engine.IO's error path cannot answer for a
+            # session already gone (it fails on an unset response), so this POST is answered
+            # as read; the client's next request gets the 400 that tells it to reconnect.
+            return
         try:
             packets = PollPayload(encoded_payload=body.decode("utf-8")).packets
             problem = next(
@@ -557,15 +604,28 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         protocol = lean_protocol(send)
         if protocol is None or receive is None:
             return await super()._upgrade_websocket(environ)
-        if self.upgraded:
-            raise OSError("Socket has been upgraded already")
+        if self.upgraded or self.upgrading:
+            # A second websocket for a session (Engine.IO: "the server MUST close" it). One that
+            # came while the first was still probing was accepted and probed too, and when it
+            # finished its upgrade it took the session over: the first websocket's reader kept
+            # dispatching while every packet, the Socket.IO connect answer included, went to
+            # the second.
+            self.server.report_malformed(
+                self.sid, "bad_request", "a second websocket for one Engine.IO session"
+            )
+            return self.server._bad_request("Session already has a websocket")
         upgrade = self.connected
         if upgrade:
+            self.upgrading = True  # from here: a second websocket is refused (above)
             # This request's environ was only needed to get here (websocket-only clients keep
             # theirs until the Socket.IO connect handler has seen it: FeedSocketIO).
             environ.clear()
         del environ
-        await send({"type": "websocket.accept"})
+        try:
+            await send({"type": "websocket.accept"})
+        except BaseException:
+            self.upgrading = False
+            raise
         _release_handshake(protocol)
         _slim_protocol(protocol)
         if upgrade:
@@ -641,7 +701,9 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         else:
             while not waiting.empty():
                 pkt = waiting.get_nowait()
-                if pkt is not None:
+                # A NOOP there is the one the upgrade queued to end a poll that was not waiting
+                # (it is the polling transport's, and meant nothing on the websocket).
+                if pkt is not None and pkt.packet_type != eio_packet.NOOP:
                     self.write(pkt)
 
     async def _next(self, receive: Any) -> Any:
@@ -803,6 +865,14 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         """Told the sid of each Engine.IO session that has no Socket.IO connection: each new
         one, and one whose client left the namespace (the Socket.IO handshake timeout)."""
 
+    def _ok(self, packets: Any = None, headers: Any = None, jsonp_index: Any = None) -> Any:
+        """Engine.IO's 200 answer; a POST's body is `ok`, as the protocol says (python-engineio
+        wrote `OK`; clients do not read it, but a strict one may)."""
+        response = super()._ok(packets, headers=headers, jsonp_index=jsonp_index)
+        if packets is None and response.get("response") == b"OK":
+            response["response"] = b"ok"
+        return response
+
     def report_malformed(self, sid: str, kind: str, detail: str) -> None:
         """A client sent something that is not Engine.IO/Socket.IO: one line, not a traceback."""
         if self.on_malformed is not None:
@@ -824,6 +894,12 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         self, environ: dict[str, Any], transport: str, jsonp_index: Any = None
     ) -> Any:
         """engineio.AsyncServer._handle_connect, creating a LeanSocket."""
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        if query.get("transport") != [transport]:
+            # Engine.IO defaults a missing `transport` to polling; the protocol makes it
+            # mandatory ("the server MUST respond with an HTTP 400 error status").
+            self._log_error_once("Missing transport", "bad-transport")
+            return self._bad_request("Missing transport")
         sid = self.generate_id()
         lean = transport == "websocket" and lean_protocol(environ.get("asgi.send")) is not None
         s = LeanSocket(self, sid, lean)
@@ -991,7 +1067,34 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
         else:
             await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
 
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        if pkt.packet_type == sio_packet.CONNECT_ERROR and isinstance(pkt.data, str):
+            # python-socketio's own refusals (a second CONNECT to a namespace the client is
+            # in) carry a bare string, Socket.IO v4's form; v5's is `{"message": ...}`.
+            pkt.data = {"message": pkt.data}
+        await super()._send_packet(eio_sid, pkt)
+
     async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        served = namespace or "/"
+        if not (
+            served in self.handlers
+            or served in self.namespace_handlers
+            or self.namespaces == "*"
+            or served in self.namespaces
+        ):
+            # python-socketio refuses it with the bare string "Unable to connect", a Socket.IO
+            # v4 CONNECT_ERROR; v5 (what the feed speaks) makes its payload an object,
+            # `{"message": ...}`, which socket.io-client reads as the error's message (it
+            # showed `undefined`). Worded as the Node.js server words it.
+            await self._send_packet(
+                eio_sid,
+                self.packet_class(
+                    sio_packet.CONNECT_ERROR,
+                    data={"message": "Invalid namespace"},
+                    namespace=served,
+                ),
+            )
+            return
         await super()._handle_connect(eio_sid, namespace, data)
         if self.manager.sid_from_eio_sid(eio_sid, namespace or "/") is not None:
             environ = self.environ.get(eio_sid)

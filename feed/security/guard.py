@@ -137,7 +137,12 @@ class InboundLimit:
     Nothing of the body is read: the answer goes out at once with `Connection: close`, so uvicorn
     closes the connection instead of draining the rest. The Engine.IO session the request names
     is closed too (a message too large ends an Engine.IO session, as it does over a websocket).
-    A body without a `Content-Length` is not read by Engine.IO at all, so it needs no bound here.
+
+    A body sent without a `Content-Length` (HTTP/1.1 chunked encoding) is read here, at most
+    `limit` bytes of it (past that: 413 as above), and handed on with its length declared.
+    Engine.IO reads a POST's body by its `Content-Length` alone: it drained a chunked body,
+    dropped it, and answered `ok`, so every packet in it (a client's connect, a subscribe) was
+    lost without a word.
     """
 
     def __init__(
@@ -160,10 +165,30 @@ class InboundLimit:
             and scope.get("method") == "POST"
             and scope.get("path", "").startswith(self.path)
         ):
-            length = _content_length(scope.get("headers", ()))
+            headers = scope.get("headers", ())
+            length = _content_length(headers)
             if length is None or length > self.limit:
                 await self._refuse(scope, send, length)
                 return
+            if _chunked(headers):
+                body = bytearray()
+                while True:
+                    event = await receive()
+                    if event["type"] != "http.request":
+                        return  # the client went away mid-body
+                    body += event.get("body", b"")
+                    if len(body) > self.limit:
+                        await self._refuse(scope, send, len(body))
+                        return
+                    if not event.get("more_body", False):
+                        break
+                scope = dict(scope)
+                scope["headers"] = [
+                    (name, value)
+                    for name, value in headers
+                    if name.lower() not in (b"transfer-encoding", b"content-length")
+                ] + [(b"content-length", str(len(body)).encode())]
+                receive = _replay(bytes(body), receive)
         await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Any, send: Any, length: int | None) -> None:
@@ -185,6 +210,26 @@ class InboundLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _chunked(headers: Any) -> bool:
+    """Whether the request's body comes in HTTP/1.1 chunks (no `Content-Length` then)."""
+    return any(
+        name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
+        for name, value in headers
+    )
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives `body` whole as the request's one event, then `receive`'s."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Any:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed
 
 
 def _content_length(headers: Any) -> int | None:
