@@ -94,6 +94,24 @@ def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
+def full_xid(xid: int, near: int) -> int:
+    """The 64-bit transaction id (as `pg_snapshot` has them) of pgoutput's 32-bit `xid`,
+    taken as the one nearest `near` (a snapshot's xmax): within 2**31 either side, as
+    Postgres itself widens an xid relative to a recent one.
+
+    Not "the one at or below xmax": a transaction that began after the snapshot has an xid
+    above its xmax, and moving that back an epoch made it older than xmin, so visible: every
+    change committed after the snapshot but routed before the subscriber's catch-up ended was
+    taken for one the snapshot reflected and left out, silently when none came before it
+    (the jump after a snapshot is allowed), else as a client reload "changes a..b never
+    arrived" (docs/connectors/postgres.md, "Snapshots").
+    """
+    distance = (xid - near) & 0xFFFFFFFF
+    if distance >= 1 << 31:
+        distance -= 1 << 32
+    return near + distance
+
+
 LogicalPosition = tuple[int, int, int]
 """A change's transaction (32-bit xid, as pgoutput gives it), commit LSN and index.
 
@@ -1079,15 +1097,11 @@ class LogicalReader:
         """Wait for a complete poll begun after the snapshot: every transaction visible in it
         has committed before, so its changes have been routed by then."""
         await self.c.wait_for_next_poll()
-        epoch = snap.xmax & ~0xFFFFFFFF
 
         def covers(change: Change) -> bool:
             position: LogicalPosition = change.position
             if type(position) is not tuple:
                 return False
-            full = epoch | position[0]
-            if full > snap.xmax:
-                full -= 1 << 32
-            return snap.visible(full)
+            return snap.visible(full_xid(position[0], snap.xmax))
 
         return covers
