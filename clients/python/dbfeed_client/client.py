@@ -591,12 +591,16 @@ class FeedClient(_Events):
         self._route(changes if isinstance(changes, list) else [])
 
     def _route(self, changes: list[Any]) -> None:
+        framed: set[Subscription] = set()  # those told that this frame begins (`_frame`)
         for change in changes:
             if not isinstance(change, dict):
                 continue
             subs = self._by_room.get(change.get("room", ""))
             if subs:
                 for sub in list(subs):
+                    if sub not in framed:
+                        framed.add(sub)
+                        sub._frame()
                     sub._receive(change)
             elif any(s.room is None for s in self.subscriptions):
                 # An answer to a first subscribe is on its way; the change is for that room.
@@ -683,6 +687,7 @@ class Subscription(_Events):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._iterated = False  # whether anyone iterates: callbacks alone need no backlog
         self._queueing = True  # False once it overflowed with nobody iterating
+        self._waited = 0  # changes waiting when the frame being delivered arrived (`_frame`)
         self._attempt = 0
         self._phase = "idle"  # idle | subscribing | chunks | ready
         self._buffer: list[Change] = []
@@ -918,6 +923,7 @@ class Subscription(_Events):
         if first and not self._ready.done():
             self._ready.set_result(None)
         buffered, self._buffer = self._buffer, []
+        self._frame()  # what came while the answer or the snapshot was awaited: one frame
         for change in buffered:
             if self._phase != "ready":
                 break
@@ -958,11 +964,13 @@ class Subscription(_Events):
         self._emit("change", change)
         if not self._queueing:
             return
-        if self._queue.qsize() >= self.max_queue:
+        waiting = self._waited if self._iterated else self._queue.qsize()
+        if waiting >= self.max_queue:
             # The consumer is too slow: drop what waits rather than grow without bound, and say so.
             dropped = self._queue.qsize()
             while not self._queue.empty():
                 self._queue.get_nowait()
+            self._waited = 0  # the rest of this frame starts a new backlog
             if not self._iterated:
                 # Callbacks only, no iteration yet: keep no backlog (an iteration begun later
                 # starts with the changes that come after it), and no reload: nobody fell behind.
@@ -971,6 +979,19 @@ class Subscription(_Events):
             self._reload_now(f"the consumer fell behind: {dropped} waiting changes dropped")
             return
         self._queue.put_nowait(change)
+
+    def _frame(self) -> None:
+        """A frame of changes begins (a `change`, a `changes` batch, or what waited for the
+        subscribe's answer and snapshot): an iterating consumer has fallen behind when
+        `max_queue` changes waited before it, not when this frame alone is longer.
+
+        The consumer cannot run in the middle of a frame, and a frame may be long whatever
+        its pace: the catch-up after a snapshot sends everything the room had meanwhile in one
+        (22,000 changes after a 500,000-row snapshot under 300 transactions a second), which
+        counted change by change always "fell behind", and the reload's snapshot did the same
+        for as long as the writes went on. Memory stays bounded: `max_queue` plus one frame.
+        """
+        self._waited = self._queue.qsize()
 
     def _gap(self, gap: dict[str, Any]) -> None:
         if self._phase != "ready":
