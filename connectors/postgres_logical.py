@@ -112,6 +112,10 @@ def full_xid(xid: int, near: int) -> int:
     return near + distance
 
 
+FLUSH_POLL = 0.005
+"""Seconds between looks at the WAL's flush point while a snapshot waits for it (`flushed_past`)."""
+
+
 LogicalPosition = tuple[int, int, int]
 """A change's transaction (32-bit xid, as pgoutput gives it), commit LSN and index.
 
@@ -1090,8 +1094,41 @@ class LogicalReader:
 
     # -- snapshots -------------------------------------------------------------------------------
 
-    async def snapshot_mark(self, conn: Any) -> None:
-        return None
+    async def snapshot_mark(self, conn: Any) -> int:
+        """Where the WAL ends just after the snapshot was taken (on its connection, in its
+        transaction): every transaction the snapshot sees has its commit record below this."""
+        text = await conn.fetchval(
+            "SELECT pg_current_wal_insert_lsn()::text", timeout=self.c.query_timeout
+        )
+        return parse_lsn(text)
+
+    async def flushed_past(self, conn: Any, mark: int) -> None:
+        """Wait until the server has flushed its WAL up to `mark` (`snapshot_mark`).
+
+        The slot decodes flushed WAL only, and a transaction committed with
+        `synchronous_commit = off` is visible before its commit record is flushed (the WAL
+        writer does it up to `wal_writer_delay`, 200 ms by default, later). So the poll
+        `wait_past` waits for could end before a transaction the rows reflect was read: the
+        snapshot returned, the catch-up ended, and that change came afterwards, live, to a
+        subscriber whose rows had it already (every one of 40 snapshots taken right after an
+        asynchronous commit did so). Usually the flush is past the mark by the time the rows
+        are read, and this is one query.
+        """
+        c = self.c
+        try:
+            async with asyncio.timeout(c.snapshot_wait):
+                while True:
+                    text = await conn.fetchval(
+                        "SELECT pg_current_wal_flush_lsn()::text", timeout=c.query_timeout
+                    )
+                    if parse_lsn(text) >= mark:
+                        return
+                    await asyncio.sleep(FLUSH_POLL)
+        except TimeoutError:
+            raise SourceUnavailable(
+                f"{c.where}: the server did not flush its WAL past the snapshot within "
+                f"{c.snapshot_wait:g}s"
+            ) from None
 
     async def wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
         """Wait for a complete poll begun after the snapshot: every transaction visible in it

@@ -13,6 +13,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +438,50 @@ async def test_a_change_committed_after_the_snapshot_reaches_the_subscribers_row
     finally:
         await older.close()
         await locker.close()
+
+
+def changed(log: Any, key: Any) -> bool:
+    return any(c["key"] == key for c in log.changes)
+
+
+async def test_an_asynchronous_commit_the_snapshot_reflects_is_not_sent_again(
+    logical_pg: PgDatabase,
+) -> None:
+    """A transaction committed with `synchronous_commit = off` is visible (so in the snapshot's
+    rows) before its commit record is flushed, and the slot decodes flushed WAL only: the poll
+    the snapshot waited for ended without it, and it came after the catch-up, live, to a
+    subscriber whose rows had it already (the WAL writer flushes up to 200 ms later; three
+    rounds, so that one flush in time cannot hide it)."""
+    from dbfeed_client import FeedClient
+
+    from tests.support.server import running_feed
+    from tests.test_client_python import Log
+
+    db = logical_pg
+    await orders(db)
+    await db.conn.execute("INSERT INTO orders SELECT g, 'new', 1 FROM generate_series(1, 3) g")
+    config = (
+        f'[[connectors]]\nname = "main"\ntype = "postgres"\ndsn = "{db.url}"\n'
+        'tables = ["public.orders"]\nmode = "logical"\npoll_interval = 0.02\n'
+        "auto_migrate = true\n"
+    )
+    writer = await db.connect()
+    try:
+        await writer.execute("SET synchronous_commit = off")
+        async with running_feed(config) as server, FeedClient(server.url) as feed:
+            connector = server.hub.connectors["main"]
+            await wait_until(lambda: connector.status.state.value == "up", WAIT, "logical up")
+            for round_ in range(3):
+                status = f"round {round_}"
+                await writer.execute("UPDATE orders SET status = $1 WHERE id = 1", status)
+                async with feed.subscribe("main:public.orders", snapshot=True) as sub:
+                    log = Log(sub)
+                    assert sub.rows is not None and sub.rows["1"]["status"] == status
+                    await db.conn.execute("UPDATE orders SET status = $1 WHERE id = 2", status)
+                    await log.until(partial(changed, log, 2), "id 2's change")
+                    assert [c["key"] for c in log.changes] == [2], "id 1's change came again"
+    finally:
+        await writer.close()
 
 
 async def test_unwatch_drops_the_slot(logical_pg: PgDatabase) -> None:
