@@ -692,6 +692,7 @@ export class Subscription extends Emitter {
     this._buffer = [];
     this._chunks = null;
     this._skipOk = false;
+    this._skipUpto = null; // after a snapshot: numbers up to it may be missing (`_maySkip`)
     this._fresh = false; // the next subscribe must not resume (a reload asked for new rows)
     this._ids = new Set();
     this._idOrder = [];
@@ -774,6 +775,7 @@ export class Subscription extends Emitter {
     this._phase = "subscribing";
     this._buffer = [];
     this._chunks = null;
+    this._skipUpto = null;
     this._gapWhileSubscribing = null;
     this._leftWhileAsking.clear();
     if (this.state !== "pending") this._setState("pending", { resuming });
@@ -831,7 +833,8 @@ export class Subscription extends Emitter {
       const total = Number.isInteger(ack.snapshot_chunks) ? ack.snapshot_chunks : 1;
       // `snapshot_keys`: each row's key as its changes carry it (absent from older servers).
       const keys = paired(ack.snapshot_keys, ack.snapshot) ? [...ack.snapshot_keys] : null;
-      this._chunks = { rows: [...ack.snapshot], keys, next: 2, of: total, seq: ack.seq, truncated: Boolean(ack.snapshot_truncated) };
+      const upto = Number.isInteger(ack.snapshot_upto) ? ack.snapshot_upto : null; // older servers: none
+      this._chunks = { rows: [...ack.snapshot], keys, next: 2, of: total, seq: ack.seq, upto, truncated: Boolean(ack.snapshot_truncated) };
       if (total > 1) {
         this._phase = "chunks";
         return;
@@ -858,7 +861,7 @@ export class Subscription extends Emitter {
   }
 
   _applySnapshot() {
-    const { rows, keys, seq, truncated } = this._chunks;
+    const { rows, keys, seq, upto, truncated } = this._chunks;
     this._chunks = null;
     this.rows = new Map();
     rows.forEach((row, index) => {
@@ -868,7 +871,11 @@ export class Subscription extends Emitter {
     });
     this.truncated = truncated;
     this.seq = seq;
-    this._skipOk = true; // changes the rows already reflect are skipped, so numbers may jump once
+    // Changes the rows already reflect are not sent: numbers up to `snapshot_upto` may be
+    // missing, anywhere among them (docs/protocol.md). A server older than that field: the first
+    // change alone may jump.
+    this._skipOk = true;
+    this._skipUpto = upto;
     this._emit("snapshot", rows, { truncated, rows: this.rows });
     this._finish("live", {});
   }
@@ -901,7 +908,7 @@ export class Subscription extends Emitter {
     const seq = change.seq;
     if (typeof seq === "number" && this.seq !== null) {
       if (seq <= this.seq) return; // already delivered (a resend after a resume)
-      if (seq !== this.seq + 1 && !this._skipOk) {
+      if (seq !== this.seq + 1 && !this._maySkip(seq)) {
         const missed = `changes ${this.seq + 1}..${seq - 1} never arrived`;
         if (this.snapshot) {
           this._reloadNow(missed);
@@ -917,6 +924,18 @@ export class Subscription extends Emitter {
     if (this.rows) this._apply(change);
     this._emit("change", change);
     this._enqueue(change);
+  }
+
+  /**
+   * Whether `seq` may follow a hole: the holes a snapshot leaves are the changes its rows
+   * reflect, all numbered up to the ack's `snapshot_upto`. They need not come first: in commit
+   * order a Postgres transaction the snapshot saw as still running can come before one it saw
+   * committed (a commit is written, then made visible), and counting only the first jump made
+   * such a snapshot a reload ("changes a..b never arrived") with nothing missing.
+   */
+  _maySkip(seq) {
+    if (this._skipUpto !== null) return seq <= this._skipUpto + 1;
+    return this._skipOk;
   }
 
   /**
