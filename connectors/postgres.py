@@ -1869,6 +1869,8 @@ class PostgresConnector(Connector):
                     break
                 rows.append(row)
                 keys.append(key)
+        if self._logical is not None:
+            await self._logical.flushed_past(conn, extra)
         return rows, keys, truncated, snap_text, extra
 
     def _key_in_sql(self, shape: TableShape) -> bool:

@@ -94,6 +94,28 @@ def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
+def full_xid(xid: int, near: int) -> int:
+    """The 64-bit transaction id (as `pg_snapshot` has them) of pgoutput's 32-bit `xid`,
+    taken as the one nearest `near` (a snapshot's xmax): within 2**31 either side, as
+    Postgres itself widens an xid relative to a recent one.
+
+    Not "the one at or below xmax": a transaction that began after the snapshot has an xid
+    above its xmax, and moving that back an epoch made it older than xmin, so visible: every
+    change committed after the snapshot but routed before the subscriber's catch-up ended was
+    taken for one the snapshot reflected and left out, silently when none came before it
+    (the jump after a snapshot is allowed), else as a client reload "changes a..b never
+    arrived" (docs/connectors/postgres.md, "Snapshots").
+    """
+    distance = (xid - near) & 0xFFFFFFFF
+    if distance >= 1 << 31:
+        distance -= 1 << 32
+    return near + distance
+
+
+FLUSH_POLL = 0.005
+"""Seconds between looks at the WAL's flush point while a snapshot waits for it (`flushed_past`)."""
+
+
 LogicalPosition = tuple[int, int, int]
 """A change's transaction (32-bit xid, as pgoutput gives it), commit LSN and index.
 
@@ -1094,22 +1116,51 @@ class LogicalReader:
 
     # -- snapshots -------------------------------------------------------------------------------
 
-    async def snapshot_mark(self, conn: Any) -> None:
-        return None
+    async def snapshot_mark(self, conn: Any) -> int:
+        """Where the WAL ends just after the snapshot was taken (on its connection, in its
+        transaction): every transaction the snapshot sees has its commit record below this."""
+        text = await conn.fetchval(
+            "SELECT pg_current_wal_insert_lsn()::text", timeout=self.c.query_timeout
+        )
+        return parse_lsn(text)
+
+    async def flushed_past(self, conn: Any, mark: int) -> None:
+        """Wait until the server has flushed its WAL up to `mark` (`snapshot_mark`).
+
+        The slot decodes flushed WAL only, and a transaction committed with
+        `synchronous_commit = off` is visible before its commit record is flushed (the WAL
+        writer does it up to `wal_writer_delay`, 200 ms by default, later). So the poll
+        `wait_past` waits for could end before a transaction the rows reflect was read: the
+        snapshot returned, the catch-up ended, and that change came afterwards, live, to a
+        subscriber whose rows had it already (every one of 40 snapshots taken right after an
+        asynchronous commit did so). Usually the flush is past the mark by the time the rows
+        are read, and this is one query.
+        """
+        c = self.c
+        try:
+            async with asyncio.timeout(c.snapshot_wait):
+                while True:
+                    text = await conn.fetchval(
+                        "SELECT pg_current_wal_flush_lsn()::text", timeout=c.query_timeout
+                    )
+                    if parse_lsn(text) >= mark:
+                        return
+                    await asyncio.sleep(FLUSH_POLL)
+        except TimeoutError:
+            raise SourceUnavailable(
+                f"{c.where}: the server did not flush its WAL past the snapshot within "
+                f"{c.snapshot_wait:g}s"
+            ) from None
 
     async def wait_past(self, snap: Snap, extra: Any) -> Callable[[Change], bool]:
         """Wait for a complete poll begun after the snapshot: every transaction visible in it
         has committed before, so its changes have been routed by then."""
         await self.c.wait_for_next_poll()
-        epoch = snap.xmax & ~0xFFFFFFFF
 
         def covers(change: Change) -> bool:
             position: LogicalPosition = change.position
             if type(position) is not tuple:
                 return False
-            full = epoch | position[0]
-            if full > snap.xmax:
-                full -= 1 << 32
-            return snap.visible(full)
+            return snap.visible(full_xid(position[0], snap.xmax))
 
         return covers

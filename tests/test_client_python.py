@@ -325,6 +325,37 @@ async def test_a_slow_consumer_is_told_to_reload_and_its_rows_stay_right(
             consumer.cancel()
 
 
+async def test_one_frame_longer_than_max_queue_is_not_a_consumer_falling_behind(
+    feed_server: Harness,
+) -> None:
+    """The consumer cannot run in the middle of a frame: a `changes` frame longer than
+    `max_queue` (the catch-up after a snapshot sends all the room had meanwhile in one) was
+    counted change by change and always "fell behind", and a reload's snapshot then did the
+    same for as long as the writes went on. The queue's bound is judged by what waited before
+    the frame."""
+    async with (
+        client(feed_server.url) as feed,
+        feed.subscribe(ROOM, snapshot=True, max_queue=5) as sub,
+    ):
+        log = Log(sub)
+        seen: list[dict[str, Any]] = []
+
+        async def consume() -> None:
+            async for change in sub:
+                seen.append(change)
+                log.event.set()
+
+        consumer = asyncio.create_task(consume())
+        try:
+            feed_server.burst("public.orders", 1001, 60)  # frames of up to 59 changes
+            await log.until(lambda: len(seen) == 60 or "reload" in log.names, "the 60 changes")
+            assert "reload" not in log.names, log.states
+            assert [c["key"] for c in seen] == list(range(1001, 1061))
+            assert sub.rows == feed_server.rows("public.orders")
+        finally:
+            consumer.cancel()
+
+
 async def test_a_slow_consumer_within_its_queue_gets_everything(feed_server: Harness) -> None:
     async with client(feed_server.url) as feed, feed.subscribe(ROOM) as sub:
         feed_server.burst("public.orders", 1, 300)

@@ -91,7 +91,10 @@ export interface SubscribeOptions {
    * sends each row's key, and that is used instead.
    */
   key?: string | string[] | ((row: Row) => Json);
-  /** At most this many changes wait for a `for await` loop (default 10000); then a reload. */
+  /**
+   * At most this many changes wait for a `for await` loop (default 10000) when a frame of
+   * changes arrives; then a reload. A frame is taken whole (docs/clients.md, "A slow consumer").
+   */
   maxQueue?: number;
   /**
    * Resume from a position saved earlier (`sub.seq` and `sub.epoch`): `since` without `epoch`

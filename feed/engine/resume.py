@@ -80,6 +80,7 @@ class Resume(Delivery):
             )
             ack.update(fields)
             ack["seq"] = cursor
+            ack["snapshot_upto"] = max(cursor, plan.upto)  # as a single node's (Hub.subscribe)
         filtered, start = shared_start(already, previous, cursor)
         catch_up = self._catch_up(sid, mirror, start, plan if filtered else None, rest, gap, gaps)
         hub._spawn(catch_up)

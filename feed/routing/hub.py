@@ -660,6 +660,12 @@ class Hub:
             )
             ack.update(fields)
             ack["seq"] = cursor
+            # Every change the rows reflect has been numbered by now (the Snapshot contract),
+            # and those are the numbers the catch-up may leave out, not only at its start: in
+            # commit order a transaction still running when the snapshot was taken can come
+            # before one it saw committed (Postgres makes a commit visible after writing its
+            # record). Past this number every change comes.
+            ack["snapshot_upto"] = room.seq
         # The ack goes out when this returns, before the catch-up task's first step: the rest of
         # the snapshot, then what the room got meanwhile, follow it in that order.
         filtered, start = shared_start(already, previous, cursor)

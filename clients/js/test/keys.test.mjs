@@ -155,6 +155,37 @@ describe("a `for await` loop slower than the feed", () => {
     }
   });
 
+  test("one frame longer than maxQueue is not a consumer falling behind", async () => {
+    // The loop cannot run in the middle of a frame, and the catch-up after a snapshot sends
+    // all the room had meanwhile in one: counted change by change it always "fell behind".
+    await h.send({ cmd: "truncate", target: "public.orders" });
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe("mem:public.orders", { snapshot: true, maxQueue: 5 });
+      const log = record(sub);
+      const seen = [];
+      const consumer = (async () => {
+        for await (const change of sub) {
+          seen.push(change);
+          if (seen.length === 60) break;
+        }
+      })();
+      await sub.ready;
+      await h.burst(1001, 60); // frames of up to 59 changes
+      const reloaded = () => log.states.some((s) => s.state === "reload");
+      await until(() => seen.length === 60 || reloaded(), "the 60 changes, in the loop");
+      assert.ok(!reloaded(), JSON.stringify(log.states));
+      await consumer;
+      assert.deepEqual(
+        seen.map((c) => c.seq),
+        Array.from({ length: 60 }, (_, i) => seen[0].seq + i),
+      );
+      assert.deepEqual(plainRows(sub.rows), await h.rows());
+    } finally {
+      feed.close();
+    }
+  });
+
   test("within maxQueue it gets every change, once, in order", async () => {
     const feed = new FeedClient(h.url, WS);
     try {
