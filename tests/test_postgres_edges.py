@@ -7,6 +7,7 @@ Needs wal_level = logical for the logical-mode tests (the suite's embedded serve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -166,3 +167,60 @@ async def test_an_update_without_its_toasted_values_is_a_gap_not_nulls(
         third = await asyncio.wait_for(stream.queue.get(), WAIT)
         assert isinstance(third, Change) and third.after is not None, third
         assert len(third.after["big"]) == 160000 and third.after["n"] == 3
+
+
+@pytest.fixture
+async def twophase_pg() -> AsyncIterator[PgDatabase]:
+    """A private embedded server that allows prepared transactions (off by default)."""
+    async with pg_support.private_database(max_prepared_transactions="4") as db:
+        yield db
+
+
+@pytest.mark.parametrize("mode", ["notify", "logical"])
+async def test_a_prepared_transaction_is_delivered_at_commit_prepared(
+    twophase_pg: PgDatabase, mode: str
+) -> None:
+    """Two-phase commit through `feed serve`'s app and a client. Notify mode's trigger
+    notified on every write, and Postgres refuses to PREPARE a transaction that notified: every
+    prepared transaction writing a watched table failed. With `SET LOCAL dbfeed.notify = off`
+    it prepares, and its change arrives once committed (at the reader's next poll); a prepared
+    transaction rolled back never arrives. Logical mode needs nothing."""
+    db = twophase_pg
+    if mode == "logical" and await db.server.wal_level() != "logical":
+        pytest.skip("the server's wal_level is not logical")
+    await db.conn.execute(CREATE)
+    config = f"""
+[[connectors]]
+name = "main"
+type = "postgres"
+mode = "{mode}"
+dsn = "{db.url}"
+tables = ["public.items"]
+auto_migrate = true
+poll_interval = 0.02
+heartbeat_interval = 0.3
+"""
+    async with running_feed(config) as feed, feed_client(feed.url) as client:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", WAIT, "reading")
+        assert (await client.subscribe("main:public.items"))["ok"]
+        await db.conn.execute(
+            "BEGIN; SET LOCAL dbfeed.notify = off; INSERT INTO items VALUES (1, 'prepared');"
+            " PREPARE TRANSACTION 'pgedge_one'"
+        )
+        await db.conn.execute(
+            "BEGIN; SET LOCAL dbfeed.notify = off; INSERT INTO items VALUES (2, 'rolled back');"
+            " PREPARE TRANSACTION 'pgedge_two'"
+        )
+        await db.conn.execute("ROLLBACK PREPARED 'pgedge_two'")
+        with pytest.raises(TimeoutError):  # prepared, not committed: nothing yet
+            await client.next_change(timeout=1.0)
+        await db.conn.execute("COMMIT PREPARED 'pgedge_one'")
+        got = await client.next_change()
+        assert (got["op"], got["key"], got["after"]) == (
+            "insert",
+            1,
+            {"id": 1, "note": "prepared"},
+        )
+        await db.conn.execute("INSERT INTO items VALUES (3, 'plain')")  # notifies as before
+        assert (await client.next_change())["key"] == 3
