@@ -124,6 +124,7 @@ class Transaction:
     end_lsn: int = 0  # from its Commit message
     changes: list[RawChange] = field(default_factory=list)  # decoded, not yet handed on
     taken: int = 0  # changes handed on before `changes` (the index of its first)
+    unsent: set[str] = field(default_factory=set)  # targets given a gap for unsent TOAST
 
 
 class PgOutputParser:
@@ -1006,13 +1007,15 @@ class LogicalReader:
             if raw.op == "truncate":  # its partitions' new storage is no gap
                 c.partition_watch.truncated_whole.add(raw.target)
             if raw.unsent:
-                yield Gap(
-                    c.name,
-                    f"an update of {raw.target} was not delivered: its unchanged TOASTed "
-                    f"column(s) {', '.join(raw.unsent)} came without their values (the table's "
-                    "replica identity is not FULL; the feed sets it back); reload",
-                    raw.target,
-                )
+                if raw.target not in txn.unsent:  # one gap a table and transaction: one reload
+                    txn.unsent.add(raw.target)
+                    yield Gap(
+                        c.name,
+                        f"an update of {raw.target} was not delivered: its unchanged TOASTed "
+                        f"column(s) {', '.join(raw.unsent)} came without their values (the "
+                        "table's replica identity is not FULL; the feed sets it back); reload",
+                        raw.target,
+                    )
             elif any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):
                 yield Gap(
                     c.name,

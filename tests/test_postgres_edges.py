@@ -149,12 +149,13 @@ async def test_an_update_without_its_toasted_values_is_a_gap_not_nulls(
     db = logical_pg
     await db.conn.execute("CREATE TABLE public.items (id int PRIMARY KEY, big text, n int)")
     big = "SELECT string_agg(md5(g::text), '') FROM generate_series(1, 5000) g"  # 160 kB
-    await db.conn.execute(f"INSERT INTO items VALUES (1, ({big}), 1)")
+    await db.conn.execute(f"INSERT INTO items VALUES (1, ({big}), 1), (3, ({big}), 1)")
     async with streaming(logical(db, capture_check_interval=60.0)) as stream:
         await db.conn.execute("INSERT INTO items VALUES (2, 'small', 1)")
         assert [c.key for c in await stream.take(1)] == [2]
         await db.conn.execute("ALTER TABLE items REPLICA IDENTITY DEFAULT")
-        await db.conn.execute("UPDATE items SET n = 2 WHERE id = 1")  # big unchanged, TOASTed
+        # big unchanged, TOASTed: two rows in one statement, one gap (one reload) for both
+        await db.conn.execute("UPDATE items SET n = 2 WHERE id IN (1, 3)")
         await db.conn.execute("UPDATE items SET n = 2 WHERE id = 2")  # nothing TOASTed
         first = await asyncio.wait_for(stream.queue.get(), WAIT)
         assert isinstance(first, Gap), first
