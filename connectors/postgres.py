@@ -93,6 +93,8 @@ LOCK_PATIENCE = 20
 """Tries, 0.1 s apart, for the reader lock before `feed migrate --prune` or `unwatch` refuses."""
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 IDENTIFIER = re.compile(r"^[^\s.]+$")
+SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+"""What Postgres takes as a replication slot name (the publication shares it)."""
 
 
 # -- positions and snapshots ---------------------------------------------------------------------
@@ -253,6 +255,15 @@ class PostgresConnector(Connector):
         self.batch_size = options.int("batch_size", 500, minimum=1, maximum=100_000)
         self.auto_migrate = options.bool("auto_migrate", False)
         self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
+        if self.mode == "logical" and not SLOT_NAME.fullmatch(self.slot):
+            # Postgres takes only these for a slot, and cuts a longer publication name short:
+            # before, the first start failed with a bare `identifier too long`.
+            given = "slot" in options.raw
+            options.fail(
+                "slot",
+                f"{self.slot!r}{'' if given else ' (made from the name)'} is not a replication "
+                "slot name Postgres takes: at most 63 of a-z, 0-9 and _; set `slot` to one",
+            )
         self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
         self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001)
         self.save_interval = options.float("save_interval", 0.5, minimum=0.0)

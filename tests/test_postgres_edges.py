@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from feed.core.change import Change, Gap
+from feed.errors import ConfigError
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
@@ -225,3 +226,21 @@ heartbeat_interval = 0.3
         )
         await db.conn.execute("INSERT INTO items VALUES (3, 'plain')")  # notifies as before
         assert (await client.next_change())["key"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "said"),
+    [
+        ("a" * 60, {}, "(made from the name)"),
+        ("main", {"slot": "My-Slot"}, "'My-Slot' is not"),
+    ],
+)
+def test_a_slot_name_postgres_refuses_is_a_config_error(
+    name: str, extra: dict[str, str], said: str
+) -> None:
+    """A 60-character connector name made a 65-character slot: the first start failed with
+    a bare `identifier too long`, naming no setting."""
+    with pytest.raises(ConfigError) as caught:
+        make_connector("postgresql://u@h/db", ["public.t"], name=name, mode="logical", **extra)
+    assert caught.value.key == f"connectors.{name}.slot" and said in str(caught.value)
+    make_connector("postgresql://u@h/db", ["public.t"], name="a" * 60)  # notify: no slot
