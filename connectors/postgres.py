@@ -514,6 +514,37 @@ class PostgresConnector(Connector):
                 return await self._check_each_table(conn, attach=True)
         return await self._check_each_table(conn, attach=attach)
 
+    async def _refuse_non_table(self, conn: Any, target: str, oid: int) -> None:
+        """A view, materialized view or foreign table in `tables`: one line saying what to watch.
+
+        Neither mode can capture them (no row triggers, no publication), and what Postgres said
+        (`"orders" is a view`, `relation "orders" cannot have triggers`) came from `feed
+        migrate` only, while `feed check` and the start sent the user back to `feed migrate`.
+        """
+        kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = $1", oid)
+        what = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}.get(kind)
+        if what is None:
+            return
+        reads = await conn.fetch(
+            "SELECT DISTINCT n.nspname || '.' || c.relname AS name FROM pg_rewrite r"
+            " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid"
+            " AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class"
+            " JOIN pg_class c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p')"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE r.ev_class = $1 ORDER BY 1",
+            oid,
+        )
+        tables = ", ".join(r["name"] for r in reads)
+        hint = (
+            "its rows live on another server: watch the table there"
+            if kind == "f"
+            else f"watch the tables it reads{' (' + tables + ')' if tables else ''} instead"
+        )
+        raise SourceMisconfigured(
+            f"{self.where}: {target} is {what}, not a table: changes to it cannot be captured; "
+            f"{hint} (`tables`)"
+        )
+
     async def _check_each_table(self, conn: Any, *, attach: bool) -> list[str]:
         lines: list[str] = []
         user = await conn.fetchval("SELECT current_user")
@@ -522,6 +553,7 @@ class PostgresConnector(Connector):
             oid = await conn.fetchval("SELECT to_regclass($1)::oid", regclass)
             if oid is None:
                 raise SourceMisconfigured(f"{self.where}: table {target} does not exist")
+            await self._refuse_non_table(conn, target, oid)
             if not await conn.fetchval("SELECT has_table_privilege($1, 'SELECT')", regclass):
                 raise SourceMisconfigured(
                     f"{self.where}: permission denied: GRANT SELECT ON {target} TO {user}"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from feed.core.change import Change, Gap
-from feed.errors import ConfigError
+from feed.errors import ConfigError, SourceMisconfigured
 from tests.postgres_helpers import WAIT, make_connector, streaming
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
@@ -244,3 +244,26 @@ def test_a_slot_name_postgres_refuses_is_a_config_error(
         make_connector("postgresql://u@h/db", ["public.t"], name=name, mode="logical", **extra)
     assert caught.value.key == f"connectors.{name}.slot" and said in str(caught.value)
     make_connector("postgresql://u@h/db", ["public.t"], name="a" * 60)  # notify: no slot
+
+
+@pytest.mark.parametrize("mode", ["notify", "logical"])
+async def test_a_view_in_tables_is_refused_naming_the_tables_it_reads(
+    pg: PgDatabase, mode: str
+) -> None:
+    """A table and a view of the same name in two schemas, and the view configured: `feed
+    check` sent the user to `feed migrate`, which failed with Postgres's `"orders" is a view`."""
+    if mode == "logical" and await pg.server.wal_level() != "logical":
+        pytest.skip("the server's wal_level is not logical")
+    await pg.conn.execute(
+        "CREATE SCHEMA reports; CREATE TABLE public.orders (id int PRIMARY KEY, v text);"
+        " CREATE VIEW reports.orders AS SELECT id, upper(v) AS v FROM public.orders"
+    )
+    connector = make_connector(pg.url, ["reports.orders"], mode=mode)
+    said = "reports.orders is a view, not a table"
+    with pytest.raises(SourceMisconfigured, match=said) as caught:
+        await connector.check()
+    assert "watch the tables it reads (public.orders) instead" in str(caught.value)
+    with pytest.raises(SourceMisconfigured, match=said):
+        await connector.migrate()
+    with pytest.raises(SourceMisconfigured, match=said):
+        await make_connector(pg.url, ["reports.orders"], mode=mode).start()
