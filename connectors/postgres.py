@@ -630,7 +630,37 @@ class PostgresConnector(Connector):
                 f"CREATE TRIGGER {quote_ident(truncate_trigger)} AFTER TRUNCATE"
                 f" ON {regclass} FOR EACH STATEMENT EXECUTE FUNCTION {self.q}.capture({arg})"
             )
+            await self._drop_strays(conn, target, regclass)
         return "attached" if new_watch else "reattached"
+
+    async def _drop_strays(self, conn: Any, target: str, regclass: str) -> None:
+        """Drop the capture triggers for `target` left on a table that no longer has its name.
+
+        A table swap (`orders` renamed to `orders_old`, `orders_new` to `orders`) left the old
+        table's triggers on it, still journaling its writes as `target`'s: once the new one was
+        attached, both tables' rows arrived as the one table's changes, for good. The target's
+        own partitions keep theirs (each carries the truncate trigger, with the target's name).
+        """
+        tree = {
+            r["reg"]
+            for r in await conn.fetch(
+                "SELECT format('%I.%I', n.nspname, c.relname) AS reg FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass"
+                " OR c.oid IN (SELECT relid FROM pg_partition_tree($1::regclass))",
+                regclass,
+            )
+        }
+        for relation, name, trigger in await capture_triggers(conn, self.schema, target):
+            if relation not in tree:
+                await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {relation}")
+                log.warning(
+                    "%s: dropped capture trigger %s from %s: it captured %s, which is another "
+                    "table now (renamed away and replaced)",
+                    self.name,
+                    trigger,
+                    name,
+                    target,
+                )
 
     async def _mark_watched(self, conn: Any, target: str) -> bool:
         """Record that this connector watches `target`; say whether that is new. The consumer's

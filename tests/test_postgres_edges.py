@@ -267,3 +267,38 @@ async def test_a_view_in_tables_is_refused_naming_the_tables_it_reads(
         await connector.migrate()
     with pytest.raises(SourceMisconfigured, match=said):
         await make_connector(pg.url, ["reports.orders"], mode=mode).start()
+
+
+async def test_a_table_swapped_out_no_longer_sends_its_writes_as_the_watched_tables(
+    pg: PgDatabase,
+) -> None:
+    """Notify mode, a blue/green table swap: `orders` renamed to `orders_old`, `orders_new` to
+    `orders`. The new table is attached with a gap; the old one kept its triggers, so its writes
+    went on arriving as changes of public.orders, rows that table never held."""
+    await pg.conn.execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, v text); CREATE TABLE orders_new (LIKE orders INCLUDING ALL)"
+    )
+    connector = make_connector(pg.url, ["public.orders"], capture_check_interval=0.1)
+    async with streaming(connector) as stream:
+        await pg.conn.execute("INSERT INTO orders VALUES (1, 'a')")
+        assert [c.key for c in await stream.take(1)] == [1]
+        await pg.conn.execute(
+            "BEGIN; ALTER TABLE orders RENAME TO orders_old;"
+            " ALTER TABLE orders_new RENAME TO orders; COMMIT"
+        )
+        async with asyncio.timeout(WAIT):  # the check notices the new table (a gap)
+            while not isinstance(item := await stream.queue.get(), Gap):
+                assert isinstance(item, Change)
+        assert "dropped and re-created" in item.reason, item
+        await pg.conn.execute("INSERT INTO orders_old VALUES (98, 'the old table')")
+        await pg.conn.execute("INSERT INTO orders VALUES (2, 'the new table')")
+        got = await stream.take(1)
+        assert [(c.key, c.after) for c in got] == [(2, {"id": 2, "v": "the new table"})]
+        await pg.conn.execute("UPDATE orders_old SET v = 'still old' WHERE id = 1")
+        await pg.conn.execute("INSERT INTO orders VALUES (3, 'new')")
+        assert [c.key for c in await stream.take(1)] == [3]
+    triggers = await pg.conn.fetchval(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders_old'::regclass"
+        " AND NOT tgisinternal"
+    )
+    assert triggers == 0
