@@ -96,6 +96,8 @@ LOCK_PATIENCE = 20
 """Tries, 0.1 s apart, for the reader lock before `feed migrate --prune` or `unwatch` refuses."""
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 IDENTIFIER = re.compile(r"^[^\s.]+$")
+SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+"""What Postgres takes as a replication slot name (the publication shares it)."""
 
 
 # -- positions and snapshots ---------------------------------------------------------------------
@@ -256,6 +258,15 @@ class PostgresConnector(Connector):
         self.batch_size = options.int("batch_size", 500, minimum=1, maximum=100_000)
         self.auto_migrate = options.bool("auto_migrate", False)
         self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
+        if self.mode == "logical" and not SLOT_NAME.fullmatch(self.slot):
+            # Postgres takes only these for a slot, and cuts a longer publication name short:
+            # before, the first start failed with a bare `identifier too long`.
+            given = "slot" in options.raw
+            options.fail(
+                "slot",
+                f"{self.slot!r}{'' if given else ' (made from the name)'} is not a replication "
+                "slot name Postgres takes: at most 63 of a-z, 0-9 and _; set `slot` to one",
+            )
         self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
         self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001)
         self.save_interval = options.float("save_interval", 0.5, minimum=0.0)
@@ -511,6 +522,37 @@ class PostgresConnector(Connector):
                 return await self._check_each_table(conn, attach=True)
         return await self._check_each_table(conn, attach=attach)
 
+    async def _refuse_non_table(self, conn: Any, target: str, oid: int) -> None:
+        """A view, materialized view or foreign table in `tables`: one line saying what to watch.
+
+        Neither mode can capture them (no row triggers, no publication), and what Postgres said
+        (`"orders" is a view`, `relation "orders" cannot have triggers`) came from `feed
+        migrate` only, while `feed check` and the start sent the user back to `feed migrate`.
+        """
+        kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = $1", oid)
+        what = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}.get(kind)
+        if what is None:
+            return
+        reads = await conn.fetch(
+            "SELECT DISTINCT n.nspname || '.' || c.relname AS name FROM pg_rewrite r"
+            " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid"
+            " AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class"
+            " JOIN pg_class c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p')"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE r.ev_class = $1 ORDER BY 1",
+            oid,
+        )
+        tables = ", ".join(r["name"] for r in reads)
+        hint = (
+            "its rows live on another server: watch the table there"
+            if kind == "f"
+            else f"watch the tables it reads{' (' + tables + ')' if tables else ''} instead"
+        )
+        raise SourceMisconfigured(
+            f"{self.where}: {target} is {what}, not a table: changes to it cannot be captured; "
+            f"{hint} (`tables`)"
+        )
+
     async def _check_each_table(self, conn: Any, *, attach: bool) -> list[str]:
         lines: list[str] = []
         user = await conn.fetchval("SELECT current_user")
@@ -519,6 +561,7 @@ class PostgresConnector(Connector):
             oid = await conn.fetchval("SELECT to_regclass($1)::oid", regclass)
             if oid is None:
                 raise SourceMisconfigured(f"{self.where}: table {target} does not exist")
+            await self._refuse_non_table(conn, target, oid)
             if not await conn.fetchval("SELECT has_table_privilege($1, 'SELECT')", regclass):
                 raise SourceMisconfigured(
                     f"{self.where}: permission denied: GRANT SELECT ON {target} TO {user}"
@@ -595,7 +638,37 @@ class PostgresConnector(Connector):
                 f"CREATE TRIGGER {quote_ident(truncate_trigger)} AFTER TRUNCATE"
                 f" ON {regclass} FOR EACH STATEMENT EXECUTE FUNCTION {self.q}.capture({arg})"
             )
+            await self._drop_strays(conn, target, regclass)
         return "attached" if new_watch else "reattached"
+
+    async def _drop_strays(self, conn: Any, target: str, regclass: str) -> None:
+        """Drop the capture triggers for `target` left on a table that no longer has its name.
+
+        A table swap (`orders` renamed to `orders_old`, `orders_new` to `orders`) left the old
+        table's triggers on it, still journaling its writes as `target`'s: once the new one was
+        attached, both tables' rows arrived as the one table's changes, for good. The target's
+        own partitions keep theirs (each carries the truncate trigger, with the target's name).
+        """
+        tree = {
+            r["reg"]
+            for r in await conn.fetch(
+                "SELECT format('%I.%I', n.nspname, c.relname) AS reg FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass"
+                " OR c.oid IN (SELECT relid FROM pg_partition_tree($1::regclass))",
+                regclass,
+            )
+        }
+        for relation, name, trigger in await capture_triggers(conn, self.schema, target):
+            if relation not in tree:
+                await conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)} ON {relation}")
+                log.warning(
+                    "%s: dropped capture trigger %s from %s: it captured %s, which is another "
+                    "table now (renamed away and replaced)",
+                    self.name,
+                    trigger,
+                    name,
+                    target,
+                )
 
     async def _mark_watched(self, conn: Any, target: str) -> bool:
         """Record that this connector watches `target`; say whether that is new. The consumer's

@@ -15,7 +15,8 @@ from typing import Any
 
 COLUMNS_SQL = """
 SELECT t.target,
-       array_agg(a.attname || ' ' || format_type(a.atttypid, NULL) ORDER BY a.attnum) AS columns,
+       array_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, NULL) ORDER BY a.attnum)
+         AS columns,
        (SELECT string_agg(quote_ident(p.attname), ', ' ORDER BY k.n)
         FROM pg_catalog.pg_index i
         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
@@ -31,7 +32,8 @@ PRIMARY_KEY = "\0primary_key"
 """The last entry of a table's `Columns`: its primary key, which names its rows' keys."""
 
 Columns = tuple[str, ...]
-"""A table's columns as `name type`, in the table's order, then `PRIMARY_KEY (columns)`
+"""A table's columns as `name type` (the name quoted where SQL would quote it, so a name with a
+space, `"order id"`, is told from its type), in the table's order, then `PRIMARY_KEY (columns)`
 (left out for a table whose key the config gives: its primary key names nothing then)."""
 
 
@@ -51,8 +53,8 @@ async def column_lists(
 
 def describe(before: Columns, after: Columns) -> str:
     """What changed between two column lists, e.g. `added extra integer; dropped pad`."""
-    old = dict(column.split(" ", 1) for column in before)
-    new = dict(column.split(" ", 1) for column in after)
+    old = dict(_name_and_type(column) for column in before)
+    new = dict(_name_and_type(column) for column in after)
     parts = [f"added {name} {new[name]}" for name in new if name not in old]
     parts += [f"dropped {name}" for name in old if name not in new]
     parts += [
@@ -61,6 +63,22 @@ def describe(before: Columns, after: Columns) -> str:
         if name in old and old[name] != new[name]
     ]
     return "; ".join(parts).replace(f"{PRIMARY_KEY} is now", "the primary key is now")
+
+
+def _name_and_type(column: str) -> tuple[str, str]:
+    """`"N n" integer` -> (`"N n"`, `integer`): a quoted name ends at its closing quote (a
+    doubled quote is one inside it), not at its first space (a column `N n` read as `N`, of
+    type `n text`, in the gap's reason)."""
+    if column.startswith('"'):
+        end = 1
+        while True:
+            end = column.index('"', end)
+            if column.startswith('""', end):
+                end += 2
+                continue
+            return column[: end + 1], column[end + 2 :]
+    name, _, kind = column.partition(" ")
+    return name, kind
 
 
 def gap_reason(target: str, before: Columns, after: Columns) -> str:

@@ -134,6 +134,8 @@ class RawChange:
     op: str
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
+    unsent: tuple[str, ...] = ()
+    """Unchanged TOASTed columns of an update whose values no old row gave (`_row`)."""
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Transaction:
     end_lsn: int = 0  # from its Commit message
     changes: list[RawChange] = field(default_factory=list)  # decoded, not yet handed on
     taken: int = 0  # changes handed on before `changes` (the index of its first)
+    unsent: set[str] = field(default_factory=set)  # targets given a gap for unsent TOAST
 
 
 class PgOutputParser:
@@ -212,18 +215,27 @@ class PgOutputParser:
         pos = 4
         before = after = None
         marker = bytes(body[pos : pos + 1])
+        old = marker == b"O"  # the whole old row (FULL); `K` holds the key columns only
         if marker in (b"K", b"O"):
             before, pos = _tuple(body, pos + 1, relation)
             marker = bytes(body[pos : pos + 1])
         if marker == b"N":
             after, pos = _tuple(body, pos + 1, relation)
-        if after is not None and before is not None:
-            for name, value in after.items():  # TOASTed columns the update did not touch
-                if value is _UNCHANGED:
-                    after[name] = before.get(name)
+        unsent: list[str] = []
+        for name, value in (after or {}).items():  # TOASTed columns the update did not touch
+            if value is not _UNCHANGED or after is None:
+                continue
+            if old and before is not None and before.get(name, _UNCHANGED) is not _UNCHANGED:
+                after[name] = before[name]
+            else:
+                # No old row holds it (the replica identity is not FULL): no value to send,
+                # and null would be a value the row never had.
+                unsent.append(name)
         op = {b"I": "insert", b"U": "update", b"D": "delete"}[kind]
         if self.current is not None:
-            self.current.changes.append(RawChange(relation.target, op, before, after))
+            self.current.changes.append(
+                RawChange(relation.target, op, before, after, tuple(unsent))
+            )
 
     def _truncate(self, body: memoryview) -> None:
         count, _options = struct.unpack_from("!Ib", body)
@@ -380,6 +392,8 @@ class LogicalReader:
         self.pending_gap = False
         self.gap_reason = ""
         self.gap_kind = "slot_lost"  # feed_capture_faults_total's kind for the pending gap
+        self.readded: list[str] = []
+        """Watched tables the start found out of the publication and put back: a gap each."""
         self.can_nudge: bool | None = None
         self.retained_wal: int | None = None
         self.wal_status = ""
@@ -428,6 +442,11 @@ class LogicalReader:
                     lines.append(
                         f"publication {self.publication!r} now covers {len(c.tables)} tables"
                     )
+                    # Out of it since the publication was made: dropped and made again (a
+                    # publication forgets a dropped table), or taken out by hand. What was
+                    # written to it meanwhile was never decoded (a table new to `tables` has
+                    # no follower to mislead: a gap too many there, never a change missed).
+                    self.readded = sorted(set(c.tables) - current)
                 unset = await self._unset_options(conn)
                 if unset:
                     await conn.execute(f"ALTER PUBLICATION {pub} SET ({', '.join(unset)})")
@@ -680,6 +699,12 @@ class LogicalReader:
         lines = await self.prepare(conn)
         if self.pending_gap:
             lines.append(f"warning: {self.gap_reason}")
+        if self.readded:  # a running feed's start would have announced them with a gap
+            lines.append(
+                f"warning: {', '.join(self.readded)} were not in publication "
+                f"{self.publication!r} (new in `tables`, or dropped and re-created): changes "
+                "made to them before now were not decoded; clients following them should reload"
+            )
         return lines
 
     async def inspect(self, conn: Any) -> dict[str, Any] | None:
@@ -850,7 +875,18 @@ class LogicalReader:
                     self.partial = None
                     c.count_fault(self.gap_kind)
                     reason = self.gap_reason or f"replication slot {self.slot!r} was recreated"
+                    self.readded = []  # this gap, for every table, says it already
                     yield Gap(c.name, reason)
+                readded, self.readded = self.readded, []
+                for target in readded:
+                    c.count_fault("publication")
+                    yield Gap(
+                        c.name,
+                        f"table {target} was not in publication {self.publication!r} (dropped "
+                        "and re-created, or taken out of it, while the feed did not read it): "
+                        "changes to it before now were not decoded; reload",
+                        target,
+                    )
                 async for change in self._read():
                     yield change
             except asyncio.CancelledError:
@@ -1014,7 +1050,17 @@ class LogicalReader:
                 await self._save_partial()
             if raw.op == "truncate":  # its partitions' new storage is no gap
                 c.partition_watch.truncated_whole.add(raw.target)
-            if any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):
+            if raw.unsent:
+                if raw.target not in txn.unsent:  # one gap a table and transaction: one reload
+                    txn.unsent.add(raw.target)
+                    yield Gap(
+                        c.name,
+                        f"an update of {raw.target} was not delivered: its unchanged TOASTed "
+                        f"column(s) {', '.join(raw.unsent)} came without their values (the "
+                        "table's replica identity is not FULL; the feed sets it back); reload",
+                        raw.target,
+                    )
+            elif any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):
                 yield Gap(
                     c.name,
                     f"a change of {raw.target} was not delivered: a json value in it holds "

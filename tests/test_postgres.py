@@ -651,7 +651,7 @@ async def test_unmigrated_schema_says_to_run_feed_migrate(pg: PgDatabase) -> Non
     connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
     with pytest.raises(SourceMisconfigured, match="run `feed migrate"):
         await connector.start()
-    with pytest.raises(SourceMisconfigured, match=r"3 migration\(s\) pending .*run `feed migrate"):
+    with pytest.raises(SourceMisconfigured, match=r"4 migration\(s\) pending .*run `feed migrate"):
         await connector.check()
     # With auto_migrate the server applies them at start: check says so and passes.
     auto = make_connector(pg.url, ["public.orders"], auto_migrate=True)
@@ -672,11 +672,12 @@ async def test_migrate_twice_is_a_no_op_and_prune_detaches_unconfigured_tables(
         "applied 0001_journal.sql",
         "applied 0002_partition_truncate.sql",
         "applied 0003_capture_settings.sql",
+        "applied 0004_prepared_transactions.sql",
         "watching public.orders",
         "watching public.customers",
     ]
     second = await both.migrate()
-    assert second == ["schema 'feed' is up to date (3 migrations applied)"]
+    assert second == ["schema 'feed' is up to date (4 migrations applied)"]
     triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal"
     assert await pg.conn.fetchval(triggers, "public.customers") == 2
     only_orders = make_connector(pg.url, ["public.orders"])

@@ -143,10 +143,14 @@ async def test_a_database_set_up_by_the_first_release_is_brought_up_to_date(
     )
     await pg.conn.execute("INSERT INTO public.orders VALUES (1, 'before the upgrade')")
     connector = make_connector(pg.url, ["public.orders"], auto_migrate=False)
-    with pytest.raises(SourceMisconfigured, match=r"2 migration\(s\) pending"):
+    with pytest.raises(SourceMisconfigured, match=r"3 migration\(s\) pending"):
         await connector.check()
     lines = await connector.migrate()
-    assert lines == ["applied 0002_partition_truncate.sql", "applied 0003_capture_settings.sql"]
+    assert lines == [
+        "applied 0002_partition_truncate.sql",
+        "applied 0003_capture_settings.sql",
+        "applied 0004_prepared_transactions.sql",
+    ]
     states = await pg.conn.fetch(
         "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass"
         " AND tgname LIKE 'feed%'"
