@@ -93,6 +93,38 @@ async def test_a_signal_disconnects_clients_and_exits_cleanly(
             await process.wait()
 
 
+async def test_a_second_ctrl_c_still_stops_the_connectors_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A second Ctrl-C (uvicorn's force exit) skipped the application's shutdown: connectors
+    were not stopped (a cluster node kept its leases for others to wait out) and the process
+    ended with `ERROR uvicorn.error: Exception in 'lifespan' protocol` and a traceback. Now it
+    cuts short only the wait for open requests."""
+    process, port = await serve(tmp_path)
+    assert process.stderr is not None
+    try:
+        client = await FeedClient().connect(f"http://127.0.0.1:{port}")
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        process.send_signal(signal.SIGINT)
+        # The second once the first is being handled: two pending SIGINTs are one to the kernel.
+        seen = b""
+        async with asyncio.timeout(15):
+            while b"Shutting down" not in seen:
+                line = await process.stderr.readline()
+                assert line, seen.decode()
+                seen += line
+        process.send_signal(signal.SIGINT)
+        rest = seen + await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert b"Traceback" not in rest, rest.decode()
+        assert b"Application shutdown complete" in rest, rest.decode()
+        await client.close()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def test_log_level_warning_prints_no_info_line(tmp_path: Path) -> None:
     """`[server] log_level = "warning"`: the authentication line (INFO, logged as the app is
     built) was printed before the level was set."""
