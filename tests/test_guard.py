@@ -19,7 +19,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from feed.metrics import Metrics
-from feed.security.guard import ClientErrors
+from feed.security.guard import OPERATOR_RESERVE, ClientErrors
 from tests.auth_helpers import BASE, TOKENS, source, token_config, ws_url
 from tests.support.server import (
     FeedClient,
@@ -184,7 +184,7 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
             refused = 0
             for _ in range(10):
                 status = await asyncio.wait_for(
-                    raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"), 5
+                    raw_request(feed, f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode()), 5
                 )
                 refused += status.startswith(b"HTTP/1.1 503")
             assert refused == 10
@@ -204,11 +204,59 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
         # Below the cap again, new clients get in.
         async with asyncio.timeout(5):
             while True:
-                status = await raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status = await raw_request(feed, f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 if not status.startswith(b"HTTP/1.1 503"):
                     break
         async with feed_client(feed.url) as late:
             assert (await late.subscribe("mem:public.orders"))["ok"]
+
+
+async def test_at_the_cap_health_readiness_and_metrics_are_still_answered() -> None:
+    """At the cap every new connection was refused before its request was read, `/healthz`
+    included: a liveness probe failed and the orchestrator restarted a node that was only full,
+    cutting off all its clients, and the scrape of `/metrics` failed just when
+    `feed_connections` neared `feed_connection_limit` (the alert docs/operations.md advises).
+    Past the cap, a few connections (`OPERATOR_RESERVE`) may still ask for `/healthz`,
+    `/readyz` and `/metrics`; anything else, a websocket upgrade too, gets the 503."""
+    cap = 10
+    config = BASE + f"[limits]\nmax_connections = {cap}\nrequest_timeout = 30\n"
+    async with running_feed(config) as feed:
+        idle = [await asyncio.open_connection("127.0.0.1", port_of(feed)) for _ in range(cap)]
+        try:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                for _ in range(3):  # one after another: each its own connection past the cap
+                    status = await asyncio.wait_for(
+                        raw_request(feed, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()), 5
+                    )
+                    assert status.startswith(b"HTTP/1.1 200"), (path, status)
+            for head in (
+                f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            ):
+                status = await asyncio.wait_for(raw_request(feed, head), 5)
+                assert status.startswith(b"HTTP/1.1 503"), (head, status)
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with asyncio.timeout(5):
+                    await connect(ws_url(feed), proxy=None)
+            assert refused.value.response.status_code == 503
+            assert "feed_connections_refused_total 4" in feed.hub.metrics.render()
+            # Past the reserve too, even a probe is refused: descriptors stay bounded.
+            held = [
+                await asyncio.open_connection("127.0.0.1", port_of(feed))
+                for _ in range(OPERATOR_RESERVE)
+            ]
+            try:
+                status = await asyncio.wait_for(
+                    raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"), 5
+                )
+                assert status.startswith(b"HTTP/1.1 503"), status
+            finally:
+                for _, writer in held:
+                    writer.close()
+        finally:
+            for _, writer in idle:
+                writer.close()
 
 
 async def test_an_engineio_session_that_never_connects_socketio_is_closed() -> None:
@@ -425,7 +473,7 @@ async def test_a_cap_above_the_open_file_limit_is_lowered_to_it_with_a_warning(
             idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 503")
                 writer.close()
             finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,14 +28,16 @@ MEMORY = "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orde
 
 
 async def serve(
-    tmp_path: Path, port_in_config: bool = False
+    tmp_path: Path, port_in_config: bool = False, settings: str = ""
 ) -> tuple[asyncio.subprocess.Process, int]:
     """`feed serve` with a memory connector on a free port (in its config, or `--port`), once
-    it listens; a port another process took before the child bound it is replaced by a fresh one."""
+    it listens; a port another process took before the child bound it is replaced by a fresh one.
+    `settings`: more lines for its `[server]` table."""
 
     async def start(port: int) -> tuple[asyncio.subprocess.Process, int]:
         config = tmp_path / "feed.toml"
-        config.write_text(f"[server]\nport = {port}\n\n{MEMORY}" if port_in_config else MEMORY)
+        port_line = f"port = {port}\n" if port_in_config else ""
+        config.write_text(f"[server]\n{port_line}{settings}\n{MEMORY}")
         flags = [] if port_in_config else ["--port", str(port)]
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "feed", "serve", "--config", str(config), *flags,
@@ -90,6 +93,38 @@ async def test_a_signal_disconnects_clients_and_exits_cleanly(
             await process.wait()
 
 
+async def test_a_second_ctrl_c_still_stops_the_connectors_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A second Ctrl-C (uvicorn's force exit) skipped the application's shutdown: connectors
+    were not stopped (a cluster node kept its leases for others to wait out) and the process
+    ended with `ERROR uvicorn.error: Exception in 'lifespan' protocol` and a traceback. Now it
+    cuts short only the wait for open requests."""
+    process, port = await serve(tmp_path)
+    assert process.stderr is not None
+    try:
+        client = await FeedClient().connect(f"http://127.0.0.1:{port}")
+        assert (await client.subscribe("mem:public.orders"))["ok"]
+        process.send_signal(signal.SIGINT)
+        # The second once the first is being handled: two pending SIGINTs are one to the kernel.
+        seen = b""
+        async with asyncio.timeout(15):
+            while b"Shutting down" not in seen:
+                line = await process.stderr.readline()
+                assert line, seen.decode()
+                seen += line
+        process.send_signal(signal.SIGINT)
+        rest = seen + await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert b"Traceback" not in rest, rest.decode()
+        assert b"Application shutdown complete" in rest, rest.decode()
+        await client.close()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def test_log_level_warning_prints_no_info_line(tmp_path: Path) -> None:
     """`[server] log_level = "warning"`: the authentication line (INFO, logged as the app is
     built) was printed before the level was set."""
@@ -129,6 +164,55 @@ async def test_log_level_warning_prints_no_info_line(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+LOG_LINE = re.compile(
+    rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: "
+)
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["default", "access_log"])
+async def test_the_log_has_one_format_and_no_line_per_request_unless_asked(
+    tmp_path: Path, access_log: bool
+) -> None:
+    """uvicorn wrote its lines in a format of its own (`INFO:     connection open`: no time, no
+    logger) beside the feed's, and a line per HTTP request and per websocket at INFO: a
+    long-polling client makes a request per batch of changes, so 20 of them under 100 changes a
+    second wrote about 600 lines a second, burying the feed's own. Now every line has the time,
+    level and logger, and request lines come only with `[server] access_log = true`."""
+    process, port = await serve(tmp_path, settings=f"access_log = {str(access_log).lower()}\n")
+    assert process.stderr is not None
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for transport in ("polling", "websocket"):
+            client = socketio.AsyncClient(reconnection=False)
+            await client.connect(url, transports=[transport], wait_timeout=10)
+            ack = await client.call("subscribe", {"room": "mem:public.orders"}, timeout=10)
+            assert ack["ok"]
+            await client.disconnect()
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as answer:
+            assert answer.status == 200
+        process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(process.stderr.read(), 15)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = rest.splitlines()
+    assert lines and b"Application shutdown complete" in rest
+    for line in lines:
+        assert LOG_LINE.match(line), line.decode()
+    requests = [line for line in lines if b"/socket.io/" in line or b"/healthz" in line]
+    if access_log:
+        assert any(b'"GET /healthz HTTP/1.1" 200' in line for line in requests), rest.decode()
+        assert any(b"transport=polling" in line for line in requests), rest.decode()
+        assert any(b'"WebSocket /socket.io/' in line for line in requests), rest.decode()
+        assert all(b"sid=***" in line for line in requests if b"sid=" in line)
+    else:
+        assert requests == [], rest.decode()
+        assert b"connection open" not in rest
+    assert b"uvicorn.error" not in rest  # its INFO lines read as errors
 
 
 async def test_a_busy_port_is_one_line_and_exit_1_before_any_source_is_reached(

@@ -160,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
 
+    from feed.app import logs
     from feed.app.server import FeedApp, FeedServer
 
     # Before the app is built: it logs (the authentication line) as it starts, and with
@@ -171,7 +172,11 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> N
         config.server.port if port is None else port,
         log_level=config.server.log_level,
         timeout_graceful_shutdown=10,
+        # uvicorn's lines through the feed's handler and format (feed.app.logs)
+        log_config=None,
+        access_log=config.server.access_log,
     )
+    logs.configure(config.server.access_log)
     # uvicorn shuts down gracefully on SIGTERM and SIGINT, then re-raises the signal with the
     # handler that was installed before it; make that a clean exit, as service managers expect
     # (Python's own SIGINT handler turned a clean Ctrl-C stop into KeyboardInterrupt, exit 130).

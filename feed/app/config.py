@@ -139,6 +139,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
         dashboard=server_opts.bool("dashboard", True),
         log_level=server_opts.choice("log_level", ["debug", "info", "warning", "error"], "info"),
+        access_log=server_opts.bool("access_log", False),
         # Whole seconds: Engine.IO's handshake advertises the interval in whole seconds, so 0.5
         # would reach clients as 0.
         ping_interval=server_opts.int("ping_interval", 25, minimum=1, maximum=3600),

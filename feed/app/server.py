@@ -486,6 +486,19 @@ class FeedServer(uvicorn.Server):
             shut = functools.partial(_shut, connection, connection.shutdown)
             connection.shutdown = shut  # type: ignore[method-assign]  # this one object's
         await super().shutdown(sockets)
+        # A second Ctrl-C (uvicorn's force_exit) skipped the application's shutdown: the hub's
+        # connectors were never stopped (a cluster node kept its leases, which others then
+        # waited out), and the pending lifespan task was cancelled at exit with an ERROR and a
+        # traceback. The wait for open requests is what a second Ctrl-C cuts short; the hub's
+        # stop is bounded already (5 s per connector, docs/operations.md), so it still runs.
+        lifespan = getattr(self, "lifespan", None)
+        done = getattr(lifespan, "shutdown_event", None)
+        if self.force_exit and lifespan is not None and done is not None and not done.is_set():
+            log.warning(
+                "second Ctrl-C: not waiting for open requests; stopping the connectors "
+                "(at most 5 s each)"
+            )
+            await lifespan.shutdown()
 
 
 def _shut(connection: Any, shutdown: Callable[[], None]) -> None:

@@ -164,6 +164,8 @@ class Hub:
         # (`feed demo` names MongoDB); the catalog lists them so clients can show them as such.
         self.unconfigured: list[dict[str, str]] = []
         self.rooms: dict[str, Room] = {}
+        self._evicted_by_dropped_rooms = 0
+        """Replay evictions of the rooms already dropped (`feed_replay_evictions_total`)."""
         self.clients: dict[str, set[str]] = {}
         self._targets: dict[tuple[str, str], TargetRooms[Room]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -302,6 +304,9 @@ class Hub:
 
     def _drop_room(self, room: Room) -> None:
         del self.rooms[room.name]
+        # Its evictions stay counted: `feed_replay_evictions_total` sums the live rooms' and
+        # went down (a counter!) whenever a busy row or filter room expired.
+        self._evicted_by_dropped_rooms += room.evicted
         self._targets[(room.connector, room.target)].discard(room)
         self.budget.release(room.name)
         if self.engine is not None:
@@ -910,7 +915,7 @@ class Hub:
             for name, labels, value in c.gauges():
                 yield name, (("connector", c.name), *labels), value
         kinds = {"target": 0, "row": 0, "filter": 0}
-        evicted = 0
+        evicted = self._evicted_by_dropped_rooms
         for room in self.rooms.values():
             kinds["row" if room.key is not None else "filter" if room.filter else "target"] += 1
             evicted += room.evicted

@@ -27,5 +27,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True
     log_level: str = "info"
+    access_log: bool = False
+    """A line per HTTP request and per websocket opened or closed (uvicorn's access log): off by
+    default, since a long-polling client makes a request per batch of changes (feed.app.logs)."""
     ping_interval: int = 25
     ping_timeout: int = 20

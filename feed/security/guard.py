@@ -38,6 +38,18 @@ WARN_INTERVAL = 10.0
 FD_RESERVE = 100
 """Descriptors kept for sources, logs and the listening socket under the automatic cap."""
 
+OPERATOR_RESERVE = 10
+"""Connections past the cap that are still served `OPERATOR_PATHS` (and only them).
+
+At the cap every new connection used to be refused with a 503 before its request was read, so
+the liveness probe (`/healthz`) failed and an orchestrator restarted a healthy, merely full node,
+cutting off every client it served; and the scrape of `/metrics` failed just when
+`feed_connections` neared `feed_connection_limit`, the alert the docs advise. They take
+descriptors from `FD_RESERVE`, which is there for this kind of need."""
+
+OPERATOR_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""What a connection past the cap may still ask for: small answers that need no session."""
+
 
 def automatic_connection_cap() -> int:
     """The connection cap when none is configured: the process's open-file limit less a reserve.
@@ -252,6 +264,22 @@ _BUSY = (
 )
 
 
+async def _busy(send: Any) -> None:
+    """The cap's 503 as an ASGI answer, closing the connection (an over-cap one)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"connection", b"close"),
+                (b"content-length", b"39"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"the server is at its connection limit.\n"})
+
+
 class ConnectionGuard:
     """Settings and counts shared by every connection's protocol (see `guarded_http_protocol`)."""
 
@@ -337,16 +365,32 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
         _timed_cycle: Any = None
         """The request cycle current when the timer was armed (the one already answered)."""
 
+        _over_cap = False
+        """Past the cap, within `OPERATOR_RESERVE`: served `OPERATOR_PATHS` only."""
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             # Duck-typed: the protocol calls only warning, and the rest passes through.
             self.logger = CountedProtocolLog(self.logger, guard.errors)  # type: ignore[assignment]
             guard.connections = self.connections
-            if len(self.connections) > guard.max_connections:
+            open_now = len(self.connections)
+            if open_now > guard.max_connections + OPERATOR_RESERVE:
                 guard.refused()
                 transport.write(_BUSY)
                 transport.close()
                 return
+            if open_now > guard.max_connections:
+                self._over_cap = True
+                served = self.app
+
+                async def operator_only(scope: Any, receive: Any, send: Any) -> None:
+                    if scope.get("method") in ("GET", "HEAD") and scope["path"] in OPERATOR_PATHS:
+                        await served(scope, receive, send)
+                    else:
+                        guard.refused()
+                        await _busy(send)
+
+                self.app = operator_only
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -366,6 +410,11 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
 
         def handle_websocket_upgrade(self, event: Any) -> None:
             self._disarm()
+            if self._over_cap:
+                guard.refused()
+                self.transport.write(_BUSY)
+                self.transport.close()
+                return
             super().handle_websocket_upgrade(event)
 
         def on_response_complete(self) -> None:

@@ -26,24 +26,22 @@ WAIT = 30.0
 async def cluster_nodes(
     redis_target: RedisTarget, directory: Path, count: int = 2
 ) -> AsyncIterator[list[FeedNode]]:
-    """`count` ready nodes of one cluster (memory connectors), each writing its standard output
-    (uvicorn's request lines) to `<directory>/<name>.out`; stopped at the end."""
+    """`count` ready nodes of one cluster (memory connectors), with uvicorn's request lines on
+    (`access_log`, in each node's `log`), each writing its standard output to
+    `<directory>/<name>.out`; stopped at the end."""
     config = directory / "feed.toml"
     text = cluster_config(redis_target.url, redis_target.prefix)
+    assert "[server]\n" in text
+    text = text.replace("[server]\n", "[server]\naccess_log = true\n", 1)
     config.write_text(text.replace("[cluster]\n", '[cluster]\nnode = "${FEED_NODE}"\n'))
     async with running_cluster(config, count, logs=directory) as nodes:
         yield nodes
 
 
 def request_lines(nodes: list[FeedNode], marker: str) -> list[str]:
-    """The nodes' request log lines (uvicorn's, on standard output) that contain `marker`."""
-    return [
-        line
-        for node in nodes
-        if node.stdout is not None and node.stdout.exists()
-        for line in node.stdout.read_text().splitlines()
-        if marker in line
-    ]
+    """The nodes' request log lines (uvicorn's access log, with the rest of the log on standard
+    error) that contain `marker`."""
+    return [line for node in nodes for line in node.log if marker in line]
 
 
 async def node_behind(http: aiohttp.ClientSession, url: str) -> str:
