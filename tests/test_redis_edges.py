@@ -1,0 +1,147 @@
+"""Redis keyspace mode on edge cases users hit, through the real server and the Python client
+library keeping rows (`snapshot=True`): what the client's rows hold must be what Redis holds.
+
+Each test has a Redis server of its own where it changes the server's settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from dbfeed_client import FeedClient, Subscription
+
+from connectors.redis import RedisConnector
+from feed.errors import SourceMisconfigured
+from feed.options import Options
+from tests.support import redis as redis_support
+from tests.support.redis import RedisTarget
+from tests.support.server import RunningFeed, running_feed
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+WAIT = 15.0
+
+private_redis = redis_support.private_redis
+
+
+def config(t: RedisTarget, extra: str = "") -> str:
+    return f"""
+[[connectors]]
+name = "cache"
+type = "redis"
+url = "{t.url}"
+patterns = ["{t.key("*")}"]
+configure = true
+fetch_values = true
+health_check_interval = 0.5
+capture_check_interval = 0.3
+{extra}
+"""
+
+
+class Rows:
+    """One subscription with `snapshot=True`: its changes and states, and a wait on them."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.changes: list[dict[str, Any]] = []
+        self.states: list[str] = []
+        self._event = asyncio.Event()
+        sub.on("change", lambda change: self._add(self.changes, change))
+        sub.on("state", lambda state, info: self._add(self.states, state))
+
+    def _add(self, into: list[Any], item: Any) -> None:
+        into.append(item)
+        self._event.set()
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        try:
+            async with asyncio.timeout(WAIT):
+                while not condition():
+                    self._event.clear()
+                    await self._event.wait()
+        except TimeoutError:
+            raise AssertionError(f"{what}; rows {self.sub.rows}, states {self.states}") from None
+
+    async def settled(self, t: RedisTarget) -> None:
+        """Write a marker key and wait for it: every change before it has arrived."""
+        marker, value = t.key("marker"), str(time.time_ns())
+        await t.admin.set(marker, value)
+        await self.until(
+            lambda: any(
+                c["key"] == marker and (c.get("after") or {}).get("value") == value
+                for c in self.changes
+            ),
+            "the marker never arrived",
+        )
+
+
+@asynccontextmanager
+async def rows_of(feed: RunningFeed, room: str) -> AsyncIterator[Rows]:
+    async with FeedClient(feed.url) as client, client.subscribe(room, snapshot=True) as sub:
+        yield Rows(sub)
+
+
+async def wait_up(feed: RunningFeed) -> None:
+    async with asyncio.timeout(WAIT):
+        while feed.hub.connectors["cache"].status.state.value != "up":  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_key_miss_events_are_not_changes(private_redis: RedisTarget) -> None:
+    """`m` (key-miss) events, set by another user of the server, are not changes: passed on,
+    a GET of a missing watched key gave clients keeping rows a `{"key"}` stub for a key Redis
+    does not hold, and the feed's own value read of that key (TYPE) was itself a miss, so one
+    GET set off a keymiss, read, keymiss, ... loop that never stopped."""
+    t = private_redis
+    await t.admin.config_set("notify-keyspace-events", "KEAm")
+    async with running_feed(config(t)) as feed:
+        await wait_up(feed)
+        async with rows_of(feed, f"cache:{t.key('*')}") as rows:
+            await t.admin.get(t.key("missing"))
+            await rows.settled(t)
+            misses = int((await t.admin.info("stats"))["keyspace_misses"])
+            await rows.settled(t)  # a round trip through the feed: a loop would add misses
+            again = int((await t.admin.info("stats"))["keyspace_misses"])
+            assert [c["op"] for c in rows.changes if c["key"] == t.key("missing")] == []
+            assert t.key("missing") not in (rows.sub.rows or {})
+            assert again - misses <= 1, f"the feed's own reads keep missing: {again - misses}"
+
+
+async def test_a_user_refused_the_keyspace_channels_is_told_which_rule_to_add(
+    private_redis: RedisTarget,
+) -> None:
+    """Redis (7.0 on) compares a PSUBSCRIBE pattern with a user's channel rules literally, so a
+    user given `&__keyspace@3__:*` (what the docs used to say) may not subscribe to
+    `__keyspace@3__:orders:*`, and Redis's refusal names no channel: the line now gives the
+    exact `ACL SETUSER` to run."""
+    t = private_redis
+    await t.admin.config_set("notify-keyspace-events", "KEA")
+    await t.admin.acl_setuser(
+        "orders", enabled=True, passwords=["+pw"], keys=["*"], channels=["__keyspace@3__:*"],
+        commands=["+@all"], reset_channels=True,
+    )  # fmt: skip
+    assert t.server is not None
+    url = t.server.url(3).replace("redis://", "redis://orders:pw@")
+    source = RedisConnector(
+        "ord", Options({"url": url, "patterns": ["orders:*", "a?b*"]}, "connectors[0]")
+    )
+    with pytest.raises(SourceMisconfigured) as refused:
+        await source.check()
+    line = str(refused.value)
+    assert "permission denied" in line and "password" not in line
+    assert "run ACL SETUSER orders '&__keyspace@3__:orders:*' '&__keyspace@3__:a?b*'" in line
+    await t.admin.acl_setuser(
+        "orders",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        commands=["+@all"],
+        channels=["__keyspace@3__:orders:*", "__keyspace@3__:a?b*"],
+        reset_channels=True,
+    )
+    assert "keyspace mode" in await source.check()
