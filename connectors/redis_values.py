@@ -21,6 +21,24 @@ READ_VALUES = r"""
 local maxn = tonumber(ARGV[1])
 local maxb = tonumber(ARGV[2])
 
+-- The first `maxb` bytes of `x` (longer than that), not ending inside a UTF-8 character: a text
+-- value cut mid-character was no longer UTF-8 and went out base64 (`value_base64`) whenever the
+-- cut fell unluckily. Backs off only when the first byte dropped is a continuation byte whose
+-- lead byte is kept; binary data is cut at `maxb` as before (it is cut anyway).
+local function cut_at(x)
+  local b = string.byte(x, maxb + 1)
+  if b and b >= 128 and b < 192 then
+    local q = maxb
+    while q >= 1 and q >= maxb - 2 do
+      local c = string.byte(x, q)
+      if c >= 192 then return string.sub(x, 1, q - 1) end
+      if c < 128 then break end
+      q = q - 1
+    end
+  end
+  return string.sub(x, 1, maxb)
+end
+
 -- Keep whole groups of `step` items (field+value, member+score) while the total stays in budget;
 -- clip single items that alone exceed it.
 local function clip(arr, step)
@@ -28,7 +46,7 @@ local function clip(arr, step)
   for i = 1, #arr, step do
     for j = i, i + step - 1 do
       local x = arr[j]
-      if #x > maxb then x = string.sub(x, 1, maxb); cut = 1 end
+      if #x > maxb then x = cut_at(x); cut = 1 end
       used = used + #x
       out[#out + 1] = x
     end
@@ -47,8 +65,12 @@ for i, k in ipairs(KEYS) do
   local len, v, cut = 0, {}, 0
   if t == 'string' then
     len = redis.call('STRLEN', k)
-    v = redis.call('GETRANGE', k, 0, maxb - 1)
-    if len > maxb then cut = 1 end
+    if len > maxb then
+      v = cut_at(redis.call('GETRANGE', k, 0, maxb))
+      cut = 1
+    else
+      v = redis.call('GETRANGE', k, 0, maxb - 1)
+    end
   elseif t == 'hash' then
     len = redis.call('HLEN', k)
     if len <= maxn then v = redis.call('HGETALL', k)

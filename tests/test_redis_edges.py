@@ -145,3 +145,33 @@ async def test_a_user_refused_the_keyspace_channels_is_told_which_rule_to_add(
         reset_channels=True,
     )
     assert "keyspace mode" in await source.check()
+
+
+redis_target = redis_support.redis_target
+
+
+async def test_text_cut_to_max_value_bytes_stays_text(redis_target: RedisTarget) -> None:
+    """A UTF-8 value longer than `max_value_bytes` was cut at that byte, often inside a
+    character: the cut value was no longer UTF-8 and went out base64 (`value_base64`), so
+    the same text key arrived as text or as base64 depending on where the cut fell. The cut
+    now backs off to the character's start; binary values are cut as before."""
+    t = redis_target
+    text, big, binary = t.key("text"), t.key("list"), t.key("binary")
+    async with running_feed(config(t, "max_value_bytes = 1000")) as feed:
+        await wait_up(feed)
+        async with rows_of(feed, f"cache:{t.key('*')}") as rows:
+            await t.admin.set(text, "€" * 400)  # 1,200 bytes: 1,000 is inside the 334th
+            await t.admin.rpush(big, "aa😀" * 300)  # an element cut alone: 1,000 bytes
+            await t.admin.set(binary, b"\xe2\x82" * 600)
+            await rows.settled(t)
+            snapshot = await asyncio.wait_for(_fresh_rows(feed, t), WAIT)
+    for where in (rows.sub.rows or {}, snapshot):
+        assert where[text]["value"] == "€" * 333 and where[text]["truncated"] is True
+        assert "value_base64" not in where[text]
+        assert where[big]["value"] == ["aa😀" * 166 + "aa"] and "value_base64" not in where[big]
+        assert where[binary]["value_base64"] is True and where[binary]["length"] == 1200
+
+
+async def _fresh_rows(feed: RunningFeed, t: RedisTarget) -> dict[str, Any]:
+    async with rows_of(feed, f"cache:{t.key('*')}") as rows:
+        return dict(rows.sub.rows or {})
