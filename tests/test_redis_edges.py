@@ -16,10 +16,11 @@ import pytest
 from dbfeed_client import FeedClient, Subscription
 
 from connectors.redis import RedisConnector
+from feed.core.change import Change
 from feed.errors import SourceMisconfigured
 from feed.options import Options
 from tests.support import redis as redis_support
-from tests.support.redis import RedisTarget
+from tests.support.redis import RedisTarget, text
 from tests.support.server import RunningFeed, running_feed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -175,3 +176,54 @@ async def test_text_cut_to_max_value_bytes_stays_text(redis_target: RedisTarget)
 async def _fresh_rows(feed: RunningFeed, t: RedisTarget) -> dict[str, Any]:
     async with rows_of(feed, f"cache:{t.key('*')}") as rows:
         return dict(rows.sub.rows or {})
+
+
+def streams_config(t: RedisTarget) -> str:
+    return f"""
+[[connectors]]
+name = "ev"
+type = "redis"
+url = "{t.url}"
+mode = "streams"
+patterns = ["{t.key("a")}", "{t.key("b")}"]
+offsets_key = "{t.key("offsets")}"
+start = "latest"
+health_check_interval = 0.2
+"""
+
+
+async def test_stream_positions_lost_while_running_are_saved_whole_again(
+    redis_target: RedisTarget,
+) -> None:
+    """`offsets_key` evicted (an `allkeys-*` maxmemory policy), deleted or expired while the
+    feed runs: the next save wrote only the streams that had moved since, so the others were
+    missing at the next start, taken for new streams, and `start = "latest"` skipped what was
+    written to them while the feed was stopped, with no gap. Every save now writes them all."""
+    t = redis_target
+    a, b, offsets = t.key("a"), t.key("b"), t.key("offsets")
+    await t.admin.xadd(a, {"n": "0"})
+    await t.admin.xadd(b, {"n": "0"})
+
+    async def saved() -> dict[str, str]:
+        return {text(k): text(v) for k, v in (await t.admin.hgetall(offsets)).items()}
+
+    async def until_saved(stream: str, entry: bytes | str) -> None:
+        async with asyncio.timeout(WAIT):
+            while (await saved()).get(stream) != text(entry):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+    async with running_feed(streams_config(t)) as feed:
+        async with asyncio.timeout(WAIT):
+            while feed.hub.connectors["ev"].status.state.value != "up":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await until_saved(b, await t.admin.xadd(b, {"n": "1"}))
+        await t.admin.delete(offsets)  # as an eviction would
+        await until_saved(a, await t.admin.xadd(a, {"n": "1"}))
+        assert b in await saved(), "the save after the loss left stream b out"
+    unseen = await t.admin.xadd(b, {"n": "written while the feed was stopped"})
+    table = t.config(mode="streams", patterns=[a, b], offsets_key=offsets, start="latest")
+    async with RedisConnector("ev", Options(table, "connectors[0]")) as source:
+        changes = aiter(source.changes())
+        await t.admin.xadd(b, {"n": "later"})
+        first = await asyncio.wait_for(anext(changes), WAIT)
+    assert isinstance(first, Change) and first.key == text(unseen), first
