@@ -157,18 +157,18 @@ async def test_text_cut_to_max_value_bytes_stays_text(redis_target: RedisTarget)
     the same text key arrived as text or as base64 depending on where the cut fell. The cut
     now backs off to the character's start; binary values are cut as before."""
     t = redis_target
-    text, big, binary = t.key("text"), t.key("list"), t.key("binary")
+    euros, big, binary = t.key("text"), t.key("list"), t.key("binary")
     async with running_feed(config(t, "max_value_bytes = 1000")) as feed:
         await wait_up(feed)
         async with rows_of(feed, f"cache:{t.key('*')}") as rows:
-            await t.admin.set(text, "€" * 400)  # 1,200 bytes: 1,000 is inside the 334th
+            await t.admin.set(euros, "€" * 400)  # 1,200 bytes: 1,000 is inside the 334th
             await t.admin.rpush(big, "aa😀" * 300)  # an element cut alone: 1,000 bytes
             await t.admin.set(binary, b"\xe2\x82" * 600)
             await rows.settled(t)
             snapshot = await asyncio.wait_for(_fresh_rows(feed, t), WAIT)
     for where in (rows.sub.rows or {}, snapshot):
-        assert where[text]["value"] == "€" * 333 and where[text]["truncated"] is True
-        assert "value_base64" not in where[text]
+        assert where[euros]["value"] == "€" * 333 and where[euros]["truncated"] is True
+        assert "value_base64" not in where[euros]
         assert where[big]["value"] == ["aa😀" * 166 + "aa"] and "value_base64" not in where[big]
         assert where[binary]["value_base64"] is True and where[binary]["length"] == 1200
 
