@@ -358,7 +358,7 @@ class KeyspaceCapture:
     def _channels_refused(self, source: EventSource, exc: ResponseError) -> Exception:
         """PSUBSCRIBE refused by an ACL: name the channel rules the user lacks.
 
-        Redis compares a PSUBSCRIBE pattern with the user's channel rules literally (since 7.0),
+        Redis compares a PSUBSCRIBE pattern with the user's channel rules literally (6.2 and 7),
         so `&__keyspace@0__:*` does not allow `__keyspace@0__:orders:*`: each pattern must be
         granted as it is, or `allchannels`. Redis's own message names no channel.
         """

@@ -116,7 +116,7 @@ async def test_key_miss_events_are_not_changes(private_redis: RedisTarget) -> No
 async def test_a_user_refused_the_keyspace_channels_is_told_which_rule_to_add(
     private_redis: RedisTarget,
 ) -> None:
-    """Redis (7.0 on) compares a PSUBSCRIBE pattern with a user's channel rules literally, so a
+    """Redis (6.2 and 7) compares a PSUBSCRIBE pattern with a user's channel rules literally, so a
     user given `&__keyspace@3__:*` (what the docs used to say) may not subscribe to
     `__keyspace@3__:orders:*`, and Redis's refusal names no channel: the line now gives the
     exact `ACL SETUSER` to run."""
