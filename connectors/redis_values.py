@@ -77,6 +77,31 @@ local function ranged(k, cmd, per, extra)
   return arr
 end
 
+-- Up to `maxn` fields (with their values) of a hash, or members of a set, by HSCAN/SSCAN in
+-- growing windows that stop once more than `maxb` bytes are in: HGETALL or SMEMBERS of 1000
+-- elements of 10 KB copied 10 MB into the script to keep 64 KB (36 ms of Redis per event).
+-- Nothing writes while the script runs, so the cursor meets each element once; `seen` makes
+-- sure of it.
+local function scanned(k, cmd, per)
+  local arr, seen, cursor, step, used, n = {}, {}, '0', 16, 0, 0
+  repeat
+    local r = redis.call(cmd, k, cursor, 'COUNT', step)
+    cursor = r[1]
+    local part = r[2]
+    for j = 1, #part, per do
+      if not seen[part[j]] then
+        seen[part[j]] = true
+        for q = j, j + per - 1 do arr[#arr + 1] = part[q]; used = used + #part[q] end
+        n = n + 1
+        if n >= maxn then return arr end
+      end
+    end
+    if used > maxb then return arr end
+    step = step * 2
+  until cursor == '0'
+  return arr
+end
+
 local out = {}
 for i, k in ipairs(KEYS) do
   local t = redis.call('TYPE', k)['ok']
@@ -91,16 +116,16 @@ for i, k in ipairs(KEYS) do
     end
   elseif t == 'hash' then
     len = redis.call('HLEN', k)
-    if len <= maxn then v = redis.call('HGETALL', k)
-    else v = redis.call('HSCAN', k, 0, 'COUNT', maxn)[2] end
+    if len <= 16 and len <= maxn then v = redis.call('HGETALL', k)
+    else v = scanned(k, 'HSCAN', 2) end
     v, cut = clip(v, 2)
   elseif t == 'list' then
     len = redis.call('LLEN', k)
     v, cut = clip(ranged(k, 'LRANGE', 1), 1)
   elseif t == 'set' then
     len = redis.call('SCARD', k)
-    if len <= maxn then v = redis.call('SMEMBERS', k)
-    else v = redis.call('SSCAN', k, 0, 'COUNT', maxn)[2] end
+    if len <= 16 and len <= maxn then v = redis.call('SMEMBERS', k)
+    else v = scanned(k, 'SSCAN', 1) end
     v, cut = clip(v, 1)
   elseif t == 'zset' then
     len = redis.call('ZCARD', k)
