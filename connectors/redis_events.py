@@ -85,6 +85,13 @@ FAMILIES: Mapping[str, str] = {
     "evicted": "evicted",
 }
 
+# Not changes: `keymiss` (the `m` flag, which the feed never asks for but another user of the
+# server may have set) is published when a command reads a key that does not exist. Passed on, it
+# gave clients keeping rows a `{"key"}` stub for a key that is not there, and with `fetch_values`
+# the feed's own read of that key (TYPE in the value script) is itself a miss: one GET of a
+# missing key set off a keymiss, read, keymiss, ... loop that never ended.
+NOT_CHANGES = frozenset(("keymiss",))
+
 # After these the key is gone (or moved away): there is no value to read.
 GONE_OPS = frozenset(("del", "unlink", "expired", "evicted", "rename_from", "move_from", "getdel"))
 

@@ -33,6 +33,7 @@ from connectors.base import RoomAddress, Snapshot, State
 from connectors.redis_events import (
     GONE_OPS,
     NEEDED_FLAGS,
+    NOT_CHANGES,
     KeyspaceEvent,
     ResponseLine,
     RespStream,
@@ -336,7 +337,10 @@ class KeyspaceCapture:
                 self._by_channel.setdefault(prefix + pattern.encode(), []).append((index, pattern))
             await conn.send_command("PSUBSCRIBE", *self._by_channel)
             for _ in self._by_channel:
-                reply = await conn.read_response()
+                try:
+                    reply = await conn.read_response()
+                except ResponseError as exc:
+                    raise self._channels_refused(source, exc) from None
                 if not (isinstance(reply, list) and reply and reply[0] == b"psubscribe"):
                     raise SourceUnavailable(f"redis at {source.where}: odd reply {reply!r}")
         except BaseException as exc:
@@ -350,6 +354,31 @@ class KeyspaceCapture:
         self.owner._run_ids[source.where] = run_id
         source.epoch = _base36(time.time_ns() // 1000) + source.tag
         return conn
+
+    def _channels_refused(self, source: EventSource, exc: ResponseError) -> Exception:
+        """PSUBSCRIBE refused by an ACL: name the channel rules the user lacks.
+
+        Redis compares a PSUBSCRIBE pattern with the user's channel rules literally (6.2 and 7),
+        so `&__keyspace@0__:*` does not allow `__keyspace@0__:orders:*`: each pattern must be
+        granted as it is, or `allchannels`. Redis's own message names no channel.
+        """
+        text = str(exc).strip()
+        if "channel" not in text.lower():
+            return exc
+        user = source.pool.connection_kwargs.get("username") or "default"
+        channels = [c.decode("utf-8", "replace") for c in self._by_channel]
+        head = (
+            f"redis at {source.where}: permission denied ({text}): the user may not subscribe "
+            "to the keyspace events of its patterns; "
+        )
+        if any(ch.isspace() for c in channels for ch in c):
+            # An ACL rule cannot hold a space (Redis answers "Syntax error").
+            return SourceMisconfigured(head + f"run ACL SETUSER {user} allchannels")
+        rules = " ".join(_shell_quote("&" + c) for c in channels)
+        return SourceMisconfigured(
+            head + f"run ACL SETUSER {user} {rules} (a PSUBSCRIBE pattern must be granted "
+            "exactly as it is) or give it allchannels"
+        )
 
     # -- keyspace mode: reading ----------------------------------------------------------------
 
@@ -458,7 +487,7 @@ class KeyspaceCapture:
                 batch: list[_Received] = []
                 for reply in stream.feed_events(data):
                     if type(reply) is KeyspaceEvent:
-                        if reply.pattern in by_channel:
+                        if reply.pattern in by_channel and reply.op not in NOT_CHANGES:
                             count += 1
                             batch.append((reply, ts, f"{stem}{count}"))
                     elif isinstance(reply, ResponseLine) and reply.error:
@@ -751,6 +780,11 @@ def _refused(exc: ResponseError) -> bool:
     """Whether the server refuses CONFIG for good (renamed, ACL), not for the moment."""
     text = str(exc).lower()
     return "unknown command" in text or "noperm" in text or "permission" in text
+
+
+def _shell_quote(text: str) -> str:
+    """Single quotes for a shell (a pattern holds `*`, `?`, `$`...), as the CONFIG SET line has."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def _info_field(info: Any, name: bytes) -> str:

@@ -382,17 +382,28 @@ class StreamCapture:
 
     async def stop(self) -> None:
         with contextlib.suppress(RedisError, OSError, FeedError):
-            await self.save()
+            await self.save(everything=True)
 
-    async def save(self) -> None:
-        """Write the positions delivered since the last save to `offsets_key`."""
-        changed = self._unsaved()
+    async def save(self, everything: bool = False) -> None:
+        """Write the positions to `offsets_key` when any moved since the last save (with
+        `everything`, at stop, even when none did)."""
+        changed = dict(self.delivered) if everything else self._unsaved()
         if changed:
             await self.owner.settle()  # in a cluster: published first (connectors.base)
             await self._write(changed)
 
     def _unsaved(self) -> dict[str, str]:
-        return {s: i for s, i in self.delivered.items() if self.saved.get(s) != i}
+        """Every stream's position when any moved since the last save, else nothing.
+
+        All of them, not only the ones that moved: `offsets_key` can vanish while the feed runs
+        (evicted under an `allkeys-*` maxmemory policy, deleted, expired), and a save of the
+        moved ones alone left the others out of it, so the next start of the feed took them for
+        new streams and `start = "latest"` skipped what was written meanwhile, in silence. One
+        HSET of a field per listed stream costs no more round trips.
+        """
+        if any(self.saved.get(s) != i for s, i in self.delivered.items()):
+            return dict(self.delivered)
+        return {}
 
     async def _write(self, changed: Mapping[str, str]) -> None:
         """HSET the positions; a failure is one line (a ConnectorError), never redis-py's
