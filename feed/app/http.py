@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from feed.routing.hub import Hub
+from feed.security.guard import deny_websocket
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -85,21 +86,7 @@ async def refuse_websocket(scope: Scope, send: Send) -> None:
     handshake" at ERROR and answer 500, for a client's wrong URL. Where the server cannot send
     an HTTP answer to a websocket request (the ASGI extension), the request is refused (403).
     """
-    if "websocket.http.response" in scope.get("extensions", {}):
-        body = b"not found: Socket.IO clients connect at /socket.io/\n"
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": 404,
-                "headers": [
-                    (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        await send({"type": "websocket.close"})
+    await deny_websocket(scope, send, 404, b"not found: Socket.IO clients connect at /socket.io/\n")
 
 
 async def respond_json(send: Send, status: int, body: Any) -> None:

@@ -39,6 +39,7 @@ from feed.security.guard import (
     guarded_http_protocol,
     quiet_counted_client_faults,
 )
+from feed.security.hosts import HostCheck, default_allowed_hosts
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.security.redact import redact_session_ids
 from feed.security.room_budget import RoomBudget
@@ -124,16 +125,23 @@ class FeedApp:
         eio = self.sio.eio
         eio.on_malformed = self._malformed
         eio.on_open = self._opened
-        self.asgi = InboundLimit(
-            socketio.ASGIApp(
-                self.sio,
-                other_asgi_app=HttpApp(self.hub, dashboard=settings.dashboard),
-                on_startup=self._startup,
-                on_shutdown=self._shutdown,
+        allowed_hosts = settings.allowed_hosts
+        if allowed_hosts is None:
+            allowed_hosts = list(default_allowed_hosts(config.auth.enabled))
+        self.asgi = HostCheck(
+            InboundLimit(
+                socketio.ASGIApp(
+                    self.sio,
+                    other_asgi_app=HttpApp(self.hub, dashboard=settings.dashboard),
+                    on_startup=self._startup,
+                    on_shutdown=self._shutdown,
+                ),
+                settings.max_message_bytes,
+                self.client_errors,
+                self._close_session,
             ),
-            settings.max_message_bytes,
+            allowed_hosts,
             self.client_errors,
-            self._close_session,
         )
 
     def uvicorn_config(self, host: str, port: int, **options: Any) -> FeedConfig:

@@ -1,0 +1,160 @@
+"""The feed's web-facing edge against a real server and raw HTTP/websocket requests, as an
+attacker's browser would send them: DNS rebinding (a hostile name for the loopback feed), odd
+dashboard paths, response headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from tests.auth_helpers import BASE, TOKENS, token_config
+from tests.support.server import RunningFeed, running_feed
+
+POLL = "/socket.io/?EIO=4&transport=polling"
+WS = "/socket.io/?EIO=4&transport=websocket"
+
+
+def port_of(feed: RunningFeed) -> int:
+    return int(feed.url.rsplit(":", 1)[1])
+
+
+async def raw(feed: RunningFeed, request: str) -> tuple[str, dict[str, str], bytes]:
+    """Send one request as written; its status line, headers and (what came of) its body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
+    try:
+        writer.write(request.encode("latin-1"))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status = (await reader.readline()).decode("latin-1").strip()
+            headers: dict[str, str] = {}
+            while True:
+                line = (await reader.readline()).decode("latin-1").strip()
+                if not line:
+                    break
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if "content-length" in headers:
+                body = await reader.readexactly(int(headers["content-length"]))
+            elif headers.get("transfer-encoding") == "chunked":
+                body = b""
+                while size := int((await reader.readline()).strip(), 16):
+                    body += await reader.readexactly(size + 2)
+                    body = body[:-2]
+            else:
+                body = b""
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+def get(path: str, host: str, origin: str | None = None) -> str:
+    extra = f"Origin: {origin}\r\n" if origin else ""
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+
+
+def upgrade(host: str, origin: str) -> str:
+    return (
+        f"GET {WS} HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+
+
+# -- DNS rebinding -------------------------------------------------------------------------------
+
+
+async def test_a_rebound_name_cannot_reach_a_feed_without_auth() -> None:
+    """A page on evil.example whose name now resolves to 127.0.0.1: its browser sends
+    `Host: evil.example:<port>` and the same Origin, which Engine.IO's same-origin check took
+    for the feed's own page. It got an anonymous session (every change of every database),
+    /readyz and /metrics; now every one of those is refused, on both transports."""
+    async with running_feed(BASE) as feed:
+        evil = f"evil.example:{port_of(feed)}"
+        origin = f"http://{evil}"
+        status, _, body = await raw(feed, get(POLL, evil, origin))
+        assert status.startswith("HTTP/1.1 400"), (status, body)
+        assert b"allowed_hosts" in body
+        status, _, _ = await raw(feed, get(POLL, evil))  # a same-origin GET has no Origin
+        assert status.startswith("HTTP/1.1 400"), status
+        for path in ("/readyz", "/metrics", "/"):
+            status, _, _ = await raw(feed, get(path, evil))
+            assert status.startswith("HTTP/1.1 400"), (path, status)
+        status, _, _ = await raw(feed, upgrade(evil, origin))
+        assert not status.startswith("HTTP/1.1 101"), status
+        assert status.startswith("HTTP/1.1 403"), status
+        assert 'kind="bad_host"' in feed.hub.metrics.render()
+
+        # What the feed is really reached by still works: IP addresses, localhost, health checks.
+        for host in (f"127.0.0.1:{port_of(feed)}", f"localhost:{port_of(feed)}", "[::1]:1"):
+            status, _, body = await raw(feed, get(POLL, host))
+            assert status.startswith("HTTP/1.1 200"), (host, status)
+            assert json.loads(body[1:])["sid"]
+        local = f"localhost:{port_of(feed)}"
+        status, _, _ = await raw(feed, upgrade(local, f"http://{local}"))
+        assert status.startswith("HTTP/1.1 101"), status
+        status, _, _ = await raw(feed, get("/healthz", evil))
+        assert status.startswith("HTTP/1.1 200"), status
+
+
+async def test_allowed_hosts_lists_the_names_a_feed_is_reached_by() -> None:
+    config = BASE.replace("[server]", '[server]\nallowed_hosts = ["feed.example", "*.corp.test"]')
+    async with running_feed(config) as feed:
+        for host in ("feed.example", "FEED.example:8000", "a.corp.test"):
+            status, _, _ = await raw(feed, get("/readyz", host))
+            assert status.startswith("HTTP/1.1 200"), (host, status)
+        for host in ("evil.example", "feed.example.evil.example", "corp.test.evil"):
+            status, _, _ = await raw(feed, get("/readyz", host))
+            assert status.startswith("HTTP/1.1 400"), (host, status)
+
+
+async def test_with_auth_any_name_is_accepted_by_default() -> None:
+    """A token protects the feed then, and the names it is reached by are the operator's."""
+    async with running_feed(token_config()) as feed:
+        status, _, _ = await raw(feed, get("/readyz", "feed.example.com"))
+        assert status.startswith("HTTP/1.1 200"), status
+        assert TOKENS  # the config has tokens: auth is on
+
+
+def test_allowed_hosts_must_be_a_list_of_names() -> None:
+    from feed.app.config import parse_config
+    from feed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="allowed_hosts"):
+        parse_config(BASE.replace("[server]", '[server]\nallowed_hosts = "x"'), "t.toml", {})
+
+
+class Collect(logging.Handler):
+    """uvicorn's loggers do not propagate to the root, so caplog never sees their lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.lines.append(record.getMessage())
+
+
+async def test_refused_websocket_requests_write_no_error_line() -> None:
+    """A websocket for another path (404) or a host not allowed (403) is answered, yet
+    uvicorn's default websocket protocol logged "ASGI callable returned without completing
+    handshake" at ERROR for each: a line in the log per request, at any client's will."""
+    collect = Collect()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    try:
+        async with running_feed(BASE) as feed:
+            uvicorn_log.addHandler(collect)  # after uvicorn has set its logging up
+            here = f"127.0.0.1:{port_of(feed)}"
+            status, _, body = await raw(feed, upgrade(here, f"http://{here}").replace(WS, "/", 1))
+            assert b"/socket.io/" in body
+            assert status.startswith("HTTP/1.1 404"), status
+            status, _, _ = await raw(feed, upgrade("evil.example", "http://evil.example"))
+            assert status.startswith("HTTP/1.1 403"), status
+            status, _, _ = await raw(feed, upgrade(here, f"http://{here}"))
+            assert status.startswith("HTTP/1.1 101"), status
+    finally:
+        uvicorn_log.removeHandler(collect)
+    assert not collect.lines, collect.lines
