@@ -158,3 +158,46 @@ async def test_refused_websocket_requests_write_no_error_line() -> None:
     finally:
         uvicorn_log.removeHandler(collect)
     assert not collect.lines, collect.lines
+
+
+# -- the dashboard's files and headers -----------------------------------------------------------
+
+
+async def test_odd_dashboard_paths_are_404_without_a_traceback() -> None:
+    """`/%00` (a NUL byte in a path) and a name longer than the file system takes made a 500
+    and a traceback at ERROR with the whole path in it; traversal stays refused."""
+    collect = Collect()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    try:
+        async with running_feed(BASE) as feed:
+            uvicorn_log.addHandler(collect)
+            here = f"127.0.0.1:{port_of(feed)}"
+            for path in (
+                "/%00",
+                "/index.html%00.js",
+                "/" + "a" * 5000,
+                "/" + "a/" * 3000,
+                "/..%2f..%2f..%2fetc%2fpasswd",
+                "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                "/../../../etc/passwd",
+                "//etc/passwd",
+            ):
+                status, _, body = await raw(feed, get(path, here))
+                assert status.startswith("HTTP/1.1 404"), (path[:40], status)
+                assert b"root:" not in body
+    finally:
+        uvicorn_log.removeHandler(collect)
+    assert not collect.lines, collect.lines[:1]
+
+
+async def test_the_http_side_sends_hardening_headers_and_no_banner() -> None:
+    async with running_feed(BASE) as feed:
+        here = f"127.0.0.1:{port_of(feed)}"
+        for path in ("/", "/readyz", "/metrics", "/healthz", "/nope.js"):
+            _, headers, _ = await raw(feed, get(path, here))
+            assert headers["x-content-type-options"] == "nosniff", path
+            assert headers["x-frame-options"] == "DENY", path
+            assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+            assert headers["referrer-policy"] == "no-referrer", path
+            assert "server" not in headers, (path, headers.get("server"))
+            assert "access-control-allow-origin" not in headers, path

@@ -27,6 +27,18 @@ NOT_BUILT = b"""<!doctype html><title>dbfeed</title>
 Socket.IO clients can connect at this address.</p>"""
 
 
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    # Clickjacking: no other site may frame the dashboard (it holds an operator's token in
+    # the tab) and trick clicks on its buttons. Both spellings, for older browsers.
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'; object-src 'none'"),
+    # The dashboard's address is the feed's, which links followed from it need not learn.
+    (b"referrer-policy", b"no-referrer"),
+)
+"""Sent with every answer of the plain HTTP side (dashboard, health, readiness, metrics)."""
+
+
 class HttpApp:
     def __init__(self, hub: Hub, dashboard: bool = True, dashboard_dir: Path = DASHBOARD_DIR):
         self.hub = hub
@@ -66,8 +78,15 @@ class HttpApp:
 
     async def static(self, path: str, send: Send) -> None:
         relative = path.lstrip("/") or "index.html"
-        file = (self.dashboard_dir / relative).resolve()
-        if not file.is_relative_to(self.dashboard_dir) or not file.is_file():
+        try:
+            file = (self.dashboard_dir / relative).resolve()
+            found = file.is_relative_to(self.dashboard_dir) and file.is_file()
+        except (OSError, ValueError):
+            # A NUL byte (`/%00`: ValueError) or a name longer than the file system takes
+            # (ENAMETOOLONG, which is_file does not swallow) made a 500 and a traceback at
+            # ERROR, a few kilobytes of log per request at any client's will: not found.
+            found = False
+        if not found:
             if relative == "index.html":
                 await respond(send, 200, NOT_BUILT, "text/html; charset=utf-8")
             else:
@@ -104,7 +123,7 @@ async def respond(
                 (b"content-type", content_type.encode()),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", cache.encode()),
-                (b"x-content-type-options", b"nosniff"),
+                *SECURITY_HEADERS,
             ],
         }
     )

@@ -154,6 +154,8 @@ class FeedApp:
         timers at a thousand clients, each one making every timer the loop sets cost more)."""
         options.setdefault("lifespan", "on")
         options.setdefault("ws_ping_interval", None)
+        # `server: uvicorn` on every answer tells a scanner what to try; nobody else reads it.
+        options.setdefault("server_header", False)
         config = FeedConfig(
             self,
             self.asgi,
