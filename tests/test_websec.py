@@ -5,10 +5,13 @@ dashboard paths, response headers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from typing import Any
 
 import pytest
+import socketio
 
 from tests.auth_helpers import BASE, TOKENS, token_config
 from tests.support.server import RunningFeed, running_feed
@@ -201,3 +204,50 @@ async def test_the_http_side_sends_hardening_headers_and_no_banner() -> None:
             assert headers["referrer-policy"] == "no-referrer", path
             assert "server" not in headers, (path, headers.get("server"))
             assert "access-control-allow-origin" not in headers, path
+
+
+# -- tokens in the URL ---------------------------------------------------------------------------
+
+
+async def test_a_token_put_in_the_url_is_not_logged_and_the_refusal_says_where_it_goes() -> None:
+    """`io(url, {query: {token}})`, as clients of other servers do: the feed does not read it
+    (the connection is refused auth_required) but uvicorn logged it with every request line."""
+    secret = "feed_SECRET_in_the_url_0123456789"
+    lines = Lines()
+    async with running_feed(token_config()) as feed:
+        levels = {}
+        for name in ("uvicorn.access", "uvicorn.error"):
+            levels[name] = logging.getLogger(name).level
+            logging.getLogger(name).setLevel(logging.INFO)  # `feed serve`'s level
+            logging.getLogger(name).addHandler(lines)
+        try:
+            for transport in ("polling", "websocket"):
+                client = socketio.AsyncClient(reconnection=False)
+                reasons: asyncio.Queue[Any] = asyncio.Queue()
+                client.on("connect_error", reasons.put_nowait)
+                with contextlib.suppress(socketio.exceptions.ConnectionError):
+                    await client.connect(
+                        f"{feed.url}?token={secret}&access_token={secret}",
+                        transports=[transport],
+                        wait_timeout=10,
+                    )
+                reason = await asyncio.wait_for(reasons.get(), 10)
+                await client.disconnect()
+                assert reason["data"]["code"] == "auth_required"
+                assert "auth payload" in reason["message"] and secret not in reason["message"]
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).removeHandler(lines)
+                logging.getLogger(name).setLevel(level)
+    logged = "\n".join(lines.lines)
+    assert "token=***" in logged, logged[:300]
+    assert secret not in logged
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))

@@ -41,7 +41,7 @@ from feed.security.guard import (
 )
 from feed.security.hosts import HostCheck, default_allowed_hosts
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
-from feed.security.redact import redact_session_ids
+from feed.security.redact import redact_session_ids, token_in_url
 from feed.security.room_budget import RoomBudget
 
 log = logging.getLogger("feed.server")
@@ -237,9 +237,16 @@ class FeedApp:
                     f"{identity.name!r} already holds {self.connections.limit} connections",
                 )
         except AuthError as exc:
+            message = exc.message
+            if exc.code == "auth_required" and token_in_url(environ.get("QUERY_STRING", "")):
+                # A client written for a server that reads the token from the URL.
+                message += (
+                    "; a token in the URL is not read (URLs end up in logs): "
+                    "send it in the auth payload"
+                )
             self.hub.metrics.inc("feed_auth_refused_total", code=exc.code)
-            log.info("connection refused (%s): %s", exc.code, exc.message)
-            raise Refused(exc.message, {"code": exc.code}) from None
+            log.info("connection refused (%s): %s", exc.code, message)
+            raise Refused(message, {"code": exc.code}) from None
         handshake = self._handshakes.pop(self.sio.manager.eio_sid_from_sid(sid, "/") or "", None)
         if handshake is not None:
             handshake.cancel()
