@@ -133,9 +133,7 @@ async def test_slowloris_connections_are_closed_within_the_request_timeout() -> 
             reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
             started = time.monotonic()
             if n % 2:
-                head = (
-                    f"POST {POLL}&sid={sids[n]} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9000\r\n\r\n"
-                )
+                head = f"POST {POLL}&sid={sids[n]} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9000\r\n\r\n"
                 writer.write(head.encode())
             else:
                 writer.write(f"GET {POLL} HTTP/1.1\r\nHost: localhost\r\n".encode())
@@ -204,7 +202,9 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
         # Below the cap again, new clients get in.
         async with asyncio.timeout(5):
             while True:
-                status = await raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                status = await raw_request(
+                    feed, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                )
                 if not status.startswith(b"HTTP/1.1 503"):
                     break
         async with feed_client(feed.url) as late:
