@@ -14,7 +14,7 @@ import pytest
 import socketio
 
 from tests.auth_helpers import BASE, TOKENS, token_config
-from tests.support.server import RunningFeed, running_feed
+from tests.support.server import RunningFeed, feed_client, running_feed
 
 POLL = "/socket.io/?EIO=4&transport=polling"
 WS = "/socket.io/?EIO=4&transport=websocket"
@@ -251,3 +251,23 @@ class Lines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
+
+
+# -- what error messages tell a tenant -----------------------------------------------------------
+
+
+async def test_an_unknown_room_is_explained_with_only_the_targets_the_identity_may_see() -> None:
+    """The catalog hides public.audit from tenants, but `unknown_target` listed every target
+    of the connector, so a typo told a tenant the names of tables it may not follow."""
+    async with running_feed(token_config()) as feed:
+        async with feed_client(feed.url, auth={"token": TOKENS["acme-svc"]}) as tenant:
+            ack = await tenant.subscribe("mem:public.nope")
+            assert ack["error"]["code"] == "unknown_target"
+            assert "public.orders" in ack["error"]["message"]
+            assert "public.audit" not in ack["error"]["message"], ack
+            ack = await tenant.subscribe("nope:public.orders")
+            assert ack["error"]["code"] == "unknown_connector"
+            assert "(connectors: mem)" in ack["error"]["message"]
+        async with feed_client(feed.url, auth={"token": TOKENS["ops"]}) as operator:
+            ack = await operator.subscribe("mem:public.nope")
+            assert "public.audit" in ack["error"]["message"]  # the admin may follow it

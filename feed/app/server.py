@@ -333,7 +333,10 @@ class FeedApp:
                 max_filter=settings.max_filter_length,
             )
             request = self.hub.split_room_filter(request)
-            connector, address = self.hub.resolve(request.room)
+            try:
+                connector, address = self.hub.resolve(request.room)
+            except ProtocolError as exc:
+                raise self._unknown_room(exc, session.identity, request.room) from None
             client_filter = (
                 parse_filter(request.filter, max_length=settings.max_filter_length)
                 if request.filter
@@ -353,6 +356,35 @@ class FeedApp:
                 raise ProtocolError("snapshot_failed", SNAPSHOT_FAILED) from None
 
         return await self._answer("subscribe", handle)
+
+    def _unknown_room(self, exc: ProtocolError, identity: Identity, room: str) -> ProtocolError:
+        """A room that names no connector or target, explained with only what this identity
+        may see: the hub's message lists every connector and target, and a tenant learnt the
+        names the catalog hides from it (other tenants' tables, an audit log)."""
+        if self.authorizer.open or exc.code not in ("unknown_connector", "unknown_target"):
+            return exc
+        name, _, rest = room.partition(":")
+
+        def visible(connector: Connector) -> list[str]:
+            return [
+                target
+                for target in connector.targets()
+                if self.authorizer.visible_target(identity, connector.name, target)
+            ]
+
+        if exc.code == "unknown_connector":
+            known = ", ".join(sorted(c.name for c in self.hub.connectors.values() if visible(c)))
+            return ProtocolError(
+                exc.code,
+                f"no connector {name[:64]!r}; rooms look like <connector>:<target> "
+                f"(connectors: {known or 'none you may follow'})",
+            )
+        connector = self.hub.connectors[name]
+        targets = ", ".join(visible(connector)[:20])
+        return ProtocolError(
+            exc.code,
+            f"{name!r} has no target for {rest[:128]!r} (targets: {targets or 'none you may follow'})",
+        )
 
     async def on_unsubscribe(self, sid: str, *args: Any) -> dict[str, Any]:
         async def handle() -> dict[str, Any]:
