@@ -271,3 +271,26 @@ async def test_an_unknown_room_is_explained_with_only_the_targets_the_identity_m
         async with feed_client(feed.url, auth={"token": TOKENS["ops"]}) as operator:
             ack = await operator.subscribe("mem:public.nope")
             assert "public.audit" in ack["error"]["message"]  # the admin may follow it
+
+
+# -- settings that open the feed to other sites' pages -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "warning"),
+    [("cors_allowed_origins", "any web page"), ("allowed_hosts", "DNS rebinding")],
+)
+async def test_opening_a_feed_without_auth_to_any_page_is_said_at_start(
+    setting: str, warning: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`cors_allowed_origins = ["*"]` without auth let any page in the user's browser read
+    every change of the loopback feed (a cross-site WebSocket), and nothing said so."""
+    caplog.set_level(logging.WARNING, "feed.security")
+    async with running_feed(BASE.replace("[server]", f'[server]\n{setting} = ["*"]')) as feed:
+        here = f"127.0.0.1:{port_of(feed)}"
+        if setting == "cors_allowed_origins":
+            status, _, _ = await raw(feed, upgrade(here, "http://evil.example"))
+        else:
+            status, _, _ = await raw(feed, upgrade("evil.example", "http://evil.example"))
+        assert status.startswith("HTTP/1.1 101"), status  # what the setting asks for
+    assert any(warning in r.getMessage() for r in caplog.records), caplog.text

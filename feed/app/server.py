@@ -39,7 +39,7 @@ from feed.security.guard import (
     guarded_http_protocol,
     quiet_counted_client_faults,
 )
-from feed.security.hosts import HostCheck, default_allowed_hosts
+from feed.security.hosts import HostCheck, default_allowed_hosts, warn_open_to_pages
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.security.redact import redact_session_ids, token_in_url
 from feed.security.room_budget import RoomBudget
@@ -128,6 +128,7 @@ class FeedApp:
         allowed_hosts = settings.allowed_hosts
         if allowed_hosts is None:
             allowed_hosts = list(default_allowed_hosts(config.auth.enabled))
+        warn_open_to_pages(config.auth.enabled, settings.cors_allowed_origins, allowed_hosts)
         self.asgi = HostCheck(
             InboundLimit(
                 socketio.ASGIApp(

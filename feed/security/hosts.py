@@ -102,3 +102,22 @@ class HostCheck:
         ]
         await send({"type": "http.response.start", "status": 400, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def warn_open_to_pages(auth_enabled: bool, origins: Sequence[str], hosts: Sequence[str]) -> None:
+    """Without authentication, what keeps other sites' pages out is the origin and host
+    checks: a config that opens either says so loudly at start."""
+    if auth_enabled:
+        return
+    if ANY in origins:
+        log.warning(
+            '[server] cors_allowed_origins = ["*"] with authentication off: any web page '
+            "open in a browser that can reach this feed can subscribe and receive every "
+            "change; list the pages' origins, or turn [auth] on"
+        )
+    if ANY in hosts:
+        log.warning(
+            '[server] allowed_hosts = ["*"] with authentication off: a web page can reach '
+            "this feed through a name of its own (DNS rebinding) and receive every change; "
+            "list the names the feed is reached by, or turn [auth] on"
+        )
