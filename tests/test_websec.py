@@ -294,3 +294,37 @@ async def test_opening_a_feed_without_auth_to_any_page_is_said_at_start(
             status, _, _ = await raw(feed, upgrade("evil.example", "http://evil.example"))
         assert status.startswith("HTTP/1.1 101"), status  # what the setting asks for
     assert any(warning in r.getMessage() for r in caplog.records), caplog.text
+
+
+# -- /metrics and /readyz ------------------------------------------------------------------------
+
+
+def bearing(path: str, token: str | None) -> str:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+
+
+async def test_protect_status_keeps_metrics_and_readiness_details_for_operators() -> None:
+    """With auth on, /metrics and /readyz (connector names, status details naming hosts and
+    databases, cluster nodes) were open to anyone who could reach the port, and the deploy
+    files put that port on the Internet. `protect_status` keeps them for operators; probes
+    still read /readyz's status code."""
+    config = token_config().replace('mode = "token"', 'mode = "token"\nprotect_status = true')
+    async with running_feed(config) as feed:
+        for token in (None, TOKENS["acme-svc"], "not-a-token"):
+            status, headers, body = await raw(feed, bearing("/metrics", token))
+            assert status.startswith("HTTP/1.1 401"), (token, status)
+            assert headers["www-authenticate"].startswith("Bearer")
+            assert b"feed_" not in body
+            status, _, body = await raw(feed, bearing("/readyz", token))
+            assert status.startswith("HTTP/1.1 200"), status
+            assert json.loads(body) == {"ready": True}
+        status, _, body = await raw(feed, bearing("/metrics", TOKENS["ops"]))
+        assert status.startswith("HTTP/1.1 200") and b"feed_connector_up" in body
+        status, _, body = await raw(feed, bearing("/readyz", TOKENS["ops"]))
+        assert json.loads(body)["connectors"]["mem"]["state"] == "up"
+        status, _, _ = await raw(feed, bearing("/healthz", None))
+        assert status.startswith("HTTP/1.1 200")
+    async with running_feed(token_config()) as feed:  # the default: open, as documented
+        status, _, body = await raw(feed, bearing("/metrics", None))
+        assert status.startswith("HTTP/1.1 200") and b"feed_connector_up" in body

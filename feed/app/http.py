@@ -39,11 +39,33 @@ SECURITY_HEADERS = (
 """Sent with every answer of the plain HTTP side (dashboard, health, readiness, metrics)."""
 
 
+StatusAccess = Callable[[str | None], Awaitable[bool]]
+"""Whether a request's `Authorization` header (None: it sent none) may read /metrics and
+/readyz's details ([auth] protect_status)."""
+
+NO_STATUS = b"""/metrics needs an operator's token: Authorization: Bearer <token>
+([auth] protect_status)
+"""
+
+
 class HttpApp:
-    def __init__(self, hub: Hub, dashboard: bool = True, dashboard_dir: Path = DASHBOARD_DIR):
+    def __init__(
+        self,
+        hub: Hub,
+        dashboard: bool = True,
+        dashboard_dir: Path = DASHBOARD_DIR,
+        status_access: StatusAccess | None = None,
+    ):
         self.hub = hub
         self.dashboard = dashboard
         self.dashboard_dir = dashboard_dir.resolve()
+        self.status_access = status_access
+
+    async def _may_read_status(self, scope: Scope) -> bool:
+        if self.status_access is None:
+            return True
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+        return await self.status_access(None if header is None else header.decode("latin-1"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -58,6 +80,10 @@ class HttpApp:
             await respond_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             ready = self.hub.ready()
+            if not await self._may_read_status(scope):
+                # Probes read the status code; the details are for operators.
+                await respond_json(send, 200 if ready else 503, {"ready": ready})
+                return
             body = {
                 "ready": ready,
                 "connectors": {
@@ -69,6 +95,10 @@ class HttpApp:
                 body["cluster"] = self.hub.engine.describe()
             await respond_json(send, 200 if ready else 503, body)
         elif path == "/metrics":
+            if not await self._may_read_status(scope):
+                www = ((b"www-authenticate", b'Bearer realm="feed"'),)
+                await respond(send, 401, NO_STATUS, "text/plain", headers=www)
+                return
             text = self.hub.metrics.render().encode()
             await respond(send, 200, text, "text/plain; version=0.0.4; charset=utf-8")
         elif self.dashboard:
@@ -113,7 +143,12 @@ async def respond_json(send: Send, status: int, body: Any) -> None:
 
 
 async def respond(
-    send: Send, status: int, body: bytes, content_type: str, cache: str = "no-store"
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    cache: str = "no-store",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
     await send(
         {
@@ -124,6 +159,7 @@ async def respond(
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", cache.encode()),
                 *SECURITY_HEADERS,
+                *headers,
             ],
         }
     )

@@ -133,7 +133,11 @@ class FeedApp:
             InboundLimit(
                 socketio.ASGIApp(
                     self.sio,
-                    other_asgi_app=HttpApp(self.hub, dashboard=settings.dashboard),
+                    other_asgi_app=HttpApp(
+                        self.hub,
+                        dashboard=settings.dashboard,
+                        status_access=self._status_access if config.auth.protect_status else None,
+                    ),
                     on_startup=self._startup,
                     on_shutdown=self._shutdown,
                 ),
@@ -168,6 +172,18 @@ class FeedApp:
         )
         redact_session_ids()  # after uvicorn's Config has set its loggers up
         return config
+
+    async def _status_access(self, authorization: str | None) -> bool:
+        """`[auth] protect_status`: /metrics and /readyz's details for a request bearing the
+        token of an operator (a static token or JWT with one of `operator_roles`)."""
+        if authorization is None:
+            return False
+        try:
+            identity = await self.authenticator.authenticate({"token": authorization})
+        except AuthError as exc:
+            self.hub.metrics.inc("feed_auth_refused_total", code=exc.code)
+            return False
+        return not identity.anonymous and self.config.auth.operator(identity)
 
     def _malformed(self, eio_sid: str, kind: str, detail: str) -> None:
         self.client_errors.report(kind, detail)

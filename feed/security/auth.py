@@ -166,6 +166,8 @@ class AuthConfig:
     masks: tuple[MaskRule, ...] = ()
     operator_roles: tuple[str, ...] = ("admin",)
     """Roles that see connector status details (host, database, role names in errors)."""
+    protect_status: bool = False
+    """/metrics and /readyz's details only for a request bearing an operator's token."""
 
     @property
     def enabled(self) -> bool:
@@ -210,6 +212,7 @@ def parse_auth(top: Options) -> AuthConfig:
     # Read even when absent, so a misspelt `operator_role` is answered with this key's name.
     listed = opts.str_list("operator_roles")
     operator_roles = tuple(listed) if "operator_roles" in opts.raw else ("admin",)
+    protect_status = opts.bool("protect_status", False)
     opts.finish()
     if mode == "token" and not tokens:
         opts.fail("tokens", 'mode "token" needs at least one [[auth.tokens]] entry')
@@ -217,7 +220,17 @@ def parse_auth(top: Options) -> AuthConfig:
         opts.fail("jwt", 'mode "jwt" needs an [auth.jwt] table (algorithms and a key)')
     if mode != "none" and not rules:
         log.warning("[auth] is on but has no [[auth.rules]]: every subscribe will be refused")
-    return AuthConfig(mode, allow_unauth, leeway, tokens, jwt_config, rules, masks, operator_roles)
+    return AuthConfig(
+        mode,
+        allow_unauth,
+        leeway,
+        tokens,
+        jwt_config,
+        rules,
+        masks,
+        operator_roles,
+        protect_status,
+    )
 
 
 def _tables(opts: Options, key: str) -> list[Options]:
