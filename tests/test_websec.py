@@ -5,9 +5,12 @@ dashboard paths, response headers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +41,10 @@ async def raw(feed: RunningFeed, request: str) -> tuple[str, dict[str, str], byt
                 if not line:
                     break
                 name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
+                name = (
+                    name.strip().lower()
+                )  # a repeated header: its values joined, as HTTP reads it
+                headers[name] = ", ".join(filter(None, (headers.get(name), value.strip())))
             if "content-length" in headers:
                 body = await reader.readexactly(int(headers["content-length"]))
             elif headers.get("transfer-encoding") == "chunked":
@@ -328,3 +334,36 @@ async def test_protect_status_keeps_metrics_and_readiness_details_for_operators(
     async with running_feed(token_config()) as feed:  # the default: open, as documented
         status, _, body = await raw(feed, bearing("/metrics", None))
         assert status.startswith("HTTP/1.1 200") and b"feed_connector_up" in body
+
+
+async def test_an_html_page_may_run_only_its_own_scripts(tmp_path: Path) -> None:
+    """The dashboard keeps an operator's token in the tab: a page policy allows the feed's
+    own script files and, by hash, the page's inline scripts and handlers, and nothing else
+    (no 'unsafe-inline'). tests/test_dashboard_browser.py runs the real page under it."""
+    page = (
+        b'<!doctype html><script type="importmap">{"imports": {}}</script>'
+        b'<script src="app.js" onerror="notLoaded()"></script><script>\nfunction notLoaded() {}\n'
+        b"</script><p>hi</p>"
+    )
+    (tmp_path / "index.html").write_bytes(page)
+    async with running_feed(BASE) as feed:
+        http = feed.app.asgi.app.app.other_asgi_app  # HostCheck > InboundLimit > Socket.IO
+        http.dashboard_dir = tmp_path
+        here = f"127.0.0.1:{port_of(feed)}"
+        status, _, body = await raw(feed, get("/", here))
+        assert status.startswith("HTTP/1.1 200") and body == page
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
+        writer.write(get("/", here).encode())
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        writer.close()
+    policies = [
+        line.split(":", 1)[1]
+        for line in head.splitlines()
+        if line.startswith("content-security-policy:")
+    ]
+    script = next(p for p in policies if "script-src" in p)
+    for source in (b'{"imports": {}}', b"\nfunction notLoaded() {}\n", b"notLoaded()"):
+        digest = base64.b64encode(hashlib.sha256(source).digest()).decode().lower()
+        assert f"'sha256-{digest}'" in script, (source, script)
+    assert "'unsafe-inline'" not in script and "'unsafe-eval'" not in script
+    assert any("frame-ancestors 'none'" in p for p in policies)
