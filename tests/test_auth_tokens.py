@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import AsyncIterator, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from feed.app.config import parse_config
 from feed.app.server import EXPIRY_GRACE, FeedApp
 from feed.errors import ConfigError
-from feed.security.auth import hash_token
+from feed.security.auth import JWKS_TIMEOUT, MAX_JWKS_BYTES, hash_token
 from tests.auth_helpers import (
     AUDIENCE,
     BASE,
@@ -443,3 +444,95 @@ async def test_request_lines_in_the_log_do_not_carry_session_ids(jwt_feed: Runni
             logger.setLevel(level)
     assert sum("sid=***" in line for line in lines.lines) >= 3, lines.lines
     assert not [line for line in lines.lines if sid in line or token in line]
+
+
+@contextlib.contextmanager
+def serving(answer: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server answering every GET with `answer`; its URL and the paths asked for."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            answer(self)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_hanging_jwks_url_is_asked_once_for_all_the_clients_waiting(
+    keys: dict[str, Any],
+) -> None:
+    """Clients queue behind a JWKS fetch; each fetched again when its turn came, so behind a
+    provider that does not answer the fifth client waited 25 s (past its own timeout and the
+    handshake timeout) and the provider was asked once per client."""
+    release = threading.Event()
+
+    def hang(handler: BaseHTTPRequestHandler) -> None:
+        release.wait(30)
+
+    with serving(hang) as (url, asked):
+        try:
+            async with running_feed(jwks_config(f'jwks_url = "{url}"')) as feed:
+                token = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
+                started = time.monotonic()
+                reasons = await asyncio.gather(
+                    *(refusal(feed.url, {"token": token}) for _ in range(4))
+                )
+                assert {r["data"]["code"] for r in reasons} == {"auth_unavailable"}
+                assert time.monotonic() - started < JWKS_TIMEOUT + 3
+                assert len(asked) == 1, asked
+        finally:
+            release.set()
+
+
+async def test_a_failing_jwks_url_is_not_asked_once_per_client(keys: dict[str, Any]) -> None:
+    def fail(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(500)
+        handler.send_header("content-length", "0")
+        handler.end_headers()
+
+    with serving(fail) as (url, asked):
+        async with running_feed(jwks_config(f'jwks_url = "{url}"')) as feed:
+            token = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
+            for _ in range(5):
+                reason = await refusal(feed.url, {"token": token})
+                assert reason["data"]["code"] == "auth_unavailable"
+            assert len(asked) == 1, asked
+
+
+async def test_an_oversized_jwks_document_is_not_read(
+    keys: dict[str, Any], jwks_document: dict[str, Any]
+) -> None:
+    """PyJWKClient read any answer whole into memory (50 MB cost the feed 150 MB)."""
+    body = json.dumps({**jwks_document, "padding": "x" * (2 * MAX_JWKS_BYTES)}).encode()
+
+    def huge(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        with contextlib.suppress(OSError):  # the feed stops reading
+            handler.wfile.write(body)
+
+    with serving(huge) as (url, _):
+        async with running_feed(jwks_config(f'jwks_url = "{url}"')) as feed:
+            token = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
+            reason = await refusal(feed.url, {"token": token})
+            assert reason["data"]["code"] == "auth_unavailable"
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://idp.example/jwks.json", "jwks.json"])
+def test_a_jwks_url_must_be_http(url: str) -> None:
+    with pytest.raises(ConfigError, match="jwks_url"):
+        parse_config(jwks_config(f'jwks_url = "{url}"'), "t.toml", {})

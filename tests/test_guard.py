@@ -71,7 +71,7 @@ async def test_an_oversized_polling_post_is_answered_413_at_once_and_memory_stay
 
         async def oversized(sid: str) -> float:
             head = (
-                f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n"
             ).encode()
             started = time.monotonic()
@@ -107,7 +107,7 @@ async def test_a_polling_post_within_the_limit_still_works_and_a_bad_length_gets
         payload = "42" + json.dumps(["subscribe", {"room": "mem:public.orders"}])
         async with http.post(f"{feed.url}{POLL}&sid={sid}", data=payload) as response:
             assert response.status == 200
-        head = f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Length: nine\r\n\r\n"
+        head = f"POST {POLL}&sid={sid} HTTP/1.1\r\nHost: localhost\r\nContent-Length: nine\r\n\r\n"
         assert (await raw_request(feed, head.encode())).startswith(b"HTTP/1.1 400")
 
 
@@ -133,12 +133,10 @@ async def test_slowloris_connections_are_closed_within_the_request_timeout() -> 
             reader, writer = await asyncio.open_connection("127.0.0.1", port_of(feed))
             started = time.monotonic()
             if n % 2:
-                head = (
-                    f"POST {POLL}&sid={sids[n]} HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n"
-                )
+                head = f"POST {POLL}&sid={sids[n]} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9000\r\n\r\n"
                 writer.write(head.encode())
             else:
-                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: x\r\n".encode())
+                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: localhost\r\n".encode())
             try:
                 for i in range(100):
                     writer.write(f"X-Slow-{i}: a\r\n".encode())
@@ -184,7 +182,7 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
             refused = 0
             for _ in range(10):
                 status = await asyncio.wait_for(
-                    raw_request(feed, f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode()), 5
+                    raw_request(feed, f"GET {POLL} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()), 5
                 )
                 refused += status.startswith(b"HTTP/1.1 503")
             assert refused == 10
@@ -204,7 +202,9 @@ async def test_connections_past_the_cap_are_refused_and_existing_clients_keep_wo
         # Below the cap again, new clients get in.
         async with asyncio.timeout(5):
             while True:
-                status = await raw_request(feed, f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                status = await raw_request(
+                    feed, f"GET {POLL} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+                )
                 if not status.startswith(b"HTTP/1.1 503"):
                     break
         async with feed_client(feed.url) as late:
@@ -226,13 +226,16 @@ async def test_at_the_cap_health_readiness_and_metrics_are_still_answered() -> N
             for path in ("/healthz", "/readyz", "/metrics"):
                 for _ in range(3):  # one after another: each its own connection past the cap
                     status = await asyncio.wait_for(
-                        raw_request(feed, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()), 5
+                        raw_request(
+                            feed, f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+                        ),
+                        5,
                     )
                     assert status.startswith(b"HTTP/1.1 200"), (path, status)
             for head in (
-                f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
-                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-                b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                f"GET {POLL} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode(),
+                b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                b"POST /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
             ):
                 status = await asyncio.wait_for(raw_request(feed, head), 5)
                 assert status.startswith(b"HTTP/1.1 503"), (head, status)
@@ -248,7 +251,7 @@ async def test_at_the_cap_health_readiness_and_metrics_are_still_answered() -> N
             ]
             try:
                 status = await asyncio.wait_for(
-                    raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"), 5
+                    raw_request(feed, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"), 5
                 )
                 assert status.startswith(b"HTTP/1.1 503"), status
             finally:
@@ -473,7 +476,7 @@ async def test_a_cap_above_the_open_file_limit_is_lowered_to_it_with_a_warning(
             idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                writer.write(f"GET {POLL} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
                 assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 503")
                 writer.close()
             finally:

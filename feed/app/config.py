@@ -123,6 +123,9 @@ def _interpolate(value: Any, env: Any, key: str) -> Any:
 def _validate(raw: dict[str, Any], file: str) -> Config:
     top = Options(raw, "")
     server_opts = top.table("server")
+    # Read even when absent, so the key is known; absent means the auth mode's default
+    # (feed.security.hosts).
+    allowed_hosts = server_opts.str_list("allowed_hosts")
     server = ServerConfig(
         host=server_opts.str("host", "127.0.0.1"),
         port=server_opts.int("port", 8000, minimum=0, maximum=65535),
@@ -136,6 +139,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
             "snapshot_chunk_bytes", 256 * 1024, minimum=1024, maximum=16 * 1024 * 1024
         ),
         cors_allowed_origins=server_opts.str_list("cors_allowed_origins"),
+        allowed_hosts=allowed_hosts if "allowed_hosts" in server_opts.raw else None,
         max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
         dashboard=server_opts.bool("dashboard", True),
         log_level=server_opts.choice("log_level", ["debug", "info", "warning", "error"], "info"),

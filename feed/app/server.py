@@ -39,8 +39,9 @@ from feed.security.guard import (
     guarded_http_protocol,
     quiet_counted_client_faults,
 )
+from feed.security.hosts import HostCheck, default_allowed_hosts, warn_open_to_pages
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
-from feed.security.redact import redact_session_ids
+from feed.security.redact import redact_session_ids, token_in_url
 from feed.security.room_budget import RoomBudget
 
 log = logging.getLogger("feed.server")
@@ -124,16 +125,28 @@ class FeedApp:
         eio = self.sio.eio
         eio.on_malformed = self._malformed
         eio.on_open = self._opened
-        self.asgi = InboundLimit(
-            socketio.ASGIApp(
-                self.sio,
-                other_asgi_app=HttpApp(self.hub, dashboard=settings.dashboard),
-                on_startup=self._startup,
-                on_shutdown=self._shutdown,
+        allowed_hosts = settings.allowed_hosts
+        if allowed_hosts is None:
+            allowed_hosts = list(default_allowed_hosts(config.auth.enabled))
+        warn_open_to_pages(config.auth.enabled, settings.cors_allowed_origins, allowed_hosts)
+        self.asgi = HostCheck(
+            InboundLimit(
+                socketio.ASGIApp(
+                    self.sio,
+                    other_asgi_app=HttpApp(
+                        self.hub,
+                        dashboard=settings.dashboard,
+                        status_access=self._status_access if config.auth.protect_status else None,
+                    ),
+                    on_startup=self._startup,
+                    on_shutdown=self._shutdown,
+                ),
+                settings.max_message_bytes,
+                self.client_errors,
+                self._close_session,
             ),
-            settings.max_message_bytes,
+            allowed_hosts,
             self.client_errors,
-            self._close_session,
         )
 
     def uvicorn_config(self, host: str, port: int, **options: Any) -> FeedConfig:
@@ -146,6 +159,8 @@ class FeedApp:
         timers at a thousand clients, each one making every timer the loop sets cost more)."""
         options.setdefault("lifespan", "on")
         options.setdefault("ws_ping_interval", None)
+        # `server: uvicorn` on every answer tells a scanner what to try; nobody else reads it.
+        options.setdefault("server_header", False)
         config = FeedConfig(
             self,
             self.asgi,
@@ -157,6 +172,18 @@ class FeedApp:
         )
         redact_session_ids()  # after uvicorn's Config has set its loggers up
         return config
+
+    async def _status_access(self, authorization: str | None) -> bool:
+        """`[auth] protect_status`: /metrics and /readyz's details for a request bearing the
+        token of an operator (a static token or JWT with one of `operator_roles`)."""
+        if authorization is None:
+            return False
+        try:
+            identity = await self.authenticator.authenticate({"token": authorization})
+        except AuthError as exc:
+            self.hub.metrics.inc("feed_auth_refused_total", code=exc.code)
+            return False
+        return not identity.anonymous and self.config.auth.operator(identity)
 
     def _malformed(self, eio_sid: str, kind: str, detail: str) -> None:
         self.client_errors.report(kind, detail)
@@ -227,9 +254,16 @@ class FeedApp:
                     f"{identity.name!r} already holds {self.connections.limit} connections",
                 )
         except AuthError as exc:
+            message = exc.message
+            if exc.code == "auth_required" and token_in_url(environ.get("QUERY_STRING", "")):
+                # A client written for a server that reads the token from the URL.
+                message += (
+                    "; a token in the URL is not read (URLs end up in logs): "
+                    "send it in the auth payload"
+                )
             self.hub.metrics.inc("feed_auth_refused_total", code=exc.code)
-            log.info("connection refused (%s): %s", exc.code, exc.message)
-            raise Refused(exc.message, {"code": exc.code}) from None
+            log.info("connection refused (%s): %s", exc.code, message)
+            raise Refused(message, {"code": exc.code}) from None
         handshake = self._handshakes.pop(self.sio.manager.eio_sid_from_sid(sid, "/") or "", None)
         if handshake is not None:
             handshake.cancel()
@@ -316,7 +350,10 @@ class FeedApp:
                 max_filter=settings.max_filter_length,
             )
             request = self.hub.split_room_filter(request)
-            connector, address = self.hub.resolve(request.room)
+            try:
+                connector, address = self.hub.resolve(request.room)
+            except ProtocolError as exc:
+                raise self._unknown_room(exc, session.identity, request.room) from None
             client_filter = (
                 parse_filter(request.filter, max_length=settings.max_filter_length)
                 if request.filter
@@ -336,6 +373,35 @@ class FeedApp:
                 raise ProtocolError("snapshot_failed", SNAPSHOT_FAILED) from None
 
         return await self._answer("subscribe", handle)
+
+    def _unknown_room(self, exc: ProtocolError, identity: Identity, room: str) -> ProtocolError:
+        """A room that names no connector or target, explained with only what this identity
+        may see: the hub's message lists every connector and target, and a tenant learnt the
+        names the catalog hides from it (other tenants' tables, an audit log)."""
+        if self.authorizer.open or exc.code not in ("unknown_connector", "unknown_target"):
+            return exc
+        name, _, rest = room.partition(":")
+
+        def visible(connector: Connector) -> list[str]:
+            return [
+                target
+                for target in connector.targets()
+                if self.authorizer.visible_target(identity, connector.name, target)
+            ]
+
+        if exc.code == "unknown_connector":
+            known = ", ".join(sorted(c.name for c in self.hub.connectors.values() if visible(c)))
+            return ProtocolError(
+                exc.code,
+                f"no connector {name[:64]!r}; rooms look like <connector>:<target> "
+                f"(connectors: {known or 'none you may follow'})",
+            )
+        connector = self.hub.connectors[name]
+        targets = ", ".join(visible(connector)[:20])
+        return ProtocolError(
+            exc.code,
+            f"{name!r} has no target for {rest[:128]!r} (targets: {targets or 'none you may follow'})",
+        )
 
     async def on_unsubscribe(self, sid: str, *args: Any) -> dict[str, Any]:
         async def handle() -> dict[str, Any]:

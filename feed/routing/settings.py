@@ -24,6 +24,8 @@ class ServerConfig:
     """JSON bytes of rows per snapshot frame: larger snapshots go out in several
     (feed.core.snapshots)."""
     cors_allowed_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] | None = None
+    """Host names requests may name (feed.security.hosts); None: the default for the auth mode."""
     max_message_bytes: int = 64 * 1024
     dashboard: bool = True
     log_level: str = "info"

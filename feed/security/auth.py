@@ -20,6 +20,7 @@ import logging
 import re
 import secrets
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,13 @@ JWKS_LIFETIME = 300.0
 """Seconds a fetched JWKS is used before it is fetched again."""
 JWKS_REFETCH = 30.0
 """Minimum seconds between fetches triggered by a token whose kid is not in the cached set."""
+JWKS_RETRY = 5.0
+"""Minimum seconds between fetches while no key set could be fetched yet: a failing or slow
+identity provider is asked once per this time, not once per connecting client."""
+JWKS_TIMEOUT = 5.0
+"""Seconds a JWKS fetch may take in all (connecting, and reading the answer)."""
+MAX_JWKS_BYTES = 1024 * 1024
+"""Largest JWKS document read; real ones are a few kilobytes."""
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -158,6 +166,8 @@ class AuthConfig:
     masks: tuple[MaskRule, ...] = ()
     operator_roles: tuple[str, ...] = ("admin",)
     """Roles that see connector status details (host, database, role names in errors)."""
+    protect_status: bool = False
+    """/metrics and /readyz's details only for a request bearing an operator's token."""
 
     @property
     def enabled(self) -> bool:
@@ -202,6 +212,7 @@ def parse_auth(top: Options) -> AuthConfig:
     # Read even when absent, so a misspelt `operator_role` is answered with this key's name.
     listed = opts.str_list("operator_roles")
     operator_roles = tuple(listed) if "operator_roles" in opts.raw else ("admin",)
+    protect_status = opts.bool("protect_status", False)
     opts.finish()
     if mode == "token" and not tokens:
         opts.fail("tokens", 'mode "token" needs at least one [[auth.tokens]] entry')
@@ -209,7 +220,17 @@ def parse_auth(top: Options) -> AuthConfig:
         opts.fail("jwt", 'mode "jwt" needs an [auth.jwt] table (algorithms and a key)')
     if mode != "none" and not rules:
         log.warning("[auth] is on but has no [[auth.rules]]: every subscribe will be refused")
-    return AuthConfig(mode, allow_unauth, leeway, tokens, jwt_config, rules, masks, operator_roles)
+    return AuthConfig(
+        mode,
+        allow_unauth,
+        leeway,
+        tokens,
+        jwt_config,
+        rules,
+        masks,
+        operator_roles,
+        protect_status,
+    )
 
 
 def _tables(opts: Options, key: str) -> list[Options]:
@@ -271,6 +292,9 @@ def _parse_jwt(opts: Options) -> JwtConfig:
             opts.fail("jwks_file", "give exactly one of jwks_file or jwks_url")
         if jwks_file:
             _load_jwks_file(jwks_file, opts.path("jwks_file"))
+        if jwks_url and not jwks_url.lower().startswith(("https://", "http://")):
+            # urllib would also read file:// and ftp:// URLs.
+            opts.fail("jwks_url", f"must be an https:// (or http://) URL, not {jwks_url!r}")
     try:
         import jwt  # noqa: F401
     except ImportError:
@@ -394,16 +418,15 @@ class Authenticator:
         self.config = config
         self._tokens = {t.sha256: t for t in config.tokens}
         self._jwks: dict[str, Any] | None = None
-        self._jwks_client: Any = None
+        self._jwks_url: str | None = None
         self._fetching = asyncio.Lock()
-        self._fetched = 0.0
+        self._fetched = -float("inf")
+        """When the last fetch ended, whether it succeeded or not."""
         jwt_config = config.jwt
         if jwt_config is not None and jwt_config.jwks_file:
             self._jwks = _load_jwks_file(jwt_config.jwks_file, "auth.jwt.jwks_file")
         if jwt_config is not None and jwt_config.jwks_url:
-            import jwt
-
-            self._jwks_client = jwt.PyJWKClient(jwt_config.jwks_url, cache_jwk_set=False, timeout=5)
+            self._jwks_url = jwt_config.jwks_url
 
     async def authenticate(self, payload: Any) -> Identity:
         token = self._token(payload)
@@ -520,28 +543,49 @@ class Authenticator:
         refetch, but at most once per JWKS_REFETCH seconds: otherwise every forged token would
         cost an HTTP request to the identity provider.
         """
-        if self._jwks_client is None:
+        if self._jwks_url is None:
             assert self._jwks is not None
             return self._jwks
         async with self._fetching:
-            now = time.monotonic()
-            known = self._jwks is not None and (
-                kid is None
-                or any(isinstance(k, dict) and k.get("kid") == kid for k in self._jwks["keys"])
-            )
-            stale = self._jwks is None or now - self._fetched > JWKS_LIFETIME
-            if stale or (not known and now - self._fetched > JWKS_REFETCH):
-                self._fetched = now
+            # Measured from the end of the last fetch: clients that queued behind a fetch that
+            # failed (or took JWKS_TIMEOUT) get its outcome instead of each fetching again,
+            # which had the fifth of five clients wait 25 s behind a hanging provider.
+            since = time.monotonic() - self._fetched
+            if self._jwks is None:
+                due = since >= JWKS_RETRY
+            else:
+                known = kid is None or any(
+                    isinstance(k, dict) and k.get("kid") == kid for k in self._jwks["keys"]
+                )
+                due = since > JWKS_LIFETIME or (not known and since > JWKS_REFETCH)
+            if due:
                 try:
-                    data = await asyncio.to_thread(self._jwks_client.fetch_data)
-                    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-                        raise ValueError('the document has no "keys" list')
-                    self._jwks = data
+                    self._jwks = await asyncio.wait_for(
+                        asyncio.to_thread(fetch_jwks, self._jwks_url), JWKS_TIMEOUT
+                    )
                 except Exception as exc:
-                    log.warning("cannot fetch the JWKS: %s", exc)
+                    log.warning("cannot fetch the JWKS: %s", str(exc) or type(exc).__name__)
+                finally:
+                    self._fetched = time.monotonic()
             if self._jwks is None:
                 raise AuthError("auth_unavailable", "cannot verify tokens right now; retry later")
             return self._jwks
+
+
+def fetch_jwks(url: str) -> dict[str, Any]:
+    """The key set at `url`, read up to MAX_JWKS_BYTES (PyJWKClient read any size into
+    memory: a 50 MB answer cost the feed 150 MB)."""
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/json", "User-Agent": "dbfeed"}
+    )
+    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT) as response:
+        body = response.read(MAX_JWKS_BYTES + 1)
+    if len(body) > MAX_JWKS_BYTES:
+        raise ValueError(f"the document is larger than {MAX_JWKS_BYTES} bytes")
+    data = json.loads(body)
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError('the document has no "keys" list')
+    return data
 
 
 def _path(claims: Mapping[str, Any], path: str) -> Any:

@@ -23,6 +23,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -126,9 +127,39 @@ class ClientFaultsCounted(logging.Filter):
     """
 
     MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+    UNANSWERED = "ASGI callable returned without completing handshake."
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.UNANSWERED and WEBSOCKET_ANSWERED.get():
+            return False  # it was answered, with an HTTP response (`deny_websocket`)
         return record.msg not in self.MESSAGES
+
+
+WEBSOCKET_ANSWERED: ContextVar[bool] = ContextVar("feed_websocket_answered", default=False)
+"""Set by `deny_websocket` in the task that runs the request, which is where uvicorn logs."""
+
+
+async def deny_websocket(scope: Any, send: Any, status: int, body: bytes) -> None:
+    """Refuse a websocket request with an HTTP answer (or a bare 403 where the server has no
+    way to send one).
+
+    uvicorn's websockets-sansio protocol (what it picks when `websockets` is installed) sends
+    the answer but still logs "ASGI callable returned without completing handshake" at ERROR
+    when the app returns, as if it had not answered: a line per request, which any client
+    could repeat at will (tests that read the log through the root logger never saw it:
+    uvicorn's loggers do not propagate).
+    `ClientFaultsCounted` drops that one line for requests answered here, and only for them."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close"})
+        return
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+    WEBSOCKET_ANSWERED.set(True)
 
 
 def quiet_counted_client_faults() -> None:
