@@ -14,12 +14,13 @@ from contextlib import AsyncExitStack
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.support import redis as redis_support
-from tests.support.cluster import cluster_config, reader_of
+from tests.support.cluster import cluster_config, memory, reader_of, subscribed
 from tests.support.proxy import Blackhole
 from tests.support.redis import RedisTarget
-from tests.support.server import RunningFeed, running_feed
+from tests.support.server import RunningFeed, feed_client, running_feed
 
 redis_target = redis_support.redis_target
 
@@ -75,3 +76,43 @@ async def test_a_reader_cut_off_from_redis_stops_reading_before_another_node_tak
             f"the old reader read on until {stopped:.2f} s, taken at {taken:.2f}"
         )
         assert taken < 2.0 + 0.5, f"another node took it over only after {taken:.2f} s"
+
+
+async def renewed(admin: Redis, key: str) -> None:
+    """Until the lease at `key` was just renewed (its time left jumps back up)."""
+    last = await admin.pttl(key)
+    async with asyncio.timeout(15):
+        while True:
+            await asyncio.sleep(0.01)
+            now = await admin.pttl(key)
+            if now > last + 200:
+                return
+            last = now
+
+
+async def test_a_reader_whose_publication_goes_unanswered_tells_its_clients_why_at_once(
+    redis_target: RedisTarget,
+) -> None:
+    """The reader is cut off from Redis while it publishes: its publication is given up after
+    the answer timeout (5 s at lease 10), and its clients must then be told the connector is
+    down, and why, at once. The reading's end used to wait for the lease's release, sent into
+    the same partition, for another answer timeout: its clients read "stopped" for 5 s more,
+    then only the node's own loss of Redis (10 s after the cut)."""
+    async with AsyncExitStack() as stack:
+        nodes, holes = await nodes_behind_blackholes(stack, redis_target, 2, lease=10.0)
+        reader = await reader_of(nodes)
+        client = await stack.enter_async_context(feed_client(reader.url))
+        await subscribed(client, "mem:public.orders")
+        # Cut just after a renewal, so the lease's own deadline (8.3 s on) comes after the
+        # publication's answer timeout: that is what ends the reading here.
+        await renewed(redis_target.admin, reader.engine.lease_key("mem"))
+        holes[nodes.index(reader)].blackhole()
+        cut = time.monotonic()
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "new"})
+        async with asyncio.timeout(20):
+            while (status := await client.statuses.get())["state"] != "down":
+                pass
+        took = time.monotonic() - cut
+        assert "cannot publish" in status["detail"], status
+        assert took < 5 + 1 + 1, f"told after {took:.1f} s"
+        await holes[nodes.index(reader)].heal()

@@ -116,10 +116,20 @@ class Leases(Publisher):
         finally:
             if not lost:
                 released = dumps({"t": "released", "c": name})
-                with contextlib.suppress(Exception):
-                    await self._script(
-                        "RELEASE", [self.lease_key(name)], [holder, self.control, released]
-                    )
+                release = self._release(name, holder, released)
+                if failed:
+                    # A publication went unanswered: Redis is likely out of reach, and the
+                    # release would wait its own answer timeout before the hub could show the
+                    # connector down with the reason, its clients reading "stopped" meanwhile
+                    # (5 s at the default lease, behind a network partition). It goes on alone;
+                    # it deletes the lease only while it is still this reading's.
+                    self.hub._spawn(release)
+                else:
+                    await release
+
+    async def _release(self, name: str, holder: str, released: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await self._script("RELEASE", [self.lease_key(name)], [holder, self.control, released])
 
     async def _acquire(self, connector: Connector) -> tuple[str, str, float]:
         """Take the connector's lease, waiting for as long as another node holds it; returns
