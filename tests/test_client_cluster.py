@@ -23,7 +23,7 @@ from tests.support.cluster import (
     reader_of,
     start_nodes,
 )
-from tests.support.proxy import CuttableProxy
+from tests.support.proxy import Blackhole, CuttableProxy
 from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.waiting import wait_until
 from tests.test_client_python import Log, assert_once_in_order
@@ -129,3 +129,46 @@ async def test_a_subscribe_refused_while_redis_is_away_goes_live_once_it_is_back
         reader = await confirmed_reader(nodes, target.admin)
         memory(reader).write("public.orders", "insert", {"id": 1})
         await log.until(lambda: len(log.changes) == 1, "a change once Redis is back", 30)
+
+
+async def test_a_client_cut_off_by_a_blackhole_moves_to_another_node_and_recovers(
+    redis_target: RedisTarget,
+) -> None:
+    """A half-open websocket: the network between the client and its node drops every packet
+    and closes nothing. The node drops the client after its ping timeout; the client notices
+    the silence too and resumes on the next node, `recovered`. Its reconnect to the cut-off node
+    used to wait forever (python-engineio bounds neither the websocket handshake nor the wait
+    for its OPEN packet), never reaching the other node while the partition lasted."""
+    config = cluster_config(redis_target.url, redis_target.prefix, history=1000).replace(
+        "[server]\n", "[server]\nping_interval = 1\nping_timeout = 1\n"
+    )
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        first, second = nodes
+        hole = await stack.enter_async_context(Blackhole(int(first.url.rsplit(":", 1)[1])))
+        feed = FeedClient(
+            [f"http://127.0.0.1:{hole.port}", second.url],
+            reconnection_delay=0.1,
+            reconnection_delay_max=1.0,
+            timeout=2.0,
+        )
+        await stack.enter_async_context(feed)
+        sub = await stack.enter_async_context(feed.subscribe(ROOM, snapshot=True))
+        log = Log(sub)
+        for i in range(1, 6):
+            memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+        await log.until(lambda: len(log.changes) == 5, "5 changes on the first node")
+        assert len(first.app.sio.eio.sockets) == 1
+
+        hole.blackhole()
+        for i in range(6, 11):
+            memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+        # ping_interval + ping_timeout for each side to notice, then a handshake timeout
+        await log.until(lambda: len(log.changes) == 10, "the changes made while cut off", 15)
+        assert feed.url == second.url
+        assert_once_in_order(log.changes, 1, 10)
+        assert ("recovered", {"replayed": 5}) in log.states, log.states
+        assert "reload" not in log.names
+        await wait_until(lambda: not first.app.sio.eio.sockets, 10, "the first node to drop it")
+        await hole.heal()

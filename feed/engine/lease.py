@@ -38,7 +38,7 @@ class Leases(Publisher):
     async def reading(self, connector: Connector) -> AsyncIterator[None]:
         """Hold the connector's lease while the body runs; end the body when the lease is lost."""
         name = connector.name
-        holder, token = await self._acquire(connector)
+        holder, token, asked = await self._acquire(connector)
         count = int(token.split(":", 1)[0])
         lost: list[str] = []
         failed: list[str] = []
@@ -51,7 +51,7 @@ class Leases(Publisher):
         try:
             async with asyncio.timeout(None) as deadline:
                 renewer = asyncio.create_task(
-                    self._renew(name, holder, deadline, lost), name=f"cluster:lease:{name}"
+                    self._renew(name, holder, asked, deadline, lost), name=f"cluster:lease:{name}"
                 )
                 try:
                     try:
@@ -116,13 +116,25 @@ class Leases(Publisher):
         finally:
             if not lost:
                 released = dumps({"t": "released", "c": name})
-                with contextlib.suppress(Exception):
-                    await self._script(
-                        "RELEASE", [self.lease_key(name)], [holder, self.control, released]
-                    )
+                release = self._release(name, holder, released)
+                if failed:
+                    # A publication went unanswered: Redis is likely out of reach, and the
+                    # release would wait its own answer timeout before the hub could show the
+                    # connector down with the reason, its clients reading "stopped" meanwhile
+                    # (5 s at the default lease, behind a network partition). It goes on alone;
+                    # it deletes the lease only while it is still this reading's.
+                    self.hub._spawn(release)
+                else:
+                    await release
 
-    async def _acquire(self, connector: Connector) -> tuple[str, str]:
-        """Take the connector's lease, waiting for as long as another node holds it.
+    async def _release(self, name: str, holder: str, released: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await self._script("RELEASE", [self.lease_key(name)], [holder, self.control, released])
+
+    async def _acquire(self, connector: Connector) -> tuple[str, str, float]:
+        """Take the connector's lease, waiting for as long as another node holds it; returns
+        the holder, the fencing token and when (`time.monotonic`) the winning call was sent: the
+        lease runs from no earlier than that (`_renew`).
 
         A waiting node asks again when the holder's lease would run out (the PTTL the script
         answers with), or at once when the holder says it let go (a "released" message on the
@@ -148,6 +160,7 @@ class Leases(Publisher):
                         await wake.wait()
                 continue
             try:
+                asked = time.monotonic()
                 reply = await self._script(
                     "ACQUIRE",
                     [self.lease_key(name), self.fence_key(name)],
@@ -155,7 +168,7 @@ class Leases(Publisher):
                 )
                 if not isinstance(reply, list):
                     token = reply.decode() if isinstance(reply, bytes) else str(reply)
-                    return f"{self.node}|{token}", token
+                    return f"{self.node}|{token}", token, asked
                 failed = 0
                 current, left_ms = reply
                 reader = current.decode().rsplit("|", 1)[0] if current else None
@@ -197,24 +210,52 @@ class Leases(Publisher):
                 wake.set()
 
     async def _renew(
-        self, name: str, holder: str, deadline: asyncio.Timeout, lost: list[str]
+        self, name: str, holder: str, asked: float, deadline: asyncio.Timeout, lost: list[str]
     ) -> None:
+        """Renew the lease every third of `lease`; end the reading (`deadline`) once it may be
+        about to run out in Redis without a renewal confirmed.
+
+        The lease is counted from when the last successful call was *sent* (Redis set its expiry
+        at some moment after that), and the reading ends `lease / 6` before it, whatever the
+        calls meanwhile are doing: a renewal that goes unanswered (Redis out of reach behind a
+        network partition that drops packets, with no connection closed) is given up at that
+        moment, not when the connection's own answer timeout fires. Before, a reader cut off
+        from Redis waited for that timeout (`max(2, lease / 2)`) and then slept a third of the
+        lease before trying again, so it went on reading its source up to `lease * 2/3 + 2 *
+        answer` after its last renewal: several seconds after another node had taken the
+        connector over (fencing kept it from publishing, but both read the source, and the
+        old one held the Postgres advisory lock the new one waited for).
+        """
         lease = self.config.lease
         lease_ms = int(lease * 1000)
-        valid_until = time.monotonic() + lease
+        margin = lease / 6
+        valid_until = asked + lease
+        due = asked + lease / 3
         while True:
-            await asyncio.sleep(lease / 3)
+            await asyncio.sleep(max(0.0, min(due, valid_until - margin) - time.monotonic()))
+            sent = time.monotonic()
+            left = valid_until - margin - sent
             try:
-                still = await self._script("RENEW", [self.lease_key(name)], [holder, lease_ms])
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    still = await self._script("RENEW", [self.lease_key(name)], [holder, lease_ms])
             except asyncio.CancelledError:
                 raise
+            except TimeoutError:
+                lost.append(
+                    f"no renewal confirmed by Redis in {lease - margin:g} s: it may expire there"
+                    " before this node hears back"
+                )
             except Exception as exc:
-                if time.monotonic() < valid_until - lease / 6:
+                if time.monotonic() < valid_until - margin:
+                    due = time.monotonic() + min(lease / 10, 1.0)  # soon again, not a third later
                     continue
                 lost.append(f"cannot renew it: {one_line(exc)}")
             else:
                 if still == 1:
-                    valid_until = time.monotonic() + lease
+                    valid_until = sent + lease
+                    due = sent + lease / 3
                     continue
                 lost.append(
                     "another node holds it now"

@@ -142,3 +142,130 @@ def _mid_body(data: bytes, marker: bytes) -> bool:
     """Whether `data` holds a whole HTTP head and, after it, `marker` in the body."""
     head = data.find(b"\r\n\r\n")
     return data.startswith(b"HTTP/") and head >= 0 and data.find(marker, head) > head
+
+
+class Blackhole:
+    """A TCP proxy that can be switched into a network partition that drops packets.
+
+    `blackhole()`: nothing is forwarded either way and no connection is closed (no RST, no FIN
+    reaches either side); what is sent meanwhile is held, as TCP retransmits it, and so is a
+    side's close; a new connection is accepted (the kernel would retry its SYN) but reaches the
+    target only once the partition lifts. `heal()` connects those, delivers what was held in
+    order, then the closes: what a node sent into a partition can reach Redis long after the
+    node gave up on it. Unlike `CuttableProxy.hold`, a close on one side never cuts the other
+    while the partition lasts.
+    """
+
+    def __init__(self, target_port: int, port: int = 0) -> None:
+        self.target_port = target_port
+        self.port = port
+        self.blocked = False
+        self.links: set[_Held] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> Blackhole:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Held(self, writer)
+        self.links.add(link)
+        link.pump(reader, upward=True)
+        if not self.blocked:
+            await link.connect()
+
+    def blackhole(self) -> None:
+        self.blocked = True
+
+    async def heal(self) -> None:
+        self.blocked = False
+        for link in list(self.links):
+            if link.upstream is None and not link.closed:
+                await link.connect()
+            link.flush()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for link in list(self.links):
+            link.abort()
+        for link in list(self.links):
+            for task in link.tasks:
+                task.cancel()
+        self.links.clear()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    async def __aenter__(self) -> Blackhole:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _Held:
+    """One connection through a `Blackhole`, with what waits for the partition to lift."""
+
+    def __init__(self, proxy: Blackhole, client: asyncio.StreamWriter) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.held: dict[bool, list[bytes | None]] = {True: [], False: []}
+        """Per direction (upward: towards the target), what waits: data, or None for a close."""
+        self.closed = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def pump(self, reader: asyncio.StreamReader, upward: bool) -> None:
+        task = asyncio.create_task(self._pump(reader, upward))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def connect(self) -> None:
+        try:
+            up_reader, self.upstream = await asyncio.open_connection(
+                "127.0.0.1", self.proxy.target_port
+            )
+        except OSError:
+            self.abort()
+            return
+        self.pump(up_reader, upward=False)
+        if not self.proxy.blocked:
+            self.flush()
+
+    async def _pump(self, reader: asyncio.StreamReader, upward: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                self._forward(upward, data)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        self._forward(upward, None)
+
+    def _forward(self, upward: bool, data: bytes | None) -> None:
+        waiting = self.proxy.blocked or self.held[upward] or (upward and self.upstream is None)
+        if waiting:
+            self.held[upward].append(data)
+        else:
+            self._deliver(upward, data)
+
+    def _deliver(self, upward: bool, data: bytes | None) -> None:
+        sink = self.upstream if upward else self.client
+        if sink is None or self.closed:
+            return
+        if data is None:
+            self.abort()
+        elif not sink.transport.is_closing():
+            sink.write(data)
+
+    def flush(self) -> None:
+        for upward in (True, False):
+            held, self.held[upward] = self.held[upward], []
+            for data in held:
+                self._deliver(upward, data)
+
+    def abort(self) -> None:
+        self.closed = True
+        self.proxy.links.discard(self)
+        for writer in (self.client, self.upstream):
+            if writer is not None:
+                writer.transport.abort()

@@ -289,20 +289,30 @@ class FeedClient(_Events):
             self._refusal = None
             self._gone.clear()
             try:
-                await sio.connect(
-                    self.url,
-                    auth={"token": token} if token else {},
-                    transports=list(self.transports),
-                    socketio_path=self.socketio_path,
-                    wait_timeout=self.timeout,
-                )
+                # Bounded as a whole: python-engineio bounds neither the websocket handshake
+                # (aiohttp's session default, 300 s) nor the wait for the OPEN packet after it,
+                # so a node behind a network partition that drops packets without closing (a
+                # blackhole: the TCP connect may even succeed, through a balancer or a proxy)
+                # held a reconnect forever, instead of moving on to the next node.
+                async with asyncio.timeout(self.timeout):
+                    await sio.connect(
+                        self.url,
+                        auth={"token": token} if token else {},
+                        transports=list(self.transports),
+                        socketio_path=self.socketio_path,
+                        wait_timeout=self.timeout,
+                    )
             except asyncio.CancelledError:
                 # Closed while connecting: this socket is not `_sio` yet, so `close` cannot
                 # disconnect it, and its HTTP session would stay open.
                 with contextlib.suppress(Exception):
                     await sio.disconnect()
                 raise
-            except (socketio.exceptions.ConnectionError, ValueError) as exc:
+            except (socketio.exceptions.ConnectionError, ValueError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
+                    exc = socketio.exceptions.ConnectionError(
+                        f"no answer within {self.timeout:g} s"
+                    )
                 with contextlib.suppress(Exception):
                     await sio.disconnect()
                 if self._refusal is not None:
