@@ -84,13 +84,22 @@ class Options:
         return value
 
     def float(
-        self, key: builtins.str, default: builtins.float, *, minimum: builtins.float | None = None
+        self,
+        key: builtins.str,
+        default: builtins.float,
+        *,
+        minimum: builtins.float | None = None,
+        maximum: builtins.float | None = None,
+        why: builtins.str = "",
     ) -> builtins.float:
+        """A number; `why` follows a refusal past `maximum`, saying what a larger one would do."""
         value = self._get(key, default, False)
         if not isinstance(value, int | builtins.float) or isinstance(value, bool):
             self.fail(key, f"must be a number, not {value!r}")
         if minimum is not None and value < minimum:
             self.fail(key, f"must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"must be at most {maximum:g}, not {value}{why}")
         return float(value)
 
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:

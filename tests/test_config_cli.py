@@ -130,6 +130,11 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
         ),
         ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
         (
+            "[auth]\nmode = 'jwt'\nsecret = '${JWT_SECRET:-0123456789abcdef0123456789abcdef}'\nleeway = 86400",
+            "feed.toml: auth.leeway: must be at most 300, not 86400 (it would accept tokens "
+            "expired that long ago: set the clocks right, by NTP)",
+        ),
+        (
             "[auth]\noperator_role = ['oncall']",
             "feed.toml: auth.operator_role: is not a known setting here "
             "(did you mean 'operator_roles'?",

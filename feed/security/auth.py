@@ -155,6 +155,10 @@ class MaskRule:
     except_roles: tuple[str, ...] = ()
 
 
+MAX_LEEWAY = 300.0
+"""Seconds of clock skew `leeway` may tolerate at most (Kerberos allows 5 minutes too)."""
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     mode: str = "none"
@@ -200,7 +204,15 @@ def parse_auth(top: Options) -> AuthConfig:
     opts = top.table("auth")
     mode = opts.choice("mode", MODES, "none")
     allow_unauth = opts.bool("allow_unauthenticated", False)
-    leeway = opts.float("leeway", 30.0, minimum=0)
+    # Clock skew between an identity provider and the feed is seconds; a leeway of hours would
+    # quietly accept tokens that expired hours ago (and keep their connections open that long).
+    leeway = opts.float(
+        "leeway",
+        30.0,
+        minimum=0,
+        maximum=MAX_LEEWAY,
+        why=" (it would accept tokens expired that long ago: set the clocks right, by NTP)",
+    )
     tokens = tuple(_parse_token(o) for o in _tables(opts, "tokens"))
     names = [t.name for t in tokens]
     for name in names:
