@@ -72,7 +72,8 @@ export interface FeedClientOptions {
   transports?: ("websocket" | "polling" | "webtransport")[];
   reconnectionDelay?: number;
   reconnectionDelayMax?: number;
-  /** Milliseconds to wait for an answer to a request (default 10000). */
+  /** Milliseconds to wait for an answer to a request, and for a connection attempt before the
+   * next node is tried (default 10000; `socketOptions.timeout` overrides the latter). */
   timeout?: number;
   /** Any other socket.io-client options. */
   socketOptions?: Partial<ManagerOptions & SocketOptions>;

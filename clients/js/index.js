@@ -359,6 +359,12 @@ export class FeedClient extends Emitter {
       reconnectionDelay: options.reconnectionDelay ?? 500,
       reconnectionDelayMax: options.reconnectionDelayMax ?? 5000,
       ...(options.path ? { path: options.path } : {}),
+      // Every connection attempt is given up after `timeout` (socket.io-client's own bound is
+      // 20 s), and the next node is tried (`_onConnectError`): an attempt to a node behind a
+      // network partition that drops packets without closing (a blackhole: the TCP connect may
+      // even succeed, through a balancer or a proxy) hangs until then, with the other nodes
+      // untried. The Python library bounds its attempts by the same `timeout`.
+      timeout: options.timeout ?? 10000,
       ...(options.socketOptions || {}),
       // A function, so that every reconnect asks for the current token.
       auth: (send) => {
