@@ -1071,8 +1071,20 @@ export class Subscription extends Emitter {
     this._setState("live", {});
   }
 
+  /**
+   * Changes were, or may have been, missed: say so, and start afresh where that brings the
+   * rows back (a fresh snapshot) or where no answer is in yet (a snapshot cut short). A
+   * subscription without a snapshot that is answered and live (its loop fell behind) goes on
+   * from where it is, `reload` then `live`, as docs/clients.md says and as the Python library
+   * does: subscribing afresh instead dropped every change that came before the new answer (the
+   * rest of the frame included) from the handlers too, and left `seq` to jump.
+   */
   _reloadNow(reason) {
     this._setState("reload", { reason });
+    if (!this.snapshot && this._phase === "ready") {
+      this._setState("live", {});
+      return;
+    }
     this._fresh = true;
     if (this.client.connected) this._send();
   }
