@@ -60,7 +60,8 @@ export interface StateInfo {
 export type Token = string | (() => string | null | Promise<string | null>);
 
 export interface FeedClientOptions {
-  /** A token, or a function returning the current one (called on every connect and refresh). */
+  /** A token, or a function returning the current one (called on every connect and refresh;
+   * one that throws is an `error` `token_failed`, and the attempt is retried with backoff). */
   token?: Token;
   /** Refresh a function token's JWT before it expires (default true). */
   refreshTokens?: boolean;

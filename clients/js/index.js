@@ -345,6 +345,7 @@ export class FeedClient extends Emitter {
     this._orphans = []; // changes for rooms no subscription knows yet (first acks pending)
     this._closed = false;
     this._serverCloses = 0;
+    this._tokenFailures = 0; // token function failures in a row (`_tokenFailed`'s backoff)
     this._connectedAt = 0;
     this._refreshTimer = null;
     this._retryTimer = null;
@@ -370,10 +371,7 @@ export class FeedClient extends Emitter {
       auth: (send) => {
         this._currentToken().then(
           (token) => send(token ? { token } : {}),
-          (err) => {
-            this._emit("error", new FeedError("token_unavailable", `could not get a token: ${err.message}`));
-            send({});
-          },
+          (err) => this._tokenFailed(err),
         );
       },
     };
@@ -387,10 +385,46 @@ export class FeedClient extends Emitter {
     return this.urls[this._urlIndex];
   }
 
+  /**
+   * The token to send: the token function's answer, when the token is a function. A function
+   * that throws (its identity provider is down, say) is a FeedError `token_failed`, as in the
+   * Python library, with its error as `cause`.
+   */
   async _currentToken() {
     const source = this.options.token;
-    if (typeof source === "function") this._token = (await source()) || null;
+    if (typeof source === "function") {
+      let value;
+      try {
+        value = await source();
+      } catch (err) {
+        const error = new FeedError("token_failed", `the token function raised ${err?.name || "an error"}: ${err?.message ?? err}`);
+        error.cause = err;
+        throw error;
+      }
+      this._token = typeof value === "string" && value ? value : null;
+    }
     return this._token;
+  }
+
+  /**
+   * The token function failed while connecting: say so, end this attempt, and try again with
+   * backoff (the function may answer next time). The attempt went on without a token before,
+   * as `token_unavailable`: refused by a server that requires one (an `error` more, and a
+   * refusal that a fixed token never retries), and let in as `anonymous` by one that does not
+   * (a client connected under another identity than its own, without a word). The Python
+   * library never connects without the token it was given either.
+   */
+  _tokenFailed(err) {
+    if (this._closed) return;
+    this._emit("error", err instanceof FeedError ? err : new FeedError("token_failed", String(err)));
+    if (this.socket.connected) return; // a stale call: this attempt is over already
+    this.socket.disconnect(); // the engine is open, the Socket.IO connect not sent: close it
+    clearTimeout(this._retryTimer);
+    const delay = retryDelay(this._tokenFailures, this.options);
+    this._tokenFailures += 1;
+    this._retryTimer = setTimeout(() => {
+      if (!this._closed) this.socket.connect();
+    }, delay);
   }
 
   _wire() {
@@ -542,6 +576,7 @@ export class FeedClient extends Emitter {
 
   _onConnect() {
     this.connected = true;
+    this._tokenFailures = 0;
     this._connectedAt = Date.now();
     this._pacer.reset();
     this._emit("connect");
