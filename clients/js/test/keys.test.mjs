@@ -181,6 +181,18 @@ describe("a `for await` loop slower than the feed", () => {
         Array.from({ length: 300 }, (_, i) => first + 1 + i),
       );
       assert.equal(sub.seq, first + 300);
+      // Its position is kept: a drop afterwards resumes, what came meanwhile replayed (the
+      // Python library, which marked it to subscribe afresh, skipped those without a word).
+      await h.send({ cmd: "cut" });
+      await until(() => sub.state === "pending", "the drop");
+      for (let i = 0; i < 5; i += 1) await h.write("insert", { id: 6001 + i, status: "new" });
+      await h.send({ cmd: "restore" });
+      await until(() => log.changes.length === 305, "the changes made while away");
+      assert.ok(log.states.some((s) => s.state === "recovered" && s.info.replayed === 5), JSON.stringify(log.states));
+      assert.deepEqual(
+        log.changes.map((c) => c.seq),
+        Array.from({ length: 305 }, (_, i) => first + 1 + i),
+      );
       await loop.return();
     } finally {
       feed.close();
