@@ -65,8 +65,9 @@ export interface FeedClientOptions {
   token?: Token;
   /** Refresh a function token's JWT before it expires (default true). */
   refreshTokens?: boolean;
-  /** With a function token: retry a refused connection with backoff (default true); when
-   * false, wait for `reconnect()`. A fixed token's refusal ends every subscription. */
+  /** With a function token, or a refusal that says "not now" (`too_many_connections`,
+   * `auth_unavailable`): retry a refused connection with backoff (default true); when false,
+   * wait for `reconnect()`. A fixed token's other refusals end every subscription. */
   retryRefused?: boolean;
   /** Socket.IO path (default "/socket.io/"). */
   path?: string;
