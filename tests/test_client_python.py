@@ -325,6 +325,32 @@ async def test_a_slow_consumer_is_told_to_reload_and_its_rows_stay_right(
             consumer.cancel()
 
 
+async def test_a_loop_without_snapshot_that_fell_behind_still_resumes_after_a_drop(
+    feed_server: Harness,
+) -> None:
+    """A subscription without a snapshot whose loop fell behind goes `reload` -> `live` and on
+    (as in JavaScript); it used to be left marked to subscribe afresh, so the next reconnect
+    asked for no replay: what came while disconnected was skipped with no `reload` at all
+    (states pending -> live)."""
+    async with client(feed_server.url) as feed, feed.subscribe(ROOM, max_queue=10) as sub:
+        log = Log(sub)
+        first = sub.seq or 0
+        aiter(sub)  # a loop that never gets to take a change
+        feed_server.burst("public.orders", 5001, 300)  # frames of up to 59 changes
+        await log.until(lambda: len(log.changes) == 300, "300 changes to the callbacks")
+        assert "reload" in log.names, log.states
+        assert log.names[-1] == "live"
+        feed_server.proxy.cut()
+        await log.until(lambda: sub.state == "pending", "the drop")
+        for i in range(5):
+            feed_server.write("public.orders", "insert", {"id": 6001 + i, "status": "new"})
+        feed_server.proxy.restore()
+        await log.until(lambda: sub.state in ("live", "recovered", "reload"), "the resume")
+        assert ("recovered", {"replayed": 5}) in log.states, log.states
+        await log.until(lambda: len(log.changes) == 305, "the changes made while away")
+        assert_once_in_order(log.changes, first + 1, first + 305)
+
+
 async def test_one_frame_longer_than_max_queue_is_not_a_consumer_falling_behind(
     feed_server: Harness,
 ) -> None:

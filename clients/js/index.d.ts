@@ -60,19 +60,22 @@ export interface StateInfo {
 export type Token = string | (() => string | null | Promise<string | null>);
 
 export interface FeedClientOptions {
-  /** A token, or a function returning the current one (called on every connect and refresh). */
+  /** A token, or a function returning the current one (called on every connect and refresh;
+   * one that throws is an `error` `token_failed`, and the attempt is retried with backoff). */
   token?: Token;
   /** Refresh a function token's JWT before it expires (default true). */
   refreshTokens?: boolean;
-  /** With a function token: retry a refused connection with backoff (default true); when
-   * false, wait for `reconnect()`. A fixed token's refusal ends every subscription. */
+  /** With a function token, or a refusal that says "not now" (`too_many_connections`,
+   * `auth_unavailable`): retry a refused connection with backoff (default true); when false,
+   * wait for `reconnect()`. A fixed token's other refusals end every subscription. */
   retryRefused?: boolean;
   /** Socket.IO path (default "/socket.io/"). */
   path?: string;
   transports?: ("websocket" | "polling" | "webtransport")[];
   reconnectionDelay?: number;
   reconnectionDelayMax?: number;
-  /** Milliseconds to wait for an answer to a request (default 10000). */
+  /** Milliseconds to wait for an answer to a request, and for a connection attempt before the
+   * next node is tried (default 10000; `socketOptions.timeout` overrides the latter). */
   timeout?: number;
   /** Any other socket.io-client options. */
   socketOptions?: Partial<ManagerOptions & SocketOptions>;

@@ -345,6 +345,7 @@ export class FeedClient extends Emitter {
     this._orphans = []; // changes for rooms no subscription knows yet (first acks pending)
     this._closed = false;
     this._serverCloses = 0;
+    this._tokenFailures = 0; // token function failures in a row (`_tokenFailed`'s backoff)
     this._connectedAt = 0;
     this._refreshTimer = null;
     this._retryTimer = null;
@@ -359,15 +360,18 @@ export class FeedClient extends Emitter {
       reconnectionDelay: options.reconnectionDelay ?? 500,
       reconnectionDelayMax: options.reconnectionDelayMax ?? 5000,
       ...(options.path ? { path: options.path } : {}),
+      // Every connection attempt is given up after `timeout` (socket.io-client's own bound is
+      // 20 s), and the next node is tried (`_onConnectError`): an attempt to a node behind a
+      // network partition that drops packets without closing (a blackhole: the TCP connect may
+      // even succeed, through a balancer or a proxy) hangs until then, with the other nodes
+      // untried. The Python library bounds its attempts by the same `timeout`.
+      timeout: options.timeout ?? 10000,
       ...(options.socketOptions || {}),
       // A function, so that every reconnect asks for the current token.
       auth: (send) => {
         this._currentToken().then(
           (token) => send(token ? { token } : {}),
-          (err) => {
-            this._emit("error", new FeedError("token_unavailable", `could not get a token: ${err.message}`));
-            send({});
-          },
+          (err) => this._tokenFailed(err),
         );
       },
     };
@@ -381,10 +385,46 @@ export class FeedClient extends Emitter {
     return this.urls[this._urlIndex];
   }
 
+  /**
+   * The token to send: the token function's answer, when the token is a function. A function
+   * that throws (its identity provider is down, say) is a FeedError `token_failed`, as in the
+   * Python library, with its error as `cause`.
+   */
   async _currentToken() {
     const source = this.options.token;
-    if (typeof source === "function") this._token = (await source()) || null;
+    if (typeof source === "function") {
+      let value;
+      try {
+        value = await source();
+      } catch (err) {
+        const error = new FeedError("token_failed", `the token function raised ${err?.name || "an error"}: ${err?.message ?? err}`);
+        error.cause = err;
+        throw error;
+      }
+      this._token = typeof value === "string" && value ? value : null;
+    }
     return this._token;
+  }
+
+  /**
+   * The token function failed while connecting: say so, end this attempt, and try again with
+   * backoff (the function may answer next time). The attempt went on without a token before,
+   * as `token_unavailable`: refused by a server that requires one (an `error` more, and a
+   * refusal that a fixed token never retries), and let in as `anonymous` by one that does not
+   * (a client connected under another identity than its own, without a word). The Python
+   * library never connects without the token it was given either.
+   */
+  _tokenFailed(err) {
+    if (this._closed) return;
+    this._emit("error", err instanceof FeedError ? err : new FeedError("token_failed", String(err)));
+    if (this.socket.connected) return; // a stale call: this attempt is over already
+    this.socket.disconnect(); // the engine is open, the Socket.IO connect not sent: close it
+    clearTimeout(this._retryTimer);
+    const delay = retryDelay(this._tokenFailures, this.options);
+    this._tokenFailures += 1;
+    this._retryTimer = setTimeout(() => {
+      if (!this._closed) this.socket.connect();
+    }, delay);
   }
 
   _wire() {
@@ -536,6 +576,7 @@ export class FeedClient extends Emitter {
 
   _onConnect() {
     this.connected = true;
+    this._tokenFailures = 0;
     this._connectedAt = Date.now();
     this._pacer.reset();
     this._emit("connect");
@@ -1065,8 +1106,20 @@ export class Subscription extends Emitter {
     this._setState("live", {});
   }
 
+  /**
+   * Changes were, or may have been, missed: say so, and start afresh where that brings the
+   * rows back (a fresh snapshot) or where no answer is in yet (a snapshot cut short). A
+   * subscription without a snapshot that is answered and live (its loop fell behind) goes on
+   * from where it is, `reload` then `live`, as docs/clients.md says and as the Python library
+   * does: subscribing afresh instead dropped every change that came before the new answer (the
+   * rest of the frame included) from the handlers too, and left `seq` to jump.
+   */
   _reloadNow(reason) {
     this._setState("reload", { reason });
+    if (!this.snapshot && this._phase === "ready") {
+      this._setState("live", {});
+      return;
+    }
     this._fresh = true;
     if (this.client.connected) this._send();
   }

@@ -22,6 +22,7 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
         (writes the row; the answer carrying `"status":"cut-here"` is cut mid-body: waits for it)
     {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
     {"cmd": "cluster_start"}          -> {"ok": true, "urls": [<node 0 via a proxy>, <node 1>]}
+        (with "server": "<lines>", added to both nodes' [server] table)
     {"cmd": "cluster_write", "op": "insert", "row": {...}} / {"cmd": "cluster_cut"} / ..._restore
         (cluster_write takes "connector" and "target" too: "lines", "public.lines")
 
@@ -394,7 +395,7 @@ async def serve_commands() -> None:
                     reply["token"] = make_token(float(command.get("ttl", 300)))
                 elif cmd == "cluster_start":
                     cluster = ClusterHarness()
-                    reply["urls"] = await cluster.start()
+                    reply["urls"] = await cluster.start(command.get("server", ""))
                 elif cmd == "cluster_write":
                     assert cluster is not None
                     source = await cluster.reader(command.get("connector", "mem"))

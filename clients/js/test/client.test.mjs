@@ -378,6 +378,68 @@ test("a token that expires unrefreshed: the server closes, the client reconnects
   }
 });
 
+test("a token function that throws: `token_failed`, no attempt without a token, retried until it answers", async () => {
+  // The attempt went on without a token before (`token_unavailable`): refused by this server
+  // (an `error` with `refused` more each time), let in as `anonymous` by one in mode "none".
+  const h = await Harness.start({ auth: true });
+  let calls = 0;
+  const feed = new FeedClient(h.url, {
+    ...WS,
+    token: async () => {
+      calls += 1;
+      if (calls <= 2) throw new Error(`identity provider down (${calls})`);
+      return (await h.send({ cmd: "token", ttl: 300 })).token;
+    },
+  });
+  const errors = [];
+  feed.on("error", (err) => errors.push(err));
+  try {
+    const sub = feed.subscribe(ROOM);
+    await sub.ready;
+    assert.deepEqual(
+      errors.map((e) => [e.code, Boolean(e.refused)]),
+      [
+        ["token_failed", false],
+        ["token_failed", false],
+      ],
+    );
+    assert.match(errors[0].message, /Error: identity provider down \(1\)/);
+    assert.equal(errors[0].cause.message, "identity provider down (1)");
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
+test("a token function failing later (a refresh, a reconnect) is reported and retried until it recovers", async () => {
+  const h = await Harness.start({ auth: true });
+  let calls = 0;
+  const feed = new FeedClient(h.url, {
+    ...WS,
+    token: async () => {
+      calls += 1;
+      if (calls === 1) return (await h.send({ cmd: "token", ttl: 2 })).token;
+      if (calls <= 4) throw new Error(`identity provider down (${calls})`);
+      return (await h.send({ cmd: "token", ttl: 300 })).token;
+    },
+  });
+  const errors = [];
+  feed.on("error", (err) => errors.push(err));
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await sub.ready;
+    await until(() => calls > 4 && feed.connected && ["live", "recovered"].includes(sub.state), "back with the recovered function");
+    await h.write("insert", { id: 903, status: "new" });
+    await until(() => log.changes.length === 1, "a change after it");
+    assert.ok(errors.some((e) => e.code === "token_failed"), JSON.stringify(errors.map((e) => e.code)));
+    assert.ok(!errors.some((e) => e.refused), JSON.stringify(errors.map((e) => e.code)));
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});
+
 test("a fixed token refused as too_many_connections is retried until a connection is free", async () => {
   const h = await Harness.start({ auth: true, config: "[limits]\nconnections_per_identity = 1\n" });
   const token = (await h.send({ cmd: "token", ttl: 300 })).token; // a string, not a function

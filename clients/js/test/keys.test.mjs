@@ -155,6 +155,50 @@ describe("a `for await` loop slower than the feed", () => {
     }
   });
 
+  test("without a snapshot, a loop that fell behind gets `reload` then `live`, and the changes go on", async () => {
+    // As in Python (docs/clients.md, States: "without snapshot, reload is followed by live and the
+    // changes go on"). The library subscribed afresh instead: `pending`, and every change that
+    // came meanwhile (the rest of the frame included) was dropped as older than the new answer,
+    // from the handlers and `seq` too, not only from the loop that fell behind.
+    const feed = new FeedClient(h.url, WS);
+    try {
+      const sub = feed.subscribe("mem:public.orders", { maxQueue: 10 });
+      const log = record(sub);
+      await sub.ready;
+      const first = sub.seq;
+      const loop = sub[Symbol.asyncIterator](); // a loop that never gets to take a change
+      await h.burst(5001, 300); // frames of up to 59 changes
+      const resubscribed = () => log.states.slice(1).some((s) => s.state === "pending"); // after the first answer's
+      await until(() => sub.seq === first + 300 || resubscribed(), "the 300 changes");
+      const states = log.states.map((s) => s.state);
+      const reasons = log.states.filter((s) => s.state === "reload").map((s) => s.info.reason);
+      assert.ok(reasons.length > 0 && reasons.every((r) => /fell behind/.test(r)), JSON.stringify(log.states));
+      assert.ok(!resubscribed(), JSON.stringify(log.states));
+      assert.equal(states[states.length - 1], "live");
+      await until(() => log.changes.length === 300, "every change to the handlers");
+      assert.deepEqual(
+        log.changes.map((c) => c.seq),
+        Array.from({ length: 300 }, (_, i) => first + 1 + i),
+      );
+      assert.equal(sub.seq, first + 300);
+      // Its position is kept: a drop afterwards resumes, what came meanwhile replayed (the
+      // Python library, which marked it to subscribe afresh, skipped those without a word).
+      await h.send({ cmd: "cut" });
+      await until(() => sub.state === "pending", "the drop");
+      for (let i = 0; i < 5; i += 1) await h.write("insert", { id: 6001 + i, status: "new" });
+      await h.send({ cmd: "restore" });
+      await until(() => log.changes.length === 305, "the changes made while away");
+      assert.ok(log.states.some((s) => s.state === "recovered" && s.info.replayed === 5), JSON.stringify(log.states));
+      assert.deepEqual(
+        log.changes.map((c) => c.seq),
+        Array.from({ length: 305 }, (_, i) => first + 1 + i),
+      );
+      await loop.return();
+    } finally {
+      feed.close();
+    }
+  });
+
   test("one frame longer than maxQueue is not a consumer falling behind", async () => {
     // The loop cannot run in the middle of a frame, and the catch-up after a snapshot sends
     // all the room had meanwhile in one: counted change by change it always "fell behind".

@@ -1044,9 +1044,14 @@ class Subscription(_Events):
         self._set_state("live")
 
     def _reload_now(self, reason: str, resubscribe: bool = False) -> None:
+        """Changes were, or may have been, missed: say so, and start afresh where that brings
+        the rows back (a fresh snapshot), where asked, or where no answer is in yet. A live
+        subscription without a snapshot (its loop fell behind) goes on from its position, and
+        keeps it: marked fresh, its next reconnect asked for no replay, and what came while
+        disconnected was skipped with no `reload` (states pending -> live)."""
         self._set_state("reload", reason=reason)
-        self._fresh = True
         if resubscribe or self.snapshot or self._phase != "ready":
+            self._fresh = True
             self._phase = "subscribing"  # nothing more is delivered until the new answer
             if self.client.connected:
                 self.client._spawn(self._send())
