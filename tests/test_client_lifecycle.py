@@ -20,6 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.support.client_harness import Harness, harness, make_token
+from tests.support.server import running_feed
 
 ROOM = "mem:public.orders"
 WAIT = 20.0
@@ -201,3 +202,78 @@ async def test_async_handlers_run_in_order_and_their_errors_are_logged(
     failures = [r for r in caplog.records if r.name == "dbfeed_client" and r.exc_info]
     assert len(failures) == 2
     assert "a bug in the application's handler" in str(failures[0].exc_info)
+
+
+class RenamingBalancer:
+    """A balancer in front of a real feed that passes the name clients reach it by (`Host:
+    feed.internal`), as nginx with `proxy_set_header Host $http_host` or HAProxy do, and hands
+    an answer's body on a moment after its head (a slower link: a client reads the head first)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RenamingBalancer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._links:
+            task.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = [
+                b"Host: feed.internal" if line.lower().startswith(b"host:") else line
+                for line in head.split(b"\r\n")
+            ]
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_writer.write(b"\r\n".join(lines))
+            await up_writer.drain()
+            answer_head = await up_reader.readuntil(b"\r\n\r\n")
+            writer.write(answer_head)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            up_writer.close()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self._links.discard(task)
+
+
+@pytest.mark.parametrize("transports", [("polling",), ("websocket",)])
+async def test_a_feed_refusing_its_host_name_is_unreachable_not_a_hang(
+    transports: tuple[str, ...],
+) -> None:
+    """After the upgrade that brought `allowed_hosts`, a feed without auth reached by a DNS
+    name refuses every request (400 to a poll, 403 to a websocket). Over long-polling,
+    python-engineio reads the 400's body after closing its HTTP session, and aiohttp raised
+    RuntimeError("Connection closed.") whenever the body had not come with the head: that ended
+    the client's connection loop, so `connect()` waited forever (and, once connected, a
+    reconnect refused that way stopped the client for good). Each attempt is now a failed one:
+    `connect()` says unreachable after `timeout`, naming the refusal where the library got it."""
+    config = "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orders']\n"
+    async with (
+        running_feed(config) as feed,
+        RenamingBalancer(int(feed.url.rsplit(":", 1)[1])) as balancer,
+    ):
+        client = FeedClient(f"http://127.0.0.1:{balancer.port}", transports=transports, timeout=1.0)
+        with pytest.raises(ConnectError) as refused:
+            async with asyncio.timeout(WAIT):
+                await client.connect()
+        assert refused.value.code == "unreachable", refused.value
+        assert 'kind="bad_host"' in feed.hub.metrics.render()

@@ -108,6 +108,51 @@ async def test_a_rebound_name_cannot_reach_a_feed_without_auth() -> None:
         assert status.startswith("HTTP/1.1 200"), status
 
 
+@pytest.mark.parametrize(
+    ("exposure", "level"),
+    [
+        ("", logging.INFO),
+        ('host = "0.0.0.0"\n', logging.WARNING),  # with allow_unauthenticated (below)
+    ],
+    ids=["loopback", "allow_unauthenticated"],
+)
+async def test_an_upgraded_feed_reached_by_name_says_why_it_refuses(
+    exposure: str, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A feed without auth reached as `feed.internal` (a balancer passing the browser's Host,
+    or a service's URL) worked with the build before `allowed_hosts`; after the upgrade every
+    request is refused. The log says so at start, before any client complains (a WARNING when
+    the feed listens beyond this machine: it is reached by some name then), and the refusal's
+    line names the setting to change; the client's answer says the same."""
+    caplog.set_level(logging.INFO, "feed.security")
+    config = BASE.replace("[server]\n", f"[server]\n{exposure}", 1)
+    if exposure:
+        config += "\n[auth]\nallow_unauthenticated = true\n"
+    async with running_feed(config) as feed:
+        started = [r for r in caplog.records if "allowed_hosts" in r.getMessage()]
+        assert [r.levelno for r in started] == [level], caplog.text
+        assert "DNS name" in started[0].getMessage()
+        status, _, body = await raw(feed, get(POLL, "feed.internal"))
+        assert status.startswith("HTTP/1.1 400"), status
+        assert b"'feed.internal' is not allowed" in body and b"[server] allowed_hosts" in body
+    refused = [r.getMessage() for r in caplog.records if "bad_host" in r.getMessage()]
+    assert len(refused) == 1 and "'feed.internal'" in refused[0], caplog.text
+    assert "[server] allowed_hosts" in refused[0]
+
+
+async def test_a_feed_with_allowed_hosts_or_auth_says_nothing_of_the_default(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "feed.security")
+    for config in (
+        BASE.replace("[server]", '[server]\nallowed_hosts = ["feed.internal"]'),
+        token_config(),
+    ):
+        async with running_feed(config):
+            pass
+    assert not [r for r in caplog.records if "DNS name" in r.getMessage()], caplog.text
+
+
 async def test_allowed_hosts_lists_the_names_a_feed_is_reached_by() -> None:
     config = BASE.replace("[server]", '[server]\nallowed_hosts = ["feed.example", "*.corp.test"]')
     async with running_feed(config) as feed:

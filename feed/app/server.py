@@ -31,7 +31,14 @@ from feed.delivery.transport import SocketIOTransport
 from feed.errors import ProtocolError
 from feed.routing.hub import Hub
 from feed.security.access import Authorizer
-from feed.security.auth import Authenticator, AuthError, Identity, check_exposure, seconds_left
+from feed.security.auth import (
+    Authenticator,
+    AuthError,
+    Identity,
+    check_exposure,
+    is_loopback,
+    seconds_left,
+)
 from feed.security.guard import (
     ClientErrors,
     ConnectionGuard,
@@ -39,7 +46,12 @@ from feed.security.guard import (
     guarded_http_protocol,
     quiet_counted_client_faults,
 )
-from feed.security.hosts import HostCheck, default_allowed_hosts, warn_open_to_pages
+from feed.security.hosts import (
+    HostCheck,
+    default_allowed_hosts,
+    say_default_hosts,
+    warn_open_to_pages,
+)
 from feed.security.limits import ConnectionCounter, OutboundLimiter, TokenBucket
 from feed.security.redact import redact_session_ids, token_in_url
 from feed.security.room_budget import RoomBudget
@@ -128,6 +140,7 @@ class FeedApp:
         allowed_hosts = settings.allowed_hosts
         if allowed_hosts is None:
             allowed_hosts = list(default_allowed_hosts(config.auth.enabled))
+            say_default_hosts(config.auth.enabled, is_loopback(host or settings.host))
         warn_open_to_pages(config.auth.enabled, settings.cors_allowed_origins, allowed_hosts)
         self.asgi = HostCheck(
             InboundLimit(

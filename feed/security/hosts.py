@@ -87,7 +87,11 @@ class HostCheck:
             await self.app(scope, receive, send)
             return
         name = host_name(host)[:100]
-        self.errors.report("bad_host", f"a request for host {name!r}, not in allowed_hosts")
+        self.errors.report(
+            "bad_host",
+            f"a request for host {name!r} refused: not in [server] allowed_hosts (list the"
+            " name there if clients reach the feed by it)",
+        )
         body = (
             f"host {name!r} is not allowed: reach the feed by IP address or localhost, or add "
             "the name to [server] allowed_hosts\n"
@@ -102,6 +106,24 @@ class HostCheck:
         ]
         await send({"type": "http.response.start", "status": 400, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def say_default_hosts(auth_enabled: bool, loopback: bool) -> None:
+    """Without authentication and without `allowed_hosts`, say at start which names requests
+    may use: a deployment reached by a DNS name (through a balancer that passes the browser's
+    `Host`, or a service connecting to `http://feed.internal:8000`) worked before this default
+    came in (2026-12-07), and after an upgrade its every request is refused. The first such
+    refusal is logged too, but a feed that nobody reaches yet says nothing until then, and an
+    operator reading the log of a node just upgraded should find the reason without a
+    client's complaint. A WARNING when the feed listens beyond this machine
+    (`allow_unauthenticated`): it is then certainly reached by some name; else INFO."""
+    if auth_enabled:
+        return
+    (log.info if loopback else log.warning)(
+        "authentication is off: requests must name this feed by IP address or localhost"
+        " (Host); one naming a DNS name, through a balancer or a client's URL, is refused"
+        " (400, a websocket 403) unless [server] allowed_hosts lists that name"
+    )
 
 
 def warn_open_to_pages(auth_enabled: bool, origins: Sequence[str], hosts: Sequence[str]) -> None:

@@ -308,11 +308,19 @@ class FeedClient(_Events):
                 with contextlib.suppress(Exception):
                     await sio.disconnect()
                 raise
-            except (socketio.exceptions.ConnectionError, ValueError, TimeoutError) as exc:
+            except Exception as exc:
+                # Any failure of the attempt is one more unreachable attempt: python-engineio
+                # lets others through than its ConnectionError. A long-polling handshake
+                # answered with an error status (a 400 for a Host not in allowed_hosts, or an
+                # Origin refused) is read after its session was closed, and aiohttp raised
+                # RuntimeError("Connection closed."): it ended this loop, so `connect()` waited
+                # forever and a reconnect never came.
                 if isinstance(exc, TimeoutError):
                     exc = socketio.exceptions.ConnectionError(
                         f"no answer within {self.timeout:g} s"
                     )
+                elif not isinstance(exc, (socketio.exceptions.ConnectionError, ValueError)):
+                    exc = socketio.exceptions.ConnectionError(f"{type(exc).__name__}: {exc}")
                 with contextlib.suppress(Exception):
                     await sio.disconnect()
                 if self._refusal is not None:
