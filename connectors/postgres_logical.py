@@ -33,6 +33,7 @@ import asyncpg
 
 from connectors.base import State
 from connectors.postgres_capture import Partition, partitions
+from connectors.postgres_errors import is_transient, one_line
 from connectors.postgres_migrate import quote_ident, quote_literal
 from connectors.postgres_types import computing, loads, plain, recompute_sql
 from connectors.postgres_waits import LOCK_WAIT, lock_holder, oldest_transaction
@@ -896,8 +897,6 @@ class LogicalReader:
             except Exception as exc:
                 if c._stopping:
                     return
-                from connectors.postgres import is_transient, one_line
-
                 if type(exc).__name__ == "_Stopped":
                     return
                 in_use = isinstance(exc, asyncpg.ObjectInUseError)  # our last session, ending

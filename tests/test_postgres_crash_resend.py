@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from dbfeed_client import FeedClient, Subscription
 
-from connectors.postgres import READER_LOCK_CLASS
+from connectors.postgres_tables import READER_LOCK_CLASS
 from tests.support import postgres as pg_support
 from tests.support.cluster import FeedNode, Tally
 from tests.support.postgres import PgDatabase

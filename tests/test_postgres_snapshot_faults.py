@@ -122,7 +122,7 @@ async def test_a_snapshot_cut_short_by_the_connectors_restart_fails_cleanly(
 def test_a_session_the_server_ended_is_named_so_in_status_lines() -> None:
     """What asyncpg raises at the next query on a session the server ended while it sat idle
     (the logical reader between polls): its protocol state was the reader's `down` line."""
-    from connectors.postgres import one_line
+    from connectors.postgres_errors import one_line
 
     state = asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in")
     assert one_line(state) == "the server ended the session"
