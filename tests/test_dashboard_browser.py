@@ -156,6 +156,29 @@ async def open_live(page: Page, url: str, room: str) -> None:
     await expect(subscription(page, room)).to_have_attribute("data-status", "live")
 
 
+async def until_in_page(page: Page, condition: str, timeout_ms: int = EXPECT_MS) -> None:
+    """Wait until `condition` (a JavaScript expression) holds in the page.
+
+    Not `page.wait_for_function`: when the condition does not hold at once, it compiles it in
+    the page by evaluating a string, which the dashboard's Content-Security-Policy forbids (no
+    'unsafe-eval'), so the wait failed whenever the page was a moment behind. `page.evaluate`
+    goes through the DevTools protocol, which the policy does not govern.
+    """
+    held = await page.evaluate(
+        f"""(ms) => new Promise((resolve) => {{
+            const deadline = performance.now() + ms;
+            const check = () => {{
+                if ({condition}) resolve(true);
+                else if (performance.now() > deadline) resolve(false);
+                else setTimeout(check, 10);
+            }};
+            check();
+        }})""",
+        timeout_ms,
+    )
+    assert held, f"{condition} did not hold within {timeout_ms} ms"
+
+
 async def keys_shown(page: Page) -> list[str]:
     return await page.locator("#change-rows tr td:nth-child(5)").all_inner_texts()
 
@@ -685,7 +708,7 @@ async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page
         }"""
     )
     db.crash("connection reset by peer")
-    await page.wait_for_function("window.seenStates.includes('down')", timeout=EXPECT_MS)
+    await until_in_page(page, "window.seenStates.includes('down')")
     await expect(badge).to_have_text("up")  # the hub restarted it after a backoff
 
 
@@ -744,7 +767,7 @@ async def test_socket_io_client_on_long_polling_upgrades_and_gets_every_change_i
             total += 1
             db.write("public.orders", "insert", {"id": total})
         await page.evaluate("() => new Promise((r) => setTimeout(r, 10))")
-    await page.wait_for_function(f"window.seqs.length >= {total}", timeout=EXPECT_MS)
+    await until_in_page(page, f"window.seqs.length >= {total}")
     upgraded = await page.evaluate(
         f"""() => Promise.race([window.upgraded,
             new Promise((r) => setTimeout(() => r("no upgrade"), {EXPECT_MS}))])"""
@@ -752,7 +775,7 @@ async def test_socket_io_client_on_long_polling_upgrades_and_gets_every_change_i
     assert upgraded == "websocket"
     assert await page.evaluate("window.seqs") == list(range(1, total + 1))
     db.write("public.orders", "insert", {"id": total + 1})  # and on the websocket itself
-    await page.wait_for_function(f"window.seqs.length === {total + 1}", timeout=EXPECT_MS)
+    await until_in_page(page, f"window.seqs.length === {total + 1}")
     assert await page.evaluate("window.polled.io.engine.transport.name") == "websocket"
 
 
