@@ -22,15 +22,9 @@ from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
+logical_pg = pg_support.logical_pg
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-async def logical_pg(pg: PgDatabase) -> PgDatabase:
-    if await pg.server.wal_level() != "logical":
-        pytest.skip("the server's wal_level is not logical")
-    return pg
 
 
 def logical(db: PgDatabase, **extra: Any) -> Any:

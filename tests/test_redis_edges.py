@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from dbfeed_client import FeedClient, Subscription
+from dbfeed_client import FeedClient
 
 from connectors.redis import RedisConnector
 from feed.core.change import Change
@@ -22,6 +22,7 @@ from feed.options import Options
 from tests.support import redis as redis_support
 from tests.support.redis import RedisTarget, text
 from tests.support.server import RunningFeed, running_feed
+from tests.test_redis_value_gap import Watch
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 WAIT = 15.0
@@ -44,29 +45,8 @@ capture_check_interval = 0.3
 """
 
 
-class Rows:
-    """One subscription with `snapshot=True`: its changes and states, and a wait on them."""
-
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
-        self.changes: list[dict[str, Any]] = []
-        self.states: list[str] = []
-        self._event = asyncio.Event()
-        sub.on("change", lambda change: self._add(self.changes, change))
-        sub.on("state", lambda state, info: self._add(self.states, state))
-
-    def _add(self, into: list[Any], item: Any) -> None:
-        into.append(item)
-        self._event.set()
-
-    async def until(self, condition: Callable[[], bool], what: str) -> None:
-        try:
-            async with asyncio.timeout(WAIT):
-                while not condition():
-                    self._event.clear()
-                    await self._event.wait()
-        except TimeoutError:
-            raise AssertionError(f"{what}; rows {self.sub.rows}, states {self.states}") from None
+class Rows(Watch):
+    """One subscription with `snapshot=True` (test_redis_value_gap's Watch), and a marker wait."""
 
     async def settled(self, t: RedisTarget) -> None:
         """Write a marker key and wait for it: every change before it has arrived."""

@@ -221,6 +221,15 @@ async def pg(pg_server: PgServer) -> AsyncIterator[PgDatabase]:
 
 
 @pytest.fixture
+async def logical_pg(pg: PgDatabase) -> PgDatabase:
+    """`pg`, for a test of logical mode: skipped where the server's wal_level is not logical
+    (the machine's Postgres; the embedded one is set up for it)."""
+    if await pg.server.wal_level() != "logical":
+        pytest.skip("the server's wal_level is not logical")
+    return pg
+
+
+@pytest.fixture
 async def pg_private() -> AsyncIterator[tuple[EmbeddedPostgres, PgDatabase]]:
     """A private embedded server (it may be restarted) with one database on it."""
     embedded = start_embedded()
