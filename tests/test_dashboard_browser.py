@@ -22,11 +22,13 @@ from urllib.parse import quote
 
 import pytest
 
+from connectors.base import State
 from connectors.memory import MemoryConnector
 from feed.app.config import parse_config
 from feed.app.server import FeedApp, QuietServer
 from tests.auth_helpers import TOKENS, token_config
 from tests.conftest import MEMORY_CONFIG
+from tests.postgres_helpers import TcpProxy
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
 from tests.support.server import WAIT, RunningFeed, listening_socket, port_of, running_feed
@@ -712,6 +714,50 @@ async def test_connector_status_changes_show_live(memory_feed: RunningFeed, page
     await expect(badge).to_have_text("up")  # the hub restarted it after a backoff
 
 
+async def test_a_subscription_says_its_connector_lags_and_keeps_its_own_states(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """A subscription's badge said `live` while its connector was lagging or down (only the
+    connector's own badge said so): rows could not arrive, or only late, and the panel said
+    they were live. Its own states (reload needed, a snapshot's note) must survive that."""
+    db = source(memory_feed)
+    db.write("public.customers", "insert", {"id": 7, "name": "Ann"})
+    orders = subscription(page, "mem:public.orders")
+    customers = subscription(page, "mem:public.customers")
+    url = f"{memory_feed.url}/?room=mem:public.orders&room=mem:public.customers&snapshot=1"
+    await open_live(page, url, "mem:public.orders")
+    await expect(customers.locator(".sub-message")).to_have_text("started from 1 current row")
+
+    db.set_status(State.LAGGING, "1200 changes behind")
+    await expect(orders).to_have_attribute("data-status", "connector-lagging")
+    await expect(orders.locator(".sub-status")).to_have_text("connector lagging")
+    await expect(orders.locator(".sub-message")).to_have_text(
+        "connector lagging: 1200 changes behind"
+    )
+    await expect(customers).to_have_attribute("data-status", "connector-lagging")
+    await expect(customers.locator(".sub-message")).to_have_text(
+        "connector lagging: 1200 changes behind · started from 1 current row"
+    )
+
+    # A gap meanwhile: the subscription still asks for a reload, and says the connector lags.
+    db.announce_gap("redis restarted")
+    await expect(orders).to_have_attribute("data-status", "gap")
+    await expect(orders.locator(".sub-status")).to_have_text("reload needed")
+    await expect(orders.locator(".sub-message")).to_have_text(
+        "connector lagging: 1200 changes behind · missed changes (redis restarted): reload needed"
+    )
+
+    db.set_status(State.UP)
+    await expect(customers).to_have_attribute("data-status", "live")
+    await expect(customers.locator(".sub-message")).to_have_text("started from 1 current row")
+    await expect(orders.locator(".sub-message")).to_have_text(
+        "missed changes (redis restarted): reload needed"
+    )
+    await page.get_by_role("button", name="Reload mem:public.orders").click()
+    await expect(orders).to_have_attribute("data-status", "live")
+    await expect(orders.locator(".sub-status")).to_have_text("live")
+
+
 async def test_in_a_cluster_each_connector_names_the_node_that_reads_it(page: Page) -> None:
     """Two nodes on one Redis: the dashboard, open on the node that does not read, says which
     one does, and follows a handover when the reader stops."""
@@ -1054,6 +1100,70 @@ async def test_rows_written_with_sql_appear_filtered_paused_and_resumed(
         await expect(page.locator('#detail-body tr[data-field="customer"] td')).to_have_text(
             ["globex", "—"]
         )
+
+
+@pytest.mark.postgres
+async def test_a_subscription_says_its_connector_is_down_until_it_is_back(
+    shop_db: PgDatabase, browser: Browser, page: Page, console: Console
+) -> None:
+    """The connector's connection to Postgres is cut (a proxy between them refuses it) and
+    restored: the subscription says `connector down` meanwhile, with the connector's reason,
+    and `live` again after; a subscription on another connector stays `live` throughout. A page
+    opened during an outage says so from the start (the catalog's status, no event needed)."""
+    pg = shop_db
+    async with TcpProxy.for_url(pg.url) as proxy:
+        config = postgres_config(proxy.url(pg.url)) + MEMORY_CONNECTOR
+        async with running_feed(config) as feed:
+            url = f"{feed.url}/?room=main:public.orders&room=mem:public.orders"
+            await open_live(page, url, "main:public.orders")
+            orders = subscription(page, "main:public.orders")
+            other = subscription(page, "mem:public.orders")
+            await expect(other).to_have_attribute("data-status", "live")
+
+            proxy.cut()
+            await expect(orders).to_have_attribute("data-status", "connector-down")
+            await expect(orders.locator(".sub-status")).to_have_text("connector down")
+            await expect(orders.locator(".sub-message")).to_have_text(
+                re.compile(r"^connector down: connection lost \(.+\); reconnecting in")
+            )
+            connector = page.locator('#connector-list li[data-name="main"]')
+            await expect(connector.locator(".state").first).to_have_text("down")
+            await expect(other).to_have_attribute("data-status", "live")
+            await pg.conn.execute(  # committed while the feed cannot read
+                "INSERT INTO public.orders (id, customer, status, amount) VALUES (1, 'acme', 'new', 9)"
+            )
+            proxy.restore()
+            await expect(orders).to_have_attribute("data-status", "live")
+            await expect(orders.locator(".sub-status")).to_have_text("live")
+            await expect(orders.locator(".sub-message")).to_be_hidden()
+            await expect(rows(page)).to_have_count(1)
+
+            proxy.cut()
+            main = feed.hub.connectors["main"]
+            await wait_until(lambda: main.status.state is State.DOWN, WAIT, "main down")
+            context = await browser.new_context()
+            try:
+                later = await context.new_page()
+                later.on("console", console.on_console)
+                later.on("pageerror", console.on_page_error)
+                await later.goto(url)
+                late_orders = subscription(later, "main:public.orders")
+                await expect(late_orders).to_have_attribute("data-status", "connector-down")
+                await expect(subscription(later, "mem:public.orders")).to_have_attribute(
+                    "data-status", "live"
+                )
+                proxy.restore()
+                await expect(late_orders).to_have_attribute("data-status", "live")
+            finally:
+                await context.close()
+
+
+MEMORY_CONNECTOR = """
+[[connectors]]
+name = "mem"
+type = "memory"
+targets = ["public.orders"]
+"""
 
 
 async def test_a_script_that_does_not_load_is_named_instead_of_a_blank_page(

@@ -193,6 +193,7 @@ function onCatalog(reply) {
   state.unconfigured = reply.unconfigured || [];
   drawConnectors();
   fillConnectorChoices();
+  drawSubscriptions(); // a page opened during an outage: its subscriptions say so from the start
 }
 
 function onStatus(status) {
@@ -204,6 +205,7 @@ function onStatus(status) {
   connector.status = status;
   if ("reader" in status) connector.reader = status.reader; // a cluster's, for operators
   drawConnectors();
+  drawSubscriptions();
 }
 
 function onGap(gap) {
@@ -488,6 +490,34 @@ function setSubStatus(sub, status, message) {
   settleConnection();
 }
 
+// What a subscription shows: its own state, unless its connector is not up. A subscription the
+// server answered says `live` (or `recovered`) as far as the library knows, but nothing arrives
+// while its connector is down, and changes come late while it lags: the badge then names the
+// connector's state, and the message starts with the connector's reason. Its own state is kept
+// (sub.status), so it comes back as it was when the connector is up again; a `reload needed`
+// keeps its badge and its Reload button, with the connector's state in front of its message.
+// `pending`, `offline` and `error` are about the subscription or the page's own connection, and
+// say nothing of the connector.
+const CONNECTOR_TROUBLE = new Set(["down", "lagging", "starting", "stopped"]);
+
+function shownStatus(sub) {
+  const own = {
+    status: sub.status,
+    badge: sub.status === "gap" ? "reload needed" : sub.status,
+    message: sub.message === sub.status ? "" : sub.message,
+  };
+  if (!["live", "recovered", "gap"].includes(sub.status)) return own;
+  const room = sub.canonical || sub.room;
+  const connector = state.connectors.get(room.slice(0, room.indexOf(":")));
+  const trouble = connector && connector.status && connector.status.state;
+  if (!CONNECTOR_TROUBLE.has(trouble)) return own;
+  const detail = connector.status.detail && connector.status.detail !== trouble ? connector.status.detail : "";
+  const note = `connector ${trouble}${detail ? `: ${detail}` : ""}`;
+  const message = own.message ? `${note} · ${own.message}` : note;
+  if (sub.status === "gap") return { ...own, message };
+  return { status: `connector-${trouble}`, badge: `connector ${trouble}`, message };
+}
+
 function drawSubscriptions() {
   const list = $("subscriptions");
   const focused = document.activeElement && document.activeElement.closest("#subscriptions li");
@@ -499,17 +529,18 @@ function drawSubscriptions() {
     item.className = "subscription";
     item.dataset.key = subscriptionKey(sub);
     item.dataset.room = sub.canonical || (sub.filter ? `${sub.room}?${sub.filter}` : sub.room);
-    item.dataset.status = sub.status;
+    const shown = shownStatus(sub);
+    item.dataset.status = shown.status;
     const name = document.createElement("code");
     name.textContent = sub.canonical || (sub.filter ? `${sub.room}?${sub.filter}` : sub.room);
     const badge = document.createElement("span");
     badge.className = "badge sub-status";
-    badge.dataset.status = sub.status;
-    badge.textContent = sub.status === "gap" ? "reload needed" : sub.status;
+    badge.dataset.status = shown.status;
+    badge.textContent = shown.badge;
     const message = document.createElement("span");
     message.className = "sub-message";
-    message.textContent = sub.message;
-    message.hidden = !sub.message || sub.message === sub.status;
+    message.textContent = shown.message;
+    message.hidden = !shown.message;
     item.append(name, badge);
     if (sub.status === "gap" || sub.status === "error") {
       const again = document.createElement("button");
