@@ -17,7 +17,7 @@ import pytest
 import socketio
 
 from tests.auth_helpers import BASE, TOKENS, token_config
-from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.support.server import RunningFeed, feed_client, read_answer, running_feed
 
 POLL = "/socket.io/?EIO=4&transport=polling"
 WS = "/socket.io/?EIO=4&transport=websocket"
@@ -33,28 +33,7 @@ async def raw(feed: RunningFeed, request: str) -> tuple[str, dict[str, str], byt
     try:
         writer.write(request.encode("latin-1"))
         await writer.drain()
-        async with asyncio.timeout(5):
-            status = (await reader.readline()).decode("latin-1").strip()
-            headers: dict[str, str] = {}
-            while True:
-                line = (await reader.readline()).decode("latin-1").strip()
-                if not line:
-                    break
-                name, _, value = line.partition(":")
-                name = (
-                    name.strip().lower()
-                )  # a repeated header: its values joined, as HTTP reads it
-                headers[name] = ", ".join(filter(None, (headers.get(name), value.strip())))
-            if "content-length" in headers:
-                body = await reader.readexactly(int(headers["content-length"]))
-            elif headers.get("transfer-encoding") == "chunked":
-                body = b""
-                while size := int((await reader.readline()).strip(), 16):
-                    body += await reader.readexactly(size + 2)
-                    body = body[:-2]
-            else:
-                body = b""
-        return status, headers, body
+        return await read_answer(reader)
     finally:
         writer.close()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from feed.routing.hub import Hub
+from feed.security.answers import answer
 from feed.security.guard import deny_websocket
 
 Scope = MutableMapping[str, Any]
@@ -28,18 +29,6 @@ NOT_BUILT = b"""<!doctype html><title>dbfeed</title>
 <p>The dashboard has not been built in this install: in a checkout, run <code>make dashboard</code>
 (<code>pip install .</code> builds it into the package; it needs npm).
 Socket.IO clients can connect at this address.</p>"""
-
-
-SECURITY_HEADERS = (
-    (b"x-content-type-options", b"nosniff"),
-    # Clickjacking: no other site may frame the dashboard (it holds an operator's token in
-    # the tab) and trick clicks on its buttons. Both spellings, for older browsers.
-    (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", b"frame-ancestors 'none'; object-src 'none'"),
-    # The dashboard's address is the feed's, which links followed from it need not learn.
-    (b"referrer-policy", b"no-referrer"),
-)
-"""Sent with every answer of the plain HTTP side (dashboard, health, readiness, metrics)."""
 
 
 StatusAccess = Callable[[str | None], Awaitable[bool]]
@@ -175,17 +164,4 @@ async def respond(
     cache: str = "no-store",
     headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", cache.encode()),
-                *SECURITY_HEADERS,
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await answer(send, status, body, content_type, cache=cache, extra=headers)

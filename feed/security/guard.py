@@ -30,6 +30,7 @@ from urllib.parse import parse_qs
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from feed.metrics import Metrics
+from feed.security.answers import answer, answer_bytes
 
 log = logging.getLogger("feed.guard")
 
@@ -152,13 +153,7 @@ async def deny_websocket(scope: Any, send: Any, status: int, body: bytes) -> Non
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close"})
         return
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-content-type-options", b"nosniff"),
-    ]
-    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": body})
+    await answer(send, status, body, websocket=True)
     WEBSOCKET_ANSWERED.set(True)
 
 
@@ -241,18 +236,7 @@ class InboundLimit:
         if sid:
             self.close_session(sid)
         status, body = (413, _TOO_LARGE) if length is not None else (400, b"bad Content-Length")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await answer(send, status, body, close=True)
 
 
 def _chunked(headers: Any) -> bool:
@@ -289,26 +273,9 @@ def _content_length(headers: Any) -> int | None:
 
 # -- slow and surplus connections ----------------------------------------------------------------
 
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-    b"content-length: 39\r\n\r\nthe server is at its connection limit.\n"
-)
-
-
-async def _busy(send: Any) -> None:
-    """The cap's 503 as an ASGI answer, closing the connection (an over-cap one)."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"text/plain"),
-                (b"connection", b"close"),
-                (b"content-length", b"39"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"the server is at its connection limit.\n"})
+_BUSY_TEXT = b"the server is at its connection limit.\n"
+_BUSY = answer_bytes(503, _BUSY_TEXT)
+"""The cap's 503 as bytes, for a connection refused before its request is read."""
 
 
 class ConnectionGuard:
@@ -419,7 +386,7 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
                         await served(scope, receive, send)
                     else:
                         guard.refused()
-                        await _busy(send)
+                        await answer(send, 503, _BUSY_TEXT, close=True)
 
                 self.app = operator_only
             self._arm()

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from feed.security.answers import answer
 from feed.security.guard import ClientErrors, deny_websocket
 
 log = logging.getLogger("feed.security")
@@ -99,13 +100,8 @@ class HostCheck:
         if scope["type"] == "websocket":
             await deny_websocket(scope, send, 403, body)
             return
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-content-type-options", b"nosniff"),
-        ]
-        await send({"type": "http.response.start", "status": 400, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # The request is whole (uvicorn drains a body left unread): the connection may go on.
+        await answer(send, 400, body)
 
 
 def say_default_hosts(auth_enabled: bool, loopback: bool) -> None:

@@ -43,6 +43,28 @@ async def http_get(url: str) -> tuple[int, str]:
     return await asyncio.to_thread(fetch)
 
 
+async def read_answer(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP answer read off a raw connection: its status line, its headers (names in lower
+    case, a repeated one's values joined, as HTTP reads it) and its body."""
+    async with asyncio.timeout(5):
+        status = (await reader.readline()).decode("latin-1").strip()
+        headers: dict[str, str] = {}
+        while line := (await reader.readline()).decode("latin-1").strip():
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            headers[name] = ", ".join(filter(None, (headers.get(name), value.strip())))
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int((await reader.readline()).strip(), 16):
+                body += await reader.readexactly(size + 2)
+                body = body[:-2]
+        else:
+            body = b""
+    return status, headers, body
+
+
 def free_port() -> int:
     """A port free a moment ago, for a child process that must be told one (`--port`).
 

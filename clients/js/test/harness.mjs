@@ -6,6 +6,8 @@ import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 
+import { FeedClient } from "../index.js";
+
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
 export const WAIT = 20000;
 
@@ -16,12 +18,21 @@ function python() {
 }
 
 export class Harness {
+  /**
+   * A harness with one feed server (`config`: extra TOML, `auth`: tokens required), or with
+   * `cluster` a two-node cluster instead (`cluster: { server: "<[server] TOML>" }` or `true`),
+   * whose nodes' addresses are `urls`.
+   */
   static async start(options = {}) {
     const h = new Harness();
     try {
-      const reply = await h.send({ cmd: "start", config: options.config || "", auth: Boolean(options.auth) });
-      h.url = reply.url;
-      h.direct = reply.direct;
+      if (options.cluster) {
+        h.urls = (await h.send({ cmd: "cluster_start", server: options.cluster.server ?? "" })).urls;
+      } else {
+        const reply = await h.send({ cmd: "start", config: options.config || "", auth: Boolean(options.auth) });
+        h.url = reply.url;
+        h.direct = reply.direct;
+      }
     } catch (err) {
       // Nobody holds a harness that failed to start: end it, or its process would keep the
       // test file's process (and `node --test`) waiting forever.
@@ -41,6 +52,7 @@ export class Harness {
   }
 
   constructor() {
+    this.clients = [];
     this.child = spawn(python(), ["-m", "tests.support.client_harness"], {
       cwd: ROOT,
       stdio: ["pipe", "pipe", "inherit"],
@@ -93,10 +105,32 @@ export class Harness {
     return (await this.send({ cmd: "rows", target })).rows;
   }
 
+  /** A FeedClient closed when the harness stops (first), so a test need not close it itself. */
+  client(url, options) {
+    const feed = new FeedClient(url, options);
+    this.clients.push(feed);
+    return feed;
+  }
+
   async stop() {
+    for (const feed of this.clients.splice(0)) feed.close();
     if (this.exited) return;
     await this.send({ cmd: "stop" }).catch(() => {});
     this.child.stdin.end();
+  }
+}
+
+/**
+ * Run `body(h)` with a harness started with `options` (see `Harness.start`), and stop it however
+ * the body ends (the clients made with `h.client` first): a harness left running keeps the test
+ * file's process, and `node --test`, waiting forever.
+ */
+export async function withHarness(options, body) {
+  const h = await Harness.start(options);
+  try {
+    return await body(h);
+  } finally {
+    await h.stop();
   }
 }
 

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { FeedClient } from "../index.js";
-import { Harness, plainRows, record, until } from "./harness.mjs";
+import { Harness, plainRows, record, until, withHarness } from "./harness.mjs";
 
 const WS = { transports: ["websocket"], reconnectionDelay: 100, reconnectionDelayMax: 1000 };
 
@@ -83,33 +83,24 @@ describe("rows keyed by the server's keys", () => {
   });
 });
 
-test("on a cluster node that does not read the connector, rows use the keys it relays", async () => {
-  const h = new Harness();
-  await h.send({ cmd: "cluster_start" });
-  const write = (op, row) => h.send({ cmd: "cluster_write", connector: "lines", target: "public.lines", op, row });
-  const rows = async () => (await h.send({ cmd: "cluster_rows", connector: "lines", target: "public.lines" })).rows;
-  try {
+test("on a cluster node that does not read the connector, rows use the keys it relays", () =>
+  withHarness({ cluster: true }, async (h) => {
+    const write = (op, row) => h.send({ cmd: "cluster_write", connector: "lines", target: "public.lines", op, row });
+    const rows = async () => (await h.send({ cmd: "cluster_rows", connector: "lines", target: "public.lines" })).rows;
     for (let n = 1; n <= 3; n += 1) await write("insert", line(5, n, n));
     const { url } = await h.send({ cmd: "cluster_follower", connector: "lines" });
-    const feed = new FeedClient(url, WS);
-    try {
-      const sub = feed.subscribe("lines:public.lines", { snapshot: true });
-      const log = record(sub);
-      await sub.ready;
-      assert.deepEqual([...sub.rows.keys()].sort(), ["5,1", "5,2", "5,3"]);
-      await write("insert", line(6, 1, 1));
-      await write("update", { order_id: 5, line: 2, qty: 20 });
-      await write("delete", { order_id: 5, line: 3 });
-      await until(() => log.changes.length === 3, "insert, update, delete");
-      assert.deepEqual(plainRows(sub.rows), await rows());
-      assert.equal(sub.rows.get("5,2").qty, 20);
-    } finally {
-      feed.close();
-    }
-  } finally {
-    await h.stop();
-  }
-});
+    const feed = h.client(url, WS);
+    const sub = feed.subscribe("lines:public.lines", { snapshot: true });
+    const log = record(sub);
+    await sub.ready;
+    assert.deepEqual([...sub.rows.keys()].sort(), ["5,1", "5,2", "5,3"]);
+    await write("insert", line(6, 1, 1));
+    await write("update", { order_id: 5, line: 2, qty: 20 });
+    await write("delete", { order_id: 5, line: 3 });
+    await until(() => log.changes.length === 3, "insert, update, delete");
+    assert.deepEqual(plainRows(sub.rows), await rows());
+    assert.equal(sub.rows.get("5,2").qty, 20);
+  }));
 
 describe("a `for await` loop slower than the feed", () => {
   let h;

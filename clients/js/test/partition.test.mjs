@@ -6,7 +6,7 @@ import { test } from "node:test";
 
 import { FeedClient } from "../index.js";
 import { Blackhole } from "./blackhole.mjs";
-import { Harness, record, until } from "./harness.mjs";
+import { record, until, withHarness } from "./harness.mjs";
 
 const ROOM = "mem:public.orders";
 // `timeout` bounds each connection attempt as well as each request: socket.io-client's own
@@ -23,53 +23,51 @@ function assertOnceInOrder(changes, from, to) {
   assert.equal(new Set(changes.map((c) => c.id)).size, changes.length, "no id twice");
 }
 
-test("nodes [blackholed, good]: the first attempt gives up after `timeout` and the client goes live on the good one", async () => {
-  const h = await Harness.start();
-  const hole = await Blackhole.start(portOf(h.direct));
-  hole.blackhole(); // TCP connects are accepted, nothing is ever answered
-  const feed = new FeedClient([hole.url, h.url], OPTIONS);
-  try {
-    const sub = feed.subscribe(ROOM);
-    const log = record(sub);
-    // A 2 s timeout and a short backoff: well within 8 s (socket.io-client's default bound of
-    // 20 s held the first attempt, and the good node was never tried in that time).
-    await until(() => feed.connected && sub.state === "live", "live on the good node", 8000);
-    assert.equal(feed.url, h.url);
-    await h.write("insert", { id: 1, status: "new" });
-    await until(() => log.changes.length === 1, "a change from the good node");
-  } finally {
-    feed.close();
-    await hole.close();
-    await h.stop();
-  }
-});
+test("nodes [blackholed, good]: the first attempt gives up after `timeout` and the client goes live on the good one", () =>
+  withHarness({}, async (h) => {
+    const hole = await Blackhole.start(portOf(h.direct));
+    hole.blackhole(); // TCP connects are accepted, nothing is ever answered
+    const feed = new FeedClient([hole.url, h.url], OPTIONS);
+    try {
+      const sub = feed.subscribe(ROOM);
+      const log = record(sub);
+      // A 2 s timeout and a short backoff: well within 8 s (socket.io-client's default bound of
+      // 20 s held the first attempt, and the good node was never tried in that time).
+      await until(() => feed.connected && sub.state === "live", "live on the good node", 8000);
+      assert.equal(feed.url, h.url);
+      await h.write("insert", { id: 1, status: "new" });
+      await until(() => log.changes.length === 1, "a change from the good node");
+    } finally {
+      feed.close();
+      await hole.close();
+    }
+  }));
 
-test("a live connection whose node is blackholed: the heartbeat notices, the client resumes on another node, `recovered`", async () => {
-  const h = new Harness();
-  const { urls } = await h.send({ cmd: "cluster_start", server: "ping_interval = 1\nping_timeout = 1\n" });
-  const hole = await Blackhole.start(portOf(urls[1]));
-  const feed = new FeedClient([hole.url, urls[0]], OPTIONS);
-  try {
-    const sub = feed.subscribe(ROOM, { snapshot: true });
-    const log = record(sub);
-    await sub.ready;
-    assert.equal(feed.url, hole.url);
-    for (let i = 1; i <= 5; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
-    await until(() => log.changes.length === 5, "5 changes on the first node");
+test("a live connection whose node is blackholed: the heartbeat notices, the client resumes on another node, `recovered`", () =>
+  withHarness({ cluster: { server: "ping_interval = 1\nping_timeout = 1\n" } }, async (h) => {
+    const { urls } = h;
+    const hole = await Blackhole.start(portOf(urls[1]));
+    const feed = new FeedClient([hole.url, urls[0]], OPTIONS);
+    try {
+      const sub = feed.subscribe(ROOM, { snapshot: true });
+      const log = record(sub);
+      await sub.ready;
+      assert.equal(feed.url, hole.url);
+      for (let i = 1; i <= 5; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+      await until(() => log.changes.length === 5, "5 changes on the first node");
 
-    hole.blackhole(); // half-open: neither side is told anything
-    for (let i = 6; i <= 10; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
-    // ping_interval + ping_timeout (2 s) to notice the silence, a reconnect to the same node
-    // that must give up after `timeout` (2 s), then the other node: well within 12 s.
-    await until(() => log.changes.length === 10, "the changes made while cut off", 12000);
-    assert.equal(feed.url, urls[0]);
-    assertOnceInOrder(log.changes, 1, 10);
-    assert.ok(log.states.some((s) => s.state === "recovered" && s.info.replayed === 5), JSON.stringify(log.states));
-    assert.ok(!log.states.some((s) => s.state === "reload"), JSON.stringify(log.states));
-    assert.equal(sub.rows.size, 10);
-  } finally {
-    feed.close();
-    await hole.close();
-    await h.stop();
-  }
-});
+      hole.blackhole(); // half-open: neither side is told anything
+      for (let i = 6; i <= 10; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
+      // ping_interval + ping_timeout (2 s) to notice the silence, a reconnect to the same node
+      // that must give up after `timeout` (2 s), then the other node: well within 12 s.
+      await until(() => log.changes.length === 10, "the changes made while cut off", 12000);
+      assert.equal(feed.url, urls[0]);
+      assertOnceInOrder(log.changes, 1, 10);
+      assert.ok(log.states.some((s) => s.state === "recovered" && s.info.replayed === 5), JSON.stringify(log.states));
+      assert.ok(!log.states.some((s) => s.state === "reload"), JSON.stringify(log.states));
+      assert.equal(sub.rows.size, 10);
+    } finally {
+      feed.close();
+      await hole.close();
+    }
+  }));

@@ -5,8 +5,8 @@ import { spawn } from "node:child_process";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 
-import { FeedClient, FeedError } from "../index.js";
-import { Harness, until } from "./harness.mjs";
+import { FeedError } from "../index.js";
+import { until, withHarness } from "./harness.mjs";
 
 const ROOM = "mem:public.orders";
 const WS = { transports: ["websocket"], reconnectionDelay: 100, reconnectionDelayMax: 1000 };
@@ -24,10 +24,9 @@ function timeLimit(promise, ms, what) {
   return Promise.race([promise, limit]).finally(() => clearTimeout(timer));
 }
 
-test("more rooms than the server's burst: paced, never cut off, and unsubscribes do not throw", async () => {
-  const h = await Harness.start({ config: LIMITED });
-  const feed = new FeedClient(h.url, WS);
-  try {
+test("more rooms than the server's burst: paced, never cut off, and unsubscribes do not throw", () =>
+  withHarness({ config: LIMITED }, async (h) => {
+    const feed = h.client(h.url, WS);
     const disconnects = [];
     feed.on("disconnect", (reason) => disconnects.push(reason));
     const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
@@ -43,16 +42,11 @@ test("more rooms than the server's burst: paced, never cut off, and unsubscribes
     await timeLimit(Promise.all(subs.map((sub) => sub.unsubscribe())), 30000, "every unsubscribe");
     assert.deepEqual(disconnects, []);
     assert.equal(feed.subscriptions.size, 0);
-  } finally {
-    feed.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("a room left while another subscribe to it is answered still delivers to the new one", async () => {
-  const h = await Harness.start();
-  const feed = new FeedClient(h.url, WS);
-  try {
+test("a room left while another subscribe to it is answered still delivers to the new one", () =>
+  withHarness({}, async (h) => {
+    const feed = h.client(h.url, WS);
     const first = feed.subscribe(ROOM);
     await first.ready;
     const second = feed.subscribe(ROOM, { snapshot: true }); // sent at once, before the unsubscribe
@@ -63,16 +57,11 @@ test("a room left while another subscribe to it is answered still delivers to th
     await h.write("insert", { id: 1, status: "new" });
     await until(() => got === 1, "the change, in the room the first subscription left");
     assert.equal(second.rows.get("1").status, "new");
-  } finally {
-    feed.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("a position without its epoch is refused rather than dropped; with it, the client resumes", async () => {
-  const h = await Harness.start();
-  const feed = new FeedClient(h.url, WS);
-  try {
+test("a position without its epoch is refused rather than dropped; with it, the client resumes", () =>
+  withHarness({}, async (h) => {
+    const feed = h.client(h.url, WS);
     const first = feed.subscribe(ROOM);
     await first.ready;
     const seen = [];
@@ -92,16 +81,11 @@ test("a position without its epoch is refused rather than dropped; with it, the 
     assert.equal(resumed.state, "recovered");
     await until(() => replayed.length === 2, "the two changes after 1");
     assert.deepEqual(replayed, [2, 3]);
-  } finally {
-    feed.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("a change sent again by a restarted server (a new epoch) is dropped by its id", async () => {
-  const h = await Harness.start();
-  const feed = new FeedClient(h.url, WS);
-  try {
+test("a change sent again by a restarted server (a new epoch) is dropped by its id", () =>
+  withHarness({}, async (h) => {
+    const feed = h.client(h.url, WS);
     const sub = feed.subscribe(ROOM);
     const got = [];
     const states = [];
@@ -118,11 +102,7 @@ test("a change sent again by a restarted server (a new epoch) is dropped by its 
     await until(() => got.includes(second.id), "the second change");
     assert.deepEqual(got, [first.id, second.id]);
     assert.ok(states.includes("reload"));
-  } finally {
-    feed.close();
-    await h.stop();
-  }
-});
+  }));
 
 /** Run `script` in a Node process of its own, which prints "closed" when it closes its client:
  * the process must then end, with 0, within 2 s (nothing left keeping Node up). Its output. */
@@ -149,67 +129,57 @@ async function endsSoonAfterClose(script) {
   }
 }
 
-test("close() ends a subscription's pending retry, so Node can exit at once", async () => {
-  // The server's one row or filter room is taken and followed: a subscribe to another is
-  // refused as server_busy, a refusal the library retries after a doubling delay. A retry
-  // timer left behind by close() kept the process alive for up to that delay (10 s at most).
-  const h = await Harness.start({ config: "[limits]\nmax_rooms = 1\n" });
-  const holder = new FeedClient(h.url, WS);
-  await holder.subscribe(`${ROOM}:99`).ready;
-  const library = fileURLToPath(new URL("../index.js", import.meta.url));
-  const script = `
-    const { FeedClient } = await import(${JSON.stringify(library)});
-    const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"] });
-    const sub = feed.subscribe("${ROOM}:1");
-    sub.ready.catch(() => {});
-    let refused = 0;
-    const original = sub._onAck.bind(sub);
-    sub._onAck = (attempt, request, ack) => {
-      if (ack && ack.ok === false && ack.error.code === "server_busy") refused += 1;
-      original(attempt, request, ack);
-      if (refused === 4) {
-        feed.close();
-        console.log("closed");
-      }
-    };
-  `;
-  try {
+test("close() ends a subscription's pending retry, so Node can exit at once", () =>
+  withHarness({ config: "[limits]\nmax_rooms = 1\n" }, async (h) => {
+    // The server's one row or filter room is taken and followed: a subscribe to another is
+    // refused as server_busy, a refusal the library retries after a doubling delay. A retry
+    // timer left behind by close() kept the process alive for up to that delay (10 s at most).
+    const holder = h.client(h.url, WS);
+    await holder.subscribe(`${ROOM}:99`).ready;
+    const library = fileURLToPath(new URL("../index.js", import.meta.url));
+    const script = `
+      const { FeedClient } = await import(${JSON.stringify(library)});
+      const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"] });
+      const sub = feed.subscribe("${ROOM}:1");
+      sub.ready.catch(() => {});
+      let refused = 0;
+      const original = sub._onAck.bind(sub);
+      sub._onAck = (attempt, request, ack) => {
+        if (ack && ack.ok === false && ack.error.code === "server_busy") refused += 1;
+        original(attempt, request, ack);
+        if (refused === 4) {
+          feed.close();
+          console.log("closed");
+        }
+      };
+    `;
     // The fifth retry would have waited 8 s; the process ends as soon as the client is closed.
     await endsSoonAfterClose(script);
-  } finally {
-    holder.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("close() ends the requests waiting for an answer at once (`closed`), so Node can exit", async () => {
-  // A request made while the connection is down waits for it (socket.io-client keeps it, to
-  // send after a reconnect). Its wait, socket.io-client's own timer, outlived close(): Node
-  // stayed up for `timeout` ms, and the request then failed as a timeout, not as closed.
-  const h = await Harness.start();
-  await h.send({ cmd: "cut" }); // connections refused: the client never connects
-  const library = fileURLToPath(new URL("../index.js", import.meta.url));
-  const script = `
-    const { FeedClient } = await import(${JSON.stringify(library)});
-    const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"], timeout: 15000 });
-    const answer = feed.catalog().then(() => "answered", (err) => err.code);
-    setTimeout(async () => {
-      feed.close();
-      console.log("closed");
-      console.log("catalog: " + (await answer));
-    }, 300);
-  `;
-  try {
+test("close() ends the requests waiting for an answer at once (`closed`), so Node can exit", () =>
+  withHarness({}, async (h) => {
+    // A request made while the connection is down waits for it (socket.io-client keeps it, to
+    // send after a reconnect). Its wait, socket.io-client's own timer, outlived close(): Node
+    // stayed up for `timeout` ms, and the request then failed as a timeout, not as closed.
+    await h.send({ cmd: "cut" }); // connections refused: the client never connects
+    const library = fileURLToPath(new URL("../index.js", import.meta.url));
+    const script = `
+      const { FeedClient } = await import(${JSON.stringify(library)});
+      const feed = new FeedClient(${JSON.stringify(h.url)}, { transports: ["websocket"], timeout: 15000 });
+      const answer = feed.catalog().then(() => "answered", (err) => err.code);
+      setTimeout(async () => {
+        feed.close();
+        console.log("closed");
+        console.log("catalog: " + (await answer));
+      }, 300);
+    `;
     assert.match(await endsSoonAfterClose(script), /catalog: closed/);
-  } finally {
-    await h.stop();
-  }
-});
+  }));
 
-test("requests cut off by a dropped connection: unsubscribe resolves (the room is left), others fail as not_connected", async () => {
-  const h = await Harness.start();
-  const feed = new FeedClient(h.url, WS);
-  try {
+test("requests cut off by a dropped connection: unsubscribe resolves (the room is left), others fail as not_connected", () =>
+  withHarness({}, async (h) => {
+    const feed = h.client(h.url, WS);
     const gone = feed.subscribe(`${ROOM}:1`);
     const kept = feed.subscribe(`${ROOM}:2`);
     await Promise.all([gone.ready, kept.ready]);
@@ -245,20 +215,15 @@ test("requests cut off by a dropped connection: unsubscribe resolves (the room i
     await h.write("insert", { id: 2, status: "new", amount: 2 });
     await until(() => seqs.length === 1, "the change to the room still followed");
     assert.deepEqual(heard, []);
-  } finally {
-    feed.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("unsubscribe() of a room whose resubscribe waits for a retry resolves (the server says not_subscribed)", async () => {
-  // One row or filter room at most: after a cut, another client's room takes the slot of this
-  // one's (idle meanwhile), so its resubscribe is refused as server_busy and waits to be
-  // retried. Leaving it then is answered not_subscribed, which unsubscribe() threw.
-  const h = await Harness.start({ config: "[server]\nfilter_room_grace = 30\n[limits]\nmax_rooms = 1\n" });
-  const feed = new FeedClient(h.url, WS);
-  const holder = new FeedClient(h.direct, WS);
-  try {
+test("unsubscribe() of a room whose resubscribe waits for a retry resolves (the server says not_subscribed)", () =>
+  withHarness({ config: "[server]\nfilter_room_grace = 30\n[limits]\nmax_rooms = 1\n" }, async (h) => {
+    // One row or filter room at most: after a cut, another client's room takes the slot of this
+    // one's (idle meanwhile), so its resubscribe is refused as server_busy and waits to be
+    // retried. Leaving it then is answered not_subscribed, which unsubscribe() threw.
+    const feed = h.client(h.url, WS);
+    const holder = h.client(h.direct, WS);
     const sub = feed.subscribe(`${ROOM}:1`);
     await sub.ready;
     const refusals = [];
@@ -275,21 +240,15 @@ test("unsubscribe() of a room whose resubscribe waits for a retry resolves (the 
     assert.equal(sub.state, "pending");
     await timeLimit(sub.unsubscribe(), 5000, "the unsubscribe"); // threw FeedError not_subscribed
     assert.equal(feed.subscriptions.size, 0);
-  } finally {
-    feed.close();
-    holder.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("a reconnect while subscribes wait their turn: each room is asked for once on the new connection", async () => {
-  // The subscribes still waiting for their turn (past the burst) when the connection dropped
-  // used to be sent on the new one as well, beside each subscription's own new subscribe: the
-  // rooms were asked for twice, at the server's rate, and every further reconnect in the middle
-  // added more (a client that also had to refresh a token never caught up).
-  const h = await Harness.start({ config: LIMITED });
-  const feed = new FeedClient(h.url, WS);
-  try {
+test("a reconnect while subscribes wait their turn: each room is asked for once on the new connection", () =>
+  withHarness({ config: LIMITED }, async (h) => {
+    // The subscribes still waiting for their turn (past the burst) when the connection dropped
+    // used to be sent on the new one as well, beside each subscription's own new subscribe: the
+    // rooms were asked for twice, at the server's rate, and every further reconnect in the middle
+    // added more (a client that also had to refresh a token never caught up).
+    const feed = h.client(h.url, WS);
     const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
     const answers = subs.map(() => 0); // subscribe answers taken (not rate_limited) after the cut
     let cut = false;
@@ -318,28 +277,20 @@ test("a reconnect while subscribes wait their turn: each room is asked for once 
       [],
       "rooms answered other than once after the reconnect",
     );
-  } finally {
-    feed.close();
-    await h.stop();
-  }
-});
+  }));
 
-test("a token refresh goes ahead of the subscribes waiting their turn, so the token does not expire", async () => {
+test("a token refresh goes ahead of the subscribes waiting their turn, so the token does not expire", () => {
   // 130 rooms at 20 a second past a burst of 10 take about 6 s; the token lasts 4 s and is
   // refreshed at 3 s. Behind the subscribes, the refresh came after the token expired: the
   // server closed the connection, the client subscribed everything again, and so on for ever.
   const config = "[server]\nmax_subscriptions = 300\n[limits]\nsubscribe_burst = 10\nsubscribe_rate = 20.0\n";
-  const h = await Harness.start({ config, auth: true });
-  const feed = new FeedClient(h.url, { ...WS, token: async () => (await h.send({ cmd: "token", ttl: 4 })).token });
-  try {
+  return withHarness({ config, auth: true }, async (h) => {
+    const feed = h.client(h.url, { ...WS, token: async () => (await h.send({ cmd: "token", ttl: 4 })).token });
     const disconnects = [];
     feed.on("disconnect", (reason) => disconnects.push(reason));
     const subs = Array.from({ length: ROOMS }, (_, i) => feed.subscribe(`${ROOM}:${i + 1}`));
     await timeLimit(Promise.all(subs.map((sub) => sub.ready)), 30000, "every subscription");
     assert.deepEqual(disconnects, []);
     assert.ok(subs.every((sub) => sub.state === "live"));
-  } finally {
-    feed.close();
-    await h.stop();
-  }
+  });
 });
