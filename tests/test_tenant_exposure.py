@@ -4,14 +4,19 @@ hosts, databases and roles, go to operators only; tenants get a generic line."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+import pytest
 
 from connectors.base import State
 from connectors.memory import MemoryConnector
 from tests.auth_helpers import BASE, TOKENS, source, token_config
+from tests.support.cluster import memory, reader_of, subscribed
+from tests.support.redis import open_redis_target
 from tests.support.server import FeedClient, feed_client, free_port, running_feed
+from tests.support.waiting import wait_until
 
 SECRET_DETAIL = 'connection to "db.internal:5432" refused for role "feed_rw" on database "prod"'
 
@@ -117,3 +122,46 @@ async def test_status_goes_only_to_those_who_may_follow_the_connector() -> None:
             assert (await next_down(acme))["connector"] == "mem"
             catalog = await acme.call("catalog")
         assert [c["name"] for c in catalog["connectors"]] == ["mem"]
+
+
+OTHER_TENANTS_WORDS = "the value of 'user:globex:alice@globex.example' could not be read"
+
+
+@pytest.mark.parametrize("in_cluster", [False, True], ids=["single", "cluster"])
+async def test_a_gap_reaches_a_tenants_room_without_the_connectors_words(in_cluster: bool) -> None:
+    """A gap's reason is the connector's account of the whole source: a Redis value it could not
+    read names that key (another tenant's, an e-mail say), a truncated partition its name
+    (`orders_globex`). It reached every room of the target, tenants' shaped rooms too, so a
+    tenant read another tenant's key in it. Shaped rooms now get a generic line; unshaped
+    rooms (operators, and anyone who may see every row) keep the connector's words."""
+    config = token_config()
+    async with AsyncExitStack() as stack:
+        if in_cluster:
+            target = await stack.enter_async_context(open_redis_target())
+            prefix = target.prefix.rstrip(":")
+            config += f'\n[cluster]\nurl = "{target.url}"\nprefix = "{prefix}"\nlease = 1.0\n'
+        nodes = [
+            await stack.enter_async_context(
+                running_feed(config + (f'node = "n{i}"\n' if in_cluster else ""))
+            )
+            for i in range(2 if in_cluster else 1)
+        ]
+        reader = await reader_of(nodes) if in_cluster else nodes[0]
+        other = next((n for n in nodes if n is not reader), reader)
+        ops = await stack.enter_async_context(feed_client(other.url, auth={"token": TOKENS["ops"]}))
+        acme = await stack.enter_async_context(
+            feed_client(other.url, auth={"token": TOKENS["acme-svc"]})
+        )
+        await subscribed(ops, "mem:public.orders")
+        shaped = (await subscribed(acme, "mem:public.orders"))["room"]
+        if in_cluster:
+            await wait_until(
+                lambda: shaped in reader.engine._index["mem"]["public.orders"].filtered,
+                10,
+                "the reader to route the tenant's room",
+            )
+        memory(reader).announce_gap(OTHER_TENANTS_WORDS)
+        told_ops, told_acme = await ops.next_gap(), await acme.next_gap()
+    assert told_ops["reason"] == OTHER_TENANTS_WORDS
+    assert told_acme["room"] == shaped
+    assert told_acme["reason"] == "the source may have lost changes; reload"

@@ -35,6 +35,8 @@ SPECIAL_LITERALS = frozenset({"null"})
 filled percent-encoded, so no claim can add a condition, an operator or a list item; these are
 the only values whose meaning would still change, and claims equal to them are refused."""
 Path = tuple[str, ...]
+SHAPED_GAP_REASON = "the source may have lost changes; reload"
+"""A gap's reason in a shaped room, in place of the connector's words (`ShapedRoom.source_gap`)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,12 @@ class ShapedRoom(Room):
         payload = super().payload(seq, change, left)
         self.shape.apply(change, payload)
         return payload
+
+    def source_gap(self, reason: str) -> str:
+        """A connector's gap reason speaks of the whole source: the Redis key whose value it
+        could not read, the partition truncated. Those can be another tenant's (a key holding
+        an e-mail, a partition per tenant), so a shaped room says only what to do."""
+        return SHAPED_GAP_REASON
 
 
 # -- rules -------------------------------------------------------------------------------------
