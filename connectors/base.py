@@ -225,6 +225,13 @@ class Connector(ABC):
         routed each change of `target` as their own; it has no row rooms."""
         return None
 
+    def inner_prefix(self, target: str) -> str | None:
+        """The prefix of the targets whose changes `target`'s room also receives (the targets
+        for which `parent_target` gives it; MongoDB: `crm.` for a database watched whole), or
+        None. Authorization reads it: such a room carries what those targets' rules and masks
+        decide (feed.security.access)."""
+        return None
+
     def resolve(self, rest: str) -> RoomAddress | None:
         """Resolve what follows `<connector>:` in a room name; None when it names nothing here.
 

@@ -655,6 +655,9 @@ class MongoConnector(Connector):
             return db
         return None
 
+    def inner_prefix(self, target: str) -> str | None:
+        return f"{target}." if target in self._whole_dbs else None
+
     def check_filter(self, target: str, row_filter: RowFilter) -> None:
         """Refuse a filter on a whole database's room without pre-images: a document leaving
         the filter is then told by the rows a room was given, keyed by `_id`, and `_id`s

@@ -372,7 +372,13 @@ class FeedApp:
                 if request.filter
                 else None
             )
-            shape = self.authorizer.grant(session.identity, connector.name, address, client_filter)
+            shape = self.authorizer.grant(
+                session.identity,
+                connector.name,
+                address,
+                client_filter,
+                connector.inner_prefix(address.target) if address.key is None else None,
+            )
             try:
                 return await self.hub.subscribe(
                     sid, request, shape=shape, owner=session.identity.account

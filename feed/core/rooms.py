@@ -167,6 +167,11 @@ class Room:
         payload.head = self.head
         return payload
 
+    def source_gap(self, reason: str) -> str:
+        """How this room tells a gap in its source's words (`reason`): as they are here; a
+        shaped room replaces them (feed.security.access.ShapedRoom)."""
+        return reason
+
     def mark_gap(self, reason: str = "") -> None:
         self.gap_seq = self.seq
         self.gaps += 1

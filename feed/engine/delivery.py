@@ -372,7 +372,8 @@ class Delivery(History):
 
     async def _on_gap(self, mirror: Mirror, seq: int, body: Mapping[str, Any]) -> None:
         mirror.gap = max(mirror.gap, seq)
-        await self._announce_gap(mirror, str(body.get("reason", "")), seq, body.get("ts"))
+        reason = mirror.room.source_gap(str(body.get("reason", "")))
+        await self._announce_gap(mirror, reason, seq, body.get("ts"))
 
     async def _announce_gap(
         self, mirror: Mirror, reason: str, seq: int, ts: Any = None, epoch: str | None = None

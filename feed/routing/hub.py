@@ -435,13 +435,14 @@ class Hub:
                 or not gap.reaches_key(room.key)
             ):
                 continue
-            room.mark_gap(gap.reason)
+            reason = room.source_gap(gap.reason)
+            room.mark_gap(reason)
             if room.members and self.transport is not None:
                 body = {
                     "connector": gap.connector,
                     "room": room.name,
                     "target": room.target,
-                    "reason": gap.reason,
+                    "reason": reason,
                     "seq": room.seq,
                     "epoch": self.epoch,
                     "ts": format_ts(gap.ts),

@@ -35,6 +35,8 @@ SPECIAL_LITERALS = frozenset({"null"})
 filled percent-encoded, so no claim can add a condition, an operator or a list item; these are
 the only values whose meaning would still change, and claims equal to them are refused."""
 Path = tuple[str, ...]
+SHAPED_GAP_REASON = "the source may have lost changes; reload"
+"""A gap's reason in a shaped room, in place of the connector's words (`ShapedRoom.source_gap`)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,12 @@ class ShapedRoom(Room):
         self.shape.apply(change, payload)
         return payload
 
+    def source_gap(self, reason: str) -> str:
+        """A connector's gap reason speaks of the whole source: the Redis key whose value it
+        could not read, the partition truncated. Those can be another tenant's (a key holding
+        an e-mail, a partition per tenant), so a shaped room says only what to do."""
+        return SHAPED_GAP_REASON
+
 
 # -- rules -------------------------------------------------------------------------------------
 
@@ -206,6 +214,36 @@ def _literal(value: Any) -> str:
     return quote(str(value), safe="")
 
 
+def may_match_under(pattern: str, prefix: str) -> bool:
+    """Whether the glob `pattern` (fnmatch's) may match a name that is `prefix` followed by
+    more. Conservative: a `[...]` set is taken to match any character."""
+    i = 0
+    for char in prefix:
+        if i >= len(pattern):
+            return False
+        token = pattern[i]
+        if token == "*":
+            return True
+        if token == "[":
+            close = pattern.find("]", i + (3 if pattern[i + 1 : i + 2] == "!" else 2))
+            if close > 0:
+                i = close + 1
+                continue
+        if token != "?" and token != char:
+            return False
+        i += 1
+    return i < len(pattern)
+
+
+def covers_under(pattern: str, prefix: str) -> bool:
+    """Whether the glob `pattern` surely matches every name that is `prefix` followed by more
+    (`*`, `shop:*`, `shop:crm.*`; conservative: False when unsure)."""
+    head = pattern.rstrip("*")
+    if head == pattern:
+        return False
+    return not any(c in head for c in "*?[") and prefix.startswith(head)
+
+
 def rule_applies(rule: Rule, identity: Identity) -> bool:
     if rule.identities and not any(fnmatchcase(identity.name, p) for p in rule.identities):
         return False
@@ -244,12 +282,21 @@ class Authorizer:
         connector: str,
         address: RoomAddress,
         client_filter: RowFilter | None = None,
+        inner: str | None = None,
     ) -> Shape | None:
-        """The shape this identity gets in this room (None: unshaped); ProtocolError if denied."""
+        """The shape this identity gets in this room (None: unshaped); ProtocolError if denied.
+
+        `inner`: the prefix of the targets whose changes this room also carries
+        (`Connector.inner_prefix`: a MongoDB database watched whole carries its collections').
+        Their masks apply here too, and the room is refused when a rule would filter one of
+        them otherwise than this room (`_check_inner`)."""
         target = f"{connector}:{address.target}"
         rule = None if self.open else self._rule(identity, target, address.key)
+        inner_name = f"{connector}:{inner}" if inner else None
+        if rule is not None and inner_name is not None:
+            self._check_inner(identity, rule, target, inner_name)
         forced = render_filter(rule.row_filter, identity) if rule and rule.row_filter else None
-        masked = self.masked(identity, target)
+        masked = self.masked(identity, target, inner_name)
         if forced is None and not masked:
             return None
         shape = Shape(forced, masked)
@@ -270,10 +317,39 @@ class Authorizer:
         shown = row if row is not None else target
         raise ProtocolError("forbidden", f"{identity.name!r} may not subscribe to {shown[:200]!r}")
 
-    def masked(self, identity: Identity, target: str) -> tuple[Path, ...]:
+    def _check_inner(self, identity: Identity, rule: Rule, target: str, inner: str) -> None:
+        """Refuse a room carrying other targets' changes (`inner`: their names' prefix) when
+        a rule would give one of them another row filter than `rule` gives this room.
+
+        The rules for the inner targets are those that apply to the identity and allow a name
+        under `inner`, in order, up to one that allows every name there (it decides all that
+        the later ones would). Targets no rule allows come with the room: allowing the room
+        allows what it carries."""
+        for other in self.config.rules:
+            if not rule_applies(other, identity):
+                continue
+            reaching = [p for p in other.allow if may_match_under(p, inner)]
+            if not reaching:
+                continue
+            if other.row_filter != rule.row_filter:
+                raise ProtocolError(
+                    "forbidden",
+                    f"{target[:200]!r} carries the changes of {inner[:200]}<collection>, which "
+                    f"you may follow only with another row filter: subscribe to the "
+                    f"{inner[:200]}<collection> rooms instead",
+                )
+            if any(covers_under(p, inner) for p in reaching):
+                return
+
+    def masked(self, identity: Identity, target: str, inner: str | None = None) -> tuple[Path, ...]:
+        """The fields masked for this identity in `target`'s room; with `inner` (the prefix of
+        the targets whose changes it also carries) also those masked in any of those."""
         fields: set[str] = set()
         for mask in self.config.masks:
-            if mask_applies(mask, identity) and any(fnmatchcase(target, p) for p in mask.rooms):
+            if mask_applies(mask, identity) and any(
+                fnmatchcase(target, p) or (inner is not None and may_match_under(p, inner))
+                for p in mask.rooms
+            ):
                 fields.update(mask.fields)
         return tuple(tuple(f.split(".")) for f in sorted(fields))
 
