@@ -134,6 +134,68 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             "feed.toml: auth.leeway: must be at most 300, not 86400 (it would accept tokens "
             "expired that long ago: set the clocks right, by NTP)",
         ),
+        # A key with a newline in it (a quoted TOML key) printed the error over two lines.
+        (
+            '[server]\n"port\\n" = 1',
+            "feed.toml: server.\"port\\n\": is not a known setting here (did you mean 'port'?",
+        ),
+        (
+            '[[connectors]]\nname = "m"\ntype = "memory"\ntargets = ["t"]\n"\\u2028" = 1',
+            'feed.toml: connectors[0]."\\u2028": is not a known setting here',
+        ),
+        # Nested deeper than Python's recursion limit: tomllib's RecursionError was a traceback.
+        ("a = " + "[" * 5000 + "]" * 5000, "feed.toml: not valid TOML: nested too deeply"),
+        # importlib's "Empty module name" ValueError was a traceback.
+        (
+            "[[connectors]]\nname = 'm'\ntype = ':Thing'",
+            "feed.toml: connectors[0].type: ':Thing' is not an import path: write "
+            "'package.module:Class'",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = '.memory'",
+            "feed.toml: connectors[0].type: '.memory' is not an import path",
+        ),
+        # The base class itself: instantiating it raised TypeError (abstract methods).
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'connectors.base:Connector'",
+            "feed.toml: connectors[0].type: 'connectors.base:Connector' is abstract "
+            "(it does not implement changes, configure, start, stop, targets)",
+        ),
+        # nan passed every minimum (nan < 0 is false); inf reached int(lease * 1000) at runtime.
+        (
+            "[cluster]\nurl = 'redis://h/0'\nlease = inf",
+            "feed.toml: cluster.lease: must be a finite number, not inf",
+        ),
+        (
+            "[server]\nfilter_room_grace = nan",
+            "feed.toml: server.filter_room_grace: must be a finite number, not nan",
+        ),
+        # TOML integers are 64-bit; tomllib reads any length.
+        (
+            "[server]\nsnapshot_limit = 100000000000000000000",
+            "feed.toml: server.snapshot_limit: must be at most 9223372036854775807 (TOML "
+            "integers are 64-bit), not 100000000000000000000",
+        ),
+        # A host with a space or a control character: the listen error came out over two lines.
+        (
+            '[server]\nhost = "a\\nb"',
+            'feed.toml: server.host: must be an address to listen on, like "127.0.0.1" or '
+            "\"0.0.0.0\", not 'a\\nb'",
+        ),
+        # asyncpg refused these only when connecting: "OverflowError: connect(): port must be
+        # 0-65535." and "IndexError: string index out of range".
+        (
+            PG.format(dsn="postgresql://u@h:99999/db"),
+            "feed.toml: connectors[0].dsn: has port 99999, which is not 1 to 65535",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h:\u00b2/db"),  # "²".isdigit(), but int("²") fails
+            "feed.toml: connectors[0].dsn: has port '\u00b2', which is not a number",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h1,/db"),
+            "feed.toml: connectors[0].dsn: has an empty host in its list of hosts",
+        ),
         (
             "[auth]\noperator_role = ['oncall']",
             "feed.toml: auth.operator_role: is not a known setting here "
