@@ -332,3 +332,80 @@ def test_serve_on_an_address_of_another_machine_says_to_change_the_host(tmp_path
         "with an address of this machine (127.0.0.1, or 0.0.0.0 for all of them), or change "
         "[server] host"
     ]
+
+
+def one_line_refusal(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A Latin-1 "é" in a comment was a UnicodeDecodeError traceback, exit 1."""
+    config = tmp_path / "feed.toml"
+    config.write_bytes(b"[server]\nport = 8123\n# caf\xe9\n")
+    assert one_line_refusal(run_feed("check", "--config", str(config))) == (
+        f"feed: {config}: is not UTF-8 text (byte 0xe9 at line 3, column 6); save it as UTF-8"
+    )
+
+
+def test_a_folder_or_an_empty_path_as_config_is_named(tmp_path: Path) -> None:
+    """`--config ''` read the current folder: "feed: cannot read the file: Is a directory"."""
+    assert one_line_refusal(run_feed("check", "--config", "", cwd=tmp_path)) == (
+        "feed: --config is empty: pass the path of your feed.toml"
+    )
+    assert one_line_refusal(run_feed("check", "--config", str(tmp_path))) == (
+        f"feed: {tmp_path}: is a folder; pass --config with the path of the feed.toml in it"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    config.chmod(0)
+    assert one_line_refusal(run_feed("check", "--config", str(config))) == (
+        f"feed: {config}: cannot read the file: Permission denied"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # argparse printed its usage line first: two lines for one mistake.
+        (
+            ["serve", "--port", "abc"],
+            "feed serve: argument --port: 'abc' is not a port number (0 to 65535); "
+            "see feed serve --help",
+        ),
+        (["check", "--bogus"], "feed: unrecognized arguments: --bogus; see feed --help"),
+        (["nosuch"], "feed: argument COMMAND: invalid choice: 'nosuch'"),
+        # An empty --host was ignored in silence ([server] host was used instead); one with a
+        # newline printed the listen error over two lines.
+        (
+            ["serve", "--host", ""],
+            "feed serve: argument --host: '' is not an address to listen on, like 127.0.0.1 "
+            "or 0.0.0.0; see feed serve --help",
+        ),
+        (["serve", "--host", "a\nb"], "feed serve: argument --host: 'a\\nb' is not an address"),
+        (["demo", "--host", " "], "feed demo: argument --host: ' ' is not an address"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    with_config = ["--config", str(config)] if args[0] in ("serve", "check") else []
+    line = one_line_refusal(run_feed(*args, *with_config))
+    assert line.startswith(expected), line
+
+
+def test_serve_refusing_to_run_without_auth_names_the_file(tmp_path: Path) -> None:
+    """The refusal named the key but not the file: "feed: auth.mode: refusing ..."."""
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    line = one_line_refusal(run_feed("serve", "--config", str(config), "--host", "0.0.0.0"))
+    assert line.startswith(
+        f"feed: {config}: auth.mode: refusing to serve without authentication on 0.0.0.0"
+    ), line
