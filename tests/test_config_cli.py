@@ -196,6 +196,25 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             PG.format(dsn="postgresql://u@h1,/db"),
             "feed.toml: connectors[0].dsn: has an empty host in its list of hosts",
         ),
+        # `$` matches before a trailing newline (a value from an environment variable read
+        # from a file keeps one): these were accepted, and the name, prefix, digest or schema
+        # then held the newline (a token whose digest never matched, rooms "m\n:...").
+        (
+            "[[connectors]]\nname = '${NAME}'\ntype = 'memory'\ntargets = ['t']",
+            "feed.toml: connectors[0].name: 'mem\\n' must be letters, digits",
+        ),
+        (
+            "[cluster]\nurl = 'redis://h/0'\nprefix = '${NAME}'",
+            "feed.toml: cluster.prefix: 'mem\\n' must be 1-64 letters",
+        ),
+        (
+            "[auth]\nmode = 'token'\n[[auth.tokens]]\nname = 'a'\nsha256 = '${DIGEST}'",
+            "feed.toml: auth.tokens[0].sha256: must be 64 hex digits",
+        ),
+        (
+            PG.format(dsn="postgresql://h/db") + "\nschema = '${NAME}'",
+            "feed.toml: connectors[0].schema: 'mem\\n' must be a plain schema name",
+        ),
         (
             "[auth]\noperator_role = ['oncall']",
             "feed.toml: auth.operator_role: is not a known setting here "
@@ -205,7 +224,7 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
 )
 def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(text, "feed.toml", {})
+        parse_config(text, "feed.toml", {"NAME": "mem\n", "DIGEST": "0" * 64 + "\n"})
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message

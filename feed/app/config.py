@@ -192,7 +192,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         key = f"connectors[{index}]"
         opts = Options(entry, key)
         name = opts.str("name", required=True)
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             opts.fail("name", f"{name!r} must be letters, digits, '_' or '-' (it prefixes rooms)")
         if name in seen:
             opts.fail("name", f"{name!r} is used by two connectors; names must be unique")
