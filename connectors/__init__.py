@@ -9,6 +9,7 @@ group or an import path (`package.module:Class`), so adding a connector never ne
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 
 from connectors.base import Connector, RoomAddress, Snapshot, State, Status
@@ -45,6 +46,11 @@ def resolve_type(type_name: str, key: str) -> type[Connector]:
 
     if "." in type_name or ":" in type_name:
         module_name, _, attr = type_name.replace(":", ".").rpartition(".")
+        if not module_name or module_name.startswith(".") or not attr:
+            # importlib refuses a relative or empty name with a ValueError, not an ImportError
+            raise ConfigError(
+                f"{type_name!r} is not an import path: write 'package.module:Class'", key=key
+            )
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -64,4 +70,7 @@ def resolve_type(type_name: str, key: str) -> type[Connector]:
 def _check(cls: object, type_name: str, key: str) -> type[Connector]:
     if not (isinstance(cls, type) and issubclass(cls, Connector)):
         raise ConfigError(f"{type_name!r} is not a Connector subclass", key=key)
+    if inspect.isabstract(cls):  # instantiating it would raise TypeError, a traceback
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise ConfigError(f"{type_name!r} is abstract (it does not implement {missing})", key=key)
     return cls

@@ -197,7 +197,7 @@ class PostgresConnector(TableSetup, Connector):
                 keys.fail(table, "names a column twice")
         self.mode = options.choice("mode", ["notify", "logical"], "notify")
         self.schema: str = options.str("schema", "feed")
-        if not IDENTIFIER.match(self.schema) or len(self.schema) > 50:
+        if not IDENTIFIER.fullmatch(self.schema) or len(self.schema) > 50:
             options.fail("schema", f"{self.schema!r} must be a plain schema name, e.g. 'feed'")
         self.heartbeat_interval = options.float("heartbeat_interval", 5.0, minimum=0.05)
         self.heartbeat_timeout = options.float("heartbeat_timeout", 5.0, minimum=0.05)

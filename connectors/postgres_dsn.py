@@ -35,9 +35,13 @@ def dsn_problem(dsn: str) -> str | None:
     address, _, query = rest.partition("?")
     hosts = address.partition("/")[0].rpartition("@")[2]
     for host in hosts.split(","):
+        if not host and "," in hosts:  # asyncpg: "IndexError: string index out of range"
+            return f"has an empty host in its list of hosts ({EXAMPLE})"
         port = host.rpartition("]")[2].partition(":")[2] if ":" in host else ""
-        if port and not port.isdigit():
+        if port and not (port.isascii() and port.isdigit()):
             return f"has port {port!r}, which is not a number ({EXAMPLE})"
+        if port and not 1 <= int(port) <= 65535:  # asyncpg: "OverflowError: connect(): ..."
+            return f"has port {int(port)}, which is not 1 to 65535 ({EXAMPLE})"
     params = {name: values[-1] for name, values in parse_qs(query).items()}
     mode = params.get("sslmode", os.environ.get("PGSSLMODE", "prefer"))
     if mode not in SSL_MODES:

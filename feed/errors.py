@@ -20,11 +20,19 @@ class ConfigError(FeedError):
         self.key = key
         self.detail = message
         where = ": ".join(part for part in (file, key) if part)
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(one_line(f"{where}: {message}" if where else message))
 
     def located(self, file: str) -> ConfigError:
         """The same error, now naming the file it came from."""
         return ConfigError(self.detail, file=file, key=self.key)
+
+
+def one_line(text: str) -> str:
+    """`text` with newlines and other unprintable characters escaped (`\\n`, `\\x00`): a
+    message that quotes a user's value or a driver's words still prints as one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 class ConnectorError(FeedError):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import json
+import math
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 from feed.errors import ConfigError
+
+INT64 = 2**63
 
 
 class Options:
@@ -27,7 +31,10 @@ class Options:
         self._used: set[builtins.str] = set()
 
     def path(self, key: builtins.str) -> builtins.str:
-        return f"{self.where}.{key}" if self.where else key
+        # A quoted TOML key may hold a newline or another control character: shown as TOML
+        # writes it (`server."port\\n"`), so the error stays one line and says where.
+        shown = key if key.isprintable() else json.dumps(key)
+        return f"{self.where}.{shown}" if self.where else shown
 
     def fail(self, key: builtins.str, message: builtins.str) -> NoReturn:
         raise ConfigError(message, key=self.path(key))
@@ -81,7 +88,15 @@ class Options:
             self.fail(key, f"must be at least {minimum}, not {value}")
         if maximum is not None and value > maximum:
             self.fail(key, f"must be at most {maximum}, not {value}")
+        self._int64(key, value)
         return value
+
+    def _int64(self, key: builtins.str, value: builtins.int) -> None:
+        """tomllib reads an integer of any length; the sources' drivers and SQL do not."""
+        if value >= INT64:
+            self.fail(key, f"must be at most {INT64 - 1} (TOML integers are 64-bit), not {value}")
+        if value < -INT64:
+            self.fail(key, f"must be at least {-INT64} (TOML integers are 64-bit), not {value}")
 
     def float(
         self,
@@ -96,10 +111,14 @@ class Options:
         value = self._get(key, default, False)
         if not isinstance(value, int | builtins.float) or isinstance(value, bool):
             self.fail(key, f"must be a number, not {value!r}")
+        if not math.isfinite(value):  # nan passes every bound; inf broke int(seconds * 1000)
+            self.fail(key, f"must be a finite number, not {value}")
         if minimum is not None and value < minimum:
             self.fail(key, f"must be at least {minimum}, not {value}")
         if maximum is not None and value > maximum:
             self.fail(key, f"must be at most {maximum:g}, not {value}{why}")
+        if isinstance(value, int):
+            self._int64(key, value)
         return float(value)
 
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:

@@ -134,6 +134,87 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             "feed.toml: auth.leeway: must be at most 300, not 86400 (it would accept tokens "
             "expired that long ago: set the clocks right, by NTP)",
         ),
+        # A key with a newline in it (a quoted TOML key) printed the error over two lines.
+        (
+            '[server]\n"port\\n" = 1',
+            "feed.toml: server.\"port\\n\": is not a known setting here (did you mean 'port'?",
+        ),
+        (
+            '[[connectors]]\nname = "m"\ntype = "memory"\ntargets = ["t"]\n"\\u2028" = 1',
+            'feed.toml: connectors[0]."\\u2028": is not a known setting here',
+        ),
+        # Nested deeper than Python's recursion limit: tomllib's RecursionError was a traceback.
+        ("a = " + "[" * 5000 + "]" * 5000, "feed.toml: not valid TOML: nested too deeply"),
+        # importlib's "Empty module name" ValueError was a traceback.
+        (
+            "[[connectors]]\nname = 'm'\ntype = ':Thing'",
+            "feed.toml: connectors[0].type: ':Thing' is not an import path: write "
+            "'package.module:Class'",
+        ),
+        (
+            "[[connectors]]\nname = 'm'\ntype = '.memory'",
+            "feed.toml: connectors[0].type: '.memory' is not an import path",
+        ),
+        # The base class itself: instantiating it raised TypeError (abstract methods).
+        (
+            "[[connectors]]\nname = 'm'\ntype = 'connectors.base:Connector'",
+            "feed.toml: connectors[0].type: 'connectors.base:Connector' is abstract "
+            "(it does not implement changes, configure, start, stop, targets)",
+        ),
+        # nan passed every minimum (nan < 0 is false); inf reached int(lease * 1000) at runtime.
+        (
+            "[cluster]\nurl = 'redis://h/0'\nlease = inf",
+            "feed.toml: cluster.lease: must be a finite number, not inf",
+        ),
+        (
+            "[server]\nfilter_room_grace = nan",
+            "feed.toml: server.filter_room_grace: must be a finite number, not nan",
+        ),
+        # TOML integers are 64-bit; tomllib reads any length.
+        (
+            "[server]\nsnapshot_limit = 100000000000000000000",
+            "feed.toml: server.snapshot_limit: must be at most 9223372036854775807 (TOML "
+            "integers are 64-bit), not 100000000000000000000",
+        ),
+        # A host with a space or a control character: the listen error came out over two lines.
+        (
+            '[server]\nhost = "a\\nb"',
+            'feed.toml: server.host: must be an address to listen on, like "127.0.0.1" or '
+            "\"0.0.0.0\", not 'a\\nb'",
+        ),
+        # asyncpg refused these only when connecting: "OverflowError: connect(): port must be
+        # 0-65535." and "IndexError: string index out of range".
+        (
+            PG.format(dsn="postgresql://u@h:99999/db"),
+            "feed.toml: connectors[0].dsn: has port 99999, which is not 1 to 65535",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h:\u00b2/db"),  # "²".isdigit(), but int("²") fails
+            "feed.toml: connectors[0].dsn: has port '\u00b2', which is not a number",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h1,/db"),
+            "feed.toml: connectors[0].dsn: has an empty host in its list of hosts",
+        ),
+        # `$` matches before a trailing newline (a value from an environment variable read
+        # from a file keeps one): these were accepted, and the name, prefix, digest or schema
+        # then held the newline (a token whose digest never matched, rooms "m\n:...").
+        (
+            "[[connectors]]\nname = '${NAME}'\ntype = 'memory'\ntargets = ['t']",
+            "feed.toml: connectors[0].name: 'mem\\n' must be letters, digits",
+        ),
+        (
+            "[cluster]\nurl = 'redis://h/0'\nprefix = '${NAME}'",
+            "feed.toml: cluster.prefix: 'mem\\n' must be 1-64 letters",
+        ),
+        (
+            "[auth]\nmode = 'token'\n[[auth.tokens]]\nname = 'a'\nsha256 = '${DIGEST}'",
+            "feed.toml: auth.tokens[0].sha256: must be 64 hex digits",
+        ),
+        (
+            PG.format(dsn="postgresql://h/db") + "\nschema = '${NAME}'",
+            "feed.toml: connectors[0].schema: 'mem\\n' must be a plain schema name",
+        ),
         (
             "[auth]\noperator_role = ['oncall']",
             "feed.toml: auth.operator_role: is not a known setting here "
@@ -143,7 +224,7 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
 )
 def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(text, "feed.toml", {})
+        parse_config(text, "feed.toml", {"NAME": "mem\n", "DIGEST": "0" * 64 + "\n"})
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message
@@ -270,3 +351,80 @@ def test_serve_on_an_address_of_another_machine_says_to_change_the_host(tmp_path
         "with an address of this machine (127.0.0.1, or 0.0.0.0 for all of them), or change "
         "[server] host"
     ]
+
+
+def one_line_refusal(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A Latin-1 "é" in a comment was a UnicodeDecodeError traceback, exit 1."""
+    config = tmp_path / "feed.toml"
+    config.write_bytes(b"[server]\nport = 8123\n# caf\xe9\n")
+    assert one_line_refusal(run_feed("check", "--config", str(config))) == (
+        f"feed: {config}: is not UTF-8 text (byte 0xe9 at line 3, column 6); save it as UTF-8"
+    )
+
+
+def test_a_folder_or_an_empty_path_as_config_is_named(tmp_path: Path) -> None:
+    """`--config ''` read the current folder: "feed: cannot read the file: Is a directory"."""
+    assert one_line_refusal(run_feed("check", "--config", "", cwd=tmp_path)) == (
+        "feed: --config is empty: pass the path of your feed.toml"
+    )
+    assert one_line_refusal(run_feed("check", "--config", str(tmp_path))) == (
+        f"feed: {tmp_path}: is a folder; pass --config with the path of the feed.toml in it"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    config.chmod(0)
+    assert one_line_refusal(run_feed("check", "--config", str(config))) == (
+        f"feed: {config}: cannot read the file: Permission denied"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # argparse printed its usage line first: two lines for one mistake.
+        (
+            ["serve", "--port", "abc"],
+            "feed serve: argument --port: 'abc' is not a port number (0 to 65535); "
+            "see feed serve --help",
+        ),
+        (["check", "--bogus"], "feed: unrecognized arguments: --bogus; see feed --help"),
+        (["nosuch"], "feed: argument COMMAND: invalid choice: 'nosuch'"),
+        # An empty --host was ignored in silence ([server] host was used instead); one with a
+        # newline printed the listen error over two lines.
+        (
+            ["serve", "--host", ""],
+            "feed serve: argument --host: '' is not an address to listen on, like 127.0.0.1 "
+            "or 0.0.0.0; see feed serve --help",
+        ),
+        (["serve", "--host", "a\nb"], "feed serve: argument --host: 'a\\nb' is not an address"),
+        (["demo", "--host", " "], "feed demo: argument --host: ' ' is not an address"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    with_config = ["--config", str(config)] if args[0] in ("serve", "check") else []
+    line = one_line_refusal(run_feed(*args, *with_config))
+    assert line.startswith(expected), line
+
+
+def test_serve_refusing_to_run_without_auth_names_the_file(tmp_path: Path) -> None:
+    """The refusal named the key but not the file: "feed: auth.mode: refusing ..."."""
+    config = tmp_path / "feed.toml"
+    config.write_text(MEMORY)
+    line = one_line_refusal(run_feed("serve", "--config", str(config), "--host", "0.0.0.0"))
+    assert line.startswith(
+        f"feed: {config}: auth.mode: refusing to serve without authentication on 0.0.0.0"
+    ), line

@@ -143,7 +143,8 @@ def test_every_auth_key_is_in_security_md(probe: str) -> None:
 
 
 _THIRD = MEMORY + MEMORY.replace('"m"', '"m2"') + '[[connectors]]\nname = "c"\ntype = "redis"\n'
-ERROR_CASES = {  # a feed.toml each documented error line comes from (None: the file is missing)
+# A feed.toml each documented error line comes from (None: the file is missing).
+ERROR_CASES: dict[str, str | bytes | None] = {
     "empty tables": '[[connectors]]\nname = "m"\ntype = "postgres"\ndsn = "postgresql://h/d"\n'
     "tables = []\n",
     "typo in [server]": "[server]\nprot = 8000\n" + MEMORY,
@@ -159,6 +160,8 @@ ERROR_CASES = {  # a feed.toml each documented error line comes from (None: the 
     "no CA file": _THIRD
     + 'url = "rediss://h:6379/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/feed/ca.pem"\n'
     'patterns = ["s:*"]\n',
+    "not UTF-8": b"[server]\nport = 8123\n# caf\xe9\n",
+    "an infinite number": '[cluster]\nurl = "redis://h:6379/0"\nlease = inf\n',
 }
 
 
@@ -169,7 +172,9 @@ def test_the_documented_config_errors_are_the_ones_the_reader_gives(
     monkeypatch.chdir(tmp_path)
     given = set()
     for text in ERROR_CASES.values():
-        if text is not None:
+        if isinstance(text, bytes):
+            (tmp_path / "feed.toml").write_bytes(text)
+        elif text is not None:
             (tmp_path / "feed.toml").write_text(text)
         else:
             (tmp_path / "feed.toml").unlink()

@@ -14,10 +14,11 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from feed import __version__
-from feed.app.config import Config, load_config
-from feed.errors import ConnectorError, FeedError
+from feed.app.config import Config, load_config, valid_host
+from feed.errors import ConnectorError, FeedError, one_line
 
 EXIT_USAGE = 2  # a configuration or command-line mistake
 EXIT_UNREACHABLE = 1  # a source failed: unreachable, or refusing what the command needs
@@ -50,16 +51,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes on one line, as the feed's own are: argparse prints its usage
+    line first, two lines for one mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {one_line(message)}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="feed", description="A live change feed from Postgres, MongoDB and Redis."
-    )
+    parser = Parser(prog="feed", description="A live change feed from Postgres, MongoDB and Redis.")
     parser.add_argument("--version", action="version", version=f"feed {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--config", "-c", default="feed.toml", help=CONFIG_HELP)
-    serve.add_argument("--host", help="address to listen on (overrides [server] host)")
+    serve.add_argument(
+        "--host", type=listen_host, help="address to listen on (overrides [server] host)"
+    )
     serve.add_argument(
         "--port", type=port_number, help="port to listen on (overrides [server] port)"
     )
@@ -113,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run a self-contained demo (embedded databases)")
     demo.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on, loopback only (127.0.0.1)"
+        "--host",
+        type=listen_host,
+        default="127.0.0.1",
+        help="address to listen on, loopback only (127.0.0.1)",
     )
     demo.add_argument(
         "--port",
@@ -137,11 +149,20 @@ def port_number(text: str) -> int:
     return value
 
 
+def listen_host(text: str) -> str:
+    """`--host`: an empty one was ignored in silence ([server] host was used instead)."""
+    if not valid_host(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an address to listen on, like 127.0.0.1 or 0.0.0.0"
+        )
+    return text
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from feed.app.listen import PortInUse, check_port_free
 
     config = load_config(args.config)
-    host = args.host or config.server.host
+    host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
     try:  # before connecting to any source: a busy port is one line, not a traceback
         check_port_free(

@@ -63,14 +63,30 @@ class Config:
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
     """Read, interpolate and validate a config file."""
     file = str(path)
+    if not file:  # Path("") is the current folder: "Is a directory", naming no file
+        raise ConfigError("--config is empty: pass the path of your feed.toml")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             "no such file; pass --config with the path of your feed.toml", file=file
         ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            "is a folder; pass --config with the path of the feed.toml in it", file=file
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", file=file) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a traceback before: TOML files are UTF-8
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}, column {column}); "
+            "save it as UTF-8",
+            file=file,
+        ) from None
     return parse_config(text, file, os.environ if env is None else env)
 
 
@@ -79,6 +95,8 @@ def parse_config(text: str, file: str, env: Any) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=file) from None
+    except RecursionError:  # `a = [[[[...]]]]` thousands deep: tomllib parses recursively
+        raise ConfigError("not valid TOML: nested too deeply", file=file) from None
     try:
         raw = _interpolate(raw, env, "")
         config = _validate(raw, file)
@@ -86,6 +104,12 @@ def parse_config(text: str, file: str, env: Any) -> Config:
     except ConfigError as exc:
         raise exc.located(file) from None
     return config
+
+
+def valid_host(host: str) -> bool:
+    """Whether `host` can be an address or name to listen on: not empty, no space or control
+    character (getaddrinfo answers those "unknown host" at best)."""
+    return bool(host) and host.isprintable() and not any(c.isspace() for c in host)
 
 
 def _interpolate(value: Any, env: Any, key: str) -> Any:
@@ -150,8 +174,14 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=3600),
     )
     server_opts.finish()
-    if not server.host:  # `${HOST:-}` or `host = ""`: getaddrinfo's "unknown host" named no key
-        server_opts.fail("host", 'must be an address to listen on, like "127.0.0.1" or "0.0.0.0"')
+    # `${HOST:-}` or `host = ""`: getaddrinfo's "unknown host" named no key; a space or a
+    # newline in it came out in the listen error, over two lines.
+    if not valid_host(server.host):
+        server_opts.fail(
+            "host",
+            'must be an address to listen on, like "127.0.0.1" or "0.0.0.0"'
+            + (f", not {server.host!r}" if server.host else ""),
+        )
 
     entries = top._get("connectors", [], False)
     if not isinstance(entries, list):
@@ -162,7 +192,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         key = f"connectors[{index}]"
         opts = Options(entry, key)
         name = opts.str("name", required=True)
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             opts.fail("name", f"{name!r} must be letters, digits, '_' or '-' (it prefixes rooms)")
         if name in seen:
             opts.fail("name", f"{name!r} is used by two connectors; names must be unique")

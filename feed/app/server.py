@@ -28,7 +28,7 @@ from feed.delivery.eio_websocket import FeedSocketIO
 from feed.delivery.manager import IndexedManager
 from feed.delivery.protocol import SubscribeRequest, error_ack, unsubscribe_room
 from feed.delivery.transport import SocketIOTransport
-from feed.errors import ProtocolError
+from feed.errors import ConfigError, ProtocolError
 from feed.routing.hub import Hub
 from feed.security.access import Authorizer
 from feed.security.auth import (
@@ -96,7 +96,10 @@ class FeedApp:
     ) -> None:
         self.config = config
         settings = config.server
-        check_exposure(config.auth, host or settings.host)
+        try:
+            check_exposure(config.auth, host or settings.host)
+        except ConfigError as exc:  # the fix is in the file: name it, as every config error does
+            raise exc.located(config.path) from None
         self.authenticator = Authenticator(config.auth)
         self.authorizer = Authorizer(config.auth)
         self.sessions: dict[str, Session] = {}

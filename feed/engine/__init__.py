@@ -72,7 +72,7 @@ def parse_cluster(top: Options, replay_buffer: int) -> ClusterConfig | None:
     if problem is not None:
         opts.fail("url", problem)
     prefix = opts.str("prefix", "dbfeed")
-    if not PREFIX_PATTERN.match(prefix):
+    if not PREFIX_PATTERN.fullmatch(prefix):
         opts.fail("prefix", f"{prefix!r} must be 1-64 letters, digits or _ . : -")
     lease = opts.float("lease", 10.0, minimum=0.5)
     history = opts.int("history", replay_buffer, minimum=1, maximum=1_000_000)

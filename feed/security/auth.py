@@ -255,7 +255,7 @@ def _tables(opts: Options, key: str) -> list[Options]:
 def _parse_token(opts: Options) -> StaticToken:
     name = opts.str("name", required=True)
     digest = opts.str("sha256", required=True).lower()
-    if not SHA256_HEX.match(digest):
+    if not SHA256_HEX.fullmatch(digest):
         opts.fail("sha256", "must be 64 hex digits: produce it with `feed hash-token`")
     roles = frozenset(opts.str_list("roles"))
     claims = opts._get("claims", {}, False)
