@@ -850,7 +850,9 @@ async def test_a_lease_redis_no_longer_holds_is_named_so_when_publishing(
     prefix = redis_target.prefix.rstrip(":")
     keys = [f"{prefix}:fence:gone", f"{prefix}:seen:gone"]
     with pytest.raises(Exception, match="no longer holds the lease") as refused:
-        await redis_target.admin.eval(scripts.PUBLISH, 2, *keys, "7:n", 50, "e", 1000, 0, 1, 0, 0)
+        await redis_target.admin.eval(
+            scripts.PUBLISH, 2, *keys, "7:n", 50, "e", 1000, 0, 1, 0, 0, 1
+        )
     assert "STALE" in str(refused.value)  # what the publisher goes by
     assert "false" not in str(refused.value)
 

@@ -2,7 +2,8 @@
 
 Redis closes a subscriber whose output buffer passes the limit (32 MB, or 8 MB for a minute, by
 default): a node that stops reading for a while (a long pause, a starved CPU) while its rooms
-receive more than that, or one change larger than the limit on its own. Everything in that
+receive more than that, or one change larger than a limit set below 1 MiB (a larger change is
+published as a reference: tests/test_cluster_large_change.py). Everything in that
 buffer is dropped with the connection. The node must then say so or make up for it, room by
 room: it reconnects, and delivers what it missed from each room's history, or sends a `gap` when
 the history no longer holds it; never a silent hole. These tests make the cut happen for real

@@ -40,7 +40,8 @@ message, and every message one script call publishes sits in each subscriber's o
 until the call ends (Redis writes to sockets between commands, never during a script): 256 changes of 128 KB
 made one 32 MB message, past Redis's default `client-output-buffer-limit pubsub 32mb`, and Redis
 cut every node that followed the room, as fast as it read, on every such batch. Bounded here, a
-node that keeps up never holds more than about this much per room it follows from one call."""
+node that keeps up never holds more than about this much per room it follows from one call; a
+single larger change goes by reference (feed.engine.publisher.PUBLISHED_BYTES)."""
 
 MAX_PENDING = 1024
 """Changes added but not yet published before `add` waits for the publishing to catch up."""

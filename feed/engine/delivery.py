@@ -26,6 +26,11 @@ from feed.errors import ClusterError, ProtocolError
 BACKOFF_START = 0.2
 BACKOFF_MAX = 2.0
 SUBSCRIBE_TIMEOUT = 5.0
+MISSED = "changes were missed while this node's connection to the cluster's Redis was down"
+TRIMMED = (
+    "a change too large for Redis pub/sub was no longer in the room's history when this node "
+    "read it (newer changes had pushed it out)"
+)
 
 
 def _wake(pubsub: Subscriber, _: object) -> None:
@@ -239,7 +244,7 @@ class Delivery(History):
             return False
         try:
             head, _, rest = message[2].partition(b"\n")
-            if head == b"gap":
+            if head == b"gap" or head == b"ref":
                 return False
             epoch, _, payloads = rest.partition(b"\n")
             first = int(head)
@@ -278,8 +283,13 @@ class Delivery(History):
             seq_text, _, body = rest.partition(b"\n")
             await self._on_gap(mirror, int(seq_text), loads(body))
             return
+        if head == b"ref":  # a run too large for pub/sub: it is in the room's history
+            first, last, epoch = rest.split(b"\n")
+            await self._apply(mirror, int(first), epoch.decode(), None, int(last))
+            return
         epoch, _, payloads = rest.partition(b"\n")
-        await self._apply(mirror, int(head), epoch.decode(), payloads.split(b"\n"))
+        raws = payloads.split(b"\n")
+        await self._apply(mirror, int(head), epoch.decode(), raws, int(head) + len(raws) - 1)
 
     def _on_control(self, body: Mapping[str, Any]) -> None:
         kind = body.get("t")
@@ -293,10 +303,12 @@ class Delivery(History):
         elif kind == "released":  # its reader let the lease go: take it now, not at expiry
             self.lease_released(str(body.get("c")))
 
-    async def _apply(self, mirror: Mirror, first: int, epoch: str, raws: list[bytes]) -> None:
-        """Deliver a room's run of a batch: payloads numbered `first`, `first + 1`, ..., when
-        it may have to await (the usual run, going on from the room's seq, is `_direct`'s)."""
-        last = first + len(raws) - 1
+    async def _apply(
+        self, mirror: Mirror, first: int, epoch: str, raws: list[bytes] | None, last: int
+    ) -> None:
+        """Deliver a room's run of a batch: payloads numbered `first` to `last`, when it may
+        have to await (the usual run, going on from the room's seq, is `_direct`'s). `raws`
+        None: a run the reader published as a reference, read here from the room's history."""
         async with mirror.order:
             if mirror.seq is None:  # the first message of a room being watched: the baseline
                 mirror.epoch, mirror.seq = epoch, first - 1
@@ -313,6 +325,9 @@ class Delivery(History):
                 await self._fill(mirror, first - 1)
                 if last <= mirror.seq:
                     return
+            if raws is None:
+                await self._fill(mirror, last, TRIMMED)
+                return
             self._relay(mirror, first, raws)
 
     def _relay(self, mirror: Mirror, first: int, raws: list[bytes]) -> None:
@@ -327,10 +342,6 @@ class Delivery(History):
             name = mirror.room.name
             payloads = [numbered(name, seq, raw) for seq, raw in enumerate(raws, start=first)]
             self._deliver_run(mirror, first, payloads)
-
-    def _deliver(self, mirror: Mirror, seq: int, payload: Any) -> None:
-        if mirror.seq is None or seq > mirror.seq:
-            self._deliver_run(mirror, seq, [payload])
 
     def _deliver_run(self, mirror: Mirror, first: int, payloads: list[Any]) -> None:
         """Deliver `payloads`, numbered `first`, `first + 1`, ... (all past the room's seq)."""
@@ -353,22 +364,20 @@ class Delivery(History):
                 transport.send_change(name, payload, skip)
             hub._counters(room.connector)[1].inc(receivers * len(payloads))
 
-    async def _fill(self, mirror: Mirror, upto: int) -> None:
-        """Deliver what pub/sub did not bring (a hole up to `upto`) from the room's history."""
+    async def _fill(self, mirror: Mirror, upto: int, reason: str = MISSED) -> None:
+        """Deliver what pub/sub did not bring (a hole up to `upto`, or a run published as a
+        reference) from the room's history, as relayed runs are: the reader's bytes with the
+        seq spliced in. A `gap` with `reason` when the history no longer holds all of it."""
         start = mirror.seq or 0
-        entries = await self._history(mirror.room.name, start, upto)
+        entries = await self._history_raw(mirror.room.name, start, upto)
         if entries is None:
-            await self._announce_gap(
-                mirror,
-                "changes were missed while this node's connection to the cluster's Redis was down",
-                upto,
-            )
+            await self._announce_gap(mirror, reason, upto)
             mirror.ring.clear()
             mirror.seq = upto
             mirror.room.seq = upto
             return
-        for seq, payload in entries:
-            self._deliver(mirror, seq, payload)
+        if entries:
+            self._relay(mirror, start + 1, [raw for _, raw in entries])
 
     async def _on_gap(self, mirror: Mirror, seq: int, body: Mapping[str, Any]) -> None:
         mirror.gap = max(mirror.gap, seq)

@@ -20,15 +20,25 @@ class History(Snapshots):
         self, room: str, after: int, upto: int
     ) -> list[tuple[int, dict[str, Any]]] | None:
         """Entries after..upto from the room's stream, or None when Redis no longer holds all."""
+        raw = await self._history_raw(room, after, upto)
+        if raw is None:
+            return None
+        entries = []
+        for seq, data in raw:
+            payload = loads(data)
+            payload["seq"] = seq
+            entries.append((seq, payload))
+        return entries
+
+    async def _history_raw(
+        self, room: str, after: int, upto: int
+    ) -> list[tuple[int, bytes]] | None:
+        """The payloads after..upto as the reader wrote them, or None when Redis no longer
+        holds all of them."""
         if upto <= after:
             return []
         raw = await self.redis.xrange(self.stream_key(room), f"{after + 1}-0", f"{upto}-1")
-        entries = []
-        for entry_id, fields in raw:
-            seq = int(entry_id.split(b"-")[0])
-            payload = loads(fields[b"d"])
-            payload["seq"] = seq
-            entries.append((seq, payload))
+        entries = [(int(entry_id.split(b"-")[0]), fields[b"d"]) for entry_id, fields in raw]
         if len(entries) != upto - after or (entries and entries[0][0] != after + 1):
             return None
         return entries

@@ -29,6 +29,16 @@ mode adds up to `batch_size` of whole transactions not yet confirmed) and Redis 
 1,000 entries, so 20,000 ids cover what a killed reader leaves unsaved at any rate (for
 logical mode, with a `batch_size` below about 15,000)."""
 
+PUBLISHED_BYTES = 1024 * 1024
+"""Bytes of payloads one script call publishes on rooms' channels at most; a room's run that
+would pass it is published as a reference, and the nodes read it from the room's history.
+Everything one call publishes sits whole in each subscriber's output buffer until the call
+ends, and Redis cuts a subscriber past `client-output-buffer-limit pubsub` (32 MB, or 8 MB for
+a minute, by default): one change of 40 MB (a Postgres jsonb or text row) cut every node that
+followed its room, every time. A batch holds at most 256 KiB of change JSON (feed.engine.batch)
+but for a single larger change, so an ordinary batch in up to three rooms goes as it did; the
+reference costs each node one read of the history (`XRANGE`), small beside the change."""
+
 
 class Publisher(RoomRegistry):
     """Publishing a connector's changes and gaps, at the node that reads it."""
@@ -96,6 +106,7 @@ class Publisher(RoomRegistry):
             SEEN,
             len(slots),
             len(changes),
+            PUBLISHED_BYTES,
             *channels,
             *per_change,
         ]

@@ -73,9 +73,10 @@ PUBLISH = """
 -- A batch of changes (what the connector had ready at once), in order, in one call.
 -- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per distinct room.
 -- ARGV: token, history, candidate epoch, ttl ms, trim (1: trim seen and refresh ttls), ids kept,
---       room count R, change count N, then R channels, then per change: its id, its number at
---       this reader (the token's count * 2^32 + changes published: increasing across readers),
---       its room count k, and k (room index, payload) pairs.
+--       room count R, change count N, bytes of payloads the call may publish, then R channels,
+--       then per change: its id, its number at this reader (the token's count * 2^32 + changes
+--       published: increasing across readers), its room count k, and k (room index, payload)
+--       pairs.
 -- Returns, per change and per room of it, the room's seq (0 for a change published already:
 -- a new reader re-reads from the connector's last saved position, which may be a little behind
 -- what the old one published). A stale token is refused before anything is written.
@@ -91,7 +92,7 @@ if fence ~= ARGV[1] then
 end
 local rooms, n = tonumber(ARGV[7]), tonumber(ARGV[8])
 local changes, zadd = {}, {}
-local at = 9 + rooms
+local at = 10 + rooms
 for c = 1, n do
   local k = tonumber(ARGV[at + 2])
   changes[c] = {at, k}
@@ -117,7 +118,7 @@ if trim then
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-local epochs, first, seqs, runs, remade = {}, {}, {}, {}, {}
+local epochs, first, seqs, runs, sizes, remade = {}, {}, {}, {}, {}, {}
 local out = {}
 -- A room's first entry of the call goes in with NOMKSTREAM, which says when its history is
 -- gone: a history that expired before its numbering (registering refreshes only the numbering)
@@ -168,17 +169,19 @@ for c = 1, n do
         else
           epochs[r], seqs[r] = v[1], tonumber(v[2] or '0')
         end
-        first[r], runs[r] = seqs[r] + 1, {}
+        first[r], runs[r], sizes[r] = seqs[r] + 1, {}, 0
       end
       local seq = seqs[r] + 1
       seqs[r] = seq
       local payload = ARGV[base + 2 + 2 * j]
       append(r, stream, seq, payload)
       runs[r][#runs[r] + 1] = payload
+      sizes[r] = sizes[r] + #payload
       out[#out + 1] = seq
     end
   end
 end
+local budget = tonumber(ARGV[9])
 for r = 1, rooms do
   if epochs[r] then
     local meta, stream = KEYS[2 * r + 1], KEYS[2 * r + 2]
@@ -188,9 +191,19 @@ for r = 1, rooms do
       redis.call('PEXPIRE', stream, ARGV[4])
     end
     -- One message for the room's run: its first seq, the epoch, then one payload a line
-    -- (JSON payloads hold no raw newline).
-    redis.call('PUBLISH', ARGV[8 + r],
-      first[r] .. '\\n' .. epochs[r] .. '\\n' .. table.concat(runs[r], '\\n'))
+    -- (JSON payloads hold no raw newline). Everything a call publishes sits whole in each
+    -- subscriber's output buffer until the call ends, and Redis cuts a subscriber past
+    -- `client-output-buffer-limit pubsub`: a run that would take the call past its budget goes
+    -- as a reference instead ('ref', its first and last seq, the epoch), and the nodes read
+    -- it from the history the call just wrote (feed.engine.delivery).
+    if sizes[r] > budget then
+      redis.call('PUBLISH', ARGV[9 + r],
+        'ref\\n' .. first[r] .. '\\n' .. seqs[r] .. '\\n' .. epochs[r])
+    else
+      budget = budget - sizes[r]
+      redis.call('PUBLISH', ARGV[9 + r],
+        first[r] .. '\\n' .. epochs[r] .. '\\n' .. table.concat(runs[r], '\\n'))
+    end
   end
 end
 return out

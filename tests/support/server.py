@@ -170,8 +170,9 @@ class FeedClient:
     whether the server batched or not.
     """
 
-    def __init__(self) -> None:
-        self.sio = socketio.AsyncClient(reconnection=False)
+    def __init__(self, **options: Any) -> None:
+        """`options`: more for python-socketio's AsyncClient (`websocket_extra_options`...)."""
+        self.sio = socketio.AsyncClient(reconnection=False, **options)
         self.changes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.gaps: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
