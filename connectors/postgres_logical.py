@@ -248,8 +248,14 @@ class PgOutputParser:
 
 
 _UNCHANGED = object()
-UNREADABLE = "\0unreadable"
-"""A rebuilt image in place of one the server could not make (`_rebuild`): its change is a gap."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A rebuilt image in place of one the server could not make (`_rebuild`): its change is a
+    gap, naming the server's reason."""
+
+    reason: str
 
 
 def image_text(image: dict[str, Any]) -> str:
@@ -1059,11 +1065,17 @@ class LogicalReader:
                         "table's replica identity is not FULL; the feed sets it back); reload",
                         raw.target,
                     )
-            elif any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):
+            elif unreadable := [
+                image
+                for side in (0, 1)
+                if isinstance(image := images.get((id(raw), side)), Unreadable)
+            ]:
                 yield Gap(
                     c.name,
-                    f"a change of {raw.target} was not delivered: a json value in it holds "
-                    "\\u0000, which jsonb cannot hold (store such values as jsonb or text)",
+                    f"a change of {raw.target} was not delivered: the server could not read "
+                    f"it back as notify mode and snapshots do ({unreadable[0].reason}; a json "
+                    "value holding \\u0000 or a lone surrogate such as \\ud83d, which jsonb "
+                    "cannot hold: store such values as jsonb or text)",
                     raw.target,
                 )
             else:
@@ -1077,7 +1089,7 @@ class LogicalReader:
 
     async def _rebuild(
         self, conn: Any, changes: list[RawChange]
-    ) -> dict[tuple[int, int], str | None]:
+    ) -> dict[tuple[int, int], str | Unreadable | None]:
         """Ask the server for `to_jsonb` images of the text values, one query per table.
 
         Also every image of a table with generated columns: pgoutput leaves them out (before
@@ -1098,25 +1110,32 @@ class LogicalReader:
             for side, image in ((0, raw.before), (1, raw.after)):
                 if image is not None and (known[1] is not None or direct(image) is None):
                     wanted.setdefault(raw.target, []).append(((id(raw), side), image_text(image)))
-        images: dict[tuple[int, int], str | None] = {}
+        images: dict[tuple[int, int], str | Unreadable | None] = {}
         for target, items in wanted.items():
             sql = recompute_sql(self.c.regclass(target), self.columns[target][1])
+            rebuilt: list[str | Unreadable | None]
             try:
-                rebuilt = await conn.fetch(
+                rows = await conn.fetch(
                     sql, [text for _, text in items], timeout=self.c.query_timeout
                 )
-            except asyncpg.UntranslatableCharacterError:
-                # A `json` value holding \u0000, which jsonb cannot: the change with it is
-                # set aside (a gap, `_hand_on`), image by image, so that it does not stop the
-                # reader at this transaction for good, and the others go on.
+                rebuilt = [row["image"] for row in rows]
+            except asyncpg.DataError:
+                # A value the server's own text output gives but jsonb cannot hold: a `json`
+                # value with \u0000 (untranslatable) or a lone surrogate escape such as \ud83d
+                # (invalid input syntax: it stopped the reader, as \u0000 once did). Notify
+                # mode's trigger fails the write itself. The change with it is set aside (a
+                # gap, `_hand_on`), image by image, so that it does not stop the reader at this
+                # transaction for good, and the others go on.
                 rebuilt = []
                 for _, text in items:
                     try:
-                        rebuilt += await conn.fetch(sql, [text], timeout=self.c.query_timeout)
-                    except asyncpg.UntranslatableCharacterError:
-                        rebuilt.append({"image": UNREADABLE})
-            for (ref, _), row in zip(items, rebuilt, strict=True):
-                images[ref] = row["image"]
+                        row = await conn.fetchrow(sql, [text], timeout=self.c.query_timeout)
+                        rebuilt.append(None if row is None else row["image"])
+                    except asyncpg.DataError as exc:
+                        detail = f": {exc.detail}" if getattr(exc, "detail", None) else ""
+                        rebuilt.append(Unreadable(f"{one_line(exc)}{detail}"))
+            for (ref, _), made in zip(items, rebuilt, strict=True):
+                images[ref] = made
         return images
 
     async def _read_columns(
@@ -1141,14 +1160,20 @@ class LogicalReader:
         txn: Transaction,
         index: int,
         raw: RawChange,
-        images: dict[tuple[int, int], str | None],
+        images: dict[tuple[int, int], str | Unreadable | None],
     ) -> Change:
         c = self.c
         shape = await c._shape(conn, raw.target)
-        ref = (id(raw), 0)
-        before = shape.decode(images[ref]) if ref in images else direct(raw.before)
-        ref = (id(raw), 1)
-        after = shape.decode(images[ref]) if ref in images else direct(raw.after)
+
+        def image(side: int, cells: dict[str, Any] | None) -> dict[str, Any] | None:
+            ref = (id(raw), side)
+            if ref not in images:  # not rebuilt: read directly
+                return direct(cells)
+            text = images[ref]
+            assert not isinstance(text, Unreadable), "a gap, not a change (_hand_on)"
+            return shape.decode(text)
+
+        before, after = image(0, raw.before), image(1, raw.after)
         return c.make_change(
             shape,
             op=raw.op,
