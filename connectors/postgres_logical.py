@@ -127,6 +127,8 @@ A plain tuple, as the trigger mode's `PgPosition` (connectors/postgres.py says w
 class Relation:
     target: str
     columns: list[tuple[str, int]]
+    key: frozenset[str] = frozenset()
+    """The replica identity's columns: all of them under FULL, else the key's."""
 
 
 @dataclass
@@ -137,6 +139,8 @@ class RawChange:
     after: dict[str, Any] | None = None
     unsent: tuple[str, ...] = ()
     """Unchanged TOASTed columns of an update whose values no old row gave (`_row`)."""
+    key_only: bool = False
+    """`before` holds the key's columns only: the replica identity is not FULL (`_row`)."""
 
 
 @dataclass
@@ -198,17 +202,21 @@ class PgOutputParser:
         (count,) = struct.unpack_from("!h", body, pos)
         pos += 2
         columns = []
+        key = set()
         for _ in range(count):
-            pos += 1  # flags (part of the key)
+            flags = body[pos]  # 1: part of the replica identity
+            pos += 1
             column, pos = _cstring(body, pos)
             type_oid, _typmod = struct.unpack_from("!Ii", body, pos)
             pos += 8
             columns.append((column, type_oid))
+            if flags & 1:
+                key.add(column)
         target = f"{namespace}.{name}"
         if self.seen.get(target, columns) != columns:
             self.altered.add(target)
         self.seen[target] = columns
-        self.relations[relid] = Relation(target, columns)
+        self.relations[relid] = Relation(target, columns, frozenset(key))
 
     def _row(self, kind: bytes, body: memoryview) -> None:
         (relid,) = struct.unpack_from("!I", body)
@@ -217,9 +225,15 @@ class PgOutputParser:
         before = after = None
         marker = bytes(body[pos : pos + 1])
         old = marker == b"O"  # the whole old row (FULL); `K` holds the key columns only
+        key_only = marker == b"K"
         if marker in (b"K", b"O"):
             before, pos = _tuple(body, pos + 1, relation)
             marker = bytes(body[pos : pos + 1])
+        if key_only and before is not None:
+            # The replica identity is not FULL (changed by hand, until the capture check sets
+            # it back with a gap; or a table the feed may not alter): the old row's other
+            # columns come as NULL, values it never had. Left out: `before` has the key only.
+            before = {name: value for name, value in before.items() if name in relation.key}
         if marker == b"N":
             after, pos = _tuple(body, pos + 1, relation)
         unsent: list[str] = []
@@ -235,7 +249,7 @@ class PgOutputParser:
         op = {b"I": "insert", b"U": "update", b"D": "delete"}[kind]
         if self.current is not None:
             self.current.changes.append(
-                RawChange(relation.target, op, before, after, tuple(unsent))
+                RawChange(relation.target, op, before, after, tuple(unsent), key_only)
             )
 
     def _truncate(self, body: memoryview) -> None:
@@ -1171,7 +1185,11 @@ class LogicalReader:
                 return direct(cells)
             text = images[ref]
             assert not isinstance(text, Unreadable), "a gap, not a change (_hand_on)"
-            return shape.decode(text)
+            decoded = shape.decode(text)
+            if raw.key_only and side == 0 and decoded is not None and cells is not None:
+                # The server's rebuild gives every column, the others (generated ones too) null.
+                return {name: value for name, value in decoded.items() if name in cells}
+            return decoded
 
         before, after = image(0, raw.before), image(1, raw.after)
         return c.make_change(
