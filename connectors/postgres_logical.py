@@ -24,7 +24,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -264,6 +264,10 @@ class PgOutputParser:
 _UNCHANGED = object()
 
 
+UNREBUILDABLE = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+"""What the server's rebuild of one image raises because of a value in it (`_rebuild`)."""
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """A rebuilt image in place of one the server could not make (`_rebuild`): its change is a
@@ -272,9 +276,12 @@ class Unreadable:
     reason: str
 
 
-def image_text(image: dict[str, Any]) -> str:
+def image_text(image: dict[str, Any], json_columns: Collection[str] = ()) -> str:
     """An image as one JSON object for jsonb_populate_record: a json or jsonb column's own
     text as it is, the other columns' texts as JSON strings (unchanged TOAST columns left out).
+    `json_columns` names the columns of a domain over json or jsonb too (pgoutput gives the
+    domain's type): as a JSON string, their value became a JSON string, `"{\"a\": 1}"` for
+    `{"a": 1}`, and a domain's CHECK on it failed, the reader's every attempt for good.
 
     The server reads a JSON column's numbers and keys as `to_jsonb` does in notify mode and in
     snapshots (`1.0E+2` is the numeric `100`, keys in jsonb's order). Before, the text went
@@ -285,7 +292,8 @@ def image_text(image: dict[str, Any]) -> str:
         if cell is _UNCHANGED:
             continue
         if isinstance(cell, Cell):
-            value = cell.text if cell.type_oid in JSON_TYPES else json.dumps(cell.text)
+            spliced = cell.type_oid in JSON_TYPES or name in json_columns
+            value = cell.text if spliced else json.dumps(cell.text)
         else:
             value = json.dumps(cell)
         parts.append(f"{json.dumps(name)}:{value}")
@@ -1086,10 +1094,8 @@ class LogicalReader:
             ]:
                 yield Gap(
                     c.name,
-                    f"a change of {raw.target} was not delivered: the server could not read "
-                    f"it back as notify mode and snapshots do ({unreadable[0].reason}; a json "
-                    "value holding \\u0000 or a lone surrogate such as \\ud83d, which jsonb "
-                    "cannot hold: store such values as jsonb or text)",
+                    f"a change of {raw.target} was not delivered: the server could not rebuild "
+                    f"its row from the logged values ({unreadable[0].reason}); reload",
                     raw.target,
                 )
             else:
@@ -1121,9 +1127,12 @@ class LogicalReader:
             known = self.columns.get(raw.target)
             if known is None or known[0] != sample.keys():
                 known = await self._read_columns(conn, raw.target, sample.keys())
+            types = (await self.c._shape(conn, raw.target)).column_types
+            json_columns = {name for name, kind in types.items() if kind in ("json", "jsonb")}
             for side, image in ((0, raw.before), (1, raw.after)):
                 if image is not None and (known[1] is not None or direct(image) is None):
-                    wanted.setdefault(raw.target, []).append(((id(raw), side), image_text(image)))
+                    text = image_text(image, json_columns)
+                    wanted.setdefault(raw.target, []).append(((id(raw), side), text))
         images: dict[tuple[int, int], str | Unreadable | None] = {}
         for target, items in wanted.items():
             sql = recompute_sql(self.c.regclass(target), self.columns[target][1])
@@ -1133,19 +1142,20 @@ class LogicalReader:
                     sql, [text for _, text in items], timeout=self.c.query_timeout
                 )
                 rebuilt = [row["image"] for row in rows]
-            except asyncpg.DataError:
-                # A value the server's own text output gives but jsonb cannot hold: a `json`
+            except UNREBUILDABLE:
+                # A value the server's own text output gives but cannot take back: a `json`
                 # value with \u0000 (untranslatable) or a lone surrogate escape such as \ud83d
-                # (invalid input syntax: it stopped the reader, as \u0000 once did). Notify
-                # mode's trigger fails the write itself. The change with it is set aside (a
-                # gap, `_hand_on`), image by image, so that it does not stop the reader at this
-                # transaction for good, and the others go on.
+                # (invalid input syntax), which jsonb cannot hold (notify mode's trigger fails
+                # the write itself); an old value a domain's constraint, added NOT VALID since,
+                # refuses (jsonb_populate_record checks it; to_jsonb(OLD) does not). The change
+                # with it is set aside (a gap, `_hand_on`), image by image, so that it does not
+                # stop the reader at this transaction for good, and the others go on.
                 rebuilt = []
                 for _, text in items:
                     try:
                         row = await conn.fetchrow(sql, [text], timeout=self.c.query_timeout)
                         rebuilt.append(None if row is None else row["image"])
-                    except asyncpg.DataError as exc:
+                    except UNREBUILDABLE as exc:
                         detail = f": {exc.detail}" if getattr(exc, "detail", None) else ""
                         rebuilt.append(Unreadable(f"{one_line(exc)}{detail}"))
             for (ref, _), made in zip(items, rebuilt, strict=True):

@@ -545,6 +545,32 @@ async def test_a_json_value_jsonb_cannot_hold_is_a_gap_not_a_stuck_reader(
         assert [c.key for c in await stream.take(1)] == [3]
 
 
+async def test_an_old_value_a_domain_no_longer_takes_is_a_gap_not_a_stuck_reader(
+    logical_pg: PgDatabase,
+) -> None:
+    """A domain's constraint added `NOT VALID` leaves rows that break it; the server's rebuild
+    of such a row's image (an update's old row) checks it, and failed: the reader started
+    again at that transaction for good. Now that change is a gap, and the rest go on."""
+    from feed.core.change import Gap
+
+    db = logical_pg
+    await db.conn.execute("CREATE DOMAIN small AS int")
+    await db.conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, n small)")
+    await db.conn.execute("INSERT INTO docs VALUES (1, 50)")
+    async with streaming(logical(db, ["public.docs"])) as stream:
+        await db.conn.execute("INSERT INTO docs VALUES (2, 60)")
+        assert [c.key for c in await stream.take(1)] == [2]
+        await db.conn.execute(
+            "ALTER DOMAIN small ADD CONSTRAINT under_10 CHECK (VALUE < 10) NOT VALID"
+        )
+        await db.conn.execute("UPDATE docs SET n = 5 WHERE id = 1")  # its old row breaks it
+        gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+        assert isinstance(gap, Gap) and gap.target == "public.docs", gap
+        assert 'violates check constraint "under_10"' in gap.reason, gap.reason
+        await db.conn.execute("INSERT INTO docs VALUES (3, 1)")
+        assert [c.key for c in await stream.take(1)] == [3]
+
+
 async def test_a_recreated_slot_is_announced_as_a_gap(logical_pg: PgDatabase) -> None:
     from feed.core.change import Gap
 

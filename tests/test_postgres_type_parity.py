@@ -271,6 +271,14 @@ CASES: dict[str, Case] = {
                  CREATE TYPE item AS (m mood, p posint, xs ints, r int4range);
                  CREATE DOMAIN item_d AS item""",
     ),
+    "json in domains and arrays": Case(
+        "jd jdoc, jbd jbdoc, ja jsonb[], jsa json[]",
+        """'{"b": 1, "a": [1.0E+2]}', '{"b": 1, "a": 2}',
+           ARRAY['{"x": 1}'::jsonb, 'null'], ARRAY['{"y": 2.50}'::json]""",
+        """jbd = '{"c": 3}'""",
+        setup="""CREATE DOMAIN jdoc AS json;
+                 CREATE DOMAIN jbdoc AS jsonb CHECK (jsonb_typeof(VALUE) = 'object')""",
+    ),
     "extension types": Case(
         "h hstore, ci citext, lt ltree",
         """'a=>1, "b c"=>NULL, "q\\"x"=>"y"', 'MiXeD', 'top.science.astronomy'""",
