@@ -1118,6 +1118,7 @@ class LogicalReader:
         row's other columns only, so the value is the one stored).
         """
         wanted: dict[str, list[tuple[tuple[int, int], str]]] = {}
+        jsons: dict[str, set[str]] = {}  # by table: its json and jsonb columns, domains too
         for raw in changes:
             if raw.target not in self.c.targets_by_table:
                 continue
@@ -1125,12 +1126,17 @@ class LogicalReader:
             if sample is None:
                 continue  # a truncate
             known = self.columns.get(raw.target)
-            if known is None or known[0] != sample.keys():
+            partial = raw.after is None and raw.key_only  # a delete's key: not the columns sent
+            if known is None or (known[0] != sample.keys() and not partial):
                 known = await self._read_columns(conn, raw.target, sample.keys())
-            types = (await self.c._shape(conn, raw.target)).column_types
-            json_columns = {name for name, kind in types.items() if kind in ("json", "jsonb")}
             for side, image in ((0, raw.before), (1, raw.after)):
                 if image is not None and (known[1] is not None or direct(image) is None):
+                    json_columns = jsons.get(raw.target)
+                    if json_columns is None:  # once a table and call: this runs per change
+                        types = (await self.c._shape(conn, raw.target)).column_types
+                        json_columns = jsons[raw.target] = {
+                            name for name, kind in types.items() if kind in ("json", "jsonb")
+                        }
                     text = image_text(image, json_columns)
                     wanted.setdefault(raw.target, []).append(((id(raw), side), text))
         images: dict[tuple[int, int], str | Unreadable | None] = {}
