@@ -24,7 +24,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -127,6 +127,8 @@ A plain tuple, as the trigger mode's `PgPosition` (connectors/postgres.py says w
 class Relation:
     target: str
     columns: list[tuple[str, int]]
+    key: frozenset[str] = frozenset()
+    """The replica identity's columns: all of them under FULL, else the key's."""
 
 
 @dataclass
@@ -137,6 +139,8 @@ class RawChange:
     after: dict[str, Any] | None = None
     unsent: tuple[str, ...] = ()
     """Unchanged TOASTed columns of an update whose values no old row gave (`_row`)."""
+    key_only: bool = False
+    """`before` holds the key's columns only: the replica identity is not FULL (`_row`)."""
 
 
 @dataclass
@@ -198,17 +202,21 @@ class PgOutputParser:
         (count,) = struct.unpack_from("!h", body, pos)
         pos += 2
         columns = []
+        key = set()
         for _ in range(count):
-            pos += 1  # flags (part of the key)
+            flags = body[pos]  # 1: part of the replica identity
+            pos += 1
             column, pos = _cstring(body, pos)
             type_oid, _typmod = struct.unpack_from("!Ii", body, pos)
             pos += 8
             columns.append((column, type_oid))
+            if flags & 1:
+                key.add(column)
         target = f"{namespace}.{name}"
         if self.seen.get(target, columns) != columns:
             self.altered.add(target)
         self.seen[target] = columns
-        self.relations[relid] = Relation(target, columns)
+        self.relations[relid] = Relation(target, columns, frozenset(key))
 
     def _row(self, kind: bytes, body: memoryview) -> None:
         (relid,) = struct.unpack_from("!I", body)
@@ -217,9 +225,15 @@ class PgOutputParser:
         before = after = None
         marker = bytes(body[pos : pos + 1])
         old = marker == b"O"  # the whole old row (FULL); `K` holds the key columns only
+        key_only = marker == b"K"
         if marker in (b"K", b"O"):
             before, pos = _tuple(body, pos + 1, relation)
             marker = bytes(body[pos : pos + 1])
+        if key_only and before is not None:
+            # The replica identity is not FULL (changed by hand, until the capture check sets
+            # it back with a gap; or a table the feed may not alter): the old row's other
+            # columns come as NULL, values it never had. Left out: `before` has the key only.
+            before = {name: value for name, value in before.items() if name in relation.key}
         if marker == b"N":
             after, pos = _tuple(body, pos + 1, relation)
         unsent: list[str] = []
@@ -235,7 +249,7 @@ class PgOutputParser:
         op = {b"I": "insert", b"U": "update", b"D": "delete"}[kind]
         if self.current is not None:
             self.current.changes.append(
-                RawChange(relation.target, op, before, after, tuple(unsent))
+                RawChange(relation.target, op, before, after, tuple(unsent), key_only)
             )
 
     def _truncate(self, body: memoryview) -> None:
@@ -248,13 +262,26 @@ class PgOutputParser:
 
 
 _UNCHANGED = object()
-UNREADABLE = "\0unreadable"
-"""A rebuilt image in place of one the server could not make (`_rebuild`): its change is a gap."""
 
 
-def image_text(image: dict[str, Any]) -> str:
+UNREBUILDABLE = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+"""What the server's rebuild of one image raises because of a value in it (`_rebuild`)."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A rebuilt image in place of one the server could not make (`_rebuild`): its change is a
+    gap, naming the server's reason."""
+
+    reason: str
+
+
+def image_text(image: dict[str, Any], json_columns: Collection[str] = ()) -> str:
     """An image as one JSON object for jsonb_populate_record: a json or jsonb column's own
     text as it is, the other columns' texts as JSON strings (unchanged TOAST columns left out).
+    `json_columns` names the columns of a domain over json or jsonb too (pgoutput gives the
+    domain's type): as a JSON string, their value became a JSON string, `"{\"a\": 1}"` for
+    `{"a": 1}`, and a domain's CHECK on it failed, the reader's every attempt for good.
 
     The server reads a JSON column's numbers and keys as `to_jsonb` does in notify mode and in
     snapshots (`1.0E+2` is the numeric `100`, keys in jsonb's order). Before, the text went
@@ -265,7 +292,8 @@ def image_text(image: dict[str, Any]) -> str:
         if cell is _UNCHANGED:
             continue
         if isinstance(cell, Cell):
-            value = cell.text if cell.type_oid in JSON_TYPES else json.dumps(cell.text)
+            spliced = cell.type_oid in JSON_TYPES or name in json_columns
+            value = cell.text if spliced else json.dumps(cell.text)
         else:
             value = json.dumps(cell)
         parts.append(f"{json.dumps(name)}:{value}")
@@ -1059,11 +1087,15 @@ class LogicalReader:
                         "table's replica identity is not FULL; the feed sets it back); reload",
                         raw.target,
                     )
-            elif any(images.get((id(raw), side)) is UNREADABLE for side in (0, 1)):
+            elif unreadable := [
+                image
+                for side in (0, 1)
+                if isinstance(image := images.get((id(raw), side)), Unreadable)
+            ]:
                 yield Gap(
                     c.name,
-                    f"a change of {raw.target} was not delivered: a json value in it holds "
-                    "\\u0000, which jsonb cannot hold (store such values as jsonb or text)",
+                    f"a change of {raw.target} was not delivered: the server could not rebuild "
+                    f"its row from the logged values ({unreadable[0].reason}); reload",
                     raw.target,
                 )
             else:
@@ -1077,7 +1109,7 @@ class LogicalReader:
 
     async def _rebuild(
         self, conn: Any, changes: list[RawChange]
-    ) -> dict[tuple[int, int], str | None]:
+    ) -> dict[tuple[int, int], str | Unreadable | None]:
         """Ask the server for `to_jsonb` images of the text values, one query per table.
 
         Also every image of a table with generated columns: pgoutput leaves them out (before
@@ -1086,6 +1118,7 @@ class LogicalReader:
         row's other columns only, so the value is the one stored).
         """
         wanted: dict[str, list[tuple[tuple[int, int], str]]] = {}
+        jsons: dict[str, set[str]] = {}  # by table: its json and jsonb columns, domains too
         for raw in changes:
             if raw.target not in self.c.targets_by_table:
                 continue
@@ -1093,30 +1126,46 @@ class LogicalReader:
             if sample is None:
                 continue  # a truncate
             known = self.columns.get(raw.target)
-            if known is None or known[0] != sample.keys():
+            partial = raw.after is None and raw.key_only  # a delete's key: not the columns sent
+            if known is None or (known[0] != sample.keys() and not partial):
                 known = await self._read_columns(conn, raw.target, sample.keys())
             for side, image in ((0, raw.before), (1, raw.after)):
                 if image is not None and (known[1] is not None or direct(image) is None):
-                    wanted.setdefault(raw.target, []).append(((id(raw), side), image_text(image)))
-        images: dict[tuple[int, int], str | None] = {}
+                    json_columns = jsons.get(raw.target)
+                    if json_columns is None:  # once a table and call: this runs per change
+                        types = (await self.c._shape(conn, raw.target)).column_types
+                        json_columns = jsons[raw.target] = {
+                            name for name, kind in types.items() if kind in ("json", "jsonb")
+                        }
+                    text = image_text(image, json_columns)
+                    wanted.setdefault(raw.target, []).append(((id(raw), side), text))
+        images: dict[tuple[int, int], str | Unreadable | None] = {}
         for target, items in wanted.items():
             sql = recompute_sql(self.c.regclass(target), self.columns[target][1])
+            rebuilt: list[str | Unreadable | None]
             try:
-                rebuilt = await conn.fetch(
+                rows = await conn.fetch(
                     sql, [text for _, text in items], timeout=self.c.query_timeout
                 )
-            except asyncpg.UntranslatableCharacterError:
-                # A `json` value holding \u0000, which jsonb cannot: the change with it is
-                # set aside (a gap, `_hand_on`), image by image, so that it does not stop the
-                # reader at this transaction for good, and the others go on.
+                rebuilt = [row["image"] for row in rows]
+            except UNREBUILDABLE:
+                # A value the server's own text output gives but cannot take back: a `json`
+                # value with \u0000 (untranslatable) or a lone surrogate escape such as \ud83d
+                # (invalid input syntax), which jsonb cannot hold (notify mode's trigger fails
+                # the write itself); an old value a domain's constraint, added NOT VALID since,
+                # refuses (jsonb_populate_record checks it; to_jsonb(OLD) does not). The change
+                # with it is set aside (a gap, `_hand_on`), image by image, so that it does not
+                # stop the reader at this transaction for good, and the others go on.
                 rebuilt = []
                 for _, text in items:
                     try:
-                        rebuilt += await conn.fetch(sql, [text], timeout=self.c.query_timeout)
-                    except asyncpg.UntranslatableCharacterError:
-                        rebuilt.append({"image": UNREADABLE})
-            for (ref, _), row in zip(items, rebuilt, strict=True):
-                images[ref] = row["image"]
+                        row = await conn.fetchrow(sql, [text], timeout=self.c.query_timeout)
+                        rebuilt.append(None if row is None else row["image"])
+                    except UNREBUILDABLE as exc:
+                        detail = f": {exc.detail}" if getattr(exc, "detail", None) else ""
+                        rebuilt.append(Unreadable(f"{one_line(exc)}{detail}"))
+            for (ref, _), made in zip(items, rebuilt, strict=True):
+                images[ref] = made
         return images
 
     async def _read_columns(
@@ -1141,14 +1190,24 @@ class LogicalReader:
         txn: Transaction,
         index: int,
         raw: RawChange,
-        images: dict[tuple[int, int], str | None],
+        images: dict[tuple[int, int], str | Unreadable | None],
     ) -> Change:
         c = self.c
         shape = await c._shape(conn, raw.target)
-        ref = (id(raw), 0)
-        before = shape.decode(images[ref]) if ref in images else direct(raw.before)
-        ref = (id(raw), 1)
-        after = shape.decode(images[ref]) if ref in images else direct(raw.after)
+
+        def image(side: int, cells: dict[str, Any] | None) -> dict[str, Any] | None:
+            ref = (id(raw), side)
+            if ref not in images:  # not rebuilt: read directly
+                return direct(cells)
+            text = images[ref]
+            assert not isinstance(text, Unreadable), "a gap, not a change (_hand_on)"
+            decoded = shape.decode(text)
+            if raw.key_only and side == 0 and decoded is not None and cells is not None:
+                # The server's rebuild gives every column, the others (generated ones too) null.
+                return {name: value for name, value in decoded.items() if name in cells}
+            return decoded
+
+        before, after = image(0, raw.before), image(1, raw.after)
         return c.make_change(
             shape,
             op=raw.op,

@@ -132,6 +132,14 @@ def _unescape_bytea(text: str) -> bytes:
     return bytes(out)
 
 
+def _oid(value: Any) -> Any:
+    """`to_jsonb` writes an oid as a string ("16384"); it is a number, as filters read it
+    (connectors/postgres_filters.py), and as the logical reader reads pgoutput's text: a
+    number in both modes, whichever way a row was read (it was "5" in a row the logical reader
+    had the server rebuild, and 5 in one it read itself)."""
+    return int(value) if isinstance(value, str) else value
+
+
 def _uuid(value: Any) -> Any:
     return uuid.UUID(value) if isinstance(value, str) else value
 
@@ -145,6 +153,7 @@ SCALARS: dict[str, Convert] = {
     "float4": _float,
     "float8": _float,
     "uuid": _uuid,
+    "oid": _oid,
     "bytea": _bytea,
     "timestamptz": _parse(dt.datetime.fromisoformat),
     "timestamp": _parse(dt.datetime.fromisoformat),

@@ -165,6 +165,38 @@ async def test_an_update_without_its_toasted_values_is_a_gap_not_nulls(
         assert len(third.after["big"]) == 160000 and third.after["n"] == 3
 
 
+@pytest.mark.parametrize("extra", ["", ", span interval"], ids=["read-directly", "rebuilt"])
+async def test_an_old_row_without_full_identity_has_no_made_up_nulls(
+    logical_pg: PgDatabase, extra: str
+) -> None:
+    """With a replica identity other than FULL (set by hand under a running feed, before its
+    check sets FULL back with a gap; or on a table the feed's role does not own), pgoutput sends
+    no old row for an update that keeps the key, and only the key's values for one that changes
+    it and for a delete, the other columns as NULL. Those went out as `before: {"id": 2, "s":
+    null, "n": null}`, values the row never had (notify mode sends the row as it was). Now
+    `before` holds what came: the key's columns, or nothing."""
+    db = logical_pg
+    await db.conn.execute(f"CREATE TABLE public.items (id int PRIMARY KEY, s text, n int{extra})")
+    await db.conn.execute(
+        "INSERT INTO items (id, s, n) VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)"
+    )
+    async with streaming(logical(db, capture_check_interval=60.0)) as stream:
+        await db.conn.execute("INSERT INTO items (id, s, n) VALUES (5, 'e', 5)")
+        assert [c.key for c in await stream.take(1)] == [5]  # reading: set up, FULL set
+        await db.conn.execute("ALTER TABLE items REPLICA IDENTITY DEFAULT")
+        await db.conn.execute("UPDATE items SET s = 'x' WHERE id = 1")
+        await db.conn.execute("UPDATE items SET id = 4 WHERE id = 2")
+        await db.conn.execute("DELETE FROM items WHERE id IN (1, 3)")
+        got = await stream.take(4)
+    assert [(c.op, c.key, c.before) for c in got] == [
+        ("update", 1, None),
+        ("update", 4, {"id": 2}),
+        ("delete", 1, {"id": 1}),
+        ("delete", 3, {"id": 3}),
+    ]
+    assert got[1].after is not None and got[1].after["s"] == "b"
+
+
 @pytest.fixture
 async def twophase_pg() -> AsyncIterator[PgDatabase]:
     """A private embedded server that allows prepared transactions (off by default)."""

@@ -513,24 +513,61 @@ class TestPostgresLogicalConnector(ConnectorContract):
             await pg_support.drop_database(db)
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("x\\u0000y", "\\u0000 cannot be converted to text"),
+        ("\\ud83d", "Unicode low surrogate must follow a high surrogate"),
+    ],
+    ids=["nul", "lone-surrogate"],
+)
 async def test_a_json_value_jsonb_cannot_hold_is_a_gap_not_a_stuck_reader(
-    logical_pg: PgDatabase,
+    logical_pg: PgDatabase, text: str, named: str
 ) -> None:
-    """`json` keeps `\\u0000`, jsonb cannot: the server's rebuild of such an image failed, and
-    the reader started again at the same transaction for good (nothing after it reached anyone,
-    and the slot held the WAL). Now that change is a gap for its table, and the rest go on."""
+    """`json` keeps `\\u0000` and a lone UTF-16 surrogate escape (`\\ud83d`), jsonb holds
+    neither: the server's rebuild of such an image failed, and the reader started again at the
+    same transaction for good (nothing after it reached anyone, and the slot held the WAL). Now
+    that change is a gap for its table, and the rest go on. (The surrogate's failure is another
+    error than the NUL's, and it still stopped the reader.)"""
     from feed.core.change import Gap
 
     db = logical_pg
     await db.conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, js json, span interval)")
     async with streaming(logical(db, ["public.docs"])) as stream:
         await db.conn.execute(
-            """INSERT INTO docs VALUES (1, '{"a": "x\\u0000y"}', '1 day'), (2, '{}', '2 days')"""
+            f"""INSERT INTO docs VALUES (1, '{{"a": "{text}"}}', '1 day'), (2, '{{}}', '2 days')"""
         )
         gap = await asyncio.wait_for(stream.queue.get(), WAIT)
-        assert isinstance(gap, Gap) and gap.target == "public.docs" and "u0000" in gap.reason
+        assert isinstance(gap, Gap) and gap.target == "public.docs", gap
+        assert named in gap.reason, gap.reason  # the server's own words
         assert [c.key for c in await stream.take(1)] == [2]
         await db.conn.execute("INSERT INTO docs VALUES (3, '{}', '3 days')")
+        assert [c.key for c in await stream.take(1)] == [3]
+
+
+async def test_an_old_value_a_domain_no_longer_takes_is_a_gap_not_a_stuck_reader(
+    logical_pg: PgDatabase,
+) -> None:
+    """A domain's constraint added `NOT VALID` leaves rows that break it; the server's rebuild
+    of such a row's image (an update's old row) checks it, and failed: the reader started
+    again at that transaction for good. Now that change is a gap, and the rest go on."""
+    from feed.core.change import Gap
+
+    db = logical_pg
+    await db.conn.execute("CREATE DOMAIN small AS int")
+    await db.conn.execute("CREATE TABLE public.docs (id int PRIMARY KEY, n small)")
+    await db.conn.execute("INSERT INTO docs VALUES (1, 50)")
+    async with streaming(logical(db, ["public.docs"])) as stream:
+        await db.conn.execute("INSERT INTO docs VALUES (2, 60)")
+        assert [c.key for c in await stream.take(1)] == [2]
+        await db.conn.execute(
+            "ALTER DOMAIN small ADD CONSTRAINT under_10 CHECK (VALUE < 10) NOT VALID"
+        )
+        await db.conn.execute("UPDATE docs SET n = 5 WHERE id = 1")  # its old row breaks it
+        gap = await asyncio.wait_for(stream.queue.get(), WAIT)
+        assert isinstance(gap, Gap) and gap.target == "public.docs", gap
+        assert 'violates check constraint "under_10"' in gap.reason, gap.reason
+        await db.conn.execute("INSERT INTO docs VALUES (3, 1)")
         assert [c.key for c in await stream.take(1)] == [3]
 
 
