@@ -165,7 +165,7 @@ async def test_a_client_cut_off_by_a_blackhole_moves_to_another_node_and_recover
         hole.blackhole()
         for i in range(6, 11):
             memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
-        # ping_interval + ping_timeout for each side to notice, then a handshake timeout
+        # ping_interval + ping_timeout for each side to notice, then the next node
         await log.until(lambda: len(log.changes) == 10, "the changes made while cut off", 15)
         assert feed.url == second.url
         assert_once_in_order(log.changes, 1, 10)
