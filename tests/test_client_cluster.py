@@ -25,6 +25,7 @@ from tests.support.cluster import (
 )
 from tests.support.proxy import Blackhole, CuttableProxy
 from tests.support.redis import RedisTarget, open_private_redis
+from tests.support.server import free_port
 from tests.support.waiting import wait_until
 from tests.test_client_python import Log, assert_once_in_order
 
@@ -164,7 +165,7 @@ async def test_a_client_cut_off_by_a_blackhole_moves_to_another_node_and_recover
         hole.blackhole()
         for i in range(6, 11):
             memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
-        # ping_interval + ping_timeout for each side to notice, then a handshake timeout
+        # ping_interval + ping_timeout for each side to notice, then the next node
         await log.until(lambda: len(log.changes) == 10, "the changes made while cut off", 15)
         assert feed.url == second.url
         assert_once_in_order(log.changes, 1, 10)
@@ -172,3 +173,62 @@ async def test_a_client_cut_off_by_a_blackhole_moves_to_another_node_and_recover
         assert "reload" not in log.names
         await wait_until(lambda: not first.app.sio.eio.sockets, 10, "the first node to drop it")
         await hole.heal()
+
+
+async def test_after_losing_its_node_the_client_tries_the_other_nodes_before_that_one(
+    redis_target: RedisTarget,
+) -> None:
+    """Nodes [A, B]: A's host goes down (the client's connection is reset, new connections to
+    A are never answered). The next attempt goes to B, not to A again: the client used to wait
+    out a whole `timeout` on A before it tried B."""
+    config = cluster_config(redis_target.url, redis_target.prefix, history=1000)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        first, second = nodes
+        hole = await stack.enter_async_context(Blackhole(int(first.url.rsplit(":", 1)[1])))
+        feed = FeedClient(
+            [f"http://127.0.0.1:{hole.port}", second.url],
+            reconnection_delay=0.1,
+            reconnection_delay_max=1.0,
+            timeout=8.0,
+        )
+        await stack.enter_async_context(feed)
+        sub = await stack.enter_async_context(feed.subscribe(ROOM))
+        log = Log(sub)
+        for i in range(1, 6):
+            memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+        await log.until(lambda: len(log.changes) == 5, "5 changes on the first node")
+
+        hole.blackhole()
+        hole.drop()
+        await log.until(lambda: sub.state == "pending", "the drop")
+        lost_at = asyncio.get_running_loop().time()
+        for i in range(6, 11):
+            memory(reader).write("public.orders", "insert", {"id": i, "status": "new"})
+        await log.until(lambda: len(log.changes) == 10, "the changes made while away", 15)
+        took = asyncio.get_running_loop().time() - lost_at
+        assert not hole.links, "the client tried the lost node again first"
+        # Well within the 8 s an attempt on A waits for its answer.
+        assert took < 4.0, f"live again on B {took:.1f} s after the loss"
+        assert feed.url == second.url
+        assert_once_in_order(log.changes, 1, 10)
+        assert ("recovered", {"replayed": 5}) in log.states, log.states
+
+
+async def test_the_backoff_waits_after_a_round_of_every_node_not_after_each_one(
+    redis_target: RedisTarget,
+) -> None:
+    """Nodes [down, down, up]: the client goes straight on to the next node after each
+    refusal, and only a whole round of failures waits out `reconnection_delay` (doubling per
+    round). It used to wait after each node: 2 s, then 4 s, before the third was tried."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        (node,) = await start_nodes(stack, config, 1)
+        down = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+        feed = FeedClient([*down, node.url], reconnection_delay=2.0, reconnection_delay_max=8.0)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(stack.enter_async_context(feed), 10)
+        took = asyncio.get_running_loop().time() - started
+        assert feed.url == node.url
+        assert took < 1.0, f"connected after {took:.1f} s"

@@ -335,10 +335,11 @@ class Emitter {
 export class FeedClient extends Emitter {
   constructor(url, options = {}) {
     super();
-    // One URL, or several nodes of one feed: after a failed attempt the next one is tried.
+    // One URL, or several nodes of one feed, tried in turn (see `_nextUrl`).
     this.urls = Array.isArray(url) ? [...url] : [url];
     if (this.urls.length === 0) throw new FeedError("bad_url", "no URL given");
     this._urlIndex = 0;
+    this._failed = 0; // attempts failed since the last connection (a round: one per URL)
     this.options = options;
     this.subscriptions = new Set();
     this._byRoom = new Map(); // canonical room -> Set<Subscription>
@@ -377,7 +378,34 @@ export class FeedClient extends Emitter {
     };
     const factory = options.io || io;
     this.socket = factory(this.urls[0], ioOptions);
+    this._perRound();
     this._wire();
+  }
+
+  /**
+   * The backoff applies per round of every node, not per attempt (as in the Python library):
+   * a failed attempt is followed at once by one to the next node, and only a round in which
+   * every node failed waits, socket.io-client's delay doubling per round. The wait before the
+   * first attempt after a loss stays, so that the clients of a node that died reach the next
+   * one spread over time. With one URL each attempt is a round: socket.io-client's own backoff.
+   */
+  _perRound() {
+    const backoff = this.socket.io?.backoff;
+    if (this.urls.length < 2 || typeof backoff?.duration !== "function") return;
+    const duration = backoff.duration.bind(backoff);
+    backoff.duration = () => (this._failed % this.urls.length ? 0 : duration());
+  }
+
+  /**
+   * Round robin: the next attempt goes to the next node. After a lost connection the lost
+   * node is the last one tried (it was tried first, and a dead or blackholed node held the
+   * reconnect for up to `timeout`), and a node that did not answer is not tried again before
+   * the others.
+   */
+  _nextUrl() {
+    if (this.urls.length < 2 || !this.socket.io) return;
+    this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+    this.socket.io.uri = this.urls[this._urlIndex];
   }
 
   /** The URL of the node this client is connected to (or trying). */
@@ -576,6 +604,7 @@ export class FeedClient extends Emitter {
 
   _onConnect() {
     this.connected = true;
+    this._failed = 0;
     this._tokenFailures = 0;
     this._connectedAt = Date.now();
     this._pacer.reset();
@@ -593,6 +622,7 @@ export class FeedClient extends Emitter {
     for (const sub of this.subscriptions) sub._offline();
     this._orphans = [];
     if (this._closed) return;
+    if (reason !== "io client disconnect") this._nextUrl(); // lost, not dropped by `reconnect`
     if (reason === "io server disconnect") {
       // The server closed the connection on purpose (a restart, an expired token):
       // socket.io-client does not retry that by itself, so do it with a backoff.
@@ -607,10 +637,8 @@ export class FeedClient extends Emitter {
   _onConnectError(err) {
     if (this.socket.active) {
       // A transport failure: socket.io-client retries by itself, at the next node if several.
-      if (this.urls.length > 1 && this.socket.io) {
-        this._urlIndex = (this._urlIndex + 1) % this.urls.length;
-        this.socket.io.uri = this.urls[this._urlIndex];
-      }
+      this._failed += 1;
+      this._nextUrl();
       return;
     }
     // Refused by the server (authentication, too many connections).

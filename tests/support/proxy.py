@@ -178,6 +178,13 @@ class Blackhole:
     def blackhole(self) -> None:
         self.blocked = True
 
+    def drop(self) -> None:
+        """Reset every connection through it now; the partition, if any, stays: with
+        `blackhole()` first, a client's connection is lost at once and its new attempts
+        hang (a node whose host went down: the reset reached the client, SYNs go unanswered)."""
+        for link in list(self.links):
+            link.abort()
+
     async def heal(self) -> None:
         self.blocked = False
         for link in list(self.links):

@@ -82,6 +82,15 @@ export class Blackhole {
     for (const link of this.links) link.block();
   }
 
+  /**
+   * Reset every connection through it now; the partition, if any, stays: after `blackhole()`,
+   * a client's connection is lost at once and its new attempts hang (a node whose host went
+   * down: the reset reached the client, SYNs go unanswered).
+   */
+  drop() {
+    for (const link of [...this.links]) link.destroy();
+  }
+
   /** The partition lifts: what waited is delivered, the closes that waited happen. */
   heal() {
     this.blocked = false;

@@ -58,8 +58,8 @@ test("a live connection whose node is blackholed: the heartbeat notices, the cli
 
       hole.blackhole(); // half-open: neither side is told anything
       for (let i = 6; i <= 10; i += 1) await h.send({ cmd: "cluster_write", op: "insert", row: { id: i } });
-      // ping_interval + ping_timeout (2 s) to notice the silence, a reconnect to the same node
-      // that must give up after `timeout` (2 s), then the other node: well within 12 s.
+      // ping_interval + ping_timeout (2 s) to notice the silence, then the other node (the lost
+      // one is tried last; before, a reconnect to it gave up after `timeout` first): within 12 s.
       await until(() => log.changes.length === 10, "the changes made while cut off", 12000);
       assert.equal(feed.url, urls[0]);
       assertOnceInOrder(log.changes, 1, 10);

@@ -169,7 +169,7 @@ class FeedClient(_Events):
         timeout: float = 10.0,
     ) -> None:
         super().__init__()
-        # One URL, or several nodes of one feed: after a failed attempt the next one is tried.
+        # One URL, or several nodes of one feed, tried in turn (see `_run`).
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
             raise FeedError("bad_url", "no URL given")
@@ -266,9 +266,20 @@ class FeedClient(_Events):
                     await task
 
     async def _run(self, first: asyncio.Future[None]) -> None:
+        """Connect, and connect again whenever the connection is lost, until closed.
+
+        With several URLs the attempts go round them in turn: after a lost connection the
+        next node is tried first, the lost one last, and a node that did not answer is not
+        tried again before the others. The backoff applies per round: a failed attempt is
+        followed at once by one to the next node, and only a round in which every node failed
+        waits (`reconnection_delay`, doubling per round up to `reconnection_delay_max`). The
+        wait before the first attempt after a loss stays, so that the clients of a node that
+        died reach the next one spread over time. With one URL each attempt is a round.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         delay = self.reconnection_delay
+        failed = 0  # attempts failed since the last connection (a round: one per URL)
         while not self._closed:
             try:
                 # Asked here, not by python-socketio during the handshake: there a failing token
@@ -346,11 +357,18 @@ class FeedClient(_Events):
                     first.set_exception(ConnectError("unreachable", f"{urls}: {exc}"))
                     return
                 else:
-                    self._url_index = (self._url_index + 1) % len(self.urls)
+                    # Unreachable, refusing connections, or no answer within `timeout`: the
+                    # next node now, the backoff only once a round of them all failed. (A
+                    # refusal by the server is retried where it was said, as before.)
+                    self._next_url()
+                    failed += 1
+                    if failed % len(self.urls):
+                        continue
                 await asyncio.sleep(spread(delay))
                 delay = min(delay * 2, self.reconnection_delay_max)
                 continue
             delay = self.reconnection_delay
+            failed = 0
             self._sio = sio
             if not first.done():
                 first.set_result(None)
@@ -359,7 +377,13 @@ class FeedClient(_Events):
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             if not self._closed:
+                # Lost: the lost node is the last one the next round tries (it was retried
+                # first, and a dead or blackholed node held the reconnect for up to `timeout`).
+                self._next_url()
                 await asyncio.sleep(spread(delay))
+
+    def _next_url(self) -> None:
+        self._url_index = (self._url_index + 1) % len(self.urls)
 
     async def _watch(self, sio: socketio.AsyncClient) -> None:
         """Wait until the connection is lost, noticing a wedged transport too (which never
