@@ -469,6 +469,8 @@ async def test_a_source_taken_down_fires_connector_down_and_its_return_ends_it(
             *quiet(calm),
             (down, "FeedConnectorDown", []),  # `for: 1m`: pending at first
             (still_down, "FeedConnectorDown", down_alerts("logical", "notify")),
+            # The node keeps reading (retrying) the connectors: one reader each, as before.
+            (still_down, "FeedClusterReaders", []),
             (back, "FeedConnectorDown", []),
         ],
     )
