@@ -74,7 +74,25 @@ def env_example() -> dict[str, str]:
 
 
 def test_compose_file_is_valid_and_has_every_service(stack: dict[str, Any]) -> None:
-    assert set(stack["services"]) == {"postgres", "mongo", "redis", "feed", "lb", "writer"}
+    assert set(stack["services"]) == {
+        *("postgres", "mongo", "redis", "feed", "lb", "writer"),
+        "prometheus",
+    }
+
+
+def test_prometheus_is_optional_and_loads_the_alerting_rules(stack: dict[str, Any]) -> None:
+    """`docker compose up` alone leaves it out; with the profile it scrapes the replicas with
+    deploy/prometheus/ (its rules are checked in tests/test_alert_rules.py)."""
+    prometheus = stack["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    [mount] = prometheus["volumes"]
+    assert mount.split(":")[:2] == [str(ROOT / "deploy" / "prometheus"), "/etc/prometheus"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "feed"
+    assert job["dns_sd_configs"] == [{"names": ["feed"], "type": "A", "port": 8000}]
+    assert prometheus["depends_on"] == {"feed": {"condition": "service_healthy"}}
 
 
 def test_sources_have_healthchecks_and_named_volumes(stack: dict[str, Any]) -> None:

@@ -337,6 +337,7 @@ class FeedApp:
         m.describe("feed_auth_refused_total", "counter", "Connections refused, by reason")
         m.describe("feed_auth_expired_total", "counter", "Connections ended by token expiry")
         m.describe("feed_slow_clients_cut_total", "counter", "Clients cut off for not reading")
+        m.counter("feed_slow_clients_cut_total")  # 0 from the start, for `increase()` (hub.py)
 
     def _session(self, sid: str) -> Session:
         session = self.sessions.get(sid)

@@ -906,6 +906,12 @@ class Hub:
         m.describe("feed_rooms_evicted_total", "counter", "Idle rooms expired early for new ones")
         for name, (kind, text) in CAPTURE_METRICS.items():
             m.describe(name, kind, text)
+        # Counters of events, at 0 from the start: a series that first appears at 1 gives
+        # `increase()` one sample, so an alert on it missed the first gap (deploy/prometheus).
+        for connector in self.connectors:
+            m.counter("feed_gaps_total", connector=connector)
+        for reason in ("identity", "total"):
+            m.counter("feed_rooms_refused_total", reason=reason)
         m.gauges(self._gauge_values)
 
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:
