@@ -107,3 +107,28 @@ async def test_a_reconnect_refused_with_503_is_reported_and_retried_until_there_
             async with asyncio.timeout(WAIT):
                 change = await anext(aiter(sub))
             assert change["key"] == 1
+
+
+async def test_a_server_unreachable_for_timeout_is_said_once_per_outage_and_retried() -> None:
+    """Before, a reconnect that kept failing was retried for ever without a word (the first
+    connect alone raised `unreachable`)."""
+    async with harness() as h:
+        errors: list[FeedError] = []
+        told = asyncio.Event()
+        async with client(h.url, timeout=1.0) as feed:
+            sub = feed.subscribe(ROOM)
+            async with asyncio.timeout(WAIT):
+                await sub.ready()
+            back = asyncio.Event()
+            sub.on("state", lambda state, *_: back.set() if state == "recovered" else None)
+            feed.on("error", errors.append)
+            feed.on("error", lambda _: told.set())
+            h.proxy.cut()  # connections dropped, new ones refused
+            async with asyncio.timeout(WAIT):
+                await told.wait()
+            h.proxy.restore()
+            async with asyncio.timeout(WAIT):
+                await back.wait()
+        assert [e.code for e in errors] == ["unreachable"]
+        assert errors[0].message.startswith(f"{h.url}: no connection for ")
+        assert errors[0].message.endswith("; still trying")

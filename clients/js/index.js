@@ -392,6 +392,8 @@ export class FeedClient extends Emitter {
     this._closed = false;
     this._serverCloses = 0;
     this._tokenFailures = 0; // token function failures in a row (`_tokenFailed`'s backoff)
+    this._failingSince = null; // when the attempts of this outage began to fail (`_unreachable`)
+    this._saidUnreachable = false;
     this._connectedAt = 0;
     this._refreshTimer = null;
     this._retryTimer = null;
@@ -650,6 +652,8 @@ export class FeedClient extends Emitter {
   _onConnect() {
     this.connected = true;
     this._failed = 0;
+    this._failingSince = null;
+    this._saidUnreachable = false;
     this._tokenFailures = 0;
     this._connectedAt = Date.now();
     this._pacer.reset();
@@ -668,6 +672,7 @@ export class FeedClient extends Emitter {
     this._orphans = [];
     if (this._closed) return;
     if (reason !== "io client disconnect") this._nextUrl(); // lost, not dropped by `reconnect`
+    this._failingSince = Date.now(); // the outage begins (`_unreachable`)
     if (reason === "io server disconnect") {
       // The server closed the connection on purpose (a restart, an expired token):
       // socket.io-client does not retry that by itself, so do it with a backoff.
@@ -685,6 +690,7 @@ export class FeedClient extends Emitter {
       // A transport failure: socket.io-client retries by itself, at the next node if several.
       this._failed += 1;
       this._nextUrl();
+      this._unreachable(err);
       return;
     }
     // Refused by the server: in HTTP, before Socket.IO (a host name or an origin it does not
@@ -722,6 +728,24 @@ export class FeedClient extends Emitter {
     // subscription with the reason. `reconnect()` tries again.
     if (http) this.socket.disconnect();
     for (const sub of [...this.subscriptions]) sub._fail(error);
+  }
+
+  /**
+   * Attempts have failed for `timeout` ms without a refusal the library could read (the server
+   * down, a network cut, or a refusal whose status the browser hides: see docs/clients.md,
+   * "Refused connections"): say so once per outage, with the last failure, as the Python
+   * library's `unreachable`; socket.io-client goes on retrying.
+   */
+  _unreachable(err) {
+    const now = Date.now();
+    if (this._failingSince === null) this._failingSince = now;
+    const timeout = this.options.timeout ?? 10000;
+    if (this._saidUnreachable || now - this._failingSince < timeout) return;
+    this._saidUnreachable = true;
+    const detail = err?.description?.message || (typeof err?.description === "number" && err.description ? `HTTP ${err.description}` : "");
+    const why = [err?.message || "connection failed", detail].filter(Boolean).join(": ");
+    const seconds = Math.round((now - this._failingSince) / 1000);
+    this._emit("error", new FeedError("unreachable", `${this.urls.join(", ")}: no connection for ${seconds} s (${why}); still trying`));
   }
 
   _scheduleRefresh(secondsLeft) {

@@ -136,3 +136,29 @@ test("retryRefused: false: a 503 is reported once and the client waits for recon
     await h.stop();
   }
 });
+
+test("a server unreachable for `timeout`: one `unreachable` error per outage, retried, and back by itself", async () => {
+  // What a refusal whose status the browser hides looks like too (a websocket's, a cross-origin
+  // poll's): before, nothing at all was said, for as long as it lasted.
+  const h = await Harness.start();
+  const feed = new FeedClient(h.url, { ...FAST, transports: ["websocket"], timeout: 1000 });
+  const errors = [];
+  feed.on("error", (err) => errors.push(err));
+  try {
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await until(() => sub.state === "live", "live");
+    await h.send({ cmd: "cut" }); // connections dropped, new ones refused
+    await until(() => errors.length === 1, "an unreachable error");
+    assert.equal(errors[0].code, "unreachable");
+    assert.match(errors[0].message, new RegExp(`${h.url}: no connection for \\d+ s \\(websocket error.*\\); still trying`));
+    assert.ok(!errors[0].refused);
+    await h.send({ cmd: "restore" });
+    await until(() => log.states.at(-1).state === "recovered", "back by itself");
+    assert.deepEqual(errors.map((e) => e.code), ["unreachable"], "once for the outage");
+    assert.equal(sub.state, "recovered");
+  } finally {
+    feed.close();
+    await h.stop();
+  }
+});

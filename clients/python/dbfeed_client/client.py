@@ -332,6 +332,7 @@ class FeedClient(_Events):
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        outage, told = loop.time(), False
         delay = self.reconnection_delay
         failed = 0  # attempts failed since the last connection (a round: one per URL)
         while not self._closed:
@@ -428,6 +429,13 @@ class FeedClient(_Events):
                     # refusal by the server is retried where it was said, as before.)
                     self._next_url()
                     failed += 1
+                    down = loop.time() - outage
+                    if first.done() and not told and down >= self.timeout:
+                        # Said once per outage, as the JavaScript library does; still retried.
+                        told = True
+                        urls = ", ".join(self.urls)
+                        message = f"{urls}: no connection for {down:.0f} s ({exc}); still trying"
+                        self._emit("error", ConnectError("unreachable", message))
                     if failed % len(self.urls):
                         continue
                 await asyncio.sleep(spread(delay))
@@ -440,6 +448,7 @@ class FeedClient(_Events):
                 first.set_result(None)
             self._on_connect()
             await self._watch(sio)
+            outage, told = loop.time(), False  # `unreachable` is said once per outage
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             if not self._closed:
