@@ -191,6 +191,11 @@ function httpRefusal(err) {
   } catch {
     said = ""; // a responseText that cannot be read (a binary responseType): say what is known
   }
+  // A poll's 400 is a refusal only when it says so: Engine.IO answers 400 "Invalid session" to
+  // a poll or post that a balancer without sticky sessions sent to another node than the
+  // handshake's, which may well work at the next attempt (and without a readable body, there
+  // is no telling).
+  if (status === 400 && !/is not allowed|not an accepted origin/.test(said)) return null;
   const error = new FeedError(code, `the server refused the connection with HTTP ${status}: ${said || hint}`, { code, status });
   error.refused = true;
   return error;
@@ -663,6 +668,7 @@ export class FeedClient extends Emitter {
   }
 
   _onDisconnect(reason) {
+    const was = this.connected; // socket.io-client says "disconnect" after a failed attempt too
     this.connected = false;
     this._connections += 1;
     clearTimeout(this._refreshTimer);
@@ -672,7 +678,7 @@ export class FeedClient extends Emitter {
     this._orphans = [];
     if (this._closed) return;
     if (reason !== "io client disconnect") this._nextUrl(); // lost, not dropped by `reconnect`
-    this._failingSince = Date.now(); // the outage begins (`_unreachable`)
+    if (was) this._failingSince = Date.now(); // the outage begins (`_unreachable`)
     if (reason === "io server disconnect") {
       // The server closed the connection on purpose (a restart, an expired token):
       // socket.io-client does not retry that by itself, so do it with a backoff.

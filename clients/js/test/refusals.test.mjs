@@ -5,6 +5,7 @@
 // As the Python library does (tests/test_client_refusals.py): a FeedError with the reason,
 // final for a name or an origin (the same request would be refused again), retried for a 503.
 import assert from "node:assert/strict";
+import { connect, createServer } from "node:net";
 import { test } from "node:test";
 
 import { FeedClient } from "../index.js";
@@ -160,5 +161,39 @@ test("a server unreachable for `timeout`: one `unreachable` error per outage, re
   } finally {
     feed.close();
     await h.stop();
+  }
+});
+
+test("a 400 that is no refusal (Invalid session, from nodes behind a balancer without sticky sessions) is retried", async () => {
+  // Engine.IO answers 400 to a poll that reaches another node than its handshake: taken for a
+  // refused host name, it stopped the client for good, where a later attempt may land well.
+  const nodes = await Harness.startMany(2);
+  const ports = nodes.map((h) => Number(new URL(h.direct).port));
+  let next = 0;
+  const links = new Set();
+  const balancer = createServer((client) => {
+    const upstream = connect(ports[next++ % 2], "127.0.0.1"); // round robin, per connection
+    for (const s of [client, upstream]) {
+      links.add(s);
+      s.on("error", () => {});
+      s.on("close", () => links.delete(s));
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  await new Promise((resolve) => balancer.listen(0, "127.0.0.1", resolve));
+  const feed = new FeedClient(`http://127.0.0.1:${balancer.address().port}`, { ...FAST, transports: ["polling"], timeout: 1000 });
+  const errors = [];
+  feed.on("error", (err) => errors.push(err.code));
+  try {
+    const sub = feed.subscribe(ROOM);
+    await until(() => errors.includes("unreachable"), "the attempts still going after `timeout`");
+    assert.deepEqual(errors, ["unreachable"]);
+    assert.equal(sub.state, "pending");
+    assert.equal(feed.socket.active, true, "still retrying");
+  } finally {
+    feed.close();
+    for (const s of links) s.destroy();
+    await new Promise((resolve) => balancer.close(resolve));
+    await Promise.all(nodes.map((h) => h.stop()));
   }
 });
