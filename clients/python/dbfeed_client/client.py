@@ -284,8 +284,10 @@ class FeedClient(_Events):
 
         Raises ConnectError when the server refuses the first attempt or cannot be reached within
         `timeout` seconds. Later, a refused reconnect is retried when `retry_refused` is true
-        and the token is a function (it may have a better token next time) or the refusal says
-        "not now" (`TRANSIENT_REFUSALS`).
+        and the token is a function (it may have a better token next time, unless the refusal
+        is `handshake_refused`: a name or origin the feed does not accept) or the refusal says
+        "not now" (`TRANSIENT_REFUSALS`). A reconnect failing for `timeout` seconds is said once
+        per outage (`unreachable`), and retried (docs/clients.md, "Refused connections").
         """
         if self._closed:
             raise ClosedError("closed", "this FeedClient is closed; make a new one")
