@@ -66,8 +66,9 @@ export interface FeedClientOptions {
   /** Refresh a function token's JWT before it expires (default true). */
   refreshTokens?: boolean;
   /** With a function token, or a refusal that says "not now" (`too_many_connections`,
-   * `auth_unavailable`): retry a refused connection with backoff (default true); when false,
-   * wait for `reconnect()`. A fixed token's other refusals end every subscription. */
+   * `auth_unavailable`, `server_busy`): retry a refused connection with backoff (default true);
+   * when false, wait for `reconnect()`. A fixed token's other refusals, and `handshake_refused`
+   * whatever the token, end every subscription (docs/clients.md, "Refused connections"). */
   retryRefused?: boolean;
   /** Socket.IO path (default "/socket.io/"). */
   path?: string;
@@ -131,7 +132,8 @@ export class FeedError extends Error {
   constructor(code: string, message: string, data?: unknown);
   readonly code: string;
   readonly data?: unknown;
-  /** Set on the error of a connection the server refused (its `data.code` says why). */
+  /** Set on the error of a connection the server refused (its `data.code` says why; for a
+   * refusal in HTTP, `handshake_refused`, `too_large` or `server_busy`, `data.status` too). */
   readonly refused?: boolean;
 }
 

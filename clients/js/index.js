@@ -146,10 +146,60 @@ class Pacer {
 }
 
 /** Refusals that say "not now" rather than "not this token": the identity holds its most
- * connections (another may close), the identity provider's keys could not be fetched. A client
- * retries them with backoff whatever its token, so a fixed token does not end every
- * subscription for good over a moment's refusal. */
-const TRANSIENT_REFUSALS = new Set(["too_many_connections", "auth_unavailable"]);
+ * connections (another may close), the identity provider's keys could not be fetched, the
+ * server is at its connection limit (HTTP 503). A client retries them with backoff whatever its
+ * token, so a fixed token does not end every subscription for good over a moment's refusal. */
+const TRANSIENT_REFUSALS = new Set(["too_many_connections", "auth_unavailable", "server_busy"]);
+
+/** Refusals no token can change (the name the feed is reached by, the page's origin): final. */
+const UNTOKENED_REFUSALS = new Set(["handshake_refused"]);
+
+// What the server's HTTP refusals of a handshake mean (docs/clients.md, "Refused connections").
+const HTTP_REFUSALS = {
+  400: ["handshake_refused", "the feed does not accept the name it is reached by (its Host: [server] allowed_hosts) or this page's origin ([server] cors_allowed_origins)"],
+  403: ["handshake_refused", "the feed does not accept the name it is reached by (its Host: [server] allowed_hosts) or this page's origin ([server] cors_allowed_origins)"],
+  413: ["too_large", "the connection's first message (its token) is larger than the server's [server] max_message_bytes"],
+  503: ["server_busy", "the server is at its connection limit ([limits] max_connections)"],
+};
+
+/**
+ * The server's refusal of a handshake in HTTP, from socket.io-client's `connect_error`: a
+ * FeedError (`handshake_refused`, `too_large`, `server_busy`) with `data.status`, or null for
+ * a failure that says nothing of the kind (the server down, a network error, a status hidden).
+ *
+ * What engine.io-client lets through: over long-polling, its TransportError carries the status
+ * as `description` (0 where the browser hides it: a cross-origin answer without CORS headers,
+ * which the server's refusals are) and the XMLHttpRequest as `context`, whose `responseText`
+ * is the server's own explanation; over a websocket, Node's `ws` says "Unexpected server
+ * response: 403" and a browser says nothing at all (an `error` event, then close code 1006).
+ */
+function httpRefusal(err) {
+  if (!err || err.type !== "TransportError") return null;
+  let status = typeof err.description === "number" ? err.description : null;
+  if (status === null) {
+    const text = String(err.description?.message ?? err.description?.error?.message ?? "");
+    const found = /Unexpected server response: (\d{3})/.exec(text);
+    status = found ? Number(found[1]) : null;
+  }
+  const known = status !== null && HTTP_REFUSALS[status];
+  if (!known) return null;
+  const [code, hint] = known;
+  let said = "";
+  try {
+    said = typeof err.context?.responseText === "string" ? err.context.responseText.trim().split("\n")[0].slice(0, 300) : "";
+    if (/^".*"$/.test(said)) said = JSON.parse(said); // Engine.IO's own refusals are JSON strings
+  } catch {
+    said = ""; // a responseText that cannot be read (a binary responseType): say what is known
+  }
+  // A poll's 400 is a refusal only when it says so: Engine.IO answers 400 "Invalid session" to
+  // a poll or post that a balancer without sticky sessions sent to another node than the
+  // handshake's, which may well work at the next attempt (and without a readable body, there
+  // is no telling).
+  if (status === 400 && !/is not allowed|not an accepted origin/.test(said)) return null;
+  const error = new FeedError(code, `the server refused the connection with HTTP ${status}: ${said || hint}`, { code, status });
+  error.refused = true;
+  return error;
+}
 
 /** An error from the server (its `code` and `message`) or from the client itself. */
 export class FeedError extends Error {
@@ -347,6 +397,8 @@ export class FeedClient extends Emitter {
     this._closed = false;
     this._serverCloses = 0;
     this._tokenFailures = 0; // token function failures in a row (`_tokenFailed`'s backoff)
+    this._failingSince = null; // when the attempts of this outage began to fail (`_unreachable`)
+    this._saidUnreachable = false;
     this._connectedAt = 0;
     this._refreshTimer = null;
     this._retryTimer = null;
@@ -605,6 +657,8 @@ export class FeedClient extends Emitter {
   _onConnect() {
     this.connected = true;
     this._failed = 0;
+    this._failingSince = null;
+    this._saidUnreachable = false;
     this._tokenFailures = 0;
     this._connectedAt = Date.now();
     this._pacer.reset();
@@ -614,6 +668,7 @@ export class FeedClient extends Emitter {
   }
 
   _onDisconnect(reason) {
+    const was = this.connected; // socket.io-client says "disconnect" after a failed attempt too
     this.connected = false;
     this._connections += 1;
     clearTimeout(this._refreshTimer);
@@ -623,6 +678,7 @@ export class FeedClient extends Emitter {
     this._orphans = [];
     if (this._closed) return;
     if (reason !== "io client disconnect") this._nextUrl(); // lost, not dropped by `reconnect`
+    if (was) this._failingSince = Date.now(); // the outage begins (`_unreachable`)
     if (reason === "io server disconnect") {
       // The server closed the connection on purpose (a restart, an expired token):
       // socket.io-client does not retry that by itself, so do it with a backoff.
@@ -635,21 +691,37 @@ export class FeedClient extends Emitter {
   }
 
   _onConnectError(err) {
-    if (this.socket.active) {
+    const http = this.socket.active ? httpRefusal(err) : null;
+    if (this.socket.active && !http) {
       // A transport failure: socket.io-client retries by itself, at the next node if several.
       this._failed += 1;
       this._nextUrl();
+      this._unreachable(err);
       return;
     }
-    // Refused by the server (authentication, too many connections).
-    const error = new FeedError(err?.data?.code || "refused", err?.message || "connection refused", err?.data);
-    error.refused = true;
+    // Refused by the server: in HTTP, before Socket.IO (a host name or an origin it does not
+    // accept, its connection limit), or by Socket.IO (authentication, too many connections).
+    let error = http;
+    if (!error) {
+      error = new FeedError(err?.data?.code || "refused", err?.message || "connection refused", err?.data);
+      error.refused = true;
+    }
     this._emit("error", error);
-    if (typeof this.options.token === "function" || TRANSIENT_REFUSALS.has(error.code)) {
+    const again = TRANSIENT_REFUSALS.has(error.code) || (typeof this.options.token === "function" && !UNTOKENED_REFUSALS.has(error.code));
+    if (again) {
       // A token provider may have a better token next time, and a refusal that says "not now"
       // passes whatever the token: retry (unless told to wait for `reconnect()`, as the
       // dashboard does while it asks the user); keep the subscriptions.
-      if (this.options.retryRefused === false || this._closed) return;
+      if (this.options.retryRefused === false || this._closed) {
+        if (http) this.socket.disconnect(); // socket.io-client would retry an HTTP refusal itself
+        return;
+      }
+      if (http) {
+        // socket.io-client retries it with its backoff, at the next node if several.
+        this._failed += 1;
+        this._nextUrl();
+        return;
+      }
       this._serverCloses += 1;
       const delay = retryDelay(this._serverCloses, this.options);
       this._retryTimer = setTimeout(() => {
@@ -657,7 +729,29 @@ export class FeedClient extends Emitter {
       }, delay);
       return;
     }
+    // The same request would be refused again: stop (socket.io-client retries an HTTP refusal
+    // for ever by itself, an application showed "connecting" with no reason), and end every
+    // subscription with the reason. `reconnect()` tries again.
+    if (http) this.socket.disconnect();
     for (const sub of [...this.subscriptions]) sub._fail(error);
+  }
+
+  /**
+   * Attempts have failed for `timeout` ms without a refusal the library could read (the server
+   * down, a network cut, or a refusal whose status the browser hides: see docs/clients.md,
+   * "Refused connections"): say so once per outage, with the last failure, as the Python
+   * library's `unreachable`; socket.io-client goes on retrying.
+   */
+  _unreachable(err) {
+    const now = Date.now();
+    if (this._failingSince === null) this._failingSince = now;
+    const timeout = this.options.timeout ?? 10000;
+    if (this._saidUnreachable || now - this._failingSince < timeout) return;
+    this._saidUnreachable = true;
+    const detail = err?.description?.message || (typeof err?.description === "number" && err.description ? `HTTP ${err.description}` : "");
+    const why = [err?.message || "connection failed", detail].filter(Boolean).join(": ");
+    const seconds = Math.round((now - this._failingSince) / 1000);
+    this._emit("error", new FeedError("unreachable", `${this.urls.join(", ")}: no connection for ${seconds} s (${why}); still trying`));
   }
 
   _scheduleRefresh(secondsLeft) {

@@ -16,6 +16,8 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
     {"cmd": "rows", "target": "public.orders"}                 -> {"ok": true, "rows": {...}}
         (with "connector" as for write)
     {"cmd": "cut"} / {"cmd": "restore"} / {"cmd": "restart"} / {"cmd": "stop"}
+    {"cmd": "rename", "headers": {"Host": "feed.internal"}}
+        (requests through the proxy carry these headers from now on: a DNS name, an Origin)
     {"cmd": "cut_polls"}                                       -> {"ok": true, "cut": 1}
         (drops only the connections of long-poll GETs waiting for their answer, once one waits)
     {"cmd": "cut_answer", "target": "public.customers", "row": {..., "status": "cut-here"}}
@@ -389,6 +391,8 @@ async def serve_commands() -> None:
                     await asyncio.wait_for(h.proxy.answer_cut.wait(), WAIT)
                 elif cmd == "restore":
                     h.proxy.restore()
+                elif cmd == "rename":
+                    h.proxy.rename(command.get("headers", {}))
                 elif cmd == "restart":
                     await h.restart()
                 elif cmd == "token":

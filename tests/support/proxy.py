@@ -31,6 +31,8 @@ class CuttableProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         """Clear while held (`hold`): what arrives waits, unforwarded."""
+        self.headers: dict[bytes, bytes] = {}
+        """Request headers every request sent from now on carries instead of its own (`rename`)."""
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -61,9 +63,12 @@ class CuttableProxy:
                 await self._flowing.wait()
                 if down:
                     link.waiting = False  # the answer has begun
-                elif _is_poll(data):  # marked before it goes up, so its answer cannot come first
-                    link.waiting = True
-                    self._polling.set()
+                else:
+                    if self.headers:
+                        data = _renamed(data, self.headers)
+                    if _is_poll(data):  # marked before it goes up, so its answer cannot come first
+                        link.waiting = True
+                        self._polling.set()
                 marker = self.truncate_marker
                 if down and marker is not None and _mid_body(data, marker):
                     self.truncate_marker = None
@@ -86,6 +91,14 @@ class CuttableProxy:
             writer.transport.abort()
         self.writers.clear()
         self._flowing.set()  # what was held goes nowhere now: its connections are gone
+
+    def rename(self, headers: dict[str, str]) -> None:
+        """From now on, requests carry these headers instead of their own, as a balancer or a
+        browser would send them: `{"Host": "feed.internal"}` (the feed reached by a DNS name),
+        `{"Origin": "http://other.example"}` (a page on another site); `{}` stops it. Clients
+        cannot send those themselves (socket.io-client's XMLHttpRequest refuses to, as a
+        browser's does)."""
+        self.headers = {k.lower().encode(): v.encode() for k, v in headers.items()}
 
     def hold(self) -> None:
         """Forward nothing more, in either direction, and drop nothing (see the class)."""
@@ -136,6 +149,21 @@ def _is_poll(data: bytes) -> bool:
     """Whether `data` starts an Engine.IO long-poll GET (what a polling client leaves waiting)."""
     line = data.split(b"\r\n", 1)[0]
     return line.startswith(b"GET ") and b"transport=polling" in line
+
+
+def _renamed(data: bytes, headers: dict[bytes, bytes]) -> bytes:
+    """`data` with the named headers of the request head it starts with replaced (or added).
+
+    A request head arrives in one piece from the clients (small, one write); anything else, a
+    body or a websocket's frames, is passed on as it is."""
+    end = data.find(b"\r\n\r\n")
+    line = data.split(b"\r\n", 1)[0]
+    if end < 0 or not line.endswith(b" HTTP/1.1") or b" " not in line:
+        return data
+    lines = data[:end].split(b"\r\n")
+    kept = [lines[0]] + [h for h in lines[1:] if h.split(b":", 1)[0].strip().lower() not in headers]
+    added = [name + b": " + value for name, value in headers.items()]
+    return b"\r\n".join(kept + added) + data[end:]
 
 
 def _mid_body(data: bytes, marker: bytes) -> bool:

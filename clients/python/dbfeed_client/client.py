@@ -15,10 +15,12 @@ import functools
 import inspect
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
+import aiohttp
 import socketio
 
 from dbfeed_client.errors import (
@@ -142,10 +144,62 @@ def _handler_done(event: str, task: asyncio.Task[Any]) -> None:
         log.error("dbfeed_client: a %r handler failed", event, exc_info=task.exception())
 
 
-TRANSIENT_REFUSALS = frozenset({"too_many_connections", "auth_unavailable"})
+TRANSIENT_REFUSALS = frozenset({"too_many_connections", "auth_unavailable", "server_busy"})
 """Refusals that say "not now" rather than "not this token": the identity holds its most
-connections (another may close), the identity provider's keys could not be fetched. Retried with
-backoff whatever the token, so a fixed token does not end every subscription for good."""
+connections (another may close), the identity provider's keys could not be fetched, the server
+is at its connection limit (HTTP 503). Retried with backoff whatever the token, so a fixed token
+does not end every subscription for good."""
+
+_NAME_OR_ORIGIN = (
+    "the feed does not accept the name it is reached by (its Host: [server] allowed_hosts) or"
+    " the client's origin ([server] cors_allowed_origins)"
+)
+
+
+UNTOKENED_REFUSALS = frozenset({"handshake_refused"})
+"""Refusals no token can change (the name the feed is reached by, an origin): final."""
+
+HTTP_REFUSALS = {
+    400: ("handshake_refused", _NAME_OR_ORIGIN),
+    403: ("handshake_refused", _NAME_OR_ORIGIN),
+    413: (
+        "too_large",
+        "the connection's first message (its token) is larger than the server's"
+        " [server] max_message_bytes",
+    ),
+    503: ("server_busy", "the server is at its connection limit ([limits] max_connections)"),
+}
+"""What the server's HTTP refusals of a handshake mean (docs/clients.md, "Refused connections")."""
+
+_STATUS_SAID = re.compile(r"Unexpected status code (\d{3})")
+
+
+def http_refusal(exc: BaseException) -> ConnectError | None:
+    """The server's refusal of a handshake in HTTP, from the error of a failed attempt: a
+    ConnectError (`handshake_refused`, `too_large`, `server_busy`), or None for a failure that
+    says nothing of the kind (the server down, a network error).
+
+    python-engineio raises its own ConnectionError for both transports: over long-polling its
+    message names the status; over a websocket it says "Connection error", raised while
+    handling aiohttp's WSServerHandshakeError, which has the status. A long-polling refusal
+    whose body arrives after its head is read after python-engineio closed its session:
+    aiohttp's RuntimeError("Connection closed.") then carries no status (`unreachable`).
+    """
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    status = None
+    while error is not None and id(error) not in seen and status is None:
+        seen.add(id(error))
+        if isinstance(error, aiohttp.WSServerHandshakeError):
+            status = error.status
+        elif found := _STATUS_SAID.search(str(error)):
+            status = int(found.group(1))
+        error = error.__cause__ or error.__context__
+    if status not in HTTP_REFUSALS:
+        return None
+    code, hint = HTTP_REFUSALS[status]
+    message = f"the server refused the connection with HTTP {status}: {hint}"
+    return ConnectError(code, message, status)
 
 
 class FeedClient(_Events):
@@ -230,8 +284,10 @@ class FeedClient(_Events):
 
         Raises ConnectError when the server refuses the first attempt or cannot be reached within
         `timeout` seconds. Later, a refused reconnect is retried when `retry_refused` is true
-        and the token is a function (it may have a better token next time) or the refusal says
-        "not now" (`TRANSIENT_REFUSALS`).
+        and the token is a function (it may have a better token next time, unless the refusal
+        is `handshake_refused`: a name or origin the feed does not accept) or the refusal says
+        "not now" (`TRANSIENT_REFUSALS`). A reconnect failing for `timeout` seconds is said once
+        per outage (`unreachable`), and retried (docs/clients.md, "Refused connections").
         """
         if self._closed:
             raise ClosedError("closed", "this FeedClient is closed; make a new one")
@@ -278,6 +334,7 @@ class FeedClient(_Events):
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        outage, told = loop.time(), False
         delay = self.reconnection_delay
         failed = 0  # attempts failed since the last connection (a round: one per URL)
         while not self._closed:
@@ -320,12 +377,14 @@ class FeedClient(_Events):
                     await sio.disconnect()
                 raise
             except Exception as exc:
-                # Any failure of the attempt is one more unreachable attempt: python-engineio
-                # lets others through than its ConnectionError. A long-polling handshake
+                # A failure that is no refusal (`http_refusal`, `_on_connect_error`) is one more
+                # unreachable attempt: python-engineio lets others through than its
+                # ConnectionError. A long-polling handshake
                 # answered with an error status (a 400 for a Host not in allowed_hosts, or an
                 # Origin refused) is read after its session was closed, and aiohttp raised
                 # RuntimeError("Connection closed."): it ended this loop, so `connect()` waited
                 # forever and a reconnect never came.
+                http = http_refusal(exc)
                 if isinstance(exc, TimeoutError):
                     exc = socketio.exceptions.ConnectionError(
                         f"no answer within {self.timeout:g} s"
@@ -334,24 +393,34 @@ class FeedClient(_Events):
                     exc = socketio.exceptions.ConnectionError(f"{type(exc).__name__}: {exc}")
                 with contextlib.suppress(Exception):
                     await sio.disconnect()
+                refused = http
                 if self._refusal is not None:
                     data = self._refusal.get("data")
                     code = data.get("code") if isinstance(data, dict) else None
-                    error = ConnectError(
+                    refused = ConnectError(
                         str(code or "refused"), str(self._refusal.get("message") or exc)
                     )
-                    self._emit("error", error)
-                    retry = (
-                        callable(self._token_source) or code in TRANSIENT_REFUSALS
-                    ) and self.retry_refused
+                if refused is not None:
+                    self._emit("error", refused)
+                    retry = self.retry_refused and (
+                        refused.code in TRANSIENT_REFUSALS
+                        or (callable(self._token_source) and refused.code not in UNTOKENED_REFUSALS)
+                    )
                     if not (retry and first.done()):
-                        # The same token would be refused again (or this is the first attempt,
-                        # which `connect()` reports): give up, and say so.
+                        # The same request would be refused again (or this is the first
+                        # attempt, which `connect()` reports): give up, and say so.
                         if not first.done():
-                            first.set_exception(error)
+                            first.set_exception(refused)
                         for sub in list(self.subscriptions):
-                            sub._fail(error)
+                            sub._fail(refused)
                         return
+                    if http is not None:
+                        # A node at its connection limit: the next one now, as for one that is
+                        # unreachable (the backoff once a round of them all failed).
+                        self._next_url()
+                        failed += 1
+                        if failed % len(self.urls):
+                            continue
                 elif not first.done() and loop.time() >= deadline:
                     urls = ", ".join(self.urls)
                     first.set_exception(ConnectError("unreachable", f"{urls}: {exc}"))
@@ -362,6 +431,13 @@ class FeedClient(_Events):
                     # refusal by the server is retried where it was said, as before.)
                     self._next_url()
                     failed += 1
+                    down = loop.time() - outage
+                    if first.done() and not told and down >= self.timeout:
+                        # Said once per outage, as the JavaScript library does; still retried.
+                        told = True
+                        urls = ", ".join(self.urls)
+                        message = f"{urls}: no connection for {down:.0f} s ({exc}); still trying"
+                        self._emit("error", ConnectError("unreachable", message))
                     if failed % len(self.urls):
                         continue
                 await asyncio.sleep(spread(delay))
@@ -374,6 +450,7 @@ class FeedClient(_Events):
                 first.set_result(None)
             self._on_connect()
             await self._watch(sio)
+            outage, told = loop.time(), False  # `unreachable` is said once per outage
             with contextlib.suppress(Exception):
                 await sio.disconnect()
             if not self._closed:

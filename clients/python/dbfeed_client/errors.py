@@ -13,7 +13,12 @@ class FeedError(Exception):
 
 
 class ConnectError(FeedError):
-    """The server refused the connection (a bad or expired token, too many connections)."""
+    """The server refused the connection (a bad or expired token, too many connections, a
+    refusal in HTTP: then `status` is its status), or could not be reached (`unreachable`)."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(code, message)
+        self.status = status
 
 
 class SubscribeError(FeedError):
