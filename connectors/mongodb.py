@@ -133,7 +133,7 @@ class MongoConnector(Connector):
     kind = "mongodb"
 
     def configure(self, options: Options) -> None:
-        self.uri: str = options.str("uri", required=True)
+        self.uri: str = options.str("uri", required=True, spaces="none")
         problem = uri_problem(self.uri)
         if problem is not None:
             options.fail("uri", problem)

@@ -168,7 +168,7 @@ class PostgresConnector(TableSetup, Connector):
     kind = "postgres"
 
     def configure(self, options: Options) -> None:
-        self.dsn: str = options.str("dsn", required=True)
+        self.dsn: str = options.str("dsn", required=True, spaces="none")
         problem = dsn_problem(self.dsn)
         if problem is not None:
             options.fail("dsn", problem)
@@ -196,7 +196,7 @@ class PostgresConnector(TableSetup, Connector):
             if len(set(self.keys[table])) != len(self.keys[table]):
                 keys.fail(table, "names a column twice")
         self.mode = options.choice("mode", ["notify", "logical"], "notify")
-        self.schema: str = options.str("schema", "feed")
+        self.schema: str = options.str("schema", "feed", spaces="inside")
         if not IDENTIFIER.fullmatch(self.schema) or len(self.schema) > 50:
             options.fail("schema", f"{self.schema!r} must be a plain schema name, e.g. 'feed'")
         self.heartbeat_interval = options.float("heartbeat_interval", 5.0, minimum=0.05)
@@ -213,7 +213,9 @@ class PostgresConnector(TableSetup, Connector):
         self.prune_interval = options.float("prune_interval", 10.0, minimum=0.01)
         self.batch_size = options.int("batch_size", 500, minimum=1, maximum=100_000)
         self.auto_migrate = options.bool("auto_migrate", False)
-        self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
+        self.slot: str = options.str(
+            "slot", f"feed_{self.name}".replace("-", "_").lower(), spaces="inside"
+        )
         if self.mode == "logical" and not SLOT_NAME.fullmatch(self.slot):
             # Postgres takes only these for a slot, and cuts a longer publication name short:
             # before, the first start failed with a bare `identifier too long`.

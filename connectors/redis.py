@@ -62,7 +62,7 @@ class RedisConnector(Connector):
     # -- configuration -------------------------------------------------------------------------
 
     def configure(self, options: Options) -> None:
-        self.url: str = options.str("url", required=True)
+        self.url: str = options.str("url", required=True, spaces="none")
         try:
             url_kwargs: dict[str, Any] = dict(parse_url(self.url))
         except ValueError as exc:

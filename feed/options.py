@@ -9,11 +9,47 @@ import math
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from feed.errors import ConfigError
 
 INT64 = 2**63
+CHARACTER_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _character(char: builtins.str) -> builtins.str:
+    return CHARACTER_NAMES.get(char, f"character U+{ord(char):04X}")
+
+
+def stray_space(value: builtins.str, *, anywhere: builtins.bool = False) -> builtins.str | None:
+    """Why the whitespace or control characters in `value` cannot be meant, or None.
+
+    A value read from a file keeps the file's last newline (a Kubernetes secret made with
+    `--from-file` and given as an environment variable), and `${VAR}` brings it into the config. What happened next
+    depended on the source: Python's URL parser drops a newline or tab anywhere, so a Redis or
+    Postgres URL often worked; one ending in its port or `?sslmode=` was refused in words about
+    the port; PyMongo kept it in a password or database name; a space reached Postgres as part
+    of the database's name. `anywhere`: a URL, which holds none of them at all.
+    """
+    if value.endswith("\n"):
+        return (
+            "ends with a newline, as a value read from a secret file does: strip it "
+            "(write the file with printf '%s', not echo)"
+        )
+    if value and not (value[0].isprintable() and not value[0].isspace()):
+        return f"starts with {_character(value[0])}: remove it"
+    if value and not (value[-1].isprintable() and not value[-1].isspace()):
+        return f"ends with {_character(value[-1])}: remove it"
+    if anywhere:
+        for index, char in enumerate(value):
+            if char.isspace() or not char.isprintable():
+                encoded = urllib.parse.quote(char)
+                return (
+                    f"has {_character(char)} at character {index + 1}, which no URL holds: "
+                    f"strip it (a ${{VAR}} read from a secret file keeps the file's newline), "
+                    f"or write it as {encoded} if it belongs in a password"
+                )
+    return None
 
 
 class Options:
@@ -58,10 +94,17 @@ class Options:
         default: builtins.str | None = None,
         *,
         required: builtins.bool = False,
+        spaces: Literal["any", "inside", "none"] = "any",
     ) -> Any:
+        """A string; `spaces="inside"` refuses whitespace at its ends (a name, a digest, a path),
+        `"none"` whitespace and control characters anywhere (a URL): see `stray_space`."""
         value = self._get(key, default, required)
         if value is not None and (not isinstance(value, str) or (required and not value)):
             self.fail(key, f"must be a non-empty string, not {value!r}")
+        if value is not None and spaces != "any":
+            problem = stray_space(value, anywhere=spaces == "none")
+            if problem is not None:
+                self.fail(key, problem)
         return value
 
     def choice(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -450,6 +451,53 @@ def test_a_value_from_the_environment_parses_as_if_written(path: KeyPath, defaul
     assert config == parse_config(VALID, FILE, {})
 
 
+# -- values a secret file brings in: whitespace at the ends, a newline inside a URL --------------
+
+URLS: list[KeyPath] = [("connectors", 1, "dsn"), ("connectors", 2, "uri"), ("connectors", 3, "url")]
+URLS += [("connectors", 4, "url"), ("cluster", "url")]
+"""No URL holds a space or a control character: each is refused wherever it is."""
+TRIMMED: list[KeyPath] = [
+    *NAMES,
+    ("cluster", "prefix"),
+    ("cluster", "node"),
+    ("auth", "tokens", 0, "sha256"),
+]
+TRIMMED += [("connectors", 1, "schema"), ("connectors", 1, "slot"), ("auth", "jwt", "issuer")]
+TRIMMED += [("auth", "jwt", "audience")]
+"""Names, digests, an issuer: whitespace at their ends cannot be meant."""
+SPACES = ["\n", "\r\n", " ", "\t", "\r", "\u00a0", "\x00"]
+
+
+@settings(max_examples=80, derandomize=True, database=None, deadline=None)
+@given(
+    path=st.sampled_from(URLS + TRIMMED),
+    space=st.sampled_from(SPACES),
+    where=st.sampled_from(["end", "start", "inside"]),
+    at=st.integers(1, 30),
+)
+def test_whitespace_a_secret_file_brings_is_refused_naming_the_key(
+    path: KeyPath, space: str, where: str, at: int
+) -> None:
+    """`dsn = "${DATABASE_URL}"` with the variable read from a mounted secret file ends in "\n".
+    Python's URL parser dropped it (so it often worked), or the port or `sslmode` it ended in
+    was refused in other words, or it reached the server inside a name; a name or digest held
+    it for good. Now: refused, naming the key and the fix, never quoting the URL."""
+    value = get(BASE, path)
+    if where == "inside":
+        assume(path in URLS)
+        at = at % (len(value) - 1) + 1
+        value = value[:at] + space + value[at:]
+    else:
+        value = value + space if where == "end" else space + value
+    message = refusal(dump(changed(path, value)))
+    assert message is not None, (shown(path), value)
+    assert message.startswith(f"{FILE}: {shown(path)}: "), message
+    if where == "end" and space.endswith("\n"):
+        assert "ends with a newline, as a value read from a secret file does: strip it" in message
+    if path in URLS:
+        assert "127.0.0.1" not in message, message  # a URL may hold a password: never shown
+
+
 def test_the_valid_config_parses_with_every_value_as_written() -> None:
     config = parse_config(VALID, FILE, {})
     assert isinstance(config, Config) and config.server.port == 8123
@@ -516,4 +564,27 @@ def test_feed_check_prints_the_same_one_line_and_exits_2(
     assert expected is not None and names(expected, path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"feed: {config}{expected.removeprefix(FILE)}"]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("path", [URLS[0], URLS[1], URLS[2], URLS[4]], ids=shown)
+def test_feed_check_refuses_a_url_read_from_a_secret_file(tmp_path: Path, path: KeyPath) -> None:
+    """`url = "${SECRET_URL}"`, the variable set from a file that ends in a newline (a mounted
+    Docker or Kubernetes secret), through the real process: exit 2, one line, the URL unshown."""
+    config = tmp_path / FILE
+    config.write_text(dump(changed(path, "${SECRET_URL}")), encoding="utf-8")
+    secret = get(BASE, path) + "\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "feed", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "SECRET_URL": secret},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"feed: {config}: {shown(path)}: ends with a newline, as a value read from a secret "
+        "file does: strip it (write the file with printf '%s', not echo)"
+    ]
     assert result.stdout == ""

@@ -162,6 +162,8 @@ ERROR_CASES: dict[str, str | bytes | None] = {
     'patterns = ["s:*"]\n',
     "not UTF-8": b"[server]\nport = 8123\n# caf\xe9\n",
     "an infinite number": '[cluster]\nurl = "redis://h:6379/0"\nlease = inf\n',
+    "a newline from a secret file": '[[connectors]]\nname = "m"\ntype = "postgres"\n'
+    'dsn = "postgresql://u:pw@h:5432/db\\n"\ntables = ["public.orders"]\n',
 }
 
 

@@ -191,7 +191,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
     for index, entry in enumerate(entries):
         key = f"connectors[{index}]"
         opts = Options(entry, key)
-        name = opts.str("name", required=True)
+        name = opts.str("name", required=True, spaces="inside")
         if not NAME_PATTERN.fullmatch(name):
             opts.fail("name", f"{name!r} must be letters, digits, '_' or '-' (it prefixes rooms)")
         if name in seen:
