@@ -47,7 +47,7 @@ def stray_space(value: builtins.str, *, anywhere: builtins.bool = False) -> buil
                 return (
                     f"has {_character(char)} at character {index + 1}, which no URL holds: "
                     f"strip it (a ${{VAR}} read from a secret file keeps the file's newline), "
-                    f"or write it as {encoded} if it belongs in a password"
+                    f"or write it as {encoded} where it is meant (a password, a socket path)"
                 )
     return None
 

@@ -243,7 +243,7 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             PG.format(dsn="postgresql://u:${PASSWORD}@h:5432/db"),
             "feed.toml: connectors[0].dsn: has a newline at character 22, which no URL holds: "
             "strip it (a ${VAR} read from a secret file keeps the file's newline), or write it "
-            "as %0A if it belongs in a password",
+            "as %0A where it is meant (a password, a socket path)",
         ),
         (
             "[[connectors]]\nname = 'shop'\ntype = 'mongodb'\nuri = '${MONGODB_URL}'\n"
