@@ -61,7 +61,7 @@ from connectors.postgres_types import TableShape, computing, read_shape, recompu
 from feed.core.change import Change, Gap, room_key
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
-from feed.options import Options
+from feed.options import DAY, HOUR, MONTH, WEEK, Options
 
 log = logging.getLogger("feed.connectors.postgres")
 
@@ -199,18 +199,20 @@ class PostgresConnector(TableSetup, Connector):
         self.schema: str = options.str("schema", "feed", spaces="inside")
         if not IDENTIFIER.fullmatch(self.schema) or len(self.schema) > 50:
             options.fail("schema", f"{self.schema!r} must be a plain schema name, e.g. 'feed'")
-        self.heartbeat_interval = options.float("heartbeat_interval", 5.0, minimum=0.05)
-        self.heartbeat_timeout = options.float("heartbeat_timeout", 5.0, minimum=0.05)
+        self.heartbeat_interval = options.float(
+            "heartbeat_interval", 5.0, minimum=0.05, maximum=60.0
+        )
+        self.heartbeat_timeout = options.float("heartbeat_timeout", 5.0, minimum=0.05, maximum=60.0)
         if self.heartbeat_interval + self.heartbeat_timeout > 60:
             options.fail(
                 "heartbeat_interval", "heartbeat_interval + heartbeat_timeout must be <= 60"
             )
-        self.query_timeout = options.float("query_timeout", 30.0, minimum=0.1)
-        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
-        self.reconnect_max = options.float("reconnect_max", 10.0, minimum=0.01)
-        self.standby_interval = options.float("standby_interval", 2.0, minimum=0.01)
-        self.retention = options.float("journal_retention", 300.0, minimum=0.0)
-        self.prune_interval = options.float("prune_interval", 10.0, minimum=0.01)
+        self.query_timeout = options.float("query_timeout", 30.0, minimum=0.1, maximum=DAY)
+        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1, maximum=HOUR)
+        self.reconnect_max = options.float("reconnect_max", 10.0, minimum=0.01, maximum=HOUR)
+        self.standby_interval = options.float("standby_interval", 2.0, minimum=0.01, maximum=HOUR)
+        self.retention = options.float("journal_retention", 300.0, minimum=0.0, maximum=WEEK)
+        self.prune_interval = options.float("prune_interval", 10.0, minimum=0.01, maximum=HOUR)
         self.batch_size = options.int("batch_size", 500, minimum=1, maximum=100_000)
         self.auto_migrate = options.bool("auto_migrate", False)
         self.slot: str = options.str(
@@ -225,16 +227,20 @@ class PostgresConnector(TableSetup, Connector):
                 f"{self.slot!r}{'' if given else ' (made from the name)'} is not a replication "
                 "slot name Postgres takes: at most 63 of a-z, 0-9 and _; set `slot` to one",
             )
-        self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
-        self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001)
-        self.save_interval = options.float("save_interval", 0.5, minimum=0.0)
+        self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1, maximum=HOUR)
+        self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001, maximum=HOUR)
+        self.save_interval = options.float("save_interval", 0.5, minimum=0.0, maximum=HOUR)
         self.save_every = options.int("save_every", 2000, minimum=1, maximum=MAX_SAVE_EVERY)
         """Changes routed between position saves, whatever the time: after a crash at most
         this many come again, which the client libraries' duplicate window (4,096 ids per
         subscription) must hold; `save_interval` alone let 17,001 come again at 34,000/s."""
-        self.capture_check_interval = options.float("capture_check_interval", 5.0, minimum=0.05)
-        self.journal_warn_rows = options.int("journal_warn_rows", 1_000_000, minimum=1)
-        self.journal_warn_age = options.float("journal_warn_age", 600.0, minimum=1.0)
+        self.capture_check_interval = options.float(
+            "capture_check_interval", 5.0, minimum=0.05, maximum=HOUR
+        )
+        self.journal_warn_rows = options.int(
+            "journal_warn_rows", 1_000_000, minimum=1, maximum=10**12
+        )
+        self.journal_warn_age = options.float("journal_warn_age", 600.0, minimum=1.0, maximum=MONTH)
         self._init_runtime()
 
     def _init_runtime(self) -> None:

@@ -14,7 +14,22 @@ from typing import Any, Literal, NoReturn
 from feed.errors import ConfigError
 
 INT64 = 2**63
+HOUR = 3600.0
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+MONTH = 30 * DAY
+"""Upper bounds for seconds: an interval or timeout past an hour, a retention past a week or a
+month, is a mistake (a unit taken for another, an extra digit), not a setting."""
+MIB = 1024 * 1024
+GIB = 1024 * MIB
 CHARACTER_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _number(value: builtins.int | builtins.float) -> builtins.str:
+    """A bound as the docs write it: `3600`, not `3600.0`; `0.05`."""
+    if isinstance(value, builtins.float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _character(char: builtins.str) -> builtins.str:
@@ -127,12 +142,30 @@ class Options:
         value = self._get(key, default, False)
         if not isinstance(value, int) or isinstance(value, bool):
             self.fail(key, f"must be a whole number, not {value!r}")
-        if minimum is not None and value < minimum:
-            self.fail(key, f"must be at least {minimum}, not {value}")
-        if maximum is not None and value > maximum:
-            self.fail(key, f"must be at most {maximum}, not {value}")
+        self._within(key, value, minimum, maximum, "")
         self._int64(key, value)
         return value
+
+    def _within(
+        self,
+        key: builtins.str,
+        value: builtins.int | builtins.float,
+        minimum: builtins.int | builtins.float | None,
+        maximum: builtins.int | builtins.float | None,
+        why: builtins.str,
+    ) -> None:
+        """Refuse a number out of its range, stating the whole range when it has both ends."""
+        low = minimum is not None and value < minimum
+        high = maximum is not None and value > maximum
+        if not (low or high):
+            return
+        if minimum is not None and maximum is not None:
+            stated = f"must be from {_number(minimum)} to {_number(maximum)}"
+        elif minimum is not None:
+            stated = f"must be at least {_number(minimum)}"
+        else:
+            stated = f"must be at most {_number(maximum or 0)}"
+        self.fail(key, f"{stated}, not {value}{why if high else ''}")
 
     def _int64(self, key: builtins.str, value: builtins.int) -> None:
         """tomllib reads an integer of any length; the sources' drivers and SQL do not."""
@@ -156,10 +189,7 @@ class Options:
             self.fail(key, f"must be a number, not {value!r}")
         if not math.isfinite(value):  # nan passes every bound; inf broke int(seconds * 1000)
             self.fail(key, f"must be a finite number, not {value}")
-        if minimum is not None and value < minimum:
-            self.fail(key, f"must be at least {minimum}, not {value}")
-        if maximum is not None and value > maximum:
-            self.fail(key, f"must be at most {maximum:g}, not {value}{why}")
+        self._within(key, value, minimum, maximum, why)
         if isinstance(value, int):
             self._int64(key, value)
         return float(value)

@@ -10,6 +10,7 @@ derandomized: CI sees the same ones on every run.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -496,6 +497,63 @@ def test_whitespace_a_secret_file_brings_is_refused_naming_the_key(
         assert "ends with a newline, as a value read from a secret file does: strip it" in message
     if path in URLS:
         assert "127.0.0.1" not in message, message  # a URL may hold a password: never shown
+
+
+# -- numbers: each has a stated range, and a value past it is refused with the range -------------
+
+NUMBERS = [p for p in LEAVES if type(get(BASE, p)) in (int, float)]
+RANGE = re.compile(r": must be from (\S+) to (\S+), not ")
+
+
+@functools.cache
+def stated_range(path: KeyPath) -> tuple[float, float]:
+    """The range the reader states when refusing a huge number at `path`, both ways."""
+    huge = 10**18 if isinstance(get(BASE, path), int) else 1e300
+    ranges = set()
+    for value in (huge, -huge):
+        message = refusal(dump(changed(path, value)))
+        assert message is not None, f"{shown(path)} = {value} is accepted"
+        assert message.startswith(f"{FILE}: {shown(path)}: "), message
+        match = RANGE.search(message)
+        assert match, message
+        ranges.add((float(match.group(1)), float(match.group(2))))
+    [(low, high)] = ranges
+    return low, high
+
+
+def pair_rule(message: str | None) -> bool:
+    """A refusal of two keys together: `heartbeat_interval + heartbeat_timeout must be <= 60`,
+    `db: is 2 but url selects database 0; keep one`."""
+    return message is not None and (" + " in message or "; keep one" in message)
+
+
+@pytest.mark.parametrize("path", NUMBERS, ids=shown)
+def test_every_number_states_its_range_and_takes_its_bounds(path: KeyPath) -> None:
+    """`lease = 1e308`, `history = 10**15`, a timeout of 1e12 s passed before: finite, so every
+    check let them through, to be multiplied into milliseconds or allocated later."""
+    low, high = stated_range(path)
+    assert low <= get(BASE, path) <= high
+    assert high < 2**53, "beyond what a double holds exactly: no sane maximum"
+    for bound in (low, high):
+        value = int(bound) if isinstance(get(BASE, path), int) else bound
+        message = refusal(dump(changed(path, value)))
+        assert message is None or pair_rule(message), message
+
+
+@settings(max_examples=120, derandomize=True, database=None, deadline=None)
+@given(
+    path=st.sampled_from(NUMBERS),
+    value=st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_a_number_outside_its_range_is_refused_with_the_range(path: KeyPath, value: Any) -> None:
+    low, high = stated_range(path)
+    message = refusal(dump(changed(path, value)))
+    if isinstance(get(BASE, path), int) and isinstance(value, float):
+        assert message is not None and "whole number" in message, message
+    elif not low <= value <= high:
+        assert message is not None and RANGE.search(message), (shown(path), value, message)
+    else:
+        assert message is None or pair_rule(message), message
 
 
 def test_the_valid_config_parses_with_every_value_as_written() -> None:
