@@ -48,7 +48,7 @@ from connectors.postgres_capture import (
     journal_stats,
 )
 from connectors.postgres_columns import Columns, column_lists, gap_reason
-from connectors.postgres_dsn import dsn_problem
+from connectors.postgres_dsn import dsn_problem, refused_setting
 from connectors.postgres_errors import is_transient, one_line
 from connectors.postgres_filters import KEYS_ENTRY, check_filter, check_key, pushdown
 from connectors.postgres_migrate import (
@@ -315,6 +315,12 @@ class PostgresConnector(TableSetup, Connector):
     def _connect_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return exc
+        if isinstance(exc, asyncpg.PostgresError):
+            refused = refused_setting(self.dsn, one_line(exc))
+            if refused is not None:
+                return SourceMisconfigured(f"{self.where}: {refused}")
+        if isinstance(exc, asyncpg.ClientConfigurationError):  # not transient, though an
+            return SourceMisconfigured(f"{self.where}: bad dsn: {one_line(exc)}")  # InterfaceError
         if isinstance(
             exc,
             asyncpg.InvalidPasswordError

@@ -287,6 +287,51 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             "secret = '0123456789abcdef0123456789abcdef'\naudience = ['feed', 'feed\t']",
             "feed.toml: auth.jwt.audience: ends with a tab: remove it",
         ),
+        # What asyncpg refuses in a dsn's query, or ignores when the URL gives the same part,
+        # was known only at connect (in its words, or never: ?dbname=app after a path
+        # connected to the path's database).
+        (
+            PG.format(dsn="postgresql://u@h/db?target_session_attrs=primry"),
+            "feed.toml: connectors[0].dsn: target_session_attrs=primry is not one of any, "
+            "primary, standby, prefer-standby, read-write, read-only",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?gsslib=kerberos"),
+            "feed.toml: connectors[0].dsn: gsslib=kerberos is not one of gssapi, sspi",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslmode=require&ssl_min_protocol_version=TLS1.2"),
+            "feed.toml: connectors[0].dsn: ssl_min_protocol_version=TLS1.2 is not one of TLSv1,",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslnegotiation=direct"),
+            "feed.toml: connectors[0].dsn: sslnegotiation=direct needs sslmode require, "
+            "verify-ca or verify-full, not prefer",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslmode=require&verify"),
+            "feed.toml: connectors[0].dsn: has 'verify' in its query, which is not name=value",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/?dbname=app"),
+            "feed.toml: connectors[0].dsn: has ?dbname= after a bare / that asyncpg reads as an "
+            "empty database name",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?port=5433"),
+            "feed.toml: connectors[0].dsn: has a host before the ? and ?port=, which asyncpg "
+            "then ignores",
+        ),
+        (
+            PG.format(dsn="postgresql://u:secret@h/db?password=secret2"),
+            "feed.toml: connectors[0].dsn: gives the password before the @ and again as "
+            "?password=, which asyncpg ignores: keep one",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?keepalives_idle=30"),
+            "feed.toml: connectors[0].dsn: ?keepalives_idle= is libpq's, which asyncpg does not "
+            "read: it would reach the server as a setting it refuses; remove it",
+        ),
         (
             "[auth]\noperator_role = ['oncall']",
             "feed.toml: auth.operator_role: is not a known setting here "
@@ -310,6 +355,10 @@ def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
         "postgres://h1:5432,h2:5433/db?sslmode=disable&sslcert=/nonexistent/ignored.crt",
         "postgresql:///db?host=/var/run/postgresql",
         "postgresql://u@[::1]/db?sslmode=prefer&sslrootcert=/nonexistent/optional.crt",
+        "postgresql://?host=h&port=5433&dbname=app&user=u",
+        "postgresql://u@h:5432/db?target_session_attrs=read-write&application_name=x"
+        "&sslnegotiation=direct&sslmode=require&ssl_min_protocol_version=TLSv1.3",
+        "postgresql://u@h/db?options=-c%20statement_timeout%3D5000&gsslib=gssapi",
     ],
 )
 def test_dsns_asyncpg_takes_are_accepted(dsn: str) -> None:

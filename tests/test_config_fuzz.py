@@ -499,6 +499,73 @@ def test_whitespace_a_secret_file_brings_is_refused_naming_the_key(
         assert "127.0.0.1" not in message, message  # a URL may hold a password: never shown
 
 
+# -- a dsn's query, against asyncpg's own reading of it ------------------------------------------
+
+DSN_PARAMETERS = {
+    "target_session_attrs": ["any", "read-write", "prefer-standby", "bogus", "READ-WRITE", ""],
+    "gsslib": ["gssapi", "sspi", "kerberos"],
+    "sslnegotiation": ["postgres", "direct", "tls"],
+    "sslmode": ["disable", "prefer", "require", "verify-ca", "verify-full", "on"],
+    "ssl_min_protocol_version": ["TLSv1.2", "TLSv1.3", "TLS1.2", "SSLv3"],
+    "ssl_max_protocol_version": ["TLSv1.3", "tlsv1.3"],
+    "port": ["5433", "abc"],
+    "host": ["other", "/var/run/postgresql"],
+    "dbname": ["app"],
+    "database": ["app"],
+    "user": ["v"],
+    "connect_timeout": ["5"],
+    "keepalives": ["1"],
+    "application_name": ["x"],
+}
+
+
+def asyncpg_reads(dsn: str) -> bool:
+    """Whether asyncpg's own parser takes `dsn` (what it does first in every connect)."""
+    from asyncpg import connect_utils
+
+    try:
+        connect_utils._parse_connect_dsn_and_args(
+            dsn=dsn, host=None, port=None, user=None, password=None, passfile=None,
+            database=None, ssl=None, service=None, servicefile=None, direct_tls=None,
+            server_settings=None, target_session_attrs=None, krbsrvname=None, gsslib=None,
+        )  # fmt: skip
+    except ValueError:  # asyncpg's ClientConfigurationError is one
+        return False
+    return True
+
+
+@settings(max_examples=80, derandomize=True, database=None, deadline=None)
+@given(
+    query=st.lists(
+        st.sampled_from(sorted(DSN_PARAMETERS)).flatmap(
+            lambda name: st.tuples(st.just(name), st.sampled_from(DSN_PARAMETERS[name]))
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    bare=st.booleans(),
+)
+def test_a_dsn_the_config_takes_is_one_asyncpg_takes_as_written(
+    query: list[tuple[str, str]], bare: bool
+) -> None:
+    """A dsn accepted at start is one asyncpg reads without an error, and none of its
+    parameters is one asyncpg ignores in silence (the URL names user, host, port and database,
+    so ?user=, ?host=, ?port=, ?dbname= would be; libpq's own would reach the server)."""
+    path = ("connectors", 1, "dsn")
+    dsn = ("postgresql://u@127.0.0.1:5432/db?" if not bare else "postgresql://?") + "&".join(
+        f"{name}={value}" for name, value in query
+    )
+    message = refusal(dump(changed(path, dsn)))
+    if message is not None:
+        assert message.startswith(f"{FILE}: connectors[1].dsn: "), message
+        return
+    assert asyncpg_reads(dsn), dsn
+    names = {name for name, _ in query}
+    if not bare:
+        assert not names & {"port", "host", "dbname", "database", "user"}, dsn
+    assert not names & {"connect_timeout", "keepalives"}, dsn
+
+
 # -- numbers: each has a stated range, and a value past it is refused with the range -------------
 
 NUMBERS = [p for p in LEAVES if type(get(BASE, p)) in (int, float)]
@@ -625,7 +692,7 @@ def test_feed_check_prints_the_same_one_line_and_exits_2(
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("path", [URLS[0], URLS[1], URLS[2], URLS[4]], ids=shown)
+@pytest.mark.parametrize("path", [URLS[0], URLS[1], URLS[4]], ids=shown)
 def test_feed_check_refuses_a_url_read_from_a_secret_file(tmp_path: Path, path: KeyPath) -> None:
     """`url = "${SECRET_URL}"`, the variable set from a file that ends in a newline (a mounted
     Docker or Kubernetes secret), through the real process: exit 2, one line, the URL unshown."""
