@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import inspect
 import json
 import math
 import os
@@ -273,4 +274,30 @@ def redis_url_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None
     reqs = params.get("ssl_cert_reqs")
     if isinstance(reqs, builtins.str) and reqs.lower() not in REDIS_CERT_REQS:
         return f"ssl_cert_reqs={reqs} is not one of {', '.join(REDIS_CERT_REQS)}"
+    return redis_url_option_problem(params)
+
+
+def redis_url_option_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None:
+    """A `?name=` of a Redis URL that redis-py hands its connection as is, which refused it at
+    connect in Python's words ("AbstractConnection.__init__() got an unexpected keyword
+    argument 'foo'"), or one that breaks the feed, or None."""
+    from redis.asyncio.connection import Connection
+
+    if params.get("decode_responses") is not None:
+        return "?decode_responses= would hand the feed text where it reads bytes: remove it"
+    kind = params.get("connection_class", Connection)
+    accepted = {
+        name
+        for klass in kind.__mro__
+        if "__init__" in vars(klass)
+        for name in inspect.signature(klass.__init__).parameters
+    }
+    for name in params:
+        if name in accepted or name == "connection_class":
+            continue
+        if name.startswith("ssl_") and "path" in params:
+            return f"?{name}= is for TLS, which a unix:// socket does not use: remove it"
+        if name.startswith("ssl_"):
+            return f"?{name}= is for TLS: write rediss:// (redis:// connects without TLS)"
+        return f"?{name}= is not a Redis connection option (redis-py's, such as socket_timeout)"
     return None

@@ -332,6 +332,30 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             "feed.toml: connectors[0].dsn: ?keepalives_idle= is libpq's, which asyncpg does not "
             "read: it would reach the server as a setting it refuses; remove it",
         ),
+        # redis-py hands a URL's ?name= it does not parse to its connection as is: refused at
+        # connect, "AbstractConnection.__init__() got an unexpected keyword argument 'foo'".
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\nurl = 'redis://h:6379/0?foo=bar'\n"
+            "patterns = ['s:*']",
+            "feed.toml: connectors[0].url: ?foo= is not a Redis connection option (redis-py's, "
+            "such as socket_timeout)",
+        ),
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\n"
+            "url = 'redis://h:6379/0?ssl_cert_reqs=required'\npatterns = ['s:*']",
+            "feed.toml: connectors[0].url: ?ssl_cert_reqs= is for TLS: write rediss:// "
+            "(redis:// connects without TLS)",
+        ),
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\n"
+            "url = 'redis://h:6379/0?decode_responses=true'\npatterns = ['s:*']",
+            "feed.toml: connectors[0].url: ?decode_responses= would hand the feed text where it "
+            "reads bytes: remove it",
+        ),
+        (
+            "[cluster]\nurl = 'redis://h:6379/1?socket_timeout=5&health_check=5'",
+            "feed.toml: cluster.url: ?health_check= is not a Redis connection option",
+        ),
         (
             "[auth]\noperator_role = ['oncall']",
             "feed.toml: auth.operator_role: is not a known setting here "
