@@ -74,7 +74,7 @@ from feed.errors import (
     SourceMisconfigured,
     SourceUnavailable,
 )
-from feed.options import Options
+from feed.options import DAY, HOUR, Options
 
 log = logging.getLogger("feed.connectors.mongodb")
 
@@ -133,7 +133,7 @@ class MongoConnector(Connector):
     kind = "mongodb"
 
     def configure(self, options: Options) -> None:
-        self.uri: str = options.str("uri", required=True)
+        self.uri: str = options.str("uri", required=True, spaces="none")
         problem = uri_problem(self.uri)
         if problem is not None:
             options.fail("uri", problem)
@@ -169,17 +169,17 @@ class MongoConnector(Connector):
         # connector to another node must then announce a gap (feed.engine.lease), or what was
         # written while no node read it is lost without a word.
         self.durable = self.resume_collection is not None
-        self.save_interval = options.float("token_save_interval", 10.0, minimum=0)
+        self.save_interval = options.float("token_save_interval", 10.0, minimum=0, maximum=HOUR)
         self.save_every = options.int("token_save_every", 2000, minimum=1, maximum=4096)
         """Events routed between token saves inside one batch, whatever the time. A batch
         (what a getMore returns, up to 16 MiB) was saved only at its end or after
         `token_save_interval`, so a crash half way through a large one sent every event of
         it routed so far again: more than the client libraries' window of 4,096 ids."""
         self.max_await_ms = options.int("max_await_ms", 1000, minimum=10, maximum=60_000)
-        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
-        self.resume_retries = options.int("resume_retries", 5, minimum=0)
+        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1, maximum=HOUR)
+        self.resume_retries = options.int("resume_retries", 5, minimum=0, maximum=1000)
         self.allow_missing = options.bool("allow_missing", False)
-        self.lag_threshold = options.float("lag_threshold", 30.0, minimum=0.1)
+        self.lag_threshold = options.float("lag_threshold", 30.0, minimum=0.1, maximum=DAY)
 
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._tokens: TokenStore | None = None

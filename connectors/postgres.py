@@ -48,7 +48,7 @@ from connectors.postgres_capture import (
     journal_stats,
 )
 from connectors.postgres_columns import Columns, column_lists, gap_reason
-from connectors.postgres_dsn import dsn_problem
+from connectors.postgres_dsn import dsn_problem, refused_setting
 from connectors.postgres_errors import is_transient, one_line
 from connectors.postgres_filters import KEYS_ENTRY, check_filter, check_key, pushdown
 from connectors.postgres_migrate import (
@@ -61,7 +61,7 @@ from connectors.postgres_types import TableShape, computing, read_shape, recompu
 from feed.core.change import Change, Gap, room_key
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
-from feed.options import Options
+from feed.options import DAY, HOUR, MONTH, WEEK, Options
 
 log = logging.getLogger("feed.connectors.postgres")
 
@@ -168,7 +168,7 @@ class PostgresConnector(TableSetup, Connector):
     kind = "postgres"
 
     def configure(self, options: Options) -> None:
-        self.dsn: str = options.str("dsn", required=True)
+        self.dsn: str = options.str("dsn", required=True, spaces="none")
         problem = dsn_problem(self.dsn)
         if problem is not None:
             options.fail("dsn", problem)
@@ -196,24 +196,28 @@ class PostgresConnector(TableSetup, Connector):
             if len(set(self.keys[table])) != len(self.keys[table]):
                 keys.fail(table, "names a column twice")
         self.mode = options.choice("mode", ["notify", "logical"], "notify")
-        self.schema: str = options.str("schema", "feed")
+        self.schema: str = options.str("schema", "feed", spaces="inside")
         if not IDENTIFIER.fullmatch(self.schema) or len(self.schema) > 50:
             options.fail("schema", f"{self.schema!r} must be a plain schema name, e.g. 'feed'")
-        self.heartbeat_interval = options.float("heartbeat_interval", 5.0, minimum=0.05)
-        self.heartbeat_timeout = options.float("heartbeat_timeout", 5.0, minimum=0.05)
+        self.heartbeat_interval = options.float(
+            "heartbeat_interval", 5.0, minimum=0.05, maximum=60.0
+        )
+        self.heartbeat_timeout = options.float("heartbeat_timeout", 5.0, minimum=0.05, maximum=60.0)
         if self.heartbeat_interval + self.heartbeat_timeout > 60:
             options.fail(
                 "heartbeat_interval", "heartbeat_interval + heartbeat_timeout must be <= 60"
             )
-        self.query_timeout = options.float("query_timeout", 30.0, minimum=0.1)
-        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1)
-        self.reconnect_max = options.float("reconnect_max", 10.0, minimum=0.01)
-        self.standby_interval = options.float("standby_interval", 2.0, minimum=0.01)
-        self.retention = options.float("journal_retention", 300.0, minimum=0.0)
-        self.prune_interval = options.float("prune_interval", 10.0, minimum=0.01)
+        self.query_timeout = options.float("query_timeout", 30.0, minimum=0.1, maximum=DAY)
+        self.connect_timeout = options.float("connect_timeout", 10.0, minimum=0.1, maximum=HOUR)
+        self.reconnect_max = options.float("reconnect_max", 10.0, minimum=0.01, maximum=HOUR)
+        self.standby_interval = options.float("standby_interval", 2.0, minimum=0.01, maximum=HOUR)
+        self.retention = options.float("journal_retention", 300.0, minimum=0.0, maximum=WEEK)
+        self.prune_interval = options.float("prune_interval", 10.0, minimum=0.01, maximum=HOUR)
         self.batch_size = options.int("batch_size", 500, minimum=1, maximum=100_000)
         self.auto_migrate = options.bool("auto_migrate", False)
-        self.slot: str = options.str("slot", f"feed_{self.name}".replace("-", "_").lower())
+        self.slot: str = options.str(
+            "slot", f"feed_{self.name}".replace("-", "_").lower(), spaces="inside"
+        )
         if self.mode == "logical" and not SLOT_NAME.fullmatch(self.slot):
             # Postgres takes only these for a slot, and cuts a longer publication name short:
             # before, the first start failed with a bare `identifier too long`.
@@ -223,16 +227,20 @@ class PostgresConnector(TableSetup, Connector):
                 f"{self.slot!r}{'' if given else ' (made from the name)'} is not a replication "
                 "slot name Postgres takes: at most 63 of a-z, 0-9 and _; set `slot` to one",
             )
-        self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1)
-        self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001)
-        self.save_interval = options.float("save_interval", 0.5, minimum=0.0)
+        self.snapshot_wait = options.float("snapshot_wait", 20.0, minimum=0.1, maximum=HOUR)
+        self.poll_interval = options.float("poll_interval", 0.01, minimum=0.001, maximum=HOUR)
+        self.save_interval = options.float("save_interval", 0.5, minimum=0.0, maximum=HOUR)
         self.save_every = options.int("save_every", 2000, minimum=1, maximum=MAX_SAVE_EVERY)
         """Changes routed between position saves, whatever the time: after a crash at most
         this many come again, which the client libraries' duplicate window (4,096 ids per
         subscription) must hold; `save_interval` alone let 17,001 come again at 34,000/s."""
-        self.capture_check_interval = options.float("capture_check_interval", 5.0, minimum=0.05)
-        self.journal_warn_rows = options.int("journal_warn_rows", 1_000_000, minimum=1)
-        self.journal_warn_age = options.float("journal_warn_age", 600.0, minimum=1.0)
+        self.capture_check_interval = options.float(
+            "capture_check_interval", 5.0, minimum=0.05, maximum=HOUR
+        )
+        self.journal_warn_rows = options.int(
+            "journal_warn_rows", 1_000_000, minimum=1, maximum=10**12
+        )
+        self.journal_warn_age = options.float("journal_warn_age", 600.0, minimum=1.0, maximum=MONTH)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -307,6 +315,12 @@ class PostgresConnector(TableSetup, Connector):
     def _connect_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return exc
+        if isinstance(exc, asyncpg.PostgresError):
+            refused = refused_setting(self.dsn, one_line(exc))
+            if refused is not None:
+                return SourceMisconfigured(f"{self.where}: {refused}")
+        if isinstance(exc, asyncpg.ClientConfigurationError):  # not transient, though an
+            return SourceMisconfigured(f"{self.where}: bad dsn: {one_line(exc)}")  # InterfaceError
         if isinstance(
             exc,
             asyncpg.InvalidPasswordError

@@ -45,7 +45,7 @@ from connectors.redis_streams import StreamCapture
 from feed.core.change import Change, Gap
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, ProtocolError, SourceMisconfigured, SourceUnavailable
-from feed.options import Options, redis_url_db_problem, redis_url_problem
+from feed.options import HOUR, MIB, Options, redis_url_db_problem, redis_url_problem
 
 if TYPE_CHECKING:
     from connectors.redis_cluster import ClusterNode
@@ -62,7 +62,7 @@ class RedisConnector(Connector):
     # -- configuration -------------------------------------------------------------------------
 
     def configure(self, options: Options) -> None:
-        self.url: str = options.str("url", required=True)
+        self.url: str = options.str("url", required=True, spaces="none")
         try:
             url_kwargs: dict[str, Any] = dict(parse_url(self.url))
         except ValueError as exc:
@@ -73,7 +73,7 @@ class RedisConnector(Connector):
         if problem is not None:
             options.fail("url", problem)
         url_db = int(url_kwargs.get("db", 0))
-        self.db = options.int("db", url_db, minimum=0)
+        self.db = options.int("db", url_db, minimum=0, maximum=2**31 - 1)  # Redis's INT_MAX
         if "db" in options.raw and "db" in url_kwargs and self.db != url_db:
             options.fail("db", f"is {self.db} but url selects database {url_db}; keep one")
         self.where = _describe(url_kwargs, self.db)
@@ -96,14 +96,23 @@ class RedisConnector(Connector):
 
         self.auto_configure = options.bool("configure", False)
         self.fetch_values = options.bool("fetch_values", False)
-        self.max_value_bytes = options.int("max_value_bytes", 65536, minimum=16)
-        self.max_value_items = options.int("max_value_items", 1000, minimum=1)
-        self.health_check_interval = options.float("health_check_interval", 5.0, minimum=0.05)
-        self.capture_check_interval = options.float("capture_check_interval", 5.0, minimum=0.05)
-        self.reconnect_timeout = options.float("reconnect_timeout", 10.0, minimum=0.0)
-        self.max_pending = options.int("max_pending", 100_000, minimum=10)
-        self.snapshot_scan_limit = options.int("snapshot_scan_limit", 100_000, minimum=1)
-        self.cluster_refresh_interval = options.float("cluster_refresh_interval", 5.0, minimum=0.05)
+        # A Redis string holds at most 512 MiB (proto-max-bulk-len).
+        self.max_value_bytes = options.int("max_value_bytes", 65536, minimum=16, maximum=512 * MIB)
+        self.max_value_items = options.int("max_value_items", 1000, minimum=1, maximum=1_000_000)
+        self.health_check_interval = options.float(
+            "health_check_interval", 5.0, minimum=0.05, maximum=HOUR
+        )
+        self.capture_check_interval = options.float(
+            "capture_check_interval", 5.0, minimum=0.05, maximum=HOUR
+        )
+        self.reconnect_timeout = options.float("reconnect_timeout", 10.0, minimum=0.0, maximum=HOUR)
+        self.max_pending = options.int("max_pending", 100_000, minimum=10, maximum=10_000_000)
+        self.snapshot_scan_limit = options.int(
+            "snapshot_scan_limit", 100_000, minimum=1, maximum=100_000_000
+        )
+        self.cluster_refresh_interval = options.float(
+            "cluster_refresh_interval", 5.0, minimum=0.05, maximum=HOUR
+        )
 
         # Streams mode only (read here so a typo is still reported in keyspace mode).
         self.stream_start = options.choice("start", ("latest", "earliest"), "latest")

@@ -4,16 +4,68 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import inspect
 import json
 import math
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from feed.errors import ConfigError
 
 INT64 = 2**63
+HOUR = 3600.0
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+MONTH = 30 * DAY
+"""Upper bounds for seconds: an interval or timeout past an hour, a retention past a week or a
+month, is a mistake (a unit taken for another, an extra digit), not a setting."""
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+CHARACTER_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _number(value: builtins.int | builtins.float) -> builtins.str:
+    """A bound as the docs write it: `3600`, not `3600.0`; `0.05`."""
+    if isinstance(value, builtins.float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _character(char: builtins.str) -> builtins.str:
+    return CHARACTER_NAMES.get(char, f"character U+{ord(char):04X}")
+
+
+def stray_space(value: builtins.str, *, anywhere: builtins.bool = False) -> builtins.str | None:
+    """Why the whitespace or control characters in `value` cannot be meant, or None.
+
+    A value read from a file keeps the file's last newline (a Kubernetes secret made with
+    `--from-file` and given as an environment variable), and `${VAR}` brings it into the config. What happened next
+    depended on the source: Python's URL parser drops a newline or tab anywhere, so a Redis or
+    Postgres URL often worked; one ending in its port or `?sslmode=` was refused in words about
+    the port; PyMongo kept it in a password or database name; a space reached Postgres as part
+    of the database's name. `anywhere`: a URL, which holds none of them at all.
+    """
+    if value.endswith("\n"):
+        return (
+            "ends with a newline, as a value read from a secret file does: strip it "
+            "(write the file with printf '%s', not echo)"
+        )
+    if value and not (value[0].isprintable() and not value[0].isspace()):
+        return f"starts with {_character(value[0])}: remove it"
+    if value and not (value[-1].isprintable() and not value[-1].isspace()):
+        return f"ends with {_character(value[-1])}: remove it"
+    if anywhere:
+        for index, char in enumerate(value):
+            if char.isspace() or not char.isprintable():
+                encoded = urllib.parse.quote(char)
+                return (
+                    f"has {_character(char)} at character {index + 1}, which no URL holds: "
+                    f"strip it (a ${{VAR}} read from a secret file keeps the file's newline), "
+                    f"or write it as {encoded} where it is meant (a password, a socket path)"
+                )
+    return None
 
 
 class Options:
@@ -58,10 +110,17 @@ class Options:
         default: builtins.str | None = None,
         *,
         required: builtins.bool = False,
+        spaces: Literal["any", "inside", "none"] = "any",
     ) -> Any:
+        """A string; `spaces="inside"` refuses whitespace at its ends (a name, a digest, a path),
+        `"none"` whitespace and control characters anywhere (a URL): see `stray_space`."""
         value = self._get(key, default, required)
         if value is not None and (not isinstance(value, str) or (required and not value)):
             self.fail(key, f"must be a non-empty string, not {value!r}")
+        if value is not None and spaces != "any":
+            problem = stray_space(value, anywhere=spaces == "none")
+            if problem is not None:
+                self.fail(key, problem)
         return value
 
     def choice(
@@ -84,12 +143,30 @@ class Options:
         value = self._get(key, default, False)
         if not isinstance(value, int) or isinstance(value, bool):
             self.fail(key, f"must be a whole number, not {value!r}")
-        if minimum is not None and value < minimum:
-            self.fail(key, f"must be at least {minimum}, not {value}")
-        if maximum is not None and value > maximum:
-            self.fail(key, f"must be at most {maximum}, not {value}")
+        self._within(key, value, minimum, maximum, "")
         self._int64(key, value)
         return value
+
+    def _within(
+        self,
+        key: builtins.str,
+        value: builtins.int | builtins.float,
+        minimum: builtins.int | builtins.float | None,
+        maximum: builtins.int | builtins.float | None,
+        why: builtins.str,
+    ) -> None:
+        """Refuse a number out of its range, stating the whole range when it has both ends."""
+        low = minimum is not None and value < minimum
+        high = maximum is not None and value > maximum
+        if not (low or high):
+            return
+        if minimum is not None and maximum is not None:
+            stated = f"must be from {_number(minimum)} to {_number(maximum)}"
+        elif minimum is not None:
+            stated = f"must be at least {_number(minimum)}"
+        else:
+            stated = f"must be at most {_number(maximum or 0)}"
+        self.fail(key, f"{stated}, not {value}{why if high else ''}")
 
     def _int64(self, key: builtins.str, value: builtins.int) -> None:
         """tomllib reads an integer of any length; the sources' drivers and SQL do not."""
@@ -113,10 +190,7 @@ class Options:
             self.fail(key, f"must be a number, not {value!r}")
         if not math.isfinite(value):  # nan passes every bound; inf broke int(seconds * 1000)
             self.fail(key, f"must be a finite number, not {value}")
-        if minimum is not None and value < minimum:
-            self.fail(key, f"must be at least {minimum}, not {value}")
-        if maximum is not None and value > maximum:
-            self.fail(key, f"must be at most {maximum:g}, not {value}{why}")
+        self._within(key, value, minimum, maximum, why)
         if isinstance(value, int):
             self._int64(key, value)
         return float(value)
@@ -200,4 +274,30 @@ def redis_url_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None
     reqs = params.get("ssl_cert_reqs")
     if isinstance(reqs, builtins.str) and reqs.lower() not in REDIS_CERT_REQS:
         return f"ssl_cert_reqs={reqs} is not one of {', '.join(REDIS_CERT_REQS)}"
+    return redis_url_option_problem(params)
+
+
+def redis_url_option_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None:
+    """A `?name=` of a Redis URL that redis-py hands its connection as is, which refused it at
+    connect in Python's words ("AbstractConnection.__init__() got an unexpected keyword
+    argument 'foo'"), or one that breaks the feed, or None."""
+    from redis.asyncio.connection import Connection
+
+    if params.get("decode_responses") is not None:
+        return "?decode_responses= would hand the feed text where it reads bytes: remove it"
+    kind = params.get("connection_class", Connection)
+    accepted = {
+        name
+        for klass in kind.__mro__
+        if "__init__" in vars(klass)
+        for name in inspect.signature(klass.__init__).parameters
+    }
+    for name in params:
+        if name in accepted or name == "connection_class":
+            continue
+        if name.startswith("ssl_") and "path" in params:
+            return f"?{name}= is for TLS, which a unix:// socket does not use: remove it"
+        if name.startswith("ssl_"):
+            return f"?{name}= is for TLS: write rediss:// (redis:// connects without TLS)"
+        return f"?{name}= is not a Redis connection option (redis-py's, such as socket_timeout)"
     return None

@@ -863,12 +863,20 @@ async def test_a_lease_redis_no_longer_holds_is_named_so_when_publishing(
         ("prefix = 'x'", "cluster.url", "is required"),
         ("url = 'http://redis:6379'", "cluster.url", "redis://host:6379/0"),
         ("url = 'redis://r/feed'", "cluster.url", "names database 'feed' in its path"),
-        ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "at least 0.5"),
-        ("url = 'redis://r'\nhistory = 0", "cluster.history", "at least 1"),
+        ("url = 'redis://r'\nlease = 0.1", "cluster.lease", "must be from 0.5 to 3600, not 0.1"),
+        ("url = 'redis://r'\nhistory = 0", "cluster.history", "must be from 1 to 1000000, not 0"),
         ("url = 'redis://r'\nprefix = 'a b'", "cluster.prefix", "letters, digits"),
         ("url = 'redis://r'\nleese = 3", "cluster.leese", "not a known setting"),
-        ("url = 'redis://r'\npublish_interval = -1", "cluster.publish_interval", "at least 0"),
-        ("url = 'redis://r'\npublish_interval = 5", "cluster.publish_interval", "at most 1"),
+        (
+            "url = 'redis://r'\npublish_interval = -1",
+            "cluster.publish_interval",
+            "must be from 0 to 1, not -1",
+        ),
+        (
+            "url = 'redis://r'\npublish_interval = 5",
+            "cluster.publish_interval",
+            "must be from 0 to 1, not 5",
+        ),
     ],
 )
 def test_cluster_config_mistakes_are_one_line(table: str, key: str, fix: str) -> None:

@@ -14,6 +14,7 @@ from feed import __version__
 from feed.app.cli import build_parser
 from feed.app.config import load_config, parse_config
 from feed.errors import ConfigError
+from feed.options import Options
 
 GOOD = """
 [server]
@@ -37,6 +38,18 @@ def test_interpolation_and_defaults() -> None:
     assert connector.targets()[0] == "public.fallback"
 
 
+SECRET_NEWLINE = "ends with a newline, as a value read from a secret file does: strip it"
+SECRET_FILES = {
+    "NAME": "mem\n",
+    "DIGEST": "0" * 64 + "\n",
+    "DATABASE_URL": "postgresql://u:secret@h:5432/db\n",
+    "PASSWORD": "secret\n",
+    "MONGODB_URL": "mongodb://u:secret@h:27017/?replicaSet=rs0\n",
+    "FEED_CLUSTER_URL": "redis://:secret@h:6379/1\n",
+    "JWKS_URL": "https://issuer.example.com/jwks\n",
+    "ISSUER": "https://issuer.example.com\n",
+}
+"""Environment variables set from files that end in a newline, as a mounted secret does."""
 PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = ['public.orders']"
 
 
@@ -45,7 +58,7 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
     [
         ("[server\nport=1", "feed.toml: not valid TOML"),
         ("[server]\nport = 'x'", "feed.toml: server.port: must be a whole number"),
-        ("[server]\nport = 70000", "feed.toml: server.port: must be at most 65535"),
+        ("[server]\nport = 70000", "feed.toml: server.port: must be from 0 to 65535, not 70000"),
         ("[server]\nhost = '${HOST:-}'", "feed.toml: server.host: must be an address to listen on"),
         (
             "[server]\nprot = 1",
@@ -131,7 +144,7 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
         ("connectors = 3", "feed.toml: connectors: must be an array of tables"),
         (
             "[auth]\nmode = 'jwt'\nsecret = '${JWT_SECRET:-0123456789abcdef0123456789abcdef}'\nleeway = 86400",
-            "feed.toml: auth.leeway: must be at most 300, not 86400 (it would accept tokens "
+            "feed.toml: auth.leeway: must be from 0 to 300, not 86400 (it would accept tokens "
             "expired that long ago: set the clocks right, by NTP)",
         ),
         # A key with a newline in it (a quoted TOML key) printed the error over two lines.
@@ -170,11 +183,24 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             "[server]\nfilter_room_grace = nan",
             "feed.toml: server.filter_room_grace: must be a finite number, not nan",
         ),
-        # TOML integers are 64-bit; tomllib reads any length.
+        # Every number has a range, stated when a value is past it: `1e12` seconds, `10**15`
+        # changes passed before, finite, to be multiplied into milliseconds or allocated later.
         (
             "[server]\nsnapshot_limit = 100000000000000000000",
-            "feed.toml: server.snapshot_limit: must be at most 9223372036854775807 (TOML "
-            "integers are 64-bit), not 100000000000000000000",
+            "feed.toml: server.snapshot_limit: must be from 1 to 1000000, not "
+            "100000000000000000000",
+        ),
+        (
+            "[cluster]\nurl = 'redis://h/0'\nlease = 1e308",
+            "feed.toml: cluster.lease: must be from 0.5 to 3600, not 1e+308",
+        ),
+        (
+            "[limits]\nrequest_timeout = 1e12",
+            "feed.toml: limits.request_timeout: must be from 0.1 to 3600, not 1000000000000.0",
+        ),
+        (
+            "[cluster]\nurl = 'redis://h/0'\nhistory = 1_000_000_000_000_000",
+            "feed.toml: cluster.history: must be from 1 to 1000000, not 1000000000000000",
         ),
         # A host with a space or a control character: the listen error came out over two lines.
         (
@@ -198,22 +224,137 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
         ),
         # `$` matches before a trailing newline (a value from an environment variable read
         # from a file keeps one): these were accepted, and the name, prefix, digest or schema
-        # then held the newline (a token whose digest never matched, rooms "m\n:...").
+        # then held the newline (a token whose digest never matched, rooms "m\n:..."). Now
+        # the answer names the newline and where it comes from, as for a URL (below).
         (
             "[[connectors]]\nname = '${NAME}'\ntype = 'memory'\ntargets = ['t']",
-            "feed.toml: connectors[0].name: 'mem\\n' must be letters, digits",
+            "feed.toml: connectors[0].name: ends with a newline, as a value read from a secret file does: strip it",
         ),
         (
             "[cluster]\nurl = 'redis://h/0'\nprefix = '${NAME}'",
-            "feed.toml: cluster.prefix: 'mem\\n' must be 1-64 letters",
+            "feed.toml: cluster.prefix: ends with a newline, as a value read from a secret file does: strip it",
         ),
         (
             "[auth]\nmode = 'token'\n[[auth.tokens]]\nname = 'a'\nsha256 = '${DIGEST}'",
-            "feed.toml: auth.tokens[0].sha256: must be 64 hex digits",
+            "feed.toml: auth.tokens[0].sha256: ends with a newline, as a value read from a secret file does: strip it",
         ),
         (
             PG.format(dsn="postgresql://h/db") + "\nschema = '${NAME}'",
-            "feed.toml: connectors[0].schema: 'mem\\n' must be a plain schema name",
+            "feed.toml: connectors[0].schema: ends with a newline, as a value read from a secret file does: strip it",
+        ),
+        # The same from a URL: Python's URL parser dropped the newline (so it often worked),
+        # or it was refused in words about the port or sslmode it ended, or PyMongo kept it
+        # in a password; a space reached Postgres inside the database's name.
+        (
+            PG.format(dsn="${DATABASE_URL}"),
+            f"feed.toml: connectors[0].dsn: {SECRET_NEWLINE}",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h:5432/db "),
+            "feed.toml: connectors[0].dsn: ends with a space: remove it",
+        ),
+        (
+            PG.format(dsn="postgresql://u:${PASSWORD}@h:5432/db"),
+            "feed.toml: connectors[0].dsn: has a newline at character 22, which no URL holds: "
+            "strip it (a ${VAR} read from a secret file keeps the file's newline), or write it "
+            "as %0A where it is meant (a password, a socket path)",
+        ),
+        (
+            "[[connectors]]\nname = 'shop'\ntype = 'mongodb'\nuri = '${MONGODB_URL}'\n"
+            "watch = ['shop.orders']",
+            f"feed.toml: connectors[0].uri: {SECRET_NEWLINE}",
+        ),
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\nurl = ' redis://h:6379/0'\n"
+            "patterns = ['s:*']",
+            "feed.toml: connectors[0].url: starts with a space: remove it",
+        ),
+        (
+            "[cluster]\nurl = '${FEED_CLUSTER_URL}'",
+            f"feed.toml: cluster.url: {SECRET_NEWLINE}",
+        ),
+        (
+            "[auth]\nmode = 'jwt'\n[auth.jwt]\nalgorithms = ['RS256']\njwks_url = '${JWKS_URL}'",
+            f"feed.toml: auth.jwt.jwks_url: {SECRET_NEWLINE}",
+        ),
+        (
+            "[auth]\nmode = 'jwt'\n[auth.jwt]\nalgorithms = ['HS256']\n"
+            "secret = '0123456789abcdef0123456789abcdef'\nissuer = '${ISSUER}'",
+            f"feed.toml: auth.jwt.issuer: {SECRET_NEWLINE}",
+        ),
+        (
+            "[auth]\nmode = 'jwt'\n[auth.jwt]\nalgorithms = ['HS256']\n"
+            "secret = '0123456789abcdef0123456789abcdef'\naudience = ['feed', 'feed\t']",
+            "feed.toml: auth.jwt.audience: ends with a tab: remove it",
+        ),
+        # What asyncpg refuses in a dsn's query, or ignores when the URL gives the same part,
+        # was known only at connect (in its words, or never: ?dbname=app after a path
+        # connected to the path's database).
+        (
+            PG.format(dsn="postgresql://u@h/db?target_session_attrs=primry"),
+            "feed.toml: connectors[0].dsn: target_session_attrs=primry is not one of any, "
+            "primary, standby, prefer-standby, read-write, read-only",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?gsslib=kerberos"),
+            "feed.toml: connectors[0].dsn: gsslib=kerberos is not one of gssapi, sspi",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslmode=require&ssl_min_protocol_version=TLS1.2"),
+            "feed.toml: connectors[0].dsn: ssl_min_protocol_version=TLS1.2 is not one of TLSv1,",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslnegotiation=direct"),
+            "feed.toml: connectors[0].dsn: sslnegotiation=direct needs sslmode require, "
+            "verify-ca or verify-full, not prefer",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?sslmode=require&verify"),
+            "feed.toml: connectors[0].dsn: has 'verify' in its query, which is not name=value",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/?dbname=app"),
+            "feed.toml: connectors[0].dsn: has ?dbname= after a bare / that asyncpg reads as an "
+            "empty database name",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?port=5433"),
+            "feed.toml: connectors[0].dsn: has a host before the ? and ?port=, which asyncpg "
+            "then ignores",
+        ),
+        (
+            PG.format(dsn="postgresql://u:secret@h/db?password=secret2"),
+            "feed.toml: connectors[0].dsn: gives the password before the @ and again as "
+            "?password=, which asyncpg ignores: keep one",
+        ),
+        (
+            PG.format(dsn="postgresql://u@h/db?keepalives_idle=30"),
+            "feed.toml: connectors[0].dsn: ?keepalives_idle= is libpq's, which asyncpg does not "
+            "read: it would reach the server as a setting it refuses; remove it",
+        ),
+        # redis-py hands a URL's ?name= it does not parse to its connection as is: refused at
+        # connect, "AbstractConnection.__init__() got an unexpected keyword argument 'foo'".
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\nurl = 'redis://h:6379/0?foo=bar'\n"
+            "patterns = ['s:*']",
+            "feed.toml: connectors[0].url: ?foo= is not a Redis connection option (redis-py's, "
+            "such as socket_timeout)",
+        ),
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\n"
+            "url = 'redis://h:6379/0?ssl_cert_reqs=required'\npatterns = ['s:*']",
+            "feed.toml: connectors[0].url: ?ssl_cert_reqs= is for TLS: write rediss:// "
+            "(redis:// connects without TLS)",
+        ),
+        (
+            "[[connectors]]\nname = 'c'\ntype = 'redis'\n"
+            "url = 'redis://h:6379/0?decode_responses=true'\npatterns = ['s:*']",
+            "feed.toml: connectors[0].url: ?decode_responses= would hand the feed text where it "
+            "reads bytes: remove it",
+        ),
+        (
+            "[cluster]\nurl = 'redis://h:6379/1?socket_timeout=5&health_check=5'",
+            "feed.toml: cluster.url: ?health_check= is not a Redis connection option",
         ),
         (
             "[auth]\noperator_role = ['oncall']",
@@ -224,11 +365,11 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
 )
 def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(text, "feed.toml", {"NAME": "mem\n", "DIGEST": "0" * 64 + "\n"})
+        parse_config(text, "feed.toml", SECRET_FILES)
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message
-    assert "secret" not in message  # a password in a dsn is never shown
+    assert "secret" not in message.replace("a secret file", "")  # a password is never shown
 
 
 @pytest.mark.parametrize(
@@ -238,6 +379,10 @@ def test_config_errors_name_file_key_and_fix(text: str, expected: str) -> None:
         "postgres://h1:5432,h2:5433/db?sslmode=disable&sslcert=/nonexistent/ignored.crt",
         "postgresql:///db?host=/var/run/postgresql",
         "postgresql://u@[::1]/db?sslmode=prefer&sslrootcert=/nonexistent/optional.crt",
+        "postgresql://?host=h&port=5433&dbname=app&user=u",
+        "postgresql://u@h:5432/db?target_session_attrs=read-write&application_name=x"
+        "&sslnegotiation=direct&sslmode=require&ssl_min_protocol_version=TLSv1.3",
+        "postgresql://u@h/db?options=-c%20statement_timeout%3D5000&gsslib=gssapi",
     ],
 )
 def test_dsns_asyncpg_takes_are_accepted(dsn: str) -> None:
@@ -428,3 +573,14 @@ def test_serve_refusing_to_run_without_auth_names_the_file(tmp_path: Path) -> No
     assert line.startswith(
         f"feed: {config}: auth.mode: refusing to serve without authentication on 0.0.0.0"
     ), line
+
+
+def test_a_number_a_connector_reads_without_bounds_is_still_64_bit() -> None:
+    """Every built-in number has a range now; a third-party connector's key read without one
+    is still refused past 64 bits (tomllib reads an integer of any length)."""
+    with pytest.raises(ConfigError) as info:
+        Options({"n": 10**20}, "connectors[0]").int("n", 1)
+    assert str(info.value) == (
+        "connectors[0].n: must be at most 9223372036854775807 (TOML integers are 64-bit), "
+        "not 100000000000000000000"
+    )

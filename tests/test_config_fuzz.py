@@ -10,8 +10,10 @@ derandomized: CI sees the same ones on every run.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -450,6 +452,177 @@ def test_a_value_from_the_environment_parses_as_if_written(path: KeyPath, defaul
     assert config == parse_config(VALID, FILE, {})
 
 
+# -- values a secret file brings in: whitespace at the ends, a newline inside a URL --------------
+
+URLS: list[KeyPath] = [("connectors", 1, "dsn"), ("connectors", 2, "uri"), ("connectors", 3, "url")]
+URLS += [("connectors", 4, "url"), ("cluster", "url")]
+"""No URL holds a space or a control character: each is refused wherever it is."""
+TRIMMED: list[KeyPath] = [
+    *NAMES,
+    ("cluster", "prefix"),
+    ("cluster", "node"),
+    ("auth", "tokens", 0, "sha256"),
+]
+TRIMMED += [("connectors", 1, "schema"), ("connectors", 1, "slot"), ("auth", "jwt", "issuer")]
+TRIMMED += [("auth", "jwt", "audience")]
+"""Names, digests, an issuer: whitespace at their ends cannot be meant."""
+SPACES = ["\n", "\r\n", " ", "\t", "\r", "\u00a0", "\x00"]
+
+
+@settings(max_examples=80, derandomize=True, database=None, deadline=None)
+@given(
+    path=st.sampled_from(URLS + TRIMMED),
+    space=st.sampled_from(SPACES),
+    where=st.sampled_from(["end", "start", "inside"]),
+    at=st.integers(1, 30),
+)
+def test_whitespace_a_secret_file_brings_is_refused_naming_the_key(
+    path: KeyPath, space: str, where: str, at: int
+) -> None:
+    """`dsn = "${DATABASE_URL}"` with the variable read from a mounted secret file ends in "\n".
+    Python's URL parser dropped it (so it often worked), or the port or `sslmode` it ended in
+    was refused in other words, or it reached the server inside a name; a name or digest held
+    it for good. Now: refused, naming the key and the fix, never quoting the URL."""
+    value = get(BASE, path)
+    if where == "inside":
+        assume(path in URLS)
+        at = at % (len(value) - 1) + 1
+        value = value[:at] + space + value[at:]
+    else:
+        value = value + space if where == "end" else space + value
+    message = refusal(dump(changed(path, value)))
+    assert message is not None, (shown(path), value)
+    assert message.startswith(f"{FILE}: {shown(path)}: "), message
+    if where == "end" and space.endswith("\n"):
+        assert "ends with a newline, as a value read from a secret file does: strip it" in message
+    if path in URLS:
+        assert "127.0.0.1" not in message, message  # a URL may hold a password: never shown
+
+
+# -- a dsn's query, against asyncpg's own reading of it ------------------------------------------
+
+DSN_PARAMETERS = {
+    "target_session_attrs": ["any", "read-write", "prefer-standby", "bogus", "READ-WRITE", ""],
+    "gsslib": ["gssapi", "sspi", "kerberos"],
+    "sslnegotiation": ["postgres", "direct", "tls"],
+    "sslmode": ["disable", "prefer", "require", "verify-ca", "verify-full", "on"],
+    "ssl_min_protocol_version": ["TLSv1.2", "TLSv1.3", "TLS1.2", "SSLv3"],
+    "ssl_max_protocol_version": ["TLSv1.3", "tlsv1.3"],
+    "port": ["5433", "abc"],
+    "host": ["other", "/var/run/postgresql"],
+    "dbname": ["app"],
+    "database": ["app"],
+    "user": ["v"],
+    "connect_timeout": ["5"],
+    "keepalives": ["1"],
+    "application_name": ["x"],
+}
+
+
+def asyncpg_reads(dsn: str) -> bool:
+    """Whether asyncpg's own parser takes `dsn` (what it does first in every connect)."""
+    from asyncpg import connect_utils
+
+    try:
+        connect_utils._parse_connect_dsn_and_args(
+            dsn=dsn, host=None, port=None, user=None, password=None, passfile=None,
+            database=None, ssl=None, service=None, servicefile=None, direct_tls=None,
+            server_settings=None, target_session_attrs=None, krbsrvname=None, gsslib=None,
+        )  # fmt: skip
+    except ValueError:  # asyncpg's ClientConfigurationError is one
+        return False
+    return True
+
+
+@settings(max_examples=80, derandomize=True, database=None, deadline=None)
+@given(
+    query=st.lists(
+        st.sampled_from(sorted(DSN_PARAMETERS)).flatmap(
+            lambda name: st.tuples(st.just(name), st.sampled_from(DSN_PARAMETERS[name]))
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    bare=st.booleans(),
+)
+def test_a_dsn_the_config_takes_is_one_asyncpg_takes_as_written(
+    query: list[tuple[str, str]], bare: bool
+) -> None:
+    """A dsn accepted at start is one asyncpg reads without an error, and none of its
+    parameters is one asyncpg ignores in silence (the URL names user, host, port and database,
+    so ?user=, ?host=, ?port=, ?dbname= would be; libpq's own would reach the server)."""
+    path = ("connectors", 1, "dsn")
+    dsn = ("postgresql://u@127.0.0.1:5432/db?" if not bare else "postgresql://?") + "&".join(
+        f"{name}={value}" for name, value in query
+    )
+    message = refusal(dump(changed(path, dsn)))
+    if message is not None:
+        assert message.startswith(f"{FILE}: connectors[1].dsn: "), message
+        return
+    assert asyncpg_reads(dsn), dsn
+    names = {name for name, _ in query}
+    if not bare:
+        assert not names & {"port", "host", "dbname", "database", "user"}, dsn
+    assert not names & {"connect_timeout", "keepalives"}, dsn
+
+
+# -- numbers: each has a stated range, and a value past it is refused with the range -------------
+
+NUMBERS = [p for p in LEAVES if type(get(BASE, p)) in (int, float)]
+RANGE = re.compile(r": must be from (\S+) to (\S+), not ")
+
+
+@functools.cache
+def stated_range(path: KeyPath) -> tuple[float, float]:
+    """The range the reader states when refusing a huge number at `path`, both ways."""
+    huge = 10**18 if isinstance(get(BASE, path), int) else 1e300
+    ranges = set()
+    for value in (huge, -huge):
+        message = refusal(dump(changed(path, value)))
+        assert message is not None, f"{shown(path)} = {value} is accepted"
+        assert message.startswith(f"{FILE}: {shown(path)}: "), message
+        match = RANGE.search(message)
+        assert match, message
+        ranges.add((float(match.group(1)), float(match.group(2))))
+    [(low, high)] = ranges
+    return low, high
+
+
+def pair_rule(message: str | None) -> bool:
+    """A refusal of two keys together: `heartbeat_interval + heartbeat_timeout must be <= 60`,
+    `db: is 2 but url selects database 0; keep one`."""
+    return message is not None and (" + " in message or "; keep one" in message)
+
+
+@pytest.mark.parametrize("path", NUMBERS, ids=shown)
+def test_every_number_states_its_range_and_takes_its_bounds(path: KeyPath) -> None:
+    """`lease = 1e308`, `history = 10**15`, a timeout of 1e12 s passed before: finite, so every
+    check let them through, to be multiplied into milliseconds or allocated later."""
+    low, high = stated_range(path)
+    assert low <= get(BASE, path) <= high
+    assert high < 2**53, "beyond what a double holds exactly: no sane maximum"
+    for bound in (low, high):
+        value = int(bound) if isinstance(get(BASE, path), int) else bound
+        message = refusal(dump(changed(path, value)))
+        assert message is None or pair_rule(message), message
+
+
+@settings(max_examples=120, derandomize=True, database=None, deadline=None)
+@given(
+    path=st.sampled_from(NUMBERS),
+    value=st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_a_number_outside_its_range_is_refused_with_the_range(path: KeyPath, value: Any) -> None:
+    low, high = stated_range(path)
+    message = refusal(dump(changed(path, value)))
+    if isinstance(get(BASE, path), int) and isinstance(value, float):
+        assert message is not None and "whole number" in message, message
+    elif not low <= value <= high:
+        assert message is not None and RANGE.search(message), (shown(path), value, message)
+    else:
+        assert message is None or pair_rule(message), message
+
+
 def test_the_valid_config_parses_with_every_value_as_written() -> None:
     config = parse_config(VALID, FILE, {})
     assert isinstance(config, Config) and config.server.port == 8123
@@ -516,4 +689,27 @@ def test_feed_check_prints_the_same_one_line_and_exits_2(
     assert expected is not None and names(expected, path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"feed: {config}{expected.removeprefix(FILE)}"]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("path", [URLS[0], URLS[1], URLS[4]], ids=shown)
+def test_feed_check_refuses_a_url_read_from_a_secret_file(tmp_path: Path, path: KeyPath) -> None:
+    """`url = "${SECRET_URL}"`, the variable set from a file that ends in a newline (a mounted
+    Docker or Kubernetes secret), through the real process: exit 2, one line, the URL unshown."""
+    config = tmp_path / FILE
+    config.write_text(dump(changed(path, "${SECRET_URL}")), encoding="utf-8")
+    secret = get(BASE, path) + "\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "feed", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "SECRET_URL": secret},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"feed: {config}: {shown(path)}: ends with a newline, as a value read from a secret "
+        "file does: strip it (write the file with printf '%s', not echo)"
+    ]
     assert result.stdout == ""

@@ -162,6 +162,9 @@ ERROR_CASES: dict[str, str | bytes | None] = {
     'patterns = ["s:*"]\n',
     "not UTF-8": b"[server]\nport = 8123\n# caf\xe9\n",
     "an infinite number": '[cluster]\nurl = "redis://h:6379/0"\nlease = inf\n',
+    "a timeout in milliseconds": "[limits]\nrequest_timeout = 1e12\n" + MEMORY,
+    "a newline from a secret file": '[[connectors]]\nname = "m"\ntype = "postgres"\n'
+    'dsn = "postgresql://u:pw@h:5432/db\\n"\ntables = ["public.orders"]\n',
 }
 
 
@@ -222,6 +225,118 @@ def test_connector_page_tables_match_the_connector(kind: str) -> None:
             assert state(base + line) == defaults, f"{kind}.{key}: docs say {cell}"
             checked += 1
     assert checked >= 5
+
+
+# -- every number's range, as the reader states it and as the docs write it ---------------------
+
+DOC_RANGE = re.compile(
+    r"(\d[\d,]*(?:\.\d+)?)(?: (KiB|MiB|GiB))? to (\d[\d,]*(?:\.\d+)?)(?: (KiB|MiB|GiB))?"
+)
+UNITS = {None: 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def documented_range(text: str) -> tuple[float, float] | None:
+    """The first `LOW to HIGH` in a docs cell or comment (`0.1 to 3600`, `16 KiB to 1 GiB`)."""
+    match = DOC_RANGE.search(text)
+    if match is None:
+        return None
+    low, low_unit, high, high_unit = match.groups()
+    return (
+        float(low.replace(",", "")) * UNITS[low_unit],
+        float(high.replace(",", "")) * UNITS[high_unit],
+    )
+
+
+def stated_range(text_with: Any) -> tuple[float, float] | None:
+    """The range the reader states refusing a huge number for a key (`text_with(value)` is a
+    config setting the key to it), or None when the key is not a number. A number that takes
+    a huge value has no range: that fails here."""
+    answers = []
+    for huge in ("1e300", "1000000000000000000"):
+        try:
+            parse_config(text_with(huge), "feed.toml", {}).build_connectors()
+        except ConfigError as exc:
+            answers.append(str(exc))
+            match = re.search(r": must be from (\S+) to (\S+), not ", str(exc))
+            if match:
+                return float(match.group(1)), float(match.group(2))
+        else:
+            raise AssertionError(f"{text_with(huge)!r} is accepted: give the key a maximum")
+    return None
+
+
+def range_column(lines: list[str]) -> dict[str, str]:
+    """The `| key | default | range | meaning |` table: each key's range cell."""
+    header = next(line for line in lines if line.startswith("| key |"))
+    names = [c.strip() for c in header.strip().strip("|").split("|")]
+    assert "range" in names, f"no range column in {header!r}"
+    at = names.index("range")
+    cells = {}
+    for line in lines[lines.index(header) + 2 :]:
+        if not line.startswith("|"):
+            break
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        [key] = re.findall(r"`([^`]+)`", row[0])
+        cells[key] = row[at]
+    return cells
+
+
+def _connector_table(kind: str) -> tuple[str, str, str]:
+    heading = "## Configuration" if kind == "postgres" else "## Settings"
+    return f"connectors/{kind}.md", heading, f'[[connectors]]\nname = "m"\ntype = "{kind}"\n'
+
+
+RANGE_TABLES = [
+    ("configuration.md", "## `[server]`", "[server]\n"),
+    ("configuration.md", "## `[cluster]`", '[cluster]\nurl = "redis://127.0.0.1/0"\n'),
+    *(_connector_table(kind) for kind in sorted(CONNECTORS)),
+]
+
+
+@pytest.mark.parametrize(("page", "heading", "base"), RANGE_TABLES, ids=lambda p: str(p)[:20])
+def test_every_number_has_its_range_in_the_docs_table(page: str, heading: str, base: str) -> None:
+    """Each number's range column says what the reader refuses past (`lease = 1e308` passed
+    before), and a range written for a key that is no number, or a wrong one, fails here."""
+    cells = range_column(section(DOCS / page, heading))
+    required = CONNECTORS.get(page.removeprefix("connectors/").removesuffix(".md"), "")
+    checked = 0
+    for key, cell in cells.items():
+        if f"{key} = " in base + required:  # required, and no number: url, dsn, tables, ...
+            assert not cell, f"{page} {key}: not a number, but the docs give a range"
+            continue
+        stated = stated_range(
+            lambda v, key=key: (
+                base + required + f"{key} = {v}\n" + (MEMORY if "connectors" not in base else "")
+            )
+        )
+        assert documented_range(cell) == stated, f"{page} {key}: docs say {cell!r}, reader {stated}"
+        checked += stated is not None
+    assert checked >= 4
+
+
+def test_every_limit_and_the_leeway_have_their_range_in_security_md() -> None:
+    """[limits] lives in security.md's block of every limit: each line's comment (with the lines
+    that continue it) states the range the reader refuses past; the same for `leeway`."""
+    lines = section(DOCS / "security.md", "## Limits")
+    block = lines[lines.index("```toml") + 1 :]
+    block = block[: block.index("```")]
+    comments: dict[str, str] = {}
+    key = ""
+    for line in block:
+        if line.startswith("["):
+            key = ""
+        elif re.match(r"\w+ = ", line):
+            key = line.split(" = ")[0]
+            comments[key] = line.partition("#")[2]
+        elif key and line.lstrip().startswith("#"):
+            comments[key] += " " + line.lstrip().lstrip("#")
+    for key in known_keys("[limits]\nzz_not_a_key = 1\n" + MEMORY):
+        stated = stated_range(lambda v, key=key: f"[limits]\n{key} = {v}\n" + MEMORY)
+        assert stated is not None
+        assert documented_range(comments[key]) == stated, f"[limits] {key}: {comments[key]!r}"
+    text = (DOCS / "security.md").read_text(encoding="utf-8")
+    [leeway] = re.findall(r"^leeway = 30 +#(.*)$", text, re.M)[:1]
+    assert documented_range(leeway) == stated_range(lambda v: f"[auth]\nleeway = {v}\n" + MEMORY)
 
 
 SAMPLE_ENV = {

@@ -284,7 +284,9 @@ async def test_a_long_polling_client_that_stops_polling_is_cut_off_too() -> None
 
 
 def test_limits_config_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"limits\.outbound_queue_bytes: must be at least 16384"):
+    with pytest.raises(
+        ConfigError, match=r"limits\.outbound_queue_bytes: must be from 16384 to 1073741824"
+    ):
         parse_config(BASE + "[limits]\noutbound_queue_bytes = 10\n", "feed.toml", {})
     with pytest.raises(ConfigError, match=r"limits\.subscribe_burts: is not a known setting"):
         parse_config(BASE + "[limits]\nsubscribe_burts = 10\n", "feed.toml", {})

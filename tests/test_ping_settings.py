@@ -51,7 +51,7 @@ async def test_the_handshake_advertises_the_configured_ping_and_a_silent_client_
     ("key", "value", "expected"),
     [
         ("ping_interval", "0.5", "server.ping_interval: must be a whole number, not 0.5"),
-        ("ping_timeout", "0", "server.ping_timeout: must be at least 1, not 0"),
+        ("ping_timeout", "0", "server.ping_timeout: must be from 1 to 3600, not 0"),
     ],
 )
 def test_ping_settings_are_whole_seconds(key: str, value: str, expected: str) -> None:

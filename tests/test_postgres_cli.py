@@ -105,3 +105,47 @@ async def test_check_fails_while_migrations_are_pending_and_names_the_command(
     assert code == 0, err
     code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
     assert code == 0, out + err
+
+
+async def test_check_names_the_dsn_parameter_behind_a_refusal(
+    pg: PgDatabase, tmp_path: Path
+) -> None:
+    """`feed check` printed asyncpg's or the server's words for a dsn parameter: "cannot
+    connect: target_session_attrs is expected to be one of <built-in method values of
+    mappingproxy object at 0x...>, got 'bogus'", "cannot connect: unrecognized configuration
+    parameter "foo"" (as if the server were down). What asyncpg refuses is a config mistake now,
+    exit 2; what only the server can judge (asyncpg sends it every parameter it does not read)
+    is a FAIL row naming the connector and the parameter."""
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'main'\ntype = 'postgres'\n"
+        "dsn = '${DATABASE_URL}'\ntables = ['public.orders']\n"
+    )
+    joined = "&" if "?" in pg.url else "?"
+    at_start = {
+        "target_session_attrs=bogus": "target_session_attrs=bogus is not one of any, primary, "
+        "standby, prefer-standby, read-write, read-only",
+        "connect_timeout=5": "?connect_timeout= is libpq's, which asyncpg does not read: it "
+        "would reach the server as a setting it refuses; remove it (set the connector's "
+        "connect_timeout)",
+        "dbname=other": "gives the database in its path and again as ?dbname=, which asyncpg "
+        "ignores: keep one",
+    }
+    for parameter, expected in at_start.items():
+        url = pg.url + joined + parameter
+        code, out, err = await feed("check", "--config", str(config), database_url=url)
+        assert code == 2 and out == "", (parameter, out, err)
+        assert err.splitlines() == [f"feed: {config}: connectors[0].dsn: {expected}"], err
+    by_server = {
+        "foo=bar": "dsn parameter ?foo=: Postgres refuses it as a setting (unrecognized "
+        'configuration parameter "foo"); asyncpg sends each parameter it does not read to the '
+        "server: fix or remove it",
+        "statement_timeout=abc": "dsn parameter ?statement_timeout=: Postgres refuses it as a "
+        'setting (invalid value for parameter "statement_timeout": "abc"); asyncpg sends each',
+    }
+    for parameter, expected in by_server.items():
+        url = pg.url + joined + parameter
+        code, out, err = await feed("check", "--config", str(config), database_url=url)
+        assert code == 1, (parameter, out, err)
+        [row] = [line for line in out.splitlines() if line.startswith("main ")]
+        assert "FAIL" in row and expected in row and "cannot connect" not in row, row

@@ -82,7 +82,9 @@ def test_the_ack_carries_the_first_chunk_and_counts_the_rest() -> None:
 
 
 def test_chunk_size_is_validated_and_kept_under_the_outbound_limit() -> None:
-    with pytest.raises(ConfigError, match=r"server\.snapshot_chunk_bytes: must be at least 1024"):
+    with pytest.raises(
+        ConfigError, match=r"server\.snapshot_chunk_bytes: must be from 1024 to 16777216"
+    ):
         parse_config(BASE.replace("[server]", "[server]\nsnapshot_chunk_bytes = 10"), "f", {})
     too_big = BASE.replace("[server]", "[server]\nsnapshot_chunk_bytes = 1048576")
     small_queue = parse_config(too_big + "[limits]\noutbound_queue_bytes = 1048576\n", "f", {})

@@ -17,7 +17,7 @@ from typing import Any
 from connectors import Connector, resolve_type
 from feed.engine import ClusterConfig, parse_cluster
 from feed.errors import ConfigError
-from feed.options import Options
+from feed.options import DAY, HOUR, MIB, Options
 from feed.routing.settings import ServerConfig
 from feed.security.auth import AuthConfig, parse_auth
 from feed.security.limits import LimitsConfig, parse_limits
@@ -154,24 +154,26 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
         host=server_opts.str("host", "127.0.0.1"),
         port=server_opts.int("port", 8000, minimum=0, maximum=65535),
         replay_buffer=server_opts.int("replay_buffer", 1000, minimum=1, maximum=1_000_000),
-        filter_room_grace=server_opts.float("filter_room_grace", 30.0, minimum=0),
-        max_subscriptions=server_opts.int("max_subscriptions", 100, minimum=1),
-        max_room_length=server_opts.int("max_room_length", 512, minimum=16),
-        max_filter_length=server_opts.int("max_filter_length", 1024, minimum=16),
-        snapshot_limit=server_opts.int("snapshot_limit", 1000, minimum=1),
+        filter_room_grace=server_opts.float("filter_room_grace", 30.0, minimum=0, maximum=DAY),
+        max_subscriptions=server_opts.int("max_subscriptions", 100, minimum=1, maximum=100_000),
+        max_room_length=server_opts.int("max_room_length", 512, minimum=16, maximum=65536),
+        max_filter_length=server_opts.int("max_filter_length", 1024, minimum=16, maximum=65536),
+        snapshot_limit=server_opts.int("snapshot_limit", 1000, minimum=1, maximum=1_000_000),
         snapshot_chunk_bytes=server_opts.int(
-            "snapshot_chunk_bytes", 256 * 1024, minimum=1024, maximum=16 * 1024 * 1024
+            "snapshot_chunk_bytes", 256 * 1024, minimum=1024, maximum=16 * MIB
         ),
         cors_allowed_origins=server_opts.str_list("cors_allowed_origins"),
         allowed_hosts=allowed_hosts if "allowed_hosts" in server_opts.raw else None,
-        max_message_bytes=server_opts.int("max_message_bytes", 64 * 1024, minimum=1024),
+        max_message_bytes=server_opts.int(
+            "max_message_bytes", 64 * 1024, minimum=1024, maximum=16 * MIB
+        ),
         dashboard=server_opts.bool("dashboard", True),
         log_level=server_opts.choice("log_level", ["debug", "info", "warning", "error"], "info"),
         access_log=server_opts.bool("access_log", False),
         # Whole seconds: Engine.IO's handshake advertises the interval in whole seconds, so 0.5
         # would reach clients as 0.
-        ping_interval=server_opts.int("ping_interval", 25, minimum=1, maximum=3600),
-        ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=3600),
+        ping_interval=server_opts.int("ping_interval", 25, minimum=1, maximum=int(HOUR)),
+        ping_timeout=server_opts.int("ping_timeout", 20, minimum=1, maximum=int(HOUR)),
     )
     server_opts.finish()
     # `${HOST:-}` or `host = ""`: getaddrinfo's "unknown host" named no key; a space or a
@@ -191,7 +193,7 @@ def _validate(raw: dict[str, Any], file: str) -> Config:
     for index, entry in enumerate(entries):
         key = f"connectors[{index}]"
         opts = Options(entry, key)
-        name = opts.str("name", required=True)
+        name = opts.str("name", required=True, spaces="inside")
         if not NAME_PATTERN.fullmatch(name):
             opts.fail("name", f"{name!r} must be letters, digits, '_' or '-' (it prefixes rooms)")
         if name in seen:

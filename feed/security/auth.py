@@ -28,7 +28,7 @@ from typing import Any
 
 from feed.core.filters import parse_filter
 from feed.errors import ConfigError, FeedError, ProtocolError
-from feed.options import Options
+from feed.options import Options, stray_space
 
 log = logging.getLogger("feed.auth")
 
@@ -254,7 +254,7 @@ def _tables(opts: Options, key: str) -> list[Options]:
 
 def _parse_token(opts: Options) -> StaticToken:
     name = opts.str("name", required=True)
-    digest = opts.str("sha256", required=True).lower()
+    digest = opts.str("sha256", required=True, spaces="inside").lower()
     if not SHA256_HEX.fullmatch(digest):
         opts.fail("sha256", "must be 64 hex digits: produce it with `feed hash-token`")
     roles = frozenset(opts.str_list("roles"))
@@ -276,14 +276,18 @@ def _parse_jwt(opts: Options) -> JwtConfig:
         # One key could then verify both ways: the classic RS256/HS256 confusion.
         opts.fail("algorithms", "do not mix HS* with RS*/ES*/PS* algorithms in one config")
     secret = opts.str("secret")
-    jwks_file = opts.str("jwks_file")
-    jwks_url = opts.str("jwks_url")
+    jwks_file = opts.str("jwks_file", spaces="inside")
+    jwks_url = opts.str("jwks_url", spaces="none")
     audience = opts._get("audience", [], False)
     if isinstance(audience, str):
         audience = [audience]
     if not isinstance(audience, list) or not all(isinstance(a, str) and a for a in audience):
         opts.fail("audience", 'must be a string or a list of strings, like "feed"')
-    issuer = opts.str("issuer")
+    for name in audience:  # compared whole with a token's `aud`: "feed\n" matches no token
+        problem = stray_space(name)
+        if problem is not None:
+            opts.fail("audience", problem)
+    issuer = opts.str("issuer", spaces="inside")
     name_claim = opts.str("name_claim", "sub")
     roles_claim = opts.str("roles_claim", "roles")
     require = opts._get("require", ["exp"], False)

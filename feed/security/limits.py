@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from feed.options import Options
+from feed.options import GIB, HOUR, Options
 
 log = logging.getLogger("feed.limits")
 
@@ -55,15 +55,19 @@ class LimitsConfig:
 def parse_limits(top: Options) -> LimitsConfig:
     opts = top.table("limits")
     config = LimitsConfig(
-        connections_per_identity=opts.int("connections_per_identity", 100, minimum=0),
-        subscribe_rate=opts.float("subscribe_rate", 20.0, minimum=0.01),
-        subscribe_burst=opts.int("subscribe_burst", 100, minimum=1),
-        outbound_queue_bytes=opts.int("outbound_queue_bytes", 8 * 1024 * 1024, minimum=16 * 1024),
-        max_connections=opts.int("max_connections", 0, minimum=0),
-        request_timeout=opts.float("request_timeout", 10.0, minimum=0.1),
-        handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1),
-        rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0),
-        max_rooms=opts.int("max_rooms", 50_000, minimum=0),
+        connections_per_identity=opts.int(
+            "connections_per_identity", 100, minimum=0, maximum=1_000_000
+        ),
+        subscribe_rate=opts.float("subscribe_rate", 20.0, minimum=0.01, maximum=1_000_000),
+        subscribe_burst=opts.int("subscribe_burst", 100, minimum=1, maximum=1_000_000),
+        outbound_queue_bytes=opts.int(
+            "outbound_queue_bytes", 8 * 1024 * 1024, minimum=16 * 1024, maximum=GIB
+        ),
+        max_connections=opts.int("max_connections", 0, minimum=0, maximum=10_000_000),
+        request_timeout=opts.float("request_timeout", 10.0, minimum=0.1, maximum=HOUR),
+        handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1, maximum=HOUR),
+        rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0, maximum=10_000_000),
+        max_rooms=opts.int("max_rooms", 50_000, minimum=0, maximum=10_000_000),
     )
     opts.finish()
     return config
