@@ -131,6 +131,8 @@ export function retryDelay(
 export class FeedError extends Error {
   constructor(code: string, message: string, data?: unknown);
   readonly code: string;
+  /** `too_large` (a request or token larger than the server takes in one message, not sent):
+   * `{ code, size, limit }`, in bytes. */
   readonly data?: unknown;
   /** Set on the error of a connection the server refused (its `data.code` says why; for a
    * refusal in HTTP, `handshake_refused`, `too_large` or `server_busy`, `data.status` too). */

@@ -39,6 +39,23 @@ const MAX_ORPHANS = 10000; // changes held for a room whose first subscribe ack 
 // `[limits] subscribe_burst` with `rate_limited` and cuts off a client after 100 refusals in a
 // row: a client with more rooms than that must not send them all at once.
 const MAX_IN_FLIGHT = 16;
+// Bytes a request takes on the wire besides its JSON: Engine.IO's and Socket.IO's packet types
+// and the answer's id (up to 10 digits).
+const FRAMING = 12;
+const utf8 = new TextEncoder();
+
+/** What `data` takes on the wire as one Socket.IO packet (its JSON in UTF-8, and the framing). */
+function packetBytes(data) {
+  return utf8.encode(JSON.stringify(data)).length + FRAMING;
+}
+
+/**
+ * Whether a websocket close or a long-polling error says that what the client sent was larger
+ * than the server takes: a close with code 1009 (message too big), a POST answered 413.
+ */
+function cutAsTooLarge(details) {
+  return details?.context?.code === 1009 || details?.description === 413;
+}
 
 /**
  * How long to wait before retry number `attempt` (0, 1, ...) that the library makes itself: the
@@ -390,6 +407,8 @@ export class FeedClient extends Emitter {
     if (this.urls.length === 0) throw new FeedError("bad_url", "no URL given");
     this._urlIndex = 0;
     this._failed = 0; // attempts failed since the last connection (a round: one per URL)
+    this._attemptFailed = false; // this attempt's failure was handled by `_onConnectError`
+    this._cutAt = null; // a request this large got the connection cut (`_onDisconnect`)
     this.options = options;
     this.subscriptions = new Set();
     this._byRoom = new Map(); // canonical room -> Set<Subscription>
@@ -423,7 +442,12 @@ export class FeedClient extends Emitter {
       // A function, so that every reconnect asks for the current token.
       auth: (send) => {
         this._currentToken().then(
-          (token) => send(token ? { token } : {}),
+          (token) => {
+            const auth = token ? { token } : {};
+            const large = this._tooLarge("the token", auth);
+            if (large) this._tokenTooLarge(large);
+            else send(auth);
+          },
           (err) => this._tokenFailed(err),
         );
       },
@@ -507,10 +531,54 @@ export class FeedClient extends Emitter {
     }, delay);
   }
 
+  /**
+   * The most bytes one message may have: the server's `maxPayload` from its Engine.IO
+   * handshake ([server] max_message_bytes; socket.io-client keeps it on the engine, unexposed),
+   * and less once a request of `_cutAt` bytes got the connection cut. Null when unknown.
+   */
+  _maxBytes() {
+    const announced = this.socket.io?.engine?._maxPayload;
+    const limits = [typeof announced === "number" && announced > 0 ? announced : null, this._cutAt].filter((n) => n !== null);
+    return limits.length ? Math.min(...limits) : null;
+  }
+
+  /**
+   * A FeedError `too_large` when `data` (with `what` it is, for the message) is larger than the
+   * server takes, else null. Sent anyway, the server would cut the connection, and the client
+   * would send it again after the reconnect, for ever.
+   */
+  _tooLarge(what, data) {
+    const limit = this._maxBytes();
+    const size = packetBytes(data);
+    if (limit === null || size <= limit) return null;
+    const message = `${what} is ${size} bytes, more than the ${limit} the server takes in one message ([server] max_message_bytes): not sent`;
+    return new FeedError("too_large", message, { code: "too_large", size, limit });
+  }
+
+  /**
+   * The token does not fit in a message: it was not sent. A token function may give a smaller
+   * one next time: as when it fails (`_tokenFailed`), retried with backoff. A fixed token never
+   * will: as a refused one, final, every subscription ends with the error.
+   */
+  _tokenTooLarge(error) {
+    error.refused = true;
+    if (typeof this.options.token === "function") {
+      this._tokenFailed(error);
+      return;
+    }
+    this._emit("error", error);
+    this.socket.disconnect();
+    for (const sub of [...this.subscriptions]) sub._fail(error);
+  }
+
   _wire() {
     const socket = this.socket;
+    // A new attempt's engine is open: the failure of an earlier one is no longer this one's.
+    socket.io?.on?.("open", () => {
+      this._attemptFailed = false;
+    });
     socket.on("connect", () => this._onConnect());
-    socket.on("disconnect", (reason) => this._onDisconnect(reason));
+    socket.on("disconnect", (reason, details) => this._onDisconnect(reason, details));
     socket.on("connect_error", (err) => this._onConnectError(err));
     socket.on("change", (change) => this._route([change]));
     socket.on("changes", (list) => this._route(Array.isArray(list) ? list : []));
@@ -611,8 +679,15 @@ export class FeedClient extends Emitter {
    */
   _request(event, payload, timeout) {
     return new Promise((resolve, reject) => {
+      const data = payload === undefined ? [event] : [event, payload];
+      const large = this._tooLarge(event, data);
+      if (large) {
+        reject(large);
+        return;
+      }
       const request = {
         event,
+        size: packetBytes(data),
         sent: this.socket.connected,
         fail: (error) => {
           clearTimeout(timer);
@@ -667,17 +742,26 @@ export class FeedClient extends Emitter {
     for (const sub of this.subscriptions) sub._send();
   }
 
-  _onDisconnect(reason) {
+  _onDisconnect(reason, details) {
     const was = this.connected; // socket.io-client says "disconnect" after a failed attempt too
     this.connected = false;
     this._connections += 1;
     clearTimeout(this._refreshTimer);
+    if (was && cutAsTooLarge(details)) this._learnCut();
     this._failRequests(new FeedError("not_connected", "the connection closed before the server answered"), true);
     this._emit("disconnect", reason);
     for (const sub of this.subscriptions) sub._offline();
     this._orphans = [];
     if (this._closed) return;
-    if (reason !== "io client disconnect") this._nextUrl(); // lost, not dropped by `reconnect`
+    // Lost (not dropped by `reconnect`): the next node. A failed attempt moves on once: after
+    // an engine that opened and then failed, socket.io-client says `connect_error` (which moved
+    // on already) and then `disconnect`; moving on twice went back to the same node of two.
+    const handled = !was && this._attemptFailed;
+    this._attemptFailed = false;
+    if (reason !== "io client disconnect" && !handled) {
+      if (!was) this._failed += 1;
+      this._nextUrl();
+    }
     if (was) this._failingSince = Date.now(); // the outage begins (`_unreachable`)
     if (reason === "io server disconnect") {
       // The server closed the connection on purpose (a restart, an expired token):
@@ -690,7 +774,20 @@ export class FeedClient extends Emitter {
     }
   }
 
+  /**
+   * The server cut the connection for a message too large, though the requests were checked
+   * against its limit (one it did not announce: a proxy's, say): the largest request waiting
+   * for its answer is that message. From now on a request that large is not sent (it fails
+   * with `too_large`), or the reconnect would send it again and be cut again, for ever.
+   */
+  _learnCut() {
+    const sizes = [...this._requests].filter((r) => r.sent).map((r) => r.size);
+    if (sizes.length === 0) return;
+    this._cutAt = Math.min(this._cutAt ?? Infinity, Math.max(...sizes) - 1);
+  }
+
   _onConnectError(err) {
+    this._attemptFailed = true;
     const http = this.socket.active ? httpRefusal(err) : null;
     if (this.socket.active && !http) {
       // A transport failure: socket.io-client retries by itself, at the next node if several.

@@ -32,6 +32,7 @@ from dbfeed_client.errors import (
 )
 from dbfeed_client.pacing import Pacer
 from dbfeed_client.rows import Change, KeySpec, Row, apply, jwt_seconds_left, row_key
+from dbfeed_client.wire import SocketIO, packet_bytes, too_large_message
 
 log = logging.getLogger("dbfeed_client")
 
@@ -248,8 +249,10 @@ class FeedClient(_Events):
         self._refusal: dict[str, Any] | None = None
         self._gone = asyncio.Event()
         self._pacer = Pacer(reconnection_delay, reconnection_delay_max)
-        self._requests: set[asyncio.Future[Any]] = set()
-        """Answers awaited for requests sent (see `_call_once`)."""
+        self._requests: dict[asyncio.Future[Any], int] = {}
+        """Answers awaited for requests sent, with the requests' sizes (see `_call_once`)."""
+        self._cut_at: int | None = None
+        """A request this large got the connection cut (see `_on_disconnect`)."""
         self._connections = 0
         """Connections that ended: a request asked on an earlier one is stale (see `_call`)."""
 
@@ -484,7 +487,7 @@ class FeedClient(_Events):
         # change (a row with a wide text or jsonb column) or one `changes` frame may be larger:
         # the client then closed with 1009, resumed, was replayed the same frame and closed
         # again, forever. The server bounds what it sends ([limits] outbound_queue_bytes).
-        sio = socketio.AsyncClient(
+        sio = SocketIO(
             reconnection=False,
             handle_sigint=False,
             websocket_extra_options={"max_msg_size": 0},
@@ -599,13 +602,18 @@ class FeedClient(_Events):
             raise ClosedError("closed", "this FeedClient is closed")
         if sio is None or not sio.connected:
             raise FeedError("not_connected", "not connected to the server")
+        size = packet_bytes([event] if data is None else [event, data])
+        limit = self._max_bytes()
+        if limit is not None and size > limit:
+            # Sent, it would get the connection cut, and be sent again after the reconnect.
+            raise FeedError("too_large", too_large_message(event, size, limit))
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def answered(*args: Any) -> None:
             if not answer.done():
                 answer.set_result(args[0] if len(args) == 1 else None)
 
-        self._requests.add(answer)
+        self._requests[answer] = size
         try:
             try:
                 await sio.emit(event, data, callback=answered)
@@ -619,10 +627,18 @@ class FeedClient(_Events):
                     "timeout", f"the server did not answer {event} within {self.timeout} s"
                 ) from None
         finally:
-            self._requests.discard(answer)
+            self._requests.pop(answer, None)
         if not isinstance(ack, dict):
             return {"ok": False, "error": {"code": "bad_answer", "message": repr(ack)[:200]}}
         return ack
+
+    def _max_bytes(self) -> int | None:
+        """The most bytes one message may have: the server's `maxPayload` from its Engine.IO
+        handshake ([server] max_message_bytes), less once a request of `_cut_at` bytes got the
+        connection cut. None when unknown."""
+        announced = getattr(getattr(self._sio, "eio", None), "max_payload", None)
+        limits = [n for n in (announced, self._cut_at) if isinstance(n, int)]
+        return min(limits) if limits else None
 
     def _fail_requests(self, error: FeedError) -> None:
         """End the requests waiting for answers (the connection dropped, or the client closed)."""
@@ -663,6 +679,12 @@ class FeedClient(_Events):
 
     async def _on_disconnect(self, *reason: Any) -> None:
         self._connections += 1
+        if self._requests and getattr(getattr(self._sio, "eio", None), "cut_too_large", False):
+            # Cut for a message too large, though the requests were checked against the limit
+            # (one the server did not announce: a proxy's, say): the largest request waiting for
+            # its answer was that message. A request that large is not sent again.
+            largest = max(self._requests.values())
+            self._cut_at = min(self._cut_at or largest, largest - 1)
         if self._refresher is not None:
             self._refresher.cancel()
         # The new connection knows nothing of the requests sent on this one.
