@@ -1,0 +1,223 @@
+"""TLS to the sources and to the cluster's Redis, against real servers that insist on it.
+
+Managed Redis and Postgres speak TLS and often ask for a client certificate. Each path a user
+configures is checked here against a server that refuses what it should: a Redis that listens
+for TLS only (with and without `tls-auth-clients`), a Postgres whose pg_hba.conf takes TLS
+connections with a client certificate for the user (`clientcert=verify-full`) and rejects
+everything else. Certificates are made by `openssl` once per session (tests/support/tls.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from connectors.redis import RedisConnector
+from feed.core.change import Change
+from feed.engine.resp import Caller
+from feed.options import Options
+from tests.postgres_helpers import make_connector, streaming
+from tests.support import tls as tls_support
+from tests.support.cluster import cluster_config, memory, reader_and_other, subscribed
+from tests.support.postgres import (
+    EmbeddedPostgres,
+    PgDatabase,
+    PgServer,
+    _install,
+    create_database,
+    drop_database,
+    start_embedded,
+)
+from tests.support.redis import unique_prefix
+from tests.support.server import feed_client
+from tests.support.tls import Certs, TlsRedis
+
+certs = tls_support.certs
+tls_redis = tls_support.tls_redis
+mtls_redis = tls_support.mtls_redis
+
+pytestmark = [pytest.mark.timeout(60)]
+
+ROOT = Path(__file__).parent.parent
+
+
+# -- the cluster's own connections --------------------------------------------------------------
+
+
+async def test_the_engines_own_connection_presents_the_client_certificate(
+    mtls_redis: TlsRedis,
+) -> None:
+    """The engine's pub/sub and script connection (feed.engine.resp) read the same `rediss://`
+    query as redis-py's pools: a Redis that asks for a client certificate answers it."""
+    caller = await Caller.open(mtls_redis.url(), answer=5)
+    try:
+        assert await caller.call(["PING"]) == b"PONG"
+    finally:
+        caller.close()
+
+
+async def test_the_engines_own_connection_refuses_a_server_its_ca_did_not_sign(
+    certs: Certs, tls_redis: TlsRedis
+) -> None:
+    url = f"rediss://127.0.0.1:{tls_redis.port}/0?{certs.redis_query(client=False, ca=certs.other_ca)}"
+    with pytest.raises(OSError, match="certificate verify failed"):
+        await Caller.open(url, answer=5)
+
+
+@pytest.mark.redis
+async def test_cluster_nodes_deliver_and_replay_over_mutual_tls(mtls_redis: TlsRedis) -> None:
+    """Leases, the publishing script, pub/sub and history reads, all over mutual TLS."""
+    config = cluster_config(mtls_redis.url(), unique_prefix())
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        async with feed_client(other.url) as live:
+            ack = await subscribed(live, "mem:public.orders")
+            for i in range(1, 4):
+                memory(reader).write("public.orders", "insert", {"id": i})
+            got = await live.take(3)
+            assert [c["seq"] for c in got] == [1, 2, 3]
+        async with feed_client(other.url) as late:
+            resumed = await subscribed(late, "mem:public.orders", since=1, epoch=ack["epoch"])
+            assert resumed["recovered"] is True
+            assert [c["seq"] for c in await late.take(2)] == [2, 3]
+        assert reader.engine.describe()["redis"] == "up"
+        assert other.engine.describe()["redis"] == "up"
+
+
+@pytest.mark.redis
+async def test_cluster_nodes_deliver_over_tls_checking_the_server_only(
+    tls_redis: TlsRedis,
+) -> None:
+    config = cluster_config(tls_redis.url(), unique_prefix())
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        async with feed_client(other.url) as live:
+            await subscribed(live, "mem:public.orders")
+            memory(reader).write("public.orders", "insert", {"id": 1})
+            assert (await live.next_change())["key"] == 1
+
+
+# -- the Redis connector ------------------------------------------------------------------------
+
+
+def redis_connector(url: str, prefix: str, **extra: Any) -> RedisConnector:
+    table: dict[str, Any] = {
+        "url": url,
+        "patterns": [prefix + "*"],
+        "configure": True,  # a server of the session's own
+        "health_check_interval": 0.5,
+        **extra,
+    }
+    return RedisConnector("cache", Options(table, "connectors[0]"))
+
+
+@pytest.fixture
+async def mtls_admin(mtls_redis: TlsRedis) -> AsyncIterator[Redis]:
+    admin = Redis.from_url(mtls_redis.url())
+    try:
+        yield admin
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("mutual", [True, False], ids=["client-certificate", "server-only"])
+async def test_keyspace_mode_reads_over_tls(
+    mutual: bool, tls_redis: TlsRedis, mtls_redis: TlsRedis
+) -> None:
+    server = mtls_redis if mutual else tls_redis
+    prefix = unique_prefix()
+    admin = Redis.from_url(server.url())
+    try:
+        async with redis_connector(server.url(), prefix, fetch_values=True) as source:
+            stream = aiter(source.changes())
+            await admin.set(prefix + "a", "1")
+            async with asyncio.timeout(10):
+                change = await anext(stream)
+        assert isinstance(change, Change)
+        assert (change.op, change.key) == ("set", prefix + "a")
+        assert change.after is not None and change.after["value"] == "1"
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.redis
+async def test_streams_mode_reads_over_mutual_tls(mtls_redis: TlsRedis, mtls_admin: Redis) -> None:
+    prefix = unique_prefix()
+    table = {"mode": "streams", "patterns": [prefix + "orders"], "offsets_key": prefix + "offsets"}
+    connector = redis_connector(mtls_redis.url(), prefix, **table)
+    async with connector as source:
+        stream = aiter(source.changes())
+        await mtls_admin.xadd(prefix + "orders", {"id": "7"})
+        async with asyncio.timeout(10):
+            change = await anext(stream)
+    assert isinstance(change, Change)
+    assert change.target == prefix + "orders" and change.after is not None
+    assert change.after["id"] == "7"
+
+
+# -- Postgres -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_postgres(certs: Certs) -> Iterator[EmbeddedPostgres]:
+    """Postgres that takes TLS connections with a client certificate only (pg_hba.conf)."""
+    binaries = tls_support.tls_postgres_bin()
+    tls_support.server_key_for(_install().user, certs)
+    settings = tls_support.pg_tls_settings(certs, tls_support.pg_tls_hba(certs))
+    server = start_embedded(binaries, **settings)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def tls_pg(certs: Certs, tls_postgres: EmbeddedPostgres) -> AsyncIterator[PgDatabase]:
+    server = PgServer(f"{tls_postgres.url()}?{certs.pg_query()}", tls_postgres)
+    db = await create_database(server)
+    try:
+        yield db
+    finally:
+        await drop_database(db)
+
+
+SSL_SESSIONS = """
+SELECT a.application_name, s.ssl, s.client_dn FROM pg_stat_activity a
+JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'feed:%'
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["notify", "logical"])
+async def test_postgres_reads_over_tls_with_a_client_certificate(
+    mode: str, tls_pg: PgDatabase
+) -> None:
+    db = tls_pg
+    await db.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, status text)")
+    async with streaming(make_connector(db.url, ["public.orders"], mode=mode)) as stream:
+        await db.conn.execute("INSERT INTO orders VALUES (1, 'new')")
+        [change] = await stream.take(1)
+        sessions = await db.conn.fetch(SSL_SESSIONS)
+    assert (change.op, change.key) == ("insert", 1)
+    # Every connection the connector holds (its reader's among them) is TLS with the certificate.
+    assert sessions
+    assert {(row["ssl"], row["client_dn"]) for row in sessions} == {(True, "/CN=postgres")}
+
+
+async def test_asyncpg_reads_the_dsn_as_the_connector_does(
+    certs: Certs, tls_postgres: EmbeddedPostgres
+) -> None:
+    """The test's own guard: the server refuses a connection without the client certificate, so
+    the tests above prove the connector presented it."""
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(f"{tls_postgres.url()}?{certs.pg_query(client=False)}", timeout=10)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+        await asyncpg.connect(f"{tls_postgres.url()}?sslmode=disable", timeout=10)
