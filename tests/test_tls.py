@@ -10,18 +10,22 @@ everything else. Certificates are made by `openssl` once per session (tests/supp
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from connectors.redis import RedisConnector
+from feed.app.config import parse_config
 from feed.core.change import Change
 from feed.engine.resp import Caller
+from feed.errors import ConfigError
 from feed.options import Options
 from tests.postgres_helpers import make_connector, streaming
 from tests.support import tls as tls_support
@@ -210,6 +214,91 @@ async def test_postgres_reads_over_tls_with_a_client_certificate(
     # Every connection the connector holds (its reader's among them) is TLS with the certificate.
     assert sessions
     assert {(row["ssl"], row["client_dn"]) for row in sessions} == {(True, "/CN=postgres")}
+
+
+# -- configuration mistakes: one line at start, naming the parameter ------------------------------
+
+
+def config_with(where: str, query: str) -> str:
+    if where == "redis":
+        return (
+            "[[connectors]]\nname = 'r'\ntype = 'redis'\n"
+            f"url = 'rediss://127.0.0.1:6390/0?{query}'\npatterns = ['x:*']\n"
+        )
+    if where == "cluster":
+        return (
+            f"[cluster]\nurl = 'rediss://127.0.0.1:6390/0?{query}'\n"
+            "[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['t']\n"
+        )
+    return (
+        "[[connectors]]\nname = 'p'\ntype = 'postgres'\n"
+        f"dsn = 'postgresql://u@127.0.0.1:5432/db?sslmode=verify-full&{query}'\n"
+        "tables = ['public.t']\n"
+    )
+
+
+NAMES = {
+    "redis": ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "ssl_password"),
+    "cluster": ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "ssl_password"),
+    "postgres": ("sslcert", "sslkey", "sslrootcert", "sslpassword"),
+}
+KEYS = {"redis": "connectors[0].url", "cluster": "cluster.url", "postgres": "connectors[0].dsn"}
+
+
+@pytest.fixture(scope="module")
+def bad_files(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("bad-tls")
+    junk = directory / "junk.pem"
+    junk.write_text("not a certificate\n")
+    encrypted = directory / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(certs.client_key), "-out", str(encrypted),
+         "-aes256", "-passout", "pass:hunter2"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return {"junk": junk, "encrypted": encrypted}
+
+
+def tls_mistakes(certs: Certs, bad: dict[str, Path]) -> list[tuple[str, dict[str, Path], str]]:
+    """(name, files by role, what the refusal says), roles: cert, key, ca."""
+    good = {"cert": certs.client_cert, "key": certs.client_key, "ca": certs.ca}
+    return [
+        ("key-without-cert", {"key": certs.client_key, "ca": certs.ca}, "without {cert}"),
+        ("cert-without-key", {"cert": certs.client_cert, "ca": certs.ca}, "holds no private key"),
+        ("junk-cert", {**good, "cert": bad["junk"]}, "{cert}=" + str(bad["junk"]) + ": holds no"),
+        ("junk-key", {**good, "key": bad["junk"]}, "{key}=" + str(bad["junk"]) + ": holds no"),
+        ("key-of-another-cert", {**good, "key": certs.server_key}, "is not the key of"),
+        ("junk-ca", {**good, "ca": bad["junk"]}, "{ca}=" + str(bad["junk"]) + ": holds no"),
+        ("encrypted-key", {**good, "key": bad["encrypted"]}, "is encrypted: give its passphrase"),
+    ]
+
+
+@pytest.mark.parametrize("where", ["redis", "cluster", "postgres"])
+def test_unusable_certificate_files_are_a_config_error_naming_them(
+    where: str, certs: Certs, bad_files: dict[str, Path]
+) -> None:
+    """Each used to be found at connect, as "[SSL] PEM lib (_ssl.c:3926)", reported as an
+    unreachable server and retried forever; an encrypted key without its passphrase made
+    OpenSSL ask for one on the terminal."""
+    cert, key, ca, password = NAMES[where]
+    roles = {"cert": cert, "key": key, "ca": ca}
+    for name, files, expected in tls_mistakes(certs, bad_files):
+        query = "&".join(f"{roles[r]}={quote(str(p))}" for r, p in files.items())
+        with pytest.raises(ConfigError) as info:
+            parse_config(config_with(where, query), "feed.toml", {}).build_connectors()
+        message = str(info.value)
+        assert message.startswith(f"feed.toml: {KEYS[where]}: "), (name, message)
+        assert expected.format(**roles) in message, (name, message)
+        assert "\n" not in message and "PEM lib" not in message, (name, message)
+    # The passphrase given: accepted.
+    query = (
+        f"{cert}={quote(str(certs.client_cert))}&{key}={quote(str(bad_files['encrypted']))}"
+        f"&{password}=hunter2&{ca}={quote(str(certs.ca))}"
+    )
+    parse_config(config_with(where, query), "feed.toml", {}).build_connectors()
+    wrong = query.replace("hunter2", "hunter3")
+    with pytest.raises(ConfigError, match=f"{password} does not decrypt"):
+        parse_config(config_with(where, wrong), "feed.toml", {}).build_connectors()
 
 
 async def test_asyncpg_reads_the_dsn_as_the_connector_does(
