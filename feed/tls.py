@@ -21,10 +21,64 @@ class TlsNames:
     key: str
     password: str
     ca: str
+    any_host: str
+    """How to check the server's certificate without its name."""
+    plain: str
+    """What a server that takes only TLS says to a plain connection, and what to do."""
 
 
-REDIS = TlsNames("ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_ca_certs")
-POSTGRES = TlsNames("sslcert", "sslkey", "sslpassword", "sslrootcert")
+REDIS = TlsNames(
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "ssl_ca_certs",
+    any_host="ssl_check_hostname=false",
+    plain="if the server takes only TLS, write rediss://",
+)
+POSTGRES = TlsNames(
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslrootcert",
+    any_host="sslmode=verify-ca",
+    plain=(
+        "the server takes only TLS: set sslmode=verify-full and sslrootcert=/path/to/ca.pem "
+        "(sslmode=prefer, the default, tries a plain connection when TLS fails)"
+    ),
+)
+PLAIN_REFUSED = ("connection reset by peer", "connection closed by server", "no encryption")
+"""A plain connection to a server that takes only TLS: Redis closes it at the first command,
+Postgres's pg_hba.conf rejects it ("... no encryption")."""
+
+
+def tls_hint(
+    message: str, names: TlsNames, *, tls: bool, client: bool = False, fresh: bool = True
+) -> str:
+    """What to change, in parentheses to append, when a connect error is TLS's (or its
+    absence's); "" when it is not. `tls`: whether the URL asked for TLS; `client`: whether it
+    gives a client certificate; `fresh`: the connection never answered (a connection closed
+    after it did is an outage, not a guess about TLS).
+
+    Under TLS 1.3 a server that wants a client certificate refuses it after the handshake: the
+    client may read its alert ("certificate required") or only the closed connection.
+    """
+    text = message.lower()
+    give = f"give {names.cert}=/path/to/client.crt and {names.key}=/path/to/client.key"
+    if any(s in text for s in ("certificate required", "requires a valid client certificate")):
+        return f" (the server asks for a client certificate: {give})"
+    closed = fresh and any(s in text for s in PLAIN_REFUSED[:2])
+    if tls and not client and closed:
+        return f" (if the server asks for a client certificate, {give})"
+    if "certificate verify failed" in text and "mismatch" in text:
+        return (
+            " (the server's certificate does not name the host the URL gives: connect by a "
+            f"name it holds, or set {names.any_host})"
+        )
+    if "certificate verify failed" in text:
+        return f" (give the CA that signed the server's certificate as {names.ca}=/path/to/ca.pem)"
+    if "no encryption" in text or (closed and not tls):
+        return f" ({names.plain})"
+    return ""
 
 
 class _Encrypted(Exception):

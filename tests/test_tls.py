@@ -10,7 +10,9 @@ everything else. Certificates are made by `openssl` once per session (tests/supp
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -25,7 +27,7 @@ from connectors.redis import RedisConnector
 from feed.app.config import parse_config
 from feed.core.change import Change
 from feed.engine.resp import Caller
-from feed.errors import ConfigError
+from feed.errors import ConfigError, FeedError
 from feed.options import Options
 from tests.postgres_helpers import make_connector, streaming
 from tests.support import tls as tls_support
@@ -40,8 +42,9 @@ from tests.support.postgres import (
     start_embedded,
 )
 from tests.support.redis import unique_prefix
-from tests.support.server import feed_client
+from tests.support.server import feed_client, running_feed
 from tests.support.tls import Certs, TlsRedis
+from tests.support.waiting import wait_until
 
 certs = tls_support.certs
 tls_redis = tls_support.tls_redis
@@ -108,6 +111,22 @@ async def test_cluster_nodes_deliver_over_tls_checking_the_server_only(
             assert (await live.next_change())["key"] == 1
 
 
+@pytest.mark.redis
+async def test_a_node_without_the_client_certificate_says_what_to_give(
+    mtls_redis: TlsRedis,
+) -> None:
+    config = cluster_config(mtls_redis.url(client=False), unique_prefix())
+    async with running_feed(config) as node:
+
+        def explained() -> bool:
+            return "client certificate" in str(node.engine.describe()["detail"])
+
+        await wait_until(explained, 15, "the node's cluster status to name the certificate")
+        described = node.engine.describe()
+    assert described["redis"] == "down"
+    assert "ssl_certfile=" in described["detail"] and "ssl_keyfile=" in described["detail"]
+
+
 # -- the Redis connector ------------------------------------------------------------------------
 
 
@@ -167,6 +186,15 @@ async def test_streams_mode_reads_over_mutual_tls(mtls_redis: TlsRedis, mtls_adm
     assert change.after["id"] == "7"
 
 
+@pytest.mark.redis
+async def test_a_missing_client_certificate_is_named(mtls_redis: TlsRedis) -> None:
+    connector = redis_connector(mtls_redis.url(client=False), unique_prefix())
+    with pytest.raises(FeedError) as info:
+        await asyncio.wait_for(connector.check(), 15)
+    assert "asks for a client certificate" in str(info.value)
+    assert "ssl_certfile" in str(info.value)
+
+
 # -- Postgres -------------------------------------------------------------------------------------
 
 
@@ -214,6 +242,19 @@ async def test_postgres_reads_over_tls_with_a_client_certificate(
     # Every connection the connector holds (its reader's among them) is TLS with the certificate.
     assert sessions
     assert {(row["ssl"], row["client_dn"]) for row in sessions} == {(True, "/CN=postgres")}
+
+
+@pytest.mark.postgres
+async def test_postgres_without_the_client_certificate_is_refused_in_words(
+    certs: Certs, tls_postgres: EmbeddedPostgres
+) -> None:
+    connector = make_connector(
+        f"{tls_postgres.url()}?{certs.pg_query(client=False)}", ["public.orders"]
+    )
+    with pytest.raises(FeedError) as info:
+        await asyncio.wait_for(connector.check(), 15)
+    assert "requires a valid client certificate" in str(info.value)
+    assert "sslcert" in str(info.value)
 
 
 # -- configuration mistakes: one line at start, naming the parameter ------------------------------
@@ -299,6 +340,52 @@ def test_unusable_certificate_files_are_a_config_error_naming_them(
     wrong = query.replace("hunter2", "hunter3")
     with pytest.raises(ConfigError, match=f"{password} does not decrypt"):
         parse_config(config_with(where, wrong), "feed.toml", {}).build_connectors()
+
+
+# -- feed check -----------------------------------------------------------------------------------
+
+
+def feed_check(config: Path) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "feed", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def cluster_check_config(path: Path, url: str) -> Path:
+    path.write_text(
+        f"[cluster]\nurl = '{url}'\n[[connectors]]\nname = 'm'\ntype = 'memory'\ntargets = ['t']\n"
+    )
+    return path
+
+
+@pytest.mark.redis
+def test_feed_check_reaches_the_cluster_over_tls_and_says_what_is_missing(
+    certs: Certs, mtls_redis: TlsRedis, tls_redis: TlsRedis, tmp_path: Path
+) -> None:
+    config = tmp_path / "feed.toml"
+    code, out = feed_check(cluster_check_config(config, mtls_redis.url()))
+    assert code == 0, out
+    assert "[cluster]  redis   ok" in out
+    # Without the client certificate: the engine's own connections would be refused too.
+    no_client = mtls_redis.url(client=False) + "&ssl_password=hunter2"
+    code, out = feed_check(cluster_check_config(config, no_client))
+    assert code == 1
+    assert "asks for a client certificate" in out and "ssl_certfile" in out
+    assert "hunter2" not in out and "ssl_password=***" in out
+    # A server its CA did not sign: refused, and the fix named (never a plaintext fallback).
+    other = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={quote(str(certs.other_ca))}"
+    code, out = feed_check(cluster_check_config(config, other))
+    assert code == 1
+    assert "certificate verify failed" in out and "ssl_ca_certs" in out
+    # redis:// to a server that speaks only TLS.
+    code, out = feed_check(cluster_check_config(config, f"redis://127.0.0.1:{tls_redis.port}/0"))
+    assert code == 1
+    assert "rediss://" in out.rpartition("[cluster]")[2]
 
 
 async def test_asyncpg_reads_the_dsn_as_the_connector_does(
