@@ -62,6 +62,7 @@ from feed.core.change import Change, Gap, room_key
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, SnapshotNotSupported, SourceMisconfigured, SourceUnavailable
 from feed.options import DAY, HOUR, MONTH, WEEK, Options
+from feed.tls import POSTGRES, tls_hint
 
 log = logging.getLogger("feed.connectors.postgres")
 
@@ -321,15 +322,16 @@ class PostgresConnector(TableSetup, Connector):
                 return SourceMisconfigured(f"{self.where}: {refused}")
         if isinstance(exc, asyncpg.ClientConfigurationError):  # not transient, though an
             return SourceMisconfigured(f"{self.where}: bad dsn: {one_line(exc)}")  # InterfaceError
+        hint = tls_hint(str(exc), POSTGRES, tls=True)
         if isinstance(
             exc,
             asyncpg.InvalidPasswordError
             | asyncpg.InvalidAuthorizationSpecificationError
             | asyncpg.InvalidCatalogNameError,
         ):
-            return SourceMisconfigured(f"{self.where}: {one_line(exc)}")
+            return SourceMisconfigured(f"{self.where}: {one_line(exc)}{hint}")
         if is_transient(exc) or isinstance(exc, asyncpg.PostgresError):
-            return SourceUnavailable(f"{self.where}: cannot connect: {one_line(exc)}")
+            return SourceUnavailable(f"{self.where}: cannot connect: {one_line(exc)}{hint}")
         if isinstance(exc, ValueError):  # asyncpg's DSN parser
             return SourceMisconfigured(f"{self.where}: bad dsn: {one_line(exc)}")
         return SourceUnavailable(f"{self.where}: cannot connect: {type(exc).__name__}: {exc}")

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from feed.tls import POSTGRES, tls_files_problem
+
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 CLIENT_FILES = ("sslcert", "sslkey", "sslcrl")
 """Read by asyncpg whenever TLS may be used (any mode but `disable`)."""
@@ -151,9 +153,38 @@ def dsn_problem(dsn: str) -> str | None:
         path = params.get(name)
         if path and not os.path.isfile(os.path.expanduser(path)):
             return f"{name}={path}: no such file; give the path of an existing file"
-    if mode in ROOT_CERT_MODES[1:]:
+    problem = None if mode == "disable" else _tls_files_problem(params, mode)
+    if problem is None and mode in ROOT_CERT_MODES[1:]:
         return _root_cert_problem(mode, params.get("sslrootcert"))
-    return None
+    return problem
+
+
+def _tls_files_problem(params: dict[str, str], mode: str) -> str | None:
+    """The files as asyncpg loads them: the certificate from ?sslcert= or PGSSLCERT (else
+    ~/.postgresql/postgresql.crt), its key from ?sslkey=, PGSSLKEY or ~/.postgresql/postgresql.key
+    (else the certificate's file), the CA when the mode checks the server."""
+    home = _dot_postgresql()
+    cert = params.get("sslcert") or os.environ.get("PGSSLCERT") or None
+    key = params.get("sslkey") or os.environ.get("PGSSLKEY") or None
+    if cert is None and home is not None and (home / "postgresql.crt").is_file():
+        cert = str(home / "postgresql.crt")
+    if key is None and cert and home is not None and (home / "postgresql.key").is_file():
+        key = str(home / "postgresql.key")
+    ca = params.get("sslrootcert") or os.environ.get("PGSSLROOTCERT") or None
+    return tls_files_problem(
+        POSTGRES,
+        cert=cert,
+        key=key,
+        password=params.get("sslpassword") or None,
+        ca=ca if mode in ROOT_CERT_MODES else None,
+    )
+
+
+def _dot_postgresql() -> Path | None:
+    try:
+        return Path.home() / ".postgresql"
+    except (RuntimeError, KeyError):
+        return None
 
 
 def _root_cert_problem(mode: str, given: str | None) -> str | None:

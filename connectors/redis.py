@@ -46,6 +46,7 @@ from feed.core.change import Change, Gap
 from feed.core.filters import RowFilter
 from feed.errors import ConnectorError, ProtocolError, SourceMisconfigured, SourceUnavailable
 from feed.options import HOUR, MIB, Options, redis_url_db_problem, redis_url_problem
+from feed.tls import REDIS, tls_hint
 
 if TYPE_CHECKING:
     from connectors.redis_cluster import ClusterNode
@@ -243,7 +244,7 @@ class RedisConnector(Connector):
                 refuse_unsupported(self)
             if isinstance(exc, LOST) and self._known_primaries:
                 return await self._discover_from_known(exc)
-            raise self._failure(exc) from None
+            raise self._failure(exc, fresh=True) from None
         if str(info.get("cluster_enabled", "0")) != "1":
             return None
         refuse_unsupported(self)
@@ -391,8 +392,9 @@ class RedisConnector(Connector):
 
     # -- errors --------------------------------------------------------------------------------
 
-    def _failure(self, exc: BaseException) -> ConnectorError:
-        """One line for what went wrong talking to Redis, classed as retry-soon or fix-first."""
+    def _failure(self, exc: BaseException, *, fresh: bool = False) -> ConnectorError:
+        """One line for what went wrong talking to Redis, classed as retry-soon or fix-first.
+        `fresh`: on a new connection's first command (where TLS may explain a closed one)."""
         if isinstance(exc, ConnectorError):
             return exc
         text = str(exc).strip() or type(exc).__name__
@@ -403,6 +405,8 @@ class RedisConnector(Connector):
             )
         if isinstance(exc, AuthorizationError | NoPermissionError) or "NOPERM" in text:
             return SourceMisconfigured(f"redis at {self.where}: permission denied ({text})")
+        tls, client = self.url.startswith(("rediss", "valkeys")), "ssl_certfile" in self._url_kwargs
+        text += tls_hint(text, REDIS, tls=tls, client=client, fresh=fresh)
         if isinstance(exc, LOST):
             return SourceUnavailable(f"redis at {self.where} is unreachable: {text}")
         return SourceUnavailable(f"redis at {self.where}: {text}")

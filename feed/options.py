@@ -274,7 +274,31 @@ def redis_url_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None
     reqs = params.get("ssl_cert_reqs")
     if isinstance(reqs, builtins.str) and reqs.lower() not in REDIS_CERT_REQS:
         return f"ssl_cert_reqs={reqs} is not one of {', '.join(REDIS_CERT_REQS)}"
-    return redis_url_option_problem(params)
+    return redis_url_option_problem(params) or redis_tls_problem(params)
+
+
+def redis_tls_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None:
+    """What redis-py could not load of a `rediss://` URL's certificate files, or None."""
+    from redis.asyncio.connection import SSLConnection
+
+    from feed.tls import REDIS, tls_files_problem
+
+    kind = params.get("connection_class")
+    if not (isinstance(kind, type) and issubclass(kind, SSLConnection)):
+        return None
+
+    def path(name: builtins.str) -> builtins.str | None:
+        value = params.get(name)
+        return value if isinstance(value, builtins.str) and value else None
+
+    password = params.get("ssl_password")
+    return tls_files_problem(
+        REDIS,
+        cert=path("ssl_certfile"),
+        key=path("ssl_keyfile"),
+        password=password if isinstance(password, builtins.str) else None,
+        ca=path("ssl_ca_certs"),
+    )
 
 
 def redis_url_option_problem(params: Mapping[builtins.str, Any]) -> builtins.str | None:

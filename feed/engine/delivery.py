@@ -22,6 +22,7 @@ from feed.engine.relay import numbered
 from feed.engine.resp import Message, Subscriber
 from feed.engine.wire import loads, one_line
 from feed.errors import ClusterError, ProtocolError
+from feed.tls import REDIS, tls_hint
 
 BACKOFF_START = 0.2
 BACKOFF_MAX = 2.0
@@ -154,7 +155,10 @@ class Delivery(History):
                 raise
             except Exception as exc:
                 log.debug("cluster listener: %s", one_line(exc), exc_info=True)
-                self._down(one_line(exc))
+                url = self.config.url
+                tls, client = url.startswith("rediss"), "ssl_certfile=" in url
+                hint = tls_hint(str(exc), REDIS, tls=tls, client=client, fresh=not self.up)
+                self._down(one_line(exc) + hint)
             finally:
                 self._connected.clear()
                 self._pubsub = None

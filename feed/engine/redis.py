@@ -40,11 +40,12 @@ from typing import Any
 
 from feed.engine import ClusterConfig
 from feed.engine.core import log
-from feed.engine.resp import refusal
+from feed.engine.resp import Caller, refusal
 from feed.engine.resume import Resume
 from feed.engine.wire import one_line, shown_url
 from feed.errors import ClusterError
 from feed.routing.hub import cancel_and_wait
+from feed.tls import REDIS, tls_hint
 
 POOL_CONNECTIONS = 32
 """Connections a node opens for its occasional commands (registrations, leases, history reads),
@@ -156,12 +157,20 @@ async def check(config: ClusterConfig, connectors: list[str]) -> str:
             text = holder.decode() if isinstance(holder, bytes) else str(holder or "")
             reader = text.rsplit("|", 1)[0] if text else "nobody"
             readers.append(f"{name}: {reader}")
+        # The engine's own connection (pub/sub, the publishing script) too, as `serve` opens it.
+        caller = await Caller.open(config.url, answer=5.0)
+        try:
+            await caller.call(["PING"])
+        finally:
+            caller.close()
         where = f"Redis {version}, prefix {config.prefix!r}"
         return f"{where}; readers: {', '.join(readers)}" if readers else where
     except aioredis.AuthenticationError as exc:
         where = shown_url(config.url)
         raise ClusterError(f"cannot sign in to {where}: {refusal(str(exc))}") from None
     except (OSError, aioredis.RedisError) as exc:
-        raise ClusterError(f"cannot reach {shown_url(config.url)}: {one_line(exc)}") from None
+        tls, certificate = config.url.startswith("rediss"), "ssl_certfile=" in config.url
+        detail = one_line(exc) + tls_hint(str(exc), REDIS, tls=tls, client=certificate)
+        raise ClusterError(f"cannot reach {shown_url(config.url)}: {detail}") from None
     finally:
         await client.aclose()

@@ -76,10 +76,16 @@ def refusal(error: str) -> str:
 
 
 def _tls(options: Mapping[str, Any]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-    if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    """The TLS context redis-py's own pools use for these options (`?ssl_certfile=`,
+    `?ssl_keyfile=`, `?ssl_password=`, `?ssl_ca_certs=`, `?ssl_check_hostname=`...): made by
+    redis-py itself, so both kinds of connection a node opens present the same client
+    certificate and check the server alike. A context of this module's own read only the CA
+    and `ssl_cert_reqs`: a Redis asking for a client certificate took the pools and reset
+    these connections ("connection to Redis lost: Connection reset by peer")."""
+    from redis.asyncio.connection import SSLConnection
+
+    settings = {k: v for k, v in options.items() if k != "connection_class"}
+    context: ssl.SSLContext = SSLConnection(**settings).ssl_context.get()
     return context
 
 

@@ -7,6 +7,7 @@ the modules that write a payload and the ones that read it cannot drift apart.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,9 +33,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def shown_url(url: str) -> str:
-    """The URL as a message may show it: its password replaced by `***`."""
+    """The URL as a message may show it: its password, and a key's `?ssl_password=`, replaced
+    by `***`."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    query = re.sub(r"((?:^|&)ssl_password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit(parts._replace(query=query))

@@ -19,6 +19,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -63,9 +64,10 @@ def _install() -> PostgresInstall:
 class EmbeddedPostgres:
     """A Postgres server we own: initdb once, then start, stop and restart on the same port."""
 
-    def __init__(self, **settings: str) -> None:
+    def __init__(self, bin_dir: Path | None = None, /, **settings: str) -> None:
+        """`bin_dir`: other server binaries than the wheel's (one built with TLS, say)."""
         install = _install()
-        self.bin = install.bin
+        self.bin = bin_dir or install.bin
         self.user = install.user
         self.dir = server_dir("feed-pg-")
         self.data = self.dir / "data"
@@ -123,11 +125,8 @@ class PgServer:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def url_for(self, database: str) -> str:
-        base, _, _ = self.admin_url.rpartition("/")
-        if "?" in self.admin_url.rpartition("/")[2]:
-            query = self.admin_url.rpartition("?")[2]
-            return f"{base}/{database}?{query}"
-        return f"{base}/{database}"
+        address, mark, query = self.admin_url.partition("?")  # the query may hold paths
+        return f"{address.rpartition('/')[0]}/{database}{mark}{query}"
 
     async def wal_level(self) -> str:
         conn = await asyncpg.connect(self.admin_url, timeout=10)
@@ -150,8 +149,9 @@ class PgDatabase:
         return await asyncpg.connect(self.url, timeout=10)
 
 
-def start_embedded(**settings: str) -> EmbeddedPostgres:
-    server = EmbeddedPostgres(**settings)
+def start_embedded(bin_dir: Path | None = None, /, **settings: str) -> EmbeddedPostgres:
+    """`bin_dir`: as EmbeddedPostgres's."""
+    server = EmbeddedPostgres(bin_dir, **settings)
     try:
         server.start()
     except BaseException:
