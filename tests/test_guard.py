@@ -280,6 +280,38 @@ async def test_an_engineio_session_that_never_connects_socketio_is_closed() -> N
             assert (await client.subscribe("mem:public.orders"))["ok"]
 
 
+async def test_sessions_that_have_not_connected_yet_are_capped_and_others_still_connect() -> None:
+    """Opening long-polling sessions costs no TCP connection and no token: one client opened
+    39,000 in 20 s, each kept for `handshake_timeout`, and the server grew by 280 MB (kept
+    after they closed), its clients' p99 latency at 800 ms. Past `max_handshakes` a new one
+    gets 503; a session that connects makes room at once."""
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        cap = feed.app.config.limits.max_handshakes
+        assert cap == 1000
+        gate = asyncio.Semaphore(20)
+
+        async def open_one() -> int:
+            async with gate, http.get(feed.url + POLL) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(open_one() for _ in range(cap + 20)))
+        assert statuses.count(200) == cap and statuses.count(503) == 20, statuses
+        assert len(feed.app.sio.eio.sockets) == cap
+        metrics = feed.hub.metrics.render()
+        assert 'feed_client_errors_total{kind="too_many_handshakes"} 20' in metrics
+        async with http.get(feed.url + POLL) as response:
+            assert response.status == 503
+            assert "handshake" in await response.text()
+        # A client that connects (at once, as every Socket.IO client does) is not held up by
+        # the sessions before it once one of them connects.
+        sid = next(iter(feed.app.sio.eio.sockets))
+        async with http.post(feed.url + POLL + f"&sid={sid}", data="40") as response:
+            assert response.status == 200
+        async with feed_client(feed.url) as client:
+            assert (await client.subscribe("mem:public.orders"))["ok"]
+
+
 MALFORMED_POLLING: list[bytes] = [
     b"x",  # a junk Engine.IO type byte
     b"9",  # an Engine.IO type that does not exist

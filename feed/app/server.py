@@ -137,6 +137,7 @@ class FeedApp:
         eio = self.sio.eio
         eio.on_malformed = self._malformed
         eio.on_open = self._opened
+        eio.refuse_open = self._refuse_open
         allowed_hosts = settings.allowed_hosts
         if allowed_hosts is None:
             allowed_hosts = list(default_allowed_hosts(config.auth.enabled))
@@ -204,6 +205,19 @@ class FeedApp:
     def _close_session(self, eio_sid: str) -> None:
         if eio_sid in self.sio.eio.sockets:
             self.outbound.close_soon(eio_sid)
+
+    def _refuse_open(self) -> str | None:
+        """A new Engine.IO session, past `[limits] max_handshakes` sessions that have not
+        connected yet, is refused: opening one costs a client no token and, over long-polling,
+        no connection (one client held 20,000 for their `handshake_timeout`, 280 MB)."""
+        limit = self.config.limits.max_handshakes
+        if len(self._handshakes) < limit:
+            return None
+        self.client_errors.report(
+            "too_many_handshakes",
+            f"{limit} sessions have not made their Socket.IO connect yet ([limits] max_handshakes)",
+        )
+        return "too many sessions are waiting for their handshake; retry shortly"
 
     def _opened(self, eio_sid: str) -> None:
         """An Engine.IO session must complete its Socket.IO connect in time, or it is closed:

@@ -46,6 +46,9 @@ class LimitsConfig:
     """Seconds a connection has to send a complete request, headers and body (slowloris)."""
     handshake_timeout: float = 10.0
     """Seconds between an Engine.IO session opening and its Socket.IO connect."""
+    max_handshakes: int = 1000
+    """Engine.IO sessions open at once that have not made their Socket.IO connect yet; more
+    are refused with 503 (feed.app.server)."""
     rooms_per_identity: int = 5000
     """Row and filter rooms charged to one identity (feed.security.room_budget; 0: no limit)."""
     max_rooms: int = 50_000
@@ -62,6 +65,7 @@ def parse_limits(top: Options) -> LimitsConfig:
         max_connections=opts.int("max_connections", 0, minimum=0),
         request_timeout=opts.float("request_timeout", 10.0, minimum=0.1),
         handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1),
+        max_handshakes=opts.int("max_handshakes", 1000, minimum=1),
         rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0),
         max_rooms=opts.int("max_rooms", 50_000, minimum=0),
     )
