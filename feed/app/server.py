@@ -394,8 +394,15 @@ class FeedApp:
                 connector.inner_prefix(address.target) if address.key is None else None,
             )
             try:
+                identity = session.identity
                 return await self.hub.subscribe(
-                    sid, request, shape=shape, owner=session.identity.account
+                    sid,
+                    request,
+                    shape=shape,
+                    owner=identity.account,
+                    # Anonymous clients share one identity: their snapshots take turns per
+                    # connection, or one of them would make all the others wait.
+                    turn=None if identity.anonymous else identity.account,
                 )
             except ProtocolError as exc:
                 if exc.code != "snapshot_failed" or self.config.auth.operator(session.identity):

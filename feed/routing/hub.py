@@ -33,6 +33,7 @@ from feed.delivery.transport import FlushBeforeWaiting, Transport
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 from feed.metrics import Counter, Labels, Metrics
 from feed.routing.settings import ServerConfig
+from feed.routing.turns import Turns
 from feed.security.access import Shape, ShapedRoom
 from feed.security.room_budget import RoomBudget
 
@@ -171,6 +172,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], CatchUp] = {}
+        self.snapshot_turns = Turns()
+        """Snapshots one at a time per identity (feed.routing.turns)."""
         self.budget = RoomBudget(per_identity=5000, total=50_000)
         """Row and filter rooms per identity and in all (feed.security.room_budget; [limits] sets
         it)."""
@@ -555,11 +558,13 @@ class Hub:
         mask: RowGuard | None = None,
         shape: Shape | None = None,
         owner: str = "anonymous",
+        turn: str | None = None,
     ) -> dict[str, Any]:
         """Join a room; replay from `since` or answer with a snapshot; return the ack.
 
         `owner` (the identity's name) is charged for the row or filter room it creates or
-        joins (feed.security.room_budget).
+        joins (feed.security.room_budget). Snapshots take turns by `turn` (the identity; this
+        connection when None): one at a time each (feed.routing.turns).
 
         A `shape` (from feed.security.access) forces its filter, masks snapshot rows, and puts the
         client in a room whose live and replayed payloads are shaped the same way.
@@ -615,7 +620,11 @@ class Hub:
             held = room.empty_since is not None
             room.empty_since = None
             try:
-                return await self.engine.subscribe(sid, request, room, connector, address, mask)
+                if not request.snapshot:
+                    return await self.engine.subscribe(sid, request, room, connector, address, mask)
+                async with self.snapshot_turns.turn(turn or sid):
+                    self._still_connected(sid)
+                    return await self.engine.subscribe(sid, request, room, connector, address, mask)
             finally:
                 if held and not room.members:
                     room.empty_since = time.monotonic()
@@ -640,12 +649,14 @@ class Hub:
         gap: str | None = None
         if request.snapshot and not recovered:
             target = self._target_rooms(connector.name, address.target)
-            # Only a filter room holds rows: the watch of a target or row room notes nothing.
-            watch = target.filtered.watch(room.name)
-            try:
-                snapshot = await self._snapshot(connector, address, row_filter, sid, room)
-            finally:
-                target.filtered.unwatch(watch)
+            async with self.snapshot_turns.turn(turn or sid):
+                self._still_connected(sid)
+                # Only a filter room holds rows: the watch of a target or row room notes nothing.
+                watch = target.filtered.watch(room.name)
+                try:
+                    snapshot = await self._snapshot(connector, address, row_filter, sid, room)
+                finally:
+                    target.filtered.unwatch(watch)
             covers = snapshot.covers
             # The rows the room holds, for a source that sends no before images; those that
             # left it while the snapshot was read get their change now (after the ones the
@@ -677,6 +688,12 @@ class Hub:
         filtered, start = shared_start(already, previous, cursor)
         self._spawn(self._catch_up(sid, room, start, covers if filtered else None, rest, gap, gaps))
         return ack
+
+    def _still_connected(self, sid: str) -> None:
+        """After waiting for a snapshot's turn: a client that left meanwhile is not read for
+        (one that asked for many and left would still have had them all read)."""
+        if sid not in self.clients:
+            raise ProtocolError("not_connected", "this connection is closing")
 
     def _send_to_room(self, room: Room, change: Change) -> None:
         """Number one change in one room and send it to its live members (a row that left the
