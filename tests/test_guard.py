@@ -417,6 +417,41 @@ async def test_filter_rooms_are_bounded_per_identity_and_grace_kept_rooms_count(
         assert hub.metrics.value("feed_rooms_refused_total", reason="identity") == 2
 
 
+async def test_rooms_an_identity_left_idle_are_bounded_when_they_go_idle() -> None:
+    """A room nobody follows is kept for its grace and still numbers and buffers every change
+    it matches, for a client that comes back. One client churning through filters that match
+    every change (`amount=neq.<n>`) left 5,000 of them, its identity's whole allowance: each
+    change then cost 15 to 20 ms of routing on one node, and on a 2-node cluster an XADD per
+    room, Redis grew to 1.1 GB in 40 s and the other clients' latency to 13 s. An identity now
+    keeps at most `idle_rooms_per_identity` idle rooms; past it, its oldest idle one goes at
+    once (a client that comes back to it gets `recovered: false` rather than the changes)."""
+    config = token_config().replace("filter_room_grace = 0.2", "filter_room_grace = 300")
+    async with running_feed(config) as feed:
+        hub = feed.hub
+        cap = feed.app.config.limits.idle_rooms_per_identity
+        assert cap == 500
+        ops = {"token": TOKENS["ops"]}
+        followers = [await FeedClient().connect(feed.url, auth=ops) for _ in range(5)]
+        try:
+            async with feed_client(feed.url, auth=ops) as churner:
+                acks = await subscribe_filters(churner, 10_000, 40)
+                for ack in acks:
+                    assert (await churner.call("unsubscribe", {"room": ack["room"]}))["ok"]
+            for n, follower in enumerate(followers):
+                acks = await subscribe_filters(follower, 100 * n, 100)
+                assert all(a["ok"] for a in acks), [a for a in acks if not a["ok"]][:1]
+            assert len(hub.budget) == 540
+        finally:
+            for follower in followers:
+                await follower.close()
+        # 540 idle: the 40 that went idle first are gone at once, not after their grace.
+        await wait_until(lambda: not hub.clients, 5, "the followers gone")
+        assert len(hub.budget) == cap
+        assert hub.metrics.value("feed_rooms_evicted_total") == 40
+        left = {room.filter.canonical for room in hub.rooms.values() if room.filter is not None}
+        assert left == {f"id=eq.{i}" for i in range(500)}
+
+
 async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
     async with running_feed(room_config()) as feed:
         auth = {who: {"token": TOKENS[who]} for who in ("ops", "acme-svc", "globex-svc")}

@@ -104,7 +104,10 @@ class FeedApp:
         """The handshake-timeout check of each Engine.IO session not yet connected."""
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
-        self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
+        limits = config.limits
+        self.hub.budget = RoomBudget(
+            limits.rooms_per_identity, limits.max_rooms, limits.idle_rooms_per_identity
+        )
         self.hub.announce_status = self._announce_status
         self.sio = FeedSocketIO(
             client_manager=IndexedManager(),  # a disconnect costs the client's own rooms

@@ -335,22 +335,31 @@ class Hub:
             )
 
     def _evict_idle(self, owner: str | None) -> bool:
-        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None)."""
-        owners = self.budget.owners
-        oldest: Room | None = None
-        for name, charged_to in owners.items():
-            if owner is not None and charged_to != owner:
-                continue
+        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None).
+
+        From the budget's list of idle rooms, in the order they went idle: this scanned every
+        room the budget held, 50,000 at its cap, on every subscribe past it."""
+        budget = self.budget
+        while (name := budget.oldest_idle(owner)) is not None:
             room = self.rooms.get(name)
-            if room is None or room.members or room.empty_since is None:
+            if room is None or room.members:  # not idle after all: never kept so
+                budget.went_busy(name)
                 continue
-            if oldest is None or room.empty_since < (oldest.empty_since or 0.0):
-                oldest = room
-        if oldest is None:
-            return False
-        self._drop_room(oldest)
-        self.metrics.inc("feed_rooms_evicted_total")
-        return True
+            if room.empty_since is None:  # held by a subscribe under way (cluster)
+                return False
+            self._drop_room(room)
+            self.metrics.inc("feed_rooms_evicted_total")
+            return True
+        return False
+
+    def _went_idle(self, room: Room) -> None:
+        """The room's last member left: one idle room too many for its identity makes the
+        identity's oldest idle room go now (feed.security.room_budget)."""
+        if not room.ephemeral or room.members:
+            return
+        owner = self.budget.went_idle(room.name)
+        if owner is not None:
+            self._evict_idle(owner)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -549,6 +558,7 @@ class Hub:
             room = self.rooms.get(name)
             if room is not None:
                 room.leave(sid)
+                self._went_idle(room)
 
     async def subscribe(
         self,
@@ -764,6 +774,7 @@ class Hub:
         the catch-up under way for it there, if any."""
         already, previous = sid in room.members, self._catch_ups.get((sid, room.name))
         room.join(sid)
+        self.budget.went_busy(room.name)
         room.pending.add(sid)
         self.clients.setdefault(sid, set()).add(room.name)
         if self.transport is not None:
@@ -775,6 +786,7 @@ class Hub:
         self.clients.get(sid, set()).discard(room.name)
         if self.transport is not None:
             self.transport.leave(sid, room.name)
+        self._went_idle(room)
 
     async def _catch_up(
         self,

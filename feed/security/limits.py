@@ -53,6 +53,9 @@ class LimitsConfig:
     """Row and filter rooms charged to one identity (feed.security.room_budget; 0: no limit)."""
     max_rooms: int = 50_000
     """Row and filter rooms in all (0: no limit)."""
+    idle_rooms_per_identity: int = 500
+    """Row and filter rooms charged to one identity that nobody follows, kept for their
+    grace; past it its oldest idle one goes at once (feed.security.room_budget; 0: no limit)."""
 
 
 def parse_limits(top: Options) -> LimitsConfig:
@@ -68,6 +71,7 @@ def parse_limits(top: Options) -> LimitsConfig:
         max_handshakes=opts.int("max_handshakes", 1000, minimum=1),
         rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0),
         max_rooms=opts.int("max_rooms", 50_000, minimum=0),
+        idle_rooms_per_identity=opts.int("idle_rooms_per_identity", 500, minimum=0),
     )
     opts.finish()
     return config
