@@ -452,6 +452,29 @@ async def test_rooms_an_identity_left_idle_are_bounded_when_they_go_idle() -> No
         assert left == {f"id=eq.{i}" for i in range(500)}
 
 
+async def test_a_resume_into_a_room_made_anew_is_not_recovered() -> None:
+    """A client that saw nothing in its filter room resumes with `since: 0`. Its room went
+    meanwhile (its grace ended, or it was the identity's idle room too many) after numbering a
+    change, and the subscribe made a new one at 0: the answer was `recovered: true`, and the
+    change the old room numbered was lost without a word. Nothing says what the old room held,
+    so the answer is `recovered: false` (the client reloads)."""
+    async with running_feed(BASE) as feed:  # filter_room_grace = 0.2
+        hub = feed.hub
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe("mem:public.orders", filter="id=gt.0")
+            assert ack["ok"] and ack["seq"] == 0
+            room, epoch = ack["room"], ack["epoch"]
+        await wait_until(lambda: not hub.clients, 5, "the client gone")
+        source(feed).write("public.orders", "insert", {"id": 1})
+        await wait_until(lambda: hub.rooms.get(room) is None, 5, "its room expired")
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(room, since=0, epoch=epoch)
+            assert ack["ok"] and ack["recovered"] is False, ack
+            # A room that is still there resumes as before.
+            again = await client.subscribe(room, since=0, epoch=epoch)
+            assert again["recovered"] is True, again
+
+
 async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:
     async with running_feed(room_config()) as feed:
         auth = {who: {"token": TOKENS[who]} for who in ("ops", "acme-svc", "globex-svc")}

@@ -618,7 +618,8 @@ class Hub:
                 "unsubscribe from a room first",
             )
         ephemeral = address.key is not None or row_filter is not None or shape is not None
-        if ephemeral and name not in self.rooms:
+        made = ephemeral and name not in self.rooms
+        if made:
             self._make_room_for(owner)
         room = self._room(connector.name, address, row_filter, shape)
         if ephemeral:
@@ -642,7 +643,9 @@ class Hub:
         cursor = room.seq
         if request.since is not None:
             same_epoch = request.epoch is None or request.epoch == self.epoch
-            recovered = same_epoch and room.holds_after(request.since)
+            # A room made by this subscribe replaces one that went (its grace ended, or it was
+            # evicted) after numbering who knows what: nothing can be recovered from it.
+            recovered = same_epoch and not made and room.holds_after(request.since)
             if recovered:
                 cursor = request.since
         already, previous = self._join(sid, room)
