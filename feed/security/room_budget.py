@@ -25,6 +25,7 @@ Target rooms (one per connector target) are not counted: their number is fixed b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -98,10 +99,9 @@ class RoomBudget:
         if not rooms:
             del self.idle[owner]
 
-    def oldest_idle(self, owner: str | None) -> str | None:
-        """The room idle longest, of `owner` or (None) of anyone."""
-        rooms = self.idle_rooms if owner is None else self.idle.get(owner, {})
-        return next(iter(rooms), None)
+    def idle_of(self, owner: str | None) -> Iterator[str]:
+        """The idle rooms of `owner` or (None) of anyone, the longest idle first."""
+        yield from self.idle_rooms if owner is None else self.idle.get(owner, {})
 
     def _uncount(self, owner: str) -> None:
         left = self.counts.get(owner, 0) - 1
