@@ -116,6 +116,47 @@ async def test_a_truncate_reaches_row_and_filter_rooms_followed_on_another_node(
             assert [(c["op"], c["seq"]) for c in got] == [("insert", 1), ("truncate", 2)]
 
 
+async def test_a_room_its_node_dropped_leaves_the_readers_routing_soon(
+    redis_target: RedisTarget,
+) -> None:
+    """A node drops an idle room early (`idle_rooms_per_identity`), but the reader kept routing
+    it, numbering and storing every change it matched in Redis, until its registration lapsed
+    (`filter_room_grace` plus three refresh periods): one client churning filters that match
+    every change had 5,000 rooms routed against 500 kept by its node, Redis at 1.1 GB and the
+    reader's publish script over 5 s (`BUSY`), which cost it its lease. A dropped room's
+    registration now lapses within three refresh periods unless another node keeps it alive."""
+    config = (
+        cluster_config(redis_target.url, redis_target.prefix).replace(
+            "filter_room_grace = 0.5", "filter_room_grace = 300"
+        )
+        + "\n[limits]\nidle_rooms_per_identity = 5\n"
+    )
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        names = []
+        async with feed_client(other.url) as client:
+            for i in range(20):
+                ack = await client.subscribe("mem:public.orders", filter=f"id=neq.{i}")
+                assert ack["ok"], ack
+                names.append(ack["room"])
+            # Another node follows one of those that will go: it keeps that one alive.
+            keeper = await stack.enter_async_context(feed_client(reader.url))
+            assert (await keeper.subscribe(names[0]))["ok"]
+            await wait_until(lambda: all(routes(reader.engine, n) for n in names), 10, "routed")
+        await wait_until(lambda: not other.hub.clients, 5, "the client gone")
+        assert len(other.hub.budget) == 5  # the node kept its 5 newest idle rooms
+        # Those it kept (all went idle at once, so any 5), and the one the other node follows.
+        kept = {n for n in names if n in other.hub.rooms} | {names[0]}
+        await wait_until(
+            lambda: {n for n in names if routes(reader.engine, n)} == kept,
+            10,
+            "the reader to route only the rooms some node keeps",
+        )
+        memory(reader).write("public.orders", "insert", {"id": 100})
+        change = await keeper.next_change()
+        assert change["room"] == names[0] and change["seq"] == 1
+
+
 async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
     redis_target: RedisTarget,
 ) -> None:

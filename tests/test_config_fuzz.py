@@ -59,8 +59,10 @@ outbound_queue_bytes = 8388608
 max_connections = 0
 request_timeout = 10.0
 handshake_timeout = 10.0
+max_handshakes = 1000
 rooms_per_identity = 5000
 max_rooms = 50000
+idle_rooms_per_identity = 500
 
 [cluster]
 url = "redis://127.0.0.1:6379/1"
@@ -135,6 +137,7 @@ save_interval = 0.5
 save_every = 2000
 batch_size = 500
 snapshot_wait = 20.0
+snapshot_scan_limit = 100000
 slot = "feed_main"
 poll_interval = 0.01
 capture_check_interval = 5.0

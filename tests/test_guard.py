@@ -280,6 +280,38 @@ async def test_an_engineio_session_that_never_connects_socketio_is_closed() -> N
             assert (await client.subscribe("mem:public.orders"))["ok"]
 
 
+async def test_sessions_that_have_not_connected_yet_are_capped_and_others_still_connect() -> None:
+    """Opening long-polling sessions costs no TCP connection and no token: one client opened
+    39,000 in 20 s, each kept for `handshake_timeout`, and the server grew by 280 MB (kept
+    after they closed), its clients' p99 latency at 800 ms. Past `max_handshakes` a new one
+    gets 503; a session that connects makes room at once."""
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        cap = feed.app.config.limits.max_handshakes
+        assert cap == 1000
+        gate = asyncio.Semaphore(20)
+
+        async def open_one() -> int:
+            async with gate, http.get(feed.url + POLL) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(open_one() for _ in range(cap + 20)))
+        assert statuses.count(200) == cap and statuses.count(503) == 20, statuses
+        assert len(feed.app.sio.eio.sockets) == cap
+        metrics = feed.hub.metrics.render()
+        assert 'feed_client_errors_total{kind="too_many_handshakes"} 20' in metrics
+        async with http.get(feed.url + POLL) as response:
+            assert response.status == 503
+            assert "handshake" in await response.text()
+        # A client that connects (at once, as every Socket.IO client does) is not held up by
+        # the sessions before it once one of them connects.
+        sid = next(iter(feed.app.sio.eio.sockets))
+        async with http.post(feed.url + POLL + f"&sid={sid}", data="40") as response:
+            assert response.status == 200
+        async with feed_client(feed.url) as client:
+            assert (await client.subscribe("mem:public.orders"))["ok"]
+
+
 MALFORMED_POLLING: list[bytes] = [
     b"x",  # a junk Engine.IO type byte
     b"9",  # an Engine.IO type that does not exist
@@ -383,6 +415,64 @@ async def test_filter_rooms_are_bounded_per_identity_and_grace_kept_rooms_count(
             assert len([r for r in hub.rooms.values() if r.filter is not None]) == 50
         assert hub.metrics.value("feed_rooms_evicted_total") == 150
         assert hub.metrics.value("feed_rooms_refused_total", reason="identity") == 2
+
+
+async def test_rooms_an_identity_left_idle_are_bounded_when_they_go_idle() -> None:
+    """A room nobody follows is kept for its grace and still numbers and buffers every change
+    it matches, for a client that comes back. One client churning through filters that match
+    every change (`amount=neq.<n>`) left 5,000 of them, its identity's whole allowance: each
+    change then cost 15 to 20 ms of routing on one node, and on a 2-node cluster an XADD per
+    room, Redis grew to 1.1 GB in 40 s and the other clients' latency to 13 s. An identity now
+    keeps at most `idle_rooms_per_identity` idle rooms; past it, its oldest idle one goes at
+    once (a client that comes back to it gets `recovered: false` rather than the changes)."""
+    config = token_config().replace("filter_room_grace = 0.2", "filter_room_grace = 300")
+    async with running_feed(config) as feed:
+        hub = feed.hub
+        cap = feed.app.config.limits.idle_rooms_per_identity
+        assert cap == 500
+        ops = {"token": TOKENS["ops"]}
+        followers = [await FeedClient().connect(feed.url, auth=ops) for _ in range(5)]
+        try:
+            async with feed_client(feed.url, auth=ops) as churner:
+                acks = await subscribe_filters(churner, 10_000, 40)
+                for ack in acks:
+                    assert (await churner.call("unsubscribe", {"room": ack["room"]}))["ok"]
+            for n, follower in enumerate(followers):
+                acks = await subscribe_filters(follower, 100 * n, 100)
+                assert all(a["ok"] for a in acks), [a for a in acks if not a["ok"]][:1]
+            assert len(hub.budget) == 540
+        finally:
+            for follower in followers:
+                await follower.close()
+        # 540 idle: the 40 that went idle first are gone at once, not after their grace.
+        await wait_until(lambda: not hub.clients, 5, "the followers gone")
+        assert len(hub.budget) == cap
+        assert hub.metrics.value("feed_rooms_evicted_total") == 40
+        left = {room.filter.canonical for room in hub.rooms.values() if room.filter is not None}
+        assert left == {f"id=eq.{i}" for i in range(500)}
+
+
+async def test_a_resume_into_a_room_made_anew_is_not_recovered() -> None:
+    """A client that saw nothing in its filter room resumes with `since: 0`. Its room went
+    meanwhile (its grace ended, or it was the identity's idle room too many) after numbering a
+    change, and the subscribe made a new one at 0: the answer was `recovered: true`, and the
+    change the old room numbered was lost without a word. Nothing says what the old room held,
+    so the answer is `recovered: false` (the client reloads)."""
+    async with running_feed(BASE) as feed:  # filter_room_grace = 0.2
+        hub = feed.hub
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe("mem:public.orders", filter="id=gt.0")
+            assert ack["ok"] and ack["seq"] == 0
+            room, epoch = ack["room"], ack["epoch"]
+        await wait_until(lambda: not hub.clients, 5, "the client gone")
+        source(feed).write("public.orders", "insert", {"id": 1})
+        await wait_until(lambda: hub.rooms.get(room) is None, 5, "its room expired")
+        async with feed_client(feed.url) as client:
+            ack = await client.subscribe(room, since=0, epoch=epoch)
+            assert ack["ok"] and ack["recovered"] is False, ack
+            # A room that is still there resumes as before.
+            again = await client.subscribe(room, since=0, epoch=epoch)
+            assert again["recovered"] is True, again
 
 
 async def test_rooms_in_total_are_bounded_and_idle_ones_make_way() -> None:

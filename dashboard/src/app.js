@@ -408,7 +408,7 @@ function onSnapshot(sub, info) {
   }
   const n = info.rows.size;
   sub.snapshotNote = `started from ${n} current row${n === 1 ? "" : "s"}${
-    info.truncated ? " (cut at the server's snapshot_limit)" : ""
+    info.truncated ? " (cut short: the server's snapshot_limit or its connector's snapshot_scan_limit)" : ""
   }`;
   receive(rows);
 }

@@ -107,7 +107,10 @@ class FeedApp:
         """The handshake-timeout check of each Engine.IO session not yet connected."""
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
         self.hub = Hub(connectors or config.build_connectors(), settings)
-        self.hub.budget = RoomBudget(config.limits.rooms_per_identity, config.limits.max_rooms)
+        limits = config.limits
+        self.hub.budget = RoomBudget(
+            limits.rooms_per_identity, limits.max_rooms, limits.idle_rooms_per_identity
+        )
         self.hub.announce_status = self._announce_status
         self.sio = FeedSocketIO(
             client_manager=IndexedManager(),  # a disconnect costs the client's own rooms
@@ -140,6 +143,7 @@ class FeedApp:
         eio = self.sio.eio
         eio.on_malformed = self._malformed
         eio.on_open = self._opened
+        eio.refuse_open = self._refuse_open
         allowed_hosts = settings.allowed_hosts
         if allowed_hosts is None:
             allowed_hosts = list(default_allowed_hosts(config.auth.enabled))
@@ -207,6 +211,19 @@ class FeedApp:
     def _close_session(self, eio_sid: str) -> None:
         if eio_sid in self.sio.eio.sockets:
             self.outbound.close_soon(eio_sid)
+
+    def _refuse_open(self) -> str | None:
+        """A new Engine.IO session, past `[limits] max_handshakes` sessions that have not
+        connected yet, is refused: opening one costs a client no token and, over long-polling,
+        no connection (one client held 20,000 for their `handshake_timeout`, 280 MB)."""
+        limit = self.config.limits.max_handshakes
+        if len(self._handshakes) < limit:
+            return None
+        self.client_errors.report(
+            "too_many_handshakes",
+            f"{limit} sessions have not made their Socket.IO connect yet ([limits] max_handshakes)",
+        )
+        return "too many sessions are waiting for their handshake; retry shortly"
 
     def _opened(self, eio_sid: str) -> None:
         """An Engine.IO session must complete its Socket.IO connect in time, or it is closed:
@@ -384,8 +401,15 @@ class FeedApp:
                 connector.inner_prefix(address.target) if address.key is None else None,
             )
             try:
+                identity = session.identity
                 return await self.hub.subscribe(
-                    sid, request, shape=shape, owner=session.identity.account
+                    sid,
+                    request,
+                    shape=shape,
+                    owner=identity.account,
+                    # Anonymous clients share one identity: their snapshots take turns per
+                    # connection, or one of them would make all the others wait.
+                    turn=None if identity.anonymous else identity.account,
                 )
             except ProtocolError as exc:
                 if exc.code != "snapshot_failed" or self.config.auth.operator(session.identity):

@@ -864,6 +864,8 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
         self.on_open: Callable[[str], None] | None = None
         """Told the sid of each Engine.IO session that has no Socket.IO connection: each new
         one, and one whose client left the namespace (the Socket.IO handshake timeout)."""
+        self.refuse_open: Callable[[], str | None] | None = None
+        """Asked before each new Engine.IO session: a reason to refuse it (503), or None."""
 
     def _ok(self, packets: Any = None, headers: Any = None, jsonp_index: Any = None) -> Any:
         """Engine.IO's 200 answer; a POST's body is `ok`, as the protocol says (python-engineio
@@ -900,6 +902,13 @@ class LeanEngineIO(engineio.AsyncServer):  # type: ignore[misc]
             # mandatory ("the server MUST respond with an HTTP 400 error status").
             self._log_error_once("Missing transport", "bad-transport")
             return self._bad_request("Missing transport")
+        refusal = self.refuse_open() if self.refuse_open is not None else None
+        if refusal is not None:
+            return {
+                "status": "503 SERVICE UNAVAILABLE",
+                "headers": [("Content-Type", "text/plain; charset=utf-8")],
+                "response": refusal.encode(),
+            }
         sid = self.generate_id()
         lean = transport == "websocket" and lean_protocol(environ.get("asgi.send")) is not None
         s = LeanSocket(self, sid, lean)

@@ -77,6 +77,10 @@ class EngineCore:
         self._watching: dict[str, list[tuple[int, Change]]] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._by_channel: dict[bytes, Mirror] = {}
+        self._lapsing: dict[str, set[str]] = {}
+        """Per connector, the rooms this node dropped whose registration is to be shortened
+        (feed.engine.delivery: `_lapse`)."""
+        self._lapse_task: asyncio.Task[None] | None = None
         self._pubsub: Subscriber | None = None
         self._caller: Caller | None = None
         self._caller_lock = asyncio.Lock()

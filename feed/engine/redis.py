@@ -84,7 +84,7 @@ class RedisEngine(Resume):
         )
         self._lease_redis = aioredis.Redis.from_pool(own)
         # PUBLISH, once per batch, goes over the engine's own connection (`_hot_script`).
-        for name in ("REGISTER", "REFRESH", "LIVE", "GAP", "NAME"):
+        for name in ("REGISTER", "REFRESH", "LIVE", "LAPSE", "GAP", "NAME"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
         for name in ("ACQUIRE", "RENEW", "RELEASE"):
             self._scripts[name] = self._lease_redis.register_script(getattr(scripts, name))
@@ -97,7 +97,8 @@ class RedisEngine(Resume):
         # Cancelled again while one runs on: redis-py can swallow a cancel that lands as a reply
         # arrives, and the upkeep loop would then go on, holding the server's shutdown forever
         # (a fresh-clone CI run: a node's shutdown outlived its test's 10 s).
-        await cancel_and_wait(self._tasks, grace=1.0)
+        lapse = [self._lapse_task] if self._lapse_task is not None else []
+        await cancel_and_wait([*self._tasks, *lapse], grace=1.0)
         self._tasks.clear()
         if self.up and self.name_taken is None:  # a restart under the same name needs no wait
             with contextlib.suppress(Exception):

@@ -266,6 +266,23 @@ return missing
 """
 )
 
+LAPSE = (
+    """
+-- KEYS: live zset. ARGV: ms left to the rooms (from Redis's clock), then their names. A node
+-- dropped them: their registration lapses that soon, unless a node that keeps them (members,
+-- or idle within their grace) refreshes them first, as it does every refresh period. Only
+-- entries there are shortened (XX), never lengthened (LT).
+"""
+    + NOW_MS
+    + """
+local expiry = now_ms + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', 'LT', expiry, ARGV[i])
+end
+return 0
+"""
+)
+
 LIVE = (
     """
 -- KEYS: live zset, registry hash. ARGV: the prefix of room keys ('<prefix>:room:').

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import re
@@ -33,6 +34,7 @@ from feed.delivery.transport import FlushBeforeWaiting, Transport
 from feed.errors import FeedError, ProtocolError, SnapshotNotSupported
 from feed.metrics import Counter, Labels, Metrics
 from feed.routing.settings import ServerConfig
+from feed.routing.turns import Turns
 from feed.security.access import Shape, ShapedRoom
 from feed.security.room_budget import RoomBudget
 
@@ -171,6 +173,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._catch_ups: dict[tuple[str, str], CatchUp] = {}
+        self.snapshot_turns = Turns()
+        """Snapshots one at a time per identity (feed.routing.turns)."""
         self.budget = RoomBudget(per_identity=5000, total=50_000)
         """Row and filter rooms per identity and in all (feed.security.room_budget; [limits] sets
         it)."""
@@ -332,22 +336,32 @@ class Hub:
             )
 
     def _evict_idle(self, owner: str | None) -> bool:
-        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None)."""
-        owners = self.budget.owners
-        oldest: Room | None = None
-        for name, charged_to in owners.items():
-            if owner is not None and charged_to != owner:
-                continue
+        """Expire the oldest room nobody follows (charged to `owner`, or to anyone if None).
+
+        From the budget's list of idle rooms, in the order they went idle: this scanned every
+        room the budget held, 50,000 at its cap, on every subscribe past it."""
+        budget = self.budget
+        # The first few: one that is not idle after all is rare (joins mark rooms busy).
+        for name in list(itertools.islice(budget.idle_of(owner), 16)):
             room = self.rooms.get(name)
-            if room is None or room.members or room.empty_since is None:
+            if room is None or room.members:  # not idle after all: never kept so
+                budget.went_busy(name)
                 continue
-            if oldest is None or room.empty_since < (oldest.empty_since or 0.0):
-                oldest = room
-        if oldest is None:
-            return False
-        self._drop_room(oldest)
-        self.metrics.inc("feed_rooms_evicted_total")
-        return True
+            if room.empty_since is None:  # held by a subscribe under way (cluster)
+                continue
+            self._drop_room(room)
+            self.metrics.inc("feed_rooms_evicted_total")
+            return True
+        return False
+
+    def _went_idle(self, room: Room) -> None:
+        """The room's last member left: one idle room too many for its identity makes the
+        identity's oldest idle room go now (feed.security.room_budget)."""
+        if not room.ephemeral or room.members:
+            return
+        owner = self.budget.went_idle(room.name)
+        if owner is not None:
+            self._evict_idle(owner)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -546,6 +560,7 @@ class Hub:
             room = self.rooms.get(name)
             if room is not None:
                 room.leave(sid)
+                self._went_idle(room)
 
     async def subscribe(
         self,
@@ -555,11 +570,13 @@ class Hub:
         mask: RowGuard | None = None,
         shape: Shape | None = None,
         owner: str = "anonymous",
+        turn: str | None = None,
     ) -> dict[str, Any]:
         """Join a room; replay from `since` or answer with a snapshot; return the ack.
 
         `owner` (the identity's name) is charged for the row or filter room it creates or
-        joins (feed.security.room_budget).
+        joins (feed.security.room_budget). Snapshots take turns by `turn` (the identity; this
+        connection when None): one at a time each (feed.routing.turns).
 
         A `shape` (from feed.security.access) forces its filter, masks snapshot rows, and puts the
         client in a room whose live and replayed payloads are shaped the same way.
@@ -603,7 +620,8 @@ class Hub:
                 "unsubscribe from a room first",
             )
         ephemeral = address.key is not None or row_filter is not None or shape is not None
-        if ephemeral and name not in self.rooms:
+        made = ephemeral and name not in self.rooms
+        if made:
             self._make_room_for(owner)
         room = self._room(connector.name, address, row_filter, shape)
         if ephemeral:
@@ -615,7 +633,11 @@ class Hub:
             held = room.empty_since is not None
             room.empty_since = None
             try:
-                return await self.engine.subscribe(sid, request, room, connector, address, mask)
+                if not request.snapshot:
+                    return await self.engine.subscribe(sid, request, room, connector, address, mask)
+                async with self.snapshot_turns.turn(turn or sid):
+                    self._still_connected(sid)
+                    return await self.engine.subscribe(sid, request, room, connector, address, mask)
             finally:
                 if held and not room.members:
                     room.empty_since = time.monotonic()
@@ -623,7 +645,9 @@ class Hub:
         cursor = room.seq
         if request.since is not None:
             same_epoch = request.epoch is None or request.epoch == self.epoch
-            recovered = same_epoch and room.holds_after(request.since)
+            # A room made by this subscribe replaces one that went (its grace ended, or it was
+            # evicted) after numbering who knows what: nothing can be recovered from it.
+            recovered = same_epoch and not made and room.holds_after(request.since)
             if recovered:
                 cursor = request.since
         already, previous = self._join(sid, room)
@@ -640,12 +664,14 @@ class Hub:
         gap: str | None = None
         if request.snapshot and not recovered:
             target = self._target_rooms(connector.name, address.target)
-            # Only a filter room holds rows: the watch of a target or row room notes nothing.
-            watch = target.filtered.watch(room.name)
-            try:
-                snapshot = await self._snapshot(connector, address, row_filter, sid, room)
-            finally:
-                target.filtered.unwatch(watch)
+            async with self.snapshot_turns.turn(turn or sid):
+                self._still_connected(sid)
+                # Only a filter room holds rows: the watch of a target or row room notes nothing.
+                watch = target.filtered.watch(room.name)
+                try:
+                    snapshot = await self._snapshot(connector, address, row_filter, sid, room)
+                finally:
+                    target.filtered.unwatch(watch)
             covers = snapshot.covers
             # The rows the room holds, for a source that sends no before images; those that
             # left it while the snapshot was read get their change now (after the ones the
@@ -677,6 +703,12 @@ class Hub:
         filtered, start = shared_start(already, previous, cursor)
         self._spawn(self._catch_up(sid, room, start, covers if filtered else None, rest, gap, gaps))
         return ack
+
+    def _still_connected(self, sid: str) -> None:
+        """After waiting for a snapshot's turn: a client that left meanwhile is not read for
+        (one that asked for many and left would still have had them all read)."""
+        if sid not in self.clients:
+            raise ProtocolError("not_connected", "this connection is closing")
 
     def _send_to_room(self, room: Room, change: Change) -> None:
         """Number one change in one room and send it to its live members (a row that left the
@@ -747,6 +779,7 @@ class Hub:
         the catch-up under way for it there, if any."""
         already, previous = sid in room.members, self._catch_ups.get((sid, room.name))
         room.join(sid)
+        self.budget.went_busy(room.name)
         room.pending.add(sid)
         self.clients.setdefault(sid, set()).add(room.name)
         if self.transport is not None:
@@ -758,6 +791,7 @@ class Hub:
         self.clients.get(sid, set()).discard(room.name)
         if self.transport is not None:
             self.transport.leave(sid, room.name)
+        self._went_idle(room)
 
     async def _catch_up(
         self,

@@ -46,10 +46,16 @@ class LimitsConfig:
     """Seconds a connection has to send a complete request, headers and body (slowloris)."""
     handshake_timeout: float = 10.0
     """Seconds between an Engine.IO session opening and its Socket.IO connect."""
+    max_handshakes: int = 1000
+    """Engine.IO sessions open at once that have not made their Socket.IO connect yet; more
+    are refused with 503 (feed.app.server)."""
     rooms_per_identity: int = 5000
     """Row and filter rooms charged to one identity (feed.security.room_budget; 0: no limit)."""
     max_rooms: int = 50_000
     """Row and filter rooms in all (0: no limit)."""
+    idle_rooms_per_identity: int = 500
+    """Row and filter rooms charged to one identity that nobody follows, kept for their
+    grace; past it its oldest idle one goes at once (feed.security.room_budget; 0: no limit)."""
 
 
 def parse_limits(top: Options) -> LimitsConfig:
@@ -66,8 +72,12 @@ def parse_limits(top: Options) -> LimitsConfig:
         max_connections=opts.int("max_connections", 0, minimum=0, maximum=10_000_000),
         request_timeout=opts.float("request_timeout", 10.0, minimum=0.1, maximum=HOUR),
         handshake_timeout=opts.float("handshake_timeout", 10.0, minimum=0.1, maximum=HOUR),
+        max_handshakes=opts.int("max_handshakes", 1000, minimum=1, maximum=10_000_000),
         rooms_per_identity=opts.int("rooms_per_identity", 5000, minimum=0, maximum=10_000_000),
         max_rooms=opts.int("max_rooms", 50_000, minimum=0, maximum=10_000_000),
+        idle_rooms_per_identity=opts.int(
+            "idle_rooms_per_identity", 500, minimum=0, maximum=10_000_000
+        ),
     )
     opts.finish()
     return config
