@@ -412,32 +412,42 @@ async def test_reader_leaving_hands_the_connector_over_and_the_catalog_names_it(
     when the lease would have run out (10 s here)."""
     config = cluster_config(redis_target.url, redis_target.prefix, lease=10.0)
     async with AsyncExitStack() as outer:
-        inner = AsyncExitStack()
-        a = await inner.enter_async_context(
-            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "a"\n'))
+        stacks = {name: AsyncExitStack() for name in ("a", "b")}
+        for stack in stacks.values():
+            outer.push_async_callback(stack.aclose)
+        nodes = {
+            name: await stack.enter_async_context(
+                running_feed(config.replace("[cluster]\n", f'[cluster]\nnode = "{name}"\n'))
+            )
+            for name, stack in stacks.items()
+        }
+        # Whichever node takes the lease first reads (the one started first, most of the time).
+        reader = await reader_of(list(nodes.values()))
+        first = next(n for n, node in nodes.items() if node is reader)
+        second = next(n for n in nodes if n != first)
+        other = nodes[second]
+        # The other node hears who reads from the reader's status message through Redis, a
+        # moment after the lease was taken: until then its catalog names no reader.
+        await wait_until(
+            lambda: other.hub.engine is not None and other.hub.engine.reader_of("mem") == first
         )
-        b = await outer.enter_async_context(
-            running_feed(config.replace("[cluster]\n", '[cluster]\nnode = "b"\n'))
-        )
-        reader = await reader_of([a, b])
-        assert reader is a
-        async with feed_client(b.url) as client:
+        async with feed_client(other.url) as client:
             catalog = await client.call("catalog")
-            assert catalog["connectors"][0]["reader"] == "a"
-            async with aiohttp.ClientSession() as http, http.get(f"{b.url}/readyz") as r:
+            assert catalog["connectors"][0]["reader"] == first
+            async with aiohttp.ClientSession() as http, http.get(f"{other.url}/readyz") as r:
                 body = await r.json()
                 assert r.status == 200
-                assert body["connectors"]["mem"]["reader"] == "a"
-                assert body["cluster"]["node"] == "b"
-            await inner.aclose()  # a stops: it releases the lease, b takes over
+                assert body["connectors"]["mem"]["reader"] == first
+                assert body["cluster"]["node"] == second
+            await stacks[first].aclose()  # the reader stops: it releases the lease
             stopped = time.monotonic()
-            assert await reader_of([b]) is b
+            assert await reader_of([other]) is other
             assert time.monotonic() - stopped < 3.0  # the lease had about 10 s left
             await wait_until(
-                lambda: b.hub.engine is not None and b.hub.engine.reader_of("mem") == "b"
+                lambda: other.hub.engine is not None and other.hub.engine.reader_of("mem") == second
             )
             catalog = await client.call("catalog")
-            assert catalog["connectors"][0]["reader"] == "b"
+            assert catalog["connectors"][0]["reader"] == second
 
 
 async def test_a_new_reader_without_before_images_tells_filter_rooms_to_reload(
