@@ -617,3 +617,67 @@ def test_every_test_the_docs_name_exists() -> None:
             if not found:
                 missing.append(f"{page.name}: {name}{prefix}")
     assert not missing
+
+
+def _section_names(page: Path) -> list[str]:
+    """A page's headings and bold paragraph leads (`**Load balancer.**`), lower case, no backticks."""
+    names: list[str] = []
+    fenced = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        fenced ^= line.startswith("```")
+        if fenced:
+            continue
+        if line.startswith("#"):
+            names.append(line.lstrip("#").strip())
+        names += re.findall(r"^\s*(?:- )?\*\*([^*]+)\*\*", line)
+    return [name.replace("`", "").lower() for name in names]
+
+
+def test_every_section_the_docs_name_in_quotes_exists() -> None:
+    """Prose names sections too: `see "Refused connections" below`, `docs/operations.md, "Several
+    nodes"`. A heading or bold lead renamed must not leave those pointing at nothing."""
+    pages = [
+        ROOT / "README.md",
+        *DOCS.rglob("*.md"),
+        *(ROOT / "clients").glob("*/README.md"),
+        ROOT / "examples" / "README.md",
+    ]
+    broken = []
+    for page in pages:
+        text = re.sub(r"\s+", " ", page.read_text(encoding="utf-8"))
+        named = [(page, n) for n in re.findall(r'"([^"]{3,80})" (?:below|above)', text)]
+        for doc, name in re.findall(r'((?:docs/)?[a-z_/]+\.md),? "([^"]{3,80})"', text):
+            target = next(
+                (p for p in (ROOT / doc, DOCS / doc, page.parent / doc) if p.exists()), None
+            )
+            if target is None:
+                broken.append(f"{page.relative_to(ROOT)}: {doc} (no such page)")
+                continue
+            named.append((target, name))
+        for target, name in named:
+            wanted = name.replace("`", "").lower().rstrip(".,")
+            if not any(s.startswith(wanted) for s in _section_names(target)):
+                broken.append(f"{page.relative_to(ROOT)}: {name!r} is no section of {target.name}")
+    assert not broken
+
+
+def test_the_client_libraries_own_error_codes_agree_with_the_docs() -> None:
+    """The codes the libraries give a connection's error themselves: the same list in the
+    TypeScript declarations, docs/clients.md and both READMEs, each one made by both libraries."""
+    typings = (ROOT / "clients" / "js" / "index.d.ts").read_text(encoding="utf-8")
+    union = re.search(r"export type ClientErrorCode = ([^;]+);", typings)
+    assert union, "index.d.ts has no ClientErrorCode"
+    codes = set(re.findall(r'"(\w+)"', union.group(1)))
+    clients = re.sub(r"\s+", " ", (DOCS / "clients.md").read_text(encoding="utf-8"))
+    listed = re.search(r"The codes the libraries give themselves are (.*?); any other", clients)
+    assert listed, "docs/clients.md does not list the libraries' own codes"
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == codes
+    js = (ROOT / "clients" / "js" / "index.js").read_text(encoding="utf-8")
+    python = "".join(
+        p.read_text(encoding="utf-8") for p in (ROOT / "clients" / "python").rglob("*.py")
+    )
+    for code in codes:
+        assert f'"{code}"' in js, f"clients/js/index.js never gives {code}"
+        assert f'"{code}"' in python, f"dbfeed_client never gives {code}"
+        for readme in (ROOT / "clients").glob("*/README.md"):
+            assert f"`{code}`" in readme.read_text(encoding="utf-8"), f"{readme} lacks {code}"

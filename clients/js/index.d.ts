@@ -128,9 +128,20 @@ export function retryDelay(
   options?: { reconnectionDelay?: number; reconnectionDelayMax?: number },
 ): number;
 
+/**
+ * The codes the library gives a connection's `error` itself (docs/clients.md, "Refused
+ * connections"): `handshake_refused` (HTTP 400/403: the name the feed is reached by, or the
+ * page's origin; final), `server_busy` (HTTP 503: the server at its connection limit; retried),
+ * `too_large` (a token, or a request, over the server's `max_message_bytes`: not sent),
+ * `unreachable` (no connection for `timeout`, no refusal that could be read; once per outage,
+ * still trying), `token_failed` (the token function threw). Any other code is the server's.
+ */
+export type ClientErrorCode = "handshake_refused" | "server_busy" | "too_large" | "unreachable" | "token_failed";
+
 export class FeedError extends Error {
   constructor(code: string, message: string, data?: unknown);
-  readonly code: string;
+  /** A `ClientErrorCode`, `timeout`, `closed`, `not_connected`, or the server's code. */
+  readonly code: ClientErrorCode | (string & {});
   /** `too_large` (a request or token larger than the server takes in one message, not sent):
    * `{ code, size, limit }`, in bytes. */
   readonly data?: unknown;
@@ -145,7 +156,8 @@ export function keyText(key: Json | undefined): string | null;
 export function patched(row: Row, description: { [key: string]: Json }): Row;
 
 export class FeedClient {
-  /** One URL, or the nodes of one feed (a cluster): after a failed attempt the next is tried. */
+  /** One URL, or the nodes of one feed (a cluster), tried in turn: after a failed attempt or a
+   * lost connection the next is tried, the backoff once a round of them all failed. */
   constructor(url: string | string[], options?: FeedClientOptions);
   /** The node connected to (or being tried). */
   readonly url: string;
@@ -161,6 +173,8 @@ export class FeedClient {
   close(): void;
   on(event: "connect", fn: () => void): this;
   on(event: "disconnect", fn: (reason: string) => void): this;
+  /** A refused or failed connection (`refused`, a `ClientErrorCode` or the server's code), or a
+   * failed refresh. */
   on(event: "error", fn: (error: FeedError) => void): this;
   on(event: "status", fn: (status: Status) => void): this;
   on(event: "gap", fn: (gap: Gap) => void): this;

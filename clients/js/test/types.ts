@@ -1,5 +1,5 @@
 // Compiled by `tsc --noEmit` only: the README's and docs/clients.md's usage, type-checked.
-import { FeedClient, FeedError, type Change, type Row, type State } from "dbfeed-client";
+import { FeedClient, FeedError, type ClientErrorCode, type Change, type Row, type State } from "dbfeed-client";
 
 const feed = new FeedClient("http://127.0.0.1:8000", { token: async () => "a token" });
 const sub = feed.subscribe("main:public.orders", { filter: "status=eq.paid", snapshot: true, key: "id" });
@@ -7,6 +7,14 @@ sub.on("snapshot", (rows: Row[]) => console.log(rows.length));
 sub.on("change", (change: Change) => console.log(change.op, change.key, change.after ?? change.before));
 sub.on("state", (state: State, info) => console.log(state, info.replayed, info.reason, info.code));
 feed.on("error", (err: FeedError) => console.log(err.code, err.message));
+// The library's own connection codes (docs/clients.md, "Refused connections"); the server's
+// stay plain strings.
+const own: ClientErrorCode[] = ["handshake_refused", "server_busy", "too_large", "unreachable", "token_failed"];
+feed.on("error", (err: FeedError) => {
+  if (err.code === "unreachable" || err.code === "server_busy") console.log("still trying");
+  else if ((own as string[]).includes(err.code)) console.log("the library's:", err.code, err.data);
+  else console.log("the server's:", err.code);
+});
 async function main(): Promise<void> {
   try {
     await sub.ready;
