@@ -12,7 +12,7 @@ import asyncio
 from contextlib import AsyncExitStack
 
 import pytest
-from dbfeed_client import FeedClient
+from dbfeed_client import ConnectError, FeedClient
 
 from tests.support import redis as redis_support
 from tests.support.cluster import (
@@ -232,3 +232,59 @@ async def test_the_backoff_waits_after_a_round_of_every_node_not_after_each_one(
         took = asyncio.get_running_loop().time() - started
         assert feed.url == node.url
         assert took < 1.0, f"connected after {took:.1f} s"
+
+
+async def test_a_first_connect_moves_past_a_silent_node_to_the_next_one(
+    redis_target: RedisTarget,
+) -> None:
+    """Nodes [blackholed, good]: the first attempt gets no answer and is given up after
+    `timeout`, and the next node is tried, as at a reconnect (and as the JavaScript library's
+    first connect does: clients/js/test/partition.test.mjs). `timeout` used to bound the first connect as a whole: the silent node
+    used it all up, and `connect()` raised `unreachable` with the good node never tried."""
+    config = cluster_config(redis_target.url, redis_target.prefix, history=1000)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        reader = await reader_of(nodes)
+        first, second = nodes
+        hole = await stack.enter_async_context(Blackhole(int(first.url.rsplit(":", 1)[1])))
+        hole.blackhole()
+        feed = FeedClient([f"http://127.0.0.1:{hole.port}", second.url], timeout=2.0)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(stack.enter_async_context(feed), 10)
+        took = asyncio.get_running_loop().time() - started
+        assert feed.url == second.url
+        assert len(hole.links) == 1, "the silent node was tried first"
+        # One attempt's `timeout` on the silent node, then at once the good one.
+        assert 1.9 < took < 3.5, f"connected after {took:.1f} s"
+        sub = await stack.enter_async_context(feed.subscribe(ROOM))
+        log = Log(sub)
+        memory(reader).write("public.orders", "insert", {"id": 1, "status": "new"})
+        await log.until(lambda: len(log.changes) == 1, "a change, live on the good node")
+
+
+async def test_a_first_connect_to_silent_nodes_raises_unreachable_once_each_was_tried(
+    redis_target: RedisTarget,
+) -> None:
+    """Nodes [blackholed, blackholed]: each attempt is given up after `timeout`, and `connect()`
+    raises `unreachable` once `timeout` has passed and every node was tried (here after two
+    attempts, 2 x `timeout`), naming them all; the client keeps nothing open."""
+    config = cluster_config(redis_target.url, redis_target.prefix)
+    async with AsyncExitStack() as stack:
+        nodes = await start_nodes(stack, config, 2)
+        holes = [
+            await stack.enter_async_context(Blackhole(int(node.url.rsplit(":", 1)[1])))
+            for node in nodes
+        ]
+        for hole in holes:
+            hole.blackhole()
+        urls = [f"http://127.0.0.1:{hole.port}" for hole in holes]
+        feed = FeedClient(urls, timeout=1.0, reconnection_delay=0.1)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ConnectError) as failed:
+            await asyncio.wait_for(feed.connect(), 10)
+        took = asyncio.get_running_loop().time() - started
+        assert failed.value.code == "unreachable"
+        assert all(url in str(failed.value) for url in urls), str(failed.value)
+        assert [len(hole.links) for hole in holes] == [1, 1], "each node tried once"
+        assert 1.9 < took < 3.5, f"raised after {took:.1f} s"
+        assert not feed.connected

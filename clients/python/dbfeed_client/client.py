@@ -285,8 +285,9 @@ class FeedClient(_Events):
     async def connect(self) -> None:
         """Connect, then stay connected in the background until `close`.
 
-        Raises ConnectError when the server refuses the first attempt or cannot be reached within
-        `timeout` seconds. Later, a refused reconnect is retried when `retry_refused` is true
+        Raises ConnectError when the server refuses the first attempt, or when no node could be
+        reached: `timeout` seconds have passed and every URL was tried at least once (each
+        attempt is given up after `timeout`, then the next URL is tried at once). Later, a refused reconnect is retried when `retry_refused` is true
         and the token is a function (it may have a better token next time, unless the refusal
         is `handshake_refused`: a name or origin the feed does not accept) or the refusal says
         "not now" (`TRANSIENT_REFUSALS`). A reconnect failing for `timeout` seconds is said once
@@ -424,16 +425,20 @@ class FeedClient(_Events):
                         failed += 1
                         if failed % len(self.urls):
                             continue
-                elif not first.done() and loop.time() >= deadline:
-                    urls = ", ".join(self.urls)
-                    first.set_exception(ConnectError("unreachable", f"{urls}: {exc}"))
-                    return
                 else:
                     # Unreachable, refusing connections, or no answer within `timeout`: the
                     # next node now, the backoff only once a round of them all failed. (A
                     # refusal by the server is retried where it was said, as before.)
                     self._next_url()
                     failed += 1
+                    if not first.done() and loop.time() >= deadline and failed >= len(self.urls):
+                        # The first connect gives up once `timeout` has passed and every node
+                        # was tried. `timeout` bounds each attempt, not the first connect as a
+                        # whole: a silent node (a blackhole) used it all up, and the others
+                        # were never tried.
+                        urls = ", ".join(self.urls)
+                        first.set_exception(ConnectError("unreachable", f"{urls}: {exc}"))
+                        return
                     down = loop.time() - outage
                     if first.done() and not told and down >= self.timeout:
                         # Said once per outage, as the JavaScript library does; still retried.
