@@ -33,6 +33,7 @@ from tests.support.cluster import (
     routes,
     running_cluster,
     subscribed,
+    write_postgres_config,
 )
 from tests.support.postgres import PgDatabase
 from tests.support.redis import RedisTarget, open_private_redis
@@ -49,29 +50,6 @@ pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 ROOM = "main:public.orders"
 LIMIT = "pubsub 1mb 512kb 60"
 BIG = "x" * 2_000_000  # twice the limit: one message of it would cut its subscriber at once
-
-
-def write_config(path: Path, dsn: str, target: RedisTarget, history: int = 1000) -> Path:
-    path.write_text(
-        f"""
-[cluster]
-url = "{target.url}"
-prefix = "{target.prefix.rstrip(":")}"
-lease = 5.0
-history = {history}
-node = "${{FEED_NODE}}"
-
-[[connectors]]
-name = "main"
-type = "postgres"
-dsn = "{dsn}"
-tables = ["public.orders"]
-auto_migrate = true
-heartbeat_interval = 0.5
-reconnect_max = 0.5
-"""
-    )
-    return path
 
 
 @contextlib.asynccontextmanager
@@ -114,7 +92,12 @@ async def test_a_change_past_the_pubsub_limit_reaches_every_node_without_a_cut(
     await orders(pg)
     async with (
         limited_redis() as t,
-        running_cluster(write_config(tmp_path / "feed.toml", pg.url, t), count=2) as nodes,
+        running_cluster(
+            write_postgres_config(
+                tmp_path / "feed.toml", pg.url, t.url, t.prefix.rstrip(":"), lease=5.0
+            ),
+            count=2,
+        ) as nodes,
     ):
         reader = await reading_node(nodes)
         other = next(n for n in nodes if n is not reader)
@@ -150,7 +133,9 @@ async def test_a_large_change_the_history_no_longer_holds_is_a_gap_not_a_hole(
     async with limited_redis() as t:
         # One entry per stream node, so that `XADD MAXLEN ~` trims to `history` exactly.
         await t.admin.config_set("stream-node-max-entries", 1)
-        config = write_config(tmp_path / "feed.toml", pg.url, t, history=2)
+        config = write_postgres_config(
+            tmp_path / "feed.toml", pg.url, t.url, t.prefix.rstrip(":"), lease=5.0, history=2
+        )
         async with running_cluster(config, count=2) as nodes:
             reader = await reading_node(nodes)
             other = next(n for n in nodes if n is not reader)

@@ -26,6 +26,7 @@ from tests.support.cluster import (
     reading_node,
     running_cluster,
     tallies_on,
+    write_postgres_config,
 )
 from tests.support.postgres import PgDatabase
 from tests.support.proxy import CuttableProxy
@@ -38,33 +39,6 @@ pg = pg_support.pg
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(240)]
 
 ROOM = "main:public.orders"
-
-
-def write_config(path: Path, dsn: str, redis_url: str, prefix: str, lease: float = 2.0) -> Path:
-    path.write_text(
-        f"""
-[server]
-filter_room_grace = 2
-
-[cluster]
-url = "{redis_url}"
-prefix = "{prefix}"
-lease = {lease}
-node = "${{FEED_NODE}}"
-
-[[connectors]]
-name = "main"
-type = "postgres"
-dsn = "{dsn}"
-tables = ["public.orders"]
-auto_migrate = true
-heartbeat_interval = 0.5
-reconnect_max = 0.5
-standby_interval = 0.2
-save_interval = 0.2
-"""
-    )
-    return path
 
 
 redis_target = redis_support.redis_target
@@ -141,7 +115,7 @@ async def test_kill_the_reader_then_restart_every_node_under_load(
 ) -> None:
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
-    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    config = write_postgres_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
     async with running_cluster(config) as nodes:
         reader = await reading_node(nodes)
         # One client per node, the reader's own included (it must resume elsewhere).
@@ -179,7 +153,7 @@ async def test_a_rolling_restart_under_load_loses_nothing(
     Clients follow the room across them: every row once, in order, nothing to reload."""
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
-    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    config = write_postgres_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
     async with running_cluster(config) as nodes:
         reader = await reading_node(nodes)
         async with tallies_on(ROOM, nodes) as tallies:
@@ -202,7 +176,7 @@ async def test_redis_restart_with_persistence_loses_nothing(pg: PgDatabase, tmp_
     await orders(pg)
     async with open_private_redis("--appendonly", "yes", "--appendfsync", "always") as target:
         assert target.server is not None
-        config = write_config(tmp_path / "feed.toml", pg.url, target.url, "restart")
+        config = write_postgres_config(tmp_path / "feed.toml", pg.url, target.url, "restart")
         async with running_cluster(config, 2) as nodes:
             await reading_node(nodes)
             async with tallies_on(ROOM, nodes) as tallies:
@@ -253,7 +227,7 @@ async def test_redis_restart_without_persistence_is_a_gap_never_a_silent_hole(
     await orders(pg)
     async with open_private_redis() as target:  # no RDB, no append-only file
         assert target.server is not None
-        config = write_config(tmp_path / "feed.toml", pg.url, target.url, "empty")
+        config = write_postgres_config(tmp_path / "feed.toml", pg.url, target.url, "empty")
         async with running_cluster(config, 3) as nodes:
             await reading_node(nodes)
             async with tallies_on(ROOM, nodes) as tallies:
@@ -298,7 +272,7 @@ async def test_through_the_load_balancer_websocket_and_long_polling_clients_resu
 ) -> None:
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
-    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    config = write_postgres_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
     async with running_cluster(config) as nodes:
         balancer = await LoadBalancer(tmp_path, [(n.name, n.port) for n in nodes]).start()
         tallies: list[Tally] = []
@@ -350,7 +324,7 @@ async def test_a_long_polling_client_whose_poll_answer_is_cut_mid_body_resumes(
     resumes on another node, and still has to get every committed row once."""
     await orders(pg)
     prefix = redis_target.prefix.rstrip(":")
-    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    config = write_postgres_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
     async with running_cluster(config) as nodes:
         proxy = CuttableProxy(nodes[0].port)
         await proxy.start()
@@ -391,7 +365,7 @@ async def test_rooms_followed_on_a_node_whose_clock_is_behind_get_every_change(
     await orders(pg)
     await pg.conn.execute("INSERT INTO orders VALUES (0, 'row')")
     prefix = redis_target.prefix.rstrip(":")
-    config = write_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
+    config = write_postgres_config(tmp_path / "feed.toml", pg.url, redis_target.url, prefix)
     skewed = tmp_path / "clock"
     skewed.mkdir()
     (skewed / "sitecustomize.py").write_text(CLOCK_BEHIND)

@@ -536,6 +536,38 @@ async def start_nodes(
     return nodes
 
 
+def write_postgres_config(
+    path: Path, dsn: str, redis_url: str, prefix: str, lease: float = 2.0, history: int = 1000
+) -> Path:
+    """A cluster config for `feed serve` processes reading `public.orders` from Postgres (its
+    `node` from FEED_NODE), with short intervals so that tests notice faults quickly."""
+    path.write_text(
+        f"""
+[server]
+filter_room_grace = 2
+
+[cluster]
+url = "{redis_url}"
+prefix = "{prefix}"
+lease = {lease}
+history = {history}
+node = "${{FEED_NODE}}"
+
+[[connectors]]
+name = "main"
+type = "postgres"
+dsn = "{dsn}"
+tables = ["public.orders"]
+auto_migrate = true
+heartbeat_interval = 0.5
+reconnect_max = 0.5
+standby_interval = 0.2
+save_interval = 0.2
+"""
+    )
+    return path
+
+
 async def reader_of(nodes: list[RunningFeed], connector: str = "mem") -> RunningFeed:
     found: list[RunningFeed] = []
 
