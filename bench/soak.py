@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,37 @@ journal_retention = 60
 """
 
 
+INSTRUMENTED = bool(os.environ.get("BENCH_SOAK_OBJECTS") or os.environ.get("BENCH_SOAK_TRACE"))
+"""Nodes run by bench/soak_node.py: their objects counted by type before the first client and
+after the last has left (BENCH_SOAK_OBJECTS=1), and with BENCH_SOAK_TRACE a memory trace."""
+
+
 @dataclass
 class Node:
     name: str
     process: asyncio.subprocess.Process
     url: str
     log: Path
+
+    async def count_objects(self) -> Counter[str]:
+        """The node's live objects by type (bench/soak_node.py answers SIGUSR2)."""
+        report = self.log.with_suffix(".trace.types")
+
+        def lines() -> list[str]:
+            return report.read_text().splitlines() if report.exists() else []
+
+        had = len(lines())
+        self.process.send_signal(signal.SIGUSR2)
+        async with asyncio.timeout(60):
+            while len(lines()) <= had:  # noqa: ASYNC110 - a file, no event to wait for
+                await asyncio.sleep(0.2)
+        return Counter(json.loads(lines()[-1]))
+
+
+def grown(before: Counter[str], after: Counter[str], top: int = 12) -> dict[str, int]:
+    """The types with more live objects after than before, most first."""
+    more = {name: n - before.get(name, 0) for name, n in after.items()}
+    return dict(sorted(((k, v) for k, v in more.items() if v > 0), key=lambda kv: -kv[1])[:top])
 
 
 async def start_node(config_path: Path, name: str, logs: Path) -> Node:
@@ -102,7 +128,7 @@ async def start_node(config_path: Path, name: str, logs: Path) -> Node:
     port = free_port()
     log = logs / f"{name}.log"
     command = ["-m", "feed"]
-    if os.environ.get("BENCH_SOAK_TRACE"):  # where memory grows (bench/soak_node.py)
+    if INSTRUMENTED:  # objects counted, memory traced (bench/soak_node.py)
         command = ["-m", "bench.soak_node", str(logs / f"{name}.trace")]
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
@@ -376,6 +402,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         )
         for i in range(2 if args.cluster else 1):
             nodes.append(await start_node(cfg, f"node{i}", tmp))
+        async with aiohttp.ClientSession() as http:
+            before = await sample(http, nodes, conn, redis, prefix)
+        objects = [await node.count_objects() for node in nodes] if INSTRUMENTED else []
         clients = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.soak_clients", "--urls", ",".join(n.url for n in nodes),
             "--sessions", str(args.sessions), "--seed", str(args.seed),
@@ -409,8 +438,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait_for(clients.wait(), 30)
             # What the nodes hold once everyone has left and the grace has passed.
             left = time.monotonic()
+            if redis is not None:  # a room's registration outlives its last member by the
+                # grace and three refreshes (lease / 4 each, 10 s by default: feed.engine), and
+                # the reader drops its route at its next re-read of the registry
+                await asyncio.sleep(args.grace + 4 * 2.5 + 2)
             after = await settled(http, nodes, conn, redis, prefix, args.grace + 60)
             after["seconds_to_settle"] = round(time.monotonic() - left, 1)
+            objects_grown = {
+                node.name: grown(before, await node.count_objects())
+                for node, before in zip(nodes, objects, strict=False)
+            }
         result = {
             "minutes": args.minutes,
             "cluster": args.cluster,
@@ -422,7 +459,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "transactions": written.get("transactions", 0),
             "clients": counts,
             "growth": growth(samples, 60 * args.warmup),
+            "before_clients": before,
             "after_clients_left": after,
+            "objects_grown": objects_grown,
             "log_lines": {n.name: log_summary(n.log) for n in nodes},
             "samples": {"t": samples.times, **samples.series},
         }
@@ -473,11 +512,18 @@ def report(result: dict[str, Any]) -> str:
         "",
         table(result["growth"]),
         "",
+        "before the first client: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(result["before_clients"].items())),
         "after the clients left and the grace passed: "
         + ", ".join(f"{k} {v:.0f}" for k, v in sorted(result["after_clients_left"].items())),
         "clients: " + ", ".join(f"{k} {v}" for k, v in sorted(result["clients"].items())),
         "node logs: " + json.dumps(result["log_lines"]),
     ]
+    for name, more in result["objects_grown"].items():
+        lines.append(
+            f"{name}: live objects by type, more than before the first client: "
+            + (", ".join(f"{k} +{v}" for k, v in more.items()) or "none")
+        )
     return "\n".join(lines)
 
 

@@ -1,23 +1,32 @@
-"""`feed serve` with a memory trace, for a soak that shows growth (BENCH_SOAK_TRACE=<seconds>).
+"""`feed serve` instrumented for a soak: its live objects counted by type on a signal, and with
+BENCH_SOAK_TRACE=<seconds> a memory trace.
 
     python -m bench.soak_node <report file> serve --config ... (started by bench.soak)
 
-Runs the feed's own command line in this process, and a thread that every BENCH_SOAK_TRACE
-seconds appends to the report what grew since the first trace (tracemalloc, by line, with
-BENCH_SOAK_FRAMES frames of traceback for the largest) and the live objects by type that grew
-(gc.get_objects): where a slow leak's memory comes from. The trace slows the feed by about a
-third; read the soak's figures from a run without it.
+Runs the feed's own command line in this process. On SIGUSR2 it appends one line of JSON to
+`<report file>.types`: the live objects by type (gc.get_objects, after a collection), which
+bench.soak asks for before the first client and again once every client has left and the
+grace has passed: a type with more objects the second time, in proportion to the clients that
+came and went, is what a client leaves behind. With BENCH_SOAK_TRACE, a thread appends to the
+report every that many seconds what grew since the first trace (tracemalloc, by line, with
+BENCH_SOAK_FRAMES frames of traceback each) and the objects by type that grew: where a slow
+leak's memory comes from. The trace slows the feed by about a third and inflates its RSS; read
+the soak's figures from a run without it.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
+import signal
 import sys
 import threading
 import time
 import tracemalloc
 from collections import Counter
+from types import FrameType
 
 
 def types() -> Counter[str]:
@@ -49,10 +58,24 @@ def trace(path: str, every: float, frames: int) -> None:
 
 def main() -> None:
     path, argv = sys.argv[1], sys.argv[2:]
-    frames = int(os.environ.get("BENCH_SOAK_FRAMES", "1"))
-    tracemalloc.start(max(1, frames))
-    every = float(os.environ.get("BENCH_SOAK_TRACE", "60"))
-    threading.Thread(target=trace, args=(path, every, frames), daemon=True).start()
+
+    def count_types(signum: int, frame: FrameType | None) -> None:
+        gc.collect()
+        counted = types()
+        # Timers by what they will call (asyncio's and uvloop's TimerHandle): a timer per
+        # client that outlives the client shows as `timer <callback>`.
+        for o in gc.get_objects():
+            if type(o).__name__ == "TimerHandle" and not o.cancelled():
+                counted["timer " + re.sub(r" at 0x[0-9a-f]+|when=[0-9.]+ ", "", repr(o))[:120]] += 1
+        with open(path + ".types", "a") as out:
+            out.write(json.dumps(counted) + "\n")
+
+    signal.signal(signal.SIGUSR2, count_types)
+    if os.environ.get("BENCH_SOAK_TRACE"):
+        frames = int(os.environ.get("BENCH_SOAK_FRAMES", "1"))
+        tracemalloc.start(max(1, frames))
+        every = float(os.environ["BENCH_SOAK_TRACE"])
+        threading.Thread(target=trace, args=(path, every, frames), daemon=True).start()
     from feed.app.cli import main as feed_main
 
     sys.exit(feed_main(argv))
