@@ -16,11 +16,14 @@ Every `--every` seconds it samples each node's RSS, open file descriptors and, f
 asyncio tasks (`feed_tasks`), rooms by kind, clients, subscriptions and TCP connections; the
 journal's rows and bytes, the positions table's bytes and the database's connections; with
 `--cluster`, the keys under the prefix, their bytes (MEMORY USAGE) and the prefix's pub/sub
-channels. After the warm-up it
-prints each series' first and last value, its range, and its growth per minute over the whole
-measured window and over its second half: a series still growing in the second half, at the
-same rate, is the one to look into. Figures are reported, not judged: on a shared 2-core
-machine they move with the neighbours; a leak shows as a trend that does not level off.
+channels. After the warm-up it prints each series' first and last value, its range, and its
+growth per minute over the whole measured window and over its second half: a series still
+growing in the second half, at the same rate, is the one to look into. Then a sample from
+before the first client and one from once every client has left and its rooms have expired
+(in a cluster, with the keys left under the prefix by kind, and a row or filter room's with
+its TTL): what a node still holds then, past what it held before, is what clients left behind.
+Figures are reported, not judged: on a shared 2-core machine they move with the neighbours; a
+leak shows as a trend that does not level off.
 """
 
 from __future__ import annotations
@@ -292,6 +295,24 @@ async def settled(
         await asyncio.sleep(1)
 
 
+async def key_kinds(redis: Any, prefix: str) -> dict[str, int]:
+    """The keys under the prefix by kind: a room's `meta` and `history` by its kind of room
+    (`target`, `row`, `filter`), the rest by their name less the prefix."""
+    kinds: Counter[str] = Counter()
+    async for raw in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        key = raw.decode(errors="replace").removeprefix(prefix + ":")
+        if key.startswith("room:"):
+            room, _, suffix = key.removeprefix("room:").rpartition(":")
+            kind = "filter" if "?" in room else "row" if room.count(":") > 1 else "target"
+            kinds[f"{kind} room {suffix}"] += 1
+            if kind != "target":  # left behind for how long: its TTL, in whole hours
+                hours = max(0, await redis.pttl(raw)) // 3_600_000
+                kinds[f"{kind} room {suffix} expiring within {hours + 1} h"] += 1
+        else:
+            kinds[key] += 1
+    return dict(kinds)
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 
@@ -439,11 +460,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             # What the nodes hold once everyone has left and the grace has passed.
             left = time.monotonic()
             if redis is not None:  # a room's registration outlives its last member by the
-                # grace and three refreshes (lease / 4 each, 10 s by default: feed.engine), and
-                # the reader drops its route at its next re-read of the registry
-                await asyncio.sleep(args.grace + 4 * 2.5 + 2)
+                # grace and three refreshes after the last one (lease / 4 each, 2.5 s by
+                # default: feed.engine), and the reader drops it, its route and its keys at its
+                # next re-read of the registry
+                await asyncio.sleep(args.grace + 5 * 2.5 + 3)
             after = await settled(http, nodes, conn, redis, prefix, args.grace + 60)
             after["seconds_to_settle"] = round(time.monotonic() - left, 1)
+            keys_left = await key_kinds(redis, prefix) if redis is not None else {}
             objects_grown = {
                 node.name: grown(before, await node.count_objects())
                 for node, before in zip(nodes, objects, strict=False)
@@ -462,6 +485,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "before_clients": before,
             "after_clients_left": after,
             "objects_grown": objects_grown,
+            "redis_keys_left": keys_left,
             "log_lines": {n.name: log_summary(n.log) for n in nodes},
             "samples": {"t": samples.times, **samples.series},
         }
@@ -519,6 +543,11 @@ def report(result: dict[str, Any]) -> str:
         "clients: " + ", ".join(f"{k} {v}" for k, v in sorted(result["clients"].items())),
         "node logs: " + json.dumps(result["log_lines"]),
     ]
+    if result["redis_keys_left"]:
+        lines.append(
+            "Redis keys under the prefix once the clients left: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(result["redis_keys_left"].items()))
+        )
     for name, more in result["objects_grown"].items():
         lines.append(
             f"{name}: live objects by type, more than before the first client: "
