@@ -47,6 +47,11 @@ class JournalStats:
     oldest_age: float  # seconds since the oldest row still in the journal was written
     undelivered_age: float  # seconds since the oldest change this consumer has not delivered
     stale_consumers: list[str]  # positions older than the journal's oldest row's age, not ours
+    autovacuum: bool = True
+    """Whether autovacuum looks after the journal (on for the server, its statistics collected,
+    and not switched off for the table): where it does not, the feed vacuums it itself."""
+    may_vacuum: bool = True
+    """Whether this role may VACUUM the journal (its owner, the database's, or a superuser)."""
 
 
 def trigger_names(schema: str) -> tuple[str, str]:
@@ -217,7 +222,19 @@ async def journal_stats(
                        WHERE k.name = $1
                          AND j.xid >= pg_snapshot_xmin(k.snapshot::pg_snapshot)
                          AND NOT pg_visible_in_snapshot(j.xid, k.snapshot::pg_snapshot)
-                   )) AS undelivered""",
+                   )) AS undelivered,
+                   current_setting('autovacuum')::bool AND current_setting('track_counts')::bool
+                     AND coalesce((SELECT option_value::bool FROM pg_class c,
+                                     pg_options_to_table(c.reloptions)
+                                   WHERE c.oid = to_regclass($2)
+                                     AND option_name = 'autovacuum_enabled'), true)
+                     AS autovacuum,
+                   (SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c
+                    WHERE c.oid = to_regclass($2))
+                     OR (SELECT pg_has_role(d.datdba, 'USAGE') FROM pg_database d
+                         WHERE d.datname = current_database())
+                     OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                     AS may_vacuum""",
         consumer,
         f"{q}.journal",
         timeout=query_timeout,
@@ -235,6 +252,8 @@ async def journal_stats(
         oldest_age=float(row["oldest"] or 0.0),
         undelivered_age=float(row["undelivered"] or 0.0),
         stale_consumers=[r["name"] for r in stale],
+        autovacuum=bool(row["autovacuum"]),
+        may_vacuum=bool(row["may_vacuum"]),
     )
 
 

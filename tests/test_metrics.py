@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 
 import aiohttp
@@ -55,3 +57,36 @@ async def test_replay_evictions_stay_counted_when_their_room_expires() -> None:
             what="the filter room to expire",
         )
         assert await evictions() >= before
+
+
+async def test_task_count_returns_to_its_level_after_clients_leave() -> None:
+    """`feed_tasks` is what an operator (and `python -m bench.soak`) watches for a task leak:
+    it rises with clients, their catch-ups and snapshots, and once they have left and their
+    rooms' grace has passed it is back where it was."""
+    async with running_feed(BASE) as feed, aiohttp.ClientSession() as http:
+        db = source(feed)
+        for n in range(20):
+            db.write("public.orders", "insert", {"id": n, "status": "paid"})
+
+        async def tasks() -> int:
+            async with http.get(feed.url + "/metrics") as response:
+                text = await response.text()
+            found = re.search(r"^feed_tasks (\d+)$", text, re.M)
+            assert found, text
+            return int(found.group(1))
+
+        before = await tasks()
+        async with contextlib.AsyncExitStack() as stack:
+            for n in range(5):
+                client = await stack.enter_async_context(feed_client(feed.url))
+                ack = await client.subscribe(
+                    "mem:public.orders", filter=f"id=gte.{n}", snapshot=True
+                )
+                assert ack["ok"], ack
+            assert await tasks() > before  # the clients' connections are tasks of the server
+        await wait_until(lambda: not feed.hub.clients, what="the clients to be gone")
+        level = await tasks()
+        async with asyncio.timeout(10):  # the grace is 0.2 s; a leftover task never ends
+            while level > before:
+                await asyncio.sleep(0.05)
+                level = await tasks()

@@ -29,6 +29,7 @@ from feed.delivery.manager import IndexedManager
 from feed.delivery.protocol import SubscribeRequest, error_ack, unsubscribe_room
 from feed.delivery.transport import SocketIOTransport
 from feed.errors import ConfigError, ProtocolError
+from feed.metrics import Labels
 from feed.routing.hub import Hub
 from feed.security.access import Authorizer
 from feed.security.auth import (
@@ -86,6 +87,13 @@ class Session:
     refused: int = 0
     """Requests refused `rate_limited` since the last one taken: a client that ignores the
     answer for `FLOOD_STRIKES` of them is flooding, and its connection is ended."""
+
+
+def _task_gauge() -> Iterator[tuple[str, Labels, float]]:
+    """Read at scrape time: a count that climbs while clients come and go is a task leak (a
+    catch-up, a snapshot or a timer left behind by a client that left), which `python -m
+    bench.soak` watches for."""
+    yield "feed_tasks", (), float(len(asyncio.all_tasks()))
 
 
 class FeedApp:
@@ -355,6 +363,8 @@ class FeedApp:
         m.describe("feed_auth_expired_total", "counter", "Connections ended by token expiry")
         m.describe("feed_slow_clients_cut_total", "counter", "Clients cut off for not reading")
         m.counter("feed_slow_clients_cut_total")  # 0 from the start, for `increase()` (hub.py)
+        m.describe("feed_tasks", "gauge", "asyncio tasks alive in the server process")
+        m.gauges(_task_gauge)
 
     def _session(self, sid: str) -> Session:
         session = self.sessions.get(sid)
