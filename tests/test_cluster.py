@@ -157,6 +157,119 @@ async def test_a_room_its_node_dropped_leaves_the_readers_routing_soon(
         assert change["room"] == names[0] and change["seq"] == 1
 
 
+async def test_the_keys_of_filter_rooms_nobody_follows_do_not_pile_up_in_redis(
+    redis_target: RedisTarget,
+) -> None:
+    """A client churns distinct filter rooms on one node while changes flow. Each room its node
+    drops goes from the reader's routing with its numbering and history (scripts.LIVE); but a
+    batch the reader had routed before that and published after made them again ("new room"),
+    kept for `room_ttl` (24 h by default): a probe left 7,878 of 9,000 churned rooms' keys in
+    Redis. Once the churn stops and the graces pass, no key of those rooms stays."""
+    config = (
+        cluster_config(redis_target.url, redis_target.prefix).replace(
+            "filter_room_grace = 0.5", "filter_room_grace = 0.2"
+        )
+        + "\n[limits]\nsubscribe_rate = 10000\nsubscribe_burst = 10000\n"
+    )
+    admin = redis_target.admin
+    pattern = f"{redis_target.prefix.rstrip(':')}:room:*neq*"
+
+    async def churned_keys() -> list[bytes]:
+        return [key async for key in admin.scan_iter(match=pattern, count=1000)]
+
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, config)
+        writing = True
+
+        async def write() -> None:
+            n = 0
+            while writing:
+                n += 1
+                memory(reader).write("public.orders", "insert", {"id": 1000 + n})
+                await asyncio.sleep(0.002)
+
+        writer = asyncio.create_task(write())
+        names: set[str] = set()
+        try:
+            async with feed_client(other.url) as churner:
+                deadline = time.monotonic() + 6
+                i = 0
+                while time.monotonic() < deadline:
+                    ack = await subscribed(churner, "mem:public.orders", filter=f"id=neq.{i}")
+                    names.add(ack["room"])
+                    left = await churner.call("unsubscribe", {"room": ack["room"]})
+                    assert left["ok"], left
+                    i += 1
+            assert len(names) > 50
+            await wait_until(
+                lambda: not any(n in other.hub.rooms for n in names), 10, "the rooms dropped"
+            )
+            await wait_until(
+                lambda: not any(routes(reader.engine, n) for n in names),
+                10,
+                "the reader to route none of them",
+            )
+        finally:
+            writing = False
+            await writer
+        # Three refresh periods more (lease 1 s: 0.25 s each) and they are gone from Redis.
+        deadline = time.monotonic() + 5
+        left = await churned_keys()
+        while left and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            left = await churned_keys()
+        assert left == [], f"{len(left)} keys of {len(names)} churned rooms stayed"
+
+
+async def test_keys_a_publish_makes_for_a_dropped_room_lapse_unless_a_node_follows_it(
+    redis_target: RedisTarget,
+) -> None:
+    """The publish script's side of the test above, step by step: a filter room neither
+    numbered nor registered (dropped while the batch was under way) is published with keys
+    kept only `lapse` ms; a target room, or a filter room a node registers again, keeps the
+    full ttl, then and at every later publish."""
+    admin = redis_target.admin
+    p = redis_target.prefix.rstrip(":")
+    fence, seen, live, registry = f"{p}:fence:mem", f"{p}:seen:mem", f"{p}:live:mem", f"{p}:reg"
+    await admin.set(fence, "1:t")
+    ttl, lapse = 86_400_000, 750
+
+    def keys(room: str) -> list[str]:
+        return [f"{p}:room:{room}:meta", f"{p}:room:{room}:history"]
+
+    async def publish(change: str, room: str, flag: str) -> None:
+        await admin.eval(
+            scripts.PUBLISH, 5, fence, seen, live, *keys(room),
+            "1:t", 50, "e", ttl, 1, 100, 1, 1, 1_000_000, lapse, flag, f"{p}:room:",
+            f"{p}:room:{room}:live", change, 1, 1, 1, '{"x":1}',
+        )  # fmt: skip
+
+    async def ttls(room: str) -> list[int]:
+        return [await admin.pttl(k) for k in keys(room)]
+
+    await publish("c1", "mem:public.orders?id=neq.1", "1")
+    assert all(0 < t <= lapse for t in await ttls("mem:public.orders?id=neq.1"))
+    await publish("c2", "mem:public.orders", "0")
+    assert all(t > lapse for t in await ttls("mem:public.orders"))
+    # A node follows the dropped room again: it keeps its numbering, with the full ttl.
+    room = "mem:public.orders?id=neq.1"
+    await admin.eval(
+        scripts.REGISTER, 4, registry, live, *keys(room),
+        room, '{"name":"x"}', 10_000, "e2", ttl, f"{p}:control",
+    )  # fmt: skip
+    assert all(t > lapse for t in await ttls(room))
+    await publish("c3", room, "1")
+    assert all(t > lapse for t in await ttls(room))
+    assert await admin.hget(keys(room)[0], "seq") == b"2"
+    # Or a node still following it refreshes it (it was late, and the reader dropped it).
+    late = "mem:public.orders?id=neq.2"
+    await publish("c4", late, "1")
+    await admin.eval(scripts.REFRESH, 4, registry, live, *keys(late), 10_000, ttl, late, 1)
+    assert all(t > lapse for t in await ttls(late))
+    await publish("c5", late, "1")
+    assert all(t > lapse for t in await ttls(late))
+
+
 async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
     redis_target: RedisTarget,
 ) -> None:

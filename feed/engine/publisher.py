@@ -63,8 +63,9 @@ class Publisher(RoomRegistry):
         read them, routed against the rooms known now."""
         name = connector.name
         slots: dict[str, int] = {}
-        keys: list[str] = [self.fence_key(name), self.seen_key(name)]
+        keys: list[str] = [self.fence_key(name), self.seen_key(name), self.live_key(name)]
         channels: list[str] = []
+        flags: list[str] = []
         per_change: list[Any] = []
         routed: list[list[Routed]] = []
         first = self._published
@@ -80,6 +81,7 @@ class Publisher(RoomRegistry):
                     slot = slots[room.name] = len(slots) + 1
                     keys += [self.meta_key(room.name), self.stream_key(room.name)]
                     channels.append(self.channel(room.name))
+                    flags.append("1" if room.key is not None or room.filter is not None else "0")
                 left = (room.key is not None or room.filter is not None) and leaves(
                     room.key, room.filter, change
                 )
@@ -107,6 +109,9 @@ class Publisher(RoomRegistry):
             len(slots),
             len(changes),
             PUBLISHED_BYTES,
+            int(3 * self.refresh * 1000),
+            "".join(flags),
+            self.meta_key("").removesuffix(":meta"),
             *channels,
             *per_change,
         ]

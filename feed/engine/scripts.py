@@ -71,17 +71,24 @@ return 0
 
 PUBLISH = """
 -- A batch of changes (what the connector had ready at once), in order, in one call.
--- KEYS: fence, seen (zset of recent change ids), then (meta, stream) per distinct room.
+-- KEYS: fence, seen (zset of recent change ids), live (the connector's registered rooms), then
+--       (meta, stream) per distinct room.
 -- ARGV: token, history, candidate epoch, ttl ms, trim (1: trim seen and refresh ttls), ids kept,
---       room count R, change count N, bytes of payloads the call may publish, then R channels,
---       then per change: its id, its number at this reader (the token's count * 2^32 + changes
---       published: increasing across readers), its room count k, and k (room index, payload)
---       pairs.
+--       room count R, change count N, bytes of payloads the call may publish, lapse ms, R flags
+--       ('1' per row or filter room, else '0', in one string), the prefix of room keys
+--       ('<prefix>:room:'), then R channels, then per change: its id, its number at this reader
+--       (the token's count * 2^32 + changes published: increasing across readers), its room
+--       count k, and k (room index, payload) pairs.
 -- Returns, per change and per room of it, the room's seq (0 for a change published already:
 -- a new reader re-reads from the connector's last saved position, which may be a little behind
 -- what the old one published). A stale token is refused before anything is written.
 -- Commands: per call GET, ZADD, and per room HMGET, HSET, PUBLISH (one message carries the
 -- room's whole run of the batch); per change and room one XADD (docs/scaling.md counts them).
+-- A row or filter room whose numbering is missing and that is not in `live` was dropped (by
+-- LIVE, as nobody follows it) after the reader routed this batch: it is still published (a
+-- node may yet follow it, and hears of its new epoch), but its keys are marked 'lapse' and
+-- kept only `lapse` ms unless a node registers or refreshes it (which clears the mark); they
+-- stayed `ttl` (24 h by default) before, for every room dropped while a batch was under way.
 local fence = redis.call('GET', KEYS[1])
 if fence ~= ARGV[1] then
   if not fence then
@@ -92,7 +99,7 @@ if fence ~= ARGV[1] then
 end
 local rooms, n = tonumber(ARGV[7]), tonumber(ARGV[8])
 local changes, zadd = {}, {}
-local at = 10 + rooms
+local at = 13 + rooms
 for c = 1, n do
   local k = tonumber(ARGV[at + 2])
   changes[c] = {at, k}
@@ -118,7 +125,7 @@ if trim then
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
-local epochs, first, seqs, runs, sizes, remade = {}, {}, {}, {}, {}, {}
+local epochs, first, seqs, runs, sizes, remade, lapsing = {}, {}, {}, {}, {}, {}, {}
 local out = {}
 -- A room's first entry of the call goes in with NOMKSTREAM, which says when its history is
 -- gone: a history that expired before its numbering (registering refreshes only the numbering)
@@ -158,16 +165,21 @@ for c = 1, n do
     if not fresh[c] then
       out[#out + 1] = 0
     else
-      local meta, stream = KEYS[2 * r + 1], KEYS[2 * r + 2]
+      local meta, stream = KEYS[2 * r + 2], KEYS[2 * r + 3]
       if not epochs[r] then
-        local v = redis.call('HMGET', meta, 'epoch', 'seq')
+        local v = redis.call('HMGET', meta, 'epoch', 'seq', 'lapse')
         if not v[1] then
           -- New room, or Redis lost it: a new epoch, and no history that could contradict it.
           epochs[r], seqs[r] = ARGV[3], 0
           redis.call('DEL', stream)
           redis.call('HSET', meta, 'epoch', ARGV[3])
+          local name = string.sub(meta, #ARGV[12] + 1, -6)
+          if string.byte(ARGV[11], r) == 49 and not redis.call('ZSCORE', KEYS[3], name) then
+            lapsing[r] = true
+            redis.call('HSET', meta, 'lapse', 1)
+          end
         else
-          epochs[r], seqs[r] = v[1], tonumber(v[2] or '0')
+          epochs[r], seqs[r], lapsing[r] = v[1], tonumber(v[2] or '0'), v[3] ~= false
         end
         first[r], runs[r], sizes[r] = seqs[r] + 1, {}, 0
       end
@@ -184,11 +196,12 @@ end
 local budget = tonumber(ARGV[9])
 for r = 1, rooms do
   if epochs[r] then
-    local meta, stream = KEYS[2 * r + 1], KEYS[2 * r + 2]
+    local meta, stream = KEYS[2 * r + 2], KEYS[2 * r + 3]
     redis.call('HSET', meta, 'seq', seqs[r])
     if trim or remade[r] or math.floor((first[r] - 2) / 64) ~= math.floor((seqs[r] - 1) / 64) then
-      redis.call('PEXPIRE', meta, ARGV[4])
-      redis.call('PEXPIRE', stream, ARGV[4])
+      local ttl = lapsing[r] and ARGV[10] or ARGV[4]
+      redis.call('PEXPIRE', meta, ttl)
+      redis.call('PEXPIRE', stream, ttl)
     end
     -- One message for the room's run: its first seq, the epoch, then one payload a line
     -- (JSON payloads hold no raw newline). Everything a call publishes sits whole in each
@@ -197,11 +210,11 @@ for r = 1, rooms do
     -- as a reference instead ('ref', its first and last seq, the epoch), and the nodes read
     -- it from the history the call just wrote (feed.engine.delivery).
     if sizes[r] > budget then
-      redis.call('PUBLISH', ARGV[9 + r],
+      redis.call('PUBLISH', ARGV[12 + r],
         'ref\\n' .. first[r] .. '\\n' .. seqs[r] .. '\\n' .. epochs[r])
     else
       budget = budget - sizes[r]
-      redis.call('PUBLISH', ARGV[9 + r],
+      redis.call('PUBLISH', ARGV[12 + r],
         first[r] .. '\\n' .. epochs[r] .. '\\n' .. table.concat(runs[r], '\\n'))
     end
   end
@@ -232,6 +245,9 @@ redis.call('ZADD', KEYS[2], 'GT', now_ms + tonumber(ARGV[3]), ARGV[1])
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[4]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
   redis.call('DEL', KEYS[4])
+elseif redis.call('HDEL', KEYS[3], 'lapse') == 1 then
+  -- Made by a publish after it was dropped (PUBLISH): followed again, it keeps the full ttl.
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[6], '{"t":"room","spec":' .. ARGV[2] .. '}')
@@ -256,6 +272,7 @@ for i = 1, (#ARGV - 2) / 2 do
   if ARGV[2 + 2 * i] == '1' then
     if not redis.call('ZSCORE', live, name) then
       missing[#missing + 1] = name
+      redis.call('HDEL', KEYS[1 + 2 * i], 'lapse')  -- followed: the full ttl (PUBLISH)
     end
     redis.call('ZADD', live, 'GT', expiry, name)
   end
