@@ -270,6 +270,29 @@ async def test_keys_a_publish_makes_for_a_dropped_room_lapse_unless_a_node_follo
     assert all(t > lapse for t in await ttls(late))
 
 
+async def test_a_gap_for_a_room_whose_keys_are_gone_makes_no_key_that_never_expires(
+    redis_target: RedisTarget,
+) -> None:
+    """The gap script marks each room's history as untrustworthy in its meta. For a room whose
+    keys were just dropped (LIVE deleted them while the reader still routed it) that used to
+    make a meta hash holding only the mark, with no expiry: a key left in Redis for good. The
+    nodes are still told (the notice is published); a room with keys keeps its mark and ttl."""
+    admin = redis_target.admin
+    p = redis_target.prefix.rstrip(":")
+    gone, kept = f"{p}:room:mem:gone:meta", f"{p}:room:mem:kept:meta"
+    await admin.hset(kept, mapping={"epoch": "e", "seq": "7"})
+    await admin.pexpire(kept, 60_000)
+    async with admin.pubsub() as pubsub:
+        await pubsub.subscribe(f"{p}:gone")
+        assert await pubsub.get_message(timeout=5) is not None  # the subscribe's answer
+        await admin.eval(scripts.GAP, 2, gone, kept, "why", f"{p}:gone", f"{p}:kept")
+        notice = await pubsub.get_message(timeout=5)
+    assert notice is not None and notice["data"] == b"gap\n0\nwhy"
+    assert await admin.exists(gone) == 0
+    assert await admin.hget(kept, "gap") == b"7"
+    assert 0 < await admin.pttl(kept) <= 60_000
+
+
 async def test_a_row_leaving_a_filter_room_followed_on_another_node_says_left(
     redis_target: RedisTarget,
 ) -> None:

@@ -329,10 +329,14 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms, '+inf')
 
 GAP = """
 -- KEYS: meta per room. ARGV: body, then a channel per room.
--- Marks every room's history as untrustworthy up to its current seq and tells the nodes.
+-- Marks every room's history as untrustworthy up to its current seq and tells the nodes. A
+-- room whose keys are gone (LIVE dropped it while the reader still routed it) gets no mark: an
+-- HSET would make a meta of the mark alone, with no expiry, left in Redis for good.
 for i = 1, #KEYS do
   local seq = redis.call('HGET', KEYS[i], 'seq') or '0'
-  redis.call('HSET', KEYS[i], 'gap', seq)
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('HSET', KEYS[i], 'gap', seq)
+  end
   redis.call('PUBLISH', ARGV[i + 1], 'gap\\n' .. seq .. '\\n' .. ARGV[1])
 end
 return #KEYS
