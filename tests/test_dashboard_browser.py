@@ -31,7 +31,14 @@ from tests.conftest import MEMORY_CONFIG
 from tests.postgres_helpers import TcpProxy
 from tests.support import postgres as pg_support
 from tests.support.postgres import PgDatabase
-from tests.support.server import WAIT, RunningFeed, listening_socket, port_of, running_feed
+from tests.support.server import (
+    WAIT,
+    RunningFeed,
+    feed_client,
+    listening_socket,
+    port_of,
+    running_feed,
+)
 from tests.support.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -905,6 +912,50 @@ async def test_a_subscription_refused_to_one_token_is_asked_again_with_the_next(
             await page.get_by_role("button", name="Connect").click()
             await expect(item).to_have_attribute("data-status", "live")
             source(feed).write("public.audit", "insert", {"id": 1})
+            await expect(rows(page)).to_have_count(1)
+        finally:
+            await context.close()
+
+
+@pytest.mark.parametrize("how", ["retry now", "by itself"])
+async def test_a_not_now_refusal_is_tried_again_and_the_subscriptions_go_live(
+    browser: Browser, console: Console, how: str
+) -> None:
+    """`too_many_connections` says "not now": the page said "Refused by the server" and waited
+    for ever (no Retry; a reload was the only way). It now tries again after a wait it counts
+    down, longer each time, and Retry now tries at once."""
+    config = token_config() + "[limits]\nconnections_per_identity = 1\n"
+    async with running_feed(config) as feed:
+        context = await browser.new_context()
+        context.set_default_timeout(EXPECT_MS)
+        page = await context.new_page()
+        page.on("console", console.on_console)
+        page.on("pageerror", console.on_page_error)
+        try:
+            async with feed_client(feed.url, auth={"token": TOKENS["ops"]}):  # the one slot
+                await page.goto(f"{feed.url}/?room=mem:public.orders")
+                await page.get_by_label("Access token", exact=True).fill(TOKENS["ops"])
+                await page.get_by_role("button", name="Connect").click()
+                line = page.locator("#connection")
+                await expect(line).to_have_attribute("data-state", "refused")
+                await expect(line).to_contain_text("already holds 1 connections")
+                countdown = page.locator("#retry-in")
+                await expect(countdown).to_have_text(re.compile(r"Trying again in [12] s"))
+                retry = page.get_by_role("button", name="Retry now")
+                await expect(retry).to_be_visible()
+                # Tried again by itself, refused again: the next wait is longer.
+                await expect(countdown).to_have_text(re.compile(r"Trying again in [34] s"))
+                item = subscription(page, "mem:public.orders")
+                await expect(item).not_to_have_attribute("data-status", "live")
+            await wait_until(lambda: feed.app.connections.counts == {}, what="the slot freed")
+            if how == "retry now":
+                await retry.click()
+            item = subscription(page, "mem:public.orders")
+            await expect(item).to_have_attribute("data-status", "live")
+            await expect(line).to_have_attribute("data-state", "connected")
+            await expect(retry).to_be_hidden()
+            await expect(countdown).to_be_hidden()
+            source(feed).write("public.orders", "insert", {"id": 1})
             await expect(rows(page)).to_have_count(1)
         finally:
             await context.close()

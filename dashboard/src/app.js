@@ -30,6 +30,12 @@ const VALUE_SHOWN = 10000;
 // at 10,000 rows), so under a flood of changes a longer table stalled the page for seconds.
 const MAX_ROWS_LIMIT = 2000;
 const KEY_SHOWN = 500;
+// A refusal that says "not now" (the identity holds its most connections, the server is at its
+// connection limit) is tried again after this many seconds, doubled each time it is refused again.
+const RETRY_FIRST_S = 2;
+const RETRY_MAX_S = 60;
+// Those refusals, from the server (Socket.IO) or from the client library (HTTP 503).
+const NOT_NOW = new Set(["too_many_connections", "server_busy"]);
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -49,6 +55,7 @@ const state = {
   everConnected: false,
   resuming: false, // connected again, some subscriptions not yet answered
   identityChanged: false, // a token was given or forgotten: refusals may not hold for the new one
+  retry: { timer: null, at: 0, refusals: 0 }, // the next try after a "not now" refusal
   metrics: { mode: "source", last: null, timer: null, received: new Map() },
 };
 
@@ -92,6 +99,8 @@ function setConnection(kind, text) {
 }
 
 function onConnect() {
+  stopRetrying();
+  state.retry.refusals = 0;
   const again = state.everConnected;
   state.everConnected = true;
   state.resuming = again;
@@ -135,13 +144,47 @@ function onFeedError(error) {
     if (error.code === "token_expired") setConnection("auth", error.message || "The token expired");
     return; // otherwise a failed refresh, say: the connection goes on
   }
-  // The server refused this connection: retrying with the same credentials would not help.
-  if (isAuthRefusal(error)) {
+  stopRetrying();
+  if (NOT_NOW.has(error.code)) {
+    setConnection("refused", `Refused by the server: ${error.message}`);
+    retryLater();
+  } else if (isAuthRefusal(error)) {
+    // The server refused this connection: retrying with the same credentials would not help.
     setConnection("auth", "Access token needed");
     askForToken(error.message);
   } else {
     setConnection("refused", `Refused by the server: ${error.message}`);
   }
+}
+
+// The client library is told not to retry refusals (retryRefused: false), so that a refused token
+// waits for the user; a "not now" one is tried again here, where the page can show when.
+function retryLater() {
+  const retry = state.retry;
+  retry.refusals += 1;
+  retry.at = Date.now() + Math.min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (retry.refusals - 1)) * 1000;
+  const tick = () => {
+    const left = Math.ceil((retry.at - Date.now()) / 1000);
+    if (left <= 0) retryNow();
+    else $("retry-in").textContent = `Trying again in ${left} s`;
+  };
+  tick();
+  retry.timer = setInterval(tick, 1000);
+  $("retry-in").hidden = false;
+  $("retry-now").hidden = false;
+}
+
+function retryNow() {
+  stopRetrying();
+  setConnection("connecting", "Connecting…");
+  state.feed.reconnect();
+}
+
+function stopRetrying() {
+  clearInterval(state.retry.timer);
+  state.retry.timer = null;
+  $("retry-in").hidden = true;
+  $("retry-now").hidden = true;
 }
 
 let lastRefusal = "";
@@ -165,6 +208,7 @@ function submitToken(event) {
   }
   sessionStorage.setItem(TOKEN_KEY, token);
   state.identityChanged = true;
+  stopRetrying();
   setConnection("connecting", "Connecting with the token…");
   state.feed.reconnect();
 }
@@ -172,6 +216,7 @@ function submitToken(event) {
 function forgetToken() {
   sessionStorage.removeItem(TOKEN_KEY);
   state.identityChanged = true;
+  stopRetrying();
   $("forget-token").hidden = true;
   state.feed.reconnect(true);
 }
@@ -969,6 +1014,7 @@ function start() {
   $("token-form").addEventListener("submit", submitToken);
   $("forget-token").addEventListener("click", forgetToken);
   $("enter-token").addEventListener("click", () => askForToken(lastRefusal));
+  $("retry-now").addEventListener("click", retryNow);
   const rows = $("change-rows");
   rows.addEventListener("click", (event) => select(event.target.closest("tr"), true));
   rows.addEventListener("keydown", onTableKey);
