@@ -9,6 +9,7 @@ limit. A real Redis, the real server, a real Socket.IO client.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -153,3 +154,70 @@ row_filter = "value.tenant=eq.{{tenant}}"
     assert ack["ok"], ack
     assert sorted(ack["snapshot_keys"]) == sorted(t.key(f"user:{n}") for n in PRO)
     assert ack["snapshot_truncated"] is False
+
+
+def streams_config(t: RedisTarget, limit: int, connector: str = "") -> str:
+    return f"""
+[server]
+snapshot_limit = {limit}
+
+[[connectors]]
+name = "events"
+type = "redis"
+url = "{t.url}"
+mode = "streams"
+patterns = ["{t.key("orders")}"]
+start = "earliest"
+offsets_key = "{t.key("offsets")}"
+health_check_interval = 0.5
+{connector}
+"""
+
+
+async def orders(t: RedisTarget, total: int, pro: set[int]) -> None:
+    """`total` entries in the stream `orders`, field `n` numbering them; those in `pro` with
+    plan pro, the others free. Written before the feed starts: it reads from the start."""
+    pipe = t.admin.pipeline(transaction=False)
+    for n in range(total):
+        pipe.xadd(t.key("orders"), {"n": str(n), "plan": "pro" if n in pro else "free"})
+    await pipe.execute()
+
+
+async def streams_snapshot(t: RedisTarget, config: str) -> dict[str, Any]:
+    async with running_feed(config) as feed:
+        async with asyncio.timeout(WAIT):
+            while feed.hub.connectors["events"].status.state.value != "up":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        async with feed_client(feed.url) as client:
+            return await client.subscribe(
+                f"events:{t.key('orders')}", filter="plan=eq.pro", snapshot=True
+            )
+
+
+@pytest.mark.parametrize("key_field", [False, True], ids=["entries", "key_field"])
+async def test_a_filtered_stream_snapshot_counts_only_the_rows_it_keeps(
+    redis_target: RedisTarget, key_field: bool
+) -> None:
+    """Streams mode read the newest `snapshot_limit` + 1 entries (with `key_field`: cut the
+    current rows at the limit) before the filter, so the older pro entries were missing."""
+    t = redis_target
+    await orders(t, 3000, PRO)
+    extra = 'key_field = "n"' if key_field else ""
+    ack = await streams_snapshot(t, streams_config(t, 1000, extra))
+    assert ack["ok"], ack
+    assert sorted(int(row["n"]) for row in ack["snapshot"]) == sorted(PRO)
+    assert ack["snapshot_truncated"] is False
+    cut = await streams_snapshot(t, streams_config(t, 3, extra))
+    assert [int(row["n"]) for row in cut["snapshot"]] == sorted(PRO)[-3:]  # the newest, in order
+    assert cut["snapshot_truncated"] is True
+
+
+async def test_a_stream_snapshot_stopped_at_the_scan_limit_says_truncated(
+    redis_target: RedisTarget,
+) -> None:
+    t = redis_target
+    await orders(t, 3000, PRO)
+    ack = await streams_snapshot(t, streams_config(t, 1000, "snapshot_scan_limit = 1200"))
+    assert ack["ok"], ack
+    assert sorted(int(row["n"]) for row in ack["snapshot"]) == [1999, 2500, 2998]
+    assert ack["snapshot_truncated"] is True
