@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -210,16 +210,23 @@ class ClusterKeyspaceCapture(KeyspaceCapture):
             return replies
         raise AssertionError("unreachable")
 
-    async def _scan(self, pattern: str, limit: int) -> tuple[list[bytes], bool]:
-        """SCAN every primary (redis-py's cluster scan_iter), bounded as the standalone one."""
-        seen: dict[bytes, None] = {}
+    async def _scan(self, pattern: str) -> AsyncGenerator[list[bytes] | None, None]:
+        """SCAN every primary (redis-py's cluster scan_iter), in batches as the standalone one;
+        `snapshot_scan_limit` counts the matching keys here (scan_iter does not show the rest)."""
+        batch: list[bytes] = []
         examined = 0
-        async for key in self.client.scan_iter(match=pattern, count=1000):
-            examined += 1
-            seen[key if isinstance(key, bytes) else str(key).encode()] = None
-            if len(seen) > limit or examined >= self.owner.snapshot_scan_limit:
-                return list(seen)[: limit + 1], True
-        return list(seen)[: limit + 1], len(seen) > limit
+        async with contextlib.aclosing(self.client.scan_iter(match=pattern, count=1000)) as keys:
+            async for key in keys:
+                examined += 1
+                batch.append(key if isinstance(key, bytes) else str(key).encode())
+                if examined >= self.owner.snapshot_scan_limit:
+                    yield batch
+                    yield None
+                    return
+                if len(batch) >= 1000:
+                    yield batch
+                    batch = []
+        yield batch
 
 
 def slot_groups(streams: Iterable[str]) -> list[list[str]]:

@@ -20,7 +20,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -694,29 +694,11 @@ class KeyspaceCapture:
         """
         try:
             if address.key is not None:
-                keys = [address.key.encode()]
+                key = address.key.encode()
+                rows = await self._rows([key] if await self.client.exists(key) else [], where)
                 truncated = False
-                if not await self.client.exists(keys[0]):
-                    keys = []
             else:
-                keys, truncated = await self._scan(address.target, limit)
-            rows: list[dict[str, Any]] = []
-            for start in range(0, len(keys), 200):
-                chunk = keys[start : start + 200]
-                values = await self.read_values(chunk) if self.owner.fetch_values else {}
-                if not self.owner.fetch_values:
-                    pipe = self.client.pipeline(transaction=False)
-                    for key in chunk:
-                        pipe.type(key)
-                    kinds = await pipe.execute()
-                    values = {
-                        k: KeyValue(t.decode() if isinstance(t, bytes) else t, None)
-                        for k, t in zip(chunk, kinds, strict=True)
-                    }
-                for key in chunk:
-                    row = _row(key, values[key], self.owner.fetch_values)
-                    if row is not None and where(row):
-                        rows.append(row)
+                rows, truncated = await self._scan_rows(address.target, where, limit)
         except RedisError as exc:
             raise self.owner._failure(exc) from None
         shown = rows[:limit]
@@ -724,22 +706,62 @@ class KeyspaceCapture:
         row_keys: list[str | None] = [row["key"] for row in shown]
         return Snapshot(rows=shown, truncated=truncated or len(rows) > limit, keys=row_keys)
 
-    async def _scan(self, pattern: str, limit: int) -> tuple[list[bytes], bool]:
-        """Keys matching `pattern`, deduplicated, stopping after `limit` + 1 keys or
-        `snapshot_scan_limit` keys examined (a SCAN over a huge keyspace must stay bounded)."""
+    async def _scan_rows(
+        self, pattern: str, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The rows `where` keeps among the keys matching `pattern`, once each, and whether the
+        scan was cut: it stops at `limit` + 1 rows kept (`snapshot_limit` counts the room's
+        rows, not the keys met: counting keys cut a filter room short whenever the pattern held
+        more keys than the limit, whoever's they were) or at `snapshot_scan_limit` keys
+        examined (a SCAN over a huge keyspace must stay bounded)."""
+        kept: dict[str, dict[str, Any]] = {}
+        async with contextlib.aclosing(self._scan(pattern)) as batches:
+            async for batch in batches:
+                if batch is None:
+                    return list(kept.values()), True
+                for start in range(0, len(batch), 200):
+                    for row in await self._rows(batch[start : start + 200], where):
+                        kept.setdefault(row["key"], row)  # SCAN may return a key twice
+                        if len(kept) > limit:
+                            return list(kept.values()), True
+        return list(kept.values()), False
+
+    async def _rows(
+        self, keys: list[bytes], where: Callable[[Mapping[str, Any]], bool]
+    ) -> list[dict[str, Any]]:
+        """The rows of `keys` that still exist and that `where` keeps."""
+        if not keys:
+            return []
+        if self.owner.fetch_values:
+            values = await self.read_values(keys)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.type(key)
+            kinds = await pipe.execute()
+            values = {
+                k: KeyValue(t.decode() if isinstance(t, bytes) else t, None)
+                for k, t in zip(keys, kinds, strict=True)
+            }
+        rows = [_row(key, values[key], self.owner.fetch_values) for key in keys]
+        return [row for row in rows if row is not None and where(row)]
+
+    async def _scan(self, pattern: str) -> AsyncGenerator[list[bytes] | None, None]:
+        """Batches of the keys matching `pattern` (SCAN may repeat a key), then None if it
+        stopped at `snapshot_scan_limit` keys examined before SCAN's end. SCAN's COUNT is the
+        keys it walks per call, matching or not: the database's keys are what is examined."""
         assert self.client is not None
-        seen: dict[bytes, None] = {}
         cursor = 0
         examined = 0
         while True:
             cursor, batch = await self.client.scan(cursor, match=pattern, count=1000)
             examined += 1000
-            for key in batch:
-                seen[key if isinstance(key, bytes) else str(key).encode()] = None
+            yield [key if isinstance(key, bytes) else str(key).encode() for key in batch]
             if cursor == 0:
-                return list(seen)[: limit + 1], len(seen) > limit
-            if len(seen) > limit or examined >= self.owner.snapshot_scan_limit:
-                return list(seen)[: limit + 1], True
+                return
+            if examined >= self.owner.snapshot_scan_limit:
+                yield None
+                return
 
 
 def _row(key: bytes, value: KeyValue, with_value: bool) -> dict[str, Any] | None:

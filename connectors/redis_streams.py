@@ -701,26 +701,30 @@ class StreamCapture:
     async def snapshot(
         self, address: RoomAddress, where: Callable[[Mapping[str, Any]], bool], limit: int
     ) -> Snapshot:
-        """The stream's newest `limit` entries (or one entry), exact: `covers` knows which
-        delivered changes they include, because entry ids are positions."""
+        """The stream's newest `limit` entries the room keeps (or one entry), exact: `covers`
+        knows which delivered changes they include, because entry ids are positions.
+
+        `limit` counts the rows the room's filter keeps, not the entries read: reading stops
+        past it or at `snapshot_scan_limit` entries (either way `truncated`)."""
         stream = address.target
         key_field = self.owner.stream_key_field
         try:
             if key_field:
-                entries, truncated = await self._latest_per_key(stream, key_field, address, limit)
+                entries, cut = await self._latest_per_key(stream, key_field, address)
+                newest = max((_text(e[0]) for e in entries), default="0-0", key=parse_id)
             elif address.key is not None:
                 try:
                     entries = await self.client.xrange(stream, address.key, address.key)
                 except ResponseError:  # not an entry id at all: no such row
                     entries = []
-                truncated = False
+                cut = False
+                newest = _text(entries[0][0]) if entries else "0-0"
             else:
-                entries = list(reversed(await self.client.xrevrange(stream, count=limit + 1)))
-                truncated = len(entries) > limit
-                entries = entries[-limit:]
+                entries, cut, newest = await self._newest(stream, where, limit)
         except (RedisError, OSError) as exc:
             raise self.owner._failure(exc) from None
-        high = max((parse_id(_text(e[0])) for e in entries), default=(0, 0))
+        # Every entry read is covered, kept or not: a later change is one past it.
+        high = parse_id(newest)
         # Honour the Snapshot contract: wait until every entry in the rows has been routed.
         async with asyncio.timeout(10):
             while parse_id(self.delivered.get(stream, "0-0")) < high:
@@ -737,19 +741,50 @@ class StreamCapture:
                 # The key its changes carry (`change` above), read the same way.
                 keys.append(entry_key(entry_id, fields, key_field)[0])
         return Snapshot(
-            rows=rows,
+            rows=rows[-limit:],
             covers=lambda c: (
                 c.target == stream and isinstance(c.position, tuple) and c.position[1] <= high
             ),
-            truncated=truncated,
-            keys=keys,
+            truncated=cut or len(rows) > limit,
+            keys=keys[-limit:],
         )
 
+    async def _newest(
+        self, stream: str, where: Callable[[Mapping[str, Any]], bool], limit: int
+    ) -> tuple[list[Any], bool, str]:
+        """The newest entries `where` keeps, at most `limit` + 1 (oldest first), whether reading
+        stopped at `snapshot_scan_limit` entries before the stream's start, and the newest
+        entry id read. Before, the newest `limit` + 1 entries were read and then filtered: a
+        filter room missed its rows whenever the stream held more entries than the limit."""
+        scan = self.owner.snapshot_scan_limit
+        kept: list[Any] = []
+        read = 0
+        newest = "0-0"
+        end = "+"
+        while True:
+            count = min(1000, scan - read)
+            page = await self.client.xrevrange(stream, max=end, count=count)
+            if page and read == 0:
+                newest = _text(page[0][0])
+            read += len(page)
+            for entry in page:
+                fields, b64 = _fields(entry[1])
+                if where(_row(_text(entry[0]), fields, b64)):
+                    kept.append(entry)
+                    if len(kept) > limit:
+                        return kept[::-1], True, newest
+            if len(page) < count:
+                return kept[::-1], False, newest
+            if read >= scan:
+                return kept[::-1], True, newest
+            end = "(" + _text(page[-1][0])
+
     async def _latest_per_key(
-        self, stream: str, key_field: str, address: RoomAddress, limit: int
+        self, stream: str, key_field: str, address: RoomAddress
     ) -> tuple[list[Any], bool]:
         """With `key_field` a stream is a changelog: its current rows are the newest entry per
-        key among the newest `snapshot_scan_limit` entries (oldest key first)."""
+        key among the newest `snapshot_scan_limit` entries (oldest key first), and whether the
+        stream may hold more (the room's filter and `limit` are applied to these rows)."""
         scan = self.owner.snapshot_scan_limit
         newest = await self.client.xrevrange(stream, count=scan)
         wanted = key_field.encode()
@@ -763,8 +798,7 @@ class StreamCapture:
             latest.setdefault(key, entry)
         # A row whose newest entry deletes it is not a current row.
         rows = [e for e in reversed(latest.values()) if entry_op(e[1], op_field) != "delete"]
-        truncated = len(rows) > limit or len(newest) >= scan
-        return rows[-limit:], truncated
+        return rows, len(newest) >= scan
 
 
 OPS = {

@@ -104,6 +104,32 @@ async def test_snapshot_scans_every_primary(cluster: RedisCluster) -> None:
     assert all(rows[k]["value"] == f"v-{k}" for k in keys)
 
 
+async def test_a_filtered_snapshot_counts_only_the_rows_it_keeps(cluster: RedisCluster) -> None:
+    """`snapshot_limit` counts the rows the filter keeps, not the pattern's keys: 5 kept among
+    3,000 on three primaries, with a limit of 10, are all there and not truncated."""
+    kept: list[str] = []
+    for node in cluster.primaries:
+        client = node_client(node)
+        try:
+            pipe = client.pipeline(transaction=False)
+            for n, key in zip(range(1000), cluster.keys_on(node, "c:many:"), strict=False):
+                keep = n in (3, 997) or (node is cluster.primaries[0] and n == 500)
+                pipe.set(key, "pro" if keep else "free")
+                if keep:
+                    kept.append(key)
+            await pipe.execute()
+        finally:
+            await client.aclose()
+    async with connector(cluster, fetch_values=True) as source:
+        address = source.resolve("c:*")
+        assert address is not None
+        whole = await source.snapshot(address, lambda row: row["value"] == "pro", 10)
+        cut = await source.snapshot(address, lambda row: row["value"] == "pro", 4)
+    assert sorted(row["key"] for row in whole.rows) == sorted(kept)
+    assert whole.truncated is False
+    assert len(cut.rows) == 4 and cut.truncated is True
+
+
 async def test_a_primary_dropping_the_subscriber_is_a_gap_then_its_events_flow(
     cluster: RedisCluster,
 ) -> None:
