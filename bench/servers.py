@@ -226,6 +226,23 @@ async def _feed(conn: Connection, config_toml: str) -> None:
         await asyncio.wait_for(task, 15)
 
 
+def change_payload(target: str, room: str, i: int, seq: int) -> dict[str, Any]:
+    """The `i`th change the baselines emit: the shape of the feed's memory connector's."""
+    return {
+        "id": f"mem:{i + 1}",
+        "connector": "mem",
+        "source": "memory",
+        "target": target,
+        "op": "insert",
+        "key": i,
+        "before": None,
+        "after": {"id": i, "t": time.time()},
+        "ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "room": room,
+        "seq": seq,
+    }
+
+
 # -- the raw baseline: `websockets` broadcast, speaking just enough Engine.IO ---------------
 
 
@@ -298,20 +315,7 @@ async def _baseline(conn: Connection, port: int) -> None:
                     target = targets[i % n]
                     room = f"mem:{target}"
                     seq = seqs[room] = seqs.get(room, 0) + 1
-                    now = dt.datetime.now(dt.UTC)
-                    payload = {
-                        "id": f"mem:{i + 1}",
-                        "connector": "mem",
-                        "source": "memory",
-                        "target": target,
-                        "op": "insert",
-                        "key": i,
-                        "before": None,
-                        "after": {"id": i, "t": time.time()},
-                        "ts": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                        "room": room,
-                        "seq": seq,
-                    }
+                    payload = change_payload(target, room, i, seq)
                     text = "42" + json.dumps(["change", payload], separators=(",", ":"))
                     broadcast(rooms.get(room, ()), text)
 
@@ -367,19 +371,7 @@ async def _socketio(conn: Connection, port: int) -> None:
                 target = targets[i % n]
                 room = f"mem:{target}"
                 seq = seqs[room] = seqs.get(room, 0) + 1
-                payload = {
-                    "id": f"mem:{i + 1}",
-                    "connector": "mem",
-                    "source": "memory",
-                    "target": target,
-                    "op": "insert",
-                    "key": i,
-                    "before": None,
-                    "after": {"id": i, "t": time.time()},
-                    "ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                    "room": room,
-                    "seq": seq,
-                }
+                payload = change_payload(target, room, i, seq)
                 emit = asyncio.ensure_future(sio.emit("change", payload, room=room))
                 pending.add(emit)
                 emit.add_done_callback(pending.discard)
