@@ -119,6 +119,10 @@ class RedisEngine(Resume):
             "readers": dict(self.readers),
             "reading": sorted(self._leases),
             **({"config_differs": dict(self.differing)} if self.differing else {}),
+            "format": self.format,
+            **({"format_behind": dict(self.format_behind)} if self.format_behind else {}),
+            **({"older_nodes": dict(self.older_nodes)} if self.older_nodes else {}),
+            **({"nodes_without_format": self.silent_nodes} if self.silent_nodes else {}),
         }
 
     # -- upkeep --------------------------------------------------------------------------------
@@ -135,6 +139,10 @@ class RedisEngine(Resume):
                 for name in list(self._leases):
                     await self._load_index(name)
                     await self._share_status(name)
+                if self._leases:
+                    await self._check_formats()
+                else:  # a reader's concern only
+                    self.older_nodes, self.silent_nodes = {}, 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
