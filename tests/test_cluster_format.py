@@ -36,6 +36,7 @@ from tests.support.cluster import (
 from tests.support.postgres import PgDatabase
 from tests.support.redis import RedisTarget
 from tests.support.server import FeedClient
+from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
@@ -195,3 +196,34 @@ async def test_a_room_message_of_an_unknown_head_is_filled_from_the_history(
         gap = await client.next_gap(10)
         assert (gap["seq"], gap["room"]) == (5, room), gap
         assert "cannot read" in gap["reason"]
+
+
+async def test_a_reader_counts_the_nodes_that_announce_no_format(
+    redis_target: RedisTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node of a build from before the stamp announces nothing, but like every node it
+    subscribes to the control channel: the reader counts the subscribers beyond the nodes that
+    announce a format, says so once, and forgets them once they are gone."""
+    t = redis_target
+    caplog.set_level(logging.INFO, "feed.engine.redis")
+    async with AsyncExitStack() as stack:
+        reader, other = await reader_and_other(stack, cluster_config(t.url, t.prefix))
+        engine = reader.engine
+        assert engine.describe()["format"] == CLUSTER_FORMAT
+        await wait_until(lambda: engine.older_nodes == {}, 10, "a first check")
+        old_build = t.admin.pubsub()  # what an older node's listener does, and nothing else
+        await old_build.subscribe(engine.control)
+        try:
+            await wait_until(lambda: engine.silent_nodes == 1, 10, "the reader to count it")
+            assert engine.describe()["nodes_without_format"] == 1
+            assert other.engine.describe().get("nodes_without_format") is None  # a reader's
+        finally:
+            await old_build.unsubscribe()
+            await old_build.aclose()  # type: ignore[no-untyped-call]
+        await wait_until(lambda: engine.silent_nodes == 0, 10, "the reader to forget it")
+        assert "nodes_without_format" not in engine.describe()
+    lines = [
+        r.getMessage() for r in caplog.records if "announce no cluster format" in r.getMessage()
+    ]
+    assert len(lines) == 1, lines
+    assert "1 node(s) on this cluster announce no cluster format" in lines[0]
