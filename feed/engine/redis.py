@@ -40,6 +40,7 @@ from typing import Any
 
 from feed.engine import ClusterConfig
 from feed.engine.core import log
+from feed.engine.format import CLUSTER_FORMAT
 from feed.engine.resp import Caller, refusal
 from feed.engine.resume import Resume
 from feed.engine.wire import one_line, shown_url
@@ -149,6 +150,19 @@ class RedisEngine(Resume):
                 log.debug("cluster keepalive failed: %s", exc)
 
 
+async def formats(client: Any, prefix: str) -> str:
+    """For `feed check`: the cluster format this build writes, and the one each running node
+    announces it reads (feed.engine.format), so that a roll's progress is seen before it ends."""
+    entries = sorted((await client.hgetall(f"{prefix}:nodes")).items())
+    nodes = [  # a few nodes: one EXISTS each is fine for a one-off check
+        f"{node.decode()} {raw.decode()}"
+        for node, raw in entries
+        if await client.exists(f"{prefix}:name:{node.decode()}")
+    ]
+    text = f"cluster format {CLUSTER_FORMAT}"
+    return f"{text}, nodes read: {', '.join(nodes)}" if nodes else text
+
+
 async def check(config: ClusterConfig, connectors: list[str]) -> str:
     """For `feed check`: reach the cluster's Redis, check its version, say who reads what."""
     import redis.asyncio as aioredis
@@ -173,6 +187,7 @@ async def check(config: ClusterConfig, connectors: list[str]) -> str:
         finally:
             caller.close()
         where = f"Redis {version}, prefix {config.prefix!r}"
+        where += f"; {await formats(client, config.prefix)}"
         return f"{where}; readers: {', '.join(readers)}" if readers else where
     except aioredis.AuthenticationError as exc:
         where = shown_url(config.url)
