@@ -369,7 +369,9 @@ class Leases(Publisher):
             if self.format_behind.get(name) != ahead:
                 log.warning("%s: connector %s: %s", self.node, name, ahead)
                 self.format_behind[name] = ahead
-            connector.set_status(State.DOWN, ahead)
+            state = str(body.get("state", "down"))
+            says = "" if state == State.UP else f" (the reader says: {state}: {detail})"
+            connector.set_status(State.DOWN, ahead + says)
         else:
             self.format_behind.pop(name, None)
             connector.set_status(State(body.get("state", "down")), detail)
@@ -419,8 +421,8 @@ class Leases(Publisher):
     async def _share_status(self, name: str) -> None:
         """The reader's connector to every node: its status, this node's name, the targets
         its config gives it (`_compare_targets`), the cluster format it writes (`_apply_status`)
-        and the digest of its filter schema (the
-        schema itself written beside it when it changed: `_adopt_schema`)."""
+        and the digest of its filter schema (the schema itself written beside it when it
+        changed: `_adopt_schema`)."""
         with contextlib.suppress(Exception):
             connector = self.hub.connectors[name]
             body: dict[str, Any] = {
