@@ -23,6 +23,7 @@ import pytest
 
 from connectors.base import State
 from feed.engine import scripts
+from feed.engine.format import CLUSTER_FORMAT
 from tests.support import postgres as pg_support
 from tests.support import redis as redis_support
 from tests.support.cluster import (
@@ -1393,6 +1394,8 @@ async def test_feed_check_reaches_the_cluster_and_names_the_readers(
         assert ok.returncode == 0, ok.stdout + ok.stderr
         row = next(line for line in ok.stdout.splitlines() if line.startswith("[cluster]"))
         assert row.split()[1:3] == ["redis", "ok"] and "mem: node0" in row
+        # The cluster format this build writes, and what each running node reads.
+        assert f"cluster format {CLUSTER_FORMAT}, nodes read: node0 {CLUSTER_FORMAT}" in row
         down = f"redis://127.0.0.1:{free_port()}/0"
         failed = await asyncio.to_thread(check, config.replace(redis_target.url, down))
         assert failed.returncode == 1

@@ -19,6 +19,7 @@ from feed.core.change import Change
 from feed.core.targets import TargetRooms
 from feed.engine import ClusterConfig
 from feed.engine.batch import Batcher
+from feed.engine.format import HEADS, cluster_format
 from feed.engine.mirror import Mirror
 from feed.engine.resp import Caller, Subscriber
 from feed.engine.routes import Routed
@@ -55,6 +56,21 @@ class EngineCore:
         self.differing: dict[str, str] = {}
         """Connectors whose reader's config gives them other targets than this node's, with
         what differs (feed.engine.lease `_compare_targets`; in /readyz)."""
+        self.format = cluster_format()
+        """The cluster format this node reads and announces (feed.engine.format)."""
+        self._heads = HEADS[self.format]
+        self.format_behind: dict[str, str] = {}
+        """Connectors whose reader writes a newer cluster format than this node reads, with
+        what to do (feed.engine.lease `_apply_status`; in /readyz, the connector shown down)."""
+        self.older_nodes: dict[str, int] = {}
+        """At a reader: the nodes that announce an older cluster format than this node writes,
+        with it (feed.engine.lease `_check_formats`)."""
+        self.silent_nodes = 0
+        """At a reader: subscribers of the control channel that announce no format (nodes of a
+        build from before the format stamp, which read format 1)."""
+        self._silent_last = 0
+        self._unknown_heads: set[bytes] = set()
+        """Heads of room messages this build cannot read, each logged once."""
         self.name_taken: str | None = None
         """Why this node waits (another process holds its name), or None."""
         self.readers: dict[str, str | None] = {name: None for name in hub.connectors}
@@ -104,6 +120,16 @@ class EngineCore:
         hub.metrics.describe(
             "feed_cluster_config_differs", "gauge", "1 where the reader's targets differ from ours"
         )
+        hub.metrics.describe(
+            "feed_cluster_format_behind",
+            "gauge",
+            "1 where the reader writes a newer cluster format than this node reads",
+        )
+        hub.metrics.describe(
+            "feed_cluster_older_nodes",
+            "gauge",
+            "Nodes this reader finds on an older cluster format (a rolling upgrade not finished)",
+        )
         hub.metrics.gauges(self._gauge_values)
         self.answer = max(2.0, config.lease / 2)
         """Seconds a reply from Redis may take before its connection is given up."""
@@ -113,10 +139,13 @@ class EngineCore:
     def _gauge_values(self) -> Iterable[tuple[str, Labels, float]]:
         """Read at scrape time: what an alert on a cluster needs beyond /readyz."""
         yield "feed_cluster_redis_up", (), 1.0 if self.up and self.name_taken is None else 0.0
+        yield "feed_cluster_older_nodes", (), float(len(self.older_nodes) + self.silent_nodes)
         for name in self.hub.connectors:
             labels = (("connector", name),)
             yield "feed_cluster_reading", labels, 1.0 if name in self._leases else 0.0
             yield "feed_cluster_config_differs", labels, 1.0 if name in self.differing else 0.0
+            behind = 1.0 if name in self.format_behind else 0.0
+            yield "feed_cluster_format_behind", labels, behind
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -144,8 +173,8 @@ class EngineCore:
     def live_key(self, connector: str) -> str:
         return f"{self._p}:live:{connector}"
 
-    def name_key(self) -> str:
-        return f"{self._p}:name:{self.node}"
+    def name_key(self, node: str | None = None) -> str:
+        return f"{self._p}:name:{node or self.node}"
 
     @property
     def schema_key(self) -> str:
@@ -154,6 +183,10 @@ class EngineCore:
     @property
     def status_key(self) -> str:
         return f"{self._p}:status"
+
+    @property
+    def nodes_key(self) -> str:
+        return f"{self._p}:nodes"
 
     def _show_unreachable(self, connector: Connector, detail: str, hold: bool = False) -> None:
         """Show `connector` down for the cluster's Redis, unless it says so already: the

@@ -30,6 +30,10 @@ BACKOFF_START = 0.2
 BACKOFF_MAX = 2.0
 SUBSCRIBE_TIMEOUT = 5.0
 MISSED = "changes were missed while this node's connection to the cluster's Redis was down"
+UNREADABLE = (
+    "a change published in a message this node's build cannot read (a newer cluster format) "
+    "was no longer in the room's history when this node read it"
+)
 TRIMMED = (
     "a change too large for Redis pub/sub was no longer in the room's history when this node "
     "read it (newer changes had pushed it out)"
@@ -245,11 +249,11 @@ class Delivery(History):
             await self._resync(mirror)
             mirror.ready = True
 
-    async def _resync(self, mirror: Mirror) -> None:
+    async def _resync(self, mirror: Mirror, reason: str = MISSED) -> None:
         async with mirror.order:
-            await self._resync_locked(mirror)
+            await self._resync_locked(mirror, reason)
 
-    async def _resync_locked(self, mirror: Mirror) -> None:
+    async def _resync_locked(self, mirror: Mirror, reason: str = MISSED) -> None:
         room = mirror.room
         epoch, seq, gap = await self._register(room)
         if mirror.epoch is not None and epoch != mirror.epoch:
@@ -264,7 +268,7 @@ class Delivery(History):
         if gap > mirror.gap:
             mirror.gap = gap
         if mirror.seq is not None and seq > mirror.seq:
-            await self._fill(mirror, seq)
+            await self._fill(mirror, seq, reason)
 
     def _direct(self, message: Message) -> bool:
         """Relay a room's run that goes on from its seq in the subscriber's read callback
@@ -278,7 +282,7 @@ class Delivery(History):
             return False
         try:
             head, _, rest = message[2].partition(b"\n")
-            if head == b"gap" or head == b"ref":
+            if not head.isdigit():  # a gap, a reference, or a head this build cannot read
                 return False
             epoch, _, payloads = rest.partition(b"\n")
             first = int(head)
@@ -313,6 +317,9 @@ class Delivery(History):
         if mirror is None:
             return
         head, _, rest = data.partition(b"\n")
+        if not head.isdigit() and head not in self._heads:
+            await self._unknown_head(mirror, head)
+            return
         if head == b"gap":
             seq_text, _, body = rest.partition(b"\n")
             await self._on_gap(mirror, int(seq_text), loads(body))
@@ -324,6 +331,21 @@ class Delivery(History):
         epoch, _, payloads = rest.partition(b"\n")
         raws = payloads.split(b"\n")
         await self._apply(mirror, int(head), epoch.decode(), raws, int(head) + len(raws) - 1)
+
+    async def _unknown_head(self, mirror: Mirror, head: bytes) -> None:
+        """A room's message this build cannot read (published by a node of a newer cluster
+        format, feed.engine.format): logged once per head, not a traceback per message, and
+        the room brought up to its seq in Redis from the history, as after a reconnect; a
+        `gap` where the history no longer holds it. Never a silent hole until the next change."""
+        if head not in self._unknown_heads:
+            self._unknown_heads.add(head)
+            log.warning(
+                "%s: a room message this build cannot read (%.20r, from a node of a newer"
+                " cluster format than %d): its rooms are filled from their history; finish the"
+                " rolling upgrade",
+                self.node, head, self.format,
+            )  # fmt: skip
+        await self._resync(mirror, UNREADABLE)
 
     def _on_control(self, body: Mapping[str, Any]) -> None:
         kind = body.get("t")

@@ -20,6 +20,7 @@ from connectors.base import Connector, State, Status
 from feed.core.change import Gap
 from feed.engine.batch import Batcher
 from feed.engine.core import log
+from feed.engine.format import announced, reader_ahead
 from feed.engine.publisher import Publisher
 from feed.engine.wire import dumps, loads, one_line
 from feed.errors import ClusterError
@@ -62,6 +63,7 @@ class Leases(Publisher):
                         ) from None
                     self._leases[name] = token
                     self.differing.pop(name, None)  # read here: with this node's own config
+                    self.format_behind.pop(name, None)  # and in its own format
                     # The batches carry this reading's token: a late one from an ended reading is
                     # refused by Redis once any reading (this node's next one too) has begun.
                     batcher = Batcher(
@@ -279,7 +281,8 @@ class Leases(Publisher):
         """
         ms = int(self.config.lease * 1000)
         ours = await self._script("NAME", [self.name_key()], [self.instance, ms, 1])
-        if ours:
+        if ours:  # and the cluster format it reads, for the readers (`_check_formats`)
+            await self.redis.hset(self.nodes_key, self.node, self.format)
             if self.name_taken is not None:
                 log.info("%s: this node's name is its own again", self.node)
                 self.name_taken = None
@@ -296,6 +299,50 @@ class Leases(Publisher):
     async def _forget_name(self) -> None:
         with contextlib.suppress(Exception):
             await self._script("NAME", [self.name_key()], [self.instance, 0, 0])
+            await self.redis.hdel(self.nodes_key, self.node)
+
+    async def _check_formats(self) -> None:
+        """At a reader: say once which nodes announce an older cluster format than this node
+        writes (they cannot read all of it: the roll is not finished), and how many nodes
+        announce none (builds from before the format stamp: every node, whatever its build,
+        subscribes to the control channel, so its subscribers beyond the nodes that announce a
+        format are such nodes). Entries of nodes whose name lapsed are dropped."""
+        entries = await self.redis.hgetall(self.nodes_key)
+        names = [n.decode() for n in entries]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in names:
+                pipe.exists(self.name_key(node))
+            pipe.pubsub_numsub(self.control)
+            *alive, numsub = await pipe.execute()
+        gone = [node for node, live in zip(names, alive, strict=True) if not live]
+        if gone:
+            await self.redis.hdel(self.nodes_key, *gone)
+        older: dict[str, int] = {}
+        for (node, raw), live in zip(entries.items(), alive, strict=True):
+            theirs = announced(int(raw) if raw.isdigit() else None)
+            if live and theirs < self.format:
+                older[node.decode()] = theirs
+        for node, theirs in older.items():
+            if self.older_nodes.get(node) != theirs:
+                log.warning(
+                    "%s: node %s reads cluster format %d, this reader writes %d: it cannot read"
+                    " all of what it receives; finish the rolling upgrade",
+                    self.node, node, theirs, self.format,
+                )  # fmt: skip
+        self.older_nodes = older
+        subscribers = int(numsub[0][1]) if numsub else 0
+        silent = max(0, subscribers - (len(names) - len(gone)))
+        previous, self._silent_last = self._silent_last, silent
+        if silent != previous:  # seen twice running only: a node just started subscribes
+            return  # before it announces its format
+        if silent and silent != self.silent_nodes:
+            log.warning(
+                "%s: %d node(s) on this cluster announce no cluster format (a build from before"
+                " the format stamp, which may not read all this reader writes; or another client"
+                " subscribed to %s), this reader writes format %d: finish the rolling upgrade",
+                self.node, silent, self.control.decode(), self.format,
+            )  # fmt: skip
+        self.silent_nodes = silent
 
     async def _mirror_status(self, connector: Connector, reader: str) -> None:
         raw = await self.redis.hget(self.status_key, connector.name)
@@ -314,7 +361,20 @@ class Leases(Publisher):
             return
         self._set_reader(name, reader if isinstance(reader, str) else None)
         detail = str(body.get("detail", ""))
-        connector.set_status(State(body.get("state", "down")), detail)
+        theirs = announced(body.get("format"))
+        if theirs > self.format:
+            # Its rooms' messages may be ones this build cannot read: not "up" as if all were
+            # well, but down with what to do, until the roll is finished or an older node reads.
+            ahead = reader_ahead(str(reader), theirs, self.format)
+            if self.format_behind.get(name) != ahead:
+                log.warning("%s: connector %s: %s", self.node, name, ahead)
+                self.format_behind[name] = ahead
+            state = str(body.get("state", "down"))
+            says = "" if state == State.UP else f" (the reader says: {state}: {detail})"
+            connector.set_status(State.DOWN, ahead + says)
+        else:
+            self.format_behind.pop(name, None)
+            connector.set_status(State(body.get("state", "down")), detail)
         self._compare_targets(connector, str(reader), body.get("targets"))
         digest = body.get("schema")
         if isinstance(digest, str) and self._schemas.get(name) != digest:
@@ -360,14 +420,16 @@ class Leases(Publisher):
 
     async def _share_status(self, name: str) -> None:
         """The reader's connector to every node: its status, this node's name, the targets
-        its config gives it (`_compare_targets`) and the digest of its filter schema (the
-        schema itself written beside it when it changed: `_adopt_schema`)."""
+        its config gives it (`_compare_targets`), the cluster format it writes (`_apply_status`)
+        and the digest of its filter schema (the schema itself written beside it when it
+        changed: `_adopt_schema`)."""
         with contextlib.suppress(Exception):
             connector = self.hub.connectors[name]
             body: dict[str, Any] = {
                 **connector.status.to_json(),
                 "reader": self.node,
                 "targets": connector.configured_targets(),
+                "format": self.format,
             }
             schema = connector.filter_schema()
             text = dumps(schema) if schema else None

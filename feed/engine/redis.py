@@ -40,6 +40,7 @@ from typing import Any
 
 from feed.engine import ClusterConfig
 from feed.engine.core import log
+from feed.engine.format import CLUSTER_FORMAT
 from feed.engine.resp import Caller, refusal
 from feed.engine.resume import Resume
 from feed.engine.wire import one_line, shown_url
@@ -119,6 +120,10 @@ class RedisEngine(Resume):
             "readers": dict(self.readers),
             "reading": sorted(self._leases),
             **({"config_differs": dict(self.differing)} if self.differing else {}),
+            "format": self.format,
+            **({"format_behind": dict(self.format_behind)} if self.format_behind else {}),
+            **({"older_nodes": dict(self.older_nodes)} if self.older_nodes else {}),
+            **({"nodes_without_format": self.silent_nodes} if self.silent_nodes else {}),
         }
 
     # -- upkeep --------------------------------------------------------------------------------
@@ -135,10 +140,27 @@ class RedisEngine(Resume):
                 for name in list(self._leases):
                     await self._load_index(name)
                     await self._share_status(name)
+                if self._leases:
+                    await self._check_formats()
+                else:  # a reader's concern only
+                    self.older_nodes, self.silent_nodes = {}, 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("cluster keepalive failed: %s", exc)
+
+
+async def formats(client: Any, prefix: str) -> str:
+    """For `feed check`: the cluster format this build writes, and the one each running node
+    announces it reads (feed.engine.format), so that a roll's progress is seen before it ends."""
+    entries = sorted((await client.hgetall(f"{prefix}:nodes")).items())
+    nodes = [  # a few nodes: one EXISTS each is fine for a one-off check
+        f"{node.decode()} {raw.decode()}"
+        for node, raw in entries
+        if await client.exists(f"{prefix}:name:{node.decode()}")
+    ]
+    text = f"cluster format {CLUSTER_FORMAT}"
+    return f"{text}, nodes read: {', '.join(nodes)}" if nodes else text
 
 
 async def check(config: ClusterConfig, connectors: list[str]) -> str:
@@ -165,6 +187,7 @@ async def check(config: ClusterConfig, connectors: list[str]) -> str:
         finally:
             caller.close()
         where = f"Redis {version}, prefix {config.prefix!r}"
+        where += f"; {await formats(client, config.prefix)}"
         return f"{where}; readers: {', '.join(readers)}" if readers else where
     except aioredis.AuthenticationError as exc:
         where = shown_url(config.url)
