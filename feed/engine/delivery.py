@@ -370,7 +370,12 @@ class Delivery(History):
         async with mirror.order:
             if mirror.seq is None or mirror.epoch == epoch:
                 return  # being watched (its registration gives the numbers), or known already
-            await self._switch_epoch(mirror, epoch, seq, 0)
+            # The numbers as Redis has them now, not as the notice said: a node that already
+            # went on to a later epoch (read from the history) must not go back to this one.
+            now = await self._history_read(mirror.room.name, epoch, seq, seq)
+            if now.epoch is None or now.epoch == mirror.epoch:
+                return  # dropped again since (its `drop` follows), or known already
+            await self._switch_epoch(mirror, now.epoch, now.seq, now.gap)
 
     async def _on_drop(self, mirror: Mirror, epoch: str) -> None:
         """The reader dropped the room's numbering and history: no node had refreshed it in
