@@ -1552,7 +1552,11 @@ async def test_a_room_the_reader_dropped_is_registered_again_by_its_node(
             pass
 
         setattr(other.engine, "_refresh_rooms", silent)  # noqa: B010 - the node falls silent
-        await redis_target.admin.zadd(engine.live_key("mem"), {name: 1})
+        # Dropped as the reader's re-read does, but unheard: the reader says so on the room's
+        # channel (scripts.LIVE), and the node would register it again at once
+        # (tests/test_cluster_epochs.py); here its refresh is what finds it gone.
+        await redis_target.admin.zrem(engine.live_key("mem"), name)
+        await redis_target.admin.hdel(engine.registry_key("mem"), name)
         await engine._load_index("mem")
         assert not routes(engine, name)
         assert not await redis_target.admin.hexists(engine.registry_key("mem"), name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,11 @@ TRIMMED = (
     "a change too large for Redis pub/sub was no longer in the room's history when this node "
     "read it (newer changes had pushed it out)"
 )
+LOST = "the cluster lost this room's history"
+DROPPED = (
+    "this room's numbering was dropped in the cluster while this node was late to keep it "
+    "registered: changes made meanwhile were not numbered in it"
+)
 
 
 def _wake(pubsub: Subscriber, _: object) -> None:
@@ -64,6 +70,7 @@ class Delivery(History):
             try:
                 await self._subscribe([mirror.channel])
                 epoch, seq, gap = await self._register(room)
+                await self._baseline(mirror, epoch, seq, gap)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -75,18 +82,47 @@ class Delivery(History):
                     "cluster_unavailable",
                     f"the cluster's Redis is unreachable ({why}); retry shortly",
                 ) from None
-            self._baseline(mirror, epoch, seq, gap)
             mirror.ready = True
         return mirror
 
-    def _baseline(self, mirror: Mirror, epoch: str, seq: int, gap: int) -> None:
-        if mirror.epoch != epoch or mirror.seq is None or mirror.seq < seq:
-            if mirror.epoch != epoch:
-                mirror.ring.clear()
-            mirror.epoch = epoch
-            mirror.seq = max(seq, mirror.seq or 0) if mirror.epoch == epoch else seq
-            mirror.room.seq = mirror.seq
+    async def _baseline(self, mirror: Mirror, epoch: str, seq: int, gap: int) -> None:
+        """Take the numbers a registration gave. A mirror watched again (after Redis was
+        unreachable, or its numbering was dropped) may be behind, or in an older epoch: its
+        members get what they missed, or a `gap` in the new epoch. It took the new epoch with
+        the old seq before, so the new epoch's changes up to that seq were dropped as repeats
+        and its members were never told."""
+        async with mirror.order:
+            await self._adopt(mirror, epoch, seq, gap)
+
+    async def _adopt(
+        self,
+        mirror: Mirror,
+        epoch: str,
+        seq: int,
+        gap: int,
+        reason: str = LOST,
+        fill_reason: str = MISSED,
+    ) -> None:
+        """Bring the mirror to the room's numbers in Redis (`mirror.order` held)."""
+        if mirror.epoch is not None and epoch != mirror.epoch:
+            await self._switch_epoch(mirror, epoch, seq, gap, reason)
+            return
+        mirror.epoch = epoch
         mirror.gap = max(mirror.gap, gap)
+        if mirror.seq is None:
+            mirror.seq = mirror.room.seq = seq
+        elif seq > mirror.seq:
+            await self._fill(mirror, seq, fill_reason)
+
+    async def _switch_epoch(
+        self, mirror: Mirror, epoch: str, seq: int, gap: int, reason: str = LOST
+    ) -> None:
+        """The room's numbering began again (`epoch`, now at `seq`): its members get a `gap`
+        in the new epoch, and the mirror follows it from there."""
+        await self._announce_gap(mirror, reason, seq, epoch=epoch)
+        mirror.ring.clear()
+        mirror.epoch, mirror.seq, mirror.gap = epoch, seq, gap
+        mirror.room.seq = seq
 
     def forget(self, room: Room) -> None:
         """The hub dropped an expired or evicted room: stop following its channel, and let
@@ -253,22 +289,13 @@ class Delivery(History):
         async with mirror.order:
             await self._resync_locked(mirror, reason)
 
-    async def _resync_locked(self, mirror: Mirror, reason: str = MISSED) -> None:
-        room = mirror.room
-        epoch, seq, gap = await self._register(room)
-        if mirror.epoch is not None and epoch != mirror.epoch:
-            await self._announce_gap(
-                mirror, "the cluster lost this room's history", seq, epoch=epoch
-            )
-            mirror.ring.clear()
-            mirror.epoch, mirror.seq, mirror.gap = epoch, seq, gap
-            room.seq = seq
-            return
-        mirror.epoch = epoch
-        if gap > mirror.gap:
-            mirror.gap = gap
-        if mirror.seq is not None and seq > mirror.seq:
-            await self._fill(mirror, seq, reason)
+    async def _resync_locked(
+        self, mirror: Mirror, reason: str = MISSED, switch: str = LOST
+    ) -> None:
+        """Bring the mirror to the room's registration in Redis: `reason` for a hole filled
+        (or its gap), `switch` for a gap when the numbering began again."""
+        epoch, seq, gap = await self._register(mirror.room)
+        await self._adopt(mirror, epoch, seq, gap, switch, reason)
 
     def _direct(self, message: Message) -> bool:
         """Relay a room's run that goes on from its seq in the subscriber's read callback
@@ -282,7 +309,7 @@ class Delivery(History):
             return False
         try:
             head, _, rest = message[2].partition(b"\n")
-            if not head.isdigit():  # a gap, a reference, or a head this build cannot read
+            if not head.isdigit():  # a notice (format.HEADS), or a head this build cannot read
                 return False
             epoch, _, payloads = rest.partition(b"\n")
             first = int(head)
@@ -328,6 +355,13 @@ class Delivery(History):
             first, last, epoch = rest.split(b"\n")
             await self._apply(mirror, int(first), epoch.decode(), None, int(last))
             return
+        if head == b"epoch":  # a registration began a new numbering (scripts.REGISTER)
+            seq_text, _, epoch = rest.partition(b"\n")
+            await self._on_epoch(mirror, epoch.decode(), int(seq_text))
+            return
+        if head == b"drop":  # the reader dropped the room's numbering (scripts.LIVE)
+            await self._on_drop(mirror, rest.decode())
+            return
         epoch, _, payloads = rest.partition(b"\n")
         raws = payloads.split(b"\n")
         await self._apply(mirror, int(head), epoch.decode(), raws, int(head) + len(raws) - 1)
@@ -359,6 +393,34 @@ class Delivery(History):
         elif kind == "released":  # its reader let the lease go: take it now, not at expiry
             self.lease_released(str(body.get("c")))
 
+    async def _on_epoch(self, mirror: Mirror, epoch: str, seq: int) -> None:
+        """Another node's registration began the room's numbering again (after Redis lost it,
+        or the reader dropped it): a node still in the old epoch tells its members now, not at
+        the room's next change, and a resume here against the old epoch is `recovered: false`."""
+        async with mirror.order:
+            if mirror.seq is None or mirror.epoch == epoch:
+                return  # being watched (its registration gives the numbers), or known already
+            # The numbers as Redis has them now, not as the notice said: a node that already
+            # went on to a later epoch (read from the history) must not go back to this one.
+            now = await self._history_read(mirror.room.name, epoch, seq, seq)
+            if now.epoch is None or now.epoch == mirror.epoch:
+                return  # dropped again since (its `drop` follows), or known already
+            await self._switch_epoch(mirror, now.epoch, now.seq, now.gap)
+
+    async def _on_drop(self, mirror: Mirror, epoch: str) -> None:
+        """The reader dropped the room's numbering and history: no node had refreshed it in
+        time (this one was late: paused, or cut from Redis). A room this node still keeps is
+        registered again at once, in a new epoch, and its members get a `gap` in it; one it
+        keeps no more (idle past its grace, about to be dropped here) is registered again by
+        the next subscribe to it (`watch`)."""
+        async with mirror.order:
+            if mirror.epoch != epoch:
+                return  # a numbering this node no longer follows
+            if not self._keeps(mirror.room, time.monotonic()):
+                mirror.ready = False
+                return
+            await self._resync_locked(mirror, switch=DROPPED)
+
     async def _apply(
         self, mirror: Mirror, first: int, epoch: str, raws: list[bytes] | None, last: int
     ) -> None:
@@ -371,16 +433,13 @@ class Delivery(History):
             elif epoch != mirror.epoch:
                 # Said even while a reconnect is still resyncing (not `ready`): a publication in
                 # the new epoch can arrive first, and after it the resync sees nothing to tell.
-                reason = "the cluster lost this room's history"
-                await self._announce_gap(mirror, reason, first - 1, epoch=epoch)
-                mirror.ring.clear()
-                mirror.epoch, mirror.seq, mirror.gap = epoch, first - 1, 0
+                await self._switch_epoch(mirror, epoch, first - 1, 0)
             if last <= mirror.seq:
                 return  # already delivered (a resync read it from the history first)
             if first > mirror.seq + 1:
                 await self._fill(mirror, first - 1)
-                if last <= mirror.seq:
-                    return
+                if last <= mirror.seq or mirror.epoch != epoch:
+                    return  # filled; or the numbering began again under the run (a gap)
             if raws is None:
                 await self._fill(mirror, last, TRIMMED)
                 return
@@ -423,17 +482,30 @@ class Delivery(History):
     async def _fill(self, mirror: Mirror, upto: int, reason: str = MISSED) -> None:
         """Deliver what pub/sub did not bring (a hole up to `upto`, or a run published as a
         reference) from the room's history, as relayed runs are: the reader's bytes with the
-        seq spliced in. A `gap` with `reason` when the history no longer holds all of it."""
+        seq spliced in. A `gap` with `reason` when the history no longer holds all of it.
+
+        Read in one step with the room's epoch (feed.engine.history): when the numbering began
+        again since (Redis lost the room's meta, or the reader dropped the room), the history's
+        entries are the new epoch's, under the same seqs, and delivering them would give the
+        members other changes than the ones numbered so. They get a `gap` in the new epoch
+        instead (the room registered again when it has no numbering at all)."""
         start = mirror.seq or 0
-        entries = await self._history_raw(mirror.room.name, start, upto)
-        if entries is None:
-            await self._announce_gap(mirror, reason, upto)
-            mirror.ring.clear()
-            mirror.seq = upto
-            mirror.room.seq = upto
+        read = await self._history_read(mirror.room.name, mirror.epoch, start, upto)
+        if read.entries is not None:
+            if read.entries:
+                self._relay(mirror, start + 1, [raw for _, raw in read.entries])
             return
-        if entries:
-            self._relay(mirror, start + 1, [raw for _, raw in entries])
+        if read.epoch != mirror.epoch:
+            epoch, seq, gap = read.epoch, read.seq, read.gap
+            if epoch is None:
+                epoch, seq, gap = await self._register(mirror.room)
+            if epoch != mirror.epoch:
+                await self._switch_epoch(mirror, epoch, seq, gap)
+                return
+        await self._announce_gap(mirror, reason, upto)
+        mirror.ring.clear()
+        mirror.seq = upto
+        mirror.room.seq = upto
 
     async def _on_gap(self, mirror: Mirror, seq: int, body: Mapping[str, Any]) -> None:
         mirror.gap = max(mirror.gap, seq)

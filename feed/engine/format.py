@@ -14,7 +14,9 @@ History (add a line, and a point to docs/operations.md, whenever it is raised):
 1. Builds up to 2026-12-07: runs `<first>\\n<epoch>\\n<payloads>`, `gap\\n<seq>\\n<body>`; they
    announce no format (a status without one is format 1).
 2. Builds from 2026-12-07 on: `ref\\n<first>\\n<last>\\n<epoch>`, a room's run over 1 MiB to be
-   read from the room's history (feed.engine.publisher.PUBLISHED_BYTES).
+   read from the room's history (feed.engine.publisher.PUBLISHED_BYTES); `epoch\\n<seq>\\n<epoch>`
+   when a registration begins a room's numbering again, `drop\\n<epoch>` when the reader drops
+   it (feed.engine.scripts), so that nodes in the old epoch tell their clients at once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ CLUSTER_FORMAT = 2
 
 HEADS: dict[int, frozenset[bytes]] = {
     1: frozenset({b"gap"}),
-    2: frozenset({b"gap", b"ref"}),
+    2: frozenset({b"gap", b"ref", b"epoch", b"drop"}),
 }
 """Per format, the heads of a room's messages besides a run's first seq (digits)."""
 

@@ -112,7 +112,7 @@ class RoomRegistry(EngineCore):
             [self.registry_key(room.connector), self.live_key(room.connector),
              self.meta_key(room.name), self.stream_key(room.name)],
             [room.name, dumps(spec), self._live_ms(), secrets.token_hex(8), self.ttl_ms,
-             self.control],
+             self.control, self.channel(room.name)],
         )  # fmt: skip
         epoch, seq, gap = result
         return epoch.decode(), int(seq), int(gap)
@@ -122,6 +122,12 @@ class RoomRegistry(EngineCore):
         own clock's time (scripts.NOW_MS), so the nodes' clocks never meet in the registry."""
         return int((self.hub.settings.filter_room_grace + 3 * self.refresh) * 1000)
 
+    def _keeps(self, room: Room, now: float) -> bool:
+        """Whether this node keeps `room` registered: it has members, or lost them less than
+        `filter_room_grace` ago (a reconnecting client may resume in it)."""
+        empty = room.empty_since
+        return empty is None or now - empty < self.hub.settings.filter_room_grace
+
     async def _refresh_rooms(self) -> None:
         """Keep this node's followed rooms alive: their registry expiry, and their history's
         and numbering's TTL. One script call per connector and `REFRESH_CHUNK` rooms: a
@@ -129,12 +135,11 @@ class RoomRegistry(EngineCore):
         10,000 followed rooms (docs/scaling.md). A row or filter room the registry lost (the
         reader dropped it as expired while this node was late) is registered again at once."""
         now = time.monotonic()
-        grace = self.hub.settings.filter_room_grace
         expiry = self._live_ms()
         followed: dict[str, list[Room]] = {}
         for mirror in self._mirrors.values():
             room = mirror.room
-            if room.empty_since is not None and now - room.empty_since >= grace:
+            if not self._keeps(room, now):
                 continue
             followed.setdefault(room.connector, []).append(room)
         for connector, rooms in followed.items():

@@ -96,14 +96,14 @@ class Resume(Delivery):
         if ring and ring[0][0] <= since + 1:
             return True
         try:
-            first = await self.redis.xrange(
-                self.stream_key(mirror.room.name), f"{since + 1}-0", "+", count=1
-            )
+            # In one step with the room's epoch: a stream of another numbering holds other
+            # changes under the same seqs (feed.engine.history).
+            read = await self._history_read(mirror.room.name, mirror.epoch, since, seq, count=1)
         except Exception as exc:
             raise ProtocolError(
                 "cluster_unavailable", f"the cluster's Redis is unreachable ({one_line(exc)})"
             ) from None
-        return bool(first) and int(first[0][0].split(b"-")[0]) == since + 1
+        return bool(read.entries)
 
     async def _catch_up(
         self,

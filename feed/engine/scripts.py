@@ -233,10 +233,12 @@ its rooms dropped by the reader as long expired nor keeps them alive long after 
 REGISTER = (
     """
 -- KEYS: registry hash, live zset, meta, history. ARGV: room name, spec, ms to keep it alive
--- (from Redis's clock), candidate epoch, ttl, control channel. Registers a followed room, tells
--- the reader (one round trip for both), and returns {epoch, seq, gap} of its history. A new
--- numbering starts a new epoch, so a history left from an earlier one (it outlived its
--- numbering) is not this epoch's.
+-- (from Redis's clock), candidate epoch, ttl, control channel, the room's channel. Registers a
+-- followed room, tells the reader (one round trip for both), and returns {epoch, seq, gap} of
+-- its history. A new numbering starts a new epoch, so a history left from an earlier one (it
+-- outlived its numbering) is not this epoch's; and it is said on the room's channel ('epoch',
+-- seq 0, the epoch), so that a node still following the old one tells its clients now, not
+-- at the room's next change (feed.engine.delivery). Once per numbering, never per change.
 """
     + NOW_MS
     + """
@@ -245,6 +247,9 @@ redis.call('ZADD', KEYS[2], 'GT', now_ms + tonumber(ARGV[3]), ARGV[1])
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[4]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
   redis.call('DEL', KEYS[4])
+  if ARGV[7] then
+    redis.call('PUBLISH', ARGV[7], 'epoch\\n0\\n' .. ARGV[4])
+  end
 elseif redis.call('HDEL', KEYS[3], 'lapse') == 1 then
   -- Made by a publish after it was dropped (PUBLISH): followed again, it keeps the full ttl.
   redis.call('PEXPIRE', KEYS[4], ARGV[5])
@@ -308,6 +313,9 @@ LIVE = (
 -- nobody follows is not routed: the changes that came meanwhile were never numbered in it, and
 -- a resume from before must find a new epoch (recovered: false), not the old one with a hole
 -- in it. Done in one step so that a room registered again in between keeps its numbers.
+-- A dropped numbering is said on the room's channel ('drop', its epoch): a node still
+-- following the room (one late to refresh it: paused, or cut from Redis) registers it again
+-- at once and its clients get a `gap`, not a silence until the room's next change.
 """
     + NOW_MS
     + """
@@ -318,7 +326,11 @@ for _, name in ipairs(dead) do
   local ok, spec = pcall(cjson.decode, redis.call('HGET', KEYS[2], name) or 'null')
   if ok and type(spec) == 'table' and (spec.shape or (spec.key ~= nil and spec.key ~= cjson.null)
       or (spec.filter ~= nil and spec.filter ~= cjson.null)) then
+    local epoch = redis.call('HGET', ARGV[1] .. name .. ':meta', 'epoch')
     redis.call('DEL', ARGV[1] .. name .. ':meta', ARGV[1] .. name .. ':history')
+    if epoch then
+      redis.call('PUBLISH', ARGV[1] .. name .. ':live', 'drop\\n' .. epoch)
+    end
   end
   redis.call('ZREM', KEYS[1], name)
   redis.call('HDEL', KEYS[2], name)
