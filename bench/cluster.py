@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import cpu_seconds
+from bench.servers import BENCH_LIMITS
 
 ROOT = Path(__file__).parent.parent
 PROBES = 10
@@ -92,6 +93,9 @@ def config(dsn: str, redis_url: str | None) -> str:
     return f"""
 [server]
 log_level = "warning"
+
+[limits]
+{BENCH_LIMITS}
 {cluster if redis_url else ""}
 [[connectors]]
 name = "main"

@@ -39,6 +39,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.servers import BENCH_LIMITS
 from tests.support.cluster import FeedNode, reading_node
 from tests.support.proxy import Blackhole
 from tests.support.redis import open_private_redis
@@ -55,6 +56,8 @@ def node_config(dsn: str, redis_url: str, prefix: str) -> str:
 ping_interval = 2
 ping_timeout = 2
 
+[limits]
+{BENCH_LIMITS}
 [cluster]
 url = "{redis_url}"
 prefix = "{prefix}"
