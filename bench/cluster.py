@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +87,61 @@ class RedisProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def config(dsn: str, redis_url: str | None) -> str:
-    cluster = f'\n[cluster]\nurl = "{redis_url}"\nprefix = "bench"\nnode = "${{FEED_NODE}}"\n'
-    if interval := os.environ.get("BENCH_PUBLISH_INTERVAL"):  # to compare; else the default
-        cluster += f"publish_interval = {float(interval)}\n"
-    return f"""
-[server]
-log_level = "warning"
+Setting = str | int | float | bool
+"""A value of a config key, as `postgres_config` writes it into TOML."""
 
-[limits]
-{BENCH_LIMITS}
-{cluster if redis_url else ""}
-[[connectors]]
-name = "main"
-type = "postgres"
-dsn = "{dsn}"
-tables = ["public.orders"]
-auto_migrate = true
-"""
+
+def toml_value(value: Setting) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    return repr(value)
+
+
+def toml_lines(settings: Mapping[str, Setting] | None) -> str:
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in (settings or {}).items())
+
+
+def postgres_config(
+    dsn: str,
+    redis_url: str | None,
+    prefix: str = "bench",
+    *,
+    server: Mapping[str, Setting] | None = None,
+    cluster: Mapping[str, Setting] | None = None,
+    connector: Mapping[str, Setting] | None = None,
+    limits: Mapping[str, Setting] | None = None,
+) -> str:
+    """A `feed serve` config reading `public.orders` from Postgres (connector `main`), as a
+    node of the cluster on `redis_url` named by FEED_NODE (without `redis_url`, a node alone).
+
+    The one writer of such configs for the benches (this phase, bench/failover.py) and the
+    cluster tests (tests/support/cluster.py): they differ only in the settings `server`,
+    `cluster`, `connector` and `limits` add to those sections. Here, not in tests/support, so that a
+    bench needs no test module for it.
+    """
+    text = f"[server]\n{toml_lines(server)}\n"
+    if limits:
+        text += f"[limits]\n{toml_lines(limits)}\n"
+    if redis_url:
+        text += (
+            f"[cluster]\nurl = {toml_value(redis_url)}\nprefix = {toml_value(prefix)}\n"
+            f'node = "${{FEED_NODE}}"\n{toml_lines(cluster)}\n'
+        )
+    return text + (
+        f'[[connectors]]\nname = "main"\ntype = "postgres"\ndsn = {toml_value(dsn)}\n'
+        f'tables = ["public.orders"]\nauto_migrate = true\n{toml_lines(connector)}'
+    )
+
+
+def config(dsn: str, redis_url: str | None) -> str:
+    cluster: dict[str, Setting] = {}
+    if interval := os.environ.get("BENCH_PUBLISH_INTERVAL"):  # to compare; else the default
+        cluster["publish_interval"] = float(interval)
+    return postgres_config(
+        dsn, redis_url, server={"log_level": "warning"}, cluster=cluster, limits=BENCH_LIMITS
+    )
 
 
 async def start_node(

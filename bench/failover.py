@@ -39,6 +39,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.cluster import postgres_config
 from bench.servers import BENCH_LIMITS
 from tests.support.cluster import FeedNode, reading_node
 from tests.support.proxy import Blackhole
@@ -51,28 +52,16 @@ WAIT = 60.0
 
 
 def node_config(dsn: str, redis_url: str, prefix: str) -> str:
-    return f"""
-[server]
-ping_interval = 2
-ping_timeout = 2
-
-[limits]
-{BENCH_LIMITS}
-[cluster]
-url = "{redis_url}"
-prefix = "{prefix}"
-lease = 2.0
-node = "${{FEED_NODE}}"
-
-[[connectors]]
-name = "main"
-type = "postgres"
-dsn = "{dsn}"
-tables = ["public.orders"]
-auto_migrate = true
-heartbeat_interval = 0.5
-save_interval = 0.2
-"""
+    """Pings every 2 s, so that both sides notice a blackholed node within about 4 s."""
+    return postgres_config(
+        dsn,
+        redis_url,
+        prefix,
+        server={"ping_interval": 2, "ping_timeout": 2},
+        cluster={"lease": 2.0},
+        connector={"heartbeat_interval": 0.5, "save_interval": 0.2},
+        limits=BENCH_LIMITS,
+    )
 
 
 # -- the client side: one process per run, printing what its subscription does --------------

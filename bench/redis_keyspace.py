@@ -76,6 +76,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def delivery(
+    rate: float,
+    elapsed: float,
+    written: int,
+    delivered: int,
+    gaps: list[str],
+    latencies: list[float],
+) -> dict[str, Any]:
+    """What a phase wrote and delivered, and how late (ms): the figures both paths report."""
+    return {
+        "target_rate": rate,
+        "write_rate": round(written / elapsed),
+        "written": written,
+        "delivered": delivered,
+        "delivered_ratio": round(delivered / written, 5) if written else None,
+        "gaps": gaps,
+        "probes": len(latencies),
+        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
+        "latency_ms_max": round(max(latencies), 2) if latencies else None,
+    }
+
+
 # -- load generators --------------------------------------------------------------------------
 
 
@@ -329,16 +352,7 @@ async def phase(
         "feed_cpu_system_share": round((cpu_after.system - cpu_before.system) / feed_cpu, 2)
         if feed_cpu
         else None,
-        "target_rate": rate,
-        "write_rate": round(written / elapsed),
-        "written": written,
-        "delivered": delivered,
-        "delivered_ratio": round(delivered / written, 5) if written else None,
-        "gaps": gaps,
-        "probes": len(latencies),
-        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
-        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
-        "latency_ms_max": round(max(latencies), 2) if latencies else None,
+        **delivery(rate, elapsed, written, delivered, gaps, latencies),
     }
 
 
@@ -390,16 +404,7 @@ async def connector_phase(
     await admin.aclose()
     return {
         "path": "connector",
-        "target_rate": rate,
-        "write_rate": round(written / elapsed),
-        "written": written,
-        "delivered": delivered,
-        "delivered_ratio": round(delivered / written, 5) if written else None,
-        "gaps": gaps,
-        "probes": len(latencies),
-        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
-        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
-        "latency_ms_max": round(max(latencies), 2) if latencies else None,
+        **delivery(rate, elapsed, written, delivered, gaps, latencies),
     }
 
 

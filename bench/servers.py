@@ -33,9 +33,12 @@ def free_port() -> int:
         return port
 
 
-BENCH_LIMITS = "connections_per_address = 0\n"
+BENCH_LIMITS = {"connections_per_address": 0}
 """Every bench client connects from this machine's one address: uncapped per address (the
 default, 100 anonymous connections, would refuse all but the first hundred)."""
+
+BENCH_LIMITS_TOML = "".join(f"{key} = {value}\n" for key, value in BENCH_LIMITS.items())
+"""`BENCH_LIMITS` as lines of a `[limits]` table."""
 
 
 def server_section(port: int, extra: str = "", limits: str = "") -> str:
@@ -50,7 +53,7 @@ log_level = "warning"
 {extra}
 
 [limits]
-{BENCH_LIMITS}{limits}
+{BENCH_LIMITS_TOML}{limits}
 """
 
 
@@ -235,6 +238,23 @@ async def _feed(conn: Connection, config_toml: str) -> None:
         await asyncio.wait_for(task, 15)
 
 
+def change_payload(target: str, room: str, i: int, seq: int) -> dict[str, Any]:
+    """The `i`th change the baselines emit: the shape of the feed's memory connector's."""
+    return {
+        "id": f"mem:{i + 1}",
+        "connector": "mem",
+        "source": "memory",
+        "target": target,
+        "op": "insert",
+        "key": i,
+        "before": None,
+        "after": {"id": i, "t": time.time()},
+        "ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "room": room,
+        "seq": seq,
+    }
+
+
 # -- the raw baseline: `websockets` broadcast, speaking just enough Engine.IO ---------------
 
 
@@ -307,20 +327,7 @@ async def _baseline(conn: Connection, port: int) -> None:
                     target = targets[i % n]
                     room = f"mem:{target}"
                     seq = seqs[room] = seqs.get(room, 0) + 1
-                    now = dt.datetime.now(dt.UTC)
-                    payload = {
-                        "id": f"mem:{i + 1}",
-                        "connector": "mem",
-                        "source": "memory",
-                        "target": target,
-                        "op": "insert",
-                        "key": i,
-                        "before": None,
-                        "after": {"id": i, "t": time.time()},
-                        "ts": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                        "room": room,
-                        "seq": seq,
-                    }
+                    payload = change_payload(target, room, i, seq)
                     text = "42" + json.dumps(["change", payload], separators=(",", ":"))
                     broadcast(rooms.get(room, ()), text)
 
@@ -376,19 +383,7 @@ async def _socketio(conn: Connection, port: int) -> None:
                 target = targets[i % n]
                 room = f"mem:{target}"
                 seq = seqs[room] = seqs.get(room, 0) + 1
-                payload = {
-                    "id": f"mem:{i + 1}",
-                    "connector": "mem",
-                    "source": "memory",
-                    "target": target,
-                    "op": "insert",
-                    "key": i,
-                    "before": None,
-                    "after": {"id": i, "t": time.time()},
-                    "ts": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                    "room": room,
-                    "seq": seq,
-                }
+                payload = change_payload(target, room, i, seq)
                 emit = asyncio.ensure_future(sio.emit("change", payload, room=room))
                 pending.add(emit)
                 emit.add_done_callback(pending.discard)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -26,7 +25,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.wire import frame
+from bench.wire import frame, upgrade_request, upgrade_status
 
 TARGETS = ("main:public.orders", "main:public.events")
 ROWS = 500
@@ -60,15 +59,7 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            (
-                "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
-                f"Host: {self.host}:{self.port}\r\n"
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        transport.write(upgrade_request(self.host, self.port))
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = ConnectionError(f"connection lost: {exc}")
@@ -83,15 +74,16 @@ class Client(asyncio.Protocol):
         buf = self.buf
         buf += data
         if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            status = upgrade_status(buf)
+            if status is None:
                 return
-            if b" 101 " not in bytes(buf[: buf.find(b"\r\n")]):
+            if b" 101 " not in status:
                 self.counts["refused_upgrade"] += 1
                 self.abort()
                 return
-            del buf[: end + 4]
             self.upgraded = True
+        # bench/wire.py's frame walk, written out in both: shared as a generator it cost its
+        # measuring client about 100 ns more a frame (736 -> 830 ns for one small change).
         pos, size = 0, len(buf)
         while size - pos >= 2:
             length, head = buf[pos + 1] & 0x7F, 2

@@ -58,6 +58,29 @@ def frame(text: str | bytes, opcode: int = 0x1) -> bytes:
     return header + mask + masked
 
 
+def upgrade_request(host: str, port: int) -> bytes:
+    """The HTTP request that opens Engine.IO's websocket transport, with a fresh key."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def upgrade_status(buf: bytearray) -> bytes | None:
+    """The status line of the answer to `upgrade_request` once all its head is in `buf` (the
+    head then taken off `buf`, leaving the first frames), else None: wait for more. It holds
+    " 101 " when the server switched to the websocket."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    status = bytes(buf[: buf.find(b"\r\n")])
+    del buf[: end + 4]
+    return status
+
+
 class Stats:
     """Counters shared by the clients of one process."""
 
@@ -103,14 +126,7 @@ class SioClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
-            f"Host: {self.host}:{self.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        transport.write(request.encode())
+        transport.write(upgrade_request(self.host, self.port))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stats.disconnected += 1
@@ -129,16 +145,14 @@ class SioClient(asyncio.Protocol):
         buf = self.buf
         buf += data
         if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            status = upgrade_status(buf)
+            if status is None:
                 return
-            status = bytes(buf[: buf.find(b"\r\n")])
             if b" 101 " not in status:
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(status.decode(errors="replace")))
                 self.close()
                 return
-            del buf[: end + 4]
             self.upgraded = True
         pos = 0
         size = len(buf)

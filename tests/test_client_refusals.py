@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from dbfeed_client import ConnectError, FeedClient, FeedError
 
-from tests.support.client_harness import harness
+from tests.support.client_harness import harness, make_token
 
 ROOM = "mem:public.orders"
 WAIT = 20.0
@@ -22,7 +22,7 @@ BUSY = "[limits]\nmax_connections = 2\n"
 """Two connections the server takes: a long-polling client needs two (its poll, its posts)."""
 
 
-def client(url: str, **options: Any) -> FeedClient:
+def client(url: str | list[str], **options: Any) -> FeedClient:
     return FeedClient(url, reconnection_delay=0.1, reconnection_delay_max=0.5, **options)
 
 
@@ -132,3 +132,92 @@ async def test_a_server_unreachable_for_timeout_is_said_once_per_outage_and_retr
         assert [e.code for e in errors] == ["unreachable"]
         assert errors[0].message.startswith(f"{h.url}: no connection for ")
         assert errors[0].message.endswith("; still trying")
+
+
+PER_IDENTITY = "[limits]\nconnections_per_identity = 1\n"
+"""One connection per identity on each node: a second one there is `too_many_connections`."""
+
+
+async def test_a_first_connect_refused_for_now_by_one_node_connects_to_the_next() -> None:
+    """Nodes [A, B], the identity's one connection on A already taken: `too_many_connections`
+    says "not now, here", and B takes the client at once. Before, `connect()` raised it, with B
+    never tried (the JavaScript client retried A alone, for ever)."""
+    async with harness(PER_IDENTITY, auth=True) as a, harness(PER_IDENTITY, auth=True) as b:
+        token = make_token(300)
+        async with client(a.direct, token=token):  # holds the identity's connection on A
+            errors: list[str] = []
+            feed = client([a.url, b.url], token=token, timeout=30.0)
+            feed.on("error", lambda e: errors.append(e.code))
+            started = asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(WAIT):
+                    await feed.connect()
+                took = asyncio.get_running_loop().time() - started
+                print(f"connected on B {took * 1000:.0f} ms after A refused")
+                assert feed.url == b.url
+                assert errors == ["too_many_connections"]
+                assert took < 1.0, f"connected after {took:.1f} s"
+            finally:
+                await feed.close()
+
+
+async def test_a_first_connect_refused_for_now_by_every_node_raises_the_refusal() -> None:
+    """Nodes [A, B], both holding the identity's one connection: `connect()` raises the refusal
+    once each node was tried (and only then), as for nodes that do not answer."""
+    async with harness(PER_IDENTITY, auth=True) as a, harness(PER_IDENTITY, auth=True) as b:
+        token = make_token(300)
+        async with client(a.direct, token=token), client(b.direct, token=token):
+            errors: list[str] = []
+            feed = client([a.url, b.url], token=token, timeout=30.0)
+            feed.on("error", lambda e: errors.append(e.code))
+            with pytest.raises(ConnectError) as refused:
+                async with asyncio.timeout(5.0):
+                    await feed.connect()
+            assert refused.value.code == "too_many_connections"
+            assert errors == ["too_many_connections", "too_many_connections"]
+
+
+async def test_a_bad_token_stays_final_with_several_nodes() -> None:
+    """A refusal of the token itself is the same on every node: `connect()` raises it at once,
+    the other node untried."""
+    async with harness(auth=True) as a, harness(auth=True) as b:
+        errors: list[str] = []
+        feed = client([a.url, b.url], token="not-a-valid-token", timeout=30.0)
+        feed.on("error", lambda e: errors.append(e.code))
+        with pytest.raises(ConnectError) as refused:
+            async with asyncio.timeout(5.0):
+                await feed.connect()
+        assert refused.value.code == "invalid_token"
+        assert errors == ["invalid_token"]
+        assert not b.proxy.links, "the other node was tried"
+
+
+async def test_a_reconnect_refused_for_now_by_one_node_goes_on_to_the_next() -> None:
+    """Nodes [A, B], connected on A; the identity's one connection on B is taken. A goes away
+    and the reconnect reaches B: `too_many_connections`. A comes back: the client must get
+    there, B still refusing. Before, the refusal was retried on B alone (with a backoff
+    doubling to `reconnection_delay_max`) until B's other connection closed."""
+    async with harness(PER_IDENTITY, auth=True) as a, harness(PER_IDENTITY, auth=True) as b:
+        token = make_token(300)
+        refused = asyncio.Event()
+        async with client([a.url, b.url], token=token) as feed, feed.subscribe(ROOM) as sub:
+            back = asyncio.Event()
+            sub.on("state", lambda state, *_: back.set() if state == "recovered" else None)
+            feed.on("error", lambda e: refused.set() if e.code == "too_many_connections" else None)
+            async with asyncio.timeout(WAIT):
+                await sub.ready()
+            async with client(b.direct, token=token):  # holds the identity's connection on B
+                a.proxy.cut()  # A's connections dropped, new ones refused for now
+                async with asyncio.timeout(WAIT):
+                    await refused.wait()
+                a.proxy.restore()
+                restored = asyncio.get_running_loop().time()
+                async with asyncio.timeout(10.0):
+                    await back.wait()
+                took = asyncio.get_running_loop().time() - restored
+                print(f"back on A {took * 1000:.0f} ms after it came back")
+                assert feed.url == a.url
+                a.write("public.orders", "insert", {"id": 1, "status": "new"})
+                async with asyncio.timeout(WAIT):
+                    change = await anext(aiter(sub))
+                assert change["key"] == 1

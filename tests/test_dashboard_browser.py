@@ -10,23 +10,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from connectors.base import State
 from connectors.memory import MemoryConnector
 from feed.app.config import parse_config
 from feed.app.server import FeedApp, QuietServer
-from tests.auth_helpers import TOKENS, token_config
+from feed.security import auth as auth_module
+from tests.auth_helpers import TOKENS, make_jwt, token_config
 from tests.conftest import MEMORY_CONFIG
 from tests.postgres_helpers import TcpProxy
 from tests.support import postgres as pg_support
@@ -40,6 +44,7 @@ from tests.support.server import (
     running_feed,
 )
 from tests.support.waiting import wait_until
+from tests.test_auth_tokens import jwk_of, jwks_config, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -959,6 +964,68 @@ async def test_a_not_now_refusal_is_tried_again_and_the_subscriptions_go_live(
             await expect(rows(page)).to_have_count(1)
         finally:
             await context.close()
+
+
+@pytest.mark.parametrize("how", ["retry now", "by itself"])
+async def test_auth_unavailable_keeps_the_token_and_is_tried_again(
+    browser: Browser, console: Console, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auth_unavailable`: the server cannot check tokens right now (its identity provider's
+    JWKS endpoint is down). The page opened the token dialog, "The server did not accept the
+    token", as for a bad one: the user was asked for a token that was fine, and nothing was
+    tried again. It now says so, keeps the token and tries again with the countdown and Retry
+    now of the other "not now" refusals."""
+    monkeypatch.setattr(auth_module, "JWKS_RETRY", 0.2)  # the feed asks the JWKS again soon
+    key = ec.generate_private_key(ec.SECP256R1())
+    body = json.dumps({"keys": [jwk_of(key, "e1", "ES256")]}).encode()
+    down = True
+
+    def jwks(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(503 if down else 200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", "0" if down else str(len(body)))
+        handler.end_headers()
+        if not down:
+            handler.wfile.write(body)
+
+    token = make_jwt(key=key, algorithm="ES256", headers={"kid": "e1"}, roles=["admin"])
+    with serving(jwks) as (url, _):
+        async with running_feed(jwks_config(f'jwks_url = "{url}"')) as feed:
+            context = await browser.new_context()
+            context.set_default_timeout(EXPECT_MS)
+            page = await context.new_page()
+            page.on("console", console.on_console)
+            page.on("pageerror", console.on_page_error)
+            try:
+                await page.goto(f"{feed.url}/?room=mem:public.orders")
+                dialog = page.get_by_role("dialog", name="Access token needed")
+                await page.get_by_label("Access token", exact=True).fill(token)
+                await page.get_by_role("button", name="Connect").click()
+                line = page.locator("#connection")
+                await expect(line).to_contain_text("Authentication is unavailable on the server")
+                await expect(line).to_contain_text("cannot verify tokens right now")
+                await expect(line).to_have_attribute("data-state", "refused")
+                await expect(dialog).to_be_hidden()
+                await expect(page.get_by_role("button", name="Enter token")).to_be_hidden()
+                countdown = page.locator("#retry-in")
+                await expect(countdown).to_have_text(re.compile(r"Trying again in [12] s"))
+                retry = page.get_by_role("button", name="Retry now")
+                await expect(retry).to_be_visible()
+                assert await page.evaluate("sessionStorage.getItem('dbfeed.token')") == token
+                item = subscription(page, "mem:public.orders")
+                await expect(item).not_to_have_attribute("data-status", "live")
+
+                down = False  # the identity provider is back
+                if how == "retry now":
+                    await retry.click()
+                await expect(item).to_have_attribute("data-status", "live")
+                await expect(line).to_have_attribute("data-state", "connected")
+                await expect(dialog).to_be_hidden()
+                await expect(countdown).to_be_hidden()
+                source(feed).write("public.orders", "insert", {"id": 1})
+                await expect(rows(page)).to_have_count(1)
+            finally:
+                await context.close()
 
 
 async def test_every_control_is_labelled_and_the_table_works_by_keyboard(

@@ -41,82 +41,67 @@ health_check_interval = 0.5
 """
 
 
-async def wait_up(feed: RunningFeed) -> None:
+async def wait_up(feed: RunningFeed, connector: str = "cache") -> None:
     async with asyncio.timeout(WAIT):
-        while feed.hub.connectors["cache"].status.state.value != "up":  # noqa: ASYNC110
+        while feed.hub.connectors[connector].status.state.value != "up":  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-
-
-async def users(t: RedisTarget, total: int, pro: set[int]) -> None:
-    """`total` hashes `user:<n>`, those numbered in `pro` with plan pro, the others free."""
-    pipe = t.admin.pipeline(transaction=False)
-    for n in range(total):
-        pipe.hset(t.key(f"user:{n}"), mapping={"plan": "pro" if n in pro else "free"})
-    await pipe.execute()
 
 
 PRO = {7, 1100, 1999, 2500, 2998}
 
 
-async def test_a_filter_room_gets_its_rows_among_more_keys_than_the_limit(
-    redis_target: RedisTarget,
-) -> None:
+@pytest.fixture
+async def pro_users(redis_target: RedisTarget) -> RedisTarget:
+    """3,000 hashes `user:<n>`, those numbered in PRO with plan pro, the others free."""
     t = redis_target
-    await users(t, 3000, PRO)
-    async with running_feed(config(t, "snapshot_limit = 1000")) as feed:
+    pipe = t.admin.pipeline(transaction=False)
+    for n in range(3000):
+        pipe.hset(t.key(f"user:{n}"), mapping={"plan": "pro" if n in PRO else "free"})
+    await pipe.execute()
+    return t
+
+
+async def pro_snapshot(t: RedisTarget, server: str, connector: str = "") -> dict[str, Any]:
+    """The snapshot a client subscribing to `user:*` filtered to plan pro gets, from a feed of
+    `config(t, server, connector)`."""
+    async with running_feed(config(t, server, connector)) as feed:
         await wait_up(feed)
         async with feed_client(feed.url) as client:
-            ack = await client.subscribe(
+            ack: dict[str, Any] = await client.subscribe(
                 f"cache:{t.key('user:*')}", filter="value.plan=eq.pro", snapshot=True
             )
     assert ack["ok"], ack
+    return ack
+
+
+async def test_a_filter_room_gets_its_rows_among_more_keys_than_the_limit(
+    pro_users: RedisTarget,
+) -> None:
+    t = pro_users
+    ack = await pro_snapshot(t, "snapshot_limit = 1000")
     assert sorted(ack["snapshot_keys"]) == sorted(t.key(f"user:{n}") for n in PRO)
     assert ack["snapshot_truncated"] is False
 
 
-async def test_kept_rows_past_the_limit_are_cut(redis_target: RedisTarget) -> None:
-    t = redis_target
-    await users(t, 3000, PRO)
-    async with running_feed(config(t, "snapshot_limit = 3")) as feed:
-        await wait_up(feed)
-        async with feed_client(feed.url) as client:
-            ack = await client.subscribe(
-                f"cache:{t.key('user:*')}", filter="value.plan=eq.pro", snapshot=True
-            )
-    assert ack["ok"], ack
+async def test_kept_rows_past_the_limit_are_cut(pro_users: RedisTarget) -> None:
+    t = pro_users
+    ack = await pro_snapshot(t, "snapshot_limit = 3")
     assert len(ack["snapshot"]) == 3
     assert {row["value"]["plan"] for row in ack["snapshot"]} == {"pro"}
     assert set(ack["snapshot_keys"]) < {t.key(f"user:{n}") for n in PRO}
     assert ack["snapshot_truncated"] is True
 
 
-async def test_exactly_the_limit_of_kept_rows_is_whole(redis_target: RedisTarget) -> None:
-    t = redis_target
-    await users(t, 3000, PRO)
-    async with running_feed(config(t, "snapshot_limit = 5")) as feed:
-        await wait_up(feed)
-        async with feed_client(feed.url) as client:
-            ack = await client.subscribe(
-                f"cache:{t.key('user:*')}", filter="value.plan=eq.pro", snapshot=True
-            )
-    assert ack["ok"], ack
+async def test_exactly_the_limit_of_kept_rows_is_whole(pro_users: RedisTarget) -> None:
+    ack = await pro_snapshot(pro_users, "snapshot_limit = 5")
     assert len(ack["snapshot"]) == 5
     assert ack["snapshot_truncated"] is False
 
 
-async def test_a_scan_stopped_at_its_limit_says_truncated(redis_target: RedisTarget) -> None:
+async def test_a_scan_stopped_at_its_limit_says_truncated(pro_users: RedisTarget) -> None:
     """`snapshot_scan_limit` still bounds the keys examined, and a snapshot cut there says so
     even with fewer rows than `snapshot_limit`."""
-    t = redis_target
-    await users(t, 3000, PRO)
-    cfg = config(t, "snapshot_limit = 1000", "snapshot_scan_limit = 1000")
-    async with running_feed(cfg) as feed:
-        await wait_up(feed)
-        async with feed_client(feed.url) as client:
-            ack = await client.subscribe(
-                f"cache:{t.key('user:*')}", filter="value.plan=eq.pro", snapshot=True
-            )
-    assert ack["ok"], ack
+    ack = await pro_snapshot(pro_users, "snapshot_limit = 1000", "snapshot_scan_limit = 1000")
     assert len(ack["snapshot"]) < len(PRO)
     assert ack["snapshot_truncated"] is True
 
@@ -185,9 +170,7 @@ async def orders(t: RedisTarget, total: int, pro: set[int]) -> None:
 
 async def streams_snapshot(t: RedisTarget, config: str) -> dict[str, Any]:
     async with running_feed(config) as feed:
-        async with asyncio.timeout(WAIT):
-            while feed.hub.connectors["events"].status.state.value != "up":  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        await wait_up(feed, "events")
         async with feed_client(feed.url) as client:
             return await client.subscribe(
                 f"events:{t.key('orders')}", filter="plan=eq.pro", snapshot=True

@@ -66,7 +66,8 @@ export interface FeedClientOptions {
   /** Refresh a function token's JWT before it expires (default true). */
   refreshTokens?: boolean;
   /** With a function token, or a refusal that says "not now" (`too_many_connections`,
-   * `auth_unavailable`, `server_busy`): retry a refused connection with backoff (default true);
+   * `auth_unavailable`, `server_busy`): retry a refused connection with backoff (default true;
+   * a "not now" refusal at the next node at once when several are given);
    * when false, wait for `reconnect()`. A fixed token's other refusals, and `handshake_refused`
    * whatever the token, end every subscription (docs/clients.md, "Refused connections"). */
   retryRefused?: boolean;

@@ -819,8 +819,23 @@ export class FeedClient extends Emitter {
         this._nextUrl();
         return;
       }
-      this._serverCloses += 1;
-      const delay = retryDelay(this._serverCloses, this.options);
+      // A refusal that says "not now, here" (the identity at its connections on this node,
+      // a node that cannot check tokens right now): the next node at once, the backoff only
+      // once a round of them all failed, as for an HTTP refusal. A refusal of the token itself
+      // is the same on every node: retried where it was said, after the backoff.
+      // (socket.io-client closed the engine with the refusal: `connect()` opens a new one, at
+      // the manager's `uri`.)
+      let delay;
+      if (TRANSIENT_REFUSALS.has(error.code) && this.urls.length > 1) {
+        this._failed += 1;
+        this._nextUrl();
+        if (this._failed % this.urls.length) delay = 0;
+      }
+      if (delay === undefined) {
+        this._serverCloses += 1;
+        delay = retryDelay(this._serverCloses, this.options);
+      }
+      clearTimeout(this._retryTimer);
       this._retryTimer = setTimeout(() => {
         if (!this._closed) this.socket.connect();
       }, delay);

@@ -31,11 +31,13 @@ const VALUE_SHOWN = 10000;
 const MAX_ROWS_LIMIT = 2000;
 const KEY_SHOWN = 500;
 // A refusal that says "not now" (the identity holds its most connections, the server is at its
-// connection limit) is tried again after this many seconds, doubled each time it is refused again.
+// connection limit, the server cannot check tokens right now) is tried again after this many
+// seconds, doubled each time it is refused again.
 const RETRY_FIRST_S = 2;
 const RETRY_MAX_S = 60;
-// Those refusals, from the server (Socket.IO) or from the client library (HTTP 503).
-const NOT_NOW = new Set(["too_many_connections", "server_busy"]);
+// Those refusals, from the server (Socket.IO) or from the client library (HTTP 503). Not one of
+// them is about the token: it is kept, and the token dialog stays closed.
+const NOT_NOW = new Set(["too_many_connections", "server_busy", "auth_unavailable"]);
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -145,7 +147,12 @@ function onFeedError(error) {
     return; // otherwise a failed refresh, say: the connection goes on
   }
   stopRetrying();
-  if (NOT_NOW.has(error.code)) {
+  if (error.code === "auth_unavailable") {
+    // The server cannot check tokens right now (its identity provider's keys could not be
+    // fetched): the token may well be good, so it is not asked for again.
+    setConnection("refused", `Authentication is unavailable on the server: ${error.message}`);
+    retryLater();
+  } else if (NOT_NOW.has(error.code)) {
     setConnection("refused", `Refused by the server: ${error.message}`);
     retryLater();
   } else if (isAuthRefusal(error)) {

@@ -176,9 +176,15 @@ const AUTH_CODES = new Set([
   "bad_signature",
 ]);
 
+// Refusals about authentication that no other token would change: the server cannot check
+// tokens right now. Not a reason to ask the user for one.
+const NOT_THE_TOKEN = new Set(["auth_unavailable"]);
+
 export function isAuthRefusal(error) {
   const code = error && error.data && error.data.code;
-  if (typeof code === "string") return AUTH_CODES.has(code) || /auth|token/i.test(code);
+  if (typeof code === "string") {
+    return !NOT_THE_TOKEN.has(code) && (AUTH_CODES.has(code) || /auth|token/i.test(code));
+  }
   const message = (error && error.message) || "";
   return /auth|token|unauthori[sz]ed|forbidden|credential/i.test(message);
 }

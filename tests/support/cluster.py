@@ -27,6 +27,7 @@ import aiohttp
 import socketio
 from dbfeed_client.client import drop_wedged, transport_wedged
 
+from bench.cluster import postgres_config
 from connectors.memory import MemoryConnector
 from tests.support.server import (
     PORT_TRIES,
@@ -540,30 +541,22 @@ def write_postgres_config(
     path: Path, dsn: str, redis_url: str, prefix: str, lease: float = 2.0, history: int = 1000
 ) -> Path:
     """A cluster config for `feed serve` processes reading `public.orders` from Postgres (its
-    `node` from FEED_NODE), with short intervals so that tests notice faults quickly."""
+    `node` from FEED_NODE; bench/cluster.py's writer, which the benches use too), with short
+    intervals so that tests notice faults quickly."""
     path.write_text(
-        f"""
-[server]
-filter_room_grace = 2
-
-[cluster]
-url = "{redis_url}"
-prefix = "{prefix}"
-lease = {lease}
-history = {history}
-node = "${{FEED_NODE}}"
-
-[[connectors]]
-name = "main"
-type = "postgres"
-dsn = "{dsn}"
-tables = ["public.orders"]
-auto_migrate = true
-heartbeat_interval = 0.5
-reconnect_max = 0.5
-standby_interval = 0.2
-save_interval = 0.2
-"""
+        postgres_config(
+            dsn,
+            redis_url,
+            prefix,
+            server={"filter_room_grace": 2},
+            cluster={"lease": lease, "history": history},
+            connector={
+                "heartbeat_interval": 0.5,
+                "reconnect_max": 0.5,
+                "standby_interval": 0.2,
+                "save_interval": 0.2,
+            },
+        )
     )
     return path
 

@@ -197,3 +197,87 @@ test("a 400 that is no refusal (Invalid session, from nodes behind a balancer wi
     await Promise.all(nodes.map((h) => h.stop()));
   }
 });
+
+// One connection per identity on each node: a second one there is `too_many_connections`, which
+// says "not now, here". With several nodes the client goes on to the next one, as it does for an
+// HTTP 503 (tests/test_client_refusals.py has the same for the Python library).
+const PER_IDENTITY = { auth: true, config: "[limits]\nconnections_per_identity = 1\n" };
+const WS = { ...FAST, transports: ["websocket"] };
+
+async function nodesWithToken() {
+  const nodes = await Harness.startMany(2, PER_IDENTITY);
+  const { token } = await nodes[0].send({ cmd: "token", ttl: 300 }); // one secret: valid on both
+  return { nodes, token };
+}
+
+/** A client of `token`'s identity straight to `url`, live: it holds that node's one slot. */
+async function holder(h, url, token) {
+  const held = h.client(url, { ...WS, token });
+  const sub = held.subscribe(ROOM);
+  await until(() => sub.state === "live", "the identity's connection held");
+  return held;
+}
+
+test("nodes [A, B], A refusing too_many_connections: the client connects to B at once", async () => {
+  // Before, A was retried alone, for ever (the backoff doubling to reconnectionDelayMax).
+  const { nodes, token } = await nodesWithToken();
+  const [a, b] = nodes;
+  try {
+    await holder(a, a.direct, token);
+    const errors = [];
+    const started = Date.now();
+    const feed = a.client([a.url, b.url], { ...WS, token });
+    feed.on("error", (err) => errors.push(err.code));
+    const sub = feed.subscribe(ROOM);
+    await until(() => sub.state === "live", "live on B", 10000);
+    const took = Date.now() - started;
+    console.log(`connected and live on B ${took} ms after the start, A refusing`);
+    assert.equal(feed.url, b.url);
+    assert.deepEqual(errors, ["too_many_connections"]);
+    assert.ok(took < 2000, `live after ${took} ms`);
+  } finally {
+    await Promise.all(nodes.map((h) => h.stop()));
+  }
+});
+
+test("nodes [A, B]: a reconnect refused too_many_connections by B goes back to A once A is back", async () => {
+  // Before, B was retried alone until its other connection closed.
+  const { nodes, token } = await nodesWithToken();
+  const [a, b] = nodes;
+  try {
+    const errors = [];
+    const feed = a.client([a.url, b.url], { ...WS, token });
+    feed.on("error", (err) => errors.push(err.code));
+    const sub = feed.subscribe(ROOM);
+    const log = record(sub);
+    await until(() => sub.state === "live", "live on A");
+    await holder(b, b.direct, token);
+    await a.send({ cmd: "cut" }); // A's connections dropped, new ones refused for now
+    await until(() => errors.includes("too_many_connections"), "B's refusal");
+    await a.send({ cmd: "restore" });
+    const restored = Date.now();
+    await until(() => log.states.at(-1)?.state === "recovered", "recovered on A", 10000);
+    console.log(`back on A ${Date.now() - restored} ms after it came back`);
+    assert.equal(feed.url, a.url);
+    await a.write("insert", { id: 1, status: "new" });
+    await until(() => log.changes.length === 1, "a change on A");
+  } finally {
+    await Promise.all(nodes.map((h) => h.stop()));
+  }
+});
+
+test("nodes [A, B], a bad token: final, as with one node", async () => {
+  const nodes = await Harness.startMany(2, PER_IDENTITY);
+  try {
+    const errors = [];
+    const feed = nodes[0].client(nodes.map((h) => h.url), { ...WS, token: "not-a-valid-token" });
+    feed.on("error", (err) => errors.push(err.code));
+    const sub = feed.subscribe(ROOM);
+    await until(() => sub.state === "error", "the subscription ended");
+    assert.deepEqual(errors, ["invalid_token"]);
+    assert.equal(feed.socket.active, false, "no more attempts");
+    assert.equal(feed.url, nodes[0].url);
+  } finally {
+    await Promise.all(nodes.map((h) => h.stop()));
+  }
+});

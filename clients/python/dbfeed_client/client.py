@@ -285,8 +285,9 @@ class FeedClient(_Events):
     async def connect(self) -> None:
         """Connect, then stay connected in the background until `close`.
 
-        Raises ConnectError when the server refuses the first attempt, or when no node could be
-        reached: `timeout` seconds have passed and every URL was tried at least once (each
+        Raises ConnectError when the server refuses the first attempt (with several URLs, a
+        refusal that says "not now" (`TRANSIENT_REFUSALS`) once every node was tried, the
+        others first), or when no node could be reached: `timeout` seconds have passed and every URL was tried at least once (each
         attempt is given up after `timeout`, then the next URL is tried at once). Later, a refused reconnect is retried when `retry_refused` is true
         and the token is a function (it may have a better token next time, unless the refusal
         is `handshake_refused`: a name or origin the feed does not accept) or the refusal says
@@ -406,11 +407,15 @@ class FeedClient(_Events):
                     )
                 if refused is not None:
                     self._emit("error", refused)
+                    not_now = refused.code in TRANSIENT_REFUSALS
                     retry = self.retry_refused and (
-                        refused.code in TRANSIENT_REFUSALS
+                        not_now
                         or (callable(self._token_source) and refused.code not in UNTOKENED_REFUSALS)
                     )
-                    if not (retry and first.done()):
+                    # A first connect refused "not now" by one node goes on to the others:
+                    # raised once every node was tried (each may have refused or failed).
+                    elsewhere = retry and not_now and failed + 1 < len(self.urls)
+                    if not (retry and (first.done() or elsewhere)):
                         # The same request would be refused again (or this is the first
                         # attempt, which `connect()` reports): give up, and say so.
                         if not first.done():
@@ -418,17 +423,19 @@ class FeedClient(_Events):
                         for sub in list(self.subscriptions):
                             sub._fail(refused)
                         return
-                    if http is not None:
-                        # A node at its connection limit: the next one now, as for one that is
-                        # unreachable (the backoff once a round of them all failed).
+                    if http is not None or not_now:
+                        # "Not now, here" (a node at its connection limit, the identity at its
+                        # connections on this node, a node that cannot check tokens right now):
+                        # the next node now, as for one that is unreachable (the backoff once a
+                        # round of them all failed). A refusal of the token itself is the same
+                        # on every node: retried where it was said, after the backoff.
                         self._next_url()
                         failed += 1
                         if failed % len(self.urls):
                             continue
                 else:
                     # Unreachable, refusing connections, or no answer within `timeout`: the
-                    # next node now, the backoff only once a round of them all failed. (A
-                    # refusal by the server is retried where it was said, as before.)
+                    # next node now, the backoff only once a round of them all failed.
                     self._next_url()
                     failed += 1
                     if not first.done() and loop.time() >= deadline and failed >= len(self.urls):
