@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import cpu_seconds
+from bench.servers import BENCH_LIMITS
 
 ROOT = Path(__file__).parent.parent
 PROBES = 10
@@ -110,16 +111,19 @@ def postgres_config(
     server: Mapping[str, Setting] | None = None,
     cluster: Mapping[str, Setting] | None = None,
     connector: Mapping[str, Setting] | None = None,
+    limits: Mapping[str, Setting] | None = None,
 ) -> str:
     """A `feed serve` config reading `public.orders` from Postgres (connector `main`), as a
     node of the cluster on `redis_url` named by FEED_NODE (without `redis_url`, a node alone).
 
     The one writer of such configs for the benches (this phase, bench/failover.py) and the
     cluster tests (tests/support/cluster.py): they differ only in the settings `server`,
-    `cluster` and `connector` add to those sections. Here, not in tests/support, so that a
+    `cluster`, `connector` and `limits` add to those sections. Here, not in tests/support, so that a
     bench needs no test module for it.
     """
     text = f"[server]\n{toml_lines(server)}\n"
+    if limits:
+        text += f"[limits]\n{toml_lines(limits)}\n"
     if redis_url:
         text += (
             f"[cluster]\nurl = {toml_value(redis_url)}\nprefix = {toml_value(prefix)}\n"
@@ -135,7 +139,9 @@ def config(dsn: str, redis_url: str | None) -> str:
     cluster: dict[str, Setting] = {}
     if interval := os.environ.get("BENCH_PUBLISH_INTERVAL"):  # to compare; else the default
         cluster["publish_interval"] = float(interval)
-    return postgres_config(dsn, redis_url, server={"log_level": "warning"}, cluster=cluster)
+    return postgres_config(
+        dsn, redis_url, server={"log_level": "warning"}, cluster=cluster, limits=BENCH_LIMITS
+    )
 
 
 async def start_node(

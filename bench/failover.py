@@ -40,6 +40,7 @@ from typing import Any
 import asyncpg
 
 from bench.cluster import postgres_config
+from bench.servers import BENCH_LIMITS
 from tests.support.cluster import FeedNode, reading_node
 from tests.support.proxy import Blackhole
 from tests.support.redis import open_private_redis
@@ -59,6 +60,7 @@ def node_config(dsn: str, redis_url: str, prefix: str) -> str:
         server={"ping_interval": 2, "ping_timeout": 2},
         cluster={"lease": 2.0},
         connector={"heartbeat_interval": 0.5, "save_interval": 0.2},
+        limits=BENCH_LIMITS,
     )
 
 

@@ -254,9 +254,12 @@ class BurstResult:
 def burst_once(rooms: int, changes: int, timeout: float, subscribers: int = 20) -> BurstResult:
     port = free_port()
     # Each subscriber client holds rooms/20 subscriptions, made as fast as acks come back.
-    config = memory_config([TARGET], port, f"max_subscriptions = {rooms}\n") + (
-        f"\n[limits]\nsubscribe_rate = 100000\nsubscribe_burst = {rooms}\n"
-        "rooms_per_identity = 0\n"  # every bench client is the same anonymous identity
+    config = memory_config(
+        [TARGET],
+        port,
+        f"max_subscriptions = {rooms}\n",
+        f"subscribe_rate = 100000\nsubscribe_burst = {rooms}\n"
+        "rooms_per_identity = 0\n",  # every bench client is the same anonymous identity
     )
     server = Child(feed_main, config, name="feed")
     try:

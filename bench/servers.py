@@ -33,8 +33,17 @@ def free_port() -> int:
         return port
 
 
-def server_section(port: int, extra: str = "") -> str:
-    """The `[server]` table every bench feed runs with: loopback, no dashboard, quiet logs."""
+BENCH_LIMITS = {"connections_per_address": 0}
+"""Every bench client connects from this machine's one address: uncapped per address (the
+default, 100 anonymous connections, would refuse all but the first hundred)."""
+
+BENCH_LIMITS_TOML = "".join(f"{key} = {value}\n" for key, value in BENCH_LIMITS.items())
+"""`BENCH_LIMITS` as lines of a `[limits]` table."""
+
+
+def server_section(port: int, extra: str = "", limits: str = "") -> str:
+    """The `[server]` table every bench feed runs with (loopback, no dashboard, quiet logs), and
+    its `[limits]` (`BENCH_LIMITS`, then `limits`)."""
     return f"""
 [server]
 host = "127.0.0.1"
@@ -42,16 +51,19 @@ port = {port}
 dashboard = false
 log_level = "warning"
 {extra}
+
+[limits]
+{BENCH_LIMITS_TOML}{limits}
 """
 
 
-def memory_config(targets: list[str], port: int, extra: str = "") -> str:
+def memory_config(targets: list[str], port: int, extra: str = "", limits: str = "") -> str:
     names = ", ".join(json.dumps(t) for t in targets)
     return (
         # BENCH_REPLAY_BUFFER: a few, to measure with every room's buffer full (each change
         # evicts one), as a feed that has run a while has them.
         server_section(
-            port, f"replay_buffer = {os.environ.get('BENCH_REPLAY_BUFFER', 1000)}\n{extra}"
+            port, f"replay_buffer = {os.environ.get('BENCH_REPLAY_BUFFER', 1000)}\n{extra}", limits
         )
         + f"""
 [[connectors]]

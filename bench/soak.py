@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster import free_port, rss_kib
+from bench.servers import BENCH_LIMITS_TOML
 
 ROOT = Path(__file__).parent.parent
 METRIC = re.compile(r'^(feed_[a-z_]+)(?:\{kind="([a-z_]+)"[^}]*\}|\{[^}]*\})? (\S+)$', re.M)
@@ -80,7 +81,7 @@ replay_buffer = {buffer}
 
 [limits]
 outbound_queue_bytes = 262144
-
+{BENCH_LIMITS_TOML}
 {cluster}
 [[connectors]]
 name = "main"

@@ -45,10 +45,10 @@ WAIT = 30.0
 
 @contextlib.asynccontextmanager
 async def nodes_behind_haproxy(
-    redis_target: RedisTarget, tmp_path: Path, **balancer: Any
+    redis_target: RedisTarget, tmp_path: Path, extra: str = "", **balancer: Any
 ) -> AsyncIterator[tuple[list[FeedNode], LoadBalancer]]:
     """Two nodes of one cluster (memory connectors) behind the deploy file's HAProxy."""
-    async with cluster_nodes(redis_target, tmp_path) as nodes:
+    async with cluster_nodes(redis_target, tmp_path, extra=extra) as nodes:
         lb = LoadBalancer(tmp_path, [(n.name, n.port) for n in nodes], **balancer)
         try:
             yield nodes, await lb.start()
@@ -146,3 +146,43 @@ async def test_the_feed_logs_the_clients_address_not_one_it_claims(
         await wait_until(lambda: bool(request_lines(nodes, "probe=xff")), WAIT, "the log line")
         lines = request_lines(nodes, "probe=xff")
         assert "127.0.0.3:" in lines[0] and "203.0.113.9" not in lines[0], lines
+
+
+async def connect_from(url: str, source: str, headers: dict[str, str] | None = None) -> Any:
+    """A Socket.IO client from `source` (a loopback address): the client, or the code of the
+    server's refusal."""
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)))
+    client = socketio.AsyncClient(reconnection=False, http_session=http)
+    reasons: asyncio.Queue[Any] = asyncio.Queue()
+    client.on("connect_error", reasons.put_nowait)
+    try:
+        await client.connect(
+            url, headers=headers or {}, transports=["websocket"], wait_timeout=WAIT
+        )
+    except socketio.exceptions.ConnectionError:
+        await http.close()
+        return (await asyncio.wait_for(reasons.get(), WAIT))["data"]["code"]
+    client.feed_http = http
+    return client
+
+
+async def test_connections_per_address_counts_each_client_behind_haproxy(
+    redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    """Every connection comes from HAProxy's address; the deploy file sets X-Forwarded-For to
+    the client's, which the feed believes from it (FORWARDED_ALLOW_IPS), so the cap counts each
+    client, not the balancer (which would refuse everyone past it), and a client's own
+    X-Forwarded-For does not get it a fresh allowance. Sticky by address (`balance source`),
+    one client's connections land on one node, whose cap they meet."""
+    extra = "\n[limits]\nconnections_per_address = 2\n"
+    async with nodes_behind_haproxy(redis_target, tmp_path, extra=extra) as (_nodes, lb):
+        held = [await connect_from(lb.url, "127.0.0.2") for _ in range(2)]
+        assert all(isinstance(c, socketio.AsyncClient) for c in held), held
+        assert await connect_from(lb.url, "127.0.0.2") == "too_many_connections"
+        forged = {"X-Forwarded-For": "203.0.113.50"}
+        assert await connect_from(lb.url, "127.0.0.2", forged) == "too_many_connections"
+        others = [await connect_from(lb.url, "127.0.0.3") for _ in range(2)]
+        assert all(isinstance(c, socketio.AsyncClient) for c in others), others
+        for client in [*held, *others]:
+            await client.disconnect()
+            await client.feed_http.close()

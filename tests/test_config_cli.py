@@ -199,6 +199,10 @@ PG = "[[connectors]]\nname = 'main'\ntype = 'postgres'\ndsn = '{dsn}'\ntables = 
             "feed.toml: limits.request_timeout: must be from 0.1 to 3600, not 1000000000000.0",
         ),
         (
+            "[limits]\nconnections_per_address = -1",
+            "feed.toml: limits.connections_per_address: must be from 0 to 1000000, not -1",
+        ),
+        (
             "[cluster]\nurl = 'redis://h/0'\nhistory = 1_000_000_000_000_000",
             "feed.toml: cluster.history: must be from 1 to 1000000, not 1000000000000000",
         ),

@@ -53,6 +53,7 @@ ping_timeout = 20
 
 [limits]
 connections_per_identity = 100
+connections_per_address = 100
 subscribe_rate = 20.0
 subscribe_burst = 100
 outbound_queue_bytes = 8388608

@@ -101,9 +101,10 @@ async def test_websocket_clients_run_on_their_connection_task_alone() -> None:
             sockets = feed.app.sio.eio.sockets
             assert all(type(sockets[sid]) is LeanSocket for _, sid in clients)
             assert all(sockets[sid].protocol is not None for _, sid in clients)
-            # Handshake state is not kept once the client is connected.
+            # Handshake state is not kept once the client is connected: only its address, for
+            # connections_per_address if it connects again on its session.
             for sid in list(feed.hub.clients):
-                assert feed.app.sio.get_environ(sid) == {}
+                assert feed.app.sio.get_environ(sid) == {"feed.client_host": "127.0.0.1"}
         finally:
             for ws, _ in clients:
                 await ws.close()

@@ -28,16 +28,17 @@ MEMORY = "[[connectors]]\nname = 'mem'\ntype = 'memory'\ntargets = ['public.orde
 
 
 async def serve(
-    tmp_path: Path, port_in_config: bool = False, settings: str = ""
+    tmp_path: Path, port_in_config: bool = False, settings: str = "", limits: str = ""
 ) -> tuple[asyncio.subprocess.Process, int]:
     """`feed serve` with a memory connector on a free port (in its config, or `--port`), once
     it listens; a port another process took before the child bound it is replaced by a fresh one.
-    `settings`: more lines for its `[server]` table."""
+    `settings`: more lines for its `[server]` table; `limits`: lines of a `[limits]` table."""
 
     async def start(port: int) -> tuple[asyncio.subprocess.Process, int]:
         config = tmp_path / "feed.toml"
         port_line = f"port = {port}\n" if port_in_config else ""
-        config.write_text(f"[server]\n{port_line}{settings}\n{MEMORY}")
+        limits_table = f"[limits]\n{limits}\n" if limits else ""
+        config.write_text(f"[server]\n{port_line}{settings}\n{limits_table}{MEMORY}")
         flags = [] if port_in_config else ["--port", str(port)]
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "feed", "serve", "--config", str(config), *flags,
@@ -300,7 +301,8 @@ async def test_thousands_of_clients_leaving_at_once_cost_the_server_little(
     count = 5000
     if raise_nofile() < 2 * count + 200:
         pytest.skip(f"needs {2 * count + 200} open files (ulimit -n) for {count} clients")
-    process, port = await serve(tmp_path)
+    # All from 127.0.0.1, anonymous: uncapped per address (bench.servers.BENCH_LIMITS).
+    process, port = await serve(tmp_path, limits="connections_per_address = 0\n")
     assert process.stderr is not None
     logs = asyncio.create_task(process.stderr.read())  # uvicorn logs each connection
     try:

@@ -32,6 +32,7 @@ from feed.errors import ConfigError, ProtocolError
 from feed.metrics import Labels
 from feed.routing.hub import Hub
 from feed.security.access import Authorizer
+from feed.security.addresses import BalancerWarning, client_address
 from feed.security.auth import (
     Authenticator,
     AuthError,
@@ -76,6 +77,10 @@ SNAPSHOT_FAILED = "the snapshot could not be read right now; retry later"
 EXPIRY_GRACE = 2.0
 """Seconds an expired client has to leave by itself before its connection is dropped."""
 
+REFUSED_GRACE = 1.0
+"""Seconds a session refused at `connections_per_address` is kept for its refusal to reach the
+client (a long-polling client reads it with its next poll) before it is closed."""
+
 
 @dataclass
 class Session:
@@ -84,6 +89,8 @@ class Session:
     identity: Identity
     bucket: TokenBucket
     expiry: asyncio.TimerHandle | None = None
+    address: str | None = None
+    """The client address an anonymous connection is counted under (`connections_per_address`)."""
     refused: int = 0
     """Requests refused `rate_limited` since the last one taken: a client that ignores the
     answer for `FLOOD_STRIKES` of them is flooding, and its connection is ended."""
@@ -114,6 +121,9 @@ class FeedApp:
         self._handshakes: dict[str, asyncio.TimerHandle] = {}
         """The handshake-timeout check of each Engine.IO session not yet connected."""
         self.connections = ConnectionCounter(config.limits.connections_per_identity)
+        self.addresses = ConnectionCounter(config.limits.connections_per_address)
+        """Anonymous connections per client address (feed.security.addresses)."""
+        self._warn_balancer = BalancerWarning()
         self.hub = Hub(connectors or config.build_connectors(), settings)
         limits = config.limits
         self.hub.budget = RoomBudget(
@@ -289,6 +299,7 @@ class FeedApp:
         """Authenticate from the auth payload; a refusal carries `{"code": ...}` and a message."""
         try:
             identity = await self.authenticator.authenticate(auth)
+            address = self._admit_address(sid, environ) if identity.anonymous else None
             if not identity.anonymous and not self.connections.admit(identity.account):
                 raise AuthError(
                     "too_many_connections",
@@ -309,7 +320,9 @@ class FeedApp:
         if handshake is not None:
             handshake.cancel()
         limits = self.config.limits
-        session = Session(identity, TokenBucket(limits.subscribe_rate, limits.subscribe_burst))
+        session = Session(
+            identity, TokenBucket(limits.subscribe_rate, limits.subscribe_burst), address=address
+        )
         self.sessions[sid] = session
         self._schedule_expiry(sid, session)
         self.hub.connect(sid)
@@ -322,7 +335,57 @@ class FeedApp:
                 session.expiry.cancel()
             if not session.identity.anonymous:
                 self.connections.release(session.identity.account)
+            if session.address is not None:
+                self.addresses.release(session.address)
         self.hub.disconnect(sid)
+
+    def _admit_address(self, sid: str, environ: dict[str, Any]) -> str | None:
+        """Count an anonymous connection under its client address, or refuse it past
+        `[limits] connections_per_address` (`too_many_connections`, which the client libraries
+        retry with backoff). Authenticated connections are bounded per identity instead: the
+        users of an office behind one address must not share one allowance.
+
+        The refusal is counted and logged at most once per interval (feed.security.guard's
+        ClientErrors), not a line per connection: the client it stops is one that connects
+        without end. Its session is closed a moment later and no longer counts toward
+        `max_handshakes`: left for its `handshake_timeout`, the refused sessions of one client
+        filled the 1,000 places and every other new client got 503/403 meanwhile.
+        The key is what the connection is counted under; None: not counted."""
+        address = client_address(environ)
+        if address.balancer is not None:
+            self._warn_balancer(address.balancer)
+        key = address.key
+        if key is None or self.addresses.admit(key):
+            return key
+        limit = self.addresses.limit
+        self.hub.metrics.inc("feed_auth_refused_total", code="too_many_connections")
+        self.client_errors.report(
+            "too_many_from_address",
+            f"{key} already holds {limit} anonymous connections ([limits] "
+            "connections_per_address; if that is your balancer's address, it must set "
+            "X-Forwarded-For and be in FORWARDED_ALLOW_IPS)",
+        )
+        self._close_refused(sid)
+        raise Refused(
+            f"{key} already holds {limit} connections, the most one address may; retry later",
+            {"code": "too_many_connections"},
+        )
+
+    def _close_refused(self, sid: str) -> None:
+        """Close a refused session after `REFUSED_GRACE`, unless it has connected since (a
+        client may send its connect again on the same session, and be let in)."""
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        if eio_sid is None:
+            return
+        handshake = self._handshakes.pop(eio_sid, None)
+        if handshake is not None:
+            handshake.cancel()
+
+        def close() -> None:
+            if self.sio.manager.sid_from_eio_sid(eio_sid, "/") is None:
+                self.outbound.close_soon(eio_sid)
+
+        asyncio.get_running_loop().call_later(REFUSED_GRACE, close)
 
     def _schedule_expiry(self, sid: str, session: Session) -> None:
         """End the connection when its token expires, unless a `refresh` comes first."""

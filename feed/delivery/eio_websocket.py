@@ -21,8 +21,8 @@ uvicorn's default websocket protocol (`WebSocketsSansIOProtocol`):
   interval, due times are appended in order). It replaces Engine.IO's per-socket ping tasks and
   its monitor task, for every socket, long-polling ones included;
 - **no handshake state after connect**: the environ is emptied once the Socket.IO connect
-  handler has run (`get_environ()` then answers `{}`; the feed's handlers read it only at
-  connect, and not even then), and uvicorn's copies of the request and response headers are
+  handler has run (`get_environ()` then answers only the client's address, which the feed's
+  connect handler reads again if the client connects again on its session), and uvicorn's copies of the request and response headers are
   dropped once the websocket is accepted.
 
 Long-polling connections (and the polling phase of a client that then upgrades) use Engine.IO's
@@ -51,6 +51,7 @@ from engineio import payload as eio_payload
 from engineio.async_socket import AsyncSocket
 from socketio import packet as sio_packet
 
+from feed.security.addresses import CLIENT_HOST
 from feed.security.limits import packet_size
 
 log = logging.getLogger("feed.eio_websocket")
@@ -1003,6 +1004,22 @@ def lone_surrogate(value: Any) -> bool:
     return False
 
 
+def client_environ(environ: dict[str, Any]) -> dict[str, Any]:
+    """The little of a request's environ that says who the client is: the host of the ASGI
+    scope's `client` (after uvicorn's proxy headers) and the X-Forwarded-For it came with
+    (a string each; the rest, the scope included, is let go)."""
+    kept: dict[str, Any] = {}
+    scope = environ.get("asgi.scope")
+    client = scope.get("client") if isinstance(scope, dict) else None
+    if client:
+        kept[CLIENT_HOST] = client[0]
+    elif CLIENT_HOST in environ:
+        kept[CLIENT_HOST] = environ[CLIENT_HOST]
+    if "HTTP_X_FORWARDED_FOR" in environ:
+        kept["HTTP_X_FORWARDED_FOR"] = environ["HTTP_X_FORWARDED_FOR"]
+    return kept
+
+
 class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
     """socketio.AsyncServer on `LeanEngineIO`, which lets go of each environ after connect."""
 
@@ -1109,4 +1126,8 @@ class FeedSocketIO(socketio.AsyncServer):  # type: ignore[misc]
             environ = self.environ.get(eio_sid)
             if environ:
                 # Emptied in place: Engine.IO's request handler still holds this very dict.
+                # What names the client's address stays, for its next connect on this session
+                # (after a `41`) to be counted like its first (`connections_per_address`).
+                kept = client_environ(environ)
                 environ.clear()
+                environ.update(kept)

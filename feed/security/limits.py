@@ -33,6 +33,9 @@ PACKET_OVERHEAD = 64
 class LimitsConfig:
     connections_per_identity: int = 100
     """Concurrent connections one authenticated identity may hold (0: no limit)."""
+    connections_per_address: int = 100
+    """Concurrent anonymous connections from one client address (feed.security.addresses;
+    0: no limit)."""
     subscribe_rate: float = 20.0
     """Subscribe/unsubscribe requests per second a client may sustain..."""
     subscribe_burst: int = 100
@@ -63,6 +66,9 @@ def parse_limits(top: Options) -> LimitsConfig:
     config = LimitsConfig(
         connections_per_identity=opts.int(
             "connections_per_identity", 100, minimum=0, maximum=1_000_000
+        ),
+        connections_per_address=opts.int(
+            "connections_per_address", 100, minimum=0, maximum=1_000_000
         ),
         subscribe_rate=opts.float("subscribe_rate", 20.0, minimum=0.01, maximum=1_000_000),
         subscribe_burst=opts.int("subscribe_burst", 100, minimum=1, maximum=1_000_000),
@@ -103,7 +109,7 @@ class TokenBucket:
 
 
 class ConnectionCounter:
-    """Connections per identity name; anonymous connections are not counted."""
+    """Connections per identity name, or per client address (anonymous ones, feed.app.server)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

@@ -24,16 +24,16 @@ WAIT = 30.0
 
 @contextlib.asynccontextmanager
 async def cluster_nodes(
-    redis_target: RedisTarget, directory: Path, count: int = 2
+    redis_target: RedisTarget, directory: Path, count: int = 2, extra: str = ""
 ) -> AsyncIterator[list[FeedNode]]:
     """`count` ready nodes of one cluster (memory connectors), with uvicorn's request lines on
     (`access_log`, in each node's `log`), each writing its standard output to
-    `<directory>/<name>.out`; stopped at the end."""
+    `<directory>/<name>.out`; `extra` is added to their config; stopped at the end."""
     config = directory / "feed.toml"
     text = cluster_config(redis_target.url, redis_target.prefix)
     assert "[server]\n" in text
     text = text.replace("[server]\n", "[server]\naccess_log = true\n", 1)
-    config.write_text(text.replace("[cluster]\n", '[cluster]\nnode = "${FEED_NODE}"\n'))
+    config.write_text(text.replace("[cluster]\n", '[cluster]\nnode = "${FEED_NODE}"\n') + extra)
     async with running_cluster(config, count, logs=directory) as nodes:
         yield nodes
 

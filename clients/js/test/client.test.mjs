@@ -434,6 +434,28 @@ test("a fixed token refused as too_many_connections is retried until a connectio
     assert.ok(!log.states.some((s) => s.state === "error"), JSON.stringify(log.states));
   }));
 
+for (const [name, transport] of [["websocket", WS], ["long-polling", POLL]]) {
+  test(`an anonymous client refused at connections_per_address (${name}) is retried until the address has a free place`, () =>
+    withHarness({ config: "[limits]\nconnections_per_address = 1\n" }, async (h) => {
+      // Both from this machine's address; the server closes the refused session a second
+      // after its refusal, and the client retries with backoff all the same.
+      const first = h.client(h.direct, transport);
+      const held = first.subscribe(ROOM);
+      await until(() => held.state === "live", "the first client live");
+      const second = h.client(h.direct, transport);
+      const errors = [];
+      second.on("error", (err) => errors.push(err.code));
+      const sub = second.subscribe(ROOM);
+      const log = record(sub);
+      await until(() => errors.filter((c) => c === "too_many_connections").length >= 2, "refused and retried");
+      first.close(); // its place is given back
+      await until(() => sub.state === "live", "the second client live once the place is free");
+      await h.write("insert", { id: 905, status: "new" });
+      await until(() => log.changes.length === 1, "a change on the second client");
+      assert.ok(!log.states.some((s) => s.state === "error"), JSON.stringify(log.states));
+    }));
+}
+
 test("a slow consumer: the server cuts it off, it resumes, and its rows are right", () =>
   withHarness({ config: "[limits]\noutbound_queue_bytes = 16384\n" }, async (h) => {
     // A small outbound queue, so that a client that stops reading is cut off by the server.
