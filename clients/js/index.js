@@ -453,9 +453,20 @@ function scalarText(value) {
   if (typeof value === "string") return value;
   if (typeof value === "object") {
     const wrapped = Array.isArray(value) ? null : wrappedText(value);
-    return wrapped !== null ? wrapped : JSON.stringify(value);
+    return wrapped !== null ? wrapped : jsonText(value);
   }
   return String(value);
+}
+
+/** JSON.stringify, but a BigInt (`bigNumbers: "bigint"`) written as the number it is, not refused. */
+function jsonText(value) {
+  let big = false;
+  const text = JSON.stringify(value, (_key, item) => {
+    if (typeof item !== "bigint") return item;
+    big = true;
+    return `\u0000${item}`;
+  });
+  return big ? text.replace(/"\\u0000(-?\d+)"/g, "$1") : text;
 }
 
 /** Whether `keys` holds one key per row, as a server with snapshot keys sends them. */

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { FeedClient, parseFrame } from "../index.js";
+import { FeedClient, keyText, parseFrame } from "../index.js";
 import { Harness, WAIT, record, until } from "./harness.mjs";
 
 const SETUP = `CREATE TABLE public.t (id bigint PRIMARY KEY, n numeric, note text);
@@ -94,6 +94,10 @@ test("parseFrame: plain JSON.parse unless a number would lose digits", () => {
   assert.equal(parseFrame("[9007199254740993]", "number")[0], 9007199254740992);
   assert.throws(() => parseFrame("[9007199254740993", "string"), SyntaxError);
   assert.throws(() => new FeedClient("http://127.0.0.1:1", { bigNumbers: "float" }), /bigNumbers/);
+  // A key that holds a BigInt, even inside a document (a MongoDB _id): the server's text.
+  const key = parseFrame('{"_id":{"shard":{"n":9007199254740993},"at":1}}', "bigint")._id;
+  assert.equal(keyText(key), '{"n":9007199254740993},1');
+  assert.equal(keyText(parseFrame("[9007199254740993,7]", "bigint")), "9007199254740993,7");
 });
 
 // Random documents: strings full of digits, quotes, backslashes and U+0000, numbers of every
