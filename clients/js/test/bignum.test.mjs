@@ -93,6 +93,11 @@ test("parseFrame: plain JSON.parse unless a number would lose digits", () => {
   ]);
   assert.equal(parseFrame("[9007199254740993]", "number")[0], 9007199254740992);
   assert.throws(() => parseFrame("[9007199254740993", "string"), SyntaxError);
+  // Not JSON, refused in linear time: an unterminated string of 300 KB took 100 s when the
+  // search started again inside it at every character.
+  const started = performance.now();
+  assert.throws(() => parseFrame(`["${'a\\"'.repeat(100000)}1234567890123456789`, "bigint"), SyntaxError);
+  assert.ok(performance.now() - started < 2000, `${performance.now() - started} ms`);
   assert.throws(() => new FeedClient("http://127.0.0.1:1", { bigNumbers: "float" }), /bigNumbers/);
   // A key that holds a BigInt, even inside a document (a MongoDB _id): the server's text.
   const key = parseFrame('{"_id":{"shard":{"n":9007199254740993},"at":1}}', "bigint")._id;
