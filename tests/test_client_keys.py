@@ -202,6 +202,46 @@ async def test_an_update_of_a_postgres_primary_key_moves_the_row_in_every_room(
             assert moved_in.rows[new]["day"] == "2026-03-01"
 
 
+@pytest.mark.postgres
+@pytest.mark.timeout(90)
+async def test_a_bigint_key_past_2_53_reaches_the_python_client_exactly(pg: PgDatabase) -> None:
+    """Snowflake-sized ids are Python ints from the wire to `rows`: nothing goes through a
+    float (9007199254740993 as a double is 9007199254740992, another row's id). The JavaScript
+    library's side of this is clients/js/test/bignum.test.mjs."""
+    odd, even = 9007199254740993, 9007199254740992
+    await pg.conn.execute("CREATE TABLE public.t (id bigint PRIMARY KEY, n numeric, note text)")
+    await pg.conn.execute(
+        f"INSERT INTO t VALUES ({odd}, 12345678901234567890.5, 'odd'), ({even}, 1.5, 'even')"
+    )
+    config = (
+        '[server]\nreplay_buffer = 100\n\n[[connectors]]\nname = "main"\n'
+        f'type = "postgres"\ndsn = "{pg.url}"\ntables = ["public.t"]\nauto_migrate = true\n'
+    )
+    async with running_feed(config) as server:
+        connector = server.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with (
+            client(server.url) as feed,
+            feed.subscribe("main:public.t", snapshot=True) as table,
+            feed.subscribe(f"main:public.t:{odd}", snapshot=True) as row,
+            feed.subscribe("main:public.t", filter=f"id=eq.{odd}", snapshot=True) as matched,
+        ):
+            logs = [Log(sub) for sub in (table, row, matched)]
+            assert table.rows is not None and set(table.rows) == {str(odd), str(even)}
+            assert row.rows is not None and set(row.rows) == {str(odd)}
+            assert matched.rows == row.rows
+            await pg.conn.execute(f"UPDATE t SET note = 'changed' WHERE id = {odd}")
+            for log in logs:
+                await log.until(partial(one_change, log), "the update")
+            change = logs[0].changes[0]
+            assert change["key"] == odd and type(change["key"]) is int
+            assert change["after"]["id"] == odd
+            assert table.rows[str(odd)]["note"] == "changed"
+            assert table.rows[str(even)]["note"] == "even"
+            assert table.rows[str(odd)]["n"] == "12345678901234567890.5"
+            assert row.rows[str(odd)]["note"] == "changed"
+
+
 @pytest.mark.redis
 async def test_on_a_cluster_node_that_does_not_read_the_connector_rows_use_its_keys() -> None:
     connector, target = LINES

@@ -458,6 +458,25 @@ targets = ["public.<b>t</b>"]
         assert await page.evaluate("window.pwned") is None
 
 
+async def test_a_snowflake_id_past_2_53_is_shown_with_every_digit(
+    memory_feed: RunningFeed, page: Page
+) -> None:
+    """JSON.parse reads 9007199254740993 as 9007199254740992 (another row's id): the page shows
+    what the database holds, in the table and in the detail (docs/clients.md, "Numbers past
+    2^53")."""
+    db = source(memory_feed)
+    await open_live(page, f"{memory_feed.url}/?room=mem:public.orders", "mem:public.orders")
+    db.write("public.orders", "insert", {"id": 9007199254740993, "ref": 1234567890123456789})
+    await expect(rows(page)).to_have_count(1)
+    assert await keys_shown(page) == ["9007199254740993"]
+    await rows(page).first.click()
+    detail = page.locator("#detail-body")
+    await expect(detail.locator('tr[data-field="id"] td.after')).to_have_text("9007199254740993")
+    await expect(detail.locator('tr[data-field="ref"] td.after')).to_have_text(
+        "1234567890123456789"
+    )
+
+
 async def test_a_huge_value_is_shown_in_part_until_asked_and_the_page_stays_short(
     memory_feed: RunningFeed, page: Page
 ) -> None:

@@ -1,7 +1,17 @@
 // Type declarations for dbfeed-client (index.js). Checked by `tsc --noEmit` in the tests.
 import type { Socket, SocketOptions, ManagerOptions } from "socket.io-client";
 
-export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+/** A value as the library hands it out: `bigint` only with `bigNumbers: "bigint"`. */
+export type Json = null | boolean | number | bigint | string | Json[] | { [key: string]: Json };
+
+/**
+ * How a number a double would change (an integer past ±(2^53 - 1), such as a `bigint`
+ * snowflake id; a decimal with more digits than a double keeps) reaches the application:
+ * "string" (default) its exact text, `"9007199254740993"`; "bigint" an integer as a BigInt,
+ * `9007199254740993n` (a decimal as its text); "number" as JSON.parse reads it, rounded
+ * (`9007199254740992`: another row's id). Smaller numbers are numbers in every mode.
+ */
+export type BigNumbers = "string" | "bigint" | "number";
 export type Row = { [field: string]: Json };
 
 /** One change, as the server sends it (docs/protocol.md). */
@@ -79,6 +89,8 @@ export interface FeedClientOptions {
   /** Milliseconds to wait for an answer to a request, and for a connection attempt before the
    * next node is tried (default 10000; `socketOptions.timeout` overrides the latter). */
   timeout?: number;
+  /** Numbers a double would change: their text (default), BigInt, or rounded (see `BigNumbers`). */
+  bigNumbers?: BigNumbers;
   /** Any other socket.io-client options. */
   socketOptions?: Partial<ManagerOptions & SocketOptions>;
   /** The socket.io-client `io` function to use (default: the one imported). */
@@ -153,6 +165,8 @@ export class FeedError extends Error {
 
 /** The row key as in row room names: `42`, `abc`, `7,2`; null when there is none. */
 export function keyText(key: Json | undefined): string | null;
+/** A JSON text read as JSON.parse reads it, but numbers a double would change kept exact, per `mode` ("string" by default). Every frame from the server is read so. */
+export function parseFrame(text: string, mode?: BigNumbers): Json;
 /** A copy of a row with a MongoDB update description applied (updatedFields, removedFields, truncatedArrays). */
 export function patched(row: Row, description: { [key: string]: Json }): Row;
 
@@ -163,6 +177,8 @@ export class FeedClient {
   /** The node connected to (or being tried). */
   readonly url: string;
   readonly urls: string[];
+  /** `options.bigNumbers`, "string" when not given. */
+  readonly bigNumbers: BigNumbers;
   readonly socket: Socket;
   readonly connected: boolean;
   readonly subscriptions: Set<Subscription>;

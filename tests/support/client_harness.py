@@ -22,6 +22,10 @@ runner, clients/js/test) start `python -m tests.support.client_harness` and driv
         (drops only the connections of long-poll GETs waiting for their answer, once one waits)
     {"cmd": "cut_answer", "target": "public.customers", "row": {..., "status": "cut-here"}}
         (writes the row; the answer carrying `"status":"cut-here"` is cut mid-body: waits for it)
+    {"cmd": "pg_start", "setup": "<SQL>", "tables": ["public.t"], "mode": "notify"}
+                                                               -> {"ok": true, "url": ...}
+        (a feed on a real Postgres, database of its own: see tests/support/pg_harness.py)
+    {"cmd": "pg_sql", "sql": "<SQL>"} / {"cmd": "pg_stop"}
     {"cmd": "token", "ttl": 3}                                 -> {"ok": true, "token": "..."}
     {"cmd": "cluster_start"}          -> {"ok": true, "urls": [<node 0 via a proxy>, <node 1>]}
         (with "server": "<lines>", added to both nodes' [server] table)
@@ -49,6 +53,7 @@ import uvicorn
 from connectors.memory import MemoryConnector
 from feed.app.config import parse_config
 from feed.app.server import FeedApp, QuietServer
+from tests.support.pg_harness import PgFeed
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import open_redis_target
 from tests.support.server import RunningFeed, listening_socket, port_of, running_feed
@@ -327,6 +332,7 @@ async def serve_commands() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     h = Harness()
     cluster: ClusterHarness | None = None
+    pg = PgFeed()
     background: set[asyncio.Task[None]] = set()
 
     def answer(body: dict[str, Any]) -> None:
@@ -395,6 +401,14 @@ async def serve_commands() -> None:
                     h.proxy.rename(command.get("headers", {}))
                 elif cmd == "restart":
                     await h.restart()
+                elif cmd == "pg_start":
+                    reply["url"] = await pg.start(
+                        command["setup"], command["tables"], command.get("mode", "notify")
+                    )
+                elif cmd == "pg_sql":
+                    reply["status"] = await pg.sql(command["sql"])
+                elif cmd == "pg_stop":
+                    await pg.stop()
                 elif cmd == "token":
                     reply["token"] = make_token(float(command.get("ttl", 300)))
                 elif cmd == "cluster_start":
@@ -432,6 +446,7 @@ async def serve_commands() -> None:
     finally:
         if cluster is not None:
             await cluster.stop()
+        await pg.stop()
         await h.stop()
         answer({"ok": True, "stopped": True})
 

@@ -1,5 +1,5 @@
 // Compiled by `tsc --noEmit` only: the README's and docs/clients.md's usage, type-checked.
-import { FeedClient, FeedError, type ClientErrorCode, type Change, type Row, type State } from "dbfeed-client";
+import { FeedClient, FeedError, parseFrame, type BigNumbers, type ClientErrorCode, type Change, type Row, type State } from "dbfeed-client";
 
 const feed = new FeedClient("http://127.0.0.1:8000", { token: async () => "a token" });
 const sub = feed.subscribe("main:public.orders", { filter: "status=eq.paid", snapshot: true, key: "id" });
@@ -35,3 +35,9 @@ async function main(): Promise<void> {
   feed.close();
 }
 void main();
+
+// Snowflake ids past 2^53: their exact text by default, BigInt when asked for.
+const exact = new FeedClient("http://127.0.0.1:8000", { bigNumbers: "bigint" });
+const mode: BigNumbers = exact.bigNumbers;
+const id = parseFrame('{"id":9007199254740993}', mode);
+if (id && typeof id === "object" && !Array.isArray(id) && typeof id.id === "bigint") console.log(id.id + 1n);
