@@ -287,3 +287,36 @@ async def test_the_js_client_readmes_sample_runs_as_written(tmp_path: Path) -> N
             if out.process.returncode is None:
                 out.process.kill()
                 await out.process.wait()
+
+
+@pytest.mark.parametrize("client", ["python", "node"])
+async def test_the_example_clients_say_when_a_row_leaves_a_filter(client: str) -> None:
+    """An update that takes a row out of a filter room (`left: true`) was printed like any
+    other, `update ... status=eq.paid ... "refunded"`: a reader took the filter for broken."""
+    if client == "node":
+        need_node()
+        command, cwd = ["node", "client.mjs"], NODE_DIR
+    else:
+        command, cwd = [sys.executable, str(EXAMPLES / "python_client.py")], ROOT
+    async with running_feed(MEMORY_CONFIG) as feed:
+        process = await asyncio.create_subprocess_exec(
+            *command, "--url", feed.url, "--room", "mem:public.orders",
+            "--filter", "status=eq.paid", "--count", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        out = Output(process)
+        try:
+            await out.expect(r"^live ")
+            source = MemoryConnector.instances["mem"]
+            source.write("public.orders", "insert", {"id": 1, "status": "paid"})
+            source.write("public.orders", "update", {"id": 1, "status": "refunded"})
+            entered = await out.expect(r"^insert ")
+            left = await out.expect(r"^update ")
+            assert await asyncio.wait_for(process.wait(), WAIT) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert "left" not in entered
+    assert left.endswith("(left the filter)"), left
