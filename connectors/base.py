@@ -258,6 +258,15 @@ class Connector(ABC):
         """
         return None
 
+    def check_forced_filter(self, target: str, row_filter: RowFilter) -> None:
+        """Refuse (ProtocolError) an access rule's forced filter no row of `target` can match.
+
+        Narrower than `check_filter`, which may also refuse what is fine for a forced filter
+        (MongoDB: a client's filter on a whole database's room, whose rows a shaped room does
+        not need). Only a source with a known schema can tell: the default accepts it.
+        """
+        return None
+
     def check_key(self, target: str, key: str) -> None:
         """Refuse (ProtocolError "bad_key") a row room no row of `target` can ever fill.
 

@@ -1211,6 +1211,10 @@ class PostgresConnector(TableSetup, Connector):
         if shape is not None:  # not read yet, nor shared by a reader: nothing to check against
             check_filter(shape, row_filter)
 
+    def check_forced_filter(self, target: str, row_filter: RowFilter) -> None:
+        """A rule's forced filter, as a client's: an unknown column, a claim not of its type."""
+        self.check_filter(target, row_filter)
+
     def check_key(self, target: str, key: str) -> None:
         """A row room's key against the table's key columns: see connectors/postgres_filters."""
         shape = self._shapes.get(target)

@@ -524,8 +524,11 @@ class TableSetup:
                         continue
                     lines += await self._detach(conn, target)
                 if tables is None:
-                    await conn.execute(f"DELETE FROM {self.q}.consumers WHERE name = $1", self.name)
-                    lines.append(f"forgot the position of {self.name!r}")
+                    done = await conn.execute(
+                        f"DELETE FROM {self.q}.consumers WHERE name = $1", self.name
+                    )
+                    if done != "DELETE 0":  # say so only when there was one to forget
+                        lines.append(f"forgot the position of {self.name!r}")
             return lines or ["nothing to unwatch"]
         except asyncpg.PostgresError as exc:
             raise self._setup_error(exc) from None

@@ -35,8 +35,9 @@ def show_state(sub: Subscription, state: str, info: dict[str, Any]) -> None:
 def show_change(change: dict[str, Any]) -> None:
     image = change["after"] if change["after"] is not None else change["before"]
     key = json.dumps(change["key"])
+    left = " (left the filter)" if change.get("left") else ""  # no longer matches: drop it
     print(
-        f"{change['op']:<7} {change['room']} #{change['seq']} key={key} {json.dumps(image)}",
+        f"{change['op']:<7} {change['room']} #{change['seq']} key={key} {json.dumps(image)}{left}",
         flush=True,
     )
 

@@ -189,3 +189,134 @@ async def test_the_readmes_python_snippet_runs_as_written(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def js_snippet(page: Path, first_line: str) -> str:
+    """The ```js block of `page` that starts with `first_line`, as a reader would copy it."""
+    text = page.read_text(encoding="utf-8")
+    match = re.search(rf"```js\n({re.escape(first_line)}.*?)```", text, re.S)
+    assert match, f"{page.name} has no ```js block starting with {first_line!r}"
+    return match.group(1)
+
+
+async def run_js_snippet(tmp_path: Path, code: str, feed_url: str, snippet_filter: str) -> Output:
+    """Start `code` as subscribe.mjs in an app folder whose node_modules has dbfeed-client."""
+    need_node()
+    (tmp_path / "node_modules").symlink_to(NODE_DIR / "node_modules")
+    script = tmp_path / "subscribe.mjs"
+    script.write_text(
+        code.replace("http://127.0.0.1:8000", feed_url)
+        .replace("main:public.orders", "mem:public.orders")
+        .replace("status=eq.paid", snippet_filter)
+    )
+    process = await asyncio.create_subprocess_exec(
+        "node", str(script), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    return Output(process)
+
+
+@pytest.mark.parametrize("snippet_filter", ["status=eq.paid", "status=zz.paid"])
+async def test_the_readmes_javascript_snippet_runs_as_written(
+    tmp_path: Path, snippet_filter: str
+) -> None:
+    """README.md's subscribe.mjs: the current rows, then each change; a bad filter says why."""
+    code = js_snippet(ROOT / "README.md", "// subscribe.mjs")
+    async with running_feed(MEMORY_CONFIG) as feed:
+        source = MemoryConnector.instances["mem"]
+        source.write("public.orders", "insert", {"id": 1, "status": "paid"})
+        out = await run_js_snippet(tmp_path, code, feed.url, snippet_filter)
+        try:
+            if snippet_filter.startswith("status=zz"):
+                await out.expect(r"^subscribe failed: bad_filter: .*unknown operator 'zz'")
+                assert await asyncio.wait_for(out.process.wait(), WAIT) == 0
+                return
+            await out.expect(r"^1 paid orders now$")
+            source.write("public.orders", "insert", {"id": 2, "status": "paid"})
+            source.write("public.orders", "delete", {"id": 2})
+            await out.expect(r"^insert 2 \{ id: 2, status: 'paid' \}$")
+            await out.expect(r"^delete 2 \{ id: 2, status: 'paid' \}$")
+        finally:
+            if out.process.returncode is None:
+                out.process.kill()
+                await out.process.wait()
+
+
+async def test_clients_md_javascript_sample_runs_as_written(tmp_path: Path) -> None:
+    """docs/clients.md's JavaScript sample, pasted into a module, runs to its end (no undefined
+    name): the snapshot's rows, `live`, then it unsubscribes and closes, and Node exits."""
+    code = js_snippet(ROOT / "docs" / "clients.md", "// an ES module")
+    async with running_feed(MEMORY_CONFIG) as feed:
+        MemoryConnector.instances["mem"].write(
+            "public.orders", "insert", {"id": 1, "status": "paid"}
+        )
+        out = await run_js_snippet(tmp_path, code, feed.url, "status=eq.paid")
+        try:
+            await out.expect(r"^1 rows$")
+            await out.expect(r"^live \{\}$")
+            assert await asyncio.wait_for(out.process.wait(), WAIT) == 0, out.lines
+        finally:
+            if out.process.returncode is None:
+                out.process.kill()
+                await out.process.wait()
+
+
+async def test_the_js_client_readmes_sample_runs_as_written(tmp_path: Path) -> None:
+    """clients/js/README.md's sample runs as pasted; its empty loop is given a body to watch."""
+    code = js_snippet(
+        ROOT / "clients" / "js" / "README.md", 'import { FeedClient } from "dbfeed-client";'
+    )
+    loop = "for await (const change of sub) {}"
+    assert loop in code
+    code = code.replace(
+        loop,
+        "console.log(`${rows.size} rows`);\n"
+        "for await (const change of sub) { console.log(change.op, change.key); break; }\n"
+        "feed.close();",
+    )
+    async with running_feed(MEMORY_CONFIG) as feed:
+        source = MemoryConnector.instances["mem"]
+        source.write("public.orders", "insert", {"id": 1, "status": "paid"})
+        out = await run_js_snippet(tmp_path, code, feed.url, "status=eq.paid")
+        try:
+            await out.expect(r"^1 rows$")
+            source.write("public.orders", "insert", {"id": 2, "status": "paid"})
+            await out.expect(r"^insert 2$")
+            assert await asyncio.wait_for(out.process.wait(), WAIT) == 0, out.lines
+        finally:
+            if out.process.returncode is None:
+                out.process.kill()
+                await out.process.wait()
+
+
+@pytest.mark.parametrize("client", ["python", "node"])
+async def test_the_example_clients_say_when_a_row_leaves_a_filter(client: str) -> None:
+    """An update that takes a row out of a filter room (`left: true`) was printed like any
+    other, `update ... status=eq.paid ... "refunded"`: a reader took the filter for broken."""
+    if client == "node":
+        need_node()
+        command, cwd = ["node", "client.mjs"], NODE_DIR
+    else:
+        command, cwd = [sys.executable, str(EXAMPLES / "python_client.py")], ROOT
+    async with running_feed(MEMORY_CONFIG) as feed:
+        process = await asyncio.create_subprocess_exec(
+            *command, "--url", feed.url, "--room", "mem:public.orders",
+            "--filter", "status=eq.paid", "--count", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        out = Output(process)
+        try:
+            await out.expect(r"^live ")
+            source = MemoryConnector.instances["mem"]
+            source.write("public.orders", "insert", {"id": 1, "status": "paid"})
+            source.write("public.orders", "update", {"id": 1, "status": "refunded"})
+            entered = await out.expect(r"^insert ")
+            left = await out.expect(r"^update ")
+            assert await asyncio.wait_for(process.wait(), WAIT) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert "left" not in entered
+    assert left.endswith("(left the filter)"), left

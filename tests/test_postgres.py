@@ -705,6 +705,15 @@ async def test_unwatch_drops_triggers_and_position(pg: PgDatabase) -> None:
     assert await pg.conn.fetchval("SELECT count(*) FROM feed.journal") == 0
 
 
+async def test_unwatch_again_says_there_is_nothing_to_unwatch(pg: PgDatabase) -> None:
+    """A second `feed unwatch` claimed again that it "forgot the position" it had forgotten."""
+    await orders(pg)
+    connector = make_connector(pg.url, ["public.orders"])
+    await connector.migrate()
+    await connector.unwatch()
+    assert await connector.unwatch() == ["nothing to unwatch"]
+
+
 async def test_failed_migration_rolls_back_and_names_the_file(
     pg: PgDatabase, tmp_path: Any
 ) -> None:

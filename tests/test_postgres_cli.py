@@ -149,3 +149,29 @@ async def test_check_names_the_dsn_parameter_behind_a_refusal(
         assert code == 1, (parameter, out, err)
         [row] = [line for line in out.splitlines() if line.startswith("main ")]
         assert "FAIL" in row and expected in row and "cannot connect" not in row, row
+
+
+async def test_check_warns_of_a_row_rule_naming_a_column_a_table_lacks(
+    pg: PgDatabase, tmp_path: Path
+) -> None:
+    """A rule allowing `main:public.*` with `row_filter = "tenant_id=eq.{tenant}"` over a
+    table without `tenant_id` refuses every subscribe to that table (`forbidden`); the
+    operator heard of it only when a tenant tried. `feed check` reads the tables: it says so."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, tenant_id text)")
+    await pg.conn.execute("CREATE TABLE public.customers (id int PRIMARY KEY, name text)")
+    config = tmp_path / "feed.toml"
+    config.write_text(
+        "[[connectors]]\nname = 'main'\ntype = 'postgres'\nauto_migrate = true\n"
+        "dsn = '${DATABASE_URL}'\ntables = ['public.orders', 'public.customers']\n\n"
+        "[[auth.rules]]\nroles = ['admin']\nallow = ['*']\n\n"
+        "[[auth.rules]]\nroles = ['tenant']\nallow = ['main:public.*']\n"
+        "row_filter = 'tenant_id=eq.{tenant}'\n"
+    )
+    code, out, err = await feed("check", "--config", str(config), database_url=pg.url)
+    assert code == 0, out + err
+    assert (
+        "warning: auth.rules[1] allows main:public.customers with row_filter "
+        "'tenant_id=eq.{tenant}', but public.customers has no column 'tenant_id': "
+        "subscribes to it are refused (forbidden)"
+    ) in out, out
+    assert "public.orders has no column" not in out

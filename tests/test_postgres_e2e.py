@@ -351,3 +351,29 @@ async def test_a_lost_reader_connection_counts_as_a_connector_restart(pg: PgData
         )
         await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up again")
         assert 'feed_connector_restarts_total{connector="mem"} 0' in feed.hub.metrics.render()
+
+
+async def test_a_row_rule_that_cannot_apply_to_a_table_refuses_the_subscribe(
+    pg: PgDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rule's `row_filter` naming a column a table it allows lacks (`tenant_id` on
+    `customers`) put the client in a room that went `live` and never received anything: the
+    operator's mistake was silent. Now the subscribe is refused (`forbidden`), the tenant is
+    not told the table's columns, and the log says what to fix."""
+    await pg.conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, tenant_id text)")
+    await pg.conn.execute("CREATE TABLE public.customers (id int PRIMARY KEY, name text)")
+    rules = '\n[[auth.rules]]\nallow = ["main:public.*"]\nrow_filter = "tenant_id=eq.acme"\n'
+    tables = '["public.orders", "public.customers"]'
+    async with running_feed(config(pg.url, tables=tables) + rules) as feed:
+        connector = feed.hub.connectors["main"]
+        await wait_until(lambda: connector.status.state.value == "up", 15, "postgres up")
+        async with feed_client(feed.url) as client:
+            first = await client.subscribe("main:public.orders")
+            assert first["ok"], first
+            with caplog.at_level(logging.WARNING, logger="feed.hub"):
+                ack = await client.subscribe("main:public.customers")
+    assert not ack["ok"] and ack["error"]["code"] == "forbidden", ack
+    assert "public.customers" in ack["error"]["message"]
+    assert "name" not in ack["error"]["message"]  # not the table's columns
+    assert "public.customers has no column 'tenant_id'" in caplog.text
+    assert "row_filter" in caplog.text

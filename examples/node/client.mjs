@@ -61,8 +61,9 @@ for (const room of wanted) {
   });
   sub.on("change", (change) => {
     const image = change.after ?? change.before; // a delete has only its before image
+    const left = change.left ? " (left the filter)" : ""; // no longer matches: drop it
     console.log(
-      `${change.op.padEnd(7)} ${change.room} #${change.seq} key=${JSON.stringify(change.key)} ${JSON.stringify(image)}`,
+      `${change.op.padEnd(7)} ${change.room} #${change.seq} key=${JSON.stringify(change.key)} ${JSON.stringify(image)}${left}`,
     );
     printed += 1;
     if (count !== null && printed >= count) finish(0);

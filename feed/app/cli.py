@@ -227,6 +227,8 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from feed.app.rule_check import rule_warnings
+
     config = load_config(args.config)
     connectors = config.build_connectors()
     print(f"config {args.config}: ok ({len(connectors)} connector(s))")
@@ -236,6 +238,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for connector in connectors:
             try:
                 detail = await asyncio.wait_for(connector.check(), CHECK_TIMEOUT)
+                detail += "".join(f"; {line}" for line in rule_warnings(config.auth, connector))
                 rows.append((connector.name, connector.kind, "ok", detail))
             except TimeoutError:
                 rows.append((connector.name, connector.kind, "FAIL", "timed out"))

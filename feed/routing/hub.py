@@ -96,6 +96,30 @@ def room_name(
     return name
 
 
+def check_forced(connector: Connector, target: str, forced: RowFilter) -> None:
+    """Refuse a room whose access rule forces a filter no row of `target` can match.
+
+    Such a rule (a `row_filter` naming a column the table lacks, or a claim not of the
+    column's type) put the client in a room that went live and heard nothing, ever: the
+    operator's mistake was silent. The client is told to ask; the log says what to fix
+    (the table's columns are not for the client).
+    """
+    try:
+        connector.check_forced_filter(target, forced)
+    except ProtocolError as exc:
+        log.warning(
+            "connector %s: the access rule's row_filter %r cannot apply to %s (%s): "
+            "subscribes to it are refused; fix the rule's row_filter, or leave %s out of "
+            "its allow",
+            connector.name, forced.canonical, target, exc.message, target,
+        )  # fmt: skip
+        raise ProtocolError(
+            "forbidden",
+            f"the access rules give {target} a row filter that cannot apply to it; "
+            "ask the feed's operator (its log says why)",
+        ) from None
+
+
 class CatchUp:
     """One member's catch-up under way, and how far it has sent the room's changes."""
 
@@ -601,6 +625,7 @@ class Hub:
                 # The columns it lists for a mistyped name would include those masked here.
                 raise ProtocolError(exc.code, exc.message.split(" (columns: ")[0]) from None
         if forced is not None:
+            check_forced(connector, address.target, forced)
             row_filter = forced if row_filter is None else row_filter.merged(forced)
         subscribed = self.clients.setdefault(sid, set())
         name = room_name(connector.name, address, row_filter, shape)
