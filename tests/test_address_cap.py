@@ -269,3 +269,12 @@ async def test_the_python_client_retries_a_refusal_at_the_cap_and_comes_back() -
                 h.proxy.restore()
                 await asyncio.wait_for(refused.wait(), WAIT)
             await asyncio.wait_for(resumed.wait(), 20)  # its place was given back
+
+
+def test_ipv4_clients_through_nat64_are_counted_each_by_its_own_address() -> None:
+    """Behind a stateless NAT64 (SIIT-DC: an IPv6-only feed reached by IPv4 clients) every IPv4
+    client arrives as `64:ff9b::<its IPv4 address>`. By their /64 they were all one key, so the
+    whole IPv4 internet shared one allowance of `connections_per_address`."""
+    one = client_address(scope("64:ff9b::cb00:7107"))
+    other = client_address(scope("64:ff9b::5db8:d822"))
+    assert (one.key, other.key) == ("203.0.113.7", "93.184.216.34")
