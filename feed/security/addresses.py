@@ -79,6 +79,13 @@ def _forwarded_hosts(environ: dict[str, Any]) -> list[str] | None:
     return hosts
 
 
+def forwarded_mark(host: str, environ: dict[str, Any]) -> str:
+    """What of a request's X-Forwarded-For its session keeps for a connect again on it: the
+    host itself when it is one of the header's entries, else nothing. That is all
+    `client_address` reads of the header, which a client may make kilobytes long."""
+    return host if host in (_forwarded_hosts(environ) or ()) else ""
+
+
 def _internal(host: str) -> bool:
     """A loopback, private, link-local or shared (CGNAT) address: not one of the internet's,
     where a balancer in front of the feed is."""
