@@ -269,3 +269,51 @@ async def test_the_python_client_retries_a_refusal_at_the_cap_and_comes_back() -
                 h.proxy.restore()
                 await asyncio.wait_for(refused.wait(), WAIT)
             await asyncio.wait_for(resumed.wait(), 20)  # its place was given back
+
+
+def test_ipv4_clients_through_nat64_are_counted_each_by_its_own_address() -> None:
+    """Behind a stateless NAT64 (SIIT-DC: an IPv6-only feed reached by IPv4 clients) every IPv4
+    client arrives as `64:ff9b::<its IPv4 address>`. By their /64 they were all one key, so the
+    whole IPv4 internet shared one allowance of `connections_per_address`."""
+    one = client_address(scope("64:ff9b::cb00:7107"))
+    other = client_address(scope("64:ff9b::5db8:d822"))
+    assert (one.key, other.key) == ("203.0.113.7", "93.184.216.34")
+
+
+async def test_a_long_forwarded_header_is_not_kept_for_the_sessions_life() -> None:
+    """After connect a session keeps only what names its client (its address, and whether it
+    was among its X-Forwarded-For entries), for a connect again on it. The header itself was
+    kept: 7,000 characters per session for as long as it lived, from any client that sent one
+    (8 KB passes the websocket handshake), where the rest of the request is let go."""
+    async with running_feed(CONFIG) as feed:
+        junk = ", ".join(f"198.51.100.{i % 250}" for i in range(500))[:7000]
+        ws, answer = await raw_from(feed, "127.0.0.2", {"X-Forwarded-For": junk})
+        assert refused_code(answer) is None
+        (environ,) = feed.app.sio.environ.values()
+        assert sum(len(str(value)) for value in environ.values()) < 100, environ
+        # Not believed from 127.0.0.2 (a balancer nobody listed): not counted, again as first.
+        assert feed.app.addresses.counts == {}
+        await ws.send("41")
+        await ws.send("40")
+        again = await asyncio.wait_for(ws.recv(), WAIT)
+        assert isinstance(again, str) and refused_code(again) is None, again
+        assert feed.app.addresses.counts == {}
+        await ws.close()
+
+
+def test_what_a_session_keeps_names_its_client_as_the_request_did() -> None:
+    from feed.delivery.eio_websocket import client_environ
+
+    for peer, forwarded in [
+        ("203.0.113.1", "203.0.113.1, 10.0.0.5"),  # believed from a trusted proxy
+        ("10.0.0.5", "203.0.113.1"),  # a balancer nobody listed
+        ("93.184.216.34", "203.0.113.1"),  # a client's own header, not believed
+        ("2001:db8::1", "[2001:db8::1]:443"),
+        ("127.0.0.2", ""),
+    ]:
+        request = scope(peer, forwarded or None)
+        if not forwarded:
+            request["HTTP_X_FORWARDED_FOR"] = ""
+        kept = client_environ(request)
+        assert client_address(kept) == client_address(request), (peer, forwarded, kept)
+        assert client_address(client_environ(kept)) == client_address(request)

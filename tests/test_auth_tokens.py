@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 import socketio
@@ -43,7 +44,7 @@ from tests.auth_helpers import (
     token_config,
     ws_url,
 )
-from tests.support.server import RunningFeed, feed_client, running_feed
+from tests.support.server import WAIT, RunningFeed, feed_client, running_feed
 from tests.support.waiting import wait_until
 
 
@@ -536,3 +537,55 @@ async def test_an_oversized_jwks_document_is_not_read(
 def test_a_jwks_url_must_be_http(url: str) -> None:
     with pytest.raises(ConfigError, match="jwks_url"):
         parse_config(jwks_config(f'jwks_url = "{url}"'), "t.toml", {})
+
+
+async def test_a_session_closed_while_its_token_is_checked_holds_no_connection(
+    keys: dict[str, Any],
+) -> None:
+    """A JWT connect waits for the JWKS fetch; a long-polling session closed meanwhile (here by
+    a second POST while the connect's was under way) has its disconnect handled before the
+    connect is. The connect, let through once the keys came, kept a session and counted the
+    identity for a connection that no longer existed, until the token expired: at
+    `connections_per_identity = 1` the identity was refused all that time."""
+    release = threading.Event()
+    document = json.dumps({"keys": [jwk_of(keys["rsa"], "r1", "RS256")]}).encode()
+
+    def slow(handler: BaseHTTPRequestHandler) -> None:
+        release.wait(30)
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(document)))
+        handler.end_headers()
+        handler.wfile.write(document)
+
+    token = make_jwt(key=keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
+    limits = "\n[limits]\nconnections_per_identity = 1\n"
+    with serving(slow) as (url, asked):
+        try:
+            async with (
+                running_feed(jwks_config(f'jwks_url = "{url}"') + limits) as feed,
+                aiohttp.ClientSession() as http,
+            ):
+                polling = feed.url + "/socket.io/?EIO=4&transport=polling"
+                async with http.get(polling) as opened:
+                    sid = json.loads((await opened.text())[1:])["sid"]
+                session = f"{polling}&sid={sid}"
+                connect = asyncio.create_task(
+                    http.post(session, data="40" + json.dumps({"token": token}))
+                )
+                await wait_until(lambda: len(asked) == 1, what="the JWKS asked for")
+                async with http.post(session, data="1") as second:
+                    assert second.status == 400
+                await wait_until(lambda: not feed.app.sio.eio.sockets, what="the session gone")
+                release.set()
+                (await asyncio.wait_for(connect, WAIT)).release()
+                assert feed.app.sessions == {}, feed.app.sessions
+                # The same identity: its one connection is free.
+                async with feed_client(feed.url, auth={"token": token}):
+                    assert len(feed.app.sessions) == 1, feed.app.sessions
+                await wait_until(
+                    lambda: not feed.app.sessions and not feed.app.connections.counts,
+                    what="no session nor count left",
+                )
+        finally:
+            release.set()

@@ -299,6 +299,11 @@ class FeedApp:
         """Authenticate from the auth payload; a refusal carries `{"code": ...}` and a message."""
         try:
             identity = await self.authenticator.authenticate(auth)
+            if not self._still_open(sid):
+                # The session closed while the token was checked (a JWKS fetch): its
+                # disconnect came while this connect was pending and ran no handler, so
+                # whatever is counted now would never be given back.
+                return False
             address = self._admit_address(sid, environ) if identity.anonymous else None
             if not identity.anonymous and not self.connections.admit(identity.account):
                 raise AuthError(
@@ -327,6 +332,12 @@ class FeedApp:
         self._schedule_expiry(sid, session)
         self.hub.connect(sid)
         return True
+
+    def _still_open(self, sid: str) -> bool:
+        """Whether the Engine.IO session of a connect being handled is still open."""
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        return socket is not None and not socket.closed
 
     async def on_disconnect(self, sid: str, *reason: Any) -> None:
         session = self.sessions.pop(sid, None)

@@ -51,7 +51,7 @@ from engineio import payload as eio_payload
 from engineio.async_socket import AsyncSocket
 from socketio import packet as sio_packet
 
-from feed.security.addresses import CLIENT_HOST
+from feed.security.addresses import CLIENT_HOST, forwarded_mark
 from feed.security.limits import packet_size
 
 log = logging.getLogger("feed.eio_websocket")
@@ -1006,8 +1006,9 @@ def lone_surrogate(value: Any) -> bool:
 
 def client_environ(environ: dict[str, Any]) -> dict[str, Any]:
     """The little of a request's environ that says who the client is: the host of the ASGI
-    scope's `client` (after uvicorn's proxy headers) and the X-Forwarded-For it came with
-    (a string each; the rest, the scope included, is let go)."""
+    scope's `client` (after uvicorn's proxy headers) and whether it was among the entries of
+    the X-Forwarded-For it came with (`forwarded_mark`: a client may send 8 KB of them; the
+    rest, the scope included, is let go)."""
     kept: dict[str, Any] = {}
     scope = environ.get("asgi.scope")
     client = scope.get("client") if isinstance(scope, dict) else None
@@ -1016,7 +1017,8 @@ def client_environ(environ: dict[str, Any]) -> dict[str, Any]:
     elif CLIENT_HOST in environ:
         kept[CLIENT_HOST] = environ[CLIENT_HOST]
     if "HTTP_X_FORWARDED_FOR" in environ:
-        kept["HTTP_X_FORWARDED_FOR"] = environ["HTTP_X_FORWARDED_FOR"]
+        host = kept.get(CLIENT_HOST)
+        kept["HTTP_X_FORWARDED_FOR"] = forwarded_mark(str(host), environ) if host else ""
     return kept
 
 

@@ -47,7 +47,13 @@ class Resume(Delivery):
         recovered: bool | None = None
         if request.since is not None:
             same_epoch = request.epoch is None or request.epoch == mirror.epoch
+            epoch = mirror.epoch
             recovered = same_epoch and await self._holds_after(mirror, request.since)
+            if mirror.epoch != epoch:
+                # The listener took the room into a new epoch while the history was read: the
+                # answer is the new epoch's numbers, not a recovery in it from the old one's.
+                recovered = False
+                seq = cursor = mirror.seq or 0
             if recovered:
                 cursor = request.since
         already, previous = hub._join(sid, room)

@@ -30,6 +30,10 @@ IPV6_PREFIX = 64
 """IPv6 addresses are counted by their /64: a provider gives one host (a home, a VM) a whole
 /64, and a client could take a fresh address from it for every connection."""
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""The NAT64 well-known prefix (RFC 6052): behind a stateless NAT64 (an IPv6-only feed reached
+by IPv4 clients) each IPv4 client is this prefix and its address, and is counted by that."""
+
 WARNED_MAX = 1000
 """Peers remembered as having been warned about (bounded: the peers are untrusted input)."""
 
@@ -52,6 +56,8 @@ def address_key(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
+        if address in NAT64:
+            return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         return str(ipaddress.IPv6Network(f"{address}/{IPV6_PREFIX}", strict=False))
     return str(address)
 
@@ -71,6 +77,13 @@ def _forwarded_hosts(environ: dict[str, Any]) -> list[str] | None:
             item = item.rsplit(":", 1)[0]
         hosts.append(item)
     return hosts
+
+
+def forwarded_mark(host: str, environ: dict[str, Any]) -> str:
+    """What of a request's X-Forwarded-For its session keeps for a connect again on it: the
+    host itself when it is one of the header's entries, else nothing. That is all
+    `client_address` reads of the header, which a client may make kilobytes long."""
+    return host if host in (_forwarded_hosts(environ) or ()) else ""
 
 
 def _internal(host: str) -> bool:
