@@ -96,11 +96,18 @@ def node_config(dsn: str, redis_url: str, prefix: str) -> str:
 @dataclass
 class Ledger:
     rows: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Row id -> (status, version): `amount` holds the version, unique per write."""
+    log: list[tuple[tuple[Any, ...], int, str | None, str | None]] = field(default_factory=list)
+    """Every committed write in commit order: its identity (("w", version) for an insert or
+    update, ("d", id, version deleted) for a delete), the row id, status before and after."""
+    version: int = 0
     transactions: int = 0
     changes: Counter[str] = field(default_factory=Counter)
 
 
-async def writer(dsn: str, rate: float, rng: random.Random, stop: asyncio.Event, ledger: Ledger) -> None:
+async def writer(
+    dsn: str, rate: float, rng: random.Random, stop: asyncio.Event, ledger: Ledger
+) -> None:
     """`rate` transactions a second, one row change each, or 2 to 5 now and then; the ledger
     holds every row as committed (the writer's connection is never faulted)."""
     conn = await asyncpg.connect(dsn)
@@ -109,24 +116,33 @@ async def writer(dsn: str, rate: float, rng: random.Random, stop: asyncio.Event,
         while not stop.is_set():
             rows = dict(ledger.rows)
             done: Counter[str] = Counter()
+            writes: list[tuple[tuple[Any, ...], int, str | None, str | None]] = []
+            version = ledger.version
             async with conn.transaction():
                 for _ in range(1 if rng.random() < 0.9 else rng.randint(2, 5)):
                     i = rng.randint(1, ROWS)
+                    version += 1
                     if i not in rows:
-                        rows[i] = (rng.choice(STATUSES), 0)
-                        await conn.execute("INSERT INTO orders VALUES ($1, $2, 0)", i, rows[i][0])
+                        rows[i] = (rng.choice(STATUSES), version)
+                        await conn.execute("INSERT INTO orders VALUES ($1, $2, $3)", i, *rows[i])
+                        writes.append((("w", version), i, None, rows[i][0]))
                         done["insert"] += 1
                     elif rng.random() < 0.8:
-                        rows[i] = (rng.choice(STATUSES), rows[i][1] + 1)
+                        before = rows[i][0]
+                        rows[i] = (rng.choice(STATUSES), version)
                         await conn.execute(
                             "UPDATE orders SET status = $2, amount = $3 WHERE id = $1", i, *rows[i]
                         )
+                        writes.append((("w", version), i, before, rows[i][0]))
                         done["update"] += 1
                     else:
+                        writes.append((("d", i, rows[i][1]), i, rows[i][0], None))
                         del rows[i]
                         await conn.execute("DELETE FROM orders WHERE id = $1", i)
                         done["delete"] += 1
             ledger.rows = rows
+            ledger.version = version
+            ledger.log += writes
             ledger.changes.update(done)
             ledger.transactions += 1
             delay = started + ledger.transactions / rate - time.monotonic()
@@ -146,6 +162,47 @@ def signature(change: dict[str, Any]) -> str:
     return json.dumps({k: change.get(k) for k in fields}, sort_keys=True, default=str)
 
 
+def identity(change: dict[str, Any]) -> tuple[Any, ...]:
+    """The writer's identity of the write a change carries (see `Ledger.log`)."""
+    if change.get("op") == "delete":
+        before = change.get("before") or {}
+        return ("d", before.get("id"), before.get("amount"))
+    return ("w", (change.get("after") or {}).get("amount"))
+
+
+def room_writes(w: Watched, ledger: Ledger) -> list[tuple[Any, ...]]:
+    """The committed writes the subscription's room gets, in commit order."""
+    if w.kind == "table":
+        return [ident for ident, _, _, _ in ledger.log]
+    if w.kind == "filter":
+        return [ident for ident, _, b, a in ledger.log if "paid" in (b, a)]
+    return [ident for ident, i, _, _ in ledger.log if i == w.row]
+
+
+def missed(w: Watched, ledger: Ledger) -> list[str]:
+    """Writes its room got that the subscription skipped, with nothing said: within a segment
+    (from one snapshot to the next), two changes delivered one after the other must be two
+    writes of the room one after the other in commit order, once past the numbers the
+    segment's snapshot may skip."""
+    order = {ident: n for n, ident in enumerate(room_writes(w, ledger))}
+    writes = room_writes(w, ledger)
+    found: list[str] = []
+    for (a, seq_a, seg_a), (b, _, seg_b) in zip(w.stream, w.stream[1:], strict=False):
+        upto = w.segments[seg_a]
+        if seg_a != seg_b or (upto is not None and (seq_a is None or seq_a <= upto)):
+            continue
+        if a not in order or b not in order:
+            found.append(f"a change no write made: {a if a not in order else b}")
+        elif order[b] != order[a] + 1:
+            skipped = writes[order[a] + 1 : order[b]] if order[b] > order[a] else []
+            found.append(
+                f"after {a} (seq {seq_a}) came {b}: {len(skipped)} writes skipped {skipped[:5]}"
+                if skipped
+                else f"after {a} (seq {seq_a}) came {b}: out of order"
+            )
+    return found
+
+
 @dataclass
 class Watched:
     """One subscription and what it told its application."""
@@ -160,6 +217,10 @@ class Watched:
     spoke: bool = True  # a snapshot or state since the last change: a jump in seq is explained
     holes: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    stream: list[tuple[tuple[Any, ...], int | None, int]] = field(default_factory=list)
+    """The changes delivered: (write identity, seq, segment); a snapshot starts a segment."""
+    segments: list[int | None] = field(default_factory=lambda: [None])
+    """Per segment, its snapshot's `snapshot_upto` (numbers up to it may be skipped)."""
 
     @property
     def name(self) -> str:
@@ -212,6 +273,9 @@ class Observer:
             if not (w.skip_upto is not None and isinstance(seq, int) and seq <= w.skip_upto):
                 w.spoke = False
             w.said["changes"] += 1
+            w.stream.append(
+                (identity(change), seq if isinstance(seq, int) else None, len(w.segments) - 1)
+            )
 
         def on_state(state: str, info: dict[str, Any]) -> None:
             w.said[state] += 1
@@ -225,6 +289,7 @@ class Observer:
             w.spoke = True
             w.last_seq = sub.seq
             w.skip_upto = sub._skip_upto
+            w.segments.append(sub._skip_upto)
             w.note(self.now(), f"snapshot {len(rows)} rows at seq {sub.seq} epoch {sub.epoch}")
 
         sub.on("change", on_change)
@@ -477,7 +542,9 @@ async def table_rows(conn: asyncpg.Connection) -> dict[int, dict[str, Any]]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    base = os.environ.get("FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    base = os.environ.get(
+        "FEED_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     tag = uuid.uuid4().hex[:8]
     database = f"feed_chaos_{tag}"
     admin = await asyncpg.connect(base)
@@ -519,7 +586,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             subscribers.append(Subscriber(c, mine))
         for s in subscribers:
             await s.start(observer, rng)
-        writing = asyncio.create_task(writer(dsn, args.rate, random.Random(args.seed + 1), stop, ledger))
+        writing = asyncio.create_task(
+            writer(dsn, args.rate, random.Random(args.seed + 1), stop, ledger)
+        )
         kinds = args.faults.split(",") if args.faults else list(FAULTS)
         chaos = Chaos(rng, nodes, redis, admin, database, subscribers, kinds, started)
         chaos.say(f"seed {args.seed}: {args.clients} clients, faults {','.join(kinds)}")
@@ -548,7 +617,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         quiet_end = time.monotonic() + args.quiet
         while time.monotonic() < quiet_end:
             if all(
-                not difference(w.sub.rows, expected(w, table)) and w.sub.state in ("live", "recovered")
+                not difference(w.sub.rows, expected(w, table))
+                and w.sub.state in ("live", "recovered")
                 for w in watched
             ):
                 break
@@ -565,6 +635,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     f" {diff}"
                 )
             violations += [f"hole {w.name}: {h}" for h in w.holes]
+            violations += [f"missed {w.name}: {m}" for m in missed(w, ledger)[:10]]
         violations += [f"conflict {c}" for c in observer.conflicts[:20]]
         result = {
             "seed": args.seed,
@@ -577,9 +648,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "row_changes": dict(ledger.changes),
             "changes_checked": len(observer.seen),
             "converged_s": converged,
-            "subscribers": {
-                w.name: dict(w.said) for w in watched
-            },
+            "subscribers": {w.name: dict(w.said) for w in watched},
             "clients_said": {f"client{s.index}": dict(s.said) for s in subscribers},
             "violations": violations,
             "fault_log": chaos.log,
@@ -632,20 +701,26 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chaos", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rate", type=float, default=20.0, help="writer transactions a second")
     parser.add_argument("--every", type=float, default=6.0, help="mean seconds between faults")
-    parser.add_argument("--faults", default="", help=f"a comma-separated subset of {','.join(FAULTS)}")
+    parser.add_argument(
+        "--faults", default="", help=f"a comma-separated subset of {','.join(FAULTS)}"
+    )
     parser.add_argument("--quiet", type=float, default=90.0, help="seconds to converge, at most")
     parser.add_argument("--json", default="", help="write the figures here")
     parser.add_argument("--logs", default="", help="keep node and subscriber logs here")
     args = parser.parse_args()
     unknown = set(filter(None, args.faults.split(","))) - set(FAULTS)
     if unknown:
-        parser.exit(2, f"--faults: unknown {', '.join(sorted(unknown))}; known: {', '.join(FAULTS)}\n")
+        parser.exit(
+            2, f"--faults: unknown {', '.join(sorted(unknown))}; known: {', '.join(FAULTS)}\n"
+        )
     result = asyncio.run(run(args))
     print(report(result), flush=True)
     if args.json:
