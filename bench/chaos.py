@@ -70,6 +70,7 @@ FAULTS = (
     "restart",
     "redis_keep",
     "redis_lose",
+    "redis_stale",
     "pg_reader",
     "pg_all",
     "blackhole",
@@ -487,6 +488,27 @@ class Chaos:
 
     async def redis_lose(self, _: Any, hold: float) -> None:
         await self._redis_down(False, hold)
+
+    async def redis_stale(self, _: Any, hold: float) -> None:
+        """Redis saved, then killed a moment later, and back with the saved data: what it
+        took meanwhile is lost, its epochs are not (an RDB restore, or a failover to a replica
+        that lagged)."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.redis.url())
+        try:
+            await client.save()
+        finally:
+            await client.aclose()
+        lag = self.rng.uniform(0.5, 3.0)
+        await asyncio.sleep(lag)
+        assert self.redis.proc is not None
+        self.redis.proc.kill()
+        await asyncio.to_thread(self.redis.stop)
+        self.say(f"Redis killed {lag:.1f}s after a save, for {hold:.1f}s (comes back stale)")
+        await asyncio.sleep(hold)
+        await asyncio.to_thread(self.redis.start)
+        self.say("Redis up again, with the saved data")
 
     async def _terminate(self, names: str) -> None:
         killed = await self.admin.fetchval(
