@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dbfeed_client import FeedClient
 
+from feed.engine import scripts
 from tests.support import postgres as pg_support
+from tests.support import redis as redis_support
 from tests.support.cluster import reading_node, running_cluster, write_postgres_config
 from tests.support.postgres import PgDatabase
-from tests.support.redis import open_private_redis
+from tests.support.redis import RedisTarget, open_private_redis
 from tests.support.waiting import wait_until
 
 pg_server = pg_support.pg_server
 pg = pg_support.pg
+redis_target = redis_support.redis_target
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -68,3 +72,93 @@ async def test_a_redis_back_with_older_data_is_told_never_a_quiet_hole(
                 except AssertionError:
                     held = sorted(sub.rows or {}, key=int)
                     raise AssertionError(f"rows {held}, states {states}, seq {sub.seq}") from None
+
+
+async def test_the_scripts_begin_a_numbering_again_that_went_back_below_what_was_given_out(
+    redis_target: RedisTarget,
+) -> None:
+    """The two scripts' side, step by step: REGISTER told of a seq this node delivered in the
+    room's epoch, above the room's seq, begins a new epoch; PUBLISH told of a later number than
+    any change Redis holds (`seen`) drops every registered room's numbering, saying so on its
+    channel, and numbers the batch in a new epoch. Told of what Redis holds, neither does."""
+    admin = redis_target.admin
+    p = redis_target.prefix.rstrip(":")
+    fence, seen, live, registry = f"{p}:fence:mem", f"{p}:seen:mem", f"{p}:live:mem", f"{p}:reg"
+    await admin.set(fence, "1:t")
+    room, other = "mem:public.orders", "mem:public.orders?id=eq.1"
+
+    def keys(name: str) -> list[str]:
+        return [f"{p}:room:{name}:meta", f"{p}:room:{name}:history"]
+
+    async def register(name: str, *delivered: Any) -> list[Any]:
+        return list(
+            await admin.eval(
+                scripts.REGISTER,
+                4,
+                registry,
+                live,
+                *keys(name),
+                name,
+                '{"name":"x"}',
+                10_000,
+                f"e{len(delivered)}{name[-1]}",
+                86_400_000,
+                f"{p}:control",
+                f"{p}:room:{name}:live",
+                *delivered,
+            )
+        )
+
+    async def publish(change: str, number: int, acked: Any) -> list[Any]:
+        return list(
+            await admin.eval(
+                scripts.PUBLISH,
+                5,
+                fence,
+                seen,
+                live,
+                *keys(room),
+                "1:t",
+                50,
+                f"p{change}",
+                86_400_000,
+                1,
+                100,
+                1,
+                1,
+                1_000_000,
+                750,
+                "0",
+                f"{p}:room:",
+                acked,
+                f"{p}:room:{room}:live",
+                change,
+                number,
+                1,
+                1,
+                '{"x":1}',
+            )
+        )
+
+    await register(room)
+    await register(other)
+    for n in range(1, 4):
+        assert await publish(f"c{n}", n, n - 1 if n > 1 else "") == [n]
+    epoch = await admin.hget(keys(room)[0], "epoch")
+    assert isinstance(epoch, bytes)
+    # Told of what Redis holds: nothing moves.
+    assert (await register(room, 3, epoch.decode()))[:2] == [epoch, b"3"]
+    assert await publish("c4", 4, 3) == [4]
+    # A seq delivered above the room's: a new epoch, from 0.
+    new = await register(room, 9, epoch.decode())
+    assert new[0] != epoch and new[1] == b"0"
+    # A number later than any change Redis holds: every room begins again, and is told.
+    pubsub = admin.pubsub()
+    await pubsub.subscribe(f"{p}:room:{other}:live")
+    await pubsub.get_message(timeout=1)  # the subscribe's confirmation
+    assert await publish("c5", 5, 9) == [1]
+    assert await admin.hget(keys(room)[0], "epoch") == b"pc5"
+    assert not await admin.exists(keys(other)[0])
+    notice = await pubsub.get_message(timeout=5)
+    assert notice is not None and notice["data"].startswith(b"drop\n"), notice
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
