@@ -241,7 +241,7 @@ async def test_keys_a_publish_makes_for_a_dropped_room_lapse_unless_a_node_follo
     async def publish(change: str, room: str, flag: str) -> None:
         await admin.eval(
             scripts.PUBLISH, 5, fence, seen, live, *keys(room),
-            "1:t", 50, "e", ttl, 1, 100, 1, 1, 1_000_000, lapse, flag, f"{p}:room:",
+            "1:t", 50, "e", ttl, 1, 100, 1, 1, 1_000_000, lapse, flag, f"{p}:room:", "",
             f"{p}:room:{room}:live", change, 1, 1, 1, '{"x":1}',
         )  # fmt: skip
 

@@ -90,6 +90,8 @@ class EngineCore:
         self._last_seq: dict[str, int] = {}
         self._published = 0
         """Changes this node published (numbers the ids remembered in the `seen` set)."""
+        self._acked: dict[str, int] = {}
+        """Per connector, the number of the last change Redis numbered for this node."""
         self._watching: dict[str, list[tuple[int, Change]]] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._by_channel: dict[bytes, Mirror] = {}

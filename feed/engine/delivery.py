@@ -21,7 +21,7 @@ from feed.delivery.transport import FlushBeforeWaiting
 from feed.engine.core import UNREACHABLE, log
 from feed.engine.history import History
 from feed.engine.mirror import Mirror
-from feed.engine.relay import numbered
+from feed.engine.relay import numbered, same_payload
 from feed.engine.resp import Message, Subscriber
 from feed.engine.wire import loads, one_line
 from feed.errors import ClusterError, ProtocolError
@@ -40,6 +40,10 @@ TRIMMED = (
     "read it (newer changes had pushed it out)"
 )
 LOST = "the cluster lost this room's history"
+RENUMBERED = (
+    "the cluster's Redis came back with older data than it had given out (restored, or a "
+    "replica that lagged took over): this room's numbering begins again"
+)
 DROPPED = (
     "this room's numbering was dropped in the cluster while this node was late to keep it "
     "registered: changes made meanwhile were not numbered in it"
@@ -69,7 +73,7 @@ class Delivery(History):
                 return mirror
             try:
                 await self._subscribe([mirror.channel])
-                epoch, seq, gap = await self._register(room)
+                epoch, seq, gap = await self._register(room, (mirror.epoch, mirror.seq))
                 await self._baseline(mirror, epoch, seq, gap)
             except asyncio.CancelledError:
                 raise
@@ -294,7 +298,7 @@ class Delivery(History):
     ) -> None:
         """Bring the mirror to the room's registration in Redis: `reason` for a hole filled
         (or its gap), `switch` for a gap when the numbering began again."""
-        epoch, seq, gap = await self._register(mirror.room)
+        epoch, seq, gap = await self._register(mirror.room, (mirror.epoch, mirror.seq))
         await self._adopt(mirror, epoch, seq, gap, switch, reason)
 
     def _direct(self, message: Message) -> bool:
@@ -313,8 +317,8 @@ class Delivery(History):
                 return False
             epoch, _, payloads = rest.partition(b"\n")
             first = int(head)
-            if first > mirror.seq + 1 or epoch.decode() != mirror.epoch:
-                return False
+            if first != mirror.seq + 1 or epoch.decode() != mirror.epoch:
+                return False  # a hole, an overlap to check (`_apply`), a new epoch
             transport = self.hub.transport
             if transport is not None:
                 transport.hold(first_at_once=False)
@@ -434,6 +438,9 @@ class Delivery(History):
                 # Said even while a reconnect is still resyncing (not `ready`): a publication in
                 # the new epoch can arrive first, and after it the resync sees nothing to tell.
                 await self._switch_epoch(mirror, epoch, first - 1, 0)
+            if raws is not None and first <= mirror.seq and self._renumbered(mirror, first, raws):
+                await self._begin_again(mirror)
+                return
             if last <= mirror.seq:
                 return  # already delivered (a resync read it from the history first)
             if first > mirror.seq + 1:
@@ -444,6 +451,28 @@ class Delivery(History):
                 await self._fill(mirror, last, TRIMMED)
                 return
             self._relay(mirror, first, raws)
+
+    def _renumbered(self, mirror: Mirror, first: int, raws: list[bytes]) -> bool:
+        """Whether payloads numbered from `first` differ from those this node delivered under
+        the same seqs (`mirror.ring`): Redis came back with older data than it gave out, and
+        its numbering went back (scripts.REGISTER, PUBLISH)."""
+        ring = mirror.ring
+        if not ring:
+            return False
+        base = ring[0][0]
+        for seq, raw in enumerate(raws, start=first):
+            if base <= seq <= ring[-1][0]:
+                had = ring[seq - base][1]
+                if not same_payload(had, numbered(mirror.room.name, seq, raw)):
+                    return True
+        return False
+
+    async def _begin_again(self, mirror: Mirror) -> None:
+        """The room's numbering went back under its epoch: it begins again in a new one (or
+        in the one another node began), and its members get a `gap` in it (`mirror.order`
+        held)."""
+        epoch, seq, gap = await self._register(mirror.room, (mirror.epoch, 1 << 52))
+        await self._adopt(mirror, epoch, seq, gap, RENUMBERED)
 
     def _relay(self, mirror: Mirror, first: int, raws: list[bytes]) -> None:
         """Deliver the payloads past the room's seq, as one run: each relayed as the reader
@@ -490,10 +519,17 @@ class Delivery(History):
         members other changes than the ones numbered so. They get a `gap` in the new epoch
         instead (the room registered again when it has no numbering at all)."""
         start = mirror.seq or 0
-        read = await self._history_read(mirror.room.name, mirror.epoch, start, upto)
+        # The last change delivered is read back too, when this node still has it: a history
+        # that holds another change under its seq was numbered again (`_renumbered`).
+        probe = 1 if mirror.ring and mirror.ring[-1][0] == start and start > 0 else 0
+        read = await self._history_read(mirror.room.name, mirror.epoch, start - probe, upto)
         if read.entries is not None:
-            if read.entries:
-                self._relay(mirror, start + 1, [raw for _, raw in read.entries])
+            raws = [raw for _, raw in read.entries]
+            if probe and raws and self._renumbered(mirror, start, raws[:1]):
+                await self._begin_again(mirror)
+                return
+            if raws[probe:]:
+                self._relay(mirror, start + 1, raws[probe:])
             return
         if read.epoch != mirror.epoch:
             epoch, seq, gap = read.epoch, read.seq, read.gap

@@ -112,6 +112,10 @@ class Publisher(RoomRegistry):
             int(3 * self.refresh * 1000),
             "".join(flags),
             self.meta_key("").removesuffix(":meta"),
+            # The number of the last change this node numbered in a room (numbers grow across
+            # readings and readers): Redis holding none that late came back with older data
+            # (scripts.PUBLISH begins every room's numbering again then).
+            self._acked.get(name, ""),
             *channels,
             *per_change,
         ]
@@ -124,7 +128,9 @@ class Publisher(RoomRegistry):
                 raise ClusterError(f"{name}: refused by Redis: {exc}") from None
             raise ClusterError(f"cluster Redis: cannot publish: {one_line(exc)}") from None
         at = 0
-        for change, rooms in zip(changes, routed, strict=True):
+        for index, (change, rooms) in enumerate(zip(changes, routed, strict=True)):
+            if rooms and int(seqs[at]):  # numbered here: its number is the one in `seen`
+                self._acked[name] = (count << 32) + first + index
             if rooms and int(seqs[at]) == 0:  # published already, before a takeover
                 self.hub.metrics.inc("feed_cluster_duplicates_dropped_total", connector=name)
                 at += len(rooms)

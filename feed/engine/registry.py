@@ -105,14 +105,22 @@ class RoomRegistry(EngineCore):
                     with contextlib.suppress(ValueError):
                         self._route_spec(loads(raw))
 
-    async def _register(self, room: Room) -> tuple[str, int, int]:
+    async def _register(
+        self, room: Room, delivered: tuple[str | None, int | None] = (None, None)
+    ) -> tuple[str, int, int]:
+        """Register `room`; `delivered`: the epoch and seq this node has delivered it up to,
+        so that a numbering Redis took back below that (it came back with older data) begins
+        again, in a new epoch, instead of giving those numbers to other changes
+        (scripts.REGISTER)."""
         spec = room_spec(room)
+        epoch, seq = delivered
+        known = [seq, epoch] if epoch is not None and seq is not None else []
         result = await self._script(
             "REGISTER",
             [self.registry_key(room.connector), self.live_key(room.connector),
              self.meta_key(room.name), self.stream_key(room.name)],
             [room.name, dumps(spec), self._live_ms(), secrets.token_hex(8), self.ttl_ms,
-             self.control, self.channel(room.name)],
+             self.control, self.channel(room.name), *known],
         )  # fmt: skip
         epoch, seq, gap = result
         return epoch.decode(), int(seq), int(gap)

@@ -32,6 +32,13 @@ except ImportError:  # pragma: no cover
     _fragment = None
 
 
+def same_payload(a: Any, b: Any) -> bool:
+    """Whether two payloads `numbered` made are the same change under the same seq."""
+    if _fragment is None:  # pragma: no cover
+        return bool(a == b)
+    return bool(orjson.dumps(a) == orjson.dumps(b))
+
+
 LEFT = b'"left":true,'
 """After the room's name, in a filter room's payload of a change whose row left the filter."""
 

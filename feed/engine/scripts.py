@@ -76,7 +76,8 @@ PUBLISH = """
 -- ARGV: token, history, candidate epoch, ttl ms, trim (1: trim seen and refresh ttls), ids kept,
 --       room count R, change count N, bytes of payloads the call may publish, lapse ms, R flags
 --       ('1' per row or filter room, else '0', in one string), the prefix of room keys
---       ('<prefix>:room:'), then R channels, then per change: its id, its number at this reader
+--       ('<prefix>:room:'), the number of the last change this reading published (below), or
+--       '', then R channels, then per change: its id, its number at this reader
 --       (the token's count * 2^32 + changes published: increasing across readers), its room
 --       count k, and k (room index, payload) pairs.
 -- Returns, per change and per room of it, the room's seq (0 for a change published already:
@@ -98,8 +99,33 @@ if fence ~= ARGV[1] then
   return redis.error_reply('STALE fencing token ' .. ARGV[1] .. ', current ' .. fence)
 end
 local rooms, n = tonumber(ARGV[7]), tonumber(ARGV[8])
+if ARGV[13] and ARGV[13] ~= '' then
+  -- Redis holds none of the changes it took last from this reading: it came back with older
+  -- data (an RDB restore, a failover to a replica that lagged), and the rooms' numbering went
+  -- back with it. Numbering on would give changes numbers clients had for others (they would
+  -- drop them as repeats): every room of the connector begins again instead, in a new epoch,
+  -- its nodes told ('drop') so that its members get a gap.
+  local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  if top[2] and tonumber(top[2]) < tonumber(ARGV[13]) then
+    for _, name in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+      local meta = ARGV[12] .. name .. ':meta'
+      local epoch = redis.call('HGET', meta, 'epoch')
+      redis.call('DEL', meta, ARGV[12] .. name .. ':history')
+      if epoch then
+        redis.call('PUBLISH', ARGV[12] .. name .. ':live', 'drop\\n' .. epoch)
+      end
+    end
+    for r = 1, rooms do
+      local epoch = redis.call('HGET', KEYS[2 * r + 2], 'epoch')
+      redis.call('DEL', KEYS[2 * r + 2], KEYS[2 * r + 3])
+      if epoch then
+        redis.call('PUBLISH', ARGV[13 + r], 'drop\\n' .. epoch)
+      end
+    end
+  end
+end
 local changes, zadd = {}, {}
-local at = 13 + rooms
+local at = 14 + rooms
 for c = 1, n do
   local k = tonumber(ARGV[at + 2])
   changes[c] = {at, k}
@@ -210,11 +236,11 @@ for r = 1, rooms do
     -- as a reference instead ('ref', its first and last seq, the epoch), and the nodes read
     -- it from the history the call just wrote (feed.engine.delivery).
     if sizes[r] > budget then
-      redis.call('PUBLISH', ARGV[12 + r],
+      redis.call('PUBLISH', ARGV[13 + r],
         'ref\\n' .. first[r] .. '\\n' .. seqs[r] .. '\\n' .. epochs[r])
     else
       budget = budget - sizes[r]
-      redis.call('PUBLISH', ARGV[12 + r],
+      redis.call('PUBLISH', ARGV[13 + r],
         first[r] .. '\\n' .. epochs[r] .. '\\n' .. table.concat(runs[r], '\\n'))
     end
   end
@@ -239,11 +265,21 @@ REGISTER = (
 -- outlived its numbering) is not this epoch's; and it is said on the room's channel ('epoch',
 -- seq 0, the epoch), so that a node still following the old one tells its clients now, not
 -- at the room's next change (feed.engine.delivery). Once per numbering, never per change.
+-- ARGV 8 and 9 (optional): a seq and the epoch this node delivered it in. A numbering of that
+-- epoch below that seq went back: Redis came back with older data than it gave out (an RDB
+-- restore, a failover to a replica that lagged), and the changes numbered next would take
+-- numbers clients already had for other changes. It begins again, as for a numbering lost.
 """
     + NOW_MS
     + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], 'GT', now_ms + tonumber(ARGV[3]), ARGV[1])
+if ARGV[9] then
+  local had = redis.call('HMGET', KEYS[3], 'epoch', 'seq')
+  if had[1] == ARGV[9] and tonumber(had[2] or '0') < tonumber(ARGV[8]) then
+    redis.call('DEL', KEYS[3])
+  end
+end
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[4]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
   redis.call('DEL', KEYS[4])
