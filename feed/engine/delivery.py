@@ -23,6 +23,7 @@ from feed.engine.history import History
 from feed.engine.mirror import Mirror
 from feed.engine.relay import numbered, same_payload
 from feed.engine.resp import Message, Subscriber
+from feed.engine.routes import room_spec
 from feed.engine.wire import loads, one_line
 from feed.errors import ClusterError, ProtocolError
 from feed.tls import REDIS, tls_hint
@@ -74,6 +75,12 @@ class Delivery(History):
             try:
                 await self._subscribe([mirror.channel])
                 epoch, seq, gap = await self._register(room, (mirror.epoch, mirror.seq))
+                if room.connector in self._leases:
+                    # The reader routes a room it registers itself now, not when its listener
+                    # reads the registration back from the control channel: a change written
+                    # right after the ack would otherwise miss the room (1 to 2 of 40 did,
+                    # once the listener had the room's `epoch` notice to read first).
+                    self._route_spec(room_spec(room))
                 await self._baseline(mirror, epoch, seq, gap)
             except asyncio.CancelledError:
                 raise
