@@ -41,7 +41,11 @@ def apply(manager: Any, step: tuple[str, str, str, str]) -> None:
         manager.basic_enter_room(sid, namespace, room)
     elif action == "leave":
         manager.basic_leave_room(sid, namespace, room)
-    elif action == "pre_disconnect" and connected:
+    elif action == "pre_disconnect" and connected and manager.is_connected(sid, namespace):
+        # Once per disconnect, as the server calls it: python-socketio keeps pending sids in a
+        # list, so a second call left the sid "not connected" after it connected again (a run
+        # hypothesis found: connect, pre_disconnect twice, disconnect, connect), which no
+        # server does (nor does Engine.IO reuse a sid).
         manager.pre_disconnect(sid, namespace)
     elif action == "disconnect":
         manager.basic_disconnect(sid, namespace)
